@@ -1,0 +1,190 @@
+"""Activation statistics: saturated and dead units, mean and spread of outputs.
+
+One definition serves every activation: a unit is *inactive* on a sample when
+the activation's derivative at its input is below ``INACTIVE_BELOW`` (2 %) of
+the activation's peak derivative, because back-propagation multiplies the
+gradient by that derivative and an inactive unit passes almost none through.
+For tanh that is |y| > 0.99, for sigmoid y outside (0.005, 0.995), for
+hardtanh an input outside its linear range, and for ReLU an input ≤ 0.
+
+- ``saturated_frac`` (bounded units: tanh, sigmoid, hardtanh, softsign,
+  hardsigmoid): the fraction of unit-samples that are inactive.
+- ``dead_frac`` (ReLU-likes: ReLU, ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU,
+  GELU, SiLU, Softplus, Hardswish): the fraction of units inactive on *every*
+  sample of the batch. A unit is one element of a sample: dimension 0 is
+  taken to be the batch.
+- ``act_mean``, ``act_std``: mean and population standard deviation of the
+  output over all its elements.
+- ``deriv_rms``: root mean square of the activation's derivative at its
+  inputs, the factor by which the unit scales a back-propagated gradient
+  (mean-field theory uses E[φ'(h)²]).
+
+Activations applied as functions inside a ``forward`` (``torch.tanh(x)``) are
+out of reach of module hooks and are not measured here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+INACTIVE_BELOW = 0.02  # fraction of the peak derivative; tanh: |y| > 0.99
+
+Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (module, input, output) -> φ'(input)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How to differentiate one kind of activation, and which way it fails."""
+
+    family: str  # "bounded" (saturates) or "relu" (dies)
+    derivative: Derivative
+    peak: float  # the largest value the derivative takes
+    needs_input: bool = False  # derivative needs the input, lost when computed in place
+
+    @property
+    def quantity(self) -> str:
+        return "saturated_frac" if self.family == "bounded" else "dead_frac"
+
+
+def _inside(x: Tensor, lo: float, hi: float) -> Tensor:
+    return ((x > lo) & (x < hi)).to(x.dtype)
+
+
+def _gelu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    if getattr(m, "approximate", "none") == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return cdf + x * pdf
+
+
+def _silu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _prelu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    w = m.weight.detach()
+    if w.numel() > 1 and x.dim() > 1:  # one slope per channel, channels on dim 1
+        w = w.view(1, -1, *([1] * (x.dim() - 2)))
+    return torch.where(x > 0, torch.ones_like(x), w.to(x.dtype).expand_as(x))
+
+
+def _softplus(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    beta, threshold = m.beta, m.threshold
+    return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x))
+
+
+def _hardswish(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    mid = (2 * x + 3) / 6
+    return torch.where(x < -3, torch.zeros_like(x), torch.where(x > 3, torch.ones_like(x), mid))
+
+
+# Derivatives are written in the output y wherever it determines them, so that
+# in-place activations (whose input tensor *is* the output) are measured right.
+# Those that need the input (PReLU, GELU, SiLU, Softplus, Hardswish) are listed
+# in NEEDS_INPUT. Order matters: ReLU6 subclasses Hardtanh but dies like a ReLU.
+_SPECS: list[tuple[type[nn.Module], str, Derivative, float | None]] = [
+    (nn.Tanh, "bounded", lambda m, x, y: 1 - y * y, 1.0),
+    (nn.Sigmoid, "bounded", lambda m, x, y: y * (1 - y), 0.25),
+    (nn.ReLU6, "relu", lambda m, x, y: _inside(y, 0.0, 6.0), 1.0),
+    (nn.Hardtanh, "bounded", lambda m, x, y: _inside(y, m.min_val, m.max_val), 1.0),
+    (nn.Softsign, "bounded", lambda m, x, y: (1 - y.abs()) ** 2, 1.0),
+    (nn.Hardsigmoid, "bounded", lambda m, x, y: _inside(y, 0.0, 1.0) / 6, 1 / 6),
+    (nn.ReLU, "relu", lambda m, x, y: (y > 0).to(y.dtype), 1.0),
+    (
+        nn.LeakyReLU,
+        "relu",
+        lambda m, x, y: torch.where(y > 0, torch.ones_like(y), torch.full_like(y, m.negative_slope)),
+        None,
+    ),
+    (nn.PReLU, "relu", _prelu, None),
+    (nn.ELU, "relu", lambda m, x, y: torch.where(y > 0, torch.ones_like(y), y + m.alpha), None),
+    (nn.CELU, "relu", lambda m, x, y: torch.where(y > 0, torch.ones_like(y), y / m.alpha + 1), 1.0),
+    (
+        nn.SELU,
+        "relu",
+        lambda m, x, y: torch.where(y > 0, torch.full_like(y, 1.0507009873554805), y + 1.7580993408473766),
+        1.7580993408473766,
+    ),
+    (nn.GELU, "relu", _gelu, None),
+    (nn.SiLU, "relu", _silu, None),
+    (nn.Softplus, "relu", _softplus, 1.0),
+    (nn.Hardswish, "relu", _hardswish, 1.5),
+]
+
+
+NEEDS_INPUT = (nn.PReLU, nn.GELU, nn.SiLU, nn.Softplus, nn.Hardswish)
+
+
+def _numeric_peak(module: nn.Module, derivative: Derivative) -> float:
+    """Largest derivative on a fine grid; for activations whose peak depends on settings."""
+    if isinstance(module, nn.PReLU):  # slopes 1 and a (per channel, as initialised)
+        return max(1.0, float(module.weight.detach().abs().max()))
+    x = torch.linspace(-20, 20, 40001)
+    with torch.no_grad():
+        y = module(x.clone())
+        return float(derivative(module, x, y).abs().max())
+
+
+def activation_spec(module: nn.Module) -> ActivationSpec | None:
+    """The spec for an activation module, or None if it is not one we measure."""
+    for cls, family, derivative, peak in _SPECS:
+        if isinstance(module, cls):
+            if peak is None:
+                peak = _numeric_peak(module, derivative)
+            return ActivationSpec(family, derivative, peak, isinstance(module, NEEDS_INPUT))
+    return None
+
+
+def first_tensor(args: tuple) -> Tensor | None:
+    for a in args:
+        if isinstance(a, Tensor) and a.is_floating_point():
+            return a
+    return None
+
+
+N_STATS = 5  # count, mean, var, inactive fraction (saturated or dead), mean φ'²
+
+
+@torch.no_grad()
+def call_stats(spec: ActivationSpec, module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Sufficient statistics of one call, on the device: (n, mean, var, frac, mean φ'²)."""
+    x, y = x.detach(), y.detach()
+    var, mean = torch.var_mean(y.float(), correction=0)
+    n = torch.tensor(float(y.numel()), device=mean.device)
+    if spec.needs_input and getattr(module, "inplace", False):  # the input is gone, so is the derivative
+        nan = torch.full_like(mean, float("nan"))
+        return torch.stack([n, mean, var, nan, nan])
+    d = spec.derivative(module, x, y).float()
+    inactive = d.abs() < INACTIVE_BELOW * spec.peak
+    if spec.family == "bounded":
+        frac = inactive.float().mean()
+    else:
+        per_sample = inactive.reshape(inactive.shape[0], -1) if inactive.dim() > 1 else inactive.reshape(1, -1)
+        frac = per_sample.all(dim=0).float().mean()
+    ms = (d * d).mean()
+    return torch.stack([n, mean, var, frac, ms])
+
+
+def combine(calls: list[Tensor]) -> Tensor:
+    """Pool the statistics of several calls of one module in one step (Chan et al.'s update).
+
+    Returns (mean, std, frac, rms φ') over every element of every call.
+    """
+    s = torch.stack(calls)  # (calls, N_STATS)
+    n = s[:, 0]
+    total = n.sum()
+    w = n / total
+    mean = (w * s[:, 1]).sum()
+    var = (w * (s[:, 2] + (s[:, 1] - mean) ** 2)).sum()
+    frac = (w * s[:, 3]).sum()
+    rms = (w * s[:, 4]).sum().sqrt()
+    return torch.stack([mean, var.clamp_min(0).sqrt(), frac, rms])

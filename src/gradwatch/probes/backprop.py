@@ -1,0 +1,55 @@
+"""The back-propagated gradient ‖∂L/∂a_l‖ at each layer's output.
+
+This, not the weight-gradient norm, is the signal that vanishes or explodes
+across depth: ‖∂L/∂W_l‖ also scales with the layer's input (DESIGN.md). It is
+captured by a tensor hook placed on the output from a forward hook, which,
+unlike ``register_full_backward_hook``, survives in-place ops after the layer
+(a hook on a tensor modified in place still receives the gradient with
+respect to the value it had). A module called several times in one step
+(a recurrent cell, a shared block) gets the root of the summed squares.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+
+def grad_tensors(output: Any) -> Iterator[Tensor]:
+    """The floating tensors in a module's output that take part in autograd."""
+    if isinstance(output, Tensor):
+        if output.requires_grad and output.is_floating_point():
+            yield output
+    elif isinstance(output, (tuple, list)):
+        for o in output:
+            yield from grad_tensors(o)
+    elif isinstance(output, dict):
+        for o in output.values():
+            yield from grad_tensors(o)
+
+
+class BackpropProbe:
+    """Collects squared output-gradient norms per layer during one backward pass."""
+
+    def __init__(self) -> None:
+        self._sq: dict[int, list[Tensor]] = {}
+
+    @torch.no_grad()
+    def add(self, layer: int, grad: Tensor) -> None:
+        g = grad.detach()
+        self._sq.setdefault(layer, []).append(torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2)
+
+    def take(self) -> tuple[list[int], Tensor] | None:
+        """Per-layer ‖∂L/∂a‖ collected since the last take, and forget them."""
+        if not self._sq:
+            return None
+        layers = sorted(self._sq)
+        sq, self._sq = self._sq, {}
+        device = sq[layers[0]][0].device
+        values = torch.stack([torch.stack([t.to(device) for t in sq[k]]).sum() for k in layers]).sqrt()
+        return layers, values
+
+    def clear(self) -> None:
+        self._sq = {}

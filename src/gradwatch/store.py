@@ -1,0 +1,266 @@
+"""The run store: one SQLite file per run, written off the training thread.
+
+Records are flat ``(step, layer, quantity, value)``. Layers (and activation
+modules, parameters, run-level scalars) are *entities*: a name as in
+``named_modules()``/``named_parameters()``, a kind, and a depth (the order of
+first forward execution). SQLite runs in WAL mode with ``synchronous=NORMAL``:
+each batch commits atomically, so a process killed with SIGKILL leaves a file
+that opens and holds every batch committed before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+DB_NAME = "gradwatch.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entities (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL,
+    module TEXT, depth INTEGER, UNIQUE (name, kind));
+CREATE TABLE IF NOT EXISTS quantities (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS records (
+    step INTEGER NOT NULL, entity INTEGER NOT NULL, quantity INTEGER NOT NULL, value REAL);
+"""
+
+# Quantities whose NaN means "undefined here" (zero weights, an input lost to
+# an in-place op); they are left out rather than stored. A NaN gradient norm is
+# a finding and is always stored.
+SKIP_NAN = frozenset({"update_ratio", "saturated_frac", "dead_frac", "deriv_rms"})
+
+_BATCH = 64  # queue items per transaction, at most
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    return con
+
+
+class StoreWriter:
+    """Owns the SQLite connection; a background thread drains a queue of writes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._con = _connect(path)  # raises here, at the API boundary, if the path is unwritable
+        self._con.executescript(SCHEMA)
+        self._con.commit()
+        self._skip_nan: set[int] = set()
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
+        self._thread.start()
+
+    # -- called from the training thread -------------------------------------------------
+    def meta(self, values: dict[str, Any]) -> None:
+        self._queue.put(("meta", dict(values)))
+
+    def entities(self, rows: Sequence[tuple[int, str, str, str | None]]) -> None:
+        self._queue.put(("entities", list(rows)))
+
+    def quantities(self, rows: Sequence[tuple[int, str]]) -> None:
+        self._queue.put(("quantities", list(rows)))
+
+    def depths(self, rows: Sequence[tuple[int, int]]) -> None:
+        self._queue.put(("depths", list(rows)))
+
+    def records(self, step: int, keys: np.ndarray, values: Any, ready: Callable[[], None] | None = None,
+                done: Callable[[], None] | None = None) -> None:
+        """Queue one step's values: ``keys`` is (n, 2) of (entity, quantity) ids, ``values`` a host tensor.
+
+        ``ready`` is called in the writer thread before reading ``values``
+        (waits for an asynchronous device-to-host copy); ``done`` after.
+        """
+        self._queue.put(("records", (step, keys, values, ready, done)))
+
+    def flush(self) -> None:
+        """Block until everything queued so far is committed."""
+        self._queue.join()
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._con.execute("CREATE INDEX IF NOT EXISTS records_by_quantity ON records (quantity, entity, step)")
+            self._con.commit()
+            self._con.close()
+        except sqlite3.Error as exc:  # pragma: no cover - disk trouble at the very end
+            self.error = self.error or exc
+
+    # -- the writer thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while item is not None and len(batch) < _BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(item)
+            stop = batch[-1] is None
+            work = [b for b in batch if b is not None]
+            try:
+                if self.error is None:
+                    for kind, payload in work:
+                        getattr(self, "_write_" + kind)(payload)
+                    self._con.commit()
+            except BaseException as exc:  # keep draining, so flush() never hangs; the watch reports it
+                self.error = exc
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _write_meta(self, values: dict[str, Any]) -> None:
+        self._con.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in values.items()],
+        )
+
+    def _write_entities(self, rows: list[tuple[int, str, str, str | None]]) -> None:
+        self._con.executemany("INSERT INTO entities (id, name, kind, module) VALUES (?, ?, ?, ?)", rows)
+
+    def _write_quantities(self, rows: list[tuple[int, str]]) -> None:
+        self._skip_nan.update(qid for qid, name in rows if name in SKIP_NAN)
+        self._con.executemany("INSERT INTO quantities (id, name) VALUES (?, ?)", rows)
+
+    def _write_depths(self, rows: list[tuple[int, int]]) -> None:
+        self._con.executemany("UPDATE entities SET depth = ? WHERE id = ?", [(d, i) for i, d in rows])
+
+    def _write_records(self, payload: tuple) -> None:
+        step, keys, values, ready, done = payload
+        if ready is not None:
+            ready()
+        vals = values.tolist()
+        if done is not None:
+            done()
+        skip = self._skip_nan
+        rows = [
+            (step, int(e), int(q), v)
+            for (e, q), v in zip(keys.tolist(), vals)
+            if not (q in skip and math.isnan(v))
+        ]
+        self._con.executemany("INSERT INTO records (step, entity, quantity, value) VALUES (?, ?, ?, ?)", rows)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Series:
+    """One quantity as a matrix: ``values[i, j]`` is entity ``names[i]`` at step ``steps[j]`` (NaN: not recorded)."""
+
+    quantity: str
+    names: list[str]
+    steps: np.ndarray
+    values: np.ndarray
+
+
+class Run:
+    """A stored run, read back. Open one with :func:`open_run`."""
+
+    def __init__(self, path: str | Path) -> None:
+        p = Path(path)
+        db = p / DB_NAME if p.is_dir() else p
+        if not db.is_file():
+            raise FileNotFoundError(f"`open_run(path=…)` expects a run directory holding {DB_NAME}, got {str(path)!r}")
+        self.path = db.parent
+        self._con = sqlite3.connect(db)
+        self.meta: dict[str, Any] = {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM meta")}
+        rows = self._con.execute("SELECT id, name, kind, module, depth FROM entities ORDER BY id").fetchall()
+        self._entities = {r[0]: r[1:] for r in rows}
+        self._quantities = dict(self._con.execute("SELECT id, name FROM quantities").fetchall())
+
+    def __repr__(self) -> str:
+        n = self._con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        return f"Run({str(self.path)!r}, {len(self.layers)} layers, {n} records)"
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def names(self, kind: str = "layer") -> list[str]:
+        """Entity names of one kind, in order of first forward execution (never-run ones last)."""
+        found = [(d if d is not None else math.inf, i, n) for i, (n, k, _, d) in self._entities.items() if k == kind]
+        return [n for _, _, n in sorted(found)]
+
+    @property
+    def layers(self) -> list[str]:
+        return self.names("layer")
+
+    @property
+    def quantities(self) -> list[str]:
+        return sorted(self._quantities.values())
+
+    def records(self, quantity: str | None = None, kind: str | None = None) -> dict[str, np.ndarray]:
+        """All records (optionally of one quantity / entity kind) as numpy arrays.
+
+        Keys: ``step`` (int64), ``layer`` (names), ``kind``, ``quantity``, ``value`` (float64; NaN for NULL).
+        """
+        sql = "SELECT step, entity, quantity, value FROM records"
+        where, args = [], []
+        if quantity is not None:
+            qids = [i for i, n in self._quantities.items() if n == quantity]
+            where.append(f"quantity IN ({','.join('?' * len(qids)) or 'NULL'})")
+            args.extend(qids)
+        if kind is not None:
+            eids = [i for i, e in self._entities.items() if e[1] == kind]
+            where.append(f"entity IN ({','.join('?' * len(eids)) or 'NULL'})")
+            args.extend(eids)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._con.execute(sql + " ORDER BY step, entity, quantity", args).fetchall()
+        step = np.array([r[0] for r in rows], dtype=np.int64)
+        ent = [self._entities[r[1]] for r in rows]
+        return {
+            "step": step,
+            "layer": np.array([e[0] for e in ent], dtype=object),
+            "kind": np.array([e[1] for e in ent], dtype=object),
+            "quantity": np.array([self._quantities[r[2]] for r in rows], dtype=object),
+            "value": np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64),
+        }
+
+    def series(self, quantity: str, kind: str = "layer") -> Series:
+        """One quantity as an (entities × steps) matrix, entities in depth order."""
+        rec = self.records(quantity, kind)
+        names = [n for n in self.names(kind) if n in set(rec["layer"].tolist())]
+        steps = np.unique(rec["step"])
+        values = np.full((len(names), len(steps)), np.nan)
+        row = {n: i for i, n in enumerate(names)}
+        col = np.searchsorted(steps, rec["step"])
+        for name, j, v in zip(rec["layer"], col, rec["value"]):
+            values[row[name], j] = v
+        return Series(quantity, names, steps, values)
+
+    def to_dataframe(self) -> Any:
+        """The records as a pandas DataFrame (needs pandas: ``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Run.to_dataframe() needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.records())
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a stored run (its directory, or the SQLite file) for reading."""
+    return Run(path)

@@ -1,0 +1,561 @@
+"""``gw.watch``: hooks on, a handle back; records every step on a schedule.
+
+Flow of one step (steps count optimizer steps when an optimizer is given,
+otherwise backward passes):
+
+1. forward — on sampled steps, activation modules' forward hooks compute
+   activation statistics and layers' forward hooks place tensor hooks on
+   their outputs (for ‖∂L/∂a‖);
+2. backward — those tensor hooks collect the output-gradient norms;
+3. optimizer pre-step hook (or the end of backward) — gradient norms and
+   non-finite counts, and on update steps a copy of the weights;
+4. optimizer post-step hook — update ratios; every value of the step goes to
+   the host in one copy and on to the store's writer thread.
+
+Hooks read under ``no_grad``, never return a modified gradient, and catch
+their own errors: a failure stops the recording with a warning, never the
+training.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import platform
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradwatch import __version__, schedules
+from gradwatch._errors import GradwatchWarning, bad_argument
+from gradwatch.layers import anatomy, is_floating
+from gradwatch.probes import activations as act_probe
+from gradwatch.probes.backprop import BackpropProbe, grad_tensors
+from gradwatch.probes.grads import GradProbe
+from gradwatch.schedules import Schedule
+from gradwatch.store import DB_NAME, Run, StoreWriter, open_run
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(fn: F) -> F:
+    """Run a hook body; on error, stop recording with a warning instead of raising into training."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Watch, *args: Any, **kwargs: Any) -> Any:
+        if self._closed or self._failed is not None:
+            return None
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's run must go on
+            self._fail(exc)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Watch:
+    """The handle returned by :func:`watch`: holds the hooks and the run store.
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        every: Schedule,
+        sampled: Schedule | None,
+        update: Schedule | None,
+        run_dir: Path,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.path = run_dir
+        self._every, self._sampled = every, sampled
+        self._update = update if optimizer is not None else None
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._step = 0
+        self._handles: list[Any] = []
+        self._order_handles: list[Any] = []
+
+        parts = anatomy(model)
+        self._layers, self._acts = parts.layers, parts.activations
+        self._grads = GradProbe(self._layers)
+        self._backprop = BackpropProbe()
+        self._device = self._grads.device
+        self._layer_of = {layer.module: i for i, layer in enumerate(self._layers)}
+        self._act_of = {a.module: i for i, a in enumerate(self._acts)}
+        self._order: list[tuple[str, str]] = []  # (name, kind) in first-forward order
+        self._act_calls: dict[int, list[Tensor]] = {}
+        self._pending: list[tuple[np.ndarray, Tensor]] = []  # (keys (n, 2), values (n,))
+        self._scalars: list[tuple[int, Tensor]] = []
+        self._sample_step = -1
+        self._sample_on = False
+        self._fresh = False  # a step just ended and no forward has run since
+        self._callback_queued = False
+
+        self._writer = StoreWriter(run_dir / DB_NAME)  # fails here if the store is unwritable
+        self._entity: dict[tuple[str, str], int] = {}
+        self._quantity: dict[str, int] = {}
+        self._layer_ids = np.array([self._entity_id(l.name, "layer", type(l.module).__name__) for l in self._layers])
+        self._pair_ids = np.array([self._entity_id(n, "param", None) for n in self._grads.pair_names])
+        self._act_ids = np.array([self._entity_id(a.name, "activation", type(a.module).__name__) for a in self._acts])
+        self._writer.meta(self._metadata())
+        try:
+            self._place_hooks()
+        except BaseException:
+            self._remove_hooks()
+            self._writer.close()
+            raise
+
+    # -- public --------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Steps completed so far."""
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def log(self, **scalars: float | Tensor) -> None:
+        """Record run-level scalars such as the loss: ``watch.log(loss=loss)``.
+
+        Tensors are detached and stay on their device until the step's one host
+        copy. A value logged after ``optimizer.step()`` and before the next
+        forward pass belongs to the step that just ended.
+        """
+        for key, value in scalars.items():
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
+                value = value.detach().reshape(()).to(self._device, torch.float64)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = torch.tensor(float(value), dtype=torch.float64, device=self._device)
+            else:
+                raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
+            if self._closed or self._failed is not None:
+                continue
+            self._scalars.append((self._entity_id(key, "run", None), value))
+        if self._fresh and self._step > 0:
+            self._emit_scalars(self._step - 1)
+
+    def flush(self) -> None:
+        """Wait until every record so far is in the store."""
+        self._writer.flush()
+        self._check_writer()
+
+    def open(self) -> Run:
+        """The records so far, read back from the store (flushes first)."""
+        self.flush()
+        return open_run(self.path)
+
+    def close(self) -> None:
+        """Remove every hook, write what is pending, close the store. Idempotent."""
+        self._close(status="closed")
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self._close(status="closed" if exc_type is None else f"interrupted by {exc_type.__name__}")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("failed" if self._failed else "open")
+        return f"<gradwatch.Watch {state}, step {self._step}, {len(self._layers)} layers, store {str(self.path)!r}>"
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _place_hooks(self) -> None:
+        for layer in self._layers:
+            self._handles.append(layer.module.register_forward_hook(self._on_layer_forward))
+        for a in self._acts:
+            self._handles.append(a.module.register_forward_hook(self._on_act_forward))
+        seen = set()
+        for m in [l.module for l in self._layers] + [a.module for a in self._acts]:
+            if m not in seen:
+                seen.add(m)
+                self._order_handles.append(m.register_forward_pre_hook(self._on_first_forward))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
+        else:
+            for p in self._grads.params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles + self._order_handles:
+            h.remove()
+        self._handles, self._order_handles = [], []
+
+    def _sampling(self) -> bool:
+        if self._sample_step != self._step:
+            self._sample_step = self._step
+            self._sample_on = self._sampled is not None and bool(self._sampled(self._step))
+        return self._sample_on and torch.is_grad_enabled()
+
+    @_guarded
+    def _on_first_forward(self, module: nn.Module, args: tuple) -> None:
+        if module in self._layer_of:
+            self._order.append((self._layers[self._layer_of[module]].name, "layer"))
+        if module in self._act_of:
+            self._order.append((self._acts[self._act_of[module]].name, "activation"))
+
+    @_guarded
+    def _on_layer_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._fresh = False
+        if self._sampling():
+            hook = functools.partial(self._on_output_grad, self._layer_of[module])
+            for t in grad_tensors(output):
+                t.register_hook(hook)
+
+    @_guarded
+    def _on_output_grad(self, layer: int, grad: Tensor) -> None:
+        self._backprop.add(layer, grad)
+
+    @_guarded
+    def _on_act_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._fresh = False
+        if not self._sampling():
+            return
+        x = act_probe.first_tensor(args)
+        if x is None or not is_floating(output) or output.numel() == 0:
+            return
+        i = self._act_of[module]
+        self._act_calls.setdefault(i, []).append(act_probe.call_stats(self._acts[i].spec, module, x, output))
+
+    @_guarded
+    def _on_grad_accumulated(self, param: Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_backward_end(self) -> None:
+        self._callback_queued = False
+        self._collect_and_end()
+
+    @_guarded
+    def _collect_and_end(self) -> None:
+        if self._every(self._step):
+            self._add_grad_stats()
+        self._end_step()
+
+    @_guarded
+    def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._every(self._step):
+            self._add_grad_stats()
+        if self._update is not None and self._update(self._step):
+            self._grads.snapshot()
+
+    @_guarded
+    def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._grads.has_snapshot:
+            self._add_pairs(self._grads.updates())
+        self._end_step()
+
+    # -- one step's values ---------------------------------------------------------------
+    def _add_grad_stats(self) -> None:
+        stats = self._grads.gradients()
+        if stats is not None:
+            self._add_pairs(stats)
+
+    def _add_pairs(self, stats: dict[str, tuple[list[int], list[int], Tensor, Tensor]]) -> None:
+        for quantity, (layers, pairs, per_layer, per_pair) in stats.items():
+            q = self._quantity_id(quantity)
+            self._add(self._layer_ids[layers], q, per_layer)
+            if quantity == "nonfinite":  # per parameter only where there were some (known on the host then)
+                continue
+            self._add(self._pair_ids[pairs], q, per_pair)
+
+    def _add(self, entity_ids: np.ndarray, quantity: int, values: Tensor) -> None:
+        keys = np.stack([entity_ids, np.full(len(entity_ids), quantity)], axis=1)
+        self._pending.append((keys, values.reshape(-1).to(self._device, torch.float64)))
+
+    def _end_step(self) -> None:
+        step = self._step
+        taken = self._backprop.take()
+        if taken is not None:
+            self._add(self._layer_ids[taken[0]], self._quantity_id("out_grad_norm"), taken[1])
+        if self._act_calls:
+            self._add_activation_stats()
+        if self._scalars:
+            self._add_scalars()
+        self._emit(step)
+        if self._order_handles:
+            self._settle_order()
+        self._check_writer()
+        self._step += 1
+        self._fresh = True
+
+    def _add_activation_stats(self) -> None:
+        calls, self._act_calls = self._act_calls, {}
+        idx = sorted(calls)
+        stats = torch.stack([act_probe.combine(calls[i]) for i in idx])  # (acts, 4): mean, std, frac, rms
+        ids = self._act_ids[idx]
+        for col, name in enumerate(("act_mean", "act_std")):
+            self._add(ids, self._quantity_id(name), stats[:, col])
+        for family in ("bounded", "relu"):
+            rows = [k for k, i in enumerate(idx) if self._acts[i].spec.family == family]
+            if rows:
+                quantity = "saturated_frac" if family == "bounded" else "dead_frac"
+                self._add(ids[rows], self._quantity_id(quantity), stats[rows, 2])
+        self._add(ids, self._quantity_id("deriv_rms"), stats[:, 3])
+
+    def _add_scalars(self) -> None:
+        scalars, self._scalars = self._scalars, []
+        ids = np.array([e for e, _ in scalars])
+        values = torch.stack([v for _, v in scalars])
+        names = {e: n for (n, k), e in self._entity.items() if k == "run"}
+        for e, v in zip(ids, values):
+            self._add(np.array([e]), self._quantity_id(names[int(e)]), v)
+
+    @_guarded
+    def _emit_scalars(self, step: int) -> None:
+        self._add_scalars()
+        self._emit(step)
+
+    def _emit(self, step: int) -> None:
+        """One device-to-host copy of every value of the step, handed to the writer thread."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        keys = np.concatenate([k for k, _ in pending])
+        values = torch.cat([v for _, v in pending])
+        ready = None
+        if values.is_cuda:  # pinned memory, non-blocking: the step never waits for the copy
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            ready = event.synchronize
+            values = host
+        elif values.device.type != "cpu":
+            values = values.cpu()
+        self._writer.records(step, keys, values, ready)
+
+    def _settle_order(self) -> None:
+        """After the first step: depths from first-forward order; drop the ordering hooks."""
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles = []
+        depth = {key: d for d, key in enumerate(self._order)}
+        rows = []
+        for (name, kind), eid in self._entity.items():
+            if (name, kind) in depth:
+                rows.append((eid, depth[(name, kind)]))
+        for j, pname in enumerate(self._grads.pair_names):
+            layer = self._layers[self._grads.pair_layer[j]].name
+            if (layer, "layer") in depth:
+                rows.append((self._entity[(pname, "param")], depth[(layer, "layer")]))
+        self._writer.depths(rows)
+        self._writer.meta({"layer_order": [n for n, k in self._order if k == "layer"]})
+
+    # -- registry, metadata, failure -----------------------------------------------------
+    def _entity_id(self, name: str, kind: str, module: str | None) -> int:
+        key = (name, kind)
+        eid = self._entity.get(key)
+        if eid is None:
+            eid = self._entity[key] = len(self._entity) + 1
+            self._writer.entities([(eid, name, kind, module)])
+        return eid
+
+    def _quantity_id(self, name: str) -> int:
+        qid = self._quantity.get(name)
+        if qid is None:
+            qid = self._quantity[name] = len(self._quantity) + 1
+            self._writer.quantities([(qid, name)])
+        return qid
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "gradwatch": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            "status": "running",
+            "seed": torch.initial_seed(),
+            "device": str(self._device),
+            "model": type(self.model).__name__,
+            "n_params": sum(p.numel() for p in self._grads.params),
+            "layers": [
+                {"name": l.name, "module": type(l.module).__name__, "params": {a: list(p.shape) for a, p in l.params}}
+                for l in self._layers
+            ],
+            "activations": [{"name": a.name, "module": type(a.module).__name__} for a in self._acts],
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "schedules": {"every": repr(self._every), "sampled": repr(self._sampled), "update": repr(self._update)},
+        }
+
+    def _check_writer(self) -> None:
+        if self._writer.error is not None and self._failed is None:
+            self._fail(self._writer.error)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
+        self._pending, self._scalars, self._act_calls = [], [], {}
+        self._backprop.clear()
+        self._grads._before = None
+        warnings.warn(
+            f"gradwatch stopped recording at step {self._step} ({type(exc).__name__}: {exc}); "
+            f"training goes on, and {self.path} keeps what was recorded before.",
+            GradwatchWarning,
+            stacklevel=3,
+        )
+
+    def _close(self, status: str) -> None:
+        if self._closed:
+            return
+        self._remove_hooks()
+        try:
+            if self._failed is None:
+                if self._scalars:
+                    self._add_scalars()
+                self._emit(self._step)
+            self._writer.meta({"status": status if self._failed is None else f"failed: {self._failed}",
+                               "steps": self._step})
+        finally:
+            self._closed = True
+            self._writer.close()
+
+
+# -- the entry point -----------------------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _schedule(arg: str, value: Any, default: Schedule | None, allow_off: bool) -> Schedule | None:
+    expected = "a positive int or a callable step -> bool" + (", or True/False" if allow_off else "")
+    if isinstance(value, bool):
+        if not allow_off:
+            raise TypeError(bad_argument("watch", arg, expected, value))
+        return default if value else None
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(bad_argument("watch", arg, expected, value))
+        return schedules.every(value)
+    if callable(value):
+        return value
+    raise TypeError(bad_argument("watch", arg, expected, value))
+
+
+def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Watch | None:
+    def owner(hooks: Any) -> Watch | None:
+        for h in (hooks or {}).values():
+            h = h.func if isinstance(h, functools.partial) else h
+            if isinstance(getattr(h, "__self__", None), Watch):
+                return h.__self__
+        return None
+
+    for m in model.modules():
+        found = owner(m._forward_hooks) or owner(m._forward_pre_hooks)
+        if found is not None:
+            return found
+    for p in model.parameters():
+        found = owner(getattr(p, "_post_accumulate_grad_hooks", None))
+        if found is not None:
+            return found
+    if optimizer is not None:
+        return owner(optimizer._optimizer_step_pre_hooks)
+    return None
+
+
+def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool) -> Path:
+    if store is None:
+        root = Path("runs")
+    elif isinstance(store, (str, Path)):
+        root = Path(store)
+    else:
+        raise TypeError(bad_argument("watch", "store", "a directory path (str or Path) or None", store))
+    if name is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{type(model).__name__}-{stamp}"
+        name, k = base, 1
+        while (root / name / DB_NAME).exists():
+            k += 1
+            name = f"{base}-{k}"
+    elif not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(bad_argument("watch", "name", "a run name of letters, digits, '.', '_' or '-'", name))
+    run_dir = root / name
+    db = run_dir / DB_NAME
+    if db.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"`watch(name=…)`: run {name!r} already exists in {str(root)!r}; pick another name, "
+                f"or pass overwrite=True to replace it"
+            )
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"`watch(store=…)` cannot create the run directory {str(run_dir)!r}: {exc.strerror or exc}") from None
+    return run_dir
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    every: int | Schedule = 1,
+    activations: bool | int | Schedule = True,
+    update_every: bool | int | Schedule = True,
+    store: str | Path | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Watch:
+    """Watch a model's gradients while it trains; returns the :class:`Watch` handle.
+
+    Args:
+        model: the module to watch. Its *layers* are the modules that directly
+            own trainable parameters, named by their ``named_modules()`` path.
+        optimizer: when given, a step is one ``optimizer.step()`` and update
+            ratios are measured across it; otherwise a step is one backward pass.
+        every: gradient norms and non-finite counts on these steps (an int n:
+            steps 0, n, 2n, …; or a callable ``step -> bool``).
+        activations: activation statistics and the back-propagated gradient
+            ‖∂L/∂a‖ at each layer's output, on these steps. True: every 10th
+            step (:data:`gradwatch.schedules.DEFAULT_SAMPLED`); False: never.
+        update_every: weight norms and update ratios on these steps (needs an
+            optimizer; each costs a copy of the weights during that step).
+            True: every 10th step.
+        store: directory that holds the runs (default ``runs``).
+        name: this run's name, a directory under ``store`` (default: the model's
+            class and the time).
+        overwrite: replace an existing run of the same name.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(bad_argument("watch", "model", "a torch.nn.Module", model))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"`watch(model=…)`: {type(model).__name__} has no parameters that require grad, so there is nothing to watch"
+        )
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(bad_argument("watch", "optimizer", "a torch.optim.Optimizer or None", optimizer))
+        own = {id(p) for p in model.parameters()}
+        foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+        if foreign:
+            raise ValueError(
+                f"`watch(optimizer=…)`: the optimizer holds {foreign} parameter(s) that are not the model's; "
+                f"pass the optimizer that trains this model"
+            )
+    every_s = _schedule("every", every, None, allow_off=False)
+    assert every_s is not None
+    sampled = _schedule("activations", activations, schedules.DEFAULT_SAMPLED, allow_off=True)
+    update = _schedule("update_every", update_every, schedules.DEFAULT_SAMPLED, allow_off=True)
+    if not isinstance(overwrite, bool):
+        raise TypeError(bad_argument("watch", "overwrite", "True or False", overwrite))
+    other = _already_watched(model, optimizer)
+    if other is not None:
+        raise RuntimeError(
+            f"`watch(model=…)`: this model is already watched (store {str(other.path)!r}); "
+            f"close that watch first"
+        )
+    run_dir = _run_dir(store, name, model, overwrite)
+    return Watch(model, optimizer, every_s, sampled, update, run_dir)

@@ -1,0 +1,111 @@
+"""Shared models and naive references for the tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "runs"
+
+
+class TiedFrozenUnused(nn.Module):
+    """Tied weights (embedding = output head), a frozen layer, a layer never called, an unused parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.act = nn.Tanh()
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+        self.extra = nn.Parameter(torch.ones(3))  # owned by the root, never used
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.mid(self.emb(idx)))
+        return self.head(self.frozen(h)).mean(1)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class SmallLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(5, 7, num_layers=2, batch_first=True)
+        self.head = nn.Linear(7, 2)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.act(self.head(out[:, -1]))
+
+
+def make_case(kind: str, seed: int = 0):
+    """(model, batch function, loss function) for one test architecture."""
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16),
+                              nn.Sigmoid(), nn.Linear(16, 3))
+        batch = lambda g: (torch.randn(32, 6, generator=g) * 2, torch.randint(0, 3, (32,), generator=g))
+        loss = nn.functional.cross_entropy
+    elif kind == "cnn":
+        model = SmallCNN()
+        batch = lambda g: (torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+        loss = nn.functional.cross_entropy
+    elif kind == "lstm":
+        model = SmallLSTM()
+        batch = lambda g: (torch.randn(4, 6, 5, generator=g), torch.rand(4, 2, generator=g))
+        loss = nn.functional.mse_loss
+    elif kind == "tied":
+        model = TiedFrozenUnused()
+        batch = lambda g: (torch.randint(0, 20, (6, 5), generator=g), torch.randint(0, 20, (6,), generator=g))
+        loss = nn.functional.cross_entropy
+    else:
+        raise ValueError(kind)
+    return model, batch, loss
+
+
+def naive_layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    """Per layer: sqrt of the summed squared norms of the gradients of its own trainable parameters."""
+    out = {}
+    for name, m in model.named_modules():
+        grads = [p.grad for p in m.parameters(recurse=False) if p.requires_grad and p.grad is not None]
+        if grads:
+            out[name] = math.sqrt(sum(float(g.double().norm()) ** 2 for g in grads))
+    return out
+
+
+def naive_param_grad_norms(model: nn.Module) -> dict[str, float]:
+    """Per (module path . attribute), tied parameters under each owner."""
+    out = {}
+    for name, m in model.named_modules():
+        for attr, p in m.named_parameters(recurse=False):
+            if p.requires_grad and p.grad is not None:
+                out[f"{name}.{attr}" if name else attr] = float(p.grad.double().norm())
+    return out
+
+
+def at_step(run, quantity: str, step: int, kind: str = "layer") -> dict[str, float]:
+    rec = run.records(quantity, kind)
+    sel = rec["step"] == step
+    return dict(zip(rec["layer"][sel].tolist(), rec["value"][sel].tolist()))

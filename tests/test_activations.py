@@ -1,0 +1,87 @@
+"""Activation derivatives against autograd, and the inactive-unit threshold against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradwatch as gw
+from conftest import at_step
+from gradwatch.probes.activations import INACTIVE_BELOW, activation_spec, call_stats
+
+MODULES = [
+    nn.Tanh(), nn.Sigmoid(), nn.Hardtanh(-2.0, 1.5), nn.Softsign(), nn.Hardsigmoid(), nn.ReLU(), nn.ReLU6(),
+    nn.LeakyReLU(0.1), nn.PReLU(), nn.PReLU(3, init=0.2), nn.ELU(0.7), nn.CELU(1.3), nn.SELU(), nn.GELU(),
+    nn.GELU(approximate="tanh"), nn.SiLU(), nn.Softplus(beta=2.0), nn.Hardswish(),
+]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: repr(m))
+def test_derivative_matches_autograd(module):
+    spec = activation_spec(module)
+    assert spec is not None
+    x = torch.randn(64, 3, 5, dtype=torch.float64) * 4
+    x = x[(x - x.round()).abs() > 1e-3].reshape(-1)[:600].reshape(40, 3, 5)  # away from kinks at integers
+    xg = x.clone().requires_grad_(True)
+    y = module.double()(xg)
+    (expect,) = torch.autograd.grad(y.sum(), xg)
+    got = spec.derivative(module, x, y.detach())
+    torch.testing.assert_close(got.double(), expect, rtol=1e-6, atol=1e-7)
+    grid = torch.linspace(-20, 20, 40001, dtype=torch.float64).repeat(3, 1).T.contiguous().requires_grad_(True)
+    (d,) = torch.autograd.grad(module(grid).sum(), grid)
+    assert spec.peak == pytest.approx(float(d.abs().max()), rel=1e-3)
+
+
+def test_tanh_threshold_is_y_above_099():
+    """Inactive below 2 % of the peak derivative: for tanh, 1 − y² < 0.02 ⇔ |y| > 0.98995."""
+    assert INACTIVE_BELOW == 0.02
+    y_edge = math.sqrt(1 - INACTIVE_BELOW)
+    x = torch.tensor([[math.atanh(y_edge) - 1e-3, math.atanh(y_edge) + 1e-3, -3.0, 0.1]])
+    m = nn.Tanh()
+    stats = call_stats(activation_spec(m), m, x, m(x))
+    assert float(stats[3]) == pytest.approx(0.5)  # two of four saturated
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.floats(-3, 3))
+def test_dead_fraction_closed_form(batch, units, shift):
+    """A ReLU unit is dead when its input is ≤ 0 for the whole batch."""
+    g = torch.Generator().manual_seed(batch * 10 + units)
+    x = torch.randn(batch, units, generator=g) + shift
+    m = nn.ReLU()
+    stats = call_stats(activation_spec(m), m, x, m(x))
+    expect = float((x <= 0).all(0).double().mean())
+    assert float(stats[3]) == pytest.approx(expect)
+
+
+def test_inplace_silu_leaves_out_what_it_cannot_measure(store):
+    model = nn.Sequential(nn.Linear(3, 4), nn.SiLU(inplace=True), nn.Linear(4, 1))
+    with gw.watch(model, activations=1, store=store, name="silu") as w:
+        model(torch.randn(5, 3)).sum().backward()
+    run = w.open()
+    assert "1" in at_step(run, "act_mean", 0, "activation")
+    assert "1" not in at_step(run, "dead_frac", 0, "activation")
+    assert "1" not in at_step(run, "deriv_rms", 0, "activation")
+
+
+def test_functional_activations_are_not_seen(store):
+    """torch.tanh inside forward is out of reach of module hooks (documented)."""
+
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+
+    with gw.watch(F(), activations=1, store=store, name="f") as w:
+        w.model(torch.randn(2, 3)).sum().backward()
+    run = w.open()
+    assert run.names("activation") == []
+    assert at_step(run, "out_grad_norm", 0)["lin"] > 0  # the gradient evidence is still there

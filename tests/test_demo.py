@@ -1,0 +1,60 @@
+"""`make demo`'s vanishing case really vanishes; its healthy twin does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+import gradwatch as gw
+from gradwatch.cli import main
+from gradwatch.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    console = Console(record=True, width=120)
+    runs = run_demo(out, steps=300, console=console)
+    return out, runs, console.export_text()
+
+
+def _first_over_last(path) -> np.ndarray:
+    """Per recorded step, first layer's gradient norm over the last layer's, from the stored records."""
+    g = gw.open_run(path).series("grad_norm")
+    return g.values[0] / g.values[-1]
+
+
+def test_vanishing_case_vanishes(demo):
+    out, runs, _ = demo
+    ratio = _first_over_last(out / "demo-deep_tanh_mlp")
+    assert len(ratio) == 300
+    assert (ratio < 1e-3).all()
+    assert runs[0].accuracy < 0.3  # it does not learn: chance is 0.1
+
+
+def test_healthy_twin_stays_within_10x(demo):
+    out, runs, _ = demo
+    ratio = _first_over_last(out / "demo-deep_relu_he_mlp")
+    assert ((ratio > 0.1) & (ratio < 10)).all()
+    assert runs[1].accuracy > 0.8
+
+
+def test_demo_prints_the_table_and_the_stores(demo):
+    out, runs, text = demo
+    assert "first/last layer gradient ratio" in text
+    assert str(out / "demo-deep_tanh_mlp") in text
+    assert text.count("vanishing") >= 1 and "healthy" in text
+    assert f"{runs[0].ratio:.1e}" in text
+
+
+def test_cli_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 0
+    assert (tmp_path / "demo-deep_tanh_mlp" / "gradwatch.sqlite").is_file()
+    assert "first/last layer gradient ratio" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_steps(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "0"])
+    assert "expects a positive int, got 0" in capsys.readouterr().err

@@ -1,0 +1,209 @@
+"""Every recorded number against a naive reference computed in the test's own loop."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from conftest import at_step, make_case, naive_layer_grad_norms, naive_param_grad_norms
+
+CASES = ["mlp", "cnn", "lstm", "tied"]
+STEPS = 4
+
+
+def _train_and_reference(kind, store, optimizer_cls=torch.optim.SGD):
+    model, batch, loss_fn = make_case(kind)
+    opt = optimizer_cls(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    ref = []
+    with gw.watch(model, opt, activations=1, update_every=1, store=store, name=kind) as w:
+        for _ in range(STEPS):
+            x, y = batch(g)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            ref.append((naive_layer_grad_norms(model), naive_param_grad_norms(model)))
+            opt.step()
+    return model, w.open(), ref
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_grad_norms_equal_naive_loop(kind, store):
+    _, run, ref = _train_and_reference(kind, store)
+    for step, (layers, params) in enumerate(ref):
+        got = at_step(run, "grad_norm", step)
+        assert got.keys() == layers.keys()
+        for name, value in layers.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), name
+        got_p = at_step(run, "grad_norm", step, kind="param")
+        assert got_p.keys() == params.keys()
+        for name, value in params.items():
+            assert got_p[name] == pytest.approx(value, rel=1e-5), name
+        assert all(v == 0 for v in at_step(run, "nonfinite", step).values())
+
+
+def test_tied_frozen_and_gradless_parameters(store):
+    _, run, ref = _train_and_reference("tied", store)
+    layers = set(run.layers)
+    assert "frozen" not in layers  # no trainable parameter: not a layer
+    assert {"emb", "mid", "head", "unused", ""} <= layers
+    got = at_step(run, "grad_norm", 0, kind="param")
+    assert got["emb.weight"] == got["head.weight"]  # one tied tensor, under each owner
+    assert "unused.weight" not in got and "extra" not in got  # never got a gradient: no record
+    assert "unused" in at_step(run, "weight_norm", 0) and "" in at_step(run, "weight_norm", 0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_weight_norm_and_layer_order(kind, store):
+    model, batch, loss_fn = make_case(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with gw.watch(model, opt, update_every=1, store=store, name=kind) as w:
+        x, y = batch(g)
+        before = {n: math.sqrt(sum(float(p.detach().double().norm()) ** 2 for p in m.parameters(recurse=False)))
+                  for n, m in model.named_modules() if list(m.parameters(recurse=False))}
+        loss_fn(model(x), y).backward()
+        opt.step()
+    run = w.open()
+    got = at_step(run, "weight_norm", 0)
+    for name, value in before.items():
+        assert got[name] == pytest.approx(value, rel=1e-5)
+    executed = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: executed.append(n))
+             for n, m in model.named_modules() if list(m.parameters(recurse=False))]
+    model(batch(g)[0])
+    for h in hooks:
+        h.remove()
+    assert run.layers == executed == run.meta["layer_order"]
+
+
+def _reference_derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = module(x.clone())
+        (d,) = torch.autograd.grad(y.sum(), x)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lstm", "tied"])
+def test_activation_stats_equal_naive(kind, store):
+    """Mean, std, saturated/dead fraction and rms derivative against autograd on the hooked tensors."""
+    model, batch, loss_fn = make_case(kind)
+    seen = {}
+
+    def capture(name):
+        def hook(m, args, out):
+            seen[name] = (m, args[0].detach().clone(), out.detach().clone())
+        return hook
+
+    acts = {n: m for n, m in model.named_modules() if type(m) in (nn.Tanh, nn.Sigmoid, nn.GELU, nn.ReLU)}
+    # in-place ReLU: its input *is* its output, capture the input before
+    pre = {}
+    for n, m in acts.items():
+        m.register_forward_pre_hook(lambda m, a, n=n: pre.__setitem__(n, a[0].detach().clone()))
+        m.register_forward_hook(capture(n))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with gw.watch(model, opt, activations=1, store=store, name=kind) as w:
+        x, y = batch(g)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    run = w.open()
+    assert set(run.names("activation")) == set(acts)
+    for name, (m, _, out) in seen.items():
+        x = pre[name]
+        d = _reference_derivative(type(m)(), x) if not isinstance(m, nn.GELU) else _reference_derivative(m, x)
+        peak = {nn.Tanh: 1.0, nn.Sigmoid: 0.25, nn.ReLU: 1.0, nn.GELU: 1.1289}[type(m)]
+        inactive = d.abs() < 0.02 * peak
+        assert at_step(run, "act_mean", 0, "activation")[name] == pytest.approx(float(out.double().mean()), rel=1e-4, abs=1e-6)
+        assert at_step(run, "act_std", 0, "activation")[name] == pytest.approx(float(out.double().std(unbiased=False)), rel=1e-4)
+        assert at_step(run, "deriv_rms", 0, "activation")[name] == pytest.approx(float(d.double().pow(2).mean().sqrt()), rel=1e-4)
+        if isinstance(m, (nn.Tanh, nn.Sigmoid)):
+            assert at_step(run, "saturated_frac", 0, "activation")[name] == pytest.approx(float(inactive.double().mean()), abs=1e-6)
+        else:
+            dead = inactive.reshape(inactive.shape[0], -1).all(0).double().mean()
+            assert at_step(run, "dead_frac", 0, "activation")[name] == pytest.approx(float(dead), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "tied"])
+def test_out_grad_norm_equals_autograd(kind, store):
+    """‖∂L/∂a_l‖ at each layer's output against the outputs' own ``.grad`` (retain_grad).
+
+    The reference runs on a copy without in-place ops: after an in-place ReLU,
+    ``retain_grad`` on the layer's output would give the ReLU output's gradient.
+    """
+    model, batch, loss_fn = make_case(kind)
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    outputs = {}
+
+    def keep(m, a, out, n):
+        if out.requires_grad:
+            out.retain_grad()
+            outputs[n] = out
+
+    for n, m in twin.named_modules():
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.register_forward_hook(lambda m, a, out, n=n: keep(m, a, out, n))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with gw.watch(model, opt, activations=1, store=store, name=kind) as w:
+        x, y = batch(g)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        loss_fn(twin(x), y).backward()
+        ref = {n: float(o.grad.double().norm()) for n, o in outputs.items() if o.grad is not None}
+    got = at_step(w.open(), "out_grad_norm", 0)
+    assert got.keys() == ref.keys()
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_module_called_twice_pools_its_calls(store):
+    """A block applied twice: its output gradient is the root of both calls' squared norms."""
+    torch.manual_seed(0)
+    block = nn.Linear(4, 4)
+    act = nn.Tanh()
+    model = nn.Sequential()
+    model.block, model.act = block, act
+    model.forward = lambda x: act(block(act(block(x))))  # type: ignore[method-assign]
+    outs, acts_in = [], []
+
+    def keep(m, a, o):
+        o.retain_grad()
+        outs.append(o)
+
+    block.register_forward_hook(keep)
+    act.register_forward_hook(lambda m, a, o: acts_in.append(o.detach()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, activations=1, store=store, name="twice") as w:
+        x = torch.randn(5, 4)
+        model(x).pow(2).sum().backward()
+        opt.step()
+    run = w.open()
+    expect = math.sqrt(sum(float(o.grad.double().norm()) ** 2 for o in outs))
+    assert at_step(run, "out_grad_norm", 0)["block"] == pytest.approx(expect, rel=1e-5)
+    both = torch.cat(acts_in)
+    assert at_step(run, "act_mean", 0, "activation")["act"] == pytest.approx(float(both.mean()), rel=1e-5)
+    assert at_step(run, "act_std", 0, "activation")["act"] == pytest.approx(float(both.std(unbiased=False)), rel=1e-5)
+
+
+def test_nonfinite_counts_entries(store):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, store=store, name="nan") as w:
+        model(torch.randn(2, 3)).sum().backward()
+        model[0].weight.grad[0, :2] = float("nan")
+        model[0].bias.grad[1] = float("inf")
+        opt.step()
+    run = w.open()
+    assert at_step(run, "nonfinite", 0) == {"0": 3.0, "1": 0.0}
+    assert math.isnan(at_step(run, "grad_norm", 0)["0"])
