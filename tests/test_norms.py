@@ -206,4 +206,5 @@ def test_nonfinite_counts_entries(store):
         opt.step()
     run = w.open()
     assert at_step(run, "nonfinite", 0) == {"0": 3.0, "1": 0.0}
+    assert at_step(run, "nonfinite", 0, "param") == {"0.weight": 2.0, "0.bias": 1.0}
     assert math.isnan(at_step(run, "grad_norm", 0)["0"])

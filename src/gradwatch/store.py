@@ -10,6 +10,7 @@ that opens and holds every batch committed before the kill.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import queue
@@ -146,15 +147,13 @@ class StoreWriter:
         step, keys, values, ready, done = payload
         if ready is not None:
             ready()
-        vals = values.tolist()
+        vals = values.numpy().astype(np.float64, copy=True)
         if done is not None:
             done()
-        skip = self._skip_nan
-        rows = [
-            (step, int(e), int(q), v)
-            for (e, q), v in zip(keys.tolist(), vals)
-            if not (q in skip and math.isnan(v))
-        ]
+        if self._skip_nan:
+            keep = ~(np.isin(keys[:, 1], list(self._skip_nan)) & np.isnan(vals))
+            keys, vals = keys[keep], vals[keep]
+        rows = zip(itertools.repeat(step), keys[:, 0].tolist(), keys[:, 1].tolist(), vals.tolist())
         self._con.executemany("INSERT INTO records (step, entity, quantity, value) VALUES (?, ?, ?, ?)", rows)
 
 

@@ -88,18 +88,19 @@ class Watch:
         parts = anatomy(model)
         self._layers, self._acts = parts.layers, parts.activations
         self._grads = GradProbe(self._layers)
-        self._backprop = BackpropProbe()
+        self._backprop = BackpropProbe(self._grads.device)
         self._device = self._grads.device
         self._layer_of = {layer.module: i for i, layer in enumerate(self._layers)}
         self._act_of = {a.module: i for i, a in enumerate(self._acts)}
         self._order: list[tuple[str, str]] = []  # (name, kind) in first-forward order
-        self._act_calls: dict[int, list[Tensor]] = {}
+        self._act_calls: dict[int, list[tuple[float, Tensor]]] = {}
         self._pending: list[tuple[np.ndarray, Tensor]] = []  # (keys (n, 2), values (n,))
         self._scalars: list[tuple[int, Tensor]] = []
         self._sample_step = -1
         self._sample_on = False
-        self._fresh = False  # a step just ended and no forward has run since
+        self._held: int | None = None  # a step that ended, its values pending until the next forward
         self._callback_queued = False
+        self._key_cache: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
 
         self._writer = StoreWriter(run_dir / DB_NAME)  # fails here if the store is unwritable
         self._entity: dict[tuple[str, str], int] = {}
@@ -130,7 +131,8 @@ class Watch:
 
         Tensors are detached and stay on their device until the step's one host
         copy. A value logged after ``optimizer.step()`` and before the next
-        forward pass belongs to the step that just ended.
+        forward pass belongs to the step that just ended (whose values are held
+        until that forward pass, so that they still travel in one copy).
         """
         for key, value in scalars.items():
             if isinstance(value, Tensor):
@@ -144,11 +146,13 @@ class Watch:
             if self._closed or self._failed is not None:
                 continue
             self._scalars.append((self._entity_id(key, "run", None), value))
-        if self._fresh and self._step > 0:
-            self._emit_scalars(self._step - 1)
+        if self._held is not None:  # joins the step that just ended
+            self._add_scalars()
 
     def flush(self) -> None:
         """Wait until every record so far is in the store."""
+        if not self._closed:
+            self._release()
         self._writer.flush()
         self._check_writer()
 
@@ -209,7 +213,8 @@ class Watch:
 
     @_guarded
     def _on_layer_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._fresh = False
+        if self._held is not None:
+            self._release()
         if self._sampling():
             hook = functools.partial(self._on_output_grad, self._layer_of[module])
             for t in grad_tensors(output):
@@ -221,14 +226,16 @@ class Watch:
 
     @_guarded
     def _on_act_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._fresh = False
+        if self._held is not None:
+            self._release()
         if not self._sampling():
             return
         x = act_probe.first_tensor(args)
         if x is None or not is_floating(output) or output.numel() == 0:
             return
         i = self._act_of[module]
-        self._act_calls.setdefault(i, []).append(act_probe.call_stats(self._acts[i].spec, module, x, output))
+        stats = act_probe.call_stats(self._acts[i].spec, module, x, output)
+        self._act_calls.setdefault(i, []).append((float(output.numel()), stats.to(self._device)))
 
     @_guarded
     def _on_grad_accumulated(self, param: Tensor) -> None:
@@ -265,47 +272,53 @@ class Watch:
         if stats is not None:
             self._add_pairs(stats)
 
-    def _add_pairs(self, stats: dict[str, tuple[list[int], list[int], Tensor, Tensor]]) -> None:
-        for quantity, (layers, pairs, per_layer, per_pair) in stats.items():
+    def _add_pairs(self, stats: dict[str, tuple[list[int], Tensor, list[int], Tensor]]) -> None:
+        for quantity, (layers, per_layer, pairs, per_pair) in stats.items():
             q = self._quantity_id(quantity)
-            self._add(self._layer_ids[layers], q, per_layer)
-            if quantity == "nonfinite":  # per parameter only where there were some (known on the host then)
-                continue
-            self._add(self._pair_ids[pairs], q, per_pair)
+            self._add(self._keys("layer", layers, q), per_layer)
+            if pairs:
+                self._add(self._keys("param", pairs, q), per_pair)
 
-    def _add(self, entity_ids: np.ndarray, quantity: int, values: Tensor) -> None:
-        keys = np.stack([entity_ids, np.full(len(entity_ids), quantity)], axis=1)
+    def _keys(self, kind: str, index: list[int], quantity: int) -> np.ndarray:
+        """(n, 2) array of (entity id, quantity id), cached: the same sets recur every step."""
+        key = (kind, tuple(index), quantity)
+        keys = self._key_cache.get(key)
+        if keys is None:
+            ids = {"layer": self._layer_ids, "param": self._pair_ids, "activation": self._act_ids}[kind][list(index)]
+            keys = self._key_cache[key] = np.stack([ids, np.full(len(ids), quantity)], axis=1)
+        return keys
+
+    def _add(self, keys: np.ndarray, values: Tensor) -> None:
         self._pending.append((keys, values.reshape(-1).to(self._device, torch.float64)))
 
     def _end_step(self) -> None:
+        if self._held is not None:  # two steps without a forward pass between them
+            self._release()
         step = self._step
         taken = self._backprop.take()
         if taken is not None:
-            self._add(self._layer_ids[taken[0]], self._quantity_id("out_grad_norm"), taken[1])
+            self._add(self._keys("layer", taken[0], self._quantity_id("out_grad_norm")), taken[1])
         if self._act_calls:
             self._add_activation_stats()
         if self._scalars:
             self._add_scalars()
-        self._emit(step)
+        self._held = step
         if self._order_handles:
             self._settle_order()
         self._check_writer()
         self._step += 1
-        self._fresh = True
 
     def _add_activation_stats(self) -> None:
         calls, self._act_calls = self._act_calls, {}
-        idx = sorted(calls)
-        stats = torch.stack([act_probe.combine(calls[i]) for i in idx])  # (acts, 4): mean, std, frac, rms
-        ids = self._act_ids[idx]
+        idx, stats = act_probe.combine(calls)  # (acts, 4): mean, std, frac, rms φ'
         for col, name in enumerate(("act_mean", "act_std")):
-            self._add(ids, self._quantity_id(name), stats[:, col])
+            self._add(self._keys("activation", idx, self._quantity_id(name)), stats[:, col])
         for family in ("bounded", "relu"):
             rows = [k for k, i in enumerate(idx) if self._acts[i].spec.family == family]
             if rows:
                 quantity = "saturated_frac" if family == "bounded" else "dead_frac"
-                self._add(ids[rows], self._quantity_id(quantity), stats[rows, 2])
-        self._add(ids, self._quantity_id("deriv_rms"), stats[:, 3])
+                self._add(self._keys("activation", [idx[k] for k in rows], self._quantity_id(quantity)), stats[rows, 2])
+        self._add(self._keys("activation", idx, self._quantity_id("deriv_rms")), stats[:, 3])
 
     def _add_scalars(self) -> None:
         scalars, self._scalars = self._scalars, []
@@ -313,12 +326,14 @@ class Watch:
         values = torch.stack([v for _, v in scalars])
         names = {e: n for (n, k), e in self._entity.items() if k == "run"}
         for e, v in zip(ids, values):
-            self._add(np.array([e]), self._quantity_id(names[int(e)]), v)
+            self._add(np.array([[e, self._quantity_id(names[int(e)])]]), v)
 
     @_guarded
-    def _emit_scalars(self, step: int) -> None:
-        self._add_scalars()
-        self._emit(step)
+    def _release(self) -> None:
+        """Send the held step's values on: one copy, to the writer."""
+        step, self._held = self._held, None
+        if step is not None:
+            self._emit(step)
 
     def _emit(self, step: int) -> None:
         """One device-to-host copy of every value of the step, handed to the writer thread."""
@@ -398,7 +413,7 @@ class Watch:
 
     def _fail(self, exc: BaseException) -> None:
         self._failed = exc
-        self._pending, self._scalars, self._act_calls = [], [], {}
+        self._pending, self._scalars, self._act_calls, self._held = [], [], {}, None
         self._backprop.clear()
         self._grads._before = None
         warnings.warn(
@@ -414,6 +429,7 @@ class Watch:
         self._remove_hooks()
         try:
             if self._failed is None:
+                self._release()
                 if self._scalars:
                     self._add_scalars()
                 self._emit(self._step)
@@ -448,8 +464,9 @@ def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     def owner(hooks: Any) -> Watch | None:
         for h in (hooks or {}).values():
             h = h.func if isinstance(h, functools.partial) else h
-            if isinstance(getattr(h, "__self__", None), Watch):
-                return h.__self__
+            owner_ = getattr(h, "__self__", None)
+            if isinstance(owner_, Watch):
+                return owner_
         return None
 
     for m in model.modules():

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 INACTIVE_BELOW = 0.02  # fraction of the peak derivative; tanh: |y| > 0.99
 
-Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (module, input, output) -> φ'(input)
+# (module, input, output) -> φ'(input); the module is Any: its settings (alpha, min_val, …) are read
+Derivative = Callable[[Any, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ActivationSpec:
     derivative: Derivative
     peak: float  # the largest value the derivative takes
     needs_input: bool = False  # derivative needs the input, lost when computed in place
+    indicator: Callable[[Any, Tensor], Tensor] | None = None  # (module, y) -> φ' == peak, where φ' ∈ {0, peak}
 
     @property
     def quantity(self) -> str:
@@ -55,7 +57,7 @@ def _inside(x: Tensor, lo: float, hi: float) -> Tensor:
     return ((x > lo) & (x < hi)).to(x.dtype)
 
 
-def _gelu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _gelu(m: Any, x: Tensor, y: Tensor) -> Tensor:
     if getattr(m, "approximate", "none") == "tanh":
         k = math.sqrt(2.0 / math.pi)
         t = torch.tanh(k * (x + 0.044715 * x**3))
@@ -65,24 +67,24 @@ def _gelu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return cdf + x * pdf
 
 
-def _silu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _silu(m: Any, x: Tensor, y: Tensor) -> Tensor:
     s = torch.sigmoid(x)
     return s * (1 + x * (1 - s))
 
 
-def _prelu(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _prelu(m: Any, x: Tensor, y: Tensor) -> Tensor:
     w = m.weight.detach()
     if w.numel() > 1 and x.dim() > 1:  # one slope per channel, channels on dim 1
         w = w.view(1, -1, *([1] * (x.dim() - 2)))
     return torch.where(x > 0, torch.ones_like(x), w.to(x.dtype).expand_as(x))
 
 
-def _softplus(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _softplus(m: Any, x: Tensor, y: Tensor) -> Tensor:
     beta, threshold = m.beta, m.threshold
     return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(beta * x))
 
 
-def _hardswish(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def _hardswish(m: Any, x: Tensor, y: Tensor) -> Tensor:
     mid = (2 * x + 3) / 6
     return torch.where(x < -3, torch.zeros_like(x), torch.where(x > 3, torch.ones_like(x), mid))
 
@@ -123,8 +125,17 @@ _SPECS: list[tuple[type[nn.Module], str, Derivative, float | None]] = [
 
 NEEDS_INPUT = (nn.PReLU, nn.GELU, nn.SiLU, nn.Softplus, nn.Hardswish)
 
+# Piecewise-linear units whose derivative is 0 or its peak: one boolean mask of
+# the output gives every statistic, a fast path for the common ReLU.
+_INDICATORS: list[tuple[type[nn.Module], Callable[[Any, Tensor], Tensor]]] = [
+    (nn.ReLU6, lambda m, y: (y > 0) & (y < 6)),
+    (nn.Hardtanh, lambda m, y: (y > m.min_val) & (y < m.max_val)),
+    (nn.Hardsigmoid, lambda m, y: (y > 0) & (y < 1)),
+    (nn.ReLU, lambda m, y: y > 0),
+]
 
-def _numeric_peak(module: nn.Module, derivative: Derivative) -> float:
+
+def _numeric_peak(module: Any, derivative: Derivative) -> float:
     """Largest derivative on a fine grid; for activations whose peak depends on settings."""
     if isinstance(module, nn.PReLU):  # slopes 1 and a (per channel, as initialised)
         return max(1.0, float(module.weight.detach().abs().max()))
@@ -140,7 +151,8 @@ def activation_spec(module: nn.Module) -> ActivationSpec | None:
         if isinstance(module, cls):
             if peak is None:
                 peak = _numeric_peak(module, derivative)
-            return ActivationSpec(family, derivative, peak, isinstance(module, NEEDS_INPUT))
+            indicator = next((f for c, f in _INDICATORS if isinstance(module, c)), None)
+            return ActivationSpec(family, derivative, peak, isinstance(module, NEEDS_INPUT), indicator)
     return None
 
 
@@ -151,40 +163,57 @@ def first_tensor(args: tuple) -> Tensor | None:
     return None
 
 
-N_STATS = 5  # count, mean, var, inactive fraction (saturated or dead), mean φ'²
-
-
 @torch.no_grad()
-def call_stats(spec: ActivationSpec, module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Sufficient statistics of one call, on the device: (n, mean, var, frac, mean φ'²)."""
+def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tensor:
+    """Statistics of one call, on the device: (mean, var, inactive fraction, mean φ'²).
+
+    The inactive fraction is the saturated fraction for bounded units and the
+    dead fraction for ReLU-likes; NaN where the derivative cannot be known.
+    """
     x, y = x.detach(), y.detach()
     var, mean = torch.var_mean(y.float(), correction=0)
-    n = torch.tensor(float(y.numel()), device=mean.device)
     if spec.needs_input and getattr(module, "inplace", False):  # the input is gone, so is the derivative
         nan = torch.full_like(mean, float("nan"))
-        return torch.stack([n, mean, var, nan, nan])
+        return torch.stack([mean, var, nan, nan])
+    if spec.indicator is not None:
+        active = spec.indicator(module, y)
+        on = active.sum().to(mean.dtype) / y.numel()  # fraction of unit-samples with φ' = peak
+        if spec.family == "bounded":
+            frac = 1 - on
+        else:
+            frac = 1 - _per_unit(active).any(dim=0).to(mean.dtype).mean()
+        return torch.stack([mean, var, frac, on * spec.peak**2])
     d = spec.derivative(module, x, y).float()
     inactive = d.abs() < INACTIVE_BELOW * spec.peak
     if spec.family == "bounded":
         frac = inactive.float().mean()
     else:
-        per_sample = inactive.reshape(inactive.shape[0], -1) if inactive.dim() > 1 else inactive.reshape(1, -1)
-        frac = per_sample.all(dim=0).float().mean()
-    ms = (d * d).mean()
-    return torch.stack([n, mean, var, frac, ms])
+        frac = _per_unit(inactive).all(dim=0).float().mean()
+    return torch.stack([mean, var, frac, (d * d).mean()])
 
 
-def combine(calls: list[Tensor]) -> Tensor:
-    """Pool the statistics of several calls of one module in one step (Chan et al.'s update).
+def _per_unit(mask: Tensor) -> Tensor:
+    """(batch, units): dimension 0 is the batch, every other element is a unit."""
+    return mask.reshape(mask.shape[0], -1) if mask.dim() > 1 else mask.reshape(1, -1)
 
-    Returns (mean, std, frac, rms φ') over every element of every call.
+
+def combine(calls: dict[int, list[tuple[float, Tensor]]]) -> tuple[list[int], Tensor]:
+    """Pool each module's calls in one step, all modules at once.
+
+    ``calls[module] = [(element count, call_stats), …]``. Returns the module
+    indices and their (mean, std, inactive fraction, rms φ') rows, pooled over
+    every element of every call (Chan et al.'s parallel variance).
     """
-    s = torch.stack(calls)  # (calls, N_STATS)
-    n = s[:, 0]
-    total = n.sum()
-    w = n / total
-    mean = (w * s[:, 1]).sum()
-    var = (w * (s[:, 2] + (s[:, 1] - mean) ** 2)).sum()
-    frac = (w * s[:, 3]).sum()
-    rms = (w * s[:, 4]).sum().sqrt()
-    return torch.stack([mean, var.clamp_min(0).sqrt(), frac, rms])
+    idx = sorted(calls)
+    s = torch.stack([t for i in idx for _, t in calls[i]])  # (total calls, 4)
+    if len(s) > len(idx):
+        w = torch.tensor([n / sum(m for m, _ in calls[i]) for i in idx for n, _ in calls[i]],
+                         dtype=s.dtype, device=s.device)
+        seg = torch.tensor([k for k, i in enumerate(idx) for _ in calls[i]], device=s.device)
+
+        def pooled(v: Tensor) -> Tensor:
+            return torch.zeros(len(idx), dtype=s.dtype, device=s.device).index_add_(0, seg, w * v)
+
+        mean = pooled(s[:, 0])
+        s = torch.stack([mean, pooled(s[:, 1] + (s[:, 0] - mean[seg]) ** 2), pooled(s[:, 2]), pooled(s[:, 3])], 1)
+    return idx, torch.stack([s[:, 0], s[:, 1].clamp_min(0).sqrt(), s[:, 2], s[:, 3].sqrt()], 1)

@@ -33,23 +33,28 @@ def grad_tensors(output: Any) -> Iterator[Tensor]:
 class BackpropProbe:
     """Collects squared output-gradient norms per layer during one backward pass."""
 
-    def __init__(self) -> None:
-        self._sq: dict[int, list[Tensor]] = {}
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._layers: list[int] = []
+        self._norms: list[Tensor] = []
 
     @torch.no_grad()
     def add(self, layer: int, grad: Tensor) -> None:
-        g = grad.detach()
-        self._sq.setdefault(layer, []).append(torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2)
+        self._layers.append(layer)
+        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).to(self.device))
 
     def take(self) -> tuple[list[int], Tensor] | None:
         """Per-layer ‖∂L/∂a‖ collected since the last take, and forget them."""
-        if not self._sq:
+        if not self._layers:
             return None
-        layers = sorted(self._sq)
-        sq, self._sq = self._sq, {}
-        device = sq[layers[0]][0].device
-        values = torch.stack([torch.stack([t.to(device) for t in sq[k]]).sum() for k in layers]).sqrt()
-        return layers, values
+        layers, norms = self._layers, torch.stack(self._norms).double()
+        self.clear()
+        unique = sorted(set(layers))
+        if len(unique) == len(layers):  # one output gradient per layer: no pooling
+            return layers, norms
+        seg = torch.tensor([unique.index(k) for k in layers], device=norms.device)
+        pooled = torch.zeros(len(unique), dtype=norms.dtype, device=norms.device).index_add_(0, seg, norms * norms)
+        return unique, pooled.sqrt()
 
     def clear(self) -> None:
-        self._sq = {}
+        self._layers, self._norms = [], []

@@ -60,11 +60,14 @@ def fused_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
 class _Plan:
     """Index tensors for one set of parameters that have gradients."""
 
-    pair_pos: Tensor  # for each (layer, param) pair present: position of its param among those present
-    pair_layer: Tensor  # ... and its layer's index
-    pairs: list[int]  # pair indices present
-    layers: list[int]  # layer indices with at least one gradient
-    layer_index: Tensor  # same, as a tensor
+    pairs: list[int]  # (layer, param) pairs whose param has a gradient
+    layers: list[int]  # layers with at least one gradient
+    pair_pos: Tensor | None  # position among the present params of each pair's param; None: identity
+    owner: Tensor  # (len(layers), n_present) 0/1: which present params each layer owns
+    zeros: Tensor  # (len(layers),) the non-finite counts of a clean step
+
+
+Stats = dict[str, tuple[list[int], Tensor, list[int], Tensor]]  # quantity: (layers, values, pairs, values)
 
 
 class GradProbe:
@@ -88,6 +91,7 @@ class GradProbe:
         self.device = self.params[0].device
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._before: list[Tensor] | None = None
+        self._all = self._plan(tuple(range(len(self.params))))
 
     def _plan(self, present: tuple[int, ...]) -> _Plan:
         plan = self._plans.get(present)
@@ -95,51 +99,53 @@ class GradProbe:
             pos = {p: k for k, p in enumerate(present)}
             pairs = [j for j, p in enumerate(self.pair_param) if p in pos]
             layers = sorted({self.pair_layer[j] for j in pairs})
-            dev = self.device
+            row = {li: r for r, li in enumerate(layers)}
+            owner = torch.zeros(len(layers), len(present), dtype=torch.float64, device=self.device)
+            for j in pairs:
+                owner[row[self.pair_layer[j]], pos[self.pair_param[j]]] = 1.0
+            pair_pos = [pos[self.pair_param[j]] for j in pairs]
             plan = _Plan(
-                pair_pos=torch.tensor([pos[self.pair_param[j]] for j in pairs], device=dev),
-                pair_layer=torch.tensor([self.pair_layer[j] for j in pairs], device=dev),
                 pairs=pairs,
                 layers=layers,
-                layer_index=torch.tensor(layers, device=dev),
+                pair_pos=None if pair_pos == list(range(len(present))) else torch.tensor(pair_pos, device=self.device),
+                owner=owner,
+                zeros=torch.zeros(len(layers), dtype=torch.float64, device=self.device),
             )
             self._plans[present] = plan
         return plan
 
-    def _per_layer(self, per_pair: Tensor, plan_pair_layer: Tensor) -> Tensor:
-        total = torch.zeros(len(self.layer_names), dtype=per_pair.dtype, device=per_pair.device)
-        return total.index_add_(0, plan_pair_layer, per_pair)
+    @staticmethod
+    def _per_pair(plan: _Plan, per_param: Tensor) -> Tensor:
+        return per_param if plan.pair_pos is None else per_param[plan.pair_pos]
+
+    @staticmethod
+    def _per_layer(plan: _Plan, per_param: Tensor) -> Tensor:
+        """Root of the summed squares over each layer's own parameters."""
+        return (plan.owner @ (per_param * per_param)).sqrt()
 
     @torch.no_grad()
-    def gradients(self) -> dict[str, tuple[list[int], list[int], Tensor, Tensor]] | None:
-        """Gradient norms and non-finite counts of the gradients present now.
-
-        Returns ``{quantity: (layer indices, pair indices, per-layer values, per-pair values)}``,
-        or None when no parameter has a gradient.
-        """
+    def gradients(self) -> Stats | None:
+        """Gradient norms and non-finite counts of the gradients present now, or None if there are none."""
         present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
         if not present:
             return None
         plan = self._plan(present)
-        grads = [self.params[i].grad for i in present]
+        grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
         norms = fused_norms(grads, self.device)  # (n_present,)
-        pair_norm = norms[plan.pair_pos]
-        layer_norm = self._per_layer(pair_norm * pair_norm, plan.pair_layer).sqrt()[plan.layer_index]
-
-        counts = torch.zeros_like(norms)
-        bad = ~torch.isfinite(norms)
+        stats: Stats = {"grad_norm": (plan.layers, self._per_layer(plan, norms), plan.pairs, self._per_pair(plan, norms))}
         # A host check; free on the CPU. TODO(ecosystem issue): avoid the sync on CUDA.
-        if bool(bad.any()):
-            for k in bad.nonzero().flatten().tolist():
+        if bool(torch.isfinite(norms).all()):
+            stats["nonfinite"] = (plan.layers, plan.zeros, [], plan.zeros[:0])
+        else:
+            counts = torch.zeros_like(norms)
+            for k in (~torch.isfinite(norms)).nonzero().flatten().tolist():
                 g = grads[k]
                 g = g.coalesce().values() if g.is_sparse else g
                 counts[k] = (~torch.isfinite(g)).sum()
-        pair_count = counts[plan.pair_pos]
-        layer_count = self._per_layer(pair_count, plan.pair_layer)[plan.layer_index]
-        return {
-            "grad_norm": (plan.layers, plan.pairs, layer_norm, pair_norm),
-            "nonfinite": (plan.layers, plan.pairs, layer_count, pair_count),
-        }
+            per_pair = self._per_pair(plan, counts)
+            bad = [n for n, c in enumerate(per_pair.tolist()) if c > 0]
+            stats["nonfinite"] = (plan.layers, plan.owner @ counts, [plan.pairs[n] for n in bad], per_pair[bad])
+        return stats
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -151,29 +157,25 @@ class GradProbe:
         return self._before is not None
 
     @torch.no_grad()
-    def updates(self) -> dict[str, tuple[list[int], list[int], Tensor, Tensor]]:
+    def updates(self) -> Stats:
         """Weight norms before the step and update ratios across it; frees the snapshot."""
         before, self._before = self._before, None
         assert before is not None, "updates() without snapshot()"
         after = [p.detach() for p in self.params]
-        diffs = torch._foreach_sub(after, before)
+        diffs = list(torch._foreach_sub(after, before))
         delta = fused_norms(diffs, self.device)
         weight = fused_norms(before, self.device)
         del diffs, before
-        pp = torch.tensor(self.pair_param, device=self.device)
-        pl = torch.tensor(self.pair_layer, device=self.device)
-        pair_w, pair_d = weight[pp], delta[pp]
-        layer_w = self._per_layer(pair_w * pair_w, pl).sqrt()
-        layer_d = self._per_layer(pair_d * pair_d, pl).sqrt()
+        plan = self._all
+        pair_w, pair_d = self._per_pair(plan, weight), self._per_pair(plan, delta)
+        layer_w, layer_d = self._per_layer(plan, weight), self._per_layer(plan, delta)
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
-        all_layers = list(range(len(self.layer_names)))
-        all_pairs = list(range(len(self.pair_names)))
         return {
-            "weight_norm": (all_layers, all_pairs, layer_w, pair_w),
+            "weight_norm": (plan.layers, layer_w, plan.pairs, pair_w),
             "update_ratio": (
-                all_layers,
-                all_pairs,
+                plan.layers,
                 torch.where(layer_w > 0, layer_d / layer_w, nan),
+                plan.pairs,
                 torch.where(pair_w > 0, pair_d / pair_w, nan),
             ),
         }
