@@ -74,7 +74,7 @@ def test_weight_norm_and_layer_order(kind, store):
     for name, value in before.items():
         assert got[name] == pytest.approx(value, rel=1e-5)
     executed = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: executed.append(n))
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: executed.append(n))
              for n, m in model.named_modules() if list(m.parameters(recurse=False))]
     model(batch(g)[0])
     for h in hooks:

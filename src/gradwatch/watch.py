@@ -83,7 +83,6 @@ class Watch:
         self._failed: BaseException | None = None
         self._step = 0
         self._handles: list[Any] = []
-        self._order_handles: list[Any] = []
 
         parts = anatomy(model)
         self._layers, self._acts = parts.layers, parts.activations
@@ -92,7 +91,13 @@ class Watch:
         self._device = self._grads.device
         self._layer_of = {layer.module: i for i, layer in enumerate(self._layers)}
         self._act_of = {a.module: i for i, a in enumerate(self._acts)}
-        self._order: list[tuple[str, str]] = []  # (name, kind) in first-forward order
+        # Depth: the order in which each module's output is first produced. For
+        # leaf modules this is first-forward execution order; a module that owns
+        # parameters *and* contains others (a model root holding a positional
+        # embedding) comes after its children, where its output is.
+        self._order: list[tuple[str, str]] = []
+        self._order_seen: set[tuple[str, str]] = set()
+        self._order_settled = False
         self._act_calls: dict[int, list[tuple[float, Tensor]]] = {}
         self._pending: list[tuple[np.ndarray, Tensor]] = []  # (keys (n, 2), values (n,))
         self._scalars: list[tuple[int, Tensor]] = []
@@ -181,11 +186,6 @@ class Watch:
             self._handles.append(layer.module.register_forward_hook(self._on_layer_forward))
         for a in self._acts:
             self._handles.append(a.module.register_forward_hook(self._on_act_forward))
-        seen = set()
-        for m in [l.module for l in self._layers] + [a.module for a in self._acts]:
-            if m not in seen:
-                seen.add(m)
-                self._order_handles.append(m.register_forward_pre_hook(self._on_first_forward))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
@@ -194,9 +194,9 @@ class Watch:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
 
     def _remove_hooks(self) -> None:
-        for h in self._handles + self._order_handles:
+        for h in self._handles:
             h.remove()
-        self._handles, self._order_handles = [], []
+        self._handles = []
 
     def _sampling(self) -> bool:
         if self._sample_step != self._step:
@@ -205,16 +205,11 @@ class Watch:
         return self._sample_on and torch.is_grad_enabled()
 
     @_guarded
-    def _on_first_forward(self, module: nn.Module, args: tuple) -> None:
-        if module in self._layer_of:
-            self._order.append((self._layers[self._layer_of[module]].name, "layer"))
-        if module in self._act_of:
-            self._order.append((self._acts[self._act_of[module]].name, "activation"))
-
-    @_guarded
     def _on_layer_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._held is not None:
             self._release()
+        if not self._order_settled:
+            self._note_order(self._layers[self._layer_of[module]].name, "layer")
         if self._sampling():
             hook = functools.partial(self._on_output_grad, self._layer_of[module])
             for t in grad_tensors(output):
@@ -228,6 +223,8 @@ class Watch:
     def _on_act_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._held is not None:
             self._release()
+        if not self._order_settled:
+            self._note_order(self._acts[self._act_of[module]].name, "activation")
         if not self._sampling():
             return
         x = act_probe.first_tensor(args)
@@ -303,7 +300,7 @@ class Watch:
         if self._scalars:
             self._add_scalars()
         self._held = step
-        if self._order_handles:
+        if not self._order_settled:
             self._settle_order()
         self._check_writer()
         self._step += 1
@@ -354,11 +351,14 @@ class Watch:
             values = values.cpu()
         self._writer.records(step, keys, values, ready)
 
+    def _note_order(self, name: str, kind: str) -> None:
+        if (name, kind) not in self._order_seen:
+            self._order_seen.add((name, kind))
+            self._order.append((name, kind))
+
     def _settle_order(self) -> None:
-        """After the first step: depths from first-forward order; drop the ordering hooks."""
-        for h in self._order_handles:
-            h.remove()
-        self._order_handles = []
+        """After the first step: depths from the order in which outputs were first produced."""
+        self._order_settled = True
         depth = {key: d for d, key in enumerate(self._order)}
         rows = []
         for (name, kind), eid in self._entity.items():

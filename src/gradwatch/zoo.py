@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 Batch = tuple[Tensor, Tensor]
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def mlp(depth: int, width: int, activation: Callable[[], nn.Module], n_in: int =
     return nn.Sequential(*layers)
 
 
-def _he_init(model: nn.Module) -> nn.Module:
+def _he_init(model: M) -> M:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -121,9 +122,138 @@ def _deep_tanh_mlp(seed: int) -> Trial:
     return _digits_trial(mlp(DEPTH, WIDTH, nn.Tanh), seed)
 
 
+def _deep_sigmoid_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    return _digits_trial(mlp(10, WIDTH, nn.Sigmoid), seed)
+
+
 def _deep_relu_he_mlp(seed: int) -> Trial:
     torch.manual_seed(seed)
     return _digits_trial(_he_init(mlp(DEPTH, WIDTH, nn.ReLU)), seed)
+
+
+def _scaled_init(model: M, gain: float, bias: float = 0.0) -> M:
+    """Weights N(0, gain²/fan_in), biases constant."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=gain / m.in_features**0.5)
+            nn.init.constant_(m.bias, bias)
+    return model
+
+
+def _saturated_tanh_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    return _digits_trial(_scaled_init(mlp(8, WIDTH, nn.Tanh), gain=8.0), seed)
+
+
+def _dead_relu_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = _scaled_init(mlp(6, WIDTH, nn.ReLU), gain=2**0.5, bias=-1.5)
+    nn.init.zeros_(model[-1].bias)
+    return _digits_trial(model, seed)
+
+
+def _exploding_relu_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = _scaled_init(mlp(DEPTH, WIDTH, nn.ReLU), gain=3.0)
+    x, y, xt, yt = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)  # small enough not to diverge: the depth profile is the point
+    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
+
+
+def _diverging_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = _he_init(mlp(6, WIDTH, nn.ReLU))
+    x, y, xt, yt = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)  # far too large: the loss overflows
+    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
+
+
+def _stalled_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = _he_init(mlp(6, WIDTH, nn.ReLU))
+    x, y, xt, yt = digits()
+    early = [p for m in list(model)[:4] for p in m.parameters()]
+    late = [p for m in list(model)[4:] for p in m.parameters()]
+    # a misconfigured parameter group: the first two layers' learning rate is 10⁻⁶ of the rest
+    opt = torch.optim.SGD([{"params": early, "lr": LR * 1e-6}, {"params": late}], lr=LR, momentum=0.9)
+    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
+
+
+def _layernorm_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(64, WIDTH)]
+    for _ in range(7):
+        layers += [nn.LayerNorm(WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH)]
+    layers += [nn.LayerNorm(WIDTH), nn.GELU(), nn.Linear(WIDTH, 10)]
+    return _digits_trial(nn.Sequential(*layers), seed)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(relu(bn(conv(relu(bn(x)))))), pre-activation style (He et al. 2016)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(self.relu1(self.bn1(x)))
+        return x + self.conv2(self.relu2(self.bn2(h)))
+
+
+class SmallResNet(nn.Module):
+    """A stem, four residual blocks and a linear head, for 8×8 digit images."""
+
+    def __init__(self, channels: int = 16, blocks: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.stem(x.reshape(-1, 1, 8, 8)))
+        return self.head(h.mean((2, 3)))
+
+
+def _small_resnet(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    x, y, xt, yt = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
+
+
+class RowSequenceModel(nn.Module):
+    """Reads an 8×8 digit as a sequence of its 8 rows (tokens of 8 pixels)."""
+
+    def __init__(self, kind: str, width: int = 32) -> None:
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Linear(8, width)
+        if kind == "transformer":
+            self.pos = nn.Parameter(torch.randn(8, width) * 0.1)
+            layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+            self.body: nn.Module = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        else:
+            self.body = nn.LSTM(width, width, batch_first=True)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.reshape(-1, 8, 8))  # (B, T=8, width)
+        if self.kind == "transformer":
+            return self.head(self.body(h + self.pos).mean(1))
+        out, _ = self.body(h)
+        return self.head(out[:, -1])
+
+
+def _sequence_trial(kind: str, seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = RowSequenceModel(kind)
+    x, y, xt, yt = digits()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
 
 
 SETUPS: dict[str, Setup] = {
@@ -142,6 +272,49 @@ SETUPS: dict[str, Setup] = {
             None,
             _deep_relu_he_mlp,
         ),
+        Setup(
+            "deep_sigmoid_mlp",
+            f"10-layer sigmoid MLP (width {WIDTH}, default init) on digits: sigmoid' ≤ 1/4 at every layer",
+            "vanishing",
+            _deep_sigmoid_mlp,
+        ),
+        Setup(
+            "saturated_tanh_mlp",
+            f"8-layer tanh MLP initialised with weight std 8/sqrt(fan_in): the units sit in tanh's flat tails",
+            "saturation",
+            _saturated_tanh_mlp,
+        ),
+        Setup(
+            "dead_relu_mlp",
+            "6-layer ReLU MLP whose hidden biases start at -1.5: most units never fire",
+            "dead_units",
+            _dead_relu_mlp,
+        ),
+        Setup(
+            "exploding_relu_mlp",
+            f"{DEPTH}-layer ReLU MLP initialised at weight std 3/sqrt(fan_in), about twice He's: the back-propagated gradient grows ~2× per layer",
+            "exploding",
+            _exploding_relu_mlp,
+        ),
+        Setup(
+            "diverging_mlp",
+            "6-layer ReLU MLP (He init) trained with SGD at learning rate 3: the loss overflows to NaN",
+            "nonfinite",
+            _diverging_mlp,
+        ),
+        Setup(
+            "stalled_mlp",
+            "6-layer ReLU MLP whose first two layers sit in a parameter group with learning rate 10⁻⁶ of the rest",
+            "stalled",
+            _stalled_mlp,
+        ),
+        Setup("layernorm_mlp", "healthy: 9-layer GELU MLP with LayerNorm before every activation", None,
+              _layernorm_mlp),
+        Setup("small_resnet", "healthy: pre-activation ResNet (4 blocks, BatchNorm) on 8×8 digits", None,
+              _small_resnet),
+        Setup("transformer_encoder", "healthy: 2-layer Transformer encoder reading digits row by row", None,
+              functools.partial(_sequence_trial, "transformer")),
+        Setup("lstm_rows", "healthy: LSTM reading digits row by row", None, functools.partial(_sequence_trial, "lstm")),
     ]
 }
 
