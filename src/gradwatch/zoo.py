@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -149,7 +149,9 @@ def _saturated_tanh_mlp(seed: int) -> Trial:
 def _dead_relu_mlp(seed: int) -> Trial:
     torch.manual_seed(seed)
     model = _scaled_init(mlp(6, WIDTH, nn.ReLU), gain=2**0.5, bias=-1.5)
-    nn.init.zeros_(model[-1].bias)
+    last = model[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.bias)
     return _digits_trial(model, seed)
 
 
@@ -176,7 +178,8 @@ def _stalled_mlp(seed: int) -> Trial:
     early = [p for m in list(model)[:4] for p in m.parameters()]
     late = [p for m in list(model)[4:] for p in m.parameters()]
     # a misconfigured parameter group: the first two layers' learning rate is 10⁻⁶ of the rest
-    opt = torch.optim.SGD([{"params": early, "lr": LR * 1e-6}, {"params": late}], lr=LR, momentum=0.9)
+    groups: list[dict[str, Any]] = [{"params": early, "lr": LR * 1e-6}, {"params": late}]
+    opt = torch.optim.SGD(groups, lr=LR, momentum=0.9)
     return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
 
 
