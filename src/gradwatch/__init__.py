@@ -3,7 +3,11 @@
 __version__ = "0.1.0"
 
 from gradwatch._errors import GradwatchWarning  # noqa: E402
-from gradwatch.store import Run, Series, open_run  # noqa: E402
+from gradwatch.diagnosis import Diagnosis, Finding, Thresholds, diagnose  # noqa: E402
+from gradwatch.store import Entity, Run, Series, open_run  # noqa: E402
 from gradwatch.watch import Watch, watch  # noqa: E402
 
-__all__ = ["GradwatchWarning", "Run", "Series", "Watch", "__version__", "open_run", "watch"]
+__all__ = [
+    "Diagnosis", "Entity", "Finding", "GradwatchWarning", "Run", "Series", "Thresholds", "Watch",
+    "__version__", "diagnose", "open_run", "watch",
+]

@@ -13,6 +13,8 @@ from rich.table import Table
 
 import gradwatch as gw
 from gradwatch import zoo
+from gradwatch.report.html import write_html
+from gradwatch.report.terminal import findings_text
 
 DEMO_SETUPS = ("deep_tanh_mlp", "deep_relu_he_mlp")
 LABELS = {"deep_tanh_mlp": "tanh", "deep_relu_he_mlp": "ReLU + He"}
@@ -94,7 +96,7 @@ def render(runs: list[DemoRun], console: Console) -> None:
     for r in runs:
         verdict = "[bold red]vanishing[/]" if r.ratio < 1e-3 else "[green]healthy[/]"
         console.print(
-            f"[bold]{r.setup}[/]: first/last layer gradient ratio {r.ratio:.1e} ({verdict}); "
+            f"[bold]{r.setup}[/]: first/last layer gradient ratio ‖∂L/∂W‖ {r.ratio:.1e} ({verdict}); "
             f"loss {r.loss_start:.3f} → {r.loss_end:.3f}; test accuracy {r.accuracy:.1%}; "
             f"{r.seconds:.1f} s; store: {r.path}"
         )
@@ -110,8 +112,15 @@ def run_demo(out: str | Path = "runs", steps: int = 300, console: Console | None
         with console.status(f"training {setup} for {steps} steps under gw.watch …"):
             runs.append(train(setup, out, steps))
     render(runs, console)
+    for r in runs:
+        with gw.open_run(r.path) as run:
+            diagnosis = gw.diagnose(run)
+            report = write_html(run, r.path / "report.html", diagnosis)
+        console.rule(f"[bold]{r.setup}[/]: findings")
+        console.print(findings_text(diagnosis))
+        console.print(f"HTML report: [bold]{report}[/]")
     console.print(
-        "Read a run back with [bold]gw.open_run(path)[/]; "
-        "for example [bold]gw.open_run(path).series('grad_norm')[/] is the layers × steps matrix."
+        "\nRead a run back with [bold]gw.open_run(path)[/] (e.g. [bold].series('grad_norm')[/], the layers × steps "
+        "matrix); [bold]gradwatch diagnose PATH[/] and [bold]gradwatch report PATH[/] work on any stored run."
     )
     return runs

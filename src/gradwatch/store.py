@@ -161,6 +161,16 @@ class StoreWriter:
 
 
 @dataclass(frozen=True)
+class Entity:
+    """Something records are about: a layer, a parameter, an activation module, or the run itself."""
+
+    name: str
+    kind: str  # "layer", "param", "activation" or "run"
+    module: str | None  # the module's class name
+    depth: int | None  # position in the order outputs are produced; None if it never ran
+
+
+@dataclass(frozen=True)
 class Series:
     """One quantity as a matrix: ``values[i, j]`` is entity ``names[i]`` at step ``steps[j]`` (NaN: not recorded)."""
 
@@ -197,6 +207,11 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def entities(self, kind: str | None = None) -> list[Entity]:
+        """Entities (of one kind), in depth order; those that never ran last."""
+        found = [Entity(n, k, m, d) for _, (n, k, m, d) in sorted(self._entities.items()) if kind in (None, k)]
+        return sorted(found, key=lambda e: math.inf if e.depth is None else e.depth)
 
     def names(self, kind: str = "layer") -> list[str]:
         """Entity names of one kind, in order of first forward execution (never-run ones last)."""

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from gradwatch import __version__, schedules
 from gradwatch._errors import GradwatchWarning, bad_argument
+from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy, is_floating
 from gradwatch.probes import activations as act_probe
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
@@ -165,6 +166,25 @@ class Watch:
         """The records so far, read back from the store (flushes first)."""
         self.flush()
         return open_run(self.path)
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
+        """Findings in words from what was recorded so far (see :func:`gradwatch.diagnose`)."""
+        with self.open() as run:
+            return diagnose(run, thresholds)
+
+    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None) -> Path:
+        """Write the self-contained HTML report of this run; returns its path."""
+        from gradwatch.report.html import write_html
+
+        with self.open() as run:
+            return write_html(run, path, diagnose(run, thresholds))
+
+    def summary(self, thresholds: Thresholds | None = None) -> str:
+        """The terminal report as plain text: one line per layer, then the findings."""
+        from gradwatch.report.terminal import render_text
+
+        with self.open() as run:
+            return render_text(run, diagnose(run, thresholds))
 
     def close(self) -> None:
         """Remove every hook, write what is pending, close the store. Idempotent."""

@@ -1,0 +1,94 @@
+"""What a diagnosis says: findings with their evidence, cause and remedies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+KINDS = ("nonfinite", "exploding", "vanishing", "saturation", "dead_units", "stalled")
+SEVERITIES = ("critical", "warning")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One pathology: what, where (layers, steps), the measured evidence, the likely cause, the remedies."""
+
+    kind: str  # one of KINDS
+    severity: str  # "critical" or "warning"
+    layers: tuple[str, ...]  # affected layers (or activation modules), in depth order
+    steps: tuple[int, int]  # first and last step where it holds
+    summary: str  # one line
+    evidence: str  # the measurements, in words and numbers
+    cause: str
+    remedies: tuple[str, ...]
+    numbers: dict[str, float] = field(default_factory=dict)  # the measured values behind the words
+    sources: tuple[str, ...] = ()  # which stored records the numbers come from
+
+    def __str__(self) -> str:
+        lines = [
+            f"[{self.severity}] {self.kind}: {self.summary}",
+            f"  evidence: {self.evidence}",
+            f"  cause:    {self.cause}",
+            f"  remedies: {'; '.join(self.remedies)}",
+        ]
+        if self.sources:
+            lines.append(f"  source:   {'; '.join(self.sources)}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Diagnosis:
+    """The findings of one run, most severe first. Its ``str`` is the text a user reads."""
+
+    findings: list[Finding]
+    run: str = ""
+
+    def __iter__(self) -> Iterator[Finding]:
+        return iter(self.findings)
+
+    def __len__(self) -> int:
+        return len(self.findings)
+
+    def __bool__(self) -> bool:
+        return bool(self.findings)
+
+    def __getitem__(self, i: int) -> Finding:
+        return self.findings[i]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [f.kind for f in self.findings]
+
+    def of(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def __str__(self) -> str:
+        if not self.findings:
+            return "No findings: the gradients look healthy."
+        head = f"{len(self.findings)} finding{'s' if len(self.findings) > 1 else ''}"
+        return head + (f" in {self.run}" if self.run else "") + ":\n\n" + "\n\n".join(map(str, self.findings))
+
+    def __repr__(self) -> str:
+        return f"Diagnosis({self.kinds})"
+
+
+def span(names: list[str] | tuple[str, ...], total: int | None = None) -> str:
+    """'0…36 (19 of 20)' for a list of names."""
+    if not names:
+        return "none"
+    text = names[0] if len(names) == 1 else f"{names[0]}…{names[-1]}"
+    text = repr(text) if text == "" else text
+    if total is not None and len(names) > 1:
+        text += f" ({len(names)} of {total})"
+    return text
+
+
+def sci(x: float) -> str:
+    """Two significant digits, scientific below 0.01 and above 1000."""
+    if x != x:
+        return "NaN"
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-2 or abs(x) >= 1e3:
+        return f"{x:.1e}"
+    return f"{x:.2g}"

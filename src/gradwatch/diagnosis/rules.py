@@ -1,0 +1,448 @@
+"""The rules: stored records in, findings out. Pure functions; no model, no hooks.
+
+Depth findings are judged on ‖∂L/∂a‖ (``out_grad_norm``), the back-propagated
+gradient at each layer's output, and fall back on the weight-gradient norm
+only when it was not recorded (DESIGN.md: the weight gradient also scales
+with the layer's input).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from gradwatch.diagnosis.findings import Diagnosis, Finding, sci, span
+from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.store import Entity, Run, Series
+
+
+def _window(series: Series, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per entity, the median over the last ``window`` recorded steps; and those steps."""
+    cols = series.values[:, -window:]
+    if cols.shape[1] == 0:
+        return np.full(len(series.names), np.nan), series.steps[-window:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a median of NaN is the answer
+        return np.nanmedian(cols, axis=1), series.steps[-window:]
+
+
+def _since(flags: np.ndarray, steps: np.ndarray) -> int:
+    """First step of the final run of consecutive True flags (the last flag may be False: then its end)."""
+    i = len(flags) - 1
+    while i > 0 and flags[i - 1]:
+        i -= 1
+    return int(steps[i])
+
+
+def _steps_text(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}–{last}"
+
+
+@dataclass
+class _Profile:
+    """The depth profile of the back-propagated gradient over the window."""
+
+    quantity: str
+    names: list[str]
+    median: np.ndarray  # per layer, window median
+    ratio: np.ndarray  # per recorded step: first layer over last layer
+    steps: np.ndarray
+    window_steps: np.ndarray
+
+
+def _profile(run: Run, th: Thresholds) -> _Profile | None:
+    quantity = "out_grad_norm" if "out_grad_norm" in run.quantities else "grad_norm"
+    if quantity not in run.quantities:
+        return None
+    s = run.series(quantity)
+    rows = [i for i in range(len(s.names)) if np.isfinite(s.values[i]).any()]
+    if len(rows) < 2:
+        return None
+    values = s.values[rows]
+    med, wsteps = _window(Series(quantity, [s.names[i] for i in rows], s.steps, values), th.window)
+    with np.errstate(all="ignore"):
+        ratio = values[0] / values[-1]
+    return _Profile(quantity, [s.names[i] for i in rows], med, ratio, s.steps, wsteps)
+
+
+def _between(entities: list[Entity], a: str, b: str) -> list[str]:
+    """Activation modules whose output comes after layer ``a``'s and before layer ``b``'s."""
+    depth = {e.name: e.depth for e in entities if e.kind == "layer"}
+    da, db = depth.get(a), depth.get(b)
+    if da is None or db is None:
+        return []
+    return [e.name for e in entities if e.kind == "activation" and e.depth is not None and da < e.depth < db]
+
+
+def _cause(run: Run, prof: _Profile, upto: int, th: Thresholds, vanishing: bool) -> tuple[str, tuple[str, ...], dict, list[str]]:
+    """Split the gradient ratio across layers 0..upto into activation-derivative and weight factors.
+
+    For consecutive layers l, l+1: r = ‖∂L/∂a_l‖ / ‖∂L/∂a_{l+1}‖ ≈ (rms φ' of the
+    activation between them) × (the gain through layer l+1's weights), so the
+    weight factor is r divided by the measured rms derivative.
+    """
+    entities = run.entities()
+    acts = {}
+    for q in ("deriv_rms", "saturated_frac", "dead_frac"):
+        if q in run.quantities:
+            s = run.series(q, "activation")
+            med, _ = _window(s, th.window)
+            acts[q] = dict(zip(s.names, med))
+    log_r, log_a, visible, between_all = [], [], 0, []
+    for i in range(min(upto + 1, len(prof.names) - 1)):
+        g0, g1 = prof.median[i], prof.median[i + 1]
+        between = _between(entities, prof.names[i], prof.names[i + 1])
+        between_all += between
+        if not (g0 > 0 and g1 > 0 and math.isfinite(g0) and math.isfinite(g1)):
+            continue
+        log_r.append(math.log(g0 / g1))
+        d = [acts.get("deriv_rms", {}).get(b, math.nan) for b in between]
+        if d and all(x > 0 and math.isfinite(x) for x in d):
+            log_a.append(sum(math.log(x) for x in d))
+            visible += 1
+        else:
+            log_a.append(math.nan)
+    sources = []
+    numbers: dict[str, float] = {}
+    kinds = sorted({e.module or "" for e in entities if e.name in between_all and e.kind == "activation"})
+    act_names = "/".join(k for k in kinds if k) or "activation"
+    sat = [b for b in between_all if acts.get("saturated_frac", {}).get(b, 0) > th.saturated_above]
+    dead = [b for b in between_all if acts.get("dead_frac", {}).get(b, 0) > th.dead_above]
+    if between_all and "deriv_rms" in acts:
+        sources.append(f"deriv_rms, saturated_frac/dead_frac (activations {span(between_all)}, "
+                       f"{_steps_text(int(prof.window_steps[0]), int(prof.window_steps[-1]))})")
+    if dead and vanishing:
+        frac = float(np.mean([acts["dead_frac"][b] for b in dead]))
+        numbers["dead_frac"] = frac
+        return (f"dead units — {frac:.0%} of the units of {span(dead)} are silent for whole batches, "
+                f"so no gradient passes them", remedies("leaky", "zero_bias", "he_init", "lower_lr"), numbers, sources)
+    if sat:
+        frac = float(np.mean([acts["saturated_frac"][b] for b in sat]))
+        numbers["saturated_frac"] = frac
+        return (f"{act_names} saturation — {frac:.0%} of the unit-samples of {span(sat)} sit in the flat tails",
+                remedies("smaller_init", "norm", "relu", "lower_lr"), numbers, sources)
+    if not log_r:
+        return "no layer-to-layer ratio could be measured", (), numbers, sources
+    r = math.exp(float(np.mean(log_r)))
+    numbers["per_layer"] = r
+    if visible == 0:
+        return (f"the layers' Jacobians scale the gradient by ×{sci(r)} per layer; no activation module is "
+                f"visible between them (activations applied as functions cannot be measured)",
+                remedies(*(("orthogonal_init", "residual", "norm") if vanishing else ("orthogonal_init", "clip_norm", "norm"))),
+                numbers, sources)
+    a = math.exp(float(np.nanmean(log_a)))
+    w = r / a
+    numbers.update(activation_factor=a, weight_factor=w)
+    if vanishing and math.log(a) <= 0.5 * math.log(r):  # the derivative explains at least half the decay
+        return (f"activation derivative — {act_names}' passes on ×{sci(a)} (rms) per layer, the weights ×{sci(w)}",
+                remedies("relu", "norm", "residual"), numbers, sources)
+    if vanishing:
+        return (f"weight scale — the weights pass on ×{sci(w)} of the gradient per layer while {act_names}' "
+                f"passes on ×{sci(a)}: the initialisation shrinks the signal",
+                remedies("orthogonal_init", "he_init", "residual", "norm"), numbers, sources)
+    return (f"weight scale — the weights amplify the gradient ×{sci(w)} per layer ({act_names}' ×{sci(a)})",
+            remedies("orthogonal_init", "clip_norm", "norm", "lower_lr"), numbers, sources)
+
+
+def _halving(prof: _Profile, idx: Sequence[int]) -> float | None:
+    """Layers per halving (doubling, if negative) of the gradient, by least squares on log₂‖g‖."""
+    x = np.array([i for i in idx if prof.median[i] > 0 and math.isfinite(prof.median[i])], dtype=float)
+    if len(x) < 2:
+        return None
+    y = np.log2(prof.median[x.astype(int)])
+    slope = float(np.polyfit(x, y, 1)[0])
+    return 1.0 / slope if slope != 0 else None
+
+
+def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
+    prof = _profile(run, th)
+    if prof is None:
+        return []
+    first, last = prof.median[0], prof.median[-1]
+    if not (last > 0 and math.isfinite(last) and math.isfinite(first)):
+        return []
+    ratio = first / last
+    n = len(prof.names)
+    source = (f"{prof.quantity} (layers {span(prof.names)}, "
+              f"{_steps_text(int(prof.window_steps[0]), int(prof.window_steps[-1]))})")
+    caveat = "" if prof.quantity == "out_grad_norm" else " (weight-gradient norms: the back-propagated gradient was not recorded)"
+    with np.errstate(all="ignore"):
+        rel = prof.median / last
+    found = []
+    if ratio < th.vanish_below:
+        upto = 0
+        while upto + 1 < n - 1 and rel[upto + 1] < th.affected_below:
+            upto += 1
+        layers = tuple(prof.names[: upto + 1])
+        k = _halving(prof, range(0, upto + 2))
+        cause, fixes, numbers, sources = _cause(run, prof, upto, th, vanishing=True)
+        since = _since(prof.ratio < th.vanish_below, prof.steps)
+        zero = [prof.names[i] for i in range(n) if prof.median[i] == 0]
+        if zero:
+            decay = f"{span(zero)} receive{'s' if len(zero) == 1 else ''} no gradient at all (exactly 0)"
+        elif k is not None and k > 0:
+            decay = (f"the gradient halves every {k:.2g} layers (×{2 ** (-1 / k):.2g} per layer) from layer "
+                     f"{prof.names[upto]} down to layer {prof.names[0]}")
+        else:
+            decay = f"layers {span(layers)} get less than {th.affected_below:g}× the last layer's gradient"
+        numbers.update(ratio=ratio, halving_layers=k if k else math.nan)
+        found.append(Finding(
+            "vanishing", "critical" if ratio < th.vanish_below**2 else "warning", layers,
+            (since, int(prof.steps[-1])),
+            f"the gradient reaching layer {prof.names[0]} is {sci(ratio)} of the last layer's, since step {since}",
+            f"‖∂L/∂a‖ at layer {prof.names[0]} is {sci(first)} against {sci(last)} at layer {prof.names[-1]}"
+            f"{caveat}; {decay}.",
+            cause, fixes, numbers, (source, *sources),
+        ))
+    elif ratio > th.explode_above:
+        upto = 0
+        while upto + 1 < n - 1 and rel[upto + 1] > th.affected_above:
+            upto += 1
+        layers = tuple(prof.names[: upto + 1])
+        k = _halving(prof, range(0, upto + 2))
+        cause, fixes, numbers, sources = _cause(run, prof, upto, th, vanishing=False)
+        since = _since(prof.ratio > th.explode_above, prof.steps)
+        growth = (f"the gradient doubles every {-k:.2g} layers towards the input (×{2 ** (-1 / k):.2g} per layer)"
+                  if k is not None and k < 0 else f"layers {span(layers)} get more than {th.affected_above:g}× the last layer's")
+        numbers.update(ratio=ratio, doubling_layers=-k if k else math.nan)
+        found.append(Finding(
+            "exploding", "critical", layers, (since, int(prof.steps[-1])),
+            f"the gradient reaching layer {prof.names[0]} is {sci(ratio)}× the last layer's, since step {since}",
+            f"‖∂L/∂a‖ at layer {prof.names[0]} is {sci(first)} against {sci(last)} at layer {prof.names[-1]}"
+            f"{caveat}; {growth}.",
+            cause, fixes, numbers, (source, *sources),
+        ))
+    return found
+
+
+def _total_norm(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    if "grad_norm" not in run.quantities:
+        return None
+    s = run.series("grad_norm")
+    with np.errstate(all="ignore"):
+        total = np.sqrt(np.nansum(s.values**2, axis=0))
+    total[np.isnan(s.values).all(axis=0)] = np.nan  # nothing recorded, or every norm NaN
+    total[np.isinf(s.values).any(axis=0)] = np.inf
+    return s.steps, total
+
+
+def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
+    got = _total_norm(run)
+    if got is None:
+        return []
+    steps, total = got
+    finite = np.isfinite(total)
+    spikes, over = [], []
+    for j in range(len(total)):
+        if not finite[j]:
+            continue
+        prev = total[:j]
+        prev = prev[np.isfinite(prev)]
+        if len(prev) >= th.spike_after and total[j] > th.spike_above * np.median(prev):
+            spikes.append(j)
+        if total[j] > th.grad_norm_above:
+            over.append(j)
+    if not spikes and not over:
+        return []
+    hit = sorted(set(spikes) | set(over))
+    calm_idx = [j for j in range(len(total)) if finite[j] and j not in set(hit)]
+    median = float(np.median(total[finite])) if finite.any() else math.nan
+    clip = float(np.median(total[calm_idx])) if calm_idx else math.nan
+    parts = []
+    if spikes:
+        shown = ", ".join(str(int(steps[j])) for j in spikes[:5]) + (" …" if len(spikes) > 5 else "")
+        parts.append(f"{len(spikes)} spike{'s' if len(spikes) > 1 else ''} above {th.spike_above:g}× the median "
+                     f"of all the steps before (step{'s' if len(spikes) > 1 else ''} {shown})")
+    if over:
+        parts.append(f"the total norm crossed {sci(th.grad_norm_above)} on {len(over)} step{'s' if len(over) > 1 else ''}, "
+                     f"first at step {int(steps[over[0]])}")
+    peak = float(np.nanmax(np.where(finite, total, np.nan)))
+    if math.isfinite(clip):
+        clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
+                    f"clip_grad_norm_(params, max_norm={sci(clip)}) (Pascanu et al. 2013), which would have held every one of these steps",)
+        fixes = clipping + remedies("lower_lr", "norm")
+    else:  # not one calm step: the scale itself is wrong
+        fixes = remedies("orthogonal_init", "clip_norm", "norm", "lower_lr")
+    summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
+               if spikes else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
+               f"(median {sci(median)})")
+    return [Finding(
+        "exploding", "critical" if over else "warning", (), (int(steps[hit[0]]), int(steps[hit[-1]])),
+        summary,
+        "; ".join(parts) + ".",
+        "unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_idx
+        else "the gradient is too large from the first step: the initial scale of the weights or the loss",
+        fixes,
+        {"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)), "over_bound": float(len(over))},
+        (f"grad_norm (every layer, {_steps_text(int(steps[0]), int(steps[-1]))}), total = √Σ layer²",),
+    )]
+
+
+def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
+    if "nonfinite" not in run.quantities:
+        return []
+    s = run.series("nonfinite")
+    g = run.series("grad_norm") if "grad_norm" in run.quantities else None
+    bad = np.nan_to_num(s.values, nan=0.0) > 0
+    if g is not None and g.values.shape == s.values.shape:
+        bad |= ~np.isfinite(g.values) & ~np.isnan(g.values) | np.isnan(g.values) & (s.values > 0)
+    cols = np.where(bad.any(axis=0))[0]
+    if len(cols) == 0:
+        return []
+    j0 = cols[0]
+    step0 = int(s.steps[j0])
+    layers_at = [s.names[i] for i in range(len(s.names)) if bad[i, j0]]
+    first_back = layers_at[-1]  # backward runs from the output: the deepest layer is reached first
+    count = float(np.nansum(s.values[:, j0]))
+    steps_bad = len(cols)
+    evidence = (f"at step {step0}, {int(count)} non-finite gradient entr{'y' if count == 1 else 'ies'} in "
+                f"{len(layers_at)} layer{'s' if len(layers_at) > 1 else ''} ({span(layers_at)}); backward reached "
+                f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients in all")
+    sources = [f"nonfinite (layers {span(s.names)}, {_steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
+    cause = "non-finite values in the forward pass or the loss"
+    got = _total_norm(run)
+    if got is not None:
+        steps, total = got
+        before = total[(steps < step0) & np.isfinite(total)]
+        if len(before) >= 2 and before[-1] > th.spike_above * np.median(before):
+            cause = (f"divergence — the total gradient norm grew from a median of {sci(float(np.median(before)))} to "
+                     f"{sci(float(before[-1]))} just before step {step0}")
+    loss_note = ""
+    if "loss" in run.quantities:
+        loss = run.series("loss", "run")
+        nf = np.where(~np.isfinite(loss.values[0]))[0]
+        if len(nf):
+            loss_note = f"; the loss is non-finite from step {int(loss.steps[nf[0]])}"
+            sources.append("loss (run)")
+    return [Finding(
+        "nonfinite", "critical", tuple(layers_at), (step0, int(s.steps[cols[-1]])),
+        f"NaN/Inf gradients from step {step0}, first in layer {first_back!r} (backward order)",
+        evidence + loss_note + ".",
+        cause,
+        remedies("lower_lr", "clip_norm", "check_data", "grad_scaler"),
+        {"step": float(step0), "entries": count, "steps": float(steps_bad)},
+        tuple(sources),
+    )]
+
+
+def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
+    found = []
+    for quantity, kind, bound in (("saturated_frac", "saturation", th.saturated_above), ("dead_frac", "dead_units", th.dead_above)):
+        if quantity not in run.quantities:
+            continue
+        s = run.series(quantity, "activation")
+        med, wsteps = _window(s, th.window)
+        hit = [i for i in range(len(s.names)) if med[i] > bound]
+        if not hit:
+            continue
+        names = tuple(s.names[i] for i in hit)
+        flags = np.nan_to_num(s.values[hit], nan=0.0).mean(axis=0) > bound
+        since = _since(flags, s.steps)
+        modules = sorted({e.module or "" for e in run.entities("activation") if e.name in names})
+        frac = float(np.mean(med[hit]))
+        rms = ""
+        if "deriv_rms" in run.quantities:
+            d, _ = _window(run.series("deriv_rms", "activation"), th.window)
+            dn = dict(zip(run.series("deriv_rms", "activation").names, d))
+            vals = [dn[n] for n in names if n in dn and math.isfinite(dn[n])]
+            if vals:
+                rms = f"; they pass on ×{sci(float(np.mean(vals)))} of the gradient (rms derivative)"
+        where = f"{len(names)} {'/'.join(modules)} module{'s' if len(names) > 1 else ''} ({span(names)})"
+        if kind == "saturation":
+            summary = f"{frac:.0%} of the units of {span(names)} sit in the flat tails"
+            evidence = (f"saturated fraction (φ' < 2 % of its peak) above {bound:g} in {where}, "
+                        f"{frac:.0%} on average over {_steps_text(int(wsteps[0]), int(wsteps[-1]))}{rms}")
+            cause = "pre-activations too large for the activation: weights initialised or grown too large"
+            fixes = remedies("smaller_init", "norm", "relu", "lower_lr")
+        else:
+            summary = f"{frac:.0%} of the units of {span(names)} are dead"
+            evidence = (f"units silent for whole batches above {bound:g} in {where}, {frac:.0%} on average "
+                        f"over {_steps_text(int(wsteps[0]), int(wsteps[-1]))}{rms}")
+            cause = "pre-activations negative for every input: negative biases, a large step that pushed them there, or a poor initialisation"
+            fixes = remedies("leaky", "zero_bias", "he_init", "lower_lr", "norm")
+        found.append(Finding(
+            kind, "warning", names, (since, int(s.steps[-1])), summary, evidence + ".", cause, fixes,
+            {quantity: frac}, (f"{quantity} (activations {span(s.names)}, {_steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
+        ))
+    return found
+
+
+def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
+    if "update_ratio" not in run.quantities:
+        return []
+    s = run.series("update_ratio")
+    med, wsteps = _window(s, th.window)
+    ok = np.isfinite(med)
+    if ok.sum() < 3:
+        return []
+    typical = float(np.median(med[ok]))
+    if not typical > 0:
+        return []
+    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < th.stalled_below * typical]
+    if not hit:
+        return []
+    names = tuple(s.names[i] for i in hit)
+    worst = float(np.min(med[hit]))
+    flags = np.asarray((s.values[hit] < th.stalled_below * typical).all(axis=0))
+    since = _since(flags, s.steps)
+    if vanishing is not None and set(names) <= set(vanishing.layers):
+        cause = f"the vanishing gradient: these layers get {vanishing.numbers['ratio']:.1e} of the last layer's gradient or less"
+        fixes = vanishing.remedies
+    else:
+        cause = "these layers get too little gradient, or too small a learning rate, for their weights"
+        fixes = remedies("param_groups", "orthogonal_init", "norm")
+    return [Finding(
+        "stalled", "warning", names, (since, int(s.steps[-1])),
+        f"layers {span(names)} barely move: update ratio {sci(worst)} against a median of {sci(typical)}",
+        f"‖Δw‖/‖w‖ per optimizer step below {th.stalled_below:g}× the median layer's ({sci(typical)}) in "
+        f"{len(names)} layer{'s' if len(names) > 1 else ''} ({span(names, len(s.names))}), as low as {sci(worst)}.",
+        cause, fixes,
+        {"update_ratio": worst, "median": typical},
+        (f"update_ratio (layers {span(s.names)}, {_steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
+    )]
+
+
+class _Before:
+    """A run seen only before a given step."""
+
+    def __init__(self, run: Run, limit: int) -> None:
+        self._run, self._limit = run, limit
+        self.path = run.path
+
+    @property
+    def quantities(self) -> list[str]:
+        return self._run.quantities
+
+    def series(self, quantity: str, kind: str = "layer") -> Series:
+        s = self._run.series(quantity, kind)
+        keep = s.steps < self._limit
+        return Series(s.quantity, s.names, s.steps[keep], s.values[:, keep])
+
+    def entities(self, kind: str | None = None) -> list[Entity]:
+        return self._run.entities(kind)
+
+
+_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "stalled": 5}
+
+
+def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
+    """Findings of a stored run (a :class:`~gradwatch.Run` or its path), most severe first."""
+    from gradwatch.store import open_run
+
+    if not isinstance(run, Run):
+        run = open_run(run)
+    th = thresholds or Thresholds()
+    if not isinstance(th, Thresholds):
+        raise TypeError(f"`diagnose(thresholds=…)` expects a gradwatch.Thresholds, got {type(th).__name__}")
+    found = nonfinite_findings(run, th)
+    # After the first NaN/Inf every statistic is a casualty, not a cause: judge what came before.
+    view: Run = _Before(run, found[0].steps[0]) if found else run  # type: ignore[assignment]
+    found += spike_findings(view, th) + depth_findings(view, th) + activation_findings(view, th)
+    found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+    found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
+    return Diagnosis(found, str(run.path))

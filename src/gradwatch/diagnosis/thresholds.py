@@ -1,0 +1,42 @@
+"""Every threshold the diagnosis uses, named for the way it cuts, with the reason for its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Cut-offs for the findings. Pass your own to :func:`gradwatch.diagnose`."""
+
+    # ‖∂L/∂a‖ at the first layer over the last layer's. Healthy nets measured
+    # here (zoo twins, ResNet, Transformer, LSTM, LayerNorm MLP) stay within
+    # ~20× of 1; at 10⁻³ the first layer learns a thousand times slower than
+    # the last, which no learning rate fixes for both.
+    vanish_below: float = 1e-3
+    explode_above: float = 1e3  # the mirror image: the first layer gets 1000× the last layer's gradient
+    # Findings judge the last `window` recorded steps of a quantity (medians),
+    # so that one noisy batch neither raises nor hides a finding.
+    window: int = 5
+    # A layer belongs to a vanishing (exploding) stretch when its gradient is
+    # below half (above twice) the last layer's.
+    affected_below: float = 0.5
+    affected_above: float = 2.0
+    # A quarter of the unit-samples in tanh's/sigmoid's flat tails (φ' < 2 % of
+    # its peak) already costs the layer a quarter of its gradient paths;
+    # healthy tanh nets measured here sit near 0.
+    saturated_above: float = 0.25
+    # Half of a ReLU layer's units silent for whole batches, step after step.
+    dead_above: float = 0.5
+    # A layer whose update ratio ‖Δw‖/‖w‖ is below 1 % of the median layer's
+    # moves 100× slower than the network around it.
+    stalled_below: float = 1e-2
+    # A step whose total gradient norm exceeds `spike_above` × the median of
+    # every step before it (judged from the `spike_after`-th step on); and an
+    # absolute bound on that norm (losses on normalised data give totals of
+    # order 0.1–10). The median of all earlier steps, not of a recent window:
+    # a converged net's gradient shrinks, and its ordinary 10× batch-to-batch
+    # swings late in training (measured on the LayerNorm zoo MLP) are no spike.
+    spike_above: float = 10.0
+    spike_after: int = 10
+    grad_norm_above: float = 1e3

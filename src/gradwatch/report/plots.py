@@ -1,0 +1,114 @@
+"""The report's figures, drawn with matplotlib and returned as inline SVG text."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+
+from gradwatch.store import Run, Series
+
+_STYLE = {"font.size": 9, "axes.titlesize": 10, "svg.fonttype": "none", "figure.dpi": 100}
+
+
+def _svg(fig: object) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    text = buf.getvalue()
+    text = re.sub(r"<\?xml[^>]*\?>\s*", "", text)
+    text = re.sub(r"<!DOCTYPE[^>]*>\s*", "", text)
+    return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)  # creator links: nothing to fetch, nothing to show
+
+
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(_STYLE)
+    return plt
+
+
+def _labels(names: list[str]) -> list[str]:
+    return [n or "(root)" for n in names]
+
+
+def heatmap(series: Series, title: str, log: bool = True, vmin: float | None = None, vmax: float | None = None,
+            cmap: str = "viridis", label: str = "") -> str:
+    """Entities (rows, depth order, first at the top) × steps."""
+    plt = _plt()
+    values = series.values.copy()
+    if log:
+        with np.errstate(all="ignore"):
+            values = np.where(values > 0, np.log10(values), np.nan)
+    height = max(2.2, min(9.0, 0.22 * len(series.names) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.5, height))
+    steps = series.steps
+    extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(series.names) - 0.5, -0.5)
+    im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=cmap,
+                   extent=extent, vmin=vmin, vmax=vmax)
+    ax.set_yticks(range(len(series.names)))
+    ax.set_yticklabels(_labels(series.names), fontsize=7 if len(series.names) > 20 else 8)
+    if len(series.names) > 40:
+        ax.set_yticks(range(0, len(series.names), max(1, len(series.names) // 30)))
+        ax.set_yticklabels(_labels(series.names[:: max(1, len(series.names) // 30)]))
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label or ("log₁₀ " + series.quantity if log else series.quantity), pad=0.02)
+    return _svg(fig)
+
+
+def depth_profile(out: Series | None, grad: Series | None, k: int = 4) -> str:
+    """‖∂L/∂a‖ (solid) and ‖∂L/∂W‖ (dashed) against depth at a few steps."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    main = out if out is not None else grad
+    assert main is not None
+    names = main.names
+    cols = sorted({int(round(x)) for x in np.linspace(0, len(main.steps) - 1, min(k, len(main.steps)))})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(cols)))
+    for c, j in zip(colors, cols):
+        step = int(main.steps[j])
+        ax.plot(range(len(names)), main.values[:, j], "-o", color=c, ms=3, label=f"step {step}")
+        if out is not None and grad is not None and step in set(grad.steps.tolist()):
+            jg = int(np.searchsorted(grad.steps, step))
+            g = [grad.values[grad.names.index(n), jg] if n in grad.names else math.nan for n in names]
+            ax.plot(range(len(names)), g, "--", color=c, lw=1, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(_labels(names), rotation=90, fontsize=7 if len(names) > 20 else 8)
+    ax.set_xlabel("layer (depth order: input → output)")
+    ax.set_ylabel("‖∂L/∂a‖ (solid)" + (", ‖∂L/∂W‖ (dashed)" if out is not None and grad is not None else ""))
+    ax.set_title("gradient against depth")
+    ax.legend(fontsize=7, ncol=len(cols))
+    ax.grid(alpha=0.3, which="both")
+    return _svg(fig)
+
+
+def line(series: Series, title: str, ylabel: str, log: bool = False) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 2.6))
+    ax.plot(series.steps, series.values[0], lw=1.2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+def total_norm(run: Run) -> Series | None:
+    if "grad_norm" not in run.quantities:
+        return None
+    s = run.series("grad_norm")
+    with np.errstate(all="ignore"):
+        total = np.sqrt(np.nansum(s.values**2, axis=0))
+    total[np.isnan(s.values).all(axis=0)] = np.nan
+    return Series("total grad_norm", ["total"], s.steps, total[None, :])

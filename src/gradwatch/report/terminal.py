@@ -1,0 +1,88 @@
+"""The terminal report: one dense line per layer, then the findings in words."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis.findings import sci
+from gradwatch.report.rows import LayerRow, layer_rows
+from gradwatch.store import Run
+
+
+def _num(x: float) -> str:
+    return "–" if x != x else sci(x)
+
+
+def _trend(x: float) -> str:
+    if x != x:
+        return "–"
+    arrow = "↑" if x > 1.5 else "↓" if x < 1 / 1.5 else "→"
+    return f"{arrow} ×{sci(x)}"
+
+
+def _act(row: LayerRow) -> str:
+    if not row.activation:
+        return ""
+    if row.saturated == row.saturated:
+        return f"{row.activation} sat {row.saturated:.0%}"
+    if row.dead == row.dead:
+        return f"{row.activation} dead {row.dead:.0%}"
+    return row.activation
+
+
+def _flags(row: LayerRow) -> Text:
+    text = Text()
+    if row.nonfinite > 0 or (row.grad_norm == row.grad_norm and math.isinf(row.grad_norm)):
+        text.append(f"NaN/Inf ×{int(row.nonfinite)}", style="bold white on red")
+    elif row.grad_norm != row.grad_norm and row.trend != row.trend and row.out_grad_norm != row.out_grad_norm:
+        text.append("no grad", style="yellow")
+    if row.zero:
+        text.append(" ZERO", style="bold red")
+    return text
+
+
+def layer_table(run: Run) -> Table:
+    table = Table(title=f"gradwatch — {run.path.name}: {run.meta.get('model', '')}, {run.meta.get('steps', '?')} steps",
+                  title_justify="left", show_edge=False, pad_edge=False)
+    for col, just in (("layer", "left"), ("module", "left"), ("‖∂L/∂W‖", "right"), ("trend", "right"),
+                      ("‖∂L/∂a‖", "right"), ("update", "right"), ("activation", "left"), ("flags", "left")):
+        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    for row in layer_rows(run):
+        table.add_row(row.name or "(root)", row.module, _num(row.grad_norm), _trend(row.trend), _num(row.out_grad_norm),
+                      _num(row.update_ratio), _act(row), _flags(row))
+    return table
+
+
+def findings_text(diagnosis: Diagnosis) -> Text:
+    if not diagnosis.findings:
+        return Text("No findings: the gradients look healthy.", style="green")
+    out = Text()
+    for i, f in enumerate(diagnosis):
+        if i:
+            out.append("\n\n")
+        style = "bold red" if f.severity == "critical" else "bold yellow"
+        out.append(f"[{f.severity}] {f.kind}", style=style)
+        out.append(f": {f.summary}\n", style="bold")
+        out.append(f"  evidence: {f.evidence}\n  cause:    {f.cause}\n  remedies: {'; '.join(f.remedies)}")
+        if f.sources:
+            out.append(f"\n  source:   {'; '.join(f.sources)}", style="dim")
+    return out
+
+
+def render(run: Run, diagnosis: Diagnosis, console: Console) -> None:
+    """Print the layer table and the findings."""
+    console.print(layer_table(run))
+    console.print()
+    console.print(findings_text(diagnosis))
+
+
+def render_text(run: Run, diagnosis: Diagnosis, width: int = 140) -> str:
+    """The same report as plain text (no colour), for files and golden tests."""
+    console = Console(record=True, width=width, color_system=None, force_terminal=False, file=open("/dev/null", "w"))
+    render(run, diagnosis, console)
+    return console.export_text()

@@ -1,0 +1,226 @@
+"""Diagnosis: the right finding on the pathological zoo, none on healthy nets, closed forms where theory gives one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch import zoo
+
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def zoo_runs(tmp_path_factory):
+    """Every zoo set-up trained 300 steps under a watch (seed 0); its stored run and its trial."""
+    store = tmp_path_factory.mktemp("zoo")
+    runs = {}
+    for name in zoo.names():
+        trial = zoo.get(name)(0)
+        with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
+            for _ in range(STEPS):
+                w.log(loss=trial.step())
+        runs[name] = (gw.open_run(w.path), trial)
+    return runs
+
+
+HEALTHY = [s.name for s in zoo.SETUPS.values() if s.expect is None]
+SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_runs_have_no_findings(zoo_runs, name):
+    run, trial = zoo_runs[name]
+    diagnosis = gw.diagnose(run)
+    assert diagnosis.findings == [], str(diagnosis)
+    assert trial.evaluate(trial.model) > 0.85  # and they really are healthy: they learn
+
+
+@pytest.mark.parametrize("name", SICK)
+def test_pathology_is_found_first_or_with_its_cause(zoo_runs, name):
+    run, _ = zoo_runs[name]
+    diagnosis = gw.diagnose(run)
+    assert zoo.get(name).expect in diagnosis.kinds, str(diagnosis)
+
+
+def test_vanishing_tanh_layers_and_weight_cause(zoo_runs):
+    run, _ = zoo_runs["deep_tanh_mlp"]
+    (f,) = gw.diagnose(run).of("vanishing")
+    assert f.layers[0] == "0" and len(f.layers) >= 15  # from the input up
+    s = run.series("out_grad_norm")
+    ratio = np.median(s.values[0, -5:]) / np.median(s.values[-1, -5:])
+    assert f.numbers["ratio"] == pytest.approx(ratio)
+    assert f.steps[0] == 0
+    # tanh in its linear regime (φ' ≈ 1): the weights, not the activation, shrink the signal
+    assert f.cause.startswith("weight scale")
+    assert f.numbers["activation_factor"] > 0.9
+    # PyTorch's default Linear init: weight std 1/sqrt(3·fan_in), so the per-layer gain ≈ sqrt(1/3) ≈ 0.58
+    assert f.numbers["weight_factor"] == pytest.approx(3 ** -0.5, rel=0.1)
+    assert "halves every" in f.evidence
+
+
+def test_vanishing_sigmoid_blames_the_activation(zoo_runs):
+    run, _ = zoo_runs["deep_sigmoid_mlp"]
+    diagnosis = gw.diagnose(run)
+    (f,) = diagnosis.of("vanishing")
+    assert f.cause.startswith("activation derivative")
+    assert f.numbers["activation_factor"] <= 0.25  # sigmoid' ≤ 1/4
+    stalled = diagnosis.of("stalled")
+    assert stalled and set(stalled[0].layers) <= set(f.layers)
+    assert stalled[0].cause.startswith("the vanishing gradient")
+
+
+def test_saturation_names_every_tanh(zoo_runs):
+    run, _ = zoo_runs["saturated_tanh_mlp"]
+    (f,) = gw.diagnose(run).of("saturation")
+    assert list(f.layers) == run.names("activation")
+
+
+def test_dead_units_and_the_vanishing_they_cause(zoo_runs):
+    run, _ = zoo_runs["dead_relu_mlp"]
+    diagnosis = gw.diagnose(run)
+    (dead,) = diagnosis.of("dead_units")
+    s = run.series("dead_frac", "activation")
+    expect = [n for n, v in zip(s.names, np.median(s.values[:, -5:], axis=1)) if v > 0.5]
+    assert list(dead.layers) == expect and "9" in expect and "1" not in expect
+    (van,) = diagnosis.of("vanishing")
+    assert van.cause.startswith("dead units")
+
+
+def test_exploding_across_depth(zoo_runs):
+    run, _ = zoo_runs["exploding_relu_mlp"]
+    depth = [f for f in gw.diagnose(run).of("exploding") if f.layers]
+    (f,) = depth
+    assert f.layers[0] == "0" and f.numbers["ratio"] > 1e3
+    assert "amplify" in f.cause
+    # weights N(0, 9/fan_in) through ReLU: per-layer gain sqrt(9/2) ≈ 2.1 in expectation
+    assert f.numbers["doubling_layers"] == pytest.approx(1 / math.log2(4.5**0.5), rel=0.15)
+
+
+def test_nonfinite_step_matches_a_plain_run(zoo_runs):
+    run, _ = zoo_runs["diverging_mlp"]
+    diagnosis = gw.diagnose(run)
+    assert diagnosis.kinds[0] == "nonfinite"
+    f = diagnosis[0]
+    trial = zoo.get("diverging_mlp")(0)  # the same run without a watch: where do the gradients first go bad?
+    first_bad = None
+    for step in range(STEPS):
+        x, y = next(trial.batches)
+        loss = trial.loss_fn(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        if first_bad is None and any(not torch.isfinite(p.grad).all() for p in trial.model.parameters()):
+            first_bad = step
+            break
+        trial.optimizer.step()
+    assert f.steps[0] == first_bad
+    assert "backward order" in f.summary and f.layers
+
+
+def test_stalled_layers_are_the_misconfigured_group(zoo_runs):
+    run, _ = zoo_runs["stalled_mlp"]
+    (f,) = gw.diagnose(run).of("stalled")
+    assert f.layers == ("0", "2")  # the parameter group with learning rate 1e-6 × the rest
+    assert "parameter groups" in f.remedies[0]
+
+
+def _orthogonal_chain(scale: float, depth: int = 8, width: int = 16, act: type[nn.Module] | None = None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width, bias=False)
+        nn.init.orthogonal_(lin.weight)
+        lin.weight.data *= scale
+        layers.append(lin)
+        if act is not None:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("scale,kind", [(0.25, "vanishing"), (4.0, "exploding")])
+def test_decay_rate_against_closed_form(store, scale, kind):
+    """Orthogonal weights × c: every layer scales ‖∂L/∂a‖ by exactly c, so log₂ per layer = log₂ c."""
+    model = _orthogonal_chain(scale)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, activations=1, store=store, name=kind) as w:
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(32, 16)).pow(2).sum().backward()
+            opt.step()
+    (f,) = [f for f in w.diagnose().of(kind) if f.layers]  # the depth finding (an x4 net also trips the norm bound)
+    assert f.numbers["ratio"] == pytest.approx(scale**7, rel=1e-4)  # g_0 = c⁷ g_7
+    per_layer = abs(math.log2(scale))
+    key = "halving_layers" if kind == "vanishing" else "doubling_layers"
+    assert f.numbers[key] == pytest.approx(1 / per_layer, rel=1e-4)
+    assert "no activation module is visible" in f.cause
+
+
+def test_cause_split_against_closed_form(store):
+    """Tanh on tiny inputs has φ' ≈ 1: the whole decay is the weights' factor c."""
+    model = _orthogonal_chain(0.3, act=nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, activations=1, store=store, name="split") as w:
+        for _ in range(6):
+            opt.zero_grad()
+            model(1e-3 * torch.randn(32, 16)).sum().backward()
+            opt.step()
+    (f,) = w.diagnose().of("vanishing")
+    assert f.numbers["weight_factor"] == pytest.approx(0.3, rel=1e-3)
+    assert f.numbers["activation_factor"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_spike_and_the_clipping_threshold(store):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    totals = []
+    with gw.watch(model, opt, store=store, name="spike") as w:
+        for step in range(60):
+            opt.zero_grad()
+            scale = 1000.0 if step == 40 else 1.0
+            (scale * model(torch.randn(16, 4)).pow(2).mean()).backward()
+            totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            opt.step()
+    (f,) = w.diagnose().of("exploding")
+    assert f.steps == (40, 40)
+    assert "step 40" in f.evidence
+    calm = [t for i, t in enumerate(totals) if i != 40]
+    assert f.numbers["clip_at"] == pytest.approx(float(np.median(calm)), rel=1e-5)
+    assert f.numbers["peak"] == pytest.approx(totals[40], rel=1e-5)
+
+
+def test_injected_nan_is_located(store):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, opt, store=store, name="nan") as w:
+        for step in range(12):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            if step == 7:
+                model[2].weight.grad[0, 0] = float("nan")
+            opt.step()
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.steps[0] == 7 and f.layers == ("2",)
+    assert f.numbers["entries"] == 1
+
+
+def test_thresholds_are_parameters(zoo_runs):
+    run, _ = zoo_runs["deep_tanh_mlp"]
+    assert gw.diagnose(run, gw.Thresholds(vanish_below=1e-6)).of("vanishing") == []
+    with pytest.raises(TypeError, match=r"`diagnose\(thresholds=…\)` expects a gradwatch.Thresholds"):
+        gw.diagnose(run, {"vanish_below": 1e-6})  # type: ignore[arg-type]
+
+
+def test_every_number_in_a_finding_comes_from_the_store(zoo_runs):
+    """Promise 4: the evidence's numbers are the stored records' (window medians, as the source line says)."""
+    run, _ = zoo_runs["deep_tanh_mlp"]
+    (f,) = gw.diagnose(run).of("vanishing")
+    s = run.series("out_grad_norm")
+    first, last = np.median(s.values[0, -5:]), np.median(s.values[-1, -5:])
+    assert f"{first:.1e}" in f.evidence and f"{last:.2g}" in f.evidence
+    assert f"steps {int(s.steps[-5])}–{int(s.steps[-1])}" in f.sources[0]
