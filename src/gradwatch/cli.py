@@ -13,6 +13,56 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects comma-separated positive ints such as 64,784, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expects comma-separated positive ints such as 64,784, got {text!r}")
+    return shape
+
+
+def _load_factory(spec: str):  # type: ignore[no-untyped-def]
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expects MODULE:FACTORY (a file or module, a colon, a function), got {spec!r}")
+    if module_name.endswith(".py") or Path(module_name).exists():
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"no such file: {module_name}")
+        loader = importlib.util.spec_from_file_location(path.stem, path)
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise ValueError(f"{module_name} has no factory {attr!r}")
+    return getattr(module, attr)
+
+
+def _check(spec: str, shape: tuple[int, ...], seed: int) -> int:
+    import torch
+
+    import gradwatch as gw
+
+    try:
+        factory = _load_factory(spec)
+    except (ValueError, ImportError) as exc:
+        print(f"gradwatch check: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(seed)
+    model = factory()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    print(gw.check(model, x, seed=seed))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Find vanishing and exploding gradients.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,8 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="write the self-contained HTML report of a stored run")
     rep.add_argument("run", help="run directory (holding gradwatch.sqlite)")
     rep.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    chk = sub.add_parser("check", help="before training: will this network train? (gw.check on random input)")
+    chk.add_argument("factory", metavar="MODULE:FACTORY",
+                     help="a Python file or importable module, and a function in it that returns the model")
+    chk.add_argument("--input-shape", required=True, type=_shape, help="example batch shape, e.g. 64,784")
+    chk.add_argument("--seed", type=int, default=0, help="seed for the model factory and the input (default 0)")
     args = parser.parse_args(argv)
 
+    if args.command == "check":
+        return _check(args.factory, args.input_shape, args.seed)
     if args.command == "demo":
         from gradwatch.demo import run_demo
 

@@ -149,14 +149,22 @@ def _cause(run: Run, prof: _Profile, upto: int, th: Thresholds, vanishing: bool)
             remedies("orthogonal_init", "clip_norm", "norm", "lower_lr"), numbers, sources)
 
 
-def _halving(prof: _Profile, idx: Sequence[int]) -> float | None:
-    """Layers per halving (doubling, if negative) of the gradient, by least squares on log₂‖g‖."""
-    x = np.array([i for i in idx if prof.median[i] > 0 and math.isfinite(prof.median[i])], dtype=float)
+def layers_per_halving(values: np.ndarray) -> float | None:
+    """Layers per halving of ‖g‖ going towards the input (negative: per doubling), by least squares on log₂‖g‖.
+
+    ``values[i]`` is the gradient at the i-th layer in depth order; zeros and
+    non-finite values are left out of the fit.
+    """
+    x = np.array([i for i in range(len(values)) if values[i] > 0 and math.isfinite(values[i])], dtype=float)
     if len(x) < 2:
         return None
-    y = np.log2(prof.median[x.astype(int)])
-    slope = float(np.polyfit(x, y, 1)[0])
+    slope = float(np.polyfit(x, np.log2(values[x.astype(int)]), 1)[0])
     return 1.0 / slope if slope != 0 else None
+
+
+def _halving(prof: _Profile, idx: Sequence[int]) -> float | None:
+    idx = [i for i in idx if i < len(prof.median)]
+    return layers_per_halving(prof.median[idx[0] : idx[-1] + 1]) if idx else None
 
 
 def depth_findings(run: Run, th: Thresholds) -> list[Finding]:

@@ -1,0 +1,388 @@
+"""``gw.check``: will this network train? Signal propagation and Jacobian spectra before training.
+
+One forward and one backward pass on an example batch, in ``eval`` mode,
+measure the forward signal (each layer's output mean/std, saturated and dead
+units) and the backward signal (‖∂L/∂a‖ at each layer's output, with the given
+loss or a random Gaussian cotangent at the output). Per-sample input–output
+Jacobians give the spectrum. Nothing about the model changes: gradients are
+taken with ``torch.autograd.grad`` (no ``.grad`` is written), the RNG state is
+restored, and every module's ``training`` flag is put back.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gradwatch._errors import bad_argument
+from gradwatch.diagnosis.findings import sci, span
+from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.rules import layers_per_halving
+from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.layers import anatomy
+from gradwatch.probes import activations as act_probe
+from gradwatch.probes.backprop import grad_tensors
+from gradwatch.spectrum import SpectrumSummary, full_spectrum, lanczos_extremes, summarize, top_singular_value
+
+FULL_SPECTRUM_UP_TO = 1024  # min(input, output) size per sample up to which every singular value is computed
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One layer on the example batch."""
+
+    name: str
+    module: str
+    out_mean: float  # mean of the layer's output
+    out_std: float  # its standard deviation: the forward signal
+    activation: str  # the activation module after the layer, if any
+    saturated: float  # that activation's saturated fraction (bounded units)
+    dead: float  # its dead fraction (ReLU-likes)
+    deriv_rms: float  # its rms derivative
+    grad_norm: float  # ‖∂L/∂a‖ at the layer's output: the backward signal
+    weight_grad_norm: float  # ‖∂L/∂W‖ of its own parameters
+    gain: float  # grad_norm over the next layer's: what the next layer (and activation) does to the gradient
+
+
+@dataclass(frozen=True)
+class RecurrentCheck:
+    """Pascanu et al. (2013) for one recurrent weight matrix."""
+
+    name: str  # e.g. "rnn.weight_hh_l0"
+    cell: str  # RNN_TANH, RNN_RELU, LSTM, GRU
+    lambda1: float  # largest singular value of W_hh
+    gamma: float  # bound on the activation's derivative (NaN for gated cells)
+    verdict: str
+
+
+@dataclass(frozen=True)
+class SpectrumCheck:
+    """Singular values of per-sample input–output Jacobians."""
+
+    method: str
+    samples: int
+    summary: SpectrumSummary
+    singular_values: Tensor | None  # all of them, pooled over samples (full method only)
+    tolerance: str
+
+
+@dataclass
+class CheckReport:
+    """What ``gw.check`` found. Its ``str`` is the report."""
+
+    verdict: str  # "trainable", "vanishing" or "exploding"
+    reasons: list[str]
+    remedies: tuple[str, ...]
+    ratio: float  # ‖∂L/∂a‖ at the first layer over the last
+    per_layer: float  # the fitted factor per layer (towards the input)
+    layers: list[LayerCheck]
+    spectrum: SpectrumCheck | None
+    recurrent: list[RecurrentCheck] = field(default_factory=list)
+    objective: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"gw.check: {self.verdict.upper()}"]
+        lines += [f"  - {r}" for r in self.reasons]
+        if self.remedies:
+            lines.append("  remedies: " + "; ".join(self.remedies))
+        lines.append("")
+        lines.append(f"backward signal: {self.objective}")
+        head = f"{'layer':<24} {'module':<14} {'out std':>8} {'activation':<16} {'‖∂L/∂a‖':>9} {'gain':>7}"
+        lines += [head, "-" * len(head)]
+        for l in self.layers:
+            act = l.activation
+            if l.saturated == l.saturated:
+                act += f" sat {l.saturated:.0%}"
+            elif l.dead == l.dead:
+                act += f" dead {l.dead:.0%}"
+            lines.append(f"{(l.name or '(root)')[:24]:<24} {l.module[:14]:<14} {sci(l.out_std):>8} {act[:16]:<16} "
+                         f"{sci(l.grad_norm):>9} {'' if l.gain != l.gain else '×' + sci(l.gain):>7}")
+        if self.spectrum is not None:
+            s = self.spectrum.summary
+            lines += ["", f"input–output Jacobian ({self.spectrum.method}, {self.spectrum.samples} samples; "
+                          f"{self.spectrum.tolerance}):",
+                      f"  σ_max {sci(s.sigma_max)}, σ_min {sci(s.sigma_min)}, spread {sci(s.spread)}, "
+                      f"mean σ² {sci(s.mean_sq)}, isometry gap (rms ln σ) {sci(s.isometry_gap)}"]
+        for r in self.recurrent:
+            lines.append(f"recurrent {r.name} ({r.cell}): λ₁ = {r.lambda1:.3g} — {r.verdict}")
+        return "\n".join(lines)
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"`check(model=…)`: the model's output must be a tensor, or a tuple whose first element is one; "
+        f"got {type(out).__name__} (pass loss_fn=… to reduce it yourself)"
+    )
+
+
+def _recurrent(model: nn.Module) -> list[RecurrentCheck]:
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.RNNBase):
+            continue
+        for pname, w in m.named_parameters(recurse=False):
+            if not pname.startswith("weight_hh"):
+                continue
+            lam = float(torch.linalg.svdvals(w.detach().double())[0])
+            full = f"{name}.{pname}" if name else pname
+            if m.mode in ("RNN_TANH", "RNN_RELU"):
+                gamma = 1.0  # |tanh'| ≤ 1, ReLU' ∈ {0, 1}
+                if lam < 1 / gamma:
+                    verdict = (f"λ₁ < 1/γ = {1 / gamma:g}: Pascanu's sufficient condition for vanishing holds — "
+                               f"the gradient through time shrinks at least ×{lam:.2g} per step")
+                else:
+                    verdict = (f"λ₁ ≥ 1/γ = {1 / gamma:g}: explosion possible (Pascanu's necessary condition for "
+                               f"exploding holds)")
+            else:
+                gamma = math.nan
+                verdict = ("gated cell: gradients also flow along the additive cell/gate path, so Pascanu's "
+                           "condition (for vanilla RNNs) gives no verdict")
+            found.append(RecurrentCheck(full, m.mode, lam, gamma, verdict))
+    return found
+
+
+def _spectrum(model: nn.Module, x: Tensor, samples: int) -> SpectrumCheck:
+    with warnings.catch_warnings():
+        # torch.func falls back to a loop for ops without a batching rule (attention, fused RNNs) and says so
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return _spectrum_of(model, x, samples)
+
+
+def _spectrum_of(model: nn.Module, x: Tensor, samples: int) -> SpectrumCheck:
+    def per_sample(xi: Tensor) -> Tensor:
+        return _first_tensor(model(xi.unsqueeze(0))).reshape(-1)
+
+    n = min(samples, x.shape[0])
+    with torch.no_grad():
+        m_out = per_sample(x[0]).numel()
+    size = min(m_out, x[0].numel())
+    if size <= FULL_SPECTRUM_UP_TO:
+        try:
+            svs = [full_spectrum(per_sample, x[i]) for i in range(n)]
+            method = "every singular value, torch.func.jacrev/jacfwd"
+        except Exception as exc:  # noqa: BLE001 - torch.func cannot trace every model; say so and use autograd
+            svs = []
+            for i in range(n):
+                jac = torch.autograd.functional.jacobian(per_sample, x[i].detach())
+                svs.append(torch.linalg.svdvals(jac.reshape(m_out, -1).double()))
+            method = f"every singular value, torch.autograd.functional.jacobian (torch.func failed: {type(exc).__name__})"
+        sv = torch.cat(svs)
+        return SpectrumCheck(method, n, summarize(sv), sv, "exact up to float64 SVD")
+    tops, lows, errs = [], [], []
+    for i in range(n):
+        top = top_singular_value(per_sample, x[i], tol=1e-5)
+        ext = lanczos_extremes(per_sample, x[i], k=64)
+        tops.append(top.sigma_max)
+        lows.append(ext.sigma_min)
+        errs.append(max(top.error, ext.min_error))
+    s = SpectrumSummary(math.nan, max(tops) / min(lows) if min(lows) > 0 else math.inf, math.nan, max(tops), min(lows))
+    return SpectrumCheck("σ_max by power iteration, σ_min by 64-step Lanczos", n, s, None,
+                         f"power iteration to a residual of 1e-5·λ; largest error bound {sci(max(errs))}")
+
+
+def _validate(model: Any, example_input: Any, loss_fn: Any, target: Any, samples: Any, thresholds: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(bad_argument("check", "model", "a torch.nn.Module", model))
+    if not isinstance(example_input, Tensor):
+        raise TypeError(bad_argument("check", "example_input", "a tensor whose first dimension is the batch", example_input))
+    if example_input.dim() == 0 or example_input.shape[0] == 0:
+        raise ValueError(bad_argument("check", "example_input", "a batch of at least one sample", tuple(example_input.shape)))
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(bad_argument("check", "loss_fn", "a callable (output, target) -> scalar, or None", loss_fn))
+    if target is not None and loss_fn is None:
+        raise ValueError("`check(target=…)` needs loss_fn=…: without a loss, a random cotangent drives the backward pass")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(bad_argument("check", "samples", "a non-negative int (0: no Jacobian spectrum)", samples))
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        raise TypeError(bad_argument("check", "thresholds", "a gradwatch.Thresholds or None", thresholds))
+
+
+def check(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    loss_fn: Callable[..., Tensor] | None = None,
+    target: Any = None,
+    samples: int = 4,
+    seed: int = 0,
+    thresholds: Thresholds | None = None,
+) -> CheckReport:
+    """Will this network train? Measures signal propagation and Jacobian spectra at its current weights.
+
+    Args:
+        model: the network, as it will start training.
+        example_input: a batch (dimension 0 is the batch).
+        loss_fn: ``loss_fn(output, target)`` (or ``loss_fn(output)`` without a
+            target) drives the backward pass; without one, a Gaussian cotangent
+            at the output does (seeded by ``seed``, outside the global RNG).
+        target: the targets for ``loss_fn``.
+        samples: how many samples' input–output Jacobians to take (0: none).
+        seed: for the cotangent and the iterative methods' start vectors.
+        thresholds: the cut-offs of the verdict (those of the diagnosis).
+    """
+    _validate(model, example_input, loss_fn, target, samples, thresholds)
+    th = thresholds or Thresholds()
+    parts = anatomy(model)
+    modes = {m: m.training for m in model.modules()}
+    outputs: dict[str, list[Tensor]] = {}
+    acts: dict[str, list[tuple[float, Tensor]]] = {}
+    order: list[tuple[str, str]] = []
+    names = {l.module: l.name for l in parts.layers}
+    act_names = {a.module: a for a in parts.activations}
+
+    def on_layer(module: nn.Module, args: tuple, out: Any) -> None:
+        name = names[module]
+        if name not in outputs:
+            order.append((name, "layer"))
+        outputs.setdefault(name, []).extend(grad_tensors(out))
+
+    def on_act(module: nn.Module, args: tuple, out: Any) -> None:
+        a = act_names[module]
+        x = act_probe.first_tensor(args)
+        if a.name not in acts:
+            order.append((a.name, "activation"))
+        if x is not None and isinstance(out, Tensor) and out.numel():
+            acts.setdefault(a.name, []).append((float(out.numel()), act_probe.call_stats(a.spec, module, x, out)))
+
+    handles = [l.module.register_forward_hook(on_layer) for l in parts.layers]
+    handles += [a.module.register_forward_hook(on_act) for a in parts.activations]
+    devices = [example_input.device] if example_input.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            x = example_input.detach().clone()
+            with torch.enable_grad():
+                out = model(x)
+                if loss_fn is not None:
+                    objective = loss_fn(out, target) if target is not None else loss_fn(out)
+                    what = "the given loss"
+                else:
+                    y = _first_tensor(out)
+                    g = torch.Generator(device="cpu").manual_seed(seed)
+                    v = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)
+                    objective = (y * v).sum()
+                    what = "a Gaussian cotangent at the output (no loss given)"
+                for h in handles:
+                    h.remove()
+                handles = []
+                layer_names = [n for n, k in order if k == "layer"]
+                flat = [t for n in layer_names for t in outputs[n]]
+                params: list[Tensor] = [p for l in parts.layers for _, p in l.params]
+                grads = torch.autograd.grad(objective, flat + params, allow_unused=True)
+            spectrum = None
+            if samples and x.is_floating_point():
+                spectrum = _spectrum(model, x, samples)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+    # ‖∂L/∂a‖ per layer, pooling several outputs or calls
+    k = 0
+    out_norm: dict[str, float] = {}
+    for n in layer_names:
+        sq = 0.0
+        for _ in outputs[n]:
+            grad = grads[k]
+            k += 1
+            if grad is not None:
+                sq += float(grad.double().norm()) ** 2
+        out_norm[n] = math.sqrt(sq)
+    w_norm: dict[str, float] = {}
+    k = len(flat)
+    for l in parts.layers:
+        sq = 0.0
+        for _ in l.params:
+            grad = grads[k]
+            k += 1
+            if grad is not None:
+                sq += float(grad.double().norm()) ** 2
+        w_norm[l.name] = math.sqrt(sq)
+    act_stats = {}
+    if acts:
+        idx = list(acts)
+        _, pooled = act_probe.combine({i: acts[n] for i, n in enumerate(idx)})
+        act_stats = {n: pooled[i].tolist() for i, n in enumerate(idx)}
+    depth = {key: d for d, key in enumerate(order)}
+    rows = []
+    for i, n in enumerate(layer_names):
+        nxt = depth[(layer_names[i + 1], "layer")] if i + 1 < len(layer_names) else math.inf
+        after = [a for a, kind in order if kind == "activation" and depth[(n, "layer")] < depth[(a, kind)] < nxt]
+        stats = act_stats.get(after[0], [math.nan] * 4) if after else [math.nan] * 4
+        fam = next((a.spec.family for a in parts.activations if after and a.name == after[0]), "")
+        t = torch.cat([o.detach().double().reshape(-1) for o in outputs[n]]) if outputs[n] else torch.zeros(1)
+        gain = out_norm[n] / out_norm[layer_names[i + 1]] if i + 1 < len(layer_names) and out_norm[layer_names[i + 1]] > 0 else math.nan
+        module = type(next(l.module for l in parts.layers if l.name == n)).__name__
+        act_module = type(next(a.module for a in parts.activations if a.name == after[0])).__name__ if after else ""
+        rows.append(LayerCheck(n, module, float(t.mean()), float(t.std(correction=0)), act_module,
+                               stats[2] if fam == "bounded" else math.nan, stats[2] if fam == "relu" else math.nan,
+                               stats[3], out_norm[n], w_norm[n], gain))
+    recurrent = _recurrent(model)
+    return _verdict(rows, spectrum, recurrent, th, what)
+
+
+def _verdict(rows: list[LayerCheck], spectrum: SpectrumCheck | None, recurrent: list[RecurrentCheck],
+             th: Thresholds, objective: str) -> CheckReport:
+    g = np.array([r.grad_norm for r in rows])
+    live = [i for i in range(len(g)) if g[i] > 0]
+    ratio = g[live[0]] / g[live[-1]] if len(live) >= 2 else (0.0 if rows and g[-1] > 0 else 1.0)
+    k = layers_per_halving(g) if len(rows) > 1 else None
+    per_layer = 2 ** (-1 / k) if k else 1.0
+    reasons: list[str] = []
+    fixes: tuple[str, ...] = ()
+    verdict = "trainable"
+    names = [r.name for r in rows]
+    if ratio < th.vanish_below:
+        verdict = "vanishing"
+        reasons.append(f"the gradient reaching layer {names[0]} is {sci(ratio)} of the last layer's "
+                       f"(×{sci(per_layer)} per layer towards the input)")
+        derivs = [r.deriv_rms for r in rows if r.deriv_rms == r.deriv_rms]
+        a = float(np.exp(np.mean(np.log(derivs)))) if derivs and min(derivs) > 0 else math.nan
+        dead = [r.name for r in rows if r.dead == r.dead and r.dead > th.dead_above]
+        sat = [r.name for r in rows if r.saturated == r.saturated and r.saturated > th.saturated_above]
+        if dead:
+            reasons.append(f"dead units after layers {span(dead)}")
+            fixes = remedies("leaky", "zero_bias", "he_init")
+        elif sat:
+            reasons.append(f"saturated units after layers {span(sat)}")
+            fixes = remedies("smaller_init", "norm", "relu")
+        elif a == a and math.log(a) <= 0.5 * math.log(per_layer):
+            reasons.append(f"the activations' derivative (rms ×{sci(a)} per layer) explains most of the decay")
+            fixes = remedies("relu", "norm", "residual")
+        else:
+            w = per_layer / a if a == a else math.nan
+            reasons.append(f"the weights' gain (×{sci(w)} per layer) explains most of the decay: the initialisation shrinks the signal"
+                           if w == w else "no activation module is visible: the layers' Jacobians shrink the signal")
+            fixes = remedies("orthogonal_init", "he_init", "residual", "norm")
+    elif ratio > th.explode_above:
+        verdict = "exploding"
+        reasons.append(f"the gradient reaching layer {names[0]} is {sci(ratio)}× the last layer's "
+                       f"(×{sci(per_layer)} per layer towards the input)")
+        fixes = remedies("orthogonal_init", "clip_norm", "norm", "lower_lr")
+    else:
+        reasons.append(f"the gradient reaching layer {names[0] if names else '?'} is {sci(ratio)}× the last layer's: "
+                       f"within [{th.vanish_below:g}, {th.explode_above:g}]")
+    for r in recurrent:
+        if r.cell.startswith("RNN_") and r.lambda1 < 1 / r.gamma:
+            verdict = "vanishing" if verdict == "trainable" else verdict
+            reasons.append(f"{r.name}: {r.verdict} (through time)")
+            fixes = fixes or remedies("orthogonal_init", "clip_norm")
+        elif r.cell.startswith("RNN_"):
+            reasons.append(f"{r.name}: {r.verdict}")
+    if spectrum is not None:
+        s = spectrum.summary
+        reasons.append(f"input–output Jacobian: σ from {sci(s.sigma_min)} to {sci(s.sigma_max)}"
+                       + (f", mean σ² {sci(s.mean_sq)}" if s.mean_sq == s.mean_sq else ""))
+    return CheckReport(verdict, reasons, fixes, float(ratio), float(per_layer), rows, spectrum, recurrent,
+                       objective)
