@@ -71,7 +71,8 @@ def test_series_and_records(store):
     assert s.steps.tolist() == [0, 2, 4]
     np.testing.assert_allclose(s.values, np.array(norms)[[0, 2, 4]].T, rtol=1e-5)
     rec = run.records()
-    assert set(rec) == {"step", "layer", "kind", "quantity", "value"}
+    assert set(rec) == {"step", "layer", "kind", "quantity", "value", "pos"}
+    assert (rec["pos"] == -1).all()  # no positioned quantity in this run
     assert rec["step"].dtype == np.int64 and rec["value"].dtype == np.float64
     assert len({len(v) for v in rec.values()}) == 1
     assert run.meta["steps"] == 5 and run.meta["status"] == "closed"

@@ -1,6 +1,8 @@
 """The run store: one SQLite file per run, written off the training thread.
 
-Records are flat ``(step, layer, quantity, value)``. Layers (and activation
+Records are flat ``(step, layer, quantity, value)``, plus a position ``pos``
+for quantities measured along a sequence (the time step t of ‖∂L/∂h_t‖), NULL
+for all others. Layers (and activation
 modules, parameters, run-level scalars) are *entities*: a name as in
 ``named_modules()``/``named_parameters()``, a kind, and a depth (the order of
 first forward execution). SQLite runs in WAL mode with ``synchronous=NORMAL``:
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS entities (
     module TEXT, depth INTEGER, UNIQUE (name, kind));
 CREATE TABLE IF NOT EXISTS quantities (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS records (
-    step INTEGER NOT NULL, entity INTEGER NOT NULL, quantity INTEGER NOT NULL, value REAL);
+    step INTEGER NOT NULL, entity INTEGER NOT NULL, quantity INTEGER NOT NULL, value REAL, pos INTEGER);
 """
 
 # Quantities whose NaN means "undefined here" (zero weights, an input lost to
@@ -78,7 +80,7 @@ class StoreWriter:
 
     def records(self, step: int, keys: np.ndarray, values: Any, ready: Callable[[], None] | None = None,
                 done: Callable[[], None] | None = None) -> None:
-        """Queue one step's values: ``keys`` is (n, 2) of (entity, quantity) ids, ``values`` a host tensor.
+        """Queue one step's values: ``keys`` is (n, 3) of (entity id, quantity id, pos or −1), ``values`` a host tensor.
 
         ``ready`` is called in the writer thread before reading ``values``
         (waits for an asynchronous device-to-host copy); ``done`` after.
@@ -153,8 +155,9 @@ class StoreWriter:
         if self._skip_nan:
             keep = ~(np.isin(keys[:, 1], list(self._skip_nan)) & np.isnan(vals))
             keys, vals = keys[keep], vals[keep]
-        rows = zip(itertools.repeat(step), keys[:, 0].tolist(), keys[:, 1].tolist(), vals.tolist())
-        self._con.executemany("INSERT INTO records (step, entity, quantity, value) VALUES (?, ?, ?, ?)", rows)
+        pos = [None if p < 0 else p for p in keys[:, 2].tolist()]
+        rows = zip(itertools.repeat(step), keys[:, 0].tolist(), keys[:, 1].tolist(), vals.tolist(), pos)
+        self._con.executemany("INSERT INTO records (step, entity, quantity, value, pos) VALUES (?, ?, ?, ?, ?)", rows)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -226,13 +229,19 @@ class Run:
     def quantities(self) -> list[str]:
         return sorted(self._quantities.values())
 
-    def records(self, quantity: str | None = None, kind: str | None = None) -> dict[str, np.ndarray]:
+    def records(self, quantity: str | None = None, kind: str | None = None,
+                positioned: bool | None = None) -> dict[str, np.ndarray]:
         """All records (optionally of one quantity / entity kind) as numpy arrays.
 
-        Keys: ``step`` (int64), ``layer`` (names), ``kind``, ``quantity``, ``value`` (float64; NaN for NULL).
+        Keys: ``step`` (int64), ``layer`` (names), ``kind``, ``quantity``, ``value``
+        (float64; NaN for NULL), ``pos`` (int64; −1 where the record has none).
+        ``positioned``: True for only records with a position, False for only those without.
         """
-        sql = "SELECT step, entity, quantity, value FROM records"
-        where, args = [], []
+        sql = "SELECT step, entity, quantity, value, pos FROM records"
+        where: list[str] = []
+        args: list[object] = []
+        if positioned is not None:
+            where.append("pos IS NOT NULL" if positioned else "pos IS NULL")
         if quantity is not None:
             qids = [i for i, n in self._quantities.items() if n == quantity]
             where.append(f"quantity IN ({','.join('?' * len(qids)) or 'NULL'})")
@@ -243,7 +252,7 @@ class Run:
             args.extend(eids)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._con.execute(sql + " ORDER BY step, entity, quantity", args).fetchall()
+        rows = self._con.execute(sql + " ORDER BY step, entity, quantity, pos", args).fetchall()
         step = np.array([r[0] for r in rows], dtype=np.int64)
         ent = [self._entities[r[1]] for r in rows]
         return {
@@ -252,11 +261,12 @@ class Run:
             "kind": np.array([e[1] for e in ent], dtype=object),
             "quantity": np.array([self._quantities[r[2]] for r in rows], dtype=object),
             "value": np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64),
+            "pos": np.array([-1 if r[4] is None else r[4] for r in rows], dtype=np.int64),
         }
 
     def series(self, quantity: str, kind: str = "layer") -> Series:
         """One quantity as an (entities × steps) matrix, entities in depth order."""
-        rec = self.records(quantity, kind)
+        rec = self.records(quantity, kind, positioned=False)
         names = [n for n in self.names(kind) if n in set(rec["layer"].tolist())]
         steps = np.unique(rec["step"])
         values = np.full((len(names), len(steps)), np.nan)
@@ -265,6 +275,16 @@ class Run:
         for name, j, v in zip(rec["layer"], col, rec["value"]):
             values[row[name], j] = v
         return Series(quantity, names, steps, values)
+
+    def temporal(self, name: str, quantity: str = "temporal_grad_norm") -> Series:
+        """A positioned quantity of one entity as a (positions × steps) matrix; ``names`` are the positions."""
+        rec = self.records(quantity, positioned=True)
+        sel = rec["layer"] == name
+        steps, pos, vals = rec["step"][sel], rec["pos"][sel], rec["value"][sel]
+        us, up = np.unique(steps), np.unique(pos)
+        values = np.full((len(up), len(us)), np.nan)
+        values[np.searchsorted(up, pos), np.searchsorted(us, steps)] = vals
+        return Series(quantity, [str(p) for p in up], us, values)
 
     def to_dataframe(self) -> Any:
         """The records as a pandas DataFrame (needs pandas: ``pip install pandas``)."""

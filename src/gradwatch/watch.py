@@ -302,10 +302,11 @@ class Watch:
         keys = self._key_cache.get(key)
         if keys is None:
             ids = {"layer": self._layer_ids, "param": self._pair_ids, "activation": self._act_ids}[kind][list(index)]
-            keys = self._key_cache[key] = np.stack([ids, np.full(len(ids), quantity)], axis=1)
+            keys = self._key_cache[key] = np.stack([ids, np.full(len(ids), quantity), np.full(len(ids), -1)], axis=1)
         return keys
 
     def _add(self, keys: np.ndarray, values: Tensor) -> None:
+        """Queue values for this step's one host copy; ``keys`` is (n, 3): entity, quantity, pos (−1: none)."""
         self._pending.append((keys, values.reshape(-1).to(self._device, torch.float64)))
 
     def _end_step(self) -> None:
@@ -343,7 +344,7 @@ class Watch:
         values = torch.stack([v for _, v in scalars])
         names = {e: n for (n, k), e in self._entity.items() if k == "run"}
         for e, v in zip(ids, values):
-            self._add(np.array([[e, self._quantity_id(names[int(e)])]]), v)
+            self._add(np.array([[e, self._quantity_id(names[int(e)]), -1]]), v)
 
     @_guarded
     def _release(self) -> None:

@@ -1,0 +1,212 @@
+"""Gradients through time: ‖∂L/∂h_t‖ at every time step, and the one-step Jacobian norm.
+
+``∂L/∂h_t`` here is the *total* derivative: every path from h_t to the loss,
+through all later states, not only the direct one through that step's output.
+
+PyTorch's fused ``nn.RNN``/``nn.GRU``/``nn.LSTM`` keep their per-step states
+inside one kernel. On a sampled step the watch therefore re-runs the same
+weights unrolled in Python, from the same input and initial state, and feeds
+it the gradients that the real backward pass delivered to the module's
+outputs (``output``, ``h_n``, ``c_n``); the unrolled graph then gives the
+gradient at every hidden state. Cost: one more forward and backward pass of
+the recurrent layers, step by step (slower than the fused kernel), on the
+sampled steps only. Dropout between stacked layers is not re-applied (the
+re-run uses the weights as in eval mode), and packed sequences and LSTM
+projections (``proj_size``) are not supported.
+
+The one-step Jacobian norm ‖∂h_{t+1}/∂h_t‖₂ (the state is (h, c) for an LSTM)
+is estimated per sample by 20 batched power iterations on Jᵀ J, all time
+steps at once, and averaged over (at most 8) samples of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+POWER_ITERATIONS = 20
+JACOBIAN_SAMPLES = 8
+
+
+@dataclass
+class LayerRun:
+    """One layer and direction of an unrolled recurrent module."""
+
+    name: str  # "l0", "l1_reverse", …
+    inputs: list[Tensor]  # x_t fed to this layer, in its own time order, (B, D) each
+    states: list[Tensor]  # h_0 … h_T in its own time order, (B, H) each
+    cells: list[Tensor] | None  # c_0 … c_T for an LSTM
+    step: Callable[[Tensor, Tensor], Tensor]  # (x (N, D), state (N, S)) -> next state (N, S); S = H or 2H
+
+
+def _weights(module: nn.RNNBase, layer: int, suffix: str, detach: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    get = lambda n: getattr(module, f"{n}_l{layer}{suffix}", None)  # noqa: E731
+    w = [get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")]
+    return tuple(t.detach() if (detach and t is not None) else t for t in w)  # type: ignore[return-value]
+
+
+def _cell(mode: str, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+          hidden: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """One step of the module's cell on a flat state ((N, H), or (N, 2H) = (h, c) for an LSTM)."""
+
+    def lin(x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        gi = x @ w_ih.T + (b_ih if b_ih is not None else 0)
+        gh = h @ w_hh.T + (b_hh if b_hh is not None else 0)
+        return gi, gh
+
+    if mode == "RNN_TANH":
+        return lambda x, s: torch.tanh(sum(lin(x, s)))  # type: ignore[arg-type]
+    if mode == "RNN_RELU":
+        return lambda x, s: torch.relu(sum(lin(x, s)))  # type: ignore[arg-type]
+    if mode == "GRU":
+        def gru(x: Tensor, h: Tensor) -> Tensor:
+            gi, gh = lin(x, h)
+            ir, iz, in_ = gi.chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            n = torch.tanh(in_ + r * hn)
+            return (1 - z) * n + z * h
+        return gru
+    if mode == "LSTM":
+        def lstm(x: Tensor, s: Tensor) -> Tensor:
+            h, c = s[:, :hidden], s[:, hidden:]
+            gi, gh = lin(x, h)
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.cat([torch.sigmoid(o) * torch.tanh(c), c], 1)
+        return lstm
+    raise ValueError(f"unsupported recurrent mode {mode!r}")
+
+
+def unroll(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None,
+           detach_weights: bool = False) -> tuple[Tensor, Tensor, Tensor | None, list[LayerRun]]:
+    """Run ``module`` step by step: (output, h_n, c_n, per-layer runs), equal to ``module(x, hx)``."""
+    if getattr(module, "proj_size", 0):
+        raise NotImplementedError("LSTM with proj_size is not supported by the temporal probe")
+    batched = x.dim() == 3
+    if not batched:
+        x = x.unsqueeze(1 if not module.batch_first else 0)
+    if module.batch_first:
+        x = x.transpose(0, 1)  # (T, B, D)
+    T, B, _ = x.shape
+    H, L = module.hidden_size, module.num_layers
+    dirs = 2 if module.bidirectional else 1
+    lstm = module.mode == "LSTM"
+    if hx is None:
+        h0 = x.new_zeros(L * dirs, B, H)
+        c0 = x.new_zeros(L * dirs, B, H) if lstm else None
+    elif lstm:
+        assert isinstance(hx, tuple)
+        h0, c0 = hx
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+    else:
+        assert isinstance(hx, Tensor)
+        h0, c0 = (hx if batched else hx.unsqueeze(1)), None
+    layer_in = list(x.unbind(0))
+    runs: list[LayerRun] = []
+    h_n, c_n = [], []
+    for layer in range(L):
+        outs = []
+        for d in range(dirs):
+            suffix = "_reverse" if d else ""
+            step = _cell(module.mode, *_weights(module, layer, suffix, detach_weights), hidden=H)
+            k = layer * dirs + d
+            state = torch.cat([h0[k], c0[k]], 1) if c0 is not None else h0[k]
+            seq = layer_in[::-1] if d else layer_in
+            states = [state]
+            for xt in seq:
+                states.append(step(xt, states[-1]))
+            hs = [s[:, :H] for s in states]
+            cs = [s[:, H:] for s in states] if lstm else None
+            runs.append(LayerRun(f"l{layer}{suffix}", seq, hs, cs, step))
+            h_n.append(hs[-1])
+            if cs is not None:
+                c_n.append(cs[-1])
+            outs.append(hs[1:][::-1] if d else hs[1:])
+        layer_in = [torch.cat([o[t] for o in outs], 1) for t in range(T)]
+    output = torch.stack(layer_in)  # (T, B, dirs·H)
+    if module.batch_first:
+        output = output.transpose(0, 1)
+    hn, cn = torch.stack(h_n), (torch.stack(c_n) if lstm else None)
+    if not batched:
+        output = output.squeeze(0 if module.batch_first else 1)
+        hn, cn = hn.squeeze(1), (cn.squeeze(1) if cn is not None else None)
+    return output, hn, cn, runs
+
+
+@dataclass
+class TemporalGrads:
+    """Per layer run: ‖∂L/∂h_t‖ for t = 0 … T (h_0 the initial state), and ‖∂h_{t+1}/∂h_t‖ for t = 0 … T−1."""
+
+    name: str
+    grad_norm: Tensor  # (T + 1,)
+    jacobian_norm: Tensor  # (T,)
+
+
+def temporal_grads(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None, grad_output: Tensor | None,
+                   grad_h: Tensor | None, grad_c: Tensor | None, jacobian: bool = True) -> list[TemporalGrads]:
+    """Re-run ``module`` unrolled and back-propagate the gradients its outputs received."""
+    with torch.enable_grad():
+        output, hn, cn, runs = unroll(module, x.detach(), _detach(hx), detach_weights=True)
+        roots, grads = [], []
+        for t, g in ((output, grad_output), (hn, grad_h), (cn, grad_c)):
+            if t is not None and g is not None:
+                roots.append(t)
+                grads.append(g)
+        states = [s for r in runs for s in r.states]
+        if not roots:
+            return []
+        need = [s for s in states if s.requires_grad]
+        got = torch.autograd.grad(roots, need, grads, allow_unused=True) if need else []
+    by_state = {id(s): g for s, g in zip(need, got)}
+    found, k = [], 0
+    for r in runs:
+        norms = []
+        for s in r.states:
+            g = by_state.get(id(s))
+            norms.append(torch.zeros((), dtype=torch.float64) if g is None else g.detach().double().norm())
+        order = torch.stack(norms)
+        if r.name.endswith("_reverse"):  # its own time order runs backwards: report in input time
+            order = order.flip(0)
+        jac = step_jacobian_norms(r) if jacobian else torch.full((len(r.states) - 1,), float("nan"))
+        if r.name.endswith("_reverse"):
+            jac = jac.flip(0)
+        found.append(TemporalGrads(r.name, order, jac))
+        k += 1
+    return found
+
+
+def _detach(hx: Tensor | tuple[Tensor, Tensor] | None) -> Tensor | tuple[Tensor, Tensor] | None:
+    if isinstance(hx, Tensor):
+        return hx.detach()
+    if isinstance(hx, tuple):
+        return (hx[0].detach(), hx[1].detach())
+    return hx
+
+
+def step_jacobian_norms(run: LayerRun, iterations: int = POWER_ITERATIONS, samples: int = JACOBIAN_SAMPLES) -> Tensor:
+    """Mean over samples of ‖∂s_{t+1}/∂s_t‖₂ for every t, by batched power iteration on Jᵀ J."""
+    with torch.no_grad():
+        states = [torch.cat([h, c], 1) if run.cells is not None else h for h, c in
+                  zip(run.states, run.cells if run.cells is not None else run.states)]
+        T = len(run.inputs)
+        n = min(samples, states[0].shape[0])
+        S = torch.stack([s[:n] for s in states[:-1]]).reshape(T * n, -1).detach()  # (T·n, S)
+        X = torch.stack([x[:n] for x in run.inputs]).reshape(T * n, -1).detach()
+        f = lambda s: run.step(X, s)  # noqa: E731
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(S.shape, generator=g, dtype=S.dtype).to(S.device)
+        v = v / v.norm(dim=1, keepdim=True)
+        sigma = torch.zeros(T * n, dtype=S.dtype, device=S.device)
+        vjp_fn = torch.func.vjp(f, S)[1]
+        for _ in range(iterations):
+            jv = torch.func.jvp(f, (S,), (v,))[1]
+            (w,) = vjp_fn(jv)
+            norm = w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            sigma = (v * w).sum(1).clamp_min(0).sqrt()  # Rayleigh quotient of Jᵀ J, then √
+            v = w / norm
+    return sigma.reshape(T, n).double().mean(1)
