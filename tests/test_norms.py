@@ -208,3 +208,14 @@ def test_nonfinite_counts_entries(store):
     assert at_step(run, "nonfinite", 0) == {"0": 3.0, "1": 0.0}
     assert at_step(run, "nonfinite", 0, "param") == {"0.weight": 2.0, "0.bias": 1.0}
     assert math.isnan(at_step(run, "grad_norm", 0)["0"])
+
+
+def test_float64_model_out_grad_regression(store):
+    """Regression: ‖∂L/∂a‖ of a float64 model failed (the norm was asked to narrow to float32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    out = {}
+    model[0].register_forward_hook(lambda m, a, o: (o.retain_grad(), out.__setitem__("a", o)) and None)
+    with gw.watch(model, activations=1, store=store, name="f64") as w:
+        model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
+    assert at_step(w.open(), "out_grad_norm", 0)["0"] == pytest.approx(float(out["a"].grad.norm()), rel=1e-12)

@@ -38,6 +38,7 @@ from gradwatch.layers import anatomy, is_floating
 from gradwatch.probes import activations as act_probe
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
 from gradwatch.probes.grads import GradProbe
+from gradwatch.probes.temporal import TemporalProbe, find_recurrent
 from gradwatch.schedules import Schedule
 from gradwatch.store import DB_NAME, Run, StoreWriter, open_run
 
@@ -74,6 +75,7 @@ class Watch:
         sampled: Schedule | None,
         update: Schedule | None,
         run_dir: Path,
+        temporal: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -114,6 +116,8 @@ class Watch:
         self._layer_ids = np.array([self._entity_id(l.name, "layer", type(l.module).__name__) for l in self._layers])
         self._pair_ids = np.array([self._entity_id(n, "param", None) for n in self._grads.pair_names])
         self._act_ids = np.array([self._entity_id(a.name, "activation", type(a.module).__name__) for a in self._acts])
+        self._temporal = TemporalProbe(temporal or [], self._device)
+        self._recurrent_ids = {name: self._entity_id(name, "recurrent", cell) for name, cell in self._temporal.entities()}
         self._writer.meta(self._metadata())
         try:
             self._place_hooks()
@@ -206,6 +210,8 @@ class Watch:
             self._handles.append(layer.module.register_forward_hook(self._on_layer_forward))
         for a in self._acts:
             self._handles.append(a.module.register_forward_hook(self._on_act_forward))
+        for _, module in self._temporal.modules:
+            self._handles.append(module.register_forward_hook(self._on_recurrent_forward))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
@@ -255,6 +261,26 @@ class Watch:
         self._act_calls.setdefault(i, []).append((float(output.numel()), stats.to(self._device)))
 
     @_guarded
+    def _on_recurrent_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._sampling():
+            self._temporal.capture(module, args, output, self._guarded_call)
+
+    def _guarded_call(self, fn: Callable[[], None]) -> None:
+        """Run a tensor-hook body under the watch's guard (the temporal probe's hooks)."""
+        if self._closed or self._failed is not None:
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def _add_temporal(self) -> None:
+        for name, quantity, pos, values in self._temporal.take():
+            eid, qid = self._recurrent_ids[name], self._quantity_id(quantity)
+            keys = np.stack([np.full(len(pos), eid), np.full(len(pos), qid), np.asarray(pos)], axis=1)
+            self._add(keys, values)
+
+    @_guarded
     def _on_grad_accumulated(self, param: Tensor) -> None:
         if not self._callback_queued:
             self._callback_queued = True
@@ -266,12 +292,14 @@ class Watch:
 
     @_guarded
     def _collect_and_end(self) -> None:
+        self._add_temporal()
         if self._every(self._step):
             self._add_grad_stats()
         self._end_step()
 
     @_guarded
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._add_temporal()  # before the step: the re-run needs the weights of the forward pass
         if self._every(self._step):
             self._add_grad_stats()
         if self._update is not None and self._update(self._step):
@@ -424,6 +452,7 @@ class Watch:
                 for l in self._layers
             ],
             "activations": [{"name": a.name, "module": type(a.module).__name__} for a in self._acts],
+            "recurrent": self._temporal.describe(),
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "schedules": {"every": repr(self._every), "sampled": repr(self._sampled), "update": repr(self._update)},
         }
@@ -436,6 +465,7 @@ class Watch:
         self._failed = exc
         self._pending, self._scalars, self._act_calls, self._held = [], [], {}, None
         self._backprop.clear()
+        self._temporal.clear()
         self._grads._before = None
         warnings.warn(
             f"gradwatch stopped recording at step {self._step} ({type(exc).__name__}: {exc}); "
@@ -546,6 +576,7 @@ def watch(
     store: str | Path | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    temporal: bool | list[str] = False,
 ) -> Watch:
     """Watch a model's gradients while it trains; returns the :class:`Watch` handle.
 
@@ -566,6 +597,12 @@ def watch(
         name: this run's name, a directory under ``store`` (default: the model's
             class and the time).
         overwrite: replace an existing run of the same name.
+        temporal: record ‖∂L/∂h_t‖ at every time step of recurrent modules, on
+            the ``activations`` schedule. True: every ``nn.RNN``/``nn.GRU``/
+            ``nn.LSTM`` and ``nn.*Cell``; or the names of the modules to
+            follow (a cell of your own, called once per time step, whose
+            output is its new hidden state). See
+            :mod:`gradwatch.probes.temporal` for what it costs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(bad_argument("watch", "model", "a torch.nn.Module", model))
@@ -589,6 +626,9 @@ def watch(
     update = _schedule("update_every", update_every, schedules.DEFAULT_SAMPLED, allow_off=True)
     if not isinstance(overwrite, bool):
         raise TypeError(bad_argument("watch", "overwrite", "True or False", overwrite))
+    if temporal is not False and sampled is None:
+        raise ValueError("`watch(temporal=…)` rides the activations schedule: pass activations=True or an int, not False")
+    recurrent = find_recurrent(model, temporal)
     other = _already_watched(model, optimizer)
     if other is not None:
         raise RuntimeError(
@@ -596,4 +636,4 @@ def watch(
             f"close that watch first"
         )
     run_dir = _run_dir(store, name, model, overwrite)
-    return Watch(model, optimizer, every_s, sampled, update, run_dir)
+    return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent)

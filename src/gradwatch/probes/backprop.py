@@ -41,7 +41,10 @@ class BackpropProbe:
     @torch.no_grad()
     def add(self, layer: int, grad: Tensor) -> None:
         self._layers.append(layer)
-        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).to(self.device))
+        g = grad.detach()
+        # accumulate half precision in float32; never narrow a float64 gradient
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else torch.linalg.vector_norm(g)
+        self._norms.append(norm.to(self.device))
 
     def take(self) -> tuple[list[int], Tensor] | None:
         """Per-layer ‖∂L/∂a‖ collected since the last take, and forget them."""

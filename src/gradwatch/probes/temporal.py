@@ -37,9 +37,9 @@ class LayerRun:
 
     name: str  # "l0", "l1_reverse", …
     inputs: list[Tensor]  # x_t fed to this layer, in its own time order, (B, D) each
-    states: list[Tensor]  # h_0 … h_T in its own time order, (B, H) each
-    cells: list[Tensor] | None  # c_0 … c_T for an LSTM
-    step: Callable[[Tensor, Tensor], Tensor]  # (x (N, D), state (N, S)) -> next state (N, S); S = H or 2H
+    states: list[Tensor]  # s_0 … s_T in its own time order, (B, S) each: h, or (h, c) for an LSTM
+    hidden: int  # H: the first H columns of a state are h
+    step: Callable[[Tensor, Tensor], Tensor]  # (x (N, D), state (N, S)) -> next state (N, S)
 
 
 def _weights(module: nn.RNNBase, layer: int, suffix: str, detach: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -121,11 +121,10 @@ def unroll(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Tensor] | N
             for xt in seq:
                 states.append(step(xt, states[-1]))
             hs = [s[:, :H] for s in states]
-            cs = [s[:, H:] for s in states] if lstm else None
-            runs.append(LayerRun(f"l{layer}{suffix}", seq, hs, cs, step))
+            runs.append(LayerRun(f"l{layer}{suffix}", seq, states, H, step))
             h_n.append(hs[-1])
-            if cs is not None:
-                c_n.append(cs[-1])
+            if lstm:
+                c_n.append(states[-1][:, H:])
             outs.append(hs[1:][::-1] if d else hs[1:])
         layer_in = [torch.cat([o[t] for o in outs], 1) for t in range(T)]
     output = torch.stack(layer_in)  # (T, B, dirs·H)
@@ -151,7 +150,7 @@ def temporal_grads(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Ten
                    grad_h: Tensor | None, grad_c: Tensor | None, jacobian: bool = True) -> list[TemporalGrads]:
     """Re-run ``module`` unrolled and back-propagate the gradients its outputs received."""
     with torch.enable_grad():
-        output, hn, cn, runs = unroll(module, x.detach(), _detach(hx), detach_weights=True)
+        output, hn, cn, runs = unroll(module, x.detach(), _initial_state(module, x, hx), detach_weights=True)
         roots, grads = [], []
         for t, g in ((output, grad_output), (hn, grad_h), (cn, grad_c)):
             if t is not None and g is not None:
@@ -168,7 +167,7 @@ def temporal_grads(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Ten
         norms = []
         for s in r.states:
             g = by_state.get(id(s))
-            norms.append(torch.zeros((), dtype=torch.float64) if g is None else g.detach().double().norm())
+            norms.append(torch.zeros((), dtype=torch.float64) if g is None else g[:, : r.hidden].detach().double().norm())
         order = torch.stack(norms)
         if r.name.endswith("_reverse"):  # its own time order runs backwards: report in input time
             order = order.flip(0)
@@ -178,6 +177,19 @@ def temporal_grads(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Ten
         found.append(TemporalGrads(r.name, order, jac))
         k += 1
     return found
+
+
+def _initial_state(module: nn.RNNBase, x: Tensor,
+                   hx: Tensor | tuple[Tensor, Tensor] | None) -> Tensor | tuple[Tensor, Tensor]:
+    """Detached copies of the initial state (zeros if none was given) that require grad: the roots of the unrolled graph."""
+    if hx is None:
+        batch = x.shape[0 if module.batch_first else 1] if x.dim() == 3 else None
+        shape = (module.num_layers * (2 if module.bidirectional else 1),) + ((batch,) if batch else ()) + (module.hidden_size,)
+        zeros = x.new_zeros(shape)
+        hx = (zeros, zeros.clone()) if module.mode == "LSTM" else zeros
+    if isinstance(hx, tuple):
+        return (hx[0].detach().clone().requires_grad_(True), hx[1].detach().clone().requires_grad_(True))
+    return hx.detach().clone().requires_grad_(True)
 
 
 def _detach(hx: Tensor | tuple[Tensor, Tensor] | None) -> Tensor | tuple[Tensor, Tensor] | None:
@@ -191,8 +203,7 @@ def _detach(hx: Tensor | tuple[Tensor, Tensor] | None) -> Tensor | tuple[Tensor,
 def step_jacobian_norms(run: LayerRun, iterations: int = POWER_ITERATIONS, samples: int = JACOBIAN_SAMPLES) -> Tensor:
     """Mean over samples of ‖∂s_{t+1}/∂s_t‖₂ for every t, by batched power iteration on Jᵀ J."""
     with torch.no_grad():
-        states = [torch.cat([h, c], 1) if run.cells is not None else h for h, c in
-                  zip(run.states, run.cells if run.cells is not None else run.states)]
+        states = run.states
         T = len(run.inputs)
         n = min(samples, states[0].shape[0])
         S = torch.stack([s[:n] for s in states[:-1]]).reshape(T * n, -1).detach()  # (T·n, S)
@@ -210,3 +221,145 @@ def step_jacobian_norms(run: LayerRun, iterations: int = POWER_ITERATIONS, sampl
             sigma = (v * w).sum(1).clamp_min(0).sqrt()  # Rayleigh quotient of Jᵀ J, then √
             v = w / norm
     return sigma.reshape(T, n).double().mean(1)
+
+
+# -- the probe the watch drives ---------------------------------------------------------
+
+def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Module]]:
+    """The modules ``watch(temporal=…)`` follows; raises on a bad argument (before any hook)."""
+    from gradwatch._errors import bad_argument
+
+    if temporal is False:
+        return []
+    modules = dict(model.named_modules())
+    if temporal is True:
+        found = [(n, m) for n, m in modules.items() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+        if not found:
+            raise ValueError(
+                "`watch(temporal=True)` found no nn.RNN/GRU/LSTM or nn.*Cell in the model; "
+                "for a cell of your own pass its name: temporal=['cell']"
+            )
+        return found
+    if isinstance(temporal, (list, tuple)) and temporal and all(isinstance(t, str) for t in temporal):
+        missing = [t for t in temporal if t not in modules]
+        if missing:
+            raise ValueError(f"`watch(temporal=…)`: no module named {missing[0]!r} in the model "
+                             f"(names as in named_modules())")
+        return [(t, modules[t]) for t in temporal]
+    raise TypeError(bad_argument("watch", "temporal", "True, False or a list of module names", temporal))
+
+
+def _gamma(module: nn.Module) -> float | None:
+    """Bound on the recurrent nonlinearity's derivative (Pascanu's γ); None where it gives no verdict."""
+    mode = getattr(module, "mode", None) or ("RNN_" + module.nonlinearity.upper() if isinstance(module, nn.RNNCell) else None)
+    return 1.0 if mode in ("RNN_TANH", "RNN_RELU") else None
+
+
+@dataclass
+class _Capture:
+    module: nn.RNNBase
+    x: Tensor
+    hx: Tensor | tuple[Tensor, Tensor] | None
+    grads: dict[str, Tensor]
+
+
+class TemporalProbe:
+    """Captures recurrent calls on sampled steps; after backward, turns them into per-time-step records."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]], device: torch.device) -> None:
+        self.modules = modules
+        self.device = device
+        self._name = {m: n for n, m in modules}
+        self._captures: list[tuple[str, _Capture]] = []
+        self._cell_calls: dict[str, int] = {}
+        self._cell_norms: dict[tuple[str, int], Tensor] = {}
+
+    def entities(self) -> list[tuple[str, str]]:
+        """(entity name, cell type): one per layer and direction of a fused module, one per cell."""
+        out = []
+        for name, m in self.modules:
+            if isinstance(m, nn.RNNBase):
+                for layer in range(m.num_layers):
+                    for suffix in ([""] + (["_reverse"] if m.bidirectional else [])):
+                        out.append((f"{name}.l{layer}{suffix}", m.mode))
+            else:
+                out.append((name, type(m).__name__))
+        return out
+
+    def describe(self) -> list[dict]:
+        rows = []
+        for name, m in self.modules:
+            for entity, cell in (self.entities_of(name, m)):
+                rows.append({"name": entity, "cell": cell, "gamma": _gamma(m)})
+        return rows
+
+    def entities_of(self, name: str, m: nn.Module) -> list[tuple[str, str]]:
+        return [(e, c) for e, c in self.entities() if e == name or e.startswith(name + ".l")]
+
+    def capture(self, module: nn.Module, args: tuple, output: object, guard: Callable[[Callable[[], None]], None]) -> None:
+        name = self._name[module]
+        if isinstance(module, nn.RNNBase):
+            x = args[0] if args else None
+            if not isinstance(x, Tensor):  # a PackedSequence: not supported
+                return
+            hx = args[1] if len(args) > 1 else None
+            cap = _Capture(module, x.detach(), _detach(hx), {})  # type: ignore[arg-type]
+            out, h = output  # type: ignore[misc]
+            hn, cn = (h if isinstance(h, tuple) else (h, None))
+            for key, t in (("out", out), ("h", hn), ("c", cn)):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    t.register_hook(lambda g, key=key: guard(lambda: _accumulate(cap.grads, key, g)))
+            self._captures.append((name, cap))
+            return
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(h, Tensor) and h.requires_grad:
+            pos = self._cell_calls.get(name, 0) + 1  # the state this call produces: h_1, h_2, …
+            self._cell_calls[name] = pos
+            h.register_hook(lambda g: guard(lambda: self._cell_grad(name, pos, g)))
+
+    def _cell_grad(self, name: str, pos: int, g: Tensor) -> None:
+        sq = g.detach().double().pow(2).sum().to(self.device)
+        key = (name, pos)
+        self._cell_norms[key] = self._cell_norms[key] + sq if key in self._cell_norms else sq
+
+    def take(self) -> list[tuple[str, str, list[int], Tensor]]:
+        """Records of the step: (entity, quantity, positions, values); forgets the captures."""
+        out: list[tuple[str, str, list[int], Tensor]] = []
+        pooled: dict[str, Tensor] = {}
+        jac: dict[str, Tensor] = {}
+        for name, cap in self._captures:
+            if not cap.grads:
+                continue
+            found = temporal_grads(cap.module, cap.x, cap.hx, cap.grads.get("out"), cap.grads.get("h"), cap.grads.get("c"))
+            for r in found:
+                entity = f"{name}.{r.name}"
+                sq = r.grad_norm.to(self.device) ** 2
+                pooled[entity] = pooled[entity] + sq if entity in pooled and len(pooled[entity]) == len(sq) else sq
+                jac.setdefault(entity, r.jacobian_norm.to(self.device))
+        for name, module in self.modules:
+            if isinstance(module, nn.RNNBase) and any(e.startswith(name + ".l") for e in pooled):
+                for entity, _ in self.entities_of(name, module):
+                    layer, _, suffix = entity[len(name) + 2:].partition("_")
+                    w = getattr(module, f"weight_hh_l{layer}{'_' + suffix if suffix else ''}")
+                    out.append((entity, "lambda1", [-1], torch.linalg.svdvals(w.detach().double())[:1].to(self.device)))
+        for entity, sq in pooled.items():
+            out.append((entity, "temporal_grad_norm", list(range(len(sq))), sq.sqrt()))
+            out.append((entity, "step_jacobian_norm", list(range(len(jac[entity]))), jac[entity]))
+        by_cell: dict[str, list[tuple[int, Tensor]]] = {}
+        for (name, pos), sq in sorted(self._cell_norms.items()):
+            by_cell.setdefault(name, []).append((pos, sq))
+        for name, rows in by_cell.items():
+            out.append((name, "temporal_grad_norm", [p for p, _ in rows], torch.stack([v for _, v in rows]).sqrt()))
+            module = dict(self.modules)[name]
+            if isinstance(module, nn.RNNCellBase):
+                out.append((name, "lambda1", [-1], torch.linalg.svdvals(module.weight_hh.detach().double())[:1].to(self.device)))
+        self.clear()
+        return out
+
+    def clear(self) -> None:
+        self._captures, self._cell_calls, self._cell_norms = [], {}, {}
+
+
+def _accumulate(grads: dict[str, Tensor], key: str, g: Tensor) -> None:
+    g = g.detach()
+    grads[key] = grads[key] + g if key in grads else g
