@@ -22,7 +22,8 @@ def zoo_runs(tmp_path_factory):
     runs = {}
     for name in zoo.names():
         trial = zoo.get(name)(0)
-        with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
+        temporal = any(isinstance(m, torch.nn.RNNBase) for m in trial.model.modules())
+        with gw.watch(trial.model, trial.optimizer, store=store, name=name, temporal=temporal) as w:
             for _ in range(STEPS):
                 w.log(loss=trial.step())
         runs[name] = (gw.open_run(w.path), trial)

@@ -259,6 +259,77 @@ def _sequence_trial(kind: str, seed: int) -> Trial:
     return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
 
 
+class TaskRNN(nn.Module):
+    """A recurrent net for the synthetic tasks: cell → linear read-out (of the last step, or of every step).
+
+    Sequence first: inputs (T, B, n_in). With ``unrolled=True`` the forward pass
+    runs the same weights step by step (for Pascanu's regulariser, which needs
+    every hidden state); ``last_runs`` then holds them.
+    """
+
+    def __init__(self, cell: str, n_in: int, hidden: int, n_out: int, output: str = "last",
+                 nonlinearity: str = "tanh") -> None:
+        super().__init__()
+        self.output, self.unrolled = output, False
+        self.rnn: nn.RNNBase
+        if cell == "rnn":
+            self.rnn = nn.RNN(n_in, hidden, nonlinearity=nonlinearity)
+        elif cell == "lstm":
+            self.rnn = nn.LSTM(n_in, hidden)
+        elif cell == "gru":
+            self.rnn = nn.GRU(n_in, hidden)
+        else:
+            raise ValueError(f"`TaskRNN(cell=…)` expects 'rnn', 'lstm' or 'gru', got {cell!r}")
+        self.head = nn.Linear(hidden, n_out)
+        self.last_runs: list = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.unrolled:
+            from gradwatch.probes.temporal import unroll
+
+            out, _, _, self.last_runs = unroll(self.rnn, x)
+        else:
+            out, _ = self.rnn(x)
+        return self.head(out[-1] if self.output == "last" else out)
+
+
+def _scale_recurrent(rnn: nn.RNNBase, norm: float) -> None:
+    with torch.no_grad():
+        w = rnn.weight_hh_l0
+        nn.init.orthogonal_(w)
+        w.mul_(norm)
+
+
+def _task_trial(task_name: str, T: int, cell: str, seed: int, hidden: int = 32, lr: float = 0.01,
+                recurrent_norm: float | None = None, nonlinearity: str = "tanh", batch: int = 32,
+                adam: bool = False) -> Trial:
+    from gradwatch.tasks import task
+
+    torch.manual_seed(seed)
+    t = task(task_name)
+    model = TaskRNN(cell, t.n_in, hidden, t.n_out, t.output, nonlinearity)
+    if recurrent_norm is not None:
+        _scale_recurrent(model.rnn, recurrent_norm)
+    if cell == "lstm":
+        from gradwatch.remedies import lstm_forget_bias
+
+        lstm_forget_bias(model.rnn)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[Batch]:
+        while True:
+            yield t.generate(batch, T, g)
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr) if adam else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x_test, y_test = t.generate(1000, T, torch.Generator().manual_seed(10_000 + seed))
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> float:  # 1 − Pascanu's error rate on 1,000 held-out sequences
+        return 1.0 - t.error_rate(m(x_test), y_test)
+
+    return Trial(model, opt, batches(), t.loss, evaluate)
+
+
 SETUPS: dict[str, Setup] = {
     s.name: s
     for s in [
@@ -318,6 +389,14 @@ SETUPS: dict[str, Setup] = {
         Setup("transformer_encoder", "healthy: 2-layer Transformer encoder reading digits row by row", None,
               functools.partial(_sequence_trial, "transformer")),
         Setup("lstm_rows", "healthy: LSTM reading digits row by row", None, functools.partial(_sequence_trial, "lstm")),
+        Setup("rnn_vanishing", "vanilla tanh RNN on the adding task (T = 50) with W_hh = 0.5 × orthogonal: "
+              "λ₁ = 0.5 < 1/γ, the gradient through time shrinks at least ×0.5 per step", "vanishing",
+              lambda seed: _task_trial("adding", 50, "rnn", seed, recurrent_norm=0.5)),
+        Setup("rnn_exploding", "ReLU RNN on the adding task (T = 20) with W_hh = 2.5 × orthogonal: "
+              "the gradient through time grows ~×1.8 per step", "exploding",
+              lambda seed: _task_trial("adding", 20, "rnn", seed, recurrent_norm=2.5, nonlinearity="relu", lr=1e-12)),
+        Setup("lstm_adding", "healthy: LSTM (forget-gate bias 1) on the adding task, T = 10", None,
+              lambda seed: _task_trial("adding", 10, "lstm", seed, lr=0.01, adam=True)),
     ]
 }
 

@@ -15,6 +15,11 @@ REMEDIES = {
     "lower_lr": "a lower learning rate (or warm-up)",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
+    "orthogonal_rnn": "orthogonal recurrent weights kept orthogonal (gradwatch.remedies.orthogonal_recurrent)",
+    "gated": "an LSTM or GRU in place of the vanilla cell (forget-gate bias 1)",
+    "pascanu_reg": "Pascanu's norm-preserving regulariser Ω (gradwatch.remedies.pascanu_regularizer)",
+    "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",
+    "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
     "param_groups": "check the optimizer's parameter groups: learning rate and weight decay of these layers",
 }
 

@@ -246,12 +246,14 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     steps, total = got
     finite = np.isfinite(total)
     spikes, over = [], []
+    start = total[: th.spike_after][finite[: th.spike_after]]
+    initial = float(start.max()) if len(start) else math.inf
     for j in range(len(total)):
         if not finite[j]:
             continue
         prev = total[:j]
         prev = prev[np.isfinite(prev)]
-        if len(prev) >= th.spike_after and total[j] > th.spike_above * np.median(prev):
+        if len(prev) >= th.spike_after and total[j] > th.spike_above * np.median(prev) and total[j] > initial:
             spikes.append(j)
         if total[j] > th.grad_norm_above:
             over.append(j)
@@ -434,6 +436,98 @@ class _Before:
     def entities(self, kind: str | None = None) -> list[Entity]:
         return self._run.entities(kind)
 
+    @property
+    def meta(self) -> dict:
+        return self._run.meta
+
+    def temporal(self, name: str, quantity: str = "temporal_grad_norm") -> Series:
+        s = self._run.temporal(name, quantity)
+        keep = s.steps < self._limit
+        return Series(s.quantity, s.names, s.steps[keep], s.values[:, keep])
+
+
+def by_lag(s: Series) -> Series:
+    """Re-index a (positions × steps) temporal series by lag from each step's last position.
+
+    Sequence lengths may differ between steps (Pascanu's adding task draws
+    one); aligned at their ends, row ``i`` of the result is lag
+    ``len − 1 − i`` (the last row is lag 0) and only lags that every step has
+    are kept. ``names`` are the lags.
+    """
+    ok = ~np.isnan(s.values)
+    lengths = [int(np.where(ok[:, j])[0].max()) + 1 if ok[:, j].any() else 0 for j in range(s.values.shape[1])]
+    cols = [j for j, n in enumerate(lengths) if n > 0]
+    if not cols:
+        return Series(s.quantity, [], s.steps[:0], np.zeros((0, 0)))
+    depth = min(lengths[j] for j in cols)
+    values = np.stack([s.values[lengths[j] - depth : lengths[j], j] for j in cols], axis=1)
+    return Series(s.quantity, [str(depth - 1 - i) for i in range(depth)], s.steps[cols], values)
+
+
+def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Vanishing and exploding through time, from ‖∂L/∂h_t‖ of each recurrent layer (``watch(temporal=…)``)."""
+    if "temporal_grad_norm" not in run.quantities:
+        return []
+    gammas = {r["name"]: r.get("gamma") for r in run.meta.get("recurrent", [])} if hasattr(run, "meta") else {}
+    lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
+    found = []
+    for e in run.entities("recurrent"):
+        s = by_lag(run.temporal(e.name))
+        if len(s.names) < 3 or len(s.steps) == 0:
+            continue
+        med, wsteps = _window(s, th.window)
+        pos = [-int(p) for p in s.names]  # −lag: increasing towards the last step
+        first, last = med[0], med[-1]
+        if not (last > 0 and math.isfinite(last) and math.isfinite(first)):
+            continue
+        ratio = first / last
+        span_text = f"{_steps_text(int(wsteps[0]), int(wsteps[-1]))}"
+        k = layers_per_halving(med)
+        rel = med / last
+        below = [i for i in range(len(med) - 1, -1, -1) if rel[i] < th.memory_below]
+        memory = -pos[below[0]] if below else None  # the smallest lag at which the gradient is below the cut
+        numbers: dict[str, float] = {"ratio": ratio, "halving_steps": k if k else math.nan,
+                                     "memory": float(memory) if memory is not None else math.nan}
+        lam1, pascanu = math.nan, ""
+        if lam is not None and e.name in lam.names:
+            row = lam.values[lam.names.index(e.name)]
+            ok = row[np.isfinite(row)]
+            lam1 = float(ok[-1]) if len(ok) else math.nan
+            numbers["lambda1"] = lam1
+            gamma = gammas.get(e.name)
+            if gamma and math.isfinite(lam1):
+                pascanu = (f"; λ₁(W_hh) = {lam1:.2g} < 1/γ = {1 / gamma:g} — Pascanu's sufficient condition for vanishing holds"
+                           if lam1 < 1 / gamma else
+                           f"; λ₁(W_hh) = {lam1:.2g} ≥ 1/γ = {1 / gamma:g} — the necessary condition for exploding holds")
+            elif math.isfinite(lam1):
+                pascanu = f"; λ₁(W_hh) = {lam1:.2g} (gated cell: Pascanu's condition gives no verdict)"
+        flags_v = (s.values[0] / s.values[-1]) < th.vanish_below
+        sources = (f"temporal_grad_norm ({e.name}, lags {-pos[0]}…0 from each sequence's end, {span_text})",) + (
+            (f"lambda1 ({e.name})",) if "lambda1" in numbers else ())
+        mem_text = (f"effective memory ≈ {memory} steps (‖∂L/∂h‖ below {th.memory_below:g}× its last value beyond that lag)"
+                    if memory is not None else f"no lag within the {-pos[0]} steps falls below {th.memory_below:g}×")
+        if ratio < th.vanish_below:
+            decay = f"the gradient through time halves every {k:.2g} steps (×{2 ** (-1 / k):.2g} per step)" if k and k > 0 else "the gradient through time falls"
+            found.append(Finding(
+                "vanishing", "critical" if ratio < th.vanish_below**2 else "warning", (e.name,),
+                (_since(flags_v, s.steps), int(s.steps[-1])),
+                f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)} of the last step's",
+                f"{decay}; {mem_text}{pascanu}.",
+                "the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
+                + (" (its largest singular value is below the bound)" if "sufficient condition" in pascanu else ""),
+                remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"), numbers, sources,
+            ))
+        elif ratio > th.explode_above:
+            growth = f"the gradient through time doubles every {-k:.2g} steps going back (×{2 ** (-1 / k):.2g} per step)" if k and k < 0 else "the gradient through time grows going back"
+            found.append(Finding(
+                "exploding", "critical", (e.name,), (_since((s.values[0] / s.values[-1]) > th.explode_above, s.steps), int(s.steps[-1])),
+                f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)}× the last step's",
+                f"{growth}{pascanu}.",
+                "the recurrent Jacobian stretches the gradient at every step",
+                remedies("clip_norm", "smaller_w_hh", "orthogonal_rnn", "gated"), numbers, sources,
+            ))
+    return found
+
 
 _ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "stalled": 5}
 
@@ -450,7 +544,8 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = nonfinite_findings(run, th)
     # After the first NaN/Inf every statistic is a casualty, not a cause: judge what came before.
     view: Run = _Before(run, found[0].steps[0]) if found else run  # type: ignore[assignment]
-    found += spike_findings(view, th) + depth_findings(view, th) + activation_findings(view, th)
+    found += spike_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
+    found += activation_findings(view, th)
     found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))

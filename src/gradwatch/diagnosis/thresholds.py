@@ -31,12 +31,20 @@ class Thresholds:
     # A layer whose update ratio ‖Δw‖/‖w‖ is below 1 % of the median layer's
     # moves 100× slower than the network around it.
     stalled_below: float = 1e-2
+    # Through time: the "effective memory" is the lag at which ‖∂L/∂h_t‖ falls
+    # below this fraction of its value at the last step (lag 0); beyond it the
+    # loss barely reaches back (1 %, as the first/last cut-offs above are
+    # 10⁻³: a dependency at that lag gets a hundredth of the gradient).
+    memory_below: float = 0.01
     # A step whose total gradient norm exceeds `spike_above` × the median of
     # every step before it (judged from the `spike_after`-th step on); and an
     # absolute bound on that norm (losses on normalised data give totals of
     # order 0.1–10). The median of all earlier steps, not of a recent window:
     # a converged net's gradient shrinks, and its ordinary 10× batch-to-batch
     # swings late in training (measured on the LayerNorm zoo MLP) are no spike.
+    # A spike must also exceed every norm of the first `spike_after` steps: a
+    # net that returns to its initial gradient scale while it learns (the zoo
+    # LSTM under Adam) has not exploded.
     spike_above: float = 10.0
     spike_after: int = 10
     grad_norm_above: float = 1e3

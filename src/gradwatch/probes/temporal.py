@@ -233,7 +233,7 @@ def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Mod
         return []
     modules = dict(model.named_modules())
     if temporal is True:
-        found = [(n, m) for n, m in modules.items() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+        found: list[tuple[str, nn.Module]] = [(n, m) for n, m in modules.items() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
         if not found:
             raise ValueError(
                 "`watch(temporal=True)` found no nn.RNN/GRU/LSTM or nn.*Cell in the model; "
@@ -304,7 +304,9 @@ class TemporalProbe:
                 return
             hx = args[1] if len(args) > 1 else None
             cap = _Capture(module, x.detach(), _detach(hx), {})  # type: ignore[arg-type]
-            out, h = output  # type: ignore[misc]
+            assert isinstance(output, tuple), "nn.RNNBase returns (output, h_n)"
+            out: object = output[0]
+            h: object = output[1]
             hn, cn = (h if isinstance(h, tuple) else (h, None))
             for key, t in (("out", out), ("h", hn), ("c", cn)):
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -341,7 +343,7 @@ class TemporalProbe:
                 for entity, _ in self.entities_of(name, module):
                     layer, _, suffix = entity[len(name) + 2:].partition("_")
                     w = getattr(module, f"weight_hh_l{layer}{'_' + suffix if suffix else ''}")
-                    out.append((entity, "lambda1", [-1], torch.linalg.svdvals(w.detach().double())[:1].to(self.device)))
+                    out.append((entity, "lambda1", [-1], _lambda1(w).to(self.device)))
         for entity, sq in pooled.items():
             out.append((entity, "temporal_grad_norm", list(range(len(sq))), sq.sqrt()))
             out.append((entity, "step_jacobian_norm", list(range(len(jac[entity]))), jac[entity]))
@@ -352,12 +354,20 @@ class TemporalProbe:
             out.append((name, "temporal_grad_norm", [p for p, _ in rows], torch.stack([v for _, v in rows]).sqrt()))
             module = dict(self.modules)[name]
             if isinstance(module, nn.RNNCellBase):
-                out.append((name, "lambda1", [-1], torch.linalg.svdvals(module.weight_hh.detach().double())[:1].to(self.device)))
+                out.append((name, "lambda1", [-1], _lambda1(module.weight_hh).to(self.device)))
         self.clear()
         return out
 
     def clear(self) -> None:
         self._captures, self._cell_calls, self._cell_norms = [], {}, {}
+
+
+def _lambda1(w: Tensor) -> Tensor:
+    """Largest singular value of a recurrent weight, (1,); NaN once the weight itself is not finite."""
+    w = w.detach().double()
+    if not bool(torch.isfinite(w).all()):  # a diverged run: the SVD would fail
+        return torch.full((1,), float("nan"), dtype=torch.float64, device=w.device)
+    return torch.linalg.svdvals(w)[:1]
 
 
 def _accumulate(grads: dict[str, Tensor], key: str, g: Tensor) -> None:

@@ -1,0 +1,130 @@
+"""The recurrent-net remedies of Pascanu et al. (2013) and their successors, from PyTorch's own pieces."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch._errors import bad_argument
+from gradwatch.probes.temporal import LayerRun
+
+
+def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> RemovableHandle:
+    """Clip the total gradient norm to ``max_norm`` before every ``optimizer.step()`` (SGD-C, Pascanu et al. 2013).
+
+    Uses ``torch.nn.utils.clip_grad_norm_`` on the optimizer's parameters, from a
+    step pre-hook; ``handle.remove()`` undoes it.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(bad_argument("clip_grad_norm", "optimizer", "a torch.optim.Optimizer", optimizer))
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise ValueError(bad_argument("clip_grad_norm", "max_norm", "a positive number", max_norm))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def clip(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    return optimizer.register_step_pre_hook(clip)
+
+
+def pascanu_regularizer(runs: list[LayerRun], loss: Tensor) -> Tensor:
+    """Pascanu et al. (2013)'s norm-preserving regulariser Ω (SGD-CR), to add to the loss with a weight α.
+
+    Ω = Σ_k ( ‖δ_{k+1} · ∂x_{k+1}/∂x_k‖ / ‖δ_{k+1}‖ − 1 )², δ_{k+1} = ∂E/∂x_{k+1}
+
+    with δ held constant (only the one-step Jacobians, i.e. the recurrent
+    weights, are pushed towards preserving the gradient's norm). ``runs`` are
+    the layer runs of :func:`gradwatch.probes.temporal.unroll` with its
+    weights attached (``detach_weights=False``), the forward pass that produced
+    ``loss``. Norms are over the minibatch at each step, as in the paper's code.
+    """
+    omega = loss.new_zeros(())
+    for run in runs:
+        states = run.states
+        deltas = torch.autograd.grad(loss, states[1:], retain_graph=True, allow_unused=True)
+        deltas = [torch.zeros_like(s) if d is None else d.detach() for s, d in zip(states[1:], deltas)]
+        T, B = len(run.inputs), states[0].shape[0]
+        prev = torch.stack(states[:-1]).detach().reshape(T * B, -1).requires_grad_(True)
+        x = torch.stack(run.inputs).detach().reshape(T * B, -1)
+        nxt = run.step(x, prev)
+        delta = torch.stack(deltas).reshape(T * B, -1)
+        (back,) = torch.autograd.grad(nxt, prev, delta, create_graph=True)  # δ_{k+1} ∂x_{k+1}/∂x_k, for every k
+        num = back.reshape(T, -1).norm(dim=1)
+        den = delta.reshape(T, -1).norm(dim=1)
+        keep = den > 0
+        omega = omega + ((num[keep] / den[keep] - 1) ** 2).sum()
+    return omega
+
+
+def orthogonal_recurrent(rnn: nn.RNNBase) -> nn.RNNBase:
+    """Keep every recurrent weight orthogonal during training (in place; returns ``rnn``).
+
+    ``torch.nn.utils.parametrizations.orthogonal``: the weight is the image of an
+    unconstrained matrix under the matrix exponential / Cayley map, so every
+    optimizer step stays on the orthogonal manifold (the expRNN approach,
+    Lezcano-Casado & Martínez-Rubio 2019). For gated cells each gate's block is
+    square but the stacked W_hh is not, so only vanilla RNNs are supported.
+    """
+    if not isinstance(rnn, nn.RNN):
+        raise TypeError(bad_argument("orthogonal_recurrent", "rnn", "a torch.nn.RNN (vanilla)", rnn))
+    from torch.nn.utils.parametrizations import orthogonal
+
+    for name in [n for n, _ in rnn.named_parameters() if n.startswith("weight_hh")]:
+        orthogonal(rnn, name)
+    return rnn
+
+
+def irnn(input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = False) -> nn.RNN:
+    """A ReLU RNN with identity recurrent weights and zero biases (IRNN, Le, Jaitly & Hinton 2015)."""
+    rnn = nn.RNN(input_size, hidden_size, num_layers, nonlinearity="relu", batch_first=batch_first)
+    with torch.no_grad():
+        for name, p in rnn.named_parameters():
+            if name.startswith("weight_hh"):
+                p.copy_(torch.eye(hidden_size))
+            elif name.startswith("bias"):
+                p.zero_()
+            else:
+                nn.init.normal_(p, std=0.001)  # Le et al.: small input weights
+    return rnn
+
+
+def smart_init(rnn: nn.RNN, radius: float = 0.95, nonzero: int = 15, generator: torch.Generator | None = None) -> nn.RNN:
+    """Pascanu et al. (2013)'s "smart" initialisation (after Sutskever et al. 2013), in place.
+
+    Each unit gets ``nonzero`` incoming recurrent weights drawn from N(0, 1),
+    the rest zero; the matrix is scaled to spectral radius ``radius``.
+    """
+    if not isinstance(rnn, nn.RNN):
+        raise TypeError(bad_argument("smart_init", "rnn", "a torch.nn.RNN (vanilla)", rnn))
+    H = rnn.hidden_size
+    k = min(nonzero, H)
+    with torch.no_grad():
+        for name, p in rnn.named_parameters():
+            if not name.startswith("weight_hh"):
+                continue
+            w = torch.zeros(H, H)
+            for i in range(H):
+                cols = torch.randperm(H, generator=generator)[:k]
+                w[i, cols] = torch.randn(k, generator=generator)
+            rho = torch.linalg.eigvals(w).abs().max()
+            p.copy_(w * (radius / rho))
+    return rnn
+
+
+def lstm_forget_bias(lstm: nn.LSTM, value: float = 1.0) -> nn.LSTM:
+    """Set the forget gates' bias to ``value`` (Gers et al. 2000; Jozefowicz et al. 2015 recommend 1), in place.
+
+    PyTorch orders the gates (input, forget, cell, output) and adds ``bias_ih``
+    and ``bias_hh``: the forget slice of ``bias_ih`` gets ``value``, that of ``bias_hh`` zero.
+    """
+    if not isinstance(lstm, nn.LSTM):
+        raise TypeError(bad_argument("lstm_forget_bias", "lstm", "a torch.nn.LSTM", lstm))
+    H = lstm.hidden_size
+    with torch.no_grad():
+        for name, p in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                p[H : 2 * H] = value
+            elif name.startswith("bias_hh"):
+                p[H : 2 * H] = 0.0
+    return lstm
