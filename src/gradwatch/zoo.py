@@ -294,8 +294,9 @@ class TaskRNN(nn.Module):
 
 
 def _scale_recurrent(rnn: nn.RNNBase, norm: float) -> None:
+    w = rnn.weight_hh_l0
+    assert isinstance(w, Tensor)
     with torch.no_grad():
-        w = rnn.weight_hh_l0
         nn.init.orthogonal_(w)
         w.mul_(norm)
 

@@ -42,8 +42,8 @@ def pascanu_regularizer(runs: list[LayerRun], loss: Tensor) -> Tensor:
     omega = loss.new_zeros(())
     for run in runs:
         states = run.states
-        deltas = torch.autograd.grad(loss, states[1:], retain_graph=True, allow_unused=True)
-        deltas = [torch.zeros_like(s) if d is None else d.detach() for s, d in zip(states[1:], deltas)]
+        raw = torch.autograd.grad(loss, states[1:], retain_graph=True, allow_unused=True)
+        deltas = [torch.zeros_like(s) if d is None else d.detach() for s, d in zip(states[1:], raw)]
         T, B = len(run.inputs), states[0].shape[0]
         prev = torch.stack(states[:-1]).detach().reshape(T * B, -1).requires_grad_(True)
         x = torch.stack(run.inputs).detach().reshape(T * B, -1)
