@@ -110,3 +110,19 @@ def test_cli_diagnose_and_report(runs, tmp_path, capsys):
 def test_watch_diagnose_healthy(runs):
     assert str(runs["deep_relu_he_mlp"].diagnose()) == "No findings: the gradients look healthy."
     assert math.isfinite(np.nanmax(runs["deep_relu_he_mlp"].open().series("grad_norm").values))
+
+
+def test_reports_show_gradients_through_time(tmp_path):
+    trial = zoo.get("rnn_vanishing")(0)
+    with gw.watch(trial.model, trial.optimizer, temporal=True, store=tmp_path, name="rnn") as w:
+        for _ in range(20):
+            trial.step()
+    page = w.report(tmp_path / "rnn.html").read_text()
+    assert '<figure id="temporal-0"><svg' in page and '<figure id="lag-profile-0"><svg' in page
+    text = w.summary()
+    assert "through time" in text and "rnn.l0" in text and "RNN_TANH" in text
+    with w.open() as run:
+        lam = run.series("lambda1", "recurrent").values[0, -1]
+    from gradwatch.diagnosis.findings import sci
+
+    assert sci(lam) in text  # the λ₁ column is the stored record

@@ -102,6 +102,18 @@ def render_html(run: Run, diagnosis: Diagnosis) -> str:
             figs.append(_figure(fig_id, plots.heatmap(s, f"{title} per activation and step", log=False, vmin=0, vmax=1,
                                                       cmap="magma", label=quantity),
                                 f"{quantity} of each activation module, {_steps(s)}."))
+    if "temporal_grad_norm" in q:
+        from gradwatch.diagnosis.rules import by_lag
+
+        for i, e in enumerate(run.entities("recurrent")):
+            lagged = by_lag(run.temporal(e.name))
+            if not lagged.names:
+                continue
+            figs.append(_figure(f"temporal-{i}", plots.heatmap(lagged, f"log₁₀ ‖∂L/∂h_t‖ by lag — {e.name}"),
+                                f"temporal_grad_norm of {e.name} ({e.module}), rows: lag from the sequence's end "
+                                f"(0 at the bottom), {_steps(lagged)}."))
+            figs.append(_figure(f"lag-profile-{i}", plots.lag_profile(lagged),
+                                f"temporal_grad_norm of {e.name} against the lag at a few recorded steps."))
     if "loss" in q:
         loss = run.series("loss", "run")
         figs.append(_figure("loss", plots.line(loss, "loss", "loss"), f"loss as logged with watch.log, {_steps(loss)}."))

@@ -112,3 +112,22 @@ def total_norm(run: Run) -> Series | None:
         total = np.sqrt(np.nansum(s.values**2, axis=0))
     total[np.isnan(s.values).all(axis=0)] = np.nan
     return Series("total grad_norm", ["total"], s.steps, total[None, :])
+
+
+def lag_profile(series: Series, k: int = 4) -> str:
+    """‖∂L/∂h_t‖ against the lag from the sequence's end, at a few recorded steps (``series`` by lag)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    lags = np.array([int(n) for n in series.names])
+    cols = sorted({int(round(x)) for x in np.linspace(0, len(series.steps) - 1, min(k, len(series.steps)))})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(cols)))
+    for c, j in zip(colors, cols):
+        ax.plot(lags, series.values[:, j], "-", color=c, lw=1.3, label=f"step {int(series.steps[j])}")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("lag (time steps before the end of the sequence)")
+    ax.set_ylabel("‖∂L/∂h_t‖")
+    ax.set_title("gradient through time")
+    ax.legend(fontsize=7, ncol=len(cols))
+    ax.grid(alpha=0.3, which="both")
+    return _svg(fig)

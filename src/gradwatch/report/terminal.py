@@ -74,10 +74,34 @@ def findings_text(diagnosis: Diagnosis) -> Text:
     return out
 
 
+def recurrent_table(run: Run) -> Table | None:
+    """One line per recurrent layer: the gradient at the first time step over the last, λ₁(W_hh)."""
+    if "temporal_grad_norm" not in run.quantities:
+        return None
+    from gradwatch.diagnosis.rules import by_lag
+
+    table = Table(title="through time (last recorded step)", title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("recurrent layer", "cell", "steps", "‖∂L/∂h_first‖/‖∂L/∂h_last‖", "λ₁(W_hh)"):
+        table.add_column(col, justify="left" if col in ("recurrent layer", "cell") else "right", no_wrap=True)
+    lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
+    for e in run.entities("recurrent"):
+        s = by_lag(run.temporal(e.name))
+        if not s.names:
+            continue
+        col = s.values[:, -1]
+        l1 = lam.values[lam.names.index(e.name), -1] if lam is not None and e.name in lam.names else float("nan")
+        table.add_row(e.name, e.module or "", str(len(s.names) - 1), _num(col[0] / col[-1]), _num(l1))
+    return table
+
+
 def render(run: Run, diagnosis: Diagnosis, console: Console) -> None:
     """Print the layer table and the findings."""
     console.print(layer_table(run))
     console.print()
+    rec = recurrent_table(run)
+    if rec is not None:
+        console.print(rec)
+        console.print()
     console.print(findings_text(diagnosis))
 
 
