@@ -228,7 +228,8 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
     return found
 
 
-def _total_norm(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+def total_grad_norm(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, √Σ layer grad_norm²) per recorded step; NaN where nothing finite was recorded, inf where a norm was."""
     if "grad_norm" not in run.quantities:
         return None
     s = run.series("grad_norm")
@@ -240,7 +241,7 @@ def _total_norm(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
-    got = _total_norm(run)
+    got = total_grad_norm(run)
     if got is None:
         return []
     steps, total = got
@@ -315,7 +316,7 @@ def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
                 f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients in all")
     sources = [f"nonfinite (layers {span(s.names)}, {_steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
     cause = "non-finite values in the forward pass or the loss"
-    got = _total_norm(run)
+    got = total_grad_norm(run)
     if got is not None:
         steps, total = got
         before = total[(steps < step0) & np.isfinite(total)]

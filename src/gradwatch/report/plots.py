@@ -105,13 +105,14 @@ def line(series: Series, title: str, ylabel: str, log: bool = False) -> str:
 
 
 def total_norm(run: Run) -> Series | None:
-    if "grad_norm" not in run.quantities:
+    """The diagnosis's total gradient norm per step, as a one-row series."""
+    from gradwatch.diagnosis.rules import total_grad_norm
+
+    got = total_grad_norm(run)
+    if got is None:
         return None
-    s = run.series("grad_norm")
-    with np.errstate(all="ignore"):
-        total = np.sqrt(np.nansum(s.values**2, axis=0))
-    total[np.isnan(s.values).all(axis=0)] = np.nan
-    return Series("total grad_norm", ["total"], s.steps, total[None, :])
+    steps, total = got
+    return Series("total grad_norm", ["total"], steps, total[None, :])
 
 
 def lag_profile(series: Series, k: int = 4) -> str:

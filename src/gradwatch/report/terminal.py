@@ -88,9 +88,9 @@ def recurrent_table(run: Run) -> Table | None:
         s = by_lag(run.temporal(e.name))
         if not s.names:
             continue
-        col = s.values[:, -1]
-        l1 = lam.values[lam.names.index(e.name), -1] if lam is not None and e.name in lam.names else float("nan")
-        table.add_row(e.name, e.module or "", str(len(s.names) - 1), _num(col[0] / col[-1]), _num(l1))
+        last = s.values[:, -1]
+        l1 = float(lam.values[lam.names.index(e.name), -1]) if lam is not None and e.name in lam.names else float("nan")
+        table.add_row(e.name, e.module or "", str(len(s.names) - 1), _num(float(last[0] / last[-1])), _num(l1))
     return table
 
 
