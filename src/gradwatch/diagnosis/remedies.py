@@ -20,6 +20,7 @@ REMEDIES = {
     "pascanu_reg": "Pascanu's norm-preserving regulariser Ω (gradwatch.remedies.pascanu_regularizer)",
     "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
+    "nonsaturating": "for a GAN generator, the non-saturating loss −log D(G(z)) (Goodfellow et al. 2014)",
     "param_groups": "check the optimizer's parameter groups: learning rate and weight decay of these layers",
 }
 

@@ -294,6 +294,46 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Vanishing over steps: the whole gradient collapses while the loss has not converged.
+
+    The total norm's median over the last ``4 × window`` steps against its
+    median over the first ``spike_after``; a run whose logged loss fell to
+    below ``vanish_below`` of its start converged instead.
+    """
+    got = total_grad_norm(run)
+    if got is None:
+        return []
+    steps, total = got
+    ok = np.isfinite(total)
+    if ok.sum() < th.spike_after + 4 * th.window:
+        return []
+    early = float(np.median(total[ok][: th.spike_after]))
+    late = float(np.median(total[ok][-4 * th.window:]))
+    if not (early > 0 and late < th.vanish_below * early):
+        return []
+    if "loss" in run.quantities:
+        loss = run.series("loss", "run").values[0]
+        loss = loss[np.isfinite(loss)]
+        first, final = np.median(loss[: th.spike_after]), np.median(loss[-4 * th.window:])
+        if len(loss) > th.spike_after and final < first and abs(final) < th.vanish_below * abs(first):
+            return []  # converged (the loss fell to ~0): a vanishing gradient is what a minimum looks like
+    below = total < th.vanish_below * early
+    since = _since(below, steps)
+    return [Finding(
+        "vanishing", "critical", (), (since, int(steps[-1])),
+        f"the whole gradient collapsed: its norm is {sci(late / early)} of what it was at the start, since step {since}",
+        f"the total gradient norm fell from {sci(early)} (median of steps {int(steps[0])}–{int(steps[ok][th.spike_after - 1])}) "
+        f"to {sci(late)} (median of the last {4 * th.window} steps) while the loss did not converge.",
+        "the loss saturates: nothing flows back from it. For a GAN generator trained with the minimax loss "
+        "log(1 − D(G(z))), a discriminator that confidently rejects the samples leaves almost no gradient",
+        remedies("nonsaturating", "lower_lr"),
+        {"ratio": late / early, "early": early, "late": late},
+        (f"grad_norm (every layer, {_steps_text(int(steps[0]), int(steps[-1]))}), total = √Σ layer²",)
+        + (("loss (run)",) if "loss" in run.quantities else ()),
+    )]
+
+
 def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
     if "nonfinite" not in run.quantities:
         return []
@@ -545,7 +585,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = nonfinite_findings(run, th)
     # After the first NaN/Inf every statistic is a casualty, not a cause: judge what came before.
     view: Run = _Before(run, found[0].steps[0]) if found else run  # type: ignore[assignment]
-    found += spike_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
+    found += spike_findings(view, th) + fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
     found += activation_findings(view, th)
     found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))

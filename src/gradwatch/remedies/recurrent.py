@@ -4,28 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from gradwatch._errors import bad_argument
 from gradwatch.probes.temporal import LayerRun
-
-
-def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> RemovableHandle:
-    """Clip the total gradient norm to ``max_norm`` before every ``optimizer.step()`` (SGD-C, Pascanu et al. 2013).
-
-    Uses ``torch.nn.utils.clip_grad_norm_`` on the optimizer's parameters, from a
-    step pre-hook; ``handle.remove()`` undoes it.
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(bad_argument("clip_grad_norm", "optimizer", "a torch.optim.Optimizer", optimizer))
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
-        raise ValueError(bad_argument("clip_grad_norm", "max_norm", "a positive number", max_norm))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def clip(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    return optimizer.register_step_pre_hook(clip)
 
 
 def pascanu_regularizer(runs: list[LayerRun], loss: Tensor) -> Tensor:

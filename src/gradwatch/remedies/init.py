@@ -1,0 +1,122 @@
+"""Re-initialisation remedies. Each returns the model (a deep copy unless ``inplace=True``)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _target(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expects a torch.nn.Module, got {type(model).__name__}")
+    return model if inplace else copy.deepcopy(model)
+
+
+def _gain(model: nn.Module) -> float:
+    """torch.nn.init.calculate_gain of the model's first activation module (linear: 1)."""
+    for m in model.modules():
+        for cls, name in ((nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"), (nn.ReLU, "relu"), (nn.LeakyReLU, "leaky_relu"),
+                          (nn.SELU, "selu")):
+            if isinstance(m, cls):
+                return nn.init.calculate_gain(name, getattr(m, "negative_slope", None))  # type: ignore[arg-type]
+    return 1.0
+
+
+@torch.no_grad()
+def _each(model: nn.Module, init: Callable[[Tensor], object]) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, _WEIGHTED):
+            init(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def he_init(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """He (Kaiming) normal initialisation for ReLU nets, zero biases (He et al. 2015)."""
+    return _each(_target(model, inplace), lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
+
+
+def xavier_init(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Glorot (Xavier) normal initialisation with the gain of the model's activation (Glorot & Bengio 2010)."""
+    m = _target(model, inplace)
+    gain = _gain(m)
+    return _each(m, lambda w: nn.init.xavier_normal_(w, gain=gain))
+
+
+def orthogonal_init(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Orthogonal weights scaled by the activation's gain (Saxe et al. 2014), zero biases."""
+    m = _target(model, inplace)
+    gain = _gain(m)
+    return _each(m, lambda w: nn.init.orthogonal_(w, gain=gain))
+
+
+@torch.no_grad()
+def lsuv_init(model: nn.Module, batch: Tensor, inplace: bool = False, tol: float = 0.05, max_iter: int = 10) -> nn.Module:
+    """Layer-sequential unit-variance initialisation (Mishkin & Matas 2016).
+
+    Orthogonal weights first; then, layer by layer in forward order, the
+    weights are rescaled until the layer's output variance on ``batch`` is 1
+    (within ``tol``).
+    """
+    m = _target(model, inplace)
+    orthogonal_init(m, inplace=True)
+    was = m.training
+    m.eval()
+    layers = [x for x in m.modules() if isinstance(x, _WEIGHTED)]
+    try:
+        for layer in layers:
+            out: dict[str, Tensor] = {}
+            h = layer.register_forward_hook(lambda mod, a, o: out.__setitem__("y", o))
+            for _ in range(max_iter):
+                m(batch)
+                var = float(out["y"].var())
+                if not math.isfinite(var) or var == 0 or abs(var - 1) < tol:
+                    break
+                layer.weight.div_(math.sqrt(var))
+            h.remove()
+    finally:
+        m.train(was)
+    return m
+
+
+class ReZero(nn.Module):
+    """x + α·f(x) with α a learnable scalar starting at 0 (Bachlechner et al. 2020)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.alpha * self.block(x)
+
+
+@torch.no_grad()
+def fixup_zero_init(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fixup-style zero initialisation of residual branches (Zhang et al. 2019): each branch's last layer starts at 0.
+
+    Works on the residual blocks gradwatch knows (``zoo.ResidualBlock``,
+    :class:`Residual`): a net of them starts as the identity plus its stem and head.
+    """
+    from gradwatch.remedies.structure import Residual
+    from gradwatch.zoo import ResidualBlock
+
+    m = _target(model, inplace)
+    for block in m.modules():
+        last: nn.Module | None = None
+        if isinstance(block, ResidualBlock):
+            last = block.conv2
+        elif isinstance(block, Residual):
+            last = [x for x in block.block.modules() if isinstance(x, _WEIGHTED)][-1]
+        if isinstance(last, _WEIGHTED):
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
+    return m

@@ -1,0 +1,112 @@
+"""Structural remedies: activation swap, residual connections, normalisation. Deep copies unless ``inplace=True``."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+from gradwatch.remedies.init import ReZero
+
+SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
+
+
+def _target(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expects a torch.nn.Module, got {type(model).__name__}")
+    return model if inplace else copy.deepcopy(model)
+
+
+def swap_activation(model: nn.Module, to: type[nn.Module] = nn.ReLU, replace: tuple[type[nn.Module], ...] = SATURATING,
+                    inplace: bool = False) -> nn.Module:
+    """Replace activation modules of the given classes by ``to()`` (tanh/sigmoid → ReLU by default).
+
+    Only activation *modules* are reachable; ``torch.tanh(x)`` inside a forward is not.
+    """
+    m = _target(model, inplace)
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, replace) and not isinstance(child, to):
+                setattr(parent, name, to())
+    return m
+
+
+class Residual(nn.Module):
+    """x + f(x) around a shape-preserving block (He et al. 2016)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x)
+
+
+def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
+    """(start, end) of each Linear(n, n) followed by any non-weighted modules, inside a Sequential."""
+    items = list(seq)
+    spans, i = [], 0
+    while i < len(items):
+        layer = items[i]
+        if isinstance(layer, nn.Linear) and layer.in_features == layer.out_features:
+            j = i + 1
+            while j < len(items) and not list(items[j].parameters(recurse=False)) and not isinstance(items[j], nn.Linear):
+                j += 1
+            spans.append((i, j))
+            i = j
+        else:
+            i += 1
+    return spans
+
+
+def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False) -> nn.Module:
+    """Wrap every shape-preserving Linear(n, n) + activation group of each ``nn.Sequential`` in a skip connection.
+
+    ``rezero=True`` wraps in :class:`ReZero` instead (a learnable α starting at 0).
+    """
+    m = _target(model, inplace)
+    for parent in [x for x in m.modules() if isinstance(x, nn.Sequential)]:
+        spans = _pairs(parent)
+        if not spans:
+            continue
+        items = list(parent)
+        new: list[nn.Module] = []
+        i = 0
+        for start, end in spans:
+            new += items[i:start]
+            block = nn.Sequential(*items[start:end])
+            new.append(ReZero(block) if rezero else Residual(block))
+            i = end
+        new += items[i:]
+        _replace_children(parent, new)
+    return m
+
+
+def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:
+    for key in list(parent._modules):
+        del parent._modules[key]
+    for i, mod in enumerate(modules):
+        parent.add_module(str(i), mod)
+
+
+def add_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``."""
+    from gradwatch.probes.activations import activation_spec
+
+    m = _target(model, inplace)
+    for parent in [x for x in m.modules() if isinstance(x, nn.Sequential)]:
+        items = list(parent)
+        new: list[nn.Module] = []
+        for mod in items:
+            if activation_spec(mod) is not None and new:
+                prev = new[-1]
+                if isinstance(prev, nn.Linear):
+                    new.append(nn.LayerNorm(prev.out_features))
+                elif isinstance(prev, nn.Conv2d):
+                    new.append(nn.BatchNorm2d(prev.out_channels))
+                elif isinstance(prev, nn.Conv1d):
+                    new.append(nn.BatchNorm1d(prev.out_channels))
+            new.append(mod)
+        if len(new) != len(items):
+            _replace_children(parent, new)
+    return m

@@ -1,0 +1,168 @@
+"""The remedies library (each does what it says on a model built for it) and gw.doctor (measured verdicts)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch import remedies, zoo
+
+
+def _mlp(act=nn.Tanh, depth=6, width=32):
+    torch.manual_seed(0)
+    return zoo.mlp(depth, width, act, n_in=width, n_out=width)
+
+
+def test_init_remedies_copy_by_default_and_set_the_scale():
+    model = _mlp(nn.ReLU)
+    before = [p.clone() for p in model.parameters()]
+    he = remedies.he_init(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the user's model is untouched
+    for m in he.modules():
+        if isinstance(m, nn.Linear):
+            assert not m.bias.any()
+            assert float(m.weight.std()) == pytest.approx(math.sqrt(2 / m.in_features), rel=0.1)
+    ortho = remedies.orthogonal_init(_mlp(nn.Tanh))
+    w = ortho[0].weight
+    gain = nn.init.calculate_gain("tanh")
+    torch.testing.assert_close(w @ w.T, gain**2 * torch.eye(32), atol=1e-5, rtol=0)
+    xav = remedies.xavier_init(_mlp(nn.Tanh))
+    assert float(xav[0].weight.std()) == pytest.approx(gain * math.sqrt(2 / 64), rel=0.1)
+
+
+def test_lsuv_gives_unit_variance_outputs():
+    model = _mlp(nn.Tanh)
+    x = torch.randn(256, 32)
+    lsuv = remedies.lsuv_init(model, x)
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o.var().item())) for m in lsuv.modules()
+             if isinstance(m, nn.Linear)]
+    lsuv(x)
+    for h in hooks:
+        h.remove()
+    assert all(abs(v - 1) < 0.05 for v in outs), outs
+
+
+def test_structural_remedies():
+    model = _mlp(nn.Sigmoid)
+    swapped = remedies.swap_activation(model)
+    assert not any(isinstance(m, nn.Sigmoid) for m in swapped.modules())
+    assert sum(isinstance(m, nn.ReLU) for m in swapped.modules()) == 5
+    res = remedies.add_residual(_mlp(nn.Tanh))
+    blocks = [m for m in res.modules() if isinstance(m, remedies.Residual)]
+    assert len(blocks) == 6  # every Linear(32, 32) group
+    x = torch.randn(4, 32)
+    b = blocks[0]
+    torch.testing.assert_close(b(x), x + b.block(x))
+    rz = remedies.add_residual(_mlp(nn.Tanh), rezero=True)
+    torch.testing.assert_close(rz(x), x)  # ReZero starts as the identity (α = 0) … and the head, also residual here
+    normed = remedies.add_norm(_mlp(nn.Tanh))
+    assert sum(isinstance(m, nn.LayerNorm) for m in normed.modules()) == 5
+    seq = list(normed)
+    assert all(isinstance(seq[i - 1], nn.LayerNorm) for i, m in enumerate(seq) if isinstance(m, nn.Tanh))
+
+
+def test_fixup_zero_init_makes_blocks_identity():
+    torch.manual_seed(0)
+    net = zoo.SmallResNet()
+    fixed = remedies.fixup_zero_init(net)
+    x = torch.randn(2, 16, 8, 8)
+    for block in fixed.blocks:
+        block.eval()
+        torch.testing.assert_close(block(x), x)
+
+
+def test_clipping_remedies():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    h = remedies.clip_grad_value(opt, 0.01)
+    (1000 * model(torch.randn(5, 6)).sum()).backward()
+    opt.step()
+    assert all(float(p.grad.abs().max()) <= 0.01 + 1e-9 for p in model.parameters())
+    h.remove()
+    opt.zero_grad()
+    h = remedies.adaptive_clip(opt, clipping=0.01)
+    (1000 * model(torch.randn(5, 6)).sum()).backward()
+    opt.step()
+    w, g = model.weight.detach(), model.weight.grad
+    ratio = g.norm(dim=1) / w.norm(dim=1).clamp_min(1e-3)
+    assert float(ratio.max()) <= 0.01 * (1 + 1e-5)  # unit-wise ‖G_i‖/max(‖W_i‖, ε) ≤ λ (Brock et al. 2021)
+    h.remove()
+    opt2 = torch.optim.SGD([{"params": [model.weight], "lr": 1e-6}, {"params": [model.bias], "lr": 0.1}])
+    remedies.unify_lr(opt2)
+    assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.1]
+    remedies.scale_lr(opt2, 0.5)
+    assert [g["lr"] for g in opt2.param_groups] == [0.05, 0.05]
+
+
+def test_doctor_on_a_healthy_setup_has_nothing_to_fix():
+    report = gw.doctor(zoo.get("deep_relu_he_mlp"), steps=60, progress=False)
+    assert report.message.startswith("nothing to fix") and report.trials == [] and report.best is None
+
+
+def test_doctor_repairs_the_vanishing_tanh_mlp():
+    report = gw.doctor(zoo.get("deep_tanh_mlp"), steps=200, progress=False)
+    assert report.diagnosis.kinds == ["vanishing"]
+    tried = [t.label for t in report.trials]
+    assert "gradient-norm clipping" not in tried  # only what the cause points to, not everything
+    assert report.best is not None and report.best.verdict == "fixes it"
+    for t in report.trials:  # never a claim it did not measure
+        if t.verdict == "fixes it":
+            assert "vanishing" not in t.findings and t.score > report.baseline.score + 0.02
+    assert report.best.label in report.message and "fixes it" in str(report)
+
+
+def test_doctor_finds_the_misconfigured_parameter_group():
+    report = gw.doctor(zoo.get("stalled_mlp"), steps=150, progress=False)
+    assert report.best is not None and report.best.label == "one learning rate for every group"
+
+
+def test_doctor_says_when_no_remedy_helped(monkeypatch):
+    import importlib
+
+    doctor_mod = importlib.import_module("gradwatch.doctor")  # the module; gw.doctor is the function
+
+    idle = doctor_mod.Remedy("he_init", "does nothing", lambda trial, numbers: trial)
+    monkeypatch.setattr(doctor_mod, "_catalog", lambda: {k: [idle] for k in ("orthogonal_init", "he_init", "residual", "norm")})
+    report = gw.doctor(zoo.get("deep_tanh_mlp"), steps=60, progress=False)
+    assert report.message == "no remedy helped" and report.best is None
+    assert {t.verdict for t in report.trials} == {"no change"}
+
+
+def test_doctor_stops_at_its_time_budget():
+    report = gw.doctor(zoo.get("deep_tanh_mlp"), steps=40, budget_s=1e-6, progress=False)
+    assert "stopped at the time budget" in report.message and report.trials == []
+
+
+@pytest.mark.parametrize("kwargs,error", [(dict(setup=3), TypeError), (dict(steps=0), ValueError),
+                                         (dict(seeds=0), ValueError), (dict(budget_s=-1), ValueError)])
+def test_doctor_bad_arguments(kwargs, error):
+    args = dict(setup=zoo.get("deep_tanh_mlp")) | kwargs
+    with pytest.raises(error, match=r"`doctor\("):
+        gw.doctor(**args)
+
+
+def test_gan_generator_gradient_collapse_is_diagnosed(store):
+    """The minimax generator loss log(1 − D(G(z))): once D wins, the generator's whole gradient fades."""
+    trial = zoo.GAN_SETUPS["gan_ring_saturating"](0)
+    with gw.watch(trial.model, trial.optimizer, store=store, name="gan") as w:
+        for _ in range(600):
+            w.log(loss=trial.step())
+    findings = w.diagnose().of("vanishing")
+    assert findings and "whole gradient collapsed" in findings[0].summary
+    assert findings[0].numbers["ratio"] < 1e-3
+    assert "non-saturating" in findings[0].remedies[0]
+
+
+def test_mode_metrics_closed_form():
+    centers, std = zoo.mixture_centers("ring")
+    samples = torch.cat([centers[:3] + 0.5 * std, centers[:1] + 10 * std])  # 3 good samples, 1 far off
+    covered, quality = zoo.mode_metrics(samples, centers, std)
+    assert covered == 3 and quality == pytest.approx(0.75)
+    grid, s = zoo.mixture_centers("grid")
+    assert grid.shape == (25, 2) and s == 0.05
