@@ -166,3 +166,15 @@ def test_mode_metrics_closed_form():
     assert covered == 3 and quality == pytest.approx(0.75)
     grid, s = zoo.mixture_centers("grid")
     assert grid.shape == (25, 2) and s == 0.05
+
+
+def test_cli_doctor(tmp_path, capsys):
+    from gradwatch.cli import main
+
+    assert main(["doctor", "zoo:stalled_mlp", "--steps", "100"]) == 0
+    assert "best remedy: one learning rate for every group" in capsys.readouterr().out
+    (tmp_path / "mine.py").write_text("from gradwatch import zoo\ndef make(seed):\n    return zoo.get('deep_relu_he_mlp')(seed)\n")
+    assert main(["doctor", f"{tmp_path / 'mine.py'}:make", "--steps", "30"]) == 0
+    assert "nothing to fix" in capsys.readouterr().out
+    assert main(["doctor", "zoo:nope"]) == 2
+    assert "expects one of" in capsys.readouterr().err

@@ -63,6 +63,19 @@ def _check(spec: str, shape: tuple[int, ...], seed: int) -> int:
     return 0
 
 
+def _doctor(spec: str, steps: int, seeds: int, budget: float | None) -> int:
+    import gradwatch as gw
+    from gradwatch import zoo
+
+    try:
+        setup = zoo.get(spec[4:]) if spec.startswith("zoo:") else _load_factory(spec)
+    except (ValueError, ImportError, KeyError) as exc:
+        print(f"gradwatch doctor: {exc}", file=sys.stderr)
+        return 2
+    print(gw.doctor(setup, steps=steps, seeds=seeds, budget_s=budget))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Find vanishing and exploding gradients.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,8 +92,16 @@ def main(argv: list[str] | None = None) -> int:
                      help="a Python file or importable module, and a function in it that returns the model")
     chk.add_argument("--input-shape", required=True, type=_shape, help="example batch shape, e.g. 64,784")
     chk.add_argument("--seed", type=int, default=0, help="seed for the model factory and the input (default 0)")
+    doc = sub.add_parser("doctor", help="try the remedies the findings point to, measured (gw.doctor)")
+    doc.add_argument("setup", metavar="MODULE:FACTORY",
+                     help="a Python file or module and a function seed -> Trial in it, or zoo:NAME")
+    doc.add_argument("--steps", type=_positive_int, default=300, help="training steps per trial (default 300)")
+    doc.add_argument("--seeds", type=_positive_int, default=1, help="seeds per trial (default 1)")
+    doc.add_argument("--budget", type=float, default=None, help="seconds after which no new trial starts")
     args = parser.parse_args(argv)
 
+    if args.command == "doctor":
+        return _doctor(args.setup, args.steps, args.seeds, args.budget)
     if args.command == "check":
         return _check(args.factory, args.input_shape, args.seed)
     if args.command == "demo":
