@@ -332,6 +332,117 @@ def _task_trial(task_name: str, T: int, cell: str, seed: int, hidden: int = 32, 
     return Trial(model, opt, batches(), t.loss, evaluate)
 
 
+class DigitsCNN(nn.Module):
+    """A plain CNN for the 8×8 digits: ``depth`` 3×3 convolutions (optionally BatchNorm), global pooling, a head."""
+
+    def __init__(self, depth: int, act: Callable[[], nn.Module], norm: bool = False, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 1
+        for _ in range(depth):
+            layers.append(nn.Conv2d(c, width, 3, padding=1))
+            if norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(act())
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x.reshape(-1, 1, 8, 8)).mean((2, 3)))
+
+
+class PlainResBlock(nn.Module):
+    """x + conv(relu(conv(x))) without normalisation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(self.relu(self.conv1(x)))
+
+
+class PlainResNet(nn.Module):
+    def __init__(self, blocks: int = 8, channels: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[PlainResBlock(channels) for _ in range(blocks)])
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x.reshape(-1, 1, 8, 8))).mean((2, 3)))
+
+
+def _digits_model_trial(model: nn.Module, seed: int, lr: float = 0.05, adam: bool = False) -> Trial:
+    x, y, xt, yt = digits()
+    opt = torch.optim.Adam(model.parameters(), lr=lr) if adam else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(seed)
+    return build()
+
+
+def _exploding_resnet(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = PlainResNet()
+    with torch.no_grad():
+        for b in model.blocks.children():
+            assert isinstance(b, PlainResBlock)
+            for conv in (b.conv1, b.conv2):
+                nn.init.normal_(conv.weight, std=2.0 / (conv.in_channels * 9) ** 0.5)
+    return _digits_model_trial(model, seed, lr=1e-8)  # the depth profile is the point, not the training
+
+
+def _fixup_resnet(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = PlainResNet()
+    with torch.no_grad():
+        for b in model.blocks.children():
+            assert isinstance(b, PlainResBlock)
+            nn.init.zeros_(b.conv2.weight)
+            nn.init.zeros_(b.conv2.bias)  # type: ignore[arg-type]
+    return _digits_model_trial(model, seed, lr=1e-3, adam=True)
+
+
+def _closed_forget_lstm(seed: int) -> Trial:
+    trial = _task_trial("adding", 30, "lstm", seed, lr=0.01)
+    lstm = trial.model.rnn
+    assert isinstance(lstm, nn.LSTM)
+    with torch.no_grad():  # forget gates shut: the cell forgets at every step
+        H = lstm.hidden_size
+        b_ih, b_hh = getattr(lstm, "bias_ih_l0"), getattr(lstm, "bias_hh_l0")
+        b_ih[H : 2 * H] = -6.0
+        b_hh[H : 2 * H] = 0.0
+    return trial
+
+
+def _diverging_transformer(seed: int) -> Trial:
+    trial = _sequence_trial("transformer", seed)
+    trial.optimizer = torch.optim.SGD(trial.model.parameters(), lr=20.0)  # far too large
+    return trial
+
+
+def _prenorm_transformer(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = RowSequenceModel("transformer")
+    layer = nn.TransformerEncoderLayer(32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=True)
+    model.body = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    return _digits_model_trial(model, seed, lr=3e-3, adam=True)
+
+
+def _xavier_tanh_mlp(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    model = mlp(6, WIDTH, nn.Tanh)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(m.bias)
+    return _digits_model_trial(model, seed, lr=0.01)
+
+
 SETUPS: dict[str, Setup] = {
     s.name: s
     for s in [
@@ -399,6 +510,26 @@ SETUPS: dict[str, Setup] = {
               lambda seed: _task_trial("adding", 20, "rnn", seed, recurrent_norm=2.5, nonlinearity="relu", lr=1e-12)),
         Setup("lstm_adding", "healthy: LSTM (forget-gate bias 1) on the adding task, T = 10", None,
               lambda seed: _task_trial("adding", 10, "lstm", seed, lr=0.01, adam=True)),
+        Setup("sigmoid_cnn", "8-layer plain sigmoid CNN on 8×8 digits, PyTorch's default init", "vanishing",
+              lambda seed: _digits_model_trial(_seeded(seed, lambda: DigitsCNN(8, nn.Sigmoid)), seed)),
+        Setup("exploding_resnet", "8-block residual CNN without normalisation, branch weights at std 2/sqrt(fan_in): "
+              "every block adds a branch larger than its input", "exploding", _exploding_resnet),
+        Setup("closed_forget_lstm", "LSTM on the adding task (T = 30) with its forget-gate bias at −6: "
+              "the cell forgets at every step", "vanishing", _closed_forget_lstm),
+        Setup("diverging_transformer", "2-layer Transformer encoder on digit rows, SGD at learning rate 20",
+              "nonfinite", _diverging_transformer),
+        Setup("bn_cnn", "healthy: 8-layer CNN with BatchNorm and ReLU on 8×8 digits", None,
+              lambda seed: _digits_model_trial(_seeded(seed, lambda: DigitsCNN(8, nn.ReLU, norm=True)), seed)),
+        Setup("fixup_resnet", "healthy: the same residual CNN without normalisation, branches zero-initialised "
+              "(Fixup)", None, _fixup_resnet),
+        Setup("gru_adding", "healthy: GRU on the adding task, T = 10", None,
+              lambda seed: _task_trial("adding", 10, "gru", seed, lr=0.01, adam=True)),
+        Setup("xavier_tanh_mlp", "healthy: 6-layer tanh MLP with Xavier initialisation (gain 5/3)", None,
+              _xavier_tanh_mlp),
+        Setup("prenorm_transformer", "healthy: pre-LayerNorm Transformer encoder on digit rows", None,
+              _prenorm_transformer),
+        Setup("shallow_sigmoid_mlp", "healthy: 2-layer sigmoid MLP on digits", None,
+              lambda seed: _digits_model_trial(_seeded(seed, lambda: mlp(2, WIDTH, nn.Sigmoid)), seed, lr=0.1)),
     ]
 }
 

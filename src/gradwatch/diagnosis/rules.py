@@ -254,7 +254,9 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
             continue
         prev = total[:j]
         prev = prev[np.isfinite(prev)]
-        if len(prev) >= th.spike_after and total[j] > th.spike_above * np.median(prev) and total[j] > initial:
+        if (len(prev) >= th.spike_after and total[j] > initial
+                and total[j] > th.spike_above * np.median(prev)
+                and total[j] > th.spike_above * np.median(prev[-th.spike_window:])):
             spikes.append(j)
         if total[j] > th.grad_norm_above:
             over.append(j)
@@ -268,7 +270,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     if spikes:
         shown = ", ".join(str(int(steps[j])) for j in spikes[:5]) + (" …" if len(spikes) > 5 else "")
         parts.append(f"{len(spikes)} spike{'s' if len(spikes) > 1 else ''} above {th.spike_above:g}× the median "
-                     f"of all the steps before (step{'s' if len(spikes) > 1 else ''} {shown})")
+                     f"of all the steps before and of the last {th.spike_window} (step{'s' if len(spikes) > 1 else ''} {shown})")
     if over:
         parts.append(f"the total norm crossed {sci(th.grad_norm_above)} on {len(over)} step{'s' if len(over) > 1 else ''}, "
                      f"first at step {int(steps[over[0]])}")

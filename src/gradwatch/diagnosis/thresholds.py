@@ -45,6 +45,10 @@ class Thresholds:
     # A spike must also exceed every norm of the first `spike_after` steps: a
     # net that returns to its initial gradient scale while it learns (the zoo
     # LSTM under Adam) has not exploded.
+    # A spike must also stand 10× above the last `spike_window` steps: a net
+    # whose gradient grows steadily from a small start (zero-initialised
+    # residual branches, the Fixup zoo ResNet) is learning, not exploding.
     spike_above: float = 10.0
     spike_after: int = 10
+    spike_window: int = 20
     grad_norm_above: float = 1e3
