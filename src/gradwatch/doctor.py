@@ -54,10 +54,13 @@ def _rebuild_optimizer(trial: Trial, before: set[int]) -> None:
         trial.optimizer = type(opt)(params, **opt.defaults)
 
 
-def _model_remedy(fn: Callable[[nn.Module], nn.Module]) -> Callable[[Trial, dict[str, float]], Trial]:
-    def apply(trial: Trial, numbers: dict[str, float]) -> Trial:
+def _model_remedy(fn: Callable[[nn.Module], nn.Module | None]) -> Callable[[Trial, dict[str, float]], Trial | None]:
+    """A remedy on the trial's model; ``fn`` returns None when it does not apply (the trial is then skipped)."""
+
+    def apply(trial: Trial, numbers: dict[str, float]) -> Trial | None:
         before = {id(p) for p in trial.model.parameters()}
-        fn(trial.model)
+        if fn(trial.model) is None:
+            return None
         _rebuild_optimizer(trial, before)
         return trial
 
@@ -72,9 +75,12 @@ def _catalog() -> dict[str, list[Remedy]]:
         r.clip_grad_norm(trial.optimizer, limit if math.isfinite(limit) and limit > 0 else 1.0)
         return trial
 
-    def lower_lr(trial: Trial, numbers: dict[str, float]) -> Trial:
-        r.scale_lr(trial.optimizer, 0.1)
-        return trial
+    def lower_lr(factor: float) -> Callable[[Trial, dict[str, float]], Trial]:
+        def apply(trial: Trial, numbers: dict[str, float]) -> Trial:
+            r.scale_lr(trial.optimizer, factor)
+            return trial
+
+        return apply
 
     def unify(trial: Trial, numbers: dict[str, float]) -> Trial:
         r.unify_lr(trial.optimizer)
@@ -87,13 +93,21 @@ def _catalog() -> dict[str, list[Remedy]]:
         r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True)
         return r.he_init(m, inplace=True)
 
-    def orthogonal_rnn(m: nn.Module) -> nn.Module:
-        for x in m.modules():
-            if isinstance(x, nn.RNN):
-                r.orthogonal_recurrent(x)
-        return m
+    def orthogonal_rnn(m: nn.Module) -> nn.Module | None:
+        rnns = [x for x in m.modules() if isinstance(x, nn.RNN)]
+        for x in rnns:
+            r.orthogonal_recurrent(x)
+        return m if rnns else None
 
-    def gated(m: nn.Module) -> nn.Module:
+    def forget_bias(m: nn.Module) -> nn.Module | None:
+        lstms = [x for x in m.modules() if isinstance(x, nn.LSTM)]
+        for x in lstms:
+            r.lstm_forget_bias(x)
+        return m if lstms else None
+
+    def gated(m: nn.Module) -> nn.Module | None:
+        if not any(isinstance(x, nn.RNN) for x in m.modules()):
+            return None
         for parent in list(m.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.RNN):
@@ -123,10 +137,12 @@ def _catalog() -> dict[str, list[Remedy]]:
         "residual": one("residual", "residual connections", _model_remedy(lambda m: r.add_residual(m, inplace=True))),
         "norm": one("norm", "LayerNorm/BatchNorm before activations", _model_remedy(lambda m: r.add_norm(m, inplace=True))),
         "clip_norm": one("clip_norm", "gradient-norm clipping", clip),
-        "lower_lr": one("lower_lr", "learning rate ×0.1", lower_lr),
+        "lower_lr": [Remedy("lower_lr", "learning rate ×0.1", lower_lr(0.1)),
+                     Remedy("lower_lr", "learning rate ×0.01", lower_lr(0.01))],
         "param_groups": one("param_groups", "one learning rate for every group", unify),
         "orthogonal_rnn": one("orthogonal_rnn", "orthogonal recurrent weights", _model_remedy(orthogonal_rnn)),
         "gated": one("gated", "LSTM in place of the RNN", _model_remedy(gated)),
+        "forget_bias": one("forget_bias", "LSTM forget-gate bias 1", _model_remedy(forget_bias)),
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", nonsaturating),
     }
 
@@ -299,7 +315,7 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
             t0 = time.perf_counter()
             runs = []
             for s in range(seeds):
-                got = _run(setup, s, steps, root, f"{remedy.key}-{s}", remedy, numbers)
+                got = _run(setup, s, steps, root, f"{remedy.key}-{len(report.trials)}-{s}", remedy, numbers)
                 bar.advance(task)
                 if got is not None:
                     runs.append(got)

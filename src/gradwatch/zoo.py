@@ -433,6 +433,13 @@ def _prenorm_transformer(seed: int) -> Trial:
     return _digits_model_trial(model, seed, lr=3e-3, adam=True)
 
 
+def _residual_tanh_mlp(seed: int) -> Trial:
+    from gradwatch.remedies import add_residual
+
+    torch.manual_seed(seed)
+    return _digits_model_trial(add_residual(mlp(DEPTH, WIDTH, nn.Tanh), inplace=True), seed, lr=LR)
+
+
 def _xavier_tanh_mlp(seed: int) -> Trial:
     torch.manual_seed(seed)
     model = mlp(6, WIDTH, nn.Tanh)
@@ -528,6 +535,8 @@ SETUPS: dict[str, Setup] = {
               _xavier_tanh_mlp),
         Setup("prenorm_transformer", "healthy: pre-LayerNorm Transformer encoder on digit rows", None,
               _prenorm_transformer),
+        Setup("residual_tanh_mlp", f"healthy: the {DEPTH}-layer tanh MLP with every Linear(64, 64) + tanh in a skip "
+              "connection (gradwatch.remedies.add_residual)", None, _residual_tanh_mlp),
         Setup("shallow_sigmoid_mlp", "healthy: 2-layer sigmoid MLP on digits", None,
               lambda seed: _digits_model_trial(_seeded(seed, lambda: mlp(2, WIDTH, nn.Sigmoid)), seed, lr=0.1)),
     ]

@@ -18,6 +18,7 @@ REMEDIES = {
     "orthogonal_rnn": "orthogonal recurrent weights kept orthogonal (gradwatch.remedies.orthogonal_recurrent)",
     "gated": "an LSTM or GRU in place of the vanilla cell (forget-gate bias 1)",
     "pascanu_reg": "Pascanu's norm-preserving regulariser Ω (gradwatch.remedies.pascanu_regularizer)",
+    "forget_bias": "an LSTM forget-gate bias of 1 (Gers et al. 2000; gradwatch.remedies.lstm_forget_bias)",
     "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
     "nonsaturating": "for a GAN generator, the non-saturating loss −log D(G(z)) (Goodfellow et al. 2014)",

@@ -557,8 +557,10 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                 f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)} of the last step's",
                 f"{decay}; {mem_text}{pascanu}.",
                 "the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
-                + (" (its largest singular value is below the bound)" if "sufficient condition" in pascanu else ""),
-                remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"), numbers, sources,
+                + (" (its largest singular value is below the bound)" if "sufficient condition" in pascanu else "")
+                + (": in an LSTM, forget gates that close" if e.module == "LSTM" else ""),
+                remedies("forget_bias", "clip_norm") if e.module == "LSTM"
+                else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"), numbers, sources,
             ))
         elif ratio > th.explode_above:
             growth = f"the gradient through time doubles every {-k:.2g} steps going back (×{2 ** (-1 / k):.2g} per step)" if k and k < 0 else "the gradient through time grows going back"
