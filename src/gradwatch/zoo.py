@@ -102,20 +102,24 @@ def mlp(depth: int, width: int, activation: Callable[[], nn.Module], n_in: int =
 
 
 def _he_init(model: M) -> M:
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+    from gradwatch.remedies import he_init
+
+    he_init(model, inplace=True)
     return model
 
 
 DEPTH, WIDTH, BATCH, LR = 20, 64, 64, 0.005
 
 
-def _digits_trial(model: nn.Module, seed: int) -> Trial:
+def _digits_model_trial(model: nn.Module, seed: int, lr: float = 0.05, adam: bool = False) -> Trial:
     x, y, xt, yt = digits()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=lr) if adam else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
+
+
+def _digits_trial(model: nn.Module, seed: int) -> Trial:
+    """The zoo MLPs' recipe: SGD with momentum 0.9 at learning rate LR."""
+    return _digits_model_trial(model, seed, lr=LR)
 
 
 def _deep_tanh_mlp(seed: int) -> Trial:
@@ -372,12 +376,6 @@ class PlainResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x.reshape(-1, 1, 8, 8))).mean((2, 3)))
-
-
-def _digits_model_trial(model: nn.Module, seed: int, lr: float = 0.05, adam: bool = False) -> Trial:
-    x, y, xt, yt = digits()
-    opt = torch.optim.Adam(model.parameters(), lr=lr) if adam else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    return Trial(model, opt, _batches(x, y, BATCH, seed), nn.functional.cross_entropy, _accuracy(xt, yt))
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
