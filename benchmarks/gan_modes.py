@@ -1,4 +1,4 @@
-"""Mode coverage of the zoo GANs (8 Gaussians on a ring), as in the VEEGAN paper's table.
+"""Mode coverage of the zoo GANs (8 Gaussians on a ring, 25 on a grid), as in the VEEGAN paper's table.
 
     python benchmarks/gan_modes.py [--steps 300] [--seeds 3]
 
@@ -24,21 +24,21 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, torch {torch.__version__}, CPU; {args.steps} generator steps "
           f"(5 discriminator steps each), seeds 0–{args.seeds - 1}\n")
-    print("| generator loss | modes covered (of 8), per seed | high-quality samples, per seed |")
-    print("|---|---|---|")
-    for name, label in (("gan_ring_saturating", "saturating log(1 − D(G(z)))"),
-                        ("gan_ring_nonsaturating", "non-saturating −log D(G(z))")):
-        modes, quality = [], []
-        for seed in range(args.seeds):
-            trial = zoo.get(name)(seed)
-            for _ in range(args.steps):
-                trial.step()
-            with torch.no_grad():
-                samples = trial.model(torch.randn(2500, 2, generator=torch.Generator().manual_seed(123)))
-            m, q = zoo.mode_metrics(samples, trial.centers, trial.std)  # type: ignore[attr-defined]
-            modes.append(f"{m:.0f}")
-            quality.append(f"{q:.0%}")
-        print(f"| {label} | {', '.join(modes)} | {', '.join(quality)} |", flush=True)
+    print("| mixture | generator loss | modes covered, per seed | high-quality samples, per seed |")
+    print("|---|---|---|---|")
+    for kind in ("ring", "grid"):
+        for nonsaturating, label in ((False, "saturating log(1 − D(G(z)))"), (True, "non-saturating −log D(G(z))")):
+            modes, quality = [], []
+            for seed in range(args.seeds):
+                trial = zoo._gan_trial(seed, nonsaturating, kind)
+                for _ in range(args.steps):
+                    trial.step()
+                with torch.no_grad():
+                    samples = trial.model(torch.randn(2500, 2, generator=torch.Generator().manual_seed(123)))
+                m, q = zoo.mode_metrics(samples, trial.centers, trial.std)  # type: ignore[attr-defined]
+                modes.append(f"{m:.0f}/{len(trial.centers)}")
+                quality.append(f"{q:.0%}")
+            print(f"| {kind} | {label} | {', '.join(modes)} | {', '.join(quality)} |", flush=True)
 
 
 if __name__ == "__main__":
