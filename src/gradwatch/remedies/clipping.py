@@ -35,7 +35,8 @@ def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> Removab
 
 
 def clip_grad_value(optimizer: torch.optim.Optimizer, clip_value: float) -> RemovableHandle:
-    """Clamp every gradient entry to [−clip_value, clip_value] before every step."""
+    """Clamp every gradient entry to [−clip_value, clip_value] before every step (element-wise clipping,
+    as Mikolov (2012) used for recurrent nets; ``torch.nn.utils.clip_grad_value_``)."""
     params = _params(optimizer, "clip_grad_value")
     limit = _positive("clip_grad_value", "clip_value", clip_value)
     return optimizer.register_step_pre_hook(lambda opt, a, k: torch.nn.utils.clip_grad_value_(params, limit))
@@ -63,7 +64,7 @@ def adaptive_clip(optimizer: torch.optim.Optimizer, clipping: float = 0.01, eps:
 
 
 def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> torch.optim.Optimizer:
-    """Multiply every param group's learning rate by ``factor`` (in place)."""
+    """Multiply every param group's learning rate by ``factor`` (in place): the first remedy for divergence."""
     _params(optimizer, "scale_lr")
     f = _positive("scale_lr", "factor", factor)
     for g in optimizer.param_groups:

@@ -21,7 +21,9 @@ def swap_activation(model: nn.Module, to: type[nn.Module] = nn.ReLU, replace: tu
                     inplace: bool = False) -> nn.Module:
     """Replace activation modules of the given classes by ``to()`` (tanh/sigmoid → ReLU by default).
 
-    Only activation *modules* are reachable; ``torch.tanh(x)`` inside a forward is not.
+    ReLU's derivative is 1 wherever the unit is active (Nair & Hinton 2010;
+    Glorot, Bordes & Bengio 2011), where sigmoid's is at most 1/4. Only
+    activation *modules* are reachable; ``torch.tanh(x)`` inside a forward is not.
     """
     m = _target(model, inplace)
     for parent in list(m.modules()):
@@ -90,7 +92,11 @@ def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:
 
 
 def add_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``."""
+    """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``.
+
+    BatchNorm: Ioffe & Szegedy (2015); LayerNorm: Ba, Kiros & Hinton (2016).
+    Both keep each layer's pre-activations at unit scale, out of the flat tails.
+    """
     from gradwatch.probes.activations import activation_spec
 
     m = _target(model, inplace)
