@@ -491,6 +491,59 @@ class Watch:
             self._writer.close()
 
 
+class FollowerWatch(Watch):
+    """What ``watch`` returns on a rank other than 0 of a ``torch.distributed`` job: it records nothing.
+
+    Under DDP every rank holds the same, all-reduced gradients after backward,
+    so rank 0's records are the job's; the other ranks place no hook and open
+    no store. Logging and closing work (as no-ops); reading back is rank 0's.
+    """
+
+    def __init__(self, rank: int) -> None:  # noqa: D107 - no hooks, no store
+        self.rank = rank
+        self.path = None  # type: ignore[assignment]
+        self._closed = False
+
+    @property
+    def step(self) -> int:
+        return 0
+
+    def log(self, **scalars: float | Tensor) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def _only_rank_0(self, what: str) -> RuntimeError:
+        return RuntimeError(f"`Watch.{what}()` on rank {self.rank}: only rank 0 records and writes the store; "
+                            f"call it on rank 0 (torch.distributed.get_rank() == 0)")
+
+    def open(self) -> Run:
+        raise self._only_rank_0("open")
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
+        raise self._only_rank_0("diagnose")
+
+    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None) -> Path:
+        raise self._only_rank_0("report")
+
+    def summary(self, thresholds: Thresholds | None = None) -> str:
+        raise self._only_rank_0("summary")
+
+    def _close(self, status: str) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"<gradwatch.Watch follower on rank {self.rank}: only rank 0 records>"
+
+
+def _rank() -> int:
+    """This process's rank in an initialised torch.distributed job, else 0."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 # -- the entry point -----------------------------------------------------------------------
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -597,6 +650,10 @@ def watch(
         name: this run's name, a directory under ``store`` (default: the model's
             class and the time).
         overwrite: replace an existing run of the same name.
+        In a ``torch.distributed`` job only rank 0 records (under DDP every rank
+        holds the same all-reduced gradients); other ranks get a
+        :class:`FollowerWatch` that records nothing. Sharded parameters
+        (FSDP) are not supported yet.
         temporal: record ‖∂L/∂h_t‖ at every time step of recurrent modules, on
             the ``activations`` schedule. True: every ``nn.RNN``/``nn.GRU``/
             ``nn.LSTM`` and ``nn.*Cell``; or the names of the modules to
@@ -635,5 +692,8 @@ def watch(
             f"`watch(model=…)`: this model is already watched (store {str(other.path)!r}); "
             f"close that watch first"
         )
+    rank = _rank()
+    if rank != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
+        return FollowerWatch(rank)
     run_dir = _run_dir(store, name, model, overwrite)
     return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent)

@@ -1,0 +1,81 @@
+"""DDP with the gloo backend, 2 processes on the CPU: rank 0's records equal the single-process values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from torch import nn
+    import gradwatch as gw
+
+    rank, world, store, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    w = gw.watch(ddp, opt, activations=False, store=store, name="ddp")
+    for step in range(5):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        shard = slice(rank * 8, rank * 8 + 8)  # each rank takes half of the same batch
+        loss = nn.functional.cross_entropy(ddp(x[shard]), y[shard])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w.close()
+    print(f"rank {rank}: {w!r}", flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_ddp_rank0_records_equal_the_single_process_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rendezvous = tmp_path / "rendezvous"  # a file, not a port: no race for a free port
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(r), "2", str(tmp_path / f"rank{r}"), str(rendezvous)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "follower on rank 1" in outs[1][0]
+    assert not (tmp_path / "rank1").exists()  # only rank 0 writes
+
+    # the reference: one process, the whole batch (DDP averages the two halves' mean-loss gradients)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    ref = []
+    for _ in range(5):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        ref.append([float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm())
+                    for m in (model[0], model[2], model[4])])
+        opt.step()
+    run = gw.open_run(tmp_path / "rank0" / "ddp")
+    s = run.series("grad_norm")
+    assert s.names == ["module.0", "module.2", "module.4"]
+    np.testing.assert_allclose(s.values, np.array(ref).T, rtol=1e-6)
+
+
+def test_follower_refuses_to_read_back():
+    follower = gw.watch.__globals__["FollowerWatch"](1)
+    follower.log(loss=1.0)
+    follower.close()
+    with pytest.raises(RuntimeError, match=r"`Watch.diagnose\(\)` on rank 1: only rank 0 records"):
+        follower.diagnose()
