@@ -288,27 +288,11 @@ def check(
         for m, mode in modes.items():
             m.training = mode
 
-    # ‖∂L/∂a‖ per layer, pooling several outputs or calls
-    k = 0
-    out_norm: dict[str, float] = {}
-    for n in layer_names:
-        sq = 0.0
-        for _ in outputs[n]:
-            grad = grads[k]
-            k += 1
-            if grad is not None:
-                sq += float(grad.double().norm()) ** 2
-        out_norm[n] = math.sqrt(sq)
-    w_norm: dict[str, float] = {}
-    k = len(flat)
-    for l in parts.layers:
-        sq = 0.0
-        for _ in l.params:
-            grad = grads[k]
-            k += 1
-            if grad is not None:
-                sq += float(grad.double().norm()) ** 2
-        w_norm[l.name] = math.sqrt(sq)
+    # ‖∂L/∂a‖ per layer (pooling several outputs or calls), then ‖∂L/∂W‖ per layer: consecutive runs of `grads`
+    counts = [len(outputs[n]) for n in layer_names] + [len(l.params) for l in parts.layers]
+    pooled_norms = _root_sum_squares(grads, counts)
+    out_norm = dict(zip(layer_names, pooled_norms[: len(layer_names)]))
+    w_norm = dict(zip([l.name for l in parts.layers], pooled_norms[len(layer_names):]))
     act_stats = {}
     if acts:
         idx = list(acts)
@@ -330,6 +314,16 @@ def check(
                                stats[3], out_norm[n], w_norm[n], gain))
     recurrent = _recurrent(model)
     return _verdict(rows, spectrum, recurrent, th, what)
+
+
+def _root_sum_squares(grads: tuple[Tensor | None, ...], counts: list[int]) -> list[float]:
+    """√(Σ‖g‖²) over each consecutive run of ``counts[i]`` gradients (None: no gradient reached it)."""
+    out, k = [], 0
+    for n in counts:
+        sq = sum(float(g.double().norm()) ** 2 for g in grads[k : k + n] if g is not None)
+        out.append(math.sqrt(sq))
+        k += n
+    return out
 
 
 def _verdict(rows: list[LayerCheck], spectrum: SpectrumCheck | None, recurrent: list[RecurrentCheck],
