@@ -195,19 +195,24 @@ def test_module_called_twice_pools_its_calls(store):
     assert at_step(run, "act_std", 0, "activation")["act"] == pytest.approx(float(both.std(unbiased=False)), rel=1e-5)
 
 
-def test_nonfinite_counts_entries(store):
+def test_nonfinite_counts_tensors_per_layer(store):
+    """nonfinite: how many of a layer's parameter tensors hold NaN/Inf, against a naive loop over param.grad."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gw.watch(model, opt, store=store, name="nan") as w:
         model(torch.randn(2, 3)).sum().backward()
         model[0].weight.grad[0, :2] = float("nan")
         model[0].bias.grad[1] = float("inf")
+        model[1].weight.grad[1, 1] = float("-inf")
+        expect = {str(i): float(sum(not bool(torch.isfinite(p.grad).all()) for p in layer.parameters()))
+                  for i, layer in enumerate(model)}
         opt.step()
     run = w.open()
-    assert at_step(run, "nonfinite", 0) == {"0": 3.0, "1": 0.0}
-    assert at_step(run, "nonfinite", 0, "param") == {"0.weight": 2.0, "0.bias": 1.0}
+    assert expect == {"0": 2.0, "1": 1.0, "2": 0.0}
+    assert at_step(run, "nonfinite", 0) == expect
     assert math.isnan(at_step(run, "grad_norm", 0)["0"])
+    assert math.isinf(at_step(run, "grad_norm", 0)["1"])
 
 
 def test_float64_model_out_grad_regression(store):

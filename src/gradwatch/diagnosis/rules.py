@@ -353,7 +353,7 @@ def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
     first_back = layers_at[-1]  # backward runs from the output: the deepest layer is reached first
     count = float(np.nansum(s.values[:, j0]))
     steps_bad = len(cols)
-    evidence = (f"at step {step0}, {int(count)} non-finite gradient entr{'y' if count == 1 else 'ies'} in "
+    evidence = (f"at step {step0}, {int(count)} parameter tensor{'' if count == 1 else 's'} with NaN/Inf gradients in "
                 f"{len(layers_at)} layer{'s' if len(layers_at) > 1 else ''} ({span(layers_at)}); backward reached "
                 f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients in all")
     sources = [f"nonfinite (layers {span(s.names)}, {_steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
@@ -378,7 +378,7 @@ def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
         evidence + loss_note + ".",
         cause,
         remedies("lower_lr", "clip_norm", "check_data", "grad_scaler"),
-        {"step": float(step0), "entries": count, "steps": float(steps_bad)},
+        {"step": float(step0), "tensors": count, "steps": float(steps_bad)},
         tuple(sources),
     )]
 

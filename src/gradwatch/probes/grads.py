@@ -5,9 +5,11 @@ back as tensors; nothing here copies to the host.
 
 - ``grad_norm``: L2 norm of the gradient; a layer's is over every trainable
   parameter it directly owns (a tied parameter counts in each owner).
-- ``nonfinite``: the number of NaN/Inf gradient entries. A tensor's norm is
-  finite exactly when all its entries are, so entries are only counted in
-  tensors whose norm is not finite.
+- ``nonfinite``: per layer, how many of its parameter tensors have a gradient
+  whose norm is not finite (a NaN or Inf entry, or entries so large that the
+  norm overflows). It is read off the norms already computed, on the device:
+  no second pass over the gradients and no host synchronisation, so it costs
+  nothing on a GPU step.
 - ``weight_norm``: L2 norm of the weights before the optimizer step.
 - ``update_ratio``: ‖w_after − w_before‖ / ‖w_before‖ across the real
   optimizer step, so it is right for Adam as well as SGD. It needs a copy of
@@ -63,8 +65,8 @@ class _Plan:
     pairs: list[int]  # (layer, param) pairs whose param has a gradient
     layers: list[int]  # layers with at least one gradient
     pair_pos: Tensor | None  # position among the present params of each pair's param; None: identity
-    owner: Tensor  # (len(layers), n_present) 0/1: which present params each layer owns
-    zeros: Tensor  # (len(layers),) the non-finite counts of a clean step
+    row: Tensor  # (len(pairs),) each pair's row among ``layers``
+    zeros: Tensor  # (len(layers),) zeros
 
 
 Stats = dict[str, tuple[list[int], Tensor, list[int], Tensor]]  # quantity: (layers, values, pairs, values)
@@ -100,15 +102,12 @@ class GradProbe:
             pairs = [j for j, p in enumerate(self.pair_param) if p in pos]
             layers = sorted({self.pair_layer[j] for j in pairs})
             row = {li: r for r, li in enumerate(layers)}
-            owner = torch.zeros(len(layers), len(present), dtype=torch.float64, device=self.device)
-            for j in pairs:
-                owner[row[self.pair_layer[j]], pos[self.pair_param[j]]] = 1.0
             pair_pos = [pos[self.pair_param[j]] for j in pairs]
             plan = _Plan(
                 pairs=pairs,
                 layers=layers,
                 pair_pos=None if pair_pos == list(range(len(present))) else torch.tensor(pair_pos, device=self.device),
-                owner=owner,
+                row=torch.tensor([row[self.pair_layer[j]] for j in pairs], device=self.device),
                 zeros=torch.zeros(len(layers), dtype=torch.float64, device=self.device),
             )
             self._plans[present] = plan
@@ -118,10 +117,15 @@ class GradProbe:
     def _per_pair(plan: _Plan, per_param: Tensor) -> Tensor:
         return per_param if plan.pair_pos is None else per_param[plan.pair_pos]
 
-    @staticmethod
-    def _per_layer(plan: _Plan, per_param: Tensor) -> Tensor:
+    @classmethod
+    def _layer_sum(cls, plan: _Plan, per_param: Tensor) -> Tensor:
+        """Sum over each layer's own parameters (a scatter-add: a NaN stays in its own layer)."""
+        return plan.zeros.clone().index_add_(0, plan.row, cls._per_pair(plan, per_param))
+
+    @classmethod
+    def _per_layer(cls, plan: _Plan, per_param: Tensor) -> Tensor:
         """Root of the summed squares over each layer's own parameters."""
-        return (plan.owner @ (per_param * per_param)).sqrt()
+        return cls._layer_sum(plan, per_param * per_param).sqrt()
 
     @torch.no_grad()
     def gradients(self) -> Stats | None:
@@ -133,18 +137,8 @@ class GradProbe:
         grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
         norms = fused_norms(grads, self.device)  # (n_present,)
         stats: Stats = {"grad_norm": (plan.layers, self._per_layer(plan, norms), plan.pairs, self._per_pair(plan, norms))}
-        # A host check; free on the CPU. TODO(ecosystem issue): avoid the sync on CUDA.
-        if bool(torch.isfinite(norms).all()):
-            stats["nonfinite"] = (plan.layers, plan.zeros, [], plan.zeros[:0])
-        else:
-            counts = torch.zeros_like(norms)
-            for k in (~torch.isfinite(norms)).nonzero().flatten().tolist():
-                g = grads[k]
-                g = g.coalesce().values() if g.is_sparse else g
-                counts[k] = (~torch.isfinite(g)).sum()
-            per_pair = self._per_pair(plan, counts)
-            bad = [n for n, c in enumerate(per_pair.tolist()) if c > 0]
-            stats["nonfinite"] = (plan.layers, plan.owner @ counts, [plan.pairs[n] for n in bad], per_pair[bad])
+        flags = (~torch.isfinite(norms)).to(torch.float64)
+        stats["nonfinite"] = (plan.layers, self._layer_sum(plan, flags), [], plan.zeros[:0])
         return stats
 
     @torch.no_grad()

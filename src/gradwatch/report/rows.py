@@ -23,7 +23,7 @@ class LayerRow:
     activation: str  # the activation module after this layer, if any
     saturated: float  # its saturated fraction (bounded units) at the last sampled step
     dead: float  # its dead fraction (ReLU-likes)
-    nonfinite: float  # NaN/Inf gradient entries, summed over the run
+    nonfinite: float  # parameter tensors with NaN/Inf gradients, summed over the run
     zero: bool  # the gradient is exactly zero at the last step
 
 
