@@ -76,9 +76,21 @@ class Watch:
         update: Schedule | None,
         run_dir: Path,
         temporal: list[tuple[str, nn.Module]] | None = None,
+        driver: str = "auto",
+        scaler: Any = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
+        # Who says "the gradients are ready" and "the step is over": the optimizer's step hooks,
+        # the end of each backward pass, or an integration (Lightning, Hugging Face) calling
+        # _gradients_ready() and _step_done() from its own callbacks.
+        self._driver = driver if driver != "auto" else ("optimizer" if optimizer is not None else "backward")
+        self._scaler = scaler
+        # An integration closes its steps after scaler.update() has backed the scale off (Lightning,
+        # Hugging Face); the scale the skipped step used is then the current one over the backoff factor.
+        self._scale_updated = driver == "external"
+        self._stepped = False  # optimizer.step() ran since the gradients were read
+        self._staged: dict | None = None  # gradient statistics read early (before clipping), for the step
         self.path = run_dir
         self._every, self._sampled = every, sampled
         self._update = update if optimizer is not None else None
@@ -212,12 +224,17 @@ class Watch:
             self._handles.append(a.module.register_forward_hook(self._on_act_forward))
         for _, module in self._temporal.modules:
             self._handles.append(module.register_forward_hook(self._on_recurrent_forward))
-        if self.optimizer is not None:
+        if self._driver == "optimizer":
+            assert self.optimizer is not None
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
-        else:
+        elif self._driver == "backward":
             for p in self._grads.params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
+        elif self.optimizer is not None:  # external: only to tell a skipped step from a taken one
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_stepped))
+        if self._scaler is not None and self._driver != "external":  # an integration tells skipped steps itself
+            self._handles.append(_ScalerStepWrap(self._scaler, self))
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
@@ -299,14 +316,93 @@ class Watch:
 
     @_guarded
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._add_temporal()  # before the step: the re-run needs the weights of the forward pass
+        self._gradients_ready()
+        self._stepped = True  # (the GradScaler wrap reads it: this step was not skipped)
+
+    @_guarded
+    def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._step_done()
+
+    def _on_optimizer_stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._stepped = True
+
+    @_guarded
+    def _on_scaler_skipped(self) -> None:
+        """GradScaler.step() found inf/NaN and did not call optimizer.step(): record the step anyway."""
+        self._gradients_ready()  # the scaler unscaled the gradients before it looked
+        self._mark_skipped()
+        self._step_done()
+
+    def _mark_skipped(self) -> None:
+        self.log(skipped_step=1.0)
+        if self._scaler is not None:  # the scale this step used; a host read, on skipped steps only
+            scale = float(self._scaler.get_scale())
+            if self._scale_updated:
+                scale /= self._scaler.get_backoff_factor()
+            self.log(loss_scale=scale)
+
+    # -- the two calls an integration makes ----------------------------------------------
+    @_guarded
+    def _stage_gradients(self, scale: float | None = None) -> None:
+        """Read the gradient statistics now (before clipping), to be kept by the next _gradients_ready().
+
+        ``scale``: a loss scale still on the gradients (float16 with a GradScaler that has not unscaled
+        them yet); norms are divided by it. A later call replaces an earlier one.
+        """
         if self._every(self._step):
+            stats = self._grads.gradients()
+            if stats is not None and scale is not None and scale != 1.0:
+                layers, per_layer, pairs, per_pair = stats["grad_norm"]
+                stats["grad_norm"] = (layers, per_layer / scale, pairs, per_pair / scale)
+            self._staged = stats
+
+    def _stage_after_backward(self, when: Callable[[], bool], scale: Callable[[], float | None]) -> None:
+        """At the end of every backward pass for which ``when()`` holds, stage the gradient statistics.
+
+        For trainers that clip the gradients before any callback sees them (Hugging Face): the
+        statistics are read as backward leaves them, before clipping; ``scale()`` gives a loss
+        scale still on them, or None.
+        """
+        queued = False
+
+        def end() -> None:
+            nonlocal queued
+            queued = False
+            if when():
+                self._stage_gradients(scale())
+
+        def on_grad(param: Tensor) -> None:
+            nonlocal queued
+            if not queued and not self._closed:
+                queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(end)
+
+        for p in self._grads.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(on_grad))
+
+    @_guarded
+    def _gradients_ready(self) -> None:
+        """The step's gradients are final (unscaled); the optimizer has not stepped yet."""
+        self._stepped = False
+        self._add_temporal()  # before the step: the re-run needs the weights of the forward pass
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            self._add_pairs(staged)
+        elif self._every(self._step):
             self._add_grad_stats()
         if self._update is not None and self._update(self._step):
             self._grads.snapshot()
 
     @_guarded
-    def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _step_done(self, skipped: bool | None = None) -> None:
+        """The optimizer step is over (or was skipped): update ratios, then close the step.
+
+        ``skipped``: None to infer it (external driver: no optimizer.step() since the gradients).
+        """
+        if skipped is None:
+            skipped = self._driver == "external" and self.optimizer is not None and not self._stepped
+        if skipped:
+            self._mark_skipped()
         if self._grads.has_snapshot:
             self._add_pairs(self._grads.updates())
         self._end_step()
@@ -491,6 +587,35 @@ class Watch:
             self._writer.close()
 
 
+class _ScalerStepWrap:
+    """Wraps one GradScaler's ``step`` (on the instance) so that a step it skips is recorded.
+
+    ``GradScaler.step(optimizer)`` unscales the gradients, then calls
+    ``optimizer.step()`` only if they are all finite. A skipped step therefore
+    never reaches the optimizer's hooks; the wrap notices that and records it
+    (gradient statistics with their NaN/Inf, ``skipped_step`` = 1 and the
+    ``loss_scale``). ``remove()`` puts the class's method back.
+    """
+
+    def __init__(self, scaler: Any, watch: Watch) -> None:
+        self.scaler = scaler
+        original = scaler.step
+
+        @functools.wraps(original)
+        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            watch._stepped = False
+            out = original(optimizer, *args, **kwargs)
+            if optimizer is watch.optimizer and not watch._stepped and not watch._closed:
+                watch._on_scaler_skipped()
+            return out
+
+        step.__gradwatch__ = watch  # type: ignore[attr-defined]
+        scaler.step = step
+
+    def remove(self) -> None:
+        self.scaler.__dict__.pop("step", None)
+
+
 class FollowerWatch(Watch):
     """What ``watch`` returns on a rank other than 0 of a ``torch.distributed`` job: it records nothing.
 
@@ -533,6 +658,16 @@ class FollowerWatch(Watch):
     def _close(self, status: str) -> None:
         self._closed = True
 
+    # The integrations' calls: nothing to record on this rank.
+    def _gradients_ready(self) -> None:
+        return None
+
+    def _step_done(self, skipped: bool | None = None) -> None:
+        return None
+
+    def _stage_after_backward(self, when: Callable[[], bool], scale: Callable[[], float | None]) -> None:
+        return None
+
     def __repr__(self) -> str:
         return f"<gradwatch.Watch follower on rank {self.rank}: only rank 0 records>"
 
@@ -549,19 +684,19 @@ def _rank() -> int:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _schedule(arg: str, value: Any, default: Schedule | None, allow_off: bool) -> Schedule | None:
+def _schedule(arg: str, value: Any, default: Schedule | None, allow_off: bool, caller: str = "watch") -> Schedule | None:
     expected = "a positive int or a callable step -> bool" + (", or True/False" if allow_off else "")
     if isinstance(value, bool):
         if not allow_off:
-            raise TypeError(bad_argument("watch", arg, expected, value))
+            raise TypeError(bad_argument(caller, arg, expected, value))
         return default if value else None
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(bad_argument("watch", arg, expected, value))
+            raise ValueError(bad_argument(caller, arg, expected, value))
         return schedules.every(value)
     if callable(value):
         return value
-    raise TypeError(bad_argument("watch", arg, expected, value))
+    raise TypeError(bad_argument(caller, arg, expected, value))
 
 
 def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Watch | None:
@@ -586,13 +721,13 @@ def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return None
 
 
-def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool) -> Path:
+def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool, caller: str = "watch") -> Path:
     if store is None:
         root = Path("runs")
     elif isinstance(store, (str, Path)):
         root = Path(store)
     else:
-        raise TypeError(bad_argument("watch", "store", "a directory path (str or Path) or None", store))
+        raise TypeError(bad_argument(caller, "store", "a directory path (str or Path) or None", store))
     if name is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = f"{type(model).__name__}-{stamp}"
@@ -601,13 +736,13 @@ def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool) ->
             k += 1
             name = f"{base}-{k}"
     elif not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(bad_argument("watch", "name", "a run name of letters, digits, '.', '_' or '-'", name))
+        raise ValueError(bad_argument(caller, "name", "a run name of letters, digits, '.', '_' or '-'", name))
     run_dir = root / name
     db = run_dir / DB_NAME
     if db.exists():
         if not overwrite:
             raise FileExistsError(
-                f"`watch(name=…)`: run {name!r} already exists in {str(root)!r}; pick another name, "
+                f"`{caller}(name=…)`: run {name!r} already exists in {str(root)!r}; pick another name, "
                 f"or pass overwrite=True to replace it"
             )
         for suffix in ("", "-wal", "-shm"):
@@ -615,7 +750,7 @@ def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool) ->
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"`watch(store=…)` cannot create the run directory {str(run_dir)!r}: {exc.strerror or exc}") from None
+        raise OSError(f"`{caller}(store=…)` cannot create the run directory {str(run_dir)!r}: {exc.strerror or exc}") from None
     return run_dir
 
 
@@ -630,6 +765,7 @@ def watch(
     name: str | None = None,
     overwrite: bool = False,
     temporal: bool | list[str] = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Watch:
     """Watch a model's gradients while it trains; returns the :class:`Watch` handle.
 
@@ -660,40 +796,74 @@ def watch(
             follow (a cell of your own, called once per time step, whose
             output is its new hidden state). See
             :mod:`gradwatch.probes.temporal` for what it costs.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
+            statistics are always of the unscaled gradients (the scaler
+            unscales before ``optimizer.step()``); with the scaler given, a step
+            it skips for inf/NaN gradients is recorded too — its gradient
+            statistics, ``skipped_step`` = 1 and ``loss_scale`` — instead of
+            vanishing from the record.
     """
+    return _make_watch(model, optimizer, every=every, activations=activations, update_every=update_every,
+                       store=store, name=name, overwrite=overwrite, temporal=temporal, scaler=scaler)
+
+
+def _make_watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    every: int | Schedule = 1,
+    activations: bool | int | Schedule = True,
+    update_every: bool | int | Schedule = True,
+    store: str | Path | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    temporal: bool | list[str] = False,
+    scaler: Any = None,
+    driver: str = "auto",
+    caller: str = "watch",
+) -> Watch:
+    """``watch`` with the driver chosen: "auto", or "external" for an integration's callbacks."""
     if not isinstance(model, nn.Module):
-        raise TypeError(bad_argument("watch", "model", "a torch.nn.Module", model))
+        raise TypeError(bad_argument(caller, "model", "a torch.nn.Module", model))
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
-            f"`watch(model=…)`: {type(model).__name__} has no parameters that require grad, so there is nothing to watch"
+            f"`{caller}(model=…)`: {type(model).__name__} has no parameters that require grad, so there is nothing to watch"
         )
     if optimizer is not None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(bad_argument("watch", "optimizer", "a torch.optim.Optimizer or None", optimizer))
+            raise TypeError(bad_argument(caller, "optimizer", "a torch.optim.Optimizer or None", optimizer))
         own = {id(p) for p in model.parameters()}
         foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
         if foreign:
             raise ValueError(
-                f"`watch(optimizer=…)`: the optimizer holds {foreign} parameter(s) that are not the model's; "
+                f"`{caller}(optimizer=…)`: the optimizer holds {foreign} parameter(s) that are not the model's; "
                 f"pass the optimizer that trains this model"
             )
-    every_s = _schedule("every", every, None, allow_off=False)
+    every_s = _schedule("every", every, None, allow_off=False, caller=caller)
     assert every_s is not None
-    sampled = _schedule("activations", activations, schedules.DEFAULT_SAMPLED, allow_off=True)
-    update = _schedule("update_every", update_every, schedules.DEFAULT_SAMPLED, allow_off=True)
+    sampled = _schedule("activations", activations, schedules.DEFAULT_SAMPLED, allow_off=True, caller=caller)
+    update = _schedule("update_every", update_every, schedules.DEFAULT_SAMPLED, allow_off=True, caller=caller)
     if not isinstance(overwrite, bool):
-        raise TypeError(bad_argument("watch", "overwrite", "True or False", overwrite))
+        raise TypeError(bad_argument(caller, "overwrite", "True or False", overwrite))
     if temporal is not False and sampled is None:
-        raise ValueError("`watch(temporal=…)` rides the activations schedule: pass activations=True or an int, not False")
+        raise ValueError(f"`{caller}(temporal=…)` rides the activations schedule: pass activations=True or an int, not False")
+    if scaler is not None:
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(bad_argument(caller, "scaler", "a torch.amp.GradScaler or None", scaler))
+        if optimizer is None:
+            raise ValueError(f"`{caller}(scaler=…)` needs the optimizer the scaler steps: pass optimizer=… as well")
+        if "step" in scaler.__dict__:
+            raise RuntimeError(f"`{caller}(scaler=…)`: this GradScaler's step() is already wrapped "
+                               f"(another watch holds it); close that watch first")
     recurrent = find_recurrent(model, temporal)
     other = _already_watched(model, optimizer)
     if other is not None:
         raise RuntimeError(
-            f"`watch(model=…)`: this model is already watched (store {str(other.path)!r}); "
+            f"`{caller}(model=…)`: this model is already watched (store {str(other.path)!r}); "
             f"close that watch first"
         )
     rank = _rank()
     if rank != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
         return FollowerWatch(rank)
-    run_dir = _run_dir(store, name, model, overwrite)
-    return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent)
+    run_dir = _run_dir(store, name, model, overwrite, caller)
+    return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent, driver=driver, scaler=scaler)

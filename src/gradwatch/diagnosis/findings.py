@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-KINDS = ("nonfinite", "exploding", "vanishing", "saturation", "dead_units", "stalled")
+KINDS = ("nonfinite", "skipped_steps", "exploding", "vanishing", "saturation", "dead_units", "stalled")
 SEVERITIES = ("critical", "warning")
 
 

@@ -15,6 +15,7 @@ REMEDIES = {
     "lower_lr": "a lower learning rate (or warm-up)",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
+    "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",
     "orthogonal_rnn": "orthogonal recurrent weights kept orthogonal (gradwatch.remedies.orthogonal_recurrent)",
     "gated": "an LSTM or GRU in place of the vanilla cell (forget-gate bias 1)",
     "pascanu_reg": "Pascanu's norm-preserving regulariser Ω (gradwatch.remedies.pascanu_regularizer)",

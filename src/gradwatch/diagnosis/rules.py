@@ -336,6 +336,46 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def skipped_steps(run: Run) -> np.ndarray:
+    """Steps that optimizer.step() never took (a GradScaler skipping inf/NaN gradients)."""
+    if "skipped_step" not in run.quantities:
+        return np.zeros(0, dtype=np.int64)
+    s = run.series("skipped_step", "run")
+    return s.steps[np.nan_to_num(s.values[0]) > 0].astype(np.int64)
+
+
+def skipped_findings(run: Run, th: Thresholds) -> list[Finding]:
+    skipped = skipped_steps(run)
+    if not len(skipped) or "grad_norm" not in run.quantities:
+        return []
+    steps = run.series("grad_norm").steps
+    frac = len(skipped) / max(len(steps), 1)
+    if frac <= th.skipped_above:
+        return []
+    scale = ""
+    if "loss_scale" in run.quantities:
+        ls = run.series("loss_scale", "run")
+        scale = f"; the loss scale went from {sci(float(ls.values[0][0]))} to {sci(float(ls.values[0][-1]))}"
+    tail = steps[-min(10, len(steps)):]
+    persistent = bool(np.isin(tail, skipped).all())
+    return [Finding(
+        "skipped_steps", "critical" if persistent else "warning", (), (int(skipped[0]), int(skipped[-1])),
+        f"the GradScaler skipped {len(skipped)} of {len(steps)} steps ({frac:.0%}) for inf/NaN gradients"
+        + (", every one of the last ones" if persistent else ""),
+        f"skipped steps {_list_steps(skipped)}{scale}.",
+        "float16 gradients overflow even at a reduced loss scale" if not persistent else
+        "the gradients are non-finite at any loss scale: the model itself diverges (or the data holds NaN/Inf)",
+        remedies("bf16", "clip_norm", "lower_lr", "check_data"),
+        {"skipped": float(len(skipped)), "fraction": frac},
+        ("skipped_step (run)",) + (("loss_scale (run)",) if scale else ()),
+    )]
+
+
+def _list_steps(steps: np.ndarray, most: int = 8) -> str:
+    shown = ", ".join(str(int(x)) for x in steps[:most])
+    return shown + (f", … ({len(steps)} in all)" if len(steps) > most else "")
+
+
 def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
     if "nonfinite" not in run.quantities:
         return []
@@ -344,6 +384,8 @@ def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
     bad = np.nan_to_num(s.values, nan=0.0) > 0
     if g is not None and g.values.shape == s.values.shape:
         bad |= ~np.isfinite(g.values) & ~np.isnan(g.values) | np.isnan(g.values) & (s.values > 0)
+    # A step the GradScaler skipped changed no weight: it is a skipped step (skipped_findings), not a NaN casualty.
+    bad[:, np.isin(s.steps, skipped_steps(run))] = False
     cols = np.where(bad.any(axis=0))[0]
     if len(cols) == 0:
         return []
@@ -461,11 +503,15 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
 
 
 class _Before:
-    """A run seen only before a given step."""
+    """A run seen only before a given step, without the steps in ``drop``."""
 
-    def __init__(self, run: Run, limit: int) -> None:
+    def __init__(self, run: Run, limit: float, drop: np.ndarray | None = None) -> None:
         self._run, self._limit = run, limit
+        self._drop = drop if drop is not None else np.zeros(0, dtype=np.int64)
         self.path = run.path
+
+    def _keep(self, steps: np.ndarray) -> np.ndarray:
+        return (steps < self._limit) & ~np.isin(steps, self._drop)
 
     @property
     def quantities(self) -> list[str]:
@@ -473,7 +519,7 @@ class _Before:
 
     def series(self, quantity: str, kind: str = "layer") -> Series:
         s = self._run.series(quantity, kind)
-        keep = s.steps < self._limit
+        keep = self._keep(s.steps)
         return Series(s.quantity, s.names, s.steps[keep], s.values[:, keep])
 
     def entities(self, kind: str | None = None) -> list[Entity]:
@@ -485,7 +531,7 @@ class _Before:
 
     def temporal(self, name: str, quantity: str = "temporal_grad_norm") -> Series:
         s = self._run.temporal(name, quantity)
-        keep = s.steps < self._limit
+        keep = self._keep(s.steps)
         return Series(s.quantity, s.names, s.steps[keep], s.values[:, keep])
 
 
@@ -574,7 +620,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
     return found
 
 
-_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "stalled": 5}
+_ORDER = {"nonfinite": 0, "skipped_steps": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "stalled": 5}
 
 
 def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
@@ -587,10 +633,16 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     if not isinstance(th, Thresholds):
         raise TypeError(f"`diagnose(thresholds=…)` expects a gradwatch.Thresholds, got {type(th).__name__}")
     found = nonfinite_findings(run, th)
-    # After the first NaN/Inf every statistic is a casualty, not a cause: judge what came before.
-    view: Run = _Before(run, found[0].steps[0]) if found else run  # type: ignore[assignment]
+    skipped = skipped_findings(run, th)
+    # After the first NaN/Inf every statistic is a casualty, not a cause: judge what came before,
+    # leaving out the steps a GradScaler skipped (their gradients are inf/NaN by definition).
+    drop = skipped_steps(run)
+    if found or len(drop):
+        view: Run = _Before(run, found[0].steps[0] if found else np.inf, drop)  # type: ignore[assignment]
+    else:
+        view = run
     found += spike_findings(view, th) + fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
-    found += activation_findings(view, th)
+    found += activation_findings(view, th) + skipped
     found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))

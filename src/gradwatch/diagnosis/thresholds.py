@@ -52,3 +52,8 @@ class Thresholds:
     spike_after: int = 10
     spike_window: int = 20
     grad_norm_above: float = 1e3
+    # A GradScaler skips a step whose float16 gradients overflow and halves its
+    # scale; a handful of skips while the scale settles is its normal working.
+    # More than 5 % of the steps skipped means the gradients overflow even at a
+    # reduced scale: the model is losing that share of its updates.
+    skipped_above: float = 0.05

@@ -1,0 +1,118 @@
+"""The Lightning callback, in a real ``Trainer.fit`` on the CPU, against a naive reference callback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import gradwatch as gw  # noqa: E402
+from conftest import at_step, naive_layer_grad_norms  # noqa: E402
+from gradwatch.integrations.lightning import GradwatchCallback  # noqa: E402
+
+BATCHES = 12
+
+
+class Net(pl.LightningModule):
+    def __init__(self, bad_batches: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.bad_batches = bad_batches
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if batch_idx in self.bad_batches:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        return nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Reference(pl.Callback):
+    """What a user would write by hand: a loop over param.grad where Lightning hands over the gradients."""
+
+    def __init__(self) -> None:
+        self.norms: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms.append({f"net.{k}": v for k, v in naive_layer_grad_norms(pl_module.net).items()})
+
+
+def _loader():
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(BATCHES * 8, 8, generator=g), torch.randn(BATCHES * 8, 1, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _fit(module, callbacks, **trainer_kwargs):
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=callbacks, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         **trainer_kwargs)
+    trainer.fit(module, _loader())
+    return trainer
+
+
+def test_records_equal_the_gradients_lightning_hands_over_before_clipping(store):
+    cb, ref = GradwatchCallback(store=store, name="pl"), Reference()
+    _fit(Net(), [cb, ref], accumulate_grad_batches=2, gradient_clip_val=0.05)
+    run = cb.watch.open()
+    assert cb.watch.closed and run.meta["status"] == "closed"
+    assert run.meta["steps"] == BATCHES // 2 == len(ref.norms)  # one step per optimizer step
+    for step, expect in enumerate(ref.norms):
+        got = at_step(run, "grad_norm", step)
+        assert got.keys() == expect.keys()
+        for name, value in expect.items():
+            assert got[name] == pytest.approx(value, rel=1e-6), (step, name)
+    totals = [math.sqrt(sum(v * v for v in n.values())) for n in ref.norms]
+    assert max(totals) > 0.05 * 2  # the norms recorded are the unclipped ones
+    assert len(run.series("loss", "run").steps) == BATCHES // 2
+    assert "update_ratio" in run.quantities
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(store):
+    plain, watched = Net(), Net()
+    _fit(plain, [])
+    _fit(watched, [GradwatchCallback(store=store, name="same", every=1, activations=1, update_every=1)])
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_skipped_mixed_precision_step_is_recorded(store):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def plugin():
+        return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
+
+    cb, ref = GradwatchCallback(store=store, name="amp"), Reference()
+    _fit(Net(bad_batches=(4,)), [cb, ref], plugins=[plugin()])
+    fp32 = Reference()
+    _fit(Net(), [fp32])
+    run = cb.watch.open()
+    assert run.meta["steps"] == BATCHES
+    skipped = run.series("skipped_step", "run")
+    assert skipped.steps.tolist() == [4]
+    assert run.series("loss_scale", "run").values[0].tolist() == [2.0**12]
+    assert at_step(run, "nonfinite", 4)["net.0"] == 1
+    # unscaled: the float16 run's first gradients are the float32 run's, not 4096 times them
+    for name, value in fp32.norms[0].items():
+        assert at_step(run, "grad_norm", 0)[name] == pytest.approx(value, rel=0.02)
+    for step in (0, 5, 11):
+        for name, value in ref.norms[step].items():
+            assert at_step(run, "grad_norm", step)[name] == pytest.approx(value, rel=1e-6)
+    assert "nonfinite" not in gw.diagnose(run).kinds
+
+
+def test_bad_arguments_are_caught_when_the_callback_is_made():
+    with pytest.raises(ValueError, match=r"GradwatchCallback\(every=…\)` expects a positive int"):
+        GradwatchCallback(every=0)
+    with pytest.raises(ValueError, match=r"GradwatchCallback\(name=…\)"):
+        GradwatchCallback(name="a/b")
+    with pytest.raises(TypeError, match=r"GradwatchCallback\(store=…\)"):
+        GradwatchCallback(store=3)
