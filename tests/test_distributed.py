@@ -83,3 +83,83 @@ def test_follower_refuses_to_read_back():
     follower.close()
     with pytest.raises(RuntimeError, match=r"`Watch.diagnose\(\)` on rank 1: only rank 0 records"):
         follower.diagnose()
+
+
+FSDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    import gradwatch as gw
+
+    rank, world, store, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    # odd sizes: the slices of 15 and 7 rows are uneven across 2 ranks
+    model = nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 7), nn.ReLU(), nn.Linear(7, 3))
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    w = gw.watch(model, opt, activations=False, update_every=1, store=store, name="fsdp")
+    local = []  # what a peer that forgets the other slices would report: this rank's slice only
+    for step in range(5):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        shard = slice(rank * 8, rank * 8 + 8)  # each rank takes half of the same batch
+        loss = nn.functional.cross_entropy(model(x[shard]), y[shard])
+        opt.zero_grad()
+        loss.backward()
+        local.append(float(model[2].weight.grad.to_local().norm()))
+        opt.step()
+    w.close()
+    print(f"rank {rank}: {w!r}", flush=True)
+    print("local", *local, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+    """
+)
+
+
+def test_fsdp2_rank0_records_equal_the_single_process_run(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rendezvous = tmp_path / "rendezvous"
+    procs = [subprocess.Popen([sys.executable, "-c", FSDP_SCRIPT, str(r), "2", str(tmp_path / f"rank{r}"),
+                               str(rendezvous)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "shard follower on rank 1, step 5" in outs[1][0]
+    assert not (tmp_path / "rank1").exists()  # only rank 0 writes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 7), nn.ReLU(), nn.Linear(7, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    grads, params, weights, ratios = [], [], [], []
+    layers = (model[0], model[2], model[4])
+    for _ in range(5):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        grads.append([float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()) for m in layers])
+        params.append([float(p.grad.norm()) for m in layers for p in m.parameters()])
+        before = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]).clone() for m in layers]
+        opt.step()
+        after = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in layers]
+        weights.append([float(b.norm()) for b in before])
+        ratios.append([float((a - b).norm() / b.norm()) for a, b in zip(after, before)])
+    run = gw.open_run(tmp_path / "rank0" / "fsdp")
+    s = run.series("grad_norm")
+    assert s.names == ["0", "2", "4"]
+    np.testing.assert_allclose(s.values, np.array(grads).T, rtol=1e-6)
+    np.testing.assert_allclose(run.series("grad_norm", "param").values, np.array(params).T, rtol=1e-6)
+    np.testing.assert_allclose(run.series("weight_norm").values, np.array(weights).T, rtol=1e-6)
+    np.testing.assert_allclose(run.series("update_ratio").values, np.array(ratios).T, rtol=1e-5)
+    # the mistake the issue warns of: a slice's norm is not the tensor's
+    local = [float(v) for v in outs[0][0].split("local", 1)[1].split()]
+    assert all(abs(a - b) / b > 0.05 for a, b in zip(local, np.array(grads)[:, 1]))

@@ -74,7 +74,7 @@ class Watch:
         every: Schedule,
         sampled: Schedule | None,
         update: Schedule | None,
-        run_dir: Path,
+        run_dir: Path | None,
         temporal: list[tuple[str, nn.Module]] | None = None,
         driver: str = "auto",
         scaler: Any = None,
@@ -91,7 +91,7 @@ class Watch:
         self._scale_updated = driver == "external"
         self._stepped = False  # optimizer.step() ran since the gradients were read
         self._staged: dict | None = None  # gradient statistics read early (before clipping), for the step
-        self.path = run_dir
+        self.path: Path = run_dir  # type: ignore[assignment]  # None on a shard follower (rank ≠ 0)
         self._every, self._sampled = every, sampled
         self._update = update if optimizer is not None else None
         self._closed = False
@@ -122,7 +122,9 @@ class Watch:
         self._callback_queued = False
         self._key_cache: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
 
-        self._writer = StoreWriter(run_dir / DB_NAME)  # fails here if the store is unwritable
+        # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
+        # and keeps nothing.
+        self._writer: Any = StoreWriter(run_dir / DB_NAME) if run_dir is not None else _Discard()
         self._entity: dict[tuple[str, str], int] = {}
         self._quantity: dict[str, int] = {}
         self._layer_ids = np.array([self._entity_id(l.name, "layer", type(l.module).__name__) for l in self._layers])
@@ -587,6 +589,15 @@ class Watch:
             self._writer.close()
 
 
+class _Discard:
+    """A store writer that keeps nothing: ranks other than 0 of a sharded job."""
+
+    error = None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
 class _ScalerStepWrap:
     """Wraps one GradScaler's ``step`` (on the instance) so that a step it skips is recorded.
 
@@ -670,6 +681,47 @@ class FollowerWatch(Watch):
 
     def __repr__(self) -> str:
         return f"<gradwatch.Watch follower on rank {self.rank}: only rank 0 records>"
+
+
+class ShardFollowerWatch(Watch):
+    """What ``watch`` returns on a rank other than 0 when the model's parameters are sharded (FSDP2).
+
+    Each rank holds a slice of every parameter, so every rank reads its own
+    slices and takes part in the all-reduce of squared norms; only rank 0
+    keeps the result. Activation statistics are rank 0's alone (its batch).
+    Reading back is rank 0's.
+    """
+
+    def __init__(self, rank: int, *args: Any, **kwargs: Any) -> None:
+        self.rank = rank
+        super().__init__(*args, **kwargs)
+
+    def _only_rank_0(self, what: str) -> RuntimeError:
+        return FollowerWatch._only_rank_0(self, what)  # type: ignore[arg-type]
+
+    def open(self) -> Run:
+        raise self._only_rank_0("open")
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
+        raise self._only_rank_0("diagnose")
+
+    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None) -> Path:
+        raise self._only_rank_0("report")
+
+    def summary(self, thresholds: Thresholds | None = None) -> str:
+        raise self._only_rank_0("summary")
+
+    def flush(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<gradwatch.Watch shard follower on rank {self.rank}, step {self._step}: only rank 0 records>"
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from gradwatch.probes.grads import _is_dtensor
+
+    return any(_is_dtensor(p) for p in model.parameters())
 
 
 def _rank() -> int:
@@ -786,10 +838,12 @@ def watch(
         name: this run's name, a directory under ``store`` (default: the model's
             class and the time).
         overwrite: replace an existing run of the same name.
-        In a ``torch.distributed`` job only rank 0 records (under DDP every rank
-        holds the same all-reduced gradients); other ranks get a
-        :class:`FollowerWatch` that records nothing. Sharded parameters
-        (FSDP) are not supported yet.
+        In a ``torch.distributed`` job only rank 0 records. Under DDP every
+        rank holds the same all-reduced gradients, and the other ranks get a
+        :class:`FollowerWatch` that does nothing. With sharded parameters
+        (FSDP2's ``fully_shard``) every rank must call ``watch`` with the same
+        schedules: each reads its slices, one all-reduce of squared norms per
+        recorded step gives the whole tensors' norms, and rank 0 writes.
         temporal: record ‖∂L/∂h_t‖ at every time step of recurrent modules, on
             the ``activations`` schedule. True: every ``nn.RNN``/``nn.GRU``/
             ``nn.LSTM`` and ``nn.*Cell``; or the names of the modules to
@@ -863,6 +917,9 @@ def _make_watch(
             f"close that watch first"
         )
     rank = _rank()
+    if rank != 0 and _is_sharded(model):  # FSDP: every rank holds a slice; all take part, rank 0 writes
+        return ShardFollowerWatch(rank, model, optimizer, every_s, None, update, None, None, driver=driver,
+                                  scaler=scaler)
     if rank != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
         return FollowerWatch(rank)
     run_dir = _run_dir(store, name, model, overwrite, caller)

@@ -16,11 +16,19 @@ back as tensors; nothing here copies to the host.
   the weights taken before the step (memory: one more copy of the trainable
   parameters, held only during that step), hence its sparser schedule.
   Undefined, and not recorded, where ‖w_before‖ = 0.
+
+Sharded parameters (FSDP2's ``fully_shard``, DTensor with ``Shard``
+placements): each rank holds a slice of every tensor, so each rank takes the
+squared norms of its own slices and one all-reduce per step sums them across
+the mesh dimensions that shard, before the square root. Every rank must take
+part, on the same steps; ``Replicate`` dimensions hold copies and are not
+summed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,6 +66,41 @@ def fused_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
     return out
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's own slice (no communication for sharded tensors); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and _is_dtensor(t) else t
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _shard_groups(params: list[torch.nn.Parameter], device: torch.device) -> list[tuple[list[Any], Tensor]]:
+    """(process groups to sum over, indices of the parameters sharded that way), for DTensor parameters."""
+    by_key: dict[tuple, tuple[list[Any], list[int]]] = {}
+    for i, p in enumerate(params):
+        if not _is_dtensor(p):
+            continue
+        mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+        for pl in placements:
+            if not (pl.is_shard() or pl.is_replicate()):
+                raise NotImplementedError(f"gradwatch reads sharded (Shard) and replicated DTensor parameters; "
+                                          f"got placement {pl} on parameter {i}")
+        dims = tuple(d for d, pl in enumerate(placements) if pl.is_shard())
+        if not dims:
+            continue
+        key = (id(mesh), dims)
+        if key not in by_key:
+            by_key[key] = ([mesh.get_group(d) for d in dims], [])
+        by_key[key][1].append(i)
+    return [(groups, torch.tensor(idx, device=device)) for groups, idx in by_key.values()]
+
+
 @dataclass
 class _Plan:
     """Index tensors for one set of parameters that have gradients."""
@@ -91,6 +134,7 @@ class GradProbe:
                 self.pair_layer.append(li)
                 self.pair_names.append(param_name(layer.name, attr))
         self.device = self.params[0].device
+        self._shards = _shard_groups(self.params, self.device)
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._before: list[Tensor] | None = None
         self._all = self._plan(tuple(range(len(self.params))))
@@ -113,6 +157,26 @@ class GradProbe:
             self._plans[present] = plan
         return plan
 
+    def _sum_shards(self, norms: Tensor, present: tuple[int, ...]) -> Tensor:
+        """Norms of whole tensors from the norms of this rank's slices: √(all-reduced Σ slice²)."""
+        if not self._shards:
+            return norms
+        import torch.distributed as dist
+
+        where = torch.full((len(self.params),), -1, dtype=torch.long)
+        where[list(present)] = torch.arange(len(present))
+        sq = norms * norms
+        for groups, idx in self._shards:
+            pos = where[idx.cpu()]
+            pos = pos[pos >= 0].to(norms.device)
+            if len(pos) == 0:
+                continue
+            part = sq[pos]
+            for group in groups:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            sq[pos] = part
+        return sq.sqrt()
+
     @staticmethod
     def _per_pair(plan: _Plan, per_param: Tensor) -> Tensor:
         return per_param if plan.pair_pos is None else per_param[plan.pair_pos]
@@ -134,8 +198,8 @@ class GradProbe:
         if not present:
             return None
         plan = self._plan(present)
-        grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
-        norms = fused_norms(grads, self.device)  # (n_present,)
+        grads: list[Tensor] = [_local(self.params[i].grad) for i in present]  # type: ignore[arg-type]
+        norms = self._sum_shards(fused_norms(grads, self.device), present)  # (n_present,)
         stats: Stats = {"grad_norm": (plan.layers, self._per_layer(plan, norms), plan.pairs, self._per_pair(plan, norms))}
         flags = (~torch.isfinite(norms)).to(torch.float64)
         stats["nonfinite"] = (plan.layers, self._layer_sum(plan, flags), [], plan.zeros[:0])
@@ -144,7 +208,7 @@ class GradProbe:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the weights before the optimizer step (for the update ratio)."""
-        self._before = [p.detach().clone() for p in self.params]
+        self._before = [_local(p.detach()).clone() for p in self.params]
 
     @property
     def has_snapshot(self) -> bool:
@@ -155,10 +219,11 @@ class GradProbe:
         """Weight norms before the step and update ratios across it; frees the snapshot."""
         before, self._before = self._before, None
         assert before is not None, "updates() without snapshot()"
-        after = [p.detach() for p in self.params]
+        after = [_local(p.detach()) for p in self.params]
         diffs = list(torch._foreach_sub(after, before))
-        delta = fused_norms(diffs, self.device)
-        weight = fused_norms(before, self.device)
+        everyone = tuple(range(len(self.params)))
+        delta = self._sum_shards(fused_norms(diffs, self.device), everyone)
+        weight = self._sum_shards(fused_norms(before, self.device), everyone)
         del diffs, before
         plan = self._all
         pair_w, pair_d = self._per_pair(plan, weight), self._per_pair(plan, delta)

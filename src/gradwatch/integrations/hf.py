@@ -1,0 +1,97 @@
+"""Hugging Face ``Trainer``: ``Trainer(..., callbacks=[GradwatchCallback()])``.
+
+The Trainer clips the gradients (``max_grad_norm``, 1.0 by default) before
+any callback sees them, and a clipped gradient hides exactly what gradwatch
+looks for. So the callback reads the gradient statistics at the end of the
+backward pass that completes each optimizer step (the last micro-batch of a
+gradient-accumulation window), before clipping; with float16 and a loss
+scaler, the norms are divided by the scale still on them. Weights are copied
+for the update ratio in ``on_pre_optimizer_step``, and the step closes in
+``on_step_end``. A step the float16 scaler skips is recorded with
+``skipped_step`` = 1 and the ``loss_scale``. The training loss of each step is
+logged as ``loss`` when the Trainer logs it.
+
+Needs ``pip install 'gradwatch[hf]'`` (transformers and accelerate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradwatch.integrations._common import WatchOptions, require
+from gradwatch.schedules import Schedule
+from gradwatch.watch import Watch
+
+_transformers = require("transformers", "hf", "gradwatch.integrations.hf")
+
+
+class GradwatchCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-defined]
+    """Watch a model's gradients while ``Trainer.train`` trains it.
+
+    Takes :func:`gradwatch.watch`'s keyword arguments. After training,
+    ``callback.watch`` is the (closed) :class:`~gradwatch.Watch`; its run is
+    at ``callback.path``. Under torch.distributed only rank 0 records.
+    """
+
+    def __init__(
+        self,
+        *,
+        every: int | Schedule = 1,
+        activations: bool | int | Schedule = True,
+        update_every: bool | int | Schedule = True,
+        store: str | Path | None = None,
+        name: str | None = None,
+        overwrite: bool = False,
+        temporal: bool | list[str] = False,
+    ) -> None:
+        self._options = WatchOptions("GradwatchCallback", every, activations, update_every, store, name,
+                                     overwrite, temporal)
+        self.watch: Watch | None = None
+        self._optimizer: Any = None
+        self._measured = False
+
+    @property
+    def path(self) -> Path | None:
+        """The run directory (None before training starts, and on ranks other than 0)."""
+        return self.watch.path if self.watch is not None else None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        if self.watch is not None and not self.watch.closed:
+            raise RuntimeError("GradwatchCallback is already watching a run; use one callback per Trainer.train")
+        if model is None or optimizer is None:
+            raise RuntimeError("GradwatchCallback.on_train_begin: the Trainer passed no model or optimizer")
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        scaler = getattr(optimizer, "scaler", None)
+        self._optimizer = optimizer
+        self.watch = self._options.start(model, inner, scaler)
+        gradient_state = getattr(optimizer, "gradient_state", None)
+
+        def last_micro_batch() -> bool:  # the backward whose gradients the optimizer will step on
+            return gradient_state is None or bool(gradient_state.sync_gradients)
+
+        def scale() -> float | None:  # a float16 loss scale still on the gradients (a host read)
+            return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
+        self.watch._stage_after_backward(last_micro_batch, scale)
+        self._measured = False
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watch is not None:
+            self.watch._gradients_ready()
+            self._measured = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watch is not None and self._measured:
+            self.watch._step_done()
+            self._measured = False
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if self.watch is not None and isinstance(loss, (int, float)):
+            self.watch.log(loss=float(loss))  # after on_step_end: joins the step that just ended
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watch is not None:
+            self.watch.close()

@@ -1,0 +1,95 @@
+"""The Hugging Face callback, in a real ``Trainer.train`` of a tiny GPT-2 built from a config (offline)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from conftest import at_step, naive_layer_grad_norms  # noqa: E402
+from gradwatch.integrations.hf import GradwatchCallback  # noqa: E402
+
+STEPS = 4
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _dataset():
+    ids = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+class PostClip(transformers.TrainerCallback):
+    """A naive loop over param.grad where the Trainer hands over the gradients: after it clipped them."""
+
+    def __init__(self) -> None:
+        self.norms: list[dict[str, float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.norms.append(naive_layer_grad_norms(model))
+
+
+def _train(tmp_path, callbacks, max_grad_norm=0.01, **more):
+    settings = dict(use_cpu=True, gradient_accumulation_steps=2, max_grad_norm=max_grad_norm, report_to=[],
+                    logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0) | more
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=STEPS,
+                                          per_device_train_batch_size=4, **settings)
+    model = _gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    trainer.train()
+    return model, trainer
+
+
+def test_records_are_the_gradients_before_the_trainer_clips_them(tmp_path, store):
+    cb, post = GradwatchCallback(store=store, name="gpt2"), PostClip()
+    _, trainer = _train(tmp_path, [cb, post])
+    hf_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]  # the Trainer's pre-clip norm
+    assert len(hf_norms) == STEPS and min(hf_norms) > 0.01 * 10  # clipping really cut them
+    run = cb.watch.open()
+    assert run.meta["steps"] == STEPS and run.meta["status"] == "closed"
+    params = run.records("grad_norm", "param")
+    for step in range(STEPS):
+        # The total over distinct parameters (lm_head.weight is wte.weight, tied) is the Trainer's own number.
+        sel = (params["step"] == step) & (params["layer"] != "lm_head.weight")
+        total = math.sqrt(float((params["value"][sel] ** 2).sum()))
+        assert total == pytest.approx(hf_norms[step], rel=1e-5)
+        # Per layer: clipping scales every gradient by one factor, so the naive post-clip norms times
+        # (pre-clip total / post-clip total) are the pre-clip ones.
+        after = post.norms[step]
+        after_total = math.sqrt(sum(v * v for k, v in after.items() if k != "lm_head"))
+        got = at_step(run, "grad_norm", step)
+        assert got.keys() == after.keys()
+        for name, value in after.items():
+            assert got[name] == pytest.approx(value * hf_norms[step] / after_total, rel=1e-4), (step, name)
+    assert len(run.series("loss", "run").steps) == STEPS
+    assert "update_ratio" in run.quantities and "out_grad_norm" in run.quantities
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, store):
+    plain, _ = _train(tmp_path / "a", [])
+    watched, _ = _train(tmp_path / "b", [GradwatchCallback(store=store, name="same", activations=1, update_every=1)])
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters()):
+        assert torch.equal(a, b), name
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate uses a float16 loss scaler on CUDA only")
+def test_float16_norms_are_divided_by_the_loss_scale(tmp_path, store):
+    """With fp16=True accelerate scales the loss with a GradScaler; the records are of the unscaled gradients."""
+    cb = GradwatchCallback(store=store, name="fp16")
+    _, trainer = _train(tmp_path, [cb], fp16=True, use_cpu=False)
+    assert trainer.accelerator.scaler is not None
+    hf_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    params = cb.watch.open().records("grad_norm", "param")
+    for step in range(STEPS):
+        sel = (params["step"] == step) & (params["layer"] != "lm_head.weight")
+        assert math.sqrt(float((params["value"][sel] ** 2).sum())) == pytest.approx(hf_norms[step], rel=1e-3)
