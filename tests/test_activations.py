@@ -99,3 +99,31 @@ def test_indicator_fast_path_equals_general_path(module):
     fast = call_stats(spec, module, x, y)
     slow = call_stats(dataclasses.replace(spec, indicator=None), module, x, y)
     torch.testing.assert_close(fast, slow)
+
+
+def test_bfloat16_activations_read_in_place_equal_a_float64_reference(store):
+    """Under autocast the activations are bfloat16: statistics accumulate in float32 without a float copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(),
+                          nn.Linear(64, 1))
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in (1, 3, 5):
+        model[i].register_forward_hook(lambda m, a, y, i=i: seen.__setitem__(str(i), (a[0].detach(), y.detach())))
+    with gw.watch(model, activations=1, store=store, name="bf16") as w:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(256, 16) * 3)
+        out.float().sum().backward()
+    run = w.open()
+    assert all(y.dtype == torch.bfloat16 for _, y in seen.values())
+    for name, (x, y) in seen.items():
+        y64, x64 = y.double(), x.double()
+        assert at_step(run, "act_mean", 0, "activation")[name] == pytest.approx(float(y64.mean()), rel=1e-5, abs=1e-7)
+        assert at_step(run, "act_std", 0, "activation")[name] == pytest.approx(float(y64.std(unbiased=False)), rel=1e-5)
+        d = activation_spec(model[int(name)]).derivative(model[int(name)], x64, y64)  # φ' in float64
+        # gradwatch evaluates φ' in the activation's own bfloat16 (8 bits of mantissa): within 1 %
+        assert at_step(run, "deriv_rms", 0, "activation")[name] == pytest.approx(float(d.pow(2).mean().sqrt()),
+                                                                                  rel=1e-2)
+    assert at_step(run, "saturated_frac", 0, "activation")["1"] == pytest.approx(float((seen["1"][1].double().abs()
+                                                                                         > 0.99).double().mean()))
+    relu_in = seen["3"][0]
+    assert at_step(run, "dead_frac", 0, "activation")["3"] == float((relu_in <= 0).all(dim=0).double().mean())

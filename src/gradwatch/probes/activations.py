@@ -163,15 +163,30 @@ def first_tensor(args: tuple) -> Tensor | None:
     return None
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _moments(y: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, E[y²]) accumulated in at least float32, without a float32 copy of a half-precision ``y``."""
+    acc = torch.float32 if y.dtype in _HALF else None
+    return y.mean(dtype=acc), torch.linalg.vector_norm(y, dtype=acc).square() / y.numel()
+
+
 @torch.no_grad()
 def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tensor:
     """Statistics of one call, on the device: (mean, var, inactive fraction, mean φ'²).
 
     The inactive fraction is the saturated fraction for bounded units and the
     dead fraction for ReLU-likes; NaN where the derivative cannot be known.
+    Under autocast the activation is read as it is (bfloat16 or float16), with
+    float32 accumulation: no float32 copy of the activation is made.
     """
     x, y = x.detach(), y.detach()
-    var, mean = torch.var_mean(y.float(), correction=0)
+    if y.dtype in _HALF:
+        mean, meansq = _moments(y)
+        var = (meansq - mean * mean).clamp_min(0)
+    else:
+        var, mean = torch.var_mean(y, correction=0)  # one pass (Welford) in y's own precision
     if spec.needs_input and getattr(module, "inplace", False):  # the input is gone, so is the derivative
         nan = torch.full_like(mean, float("nan"))
         return torch.stack([mean, var, nan, nan])
@@ -183,13 +198,13 @@ def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tenso
         else:
             frac = 1 - _per_unit(active).any(dim=0).to(mean.dtype).mean()
         return torch.stack([mean, var, frac, on * spec.peak**2])
-    d = spec.derivative(module, x, y).float()
+    d = spec.derivative(module, x, y)
     inactive = d.abs() < INACTIVE_BELOW * spec.peak
     if spec.family == "bounded":
-        frac = inactive.float().mean()
+        frac = inactive.to(mean.dtype).mean()
     else:
-        frac = _per_unit(inactive).all(dim=0).float().mean()
-    return torch.stack([mean, var, frac, (d * d).mean()])
+        frac = _per_unit(inactive).all(dim=0).to(mean.dtype).mean()
+    return torch.stack([mean, var, frac, _moments(d)[1].to(mean.dtype)])
 
 
 def _per_unit(mask: Tensor) -> Tensor:
