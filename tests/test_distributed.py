@@ -163,3 +163,27 @@ def test_fsdp2_rank0_records_equal_the_single_process_run(tmp_path):
     # the mistake the issue warns of: a slice's norm is not the tensor's
     local = [float(v) for v in outs[0][0].split("local", 1)[1].split()]
     assert all(abs(a - b) / b > 0.05 for a, b in zip(local, np.array(grads)[:, 1]))
+
+
+def test_fsdp1_is_refused_with_the_way_out(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, torch, torch.distributed as dist
+        from torch import nn
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        import gradwatch as gw
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+        model = FullyShardedDataParallel(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), device_id=torch.device("cpu"))
+        try:
+            gw.watch(model, store="{tmp_path / 'runs'}")
+        except NotImplementedError as exc:
+            print("refused:", exc, flush=True)
+        dist.destroy_process_group()
+        os._exit(0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused: `watch(model=…)`: the model is wrapped in FullyShardedDataParallel (FSDP1)" in out.stdout
+    assert "fully_shard (FSDP2)" in out.stdout
+    assert not (tmp_path / "runs").exists()

@@ -718,6 +718,14 @@ class ShardFollowerWatch(Watch):
         return f"<gradwatch.Watch shard follower on rank {self.rank}, step {self._step}: only rank 0 records>"
 
 
+def _uses_fsdp1(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def _is_sharded(model: nn.Module) -> bool:
     from gradwatch.probes.grads import _is_dtensor
 
@@ -879,6 +887,12 @@ def _make_watch(
     """``watch`` with the driver chosen: "auto", or "external" for an integration's callbacks."""
     if not isinstance(model, nn.Module):
         raise TypeError(bad_argument(caller, "model", "a torch.nn.Module", model))
+    if _uses_fsdp1(model):
+        raise NotImplementedError(
+            f"`{caller}(model=…)`: the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat parameters "
+            f"hide the layers' own tensors; shard it with torch.distributed.fsdp.fully_shard (FSDP2) instead, "
+            f"which gradwatch measures exactly"
+        )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             f"`{caller}(model=…)`: {type(model).__name__} has no parameters that require grad, so there is nothing to watch"
