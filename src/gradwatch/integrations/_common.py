@@ -54,3 +54,35 @@ class WatchOptions:
     def start(self, model: nn.Module, optimizer: Any, scaler: Any = None) -> Watch:
         """The watch, driven by the integration's callbacks rather than the optimizer's hooks."""
         return _make_watch(model, optimizer, scaler=scaler, driver="external", caller=self.caller, **self.kwargs)
+
+
+class WatchingCallback:
+    """What the Lightning and Hugging Face callbacks share: the options, the watch, its path."""
+
+    def __init__(
+        self,
+        *,
+        every: int | Schedule = 1,
+        activations: bool | int | Schedule = True,
+        update_every: bool | int | Schedule = True,
+        store: str | Path | None = None,
+        name: str | None = None,
+        overwrite: bool = False,
+        temporal: bool | list[str] = False,
+    ) -> None:
+        self._options = WatchOptions("GradwatchCallback", every, activations, update_every, store, name,
+                                     overwrite, temporal)
+        self.watch: Watch | None = None
+        self._measured = False  # gradients read in this step: the step is to be closed
+
+    @property
+    def path(self) -> Path | None:
+        """The run directory (None before training starts, and on ranks other than 0)."""
+        return self.watch.path if self.watch is not None else None
+
+    def _start(self, model: nn.Module, optimizer: Any, scaler: Any, loop: str) -> Watch:
+        if self.watch is not None and not self.watch.closed:
+            raise RuntimeError(f"GradwatchCallback is already watching a run; use one callback per {loop}")
+        self.watch = self._options.start(model, optimizer, scaler)
+        self._measured = False
+        return self.watch

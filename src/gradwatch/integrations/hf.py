@@ -16,17 +16,14 @@ Needs ``pip install 'gradwatch[hf]'`` (transformers and accelerate).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from gradwatch.integrations._common import WatchOptions, require
-from gradwatch.schedules import Schedule
-from gradwatch.watch import Watch
+from gradwatch.integrations._common import WatchingCallback, require
 
 _transformers = require("transformers", "hf", "gradwatch.integrations.hf")
 
 
-class GradwatchCallback(_transformers.TrainerCallback):  # type: ignore[misc,name-defined]
+class GradwatchCallback(WatchingCallback, _transformers.TrainerCallback):  # type: ignore[misc,name-defined]
     """Watch a model's gradients while ``Trainer.train`` trains it.
 
     Takes :func:`gradwatch.watch`'s keyword arguments. After training,
@@ -34,38 +31,13 @@ class GradwatchCallback(_transformers.TrainerCallback):  # type: ignore[misc,nam
     at ``callback.path``. Under torch.distributed only rank 0 records.
     """
 
-    def __init__(
-        self,
-        *,
-        every: int | Schedule = 1,
-        activations: bool | int | Schedule = True,
-        update_every: bool | int | Schedule = True,
-        store: str | Path | None = None,
-        name: str | None = None,
-        overwrite: bool = False,
-        temporal: bool | list[str] = False,
-    ) -> None:
-        self._options = WatchOptions("GradwatchCallback", every, activations, update_every, store, name,
-                                     overwrite, temporal)
-        self.watch: Watch | None = None
-        self._optimizer: Any = None
-        self._measured = False
-
-    @property
-    def path(self) -> Path | None:
-        """The run directory (None before training starts, and on ranks other than 0)."""
-        return self.watch.path if self.watch is not None else None
-
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
-        if self.watch is not None and not self.watch.closed:
-            raise RuntimeError("GradwatchCallback is already watching a run; use one callback per Trainer.train")
         if model is None or optimizer is None:
             raise RuntimeError("GradwatchCallback.on_train_begin: the Trainer passed no model or optimizer")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         scaler = getattr(optimizer, "scaler", None)
-        self._optimizer = optimizer
-        self.watch = self._options.start(model, inner, scaler)
+        watch = self._start(model, inner, scaler, "Trainer.train")
         gradient_state = getattr(optimizer, "gradient_state", None)
 
         def last_micro_batch() -> bool:  # the backward whose gradients the optimizer will step on
@@ -74,8 +46,7 @@ class GradwatchCallback(_transformers.TrainerCallback):  # type: ignore[misc,nam
         def scale() -> float | None:  # a float16 loss scale still on the gradients (a host read)
             return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
-        self.watch._stage_after_backward(last_micro_batch, scale)
-        self._measured = False
+        watch._stage_after_backward(last_micro_batch, scale)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watch is not None:

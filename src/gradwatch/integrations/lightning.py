@@ -17,12 +17,9 @@ Needs ``pip install 'gradwatch[lightning]'`` (either ``lightning`` or
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any
 
-from gradwatch.integrations._common import WatchOptions, require
-from gradwatch.schedules import Schedule
-from gradwatch.watch import Watch
+from gradwatch.integrations._common import WatchingCallback, require
 
 if importlib.util.find_spec("lightning") is not None:
     _pl = require("lightning.pytorch", "lightning", "gradwatch.integrations.lightning")
@@ -30,7 +27,7 @@ else:
     _pl = require("pytorch_lightning", "lightning", "gradwatch.integrations.lightning")
 
 
-class GradwatchCallback(_pl.Callback):  # type: ignore[misc,name-defined]
+class GradwatchCallback(WatchingCallback, _pl.Callback):  # type: ignore[misc,name-defined]
     """Watch a LightningModule's gradients while ``Trainer.fit`` trains it.
 
     Takes :func:`gradwatch.watch`'s keyword arguments. After ``fit``,
@@ -42,36 +39,11 @@ class GradwatchCallback(_pl.Callback):  # type: ignore[misc,name-defined]
     Under DDP only rank 0 records, as with ``gw.watch``.
     """
 
-    def __init__(
-        self,
-        *,
-        every: int | Schedule = 1,
-        activations: bool | int | Schedule = True,
-        update_every: bool | int | Schedule = True,
-        store: str | Path | None = None,
-        name: str | None = None,
-        overwrite: bool = False,
-        temporal: bool | list[str] = False,
-    ) -> None:
-        super().__init__()
-        self._options = WatchOptions("GradwatchCallback", every, activations, update_every, store, name,
-                                     overwrite, temporal)
-        self.watch: Watch | None = None
-        self._measured = False  # gradients read in this batch: the batch ends a step
-
-    @property
-    def path(self) -> Path | None:
-        """The run directory (None before training starts, and on ranks other than 0)."""
-        return self.watch.path if self.watch is not None else None
-
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.watch is not None and not self.watch.closed:
-            raise RuntimeError("GradwatchCallback is already watching a run; use one callback per Trainer.fit")
         optimizers = trainer.optimizers
         optimizer = optimizers[0] if len(optimizers) == 1 else None  # several: update ratios without skip checks
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.watch = self._options.start(pl_module, optimizer, scaler)
-        self._measured = False
+        self._start(pl_module, optimizer, scaler, "Trainer.fit")
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.watch is not None and not self._measured:
