@@ -58,9 +58,9 @@ def _train(scaled: bool, store=None, reference: list | None = None):
     return model, w, scales
 
 
-def test_statistics_are_of_the_unscaled_gradients(store):
+def test_statistics_are_of_the_unscaled_gradients(store, tmp_path):
     ref: list[dict[str, float]] = []
-    _train(scaled=False, reference=ref)  # plain float32, no scaler: the gradients themselves
+    _, plain, _ = _train(scaled=False, store=tmp_path / "plain", reference=ref)  # float32, no scaler
     _, w, scales = _train(scaled=True, store=store)
     assert max(scales) >= 2.0**12  # the loss really was scaled
     run = w.open()
@@ -70,6 +70,9 @@ def test_statistics_are_of_the_unscaled_gradients(store):
         got = at_step(run, "grad_norm", step)
         for name, value in expect.items():
             assert got[name] == pytest.approx(value, rel=1e-6), (step, name)
+    # ‖∂L/∂a‖ is read during backward, where the scale is still on it: divided by the scale of that step
+    expect = at_step(plain.open(), "out_grad_norm", 0)
+    assert expect and at_step(run, "out_grad_norm", 0) == pytest.approx(expect, rel=1e-6)
 
 
 def test_skipped_steps_are_recorded_and_training_is_unchanged(store):

@@ -91,6 +91,7 @@ class Watch:
         self._scale_updated = driver == "external"
         self._stepped = False  # optimizer.step() ran since the gradients were read
         self._staged: dict | None = None  # gradient statistics read early (before clipping), for the step
+        self._step_scale: Tensor | None = None  # the loss scale on this step's backward pass
         self.path: Path = run_dir  # type: ignore[assignment]  # None on a shard follower (rank ≠ 0)
         self._every, self._sampled = every, sampled
         self._update = update if optimizer is not None else None
@@ -295,6 +296,8 @@ class Watch:
 
     def _add_temporal(self) -> None:
         for name, quantity, pos, values in self._temporal.take():
+            if quantity == "temporal_grad_norm" and self._step_scale is not None:
+                values = values / self._step_scale
             eid, qid = self._recurrent_ids[name], self._quantity_id(quantity)
             keys = np.stack([np.full(len(pos), eid), np.full(len(pos), qid), np.asarray(pos)], axis=1)
             self._add(keys, values)
@@ -335,6 +338,24 @@ class Watch:
         self._mark_skipped()
         self._step_done()
 
+    def _loss_scale(self) -> Tensor | None:
+        """The loss scale on this step's backward if ‖∂L/∂a‖ or ‖∂L/∂h_t‖ was read during it, else None.
+
+        Taken before the step: ``scaler.update()`` changes it afterwards.
+        """
+        if not (self._sample_on and self._sample_step == self._step):
+            return None
+        return self._scale_now()
+
+    def _scale_now(self) -> Tensor | None:
+        """The GradScaler's current scale as a float64 device tensor (no host read), or None without one."""
+        if self._scaler is None or not self._scaler.is_enabled():
+            return None
+        scale = getattr(self._scaler, "_scale", None)  # the scaler's own tensor, on the device
+        if not isinstance(scale, Tensor):  # not created yet, or a scaler of another make
+            return torch.tensor(float(self._scaler.get_scale()), dtype=torch.float64, device=self._device)
+        return scale.detach().to(self._device, torch.float64).reshape(())
+
     def _mark_skipped(self) -> None:
         self.log(skipped_step=1.0)
         if self._scaler is not None:  # the scale this step used; a host read, on skipped steps only
@@ -345,7 +366,7 @@ class Watch:
 
     # -- the two calls an integration makes ----------------------------------------------
     @_guarded
-    def _stage_gradients(self, scale: float | None = None) -> None:
+    def _stage_gradients(self, scale: Tensor | float | None = None) -> None:
         """Read the gradient statistics now (before clipping), to be kept by the next _gradients_ready().
 
         ``scale``: a loss scale still on the gradients (float16 with a GradScaler that has not unscaled
@@ -353,17 +374,17 @@ class Watch:
         """
         if self._every(self._step):
             stats = self._grads.gradients()
-            if stats is not None and scale is not None and scale != 1.0:
+            if stats is not None and scale is not None:
                 layers, per_layer, pairs, per_pair = stats["grad_norm"]
                 stats["grad_norm"] = (layers, per_layer / scale, pairs, per_pair / scale)
             self._staged = stats
 
-    def _stage_after_backward(self, when: Callable[[], bool], scale: Callable[[], float | None]) -> None:
+    def _stage_after_backward(self, when: Callable[[], bool]) -> None:
         """At the end of every backward pass for which ``when()`` holds, stage the gradient statistics.
 
         For trainers that clip the gradients before any callback sees them (Hugging Face): the
-        statistics are read as backward leaves them, before clipping; ``scale()`` gives a loss
-        scale still on them, or None.
+        statistics are read as backward leaves them, before clipping and before the scaler (if the
+        watch has one) unscales them, so they are divided by its scale.
         """
         queued = False
 
@@ -371,7 +392,7 @@ class Watch:
             nonlocal queued
             queued = False
             if when():
-                self._stage_gradients(scale())
+                self._stage_gradients(self._scale_now())
 
         def on_grad(param: Tensor) -> None:
             nonlocal queued
@@ -386,6 +407,7 @@ class Watch:
     def _gradients_ready(self) -> None:
         """The step's gradients are final (unscaled); the optimizer has not stepped yet."""
         self._stepped = False
+        self._step_scale = self._loss_scale()
         self._add_temporal()  # before the step: the re-run needs the weights of the forward pass
         staged, self._staged = self._staged, None
         if staged is not None:
@@ -441,7 +463,9 @@ class Watch:
         step = self._step
         taken = self._backprop.take()
         if taken is not None:
-            self._add(self._keys("layer", taken[0], self._quantity_id("out_grad_norm")), taken[1])
+            norms = taken[1] if self._step_scale is None else taken[1] / self._step_scale
+            self._add(self._keys("layer", taken[0], self._quantity_id("out_grad_norm")), norms)
+        self._step_scale = None
         if self._act_calls:
             self._add_activation_stats()
         if self._scalars:
@@ -676,7 +700,7 @@ class FollowerWatch(Watch):
     def _step_done(self, skipped: bool | None = None) -> None:
         return None
 
-    def _stage_after_backward(self, when: Callable[[], bool], scale: Callable[[], float | None]) -> None:
+    def _stage_after_backward(self, when: Callable[[], bool]) -> None:
         return None
 
     def __repr__(self) -> str:
@@ -863,7 +887,8 @@ def watch(
             unscales before ``optimizer.step()``); with the scaler given, a step
             it skips for inf/NaN gradients is recorded too — its gradient
             statistics, ``skipped_step`` = 1 and ``loss_scale`` — instead of
-            vanishing from the record.
+            vanishing from the record, and ‖∂L/∂a‖, ‖∂L/∂h_t‖ (read during
+            backward, while the scale is on them) are divided by the scale.
     """
     return _make_watch(model, optimizer, every=every, activations=activations, update_every=update_every,
                        store=store, name=name, overwrite=overwrite, temporal=temporal, scaler=scaler)

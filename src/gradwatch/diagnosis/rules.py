@@ -355,7 +355,8 @@ def skipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     scale = ""
     if "loss_scale" in run.quantities:
         ls = run.series("loss_scale", "run")
-        scale = f"; the loss scale went from {sci(float(ls.values[0][0]))} to {sci(float(ls.values[0][-1]))}"
+        scale = (f"; the loss scale at the skipped steps went from {sci(float(ls.values[0][0]))} "
+                 f"to {sci(float(ls.values[0][-1]))}")
     tail = steps[-min(10, len(steps)):]
     persistent = bool(np.isin(tail, skipped).all())
     return [Finding(

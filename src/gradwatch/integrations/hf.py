@@ -43,10 +43,7 @@ class GradwatchCallback(WatchingCallback, _transformers.TrainerCallback):  # typ
         def last_micro_batch() -> bool:  # the backward whose gradients the optimizer will step on
             return gradient_state is None or bool(gradient_state.sync_gradients)
 
-        def scale() -> float | None:  # a float16 loss scale still on the gradients (a host read)
-            return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-
-        watch._stage_after_backward(last_micro_batch, scale)
+        watch._stage_after_backward(last_micro_batch)  # divided by the scaler's scale, if it has one
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watch is not None:
