@@ -127,11 +127,15 @@ NEEDS_INPUT = (nn.PReLU, nn.GELU, nn.SiLU, nn.Softplus, nn.Hardswish)
 
 # Piecewise-linear units whose derivative is 0 or its peak: one boolean mask of
 # the output gives every statistic, a fast path for the common ReLU.
+def _relu_active(m: Any, y: Tensor) -> Tensor:
+    return y > 0
+
+
 _INDICATORS: list[tuple[type[nn.Module], Callable[[Any, Tensor], Tensor]]] = [
     (nn.ReLU6, lambda m, y: (y > 0) & (y < 6)),
     (nn.Hardtanh, lambda m, y: (y > m.min_val) & (y < m.max_val)),
     (nn.Hardsigmoid, lambda m, y: (y > 0) & (y < 1)),
-    (nn.ReLU, lambda m, y: y > 0),
+    (nn.ReLU, _relu_active),
 ]
 
 
@@ -167,9 +171,19 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _moments(y: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, E[y²]) accumulated in at least float32, without a float32 copy of a half-precision ``y``."""
+    """(mean, population variance), accumulated in at least float32, without a float32 copy of ``y``.
+
+    Half precision, and every dtype on the CPU: two plain reductions, mean and ‖y‖² (var = E[y²] − mean²);
+    on the CPU they run ~10× faster than the Welford ``var_mean`` (measured: 2 ms against 23 ms for 8 M
+    floats on 2 cores). Float32/64 on an accelerator: ``var_mean``, one pass.
+    """
+    if y.dtype not in _HALF and y.device.type != "cpu":
+        var, mean = torch.var_mean(y, correction=0)
+        return mean, var
     acc = torch.float32 if y.dtype in _HALF else None
-    return y.mean(dtype=acc), torch.linalg.vector_norm(y, dtype=acc).square() / y.numel()
+    mean = y.mean(dtype=acc)
+    meansq = torch.linalg.vector_norm(y, dtype=acc).square() / y.numel()
+    return mean, (meansq - mean * mean).clamp_min(0)
 
 
 @torch.no_grad()
@@ -182,14 +196,14 @@ def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tenso
     float32 accumulation: no float32 copy of the activation is made.
     """
     x, y = x.detach(), y.detach()
-    if y.dtype in _HALF:
-        mean, meansq = _moments(y)
-        var = (meansq - mean * mean).clamp_min(0)
-    else:
-        var, mean = torch.var_mean(y, correction=0)  # one pass (Welford) in y's own precision
+    mean, var = _moments(y)
     if spec.needs_input and getattr(module, "inplace", False):  # the input is gone, so is the derivative
         nan = torch.full_like(mean, float("nan"))
         return torch.stack([mean, var, nan, nan])
+    if spec.indicator is _relu_active:  # y ≥ 0: active where y ≠ 0; a unit lives if its batch max is > 0
+        on = torch.count_nonzero(y).to(mean.dtype) / y.numel()
+        frac = 1 - (_per_unit(y).amax(dim=0) > 0).to(mean.dtype).mean()
+        return torch.stack([mean, var, frac, on * spec.peak**2])
     if spec.indicator is not None:
         active = spec.indicator(module, y)
         on = active.sum().to(mean.dtype) / y.numel()  # fraction of unit-samples with φ' = peak
@@ -204,7 +218,13 @@ def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tenso
         frac = inactive.to(mean.dtype).mean()
     else:
         frac = _per_unit(inactive).all(dim=0).to(mean.dtype).mean()
-    return torch.stack([mean, var, frac, _moments(d)[1].to(mean.dtype)])
+    return torch.stack([mean, var, frac, _mean_square(d).to(mean.dtype)])
+
+
+def _mean_square(t: Tensor) -> Tensor:
+    """E[t²], accumulated in at least float32, without a float32 copy of ``t``."""
+    acc = torch.float32 if t.dtype in _HALF else None
+    return torch.linalg.vector_norm(t, dtype=acc).square() / t.numel()
 
 
 def _per_unit(mask: Tensor) -> Tensor:
