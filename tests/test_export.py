@@ -44,36 +44,49 @@ def test_tensorboard_scalars_read_back_equal_the_records(store, tmp_path):
         assert [v for _, v in got] == pytest.approx([v for _, v in expect], rel=1e-6)  # TensorBoard stores float32
 
 
-def _read_wandb_history(directory) -> list[dict]:
-    """The history rows of an offline W&B run, read from its .wandb file (LevelDB-style log of protobufs)."""
+def _read_wandb_history(directory, wait_s: float = 30.0) -> list[dict]:
+    """The history rows of an offline W&B run, read from its .wandb file (LevelDB-style log of protobufs).
+
+    wandb's core process may still be writing the file when ``finish()`` returns (seen on a fresh machine:
+    no history yet, or a record cut short); read again until the run's closing ``exit`` record is there.
+    """
     import json
     import struct
+    import time
 
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = list(directory.glob("wandb/offline-run-*/run-*.wandb"))
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, partial, pos, block = [], b"", 7, 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
-        partial = chunk if kind in (1, 2) else partial + chunk  # full, first, middle, last
-        if kind in (1, 4):
-            records.append(partial)
-    rows = []
-    for raw in records:
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(raw)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-    return rows
-
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        paths = list(directory.glob("wandb/offline-run-*/run-*.wandb"))
+        if len(paths) == 1:
+            data = paths[0].read_bytes()
+            assert data[:4] == b":W&B"
+            partial, pos, block = b"", 7, 32768
+            while pos + 7 <= len(data):
+                if block - pos % block < 7:  # a block's tail too short for a header is padding
+                    pos += block - pos % block
+                    continue
+                _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+                chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+                if kind == 0 or pos > len(data):
+                    break
+                partial = chunk if kind in (1, 2) else partial + chunk  # full, first, middle, last
+                if kind in (1, 4):
+                    rec = wandb_internal_pb2.Record()
+                    try:
+                        rec.ParseFromString(partial)
+                    except DecodeError:
+                        break  # cut short: still being written
+                    records.append(rec)
+        kinds = [rec.WhichOneof("record_type") for rec in records]
+        if "exit" in kinds:
+            return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                    for rec in records if rec.WhichOneof("record_type") == "history"]
+        assert time.monotonic() < deadline, f"no complete offline W&B run under {directory} after {wait_s} s"
+        time.sleep(0.2)
 
 def test_wandb_offline_history_equals_the_records(store, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
