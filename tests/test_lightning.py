@@ -116,3 +116,67 @@ def test_bad_arguments_are_caught_when_the_callback_is_made():
         GradwatchCallback(name="a/b")
     with pytest.raises(TypeError, match=r"GradwatchCallback\(store=…\)"):
         GradwatchCallback(store=3)
+
+
+DDP_SCRIPT = '''
+import os, sys, torch
+from torch import nn
+import lightning.pytorch as pl
+from gradwatch.integrations.lightning import GradwatchCallback
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+    callback = GradwatchCallback(store=sys.argv[1], name="ddp", activations=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False)
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # Lightning's launcher sets it for the ranks it starts
+    mine = torch.utils.data.Subset(data, range(rank, 64, 2))  # samples r, r+2, … (no shuffling)
+    trainer.fit(Net(), torch.utils.data.DataLoader(mine, batch_size=8))
+    print(f"rank {trainer.global_rank}: {callback.watch!r}", flush=True)
+'''
+
+
+def test_ddp_trainer_rank0_records_equal_the_single_process_run(tmp_path):
+    """Lightning's own DDP launcher, 2 CPU processes: rank 0 records the all-reduced gradients."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_ddp.py"  # Lightning starts rank 1 by running the script again
+    script.write_text(DDP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 1: <gradwatch.Watch follower on rank 1" in out.stdout
+    # the reference: one process; rank r trains on samples r, r+2, …, so step i's two halves together are
+    # samples 16i … 16i+15, and DDP averages their two mean losses
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    run = gw.open_run(tmp_path / "runs" / "ddp")
+    assert run.meta["steps"] == 4
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[16 * step:16 * step + 16]), y[16 * step:16 * step + 16]).backward()
+        expect = {f"net.{k}": v for k, v in naive_layer_grad_norms(net).items()}
+        assert at_step(run, "grad_norm", step) == pytest.approx(expect, rel=1e-6)
+        opt.step()
