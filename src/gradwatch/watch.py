@@ -86,9 +86,7 @@ class Watch:
         # _gradients_ready() and _step_done() from its own callbacks.
         self._driver = driver if driver != "auto" else ("optimizer" if optimizer is not None else "backward")
         self._scaler = scaler
-        # An integration closes its steps after scaler.update() has backed the scale off (Lightning,
-        # Hugging Face); the scale the skipped step used is then the current one over the backoff factor.
-        self._scale_updated = driver == "external"
+        self._stage_when: Callable[[], bool] | None = None  # external driver: stage statistics after backward
         self._stepped = False  # optimizer.step() ran since the gradients were read
         self._staged: dict | None = None  # gradient statistics read early (before clipping), for the step
         self._step_scale: Tensor | None = None  # the loss scale on this step's backward pass
@@ -308,9 +306,13 @@ class Watch:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
+    @_guarded
     def _on_backward_end(self) -> None:
         self._callback_queued = False
-        self._collect_and_end()
+        if self._stage_when is None:
+            self._collect_and_end()
+        elif self._stage_when():
+            self._stage_gradients(self._scale_now())
 
     @_guarded
     def _collect_and_end(self) -> None:
@@ -360,7 +362,7 @@ class Watch:
         self.log(skipped_step=1.0)
         if self._scaler is not None:  # the scale this step used; a host read, on skipped steps only
             scale = float(self._scaler.get_scale())
-            if self._scale_updated:
+            if self._driver == "external":  # an integration closes the step after scaler.update() backed off
                 scale /= self._scaler.get_backoff_factor()
             self.log(loss_scale=scale)
 
@@ -384,24 +386,12 @@ class Watch:
 
         For trainers that clip the gradients before any callback sees them (Hugging Face): the
         statistics are read as backward leaves them, before clipping and before the scaler (if the
-        watch has one) unscales them, so they are divided by its scale.
+        watch has one) unscales them, so they are divided by its scale. External driver only.
         """
-        queued = False
-
-        def end() -> None:
-            nonlocal queued
-            queued = False
-            if when():
-                self._stage_gradients(self._scale_now())
-
-        def on_grad(param: Tensor) -> None:
-            nonlocal queued
-            if not queued and not self._closed:
-                queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(end)
-
+        assert self._driver == "external", "staging is for a watch driven by an integration"
+        self._stage_when = when
         for p in self._grads.params:
-            self._handles.append(p.register_post_accumulate_grad_hook(on_grad))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
 
     @_guarded
     def _gradients_ready(self) -> None:
@@ -418,14 +408,13 @@ class Watch:
             self._grads.snapshot()
 
     @_guarded
-    def _step_done(self, skipped: bool | None = None) -> None:
+    def _step_done(self) -> None:
         """The optimizer step is over (or was skipped): update ratios, then close the step.
 
-        ``skipped``: None to infer it (external driver: no optimizer.step() since the gradients).
+        Driven by an integration, a step is skipped when no optimizer.step() ran since the gradients
+        were read (the other drivers learn of a skip from the GradScaler wrap).
         """
-        if skipped is None:
-            skipped = self._driver == "external" and self.optimizer is not None and not self._stepped
-        if skipped:
+        if self._driver == "external" and self.optimizer is not None and not self._stepped:
             self._mark_skipped()
         if self._grads.has_snapshot:
             self._add_pairs(self._grads.updates())
@@ -651,25 +640,10 @@ class _ScalerStepWrap:
         self.scaler.__dict__.pop("step", None)
 
 
-class FollowerWatch(Watch):
-    """What ``watch`` returns on a rank other than 0 of a ``torch.distributed`` job: it records nothing.
+class _NotRankZero(Watch):
+    """What the watches of ranks other than 0 share: reading back is rank 0's."""
 
-    Under DDP every rank holds the same, all-reduced gradients after backward,
-    so rank 0's records are the job's; the other ranks place no hook and open
-    no store. Logging and closing work (as no-ops); reading back is rank 0's.
-    """
-
-    def __init__(self, rank: int) -> None:  # noqa: D107 - no hooks, no store
-        self.rank = rank
-        self.path = None  # type: ignore[assignment]
-        self._closed = False
-
-    @property
-    def step(self) -> int:
-        return 0
-
-    def log(self, **scalars: float | Tensor) -> None:
-        return None
+    rank: int
 
     def flush(self) -> None:
         return None
@@ -690,6 +664,27 @@ class FollowerWatch(Watch):
     def summary(self, thresholds: Thresholds | None = None) -> str:
         raise self._only_rank_0("summary")
 
+
+class FollowerWatch(_NotRankZero):
+    """What ``watch`` returns on a rank other than 0 of a ``torch.distributed`` job: it records nothing.
+
+    Under DDP every rank holds the same, all-reduced gradients after backward,
+    so rank 0's records are the job's; the other ranks place no hook and open
+    no store. Logging and closing work (as no-ops); reading back is rank 0's.
+    """
+
+    def __init__(self, rank: int) -> None:  # noqa: D107 - no hooks, no store
+        self.rank = rank
+        self.path = None  # type: ignore[assignment]
+        self._closed = False
+
+    @property
+    def step(self) -> int:
+        return 0
+
+    def log(self, **scalars: float | Tensor) -> None:
+        return None
+
     def _close(self, status: str) -> None:
         self._closed = True
 
@@ -697,7 +692,7 @@ class FollowerWatch(Watch):
     def _gradients_ready(self) -> None:
         return None
 
-    def _step_done(self, skipped: bool | None = None) -> None:
+    def _step_done(self) -> None:
         return None
 
     def _stage_after_backward(self, when: Callable[[], bool]) -> None:
@@ -707,7 +702,7 @@ class FollowerWatch(Watch):
         return f"<gradwatch.Watch follower on rank {self.rank}: only rank 0 records>"
 
 
-class ShardFollowerWatch(Watch):
+class ShardFollowerWatch(_NotRankZero):
     """What ``watch`` returns on a rank other than 0 when the model's parameters are sharded (FSDP2).
 
     Each rank holds a slice of every parameter, so every rank reads its own
@@ -719,24 +714,6 @@ class ShardFollowerWatch(Watch):
     def __init__(self, rank: int, *args: Any, **kwargs: Any) -> None:
         self.rank = rank
         super().__init__(*args, **kwargs)
-
-    def _only_rank_0(self, what: str) -> RuntimeError:
-        return FollowerWatch._only_rank_0(self, what)  # type: ignore[arg-type]
-
-    def open(self) -> Run:
-        raise self._only_rank_0("open")
-
-    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
-        raise self._only_rank_0("diagnose")
-
-    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None) -> Path:
-        raise self._only_rank_0("report")
-
-    def summary(self, thresholds: Thresholds | None = None) -> str:
-        raise self._only_rank_0("summary")
-
-    def flush(self) -> None:
-        return None
 
     def __repr__(self) -> str:
         return f"<gradwatch.Watch shard follower on rank {self.rank}, step {self._step}: only rank 0 records>"
