@@ -27,6 +27,7 @@ summed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,21 +67,26 @@ def fused_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
     return out
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's own slice (no communication for sharded tensors); any other tensor as it is."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and _is_dtensor(t) else t
-
-
-def _is_dtensor(t: Tensor) -> bool:
+@functools.cache
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a build without torch.distributed
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
 
 
-def _shard_groups(params: list[torch.nn.Parameter], device: torch.device) -> list[tuple[list[Any], Tensor]]:
+def _is_dtensor(t: Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's own slice (no communication for sharded tensors); any other tensor as it is."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _shard_groups(params: list[torch.nn.Parameter]) -> list[tuple[list[Any], list[int]]]:
     """(process groups to sum over, indices of the parameters sharded that way), for DTensor parameters."""
     by_key: dict[tuple, tuple[list[Any], list[int]]] = {}
     for i, p in enumerate(params):
@@ -98,7 +104,7 @@ def _shard_groups(params: list[torch.nn.Parameter], device: torch.device) -> lis
         if key not in by_key:
             by_key[key] = ([mesh.get_group(d) for d in dims], [])
         by_key[key][1].append(i)
-    return [(groups, torch.tensor(idx, device=device)) for groups, idx in by_key.values()]
+    return list(by_key.values())
 
 
 @dataclass
@@ -110,6 +116,7 @@ class _Plan:
     pair_pos: Tensor | None  # position among the present params of each pair's param; None: identity
     row: Tensor  # (len(pairs),) each pair's row among ``layers``
     zeros: Tensor  # (len(layers),) zeros
+    shards: list[tuple[list[Any], Tensor]]  # (process groups, positions among the present params) to all-reduce
 
 
 Stats = dict[str, tuple[list[int], Tensor, list[int], Tensor]]  # quantity: (layers, values, pairs, values)
@@ -134,7 +141,9 @@ class GradProbe:
                 self.pair_layer.append(li)
                 self.pair_names.append(param_name(layer.name, attr))
         self.device = self.params[0].device
-        self._shards = _shard_groups(self.params, self.device)
+        self._shards = _shard_groups(self.params)
+        # DTensor parameters are read through their local slices; every other model skips the check
+        self._local = _local if any(_is_dtensor(p) for p in self.params) else (lambda t: t)
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._before: list[Tensor] | None = None
         self._all = self._plan(tuple(range(len(self.params))))
@@ -153,28 +162,28 @@ class GradProbe:
                 pair_pos=None if pair_pos == list(range(len(present))) else torch.tensor(pair_pos, device=self.device),
                 row=torch.tensor([row[self.pair_layer[j]] for j in pairs], device=self.device),
                 zeros=torch.zeros(len(layers), dtype=torch.float64, device=self.device),
+                shards=[(groups, torch.tensor([pos[i] for i in idx if i in pos], device=self.device))
+                        for groups, idx in self._shards if any(i in pos for i in idx)],
             )
             self._plans[present] = plan
         return plan
 
-    def _sum_shards(self, norms: Tensor, present: tuple[int, ...]) -> Tensor:
-        """Norms of whole tensors from the norms of this rank's slices: √(all-reduced Σ slice²)."""
-        if not self._shards:
+    @staticmethod
+    def _sum_shards(plan: _Plan, norms: Tensor) -> Tensor:
+        """Norms of whole tensors from the norms of this rank's slices: √(all-reduced Σ slice²).
+
+        ``norms``: (k, n_present), k sets of norms reduced together (one all-reduce per process group).
+        """
+        if not plan.shards:
             return norms
         import torch.distributed as dist
 
-        where = torch.full((len(self.params),), -1, dtype=torch.long)
-        where[list(present)] = torch.arange(len(present))
         sq = norms * norms
-        for groups, idx in self._shards:
-            pos = where[idx.cpu()]
-            pos = pos[pos >= 0].to(norms.device)
-            if len(pos) == 0:
-                continue
-            part = sq[pos]
+        for groups, pos in plan.shards:
+            part = sq[:, pos]
             for group in groups:
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-            sq[pos] = part
+            sq[:, pos] = part
         return sq.sqrt()
 
     @staticmethod
@@ -198,8 +207,8 @@ class GradProbe:
         if not present:
             return None
         plan = self._plan(present)
-        grads: list[Tensor] = [_local(self.params[i].grad) for i in present]  # type: ignore[arg-type]
-        norms = self._sum_shards(fused_norms(grads, self.device), present)  # (n_present,)
+        grads: list[Tensor] = [self._local(self.params[i].grad) for i in present]  # type: ignore[arg-type]
+        norms = self._sum_shards(plan, fused_norms(grads, self.device)[None])[0]  # (n_present,)
         stats: Stats = {"grad_norm": (plan.layers, self._per_layer(plan, norms), plan.pairs, self._per_pair(plan, norms))}
         flags = (~torch.isfinite(norms)).to(torch.float64)
         stats["nonfinite"] = (plan.layers, self._layer_sum(plan, flags), [], plan.zeros[:0])
@@ -208,7 +217,7 @@ class GradProbe:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the weights before the optimizer step (for the update ratio)."""
-        self._before = [_local(p.detach()).clone() for p in self.params]
+        self._before = [self._local(p.detach()).clone() for p in self.params]
 
     @property
     def has_snapshot(self) -> bool:
@@ -219,13 +228,12 @@ class GradProbe:
         """Weight norms before the step and update ratios across it; frees the snapshot."""
         before, self._before = self._before, None
         assert before is not None, "updates() without snapshot()"
-        after = [_local(p.detach()) for p in self.params]
+        after = [self._local(p.detach()) for p in self.params]
         diffs = list(torch._foreach_sub(after, before))
-        everyone = tuple(range(len(self.params)))
-        delta = self._sum_shards(fused_norms(diffs, self.device), everyone)
-        weight = self._sum_shards(fused_norms(before, self.device), everyone)
-        del diffs, before
         plan = self._all
+        delta, weight = self._sum_shards(plan, torch.stack([fused_norms(diffs, self.device),
+                                                            fused_norms(before, self.device)]))
+        del diffs, before
         pair_w, pair_d = self._per_pair(plan, weight), self._per_pair(plan, delta)
         layer_w, layer_d = self._per_layer(plan, weight), self._per_layer(plan, delta)
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
