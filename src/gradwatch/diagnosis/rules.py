@@ -344,8 +344,8 @@ def skipped_steps(run: Run) -> np.ndarray:
     return s.steps[np.nan_to_num(s.values[0]) > 0].astype(np.int64)
 
 
-def skipped_findings(run: Run, th: Thresholds) -> list[Finding]:
-    skipped = skipped_steps(run)
+def skipped_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
+    """``skipped``: the run's :func:`skipped_steps`."""
     if not len(skipped) or "grad_norm" not in run.quantities:
         return []
     steps = run.series("grad_norm").steps
@@ -377,7 +377,8 @@ def _list_steps(steps: np.ndarray, most: int = 8) -> str:
     return shown + (f", … ({len(steps)} in all)" if len(steps) > most else "")
 
 
-def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
+def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
+    """``skipped``: the run's :func:`skipped_steps`."""
     if "nonfinite" not in run.quantities:
         return []
     s = run.series("nonfinite")
@@ -386,7 +387,7 @@ def nonfinite_findings(run: Run, th: Thresholds) -> list[Finding]:
     if g is not None and g.values.shape == s.values.shape:
         bad |= ~np.isfinite(g.values) & ~np.isnan(g.values) | np.isnan(g.values) & (s.values > 0)
     # A step the GradScaler skipped changed no weight: it is a skipped step (skipped_findings), not a NaN casualty.
-    bad[:, np.isin(s.steps, skipped_steps(run))] = False
+    bad[:, np.isin(s.steps, skipped)] = False
     cols = np.where(bad.any(axis=0))[0]
     if len(cols) == 0:
         return []
@@ -633,11 +634,11 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     th = thresholds or Thresholds()
     if not isinstance(th, Thresholds):
         raise TypeError(f"`diagnose(thresholds=…)` expects a gradwatch.Thresholds, got {type(th).__name__}")
-    found = nonfinite_findings(run, th)
-    skipped = skipped_findings(run, th)
+    drop = skipped_steps(run)
+    found = nonfinite_findings(run, th, drop)
+    skipped = skipped_findings(run, th, drop)
     # After the first NaN/Inf every statistic is a casualty, not a cause: judge what came before,
     # leaving out the steps a GradScaler skipped (their gradients are inf/NaN by definition).
-    drop = skipped_steps(run)
     if found or len(drop):
         view: Run = _Before(run, found[0].steps[0] if found else np.inf, drop)  # type: ignore[assignment]
     else:
