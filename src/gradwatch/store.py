@@ -12,9 +12,11 @@ that opens and holds every batch committed before the kill.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -25,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 DB_NAME = "gradwatch.sqlite"
+LOCK_NAME = "gradwatch.lock"  # flock-ed by the process writing the run; holds its pid
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,6 +47,48 @@ SKIP_NAN = frozenset({"update_ratio", "saturated_frac", "dead_frac", "deriv_rms"
 _BATCH = 64  # queue items per transaction, at most
 
 
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/gradwatch.lock``, held for as long as a watch writes the run.
+
+    ``flock`` locks belong to an open file description, so a second watch in the
+    same process conflicts just as one in another process does; the kernel
+    drops the lock when its holder dies (even by SIGKILL), so a killed run
+    never stays locked.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @staticmethod
+    def acquire(run_dir: Path) -> RunLock | None:
+        """The lock of ``run_dir`` (which must exist), or None if another watch holds it."""
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return RunLock(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+
+def lock_holder(run_dir: Path) -> str:
+    """Who holds ``run_dir``'s lock, in words: "process 1234" ("…(this one)" for ours)."""
+    try:
+        pid = (run_dir / LOCK_NAME).read_text().strip()
+    except OSError:
+        pid = ""
+    if not pid.isdigit():
+        return "another process"
+    return f"process {pid}" + (" (this one)" if int(pid) == os.getpid() else "")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     con = sqlite3.connect(path, check_same_thread=False, timeout=30)
     con.execute("PRAGMA journal_mode=WAL")
@@ -51,14 +96,40 @@ def _connect(path: Path) -> sqlite3.Connection:
     return con
 
 
-class StoreWriter:
-    """Owns the SQLite connection; a background thread drains a queue of writes."""
+def _create(path: Path) -> None:
+    """Create an empty store atomically: schema and first metadata under a temporary name, then a rename.
 
-    def __init__(self, path: Path) -> None:
+    A process killed at any moment leaves either no store or one that opens.
+    """
+    tmp = path.with_name(path.name + ".partial")
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(tmp) + suffix).unlink(missing_ok=True)
+    con = _connect(tmp)
+    try:
+        con.executescript(SCHEMA)
+        con.execute("INSERT INTO meta (key, value) VALUES ('status', ?)", (json.dumps("running"),))
+        con.commit()
+    finally:
+        con.close()  # checkpoints the WAL into the file and removes it
+    os.replace(tmp, path)
+
+
+class StoreWriter:
+    """Owns the SQLite connection; a background thread drains a queue of writes.
+
+    ``lock``: the run's :class:`RunLock`, released when the writer closes.
+    """
+
+    def __init__(self, path: Path, lock: RunLock | None = None) -> None:
         self.path = path
-        self._con = _connect(path)  # raises here, at the API boundary, if the path is unwritable
-        self._con.executescript(SCHEMA)
-        self._con.commit()
+        self._lock = lock
+        try:
+            _create(path)  # raises here, at the API boundary, if the path is unwritable
+            self._con = _connect(path)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         self._skip_nan: set[int] = set()
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self.error: BaseException | None = None
@@ -91,17 +162,31 @@ class StoreWriter:
         """Block until everything queued so far is committed."""
         self._queue.join()
 
-    def close(self) -> None:
+    def close(self, final: dict[str, Any] | None = None) -> None:
+        """Write ``final`` metadata, drain the queue, close the file, release the lock. Idempotent.
+
+        After a write failure, ``final`` is still written (its ``status`` then
+        says ``failed: <reason>``) in a transaction of its own.
+        """
         if not self._thread.is_alive():
             return
+        if final is not None:
+            self.meta(final)
         self._queue.put(None)
         self._thread.join()
         try:
+            if self.error is not None and final is not None:
+                self._con.rollback()
+                self._write_meta({**final, "status": f"failed: {type(self.error).__name__}: {self.error}"})
+                self._con.commit()
             self._con.execute("CREATE INDEX IF NOT EXISTS records_by_quantity ON records (quantity, entity, step)")
             self._con.commit()
-            self._con.close()
         except sqlite3.Error as exc:  # pragma: no cover - disk trouble at the very end
             self.error = self.error or exc
+        finally:
+            self._con.close()
+            if self._lock is not None:
+                self._lock.release()
 
     # -- the writer thread ---------------------------------------------------------------
     def _run(self) -> None:

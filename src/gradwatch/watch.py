@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import itertools
 import platform
 import re
 import warnings
@@ -40,7 +41,7 @@ from gradwatch.probes.backprop import BackpropProbe, grad_tensors
 from gradwatch.probes.grads import GradProbe
 from gradwatch.probes.temporal import TemporalProbe, find_recurrent
 from gradwatch.schedules import Schedule
-from gradwatch.store import DB_NAME, Run, StoreWriter, open_run
+from gradwatch.store import DB_NAME, Run, RunLock, StoreWriter, lock_holder, open_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,6 +79,7 @@ class Watch:
         temporal: list[tuple[str, nn.Module]] | None = None,
         driver: str = "auto",
         scaler: Any = None,
+        lock: RunLock | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -123,7 +125,7 @@ class Watch:
 
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
         # and keeps nothing.
-        self._writer: Any = StoreWriter(run_dir / DB_NAME) if run_dir is not None else _Discard()
+        self._writer: Any = StoreWriter(run_dir / DB_NAME, lock) if run_dir is not None else _Discard()
         self._entity: dict[tuple[str, str], int] = {}
         self._quantity: dict[str, int] = {}
         self._layer_ids = np.array([self._entity_id(l.name, "layer", type(l.module).__name__) for l in self._layers])
@@ -595,11 +597,10 @@ class Watch:
                 if self._scalars:
                     self._add_scalars()
                 self._emit(self._step)
-            self._writer.meta({"status": status if self._failed is None else f"failed: {self._failed}",
-                               "steps": self._step})
         finally:
             self._closed = True
-            self._writer.close()
+            self._writer.close({"status": status if self._failed is None else f"failed: {self._failed}",
+                                "steps": self._step})
 
 
 class _Discard:
@@ -782,37 +783,55 @@ def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return None
 
 
-def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool, caller: str = "watch") -> Path:
+def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool,
+             caller: str = "watch") -> tuple[Path, RunLock]:
+    """The run's directory, created, and its lock, held: no other watch writes it while this one does."""
     if store is None:
         root = Path("runs")
     elif isinstance(store, (str, Path)):
         root = Path(store)
     else:
         raise TypeError(bad_argument(caller, "store", "a directory path (str or Path) or None", store))
-    if name is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = f"{type(model).__name__}-{stamp}"
-        name, k = base, 1
-        while (root / name / DB_NAME).exists():
-            k += 1
-            name = f"{base}-{k}"
-    elif not isinstance(name, str) or not _NAME.match(name):
+    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
         raise ValueError(bad_argument(caller, "name", "a run name of letters, digits, '.', '_' or '-'", name))
-    run_dir = root / name
+    if name is None:  # the first free name: not stored, not being written
+        base = f"{type(model).__name__}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        for k in itertools.count(1):
+            name = base if k == 1 else f"{base}-{k}"
+            if not (root / name / DB_NAME).exists():
+                run_dir, lock = _locked_dir(root, name, caller)
+                if lock is not None and not (run_dir / DB_NAME).exists():
+                    return run_dir, lock
+                if lock is not None:
+                    lock.release()
+    assert name is not None
+    run_dir, lock = _locked_dir(root, name, caller)
+    if lock is None:
+        raise FileExistsError(
+            f"`{caller}(name=…)`: run {name!r} in {str(root)!r} is being written by {lock_holder(run_dir)}, "
+            f"whose watch is still open; a live run is never replaced: close that watch first, or pick another name"
+        )
     db = run_dir / DB_NAME
     if db.exists():
         if not overwrite:
+            lock.release()
             raise FileExistsError(
                 f"`{caller}(name=…)`: run {name!r} already exists in {str(root)!r}; pick another name, "
                 f"or pass overwrite=True to replace it"
             )
         for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
+    return run_dir, lock
+
+
+def _locked_dir(root: Path, name: str, caller: str) -> tuple[Path, RunLock | None]:
+    """Create ``root/name`` and try its lock (None: another watch holds it)."""
+    run_dir = root / name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, RunLock.acquire(run_dir)
     except OSError as exc:
         raise OSError(f"`{caller}(store=…)` cannot create the run directory {str(run_dir)!r}: {exc.strerror or exc}") from None
-    return run_dir
 
 
 def watch(
@@ -938,5 +957,10 @@ def _make_watch(
                                   scaler=scaler)
     if rank != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
         return FollowerWatch(rank)
-    run_dir = _run_dir(store, name, model, overwrite, caller)
-    return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent, driver=driver, scaler=scaler)
+    run_dir, lock = _run_dir(store, name, model, overwrite, caller)
+    try:
+        return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent, driver=driver, scaler=scaler,
+                     lock=lock)
+    except BaseException:
+        lock.release()  # (idempotent: the writer may have released it already)
+        raise

@@ -1,0 +1,90 @@
+"""Regression tests for the reliability sweep (issue 14): nothing lost, nothing misleading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def _train(w: gw.Watch, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+
+
+def test_overwrite_refuses_a_run_another_watch_in_this_process_is_writing(store):
+    a_model, b_model = _model(), _model()
+    a_opt = torch.optim.SGD(a_model.parameters(), lr=0.1)
+    a = gw.watch(a_model, a_opt, store=store, name="live")
+    _train(a, a_model, a_opt, 3)
+    with pytest.raises(FileExistsError, match=rf"run 'live' in .* is being written by process {os.getpid()}"):
+        gw.watch(b_model, store=store, name="live", overwrite=True)
+    assert all(not m._forward_hooks for m in b_model.modules())
+    _train(a, a_model, a_opt, 2)
+    a.close()
+    run = gw.open_run(store / "live")
+    assert run.meta["steps"] == 5 and sorted(set(run.records("grad_norm")["step"].tolist())) == [0, 1, 2, 3, 4]
+    run.close()
+    gw.watch(b_model, store=store, name="live", overwrite=True).close()  # finished: replacing it is fine
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time, torch, gradwatch as gw
+    w = gw.watch(torch.nn.Linear(2, 1), store=sys.argv[1], name="held")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    w.close()
+    """
+)
+
+
+def test_overwrite_refuses_a_run_another_process_is_writing(store):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(store)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(FileExistsError, match=rf"run 'held' .* is being written by process {proc.pid}"):
+            gw.watch(_model(), store=store, name="held", overwrite=True)
+        with pytest.raises(FileExistsError, match=rf"being written by process {proc.pid}"):
+            gw.watch(_model(), store=store, name="held")
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0
+    with gw.open_run(store / "held") as run:
+        assert run.meta["status"] == "closed"
+
+
+def test_a_watch_killed_while_creating_its_store_leaves_no_husk(store, monkeypatch):
+    """Death between the file's creation and its schema: no store that cannot open, and the name stays free."""
+    from gradwatch import store as store_mod
+
+    real = store_mod._connect
+
+    def dies_after_creating(path):
+        real(path).close()  # the file now exists, empty
+        raise KeyboardInterrupt  # the process goes down here
+
+    monkeypatch.setattr(store_mod, "_connect", dies_after_creating)
+    with pytest.raises(KeyboardInterrupt):
+        gw.watch(_model(), store=store, name="husk")
+    monkeypatch.setattr(store_mod, "_connect", real)
+    with pytest.raises(FileNotFoundError):
+        gw.open_run(store / "husk")
+    gw.watch(_model(), store=store, name="husk").close()  # the name is free: no overwrite needed
+    with gw.open_run(store / "husk") as run:
+        assert run.meta["status"] == "closed"
