@@ -93,3 +93,36 @@ def test_float16_norms_are_divided_by_the_loss_scale(tmp_path, store):
     for step in range(STEPS):
         sel = (params["step"] == step) & (params["layer"] != "lm_head.weight")
         assert math.sqrt(float((params["value"][sel] ** 2).sum())) == pytest.approx(hf_norms[step], rel=1e-3)
+
+
+class _RaiseAt(transformers.TrainerCallback):
+    """Makes Trainer.train raise at one step, as a bad batch or an OOM would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("boom")
+
+
+def test_hf_callback_closes_its_watch_when_training_raises(tmp_path, store):
+    cb, boom = GradwatchCallback(store=store, name="raises"), _RaiseAt(2)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=4,
+                                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    model = _gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[cb, boom])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    first = cb.watch
+    # Transformers has no exception event: the next train() finds the watch open (no on_train_end came) and
+    # closes it as interrupted, instead of failing with "already watched".
+    trainer.remove_callback(boom)
+    cb._options.kwargs["name"] = "retried"
+    trainer.train()
+    assert first.closed and cb.watch is not first and cb.watch.closed
+    with first.open() as run:
+        assert run.meta["status"].startswith("interrupted") and run.meta["steps"] == 2
+    with cb.watch.open() as run:
+        assert run.meta["status"] == "closed" and run.meta["steps"] == STEPS
+    assert all(not m._forward_hooks for m in model.modules())

@@ -7,7 +7,10 @@ backward pass that completes each optimizer step (the last micro-batch of a
 gradient-accumulation window), before clipping; with float16 and a loss
 scaler, the norms are divided by the scale still on them. Weights are copied
 for the update ratio in ``on_pre_optimizer_step``, and the step closes in
-``on_step_end``. A step the float16 scaler skips is recorded with
+``on_step_end``. Transformers has no exception event, so a ``Trainer.train``
+that raises leaves the watch open (status ``running``); the next ``train`` with
+this callback closes it as interrupted and starts a new run, and closing the
+callback's watch by hand (``callback.watch.close()``) works at any time. A step the float16 scaler skips is recorded with
 ``skipped_step`` = 1 and the ``loss_scale``. The training loss of each step is
 logged as ``loss`` when the Trainer logs it.
 
@@ -35,6 +38,11 @@ class GradwatchCallback(WatchingCallback, _transformers.TrainerCallback):  # typ
                        **kwargs: Any) -> None:
         if model is None or optimizer is None:
             raise RuntimeError("GradwatchCallback.on_train_begin: the Trainer passed no model or optimizer")
+        stale = self.watch
+        if stale is not None and not stale.closed and stale.model is model:
+            # Transformers has no exception event: a Trainer.train that raised never reached on_train_end,
+            # and this is its retry. Close that watch as interrupted rather than refuse the retry.
+            stale._close(status="interrupted: Trainer.train raised before on_train_end")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         scaler = getattr(optimizer, "scaler", None)
         watch = self._start(model, inner, scaler, "Trainer.train")
