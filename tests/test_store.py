@@ -128,3 +128,116 @@ def test_one_host_copy_per_recorded_step(store, monkeypatch):
             opt.step()
     assert [c[0] for c in calls] == [0, 1, 2]
     assert at_step(w.open(), "grad_norm", 2)
+
+
+# -- issue 14: read-only storage, stale name tables, stores that are not gradwatch runs ----------------
+
+READ_BACK = textwrap.dedent(
+    """
+    import sys
+    import gradwatch as gw
+    from gradwatch.cli import main
+    run_dir, out = sys.argv[1], sys.argv[2]
+    with gw.open_run(run_dir) as run:
+        print(run.meta["status"], len(run.records("grad_norm")["step"]), flush=True)
+    assert main(["diagnose", run_dir]) == 0
+    assert main(["report", run_dir, "-o", out]) == 0
+    """
+)
+
+
+def test_a_finished_run_opens_from_read_only_storage(tmp_path_factory):
+    import shutil
+    import stat
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="gw-ro-")  # under /tmp, so that an unprivileged reader can reach it
+    try:
+        os.chmod(base, 0o755)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        with gw.watch(model, store=base, name="archived"):
+            for _ in range(3):
+                model(torch.randn(2, 3)).sum().backward()
+        run_dir = os.path.join(base, "archived")
+        out = os.path.join(base, "out")
+        os.mkdir(out)
+        os.chmod(out, 0o777)
+        for f in os.listdir(run_dir):
+            os.chmod(os.path.join(run_dir, f), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.chmod(run_dir, 0o555)  # read-only: no -wal or -shm can be created next to the file
+        cmd = [sys.executable, "-c", READ_BACK, run_dir, os.path.join(out, "r.html")]
+        if os.geteuid() == 0:  # root writes anywhere: read as nobody, with a system python of the same version
+            py = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+            if not (os.path.exists(py) and shutil.which("setpriv")):
+                pytest.skip("running as root, and no setpriv or system python to read as an unprivileged user")
+            import site
+
+            path = os.pathsep.join([os.path.dirname(os.path.dirname(gw.__file__)), *site.getsitepackages()])
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", f"PYTHONPATH={path}",
+                   "HOME=/tmp", "MPLCONFIGDIR=" + out, py, *cmd[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.splitlines()[0] == "closed 18"  # 3 steps × (2 layers + 4 parameters)
+        assert os.path.getsize(os.path.join(out, "r.html")) > 1000
+        assert sorted(os.listdir(run_dir)) == ["gradwatch.lock", "gradwatch.sqlite"]  # nothing written beside it
+    finally:
+        for root, dirs, _ in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        shutil.rmtree(base)
+
+
+def test_a_run_held_open_during_training_sees_new_names(store):
+    """A Run opened while training goes on must not raise KeyError on a name logged after it opened."""
+    model = nn.Linear(3, 1)
+    with gw.watch(model, store=store, name="stale") as w:
+        model(torch.randn(2, 3)).sum().backward()
+        run = w.open()
+        w.log(acc=0.5)  # a new run-level entity and a new quantity
+        model(torch.randn(2, 3)).sum().backward()
+        w.flush()
+        rec = run.records()
+        assert "acc" in rec["layer"].tolist() and "acc" in rec["quantity"].tolist()
+        assert run.series("acc", "run").values.tolist() == [[0.5]]
+        run.close()
+
+
+def test_series_of_a_quantity_never_recorded_names_the_recorded_ones(store):
+    model = nn.Linear(3, 1)
+    with gw.watch(model, store=store, name="typo") as w:
+        model(torch.randn(2, 3)).sum().backward()
+    with w.open() as run, pytest.raises(KeyError, match=r"`Run.series\(quantity=…\)` expects one of the recorded "
+                                                        r"quantities \(.*grad_norm.*\), got 'grad_norms'"):
+        run.series("grad_norms")
+
+
+def _other_sqlite(path):
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+
+
+NOT_RUNS = {
+    "text": lambda p: p.write_text("hello, I am a text file\n" * 50),
+    "empty": lambda p: p.write_bytes(b""),
+    "other-sqlite": _other_sqlite,
+    "corrupt": lambda p: p.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_RUNS))
+def test_a_store_that_is_not_a_gradwatch_run_is_named_as_such(tmp_path, kind, capsys):
+    from gradwatch.cli import main
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    NOT_RUNS[kind](run_dir / "gradwatch.sqlite")
+    with pytest.raises(gw.NotARunError, match=rf"^`{run_dir}` is not a gradwatch run \(.+\)$"):
+        gw.open_run(run_dir)
+    for command in ("diagnose", "report"):
+        assert main([command, str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"`{run_dir}` is not a gradwatch run" in err and "Traceback" not in err

@@ -9,6 +9,10 @@ class GradwatchWarning(UserWarning):
     """Something went wrong inside a watch; training goes on, recording stops."""
 
 
+class NotARunError(ValueError):
+    """A path that holds a file, but not a readable gradwatch run: another tool's database, a damaged file."""
+
+
 def describe(value: Any) -> str:
     """Short description of a bad argument for an error message."""
     text = repr(value)

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run = gw.open_run(args.run)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, gw.NotARunError) as exc:
             print(f"gradwatch {args.command}: {exc}", file=sys.stderr)
             return 2
         with run:
@@ -127,9 +127,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from gradwatch.report.html import write_html
 
-                path = write_html(run, args.output or run.path / "report.html", diagnosis)
+                try:
+                    path = write_html(run, args.output or run.path / "report.html", diagnosis)
+                except (ValueError, OSError) as exc:  # a bad -o, or a directory the user cannot write
+                    print(f"gradwatch report: {_one_line(exc)}", file=sys.stderr)
+                    return 2
                 print(f"wrote {path}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot write {exc.filename!r}: {exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":

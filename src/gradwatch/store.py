@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from gradwatch._errors import NotARunError
+
 DB_NAME = "gradwatch.sqlite"
 LOCK_NAME = "gradwatch.lock"  # flock-ed by the process writing the run; holds its pid
 
@@ -112,6 +114,33 @@ def _create(path: Path) -> None:
     finally:
         con.close()  # checkpoints the WAL into the file and removes it
     os.replace(tmp, path)
+
+
+def _open_read_only(db: Path) -> sqlite3.Connection:
+    """A read-only connection; ``immutable`` where the WAL index cannot be created (read-only storage).
+
+    An immutable read skips the write-ahead log: on read-only storage no watch
+    can be writing, and a finished run's log is already folded into the file.
+    """
+    uri = db.resolve().as_uri()
+    con = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    try:
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return con
+    except sqlite3.OperationalError:  # no -shm next to the file, and none can be made
+        con.close()
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+
+
+def _not_a_run_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "no such table" in text:
+        return f"an SQLite file without gradwatch's tables: {text}"
+    if "not a database" in text:
+        return "not an SQLite file"
+    if isinstance(exc, ValueError):
+        return f"its metadata does not parse: {text}"
+    return f"damaged: {text}"
 
 
 class StoreWriter:
@@ -277,11 +306,22 @@ class Run:
         if not db.is_file():
             raise FileNotFoundError(f"`open_run(path=…)` expects a run directory holding {DB_NAME}, got {str(path)!r}")
         self.path = db.parent
-        self._con = sqlite3.connect(db)
-        self.meta: dict[str, Any] = {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM meta")}
+        try:
+            self._con = _open_read_only(db)
+        except sqlite3.DatabaseError as exc:
+            raise NotARunError(f"`{path}` is not a gradwatch run ({_not_a_run_reason(exc)})") from None
+        try:
+            self.meta: dict[str, Any] = {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM meta")}
+            self._load_names()
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            self._con.close()
+            raise NotARunError(f"`{path}` is not a gradwatch run ({_not_a_run_reason(exc)})") from None
+
+    def _load_names(self) -> None:
+        """(Re)read the entity and quantity tables: a watch still writing adds to them."""
         rows = self._con.execute("SELECT id, name, kind, module, depth FROM entities ORDER BY id").fetchall()
-        self._entities = {r[0]: r[1:] for r in rows}
-        self._quantities = dict(self._con.execute("SELECT id, name FROM quantities").fetchall())
+        self._entities: dict[int, tuple[str, str, str | None, int | None]] = {r[0]: r[1:] for r in rows}
+        self._quantities: dict[int, str] = dict(self._con.execute("SELECT id, name FROM quantities").fetchall())
 
     def __repr__(self) -> str:
         n = self._con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
@@ -328,6 +368,8 @@ class Run:
         if positioned is not None:
             where.append("pos IS NOT NULL" if positioned else "pos IS NULL")
         if quantity is not None:
+            if quantity not in self._quantities.values():
+                self._load_names()
             qids = [i for i, n in self._quantities.items() if n == quantity]
             where.append(f"quantity IN ({','.join('?' * len(qids)) or 'NULL'})")
             args.extend(qids)
@@ -338,6 +380,8 @@ class Run:
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._con.execute(sql + " ORDER BY step, entity, quantity, pos", args).fetchall()
+        if any(r[1] not in self._entities or r[2] not in self._quantities for r in rows):
+            self._load_names()  # written after this Run opened
         step = np.array([r[0] for r in rows], dtype=np.int64)
         ent = [self._entities[r[1]] for r in rows]
         return {
@@ -351,6 +395,11 @@ class Run:
 
     def series(self, quantity: str, kind: str = "layer") -> Series:
         """One quantity as an (entities × steps) matrix, entities in depth order."""
+        if quantity not in self._quantities.values():
+            self._load_names()
+            if quantity not in self._quantities.values():
+                raise KeyError(f"`Run.series(quantity=…)` expects one of the recorded quantities "
+                               f"({', '.join(self.quantities)}), got {quantity!r}")
         rec = self.records(quantity, kind, positioned=False)
         names = [n for n in self.names(kind) if n in set(rec["layer"].tolist())]
         steps = np.unique(rec["step"])
