@@ -88,3 +88,47 @@ def test_a_watch_killed_while_creating_its_store_leaves_no_husk(store, monkeypat
     gw.watch(_model(), store=store, name="husk").close()  # the name is free: no overwrite needed
     with gw.open_run(store / "husk") as run:
         assert run.meta["status"] == "closed"
+
+
+class _Named(nn.Module):
+    """Layers whose names are rich markup and matplotlib mathtext."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({"head[cls]": nn.Linear(3, 4), "x[/y]": nn.Linear(4, 4),
+                                     "[link=file:///etc/passwd]l[/link]": nn.Linear(4, 4), r"$\frac{$": nn.Linear(4, 1)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = torch.tanh(layer(x))
+        return x
+
+
+def _named_run(store):
+    torch.manual_seed(0)
+    model = _Named()
+    with gw.watch(model, store=store, name="names", activations=1) as w:
+        for _ in range(3):
+            model(torch.randn(4, 3)).sum().backward()
+    return w
+
+
+def test_layer_names_are_not_parsed_as_rich_markup(store):
+    from rich.console import Console
+
+    from gradwatch.report.terminal import render
+
+    w = _named_run(store)
+    text = w.summary()
+    for name in ("head[cls]", "x[/y]", "[link=file:///etc/passwd]l[/link]"):
+        assert f"layers.{name}" in text
+    console = Console(record=True, width=200, force_terminal=True, file=__import__("io").StringIO())
+    with w.open() as run:
+        render(run, w.diagnose(), console)
+    assert "file:///etc/passwd" not in "".join(str(s.style) for s in console._record_buffer if s.style)
+
+
+def test_mathtext_in_a_layer_name_does_not_break_the_report(store, tmp_path):
+    w = _named_run(store)
+    html = w.report(tmp_path / "r.html").read_text()
+    assert "frac" in html and 'id="heatmap"' in html

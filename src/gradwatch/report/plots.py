@@ -35,8 +35,13 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _plain(text: str) -> str:
+    """Text that matplotlib shows as it is: a ``$`` would start mathtext (and a bad formula raises)."""
+    return text.replace("$", r"\$")
+
+
 def _labels(names: list[str]) -> list[str]:
-    return [n or "(root)" for n in names]
+    return [_plain(n or "(root)") for n in names]
 
 
 def heatmap(series: Series, title: str, log: bool = True, vmin: float | None = None, vmax: float | None = None,
@@ -59,8 +64,8 @@ def heatmap(series: Series, title: str, log: bool = True, vmin: float | None = N
         ax.set_yticks(range(0, len(series.names), max(1, len(series.names) // 30)))
         ax.set_yticklabels(_labels(series.names[:: max(1, len(series.names) // 30)]))
     ax.set_xlabel("step")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=label or ("log₁₀ " + series.quantity if log else series.quantity), pad=0.02)
+    ax.set_title(_plain(title))
+    fig.colorbar(im, ax=ax, label=_plain(label or ("log₁₀ " + series.quantity if log else series.quantity)), pad=0.02)
     return _svg(fig)
 
 
@@ -98,8 +103,8 @@ def line(series: Series, title: str, ylabel: str, log: bool = False) -> str:
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(_plain(title))
     ax.grid(alpha=0.3)
     return _svg(fig)
 

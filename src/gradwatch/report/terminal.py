@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -47,14 +49,16 @@ def _flags(row: LayerRow) -> Text:
 
 
 def layer_table(run: Run) -> Table:
-    table = Table(title=f"gradwatch — {run.path.name}: {run.meta.get('model', '')}, {run.meta.get('steps', '?')} steps",
+    title = f"gradwatch — {run.path.name}: {run.meta.get('model', '')}, {run.meta.get('steps', '?')} steps"
+    table = Table(title=escape(title),
                   title_justify="left", show_edge=False, pad_edge=False)
     for col, just in (("layer", "left"), ("module", "left"), ("‖∂L/∂W‖", "right"), ("trend", "right"),
                       ("‖∂L/∂a‖", "right"), ("update", "right"), ("activation", "left"), ("flags", "left")):
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     for row in layer_rows(run):
-        table.add_row(row.name or "(root)", row.module, _num(row.grad_norm), _trend(row.trend), _num(row.out_grad_norm),
-                      _num(row.update_ratio), _act(row), _flags(row))
+        # Names are the user's (module paths, class names): shown as they are, never read as markup.
+        table.add_row(escape(row.name or "(root)"), escape(row.module), _num(row.grad_norm), _trend(row.trend),
+                      _num(row.out_grad_norm), _num(row.update_ratio), escape(_act(row)), _flags(row))
     return table
 
 
@@ -90,7 +94,8 @@ def recurrent_table(run: Run) -> Table | None:
             continue
         last = s.values[:, -1]
         l1 = float(lam.values[lam.names.index(e.name), -1]) if lam is not None and e.name in lam.names else float("nan")
-        table.add_row(e.name, e.module or "", str(len(s.names) - 1), _num(float(last[0] / last[-1])), _num(l1))
+        table.add_row(escape(e.name), escape(e.module or ""), str(len(s.names) - 1), _num(float(last[0] / last[-1])),
+                      _num(l1))
     return table
 
 
@@ -107,6 +112,6 @@ def render(run: Run, diagnosis: Diagnosis, console: Console) -> None:
 
 def render_text(run: Run, diagnosis: Diagnosis, width: int = 140) -> str:
     """The same report as plain text (no colour), for files and golden tests."""
-    console = Console(record=True, width=width, color_system=None, force_terminal=False, file=open("/dev/null", "w"))
+    console = Console(record=True, width=width, color_system=None, force_terminal=False, file=io.StringIO())
     render(run, diagnosis, console)
     return console.export_text()
