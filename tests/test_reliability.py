@@ -132,3 +132,32 @@ def test_mathtext_in_a_layer_name_does_not_break_the_report(store, tmp_path):
     w = _named_run(store)
     html = w.report(tmp_path / "r.html").read_text()
     assert "frac" in html and 'id="heatmap"' in html
+
+
+def _private_run(tmp_path, monkeypatch):
+    work = tmp_path / "home" / "someuser" / "project"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    model = _model()
+    with gw.watch(model, store=work / "runs", name="private") as w:
+        model(torch.randn(2, 3)).sum().backward()
+    return w, work
+
+
+def test_the_html_report_embeds_no_absolute_path(tmp_path, monkeypatch):
+    w, work = _private_run(tmp_path, monkeypatch)
+    html = w.report(tmp_path / "r.html").read_text()
+    assert str(tmp_path) not in html and "someuser" not in html
+    assert "private" in html and "runs/private" in html  # the name and the path relative to the working directory
+
+
+def test_a_redacted_html_report_drops_even_the_relative_path(tmp_path, monkeypatch):
+    from gradwatch.cli import main
+
+    w, work = _private_run(tmp_path, monkeypatch)
+    html = w.report(tmp_path / "r.html", redact=True).read_text()
+    assert "runs/" not in html and "private" not in html and str(tmp_path) not in html
+    assert main(["report", str(w.path), "-o", str(tmp_path / "c.html"), "--redact"]) == 0
+    assert "private" not in (tmp_path / "c.html").read_text()
+    with pytest.raises(TypeError, match=r"`Watch.report\(redact=…\)` expects True or False, got 'yes'"):
+        w.report(tmp_path / "x.html", redact="yes")

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="write the self-contained HTML report of a stored run")
     rep.add_argument("run", help="run directory (holding gradwatch.sqlite)")
     rep.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    rep.add_argument("--redact", action="store_true", help="leave the run's name and path out of the page")
     chk = sub.add_parser("check", help="before training: will this network train? (gw.check on random input)")
     chk.add_argument("factory", metavar="MODULE:FACTORY",
                      help="a Python file or importable module, and a function in it that returns the model")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 from gradwatch.report.html import write_html
 
                 try:
-                    path = write_html(run, args.output or run.path / "report.html", diagnosis)
+                    path = write_html(run, args.output or run.path / "report.html", diagnosis, args.redact)
                 except (ValueError, OSError) as exc:  # a bad -o, or a directory the user cannot write
                     print(f"gradwatch report: {_one_line(exc)}", file=sys.stderr)
                     return 2

@@ -191,12 +191,17 @@ class Watch:
         with self.open() as run:
             return diagnose(run, thresholds)
 
-    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None) -> Path:
-        """Write the self-contained HTML report of this run; returns its path."""
+    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None,
+               redact: bool = False) -> Path:
+        """Write the self-contained HTML report of this run; returns its path.
+
+        The page names the run and its path relative to the working directory;
+        ``redact=True`` leaves out both (for a report to share).
+        """
         from gradwatch.report.html import write_html
 
         with self.open() as run:
-            return write_html(run, path, diagnose(run, thresholds))
+            return write_html(run, path, diagnose(run, thresholds), redact)
 
     def summary(self, thresholds: Thresholds | None = None) -> str:
         """The terminal report as plain text: one line per layer, then the findings."""
@@ -659,7 +664,8 @@ class _NotRankZero(Watch):
     def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
         raise self._only_rank_0("diagnose")
 
-    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None) -> Path:
+    def report(self, path: str | Path = "report.html", thresholds: Thresholds | None = None,
+               redact: bool = False) -> Path:
         raise self._only_rank_0("report")
 
     def summary(self, thresholds: Thresholds | None = None) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import os
 from pathlib import Path
 
+from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import sci
 from gradwatch.report import plots
@@ -78,8 +80,18 @@ def _steps(series: object) -> str:
     return f"steps {int(steps[0])}–{int(steps[-1])}, {len(steps)} recorded"
 
 
-def render_html(run: Run, diagnosis: Diagnosis) -> str:
-    """The report as one HTML string."""
+def _where(run: Run, redact: bool) -> str:
+    """Where the records are, for the page: the run's path relative to the working directory, never absolute.
+
+    An absolute path usually carries the user's name; ``redact`` drops even the relative one.
+    """
+    if redact:
+        return "the run's store (path redacted)"
+    return os.path.relpath(run.path)
+
+
+def render_html(run: Run, diagnosis: Diagnosis, redact: bool = False) -> str:
+    """The report as one HTML string (``redact``: without the run's name and path)."""
     q = set(run.quantities)
     figs = []
     if "grad_norm" in q:
@@ -122,7 +134,7 @@ def render_html(run: Run, diagnosis: Diagnosis) -> str:
         figs.append(_figure("total-norm", plots.line(total, "total gradient norm", "√Σ grad_norm²", log=True),
                             f"The total gradient norm, from every layer's grad_norm, {_steps(total)}."))
     meta = run.meta
-    title = f"gradwatch report — {run.path.name}"
+    title = "gradwatch report" if redact else f"gradwatch report — {run.path.name}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
@@ -130,7 +142,7 @@ def render_html(run: Run, diagnosis: Diagnosis) -> str:
 <h1>{_e(title)}</h1>
 <p class="meta">{_e(meta.get("model", ""))} · {len(run.layers)} layers · {_e(meta.get("steps", "?"))} steps ·
 optimizer {_e(meta.get("optimizer"))} · torch {_e(meta.get("torch", ""))} · gradwatch {_e(meta.get("gradwatch", ""))} ·
-started {_e(meta.get("started", ""))} · status {_e(meta.get("status", ""))} · store {_e(run.path)}</p>
+started {_e(meta.get("started", ""))} · status {_e(meta.get("status", ""))} · store {_e(_where(run, redact))}</p>
 <h2>Findings</h2>
 <section id="findings">{_findings(diagnosis)}</section>
 <h2>Plots</h2>
@@ -138,17 +150,19 @@ started {_e(meta.get("started", ""))} · status {_e(meta.get("status", ""))} · 
 <h2>Layers</h2>
 <p class="meta">Last recorded values; trend is the last grad_norm over the first.</p>
 {_table(run)}
-<p class="meta">Every number here comes from the records in {_e(run.path)} (quantity named in each caption);
+<p class="meta">Every number here comes from the records in {_e(_where(run, redact))} (quantity named in each caption);
 written {_dt.datetime.now().isoformat(timespec="seconds")}.</p>
 </body></html>
 """
 
 
-def write_html(run: Run, path: str | Path, diagnosis: Diagnosis) -> Path:
-    """Write the report; returns its path."""
+def write_html(run: Run, path: str | Path, diagnosis: Diagnosis, redact: bool = False) -> Path:
+    """Write the report; returns its path. ``redact``: leave out the run's name and path."""
+    if not isinstance(redact, bool):
+        raise TypeError(bad_argument("Watch.report", "redact", "True or False", redact))
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"`report(path=…)` expects a path ending in .html, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(run, diagnosis), encoding="utf-8")
+    path.write_text(render_html(run, diagnosis, redact), encoding="utf-8")
     return path
