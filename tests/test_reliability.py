@@ -161,3 +161,100 @@ def test_a_redacted_html_report_drops_even_the_relative_path(tmp_path, monkeypat
     assert "private" not in (tmp_path / "c.html").read_text()
     with pytest.raises(TypeError, match=r"`Watch.report\(redact=…\)` expects True or False, got 'yes'"):
         w.report(tmp_path / "x.html", redact="yes")
+
+
+def test_after_a_writer_failure_the_status_says_failed(store, monkeypatch):
+    from gradwatch import store as store_mod
+
+    def full(self, payload):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod.StoreWriter, "_write_records", full)
+    model = _model()
+    with pytest.warns(gw.GradwatchWarning, match="stopped recording"):
+        with gw.watch(model, store=store, name="full") as w:
+            for _ in range(3):
+                model(torch.randn(2, 3)).sum().backward()
+                w.flush() if _ == 0 else None
+    with gw.open_run(store / "full") as run:
+        assert run.meta["status"].startswith("failed: OSError") and "No space left" in run.meta["status"]
+
+
+def _open_fds(path_part: str) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if path_part in target:
+            out.append(target)
+    return out
+
+
+def _writer_threads() -> int:
+    import threading
+
+    return sum(t.name == "gradwatch-writer" for t in threading.enumerate())
+
+
+def test_a_watch_dropped_without_close_leaks_no_thread_or_file(store):
+    import gc
+
+    before = _writer_threads()
+
+    def train_and_forget():
+        model = _model()
+        w = gw.watch(model, store=store, name="dropped")
+        model(torch.randn(2, 3)).sum().backward()
+        assert _writer_threads() == before + 1
+
+    train_and_forget()
+    gc.collect()
+    assert _writer_threads() == before
+    assert _open_fds(str(store)) == []
+    with gw.open_run(store / "dropped") as run:
+        assert run.meta["status"].startswith("not closed")
+
+
+def test_summary_leaves_no_file_open(store):
+    model = _model()
+    with gw.watch(model, store=store, name="sum") as w:
+        model(torch.randn(2, 3)).sum().backward()
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w.summary()
+        gc.collect()
+    assert not [c for c in caught if issubclass(c.category, ResourceWarning)]
+
+
+def test_concurrent_starts_of_one_name_give_one_run_and_file_exists_errors(store):
+    import threading
+    import warnings
+
+    results: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def start():
+        model = _model()
+        barrier.wait()
+        try:
+            results.append(gw.watch(model, store=store, name="race"))
+        except FileExistsError as exc:
+            results.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        watches = [r for r in results if isinstance(r, gw.Watch)]
+        for w in watches:
+            w.close()
+    assert len(results) == 8 and len(watches) == 1
+    assert all(isinstance(r, FileExistsError) for r in results if r is not watches[0])

@@ -25,6 +25,7 @@ import itertools
 import platform
 import re
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -134,6 +135,10 @@ class Watch:
         self._temporal = TemporalProbe(temporal or [], self._device)
         self._recurrent_ids = {name: self._entity_id(name, "recurrent", cell) for name, cell in self._temporal.entities()}
         self._writer.meta(self._metadata())
+        # A watch dropped without close() (or still open at exit) still closes its store: the writer's
+        # thread stops, its file handles close, its lock goes. (The callback holds the writer, not the watch.)
+        weakref.finalize(self, self._writer.close, {"status": "not closed: the watch was dropped, or the process "
+                                                              "exited, without close()"})
         try:
             self._place_hooks()
         except BaseException:
@@ -238,7 +243,7 @@ class Watch:
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_post))
         elif self._driver == "backward":
             for p in self._grads.params:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
+                self._handles.append(p.register_post_accumulate_grad_hook(_WeakHook(self, "_on_grad_accumulated")))
         elif self.optimizer is not None:  # external: only to tell a skipped step from a taken one
             self._handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_stepped))
         if self._scaler is not None and self._driver != "external":  # an integration tells skipped steps itself
@@ -398,7 +403,7 @@ class Watch:
         assert self._driver == "external", "staging is for a watch driven by an integration"
         self._stage_when = when
         for p in self._grads.params:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_accumulated))
+            self._handles.append(p.register_post_accumulate_grad_hook(_WeakHook(self, "_on_grad_accumulated")))
 
     @_guarded
     def _gradients_ready(self) -> None:
@@ -606,6 +611,29 @@ class Watch:
             self._closed = True
             self._writer.close({"status": status if self._failed is None else f"failed: {self._failed}",
                                 "steps": self._step})
+
+
+class _WeakHook:
+    """A parameter hook that calls a watch's method through a weak reference.
+
+    Hooks on tensors live in C++, where Python's garbage collector cannot see
+    the cycle watch → model → parameter → hook → watch; a strong hook there
+    would keep a dropped watch (and its writer thread and files) alive for
+    ever. The module hooks, in Python dicts, keep the watch alive while its
+    model lives; this one does not pin it.
+    """
+
+    def __init__(self, watch: Watch, method: str) -> None:
+        self._ref = weakref.ref(watch)
+        self._method = method
+
+    @property
+    def __self__(self) -> Watch | None:  # (read by _already_watched, as a bound method's)
+        return self._ref()
+
+    def __call__(self, *args: Any) -> Any:
+        watch = self._ref()
+        return None if watch is None else getattr(watch, self._method)(*args)
 
 
 class _Discard:
