@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import itertools
+import numbers
 import platform
 import re
 import warnings
@@ -164,16 +165,21 @@ class Watch:
         forward pass belongs to the step that just ended (whose values are held
         until that forward pass, so that they still travel in one copy).
         """
+        if self._closed:
+            raise RuntimeError("`Watch.log()` after close(): the run is finished; log before closing the watch, "
+                               "or start a new one")
         for key, value in scalars.items():
+            if not key:
+                raise ValueError(bad_argument("Watch.log", key, "a non-empty scalar name (log(loss=…))", key))
             if isinstance(value, Tensor):
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 value = value.detach().reshape(()).to(self._device, torch.float64)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):  # numpy scalars too
                 value = torch.tensor(float(value), dtype=torch.float64, device=self._device)
             else:
                 raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
-            if self._closed or self._failed is not None:
+            if self._failed is not None:
                 continue
             self._scalars.append((self._entity_id(key, "run", None), value))
         if self._held is not None:  # joins the step that just ended
@@ -817,6 +823,17 @@ def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return None
 
 
+def _shared_module(model: nn.Module, other: Watch) -> tuple[str, str] | None:
+    """(name, class) of a module of ``model`` that another watch's model also holds, if ``model`` is not that model."""
+    if other.model is model:
+        return None
+    theirs = {id(m) for m in other.model.modules()}
+    for name, m in model.named_modules():
+        if id(m) in theirs:
+            return name or "(root)", type(m).__name__
+    return None
+
+
 def _run_dir(store: Any, name: str | None, model: nn.Module, overwrite: bool,
              caller: str = "watch") -> tuple[Path, RunLock]:
     """The run's directory, created, and its lock, held: no other watch writes it while this one does."""
@@ -968,6 +985,9 @@ def _make_watch(
     update = _schedule("update_every", update_every, schedules.DEFAULT_SAMPLED, allow_off=True, caller=caller)
     if not isinstance(overwrite, bool):
         raise TypeError(bad_argument(caller, "overwrite", "True or False", overwrite))
+    if optimizer is None and not isinstance(update_every, bool):
+        raise ValueError(f"`{caller}(update_every=…)` measures updates across optimizer.step(): "
+                         f"pass optimizer=… as well")
     if temporal is not False and sampled is None:
         raise ValueError(f"`{caller}(temporal=…)` rides the activations schedule: pass activations=True or an int, not False")
     if scaler is not None:
@@ -980,6 +1000,13 @@ def _make_watch(
                                f"(another watch holds it); close that watch first")
     recurrent = find_recurrent(model, temporal)
     other = _already_watched(model, optimizer)
+    shared = _shared_module(model, other) if other is not None else None
+    if shared is not None:
+        raise RuntimeError(
+            f"`{caller}(model=…)`: its module {shared[0]!r} ({shared[1]}) is shared with a model another watch holds "
+            f"(store {str(other.path)!r}); one module's hooks cannot tell the two models' passes apart: "
+            f"give each model its own instance, or close that watch first"  # type: ignore[union-attr]
+        )
     if other is not None:
         raise RuntimeError(
             f"`{caller}(model=…)`: this model is already watched (store {str(other.path)!r}); "

@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+from gradwatch._errors import bad_argument
+
+_COUNTS = frozenset({"window", "spike_after", "spike_window"})  # numbers of steps
+_FRACTIONS = frozenset({"affected_below", "saturated_above", "dead_above", "skipped_above"})  # shares, in (0, 1)
+_BELOW_ONE = frozenset({"vanish_below", "stalled_below", "memory_below"})  # ratios that cut below 1
+_ABOVE_ONE = frozenset({"explode_above", "affected_above", "spike_above"})  # ratios that cut above 1
+
+
+def _check(name: str, value: object) -> None:
+    """Raise the template error for a bad threshold value."""
+    if name in _COUNTS:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(bad_argument("Thresholds", name, "a positive int", value))
+        if value < 1:
+            raise ValueError(bad_argument("Thresholds", name, "a positive int", value))
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(bad_argument("Thresholds", name, "a positive finite number", value))
+    x = float(value)
+    if name in _FRACTIONS and not 0 < x < 1:
+        raise ValueError(bad_argument("Thresholds", name, "a fraction in (0, 1)", value))
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(bad_argument("Thresholds", name, "a positive finite number", value))
+    if name in _BELOW_ONE and not x < 1:
+        raise ValueError(bad_argument("Thresholds", name, "a number below 1 (a ratio that cuts downwards)", value))
+    if name in _ABOVE_ONE and not x > 1:
+        raise ValueError(bad_argument("Thresholds", name, "a number above 1 (a ratio that cuts upwards)", value))
 
 
 @dataclass(frozen=True)
@@ -57,3 +87,10 @@ class Thresholds:
     # More than 5 % of the steps skipped means the gradients overflow even at a
     # reduced scale: the model is losing that share of its updates.
     skipped_above: float = 0.05
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _check(f.name, value)
+            # numpy scalars become plain Python numbers (frozen: set through object)
+            object.__setattr__(self, f.name, int(value) if f.name in _COUNTS else float(value))
