@@ -258,3 +258,67 @@ def test_concurrent_starts_of_one_name_give_one_run_and_file_exists_errors(store
             w.close()
     assert len(results) == 8 and len(watches) == 1
     assert all(isinstance(r, FileExistsError) for r in results if r is not watches[0])
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, torch, gradwatch as gw
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    print("start", flush=True)
+    w = gw.watch(model, opt, store=sys.argv[1], name="k")
+    step = 0
+    while True:
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); w.log(loss=loss)
+        if step % 5 == 4:
+            w.flush()
+            print(step, flush=True)  # every step up to here is committed
+        step += 1
+    """
+)
+
+
+def test_a_writer_killed_at_20_random_moments_leaves_a_store_that_opens_or_none(tmp_path):
+    """Crash safety: SIGKILL at random moments from gw.watch() on, ten of them in its first 50 ms."""
+    import random
+    import selectors
+    import signal
+    import time
+
+    rng = random.Random(14)
+    delays = [rng.uniform(0, 0.05) for _ in range(10)] + [rng.uniform(0.05, 0.6) for _ in range(10)]
+    outcomes = {"absent": 0, "opened": 0}
+    for i, delay in enumerate(delays):
+        store = tmp_path / str(i)
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(store)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.stdout.readline().strip() == "start"
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        flushed = -1
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            if sel.select(left):
+                line = proc.stdout.readline()
+                if line:
+                    flushed = int(line)
+        proc.send_signal(signal.SIGKILL)
+        rest = proc.communicate()[0]
+        flushed = max([flushed, *(int(x) for x in rest.split())])
+        assert proc.returncode == -signal.SIGKILL
+        try:
+            run = gw.open_run(store / "k")
+        except FileNotFoundError:
+            assert flushed == -1, (i, delay, "store absent although steps were flushed")
+            outcomes["absent"] += 1
+            gw.watch(_model(), store=store, name="k").close()  # and the name is free
+            continue
+        with run:
+            assert run.meta["status"] == "running"
+            if flushed >= 0:
+                steps = set(run.records("grad_norm")["step"].tolist())
+                assert set(range(flushed + 1)) <= steps, (i, delay, flushed)
+        outcomes["opened"] += 1
+    assert sum(outcomes.values()) == 20

@@ -65,7 +65,7 @@ class GradwatchCallback(WatchingCallback, _transformers.TrainerCallback):  # typ
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         loss = (logs or {}).get("loss")
-        if self.watch is not None and isinstance(loss, (int, float)):
+        if self.watch is not None and not self.watch.closed and isinstance(loss, (int, float)):
             self.watch.log(loss=float(loss))  # after on_step_end: joins the step that just ended
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
