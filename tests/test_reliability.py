@@ -322,3 +322,25 @@ def test_a_writer_killed_at_20_random_moments_leaves_a_store_that_opens_or_none(
                 assert set(range(flushed + 1)) <= steps, (i, delay, flushed)
         outcomes["opened"] += 1
     assert sum(outcomes.values()) == 20
+
+
+def test_two_steps_with_no_forward_between_them_get_their_own_step_numbers(store):
+    model = _model()
+    with gw.watch(model, store=store, name="twice") as w:  # a step is a backward pass
+        for _ in range(3):
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            loss.backward(retain_graph=True)
+            loss.backward()
+    with w.open() as run:
+        rec = run.records("grad_norm", "layer")
+        assert rec["step"].tolist() == [s for s in range(6) for _ in range(2)]  # 2 layers a step, once each
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, store=store, name="steps") as w:  # a step is an optimizer step
+        for _ in range(3):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            opt.step()
+            opt.step()  # no forward between the two
+    with w.open() as run:
+        assert run.records("grad_norm", "layer")["step"].tolist() == [s for s in range(6) for _ in range(2)]
+        assert run.meta["steps"] == 6

@@ -334,6 +334,7 @@ class Watch:
 
     @_guarded
     def _collect_and_end(self) -> None:
+        self._release_held()
         self._add_temporal()
         if self._every(self._step):
             self._add_grad_stats()
@@ -414,6 +415,7 @@ class Watch:
     @_guarded
     def _gradients_ready(self) -> None:
         """The step's gradients are final (unscaled); the optimizer has not stepped yet."""
+        self._release_held()
         self._stepped = False
         self._step_scale = self._loss_scale()
         self._add_temporal()  # before the step: the re-run needs the weights of the forward pass
@@ -502,6 +504,14 @@ class Watch:
         names = {e: n for (n, k), e in self._entity.items() if k == "run"}
         for e, v in zip(ids, values):
             self._add(np.array([[e, self._quantity_id(names[int(e)]), -1]]), v)
+
+    def _release_held(self) -> None:
+        """A new step's values are coming with no forward pass since the last step ended: send that one on first.
+
+        Otherwise the two steps' values would travel in one copy, under one step number.
+        """
+        if self._held is not None:
+            self._release()
 
     @_guarded
     def _release(self) -> None:
