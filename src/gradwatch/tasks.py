@@ -137,16 +137,17 @@ def _copy(b: int, t: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     return _one_hot_symbols(vals, COPY_SYMBOLS + 2), y
 
 
+# A NaN/Inf prediction is wrong: a diverged net must not score (NaN > 0.04 is False, argmax of NaN is arbitrary).
 def _sq_wrong(p: Tensor, y: Tensor) -> Tensor:
-    return ((p.reshape(-1) - y.reshape(-1)) ** 2) > 0.04
+    return ~(((p.reshape(-1) - y.reshape(-1)) ** 2) <= 0.04)
 
 
 def _class_wrong(p: Tensor, y: Tensor) -> Tensor:
-    return p.argmax(-1) != y
+    return (p.argmax(-1) != y) | ~torch.isfinite(p).all(-1)
 
 
 def _seq_wrong(p: Tensor, y: Tensor) -> Tensor:  # (T, B, C) vs (T, B): any step wrong
-    return (p.argmax(-1) != y).any(0)
+    return ((p.argmax(-1) != y) | ~torch.isfinite(p).all(-1)).any(0)
 
 
 def _seq_ce(p: Tensor, y: Tensor) -> Tensor:
