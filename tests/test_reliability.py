@@ -344,3 +344,22 @@ def test_two_steps_with_no_forward_between_them_get_their_own_step_numbers(store
     with w.open() as run:
         assert run.records("grad_norm", "layer")["step"].tolist() == [s for s in range(6) for _ in range(2)]
         assert run.meta["steps"] == 6
+
+
+def test_a_gradient_penalty_does_not_inflate_out_grad_norm(store):
+    """The tensor hooks also fire in autograd.grad(create_graph=True); only the backward that fills .grad counts."""
+    model = _model()
+    outputs: dict[str, torch.Tensor] = {}
+    for name in ("0", "2"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    x = torch.randn(8, 3, requires_grad=True)
+    with gw.watch(model, store=store, name="penalty", activations=1) as w:
+        out = model(x)
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        loss = out.pow(2).mean() + g.pow(2).sum()
+        reference = torch.autograd.grad(loss, [outputs["0"], outputs["2"]], retain_graph=True)
+        loss.backward()
+    with w.open() as run:
+        got = {k: v for k, v in zip(run.records("out_grad_norm")["layer"], run.records("out_grad_norm")["value"])}
+    assert got["0"] == pytest.approx(float(reference[0].norm()), rel=1e-6)
+    assert got["2"] == pytest.approx(float(reference[1].norm()), rel=1e-6)

@@ -124,6 +124,8 @@ class Watch:
         self._held: int | None = None  # a step that ended, its values pending until the next forward
         self._callback_queued = False
         self._key_cache: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
+        self._accumulators: list[Any] | None = None  # the parameters' AccumulateGrad nodes
+        self._fill_task: tuple[int, bool] = (-1, True)  # (graph task, whether it fills .grad)
 
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
         # and keeps nothing.
@@ -279,7 +281,26 @@ class Watch:
 
     @_guarded
     def _on_output_grad(self, layer: int, grad: Tensor) -> None:
-        self._backprop.add(layer, grad)
+        if self._fills_grad():
+            self._backprop.add(layer, grad)
+
+    def _fills_grad(self) -> bool:
+        """Whether the running backward pass accumulates into the parameters' ``.grad`` (decided once per pass).
+
+        A tensor hook also fires inside ``torch.autograd.grad`` (a gradient
+        penalty's ``create_graph=True`` pass, an input gradient); that pass
+        runs none of the parameters' AccumulateGrad nodes, so it is left out.
+        """
+        try:
+            task = torch._C._current_graph_task_id()
+            if self._fill_task[0] != task:
+                if self._accumulators is None:
+                    self._accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in self._grads.params]
+                fills = any(torch._C._will_engine_execute_node(n) for n in self._accumulators)
+                self._fill_task = (task, fills)
+            return self._fill_task[1]
+        except RuntimeError:  # not an eager engine's backward (a compiled one): count it, as before
+            return True
 
     @_guarded
     def _on_act_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
