@@ -363,3 +363,27 @@ def test_a_gradient_penalty_does_not_inflate_out_grad_norm(store):
         got = {k: v for k, v in zip(run.records("out_grad_norm")["layer"], run.records("out_grad_norm")["value"])}
     assert got["0"] == pytest.approx(float(reference[0].norm()), rel=1e-6)
     assert got["2"] == pytest.approx(float(reference[1].norm()), rel=1e-6)
+
+
+def test_a_validation_forward_with_grad_enabled_does_not_enter_the_sampled_step(store):
+    """Activation statistics come from the forward whose backward completes the step, not an eval() pass before it."""
+    def run(name, validate):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        with gw.watch(model, opt, store=store, name=name, activations=2) as w:
+            for step in range(3):
+                x = torch.randn(8, 3, generator=g)
+                if validate:
+                    model.eval()
+                    model(x * 1000)  # saturates every tanh unit; no backward, no no_grad
+                    model.train()
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+        with w.open() as r:
+            return {q: r.series(q, "activation").values.tolist() for q in ("saturated_frac", "act_mean", "act_std")}
+
+    clean, validated = run("clean", False), run("validated", True)
+    assert clean["saturated_frac"] == [[0.0, 0.0]]
+    assert validated == clean

@@ -116,7 +116,7 @@ class Watch:
         self._order: list[tuple[str, str]] = []
         self._order_seen: set[tuple[str, str]] = set()
         self._order_settled = False
-        self._act_calls: dict[int, list[tuple[float, Tensor]]] = {}
+        self._act_calls: dict[int, list[list[Any]]] = {}  # per activation: [element count, stats, reached]
         self._pending: list[tuple[np.ndarray, Tensor]] = []  # (keys (n, 2), values (n,))
         self._scalars: list[tuple[int, Tensor]] = []
         self._sample_step = -1
@@ -315,7 +315,18 @@ class Watch:
             return
         i = self._act_of[module]
         stats = act_probe.call_stats(self._acts[i].spec, module, x, output)
-        self._act_calls.setdefault(i, []).append((float(output.numel()), stats.to(self._device)))
+        # [element count, stats, reached]: a call whose output takes part in autograd counts only once a
+        # backward that fills .grad reaches it (a validation pass without no_grad never does); one whose
+        # output cannot be differentiated counts as it is.
+        call: list[Any] = [float(output.numel()), stats.to(self._device), not output.requires_grad]
+        self._act_calls.setdefault(i, []).append(call)
+        if output.requires_grad:
+            output.register_hook(functools.partial(self._on_act_grad, call))
+
+    @_guarded
+    def _on_act_grad(self, call: list[Any], grad: Tensor) -> None:
+        if self._fills_grad():
+            call[2] = True
 
     @_guarded
     def _on_recurrent_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -507,7 +518,11 @@ class Watch:
         self._step += 1
 
     def _add_activation_stats(self) -> None:
-        calls, self._act_calls = self._act_calls, {}
+        every, self._act_calls = self._act_calls, {}
+        calls = {i: [(n, t) for n, t, reached in c if reached] for i, c in every.items()}
+        calls = {i: c for i, c in calls.items() if c}
+        if not calls:
+            return
         idx, stats = act_probe.combine(calls)  # (acts, 4): mean, std, frac, rms φ'
         for col, name in enumerate(("act_mean", "act_std")):
             self._add(self._keys("activation", idx, self._quantity_id(name)), stats[:, col])
