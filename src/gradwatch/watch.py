@@ -1047,11 +1047,11 @@ def _make_watch(
     recurrent = find_recurrent(model, temporal)
     other = _already_watched(model, optimizer)
     shared = _shared_module(model, other) if other is not None else None
-    if shared is not None:
+    if other is not None and shared is not None:
         raise RuntimeError(
             f"`{caller}(model=…)`: its module {shared[0]!r} ({shared[1]}) is shared with a model another watch holds "
             f"(store {str(other.path)!r}); one module's hooks cannot tell the two models' passes apart: "
-            f"give each model its own instance, or close that watch first"  # type: ignore[union-attr]
+            f"give each model its own instance, or close that watch first"
         )
     if other is not None:
         raise RuntimeError(
