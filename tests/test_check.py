@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 
@@ -129,21 +130,154 @@ def test_zoo_verdicts(name, verdict):
 
 def test_check_changes_nothing():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4, momentum=None), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     model.train()
     model[1].eval()  # a mixed state must come back as it was
+    with torch.no_grad():  # running statistics that batch statistics would move
+        for bn in (model[1], model[5]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.num_batches_tracked.fill_(7)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any("num_batches_tracked" in k for k in state)
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
     rng = torch.random.get_rng_state()
     gw.check(model, x, loss_fn=nn.functional.cross_entropy, target=y)
     gw.check(model, x)
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k  # BatchNorm running stats included
+        assert torch.equal(v, state[k]), k  # BatchNorm running stats and num_batches_tracked included
     assert torch.equal(torch.random.get_rng_state(), rng)
-    assert model.training and not model[1].training and model[3].training
+    assert model.training and not model[1].training and model[3].training and model[5].training
+    assert model[1].track_running_stats and model[5].track_running_stats and model[5].momentum is None
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def _plain_cnn(depth: int, bn: bool, width: int = 8) -> nn.Sequential:
+    """A plain conv net (no shortcuts) at PyTorch's default init: conv, [BatchNorm], ReLU, … , pool, linear."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1)]
+    for i in range(depth):
+        layers += [nn.BatchNorm2d(width)] if bn else []
+        layers.append(nn.ReLU())
+        if i < depth - 1:
+            layers.append(nn.Conv2d(width, width, 3, padding=1))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+def _vgg_like(bn: bool) -> nn.Sequential:
+    """VGG's shape, small: stages of 3×3 convs, max-pooling between them, two linear layers."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out, n in ((8, 4), (16, 4), (32, 4)):
+        for _ in range(n):
+            layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
+            layers += [nn.BatchNorm2d(c_out)] if bn else []
+            layers.append(nn.ReLU())
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 2 * 2, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _hooked_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_stats: bool) -> float:
+    """Plain hooks on a copy: ‖∂L/∂a‖ at the first parameterised module's output over the last one's.
+
+    Dropout off; BatchNorm in train mode (batch statistics) when ``batch_stats``, else in eval mode.
+    """
+    m = copy.deepcopy(model).eval()
+    if batch_stats:
+        for bn in m.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.train()
+    owners = [mod for mod in m.modules() if any(True for _ in mod.parameters(recurse=False))]
+    norms: dict[int, float] = {}
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: norms.__setitem__(id(mod), float(g.double().norm())))
+
+    for mod in owners:
+        mod.register_forward_hook(hook)
+    nn.functional.cross_entropy(m(x), y).backward()
+    return norms[id(owners[0])] / norms[id(owners[-1])]
+
+
+def _batch(seed: int, n: int = 16, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_check_on_batchnorm_follows_train_mode_not_eval_mode(seed):
+    """Issue 20: in eval mode BatchNorm's init statistics (mean 0, var 1) normalise nothing, and check said
+    "vanishing" on a plain BN CNN that trains; batch statistics are what training sees."""
+    torch.manual_seed(seed)
+    model = _plain_cnn(20, bn=True)
+    x, y = _batch(seed)
+    train = _hooked_ratio(model, x, y, batch_stats=True)
+    frozen = _hooked_ratio(model, x, y, batch_stats=False)
+    assert train / frozen > 1e4  # the two profiles really differ by orders of magnitude
+    th = gw.Thresholds()
+    assert th.vanish_below < train < th.explode_above and frozen < th.vanish_below
+    report = gw.check(model, x, loss_fn=nn.functional.cross_entropy, target=y, samples=0)
+    assert report.ratio == pytest.approx(train, rel=1e-4)
+    assert report.verdict == "trainable", str(report)
+    assert "dropout off; BatchNorm uses batch statistics, as in training" in str(report)
+
+
+def test_vgg_like_net_with_batchnorm_trains_and_without_it_vanishes():
+    torch.manual_seed(0)
+    plain = _vgg_like(bn=False)
+    torch.manual_seed(0)  # BatchNorm's init draws nothing: the same convs and linears as `plain`
+    with_bn = _vgg_like(bn=True)
+    x, y = _batch(0, size=16)
+    rep_plain = gw.check(plain, x, loss_fn=nn.functional.cross_entropy, target=y, samples=0)
+    rep_bn = gw.check(with_bn, x, loss_fn=nn.functional.cross_entropy, target=y, samples=0)
+    assert rep_plain.ratio == pytest.approx(_hooked_ratio(plain, x, y, batch_stats=False), rel=1e-4)
+    assert rep_bn.ratio == pytest.approx(_hooked_ratio(with_bn, x, y, batch_stats=True), rel=1e-4)
+    # the bug: eval-mode BN at init is the identity, so the BN net read exactly as the plain one
+    assert _hooked_ratio(with_bn, x, y, batch_stats=False) == pytest.approx(rep_plain.ratio, rel=1e-4)
+    assert rep_plain.verdict == "vanishing", str(rep_plain)
+    assert rep_bn.verdict == "trainable", str(rep_bn)
+    assert rep_bn.ratio / rep_plain.ratio > 1e3
+
+
+def test_check_turns_dropout_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.9), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Dropout(0.9), nn.Linear(32, 10)).train()
+    x, y = torch.randn(16, 12), torch.randint(0, 10, (16,))
+    reference = _hooked_ratio(model, x, y, batch_stats=True)
+    with_dropout = copy.deepcopy(model).train()  # one draw of the masks: a different profile
+    torch.manual_seed(1)
+    owners = [with_dropout[0], with_dropout[6]]
+    norms: list[float] = []
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: norms.append(float(g.double().norm())))
+
+    for mod in owners:
+        mod.register_forward_hook(hook)
+    nn.functional.cross_entropy(with_dropout(x), y).backward()
+    assert abs(norms[1] / norms[0] / reference - 1) > 1e-3  # backward runs last layer first
+    first = gw.check(model, x, loss_fn=nn.functional.cross_entropy, target=y, samples=0)
+    again = gw.check(model, x, loss_fn=nn.functional.cross_entropy, target=y, samples=0)
+    assert first.ratio == again.ratio == pytest.approx(reference, rel=1e-6)
+    assert "dropout off" in str(first) and "BatchNorm uses" not in str(first)
+
+
+def test_spectrum_on_batchnorm_is_the_jacobian_within_the_batch():
+    """A sample's output depends on the others through the batch statistics; the Jacobian is taken with the
+    rest of the batch held fixed (BatchNorm1d would refuse a batch of one sample in train mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 5))
+    x = torch.randn(8, 6)
+    ref_model = copy.deepcopy(model).train()
+    svs = []
+    for i in range(3):
+        f = lambda xi, i=i: ref_model(torch.cat([x[:i], xi[None], x[i + 1:]]))[i]  # noqa: E731
+        svs.append(torch.linalg.svdvals(torch.autograd.functional.jacobian(f, x[i]).double()))
+    report = gw.check(model, x, samples=3)
+    torch.testing.assert_close(report.spectrum.singular_values, torch.cat(svs), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("scale,word", [(0.8, "sufficient condition for vanishing holds"), (1.5, "explosion possible")])

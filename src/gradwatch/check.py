@@ -1,12 +1,17 @@
 """``gw.check``: will this network train? Signal propagation and Jacobian spectra before training.
 
-One forward and one backward pass on an example batch, in ``eval`` mode,
+One forward and one backward pass on an example batch, in the mode training
+runs (BatchNorm normalises with the batch's statistics) but with dropout off,
 measure the forward signal (each layer's output mean/std, saturated and dead
 units) and the backward signal (‖∂L/∂a‖ at each layer's output, with the given
 loss or a random Gaussian cotangent at the output). Per-sample input–output
-Jacobians give the spectrum. Nothing about the model changes: gradients are
-taken with ``torch.autograd.grad`` (no ``.grad`` is written), the RNG state is
-restored, and every module's ``training`` flag is put back.
+Jacobians give the spectrum; with BatchNorm a sample's output depends on the
+rest of the batch, so its Jacobian is taken with the other samples held fixed.
+Nothing about the model changes: gradients are taken with
+``torch.autograd.grad`` (no ``.grad`` is written), BatchNorm runs with
+``track_running_stats`` off (its running statistics and ``num_batches_tracked``
+are not touched), the RNG state is restored, and every module's ``training``
+flag is put back.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class CheckReport:
     spectrum: SpectrumCheck | None
     recurrent: list[RecurrentCheck] = field(default_factory=list)
     objective: str = ""
+    mode: str = ""  # how the forward pass ran: dropout, BatchNorm
 
     def __str__(self) -> str:
         lines = [f"gw.check: {self.verdict.upper()}"]
@@ -93,6 +99,8 @@ class CheckReport:
             lines.append("  remedies: " + "; ".join(self.remedies))
         lines.append("")
         lines.append(f"backward signal: {self.objective}")
+        if self.mode:
+            lines.append(f"note: {self.mode}")
         head = f"{'layer':<24} {'module':<14} {'out std':>8} {'activation':<16} {'‖∂L/∂a‖':>9} {'gain':>7}"
         lines += [head, "-" * len(head)]
         for l in self.layers:
@@ -151,42 +159,57 @@ def _recurrent(model: nn.Module) -> list[RecurrentCheck]:
     return found
 
 
-def _spectrum(model: nn.Module, x: Tensor, samples: int) -> SpectrumCheck:
+def _spectrum(model: nn.Module, x: Tensor, samples: int, in_batch: bool) -> SpectrumCheck:
     with warnings.catch_warnings():
         # torch.func falls back to a loop for ops without a batching rule (attention, fused RNNs) and says so
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return _spectrum_of(model, x, samples)
+        return _spectrum_of(model, x, samples, in_batch)
 
 
-def _spectrum_of(model: nn.Module, x: Tensor, samples: int) -> SpectrumCheck:
-    def per_sample(xi: Tensor) -> Tensor:
-        return _first_tensor(model(xi.unsqueeze(0))).reshape(-1)
+def _sample_fn(model: nn.Module, x: Tensor, i: int, in_batch: bool) -> Callable[[Tensor], Tensor]:
+    """Sample i's flattened output as a function of its input: alone, or in its batch with the others fixed.
 
+    Batch statistics (BatchNorm in train mode) couple the samples, so there ``∂f_i/∂x_i`` is taken within
+    the batch; a net without them gives the same Jacobian from a batch of one, at a batch's fraction of the cost.
+    """
+    if not in_batch:
+        return lambda xi: _first_tensor(model(xi.unsqueeze(0))).reshape(-1)
+    before, after = x[:i], x[i + 1:]
+    return lambda xi: _first_tensor(model(torch.cat([before, xi.unsqueeze(0), after])))[i].reshape(-1)
+
+
+_IN_BATCH = "; each sample within its batch, the rest held fixed: BatchNorm couples them"
+
+
+def _spectrum_of(model: nn.Module, x: Tensor, samples: int, in_batch: bool) -> SpectrumCheck:
     n = min(samples, x.shape[0])
+    fns = [_sample_fn(model, x, i, in_batch) for i in range(n)]
     with torch.no_grad():
-        m_out = per_sample(x[0]).numel()
+        m_out = fns[0](x[0]).numel()
     size = min(m_out, x[0].numel())
     if size <= FULL_SPECTRUM_UP_TO:
         try:
-            svs = [full_spectrum(per_sample, x[i]) for i in range(n)]
+            svs = [full_spectrum(fns[i], x[i]) for i in range(n)]
             method = "every singular value, torch.func.jacrev/jacfwd"
         except Exception as exc:  # noqa: BLE001 - torch.func cannot trace every model; say so and use autograd
             svs = []
             for i in range(n):
-                jac = torch.autograd.functional.jacobian(per_sample, x[i].detach())
+                jac = torch.autograd.functional.jacobian(fns[i], x[i].detach())
                 svs.append(torch.linalg.svdvals(jac.reshape(m_out, -1).double()))
             method = f"every singular value, torch.autograd.functional.jacobian (torch.func failed: {type(exc).__name__})"
         sv = torch.cat(svs)
+        method += _IN_BATCH if in_batch else ""
         return SpectrumCheck(method, n, summarize(sv), sv, "exact up to float64 SVD")
     tops, lows, errs = [], [], []
     for i in range(n):
-        top = top_singular_value(per_sample, x[i], tol=1e-5)
-        ext = lanczos_extremes(per_sample, x[i], k=64)
+        top = top_singular_value(fns[i], x[i], tol=1e-5)
+        ext = lanczos_extremes(fns[i], x[i], k=64)
         tops.append(top.sigma_max)
         lows.append(ext.sigma_min)
         errs.append(max(top.error, ext.min_error))
     s = SpectrumSummary(math.nan, max(tops) / min(lows) if min(lows) > 0 else math.inf, math.nan, max(tops), min(lows))
-    return SpectrumCheck("σ_max by power iteration, σ_min by 64-step Lanczos", n, s, None,
+    return SpectrumCheck("σ_max by power iteration, σ_min by 64-step Lanczos" + (_IN_BATCH if in_batch else ""),
+                         n, s, None,
                          f"power iteration to a residual of 1e-5·λ; largest error bound {sci(max(errs))}")
 
 
@@ -234,6 +257,11 @@ def check(
     th = thresholds or Thresholds()
     parts = anatomy(model)
     modes = {m: m.training for m in model.modules()}
+    # BatchNorm as training runs it: batch statistics. With track_running_stats off it neither reads nor
+    # writes running_mean/var nor counts num_batches_tracked; everything else (dropout) is in eval mode.
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = {bn: bn.track_running_stats for bn in batch_norms}
+    mode = "dropout off; BatchNorm uses batch statistics, as in training" if batch_norms else "dropout off"
     outputs: dict[str, list[Tensor]] = {}
     acts: dict[str, list[tuple[float, Tensor]]] = {}
     order: list[tuple[str, str]] = []
@@ -260,9 +288,13 @@ def check(
     try:
         with torch.random.fork_rng(devices=devices):
             model.eval()
+            for bn in batch_norms:
+                bn.train()
+                bn.track_running_stats = False
             x = example_input.detach().clone()
             with torch.enable_grad():
                 out = model(x)
+                in_batch = bool(batch_norms) and _batch_first(out, x.shape[0])
                 if loss_fn is not None:
                     objective = loss_fn(out, target) if target is not None else loss_fn(out)
                     what = "the given loss"
@@ -281,12 +313,14 @@ def check(
                 grads = torch.autograd.grad(objective, flat + params, allow_unused=True)
             spectrum = None
             if samples and x.is_floating_point():
-                spectrum = _spectrum(model, x, samples)
+                spectrum = _spectrum(model, x, samples, in_batch)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        for m, was_training in modes.items():
+            m.training = was_training
+        for bn, tracked in tracking.items():
+            bn.track_running_stats = tracked
 
     # ‖∂L/∂a‖ per layer (pooling several outputs or calls), then ‖∂L/∂W‖ per layer: consecutive runs of `grads`
     counts = [len(outputs[n]) for n in layer_names] + [len(l.params) for l in parts.layers]
@@ -313,7 +347,18 @@ def check(
                                stats[2] if fam == "bounded" else math.nan, stats[2] if fam == "relu" else math.nan,
                                stats[3], out_norm[n], w_norm[n], gain))
     recurrent = _recurrent(model)
-    return _verdict(rows, spectrum, recurrent, th, what)
+    report = _verdict(rows, spectrum, recurrent, th, what)
+    report.mode = mode
+    return report
+
+
+def _batch_first(out: Any, n: int) -> bool:
+    """Whether the model's (first) output has the batch as its first dimension."""
+    try:
+        y = _first_tensor(out)
+    except TypeError:
+        return False
+    return y.dim() > 0 and y.shape[0] == n
 
 
 def _root_sum_squares(grads: tuple[Tensor | None, ...], counts: list[int]) -> list[float]:
