@@ -252,6 +252,8 @@ CLI_BAD = [
     (["check", "{tmp}/none.py:f", "--input-shape", "2,3"], r"gradwatch check: no such file"),
     (["check", "nocolon", "--input-shape", "2,3"], r"gradwatch check: expects MODULE:FACTORY"),
     (["doctor", "zoo:no_such_setup"], r"gradwatch doctor: "),
+    (["check", "{tmp}/f.py:not_a_model", "--input-shape", "2,3"], r"gradwatch check: .*f.py:not_a_model: "
+                                                                   r"`check\(model=…\)` expects a torch.nn.Module"),
 ]
 
 
@@ -260,6 +262,7 @@ def test_cli_user_mistakes_get_one_line(tmp_path, store, argv, message, capsys):
     from gradwatch.cli import main
 
     (tmp_path / "text.txt").write_text("hello")
+    (tmp_path / "f.py").write_text("def not_a_model():\n    return 3\n")
     model = nn.Linear(2, 1)
     with gw.watch(model, store=store, name="cli") as w:
         model(torch.randn(2, 2)).sum().backward()

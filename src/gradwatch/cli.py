@@ -59,7 +59,12 @@ def _check(spec: str, shape: tuple[int, ...], seed: int) -> int:
     torch.manual_seed(seed)
     model = factory()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    print(gw.check(model, x, seed=seed))
+    try:
+        report = gw.check(model, x, seed=seed)
+    except (TypeError, ValueError) as exc:  # the API's argument errors: a factory that returns no model, …
+        print(f"gradwatch check: {spec}: {exc}", file=sys.stderr)
+        return 2
+    print(report)
     return 0
 
 
