@@ -50,9 +50,9 @@ class LayerCheck:
     saturated: float  # that activation's saturated fraction (bounded units)
     dead: float  # its dead fraction (ReLU-likes)
     deriv_rms: float  # its rms derivative
-    grad_norm: float  # ‖∂L/∂a‖ at the layer's output: the backward signal
+    out_grad_norm: float  # ‖∂L/∂a‖ at the layer's output: the backward signal (the store's grad_norm is ‖∂L/∂W‖)
     weight_grad_norm: float  # ‖∂L/∂W‖ of its own parameters
-    gain: float  # grad_norm over the next layer's: what the next layer (and activation) does to the gradient
+    gain: float  # out_grad_norm over the next layer's: what the next layer (and activation) does to the gradient
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class CheckReport:
             elif l.dead == l.dead:
                 act += f" dead {l.dead:.0%}"
             lines.append(f"{(l.name or '(root)')[:24]:<24} {l.module[:14]:<14} {sci(l.out_std):>8} {act[:16]:<16} "
-                         f"{sci(l.grad_norm):>9} {'' if l.gain != l.gain else '×' + sci(l.gain):>7}")
+                         f"{sci(l.out_grad_norm):>9} {'' if l.gain != l.gain else '×' + sci(l.gain):>7}")
         if self.spectrum is not None:
             s = self.spectrum.summary
             lines += ["", f"input–output Jacobian ({self.spectrum.method}, {self.spectrum.samples} samples; "
@@ -373,7 +373,7 @@ def _root_sum_squares(grads: tuple[Tensor | None, ...], counts: list[int]) -> li
 
 def _verdict(rows: list[LayerCheck], spectrum: SpectrumCheck | None, recurrent: list[RecurrentCheck],
              th: Thresholds, objective: str) -> CheckReport:
-    g = np.array([r.grad_norm for r in rows])
+    g = np.array([r.out_grad_norm for r in rows])
     live = [i for i in range(len(g)) if g[i] > 0]
     ratio = g[live[0]] / g[live[-1]] if len(live) >= 2 else (0.0 if rows and g[-1] > 0 else 1.0)
     k = layers_per_halving(g) if len(rows) > 1 else None
