@@ -1031,7 +1031,7 @@ def _make_watch(
     update = _schedule("update_every", update_every, schedules.DEFAULT_SAMPLED, allow_off=True, caller=caller)
     if not isinstance(overwrite, bool):
         raise TypeError(bad_argument(caller, "overwrite", "True or False", overwrite))
-    if optimizer is None and not isinstance(update_every, bool):
+    if optimizer is None and not isinstance(update_every, bool) and driver != "external":  # (callbacks: the trainer's)
         raise ValueError(f"`{caller}(update_every=…)` measures updates across optimizer.step(): "
                          f"pass optimizer=… as well")
     if temporal is not False and sampled is None:
