@@ -72,12 +72,17 @@ class Diagnosis:
         return f"Diagnosis({self.kinds})"
 
 
+def layer_name(name: str) -> str:
+    """A layer's name as findings print it: its ``named_modules()`` path, ``(root)`` for the model itself."""
+    return name or "(root)"
+
+
 def span(names: list[str] | tuple[str, ...], total: int | None = None) -> str:
-    """'0…36 (19 of 20)' for a list of names."""
+    """'0…36 (19 of 20)' for a list of names; the model itself (named "") is '(root)'."""
     if not names:
         return "none"
-    text = names[0] if len(names) == 1 else f"{names[0]}…{names[-1]}"
-    text = repr(text) if text == "" else text
+    first, last = layer_name(names[0]), layer_name(names[-1])
+    text = first if len(names) == 1 else f"{first}…{last}"
     if total is not None and len(names) > 1:
         text += f" ({len(names)} of {total})"
     return text

@@ -25,6 +25,13 @@ class LayerRow:
     dead: float  # its dead fraction (ReLU-likes)
     nonfinite: float  # parameter tensors with NaN/Inf gradients, summed over the run
     zero: bool  # the gradient is exactly zero at the last step
+    unmeasured: bool = False  # ‖∂L/∂a‖ was recorded for other layers, never for this one, though its parameters got gradients
+
+
+# Why a layer can have ‖∂L/∂W‖ and no ‖∂L/∂a‖: both reports print this under their layer table.
+UNMEASURED_NOTE = ("‖∂L/∂a‖ unmeasured: the gradient reached the layer's parameters, but autograd never ran the hook "
+                   "on its output; it drops that hook when the output is modified in place (e.g. `h += 1` on a 3-D "
+                   "nn.Linear's output). Its ‖∂L/∂W‖ is still measured.")
 
 
 def _last(series: Series | None, name: str) -> float:
@@ -52,6 +59,8 @@ def layer_rows(run: Run) -> list[LayerRow]:
 
     grad, out, upd, nonf = get("grad_norm"), get("out_grad_norm"), get("update_ratio"), get("nonfinite")
     sat, dead = get("saturated_frac", "activation"), get("dead_frac", "activation")
+    got_grad = set() if grad is None else {n for n, r in zip(grad.names, grad.values) if np.isfinite(r).any()}
+    got_out = set() if out is None else {n for n, r in zip(out.names, out.values) if (~np.isnan(r)).any()}
     entities = run.entities()
     layers = [e for e in entities if e.kind == "layer"]
     acts = [e for e in entities if e.kind == "activation" and e.depth is not None]
@@ -76,5 +85,6 @@ def layer_rows(run: Run) -> list[LayerRow]:
             dead=_last(dead, act) if act else math.nan,
             nonfinite=total_nf,
             zero=g_last == 0.0,
+            unmeasured=bool(got_out) and e.name in got_grad and e.name not in got_out,
         ))
     return rows

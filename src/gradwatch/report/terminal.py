@@ -12,7 +12,7 @@ from rich.text import Text
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import sci
-from gradwatch.report.rows import LayerRow, layer_rows
+from gradwatch.report.rows import UNMEASURED_NOTE, LayerRow, layer_rows
 from gradwatch.store import Run
 
 
@@ -45,17 +45,22 @@ def _flags(row: LayerRow) -> Text:
         text.append("no grad", style="yellow")
     if row.zero:
         text.append(" ZERO", style="bold red")
+    if row.unmeasured:
+        text.append((" " if text else "") + "‖∂L/∂a‖ unmeasured", style="yellow")
     return text
 
 
 def layer_table(run: Run) -> Table:
     title = f"gradwatch — {run.path.name}: {run.meta.get('model', '')}, {run.meta.get('steps', '?')} steps"
+    rows = layer_rows(run)
     table = Table(title=escape(title),
-                  title_justify="left", show_edge=False, pad_edge=False)
+                  title_justify="left", show_edge=False, pad_edge=False,
+                  caption=escape(UNMEASURED_NOTE) if any(r.unmeasured for r in rows) else None,
+                  caption_justify="left")
     for col, just in (("layer", "left"), ("module", "left"), ("‖∂L/∂W‖", "right"), ("trend", "right"),
                       ("‖∂L/∂a‖", "right"), ("update", "right"), ("activation", "left"), ("flags", "left")):
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
-    for row in layer_rows(run):
+    for row in rows:
         # Names are the user's (module paths, class names): shown as they are, never read as markup.
         table.add_row(escape(row.name or "(root)"), escape(row.module), _num(row.grad_norm), _trend(row.trend),
                       _num(row.out_grad_norm), _num(row.update_ratio), escape(_act(row)), _flags(row))
