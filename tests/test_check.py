@@ -333,3 +333,11 @@ def test_cli_check(tmp_path, capsys):
     assert "gw.check: VANISHING" in out
     assert main(["check", f"{tmp_path / 'nets.py'}:missing", "--input-shape", "16,32"]) == 2
     assert "has no factory 'missing'" in capsys.readouterr().err
+
+
+def test_check_names_the_model_itself_root():
+    """A model that is one layer is named "" by named_modules(); the reasons said "reaching layer  is"."""
+    report = gw.check(nn.Linear(4, 2), torch.randn(3, 4), samples=0)
+    assert report.layers[0].name == ""
+    assert report.reasons[0].startswith("the gradient reaching layer (root) is")
+    assert any(line.startswith("(root) ") for line in str(report).splitlines())

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch._errors import bad_argument
-from gradwatch.diagnosis.findings import sci, span
+from gradwatch.diagnosis.findings import layer_name, sci, span
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.rules import layers_per_halving
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -109,7 +109,7 @@ class CheckReport:
                 act += f" sat {l.saturated:.0%}"
             elif l.dead == l.dead:
                 act += f" dead {l.dead:.0%}"
-            lines.append(f"{(l.name or '(root)')[:24]:<24} {l.module[:14]:<14} {sci(l.out_std):>8} {act[:16]:<16} "
+            lines.append(f"{layer_name(l.name)[:24]:<24} {l.module[:14]:<14} {sci(l.out_std):>8} {act[:16]:<16} "
                          f"{sci(l.out_grad_norm):>9} {'' if l.gain != l.gain else '×' + sci(l.gain):>7}")
         if self.spectrum is not None:
             s = self.spectrum.summary
@@ -381,7 +381,7 @@ def _verdict(rows: list[LayerCheck], spectrum: SpectrumCheck | None, recurrent: 
     reasons: list[str] = []
     fixes: tuple[str, ...] = ()
     verdict = "trainable"
-    names = [r.name for r in rows]
+    names = [layer_name(r.name) for r in rows]
     if ratio < th.vanish_below:
         verdict = "vanishing"
         reasons.append(f"the gradient reaching layer {names[0]} is {sci(ratio)} of the last layer's "
