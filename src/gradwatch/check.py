@@ -242,6 +242,9 @@ def check(
 ) -> CheckReport:
     """Will this network train? Measures signal propagation and Jacobian spectra at its current weights.
 
+    The forward pass is the one training runs, made deterministic: BatchNorm normalises with the
+    example batch's statistics, dropout is off (every other module in eval mode). The report says so.
+
     Args:
         model: the network, as it will start training.
         example_input: a batch (dimension 0 is the batch).
