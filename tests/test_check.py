@@ -344,3 +344,11 @@ def test_check_names_the_model_itself_root():
     assert report.layers[0].name == ""
     assert report.reasons[0].startswith("the gradient reaching layer (root) is")
     assert any(line.startswith("(root) ") for line in str(report).splitlines())
+
+
+def test_check_on_batchnorm1d_with_one_sample_says_why():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"`check\(example_input=…\)`: BatchNorm normalises with the batch's "):
+        gw.check(model, torch.randn(1, 4))
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    assert model.training and all(m.training for m in model.modules())

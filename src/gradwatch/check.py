@@ -296,7 +296,15 @@ def check(
                 bn.track_running_stats = False
             x = example_input.detach().clone()
             with torch.enable_grad():
-                out = model(x)
+                try:
+                    out = model(x)
+                except ValueError as exc:
+                    if batch_norms and "more than 1 value per channel" in str(exc):
+                        raise ValueError(
+                            f"`check(example_input=…)`: BatchNorm normalises with the batch's statistics, as in "
+                            f"training, and needs more than one value per channel; got a batch of shape "
+                            f"{tuple(x.shape)} (pass at least 2 samples)") from None
+                    raise
                 in_batch = bool(batch_norms) and _batch_first(out, x.shape[0])
                 if loss_fn is not None:
                     objective = loss_fn(out, target) if target is not None else loss_fn(out)
