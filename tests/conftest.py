@@ -14,6 +14,31 @@ def store(tmp_path):
     return tmp_path / "runs"
 
 
+SEEDS = (0, 1, 2)  # every claim about a zoo set-up holds on each of these (DESIGN promise 6)
+
+
+class ZooRuns:
+    """Zoo set-ups trained under a watch, each (name, seed, steps) once per test session, on first use."""
+
+    def __init__(self, root) -> None:
+        self.root, self._runs = root, {}
+
+    def __call__(self, name: str, seed: int = 0, steps: int = 300):
+        """(the stored run, the trained trial)."""
+        from gradwatch import open_run, zoo
+
+        key = (name, seed, steps)
+        if key not in self._runs:
+            path, trial = zoo.train_watched(name, seed, steps, self.root, run_name=f"{name}-{seed}-{steps}")
+            self._runs[key] = (open_run(path), trial)
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def zoo_runs(tmp_path_factory):
+    return ZooRuns(tmp_path_factory.mktemp("zoo"))
+
+
 class TiedFrozenUnused(nn.Module):
     """Tied weights (embedding = output head), a frozen layer, a layer never called, an unused parameter."""
 

@@ -10,6 +10,8 @@ import gradwatch as gw
 from gradwatch.cli import main
 from gradwatch.demo import run_demo
 
+from conftest import SEEDS
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -20,24 +22,38 @@ def demo(tmp_path_factory):
 
 
 def _first_over_last(path) -> np.ndarray:
-    """Per recorded step, first layer's gradient norm over the last layer's, from the stored records."""
-    g = gw.open_run(path).series("grad_norm")
+    """Per recorded step, first layer's ‖∂L/∂a‖ over the last layer's, from the stored records."""
+    g = gw.open_run(path).series("out_grad_norm")
     return g.values[0] / g.values[-1]
 
 
+@pytest.mark.zoo
 def test_vanishing_case_vanishes(demo):
     out, runs, _ = demo
-    ratio = _first_over_last(out / "demo-deep_tanh_mlp")
-    assert len(ratio) == 300
-    assert (ratio < 1e-3).all()
+    assert len(gw.open_run(out / "demo-deep_tanh_mlp").series("grad_norm").steps) == 300
+    assert (_first_over_last(out / "demo-deep_tanh_mlp") < 1e-3).all()
+    assert runs[0].verdict == "vanishing"
     assert runs[0].accuracy < 0.3  # it does not learn: chance is 0.1
 
 
+@pytest.mark.zoo
 def test_healthy_twin_stays_within_10x(demo):
     out, runs, _ = demo
     ratio = _first_over_last(out / "demo-deep_relu_he_mlp")
     assert ((ratio > 0.1) & (ratio < 10)).all()
-    assert runs[1].accuracy > 0.8
+    assert runs[1].verdict == "healthy" and runs[1].accuracy > 0.8
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_demo_pair_on_every_seed(zoo_runs, seed):
+    """The demo's claim as a property: on seeds 0–2 the tanh net vanishes at every step, its twin stays within 10×."""
+    sick, _ = zoo_runs("deep_tanh_mlp", seed)
+    healthy, trial = zoo_runs("deep_relu_he_mlp", seed)
+    assert (_first_over_last(sick.path) < 1e-3).all()
+    ratio = _first_over_last(healthy.path)
+    assert ((ratio > 0.1) & (ratio < 10)).all()
+    assert trial.evaluate(trial.model) > 0.8
 
 
 def test_demo_prints_the_table_and_the_stores(demo):

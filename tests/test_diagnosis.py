@@ -12,45 +12,39 @@ from torch import nn
 import gradwatch as gw
 from gradwatch import zoo
 
+from conftest import SEEDS
+
 STEPS = 300
-
-
-@pytest.fixture(scope="module")
-def zoo_runs(tmp_path_factory):
-    """Every zoo set-up trained 300 steps under a watch (seed 0); its stored run and its trial."""
-    store = tmp_path_factory.mktemp("zoo")
-    runs = {}
-    for name in zoo.names():
-        trial = zoo.get(name)(0)
-        temporal = any(isinstance(m, torch.nn.RNNBase) for m in trial.model.modules())
-        with gw.watch(trial.model, trial.optimizer, store=store, name=name, temporal=temporal) as w:
-            for _ in range(STEPS):
-                w.log(loss=trial.step())
-        runs[name] = (gw.open_run(w.path), trial)
-    return runs
-
 
 HEALTHY = [s.name for s in zoo.SETUPS.values() if s.expect is None]
 SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
+# A healthy twin must learn: held-out accuracy (mode coverage for the GAN: 6 of 8 modes, as the issue's bar)
+LEARNS_ABOVE = {"gan_ring_nonsaturating": 0.74}
 
 
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", HEALTHY)
-def test_healthy_runs_have_no_findings(zoo_runs, name):
-    run, trial = zoo_runs[name]
+def test_healthy_runs_have_no_findings(zoo_runs, name, seed):
+    run, trial = zoo_runs(name, seed)
     diagnosis = gw.diagnose(run)
-    assert diagnosis.findings == [], str(diagnosis)
-    assert trial.evaluate(trial.model) > 0.85  # and they really are healthy: they learn
+    assert diagnosis.problems == [], str(diagnosis)
+    assert trial.evaluate(trial.model) > LEARNS_ABOVE.get(name, 0.85)  # and they really are healthy: they learn
 
 
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", SICK)
-def test_pathology_is_found_first_or_with_its_cause(zoo_runs, name):
-    run, _ = zoo_runs[name]
+def test_pathology_is_found_first_or_with_its_cause(zoo_runs, name, seed):
+    run, _ = zoo_runs(name, seed)
     diagnosis = gw.diagnose(run)
-    assert zoo.get(name).expect in diagnosis.kinds, str(diagnosis)
+    assert zoo.get(name).expect in [f.kind for f in diagnosis.problems], str(diagnosis)
 
 
-def test_vanishing_tanh_layers_and_weight_cause(zoo_runs):
-    run, _ = zoo_runs["deep_tanh_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vanishing_tanh_layers_and_weight_cause(zoo_runs, seed):
+    run, _ = zoo_runs("deep_tanh_mlp", seed)
     (f,) = gw.diagnose(run).of("vanishing")
     assert f.layers[0] == "0" and len(f.layers) >= 15  # from the input up
     s = run.series("out_grad_norm")
@@ -65,8 +59,10 @@ def test_vanishing_tanh_layers_and_weight_cause(zoo_runs):
     assert "halves every" in f.evidence
 
 
-def test_vanishing_sigmoid_blames_the_activation(zoo_runs):
-    run, _ = zoo_runs["deep_sigmoid_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vanishing_sigmoid_blames_the_activation(zoo_runs, seed):
+    run, _ = zoo_runs("deep_sigmoid_mlp", seed)
     diagnosis = gw.diagnose(run)
     (f,) = diagnosis.of("vanishing")
     assert f.cause.startswith("activation derivative")
@@ -76,16 +72,22 @@ def test_vanishing_sigmoid_blames_the_activation(zoo_runs):
     assert stalled[0].cause.startswith("the vanishing gradient")
 
 
-def test_saturation_names_every_tanh(zoo_runs):
-    run, _ = zoo_runs["saturated_tanh_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_saturation_names_every_tanh(zoo_runs, seed):
+    run, _ = zoo_runs("saturated_tanh_mlp", seed)
     (f,) = gw.diagnose(run).of("saturation")
     assert list(f.layers) == run.names("activation")
+    assert f.severity == "warning"  # it costs the gradient: the net learns to under half the accuracy of its twins
 
 
-def test_dead_units_and_the_vanishing_they_cause(zoo_runs):
-    run, _ = zoo_runs["dead_relu_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dead_units_and_the_vanishing_they_cause(zoo_runs, seed):
+    run, _ = zoo_runs("dead_relu_mlp", seed)
     diagnosis = gw.diagnose(run)
     (dead,) = diagnosis.of("dead_units")
+    assert dead.severity == "warning"
     s = run.series("dead_frac", "activation")
     expect = [n for n, v in zip(s.names, np.median(s.values[:, -5:], axis=1)) if v > 0.5]
     assert list(dead.layers) == expect and "9" in expect and "1" not in expect
@@ -93,8 +95,10 @@ def test_dead_units_and_the_vanishing_they_cause(zoo_runs):
     assert van.cause.startswith("dead units")
 
 
-def test_exploding_across_depth(zoo_runs):
-    run, _ = zoo_runs["exploding_relu_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_exploding_across_depth(zoo_runs, seed):
+    run, _ = zoo_runs("exploding_relu_mlp", seed)
     depth = [f for f in gw.diagnose(run).of("exploding") if f.layers]
     (f,) = depth
     assert f.layers[0] == "0" and f.numbers["ratio"] > 1e3
@@ -103,14 +107,17 @@ def test_exploding_across_depth(zoo_runs):
     assert f.numbers["doubling_layers"] == pytest.approx(1 / math.log2(4.5**0.5), rel=0.15)
 
 
-def test_nonfinite_step_matches_a_plain_run(zoo_runs):
-    run, _ = zoo_runs["diverging_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["diverging_mlp", "exploding_relu_mlp"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nonfinite_step_matches_a_plain_run(zoo_runs, name, seed):
+    run, _ = zoo_runs(name, seed)
     diagnosis = gw.diagnose(run)
     assert diagnosis.kinds[0] == "nonfinite"
     f = diagnosis[0]
     # The same run without a watch: where is a gradient's norm first not finite (a NaN/Inf entry, or
     # entries so large that the float32 norm overflows, as torch.nn.utils.clip_grad_norm_ would see it)?
-    trial = zoo.get("diverging_mlp")(0)
+    trial = zoo.get(name)(seed)
     first_bad = None
     for step in range(STEPS):
         x, y = next(trial.batches)
@@ -125,11 +132,60 @@ def test_nonfinite_step_matches_a_plain_run(zoo_runs):
     assert "backward order" in f.summary and f.layers
 
 
-def test_stalled_layers_are_the_misconfigured_group(zoo_runs):
-    run, _ = zoo_runs["stalled_mlp"]
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_stalled_layers_are_the_misconfigured_group(zoo_runs, seed):
+    run, _ = zoo_runs("stalled_mlp", seed)
     (f,) = gw.diagnose(run).of("stalled")
     assert f.layers == ("0", "2")  # the parameter group with learning rate 1e-6 × the rest
     assert "parameter groups" in f.remedies[0]
+
+
+class _TanhBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin, self.act = nn.Linear(width, width), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.lin(x))
+
+
+def test_saturation_is_info_where_the_skip_path_carries_the_gradient(store):
+    """A deep residual tanh MLP whose last 4 blocks saturate trains well: the skip path carries the gradient.
+
+    Its saturation finding is ``info``, with no remedies; the zoo's saturated plain tanh MLP, which learns to
+    under half its twins' accuracy, keeps its warning (test_saturation_names_every_tanh).
+    """
+    torch.manual_seed(0)
+    width = 32
+    x, y, _, _ = zoo.digits()
+    blocks = [_TanhBlock(width) for _ in range(12)]
+    model = nn.Sequential(nn.Linear(64, width), *blocks, nn.Linear(width, 10))
+    with torch.no_grad():  # the last 4 blocks' weights ×6: their tanh units sit in the tails
+        for b in blocks[-4:]:
+            b.lin.weight.mul_(6.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with gw.watch(model, opt, activations=1, store=store, name="residual-tanh") as w:
+        for _ in range(150):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+            losses.append(float(loss))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])  # it trains
+    (f,) = w.diagnose().of("saturation")
+    assert f.layers[0] == "9.act" and f.layers[-1] == "12.act"
+    assert f.severity == "info" and f.remedies == () and "gets past them" in f.evidence
+    # the reference, from the stored records: ‖∂L/∂a‖ at block 8's Linear (below the stretch, outside the
+    # saturated branches) over the head's, window medians
+    s = w.open().series("out_grad_norm")
+    med = dict(zip(s.names, np.median(s.values[:, -5:], axis=1)))
+    assert f.numbers["across"] == pytest.approx(med["8.lin"] / med["13"])
+    assert f.numbers["across"] > 0.5
 
 
 def _orthogonal_chain(scale: float, depth: int = 8, width: int = 16, act: type[nn.Module] | None = None) -> nn.Sequential:
@@ -189,6 +245,7 @@ def test_spike_and_the_clipping_threshold(store):
             totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
             opt.step()
     (f,) = w.diagnose().of("exploding")
+    assert f.severity == "warning"  # lr 0: the run does not learn, nothing shows it got over the spike
     assert f.steps == (40, 40)
     assert "step 40" in f.evidence
     calm = [t for i, t in enumerate(totals) if i != 40]
@@ -213,7 +270,7 @@ def test_injected_nan_is_located(store):
 
 
 def test_thresholds_are_parameters(zoo_runs):
-    run, _ = zoo_runs["deep_tanh_mlp"]
+    run, _ = zoo_runs("deep_tanh_mlp")
     assert gw.diagnose(run, gw.Thresholds(vanish_below=1e-6)).of("vanishing") == []
     with pytest.raises(TypeError, match=r"`diagnose\(thresholds=…\)` expects a gradwatch.Thresholds"):
         gw.diagnose(run, {"vanish_below": 1e-6})  # type: ignore[arg-type]
@@ -221,7 +278,7 @@ def test_thresholds_are_parameters(zoo_runs):
 
 def test_every_number_in_a_finding_comes_from_the_store(zoo_runs):
     """Promise 4: the evidence's numbers are the stored records' (window medians, as the source line says)."""
-    run, _ = zoo_runs["deep_tanh_mlp"]
+    run, _ = zoo_runs("deep_tanh_mlp")
     (f,) = gw.diagnose(run).of("vanishing")
     s = run.series("out_grad_norm")
     first, last = np.median(s.values[0, -5:]), np.median(s.values[-1, -5:])

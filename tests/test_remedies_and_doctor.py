@@ -11,6 +11,8 @@ from torch import nn
 import gradwatch as gw
 from gradwatch import remedies, zoo
 
+from conftest import SEEDS
+
 
 def _mlp(act=nn.Tanh, depth=6, width=32):
     torch.manual_seed(0)
@@ -147,16 +149,20 @@ def test_doctor_bad_arguments(kwargs, error):
         gw.doctor(**args)
 
 
-def test_gan_generator_gradient_collapse_is_diagnosed(store):
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gan_generator_gradient_collapse_is_diagnosed(zoo_runs, seed):
     """The minimax generator loss log(1 − D(G(z))): once D wins, the generator's whole gradient fades."""
-    trial = zoo.get("gan_ring_saturating")(0)
-    with gw.watch(trial.model, trial.optimizer, store=store, name="gan") as w:
-        for _ in range(300):
-            w.log(loss=trial.step())
-    findings = w.diagnose().of("vanishing")
+    run, trial = zoo_runs("gan_ring_saturating", seed)
+    findings = gw.diagnose(run).of("vanishing")
     assert findings and "whole gradient collapsed" in findings[0].summary
     assert findings[0].numbers["ratio"] < 1e-3
     assert "non-saturating" in findings[0].remedies[0]
+    # the reference: the generator's total gradient norm, from a naive loop over param.grad of the trained trial
+    trial.step()
+    total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in trial.model.parameters()))
+    assert total < 1e-3 * findings[0].numbers["early"]
+    assert trial.evaluate(trial.model) == 0.0  # and it covers no mode
 
 
 def test_mode_metrics_closed_form():
@@ -180,9 +186,11 @@ def test_cli_doctor(tmp_path, capsys):
     assert "expects one of" in capsys.readouterr().err
 
 
+@pytest.mark.zoo
 def test_doctor_fixes_the_saturating_gan_with_the_nonsaturating_loss():
-    report = gw.doctor(zoo.get("gan_ring_saturating"), steps=300, progress=False)
+    report = gw.doctor(zoo.get("gan_ring_saturating"), steps=300, seeds=len(SEEDS), progress=False)
     assert "vanishing" in report.diagnosis.kinds
-    assert report.baseline.score == 0.0  # no mode covered
+    assert report.baseline.score == 0.0  # no mode covered, on any of the seeds
     assert report.best is not None and report.best.label == "non-saturating generator loss"
-    assert report.best.findings == [] and report.best.score >= 0.75  # modes covered, as VEEGAN counts them
+    # findings left: the union over the seeds; the score: their mean modes covered, as VEEGAN counts them
+    assert report.best.findings == [] and report.best.score >= 0.75

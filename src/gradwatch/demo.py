@@ -27,8 +27,9 @@ class DemoRun:
     setup: str
     path: Path
     layers: list[str]
-    first: np.ndarray  # per-layer gradient norm at the first recorded step
+    first: np.ndarray  # per-layer back-propagated gradient ‖∂L/∂a‖ at the first recorded step
     last: np.ndarray  # ... and at the last
+    verdict: str  # the diagnosis's: the first problem's kind, or "healthy"
     loss_start: float
     loss_end: float
     accuracy: float
@@ -36,28 +37,28 @@ class DemoRun:
 
     @property
     def ratio(self) -> float:
-        """First layer's gradient norm over the last layer's, at the last recorded step."""
+        """First layer's ‖∂L/∂a‖ over the last layer's, at the last recorded step."""
         return float(self.last[0] / self.last[-1])
 
 
 def train(setup: str, out: Path, steps: int, seed: int = 0) -> DemoRun:
     """Train one zoo set-up under a watch; its store goes to ``out/demo-<setup>`` (replaced if there)."""
-    trial = zoo.get(setup)(seed)
     start = time.perf_counter()
-    with gw.watch(trial.model, trial.optimizer, store=out, name=f"demo-{setup}", overwrite=True) as watch:
-        for _ in range(steps):
-            watch.log(loss=trial.step())
+    path, trial = zoo.train_watched(setup, seed, steps, out, run_name=f"demo-{setup}", overwrite=True)
     seconds = time.perf_counter() - start
-    with gw.open_run(watch.path) as run:
-        grads = run.series("grad_norm")
+    with gw.open_run(path) as run:
+        # depth is judged on the back-propagated gradient, as the diagnosis does (DESIGN.md)
+        grads = run.series("out_grad_norm")
         loss = run.series("loss", kind="run").values[0]
+        problems = gw.diagnose(run).problems
     k = max(1, min(20, steps // 10))  # mean of the first and last k steps: one batch is noisy
     return DemoRun(
         setup,
-        watch.path,
+        path,
         grads.names,
         grads.values[:, 0],
         grads.values[:, -1],
+        problems[0].kind if problems else "healthy",
         float(np.mean(loss[:k])),
         float(np.mean(loss[-k:])),
         trial.evaluate(trial.model) if trial.evaluate else math.nan,
@@ -80,7 +81,7 @@ def render(runs: list[DemoRun], console: Console) -> None:
     finite = finite[np.isfinite(finite) & (finite > 0)]
     lo, hi = math.log10(finite.min()) - 0.5, math.log10(finite.max())
     width_bar = 10
-    table = Table(title="gradient norm ‖∂L/∂W‖ per layer, first → last step", title_justify="left")
+    table = Table(title="back-propagated gradient ‖∂L/∂a‖ per layer, first → last step", title_justify="left")
     table.add_column("layer", justify="right")
     for r in runs:
         label = LABELS.get(r.setup, r.setup)
@@ -94,9 +95,9 @@ def render(runs: list[DemoRun], console: Console) -> None:
         table.add_row(*row)
     console.print(table)
     for r in runs:
-        verdict = "[bold red]vanishing[/]" if r.ratio < 1e-3 else "[green]healthy[/]"
+        verdict = "[green]healthy[/]" if r.verdict == "healthy" else f"[bold red]{r.verdict}[/]"
         console.print(
-            f"[bold]{r.setup}[/]: first/last layer gradient ratio ‖∂L/∂W‖ {r.ratio:.1e} ({verdict}); "
+            f"[bold]{r.setup}[/]: first/last layer gradient ratio ‖∂L/∂a‖ {r.ratio:.1e} ({verdict}); "
             f"loss {r.loss_start:.3f} → {r.loss_end:.3f}; test accuracy {r.accuracy:.1%}; "
             f"{r.seconds:.1f} s; store: {r.path}"
         )

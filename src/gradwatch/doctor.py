@@ -217,7 +217,8 @@ def _run(make: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: R
             w.log(loss=loss)
             losses.append(float(loss))
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
-    return losses, score, w.diagnose().kinds, w.diagnose()
+    diagnosis = w.diagnose()
+    return losses, score, [f.kind for f in diagnosis.problems], diagnosis
 
 
 def _summary(label: str, runs: list[tuple[list[float], float, list[str], Diagnosis]], seconds: float) -> TrialResult:
@@ -297,7 +298,7 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
         base = _summary("baseline (no remedy)", base_runs, time.perf_counter() - start)
         diagnosis = base_runs[0][3]
         report = DoctorReport(base, diagnosis, steps=steps, seeds=seeds)
-        if not diagnosis.findings:
+        if not diagnosis.problems:
             base.verdict = "healthy"
             report.message = "nothing to fix: the baseline has no findings"
             return report
@@ -305,7 +306,7 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
         for f in diagnosis:
             numbers.update({k: v for k, v in f.numbers.items() if k not in numbers})
         candidates = [r for key in _keys(diagnosis) for r in catalog.get(key, [])]
-        targets = set(diagnosis.kinds)
+        targets = {f.kind for f in diagnosis.problems}
         bar.update(task, description="remedies", total=len(candidates) * seeds, completed=0)
         stopped = False
         for remedy in candidates:
@@ -324,7 +325,7 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
             result = _summary(remedy.label, runs, time.perf_counter() - t0)
             result.verdict = _verdict(base, result, targets)
             report.trials.append(result)
-    base.verdict = f"findings: {', '.join(diagnosis.kinds)}"
+    base.verdict = f"findings: {', '.join(f.kind for f in diagnosis.problems)}"
     fixed = [t for t in report.trials if t.verdict == "fixes it"]
     key = (lambda t: -t.score) if math.isfinite(base.score) else (lambda t: t.final_loss)
     if fixed:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 KINDS = ("nonfinite", "skipped_steps", "exploding", "vanishing", "saturation", "dead_units", "stalled")
-SEVERITIES = ("critical", "warning")
+SEVERITIES = ("critical", "warning", "info")
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class Finding:
     """One pathology: what, where (layers, steps), the measured evidence, the likely cause, the remedies."""
 
     kind: str  # one of KINDS
-    severity: str  # "critical" or "warning"
+    severity: str  # "critical", "warning" or "info" (measured, but not hurting training)
     layers: tuple[str, ...]  # affected layers (or activation modules), in depth order
     steps: tuple[int, int]  # first and last step where it holds
     summary: str  # one line
@@ -58,6 +58,11 @@ class Diagnosis:
     @property
     def kinds(self) -> list[str]:
         return [f.kind for f in self.findings]
+
+    @property
+    def problems(self) -> list[Finding]:
+        """The findings that hurt training (critical or warning); ``info`` ones are measured but harmless."""
+        return [f for f in self.findings if f.severity != "info"]
 
     def of(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]

@@ -284,8 +284,13 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
                if spikes else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
                f"(median {sci(median)})")
+    severity = "critical" if over else "warning"
+    recovered = "" if over else _recovered(run, total, clip, th)
+    if recovered:  # severity follows the effect on training: transient spikes in a run that learns are info
+        severity, fixes = "info", ()
+        parts.append(recovered)
     return [Finding(
-        "exploding", "critical" if over else "warning", (), (int(steps[hit[0]]), int(steps[hit[-1]])),
+        "exploding", severity, (), (int(steps[hit[0]]), int(steps[hit[-1]])),
         summary,
         "; ".join(parts) + ".",
         "unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_idx
@@ -294,6 +299,28 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         {"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)), "over_bound": float(len(over))},
         (f"grad_norm (every layer, {_steps_text(int(steps[0]), int(steps[-1]))}), total = √Σ layer²",),
     )]
+
+
+def _recovered(run: Run, total: np.ndarray, calm: float, th: Thresholds) -> str:
+    """Words for a run that got over its gradient spikes ('' if it did not, or nothing shows it).
+
+    Recovered means: the total norm of the last ``4 × window`` steps is back within ``spike_above`` of the calm
+    steps' median, and the logged loss fell to at most half its start (median of the first ``spike_after``
+    steps against the last ``4 × window``). Without a logged loss nothing shows that the run learns.
+    """
+    if "loss" not in run.quantities or not math.isfinite(calm):
+        return ""
+    tail = total[-4 * th.window:]
+    tail = tail[np.isfinite(tail)]
+    loss = run.series("loss", "run").values[0]
+    if not np.isfinite(loss).all() or len(loss) < th.spike_after + 4 * th.window or not len(tail):
+        return ""
+    first, final = float(np.median(loss[: th.spike_after])), float(np.median(loss[-4 * th.window:]))
+    late = float(np.median(tail))
+    if late < th.spike_above * calm and 0 < final <= 0.5 * first:
+        return (f"the run recovered: the total norm is back at {sci(late)} over the last {4 * th.window} steps and "
+                f"the loss fell from {sci(first)} to {sci(final)} (info only)")
+    return ""
 
 
 def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
@@ -462,11 +489,60 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
                         f"over {_steps_text(int(wsteps[0]), int(wsteps[-1]))}{rms}")
             cause = "pre-activations negative for every input: negative biases, a large step that pushed them there, or a poor initialisation"
             fixes = remedies("leaky", "zero_bias", "he_init", "lower_lr", "norm")
+        hurt, effect, numbers = _unit_effect(run, names, th)
         found.append(Finding(
-            kind, "warning", names, (since, int(s.steps[-1])), summary, evidence + ".", cause, fixes,
-            {quantity: frac}, (f"{quantity} (activations {span(s.names)}, {_steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
+            kind, "warning" if hurt else "info", names, (since, int(s.steps[-1])), summary,
+            evidence + "; " + effect + ".", cause, fixes if hurt else (),
+            {quantity: frac, **numbers},
+            (f"{quantity} (activations {span(s.names)}, {_steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
         ))
     return found
+
+
+def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool, str, dict[str, float]]:
+    """Is the gradient through these activation modules hurt? (hurt, the measurement in words, its numbers).
+
+    Saturated or dead units only matter when they cost the gradient: it decays
+    across the stretch of layers they sit in (‖∂L/∂a‖ of the last layer below
+    the stretch, not feeding one of them, over that of the first layer after
+    it, below ``affected_below``), or the loss does not fall. A residual net whose skip path carries the gradient past
+    them is not hurt. When the profile around them was not measured, they are
+    taken to hurt (nothing measured says otherwise).
+    """
+    prof = _profile(run, th)
+    depth = {e.name: e.depth for e in run.entities()}
+    d = [x for x in (depth.get(a) for a in acts) if x is not None]
+    if prof is None or prof.quantity != "out_grad_norm" or not d:
+        return True, "the gradient around them was not measured", {}
+    layer_depth = [depth.get(n) for n in prof.names]
+    # A layer that feeds one of them directly reads ‖∂L/∂a‖ behind the activation's own derivative (inside a
+    # residual branch, say): the gradient that got past them is the one at the layers below those feeders.
+    feeders = {max((i for i, x in enumerate(layer_depth) if x is not None and x < a), default=None) for a in d}
+    before = [i for i, x in enumerate(layer_depth) if x is not None and x < min(d) and i not in feeders]
+    after = [i for i, x in enumerate(layer_depth) if x is not None and x > max(d)]
+    if not before or not after:
+        return True, "no layer on both sides of them to measure the gradient across", {}
+    g_in, g_out = prof.median[before[-1]], prof.median[after[0]]
+    if not (g_in > 0 and g_out > 0 and math.isfinite(g_in) and math.isfinite(g_out)):
+        return True, "the gradient across them is not finite", {}
+    across = float(g_in / g_out)
+    numbers = {"across": across}
+    falls = True
+    if "loss" in run.quantities:
+        loss = run.series("loss", "run").values[0]
+        loss = loss[np.isfinite(loss)]
+        if len(loss) >= th.spike_after + 4 * th.window:
+            first, final = float(np.median(loss[: th.spike_after])), float(np.median(loss[-4 * th.window:]))
+            numbers.update(loss_first=first, loss_final=final)
+            falls = final < 0.9 * first
+    decays = across < th.affected_below
+    words = (f"‖∂L/∂a‖ goes ×{sci(across)} from layer {prof.names[after[0]]} down to layer {prof.names[before[-1]]} "
+             f"across them")
+    if decays:
+        return True, words + ": they cost the gradient", numbers
+    if not falls:
+        return True, words + f", and the loss does not fall ({sci(numbers['loss_first'])} → {sci(numbers['loss_final'])})", numbers
+    return False, words + " and the loss falls: the gradient gets past them (info only)", numbers
 
 
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
@@ -631,7 +707,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
 
     if not isinstance(run, Run):
         run = open_run(run)
-    th = thresholds or Thresholds()
+    th = Thresholds() if thresholds is None else thresholds
     if not isinstance(th, Thresholds):
         raise TypeError(f"`diagnose(thresholds=…)` expects a gradwatch.Thresholds, got {type(th).__name__}")
     drop = skipped_steps(run)

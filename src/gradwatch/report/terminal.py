@@ -74,7 +74,7 @@ def findings_text(diagnosis: Diagnosis) -> Text:
     for i, f in enumerate(diagnosis):
         if i:
             out.append("\n\n")
-        style = "bold red" if f.severity == "critical" else "bold yellow"
+        style = "bold red" if f.severity == "critical" else "dim" if f.severity == "info" else "bold yellow"
         out.append(f"[{f.severity}] {f.kind}", style=style)
         out.append(f": {f.summary}\n", style="bold")
         out.append(f"  evidence: {f.evidence}\n  cause:    {f.cause}\n  remedies: {'; '.join(f.remedies)}")
