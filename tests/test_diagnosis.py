@@ -284,3 +284,27 @@ def test_every_number_in_a_finding_comes_from_the_store(zoo_runs):
     first, last = np.median(s.values[0, -5:]), np.median(s.values[-1, -5:])
     assert f"{first:.1e}" in f.evidence and f"{last:.2g}" in f.evidence
     assert f"steps {int(s.steps[-5])}–{int(s.steps[-1])}" in f.sources[0]
+
+
+def test_the_root_module_is_named_root_in_findings(store):
+    """Regression: a root that owns a parameter is the last layer in depth order, and printed as 'at layer ;'."""
+
+    class RootScaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chain = _orthogonal_chain(0.25)
+            self.scale = nn.Parameter(torch.ones(16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.chain(x) * self.scale
+
+    model = RootScaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, activations=1, store=store, name="root") as w:
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(32, 16)).pow(2).sum().backward()
+            opt.step()
+    (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]
+    assert w.open().series("out_grad_norm").names[-1] == ""  # the root is the last layer
+    assert "at layer (root)" in f.evidence and "layer ;" not in f.evidence and "layer  " not in f.evidence

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gradwatch.diagnosis.findings import Diagnosis, Finding, sci, span
+from gradwatch.diagnosis.findings import Diagnosis, Finding, layer_name, sci, span
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Entity, Run, Series
@@ -195,15 +195,15 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
             decay = f"{span(zero)} receive{'s' if len(zero) == 1 else ''} no gradient at all (exactly 0)"
         elif k is not None and k > 0:
             decay = (f"the gradient halves every {k:.2g} layers (×{2 ** (-1 / k):.2g} per layer) from layer "
-                     f"{prof.names[upto]} down to layer {prof.names[0]}")
+                     f"{layer_name(prof.names[upto])} down to layer {layer_name(prof.names[0])}")
         else:
             decay = f"layers {span(layers)} get less than {th.affected_below:g}× the last layer's gradient"
         numbers.update(ratio=ratio, halving_layers=k if k else math.nan)
         found.append(Finding(
             "vanishing", "critical" if ratio < th.vanish_below**2 else "warning", layers,
             (since, int(prof.steps[-1])),
-            f"the gradient reaching layer {prof.names[0]} is {sci(ratio)} of the last layer's, since step {since}",
-            f"‖∂L/∂a‖ at layer {prof.names[0]} is {sci(first)} against {sci(last)} at layer {prof.names[-1]}"
+            f"the gradient reaching layer {layer_name(prof.names[0])} is {sci(ratio)} of the last layer's, since step {since}",
+            f"‖∂L/∂a‖ at layer {layer_name(prof.names[0])} is {sci(first)} against {sci(last)} at layer {layer_name(prof.names[-1])}"
             f"{caveat}; {decay}.",
             cause, fixes, numbers, (source, *sources),
         ))
@@ -220,8 +220,8 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
         numbers.update(ratio=ratio, doubling_layers=-k if k else math.nan)
         found.append(Finding(
             "exploding", "critical", layers, (since, int(prof.steps[-1])),
-            f"the gradient reaching layer {prof.names[0]} is {sci(ratio)}× the last layer's, since step {since}",
-            f"‖∂L/∂a‖ at layer {prof.names[0]} is {sci(first)} against {sci(last)} at layer {prof.names[-1]}"
+            f"the gradient reaching layer {layer_name(prof.names[0])} is {sci(ratio)}× the last layer's, since step {since}",
+            f"‖∂L/∂a‖ at layer {layer_name(prof.names[0])} is {sci(first)} against {sci(last)} at layer {layer_name(prof.names[-1])}"
             f"{caveat}; {growth}.",
             cause, fixes, numbers, (source, *sources),
         ))
