@@ -1,17 +1,20 @@
 """Every zoo set-up: is the right pathology found (and nothing on healthy ones), and does the doctor repair it?
 
-    python benchmarks/zoo_eval.py [--steps 300]
+    python benchmarks/zoo_eval.py [--steps 300] [--seeds 0 1 2] [--no-doctor]
+    ATEN_CPU_CAPABILITY=default python benchmarks/zoo_eval.py --seeds 0 1 2 --no-doctor   # another CPU's rounding
 
-Detection: a pathological set-up is found when a finding of its expected kind
-appears; a healthy one is a false alarm when any finding appears. Repair: the
-doctor's best remedy "fixes it" (its own trial has the findings gone and a
-better held-out score or final loss). Prints a markdown table, precision and
-recall of detection and the repair rate.
+Detection: a pathological set-up is found on a seed when a problem (critical
+or warning) of its expected kind appears; a healthy one is a false alarm when
+any problem appears, and it must learn (held-out score). Repair: the doctor's
+best remedy "fixes it" on the seed. Prints a markdown table, one row per
+set-up with one cell per seed, then precision and recall of detection and the
+repair rate over all (set-up, seed) pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -20,55 +23,52 @@ import torch
 
 import gradwatch as gw
 from gradwatch import zoo
-from gradwatch.diagnosis.findings import span
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--no-doctor", action="store_true", help="detection only")
+    parser.add_argument("--only", nargs="+", default=None, help="these set-ups only")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU; "
-          f"{args.steps} steps per run, seed 0\n")
-    print("| set-up | expected | found (layers) | detection | doctor: best remedy | score before → after | time |")
-    print("|---|---|---|---|---|---|---:|")
-    tp = fp = fn = repaired = sick = 0
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    print(f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, CPU kernels: {kernels}; {args.steps} steps per run, seeds {args.seeds}\n")
+    print("| set-up | expected | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
+    print("|---|---|" + "---|" * len(args.seeds))
+    tp = fp = fn = repaired = sick = healthy_runs = 0
     with tempfile.TemporaryDirectory() as store:
-        for name, setup in zoo.SETUPS.items():
-            start = time.perf_counter()
-            trial = setup(0)
-            temporal = any(isinstance(m, torch.nn.RNNBase) for m in trial.model.modules())
-            with gw.watch(trial.model, trial.optimizer, store=store, name=name, temporal=temporal) as w:
-                for _ in range(args.steps):
-                    w.log(loss=trial.step())
-            diagnosis = w.diagnose()
-            found = "; ".join(f"{f.kind} ({span(f.layers) if f.layers else 'all'})" for f in diagnosis) or "—"
-            doctor_text, scores = "", ""
-            if setup.expect is None:
-                ok = not diagnosis.findings
-                fp += not ok
-                verdict = "✓ quiet" if ok else "✗ false alarm"
-            else:
-                sick += 1
-                ok = setup.expect in diagnosis.kinds
-                tp += ok
-                fn += not ok
-                fp += bool(diagnosis.findings) and not ok
-                verdict = "✓" if ok else "✗ missed"
-                report = gw.doctor(setup, steps=args.steps, progress=False)
-                if report.best is not None:
-                    repaired += 1
-                    doctor_text = report.best.label
-                    scores = f"{report.baseline.score:.2f} → {report.best.score:.2f}"
+        for name in args.only or zoo.names():
+            setup = zoo.get(name)
+            cells = []
+            for seed in args.seeds:
+                start = time.perf_counter()
+                path, trial = zoo.train_watched(name, seed, args.steps, store, run_name=f"{name}-{seed}")
+                problems = gw.diagnose(path).problems
+                kinds = sorted({f.kind for f in problems})
+                score = trial.evaluate(trial.model) if trial.evaluate else float("nan")
+                if setup.expect is None:
+                    healthy_runs += 1
+                    fp += bool(problems)
+                    cell = ("✓ quiet" if not problems else "✗ " + ", ".join(kinds)) + f", score {score:.2f}"
                 else:
-                    doctor_text = report.message
-                    scores = f"{report.baseline.score:.2f}"
-            print(f"| {name} | {setup.expect or 'healthy'} | {found} | {verdict} | {doctor_text} | {scores} | "
-                  f"{time.perf_counter() - start:.0f} s |", flush=True)
+                    sick += 1
+                    ok = setup.expect in kinds
+                    tp += ok
+                    fn += not ok
+                    cell = ("✓ " if ok else "✗ missed: ") + (", ".join(kinds) or "nothing")
+                    if not args.no_doctor:
+                        report = gw.doctor(lambda s, seed=seed: setup(seed + s), steps=args.steps, progress=False)
+                        repaired += report.best is not None
+                        cell += f"; doctor: {report.best.label if report.best else report.message}"
+                cells.append(f"{cell} ({time.perf_counter() - start:.0f} s)")
+            print(f"| {name} | {setup.expect or 'healthy'} | " + " | ".join(cells) + " |", flush=True)
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
-    print(f"\ndetection: precision {precision:.2f}, recall {recall:.2f} "
-          f"({tp} of {sick} pathologies found, {fp} false alarm{'s' if fp != 1 else ''}); "
-          f"repair rate {repaired}/{sick} = {repaired / sick:.2f}")
+    print(f"\ndetection over {sick} pathological and {healthy_runs} healthy runs: precision {precision:.2f}, "
+          f"recall {recall:.2f} ({tp} found, {fn} missed, {fp} false alarm{'s' if fp != 1 else ''})"
+          + ("" if args.no_doctor else f"; repair rate {repaired}/{sick} = {repaired / sick:.2f}"))
 
 
 if __name__ == "__main__":
