@@ -24,6 +24,14 @@ class Finding:
     numbers: dict[str, float] = field(default_factory=dict)  # the measured values behind the words
     sources: tuple[str, ...] = ()  # which stored records the numbers come from
 
+    @property
+    def remedy_keys(self) -> tuple[str, ...]:
+        """The vocabulary keys of :attr:`remedies` (gradwatch.diagnosis.remedies), in order; texts with no key are left out."""
+        from gradwatch.diagnosis.remedies import key_of
+
+        keys = (key_of(text) for text in self.remedies)
+        return tuple(k for k in keys if k is not None)
+
     def __str__(self) -> str:
         lines = [
             f"[{self.severity}] {self.kind}: {self.summary}",

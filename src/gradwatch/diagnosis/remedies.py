@@ -24,8 +24,44 @@ REMEDIES = {
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
     "nonsaturating": "for a GAN generator, the non-saturating loss −log D(G(z)) (Goodfellow et al. 2014)",
     "param_groups": "check the optimizer's parameter groups: learning rate and weight decay of these layers",
+    "standardise_inputs": "standardise the inputs (a normalisation layer at the input, fitted on the training batches)",
+    "swap_overflow": "swap an overflowing activation (exp, softplus-like growth) for a bounded or ReLU-type one",
+    "warmup": "learning-rate warm-up (torch.optim.lr_scheduler.LinearLR)",
+    "pre_ln": "Pre-LN Transformer layers (norm_first=True; Xiong et al. 2020)",
+    "fixup": "Fixup: zero-initialised residual branches (Zhang et al. 2019; gradwatch.remedies.fixup_zero_init)",
+    "rezero": "ReZero residual connections, x + α·f(x) with α = 0 at init (Bachlechner et al. 2020)",
+    "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
+    "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
 }
 
 
+class RemedyText(str):
+    """A remedy's words that remember their vocabulary key (``text.key``); compares and prints as the plain text."""
+
+    key: str
+
+    def __new__(cls, key: str, text: str) -> "RemedyText":
+        obj = super().__new__(cls, text)
+        obj.key = key
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (RemedyText, (self.key, str(self)))
+
+
+def key_of(text: str) -> str | None:
+    """The vocabulary key of a remedy text: its own (``remedies()`` made it) or, for plain text, the entry it matches."""
+    key = getattr(text, "key", None)
+    if key is not None:
+        return str(key)
+    for k, v in REMEDIES.items():
+        if v == text:
+            return k
+    if text.startswith("gradient-norm clipping"):  # the diagnosis words its own clipping threshold
+        return "clip_norm"
+    return None
+
+
 def remedies(*keys: str) -> tuple[str, ...]:
-    return tuple(REMEDIES[k] for k in keys)
+    """The texts of the given keys, in order; each is a :class:`RemedyText` (a ``str`` that knows its key)."""
+    return tuple(RemedyText(k, REMEDIES[k]) for k in keys)
