@@ -28,7 +28,6 @@ from torch import nn
 
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis, diagnose
-from gradwatch.diagnosis.remedies import REMEDIES
 from gradwatch.zoo import Trial
 
 SetupFn = Callable[[int], Trial]
@@ -41,6 +40,11 @@ class Remedy:
     key: str  # the vocabulary key of gradwatch.diagnosis.remedies
     label: str
     apply: Callable[[Trial, dict[str, float]], Trial | None]  # (fresh trial, numbers) -> trial to train; None: n/a
+    parts: tuple[str, ...] = ()  # the catalogue keys combined in it (iterative repair); () means (key,)
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            object.__setattr__(self, "parts", (self.key,))
 
 
 def _rebuild_optimizer(trial: Trial, before: set[int]) -> None:
@@ -67,6 +71,74 @@ def _model_remedy(fn: Callable[[nn.Module], nn.Module | None]) -> Callable[[Tria
     return apply
 
 
+class _Standardise(nn.Module):
+    """(x − mean) / std with per-feature statistics fitted on training batches (buffers, nothing to learn)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)  # (1, *features)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class _Standardised(nn.Module):
+    """The user's model behind an input standardisation layer."""
+
+    def __init__(self, norm: _Standardise, model: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.model = norm, model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.norm(x))
+
+
+def _peek(trial: Trial, n: int) -> list[Any]:
+    """The next ``n`` batches of the trial, put back so that training sees the very same ones ([] when it has none)."""
+    import itertools
+
+    taken: list[Any] = []
+    try:
+        for _ in range(n):
+            taken.append(next(trial.batches))
+    except (StopIteration, TypeError):
+        pass
+    trial.batches = itertools.chain(taken, trial.batches)
+    return taken
+
+
+def _compose(first: Remedy, second: Remedy) -> Remedy:
+    """``first`` then ``second`` on the same fresh trial (None when either does not apply)."""
+
+    def apply(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        got = first.apply(trial, numbers)
+        return None if got is None else second.apply(got, numbers)
+
+    return Remedy(first.key + "+" + second.key, f"{first.label} + {second.label}", apply,
+                  first.parts + second.parts)
+
+
+# A finding's remedy key -> the catalogue entries that act on that cause (the finding's own key first).
+_EXPANDS: dict[str, tuple[str, ...]] = {
+    "norm": ("norm", "standardise_inputs", "pre_ln"),
+    "lower_lr": ("lower_lr", "warmup", "clip_lower_lr"),
+    "clip_norm": ("clip_norm", "clip_lower_lr"),
+    "residual": ("residual", "fixup", "rezero", "pre_ln"),
+    "orthogonal_init": ("orthogonal_init", "identity_init", "pre_ln", "warmup"),
+    "smaller_init": ("smaller_init", "standardise_inputs", "identity_init"),
+    "check_data": ("standardise_inputs", "swap_overflow"),
+    "leaky": ("leaky", "leaky_lower_lr"),
+    "orthogonal_rnn": ("orthogonal_rnn", "identity_init"),
+    "smaller_w_hh": ("orthogonal_rnn", "identity_init"),
+}
+# Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
+_LR_KEYS = {"lower_lr", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "param_groups"}
+
+
 def _catalog() -> dict[str, list[Remedy]]:
     from gradwatch import remedies as r
 
@@ -82,8 +154,64 @@ def _catalog() -> dict[str, list[Remedy]]:
 
         return apply
 
+    def clip_lower(trial: Trial, numbers: dict[str, float]) -> Trial:
+        return lower_lr(0.1)(clip(trial, numbers), numbers)
+
+    def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
+        # Linear warm-up over the first fifth of the trial from 1 % of the rate (Goyal et al. 2017; Xiong et al. 2020).
+        steps = int(numbers.get("doctor_steps", 300))
+        sched = torch.optim.lr_scheduler.LinearLR(trial.optimizer, start_factor=0.01, total_iters=max(1, steps // 5))
+        trial.optimizer.register_step_post_hook(lambda opt, a, k: sched.step())
+        trial.scheduler = sched  # type: ignore[attr-defined]  # the doctor's addition to the trial, for the user to read
+        return trial
+
     def unify(trial: Trial, numbers: dict[str, float]) -> Trial:
         r.unify_lr(trial.optimizer)
+        return trial
+
+    def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        batches = _peek(trial, 8)
+        xs = [b[0] for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
+        if not xs or not xs[0].is_floating_point() or xs[0].dim() < 2:
+            return None
+        x = torch.cat(xs)  # (N, *features)
+        mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
+        std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))  # constant features: shift only
+        trial.model = _Standardised(_Standardise(mean, std), trial.model)
+        return trial
+
+    def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        # Parameter-free leaf modules whose output overflows (non-finite, or 10³× past their input) on a real batch.
+        batches = _peek(trial, 1)
+        if not batches or not isinstance(batches[0], (tuple, list)):
+            return None
+        bad: list[nn.Module] = []
+
+        def check(mod: nn.Module, args: tuple, out: Any) -> None:
+            if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)):
+                return
+            a, o = args[0].detach().float(), out.detach().float()
+            if torch.isfinite(a).all() and (not torch.isfinite(o).all()
+                                            or o.abs().max() > 1e3 * max(1.0, float(a.abs().max()))):
+                bad.append(mod)
+
+        leaves = [m for m in trial.model.modules() if not list(m.children()) and not list(m.parameters(recurse=False))]
+        hooks = [m.register_forward_hook(check) for m in leaves]
+        try:
+            with torch.no_grad():
+                trial.model(batches[0][0])
+        except Exception:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        if not bad:
+            return None
+        kinds = tuple({type(m) for m in bad})  # every instance of an overflowing activation's class
+        for parent in list(trial.model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, kinds):
+                    setattr(parent, name, nn.ReLU())
         return trial
 
     def relu_he(m: nn.Module) -> nn.Module:
@@ -92,6 +220,53 @@ def _catalog() -> dict[str, list[Remedy]]:
     def leaky(m: nn.Module) -> nn.Module:
         r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True)
         return r.he_init(m, inplace=True)
+
+    def pre_ln(m: nn.Module) -> nn.Module | None:
+        layers = [x for x in m.modules() if isinstance(x, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                  and not x.norm_first]
+        for x in layers:
+            x.norm_first = True
+        for stack in m.modules():  # Pre-LN needs a final norm after the stack (Xiong et al. 2020, Fig. 1b)
+            if isinstance(stack, (nn.TransformerEncoder, nn.TransformerDecoder)) and stack.norm is None and layers:
+                first: Any = stack.layers[0]
+                stack.norm = nn.LayerNorm(first.norm1.normalized_shape, eps=first.norm1.eps)
+        return m if layers else None
+
+    def fixup(m: nn.Module) -> nn.Module | None:
+        from gradwatch.zoo import ResidualBlock
+
+        if not any(isinstance(x, (ResidualBlock, r.Residual)) for x in m.modules()):
+            return None
+        return r.fixup_zero_init(m, inplace=True)
+
+    def rezero(m: nn.Module) -> nn.Module | None:
+        before = sum(1 for _ in m.modules())
+        r.add_residual(m, rezero=True, inplace=True)
+        return m if sum(1 for _ in m.modules()) != before else None
+
+    @torch.no_grad()
+    def identity_init(m: nn.Module) -> nn.Module | None:
+        # Deep linear nets: identity on square layers (Saxe et al. 2014); recurrent weights: orthogonal.
+        done = False
+        linear: list[nn.Linear] = [x for x in m.modules() if isinstance(x, nn.Linear)]
+        has_act = any(isinstance(x, (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.SiLU, nn.ELU))
+                      for x in m.modules())
+        if len(linear) >= 4 and not has_act:
+            for x in linear:
+                if x.in_features == x.out_features:
+                    nn.init.eye_(x.weight)
+                else:
+                    nn.init.orthogonal_(x.weight)
+                if x.bias is not None:
+                    nn.init.zeros_(x.bias)
+            done = True
+        for cell in m.modules():
+            if isinstance(cell, (nn.RNN, nn.RNNCell)):
+                for name, w in cell.named_parameters():
+                    if "weight_hh" in name:
+                        nn.init.orthogonal_(w)
+                done = True
+        return m if done else None
 
     def orthogonal_rnn(m: nn.Module) -> nn.Module | None:
         rnns = [x for x in m.modules() if isinstance(x, nn.RNN)]
@@ -127,18 +302,33 @@ def _catalog() -> dict[str, list[Remedy]]:
     def one(key: str, label: str, fn: Callable[[Trial, dict[str, float]], Trial | None]) -> list[Remedy]:
         return [Remedy(key, label, fn)]
 
+    leaky_fn = _model_remedy(leaky)
+
+    def leaky_lower(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        got = leaky_fn(trial, numbers)
+        return None if got is None else lower_lr(0.1)(got, numbers)
+
     return {
         "he_init": one("he_init", "He initialisation", _model_remedy(lambda m: r.he_init(m, inplace=True))),
         "orthogonal_init": one("orthogonal_init", "orthogonal initialisation", _model_remedy(lambda m: r.orthogonal_init(m, inplace=True))),
         "smaller_init": one("smaller_init", "Xavier initialisation", _model_remedy(lambda m: r.xavier_init(m, inplace=True))),
+        "identity_init": one("identity_init", "identity/orthogonal init (linear, recurrent)", _model_remedy(identity_init)),
         "relu": one("relu", "ReLU + He initialisation", _model_remedy(relu_he)),
-        "leaky": one("leaky", "LeakyReLU + He initialisation", _model_remedy(leaky)),
+        "leaky": one("leaky", "LeakyReLU + He initialisation", leaky_fn),
+        "leaky_lower_lr": one("leaky_lower_lr", "LeakyReLU + He init + learning rate ×0.1", leaky_lower),
+        "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", swap_overflow),
         "zero_bias": [],  # included in the He remedies
         "residual": one("residual", "residual connections", _model_remedy(lambda m: r.add_residual(m, inplace=True))),
+        "fixup": one("fixup", "Fixup (zero-init residual branches)", _model_remedy(fixup)),
+        "rezero": one("rezero", "ReZero residual connections", _model_remedy(rezero)),
+        "pre_ln": one("pre_ln", "Pre-LN (norm_first=True)", _model_remedy(pre_ln)),
         "norm": one("norm", "LayerNorm/BatchNorm before activations", _model_remedy(lambda m: r.add_norm(m, inplace=True))),
+        "standardise_inputs": one("standardise_inputs", "input standardisation", standardise),
         "clip_norm": one("clip_norm", "gradient-norm clipping", clip),
+        "clip_lower_lr": one("clip_lower_lr", "clipping + learning rate ×0.1", clip_lower),
         "lower_lr": [Remedy("lower_lr", "learning rate ×0.1", lower_lr(0.1)),
                      Remedy("lower_lr", "learning rate ×0.01", lower_lr(0.01))],
+        "warmup": one("warmup", "learning-rate warm-up (LinearLR)", warmup),
         "param_groups": one("param_groups", "one learning rate for every group", unify),
         "orthogonal_rnn": one("orthogonal_rnn", "orthogonal recurrent weights", _model_remedy(orthogonal_rnn)),
         "gated": one("gated", "LSTM in place of the RNN", _model_remedy(gated)),
@@ -147,14 +337,28 @@ def _catalog() -> dict[str, list[Remedy]]:
     }
 
 
-def _keys(diagnosis: Diagnosis) -> list[str]:
-    """Vocabulary keys of the remedies named by the findings, in order of first mention."""
-    text_to_key = {v: k for k, v in REMEDIES.items()}
+def _finding_keys(finding: Any, step0_overflow: bool) -> list[str]:
+    """The catalogue keys for one finding's causes: its remedy keys, each expanded to the entries that act on it."""
     keys: list[str] = []
-    for f in diagnosis:
-        for text in f.remedies:
-            key = text_to_key.get(text) or ("clip_norm" if text.startswith("gradient-norm clipping") else None)
-            if key and key not in keys:
+    for key in finding.remedy_keys:
+        for k in _EXPANDS.get(key, (key,)):
+            if k not in keys and not (step0_overflow and k in _LR_KEYS):
+                keys.append(k)
+    return keys
+
+
+def _step0_overflow(diagnosis: Diagnosis) -> bool:
+    """Non-finite from step 0: the forward pass itself overflows, before any update could have caused it."""
+    return any(f.kind == "nonfinite" and f.steps[0] == 0 for f in diagnosis.problems)
+
+
+def _keys(diagnosis: Diagnosis) -> list[str]:
+    """Catalogue keys of the remedies named by the findings (read off their keys), in order of first mention."""
+    overflow = _step0_overflow(diagnosis)
+    keys: list[str] = []
+    for f in diagnosis.problems:
+        for key in _finding_keys(f, overflow):
+            if key not in keys:
                 keys.append(key)
     return keys
 
@@ -170,6 +374,10 @@ class TrialResult:
     findings: list[str]  # finding kinds left after the fix (union over seeds)
     seconds: float
     verdict: str = ""
+    first_loss: float = math.nan  # the run's first finite loss (mean over seeds; inf when none was finite)
+    learned: bool = False  # every seed's final loss is at most half its own first finite loss
+    rounds: int = 1  # remedies combined (iterative repair: at most 3)
+    parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it
 
 
 @dataclass
@@ -189,13 +397,21 @@ class DoctorReport:
         lines = [head, ""]
         rows = [self.baseline] + self.trials
         has_score = any(math.isfinite(r.score) for r in rows)
-        lines.append(f"{'remedy':<40} {'final loss':>10} {'AUC':>9}" + (f" {'score':>7}" if has_score else "")
-                     + f" {'findings left':<28} {'time':>6}  verdict")
+        lines.append(f"{'remedy':<40} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
+                     + (f" {'score':>7}" if has_score else "") + f" {'findings left':<28} {'time':>6}  verdict")
         for r in rows:
-            lines.append(f"{r.label[:40]:<40} {r.final_loss:>10.4g} {r.auc:>9.4g}"
+            lines.append(f"{r.label[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
+                         f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
                          + (f" {r.score:>7.3f}" if has_score else "")
                          + f" {(', '.join(r.findings) or 'none')[:28]:<28} {r.seconds:>5.1f}s  {r.verdict}")
+        if any(r.rounds > 1 for r in self.trials):
+            lines.append("")
+            lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds)")
         return "\n".join(lines)
+
+
+MAX_ROUNDS = 3  # iterative repair: at most this many remedies combined
+LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction of the run's first finite loss
 
 
 def _run(make: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
@@ -205,7 +421,7 @@ def _run(make: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: R
 
     trial = make(seed)
     if remedy is not None:
-        applied = remedy.apply(trial, numbers)
+        applied = remedy.apply(trial, {**numbers, "doctor_steps": float(steps)})
         if applied is None:
             return None
         trial = applied
@@ -221,33 +437,48 @@ def _run(make: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: R
     return losses, score, [f.kind for f in diagnosis.problems], diagnosis
 
 
+def _curve(losses: list[float]) -> tuple[float, float, float, bool]:
+    """(first finite loss, final loss = mean of the last 10 %, mean loss, learned) of one run's own loss curve."""
+    arr = np.array(losses, dtype=float)
+    finite = arr[np.isfinite(arr)]
+    first = float(finite[0]) if len(finite) else math.inf
+    tail = arr[-max(1, len(arr) // 10):]
+    final = float(np.mean(tail)) if np.isfinite(tail).all() else math.inf
+    auc = float(np.mean(arr)) if np.isfinite(arr).all() else math.inf
+    learned = math.isfinite(final) and math.isfinite(first) and first > 0 and final <= LEARNED_BELOW * first
+    return first, final, auc, learned
+
+
 def _summary(label: str, runs: list[tuple[list[float], float, list[str], Diagnosis]], seconds: float) -> TrialResult:
-    finals, aucs = [], []
-    for losses, _, _, _ in runs:
-        arr = np.array(losses, dtype=float)
-        tail = arr[-max(1, len(arr) // 10):]
-        finals.append(float(np.mean(tail)) if np.isfinite(tail).all() else math.inf)
-        aucs.append(float(np.mean(arr)) if np.isfinite(arr).all() else math.inf)
+    curves = [_curve(losses) for losses, _, _, _ in runs]
     kinds = sorted({k for _, _, ks, _ in runs for k in ks})
-    return TrialResult(label, float(np.mean(finals)), float(np.mean(aucs)), float(np.mean([s for _, s, _, _ in runs])),
-                       kinds, seconds)
+    return TrialResult(label, float(np.mean([c[1] for c in curves])), float(np.mean([c[2] for c in curves])),
+                       float(np.mean([s for _, s, _, _ in runs])), kinds, seconds,
+                       first_loss=float(np.mean([c[0] for c in curves])), learned=all(c[3] for c in curves))
 
 
 def _verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
-    """Judged only on what was measured: the findings left, the loss, the held-out score."""
+    """Judged only on what was measured: the findings left, the loss curve, the held-out score.
+
+    "fixes it" needs all three: the targeted findings gone, a finite final loss, and real learning — a better
+    held-out score where the set-up has one, otherwise a final loss at most half the trial's own first finite
+    loss and no higher than where the untouched baseline started (so inf → 10¹⁰ is never a repair).
+    """
     gone = not (targets & set(trial.findings))
     if not math.isfinite(trial.final_loss):
         return "worse (diverged)"
     if math.isfinite(base.score) and math.isfinite(trial.score):
         better = trial.score > base.score + 0.02
         worse = trial.score < base.score - 0.02
+        learns = better
     else:
         better = trial.final_loss < 0.9 * base.final_loss
         worse = trial.final_loss > 1.1 * base.final_loss
-    if gone and better:
+        learns = trial.learned and not (math.isfinite(base.first_loss) and trial.final_loss > base.first_loss)
+    if gone and learns:
         return "fixes it"
     if gone and not worse:
-        return "removes the finding; no better"
+        return "removes the finding; does not learn" if not trial.learned else "removes the finding; no better"
     if better:
         return "helps; finding remains"
     return "worse" if worse else "no change"
@@ -305,26 +536,52 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
         numbers: dict[str, float] = {}
         for f in diagnosis:
             numbers.update({k: v for k, v in f.numbers.items() if k not in numbers})
+        overflow = _step0_overflow(diagnosis)
         candidates = [r for key in _keys(diagnosis) for r in catalog.get(key, [])]
         targets = {f.kind for f in diagnosis.problems}
         bar.update(task, description="remedies", total=len(candidates) * seeds, completed=0)
         stopped = False
-        for remedy in candidates:
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                stopped = True
+        tried: set[tuple[str, ...]] = set()
+        todo = candidates
+        for rnd in range(1, MAX_ROUNDS + 1):
+            done: list[tuple[Remedy, TrialResult]] = []
+            for remedy in todo:
+                if budget_s is not None and time.perf_counter() - start > budget_s:
+                    stopped = True
+                    break
+                tried.add(tuple(sorted(remedy.parts)))
+                t0 = time.perf_counter()
+                runs = []
+                for s in range(seeds):
+                    got = _run(setup, s, steps, root, f"{remedy.key}-{len(report.trials)}-{s}", remedy, numbers)
+                    bar.advance(task)
+                    if got is not None:
+                        runs.append(got)
+                if not runs:
+                    continue  # does not apply here
+                result = _summary(remedy.label, runs, time.perf_counter() - t0)
+                result.verdict = _verdict(base, result, targets)
+                result.rounds, result.parts = rnd, remedy.parts
+                report.trials.append(result)
+                done.append((remedy, result))
+            if stopped or rnd == MAX_ROUNDS or any(t.verdict == "fixes it" for t in report.trials):
                 break
-            t0 = time.perf_counter()
-            runs = []
-            for s in range(seeds):
-                got = _run(setup, s, steps, root, f"{remedy.key}-{len(report.trials)}-{s}", remedy, numbers)
-                bar.advance(task)
-                if got is not None:
-                    runs.append(got)
-            if not runs:
-                continue  # does not apply here
-            result = _summary(remedy.label, runs, time.perf_counter() - t0)
-            result.verdict = _verdict(base, result, targets)
-            report.trials.append(result)
+            # Iterative repair: a remedy that removed some targeted findings but not all is combined with
+            # the first remedy that a remaining finding names (same seeds, same steps).
+            todo = []
+            for remedy, result in done:
+                left = targets & set(result.findings)
+                if not left or left == targets:
+                    continue
+                nxt = next((c for f in diagnosis.problems if f.kind in left for k in _finding_keys(f, overflow)
+                            for c in catalog.get(k, []) if k not in remedy.parts
+                            and tuple(sorted(remedy.parts + (k,))) not in tried), None)
+                if nxt is not None and len(todo) < 3:
+                    todo.append(_compose(remedy, nxt))
+                    tried.add(tuple(sorted(todo[-1].parts)))
+            if not todo:
+                break
+            bar.update(task, total=(len(candidates) + len(todo)) * seeds)
     base.verdict = f"findings: {', '.join(f.kind for f in diagnosis.problems)}"
     fixed = [t for t in report.trials if t.verdict == "fixes it"]
     key = (lambda t: -t.score) if math.isfinite(base.score) else (lambda t: t.final_loss)
@@ -337,5 +594,6 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
     if stopped:
-        report.message += f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} of {len(candidates)} remedies)"
+        report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
+                           f"{len(candidates)} remedies in round 1)")
     return report

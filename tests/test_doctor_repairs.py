@@ -1,0 +1,262 @@
+"""gw.doctor's honest verdicts, remedies addressed by key, the cause-driven catalogue and iterative repair (issue 12).
+
+Every set-up is built here; every remedy is checked on a model built for it, against a plain reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis.findings import Finding
+from gradwatch.diagnosis.remedies import REMEDIES, key_of, remedies
+from gradwatch.remedies import Residual
+from gradwatch.zoo import Trial
+
+doctor_mod = importlib.import_module("gradwatch.doctor")  # the module; gw.doctor is the function
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(0, len(x), (size,), generator=g)
+        yield x[idx], y[idx]
+
+
+def _regression(seed: int, lr: float = 0.3) -> Trial:
+    """Linear regression on 8 features of scale 3: lr 0.3 with SGD diverges to NaN within a few dozen steps."""
+    g = torch.Generator().manual_seed(1234)
+    x = 3 * torch.randn(512, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(512, 1, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 1))
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=lr), _batches(x, y, 64, seed), nn.functional.mse_loss)
+
+
+def _finding(kind: str, *keys: str, steps: tuple[int, int] = (3, 40)) -> Finding:
+    return Finding(kind, "critical", ("0",), steps, kind, "", "", remedies(*keys))
+
+
+def _curve_of(make, remedy, steps: int) -> list[float]:
+    """The reference: the remedied trial trained in a plain loop, no watch."""
+    trial = make(0)
+    trial = remedy.apply(trial, {"doctor_steps": float(steps)})
+    return [float(trial.step()) for _ in range(steps)]
+
+
+# --- 1. honest verdicts ------------------------------------------------------------------------------
+
+
+def test_a_remedy_that_removes_the_finding_but_does_not_learn_is_not_a_fix(monkeypatch):
+    frozen = doctor_mod.Remedy("lower_lr", "learning rate ×1e-9", lambda t, n: gw.remedies.scale_lr(t.optimizer, 1e-9) and t)
+    good = doctor_mod.Remedy("lower_lr", "learning rate ×0.01", lambda t, n: gw.remedies.scale_lr(t.optimizer, 0.01) and t)
+    monkeypatch.setattr(doctor_mod, "_catalog", lambda: {"lower_lr": [frozen, good]})
+    steps = 80
+    report = gw.doctor(_regression, steps=steps, progress=False)
+    assert "nonfinite" in report.baseline.verdict, str(report)
+    rows = {t.label: t for t in report.trials}
+    # the references, from each trial's own loss curve
+    flat, learning = _curve_of(_regression, frozen, steps), _curve_of(_regression, good, steps)
+    tail = steps // 10
+    flat_final, learning_final = sum(flat[-tail:]) / tail, sum(learning[-tail:]) / tail
+    assert flat_final > 0.5 * flat[0]  # the frozen run did not learn ...
+    assert rows["learning rate ×1e-9"].first_loss == pytest.approx(flat[0], rel=1e-5)
+    assert rows["learning rate ×1e-9"].final_loss == pytest.approx(flat_final, rel=1e-5)
+    assert "nonfinite" not in rows["learning rate ×1e-9"].findings  # ... though its finding is gone,
+    assert rows["learning rate ×1e-9"].verdict != "fixes it", str(report)  # which the old verdict called a fix
+    assert learning_final <= 0.5 * learning[0]
+    assert rows["learning rate ×0.01"].verdict == "fixes it", str(report)
+    assert report.best is rows["learning rate ×0.01"]
+
+
+def test_inf_to_1e10_is_never_a_fix():
+    """The bug: "gradient-norm clipping: final loss inf → 2.3·10¹⁰" was judged "fixes it"."""
+    base_curve = [2.3, 40.0, 1e8, math.inf, math.nan]
+    trial_curve = [2.3e12] + [2.3e10] * 49  # halves its own first loss, and ends 10¹⁰ above where the set-up starts
+    b, t = doctor_mod._curve(base_curve), doctor_mod._curve(trial_curve)
+    assert t[3] and t[0] == 2.3e12 and t[1] == pytest.approx(2.3e10)
+    base = doctor_mod.TrialResult("baseline", b[1], b[2], math.nan, ["nonfinite"], 0.0, first_loss=b[0], learned=b[3])
+    trial = doctor_mod.TrialResult("clip", t[1], t[2], math.nan, [], 0.0, first_loss=t[0], learned=t[3])
+    assert base.final_loss == math.inf and base.first_loss == 2.3
+    assert doctor_mod._verdict(base, trial, {"nonfinite"}) != "fixes it"
+
+
+# --- 2. remedies addressed by key ----------------------------------------------------------------------
+
+
+def test_findings_carry_remedy_keys_and_keep_their_text():
+    texts = remedies("relu", "norm")
+    assert texts == (REMEDIES["relu"], REMEDIES["norm"]) and all(type(x) is not str for x in texts)
+    assert [t.key for t in texts] == ["relu", "norm"]  # type: ignore[attr-defined]
+    clip = "gradient-norm clipping at about the norm of the calm steps, clip_grad_norm_(params, max_norm=3.1)"
+    f = Finding("exploding", "critical", ("0",), (0, 9), "", "", "", (clip,) + remedies("lower_lr"))
+    assert f.remedy_keys == ("clip_norm", "lower_lr")
+    again = pickle.loads(pickle.dumps(f))
+    assert again.remedy_keys == ("clip_norm", "lower_lr") and again.remedies == f.remedies
+    assert key_of("not a remedy") is None
+
+
+# --- 3. the cause-driven catalogue, each remedy on a model built for it --------------------------------
+
+
+def _one(key: str):
+    (remedy,) = doctor_mod._catalog()[key][:1]
+    return remedy
+
+
+def _trial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> Trial:
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=lr), _batches(x, y, 32, 0), nn.functional.mse_loss)
+
+
+def test_input_standardisation_is_fitted_on_the_batches_and_leaves_them_unchanged():
+    torch.manual_seed(0)
+    x = 200 + 50 * torch.randn(256, 6)  # raw pixel-like values
+    trial = _trial(nn.Sequential(nn.Linear(6, 4), nn.Tanh()), x, torch.zeros(256, 4))
+    reference = _batches(x, torch.zeros(256, 4), 32, 0)
+    inner = trial.model
+    trial = _one("standardise_inputs").apply(trial, {})
+    seen: list[torch.Tensor] = []
+    inner.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for _ in range(8):
+        xb, _ = next(reference)
+        trial.step()
+        assert torch.equal(seen[-1], (xb - trial.model.norm.mean) / trial.model.norm.std)
+    fitted = torch.cat(seen)  # the 8 batches the layer was fitted on
+    assert fitted.mean(0).abs().max() < 1e-4 and (fitted.std(0) - 1).abs().max() < 1e-4
+
+
+class Exp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+def test_activation_swap_for_forward_overflow_and_no_learning_rate_remedies_at_step_0():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(9):
+        layers += [nn.Linear(8, 8), Exp()]
+    x = 5 * torch.randn(64, 8)
+    trial = _trial(nn.Sequential(*layers), x, torch.zeros(64, 8))
+    with torch.no_grad():
+        assert not torch.isfinite(trial.model(x)).all()  # NaN/Inf at step 0
+    trial = _one("swap_overflow").apply(trial, {})
+    assert not any(isinstance(m, Exp) for m in trial.model.modules())
+    with torch.no_grad():
+        assert torch.isfinite(trial.model(x)).all()
+    at_step0 = Diagnosis([_finding("nonfinite", "lower_lr", "clip_norm", "check_data", steps=(0, 40))])
+    later = Diagnosis([_finding("nonfinite", "lower_lr", "clip_norm", "check_data", steps=(12, 40))])
+    assert doctor_mod._keys(at_step0) == ["standardise_inputs", "swap_overflow"]
+    assert {"lower_lr", "warmup", "clip_norm", "clip_lower_lr"} <= set(doctor_mod._keys(later))
+
+
+def test_warmup_follows_linear_lr():
+    model = nn.Linear(3, 1)
+    trial = _trial(model, torch.randn(64, 3), torch.randn(64, 1), lr=0.1)
+    trial = _one("warmup").apply(trial, {"doctor_steps": 50.0})
+    total = 10  # a fifth of the steps
+    for k in range(14):
+        expected = 0.1 * (0.01 + 0.99 * min(k, total) / total)  # LinearLR from 1 % to 100 %
+        assert trial.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
+        trial.step()
+
+
+def test_pre_ln_conversion_matches_a_norm_first_layer():
+    torch.manual_seed(0)
+    post = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                 enable_nested_tensor=False)
+    dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.ModuleDict({"enc": post, "dec": dec})
+    trial = Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), iter(()), nn.functional.mse_loss)
+    before = len(trial.optimizer.param_groups)
+    trial = _one("pre_ln").apply(trial, {})
+    assert all(layer.norm_first for layer in post.layers) and dec.norm_first
+    assert isinstance(post.norm, nn.LayerNorm) and len(trial.optimizer.param_groups) == before + 1  # the final norm trains
+    reference = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    reference.load_state_dict(post.layers[0].state_dict())
+    x = torch.randn(4, 5, 16)
+    assert torch.allclose(post.layers[0](x), reference(x), atol=1e-6)
+
+
+def test_dead_units_get_a_lower_learning_rate_and_leaky_with_it():
+    keys = doctor_mod._keys(Diagnosis([_finding("dead_units", "leaky", "zero_bias", "he_init", "lower_lr")]))
+    assert {"leaky", "leaky_lower_lr", "lower_lr"} <= set(keys)
+    trial = _trial(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)), torch.randn(64, 4), torch.randn(64, 1))
+    trial = _one("leaky_lower_lr").apply(trial, {})
+    assert isinstance(trial.model[1], nn.LeakyReLU) and trial.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_clipping_with_a_lower_learning_rate():
+    torch.manual_seed(0)
+    trial = _trial(nn.Linear(4, 1), 1e3 * torch.randn(64, 4), torch.randn(64, 1))
+    trial = _one("clip_lower_lr").apply(trial, {"clip_at": 2.0})
+    norms: list[float] = []
+    trial.optimizer.register_step_pre_hook(  # runs after the clipping hook: sees the clipped gradients
+        lambda o, a, k: norms.append(float(torch.cat([p.grad.flatten() for p in trial.model.parameters()]).norm())))
+    trial.step()
+    assert trial.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert norms[0] == pytest.approx(2.0, rel=1e-4)  # the raw norm is ~10⁶: clipped to the limit
+
+
+def test_fixup_and_rezero_start_unnormalised_residual_nets_at_the_identity():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    res = nn.Sequential(*[Residual(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))) for _ in range(30)])
+    assert (res(x) - x).abs().max() > 1  # He-scale branches: far from the identity
+    trial = _one("fixup").apply(_trial(res, x, x), {})
+    assert torch.equal(trial.model(x), x)
+    plain = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(8, 8), nn.Tanh())])
+    trial = _one("rezero").apply(_trial(plain, x, x), {})
+    assert sum(isinstance(m, gw.remedies.ReZero) for m in trial.model.modules()) == 6
+    assert torch.equal(trial.model(x), x)
+    assert _one("fixup").apply(_trial(nn.Linear(8, 8), x, x), {}) is None  # no residual blocks: not applicable
+
+
+def test_identity_init_for_deep_linear_and_recurrent_nets():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    deep = nn.Sequential(*[nn.Linear(8, 8) for _ in range(10)])
+    trial = _one("identity_init").apply(_trial(deep, x, x), {})
+    assert torch.allclose(trial.model(x), x, atol=1e-6)
+    cell = nn.RNNCell(4, 12)
+    with torch.no_grad():
+        cell.weight_hh.mul_(10)
+    _one("identity_init").apply(_trial(nn.ModuleList([cell]), x, x), {})
+    assert torch.allclose(cell.weight_hh @ cell.weight_hh.T, torch.eye(12), atol=1e-5)
+
+
+# --- 4. iterative repair -----------------------------------------------------------------------------
+
+
+def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
+    """A removes the vanishing, B the exploding, C the saturation; only all three together learn."""
+    flag = lambda name: doctor_mod.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
+    monkeypatch.setattr(doctor_mod, "_catalog", lambda: {"relu": [flag("relu")], "clip_norm": [flag("clip_norm")],
+                                                         "smaller_init": [flag("smaller_init")]})
+    monkeypatch.setattr(doctor_mod, "_EXPANDS", {})
+    findings = {"relu": "vanishing", "clip_norm": "exploding", "smaller_init": "saturation"}
+
+    def run(make, seed, steps, store, name, remedy, numbers):
+        trial = SimpleNamespace(flags=set())
+        if remedy is not None and remedy.apply(trial, numbers) is None:
+            return None
+        left = [kind for key, kind in findings.items() if key not in trial.flags]
+        curve = [2.0] * steps if left else [2.0] + [0.1] * (steps - 1)
+        diag = Diagnosis([_finding(kind, key) for key, kind in findings.items() if kind in left])
+        return curve, math.nan, left, diag
+
+    monkeypatch.setattr(doctor_mod, "_run", run)
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    rounds = [t.rounds for t in report.trials]
+    assert rounds[:3] == [1, 1, 1] and max(rounds) == 3, str(report)
+    assert report.best is not None and set(report.best.parts) == set(findings) and report.best.rounds == 3
+    assert all(t.verdict != "fixes it" for t in report.trials if t.rounds < 3)
+    assert all(len(set(t.parts)) == t.rounds for t in report.trials)  # no remedy twice in one combination
+    assert "iterative repair, at most 3 rounds" in str(report)
