@@ -167,6 +167,31 @@ def _halving(prof: _Profile, idx: Sequence[int]) -> float | None:
     return layers_per_halving(prof.median[idx[0] : idx[-1] + 1]) if idx else None
 
 
+FIT_T_ABOVE = 3.0  # a halving rate is quoted when the least-squares slope is this many standard errors from 0
+FIT_DECAY_ABOVE = 4.0  # ... and the fitted line changes ‖g‖ by at least this factor over the stretch
+
+
+def real_fit(values: np.ndarray) -> bool:
+    """Is the log₂‖g‖-vs-depth line a real trend? Significant slope (|t| ≥ 3) and a total change ≥ 4× over the stretch.
+
+    Two points are an exact line (no standard error): only the total change counts. A profile that
+    wanders around a level fits a slope near 0 whose "halves every 53 layers" describes no decay.
+    """
+    x = np.array([i for i in range(len(values)) if values[i] > 0 and math.isfinite(values[i])], dtype=float)
+    if len(x) < 2:
+        return False
+    y = np.log2(values[x.astype(int)])
+    slope, icpt = np.polyfit(x, y, 1)
+    total = abs(float(slope)) * float(x[-1] - x[0])  # log₂ of the fitted change end to end
+    if total < math.log2(FIT_DECAY_ABOVE):
+        return False
+    if len(x) == 2:
+        return True
+    resid = y - (slope * x + icpt)
+    se = math.sqrt(float(resid @ resid) / (len(x) - 2) / float(((x - x.mean()) ** 2).sum()))
+    return se == 0 or abs(float(slope)) / se >= FIT_T_ABOVE
+
+
 def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
     prof = _profile(run, th)
     if prof is None:
@@ -188,6 +213,8 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
             upto += 1
         layers = tuple(prof.names[: upto + 1])
         k = _halving(prof, range(0, upto + 2))
+        if k is not None and not real_fit(prof.median[: upto + 2]):
+            k = None  # no real trend: say what the profile does instead
         cause, fixes, numbers, sources = _cause(run, prof, upto, th, vanishing=True)
         since = _since(prof.ratio < th.vanish_below, prof.steps)
         zero = [prof.names[i] for i in range(n) if prof.median[i] == 0]
@@ -197,7 +224,9 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
             decay = (f"the gradient halves every {k:.2g} layers (×{2 ** (-1 / k):.2g} per layer) from layer "
                      f"{layer_name(prof.names[upto])} down to layer {layer_name(prof.names[0])}")
         else:
-            decay = f"layers {span(layers)} get less than {th.affected_below:g}× the last layer's gradient"
+            low = int(np.nanargmin(rel[: upto + 1]))
+            decay = (f"layers {span(layers)} get less than {th.affected_below:g}× the last layer's gradient, with no "
+                     f"steady decay across depth to fit (lowest, {sci(float(rel[low]))}×, at layer {layer_name(prof.names[low])})")
         numbers.update(ratio=ratio, halving_layers=k if k else math.nan)
         found.append(Finding(
             "vanishing", "critical" if ratio < th.vanish_below**2 else "warning", layers,
@@ -213,6 +242,8 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
             upto += 1
         layers = tuple(prof.names[: upto + 1])
         k = _halving(prof, range(0, upto + 2))
+        if k is not None and not real_fit(prof.median[: upto + 2]):
+            k = None
         cause, fixes, numbers, sources = _cause(run, prof, upto, th, vanishing=False)
         since = _since(prof.ratio > th.explode_above, prof.steps)
         growth = (f"the gradient doubles every {-k:.2g} layers towards the input (×{2 ** (-1 / k):.2g} per layer)"
