@@ -184,7 +184,7 @@ def test_unroll_equals_the_fused_kernel():
 @pytest.mark.parametrize("kwargs,error,message", [
     (dict(temporal=True), ValueError, r"`watch\(temporal=True\)` found no nn.RNN"),
     (dict(temporal=["nope"]), ValueError, r"no module named 'nope'"),
-    (dict(temporal=3), TypeError, r"`watch\(temporal=…\)` expects True, False or a list of module names"),
+    (dict(temporal=3), TypeError, r"`watch\(temporal=…\)` expects True, False, \"auto\" or a list of module names"),
     (dict(temporal=["0"], activations=False), ValueError, r"rides the activations schedule"),
 ])
 def test_bad_temporal_arguments(store, kwargs, error, message):
@@ -192,3 +192,65 @@ def test_bad_temporal_arguments(store, kwargs, error, message):
     with pytest.raises(error, match=message):
         gw.watch(model, store=store, **kwargs)
     assert not model[0]._forward_hooks
+
+
+class Unrolled(nn.Module):
+    """An nn.RNNCell called once per time step in a Python loop; the loss reads only the last state."""
+
+    def __init__(self, radius: float) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(4, 16)
+        self.head = nn.Linear(16, 1)
+        with torch.no_grad():  # a contracting recurrent weight: largest singular value `radius`
+            self.cell.weight_hh.mul_(radius / torch.linalg.matrix_norm(self.cell.weight_hh, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, B, 4)
+        h = torch.zeros(x.shape[1], 16)
+        for xt in x:
+            h = self.cell(xt, h)
+        return self.head(h)
+
+
+def test_hand_unrolled_cell_vanishing_through_time_is_found_without_temporal(store):
+    """Regression (issue 12): a cell in a Python loop was watched without `temporal=`, so its vanishing went unseen."""
+    torch.manual_seed(0)
+    model = Unrolled(radius=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(30, 8, 4), torch.randn(8, 1)
+    hs: list[torch.Tensor] = []
+    hook = model.cell.register_forward_hook(lambda m, a, o: (o.retain_grad(), hs.append(o)) and None)
+    reference = None
+    with gw.watch(model, opt, store=store, name="unrolled") as w:  # no temporal=: the default finds the loop
+        for step in range(40):
+            hs.clear()
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if step == 0:
+                reference = torch.stack([h.grad.norm() for h in hs]).double()  # ‖∂L/∂h_t‖, t = 1 … 30
+            opt.step()
+    hook.remove()
+    run = w.open()
+    series = run.temporal("cell")
+    assert series.names == [str(t) for t in range(1, 31)]
+    torch.testing.assert_close(torch.tensor(series.values[:, 0]), reference, rtol=1e-5, atol=0)
+    assert reference[0] < 1e-6 * reference[-1]  # it does vanish: 0.5²⁹ bounds the first against the last
+    found = [f for f in w.diagnose().problems if f.kind == "vanishing" and "cell" in f.layers]
+    assert found, str(w.diagnose())
+
+
+def test_a_cell_called_once_per_pass_is_not_followed_by_default(store):
+    class Once(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.RNNCell(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.cell(x).sum()
+
+    model = Once()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, activations=1, store=store, name="once") as w:
+        model(torch.randn(5, 4)).backward()
+        opt.step()
+    assert "temporal_grad_norm" not in w.open().quantities

@@ -425,7 +425,8 @@ def _run(make: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: R
         if applied is None:
             return None
         trial = applied
-    temporal = any(isinstance(m, nn.RNNBase) for m in trial.model.modules())
+    # fused nn.RNN/GRU/LSTM: re-run unrolled; otherwise the watch's default finds cells called in a Python loop
+    temporal: bool | str = True if any(isinstance(m, nn.RNNBase) for m in trial.model.modules()) else "auto"
     losses: list[float] = []
     with gw.watch(trial.model, trial.optimizer, store=store, name=name, overwrite=True, temporal=temporal) as w:
         for _ in range(steps):

@@ -82,6 +82,7 @@ class Watch:
         driver: str = "auto",
         scaler: Any = None,
         lock: RunLock | None = None,
+        temporal_auto: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -135,7 +136,7 @@ class Watch:
         self._layer_ids = np.array([self._entity_id(l.name, "layer", type(l.module).__name__) for l in self._layers])
         self._pair_ids = np.array([self._entity_id(n, "param", None) for n in self._grads.pair_names])
         self._act_ids = np.array([self._entity_id(a.name, "activation", type(a.module).__name__) for a in self._acts])
-        self._temporal = TemporalProbe(temporal or [], self._device)
+        self._temporal = TemporalProbe(temporal or [], self._device, repeated_only=temporal_auto)
         self._recurrent_ids = {name: self._entity_id(name, "recurrent", cell) for name, cell in self._temporal.entities()}
         self._writer.meta(self._metadata())
         # A watch dropped without close() (or still open at exit) still closes its store: the writer's
@@ -941,7 +942,7 @@ def watch(
     store: str | Path | None = None,
     name: str | None = None,
     overwrite: bool = False,
-    temporal: bool | list[str] = False,
+    temporal: bool | str | list[str] = "auto",
     scaler: torch.amp.GradScaler | None = None,
 ) -> Watch:
     """Watch a model's gradients while it trains; returns the :class:`Watch` handle.
@@ -970,10 +971,13 @@ def watch(
         schedules: each reads its slices, one all-reduce of squared norms per
         recorded step gives the whole tensors' norms, and rank 0 writes.
         temporal: record ‖∂L/∂h_t‖ at every time step of recurrent modules, on
-            the ``activations`` schedule. True: every ``nn.RNN``/``nn.GRU``/
-            ``nn.LSTM`` and ``nn.*Cell``; or the names of the modules to
-            follow (a cell of your own, called once per time step, whose
-            output is its new hidden state). See
+            the ``activations`` schedule. "auto" (the default): every
+            ``nn.RNNCell``/``GRUCell``/``LSTMCell`` that one forward pass calls
+            more than once (a cell in a Python loop), nothing else, and nothing
+            when ``activations=False``. True: every ``nn.RNN``/``nn.GRU``/
+            ``nn.LSTM`` and ``nn.*Cell`` (fused modules are re-run unrolled);
+            or the names of the modules to follow (a cell of your own, called
+            once per time step, whose output is its new hidden state). See
             :mod:`gradwatch.probes.temporal` for what it costs.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
             statistics are always of the unscaled gradients (the scaler
@@ -997,7 +1001,7 @@ def _make_watch(
     store: str | Path | None = None,
     name: str | None = None,
     overwrite: bool = False,
-    temporal: bool | list[str] = False,
+    temporal: bool | str | list[str] = False,
     scaler: Any = None,
     driver: str = "auto",
     caller: str = "watch",
@@ -1034,6 +1038,9 @@ def _make_watch(
     if optimizer is None and not isinstance(update_every, bool) and driver != "external":  # (callbacks: the trainer's)
         raise ValueError(f"`{caller}(update_every=…)` measures updates across optimizer.step(): "
                          f"pass optimizer=… as well")
+    auto = isinstance(temporal, str) and temporal == "auto"
+    if auto and sampled is None:
+        temporal = False  # the default rides the activations schedule: off with it
     if temporal is not False and sampled is None:
         raise ValueError(f"`{caller}(temporal=…)` rides the activations schedule: pass activations=True or an int, not False")
     if scaler is not None:
@@ -1067,7 +1074,7 @@ def _make_watch(
     run_dir, lock = _run_dir(store, name, model, overwrite, caller)
     try:
         return Watch(model, optimizer, every_s, sampled, update, run_dir, recurrent, driver=driver, scaler=scaler,
-                     lock=lock)
+                     lock=lock, temporal_auto=auto)
     except BaseException:
         lock.release()  # (idempotent: the writer may have released it already)
         raise

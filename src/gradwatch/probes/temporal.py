@@ -232,6 +232,8 @@ def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Mod
     if temporal is False:
         return []
     modules = dict(model.named_modules())
+    if temporal == "auto":  # the default: cells, followed where one forward pass calls them more than once
+        return [(n, m) for n, m in modules.items() if isinstance(m, nn.RNNCellBase)]
     if temporal is True:
         found: list[tuple[str, nn.Module]] = [(n, m) for n, m in modules.items() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
         if not found:
@@ -246,7 +248,7 @@ def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Mod
             raise ValueError(f"`watch(temporal=…)`: no module named {missing[0]!r} in the model "
                              f"(names as in named_modules())")
         return [(t, modules[t]) for t in temporal]
-    raise TypeError(bad_argument("watch", "temporal", "True, False or a list of module names", temporal))
+    raise TypeError(bad_argument("watch", "temporal", "True, False, \"auto\" or a list of module names", temporal))
 
 
 def _gamma(module: nn.Module) -> float | None:
@@ -266,9 +268,12 @@ class _Capture:
 class TemporalProbe:
     """Captures recurrent calls on sampled steps; after backward, turns them into per-time-step records."""
 
-    def __init__(self, modules: list[tuple[str, nn.Module]], device: torch.device) -> None:
+    def __init__(self, modules: list[tuple[str, nn.Module]], device: torch.device, repeated_only: bool = False) -> None:
         self.modules = modules
         self.device = device
+        # temporal="auto": a cell's records are kept only on steps whose forward pass called it more than once
+        # (a cell in a Python loop over time steps); one call per pass is a layer, not a recurrence.
+        self.repeated_only = repeated_only
         self._name = {m: n for n, m in modules}
         self._captures: list[tuple[str, _Capture]] = []
         self._cell_calls: dict[str, int] = {}
@@ -351,6 +356,8 @@ class TemporalProbe:
         for (name, pos), sq in sorted(self._cell_norms.items()):
             by_cell.setdefault(name, []).append((pos, sq))
         for name, rows in by_cell.items():
+            if self.repeated_only and len(rows) < 2:
+                continue
             out.append((name, "temporal_grad_norm", [p for p, _ in rows], torch.stack([v for _, v in rows]).sqrt()))
             module = dict(self.modules)[name]
             if isinstance(module, nn.RNNCellBase):
