@@ -248,7 +248,7 @@ def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Mod
             raise ValueError(f"`watch(temporal=…)`: no module named {missing[0]!r} in the model "
                              f"(names as in named_modules())")
         return [(t, modules[t]) for t in temporal]
-    raise TypeError(bad_argument("watch", "temporal", "True, False, \"auto\" or a list of module names", temporal))
+    raise TypeError(bad_argument("watch", "temporal", "True, False or a list of module names (or \"auto\", the default)", temporal))
 
 
 def _gamma(module: nn.Module) -> float | None:
