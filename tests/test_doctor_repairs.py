@@ -260,3 +260,49 @@ def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
     assert all(t.verdict != "fixes it" for t in report.trials if t.rounds < 3)
     assert all(len(set(t.parts)) == t.rounds for t in report.trials)  # no remedy twice in one combination
     assert "iterative repair, at most 3 rounds" in str(report)
+
+
+# --- end to end: the issue's step-0 overflow, through gw.doctor ----------------------------------------
+
+
+class _Exp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+def _nine_exps(seed: int) -> Trial:
+    """Nine stacked exp activations on raw inputs of scale 5: NaN at step 0 (issue 12)."""
+    g = torch.Generator().manual_seed(99)
+    x = 5 * torch.randn(512, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(9):
+        layers += [nn.Linear(8, 8), _Exp()]
+    model = nn.Sequential(*layers, nn.Linear(8, 2))
+    return Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), _batches(x, y, 64, seed),
+                 nn.functional.cross_entropy)
+
+
+def test_doctor_repairs_step0_overflow_by_the_activation_not_the_learning_rate():
+    steps = 300
+    report = gw.doctor(_nine_exps, steps=steps, seeds=3, progress=False)
+    assert report.diagnosis.of("nonfinite")[0].steps[0] == 0, str(report)
+    assert not any("learning rate" in t.label or "clipping" in t.label or "warm-up" in t.label for t in report.trials)
+    assert report.best is not None and report.best.label == "ReLU in place of overflowing activations", str(report)
+    swap = _one("swap_overflow")
+    for seed in range(3):  # the reference: each seed's own curve, in a plain loop
+        trial = swap.apply(_nine_exps(seed), {})
+        curve = [float(trial.step()) for _ in range(steps)]
+        assert sum(curve[-30:]) / 30 <= 0.5 * curve[0]
+
+
+def test_the_nonsaturating_loss_applies_to_any_trial_that_says_it_is_a_gan():
+    class MyGAN(Trial):
+        nonsaturating = False
+
+    model = nn.Linear(2, 2)
+    mine = MyGAN(model, torch.optim.SGD(model.parameters(), lr=0.1), iter(()), nn.functional.mse_loss)
+    assert _one("nonsaturating").apply(mine, {}) is mine and mine.nonsaturating is True
+    plain = Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), iter(()), nn.functional.mse_loss)
+    assert _one("nonsaturating").apply(plain, {}) is None

@@ -292,11 +292,10 @@ def _catalog() -> dict[str, list[Remedy]]:
         return m
 
     def nonsaturating(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-        from gradwatch.zoo import GANTrial
-
-        if not isinstance(trial, GANTrial):
+        # Any trial that says it is a GAN by a boolean `nonsaturating` attribute (zoo.GANTrial, or the user's own).
+        if not isinstance(getattr(trial, "nonsaturating", None), bool):
             return None  # not a GAN: nothing to apply
-        trial.nonsaturating = True
+        trial.nonsaturating = True  # type: ignore[attr-defined]
         return trial
 
     def one(key: str, label: str, fn: Callable[[Trial, dict[str, float]], Trial | None]) -> list[Remedy]:
