@@ -51,3 +51,98 @@ def test_a_halving_rate_is_quoted_only_for_a_real_fit(store):
     # a real decay keeps its rate: ×0.25 per layer, exactly
     assert real_fit(np.array([0.25 ** (8 - i) for i in range(9)]))
     assert not real_fit(np.array([0.9, 1.1, 0.95, 1.05, 1.0]))  # no meaningful total change
+
+
+def test_a_pathology_with_a_flat_loss_is_critical(store):
+    """Regression: a deep sigmoid net that never leaves its start loss got only a 'warning' for vanishing."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(16, 32), nn.Sigmoid()]
+    for _ in range(5):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 2))
+    x = torch.randn(512, 16)
+    y = (x[:, 0] > 0).long()  # learnable by a shallow net; this one does not get there
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with gw.watch(model, opt, activations=1, store=store, name="flat-sigmoid") as w:
+        for _ in range(150):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+            losses.append(float(loss))
+    first, final = float(np.median(losses[:10])), float(np.median(losses[-20:]))
+    assert final > 0.9 * first  # the reference: the loss is flat at its start
+    (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]
+    assert 1e-6 < f.numbers["ratio"] < 1e-3  # on its own, a warning's ratio
+    assert f.severity == "critical" and "stayed at its start value" in f.evidence
+    assert f.numbers["loss_first"] == pytest.approx(first, rel=1e-5)
+    assert f.numbers["loss_final"] == pytest.approx(final, rel=1e-5)
+
+
+class _TinyViT(nn.Module):
+    """8×8 digits as 16 patches of 2×2, a Post-LN Transformer encoder (GELU, LayerNorm, residuals), a linear head."""
+
+    def __init__(self, d: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.pos = nn.Parameter(torch.zeros(16, d))
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, activation="gelu", batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)  # (B, 16 patches, 4)
+        return self.head(self.norm(self.blocks(self.embed(x) + self.pos).mean(1)))
+
+
+def test_a_vit_at_a_high_adam_lr_without_warmup_is_a_learning_rate_problem(store):
+    """Regression: a ViT at Adam lr 1e-2 without warm-up collapses; its remedies swapped tanh/sigmoid on a GELU
+    net and added residuals and normalisation to a net that has both."""
+    from gradwatch import zoo
+    from gradwatch.diagnosis.remedies import REMEDIES
+
+    torch.manual_seed(0)
+    x, y, _, _ = zoo.digits()
+    model = _TinyViT()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with gw.watch(model, opt, activations=1, store=store, name="vit") as w:
+        for _ in range(120):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+            losses.append(float(loss))
+    assert np.median(losses[-20:]) > 0.9 * np.median(losses[:10])  # the reference: it does not learn
+    run = w.open()
+    assert run.meta["optimizer"] == "Adam" and run.meta["optimizer_lr"] == 1e-2
+    assert run.meta["optimizer_initial_lr"] is None  # no scheduler
+    problems = w.diagnose().problems
+    assert problems
+    for f in problems:
+        assert f.cause.startswith("the learning rate: Adam at lr 0.01 with no warm-up")
+        assert f.remedies[:2] == (REMEDIES["warmup"], REMEDIES["lower_lr"])
+        for key in ("relu", "residual", "norm"):
+            assert REMEDIES[key] not in f.remedies
+
+
+def test_a_scheduler_that_warms_up_is_recorded(store):
+    """The watch records the start learning rate and the scheduler's base rate: a warm-up starts below it."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=10)
+    with gw.watch(model, opt, store=store, name="warm") as w:
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+    meta = w.open().meta
+    assert meta["optimizer_lr"] == pytest.approx(1e-3) and meta["optimizer_initial_lr"] == pytest.approx(1e-2)
+    assert sorted(meta["module_types"]) == ["Linear"]

@@ -155,7 +155,7 @@ def test_cli_diagnose_and_report(runs, tmp_path, capsys):
     path = runs["deep_tanh_mlp"].path
     assert main(["diagnose", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[warning] vanishing" in out and "layer" in out
+    assert "[critical] vanishing" in out and "layer" in out  # its loss stays at its start: critical
     target = tmp_path / "x.html"
     assert main(["report", str(path), "-o", str(target)]) == 0
     assert target.is_file() and f"wrote {target}" in capsys.readouterr().out

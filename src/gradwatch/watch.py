@@ -630,6 +630,13 @@ class Watch:
             "activations": [{"name": a.name, "module": type(a.module).__name__} for a in self._acts],
             "recurrent": self._temporal.describe(),
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            # The learning rate at the watch's start (largest group) and, when an LR scheduler already wraps
+            # the optimizer, the base rate it starts from (`initial_lr`): a warm-up starts below it.
+            "optimizer_lr": _max_group(self.optimizer, "lr"),
+            "optimizer_initial_lr": _max_group(self.optimizer, "initial_lr"),
+            # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
+            # normalisation, activation types) to propose only remedies it does not already have.
+            "module_types": sorted({type(m).__name__ for m in self.model.modules()}),
             "schedules": {"every": repr(self._every), "sampled": repr(self._sampled), "update": repr(self._update)},
         }
 
@@ -664,6 +671,14 @@ class Watch:
             self._closed = True
             self._writer.close({"status": status if self._failed is None else f"failed: {self._failed}",
                                 "steps": self._step})
+
+
+def _max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
+    """The largest numeric ``key`` over the optimizer's parameter groups (None when no group has one)."""
+    if optimizer is None:
+        return None
+    got = [float(g[key]) for g in optimizer.param_groups if isinstance(g.get(key), numbers.Real)]
+    return max(got) if got else None
 
 
 class _WeakHook:

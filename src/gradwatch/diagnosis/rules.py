@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
 from gradwatch.diagnosis.findings import Diagnosis, Finding, layer_name, sci, span
-from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.remedies import REMEDIES, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Entity, Run, Series
 
@@ -729,6 +729,104 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
     return found
 
 
+FLAT_LOSS_ABOVE = 0.9  # the loss is "flat at its start" when its late median is above this fraction of its early one
+
+
+def flat_loss(run: Run, th: Thresholds) -> tuple[float, float] | None:
+    """(start, end) of a logged loss that stayed at its start value, else None.
+
+    Start: the median of the first ``spike_after`` finite values; end: the median of the last ``4 × window``.
+    Flat means the end is above ``FLAT_LOSS_ABOVE`` × the start (a positive loss). Without a logged loss, or
+    with too few values, nothing shows the run's progress: None.
+    """
+    if "loss" not in run.quantities:
+        return None
+    loss = run.series("loss", "run").values[0]
+    loss = loss[np.isfinite(loss)]
+    if len(loss) < th.spike_after + 4 * th.window:
+        return None
+    first, final = float(np.median(loss[: th.spike_after])), float(np.median(loss[-4 * th.window:]))
+    return (first, final) if first > 0 and final > FLAT_LOSS_ABOVE * first else None
+
+
+def _by_effect(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Severity follows the effect on training: a warning in a run whose loss stayed at its start is critical."""
+    flat = flat_loss(run, th)
+    if flat is None:
+        return found
+    note = f"; the loss stayed at its start value ({sci(flat[0])} → {sci(flat[1])}): the run does not learn"
+    return [replace(f, severity="critical", evidence=f.evidence.rstrip(".") + note + ".",
+                    numbers={**f.numbers, "loss_first": flat[0], "loss_final": flat[1]},
+                    sources=f.sources if "loss (run)" in f.sources else (*f.sources, "loss (run)"))
+            if f.severity == "warning" and f.kind in _BY_EFFECT else f for f in found]
+
+
+# Module classes that say what the architecture already has (class names, as `module_types` in the run's meta
+# and the entities' modules record them).
+_RESIDUAL_TYPES = frozenset({"TransformerEncoderLayer", "TransformerDecoderLayer", "BasicBlock", "Bottleneck",
+                             "GPT2Block", "BertLayer", "ViTLayer", "Block", "ResidualBlock"})
+_RELU_TYPES = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU",
+                         "Mish", "Hardswish", "Softplus"})
+_SATURATING_TYPES = frozenset({"Tanh", "Sigmoid", "Hardtanh", "Softsign", "Hardsigmoid", "LogSigmoid", "Tanhshrink"})
+_ADAM_TYPES = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
+# Adam's step moves every weight by about lr from the first step on (its update is normalised): above 3·10⁻³
+# without a warm-up, attention and LayerNorm'd nets (Xiong et al. 2020; Liu et al. 2020) commonly collapse.
+ADAM_LR_ABOVE = 3e-3
+
+
+def _module_types(run: Run) -> set[str]:
+    meta = getattr(run, "meta", {}) or {}
+    types = set(meta.get("module_types") or ())
+    return types | {e.module for e in run.entities() if e.module}
+
+
+def _lr_without_warmup(run: Run) -> str:
+    """Words for Adam-type optimisation at a high learning rate with no warm-up seen ('' when that is not the case)."""
+    meta = getattr(run, "meta", {}) or {}
+    opt, lr, initial = meta.get("optimizer"), meta.get("optimizer_lr"), meta.get("optimizer_initial_lr")
+    if opt not in _ADAM_TYPES or not isinstance(lr, (int, float)) or lr <= ADAM_LR_ABOVE:
+        return ""
+    if isinstance(initial, (int, float)) and lr < initial:
+        return ""  # a scheduler started below its base rate: a warm-up
+    return (f"the learning rate: {opt} at lr {lr:g} with no warm-up (no scheduler had lowered it when the watch "
+            f"started) moves every weight by about lr from the first step, which a deep net with attention or "
+            f"normalisation often does not survive")
+
+
+def _key(text: str) -> str | None:
+    key = getattr(text, "key", None)
+    return key if key is not None else next((k for k, v in REMEDIES.items() if v == text), None)
+
+
+def _fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
+    """Remedies that fit the architecture: nothing the model already has, no swap of activations it does not use.
+
+    With Adam at a high learning rate and no warm-up, the depth and spike findings name the learning rate.
+    """
+    types = _module_types(run)
+    has_residual = bool(types & _RESIDUAL_TYPES)
+    drop = set()
+    if has_residual:
+        drop.add("residual")
+    if any("Norm" in t for t in types):
+        drop.add("norm")
+    relu_type = bool(types & _RELU_TYPES) or bool(types & {"TransformerEncoderLayer", "TransformerDecoderLayer"})
+    if not types & _SATURATING_TYPES and (relu_type or run.entities("activation")):
+        drop.add("relu")  # nothing tanh/sigmoid-like to swap
+    lr_words = _lr_without_warmup(run)
+    out = []
+    for f in found:
+        fixes = tuple(t for t in f.remedies if _key(t) not in drop)
+        cause = f.cause
+        if lr_words and f.severity != "info" and f.kind in ("vanishing", "exploding", "nonfinite", "stalled"):
+            first = remedies("warmup", "lower_lr")
+            fixes = first + tuple(t for t in fixes if _key(t) not in ("warmup", "lower_lr"))
+            cause = f"{lr_words}; the measurement: {cause}"
+        out.append(f if fixes == f.remedies and cause == f.cause else replace(f, remedies=fixes, cause=cause))
+    return out
+
+
+_BY_EFFECT = ("vanishing", "exploding", "saturation", "dead_units", "stalled")
 _ORDER = {"nonfinite": 0, "skipped_steps": 0, "exploding": 1, "vanishing": 2, "dead_units": 3, "saturation": 4, "stalled": 5}
 
 
@@ -753,5 +851,6 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += spike_findings(view, th) + fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
     found += activation_findings(view, th) + skipped
     found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+    found = _fit_architecture(_by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
