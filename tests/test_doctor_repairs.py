@@ -219,12 +219,38 @@ def test_fixup_and_rezero_start_unnormalised_residual_nets_at_the_identity():
     assert _one("fixup").apply(_trial(nn.Linear(8, 8), x, x), {}) is None  # no residual blocks: not applicable
 
 
+class _Block(nn.Module):
+    """A residual block of the user's own class, its activation functional."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_fixup_finds_residual_blocks_of_the_users_own_class():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    head = nn.Linear(8, 3)
+    net = nn.Sequential(nn.Sequential(*[_Block() for _ in range(30)]), head)
+    out = head(x)  # the reference: Fixup makes every branch zero, so the net is its head
+    assert not torch.allclose(net(x), out)
+    trial = _one("fixup").apply(_trial(net, x, torch.zeros(16, 3)), {})
+    assert trial is not None and torch.allclose(trial.model(x), out, atol=1e-6)
+    assert all(b.fc2.weight.abs().sum() == 0 and b.fc1.weight.abs().sum() > 0 for b in net[0])
+    assert head.weight.abs().sum() > 0  # not a branch: left as it was
+
+
 def test_identity_init_for_deep_linear_and_recurrent_nets():
     torch.manual_seed(0)
     x = torch.randn(16, 8)
     deep = nn.Sequential(*[nn.Linear(8, 8) for _ in range(10)])
     trial = _one("identity_init").apply(_trial(deep, x, x), {})
     assert torch.allclose(trial.model(x), x, atol=1e-6)
+    relu_net = nn.Sequential(*[_Block() for _ in range(4)])  # ReLU inside forward: not linear, left alone
+    assert _one("identity_init").apply(_trial(relu_net, x, x), {}) is None
     cell = nn.RNNCell(4, 12)
     with torch.no_grad():
         cell.weight_hh.mul_(10)

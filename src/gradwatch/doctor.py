@@ -122,13 +122,81 @@ def _compose(first: Remedy, second: Remedy) -> Remedy:
                   first.parts + second.parts)
 
 
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
+def _zero_residual_branches(model: nn.Module, x: torch.Tensor) -> int:
+    """Fixup on residual blocks of the user's own class (Zhang et al. 2019): a block is a module whose output
+    equals its input (or relu of it) once its last weighted layer is zero; that layer stays zero. Returns how many."""
+    seen: dict[int, tuple[nn.Module, Any]] = {}
+    blocks = [mod for mod in model.modules() if mod is not model and list(mod.children())
+              and sum(isinstance(c, _WEIGHTED) for c in mod.modules()) >= 2]
+    def keep(mod: nn.Module, a: tuple, o: Any) -> None:  # (returns None: the output stays the module's own)
+        seen.setdefault(id(mod), (mod, a))
+
+    hooks = [b.register_forward_hook(keep) for b in blocks]
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    except Exception:
+        return 0
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    found = 0
+    for mod, args in seen.values():
+        if not args or not isinstance(args[0], torch.Tensor):
+            continue
+        last = [c for c in mod.modules() if isinstance(c, _WEIGHTED)][-1]
+        kept = [t.clone() for t in (last.weight, last.bias) if t is not None]
+        for t in (last.weight, last.bias):
+            if t is not None:
+                t.zero_()
+        try:
+            out = mod(*args)
+        except Exception:
+            out = None
+        a = args[0]
+        if (isinstance(out, torch.Tensor) and out.shape == a.shape and bool(a.abs().max() > 0)
+                and (torch.allclose(out, a) or torch.allclose(out, a.relu()))):
+            found += 1
+        else:  # not a residual branch: restore
+            for t, k in zip([t for t in (last.weight, last.bias) if t is not None], kept):
+                t.copy_(k)
+    return found
+
+
+@torch.no_grad()
+def _is_affine(model: nn.Module, batches: list[Any]) -> bool:
+    """A deep *linear* net, measured (activations may be functional): f(2x) − f(x) = f(x) − f(0) on a real batch."""
+    if not batches or not isinstance(batches[0], (tuple, list)) or not isinstance(batches[0][0], torch.Tensor):
+        return False
+    x = batches[0][0]
+    if not x.is_floating_point():
+        return False
+    was = model.training
+    model.eval()
+    try:
+        f0, f1, f2 = model(torch.zeros_like(x)), model(x), model(2 * x)
+    except Exception:
+        return False
+    finally:
+        model.train(was)
+    if not all(isinstance(t, torch.Tensor) and torch.isfinite(t).all() for t in (f0, f1, f2)):
+        return False
+    return bool(torch.allclose(f2 - f1, f1 - f0, rtol=1e-3, atol=1e-5 * float(f1.abs().max().clamp_min(1))))
+
+
 # A finding's remedy key -> the catalogue entries that act on that cause (the finding's own key first).
 _EXPANDS: dict[str, tuple[str, ...]] = {
     "norm": ("norm", "standardise_inputs", "pre_ln"),
     "lower_lr": ("lower_lr", "warmup", "clip_lower_lr"),
     "clip_norm": ("clip_norm", "clip_lower_lr"),
     "residual": ("residual", "fixup", "rezero", "pre_ln"),
-    "orthogonal_init": ("orthogonal_init", "identity_init", "pre_ln", "warmup"),
+    "orthogonal_init": ("orthogonal_init", "identity_init", "fixup", "rezero", "pre_ln", "warmup"),
     "smaller_init": ("smaller_init", "standardise_inputs", "identity_init"),
     "check_data": ("standardise_inputs", "swap_overflow"),
     "leaky": ("leaky", "leaky_lower_lr"),
@@ -232,12 +300,17 @@ def _catalog() -> dict[str, list[Remedy]]:
                 stack.norm = nn.LayerNorm(first.norm1.normalized_shape, eps=first.norm1.eps)
         return m if layers else None
 
-    def fixup(m: nn.Module) -> nn.Module | None:
+    def fixup(trial: Trial, numbers: dict[str, float]) -> Trial | None:
         from gradwatch.zoo import ResidualBlock
 
-        if not any(isinstance(x, (ResidualBlock, r.Residual)) for x in m.modules()):
+        m = trial.model
+        if any(isinstance(x, (ResidualBlock, r.Residual)) for x in m.modules()):
+            r.fixup_zero_init(m, inplace=True)
+            return trial
+        batches = _peek(trial, 1)  # blocks of the user's own: found by what they compute
+        if not batches or not isinstance(batches[0], (tuple, list)) or not isinstance(batches[0][0], torch.Tensor):
             return None
-        return r.fixup_zero_init(m, inplace=True)
+        return trial if _zero_residual_branches(m, batches[0][0]) else None
 
     def rezero(m: nn.Module) -> nn.Module | None:
         before = sum(1 for _ in m.modules())
@@ -245,13 +318,11 @@ def _catalog() -> dict[str, list[Remedy]]:
         return m if sum(1 for _ in m.modules()) != before else None
 
     @torch.no_grad()
-    def identity_init(m: nn.Module) -> nn.Module | None:
-        # Deep linear nets: identity on square layers (Saxe et al. 2014); recurrent weights: orthogonal.
-        done = False
+    def identity_init(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        # Deep linear nets: identity on square layers (Saxe et al. 2014); recurrent weights: orthogonal (Le et al. 2015).
+        m, done = trial.model, False
         linear: list[nn.Linear] = [x for x in m.modules() if isinstance(x, nn.Linear)]
-        has_act = any(isinstance(x, (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.SiLU, nn.ELU))
-                      for x in m.modules())
-        if len(linear) >= 4 and not has_act:
+        if len(linear) >= 4 and _is_affine(m, _peek(trial, 1)):
             for x in linear:
                 if x.in_features == x.out_features:
                     nn.init.eye_(x.weight)
@@ -266,7 +337,7 @@ def _catalog() -> dict[str, list[Remedy]]:
                     if "weight_hh" in name:
                         nn.init.orthogonal_(w)
                 done = True
-        return m if done else None
+        return trial if done else None
 
     def orthogonal_rnn(m: nn.Module) -> nn.Module | None:
         rnns = [x for x in m.modules() if isinstance(x, nn.RNN)]
@@ -311,14 +382,14 @@ def _catalog() -> dict[str, list[Remedy]]:
         "he_init": one("he_init", "He initialisation", _model_remedy(lambda m: r.he_init(m, inplace=True))),
         "orthogonal_init": one("orthogonal_init", "orthogonal initialisation", _model_remedy(lambda m: r.orthogonal_init(m, inplace=True))),
         "smaller_init": one("smaller_init", "Xavier initialisation", _model_remedy(lambda m: r.xavier_init(m, inplace=True))),
-        "identity_init": one("identity_init", "identity/orthogonal init (linear, recurrent)", _model_remedy(identity_init)),
+        "identity_init": one("identity_init", "identity/orthogonal init (linear, recurrent)", identity_init),
         "relu": one("relu", "ReLU + He initialisation", _model_remedy(relu_he)),
         "leaky": one("leaky", "LeakyReLU + He initialisation", leaky_fn),
         "leaky_lower_lr": one("leaky_lower_lr", "LeakyReLU + He init + learning rate ×0.1", leaky_lower),
         "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", swap_overflow),
         "zero_bias": [],  # included in the He remedies
         "residual": one("residual", "residual connections", _model_remedy(lambda m: r.add_residual(m, inplace=True))),
-        "fixup": one("fixup", "Fixup (zero-init residual branches)", _model_remedy(fixup)),
+        "fixup": one("fixup", "Fixup (zero-init residual branches)", fixup),
         "rezero": one("rezero", "ReZero residual connections", _model_remedy(rezero)),
         "pre_ln": one("pre_ln", "Pre-LN (norm_first=True)", _model_remedy(pre_ln)),
         "norm": one("norm", "LayerNorm/BatchNorm before activations", _model_remedy(lambda m: r.add_norm(m, inplace=True))),
@@ -553,7 +624,7 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
                 t0 = time.perf_counter()
                 runs = []
                 for s in range(seeds):
-                    got = _run(setup, s, steps, root, f"{remedy.key}-{len(report.trials)}-{s}", remedy, numbers)
+                    got = _run(setup, s, steps, root, f"{'.'.join(remedy.parts)}-{len(report.trials)}-{s}", remedy, numbers)
                     bar.advance(task)
                     if got is not None:
                         runs.append(got)
