@@ -182,12 +182,33 @@ def test_loss_logged_after_the_step_belongs_to_that_step(store):
 
 
 def test_no_recording_under_no_grad(store):
+    """A no_grad forward (evaluation) just before a training step is not pooled into that step's statistics.
+
+    Rewritten: the old test ended no step, so it passed even when the probes ignored the grad mode. Here the
+    no_grad forward sees inputs ×50 (the Tanh saturates, its mean moves), the step's own forward plain ones;
+    the recorded act_std must be the training forward's alone, from a plain forward hook.
+    """
     model, batch, loss_fn = make_case("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    seen: list[float] = []
+    hook = model[1].register_forward_hook(lambda m, a, out: seen.append(float(out.double().std(unbiased=False))))
     with gw.watch(model, opt, activations=1, store=store, name="eval") as w:
-        with torch.no_grad():
-            model(batch(torch.Generator().manual_seed(0))[0])
+        for _ in range(3):
+            x, y = batch(g)
+            with torch.no_grad():
+                model(50 * x + 3)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    hook.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run = w.open()
-    assert "act_mean" not in run.quantities
+    rec = run.records("act_std", "activation")
+    got = {int(s): v for s, n, v in zip(rec["step"], rec["layer"], rec["value"]) if n == "1"}
+    train_stds = seen[1::2]  # the hook saw: no_grad, train, no_grad, train, …
+    assert sorted(got) == [0, 1, 2]
+    for step, std in got.items():
+        assert std == pytest.approx(train_stds[step], abs=1e-5)
+        assert seen[2 * step] > std + 0.2  # the saturated no_grad forward's spread is far larger: pooling would show
