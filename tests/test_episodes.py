@@ -146,3 +146,43 @@ def test_a_scheduler_that_warms_up_is_recorded(store):
     meta = w.open().meta
     assert meta["optimizer_lr"] == pytest.approx(1e-3) and meta["optimizer_initial_lr"] == pytest.approx(1e-2)
     assert sorted(meta["module_types"]) == ["Linear"]
+
+
+def _rescaled_run(store, name: str, before: float, after: float, at: int, steps: int = 120):
+    """An orthogonal 8-layer chain whose weights are × ``before`` until step ``at`` and × ``after`` from it on."""
+    model = _scaled_chain([before] * 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    with gw.watch(model, opt, activations=1, store=store, name=name) as w:
+        for step in range(steps):
+            if step == at:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(after / before)
+            opt.zero_grad()
+            model(torch.randn(32, 16, generator=g)).pow(2).sum().backward()
+            opt.step()
+    return w
+
+
+def test_a_vanishing_episode_that_recovered_is_reported_with_its_steps(store):
+    """Regression: a net whose first/last ratio was below 10⁻³ for the first 160 of 300 steps got "No findings".
+
+    Weights ×0.25 (ratio 0.25⁷ = 6·10⁻⁵) for steps 0–59, then ×1 (ratio 1): one episode, steps 0–59, info
+    (no loss is logged, so nothing shows damage).
+    """
+    w = _rescaled_run(store, "recovers", 0.25, 1.0, at=60)
+    s = w.open().series("out_grad_norm")
+    ratio = s.values[0] / s.values[-1]  # the reference: per step, from the stored records
+    assert (ratio[:60] < 1e-3).all() and (ratio[60:] > 0.5).all()
+    (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]  # (the ×4⁸ rescale also makes a norm spike)
+    assert f.steps == (0, 59) and "from step 0 to 59, then recovered" in f.summary
+    assert f.severity == "info" and f.remedies == ()
+    assert f.numbers["ratio"] == pytest.approx(float(np.median(ratio[:60])), rel=1e-4)
+
+
+def test_a_run_that_ends_vanishing_keeps_its_warning(store):
+    w = _rescaled_run(store, "ends-vanishing", 1.0, 0.25, at=60)
+    (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]  # (the total norm also collapses)
+    assert f.severity == "warning" and f.steps == (60, 119) and "since step 60" in f.summary
+    assert f.numbers["ratio"] == pytest.approx(0.25**7, rel=1e-4)

@@ -192,6 +192,76 @@ def real_fit(values: np.ndarray) -> bool:
     return se == 0 or abs(float(slope)) / se >= FIT_T_ABOVE
 
 
+def episodes(flags: np.ndarray, least: int) -> list[tuple[int, int]]:
+    """(first, last) indices of the runs of consecutive True flags at least ``least`` long."""
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i]:
+            j = i
+            while j + 1 < len(flags) and flags[j + 1]:
+                j += 1
+            if j - i + 1 >= least:
+                out.append((i, j))
+            i = j + 1
+        else:
+            i += 1
+    return out
+
+
+def _centred_ratio(run: Run, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, first/last ‖∂L/∂a‖ as a centred median over ``window`` samples), at the steps where it was measured."""
+    prof = _profile(run, th)
+    if prof is None:
+        return None
+    ok = np.isfinite(prof.ratio)
+    steps, ratio = prof.steps[ok], prof.ratio[ok]
+    h = th.window // 2
+    smooth = np.array([np.median(ratio[max(0, j - h): j + h + 1]) for j in range(len(ratio))])
+    return steps, smooth
+
+
+def past_depth_findings(run: Run, th: Thresholds, current: list[Finding]) -> list[Finding]:
+    """Depth episodes over the whole run that ended before its last steps: "from step a to b, then recovered".
+
+    A step belongs to a vanishing (exploding) episode when the first/last ratio, as a centred median over
+    ``window`` measured steps, is below ``vanish_below`` (above ``explode_above``); an episode lasts at least
+    ``window`` measured steps. The one that reaches the end of the run is the current finding's (its "since").
+    Each past episode is judged as a run of its own steps (its medians, its layers, its cause); it is ``info``
+    unless the run shows damage after it: a loss back at its start (severity then follows the effect), dead
+    units or stalled layers that are problems now.
+    """
+    got = _centred_ratio(run, th)
+    if got is None:
+        return []
+    steps, smooth = got
+    found = []
+    damage = [f for f in current if f.severity != "info" and f.kind in ("dead_units", "stalled")]
+    flat = flat_loss(run, th)
+    for kind, flags in (("vanishing", smooth < th.vanish_below), ("exploding", smooth > th.explode_above)):
+        eps = episodes(flags, th.window)
+        if eps and eps[-1][1] == len(steps) - 1 and any(f.kind == kind and f.layers for f in current):
+            eps = eps[:-1]  # it reaches the end: the current finding covers it
+        for i, j in eps:
+            a, b = int(steps[i]), int(steps[j])
+            view: Run = _Before(run, b + 1, start=a)  # type: ignore[assignment]
+            got_f = [f for f in depth_findings(view, replace(th, window=j - i + 1)) if f.kind == kind]
+            if not got_f:
+                continue
+            f = got_f[0]
+            after = f"then recovered (the ratio is {sci(float(smooth[-1]))} at the end)"
+            hurt = "; ".join([f"{d.kind} now in {span(d.layers)}" for d in damage]
+                             + ([f"the loss is back at its start ({sci(flat[0])} → {sci(flat[1])})"] if flat else []))
+            found.append(replace(
+                f, severity="warning" if hurt else "info", steps=(a, b),
+                summary=f.summary.split(", since step")[0] + f", from step {a} to {b}, then recovered",
+                evidence=f.evidence.rstrip(".") + f" (medians over steps {a}–{b}); {after}"
+                + (f"; it left damage: {hurt}" if hurt else " (info only)") + ".",
+                remedies=f.remedies if hurt else (),
+                numbers={**f.numbers, "episode_first": float(a), "episode_last": float(b)},
+            ))
+    return found
+
+
 def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
     prof = _profile(run, th)
     if prof is None:
@@ -612,15 +682,15 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
 
 
 class _Before:
-    """A run seen only before a given step, without the steps in ``drop``."""
+    """A run seen only before a given step (and from ``start`` on), without the steps in ``drop``."""
 
-    def __init__(self, run: Run, limit: float, drop: np.ndarray | None = None) -> None:
-        self._run, self._limit = run, limit
+    def __init__(self, run: Run, limit: float, drop: np.ndarray | None = None, start: float = -np.inf) -> None:
+        self._run, self._limit, self._start = run, limit, start
         self._drop = drop if drop is not None else np.zeros(0, dtype=np.int64)
         self.path = run.path
 
     def _keep(self, steps: np.ndarray) -> np.ndarray:
-        return (steps < self._limit) & ~np.isin(steps, self._drop)
+        return (steps >= self._start) & (steps < self._limit) & ~np.isin(steps, self._drop)
 
     @property
     def quantities(self) -> list[str]:
@@ -851,6 +921,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += spike_findings(view, th) + fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
     found += activation_findings(view, th) + skipped
     found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+    found += past_depth_findings(view, th, found)
     found = _fit_architecture(_by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
