@@ -332,3 +332,50 @@ def test_the_nonsaturating_loss_applies_to_any_trial_that_says_it_is_a_gan():
     assert _one("nonsaturating").apply(mine, {}) is mine and mine.nonsaturating is True
     plain = Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), iter(()), nn.functional.mse_loss)
     assert _one("nonsaturating").apply(plain, {}) is None
+
+
+class _ResidualMLP(nn.Module):
+    """30 residual blocks of the user's own class, He init, no normalisation: explodes (Zhang et al. 2019)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 32), nn.Linear(32, 2)
+        self.blocks = nn.Sequential(*[_Wide() for _ in range(30)])
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+                nn.init.zeros_(mod.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class _Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def _residual_mlp(seed: int) -> Trial:
+    g = torch.Generator().manual_seed(99)
+    x = torch.randn(512, 8, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    torch.manual_seed(seed)
+    model = _ResidualMLP()
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.01), _batches(x, y, 64, seed),
+                 nn.functional.cross_entropy)
+
+
+@pytest.mark.slow
+def test_doctor_repairs_a_users_exploding_residual_mlp_with_fixup():
+    steps = 150
+    report = gw.doctor(_residual_mlp, steps=steps, seeds=3, progress=False)
+    assert {"exploding"} <= set(report.baseline.findings), str(report)
+    assert report.best is not None and report.best.label.startswith("Fixup"), str(report)
+    for seed in range(3):  # the reference: each seed's own curve, in a plain loop
+        trial = _one("fixup").apply(_residual_mlp(seed), {})
+        curve = [float(trial.step()) for _ in range(steps)]
+        assert sum(curve[-15:]) / 15 <= 0.5 * curve[0]
