@@ -5,12 +5,27 @@ is one) returning a fresh model, its optimizer, a batch iterator and a loss,
 so that every trial starts from the same seed. The doctor
 
 1. trains the baseline under a watch and diagnoses it;
-2. picks the remedies that the findings' causes name (not all of them);
+2. picks the remedies that the findings' causes name (not all of them): each
+   finding carries remedy keys (``Finding.remedy_keys``), and each key brings
+   the catalogue entries that act on that cause (``_EXPANDS``); NaN from step 0
+   (the forward pass overflows) gets no learning-rate or clipping remedies;
 3. applies each to a fresh trial and trains it for the same steps and seeds,
    under a watch;
 4. compares final loss (mean of the last 10 % of steps), area under the loss
    curve, held-out score where the setup has one, and whether the findings
-   are gone — and says which remedy fixed it, or that none did.
+   are gone — and says which remedy fixed it, or that none did. "fixes it"
+   needs the targeted findings gone, a finite loss and real learning (a better
+   held-out score, or a final loss at most half the trial's own first finite
+   loss and no higher than the baseline's first);
+5. iterative repair: a remedy that removed some targeted findings but not all
+   is combined with the next remedy a remaining finding names, for at most
+   :data:`MAX_ROUNDS` rounds (the table's ``round`` column), same seeds and steps,
+   within ``budget_s``.
+
+A remedy may add to the trial at run time: warm-up leaves its
+``torch.optim.lr_scheduler.LinearLR`` as ``trial.scheduler`` (stepped by an
+optimizer step post-hook); the non-saturating loss acts on any trial with a
+boolean ``nonsaturating`` attribute.
 """
 
 from __future__ import annotations
