@@ -379,3 +379,28 @@ def test_doctor_repairs_a_users_exploding_residual_mlp_with_fixup():
         trial = _one("fixup").apply(_residual_mlp(seed), {})
         curve = [float(trial.step()) for _ in range(steps)]
         assert sum(curve[-15:]) / 15 <= 0.5 * curve[0]
+
+
+def _raw_pixels(seed: int) -> Trial:
+    """tanh on raw pixel values 0–255 (issue 12: "no remedy helped"): saturated from step 0."""
+    g = torch.Generator().manual_seed(99)
+    x = torch.randint(0, 256, (1024, 64), generator=g).float()
+    y = (((x - 127.5) / 74) @ torch.randn(64, generator=g) > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(x, y, 64, seed),
+                 nn.functional.cross_entropy)
+
+
+@pytest.mark.slow
+def test_doctor_repairs_saturation_from_raw_inputs_by_standardising_them():
+    steps = 200
+    report = gw.doctor(_raw_pixels, steps=steps, seeds=3, progress=False)
+    assert "saturation" in report.baseline.findings, str(report)
+    rows = {t.label: t for t in report.trials}
+    assert rows["input standardisation"].verdict == "fixes it", str(report)
+    assert rows["input standardisation"].findings == [], str(report)
+    for seed in range(3):  # the reference: each seed's own curve, in a plain loop
+        trial = _one("standardise_inputs").apply(_raw_pixels(seed), {})
+        curve = [float(trial.step()) for _ in range(steps)]
+        assert sum(curve[-20:]) / 20 <= 0.5 * curve[0]
