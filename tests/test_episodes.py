@@ -186,3 +186,31 @@ def test_a_run_that_ends_vanishing_keeps_its_warning(store):
     (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]  # (the total norm also collapses)
     assert f.severity == "warning" and f.steps == (60, 119) and "since step 60" in f.summary
     assert f.numbers["ratio"] == pytest.approx(0.25**7, rel=1e-4)
+
+
+def test_a_ramp_into_divergence_gets_its_onset_and_peak(store):
+    """Regression (VGG-16): a gradual ramp raised the "10× the last 20 steps" baseline with it; the finding said
+    "from step 221" for a ramp that began ~100 steps earlier, and the peak was not among the listed steps.
+
+    lr 0 and the loss × 1.15^(step − 100) from step 100 to 130, × 1 after: every gradient scales exactly with the
+    factor, so the ramp's onset is step 100 and its peak step 130 by construction.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    totals = []
+    with gw.watch(model, opt, store=store, name="ramp") as w:
+        for step in range(160):
+            factor = 1.15 ** (step - 100) if 100 <= step <= 130 else 1.0
+            opt.zero_grad()
+            loss = factor * model(torch.randn(16, 4, generator=g)).pow(2).mean()
+            loss.backward()
+            totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            opt.step()
+            w.log(loss=loss.detach())
+    (f,) = w.diagnose().of("exploding")
+    assert abs(f.numbers["onset"] - 100) <= 5 and abs(f.steps[0] - 100) <= 5
+    assert f.numbers["peak_step"] == int(np.argmax(totals)) == 130  # the reference: a naive loop over param.grad
+    assert f.numbers["peak"] == pytest.approx(max(totals), rel=1e-5)
+    assert "peak at step 130" in f.summary and "while the loss did not fall" in f.evidence

@@ -347,7 +347,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         return []
     steps, total = got
     finite = np.isfinite(total)
-    spikes, over = [], []
+    spikes, over, high = [], [], []
     start = total[: th.spike_after][finite[: th.spike_after]]
     initial = float(start.max()) if len(start) else math.inf
     for j in range(len(total)):
@@ -355,19 +355,25 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
             continue
         prev = total[:j]
         prev = prev[np.isfinite(prev)]
-        if (len(prev) >= th.spike_after and total[j] > initial
-                and total[j] > th.spike_above * np.median(prev)
-                and total[j] > th.spike_above * np.median(prev[-th.spike_window:])):
-            spikes.append(j)
+        if len(prev) >= th.spike_after and total[j] > initial and total[j] > th.spike_above * np.median(prev):
+            high.append(j)
+            if total[j] > th.spike_above * np.median(prev[-th.spike_window:]):
+                spikes.append(j)
         if total[j] > th.grad_norm_above:
             over.append(j)
-    if not spikes and not over:
+    ramps = _ramps(run, steps, total, high, spikes, th)
+    if not spikes and not over and not ramps:
         return []
-    hit = sorted(set(spikes) | set(over))
+    ramp_steps = sorted({j for a, b, _ in ramps for j in range(a, b + 1) if finite[j]})
+    hit = sorted(set(spikes) | set(over) | set(ramp_steps))
     calm_idx = [j for j in range(len(total)) if finite[j] and j not in set(hit)]
     median = float(np.median(total[finite])) if finite.any() else math.nan
     clip = float(np.median(total[calm_idx])) if calm_idx else math.nan
     parts = []
+    for a, b, p in ramps:
+        parts.append(f"a ramp: the total norm left the calm steps' level at step {int(steps[a])} (against their "
+                     f"median and MAD) and rose to a peak of {sci(float(total[p]))} at step {int(steps[p])}, "
+                     f"while the loss did not fall")
     if spikes:
         shown = ", ".join(str(int(steps[j])) for j in spikes[:5]) + (" …" if len(spikes) > 5 else "")
         parts.append(f"{len(spikes)} spike{'s' if len(spikes) > 1 else ''} above {th.spike_above:g}× the median "
@@ -382,8 +388,10 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         fixes = clipping + remedies("lower_lr", "norm")
     else:  # not one calm step: the scale itself is wrong
         fixes = remedies("orthogonal_init", "clip_norm", "norm", "lower_lr")
+    peak_step = int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
     summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
-               if spikes else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
+               + (f", peak at step {peak_step}" if ramps else "")
+               if spikes or ramps else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
                f"(median {sci(median)})")
     severity = "critical" if over else "warning"
     recovered = "" if over else _recovered(run, total, clip, th)
@@ -397,9 +405,72 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         "unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_idx
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",
         fixes,
-        {"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)), "over_bound": float(len(over))},
+        {"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)), "over_bound": float(len(over)),
+         "peak_step": float(peak_step), **({"onset": float(steps[ramps[0][0]])} if ramps else {})},
         (f"grad_norm (every layer, {_steps_text(int(steps[0]), int(steps[-1]))}), total = √Σ layer²",),
     )]
+
+
+RAMP_Z_ABOVE = 3.5  # a step above the calm steps by this many robust standard deviations (1.4826 MAD) is off-calm
+
+
+def _ramps(run: Run, steps: np.ndarray, total: np.ndarray, high: list[int], spikes: list[int],
+           th: Thresholds) -> list[tuple[int, int, int]]:
+    """Ramps into divergence: (onset, end, peak) indices of each stretch of steps above ``spike_above`` × the median
+    of all steps before them that no single-step spike explains.
+
+    A gradual ramp drags a recent-window baseline up with it, so its onset is found against the calm phase
+    instead: the median and MAD of the steps before the stretch; the onset is the first step of the unbroken
+    run of steps above it by a robust z-score of ``RAMP_Z_ABOVE``, found twice (the second time against the steps
+    before the first onset). It counts only while the logged loss does not fall across it (median over the
+    ``window`` steps up to the peak against the ``window`` before the onset): a net whose gradient grows while it
+    learns (zero-initialised residual branches) is not diverging. Without a logged loss nothing confirms a ramp.
+    """
+    if not high or "loss" not in run.quantities:
+        return []
+    ls = run.series("loss", "run")
+    loss = dict(zip(ls.steps.tolist(), ls.values[0].tolist()))
+    finite = np.isfinite(total)
+    out: list[tuple[int, int, int]] = []
+    stretches: list[tuple[int, int]] = []
+    for i, j in episodes(np.isin(np.arange(len(total)), high), 1):
+        if stretches and i - stretches[-1][1] - 1 <= th.window:  # a few noisy steps back below: the same ramp
+            stretches[-1] = (stretches[-1][0], j)
+        else:
+            stretches.append((i, j))
+    for i, j in stretches:
+        if any(i <= k <= j for k in spikes) and j - i < th.window:
+            continue  # a spike: the spike test has it
+        onset = i
+        for _ in range(2):
+            calm = total[: onset][finite[: onset]]
+            if len(calm) < th.spike_after:
+                break
+            med = float(np.median(calm))
+            mad = 1.4826 * float(np.median(np.abs(calm - med))) or 1e-12 * max(med, 1e-30)
+            k = i
+            while k > 0 and finite[k - 1] and (total[k - 1] - med) / mad > RAMP_Z_ABOVE:
+                k -= 1
+            onset = k
+        peak = onset + int(np.argmax(np.where(finite[onset: j + 1], total[onset: j + 1], -np.inf)))
+        calm = total[: onset][finite[: onset]]
+        idx = np.array([x for x in range(onset, peak + 1) if finite[x] and total[x] > 0])
+        if len(idx) >= 3 and len(calm) and np.median(calm) > 0:
+            # The first steps of a ramp hide in the calm steps' noise: extend its log-linear trend back to
+            # where it leaves the calm level (an exponential ramp from a clean start gives that start).
+            slope, icpt = np.polyfit(idx, np.log(total[idx]), 1)
+            if slope > 0:
+                x0 = (math.log(float(np.median(calm))) - icpt) / slope
+                onset = int(min(onset, max(0, math.ceil(x0 - 1e-9))))
+        before = [loss.get(int(x), math.nan) for x in steps[max(0, onset - th.window): onset]]
+        at = [loss.get(int(x), math.nan) for x in steps[max(onset, peak - th.window + 1): peak + 1]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no loss logged at those steps: NaN
+            before_m = float(np.nanmedian(before)) if before else math.nan
+            at_m = float(np.nanmedian(at)) if at else math.nan
+        if math.isfinite(before_m) and math.isfinite(at_m) and at_m >= before_m:
+            out.append((onset, j, peak))
+    return out
 
 
 def _recovered(run: Run, total: np.ndarray, calm: float, th: Thresholds) -> str:
