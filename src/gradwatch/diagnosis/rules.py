@@ -239,8 +239,8 @@ def past_depth_findings(run: Run, th: Thresholds, current: list[Finding]) -> lis
     flat = flat_loss(run, th)
     for kind, flags in (("vanishing", smooth < th.vanish_below), ("exploding", smooth > th.explode_above)):
         eps = episodes(flags, th.window)
-        if eps and eps[-1][1] == len(steps) - 1 and any(f.kind == kind and f.layers for f in current):
-            eps = eps[:-1]  # it reaches the end: the current finding covers it
+        if any(f.kind == kind and f.layers for f in current):
+            continue  # it holds now: the current finding covers the run (earlier episodes are noted in it)
         for i, j in eps:
             a, b = int(steps[i]), int(steps[j])
             view: Run = _Before(run, b + 1, start=a)  # type: ignore[assignment]
@@ -260,6 +260,25 @@ def past_depth_findings(run: Run, th: Thresholds, current: list[Finding]) -> lis
                 numbers={**f.numbers, "episode_first": float(a), "episode_last": float(b)},
             ))
     return found
+
+
+def _earlier_episodes(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A depth finding that holds now notes the earlier episodes of its kind (steps where the ratio was beyond
+    its cut before the final stretch), so one finding covers the whole run."""
+    got = _centred_ratio(run, th)
+    if got is None:
+        return found
+    steps, smooth = got
+    out = []
+    for f in found:
+        if f.layers and f.kind in ("vanishing", "exploding") and f.sources and f.sources[0].startswith(("out_grad_norm", "grad_norm")):
+            flags = smooth < th.vanish_below if f.kind == "vanishing" else smooth > th.explode_above
+            before = [(int(steps[i]), int(steps[j])) for i, j in episodes(flags, th.window) if int(steps[j]) < f.steps[0]]
+            if before:
+                text = ", ".join(_steps_text(a, b) for a, b in before)
+                f = replace(f, evidence=f.evidence.rstrip(".") + f"; earlier, also beyond the cut at {text}.")
+        out.append(f)
+    return out
 
 
 def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
@@ -992,7 +1011,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += spike_findings(view, th) + fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
     found += activation_findings(view, th) + skipped
     found += stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
-    found += past_depth_findings(view, th, found)
+    found = _earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found = _fit_architecture(_by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
