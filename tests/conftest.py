@@ -34,6 +34,25 @@ class ZooRuns:
         return self._runs[key]
 
 
+def watched_classifier(model, opt, x, y, steps, store, name, seed=0):
+    """Train ``model`` on random batches of 64 from (x, y) with cross-entropy under a watch (activations every
+    step), logging the loss; (the closed watch, the per-step losses)."""
+    import gradwatch as gw
+
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    with gw.watch(model, opt, activations=1, store=store, name=name) as w:
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+            losses.append(float(loss))
+    return w, losses
+
+
 @pytest.fixture(scope="session")
 def zoo_runs(tmp_path_factory):
     return ZooRuns(tmp_path_factory.mktemp("zoo"))

@@ -12,7 +12,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch import zoo
 
-from conftest import SEEDS
+from conftest import SEEDS, watched_classifier
 
 STEPS = 300
 
@@ -167,17 +167,7 @@ def test_saturation_is_info_where_the_skip_path_carries_the_gradient(store):
         for b in blocks[-4:]:
             b.lin.weight.mul_(6.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    with gw.watch(model, opt, activations=1, store=store, name="residual-tanh") as w:
-        for _ in range(150):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            w.log(loss=loss.detach())
-            losses.append(float(loss))
+    w, losses = watched_classifier(model, opt, x, y, 150, store, "residual-tanh")
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])  # it trains
     (f,) = w.diagnose().of("saturation")
     assert f.layers[0] == "9.act" and f.layers[-1] == "12.act"

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import gradwatch as gw
+
+from conftest import watched_classifier
 from gradwatch.diagnosis.rules import real_fit
 
 
@@ -63,17 +65,7 @@ def test_a_pathology_with_a_flat_loss_is_critical(store):
     x = torch.randn(512, 16)
     y = (x[:, 0] > 0).long()  # learnable by a shallow net; this one does not get there
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    with gw.watch(model, opt, activations=1, store=store, name="flat-sigmoid") as w:
-        for _ in range(150):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            w.log(loss=loss.detach())
-            losses.append(float(loss))
+    w, losses = watched_classifier(model, opt, x, y, 150, store, "flat-sigmoid")
     first, final = float(np.median(losses[:10])), float(np.median(losses[-20:]))
     assert final > 0.9 * first  # the reference: the loss is flat at its start
     (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]
@@ -110,17 +102,7 @@ def test_a_vit_at_a_high_adam_lr_without_warmup_is_a_learning_rate_problem(store
     x, y, _, _ = zoo.digits()
     model = _TinyViT()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    with gw.watch(model, opt, activations=1, store=store, name="vit") as w:
-        for _ in range(120):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            w.log(loss=loss.detach())
-            losses.append(float(loss))
+    w, losses = watched_classifier(model, opt, x, y, 120, store, "vit")
     assert np.median(losses[-20:]) > 0.9 * np.median(losses[:10])  # the reference: it does not learn
     run = w.open()
     assert run.meta["optimizer"] == "Adam" and run.meta["optimizer_lr"] == 1e-2
