@@ -24,12 +24,16 @@ $(TESTSTAMP): $(STAMP) pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/gradwatch demo
 
+# Two pytest-xdist workers; each test file runs whole on one worker, so the zoo runs its tests share are trained once there.
+WORKERS ?= 2
+PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+
 test: $(TESTSTAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The zoo's claims again under the portable (non-vectorised) CPU kernels, which round like another CPU.
 test-portable: $(TESTSTAMP)
-	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -m zoo
+	ATEN_CPU_CAPABILITY=default $(PYTEST) -m zoo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

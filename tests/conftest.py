@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs 2 workers) each worker gets its share of the cores for torch's threads."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import numpy as np
@@ -12,6 +13,12 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.schedules import every
+
+
+def _id(case: object, most: int | None = None) -> str:
+    """A test id that is the same in every process (no object addresses), so pytest-xdist workers agree."""
+    text = re.sub(r" at 0x[0-9a-f]+", "", repr(case) if most else str(case))
+    return text[:most] if most else text
 
 
 def _no_hooks(model: nn.Module) -> bool:
@@ -87,7 +94,7 @@ def nothing_left(store):
     assert _threads() == threads and _files(store) == []
 
 
-@pytest.mark.parametrize("kwargs,error,message", BAD, ids=[str(b[0]) for b in BAD])
+@pytest.mark.parametrize("kwargs,error,message", BAD, ids=[_id(b[0]) for b in BAD])
 def test_bad_arguments(model, store, kwargs, error, message, nothing_left):
     kwargs = {"model": model, "store": store, **kwargs}
     target = kwargs["model"]
@@ -157,7 +164,7 @@ LOG_BAD = [
 ]
 
 
-@pytest.mark.parametrize("scalars,error,message", LOG_BAD, ids=[repr(b[0])[:30] for b in LOG_BAD])
+@pytest.mark.parametrize("scalars,error,message", LOG_BAD, ids=[_id(b[0], 30) for b in LOG_BAD])
 def test_log_bad_scalars(model, store, scalars, error, message):
     with gw.watch(model, store=store, name="logbad") as w:
         with pytest.raises(error, match=message):
@@ -213,7 +220,7 @@ THRESHOLDS_BAD = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,error,message", THRESHOLDS_BAD, ids=[str(b[0]) for b in THRESHOLDS_BAD])
+@pytest.mark.parametrize("kwargs,error,message", THRESHOLDS_BAD, ids=[_id(b[0]) for b in THRESHOLDS_BAD])
 def test_bad_thresholds(kwargs, error, message):
     with pytest.raises(error, match=message):
         gw.Thresholds(**kwargs)
@@ -286,7 +293,7 @@ CALLBACK_BAD = [
 
 
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
-@pytest.mark.parametrize("kwargs,error,message", CALLBACK_BAD, ids=[str(b[0]) for b in CALLBACK_BAD])
+@pytest.mark.parametrize("kwargs,error,message", CALLBACK_BAD, ids=[_id(b[0]) for b in CALLBACK_BAD])
 def test_callback_bad_arguments(framework, kwargs, error, message, store, nothing_left):
     module = {"lightning": "gradwatch.integrations.lightning", "hf": "gradwatch.integrations.hf"}[framework]
     callback = pytest.importorskip(module).GradwatchCallback
