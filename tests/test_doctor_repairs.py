@@ -5,7 +5,6 @@ Every set-up is built here; every remedy is checked on a model built for it, aga
 
 from __future__ import annotations
 
-import importlib
 import math
 import pickle
 from types import SimpleNamespace
@@ -18,10 +17,9 @@ import gradwatch as gw
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import Finding
 from gradwatch.diagnosis.remedies import REMEDIES, key_of, remedies
+from gradwatch.doctor import catalogue, table, trial_run, verdicts  # the package; gw.doctor is the function
 from gradwatch.remedies import Residual
 from gradwatch.zoo import Trial
-
-doctor_mod = importlib.import_module("gradwatch.doctor")  # the module; gw.doctor is the function
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int):
@@ -56,9 +54,9 @@ def _curve_of(make, remedy, steps: int) -> list[float]:
 
 
 def test_a_remedy_that_removes_the_finding_but_does_not_learn_is_not_a_fix(monkeypatch):
-    frozen = doctor_mod.Remedy("lower_lr", "learning rate ×1e-9", lambda t, n: gw.remedies.scale_lr(t.optimizer, 1e-9) and t)
-    good = doctor_mod.Remedy("lower_lr", "learning rate ×0.01", lambda t, n: gw.remedies.scale_lr(t.optimizer, 0.01) and t)
-    monkeypatch.setattr(doctor_mod, "_catalog", lambda: {"lower_lr": [frozen, good]})
+    frozen = catalogue.Remedy("lower_lr", "learning rate ×1e-9", lambda t, n: gw.remedies.scale_lr(t.optimizer, 1e-9) and t)
+    good = catalogue.Remedy("lower_lr", "learning rate ×0.01", lambda t, n: gw.remedies.scale_lr(t.optimizer, 0.01) and t)
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"lower_lr": [frozen, good]})
     steps = 80
     report = gw.doctor(_regression, steps=steps, progress=False)
     assert "nonfinite" in report.baseline.verdict, str(report)
@@ -81,12 +79,12 @@ def test_inf_to_1e10_is_never_a_fix():
     """The bug: "gradient-norm clipping: final loss inf → 2.3·10¹⁰" was judged "fixes it"."""
     base_curve = [2.3, 40.0, 1e8, math.inf, math.nan]
     trial_curve = [2.3e12] + [2.3e10] * 49  # halves its own first loss, and ends 10¹⁰ above where the set-up starts
-    b, t = doctor_mod._curve(base_curve), doctor_mod._curve(trial_curve)
+    b, t = verdicts.curve(base_curve), verdicts.curve(trial_curve)
     assert t[3] and t[0] == 2.3e12 and t[1] == pytest.approx(2.3e10)
-    base = doctor_mod.TrialResult("baseline", b[1], b[2], math.nan, ["nonfinite"], 0.0, first_loss=b[0], learned=b[3])
-    trial = doctor_mod.TrialResult("clip", t[1], t[2], math.nan, [], 0.0, first_loss=t[0], learned=t[3])
+    base = table.TrialResult("baseline", b[1], b[2], math.nan, ["nonfinite"], 0.0, first_loss=b[0], learned=b[3])
+    trial = table.TrialResult("clip", t[1], t[2], math.nan, [], 0.0, first_loss=t[0], learned=t[3])
     assert base.final_loss == math.inf and base.first_loss == 2.3
-    assert doctor_mod._verdict(base, trial, {"nonfinite"}) != "fixes it"
+    assert verdicts.verdict(base, trial, {"nonfinite"}) != "fixes it"
 
 
 # --- 2. remedies addressed by key ----------------------------------------------------------------------
@@ -108,7 +106,7 @@ def test_findings_carry_remedy_keys_and_keep_their_text():
 
 
 def _one(key: str):
-    (remedy,) = doctor_mod._catalog()[key][:1]
+    (remedy,) = catalogue.catalog()[key][:1]
     return remedy
 
 
@@ -153,8 +151,8 @@ def test_activation_swap_for_forward_overflow_and_no_learning_rate_remedies_at_s
         assert torch.isfinite(trial.model(x)).all()
     at_step0 = Diagnosis([_finding("nonfinite", "lower_lr", "clip_norm", "check_data", steps=(0, 40))])
     later = Diagnosis([_finding("nonfinite", "lower_lr", "clip_norm", "check_data", steps=(12, 40))])
-    assert doctor_mod._keys(at_step0) == ["standardise_inputs", "swap_overflow"]
-    assert {"lower_lr", "warmup", "clip_norm", "clip_lower_lr"} <= set(doctor_mod._keys(later))
+    assert catalogue.candidate_keys(at_step0) == ["standardise_inputs", "swap_overflow"]
+    assert {"lower_lr", "warmup", "clip_norm", "clip_lower_lr"} <= set(catalogue.candidate_keys(later))
 
 
 def test_warmup_follows_linear_lr():
@@ -186,7 +184,7 @@ def test_pre_ln_conversion_matches_a_norm_first_layer():
 
 
 def test_dead_units_get_a_lower_learning_rate_and_leaky_with_it():
-    keys = doctor_mod._keys(Diagnosis([_finding("dead_units", "leaky", "zero_bias", "he_init", "lower_lr")]))
+    keys = catalogue.candidate_keys(Diagnosis([_finding("dead_units", "leaky", "zero_bias", "he_init", "lower_lr")]))
     assert {"leaky", "leaky_lower_lr", "lower_lr"} <= set(keys)
     trial = _trial(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)), torch.randn(64, 4), torch.randn(64, 1))
     trial = _one("leaky_lower_lr").apply(trial, {})
@@ -263,10 +261,10 @@ def test_identity_init_for_deep_linear_and_recurrent_nets():
 
 def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
     """A removes the vanishing, B the exploding, C the saturation; only all three together learn."""
-    flag = lambda name: doctor_mod.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
-    monkeypatch.setattr(doctor_mod, "_catalog", lambda: {"relu": [flag("relu")], "clip_norm": [flag("clip_norm")],
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"relu": [flag("relu")], "clip_norm": [flag("clip_norm")],
                                                          "smaller_init": [flag("smaller_init")]})
-    monkeypatch.setattr(doctor_mod, "_EXPANDS", {})
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
     findings = {"relu": "vanishing", "clip_norm": "exploding", "smaller_init": "saturation"}
 
     def run(make, seed, steps, store, name, remedy, numbers):
@@ -278,7 +276,7 @@ def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
         diag = Diagnosis([_finding(kind, key) for key, kind in findings.items() if kind in left])
         return curve, math.nan, left, diag
 
-    monkeypatch.setattr(doctor_mod, "_run", run)
+    monkeypatch.setattr(trial_run, "run_trial", run)
     report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
     rounds = [t.rounds for t in report.trials]
     assert rounds[:3] == [1, 1, 1] and max(rounds) == 3, str(report)

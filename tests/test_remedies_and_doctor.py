@@ -125,12 +125,10 @@ def test_doctor_finds_the_misconfigured_parameter_group():
 
 
 def test_doctor_says_when_no_remedy_helped(monkeypatch):
-    import importlib
+    from gradwatch.doctor import catalogue  # the package; gw.doctor is the function
 
-    doctor_mod = importlib.import_module("gradwatch.doctor")  # the module; gw.doctor is the function
-
-    idle = doctor_mod.Remedy("he_init", "does nothing", lambda trial, numbers: trial)
-    monkeypatch.setattr(doctor_mod, "_catalog", lambda: {k: [idle] for k in ("orthogonal_init", "he_init", "residual", "norm")})
+    idle = catalogue.Remedy("he_init", "does nothing", lambda trial, numbers: trial)
+    monkeypatch.setattr(catalogue, "catalog", lambda: {k: [idle] for k in ("orthogonal_init", "he_init", "residual", "norm")})
     report = gw.doctor(zoo.get("deep_tanh_mlp"), steps=60, progress=False)
     assert report.message == "no remedy helped" and report.best is None
     assert {t.verdict for t in report.trials} == {"no change"}

@@ -7,9 +7,10 @@ from gradwatch.check import CheckReport, check  # noqa: E402
 from gradwatch.diagnosis import Diagnosis, Finding, Thresholds, diagnose  # noqa: E402
 from gradwatch.doctor import DoctorReport, doctor  # noqa: E402
 from gradwatch.store import Entity, Run, Series, open_run  # noqa: E402
+from gradwatch.trial import Trial  # noqa: E402
 from gradwatch.watch import Watch, watch  # noqa: E402
 
 __all__ = [
-    "CheckReport", "Diagnosis", "DoctorReport", "Entity", "Finding", "GradwatchWarning", "NotARunError", "Run", "Series", "Thresholds", "Watch",
+    "CheckReport", "Diagnosis", "DoctorReport", "Entity", "Finding", "GradwatchWarning", "NotARunError", "Run", "Series", "Thresholds", "Trial", "Watch",
     "__version__", "check", "diagnose", "doctor", "open_run", "watch",
 ]

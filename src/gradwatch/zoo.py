@@ -10,48 +10,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-Batch = tuple[Tensor, Tensor]
+from gradwatch.trial import Batch, Setup, Trial
+
 M = TypeVar("M", bound=nn.Module)
-
-
-@dataclass
-class Trial:
-    """One seeded instance of a set-up, ready to train."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    batches: Iterator[Batch]
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
-    evaluate: Callable[[nn.Module], float] | None = None  # held-out accuracy, if the task has one
-
-    def step(self) -> Tensor:
-        """One training step on the next batch; returns the (detached) loss."""
-        x, y = next(self.batches)
-        loss = self.loss_fn(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
-
-
-@dataclass(frozen=True)
-class Setup:
-    """A named recipe for a :class:`Trial`; ``expect`` is the pathology it shows (None: healthy)."""
-
-    name: str
-    description: str
-    expect: str | None
-    make: Callable[[int], Trial]
-
-    def __call__(self, seed: int = 0) -> Trial:
-        return self.make(seed)
 
 
 @functools.lru_cache(maxsize=1)

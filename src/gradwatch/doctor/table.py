@@ -1,0 +1,58 @@
+"""The doctor's table: one row per remedy tried (or the baseline), and the report that prints them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gradwatch.diagnosis import Diagnosis
+
+MAX_ROUNDS = 3  # iterative repair: at most this many remedies combined
+
+
+@dataclass
+class TrialResult:
+    """One remedy (or the baseline), averaged over seeds."""
+
+    label: str
+    final_loss: float
+    auc: float
+    score: float  # held-out score (higher is better), NaN when the setup has none
+    findings: list[str]  # finding kinds left after the fix (union over seeds)
+    seconds: float
+    verdict: str = ""
+    first_loss: float = math.nan  # the run's first finite loss (mean over seeds; inf when none was finite)
+    learned: bool = False  # every seed's final loss is at most half its own first finite loss
+    rounds: int = 1  # remedies combined (iterative repair: at most 3)
+    parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it
+
+
+@dataclass
+class DoctorReport:
+    """The doctor's table; ``best`` is the remedy it recommends, with its evidence (None: nothing to recommend)."""
+
+    baseline: TrialResult
+    diagnosis: Diagnosis
+    trials: list[TrialResult] = field(default_factory=list)
+    best: TrialResult | None = None
+    message: str = ""
+    steps: int = 0
+    seeds: int = 1
+
+    def __str__(self) -> str:
+        head = f"gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: {self.message}"
+        lines = [head, ""]
+        rows = [self.baseline] + self.trials
+        has_score = any(math.isfinite(r.score) for r in rows)
+        lines.append(f"{'remedy':<40} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
+                     + (f" {'score':>7}" if has_score else "") + f" {'findings left':<28} {'time':>6}  verdict")
+        for r in rows:
+            lines.append(f"{r.label[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
+                         f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
+                         + (f" {r.score:>7.3f}" if has_score else "")
+                         + f" {(', '.join(r.findings) or 'none')[:28]:<28} {r.seconds:>5.1f}s  {r.verdict}")
+        if any(r.rounds > 1 for r in self.trials):
+            lines.append("")
+            lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds)")
+        return "\n".join(lines)
+

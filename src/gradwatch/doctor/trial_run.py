@@ -1,0 +1,52 @@
+"""One trial under a watch: a set-up at one seed, with or without a remedy, trained for a number of steps.
+
+:func:`run_trial` is the unit of work of the doctor's table. Its arguments
+and its result are plain data (the set-up and the remedy excepted: they are
+the caller's callables), so that trials can run in any order, in this
+process or in another.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+from torch import nn
+
+from gradwatch.diagnosis import Diagnosis
+from gradwatch.doctor.catalogue import Remedy
+from gradwatch.trial import SetupFn
+from gradwatch.watch import watch
+
+
+class TrialRun(NamedTuple):
+    """What one trial measured."""
+
+    losses: list[float]  # the loss at every step
+    score: float  # held-out score after training (higher is better); NaN when the set-up has none
+    findings: list[str]  # the kinds of the diagnosis's problems
+    diagnosis: Diagnosis
+
+
+def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
+              numbers: dict[str, float]) -> TrialRun | None:
+    """Train ``setup(seed)`` (with ``remedy`` applied) under a watch stored as ``store/name``; None when the remedy
+    does not apply to this set-up. ``numbers`` are the findings' numbers the remedy may use (e.g. ``clip_at``)."""
+    trial = setup(seed)
+    if remedy is not None:
+        applied = remedy.apply(trial, {**numbers, "doctor_steps": float(steps)})
+        if applied is None:
+            return None
+        trial = applied
+    # fused nn.RNN/GRU/LSTM: re-run unrolled; otherwise the watch's default finds cells called in a Python loop
+    temporal: bool | str = True if any(isinstance(m, nn.RNNBase) for m in trial.model.modules()) else "auto"
+    losses: list[float] = []
+    with watch(trial.model, trial.optimizer, store=store, name=name, overwrite=True, temporal=temporal) as w:
+        for _ in range(steps):
+            loss = trial.step()
+            w.log(loss=loss)
+            losses.append(float(loss))
+    score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
+    diagnosis = w.diagnose()
+    return TrialRun(losses, score, [f.kind for f in diagnosis.problems], diagnosis)

@@ -1,0 +1,100 @@
+"""The set-up protocol the doctor trains: a *set-up* is a callable ``seed -> Trial``.
+
+A set-up builds a fresh :class:`Trial` (model, optimizer, batches, loss) from a
+seed, so that every trial of it starts identical: the doctor calls it once for
+the baseline and once for each remedy, with the same seeds. The zoo's set-ups
+are one source; any function of your own is another::
+
+    def my_setup(seed: int) -> gw.Trial:
+        torch.manual_seed(seed)
+        model = ...
+        return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), my_batches(seed), loss_fn)
+
+    gw.doctor(my_setup, steps=200)
+
+What remedies act on. Remedies that change the model or the optimizer need
+nothing more than the four fields. Remedies that change the inputs, the
+learning-rate schedule or the loss read what the trial says about itself:
+
+- **inputs** — ``batches`` yields ``(inputs, targets)`` with the batch first,
+  and ``model(inputs)`` is the forward pass. Input standardisation fits its
+  statistics on the next batches, and the overflow, Fixup and deep-linear
+  checks run the model on one; they read them with :func:`peek`, which puts
+  them back, so training sees the very same batches.
+- **schedule** — ``scheduler``: the trial's learning-rate scheduler, stepped
+  after every optimizer step by an optimizer step post-hook (so a ``step()``
+  of your own needs no change). The warm-up remedy leaves its ``LinearLR`` here.
+- **loss** — a GAN says so with a boolean attribute ``nonsaturating`` that its
+  own ``step()`` reads: ``False`` trains the generator on Goodfellow et al.
+  (2014)'s minimax loss log(1 − D(G(z))), ``True`` on the non-saturating
+  −log D(G(z)). The non-saturating remedy sets it to ``True``; a trial without
+  the attribute is not a GAN and the remedy does not apply
+  (``gradwatch.zoo.GANTrial`` is one such trial).
+- **score** — ``evaluate(model) -> float``, a held-out score (higher is
+  better): the doctor's verdict prefers it to the training loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Trial:
+    """One seeded instance of a set-up, ready to train; ``step()`` trains it on the next batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[Batch]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    evaluate: Callable[[nn.Module], float] | None = None  # held-out score (higher is better), if the task has one
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every optimizer step
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None:  # a post-hook, so that a subclass's own step() runs it too
+            scheduler = self.scheduler
+            self.optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
+
+    def step(self) -> Tensor:
+        """One training step on the next batch; returns the (detached) loss."""
+        x, y = next(self.batches)
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+SetupFn = Callable[[int], Trial]  # the protocol: seed -> a fresh Trial
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A named recipe for a :class:`Trial`; ``expect`` is the pathology it shows (None: healthy)."""
+
+    name: str
+    description: str
+    expect: str | None
+    make: Callable[[int], Trial]
+
+    def __call__(self, seed: int = 0) -> Trial:
+        return self.make(seed)
+
+
+def peek(trial: Any, n: int) -> list[Any]:
+    """The next ``n`` batches of the trial, put back so that training sees the very same ones ([] when it has none)."""
+    taken: list[Any] = []
+    try:
+        for _ in range(n):
+            taken.append(next(trial.batches))
+    except (StopIteration, TypeError):
+        pass
+    trial.batches = itertools.chain(taken, trial.batches)
+    return taken
