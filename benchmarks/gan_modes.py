@@ -44,7 +44,7 @@ def main() -> None:
             for nonsaturating, label in ((False, "saturating log(1 − D(G(z)))"), (True, "non-saturating −log D(G(z))")):
                 cells = []
                 for seed in range(args.seeds):
-                    trial = zoo._gan_trial(seed, nonsaturating, kind)
+                    trial = zoo.gan_trial(seed, nonsaturating, kind)
                     norms = []
                     watch = gw.watch(trial.model, trial.optimizer, store=store, name=f"{kind}-{nonsaturating}-{seed}") \
                         if kind == "ring" else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -100,6 +101,50 @@ def test_clipping_remedies():
     assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.1]
     remedies.scale_lr(opt2, 0.5)
     assert [g["lr"] for g in opt2.param_groups] == [0.05, 0.05]
+
+
+def test_a_trial_steps_its_scheduler_after_every_optimizer_step_even_in_a_step_of_its_own():
+    class OwnStep(gw.Trial):  # a step() that knows nothing of schedules
+        def step(self) -> torch.Tensor:
+            self.optimizer.step()
+            return torch.zeros(())
+
+    for cls in (gw.Trial, OwnStep):
+        model = nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        trial = cls(model, opt, iter([(torch.ones(1, 2), torch.ones(1, 1))] * 3), nn.functional.mse_loss,
+                    scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+        for _ in range(3):
+            trial.step()
+        assert opt.param_groups[0]["lr"] == 0.5**3  # closed form: halved once per step
+
+
+def test_the_zoo_registry_is_read_only_and_every_setup_pickles_to_the_same_trial():
+    """Set-ups can travel to another process: each one pickles, and the copy builds the very same trial."""
+    with pytest.raises(TypeError):
+        zoo.SETUPS["mine"] = zoo.get("deep_tanh_mlp")  # type: ignore[index]
+    for name in zoo.names():
+        setup = zoo.get(name)
+        copy = pickle.loads(pickle.dumps(setup))
+        assert copy.name == name
+        a, b = setup(1), copy(1)
+        assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_every_remedy_and_a_trial_run_pickle_so_trials_can_run_in_another_process(tmp_path):
+    from gradwatch.doctor import catalogue, run_trial
+
+    for remedy in [r for entries in catalogue.catalog().values() for r in entries]:
+        copy = pickle.loads(pickle.dumps(remedy))
+        assert (copy.key, copy.label, copy.parts) == (remedy.key, remedy.label, remedy.parts)
+        a, b = remedy.apply(zoo.get("deep_tanh_mlp")(0), {}), copy.apply(zoo.get("deep_tanh_mlp")(0), {})
+        assert (a is None) == (b is None), remedy.label
+        if a is not None:  # the copy does what the original does
+            assert [g["lr"] for g in a.optimizer.param_groups] == [g["lr"] for g in b.optimizer.param_groups]
+            for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+                assert torch.equal(p, q), remedy.label
+    run = run_trial(zoo.get("deep_tanh_mlp"), 0, 12, tmp_path, "pickled", catalogue.catalog()["relu"][0], {})
+    assert run is not None and pickle.loads(pickle.dumps(run)) == run
 
 
 def test_doctor_on_a_healthy_setup_has_nothing_to_fix():

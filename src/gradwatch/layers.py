@@ -61,10 +61,5 @@ def anatomy(model: nn.Module) -> Anatomy:
     return found
 
 
-def param_name(layer: str, attr: str) -> str:
-    """Qualified parameter name, as in named_parameters()."""
-    return f"{layer}.{attr}" if layer else attr
-
-
 def is_floating(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()

@@ -10,7 +10,8 @@ A set-up is a callable ``seed -> Trial`` (:mod:`gradwatch.trial`). The package, 
 - :mod:`~gradwatch.doctor.table` — :class:`TrialResult` rows and the :class:`DoctorReport` table.
 
 ``gw.doctor`` is the function; ``from gradwatch.doctor import catalogue`` (or any
-name above) reaches the package.
+name above) reaches the package. (``import gradwatch.doctor.catalogue as c`` does
+not: it looks the name up on ``gradwatch.doctor``, which is the function.)
 """
 
 from gradwatch.doctor.catalogue import Remedy

@@ -1,19 +1,269 @@
-"""What the catalogue's remedies need to read or change a user's model: found by measuring it, never by its class.
+"""The procedures behind the catalogue's entries: each changes a fresh trial, or says it does not apply (None).
 
-Each helper runs the model on a real batch of the trial (read with
-:func:`gradwatch.trial.peek`, which puts it back) and decides from what it
-computes: a deep *linear* net, the residual branches of the user's own blocks;
-or wraps the model in an input standardisation fitted on its batches.
+Two shapes: a change of the model, ``(model) -> model | None``, which
+:class:`OnModel` turns into a change of the trial (new parameters join the
+optimizer); and a change of the trial itself, ``(trial, numbers) -> trial |
+None``, where ``numbers`` are the findings' numbers (``clip_at``) and the
+trial's length (``doctor_steps``). Every procedure is a module-level function
+(or a :class:`OnModel`/:class:`Chain`/``functools.partial`` of them), so that
+a remedy pickles and a trial can run in another process.
+
+What cannot be read off a model's classes is measured on a real batch of the
+trial (read with :func:`gradwatch.trial.peek`, which puts it back): a deep
+*linear* net, the residual branches of the user's own blocks, activations
+whose output overflows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from gradwatch.trial import Trial
+from gradwatch import remedies as r
+from gradwatch.trial import Trial, peek
+
+TrialChange = Callable[[Trial, dict[str, float]], Trial | None]  # (fresh trial, numbers) -> trial to train; None: n/a
+
+
+@dataclass(frozen=True)
+class OnModel:
+    """A change of the trial's model as a change of the trial; ``change`` returns None when it does not apply."""
+
+    change: Callable[[nn.Module], nn.Module | None]
+
+    def __call__(self, trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        before = {id(p) for p in trial.model.parameters()}
+        if self.change(trial.model) is None:
+            return None
+        rebuild_optimizer(trial, before)
+        return trial
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Changes applied in order to the same fresh trial (None as soon as one does not apply)."""
+
+    steps: tuple[TrialChange, ...]
+
+    def __call__(self, trial: Trial, numbers: dict[str, float]) -> Trial | None:
+        got: Trial | None = trial
+        for step in self.steps:
+            if got is None:
+                return None
+            got = step(got, numbers)
+        return got
+
+
+# -- changes of the optimizer and the schedule ------------------------------------------------------------
+
+
+def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
+    """Gradient-norm clipping at the findings' ``clip_at`` (1 when they give none)."""
+    limit = numbers.get("clip_at", math.nan)
+    r.clip_grad_norm(trial.optimizer, limit if math.isfinite(limit) and limit > 0 else 1.0)
+    return trial
+
+
+def scale_lr(factor: float, trial: Trial, numbers: dict[str, float]) -> Trial:
+    """Every group's learning rate × ``factor`` (bind it with ``functools.partial``)."""
+    r.scale_lr(trial.optimizer, factor)
+    return trial
+
+
+def unify(trial: Trial, numbers: dict[str, float]) -> Trial:
+    """One learning rate, the largest, for every param group."""
+    r.unify_lr(trial.optimizer)
+    return trial
+
+
+def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
+    """Linear warm-up over the first fifth of the trial from 1 % of the rate (Goyal et al. 2017; Xiong et al. 2020)."""
+    steps = int(numbers.get("doctor_steps", 300))
+    sched = torch.optim.lr_scheduler.LinearLR(trial.optimizer, start_factor=0.01, total_iters=max(1, steps // 5))
+    trial.optimizer.register_step_post_hook(lambda opt, a, k: sched.step())
+    trial.scheduler = sched  # the doctor's addition to the trial, for the user to read
+    return trial
+
+
+# -- changes of the inputs and the loss --------------------------------------------------------------------
+
+
+def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model behind a standardisation of its inputs, fitted on the trial's next 8 batches."""
+    batches = peek(trial, 8)
+    xs = [b[0] for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
+    if not xs or not xs[0].is_floating_point() or xs[0].dim() < 2:
+        return None
+    x = torch.cat(xs)  # (N, *features)
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
+    std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))  # constant features: shift only
+    trial.model = Standardised(Standardise(mean, std), trial.model)
+    return trial
+
+
+def nonsaturating(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The non-saturating generator loss, on a trial that says it is a GAN by a boolean ``nonsaturating``
+    attribute that its ``step()`` reads (``zoo.GANTrial``, or the user's own: :mod:`gradwatch.trial`)."""
+    if not isinstance(getattr(trial, "nonsaturating", None), bool):
+        return None  # not a GAN: nothing to apply
+    trial.nonsaturating = True  # type: ignore[attr-defined]
+    return trial
+
+
+# -- changes of the model ------------------------------------------------------------------------------------
+
+
+def he(m: nn.Module) -> nn.Module:
+    return r.he_init(m, inplace=True)
+
+
+def orthogonal(m: nn.Module) -> nn.Module:
+    return r.orthogonal_init(m, inplace=True)
+
+
+def xavier(m: nn.Module) -> nn.Module:
+    return r.xavier_init(m, inplace=True)
+
+
+def residual(m: nn.Module) -> nn.Module:
+    return r.add_residual(m, inplace=True)
+
+
+def norm(m: nn.Module) -> nn.Module:
+    return r.add_norm(m, inplace=True)
+
+
+def relu_he(m: nn.Module) -> nn.Module:
+    return r.he_init(r.swap_activation(m, nn.ReLU, inplace=True), inplace=True)
+
+
+def leaky(m: nn.Module) -> nn.Module:
+    r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True)
+    return r.he_init(m, inplace=True)
+
+
+def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """ReLU in place of every parameter-free leaf module whose output overflows (non-finite, or 10³× past its
+    input) on a real batch, and of every other instance of its class."""
+    batches = peek(trial, 1)
+    if not batches or not isinstance(batches[0], (tuple, list)):
+        return None
+    bad: list[nn.Module] = []
+
+    def check(mod: nn.Module, args: tuple, out: Any) -> None:
+        if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)):
+            return
+        a, o = args[0].detach().float(), out.detach().float()
+        if torch.isfinite(a).all() and (not torch.isfinite(o).all()
+                                        or o.abs().max() > 1e3 * max(1.0, float(a.abs().max()))):
+            bad.append(mod)
+
+    leaves = [m for m in trial.model.modules() if not list(m.children()) and not list(m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(check) for m in leaves]
+    try:
+        with torch.no_grad():
+            trial.model(batches[0][0])
+    except Exception:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if not bad:
+        return None
+    kinds = tuple({type(m) for m in bad})  # every instance of an overflowing activation's class
+    for parent in list(trial.model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kinds):
+                setattr(parent, name, nn.ReLU())
+    return trial
+
+
+def pre_ln(m: nn.Module) -> nn.Module | None:
+    """Post-LN Transformer layers made Pre-LN (``norm_first=True``), with the final norm Pre-LN needs."""
+    layers = [x for x in m.modules() if isinstance(x, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+              and not x.norm_first]
+    for x in layers:
+        x.norm_first = True
+    for stack in m.modules():  # Pre-LN needs a final norm after the stack (Xiong et al. 2020, Fig. 1b)
+        if isinstance(stack, (nn.TransformerEncoder, nn.TransformerDecoder)) and stack.norm is None and layers:
+            first: Any = stack.layers[0]
+            stack.norm = nn.LayerNorm(first.norm1.normalized_shape, eps=first.norm1.eps)
+    return m if layers else None
+
+
+def fixup(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Fixup on the residual blocks gradwatch knows, else on the user's own blocks, found by what they compute."""
+    m = trial.model
+    if any(isinstance(x, (r.ResidualBlock, r.Residual)) for x in m.modules()):
+        r.fixup_zero_init(m, inplace=True)
+        return trial
+    batches = peek(trial, 1)
+    if not batches or not isinstance(batches[0], (tuple, list)) or not isinstance(batches[0][0], torch.Tensor):
+        return None
+    return trial if zero_residual_branches(m, batches[0][0]) else None
+
+
+def rezero(m: nn.Module) -> nn.Module | None:
+    before = sum(1 for _ in m.modules())
+    r.add_residual(m, rezero=True, inplace=True)
+    return m if sum(1 for _ in m.modules()) != before else None
+
+
+@torch.no_grad()
+def identity_init(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Deep linear nets: identity on square layers (Saxe et al. 2014); recurrent weights orthogonal (Le et al. 2015)."""
+    m, done = trial.model, False
+    linear: list[nn.Linear] = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    if len(linear) >= 4 and is_affine(m, peek(trial, 1)):
+        for x in linear:
+            if x.in_features == x.out_features:
+                nn.init.eye_(x.weight)
+            else:
+                nn.init.orthogonal_(x.weight)
+            if x.bias is not None:
+                nn.init.zeros_(x.bias)
+        done = True
+    for cell in m.modules():
+        if isinstance(cell, (nn.RNN, nn.RNNCell)):
+            for name, w in cell.named_parameters():
+                if "weight_hh" in name:
+                    nn.init.orthogonal_(w)
+            done = True
+    return trial if done else None
+
+
+def orthogonal_rnn(m: nn.Module) -> nn.Module | None:
+    rnns = [x for x in m.modules() if isinstance(x, nn.RNN)]
+    for x in rnns:
+        r.orthogonal_recurrent(x)
+    return m if rnns else None
+
+
+def forget_bias(m: nn.Module) -> nn.Module | None:
+    lstms = [x for x in m.modules() if isinstance(x, nn.LSTM)]
+    for x in lstms:
+        r.lstm_forget_bias(x)
+    return m if lstms else None
+
+
+def gated(m: nn.Module) -> nn.Module | None:
+    """Every vanilla RNN replaced by an LSTM of the same shape, forget-gate bias 1."""
+    if not any(isinstance(x, nn.RNN) for x in m.modules()):
+        return None
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.RNN):
+                lstm = nn.LSTM(child.input_size, child.hidden_size, child.num_layers, batch_first=child.batch_first,
+                               bidirectional=child.bidirectional)
+                setattr(parent, name, r.lstm_forget_bias(lstm))
+    return m
+
+
+# -- what the procedures measure and build -------------------------------------------------------------------
 
 
 def rebuild_optimizer(trial: Trial, before: set[int]) -> None:

@@ -29,12 +29,23 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from gradwatch.layers import Layer, param_name
+
+class Layer(Protocol):
+    """What the probe reads of a layer: its name and its trainable parameters (a :class:`gradwatch.layers.Layer`)."""
+
+    name: str  # its named_modules() path; "" is the model itself
+    params: list[tuple[str, torch.nn.Parameter]]  # (attribute name, parameter)
+
+
+def param_name(layer: str, attr: str) -> str:
+    """Qualified parameter name, as in named_parameters()."""
+    return f"{layer}.{attr}" if layer else attr
+
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -125,7 +136,7 @@ Stats = dict[str, tuple[list[int], Tensor, list[int], Tensor]]  # quantity: (lay
 class GradProbe:
     """Reads ``param.grad`` and the weights of the watched layers."""
 
-    def __init__(self, layers: list[Layer]) -> None:
+    def __init__(self, layers: Sequence[Layer]) -> None:
         self.layer_names = [layer.name for layer in layers]
         self.params: list[torch.nn.Parameter] = []
         position: dict[int, int] = {}

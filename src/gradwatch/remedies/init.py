@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from gradwatch.remedies.structure import Residual, ResidualBlock
+
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -86,28 +88,13 @@ def lsuv_init(model: nn.Module, batch: Tensor, inplace: bool = False, tol: float
     return m
 
 
-class ReZero(nn.Module):
-    """x + α·f(x) with α a learnable scalar starting at 0 (Bachlechner et al. 2020)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-        self.alpha = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.alpha * self.block(x)
-
-
 @torch.no_grad()
 def fixup_zero_init(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fixup-style zero initialisation of residual branches (Zhang et al. 2019): each branch's last layer starts at 0.
 
-    Works on the residual blocks gradwatch knows (``zoo.ResidualBlock``,
+    Works on the residual blocks gradwatch knows (:class:`ResidualBlock`,
     :class:`Residual`): a net of them starts as the identity plus its stem and head.
     """
-    from gradwatch.remedies.structure import Residual
-    from gradwatch.zoo import ResidualBlock
-
     m = _target(model, inplace)
     for block in m.modules():
         last: nn.Module | None = None

@@ -1,12 +1,15 @@
-"""Structural remedies: activation swap, residual connections, normalisation. Deep copies unless ``inplace=True``."""
+"""Structural remedies: activation swap, residual connections, normalisation. Deep copies unless ``inplace=True``.
+
+The residual blocks the remedies build (:class:`Residual`, :class:`ReZero`) or recognise
+(:class:`ResidualBlock`, a pre-activation block) live here too.
+"""
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
-
-from gradwatch.remedies.init import ReZero
 
 SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 
@@ -42,6 +45,32 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.block(x)
+
+
+class ReZero(nn.Module):
+    """x + α·f(x) with α a learnable scalar starting at 0 (Bachlechner et al. 2020)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.alpha * self.block(x)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(relu(bn(conv(relu(bn(x)))))), pre-activation style (He et al. 2016)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(self.relu1(self.bn1(x)))
+        return x + self.conv2(self.relu2(self.bn2(h)))
 
 
 def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:

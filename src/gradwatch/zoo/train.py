@@ -1,0 +1,28 @@
+"""Train a zoo set-up under a watch: the one loop the tests, the benchmarks and the demo share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gradwatch.trial import Trial
+from gradwatch.watch import watch
+from gradwatch.zoo.registry import get
+
+
+def train_watched(name: str, seed: int, steps: int, store: str | Path, run_name: str | None = None,
+                  **watch_options: Any) -> tuple[Path, Trial]:
+    """Train set-up ``name`` at ``seed`` for ``steps`` steps under a watch, logging the loss; (its store, the trial).
+
+    Recurrent set-ups are watched with ``temporal=True``. The tests, the
+    benchmarks and the demo all train the zoo through this one function.
+    """
+    trial = get(name)(seed)
+    watch_options.setdefault("temporal", any(isinstance(m, nn.RNNBase) for m in trial.model.modules()))
+    with watch(trial.model, trial.optimizer, store=store, name=run_name or f"{name}-seed{seed}",
+               **watch_options) as w:
+        for _ in range(steps):
+            w.log(loss=trial.step())
+    return w.path, trial
