@@ -1,6 +1,6 @@
 """gradwatch: find, explain and fix vanishing and exploding gradients in PyTorch."""
 
-__version__ = "0.1.0"
+from gradwatch._version import __version__
 
 from gradwatch._errors import GradwatchWarning, NotARunError  # noqa: E402
 from gradwatch.check import CheckReport, check  # noqa: E402

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradwatch import __version__, schedules
+from gradwatch import schedules
+from gradwatch._version import __version__
 from gradwatch._errors import GradwatchWarning, bad_argument
 from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy, is_floating
