@@ -1,0 +1,170 @@
+"""The diagnosis and the doctor on set-ups the team did not write (benchmarks/setups/): detection and repair rates.
+
+    python benchmarks/repair_eval.py [--seeds 0 1] [--only NAME …] [--no-doctor] [--json OUT] [--results RESULTS.md]
+    ATEN_CPU_CAPABILITY=default python benchmarks/repair_eval.py --no-doctor   # another CPU's float rounding
+
+Each set-up (ported from AUTOTRAINER, DeepDiagnosis, DeepLocalize's Stack
+Overflow bugs and the papers; its label measured by plain hooks in
+benchmarks/setups/truth.py) is trained for its own step count on each seed
+under ``gw.watch`` with the watch's defaults, logging the loss, as a user
+would, and diagnosed. Detection: a pathological set-up is found on a seed when
+its label is among the kinds of ``Diagnosis.problems`` (critical or warning
+findings); a healthy one is a false alarm when ``problems`` is non-empty.
+Repair: ``gw.doctor`` on every pathological set-up (its steps, ``seeds`` =
+the number of seeds given, which the doctor numbers from 0); repaired when the
+doctor's best remedy has the verdict "fixes it". Prints a markdown table and
+the rates; ``--json`` keeps every finding (kind, severity, remedy keys) and
+every doctor trial (remedy, verdict, findings left); ``--results`` writes the
+table into that markdown file, between markers of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.setups`, run from anywhere
+
+import gradwatch as gw  # noqa: E402
+from benchmarks import setups  # noqa: E402
+
+
+def _finding(f: Any) -> dict[str, Any]:
+    return {"kind": f.kind, "severity": f.severity, "layers": len(f.layers), "steps": list(f.steps),
+            "summary": f.summary, "remedy_keys": list(f.remedy_keys)}
+
+
+def detect(setup: setups.BenchSetup, seed: int, store: str) -> dict[str, Any]:
+    """Train one seed under a watch (its defaults), diagnose; the findings and what they mean for the label."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    trial = setup(seed)
+    losses: list[float] = []
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"{setup.name}-{seed}", overwrite=True) as w:
+        for _ in range(setup.steps):
+            loss = trial.step()
+            w.log(loss=loss)
+            losses.append(float(loss))
+    diagnosis = w.diagnose()
+    kinds = sorted({f.kind for f in diagnosis.problems})
+    score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
+    return {"seed": seed, "kinds": kinds, "findings": [_finding(f) for f in diagnosis.findings],
+            "ok": (not kinds) if setup.label == "healthy" else setup.label in kinds,
+            "first_loss": losses[0], "final_loss": losses[-1], "score": score,
+            "seconds": time.perf_counter() - start}
+
+
+def repair(setup: setups.BenchSetup, seeds: int, store: str) -> dict[str, Any]:
+    """``gw.doctor`` on the set-up: its table, and whether the best remedy "fixes it"."""
+    start = time.perf_counter()
+    report = gw.doctor(setup.make, steps=setup.steps, seeds=seeds, store=store, progress=False)
+    trials = [{"label": t.label, "parts": list(t.parts), "round": t.rounds, "verdict": t.verdict,
+               "findings": list(t.findings), "first_loss": t.first_loss, "final_loss": t.final_loss,
+               "score": t.score} for t in report.trials]
+    return {"repaired": report.best is not None and report.best.verdict == "fixes it",
+            "best": report.best.label if report.best else None, "message": report.message,
+            "baseline_findings": [_finding(f) for f in report.diagnosis.findings],
+            "baseline": {"first_loss": report.baseline.first_loss, "final_loss": report.baseline.final_loss,
+                         "score": report.baseline.score},
+            "trials": trials, "seconds": time.perf_counter() - start}
+
+
+def _guard(fn: Any, *args: Any) -> dict[str, Any]:
+    """Run one measurement; a crash inside gradwatch is a result (the error), not the end of the benchmark."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 — a benchmark of a library reports its failures
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=4), "ok": False,
+                "repaired": False, "kinds": []}
+
+
+def _cell(d: dict[str, Any], label: str) -> str:
+    if "error" in d:
+        return f"✗ error: {d['error'][:60]}"
+    mark = "✓" if d["ok"] else "✗"
+    said = ", ".join(f"{f['kind']} ({f['severity'][0]})" for f in d["findings"] if f["severity"] != "info") or "quiet"
+    return f"{mark} {said}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--only", nargs="+", default=None, help="these set-ups only")
+    parser.add_argument("--no-doctor", action="store_true", help="detection only")
+    parser.add_argument("--json", type=Path, default=None, help="write every finding and doctor trial here")
+    parser.add_argument("--results", type=Path, default=None, help="write the table into this markdown file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    names = args.only or setups.names()
+    head = (f"machine: {os.cpu_count()}-core {platform.machine()}, torch {torch.__version__}, CPU kernels: {kernels}; "
+            f"seeds {args.seeds}; {'detection only' if args.no_doctor else f'doctor with seeds={len(args.seeds)}'}")
+    lines = [head, "", "| set-up | label | steps | " + " | ".join(f"seed {s}" for s in args.seeds)
+             + ("" if args.no_doctor else " | doctor") + " |",
+             "|---|---|---|" + "---|" * len(args.seeds) + ("" if args.no_doctor else "---|")]
+    print("\n".join(lines), flush=True)
+    results: dict[str, Any] = {"machine": head, "setups": {}}
+    tp = fn = fp = healthy = sick = repaired = 0
+    with tempfile.TemporaryDirectory() as store:
+        for name in names:
+            setup = setups.get(name)
+            runs = [_guard(detect, setup, seed, store) for seed in args.seeds]
+            entry: dict[str, Any] = {"label": setup.label, "source": setup.source, "steps": setup.steps, "runs": runs}
+            for r in runs:
+                if setup.label == "healthy":
+                    healthy += 1
+                    fp += not r["ok"]
+                else:
+                    tp += r["ok"]
+                    fn += not r["ok"]
+            row = f"| {name} | {setup.label} | {setup.steps} | " + " | ".join(_cell(r, setup.label) for r in runs)
+            if not args.no_doctor and setup.label != "healthy":
+                sick += 1
+                doc = _guard(repair, setup, len(args.seeds), store)
+                entry["doctor"] = doc
+                repaired += bool(doc.get("repaired"))
+                row += " | " + ("error: " + doc["error"][:60] if "error" in doc
+                                else ("✓ " + str(doc["best"]) if doc["repaired"] else "✗ " + doc["message"][:70]))
+            elif not args.no_doctor:
+                row += " | –"
+            print(row + " |", flush=True)
+            lines.append(row + " |")
+            results["setups"][name] = entry
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    summary = (f"detection over {tp + fn} pathological and {healthy} healthy runs: precision {precision:.2f}, recall "
+               f"{recall:.2f} ({tp} found, {fn} missed, {fp} false alarm{'s' if fp != 1 else ''})"
+               + ("" if args.no_doctor else f"; repair rate {repaired}/{sick} = {repaired / max(sick, 1):.2f} "
+                  f"of the pathological set-ups"))
+    print("\n" + summary)
+    lines += ["", summary]
+    results.update(precision=precision, recall=recall, tp=tp, fn=fn, fp=fp, repaired=repaired, sick=sick)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if args.results:
+        _write_results(args.results, f"{kernels}{'-detection' if args.no_doctor else ''}", "\n".join(lines))
+
+
+def _write_results(path: Path, key: str, table: str) -> None:
+    """Replace (or append) the block between this key's markers in a markdown file."""
+    begin, end = f"<!-- repair_eval {key} begin -->", f"<!-- repair_eval {key} end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{table}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n")
+
+
+if __name__ == "__main__":
+    main()
