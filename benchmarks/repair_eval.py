@@ -9,7 +9,9 @@ benchmarks/setups/truth.py) is trained for its own step count on each seed
 under ``gw.watch`` with the watch's defaults, logging the loss, as a user
 would, and diagnosed. Detection: a pathological set-up is found on a seed when
 its label is among the kinds of ``Diagnosis.problems`` (critical or warning
-findings); a healthy one is a false alarm when ``problems`` is non-empty.
+findings); a healthy one is a false alarm when ``problems`` is non-empty. A
+set-up labelled "fails" (it does not learn, with no gradient pathology past
+the truth thresholds) is shown (✓ when anything is raised) but not counted.
 Repair: ``gw.doctor`` on every pathological set-up (its steps, ``seeds`` =
 the number of seeds given, which the doctor numbers from 0); repaired when the
 doctor's best remedy has the verdict "fixes it". Prints a markdown table and
@@ -61,7 +63,7 @@ def detect(setup: setups.BenchSetup, seed: int, store: str) -> dict[str, Any]:
     kinds = sorted({f.kind for f in diagnosis.problems})
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     return {"seed": seed, "kinds": kinds, "findings": [_finding(f) for f in diagnosis.findings],
-            "ok": (not kinds) if setup.label == "healthy" else setup.label in kinds,
+            "ok": (not kinds) if setup.label == "healthy" else (bool(kinds) if setup.label == "fails" else setup.label in kinds),
             "first_loss": losses[0], "final_loss": losses[-1], "score": score,
             "seconds": time.perf_counter() - start}
 
@@ -116,13 +118,15 @@ def main() -> None:
              "|---|---|---|" + "---|" * len(args.seeds) + ("" if args.no_doctor else "---|")]
     print("\n".join(lines), flush=True)
     results: dict[str, Any] = {"machine": head, "setups": {}}
-    tp = fn = fp = healthy = sick = repaired = 0
+    tp = fn = fp = healthy = sick = repaired = fails = fails_repaired = 0
     with tempfile.TemporaryDirectory() as store:
         for name in names:
             setup = setups.get(name)
             runs = [_guard(detect, setup, seed, store) for seed in args.seeds]
             entry: dict[str, Any] = {"label": setup.label, "source": setup.source, "steps": setup.steps, "runs": runs}
             for r in runs:
+                if setup.label == "fails":  # no gradient label: reported, not counted in precision/recall
+                    continue
                 if setup.label == "healthy":
                     healthy += 1
                     fp += not r["ok"]
@@ -131,10 +135,14 @@ def main() -> None:
                     fn += not r["ok"]
             row = f"| {name} | {setup.label} | {setup.steps} | " + " | ".join(_cell(r, setup.label) for r in runs)
             if not args.no_doctor and setup.label != "healthy":
-                sick += 1
                 doc = _guard(repair, setup, len(args.seeds), store)
                 entry["doctor"] = doc
-                repaired += bool(doc.get("repaired"))
+                if setup.label == "fails":
+                    fails += 1
+                    fails_repaired += bool(doc.get("repaired"))
+                else:
+                    sick += 1
+                    repaired += bool(doc.get("repaired"))
                 row += " | " + ("error: " + doc["error"][:60] if "error" in doc
                                 else ("✓ " + str(doc["best"]) if doc["repaired"] else "✗ " + doc["message"][:70]))
             elif not args.no_doctor:
@@ -147,10 +155,12 @@ def main() -> None:
     summary = (f"detection over {tp + fn} pathological and {healthy} healthy runs: precision {precision:.2f}, recall "
                f"{recall:.2f} ({tp} found, {fn} missed, {fp} false alarm{'s' if fp != 1 else ''})"
                + ("" if args.no_doctor else f"; repair rate {repaired}/{sick} = {repaired / max(sick, 1):.2f} "
-                  f"of the pathological set-ups"))
+                  f"of the pathological set-ups" + (f" (and {fails_repaired}/{fails} of those labelled 'fails')"
+                                                    if fails else "")))
     print("\n" + summary)
     lines += ["", summary]
-    results.update(precision=precision, recall=recall, tp=tp, fn=fn, fp=fp, repaired=repaired, sick=sick)
+    results.update(precision=precision, recall=recall, tp=tp, fn=fn, fp=fp, repaired=repaired, sick=sick,
+                   fails=fails, fails_repaired=fails_repaired)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     if args.results:

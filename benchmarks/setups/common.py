@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from gradwatch.zoo import Trial  # the doctor's set-up protocol (the zoo keeps re-exporting it)
 
-KINDS = ("healthy", "vanishing", "exploding", "saturation", "dead_units", "nonfinite", "stalled")
+# "fails": does not learn, with no gradient pathology beyond the truth module's thresholds on every seed
+# (e.g. Xiong et al.'s Post-LN without warm-up): kept out of detection precision/recall, but given to the doctor.
+KINDS = ("healthy", "vanishing", "exploding", "saturation", "dead_units", "nonfinite", "stalled", "fails")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class Truth:
         return self._median(self.time) if self.time else self._median(self.depth)
 
     def holds(self) -> set[str]:
-        """The labels this run shows ("healthy" only when none of the others does and it learns)."""
+        """The labels this run shows: "fails" whenever it does not learn; "healthy" when it learns and nothing else holds."""
         got: set[str] = set()
         if self.nonfinite_step is not None:
             got.add("nonfinite")
@@ -107,8 +107,10 @@ class Truth:
             got.add("dead_units")
         if self.zero_grad:
             got.add("stalled")
+        if not self.learned:
+            got.add("fails")
         lo, hi = HEALTHY_BAND
-        if not got and self.learned and all(lo <= self._median(p) <= hi for p in profiles):
+        if got == set() and self.learned and all(lo <= self._median(p) <= hi for p in profiles):
             got.add("healthy")
         return got
 
