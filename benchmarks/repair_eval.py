@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.setu
 
 import gradwatch as gw  # noqa: E402
 from benchmarks import setups  # noqa: E402
+from benchmarks.setups import truth  # noqa: E402
 
 
 def _finding(f: Any) -> dict[str, Any]:
@@ -92,12 +93,83 @@ def _guard(fn: Any, *args: Any) -> dict[str, Any]:
                 "repaired": False, "kinds": []}
 
 
-def _cell(d: dict[str, Any], label: str) -> str:
+def _cell(d: dict[str, Any]) -> str:
     if "error" in d:
         return f"✗ error: {d['error'][:60]}"
     mark = "✓" if d["ok"] else "✗"
     said = ", ".join(f"{f['kind']} ({f['severity'][0]})" for f in d["findings"] if f["severity"] != "info") or "quiet"
     return f"{mark} {said}"
+
+
+def _learns(doc: dict[str, Any]) -> bool:
+    """Independent of the doctor's verdict: its best trial reaches truth.LEARNED_SCORE (or halves its loss, unscored)."""
+    best = next((t for t in doc.get("trials", []) if t["label"] == doc.get("best")), None)
+    if best is None:
+        return False
+    if math.isfinite(best["score"]):
+        return best["score"] >= truth.LEARNED_SCORE
+    return math.isfinite(best["final_loss"]) and best["final_loss"] <= truth.LEARNED_LOSS * best["first_loss"]
+
+
+def _doctor_cell(doc: dict[str, Any]) -> str:
+    if "error" in doc:
+        return "✗ error: " + doc["error"][:60]
+    if not doc["repaired"]:
+        return "✗ " + doc["message"][:70]
+    best = next(t for t in doc["trials"] if t["label"] == doc["best"])
+    score = f"score {best['score']:.2f}" if math.isfinite(best["score"]) else f"loss {best['final_loss']:.3g}"
+    return f"{'✓' if _learns(doc) else '½'} {doc['best']} ({score})"
+
+
+def measure(names: list[str], seeds: list[int], doctor: bool) -> dict[str, dict[str, Any]]:
+    """Detection runs (and the doctor) for every named set-up, printed as they finish."""
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as store:
+        for name in names:
+            setup = setups.get(name)
+            entry: dict[str, Any] = {"label": setup.label, "source": setup.source, "steps": setup.steps,
+                                     "runs": [_guard(detect, setup, seed, store) for seed in seeds]}
+            if doctor and setup.label != "healthy":
+                entry["doctor"] = _guard(repair, setup, len(seeds), store)
+            out[name] = entry
+            print(_row(name, entry, doctor), flush=True)
+    return out
+
+
+def _row(name: str, e: dict[str, Any], doctor: bool) -> str:
+    row = f"| {name} | {e['label']} | {e['steps']} | " + " | ".join(_cell(r) for r in e["runs"])
+    if doctor:
+        row += " | " + (_doctor_cell(e["doctor"]) if "doctor" in e else "–")
+    return row + " |"
+
+
+def render(results: dict[str, Any]) -> list[str]:
+    """The markdown table and the rates of a results dict (as measure() returns it, or read back from --json)."""
+    entries, doctor = results["setups"], results["doctor"]
+    n_seeds = max(len(e["runs"]) for e in entries.values())
+    lines = [results["machine"], "", "| set-up | label | steps | " + " | ".join(f"seed {i}" for i in range(n_seeds))
+             + (" | doctor" if doctor else "") + " |", "|---|---|---|" + "---|" * n_seeds + ("---|" if doctor else "")]
+    lines += [_row(name, e, doctor) for name, e in entries.items()]
+    counted = [(e["label"], r) for e in entries.values() if e["label"] != "fails" for r in e["runs"]]
+    tp = sum(r["ok"] for lab, r in counted if lab != "healthy")
+    fn = sum(not r["ok"] for lab, r in counted if lab != "healthy")
+    fp = sum(not r["ok"] for lab, r in counted if lab == "healthy")
+    healthy = sum(lab == "healthy" for lab, r in counted)
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / (tp + fn) if tp + fn else math.nan
+    summary = (f"detection over {tp + fn} pathological and {healthy} healthy runs: precision {precision:.2f}, recall "
+               f"{recall:.2f} ({tp} found, {fn} missed, {fp} false alarm{'s' if fp != 1 else ''})")
+    if doctor:
+        sick = [e["doctor"] for e in entries.values() if e["label"] not in ("healthy", "fails")]
+        fails = [e["doctor"] for e in entries.values() if e["label"] == "fails"]
+        fixed = [d for d in sick if d.get("repaired")]
+        real = [d for d in fixed if _learns(d)]
+        summary += (f"; repair rate (the doctor's \"fixes it\") {len(fixed)}/{len(sick)} = {len(fixed) / max(len(sick), 1):.2f}"
+                    f" of the pathological set-ups, {len(real)}/{len(sick)} = {len(real) / max(len(sick), 1):.2f} whose"
+                    f" best remedy also reaches a score ≥ {truth.LEARNED_SCORE} (or halves an unscored loss)")
+        if fails:
+            summary += f"; {sum(bool(d.get('repaired')) for d in fails)}/{len(fails)} of those labelled 'fails'"
+    return lines + ["", summary]
 
 
 def main() -> None:
@@ -106,65 +178,26 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="these set-ups only")
     parser.add_argument("--no-doctor", action="store_true", help="detection only")
     parser.add_argument("--json", type=Path, default=None, help="write every finding and doctor trial here")
+    parser.add_argument("--from-json", type=Path, default=None, help="render a saved --json instead of measuring")
     parser.add_argument("--results", type=Path, default=None, help="write the table into this markdown file")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    kernels = os.environ.get("ATEN_CPU_CAPABILITY", "native")
-    names = args.only or setups.names()
-    head = (f"machine: {os.cpu_count()}-core {platform.machine()}, torch {torch.__version__}, CPU kernels: {kernels}; "
-            f"seeds {args.seeds}; {'detection only' if args.no_doctor else f'doctor with seeds={len(args.seeds)}'}")
-    lines = [head, "", "| set-up | label | steps | " + " | ".join(f"seed {s}" for s in args.seeds)
-             + ("" if args.no_doctor else " | doctor") + " |",
-             "|---|---|---|" + "---|" * len(args.seeds) + ("" if args.no_doctor else "---|")]
-    print("\n".join(lines), flush=True)
-    results: dict[str, Any] = {"machine": head, "setups": {}}
-    tp = fn = fp = healthy = sick = repaired = fails = fails_repaired = 0
-    with tempfile.TemporaryDirectory() as store:
-        for name in names:
-            setup = setups.get(name)
-            runs = [_guard(detect, setup, seed, store) for seed in args.seeds]
-            entry: dict[str, Any] = {"label": setup.label, "source": setup.source, "steps": setup.steps, "runs": runs}
-            for r in runs:
-                if setup.label == "fails":  # no gradient label: reported, not counted in precision/recall
-                    continue
-                if setup.label == "healthy":
-                    healthy += 1
-                    fp += not r["ok"]
-                else:
-                    tp += r["ok"]
-                    fn += not r["ok"]
-            row = f"| {name} | {setup.label} | {setup.steps} | " + " | ".join(_cell(r, setup.label) for r in runs)
-            if not args.no_doctor and setup.label != "healthy":
-                doc = _guard(repair, setup, len(args.seeds), store)
-                entry["doctor"] = doc
-                if setup.label == "fails":
-                    fails += 1
-                    fails_repaired += bool(doc.get("repaired"))
-                else:
-                    sick += 1
-                    repaired += bool(doc.get("repaired"))
-                row += " | " + ("error: " + doc["error"][:60] if "error" in doc
-                                else ("✓ " + str(doc["best"]) if doc["repaired"] else "✗ " + doc["message"][:70]))
-            elif not args.no_doctor:
-                row += " | –"
-            print(row + " |", flush=True)
-            lines.append(row + " |")
-            results["setups"][name] = entry
-    precision = tp / (tp + fp) if tp + fp else math.nan
-    recall = tp / (tp + fn) if tp + fn else math.nan
-    summary = (f"detection over {tp + fn} pathological and {healthy} healthy runs: precision {precision:.2f}, recall "
-               f"{recall:.2f} ({tp} found, {fn} missed, {fp} false alarm{'s' if fp != 1 else ''})"
-               + ("" if args.no_doctor else f"; repair rate {repaired}/{sick} = {repaired / max(sick, 1):.2f} "
-                  f"of the pathological set-ups" + (f" (and {fails_repaired}/{fails} of those labelled 'fails')"
-                                                    if fails else "")))
-    print("\n" + summary)
-    lines += ["", summary]
-    results.update(precision=precision, recall=recall, tp=tp, fn=fn, fp=fp, repaired=repaired, sick=sick,
-                   fails=fails, fails_repaired=fails_repaired)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        torch.set_num_threads(1)
+        kernels = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+        head = (f"machine: {os.cpu_count()}-core {platform.machine()}, torch {torch.__version__}, CPU kernels: "
+                f"{kernels}; seeds {args.seeds}; "
+                + ("detection only" if args.no_doctor else f"doctor with seeds={len(args.seeds)}"))
+        print(head + "\n", flush=True)
+        results = {"machine": head, "kernels": kernels, "doctor": not args.no_doctor,
+                   "setups": measure(args.only or setups.names(), args.seeds, not args.no_doctor)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+    lines = render(results)
+    print("\n" + "\n".join(lines))
     if args.results:
-        _write_results(args.results, f"{kernels}{'-detection' if args.no_doctor else ''}", "\n".join(lines))
+        _write_results(args.results, f"{results['kernels']}{'' if results['doctor'] else '-detection'}", "\n".join(lines))
 
 
 def _write_results(path: Path, key: str, table: str) -> None:

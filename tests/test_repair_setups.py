@@ -25,7 +25,7 @@ from benchmarks.setups.common import Trial  # noqa: E402
 # Set-ups whose two seeds train in about a second each on one core; the rest are marked slow.
 FAST = {"at_circle_exp", "at_blob_exp", "at_circle_sigmoid", "at_circle_relu_uniform", "so_nielsen_linear_mse",
         "so_nielsen_fixed", "so_raw_tanh", "so_raw_tanh_fixed", "so_softmax_one_unit", "so_quadratic_lr",
-        "tanh_raw_pixels", "relu_high_lr", "tied_inplace", "at_blob_softmax", "pascanu_rnn_radius25"}
+        "tanh_raw_pixels", "relu_high_lr", "tied_inplace", "pascanu_rnn_radius25"}
 
 
 def _cases():

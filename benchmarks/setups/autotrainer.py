@@ -3,9 +3,11 @@
 Sources read and re-written here in PyTorch (Keras originals):
 
 - github shiningrain/AUTOTRAINER, ``AutoTrainer/data/simplednn.py`` (the circle
-  and blob data), ``AutoTrainer/demo_case/Improper_Activation_case/demo_activation.py``
-  (a ReLU on the output layer) and the repairs its logs name (``vanish_selu``,
-  ``relu_bn``);
+  and blob data) and the repairs its logs name (``vanish_selu``, ``relu_bn``).
+  Its ``Improper_Activation_case/demo_activation.py`` (a ReLU on the 3-way
+  output) is not here: in PyTorch it trains (loss 4 → 0.8), and its fixed
+  version reaches only 0.76–0.79 held-out accuracy on the raw blobs in 200–400
+  steps (logistic regression: 0.85), short of the truth module's 0.8;
 - github DeepDiagnosis/ICSE2022, ``AUTOTRAINER Model Code/Models_Circle.py``,
   ``Models_Blob.py`` and ``Models_MNIST.py``: width-5 dense stacks of 8–16
   layers with ``exponential``, ``sigmoid`` or ``relu`` activations, He-uniform
@@ -46,10 +48,9 @@ def _circle_trial(model: nn.Module, seed: int, opt: str = "sgd", lr: float = 0.0
     return Trial(model, optim, batches(x, y, 32, seed), bce_logits, accuracy(xt, yt))
 
 
-def _blob_trial(model: nn.Module, seed: int, lr: float, opt: str = "sgd") -> Trial:
+def _blob_trial(model: nn.Module, seed: int, lr: float) -> Trial:
     x, y, xt, yt = blobs()
-    optim = (torch.optim.Adam(model.parameters(), lr=lr) if opt == "adam"
-             else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     return Trial(model, optim, batches(x, y, 32, seed), nn.functional.cross_entropy, accuracy(xt, yt))
 
 
@@ -94,15 +95,6 @@ def circle_relu_bn(seed: int) -> Trial:
         layers += [nn.Linear(2 if i == 0 else 16, 16), nn.BatchNorm1d(16), nn.ReLU()]
     model = init_linear(nn.Sequential(*layers, nn.Linear(16, 1)), he_uniform_keras)
     return _circle_trial(model, seed, opt="adam", lr=1e-2)
-
-
-def blob_softmax(seed: int) -> Trial:
-    """demo_activation.py with its bug fixed: 4 × Dense(50) relu, and softmax (not relu) on the output; Adam 1e-3.
-
-    (The buggy original, a relu on the 3-way output, trains here too: its label would not be a gradient pathology.)
-    """
-    torch.manual_seed(seed)
-    return _blob_trial(init_linear(dense_stack(2, 50, 4, 3, nn.ReLU), he_uniform_keras), seed, lr=1e-3, opt="adam")
 
 
 class LeNetDeep(nn.Module):
@@ -155,7 +147,5 @@ SETUPS = [
                "github shiningrain/AUTOTRAINER, the vanish_selu repair in AutoTrainer/demo_case/Gradient_Vanish_Case"),
     BenchSetup("at_circle_relu_bn", "healthy", 400, circle_relu_bn,
                "github shiningrain/AUTOTRAINER, the relu_bn repair (AutoTrainer/utils/repair.py)"),
-    BenchSetup("at_blob_softmax", "healthy", 200, blob_softmax,
-               "github shiningrain/AUTOTRAINER, demo_activation.py with the output activation fixed"),
     BenchSetup("at_lenet_relu_he", "healthy", 200, lenet_relu_he, _SRC + "Models_MNIST.py (tmp_lenet5, He init, 4 dense)"),
 ]
