@@ -129,9 +129,9 @@ def plain56(seed: int) -> Trial:
 
 
 def resnet56(seed: int) -> Trial:
-    """He et al. 2016 §4.2: ResNet-56 (the same net with identity shortcuts), SGD 0.1, batches of 32."""
+    """He et al. 2016 §4.2: ResNet-56 (the same net with identity shortcuts), SGD 0.1, batches of 64."""
     torch.manual_seed(seed)
-    return _cifar_trial(CifarNet(9, (4, 8, 16), shortcut=True), seed, batch=32)
+    return _cifar_trial(CifarNet(9, (4, 8, 16), shortcut=True), seed)
 
 
 def resnet18(seed: int) -> Trial:

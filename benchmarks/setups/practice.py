@@ -59,24 +59,23 @@ def functional_tanh(seed: int) -> Trial:
     return digits_trial(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), seed)
 
 
-def functional_relu_he(seed: int) -> Trial:
-    """An 8-layer net with ``F.relu`` inside ``forward``, He init, SGD at 0.01: a healthy functional net."""
+def _functional_relu(seed: int, lr: float) -> Trial:
     torch.manual_seed(seed)
     model = FunctionalMLP(8, 64, "relu")
     for layer in model.layers:
         nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
         nn.init.zeros_(layer.bias)
-    return digits_trial(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), seed)
+    return digits_trial(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), seed)
+
+
+def functional_relu_he(seed: int) -> Trial:
+    """An 8-layer net with ``F.relu`` inside ``forward``, He init, SGD at 0.01: a healthy functional net."""
+    return _functional_relu(seed, 0.01)
 
 
 def functional_relu_lr(seed: int) -> Trial:
     """The same functional-ReLU net at SGD learning rate 0.2 (momentum 0.9): the updates blow the net up."""
-    torch.manual_seed(seed)
-    model = FunctionalMLP(8, 64, "relu")
-    for layer in model.layers:
-        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-        nn.init.zeros_(layer.bias)
-    return digits_trial(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), seed)
+    return _functional_relu(seed, 0.2)
 
 
 class TiedAutoencoderClassifier(nn.Module):
