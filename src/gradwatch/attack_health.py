@@ -150,9 +150,11 @@ def gradient_health(model: nn.Module, x: Tensor, y: Tensor, *, embedding: nn.Mod
         def forward(with_deaths: bool) -> tuple[Tensor, Tensor, dict[str, list[Tensor | None]]]:
             captured.clear()
             xg = x.detach().clone().requires_grad_(embedding is None)
-            with _death_hooks(model, len(x)) if with_deaths else contextlib.nullcontext({}) as seen:
-                with torch.enable_grad():
-                    z = model(xg)
+            seen: dict[str, list[Tensor | None]] = {}
+            with contextlib.ExitStack() as stack, torch.enable_grad():
+                if with_deaths:
+                    seen = stack.enter_context(_death_hooks(model, len(x)))
+                z = model(xg)
             return (captured[0] if embedding is not None else xg), z, seen
 
         target, z, seen = forward(True)
