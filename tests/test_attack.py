@@ -155,6 +155,8 @@ def test_embedding_gradients_of_a_tiny_transformer(seed: int) -> None:
     assert m.health.wrt == "e" and m.health.zero_frac > 0.9 and m.health.margin_zero_frac == 0
     assert [f.kind for f in m.findings] == ["gradient_masking"] and m.findings[0].remedy_keys[0] == "margin_loss"
     assert not h.attacks and not m.attacks
+    page = m._repr_html_()
+    assert "gradient masking suspected" in page and "∂CE/∂e" in page and "<pre>" in page
 
 
 def test_cli_check_attack_prints_the_verdict_and_answers_mistakes_in_one_line(tmp_path, capsys) -> None:

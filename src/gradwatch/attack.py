@@ -114,6 +114,14 @@ class AttackReport:
         lines += ["", *map(str, self.findings)] if self.findings else []
         return "\n".join(lines).rstrip()
 
+    def _repr_html_(self) -> str:
+        """The report in a notebook: the verdict in colour over the text report."""
+        import html
+
+        colour = "#b00020" if self.findings else "#1b5e20"
+        return (f'<div><p style="font-weight:bold;color:{colour}">{html.escape(self.verdict)}</p>'
+                f"<pre>{html.escape(str(self))}</pre></div>")
+
     def __repr__(self) -> str:
         return f"AttackReport(verdict={self.verdict!r}, eps={self.eps}, findings={len(self.findings)})"
 
@@ -338,8 +346,8 @@ def _findings(r: AttackReport, th: AttackThresholds) -> list[Finding]:
     Its evidence lists every failed check and the gradient's health; its
     remedies follow the measured cause (a margin loss for a saturated softmax,
     BPDA for layers that stop the gradient, EOT for a random model; AutoAttack
-    always). Critical when another attack flips half the samples more than
-    PGD with cross-entropy: the claimed robust accuracy overstates by that much.
+    always). Critical when another attack flips ``SEVERE_GAP`` (a fifth) more of the
+    correct samples than PGD with cross-entropy: the claimed robust accuracy is off by that much.
     """
     h = r.health
     failed = [c for c in r.checks if not c.passed]
@@ -356,7 +364,7 @@ def _findings(r: AttackReport, th: AttackThresholds) -> list[Finding]:
     pgd = next((a.success for a in at if a.name == "PGD (CE)"), None)
     best = max(at, key=lambda a: a.success, default=None)
     severe = pgd is not None and best is not None and best.success - pgd >= SEVERE_GAP
-    summary = (f"gradient masking suspected: {len(failed)} of {len(r.checks)} sanity checks failed" if r.checks
+    summary = (f"gradient masking suspected: {len(failed)} of {len(r.checks)} sanity checks failed" if failed
                else f"gradient masking suspected: ∂CE/∂{h.wrt} is zero or non-finite on {bad_grad:.0%} of the samples")
     if severe and best is not None:
         summary += (f"; {best.name} leaves {best.robust_accuracy:.0%} robust accuracy where PGD (CE) "
