@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
+from conftest import SEEDS
 from gradwatch import attack_zoo
 from gradwatch.attack import _random_search
 from gradwatch.attack_health import MarginLoss, gradient_health, margins, straight_through
@@ -112,8 +113,6 @@ def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"`check_attack\(embedding=…\)` expects a submodule"):
         gw.check_attack(s.model, s.x, s.y, eps=0.1, embedding="nope")
 
-
-SEEDS = [0, 1, 2]
 
 
 @pytest.mark.zoo

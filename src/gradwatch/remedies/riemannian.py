@@ -130,6 +130,25 @@ class _StiefelOptimizer(torch.optim.Optimizer):
         """W ← R_W(ξ), in place (``w`` may be a transposed view of the parameter)."""
         w.copy_(RETRACTIONS[group["retraction"]](w, xi))
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step for every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            on_manifold = group["stiefel"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    w, g = (_oriented(p), _oriented(p.grad)) if on_manifold else (p, p.grad)
+                    self._update(group, self.state[p], w, g, on_manifold)
+        return loss
+
+    def _update(self, group: dict[str, Any], state: dict[str, Any], w: Tensor, g: Tensor, on_manifold: bool) -> None:
+        """One parameter's step; ``w`` and ``g`` are oriented tall (a wide matrix's transposes)."""
+        raise NotImplementedError
+
 
 class RiemannianSGD(_StiefelOptimizer):
     """SGD on the Stiefel manifold: tangent projection, step, retraction (QR or Cayley); momentum transported.
@@ -145,34 +164,21 @@ class RiemannianSGD(_StiefelOptimizer):
             raise ValueError(bad_argument("RiemannianSGD", "momentum", "a number in [0, 1)", momentum))
         super().__init__(params, {"lr": lr, "momentum": float(momentum), "retraction": retraction})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One step for every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, mu, on_manifold = group["lr"], group["momentum"], group["stiefel"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                w, g = (_oriented(p), _oriented(p.grad)) if on_manifold else (p, p.grad)
-                d = tangent(w, g) if on_manifold else g
-                if mu:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = d.clone()
-                    else:
-                        state["momentum_buffer"].mul_(mu).add_(d)
-                    d = state["momentum_buffer"]
-                if on_manifold:
-                    self._retract(group, w, -lr * d)
-                    if mu:
-                        d.copy_(tangent(w, d))  # transport by projection onto the new tangent space
-                else:
-                    w.add_(d, alpha=-lr)
-        return loss
+    def _update(self, group: dict[str, Any], state: dict[str, Any], w: Tensor, g: Tensor, on_manifold: bool) -> None:
+        lr, mu = group["lr"], group["momentum"]
+        d = tangent(w, g) if on_manifold else g
+        if mu:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = d.clone()
+            else:
+                state["momentum_buffer"].mul_(mu).add_(d)
+            d = state["momentum_buffer"]
+        if on_manifold:
+            self._retract(group, w, -lr * d)
+            if mu:
+                d.copy_(tangent(w, d))  # transport by projection onto the new tangent space
+        else:
+            w.add_(d, alpha=-lr)
 
 
 class RiemannianAdam(_StiefelOptimizer):
@@ -193,31 +199,18 @@ class RiemannianAdam(_StiefelOptimizer):
             raise ValueError(bad_argument("RiemannianAdam", "betas", "a pair of numbers in [0, 1)", betas))
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "retraction": retraction})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One step for every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps, on_manifold = group["lr"], group["betas"], group["eps"], group["stiefel"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                w, g = (_oriented(p), _oriented(p.grad)) if on_manifold else (p, p.grad)
-                rg = tangent(w, g) if on_manifold else g
-                state = self.state[p]
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(rg), exp_avg_sq=torch.zeros_like(rg))
-                state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.mul_(b1).add_(rg, alpha=1 - b1)
-                v.mul_(b2).addcmul_(rg, rg, value=1 - b2)
-                direction = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-                if on_manifold:
-                    self._retract(group, w, -lr * tangent(w, direction))
-                    m.copy_(tangent(w, m))  # transport by projection
-                else:
-                    w.add_(direction, alpha=-lr)
-        return loss
+    def _update(self, group: dict[str, Any], state: dict[str, Any], w: Tensor, g: Tensor, on_manifold: bool) -> None:
+        lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+        rg = tangent(w, g) if on_manifold else g
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(rg), exp_avg_sq=torch.zeros_like(rg))
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.mul_(b1).add_(rg, alpha=1 - b1)
+        v.mul_(b2).addcmul_(rg, rg, value=1 - b2)
+        direction = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        if on_manifold:
+            self._retract(group, w, -lr * tangent(w, direction))
+            m.copy_(tangent(w, m))  # transport by projection
+        else:
+            w.add_(direction, alpha=-lr)
