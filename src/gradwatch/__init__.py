@@ -3,6 +3,7 @@
 from gradwatch._version import __version__
 
 from gradwatch._errors import GradwatchWarning, NotARunError  # noqa: E402
+from gradwatch.attack import AttackReport, check_attack  # noqa: E402
 from gradwatch.check import CheckReport, check  # noqa: E402
 from gradwatch.diagnosis import Diagnosis, Finding, Thresholds, diagnose  # noqa: E402
 from gradwatch.doctor import DoctorReport, doctor  # noqa: E402
@@ -11,6 +12,6 @@ from gradwatch.trial import Trial  # noqa: E402
 from gradwatch.watch import Watch, watch  # noqa: E402
 
 __all__ = [
-    "CheckReport", "Diagnosis", "DoctorReport", "Entity", "Finding", "GradwatchWarning", "NotARunError", "Run", "Series", "Thresholds", "Trial", "Watch",
-    "__version__", "check", "diagnose", "doctor", "open_run", "watch",
+    "AttackReport", "CheckReport", "Diagnosis", "DoctorReport", "Entity", "Finding", "GradwatchWarning", "NotARunError", "Run",
+    "Series", "Thresholds", "Trial", "Watch", "__version__", "check", "check_attack", "diagnose", "doctor", "open_run", "watch",
 ]

@@ -81,6 +81,53 @@ def _doctor(spec: str, steps: int, seeds: int, budget: float | None) -> int:
     return 0
 
 
+def _check_attack(spec: str, eps: float, norm: str, steps: int, clip: tuple[float, float] | None, square: bool,
+                  seed: int) -> int:
+    import gradwatch as gw
+    from gradwatch import attack_zoo
+
+    try:
+        if spec.startswith("zoo:"):
+            if spec[4:] not in attack_zoo.SETUPS:
+                raise ValueError(f"no attack set-up {spec[4:]!r}; there are {', '.join(sorted(attack_zoo.SETUPS))}")
+            made = attack_zoo.SETUPS[spec[4:]](seed)
+        else:
+            made = _load_factory(spec)()
+        if isinstance(made, attack_zoo.AttackSetup):
+            model, x, y, clip, embedding = made.model, made.x, made.y, clip or made.clip, made.embedding
+        elif isinstance(made, tuple) and len(made) == 3:
+            (model, x, y), embedding = made, None
+        else:
+            raise ValueError(f"{spec} must return (model, x, y) or an AttackSetup, got {type(made).__name__}")
+        report = gw.check_attack(model, x, y, eps=eps, norm=norm, steps=steps, clip=clip, embedding=embedding,
+                                 square=square, seed=seed)
+    except (ValueError, TypeError, ImportError) as exc:  # a bad spec or factory, the API's argument errors, no ART
+        print(f"gradwatch check-attack: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+def _clip(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects LOW,HIGH such as 0,1, got {text!r}") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"expects LOW,HIGH with LOW < HIGH, got {text!r}")
+    return lo, hi
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expects a positive number, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Find vanishing and exploding gradients.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     doc.add_argument("--steps", type=_positive_int, default=300, help="training steps per trial (default 300)")
     doc.add_argument("--seeds", type=_positive_int, default=1, help="seeds per trial (default 1)")
     doc.add_argument("--budget", type=float, default=None, help="seconds after which no new trial starts")
+    atk = sub.add_parser("check-attack", help="is a robustness claim resting on masked gradients? (gw.check_attack)")
+    atk.add_argument("setup", metavar="MODULE:FACTORY",
+                     help="a Python file or module and a function in it returning (model, x, y), or zoo:NAME "
+                          "(gradwatch.attack_zoo: digits_honest, digits_rounding, digits_temperature, text_…)")
+    atk.add_argument("--eps", type=_positive_float, required=True, help="perturbation budget ε")
+    atk.add_argument("--norm", choices=("linf", "l2"), default="linf", help="the threat model's norm (default linf)")
+    atk.add_argument("--steps", type=_positive_int, default=20, help="PGD iterations (default 20)")
+    atk.add_argument("--clip", type=_clip, default=None, help="valid input range LOW,HIGH, e.g. 0,1")
+    atk.add_argument("--square", action="store_true", help="add ART's Square attack (1,000 queries a sample)")
+    atk.add_argument("--seed", type=int, default=0, help="seed for the attacks and a zoo set-up (default 0)")
     args = parser.parse_args(argv)
+
+    if args.command == "check-attack":
+        return _check_attack(args.setup, args.eps, args.norm, args.steps, args.clip, args.square, args.seed)
 
     if args.command == "doctor":
         return _doctor(args.setup, args.steps, args.seeds, args.budget)
