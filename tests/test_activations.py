@@ -44,7 +44,7 @@ def test_tanh_threshold_is_y_above_099():
     x = torch.tensor([[math.atanh(y_edge) - 1e-3, math.atanh(y_edge) + 1e-3, -3.0, 0.1]])
     m = nn.Tanh()
     stats = call_stats(activation_spec(m), m, x, m(x))
-    assert float(stats[2]) == pytest.approx(0.5)  # two of four saturated
+    assert float(stats.inactive) == pytest.approx(0.5)  # two of four saturated
 
 
 @settings(max_examples=40, deadline=None)
@@ -56,7 +56,7 @@ def test_dead_fraction_closed_form(batch, units, shift):
     m = nn.ReLU()
     stats = call_stats(activation_spec(m), m, x, m(x))
     expect = float((x <= 0).all(0).double().mean())
-    assert float(stats[2]) == pytest.approx(expect)
+    assert float(stats.inactive) == pytest.approx(expect)
 
 
 def test_inplace_silu_leaves_out_what_it_cannot_measure(store):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
+from gradwatch.watching import FollowerWatch
 
 SCRIPT = textwrap.dedent(
     """
@@ -84,7 +85,7 @@ def test_ddp_rank0_records_equal_the_single_process_run(tmp_path):
 
 
 def test_follower_refuses_to_read_back():
-    follower = gw.watch.__globals__["FollowerWatch"](1)
+    follower = FollowerWatch(1)
     follower.log(loss=1.0)
     follower.close()
     with pytest.raises(RuntimeError, match=r"`Watch.diagnose\(\)` on rank 1: only rank 0 records"):

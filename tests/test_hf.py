@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -118,7 +119,7 @@ def test_hf_callback_closes_its_watch_when_training_raises(tmp_path, store):
     # Transformers has no exception event: the next train() finds the watch open (no on_train_end came) and
     # closes it as interrupted, instead of failing with "already watched".
     trainer.remove_callback(boom)
-    cb._options.kwargs["name"] = "retried"
+    cb.options = dataclasses.replace(cb.options, name="retried")
     trainer.train()
     assert first.closed and cb.watch is not first and cb.watch.closed
     with first.open() as run:

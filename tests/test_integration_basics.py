@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import gradwatch as gw
 from conftest import at_step, naive_layer_grad_norms
-from gradwatch.watch import _make_watch
 
 
 def test_staged_norms_are_divided_by_the_loss_scale_still_on_the_gradients(store):
@@ -21,8 +21,8 @@ def test_staged_norms_are_divided_by_the_loss_scale_still_on_the_gradients(store
     twin.load_state_dict(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
-    w = _make_watch(model, opt, store=store, name="staged", scaler=scaler, driver="external")
-    w._stage_after_backward(lambda: True)
+    w = gw.watch(model, opt, store=store, name="staged", scaler=scaler, driver="external", temporal=False)
+    w.stage_after_backward(lambda: True)
     expect = []
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -32,10 +32,10 @@ def test_staged_norms_are_divided_by_the_loss_scale_still_on_the_gradients(store
         expect.append(naive_layer_grad_norms(twin))  # float32, unscaled, at the watched model's weights
         opt.zero_grad()
         scaler.scale(nn.functional.mse_loss(model(x), y)).backward()  # staged here, still scaled
-        w._gradients_ready()
+        w.gradients_ready()
         scaler.step(opt)
         scaler.update()
-        w._step_done()
+        w.step_done()
         with torch.no_grad():  # the twin follows the watched model's weights
             for a, b in zip(twin.parameters(), model.parameters()):
                 a.copy_(b)

@@ -117,8 +117,8 @@ def test_one_host_copy_per_recorded_step(store, monkeypatch):
     calls = []
     original = store_mod.StoreWriter.records
     monkeypatch.setattr(store_mod.StoreWriter, "records",
-                        lambda self, step, keys, values, ready=None, done=None: (calls.append((step, values.numel())),
-                                                                                  original(self, step, keys, values, ready, done))[1])
+                        lambda self, step, keys, values, ready=None: (calls.append((step, values.numel())),
+                                                                       original(self, step, keys, values, ready))[1])
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gw.watch(model, opt, activations=1, update_every=1, store=store, name="one") as w:

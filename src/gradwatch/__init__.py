@@ -9,7 +9,7 @@ from gradwatch.diagnosis import Diagnosis, Finding, Thresholds, diagnose  # noqa
 from gradwatch.doctor import DoctorReport, doctor  # noqa: E402
 from gradwatch.store import Entity, Run, Series, open_run  # noqa: E402
 from gradwatch.trial import Trial  # noqa: E402
-from gradwatch.watch import Watch, watch  # noqa: E402
+from gradwatch.watching import Watch, watch  # noqa: E402
 
 __all__ = [
     "AttackReport", "CheckReport", "Diagnosis", "DoctorReport", "Entity", "Finding", "GradwatchWarning", "NotARunError", "Run",

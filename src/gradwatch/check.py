@@ -266,7 +266,7 @@ def check(
     tracking = {bn: bn.track_running_stats for bn in batch_norms}
     mode = "dropout off; BatchNorm uses batch statistics, as in training" if batch_norms else "dropout off"
     outputs: dict[str, list[Tensor]] = {}
-    acts: dict[str, list[tuple[float, Tensor]]] = {}
+    acts: dict[str, list[tuple[float, act_probe.CallStats]]] = {}
     order: list[tuple[str, str]] = []
     names = {l.module: l.name for l in parts.layers}
     act_names = {a.module: a for a in parts.activations}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from gradwatch.probes.activations import ActivationSpec, activation_spec
@@ -35,18 +34,6 @@ class Anatomy:
     layers: list[Layer] = field(default_factory=list)
     activations: list[Activation] = field(default_factory=list)
 
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """Every trainable parameter once (tied weights appear once), in layer order."""
-        seen: set[int] = set()
-        out = []
-        for layer in self.layers:
-            for _, p in layer.params:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
 
 def anatomy(model: nn.Module) -> Anatomy:
     """Find the layers (modules owning trainable parameters) and the activation modules."""
@@ -60,6 +47,3 @@ def anatomy(model: nn.Module) -> Anatomy:
             found.activations.append(Activation(name, module, spec))
     return found
 
-
-def is_floating(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()

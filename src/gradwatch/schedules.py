@@ -26,22 +26,6 @@ class every:
         return step % self.n == 0
 
 
-@dataclass(frozen=True)
-class first_then_every:
-    """Record each of the first ``first`` steps, then every ``n``-th step."""
-
-    first: int
-    n: int
-
-    def __call__(self, step: int) -> bool:
-        return step < self.first or step % self.n == 0
-
-
-def never(step: int) -> bool:
-    """Never record."""
-    return False
-
-
 # Why 10: on an H200 the forward-side probes (activation statistics, the
 # back-propagated gradient) cost 1.40x per step on ResNet-50 when run every
 # step and 1.002x every 10th step (DESIGN.md); weight snapshots for the

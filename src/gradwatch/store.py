@@ -162,30 +162,49 @@ class StoreWriter:
         self._skip_nan: set[int] = set()
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self.error: BaseException | None = None
+        self._entities: dict[tuple[str, str], int] = {}
+        self._quantities: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
         self._thread.start()
 
     # -- called from the training thread -------------------------------------------------
+    def _put(self, kind: str, payload: Any) -> None:
+        self._queue.put((kind, payload))
+
+    def entity(self, name: str, kind: str, module: str | None = None) -> int:
+        """The id of the entity ``(name, kind)``; the first call allocates it and queues its row."""
+        eid = self._entities.get((name, kind))
+        if eid is None:
+            eid = self._entities[(name, kind)] = len(self._entities) + 1
+            self._put("entities", [(eid, name, kind, module)])
+        return eid
+
+    def quantity(self, name: str) -> int:
+        """The id of a quantity; the first call allocates it and queues its row."""
+        qid = self._quantities.get(name)
+        if qid is None:
+            qid = self._quantities[name] = len(self._quantities) + 1
+            self._put("quantities", [(qid, name)])
+        return qid
+
+    def entity_ids(self) -> dict[tuple[str, str], int]:
+        """Every entity allocated so far: ``(name, kind)`` to id, in order of allocation."""
+        return dict(self._entities)
+
     def meta(self, values: dict[str, Any]) -> None:
-        self._queue.put(("meta", dict(values)))
-
-    def entities(self, rows: Sequence[tuple[int, str, str, str | None]]) -> None:
-        self._queue.put(("entities", list(rows)))
-
-    def quantities(self, rows: Sequence[tuple[int, str]]) -> None:
-        self._queue.put(("quantities", list(rows)))
+        self._put("meta", dict(values))
 
     def depths(self, rows: Sequence[tuple[int, int]]) -> None:
-        self._queue.put(("depths", list(rows)))
+        """Set entities' depths: ``rows`` of (entity id, depth)."""
+        self._put("depths", list(rows))
 
-    def records(self, step: int, keys: np.ndarray, values: Any, ready: Callable[[], None] | None = None,
-                done: Callable[[], None] | None = None) -> None:
+    def records(self, step: int, keys: np.ndarray, values: Any, ready: Callable[[], None] | None = None) -> None:
         """Queue one step's values: ``keys`` is (n, 3) of (entity id, quantity id, pos or −1), ``values`` a host tensor.
 
         ``ready`` is called in the writer thread before reading ``values``
-        (waits for an asynchronous device-to-host copy); ``done`` after.
+        (waits for an asynchronous device-to-host copy).
         """
-        self._queue.put(("records", (step, keys, values, ready, done)))
+        self._put("records", (step, keys, values, ready))
 
     def flush(self) -> None:
         """Block until everything queued so far is committed."""
@@ -260,18 +279,33 @@ class StoreWriter:
         self._con.executemany("UPDATE entities SET depth = ? WHERE id = ?", [(d, i) for i, d in rows])
 
     def _write_records(self, payload: tuple) -> None:
-        step, keys, values, ready, done = payload
+        step, keys, values, ready = payload
         if ready is not None:
             ready()
         vals = values.numpy().astype(np.float64, copy=True)
-        if done is not None:
-            done()
         if self._skip_nan:
             keep = ~(np.isin(keys[:, 1], list(self._skip_nan)) & np.isnan(vals))
             keys, vals = keys[keep], vals[keep]
         pos = [None if p < 0 else p for p in keys[:, 2].tolist()]
         rows = zip(itertools.repeat(step), keys[:, 0].tolist(), keys[:, 1].tolist(), vals.tolist(), pos)
         self._con.executemany("INSERT INTO records (step, entity, quantity, value, pos) VALUES (?, ?, ?, ?, ?)", rows)
+
+
+class NullWriter(StoreWriter):
+    """A writer that allocates ids and keeps nothing: a sharded job's ranks other than 0 measure, rank 0 writes."""
+
+    def __init__(self) -> None:  # no file, no thread, no lock
+        self.error = None
+        self._entities, self._quantities = {}, {}
+
+    def _put(self, kind: str, payload: Any) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def close(self, final: dict[str, Any] | None = None) -> None:
+        return None
 
 
 # -- reading ---------------------------------------------------------------------------

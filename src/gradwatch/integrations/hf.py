@@ -42,7 +42,7 @@ class GradwatchCallback(WatchingCallback, _transformers.TrainerCallback):  # typ
         if stale is not None and not stale.closed and stale.model is model:
             # Transformers has no exception event: a Trainer.train that raised never reached on_train_end,
             # and this is its retry. Close that watch as interrupted rather than refuse the retry.
-            stale._close(status="interrupted: Trainer.train raised before on_train_end")
+            stale.close(interrupted_by="Trainer.train raised before on_train_end")
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         scaler = getattr(optimizer, "scaler", None)
         watch = self._start(model, inner, scaler, "Trainer.train")
@@ -51,16 +51,16 @@ class GradwatchCallback(WatchingCallback, _transformers.TrainerCallback):  # typ
         def last_micro_batch() -> bool:  # the backward whose gradients the optimizer will step on
             return gradient_state is None or bool(gradient_state.sync_gradients)
 
-        watch._stage_after_backward(last_micro_batch)  # divided by the scaler's scale, if it has one
+        watch.stage_after_backward(last_micro_batch)  # divided by the scaler's scale, if it has one
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watch is not None:
-            self.watch._gradients_ready()
+            self.watch.gradients_ready()
             self._measured = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watch is not None and self._measured:
-            self.watch._step_done()
+            self.watch.step_done()
             self._measured = False
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:

@@ -47,7 +47,7 @@ class GradwatchCallback(WatchingCallback, _pl.Callback):  # type: ignore[misc,na
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.watch is not None and not self._measured:
-            self.watch._gradients_ready()
+            self.watch.gradients_ready()
             self._measured = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -56,7 +56,7 @@ class GradwatchCallback(WatchingCallback, _pl.Callback):  # type: ignore[misc,na
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and getattr(loss, "numel", lambda: 0)() == 1:
             self.watch.log(loss=loss)
-        self.watch._step_done()
+        self.watch.step_done()
         self._measured = False
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -65,4 +65,4 @@ class GradwatchCallback(WatchingCallback, _pl.Callback):  # type: ignore[misc,na
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.watch is not None and not self.watch.closed:
-            self.watch._close(status=f"interrupted by {type(exception).__name__}")
+            self.watch.close(interrupted_by=exception)

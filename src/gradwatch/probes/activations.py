@@ -26,8 +26,8 @@ out of reach of module hooks and are not measured here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ class ActivationSpec:
 
     @property
     def quantity(self) -> str:
+        """What its inactive fraction is recorded as: ``saturated_frac`` (bounded units) or ``dead_frac``."""
         return "saturated_frac" if self.family == "bounded" else "dead_frac"
 
 
@@ -186,9 +187,18 @@ def _moments(y: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (meansq - mean * mean).clamp_min(0)
 
 
+class CallStats(NamedTuple):
+    """Statistics of one call of an activation module, as 0-dim tensors on its device."""
+
+    mean: Tensor
+    var: Tensor  # population variance
+    inactive: Tensor  # saturated fraction (bounded units) or dead fraction (ReLU-likes); NaN where unknown
+    deriv_ms: Tensor  # E[φ'(x)²]; NaN where unknown
+
+
 @torch.no_grad()
-def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tensor:
-    """Statistics of one call, on the device: (mean, var, inactive fraction, mean φ'²).
+def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> CallStats:
+    """Statistics of one call, on the device.
 
     The inactive fraction is the saturated fraction for bounded units and the
     dead fraction for ReLU-likes; NaN where the derivative cannot be known.
@@ -199,11 +209,11 @@ def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tenso
     mean, var = _moments(y)
     if spec.needs_input and getattr(module, "inplace", False):  # the input is gone, so is the derivative
         nan = torch.full_like(mean, float("nan"))
-        return torch.stack([mean, var, nan, nan])
+        return CallStats(mean, var, nan, nan)
     if spec.indicator is _relu_active:  # y ≥ 0: active where y ≠ 0; a unit lives if its batch max is > 0
         on = torch.count_nonzero(y).to(mean.dtype) / y.numel()
         frac = 1 - (_per_unit(y).amax(dim=0) > 0).to(mean.dtype).mean()
-        return torch.stack([mean, var, frac, on * spec.peak**2])
+        return CallStats(mean, var, frac, on * spec.peak**2)
     if spec.indicator is not None:
         active = spec.indicator(module, y)
         on = active.sum().to(mean.dtype) / y.numel()  # fraction of unit-samples with φ' = peak
@@ -211,14 +221,14 @@ def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> Tenso
             frac = 1 - on
         else:
             frac = 1 - _per_unit(active).any(dim=0).to(mean.dtype).mean()
-        return torch.stack([mean, var, frac, on * spec.peak**2])
+        return CallStats(mean, var, frac, on * spec.peak**2)
     d = spec.derivative(module, x, y)
     inactive = d.abs() < INACTIVE_BELOW * spec.peak
     if spec.family == "bounded":
         frac = inactive.to(mean.dtype).mean()
     else:
         frac = _per_unit(inactive).all(dim=0).to(mean.dtype).mean()
-    return torch.stack([mean, var, frac, _mean_square(d).to(mean.dtype)])
+    return CallStats(mean, var, frac, _mean_square(d).to(mean.dtype))
 
 
 def _mean_square(t: Tensor) -> Tensor:
@@ -232,15 +242,24 @@ def _per_unit(mask: Tensor) -> Tensor:
     return mask.reshape(mask.shape[0], -1) if mask.dim() > 1 else mask.reshape(1, -1)
 
 
-def combine(calls: dict[int, list[tuple[float, Tensor]]]) -> tuple[list[int], Tensor]:
+class Pooled(NamedTuple):
+    """Each module's calls of one step pooled: vectors over ``modules``."""
+
+    modules: list[int]
+    mean: Tensor
+    std: Tensor  # population standard deviation over every element of every call
+    inactive: Tensor
+    deriv_rms: Tensor  # √E[φ'²]
+
+
+def pool(calls: dict[int, list[tuple[float, CallStats]]]) -> Pooled:
     """Pool each module's calls in one step, all modules at once.
 
-    ``calls[module] = [(element count, call_stats), …]``. Returns the module
-    indices and their (mean, std, inactive fraction, rms φ') rows, pooled over
-    every element of every call (Chan et al.'s parallel variance).
+    ``calls[module] = [(element count, call_stats), …]``; the result is
+    pooled over every element of every call (Chan et al.'s parallel variance).
     """
     idx = sorted(calls)
-    s = torch.stack([t for i in idx for _, t in calls[i]])  # (total calls, 4)
+    s = torch.stack([torch.stack(tuple(t)) for i in idx for _, t in calls[i]])  # (total calls, 4): CallStats' fields
     if len(s) > len(idx):
         w = torch.tensor([n / sum(m for m, _ in calls[i]) for i in idx for n, _ in calls[i]],
                          dtype=s.dtype, device=s.device)
@@ -251,4 +270,60 @@ def combine(calls: dict[int, list[tuple[float, Tensor]]]) -> tuple[list[int], Te
 
         mean = pooled(s[:, 0])
         s = torch.stack([mean, pooled(s[:, 1] + (s[:, 0] - mean[seg]) ** 2), pooled(s[:, 2]), pooled(s[:, 3])], 1)
-    return idx, torch.stack([s[:, 0], s[:, 1].clamp_min(0).sqrt(), s[:, 2], s[:, 3].sqrt()], 1)
+    return Pooled(idx, s[:, 0], s[:, 1].clamp_min(0).sqrt(), s[:, 2], s[:, 3].sqrt())
+
+
+def combine(calls: dict[int, list[tuple[float, CallStats]]]) -> tuple[list[int], Tensor]:
+    """:func:`pool` as (module indices, rows of (mean, std, inactive fraction, rms φ'))."""
+    p = pool(calls)
+    return p.modules, torch.stack([p.mean, p.std, p.inactive, p.deriv_rms], 1)
+
+
+@dataclass
+class Call:
+    """One measured call of an activation module in a sampled step."""
+
+    count: float  # elements of the output
+    stats: CallStats
+    # Whether the call counts: one whose output takes part in autograd counts only once a backward that fills
+    # .grad reaches it (a validation pass without no_grad never does); one whose output cannot be
+    # differentiated counts as it is.
+    reached: bool
+
+
+@dataclass
+class ActivationProbe:
+    """Activation statistics of one step: each call measured as it runs, pooled per module, handed back by name."""
+
+    specs: list[ActivationSpec]  # one per watched activation module, by index
+    device: torch.device  # where the statistics gather before the step's one host copy
+    _calls: dict[int, list[Call]] = field(default_factory=dict)
+
+    def measure(self, i: int, module: nn.Module, args: tuple, output: Any) -> Call | None:
+        """Measure a call of activation module ``i``; None where there is nothing to measure."""
+        x = first_tensor(args)
+        if x is None or not isinstance(output, Tensor) or not output.is_floating_point() or output.numel() == 0:
+            return None
+        stats = CallStats(*(t.to(self.device) for t in call_stats(self.specs[i], module, x, output)))
+        call = Call(float(output.numel()), stats, reached=not output.requires_grad)
+        self._calls.setdefault(i, []).append(call)
+        return call
+
+    def take(self) -> list[tuple[str, list[int], Tensor]]:
+        """The step's pooled statistics as (quantity, module indices, values); forgets the calls."""
+        calls, self._calls = self._calls, {}
+        reached = {i: [(c.count, c.stats) for c in cs if c.reached] for i, cs in calls.items()}
+        reached = {i: c for i, c in reached.items() if c}
+        if not reached:
+            return []
+        p = pool(reached)
+        out = [("act_mean", p.modules, p.mean), ("act_std", p.modules, p.std)]
+        for quantity in ("saturated_frac", "dead_frac"):
+            rows = [k for k, i in enumerate(p.modules) if self.specs[i].quantity == quantity]
+            if rows:
+                out.append((quantity, [p.modules[k] for k in rows], p.inactive[rows]))
+        out.append(("deriv_rms", p.modules, p.deriv_rms))
+        return out
+
+    def clear(self) -> None:
+        self._calls = {}

@@ -137,7 +137,6 @@ class GradProbe:
     """Reads ``param.grad`` and the weights of the watched layers."""
 
     def __init__(self, layers: Sequence[Layer]) -> None:
-        self.layer_names = [layer.name for layer in layers]
         self.params: list[torch.nn.Parameter] = []
         position: dict[int, int] = {}
         self.pair_param: list[int] = []  # one entry per (layer, attribute)
@@ -233,6 +232,10 @@ class GradProbe:
     @property
     def has_snapshot(self) -> bool:
         return self._before is not None
+
+    def drop_snapshot(self) -> None:
+        """Forget a snapshot without using it (the watch stopped recording)."""
+        self._before = None
 
     @torch.no_grad()
     def updates(self) -> Stats:

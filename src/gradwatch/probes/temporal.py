@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from gradwatch._errors import bad_argument
+
 POWER_ITERATIONS = 20
 JACOBIAN_SAMPLES = 8
 
@@ -225,10 +227,8 @@ def step_jacobian_norms(run: LayerRun, iterations: int = POWER_ITERATIONS, sampl
 
 # -- the probe the watch drives ---------------------------------------------------------
 
-def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Module]]:
+def find_recurrent(model: nn.Module, temporal: object, caller: str = "watch") -> list[tuple[str, nn.Module]]:
     """The modules ``watch(temporal=…)`` follows; raises on a bad argument (before any hook)."""
-    from gradwatch._errors import bad_argument
-
     if temporal is False:
         return []
     modules = dict(model.named_modules())
@@ -238,17 +238,17 @@ def find_recurrent(model: nn.Module, temporal: object) -> list[tuple[str, nn.Mod
         found: list[tuple[str, nn.Module]] = [(n, m) for n, m in modules.items() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
         if not found:
             raise ValueError(
-                "`watch(temporal=True)` found no nn.RNN/GRU/LSTM or nn.*Cell in the model; "
+                f"`{caller}(temporal=True)` found no nn.RNN/GRU/LSTM or nn.*Cell in the model; "
                 "for a cell of your own pass its name: temporal=['cell']"
             )
         return found
     if isinstance(temporal, (list, tuple)) and temporal and all(isinstance(t, str) for t in temporal):
         missing = [t for t in temporal if t not in modules]
         if missing:
-            raise ValueError(f"`watch(temporal=…)`: no module named {missing[0]!r} in the model "
+            raise ValueError(f"`{caller}(temporal=…)`: no module named {missing[0]!r} in the model "
                              f"(names as in named_modules())")
         return [(t, modules[t]) for t in temporal]
-    raise TypeError(bad_argument("watch", "temporal", "True, False or a list of module names (or \"auto\", the default)", temporal))
+    raise TypeError(bad_argument(caller, "temporal", "True, False or a list of module names (or \"auto\", the default)", temporal))
 
 
 def _gamma(module: nn.Module) -> float | None:

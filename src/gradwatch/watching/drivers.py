@@ -1,0 +1,233 @@
+"""Step drivers: who tells the watch that a step's gradients are ready and that the step is over.
+
+- ``optimizer`` (``gw.watch`` with an optimizer): the optimizer's step
+  pre-hook says "gradients ready" (accumulated gradients are read once), its
+  post-hook "step done". A ``GradScaler`` that skips a step for inf/NaN
+  gradients never calls ``optimizer.step()``; wrapping the scaler's ``step``
+  notices that, and the skipped step is recorded too.
+- ``backward`` (no optimizer): a step is one backward pass; at its end the
+  gradients are read and the step closes at once.
+- ``external`` (a framework's callbacks): the caller says it, through
+  :meth:`Watch.gradients_ready` and :meth:`Watch.step_done`; an optimizer
+  post-hook only tells a taken step from a skipped one. For trainers that clip
+  the gradients before any callback sees them, :meth:`Watch.stage_after_backward`
+  reads them at the end of backward instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class Steps(Protocol):
+    """The watch as its driver sees it: the steps' sequence (:class:`~gradwatch.watching.handle.Watch`)."""
+
+    optimizer: torch.optim.Optimizer | None
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def _run_guarded(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def _gradients_ready(self) -> None: ...
+
+    def _step_done(self) -> None: ...
+
+    def _step_skipped(self) -> None: ...
+
+    def _backward_step(self) -> None: ...
+
+    def _stage(self, scale: Tensor | None) -> None: ...
+
+    def _optimizer_stepped(self) -> None: ...
+
+
+class Driver:
+    """Places the hooks that drive a watch's steps."""
+
+    kind = ""
+
+    def __init__(self, watch: Steps, params: list[nn.Parameter], scaler: Any) -> None:
+        self.watch = watch  # (read by the check for a model that is already watched)
+        self.params = params
+        self.scaler = scaler
+
+    def place(self) -> list[Any]:
+        """Place the hooks; returns their handles (each with ``remove()``)."""
+        raise NotImplementedError
+
+
+class OptimizerDriver(Driver):
+    """Gradients ready before ``optimizer.step()``, the step done after it; a scaler's skipped steps too."""
+
+    kind = "optimizer"
+
+    def place(self) -> list[Any]:
+        optimizer = self.watch.optimizer
+        assert optimizer is not None
+        handles: list[Any] = [optimizer.register_step_pre_hook(self._before),
+                              optimizer.register_step_post_hook(self._after)]
+        if self.scaler is not None:
+            handles.append(ScalerStepWrap(self.scaler, self.watch))
+        return handles
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.watch._gradients_ready()
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.watch._step_done()
+
+
+class BackwardDriver(Driver):
+    """No optimizer: each backward pass is a step, read and closed when the pass ends."""
+
+    kind = "backward"
+
+    def place(self) -> list[Any]:
+        self._end = EndOfBackward(self.watch, self.params, self.watch._backward_step)
+        return self._end.place()
+
+
+class ExternalDriver(Driver):
+    """The caller drives the steps; the optimizer's post-hook only says that a step was taken."""
+
+    kind = "external"
+
+    def place(self) -> list[Any]:
+        optimizer = self.watch.optimizer
+        return [optimizer.register_step_post_hook(self._stepped)] if optimizer is not None else []
+
+    def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.watch._optimizer_stepped()
+
+    def stage_after_backward(self, when: Callable[[], bool], device: torch.device) -> list[Any]:
+        """At the end of every backward pass for which ``when()`` holds, stage the gradient statistics."""
+
+        def stage() -> None:
+            if when():
+                self.watch._stage(current_scale(self.scaler, device))
+
+        self._end = EndOfBackward(self.watch, self.params, stage)
+        return self._end.place()
+
+
+DRIVERS: dict[str, type[Driver]] = {"optimizer": OptimizerDriver, "backward": BackwardDriver, "external": ExternalDriver}
+
+
+def make_driver(kind: str, watch: Steps, params: list[nn.Parameter], scaler: Any) -> Driver:
+    """The driver of ``kind``; "auto": the optimizer's hooks with an optimizer, else the end of backward."""
+    if kind == "auto":
+        kind = "optimizer" if watch.optimizer is not None else "backward"
+    return DRIVERS[kind](watch, params, scaler)
+
+
+class EndOfBackward:
+    """Calls ``then`` once at the end of every backward pass that accumulates into the parameters' ``.grad``.
+
+    The first parameter's post-accumulate hook of a pass queues an engine
+    callback, which runs when the whole pass is over.
+    """
+
+    def __init__(self, watch: Steps, params: list[nn.Parameter], then: Callable[[], None]) -> None:
+        self.watch = watch
+        self._params = params
+        self._then = then
+        self._queued = False  # the callback of the running backward pass is queued
+
+    def place(self) -> list[Any]:
+        return [p.register_post_accumulate_grad_hook(WeakHook(self, "_accumulated")) for p in self._params]
+
+    def _accumulated(self, param: Tensor) -> None:
+        self.watch._run_guarded(self._queue)
+
+    def _queue(self) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._ended)
+
+    def _ended(self) -> None:
+        self.watch._run_guarded(self._end)
+
+    def _end(self) -> None:
+        self._queued = False
+        self._then()
+
+
+class WeakHook:
+    """A parameter hook that calls a method through a weak reference.
+
+    Hooks on tensors live in C++, where Python's garbage collector cannot see
+    the cycle watch → model → parameter → hook → watch; a strong hook there
+    would keep a dropped watch (and its writer thread and files) alive for
+    ever. The module hooks, in Python dicts, keep the watch alive while its
+    model lives; this one does not pin it.
+    """
+
+    def __init__(self, owner: Any, method: str) -> None:
+        self._ref = weakref.ref(owner)
+        self._method = method
+
+    @property
+    def __self__(self) -> Any:  # (read by the check for a model that is already watched, as a bound method's)
+        return self._ref()
+
+    def __call__(self, *args: Any) -> Any:
+        owner = self._ref()
+        return None if owner is None else getattr(owner, self._method)(*args)
+
+
+class ScalerStepWrap:
+    """Wraps one GradScaler's ``step`` (on the instance) so that a step it skips is recorded.
+
+    ``GradScaler.step(optimizer)`` unscales the gradients, then calls
+    ``optimizer.step()`` only if they are all finite. A skipped step therefore
+    never reaches the optimizer's hooks, and the watch's step does not end;
+    the wrap notices that and records it (gradient statistics with their
+    NaN/Inf, ``skipped_step`` = 1 and the ``loss_scale``). ``remove()`` puts the
+    class's method back.
+    """
+
+    def __init__(self, scaler: Any, watch: Steps) -> None:
+        self.scaler = scaler
+        original = scaler.step
+
+        @functools.wraps(original)
+        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            before = watch.step
+            out = original(optimizer, *args, **kwargs)
+            if optimizer is watch.optimizer and watch.step == before and not watch.closed:
+                watch._step_skipped()
+            return out
+
+        step.__gradwatch__ = watch  # type: ignore[attr-defined]
+        scaler.step = step
+
+    def remove(self) -> None:
+        self.scaler.__dict__.pop("step", None)
+
+
+def current_scale(scaler: Any, device: torch.device) -> Tensor | None:
+    """The GradScaler's current scale as a float64 device tensor (no host read), or None without one."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)  # the scaler's own tensor, on the device
+    if not isinstance(scale, Tensor):  # not created yet, or a scaler of another make
+        return torch.tensor(float(scaler.get_scale()), dtype=torch.float64, device=device)
+    return scale.detach().to(device, torch.float64).reshape(())
+
+
+def skipped_scale(scaler: Any, after_update: bool) -> float:
+    """The loss scale a skipped step used (a host read, on skipped steps only).
+
+    ``after_update``: read after ``scaler.update()`` backed off (a callback closing the step late).
+    """
+    scale = float(scaler.get_scale())
+    return scale / scaler.get_backoff_factor() if after_update else scale

@@ -1,0 +1,204 @@
+"""``gw.watch``: every argument checked, then this rank's watch, its run directory, its hooks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch._errors import bad_argument
+from gradwatch.probes.temporal import find_recurrent
+from gradwatch.schedules import Schedule
+from gradwatch.watching.distributed import FollowerWatch, ShardFollowerWatch, is_sharded, rank, uses_fsdp1
+from gradwatch.watching.handle import Watch
+from gradwatch.watching.options import WatchOptions
+from gradwatch.watching.rundir import open_run_dir
+
+DRIVERS = ("auto", "external")
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    every: int | Schedule = 1,
+    activations: bool | int | Schedule = True,
+    update_every: bool | int | Schedule = True,
+    store: str | Path | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    temporal: bool | str | list[str] = "auto",
+    scaler: torch.amp.GradScaler | None = None,
+    driver: str = "auto",
+) -> Watch:
+    """Watch a model's gradients while it trains; returns the :class:`Watch` handle.
+
+    Args:
+        model: the module to watch. Its *layers* are the modules that directly
+            own trainable parameters, named by their ``named_modules()`` path.
+        optimizer: when given, a step is one ``optimizer.step()`` and update
+            ratios are measured across it; otherwise a step is one backward pass.
+        every: gradient norms and non-finite counts on these steps (an int n:
+            steps 0, n, 2n, …; or a callable ``step -> bool``).
+        activations: activation statistics and the back-propagated gradient
+            ‖∂L/∂a‖ at each layer's output, on these steps. True: every 10th
+            step (:data:`gradwatch.schedules.DEFAULT_SAMPLED`); False: never.
+        update_every: weight norms and update ratios on these steps (needs an
+            optimizer; each costs a copy of the weights during that step).
+            True: every 10th step.
+        store: directory that holds the runs (default ``runs``).
+        name: this run's name, a directory under ``store`` (default: the model's
+            class and the time).
+        overwrite: replace an existing run of the same name.
+        temporal: record ‖∂L/∂h_t‖ at every time step of recurrent modules, on
+            the ``activations`` schedule. "auto" (the default): every
+            ``nn.RNNCell``/``GRUCell``/``LSTMCell`` that one forward pass calls
+            more than once (a cell in a Python loop), nothing else, and nothing
+            when ``activations=False``. True: every ``nn.RNN``/``nn.GRU``/
+            ``nn.LSTM`` and ``nn.*Cell`` (fused modules are re-run unrolled);
+            or the names of the modules to follow (a cell of your own, called
+            once per time step, whose output is its new hidden state). See
+            :mod:`gradwatch.probes.temporal` for what it costs.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
+            statistics are always of the unscaled gradients (the scaler
+            unscales before ``optimizer.step()``); with the scaler given, a step
+            it skips for inf/NaN gradients is recorded too — its gradient
+            statistics, ``skipped_step`` = 1 and ``loss_scale`` — instead of
+            vanishing from the record, and ‖∂L/∂a‖, ‖∂L/∂h_t‖ (read during
+            backward, while the scale is on them) are divided by the scale.
+        driver: who says when a step's gradients are ready and when it is over.
+            "auto": the optimizer's step hooks, or without an optimizer the end
+            of each backward pass. "external": your code, by calling
+            :meth:`Watch.gradients_ready` and :meth:`Watch.step_done` (a
+            callback for a framework that owns the loop; see the README).
+
+    In a ``torch.distributed`` job only rank 0 records. Under DDP every rank
+    holds the same all-reduced gradients, and the other ranks get a
+    :class:`~gradwatch.watching.FollowerWatch` that does nothing. With sharded
+    parameters (FSDP2's ``fully_shard``) every rank must call ``watch`` with
+    the same schedules: each reads its slices, one all-reduce of squared norms
+    per recorded step gives the whole tensors' norms, and rank 0 writes.
+    """
+    options = WatchOptions(every=every, activations=activations, update_every=update_every, store=store, name=name,
+                           overwrite=overwrite, temporal=temporal)
+    return start(model, optimizer, options, scaler=scaler, driver=driver)
+
+
+def start(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: WatchOptions, *,
+          scaler: Any = None, driver: str = "auto") -> Watch:
+    """A watch with ``options`` (checked already) on ``model``: every check before any hook or file."""
+    caller = options.caller
+    if driver not in DRIVERS:
+        raise ValueError(bad_argument(caller, "driver", " or ".join(repr(d) for d in DRIVERS), driver))
+    _check_model(model, optimizer, caller)
+    if optimizer is None and options.updates_need_optimizer and driver != "external":  # (callbacks: the trainer's)
+        raise ValueError(f"`{caller}(update_every=…)` measures updates across optimizer.step(): "
+                         f"pass optimizer=… as well")
+    _check_scaler(scaler, optimizer, caller)
+    recurrent = find_recurrent(model, options.temporal_modules, caller)
+    _check_not_watched(model, optimizer, caller)
+    here = rank()
+    if here != 0 and is_sharded(model):  # FSDP: every rank holds a slice; all take part, rank 0 writes
+        shard = WatchOptions(every=options.every, activations=False, update_every=options.update_every,
+                             temporal=False, caller=caller)
+        return ShardFollowerWatch(here, model, optimizer, shard, run_dir=None, driver=driver, scaler=scaler)
+    if here != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
+        return FollowerWatch(here)
+    run_dir, lock = open_run_dir(options.root, options.name, model, options.overwrite, caller)
+    try:
+        return Watch(model, optimizer, options, run_dir=run_dir, lock=lock, recurrent=recurrent, driver=driver,
+                     scaler=scaler)
+    except BaseException:
+        lock.release()  # (idempotent: the writer may have released it already)
+        raise
+
+
+def _check_model(model: Any, optimizer: Any, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(bad_argument(caller, "model", "a torch.nn.Module", model))
+    if uses_fsdp1(model):
+        raise NotImplementedError(
+            f"`{caller}(model=…)`: the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat parameters "
+            f"hide the layers' own tensors; shard it with torch.distributed.fsdp.fully_shard (FSDP2) instead, "
+            f"which gradwatch measures exactly"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"`{caller}(model=…)`: {type(model).__name__} has no parameters that require grad, so there is nothing to watch"
+        )
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(bad_argument(caller, "optimizer", "a torch.optim.Optimizer or None", optimizer))
+        own = {id(p) for p in model.parameters()}
+        foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+        if foreign:
+            raise ValueError(
+                f"`{caller}(optimizer=…)`: the optimizer holds {foreign} parameter(s) that are not the model's; "
+                f"pass the optimizer that trains this model"
+            )
+
+
+def _check_scaler(scaler: Any, optimizer: Any, caller: str) -> None:
+    if scaler is None:
+        return
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(bad_argument(caller, "scaler", "a torch.amp.GradScaler or None", scaler))
+    if optimizer is None:
+        raise ValueError(f"`{caller}(scaler=…)` needs the optimizer the scaler steps: pass optimizer=… as well")
+    if "step" in scaler.__dict__:
+        raise RuntimeError(f"`{caller}(scaler=…)`: this GradScaler's step() is already wrapped "
+                           f"(another watch holds it); close that watch first")
+
+
+def _check_not_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None, caller: str) -> None:
+    other = _already_watched(model, optimizer)
+    if other is None:
+        return
+    shared = _shared_module(model, other)
+    if shared is not None:
+        raise RuntimeError(
+            f"`{caller}(model=…)`: its module {shared[0]!r} ({shared[1]}) is shared with a model another watch holds "
+            f"(store {str(other.path)!r}); one module's hooks cannot tell the two models' passes apart: "
+            f"give each model its own instance, or close that watch first"
+        )
+    raise RuntimeError(f"`{caller}(model=…)`: this model is already watched (store {str(other.path)!r}); "
+                       f"close that watch first")
+
+
+def _owner(hooks: Any) -> Watch | None:
+    """The watch that placed one of ``hooks`` (a dict of hooks), if any: its own method, or its driver's."""
+    for h in (hooks or {}).values():
+        h = h.func if isinstance(h, functools.partial) else h
+        owner = getattr(h, "__self__", None)
+        owner = getattr(owner, "watch", owner)  # a driver's hook: the driver's watch
+        if isinstance(owner, Watch):
+            return owner
+    return None
+
+
+def _already_watched(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Watch | None:
+    for m in model.modules():
+        found = _owner(m._forward_hooks) or _owner(m._forward_pre_hooks)
+        if found is not None:
+            return found
+    for p in model.parameters():
+        found = _owner(getattr(p, "_post_accumulate_grad_hooks", None))
+        if found is not None:
+            return found
+    if optimizer is not None:
+        return _owner(optimizer._optimizer_step_pre_hooks)
+    return None
+
+
+def _shared_module(model: nn.Module, other: Watch) -> tuple[str, str] | None:
+    """(name, class) of a module of ``model`` that another watch's model also holds, if ``model`` is not that model."""
+    if other.model is model:
+        return None
+    theirs = {id(m) for m in other.model.modules()}
+    for name, m in model.named_modules():
+        if id(m) in theirs:
+            return name or "(root)", type(m).__name__
+    return None

@@ -1,0 +1,55 @@
+"""What a run's ``meta`` says about the set-up it watched: versions, model, optimizer, schedules."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import numbers
+import platform
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch import __version__
+from gradwatch.layers import Anatomy
+from gradwatch.schedules import Schedule
+
+
+def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, parts: Anatomy,
+                 params: list[nn.Parameter], recurrent: list[dict], device: torch.device,
+                 schedules: dict[str, Schedule | None]) -> dict[str, Any]:
+    """The run's metadata at the watch's start (``status`` running)."""
+    return {
+        "gradwatch": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "status": "running",
+        "seed": torch.initial_seed(),
+        "device": str(device),
+        "model": type(model).__name__,
+        "n_params": sum(p.numel() for p in params),
+        "layers": [
+            {"name": l.name, "module": type(l.module).__name__, "params": {a: list(p.shape) for a, p in l.params}}
+            for l in parts.layers
+        ],
+        "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
+        "recurrent": recurrent,
+        "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+        # The learning rate at the watch's start (largest group) and, when an LR scheduler already wraps
+        # the optimizer, the base rate it starts from (`initial_lr`): a warm-up starts below it.
+        "optimizer_lr": max_group(optimizer, "lr"),
+        "optimizer_initial_lr": max_group(optimizer, "initial_lr"),
+        # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
+        # normalisation, activation types) to propose only remedies it does not already have.
+        "module_types": sorted({type(m).__name__ for m in model.modules()}),
+        "schedules": {k: repr(v) for k, v in schedules.items()},
+    }
+
+
+def max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
+    """The largest numeric ``key`` over the optimizer's parameter groups (None when no group has one)."""
+    if optimizer is None:
+        return None
+    got = [float(g[key]) for g in optimizer.param_groups if isinstance(g.get(key), numbers.Real)]
+    return max(got) if got else None

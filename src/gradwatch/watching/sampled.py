@@ -1,0 +1,106 @@
+"""The probes that run on sampled steps, fed from forward hooks.
+
+On a sampled step each layer's forward hook places a tensor hook on the
+layer's output (for ‖∂L/∂a‖), each activation's forward hook measures the call,
+and each followed recurrent module's call is captured for ‖∂L/∂h_t‖. What a
+backward pass delivers counts only when that pass fills the parameters'
+``.grad``: a ``torch.autograd.grad`` call (a gradient penalty, an input
+gradient) runs the same tensor hooks and is left out.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.layers import Activation
+from gradwatch.probes.activations import ActivationProbe, Call
+from gradwatch.probes.backprop import BackpropProbe, grad_tensors
+from gradwatch.probes.temporal import TemporalProbe
+from gradwatch.watching.buffer import StepBuffer
+
+Guard = Callable[..., Any]  # guard(fn, *args): run a hook body, a failure stops the recording instead of training
+
+
+class SampledProbes:
+    """‖∂L/∂a‖ at layer outputs, activation statistics and gradients through time, for one watch."""
+
+    def __init__(self, activations: list[Activation], params: list[nn.Parameter], device: torch.device,
+                 recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard) -> None:
+        self.backprop = BackpropProbe(device)
+        self.activations = ActivationProbe([a.spec for a in activations], device)
+        self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
+        self._params = params
+        self._guard = guard
+        self._accumulators: list[Any] | None = None  # the parameters' AccumulateGrad nodes, found at first use
+        self._fill_task: tuple[int, bool] = (-1, True)  # (graph task, whether it fills .grad)
+
+    # -- from the forward hooks of a sampled step ------------------------------------------
+    def layer_output(self, layer: int, output: Any) -> None:
+        """Hook the output of layer ``layer``: its gradient's norm is ‖∂L/∂a‖."""
+        hook = functools.partial(self._guard, self._output_grad, layer)
+        for t in grad_tensors(output):
+            t.register_hook(hook)
+
+    def activation_call(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
+        """Measure a call of activation ``i``; it counts once a backward that fills ``.grad`` reaches it."""
+        call = self.activations.measure(i, module, args, output)
+        if call is not None and output.requires_grad:
+            output.register_hook(functools.partial(self._guard, self._reached, call))
+
+    def recurrent_call(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Capture a followed recurrent module's call for ‖∂L/∂h_t‖."""
+        self.temporal.capture(module, args, output, self._guard)
+
+    def _output_grad(self, layer: int, grad: Tensor) -> None:
+        if self._fills_grad():
+            self.backprop.add(layer, grad)
+
+    def _reached(self, call: Call, grad: Tensor) -> None:
+        if self._fills_grad():
+            call.reached = True
+
+    def _fills_grad(self) -> bool:
+        """Whether the running backward pass accumulates into the parameters' ``.grad`` (decided once per pass).
+
+        A tensor hook also fires inside ``torch.autograd.grad`` (a gradient
+        penalty's ``create_graph=True`` pass, an input gradient); that pass
+        runs none of the parameters' AccumulateGrad nodes, so it is left out.
+        """
+        try:
+            task = torch._C._current_graph_task_id()
+            if self._fill_task[0] != task:
+                if self._accumulators is None:
+                    self._accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in self._params]
+                fills = any(torch._C._will_engine_execute_node(n) for n in self._accumulators)
+                self._fill_task = (task, fills)
+            return self._fill_task[1]
+        except RuntimeError:  # not an eager engine's backward (a compiled one): count it, as before
+            return True
+
+    # -- into the step's values ----------------------------------------------------------
+    def add_temporal(self, buffer: StepBuffer, scale: Tensor | None, ids: dict[str, int]) -> None:
+        """Queue ‖∂L/∂h_t‖ and friends (a loss ``scale`` still on the gradients is divided out)."""
+        for name, quantity, pos, values in self.temporal.take():
+            if quantity == "temporal_grad_norm" and scale is not None:
+                values = values / scale
+            buffer.add_positioned(ids[name], quantity, pos, values)
+
+    def add_step(self, buffer: StepBuffer, scale: Tensor | None) -> None:
+        """Queue the step's ‖∂L/∂a‖ (divided by ``scale``) and activation statistics."""
+        taken = self.backprop.take()
+        if taken is not None:
+            layers, norms = taken
+            buffer.add("layer", layers, "out_grad_norm", norms if scale is None else norms / scale)
+        for quantity, index, values in self.activations.take():
+            buffer.add("activation", index, quantity, values)
+
+    def clear(self) -> None:
+        """Forget everything measured (the watch stopped recording)."""
+        self.backprop.clear()
+        self.activations.clear()
+        self.temporal.clear()
+
