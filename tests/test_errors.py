@@ -49,6 +49,7 @@ BAD = [
     (dict(name="a b"), ValueError, r"`watch\(name=…\)`.*got 'a b'"),
     (dict(name="../escape"), ValueError, r"`watch\(name=…\)`"),
     (dict(overwrite=1), TypeError, r"`watch\(overwrite=…\)` expects True or False, got 1"),
+    (dict(driver="callbacks"), ValueError, r"`watch\(driver=…\)` expects 'auto' or 'external', got 'callbacks'"),
     (dict(temporal="lstm"), TypeError, r"`watch\(temporal=…\)` expects True, False or a list of module names"),
     (dict(temporal=["nope"]), ValueError, r"`watch\(temporal=…\)`: no module named 'nope'"),
     (dict(temporal=True, activations=False), ValueError, r"`watch\(temporal=…\)` rides the activations schedule"),

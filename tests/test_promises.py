@@ -105,7 +105,7 @@ def test_a_failing_probe_warns_and_training_goes_on(store, monkeypatch):
     def broken():
         raise RuntimeError("probe exploded")
 
-    monkeypatch.setattr(w._grads, "gradients", broken)
+    monkeypatch.setattr(w._steps.grads, "gradients", broken)
     with pytest.warns(gw.GradwatchWarning, match="probe exploded"):
         for _ in range(3):
             x, y = batch(g)

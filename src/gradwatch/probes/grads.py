@@ -211,15 +211,22 @@ class GradProbe:
         return cls._layer_sum(plan, per_param * per_param).sqrt()
 
     @torch.no_grad()
-    def gradients(self) -> Stats | None:
-        """Gradient norms and non-finite counts of the gradients present now, or None if there are none."""
+    def gradients(self, scale: Tensor | None = None) -> Stats | None:
+        """Gradient norms and non-finite counts of the gradients present now, or None if there are none.
+
+        ``scale``: a loss scale still on the gradients (a GradScaler has not
+        unscaled them yet); the norms are divided by it.
+        """
         present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
         if not present:
             return None
         plan = self._plan(present)
         grads: list[Tensor] = [self._local(self.params[i].grad) for i in present]  # type: ignore[arg-type]
         norms = self._sum_shards(plan, fused_norms(grads, self.device)[None])[0]  # (n_present,)
-        stats: Stats = {"grad_norm": (plan.layers, self._per_layer(plan, norms), plan.pairs, self._per_pair(plan, norms))}
+        per_layer, per_pair = self._per_layer(plan, norms), self._per_pair(plan, norms)
+        if scale is not None:
+            per_layer, per_pair = per_layer / scale, per_pair / scale
+        stats: Stats = {"grad_norm": (plan.layers, per_layer, plan.pairs, per_pair)}
         flags = (~torch.isfinite(norms)).to(torch.float64)
         stats["nonfinite"] = (plan.layers, self._layer_sum(plan, flags), [], plan.zeros[:0])
         return stats

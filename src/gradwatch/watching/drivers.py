@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 
-class Steps(Protocol):
+class Driven(Protocol):
     """The watch as its driver sees it: the steps' sequence (:class:`~gradwatch.watching.handle.Watch`)."""
 
     optimizer: torch.optim.Optimizer | None
@@ -55,7 +55,7 @@ class Driver:
 
     kind = ""
 
-    def __init__(self, watch: Steps, params: list[nn.Parameter], scaler: Any) -> None:
+    def __init__(self, watch: Driven, params: list[nn.Parameter], scaler: Any) -> None:
         self.watch = watch  # (read by the check for a model that is already watched)
         self.params = params
         self.scaler = scaler
@@ -122,10 +122,15 @@ class ExternalDriver(Driver):
 DRIVERS: dict[str, type[Driver]] = {"optimizer": OptimizerDriver, "backward": BackwardDriver, "external": ExternalDriver}
 
 
-def make_driver(kind: str, watch: Steps, params: list[nn.Parameter], scaler: Any) -> Driver:
-    """The driver of ``kind``; "auto": the optimizer's hooks with an optimizer, else the end of backward."""
-    if kind == "auto":
-        kind = "optimizer" if watch.optimizer is not None else "backward"
+def driver_kind(driver: str, optimizer: torch.optim.Optimizer | None) -> str:
+    """The driver ``driver`` names; "auto": the optimizer's hooks with an optimizer, else the end of backward."""
+    if driver == "auto":
+        return "optimizer" if optimizer is not None else "backward"
+    return driver
+
+
+def make_driver(kind: str, watch: Driven, params: list[nn.Parameter], scaler: Any) -> Driver:
+    """The driver of ``kind`` ("optimizer", "backward" or "external") for ``watch``."""
     return DRIVERS[kind](watch, params, scaler)
 
 
@@ -136,7 +141,7 @@ class EndOfBackward:
     callback, which runs when the whole pass is over.
     """
 
-    def __init__(self, watch: Steps, params: list[nn.Parameter], then: Callable[[], None]) -> None:
+    def __init__(self, watch: Driven, params: list[nn.Parameter], then: Callable[[], None]) -> None:
         self.watch = watch
         self._params = params
         self._then = then
@@ -195,7 +200,7 @@ class ScalerStepWrap:
     class's method back.
     """
 
-    def __init__(self, scaler: Any, watch: Steps) -> None:
+    def __init__(self, scaler: Any, watch: Driven) -> None:
         self.scaler = scaler
         original = scaler.step
 
