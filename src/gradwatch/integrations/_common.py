@@ -32,7 +32,7 @@ class WatchingCallback:
     """
 
     def __init__(self, **options: Any) -> None:
-        self.options = WatchOptions.taken_by("GradwatchCallback", {"temporal": False}, options)
+        self.options = WatchOptions.taken_by("GradwatchCallback", **{"temporal": False, **options})
         self.watch: Watch | None = None
         self._measured = False  # gradients read in this step: the step is to be closed
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch import __version__
+from gradwatch._version import __version__
 from gradwatch.layers import Anatomy
 from gradwatch.schedules import Schedule
 

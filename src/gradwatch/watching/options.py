@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gradwatch import schedules
 from gradwatch._errors import bad_argument
-from gradwatch.schedules import Schedule
+from gradwatch.schedules import DEFAULT_SAMPLED, Schedule
+from gradwatch.schedules import every as every_nth
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -24,7 +24,7 @@ def parse_schedule(caller: str, arg: str, value: Any, default: Schedule | None, 
     if isinstance(value, int):
         if value < 1:
             raise ValueError(bad_argument(caller, arg, expected, value))
-        return schedules.every(value)
+        return every_nth(value)
     if callable(value):
         return value
     raise TypeError(bad_argument(caller, arg, expected, value))
@@ -54,8 +54,8 @@ class WatchOptions:
     def __post_init__(self) -> None:
         caller = self.caller
         grads = parse_schedule(caller, "every", self.every, None, allow_off=False)
-        sampled = parse_schedule(caller, "activations", self.activations, schedules.DEFAULT_SAMPLED, allow_off=True)
-        update = parse_schedule(caller, "update_every", self.update_every, schedules.DEFAULT_SAMPLED, allow_off=True)
+        sampled = parse_schedule(caller, "activations", self.activations, DEFAULT_SAMPLED, allow_off=True)
+        update = parse_schedule(caller, "update_every", self.update_every, DEFAULT_SAMPLED, allow_off=True)
         if self.store is not None and not isinstance(self.store, (str, Path)):
             raise TypeError(bad_argument(caller, "store", "a directory path (str or Path) or None", self.store))
         if self.name is not None and (not isinstance(self.name, str) or not RUN_NAME.match(self.name)):
@@ -70,14 +70,14 @@ class WatchOptions:
         object.__setattr__(self, "update_schedule", update)
 
     @classmethod
-    def taken_by(cls, caller: str, defaults: dict[str, Any], given: dict[str, Any]) -> WatchOptions:
-        """The options a callback ``caller`` was given as keyword arguments, over its ``defaults``."""
+    def taken_by(cls, caller: str, **given: Any) -> WatchOptions:
+        """The options a callback named ``caller`` was given: ``WatchOptions.taken_by("MyCallback", every=5)``."""
         known = [f.name for f in fields(cls) if f.init and f.name != "caller"]
         for key in given:
             if key not in known:
                 raise TypeError(f"`{caller}()` got an unexpected keyword argument {key!r}; it takes "
                                 f"gradwatch.watch's: {', '.join(known)}")
-        return cls(**{**defaults, **given}, caller=caller)
+        return cls(**given, caller=caller)
 
     @property
     def temporal_auto(self) -> bool:
