@@ -278,7 +278,7 @@ def test_cli_user_mistakes_get_one_line(tmp_path, store, argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 # -- the callbacks: checked when the callback is made ---------------------------------------
