@@ -17,7 +17,7 @@ from torch import nn
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.doctor.catalogue import Remedy
 from gradwatch.trial import SetupFn
-from gradwatch.watch import watch
+from gradwatch.watching import watch
 
 
 class TrialRun(NamedTuple):

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from gradwatch.trial import Trial
-from gradwatch.watch import watch
+from gradwatch.watching import watch
 from gradwatch.zoo.registry import get
 
 
