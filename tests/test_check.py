@@ -105,7 +105,7 @@ def test_iterative_path_of_check(monkeypatch):
     model = nn.Sequential(nn.Linear(30, 50), nn.Tanh(), nn.Linear(50, 20))
     x = torch.randn(3, 30)
     exact = gw.check(model, x, samples=3).spectrum
-    monkeypatch.setattr(importlib.import_module("gradwatch.check"), "FULL_SPECTRUM_UP_TO", 0)
+    monkeypatch.setattr(importlib.import_module("gradwatch.checkup"), "FULL_SPECTRUM_UP_TO", 0)
     approx = gw.check(model, x, samples=3).spectrum
     assert "power iteration" in approx.method and approx.singular_values is None
     assert approx.summary.sigma_max == pytest.approx(exact.summary.sigma_max, rel=1e-3)

@@ -13,7 +13,7 @@ from torch import nn
 import gradwatch as gw
 
 from conftest import watched_classifier
-from gradwatch.diagnosis.rules import real_fit
+from gradwatch.diagnosis.measures import real_fit
 
 
 def _scaled_chain(scales: list[float], width: int = 16) -> nn.Sequential:

@@ -4,7 +4,7 @@ from gradwatch._version import __version__
 
 from gradwatch._errors import GradwatchWarning, NotARunError  # noqa: E402
 from gradwatch.attack import AttackReport, check_attack  # noqa: E402
-from gradwatch.check import CheckReport, check  # noqa: E402
+from gradwatch.checkup import CheckReport, check  # noqa: E402
 from gradwatch.diagnosis import Diagnosis, Finding, Thresholds, diagnose  # noqa: E402
 from gradwatch.doctor import DoctorReport, doctor  # noqa: E402
 from gradwatch.store import Entity, Run, Series, open_run  # noqa: E402

@@ -5,15 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-KINDS = ("nonfinite", "skipped_steps", "exploding", "vanishing", "saturation", "dead_units", "stalled")
-SEVERITIES = ("critical", "warning", "info")
-
-
 @dataclass(frozen=True)
 class Finding:
     """One pathology: what, where (layers, steps), the measured evidence, the likely cause, the remedies."""
 
-    kind: str  # one of KINDS
+    kind: str  # nonfinite, skipped_steps, exploding, vanishing, saturation, dead_units or stalled
     severity: str  # "critical", "warning" or "info" (measured, but not hurting training)
     layers: tuple[str, ...]  # affected layers (or activation modules), in depth order
     steps: tuple[int, int]  # first and last step where it holds
@@ -23,6 +19,9 @@ class Finding:
     remedies: tuple[str, ...]
     numbers: dict[str, float] = field(default_factory=dict)  # the measured values behind the words
     sources: tuple[str, ...] = ()  # which stored records the numbers come from
+    # The cause's key for a depth finding, as gw.check names it (gradwatch.diagnosis.measures.Cause): dead,
+    # saturation, activation, weights, jacobians or unmeasured; "" for the other findings.
+    cause_key: str = ""
 
     @property
     def remedy_keys(self) -> tuple[str, ...]:

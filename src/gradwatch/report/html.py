@@ -115,7 +115,7 @@ def render_html(run: Run, diagnosis: Diagnosis, redact: bool = False) -> str:
                                                       cmap="magma", label=quantity),
                                 f"{quantity} of each activation module, {_steps(s)}."))
     if "temporal_grad_norm" in q:
-        from gradwatch.diagnosis.rules import by_lag
+        from gradwatch.diagnosis.measures import by_lag
 
         for i, e in enumerate(run.entities("recurrent")):
             lagged = by_lag(run.temporal(e.name))

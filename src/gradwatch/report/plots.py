@@ -111,7 +111,7 @@ def line(series: Series, title: str, ylabel: str, log: bool = False) -> str:
 
 def total_norm(run: Run) -> Series | None:
     """The diagnosis's total gradient norm per step, as a one-row series."""
-    from gradwatch.diagnosis.rules import total_grad_norm
+    from gradwatch.diagnosis.measures import total_grad_norm
 
     got = total_grad_norm(run)
     if got is None:

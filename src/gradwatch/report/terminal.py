@@ -87,7 +87,7 @@ def recurrent_table(run: Run) -> Table | None:
     """One line per recurrent layer: the gradient at the first time step over the last, λ₁(W_hh)."""
     if "temporal_grad_norm" not in run.quantities:
         return None
-    from gradwatch.diagnosis.rules import by_lag
+    from gradwatch.diagnosis.measures import by_lag
 
     table = Table(title="through time (last recorded step)", title_justify="left", show_edge=False, pad_edge=False)
     for col in ("recurrent layer", "cell", "steps", "‖∂L/∂h_first‖/‖∂L/∂h_last‖", "λ₁(W_hh)"):

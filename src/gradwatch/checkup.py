@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis.findings import layer_name, sci, span
 from gradwatch.diagnosis.remedies import remedies
-from gradwatch.diagnosis.rules import layers_per_halving
+from gradwatch.diagnosis.measures import (
+    Between, Cause, affected_upto, cause_split, depth_ratio, depth_verdict, layers_per_halving, pascanu, pascanu_gamma,
+)
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.layers import anatomy
 from gradwatch.probes import activations as act_probe
@@ -63,7 +65,8 @@ class RecurrentCheck:
     cell: str  # RNN_TANH, RNN_RELU, LSTM, GRU
     lambda1: float  # largest singular value of W_hh
     gamma: float  # bound on the activation's derivative (NaN for gated cells)
-    verdict: str
+    verdict: str  # Pascanu's, in words
+    condition: str = ""  # which of Pascanu's conditions holds: "vanishing", "exploding" or "none" (gated cell)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class CheckReport:
     recurrent: list[RecurrentCheck] = field(default_factory=list)
     objective: str = ""
     mode: str = ""  # how the forward pass ran: dropout, BatchNorm
+    cause: Cause | None = None  # why the gradient vanishes or explodes across depth, as diagnose judges it
 
     def __str__(self) -> str:
         lines = [f"gw.check: {self.verdict.upper()}"]
@@ -134,6 +138,7 @@ def _first_tensor(out: Any) -> Tensor:
 
 
 def _recurrent(model: nn.Module) -> list[RecurrentCheck]:
+    """Pascanu's verdict on every recurrent weight matrix W_hh of the model."""
     found = []
     for name, m in model.named_modules():
         if not isinstance(m, nn.RNNBase):
@@ -142,20 +147,10 @@ def _recurrent(model: nn.Module) -> list[RecurrentCheck]:
             if not pname.startswith("weight_hh"):
                 continue
             lam = float(torch.linalg.svdvals(w.detach().double())[0])
-            full = f"{name}.{pname}" if name else pname
-            if m.mode in ("RNN_TANH", "RNN_RELU"):
-                gamma = 1.0  # |tanh'| ≤ 1, ReLU' ∈ {0, 1}
-                if lam < 1 / gamma:
-                    verdict = (f"λ₁ < 1/γ = {1 / gamma:g}: Pascanu's sufficient condition for vanishing holds — "
-                               f"the gradient through time shrinks at least ×{lam:.2g} per step")
-                else:
-                    verdict = (f"λ₁ ≥ 1/γ = {1 / gamma:g}: explosion possible (Pascanu's necessary condition for "
-                               f"exploding holds)")
-            else:
-                gamma = math.nan
-                verdict = ("gated cell: gradients also flow along the additive cell/gate path, so Pascanu's "
-                           "condition (for vanilla RNNs) gives no verdict")
-            found.append(RecurrentCheck(full, m.mode, lam, gamma, verdict))
+            gamma = pascanu_gamma(m.mode)
+            said = pascanu(lam, gamma)
+            found.append(RecurrentCheck(f"{name}.{pname}" if name else pname, m.mode, lam,
+                                        math.nan if gamma is None else gamma, said.words, said.key))
     return found
 
 
@@ -333,32 +328,38 @@ def check(
         for bn, tracked in tracking.items():
             bn.track_running_stats = tracked
 
-    # ‖∂L/∂a‖ per layer (pooling several outputs or calls), then ‖∂L/∂W‖ per layer: consecutive runs of `grads`
+    # ‖∂L/∂a‖ per layer (pooling several outputs or calls), then ‖∂L/∂W‖ per layer: consecutive runs of `grads`.
+    # An output no gradient reached is unmeasured (NaN), as in a watched run, where its hook never fires.
+    n_out = len(layer_names)
     counts = [len(outputs[n]) for n in layer_names] + [len(l.params) for l in parts.layers]
-    pooled_norms = _root_sum_squares(grads, counts)
-    out_norm = dict(zip(layer_names, pooled_norms[: len(layer_names)]))
-    w_norm = dict(zip([l.name for l in parts.layers], pooled_norms[len(layer_names):]))
+    pooled_norms = _root_sum_squares(grads, counts, [math.nan] * n_out + [0.0] * len(parts.layers))
+    out_norm = dict(zip(layer_names, pooled_norms[:n_out]))
+    w_norm = dict(zip([l.name for l in parts.layers], pooled_norms[n_out:]))
     act_stats = {}
     if acts:
         idx = list(acts)
         _, pooled = act_probe.combine({i: acts[n] for i, n in enumerate(idx)})
         act_stats = {n: pooled[i].tolist() for i, n in enumerate(idx)}
+    act_of = {a.name: a for a in parts.activations}
     depth = {key: d for d, key in enumerate(order)}
-    rows = []
+    rows, between = [], []
     for i, n in enumerate(layer_names):
         nxt = depth[(layer_names[i + 1], "layer")] if i + 1 < len(layer_names) else math.inf
         after = [a for a, kind in order if kind == "activation" and depth[(n, "layer")] < depth[(a, kind)] < nxt]
-        stats = act_stats.get(after[0], [math.nan] * 4) if after else [math.nan] * 4
-        fam = next((a.spec.family for a in parts.activations if after and a.name == after[0]), "")
+        seen = []
+        for a in after:  # stats: mean, std, saturated or dead fraction (by family), rms derivative
+            stats, fam = act_stats.get(a, [math.nan] * 4), act_of[a].spec.family
+            seen.append(Between(a, type(act_of[a].module).__name__, stats[3],
+                                stats[2] if fam == "bounded" else math.nan, stats[2] if fam == "relu" else math.nan))
+        between.append(seen)
         t = torch.cat([o.detach().double().reshape(-1) for o in outputs[n]]) if outputs[n] else torch.zeros(1)
         gain = out_norm[n] / out_norm[layer_names[i + 1]] if i + 1 < len(layer_names) and out_norm[layer_names[i + 1]] > 0 else math.nan
         module = type(next(l.module for l in parts.layers if l.name == n)).__name__
-        act_module = type(next(a.module for a in parts.activations if a.name == after[0])).__name__ if after else ""
-        rows.append(LayerCheck(n, module, float(t.mean()), float(t.std(correction=0)), act_module,
-                               stats[2] if fam == "bounded" else math.nan, stats[2] if fam == "relu" else math.nan,
-                               stats[3], out_norm[n], w_norm[n], gain))
+        first = seen[0] if seen else Between("", "", math.nan)
+        rows.append(LayerCheck(n, module, float(t.mean()), float(t.std(correction=0)), first.module,
+                               first.saturated, first.dead, first.deriv_rms, out_norm[n], w_norm[n], gain))
     recurrent = _recurrent(model)
-    report = _verdict(rows, spectrum, recurrent, th, what)
+    report = _verdict(rows, between, spectrum, recurrent, th, what)
     report.mode = mode
     return report
 
@@ -372,59 +373,49 @@ def _batch_first(out: Any, n: int) -> bool:
     return y.dim() > 0 and y.shape[0] == n
 
 
-def _root_sum_squares(grads: tuple[Tensor | None, ...], counts: list[int]) -> list[float]:
-    """√(Σ‖g‖²) over each consecutive run of ``counts[i]`` gradients (None: no gradient reached it)."""
+def _root_sum_squares(grads: tuple[Tensor | None, ...], counts: list[int], unreached: list[float]) -> list[float]:
+    """√(Σ‖g‖²) over each consecutive run of ``counts[i]`` gradients (None: no gradient reached it);
+    ``unreached[i]`` where none of the run's was reached."""
     out, k = [], 0
-    for n in counts:
-        sq = sum(float(g.double().norm()) ** 2 for g in grads[k : k + n] if g is not None)
-        out.append(math.sqrt(sq))
+    for n, none in zip(counts, unreached):
+        got = [g for g in grads[k : k + n] if g is not None]
+        out.append(math.sqrt(sum(float(g.double().norm()) ** 2 for g in got)) if got else none)
         k += n
     return out
 
 
-def _verdict(rows: list[LayerCheck], spectrum: SpectrumCheck | None, recurrent: list[RecurrentCheck],
-             th: Thresholds, objective: str) -> CheckReport:
+def _verdict(rows: list[LayerCheck], between: list[list[Between]], spectrum: SpectrumCheck | None,
+             recurrent: list[RecurrentCheck], th: Thresholds, objective: str) -> CheckReport:
+    """The verdict across depth and through time; ``between[i]``: the activations after layer i, before layer i+1."""
     g = np.array([r.out_grad_norm for r in rows])
-    live = [i for i in range(len(g)) if g[i] > 0]
-    ratio = g[live[0]] / g[live[-1]] if len(live) >= 2 else (0.0 if rows and g[-1] > 0 else 1.0)
+    measured = [i for i in range(len(g)) if not math.isnan(g[i])]
+    ratio = depth_ratio(g)
+    if ratio is None:  # one measured layer is its own first and last; a last layer without gradient gives none
+        ratio = 1.0 if len(measured) <= 1 else math.nan
     k = layers_per_halving(g) if len(rows) > 1 else None
     per_layer = 2 ** (-1 / k) if k else 1.0
+    verdict = depth_verdict(ratio if math.isfinite(ratio) else None, th)
+    names = [layer_name(r.name) for r in rows]
     reasons: list[str] = []
     fixes: tuple[str, ...] = ()
-    verdict = "trainable"
-    names = [layer_name(r.name) for r in rows]
-    if ratio < th.vanish_below:
-        verdict = "vanishing"
-        reasons.append(f"the gradient reaching layer {names[0]} is {sci(ratio)} of the last layer's "
-                       f"(×{sci(per_layer)} per layer towards the input)")
-        derivs = [r.deriv_rms for r in rows if r.deriv_rms == r.deriv_rms]
-        a = float(np.exp(np.mean(np.log(derivs)))) if derivs and min(derivs) > 0 else math.nan
-        dead = [r.name for r in rows if r.dead == r.dead and r.dead > th.dead_above]
-        sat = [r.name for r in rows if r.saturated == r.saturated and r.saturated > th.saturated_above]
-        if dead:
-            reasons.append(f"dead units after layers {span(dead)}")
-            fixes = remedies("leaky", "zero_bias", "he_init")
-        elif sat:
-            reasons.append(f"saturated units after layers {span(sat)}")
-            fixes = remedies("smaller_init", "norm", "relu")
-        elif a == a and math.log(a) <= 0.5 * math.log(per_layer):
-            reasons.append(f"the activations' derivative (rms ×{sci(a)} per layer) explains most of the decay")
-            fixes = remedies("relu", "norm", "residual")
-        else:
-            w = per_layer / a if a == a else math.nan
-            reasons.append(f"the weights' gain (×{sci(w)} per layer) explains most of the decay: the initialisation shrinks the signal"
-                           if w == w else "no activation module is visible: the layers' Jacobians shrink the signal")
-            fixes = remedies("orthogonal_init", "he_init", "residual", "norm")
-    elif ratio > th.explode_above:
-        verdict = "exploding"
-        reasons.append(f"the gradient reaching layer {names[0]} is {sci(ratio)}× the last layer's "
-                       f"(×{sci(per_layer)} per layer towards the input)")
-        fixes = remedies("orthogonal_init", "clip_norm", "norm", "lower_lr")
-    else:
+    cause = None
+    if verdict == "trainable":
         reasons.append(f"the gradient reaching layer {names[0] if names else '?'} is {sci(ratio)}× the last layer's: "
                        f"within [{th.vanish_below:g}, {th.explode_above:g}]")
+    else:
+        vanishing = verdict == "vanishing"
+        reasons.append(f"the gradient reaching layer {names[0]} is {sci(ratio)}{' of' if vanishing else '×'} the last "
+                       f"layer's (×{sci(per_layer)} per layer towards the input)")
+        # The cause over the affected stretch, between consecutive measured layers, as diagnose splits it.
+        prof = g[measured]
+        upto = affected_upto(prof / prof[-1], vanishing, th)
+        pairs = [[b for i in range(measured[j], measured[j + 1]) for b in between[i]]
+                 for j in range(min(upto + 1, len(measured) - 1))]
+        cause = cause_split(prof[: len(pairs) + 1], pairs, th, vanishing)
+        reasons.append(_cause_reason(cause))
+        fixes = remedies(*cause.remedy_keys)
     for r in recurrent:
-        if r.cell.startswith("RNN_") and r.lambda1 < 1 / r.gamma:
+        if r.cell.startswith("RNN_") and r.condition == "vanishing":
             verdict = "vanishing" if verdict == "trainable" else verdict
             reasons.append(f"{r.name}: {r.verdict} (through time)")
             fixes = fixes or remedies("orthogonal_init", "clip_norm")
@@ -435,4 +426,24 @@ def _verdict(rows: list[LayerCheck], spectrum: SpectrumCheck | None, recurrent: 
         reasons.append(f"input–output Jacobian: σ from {sci(s.sigma_min)} to {sci(s.sigma_max)}"
                        + (f", mean σ² {sci(s.mean_sq)}" if s.mean_sq == s.mean_sq else ""))
     return CheckReport(verdict, reasons, fixes, float(ratio), float(per_layer), rows, spectrum, recurrent,
-                       objective)
+                       objective, cause=cause)
+
+
+def _cause_reason(cause: Cause) -> str:
+    """The cause of a vanishing or exploding gradient, as a reason in the check's report."""
+    change = "explains most of the decay" if cause.vanishing else "amplifies the gradient"
+    if cause.key == "dead":
+        return f"dead units in {span(cause.modules)}: {cause.fraction:.0%} of their units are silent for the whole batch"
+    if cause.key == "saturation":
+        return f"saturated units in {span(cause.modules)}: {cause.fraction:.0%} of their unit-samples sit in the flat tails"
+    if cause.key == "activation":
+        return (f"the activations' derivative (rms ×{sci(cause.activation)} per layer) {change}; the weights pass on "
+                f"×{sci(cause.weights)}")
+    if cause.key == "weights":
+        return (f"the weights' gain (×{sci(cause.weights)} per layer) {change}"
+                + (": the initialisation shrinks the signal" if cause.vanishing else "")
+                + f"; the activations' derivative passes on ×{sci(cause.activation)}")
+    if cause.key == "jacobians":
+        return (f"no activation module is visible between the layers: their Jacobians scale the gradient by "
+                f"×{sci(cause.per_layer)} per layer")
+    return "no layer-to-layer ratio of the gradient could be measured"

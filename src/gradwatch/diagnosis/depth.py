@@ -1,0 +1,241 @@
+"""Vanishing and exploding across depth: the profile of ‖∂L/∂a‖ over layers, now and in episodes over the run.
+
+Depth findings are judged on ‖∂L/∂a‖ (``out_grad_norm``), the back-propagated
+gradient at each layer's output, and fall back on the weight-gradient norm
+only when it was not recorded (DESIGN.md: the weight gradient also scales
+with the layer's input). The cut, the affected stretch, the halving fit and
+the cause split are :mod:`gradwatch.diagnosis.measures`', as ``gw.check``'s are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from gradwatch.diagnosis.findings import Finding, layer_name, sci, span
+from gradwatch.diagnosis.measures import (
+    Between, Cause, affected_upto, cause_split, depth_verdict, flat_loss, layers_per_halving, real_fit,
+    window_median,
+)
+from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.diagnosis.view import RunView, episodes, since, steps_text
+from gradwatch.store import Entity, Run, Series
+
+
+@dataclass
+class Profile:
+    """The depth profile of the back-propagated gradient over the window."""
+
+    quantity: str
+    names: list[str]
+    median: np.ndarray  # per layer, window median
+    ratio: np.ndarray  # per recorded step: first layer over last layer
+    steps: np.ndarray
+    window_steps: np.ndarray
+
+
+def profile(run: Run, th: Thresholds) -> Profile | None:
+    """The profile of ``out_grad_norm`` (``grad_norm`` when it was not recorded) over the layers measured; None below two."""
+    quantity = "out_grad_norm" if "out_grad_norm" in run.quantities else "grad_norm"
+    if quantity not in run.quantities:
+        return None
+    s = run.series(quantity)
+    rows = [i for i in range(len(s.names)) if np.isfinite(s.values[i]).any()]
+    if len(rows) < 2:
+        return None
+    values = s.values[rows]
+    med, wsteps = window_median(Series(quantity, [s.names[i] for i in rows], s.steps, values), th.window)
+    with np.errstate(all="ignore"):
+        ratio = values[0] / values[-1]
+    return Profile(quantity, [s.names[i] for i in rows], med, ratio, s.steps, wsteps)
+
+
+def _between(entities: list[Entity], a: str, b: str) -> list[str]:
+    """Activation modules whose output comes after layer ``a``'s and before layer ``b``'s."""
+    depth = {e.name: e.depth for e in entities if e.kind == "layer"}
+    da, db = depth.get(a), depth.get(b)
+    if da is None or db is None:
+        return []
+    return [e.name for e in entities if e.kind == "activation" and e.depth is not None and da < e.depth < db]
+
+
+def _cause(run: Run, prof: Profile, upto: int, th: Thresholds, vanishing: bool) -> tuple[Cause, list[str]]:
+    """The cause of the change across layers 0..upto+1, from the activations' window medians; and its sources."""
+    entities = run.entities()
+    module = {e.name: e.module or "" for e in entities}
+    acts: dict[str, dict[str, float]] = {}
+    for q in ("deriv_rms", "saturated_frac", "dead_frac"):
+        if q in run.quantities:
+            s = run.series(q, "activation")
+            med, _ = window_median(s, th.window)
+            acts[q] = dict(zip(s.names, med))
+    pairs = []
+    for i in range(min(upto + 1, len(prof.names) - 1)):
+        pairs.append([Between(b, module.get(b, ""), *(acts.get(q, {}).get(b, math.nan)
+                                                     for q in ("deriv_rms", "saturated_frac", "dead_frac")))
+                      for b in _between(entities, prof.names[i], prof.names[i + 1])])
+    cause = cause_split(prof.median[: len(pairs) + 1], pairs, th, vanishing)
+    sources = []
+    if any(pairs) and "deriv_rms" in acts:
+        sources.append(f"deriv_rms, saturated_frac/dead_frac (activations {span([b.name for p in pairs for b in p])}, "
+                       f"{steps_text(int(prof.window_steps[0]), int(prof.window_steps[-1]))})")
+    return cause, sources
+
+
+def cause_words(cause: Cause) -> str:
+    """A finding's cause line for a depth finding."""
+    acts = "/".join(cause.types) or "activation"
+    if cause.key == "dead":
+        return (f"dead units — {cause.fraction:.0%} of the units of {span(cause.modules)} are silent for whole "
+                f"batches, so no gradient passes them")
+    if cause.key == "saturation":
+        return f"{acts} saturation — {cause.fraction:.0%} of the unit-samples of {span(cause.modules)} sit in the flat tails"
+    if cause.key == "jacobians":
+        return (f"the layers' Jacobians scale the gradient by ×{sci(cause.per_layer)} per layer; no activation module "
+                f"is visible between them (activations applied as functions cannot be measured)")
+    if cause.key == "activation":
+        return (f"activation derivative — {acts}' passes on ×{sci(cause.activation)} (rms) per layer, the weights "
+                f"×{sci(cause.weights)}")
+    if cause.key == "weights" and cause.vanishing:
+        return (f"weight scale — the weights pass on ×{sci(cause.weights)} of the gradient per layer while {acts}' "
+                f"passes on ×{sci(cause.activation)}: the initialisation shrinks the signal")
+    if cause.key == "weights":
+        return f"weight scale — the weights amplify the gradient ×{sci(cause.weights)} per layer ({acts}' ×{sci(cause.activation)})"
+    return "no layer-to-layer ratio could be measured"
+
+
+def _halving(prof: Profile, upto: int) -> float | None:
+    """Layers per halving over layers 0..upto+1, only when the fit is a real trend."""
+    values = prof.median[: upto + 2]
+    k = layers_per_halving(values)
+    return k if k is not None and real_fit(values) else None  # no real trend: say what the profile does instead
+
+
+def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Vanishing or exploding across depth over the last ``window`` steps: the first layer's ‖∂L/∂a‖ against the last's."""
+    prof = profile(run, th)
+    if prof is None:
+        return []
+    first, last = prof.median[0], prof.median[-1]
+    if not (last > 0 and math.isfinite(last) and math.isfinite(first)):
+        return []
+    ratio = first / last
+    verdict = depth_verdict(ratio, th)
+    if verdict == "trainable":
+        return []
+    vanishing = verdict == "vanishing"
+    n = len(prof.names)
+    source = (f"{prof.quantity} (layers {span(prof.names)}, "
+              f"{steps_text(int(prof.window_steps[0]), int(prof.window_steps[-1]))})")
+    caveat = "" if prof.quantity == "out_grad_norm" else " (weight-gradient norms: the back-propagated gradient was not recorded)"
+    with np.errstate(all="ignore"):
+        rel = prof.median / last
+    upto = affected_upto(rel, vanishing, th)
+    layers = tuple(prof.names[: upto + 1])
+    k = _halving(prof, upto)
+    cause, sources = _cause(run, prof, upto, th, vanishing)
+    numbers = cause.numbers
+    start = since(prof.ratio < th.vanish_below if vanishing else prof.ratio > th.explode_above, prof.steps)
+    at = (f"‖∂L/∂a‖ at layer {layer_name(prof.names[0])} is {sci(first)} against {sci(last)} at layer "
+          f"{layer_name(prof.names[-1])}{caveat}")
+    if vanishing:
+        zero = [prof.names[i] for i in range(n) if prof.median[i] == 0]
+        if zero:
+            change = f"{span(zero)} receive{'s' if len(zero) == 1 else ''} no gradient at all (exactly 0)"
+        elif k is not None and k > 0:
+            change = (f"the gradient halves every {k:.2g} layers (×{2 ** (-1 / k):.2g} per layer) from layer "
+                      f"{layer_name(prof.names[upto])} down to layer {layer_name(prof.names[0])}")
+        else:
+            low = int(np.nanargmin(rel[: upto + 1]))
+            change = (f"layers {span(layers)} get less than {th.affected_below:g}× the last layer's gradient, with no "
+                      f"steady decay across depth to fit (lowest, {sci(float(rel[low]))}×, at layer {layer_name(prof.names[low])})")
+        numbers.update(ratio=ratio, halving_layers=k if k else math.nan)
+        severity = "critical" if ratio < th.vanish_below**2 else "warning"
+    else:
+        change = (f"the gradient doubles every {-k:.2g} layers towards the input (×{2 ** (-1 / k):.2g} per layer)"
+                  if k is not None and k < 0 else f"layers {span(layers)} get more than {th.affected_above:g}× the last layer's")
+        numbers.update(ratio=ratio, doubling_layers=-k if k else math.nan)
+        severity = "critical"
+    return [Finding(
+        kind=verdict, severity=severity, layers=layers, steps=(start, int(prof.steps[-1])),
+        summary=(f"the gradient reaching layer {layer_name(prof.names[0])} is {sci(ratio)}"
+                 f"{' of' if vanishing else '×'} the last layer's, since step {start}"),
+        evidence=f"{at}; {change}.",
+        cause=cause_words(cause), remedies=remedies(*cause.remedy_keys), numbers=numbers, sources=(source, *sources),
+        cause_key=cause.key,
+    )]
+
+
+def centred_ratio(run: Run, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, first/last ‖∂L/∂a‖ as a centred median over ``window`` samples), at the steps where it was measured."""
+    prof = profile(run, th)
+    if prof is None:
+        return None
+    ok = np.isfinite(prof.ratio)
+    steps, ratio = prof.steps[ok], prof.ratio[ok]
+    h = th.window // 2
+    smooth = np.array([np.median(ratio[max(0, j - h): j + h + 1]) for j in range(len(ratio))])
+    return steps, smooth
+
+
+def past_depth_findings(run: Run, th: Thresholds, current: list[Finding]) -> list[Finding]:
+    """Depth episodes over the whole run that ended before its last steps: "from step a to b, then recovered".
+
+    A step belongs to a vanishing (exploding) episode when the first/last ratio, as a centred median over
+    ``window`` measured steps, is below ``vanish_below`` (above ``explode_above``); an episode lasts at least
+    ``window`` measured steps. The one that reaches the end of the run is the current finding's (its "since").
+    Each past episode is judged as a run of its own steps (its medians, its layers, its cause); it is ``info``
+    unless the run shows damage after it: a loss back at its start (severity then follows the effect), dead
+    units or stalled layers that are problems now.
+    """
+    got = centred_ratio(run, th)
+    if got is None:
+        return []
+    steps, smooth = got
+    found = []
+    damage = [f for f in current if f.severity != "info" and f.kind in ("dead_units", "stalled")]
+    flat = flat_loss(run, th)
+    for kind, flags in (("vanishing", smooth < th.vanish_below), ("exploding", smooth > th.explode_above)):
+        if any(f.kind == kind and f.layers for f in current):
+            continue  # it holds now: the current finding covers the run (earlier episodes are noted in it)
+        for i, j in episodes(flags, th.window):
+            a, b = int(steps[i]), int(steps[j])
+            view: Run = RunView(run, b + 1, start=a)  # type: ignore[assignment]
+            got_f = [f for f in depth_findings(view, replace(th, window=j - i + 1)) if f.kind == kind]
+            if not got_f:
+                continue
+            f = got_f[0]
+            after = f"then recovered (the ratio is {sci(float(smooth[-1]))} at the end)"
+            hurt = "; ".join([f"{d.kind} now in {span(d.layers)}" for d in damage]
+                             + ([f"the loss is back at its start ({sci(flat[0])} → {sci(flat[1])})"] if flat else []))
+            found.append(replace(
+                f, severity="warning" if hurt else "info", steps=(a, b),
+                summary=f.summary.split(", since step")[0] + f", from step {a} to {b}, then recovered",
+                evidence=f.evidence.rstrip(".") + f" (medians over steps {a}–{b}); {after}"
+                + (f"; it left damage: {hurt}" if hurt else " (info only)") + ".",
+                remedies=f.remedies if hurt else (),
+                numbers={**f.numbers, "episode_first": float(a), "episode_last": float(b)},
+            ))
+    return found
+
+
+def earlier_episodes(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A depth finding that holds now notes the earlier episodes of its kind (steps where the ratio was beyond
+    its cut before the final stretch), so one finding covers the whole run."""
+    got = centred_ratio(run, th)
+    if got is None:
+        return found
+    steps, smooth = got
+    out = []
+    for f in found:
+        if f.layers and f.kind in ("vanishing", "exploding") and f.sources and f.sources[0].startswith(("out_grad_norm", "grad_norm")):
+            flags = smooth < th.vanish_below if f.kind == "vanishing" else smooth > th.explode_above
+            before = [(int(steps[i]), int(steps[j])) for i, j in episodes(flags, th.window) if int(steps[j]) < f.steps[0]]
+            if before:
+                text = ", ".join(steps_text(a, b) for a, b in before)
+                f = replace(f, evidence=f.evidence.rstrip(".") + f"; earlier, also beyond the cut at {text}.")
+        out.append(f)
+    return out

@@ -1,0 +1,298 @@
+"""Over steps: spikes and ramps of the total gradient norm, a gradient that fades away, skipped and non-finite steps."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from gradwatch.diagnosis.findings import Finding, sci, span
+from gradwatch.diagnosis.measures import loss_ends, total_grad_norm
+from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.diagnosis.view import episodes, list_steps, since, steps_text
+from gradwatch.store import Run
+
+
+def _total_source(steps: np.ndarray) -> str:
+    return f"grad_norm (every layer, {steps_text(int(steps[0]), int(steps[-1]))}), total = √Σ layer²"
+
+
+def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Exploding over steps: single-step spikes of the total norm, ramps into divergence, a norm beyond its bound."""
+    got = total_grad_norm(run)
+    if got is None:
+        return []
+    steps, total = got
+    finite = np.isfinite(total)
+    spikes, over, high = [], [], []
+    start = total[: th.spike_after][finite[: th.spike_after]]
+    initial = float(start.max()) if len(start) else math.inf
+    for j in range(len(total)):
+        if not finite[j]:
+            continue
+        prev = total[:j]
+        prev = prev[np.isfinite(prev)]
+        if len(prev) >= th.spike_after and total[j] > initial and total[j] > th.spike_above * np.median(prev):
+            high.append(j)
+            if total[j] > th.spike_above * np.median(prev[-th.spike_window:]):
+                spikes.append(j)
+        if total[j] > th.grad_norm_above:
+            over.append(j)
+    ramps = _ramps(run, steps, total, high, spikes, th)
+    if not spikes and not over and not ramps:
+        return []
+    ramp_steps = sorted({j for a, b, _ in ramps for j in range(a, b + 1) if finite[j]})
+    hit = sorted(set(spikes) | set(over) | set(ramp_steps))
+    calm_idx = [j for j in range(len(total)) if finite[j] and j not in set(hit)]
+    median = float(np.median(total[finite])) if finite.any() else math.nan
+    clip = float(np.median(total[calm_idx])) if calm_idx else math.nan
+    parts = []
+    for a, b, p in ramps:
+        parts.append(f"a ramp: the total norm left the calm steps' level at step {int(steps[a])} (against their "
+                     f"median and MAD) and rose to a peak of {sci(float(total[p]))} at step {int(steps[p])}, "
+                     f"while the loss did not fall")
+    if spikes:
+        shown = ", ".join(str(int(steps[j])) for j in spikes[:5]) + (" …" if len(spikes) > 5 else "")
+        parts.append(f"{len(spikes)} spike{'s' if len(spikes) > 1 else ''} above {th.spike_above:g}× the median "
+                     f"of all the steps before and of the last {th.spike_window} (step{'s' if len(spikes) > 1 else ''} {shown})")
+    if over:
+        parts.append(f"the total norm crossed {sci(th.grad_norm_above)} on {len(over)} step{'s' if len(over) > 1 else ''}, "
+                     f"first at step {int(steps[over[0]])}")
+    peak = float(np.nanmax(np.where(finite, total, np.nan)))
+    if math.isfinite(clip):
+        clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
+                    f"clip_grad_norm_(params, max_norm={sci(clip)}) (Pascanu et al. 2013), which would have held every one of these steps",)
+        fixes = clipping + remedies("lower_lr", "norm")
+    else:  # not one calm step: the scale itself is wrong
+        fixes = remedies("orthogonal_init", "clip_norm", "norm", "lower_lr")
+    peak_step = int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
+    summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
+               + (f", peak at step {peak_step}" if ramps else "")
+               if spikes or ramps else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
+               f"(median {sci(median)})")
+    severity = "critical" if over else "warning"
+    recovered = "" if over else _recovered(run, total, clip, th)
+    if recovered:  # severity follows the effect on training: transient spikes in a run that learns are info
+        severity, fixes = "info", ()
+        parts.append(recovered)
+    return [Finding(
+        kind="exploding", severity=severity, layers=(), steps=(int(steps[hit[0]]), int(steps[hit[-1]])),
+        summary=summary,
+        evidence="; ".join(parts) + ".",
+        cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_idx
+        else "the gradient is too large from the first step: the initial scale of the weights or the loss",
+        remedies=fixes,
+        numbers={"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)),
+                 "over_bound": float(len(over)), "peak_step": float(peak_step),
+                 **({"onset": float(steps[ramps[0][0]])} if ramps else {})},
+        sources=(_total_source(steps),),
+    )]
+
+
+RAMP_Z_ABOVE = 3.5  # a step above the calm steps by this many robust standard deviations (1.4826 MAD) is off-calm
+
+
+def _ramps(run: Run, steps: np.ndarray, total: np.ndarray, high: list[int], spikes: list[int],
+           th: Thresholds) -> list[tuple[int, int, int]]:
+    """Ramps into divergence: (onset, end, peak) indices of each stretch of steps above ``spike_above`` × the median
+    of all steps before them that no single-step spike explains.
+
+    A gradual ramp drags a recent-window baseline up with it, so its onset is found against the calm phase
+    instead: the median and MAD of the steps before the stretch; the onset is the first step of the unbroken
+    run of steps above it by a robust z-score of ``RAMP_Z_ABOVE``, found twice (the second time against the steps
+    before the first onset). It counts only while the logged loss does not fall across it (median over the
+    ``window`` steps up to the peak against the ``window`` before the onset): a net whose gradient grows while it
+    learns (zero-initialised residual branches) is not diverging. Without a logged loss nothing confirms a ramp.
+    """
+    if not high or "loss" not in run.quantities:
+        return []
+    ls = run.series("loss", "run")
+    loss = dict(zip(ls.steps.tolist(), ls.values[0].tolist()))
+    finite = np.isfinite(total)
+    out: list[tuple[int, int, int]] = []
+    stretches: list[tuple[int, int]] = []
+    for i, j in episodes(np.isin(np.arange(len(total)), high), 1):
+        if stretches and i - stretches[-1][1] - 1 <= th.window:  # a few noisy steps back below: the same ramp
+            stretches[-1] = (stretches[-1][0], j)
+        else:
+            stretches.append((i, j))
+    for i, j in stretches:
+        if any(i <= k <= j for k in spikes) and j - i < th.window:
+            continue  # a spike: the spike test has it
+        onset = i
+        for _ in range(2):
+            calm = total[: onset][finite[: onset]]
+            if len(calm) < th.spike_after:
+                break
+            med = float(np.median(calm))
+            mad = 1.4826 * float(np.median(np.abs(calm - med))) or 1e-12 * max(med, 1e-30)
+            k = i
+            while k > 0 and finite[k - 1] and (total[k - 1] - med) / mad > RAMP_Z_ABOVE:
+                k -= 1
+            onset = k
+        peak = onset + int(np.argmax(np.where(finite[onset: j + 1], total[onset: j + 1], -np.inf)))
+        calm = total[: onset][finite[: onset]]
+        idx = np.array([x for x in range(onset, peak + 1) if finite[x] and total[x] > 0])
+        if len(idx) >= 3 and len(calm) and np.median(calm) > 0:
+            # The first steps of a ramp hide in the calm steps' noise: extend its log-linear trend back to
+            # where it leaves the calm level (an exponential ramp from a clean start gives that start).
+            slope, icpt = np.polyfit(idx, np.log(total[idx]), 1)
+            if slope > 0:
+                x0 = (math.log(float(np.median(calm))) - icpt) / slope
+                onset = int(min(onset, max(0, math.ceil(x0 - 1e-9))))
+        before = [loss.get(int(x), math.nan) for x in steps[max(0, onset - th.window): onset]]
+        at = [loss.get(int(x), math.nan) for x in steps[max(onset, peak - th.window + 1): peak + 1]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no loss logged at those steps: NaN
+            before_m = float(np.nanmedian(before)) if before else math.nan
+            at_m = float(np.nanmedian(at)) if at else math.nan
+        if math.isfinite(before_m) and math.isfinite(at_m) and at_m >= before_m:
+            out.append((onset, j, peak))
+    return out
+
+
+def _recovered(run: Run, total: np.ndarray, calm: float, th: Thresholds) -> str:
+    """Words for a run that got over its gradient spikes ('' if it did not, or nothing shows it).
+
+    Recovered means: the total norm of the last ``4 × window`` steps is back within ``spike_above`` of the calm
+    steps' median, and the logged loss, finite throughout, fell to at most half its start (:func:`loss_ends`).
+    Without a logged loss nothing shows that the run learns.
+    """
+    if "loss" not in run.quantities or not math.isfinite(calm):
+        return ""
+    tail = total[-4 * th.window:]
+    tail = tail[np.isfinite(tail)]
+    ends = loss_ends(run, th)
+    if ends is None or not np.isfinite(run.series("loss", "run").values[0]).all() or not len(tail):
+        return ""
+    first, final = ends
+    late = float(np.median(tail))
+    if late < th.spike_above * calm and 0 < final <= 0.5 * first:
+        return (f"the run recovered: the total norm is back at {sci(late)} over the last {4 * th.window} steps and "
+                f"the loss fell from {sci(first)} to {sci(final)} (info only)")
+    return ""
+
+
+def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Vanishing over steps: the whole gradient collapses while the loss has not converged.
+
+    The total norm's median over the last ``4 × window`` steps against its
+    median over the first ``spike_after``; a run whose logged loss fell to
+    below ``vanish_below`` of its start converged instead.
+    """
+    got = total_grad_norm(run)
+    if got is None:
+        return []
+    steps, total = got
+    ok = np.isfinite(total)
+    if ok.sum() < th.spike_after + 4 * th.window:
+        return []
+    early = float(np.median(total[ok][: th.spike_after]))
+    late = float(np.median(total[ok][-4 * th.window:]))
+    if not (early > 0 and late < th.vanish_below * early):
+        return []
+    ends = loss_ends(run, th, least=th.spike_after + 1)
+    if ends is not None and ends[1] < ends[0] and abs(ends[1]) < th.vanish_below * abs(ends[0]):
+        return []  # converged (the loss fell to ~0): a vanishing gradient is what a minimum looks like
+    start = since(total < th.vanish_below * early, steps)
+    return [Finding(
+        kind="vanishing", severity="critical", layers=(), steps=(start, int(steps[-1])),
+        summary=f"the whole gradient collapsed: its norm is {sci(late / early)} of what it was at the start, since step {start}",
+        evidence=(f"the total gradient norm fell from {sci(early)} (median of steps {int(steps[0])}–"
+                  f"{int(steps[ok][th.spike_after - 1])}) to {sci(late)} (median of the last {4 * th.window} steps) "
+                  f"while the loss did not converge."),
+        cause="the loss saturates: nothing flows back from it. For a GAN generator trained with the minimax loss "
+        "log(1 − D(G(z))), a discriminator that confidently rejects the samples leaves almost no gradient",
+        remedies=remedies("nonsaturating", "lower_lr"),
+        numbers={"ratio": late / early, "early": early, "late": late},
+        sources=(_total_source(steps),) + (("loss (run)",) if "loss" in run.quantities else ()),
+    )]
+
+
+def skipped_steps(run: Run) -> np.ndarray:
+    """Steps that optimizer.step() never took (a GradScaler skipping inf/NaN gradients)."""
+    if "skipped_step" not in run.quantities:
+        return np.zeros(0, dtype=np.int64)
+    s = run.series("skipped_step", "run")
+    return s.steps[np.nan_to_num(s.values[0]) > 0].astype(np.int64)
+
+
+def skipped_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
+    """More than ``skipped_above`` of the steps skipped by a GradScaler; ``skipped``: the run's :func:`skipped_steps`."""
+    if not len(skipped) or "grad_norm" not in run.quantities:
+        return []
+    steps = run.series("grad_norm").steps
+    frac = len(skipped) / max(len(steps), 1)
+    if frac <= th.skipped_above:
+        return []
+    scale = ""
+    if "loss_scale" in run.quantities:
+        ls = run.series("loss_scale", "run")
+        scale = (f"; the loss scale at the skipped steps went from {sci(float(ls.values[0][0]))} "
+                 f"to {sci(float(ls.values[0][-1]))}")
+    tail = steps[-min(10, len(steps)):]
+    persistent = bool(np.isin(tail, skipped).all())
+    return [Finding(
+        kind="skipped_steps", severity="critical" if persistent else "warning", layers=(),
+        steps=(int(skipped[0]), int(skipped[-1])),
+        summary=(f"the GradScaler skipped {len(skipped)} of {len(steps)} steps ({frac:.0%}) for inf/NaN gradients"
+                 + (", every one of the last ones" if persistent else "")),
+        evidence=f"skipped steps {list_steps(skipped)}{scale}.",
+        cause="float16 gradients overflow even at a reduced loss scale" if not persistent else
+        "the gradients are non-finite at any loss scale: the model itself diverges (or the data holds NaN/Inf)",
+        remedies=remedies("bf16", "clip_norm", "lower_lr", "check_data"),
+        numbers={"skipped": float(len(skipped)), "fraction": frac},
+        sources=("skipped_step (run)",) + (("loss_scale (run)",) if scale else ()),
+    )]
+
+
+def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
+    """NaN/Inf gradients: the first step and the layer backward reached first; ``skipped``: :func:`skipped_steps`."""
+    if "nonfinite" not in run.quantities:
+        return []
+    s = run.series("nonfinite")
+    g = run.series("grad_norm") if "grad_norm" in run.quantities else None
+    bad = np.nan_to_num(s.values, nan=0.0) > 0
+    if g is not None and g.values.shape == s.values.shape:
+        bad |= ~np.isfinite(g.values) & ~np.isnan(g.values) | np.isnan(g.values) & (s.values > 0)
+    # A step the GradScaler skipped changed no weight: it is a skipped step (skipped_findings), not a NaN casualty.
+    bad[:, np.isin(s.steps, skipped)] = False
+    cols = np.where(bad.any(axis=0))[0]
+    if len(cols) == 0:
+        return []
+    j0 = cols[0]
+    step0 = int(s.steps[j0])
+    layers_at = [s.names[i] for i in range(len(s.names)) if bad[i, j0]]
+    first_back = layers_at[-1]  # backward runs from the output: the deepest layer is reached first
+    count = float(np.nansum(s.values[:, j0]))
+    steps_bad = len(cols)
+    evidence = (f"at step {step0}, {int(count)} parameter tensor{'' if count == 1 else 's'} with NaN/Inf gradients in "
+                f"{len(layers_at)} layer{'s' if len(layers_at) > 1 else ''} ({span(layers_at)}); backward reached "
+                f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients in all")
+    sources = [f"nonfinite (layers {span(s.names)}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
+    cause = "non-finite values in the forward pass or the loss"
+    got = total_grad_norm(run)
+    if got is not None:
+        steps, total = got
+        before = total[(steps < step0) & np.isfinite(total)]
+        if len(before) >= 2 and before[-1] > th.spike_above * np.median(before):
+            cause = (f"divergence — the total gradient norm grew from a median of {sci(float(np.median(before)))} to "
+                     f"{sci(float(before[-1]))} just before step {step0}")
+    loss_note = ""
+    if "loss" in run.quantities:
+        loss = run.series("loss", "run")
+        nf = np.where(~np.isfinite(loss.values[0]))[0]
+        if len(nf):
+            loss_note = f"; the loss is non-finite from step {int(loss.steps[nf[0]])}"
+            sources.append("loss (run)")
+    return [Finding(
+        kind="nonfinite", severity="critical", layers=tuple(layers_at), steps=(step0, int(s.steps[cols[-1]])),
+        summary=f"NaN/Inf gradients from step {step0}, first in layer {first_back!r} (backward order)",
+        evidence=evidence + loss_note + ".",
+        cause=cause,
+        remedies=remedies("lower_lr", "clip_norm", "check_data", "grad_scaler"),
+        numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad)},
+        sources=tuple(sources),
+    )]

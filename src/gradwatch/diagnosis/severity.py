@@ -1,0 +1,24 @@
+"""Severity by effect: a warning in a run that does not learn is critical."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gradwatch.diagnosis.findings import Finding, sci
+from gradwatch.diagnosis.measures import flat_loss
+from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.store import Run
+
+BY_EFFECT = ("vanishing", "exploding", "saturation", "dead_units", "stalled")  # kinds whose severity follows the loss
+
+
+def by_effect(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Severity follows the effect on training: a warning in a run whose loss stayed at its start is critical."""
+    flat = flat_loss(run, th)
+    if flat is None:
+        return found
+    note = f"; the loss stayed at its start value ({sci(flat[0])} → {sci(flat[1])}): the run does not learn"
+    return [replace(f, severity="critical", evidence=f.evidence.rstrip(".") + note + ".",
+                    numbers={**f.numbers, "loss_first": flat[0], "loss_final": flat[1]},
+                    sources=f.sources if "loss (run)" in f.sources else (*f.sources, "loss (run)"))
+            if f.severity == "warning" and f.kind in BY_EFFECT else f for f in found]

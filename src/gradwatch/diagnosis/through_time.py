@@ -1,0 +1,87 @@
+"""Through time: vanishing and exploding along the time steps of a recurrent layer, with Pascanu's verdict."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradwatch.diagnosis.findings import Finding, sci
+from gradwatch.diagnosis.measures import by_lag, depth_verdict, layers_per_halving, pascanu, window_median
+from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.diagnosis.view import since, steps_text
+from gradwatch.store import Run
+
+
+def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Vanishing and exploding through time, from ‖∂L/∂h_t‖ of each recurrent layer (``watch(temporal=…)``).
+
+    The cut is the depth cut, lag 0 playing the last layer; λ₁(W_hh) and the cell's γ, where recorded, give
+    Pascanu's verdict (:func:`gradwatch.diagnosis.measures.pascanu`).
+    """
+    if "temporal_grad_norm" not in run.quantities:
+        return []
+    gammas = {r["name"]: r.get("gamma") for r in run.meta.get("recurrent", [])} if hasattr(run, "meta") else {}
+    lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
+    found = []
+    for e in run.entities("recurrent"):
+        s = by_lag(run.temporal(e.name))
+        if len(s.names) < 3 or len(s.steps) == 0:
+            continue
+        med, wsteps = window_median(s, th.window)
+        lags = [int(p) for p in s.names]  # the first row is the longest lag, the last is lag 0
+        first, last = med[0], med[-1]
+        if not (last > 0 and math.isfinite(last) and math.isfinite(first)):
+            continue
+        ratio = first / last
+        k = layers_per_halving(med)
+        rel = med / last
+        below = [i for i in range(len(med) - 1, -1, -1) if rel[i] < th.memory_below]
+        memory = lags[below[0]] if below else None  # the smallest lag at which the gradient is below the cut
+        numbers: dict[str, float] = {"ratio": ratio, "halving_steps": k if k else math.nan,
+                                     "memory": float(memory) if memory is not None else math.nan}
+        verdict = None
+        if lam is not None and e.name in lam.names:
+            row = lam.values[lam.names.index(e.name)]
+            ok = row[np.isfinite(row)]
+            lam1 = float(ok[-1]) if len(ok) else math.nan
+            numbers["lambda1"] = lam1
+            if math.isfinite(lam1):
+                verdict = pascanu(lam1, gammas.get(e.name))
+        said = f"; {verdict.words}" if verdict is not None else ""
+        sources = (f"temporal_grad_norm ({e.name}, lags {lags[0]}…0 from each sequence's end, "
+                   f"{steps_text(int(wsteps[0]), int(wsteps[-1]))})",) + ((f"lambda1 ({e.name})",) if "lambda1" in numbers else ())
+        mem_text = (f"effective memory ≈ {memory} steps (‖∂L/∂h‖ below {th.memory_below:g}× its last value beyond that lag)"
+                    if memory is not None else f"no lag within the {lags[0]} steps falls below {th.memory_below:g}×")
+        with np.errstate(all="ignore"):
+            per_step = s.values[0] / s.values[-1]
+        kind = depth_verdict(ratio, th)
+        if kind == "vanishing":
+            decay = (f"the gradient through time halves every {k:.2g} steps (×{2 ** (-1 / k):.2g} per step)"
+                     if k and k > 0 else "the gradient through time falls")
+            found.append(Finding(
+                kind="vanishing", severity="critical" if ratio < th.vanish_below**2 else "warning", layers=(e.name,),
+                steps=(since(per_step < th.vanish_below, s.steps), int(s.steps[-1])),
+                summary=f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)} of the last step's",
+                evidence=f"{decay}; {mem_text}{said}.",
+                cause="the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
+                + (" (its largest singular value is below the bound)" if verdict is not None and verdict.key == "vanishing" else "")
+                + (": in an LSTM, forget gates that close" if e.module == "LSTM" else ""),
+                remedies=remedies("forget_bias", "clip_norm") if e.module == "LSTM"
+                else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"),
+                numbers=numbers, sources=sources,
+            ))
+        elif kind == "exploding":
+            growth = (f"the gradient through time doubles every {-k:.2g} steps going back (×{2 ** (-1 / k):.2g} per step)"
+                      if k and k < 0 else "the gradient through time grows going back")
+            found.append(Finding(
+                kind="exploding", severity="critical", layers=(e.name,),
+                steps=(since(per_step > th.explode_above, s.steps), int(s.steps[-1])),
+                summary=f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)}× the last step's",
+                evidence=f"{growth}{said}.",
+                cause="the recurrent Jacobian stretches the gradient at every step",
+                remedies=remedies("clip_norm", "smaller_w_hh", "orthogonal_rnn", "gated"),
+                numbers=numbers, sources=sources,
+            ))
+    return found
