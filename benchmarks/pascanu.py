@@ -26,6 +26,7 @@ import torch
 
 import gradwatch as gw
 from gradwatch import remedies
+from gradwatch.diagnosis.measures import by_lag
 from gradwatch.tasks import task
 from gradwatch.zoo import TaskRNN
 
@@ -98,10 +99,9 @@ def lag_plot(path: Path, T: int = 40) -> None:
             x, y = t.generate(64, T, torch.Generator().manual_seed(1))
             t.loss(model(x), y).backward()
             opt.step()
-        s = w.open().temporal("rnn.l0")
-        prof = s.values[:, 0][~np.isnan(s.values[:, 0])]
-        lags = np.arange(len(prof))[::-1]
-        ax.semilogy(lags, prof / prof[-1], label=method)
+        s = by_lag(w.open().temporal("rnn.l0"))  # rows: lags, the last is lag 0
+        prof = s.values[:, 0]
+        ax.semilogy([int(lag) for lag in s.names], prof / prof[-1], label=method)
     ax.set_xlabel("lag (steps before the end)")
     ax.set_ylabel("‖∂L/∂h_t‖ / ‖∂L/∂h_T‖")
     ax.set_title(f"gradient through time at initialisation, adding task, T = {T}")

@@ -13,6 +13,7 @@ from rich.table import Table
 
 import gradwatch as gw
 from gradwatch import zoo
+from gradwatch.diagnosis.measures import depth_ratio
 from gradwatch.report.html import write_html
 from gradwatch.report.terminal import findings_text
 
@@ -37,8 +38,12 @@ class DemoRun:
 
     @property
     def ratio(self) -> float:
-        """First layer's ‖∂L/∂a‖ over the last layer's, at the last recorded step."""
-        return float(self.last[0] / self.last[-1])
+        """First layer's ‖∂L/∂a‖ over the last layer's, at the last recorded step (NaN: it cannot be judged).
+
+        The verdict beside it is the diagnosis's (window medians, its thresholds): the demo judges nothing itself.
+        """
+        ratio = depth_ratio(self.last)
+        return math.nan if ratio is None else ratio
 
 
 def train(setup: str, out: Path, steps: int, seed: int = 0) -> DemoRun:

@@ -10,6 +10,7 @@ from pathlib import Path
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import sci
+from gradwatch.diagnosis.measures import by_lag
 from gradwatch.report import plots
 from gradwatch.report.rows import layer_rows
 from gradwatch.store import Run
@@ -115,8 +116,6 @@ def render_html(run: Run, diagnosis: Diagnosis, redact: bool = False) -> str:
                                                       cmap="magma", label=quantity),
                                 f"{quantity} of each activation module, {_steps(s)}."))
     if "temporal_grad_norm" in q:
-        from gradwatch.diagnosis.measures import by_lag
-
         for i, e in enumerate(run.entities("recurrent")):
             lagged = by_lag(run.temporal(e.name))
             if not lagged.names:

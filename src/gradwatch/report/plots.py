@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 
+from gradwatch.diagnosis.measures import total_grad_norm
 from gradwatch.store import Run, Series
 
 _STYLE = {"font.size": 9, "axes.titlesize": 10, "svg.fonttype": "none", "figure.dpi": 100}
@@ -111,8 +112,6 @@ def line(series: Series, title: str, ylabel: str, log: bool = False) -> str:
 
 def total_norm(run: Run) -> Series | None:
     """The diagnosis's total gradient norm per step, as a one-row series."""
-    from gradwatch.diagnosis.measures import total_grad_norm
-
     got = total_grad_norm(run)
     if got is None:
         return None

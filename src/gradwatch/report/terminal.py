@@ -12,6 +12,7 @@ from rich.text import Text
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import sci
+from gradwatch.diagnosis.measures import by_lag, depth_ratio
 from gradwatch.report.rows import UNMEASURED_NOTE, LayerRow, layer_rows
 from gradwatch.store import Run
 
@@ -87,8 +88,6 @@ def recurrent_table(run: Run) -> Table | None:
     """One line per recurrent layer: the gradient at the first time step over the last, λ₁(W_hh)."""
     if "temporal_grad_norm" not in run.quantities:
         return None
-    from gradwatch.diagnosis.measures import by_lag
-
     table = Table(title="through time (last recorded step)", title_justify="left", show_edge=False, pad_edge=False)
     for col in ("recurrent layer", "cell", "steps", "‖∂L/∂h_first‖/‖∂L/∂h_last‖", "λ₁(W_hh)"):
         table.add_column(col, justify="left" if col in ("recurrent layer", "cell") else "right", no_wrap=True)
@@ -97,9 +96,9 @@ def recurrent_table(run: Run) -> Table | None:
         s = by_lag(run.temporal(e.name))
         if not s.names:
             continue
-        last = s.values[:, -1]
+        ratio = depth_ratio(s.values[:, -1])  # the first time step's over the last's, as the diagnosis takes it
         l1 = float(lam.values[lam.names.index(e.name), -1]) if lam is not None and e.name in lam.names else float("nan")
-        table.add_row(escape(e.name), escape(e.module or ""), str(len(s.names) - 1), _num(float(last[0] / last[-1])),
+        table.add_row(escape(e.name), escape(e.module or ""), str(len(s.names) - 1), _num(math.nan if ratio is None else ratio),
                       _num(l1))
     return table
 
