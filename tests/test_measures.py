@@ -3,7 +3,6 @@ cause for the same net, against closed forms; and the shared measures against th
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis.findings import layer_name, sci, span
-from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.measures import (
     Between, Cause, affected_upto, cause_split, depth_ratio, depth_verdict, layers_per_halving, pascanu, pascanu_gamma,
 )
+from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.layers import anatomy
 from gradwatch.probes import activations as act_probe

@@ -314,7 +314,7 @@ class Pascanu:
         lam, gamma = self.lambda1, self.gamma or 1.0
         if self.key == "vanishing":
             return (f"λ₁(W_hh) = {lam:.2g} < 1/γ = {1 / gamma:g}: Pascanu's sufficient condition for vanishing "
-                    f"holds — the gradient through time shrinks by at least ×{gamma * lam:.2g} per step")
+                    f"holds — each step multiplies the gradient through time by at most ×{gamma * lam:.2g}")
         if self.key == "exploding":
             return (f"λ₁(W_hh) = {lam:.2g} ≥ 1/γ = {1 / gamma:g}: explosion possible (Pascanu's necessary "
                     f"condition for exploding holds)")
