@@ -52,7 +52,7 @@ class LayerCheck:
     saturated: float  # that activation's saturated fraction (bounded units)
     dead: float  # its dead fraction (ReLU-likes)
     deriv_rms: float  # its rms derivative
-    out_grad_norm: float  # ‖∂L/∂a‖ at the layer's output: the backward signal (the store's grad_norm is ‖∂L/∂W‖)
+    out_grad_norm: float  # ‖∂L/∂a‖ at the layer's output: the backward signal (NaN: no gradient reached it)
     weight_grad_norm: float  # ‖∂L/∂W‖ of its own parameters
     gain: float  # out_grad_norm over the next layer's: what the next layer (and activation) does to the gradient
 
@@ -114,7 +114,8 @@ class CheckReport:
             elif l.dead == l.dead:
                 act += f" dead {l.dead:.0%}"
             lines.append(f"{layer_name(l.name)[:24]:<24} {l.module[:14]:<14} {sci(l.out_std):>8} {act[:16]:<16} "
-                         f"{sci(l.out_grad_norm):>9} {'' if l.gain != l.gain else '×' + sci(l.gain):>7}")
+                         f"{'–' if l.out_grad_norm != l.out_grad_norm else sci(l.out_grad_norm):>9} "
+                         f"{'' if l.gain != l.gain else '×' + sci(l.gain):>7}")
         if self.spectrum is not None:
             s = self.spectrum.summary
             lines += ["", f"input–output Jacobian ({self.spectrum.method}, {self.spectrum.samples} samples; "
