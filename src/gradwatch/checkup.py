@@ -431,20 +431,6 @@ def _verdict(rows: list[LayerCheck], between: list[list[Between]], spectrum: Spe
 
 
 def _cause_reason(cause: Cause) -> str:
-    """The cause of a vanishing or exploding gradient, as a reason in the check's report."""
-    change = "explains most of the decay" if cause.vanishing else "amplifies the gradient"
-    if cause.key == "dead":
-        return f"dead units in {span(cause.modules)}: {cause.fraction:.0%} of their units are silent for the whole batch"
-    if cause.key == "saturation":
-        return f"saturated units in {span(cause.modules)}: {cause.fraction:.0%} of their unit-samples sit in the flat tails"
-    if cause.key == "activation":
-        return (f"the activations' derivative (rms ×{sci(cause.activation)} per layer) {change}; the weights pass on "
-                f"×{sci(cause.weights)}")
-    if cause.key == "weights":
-        return (f"the weights' gain (×{sci(cause.weights)} per layer) {change}"
-                + (": the initialisation shrinks the signal" if cause.vanishing else "")
-                + f"; the activations' derivative passes on ×{sci(cause.activation)}")
-    if cause.key == "jacobians":
-        return (f"no activation module is visible between the layers: their Jacobians scale the gradient by "
-                f"×{sci(cause.per_layer)} per layer")
-    return "no layer-to-layer ratio of the gradient could be measured"
+    """The cause as a reason in the check's report: its own words, after which factor explains a decay."""
+    lead = {"activation": "the activations' derivative", "weights": "the weights' gain"}.get(cause.key)
+    return f"{lead} explains most of the decay; {cause.words}" if lead and cause.vanishing else cause.words

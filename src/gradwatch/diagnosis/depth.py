@@ -85,28 +85,6 @@ def _cause(run: Run, prof: Profile, upto: int, th: Thresholds, vanishing: bool) 
     return cause, sources
 
 
-def cause_words(cause: Cause) -> str:
-    """A finding's cause line for a depth finding."""
-    acts = "/".join(cause.types) or "activation"
-    if cause.key == "dead":
-        return (f"dead units — {cause.fraction:.0%} of the units of {span(cause.modules)} are silent for whole "
-                f"batches, so no gradient passes them")
-    if cause.key == "saturation":
-        return f"{acts} saturation — {cause.fraction:.0%} of the unit-samples of {span(cause.modules)} sit in the flat tails"
-    if cause.key == "jacobians":
-        return (f"the layers' Jacobians scale the gradient by ×{sci(cause.per_layer)} per layer; no activation module "
-                f"is visible between them (activations applied as functions cannot be measured)")
-    if cause.key == "activation":
-        return (f"activation derivative — {acts}' passes on ×{sci(cause.activation)} (rms) per layer, the weights "
-                f"×{sci(cause.weights)}")
-    if cause.key == "weights" and cause.vanishing:
-        return (f"weight scale — the weights pass on ×{sci(cause.weights)} of the gradient per layer while {acts}' "
-                f"passes on ×{sci(cause.activation)}: the initialisation shrinks the signal")
-    if cause.key == "weights":
-        return f"weight scale — the weights amplify the gradient ×{sci(cause.weights)} per layer ({acts}' ×{sci(cause.activation)})"
-    return "no layer-to-layer ratio could be measured"
-
-
 def _halving(prof: Profile, upto: int) -> float | None:
     """Layers per halving over layers 0..upto+1, only when the fit is a real trend."""
     values = prof.median[: upto + 2]
@@ -164,7 +142,7 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
         summary=(f"the gradient reaching layer {layer_name(prof.names[0])} is {sci(ratio)}"
                  f"{' of' if vanishing else '×'} the last layer's, since step {start}"),
         evidence=f"{at}; {change}.",
-        cause=cause_words(cause), remedies=remedies(*cause.remedy_keys), numbers=numbers, sources=(source, *sources),
+        cause=cause.words, remedies=remedies(*cause.remedy_keys), numbers=numbers, sources=(source, *sources),
         cause_key=cause.key,
     )]
 

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gradwatch.diagnosis.findings import sci, span
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run, Series
 
@@ -182,6 +183,29 @@ class Cause:
         if self.key in ("activation", "weights"):
             return {"per_layer": self.per_layer, "activation_factor": self.activation, "weight_factor": self.weights}
         return {}
+
+    @property
+    def words(self) -> str:
+        """The cause in words, with its numbers: a depth finding's cause line, and gw.check's reason."""
+        acts = "/".join(self.types) or "activation"
+        if self.key == "dead":
+            return (f"dead units — {self.fraction:.0%} of the units of {span(self.modules)} are silent for whole "
+                    f"batches, so no gradient passes them")
+        if self.key == "saturation":
+            return f"{acts} saturation — {self.fraction:.0%} of the unit-samples of {span(self.modules)} sit in the flat tails"
+        if self.key == "jacobians":
+            return (f"the layers' Jacobians scale the gradient by ×{sci(self.per_layer)} per layer; no activation "
+                    f"module is visible between them (activations applied as functions cannot be measured)")
+        if self.key == "activation":
+            return (f"activation derivative — {acts}' passes on ×{sci(self.activation)} (rms) per layer, the weights "
+                    f"×{sci(self.weights)}")
+        if self.key == "weights" and self.vanishing:
+            return (f"weight scale — the weights pass on ×{sci(self.weights)} of the gradient per layer while {acts}' "
+                    f"passes on ×{sci(self.activation)}: the initialisation shrinks the signal")
+        if self.key == "weights":
+            return (f"weight scale — the weights amplify the gradient ×{sci(self.weights)} per layer ({acts}' "
+                    f"×{sci(self.activation)})")
+        return "no layer-to-layer ratio could be measured"
 
 
 def _usable(x: float) -> bool:
