@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.diagnosis.rules import layers_per_halving
+from gradwatch.diagnosis.measures import layers_per_halving
 
 OUT = Path(os.environ.get("GRADWATCH_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="gradwatch-tutorial-"))
 SEED = int(os.environ.get("GRADWATCH_TUTORIAL_SEED", "0"))
