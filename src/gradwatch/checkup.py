@@ -96,6 +96,31 @@ class CheckReport:
     mode: str = ""  # how the forward pass ran: dropout, BatchNorm
     cause: Cause | None = None  # why the gradient vanishes or explodes across depth, as diagnose judges it
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the verdict, its reasons and remedies, ‖∂L/∂a‖ against depth, and the per-layer table."""
+        import html
+
+        import numpy as np
+
+        from gradwatch.plots import depth_profile
+        from gradwatch.store import Series
+
+        e = html.escape
+        rows = "".join(
+            f"<tr><td>{e(layer_name(l.name))}</td><td>{e(l.module)}</td><td>{sci(l.out_std)}</td>"
+            f"<td>{e(l.activation)}</td><td>{'–' if l.out_grad_norm != l.out_grad_norm else sci(l.out_grad_norm)}</td>"
+            f"<td>{'' if l.gain != l.gain else '×' + sci(l.gain)}</td></tr>" for l in self.layers)
+        figure = ""
+        if self.layers:
+            out = Series("out_grad_norm", [l.name for l in self.layers], np.zeros(1, dtype=np.int64),
+                         np.array([[l.out_grad_norm] for l in self.layers]))
+            figure = f"<figure>{depth_profile(out, None, title='‖∂L/∂a‖ on the example batch', legend=False)}</figure>"
+        remedies = f"<p>remedies: {e('; '.join(self.remedies))}</p>" if self.remedies else ""
+        return (f"<div><h3>gw.check: {e(self.verdict.upper())}</h3><ul>{''.join(f'<li>{e(r)}</li>' for r in self.reasons)}"
+                f"</ul>{remedies}<p>backward signal: {e(self.objective)}{'; ' + e(self.mode) if self.mode else ''}</p>"
+                f"{figure}<table><tr><th>layer</th><th>module</th><th>out std</th><th>activation</th><th>‖∂L/∂a‖</th>"
+                f"<th>gain</th></tr>{rows}</table></div>")
+
     def __str__(self) -> str:
         lines = [f"gw.check: {self.verdict.upper()}"]
         lines += [f"  - {r}" for r in self.reasons]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -41,6 +42,15 @@ class Finding:
         if self.sources:
             lines.append(f"  source:   {'; '.join(self.sources)}")
         return "\n".join(lines)
+
+    def to_html(self) -> str:
+        """The finding as one HTML block: what, evidence, cause, remedies, source."""
+        e = html.escape
+        items = "".join(f"<li>{e(r)}</li>" for r in self.remedies)
+        return (f'<div class="finding {e(self.severity)}" data-kind="{e(self.kind)}"><h3>[{e(self.severity)}] '
+                f"{e(self.kind)}: {e(self.summary)}</h3><dl><dt>evidence</dt><dd>{e(self.evidence)}</dd>"
+                f"<dt>cause</dt><dd>{e(self.cause)}</dd><dt>remedies</dt><dd><ul>{items}</ul></dd></dl>"
+                f'<div class="source">source: {e("; ".join(self.sources))}</div></div>')
 
 
 @dataclass
@@ -82,6 +92,30 @@ class Diagnosis:
 
     def __repr__(self) -> str:
         return f"Diagnosis({self.kinds})"
+
+    def to_html(self) -> str:
+        """The findings as HTML (the report's findings section; styled by :data:`FINDINGS_CSS`)."""
+        if not self.findings:
+            return '<div class="healthy" id="findings-none">No findings: the gradients look healthy.</div>'
+        return "\n".join(f.to_html() for f in self.findings)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the findings, then the run's signature plot (log ‖∂L/∂W‖, layers × steps) and the
+        gradient-vs-depth profile, drawn from the stored records when the run is still where it was."""
+        from gradwatch.plots import figures_of_run
+
+        return f"<div><style>{FINDINGS_CSS}</style>{self.to_html()}{figures_of_run(self.run)}</div>"
+
+
+FINDINGS_CSS = """
+.finding { border-left: 5px solid #e0a800; background: #fffbea; padding: .6em 1em; margin: .8em 0; }
+.finding.critical { border-color: #d0021b; background: #fff0f0; }
+.finding.info { border-color: #7a9cc6; background: #f3f7fc; }
+.finding h3 { margin: 0 0 .3em; font-size: 1.05em; } .finding dl { margin: 0; }
+.finding dt { font-weight: 600; float: left; width: 6.5em; } .finding dd { margin: 0 0 .25em 6.5em; }
+.finding .source { color: #777; font-size: .85em; }
+.healthy { border-left: 5px solid #2e9d4b; background: #effaf1; padding: .6em 1em; }
+"""
 
 
 def layer_name(name: str) -> str:

@@ -56,3 +56,20 @@ class DoctorReport:
             lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds)")
         return "\n".join(lines)
 
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the doctor's message, its table, then the baseline's findings."""
+        import html
+
+        e = html.escape
+        rows = [self.baseline] + self.trials
+        has_score = any(math.isfinite(r.score) for r in rows)
+        head = ("<tr><th>remedy</th><th>round</th><th>first loss</th><th>final loss</th><th>AUC</th>"
+                + ("<th>score</th>" if has_score else "") + "<th>findings left</th><th>time</th><th>verdict</th></tr>")
+        body = "".join(
+            f"<tr><td>{e(r.label)}</td><td>{r.rounds if r is not self.baseline else '-'}</td><td>{r.first_loss:.4g}</td>"
+            f"<td>{r.final_loss:.4g}</td><td>{r.auc:.4g}</td>" + (f"<td>{r.score:.3f}</td>" if has_score else "")
+            + f"<td>{e(', '.join(r.findings) or 'none')}</td><td>{r.seconds:.1f}s</td><td>{e(r.verdict)}</td></tr>"
+            for r in rows)
+        return (f"<div><h3>gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: "
+                f"{e(self.message)}</h3><table>{head}{body}</table>{self.diagnosis._repr_html_()}</div>")

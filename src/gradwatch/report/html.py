@@ -9,23 +9,17 @@ from pathlib import Path
 
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
-from gradwatch.diagnosis.findings import sci
-from gradwatch.diagnosis.measures import by_lag
-from gradwatch.report import plots
+from gradwatch.diagnosis.findings import FINDINGS_CSS, sci
+from gradwatch import plots
+from gradwatch.diagnosis.measures import by_lag, total_grad_norm
 from gradwatch.report.rows import layer_rows
-from gradwatch.store import Run
+from gradwatch.store import Run, Series
 
-_CSS = """
+_CSS = FINDINGS_CSS + """
 body { font: 14px/1.45 system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1100px;
        color: #1d1d1f; padding: 0 1em; }
 h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 .meta { color: #666; } figure { margin: 1em 0; } figcaption { color: #555; font-size: .9em; }
-.finding { border-left: 5px solid #e0a800; background: #fffbea; padding: .6em 1em; margin: .8em 0; }
-.finding.critical { border-color: #d0021b; background: #fff0f0; }
-.finding h3 { margin: 0 0 .3em; font-size: 1.05em; } .finding dl { margin: 0; }
-.finding dt { font-weight: 600; float: left; width: 6.5em; } .finding dd { margin: 0 0 .25em 6.5em; }
-.finding .source { color: #777; font-size: .85em; }
-.healthy { border-left: 5px solid #2e9d4b; background: #effaf1; padding: .6em 1em; }
 table { border-collapse: collapse; font-size: 12px; } th, td { padding: 2px 8px; text-align: right; }
 th { border-bottom: 1px solid #999; } td:first-child, th:first-child, td.l { text-align: left; }
 tr:nth-child(even) { background: #f6f6f6; } .bad { background: #d0021b; color: white; font-weight: 700; }
@@ -40,20 +34,6 @@ def _e(text: object) -> str:
 
 def _num(x: float) -> str:
     return "–" if x != x else sci(x)
-
-
-def _findings(diagnosis: Diagnosis) -> str:
-    if not diagnosis.findings:
-        return '<div class="healthy" id="findings-none">No findings: the gradients look healthy.</div>'
-    out = []
-    for f in diagnosis:
-        out.append(
-            f'<div class="finding {f.severity}" data-kind="{_e(f.kind)}"><h3>[{_e(f.severity)}] {_e(f.kind)}: '
-            f"{_e(f.summary)}</h3><dl><dt>evidence</dt><dd>{_e(f.evidence)}</dd><dt>cause</dt><dd>{_e(f.cause)}</dd>"
-            f"<dt>remedies</dt><dd><ul>{''.join(f'<li>{_e(r)}</li>' for r in f.remedies)}</ul></dd></dl>"
-            f'<div class="source">source: {_e("; ".join(f.sources))}</div></div>'
-        )
-    return "\n".join(out)
 
 
 def _table(run: Run) -> str:
@@ -128,8 +108,9 @@ def render_html(run: Run, diagnosis: Diagnosis, redact: bool = False) -> str:
     if "loss" in q:
         loss = run.series("loss", "run")
         figs.append(_figure("loss", plots.line(loss, "loss", "loss"), f"loss as logged with watch.log, {_steps(loss)}."))
-    total = plots.total_norm(run)
-    if total is not None:
+    got = total_grad_norm(run)
+    if got is not None:
+        total = Series("total grad_norm", ["total"], got[0], got[1][None, :])
         figs.append(_figure("total-norm", plots.line(total, "total gradient norm", "√Σ grad_norm²", log=True),
                             f"The total gradient norm, from every layer's grad_norm, {_steps(total)}."))
     meta = run.meta
@@ -143,7 +124,7 @@ def render_html(run: Run, diagnosis: Diagnosis, redact: bool = False) -> str:
 optimizer {_e(meta.get("optimizer"))} · torch {_e(meta.get("torch", ""))} · gradwatch {_e(meta.get("gradwatch", ""))} ·
 started {_e(meta.get("started", ""))} · status {_e(meta.get("status", ""))} · store {_e(_where(run, redact))}</p>
 <h2>Findings</h2>
-<section id="findings">{_findings(diagnosis)}</section>
+<section id="findings">{diagnosis.to_html()}</section>
 <h2>Plots</h2>
 <div class="grid">{"".join(figs)}</div>
 <h2>Layers</h2>

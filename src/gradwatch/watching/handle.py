@@ -179,6 +179,16 @@ class Watch:
         state = "closed" if self._closed else ("failed" if self._failed else "open")
         return f"<gradwatch.Watch {state}, step {self.step}, {len(self._steps.layers)} layers, store {str(self.path)!r}>"
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the very page :meth:`report` writes (in an iframe, so that its styles stay its own)."""
+        import html
+
+        from gradwatch.report.html import render_html
+
+        with self.open() as run:
+            page = render_html(run, diagnose(run))
+        return f'<iframe srcdoc="{html.escape(page)}" style="width: 100%; height: 900px; border: 0"></iframe>'
+
     # -- the public driver interface (driver="external") -----------------------------------
     def gradients_ready(self) -> None:
         """The step's gradients are final: after backward (and a scaler's unscale), before clipping and the step.

@@ -1,4 +1,7 @@
-"""The report's figures, drawn with matplotlib and returned as inline SVG text."""
+"""Figures drawn with matplotlib and returned as inline SVG text: the HTML report's, and the notebook displays'.
+
+They read series only (no diagnosis), so every floor that renders can use them.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ import io
 import math
 import re
 
+from pathlib import Path
+
 import numpy as np
 
-from gradwatch.diagnosis.measures import total_grad_norm
-from gradwatch.store import Run, Series
+from gradwatch.store import DB_NAME, Series
 
-_STYLE = {"font.size": 9, "axes.titlesize": 10, "svg.fonttype": "none", "figure.dpi": 100}
+# svg.hashsalt: element ids from a hash of their content instead of random ones, so the same records draw the same page
+_STYLE = {"font.size": 9, "axes.titlesize": 10, "svg.fonttype": "none", "figure.dpi": 100, "svg.hashsalt": "gradwatch"}
 
 
 def _svg(fig: object) -> str:
@@ -70,7 +75,8 @@ def heatmap(series: Series, title: str, log: bool = True, vmin: float | None = N
     return _svg(fig)
 
 
-def depth_profile(out: Series | None, grad: Series | None, k: int = 4) -> str:
+def depth_profile(out: Series | None, grad: Series | None, k: int = 4, title: str = "gradient against depth",
+                  legend: bool = True) -> str:
     """‖∂L/∂a‖ (solid) and ‖∂L/∂W‖ (dashed) against depth at a few steps."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
@@ -91,8 +97,9 @@ def depth_profile(out: Series | None, grad: Series | None, k: int = 4) -> str:
     ax.set_xticklabels(_labels(names), rotation=90, fontsize=7 if len(names) > 20 else 8)
     ax.set_xlabel("layer (depth order: input → output)")
     ax.set_ylabel("‖∂L/∂a‖ (solid)" + (", ‖∂L/∂W‖ (dashed)" if out is not None and grad is not None else ""))
-    ax.set_title("gradient against depth")
-    ax.legend(fontsize=7, ncol=len(cols))
+    ax.set_title(_plain(title))
+    if legend:
+        ax.legend(fontsize=7, ncol=len(cols))
     ax.grid(alpha=0.3, which="both")
     return _svg(fig)
 
@@ -108,15 +115,6 @@ def line(series: Series, title: str, ylabel: str, log: bool = False) -> str:
     ax.set_title(_plain(title))
     ax.grid(alpha=0.3)
     return _svg(fig)
-
-
-def total_norm(run: Run) -> Series | None:
-    """The diagnosis's total gradient norm per step, as a one-row series."""
-    got = total_grad_norm(run)
-    if got is None:
-        return None
-    steps, total = got
-    return Series("total grad_norm", ["total"], steps, total[None, :])
 
 
 def lag_profile(series: Series, k: int = 4) -> str:
@@ -136,3 +134,24 @@ def lag_profile(series: Series, k: int = 4) -> str:
     ax.legend(fontsize=7, ncol=len(cols))
     ax.grid(alpha=0.3, which="both")
     return _svg(fig)
+
+
+def figures_of_run(path: str | Path) -> str:
+    """The signature plot (log ‖∂L/∂W‖, layers × steps) and the depth profile of a stored run, as HTML figures.
+
+    Empty when there is no run at ``path`` any more (a diagnosis outlives the folder it was made from).
+    """
+    from gradwatch.store import open_run
+
+    if not path or not (Path(path) / DB_NAME).exists():
+        return ""
+    with open_run(path) as run:
+        q = set(run.quantities)
+        grad = run.series("grad_norm") if "grad_norm" in q else None
+        out = run.series("out_grad_norm") if "out_grad_norm" in q else None
+    figs = []
+    if grad is not None:
+        figs.append(heatmap(grad, "log₁₀ ‖∂L/∂W‖ per layer and step"))
+    if out is not None or grad is not None:
+        figs.append(depth_profile(out, grad))
+    return "".join(f"<figure>{svg}</figure>" for svg in figs)
