@@ -1,0 +1,249 @@
+"""Attention probes: per-head attention logits and entropy, and the output logits' log Z at the LM head.
+
+On the steps it is armed for, :class:`AttentionProbe` measures, for every
+attention module it recognises and every head h:
+
+- ``attn_logit_max``: max over batch, queries and allowed keys of the logit
+  s = q·k · scale (scale = 1/√d_head unless the module says otherwise);
+- ``attn_logit_rms``: √mean s² over the same allowed (query, key) pairs;
+- ``attn_entropy``: the entropy −Σ_j p_j log p_j (nats) of each query's
+  attention row p = softmax(s + bias), averaged over batch and queries.
+
+and at the LM head (the module producing the vocabulary logits y), of
+log Z = logsumexp_v y_v over every position: ``logz_mean`` and ``logz_max``.
+
+Attention-logit growth (max logit rising by orders of magnitude while the
+attention goes one-hot) is the instability Dehghani et al. (2023) and
+Wortsman et al. (2023, "Small-scale proxies for large-scale Transformer
+training instabilities", §3.1) cure with qk-layernorm; entropy collapse is
+Zhai et al.'s (2023, σReparam); a drifting log Z is Wortsman's output-logit
+divergence, cured by the z-loss (§3.2; PaLM).
+
+**How.** q and k are taken as the module's own hooks see them and the
+logits are recomputed from them: for ``nn.MultiheadAttention`` (also inside
+``nn.TransformerEncoderLayer``/``DecoderLayer``) from the module's inputs and
+its in-projection weights; for Hugging Face GPT-2-style attention from the
+output of ``c_attn``; for Llama-style attention (``q_proj``/``k_proj``, also
+Mistral, Qwen2, and Qwen3/OLMo2 with their ``q_norm``/``k_norm``) from the
+outputs of the projections (or norms), with the module file's own
+``apply_rotary_pos_emb`` and the key heads repeated for grouped-query
+attention. Any other module can offer ``gradwatch_attention_inputs(*args,
+**kwargs) -> AttentionInputs``. The statistics are computed in chunks of
+queries (at most ``chunk`` logits at a time), so memory stays bounded however
+long the sequence, and no second full attention matrix is materialised.
+
+**What fused kernels hide.** ``scaled_dot_product_attention`` (flash,
+memory-efficient and cuDNN kernels) never writes the logits or the
+probabilities out; nothing a hook can read holds them. The probe therefore
+measures the logits the kernel *would* compute from the same q and k, in
+float32 (or the inputs' float64), not the kernel's own lower-precision
+arithmetic: a kernel's bf16/fp16 rounding of s, its online-softmax rescaling
+and a dropout on p are not seen. Masks are read from the call (HF's 4-D
+boolean or additive masks, ``is_causal`` implied by a missing mask under
+sdpa, MHA's ``attn_mask``/``key_padding_mask``); additive entries at or below
+half the dtype's minimum count as masked. A query row with no allowed key
+(a left-padding token) is left out of the entropy mean. Logits from keys
+held in a KV cache are not in the hook's view: such calls are skipped (see
+:attr:`AttentionProbe.skipped`). Cross-attention in GPT-2 is skipped.
+
+**Cost.** On an armed step: one more q·k product and softmax per attention
+module, in float32, under ``no_grad``; nothing on other steps. The
+recomputation reads no random state and changes no tensor the model uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch._errors import GradwatchWarning, bad_argument
+from gradwatch.probes.attention_read import (
+    ATTENTION_QUANTITIES,
+    CHUNK,
+    LOGZ_QUANTITIES,
+    AttentionInputs,
+    Skip,
+    find_attention,
+    find_lm_head,
+    finish,
+    head_stats,
+)
+
+Key = tuple[str, str, "int | None"]  # (layer, quantity, head); head is None for the LM head's log Z
+
+
+class AttentionProbe:
+    """Per-head attention logits and entropy, and the LM head's log Z, on the forward passes it is armed for.
+
+    ``probe = AttentionProbe(model)`` finds the attention modules and the LM
+    head; ``attach()`` places the hooks (armed: every forward pass measures
+    until ``probe.armed = False``); ``collect()`` returns
+    ``{(layer, quantity, head): 0-d tensor}`` on the model's device and starts
+    over; ``detach()`` removes every hook. Several forward passes before one
+    ``collect()`` (micro-batches) pool: max of maxima, rms and entropy over
+    every logit and row seen. A hook that fails stops the probe with a
+    :class:`~gradwatch.GradwatchWarning` (``probe.error``); the model's
+    forward pass always goes on.
+    """
+
+    def __init__(self, model: nn.Module, lm_head: str | nn.Module | None = "auto", chunk: int = CHUNK) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(bad_argument("AttentionProbe", "model", "a torch.nn.Module", model))
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(bad_argument("AttentionProbe", "chunk", "a positive int (logits per query chunk)", chunk))
+        self.model, self.chunk = model, chunk
+        self.sites = find_attention(model)
+        self.lm_head = self._head_name(model, lm_head)
+        self.armed = False
+        self.skipped: dict[str, str] = {}  # attention module → why a call of it was not measured
+        self.error: BaseException | None = None
+        self._stats: dict[str, Tensor] = {}  # module name → (5, H) sums (head_stats)
+        self._logz: Tensor | None = None  # (Σ log Z, #positions, max log Z)
+        self._seen: dict[int, dict[str, Tensor]] = {}
+        self._signatures: dict[int, inspect.Signature] = {}
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _head_name(model: nn.Module, lm_head: str | nn.Module | None) -> str | None:
+        if lm_head is None:
+            return None
+        if isinstance(lm_head, str) and lm_head == "auto":
+            return find_lm_head(model)
+        for name, m in model.named_modules():
+            if (isinstance(lm_head, nn.Module) and m is lm_head) or (isinstance(lm_head, str) and name == lm_head):
+                return name
+        raise ValueError(bad_argument("AttentionProbe", "lm_head", "'auto', None, or a module (or its name) in the model",
+                                      lm_head))
+
+    # -- public --------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The attention modules measured, by ``named_modules()`` path."""
+        return [s.name for s in self.sites]
+
+    def entities(self) -> list[tuple[str, str, str]]:
+        """(name, kind, module class) of everything the records are about: ``attention`` modules, the LM head's ``layer``."""
+        out = [(s.name, "attention", type(s.module).__name__) for s in self.sites]
+        if self.lm_head is not None:
+            out.append((self.lm_head, "layer", type(self.model.get_submodule(self.lm_head)).__name__))
+        return out
+
+    def attach(self, armed: bool = True) -> AttentionProbe:
+        """Place the hooks (idempotent); measure from the next forward pass on if ``armed``."""
+        self.armed = armed
+        if self._handles:
+            return self
+        for i, site in enumerate(self.sites):
+            for role, tap in site.taps.items():
+                self._handles.append(tap.register_forward_hook(self._tap_hook(i, role)))
+            self._handles.append(site.module.register_forward_hook(self._site_hook(i), with_kwargs=True))
+        if self.lm_head is not None:
+            self._handles.append(self.model.get_submodule(self.lm_head).register_forward_hook(self._on_head))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; collected statistics not yet read are dropped."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._seen, self.armed = [], {}, False
+        self._stats, self._logz = {}, None
+
+    def collect(self) -> dict[Key, Tensor]:
+        """The statistics since the last collect, ``{(layer, quantity, head): 0-d tensor}``, and start over.
+
+        Attention quantities (:data:`ATTENTION_QUANTITIES`) have a head index;
+        ``logz_mean``/``logz_max`` (:data:`LOGZ_QUANTITIES`) are keyed by the
+        LM head's name with head ``None``. Nothing is copied to the host.
+        """
+        out: dict[Key, Tensor] = {}
+        for name, stats in self._stats.items():
+            per_head = finish(stats)
+            for quantity in ATTENTION_QUANTITIES:
+                for h, v in enumerate(per_head[quantity]):
+                    out[(name, quantity, h)] = v
+        if self._logz is not None and self.lm_head is not None:
+            s, n, top = self._logz
+            out[(self.lm_head, LOGZ_QUANTITIES[0], None)] = s / n
+            out[(self.lm_head, LOGZ_QUANTITIES[1], None)] = top
+        self._stats, self._logz = {}, None
+        return out
+
+    def __enter__(self) -> AttentionProbe:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return (f"AttentionProbe({len(self.sites)} attention modules, lm_head={self.lm_head!r}, "
+                f"{'attached' if self._handles else 'detached'}{', armed' if self.armed else ''})")
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _tap_hook(self, i: int, role: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.armed and isinstance(output, Tensor):
+                self._seen.setdefault(i, {})[role] = output.detach()
+        return hook
+
+    def _site_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            seen = self._seen.pop(i, {})
+            if self.armed:
+                self._guarded(lambda: self._measure(i, args, kwargs, seen))
+        return hook
+
+    def _on_head(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.armed and isinstance(output, Tensor):
+            self._guarded(lambda: self._add_logz(output))
+
+    def _guarded(self, fn: Any) -> None:
+        try:
+            with torch.no_grad():
+                fn()
+        except Exception as exc:  # noqa: BLE001 - the user's forward pass must go on
+            self.error, self.armed = exc, False
+            warnings.warn(f"gradwatch attention probe stopped: {type(exc).__name__}: {exc}", GradwatchWarning,
+                          stacklevel=2)
+
+    def _bind(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        sig = self._signatures.get(i)
+        if sig is None:
+            sig = self._signatures[i] = inspect.signature(module.forward)
+        try:
+            bound = dict(sig.bind_partial(*args, **kwargs).arguments)
+        except TypeError as exc:
+            raise Skip(f"arguments not understood: {exc}") from None
+        for p in sig.parameters.values():  # **kwargs: flatten into the mapping
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                bound.update(bound.pop(p.name, {}))
+        bound["__args__"], bound["__kwargs__"] = args, kwargs
+        return bound
+
+    def _measure(self, i: int, args: tuple, kwargs: dict, seen: dict[str, Tensor]) -> None:
+        site = self.sites[i]
+        try:
+            inputs: AttentionInputs = site.read(site.module, self._bind(i, site.module, args, kwargs), seen)
+        except Skip as why:
+            self.skipped[site.name] = str(why)
+            return
+        stats = head_stats(inputs, self.chunk)
+        old = self._stats.get(site.name)
+        if old is not None:
+            stats = torch.cat([torch.maximum(old[:1], stats[:1]), old[1:] + stats[1:]])
+        self._stats[site.name] = stats
+
+    def _add_logz(self, logits: Tensor) -> None:
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.logsumexp(logits.detach().to(dtype), dim=-1).reshape(-1)  # log Z per position
+        now = torch.stack([lse.sum(), lse.new_tensor(float(lse.numel())), lse.max()])
+        if self._logz is not None:
+            now = torch.stack([self._logz[0] + now[0], self._logz[1] + now[1], torch.maximum(self._logz[2], now[2])])
+        self._logz = now
+
+
+__all__ = ["ATTENTION_QUANTITIES", "CHUNK", "LOGZ_QUANTITIES", "AttentionInputs", "AttentionProbe", "Key",
+           "find_attention", "find_lm_head", "finish", "head_stats"]
