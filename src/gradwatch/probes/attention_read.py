@@ -171,15 +171,43 @@ def _hf_inputs(module: nn.Module, bound: dict[str, Any], q: Tensor, k: Tensor) -
     return AttentionInputs(q, k, float(scale) if scale is not None else q.shape[-1] ** -0.5, causal, allowed, bias)
 
 
+def mha_batch_first(module: nn.MultiheadAttention, *xs: Tensor) -> list[Tensor]:
+    """MHA inputs as (N, L, E): (L, N, E) transposed unless ``batch_first``; an unbatched (L, E) as a batch of one."""
+    if xs[0].dim() == 2:
+        return [x.unsqueeze(0) for x in xs]
+    return list(xs) if module.batch_first else [x.transpose(0, 1) for x in xs]
+
+
+def mha_masks(n: int, heads: int, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
+              extra: int = 0) -> tuple[bool, Tensor | None, Tensor | None]:
+    """(causal, allowed, bias) from MHA's masks: bool True = *not* allowed, float = additive.
+
+    ``attn_mask`` is (L, S) or (N·H, L, S), ``key_padding_mask`` (N, S); ``extra`` keys appended
+    to every sequence (``add_bias_kv``, ``add_zero_attn``) are allowed. ``is_causal`` is MHA's hint: it
+    counts only without an ``attn_mask`` (MHA itself requires the mask with the hint).
+    """
+    allowed: Tensor | None = None
+    bias: Tensor | None = None
+    for mask, padding in ((attn_mask, False), (key_padding_mask, True)):
+        if mask is None:
+            continue
+        if padding:
+            mask = mask.reshape(n, 1, 1, -1)
+        else:
+            mask = mask.reshape(1, 1, *mask.shape) if mask.dim() == 2 else mask.reshape(n, heads, *mask.shape[-2:])
+        if extra:
+            mask = F.pad(mask, (0, extra), value=False if mask.dtype == torch.bool else 0.0)
+        if mask.dtype == torch.bool:
+            allowed = ~mask if allowed is None else allowed & ~mask
+        else:
+            bias = mask if bias is None else bias + mask
+    return bool(is_causal) and attn_mask is None, allowed, bias
+
+
 def mha_inputs(module: nn.MultiheadAttention, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
     """``nn.MultiheadAttention``: recompute q, k from its inputs and in-projection weights (masks as its forward reads them)."""
-    query, key = bound["query"], bound["key"]
-    E, H, D = module.embed_dim, module.num_heads, module.head_dim
-    batched = query.dim() == 3
-    if not batched:  # (L, E): a batch of one
-        query, key = query.unsqueeze(0), key.unsqueeze(0)
-    elif not module.batch_first:  # (L, N, E) → (N, L, E)
-        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    query, key = mha_batch_first(module, bound["query"], bound["key"])
+    E, D = module.embed_dim, module.head_dim
     if module._qkv_same_embed_dim:
         w_q, w_k = module.in_proj_weight[:E], module.in_proj_weight[E: 2 * E]
     else:
@@ -194,24 +222,9 @@ def mha_inputs(module: nn.MultiheadAttention, bound: dict[str, Any], seen: dict[
     if module.add_zero_attn:  # one all-zero key appended (logit 0)
         k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)
         extra += 1
-    q, k = _heads(q, D), _heads(k, D)
-    allowed: Tensor | None = None
-    bias: Tensor | None = None
-    for mask, shape in ((bound.get("attn_mask"), None), (bound.get("key_padding_mask"), (N, 1, 1, -1))):
-        if mask is None:
-            continue
-        if shape is None:  # (L, S) or (N·H, L, S)
-            mask = mask.reshape(1, 1, *mask.shape) if mask.dim() == 2 else mask.reshape(N, H, *mask.shape[-2:])
-        else:
-            mask = mask.reshape(shape)
-        if extra:
-            mask = F.pad(mask, (0, extra), value=False if mask.dtype == torch.bool else 0.0)
-        if mask.dtype == torch.bool:  # MHA's bool masks: True = not allowed
-            allowed = ~mask if allowed is None else allowed & ~mask
-        else:
-            bias = mask if bias is None else bias + mask
-    causal = bool(bound.get("is_causal")) and bound.get("attn_mask") is None
-    return AttentionInputs(q, k, D ** -0.5, causal, allowed, bias)
+    causal, allowed, bias = mha_masks(N, module.num_heads, bound.get("attn_mask"), bound.get("key_padding_mask"),
+                                      bool(bound.get("is_causal")), extra)
+    return AttentionInputs(_heads(q, D), _heads(k, D), D ** -0.5, causal, allowed, bias)
 
 
 def custom_inputs(module: nn.Module, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:

@@ -1,0 +1,130 @@
+"""A small decoder-only Transformer and a synthetic language with structure: the instability proxy's set-up.
+
+Wortsman et al. (2023, "Small-scale proxies for large-scale Transformer
+training instabilities") show that the instabilities of large runs appear in
+small models at high learning rates. This module holds the small model
+(pre-LN blocks, no biases, causal attention through
+``scaled_dot_product_attention``, Llama-style attribute names so the attention
+probe and the qk-layernorm remedy read it as they read Hugging Face Llama) and
+a language that needs both local statistics and in-context copying, generated
+on the fly from a seed: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gradwatch._errors import bad_argument
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention: q, k, v, o projections and one SDPA call."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(bad_argument("Attention", "heads", f"a divisor of width={width}", heads))
+        self.head_dim = width // heads
+        self.scaling = self.head_dim ** -0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4× GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width, bias=False)
+        self.attn = Attention(width, heads)
+        self.ln2 = nn.LayerNorm(width, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width, bias=False), nn.GELU(), nn.Linear(4 * width, width, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings, ``depth`` pre-LN blocks, a final LayerNorm and an untied LM head."""
+
+    def __init__(self, vocab: int = 64, width: int = 128, depth: int = 4, heads: int = 4, seq_len: int = 64) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width, bias=False)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # GPT-2's N(0, 0.02), the residual outputs scaled by 1/√(2·depth) (Radford et al. 2019)
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("o_proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits (B, T, vocab) for token ids (B, T)."""
+        T = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class MarkovCopyLanguage:
+    """Sequences of a sparse Markov chain, a separator, then a copy of an earlier span of the same sequence.
+
+    Each sequence of ``seq_len + 1`` tokens: ``markov`` tokens from a fixed
+    random chain (each row a Dirichlet(``concentration``) over the ordinary
+    tokens, so a few successors carry most of the mass: local statistics to
+    learn), the separator (token ``vocab − 1``), then the tokens from a
+    random start r < ``markov − copy`` onwards, copied (in-context retrieval:
+    the induction-head mechanism, which attention must learn). ``batch``
+    returns (inputs, targets), each (n, seq_len).
+    """
+
+    def __init__(self, vocab: int = 64, seq_len: int = 64, markov: int = 40, concentration: float = 0.1,
+                 seed: int = 0) -> None:
+        copy = seq_len - markov  # tokens after the separator
+        if not 0 < copy < markov:
+            raise ValueError(bad_argument("MarkovCopyLanguage", "markov", f"an int in ({seq_len // 2}, {seq_len})", markov))
+        self.vocab, self.seq_len, self.markov, self.copy = vocab, seq_len, markov, copy
+        self.sep = vocab - 1
+        g = torch.Generator().manual_seed(seed)
+        alpha = torch.full((vocab - 1, vocab - 1), concentration)
+        self.transitions = torch._standard_gamma(alpha, generator=g)  # Dirichlet rows: normalised gammas
+        self.transitions /= self.transitions.sum(1, keepdim=True)
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(inputs, targets): (n, seq_len) token ids; targets are the inputs shifted by one."""
+        seq = torch.empty(n, self.seq_len + 1, dtype=torch.long)
+        seq[:, 0] = torch.randint(0, self.vocab - 1, (n,), generator=generator)
+        for t in range(1, self.markov):
+            seq[:, t] = torch.multinomial(self.transitions[seq[:, t - 1]], 1, generator=generator)[:, 0]
+        seq[:, self.markov] = self.sep
+        start = torch.randint(0, self.markov - self.copy, (n, 1), generator=generator)
+        seq[:, self.markov + 1:] = seq.gather(1, start + torch.arange(self.copy))
+        return seq[:, :-1], seq[:, 1:]
+
+    def loss_floor(self) -> float:
+        """Cross-entropy (nats per token) of an ideal predictor, about: the chain's entropy rate on the Markov
+        targets, 0 on the separator and the copies, log(#starts) bounding the first copied token."""
+        P = self.transitions.double()
+        pi = torch.ones(len(P), dtype=torch.float64) / len(P)
+        for _ in range(200):  # the chain's stationary distribution
+            pi = pi @ P
+        rate = float(-(pi[:, None] * P * P.clamp_min(1e-300).log()).sum())
+        return ((self.markov - 1) * rate + math.log(self.markov - self.copy)) / self.seq_len
