@@ -36,6 +36,14 @@ REMEDIES = {
     "bpda": "BPDA: attack through non-differentiable layers with a differentiable stand-in, e.g. the identity on the backward pass (Athalye, Carlini & Wagner 2018)",
     "eot": "EOT: average the gradient over the defence's randomness (Expectation over Transformation, Athalye et al. 2018)",
     "autoattack": "AutoAttack (Croce & Hein 2020): APGD with cross-entropy and DLR losses and the black-box Square attack (art.attacks.evasion.AutoAttack)",
+    # Transformer instabilities (issue 15; gradwatch.remedies.transformer)
+    "qk_layernorm": "qk-layernorm: LayerNorm on each head's queries and keys (Dehghani et al. 2023; Wortsman et al. 2023; "
+                    "gradwatch.remedies.transformer.add_qk_norm)",
+    "z_loss": "z-loss 1e-4·log²Z on the output logits (PaLM; Wortsman et al. 2023; gradwatch.remedies.transformer.with_z_loss)",
+    "sigma_reparam": "σReparam on the attention projections, Ŵ = γ·W/σ(W) (Zhai et al. 2023; "
+                     "gradwatch.remedies.transformer.sigma_reparam)",
+    "skip_step": "skip the update of a step whose gradient norm is a robust outlier (PaLM, OLMo 2; "
+                 "gradwatch.remedies.transformer.skip_step_on_spike)",
 }
 
 

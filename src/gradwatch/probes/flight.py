@@ -1,0 +1,152 @@
+"""A flight recorder: the last N steps' per-layer norms in one preallocated device tensor, and a spike trigger.
+
+Every step costs one on-device copy of a (layers × quantities) tensor the
+watch already computes (its fused per-layer norms); nothing goes to the host
+until an event. The trigger is a robust outlier test of the step's total norm
+against the buffered steps, or a non-finite value; it is computed on the
+device and returned as a 0-d bool tensor, so the caller chooses when to pay
+the host sync. When it fires, :meth:`FlightRecorder.records` returns the
+buffered steps up to the event in record form, and :meth:`FlightRecorder.schedule`
+answers True for the next ``detail_steps`` steps, so the watch can switch its
+full-detail probes on after the event.
+
+How the watch is meant to drive it (not wired yet; the lead wires it into the
+step driver):
+
+1. Construction, with the watch: ``FlightRecorder(layer_names, ("grad_norm",
+   "update_norm"), capacity=N, device=watch_device, detail_steps=M)``; the
+   first quantity is the one the trigger tests (total over layers).
+2. Every step, where the per-layer gradient norms are ready (``_gradients_ready``
+   / after the fused ``_foreach_norm``): ``recorder.push(step, values)`` with
+   ``values`` (layers, quantities) on the device (a quantity not measured this
+   step: NaN). Then ``flag = recorder.check()`` (device, no sync).
+3. Put ``flag`` into the step's one device-to-host copy; when the writer side
+   sees it set for step s (a lag of ℓ steps leaves N − ℓ buffered steps before
+   the event): ``rows = recorder.records(upto=s)`` go to the store (their step
+   numbers are the original ones; quantity names as given), and
+   ``recorder.fire(s)`` starts the detail window.
+4. OR ``recorder.schedule`` into the sampled schedules (activations,
+   attention probes, update ratios): it is a plain ``step -> bool`` callable.
+
+Under FSDP2 each rank pushes the all-reduced norms the watch already has on
+recorded steps (the buffer holds whole-tensor norms, identical on every
+rank); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradwatch._errors import bad_argument
+
+
+class FlightRecorder:
+    """A ring buffer of the last ``capacity`` steps' per-layer norms on the device, with a spike/non-finite trigger."""
+
+    def __init__(self, names: Sequence[str], quantities: Sequence[str] = ("grad_norm",), capacity: int = 64,
+                 device: torch.device | str = "cpu", z_above: float = 6.0, ratio_above: float = 4.0,
+                 warmup: int = 8, detail_steps: int = 20) -> None:
+        for arg, value in (("capacity", capacity), ("warmup", warmup), ("detail_steps", detail_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(bad_argument("FlightRecorder", arg, "a positive int", value))
+        if not names or not quantities:
+            raise ValueError(bad_argument("FlightRecorder", "names" if not names else "quantities",
+                                          "a non-empty sequence of names", names if not names else quantities))
+        if isinstance(z_above, bool) or not isinstance(z_above, (int, float)) or not z_above > 0:
+            raise ValueError(bad_argument("FlightRecorder", "z_above", "a positive number", z_above))
+        if isinstance(ratio_above, bool) or not isinstance(ratio_above, (int, float)) or not ratio_above > 1:
+            raise ValueError(bad_argument("FlightRecorder", "ratio_above", "a number above 1", ratio_above))
+        self.names, self.quantities = list(names), list(quantities)
+        self.capacity, self.warmup, self.detail_steps = capacity, warmup, detail_steps
+        self.z_above, self.log_ratio = float(z_above), math.log(ratio_above)
+        # (capacity, layers, quantities), NaN until written: the only memory the recorder holds
+        self.values = torch.full((capacity, len(self.names), len(self.quantities)), math.nan, device=device)
+        self.steps = np.full(capacity, -1, dtype=np.int64)  # host: the step number in each slot
+        self.count = 0  # pushes so far
+        self.detail_until = -1  # last step of the detail window after an event
+        self.events: list[int] = []  # steps at which fire() was called
+
+    def push(self, step: int, values: Tensor) -> None:
+        """Write one step's (layers, quantities) norms into the next slot (an on-device copy; no host sync)."""
+        if values.shape != self.values.shape[1:]:
+            raise ValueError(bad_argument("FlightRecorder.push", "values",
+                                          f"a tensor of shape {tuple(self.values.shape[1:])} (layers, quantities)", values))
+        slot = self.count % self.capacity
+        self.values[slot].copy_(values.detach(), non_blocking=True)
+        self.steps[slot] = step
+        self.count += 1
+
+    def check(self) -> Tensor:
+        """A 0-d bool tensor on the device: the last pushed step is a spike or holds a non-finite value.
+
+        Spike: the log of its total norm √Σ_layers (first quantity)² stands
+        above the median of the other buffered steps' by ``z_above`` robust
+        SDs (1.4826·MAD) and by a factor ``ratio_above`` (OLMo's 6σ, on the log
+        scale, with a floor for very steady runs); tested from ``warmup``
+        buffered steps on. Non-finite: any NaN/Inf in the first quantity (which
+        must be pushed every step), or in another one that was measured this
+        step (a quantity NaN in every layer counts as not measured).
+        """
+        if self.count == 0:
+            return torch.zeros((), dtype=torch.bool, device=self.values.device)
+        slot = (self.count - 1) % self.capacity
+        now = self.values[slot]  # (layers, quantities)
+        measured = ~torch.isnan(now).all(dim=0)  # (quantities,): the first is measured on every step by contract
+        measured[0] = True
+        nonfinite = (~torch.isfinite(now) & measured).any()
+        if min(self.count, self.capacity) - 1 < self.warmup:
+            return nonfinite
+        total = torch.linalg.vector_norm(self.values[:, :, 0].nan_to_num(0.0), dim=1).log()  # (capacity,)
+        total[torch.isnan(self.values[:, :, 0]).all(dim=1)] = math.nan  # an empty slot stays out of the median
+        history = total.clone()
+        history[slot] = math.nan
+        med = history.nanmedian()
+        mad = 1.4826 * (history - med).abs().nanmedian()
+        rise = total[slot] - med
+        return nonfinite | ((rise > self.log_ratio) & (rise > self.z_above * mad))
+
+    def triggered(self) -> bool:
+        """``check()`` read on the host (one sync)."""
+        return bool(self.check())
+
+    def fire(self, step: int) -> None:
+        """An event at ``step``: :meth:`schedule` answers True for the next ``detail_steps`` steps."""
+        self.events.append(step)
+        self.detail_until = max(self.detail_until, step + self.detail_steps)
+
+    def schedule(self, step: int) -> bool:
+        """A ``step -> bool`` schedule: the detail window after the last event."""
+        return bool(self.events) and self.events[-1] < step <= self.detail_until
+
+    def buffered(self, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values): the buffered steps ≤ ``upto`` in step order and their (steps, layers, quantities) values.
+
+        One host copy of the buffer.
+        """
+        n = min(self.count, self.capacity)
+        order = [(self.count - n + i) % self.capacity for i in range(n)]  # oldest first
+        steps = self.steps[order]
+        keep = steps <= upto if upto is not None else np.ones(n, dtype=bool)
+        values = self.values.cpu().numpy().astype(np.float64)[order]
+        return steps[keep], values[keep]
+
+    def records(self, upto: int | None = None) -> list[tuple[int, str, str, float]]:
+        """The buffered steps ≤ ``upto`` as flat records (step, layer, quantity, value), unmeasured (NaN) left out."""
+        steps, values = self.buffered(upto)
+        out = []
+        for s, block in zip(steps.tolist(), values):
+            for i, name in enumerate(self.names):
+                for j, quantity in enumerate(self.quantities):
+                    v = float(block[i, j])
+                    if not math.isnan(v):
+                        out.append((s, name, quantity, v))
+        return out
+
+    def __repr__(self) -> str:
+        return (f"FlightRecorder({len(self.names)} layers × {self.quantities}, {min(self.count, self.capacity)}/"
+                f"{self.capacity} steps, events {self.events})")
