@@ -1,0 +1,120 @@
+"""Spike detection with attribution: robust statistics, events, first movers and mechanisms against hand-made series."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from gradwatch.diagnosis.instability import (
+    InstabilityThresholds,
+    ProbeSeries,
+    events,
+    first_movers,
+    mechanisms,
+    robust_z,
+)
+
+TH = InstabilityThresholds()
+
+
+def _loss(n: int = 300, seed: int = 0) -> np.ndarray:
+    """A learning curve 3 → 1.5 with 3 % multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    return (1.5 + 1.5 * np.exp(-np.arange(n) / 60)) * np.exp(0.03 * rng.standard_normal(n))
+
+
+def test_robust_z_against_a_naive_median_and_mad():
+    x = np.random.default_rng(0).standard_normal(80) ** 3
+    z, med = robust_z(x, window=20)
+    for j in (5, 19, 20, 57, 79):
+        past = list(x[max(0, j - 20): j])
+        m = statistics.median(past)
+        mad = statistics.median([abs(p - m) for p in past])
+        assert med[j] == pytest.approx(m) and z[j] == pytest.approx((x[j] - m) / (1.4826 * mad))
+    assert np.isnan(z[:5]).all()  # fewer than 5 values before: no judgement
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_clean_learning_curve_has_no_event(seed):
+    steps = np.arange(300)
+    assert events(steps, _loss(seed=seed), None, TH) == []
+
+
+def test_a_spike_a_divergence_and_a_nan_are_found_at_their_steps():
+    steps = np.arange(300)
+    loss = _loss()
+    loss[120] *= 3
+    (spike,) = events(steps, loss, None, TH)
+    assert (spike.kind, spike.step, spike.last) == ("spike", 120, 120)
+    assert spike.numbers["loss_ratio"] == pytest.approx(loss[120] / np.median(loss[70:120]))  # the 50 steps before
+    grad = np.exp(0.05 * np.random.default_rng(1).standard_normal(300))
+    grad[200] *= 50  # the gradient alone spikes: an event as well
+    kinds = [(e.kind, e.step) for e in events(steps, loss, grad, TH)]
+    assert kinds == [("spike", 120), ("spike", 200)]
+    diverging = _loss()
+    diverging[200:] = np.linspace(diverging[199], 4.0, 100)  # climbs to 4 from step 200
+    (div,) = events(steps, diverging, None, TH)
+    best = np.median(diverging[190:200])  # about its best level
+    crossing = int(np.argmax((np.arange(300) >= 200) & (diverging >= 1.5 * best)))
+    assert div.kind == "divergence" and abs(div.step - crossing) <= 6 and div.last == 299
+    broken = _loss()
+    broken[90] = math.nan
+    broken[150] *= 5  # after the NaN: a casualty, not judged
+    assert [(e.kind, e.step) for e in events(steps, broken, None, TH)] == [("nonfinite", 90)]
+
+
+def test_first_movers_are_the_layers_whose_update_norm_rose_earliest():
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 120)
+    norms = np.exp(0.05 * rng.standard_normal((4, 120)))
+    norms[1, 95:] *= 10  # "b" from step 95
+    norms[2, 98:] *= 30  # "c" from step 98, higher
+    moved = first_movers(["a", "b", "c", "d"], steps, norms, t0=100, th=TH)
+    assert [(n, s) for n, s, _ in moved] == [("b", 95), ("c", 98)]
+    assert moved[1][2] > moved[0][2] > TH.layer_z_above
+
+
+def _probes(grow: bool, logz_to: float = 0.0) -> ProbeSeries:
+    """Two attention modules (4 heads) sampled every 10 steps over 0…200 and an LM head's log Z."""
+    collected = {}
+    for step in range(0, 201, 10):
+        t = step / 200
+        stats = {}
+        for h in range(4):
+            stats[("blocks.0.attn", "attn_logit_max", h)] = 8.0 + h
+            stats[("blocks.0.attn", "attn_entropy", h)] = 1.5
+            top = 5.0 * (40.0 ** t) if grow and h == 2 else 6.0  # head 2: 5 → 200
+            stats[("blocks.1.attn", "attn_logit_max", h)] = top
+            stats[("blocks.1.attn", "attn_entropy", h)] = 0.02 if grow and h in (0, 2) and t > 0.8 else 1.2
+        stats[("lm_head", "logz_mean", None)] = 4.0 + (logz_to - 4.0) * t
+        collected[step] = stats
+    return ProbeSeries.from_collected(collected)
+
+
+def test_attention_logit_growth_is_named_with_its_module_and_heads():
+    (m,) = mechanisms(_probes(grow=True), t0=200, th=TH)
+    assert m.key == "attention_logit_growth" and m.remedy_keys[0] == "qk_layernorm"
+    assert "blocks.1.attn" in m.words and "blocks.0.attn" not in m.words
+    # over the lookback span (0, 200]: from the max over heads at step 10, max(6, 5·40^0.05), to 200
+    assert m.numbers["attn_logit_growth"] == pytest.approx(200.0 / max(6.0, 5.0 * 40 ** 0.05))
+    assert m.numbers["attn_logit_peak"] == pytest.approx(200.0)
+    assert "heads 0 (blocks.1.attn), 2 (blocks.1.attn)" in m.words
+    assert mechanisms(_probes(grow=False), t0=200, th=TH) == []  # logits in range: no mechanism
+    # only the span before the event counts: at step 60 the logit had not grown yet
+    assert mechanisms(_probes(grow=True), t0=60, th=TH) == []
+
+
+def test_output_logit_divergence_names_the_z_loss():
+    (m,) = mechanisms(_probes(grow=False, logz_to=-35.0), t0=200, th=TH)
+    assert m.key == "output_logit_divergence" and m.remedy_keys[0] == "z_loss"
+    assert m.numbers["logz"] == pytest.approx(-35.0)
+
+
+def test_thresholds_are_checked():
+    with pytest.raises(ValueError, match=r"`InstabilityThresholds\(window=…\)` expects a positive int"):
+        InstabilityThresholds(window=0)
+    with pytest.raises(ValueError, match=r"`InstabilityThresholds\(diverge_above=…\)` expects a ratio above 1"):
+        InstabilityThresholds(diverge_above=0.5)
