@@ -305,3 +305,20 @@ def test_a_failing_read_warns_and_the_forward_pass_goes_on():
         with pytest.warns(gw.GradwatchWarning, match="no q here"):
             y = model(torch.ones(2))
     assert torch.equal(y, torch.ones(2)) and isinstance(probe.error, RuntimeError) and not probe.armed
+
+
+def test_entropy_of_huge_logits_stays_exact():
+    """Logits of 10⁴–10⁵ (attention-logit growth): the entropy is computed shifted by each row's max, so float32
+    does not cancel log Z against Σ p z (unshifted, that gave −0.03 nats)."""
+    torch.manual_seed(4)
+    # keys close to one common direction: logits ≈ 3·10⁴ each, spread by only a few units, so rows are
+    # neither uniform nor one-hot
+    q = torch.randn(2, 3, 9, 8) * 3000
+    k = torch.randn(1, 1, 1, 8) * 10 + torch.randn(2, 3, 9, 8) * 1e-3
+    got = finish(head_stats(AttentionInputs(q, k, 8 ** -0.5, causal=True)))
+    s = q.double() @ k.double().transpose(-1, -2) * 8 ** -0.5
+    ok = torch.ones(9, 9, dtype=torch.bool).tril()
+    p = torch.softmax(s.masked_fill(~ok, -math.inf), -1)
+    ref = reference(s, p)
+    assert (got["attn_entropy"] >= 0).all() and got["attn_logit_max"].min() > 1e4
+    torch.testing.assert_close(got["attn_entropy"].double(), ref["attn_entropy"], rtol=0, atol=1e-4)

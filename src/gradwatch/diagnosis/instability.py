@@ -63,15 +63,15 @@ class InstabilityThresholds:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
+            value: Any = getattr(self, f.name)
             if f.name in _STEPS:
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
                     raise ValueError(bad_argument("InstabilityThresholds", f.name, "a positive int", value))
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(bad_argument("InstabilityThresholds", f.name, "a positive finite number", value))
             if f.name.endswith("ratio_above") or f.name in ("diverge_above", "logit_growth_above"):
-                if not value > 1:
+                if not float(value) > 1:
                     raise ValueError(bad_argument("InstabilityThresholds", f.name, "a ratio above 1", value))
 
 

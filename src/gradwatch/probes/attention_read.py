@@ -70,13 +70,16 @@ def head_stats(inp: AttentionInputs, chunk: int = CHUNK) -> Tensor:
         out[0] = torch.maximum(out[0], s.masked_fill(~ok, -math.inf).amax(dim=(0, 2, 3)))
         out[1] += (s * s).masked_fill(~ok, 0).sum(dim=(0, 2, 3))
         out[2] += ok.sum(dim=(0, 2, 3))
-        zm = z.masked_fill(~ok, -math.inf)
-        lse = torch.logsumexp(zm, dim=-1, keepdim=True)  # (B, H, c, 1); −inf on a row with no allowed key
         live = ok.any(dim=-1)  # (B, H, c)
-        lse = torch.where(live[..., None], lse, torch.zeros_like(lse))
-        p = torch.exp(zm - lse)
+        zm = z.masked_fill(~ok, -math.inf)
+        top = zm.amax(dim=-1, keepdim=True)
+        # shifted by the row's max, so that log Z and Σ p z stay O(log Tk) even when the logits are 10⁴:
         # H(p) = −Σ p log p = log Z − Σ p z, with log p = z − log Z; masked keys have p = 0
-        ent = lse[..., 0] - (p * z.masked_fill(~ok, 0)).sum(dim=-1)
+        zs = (zm - torch.where(live[..., None], top, torch.zeros_like(top))).masked_fill(~ok, 0)
+        lse = torch.logsumexp(zs.masked_fill(~ok, -math.inf), dim=-1, keepdim=True)  # −inf on a row with no key
+        lse = torch.where(live[..., None], lse, torch.zeros_like(lse))
+        p = torch.exp(zs - lse).masked_fill(~ok, 0)
+        ent = (lse[..., 0] - (p * zs).sum(dim=-1)).clamp_min(0)
         out[3] += ent.masked_fill(~live, 0).sum(dim=(0, 2))
         out[4] += live.sum(dim=(0, 2))
     return out
@@ -138,7 +141,7 @@ def _repeat_kv(q: Tensor, k: Tensor) -> Tensor:
     return k.repeat_interleave(q.shape[1] // k.shape[1], dim=1) if k.shape[1] != q.shape[1] else k
 
 
-def fused_qkv_inputs(module: nn.Module, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
+def fused_qkv_inputs(module: Any, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
     """GPT-2-style: q and k are the first two thirds of ``c_attn``'s output."""
     if bound.get("encoder_hidden_states") is not None:
         raise Skip("cross-attention")
@@ -148,7 +151,7 @@ def fused_qkv_inputs(module: nn.Module, bound: dict[str, Any], seen: dict[str, T
     return _hf_inputs(module, bound, q, k)
 
 
-def split_qk_inputs(module: nn.Module, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
+def split_qk_inputs(module: Any, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
     """Llama-style: ``q_proj``/``k_proj`` (or ``q_norm``/``k_norm``) outputs, rotary embedding, repeated key heads."""
     q, k = _heads(seen["q"], module.head_dim), _heads(seen["k"], module.head_dim)
     pe = bound.get("position_embeddings")
@@ -160,7 +163,7 @@ def split_qk_inputs(module: nn.Module, bound: dict[str, Any], seen: dict[str, Te
     return _hf_inputs(module, bound, q, _repeat_kv(q, k))
 
 
-def _hf_inputs(module: nn.Module, bound: dict[str, Any], q: Tensor, k: Tensor) -> AttentionInputs:
+def _hf_inputs(module: Any, bound: dict[str, Any], q: Tensor, k: Tensor) -> AttentionInputs:
     if _cache_len(bound, module) > k.shape[2]:
         raise Skip("keys held in a KV cache")
     mask = bound.get("attention_mask")
@@ -227,7 +230,7 @@ def mha_inputs(module: nn.MultiheadAttention, bound: dict[str, Any], seen: dict[
     return AttentionInputs(_heads(q, D), _heads(k, D), D ** -0.5, causal, allowed, bias)
 
 
-def custom_inputs(module: nn.Module, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
+def custom_inputs(module: Any, bound: dict[str, Any], seen: dict[str, Tensor]) -> AttentionInputs:
     """A module that says itself: ``module.gradwatch_attention_inputs(*args, **kwargs)``."""
     return module.gradwatch_attention_inputs(*bound["__args__"], **bound["__kwargs__"])
 
@@ -238,13 +241,14 @@ class _Site:
 
     name: str
     module: nn.Module
-    read: Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], AttentionInputs]
+    read: Callable[[Any, dict[str, Any], dict[str, Tensor]], AttentionInputs]
     taps: dict[str, nn.Module]  # role ("q", "k", "qk") → submodule whose output it is
 
 
 def find_attention(model: nn.Module) -> list[_Site]:
     """The attention modules the probe can read, in ``named_modules()`` order."""
     sites = []
+    m: Any
     for name, m in model.named_modules():
         if hasattr(m, "gradwatch_attention_inputs"):
             sites.append(_Site(name, m, custom_inputs, {}))

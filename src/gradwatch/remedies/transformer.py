@@ -183,7 +183,7 @@ def add_qk_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not sites:
         raise _no_attention("add_qk_norm", model)
     for site in sites:
-        a = site.module
+        a: Any = site.module
         if isinstance(a, QKNormMultiheadAttention) or isinstance(getattr(a, "q_norm", None), nn.Module):
             continue
         if isinstance(a, nn.MultiheadAttention):
@@ -209,6 +209,9 @@ class SigmaReparam(nn.Module):
     of the owning module in training: reading the weight elsewhere (a probe)
     changes nothing.
     """
+
+    u: Tensor  # (blocks, rows of a block): left singular vector estimates
+    v: Tensor  # (blocks, columns of a block): right ones
 
     def __init__(self, weight: Tensor, blocks: int = 1, dim: int = 0, iterations: int = 20) -> None:
         super().__init__()
@@ -257,7 +260,7 @@ class _PowerStep:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if module.training:
-            p = self.owner.parametrizations[self.name]
+            p: Any = getattr(self.owner, "parametrizations")[self.name]
             p[0].power_step(p.original)
 
 
@@ -278,7 +281,7 @@ def sigma_reparam(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not sites:
         raise _no_attention("sigma_reparam", model)
     for site in sites:
-        a = site.module
+        a: Any = site.module
         if isinstance(a, nn.MultiheadAttention):
             if a.in_proj_weight is None:
                 raise ValueError("sigma_reparam: nn.MultiheadAttention with kdim/vdim other than embed_dim is not supported")
