@@ -39,7 +39,8 @@ import numpy as np
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis.findings import Finding, sci
 from gradwatch.diagnosis.remedies import remedies
-from gradwatch.diagnosis.rules import total_grad_norm
+from gradwatch.diagnosis.rules import flat_loss, total_grad_norm
+from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
 
 _STEPS = frozenset({"window", "lookback"})
@@ -260,22 +261,29 @@ class Mechanism:
     source: str
 
 
-def _span_idx(probes: ProbeSeries, t0: int, lookback: int) -> np.ndarray:
-    """Probe samples in (t0 − lookback, t0]; with fewer than two, the earliest sample joins (growth needs a start)."""
-    idx = np.flatnonzero((probes.steps > t0 - lookback) & (probes.steps <= t0))
+def _span_idx(probes: ProbeSeries, t0: int, since: int) -> np.ndarray:
+    """Probe samples in (since, t0]; with fewer than two, the earliest sample joins (growth needs a start)."""
+    idx = np.flatnonzero((probes.steps > since) & (probes.steps <= t0))
     if len(idx) < 2 and len(probes.steps) and probes.steps[0] <= t0:
         idx = np.union1d([0], idx)
     return idx
 
 
-def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds) -> list[Mechanism]:
-    """Attention-logit growth and output-logit divergence over the ``lookback`` steps up to ``t0``."""
+def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
+               since: int | None = None) -> list[Mechanism]:
+    """Attention-logit growth and output-logit divergence over the probe samples in (``since``, ``t0``].
+
+    ``since`` defaults to ``t0 − lookback``. Attention-logit growth needs all three of the issue's signs in one
+    module: its max logit (over heads) reached ``attn_logit_above``, by growing ``logit_growth_above``-fold over
+    the span, and at least one head went one-hot (entropy below ``entropy_below`` at the last sample): a healthy
+    model can carry max logits near 10² with every head still spread.
+    """
     if probes is None:
         return []
-    idx = _span_idx(probes, t0, th.lookback)
+    idx = _span_idx(probes, t0, t0 - th.lookback if since is None else since)
     if len(idx) < 2:
         return []
-    first, steps = idx[0], probes.steps[idx]
+    steps = probes.steps[idx]
     found: list[Mechanism] = []
     grown = []
     with warnings.catch_warnings():
@@ -284,25 +292,22 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds) -
             top = np.nanmax(probes.values[(module, "attn_logit_max")][:, idx], axis=0)  # max over heads, per sample
             start, peak = float(top[0]), float(np.nanmax(top))
             growth = peak / start if start > 0 else math.inf
-            if peak >= th.attn_logit_above and growth >= th.logit_growth_above:
-                grown.append((module, start, peak, growth))
-    if grown:
-        sharp = []
-        for module, *_ in grown:
             ent = probes.values.get((module, "attn_entropy"))
-            if ent is not None:
-                last = ent[:, idx[-1]]
-                sharp += [(module, h, float(e)) for h, e in enumerate(last) if e < th.entropy_below]
+            sharp = [] if ent is None else [h for h, e in enumerate(ent[:, idx[-1]]) if e < th.entropy_below]
+            if peak >= th.attn_logit_above and growth >= th.logit_growth_above and sharp:
+                grown.append((module, start, peak, growth, sharp))
+    if grown:
         g = max(grown, key=lambda x: x[3])
         modules = ", ".join(m for m, *_ in grown)
+        heads = "; ".join(f"{', '.join(map(str, sharp))} of {m}" for m, *_, sharp in grown[:4]) + \
+            (" …" if len(grown) > 4 else "")
+        n_sharp = sum(len(x[4]) for x in grown)
         words = (f"attention logits grew in {modules}: the max logit of {g[0]} rose ×{sci(g[3])} from {sci(g[1])} to "
-                 f"{sci(g[2])} over steps {int(steps[0])}–{int(steps[-1])}")
-        if sharp:
-            shown = ", ".join(f"{h} ({m})" for m, h, _ in sharp[:6]) + (" …" if len(sharp) > 6 else "")
-            words += f"; the attention entropy of head{'s' if len(sharp) > 1 else ''} {shown} fell below {th.entropy_below:g} nats"
+                 f"{sci(g[2])} over steps {int(steps[0])}–{int(steps[-1])}; the attention entropy of "
+                 f"head{'s' if n_sharp > 1 else ''} {heads} fell below {th.entropy_below:g} nats (one-hot)")
         found.append(Mechanism("attention_logit_growth", words, ("qk_layernorm", "sigma_reparam", "lower_lr"),
                                {"attn_logit_peak": g[2], "attn_logit_growth": g[3], "attn_modules": float(len(grown)),
-                                "sharp_heads": float(len(sharp))},
+                                "sharp_heads": float(n_sharp)},
                                f"attn_logit_max, attn_entropy (attention {modules}, steps {int(steps[0])}–{int(steps[-1])})"))
     for head in probes.modules("logz_mean"):
         logz = probes.values[(head, "logz_mean")][0, idx]
@@ -349,7 +354,8 @@ def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None,
         cause = ("no attention or log-Z statistics were recorded: the mechanism cannot be told apart" if probes is None
                  else "the attention logits and log Z stayed in range: a sharp region of the loss surface or a bad batch")
         keys = _NO_MECHANISM
-    name = {"spike": "loss spike", "divergence": "the loss diverged", "nonfinite": "the run went non-finite"}[ev.kind]
+    name = {"spike": "loss spike", "divergence": "the loss diverged", "nonfinite": "the run went non-finite",
+            "stall": "the loss did not fall"}[ev.kind]
     summary = f"{name} from step {ev.step}" + (f": {', '.join(m.key.replace('_', ' ') for m in mech)}" if mech else "")
     return Finding("exploding", severity, layers, (ev.step, ev.last), summary, "; ".join(evidence) + ".", cause,
                    remedies(*keys), numbers, tuple(sources))
@@ -357,14 +363,16 @@ def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None,
 
 def instability_findings(run: Run, thresholds: InstabilityThresholds | None = None,
                          probes: ProbeSeries | None = None) -> list[Finding]:
-    """Spike, divergence and non-finite findings of a run with a logged ``loss``, each attributed (see the module).
+    """Spike, divergence, non-finite and stall findings of a run with a logged ``loss``, each attributed (see the module).
 
     ``probes``: the attention probe's series (``ProbeSeries.from_collected``);
     by default read from the run's records (kind ``attention``, head in
     ``pos``; ``logz_mean`` at the LM head). At most two findings: the first
-    divergence or non-finite event (critical), and the spikes before it (the
-    first one attributed; ``info`` when the loss came back within 10 % of its
-    level before the spike, else a warning).
+    divergence or non-finite event (critical) — or, in a run whose loss never
+    fell (``rules.flat_loss``), a stall finding when the probes show a
+    mechanism over the whole run — and the spikes before it (the first one
+    attributed; ``info`` when the loss came back within 10 % of its level
+    before the spike, else a warning).
     """
     th = InstabilityThresholds() if thresholds is None else thresholds
     if not isinstance(th, InstabilityThresholds):
@@ -396,6 +404,15 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         ev = serious[0]
         more = "".join(f"; {e.words}" for e in serious[1:2])
         found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes, "critical", more))
+    else:
+        flat = flat_loss(run, Thresholds())
+        # A run that never learnt: a finding only where the probes show why (other rules cover the rest)
+        mech = mechanisms(probes, int(steps[-1]), th, since=int(steps[0]) - 1) if flat is not None else []
+        if flat is not None and mech:
+            ev = Event("stall", int(steps[0]), int(steps[-1]),
+                       f"the loss did not fall: {sci(flat[0])} over the first steps, {sci(flat[1])} over the last",
+                       {"loss_first": flat[0], "loss_final": flat[1]})
+            found.append(_finding(ev, None, mech, probes, "critical"))
     spikes = [e for e in evs if e.kind == "spike" and e.step < end]
     if spikes:
         ev = spikes[0]
