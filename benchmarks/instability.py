@@ -1,20 +1,21 @@
 """Small-scale proxy for Transformer training instabilities (Wortsman et al. 2023, Fig. 1), on one CPU thread.
 
-    nice -n 10 python benchmarks/instability.py            # 8 learning rates × 4 variants, seed 0 (~35 min)
+    nice -n 10 python benchmarks/instability.py            # 8 learning rates × 4 variants, seed 0 (~40 min)
     nice -n 10 python benchmarks/instability.py --seeds 1 2 --lrs 0.03 0.1 0.3 --variants plain qk-norm
     python benchmarks/instability.py --plot-only            # table and plot from benchmarks/instability.json
     python benchmarks/instability.py --smoke                # the script end to end in seconds
 
-A 4-layer, width-128 decoder-only Transformer (gradwatch.tinylm.TinyLM) on
-a synthetic language with structure (a sparse Markov chain, then an
-in-context copy of an earlier span), trained with AdamW (β = 0.9, 0.95,
+A 4-layer, width-128, 4-head decoder-only Transformer (gradwatch.tinylm.TinyLM)
+on a synthetic language with structure (64 tokens: a sparse Markov chain, a
+separator, then an in-context copy of an earlier span), 300 steps of 8
+sequences, trained by gradwatch.tinylm.train_proxy: AdamW (β = 0.9, 0.95,
 decoupled weight decay 1e-4 independent of the learning rate, linear warm-up
-then cosine decay: Wortsman's recipe) at learning rates 1e-4 … 3e-1, in four
-variants: plain; qk-layernorm; z-loss 1e-4·log²Z; both. Each run is watched
-(gw.watch: loss, per-layer gradient norms, update ratios every step); the
-attention probe measures every 10th step and the series go to
-instability_findings() directly (the watch does not record attention
-statistics yet). Writes benchmarks/instability.json (one entry per run, added
+over 30 steps then cosine decay: Wortsman's recipe, shortened) at learning
+rates 1e-4 … 3e-1, in four variants: plain; qk-layernorm; z-loss 1e-4·log²Z;
+both. Each run is watched (gw.watch: loss, per-layer gradient norms, update
+ratios every step); the attention probe measures every 10th step and its
+series go to instability_findings() directly, kept beside the run as
+probes.json (the watch does not record attention statistics yet). Writes benchmarks/instability.json (one entry per run, added
 as runs finish), benchmarks/instability.png and the markdown table on stdout.
 """
 
@@ -27,87 +28,39 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.diagnosis.instability import ProbeSeries, instability_findings
-from gradwatch.probes.attention import AttentionProbe
-from gradwatch.remedies.transformer import add_qk_norm, z_loss
-from gradwatch.tinylm import MarkovCopyLanguage, TinyLM
+from gradwatch.tinylm import MarkovCopyLanguage, train_proxy
 
 HERE = Path(__file__).resolve().parent
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 VARIANTS = {"plain": (False, False), "qk-norm": (True, False), "z-loss": (False, True), "qk-norm + z-loss": (True, True)}
-CFG = dict(vocab=64, width=128, depth=4, heads=4, seq_len=64, batch=16, steps=300, warmup=30, probe_every=10)
+CFG = dict(vocab=64, width=128, depth=4, heads=4, seq_len=64, batch=8, steps=300, warmup=30, probe_every=10)
 SMOKE = dict(CFG, width=32, depth=2, heads=2, batch=4, steps=12, warmup=2, probe_every=3)
 
 
-def schedule(step: int, cfg: dict) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 (a multiplier of the peak learning rate)."""
-    if step < cfg["warmup"]:
-        return (step + 1) / cfg["warmup"]
-    t = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
-    return 0.5 * (1 + math.cos(math.pi * t))
-
-
 def run(variant: str, lr: float, seed: int, cfg: dict, store: Path) -> dict:
-    """Train one model; returns its final held-out loss, attention statistics and findings."""
+    """Train one model (gradwatch.tinylm.train_proxy); its final held-out loss, attention statistics and findings."""
     qk, zl = VARIANTS[variant]
-    torch.manual_seed(seed)
-    lang = MarkovCopyLanguage(cfg["vocab"], cfg["seq_len"], seed=0)  # the same language for every run
-    model = TinyLM(cfg["vocab"], cfg["width"], cfg["depth"], cfg["heads"], cfg["seq_len"])
-    if qk:
-        add_qk_norm(model, inplace=True)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    # Wortsman et al.: decoupled weight decay 1e-4 independent of the learning rate (AdamW multiplies it by lr)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4 / lr}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg))
-    probe = AttentionProbe(model).attach(armed=False)
-    g = torch.Generator().manual_seed(seed)
-    collected: dict[int, dict] = {}
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    name = f"{variant.replace(' ', '').replace('+', '_')}-lr{lr:g}-s{seed}"
-    with gw.watch(model, opt, activations=False, update_every=1, store=store, name=name, overwrite=True) as watch:
-        for step in range(cfg["steps"]):
-            probe.armed = step % cfg["probe_every"] == 0 or step == cfg["steps"] - 1
-            x, y = lang.batch(cfg["batch"], g)
-            logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            total = loss + z_loss(logits) if zl else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            watch.log(loss=loss.detach())
-            if probe.armed:
-                collected[step] = {k: float(v) for k, v in probe.collect().items()}
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                break  # nothing is learnt after NaN; the store keeps the steps up to it
-    probe.detach()
-    seconds = time.perf_counter() - t0
-    (watch.path / "probes.json").write_text(json.dumps({s: [[*k, v] for k, v in c.items()] for s, c in collected.items()}))
-    findings = diagnose(watch.path)
-    held = torch.Generator().manual_seed(10_000)
-    with torch.no_grad():
-        evals = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()) for x, y in (lang.batch(32, held) for _ in range(4))]
-    final = float(torch.stack(evals).mean())
-    maxlog = [max((v for (_, q, _), v in s.items() if q == "attn_logit_max"), default=math.nan) for s in collected.values()]
-    ent = [min((v for (_, q, _), v in s.items() if q == "attn_entropy"), default=math.nan) for s in collected.values()]
-    logz = [max((abs(v) for (_, q, _), v in s.items() if q == "logz_mean"), default=math.nan) for s in collected.values()]
+    r = train_proxy(lr, seed, qk_norm=qk, z_loss_coef=1e-4 if zl else 0.0, store=store,
+                    name=f"{variant.replace(' ', '').replace('+', '_')}-lr{lr:g}-s{seed}", **cfg)
+    (r.path / "probes.json").write_text(json.dumps({s: [[*k, v] for k, v in c.items()] for s, c in r.probes.items()}))
+    samples = [r.probes[s] for s in sorted(r.probes)]
+    maxlog = [max((v for (_, q, _), v in c.items() if q == "attn_logit_max"), default=math.nan) for c in samples]
+    ent = [min((v for (_, q, _), v in c.items() if q == "attn_entropy"), default=math.nan) for c in samples]
+    logz = [max((abs(v) for (_, q, _), v in c.items() if q == "logz_mean"), default=math.nan) for c in samples]
+    finite = [x for x in r.losses if math.isfinite(x)]
     return {
-        "variant": variant, "lr": lr, "seed": seed, "steps": len(losses), "seconds": seconds,
-        "final_loss": final if math.isfinite(final) else None,
-        "best_train_loss": min((l for l in losses if math.isfinite(l)), default=None),
-        "probe_steps": sorted(collected), "max_logit": maxlog, "min_entropy": ent, "abs_logz": logz,
-        "findings": findings, "loss_floor": lang.loss_floor(), "run": str(watch.path),
+        "variant": variant, "lr": lr, "seed": seed, "steps": len(r.losses), "seconds": r.seconds,
+        "final_loss": r.final_loss if math.isfinite(r.final_loss) else None,
+        "best_train_loss": min(finite) if finite else None,
+        "probe_steps": sorted(r.probes), "max_logit": maxlog, "min_entropy": ent, "abs_logz": logz,
+        "findings": diagnose(r.path), "run": str(r.path),
+        "loss_floor": MarkovCopyLanguage(cfg["vocab"], cfg["seq_len"], markov=cfg["seq_len"] * 5 // 8).loss_floor(),
     }
 
 

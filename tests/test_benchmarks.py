@@ -19,3 +19,14 @@ def test_gpu_overhead_smoke(tmp_path):
     for row in list(bench["EXTRA"]) + list(bench["WATCHES"]) + ["floor: read every gradient once"]:
         assert f"| {row}" in table
     assert "| plain | 1.000× |" in table
+
+
+def test_instability_sweep_smoke(tmp_path):
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "instability.py"))
+    assert bench["main"](["--smoke", "--lrs", "0.001", "0.3", "--variants", "plain", "qk-norm", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "instability_smoke.png").stat().st_size > 0
+    import json
+
+    results = json.loads((tmp_path / "instability_smoke.json").read_text())
+    assert sorted((r["variant"], r["lr"]) for r in results) == [("plain", 0.001), ("plain", 0.3), ("qk-norm", 0.001),
+                                                                 ("qk-norm", 0.3)]

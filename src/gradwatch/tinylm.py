@@ -13,6 +13,9 @@ on the fly from a seed: nothing is downloaded.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -128,3 +131,81 @@ class MarkovCopyLanguage:
             pi = pi @ P
         rate = float(-(pi[:, None] * P * P.clamp_min(1e-300).log()).sum())
         return ((self.markov - 1) * rate + math.log(self.markov - self.copy)) / self.seq_len
+
+
+@dataclass
+class ProxyRun:
+    """One watched training run of :func:`train_proxy`: the stored run, the attention series, the losses."""
+
+    path: Path  # the run directory (gw.open_run(path))
+    probes: dict[int, dict[tuple[str, str, int | None], float]]  # {step: AttentionProbe.collect()}, as numbers
+    losses: list[float]  # training cross-entropy per step (without the z-loss); stops at the first non-finite
+    final_loss: float  # held-out cross-entropy after training (4 batches of 32, a fixed generator)
+    seconds: float
+
+
+def lr_multiplier(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``steps`` (Wortsman et al.'s schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_proxy(lr: float, seed: int = 0, qk_norm: bool = False, z_loss_coef: float = 0.0, vocab: int = 64,
+                width: int = 128, depth: int = 4, heads: int = 4, seq_len: int = 64, batch: int = 8, steps: int = 300,
+                warmup: int = 30, probe_every: int = 10, store: str | Path = "runs", name: str | None = None) -> ProxyRun:
+    """Train :class:`TinyLM` on :class:`MarkovCopyLanguage` under a watch, as Wortsman et al.'s small-scale proxy.
+
+    AdamW (β = 0.9, 0.95; decoupled weight decay 10⁻⁴ independent of the
+    learning rate, so ``weight_decay = 1e-4 / lr``, on matrices only), linear
+    warm-up then cosine decay; ``qk_norm``: :func:`~gradwatch.remedies.transformer.add_qk_norm`;
+    ``z_loss_coef`` > 0 adds ``coef·log²Z``. The watch records the loss, the
+    per-layer gradient norms and update ratios every step; the attention probe
+    measures every ``probe_every``-th step (and the last), kept in
+    :attr:`ProxyRun.probes` (the watch does not record attention statistics yet).
+    Stops at the first non-finite loss.
+    """
+    import gradwatch as gw
+    from gradwatch.probes.attention import AttentionProbe
+    from gradwatch.remedies.transformer import add_qk_norm, z_loss
+
+    torch.manual_seed(seed)
+    lang = MarkovCopyLanguage(vocab, seq_len, markov=seq_len * 5 // 8, seed=0)  # one language for every run
+    model = TinyLM(vocab, width, depth, heads, seq_len)
+    if qk_norm:
+        add_qk_norm(model, inplace=True)
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 1e-4 / lr}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, warmup, steps))
+    probe = AttentionProbe(model).attach(armed=False)
+    g = torch.Generator().manual_seed(seed)
+    collected: dict[int, dict[tuple[str, str, int | None], float]] = {}
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    name = name or f"proxy-lr{lr:g}-s{seed}{'-qk' if qk_norm else ''}{'-z' if z_loss_coef else ''}"
+    with gw.watch(model, opt, activations=False, update_every=1, store=store, name=name, overwrite=True) as watch:
+        for step in range(steps):
+            probe.armed = step % probe_every == 0 or step == steps - 1
+            x, y = lang.batch(batch, g)
+            logits = model(x)  # (B, T, vocab)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            total = loss + z_loss(logits, z_loss_coef) if z_loss_coef else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            watch.log(loss=loss.detach())
+            if probe.armed:
+                collected[step] = {k: float(v) for k, v in probe.collect().items()}
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                break
+    probe.detach()
+    seconds = time.perf_counter() - t0
+    held = torch.Generator().manual_seed(10_000)
+    with torch.no_grad():
+        final = torch.stack([F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                             for x, y in (lang.batch(32, held) for _ in range(4))]).mean()
+    return ProxyRun(watch.path, collected, losses, float(final), seconds)

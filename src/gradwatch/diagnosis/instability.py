@@ -57,9 +57,12 @@ class InstabilityThresholds:
     diverge_above: float = 1.5  # the loss's running median ends ≥ ×1.5 its best running median: diverged
     lookback: int = 200  # steps before an event searched for the first movers and the mechanism
     layer_z_above: float = 3.5  # a layer's update norm this many robust SDs above its running median moved
-    attn_logit_above: float = 50.0  # a max attention logit beyond any softmax's resolution: e^−50 ≈ 2·10⁻²²
+    # A max attention logit of 10²: keys 10² below the top get e^−100 of the attention and no gradient through
+    # the softmax in any float format. Healthy runs measured here (benchmarks/instability.py) stay below ~90,
+    # and their heads spread (entropy ≥ 0.3 nats); failing ones reach 10³–10⁵ with most heads one-hot.
+    attn_logit_above: float = 100.0
     logit_growth_above: float = 5.0  # ... reached by growing ×5 or more over the lookback span
-    entropy_below: float = 0.1  # nats: a head this sharp attends to one key (p_max > 0.98 at 4 keys' worth)
+    entropy_below: float = 0.1  # nats: a head this sharp attends to one key (the issue's 0.1; p_max ≳ 0.98)
     logz_above: float = 20.0  # |log Z| of the output softmax: bf16 keeps 8 bits, so log Z = 20 costs ±0.08 in logits
 
     def __post_init__(self) -> None:
@@ -115,14 +118,14 @@ class ProbeSeries:
         return [m for m, q in self.values if q == quantity]
 
 
-def robust_z(x: np.ndarray, window: int, floor: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+def robust_z(x: np.ndarray, window: int, floor: float = 1e-3, least: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """(z, median): per position, against the median and 1.4826·MAD (at least ``floor``) of the up to ``window``
-    finite values before it; NaN where fewer than 5 exist."""
+    finite values before it; NaN where fewer than ``least`` exist."""
     z, med = np.full(len(x), np.nan), np.full(len(x), np.nan)
     for j in range(len(x)):
         past = x[max(0, j - window): j]
         past = past[np.isfinite(past)]
-        if len(past) >= 5 and np.isfinite(x[j]):
+        if len(past) >= least and np.isfinite(x[j]):
             med[j] = m = float(np.median(past))
             z[j] = (x[j] - m) / max(1.4826 * float(np.median(np.abs(past - m))), floor)
     return z, med
@@ -159,13 +162,15 @@ def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: Ins
     steps, loss = steps[:end], loss[:end]
     positive = bool(len(loss)) and bool((loss > 0).all())
     x = _log(loss) if positive else loss
-    z, med = robust_z(x, th.window)
+    # judged from the 10th step on, as the total-norm spike test (Thresholds.spike_after): the first steps of
+    # a warm-up move too fast for a median of fewer to mean anything
+    z, med = robust_z(x, th.window, least=10)
     ratio = np.exp(x - med) if positive else loss / med
     loss_flag = (z > th.spike_z_above) & (ratio > th.loss_ratio_above)
     grad_flag = np.zeros(len(loss), dtype=bool)
     if grad is not None:
         gx = _log(grad[:end])
-        gz, gmed = robust_z(gx, th.window)
+        gz, gmed = robust_z(gx, th.window, least=10)
         grad_ratio = np.exp(gx - gmed)
         grad_flag = (gz > th.spike_z_above) & (grad_ratio > th.grad_ratio_above)
     clusters: list[list[int]] = []
@@ -295,19 +300,20 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
             ent = probes.values.get((module, "attn_entropy"))
             sharp = [] if ent is None else [h for h, e in enumerate(ent[:, idx[-1]]) if e < th.entropy_below]
             if peak >= th.attn_logit_above and growth >= th.logit_growth_above and sharp:
-                grown.append((module, start, peak, growth, sharp))
+                # the first sample with a logit past the bound and a one-hot head: when it happened
+                hot = (top >= th.attn_logit_above) & (np.nanmin(ent[:, idx], axis=0) < th.entropy_below)
+                grown.append((module, start, peak, growth, sharp, int(steps[int(np.argmax(hot))])))
     if grown:
         g = max(grown, key=lambda x: x[3])
         modules = ", ".join(m for m, *_ in grown)
-        heads = "; ".join(f"{', '.join(map(str, sharp))} of {m}" for m, *_, sharp in grown[:4]) + \
-            (" …" if len(grown) > 4 else "")
+        heads = "; ".join(f"{', '.join(map(str, x[4]))} of {x[0]}" for x in grown[:4]) + (" …" if len(grown) > 4 else "")
         n_sharp = sum(len(x[4]) for x in grown)
         words = (f"attention logits grew in {modules}: the max logit of {g[0]} rose ×{sci(g[3])} from {sci(g[1])} to "
                  f"{sci(g[2])} over steps {int(steps[0])}–{int(steps[-1])}; the attention entropy of "
                  f"head{'s' if n_sharp > 1 else ''} {heads} fell below {th.entropy_below:g} nats (one-hot)")
         found.append(Mechanism("attention_logit_growth", words, ("qk_layernorm", "sigma_reparam", "lower_lr"),
                                {"attn_logit_peak": g[2], "attn_logit_growth": g[3], "attn_modules": float(len(grown)),
-                                "sharp_heads": float(n_sharp)},
+                                "sharp_heads": float(n_sharp), "attn_onset": float(min(x[5] for x in grown))},
                                f"attn_logit_max, attn_entropy (attention {modules}, steps {int(steps[0])}–{int(steps[-1])})"))
     for head in probes.modules("logz_mean"):
         logz = probes.values[(head, "logz_mean")][0, idx]
@@ -355,7 +361,7 @@ def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None,
                  else "the attention logits and log Z stayed in range: a sharp region of the loss surface or a bad batch")
         keys = _NO_MECHANISM
     name = {"spike": "loss spike", "divergence": "the loss diverged", "nonfinite": "the run went non-finite",
-            "stall": "the loss did not fall"}[ev.kind]
+            "stall": "the loss did not fall", "attention": "the attention went one-hot"}[ev.kind]
     summary = f"{name} from step {ev.step}" + (f": {', '.join(m.key.replace('_', ' ') for m in mech)}" if mech else "")
     return Finding("exploding", severity, layers, (ev.step, ev.last), summary, "; ".join(evidence) + ".", cause,
                    remedies(*keys), numbers, tuple(sources))
@@ -404,15 +410,6 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         ev = serious[0]
         more = "".join(f"; {e.words}" for e in serious[1:2])
         found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes, "critical", more))
-    else:
-        flat = flat_loss(run, Thresholds())
-        # A run that never learnt: a finding only where the probes show why (other rules cover the rest)
-        mech = mechanisms(probes, int(steps[-1]), th, since=int(steps[0]) - 1) if flat is not None else []
-        if flat is not None and mech:
-            ev = Event("stall", int(steps[0]), int(steps[-1]),
-                       f"the loss did not fall: {sci(flat[0])} over the first steps, {sci(flat[1])} over the last",
-                       {"loss_first": flat[0], "loss_final": flat[1]})
-            found.append(_finding(ev, None, mech, probes, "critical"))
     spikes = [e for e in evs if e.kind == "spike" and e.step < end]
     if spikes:
         ev = spikes[0]
@@ -424,4 +421,28 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
                      and float(np.median(after)) <= 1.1 * float(np.median(before)))
         found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes,
                               "info" if recovered else "warning", more))
+    if not serious and not any("attention_logit_growth" in f.numbers and f.severity != "info" for f in found):
+        whole = _whole_run(run, int(steps[0]), int(steps[-1]), probes, th)
+        if whole is not None:
+            found.insert(0, whole)
     return found
+
+
+def _whole_run(run: Run, first: int, last: int, probes: ProbeSeries | None, th: InstabilityThresholds) -> Finding | None:
+    """Without a divergence: attention-logit growth over the whole run is a finding of its own (the attention
+    went one-hot and stopped learning; critical when the loss never fell, ``rules.flat_loss``), and so is an
+    output-logit divergence in a run whose loss never fell."""
+    flat = flat_loss(run, Thresholds())
+    mech = [m for m in mechanisms(probes, last, th, since=first - 1)
+            if m.key == "attention_logit_growth" or flat is not None]
+    if not mech:
+        return None
+    onset = int(min(m.numbers.get("attn_onset", last) for m in mech))
+    loss = run.series("loss", "run").values[0]
+    loss = loss[np.isfinite(loss)]
+    start, end = float(np.median(loss[:10])), float(np.median(loss[-20:]))  # rules.flat_loss's medians
+    words = (f"the loss did not fall: {sci(start)} over the first 10 steps, {sci(end)} over the last 20" if flat
+             else f"the loss went from {sci(start)} (first 10 steps) to {sci(end)} (last 20; best {sci(float(loss.min()))}) "
+             f"while the attention went one-hot from step {onset}")
+    ev = Event("stall" if flat else "attention", onset, last, words, {"loss_first": start, "loss_final": end})
+    return _finding(ev, None, mech, probes, "critical" if flat else "warning")
