@@ -144,3 +144,11 @@ def test_the_high_lr_failure_is_attention_logit_growth_and_the_qk_norm_twin_trai
     assert named and named[0].remedy_keys[0] == "qk_layernorm", [str(f) for f in found[False]]
     assert not any("attention_logit_growth" in f.numbers for f in found[True]), [str(f) for f in found[True]]
     assert final[True] < final[False] - 0.2
+
+
+def test_a_model_with_qk_norm_is_not_told_to_add_it():
+    from gradwatch.diagnosis.instability import qk_normalised
+
+    assert qk_normalised({"TinyLM", "HeadNorm"}, [])
+    assert qk_normalised(set(), ["model.layers.0.self_attn.q_norm", "model.layers.0.self_attn.q_proj"])
+    assert not qk_normalised({"GPT2Attention", "LayerNorm"}, ["transformer.h.0.attn.c_attn", "transformer.h.0.ln_1"])

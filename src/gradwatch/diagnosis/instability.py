@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -58,8 +58,9 @@ class InstabilityThresholds:
     lookback: int = 200  # steps before an event searched for the first movers and the mechanism
     layer_z_above: float = 3.5  # a layer's update norm this many robust SDs above its running median moved
     # A max attention logit of 10²: keys 10² below the top get e^−100 of the attention and no gradient through
-    # the softmax in any float format. Healthy runs measured here (benchmarks/instability.py) stay below ~90,
-    # and their heads spread (entropy ≥ 0.3 nats); failing ones reach 10³–10⁵ with most heads one-hot.
+    # the softmax in any float format. A large logit alone is no pathology: healthy runs measured here
+    # (benchmarks/instability.py) reach ~10² with every head still spread (entropy ≥ 0.3 nats), so the finding
+    # also needs a one-hot head; failing ones reach 10³–10⁵ with most heads one-hot.
     attn_logit_above: float = 100.0
     logit_growth_above: float = 5.0  # ... reached by growing ×5 or more over the lookback span
     entropy_below: float = 0.1  # nats: a head this sharp attends to one key (the issue's 0.1; p_max ≳ 0.98)
@@ -133,7 +134,8 @@ def robust_z(x: np.ndarray, window: int, floor: float = 1e-3, least: int = 5) ->
 
 @dataclass(frozen=True)
 class Event:
-    """One instability: ``kind`` spike, divergence or nonfinite; its onset step, the steps it covers, in words."""
+    """One instability: its ``kind`` (spike, divergence, nonfinite; stall or attention for whole-run findings),
+    onset step, last step, and words."""
 
     kind: str
     step: int
@@ -260,6 +262,7 @@ class Mechanism:
     """What the probes show over the span before an event: in words, with the remedies for it."""
 
     key: str  # "attention_logit_growth" or "output_logit_divergence"
+    modules: tuple[str, ...]  # where: the attention modules, or the LM head
     words: str
     remedy_keys: tuple[str, ...]
     numbers: dict[str, float]
@@ -311,7 +314,7 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
         words = (f"attention logits grew in {modules}: the max logit of {g[0]} rose ×{sci(g[3])} from {sci(g[1])} to "
                  f"{sci(g[2])} over steps {int(steps[0])}–{int(steps[-1])}; the attention entropy of "
                  f"head{'s' if n_sharp > 1 else ''} {heads} fell below {th.entropy_below:g} nats (one-hot)")
-        found.append(Mechanism("attention_logit_growth", words, ("qk_layernorm", "sigma_reparam", "lower_lr"),
+        found.append(Mechanism("attention_logit_growth", tuple(x[0] for x in grown), words, ("qk_layernorm", "sigma_reparam", "lower_lr"),
                                {"attn_logit_peak": g[2], "attn_logit_growth": g[3], "attn_modules": float(len(grown)),
                                 "sharp_heads": float(n_sharp), "attn_onset": float(min(x[5] for x in grown))},
                                f"attn_logit_max, attn_entropy (attention {modules}, steps {int(steps[0])}–{int(steps[-1])})"))
@@ -320,7 +323,7 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
         k = int(np.nanargmax(np.abs(logz))) if np.isfinite(logz).any() else -1
         if k >= 0 and abs(float(logz[k])) >= th.logz_above:
             found.append(Mechanism(
-                "output_logit_divergence",
+                "output_logit_divergence", (head,),
                 f"output-logit divergence: log Z at {head} drifted to {sci(float(logz[k]))} at step {int(steps[k])} "
                 f"(from {sci(float(logz[0]))} at step {int(steps[0])})",
                 ("z_loss", "lower_lr"), {"logz": float(logz[k])}, f"logz_mean ({head})"))
@@ -328,6 +331,30 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
 
 
 _NO_MECHANISM = ("skip_step", "warmup", "clip_norm", "lower_lr")
+QK_NORM_TYPES = frozenset({"HeadNorm", "NormedProjection", "NormedFusedQKV", "QKNormMultiheadAttention"})
+
+
+def qk_normalised(module_types: set[str], layers: list[str]) -> bool:
+    """Whether the model already normalises q and k: gradwatch's qk-layernorm classes, or a ``q_norm``/``k_norm``
+    submodule (OLMo 2, Qwen3)."""
+    return bool(module_types & QK_NORM_TYPES) or any(
+        part in ("q_norm", "k_norm") for name in layers for part in name.split("."))
+
+
+def _already_normalised(found: list[Finding], run: Run) -> list[Finding]:
+    """In a model that normalises q and k already, attention-logit growth comes from the norms' gains:
+    qk-layernorm leaves the remedies, and the cause says so."""
+    types = set((getattr(run, "meta", {}) or {}).get("module_types") or ()) | {e.module for e in run.entities() if e.module}
+    if not qk_normalised(types, run.layers):
+        return found
+    out = []
+    for f in found:
+        if "qk_layernorm" in f.remedy_keys:
+            keys = tuple(k for k in f.remedy_keys if k != "qk_layernorm")
+            f = replace(f, remedies=remedies(*keys), cause=f.cause + " — the model already normalises q and k, "
+                        "so the norms' learned gains carried the growth")
+        out.append(f)
+    return out
 
 
 def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None, mech: list[Mechanism],
@@ -345,6 +372,8 @@ def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None,
             evidence.append(f"the {what} norms rose first in {shown}"
                             + (f", {ev.step - moved[0][1]} steps before" if moved[0][1] < ev.step else ""))
             numbers.update(first_mover_step=float(moved[0][1]), first_mover_z=moved[0][2])
+    if not layers:  # no first movers: the modules the mechanism is in
+        layers = tuple(dict.fromkeys(name for m in mech for name in m.modules))
     for m in mech:
         evidence.append(m.words)
         numbers.update(m.numbers)
@@ -374,11 +403,19 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
     ``probes``: the attention probe's series (``ProbeSeries.from_collected``);
     by default read from the run's records (kind ``attention``, head in
     ``pos``; ``logz_mean`` at the LM head). At most two findings: the first
-    divergence or non-finite event (critical) — or, in a run whose loss never
-    fell (``rules.flat_loss``), a stall finding when the probes show a
-    mechanism over the whole run — and the spikes before it (the first one
-    attributed; ``info`` when the loss came back within 10 % of its level
-    before the spike, else a warning).
+    divergence or non-finite event (critical), or else attention-logit growth
+    over the whole run (critical when the loss never fell, ``rules.flat_loss``;
+    a warning otherwise; an output-logit divergence only when the loss never
+    fell); and the spikes before it (the first one attributed; ``info`` when
+    the loss came back within 10 % of its level before the spike, else a
+    warning).
+
+    Wiring (the lead's, after the rules split): ``diagnose()`` calls this on
+    its view of the run (before the first non-finite step is fine: the
+    events stop there too) with ``InstabilityThresholds`` (or their fields
+    folded into ``Thresholds``) and appends the findings; where the existing
+    total-norm spike finding covers the same steps, keep this one, which
+    carries the mechanism.
     """
     th = InstabilityThresholds() if thresholds is None else thresholds
     if not isinstance(th, InstabilityThresholds):
@@ -425,7 +462,7 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         whole = _whole_run(run, int(steps[0]), int(steps[-1]), probes, th)
         if whole is not None:
             found.insert(0, whole)
-    return found
+    return _already_normalised(found, run)
 
 
 def _whole_run(run: Run, first: int, last: int, probes: ProbeSeries | None, th: InstabilityThresholds) -> Finding | None:

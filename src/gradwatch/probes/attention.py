@@ -49,6 +49,17 @@ held in a KV cache are not in the hook's view: such calls are skipped (see
 **Cost.** On an armed step: one more q·k product and softmax per attention
 module, in float32, under ``no_grad``; nothing on other steps. The
 recomputation reads no random state and changes no tensor the model uses.
+
+**How the watch is meant to drive it** (not wired yet): build
+``AttentionProbe(model)`` beside the other probes and ``attach(armed=False)``
+with the hooks (``detach()`` with them); register ``probe.entities()`` (kind
+``attention`` for the attention modules, ``layer`` for the LM head); before a
+step's forward pass set ``probe.armed = sampled(step)`` (the activations
+schedule); at the step's end, when armed, turn ``probe.collect()`` into records
+(entity, quantity, ``pos`` = head, or none for log Z) for the step's one host
+copy. :meth:`gradwatch.diagnosis.instability.ProbeSeries.from_run` reads them
+back in that form. A non-None ``probe.error`` is a failed hook (a
+``GradwatchWarning`` was given; recording of the rest goes on).
 """
 
 from __future__ import annotations
