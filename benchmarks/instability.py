@@ -90,11 +90,12 @@ def table(results: list[dict]) -> str:
         lines.append(f"seed {seed}: final held-out loss / max attention logit over training / finding "
                      f"(A: attention-logit growth named, Z: output-logit divergence named, -: a finding without either, "
                      f"blank: no finding)\n")
-        lines.append("| lr | " + " | ".join(variants) + " |")
-        lines.append("|---|" + "---|" * len(variants))
+        ran = [v for v in variants if any(r["variant"] == v and r["seed"] == seed for r in results)]
+        lines.append("| lr | " + " | ".join(ran) + " |")
+        lines.append("|---|" + "---|" * len(ran))
         for lr in lrs:
             cells = []
-            for v in variants:
+            for v in ran:
                 r = next((r for r in results if r["variant"] == v and r["lr"] == lr and r["seed"] == seed), None)
                 if r is None:
                     cells.append("")
@@ -103,7 +104,8 @@ def table(results: list[dict]) -> str:
                 tag = "".join(("A" if f["attention_logit_growth"] else "") + ("Z" if f["output_logit_divergence"] else "")
                               or "-" for f in r["findings"] if f["severity"] != "info")
                 cells.append(f"{loss} / {_finite_max(r['max_logit']):.3g} / {tag}")
-            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+            if any(cells):
+                lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
