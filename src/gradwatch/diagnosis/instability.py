@@ -301,7 +301,9 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
             start, peak = float(top[0]), float(np.nanmax(top))
             growth = peak / start if start > 0 else math.inf
             ent = probes.values.get((module, "attn_entropy"))
-            sharp = [] if ent is None else [h for h, e in enumerate(ent[:, idx[-1]]) if e < th.entropy_below]
+            if ent is None:  # no entropy recorded: "one-hot" cannot be told, so neither can the mechanism
+                continue
+            sharp = [h for h, e in enumerate(ent[:, idx[-1]]) if e < th.entropy_below]
             if peak >= th.attn_logit_above and growth >= th.logit_growth_above and sharp:
                 # the first sample with a logit past the bound and a one-hot head: when it happened
                 hot = (top >= th.attn_logit_above) & (np.nanmin(ent[:, idx], axis=0) < th.entropy_below)
