@@ -115,12 +115,18 @@ def test_encoder_layer_with_causal_and_padding_masks(norm_first):
                                 num_layers=2, enable_nested_tensor=False)
     x = torch.randn(2, T, 16)
     pad = torch.tensor([[False] * T, [False] * 4 + [True] * 2])
-    ref = MHARef(enc)
-    with AttentionProbe(enc) as probe:
-        enc(x, mask=_causal(T), src_key_padding_mask=pad, is_causal=True)
+    _probe_matches_mha_reference(enc, lambda: enc(x, mask=_causal(T), src_key_padding_mask=pad, is_causal=True),
+                                 ["layers.0.self_attn", "layers.1.self_attn"])
+
+
+def _probe_matches_mha_reference(model, forward, names):
+    """Run ``forward`` with the probe and the MHA reference attached; every named module matches."""
+    ref = MHARef(model)
+    with AttentionProbe(model) as probe:
+        forward()
         got = probe.collect()
-    assert probe.names == ["layers.0.self_attn", "layers.1.self_attn"]
-    for name in probe.names:
+    assert probe.names == names
+    for name in names:
         assert_matches(got, name, ref.stats(name))
 
 
@@ -128,14 +134,10 @@ def test_decoder_layer_self_and_cross_attention():
     torch.manual_seed(2)
     dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     x, memory = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
-    ref = MHARef(dec)
-    with AttentionProbe(dec) as probe:
-        dec(x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(5), tgt_is_causal=True,
-            memory_key_padding_mask=torch.arange(9)[None, :] >= torch.tensor([9, 6])[:, None])
-        got = probe.collect()
-    assert probe.names == ["self_attn", "multihead_attn"]
-    for name in probe.names:
-        assert_matches(got, name, ref.stats(name))
+    pad = torch.arange(9)[None, :] >= torch.tensor([9, 6])[:, None]
+    _probe_matches_mha_reference(dec, lambda: dec(x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(5),
+                                                  tgt_is_causal=True, memory_key_padding_mask=pad),
+                                 ["self_attn", "multihead_attn"])
 
 
 def test_chunks_give_the_same_statistics_as_one_pass():

@@ -156,15 +156,16 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         return y, weights
 
 
-def _target(model: nn.Module, inplace: bool, call: str) -> nn.Module:
+def _attention_of(model: nn.Module, inplace: bool, call: str) -> tuple[nn.Module, list[Any]]:
+    """The model to change (a deep copy unless ``inplace``) and its attention sites; the template error without any."""
     if not isinstance(model, nn.Module):
         raise TypeError(bad_argument(call, "model", "a torch.nn.Module", model))
-    return model if inplace else copy.deepcopy(model)
-
-
-def _no_attention(call: str, model: nn.Module) -> ValueError:
-    return ValueError(bad_argument(call, "model", "a model with attention modules (nn.MultiheadAttention, "
-                                   "Transformer layers, HF GPT-2 or Llama-style attention)", model))
+    m = model if inplace else copy.deepcopy(model)
+    sites = find_attention(m)
+    if not sites:
+        raise ValueError(bad_argument(call, "model", "a model with attention modules (nn.MultiheadAttention, "
+                                      "Transformer layers, HF GPT-2 or Llama-style attention)", model))
+    return m, sites
 
 
 def add_qk_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -178,10 +179,7 @@ def add_qk_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
     q and k (``q_norm``/``k_norm``, or this remedy's) are left as they are.
     Raises ``ValueError`` for a model without attention.
     """
-    m = _target(model, inplace, "add_qk_norm")
-    sites = find_attention(m)
-    if not sites:
-        raise _no_attention("add_qk_norm", model)
+    m, sites = _attention_of(model, inplace, "add_qk_norm")
     for site in sites:
         a: Any = site.module
         if isinstance(a, QKNormMultiheadAttention) or isinstance(getattr(a, "q_norm", None), nn.Module):
@@ -276,10 +274,7 @@ def sigma_reparam(model: nn.Module, inplace: bool = False) -> nn.Module:
     weight) and ``c_proj``; Llama-style: ``q_proj``, ``k_proj``, ``v_proj``,
     ``o_proj``. Raises ``ValueError`` for a model without attention.
     """
-    m = _target(model, inplace, "sigma_reparam")
-    sites = find_attention(m)
-    if not sites:
-        raise _no_attention("sigma_reparam", model)
+    m, sites = _attention_of(model, inplace, "sigma_reparam")
     for site in sites:
         a: Any = site.module
         if isinstance(a, nn.MultiheadAttention):
