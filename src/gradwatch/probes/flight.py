@@ -102,7 +102,8 @@ class FlightRecorder:
         if min(self.count, self.capacity) - 1 < self.warmup:
             return nonfinite
         total = torch.linalg.vector_norm(self.values[:, :, 0].nan_to_num(0.0), dim=1).log()  # (capacity,)
-        total[torch.isnan(self.values[:, :, 0]).all(dim=1)] = math.nan  # an empty slot stays out of the median
+        empty = torch.isnan(self.values[:, :, 0]).all(dim=1)  # an empty slot stays out of the median
+        total = torch.where(empty, torch.full_like(total, math.nan), total)  # (where, not a masked store: no sync)
         history = total.clone()
         history[slot] = math.nan
         med = history.nanmedian()
