@@ -152,3 +152,45 @@ def test_a_model_with_qk_norm_is_not_told_to_add_it():
     assert qk_normalised({"TinyLM", "HeadNorm"}, [])
     assert qk_normalised(set(), ["model.layers.0.self_attn.q_norm", "model.layers.0.self_attn.q_proj"])
     assert not qk_normalised({"GPT2Attention", "LayerNorm"}, ["transformer.h.0.attn.c_attn", "transformer.h.0.ln_1"])
+
+
+def test_probe_records_read_back_through_the_store_and_a_run_view(tmp_path):
+    """What the watch will write (AttentionProbe.records into a StoreWriter) is what ProbeSeries.from_run reads,
+    also through diagnose()'s RunView, which keeps only the steps before its limit."""
+    import torch
+    from torch import nn
+
+    from gradwatch.diagnosis.view import RunView
+    from gradwatch.probes.attention import AttentionProbe
+    from gradwatch.store import StoreWriter, open_run
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.lm_head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.lm_head(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    model = LM()
+    probe = AttentionProbe(model).attach()
+    writer = StoreWriter(tmp_path / "gradwatch.sqlite")
+    collected = {}
+    for step in range(4):
+        model(torch.randn(3, 6, 8) * (1 + step))
+        stats = probe.collect()
+        collected[step] = {k: float(v) for k, v in stats.items()}
+        writer.records(step, *probe.records(stats, writer))
+    writer.close({"status": "finished"})
+    with open_run(tmp_path) as run:
+        stored = ProbeSeries.from_run(run)
+        direct = ProbeSeries.from_collected(collected)
+        assert stored is not None and stored.steps.tolist() == [0, 1, 2, 3]
+        assert set(stored.values) == set(direct.values) == {("attn", q) for q in ("attn_logit_max", "attn_logit_rms",
+                                                                                  "attn_entropy")} | {("lm_head", "logz_mean"), ("lm_head", "logz_max")}
+        for key, values in direct.values.items():
+            np.testing.assert_allclose(stored.values[key], values, rtol=1e-6)
+        early = ProbeSeries.from_run(RunView(run, 2))  # type: ignore[arg-type]
+        assert early is not None and early.steps.tolist() == [0, 1]

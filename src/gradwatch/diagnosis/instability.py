@@ -39,7 +39,7 @@ import numpy as np
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis.findings import Finding, sci
 from gradwatch.diagnosis.remedies import remedies
-from gradwatch.diagnosis.rules import flat_loss, total_grad_norm
+from gradwatch.diagnosis.measures import flat_loss, total_grad_norm
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
 
@@ -103,16 +103,28 @@ class ProbeSeries:
 
     @classmethod
     def from_run(cls, run: Run) -> ProbeSeries | None:
-        """From stored records: attention quantities with ``pos`` = head, log Z without; None if none were recorded."""
+        """From stored records: attention quantities of ``attention`` entities with ``pos`` = head, log Z at a
+        ``layer`` without; None if none were recorded. Reads only what a ``RunView`` answers too (``entities``,
+        ``temporal``, ``series``), so diagnose() may pass its view of the run."""
         from gradwatch.probes.attention_read import ATTENTION_QUANTITIES, LOGZ_QUANTITIES
 
         collected: dict[int, dict[tuple[str, str, int | None], float]] = {}
-        for quantity in (*ATTENTION_QUANTITIES, *LOGZ_QUANTITIES):
+        for quantity in ATTENTION_QUANTITIES:
             if quantity not in run.quantities:
                 continue
-            rec = run.records(quantity)
-            for step, layer, pos, v in zip(rec["step"].tolist(), rec["layer"], rec["pos"].tolist(), rec["value"]):
-                collected.setdefault(step, {})[(layer, quantity, None if pos < 0 else pos)] = v
+            for e in run.entities("attention"):
+                t = run.temporal(e.name, quantity)  # (heads, steps)
+                for j, step in enumerate(t.steps.tolist()):
+                    for head, v in zip(t.names, t.values[:, j].tolist()):
+                        if v == v:  # NaN: not measured at this step
+                            collected.setdefault(step, {})[(e.name, quantity, int(head))] = v
+        for quantity in LOGZ_QUANTITIES:
+            if quantity in run.quantities:
+                s = run.series(quantity)
+                for name, row in zip(s.names, s.values):
+                    for step, v in zip(s.steps.tolist(), row.tolist()):
+                        if v == v:
+                            collected.setdefault(step, {})[(name, quantity, None)] = v
         return cls.from_collected(collected) if collected else None
 
     def modules(self, quantity: str) -> list[str]:
@@ -347,7 +359,7 @@ def _already_normalised(found: list[Finding], run: Run) -> list[Finding]:
     """In a model that normalises q and k already, attention-logit growth comes from the norms' gains:
     qk-layernorm leaves the remedies, and the cause says so."""
     types = set((getattr(run, "meta", {}) or {}).get("module_types") or ()) | {e.module for e in run.entities() if e.module}
-    if not qk_normalised(types, run.layers):
+    if not qk_normalised(types, [e.name for e in run.entities()]):
         return found
     out = []
     for f in found:
@@ -406,18 +418,17 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
     by default read from the run's records (kind ``attention``, head in
     ``pos``; ``logz_mean`` at the LM head). At most two findings: the first
     divergence or non-finite event (critical), or else attention-logit growth
-    over the whole run (critical when the loss never fell, ``rules.flat_loss``;
+    over the whole run (critical when the loss never fell, ``measures.flat_loss``;
     a warning otherwise; an output-logit divergence only when the loss never
     fell); and the spikes before it (the first one attributed; ``info`` when
     the loss came back within 10 % of its level before the spike, else a
     warning).
 
-    Wiring (the lead's, after the rules split): ``diagnose()`` calls this on
-    its view of the run (before the first non-finite step is fine: the
-    events stop there too) with ``InstabilityThresholds`` (or their fields
-    folded into ``Thresholds``) and appends the findings; where the existing
-    total-norm spike finding covers the same steps, keep this one, which
-    carries the mechanism.
+    Wiring (the lead's): ``diagnose()`` (diagnosis/rules.py) calls this on its
+    ``view`` (a ``RunView`` answers all it reads) with ``InstabilityThresholds``
+    (or their fields folded into ``Thresholds``) and adds the findings before
+    ``by_effect``/``fit_architecture``; where ``over_steps.spike_findings``
+    reports the same steps, keep this finding, which carries the mechanism.
     """
     th = InstabilityThresholds() if thresholds is None else thresholds
     if not isinstance(th, InstabilityThresholds):
@@ -469,7 +480,7 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
 
 def _whole_run(run: Run, first: int, last: int, probes: ProbeSeries | None, th: InstabilityThresholds) -> Finding | None:
     """Without a divergence: attention-logit growth over the whole run is a finding of its own (the attention
-    went one-hot and stopped learning; critical when the loss never fell, ``rules.flat_loss``), and so is an
+    went one-hot and stopped learning; critical when the loss never fell, ``measures.flat_loss``), and so is an
     output-logit divergence in a run whose loss never fell."""
     flat = flat_loss(run, Thresholds())
     mech = [m for m in mechanisms(probes, last, th, since=first - 1)
@@ -479,7 +490,7 @@ def _whole_run(run: Run, first: int, last: int, probes: ProbeSeries | None, th: 
     onset = int(min(m.numbers.get("attn_onset", last) for m in mech))
     loss = run.series("loss", "run").values[0]
     loss = loss[np.isfinite(loss)]
-    start, end = float(np.median(loss[:10])), float(np.median(loss[-20:]))  # rules.flat_loss's medians
+    start, end = float(np.median(loss[:10])), float(np.median(loss[-20:]))  # measures.flat_loss's medians
     words = (f"the loss did not fall: {sci(start)} over the first 10 steps, {sci(end)} over the last 20" if flat
              else f"the loss went from {sci(start)} (first 10 steps) to {sci(end)} (last 20; best {sci(float(loss.min()))}) "
              f"while the attention went one-hot from step {onset}")

@@ -55,9 +55,8 @@ recomputation reads no random state and changes no tensor the model uses.
 with the hooks (``detach()`` with them); register ``probe.entities()`` (kind
 ``attention`` for the attention modules, ``layer`` for the LM head); before a
 step's forward pass set ``probe.armed = sampled(step)`` (the activations
-schedule); at the step's end, when armed, turn ``probe.collect()`` into records
-(entity, quantity, ``pos`` = head, or none for log Z) for the step's one host
-copy. :meth:`gradwatch.diagnosis.instability.ProbeSeries.from_run` reads them
+schedule); at the step's end, when armed, ``keys, values = probe.records(probe.collect(),
+writer)`` joins the step's one host copy. :meth:`gradwatch.diagnosis.instability.ProbeSeries.from_run` reads them
 back in that form. A non-None ``probe.error`` is a failed hook (a
 ``GradwatchWarning`` was given; recording of the rest goes on).
 """
@@ -68,6 +67,7 @@ import inspect
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -142,6 +142,23 @@ class AttentionProbe:
         if self.lm_head is not None:
             out.append((self.lm_head, "layer", type(self.model.get_submodule(self.lm_head)).__name__))
         return out
+
+    def records(self, stats: dict[Key, Tensor], writer: Any) -> tuple[np.ndarray, Tensor]:
+        """``collect()``'s statistics as one step's records for ``StoreWriter.records``: (keys, values).
+
+        ``keys`` is (n, 3) of (entity id, quantity id, pos): attention modules as
+        ``attention`` entities with the head in ``pos``, the LM head's log Z on its
+        ``layer`` entity without one (−1); ``values`` (n,) float64 on the
+        statistics' device (one stack, no host copy). ``writer`` allocates the ids
+        (``StoreWriter.entity``/``quantity``).
+        """
+        kinds = {name: (kind, module) for name, kind, module in self.entities()}
+        keys = []
+        for name, quantity, head in stats:
+            kind, module = kinds[name]
+            keys.append((writer.entity(name, kind, module), writer.quantity(quantity), -1 if head is None else head))
+        values = torch.stack([v.reshape(()).to(torch.float64) for v in stats.values()]) if stats else torch.zeros(0)
+        return np.array(keys, dtype=np.int64).reshape(-1, 3), values
 
     def attach(self, armed: bool = True) -> AttentionProbe:
         """Place the hooks (idempotent); measure from the next forward pass on if ``armed``."""
