@@ -18,8 +18,11 @@ STEPS = 300
 
 HEALTHY = [s.name for s in zoo.SETUPS.values() if s.expect is None]
 SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
-# A healthy twin must learn: held-out accuracy (mode coverage for the GAN: 6 of 8 modes, as the bar)
-LEARNS_ABOVE = {"gan_ring_nonsaturating": 0.74}
+# A healthy twin must learn: held-out accuracy > 0.85, or for the GAN mode coverage of at least half the 8 modes (its
+# saturating twin covers none). Coverage after 300 steps hops between 5 and 8 modes with the seed and the CPU's rounding:
+# seeds 0-5 covered 7-8 (native AVX-512), 5-8 (ATEN_CPU_CAPABILITY=default) and 5-8 (AVX2-limited MKL/oneDNN/ATen, as on
+# an AMD EPYC, where seed 0 covers 5: the old bar of 6 failed there).
+LEARNS_ABOVE = {"gan_ring_nonsaturating": 0.45}
 
 
 @pytest.mark.zoo

@@ -56,8 +56,9 @@ class GANTrial(Trial):
     the data sit ``RING_OFFSET`` (8) away from where the generator's samples
     start, so D rejects them with confidence early, as in Goodfellow et al.'s
     warning. The saturating generator's gradient then collapses (×10⁻⁴ or
-    less) and it covers none of the 8 modes; the non-saturating one covers 7
-    or 8 (seeds 0–4, both CPU kernel sets: benchmarks/RESULTS.md).
+    less) and it covers none of the 8 modes; the non-saturating one covers 5
+    to 8 after 300 steps (which ones hop with the seed and the CPU's float
+    rounding: seeds 0–5 under three kernel sets, benchmarks/RESULTS.md).
 
     ``nonsaturating=False`` is Goodfellow et al. (2014)'s minimax generator loss
     log(1 − D(G(z))), whose gradient vanishes once D rejects the samples;
