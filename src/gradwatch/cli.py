@@ -24,26 +24,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _load_factory(spec: str):  # type: ignore[no-untyped-def]
-    import importlib
-    import importlib.util
-    from pathlib import Path
+    from gradwatch._reference import load
 
-    module_name, _, attr = spec.rpartition(":")
-    if not module_name or not attr:
-        raise ValueError(f"expects MODULE:FACTORY (a file or module, a colon, a function), got {spec!r}")
-    if module_name.endswith(".py") or Path(module_name).exists():
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"no such file: {module_name}")
-        loader = importlib.util.spec_from_file_location(path.stem, path)
-        assert loader is not None and loader.loader is not None
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise ValueError(f"{module_name} has no factory {attr!r}")
-    return getattr(module, attr)
+    return load(spec, "factory")
 
 
 def _check(spec: str, shape: tuple[int, ...], seed: int) -> int:

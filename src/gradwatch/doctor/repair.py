@@ -18,6 +18,11 @@ The doctor
    is combined with the next remedy a remaining finding names, for at most
    :data:`~gradwatch.doctor.table.MAX_ROUNDS` rounds (the table's ``round``
    column), same seeds and steps, within ``budget_s``.
+
+Where the trials run — in this process, a local process pool, Ray or any
+executor — is :mod:`gradwatch.doctor.execute`'s business: each round's
+trials are submitted together and come back in order, so the table is the
+same however they ran.
 """
 
 from __future__ import annotations
@@ -25,29 +30,59 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
+from gradwatch import _reference
 from gradwatch._errors import bad_argument
-from gradwatch.doctor import catalogue, trial_run
+from gradwatch.diagnosis import Diagnosis
+from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys, compose, finding_keys, step0_overflow
+from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult
 from gradwatch.doctor.verdicts import summary, verdict
 from gradwatch.trial import SetupFn
 
 
-def doctor(setup: SetupFn, *, steps: int = 300, seeds: int = 1, budget_s: float | None = None,
-           store: str | Path | None = None, progress: bool = True) -> DoctorReport:
+def doctor(setup: SetupFn | str, *, steps: int = 300, seeds: int = 1, budget_s: float | None = None,
+           store: str | Path | None = None, progress: bool = True, workers: Workers = 1,
+           ray_resources: Mapping[str, Any] | None = None) -> DoctorReport:
     """Diagnose a set-up, try the remedies its findings point to, and report which works.
 
     Args:
-        setup: ``seed -> Trial`` (e.g. ``gradwatch.zoo.get("deep_tanh_mlp")``).
+        setup: ``seed -> Trial`` (e.g. ``gradwatch.zoo.get("deep_tanh_mlp")``), or a reference to one,
+            ``"path/to/file.py:make_setup"`` or ``"package.module:make_setup"``, which each worker imports.
         steps: training steps per trial.
         seeds: seeds per trial (results are averaged).
-        budget_s: stop starting new trials after this many seconds; the table is then partial.
-        store: where the trials' runs go (default: a temporary directory).
-        progress: show a progress bar.
+        budget_s: start no new remedy after this many seconds; the table is then partial.
+        store: where the trials' runs go, one directory per trial and seed, named in each row's ``runs``
+            (default: a temporary directory, removed at the end). Runs from Ray or an executor of your own
+            come back to this machine and are written here.
+        progress: show a progress bar (trials done, running, failed).
+        workers: where the trials run: ``1`` (default) in this process, one after another; ``N`` a local pool of
+            N spawned processes, torch's threads split between them; ``"ray"`` Ray tasks on the cluster that
+            ``ray.init()`` connects to (``RAY_ADDRESS``, or a local one it starts; call ``ray.init(address=…)``
+            first for another); or any ``concurrent.futures.Executor`` (Dask's, submitit's). The table is the
+            same however they run. A round's trials are submitted together and the next round is decided from
+            all of them, as in serial.
+        ray_resources: what each trial asks Ray for (default ``{"num_cpus": 1}``; e.g. ``{"num_gpus": 1}``);
+            any option of Ray's ``.options()`` (``memory``, ``max_retries``, …) goes through.
+
+    A trial that raises, or whose worker dies, is a row with its error (``verdict`` "failed: …"). Ctrl-C
+    returns the table so far once the baseline is done (before that it propagates).
     """
-    if not callable(setup):
+    if isinstance(setup, str):
+        try:
+            spec = _reference.normalise(setup)
+            loaded = _reference.load(spec, "setup")
+        except (ValueError, ImportError, OSError) as exc:
+            raise ValueError(bad_argument("doctor", "setup", "a callable seed -> Trial or a "
+                                          "'path/to/file.py:make_setup' reference", setup) + f": {exc}") from None
+        if not callable(loaded):
+            raise TypeError(bad_argument("doctor", "setup", f"{setup!r} to name a callable seed -> Trial", loaded))
+    elif not callable(setup):
         raise TypeError(bad_argument("doctor", "setup", "a callable seed -> Trial (e.g. a zoo.Setup)", setup))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(bad_argument("doctor", "steps", "a positive int", steps))
@@ -55,84 +90,117 @@ def doctor(setup: SetupFn, *, steps: int = 300, seeds: int = 1, budget_s: float 
         raise ValueError(bad_argument("doctor", "seeds", "a positive int", seeds))
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or budget_s <= 0):
         raise ValueError(bad_argument("doctor", "budget_s", "a positive number of seconds or None", budget_s))
+    if not (isinstance(workers, Executor) or workers == "ray"
+            or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)):
+        raise ValueError(bad_argument("doctor", "workers", "a positive int, 'ray' or a concurrent.futures.Executor",
+                                      workers))
+    if ray_resources is not None and (workers != "ray" or not isinstance(ray_resources, Mapping)
+                                      or not all(isinstance(k, str) for k in ray_resources)):
+        raise ValueError(bad_argument("doctor", "ray_resources", "a dict of Ray task options such as "
+                                      "{'num_cpus': 1}, with workers='ray'", ray_resources))
+    if isinstance(workers, int) and workers > 1:
+        execute.check_main_guarded()
+    if workers != 1 and not isinstance(setup, str):
+        execute.check_shippable(setup, "ray" if workers == "ray" else "executor" if isinstance(workers, Executor)
+                                else "pool")
+    # in this process the loaded set-up itself; workers import the reference
+    job_setup: SetupFn | str = (loaded if workers == 1 else spec) if isinstance(setup, str) else setup
     tmp = tempfile.TemporaryDirectory() if store is None else None
     root = Path(tmp.name if tmp is not None else store)  # type: ignore[arg-type]
     try:
-        return _doctor(setup, steps, seeds, budget_s, root, progress)
+        from rich.progress import Progress
+
+        with execute.backend(workers, store is not None, ray_resources) as backend, \
+                Progress(transient=True, disable=not progress) as bar:
+            runner = Runner(backend, root, bar, bar.add_task("baseline", total=seeds))
+            return _doctor(job_setup, steps, seeds, budget_s, runner)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
-def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root: Path, progress: bool) -> DoctorReport:
-    from rich.progress import Progress
+def _row(label: str, results: list[Result], names: list[str]) -> TrialResult | None:
+    """One remedy's row from its seeds' results; None when it does not apply here or did not run to the end."""
+    failed = next((r for r in results if isinstance(r, Failure)), None)
+    if failed is not None:
+        row = TrialResult.failed(label, failed.error)
+    elif any(r is None for r in results):
+        return None  # stopped (time budget, Ctrl-C) before all its seeds ran: nothing to judge
+    else:
+        outcomes = [r for r in results if isinstance(r, Outcome)]
+        runs = [o.run for o in outcomes if o.run is not None]
+        if not runs:
+            return None  # does not apply here
+        row = summary(label, runs, sum(o.seconds for o in outcomes))
+    row.runs = tuple(names)
+    return row
 
+
+def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None, runner: Runner) -> DoctorReport:
     start = time.perf_counter()
+    deadline = None if budget_s is None else start + budget_s
     catalog = catalogue.catalog()
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("baseline", total=seeds)
-        base_runs = []
-        for s in range(seeds):
-            got = trial_run.run_trial(setup, s, steps, root, f"baseline-{s}", None, {})
-            assert got is not None
-            base_runs.append(got)
-            bar.advance(task)
-        base = summary("baseline (no remedy)", base_runs, time.perf_counter() - start)
-        diagnosis = base_runs[0][3]
-        report = DoctorReport(base, diagnosis, steps=steps, seeds=seeds)
-        if not diagnosis.problems:
-            base.verdict = "healthy"
-            report.message = "nothing to fix: the baseline has no findings"
-            return report
-        numbers: dict[str, float] = {}
-        for f in diagnosis:
-            numbers.update({k: v for k, v in f.numbers.items() if k not in numbers})
-        overflow = step0_overflow(diagnosis)
-        candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
-        targets = {f.kind for f in diagnosis.problems}
-        bar.update(task, description="remedies", total=len(candidates) * seeds, completed=0)
-        stopped = False
-        tried: set[tuple[str, ...]] = set()
-        todo = candidates
-        for rnd in range(1, MAX_ROUNDS + 1):
-            done: list[tuple[Remedy, TrialResult]] = []
-            for remedy in todo:
-                if budget_s is not None and time.perf_counter() - start > budget_s:
-                    stopped = True
-                    break
-                tried.add(tuple(sorted(remedy.parts)))
-                t0 = time.perf_counter()
-                runs = []
-                for s in range(seeds):
-                    got = trial_run.run_trial(setup, s, steps, root, f"{'.'.join(remedy.parts)}-{len(report.trials)}-{s}", remedy, numbers)
-                    bar.advance(task)
-                    if got is not None:
-                        runs.append(got)
-                if not runs:
-                    continue  # does not apply here
-                result = summary(remedy.label, runs, time.perf_counter() - t0)
+    names = [f"baseline-{s}" for s in range(seeds)]
+    runner.expect(seeds, "baseline")
+    [results] = runner.run([[runner.job(setup, s, steps, names[s], None, {}) for s in range(seeds)]])
+    if runner.interrupted:
+        raise KeyboardInterrupt  # no baseline, no table
+    base = _row("baseline (no remedy)", results, names)
+    assert base is not None
+    if base.error:
+        report = DoctorReport(base, Diagnosis([]), steps=steps, seeds=seeds)
+        report.message = f"the baseline failed ({base.error}): nothing to compare remedies against"
+        return report
+    diagnosis = next(r.run.diagnosis for r in results if isinstance(r, Outcome) and r.run is not None)
+    report = DoctorReport(base, diagnosis, steps=steps, seeds=seeds)
+    if not diagnosis.problems:
+        base.verdict = "healthy"
+        report.message = "nothing to fix: the baseline has no findings"
+        return report
+    numbers: dict[str, float] = {}
+    for f in diagnosis:
+        numbers.update({k: v for k, v in f.numbers.items() if k not in numbers})
+    overflow = step0_overflow(diagnosis)
+    candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
+    targets = {f.kind for f in diagnosis.problems}
+    tried: set[tuple[str, ...]] = set()
+    todo = candidates
+    count = 0  # remedies submitted so far: numbers the run names, the same in every mode
+    for rnd in range(1, MAX_ROUNDS + 1):
+        runner.expect(len(todo) * seeds, "remedies" if rnd == 1 else f"round {rnd}")
+        run_names = [[f"{'.'.join(r.parts)}-{count + k}-{s}" for s in range(seeds)] for k, r in enumerate(todo)]
+        count += len(todo)
+        tried.update(tuple(sorted(r.parts)) for r in todo)
+        groups = runner.run([[runner.job(setup, s, steps, ns[s], remedy, numbers) for s in range(seeds)]
+                             for remedy, ns in zip(todo, run_names)], deadline)
+        done: list[tuple[Remedy, TrialResult]] = []
+        for remedy, results, ns in zip(todo, groups, run_names):
+            result = _row(remedy.label, results, ns)
+            if result is None:
+                continue
+            if not result.error:
                 result.verdict = verdict(base, result, targets)
-                result.rounds, result.parts = rnd, remedy.parts
-                report.trials.append(result)
                 done.append((remedy, result))
-            if stopped or rnd == MAX_ROUNDS or any(t.verdict == "fixes it" for t in report.trials):
-                break
-            # Iterative repair: a remedy that removed some targeted findings but not all is combined with
-            # the first remedy that a remaining finding names (same seeds, same steps).
-            todo = []
-            for remedy, result in done:
-                left = targets & set(result.findings)
-                if not left or left == targets:
-                    continue
-                nxt = next((c for f in diagnosis.problems if f.kind in left for k in finding_keys(f, overflow)
-                            for c in catalog.get(k, []) if k not in remedy.parts
-                            and tuple(sorted(remedy.parts + (k,))) not in tried), None)
-                if nxt is not None and len(todo) < 3:
-                    todo.append(compose(remedy, nxt))
-                    tried.add(tuple(sorted(todo[-1].parts)))
-            if not todo:
-                break
-            bar.update(task, total=(len(candidates) + len(todo)) * seeds)
+            result.rounds, result.parts = rnd, remedy.parts
+            report.trials.append(result)
+        if runner.stopped or runner.interrupted or rnd == MAX_ROUNDS \
+                or any(t.verdict == "fixes it" for t in report.trials):
+            break
+        # Iterative repair: a remedy that removed some targeted findings but not all is combined with
+        # the first remedy that a remaining finding names (same seeds, same steps).
+        todo = []
+        for remedy, result in done:
+            left = targets & set(result.findings)
+            if not left or left == targets:
+                continue
+            nxt = next((c for f in diagnosis.problems if f.kind in left for k in finding_keys(f, overflow)
+                        for c in catalog.get(k, []) if k not in remedy.parts
+                        and tuple(sorted(remedy.parts + (k,))) not in tried), None)
+            if nxt is not None and len(todo) < 3:
+                todo.append(compose(remedy, nxt))
+                tried.add(tuple(sorted(todo[-1].parts)))
+        if not todo:
+            break
     base.verdict = f"findings: {', '.join(f.kind for f in diagnosis.problems)}"
     fixed = [t for t in report.trials if t.verdict == "fixes it"]
     key = (lambda t: -t.score) if math.isfinite(base.score) else (lambda t: t.final_loss)
@@ -144,7 +212,9 @@ def _doctor(setup: SetupFn, steps: int, seeds: int, budget_s: float | None, root
         report.message = f"best remedy: {b.label} — the findings are gone and {evidence}"
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
-    if stopped:
+    if runner.stopped:
         report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
                            f"{len(candidates)} remedies in round 1)")
+    if runner.interrupted:
+        report.message += f" (interrupted by Ctrl-C after {len(report.trials)} trials: the table is partial)"
     return report

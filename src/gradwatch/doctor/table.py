@@ -25,6 +25,13 @@ class TrialResult:
     learned: bool = False  # every seed's final loss is at most half its own first finite loss
     rounds: int = 1  # remedies combined (iterative repair: at most 3)
     parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it
+    runs: tuple[str, ...] = ()  # its run stores' names under the doctor's store, one per seed
+    error: str = ""  # why a trial of it failed (it raised, or its worker died); "" when none did
+
+    @classmethod
+    def failed(cls, label: str, error: str, seconds: float = math.nan) -> TrialResult:
+        """A row for a remedy (or the baseline) whose trial failed: nothing measured, the error as its verdict."""
+        return cls(label, math.nan, math.nan, math.nan, [], seconds, verdict=f"failed: {error}", error=error)
 
 
 @dataclass
