@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import signal
 import sys
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -152,6 +153,31 @@ def test_a_killed_pool_worker_is_a_failed_row_and_the_rest_of_the_table_stands(s
     assert NORM_LABEL in str(report) and "failed: the worker process died" in str(report)
 
 
+class _Plain(Executor):
+    """An executor of the user's that says nothing of its capacity (as Dask's and submitit's do not)."""
+
+    def __init__(self) -> None:
+        self._inner = ThreadPoolExecutor(1)
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self._inner.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._inner.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def test_an_executor_of_your_own_gives_the_serial_table_and_ships_the_stores_back(serial, tmp_path):
+    with _Plain() as executor:
+        report = gw.doctor(tiny, steps=STEPS, progress=False, workers=executor, store=tmp_path)
+        _assert_same_table(report, serial)
+        _assert_stores_open(report, tmp_path)
+        # all of a round is submitted at once; past the budget, what has not started is cancelled
+        cut = gw.doctor(tiny, steps=STEPS, progress=False, workers=executor, budget_s=report.baseline.seconds + 0.5)
+    assert "stopped at the time budget" in cut.message and len(cut.trials) < len(report.trials)
+    for got, want in zip(cut.trials, report.trials):
+        _assert_same_row(got, want)
+
+
 def test_a_set_up_the_workers_cannot_receive_is_refused_with_how_to_ship_it(monkeypatch):
     with pytest.raises(ValueError, match=r"`doctor\(setup=…\)` expects a set-up the workers can import.*"
                                          r"'path/to/file\.py:make_setup'.*does not pickle"):
@@ -234,3 +260,36 @@ def test_a_killed_ray_worker_is_a_failed_row(serial, ray_cluster):
     assert killed.error.startswith(DIED) and killed.verdict.startswith("failed: the worker process died")
     for want in [t for t in serial.trials if t.rounds == 1 and t.label != NORM_LABEL]:
         _assert_same_row(rows[want.label], want)
+
+
+def test_cli_doctor_on_ray_stores_the_runs_that_gradwatch_report_opens(serial, ray_cluster, tmp_path, capsys):
+    from gradwatch.cli import main
+
+    source = tmp_path / "mine.py"
+    source.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "from test_doctor_parallel import tiny as make_setup\n")
+    store = tmp_path / "runs"
+    assert main(["doctor", f"{source}:make_setup", "--steps", str(STEPS), "--ray", "--cpus-per-trial", "1",
+                 "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert serial.message in out and f"gradwatch report {store / 'baseline-0'}" in out
+    assert main(["report", str(store / serial.trials[-1].runs[0])]) == 0  # a trial from the last round
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["--workers", "0"], r"--workers: expects a positive int"),
+    (["--workers", "2", "--ray"], r"not allowed with argument"),
+    (["--cpus-per-trial", "1"], r"gradwatch doctor: --cpus-per-trial and --gpus-per-trial ask Ray .* add --ray"),
+    (["--budget", "-1"], r"gradwatch doctor: `doctor\(budget_s=…\)` expects a positive number"),
+])
+def test_cli_doctor_mistakes_are_one_line(argv, error, capsys):
+    from gradwatch.cli import main
+
+    try:
+        code = main(["doctor", "zoo:deep_tanh_mlp", *argv])
+    except SystemExit as exc:  # argparse's own errors: usage, then one line
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.search(error, err.strip().splitlines()[-1]), err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _positive_int(text: str) -> int:
@@ -51,17 +52,52 @@ def _check(spec: str, shape: tuple[int, ...], seed: int) -> int:
     return 0
 
 
-def _doctor(spec: str, steps: int, seeds: int, budget: float | None) -> int:
+def _doctor(args: argparse.Namespace) -> int:
     import gradwatch as gw
     from gradwatch import zoo
 
-    try:
-        setup = zoo.get(spec[4:]) if spec.startswith("zoo:") else _load_factory(spec)
-    except (ValueError, ImportError, KeyError) as exc:
-        print(f"gradwatch doctor: {exc}", file=sys.stderr)
+    try:  # zoo:NAME, or a reference gw.doctor loads here and ships as text to its workers
+        setup = zoo.get(args.setup[4:]) if args.setup.startswith("zoo:") else args.setup
+    except KeyError as exc:
+        print(f"gradwatch doctor: {exc.args[0]}", file=sys.stderr)
         return 2
-    print(gw.doctor(setup, steps=steps, seeds=seeds, budget_s=budget))
-    return 0
+    resources = {k: v for k, v in (("num_cpus", args.cpus_per_trial), ("num_gpus", args.gpus_per_trial)) if v is not None}
+    if resources and args.ray is None:
+        print("gradwatch doctor: --cpus-per-trial and --gpus-per-trial ask Ray for resources: add --ray", file=sys.stderr)
+        return 2
+    connected = None
+    try:
+        if args.ray:  # an address: connect first; gw.doctor then runs on that cluster and leaves it to us
+            connected = _connect_ray(args.ray)
+        report = gw.doctor(setup, steps=args.steps, seeds=args.seeds, budget_s=args.budget, store=args.store,
+                           workers="ray" if args.ray is not None else args.workers, ray_resources=resources or None)
+    except (ValueError, TypeError, ImportError, ConnectionError) as exc:  # the API's argument errors; no Ray
+        print(f"gradwatch doctor: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradwatch doctor: interrupted before the baseline finished: no table", file=sys.stderr)
+        return 130
+    finally:
+        if connected is not None:
+            connected.shutdown()
+    print(report)
+    if args.store:
+        print(f"\nruns stored in {args.store}: gradwatch report {Path(args.store) / report.baseline.runs[0]}")
+    return 1 if report.baseline.error else 0
+
+
+def _connect_ray(address: str):  # type: ignore[no-untyped-def]
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--ray needs Ray: pip install 'gradwatch[ray]'") from None
+    import logging
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError for an address it cannot reach
+        raise ConnectionError(f"cannot connect to Ray at {address}: {_one_line(exc)}") from None
+    return ray
 
 
 def _check_attack(spec: str, eps: float, norm: str, steps: int, clip: tuple[float, float] | None, square: bool,
@@ -129,11 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--input-shape", required=True, type=_shape, help="example batch shape, e.g. 64,784")
     chk.add_argument("--seed", type=int, default=0, help="seed for the model factory and the input (default 0)")
     doc = sub.add_parser("doctor", help="try the remedies the findings point to, measured (gw.doctor)")
-    doc.add_argument("setup", metavar="MODULE:FACTORY",
+    doc.add_argument("setup", metavar="MODULE:SETUP",
                      help="a Python file or module and a function seed -> Trial in it, or zoo:NAME")
     doc.add_argument("--steps", type=_positive_int, default=300, help="training steps per trial (default 300)")
     doc.add_argument("--seeds", type=_positive_int, default=1, help="seeds per trial (default 1)")
-    doc.add_argument("--budget", type=float, default=None, help="seconds after which no new trial starts")
+    doc.add_argument("--budget", type=float, default=None, help="seconds after which no new remedy starts")
+    doc.add_argument("--store", default=None, help="directory for every trial's run (default: a temporary one)")
+    where = doc.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_positive_int, default=1,
+                       help="trials at once on a local process pool (default 1: one after another, in this process)")
+    where.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run the trials as Ray tasks: on the cluster at ADDRESS, else RAY_ADDRESS, else a local one")
+    doc.add_argument("--cpus-per-trial", type=float, default=None, help="with --ray: CPUs each trial asks for (default 1)")
+    doc.add_argument("--gpus-per-trial", type=float, default=None, help="with --ray: GPUs each trial asks for")
     atk = sub.add_parser("check-attack", help="is a robustness claim resting on masked gradients? (gw.check_attack)")
     atk.add_argument("setup", metavar="MODULE:FACTORY",
                      help="a Python file or module and a function in it returning (model, x, y), or zoo:NAME "
@@ -150,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return _check_attack(args.setup, args.eps, args.norm, args.steps, args.clip, args.square, args.seed)
 
     if args.command == "doctor":
-        return _doctor(args.setup, args.steps, args.seeds, args.budget)
+        return _doctor(args)
     if args.command == "check":
         return _check(args.factory, args.input_shape, args.seed)
     if args.command == "demo":
@@ -188,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"cannot write {exc.filename!r}: {exc.strerror}"
-    return str(exc)
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ A set-up is a callable ``seed -> Trial`` (:mod:`gradwatch.trial`). The package, 
 - :mod:`~gradwatch.doctor.catalogue` — the remedies, addressed by key, and which keys a finding brings;
 - :mod:`~gradwatch.doctor.surgery` — what those remedies measure on, or change in, a user's model;
 - :mod:`~gradwatch.doctor.trial_run` — one trial under a watch (:func:`run_trial`), the unit of work;
+- :mod:`~gradwatch.doctor.execute` — where the trials run: this process, a local pool, Ray, any executor;
 - :mod:`~gradwatch.doctor.verdicts` — a loss curve summarised, a trial judged against the baseline;
 - :mod:`~gradwatch.doctor.table` — :class:`TrialResult` rows and the :class:`DoctorReport` table.
 

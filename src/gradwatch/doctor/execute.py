@@ -280,8 +280,7 @@ def _ray_capacity(ray: Any, resources: Mapping[str, Any]) -> int:
 
 
 @contextmanager
-def backend(workers: Workers, store_named: bool, ray_resources: Mapping[str, Any] | None = None,
-            ray_address: str | None = None) -> Iterator[Backend]:
+def backend(workers: Workers, store_named: bool, ray_resources: Mapping[str, Any] | None = None) -> Iterator[Backend]:
     """The backend ``workers`` names, set up for the doctor and torn down after (a user's executor is left open).
 
     ``store_named``: the user named a store, so runs from workers that may be elsewhere come back as bytes.
@@ -289,7 +288,7 @@ def backend(workers: Workers, store_named: bool, ray_resources: Mapping[str, Any
     if isinstance(workers, Executor):
         yield Backend(lambda: workers, getattr(workers, "_max_workers", None), store_named, None, False)
     elif workers == "ray":
-        with _ray_backend(store_named, dict(ray_resources or {"num_cpus": 1}), ray_address) as ray_backend:
+        with _ray_backend(store_named, dict(ray_resources or {"num_cpus": 1})) as ray_backend:
             yield ray_backend
     elif workers == 1:
         yield Backend(_Inline, 1, False, None, False)
@@ -305,7 +304,7 @@ def backend(workers: Workers, store_named: bool, ray_resources: Mapping[str, Any
 
 
 @contextmanager
-def _ray_backend(store_named: bool, resources: dict[str, Any], address: str | None) -> Iterator[Backend]:
+def _ray_backend(store_named: bool, resources: dict[str, Any]) -> Iterator[Backend]:
     try:
         import ray
     except ImportError:
@@ -314,7 +313,7 @@ def _ray_backend(store_named: bool, resources: dict[str, Any], address: str | No
     if started:  # RAY_ADDRESS, or a local cluster of this machine's cores
         import logging
 
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+        ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     try:
         cpus = resources.get("num_cpus")
         threads = max(1, math.floor(cpus)) if cpus else 1
@@ -352,7 +351,7 @@ class Runner:
         pending, suspects = deque(range(len(jobs))), deque[int]()
         inflight: dict[Future, int] = {}
         started: set[int] = set()
-        cap = self.backend.capacity or len(jobs)
+        cap = self.backend.capacity or len(jobs)  # unknown (a user's executor): submit them all
         try:
             while pending or inflight or suspects:
                 while suspects and not inflight:  # after a broken pool: one suspect at a time, alone
@@ -367,7 +366,14 @@ class Runner:
                         started.add(group_of[i])
                     self._submit(pending.popleft(), jobs, inflight, results)
                 if inflight:
-                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    timeout = None if deadline is None or self.stopped else max(0.0, deadline - time.perf_counter())
+                    done, _ = wait(inflight, timeout=timeout, return_when=FIRST_COMPLETED)
+                    if not done and not self.stopped:  # the budget is spent: no new remedy starts
+                        self.stopped = True
+                        pending = deque(i for i in pending if group_of[i] in started)
+                        if self.backend.capacity is None:  # submitted is not started there: cancel what waits
+                            for fut in [f for f in inflight if f.cancel()]:
+                                del inflight[fut]
                     self._collect(done, jobs, inflight, results, suspects)
         except KeyboardInterrupt:
             self.interrupted = True

@@ -132,7 +132,7 @@ def _row(label: str, results: list[Result], names: list[str]) -> TrialResult | N
         if not runs:
             return None  # does not apply here
         row = summary(label, runs, sum(o.seconds for o in outcomes))
-    row.runs = tuple(names)
+    row.runs = tuple(n for n, r in zip(names, results) if isinstance(r, Outcome) and r.run is not None)
     return row
 
 
