@@ -134,6 +134,20 @@ class _ModulesSeen(pickle.Pickler):
         return NotImplemented
 
 
+def _serialisers(how: str) -> list[Callable[[Any], bytes]]:
+    if how == "ray":
+        from ray import cloudpickle as ray_pickle
+
+        return [ray_pickle.dumps]
+    if how == "executor":
+        try:
+            import cloudpickle  # type: ignore[import-untyped]
+        except ImportError:
+            return [pickle.dumps]
+        return [pickle.dumps, cloudpickle.dumps]
+    return [pickle.dumps]
+
+
 def check_shippable(setup: SetupFn | str, how: str) -> None:
     """Raise a ValueError saying how to make ``setup`` shippable when the workers of ``how`` could not receive it.
 
@@ -147,32 +161,20 @@ def check_shippable(setup: SetupFn | str, how: str) -> None:
             "functools.partial of one), or a 'path/to/file.py:make_setup' / 'package.module:make_setup' "
             "reference; workers=1 runs any callable in this process")
     reason = ""
-    if how == "ray":
-        from ray import cloudpickle
-
-        dumps: Callable[[Any], bytes] = cloudpickle.dumps
-    else:
-        dumps = pickle.dumps
-    try:
-        if how == "pool":
-            seen = _ModulesSeen()
-            seen.dump(setup)
-            if "__main__" in seen.modules and getattr(sys.modules["__main__"], "__file__", None) is None:
-                reason = "it is defined in an interactive session (__main__ has no file the workers could import)"
-        else:
+    for dumps in _serialisers(how):  # shippable when one of them pickles it
+        try:
             dumps(setup)
-    except Exception as exc:  # pickle raises PicklingError, AttributeError or TypeError for local objects
-        if how != "executor":
+            break
+        except Exception as exc:  # pickle raises PicklingError, AttributeError or TypeError for local objects
             reason = f"it does not pickle ({describe(exc)})"
-        else:
-            try:
-                import cloudpickle
-
-                cloudpickle.dumps(setup)
-            except Exception as again:
-                reason = f"it does not pickle ({describe(again)})"
-    if reason:
+    else:
         raise ValueError(bad_argument("doctor", "setup", hint, setup) + f": {reason}")
+    if how == "pool":  # pickled by name: a spawned worker must be able to import every name it refers to
+        seen = _ModulesSeen()
+        seen.dump(setup)
+        if "__main__" in seen.modules and getattr(sys.modules["__main__"], "__file__", None) is None:
+            raise ValueError(bad_argument("doctor", "setup", hint, setup) + ": it is defined in an interactive "
+                             "session (__main__ has no file the workers could import)")
 
 
 def check_main_guarded() -> None:

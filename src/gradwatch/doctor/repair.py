@@ -151,7 +151,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
         report = DoctorReport(base, Diagnosis([]), steps=steps, seeds=seeds)
         report.message = f"the baseline failed ({base.error}): nothing to compare remedies against"
         return report
-    diagnosis = next(r.run.diagnosis for r in results if isinstance(r, Outcome) and r.run is not None)
+    # TrialRun.diagnosis, read by position as before: stand-ins for run_trial in tests return plain tuples
+    diagnosis = next(r.run[3] for r in results if isinstance(r, Outcome) and r.run is not None)
     report = DoctorReport(base, diagnosis, steps=steps, seeds=seeds)
     if not diagnosis.problems:
         base.verdict = "healthy"
