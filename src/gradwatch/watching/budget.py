@@ -14,13 +14,14 @@ watch's expected cost per step stays within ``budget`` × the step time:
   copies for update ratios) record every k-th step, k a power of two from 1
   to ``SPARSEST``; cheap ones get the small k first (greedy: halve the k whose
   halving adds the least cost while the total fits);
-- never sparser than the floor, :func:`floor_gap`: the depth, activation and
-  stalled-layer rules take medians over the last ``Thresholds.window`` (5)
-  samples, so a family keeps a sample at least every 16 steps up to step 127,
-  every 32 up to step 255, every 64 after: a 100-step run keeps 7 samples, a
-  300-step run 13, and any 320 steps hold 5. (Every zoo pathology is still
-  found with a fixed every-64th-step schedule on seeds 0–2: the floor has
-  room to spare.)
+- never sparser than the floor, :func:`gradwatch.schedules.floor_gap`: the
+  depth, activation and stalled-layer rules take medians over the last
+  ``Thresholds.window`` (5) samples, so a family keeps a sample at least
+  every 16 steps up to step 127, every 32 up to step 255, every 64 after: a
+  100-step run keeps 7 samples, a 300-step run 13, and any 320 steps hold 5
+  (:data:`gradwatch.schedules.BUDGET_FLOOR`). Every zoo pathology is still
+  found with a plain every-64th-step schedule on seeds 0–2: the floor has
+  room to spare.
 
 A schedule given by the user (``every=``, an int or callable ``activations=``
 or ``update_every=``) wins: that family is left as it is, its cost counted
@@ -44,16 +45,15 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
-from gradwatch.schedules import DEFAULT_SAMPLED, Schedule, every
+from gradwatch.schedules import DEFAULT_SAMPLED, SPARSEST, Schedule, every, floor_gap
 
 BUDGETED = "budget"  # a family left to the budget: its argument was True (or, for `every`, not given)
 Given = Union[Schedule, str, None]  # a family's schedule as given: yours, BUDGETED, or None (off)
 
-SPARSEST = 64  # the floor, from step 256 on: a family samples at least every 64th step
 EVALUATE_EVERY = 16  # steps between two decisions
 KEEP = 8  # recent cost samples per family; a decision uses their median (a preempted step is an outlier)
 STEP_SAMPLES = 16  # recent step times; a decision uses their median
@@ -82,11 +82,6 @@ FAMILIES = (
 FORWARD = frozenset(f.name for f in FAMILIES if f.forward)
 
 
-def floor_gap(step: int) -> int:
-    """The widest gap a budgeted family may leave around ``step``: 16 up to step 127, 32 up to 255, then 64."""
-    return min(SPARSEST, max(16, 1 << max(step.bit_length() - 3, 0)))
-
-
 class Rhythm:
     """A budgeted family's schedule: steps where ``step % min(k, floor_gap(step)) == 0``, k set by the budget.
 
@@ -108,7 +103,7 @@ class Rhythm:
         self.changes.append((step, k))
 
     def __repr__(self) -> str:
-        return f"budget(every {self.k}th step now, at least every {SPARSEST}th)"
+        return f"budget(every {self.k}th step now; never sparser than BUDGET_FLOOR)"
 
 
 class CostMeter:
@@ -120,7 +115,8 @@ class CostMeter:
     worker thread (backward hooks); the GIL keeps the sums whole.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # seconds, monotonic (a test may script it)
         self.seconds: dict[str, float] = {}  # this step's host seconds per family
         self.family_total = 0.0  # their sum, for the time outside families
         self.base = 0.0  # this step's host seconds outside every family (the drivers, hooks, the records)
@@ -135,8 +131,8 @@ class CostMeter:
         if self._cuda:
             ev = self._event()
             ev.record()
-            return time.perf_counter(), ev
-        return time.perf_counter()
+            return self.clock(), ev
+        return self.clock()
 
     def stop(self, family: str, token: Any) -> None:
         """The section begun with ``token`` was ``family``'s work."""
@@ -147,21 +143,21 @@ class CostMeter:
             self._events.append((self.step, family, ev0, ev1))
         else:
             t0 = token
-        dt = time.perf_counter() - t0
+        dt = self.clock() - t0
         self.seconds[family] = self.seconds.get(family, 0.0) + dt
         self.family_total += dt
 
     def mark(self) -> tuple[float, float]:
         """Start of a stretch of the watch's own work (a driver call) that may contain family sections."""
-        return time.perf_counter(), self.family_total
+        return self.clock(), self.family_total
 
     def base_since(self, mark: tuple[float, float]) -> None:
         """The stretch begun at ``mark`` ends: its time outside the families counts as the base cost."""
-        self.base += time.perf_counter() - mark[0] - (self.family_total - mark[1])
+        self.base += self.clock() - mark[0] - (self.family_total - mark[1])
 
     def close_step(self) -> tuple[dict[str, float], float, float | None]:
         """(seconds per family, base seconds, seconds since the previous step's end) of the step that ends now."""
-        now = time.perf_counter()
+        now = self.clock()
         out = (self.seconds, self.base, None if self._last_end is None else now - self._last_end)
         self.seconds, self.family_total, self.base = {}, 0.0, 0.0
         self._last_end = now
