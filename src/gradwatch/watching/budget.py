@@ -103,7 +103,7 @@ class Rhythm:
         self.changes.append((step, k))
 
     def __repr__(self) -> str:
-        return f"budget(every {self.k}th step now; never sparser than BUDGET_FLOOR)"
+        return f"budget(k={self.k} now; never sparser than BUDGET_FLOOR)"
 
 
 class CostMeter:
@@ -194,7 +194,7 @@ class Budget:
             s = given.get(f.name)
             if s is None:
                 self.schedules[f.name], self.by[f.name] = None, "off"
-            elif s != BUDGETED:
+            elif not isinstance(s, str):
                 self.schedules[f.name], self.by[f.name] = s, f"you ({f.argument}=): the budget does not change it"
             elif f.every_step:
                 self.schedules[f.name], self.by[f.name] = every(1), "every step: the diagnosis needs every step"
@@ -280,7 +280,9 @@ class Budget:
 
     def report(self) -> dict[str, Any]:
         """What the run's metadata says about the schedules and the budget."""
-        schedules = {f: {"by": self.by[f], "schedule": repr(self.schedules[f])} for f in self.schedules}
+        schedules: dict[str, dict[str, Any]] = {
+            f: {"by": self.by[f], "schedule": repr(self.schedules[f]), "records": self.families[f].records}
+            for f in self.schedules}
         for n, r in self.rhythms.items():
             schedules[n]["changes"] = [list(c) for c in r.changes]  # (first step, k): the steps it sampled
         out: dict[str, Any] = {"schedules": schedules}

@@ -119,13 +119,13 @@ class StepBuffer:
         spans: list[tuple[int, np.ndarray, int, int]] = []
         n = 0
         for j, (step, items) in enumerate(ready):
-            keys = []
+            parts = []
             for i, item in enumerate(items):
                 k, v = derived[(j, i)] if isinstance(item, Pending) else item
-                keys.append(k)
+                parts.append(k)
                 pieces.append(v)
-            start, n = n, n + sum(len(k) for k in keys)
-            spans.append((step, np.concatenate(keys) if len(keys) > 1 else keys[0], start, n))
+            start, n = n, n + sum(len(k) for k in parts)
+            spans.append((step, np.concatenate(parts) if len(parts) > 1 else parts[0], start, n))
         values = torch.cat(pieces).to(torch.float64)
         ready_fn = None
         if values.is_cuda:  # pinned memory, non-blocking: the step never waits for the copy
@@ -137,8 +137,8 @@ class StepBuffer:
             values = host
         elif values.device.type != "cpu":
             values = values.cpu()
-        for step, keys, a, b in spans:
-            self._writer.records(step, keys, values[a:b], ready_fn)
+        for step, step_keys, a, b in spans:
+            self._writer.records(step, step_keys, values[a:b], ready_fn)
 
     def _derive(self, ready: list[tuple[int, list[Item]]]) -> dict[tuple[int, int], tuple[np.ndarray, Tensor]]:
         """(keys, values) of every pending item of the ready steps, derived in one batch per derive function."""
