@@ -181,12 +181,28 @@ class CostMeter:
         return self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
 
 
+def thread_seconds(thread: Any) -> Callable[[], float] | None:
+    """A function giving ``thread``'s CPU seconds so far (the store's writer: records cost there too), if the
+    platform can read another thread's clock."""
+    ident = getattr(thread, "ident", None)
+    if ident is None or not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    try:
+        clock = time.pthread_getcpuclockid(ident)
+        time.clock_gettime(clock)
+    except (OSError, OverflowError):  # pragma: no cover - a platform without per-thread clocks
+        return None
+    return lambda: time.clock_gettime(clock) if thread.is_alive() else 0.0
+
+
 class Budget:
     """Each family's schedule, and every ``EVALUATE_EVERY`` steps the k of the budgeted ones, from measured costs."""
 
     def __init__(self, fraction: float | None, given: dict[str, Given], sharded: bool = False,
-                 families: tuple[Family, ...] = FAMILIES) -> None:
+                 families: tuple[Family, ...] = FAMILIES, writer_seconds: Callable[[], float] | None = None) -> None:
         self.fraction = fraction
+        self._writer_seconds = writer_seconds  # the writer thread's CPU so far: its share counts as a fixed cost
+        self._writer_start = writer_seconds() if writer_seconds is not None else 0.0
         self.families = {f.name: f for f in families}
         self.schedules: dict[str, Schedule | None] = {}
         self.by: dict[str, str] = {}  # who set each schedule
@@ -248,7 +264,10 @@ class Budget:
         if step_s <= 0:
             return False
         allowance = self.fraction * step_s  # type: ignore[operator]
-        fixed = statistics.fmean(self._base) if self._base else 0.0
+        writer = 0.0
+        if self._writer_seconds is not None:  # averaged over the run: the writer works in batches of steps
+            writer = max(0.0, self._writer_seconds() - self._writer_start) / start
+        fixed = (statistics.fmean(self._base) if self._base else 0.0) + writer
         for name, s in self._on:  # the families the budget does not set: their cost at their own rate
             costs = self._costs.get(name)
             if name not in self.rhythms and costs:
@@ -273,7 +292,7 @@ class Budget:
             if adopt and k[n] != self.rhythms[n].k:
                 self.rhythms[n].set(start, k[n])
                 changed = True
-        self.decision = {"step": start, "step_ms": step_s * 1e3, "fixed_ms": fixed * 1e3,
+        self.decision = {"step": start, "step_ms": step_s * 1e3, "fixed_ms": fixed * 1e3, "writer_ms": writer * 1e3,
                          "cost_ms": {n: c * 1e3 for n, c in cost.items()},
                          "overhead": current / step_s, "kept": current <= allowance}
         return changed
@@ -290,7 +309,8 @@ class Budget:
             d = dict(self.decision)
             if d and not d["kept"]:
                 d["why_not"] = (f"what runs on every step or on your schedules (gradient norms, the watch's fixed "
-                                f"per-step work: {d['fixed_ms']:.3g} ms of a {d['step_ms']:.3g} ms step) "
+                                f"per-step work, the store's writer thread: {d['fixed_ms']:.3g} ms of a "
+                                f"{d['step_ms']:.3g} ms step) "
                                 f"leaves less than the budget for the rest; the budgeted families sit at their floor"
                                 if d["fixed_ms"] >= self.fraction * d["step_ms"] else
                                 "the budgeted families cost more than the budget even at their floor")

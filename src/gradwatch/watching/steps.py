@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from gradwatch.layers import Anatomy
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.store import StoreWriter
-from gradwatch.watching.budget import FORWARD, Budget, CostMeter
+from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
 from gradwatch.watching.buffer import StepBuffer
 from gradwatch.watching.depth import DepthOrder
 from gradwatch.watching.drivers import current_scale, skipped_scale
@@ -84,7 +84,9 @@ class StepRecorder:
         given = options.given(with_optimizer=optimizer is not None)
         if not self.probes.temporal.modules:
             given["temporal"] = None  # nothing to follow through time
-        self.budget = Budget(options.budget, given, sharded=self.grads.sharded)
+        # (the store's writer thread: its records cost CPU there, which the budget counts with the rest)
+        self.budget = Budget(options.budget, given, sharded=self.grads.sharded,
+                             writer_seconds=thread_seconds(getattr(writer, "_thread", None)))
         self._hooks: Hooks | None = None
         self._wanted: frozenset[str] = frozenset()
         self.now = Step(0, self.budget.active(0))
