@@ -263,8 +263,14 @@ def _schedule_steps(meta: dict, family: str, steps: int) -> list[int]:
     return out
 
 
-def test_records_follow_the_schedule_the_metadata_records_and_training_is_bit_identical(store, monkeypatch):
+def script(monkeypatch) -> None:
+    """Watches made from now on read scripted costs (and no writer thread's clock)."""
     monkeypatch.setattr(steps_module, "CostMeter", Scripted)
+    monkeypatch.setattr(steps_module, "thread_seconds", lambda thread: None)
+
+
+def test_records_follow_the_schedule_the_metadata_records_and_training_is_bit_identical(store, monkeypatch):
+    script(monkeypatch)
     model, twin = _mlp(), _mlp()
     opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin))
     with gw.watch(model, opt, store=store, name="scripted") as w:
@@ -288,7 +294,7 @@ def test_records_follow_the_schedule_the_metadata_records_and_training_is_bit_id
 
 
 def test_a_step_that_samples_no_forward_probe_runs_no_hook_per_layer(store, monkeypatch):
-    monkeypatch.setattr(steps_module, "CostMeter", Scripted)
+    script(monkeypatch)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen: dict[int, tuple[int, int]] = {}
