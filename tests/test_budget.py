@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import time
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from gradwatch import zoo
 from gradwatch.schedules import BUDGET_FLOOR, DEFAULT_SAMPLED, SPARSEST, every, floor_gap
 from gradwatch.watching import WatchOptions
 from gradwatch.watching import steps as steps_module
-from gradwatch.watching.budget import BUDGETED, EVALUATE_EVERY, HEADROOM, Budget, CostMeter, Rhythm
+from gradwatch.watching.budget import BUDGETED, EVALUATE_EVERY, HEADROOM, Budget, CostMeter, Rhythm, thread_seconds
 
 from conftest import SEEDS, at_step, naive_layer_grad_norms, naive_param_grad_norms
 
@@ -141,6 +142,36 @@ def test_schedules_you_give_win_are_counted_at_their_rate_and_the_metadata_says_
     sharded = Budget(0.02, BUDGETED_ALL, sharded=True)  # every rank must all-reduce on the same steps
     assert sharded.schedules["updates"] == DEFAULT_SAMPLED and "sharded" in sharded.by["updates"]
     assert isinstance(sharded.schedules["backprop"], Rhythm)
+
+
+def test_the_writer_threads_cpu_counts_as_a_fixed_cost_averaged_over_the_run():
+    import threading
+
+    spent = {"s": 3.0}
+    budget = Budget(0.02, BUDGETED_ALL, writer_seconds=lambda: spent["s"])
+    spent["s"] += 32 * 40e-6  # 40 µs a step of writer CPU over the steps fed below (32 of them, then decision 32)
+    feed(budget, 2 * EVALUATE_EVERY + 1, 10e-3, {"grads": 10e-6, "backprop": 1e-6})
+    assert budget.decision["writer_ms"] == pytest.approx(1e3 * 32 * 40e-6 / 33)
+    assert budget.decision["fixed_ms"] == pytest.approx(1e3 * (10e-6 + 32 * 40e-6 / 33))
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        clock = thread_seconds(worker)
+        assert clock is not None
+        t0, w0 = time.perf_counter(), clock()
+        while time.perf_counter() - t0 < 0.2:
+            sum(range(1000))
+        assert 0.0 < clock() - w0 < 0.2 + 0.05  # that thread's CPU, never more than the time that passed
+    finally:
+        stop.set()
+        worker.join()
 
 
 class FakeEvent:
