@@ -103,10 +103,10 @@ class Watch:
     def log(self, **scalars: float | Tensor) -> None:
         """Record run-level scalars such as the loss: ``watch.log(loss=loss)``.
 
-        Tensors are detached and stay on their device until the step's one host
-        copy. A value logged after ``optimizer.step()`` and before the next
-        forward pass belongs to the step that just ended (whose values are held
-        until that forward pass, so that they still travel in one copy).
+        Tensors are detached and stay on their device until the host copy of
+        their batch of steps. A value logged after ``optimizer.step()`` and
+        before the next forward pass belongs to the step that just ended (whose
+        values are held until that forward pass).
         """
         if self._closed:
             raise RuntimeError("`Watch.log()` after close(): the run is finished; log before closing the watch, "
