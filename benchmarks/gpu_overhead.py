@@ -93,7 +93,7 @@ EXTRA = {"plain": nothing, "plain (A/A)": nothing, "clip_grad_norm_": clip, "p.g
          "Lightning grad_norm": lightning_grad_norm, "64-bin histc per parameter": histograms}
 WATCHES = {  # gradwatch variants: watch(...) keyword arguments
     "gradwatch: gradient statistics every step": dict(every=1, activations=False, update_every=False),
-    "gradwatch: default schedule (activations, updates every 10th)": dict(),
+    "gradwatch: default schedule (activations, updates every 10th)": dict(budget=None),
     "gradwatch: activation statistics every step": dict(every=1, activations=1, update_every=False),
 }
 

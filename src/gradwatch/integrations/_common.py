@@ -26,9 +26,9 @@ class WatchingCallback:
     """What the Lightning and Hugging Face callbacks share: the options, the watch, its path.
 
     Takes :func:`gradwatch.watch`'s keyword arguments (``every``,
-    ``activations``, ``update_every``, ``store``, ``name``, ``overwrite``,
-    ``temporal``; ``temporal`` is off unless asked for), checked now rather
-    than when training starts.
+    ``activations``, ``update_every``, ``budget``, ``store``, ``name``,
+    ``overwrite``, ``temporal``; ``temporal`` is off unless asked for),
+    checked now rather than when training starts.
     """
 
     def __init__(self, **options: Any) -> None:

@@ -26,6 +26,10 @@ class DepthOrder:
             self._seen.add((name, kind))
             self._order.append((name, kind))
 
+    def first(self, kind: str) -> str | None:
+        """The name of the first output of ``kind`` ("layer", "activation") produced, if any yet."""
+        return next((name for name, k in self._order if k == kind), None)
+
     def settle(self, writer: StoreWriter, params: list[tuple[str, str]]) -> None:
         """Write the depths: each entity's own, each parameter its layer's (``params``: (parameter, layer) names)."""
         self.settled = True

@@ -14,7 +14,7 @@ from gradwatch.probes.temporal import find_recurrent
 from gradwatch.schedules import Schedule
 from gradwatch.watching.distributed import FollowerWatch, ShardFollowerWatch, is_sharded, rank, uses_fsdp1
 from gradwatch.watching.handle import Watch
-from gradwatch.watching.options import WatchOptions
+from gradwatch.watching.options import DEFAULT_BUDGET, WatchOptions
 from gradwatch.watching.rundir import open_run_dir
 
 DRIVERS = ("auto", "external")
@@ -27,6 +27,7 @@ def watch(
     every: int | Schedule = 1,
     activations: bool | int | Schedule = True,
     update_every: bool | int | Schedule = True,
+    budget: float | None = DEFAULT_BUDGET,
     store: str | Path | None = None,
     name: str | None = None,
     overwrite: bool = False,
@@ -42,13 +43,30 @@ def watch(
         optimizer: when given, a step is one ``optimizer.step()`` and update
             ratios are measured across it; otherwise a step is one backward pass.
         every: gradient norms and non-finite counts on these steps (an int n:
-            steps 0, n, 2n, …; or a callable ``step -> bool``).
+            steps 0, n, 2n, …; or a callable ``step -> bool``). The default, 1,
+            is every step whatever the budget: the diagnosis needs every step
+            (a spike, or the first NaN, lives on one).
         activations: activation statistics and the back-propagated gradient
-            ‖∂L/∂a‖ at each layer's output, on these steps. True: every 10th
-            step (:data:`gradwatch.schedules.DEFAULT_SAMPLED`); False: never.
+            ‖∂L/∂a‖ at each layer's output, on these steps. True (the default):
+            on, as often as the budget allows (every 10th step with
+            ``budget=None``); False: never.
         update_every: weight norms and update ratios on these steps (needs an
             optimizer; each costs a copy of the weights during that step).
-            True: every 10th step.
+            True: as often as the budget allows (every 10th with ``budget=None``).
+        budget: the share of the step time that watching may cost (0.02: 2 %,
+            the default). The watch times its own work per family (gradient
+            norms, ‖∂L/∂a‖, activation statistics, re-runs through time, weight
+            copies) and the step itself, and samples the families left to it
+            every k-th step, k a power of two chosen from cost / step time and
+            revised every 16 steps, never sparser than the diagnosis needs
+            (every 16th step early on, every 64th from step 256; see
+            :mod:`gradwatch.watching.budget`). Gradient norms run every step
+            regardless, and a schedule you give (``every=5``,
+            ``activations=10``) wins over the budget; ``meta["schedules"]``
+            says who set each one, ``meta["budget"]`` what was measured and
+            whether the budget was kept. Which steps are sampled then depends
+            on measured time: pass ``budget=None`` (every 10th step) or your
+            own schedules for records that are the same run after run.
         store: directory that holds the runs (default ``runs``).
         name: this run's name, a directory under ``store`` (default: the model's
             class and the time).
@@ -82,8 +100,8 @@ def watch(
     the same schedules: each reads its slices, one all-reduce of squared norms
     per recorded step gives the whole tensors' norms, and rank 0 writes.
     """
-    options = WatchOptions(every=every, activations=activations, update_every=update_every, store=store, name=name,
-                           overwrite=overwrite, temporal=temporal)
+    options = WatchOptions(every=every, activations=activations, update_every=update_every, budget=budget,
+                           store=store, name=name, overwrite=overwrite, temporal=temporal)
     return start(model, optimizer, options, scaler=scaler, driver=driver)
 
 
@@ -103,7 +121,7 @@ def start(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: Wa
     here = rank()
     if here != 0 and is_sharded(model):  # FSDP: every rank holds a slice; all take part, rank 0 writes
         shard = WatchOptions(every=options.every, activations=False, update_every=options.update_every,
-                             temporal=False, caller=caller)
+                             budget=options.budget, temporal=False, caller=caller)
         return ShardFollowerWatch(here, model, optimizer, shard, run_dir=None, driver=driver, scaler=scaler)
     if here != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
         return FollowerWatch(here)

@@ -43,6 +43,12 @@ def _guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _forward_hook(fn: F) -> F:
+    """A forward hook body: guarded, and never traced by torch.compile (a compiled forward calls it eagerly, so
+    the watch's state and clocks never become guards that recompile the model)."""
+    return torch.compiler.disable(_guarded(fn))  # type: ignore[return-value]
+
+
 class Watch:
     """The handle returned by :func:`gradwatch.watch`: holds the hooks and the run store.
 
@@ -61,6 +67,7 @@ class Watch:
         self._closed = False
         self._failed: BaseException | None = None
         self._handles: list[Any] = []
+        self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
         # and keeps nothing.
         self._writer = StoreWriter(run_dir / DB_NAME, lock) if run_dir is not None else NullWriter()
@@ -72,8 +79,7 @@ class Watch:
                                                at_step_end=self._check_writer)
             self._driver = make_driver(kind, self, steps.grads.params, scaler)
             self._writer.meta(run_metadata(model, optimizer, parts, steps.grads.params, steps.probes.temporal.describe(),
-                                           steps.device, {"every": steps.every, "sampled": steps.sampled,
-                                                          "update": steps.update}))
+                                           steps.device, steps.budget.report()))
             self._place_hooks()
         except BaseException:
             self._remove_hooks()
@@ -97,10 +103,10 @@ class Watch:
     def log(self, **scalars: float | Tensor) -> None:
         """Record run-level scalars such as the loss: ``watch.log(loss=loss)``.
 
-        Tensors are detached and stay on their device until the step's one host
-        copy. A value logged after ``optimizer.step()`` and before the next
-        forward pass belongs to the step that just ended (whose values are held
-        until that forward pass, so that they still travel in one copy).
+        Tensors are detached and stay on their device until the host copy of
+        their batch of steps. A value logged after ``optimizer.step()`` and
+        before the next forward pass belongs to the step that just ended (whose
+        values are held until that forward pass).
         """
         if self._closed:
             raise RuntimeError("`Watch.log()` after close(): the run is finished; log before closing the watch, "
@@ -230,18 +236,39 @@ class Watch:
 
     # -- hooks, each body under the guard -------------------------------------------------
     def _place_hooks(self) -> None:
-        for i, layer in enumerate(self._steps.layers):
-            self._handles.append(layer.module.register_forward_hook(functools.partial(self._on_layer_forward, i)))
-        for i, a in enumerate(self._steps.acts):
-            self._handles.append(a.module.register_forward_hook(functools.partial(self._on_act_forward, i)))
-        for _, module in self._steps.probes.temporal.modules:
-            self._handles.append(module.register_forward_hook(self._on_recurrent_forward))
+        # The step's start: the model's forward pre-hook (and, once the depth order is known, its first layer's,
+        # for loops that call a submodule); the per-layer hooks only on the steps whose probes need them.
+        steps = self._steps
+        self._hook_fns: dict[str, list[tuple[nn.Module, Callable[..., Any]]]] = {
+            "layers": [(layer.module, functools.partial(self._on_layer_forward, i)) for i, layer in enumerate(steps.layers)],
+            "activations": [(a.module, functools.partial(self._on_act_forward, i)) for i, a in enumerate(steps.acts)],
+            "recurrent": [(m, self._on_recurrent_forward) for _, m in steps.probes.temporal.modules],
+        }
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         self._handles += self._driver.place()
+        steps.start(self)
+
+    def forward_hooks(self, wanted: frozenset[str]) -> None:
+        """Place the forward hooks of the kinds in ``wanted`` ("layers", "activations", "recurrent"), remove the rest.
+
+        The same hook objects every time: torch.compile guards on them, and keeps one graph with and one without.
+        """
+        for kind in ("layers", "activations", "recurrent"):
+            if kind in wanted and kind not in self._forward:
+                self._forward[kind] = [module.register_forward_hook(hook) for module, hook in self._hook_fns[kind]]
+            elif kind not in wanted and kind in self._forward:
+                for h in self._forward.pop(kind):
+                    h.remove()
+
+    def step_starts_at(self, module: nn.Module) -> None:
+        """Tell a step's start by ``module``'s forward pre-hook as well (the first layer; not the model itself)."""
+        if module is not self.model:
+            self._handles.append(module.register_forward_pre_hook(self._on_forward_start))
 
     def _remove_hooks(self) -> None:
-        for h in self._handles:
+        for h in self._handles + [h for placed in self._forward.values() for h in placed]:
             h.remove()
-        self._handles = []
+        self._handles, self._forward = [], {}
 
     def _run_guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` unless the watch stopped; an error stops the recording, never the training."""
@@ -253,15 +280,19 @@ class Watch:
             self._fail(exc)
             return None
 
-    @_guarded
+    @_forward_hook
+    def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
+        self._steps.forward_starts()
+
+    @_forward_hook
     def _on_layer_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.layer_forward(i, output)
 
-    @_guarded
+    @_forward_hook
     def _on_act_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.activation_forward(i, module, args, output)
 
-    @_guarded
+    @_forward_hook
     def _on_recurrent_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.recurrent_forward(module, args, output)
 
@@ -293,6 +324,7 @@ class Watch:
     @_guarded
     def _release(self) -> None:
         self._steps.buffer.release()
+        self._steps.buffer.send()
 
     def _check_writer(self) -> None:
         if self._writer.error is not None and self._failed is None:
@@ -319,4 +351,4 @@ class Watch:
         finally:
             self._closed = True
             self._writer.close({"status": status if self._failed is None else f"failed: {self._failed}",
-                                "steps": self.step})
+                                "steps": self.step, **self._steps.budget.report()})

@@ -12,13 +12,13 @@ from torch import nn
 
 from gradwatch._version import __version__
 from gradwatch.layers import Anatomy
-from gradwatch.schedules import Schedule
 
 
 def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, parts: Anatomy,
                  params: list[nn.Parameter], recurrent: list[dict], device: torch.device,
-                 schedules: dict[str, Schedule | None]) -> dict[str, Any]:
-    """The run's metadata at the watch's start (``status`` running)."""
+                 budget: dict[str, Any]) -> dict[str, Any]:
+    """The run's metadata at the watch's start (``status`` running); ``budget``: the schedules and the budget
+    (:meth:`gradwatch.watching.budget.Budget.report`)."""
     return {
         "gradwatch": __version__,
         "torch": torch.__version__,
@@ -43,7 +43,7 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
         # normalisation, activation types) to propose only remedies it does not already have.
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
-        "schedules": {k: repr(v) for k, v in schedules.items()},
+        **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
 
 

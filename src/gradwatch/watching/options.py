@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from gradwatch._errors import bad_argument
-from gradwatch.schedules import DEFAULT_SAMPLED, Schedule
+from gradwatch.schedules import Schedule
 from gradwatch.schedules import every as every_nth
+from gradwatch.watching.budget import BUDGETED, Given
 
+BUDGET_EXPECTED = "a fraction of the step time in (0, 1] (0.02: 2 %), or None to turn budgeting off"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def parse_schedule(caller: str, arg: str, value: Any, default: Schedule | None, allow_off: bool) -> Schedule | None:
-    """An int ``n`` as :class:`~gradwatch.schedules.every`, a callable as it is, True/False as ``default``/None."""
+DEFAULT_BUDGET = 0.02  # watching may cost 2 % of the step time unless the user says otherwise
+
+
+def parse_schedule(caller: str, arg: str, value: Any, allow_off: bool) -> Given:
+    """An int ``n`` as :class:`~gradwatch.schedules.every`, a callable as it is; True: left to the budget; False: off."""
     expected = "a positive int or a callable step -> bool" + (", or True/False" if allow_off else "")
     if isinstance(value, bool):
         if not allow_off:
             raise TypeError(bad_argument(caller, arg, expected, value))
-        return default if value else None
+        return BUDGETED if value else None
     if isinstance(value, int):
         if value < 1:
             raise ValueError(bad_argument(caller, arg, expected, value))
@@ -41,21 +48,30 @@ class WatchOptions:
     every: int | Schedule = 1
     activations: bool | int | Schedule = True
     update_every: bool | int | Schedule = True
+    budget: float | None = DEFAULT_BUDGET
     store: str | Path | None = None
     name: str | None = None
     overwrite: bool = False
     temporal: bool | str | list[str] = "auto"
     caller: str = "watch"
-    # The schedules, parsed: gradient statistics, the sampled (forward-side) probes, update ratios.
-    grad_schedule: Schedule = field(init=False, repr=False, compare=False)
-    sampled_schedule: Schedule | None = field(init=False, repr=False, compare=False)
-    update_schedule: Schedule | None = field(init=False, repr=False, compare=False)
+    # The schedules, parsed: gradient statistics, the sampled (forward-side) probes, update ratios; each a
+    # schedule of the user's, BUDGETED (left to the budget, or the default with budget=None), or None (off).
+    grad_schedule: Given = field(init=False, repr=False, compare=False)
+    sampled_schedule: Given = field(init=False, repr=False, compare=False)
+    update_schedule: Given = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         caller = self.caller
-        grads = parse_schedule(caller, "every", self.every, None, allow_off=False)
-        sampled = parse_schedule(caller, "activations", self.activations, DEFAULT_SAMPLED, allow_off=True)
-        update = parse_schedule(caller, "update_every", self.update_every, DEFAULT_SAMPLED, allow_off=True)
+        grads = parse_schedule(caller, "every", self.every, allow_off=False)
+        if isinstance(self.every, int) and not isinstance(self.every, bool) and self.every == 1:
+            grads = BUDGETED  # the default, every step: the budget leaves gradient norms on every step
+        sampled = parse_schedule(caller, "activations", self.activations, allow_off=True)
+        update = parse_schedule(caller, "update_every", self.update_every, allow_off=True)
+        b = self.budget
+        if b is not None and (not isinstance(b, numbers.Real) or isinstance(b, bool)):
+            raise TypeError(bad_argument(caller, "budget", BUDGET_EXPECTED, b))
+        if b is not None and not (math.isfinite(float(b)) and 0 < float(b) <= 1):
+            raise ValueError(bad_argument(caller, "budget", BUDGET_EXPECTED, b))
         if self.store is not None and not isinstance(self.store, (str, Path)):
             raise TypeError(bad_argument(caller, "store", "a directory path (str or Path) or None", self.store))
         if self.name is not None and (not isinstance(self.name, str) or not RUN_NAME.match(self.name)):
@@ -68,6 +84,15 @@ class WatchOptions:
         object.__setattr__(self, "grad_schedule", grads)
         object.__setattr__(self, "sampled_schedule", sampled)
         object.__setattr__(self, "update_schedule", update)
+        if b is not None:
+            object.__setattr__(self, "budget", float(b))
+
+    def given(self, with_optimizer: bool = True) -> dict[str, Given]:
+        """Each family's schedule as given (:data:`gradwatch.watching.budget.FAMILIES`); the forward-side
+        families ride ``activations``, temporal only where there is something to follow."""
+        sampled = self.sampled_schedule
+        return {"grads": self.grad_schedule, "backprop": sampled, "activations": sampled, "temporal": sampled,
+                "updates": self.update_schedule if with_optimizer else None}
 
     @classmethod
     def taken_by(cls, caller: str, **given: Any) -> WatchOptions:

@@ -20,6 +20,7 @@ from gradwatch.layers import Activation
 from gradwatch.probes.activations import ActivationProbe, Call
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
 from gradwatch.probes.temporal import TemporalProbe
+from gradwatch.watching.budget import CostMeter
 from gradwatch.watching.buffer import StepBuffer
 
 Guard = Callable[..., Any]  # guard(fn, *args): run a hook body, a failure stops the recording instead of training
@@ -29,19 +30,28 @@ class SampledProbes:
     """‖∂L/∂a‖ at layer outputs, activation statistics and gradients through time, for one watch."""
 
     def __init__(self, activations: list[Activation], params: list[nn.Parameter], device: torch.device,
-                 recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard) -> None:
+                 recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard, meter: CostMeter) -> None:
         self.backprop = BackpropProbe(device)
         self.activations = ActivationProbe([a.spec for a in activations], device)
         self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
         self._params = params
         self._guard = guard
+        self._meter = meter
         self._accumulators: list[Any] | None = None  # the parameters' AccumulateGrad nodes, found at first use
         self._fill_task: tuple[int, bool] = (-1, True)  # (graph task, whether it fills .grad)
 
     # -- from the forward hooks of a sampled step ------------------------------------------
+    def timed(self, family: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` under the guard, its time counted as ``family``'s cost."""
+        t = self._meter.start()
+        try:
+            return self._guard(fn, *args)
+        finally:
+            self._meter.stop(family, t)
+
     def layer_output(self, layer: int, output: Any) -> None:
         """Hook the output of layer ``layer``: its gradient's norm is ‖∂L/∂a‖."""
-        hook = functools.partial(self._guard, self._output_grad, layer)
+        hook = functools.partial(self.timed, "backprop", self._output_grad, layer)
         for t in grad_tensors(output):
             t.register_hook(hook)
 
@@ -49,11 +59,11 @@ class SampledProbes:
         """Measure a call of activation ``i``; it counts once a backward that fills ``.grad`` reaches it."""
         call = self.activations.measure(i, module, args, output)
         if call is not None and output.requires_grad:
-            output.register_hook(functools.partial(self._guard, self._reached, call))
+            output.register_hook(functools.partial(self.timed, "activations", self._reached, call))
 
     def recurrent_call(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Capture a followed recurrent module's call for ‖∂L/∂h_t‖."""
-        self.temporal.capture(module, args, output, self._guard)
+        """Capture a followed recurrent module's call for ‖∂L/∂h_t‖ (its backward hooks timed as temporal)."""
+        self.temporal.capture(module, args, output, functools.partial(self.timed, "temporal"))
 
     def _output_grad(self, layer: int, grad: Tensor) -> None:
         if self._fills_grad():
@@ -83,20 +93,26 @@ class SampledProbes:
 
     # -- into the step's values ----------------------------------------------------------
     def add_temporal(self, buffer: StepBuffer, scale: Tensor | None, ids: dict[str, int]) -> None:
-        """Queue ‖∂L/∂h_t‖ and friends (a loss ``scale`` still on the gradients is divided out)."""
+        """Queue ‖∂L/∂h_t‖ and friends (a loss ``scale`` still on the gradients is divided out): the re-runs."""
+        t = self._meter.start()
         for name, quantity, pos, values in self.temporal.take():
             if quantity == "temporal_grad_norm" and scale is not None:
                 values = values / scale
             buffer.add_positioned(ids[name], quantity, pos, values)
+        self._meter.stop("temporal", t)
 
     def add_step(self, buffer: StepBuffer, scale: Tensor | None) -> None:
         """Queue the step's ‖∂L/∂a‖ (divided by ``scale``) and activation statistics."""
+        t = self._meter.start()
         taken = self.backprop.take()
         if taken is not None:
             layers, norms = taken
             buffer.add("layer", layers, "out_grad_norm", norms if scale is None else norms / scale)
+        self._meter.stop("backprop", t)
+        t = self._meter.start()
         for quantity, index, values in self.activations.take():
             buffer.add("activation", index, quantity, values)
+        self._meter.stop("activations", t)
 
     def clear(self) -> None:
         """Forget everything measured (the watch stopped recording)."""

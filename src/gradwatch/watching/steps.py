@@ -1,19 +1,25 @@
-"""One step's sequence: what each forward hook and each driver call records.
+"""One step's sequence: what each forward hook and each driver call records, and what it costs.
 
 Flow of one step (steps count optimizer steps when an optimizer is given,
 otherwise backward passes):
 
-1. forward — the step's first forward hook sends the previous step's values
-   on; on sampled steps, activation modules' forward hooks compute activation
-   statistics and layers' forward hooks place tensor hooks on their outputs
-   (for ‖∂L/∂a‖) (:mod:`~gradwatch.watching.sampled`);
+0. the step begins when the last one ends: the families that record on it
+   are decided then (:class:`~gradwatch.watching.budget.Budget`), and the
+   forward hooks their probes need are placed, or removed (a step that
+   records nothing of the forward pass runs no hook per layer);
+1. forward — the model's (or its first layer's) forward pre-hook sends the
+   previous step's values on; on sampled steps, activation modules' forward
+   hooks compute activation statistics and layers' forward hooks place tensor
+   hooks on their outputs (for ‖∂L/∂a‖) (:mod:`~gradwatch.watching.sampled`);
 2. backward — those tensor hooks collect the output-gradient norms;
 3. gradients ready (the optimizer's pre-step hook, the end of backward, or a
-   callback: :mod:`~gradwatch.watching.drivers`) — gradient norms and
-   non-finite counts, and on update steps a copy of the weights;
+   callback: :mod:`~gradwatch.watching.drivers`) — gradient norms (their
+   per-layer records derived later, many steps at once), and on update steps
+   a copy of the weights;
 4. step done (the optimizer's post-step hook, or a callback) — update ratios;
    the step's values wait in the :class:`~gradwatch.watching.buffer.StepBuffer`
-   for one host copy and go on to the store's writer thread.
+   for a host copy and go on to the store's writer thread; the step's costs,
+   family by family, go to the budget.
 
 The watch runs every call here under its guard: an error stops the recording,
 never the training.
@@ -22,15 +28,16 @@ never the training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradwatch.layers import Anatomy
-from gradwatch.probes.grads import GradProbe, Stats
+from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.store import StoreWriter
+from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
 from gradwatch.watching.buffer import StepBuffer
 from gradwatch.watching.depth import DepthOrder
 from gradwatch.watching.drivers import current_scale, skipped_scale
@@ -43,10 +50,23 @@ class Step:
     """The step in progress: its number and what has happened in it so far (a fresh one per step)."""
 
     number: int
-    sampled: bool | None = None  # the activations schedule's answer, asked at the step's first forward pass
+    on: frozenset[str] = frozenset()  # the families that record on this step, decided when it begins
     scale: Tensor | None = None  # the loss scale on the backward pass, if ‖∂L/∂a‖ or ‖∂L/∂h_t‖ was read during it
-    staged: Stats | None = None  # gradient statistics read at the end of backward (before clipping), to be kept
+    staged: Pending | None = None  # gradient norms read at the end of backward (before clipping), to be kept
     stepped: bool = False  # optimizer.step() ran since the gradients were read (external driver: else a skip)
+
+
+class Hooks(Protocol):
+    """The watch's hooks as the steps switch them (:class:`~gradwatch.watching.handle.Watch`)."""
+
+    def forward_hooks(self, wanted: frozenset[str]) -> None:
+        """Place the forward hooks of these kinds ("layers", "activations", "recurrent"), remove the others."""
+
+    def step_starts_at(self, module: nn.Module) -> None:
+        """Also tell a step's start by this module's forward pre-hook (the first layer to run)."""
+
+
+BACKWARD_READ = frozenset({"backprop", "temporal"})  # read during backward, while a loss scale is on the gradients
 
 
 class StepRecorder:
@@ -56,12 +76,20 @@ class StepRecorder:
                  writer: StoreWriter, recurrent: list[tuple[str, nn.Module]], guard: Guard, *,
                  external: bool, scaler: Any, at_step_end: Callable[[], None]) -> None:
         self.layers, self.acts = parts.layers, parts.activations
-        self.every, self.sampled = options.grad_schedule, options.sampled_schedule
-        self.update = options.update_schedule if optimizer is not None else None
         self.grads = GradProbe(self.layers)
         self.device = self.grads.device
-        self.probes = SampledProbes(self.acts, self.grads.params, self.device, recurrent, options.temporal_auto, guard)
-        self.now = Step(0)
+        self.meter = CostMeter(self.device)
+        self.probes = SampledProbes(self.acts, self.grads.params, self.device, recurrent, options.temporal_auto, guard,
+                                    self.meter)
+        given = options.given(with_optimizer=optimizer is not None)
+        if not self.probes.temporal.modules:
+            given["temporal"] = None  # nothing to follow through time
+        # (the store's writer thread: its records cost CPU there, which the budget counts with the rest)
+        self.budget = Budget(options.budget, given, sharded=self.grads.sharded,
+                             writer_seconds=thread_seconds(getattr(writer, "_thread", None)))
+        self._hooks: Hooks | None = None
+        self._wanted: frozenset[str] = frozenset()
+        self.now = Step(0, self.budget.active(0))
         self._external = external  # driven by a framework's callbacks (skips told by the optimizer's hook)
         self._counts_skips = external and optimizer is not None
         self._scaler = scaler
@@ -74,54 +102,83 @@ class StepRecorder:
         self._depth = DepthOrder()
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
 
+    # -- hooks: which are placed ---------------------------------------------------------
+    def start(self, hooks: Hooks) -> None:
+        """The watch's hooks are ready to be switched: place the first step's."""
+        self._hooks = hooks
+        self._switch_hooks()
+
+    def _switch_hooks(self) -> None:
+        """The forward hooks that this step's families (and, until it is settled, the depth order) need."""
+        on, settled = self.now.on, self._depth.settled
+        wanted = frozenset(kind for kind, needed in (("layers", "backprop" in on or not settled),
+                                                     ("activations", "activations" in on or not settled),
+                                                     ("recurrent", "temporal" in on)) if needed)
+        if wanted != self._wanted and self._hooks is not None:
+            self._hooks.forward_hooks(wanted)
+            self._wanted = wanted
+
     # -- forward hooks -------------------------------------------------------------------
+    def forward_starts(self) -> None:
+        """A forward pass begins: a step that ended sends its values on before this one's come."""
+        self.buffer.release()
+
     def layer_forward(self, i: int, output: Any) -> None:
-        self.buffer.release()  # a step that ended: its values go on before this one's come
+        self.buffer.release()
         self._depth.note(self.layers[i].name, "layer")
-        if self._sampling():
+        if "backprop" in self.now.on and torch.is_grad_enabled():
+            t = self.meter.start()
             self.probes.layer_output(i, output)
+            self.meter.stop("backprop", t)
 
     def activation_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
         self.buffer.release()
         self._depth.note(self.acts[i].name, "activation")
-        if self._sampling():
+        if "activations" in self.now.on and torch.is_grad_enabled():
+            t = self.meter.start()
             self.probes.activation_call(i, module, args, output)
+            self.meter.stop("activations", t)
 
     def recurrent_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._sampling():
+        if "temporal" in self.now.on and torch.is_grad_enabled():
+            t = self.meter.start()
             self.probes.recurrent_call(module, args, output)
-
-    def _sampling(self) -> bool:
-        """Whether this step's forward-side probes run (asked once per step), and autograd records the pass."""
-        now = self.now
-        if now.sampled is None:
-            now.sampled = self.sampled is not None and bool(self.sampled(now.number))
-        return now.sampled and torch.is_grad_enabled()
+            self.meter.stop("temporal", t)
 
     # -- the driver's calls --------------------------------------------------------------
     def gradients_ready(self) -> None:
         """The step's gradients are final (unscaled); the optimizer has not stepped yet."""
+        mark = self.meter.mark()
         self.buffer.release()  # a step that ended with no forward pass since: its values go first, as its own
         now = self.now
         now.stepped = False
-        now.scale = current_scale(self._scaler, self.device) if now.sampled else None  # before scaler.update()
-        # Before the optimizer step: the temporal probe's re-run needs the weights of the forward pass.
-        self.probes.add_temporal(self.buffer, now.scale, self._recurrent_ids)
+        if now.on & BACKWARD_READ:  # the scale still on ‖∂L/∂a‖, ‖∂L/∂h_t‖; read before scaler.update()
+            now.scale = current_scale(self._scaler, self.device)
+        if "temporal" in now.on:  # before the optimizer step: the re-run needs the weights of the forward pass
+            self.probes.add_temporal(self.buffer, now.scale, self._recurrent_ids)
         staged, now.staged = now.staged, None
         if staged is not None:
-            self.buffer.add_stats(staged)
-        elif self.every(now.number):
-            self.buffer.add_stats(self.grads.gradients())
-        if self.update is not None and self.update(now.number):
+            self.buffer.add_pending(staged)
+        elif "grads" in now.on:
+            t = self.meter.start()
+            self.buffer.add_pending(self.grads.gradients())
+            self.meter.stop("grads", t)
+        if "updates" in now.on:
+            t = self.meter.start()
             self.grads.snapshot()
+            self.meter.stop("updates", t)
+        self.meter.base_since(mark)
 
     def step_done(self) -> None:
         """The optimizer step is over (or was skipped): update ratios, then the step closes."""
+        mark = self.meter.mark()
         if self._counts_skips and not self.now.stepped:
             self._mark_skipped()
         if self.grads.has_snapshot:
+            t = self.meter.start()
             self.buffer.add_stats(self.grads.updates())
-        self._end_step()
+            self.meter.stop("updates", t)
+        self._end_step(mark)
 
     def step_skipped(self) -> None:
         """A GradScaler found inf/NaN and did not call optimizer.step(): the step is recorded anyway."""
@@ -131,20 +188,26 @@ class StepRecorder:
 
     def backward_step(self) -> None:
         """No optimizer: the backward pass that just ended is the step."""
+        mark = self.meter.mark()
         self.buffer.release()
-        self.probes.add_temporal(self.buffer, self.now.scale, self._recurrent_ids)
-        if self.every(self.now.number):
-            self.buffer.add_stats(self.grads.gradients())
-        self._end_step()
+        if "temporal" in self.now.on:
+            self.probes.add_temporal(self.buffer, self.now.scale, self._recurrent_ids)
+        if "grads" in self.now.on:
+            t = self.meter.start()
+            self.buffer.add_pending(self.grads.gradients())
+            self.meter.stop("grads", t)
+        self._end_step(mark)
 
     def stage(self, scale: Tensor | None) -> None:
-        """Read the gradient statistics now (before clipping), for the step's :meth:`gradients_ready` to keep.
+        """Read the gradient norms now (before clipping), for the step's :meth:`gradients_ready` to keep.
 
         ``scale``: a loss scale still on the gradients (float16 with a GradScaler that has not unscaled
         them yet); norms are divided by it.
         """
-        if self.every(self.now.number):
+        if "grads" in self.now.on:
+            t = self.meter.start()
             self.now.staged = self.grads.gradients(scale)
+            self.meter.stop("grads", t)
 
     def optimizer_stepped(self) -> None:
         self.now.stepped = True
@@ -159,16 +222,26 @@ class StepRecorder:
             scale = skipped_scale(self._scaler, after_update=self._external)
             self.add_scalar("loss_scale", torch.tensor(scale, dtype=torch.float64, device=self.device))
 
-    def _end_step(self) -> None:
+    def _end_step(self, mark: tuple[float, float]) -> None:
         self.buffer.release()  # two steps without a forward pass between them
         now = self.now
-        self.probes.add_step(self.buffer, now.scale)
+        if now.on & FORWARD:
+            self.probes.add_step(self.buffer, now.scale)
         self.buffer.hold(now.number)
         if not self._depth.settled:
             layer_of = [self.layers[i].name for i in self.grads.pair_layer]
             self._depth.settle(self._writer, list(zip(self.grads.pair_names, layer_of)))
+            first = self._depth.first("layer")
+            if first is not None and self._hooks is not None:
+                self._hooks.step_starts_at(self.layers[[l.name for l in self.layers].index(first)].module)
         self._at_step_end()
-        self.now = Step(now.number + 1)
+        self.meter.base_since(mark)
+        seconds, base, interval = self.meter.close_step()
+        device = self.meter.device_seconds() if self.device.type == "cuda" else []
+        if self.budget.step_ended(now.number, seconds, base, interval, device):
+            self._writer.meta(self.budget.report())
+        self.now = Step(now.number + 1, self.budget.active(now.number + 1))
+        self._switch_hooks()
 
     def clear(self) -> None:
         """Forget everything measured and pending (the watch stopped recording)."""

@@ -1,0 +1,321 @@
+"""The watch's budget: the share of the step time that watching may cost, measured per family, kept by schedules.
+
+A watch records *families* of quantities, each on its own schedule, and
+times each family's own work as it runs (:class:`CostMeter`: ``perf_counter``
+on the host, CUDA events as well on a GPU). The step time is the time between
+two step ends less the watch's own part of it. Every ``EVALUATE_EVERY`` steps
+the :class:`Budget` sets how often each family left to it records, so that the
+watch's expected cost per step stays within ``budget`` × the step time:
+
+- a family the diagnosis needs on every step is never thinned: gradient norms
+  and non-finite counts (a spike, a ramp's onset, the first NaN, a skipped
+  step live on one step; the spike and fading rules count steps);
+- the others (‖∂L/∂a‖, activation statistics, ‖∂L/∂h_t‖'s re-runs, weight
+  copies for update ratios) record every k-th step, k a power of two from 1
+  to ``SPARSEST``; cheap ones get the small k first (greedy: halve the k whose
+  halving adds the least cost while the total fits);
+- never sparser than the floor, :func:`gradwatch.schedules.floor_gap`: the
+  depth, activation and stalled-layer rules take medians over the last
+  ``Thresholds.window`` (5) samples, so a family keeps a sample at least
+  every 16 steps up to step 127, every 32 up to step 255, every 64 after: a
+  100-step run keeps 7 samples, a 300-step run 13, and any 320 steps hold 5
+  (:data:`gradwatch.schedules.BUDGET_FLOOR`). Every zoo pathology is still
+  found with a plain every-64th-step schedule on seeds 0–2: the floor has
+  room to spare.
+
+A schedule given by the user (``every=``, an int or callable ``activations=``
+or ``update_every=``) wins: that family is left as it is, its cost counted
+against the budget; the run's ``meta["schedules"]`` says who set each one and
+``meta["budget"]`` what was measured, the k of every change, and whether the
+budget was kept (and why not).
+
+Which steps a budgeted family samples depends on measured time, so two runs
+of the same seed may record different steps (never different values, and
+never different training: the budget reads clocks, not the model). Records
+that must be reproducible come from ``budget=None`` or explicit schedules.
+
+A new family (a probe added to the step) declares itself in ``FAMILIES`` and
+times its work with ``meter.start()`` / ``meter.stop(name, t)``: its cost
+counts, and a budgeted one gets a rhythm, with no change here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+
+from gradwatch.schedules import DEFAULT_SAMPLED, SPARSEST, Schedule, every, floor_gap
+
+BUDGETED = "budget"  # a family left to the budget: its argument was True (or, for `every`, not given)
+Given = Union[Schedule, str, None]  # a family's schedule as given: yours, BUDGETED, or None (off)
+
+EVALUATE_EVERY = 16  # steps between two decisions
+KEEP = 8  # recent cost samples per family; a decision uses their median (a preempted step is an outlier)
+STEP_SAMPLES = 16  # recent step times; a decision uses their median
+HEADROOM = 0.9  # densify only while the total stays under 90 % of the budget; thin out above 100 %
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of quantities recorded on one schedule, whose work the watch times as one cost."""
+
+    name: str
+    argument: str  # the `gw.watch` argument that schedules it by hand
+    records: str  # what it records (for the metadata)
+    every_step: bool = False  # the diagnosis needs it on every step: never thinned by the budget
+    collective: bool = False  # with sharded parameters every rank joins its all-reduce: the same steps everywhere
+    forward: bool = False  # measured from forward hooks, placed on its steps only
+
+
+FAMILIES = (
+    Family("grads", "every", "grad_norm, nonfinite", every_step=True, collective=True),
+    Family("backprop", "activations", "out_grad_norm", forward=True),
+    Family("activations", "activations", "saturated_frac, dead_frac, act_mean, act_std, deriv_rms", forward=True),
+    Family("temporal", "activations", "temporal_grad_norm, step_jacobian_norm, lambda1", forward=True),
+    Family("updates", "update_every", "weight_norm, update_ratio", collective=True),
+)
+FORWARD = frozenset(f.name for f in FAMILIES if f.forward)
+
+
+class Rhythm:
+    """A budgeted family's schedule: steps where ``step % min(k, floor_gap(step)) == 0``, k set by the budget.
+
+    k is a power of two, so the steps of a sparser family are among those of
+    a denser one (a step with activation statistics has ‖∂L/∂a‖ too when its
+    k is no smaller). It starts at the floor and moves as the budget decides.
+    """
+
+    def __init__(self) -> None:
+        self.k = SPARSEST
+        self.changes: list[tuple[int, int]] = [(0, SPARSEST)]  # (first step, k)
+
+    def __call__(self, step: int) -> bool:
+        return step % min(self.k, floor_gap(step)) == 0
+
+    def set(self, step: int, k: int) -> None:
+        """From ``step`` on, every k-th step (within the floor)."""
+        self.k = k
+        self.changes.append((step, k))
+
+    def __repr__(self) -> str:
+        return f"budget(k={self.k} now; never sparser than BUDGET_FLOOR)"
+
+
+class CostMeter:
+    """Times the watch's own work within each step, per family: ``perf_counter``, and CUDA events on a GPU.
+
+    On a GPU a family's cost on a step is the larger of its host time (the
+    launches) and its device time (the kernels, read from event pairs once
+    they have completed: no synchronisation). Sections may run on autograd's
+    worker thread (backward hooks); the GIL keeps the sums whole.
+    """
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # seconds, monotonic (a test may script it)
+        self.seconds: dict[str, float] = {}  # this step's host seconds per family
+        self.family_total = 0.0  # their sum, for the time outside families
+        self.base = 0.0  # this step's host seconds outside every family (the drivers, hooks, the records)
+        self._cuda = device.type == "cuda"
+        self._events: list[tuple[int, str, Any, Any]] = []  # (step, family, start, end) not read yet
+        self._spare: list[Any] = []
+        self.step = 0
+        self._last_end: float | None = None
+
+    def start(self) -> Any:
+        """A section begins; pass the token to :meth:`stop`."""
+        if self._cuda:
+            ev = self._event()
+            ev.record()
+            return self.clock(), ev
+        return self.clock()
+
+    def stop(self, family: str, token: Any) -> None:
+        """The section begun with ``token`` was ``family``'s work."""
+        if self._cuda:
+            t0, ev0 = token
+            ev1 = self._event()
+            ev1.record()
+            self._events.append((self.step, family, ev0, ev1))
+        else:
+            t0 = token
+        dt = self.clock() - t0
+        self.seconds[family] = self.seconds.get(family, 0.0) + dt
+        self.family_total += dt
+
+    def mark(self) -> tuple[float, float]:
+        """Start of a stretch of the watch's own work (a driver call) that may contain family sections."""
+        return self.clock(), self.family_total
+
+    def base_since(self, mark: tuple[float, float]) -> None:
+        """The stretch begun at ``mark`` ends: its time outside the families counts as the base cost."""
+        self.base += self.clock() - mark[0] - (self.family_total - mark[1])
+
+    def close_step(self) -> tuple[dict[str, float], float, float | None]:
+        """(seconds per family, base seconds, seconds since the previous step's end) of the step that ends now."""
+        now = self.clock()
+        out = (self.seconds, self.base, None if self._last_end is None else now - self._last_end)
+        self.seconds, self.family_total, self.base = {}, 0.0, 0.0
+        self._last_end = now
+        self.step += 1
+        return out
+
+    def device_seconds(self) -> list[tuple[int, str, float]]:
+        """(step, family, device seconds) of the event pairs that have completed since the last call."""
+        done: dict[tuple[int, str], float] = {}
+        waiting = []
+        for step, family, ev0, ev1 in self._events:
+            if ev1.query():
+                done[(step, family)] = done.get((step, family), 0.0) + ev0.elapsed_time(ev1) / 1e3
+                self._spare += [ev0, ev1]
+            else:
+                waiting.append((step, family, ev0, ev1))
+        self._events = waiting
+        return [(s, f, v) for (s, f), v in done.items()]
+
+    def _event(self) -> Any:
+        return self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
+
+
+def thread_seconds(thread: Any) -> Callable[[], float] | None:
+    """A function giving ``thread``'s CPU seconds so far (the store's writer: records cost there too), if the
+    platform can read another thread's clock."""
+    ident = getattr(thread, "ident", None)
+    if ident is None or not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    try:
+        clock = time.pthread_getcpuclockid(ident)
+        time.clock_gettime(clock)
+    except (OSError, OverflowError):  # pragma: no cover - a platform without per-thread clocks
+        return None
+    return lambda: time.clock_gettime(clock) if thread.is_alive() else 0.0
+
+
+class Budget:
+    """Each family's schedule, and every ``EVALUATE_EVERY`` steps the k of the budgeted ones, from measured costs."""
+
+    def __init__(self, fraction: float | None, given: dict[str, Given], sharded: bool = False,
+                 families: tuple[Family, ...] = FAMILIES, writer_seconds: Callable[[], float] | None = None) -> None:
+        self.fraction = fraction
+        self._writer_seconds = writer_seconds  # the writer thread's CPU so far: its share counts as a fixed cost
+        self._writer_start = writer_seconds() if writer_seconds is not None else 0.0
+        self.families = {f.name: f for f in families}
+        self.schedules: dict[str, Schedule | None] = {}
+        self.by: dict[str, str] = {}  # who set each schedule
+        for f in families:
+            s = given.get(f.name)
+            if s is None:
+                self.schedules[f.name], self.by[f.name] = None, "off"
+            elif not isinstance(s, str):
+                self.schedules[f.name], self.by[f.name] = s, f"you ({f.argument}=): the budget does not change it"
+            elif f.every_step:
+                self.schedules[f.name], self.by[f.name] = every(1), "every step: the diagnosis needs every step"
+            elif fraction is None:
+                self.schedules[f.name], self.by[f.name] = DEFAULT_SAMPLED, "the default (budget=None)"
+            elif sharded and f.collective:
+                self.schedules[f.name] = DEFAULT_SAMPLED
+                self.by[f.name] = "the default: sharded parameters join an all-reduce on the same steps on every rank"
+            else:
+                self.schedules[f.name], self.by[f.name] = Rhythm(), "the budget"
+        self.rhythms = {n: s for n, s in self.schedules.items() if isinstance(s, Rhythm)}
+        self._on = [(n, s) for n, s in self.schedules.items() if s is not None]
+        self._costs: dict[str, dict[int, float]] = {f.name: {} for f in families}  # family: {step: seconds}
+        self._base: deque[float] = deque(maxlen=2 * EVALUATE_EVERY)
+        self._plain: deque[float] = deque(maxlen=STEP_SAMPLES)
+        self.decision: dict[str, Any] = {}  # the last decision's numbers, for the metadata
+
+    def active(self, step: int) -> frozenset[str]:
+        """The families that record on ``step``."""
+        return frozenset(n for n, s in self._on if s(step))
+
+    def step_ended(self, step: int, seconds: dict[str, float], base: float, interval: float | None,
+                   device: list[tuple[int, str, float]] = ()) -> bool:  # type: ignore[assignment]
+        """Take step ``step``'s measured costs; decide when it is time. Returns whether a schedule changed.
+
+        Step 0 is left out of every sample: it pays one-time costs (plans, caches, the depth order).
+        """
+        for s, family, dev in device:  # a GPU family costs the larger of its host and device time
+            costs = self._costs[family]
+            if s in costs:
+                costs[s] = max(costs[s], dev)
+        if step == 0:
+            return False
+        for family, sec in seconds.items():
+            costs = self._costs.setdefault(family, {})
+            costs[step] = sec
+            if len(costs) > KEEP:
+                del costs[next(iter(costs))]
+        self._base.append(base)
+        if interval is not None:
+            self._plain.append(interval - base - sum(seconds.values()))
+        if self.rhythms and self.fraction is not None and step % EVALUATE_EVERY == 0:
+            return self._decide(step + 1)
+        return False
+
+    def _decide(self, start: int) -> bool:
+        """Set the budgeted families' k from step ``start`` on."""
+        if not self._plain:
+            return False
+        step_s = statistics.median(self._plain)
+        if step_s <= 0:
+            return False
+        allowance = self.fraction * step_s  # type: ignore[operator]
+        writer = 0.0
+        if self._writer_seconds is not None:  # averaged over the run: the writer works in batches of steps
+            writer = max(0.0, self._writer_seconds() - self._writer_start) / start
+        fixed = (statistics.fmean(self._base) if self._base else 0.0) + writer
+        for name, s in self._on:  # the families the budget does not set: their cost at their own rate
+            costs = self._costs.get(name)
+            if name not in self.rhythms and costs:
+                rate = sum(bool(s(x)) for x in range(max(0, start - SPARSEST), start)) / min(SPARSEST, start)
+                fixed += statistics.median(costs.values()) * rate
+        cost = {n: statistics.median(c.values()) for n, c in self._costs.items() if n in self.rhythms and c}
+        k = {n: SPARSEST for n in cost}
+        spent = fixed + sum(cost[n] / k[n] for n in cost)
+        while True:  # halve the k whose halving adds the least, while the total fits
+            options = [(cost[n] / k[n], n) for n in cost if k[n] > 1 and spent + cost[n] / k[n] <= HEADROOM * allowance]
+            if not options:
+                break
+            add, n = min(options)
+            k[n] //= 2
+            spent += add
+        current = fixed + sum(cost[n] / self.rhythms[n].k for n in cost)
+        adopt = current > allowance or any(k[n] < self.rhythms[n].k for n in cost)
+        if adopt:
+            current = spent
+        changed = False
+        for n in cost:
+            if adopt and k[n] != self.rhythms[n].k:
+                self.rhythms[n].set(start, k[n])
+                changed = True
+        self.decision = {"step": start, "step_ms": step_s * 1e3, "fixed_ms": fixed * 1e3, "writer_ms": writer * 1e3,
+                         "cost_ms": {n: c * 1e3 for n, c in cost.items()},
+                         "overhead": current / step_s, "kept": current <= allowance}
+        return changed
+
+    def report(self) -> dict[str, Any]:
+        """What the run's metadata says about the schedules and the budget."""
+        schedules: dict[str, dict[str, Any]] = {
+            f: {"by": self.by[f], "schedule": repr(self.schedules[f]), "records": self.families[f].records}
+            for f in self.schedules}
+        for n, r in self.rhythms.items():
+            schedules[n]["changes"] = [list(c) for c in r.changes]  # (first step, k): the steps it sampled
+        out: dict[str, Any] = {"schedules": schedules}
+        if self.fraction is not None:
+            d = dict(self.decision)
+            if d and not d["kept"]:
+                d["why_not"] = (f"what runs on every step or on your schedules (gradient norms, the watch's fixed "
+                                f"per-step work, the store's writer thread: {d['fixed_ms']:.3g} ms of a "
+                                f"{d['step_ms']:.3g} ms step) "
+                                f"leaves less than the budget for the rest; the budgeted families sit at their floor"
+                                if d["fixed_ms"] >= self.fraction * d["step_ms"] else
+                                "the budgeted families cost more than the budget even at their floor")
+            out["budget"] = {"fraction": self.fraction, **d}
+        else:
+            out["budget"] = {"fraction": None}
+        return out
+

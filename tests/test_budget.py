@@ -1,0 +1,482 @@
+"""The watch's budget (issue 18): measured costs set each family's schedule; the diagnosis still finds everything.
+
+Which steps a budgeted family samples depends on measured time. Tests that need
+exact schedules script the meter's readings (:class:`Scripted`), feed the
+:class:`Budget` synthetic costs, or pass explicit schedules; the zoo runs train
+under the default budget, where the 20-layer MLPs sit at the floor on any CPU
+(checked below), so their records are the floor's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradwatch as gw
+from gradwatch import zoo
+from gradwatch.schedules import BUDGET_FLOOR, DEFAULT_SAMPLED, SPARSEST, every, floor_gap
+from gradwatch.watching import WatchOptions
+from gradwatch.watching import steps as steps_module
+from gradwatch.watching.budget import BUDGETED, EVALUATE_EVERY, HEADROOM, Budget, CostMeter, Rhythm, thread_seconds
+
+from conftest import SEEDS, at_step, naive_layer_grad_norms, naive_param_grad_norms
+
+BUDGETED_ALL = {"grads": BUDGETED, "backprop": BUDGETED, "activations": BUDGETED, "temporal": None,
+                "updates": BUDGETED}
+
+
+# -- the floor and the rhythms -------------------------------------------------------------------
+
+def test_the_floor_keeps_five_samples_in_any_320_steps_and_thins_out_with_the_run():
+    steps = [s for s in range(3000) if BUDGET_FLOOR(s)]
+    assert steps[:13] == [0, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+    assert np.all(np.diff(steps)[steps.index(256):] == 64)
+    assert sum(BUDGET_FLOOR(s) for s in range(100)) == 7 and sum(BUDGET_FLOOR(s) for s in range(300)) == 13
+    for start in range(0, 2600):  # Thresholds.window = 5 samples in any 320 consecutive steps
+        assert sum(BUDGET_FLOOR(s) for s in range(start, start + 320)) >= 5, start
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 16, 32, 64])
+def test_a_rhythm_never_drops_below_the_floor_and_sparser_ones_nest_in_denser_ones(k):
+    r, sparser = Rhythm(), Rhythm()
+    r.set(0, k)
+    sparser.set(0, min(2 * k, SPARSEST))
+    for s in range(1200):
+        assert r(s) == (s % min(k, floor_gap(s)) == 0)
+        assert not BUDGET_FLOOR(s) or r(s)  # the floor's steps are always sampled
+        assert not sparser(s) or r(s)  # a sparser family's steps are among the denser one's
+
+
+# -- the decisions, from synthetic costs --------------------------------------------------------
+
+def feed(budget: Budget, steps: int, step_s: float, cost: dict[str, float], base: float = 0.0, start: int = 0) -> None:
+    """Steps start…steps−1 with these per-sample costs and plain step time, as the meter would report them."""
+    for step in range(start, steps):
+        seconds = {f: cost[f] for f in budget.active(step) if f in cost}
+        budget.step_ended(step, seconds, base, step_s + base + sum(seconds.values()))
+
+
+def expected_cost(budget: Budget, cost: dict[str, float], base: float) -> float:
+    """Per-step cost the decision expects: every-step families in full, budgeted ones over their k."""
+    pinned = sum(c for f, c in cost.items() if f not in budget.rhythms)
+    return base + pinned + sum(cost[f] / r.k for f, r in budget.rhythms.items())
+
+
+@settings(max_examples=60, deadline=None)
+@given(step_ms=st.floats(0.5, 500), grads=st.floats(0.0, 0.05), backprop=st.floats(1e-4, 3.0),
+       activations=st.floats(1e-4, 3.0), updates=st.floats(1e-4, 1.0), fraction=st.sampled_from([0.01, 0.02, 0.1]))
+def test_the_decision_fits_the_budget_cannot_densify_further_and_gives_cheap_families_the_small_k(
+        step_ms, grads, backprop, activations, updates, fraction):
+    """Costs as fractions of the step. The decision: within the budget whenever the floor allows it; no family could
+    be halved within the headroom; a cheaper family never samples more sparsely than a costlier one."""
+    step_s = step_ms / 1e3
+    cost = {"grads": grads * step_s, "backprop": backprop * step_s, "activations": activations * step_s,
+            "updates": updates * step_s}
+    budget = Budget(fraction, BUDGETED_ALL)
+    feed(budget, EVALUATE_EVERY + 1, step_s, cost)
+    k = {f: r.k for f, r in budget.rhythms.items()}
+    spent = expected_cost(budget, cost, 0.0)
+    allowance = fraction * step_s
+    at_floor = cost["grads"] + sum(cost[f] / SPARSEST for f in k)
+    if abs(spent - allowance) > 1e-9 * allowance:
+        assert budget.decision["kept"] == (spent < allowance)
+    if at_floor <= HEADROOM * allowance:
+        assert spent <= allowance * (1 + 1e-9)
+        for f in k:  # maximal: halving any k would leave the headroom
+            if k[f] > 1:
+                assert spent + cost[f] / k[f] > HEADROOM * allowance * (1 - 1e-9)
+    else:
+        assert all(v == SPARSEST for v in k.values())  # nothing fits: everything at the floor
+    for a in k:
+        for b in k:
+            if cost[a] < cost[b]:
+                assert k[a] <= k[b]
+    assert budget.schedules["grads"](EVALUATE_EVERY + 1)  # gradient norms every step, whatever it costs
+
+
+def test_a_cheap_family_goes_every_step_an_expensive_one_stays_at_the_floor_and_noise_changes_nothing():
+    budget = Budget(0.02, BUDGETED_ALL)
+    cost = {"grads": 20e-6, "backprop": 10e-6, "activations": 5e-3, "updates": 50e-6}  # a 10 ms step: 200 µs
+    feed(budget, 4 * EVALUATE_EVERY + 1, 10e-3, cost, base=10e-6)
+    # 10 + 20 + 10 + 50 + 5000/64 = 168 µs ≤ 0.9 × 200; activation statistics at every 32nd step would add 78
+    assert {f: r.k for f, r in budget.rhythms.items()} == {"backprop": 1, "activations": SPARSEST, "updates": 1}
+    assert budget.decision["kept"] and budget.decision["overhead"] == pytest.approx(168.125e-6 / 10e-3)
+    # 10 % dearer: 185 µs, over the headroom, within the budget: no change (hysteresis)
+    feed(budget, 8 * EVALUATE_EVERY + 1, 10e-3, {f: c * 1.1 for f, c in cost.items()}, 11e-6, 4 * EVALUATE_EVERY + 1)
+    assert {f: r.k for f, r in budget.rhythms.items()} == {"backprop": 1, "activations": SPARSEST, "updates": 1}
+    # 25 % dearer: 210 µs, over the budget: once the medians have seen it (8 samples of activation statistics, one
+    # every 64 steps) the weight copies go to every 2nd step, 179 µs
+    feed(budget, 60 * EVALUATE_EVERY + 1, 10e-3, {f: c * 1.25 for f, c in cost.items()}, 12.5e-6,
+         8 * EVALUATE_EVERY + 1)
+    assert {f: r.k for f, r in budget.rhythms.items()} == {"backprop": 1, "activations": SPARSEST, "updates": 2}
+    assert budget.decision["kept"] and budget.decision["overhead"] <= HEADROOM * 0.02
+
+
+def test_when_the_every_step_costs_alone_exceed_the_budget_it_says_so_and_why():
+    budget = Budget(0.02, BUDGETED_ALL)
+    feed(budget, 2 * EVALUATE_EVERY + 1, 2e-3, {"grads": 150e-6, "backprop": 400e-6, "activations": 3e-3,
+                                                 "updates": 800e-6}, base=30e-6)
+    assert all(r.k == SPARSEST for r in budget.rhythms.values())
+    report = budget.report()["budget"]
+    assert report["kept"] is False and "gradient norms" in report["why_not"]
+    assert report["fixed_ms"] == pytest.approx(0.18)  # 30 µs base + 150 µs of gradient norms, every step
+    assert report["overhead"] == pytest.approx((180e-6 + 4.2e-3 / 64) / 2e-3)
+
+
+def test_schedules_you_give_win_are_counted_at_their_rate_and_the_metadata_says_who_set_each():
+    budget = Budget(0.02, {**BUDGETED_ALL, "activations": every(2), "updates": None})
+    assert budget.schedules["activations"] == every(2) and "activations" not in budget.rhythms
+    assert budget.by["activations"].startswith("you (activations=)") and budget.by["updates"] == "off"
+    feed(budget, 4 * EVALUATE_EVERY + 1, 10e-3, {"grads": 10e-6, "activations": 100e-6, "backprop": 1e-6})
+    assert budget.decision["fixed_ms"] == pytest.approx(1e3 * (10e-6 + 100e-6 / 2))  # every(2): half the steps
+    assert Budget(None, BUDGETED_ALL).schedules["backprop"] == DEFAULT_SAMPLED  # budget=None: every 10th step
+    sharded = Budget(0.02, BUDGETED_ALL, sharded=True)  # every rank must all-reduce on the same steps
+    assert sharded.schedules["updates"] == DEFAULT_SAMPLED and "sharded" in sharded.by["updates"]
+    assert isinstance(sharded.schedules["backprop"], Rhythm)
+
+
+def test_the_writer_threads_cpu_counts_as_a_fixed_cost_averaged_over_the_run():
+    import threading
+
+    spent = {"s": 3.0}
+    budget = Budget(0.02, BUDGETED_ALL, writer_seconds=lambda: spent["s"])
+    spent["s"] += 32 * 40e-6  # 40 µs a step of writer CPU over the steps fed below (32 of them, then decision 32)
+    feed(budget, 2 * EVALUATE_EVERY + 1, 10e-3, {"grads": 10e-6, "backprop": 1e-6})
+    assert budget.decision["writer_ms"] == pytest.approx(1e3 * 32 * 40e-6 / 33)
+    assert budget.decision["fixed_ms"] == pytest.approx(1e3 * (10e-6 + 32 * 40e-6 / 33))
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        clock = thread_seconds(worker)
+        assert clock is not None
+        t0, w0 = time.perf_counter(), clock()
+        while time.perf_counter() - t0 < 0.2:
+            sum(range(1000))
+        assert 0.0 < clock() - w0 < 0.2 + 0.05  # that thread's CPU, never more than the time that passed
+    finally:
+        stop.set()
+        worker.join()
+
+
+class FakeEvent:
+    """A CUDA event as the meter uses it, on a scripted device clock."""
+
+    clock = 0.0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at, self.done = None, True
+
+    def record(self) -> None:
+        self.at = FakeEvent.clock
+
+    def query(self) -> bool:
+        return self.done
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return (end.at - self.at) * 1e3  # ms
+
+
+def test_on_a_gpu_a_family_costs_the_larger_of_its_host_and_device_time_read_without_waiting(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    host = itertools.count(0.0, 1e-6)  # every host reading 1 µs after the last
+    meter = CostMeter(torch.device("cuda"), clock=lambda: next(host))
+    budget = Budget(0.02, BUDGETED_ALL)
+    meter.close_step()  # step 0
+    t = meter.start()
+    FakeEvent.clock += 5e-3  # the device spends 5 ms between the two events
+    meter.stop("activations", t)
+    late = meter._events[-1][3]
+    late.done = False  # the kernels have not finished yet
+    seconds, base, interval = meter.close_step()  # step 1
+    assert seconds["activations"] == pytest.approx(1e-6)  # host: the launches
+    assert meter.device_seconds() == []  # nothing read before the end event completes: no synchronisation
+    budget.step_ended(1, seconds, base, interval)
+    late.done = True
+    budget.step_ended(2, {}, 0.0, 1e-3, meter.device_seconds())
+    assert budget._costs["activations"][1] == pytest.approx(5e-3)
+
+
+# -- arguments and metadata -----------------------------------------------------------------------
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("bad,error", [("0.02", TypeError), (True, TypeError), (0, ValueError), (-0.1, ValueError),
+                                       (1.5, ValueError), (math.nan, ValueError), (math.inf, ValueError)])
+def test_a_bad_budget_is_refused_before_any_hook(store, bad, error):
+    model = _mlp()
+    with pytest.raises(error, match=r"`watch\(budget=…\)` expects a fraction of the step time in \(0, 1\]"):
+        gw.watch(model, store=store, budget=bad)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not store.exists()
+    assert WatchOptions.taken_by("GradwatchCallback", budget=0.05).budget == 0.05  # the callbacks take it
+    with pytest.raises(error, match=r"`GradwatchCallback\(budget=…\)`"):
+        WatchOptions.taken_by("GradwatchCallback", budget=bad)
+
+
+def test_the_metadata_names_who_set_each_schedule(store):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, activations=5, store=store, name="mine") as w:
+        _train(model, opt, w, 3)
+    meta = w.open().meta
+    assert meta["budget"]["fraction"] == 0.02
+    assert meta["schedules"]["grads"]["by"].startswith("every step")
+    assert meta["schedules"]["activations"]["by"] == "you (activations=): the budget does not change it"
+    assert meta["schedules"]["activations"]["schedule"] == "every(n=5)"
+    assert meta["schedules"]["updates"]["by"] == "the budget"
+    with gw.watch(_mlp(), budget=None, store=store, name="none") as w2:
+        pass
+    meta2 = w2.open().meta
+    assert meta2["budget"] == {"fraction": None}
+    assert meta2["schedules"]["backprop"]["schedule"] == "every(n=10)"
+    assert meta2["schedules"]["updates"]["by"] == "off"  # no optimizer
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer | None, w: gw.Watch | None, steps: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if opt is not None:
+            opt.zero_grad()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        if w is not None:
+            w.log(loss=loss.detach())
+
+
+# -- a watch under a scripted meter: the records follow the recorded schedule -------------------------
+
+COST = {"grads": 5e-6, "backprop": 1e-6, "activations": 500e-6, "updates": 50e-6}  # of a 1 ms step; budget 20 µs
+
+
+class Scripted(CostMeter):
+    """Reports the scripted cost of each family that ran, and a 1 ms step, instead of what the clock says."""
+
+    def close_step(self):
+        seconds, _, _ = super().close_step()
+        scripted = {f: COST[f] for f in seconds}
+        return scripted, 0.0, 1e-3 + sum(scripted.values())
+
+
+def _sampled(run, quantity, kind="layer") -> list[int]:
+    return sorted(set(run.records(quantity, kind)["step"].tolist()))
+
+
+def _schedule_steps(meta: dict, family: str, steps: int) -> list[int]:
+    """The steps a budgeted family sampled, rebuilt from the changes the metadata records."""
+    changes = meta["schedules"][family]["changes"]
+    out = []
+    for s in range(steps):
+        k = [k for first, k in changes if first <= s][-1]
+        if s % min(k, floor_gap(s)) == 0:
+            out.append(s)
+    return out
+
+
+def script(monkeypatch) -> None:
+    """Watches made from now on read scripted costs (and no writer thread's clock)."""
+    monkeypatch.setattr(steps_module, "CostMeter", Scripted)
+    monkeypatch.setattr(steps_module, "thread_seconds", lambda thread: None)
+
+
+def test_records_follow_the_schedule_the_metadata_records_and_training_is_bit_identical(store, monkeypatch):
+    script(monkeypatch)
+    model, twin = _mlp(), _mlp()
+    opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin))
+    with gw.watch(model, opt, store=store, name="scripted") as w:
+        _train(model, opt, w, 120)
+    _train(twin, twin_opt, None, 120)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)  # watching never changes training, under the budget too
+    run = w.open()
+    meta = run.meta
+    # 20 µs a step: gradient norms 5; ‖∂L/∂a‖ (1 µs a sample) goes every step, weight copies to every 16th,
+    # activation statistics (500 µs a sample) stay at the floor: 5 + 1 + 50/16 + 500/64 = 16.9 ≤ 0.9 × 20
+    assert meta["schedules"]["backprop"]["changes"] == [[0, 64], [17, 1]]
+    assert meta["schedules"]["updates"]["changes"][-1] == [17, 16]
+    assert meta["schedules"]["activations"]["changes"] == [[0, 64]]
+    assert meta["budget"]["kept"] and meta["budget"]["overhead"] == pytest.approx(
+        (5e-6 + 1e-6 + 50e-6 / 16 + 500e-6 / 64) / 1e-3)
+    assert _sampled(run, "out_grad_norm") == _schedule_steps(meta, "backprop", 120)
+    assert _sampled(run, "saturated_frac", "activation") == _schedule_steps(meta, "activations", 120)
+    assert _sampled(run, "update_ratio") == _schedule_steps(meta, "updates", 120)
+    assert _sampled(run, "grad_norm") == list(range(120))
+
+
+def test_a_step_that_samples_no_forward_probe_runs_no_hook_per_layer(store, monkeypatch):
+    script(monkeypatch)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: dict[int, tuple[int, int]] = {}
+    with gw.watch(model, opt, store=store, name="hooks") as w:
+        for step in range(40):
+            seen[step] = (len(model[0]._forward_hooks), len(model[1]._forward_hooks))
+            _train(model, opt, w, 1, seed=step)
+    assert seen[0] == (1, 1)  # the first step: every hook (the depth order)
+    assert seen[20] == (1, 0)  # ‖∂L/∂a‖ every step from step 17, activation statistics only on the floor's steps
+    assert seen[32] == (1, 1)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # all gone after close
+
+
+# -- gradient norms read in stacks ----------------------------------------------------------------
+
+class Mixed(nn.Module):
+    """Small same-shape layers (read as stacks), a large one (a norm call), a tied and a frozen one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.wide = nn.Linear(8, 2048)  # 16384 elements: above the stacking limit
+        self.back = nn.Linear(2048, 8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(8, 8)
+        self.head.weight = self.blocks[1].weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return self.head(self.frozen(self.back(torch.relu(self.wide(x)))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_norms_and_update_ratios_equal_a_naive_loop(store, dtype):
+    torch.manual_seed(0)
+    model = Mixed().to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    probe = gw.watch(model, opt, every=1, update_every=1, store=store, name=f"mixed{dtype}")
+    assert probe._steps.grads._all.stacks  # the stacked path is the one under test
+    before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    opt.zero_grad()
+    model(torch.randn(16, 8, dtype=dtype)).pow(2).mean().backward()
+    layers, params = naive_layer_grad_norms(model), naive_param_grad_norms(model)
+    opt.step()
+    probe.close()
+    run = probe.open()
+    got_layers, got_params = at_step(run, "grad_norm", 0), at_step(run, "grad_norm", 0, "param")
+    assert got_layers.keys() == layers.keys() and got_params.keys() == params.keys()
+    for name, v in {**layers, **params}.items():
+        assert {**got_layers, **got_params}[name] == pytest.approx(v, rel=1e-5)
+    ratios = at_step(run, "update_ratio", 0, "param")
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        ref = float((p.detach() - before[name]).double().norm() / before[name].double().norm())
+        assert ratios[name] == pytest.approx(ref, rel=1e-5)
+    assert ratios["head.weight"] == ratios["blocks.1.weight"]  # tied: one tensor, under each owner
+
+
+def test_records_reach_the_store_in_batches_and_a_read_gets_every_step_so_far(store, monkeypatch):
+    from gradwatch import store as store_module
+    from gradwatch.watching import buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "SECONDS_PER_COPY", 600.0)  # a slow machine must not send early here
+    calls = []
+    original = store_module.StoreWriter.records
+    monkeypatch.setattr(store_module.StoreWriter, "records",
+                        lambda self, step, keys, values, ready=None: (calls.append(step),
+                                                                       original(self, step, keys, values, ready))[1])
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gw.watch(model, opt, store=store, name="batches")
+    _train(model, opt, w, 10)
+    assert calls == []  # ten steps wait for a batch (they are 1 s younger than the limit)
+    assert _sampled(w.open(), "grad_norm") == list(range(10))  # a read sends them first
+    assert calls == list(range(10))
+    _train(model, opt, w, 40, seed=1)
+    w.close()
+    assert calls == list(range(50))  # one hand-over per step, in order
+    assert _sampled(w.open(), "loss", "run") == list(range(50))
+
+
+# -- the diagnosis on sampled records -------------------------------------------------------------
+
+def test_the_diagnosis_reads_sampled_steps_as_missing_never_as_zero(store):
+    """A vanishing tanh net sampled on irregular steps: the depth finding's ratio is the median over the last five
+    *recorded* steps, its "since" step a recorded one, and the saturation numbers come from recorded steps only."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        lin = nn.Linear(16, 16)
+        nn.init.normal_(lin.weight, std=0.3 / 4)
+        layers += [lin, nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sampled = {0, 3, 40, 41, 77, 100, 101, 150}
+    with gw.watch(model, opt, activations=lambda s: s in sampled, store=store, name="sparse") as w:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(160):
+            x, y = torch.randn(32, 16, generator=g), torch.randint(0, 3, (32,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = w.open()
+    s = run.series("out_grad_norm")
+    assert s.steps.tolist() == sorted(sampled)
+    (f,) = w.diagnose().of("vanishing")
+    ratio = statistics.median(s.values[0, -5:]) / statistics.median(s.values[-1, -5:])
+    assert f.numbers["ratio"] == pytest.approx(ratio)
+    assert f.steps[0] in sampled and f.steps[1] == 150
+    assert "steps 41–150" in f.sources[0]  # the last five recorded steps
+
+
+# -- the zoo under the default budget (runs shared with test_diagnosis) ---------------------------------
+
+MLPS_20 = ["deep_tanh_mlp", "deep_relu_he_mlp", "exploding_relu_mlp", "residual_tanh_mlp"]
+SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", MLPS_20)
+def test_the_20_layer_mlps_sit_at_the_floor_and_are_diagnosed_as_without_a_budget(zoo_runs, name, seed):
+    """Each sample of their forward-side probes costs more than a step's 2 %, and gradient norms alone exceed it:
+    the budget keeps every family at its floor (so these records are the floor's, on any CPU), says it was not
+    kept, and the diagnosis finds what it finds with the old every-10th-step schedule."""
+    run, _ = zoo_runs(name, seed)
+    meta = run.meta
+    assert meta["budget"]["fraction"] == 0.02 and meta["budget"]["kept"] is False
+    for family in ("backprop", "activations", "updates"):
+        assert meta["schedules"][family]["changes"] == [[0, SPARSEST]]
+    floor = [s for s in range(300) if BUDGET_FLOOR(s)]
+    assert _sampled(run, "out_grad_norm") == floor and _sampled(run, "grad_norm") == list(range(300))
+    if name != "exploding_relu_mlp":  # (its update ratios turn NaN, which the store leaves out)
+        assert _sampled(run, "update_ratio") == floor
+    expect = zoo.get(name).expect
+    kinds = [f.kind for f in gw.diagnose(run).problems]
+    assert (expect in kinds) if expect else kinds == []
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", SICK)
+def test_every_zoo_pathology_is_found_under_the_default_budget(zoo_runs, name, seed):
+    run, _ = zoo_runs(name, seed)
+    assert run.meta["budget"]["fraction"] == 0.02
+    if "out_grad_norm" in run.quantities:  # never sparser than the floor (a NaN run stops at its NaN)
+        got = set(_sampled(run, "out_grad_norm"))
+        last = int(run.series("grad_norm").steps[-1])
+        assert {s for s in range(last) if BUDGET_FLOOR(s)} <= got
+    assert zoo.get(name).expect in [f.kind for f in gw.diagnose(run).problems]
