@@ -136,6 +136,12 @@ written {_dt.datetime.now().isoformat(timespec="seconds")}.</p>
 """
 
 
+def notebook_frame(run: Run, diagnosis: Diagnosis) -> str:
+    """The report page for a notebook cell: in an iframe, so that its styles stay its own."""
+    page = render_html(run, diagnosis)
+    return f'<iframe srcdoc="{html.escape(page)}" style="width: 100%; height: 900px; border: 0"></iframe>'
+
+
 def write_html(run: Run, path: str | Path, diagnosis: Diagnosis, redact: bool = False) -> Path:
     """Write the report; returns its path. ``redact``: leave out the run's name and path."""
     if not isinstance(redact, bool):

@@ -186,14 +186,11 @@ class Watch:
         return f"<gradwatch.Watch {state}, step {self.step}, {len(self._steps.layers)} layers, store {str(self.path)!r}>"
 
     def _repr_html_(self) -> str:
-        """In a notebook: the very page :meth:`report` writes (in an iframe, so that its styles stay its own)."""
-        import html
-
-        from gradwatch.report.html import render_html
+        """In a notebook: the very page :meth:`report` writes."""
+        from gradwatch.report.html import notebook_frame
 
         with self.open() as run:
-            page = render_html(run, diagnose(run))
-        return f'<iframe srcdoc="{html.escape(page)}" style="width: 100%; height: 900px; border: 0"></iframe>'
+            return notebook_frame(run, diagnose(run))
 
     # -- the public driver interface (driver="external") -----------------------------------
     def gradients_ready(self) -> None:
