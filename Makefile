@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-portable bench install clean
+.PHONY: demo test test-portable test-avx2 bench install clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: $(TESTSTAMP)
 # The zoo's claims again under the portable (non-vectorised) CPU kernels, which round like another CPU.
 test-portable: $(TESTSTAMP)
 	ATEN_CPU_CAPABILITY=default $(PYTEST) -m zoo
+
+# ... and under an AVX2-only CPU such as an AMD EPYC: MKL's GEMM, oneDNN's convolutions and ATen's kernels
+# limited to AVX2 (on an AVX-512 machine this changes their rounding; ATEN_CPU_CAPABILITY alone does not).
+test-avx2: $(TESTSTAMP)
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PYTEST) -m zoo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
