@@ -318,9 +318,12 @@ def test_entropy_of_huge_logits_stays_exact():
     q = torch.randn(2, 3, 9, 8) * 3000
     k = torch.randn(1, 1, 1, 8) * 10 + torch.randn(2, 3, 9, 8) * 1e-3
     got = finish(head_stats(AttentionInputs(q, k, 8 ** -0.5, causal=True)))
-    s = q.double() @ k.double().transpose(-1, -2) * 8 ** -0.5
+    # the reference: the same float32 logits (their rounding, ~10⁻³ at 3·10⁴, is the input's, and differs between
+    # CPU kernel sets), then softmax and entropy in float64 -- what is under test is the entropy of given logits
+    s = (torch.matmul(q, k.transpose(-1, -2)) * 8 ** -0.5).double()
     ok = torch.ones(9, 9, dtype=torch.bool).tril()
     p = torch.softmax(s.masked_fill(~ok, -math.inf), -1)
     ref = reference(s, p)
     assert (got["attn_entropy"] >= 0).all() and got["attn_logit_max"].min() > 1e4
-    torch.testing.assert_close(got["attn_entropy"].double(), ref["attn_entropy"], rtol=0, atol=1e-4)
+    assert ref["attn_entropy"].min() > 0.05  # neither one-hot nor trivial: the rows spread over a few keys
+    torch.testing.assert_close(got["attn_entropy"].double(), ref["attn_entropy"], rtol=0, atol=1e-5)

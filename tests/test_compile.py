@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -21,6 +24,14 @@ def _train(model: nn.Module, store, name: str) -> gw.Run:
     return w.open()
 
 
+# Inductor writes C++ for the ISA it detects, not for an overridden ATen capability: measured here (AVX-512 machine,
+# torch 2.13), with ATEN_CPU_CAPABILITY=avx2 its compiled gradients differ from eager by several per cent with no
+# watch involved, and with =default its C++ build fails. The watch's agreement with eager is tested natively.
+needs_native_kernels = pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")),
+                                          reason="torch.compile under an overridden ATEN_CPU_CAPABILITY is not eager's")
+
+
+@needs_native_kernels
 def test_compiled_model_records_equal_the_eager_ones(store):
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
