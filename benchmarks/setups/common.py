@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.zoo import Trial  # the doctor's set-up protocol (the zoo keeps re-exporting it)
+from gradwatch.zoo.data import accuracy, batches  # noqa: F401  (the set-ups import them from here)
 
 # "fails": does not learn, with no gradient pathology beyond the truth module's thresholds on every seed
 # (e.g. Xiong et al.'s Post-LN without warm-up): kept out of detection precision/recall, but given to the doctor.
@@ -41,33 +42,6 @@ class BenchSetup:
 
     def __call__(self, seed: int = 0) -> Trial:
         return self.make(seed)
-
-
-def batches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Shuffled mini-batches for ever (a new permutation each epoch, from ``seed``)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            yield x[idx], y[idx]
-
-
-def accuracy(x: Tensor, y: Tensor) -> Callable[[nn.Module], float]:
-    """Held-out accuracy of a classifier (argmax over dim 1; one logit: > 0), in eval mode, restored after."""
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        was = model.training
-        model.eval()
-        try:
-            out = model(x)
-            pred = out.argmax(1) if out.dim() > 1 and out.shape[1] > 1 else (out.reshape(-1) > 0).long()
-            return float((pred == y.reshape(pred.shape)).float().mean())
-        finally:
-            model.train(was)
-
-    return evaluate
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,14 +39,19 @@ def batches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator[Batch]
 
 
 def accuracy(x: Tensor, y: Tensor) -> Callable[[nn.Module], float]:
-    """A held-out score: the model's classification accuracy on ``(x, y)``, in eval mode (its mode is restored)."""
+    """A held-out score: the model's classification accuracy on ``(x, y)``, in eval mode (its mode is restored).
+
+    Several outputs: the argmax over dim 1; one output (a binary classifier's logit): positive means class 1.
+    """
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> float:
         was = model.training
         model.eval()
         try:
-            return float((model(x).argmax(1) == y).float().mean())
+            out = model(x)
+            pred = out.argmax(1) if out.dim() > 1 and out.shape[1] > 1 else (out.reshape(-1) > 0).long()
+            return float((pred == y.reshape(pred.shape)).float().mean())
         finally:
             model.train(was)
 
