@@ -59,6 +59,21 @@ def test_dead_fraction_closed_form(batch, units, shift):
     assert float(stats.inactive) == pytest.approx(expect)
 
 
+@pytest.mark.parametrize("module", [nn.LeakyReLU(0.01), nn.LeakyReLU(0.001), nn.PReLU(init=0.005)], ids=repr)
+def test_leaky_units_on_their_negative_side_are_not_dead(module):
+    """Bug (at_circle_relu_uniform): LeakyReLU(0.01)'s slope is under 2 % of its peak, so every unit on its
+    negative side read "dead" and the doctor judged its own LeakyReLU remedy to leave dead units. A leaky unit
+    passes slope × the gradient: the reference is autograd's derivative, never 0 on either side."""
+    x = -1.0 - torch.rand(32, 6)  # every unit negative on every sample
+    xg = x.clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(module(xg).sum(), xg)
+    assert bool((d != 0).all())  # the reference: each unit passes gradient
+    stats = call_stats(activation_spec(module), module, x, module(x).detach())
+    assert float(stats.inactive) == 0.0
+    relu = nn.LeakyReLU(0.0)  # a slope of 0 is a ReLU: those units are dead
+    assert float(call_stats(activation_spec(relu), relu, x, relu(x)).inactive) == 1.0
+
+
 def test_inplace_silu_leaves_out_what_it_cannot_measure(store):
     model = nn.Sequential(nn.Linear(3, 4), nn.SiLU(inplace=True), nn.Linear(4, 1))
     with gw.watch(model, activations=1, store=store, name="silu") as w:

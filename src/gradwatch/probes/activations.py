@@ -12,7 +12,9 @@ hardtanh an input outside its linear range, and for ReLU an input ≤ 0.
 - ``dead_frac`` (ReLU-likes: ReLU, ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU,
   GELU, SiLU, Softplus, Hardswish): the fraction of units inactive on *every*
   sample of the batch. A unit is one element of a sample: dimension 0 is
-  taken to be the batch.
+  taken to be the batch. A leaky unit (LeakyReLU, PReLU with a slope ≠ 0) is
+  never dead: on its negative side it still passes slope × the gradient, however
+  small the slope, so only a derivative of exactly 0 counts as inactive there.
 - ``act_mean``, ``act_std``: mean and population standard deviation of the
   output over all its elements.
 - ``deriv_rms``: root mean square of the activation's derivative at its
@@ -125,6 +127,8 @@ _SPECS: list[tuple[type[nn.Module], str, Derivative, float | None]] = [
 
 
 NEEDS_INPUT = (nn.PReLU, nn.GELU, nn.SiLU, nn.Softplus, nn.Hardswish)
+# Piecewise-linear units with a slope on the negative side: inactive only where that slope is 0 (never dead).
+LEAKY = (nn.LeakyReLU, nn.PReLU)
 
 # Piecewise-linear units whose derivative is 0 or its peak: one boolean mask of
 # the output gives every statistic, a fast path for the common ReLU.
@@ -223,7 +227,7 @@ def call_stats(spec: ActivationSpec, module: Any, x: Tensor, y: Tensor) -> CallS
             frac = 1 - _per_unit(active).any(dim=0).to(mean.dtype).mean()
         return CallStats(mean, var, frac, on * spec.peak**2)
     d = spec.derivative(module, x, y)
-    inactive = d.abs() < INACTIVE_BELOW * spec.peak
+    inactive = d == 0 if isinstance(module, LEAKY) else d.abs() < INACTIVE_BELOW * spec.peak
     if spec.family == "bounded":
         frac = inactive.to(mean.dtype).mean()
     else:
