@@ -87,6 +87,83 @@ def test_inf_to_1e10_is_never_a_fix():
     assert verdicts.verdict(base, trial, {"nonfinite"}) != "fixes it"
 
 
+def _row(label: str, first: float, final: float, score: float = math.nan, findings: tuple[str, ...] = (),
+         critical: tuple[str, ...] = (), null: float = math.nan, by_score: bool = False) -> table.TrialResult:
+    """A row as summary() makes it from one seed's curve [first, …, final]."""
+    first_, final_, auc, learned = verdicts.curve([first] + [final] * 19)
+    return table.TrialResult(label, final_, auc, score, list(findings), 0.0, first_loss=first_, learned=learned,
+                             critical=list(critical), null_loss=null, judge_by_score=by_score)
+
+
+def test_a_scored_setup_needs_the_loss_to_halve_as_well():
+    """Bug (so_nielsen_linear_mse): clipping + lr×0.1 was "fixes it" with the loss going 279 → 2.8·10⁶ at accuracy
+    0.116 against 0.091: with a score, the verdict read the score alone (+0.02) and skipped the loss."""
+    base = _row("baseline", 278.7, math.inf, 0.091, ("nonfinite", "exploding"), ("nonfinite", "exploding"), null=0.1)
+    trial = _row("clip + lr", 278.7, 2.821e6, 0.116, null=0.1)
+    assert verdicts.verdict(base, trial, {"nonfinite", "exploding"}) != "fixes it"
+    good = _row("Xavier + lr×0.1", 0.83, 0.0511, 0.832, null=0.1)  # measured on that set-up, seed 0
+    assert verdicts.verdict(base, good, {"nonfinite", "exploding"}) == "fixes it"
+
+
+def test_new_critical_findings_and_a_chance_level_gain_are_not_a_fix():
+    """Bug (at_circle_exp): the ReLU swap was "fixes it" at accuracy 0.552 against 0.497 (chance 0.5), loss
+    0.699 → 0.689, with dead units critical that the baseline did not have (only its kinds were checked)."""
+    base = _row("baseline", math.inf, math.inf, 0.497, ("nonfinite",), ("nonfinite",), null=math.log(2))
+    swap = _row("ReLU swap", 0.699, 0.689, 0.552, ("dead_units",), ("dead_units",), null=math.log(2))
+    assert verdicts.verdict(base, swap, {"nonfinite"}) == "removes the finding; brings dead_units"
+    learning = _row("ReLU swap, learning", 0.699, 0.30, 0.86, ("dead_units",), ("dead_units",), null=math.log(2))
+    assert verdicts.verdict(base, learning, {"nonfinite"}) != "fixes it"  # learns, but brings a critical finding
+    warned = _row("ReLU swap, a warning", 0.699, 0.30, 0.86, ("dead_units",), null=math.log(2))
+    assert verdicts.verdict(base, warned, {"nonfinite"}) == "fixes it"  # a new warning is not a critical one
+
+
+def test_cross_entropy_109_to_12_is_not_a_fix():
+    """The halving rule alone was loose: a ten-class cross-entropy falling 109 → 12 halves its own first loss but
+    ends far above chance, ln 10 = 2.30, the loss of a zero output."""
+    base = _row("baseline", 109.0, 100.0, findings=("exploding",), critical=("exploding",), null=math.log(10))
+    assert verdicts.verdict(base, _row("a", 109.0, 12.0, null=math.log(10)), {"exploding"}) != "fixes it"
+    assert verdicts.verdict(base, _row("b", 109.0, 0.3, null=math.log(10)), {"exploding"}) == "fixes it"
+    # against where the baseline started: a remedy that starts 10x higher and falls back to 80 is no fix
+    assert verdicts.verdict(base, _row("c", 1090.0, 80.0), {"exploding"}) != "fixes it"
+
+
+def test_a_gan_is_judged_by_its_score_not_its_loss():
+    """A generator loss need not fall (measured: the user's GAN, non-saturating, 0.72 → 0.71 with 96 % of samples
+    at the data): a set-up with judge_by_score=True is repaired when its score is clearly better."""
+    base = _row("saturating", -0.67, -3e-5, 0.0, ("vanishing",), ("vanishing",), by_score=True)
+    fixed = _row("non-saturating", 0.716, 0.705, 0.959, by_score=True)
+    assert not fixed.learned and verdicts.verdict(base, fixed, {"vanishing"}) == "fixes it"
+    assert verdicts.verdict(base, _row("same", 0.716, 0.705, 0.03, by_score=True), {"vanishing"}) != "fixes it"
+    assert verdicts.verdict(base, _row("loss only", 0.716, 0.705, 0.959), {"vanishing"}) != "fixes it"
+
+
+def test_null_loss_is_the_loss_of_a_zero_output_and_changes_nothing():
+    """Closed forms: cross-entropy over C classes ln C, BCE on logits ln 2, MSE E[y²]; the batch is put back, and
+    running statistics, training flags and the random stream are as before."""
+    from gradwatch.trial import null_loss
+
+    x, y = torch.randn(64, 5), torch.randint(0, 7, (64,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 7))
+    trial = Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), iter([(x, y)]), nn.functional.cross_entropy)
+    model[2].eval()  # a flag of the user's own: kept
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert null_loss(trial) == pytest.approx(math.log(7), rel=1e-6)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and model[1].training and not model[2].training
+    assert next(trial.batches)[0] is x  # put back
+    yb = torch.randint(0, 2, (32, 1)).float()
+    bce = Trial(nn.Linear(3, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), iter([(torch.randn(32, 3), yb)]),
+                nn.functional.binary_cross_entropy_with_logits)
+    assert null_loss(bce) == pytest.approx(math.log(2), rel=1e-6)
+    yr = 3 * torch.randn(32, 2)
+    mse = Trial(nn.Linear(3, 2), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), iter([(torch.randn(32, 3), yr)]),
+                nn.functional.mse_loss)
+    assert null_loss(mse) == pytest.approx(float((yr**2).mean()), rel=1e-6)
+    assert math.isnan(null_loss(Trial(nn.Linear(3, 2), mse.optimizer, iter(()), nn.functional.mse_loss)))
+
+
 # --- 2. remedies addressed by key ----------------------------------------------------------------------
 
 
@@ -274,7 +351,7 @@ def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
         left = [kind for key, kind in findings.items() if key not in trial.flags]
         curve = [2.0] * steps if left else [2.0] + [0.1] * (steps - 1)
         diag = Diagnosis([_finding(kind, key) for key, kind in findings.items() if kind in left])
-        return curve, math.nan, left, diag
+        return trial_run.TrialRun(curve, math.nan, left, diag)
 
     monkeypatch.setattr(trial_run, "run_trial", run)
     report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
@@ -284,6 +361,32 @@ def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
     assert all(t.verdict != "fixes it" for t in report.trials if t.rounds < 3)
     assert all(len(set(t.parts)) == t.rounds for t in report.trials)  # no remedy twice in one combination
     assert "iterative repair, at most 3 rounds" in str(report)
+
+
+def test_iterative_repair_follows_what_a_remedy_brought(monkeypatch):
+    """Bug (at_blob_exp): the ReLU swap removed the NaN but brought dead units and vanishing, which the old rounds
+    never looked at (only the baseline's kinds). The swap's own new finding names ReZero; only both together learn."""
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"swap_overflow": [flag("swap_overflow")],
+                                                         "rezero": [flag("rezero")]})
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+
+    def run(make, seed, steps, store, name, remedy, numbers):
+        trial = SimpleNamespace(flags=set())
+        if remedy is not None and remedy.apply(trial, numbers) is None:
+            return None
+        if "swap_overflow" not in trial.flags:  # the baseline, and ReZero alone: NaN from step 0
+            return trial_run.TrialRun([math.nan] * steps, math.nan, ["nonfinite"],
+                                      Diagnosis([_finding("nonfinite", "swap_overflow", steps=(0, steps))]))
+        if "rezero" not in trial.flags:  # the swap alone: finite, but the deep narrow net does not learn
+            return trial_run.TrialRun([2.0] * steps, math.nan, ["vanishing"], Diagnosis([_finding("vanishing", "rezero")]))
+        return trial_run.TrialRun([2.0] + [0.1] * (steps - 1), math.nan, [], Diagnosis([]))
+
+    monkeypatch.setattr(trial_run, "run_trial", run)
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    rows = {t.parts: t for t in report.trials}
+    assert rows[("swap_overflow",)].verdict == "removes the finding; brings vanishing", str(report)
+    assert rows[("swap_overflow", "rezero")].verdict == "fixes it" and report.best is rows[("swap_overflow", "rezero")]
 
 
 # --- end to end: the issue's step-0 overflow, through gw.doctor ----------------------------------------

@@ -9,7 +9,9 @@ The user's data: one 2-D Gaussian, N((6, 6), 0.5² I), far from where a fresh
 generator puts its samples. The trial is the user's own class (not
 ``gradwatch.zoo.GANTrial``); it follows the doctor's documented protocol:
 ``model``/``optimizer`` are the generator's, ``step()`` trains both nets,
-and the boolean ``nonsaturating`` says which generator loss it uses.
+the boolean ``nonsaturating`` says which generator loss it uses, and
+``judge_by_score=True`` says that its loss does not show learning (the
+held-out fraction of samples near the data does).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class UserGAN(Trial):
         self.nonsaturating = nonsaturating
         self.rng = torch.Generator().manual_seed(seed)
         super().__init__(g, torch.optim.SGD(g.parameters(), lr=0.05), iter(()),
-                         nn.functional.mse_loss, self.near_data)
+                         nn.functional.mse_loss, self.near_data, judge_by_score=True)
 
     def step(self) -> Tensor:
         """K discriminator steps, then one generator step; returns the generator's loss."""

@@ -30,13 +30,25 @@ learning-rate schedule or the loss read what the trial says about itself:
   −log D(G(z)). The non-saturating remedy sets it to ``True``; a trial without
   the attribute is not a GAN and the remedy does not apply
   (``gradwatch.zoo.GANTrial`` is one such trial).
-- **score** — ``evaluate(model) -> float``, a held-out score (higher is
-  better): the doctor's verdict prefers it to the training loss.
+- **score** — ``evaluate(model) -> float``, a held-out score, higher is
+  better, on a scale where 1 is perfect (accuracy, R², modes covered): where a
+  set-up has one, a remedy must raise it by at least 0.05 to count as a fix.
+- **what learning means** — by default the training loss: a fix must bring
+  each seed's final loss (mean of the last 10 % of steps) to at most half its
+  own first finite loss, at most half where the untouched set-up started, and
+  below :func:`null_loss` (the loss of a model that outputs zeros: chance for
+  cross-entropy). A set-up whose loss does not show learning says so with
+  ``judge_by_score=True``; then the held-out score alone decides. A GAN is the
+  case in point: its generator loss measures the generator against a
+  discriminator that learns too, so it need not fall while the samples reach
+  the data (Goodfellow et al. 2014, §3; the saturating loss is negative and
+  rises towards 0 as the generator loses). ``gradwatch.zoo.GANTrial`` sets it.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -56,6 +68,7 @@ class Trial:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     evaluate: Callable[[nn.Module], float] | None = None  # held-out score (higher is better), if the task has one
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every optimizer step
+    judge_by_score: bool = False  # the loss does not show learning (a GAN's): the doctor reads ``evaluate`` alone
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:  # a post-hook, so that a subclass's own step() runs it too
@@ -98,3 +111,33 @@ def peek(trial: Any, n: int) -> list[Any]:
         pass
     trial.batches = itertools.chain(taken, trial.batches)
     return taken
+
+
+@torch.no_grad()
+def null_loss(trial: Any) -> float:
+    """The loss of a model that outputs zeros, on the trial's next batch (put back): a sane ceiling for a fix.
+
+    For cross-entropy on logits it is chance, ln(classes); for a sigmoid output with binary cross-entropy ln 2;
+    for mean squared error E[y²]. The model runs once in eval mode to learn its output's shape (no running
+    statistic, random number or training flag changes). NaN where it cannot be computed: no ``(inputs,
+    targets)`` batches, an output that is not a float tensor, a loss that fails or is not finite.
+    """
+    taken = peek(trial, 1)
+    if not taken or not isinstance(taken[0], (tuple, list)) or len(taken[0]) < 2:
+        return math.nan
+    x, y = taken[0][0], taken[0][1]
+    model = trial.model
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = model(x)
+            if not isinstance(out, Tensor) or not out.is_floating_point():
+                return math.nan
+            value = float(trial.loss_fn(torch.zeros_like(out), y))
+    except Exception:  # noqa: BLE001 — a set-up whose loss takes more than (output, target): no ceiling
+        return math.nan
+    finally:
+        for m, was in modes:
+            m.training = was
+    return value if math.isfinite(value) else math.nan

@@ -10,11 +10,13 @@ remedies (:data:`LR_KEYS`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from gradwatch.diagnosis import Diagnosis
+from gradwatch.doctor.table import TrialResult
 from gradwatch.doctor import surgery as s
 from gradwatch.doctor.surgery import Chain, OnModel, TrialChange
 
@@ -117,3 +119,31 @@ def candidate_keys(diagnosis: Diagnosis) -> list[str]:
             if key not in keys:
                 keys.append(key)
     return keys
+
+
+def next_round(done: list[tuple[Remedy, TrialResult]], diagnosis: Diagnosis, catalog: dict[str, list[Remedy]],
+               tried: set[tuple[str, ...]], most: int = 3) -> list[Remedy]:
+    """Iterative repair: each remedy that removed some of the baseline's findings, but left some or brought new
+    ones, combined with the first untried remedy that a remaining finding names (the baseline's findings first,
+    then the trial's own new ones). The most promising rows go first (fewest findings left, then the best score
+    or the deepest fall of the loss); at most ``most`` combinations, each added to ``tried``."""
+    targets = {f.kind for f in diagnosis.problems}
+    overflow = step0_overflow(diagnosis)
+
+    def promise(row: TrialResult) -> tuple[int, bool, float]:
+        ahead = -row.score if math.isfinite(row.score) else row.final_loss / max(abs(row.first_loss), 1e-12)
+        return (len(set(row.findings)), not math.isfinite(row.final_loss), ahead if math.isfinite(ahead) else math.inf)
+
+    todo: list[Remedy] = []
+    for remedy, row in sorted(done, key=lambda d: promise(d[1])):
+        left = targets & set(row.findings)
+        brought = [f for f in row.problems if f.kind not in targets]
+        if left == targets or (not left and not brought) or row.verdict == "fixes it":
+            continue  # removed nothing, or nothing is left to name a remedy
+        follow = [(f, overflow) for f in diagnosis.problems if f.kind in left] + [(f, False) for f in brought]
+        nxt = next((c for f, over in follow for k in finding_keys(f, over) for c in catalog.get(k, [])
+                    if k not in remedy.parts and tuple(sorted(remedy.parts + (k,))) not in tried), None)
+        if nxt is not None and len(todo) < most:
+            todo.append(compose(remedy, nxt))
+            tried.add(tuple(sorted(todo[-1].parts)))
+    return todo

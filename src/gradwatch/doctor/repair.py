@@ -39,7 +39,7 @@ from gradwatch import _reference
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.doctor import catalogue, execute
-from gradwatch.doctor.catalogue import Remedy, candidate_keys, compose, finding_keys, step0_overflow
+from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult
 from gradwatch.doctor.verdicts import summary, verdict
@@ -161,7 +161,6 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
     numbers: dict[str, float] = {}
     for f in diagnosis:
         numbers.update({k: v for k, v in f.numbers.items() if k not in numbers})
-    overflow = step0_overflow(diagnosis)
     candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
     targets = {f.kind for f in diagnosis.problems}
     tried: set[tuple[str, ...]] = set()
@@ -187,19 +186,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
         if runner.stopped or runner.interrupted or rnd == MAX_ROUNDS \
                 or any(t.verdict == "fixes it" for t in report.trials):
             break
-        # Iterative repair: a remedy that removed some targeted findings but not all is combined with
-        # the first remedy that a remaining finding names (same seeds, same steps).
-        todo = []
-        for remedy, result in done:
-            left = targets & set(result.findings)
-            if not left or left == targets:
-                continue
-            nxt = next((c for f in diagnosis.problems if f.kind in left for k in finding_keys(f, overflow)
-                        for c in catalog.get(k, []) if k not in remedy.parts
-                        and tuple(sorted(remedy.parts + (k,))) not in tried), None)
-            if nxt is not None and len(todo) < 3:
-                todo.append(compose(remedy, nxt))
-                tried.add(tuple(sorted(todo[-1].parts)))
+        # Iterative repair: what a remedy left (or brought) names the next remedy to combine with it.
+        todo = catalogue.next_round(done, diagnosis, catalog, tried)
         if not todo:
             break
     base.verdict = f"findings: {', '.join(f.kind for f in diagnosis.problems)}"

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis.findings import Finding
 
 MAX_ROUNDS = 3  # iterative repair: at most this many remedies combined
 
@@ -23,6 +24,10 @@ class TrialResult:
     verdict: str = ""
     first_loss: float = math.nan  # the run's first finite loss (mean over seeds; inf when none was finite)
     learned: bool = False  # every seed's final loss is at most half its own first finite loss
+    critical: list[str] = field(default_factory=list)  # kinds of its critical findings (union over seeds)
+    problems: tuple[Finding, ...] = ()  # its problem findings, the first of each kind over seeds (what to try next)
+    null_loss: float = math.nan  # the loss of a zero output (mean over seeds): a fix ends below it
+    judge_by_score: bool = False  # the set-up's loss does not show learning: the held-out score decides
     rounds: int = 1  # remedies combined (iterative repair: at most 3)
     parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it
     runs: tuple[str, ...] = ()  # its run stores' names under the doctor's store, one per seed

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.doctor.catalogue import Remedy
-from gradwatch.trial import SetupFn
+from gradwatch.trial import SetupFn, null_loss
 from gradwatch.watching import watch
 
 
@@ -27,6 +27,8 @@ class TrialRun(NamedTuple):
     score: float  # held-out score after training (higher is better); NaN when the set-up has none
     findings: list[str]  # the kinds of the diagnosis's problems
     diagnosis: Diagnosis
+    null_loss: float = math.nan  # the loss of a zero output on the first batch (gradwatch.trial.null_loss)
+    judge_by_score: bool = False  # the set-up says its loss does not show learning: the score decides
 
 
 def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
@@ -41,6 +43,7 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
         trial = applied
     # fused nn.RNN/GRU/LSTM: re-run unrolled; otherwise the watch's default finds cells called in a Python loop
     temporal: bool | str = True if any(isinstance(m, nn.RNNBase) for m in trial.model.modules()) else "auto"
+    null = null_loss(trial)
     losses: list[float] = []
     with watch(trial.model, trial.optimizer, store=store, name=name, overwrite=True, temporal=temporal) as w:
         for _ in range(steps):
@@ -49,4 +52,5 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
             losses.append(float(loss))
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose()
-    return TrialRun(losses, score, [f.kind for f in diagnosis.problems], diagnosis)
+    return TrialRun(losses, score, [f.kind for f in diagnosis.problems], diagnosis, null,
+                    bool(getattr(trial, "judge_by_score", False)))

@@ -1,4 +1,21 @@
-"""Verdicts on measured trials: a loss curve summarised, a remedy's row against the baseline's."""
+"""Verdicts on measured trials: a loss curve summarised, a remedy's row against the baseline's.
+
+"fixes it" needs all of (what the doctor calls a repair, and nothing less):
+
+- **the findings gone** — no problem finding of a kind the baseline had, and no
+  *critical* finding of a new kind (a remedy that trades vanishing for dead
+  units has not repaired the net);
+- **a finite loss** — the mean of the last 10 % of steps, every seed;
+- **real learning** — every seed's final loss at most half its own first finite
+  loss (:data:`LEARNED_BELOW`); the mean final loss at most half where the
+  untouched baseline started (so inf → 10¹⁰, or a remedy that starts higher
+  and merely falls back, is no repair) and below the loss of a zero output
+  (:func:`gradwatch.trial.null_loss`: chance for cross-entropy, so 109 → 12 on
+  ten classes is no repair); and where the set-up has a held-out score, that
+  score at least :data:`SCORE_MARGIN` above the baseline's. A set-up that says
+  its loss does not show learning (``Trial.judge_by_score``: a GAN's generator
+  loss) is judged by the score alone.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +27,7 @@ from gradwatch.doctor.table import TrialResult
 from gradwatch.doctor.trial_run import TrialRun
 
 LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction of the run's first finite loss
+SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least this much above the baseline's
 
 
 def curve(losses: list[float]) -> tuple[float, float, float, bool]:
@@ -25,34 +43,58 @@ def curve(losses: list[float]) -> tuple[float, float, float, bool]:
 
 
 def summary(label: str, runs: list[TrialRun], seconds: float) -> TrialResult:
-    curves = [curve(losses) for losses, _, _, _ in runs]
-    kinds = sorted({k for _, _, ks, _ in runs for k in ks})
+    """One row from a remedy's (or the baseline's) runs, one per seed: means over seeds, findings over all."""
+    curves = [curve(run.losses) for run in runs]
+    kinds = sorted({k for run in runs for k in run.findings})
+    problems: dict[str, object] = {}
+    for run in runs:
+        for f in run.diagnosis.problems:
+            problems.setdefault(f.kind, f)
+    critical = sorted({f.kind for run in runs for f in run.diagnosis.problems if f.severity == "critical"})
+    nulls = [run.null_loss for run in runs if math.isfinite(run.null_loss)]
     return TrialResult(label, float(np.mean([c[1] for c in curves])), float(np.mean([c[2] for c in curves])),
-                       float(np.mean([s for _, s, _, _ in runs])), kinds, seconds,
-                       first_loss=float(np.mean([c[0] for c in curves])), learned=all(c[3] for c in curves))
+                       float(np.mean([run.score for run in runs])), kinds, seconds,
+                       first_loss=float(np.mean([c[0] for c in curves])), learned=all(c[3] for c in curves),
+                       critical=critical, problems=tuple(problems.values()),  # type: ignore[arg-type]
+                       null_loss=float(np.mean(nulls)) if nulls else math.nan,
+                       judge_by_score=any(run.judge_by_score for run in runs))
+
+
+def learns(base: TrialResult, trial: TrialResult) -> bool:
+    """Real learning, measured (the module's docstring): the loss tests unless the set-up is judged by its score,
+    and a clearly better held-out score wherever both rows have one."""
+    scored = math.isfinite(base.score) and math.isfinite(trial.score)
+    better_score = scored and trial.score >= base.score + SCORE_MARGIN
+    if trial.judge_by_score:
+        return better_score
+    if not (trial.learned and math.isfinite(trial.final_loss)):
+        return False
+    if math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
+        return False
+    null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
+    if math.isfinite(null) and trial.final_loss >= null:
+        return False
+    return better_score or not scored
 
 
 def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
-    """Judged only on what was measured: the findings left, the loss curve, the held-out score.
-
-    "fixes it" needs all three: the targeted findings gone, a finite final loss, and real learning — a better
-    held-out score where the set-up has one, otherwise a final loss at most half the trial's own first finite
-    loss and no higher than where the untouched baseline started (so inf → 10¹⁰ is never a repair).
-    """
-    gone = not (targets & set(trial.findings))
-    if not math.isfinite(trial.final_loss):
+    """Judged only on what was measured: the findings left or brought, the loss curve, the held-out score."""
+    if not math.isfinite(trial.final_loss) and not trial.judge_by_score:
         return "worse (diverged)"
-    if math.isfinite(base.score) and math.isfinite(trial.score):
-        better = trial.score > base.score + 0.02
-        worse = trial.score < base.score - 0.02
-        learns = better
+    left = targets & set(trial.findings)
+    brought = sorted(set(trial.critical) - set(base.findings))  # critical findings of kinds the baseline had not
+    scored = math.isfinite(base.score) and math.isfinite(trial.score)
+    if scored:
+        better, worse = trial.score >= base.score + SCORE_MARGIN, trial.score <= base.score - SCORE_MARGIN
     else:
         better = trial.final_loss < 0.9 * base.final_loss
         worse = trial.final_loss > 1.1 * base.final_loss
-        learns = trial.learned and not (math.isfinite(base.first_loss) and trial.final_loss > base.first_loss)
-    if gone and learns:
+    learned = learns(base, trial)
+    if not left and not brought and learned:
         return "fixes it"
-    if gone and not worse:
+    if not left and brought:
+        return f"removes the finding; brings {', '.join(brought)}"
+    if not left and not worse:
         return "removes the finding; does not learn" if not trial.learned else "removes the finding; no better"
     if better:
         return "helps; finding remains"

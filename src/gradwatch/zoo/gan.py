@@ -71,7 +71,8 @@ class GANTrial(Trial):
         self.centers, self.std, self.nonsaturating = centers, std, nonsaturating
         self.d_steps = D_STEPS
         self.gen = torch.Generator().manual_seed(seed)
-        super().__init__(generator, g_opt, iter(()), nn.functional.mse_loss, self._evaluate)
+        # judge_by_score: the generator loss need not fall while the samples reach the modes (gradwatch.trial)
+        super().__init__(generator, g_opt, iter(()), nn.functional.mse_loss, self._evaluate, judge_by_score=True)
 
     def _real(self, n: int) -> Tensor:
         idx = torch.randint(len(self.centers), (n,), generator=self.gen)
