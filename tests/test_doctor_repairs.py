@@ -318,6 +318,101 @@ def test_fixup_finds_residual_blocks_of_the_users_own_class():
     assert head.weight.abs().sum() > 0  # not a branch: left as it was
 
 
+def test_fixup_rescales_the_branches_other_layers():
+    """Bug (fixup_resmlp30_he): the doctor's Fixup zeroed each branch's last layer but did not rescale the first by
+    L^(−1/(2m−2)) (Zhang et al. 2019, §3 rule 2), and its trial diverged where a real Fixup trains. Closed form:
+    30 branches of m = 2 layers, so fc1 × 30^(−1/2); m = 3 layers, so the first two × 30^(−1/4)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    net = nn.Sequential(nn.Sequential(*[_Block() for _ in range(30)]), nn.Linear(8, 3))
+    before = [b.fc1.weight.clone() for b in net[0]]
+    _one("fixup").apply(_trial(net, x, torch.zeros(16, 3)), {})
+    for b, w in zip(net[0], before):
+        torch.testing.assert_close(b.fc1.weight, w * 30 ** -0.5)
+    three = nn.Sequential(*[Residual(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                                   nn.Linear(8, 8))) for _ in range(30)])
+    firsts = [[r.block[0].weight.clone(), r.block[2].weight.clone()] for r in three]
+    _one("fixup").apply(_trial(three, x, x), {})
+    for r, (w0, w2) in zip(three, firsts):
+        torch.testing.assert_close(r.block[0].weight, w0 * 30 ** -0.25)
+        torch.testing.assert_close(r.block[2].weight, w2 * 30 ** -0.25)
+        assert r.block[4].weight.abs().sum() == 0
+
+
+def test_standardisation_of_sequence_first_inputs_averages_over_time_and_batch():
+    """Bug (pascanu_rnn_radius25): the statistics averaged over dimension 0, taking a (T, B, F) input for batch-first:
+    (1, B, F) statistics, wrong as statistics and fatal on a held-out batch of another size (the doctor crashed)."""
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.out = nn.RNNCell(2, 6), nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, B, 2)
+            h = x.new_zeros(x.shape[1], 6)
+            for t in range(x.shape[0]):
+                h = self.cell(x[t], h)
+            return self.out(h)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(3 + 5 * torch.randn(7, 4, 2, generator=g), torch.randn(4, 1, generator=g)) for _ in range(8)]
+    trial = Trial(Loop(), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), iter(data), nn.functional.mse_loss)
+    trial = _one("standardise_inputs").apply(trial, {})
+    xs = torch.cat([x for x, _ in data], dim=1)  # the reference: every (t, b) sample of each feature
+    norm = trial.model.norm
+    assert norm.mean.shape == (1, 1, 2)
+    torch.testing.assert_close(norm.mean.reshape(2), xs.reshape(-1, 2).mean(0))
+    torch.testing.assert_close(norm.std.reshape(2), xs.reshape(-1, 2).std(0))
+    assert trial.model(torch.randn(7, 256, 2)).shape == (256, 1)  # a held-out batch of another size
+    assert next(trial.batches)[0] is data[0][0]  # the batches are put back, unchanged
+
+
+class _CellLoop(nn.Module):
+    """A tanh RNN cell called once per time step (x: (T, B, 3)), and a readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.out = nn.RNNCell(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[1], 5)
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+        return self.out(h)
+
+
+def test_recurrent_remedies_apply_to_an_rnn_cell_in_a_loop():
+    """Bug (pascanu_rnncell_loop): orthogonal_rnn, gated and irnn acted on fused nn.RNN only, so a hand-unrolled cell
+    got none of them; pascanu_reg and irnn had no catalogue entry. References: W_hh·W_hhᵀ = I after SGD steps; the
+    GRU cell's output against torch's own GRUCell; IRNN's identity W_hh and ReLU against a hand-written step."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, 3), torch.randn(4, 1)
+    assert "irnn" in catalogue.catalog() and catalogue.catalog()["pascanu_reg"] == []  # known; not automatic
+    trial = _one("orthogonal_rnn").apply(_trial(_CellLoop(), x, y), {})
+    for _ in range(3):
+        nn.functional.mse_loss(trial.model(x), y).backward()
+        trial.optimizer.step()
+        trial.optimizer.zero_grad()
+    w = trial.model.cell.weight_hh
+    torch.testing.assert_close(w @ w.T, torch.eye(5), atol=1e-5, rtol=0)
+    gated = _one("gated").apply(_trial(_CellLoop(), x, y), {}).model
+    assert isinstance(gated.cell, nn.GRUCell)
+    h = torch.zeros(4, 5)
+    for t in range(6):
+        h = torch.gru_cell(x[t], h, gated.cell.weight_ih, gated.cell.weight_hh, gated.cell.bias_ih, gated.cell.bias_hh)
+    torch.testing.assert_close(gated(x), gated.out(h))
+    irnn = _one("irnn").apply(_trial(_CellLoop(), x, y), {}).model
+    assert torch.equal(irnn.cell.weight_hh, torch.eye(5)) and irnn.cell.bias_hh.abs().sum() == 0
+    h = torch.zeros(4, 5)
+    for t in range(6):
+        h = torch.relu(x[t] @ irnn.cell.weight_ih.T + h)
+    torch.testing.assert_close(irnn(x), irnn.out(h))
+    fused = nn.RNN(3, 5)
+    _one("irnn").apply(_trial(nn.ModuleList([fused]), x, y), {})
+    out, _ = fused(x)
+    assert float(out.detach().min()) >= 0  # the fused kernel runs ReLU too
+
+
 def test_identity_init_for_deep_linear_and_recurrent_nets():
     torch.manual_seed(0)
     x = torch.randn(16, 8)

@@ -89,7 +89,11 @@ def catalog() -> dict[str, list[Remedy]]:
         "warmup": one("warmup", "learning-rate warm-up (LinearLR)", s.warmup),
         "param_groups": one("param_groups", "one learning rate for every group", s.unify),
         "orthogonal_rnn": one("orthogonal_rnn", "orthogonal recurrent weights", OnModel(s.orthogonal_rnn)),
-        "gated": one("gated", "LSTM in place of the RNN", OnModel(s.gated)),
+        "gated": one("gated", "gated recurrence (LSTM for nn.RNN, GRUCell for a cell)", OnModel(s.gated)),
+        "irnn": one("irnn", "IRNN: ReLU, identity recurrent weights", OnModel(s.irnn)),
+        # Pascanu's regulariser Ω changes the loss through the unrolled states (gradwatch.remedies.pascanu_regularizer):
+        # a set-up's own step() computes its loss, so the doctor cannot add Ω to it; the finding still names it.
+        "pascanu_reg": [],
         "forget_bias": one("forget_bias", "LSTM forget-gate bias 1", OnModel(s.forget_bias)),
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", s.nonsaturating),
     }

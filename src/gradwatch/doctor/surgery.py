@@ -93,16 +93,31 @@ def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
 
 
 def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """The model behind a standardisation of its inputs, fitted on the trial's next 8 batches."""
+    """The model behind a standardisation of its inputs, fitted on the trial's next 8 batches.
+
+    Per-feature statistics average over the batch dimension and every dimension before it: the batch is the
+    dimension of the inputs as long as the targets' first (dimension 0 when both agree, as for batch-first
+    data; dimension 1 for a sequence-first (T, B, F) input, whose statistics then average over time too).
+    """
     batches = peek(trial, 8)
-    xs = [b[0] for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
-    if not xs or not xs[0].is_floating_point() or xs[0].dim() < 2:
+    pairs = [b for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
+    if not pairs or not pairs[0][0].is_floating_point() or pairs[0][0].dim() < 2:
         return None
-    x = torch.cat(xs)  # (N, *features)
-    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
+    at = batch_dim(pairs[0][0], pairs[0][1] if len(pairs[0]) > 1 else None)
+    x = torch.cat([b[0] for b in pairs], dim=at)  # (*leading, N, *features)
+    over = tuple(range(at + 1))
+    mean, std = x.mean(over, keepdim=True), x.std(over, keepdim=True)  # (1, …, 1, *features)
     std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))  # constant features: shift only
     trial.model = Standardised(Standardise(mean, std), trial.model)
     return trial
+
+
+def batch_dim(x: torch.Tensor, y: Any) -> int:
+    """The batch dimension of inputs ``x``: 0 unless only a later dimension has the size of the targets' first."""
+    if not isinstance(y, torch.Tensor) or y.dim() == 0 or x.shape[0] == y.shape[0]:
+        return 0
+    same = [d for d in range(1, x.dim() - 1) if x.shape[d] == y.shape[0]]
+    return same[0] if len(same) == 1 else 0
 
 
 def nonsaturating(trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -196,15 +211,34 @@ def pre_ln(m: nn.Module) -> nn.Module | None:
 
 
 def fixup(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """Fixup on the residual blocks gradwatch knows, else on the user's own blocks, found by what they compute."""
+    """Fixup (Zhang et al. 2019, §3) on the residual blocks gradwatch knows, else on the user's own blocks, found
+    by what they compute: each branch's last layer starts at 0 and its other weighted layers are rescaled by
+    L^(−1/(2m−2)), L the number of branches and m the weighted layers in each (rule 2 of their Fixup)."""
     m = trial.model
-    if any(isinstance(x, (r.ResidualBlock, r.Residual)) for x in m.modules()):
+    own = [x for x in m.modules() if isinstance(x, (r.ResidualBlock, r.Residual))]
+    if own:
         r.fixup_zero_init(m, inplace=True)
-        return trial
-    batches = peek(trial, 1)
-    if not batches or not isinstance(batches[0], (tuple, list)) or not isinstance(batches[0][0], torch.Tensor):
+        branches = [x.block if isinstance(x, r.Residual) else x for x in own]
+    else:
+        batches = peek(trial, 1)
+        if not batches or not isinstance(batches[0], (tuple, list)) or not isinstance(batches[0][0], torch.Tensor):
+            return None
+        branches = zero_residual_branches(m, batches[0][0])
+    if not branches:
         return None
-    return trial if zero_residual_branches(m, batches[0][0]) else None
+    fixup_rescale(branches)
+    return trial
+
+
+@torch.no_grad()
+def fixup_rescale(branches: list[nn.Module]) -> None:
+    """Fixup's rescaling: every weighted layer of a branch but its last (zero) one × L^(−1/(2m−2))."""
+    L = len(branches)
+    for branch in branches:
+        layers = [c for c in branch.modules() if isinstance(c, WEIGHTED)]
+        if len(layers) >= 2:
+            for layer in layers[:-1]:
+                layer.weight.mul_(L ** (-1.0 / (2 * len(layers) - 2)))
 
 
 def rezero(m: nn.Module) -> nn.Module | None:
@@ -237,9 +271,29 @@ def identity_init(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 
 def orthogonal_rnn(m: nn.Module) -> nn.Module | None:
-    rnns = [x for x in m.modules() if isinstance(x, nn.RNN)]
+    """Recurrent weights kept orthogonal, on fused vanilla RNNs and on RNN cells called in a Python loop."""
+    rnns = [x for x in m.modules() if isinstance(x, (nn.RNN, nn.RNNCell))]
     for x in rnns:
         r.orthogonal_recurrent(x)
+    return m if rnns else None
+
+
+@torch.no_grad()
+def irnn(m: nn.Module) -> nn.Module | None:
+    """IRNN (Le, Jaitly & Hinton 2015) in place: each vanilla RNN or RNN cell becomes ReLU with identity W_hh,
+    zero biases and input weights N(0, 0.001²)."""
+    rnns = [x for x in m.modules() if isinstance(x, (nn.RNN, nn.RNNCell))]
+    for x in rnns:
+        x.nonlinearity = "relu"
+        if isinstance(x, nn.RNN):
+            x.mode = "RNN_RELU"  # the fused kernel reads the mode, fixed at construction
+        for name, p in x.named_parameters():
+            if name.startswith("weight_hh"):
+                p.copy_(torch.eye(p.shape[0], dtype=p.dtype))
+            elif name.startswith("bias"):
+                p.zero_()
+            else:
+                nn.init.normal_(p, std=0.001)
     return m if rnns else None
 
 
@@ -251,8 +305,10 @@ def forget_bias(m: nn.Module) -> nn.Module | None:
 
 
 def gated(m: nn.Module) -> nn.Module | None:
-    """Every vanilla RNN replaced by an LSTM of the same shape, forget-gate bias 1."""
-    if not any(isinstance(x, nn.RNN) for x in m.modules()):
+    """Gates in place of the vanilla recurrence: a fused RNN becomes an LSTM of the same shape (forget-gate bias 1);
+    an RNN cell called in a loop becomes a GRU cell, which takes and returns one state as it does (an LSTM cell
+    returns a pair, which the user's loop does not expect)."""
+    if not any(isinstance(x, (nn.RNN, nn.RNNCell)) for x in m.modules()):
         return None
     for parent in list(m.modules()):
         for name, child in list(parent.named_children()):
@@ -260,6 +316,8 @@ def gated(m: nn.Module) -> nn.Module | None:
                 lstm = nn.LSTM(child.input_size, child.hidden_size, child.num_layers, batch_first=child.batch_first,
                                bidirectional=child.bidirectional)
                 setattr(parent, name, r.lstm_forget_bias(lstm))
+            elif isinstance(child, nn.RNNCell):
+                setattr(parent, name, nn.GRUCell(child.input_size, child.hidden_size, bias=child.bias))
     return m
 
 
@@ -307,9 +365,9 @@ WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @torch.no_grad()
-def zero_residual_branches(model: nn.Module, x: torch.Tensor) -> int:
+def zero_residual_branches(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     """Fixup on residual blocks of the user's own class (Zhang et al. 2019): a block is a module whose output
-    equals its input (or relu of it) once its last weighted layer is zero; that layer stays zero. Returns how many."""
+    equals its input (or relu of it) once its last weighted layer is zero; that layer stays zero. Returns them."""
     seen: dict[int, tuple[nn.Module, Any]] = {}
     blocks = [mod for mod in model.modules() if mod is not model and list(mod.children())
               and sum(isinstance(c, WEIGHTED) for c in mod.modules()) >= 2]
@@ -322,15 +380,15 @@ def zero_residual_branches(model: nn.Module, x: torch.Tensor) -> int:
     try:
         model(x)
     except Exception:
-        return 0
+        return []
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    found = 0
-    for mod, args in seen.values():
-        if not args or not isinstance(args[0], torch.Tensor):
-            continue
+    found: list[nn.Module] = []
+    for mod, args in seen.values():  # innermost first: hooks fire as modules finish
+        if not args or not isinstance(args[0], torch.Tensor) or any(b in found for b in mod.modules()):
+            continue  # a stack of found blocks is the identity now, but it is not a branch
         last = [c for c in mod.modules() if isinstance(c, WEIGHTED)][-1]
         kept = [t.clone() for t in (last.weight, last.bias) if t is not None]
         for t in (last.weight, last.bias):
@@ -343,7 +401,7 @@ def zero_residual_branches(model: nn.Module, x: torch.Tensor) -> int:
         a = args[0]
         if (isinstance(out, torch.Tensor) and out.shape == a.shape and bool(a.abs().max() > 0)
                 and (torch.allclose(out, a) or torch.allclose(out, a.relu()))):
-            found += 1
+            found.append(mod)
         else:  # not a residual branch: restore
             for t, k in zip([t for t in (last.weight, last.bias) if t is not None], kept):
                 t.copy_(k)

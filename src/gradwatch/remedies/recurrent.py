@@ -38,17 +38,18 @@ def pascanu_regularizer(runs: list[LayerRun], loss: Tensor) -> Tensor:
     return omega
 
 
-def orthogonal_recurrent(rnn: nn.RNNBase) -> nn.RNNBase:
-    """Keep every recurrent weight orthogonal during training (in place; returns ``rnn``).
+def orthogonal_recurrent(rnn: nn.RNN | nn.RNNCell) -> nn.RNN | nn.RNNCell:
+    """Keep every recurrent weight orthogonal during training (in place; returns ``rnn``), on a fused vanilla
+    ``nn.RNN`` or an ``nn.RNNCell`` called in a loop.
 
     ``torch.nn.utils.parametrizations.orthogonal``: the weight is the image of an
     unconstrained matrix under the matrix exponential / Cayley map, so every
     optimizer step stays on the orthogonal manifold (the expRNN approach,
     Lezcano-Casado & Martínez-Rubio 2019). For gated cells each gate's block is
-    square but the stacked W_hh is not, so only vanilla RNNs are supported.
+    square but the stacked W_hh is not, so only vanilla RNNs and cells are supported.
     """
-    if not isinstance(rnn, nn.RNN):
-        raise TypeError(bad_argument("orthogonal_recurrent", "rnn", "a torch.nn.RNN (vanilla)", rnn))
+    if not isinstance(rnn, (nn.RNN, nn.RNNCell)):
+        raise TypeError(bad_argument("orthogonal_recurrent", "rnn", "a torch.nn.RNN or nn.RNNCell (vanilla)", rnn))
     from torch.nn.utils.parametrizations import orthogonal
 
     for name in [n for n, _ in rnn.named_parameters() if n.startswith("weight_hh")]:
