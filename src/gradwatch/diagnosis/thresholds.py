@@ -78,6 +78,10 @@ class Thresholds:
     # A spike must also stand 10× above the last `spike_window` steps: a net
     # whose gradient grows steadily from a small start (zero-initialised
     # residual branches, the Fixup zoo ResNet) is learning, not exploding.
+    # In a run whose loss halves, the absolute bound on the total norm counts
+    # only on steps where the norm also stands `spike_above`× above the median
+    # of its first `spike_after` steps: a loss that is large from the start
+    # (unnormalised regression targets) gives a large gradient that does not grow.
     spike_above: float = 10.0
     spike_after: int = 10
     spike_window: int = 20

@@ -96,6 +96,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "pascanu_reg": [],
         "forget_bias": one("forget_bias", "LSTM forget-gate bias 1", OnModel(s.forget_bias)),
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", s.nonsaturating),
+        "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
     }
 
 

@@ -197,6 +197,41 @@ def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def output_activation(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """A softmax (log-softmax) over a dimension of size 1 — the constant 1 (0), whose gradient is exactly 0 —
+    becomes a sigmoid (log-sigmoid), the activation a single output unit needs; found on a real batch."""
+    batches = peek(trial, 1)
+    if not batches or not isinstance(batches[0], (tuple, list)) or not isinstance(batches[0][0], torch.Tensor):
+        return None
+    constant: list[nn.Module] = []
+
+    def check(mod: nn.Module, args: tuple, out: Any) -> None:
+        dim = getattr(mod, "dim", None)
+        if isinstance(out, torch.Tensor) and out.dim() and dim is not None and out.shape[dim] == 1:
+            constant.append(mod)
+
+    soft = [m for m in trial.model.modules() if isinstance(m, (nn.Softmax, nn.LogSoftmax))]
+    hooks = [m.register_forward_hook(check) for m in soft]
+    was = trial.model.training
+    trial.model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            trial.model(batches[0][0])
+    except Exception:
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+        trial.model.train(was)
+    if not constant:
+        return None
+    for parent in list(trial.model.modules()):
+        for name, child in list(parent.named_children()):
+            if any(child is c for c in constant):
+                setattr(parent, name, nn.LogSigmoid() if isinstance(child, nn.LogSoftmax) else nn.Sigmoid())
+    return trial
+
+
 def pre_ln(m: nn.Module) -> nn.Module | None:
     """Post-LN Transformer layers made Pre-LN (``norm_first=True``), with the final norm Pre-LN needs."""
     layers = [x for x in m.modules() if isinstance(x, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
