@@ -123,3 +123,104 @@ def test_a_gan_burst_that_left_no_damage_is_not_a_problem(store, seed):
     diagnosis, trial, _ = _watched(s.make, seed, s.steps, store)
     assert trial.evaluate(trial.model) > 0.8
     assert not diagnosis.problems, str(diagnosis)
+
+
+# --- remedies that fit the architecture (issues 12 and 20) ------------------------------------------------------
+
+
+class _Stage(nn.Module):
+    """A residual block under a class name no list knows: x + W₂ relu(W₁ x)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _TwoSums(nn.Module):
+    """GPT-2's block shape, Pre-LN: y = x + f(ln₁ x); out = y + g(ln₂ y)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.f, self.ln2, self.g = nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.f(self.ln1(x))
+        return y + self.g(self.ln2(y))
+
+
+def _meta_after_one_step(model: nn.Module, x: torch.Tensor, store) -> dict:
+    with gw.watch(model, store=store, name="meta") as w:
+        with torch.no_grad():
+            model(x)  # an evaluation pass first: autograd records nothing, so nothing can be read yet
+        model(x).sum().backward()
+    return w.open().meta
+
+
+def test_residual_blocks_are_recognised_by_what_they_compute(store):
+    """Issue 20: residual blocks were recognised by class name only, so a user's own block class was told to add
+    residual connections. The watch now reads each module's autograd graph at the first recorded forward pass."""
+    x = torch.randn(4, 8, requires_grad=False)
+    users = nn.Sequential(nn.Linear(8, 8), _Stage(), _Stage(), nn.Linear(8, 2))
+    assert {"1", "2"} <= set(_meta_after_one_step(users, x, store / "a")["residual_blocks"])
+    plain = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2))
+    assert _meta_after_one_step(plain, x, store / "b")["residual_blocks"] == []
+    gpt = nn.Sequential(nn.Linear(8, 8), _TwoSums(), nn.Linear(8, 2))
+    assert "1" in _meta_after_one_step(gpt, x, store / "c")["residual_blocks"]
+    post = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False))
+    meta = _meta_after_one_step(post, torch.randn(2, 3, 8), store / "d")
+    assert {"1.layers.0", "1.layers.1"} <= set(meta["residual_blocks"]) and meta["post_ln_layers"] == 2
+    # the model is the same afterwards: the hooks are gone and training is untouched
+    assert all(not m._forward_hooks for m in users.modules())
+
+
+def _fake_run(**meta):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(meta=meta, entities=lambda kind=None: [])
+
+
+def _vanishing():
+    from gradwatch.diagnosis.findings import Finding
+    from gradwatch.diagnosis.remedies import remedies
+
+    return Finding("vanishing", "critical", ("0", "1"), (0, 90), "", "", "dead units",
+                   remedies("leaky", "zero_bias", "he_init", "lower_lr"))
+
+
+def test_a_deep_plain_net_is_told_of_residual_connections_and_a_residual_one_is_not():
+    """he_relu30_xavier: a 30-layer ReLU MLP at Xavier init was offered LeakyReLU, He init and lower rates (0.59 at
+    best), never residual connections, which the doctor's ReZero turns into 0.96. A net with skip connections found
+    by what they compute (not by class name) is never offered them."""
+    from gradwatch.diagnosis.architecture import fit_architecture
+
+    layers = [{"name": str(i), "module": "Linear"} for i in range(30)]
+    (f,) = fit_architecture([_vanishing()], _fake_run(layers=layers, module_types=["Linear", "ReLU", "Sequential"]))
+    assert f.remedy_keys[-1] == "residual"
+    (f,) = fit_architecture([_vanishing()], _fake_run(layers=layers[:6], module_types=["Linear", "ReLU"]))
+    assert "residual" not in f.remedy_keys  # six layers: not deep
+    from dataclasses import replace
+
+    from gradwatch.diagnosis.remedies import remedies
+
+    named = replace(_vanishing(), remedies=_vanishing().remedies + remedies("residual"))
+    (f,) = fit_architecture([named], _fake_run(layers=layers, module_types=["Stage", "Linear"], residual_blocks=["3"]))
+    assert "residual" not in f.remedy_keys
+
+
+def test_post_ln_without_warmup_names_warmup_and_pre_ln_first():
+    """xiong_post_ln24: 24 Post-LN layers under Adam 1e-3 with no warm-up vanish, and the finding named only
+    orthogonal init (the Adam rule starts at 3e-3). Post-LN layers without a warm-up now name warm-up and Pre-LN
+    (Xiong et al. 2020); with a warm-up under way (lr below its scheduler's base) they do not."""
+    from gradwatch.diagnosis.architecture import fit_architecture
+
+    base = dict(post_ln_layers=24, optimizer="Adam", optimizer_lr=1e-3, module_types=["TransformerEncoderLayer"])
+    (f,) = fit_architecture([_vanishing()], _fake_run(**base))
+    assert f.remedy_keys[:2] == ("warmup", "pre_ln") and "Xiong et al. 2020" in f.cause
+    (f,) = fit_architecture([_vanishing()], _fake_run(**{**base, "optimizer_lr": 1e-5, "optimizer_initial_lr": 1e-3}))
+    assert "pre_ln" not in f.remedy_keys
+    (f,) = fit_architecture([_vanishing()], _fake_run(**{**base, "post_ln_layers": 0}))
+    assert "pre_ln" not in f.remedy_keys

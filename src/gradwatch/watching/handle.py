@@ -27,6 +27,7 @@ from gradwatch.layers import anatomy
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import run_metadata
+from gradwatch.watching.residual import ResidualSeen
 from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
@@ -243,6 +244,7 @@ class Watch:
         }
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         self._handles += self._driver.place()
+        self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
         steps.start(self)
 
     def forward_hooks(self, wanted: frozenset[str]) -> None:

@@ -43,6 +43,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
         # normalisation, activation types) to propose only remedies it does not already have.
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
+        # Post-LN Transformer layers (norm_first=False), which need a learning-rate warm-up (Xiong et al. 2020).
+        "post_ln_layers": sum(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                              and not m.norm_first for m in model.modules()),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
 
