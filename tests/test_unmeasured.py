@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import torch
 from torch import nn
 
@@ -68,6 +70,10 @@ def test_a_dropped_output_hook_is_reported_unmeasured(tmp_path):
     line_a = next(line for line in text.splitlines() if line.startswith("a "))
     assert "‖∂L/∂a‖ unmeasured" in line_a
     assert " ".join(UNMEASURED_NOTE.split()[:6]) in " ".join(text.split())
+    page = watch.report(tmp_path / "report.html").read_text()  # the HTML report says the same (issue 20)
+    row_a = next(r for r in page.split("<tr>") if r.startswith("<td>a</td>"))
+    assert 'class="unmeasured"' in row_a and 'id="unmeasured-note"' in page
+    assert html.escape(UNMEASURED_NOTE) in page
 
 
 def test_no_unmeasured_note_when_every_hook_fires(tmp_path):
@@ -78,6 +84,8 @@ def test_no_unmeasured_note_when_every_hook_fires(tmp_path):
     with gw.open_run(watch.path) as run:
         assert not any(r.unmeasured for r in layer_rows(run))
     assert "unmeasured" not in watch.summary()
+    page = watch.report(tmp_path / "report.html").read_text()
+    assert 'class="unmeasured"' not in page and "unmeasured-note" not in page
 
 
 def test_the_root_module_is_named_root_in_findings():

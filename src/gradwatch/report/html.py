@@ -12,7 +12,7 @@ from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import FINDINGS_CSS, sci
 from gradwatch import plots
 from gradwatch.diagnosis.measures import by_lag, total_grad_norm
-from gradwatch.report.rows import layer_rows
+from gradwatch.report.rows import UNMEASURED_NOTE, layer_rows
 from gradwatch.store import Run, Series
 
 _CSS = FINDINGS_CSS + """
@@ -23,6 +23,7 @@ h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top
 table { border-collapse: collapse; font-size: 12px; } th, td { padding: 2px 8px; text-align: right; }
 th { border-bottom: 1px solid #999; } td:first-child, th:first-child, td.l { text-align: left; }
 tr:nth-child(even) { background: #f6f6f6; } .bad { background: #d0021b; color: white; font-weight: 700; }
+.unmeasured { color: #b35900; }
 .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 0 1.5em; }
 figure svg { width: 100%; height: auto; }
 """
@@ -40,16 +41,20 @@ def _table(run: Run) -> str:
     head = "<tr><th>layer</th><th>module</th><th>‖∂L/∂W‖</th><th>trend</th><th>‖∂L/∂a‖</th><th>update ratio</th>" \
            "<th>activation</th><th>saturated</th><th>dead</th><th>NaN/Inf</th></tr>"
     rows = []
-    for r in layer_rows(run):
+    layers = layer_rows(run)
+    for r in layers:
         bad = ' class="bad"' if r.nonfinite > 0 else ""
+        out = '<span class="unmeasured" title="see the note below the table">unmeasured</span>' if r.unmeasured \
+            else _num(r.out_grad_norm)
         rows.append(
             f"<tr><td>{_e(r.name or '(root)')}</td><td class=l>{_e(r.module)}</td><td>{_num(r.grad_norm)}</td>"
-            f"<td>{'–' if r.trend != r.trend else '×' + sci(r.trend)}</td><td>{_num(r.out_grad_norm)}</td>"
+            f"<td>{'–' if r.trend != r.trend else '×' + sci(r.trend)}</td><td>{out}</td>"
             f"<td>{_num(r.update_ratio)}</td><td class=l>{_e(r.activation)}</td>"
             f"<td>{'' if r.saturated != r.saturated else f'{r.saturated:.0%}'}</td>"
             f"<td>{'' if r.dead != r.dead else f'{r.dead:.0%}'}</td><td{bad}>{int(r.nonfinite) or ''}</td></tr>"
         )
-    return f'<table id="layers">{head}{"".join(rows)}</table>'
+    note = f'<p class="meta" id="unmeasured-note">{_e(UNMEASURED_NOTE)}</p>' if any(r.unmeasured for r in layers) else ""
+    return f'<table id="layers">{head}{"".join(rows)}</table>{note}'
 
 
 def _figure(fig_id: str, svg: str, caption: str) -> str:
