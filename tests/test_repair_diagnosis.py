@@ -224,3 +224,29 @@ def test_post_ln_without_warmup_names_warmup_and_pre_ln_first():
     assert "pre_ln" not in f.remedy_keys
     (f,) = fit_architecture([_vanishing()], _fake_run(**{**base, "post_ln_layers": 0}))
     assert "pre_ln" not in f.remedy_keys
+
+
+def test_an_ongoing_findings_onset_survives_one_noisy_sample(store):
+    """Issue 20: "since step N" came from raw per-step flags, so one sample back above the cut moved the onset to
+    after it. A chain of orthogonal layers whose first layer is scaled ×10⁻⁴ from step 10 on (one step, 25, back
+    at ×1): the first/last ratio is exactly that scale, so the onset is step 10."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 16, bias=False) for _ in range(6)]
+    for lin in layers:
+        nn.init.orthogonal_(lin.weight)
+    model = nn.Sequential(*layers)
+    w0 = layers[1].weight.detach().clone()  # ‖∂L/∂a₀‖ = scale · ‖∂L/∂a₁‖ (a₁ = W₁ a₀)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scale = {s: 1.0 if s < 10 or s == 25 else 1e-4 for s in range(40)}
+    with gw.watch(model, opt, activations=1, store=store, name="onset") as w:
+        for step in range(40):
+            with torch.no_grad():
+                layers[1].weight.copy_(w0 * scale[step])
+            opt.zero_grad()
+            model(torch.randn(32, 16)).pow(2).sum().backward()
+            opt.step()
+    s = w.open().series("out_grad_norm")
+    ratio = s.values[0] / s.values[-1]
+    assert ratio[25] > 1e-3 and ratio[24] < 1e-3  # the stored ratio: one sample back above the cut
+    (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]
+    assert f.steps[0] == 10, f.summary

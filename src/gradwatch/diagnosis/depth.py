@@ -116,7 +116,9 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
     k = _halving(prof, upto)
     cause, sources = _cause(run, prof, upto, th, vanishing)
     numbers = cause.numbers
-    start = since(prof.ratio < th.vanish_below if vanishing else prof.ratio > th.explode_above, prof.steps)
+    seen = np.isfinite(prof.ratio)  # samples where both ends were measured
+    start = since(prof.ratio[seen] < th.vanish_below if vanishing else prof.ratio[seen] > th.explode_above,
+                  prof.steps[seen], th.window)
     at = (f"‖∂L/∂a‖ at layer {layer_name(prof.names[0])} is {sci(first)} against {sci(last)} at layer "
           f"{layer_name(prof.names[-1])}{caveat}")
     if vanishing:

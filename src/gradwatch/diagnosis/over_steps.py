@@ -214,7 +214,7 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th, least=th.spike_after + 1)
     if ends is not None and ends[1] < ends[0] and abs(ends[1]) < th.vanish_below * abs(ends[0]):
         return []  # converged (the loss fell to ~0): a vanishing gradient is what a minimum looks like
-    start = since(total < th.vanish_below * early, steps)
+    start = since(total < th.vanish_below * early, steps, th.window)
     return [Finding(
         kind="vanishing", severity="critical", layers=(), steps=(start, int(steps[-1])),
         summary=f"the whole gradient collapsed: its norm is {sci(late / early)} of what it was at the start, since step {start}",

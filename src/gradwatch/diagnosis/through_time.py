@@ -62,7 +62,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                      if k and k > 0 else "the gradient through time falls")
             found.append(Finding(
                 kind="vanishing", severity="critical" if ratio < th.vanish_below**2 else "warning", layers=(e.name,),
-                steps=(since(per_step < th.vanish_below, s.steps), int(s.steps[-1])),
+                steps=(since(per_step < th.vanish_below, s.steps, th.window), int(s.steps[-1])),
                 summary=f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)} of the last step's",
                 evidence=f"{decay}; {mem_text}{said}.",
                 cause="the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
@@ -77,7 +77,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                       if k and k < 0 else "the gradient through time grows going back")
             found.append(Finding(
                 kind="exploding", severity="critical", layers=(e.name,),
-                steps=(since(per_step > th.explode_above, s.steps), int(s.steps[-1])),
+                steps=(since(per_step > th.explode_above, s.steps, th.window), int(s.steps[-1])),
                 summary=f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)}× the last step's",
                 evidence=f"{growth}{said}.",
                 cause="the recurrent Jacobian stretches the gradient at every step",

@@ -30,7 +30,7 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             continue
         names = tuple(s.names[i] for i in hit)
         flags = np.nan_to_num(s.values[hit], nan=0.0).mean(axis=0) > bound
-        start = since(flags, s.steps)
+        start = since(flags, s.steps, th.window)
         modules = sorted({e.module or "" for e in run.entities("activation") if e.name in names})
         frac = float(np.mean(med[hit]))
         rms = ""
@@ -160,7 +160,7 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     names = tuple(s.names[i] for i in hit)
     worst = float(np.min(med[hit]))
     flags = np.asarray((s.values[hit] < th.stalled_below * typical).all(axis=0))
-    start = since(flags, s.steps)
+    start = since(flags, s.steps, th.window)
     if vanishing is not None and set(names) <= set(vanishing.layers):
         cause = f"the vanishing gradient: these layers get {vanishing.numbers['ratio']:.1e} of the last layer's gradient or less"
         fixes = vanishing.remedies

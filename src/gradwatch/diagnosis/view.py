@@ -44,10 +44,18 @@ class RunView:
         return Series(s.quantity, s.names, s.steps[keep], s.values[:, keep])
 
 
-def since(flags: np.ndarray, steps: np.ndarray) -> int:
-    """First step of the final run of consecutive True flags (the last flag may be False: then its end)."""
-    i = len(flags) - 1
-    while i > 0 and flags[i - 1]:
+def since(flags: np.ndarray, steps: np.ndarray, steady: int = 1) -> int:
+    """First step of the final run of consecutive True flags (the last flag may be False: then its end).
+
+    ``steady``: judge each flag by the majority of the ``steady`` flags centred on it, so that one noisy sample
+    neither ends the final run early (an onset reported late) nor starts it.
+    """
+    f = np.asarray(flags, dtype=bool)
+    if steady > 1 and len(f):
+        h = steady // 2
+        f = np.array([f[max(0, j - h): j + h + 1].mean() > 0.5 for j in range(len(f))])
+    i = len(f) - 1
+    while i > 0 and f[i - 1]:
         i -= 1
     return int(steps[i])
 
