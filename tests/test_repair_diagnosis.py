@@ -7,6 +7,8 @@ references are plain measurements — a naive loop over ``param.grad``, forward 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 import sys
 from pathlib import Path
 
@@ -250,3 +252,39 @@ def test_an_ongoing_findings_onset_survives_one_noisy_sample(store):
     assert ratio[25] > 1e-3 and ratio[24] < 1e-3  # the stored ratio: one sample back above the cut
     (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]
     assert f.steps[0] == 10, f.summary
+
+
+def _ramped(store, name: str, end: int, log_loss: bool) -> tuple[gw.Watch, list[float]]:
+    """lr 0 and the loss × 1.15^(step − 100) from step 100 to ``end``, × 1 after: every gradient scales exactly with
+    the factor, so a ramp's onset is step 100 by construction. Totals by a naive loop over param.grad."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    totals = []
+    with gw.watch(model, opt, store=store, name=name) as w:
+        for step in range(160):
+            factor = 1.15 ** (step - 100) if 100 <= step <= end else 1.0
+            opt.zero_grad()
+            loss = factor * model(torch.randn(16, 4, generator=g)).pow(2).mean()
+            loss.backward()
+            totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            opt.step()
+            if log_loss:
+                w.log(loss=loss.detach())
+    return w, totals
+
+
+def test_a_ramp_into_divergence_is_found_from_the_gradient_alone(store):
+    """Issue 20: ramps needed a logged loss; without one a ramp into divergence went unseen. Now the gradient alone
+    shows it when the norm still climbs, as a real log-linear trend, at the last step seen; a ramp that came back
+    down is left to the loss (logged: it is judged; not logged: nothing confirms it)."""
+    w, totals = _ramped(store, "to-the-end", 159, log_loss=False)
+    (f,) = w.diagnose().of("exploding")
+    assert abs(f.numbers["onset"] - 100) <= 5 and abs(f.steps[0] - 100) <= 5
+    assert f.numbers["peak_step"] == int(np.argmax(totals)) >= 150  # the reference: a naive loop over param.grad
+    assert "the gradient alone" in f.evidence
+    w, _ = _ramped(store, "came-back", 130, log_loss=False)
+    assert not [f for f in w.diagnose().of("exploding") if "ramp" in f.evidence]
+    w, _ = _ramped(store, "logged", 130, log_loss=True)  # with the loss: the existing judgement
+    assert any("while the loss did not fall" in f.evidence for f in w.diagnose().of("exploding"))

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, sci, span
-from gradwatch.diagnosis.measures import loss_ends, total_grad_norm
+from gradwatch.diagnosis.measures import loss_ends, real_fit, total_grad_norm
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import episodes, list_steps, since, steps_text
@@ -59,7 +59,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     for a, b, p in ramps:
         parts.append(f"a ramp: the total norm left the calm steps' level at step {int(steps[a])} (against their "
                      f"median and MAD) and rose to a peak of {sci(float(total[p]))} at step {int(steps[p])}, "
-                     f"while the loss did not fall")
+                     + ("while the loss did not fall" if "loss" in run.quantities
+                        else "rising steadily to the last step seen (no loss logged: the gradient alone shows it)"))
     if spikes:
         shown = ", ".join(str(int(steps[j])) for j in spikes[:5]) + (" …" if len(spikes) > 5 else "")
         parts.append(f"{len(spikes)} spike{'s' if len(spikes) > 1 else ''} above {th.spike_above:g}× the median "
@@ -112,12 +113,16 @@ def _ramps(run: Run, steps: np.ndarray, total: np.ndarray, high: list[int], spik
     run of steps above it by a robust z-score of ``RAMP_Z_ABOVE``, found twice (the second time against the steps
     before the first onset). It counts only while the logged loss does not fall across it (median over the
     ``window`` steps up to the peak against the ``window`` before the onset): a net whose gradient grows while it
-    learns (zero-initialised residual branches) is not diverging. Without a logged loss nothing confirms a ramp.
+    learns (zero-initialised residual branches) is not diverging. Without a logged loss the gradient alone must
+    show the divergence: the stretch lasts to the last finite step seen (still rising, or into a NaN) and the norm
+    climbs it as a real log-linear trend (:func:`real_fit`: a significant slope, 4× or more end to end).
     """
-    if not high or "loss" not in run.quantities:
+    if not high:
         return []
-    ls = run.series("loss", "run")
-    loss = dict(zip(ls.steps.tolist(), ls.values[0].tolist()))
+    loss: dict[int, float] | None = None
+    if "loss" in run.quantities:
+        ls = run.series("loss", "run")
+        loss = dict(zip(ls.steps.tolist(), ls.values[0].tolist()))
     finite = np.isfinite(total)
     out: list[tuple[int, int, int]] = []
     stretches: list[tuple[int, int]] = []
@@ -150,6 +155,11 @@ def _ramps(run: Run, steps: np.ndarray, total: np.ndarray, high: list[int], spik
             if slope > 0:
                 x0 = (math.log(float(np.median(calm))) - icpt) / slope
                 onset = int(min(onset, max(0, math.ceil(x0 - 1e-9))))
+        if loss is None:
+            last = int(np.flatnonzero(finite)[-1])
+            if j == last and len(idx) >= 3 and real_fit(total[idx]):
+                out.append((onset, j, peak))
+            continue
         before = [loss.get(int(x), math.nan) for x in steps[max(0, onset - th.window): onset]]
         at = [loss.get(int(x), math.nan) for x in steps[max(onset, peak - th.window + 1): peak + 1]]
         with warnings.catch_warnings():
