@@ -180,3 +180,49 @@ def test_ddp_trainer_rank0_records_equal_the_single_process_run(tmp_path):
         expect = {f"net.{k}": v for k, v in naive_layer_grad_norms(net).items()}
         assert at_step(run, "grad_norm", step) == pytest.approx(expect, rel=1e-6)
         opt.step()
+
+
+class CellLoop(pl.LightningModule):
+    """An nn.RNNCell called once per time step in the module's own loop: x (B, T=5, 3) → (B, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell, self.head = nn.RNNCell(3, 6), nn.Linear(6, 1)
+        self.states: list[torch.Tensor] = []
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 6)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            if self.training and h.requires_grad:
+                h.retain_grad()  # the reference: ‖∂L/∂h_t‖ by plain autograd
+                self.states.append(h)
+        return self.head(h)
+
+    def training_step(self, batch, batch_idx):
+        self.states = []
+        return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def on_after_backward(self):
+        self.reference = [float(h.grad.norm()) for h in self.states]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_callback_follows_a_cell_in_a_loop_through_time_by_default(tmp_path):
+    """Issue 20: the integrations defaulted to temporal=False, so a Lightning user's hand-unrolled RNN was never
+    followed through time; the callback now takes gw.watch's default ("auto")."""
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 5, 3, generator=g), torch.randn(8, 1, generator=g))
+    module = CellLoop()
+    cb = GradwatchCallback(store=tmp_path, name="cell", activations=1)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    with gw.open_run(cb.path) as run:
+        s = run.temporal("cell")
+        assert s.names == [str(t) for t in range(1, 6)]
+        got = s.values[:, 0].tolist()
+    assert got == pytest.approx(module.reference, rel=1e-5)

@@ -27,12 +27,14 @@ class WatchingCallback:
 
     Takes :func:`gradwatch.watch`'s keyword arguments (``every``,
     ``activations``, ``update_every``, ``budget``, ``store``, ``name``,
-    ``overwrite``, ``temporal``; ``temporal`` is off unless asked for),
+    ``overwrite``, ``temporal``, "auto" by default as for ``gw.watch``: an RNN
+    cell called in a Python loop is followed through time, a fused ``nn.LSTM``
+    only when asked),
     checked now rather than when training starts.
     """
 
     def __init__(self, **options: Any) -> None:
-        self.options = WatchOptions.taken_by("GradwatchCallback", **{"temporal": False, **options})
+        self.options = WatchOptions.taken_by("GradwatchCallback", **options)
         self.watch: Watch | None = None
         self._measured = False  # gradients read in this step: the step is to be closed
 
