@@ -11,8 +11,12 @@ each; input standardisation can act because the trial's ``batches`` yield
 ``(inputs, targets)`` with ``model(inputs)`` the forward pass — it fits its
 statistics on the next batches and puts them back. Other things a trial may
 say about itself, for remedies that change the schedule or the loss
-(``scheduler``; ``nonsaturating`` for a GAN whose ``step()`` reads it), are
-described in ``gradwatch.trial``.
+(``scheduler``; ``nonsaturating`` for a GAN whose ``step()`` reads it), and
+what learning means for it (``judge_by_score=True`` where the loss does not
+show it, as for a GAN's generator), are described in ``gradwatch.trial``.
+"fixes it" means the findings are gone, no new critical one appeared, and the
+run really learns: here the loss halves and the held-out accuracy rises by at
+least 0.05.
 """
 
 import torch

@@ -104,9 +104,9 @@ def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     if not pairs or not pairs[0][0].is_floating_point() or pairs[0][0].dim() < 2:
         return None
     at = batch_dim(pairs[0][0], pairs[0][1] if len(pairs[0]) > 1 else None)
-    x = torch.cat([b[0] for b in pairs], dim=at)  # (*leading, N, *features)
-    over = tuple(range(at + 1))
-    mean, std = x.mean(over, keepdim=True), x.std(over, keepdim=True)  # (1, …, 1, *features)
+    x = torch.cat([b[0].flatten(0, at) for b in pairs])  # (samples, *features): sequences of any length
+    shape = (1,) * (at + 1) + tuple(x.shape[1:])
+    mean, std = x.mean(0).reshape(shape), x.std(0).reshape(shape)  # (1, …, 1, *features)
     std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))  # constant features: shift only
     trial.model = Standardised(Standardise(mean, std), trial.model)
     return trial
