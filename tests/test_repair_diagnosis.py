@@ -90,6 +90,34 @@ def test_a_large_gradient_that_does_not_grow_is_not_exploding(store, seed):
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
+def test_a_divergence_with_no_calm_phase_names_a_smaller_init_before_clipping(store, seed):
+    """A net at N(0, 1) weights whose gradient is huge from step 0 and NaN by step 4: no calm steps to clip at, so
+    the scale of the weights comes first (the doctor's Xavier + lower rate), not clipping at a norm never seen."""
+    torch.manual_seed(seed)
+    x = torch.randn(128, 20)
+    y = x.sum(1, keepdim=True)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    norms = []
+    with gw.watch(model, opt, store=store, name=f"div-{seed}") as w:
+        for _ in range(40):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters())))
+            opt.step()
+            w.log(loss=loss)
+    finite = [n for n in norms if math.isfinite(n)]
+    assert len(finite) < 10 and norms[0] > 1e2  # the reference: large from the start, not finite for 10 steps
+    f = next(f for f in w.diagnose().problems if f.kind == "exploding")
+    assert f.remedy_keys[0] == "smaller_init" and "from the first step" in f.cause, str(f)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_saturated_sigmoid_layer_in_a_net_that_learns_is_info(store, seed):
     """Bug (so_nielsen_fixed, SO 48385830's correct code): a saturation warning on a sigmoid net that learns. No
     layer sits on both sides of its one sigmoid layer, and the old rule then took the units to hurt; now the units'

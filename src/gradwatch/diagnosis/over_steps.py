@@ -70,12 +70,13 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
                      f"first at step {int(steps[over[0]])}" + (f" ({th.spike_above:g}× above its first steps' median or more)"
                                                               if grown else ""))
     peak = float(np.nanmax(np.where(finite, total, np.nan)))
-    if math.isfinite(clip):
+    calm_phase = len(calm_idx) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
+    if math.isfinite(clip) and calm_phase:
         clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
                     f"clip_grad_norm_(params, max_norm={sci(clip)}) (Pascanu et al. 2013), which would have held every one of these steps",)
         fixes = clipping + remedies("lower_lr", "norm")
-    else:  # not one calm step: the scale itself is wrong
-        fixes = remedies("orthogonal_init", "clip_norm", "norm", "lower_lr")
+    else:  # no calm phase before it: the scale itself is wrong (a divergence within the first steps)
+        fixes = remedies("smaller_init", "lower_lr", "clip_norm", "norm")
     peak_step = int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
     summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
                + (f", peak at step {peak_step}" if ramps else "")
@@ -90,7 +91,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         kind="exploding", severity=severity, layers=(), steps=(int(steps[hit[0]]), int(steps[hit[-1]])),
         summary=summary,
         evidence="; ".join(parts) + ".",
-        cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_idx
+        cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_phase
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",
         remedies=fixes,
         numbers={"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)),
