@@ -268,6 +268,22 @@ def test_dead_units_get_a_lower_learning_rate_and_leaky_with_it():
     assert isinstance(trial.model[1], nn.LeakyReLU) and trial.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def test_a_smaller_init_with_a_lower_learning_rate():
+    keys = catalogue.candidate_keys(Diagnosis([_finding("exploding", "smaller_init", "lower_lr")]))
+    assert keys[:2] == ["smaller_init", "smaller_init_lower_lr"]
+    at_step0 = Diagnosis([_finding("nonfinite", "check_data", steps=(0, 40)), _finding("exploding", "smaller_init")])
+    assert "smaller_init_lower_lr" not in catalogue.candidate_keys(at_step0)  # a learning rate cannot help step 0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1)
+    trial = _one("smaller_init_lower_lr").apply(_trial(model, torch.randn(64, 64), torch.randn(64, 1)), {})
+    assert trial.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    # Xavier-normal with tanh's gain: std = 5/3 · √(2 / (fan_in + fan_out)) (Glorot & Bengio 2010), from N(0, 1)
+    assert float(model[0].weight.std()) == pytest.approx(5 / 3 * math.sqrt(2 / (64 + 32)), rel=0.1)
+
+
 def test_clipping_with_a_lower_learning_rate():
     torch.manual_seed(0)
     trial = _trial(nn.Linear(4, 1), 1e3 * torch.randn(64, 4), torch.randn(64, 1))
@@ -483,6 +499,31 @@ def test_iterative_repair_follows_what_a_remedy_brought(monkeypatch):
     rows = {t.parts: t for t in report.trials}
     assert rows[("swap_overflow",)].verdict == "removes the finding; brings vanishing", str(report)
     assert rows[("swap_overflow", "rezero")].verdict == "fixes it" and report.best is rows[("swap_overflow", "rezero")]
+
+
+def test_next_round_widens_the_most_promising_row_only(monkeypatch):
+    """The row with the fewest findings left is combined with every remedy they name (as the baseline was in
+    round 1); each other row with its first untried one; a combination already tried is skipped; ``most`` caps it."""
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: t)  # noqa: E731
+    cat = {k: [flag(k)] for k in ("lower_lr", "smaller_init", "warmup", "clip_norm", "relu", "norm", "leaky")}
+    diagnosis = Diagnosis([_finding("exploding", "lower_lr", "smaller_init", "warmup"),
+                           _finding("vanishing", "relu", "norm"), _finding("dead_units", "leaky")])
+
+    def row(kinds: list[str], final: float) -> table.TrialResult:
+        return table.TrialResult("x", final, 1.0, math.nan, kinds, 0.0, first_loss=2.0,
+                                 problems=tuple(f for f in diagnosis.problems if f.kind in kinds))
+
+    a = (flag("clip_norm"), row(["exploding"], 1.5))  # one finding left: the most promising
+    b = (flag("relu"), row(["exploding", "dead_units"], 1.0))  # two left
+    c = (flag("leaky"), row(["exploding", "vanishing", "dead_units"], 0.5))  # removed nothing: not followed
+    tried = {("lower_lr", "relu")}  # b's first is taken
+    todo = catalogue.next_round([b, c, a], diagnosis, cat, tried)
+    assert [r.parts for r in todo] == [("clip_norm", "lower_lr"), ("clip_norm", "smaller_init"),
+                                       ("clip_norm", "warmup"), ("relu", "smaller_init")]
+    assert {tuple(sorted(r.parts)) for r in todo} <= tried
+    assert [r.parts for r in catalogue.next_round([b, a], diagnosis, cat, set(), most=2)] == \
+        [("clip_norm", "lower_lr"), ("clip_norm", "smaller_init")]
 
 
 # --- end to end: the issue's step-0 overflow, through gw.doctor ----------------------------------------

@@ -130,12 +130,17 @@ def candidate_keys(diagnosis: Diagnosis) -> list[str]:
     return keys
 
 
+ROUND_WIDTH = 12  # combinations tried in one round of iterative repair, at most
+
+
 def next_round(done: list[tuple[Remedy, TrialResult]], diagnosis: Diagnosis, catalog: dict[str, list[Remedy]],
-               tried: set[tuple[str, ...]], most: int = 3) -> list[Remedy]:
+               tried: set[tuple[str, ...]], most: int = ROUND_WIDTH) -> list[Remedy]:
     """Iterative repair: each remedy that removed some of the baseline's findings, but left some or brought new
-    ones, combined with the first untried remedy that a remaining finding names (the baseline's findings first,
-    then the trial's own new ones). The most promising rows go first (fewest findings left, then the best score
-    or the deepest fall of the loss); at most ``most`` combinations, each added to ``tried``."""
+    ones, combined with the untried remedies that a remaining finding names (the baseline's findings first, then
+    the trial's own new ones). The most promising row (fewest findings left, then the best score or the deepest
+    fall of the loss) is treated as a new baseline: combined with every remedy its findings name, as round 1 tries
+    every remedy the baseline's name; each other row with its first. At most ``most`` combinations, each added
+    to ``tried``."""
     targets = {f.kind for f in diagnosis.problems}
     overflow = step0_overflow(diagnosis)
 
@@ -144,15 +149,21 @@ def next_round(done: list[tuple[Remedy, TrialResult]], diagnosis: Diagnosis, cat
         return (len(set(row.findings)), not math.isfinite(row.final_loss), ahead if math.isfinite(ahead) else math.inf)
 
     todo: list[Remedy] = []
+    widest = True  # the most promising row that names anything gets all of it
     for remedy, row in sorted(done, key=lambda d: promise(d[1])):
         left = targets & set(row.findings)
         brought = [f for f in row.problems if f.kind not in targets]
         if left == targets or (not left and not brought) or row.verdict == "fixes it":
             continue  # removed nothing, or nothing is left to name a remedy
         follow = [(f, overflow) for f in diagnosis.problems if f.kind in left] + [(f, False) for f in brought]
-        nxt = next((c for f, over in follow for k in finding_keys(f, over) for c in catalog.get(k, [])
-                    if k not in remedy.parts and tuple(sorted(remedy.parts + (k,))) not in tried), None)
-        if nxt is not None and len(todo) < most:
-            todo.append(compose(remedy, nxt))
-            tried.add(tuple(sorted(todo[-1].parts)))
+        named = [c for f, over in follow for k in finding_keys(f, over) for c in catalog.get(k, []) if k not in remedy.parts]
+        added = 0
+        for c in named:
+            parts = tuple(sorted(remedy.parts + c.parts))
+            if parts in tried or len(todo) >= most or (added and not widest):
+                continue
+            todo.append(compose(remedy, c))
+            tried.add(parts)
+            added += 1
+        widest = widest and not added
     return todo

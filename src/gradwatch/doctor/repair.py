@@ -11,11 +11,11 @@ The doctor
 4. compares final loss (mean of the last 10 % of steps), area under the loss
    curve, held-out score where the setup has one, and whether the findings
    are gone — and says which remedy fixed it, or that none did. "fixes it"
-   needs the targeted findings gone, a finite loss and real learning (a better
-   held-out score, or a final loss at most half the trial's own first finite
-   loss and no higher than the baseline's first; :mod:`gradwatch.doctor.verdicts`);
-5. iterative repair: a remedy that removed some targeted findings but not all
-   is combined with the next remedy a remaining finding names, for at most
+   needs the targeted findings gone and no new critical one, a finite loss
+   and real learning (:mod:`gradwatch.doctor.verdicts`);
+5. iterative repair: a remedy that removed some targeted findings but left
+   some, or brought new ones, is combined with the remedies those findings
+   name (:func:`~gradwatch.doctor.catalogue.next_round`), for at most
    :data:`~gradwatch.doctor.table.MAX_ROUNDS` rounds (the table's ``round``
    column), same seeds and steps, within ``budget_s``.
 

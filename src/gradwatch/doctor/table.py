@@ -59,13 +59,15 @@ class DoctorReport:
         lines.append(f"{'remedy':<40} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
                      + (f" {'score':>7}" if has_score else "") + f" {'findings left':<28} {'time':>6}  verdict")
         for r in rows:
-            lines.append(f"{r.label[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
+            name = r.label if r.rounds == 1 or not r.parts else " + ".join(r.parts)  # a combination: its keys
+            lines.append(f"{name[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
                          f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
                          + (f" {r.score:>7.3f}" if has_score else "")
                          + f" {(', '.join(r.findings) or 'none')[:28]:<28} {r.seconds:>5.1f}s  {r.verdict}")
         if any(r.rounds > 1 for r in self.trials):
             lines.append("")
-            lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds)")
+            lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds), named by their "
+                         f"catalogue keys")
         return "\n".join(lines)
 
 
