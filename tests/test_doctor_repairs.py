@@ -137,9 +137,9 @@ def test_a_gan_is_judged_by_its_score_not_its_loss():
     assert verdicts.verdict(base, _row("loss only", 0.716, 0.705, 0.959), {"vanishing"}) != "fixes it"
 
 
-def test_null_loss_is_the_loss_of_a_zero_output_and_changes_nothing():
-    """Closed forms: cross-entropy over C classes ln C, BCE on logits ln 2, MSE E[y²]; the batch is put back, and
-    running statistics, training flags and the random stream are as before."""
+def test_null_loss_is_the_loss_of_a_constant_output_and_changes_nothing():
+    """Closed forms: cross-entropy over C classes ln C, BCE on logits ln 2, MSE Var(y) (predicting the mean); the
+    batches are put back, and running statistics, training flags and the random stream are as before."""
     from gradwatch.trial import null_loss
 
     x, y = torch.randn(64, 5), torch.randint(0, 7, (64,))
@@ -157,10 +157,15 @@ def test_null_loss_is_the_loss_of_a_zero_output_and_changes_nothing():
     bce = Trial(nn.Linear(3, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), iter([(torch.randn(32, 3), yb)]),
                 nn.functional.binary_cross_entropy_with_logits)
     assert null_loss(bce) == pytest.approx(math.log(2), rel=1e-6)
-    yr = 3 * torch.randn(32, 2)
-    mse = Trial(nn.Linear(3, 2), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), iter([(torch.randn(32, 3), yr)]),
-                nn.functional.mse_loss)
-    assert null_loss(mse) == pytest.approx(float((yr**2).mean()), rel=1e-6)
+    yr = 5 + 3 * torch.randn(32, 2)
+    yr2 = 5 + 3 * torch.randn(16, 2)  # two batches: the mean over both, the loss averaged per batch
+    mse = Trial(nn.Linear(3, 2), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1),
+                iter([(torch.randn(32, 3), yr), (torch.randn(16, 3), yr2)]), nn.functional.mse_loss)
+    both = torch.cat([yr, yr2]).double()
+    mean = both.mean(0)
+    expected = (float(((yr - mean) ** 2).mean()) + float(((yr2 - mean) ** 2).mean())) / 2
+    assert expected < 0.5 * float((both ** 2).mean())  # far below E[y²], the zero output's loss
+    assert null_loss(mse) == pytest.approx(expected, rel=1e-5)
     assert math.isnan(null_loss(Trial(nn.Linear(3, 2), mse.optimizer, iter(()), nn.functional.mse_loss)))
 
 

@@ -52,6 +52,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -113,28 +114,38 @@ def peek(trial: Any, n: int) -> list[Any]:
     return taken
 
 
+NULL_BATCHES = 8  # batches the constant output is judged on: one batch of 32 estimates Var(y) only to ±25 %
+
+
 @torch.no_grad()
 def null_loss(trial: Any) -> float:
-    """The loss of a model that outputs zeros, on the trial's next batch (put back): a sane ceiling for a fix.
+    """The loss of the best constant output the doctor knows, on the trial's next batches (put back): a ceiling
+    for a fix, since a model that learned only a constant has learned nothing of its inputs.
 
-    For cross-entropy on logits it is chance, ln(classes); for a sigmoid output with binary cross-entropy ln 2;
-    for mean squared error E[y²]. The model runs once in eval mode to learn its output's shape (no running
-    statistic, random number or training flag changes). NaN where it cannot be computed: no ``(inputs,
-    targets)`` batches, an output that is not a float tensor, a loss that fails or is not finite.
+    Two constants, the lower loss counts: zeros (cross-entropy on logits: chance, ln(classes); a sigmoid output
+    with binary cross-entropy: ln 2), and, where the output has the targets' shape and they are floats, the
+    targets' mean per output (mean squared error: Var(y), the loss of predicting the mean, not E[y²]). Measured
+    over the next :data:`NULL_BATCHES` batches. The model runs in eval mode to learn its output's shape (no
+    running statistic, random number or training flag changes). NaN where it cannot be computed: no
+    ``(inputs, targets)`` batches, an output that is not a float tensor, a loss that fails or is not finite.
     """
-    taken = peek(trial, 1)
-    if not taken or not isinstance(taken[0], (tuple, list)) or len(taken[0]) < 2:
+    taken = [b for b in peek(trial, NULL_BATCHES) if isinstance(b, (tuple, list)) and len(b) >= 2]
+    if not taken:
         return math.nan
-    x, y = taken[0][0], taken[0][1]
     model = trial.model
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            out = model(x)
-            if not isinstance(out, Tensor) or not out.is_floating_point():
+            outs = [model(b[0]) for b in taken]
+            if not all(isinstance(o, Tensor) and o.is_floating_point() for o in outs):
                 return math.nan
-            value = float(trial.loss_fn(torch.zeros_like(out), y))
+            ys = [b[1] for b in taken]
+            zeros = float(np.mean([float(trial.loss_fn(torch.zeros_like(o), y)) for o, y in zip(outs, ys)]))
+            value = zeros
+            if all(isinstance(y, Tensor) and y.is_floating_point() and y.shape == o.shape for o, y in zip(outs, ys)):
+                mean = torch.cat([y.reshape(-1, *o.shape[1:]) for o, y in zip(outs, ys)]).mean(0)
+                value = min(zeros, float(np.mean([float(trial.loss_fn(mean.expand_as(o), y)) for o, y in zip(outs, ys)])))
     except Exception:  # noqa: BLE001 — a set-up whose loss takes more than (output, target): no ceiling
         return math.nan
     finally:

@@ -26,7 +26,7 @@ class TrialResult:
     learned: bool = False  # every seed's final loss is at most half its own first finite loss
     critical: list[str] = field(default_factory=list)  # kinds of its critical findings (union over seeds)
     problems: tuple[Finding, ...] = ()  # its problem findings, the first of each kind over seeds (what to try next)
-    null_loss: float = math.nan  # the loss of a zero output (mean over seeds): a fix ends below it
+    null_loss: float = math.nan  # the loss of a constant output (mean over seeds): a fix ends clearly below it
     judge_by_score: bool = False  # the set-up's loss does not show learning: the held-out score decides
     rounds: int = 1  # remedies combined (iterative repair: at most 3)
     parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it

@@ -27,7 +27,7 @@ class TrialRun(NamedTuple):
     score: float  # held-out score after training (higher is better); NaN when the set-up has none
     findings: list[str]  # the kinds of the diagnosis's problems
     diagnosis: Diagnosis
-    null_loss: float = math.nan  # the loss of a zero output on the first batch (gradwatch.trial.null_loss)
+    null_loss: float = math.nan  # the loss of a constant output on the next batches (gradwatch.trial.null_loss)
     judge_by_score: bool = False  # the set-up says its loss does not show learning: the score decides
 
 

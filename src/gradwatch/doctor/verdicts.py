@@ -9,9 +9,10 @@
 - **real learning** — every seed's final loss at most half its own first finite
   loss (:data:`LEARNED_BELOW`); the mean final loss at most half where the
   untouched baseline started (so inf → 10¹⁰, or a remedy that starts higher
-  and merely falls back, is no repair) and below the loss of a zero output
-  (:func:`gradwatch.trial.null_loss`: chance for cross-entropy, so 109 → 12 on
-  ten classes is no repair); and where the set-up has a held-out score, that
+  and merely falls back, is no repair) and clearly below the loss of a constant
+  output (:data:`NULL_BELOW` of :func:`gradwatch.trial.null_loss`: chance for
+  cross-entropy, so 109 → 12 on ten classes is no repair; Var(y) for mean
+  squared error, so a net that learned to predict the mean is none); and where the set-up has a held-out score, that
   score at least :data:`SCORE_MARGIN` above the baseline's. A set-up that says
   its loss does not show learning (``Trial.judge_by_score``: a GAN's generator
   loss) is judged by the score alone.
@@ -28,6 +29,7 @@ from gradwatch.doctor.trial_run import TrialRun
 
 LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction of the run's first finite loss
 SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least this much above the baseline's
+NULL_BELOW = 0.9  # "clearly below a constant output": the null loss is measured on a few batches (±10 %)
 
 
 def curve(losses: list[float]) -> tuple[float, float, float, bool]:
@@ -72,7 +74,7 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     if math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
         return False
     null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
-    if math.isfinite(null) and trial.final_loss >= null:
+    if math.isfinite(null) and trial.final_loss > NULL_BELOW * null:
         return False
     return better_score or not scored
 
