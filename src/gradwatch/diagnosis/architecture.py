@@ -95,7 +95,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         cause = f.cause
         if deep_plain and f.kind == "vanishing" and f.layers and f.severity != "info" and "residual" not in map(key_of, fixes):
             fixes += remedies("residual")
-        said = []
+        said: list[str] = []
         for words, first in ((post_ln, ("warmup", "pre_ln")), (lr_words, ("warmup", "lower_lr"))):  # the last goes first
             if words and f.severity != "info" and f.kind in _DEPTH_KINDS:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)

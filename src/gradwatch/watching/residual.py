@@ -34,7 +34,7 @@ def adds_input(x: Tensor | None, out: Tensor | None) -> bool:
     node's first input (a sum of sums, x + f(x) + g(x + f(x)) as in GPT-2's block, is found through its inner sum)."""
     if x is None or out is None or x.grad_fn is None or out.grad_fn is None:
         return False
-    node = out.grad_fn
+    node: Any = out.grad_fn  # a torch.autograd.graph.Node, or None past a leaf
     for _ in range(REACH):
         if node is None or not node.next_functions:
             return False
