@@ -453,17 +453,20 @@ SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
 @pytest.mark.parametrize("name", MLPS_20)
 def test_the_20_layer_mlps_sit_at_the_floor_and_are_diagnosed_as_without_a_budget(zoo_runs, name, seed):
     """Each sample of their forward-side probes costs more than a step's 2 %, and gradient norms alone exceed it:
-    the budget keeps every family at its floor (so these records are the floor's, on any CPU), says it was not
-    kept, and the diagnosis finds what it finds with the old every-10th-step schedule."""
+    the budget keeps the forward-side families at (or, on a machine busy enough to slow the step more than the
+    probes, near) their floor, says it was not kept, records what it sampled, and the diagnosis finds what it
+    found with the old every-10th-step schedule. (Which k a measured cost earns is timing; the decisions are
+    tested on scripted costs above.)"""
     run, _ = zoo_runs(name, seed)
     meta = run.meta
     assert meta["budget"]["fraction"] == 0.02 and meta["budget"]["kept"] is False
-    for family in ("backprop", "activations", "updates"):
-        assert meta["schedules"][family]["changes"] == [[0, SPARSEST]]
     floor = [s for s in range(300) if BUDGET_FLOOR(s)]
-    assert _sampled(run, "out_grad_norm") == floor and _sampled(run, "grad_norm") == list(range(300))
-    if name != "exploding_relu_mlp":  # (its update ratios turn NaN, which the store leaves out)
-        assert _sampled(run, "update_ratio") == floor
+    assert _sampled(run, "grad_norm") == list(range(300))
+    for family, quantity in (("backprop", "out_grad_norm"), ("updates", "update_ratio")):
+        if family == "updates" and name == "exploding_relu_mlp":
+            continue  # its update ratios turn NaN, which the store leaves out
+        got = _sampled(run, quantity)
+        assert got == _schedule_steps(meta, family, 300) and set(floor) <= set(got)
     expect = zoo.get(name).expect
     kinds = [f.kind for f in gw.diagnose(run).problems]
     assert (expect in kinds) if expect else kinds == []
