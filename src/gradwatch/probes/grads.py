@@ -154,6 +154,7 @@ class GradProbe:
         self.pair_param: list[int] = []  # one entry per (layer, attribute)
         self.pair_layer: list[int] = []
         self.pair_names: list[str] = []
+        self.layers_all = list(range(len(layers)))
         for li, layer in enumerate(layers):
             for attr, p in layer.params:
                 if id(p) not in position:
@@ -291,6 +292,22 @@ class GradProbe:
         flags = self._layer_sum(plan, (~torch.isfinite(per_pair)).to(torch.float64))
         return {"grad_norm": (plan.layers, per_layer, plan.pairs, per_pair),
                 "nonfinite": (plan.layers, flags, [], per_pair[:, :0])}
+
+    @torch.no_grad()
+    def layer_norms(self, pending: Pending, weights: bool) -> Tensor:
+        """(layers, 2) on the device: each layer's gradient norm from ``pending`` (0 where no gradient) and, if
+        ``weights``, its weight norm (one fused read of the weights; NaN otherwise). For the flight recorder."""
+        out = torch.full((len(self.layers_all), 2), float("nan"), dtype=torch.float64, device=self.device)
+        stats = pending.derive(pending.norms[None])
+        layers, per_layer, _, _ = stats["grad_norm"]
+        out[:, 0] = 0.0
+        out[layers, 0] = per_layer[0]
+        if weights and not self.sharded:  # (sharded: a weight norm is a collective, which only rank 0 would join)
+            plan = self._all
+            norms = self._norms([p.detach() for p in self.params], plan).to(torch.float64)
+            pair = self._per_pair(plan, norms[None])
+            out[plan.layers, 1] = self._layer_sum(plan, pair * pair).sqrt()[0]
+        return out
 
     @torch.no_grad()
     def snapshot(self) -> None:

@@ -77,6 +77,7 @@ FAMILIES = (
     Family("backprop", "activations", "out_grad_norm", forward=True),
     Family("activations", "activations", "saturated_frac, dead_frac, act_mean, act_std, deriv_rms", forward=True),
     Family("temporal", "activations", "temporal_grad_norm, step_jacobian_norm, lambda1", forward=True),
+    Family("attention", "attention", "attn_logit_max, attn_logit_rms, attn_entropy, logz_mean, logz_max", forward=True),
     Family("updates", "update_every", "weight_norm, update_ratio", collective=True),
 )
 FORWARD = frozenset(f.name for f in FAMILIES if f.forward)

@@ -32,6 +32,8 @@ def watch(
     name: str | None = None,
     overwrite: bool = False,
     temporal: bool | str | list[str] = "auto",
+    attention: bool | int | Schedule = True,
+    flight: bool | int = True,
     scaler: torch.amp.GradScaler | None = None,
     driver: str = "auto",
 ) -> Watch:
@@ -80,6 +82,18 @@ def watch(
             or the names of the modules to follow (a cell of your own, called
             once per time step, whose output is its new hidden state). See
             :mod:`gradwatch.probes.temporal` for what it costs.
+        attention: per-head max and rms attention logit and attention entropy
+            of every attention module (``nn.MultiheadAttention`` and the
+            Transformer layers, Hugging Face GPT-2/Llama-style attention), and
+            log Z at the LM head, on these steps
+            (:mod:`gradwatch.probes.attention`). True (the default): as often as
+            the budget allows, where the model has attention; False: never.
+        flight: the flight recorder (:mod:`gradwatch.probes.flight`): every
+            step's per-layer gradient and weight norms kept in a ring buffer on
+            the device; when a step's total gradient norm is a robust outlier
+            or non-finite, the buffered steps before it go to the store and
+            every sampled family records for the next 20 steps. True (the
+            default): 64 steps kept; an int: that many (at least 16); False: off.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
             statistics are always of the unscaled gradients (the scaler
             unscales before ``optimizer.step()``); with the scaler given, a step
@@ -101,7 +115,8 @@ def watch(
     per recorded step gives the whole tensors' norms, and rank 0 writes.
     """
     options = WatchOptions(every=every, activations=activations, update_every=update_every, budget=budget,
-                           store=store, name=name, overwrite=overwrite, temporal=temporal)
+                           store=store, name=name, overwrite=overwrite, temporal=temporal, attention=attention,
+                           flight=flight)
     return start(model, optimizer, options, scaler=scaler, driver=driver)
 
 
@@ -121,7 +136,8 @@ def start(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: Wa
     here = rank()
     if here != 0 and is_sharded(model):  # FSDP: every rank holds a slice; all take part, rank 0 writes
         shard = WatchOptions(every=options.every, activations=False, update_every=options.update_every,
-                             budget=options.budget, temporal=False, caller=caller)
+                             budget=options.budget, temporal=False, attention=False, flight=False,
+                             caller=caller)
         return ShardFollowerWatch(here, model, optimizer, shard, run_dir=None, driver=driver, scaler=scaler)
     if here != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes
         return FollowerWatch(here)

@@ -77,7 +77,7 @@ class Watch:
             parts = anatomy(model)
             self._steps = steps = StepRecorder(parts, optimizer, options, self._writer, recurrent or [],
                                                self._run_guarded, external=kind == "external", scaler=scaler,
-                                               at_step_end=self._check_writer)
+                                               at_step_end=self._check_writer, model=model)
             self._driver = make_driver(kind, self, steps.grads.params, scaler)
             self._writer.meta(run_metadata(model, optimizer, parts, steps.grads.params, steps.probes.temporal.describe(),
                                            steps.device, steps.budget.report()))
@@ -268,6 +268,9 @@ class Watch:
         for h in self._handles + [h for placed in self._forward.values() for h in placed]:
             h.remove()
         self._handles, self._forward = [], {}
+        steps = getattr(self, "_steps", None)
+        if steps is not None:
+            steps.probes.attention_hooks(False)
 
     def _run_guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` unless the watch stopped; an error stops the recording, never the training."""

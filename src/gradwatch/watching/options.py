@@ -19,6 +19,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 DEFAULT_BUDGET = 0.02  # watching may cost 2 % of the step time unless the user says otherwise
+FLIGHT_STEPS = 64  # flight=True: the steps kept before an event (OLMo's monitor looks back 128, llm-foundry 100)
+FLIGHT_LEAST = 16  # the recorder's trigger needs a median of 8 steps (its warm-up) before it tests anything
 
 
 def parse_schedule(caller: str, arg: str, value: Any, allow_off: bool) -> Given:
@@ -53,12 +55,15 @@ class WatchOptions:
     name: str | None = None
     overwrite: bool = False
     temporal: bool | str | list[str] = "auto"
+    attention: bool | int | Schedule = True
+    flight: bool | int = True
     caller: str = "watch"
     # The schedules, parsed: gradient statistics, the sampled (forward-side) probes, update ratios; each a
     # schedule of the user's, BUDGETED (left to the budget, or the default with budget=None), or None (off).
     grad_schedule: Given = field(init=False, repr=False, compare=False)
     sampled_schedule: Given = field(init=False, repr=False, compare=False)
     update_schedule: Given = field(init=False, repr=False, compare=False)
+    attention_schedule: Given = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         caller = self.caller
@@ -67,6 +72,11 @@ class WatchOptions:
             grads = BUDGETED  # the default, every step: the budget leaves gradient norms on every step
         sampled = parse_schedule(caller, "activations", self.activations, allow_off=True)
         update = parse_schedule(caller, "update_every", self.update_every, allow_off=True)
+        attention = parse_schedule(caller, "attention", self.attention, allow_off=True)
+        f = self.flight
+        if not isinstance(f, bool) and (not isinstance(f, int) or f < FLIGHT_LEAST):
+            raise (TypeError if not isinstance(f, int) else ValueError)(bad_argument(
+                caller, "flight", f"True/False, or the steps to keep before an event (an int ≥ {FLIGHT_LEAST})", f))
         b = self.budget
         if b is not None and (not isinstance(b, numbers.Real) or isinstance(b, bool)):
             raise TypeError(bad_argument(caller, "budget", BUDGET_EXPECTED, b))
@@ -84,6 +94,7 @@ class WatchOptions:
         object.__setattr__(self, "grad_schedule", grads)
         object.__setattr__(self, "sampled_schedule", sampled)
         object.__setattr__(self, "update_schedule", update)
+        object.__setattr__(self, "attention_schedule", attention)
         if b is not None:
             object.__setattr__(self, "budget", float(b))
 
@@ -92,7 +103,7 @@ class WatchOptions:
         families ride ``activations``, temporal only where there is something to follow."""
         sampled = self.sampled_schedule
         return {"grads": self.grad_schedule, "backprop": sampled, "activations": sampled, "temporal": sampled,
-                "updates": self.update_schedule if with_optimizer else None}
+                "attention": self.attention_schedule, "updates": self.update_schedule if with_optimizer else None}
 
     @classmethod
     def taken_by(cls, caller: str, **given: Any) -> WatchOptions:
@@ -113,6 +124,11 @@ class WatchOptions:
     def temporal_modules(self) -> bool | str | list[str]:
         """What to follow through time: "auto" rides the activations schedule, off with it."""
         return False if self.temporal_auto and self.sampled_schedule is None else self.temporal
+
+    @property
+    def flight_steps(self) -> int:
+        """The flight recorder's capacity in steps (0: off)."""
+        return 0 if self.flight is False else FLIGHT_STEPS if self.flight is True else int(self.flight)
 
     @property
     def root(self) -> Path:

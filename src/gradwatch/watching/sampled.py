@@ -2,7 +2,9 @@
 
 On a sampled step each layer's forward hook places a tensor hook on the
 layer's output (for ‖∂L/∂a‖), each activation's forward hook measures the call,
-and each followed recurrent module's call is captured for ‖∂L/∂h_t‖. What a
+each followed recurrent module's call is captured for ‖∂L/∂h_t‖, and the
+attention probe's hooks (placed on its steps only) measure each attention
+module's logits and entropy and the LM head's log Z. What a
 backward pass delivers counts only when that pass fills the parameters'
 ``.grad``: a ``torch.autograd.grad`` call (a gradient penalty, an input
 gradient) runs the same tensor hooks and is left out.
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from gradwatch.layers import Activation
 from gradwatch.probes.activations import ActivationProbe, Call
+from gradwatch.probes.attention import AttentionProbe
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
 from gradwatch.probes.temporal import TemporalProbe
 from gradwatch.watching.budget import CostMeter
@@ -26,12 +29,32 @@ from gradwatch.watching.buffer import StepBuffer
 Guard = Callable[..., Any]  # guard(fn, *args): run a hook body, a failure stops the recording instead of training
 
 
+class WatchedAttention(AttentionProbe):
+    """The attention probe as a watch drives it: passes that build a graph only (not an evaluation under
+    ``no_grad``), its time counted as the ``attention`` family's cost."""
+
+    def __init__(self, model: nn.Module, meter: CostMeter) -> None:
+        super().__init__(model)
+        self._meter = meter
+
+    def _guarded(self, fn: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        t = self._meter.start()
+        try:
+            super()._guarded(fn)
+        finally:
+            self._meter.stop("attention", t)
+
+
 class SampledProbes:
     """‖∂L/∂a‖ at layer outputs, activation statistics and gradients through time, for one watch."""
 
     def __init__(self, activations: list[Activation], params: list[nn.Parameter], device: torch.device,
-                 recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard, meter: CostMeter) -> None:
+                 recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard, meter: CostMeter,
+                 attention: WatchedAttention | None = None) -> None:
         self.backprop = BackpropProbe(device)
+        self.attention = attention if attention is not None and attention.sites else None
         self.activations = ActivationProbe([a.spec for a in activations], device)
         self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
         self._params = params
@@ -101,6 +124,26 @@ class SampledProbes:
             buffer.add_positioned(ids[name], quantity, pos, values)
         self._meter.stop("temporal", t)
 
+    def attention_hooks(self, on: bool) -> None:
+        """Place the attention probe's hooks, armed, for a step that records attention; remove them otherwise."""
+        a = self.attention
+        if a is None:
+            return
+        if on and a.error is None:
+            a.attach(armed=True)
+        elif a._handles:
+            a.detach()
+
+    def add_attention(self, buffer: StepBuffer, writer: Any) -> None:
+        """Queue the step's attention statistics (per head, ``pos`` = head) and the LM head's log Z."""
+        if self.attention is None:
+            return
+        t = self._meter.start()
+        stats = self.attention.collect()
+        if stats:
+            buffer.add_keyed(*self.attention.records(stats, writer))
+        self._meter.stop("attention", t)
+
     def add_step(self, buffer: StepBuffer, scale: Tensor | None) -> None:
         """Queue the step's ‖∂L/∂a‖ (divided by ``scale``) and activation statistics."""
         t = self._meter.start()
@@ -119,4 +162,6 @@ class SampledProbes:
         self.backprop.clear()
         self.activations.clear()
         self.temporal.clear()
+        if self.attention is not None:
+            self.attention.detach()
 

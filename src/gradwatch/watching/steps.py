@@ -6,7 +6,8 @@ otherwise backward passes):
 0. the step begins when the last one ends: the families that record on it
    are decided then (:class:`~gradwatch.watching.budget.Budget`), and the
    forward hooks their probes need are placed, or removed (a step that
-   records nothing of the forward pass runs no hook per layer);
+   records nothing of the forward pass runs no hook per layer); the detail
+   window after a flight-recorder event turns every sampled family on;
 1. forward — the model's (or its first layer's) forward pre-hook sends the
    previous step's values on; on sampled steps, activation modules' forward
    hooks compute activation statistics and layers' forward hooks place tensor
@@ -14,8 +15,9 @@ otherwise backward passes):
 2. backward — those tensor hooks collect the output-gradient norms;
 3. gradients ready (the optimizer's pre-step hook, the end of backward, or a
    callback: :mod:`~gradwatch.watching.drivers`) — gradient norms (their
-   per-layer records derived later, many steps at once), and on update steps
-   a copy of the weights;
+   per-layer records derived later, many steps at once), the flight
+   recorder's push and trigger (:mod:`~gradwatch.watching.flight`), and on
+   update steps a copy of the weights;
 4. step done (the optimizer's post-step hook, or a callback) — update ratios;
    the step's values wait in the :class:`~gradwatch.watching.buffer.StepBuffer`
    for a host copy and go on to the store's writer thread; the step's costs,
@@ -41,8 +43,9 @@ from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
 from gradwatch.watching.buffer import StepBuffer
 from gradwatch.watching.depth import DepthOrder
 from gradwatch.watching.drivers import current_scale, skipped_scale
+from gradwatch.watching.flight import WatchFlight
 from gradwatch.watching.options import WatchOptions
-from gradwatch.watching.sampled import Guard, SampledProbes
+from gradwatch.watching.sampled import Guard, SampledProbes, WatchedAttention
 
 
 @dataclass
@@ -74,16 +77,21 @@ class StepRecorder:
 
     def __init__(self, parts: Anatomy, optimizer: torch.optim.Optimizer | None, options: WatchOptions,
                  writer: StoreWriter, recurrent: list[tuple[str, nn.Module]], guard: Guard, *,
-                 external: bool, scaler: Any, at_step_end: Callable[[], None]) -> None:
+                 external: bool, scaler: Any, at_step_end: Callable[[], None], model: nn.Module | None = None) -> None:
         self.layers, self.acts = parts.layers, parts.activations
         self.grads = GradProbe(self.layers)
         self.device = self.grads.device
         self.meter = CostMeter(self.device)
-        self.probes = SampledProbes(self.acts, self.grads.params, self.device, recurrent, options.temporal_auto, guard,
-                                    self.meter)
         given = options.given(with_optimizer=optimizer is not None)
+        attention = None
+        if model is not None and given["attention"] is not None:
+            attention = WatchedAttention(model, self.meter)
+        self.probes = SampledProbes(self.acts, self.grads.params, self.device, recurrent, options.temporal_auto, guard,
+                                    self.meter, attention)
         if not self.probes.temporal.modules:
             given["temporal"] = None  # nothing to follow through time
+        if self.probes.attention is None:
+            given["attention"] = None  # no attention module the probe recognises
         # (the store's writer thread: its records cost CPU there, which the budget counts with the rest)
         self.budget = Budget(options.budget, given, sharded=self.grads.sharded,
                              writer_seconds=thread_seconds(getattr(writer, "_thread", None)))
@@ -99,6 +107,13 @@ class StepRecorder:
                "activation": np.array([w.entity(a.name, "activation", type(a.module).__name__) for a in self.acts])}
         self._recurrent_ids = {name: w.entity(name, "recurrent", cell) for name, cell in self.probes.temporal.entities()}
         self.buffer = StepBuffer(w, self.device, ids)
+        self.flight = None
+        if options.flight_steps and optimizer is not None:
+            self.flight = WatchFlight(self.grads, [l.name for l in self.layers], ids["layer"], w, options.flight_steps)
+            w.meta(self.flight.meta())
+        # the families a flight-recorder event turns on: all that record at all (sharded: not the collective ones)
+        self._detail = frozenset(n for n, sched in self.budget.schedules.items() if sched is not None
+                                 and not (self.grads.sharded and self.budget.families[n].collective))
         self._depth = DepthOrder()
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
 
@@ -114,6 +129,7 @@ class StepRecorder:
         wanted = frozenset(kind for kind, needed in (("layers", "backprop" in on or not settled),
                                                      ("activations", "activations" in on or not settled),
                                                      ("recurrent", "temporal" in on)) if needed)
+        self.probes.attention_hooks("attention" in on)
         if wanted != self._wanted and self._hooks is not None:
             self._hooks.forward_hooks(wanted)
             self._wanted = wanted
@@ -161,8 +177,13 @@ class StepRecorder:
             self.buffer.add_pending(staged)
         elif "grads" in now.on:
             t = self.meter.start()
-            self.buffer.add_pending(self.grads.gradients())
+            staged = self.grads.gradients()
+            self.buffer.add_pending(staged)
             self.meter.stop("grads", t)
+        if self.flight is not None:  # its time counts as the watch's fixed per-step work
+            if staged is None and "grads" not in now.on:
+                staged = self.grads.gradients()
+            self.flight.push(now.number, staged, now.on)  # an event: full detail from the next step on
         if "updates" in now.on:
             t = self.meter.start()
             self.grads.snapshot()
@@ -227,6 +248,8 @@ class StepRecorder:
         now = self.now
         if now.on & FORWARD:
             self.probes.add_step(self.buffer, now.scale)
+        if "attention" in now.on:
+            self.probes.add_attention(self.buffer, self._writer)
         self.buffer.hold(now.number)
         if not self._depth.settled:
             layer_of = [self.layers[i].name for i in self.grads.pair_layer]
@@ -240,8 +263,15 @@ class StepRecorder:
         device = self.meter.device_seconds() if self.device.type == "cuda" else []
         if self.budget.step_ended(now.number, seconds, base, interval, device):
             self._writer.meta(self.budget.report())
-        self.now = Step(now.number + 1, self.budget.active(now.number + 1))
+        self.now = Step(now.number + 1, self.on_step(now.number + 1))
         self._switch_hooks()
+
+    def on_step(self, step: int) -> frozenset[str]:
+        """The families that record on ``step``: the budget's, or every one in a flight recorder's detail window."""
+        on = self.budget.active(step)
+        if self.flight is not None and self.flight.detail(step):
+            on = on | self._detail
+        return on
 
     def clear(self) -> None:
         """Forget everything measured and pending (the watch stopped recording)."""
