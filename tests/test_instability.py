@@ -125,11 +125,10 @@ def test_thresholds_are_checked():
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_high_lr_failure_is_attention_logit_growth_and_the_qk_norm_twin_trains(tmp_path, seed):
-    """The issue's "done means", on a small proxy (Wortsman et al. 2023): at lr 0.1 the plain model's attention goes
-    one-hot and the finding names attention-logit growth (remedy: qk-layernorm); its qk-layernorm twin raises no
-    such finding and ends at a lower loss."""
-    from gradwatch import open_run
-    from gradwatch.diagnosis.instability import instability_findings
+    """The issue's "done means", on a small proxy (Wortsman et al. 2023), through the watch and gw.diagnose: at lr 0.1
+    the plain model's attention goes one-hot and the finding names attention-logit growth (remedy: qk-layernorm);
+    its qk-layernorm twin raises no such finding and ends at a lower loss."""
+    import gradwatch as gw
     from gradwatch.tinylm import train_proxy
 
     small = dict(vocab=32, width=32, depth=2, heads=2, seq_len=32, batch=8, steps=100, warmup=10, probe_every=5,
@@ -137,8 +136,9 @@ def test_the_high_lr_failure_is_attention_logit_growth_and_the_qk_norm_twin_trai
     found, final = {}, {}
     for qk in (False, True):
         r = train_proxy(0.1, seed, qk_norm=qk, **small)
-        with open_run(r.path) as run:
-            found[qk] = instability_findings(run, probes=ProbeSeries.from_collected(r.probes))
+        with gw.open_run(r.path) as run:
+            assert "attn_logit_max" in run.quantities  # recorded by the watch, not handed over
+            found[qk] = gw.diagnose(run).findings
         final[qk] = r.final_loss
     named = [f for f in found[False] if "attention_logit_growth" in f.numbers and f.severity != "info"]
     assert named and named[0].remedy_keys[0] == "qk_layernorm", [str(f) for f in found[False]]

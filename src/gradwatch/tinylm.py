@@ -12,6 +12,7 @@ on the fly from a seed: nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -144,6 +145,25 @@ class ProxyRun:
     seconds: float
 
 
+def _probe_step(every: int, steps: int, step: int) -> bool:
+    return step % every == 0 or step == steps - 1
+
+
+def probe_records(path: str | Path) -> dict[int, dict[tuple[str, str, int | None], float]]:
+    """The attention and log-Z records of a stored run as ``{step: {(module, quantity, head): value}}``."""
+    from gradwatch.probes.attention_read import ATTENTION_QUANTITIES, LOGZ_QUANTITIES
+    from gradwatch.store import open_run
+
+    out: dict[int, dict[tuple[str, str, int | None], float]] = {}
+    with open_run(path) as run:
+        for quantity in (*ATTENTION_QUANTITIES, *LOGZ_QUANTITIES):
+            if quantity in run.quantities:
+                r = run.records(quantity)
+                for step, layer, pos, v in zip(r["step"].tolist(), r["layer"], r["pos"].tolist(), r["value"].tolist()):
+                    out.setdefault(step, {})[(str(layer), quantity, None if pos < 0 else pos)] = v
+    return out
+
+
 def lr_multiplier(step: int, warmup: int, steps: int) -> float:
     """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``steps`` (Wortsman et al.'s schedule)."""
     if step < warmup:
@@ -161,12 +181,11 @@ def train_proxy(lr: float, seed: int = 0, qk_norm: bool = False, z_loss_coef: fl
     warm-up then cosine decay; ``qk_norm``: :func:`~gradwatch.remedies.transformer.add_qk_norm`;
     ``z_loss_coef`` > 0 adds ``coef·log²Z``. The watch records the loss, the
     per-layer gradient norms and update ratios every step; the attention probe
-    measures every ``probe_every``-th step (and the last), kept in
-    :attr:`ProxyRun.probes` (the watch does not record attention statistics yet).
+    records every ``probe_every``-th step (and the last; every step of the
+    flight recorder's detail windows), read back into :attr:`ProxyRun.probes`.
     Stops at the first non-finite loss.
     """
     import gradwatch as gw
-    from gradwatch.probes.attention import AttentionProbe
     from gradwatch.remedies.transformer import add_qk_norm, z_loss
 
     torch.manual_seed(seed)
@@ -179,15 +198,14 @@ def train_proxy(lr: float, seed: int = 0, qk_norm: bool = False, z_loss_coef: fl
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 1e-4 / lr}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, warmup, steps))
-    probe = AttentionProbe(model).attach(armed=False)
     g = torch.Generator().manual_seed(seed)
-    collected: dict[int, dict[tuple[str, str, int | None], float]] = {}
     losses: list[float] = []
     t0 = time.perf_counter()
     name = name or f"proxy-lr{lr:g}-s{seed}{'-qk' if qk_norm else ''}{'-z' if z_loss_coef else ''}"
-    with gw.watch(model, opt, activations=False, update_every=1, store=store, name=name, overwrite=True) as watch:
+    probed = functools.partial(_probe_step, probe_every, steps)
+    with gw.watch(model, opt, activations=False, update_every=1, attention=probed, store=store, name=name,
+                  overwrite=True) as watch:
         for step in range(steps):
-            probe.armed = step % probe_every == 0 or step == steps - 1
             x, y = lang.batch(batch, g)
             logits = model(x)  # (B, T, vocab)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -197,12 +215,10 @@ def train_proxy(lr: float, seed: int = 0, qk_norm: bool = False, z_loss_coef: fl
             opt.step()
             sched.step()
             watch.log(loss=loss.detach())
-            if probe.armed:
-                collected[step] = {k: float(v) for k, v in probe.collect().items()}
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
                 break
-    probe.detach()
+    collected = probe_records(watch.path)
     seconds = time.perf_counter() - t0
     held = torch.Generator().manual_seed(10_000)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """``diagnose``: stored records in, findings out. Pure functions; no model, no hooks.
 
 Each family of rules is a module of its own: :mod:`~gradwatch.diagnosis.over_steps` (spikes, ramps,
-fading, skipped and non-finite steps), :mod:`~gradwatch.diagnosis.depth` (vanishing and exploding across
+fading, skipped and non-finite steps), :mod:`~gradwatch.diagnosis.instability` (loss spikes and divergence
+with the layers that moved first, attention-logit growth, output-logit divergence; one spike finding with
+over_steps', see :func:`merge_spikes`), :mod:`~gradwatch.diagnosis.depth` (vanishing and exploding across
 depth, now and in episodes), :mod:`~gradwatch.diagnosis.through_time` (along a recurrent layer's time steps)
 and :mod:`~gradwatch.diagnosis.units` (saturated and dead units, stalled layers). Their measures are
 :mod:`~gradwatch.diagnosis.measures`'; :mod:`~gradwatch.diagnosis.severity` and
@@ -10,11 +12,15 @@ and :mod:`~gradwatch.diagnosis.units` (saturated and dead units, stalled layers)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from gradwatch.diagnosis.architecture import fit_architecture
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
-from gradwatch.diagnosis.findings import Diagnosis
+from gradwatch.diagnosis.findings import Diagnosis, Finding
+from gradwatch.diagnosis.instability import instability_findings
+from gradwatch.diagnosis.remedies import key_of
 from gradwatch.diagnosis.over_steps import (
     fading_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
 )
@@ -47,10 +53,37 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
         view: Run = RunView(run, found[0].steps[0] if found else np.inf, drop)  # type: ignore[assignment]
     else:
         view = run
-    found += spike_findings(view, th) + fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
+    found += merge_spikes(spike_findings(view, th), instability_findings(view, th.instability))
+    found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
     found += activation_findings(view, th) + skipped
     found += zero_gradient_findings(view, th) or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found = fit_architecture(by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
+
+
+_RANK = {"critical": 0, "warning": 1, "info": 2}
+
+
+def merge_spikes(over_steps: list[Finding], unstable: list[Finding]) -> list[Finding]:
+    """One finding per event: a total-norm finding (over_steps) whose steps overlap an instability finding is folded
+    into it — the instability finding's words, attribution and mechanism, the total norm's evidence and its
+    clipping threshold added, the more severe of the two severities; a ramp keeps its own summary, onset and
+    peak."""
+    out = list(unstable)
+    for o in over_steps:
+        hit = next((i for i, u in enumerate(out) if u.steps[0] <= o.steps[1] and o.steps[0] <= u.steps[1]), None)
+        if hit is None:
+            out.append(o)
+            continue
+        u = out[hit]
+        theirs = {key_of(r): r for r in o.remedies}  # over_steps words clipping with its threshold: that one wins
+        fixes = tuple(dict.fromkeys([theirs.get(key_of(r), r) for r in u.remedies] + list(o.remedies)))
+        ramp = "onset" in o.numbers  # a ramp's onset and peak, against the calm steps, say more than a spike's step
+        out[hit] = replace(u, severity=min(u.severity, o.severity, key=_RANK.__getitem__),
+                           summary=o.summary if ramp else u.summary,
+                           steps=(min(u.steps[0], o.steps[0]), max(u.steps[1], o.steps[1])),
+                           evidence=u.evidence.rstrip(".") + "; " + o.evidence, remedies=fixes,
+                           numbers={**u.numbers, **o.numbers} if ramp else {**o.numbers, **u.numbers}, sources=tuple(dict.fromkeys(u.sources + o.sources)))
+    return out

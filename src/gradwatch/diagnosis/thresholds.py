@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass, fields
 
 from gradwatch._errors import bad_argument
+from gradwatch.diagnosis.instability_thresholds import InstabilityThresholds
 
 _COUNTS = frozenset({"window", "spike_after", "spike_window"})  # numbers of steps
 _FRACTIONS = frozenset({"affected_below", "saturated_above", "dead_above", "skipped_above"})  # shares, in (0, 1)
@@ -91,10 +92,16 @@ class Thresholds:
     # More than 5 % of the steps skipped means the gradients overflow even at a
     # reduced scale: the model is losing that share of its updates.
     skipped_above: float = 0.05
+    # Loss spikes with attribution, attention-logit growth, output-logit divergence (gradwatch.diagnosis.instability).
+    instability: InstabilityThresholds = InstabilityThresholds()
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "instability":
+                if not isinstance(value, InstabilityThresholds):
+                    raise TypeError(bad_argument("Thresholds", f.name, "a gradwatch.diagnosis.InstabilityThresholds", value))
+                continue
             _check(f.name, value)
             # numpy scalars become plain Python numbers (frozen: set through object)
             object.__setattr__(self, f.name, int(value) if f.name in _COUNTS else float(value))
