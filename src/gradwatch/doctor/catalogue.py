@@ -18,6 +18,7 @@ from typing import Any
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.doctor.table import TrialResult
 from gradwatch.doctor import surgery as s
+from gradwatch.doctor import transformer_surgery
 from gradwatch.doctor.surgery import Chain, OnModel, TrialChange
 
 
@@ -53,6 +54,7 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "leaky": ("leaky", "leaky_lower_lr"),
     "orthogonal_rnn": ("orthogonal_rnn", "identity_init"),
     "smaller_w_hh": ("orthogonal_rnn", "identity_init"),
+    "qk_layernorm": ("qk_layernorm", "sigma_reparam", "lower_lr", "warmup"),  # attention-logit growth (issue 15)
 }
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
 LR_KEYS = {"lower_lr", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups"}
@@ -101,6 +103,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "forget_bias": one("forget_bias", "LSTM forget-gate bias 1", OnModel(s.forget_bias)),
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", s.nonsaturating),
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
+        **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }
 
 
