@@ -226,3 +226,30 @@ def test_the_callback_follows_a_cell_in_a_loop_through_time_by_default(tmp_path)
         assert s.names == [str(t) for t in range(1, 6)]
         got = s.values[:, 0].tolist()
     assert got == pytest.approx(module.reference, rel=1e-5)
+
+
+class SpikeNet(Net):
+    """Net with its batch's targets scaled ×1000 on one known step (its inputs would only saturate the tanh)."""
+
+    def __init__(self, spike_at: int) -> None:
+        super().__init__()
+        self.spike_at = spike_at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y * (1000.0 if batch_idx == self.spike_at else 1.0))
+
+
+def test_the_flight_recorder_catches_an_injected_spike_through_the_callback(store):
+    """40 steps, a batch ×1000 at step 30: the event is at step 30, the weight norms of every step before it are in
+    the store (update ratios alone are sampled), and update ratios follow on every step of the detail window."""
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(40 * 8, 8, generator=g), torch.randn(40 * 8, 1, generator=g))
+    cb = GradwatchCallback(store=store, name="pl-flight", budget=None)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(SpikeNet(30), torch.utils.data.DataLoader(data, batch_size=8))
+    with gw.open_run(cb.watch.path) as run:
+        assert run.meta["flight"]["events"] == [30]
+        assert set(range(31)) <= set(run.series("weight_norm").steps.tolist())
+        assert set(range(31, 40)) <= set(run.series("update_ratio").steps.tolist())
