@@ -152,3 +152,25 @@ def test_bad_attention_and_flight_arguments():
         gw.watch(model, flight=3)
     with pytest.raises(TypeError, match=r"`watch\(attention=…\)` expects a positive int"):
         gw.watch(model, attention="often")
+
+
+def test_the_report_shows_the_heads_and_the_spike_timeline(tmp_path):
+    """HTML: per-head logit and entropy heat maps and a timeline around the flight recorder's event; the terminal
+    names each module's largest logit (the stored maximum) and the event."""
+    from gradwatch.report.html import render_html
+    from gradwatch.report.terminal import render_text
+
+    _, path = _train(tmp_path, steps=SPIKE_AT + 5, spike_at=SPIKE_AT, attention=10)
+    with gw.open_run(path) as run:
+        diagnosis = gw.diagnose(run)
+        page = render_html(run, diagnosis)
+        for fig in ("attention-logits", "attention-entropy", "spike-timeline"):
+            assert f'id="{fig}"' in page
+        text = render_text(run, diagnosis)
+        top = run.temporal("blocks.0.attn", "attn_logit_max").values
+        assert f"attention blocks.0.attn: max logit {np.nanmax(top):.3g}" in text
+        assert f"steps {SPIKE_AT}" in text
+    _, path = _train(tmp_path, steps=5, attention=False, flight=False, name="plain")
+    with gw.open_run(path) as run:
+        page = render_html(run, gw.diagnose(run))
+        assert 'id="attention-logits"' not in page and 'id="spike-timeline"' not in page

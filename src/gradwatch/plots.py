@@ -155,3 +155,38 @@ def figures_of_run(path: str | Path) -> str:
     if out is not None or grad is not None:
         figs.append(depth_profile(out, grad))
     return "".join(f"<figure>{svg}</figure>" for svg in figs)
+
+
+def timeline(steps: np.ndarray, loss: np.ndarray | None, total: np.ndarray | None, z: Series | None,
+             events: list[int], title: str = "spike timeline") -> str:
+    """Around an event: the loss, the total gradient norm (log) and per-layer update z-scores (layers × steps)."""
+    plt = _plt()
+    panels = [p for p in (loss, total) if p is not None] + ([z] if z is not None and len(z.names) else [])
+    heights = [1.0] * (len(panels) - (z is not None and len(z.names) > 0)) + ([1.6] if z is not None and len(z.names) else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 1.5 + 1.6 * len(panels)), sharex=True,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    i = 0
+    for values, label, log in ((loss, "loss", False), (total, "√Σ grad_norm²", True)):
+        if values is None:
+            continue
+        ax = axes[i, 0]
+        ax.plot(steps, values, lw=1.2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(_plain(label))
+        ax.grid(alpha=0.3)
+        i += 1
+    if z is not None and len(z.names):
+        ax = axes[i, 0]
+        extent = (float(z.steps[0]) - 0.5, float(z.steps[-1]) + 0.5, len(z.names) - 0.5, -0.5)
+        im = ax.imshow(np.ma.masked_invalid(z.values), aspect="auto", interpolation="nearest", cmap="RdBu_r",
+                       extent=extent, vmin=-10, vmax=10)
+        ax.set_yticks(range(len(z.names)))
+        ax.set_yticklabels(_labels(z.names), fontsize=6 if len(z.names) > 20 else 7)
+        fig.colorbar(im, ax=ax, label=_plain(z.quantity), pad=0.02)
+    for row in axes[:, 0]:
+        for e in events:
+            row.axvline(e, color="#d0021b", lw=0.8, ls="--")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title(_plain(title))
+    return _svg(fig)

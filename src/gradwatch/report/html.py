@@ -12,6 +12,7 @@ from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import FINDINGS_CSS, sci
 from gradwatch import plots
 from gradwatch.diagnosis.measures import by_lag, total_grad_norm
+from gradwatch.report import transformer
 from gradwatch.report.rows import UNMEASURED_NOTE, layer_rows
 from gradwatch.store import Run, Series
 
@@ -118,6 +119,7 @@ def render_html(run: Run, diagnosis: Diagnosis, redact: bool = False) -> str:
         total = Series("total grad_norm", ["total"], got[0], got[1][None, :])
         figs.append(_figure("total-norm", plots.line(total, "total gradient norm", "√Σ grad_norm²", log=True),
                             f"The total gradient norm, from every layer's grad_norm, {_steps(total)}."))
+    figs += [_figure(fig_id, svg, caption) for fig_id, svg, caption in transformer.figures(run, diagnosis)]
     meta = run.meta
     title = "gradwatch report" if redact else f"gradwatch report — {run.path.name}"
     return f"""<!DOCTYPE html>

@@ -111,6 +111,10 @@ def render(run: Run, diagnosis: Diagnosis, console: Console) -> None:
     if rec is not None:
         console.print(rec)
         console.print()
+    from gradwatch.report.transformer import lines
+
+    for text in lines(run, diagnosis):
+        console.print(text, markup=False, highlight=False)
     console.print(findings_text(diagnosis))
 
 
