@@ -1,6 +1,6 @@
 """Per-step overhead of a watch, as a ratio to the plain step measured in the same run.
 
-    python benchmarks/overhead.py [--rounds 15] [--steps 20] [--only mlp|cnn] [--norms]
+    python benchmarks/overhead.py [--rounds 15] [--steps 20] [--only mlp|cnn|tinylm] [--norms]
 
 Interleaved rounds (plain, A/A plain, each watch configuration, in turn),
 each timing ``--steps`` training steps after a warm-up; the median per-step
@@ -12,6 +12,12 @@ average is printed beside each model. The budgeted watch's rows come after a
 warm-up past step 256, where its floor reaches every 64th step (its steady
 state); the watch's own estimate of its overhead (``meta["budget"]``) is
 printed beside them.
+
+The flight recorder (``flight=``) and the attention probes (``attention=``,
+budgeted; only models with attention) are on in the default watch; the row
+"default watch, recorder and attention off" is the default before them. The
+tinylm rows (``gradwatch.tinylm.TinyLM``, 4 layers, width 128, batch 8 × 64
+tokens, AdamW) add the attention probes every 10th step.
 
 ``--norms`` times ways to read the 40 gradient norms of the 20-layer MLP (the
 watch's choice: small same-shape gradients as stacks, the rest in one fused
@@ -65,26 +71,49 @@ CONFIGS: dict[str, dict | None] = {
     "plain": None,
     "plain (A/A)": None,
     "grad stats every step": dict(activations=False, update_every=False),
+    "default watch, recorder and attention off": dict(flight=False, attention=False),
     "default watch (budget 2 %)": dict(),
     "budget=None (activations, updates every 10th)": dict(budget=None),
     "everything every step": dict(every=1, activations=1, update_every=1),
 }
 
 
+TINYLM_CONFIGS: dict[str, dict | None] = {
+    **{k: v for k, v in CONFIGS.items() if k != "everything every step"},
+    "recorder on, attention every 10th (budget 2 %)": dict(attention=10),
+}
+
+
+def tinylm_trial(seed: int) -> zoo.Trial:
+    from gradwatch.tinylm import MarkovCopyLanguage, TinyLM
+
+    torch.manual_seed(seed)
+    model = TinyLM(64, 128, 4, 4, 64)
+    lang = MarkovCopyLanguage(64, 64, markov=40)
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            yield lang.batch(8, g)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return zoo.Trial(model, opt, batches(), lambda logits, y: nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+
+
 def measure(make: Callable[[int], zoo.Trial], rounds: int, steps: int, warmup: int,
-            store: str) -> tuple[dict[str, float], dict[str, float], dict]:
+            store: str, configs: dict[str, dict | None] = CONFIGS) -> tuple[dict[str, float], dict[str, float], dict]:
     """(median wall s/step, median process-CPU s/step, the budgeted watch's own estimate) per configuration."""
-    trials = {name: make(0) for name in CONFIGS}
+    trials = {name: make(0) for name in configs}
     watches = {}
-    for i, (name, kwargs) in enumerate(CONFIGS.items()):
+    for i, (name, kwargs) in enumerate(configs.items()):
         if kwargs is not None:
             t = trials[name]
             watches[name] = gw.watch(t.model, t.optimizer, store=store, name=f"w{i}", overwrite=True, **kwargs)
     for t in trials.values():
         for _ in range(warmup):
             t.step()
-    wall: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    cpu: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    wall: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, t in trials.items():
             w0, c0 = time.perf_counter(), time.process_time()
@@ -153,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--only", choices=["mlp", "cnn"], default=None)
+    parser.add_argument("--only", choices=["mlp", "cnn", "tinylm"], default=None)
     parser.add_argument("--norms", action="store_true", help="also time ways to read the MLP's gradient norms")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -161,6 +190,7 @@ def main() -> None:
         "zoo deep_tanh_mlp (20 layers, digits, batch 64)": (zoo.get("deep_tanh_mlp"), 300, "mlp"),
         "zoo deep_relu_he_mlp (20 layers, digits, batch 64)": (zoo.get("deep_relu_he_mlp"), 300, "mlp"),
         "mid-size CNN (6 conv + BN, 1.2 M params, 32×32, batch 32)": (cnn_trial, 40, "cnn"),
+        "tinylm (4 layers, width 128, 0.8 M params, batch 8 × 64 tokens, AdamW)": (tinylm_trial, 260, "tinylm"),
     }
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU")
@@ -172,10 +202,11 @@ def main() -> None:
             if args.only and args.only != kind:
                 continue
             load0 = os.getloadavg()[0]
-            wall, cpu, estimate = measure(make, args.rounds, args.steps, warmup, store)
-            for name in CONFIGS:
+            configs = TINYLM_CONFIGS if kind == "tinylm" else CONFIGS
+            wall, cpu, estimate = measure(make, args.rounds, args.steps, warmup, store, configs)
+            for name in configs:
                 note = ""
-                if name.startswith("default watch") and estimate.get("overhead") is not None:
+                if name == "default watch (budget 2 %)" and estimate.get("overhead") is not None:
                     note = f" (own estimate {1 + estimate['overhead']:.3f}×{'' if estimate['kept'] else ', not kept'})"
                 print(f"| {label} | {name}{note} | {wall[name] * 1e3:.2f} | {wall[name] / wall['plain']:.3f}× | "
                       f"{cpu[name] / cpu['plain']:.3f}× |", flush=True)

@@ -1,7 +1,7 @@
 """Loss spikes and divergence with attribution: when, which layers moved first, which mechanism the probes point to.
 
-Pure: a stored run (and, until the watch records them, the attention probe's
-series) in; :class:`~gradwatch.diagnosis.Finding` objects out. Robust running
+Pure: a stored run (with the attention probe's records, when the watch
+took them; or its series handed over) in; :class:`~gradwatch.diagnosis.Finding` objects out. Robust running
 statistics (median and MAD of the ``window`` recorded steps before each step,
 on the log scale where a quantity is positive) flag
 
@@ -128,11 +128,9 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
     the loss came back within 10 % of its level before the spike, else a
     warning).
 
-    Wiring (the lead's): ``diagnose()`` (diagnosis/rules.py) calls this on its
-    ``view`` (a ``RunView`` answers all it reads) with ``InstabilityThresholds``
-    (or their fields folded into ``Thresholds``) and adds the findings before
-    ``by_effect``/``fit_architecture``; where ``over_steps.spike_findings``
-    reports the same steps, keep this finding, which carries the mechanism.
+    ``diagnose()`` (diagnosis/rules.py) calls this on its ``view`` with
+    ``Thresholds.instability`` and folds ``over_steps.spike_findings``' finding
+    at the same steps into it (``rules.merge_spikes``).
     """
     th = InstabilityThresholds() if thresholds is None else thresholds
     if not isinstance(th, InstabilityThresholds):

@@ -50,15 +50,15 @@ held in a KV cache are not in the hook's view: such calls are skipped (see
 module, in float32, under ``no_grad``; nothing on other steps. The
 recomputation reads no random state and changes no tensor the model uses.
 
-**How the watch is meant to drive it** (not wired yet): build
-``AttentionProbe(model)`` beside the other probes and ``attach(armed=False)``
-with the hooks (``detach()`` with them); register ``probe.entities()`` (kind
-``attention`` for the attention modules, ``layer`` for the LM head); before a
-step's forward pass set ``probe.armed = sampled(step)`` (the activations
-schedule); at the step's end, when armed, ``keys, values = probe.records(probe.collect(),
-writer)`` joins the step's one host copy. :meth:`gradwatch.diagnosis.instability.ProbeSeries.from_run` reads them
-back in that form. A non-None ``probe.error`` is a failed hook (a
-``GradwatchWarning`` was given; recording of the rest goes on).
+**How the watch drives it** (:mod:`gradwatch.watching.sampled`): the
+``attention`` family of the budget, ``gw.watch(attention=…)``. Its hooks are
+placed on the steps that record attention only (armed), graph-building
+passes only; at the step's end ``probe.records(probe.collect(), writer)``
+joins the step's one host copy, as ``attention`` entities with the head in
+``pos`` and log Z on the LM head's ``layer``, which
+:meth:`gradwatch.diagnosis.mechanisms.ProbeSeries.from_run` reads back. A
+non-None ``probe.error`` is a failed hook (a ``GradwatchWarning`` was given;
+the watch stops arming it, recording of the rest goes on).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ buffered steps up to the event in record form, and :meth:`FlightRecorder.schedul
 answers True for the next ``detail_steps`` steps, so the watch can switch its
 full-detail probes on after the event.
 
-How the watch is meant to drive it (not wired yet; the lead wires it into the
-step driver):
+How a driver uses it (:mod:`gradwatch.watching.flight` is the watch's, with
+per-layer gradient and weight norms):
 
 1. Construction, with the watch: ``FlightRecorder(layer_names, ("grad_norm",
    "update_norm"), capacity=N, device=watch_device, detail_steps=M)``; the
