@@ -245,7 +245,7 @@ def test_the_flight_recorder_catches_an_injected_spike_through_the_callback(stor
     the store (update ratios alone are sampled), and update ratios follow on every step of the detail window."""
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(torch.randn(40 * 8, 8, generator=g), torch.randn(40 * 8, 1, generator=g))
-    cb = GradwatchCallback(store=store, name="pl-flight", budget=None)
+    cb = GradwatchCallback(store=store, name="pl-flight", budget=None, flight=True)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(SpikeNet(30), torch.utils.data.DataLoader(data, batch_size=8))

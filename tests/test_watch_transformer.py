@@ -111,7 +111,8 @@ def test_buffered_weight_norms_match_a_naive_loop(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     naive = {}
-    with gw.watch(model, opt, store=tmp_path, name="naive", update_every=1000, activations=False) as w:
+    with gw.watch(model, opt, store=tmp_path, name="naive", update_every=1000, activations=False,
+                  flight=True) as w:
         for step in range(30):
             x = torch.randn(16, 4) * (1000 if step == 25 else 1)
             naive[step] = [float(torch.sqrt(sum(p.detach().double().norm() ** 2 for p in m.parameters())))
@@ -146,10 +147,13 @@ def test_a_failing_attention_probe_never_stops_training(tmp_path, monkeypatch):
         assert len(run.series("grad_norm").steps) == 10
 
 
-def test_bad_attention_and_flight_arguments():
+def test_bad_attention_and_flight_arguments(tmp_path):
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"`watch\(flight=…\)` expects True/False"):
+    with pytest.raises(ValueError, match=r"`watch\(flight=…\)` expects 'auto', True/False"):
         gw.watch(model, flight=3)
+    with gw.watch(model, store=tmp_path, name="mlp") as w:  # "auto": no attention, no recorder
+        pass
+    assert "flight" not in w.open().meta
     with pytest.raises(TypeError, match=r"`watch\(attention=…\)` expects a positive int"):
         gw.watch(model, attention="often")
 

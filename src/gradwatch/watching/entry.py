@@ -33,7 +33,7 @@ def watch(
     overwrite: bool = False,
     temporal: bool | str | list[str] = "auto",
     attention: bool | int | Schedule = True,
-    flight: bool | int = True,
+    flight: bool | int | str = "auto",
     scaler: torch.amp.GradScaler | None = None,
     driver: str = "auto",
 ) -> Watch:
@@ -92,8 +92,12 @@ def watch(
             step's per-layer gradient and weight norms kept in a ring buffer on
             the device; when a step's total gradient norm is a robust outlier
             or non-finite, the buffered steps before it go to the store and
-            every sampled family records for the next 20 steps. True (the
-            default): 64 steps kept; an int: that many (at least 16); False: off.
+            every sampled family records for the next 20 steps. "auto" (the
+            default): on, 64 steps kept, for a model with attention (its
+            per-step cost, a weight-norm read and the trigger's ~15 small ops,
+            is ~1.4 % of a small Transformer's CPU step but ~10 % of a 20-layer
+            MLP's; benchmarks/RESULTS.md); True: on for any model; an int: that
+            many steps kept (at least 16); False: off.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
             statistics are always of the unscaled gradients (the scaler
             unscales before ``optimizer.step()``); with the scaler given, a step

@@ -56,7 +56,7 @@ class WatchOptions:
     overwrite: bool = False
     temporal: bool | str | list[str] = "auto"
     attention: bool | int | Schedule = True
-    flight: bool | int = True
+    flight: bool | int | str = "auto"
     caller: str = "watch"
     # The schedules, parsed: gradient statistics, the sampled (forward-side) probes, update ratios; each a
     # schedule of the user's, BUDGETED (left to the budget, or the default with budget=None), or None (off).
@@ -74,9 +74,9 @@ class WatchOptions:
         update = parse_schedule(caller, "update_every", self.update_every, allow_off=True)
         attention = parse_schedule(caller, "attention", self.attention, allow_off=True)
         f = self.flight
-        if not isinstance(f, bool) and (not isinstance(f, int) or f < FLIGHT_LEAST):
-            raise (TypeError if not isinstance(f, int) else ValueError)(bad_argument(
-                caller, "flight", f"True/False, or the steps to keep before an event (an int ≥ {FLIGHT_LEAST})", f))
+        if not (isinstance(f, bool) or (isinstance(f, str) and f == "auto")) and (not isinstance(f, int) or f < FLIGHT_LEAST):
+            raise (ValueError if isinstance(f, (int, str)) else TypeError)(bad_argument(
+                caller, "flight", f"'auto', True/False, or the steps to keep before an event (an int ≥ {FLIGHT_LEAST})", f))
         b = self.budget
         if b is not None and (not isinstance(b, numbers.Real) or isinstance(b, bool)):
             raise TypeError(bad_argument(caller, "budget", BUDGET_EXPECTED, b))
@@ -125,9 +125,10 @@ class WatchOptions:
         """What to follow through time: "auto" rides the activations schedule, off with it."""
         return False if self.temporal_auto and self.sampled_schedule is None else self.temporal
 
-    @property
-    def flight_steps(self) -> int:
-        """The flight recorder's capacity in steps (0: off)."""
+    def flight_steps(self, has_attention: bool) -> int:
+        """The flight recorder's capacity in steps (0: off); "auto" turns it on for models with attention."""
+        if isinstance(self.flight, str):
+            return FLIGHT_STEPS if has_attention else 0
         return 0 if self.flight is False else FLIGHT_STEPS if self.flight is True else int(self.flight)
 
     @property

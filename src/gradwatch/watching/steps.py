@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.layers import Anatomy
+from gradwatch.probes.attention_read import find_attention
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -108,8 +109,9 @@ class StepRecorder:
         self._recurrent_ids = {name: w.entity(name, "recurrent", cell) for name, cell in self.probes.temporal.entities()}
         self.buffer = StepBuffer(w, self.device, ids)
         self.flight = None
-        if options.flight_steps and optimizer is not None:
-            self.flight = WatchFlight(self.grads, [l.name for l in self.layers], ids["layer"], w, options.flight_steps)
+        capacity = options.flight_steps(has_attention=model is not None and bool(find_attention(model)))
+        if capacity and optimizer is not None:
+            self.flight = WatchFlight(self.grads, [l.name for l in self.layers], ids["layer"], w, capacity)
             w.meta(self.flight.meta())
         # the families a flight-recorder event turns on: all that record at all (sharded: not the collective ones)
         self._detail = frozenset(n for n, sched in self.budget.schedules.items() if sched is not None
