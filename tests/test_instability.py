@@ -194,3 +194,21 @@ def test_probe_records_read_back_through_the_store_and_a_run_view(tmp_path):
             np.testing.assert_allclose(stored.values[key], values, rtol=1e-6)
         early = ProbeSeries.from_run(RunView(run, 2))  # type: ignore[arg-type]
         assert early is not None and early.steps.tolist() == [0, 1]
+
+
+def test_a_run_non_finite_from_step_0_has_no_instability_finding_and_diagnoses(tmp_path):
+    """Regression: diagnose()'s view of a run NaN from its first step holds no loss; the rules crashed on it."""
+    import torch
+
+    import gradwatch as gw
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, store=tmp_path, name="nan") as w:
+        for _ in range(3):
+            loss = model(torch.full((4, 2), float("nan"))).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    assert [f.kind for f in gw.diagnose(w.path).problems] == ["nonfinite"]

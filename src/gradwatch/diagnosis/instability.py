@@ -140,6 +140,8 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
     probes = ProbeSeries.from_run(run) if probes is None else probes
     ls = run.series("loss", "run")
     steps, loss = ls.steps, ls.values[0]
+    if not len(steps):  # a view that ends before the first logged loss (NaN from step 0)
+        return []
     got = total_grad_norm(run)
     grad = None
     if got is not None:
