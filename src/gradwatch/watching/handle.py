@@ -268,9 +268,8 @@ class Watch:
         for h in self._handles + [h for placed in self._forward.values() for h in placed]:
             h.remove()
         self._handles, self._forward = [], {}
-        steps = getattr(self, "_steps", None)
-        if steps is not None:
-            steps.probes.attention_hooks(False)
+        if getattr(self, "_steps", None) is not None:  # (None when the constructor failed before it)
+            self._steps.probes.attention_hooks(False)
 
     def _run_guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` unless the watch stopped; an error stops the recording, never the training."""
@@ -335,12 +334,8 @@ class Watch:
     def _fail(self, exc: BaseException) -> None:
         self._failed = exc
         self._steps.clear()
-        warnings.warn(
-            f"gradwatch stopped recording at step {self.step} ({type(exc).__name__}: {exc}); "
-            f"training goes on, and {self.path} keeps what was recorded before.",
-            GradwatchWarning,
-            stacklevel=4,
-        )
+        warnings.warn(f"gradwatch stopped recording at step {self.step} ({type(exc).__name__}: {exc}); training goes "
+                      f"on, and {self.path} keeps what was recorded before.", GradwatchWarning, stacklevel=4)
 
     def _close(self, status: str) -> None:
         if self._closed:
