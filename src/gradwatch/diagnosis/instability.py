@@ -125,8 +125,8 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
     over the whole run (critical when the loss never fell, ``measures.flat_loss``;
     a warning otherwise; an output-logit divergence only when the loss never
     fell); and the spikes before it (the first one attributed; ``info`` when
-    the loss came back within 10 % of its level before the spike, else a
-    warning).
+    the loss came back -- within 10 % of its level before the spike, a tenth
+    of the progress made until then, or by the run's end -- else a warning).
 
     ``diagnose()`` (diagnosis/rules.py) calls this on its ``view`` with
     ``Thresholds.instability`` and folds ``over_steps.spike_findings``' finding
@@ -148,6 +148,8 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         where = {int(s): v for s, v in zip(got[0].tolist(), got[1].tolist())}
         grad = np.array([where.get(int(s), np.nan) for s in steps])
         grad[np.isnan(grad) & np.isfinite(loss)] = np.nan
+    if grad is not None and np.isfinite(grad).any() and not np.nanmax(np.abs(grad)) > 0:
+        return []  # no parameter moves: the loss changes with the batch alone (the stall rule speaks)
     evs = events(steps, loss, grad, th)
     got_norms = update_norms(run)
 
@@ -171,8 +173,7 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
             ", ".join(str(e.step) for e in spikes[1:6]) + (" …" if len(spikes) > 6 else "")
         after = loss[(steps > ev.last) & (steps <= ev.last + th.window)]
         before = loss[(steps < ev.step) & (steps >= ev.step - th.window)]
-        recovered = (not serious and len(after) and len(before)
-                     and float(np.median(after)) <= 1.1 * float(np.median(before)))
+        recovered = not serious and len(after) and len(before) and _recovered(loss, before, after)
         found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes,
                               "info" if recovered else "warning", more))
     if not serious and not any("attention_logit_growth" in f.numbers and f.severity != "info" for f in found):
@@ -180,6 +181,19 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         if whole is not None:
             found.insert(0, whole)
     return _already_normalised(found, run)
+
+
+def _recovered(loss: np.ndarray, before: np.ndarray, after: np.ndarray) -> bool:
+    """The loss came back after a spike: within 10 % of its level before it, or having given back at most a tenth
+    of the progress made until then, or the run went on to end (median of its last 10 %) no higher than it was
+    before the spike. Severity follows the effect on training: a run that learns through its spikes is told of
+    them (info), not warned."""
+    was, now = float(np.median(before)), float(np.median(after))
+    ok = loss[np.isfinite(loss)]
+    if not len(ok):
+        return False
+    start, end = float(np.median(ok[:10])), float(np.median(ok[-max(10, len(ok) // 10):]))
+    return now <= 1.1 * was or (start > was and now <= was + 0.1 * (start - was)) or end <= was
 
 
 def _whole_run(run: Run, first: int, last: int, probes: ProbeSeries | None, th: InstabilityThresholds) -> Finding | None:
