@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-portable test-avx2 bench install clean
+.PHONY: demo test test-slow test-portable test-avx2 bench install clean
 
 install: $(STAMP)
 
@@ -29,7 +29,11 @@ WORKERS ?= 2
 PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 test: $(TESTSTAMP)
-	$(PYTEST)
+	$(PYTEST) -m "not slow"
+
+# The repair benchmark's labels, checked by plain measurement on its slower set-ups (about 3 min on 2 cores).
+test-slow: $(TESTSTAMP)
+	$(PYTEST) -m slow
 
 # The zoo's claims again under the portable (non-vectorised) CPU kernels, which round like another CPU.
 test-portable: $(TESTSTAMP)

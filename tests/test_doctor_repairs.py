@@ -615,7 +615,6 @@ def _residual_mlp(seed: int) -> Trial:
                  nn.functional.cross_entropy)
 
 
-@pytest.mark.slow
 def test_doctor_repairs_a_users_exploding_residual_mlp_with_fixup():
     steps = 150
     report = gw.doctor(_residual_mlp, steps=steps, seeds=3, progress=False)
@@ -638,7 +637,6 @@ def _raw_pixels(seed: int) -> Trial:
                  nn.functional.cross_entropy)
 
 
-@pytest.mark.slow
 def test_doctor_repairs_saturation_from_raw_inputs_by_standardising_them():
     steps = 200
     report = gw.doctor(_raw_pixels, steps=steps, seeds=3, progress=False)
