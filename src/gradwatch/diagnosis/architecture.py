@@ -27,16 +27,21 @@ DEEP_LAYERS = 10
 _DEPTH_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
 
 
+def _meta(run: Run) -> dict:
+    """The run's metadata; empty for a view or a run that has none."""
+    return getattr(run, "meta", {}) or {}
+
+
 def module_types(run: Run) -> set[str]:
     """The module classes of the run's model: its meta's ``module_types`` and its entities' modules."""
-    meta = getattr(run, "meta", {}) or {}
+    meta = _meta(run)
     types = set(meta.get("module_types") or ())
     return types | {e.module for e in run.entities() if e.module}
 
 
 def lr_without_warmup(run: Run) -> str:
     """Words for Adam-type optimisation at a high learning rate with no warm-up seen ('' when that is not the case)."""
-    meta = getattr(run, "meta", {}) or {}
+    meta = _meta(run)
     opt, lr = meta.get("optimizer"), meta.get("optimizer_lr")
     if opt not in ADAM_TYPES or not isinstance(lr, (int, float)) or lr <= ADAM_LR_ABOVE or warmup_seen(run):
         return ""
@@ -47,14 +52,14 @@ def lr_without_warmup(run: Run) -> str:
 
 def warmup_seen(run: Run) -> bool:
     """A learning-rate scheduler had lowered the rate below its base when the watch started: a warm-up."""
-    meta = getattr(run, "meta", {}) or {}
+    meta = _meta(run)
     lr, initial = meta.get("optimizer_lr"), meta.get("optimizer_initial_lr")
     return isinstance(lr, (int, float)) and isinstance(initial, (int, float)) and lr < initial
 
 
 def post_ln_without_warmup(run: Run) -> str:
     """Words for Post-LN Transformer layers trained without a warm-up ('' when that is not the case)."""
-    meta = getattr(run, "meta", {}) or {}
+    meta = _meta(run)
     n = meta.get("post_ln_layers")
     if not isinstance(n, int) or n < 1 or warmup_seen(run):
         return ""
@@ -65,7 +70,7 @@ def post_ln_without_warmup(run: Run) -> str:
 
 def has_residual(run: Run) -> bool:
     """Skip connections, by what the modules compute (the watch's ``residual_blocks``) or by their class names."""
-    meta = getattr(run, "meta", {}) or {}
+    meta = _meta(run)
     return bool(meta.get("residual_blocks")) or bool(module_types(run) & RESIDUAL_TYPES)
 
 
@@ -77,7 +82,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     first; with Adam at a high learning rate and no warm-up, the learning rate.
     """
     types = module_types(run)
-    meta = getattr(run, "meta", {}) or {}
+    meta = _meta(run)
     residual = has_residual(run)
     deep_plain = not residual and len(meta.get("layers") or ()) >= DEEP_LAYERS
     drop = set()
