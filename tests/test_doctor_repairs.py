@@ -17,7 +17,7 @@ import gradwatch as gw
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import Finding
 from gradwatch.diagnosis.remedies import REMEDIES, key_of, remedies
-from gradwatch.doctor import catalogue, table, trial_run, verdicts  # the package; gw.doctor is the function
+from gradwatch.doctor import catalogue, surgery, table, trial_run, verdicts  # the package; gw.doctor is the function
 from gradwatch.remedies import Residual
 from gradwatch.zoo import Trial
 
@@ -527,11 +527,56 @@ def test_next_round_widens_the_most_promising_row_only(monkeypatch):
     c = (flag("leaky"), row(["exploding", "vanishing", "dead_units"], 0.5))  # removed nothing: not followed
     tried = {("lower_lr", "relu")}  # b's first is taken
     todo = catalogue.next_round([b, c, a], diagnosis, cat, tried)
-    assert [r.parts for r in todo] == [("clip_norm", "lower_lr"), ("clip_norm", "smaller_init"),
-                                       ("clip_norm", "warmup"), ("relu", "smaller_init")]
-    assert {tuple(sorted(r.parts)) for r in todo} <= tried
+    assert [r.parts for r in todo][:4] == [("clip_norm", "lower_lr"), ("clip_norm", "smaller_init"),
+                                           ("clip_norm", "warmup"), ("relu", "smaller_init")]
+    # the room left, row by row in the same order, with what the baseline's findings name (nothing twice)
+    assert [r.parts for r in todo][4:] == [("clip_norm", "relu"), ("clip_norm", "norm"), ("clip_norm", "leaky"),
+                                           ("relu", "warmup"), ("relu", "norm"), ("relu", "leaky"),
+                                           ("leaky", "lower_lr"), ("leaky", "smaller_init")]
+    assert len(todo) == catalogue.ROUND_WIDTH and {tuple(sorted(r.parts)) for r in todo} <= tried
     assert [r.parts for r in catalogue.next_round([b, a], diagnosis, cat, set(), most=2)] == \
         [("clip_norm", "lower_lr"), ("clip_norm", "smaller_init")]
+
+
+def test_next_round_tries_adam_first_with_a_remedy_that_removed_the_findings_but_did_not_repair(monkeypatch):
+    """A gated cell removes the vanishing finding yet the net ends at the mean's loss: the next round combines it
+    with Adam before anything else (SLOW_KEYS); rows that still have their findings get no Adam they were not named."""
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: t)  # noqa: E731
+    cat = {k: [flag(k)] for k in ("gated", "orthogonal_rnn", "adam")}
+    diagnosis = Diagnosis([_finding("vanishing", "gated", "orthogonal_rnn")])
+
+    def row(kinds: list[str], verdict: str) -> table.TrialResult:
+        r = table.TrialResult("x", 0.17, 1.0, math.nan, kinds, 0.0, first_loss=1.4)
+        r.verdict = verdict
+        return r
+
+    gated = (flag("gated"), row([], "removes the finding; no better"))
+    orth = (flag("orthogonal_rnn"), row(["vanishing"], "no change"))
+    todo = catalogue.next_round([orth, gated], diagnosis, cat, set())
+    assert [r.parts for r in todo] == [("gated", "adam"), ("gated", "orthogonal_rnn")]
+    assert [r.parts for r in catalogue.next_round([orth], diagnosis, cat, set())] == [("orthogonal_rnn", "gated")]
+
+
+def test_adam_replaces_plain_sgd_only_and_goes_first_in_a_combination():
+    """The Adam entry keeps the groups, weight decay and rate ratios of an SGD optimizer, leaves any other optimizer alone
+    (does not apply), and in a combination runs before a change that hooks the optimizer (clipping)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    sgd = torch.optim.SGD([{"params": model[0].parameters(), "weight_decay": 1e-4},
+                           {"params": model[2].parameters(), "lr": 0.025}], lr=0.1, momentum=0.9)
+    trial = Trial(model, sgd, iter(()), nn.functional.mse_loss)
+    got = surgery.adam(1e-2, trial, {})
+    assert got is trial and type(trial.optimizer) is torch.optim.Adam
+    assert [g["lr"] for g in trial.optimizer.param_groups] == pytest.approx([1e-2, 2.5e-3])  # the ratio kept
+    assert [g["weight_decay"] for g in trial.optimizer.param_groups] == [1e-4, 0.0]
+    assert [list(g["params"]) for g in trial.optimizer.param_groups] == [list(g["params"]) for g in sgd.param_groups]
+    assert surgery.adam(1e-2, Trial(model, torch.optim.Adam(model.parameters()), iter(()), nn.functional.mse_loss),
+                        {}) is None
+    cat = catalogue.catalog()
+    both = catalogue.compose(cat["clip_norm"][0], cat["adam"][0])
+    trial = Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), iter(()), nn.functional.mse_loss)
+    both.apply(trial, {"clip_at": 0.5})
+    assert type(trial.optimizer) is torch.optim.Adam and trial.optimizer._optimizer_step_pre_hooks  # clipping hooked on Adam
 
 
 # --- end to end: the issue's step-0 overflow, through gw.doctor ----------------------------------------

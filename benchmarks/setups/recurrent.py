@@ -6,7 +6,12 @@
   (the adding problem of Hochreiter & Schmidhuber 1997). One net is a fused
   ``nn.RNN`` with W_hh at spectral radius 2.5; one is the same recurrence
   written by hand as an ``nn.RNNCell`` called in a Python loop, at PyTorch's
-  default init (spectral radius ≈ 0.6 at 32 units), over 40 steps.
+  default init (spectral radius ≈ 0.6 at 32 units), over 40 steps. Both
+  train for 500 steps: 150 show the pathology, but no change of the net can
+  show a repair in 150 (measured: a gated cell with Adam at 10⁻² ends at the
+  mean's loss Var(y) = 1/6 after 150 steps; at 500 it reaches a held-out
+  score of 0.99 on seeds 0 and 1, the fused LSTM at T = 20 as the cell at
+  T = 40). The repair is judged on the run the doctor trains, as long as this.
 - Zaremba, Sutskever & Vinyals (2014), "Recurrent neural network
   regularization", §4 (the "small" word-level LSTM language model: embedding,
   two LSTM layers, a linear decoder), at width 32 on a 32-token Markov
@@ -101,8 +106,9 @@ def gru_lm(seed: int) -> Trial:
 
 _PASCANU = "Pascanu, Mikolov & Bengio 2013, ICML, "
 SETUPS = [
-    BenchSetup("pascanu_rnn_radius25", "exploding", 150, rnn_radius25, _PASCANU + "§2.1 eq. 7, §5.1 adding problem"),
-    BenchSetup("pascanu_rnncell_loop", "vanishing", 150, rnncell_loop, _PASCANU + "§2.1, §5.1 (a hand-unrolled cell)"),
+    BenchSetup("pascanu_rnn_radius25", "exploding", 500, rnn_radius25, _PASCANU + "§2.1 eq. 7, §5.1 adding problem"),
+    BenchSetup("pascanu_rnncell_loop", "vanishing", 500, rnncell_loop, _PASCANU + "§2.1, §5.1 (a hand-unrolled cell)",
+               slow=True),
     BenchSetup("zaremba_lstm_lm", "healthy", 200, lstm_lm, "Zaremba, Sutskever & Vinyals 2014, §4 (small LSTM LM)"),
     BenchSetup("gru_lm", "healthy", 200, gru_lm, "Cho et al. 2014 (GRU) in Zaremba et al.'s LM, §4"),
 ]

@@ -25,6 +25,9 @@ ADAM_LR_ABOVE = 3e-3
 # degradation, and a 30-layer ReLU MLP that stalls at Xavier init but trains with ReZero (measured: 0.09 → 0.96).
 DEEP_LAYERS = 10
 _DEPTH_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
+# Findings of layers that move too little: under plain SGD each moves lr·g, so an adaptive optimiser (its step
+# normalised by the gradient's own rms) is the last remedy they name, after those of the architecture.
+_TOO_LITTLE_KINDS = ("vanishing", "stalled", "saturation")
 
 
 def _meta(run: Run) -> dict:
@@ -79,7 +82,8 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
 
     A vanishing net of ``DEEP_LAYERS`` weighted layers or more without skip connections is told of residual
     connections; with Post-LN Transformer layers and no warm-up, the depth findings name warm-up and Pre-LN
-    first; with Adam at a high learning rate and no warm-up, the learning rate.
+    first; with Adam at a high learning rate and no warm-up, the learning rate; layers that move too little under
+    plain SGD are told of Adam, last.
     """
     types = module_types(run)
     meta = _meta(run)
@@ -94,12 +98,15 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     lr_words, post_ln = lr_without_warmup(run), post_ln_without_warmup(run)
+    sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
         fixes = tuple(t for t in f.remedies if key_of(t) not in drop)
         cause = f.cause
         if deep_plain and f.kind == "vanishing" and f.layers and f.severity != "info" and "residual" not in map(key_of, fixes):
             fixes += remedies("residual")
+        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and "adam" not in map(key_of, fixes):
+            fixes += remedies("adam")
         said: list[str] = []
         for words, first in ((post_ln, ("warmup", "pre_ln")), (lr_words, ("warmup", "lower_lr"))):  # the last goes first
             if words and f.severity != "info" and f.kind in _DEPTH_KINDS:

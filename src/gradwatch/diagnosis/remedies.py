@@ -26,6 +26,7 @@ REMEDIES = {
     "param_groups": "check the optimizer's parameter groups: learning rate and weight decay of these layers",
     "standardise_inputs": "standardise the inputs (a normalisation layer at the input, fitted on the training batches)",
     "swap_overflow": "swap an overflowing activation (exp, softplus-like growth) for a bounded or ReLU-type one",
+    "adam": "an adaptive optimiser (Adam) in place of plain SGD: its step does not shrink with the gradient's scale",
     "warmup": "learning-rate warm-up (torch.optim.lr_scheduler.LinearLR)",
     "pre_ln": "Pre-LN Transformer layers (norm_first=True; Xiong et al. 2020)",
     "fixup": "Fixup: zero-initialised residual branches (Zhang et al. 2019; gradwatch.remedies.fixup_zero_init)",

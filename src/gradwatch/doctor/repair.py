@@ -12,7 +12,9 @@ The doctor
    curve, held-out score where the setup has one, and whether the findings
    are gone — and says which remedy fixed it, or that none did. "fixes it"
    needs the targeted findings gone and no new critical one, a finite loss
-   and real learning (:mod:`gradwatch.doctor.verdicts`);
+   and real learning (:mod:`gradwatch.doctor.verdicts`); a fix that ends
+   above half a constant output's loss is marginal, and the search goes on
+   (:func:`~gradwatch.doctor.verdicts.decisive`);
 5. iterative repair: a remedy that removed some targeted findings but left
    some, or brought new ones, is combined with the remedies those findings
    name (:func:`~gradwatch.doctor.catalogue.next_round`), for at most
@@ -42,7 +44,7 @@ from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult
-from gradwatch.doctor.verdicts import summary, verdict
+from gradwatch.doctor.verdicts import decisive, summary, verdict
 from gradwatch.trial import SetupFn
 
 
@@ -183,8 +185,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
                 done.append((remedy, result))
             result.rounds, result.parts = rnd, remedy.parts
             report.trials.append(result)
-        if runner.stopped or runner.interrupted or rnd == MAX_ROUNDS \
-                or any(t.verdict == "fixes it" for t in report.trials):
+        if runner.stopped or runner.interrupted or rnd == MAX_ROUNDS or any(decisive(t) for t in report.trials):
             break
         # Iterative repair: what a remedy left (or brought) names the next remedy to combine with it.
         todo = catalogue.next_round(done, diagnosis, catalog, tried)

@@ -74,6 +74,27 @@ def scale_lr(factor: float, trial: Trial, numbers: dict[str, float]) -> Trial:
     return trial
 
 
+def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Adam at ``lr`` (bind it with ``functools.partial``) in place of plain SGD: same parameter groups, weight decay,
+    and each group's rate relative to the largest.
+
+    SGD moves a weight by lr·g, so a layer whose gradient vanished by 10⁻⁴ moves 10⁻⁴ as far; Adam divides by
+    the running rms of g, so every layer's step is about lr whatever its gradient's scale (Kingma & Ba 2015, §2.1).
+    AUTOTRAINER (Zhang et al. 2021) tries the same switch for vanishing gradients. Applies to ``torch.optim.SGD``
+    only. The catalogue applies it before any other change of the optimizer (:func:`~gradwatch.doctor.catalogue.compose`),
+    so that hooks and schedulers attach to the new optimizer.
+    """
+    old = trial.optimizer
+    if type(old) is not torch.optim.SGD:
+        return None
+    top = max(g["lr"] for g in old.param_groups)
+    # each group keeps its rate relative to the largest: the switch changes the optimiser, not the groups' settings
+    groups = [{"params": g["params"], "weight_decay": g.get("weight_decay", 0.0), "lr": lr * g["lr"] / top if top > 0 else lr}
+              for g in old.param_groups]
+    trial.optimizer = torch.optim.Adam(groups, lr=lr)
+    return trial
+
+
 def unify(trial: Trial, numbers: dict[str, float]) -> Trial:
     """One learning rate, the largest, for every param group."""
     r.unify_lr(trial.optimizer)
