@@ -28,9 +28,10 @@ per-layer gradient and weight norms):
 4. OR ``recorder.schedule`` into the sampled schedules (activations,
    attention probes, update ratios): it is a plain ``step -> bool`` callable.
 
-Under FSDP2 each rank pushes the all-reduced norms the watch already has on
-recorded steps (the buffer holds whole-tensor norms, identical on every
-rank); only rank 0 writes.
+Under FSDP2 every rank runs a recorder and pushes every step: the norms of
+its slices, all-reduced (the same all-reduce the watch makes for its own
+gradient norms, one more for the weight norms), so the buffer holds the
+whole tensors' norms, identical on every rank; only rank 0 writes.
 """
 
 from __future__ import annotations

@@ -302,10 +302,11 @@ class GradProbe:
         layers, per_layer, _, _ = stats["grad_norm"]
         out[:, 0] = 0.0
         out[layers, 0] = per_layer[0]
-        if weights and not self.sharded:  # (sharded: a weight norm is a collective, which only rank 0 would join)
+        if weights:  # (sharded: every rank's recorder pushes every step, so every rank joins the all-reduce)
             plan = self._all
-            norms = self._norms([p.detach() for p in self.params], plan).to(torch.float64)
-            pair = self._per_pair(plan, norms[None])
+            weights_now = [_local(p.detach()) for p in self.params] if self.sharded else [p.detach() for p in self.params]
+            norms = self._norms(weights_now, plan).to(torch.float64)[None]
+            pair = self._per_pair(plan, self._sum_shards(plan, norms))
             out[plan.layers, 1] = self._layer_sum(plan, pair * pair).sqrt()[0]
         return out
 

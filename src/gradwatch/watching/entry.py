@@ -139,8 +139,9 @@ def start(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: Wa
     _check_not_watched(model, optimizer, caller)
     here = rank()
     if here != 0 and is_sharded(model):  # FSDP: every rank holds a slice; all take part, rank 0 writes
+        # the flight recorder too: it reads the gradient (and weight) norms on every step, an all-reduce
         shard = WatchOptions(every=options.every, activations=False, update_every=options.update_every,
-                             budget=options.budget, temporal=False, attention=False, flight=False,
+                             budget=options.budget, temporal=False, attention=False, flight=options.flight,
                              caller=caller)
         return ShardFollowerWatch(here, model, optimizer, shard, run_dir=None, driver=driver, scaler=scaler)
     if here != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes

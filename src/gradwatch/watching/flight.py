@@ -15,7 +15,9 @@ s:
 - every sampled family (‖∂L/∂a‖, activation statistics, attention, update
   ratios, …) records on each of the next ``detail_steps`` steps, whatever the
   budget says (with sharded parameters, not the families that join an
-  all-reduce: only rank 0 knows of the event);
+  all-reduce: each rank runs a recorder, but on a GPU a rank reads its
+  trigger when its copy has landed, so the ranks may learn of an event on
+  different steps, and an all-reduce that one rank skips hangs the job);
 - ``meta["flight"]["events"]`` lists the events' steps.
 
 Events inside a detail window start no new one, and at most ``MAX_EVENTS``
