@@ -147,6 +147,8 @@ class FlightRecorder:
         if min(self.count, self.capacity) - 1 < self.warmup:
             return False
         history = np.delete(self._totals, slot)
+        if not self._totals[slot] - np.nanmin(history) > self.log_ratio:  # the rise over the median is at most this
+            return False  # (most steps: no sort needed)
         med = _lower_median(history)
         mad = 1.4826 * _lower_median(np.abs(history - med))
         rise = self._totals[slot] - med
