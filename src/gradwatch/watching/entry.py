@@ -94,8 +94,8 @@ def watch(
             or non-finite, the buffered steps before it go to the store and
             every sampled family records for the next 20 steps. "auto" (the
             default): on, 64 steps kept, for a model with attention (its
-            per-step cost, a weight-norm read and the trigger's ~15 small ops,
-            is ~1.4 % of a small Transformer's CPU step but ~10 % of a 20-layer
+            per-step cost, mostly a read of the weights for their norms, is
+            ~1.5 % of a small Transformer's CPU step but ~10 % of a 20-layer
             MLP's; benchmarks/RESULTS.md); True: on for any model; an int: that
             many steps kept (at least 16); False: off.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
