@@ -95,7 +95,7 @@ def watch(
             every sampled family records for the next 20 steps. "auto" (the
             default): on, 64 steps kept, for a model with attention (its
             per-step cost, mostly a read of the weights for their norms, is
-            ~1.5 % of a small Transformer's CPU step but ~10 % of a 20-layer
+            ~1.5 % of a small Transformer's CPU step but 10–25 % of a 20-layer
             MLP's; benchmarks/RESULTS.md); True: on for any model; an int: that
             many steps kept (at least 16); False: off.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
