@@ -133,7 +133,8 @@ class FlightRecorder:
     def triggered(self) -> bool:
         """``check()``'s answer as a bool: on the CPU computed on the host (the buffer is host memory: ~10 small
         numpy ops instead of ~15 tensor ops), elsewhere ``check()`` read back (one sync)."""
-        if self.values.device.type != "cpu":
+        totals = self._totals  # (None: not on the CPU)
+        if totals is None:
             return bool(self.check())
         if self.count == 0:
             return False
@@ -146,12 +147,12 @@ class FlightRecorder:
             return True
         if min(self.count, self.capacity) - 1 < self.warmup:
             return False
-        history = np.delete(self._totals, slot)
-        if not self._totals[slot] - np.nanmin(history) > self.log_ratio:  # the rise over the median is at most this
+        history = np.delete(totals, slot)
+        if not totals[slot] - np.nanmin(history) > self.log_ratio:  # the rise over the median is at most this
             return False  # (most steps: no sort needed)
         med = _lower_median(history)
         mad = 1.4826 * _lower_median(np.abs(history - med))
-        rise = self._totals[slot] - med
+        rise = totals[slot] - med
         return bool(rise > self.log_ratio and rise > self.z_above * mad)
 
     def fire(self, step: int) -> None:
