@@ -17,7 +17,8 @@ The flight recorder (``flight=``) and the attention probes (``attention=``,
 budgeted; only models with attention) are on in the default watch; the row
 "default watch, recorder and attention off" is the default before them. The
 tinylm rows (``gradwatch.tinylm.TinyLM``, 4 layers, width 128, batch 8 × 64
-tokens, AdamW) add the attention probes every 10th step.
+tokens, AdamW) add the recorder alone (attention off) and the attention
+probes every 10th step.
 
 ``--norms`` times ways to read the 40 gradient norms of the 20-layer MLP (the
 watch's choice: small same-shape gradients as stacks, the rest in one fused
@@ -80,6 +81,7 @@ CONFIGS: dict[str, dict | None] = {
 
 TINYLM_CONFIGS: dict[str, dict | None] = {
     **{k: v for k, v in CONFIGS.items() if k != "everything every step"},
+    "default watch, recorder on, attention off": dict(attention=False),
     "recorder on, attention every 10th (budget 2 %)": dict(attention=10),
 }
 

@@ -164,6 +164,88 @@ def test_fsdp2_rank0_records_equal_the_single_process_run(tmp_path):
     assert all(abs(a - b) / b > 0.05 for a, b in zip(local, np.array(grads)[:, 1]))
 
 
+FLIGHT_STEPS, FLIGHT_SPIKE, FLIGHT_KEEP, FLIGHT_EVERY = 30, 24, 16, 4
+
+FSDP_FLIGHT_SCRIPT = textwrap.dedent(
+    f"""
+    import os, sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    import gradwatch as gw
+
+    rank, world, store, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{{rendezvous}}", rank=rank, world_size=world)
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 7), nn.ReLU(), nn.Linear(7, 3))
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(100 + seed)
+        # gradient norms every {FLIGHT_EVERY}th step: the recorder reads them on the others, an all-reduce
+        w = gw.watch(model, opt, activations=False, every={FLIGHT_EVERY}, flight={FLIGHT_KEEP}, store=store,
+                     name=f"flight-{{seed}}")
+        for step in range({FLIGHT_STEPS}):
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            if step == {FLIGHT_SPIKE}:
+                x = x * 1000
+            shard = slice(rank * 8, rank * 8 + 8)  # each rank takes half of the same batch
+            loss = nn.functional.cross_entropy(model(x[shard]), y[shard])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        w.close()
+        print(f"rank {{rank}}: {{w!r}}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.zoo
+def test_fsdp2_flight_recorder_catches_an_injected_spike_with_the_single_process_values(tmp_path):
+    """A batch ×1000 at a known step under fully_shard: rank 0 records the event there, and the steps the recorder
+    kept before it hold the whole tensors' gradient and weight norms of a single process's run.
+
+    Regression: the shard followers ran no recorder, so rank 0's recorder read the gradient norms (an all-reduce)
+    on steps where no other rank joined in (the job hung with every > 1), and it buffered no weight norms.
+    """
+    pytest.importorskip("torch.distributed.fsdp")
+    outs = _two_ranks(FSDP_FLIGHT_SCRIPT, tmp_path)
+    assert outs[1].count(f"shard follower on rank 1, step {FLIGHT_STEPS}") == 3
+    kept = set(range(FLIGHT_SPIKE - FLIGHT_KEEP + 1, FLIGHT_SPIKE + 1))  # the buffer: N steps up to the event
+    sampled = set(range(0, FLIGHT_STEPS, FLIGHT_EVERY))
+    for seed in (0, 1, 2):
+        # the reference: one process, the whole batch, a loop over param.grad and the weights before each step
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 7), nn.ReLU(), nn.Linear(7, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(100 + seed)
+        layers = (model[0], model[2], model[4])
+        grads, weights = [], []
+        for step in range(FLIGHT_STEPS):
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            if step == FLIGHT_SPIKE:
+                x = x * 1000
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            grads.append([float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()) for m in layers])
+            weights.append([float(torch.cat([p.detach().reshape(-1) for p in m.parameters()]).norm()) for m in layers])
+            opt.step()
+        with gw.open_run(tmp_path / "rank0" / f"flight-{seed}") as run:
+            assert run.meta["flight"]["events"] == [FLIGHT_SPIKE]
+            g_norm, w_norm = run.series("grad_norm"), run.series("weight_norm")
+            updated = set(run.series("update_ratio").steps.tolist())  # weight norms on their own schedule
+        assert set(g_norm.steps.tolist()) == sampled | kept
+        assert set(w_norm.steps.tolist()) == updated | kept
+        assert g_norm.names == w_norm.names == ["0", "2", "4"]
+        np.testing.assert_allclose(g_norm.values, np.array(grads)[g_norm.steps].T, rtol=1e-6)
+        np.testing.assert_allclose(w_norm.values, np.array(weights)[w_norm.steps].T, rtol=1e-6)
+
+
 def test_fsdp1_is_refused_with_the_way_out(tmp_path):
     script = textwrap.dedent(
         f"""

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -88,3 +90,32 @@ def test_values_of_the_wrong_shape_and_bad_arguments():
     rec.push(0, torch.tensor([[1.0, math.nan], [2.0, math.nan]]))  # update norms not measured this step
     assert not rec.triggered()
     assert rec.records() == [(0, "a", "grad_norm", 1.0), (0, "b", "grad_norm", 2.0)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-3, 3), min_size=1, max_size=40), st.integers(0, 39), st.sampled_from([0.0, 2.0, 8.0]),
+       st.sampled_from(["none", "nan", "all-nan", "inf", "zero", "weights-nan"]), st.integers(4, 12))
+def test_the_host_trigger_answers_as_the_device_one(logs, at, jump, odd, capacity):
+    """On the CPU triggered() computes the test in numpy; it answers as check()'s tensor ops on every push:
+    spikes of several sizes, NaN/Inf, all-zero gradients (log 0), a non-finite weight norm, a wrapped buffer."""
+    rec = FlightRecorder(["a", "b", "c"], ("grad_norm", "weight_norm"), capacity=capacity, warmup=3)
+    g = torch.Generator().manual_seed(len(logs))
+    for i, x in enumerate(logs):
+        values = torch.rand(3, 2, generator=g) * math.exp(x)
+        if i % 2:
+            values[:, 1] = math.nan  # weight norms not measured on this step
+        if i == at:
+            values[:, 0] *= math.exp(jump)
+            if odd == "nan":
+                values[1, 0] = math.nan
+            elif odd == "all-nan":  # the first quantity is measured on every step: all NaN is non-finite
+                values[:, 0] = math.nan
+            elif odd == "inf":
+                values[0, 0] = math.inf
+            elif odd == "zero":
+                values[:, 0] = 0.0
+            elif odd == "weights-nan":
+                values[2, 1] = math.nan
+                values[0, 1] = 1.0
+        rec.push(i, values)
+        assert rec.triggered() == bool(rec.check()), (i, x)

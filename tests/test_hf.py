@@ -17,8 +17,8 @@ from gradwatch.integrations.hf import GradwatchCallback  # noqa: E402
 STEPS = 4
 
 
-def _gpt2():
-    torch.manual_seed(0)
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
     return transformers.GPT2LMHeadModel(config)
 
@@ -38,13 +38,13 @@ class PostClip(transformers.TrainerCallback):
         self.norms.append(naive_layer_grad_norms(model))
 
 
-def _train(tmp_path, callbacks, max_grad_norm=0.01, **more):
+def _train(tmp_path, callbacks, max_grad_norm=0.01, steps=STEPS, trainer_class=transformers.Trainer, **more):
     settings = dict(use_cpu=True, gradient_accumulation_steps=2, max_grad_norm=max_grad_norm, report_to=[],
                     logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0) | more
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=STEPS,
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps,
                                           per_device_train_batch_size=4, **settings)
-    model = _gpt2()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    model = _gpt2(settings["seed"])
+    trainer = trainer_class(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
     trainer.train()
     return model, trainer
 
@@ -80,6 +80,41 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, store
     for (name, a), b in zip(plain.named_parameters(), watched.parameters()):
         assert torch.equal(a, b), name
 
+
+
+SPIKE_AT, FLIGHT_STEPS, FLIGHT_KEEP, EVERY = 21, 27, 16, 4  # the spike on a step without gradient norms
+
+
+class SpikeTrainer(transformers.Trainer):
+    """A Trainer whose loss is scaled ×1000 on one known optimizer step (both of its micro-batches)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * 1000.0 if self.state.global_step == SPIKE_AT else loss
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_flight_recorder_catches_an_injected_spike_through_the_callback(tmp_path, store, seed):
+    """The recorder on (GPT-2 has attention: flight="auto"), gradient norms every 4th step: the event is at the
+    injected step, the 16 steps up to it are in the store with the gradient norms from before the Trainer clipped
+    them (their total over distinct parameters is the Trainer's own pre-clip grad_norm), and update ratios follow on
+    every step of the detail window."""
+    cb = GradwatchCallback(store=store, name="hf-flight", budget=None, every=EVERY, flight=FLIGHT_KEEP)
+    _, trainer = _train(tmp_path, [cb], max_grad_norm=1.0, steps=FLIGHT_STEPS, trainer_class=SpikeTrainer, seed=seed)
+    hf_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(hf_norms) == FLIGHT_STEPS and hf_norms[SPIKE_AT] > 100 * max(hf_norms[:SPIKE_AT])
+    kept = set(range(SPIKE_AT - FLIGHT_KEEP + 1, SPIKE_AT + 1))
+    with cb.watch.open() as run:
+        assert run.meta["flight"]["events"] == [SPIKE_AT]
+        grads = run.records("grad_norm", "layer")
+        detail = set(range(SPIKE_AT + 1, FLIGHT_STEPS))  # every family records on every step of the window
+        assert set(grads["step"].tolist()) == set(range(0, FLIGHT_STEPS, EVERY)) | kept | detail
+        assert kept <= set(run.series("weight_norm").steps.tolist())
+        assert detail <= set(run.series("update_ratio").steps.tolist())
+    for step in sorted(kept | detail):
+        sel = (grads["step"] == step) & (grads["layer"] != "lm_head")  # lm_head.weight is wte.weight (tied)
+        assert math.sqrt(float((grads["value"][sel] ** 2).sum())) == pytest.approx(hf_norms[step], rel=1e-5), step
 
 
 @pytest.mark.gpu

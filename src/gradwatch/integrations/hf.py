@@ -1,18 +1,21 @@
 """Hugging Face ``Trainer``: ``Trainer(..., callbacks=[GradwatchCallback()])``.
 
-The Trainer clips the gradients (``max_grad_norm``, 1.0 by default) before
-any callback sees them, and a clipped gradient hides exactly what gradwatch
-looks for. So the callback reads the gradient statistics at the end of the
-backward pass that completes each optimizer step (the last micro-batch of a
+The Trainer clips the gradients (``max_grad_norm``, 1.0 by default) before any
+callback sees them, and a clipped gradient hides exactly what gradwatch looks
+for. So the callback reads the gradient statistics at the end of the backward
+pass that completes each optimizer step (the last micro-batch of a
 gradient-accumulation window), before clipping; with float16 and a loss
 scaler, the norms are divided by the scale still on them. Weights are copied
 for the update ratio in ``on_pre_optimizer_step``, and the step closes in
-``on_step_end``. Transformers has no exception event, so a ``Trainer.train``
-that raises leaves the watch open (status ``running``); the next ``train`` with
-this callback closes it as interrupted and starts a new run, and closing the
-callback's watch by hand (``callback.watch.close()``) works at any time. A step the float16 scaler skips is recorded with
-``skipped_step`` = 1 and the ``loss_scale``. The training loss of each step is
-logged as ``loss`` when the Trainer logs it.
+``on_step_end``. The flight recorder's norms, on every step, are read at the
+end of backward as well, before clipping (a clipped spike is no spike).
+Transformers has no exception event, so a ``Trainer.train`` that raises leaves
+the watch open (status ``running``); the next ``train`` with this callback
+closes it as interrupted and starts a new run, and closing the callback's
+watch by hand (``callback.watch.close()``) works at any time. A step the
+float16 scaler skips is recorded with ``skipped_step`` = 1 and the
+``loss_scale``. The training loss of each step is logged as ``loss`` when the
+Trainer logs it.
 
 Needs ``pip install 'gradwatch[hf]'`` (transformers and accelerate).
 """

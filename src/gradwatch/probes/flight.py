@@ -5,7 +5,8 @@ watch already computes (its fused per-layer norms); nothing goes to the host
 until an event. The trigger is a robust outlier test of the step's total norm
 against the buffered steps, or a non-finite value; it is computed on the
 device and returned as a 0-d bool tensor, so the caller chooses when to pay
-the host sync. When it fires, :meth:`FlightRecorder.records` returns the
+the host sync (:meth:`FlightRecorder.triggered` answers on the host; on the
+CPU it computes the same test there, in numpy). When it fires, :meth:`FlightRecorder.records` returns the
 buffered steps up to the event in record form, and :meth:`FlightRecorder.schedule`
 answers True for the next ``detail_steps`` steps, so the watch can switch its
 full-detail probes on after the event.
@@ -28,9 +29,10 @@ per-layer gradient and weight norms):
 4. OR ``recorder.schedule`` into the sampled schedules (activations,
    attention probes, update ratios): it is a plain ``step -> bool`` callable.
 
-Under FSDP2 each rank pushes the all-reduced norms the watch already has on
-recorded steps (the buffer holds whole-tensor norms, identical on every
-rank); only rank 0 writes.
+Under FSDP2 every rank runs a recorder and pushes every step: the norms of
+its slices, all-reduced (the same all-reduce the watch makes for its own
+gradient norms, one more for the weight norms), so the buffer holds the
+whole tensors' norms, identical on every rank; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ import torch
 from torch import Tensor
 
 from gradwatch._errors import bad_argument
+
+
+def _lower_median(x: np.ndarray) -> float:
+    """The median of the non-NaN values, the lower of the two middle ones for an even count (as ``torch.nanmedian``
+    takes it); NaN if there are none."""
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return math.nan
+    k = (len(x) - 1) // 2
+    return float(np.partition(x, k)[k])
 
 
 class FlightRecorder:
@@ -70,6 +82,8 @@ class FlightRecorder:
         self.count = 0  # pushes so far
         self.detail_until = -1  # last step of the detail window after an event
         self.events: list[int] = []  # steps at which fire() was called
+        # on the CPU, each slot's log total norm (float64) on the host: triggered() needs no tensor op
+        self._totals = np.full(capacity, math.nan) if self.values.device.type == "cpu" else None
 
     def push(self, step: int, values: Tensor) -> None:
         """Write one step's (layers, quantities) norms into the next slot (an on-device copy; no host sync)."""
@@ -80,6 +94,11 @@ class FlightRecorder:
         self.values[slot].copy_(values.detach(), non_blocking=True)
         self.steps[slot] = step
         self.count += 1
+        if self._totals is not None:  # the log total norm, as check() computes it, for the host-side trigger
+            first = self.values[slot, :, 0].numpy().astype(np.float64)
+            empty = np.isnan(first).all()
+            with np.errstate(divide="ignore", over="ignore"):  # log 0 = -inf, and inf for an overflow, as on the device
+                self._totals[slot] = math.nan if empty else np.log(np.linalg.norm(np.nan_to_num(first, nan=0.0)))
 
     def check(self) -> Tensor:
         """A 0-d bool tensor on the device: the last pushed step is a spike or holds a non-finite value.
@@ -112,8 +131,29 @@ class FlightRecorder:
         return nonfinite | ((rise > self.log_ratio) & (rise > self.z_above * mad))
 
     def triggered(self) -> bool:
-        """``check()`` read on the host (one sync)."""
-        return bool(self.check())
+        """``check()``'s answer as a bool: on the CPU computed on the host (the buffer is host memory: ~10 small
+        numpy ops instead of ~15 tensor ops), elsewhere ``check()`` read back (one sync)."""
+        totals = self._totals  # (None: not on the CPU)
+        if totals is None:
+            return bool(self.check())
+        if self.count == 0:
+            return False
+        slot = (self.count - 1) % self.capacity
+        now = self.values[slot].numpy()  # (layers, quantities), a view
+        nan = np.isnan(now)
+        measured = ~nan.all(axis=0)
+        measured[0] = True
+        if (~np.isfinite(now) & measured).any():
+            return True
+        if min(self.count, self.capacity) - 1 < self.warmup:
+            return False
+        history = np.delete(totals, slot)
+        if not totals[slot] - np.nanmin(history) > self.log_ratio:  # the rise over the median is at most this
+            return False  # (most steps: no sort needed)
+        med = _lower_median(history)
+        mad = 1.4826 * _lower_median(np.abs(history - med))
+        rise = totals[slot] - med
+        return bool(rise > self.log_ratio and rise > self.z_above * mad)
 
     def fire(self, step: int) -> None:
         """An event at ``step``: :meth:`schedule` answers True for the next ``detail_steps`` steps."""

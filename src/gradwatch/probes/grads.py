@@ -177,6 +177,7 @@ class GradProbe:
         # stack: a 20-layer MLP's 40 norms take 4 calls (benchmarks/overhead.py --norms: 53 µs against 108 µs).
         self._stack = self._fused is not None and self.device.type == "cpu"
         self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._rows: dict[int, Tensor] = {}  # id of a plan (kept in _plans) -> each pair's layer, for _all_layers
         self._before: list[Tensor] | None = None
         self._all_present = tuple(range(len(self.params)))
         self._all = self._plan(self._all_present)
@@ -298,16 +299,25 @@ class GradProbe:
         """(layers, 2) on the device: each layer's gradient norm from ``pending`` (0 where no gradient) and, if
         ``weights``, its weight norm (one fused read of the weights; NaN otherwise). For the flight recorder."""
         out = torch.full((len(self.layers_all), 2), float("nan"), dtype=torch.float64, device=self.device)
-        stats = pending.derive(pending.norms[None])
-        layers, per_layer, _, _ = stats["grad_norm"]
-        out[:, 0] = 0.0
-        out[layers, 0] = per_layer[0]
-        if weights and not self.sharded:  # (sharded: a weight norm is a collective, which only rank 0 would join)
+        plan = pending.derive.args[0]  # type: ignore[attr-defined]  # (the partial of _grad_stats its plan made)
+        out[:, 0] = self._all_layers(plan, pending.norms.to(torch.float64))  # 0 where a layer has no gradient
+        if weights:  # (sharded: every rank's recorder pushes every step, so every rank joins the all-reduce)
             plan = self._all
-            norms = self._norms([p.detach() for p in self.params], plan).to(torch.float64)
-            pair = self._per_pair(plan, norms[None])
-            out[plan.layers, 1] = self._layer_sum(plan, pair * pair).sqrt()[0]
+            weights_now = [_local(p.detach()) for p in self.params] if self.sharded else [p.detach() for p in self.params]
+            norms = self._sum_shards(plan, self._norms(weights_now, plan).to(torch.float64)[None])[0]
+            out[:, 1] = self._all_layers(plan, norms)  # (every watched layer owns a parameter)
         return out
+
+    def _all_layers(self, plan: _Plan, norms: Tensor) -> Tensor:
+        """(n_present,) norms as read -> (layers,): each watched layer's √Σ over its own parameters (0: none).
+
+        The per-step path of the flight recorder: one index_add into every layer's slot, where the records'
+        derivation (:meth:`_grad_stats`) also counts non-finite values and builds per-parameter rows."""
+        rows = self._rows.get(id(plan))
+        if rows is None:
+            rows = self._rows[id(plan)] = torch.tensor([self.pair_layer[j] for j in plan.pairs], device=self.device)
+        pair = norms if plan.pair_pos is None else norms[plan.pair_pos]
+        return norms.new_zeros(len(self.layers_all)).index_add_(0, rows, pair * pair).sqrt_()
 
     @torch.no_grad()
     def snapshot(self) -> None:

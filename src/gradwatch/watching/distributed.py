@@ -110,8 +110,8 @@ class ShardFollowerWatch(_NotRankZero):
     """What ``watch`` returns on a rank other than 0 when the model's parameters are sharded (FSDP2).
 
     Each rank holds a slice of every parameter, so every rank reads its own
-    slices and takes part in the all-reduce of squared norms; only rank 0
-    keeps the result. Activation statistics are rank 0's alone (its batch).
+    slices and takes part in the all-reduce of squared norms (the flight
+    recorder's, on every step, too); only rank 0 keeps the result. Activation statistics are rank 0's alone (its batch).
     Reading back is rank 0's.
     """
 

@@ -94,8 +94,8 @@ def watch(
             or non-finite, the buffered steps before it go to the store and
             every sampled family records for the next 20 steps. "auto" (the
             default): on, 64 steps kept, for a model with attention (its
-            per-step cost, a weight-norm read and the trigger's ~15 small ops,
-            is ~1.4 % of a small Transformer's CPU step but ~10 % of a 20-layer
+            per-step cost, mostly a read of the weights for their norms, is
+            ~1.5 % of a small Transformer's CPU step but 10–25 % of a 20-layer
             MLP's; benchmarks/RESULTS.md); True: on for any model; an int: that
             many steps kept (at least 16); False: off.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. The
@@ -139,8 +139,9 @@ def start(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: Wa
     _check_not_watched(model, optimizer, caller)
     here = rank()
     if here != 0 and is_sharded(model):  # FSDP: every rank holds a slice; all take part, rank 0 writes
+        # the flight recorder too: it reads the gradient (and weight) norms on every step, an all-reduce
         shard = WatchOptions(every=options.every, activations=False, update_every=options.update_every,
-                             budget=options.budget, temporal=False, attention=False, flight=False,
+                             budget=options.budget, temporal=False, attention=False, flight=options.flight,
                              caller=caller)
         return ShardFollowerWatch(here, model, optimizer, shard, run_dir=None, driver=driver, scaler=scaler)
     if here != 0:  # DDP: the gradients are the same on every rank after backward; rank 0 writes

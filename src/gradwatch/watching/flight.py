@@ -4,9 +4,10 @@ Every step, where the gradients are ready, the step's per-layer gradient
 norms (derived from the norms the watch reads anyway) and weight norms (one
 fused read of the weights) go into a :class:`~gradwatch.probes.flight.FlightRecorder`
 on the device. Its trigger — the total gradient norm a robust outlier against
-the buffered steps, or a non-finite value — is read on the host at once on
-the CPU (no sync to pay) and one step later on a GPU (a non-blocking copy
-into pinned memory, read when its event has completed). On an event at step
+the buffered steps, or a non-finite value — is computed on the host on the
+CPU (the buffer is host memory: numpy on a view, cheaper than the tensor
+ops) and on the device on a GPU, read one step later there (a non-blocking
+copy into pinned memory, read when its event has completed). On an event at step
 s:
 
 - the buffered steps up to s go to the store: ``weight_norm`` per layer on
@@ -15,7 +16,9 @@ s:
 - every sampled family (‖∂L/∂a‖, activation statistics, attention, update
   ratios, …) records on each of the next ``detail_steps`` steps, whatever the
   budget says (with sharded parameters, not the families that join an
-  all-reduce: only rank 0 knows of the event);
+  all-reduce: each rank runs a recorder, but on a GPU a rank reads its
+  trigger when its copy has landed, so the ranks may learn of an event on
+  different steps, and an all-reduce that one rank skips hangs the job);
 - ``meta["flight"]["events"]`` lists the events' steps.
 
 Events inside a detail window start no new one, and at most ``MAX_EVENTS``
@@ -70,15 +73,14 @@ class WatchFlight:
         if len(self._on) > self.recorder.capacity:
             del self._on[next(iter(self._on))]
         self.recorder.push(step, self.grads.layer_norms(pending, weights="updates" not in on))
-        flag = self.recorder.check()
-        if flag.is_cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._flag = (step, host, event)
-            return fired
-        return self._maybe_fire(step, bool(flag)) or fired
+        if not self.recorder.values.is_cuda:  # the CPU: the trigger computed on the host; another device: a sync
+            return self._maybe_fire(step, self.recorder.triggered()) or fired
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(self.recorder.check(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._flag = (step, host, event)
+        return fired
 
     def _read_flag(self) -> bool:
         if self._flag is None or not self._flag[2].query():

@@ -174,16 +174,15 @@ class StepRecorder:
             now.scale = current_scale(self._scaler, self.device)
         if "temporal" in now.on:  # before the optimizer step: the re-run needs the weights of the forward pass
             self.probes.add_temporal(self.buffer, now.scale, self._recurrent_ids)
-        staged, now.staged = now.staged, None
-        if staged is not None:
+        staged, now.staged = now.staged, None  # (staged for the recorder alone on a step without "grads")
+        if "grads" in now.on:
+            if staged is None:
+                t = self.meter.start()
+                staged = self.grads.gradients()
+                self.meter.stop("grads", t)
             self.buffer.add_pending(staged)
-        elif "grads" in now.on:
-            t = self.meter.start()
-            staged = self.grads.gradients()
-            self.buffer.add_pending(staged)
-            self.meter.stop("grads", t)
         if self.flight is not None:  # its time counts as the watch's fixed per-step work
-            if staged is None and "grads" not in now.on:
+            if staged is None:
                 staged = self.grads.gradients()
             self.flight.push(now.number, staged, now.on)  # an event: full detail from the next step on
         if "updates" in now.on:
@@ -231,6 +230,10 @@ class StepRecorder:
             t = self.meter.start()
             self.now.staged = self.grads.gradients(scale)
             self.meter.stop("grads", t)
+        elif self.flight is not None:  # the recorder reads them on every step, before clipping too
+            mark = self.meter.mark()
+            self.now.staged = self.grads.gradients(scale)
+            self.meter.base_since(mark)  # its fixed per-step work, as in gradients_ready
 
     def optimizer_stepped(self) -> None:
         self.now.stepped = True
