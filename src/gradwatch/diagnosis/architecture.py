@@ -105,7 +105,8 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         cause = f.cause
         if deep_plain and f.kind == "vanishing" and f.layers and f.severity != "info" and "residual" not in map(key_of, fixes):
             fixes += remedies("residual")
-        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and "adam" not in map(key_of, fixes):
+        keys = set(map(key_of, fixes))  # no gradient at all (a loss that passes none): no optimiser can help
+        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation"}:
             fixes += remedies("adam")
         said: list[str] = []
         for words, first in ((post_ln, ("warmup", "pre_ln")), (lr_words, ("warmup", "lower_lr"))):  # the last goes first

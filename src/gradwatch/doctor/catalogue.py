@@ -16,8 +16,7 @@ from functools import partial
 from typing import Any
 
 from gradwatch.diagnosis import Diagnosis
-from gradwatch.doctor.table import TrialResult
-from gradwatch.doctor.verdicts import decisive
+from gradwatch.doctor.table import TrialResult, decisive
 from gradwatch.doctor import surgery as s
 from gradwatch.doctor import transformer_surgery
 from gradwatch.doctor.surgery import Chain, OnModel, TrialChange

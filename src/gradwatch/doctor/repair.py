@@ -14,7 +14,7 @@ The doctor
    needs the targeted findings gone and no new critical one, a finite loss
    and real learning (:mod:`gradwatch.doctor.verdicts`); a fix that ends
    above half a constant output's loss is marginal, and the search goes on
-   (:func:`~gradwatch.doctor.verdicts.decisive`);
+   (:func:`~gradwatch.doctor.table.decisive`);
 5. iterative repair: a remedy that removed some targeted findings but left
    some, or brought new ones, is combined with the remedies those findings
    name (:func:`~gradwatch.doctor.catalogue.next_round`), for at most
@@ -43,8 +43,8 @@ from gradwatch.diagnosis import Diagnosis
 from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
-from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult
-from gradwatch.doctor.verdicts import decisive, summary, verdict
+from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
+from gradwatch.doctor.verdicts import summary, verdict
 from gradwatch.trial import SetupFn
 
 

@@ -87,3 +87,15 @@ class DoctorReport:
             for r in rows)
         return (f"<div><h3>gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: "
                 f"{e(self.message)}</h3><table>{head}{body}</table>{self.diagnosis._repr_html_()}</div>")
+
+
+DECISIVE_BELOW = 0.5  # a fix that ends above this fraction of the null loss is marginal: the doctor looks on
+
+
+def decisive(row: TrialResult) -> bool:
+    """A "fixes it" that ends the search: its final loss is at most half a constant output's (``null_loss``), or the
+    set-up gives no null loss or is judged by its score. A marginal fix (an adding-problem net at R² 0.13) is kept
+    in the table and the doctor goes on combining remedies, to find a better one within its rounds."""
+    if row.verdict != "fixes it":
+        return False
+    return row.judge_by_score or not math.isfinite(row.null_loss) or row.final_loss <= DECISIVE_BELOW * row.null_loss

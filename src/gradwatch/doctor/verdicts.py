@@ -21,28 +21,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gradwatch.doctor.table import TrialResult
-
-if TYPE_CHECKING:  # trial_run imports the catalogue, which imports decisive() from here
-    from gradwatch.doctor.trial_run import TrialRun
+from gradwatch.doctor.trial_run import TrialRun
 
 LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction of the run's first finite loss
 SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least this much above the baseline's
 NULL_BELOW = 0.9  # "clearly below a constant output": the null loss is measured on a few batches (±10 %)
-DECISIVE_BELOW = 0.5  # a fix that ends above this fraction of the null loss is marginal: the doctor looks on
 
-
-def decisive(row: TrialResult) -> bool:
-    """A "fixes it" that ends the search: its final loss is at most half a constant output's (``null_loss``), or the
-    set-up gives no null loss or is judged by its score. A marginal fix (an adding-problem net at R² 0.13) is kept
-    in the table and the doctor goes on combining remedies, to find a better one within its rounds."""
-    if row.verdict != "fixes it":
-        return False
-    return row.judge_by_score or not math.isfinite(row.null_loss) or row.final_loss <= DECISIVE_BELOW * row.null_loss
 
 
 def curve(losses: list[float]) -> tuple[float, float, float, bool]:
