@@ -109,7 +109,12 @@ def tinylm_trial(seed: int) -> zoo.Trial:
 
 def measure(make: Callable[[int], zoo.Trial], rounds: int, steps: int, warmup: int, store: str,
             configs: dict[str, dict | None] = CONFIGS) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict]:
-    """(median wall, process-CPU and training-thread-CPU s/step, the budgeted watch's own estimate) per configuration."""
+    """(median wall, process-CPU and training-thread-CPU s/step, the budgeted watch's own estimate) per configuration.
+
+    Rounds of ``steps`` steps take turns. (Not one step each: a budgeted watch reads its step time between two of its
+    steps, which would then hold every other configuration's step too, and it would sample far more.) With
+    ``--steps 64`` each round is one whole period of the budget's floor, its sampled step and two batches sent.
+    """
     trials = {name: make(0) for name in configs}
     watches = {}
     for i, (name, kwargs) in enumerate(configs.items()):
@@ -154,7 +159,8 @@ def norm_methods() -> None:
                 by_shape.setdefault(tuple(p.shape), []).append(i)
         stacks = [idx for idx in by_shape.values() if len(idx) > 1]
         rest = [i for i in range(len(params)) if i not in {k for idx in stacks for k in idx}]
-        return StackedNorms([tuple(p.shape) for p in params], stacks, rest, params[0].dtype, None, params[0].device).read
+        shapes = [tuple(p.shape) for p in params]
+        return StackedNorms(shapes, stacks, rest, params[0].dtype, None, params[0].device).read
 
     methods: dict[str, Callable[[list[torch.Tensor]], object]] = {
         "nothing read (the step alone)": lambda grads: None,

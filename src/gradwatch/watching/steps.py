@@ -174,7 +174,7 @@ class StepRecorder:
         self.buffer.release()  # a step that ended with no forward pass since: its values go first, as its own
         now = self.now
         now.stepped = False
-        if not now.on.isdisjoint(BACKWARD_READ):  # the scale still on ‖∂L/∂a‖, ‖∂L/∂h_t‖; read before scaler.update()
+        if not now.on.isdisjoint(BACKWARD_READ):  # the scale on ‖∂L/∂a‖, ‖∂L/∂h_t‖; read before scaler.update()
             now.scale = current_scale(self._scaler, self.device)
         if "temporal" in now.on:  # before the optimizer step: the re-run needs the weights of the forward pass
             self.probes.add_temporal(self.buffer, now.scale, self._recurrent_ids)
