@@ -5,9 +5,11 @@
 Interleaved rounds (plain, A/A plain, each watch configuration, in turn),
 each timing ``--steps`` training steps after a warm-up; the median per-step
 time over rounds, and its ratio to plain. The A/A row (plain against plain)
-shows the noise. Two clocks: wall time (what the issue's targets are stated
-in) and the process's CPU time (every thread: the store's writer thread
-counts), which a machine shared with other jobs disturbs less. The load
+shows the noise. Three clocks: wall time (what the issue's targets are stated
+in), the process's CPU time (every thread: the store's writer thread counts)
+and the training thread's CPU time (what the watch adds to the step itself,
+the writer thread left out); the CPU clocks are disturbed less than the wall
+clock on a machine shared with other jobs. The load
 average is printed beside each model. The budgeted watch's rows come after a
 warm-up past step 256, where its floor reaches every 64th step (its steady
 state); the watch's own estimate of its overhead (``meta["budget"]``) is
@@ -20,9 +22,12 @@ tinylm rows (``gradwatch.tinylm.TinyLM``, 4 layers, width 128, batch 8 × 64
 tokens, AdamW) add the recorder alone (attention off) and the attention
 probes every 10th step.
 
-``--norms`` times ways to read the 40 gradient norms of the 20-layer MLP (the
-watch's choice: small same-shape gradients as stacks, the rest in one fused
-call).
+``--norms`` times ways to read the 40 gradient norms of the 20-layer MLP, in a
+loop (hot caches) and inside a real training step (the optimizer's pre-step
+hook, where the watch reads them: what the read adds to the step's thread
+time, methods interleaved step by step). The two disagree: a loop rewards
+copying small gradients into one stack, a real step, whose caches the
+forward and backward passes have just filled with other data, much less.
 """
 
 from __future__ import annotations
@@ -102,9 +107,14 @@ def tinylm_trial(seed: int) -> zoo.Trial:
     return zoo.Trial(model, opt, batches(), lambda logits, y: nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
 
 
-def measure(make: Callable[[int], zoo.Trial], rounds: int, steps: int, warmup: int,
-            store: str, configs: dict[str, dict | None] = CONFIGS) -> tuple[dict[str, float], dict[str, float], dict]:
-    """(median wall s/step, median process-CPU s/step, the budgeted watch's own estimate) per configuration."""
+def measure(make: Callable[[int], zoo.Trial], rounds: int, steps: int, warmup: int, store: str,
+            configs: dict[str, dict | None] = CONFIGS) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict]:
+    """(median wall, process-CPU and training-thread-CPU s/step, the budgeted watch's own estimate) per configuration.
+
+    Rounds of ``steps`` steps take turns. (Not one step each: a budgeted watch reads its step time between two of its
+    steps, which would then hold every other configuration's step too, and it would sample far more.) With
+    ``--steps 64`` each round is one whole period of the budget's floor, its sampled step and two batches sent.
+    """
     trials = {name: make(0) for name in configs}
     watches = {}
     for i, (name, kwargs) in enumerate(configs.items()):
@@ -116,68 +126,85 @@ def measure(make: Callable[[int], zoo.Trial], rounds: int, steps: int, warmup: i
             t.step()
     wall: dict[str, list[float]] = {name: [] for name in configs}
     cpu: dict[str, list[float]] = {name: [] for name in configs}
+    main: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, t in trials.items():
-            w0, c0 = time.perf_counter(), time.process_time()
+            w0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             for _ in range(steps):
                 t.step()
             wall[name].append((time.perf_counter() - w0) / steps)
             cpu[name].append((time.process_time() - c0) / steps)
+            main[name].append((time.thread_time() - m0) / steps)
     for w in watches.values():
         w.close()
     estimate = gw.open_run(watches["default watch (budget 2 %)"].path).meta.get("budget", {})
-    return ({n: statistics.median(v) for n, v in wall.items()}, {n: statistics.median(v) for n, v in cpu.items()},
-            estimate)
+    return (*({n: statistics.median(v) for n, v in clock.items()} for clock in (wall, cpu, main)), estimate)
 
 
 def norm_methods() -> None:
-    """Time ways to read the 20-layer MLP's 40 gradient norms (µs per read, median of 9 × 300)."""
+    """Time ways to read the 20-layer MLP's 40 gradient norms: in a loop, and what each adds to a real step."""
+    from gradwatch.layers import anatomy
+    from gradwatch.probes.grads import GradProbe
+    from gradwatch.probes.stacked import StackedNorms
+
     trial = zoo.get("deep_tanh_mlp")(0)
-    trial.step()
-    grads = [p.grad for p in trial.model.parameters() if p.grad is not None]
-    lengths = torch.tensor([g.numel() for g in grads])
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault(tuple(g.shape), []).append(i)
-    flat = torch.empty(int(lengths.sum()))
-    views = list(torch.split(flat, lengths.tolist()))
+    probe = GradProbe(anatomy(trial.model).layers)
+    params = probe.params
 
-    def stacks() -> torch.Tensor:  # the watch's way (the order differs from the parameters'; its plan maps it)
-        return torch.cat([torch.linalg.vector_norm(torch.stack([grads[i] for i in idx]).reshape(len(idx), -1), dim=1)
-                          for idx in groups.values()])
+    def reader(small: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        """The watch's reader with stacks of same-shape gradients of at most ``small`` elements (0: none)."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            if p.numel() <= small:
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+        stacks = [idx for idx in by_shape.values() if len(idx) > 1]
+        rest = [i for i in range(len(params)) if i not in {k for idx in stacks for k in idx}]
+        shapes = [tuple(p.shape) for p in params]
+        return StackedNorms(shapes, stacks, rest, params[0].dtype, None, params[0].device).read
 
-    def copied() -> torch.Tensor:
-        torch._foreach_copy_(views, [g.reshape(-1) for g in grads])
-        return torch.segment_reduce(flat * flat, "sum", lengths=lengths).sqrt()
-
-    methods = {
-        "p.grad.norm().item() per parameter (a naive loop)": lambda: [float(g.norm()) for g in grads],
-        "torch._foreach_norm + torch.stack (before)": lambda: torch.stack(torch._foreach_norm(grads)),
-        "stacks of same-shape small gradients (now)": stacks,
-        "torch.cat of all, squared, segment_reduce": lambda: torch.segment_reduce(
-            torch.cat([g.reshape(-1) for g in grads]).square(), "sum", lengths=lengths).sqrt(),
-        "_foreach_copy_ into one buffer, segment_reduce": copied,
-        "torch.stack of one vdot per gradient": lambda: torch.stack([torch.vdot(g.reshape(-1), g.reshape(-1))
-                                                                     for g in grads]).sqrt(),
+    methods: dict[str, Callable[[list[torch.Tensor]], object]] = {
+        "nothing read (the step alone)": lambda grads: None,
+        "p.grad.norm().item() per parameter (a naive loop)": lambda grads: [float(g.norm()) for g in grads],
+        "torch._foreach_norm + torch.stack": lambda grads: torch.stack(torch._foreach_norm(grads)),
+        "the watch's reader, no stacks (one _foreach_norm into a kept block)": reader(0),
+        "the watch's reader, stacks of ≤ 1024 elements (the biases)": reader(1024),
+        f"the watch's reader, stacks of ≤ {GradProbe.SMALL} elements (the watch's choice)": reader(GradProbe.SMALL),
     }
-    print(f"\nReading the 40 gradient norms of zoo deep_tanh_mlp ({len(groups)} shapes), load "
-          f"{os.getloadavg()[0]:.1f}:\n")
-    print("| method | µs per read | ratio to before |")
-    print("|---|---:|---:|")
-    times = {}
+    names = list(methods)
+    trial.step()
+    grads = [p.grad for p in params]
+    loop: dict[str, float] = {}
     for name, fn in methods.items():
         for _ in range(30):
-            fn()
+            fn(grads)
         runs = []
         for _ in range(9):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for _ in range(300):
-                fn()
-            runs.append((time.perf_counter() - t0) / 300)
-        times[name] = statistics.median(runs)
-    base = times["torch._foreach_norm + torch.stack (before)"]
-    for name, t in times.items():
-        print(f"| {name} | {t * 1e6:.1f} | {t / base:.2f}× |", flush=True)
+                fn(grads)
+            runs.append((time.thread_time() - t0) / 300)
+        loop[name] = statistics.median(runs)
+    # In a real step: the method of the step reads in the optimizer's pre-step hook; methods take turns step by step.
+    turn = [0]
+
+    def read_now(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        methods[names[turn[0] % len(names)]]([p.grad for p in params])
+
+    trial.optimizer.register_step_pre_hook(read_now)
+    for turn[0] in range(len(names) * 40):
+        trial.step()
+    step_time: dict[str, list[float]] = {name: [] for name in names}
+    for turn[0] in range(len(names) * 600):
+        t0 = time.thread_time()
+        trial.step()
+        step_time[names[turn[0] % len(names)]].append(time.thread_time() - t0)
+    alone = statistics.median(step_time[names[0]])
+    print(f"\nReading the 40 gradient norms of zoo deep_tanh_mlp (thread CPU time; a step alone {alone * 1e6:.0f} µs; "
+          f"load {os.getloadavg()[0]:.1f}):\n")
+    print("| method | µs per read, in a loop | µs added to a training step |")
+    print("|---|---:|---:|")
+    for name in names:
+        print(f"| {name} | {loop[name] * 1e6:.1f} | {(statistics.median(step_time[name]) - alone) * 1e6:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -197,22 +224,22 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU")
     print(f"{args.rounds} interleaved rounds × {args.steps} steps after the warm-up, median per-step time\n")
-    print("| model | configuration | ms / step | wall ratio | CPU ratio |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | configuration | ms / step | wall ratio | CPU ratio | training-thread CPU ratio |")
+    print("|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as store:
         for label, (make, warmup, kind) in models.items():
             if args.only and args.only != kind:
                 continue
             load0 = os.getloadavg()[0]
             configs = TINYLM_CONFIGS if kind == "tinylm" else CONFIGS
-            wall, cpu, estimate = measure(make, args.rounds, args.steps, warmup, store, configs)
+            wall, cpu, main, estimate = measure(make, args.rounds, args.steps, warmup, store, configs)
             for name in configs:
                 note = ""
                 if name == "default watch (budget 2 %)" and estimate.get("overhead") is not None:
                     note = f" (own estimate {1 + estimate['overhead']:.3f}×{'' if estimate['kept'] else ', not kept'})"
                 print(f"| {label} | {name}{note} | {wall[name] * 1e3:.2f} | {wall[name] / wall['plain']:.3f}× | "
-                      f"{cpu[name] / cpu['plain']:.3f}× |", flush=True)
-            print(f"| {label} | (load average {load0:.1f} → {os.getloadavg()[0]:.1f}; warm-up {warmup} steps) | | | |",
+                      f"{cpu[name] / cpu['plain']:.3f}× | {main[name] / main['plain']:.3f}× |", flush=True)
+            print(f"| {label} | (load average {load0:.1f} → {os.getloadavg()[0]:.1f}; warm-up {warmup} steps) | | | | |",
                   flush=True)
     if args.norms:
         norm_methods()

@@ -224,3 +224,95 @@ def test_float64_model_out_grad_regression(store):
     with gw.watch(model, activations=1, store=store, name="f64") as w:
         model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
     assert at_step(w.open(), "out_grad_norm", 0)["0"] == pytest.approx(float(out["a"].grad.norm()), rel=1e-12)
+
+
+# -- the reader of every step: rows of a kept block, read again and again ---------------------------
+
+def test_norms_only_steps_equal_a_naive_loop_on_every_step_past_a_block_of_rows(store, monkeypatch):
+    """Gradient norms alone (the batched path that sends a table as it is), held unsent over more steps than a block
+    of rows holds: every step's value is its own, as a naive loop over param.grad reads it then, not a later step's."""
+    from gradwatch.probes.stacked import StackedNorms
+    from gradwatch.watching import buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "STEPS_PER_COPY", 10_000)  # nothing sent before the end: every row still held
+    monkeypatch.setattr(buffer_module, "SECONDS_PER_COPY", 600.0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    steps = StackedNorms.ROWS + 6
+    ref = []
+    with gw.watch(model, opt, activations=False, update_every=False, store=store, name="rows") as w:
+        assert w._steps.grads._all.reader is not None  # the reader under test
+        for step in range(steps):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            ref.append(naive_param_grad_norms(model))
+            opt.step()
+    run = w.open()
+    for step, params in enumerate(ref):
+        got = at_step(run, "grad_norm", step, kind="param")
+        assert got.keys() == params.keys()
+        for name, value in params.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), (step, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_norms_accumulate_in_float32_and_equal_a_naive_loop(store, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, opt, activations=False, update_every=False, store=store, name=f"half{dtype}") as w:
+        opt.zero_grad()
+        model(torch.randn(4, 8, dtype=dtype)).float().pow(2).mean().backward()
+        ref = {n: float(p.grad.float().norm()) for n, p in model.named_parameters()}
+        opt.step()
+    got = at_step(w.open(), "grad_norm", 0, kind="param")
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(value, rel=1e-3), name
+
+
+def test_a_sparse_gradient_falls_back_to_the_general_read_and_equals_a_naive_loop(store):
+    """nn.Embedding(sparse=True): the kept-buffer reader cannot stack it; the norms still equal a naive loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = []
+    with gw.watch(model, opt, activations=False, update_every=False, store=store, name="sparse") as w:
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.randint(0, 10, (4, 2), generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            ref.append({n: float(p.grad.coalesce().values().norm() if p.grad.is_sparse else p.grad.norm())
+                        for n, p in model.named_parameters()})
+            opt.step()
+    assert w._steps.grads._all.reader is None  # the general read took over at the first sparse gradient
+    run = w.open()
+    for step, params in enumerate(ref):
+        got = at_step(run, "grad_norm", step, kind="param")
+        for name, value in params.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), (step, name)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
+def test_gradients_that_require_grad_are_read_without_a_graph_and_training_is_unchanged(store):
+    """A create_graph=True backward leaves .grad that requires grad: the reader's out= ops run under no_grad."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    x = torch.randn(8, 4)
+    with gw.watch(model, opts[0], activations=False, update_every=False, store=store, name="graph") as w:
+        for m, opt in zip((model, twin), opts):
+            for _ in range(2):
+                opt.zero_grad()
+                m(x).pow(2).mean().backward(create_graph=True)
+                if m is model:
+                    ref = naive_param_grad_norms(model)
+                opt.step()
+    got = at_step(w.open(), "grad_norm", 1, kind="param")
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

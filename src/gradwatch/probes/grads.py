@@ -34,6 +34,8 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from gradwatch.probes.stacked import StackedNorms
+
 
 class Layer(Protocol):
     """What the probe reads of a layer: its name and its trainable parameters (a :class:`gradwatch.layers.Layer`)."""
@@ -130,6 +132,7 @@ class _Plan:
     stacks: list[list[int]]  # small same-shape gradients read as one stack each (positions among the present)
     rest: list[int]  # the others, read by one fused call; the norms come in the order stacks, then rest
     read_order: Tensor | None  # that order as positions among the present; None: the present order
+    reader: StackedNorms | None  # reads them in that order with no allocation (one device and dtype); None: fused_norms
     derive: Derive = field(init=False)  # raw norms (k, n_present) -> Stats (k, ·): the step's records, derived later
 
 
@@ -174,7 +177,8 @@ class GradProbe:
             dtype = next(iter(kinds))[1]
             self._fused = (torch.float32 if dtype in _LOW_PRECISION else None,)
         # On the CPU, where every norm is a kernel call of its own, small gradients of one shape are read as one
-        # stack: a 20-layer MLP's 40 norms take 4 calls (benchmarks/overhead.py --norms: 53 µs against 108 µs).
+        # stack: a 20-layer MLP's 40 norms take 6 calls (benchmarks/overhead.py --norms: ~40 µs against ~80 µs for
+        # one _foreach_norm, in a loop; inside a real step, caches cold, every way costs about the same).
         self._stack = self._fused is not None and self.device.type == "cpu"
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._rows: dict[int, Tensor] = {}  # id of a plan (kept in _plans) -> each pair's layer, for _all_layers
@@ -189,7 +193,8 @@ class GradProbe:
             pairs = [j for j, p in enumerate(self.pair_param) if p in pos]
             layers = sorted({self.pair_layer[j] for j in pairs})
             row = {li: r for r, li in enumerate(layers)}
-            stacks, rest = self._stacks([self.params[i] for i in present])
+            present_params = [self.params[i] for i in present]
+            stacks, rest = self._stacks(present_params)
             read_at = {k: r for r, k in enumerate([k for idx in stacks for k in idx] + rest)}
             pair_pos = [read_at[pos[self.pair_param[j]]] for j in pairs]
             plan = _Plan(
@@ -202,6 +207,9 @@ class GradProbe:
                 stacks=stacks,
                 rest=rest,
                 read_order=None if not stacks else torch.tensor(list(read_at), device=self.device),
+                reader=None if self._fused is None else StackedNorms(
+                    [tuple(p.shape) for p in present_params], stacks, rest, present_params[0].dtype, self._fused[0],
+                    self.device),
             )
             plan.derive = functools.partial(self._grad_stats, plan)
             self._plans[present] = plan
@@ -249,27 +257,37 @@ class GradProbe:
         return stacks, [k for k in range(len(params)) if k not in stacked]
 
     def _norms(self, tensors: list[Tensor], plan: _Plan | None = None) -> Tensor:
-        """L2 norm of each tensor, (n,), in ``plan``'s reading order: small same-shape tensors as stacks, the rest in
-        one fused call where they share device and dtype, else :func:`fused_norms` (in the given order)."""
+        """L2 norm of each tensor, (n,), in ``plan``'s reading order (small same-shape tensors as stacks, then the
+        rest: :class:`~gradwatch.probes.stacked.StackedNorms`); else one fused call where they share device and dtype,
+        else :func:`fused_norms` (in the given order). Call it under ``no_grad``."""
+        if plan is not None and plan.reader is not None:
+            try:
+                return plan.reader.read(tensors)
+            except (NotImplementedError, RuntimeError):
+                if not any(t.is_sparse for t in tensors):
+                    raise
+                plan.reader = None  # a sparse gradient (nn.Embedding(sparse=True)): the general path from now on
         if self._fused is None or any(t.is_sparse for t in tensors):
             out = fused_norms(tensors, self.device)
-            return out if plan is None or plan.read_order is None else out[plan.read_order]
-        acc = self._fused[0]
-        if plan is None or not plan.stacks:
-            return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc))
-        parts = [torch.linalg.vector_norm(torch.stack([tensors[k] for k in idx]).reshape(len(idx), -1), dim=1,
-                                          dtype=acc) for idx in plan.stacks]
-        if plan.rest:
-            parts.append(torch.stack(torch._foreach_norm([tensors[k] for k in plan.rest], 2, dtype=acc)))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        else:
+            out = torch.stack(torch._foreach_norm(tensors, 2, dtype=self._fused[0]))
+        return out if plan is None or plan.read_order is None else out[plan.read_order]
 
-    @torch.no_grad()
     def gradients(self, scale: Tensor | None = None) -> Pending | None:
         """The norms of the gradients present now (their records derived later, in a batch), or None if none.
 
         ``scale``: a loss scale still on the gradients (a GradScaler has not
         unscaled them yet); the norms are divided by it.
         """
+        # no_grad by hand: the decorator costs ~12 µs a call, a tenth of this read on a small model's CPU step
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._gradients(scale)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+
+    def _gradients(self, scale: Tensor | None) -> Pending | None:
         grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
         present = self._all_present
         if any(g is None for g in grads):
@@ -340,11 +358,9 @@ class GradProbe:
         assert before is not None, "updates() without snapshot()"
         after = [_local(p.detach()) for p in self.params] if self.sharded else [p.detach() for p in self.params]
         diffs = list(torch._foreach_sub(after, before))
-        n = len(before)
         plan = self._all
-        norms = self._norms(diffs + before).to(torch.float64).reshape(2, n)  # rows: ‖Δw‖, ‖w‖
-        if plan.read_order is not None:  # the gradients' reading order, which the plan's indices follow
-            norms = norms[:, plan.read_order]
+        # rows ‖Δw‖, ‖w‖, each in the gradients' reading order, which the plan's indices follow
+        norms = torch.stack([self._norms(diffs, plan), self._norms(before, plan)]).to(torch.float64)
         delta, weight = self._sum_shards(plan, norms)
         del diffs, before
         pair_w, pair_d = self._per_pair(plan, weight[None]), self._per_pair(plan, delta[None])

@@ -224,14 +224,20 @@ class Budget:
                 self.schedules[f.name], self.by[f.name] = Rhythm(), "the budget"
         self.rhythms = {n: s for n, s in self.schedules.items() if isinstance(s, Rhythm)}
         self._on = [(n, s) for n, s in self.schedules.items() if s is not None]
+        self._calls = [s for _, s in self._on]
+        self._sets: dict[tuple[bool, ...], frozenset[str]] = {}  # one set object per combination: no set per step
         self._costs: dict[str, dict[int, float]] = {f.name: {} for f in families}  # family: {step: seconds}
         self._base: deque[float] = deque(maxlen=2 * EVALUATE_EVERY)
         self._plain: deque[float] = deque(maxlen=STEP_SAMPLES)
         self.decision: dict[str, Any] = {}  # the last decision's numbers, for the metadata
 
     def active(self, step: int) -> frozenset[str]:
-        """The families that record on ``step``."""
-        return frozenset(n for n, s in self._on if s(step))
+        """The families that record on ``step`` (the same object for the same families: compare with ``is``)."""
+        key = tuple([bool(s(step)) for s in self._calls])
+        on = self._sets.get(key)
+        if on is None:
+            on = self._sets[key] = frozenset(n for (n, _), yes in zip(self._on, key) if yes)
+        return on
 
     def step_ended(self, step: int, seconds: dict[str, float], base: float, interval: float | None,
                    device: list[tuple[int, str, float]] = ()) -> bool:  # type: ignore[assignment]

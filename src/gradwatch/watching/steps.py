@@ -98,6 +98,7 @@ class StepRecorder:
                              writer_seconds=thread_seconds(getattr(writer, "_thread", None)))
         self._hooks: Hooks | None = None
         self._wanted: frozenset[str] = frozenset()
+        self._hooks_for: frozenset[str] | None = None  # the families whose hooks are placed (once the depth is settled)
         self.now = Step(0, self.budget.active(0))
         self._external = external  # driven by a framework's callbacks (skips told by the optimizer's hook)
         self._counts_skips = external and optimizer is not None
@@ -128,6 +129,9 @@ class StepRecorder:
     def _switch_hooks(self) -> None:
         """The forward hooks that this step's families (and, until it is settled, the depth order) need."""
         on, settled = self.now.on, self._depth.settled
+        if on is self._hooks_for and "attention" not in on:  # the last step's families (the budget's same set)
+            return
+        self._hooks_for = on if settled else None
         wanted = frozenset(kind for kind, needed in (("layers", "backprop" in on or not settled),
                                                      ("activations", "activations" in on or not settled),
                                                      ("recurrent", "temporal" in on)) if needed)
@@ -170,7 +174,7 @@ class StepRecorder:
         self.buffer.release()  # a step that ended with no forward pass since: its values go first, as its own
         now = self.now
         now.stepped = False
-        if now.on & BACKWARD_READ:  # the scale still on ‖∂L/∂a‖, ‖∂L/∂h_t‖; read before scaler.update()
+        if not now.on.isdisjoint(BACKWARD_READ):  # the scale on ‖∂L/∂a‖, ‖∂L/∂h_t‖; read before scaler.update()
             now.scale = current_scale(self._scaler, self.device)
         if "temporal" in now.on:  # before the optimizer step: the re-run needs the weights of the forward pass
             self.probes.add_temporal(self.buffer, now.scale, self._recurrent_ids)
@@ -251,7 +255,7 @@ class StepRecorder:
     def _end_step(self, mark: tuple[float, float]) -> None:
         self.buffer.release()  # two steps without a forward pass between them
         now = self.now
-        if now.on & FORWARD:
+        if not now.on.isdisjoint(FORWARD):
             self.probes.add_step(self.buffer, now.scale)
         if "attention" in now.on:
             self.probes.add_attention(self.buffer, self._writer)
