@@ -483,6 +483,42 @@ def test_iterative_repair_combines_what_each_finding_names(monkeypatch):
     assert "iterative repair, at most 3 rounds" in str(report)
 
 
+def test_a_marginal_fix_does_not_end_the_search(monkeypatch):
+    """Bug (pascanu_rnn_radius25): clipping + lr×0.1 ended at 0.86 × a constant output's loss (R² 0.13), which is
+    "fixes it", and the doctor stopped in round 1. A fix above half the null loss is marginal: the rounds go on,
+    the better combination is found and is the best row; a fix at or below half ends the search at once."""
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"clip_norm": [flag("clip_norm")], "gated": [flag("gated")]})
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+    null = 1.0
+
+    def run(make, seed, steps, store, name, remedy, numbers):
+        trial = SimpleNamespace(flags=set())
+        if remedy is not None and remedy.apply(trial, numbers) is None:
+            return None
+        if not trial.flags:
+            return trial_run.TrialRun([2.0] * steps, math.nan, ["exploding"],
+                                      Diagnosis([_finding("exploding", "clip_norm", "gated")]), null)
+        final = {frozenset({"clip_norm"}): 0.8, frozenset({"gated"}): 0.95}.get(frozenset(trial.flags), 0.1)
+        return trial_run.TrialRun([2.0] + [final] * (steps - 1), math.nan, [], Diagnosis([]), null)
+
+    monkeypatch.setattr(trial_run, "run_trial", run)
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    rows = {frozenset(t.parts): t for t in report.trials}
+    assert rows[frozenset({"clip_norm"})].verdict == "fixes it" and not table.decisive(rows[frozenset({"clip_norm"})])
+    both = rows[frozenset({"clip_norm", "gated"})]
+    assert both.rounds == 2 and table.decisive(both) and report.best is both, str(report)
+
+    def decisive_clip(make, seed, steps, store, name, remedy, numbers):  # clipping alone ends at 0.4 × the null loss
+        if remedy is None or "clip_norm" not in remedy.parts:
+            return run(make, seed, steps, store, name, remedy, numbers)
+        return trial_run.TrialRun([2.0] + [0.4] * (steps - 1), math.nan, [], Diagnosis([]), null)
+
+    monkeypatch.setattr(trial_run, "run_trial", decisive_clip)
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    assert max(t.rounds for t in report.trials) == 1 and report.best is not None and report.best.parts == ("clip_norm",)
+
+
 def test_iterative_repair_follows_what_a_remedy_brought(monkeypatch):
     """Bug (at_blob_exp): the ReLU swap removed the NaN but brought dead units and vanishing, which the old rounds
     never looked at (only the baseline's kinds). The swap's own new finding names ReZero; only both together learn."""
