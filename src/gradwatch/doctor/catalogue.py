@@ -44,10 +44,8 @@ NEW_OPTIMIZER = {"adam"}
 def compose(first: Remedy, second: Remedy) -> Remedy:
     """``first`` then ``second`` on the same fresh trial (None when either does not apply); a remedy that replaces
     the optimizer (:data:`NEW_OPTIMIZER`) goes first whichever is named first."""
-    if NEW_OPTIMIZER & set(second.parts) and not NEW_OPTIMIZER & set(first.parts):
-        return Remedy(first.key + "+" + second.key, f"{first.label} + {second.label}",
-                      Chain((second.apply, first.apply)), first.parts + second.parts)
-    return Remedy(first.key + "+" + second.key, f"{first.label} + {second.label}", Chain((first.apply, second.apply)),
+    order = (second, first) if NEW_OPTIMIZER & set(second.parts) and not NEW_OPTIMIZER & set(first.parts) else (first, second)
+    return Remedy(first.key + "+" + second.key, f"{first.label} + {second.label}", Chain(tuple(r.apply for r in order)),
                   first.parts + second.parts)
 
 

@@ -144,8 +144,13 @@ Derive = Callable[[Tensor], Stats]
 class Pending(NamedTuple):
     """A step's gradient norms as read (one per present parameter), and how its records follow from them."""
 
-    derive: Derive  # the same object for every step with the same parameters present: steps batch together
+    plan: _Plan  # the same object for every step with the same parameters present: steps batch together
     norms: Tensor  # (n_present,)
+
+    @property
+    def derive(self) -> Derive:
+        """How the step's records follow from its norms (the plan's; one object per plan)."""
+        return self.plan.derive
 
 
 class GradProbe:
@@ -301,7 +306,7 @@ class GradProbe:
         norms = self._norms(grads, plan)  # (n_present,), in the plan's reading order
         if plan.shards:
             norms = self._sum_shards(plan, norms.double()[None])[0]
-        return Pending(plan.derive, norms if scale is None else norms / scale)
+        return Pending(plan, norms if scale is None else norms / scale)
 
     def _grad_stats(self, plan: _Plan, norms: Tensor) -> Stats:
         """``grad_norm`` and ``nonfinite`` of k steps from their norms, (k, n_present)."""
@@ -317,8 +322,7 @@ class GradProbe:
         """(layers, 2) on the device: each layer's gradient norm from ``pending`` (0 where no gradient) and, if
         ``weights``, its weight norm (one fused read of the weights; NaN otherwise). For the flight recorder."""
         out = torch.full((len(self.layers_all), 2), float("nan"), dtype=torch.float64, device=self.device)
-        plan = pending.derive.args[0]  # type: ignore[attr-defined]  # (the partial of _grad_stats its plan made)
-        out[:, 0] = self._all_layers(plan, pending.norms.to(torch.float64))  # 0 where a layer has no gradient
+        out[:, 0] = self._all_layers(pending.plan, pending.norms.to(torch.float64))  # 0 where a layer has no gradient
         if weights:  # (sharded: every rank's recorder pushes every step, so every rank joins the all-reduce)
             plan = self._all
             weights_now = [_local(p.detach()) for p in self.params] if self.sharded else [p.detach() for p in self.params]
