@@ -241,3 +241,111 @@ def test_a_store_that_is_not_a_gradwatch_run_is_named_as_such(tmp_path, kind, ca
         assert main([command, str(run_dir)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"`{run_dir}` is not a gradwatch run" in err and "Traceback" not in err
+
+
+def _watched_steps(store, name, steps=6, **kwargs):
+    """A small watched run, and each step's parameter gradient norms read naively from ``param.grad``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    naive = []
+    w = gw.watch(model, opt, store=store, name=name, **kwargs)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        naive.append({n: p.grad.norm().item() for n, p in model.named_parameters()})
+        opt.step()
+    return w, naive
+
+
+def test_packed_rows_are_one_per_step_and_read_back_as_the_gradients(store):
+    """The store keeps one packed row per step (not one per value); read back, the values are the gradients'."""
+    import sqlite3
+
+    w, naive = _watched_steps(store, "packed")
+    w.close()
+    con = sqlite3.connect(w.path / "gradwatch.sqlite")
+    assert con.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
+    assert sorted(r[0] for r in con.execute("SELECT step FROM packed")) == list(range(6))
+    # a layout per set of families recorded (step 0 samples every family, the rest only gradient norms)
+    assert con.execute("SELECT COUNT(*) FROM layouts").fetchone()[0] == 2
+    con.close()
+    rec = gw.open_run(w.path).records("grad_norm", "param")
+    for step, values in enumerate(naive):
+        at = rec["step"] == step
+        got = dict(zip(rec["layer"][at].tolist(), rec["value"][at].tolist()))
+        assert got == pytest.approx(values, rel=1e-6)
+    assert (np.diff(rec["step"]) >= 0).all()  # step order, as the flat table's reads were
+
+
+def test_a_store_written_flat_before_packing_reads_as_before(store):
+    """A run written row by row into ``records`` (stores before the packed layout) reads back the same records."""
+    import sqlite3
+
+    w, _ = _watched_steps(store, "flat")
+    w.close()
+    packed = gw.open_run(w.path).records()
+    con = sqlite3.connect(w.path / "gradwatch.sqlite")
+    rows = [(int(s), int(e), int(q), None if np.isnan(v) else float(v), None if p < 0 else int(p))
+            for s, e, q, v, p in _rows_with_ids(w.path, packed)]
+    con.executemany("INSERT INTO records (step, entity, quantity, value, pos) VALUES (?, ?, ?, ?, ?)", rows)
+    con.execute("DROP TABLE packed")
+    con.execute("DROP TABLE layouts")
+    con.commit()
+    con.close()
+    flat = gw.open_run(w.path).records()
+    for key in ("step", "layer", "kind", "quantity", "pos"):
+        assert flat[key].tolist() == packed[key].tolist()
+    np.testing.assert_array_equal(flat["value"], packed["value"])
+
+
+def _rows_with_ids(path, rec):
+    import sqlite3
+
+    con = sqlite3.connect(path / "gradwatch.sqlite")
+    ents = {(n, k): i for i, n, k in con.execute("SELECT id, name, kind FROM entities")}
+    qty = {n: i for i, n in con.execute("SELECT id, name FROM quantities")}
+    con.close()
+    return zip(rec["step"], [ents[(n, k)] for n, k in zip(rec["layer"], rec["kind"])],
+               [qty[q] for q in rec["quantity"]], rec["value"], rec["pos"])
+
+
+def test_a_run_held_open_reads_the_steps_written_since(store):
+    """A Run opened mid-training reads only new packed rows on the next call, and agrees with a fresh one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, store=store, name="live") as w:
+        def train(n):
+            for _ in range(n):
+                opt.zero_grad()
+                model(torch.randn(4, 3)).pow(2).sum().backward()
+                opt.step()
+            w.flush()
+
+        train(3)
+        run = w.open()
+        assert sorted(set(run.records("grad_norm")["step"].tolist())) == [0, 1, 2]
+        train(4)
+        held = run.records()
+        fresh = w.open().records()
+        assert sorted(set(held["step"].tolist())) == list(range(7))
+        for key in held:
+            assert held[key].tolist() == fresh[key].tolist()
+        run.close()
+
+
+def test_undefined_values_are_left_out_when_read(store):
+    """An update ratio of a zero weight is NaN ("undefined"): stored in the step's row, left out when read; a NaN
+    gradient norm is a finding and is read back."""
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, update_every=1, store=store, name="nan") as w:
+        opt.zero_grad()
+        model(torch.tensor([[float("nan"), 1.0, 1.0]])).sum().backward()
+        opt.step()
+    run = w.open()
+    assert not np.isnan(run.records("update_ratio")["value"]).any()
+    assert np.isnan(run.records("grad_norm", "param")["value"]).any()

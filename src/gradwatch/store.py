@@ -2,7 +2,12 @@
 
 Records are flat ``(step, layer, quantity, value)``, plus a position ``pos``
 for quantities measured along a sequence (the time step t of ‖∂L/∂h_t‖), NULL
-for all others. Layers (and activation
+for all others. They are stored *packed*: one row per step holds that step's
+values as one little-endian float64 blob (``packed``), and the step's keys,
+(entity, quantity, pos or −1) for each value, are a *layout* stored once
+(``layouts``): a 20-layer MLP's ~100 values a step are one row, not 100, which
+is what the writer thread spends its time on. :meth:`Run.records` unpacks
+them (and reads the flat ``records`` table of stores written before). Layers (and activation
 modules, parameters, run-level scalars) are *entities*: a name as in
 ``named_modules()``/``named_parameters()``, a kind, and a depth (the order of
 first forward execution). SQLite runs in WAL mode with ``synchronous=NORMAL``:
@@ -39,7 +44,11 @@ CREATE TABLE IF NOT EXISTS entities (
 CREATE TABLE IF NOT EXISTS quantities (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS records (
     step INTEGER NOT NULL, entity INTEGER NOT NULL, quantity INTEGER NOT NULL, value REAL, pos INTEGER);
+CREATE TABLE IF NOT EXISTS layouts (id INTEGER PRIMARY KEY, keys BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS packed (step INTEGER NOT NULL, layout INTEGER NOT NULL, vals BLOB NOT NULL);
 """
+KEY_DTYPE = np.dtype("<i8")  # a layout's keys: (n, 3) of (entity id, quantity id, pos or −1)
+VALUE_DTYPE = np.dtype("<f8")  # a packed row's values, in its layout's order
 
 # Quantities whose NaN means "undefined here" (zero weights, an input lost to
 # an in-place op); they are left out rather than stored. A NaN gradient norm is
@@ -159,11 +168,11 @@ class StoreWriter:
             if lock is not None:
                 lock.release()
             raise
-        self._skip_nan: set[int] = set()
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self.error: BaseException | None = None
         self._entities: dict[tuple[str, str], int] = {}
         self._quantities: dict[str, int] = {}
+        self._layouts: dict[bytes, int] = {}  # a layout's key bytes -> its id (the writer thread's)
         self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
         self._thread.start()
 
@@ -227,7 +236,6 @@ class StoreWriter:
                 self._con.rollback()
                 self._write_meta({**final, "status": f"failed: {type(self.error).__name__}: {self.error}"})
                 self._con.commit()
-            self._con.execute("CREATE INDEX IF NOT EXISTS records_by_quantity ON records (quantity, entity, step)")
             self._con.commit()
         except sqlite3.Error as exc:  # pragma: no cover - disk trouble at the very end
             self.error = self.error or exc
@@ -272,23 +280,25 @@ class StoreWriter:
         self._con.executemany("INSERT INTO entities (id, name, kind, module) VALUES (?, ?, ?, ?)", rows)
 
     def _write_quantities(self, rows: list[tuple[int, str]]) -> None:
-        self._skip_nan.update(qid for qid, name in rows if name in SKIP_NAN)
         self._con.executemany("INSERT INTO quantities (id, name) VALUES (?, ?)", rows)
 
     def _write_depths(self, rows: list[tuple[int, int]]) -> None:
         self._con.executemany("UPDATE entities SET depth = ? WHERE id = ?", [(d, i) for i, d in rows])
 
     def _write_records(self, payload: tuple) -> None:
+        """One step's values as one packed row; its layout is written the first time it is seen."""
         step, keys, values, ready = payload
         if ready is not None:
             ready()
-        vals = values.numpy().astype(np.float64, copy=True)
-        if self._skip_nan:
-            keep = ~(np.isin(keys[:, 1], list(self._skip_nan)) & np.isnan(vals))
-            keys, vals = keys[keep], vals[keep]
-        pos = [None if p < 0 else p for p in keys[:, 2].tolist()]
-        rows = zip(itertools.repeat(step), keys[:, 0].tolist(), keys[:, 1].tolist(), vals.tolist(), pos)
-        self._con.executemany("INSERT INTO records (step, entity, quantity, value, pos) VALUES (?, ?, ?, ?, ?)", rows)
+        if len(keys) == 0:
+            return
+        key_bytes = np.ascontiguousarray(keys, dtype=KEY_DTYPE).tobytes()
+        layout = self._layouts.get(key_bytes)
+        if layout is None:
+            layout = self._layouts[key_bytes] = len(self._layouts) + 1
+            self._con.execute("INSERT INTO layouts (id, keys) VALUES (?, ?)", (layout, key_bytes))
+        vals = np.ascontiguousarray(values.numpy(), dtype=VALUE_DTYPE)
+        self._con.execute("INSERT INTO packed (step, layout, vals) VALUES (?, ?, ?)", (step, layout, vals.tobytes()))
 
 
 class NullWriter(StoreWriter):
@@ -347,9 +357,14 @@ class Run:
         try:
             self.meta: dict[str, Any] = {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM meta")}
             self._load_names()
+            tables = {r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except (sqlite3.DatabaseError, ValueError) as exc:
             self._con.close()
             raise NotARunError(f"`{path}` is not a gradwatch run ({_not_a_run_reason(exc)})") from None
+        self._has_packed = "packed" in tables  # a store written before packing has the flat table alone
+        self._layout_keys: dict[int, np.ndarray] = {}
+        self._unpacked: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # layout -> (steps, value rows)
+        self._read_upto = 0  # the packed rows' rowid read so far
 
     def _load_names(self) -> None:
         """(Re)read the entity and quantity tables: a watch still writing adds to them."""
@@ -358,7 +373,9 @@ class Run:
         self._quantities: dict[int, str] = dict(self._con.execute("SELECT id, name FROM quantities").fetchall())
 
     def __repr__(self) -> str:
-        n = self._con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        n = self._con.execute("SELECT COUNT(*) FROM records").fetchone()[0] + sum(
+            len(k) * sum(len(st) for st in steps)
+            for k, (steps, _) in ((self._layout_keys[i], u) for i, u in self._packed().items()))
         return f"Run({str(self.path)!r}, {len(self.layers)} layers, {n} records)"
 
     def close(self) -> None:
@@ -401,31 +418,83 @@ class Run:
         args: list[object] = []
         if positioned is not None:
             where.append("pos IS NOT NULL" if positioned else "pos IS NULL")
-        if quantity is not None:
-            if quantity not in self._quantities.values():
-                self._load_names()
-            qids = [i for i, n in self._quantities.items() if n == quantity]
+        if quantity is not None and quantity not in self._quantities.values():
+            self._load_names()
+        qids = None if quantity is None else [i for i, n in self._quantities.items() if n == quantity]
+        if qids is not None:
             where.append(f"quantity IN ({','.join('?' * len(qids)) or 'NULL'})")
             args.extend(qids)
-        if kind is not None:
-            eids = [i for i, e in self._entities.items() if e[1] == kind]
+        eids = None if kind is None else [i for i, e in self._entities.items() if e[1] == kind]
+        if eids is not None:
             where.append(f"entity IN ({','.join('?' * len(eids)) or 'NULL'})")
             args.extend(eids)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._con.execute(sql + " ORDER BY step, entity, quantity, pos", args).fetchall()
-        if any(r[1] not in self._entities or r[2] not in self._quantities for r in rows):
+        rows = self._con.execute(sql, args).fetchall()
+        flat = (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
+                np.array([r[2] for r in rows], dtype=np.int64),
+                np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64),
+                np.array([-1 if r[4] is None else r[4] for r in rows], dtype=np.int64))
+        parts = [flat]
+        for layout, (steps, rows_) in self._packed().items():
+            keys = self._layout_keys[layout]
+            keep = np.ones(len(keys), dtype=bool)
+            if positioned is not None:
+                keep &= (keys[:, 2] >= 0) if positioned else (keys[:, 2] < 0)
+            if qids is not None:
+                keep &= np.isin(keys[:, 1], qids)
+            if eids is not None:
+                keep &= np.isin(keys[:, 0], eids)
+            if not keep.any():
+                continue
+            k = keys[keep]
+            values = np.concatenate(rows_)[:, keep]  # (steps, kept)
+            step = np.concatenate(steps)
+            parts.append((np.repeat(step, len(k)), np.tile(k[:, 0], len(step)), np.tile(k[:, 1], len(step)),
+                          values.reshape(-1), np.tile(k[:, 2], len(step))))
+        step, ent, qty, value, pos = (np.concatenate(c) for c in zip(*parts))
+        if len(ent) and (not set(np.unique(ent).tolist()) <= self._entities.keys()
+                         or not set(np.unique(qty).tolist()) <= self._quantities.keys()):
             self._load_names()  # written after this Run opened
-        step = np.array([r[0] for r in rows], dtype=np.int64)
-        ent = [self._entities[r[1]] for r in rows]
+        skip = [i for i, n in self._quantities.items() if n in SKIP_NAN]  # NaN there means "undefined": left out
+        if skip:
+            keep_rows = ~(np.isin(qty, skip) & np.isnan(value))
+            step, ent, qty, value, pos = step[keep_rows], ent[keep_rows], qty[keep_rows], value[keep_rows], pos[keep_rows]
+        order = np.lexsort((pos, qty, ent, step))
+        step, ent, qty, value, pos = step[order], ent[order], qty[order], value[order], pos[order]
+        names = {i: e[0] for i, e in self._entities.items()}
+        kinds = {i: e[1] for i, e in self._entities.items()}
         return {
             "step": step,
-            "layer": np.array([e[0] for e in ent], dtype=object),
-            "kind": np.array([e[1] for e in ent], dtype=object),
-            "quantity": np.array([self._quantities[r[2]] for r in rows], dtype=object),
-            "value": np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64),
-            "pos": np.array([-1 if r[4] is None else r[4] for r in rows], dtype=np.int64),
+            "layer": np.array([names[i] for i in ent.tolist()], dtype=object),
+            "kind": np.array([kinds[i] for i in ent.tolist()], dtype=object),
+            "quantity": np.array([self._quantities[i] for i in qty.tolist()], dtype=object),
+            "value": value,
+            "pos": pos,
         }
+
+    def _packed(self) -> dict[int, tuple[list[np.ndarray], list[np.ndarray]]]:
+        """Every packed row so far, by layout: (step arrays, (steps, values) matrices); reads only rows new since
+        the last call (a watch may still be writing)."""
+        if not self._has_packed:
+            return self._unpacked
+        new = self._con.execute("SELECT rowid, step, layout, vals FROM packed WHERE rowid > ? ORDER BY rowid",
+                                (self._read_upto,)).fetchall()
+        if not new:
+            return self._unpacked
+        self._read_upto = new[-1][0]
+        if any(r[2] not in self._layout_keys for r in new):
+            for i, blob in self._con.execute("SELECT id, keys FROM layouts"):
+                self._layout_keys[i] = np.frombuffer(blob, dtype=KEY_DTYPE).reshape(-1, 3).astype(np.int64)
+        by_layout: dict[int, list[tuple[int, bytes]]] = {}
+        for _, step, layout, blob in new:
+            by_layout.setdefault(layout, []).append((step, blob))
+        for layout, items in by_layout.items():
+            m = len(self._layout_keys[layout])
+            steps, rows = self._unpacked.setdefault(layout, ([], []))
+            steps.append(np.array([st for st, _ in items], dtype=np.int64))
+            rows.append(np.frombuffer(b"".join(b for _, b in items), dtype=VALUE_DTYPE).reshape(-1, m).astype(np.float64))
+        return self._unpacked
 
     def series(self, quantity: str, kind: str = "layer") -> Series:
         """One quantity as an (entities × steps) matrix, entities in depth order."""
