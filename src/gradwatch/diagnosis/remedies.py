@@ -17,7 +17,7 @@ REMEDIES = {
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",
     "orthogonal_rnn": "orthogonal recurrent weights kept orthogonal (gradwatch.remedies.orthogonal_recurrent)",
-    "gated": "an LSTM or GRU in place of the vanilla cell (forget-gate bias 1)",
+    "gated": "a GRU in place of the vanilla cell (or an LSTM, forget-gate bias 1)",
     "pascanu_reg": "Pascanu's norm-preserving regulariser Ω (gradwatch.remedies.pascanu_regularizer)",
     "forget_bias": "an LSTM forget-gate bias of 1 (Gers et al. 2000; gradwatch.remedies.lstm_forget_bias)",
     "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",

@@ -106,7 +106,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "adam": one("adam", "Adam (lr 1e-2) in place of SGD", partial(s.adam, 1e-2)),
         "param_groups": one("param_groups", "one learning rate for every group", s.unify),
         "orthogonal_rnn": one("orthogonal_rnn", "orthogonal recurrent weights", OnModel(s.orthogonal_rnn)),
-        "gated": one("gated", "gated recurrence (LSTM for nn.RNN, GRUCell for a cell)", OnModel(s.gated)),
+        "gated": one("gated", "gated recurrence (GRU for nn.RNN, GRUCell for a cell)", OnModel(s.gated)),
         "irnn": one("irnn", "IRNN: ReLU, identity recurrent weights", OnModel(s.irnn)),
         # Pascanu's regulariser Ω changes the loss through the unrolled states (gradwatch.remedies.pascanu_regularizer):
         # a set-up's own step() computes its loss, so the doctor cannot add Ω to it; the finding still names it.
