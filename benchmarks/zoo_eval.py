@@ -1,6 +1,6 @@
 """Every zoo set-up: is the right pathology found (and nothing on healthy ones), and does the doctor repair it?
 
-    python benchmarks/zoo_eval.py [--steps 300] [--seeds 0 1 2] [--no-doctor]
+    python benchmarks/zoo_eval.py [--steps N] [--seeds 0 1 2] [--no-doctor]
     ATEN_CPU_CAPABILITY=default python benchmarks/zoo_eval.py --seeds 0 1 2 --no-doctor   # another CPU's rounding
 
 Detection: a pathological set-up is found on a seed when a problem (critical
@@ -11,7 +11,10 @@ critical one, real learning; gradwatch.doctor.verdicts), and, independently of
 that verdict, whether the best remedy's held-out score reaches 0.8 ("really
 learns", the yardstick of benchmarks/repair_eval.py). Prints a markdown table,
 one row per set-up with one cell per seed, then precision and recall of
-detection and both repair rates over all (set-up, seed) pairs.
+detection and both repair rates over all (set-up, seed) pairs. Detection
+trains every set-up ``--steps`` steps (default 300); the doctor trains each
+trial that long too where given, else as long as the set-up says its trials
+need (``Setup.steps``: the long adding tasks), else 300.
 """
 
 from __future__ import annotations
@@ -27,19 +30,21 @@ import torch
 import gradwatch as gw
 from gradwatch import zoo
 
+DETECT_STEPS = 300
 LEARNED_SCORE = 0.8  # "really learns", as benchmarks/setups/truth.py judges the ported set-ups
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 300; the doctor: the set-up's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-doctor", action="store_true", help="detection only")
     parser.add_argument("--only", nargs="+", default=None, help="these set-ups only")
     args = parser.parse_args()
     kernels = os.environ.get("ATEN_CPU_CAPABILITY", "native")
     print(f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, CPU kernels: {kernels}; {args.steps} steps per run, seeds {args.seeds}\n")
+          f"torch {torch.__version__}, CPU kernels: {kernels}; {args.steps or DETECT_STEPS} steps per detection run, "
+          f"the doctor's: {args.steps or 'as each set-up says (else 300)'}; seeds {args.seeds}\n")
     print("| set-up | expected | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
     print("|---|---|" + "---|" * len(args.seeds))
     tp = fp = fn = repaired = real = sick = healthy_runs = 0
@@ -49,7 +54,7 @@ def main() -> None:
             cells = []
             for seed in args.seeds:
                 start = time.perf_counter()
-                path, trial = zoo.train_watched(name, seed, args.steps, store, run_name=f"{name}-{seed}")
+                path, trial = zoo.train_watched(name, seed, args.steps or DETECT_STEPS, store, run_name=f"{name}-{seed}")
                 problems = gw.diagnose(path).problems
                 kinds = sorted({f.kind for f in problems})
                 score = trial.evaluate(trial.model) if trial.evaluate else float("nan")
@@ -64,14 +69,15 @@ def main() -> None:
                     fn += not ok
                     cell = ("✓ " if ok else "✗ missed: ") + (", ".join(kinds) or "nothing")
                     if not args.no_doctor:
-                        report = gw.doctor(lambda s, seed=seed: setup(seed + s), steps=args.steps, progress=False)
+                        steps = args.steps or setup.steps  # None: the doctor's default
+                        report = gw.doctor(lambda s, seed=seed: setup(seed + s), steps=steps, progress=False)
                         best = report.best
                         fixed = best is not None and best.verdict == "fixes it"
                         learns = fixed and best.score >= LEARNED_SCORE  # type: ignore[union-attr]
                         repaired += fixed
                         real += learns
                         cell += (f"; doctor: {'✓' if learns else '½'} {best.label} (score {best.score:.2f})"  # type: ignore[union-attr]
-                                 if fixed else f"; doctor: ✗ {report.message[:60]}")
+                                 if fixed else f"; doctor: ✗ {report.message[:60]}") + f" [{report.steps} steps]"
                 cells.append(f"{cell} ({time.perf_counter() - start:.0f} s)")
             print(f"| {name} | {setup.expect or 'healthy'} | " + " | ".join(cells) + " |", flush=True)
     precision = tp / (tp + fp) if tp + fp else float("nan")

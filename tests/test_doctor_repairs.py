@@ -19,6 +19,7 @@ from gradwatch.diagnosis.findings import Finding
 from gradwatch.diagnosis.remedies import REMEDIES, key_of, remedies
 from gradwatch.doctor import catalogue, surgery, table, trial_run, verdicts  # the package; gw.doctor is the function
 from gradwatch.remedies import Residual
+from gradwatch.trial import Setup
 from gradwatch.zoo import Trial
 
 
@@ -406,6 +407,40 @@ class _CellLoop(nn.Module):
         return self.out(h)
 
 
+class _ReadsLastState(nn.Module):
+    """A fused RNN whose readout takes the final state h_n as a tensor (what an LSTM's (h_n, c_n) would break)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(3, 5, num_layers=2, batch_first=True, dropout=0.0)
+        self.out = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(x)
+        return self.out(h[-1])
+
+
+def test_gated_makes_a_fused_rnn_a_gru_of_the_same_shape_that_the_model_still_reads():
+    """The fused RNN becomes a GRU with the RNN's shape and options; the model's own forward, which reads h_n as
+    a tensor, runs unchanged, and equals torch's GRU recurrence written out by hand with the new weights."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 1)
+    model = _one("gated").apply(_trial(_ReadsLastState(), x, y), {}).model
+    gru = model.rnn
+    assert isinstance(gru, nn.GRU)
+    assert (gru.input_size, gru.hidden_size, gru.num_layers, gru.batch_first) == (3, 5, 2, True)
+    inp = x
+    for layer in range(2):
+        h = torch.zeros(4, 5)
+        outs = []
+        for t in range(6):
+            h = torch.gru_cell(inp[:, t], h, *(getattr(gru, f"{w}_l{layer}") for w in
+                                               ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+            outs.append(h)
+        inp = torch.stack(outs, dim=1)
+    torch.testing.assert_close(model(x), model.out(h))
+
+
 def test_recurrent_remedies_apply_to_an_rnn_cell_in_a_loop():
     """Bug (pascanu_rnncell_loop): orthogonal_rnn, gated and irnn acted on fused nn.RNN only, so a hand-unrolled cell
     got none of them; pascanu_reg and irnn had no catalogue entry. References: W_hh·W_hhᵀ = I after SGD steps; the
@@ -729,3 +764,28 @@ def test_doctor_repairs_saturation_from_raw_inputs_by_standardising_them():
         trial = _one("standardise_inputs").apply(_raw_pixels(seed), {})
         curve = [float(trial.step()) for _ in range(steps)]
         assert sum(curve[-20:]) / 20 <= 0.5 * curve[0]
+
+
+def _tiny_setup(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    return _trial(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), x, y, lr=0.05)
+
+
+@pytest.mark.parametrize("given, expected", [(None, 7), (5, 5)])
+def test_the_doctor_trains_as_long_as_the_setup_says_unless_told(tmp_path, given, expected):
+    """A Setup's own ``steps`` is the doctor's default; an explicit ``steps=`` wins. Counted in the stored runs."""
+    setup = Setup("tiny", "a small healthy MLP", None, _tiny_setup, steps=7)
+    report = gw.doctor(setup, steps=given, store=tmp_path, progress=False)
+    assert report.steps == expected
+    [run_name] = report.baseline.runs
+    steps = gw.open_run(tmp_path / run_name).records("grad_norm")["step"]
+    assert sorted(set(steps.tolist())) == list(range(expected))
+
+
+def test_the_doctor_default_without_setup_steps_is_300_and_bad_steps_are_named():
+    from gradwatch.doctor.repair import DEFAULT_STEPS
+
+    assert gw.doctor.__kwdefaults__["steps"] is None and DEFAULT_STEPS == 300
+    with pytest.raises(ValueError, match=r"`doctor\(steps=…\)` expects a positive int or None"):
+        gw.doctor(_tiny_setup, steps=0)

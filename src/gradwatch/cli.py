@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = sub.add_parser("doctor", help="try the remedies the findings point to, measured (gw.doctor)")
     doc.add_argument("setup", metavar="MODULE:SETUP",
                      help="a Python file or module and a function seed -> Trial in it, or zoo:NAME")
-    doc.add_argument("--steps", type=_positive_int, default=300, help="training steps per trial (default 300)")
+    doc.add_argument("--steps", type=_positive_int, default=None,
+                     help="training steps per trial (default: the set-up's own, else 300)")
     doc.add_argument("--seeds", type=_positive_int, default=1, help="seeds per trial (default 1)")
     doc.add_argument("--budget", type=float, default=None, help="seconds after which no new remedy starts")
     doc.add_argument("--store", default=None, help="directory for every trial's run (default: a temporary one)")

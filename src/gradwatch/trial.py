@@ -91,12 +91,18 @@ SetupFn = Callable[[int], Trial]  # the protocol: seed -> a fresh Trial
 
 @dataclass(frozen=True)
 class Setup:
-    """A named recipe for a :class:`Trial`; ``expect`` is the pathology it shows (None: healthy)."""
+    """A named recipe for a :class:`Trial`; ``expect`` is the pathology it shows (None: healthy).
+
+    ``steps``: how many training steps its trials need before a repaired net can show that it learns (a long
+    adding task needs more than the doctor's default 300); :func:`gradwatch.doctor` trains that long unless
+    told otherwise. None: the caller's default.
+    """
 
     name: str
     description: str
     expect: str | None
     make: Callable[[int], Trial]
+    steps: int | None = None
 
     def __call__(self, seed: int = 0) -> Trial:
         return self.make(seed)

@@ -48,7 +48,10 @@ from gradwatch.doctor.verdicts import summary, verdict
 from gradwatch.trial import SetupFn
 
 
-def doctor(setup: SetupFn | str, *, steps: int = 300, seeds: int = 1, budget_s: float | None = None,
+DEFAULT_STEPS = 300  # per trial, where neither the call nor the set-up says
+
+
+def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, budget_s: float | None = None,
            store: str | Path | None = None, progress: bool = True, workers: Workers = 1,
            ray_resources: Mapping[str, Any] | None = None) -> DoctorReport:
     """Diagnose a set-up, try the remedies its findings point to, and report which works.
@@ -56,7 +59,8 @@ def doctor(setup: SetupFn | str, *, steps: int = 300, seeds: int = 1, budget_s: 
     Args:
         setup: ``seed -> Trial`` (e.g. ``gradwatch.zoo.get("deep_tanh_mlp")``), or a reference to one,
             ``"path/to/file.py:make_setup"`` or ``"package.module:make_setup"``, which each worker imports.
-        steps: training steps per trial.
+        steps: training steps per trial; by default the set-up's own ``steps`` where it has one (a
+            :class:`~gradwatch.trial.Setup` may say how long its trials need to show learning), else 300.
         seeds: seeds per trial (results are averaged).
         budget_s: start no new remedy after this many seconds; the table is then partial.
         store: where the trials' runs go, one directory per trial and seed, named in each row's ``runs``
@@ -86,8 +90,11 @@ def doctor(setup: SetupFn | str, *, steps: int = 300, seeds: int = 1, budget_s: 
             raise TypeError(bad_argument("doctor", "setup", f"{setup!r} to name a callable seed -> Trial", loaded))
     elif not callable(setup):
         raise TypeError(bad_argument("doctor", "setup", "a callable seed -> Trial (e.g. a zoo.Setup)", setup))
+    if steps is None:
+        own = getattr(loaded if isinstance(setup, str) else setup, "steps", None)
+        steps = own if isinstance(own, int) and not isinstance(own, bool) and own >= 1 else DEFAULT_STEPS
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(bad_argument("doctor", "steps", "a positive int", steps))
+        raise ValueError(bad_argument("doctor", "steps", "a positive int or None (the set-up's own)", steps))
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(bad_argument("doctor", "seeds", "a positive int", seeds))
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or budget_s <= 0):
