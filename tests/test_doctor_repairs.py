@@ -789,3 +789,30 @@ def test_the_doctor_default_without_setup_steps_is_300_and_bad_steps_are_named()
     assert gw.doctor.__kwdefaults__["steps"] is None and DEFAULT_STEPS == 300
     with pytest.raises(ValueError, match=r"`doctor\(steps=…\)` expects a positive int or None"):
         gw.doctor(_tiny_setup, steps=0)
+
+
+def test_when_nothing_beats_a_constant_output_the_doctor_says_the_trials_may_be_too_short(monkeypatch):
+    """rnn_vanishing at 300 steps: remedies remove the finding, every trial ends at the mean's loss. The message
+    says so and names longer trials; once one trial gets below the constant output's loss, it does not."""
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"gated": [flag("gated")]})
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+    null, gated_final = 1.0, [0.98]
+
+    def run(make, seed, steps, store, name, remedy, numbers):
+        trial = SimpleNamespace(flags=set())
+        if remedy is not None and remedy.apply(trial, numbers) is None:
+            return None
+        if not trial.flags:
+            return trial_run.TrialRun([1.0] * steps, math.nan, ["vanishing"],
+                                      Diagnosis([_finding("vanishing", "gated")]), null)
+        return trial_run.TrialRun([1.0] + gated_final * (steps - 1), math.nan, [], Diagnosis([]), null)
+
+    monkeypatch.setattr(trial_run, "run_trial", run)
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    assert report.best is None
+    assert report.message.startswith("no remedy helped; 1 remedy removed the findings, but no trial got below")
+    assert "steps=80" in report.message
+    gated_final[0] = 0.7  # below 0.9 × the null loss, though it did not halve: no hint
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    assert report.best is None and report.message == "no remedy helped", report.message

@@ -162,3 +162,19 @@ def test_nonfinite_predictions_are_wrong(name):
     shape = (64, t.n_out) if t.output == "last" else (x.shape[0], 64, t.n_out)
     assert t.error_rate(torch.full(shape, float("nan")), y) == 1.0
     assert t.error_rate(torch.full(shape, float("inf")), y) == 1.0
+
+
+@pytest.mark.slow  # ~2 min; run under both kernel sets by hand (make test-slow, and with ATEN_CPU_CAPABILITY=default)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name, T, cell, lr", [("rnn_vanishing", 50, "gru", 1e-2), ("closed_forget_lstm", 30, "lstm", 1e-3)])
+def test_the_long_adding_tasks_are_learnable_within_their_setups_steps(name, T, cell, lr, seed):
+    """Setup.steps of the zoo's long adding tasks is long enough for the cause's remedy to show learning, measured
+    without gradwatch: a GRU (T = 50) or an LSTM with forget-gate bias 1 (T = 30), Adam, reaches a held-out score of
+    at least 0.9 (1 − Pascanu's error rate) within that many steps."""
+    from gradwatch.zoo.setups import task_trial
+
+    steps = zoo.get(name).steps
+    trial = task_trial("adding", T, cell, seed, lr=lr, adam=True)
+    for _ in range(steps):
+        trial.step()
+    assert trial.evaluate(trial.model) >= 0.9

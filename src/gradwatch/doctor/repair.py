@@ -44,7 +44,7 @@ from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
-from gradwatch.doctor.verdicts import summary, verdict
+from gradwatch.doctor.verdicts import NULL_BELOW, summary, verdict
 from gradwatch.trial import SetupFn
 
 
@@ -128,6 +128,19 @@ def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, bu
             tmp.cleanup()
 
 
+def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
+    """Where remedies removed the findings but no trial at all got clearly below a constant output's loss, the
+    trials may be too short for the task to show learning (a long adding task needs ~1000 steps): say so."""
+    cleared = [t for t in trials if not t.error and t.verdict.startswith("removes the finding")]
+    null = base.null_loss
+    ran = [t for t in trials if not t.error and math.isfinite(t.final_loss)]
+    if not cleared or not math.isfinite(null) or any(t.final_loss < NULL_BELOW * null for t in ran):
+        return ""
+    return (f"; {len(cleared)} remed{'y' if len(cleared) == 1 else 'ies'} removed the findings, but no trial got "
+            f"below {NULL_BELOW:g} × the loss of a constant output ({null:.4g}) in {steps} steps: the task may need "
+            f"longer trials to show learning (gw.doctor(…, steps={4 * steps}))")
+
+
 def _row(label: str, results: list[Result], names: list[str]) -> TrialResult | None:
     """One remedy's row from its seeds' results; None when it does not apply here or did not run to the end."""
     failed = next((r for r in results if isinstance(r, Failure)), None)
@@ -209,6 +222,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
         report.message = f"best remedy: {b.label} — the findings are gone and {evidence}"
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
+        report.message += _too_short(base, report.trials, steps)
     if runner.stopped:
         report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
                            f"{len(candidates)} remedies in round 1)")
