@@ -19,7 +19,6 @@ from gradwatch.diagnosis.findings import Finding
 from gradwatch.diagnosis.remedies import REMEDIES, key_of, remedies
 from gradwatch.doctor import catalogue, surgery, table, trial_run, verdicts  # the package; gw.doctor is the function
 from gradwatch.remedies import Residual
-from gradwatch.trial import Setup
 from gradwatch.zoo import Trial
 
 
@@ -775,7 +774,7 @@ def _tiny_setup(seed: int) -> Trial:
 @pytest.mark.parametrize("given, expected", [(None, 7), (5, 5)])
 def test_the_doctor_trains_as_long_as_the_setup_says_unless_told(tmp_path, given, expected):
     """A Setup's own ``steps`` is the doctor's default; an explicit ``steps=`` wins. Counted in the stored runs."""
-    setup = Setup("tiny", "a small healthy MLP", None, _tiny_setup, steps=7)
+    setup = gw.Setup("tiny", "a small healthy MLP", None, _tiny_setup, steps=7)
     report = gw.doctor(setup, steps=given, store=tmp_path, progress=False)
     assert report.steps == expected
     [run_name] = report.baseline.runs
