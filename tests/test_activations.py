@@ -142,3 +142,40 @@ def test_bfloat16_activations_read_in_place_equal_a_float64_reference(store):
                                                                                          > 0.99).double().mean()))
     relu_in = seen["3"][0]
     assert at_step(run, "dead_frac", 0, "activation")["3"] == float((relu_in <= 0).all(dim=0).double().mean())
+
+
+def test_small_calls_measured_stacked_at_the_step_end_equal_a_per_call_float64_reference(store):
+    """Small calls are copied and measured at the step's end, stacked by kind, setting and shape. Against a float64
+    reference computed per module from the calls a backward reached: same-kind modules stacked (six tanh), one
+    class at two settings (LeakyReLU 0.1 and 0.3: never stacked together), a module called twice (its calls pooled),
+    a GELU whose derivative needs the input, and a forward pass the backward never reaches (left out)."""
+    torch.manual_seed(0)
+    acts = [nn.Tanh() for _ in range(6)] + [nn.LeakyReLU(0.1), nn.LeakyReLU(0.3), nn.GELU(), nn.ReLU()]
+    lins = [nn.Linear(32, 32) for _ in acts]
+    model = nn.Sequential(*[m for pair in zip(lins, acts) for m in pair], nn.Linear(32, 1))
+    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for k, a in enumerate(acts):
+        a.register_forward_hook(lambda m, args, y, k=k: calls.setdefault(k, []).append((args[0].detach().double(),
+                                                                                         y.detach().double())))
+    with gw.watch(model, activations=1, store=store, name="stacked") as w:
+        x = torch.randn(16, 32) * 2
+        model(torch.randn(16, 32))  # grad enabled, never backpropagated: does not count
+        calls.clear()
+        out = model(x) + model[-1](acts[3](lins[3](torch.randn(16, 32))))  # tanh #3 called twice
+        out.sum().backward()
+    run = w.open()
+    names = {k: str(2 * k + 1) for k in range(len(acts))}
+    assert {k: len(c) for k, c in calls.items()} == {k: 2 if k == 3 else 1 for k in range(len(acts))}
+    for k, a in enumerate(acts):
+        xs = torch.cat([c[0] for c in calls[k]])
+        ys = torch.cat([c[1] for c in calls[k]])
+        d = activation_spec(a).derivative(a, xs, ys)
+        assert at_step(run, "act_mean", 0, "activation")[names[k]] == pytest.approx(float(ys.mean()), rel=1e-5, abs=1e-7)
+        assert at_step(run, "act_std", 0, "activation")[names[k]] == pytest.approx(float(ys.std(unbiased=False)), rel=1e-5)
+        assert at_step(run, "deriv_rms", 0, "activation")[names[k]] == pytest.approx(float(d.pow(2).mean().sqrt()),
+                                                                                      rel=1e-5)
+        if isinstance(a, nn.Tanh):
+            assert at_step(run, "saturated_frac", 0, "activation")[names[k]] == pytest.approx(
+                float((ys.abs() > 0.99).double().mean()))
+    relu_out = calls[9][0][1]
+    assert at_step(run, "dead_frac", 0, "activation")[names[9]] == float((relu_out <= 0).all(dim=0).double().mean())
