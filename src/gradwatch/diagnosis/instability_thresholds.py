@@ -20,6 +20,13 @@ class InstabilityThresholds:
     spike_z_above: float = 6.0  # OLMo 2's 6σ, as robust SDs (1.4826·MAD) on the log scale
     loss_ratio_above: float = 1.5  # and the loss at least ×1.5 its running median (llm-foundry: ×2 of the mean)
     grad_ratio_above: float = 4.0  # and the total gradient norm at least ×4 its running median
+    # A loss spike also rises at least this many times as far above its running median (on the log scale) as any
+    # step of the `lookback` steps before it: a loss that swings ×10-×25 every few dozen steps (SGD at the edge
+    # of stability on a regression with targets to 125: so_quadratic_fixed, which learns) has no spike at a swing
+    # no larger than its last ones (measured there: 1.05× and 0.67× the largest earlier swing, on AVX2 and on
+    # the portable kernels); a first spike out of a smooth curve (a language model's loss 3 → 5 after swings of
+    # ×1.2: 2.8×) or an injected ×1000 batch stands far above it.
+    spike_precedent: float = 1.5
     diverge_above: float = 1.5  # the loss's running median ends ≥ ×1.5 its best running median: diverged
     # ... and gave back at least half of what it had gained since its first 10 steps: a classifier whose loss
     # fell from 2.3 to 0.01 and ends noisy at 0.05 is ×5 its best and has lost 2 % of its progress (zoo twins).

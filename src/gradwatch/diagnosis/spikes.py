@@ -46,6 +46,18 @@ def _log(x: np.ndarray) -> np.ndarray:
         return np.log(x)
 
 
+def _unprecedented(rise: np.ndarray, th: InstabilityThresholds) -> np.ndarray:
+    """Per step: whether its rise above the running median is at least ``spike_precedent`` times the largest rise
+    of the ``lookback`` steps before it (a first step, or one after no rise at all, is)."""
+    out = np.ones(len(rise), dtype=bool)
+    r = np.nan_to_num(rise, nan=-np.inf)
+    for j in np.flatnonzero(r > 0).tolist():
+        before = r[max(0, j - th.lookback): j]
+        if len(before) and before.max() > 0:
+            out[j] = r[j] >= th.spike_precedent * before.max()
+    return out
+
+
 def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: InstabilityThresholds) -> list[Event]:
     """Spikes (steps within 10 of each other clustered), a divergence and the first non-finite step, in step order.
 
@@ -65,7 +77,7 @@ def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: Ins
     # a warm-up move too fast for a median of fewer to mean anything
     z, med = robust_z(x, th.window, least=10)
     ratio = np.exp(x - med) if positive else loss / med
-    loss_flag = (z > th.spike_z_above) & (ratio > th.loss_ratio_above)
+    loss_flag = (z > th.spike_z_above) & (ratio > th.loss_ratio_above) & _unprecedented(x - med, th)
     grad_flag = np.zeros(len(loss), dtype=bool)
     if grad is not None:
         gx = _log(grad[:end])

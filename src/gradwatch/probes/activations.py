@@ -359,7 +359,7 @@ class ActivationProbe:
                 continue
             _, i, module, x0, _ = items[0]
             y = torch.stack([it[4] for it in items])
-            x = torch.stack([it[3] for it in items]) if x0 is not None else y
+            x = torch.stack([it[3] for it in items if it[3] is not None]) if x0 is not None else y
             stats = stacked_stats(self.specs[i], module, x, y)
             fields = [t.to(self.device) for t in stats]
             for k, it in enumerate(items):
@@ -369,7 +369,7 @@ class ActivationProbe:
         """The step's pooled statistics as (quantity, module indices, values); forgets the calls."""
         self._measure_deferred()
         calls, self._calls = self._calls, {}
-        reached = {i: [(c.count, c.stats) for c in cs if c.reached] for i, cs in calls.items()}
+        reached = {i: [(c.count, c.stats) for c in cs if c.reached and c.stats is not None] for i, cs in calls.items()}
         reached = {i: c for i, c in reached.items() if c}
         if not reached:
             return []
