@@ -212,3 +212,24 @@ def test_a_run_non_finite_from_step_0_has_no_instability_finding_and_diagnoses(t
             opt.step()
             w.log(loss=loss)
     assert [f.kind for f in gw.diagnose(w.path).problems] == ["nonfinite"]
+
+
+def test_a_loss_spike_needs_to_stand_above_the_runs_earlier_swings():
+    """Closed-form curves: a smooth loss with one jump ×2.5 is a spike; a loss that swings ×15 every 40 steps has
+    one at its first swing and none at a later swing of ×16 (no larger than before: so_quadratic_fixed on AMD
+    EPYC), but one at ×300."""
+    from gradwatch.diagnosis.instability_thresholds import InstabilityThresholds
+    from gradwatch.diagnosis.spikes import events
+
+    th = InstabilityThresholds()
+    steps = np.arange(600)
+    rng = np.random.default_rng(0)
+    smooth = 3.0 * np.exp(-steps / 400) * np.exp(rng.normal(0, 0.01, len(steps)))
+    smooth[450] *= 2.5
+    assert [e.step for e in events(steps, smooth, None, th) if e.kind == "spike"] == [450]
+    swinging = 50.0 * np.exp(rng.normal(0, 0.1, len(steps)))
+    swinging[40::40] *= 15.0
+    swinging[500] *= 16.0
+    assert [e.step for e in events(steps, swinging, None, th) if e.kind == "spike"] == [40]
+    swinging[500] *= 300.0 / 16.0
+    assert [e.step for e in events(steps, swinging, None, th) if e.kind == "spike"] == [40, 500]
