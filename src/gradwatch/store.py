@@ -373,9 +373,9 @@ class Run:
         self._quantities: dict[int, str] = dict(self._con.execute("SELECT id, name FROM quantities").fetchall())
 
     def __repr__(self) -> str:
+        packed = self._packed()
         n = self._con.execute("SELECT COUNT(*) FROM records").fetchone()[0] + sum(
-            len(k) * sum(len(st) for st in steps)
-            for k, (steps, _) in ((self._layout_keys[i], u) for i, u in self._packed().items()))
+            len(self._layout_keys[layout]) * sum(len(s) for s in steps) for layout, (steps, _) in packed.items())
         return f"Run({str(self.path)!r}, {len(self.layers)} layers, {n} records)"
 
     def close(self) -> None:
