@@ -22,7 +22,10 @@ SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
 # saturating twin covers none). Coverage after 300 steps hops between 5 and 8 modes with the seed and the CPU's rounding:
 # seeds 0-5 covered 7-8 (native AVX-512), 5-8 (ATEN_CPU_CAPABILITY=default) and 5-8 (AVX2-limited MKL/oneDNN/ATen, as on
 # an AMD EPYC, where seed 0 covers 5: the old bar of 6 failed there).
-LEARNS_ABOVE = {"gan_ring_nonsaturating": 0.45}
+# small_resnet's accuracy at step 300 hops with the seed and the rounding (SGD noise at its learning rate: seed 1 is
+# 0.99 at step 300 and 0.98 at 400): seed 0 under ATEN_CPU_CAPABILITY=default on an AMD EPYC ended at 0.8485 in the
+# test run, 0.909 in a plain script (2 threads); 0.8 is still eight times chance.
+LEARNS_ABOVE = {"gan_ring_nonsaturating": 0.45, "small_resnet": 0.8}
 
 
 @pytest.mark.zoo

@@ -731,8 +731,9 @@ def _residual_mlp(seed: int) -> Trial:
 
 
 def test_doctor_repairs_a_users_exploding_residual_mlp_with_fixup():
-    steps = 150
-    report = gw.doctor(_residual_mlp, steps=steps, seeds=3, progress=False)
+    steps = 150  # one round: Fixup alone repairs it (its later rounds, combinations that do no better, took 4 min)
+    report = gw.doctor(_residual_mlp, steps=steps, seeds=3, rounds=1, progress=False)
+    assert {t.rounds for t in report.trials} == {1}
     assert {"exploding"} <= set(report.baseline.findings), str(report)
     assert report.best is not None and report.best.label.startswith("Fixup"), str(report)
     for seed in range(3):  # the reference: each seed's own curve, in a plain loop
@@ -788,6 +789,8 @@ def test_the_doctor_default_without_setup_steps_is_300_and_bad_steps_are_named()
     assert gw.doctor.__kwdefaults__["steps"] is None and DEFAULT_STEPS == 300
     with pytest.raises(ValueError, match=r"`doctor\(steps=…\)` expects a positive int or None"):
         gw.doctor(_tiny_setup, steps=0)
+    with pytest.raises(ValueError, match=r"`doctor\(rounds=…\)` expects an int from 1 to 3, got 4"):
+        gw.doctor(_tiny_setup, rounds=4)
 
 
 def test_when_nothing_beats_a_constant_output_the_doctor_says_the_trials_may_be_too_short(monkeypatch):

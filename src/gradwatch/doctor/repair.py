@@ -51,7 +51,8 @@ from gradwatch.trial import SetupFn
 DEFAULT_STEPS = 300  # per trial, where neither the call nor the set-up says
 
 
-def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, budget_s: float | None = None,
+def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, rounds: int = MAX_ROUNDS,
+           budget_s: float | None = None,
            store: str | Path | None = None, progress: bool = True, workers: Workers = 1,
            ray_resources: Mapping[str, Any] | None = None) -> DoctorReport:
     """Diagnose a set-up, try the remedies its findings point to, and report which works.
@@ -62,6 +63,7 @@ def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, bu
         steps: training steps per trial; by default the set-up's own ``steps`` where it has one (a
             :class:`~gradwatch.trial.Setup` may say how long its trials need to show learning), else 300.
         seeds: seeds per trial (results are averaged).
+        rounds: rounds of iterative repair, 1 to 3 (default 3): 1 tries each remedy the findings name alone.
         budget_s: start no new remedy after this many seconds; the table is then partial.
         store: where the trials' runs go, one directory per trial and seed, named in each row's ``runs``
             (default: a temporary directory, removed at the end). Runs from Ray or an executor of your own
@@ -97,6 +99,8 @@ def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, bu
         raise ValueError(bad_argument("doctor", "steps", "a positive int or None (the set-up's own)", steps))
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(bad_argument("doctor", "seeds", "a positive int", seeds))
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
+        raise ValueError(bad_argument("doctor", "rounds", f"an int from 1 to {MAX_ROUNDS}", rounds))
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or budget_s <= 0):
         raise ValueError(bad_argument("doctor", "budget_s", "a positive number of seconds or None", budget_s))
     if not (isinstance(workers, Executor) or workers == "ray"
@@ -122,7 +126,7 @@ def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, bu
         with execute.backend(workers, store is not None, ray_resources) as backend, \
                 Progress(transient=True, disable=not progress) as bar:
             runner = Runner(backend, root, bar, bar.add_task("baseline", total=seeds))
-            return _doctor(job_setup, steps, seeds, budget_s, runner)
+            return _doctor(job_setup, steps, seeds, rounds, budget_s, runner)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -158,7 +162,8 @@ def _row(label: str, results: list[Result], names: list[str]) -> TrialResult | N
     return row
 
 
-def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None, runner: Runner) -> DoctorReport:
+def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s: float | None,
+            runner: Runner) -> DoctorReport:
     start = time.perf_counter()
     deadline = None if budget_s is None else start + budget_s
     catalog = catalogue.catalog()
@@ -188,7 +193,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
     tried: set[tuple[str, ...]] = set()
     todo = candidates
     count = 0  # remedies submitted so far: numbers the run names, the same in every mode
-    for rnd in range(1, MAX_ROUNDS + 1):
+    for rnd in range(1, rounds + 1):
         runner.expect(len(todo) * seeds, "remedies" if rnd == 1 else f"round {rnd}")
         run_names = [[f"{'.'.join(r.parts)}-{count + k}-{s}" for s in range(seeds)] for k, r in enumerate(todo)]
         count += len(todo)
@@ -205,7 +210,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, budget_s: float | None
                 done.append((remedy, result))
             result.rounds, result.parts = rnd, remedy.parts
             report.trials.append(result)
-        if runner.stopped or runner.interrupted or rnd == MAX_ROUNDS or any(decisive(t) for t in report.trials):
+        if runner.stopped or runner.interrupted or rnd == rounds or any(decisive(t) for t in report.trials):
             break
         # Iterative repair: what a remedy left (or brought) names the next remedy to combine with it.
         todo = catalogue.next_round(done, diagnosis, catalog, tried)
