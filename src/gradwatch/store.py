@@ -494,6 +494,9 @@ class Run:
             steps, rows = self._unpacked.setdefault(layout, ([], []))
             steps.append(np.array([st for st, _ in items], dtype=np.int64))
             rows.append(np.frombuffer(b"".join(b for _, b in items), dtype=VALUE_DTYPE).reshape(-1, m).astype(np.float64))
+            if len(steps) > 1:  # one array each: every records() call concatenates them, so do it once here
+                steps[:] = [np.concatenate(steps)]
+                rows[:] = [np.concatenate(rows)]
         return self._unpacked
 
     def series(self, quantity: str, kind: str = "layer") -> Series:
