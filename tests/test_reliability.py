@@ -260,22 +260,32 @@ def test_concurrent_starts_of_one_name_give_one_run_and_file_exists_errors(store
     assert all(isinstance(r, FileExistsError) for r in results if r is not watches[0])
 
 
+# One parent imports gradwatch once and forks a writer per line it reads ("store fifo"): the writer reports on the
+# fifo; the parent prints the writer's pid, then its wait status once it is gone. (A fresh interpreter per writer
+# spent ~2 s of each kill importing torch.) Nothing runs a torch kernel before the fork.
 KILLED_WRITER = textwrap.dedent(
     """
-    import sys, torch, gradwatch as gw
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    print("start", flush=True)
-    w = gw.watch(model, opt, store=sys.argv[1], name="k")
-    step = 0
-    while True:
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad(); loss.backward(); opt.step(); w.log(loss=loss)
-        if step % 5 == 4:
-            w.flush()
-            print(step, flush=True)  # every step up to here is committed
-        step += 1
+    import os, sys, torch, gradwatch as gw
+    for line in sys.stdin:
+        store, fifo = line.split()
+        pid = os.fork()
+        if pid == 0:
+            out = open(fifo, "w", buffering=1)
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            print("start", file=out)
+            w = gw.watch(model, opt, store=store, name="k")
+            step = 0
+            while True:
+                loss = model(torch.randn(16, 4)).pow(2).mean()
+                opt.zero_grad(); loss.backward(); opt.step(); w.log(loss=loss)
+                if step % 5 == 4:
+                    w.flush()
+                    print(step, file=out)  # every step up to here is committed
+                step += 1
+        print(pid, flush=True)
+        print(os.waitpid(pid, 0)[1], flush=True)
     """
 )
 
@@ -290,37 +300,46 @@ def test_a_writer_killed_at_20_random_moments_leaves_a_store_that_opens_or_none(
     rng = random.Random(14)
     delays = [rng.uniform(0, 0.05) for _ in range(10)] + [rng.uniform(0.05, 0.6) for _ in range(10)]
     outcomes = {"absent": 0, "opened": 0}
-    for i, delay in enumerate(delays):
-        store = tmp_path / str(i)
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(store)], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.stdout.readline().strip() == "start"
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        flushed = -1
-        deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
-            if sel.select(left):
-                line = proc.stdout.readline()
-                if line:
-                    flushed = int(line)
-        proc.send_signal(signal.SIGKILL)
-        rest = proc.communicate()[0]
-        flushed = max([flushed, *(int(x) for x in rest.split())])
-        assert proc.returncode == -signal.SIGKILL
-        try:
-            run = gw.open_run(store / "k")
-        except FileNotFoundError:
-            assert flushed == -1, (i, delay, "store absent although steps were flushed")
-            outcomes["absent"] += 1
-            gw.watch(_model(), store=store, name="k").close()  # and the name is free
-            continue
-        with run:
-            assert run.meta["status"] == "running"
-            if flushed >= 0:
-                steps = set(run.records("grad_norm")["step"].tolist())
-                assert set(range(flushed + 1)) <= steps, (i, delay, flushed)
-        outcomes["opened"] += 1
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_WRITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for i, delay in enumerate(delays):
+            store, fifo = tmp_path / str(i), tmp_path / f"{i}.fifo"
+            os.mkfifo(fifo)
+            parent.stdin.write(f"{store} {fifo}\n")
+            parent.stdin.flush()
+            pid = int(parent.stdout.readline())
+            with open(fifo) as report:
+                assert report.readline().strip() == "start"
+                sel = selectors.DefaultSelector()
+                sel.register(report, selectors.EVENT_READ)
+                flushed = -1
+                deadline = time.monotonic() + delay
+                while (left := deadline - time.monotonic()) > 0:
+                    if sel.select(left):
+                        line = report.readline()
+                        if line:
+                            flushed = int(line)
+                os.kill(pid, signal.SIGKILL)
+                flushed = max([flushed, *(int(x) for x in report.read().split())])
+            status = int(parent.stdout.readline())
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            try:
+                run = gw.open_run(store / "k")
+            except FileNotFoundError:
+                assert flushed == -1, (i, delay, "store absent although steps were flushed")
+                outcomes["absent"] += 1
+                gw.watch(_model(), store=store, name="k").close()  # and the name is free
+                continue
+            with run:
+                assert run.meta["status"] == "running"
+                if flushed >= 0:
+                    steps = set(run.records("grad_norm")["step"].tolist())
+                    assert set(range(flushed + 1)) <= steps, (i, delay, flushed)
+            outcomes["opened"] += 1
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)
     assert sum(outcomes.values()) == 20
 
 
