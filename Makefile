@@ -1,32 +1,36 @@
 # The two commands a fresh clone needs: `make demo` and `make test`.
 # Both create .venv if missing and install gradwatch with constraints.txt,
 # which pins torch to the CPU build on this machine's disk. `make demo`
-# installs the package alone; `make test` adds the test extras.
+# installs the package alone; `make test` adds the test extras. --no-compile:
+# Python compiles the modules it imports on first use, not the thousands it never does (half the install time).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-slow test-portable test-avx2 bench install clean
+.PHONY: demo test test-slow test-portable test-avx2 bench install install-test clean
 
 install: $(STAMP)
 
+install-test: $(TESTSTAMP)
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e .
 	touch $(STAMP)
 
 $(TESTSTAMP): $(STAMP) pyproject.toml constraints.txt
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[test]'
 	touch $(TESTSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/gradwatch demo
 
-# Two pytest-xdist workers; each test file runs whole on one worker, so the zoo runs its tests share are trained once there.
+# Two pytest-xdist workers. Each test file runs whole on one worker, except the tests that read zoo runs: those go by
+# seed (tests/conftest.py), so that each zoo run is trained once and the three seeds spread over the workers.
 WORKERS ?= 2
-PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 
 test: $(TESTSTAMP)
 	$(PYTEST) -m "not slow"

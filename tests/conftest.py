@@ -11,10 +11,47 @@ from torch import nn
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs 2 workers) each worker gets its share of the cores for torch's threads."""
+    """Under pytest-xdist (`make test` runs 2 workers) each worker gets its share of the cores for torch's threads.
+
+    The controller imports ART once before the workers start when its config file does not exist yet (a fresh
+    machine): ART writes that file on first import without a lock, and two workers importing it at once can
+    leave one of them with a NameError inside ``art.config``.
+    """
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+    elif not hasattr(config, "workerinput") and not any(
+        os.path.exists(os.path.join(home, ".art", "config.json")) for home in (os.path.expanduser("~"), "/tmp")
+    ):
+        try:
+            import art  # noqa: F401
+        except Exception:  # not installed, or broken: test_attack.py's importorskip reports it
+            pass
+
+
+# The groups that take longest (measured, `--durations`), handed out first so that the last ones are short.
+LONGEST_FIRST = ("zoo-seed0", "zoo-seed1", "zoo-seed2", "tests/test_remedies_and_doctor.py",
+                 "tests/test_doctor_repairs.py", "tests/test_doctor_parallel.py", "tests/test_tutorials.py",
+                 "tests/test_lightning.py", "tests/test_compile.py", "tests/test_typing.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Which tests share a pytest-xdist worker (`make test` runs `--dist loadgroup`): the tests that read zoo runs
+    (the ``zoo_runs`` fixture) by their seed, so that each zoo run is trained once and the seeds' runs spread over
+    the workers; every other test with the rest of its file, so that a file's module fixtures are built once.
+    The groups in :data:`LONGEST_FIRST` go first."""
+    groups = {}
+    for item in items:
+        if "zoo_runs" in getattr(item, "fixturenames", ()):
+            callspec = getattr(item, "callspec", None)
+            group = f"zoo-seed{callspec.params.get('seed', 0) if callspec else 0}"
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
 
 
 @pytest.fixture
@@ -161,3 +198,21 @@ def at_step(run, quantity: str, step: int, kind: str = "layer") -> dict[str, flo
     rec = run.records(quantity, kind)
     sel = rec["step"] == step
     return dict(zip(rec["layer"][sel].tolist(), rec["value"][sel].tolist()))
+
+
+def sampled_steps(run, quantity, kind="layer") -> list[int]:
+    """The steps at which a stored run has ``quantity``."""
+    return sorted(set(run.records(quantity, kind)["step"].tolist()))
+
+
+def schedule_steps(meta: dict, family: str, steps: int) -> list[int]:
+    """The steps a budgeted family sampled, rebuilt from the changes the metadata records."""
+    from gradwatch.schedules import floor_gap
+
+    changes = meta["schedules"][family]["changes"]
+    out = []
+    for s in range(steps):
+        k = [k for first, k in changes if first <= s][-1]
+        if s % min(k, floor_gap(s)) == 0:
+            out.append(s)
+    return out

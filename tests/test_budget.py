@@ -4,7 +4,7 @@ Which steps a budgeted family samples depends on measured time. Tests that need
 exact schedules script the meter's readings (:class:`Scripted`), feed the
 :class:`Budget` synthetic costs, or pass explicit schedules; the zoo runs train
 under the default budget, where the 20-layer MLPs sit at the floor on any CPU
-(checked below), so their records are the floor's.
+(checked in test_diagnosis.py, which trains them), so their records are the floor's.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradwatch as gw
-from gradwatch import zoo
 from gradwatch.schedules import BUDGET_FLOOR, DEFAULT_SAMPLED, SPARSEST, every, floor_gap
 from gradwatch.watching import WatchOptions
 from gradwatch.watching import steps as steps_module
 from gradwatch.watching.budget import BUDGETED, EVALUATE_EVERY, HEADROOM, Budget, CostMeter, Rhythm, thread_seconds
 
-from conftest import SEEDS, at_step, naive_layer_grad_norms, naive_param_grad_norms
+from conftest import at_step, naive_layer_grad_norms, naive_param_grad_norms, sampled_steps, schedule_steps
 
 BUDGETED_ALL = {"grads": BUDGETED, "backprop": BUDGETED, "activations": BUDGETED, "temporal": None,
                 "updates": BUDGETED}
@@ -279,21 +278,6 @@ class Scripted(CostMeter):
         return scripted, 0.0, 1e-3 + sum(scripted.values())
 
 
-def _sampled(run, quantity, kind="layer") -> list[int]:
-    return sorted(set(run.records(quantity, kind)["step"].tolist()))
-
-
-def _schedule_steps(meta: dict, family: str, steps: int) -> list[int]:
-    """The steps a budgeted family sampled, rebuilt from the changes the metadata records."""
-    changes = meta["schedules"][family]["changes"]
-    out = []
-    for s in range(steps):
-        k = [k for first, k in changes if first <= s][-1]
-        if s % min(k, floor_gap(s)) == 0:
-            out.append(s)
-    return out
-
-
 def script(monkeypatch) -> None:
     """Watches made from now on read scripted costs (and no writer thread's clock)."""
     monkeypatch.setattr(steps_module, "CostMeter", Scripted)
@@ -318,10 +302,10 @@ def test_records_follow_the_schedule_the_metadata_records_and_training_is_bit_id
     assert meta["schedules"]["activations"]["changes"] == [[0, 64]]
     assert meta["budget"]["kept"] and meta["budget"]["overhead"] == pytest.approx(
         (5e-6 + 1e-6 + 50e-6 / 16 + 500e-6 / 64) / 1e-3)
-    assert _sampled(run, "out_grad_norm") == _schedule_steps(meta, "backprop", 120)
-    assert _sampled(run, "saturated_frac", "activation") == _schedule_steps(meta, "activations", 120)
-    assert _sampled(run, "update_ratio") == _schedule_steps(meta, "updates", 120)
-    assert _sampled(run, "grad_norm") == list(range(120))
+    assert sampled_steps(run, "out_grad_norm") == schedule_steps(meta, "backprop", 120)
+    assert sampled_steps(run, "saturated_frac", "activation") == schedule_steps(meta, "activations", 120)
+    assert sampled_steps(run, "update_ratio") == schedule_steps(meta, "updates", 120)
+    assert sampled_steps(run, "grad_norm") == list(range(120))
 
 
 def test_a_step_that_samples_no_forward_probe_runs_no_hook_per_layer(store, monkeypatch):
@@ -402,12 +386,12 @@ def test_records_reach_the_store_in_batches_and_a_read_gets_every_step_so_far(st
     w = gw.watch(model, opt, store=store, name="batches")
     _train(model, opt, w, 10)
     assert calls == []  # ten steps wait for a batch (they are 1 s younger than the limit)
-    assert _sampled(w.open(), "grad_norm") == list(range(10))  # a read sends them first
+    assert sampled_steps(w.open(), "grad_norm") == list(range(10))  # a read sends them first
     assert calls == list(range(10))
     _train(model, opt, w, 40, seed=1)
     w.close()
     assert calls == list(range(50))  # one hand-over per step, in order
-    assert _sampled(w.open(), "loss", "run") == list(range(50))
+    assert sampled_steps(w.open(), "loss", "run") == list(range(50))
 
 
 # -- the diagnosis on sampled records -------------------------------------------------------------
@@ -440,46 +424,3 @@ def test_the_diagnosis_reads_sampled_steps_as_missing_never_as_zero(store):
     assert f.numbers["ratio"] == pytest.approx(ratio)
     assert f.steps[0] in sampled and f.steps[1] == 150
     assert "steps 41–150" in f.sources[0]  # the last five recorded steps
-
-
-# -- the zoo under the default budget (runs shared with test_diagnosis) ---------------------------------
-
-MLPS_20 = ["deep_tanh_mlp", "deep_relu_he_mlp", "exploding_relu_mlp", "residual_tanh_mlp"]
-SICK = [s.name for s in zoo.SETUPS.values() if s.expect is not None]
-
-
-@pytest.mark.zoo
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", MLPS_20)
-def test_the_20_layer_mlps_sit_at_the_floor_and_are_diagnosed_as_without_a_budget(zoo_runs, name, seed):
-    """Each sample of their forward-side probes costs more than a step's 2 %, and gradient norms alone exceed it:
-    the budget keeps the forward-side families at (or, on a machine busy enough to slow the step more than the
-    probes, near) their floor, says it was not kept, records what it sampled, and the diagnosis finds what it
-    found with the old every-10th-step schedule. (Which k a measured cost earns is timing; the decisions are
-    tested on scripted costs above.)"""
-    run, _ = zoo_runs(name, seed)
-    meta = run.meta
-    assert meta["budget"]["fraction"] == 0.02 and meta["budget"]["kept"] is False
-    floor = [s for s in range(300) if BUDGET_FLOOR(s)]
-    assert _sampled(run, "grad_norm") == list(range(300))
-    for family, quantity in (("backprop", "out_grad_norm"), ("updates", "update_ratio")):
-        if family == "updates" and name == "exploding_relu_mlp":
-            continue  # its update ratios turn NaN, which the store leaves out
-        got = _sampled(run, quantity)
-        assert got == _schedule_steps(meta, family, 300) and set(floor) <= set(got)
-    expect = zoo.get(name).expect
-    kinds = [f.kind for f in gw.diagnose(run).problems]
-    assert (expect in kinds) if expect else kinds == []
-
-
-@pytest.mark.zoo
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", SICK)
-def test_every_zoo_pathology_is_found_under_the_default_budget(zoo_runs, name, seed):
-    run, _ = zoo_runs(name, seed)
-    assert run.meta["budget"]["fraction"] == 0.02
-    if "out_grad_norm" in run.quantities:  # never sparser than the floor (a NaN run stops at its NaN)
-        got = set(_sampled(run, "out_grad_norm"))
-        last = int(run.series("grad_norm").steps[-1])
-        assert {s for s in range(last) if BUDGET_FLOOR(s)} <= got
-    assert zoo.get(name).expect in [f.kind for f in gw.diagnose(run).problems]

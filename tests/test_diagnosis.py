@@ -11,8 +11,9 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch import zoo
+from gradwatch.schedules import BUDGET_FLOOR
 
-from conftest import SEEDS, watched_classifier
+from conftest import SEEDS, sampled_steps, schedule_steps, watched_classifier
 
 STEPS = 300
 
@@ -42,9 +43,43 @@ def test_healthy_runs_have_no_findings(zoo_runs, name, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", SICK)
 def test_pathology_is_found_first_or_with_its_cause(zoo_runs, name, seed):
+    """The zoo trains under the default watch (budget 2 %, issue 18): the sampled families are never sparser than the
+    floor (a NaN run stops at its NaN), and the pathology is found in what they sampled."""
     run, _ = zoo_runs(name, seed)
+    assert run.meta["budget"]["fraction"] == 0.02
+    if "out_grad_norm" in run.quantities:
+        got = set(sampled_steps(run, "out_grad_norm"))
+        last = int(run.series("grad_norm").steps[-1])
+        assert {s for s in range(last) if BUDGET_FLOOR(s)} <= got
     diagnosis = gw.diagnose(run)
     assert zoo.get(name).expect in [f.kind for f in diagnosis.problems], str(diagnosis)
+
+
+MLPS_20 = ["deep_tanh_mlp", "deep_relu_he_mlp", "exploding_relu_mlp", "residual_tanh_mlp"]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", MLPS_20)
+def test_the_20_layer_mlps_sit_at_the_budgets_floor_and_are_diagnosed_as_without_a_budget(zoo_runs, name, seed):
+    """Each sample of their forward-side probes costs more than a step's 2 %, and gradient norms alone exceed it:
+    the budget keeps the forward-side families at (or, on a machine busy enough to slow the step more than the
+    probes, near) their floor, says it was not kept, records what it sampled, and the diagnosis finds what it
+    found with the old every-10th-step schedule. (Which k a measured cost earns is timing; the decisions are
+    tested on scripted costs in test_budget.py.)"""
+    run, _ = zoo_runs(name, seed)
+    meta = run.meta
+    assert meta["budget"]["fraction"] == 0.02 and meta["budget"]["kept"] is False
+    floor = [s for s in range(STEPS) if BUDGET_FLOOR(s)]
+    assert sampled_steps(run, "grad_norm") == list(range(STEPS))
+    for family, quantity in (("backprop", "out_grad_norm"), ("updates", "update_ratio")):
+        if family == "updates" and name == "exploding_relu_mlp":
+            continue  # its update ratios turn NaN, which the store leaves out
+        got = sampled_steps(run, quantity)
+        assert got == schedule_steps(meta, family, STEPS) and set(floor) <= set(got)
+    expect = zoo.get(name).expect
+    kinds = [f.kind for f in gw.diagnose(run).problems]
+    assert (expect in kinds) if expect else kinds == []
 
 
 @pytest.mark.zoo

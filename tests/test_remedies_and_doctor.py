@@ -229,11 +229,16 @@ def test_cli_doctor(tmp_path, capsys):
     assert "expects one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 30 s here, ~90 s on an AMD EPYC: in make test-portable (.ci/run) and make test-slow, not make test
 @pytest.mark.zoo
 def test_doctor_fixes_the_saturating_gan_with_the_nonsaturating_loss():
-    report = gw.doctor(zoo.get("gan_ring_saturating"), steps=300, seeds=len(SEEDS), progress=False)
+    """The doctor's choice, and its score over three seeds, in 150 steps a trial. Under the native kernels make
+    test covers what it measures, at the zoo's 300 steps: the saturating GAN's finding and its non-saturating
+    twin's learning, seeds 0–2 (test_diagnosis.py)."""
+    report = gw.doctor(zoo.get("gan_ring_saturating"), steps=150, seeds=len(SEEDS), progress=False)
     assert "vanishing" in report.diagnosis.kinds
     assert report.baseline.score == 0.0  # no mode covered, on any of the seeds
     assert report.best is not None and report.best.label == "non-saturating generator loss"
-    # findings left: the union over the seeds; the score: their mean modes covered, as VEEGAN counts them
-    assert report.best.findings == [] and report.best.score >= 0.75
+    # findings left: the union over the seeds; the score: their mean modes covered, as VEEGAN counts them. Measured
+    # at 150 steps: 0.833 (native AVX-512, and ATEN_CPU_CAPABILITY=default), 0.875 (AVX2-limited); 0.917 at 300.
+    assert report.best.findings == [] and report.best.score >= 0.6
