@@ -1,8 +1,8 @@
 # The two commands a fresh clone needs: `make demo` and `make test`.
 # Both create .venv if missing and install gradwatch with constraints.txt,
 # which pins torch to the CPU build on this machine's disk. `make demo`
-# installs the package alone; `make test` adds the test extras. --no-compile:
-# Python compiles the modules it imports on first use, not the thousands it never does (half the install time).
+# installs the package alone; `make test` adds the test extras. pip byte-compiles what it installs: keep it so
+# (with PYTHONDONTWRITEBYTECODE set, as on our machines, nothing else would, and every process would compile torch).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,11 +17,11 @@ install-test: $(TESTSTAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e .
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
 	touch $(STAMP)
 
 $(TESTSTAMP): $(STAMP) pyproject.toml constraints.txt
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(TESTSTAMP)
 
 demo: $(STAMP)
