@@ -818,3 +818,71 @@ def test_when_nothing_beats_a_constant_output_the_doctor_says_the_trials_may_be_
     gated_final[0] = 0.7  # below 0.9 × the null loss, though it did not halve: no hint
     report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
     assert report.best is None and report.message == "no remedy helped", report.message
+
+
+def _sigmoid_convnet(seed: int) -> Trial:
+    """Two sigmoid conv layers, one BatchNorm of the user's own, a linear head; a held-out accuracy."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(600, 1, 6, 6, generator=g) * 3 + 1
+    y = (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4), nn.Sigmoid(), nn.Flatten(), nn.Linear(144, 2))
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        try:
+            return float((m(x[500:]).argmax(1) == y[500:]).float().mean())
+        finally:
+            m.train(was)
+
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.5), _batches(x[:500], y[:500], 32, seed),
+                 nn.functional.cross_entropy, evaluate=evaluate)
+
+
+def test_inserted_batchnorm_is_scored_with_its_statistics_averaged_over_the_next_batches():
+    """The `norm` remedy's held-out score reads the inserted BatchNorm layers with running statistics that are plain
+    averages over the trial's next 16 batches (PreciseBN); the user's own BatchNorm keeps its buffers, and the
+    batches are put back."""
+    import copy
+
+    trial = _sigmoid_convnet(0)
+    users = trial.model[3]
+    trial = _one("norm").apply(trial, {})
+    model = trial.model
+    inserted = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m is not users]
+    assert len(inserted) == 1 and isinstance(trial.evaluate, surgery.PreciseBN)
+    for _ in range(30):
+        trial.step()
+    own = {k: v.clone() for k, v in users.state_dict().items()}
+    reference = copy.deepcopy(model)
+    ref_users = [m for m, n in zip(reference.modules(), model.modules()) if n is users][0]
+    upcoming = [next(trial.batches) for _ in range(20)]
+    trial.batches = iter(list(upcoming))
+    # the reference: every inserted layer's input on each of the next 16 batches, with the inserted layers normalising
+    # by their batch's statistics and the rest in eval mode; per channel, the mean of the batch means and of the
+    # unbiased batch variances
+    seen: list[torch.Tensor] = []
+    ref_inserted = [m for m in reference.modules() if isinstance(m, nn.BatchNorm2d) and m is not ref_users]
+    handle = ref_inserted[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    reference.eval()
+    ref_inserted[0].train()
+    with torch.no_grad():
+        for xb, _ in upcoming[:16]:
+            reference(xb)
+    handle.remove()
+    mean = torch.stack([s.mean((0, 2, 3)) for s in seen]).mean(0)
+    var = torch.stack([s.var((0, 2, 3), unbiased=True) for s in seen]).mean(0)
+
+    score = trial.evaluate(model)
+    torch.testing.assert_close(inserted[0].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inserted[0].running_var, var, rtol=1e-5, atol=1e-6)
+    assert inserted[0].momentum == 0.1 and model.training  # as they were
+    for k, v in users.state_dict().items():
+        assert torch.equal(v, own[k]), k  # the user's BatchNorm: untouched
+    ref_inserted[0].running_mean.copy_(mean)
+    ref_inserted[0].running_var.copy_(var)
+    assert score == trial.evaluate.evaluate(reference)  # the set-up's own score of the re-estimated model
+    assert [torch.equal(a[0], b[0]) for a, b in zip(list(trial.batches), upcoming)] == [True] * 20  # put back

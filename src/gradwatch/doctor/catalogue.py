@@ -93,7 +93,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "fixup": one("fixup", "Fixup (zero-init residual branches)", s.fixup),
         "rezero": one("rezero", "ReZero residual connections", OnModel(s.rezero)),
         "pre_ln": one("pre_ln", "Pre-LN (norm_first=True)", OnModel(s.pre_ln)),
-        "norm": one("norm", "LayerNorm/BatchNorm before activations", OnModel(s.norm)),
+        "norm": one("norm", "LayerNorm/BatchNorm before activations", s.norm),  # its score: s.PreciseBN
         "standardise_inputs": one("standardise_inputs", "input standardisation", s.standardise),
         "clip_norm": one("clip_norm", "gradient-norm clipping", s.clip),
         "clip_lower_lr": one("clip_lower_lr", "clipping + learning rate ×0.1", Chain((s.clip, tenth))),

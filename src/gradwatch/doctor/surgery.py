@@ -169,8 +169,52 @@ def residual(m: nn.Module) -> nn.Module:
     return r.add_residual(m, inplace=True)
 
 
-def norm(m: nn.Module) -> nn.Module:
-    return r.add_norm(m, inplace=True)
+def norm(trial: Trial, numbers: dict[str, float]) -> Trial:
+    """LayerNorm/BatchNorm before the activations; the held-out score read with the inserted BatchNorm layers'
+    running statistics re-estimated first (:class:`PreciseBN`)."""
+    had = {id(m) for m in trial.model.modules()}
+    OnModel(lambda m: r.add_norm(m, inplace=True))(trial, numbers)
+    inserted = [m for m in trial.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in had]
+    if inserted and trial.evaluate is not None:
+        trial.evaluate = PreciseBN(trial, trial.evaluate, inserted)
+    return trial
+
+
+class PreciseBN:
+    """A trial's held-out score, read after its inserted BatchNorm layers' running statistics are re-estimated.
+
+    A short trial leaves those averages (momentum 0.1) trailing inputs that still move fast; evaluated with
+    them, a net that has learned can score like chance (measured: the zoo's sigmoid CNN with BatchNorm inserted,
+    seed 1, after 300 steps: training loss 2.33 → 0.25, held-out accuracy 0.25 with the running statistics,
+    0.97 re-estimated). So, before the score, they are replaced by plain averages over the trial's next
+    :data:`BATCHES` training batches (put back), the inserted layers in training mode and the rest of the model
+    in eval mode, so that no other buffer moves: Wu & Johnson (2021)'s PreciseBN. A user who adopts the
+    remedy gets the same by training longer (the averages settle as the weights do) or by doing the same.
+    """
+
+    BATCHES = 16
+
+    def __init__(self, trial: Trial, evaluate: Callable[[nn.Module], float],
+                 layers: list[nn.modules.batchnorm._BatchNorm]) -> None:
+        self.trial, self.evaluate, self.layers = trial, evaluate, layers
+
+    def __call__(self, model: nn.Module) -> float:
+        inputs = [b[0] for b in peek(self.trial, self.BATCHES)
+                  if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
+        if inputs:
+            was, momenta = model.training, [m.momentum for m in self.layers]
+            model.eval()
+            for m in self.layers:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the batches
+                m.train()
+            with torch.no_grad():
+                for x in inputs:
+                    model(x)
+            for m, momentum in zip(self.layers, momenta):
+                m.momentum = momentum
+            model.train(was)
+        return self.evaluate(model)
 
 
 def relu_he(m: nn.Module) -> nn.Module:
