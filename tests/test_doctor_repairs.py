@@ -886,3 +886,16 @@ def test_inserted_batchnorm_is_scored_with_its_statistics_averaged_over_the_next
     ref_inserted[0].running_var.copy_(var)
     assert score == trial.evaluate.evaluate(reference)  # the set-up's own score of the re-estimated model
     assert [torch.equal(a[0], b[0]) for a, b in zip(list(trial.batches), upcoming)] == [True] * 20  # put back
+
+
+def test_precise_bn_scores_a_model_that_does_not_take_the_batches_inputs_with_its_trained_statistics():
+    trial = _one("norm").apply(_sigmoid_convnet(1), {})
+    for _ in range(5):
+        trial.step()
+    bn = [m for m in trial.model.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    expected = trial.evaluate.evaluate(trial.model)
+    trial.batches = iter([(torch.zeros(3, 5), torch.zeros(3))] * 20)  # inputs the model cannot take
+    assert trial.evaluate(trial.model) == expected
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items()) and bn.momentum == 0.1
+    assert trial.model.training

@@ -190,6 +190,8 @@ class PreciseBN:
     :data:`BATCHES` training batches (put back), the inserted layers in training mode and the rest of the model
     in eval mode, so that no other buffer moves: Wu & Johnson (2021)'s PreciseBN. A user who adopts the
     remedy gets the same by training longer (the averages settle as the weights do) or by doing the same.
+    A trial whose batches' inputs are not what ``model`` takes (a custom ``step()``) is scored with the
+    statistics its training left.
     """
 
     BATCHES = 16
@@ -203,17 +205,23 @@ class PreciseBN:
                   if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
         if inputs:
             was, momenta = model.training, [m.momentum for m in self.layers]
-            model.eval()
-            for m in self.layers:
-                m.reset_running_stats()
-                m.momentum = None  # a cumulative average over the batches
-                m.train()
-            with torch.no_grad():
-                for x in inputs:
-                    model(x)
-            for m, momentum in zip(self.layers, momenta):
-                m.momentum = momentum
-            model.train(was)
+            kept = [{k: v.clone() for k, v in m.state_dict().items()} for m in self.layers]
+            try:
+                model.eval()
+                for m in self.layers:
+                    m.reset_running_stats()
+                    m.momentum = None  # a cumulative average over the batches
+                    m.train()
+                with torch.no_grad():
+                    for x in inputs:
+                        model(x)
+            except Exception:  # noqa: BLE001 - a trial whose model is not model(inputs): scored as it trained
+                for m, state in zip(self.layers, kept):
+                    m.load_state_dict(state)
+            finally:
+                for m, momentum in zip(self.layers, momenta):
+                    m.momentum = momentum
+                model.train(was)
         return self.evaluate(model)
 
 
