@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,12 +167,25 @@ class _Plain(Executor):
         self._inner.shutdown(wait, cancel_futures=cancel_futures)
 
 
+class _Slow(_Plain):
+    """The same, each task starting 0.2 s late: a round of the tiny set-up's ~0.05 s trials outlasts a budget."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        def late():
+            time.sleep(0.2)
+            return fn(*args, **kwargs)
+
+        return super().submit(late)
+
+
 def test_an_executor_of_your_own_gives_the_serial_table_and_ships_the_stores_back(serial, tmp_path):
     with _Plain() as executor:
         report = gw.doctor(tiny, steps=STEPS, progress=False, workers=executor, store=tmp_path)
         _assert_same_table(report, serial)
         _assert_stores_open(report, tmp_path)
-        # all of a round is submitted at once; past the budget, what has not started is cancelled
+    # all of a round is submitted at once; past the budget, what has not started is cancelled (the round's ~17
+    # trials take 0.25 s each here, the budget leaves 0.3 s after the baseline: a few start at most)
+    with _Slow() as executor:
         cut = gw.doctor(tiny, steps=STEPS, progress=False, workers=executor, budget_s=report.baseline.seconds + 0.5)
     assert "stopped at the time budget" in cut.message and len(cut.trials) < len(report.trials)
     for got, want in zip(cut.trials, report.trials):
