@@ -20,6 +20,7 @@ from gradwatch.diagnosis.remedies import REMEDIES, key_of, remedies
 from gradwatch.doctor import catalogue, surgery, table, trial_run, verdicts  # the package; gw.doctor is the function
 from gradwatch.remedies import Residual
 from gradwatch.zoo import Trial
+from gradwatch.zoo.data import accuracy
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int):
@@ -828,18 +829,8 @@ def _sigmoid_convnet(seed: int) -> Trial:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.Conv2d(4, 4, 3, padding=1),
                           nn.BatchNorm2d(4), nn.Sigmoid(), nn.Flatten(), nn.Linear(144, 2))
-
-    @torch.no_grad()
-    def evaluate(m: nn.Module) -> float:
-        was = m.training
-        m.eval()
-        try:
-            return float((m(x[500:]).argmax(1) == y[500:]).float().mean())
-        finally:
-            m.train(was)
-
     return Trial(model, torch.optim.SGD(model.parameters(), lr=0.5), _batches(x[:500], y[:500], 32, seed),
-                 nn.functional.cross_entropy, evaluate=evaluate)
+                 nn.functional.cross_entropy, evaluate=accuracy(x[500:], y[500:]))
 
 
 def test_inserted_batchnorm_is_scored_with_its_statistics_averaged_over_the_next_batches():
