@@ -629,6 +629,36 @@ def test_next_round_tries_adam_first_with_a_remedy_that_removed_the_findings_but
     assert [r.parts for r in catalogue.next_round([orth], diagnosis, cat, set())] == [("orthogonal_rnn", "gated")]
 
 
+def test_next_round_never_cuts_the_learning_rate_twice_or_clips_twice(monkeypatch):
+    """Bug (pascanu_rnn_radius25): round 2 spent its room on clipping + lr×0.1 + lr×0.1 and clipping + lr×0.1 +
+    clipping, and round 3 never reached clipping + lr×0.1 + Adam + identity init (score 0.87). Measured on the
+    combinations themselves: each one, applied to a fresh SGD trial, scales the rate at most once and hooks
+    clipping at most once; the room goes to combinations that differ."""
+    cat = catalogue.catalog()
+    diagnosis = Diagnosis([_finding("exploding", "lower_lr", "clip_norm", "smaller_init", "orthogonal_rnn"),
+                           _finding("nonfinite", "lower_lr", "clip_norm", steps=(40, 40))])
+
+    def row(kinds: list[str], final: float, score: float) -> table.TrialResult:
+        return table.TrialResult("x", final, 1.0, score, kinds, 0.0, first_loss=1e6,
+                                 problems=tuple(f for f in diagnosis.problems if f.kind in kinds))
+
+    one = {key: cat[key][0] for key in ("clip_lower_lr", "clip_norm", "identity_init")}
+    done = [(one["clip_lower_lr"], row([], 0.14, 0.13)), (one["clip_norm"], row([], 0.17, 0.01)),
+            (one["identity_init"], row(["exploding"], 0.16, 0.04))]
+    todo = catalogue.next_round(done, diagnosis, cat, {(k,) for k in one})
+    assert todo and ("clip_lower_lr", "adam") in [r.parts for r in todo]
+    third = catalogue.next_round([(r, row([], 0.12, 0.29)) for r in todo if r.parts == ("clip_lower_lr", "adam")],
+                                 diagnosis, cat, {tuple(sorted(r.parts)) for r in todo})
+    assert ("clip_lower_lr", "adam", "identity_init") in [r.parts for r in third]
+    calls: list[str] = []
+    for name in ("scale_lr", "clip_grad_norm"):
+        real = getattr(surgery.r, name)
+        monkeypatch.setattr(surgery.r, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for remedy in todo + third:
+        calls.clear()
+        remedy.apply(_tiny_setup(0), {"clip_at": 1.0})
+        assert calls.count("scale_lr") <= 1 and calls.count("clip_grad_norm") <= 1, remedy.parts
+
 def test_adam_replaces_plain_sgd_only_and_goes_first_in_a_combination():
     """The Adam entry keeps the groups, weight decay and rate ratios of an SGD optimizer, leaves any other optimizer alone
     (does not apply), and in a combination runs before a change that hooks the optimizer (clipping)."""

@@ -63,6 +63,23 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "smaller_w_hh": ("orthogonal_rnn", "identity_init"),
     "qk_layernorm": ("qk_layernorm", "sigma_reparam", "lower_lr", "warmup"),  # attention-logit growth (issue 15)
 }
+# What an entry changes, where two entries would change the same thing: a combination takes each at most once
+# (two learning-rate cuts stack to a rate no short trial learns at, clipping twice is clipping once), which leaves a
+# round's room (ROUND_WIDTH) to combinations that differ.
+SAME_KNOB: dict[str, frozenset[str]] = {
+    "lower_lr": frozenset({"lr_cut"}),
+    "clip_norm": frozenset({"clip"}),
+    "clip_lower_lr": frozenset({"clip", "lr_cut"}),
+    "smaller_init_lower_lr": frozenset({"lr_cut"}),
+    "leaky_lower_lr": frozenset({"lr_cut"}),
+}
+
+
+def knobs(parts: tuple[str, ...]) -> frozenset[str]:
+    """The knobs that the entries ``parts`` change."""
+    return frozenset().union(*(SAME_KNOB.get(part, ()) for part in parts))
+
+
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
 LR_KEYS = {"lower_lr", "adam", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups"}
 
@@ -159,7 +176,8 @@ def next_round(done: list[tuple[Remedy, TrialResult]], diagnosis: Diagnosis, cat
     every remedy the baseline's name; each other row with its first. The round's remaining room goes to the rows
     in the same order, each combined with the remedies the baseline's findings name — after :data:`SLOW_KEYS`
     where the row removed the findings but the net did not learn — so that two remedies that each fall short
-    alone (a gated cell, and Adam) are tried together. At most ``most`` combinations, each added to ``tried``."""
+    alone (a gated cell, and Adam) are tried together. No combination changes one knob twice (:data:`SAME_KNOB`).
+    At most ``most`` combinations, each added to ``tried``."""
     targets = {f.kind for f in diagnosis.problems}
     overflow = step0_overflow(diagnosis)
 
@@ -172,6 +190,8 @@ def next_round(done: list[tuple[Remedy, TrialResult]], diagnosis: Diagnosis, cat
     def add(remedy: Remedy, c: Remedy) -> bool:
         parts = tuple(sorted(remedy.parts + c.parts))
         if parts in tried or len(todo) >= most or set(c.parts) & set(remedy.parts):
+            return False
+        if knobs(remedy.parts) & knobs(c.parts):  # a learning-rate cut on a cut, clipping on clipping
             return False
         todo.append(compose(remedy, c))
         tried.add(parts)
