@@ -376,11 +376,11 @@ def test_records_reach_the_store_in_batches_and_a_read_gets_every_step_so_far(st
     from gradwatch.watching import buffer as buffer_module
 
     monkeypatch.setattr(buffer_module, "SECONDS_PER_COPY", 600.0)  # a slow machine must not send early here
-    calls = []
-    original = store_module.StoreWriter.records
-    monkeypatch.setattr(store_module.StoreWriter, "records",
-                        lambda self, step, keys, values, ready=None: (calls.append(step),
-                                                                       original(self, step, keys, values, ready))[1])
+    calls, batches = [], []
+    original = store_module.StoreWriter.steps
+    monkeypatch.setattr(store_module.StoreWriter, "steps",
+                        lambda self, rows, ready=None: (calls.extend(step for step, _, _ in rows), batches.append(len(rows)),
+                                                        original(self, rows, ready))[1])
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = gw.watch(model, opt, store=store, name="batches")
@@ -390,7 +390,8 @@ def test_records_reach_the_store_in_batches_and_a_read_gets_every_step_so_far(st
     assert calls == list(range(10))
     _train(model, opt, w, 40, seed=1)
     w.close()
-    assert calls == list(range(50))  # one hand-over per step, in order
+    assert calls == list(range(50))  # every step once, in order
+    assert batches == [10, 32, 8]  # one hand-over per batch: the read's, a full batch, the close's
     assert sampled_steps(w.open(), "loss", "run") == list(range(50))
 
 

@@ -301,3 +301,33 @@ def test_callback_bad_arguments(framework, kwargs, error, message, store, nothin
     with pytest.raises(error, match=message):
         callback(**{"store": store, **kwargs})
     assert not store.exists()
+
+
+def test_log_keeps_each_tensor_dtype_exactly(model, store):
+    """Tensors of any dtype are kept as logged (float16, bfloat16 and float32 as they are until their batch is sent,
+    integers cast): the stored values are the tensors' own, read back as float64 — the reference is ``float(t)``."""
+    logged = {"f32": torch.tensor(0.1), "f16": torch.tensor(0.1, dtype=torch.float16),
+              "bf16": torch.tensor([0.1], dtype=torch.bfloat16), "f64": torch.tensor(1 / 3, dtype=torch.float64),
+              "i64": torch.tensor(7), "grad": torch.tensor(2.5, requires_grad=True) * 1.1}
+    with gw.watch(model, store=store, name="dtypes") as w:
+        model(torch.randn(2, 3)).sum().backward()
+        w.log(**logged)
+    with w.open() as run:
+        for name, value in logged.items():
+            assert run.series(name, "run").values.tolist() == [[float(value)]], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_keeps_the_value_of_a_running_total_changed_in_place(model, store, dtype):
+    """``total += loss`` changes the logged tensor in place after log(): each step keeps the value it logged."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    total = torch.zeros((), dtype=dtype)
+    with gw.watch(model, opt, store=store, name="total") as w:
+        for step in range(4):
+            opt.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+            total += step + 1
+            w.log(total=total)
+    with w.open() as run:
+        assert run.series("total", "run").values[0].tolist() == [1.0, 3.0, 6.0, 10.0]

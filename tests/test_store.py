@@ -111,14 +111,16 @@ def test_writes_happen_off_the_training_thread(store, monkeypatch):
 
 
 def test_one_host_copy_per_recorded_step(store, monkeypatch):
-    """Every value of a step reaches the writer as one tensor, not one .item() per parameter."""
+    """Every value of a step reaches the writer as one tensor, not one .item() per parameter; the steps of a batch
+    in one hand-over."""
     from gradwatch import store as store_mod
 
     calls = []
-    original = store_mod.StoreWriter.records
-    monkeypatch.setattr(store_mod.StoreWriter, "records",
-                        lambda self, step, keys, values, ready=None: (calls.append((step, values.numel())),
-                                                                       original(self, step, keys, values, ready))[1])
+    original = store_mod.StoreWriter.steps
+    monkeypatch.setattr(store_mod.StoreWriter, "steps",
+                        lambda self, rows, ready=None: (calls.extend((step, len(keys), values.numel(), values.dim())
+                                                                     for step, keys, values in rows),
+                                                        original(self, rows, ready))[1])
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gw.watch(model, opt, activations=1, update_every=1, store=store, name="one") as w:
@@ -127,6 +129,7 @@ def test_one_host_copy_per_recorded_step(store, monkeypatch):
             model(torch.randn(4, 3)).sum().backward()
             opt.step()
     assert [c[0] for c in calls] == [0, 1, 2]
+    assert all(n_keys == n_values and dim == 1 for _, n_keys, n_values, dim in calls)
     assert at_step(w.open(), "grad_norm", 2)
 
 

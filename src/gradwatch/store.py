@@ -215,6 +215,11 @@ class StoreWriter:
         """
         self._put("records", (step, keys, values, ready))
 
+    def steps(self, rows: list[tuple[int, np.ndarray, Any]], ready: Callable[[], None] | None = None) -> None:
+        """Queue many steps' values at once, ``rows`` of (step, keys, values) as :meth:`records` takes them: one
+        hand-over to the writer thread (one wake-up of it) for a batch of steps, not one per step."""
+        self._put("steps", (rows, ready))
+
     def flush(self) -> None:
         """Block until everything queued so far is committed."""
         self._queue.join()
@@ -284,6 +289,13 @@ class StoreWriter:
 
     def _write_depths(self, rows: list[tuple[int, int]]) -> None:
         self._con.executemany("UPDATE entities SET depth = ? WHERE id = ?", [(d, i) for i, d in rows])
+
+    def _write_steps(self, payload: tuple) -> None:
+        rows, ready = payload
+        if ready is not None:
+            ready()
+        for step, keys, values in rows:
+            self._write_records((step, keys, values, None))
 
     def _write_records(self, payload: tuple) -> None:
         """One step's values as one packed row; its layout is written the first time it is seen."""

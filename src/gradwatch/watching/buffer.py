@@ -9,7 +9,7 @@ until ``STEPS_PER_COPY`` of them are ready, or ``SECONDS_PER_COPY`` have
 passed, or someone reads the store; then their records are derived,
 concatenated (each step's values contiguous) and copied to the host once
 (non-blocking, into pinned memory, on a GPU), and handed to the store's writer
-thread, one hand-over per step. Nothing here reads a value on the host.
+thread in one hand-over. Nothing here reads a value on the host.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class StepBuffer:
         self._since = 0.0  # when the oldest ready step became ready
         self._key_cache: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
         self._derived_keys: dict[tuple[int, int], np.ndarray] = {}  # (id of a derive, its layout) -> keys
+        self._scalar_keys: dict[tuple[int, int], np.ndarray] = {}  # (entity, quantity) -> keys of a run-level scalar
+        # Key arrays kept for the buffer's life (the caches' values): their ids are never reused, so a step's keys
+        # made only of these are concatenated once per layout (a step that logs the loss beside its gradients).
+        self._kept: set[int] = set()
+        self._joined: dict[tuple[int, ...], np.ndarray] = {}
         self.held: int | None = None  # the step that ended, its values pending until the next forward pass
 
     # -- queueing ------------------------------------------------------------------------
@@ -73,6 +78,13 @@ class StepBuffer:
         keys = np.stack([np.full(n, entity), np.full(n, self._writer.quantity(quantity)), np.asarray(pos)], axis=1)
         self.add_keyed(keys, values)
 
+    def add_scalar(self, entity: int, quantity: int, value: Tensor) -> None:
+        """Queue one run-level value (a one-element tensor, any float dtype: the batch is cast once when sent)."""
+        keys = self._scalar_keys.get((entity, quantity))
+        if keys is None:
+            keys = self._scalar_keys[(entity, quantity)] = self._keep(np.array([[entity, quantity, -1]]))
+        self._pending.append((keys, value.reshape(1)))
+
     def add_keyed(self, keys: np.ndarray, values: Tensor) -> None:
         """Queue values for this step's records; ``keys`` is (n, 3): entity, quantity, pos (−1: none)."""
         self._pending.append((keys, values if values.dim() == 1 else values.reshape(-1)))
@@ -83,7 +95,25 @@ class StepBuffer:
         keys = self._key_cache.get(key)
         if keys is None:
             ids = self._ids[kind][list(index)]
-            keys = self._key_cache[key] = np.stack([ids, np.full(len(ids), quantity), np.full(len(ids), -1)], axis=1)
+            keys = self._key_cache[key] = self._keep(
+                np.stack([ids, np.full(len(ids), quantity), np.full(len(ids), -1)], axis=1))
+        return keys
+
+    def _keep(self, keys: np.ndarray) -> np.ndarray:
+        """``keys``, kept for the buffer's life (see ``_joined``)."""
+        self._kept.add(id(keys))
+        return keys
+
+    def _join(self, parts: list[np.ndarray]) -> np.ndarray:
+        """One step's keys from its items' keys: concatenated once per layout where every part is kept."""
+        if len(parts) == 1:
+            return parts[0]
+        layout = tuple(map(id, parts))
+        if not self._kept.issuperset(layout):
+            return np.concatenate(parts)
+        keys = self._joined.get(layout)
+        if keys is None:
+            keys = self._joined[layout] = self._keep(np.concatenate(parts))
         return keys
 
     # -- sending -------------------------------------------------------------------------
@@ -122,6 +152,7 @@ class StepBuffer:
             values = table.reshape(-1)
             spans = [(step, keys) for step, _ in ready]
         else:
+            rows = [table.unbind(0) for _, table in tables]  # one call per table, not an index per step
             pieces: list[Tensor] = []
             spans = []
             for j, (step, items) in enumerate(ready):
@@ -129,13 +160,13 @@ class StepBuffer:
                 for i, item in enumerate(items):
                     if isinstance(item, Pending):
                         t, r = derived[(j, i)]
-                        k, v = tables[t][0], tables[t][1][r]
+                        k, v = tables[t][0], rows[t][r]
                     else:
                         k, v = item
                     parts.append(k)
                     pieces.append(v)
-                spans.append((step, np.concatenate(parts) if len(parts) > 1 else parts[0]))
-            values = torch.cat(pieces)
+                spans.append((step, self._join(parts)))
+            values = torch.cat(pieces)  # (mixed float dtypes promote; the batch is cast to float64 below)
         values = values.to(torch.float64)
         ready_fn = None
         if values.is_cuda:  # pinned memory, non-blocking: the step never waits for the copy
@@ -147,9 +178,9 @@ class StepBuffer:
             values = host
         elif values.device.type != "cpu":
             values = values.cpu()
-        # one split (a C loop) instead of a Python slice per step; each step's values are contiguous
-        for (step, step_keys), step_values in zip(spans, values.split([len(k) for _, k in spans])):
-            self._writer.records(step, step_keys, step_values, ready_fn)
+        # one split (a C loop) instead of a Python slice per step; each step's values are contiguous; one hand-over
+        self._writer.steps([(step, step_keys, step_values) for (step, step_keys), step_values
+                            in zip(spans, values.split([len(k) for _, k in spans]))], ready_fn)
 
     def _derive(self, ready: list[tuple[int, list[Item]]]
                 ) -> tuple[list[tuple[np.ndarray, Tensor]], dict[tuple[int, int], tuple[int, int]]]:
@@ -176,8 +207,8 @@ class StepBuffer:
             layout = (id(derive), table.shape[1])
             keys = self._derived_keys.get(layout)
             if keys is None:
-                keys = self._derived_keys[layout] = np.concatenate(
-                    [self._keys(kind, index, self._writer.quantity(q)) for kind, index, q, _ in parts])
+                keys = self._derived_keys[layout] = self._keep(np.concatenate(
+                    [self._keys(kind, index, self._writer.quantity(q)) for kind, index, q, _ in parts]))
             where.update((a, (len(tables), r)) for r, a in enumerate(at))
             tables.append((keys, table))
         return tables, where

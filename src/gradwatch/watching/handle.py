@@ -118,13 +118,18 @@ class Watch:
             if isinstance(value, Tensor):
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
-                value = value.detach().reshape(()).to(self._steps.device, torch.float64)
+                # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
+                # float dtype: its batch of steps is cast to float64 in one call when sent
+                value = value.detach()
+                if value.device != self._steps.device or not value.is_floating_point():
+                    value = value.to(self._steps.device, torch.float64)
+                else:
+                    value = value.clone()
             elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):  # numpy scalars too
                 value = torch.tensor(float(value), dtype=torch.float64, device=self._steps.device)
             else:
                 raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
-            if self._failed is None:
-                self._steps.add_scalar(key, value)
+            self._run_guarded(self._steps.add_scalar, key, value)
 
     def flush(self) -> None:
         """Wait until every record so far is in the store."""

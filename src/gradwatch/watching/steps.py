@@ -244,7 +244,7 @@ class StepRecorder:
 
     def add_scalar(self, name: str, value: Tensor) -> None:
         """A run-level scalar for the step in progress, or for the step held until the next forward pass."""
-        self.buffer.add_keyed(np.array([[self._writer.entity(name, "run"), self._writer.quantity(name), -1]]), value)
+        self.buffer.add_scalar(self._writer.entity(name, "run"), self._writer.quantity(name), value)
 
     def _mark_skipped(self) -> None:
         self.add_scalar("skipped_step", torch.tensor(1.0, dtype=torch.float64, device=self.device))
