@@ -580,6 +580,21 @@ def test_iterative_repair_follows_what_a_remedy_brought(monkeypatch):
     assert rows[("swap_overflow", "rezero")].verdict == "fixes it" and report.best is rows[("swap_overflow", "rezero")]
 
 
+def test_the_baseline_names_each_kind_of_finding_once(monkeypatch):
+    """Two exploding findings (two groups of layers, as a word-level LSTM's embedding and decoder showed) read
+    "findings: exploding", not "exploding, exploding"."""
+    monkeypatch.setattr(catalogue, "catalog", lambda: {})
+
+    def run(make, seed, steps, store, name, remedy, numbers):
+        twice = [_finding("exploding", "clip_norm"), _finding("exploding", "clip_norm", steps=(9, 40)),
+                 _finding("vanishing", "relu")]
+        return trial_run.TrialRun([2.0] * steps, math.nan, ["exploding", "vanishing"], Diagnosis(twice))
+
+    monkeypatch.setattr(trial_run, "run_trial", run)
+    report = gw.doctor(lambda seed: None, steps=5, progress=False)  # type: ignore[arg-type, return-value]
+    assert report.baseline.verdict == "findings: exploding, vanishing", str(report)
+
+
 def test_next_round_widens_the_most_promising_row_only(monkeypatch):
     """The row with the fewest findings left is combined with every remedy they name (as the baseline was in
     round 1); each other row with its first untried one; a combination already tried is skipped; ``most`` caps it."""

@@ -216,7 +216,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         todo = catalogue.next_round(done, diagnosis, catalog, tried)
         if not todo:
             break
-    base.verdict = f"findings: {', '.join(f.kind for f in diagnosis.problems)}"
+    base.verdict = f"findings: {', '.join(dict.fromkeys(f.kind for f in diagnosis.problems))}"  # each kind once
     fixed = [t for t in report.trials if t.verdict == "fixes it"]
     key = (lambda t: -t.score) if math.isfinite(base.score) else (lambda t: t.final_loss)
     if fixed:

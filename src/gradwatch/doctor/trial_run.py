@@ -59,5 +59,5 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
             losses.append(float(loss))
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose()
-    return TrialRun(losses, score, [f.kind for f in diagnosis.problems], diagnosis, null,
+    return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
                     bool(getattr(trial, "judge_by_score", False)))
