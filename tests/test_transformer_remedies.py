@@ -203,12 +203,15 @@ def test_z_loss_against_its_closed_form():
         with_z_loss(ce, coef=0)
 
 
-def _regression(scale_at: int | None, skip: bool, steps: int = 40, nan_at: int | None = None):
-    """SGD on a linear regression; the batch of step ``scale_at`` scaled ×1000 (its gradient ×~10⁶)."""
+def _regression(scale_at: int | None, skip: bool, steps: int = 40, nan_at: int | None = None,
+                warmup_after: bool = False):
+    """SGD on a linear regression; the batch of step ``scale_at`` scaled ×1000 (its gradient ×~10⁶).
+    ``warmup_after``: a LinearLR warm-up made after the skip (it wraps ``optimizer.step`` again), stepped each step."""
     torch.manual_seed(0)
     model = nn.Linear(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     handle = skip_step_on_spike(opt) if skip else None
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=10) if warmup_after else None
     g = torch.Generator().manual_seed(1)
     w_true = torch.randn(8, 1, generator=g)
     for i in range(steps):
@@ -223,6 +226,8 @@ def _regression(scale_at: int | None, skip: bool, steps: int = 40, nan_at: int |
         loss.backward()
         if handle is not None or i != scale_at:  # the reference simply leaves that step out
             opt.step()
+        if sched is not None:
+            sched.step()
     return model, handle
 
 
@@ -239,3 +244,15 @@ def test_skip_step_skips_exactly_the_injected_outlier():
     opt = handle.optimizer
     handle.remove()
     assert "step" not in vars(opt)  # the class's own step again
+
+
+def test_skip_step_under_a_scheduler_made_after_it():
+    """Bug (the doctor's skip-step + warm-up rows, on a regression with raw targets): an LR scheduler made after
+    skip_step_on_spike rewraps ``optimizer.step`` and calls its function with the optimizer as ``self``; the skip's
+    step read ``self._params`` off the SGD object and raised AttributeError. The reference: the same warm-up without
+    the skip, leaving the outlier's step out by hand."""
+    skipped_model, handle = _regression(scale_at=25, skip=True, warmup_after=True)
+    reference, _ = _regression(scale_at=25, skip=False, warmup_after=True)
+    assert handle.skipped == [25] and handle.calls == 40
+    for p, q in zip(skipped_model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)

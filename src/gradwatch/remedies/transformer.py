@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from collections import deque
 from typing import Any, Callable
 
@@ -326,7 +327,12 @@ class SkipStep:
         self._step = optimizer.step
         # an LR scheduler may already have wrapped step as an instance attribute: remove() puts that back
         self._own = vars(optimizer).get("step")
-        optimizer.step = self._guarded_step  # type: ignore[method-assign]
+        # bound to the optimizer, not to this handle: an LR scheduler made later wraps ``step.__func__`` and calls it
+        # with the optimizer as its first argument
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            return self._guarded_step(*args, **kwargs)
+
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
 
     def outlier(self, norm: float) -> bool:
         """Non-finite, or above the median of the window by ``z_above`` robust SDs and by a factor ``ratio_above``."""
