@@ -5,6 +5,7 @@ Every set-up is built here; every remedy is checked on a model built for it, aga
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 from types import SimpleNamespace
@@ -217,6 +218,57 @@ def test_input_standardisation_is_fitted_on_the_batches_and_leaves_them_unchange
     assert fitted.mean(0).abs().max() < 1e-4 and (fitted.std(0) - 1).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("loss_fn", [nn.functional.mse_loss, nn.L1Loss()], ids=["mse", "l1"])
+def test_target_standardisation_trains_as_on_standardised_targets_and_reports_the_users_loss(loss_fn):
+    """Bug (DeepLocalize's SO 52800582, y = x⁴ up to 10⁸): nothing in the catalogue acted on the targets' scale.
+    The reference: the same net trained in a plain loop on (y − mean)/std, mean and std those of the 8 batches the
+    remedy peeked at. Same parameters step by step (the batches were put back); the trial's loss is the user's,
+    on mean + std·output against the raw targets."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, generator=g)
+    y = 500 + 300 * (x @ torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 1.0]])) ** 2  # two outputs, raw units
+
+    def make(lr: float) -> Trial:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+        return Trial(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), _batches(x, y, 32, 0), loss_fn)
+
+    trial = _one("standardise_targets").apply(make(0.05), {})
+    assert trial is not None
+    peeked = [yb for _, yb in itertools.islice(_batches(x, y, 32, 0), 8)]
+    mean, std = torch.cat(peeked).mean(0), torch.cat(peeked).std(0)
+    torch.testing.assert_close(trial.model.mean, mean) and torch.testing.assert_close(trial.model.std, std)
+    ref = make(0.05)
+    stream = _batches(x, y, 32, 0)
+    for _ in range(30):
+        xb, yb = next(stream)
+        got = trial.step()
+        out = ref.model(xb)
+        torch.testing.assert_close(got, loss_fn(mean + std * out.detach(), yb), rtol=1e-4, atol=0)  # the user's loss
+        want = ref.loss_fn(out, (yb - mean) / std)
+        ref.optimizer.zero_grad()
+        want.backward()
+        ref.optimizer.step()
+        for p, q in zip(trial.model.model.parameters(), ref.model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        xb = x[:5]
+        torch.testing.assert_close(trial.model(xb), mean + std * ref.model(xb), rtol=1e-4, atol=1e-3)
+
+
+def test_target_standardisation_applies_to_regression_on_raw_targets_only():
+    x = torch.randn(256, 3)
+    raw = _trial(nn.Linear(3, 1), x, 200 + 50 * torch.randn(256, 1))
+    unit = _trial(nn.Linear(3, 1), x, torch.randn(256, 1))
+    labels = Trial(nn.Linear(3, 4), torch.optim.SGD(nn.Linear(3, 4).parameters(), lr=0.1),
+                   _batches(x, 200 * torch.ones(256, dtype=torch.long), 32, 0), nn.functional.cross_entropy)
+    own_loss = _trial(nn.Linear(3, 1), x, 200 + 50 * torch.randn(256, 1))
+    own_loss.loss_fn = lambda out, y: ((out - y) ** 4).mean()  # a loss whose gradient's scale it cannot know
+    remedy = _one("standardise_targets")
+    assert remedy.apply(raw, {}) is not None
+    assert remedy.apply(unit, {}) is None and remedy.apply(labels, {}) is None and remedy.apply(own_loss, {}) is None
+
+
 class Exp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x)
@@ -237,7 +289,7 @@ def test_activation_swap_for_forward_overflow_and_no_learning_rate_remedies_at_s
         assert torch.isfinite(trial.model(x)).all()
     at_step0 = Diagnosis([_finding("nonfinite", "lower_lr", "clip_norm", "check_data", steps=(0, 40))])
     later = Diagnosis([_finding("nonfinite", "lower_lr", "clip_norm", "check_data", steps=(12, 40))])
-    assert catalogue.candidate_keys(at_step0) == ["standardise_inputs", "swap_overflow"]
+    assert catalogue.candidate_keys(at_step0) == ["standardise_inputs", "standardise_targets", "swap_overflow"]
     assert {"lower_lr", "warmup", "clip_norm", "clip_lower_lr"} <= set(catalogue.candidate_keys(later))
 
 
@@ -728,6 +780,49 @@ def test_doctor_repairs_step0_overflow_by_the_activation_not_the_learning_rate()
         trial = swap.apply(_nine_exps(seed), {})
         curve = [float(trial.step()) for _ in range(steps)]
         assert sum(curve[-30:]) / 30 <= 0.5 * curve[0]
+
+
+def _raw_targets(seed: int) -> Trial:
+    """A ReLU MLP regressing targets of mean 250 and spread ~60 in their raw units, SGD 0.01 with momentum: the
+    squared error's gradient is thousands of times a unit target's, and the run reaches NaN (SO 63333466's bug)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1024, 8, generator=g)
+    y = 250 + 80 * torch.tanh(x @ torch.randn(8, 1, generator=g)) + 20 * torch.sin(2 * x[:, :1])
+    held_x, held_y = x[768:], y[768:]
+
+    @torch.no_grad()
+    def r2(model: nn.Module) -> float:
+        return float(1 - ((model(held_x) - held_y) ** 2).mean() / held_y.var())
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), _batches(x[:768], y[:768], 32, seed),
+                 nn.functional.mse_loss, evaluate=r2)
+
+
+@pytest.mark.zoo
+def test_doctor_repairs_a_regression_on_raw_targets_by_standardising_them():
+    """The finding names the targets' scale (a first loss in the tens of thousands), and the doctor's best remedy is
+    target standardisation, on seeds 0–2; the reference: each seed trained in a plain loop on (y − mean)/std."""
+    steps = 150
+    report = gw.doctor(_raw_targets, steps=steps, seeds=3, progress=False)
+    exploding = report.diagnosis.of("exploding")
+    assert exploding and "standardise_targets" in exploding[0].remedy_keys and "the loss starts at" in exploding[0].cause
+    assert report.best is not None and report.best.parts == ("standardise_targets",), str(report)
+    assert report.best.score > 0.8 and not math.isfinite(report.baseline.final_loss), str(report)
+    for seed in range(3):
+        peeked = [yb for _, yb in itertools.islice(_raw_targets(seed).batches, 8)]  # what the remedy fits on
+        trial = _raw_targets(seed)
+        mean, std = torch.cat(peeked).mean(0), torch.cat(peeked).std(0)
+        curve = []
+        for _ in range(steps):
+            xb, yb = next(trial.batches)
+            loss = nn.functional.mse_loss(trial.model(xb), (yb - mean) / std)
+            trial.optimizer.zero_grad()
+            loss.backward()
+            trial.optimizer.step()
+            curve.append(float(loss) * float(std) ** 2)  # on the user's scale
+        assert math.isfinite(curve[-1]) and sum(curve[-15:]) / 15 <= 0.5 * curve[0]
 
 
 def test_the_nonsaturating_loss_applies_to_any_trial_that_says_it_is_a_gan():

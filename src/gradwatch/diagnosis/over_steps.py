@@ -71,10 +71,14 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
                                                               if grown else ""))
     peak = float(np.nanmax(np.where(finite, total, np.nan)))
     calm_phase = len(calm_idx) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
+    first_loss = _first_loss(run)
+    large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
     if math.isfinite(clip) and calm_phase:
         clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
                     f"clip_grad_norm_(params, max_norm={sci(clip)}) (Pascanu et al. 2013), which would have held every one of these steps",)
-        fixes = clipping + remedies("lower_lr", "norm")
+        fixes = clipping + remedies("lower_lr", *(["standardise_targets"] if large_loss else []), "norm")
+    elif large_loss:  # no calm phase, and a loss in the hundreds or more from the first step
+        fixes = remedies("smaller_init", "standardise_targets", "lower_lr", "clip_norm", "norm")
     else:  # no calm phase before it: the scale itself is wrong (a divergence within the first steps)
         fixes = remedies("smaller_init", "lower_lr", "clip_norm", "norm")
     peak_step = int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
@@ -92,6 +96,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         summary=summary,
         evidence="; ".join(parts) + ".",
         cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_phase
+        else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
+             "the weights, or of the targets (a squared error on targets in their raw units)" if large_loss
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",
         remedies=fixes,
         numbers={"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)),
@@ -99,6 +105,18 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
                  **({"onset": float(steps[ramps[0][0]])} if ramps else {})},
         sources=(_total_source(steps),),
     )]
+
+
+LOSS_SCALE_ABOVE = 100.0  # a first loss above this: no classification loss starts there, a squared error on raw targets does
+
+
+def _first_loss(run: Run) -> float:
+    """The first finite logged loss (NaN when none is logged)."""
+    if "loss" not in run.quantities:
+        return math.nan
+    values = run.series("loss", "run").values[0]
+    finite = values[np.isfinite(values)]
+    return float(finite[0]) if len(finite) else math.nan
 
 
 RAMP_Z_ABOVE = 3.5  # a step above the calm steps by this many robust standard deviations (1.4826 MAD) is off-calm

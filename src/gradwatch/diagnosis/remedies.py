@@ -25,6 +25,8 @@ REMEDIES = {
     "nonsaturating": "for a GAN generator, the non-saturating loss −log D(G(z)) (Goodfellow et al. 2014)",
     "param_groups": "check the optimizer's parameter groups: learning rate and weight decay of these layers",
     "standardise_inputs": "standardise the inputs (a normalisation layer at the input, fitted on the training batches)",
+    "standardise_targets": "standardise regression targets (train on (y − mean)/std, predict mean + std·output): "
+                           "a squared error on targets in the hundreds or more makes the gradient as large",
     "swap_overflow": "swap an overflowing activation (exp, softplus-like growth) for a bounded or ReLU-type one",
     "adam": "an adaptive optimiser (Adam) in place of plain SGD: its step does not shrink with the gradient's scale",
     "warmup": "learning-rate warm-up (torch.optim.lr_scheduler.LinearLR)",

@@ -57,7 +57,7 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "residual": ("residual", "fixup", "rezero", "pre_ln"),
     "orthogonal_init": ("orthogonal_init", "identity_init", "fixup", "rezero", "pre_ln", "warmup"),
     "smaller_init": ("smaller_init", "smaller_init_lower_lr", "standardise_inputs", "identity_init"),
-    "check_data": ("standardise_inputs", "swap_overflow"),
+    "check_data": ("standardise_inputs", "standardise_targets", "swap_overflow"),
     "leaky": ("leaky", "leaky_lower_lr"),
     "orthogonal_rnn": ("orthogonal_rnn", "identity_init"),
     "smaller_w_hh": ("orthogonal_rnn", "identity_init"),
@@ -112,6 +112,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "pre_ln": one("pre_ln", "Pre-LN (norm_first=True)", OnModel(s.pre_ln)),
         "norm": one("norm", "LayerNorm/BatchNorm before activations", s.norm),  # its score: s.PreciseBN
         "standardise_inputs": one("standardise_inputs", "input standardisation", s.standardise),
+        "standardise_targets": one("standardise_targets", "target standardisation", s.standardise_targets),
         "clip_norm": one("clip_norm", "gradient-norm clipping", s.clip),
         "clip_lower_lr": one("clip_lower_lr", "clipping + learning rate ×0.1", Chain((s.clip, tenth))),
         "lower_lr": [Remedy("lower_lr", "learning rate ×0.1", tenth),

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from gradwatch import remedies as r
 from gradwatch.trial import Trial, peek
@@ -131,6 +132,70 @@ def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))  # constant features: shift only
     trial.model = Standardised(Standardise(mean, std), trial.model)
     return trial
+
+
+# Regression losses whose gradient with respect to the output scales as a power of the targets' scale (MSE: σ²·,
+# L1: σ⁰·); the target standardisation applies to these only.
+_TARGET_POWER: dict[Any, int] = {F.mse_loss: 2, nn.MSELoss: 2, F.l1_loss: 1, nn.L1Loss: 1}
+TARGETS_OFF_SCALE = 10.0  # targets whose mean or standard deviation is beyond this get standardised
+
+
+def standardise_targets(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Train as if on standardised regression targets, ỹ = (y − mean)/std (statistics of the trial's next 8 batches).
+
+    The model's output o becomes a prediction mean + std·o (so the loss and the held-out score stay on the
+    user's scale), and its gradient is the standardised problem's: an MSE on targets in the millions has a
+    gradient a million times too large for any learning rate set for unit targets; Adam hides that, SGD does
+    not. Applies to an MSE or L1 loss (``F.mse_loss``, ``F.l1_loss`` or their modules) on float targets whose
+    mean or standard deviation is beyond :data:`TARGETS_OFF_SCALE`.
+    """
+    power = _TARGET_POWER.get(trial.loss_fn, _TARGET_POWER.get(type(trial.loss_fn)))
+    if power is None:
+        return None
+    pairs = [b for b in peek(trial, 8) if isinstance(b, (tuple, list)) and len(b) > 1]
+    ys = [b[1] for b in pairs if isinstance(b[1], torch.Tensor) and b[1].is_floating_point() and b[1].dim() >= 1]
+    if not ys or len(ys) < len(pairs):
+        return None
+    y = torch.cat(ys)  # (samples, *outputs)
+    mean, std = y.mean(0), y.std(0)
+    std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))
+    if not bool(((mean.abs() > TARGETS_OFF_SCALE) | (std > TARGETS_OFF_SCALE)).any()):
+        return None
+    trial.model = TargetScaled(trial.model, mean, std, power)
+    return trial
+
+
+class _Rescale(torch.autograd.Function):
+    """mean + std·o forward; backward std^(1−power)·grad (the standardised targets' gradient, not std× it)."""
+
+    @staticmethod
+    def forward(ctx: Any, o: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        return mean + std * o
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (back,) = ctx.saved_tensors
+        return grad * back, None, None, None
+
+
+class TargetScaled(nn.Module):
+    """The user's model predicting mean + std·output: trained as on standardised targets (:func:`standardise_targets`)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    back: torch.Tensor
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, power: int) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean)  # (*outputs)
+        self.register_buffer("std", std)
+        self.register_buffer("back", std ** (1 - power))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.model(x)
+        return _Rescale.apply(o, self.mean.to(o.dtype), self.std.to(o.dtype), self.back.to(o.dtype))
 
 
 def batch_dim(x: torch.Tensor, y: Any) -> int:
