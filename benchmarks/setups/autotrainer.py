@@ -97,6 +97,23 @@ def circle_relu_bn(seed: int) -> Trial:
     return _circle_trial(model, seed, opt="adam", lr=1e-2)
 
 
+def blob_tanh_al19(seed: int) -> Trial:
+    """Models_Blob.py ``model_al_19``: 17 × (Dense(5), tanh), the file's ``Activation('tanh')`` written twice after
+    the 14th, He-uniform kernels (a ReLU init on tanh) on the raw blob inputs: the first tanh saturates (52–70 %)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(17):
+        layers += [nn.Linear(2 if i == 0 else 5, 5), nn.Tanh()] + ([nn.Tanh()] if i == 13 else [])
+    return _blob_trial(init_linear(nn.Sequential(*layers, nn.Linear(5, 3)), he_uniform_keras), seed, lr=0.01)
+
+
+def circle_relu16(seed: int) -> Trial:
+    """Models_Circle.py ``model_8e28bdef``: 16 × (Dense(5), relu), He-uniform: a deep 5-wide ReLU stack whose units
+    die (Lu et al. 2020, "Dying ReLU and initialization"): on seed 1 the last ReLU layer is all dead at once."""
+    torch.manual_seed(seed)
+    return _circle_trial(init_linear(dense_stack(2, 5, 16, 1, nn.ReLU), he_uniform_keras), seed)
+
+
 class LeNetDeep(nn.Module):
     """Models_MNIST.py's LeNet-5 variants on 8×8 digits: two conv+pool stages, Dense(120), ``n_dense`` more dense layers."""
 
@@ -141,6 +158,8 @@ SETUPS = [
     BenchSetup("at_blob_exp", "nonfinite", 150, blob_exp, _SRC + "Models_Blob.py model_0b6f114d"),
     BenchSetup("at_circle_sigmoid", "vanishing", 200, circle_sigmoid, _SRC + "Models_Circle.py model_5ab0aeda"),
     BenchSetup("at_circle_relu_uniform", "vanishing", 200, circle_relu_uniform, _SRC + "Models_Circle.py model_8de47bdc"),
+    BenchSetup("at_blob_tanh", "saturation", 200, blob_tanh_al19, _SRC + "Models_Blob.py model_al_19"),
+    BenchSetup("at_circle_relu16", "dead_units", 200, circle_relu16, _SRC + "Models_Circle.py model_8e28bdef"),
     BenchSetup("at_lenet_sigmoid", "vanishing", 200, lenet_sigmoid, _SRC + "Models_MNIST.py model_2af630c4"),
     BenchSetup("at_lenet_relu_uniform", "vanishing", 200, lenet_relu_uniform, _SRC + "Models_MNIST.py tmp_lenet5"),
     BenchSetup("at_circle_selu", "healthy", 400, circle_selu,

@@ -144,6 +144,72 @@ def softmax_one_unit(seed: int) -> Trial:
     return Trial(model, opt, batches(x, y, 32, seed), nn.functional.binary_cross_entropy)
 
 
+def _x4(held_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SO 52800582's data: x = −100, −99.5, …, 99.5 and y = x⁴ (up to 10⁸), unscaled; held out: the midpoints."""
+    x = torch.arange(-99.75 if held_out else -100.0, 100.0, 0.5).reshape(-1, 1)
+    return x, x**4
+
+
+def _keras_dense_init(model: nn.Module) -> nn.Module:
+    """Keras's Dense defaults: glorot-uniform kernels, zero biases."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def _x4_trial(seed: int, fixed: bool) -> Trial:
+    torch.manual_seed(seed)
+    (x, y), (xt, yt) = _x4(False), _x4(True)
+    if fixed:  # the correct code: StandardScaler on x and on y (fitted on the training grid)
+        xm, xs, ym, ys = x.mean(), x.std(unbiased=False), y.mean(), y.std(unbiased=False)
+        x, xt, y, yt = (x - xm) / xs, (xt - xm) / xs, (y - ym) / ys, (yt - ym) / ys
+    model = _keras_dense_init(nn.Sequential(nn.Linear(1, 50), nn.ReLU() if fixed else nn.Sigmoid(), nn.Linear(50, 50),
+                                            nn.ELU(), nn.Linear(50, 1)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return Trial(model, opt, batches(x, y, len(x), seed), nn.functional.mse_loss, r_squared(xt, yt))
+
+
+def x4_raw(seed: int) -> Trial:
+    """SO 52800582 (buggy): fit y = x⁴ on x in [−100, 100) with Dense(50)+sigmoid, Dense(50)+ELU, Dense(1), MSE, Adam.
+
+    x and y are left unscaled (y up to 10⁸), full-batch steps at Keras's Adam 10⁻³: the loss stays at 1.1·10¹⁵
+    and the held-out R² at −0.56; the gradient neither vanishes across depth nor grows over the steps: what stops
+    learning is the targets' scale against Adam's ~10⁻³ steps. Keras → PyTorch, 1000 epochs → 300 steps, R² on
+    the grid's midpoints as the score.
+    """
+    return _x4_trial(seed, fixed=False)
+
+
+def x4_standardised(seed: int) -> Trial:
+    """SO 52800582 (correct code): x and y standardised (StandardScaler), ReLU for the sigmoid; R² 0.99."""
+    return _x4_trial(seed, fixed=True)
+
+
+def _keras_categorical_crossentropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Keras's ``categorical_crossentropy`` on an output that is not a softmax: rescaled to sum 1, clipped."""
+    p = (out / out.sum(1, keepdim=True)).clamp(1e-7, 1 - 1e-7)
+    return -(nn.functional.one_hot(y, out.shape[1]).float() * p.log()).sum(1).mean()
+
+
+def raw_pixels_sigmoid_out(seed: int) -> Trial:
+    """SO 55328966 (buggy): raw 0–255 pixels into Dense(784), Dense(50)+ReLU, Dense(10)+sigmoid, SGD 10⁻⁴.
+
+    Kept: the unscaled pixels, a linear first Dense of the input's width, a sigmoid output under Keras's
+    categorical cross-entropy (which rescales and clips it), SGD at 10⁻⁴, batch 32, glorot-uniform init. The 8×8
+    digits (×255/16) stand in for MNIST, so Dense(784) is Dense(64). The output sigmoids saturate (97–99 %);
+    held-out accuracy 0.03–0.12. The correct code divides by 255 and uses a softmax.
+    """
+    torch.manual_seed(seed)
+    x, y, xt, yt = digits("pixels")
+    model = _keras_dense_init(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 50), nn.ReLU(), nn.Linear(50, 10),
+                                            nn.Sigmoid()))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    return Trial(model, opt, batches(x, y, 32, seed), _keras_categorical_crossentropy, accuracy(xt, yt))
+
+
 _SO = "github Wardat-ISU/DeepLocalize, Benchmark/StackOverflow/"
 SETUPS = [
     BenchSetup("so_quadratic_lr", "dead_units", 150, quadratic_lr01, _SO + "48934338/Buggy Code/48934338.py"),
@@ -154,4 +220,8 @@ SETUPS = [
     BenchSetup("so_raw_tanh_fixed", "healthy", 200, standardised_tanh_regression,
                _SO + "33969059 (the answer: standardise the inputs)"),
     BenchSetup("so_softmax_one_unit", "stalled", 100, softmax_one_unit, _SO + "31880720/Buggy Code/31880720.py"),
+    BenchSetup("so_x4_raw", "fails", 300, x4_raw, _SO + "52800582/Buggy Code/untitled35.py"),
+    BenchSetup("so_x4_standardised", "healthy", 300, x4_standardised, _SO + "52800582/Correct Code/untitled35.py"),
+    BenchSetup("so_raw_pixels_sigmoid_out", "saturation", 300, raw_pixels_sigmoid_out,
+               _SO + "55328966/Buggy Code/55328966.py"),
 ]

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BenchSetup, Trial, digits_trial
+from .common import BenchSetup, Trial, batches, digits_trial
+from .deeplocalize import r_squared
 from .deep_mlps import mlp
 
 
@@ -105,6 +106,32 @@ def tied_inplace(seed: int) -> Trial:
     return digits_trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), seed, loss=loss)
 
 
+def _diabetes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled diabetes data: 10 features (centred and scaled by the file), target 25–346; 350 / 92."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32).reshape(-1, 1)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:350], y[:350], x[350:], y[350:]
+
+
+def raw_targets_sgd(seed: int) -> Trial:
+    """Stack Overflow 63333466 ("Is normalization necessary for regression problem in Neural Network?"): MSE on
+    targets left in their own units, trained by SGD, reaches NaN; the answers scale inputs and targets.
+
+    The question's private CSV → scikit-learn's diabetes data (target 25–346, unscaled); its one-layer net → a
+    10-64-64-1 ReLU MLP (PyTorch's default init), SGD 0.01, batch 32. The loss starts near 3·10⁴, reaches ~10¹⁰
+    within 20 steps, and then every ReLU of both hidden layers is dead; held-out R² −0.4 to −0.7.
+    """
+    torch.manual_seed(seed)
+    x, y, xt, yt = _diabetes()
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return Trial(model, opt, batches(x, y, 32, seed), F.mse_loss, r_squared(xt, yt))
+
+
 SETUPS = [
     BenchSetup("tanh_raw_pixels", "saturation", 200, tanh_raw_pixels, "LeCun et al. 1998, Efficient BackProp, §4.3"),
     BenchSetup("relu_high_lr", "dead_units", 200, relu_high_lr,
@@ -113,4 +140,6 @@ SETUPS = [
     BenchSetup("functional_relu_he", "healthy", 300, functional_relu_he, "PyTorch tutorials' functional style; He et al. 2015"),
     BenchSetup("functional_relu_lr", "exploding", 300, functional_relu_lr, "PyTorch tutorials' functional style, too-high rate"),
     BenchSetup("tied_inplace", "healthy", 300, tied_inplace, "Press & Wolf 2017, §3 (tied weights); torchvision (inplace ReLU)"),
+    BenchSetup("so_raw_targets_sgd", "exploding", 200, raw_targets_sgd,
+               "Stack Overflow 63333466 (MSE on unscaled regression targets, SGD), on scikit-learn's diabetes data"),
 ]

@@ -104,6 +104,47 @@ def gru_lm(seed: int) -> Trial:
     return _lm(seed, "gru")
 
 
+class ExampleLM(nn.Module):
+    """pytorch/examples ``word_language_model/model.py``'s RNNModel (LSTM): embedding, dropout, LSTM, dropout, decoder;
+    ``init_weights``: embedding and decoder U(±0.1), decoder bias 0. Batch-first; a zero hidden state per batch."""
+
+    def __init__(self, vocab: int, width: int, layers: int = 2, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab, width)
+        self.rnn = nn.LSTM(width, width, layers, dropout=dropout, batch_first=True)
+        self.decoder = nn.Linear(width, vocab)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.drop(self.encoder(tokens)))
+        return self.decoder(self.drop(out))
+
+
+def _example_lm(seed: int, clip: float | None) -> Trial:
+    torch.manual_seed(seed)
+    model = ExampleLM(50, 128)
+    opt = torch.optim.SGD(model.parameters(), lr=20.0)
+    if clip is not None:  # main.py clips between backward and the update
+        params = list(model.parameters())
+        opt.register_step_pre_hook(lambda o, a, k: (nn.utils.clip_grad_norm_(params, clip), None)[1])
+    return Trial(model, opt, markov_tokens(seed, 50, 35, 20), lm_loss, lm_score(seed, 50, 35))
+
+
+def example_lm_noclip(seed: int) -> Trial:
+    """pytorch/examples ``word_language_model/main.py`` at its default lr 20 (plain SGD, bptt 35, batch 20, 2 LSTM
+    layers, dropout 0.2) with ``--clip`` taken out: the gradient norm grows 10⁶–10¹⁰×. The corpus is a 50-token
+    Markov chain (nothing downloaded); width 200 → 128."""
+    return _example_lm(seed, clip=None)
+
+
+def example_lm_clip(seed: int) -> Trial:
+    """The same with main.py's default ``--clip 0.25``: it learns the chain (loss 3.9 → 0.87; the floor is ln 2)."""
+    return _example_lm(seed, clip=0.25)
+
+
 _PASCANU = "Pascanu, Mikolov & Bengio 2013, ICML, "
 SETUPS = [
     BenchSetup("pascanu_rnn_radius25", "exploding", 500, rnn_radius25, _PASCANU + "§2.1 eq. 7, §5.1 adding problem"),
@@ -111,4 +152,8 @@ SETUPS = [
                slow=True),
     BenchSetup("zaremba_lstm_lm", "healthy", 200, lstm_lm, "Zaremba, Sutskever & Vinyals 2014, §4 (small LSTM LM)"),
     BenchSetup("gru_lm", "healthy", 200, gru_lm, "Cho et al. 2014 (GRU) in Zaremba et al.'s LM, §4"),
+    BenchSetup("example_lm_noclip", "exploding", 200, example_lm_noclip,
+               "github pytorch/examples, word_language_model/main.py (lr 20, --clip removed)", slow=True),
+    BenchSetup("example_lm_clip", "healthy", 200, example_lm_clip,
+               "github pytorch/examples, word_language_model/main.py (lr 20, --clip 0.25)", slow=True),
 ]
