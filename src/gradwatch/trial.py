@@ -20,7 +20,10 @@ learning-rate schedule or the loss read what the trial says about itself:
   and ``model(inputs)`` is the forward pass. Input standardisation fits its
   statistics on the next batches, and the overflow, Fixup and deep-linear
   checks run the model on one; they read them with :func:`peek`, which puts
-  them back, so training sees the very same batches.
+  them back, so training sees the very same batches. Target standardisation
+  fits the targets' mean and spread the same way; it applies where ``loss_fn``
+  is ``F.mse_loss``, ``F.l1_loss`` or their modules, whose gradient's scale it
+  knows.
 - **schedule** — ``scheduler``: the trial's learning-rate scheduler, stepped
   after every optimizer step by an optimizer step post-hook (so a ``step()``
   of your own needs no change). The warm-up remedy leaves its ``LinearLR`` here.
