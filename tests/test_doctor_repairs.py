@@ -647,6 +647,30 @@ def test_the_baseline_names_each_kind_of_finding_once(monkeypatch):
     assert report.baseline.verdict == "findings: exploding, vanishing", str(report)
 
 
+def test_the_baseline_is_diagnosed_on_every_seed(monkeypatch):
+    """Bug (AUTOTRAINER's model_8e28bdef, 16 × 5-wide ReLU): seed 1's units all die, seed 0's do not, and the doctor,
+    which diagnosed seed 0's baseline alone, said "nothing to fix" with seeds=2. A kind of problem that any seed
+    shows is the doctor's target, and its remedies are tried; a fix must remove it on that seed too."""
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"leaky": [flag("leaky")]})
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+
+    def run(make, seed, steps, store, name, remedy, numbers):
+        trial = SimpleNamespace(flags=set())
+        if remedy is not None:
+            remedy.apply(trial, numbers)
+        if seed == 1 and "leaky" not in trial.flags:  # dead units on seed 1 only, unless LeakyReLU
+            return trial_run.TrialRun([0.7] * steps, math.nan, ["dead_units"], Diagnosis([_finding("dead_units", "leaky")]))
+        return trial_run.TrialRun([0.7] + [0.1] * (steps - 1), math.nan, [], Diagnosis([]))
+
+    monkeypatch.setattr(trial_run, "run_trial", run)
+    report = gw.doctor(lambda seed: None, steps=10, seeds=2, progress=False)  # type: ignore[arg-type, return-value]
+    assert report.diagnosis.kinds == ["dead_units"] and "seed 1" in report.diagnosis[0].evidence, str(report)
+    assert report.best is not None and report.best.parts == ("leaky",), str(report)
+    one = gw.doctor(lambda seed: None, steps=10, seeds=1, progress=False)  # type: ignore[arg-type, return-value]
+    assert one.message == "nothing to fix: the baseline has no findings"
+
+
 def test_next_round_widens_the_most_promising_row_only(monkeypatch):
     """The row with the fewest findings left is combined with every remedy they name (as the baseline was in
     round 1); each other row with its first untried one; a combination already tried is skipped; ``most`` caps it."""

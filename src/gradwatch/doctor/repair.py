@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import replace
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -132,6 +133,27 @@ def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, ro
             tmp.cleanup()
 
 
+_SEVERITY = {"critical": 0, "warning": 1, "info": 2}
+
+
+def _every_seed(diagnoses: list[Diagnosis]) -> Diagnosis:
+    """The baseline's diagnosis over its seeds: the first seed's findings, and each kind of problem that only a
+    later seed showed (a 5-wide ReLU stack whose units all die on seed 1, not on seed 0), most severe first. The
+    remedies are chosen for all of them, and a fix must remove them on every seed."""
+    first = diagnoses[0]
+    seen = {f.kind for f in first.problems}
+    extra = []
+    for seed, d in enumerate(diagnoses[1:], start=1):
+        for f in d.problems:
+            if f.kind not in seen:
+                seen.add(f.kind)
+                extra.append(replace(f, evidence=f"{f.evidence} (the baseline's seed {seed}; seed 0 did not show it)"))
+    if not extra:
+        return first
+    findings = sorted(first.findings + extra, key=lambda f: _SEVERITY.get(f.severity, 3))  # stable: order kept within
+    return Diagnosis(findings, first.run)
+
+
 def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
     """Where remedies removed the findings but no trial at all got clearly below a constant output's loss, the
     trials may be too short for the task to show learning (a long adding task needs ~1000 steps): say so."""
@@ -179,7 +201,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         report.message = f"the baseline failed ({base.error}): nothing to compare remedies against"
         return report
     # TrialRun.diagnosis, read by position as before: stand-ins for run_trial in tests return plain tuples
-    diagnosis = next(r.run[3] for r in results if isinstance(r, Outcome) and r.run is not None)
+    diagnosis = _every_seed([r.run[3] for r in results if isinstance(r, Outcome) and r.run is not None])
     report = DoctorReport(base, diagnosis, steps=steps, seeds=seeds)
     if not diagnosis.problems:
         base.verdict = "healthy"
