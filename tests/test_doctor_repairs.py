@@ -845,7 +845,7 @@ def test_doctor_repairs_a_regression_on_raw_targets_by_standardising_them():
             trial.optimizer.zero_grad()
             loss.backward()
             trial.optimizer.step()
-            curve.append(float(loss) * float(std) ** 2)  # on the user's scale
+            curve.append(float(loss.detach()) * float(std) ** 2)  # on the user's scale
         assert math.isfinite(curve[-1]) and sum(curve[-15:]) / 15 <= 0.5 * curve[0]
 
 
