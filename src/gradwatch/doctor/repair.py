@@ -2,7 +2,8 @@
 
 The doctor
 
-1. trains the baseline under a watch and diagnoses it;
+1. trains the baseline under a watch and diagnoses it, on every seed (a kind of problem that only a later seed
+   shows is a target too);
 2. picks the remedies that the findings' causes name (not all of them): each
    finding carries remedy keys, and each key brings the catalogue entries that
    act on that cause (:mod:`gradwatch.doctor.catalogue`);
