@@ -269,6 +269,74 @@ def test_target_standardisation_applies_to_regression_on_raw_targets_only():
     assert remedy.apply(unit, {}) is None and remedy.apply(labels, {}) is None and remedy.apply(own_loss, {}) is None
 
 
+def _scheduled(lr: float = 0.03, groups: int = 2) -> Trial:
+    """A small Transformer-free set-up with a schedule of the user's own: LambdaLR decaying as 1/(1 + t/10), two
+    parameter groups (body, head)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    params = [{"params": model[0].parameters()}, {"params": model[2].parameters()}][:groups]
+    opt = torch.optim.SGD(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / 10))
+    x, y = torch.randn(256, 4), torch.randn(256, 1)
+    return Trial(model, opt, _batches(x, y, 32, 0), nn.functional.mse_loss, scheduler=sched)
+
+
+def _rates(trial: Trial, steps: int = 6) -> list[float]:
+    """Every group's rate after each of ``steps`` training steps, step by step, flat."""
+    out = []
+    for _ in range(steps):
+        trial.step()
+        out += [g["lr"] for g in trial.optimizer.param_groups]
+    return out
+
+
+def test_learning_rate_remedies_scale_the_users_whole_schedule():
+    """Bug (a post-LN Transformer with the user's LambdaLR): "learning rate ×0.1" cut the current rate, and the
+    LambdaLR set base·λ(t) again at the next step — the cut was gone after one step, and the row said "no change".
+    The reference: the same set-up written with the lower rate."""
+    for key, factor in (("lower_lr", 0.1), ("clip_lower_lr", 0.1), ("smaller_init_lower_lr", 0.1)):
+        got = _rates(_one(key).apply(_scheduled(), {"clip_at": 1.0}))
+        want = _rates(_scheduled(lr=0.03 * factor))
+        assert got == pytest.approx(want, rel=1e-12), key
+    unified = _scheduled()
+    unified.optimizer.param_groups[1]["lr"] = unified.scheduler.base_lrs[1] = 0.0003  # a head left at a tiny rate
+    assert _rates(_one("param_groups").apply(unified, {})) == pytest.approx(_rates(_scheduled()), rel=1e-12)
+
+
+def test_warm_up_comes_before_the_users_schedule_not_on_top_of_it():
+    """Bug: a LinearLR stepped beside the user's LambdaLR compounded with it (the "warm-up" started at 2.6× the
+    base rate). Now: the warm-up's steps, then the user's schedule from its start (SequentialLR), by formula."""
+    steps = 50
+    trial = _one("warmup").apply(_scheduled(), {"doctor_steps": float(steps)})
+    k = steps // 5
+    got = _rates(trial, 2 * k)[::2]  # the first group's
+    warm = [0.03 * (0.01 + 0.99 * min(t, k) / k) for t in range(1, k)]
+    after = [0.03 / (1 + t / 10) for t in range(0, k + 1)]
+    assert got == pytest.approx(warm + after, rel=1e-9)
+
+
+def test_remedies_that_change_the_optimizer_keep_the_users_schedule():
+    """Bug: a remedy that adds parameters (Pre-LN's final norm, σReparam, normalisation layers) added a parameter
+    group the user's LambdaLR did not know — "ValueError: zip() argument 2 is shorter than argument 1" at the first
+    step — and Adam in place of SGD left the schedule on the old optimizer: constant rates. Now the new parameters
+    join the first group, and a new optimizer takes the schedule over, relative to its own rates."""
+    trial = _scheduled()
+    had = {id(p) for p in trial.model.parameters()}
+    trial = _one("norm").apply(trial, {})
+    inserted = {id(p) for p in trial.model.parameters()} - had
+    assert inserted and inserted <= {id(p) for p in trial.optimizer.param_groups[0]["params"]}
+    assert _rates(trial) == pytest.approx(_rates(_scheduled()), rel=1e-12)  # no error; the user's schedule
+    adam = _one("adam").apply(_scheduled(), {})
+    assert type(adam.optimizer) is torch.optim.Adam and adam.scheduler.optimizer is adam.optimizer
+    assert _rates(adam)[::2] == pytest.approx([1e-2 / (1 + t / 10) for t in range(1, 7)], rel=1e-9)
+    removed = _scheduled()
+    before = {id(p) for p in removed.model.parameters()}
+    removed.model[2] = nn.Linear(8, 1)  # a structural change that drops parameters and brings new ones
+    surgery.rebuild_optimizer(removed, before)
+    assert len(removed.optimizer.param_groups) == 2 and removed.scheduler.optimizer is removed.optimizer
+    assert _rates(removed) == pytest.approx(_rates(_scheduled()), rel=1e-12)
+
+
 class Exp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x)
@@ -314,7 +382,9 @@ def test_pre_ln_conversion_matches_a_norm_first_layer():
     before = len(trial.optimizer.param_groups)
     trial = _one("pre_ln").apply(trial, {})
     assert all(layer.norm_first for layer in post.layers) and dec.norm_first
-    assert isinstance(post.norm, nn.LayerNorm) and len(trial.optimizer.param_groups) == before + 1  # the final norm trains
+    assert isinstance(post.norm, nn.LayerNorm) and len(trial.optimizer.param_groups) == before  # no new group, and
+    optimised = {id(p) for g in trial.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in post.norm.parameters()} <= optimised  # the final norm trains (in the first group)
     reference = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
     reference.load_state_dict(post.layers[0].state_dict())
     x = torch.randn(4, 5, 16)

@@ -26,7 +26,10 @@ learning-rate schedule or the loss read what the trial says about itself:
   knows.
 - **schedule** — ``scheduler``: the trial's learning-rate scheduler, stepped
   after every optimizer step by an optimizer step post-hook (so a ``step()``
-  of your own needs no change). The warm-up remedy leaves its ``LinearLR`` here.
+  of your own needs no change). The remedies keep it: a lower learning rate
+  scales the whole schedule, the warm-up's ``LinearLR`` runs before it
+  (``SequentialLR``; without one it stands alone, left here), parameters a
+  remedy adds join the first group, and Adam in place of SGD takes it over.
 - **loss** — a GAN says so with a boolean attribute ``nonsaturating`` that its
   own ``step()`` reads: ``False`` trains the generator on Goodfellow et al.
   (2014)'s minimax loss log(1 − D(G(z))), ``True`` on the non-saturating
@@ -52,7 +55,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -73,11 +76,21 @@ class Trial:
     evaluate: Callable[[nn.Module], float] | None = None  # held-out score (higher is better), if the task has one
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every optimizer step
     judge_by_score: bool = False  # the loss does not show learning (a GAN's): the doctor reads ``evaluate`` alone
+    _stepping: Any = field(default=None, init=False, repr=False, compare=False)  # the hook that steps ``scheduler``
 
     def __post_init__(self) -> None:
-        if self.scheduler is not None:  # a post-hook, so that a subclass's own step() runs it too
-            scheduler = self.scheduler
-            self.optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
+        if self.scheduler is not None:
+            self.step_scheduler(self.scheduler)
+
+    def step_scheduler(self, scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+        """Step ``scheduler`` (it becomes ``self.scheduler``) after every step of ``self.optimizer``, in place of the
+        one stepped so far: an optimizer step post-hook, so that a subclass's own step() runs it too."""
+        if self._stepping is not None:
+            self._stepping.remove()
+            self._stepping = None
+        self.scheduler = scheduler
+        if scheduler is not None:
+            self._stepping = self.optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
 
     def step(self) -> Tensor:
         """One training step on the next batch; returns the (detached) loss."""

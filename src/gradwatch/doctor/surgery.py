@@ -70,9 +70,50 @@ def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
 
 
 def scale_lr(factor: float, trial: Trial, numbers: dict[str, float]) -> Trial:
-    """Every group's learning rate × ``factor`` (bind it with ``functools.partial``)."""
+    """Every group's learning rate × ``factor`` (bind it with ``functools.partial``); with a scheduler of the
+    trial's own, its whole schedule × ``factor`` (a ``LambdaLR`` sets base·λ(t) at every step, and would undo a
+    cut of the current rate alone)."""
     r.scale_lr(trial.optimizer, factor)
+    _schedule_rates(trial, lambda lr: lr * factor)
     return trial
+
+
+def _schedule_rates(trial: Trial, change: Callable[[float], float]) -> None:
+    """Apply ``change`` to the rates a scheduler of the trial's computes from: the groups' ``initial_lr``,
+    ``max_lr`` and ``min_lr``, and the scheduler's lists of rates (``base_lrs``, and CyclicLR's ``max_lrs`` …)."""
+    sched = getattr(trial, "scheduler", None)
+    if sched is None:
+        return
+    for g in trial.optimizer.param_groups:
+        for key in ("initial_lr", "max_lr", "min_lr"):
+            if isinstance(g.get(key), (int, float)):
+                g[key] = change(g[key])
+    for name, value in vars(sched).items():
+        if name.endswith("_lrs") and isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            setattr(sched, name, [change(v) for v in value])
+
+
+def follow_optimizer(trial: Trial, old: torch.optim.Optimizer) -> None:
+    """After a remedy replaced ``old`` by ``trial.optimizer`` (the same groups, in order): the trial's scheduler
+    moves to the new optimizer, its schedule now relative to the new groups' rates, and is stepped by it."""
+    sched = getattr(trial, "scheduler", None)
+    if sched is None or trial.optimizer is old or getattr(sched, "optimizer", None) is not old:
+        return
+    opt = trial.optimizer
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    sched.optimizer = opt
+    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+    if not hasattr(opt.step, "_wrapped_by_lr_sched"):  # as a scheduler made on it would: it tracks that step() ran
+        step = opt.step
+
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            opt._opt_called = True  # type: ignore[attr-defined]
+            return step(*args, **kwargs)
+
+        tracked._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        opt.step = tracked  # type: ignore[method-assign]
+    trial.step_scheduler(sched)
 
 
 def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -93,21 +134,37 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
     groups = [{"params": g["params"], "weight_decay": g.get("weight_decay", 0.0), "lr": lr * g["lr"] / top if top > 0 else lr}
               for g in old.param_groups]
     trial.optimizer = torch.optim.Adam(groups, lr=lr)
+    follow_optimizer(trial, old)
     return trial
 
 
 def unify(trial: Trial, numbers: dict[str, float]) -> Trial:
-    """One learning rate, the largest, for every param group."""
+    """One learning rate, the largest, for every param group (and in a scheduler of the trial's own, one base rate)."""
     r.unify_lr(trial.optimizer)
+    sched = getattr(trial, "scheduler", None)
+    if sched is not None and getattr(sched, "base_lrs", None):
+        top = max(sched.base_lrs)
+        sched.base_lrs = [top] * len(sched.base_lrs)
+        for g in trial.optimizer.param_groups:
+            if "initial_lr" in g:
+                g["initial_lr"] = top
     return trial
 
 
 def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
-    """Linear warm-up over the first fifth of the trial from 1 % of the rate (Goyal et al. 2017; Xiong et al. 2020)."""
-    steps = int(numbers.get("doctor_steps", 300))
-    sched = torch.optim.lr_scheduler.LinearLR(trial.optimizer, start_factor=0.01, total_iters=max(1, steps // 5))
-    trial.optimizer.register_step_post_hook(lambda opt, a, k: sched.step())
-    trial.scheduler = sched  # the doctor's addition to the trial, for the user to read
+    """Linear warm-up over the first fifth of the trial from 1 % of the rate (Goyal et al. 2017; Xiong et al. 2020).
+
+    With a scheduler of the trial's own: the warm-up, then that schedule from its start (``SequentialLR``), as
+    one would write it; the two are not stacked (a ``LambdaLR`` and a ``LinearLR`` stepped together compound).
+    """
+    steps = max(1, int(numbers.get("doctor_steps", 300)) // 5)
+    own = getattr(trial, "scheduler", None)
+    warm = torch.optim.lr_scheduler.LinearLR(trial.optimizer, start_factor=0.01, total_iters=steps)
+    if own is None:
+        sched: torch.optim.lr_scheduler.LRScheduler = warm
+    else:
+        sched = torch.optim.lr_scheduler.SequentialLR(trial.optimizer, [warm, own], milestones=[steps])
+    trial.step_scheduler(sched)  # the doctor's schedule, in the trial for the user to read
     return trial
 
 
@@ -500,14 +557,20 @@ def gated(m: nn.Module) -> nn.Module | None:
 
 
 def rebuild_optimizer(trial: Trial, before: set[int]) -> None:
-    """After a structural change: new parameters join the optimizer (with group 0's settings); removed ones leave."""
+    """After a structural change: new parameters join the optimizer's first group (its settings, and no new group
+    that a scheduler of the trial's would not know); removed ones leave, each group otherwise as it was."""
     params = [p for p in trial.model.parameters() if p.requires_grad]
     now = {id(p) for p in params}
     opt = trial.optimizer
-    if now - before and not (before - now):
-        opt.add_param_group({"params": [p for p in params if id(p) not in before]})
+    new = [p for p in params if id(p) not in before]
+    if new and not (before - now):
+        opt.param_groups[0]["params"].extend(new)
     elif before - now:
-        trial.optimizer = type(opt)(params, **opt.defaults)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [p for p in g["params"] if id(p) in now]}
+                  for g in opt.param_groups]
+        groups[0]["params"] += new
+        trial.optimizer = type(opt)(groups, **opt.defaults)
+        follow_optimizer(trial, opt)
 
 
 class Standardise(nn.Module):
