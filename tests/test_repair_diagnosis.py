@@ -142,6 +142,57 @@ def test_a_saturated_sigmoid_layer_in_a_net_that_learns_is_info(store, seed):
     assert "saturation" in [f.kind for f in diagnosis.problems], str(diagnosis)
 
 
+def _breast_cancer(seed: int, double: bool) -> gw.Trial:
+    """A sigmoid output under nn.BCELoss on scikit-learn's breast-cancer data (standardised); ``double``: the same
+    sigmoid before BCEWithLogitsLoss, the forum bug that squashes twice (the loss cannot go below ~0.31)."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.tensor(data.target, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid(), nn.Flatten(0))
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            idx = torch.randint(0, 450, (64,), generator=g)
+            yield x[idx], y[idx]
+
+    @torch.no_grad()
+    def accuracy(m: nn.Module) -> float:
+        return float(((m(x[450:]) > 0.5).float() == y[450:]).float().mean())
+
+    loss = nn.BCEWithLogitsLoss() if double else nn.BCELoss()
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-2), batches(), loss, evaluate=accuracy)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_confident_output_sigmoid_is_not_saturation_but_a_squashed_twice_one_is(store, seed):
+    """Bug (a helper's healthy twin): a sigmoid output under nn.BCELoss that learned (loss 0.68 → 0.01, accuracy
+    0.97) was a saturation warning, "weights initialised or grown too large". An output activation that saturates
+    on its 0/1 targets while the loss fell tenfold is the fit (info). The reference: the saturated fraction by a
+    forward hook, and the loss. Its contrast, a sigmoid before BCEWithLogitsLoss, whose loss cannot fall tenfold,
+    stays a problem."""
+    saturated: list[float] = []
+
+    def make(seed_: int) -> gw.Trial:
+        t = _breast_cancer(seed_, double=False)
+        t.model[3].register_forward_hook(lambda m, a, y: saturated.append(float(((y < 0.005) | (y > 0.995)).float().mean())))
+        return t
+
+    diagnosis, trial, _ = _watched(make, seed, 400, store)
+    assert sum(saturated[-20:]) / 20 > 0.5 and trial.evaluate(trial.model) > 0.9
+    assert not diagnosis.problems, str(diagnosis)
+    diagnosis, trial, _ = _watched(lambda s_: _breast_cancer(s_, double=True), seed, 400, store / "double")
+    with torch.no_grad():
+        xb, yb = next(trial.batches)
+        assert float(trial.loss_fn(trial.model(xb), yb)) > 0.3  # squashed twice: stuck above the floor
+    assert "saturation" in [f.kind for f in diagnosis.problems], str(diagnosis)
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_gan_burst_that_left_no_damage_is_not_a_problem(store, seed):

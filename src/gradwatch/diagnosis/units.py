@@ -93,7 +93,7 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     before = [i for i, x in enumerate(layer_depth) if x is not None and x < min(d) and i not in feeders]
     after = [i for i, x in enumerate(layer_depth) if x is not None and x > max(d)]
     if not before or not after:
-        return _passes(run, acts, th)
+        return _passes(run, acts, th, output=not after)
     g_in, g_out = prof.median[before[-1]], prof.median[after[0]]
     if not (g_in > 0 and g_out > 0 and math.isfinite(g_in) and math.isfinite(g_out)):
         return True, "the gradient across them is not finite", {}
@@ -121,8 +121,13 @@ LEARNED_BELOW = 0.1  # ... and a loss that fell tenfold shows it got past them (
 # a tanh net on raw pixels halves its loss at 62 % accuracy while its units pass on ×0.03 of their peak)
 
 
-def _passes(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool, str, dict[str, float]]:
-    """No layer on both sides of the units: their rms derivative against their peak, and the loss, decide."""
+def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = False) -> tuple[bool, str, dict[str, float]]:
+    """No layer on both sides of the units: their rms derivative against their peak, and the loss, decide.
+
+    ``output``: no layer after them — the net's output activation (a sigmoid under ``nn.BCELoss``). A net that
+    learned to answer confidently saturates its output on its 0/1 targets: with the loss fallen tenfold that is
+    the fit, not a fault, whatever the units pass on.
+    """
     if "deriv_rms" not in run.quantities:
         return True, "no layer on both sides of them to measure the gradient across", {}
     d = run.series("deriv_rms", "activation")
@@ -138,6 +143,8 @@ def _passes(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool, str,
              f"and the loss went {sci(first)} → {sci(final)}")
     if passes >= PASSES_ABOVE and final <= LEARNED_BELOW * first:
         return False, words + ": the gradient gets past them (info only)", numbers
+    if output and final <= LEARNED_BELOW * first:
+        return False, words + ": the output answers confidently on a loss that fell tenfold (info only)", numbers
     return True, words, numbers
 
 
