@@ -195,6 +195,39 @@ def test_a_confident_output_sigmoid_is_not_saturation_but_a_squashed_twice_one_i
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
+def test_stalled_layers_are_found_when_they_are_most_of_the_net(store, seed):
+    """Bug (a helper's port of torch.optim's "per-parameter options"): the body's two layers at lr 1e-5 under a head
+    at 5e-2 went unflagged, because the rule compared each layer with the median layer — itself a stalled one. The
+    reference: ‖Δw‖/‖w‖ per layer by a plain loop over the weights before and after each step."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    ratios: dict[int, list[float]] = {0: [], 2: [], 4: []}
+
+    def make(seed_: int) -> gw.Trial:
+        torch.manual_seed(seed_)
+        g = torch.Generator().manual_seed(seed_)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.SGD([{"params": [*model[0].parameters(), *model[2].parameters()], "lr": 1e-5},
+                               {"params": model[4].parameters()}], lr=0.05)
+        before: dict[int, torch.Tensor] = {}
+        opt.register_step_pre_hook(lambda o, a, k: before.update({i: model[i].weight.detach().clone() for i in ratios}))
+        opt.register_step_post_hook(lambda o, a, k: [ratios[i].append(float((model[i].weight.detach() - before[i]).norm()
+                                                                             / before[i].norm())) for i in ratios])
+        batches = ((x[i], y[i]) for i in iter(lambda: torch.randint(0, len(x), (32,), generator=g), None))
+        return gw.Trial(model, opt, batches, nn.functional.cross_entropy)
+
+    diagnosis, _, _ = _watched(make, seed, 200, store)
+    head = sum(ratios[4][-50:]) / 50
+    assert all(sum(ratios[i][-50:]) / 50 < 0.01 * head for i in (0, 2))  # the reference: 100× slower than the head
+    [f] = [f for f in diagnosis.of("stalled")]
+    assert set(f.layers) == {"0", "2"} and "param_groups" in f.remedy_keys, str(diagnosis)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_gan_burst_that_left_no_damage_is_not_a_problem(store, seed):
     """Bug (goodfellow_gan_nonsaturating seed 0): a ×10 adversarial burst read "exploding, warning", because the
     recovery rule wanted the loss to halve, which a generator loss need not. Now a burst after which the norm is back

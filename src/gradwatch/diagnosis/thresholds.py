@@ -59,7 +59,7 @@ class Thresholds:
     saturated_above: float = 0.25
     # Half of a ReLU layer's units silent for whole batches, step after step.
     dead_above: float = 0.5
-    # A layer whose update ratio ‖Δw‖/‖w‖ is below 1 % of the median layer's
+    # A layer whose update ratio ‖Δw‖/‖w‖ is below 1 % of the upper-quartile layer's
     # moves 100× slower than the network around it.
     stalled_below: float = 1e-2
     # Through time: the "effective memory" is the lag at which ‖∂L/∂h_t‖ falls

@@ -149,7 +149,7 @@ def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = Fals
 
 
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
-    """Layers whose update ratio ‖Δw‖/‖w‖ is below ``stalled_below`` × the median layer's; ``vanishing``: the
+    """Layers whose update ratio ‖Δw‖/‖w‖ is below ``stalled_below`` × the upper-quartile layer's; ``vanishing``: the
     depth finding, whose cause and remedies these layers share when they lie in its stretch."""
     if "update_ratio" not in run.quantities:
         return []
@@ -158,7 +158,9 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     ok = np.isfinite(med)
     if ok.sum() < 3:
         return []
-    typical = float(np.median(med[ok]))
+    # the upper quartile, not the median: when most layers are the ones that stall (a body left at lr 1e-5 under a
+    # head at 5e-2, two layers of three), the median layer is itself a stalled one
+    typical = float(np.percentile(med[ok], 75))
     if not typical > 0:
         return []
     hit = [i for i in range(len(s.names)) if ok[i] and med[i] < th.stalled_below * typical]
@@ -176,8 +178,8 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
         fixes = remedies("param_groups", "orthogonal_init", "norm")
     return [Finding(
         kind="stalled", severity="warning", layers=names, steps=(start, int(s.steps[-1])),
-        summary=f"layers {span(names)} barely move: update ratio {sci(worst)} against a median of {sci(typical)}",
-        evidence=(f"‖Δw‖/‖w‖ per optimizer step below {th.stalled_below:g}× the median layer's ({sci(typical)}) in "
+        summary=f"layers {span(names)} barely move: update ratio {sci(worst)} against an upper quartile of {sci(typical)}",
+        evidence=(f"‖Δw‖/‖w‖ per optimizer step below {th.stalled_below:g}× the upper-quartile layer's ({sci(typical)}) in "
                   f"{len(names)} layer{'s' if len(names) > 1 else ''} ({span(names, len(s.names))}), as low as {sci(worst)}."),
         cause=cause, remedies=fixes,
         numbers={"update_ratio": worst, "median": typical},
