@@ -313,6 +313,13 @@ def test_warm_up_comes_before_the_users_schedule_not_on_top_of_it():
     warm = [0.03 * (0.01 + 0.99 * min(t, k) / k) for t in range(1, k)]
     after = [0.03 / (1 + t / 10) for t in range(0, k + 1)]
     assert got == pytest.approx(warm + after, rel=1e-9)
+    model = nn.Linear(2, 1)  # a trial of the user's own that is not a gw.Trial: the warm-up alone, by formula
+    own = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    own = _one("warmup").apply(own, {"doctor_steps": float(steps)})
+    for t in range(1, 4):
+        model(torch.randn(4, 2)).sum().backward()
+        own.optimizer.step()
+        assert own.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 + 0.99 * t / k)
 
 
 def test_remedies_that_change_the_optimizer_keep_the_users_schedule():

@@ -164,7 +164,11 @@ def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
         sched: torch.optim.lr_scheduler.LRScheduler = warm
     else:
         sched = torch.optim.lr_scheduler.SequentialLR(trial.optimizer, [warm, own], milestones=[steps])
-    trial.step_scheduler(sched)  # the doctor's schedule, in the trial for the user to read
+    if hasattr(trial, "step_scheduler"):
+        trial.step_scheduler(sched)  # the doctor's schedule, in the trial for the user to read
+    else:  # a trial of the user's own that is not a gw.Trial (and so has no schedule of its own here)
+        trial.optimizer.register_step_post_hook(lambda opt, a, k: sched.step())
+        trial.scheduler = sched
     return trial
 
 
