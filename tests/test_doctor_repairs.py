@@ -237,7 +237,8 @@ def test_target_standardisation_trains_as_on_standardised_targets_and_reports_th
     assert trial is not None
     peeked = [yb for _, yb in itertools.islice(_batches(x, y, 32, 0), 8)]
     mean, std = torch.cat(peeked).mean(0), torch.cat(peeked).std(0)
-    torch.testing.assert_close(trial.model.mean, mean) and torch.testing.assert_close(trial.model.std, std)
+    torch.testing.assert_close(trial.model.mean, mean)
+    torch.testing.assert_close(trial.model.std, std)
     ref = make(0.05)
     stream = _batches(x, y, 32, 0)
     for _ in range(30):
@@ -269,13 +270,12 @@ def test_target_standardisation_applies_to_regression_on_raw_targets_only():
     assert remedy.apply(unit, {}) is None and remedy.apply(labels, {}) is None and remedy.apply(own_loss, {}) is None
 
 
-def _scheduled(lr: float = 0.03, groups: int = 2) -> Trial:
-    """A small Transformer-free set-up with a schedule of the user's own: LambdaLR decaying as 1/(1 + t/10), two
-    parameter groups (body, head)."""
+def _scheduled(lr: float = 0.03) -> Trial:
+    """A small MLP with a schedule of the user's own: LambdaLR decaying as 1/(1 + t/10), two parameter groups
+    (body, head)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    params = [{"params": model[0].parameters()}, {"params": model[2].parameters()}][:groups]
-    opt = torch.optim.SGD(params, lr=lr)
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / 10))
     x, y = torch.randn(256, 4), torch.randn(256, 1)
     return Trial(model, opt, _batches(x, y, 32, 0), nn.functional.mse_loss, scheduler=sched)
