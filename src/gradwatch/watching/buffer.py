@@ -49,10 +49,6 @@ class StepBuffer:
         self._key_cache: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
         self._derived_keys: dict[tuple[int, int], np.ndarray] = {}  # (id of a derive, its layout) -> keys
         self._scalar_keys: dict[tuple[int, int], np.ndarray] = {}  # (entity, quantity) -> keys of a run-level scalar
-        # Key arrays kept for the buffer's life (the caches' values): their ids are never reused, so a step's keys
-        # made only of these are concatenated once per layout (a step that logs the loss beside its gradients).
-        self._kept: set[int] = set()
-        self._joined: dict[tuple[int, ...], np.ndarray] = {}
         self.held: int | None = None  # the step that ended, its values pending until the next forward pass
 
     # -- queueing ------------------------------------------------------------------------
@@ -82,7 +78,7 @@ class StepBuffer:
         """Queue one run-level value (a one-element tensor, any float dtype: the batch is cast once when sent)."""
         keys = self._scalar_keys.get((entity, quantity))
         if keys is None:
-            keys = self._scalar_keys[(entity, quantity)] = self._keep(np.array([[entity, quantity, -1]]))
+            keys = self._scalar_keys[(entity, quantity)] = np.array([[entity, quantity, -1]])
         self._pending.append((keys, value.reshape(1)))
 
     def add_keyed(self, keys: np.ndarray, values: Tensor) -> None:
@@ -95,25 +91,7 @@ class StepBuffer:
         keys = self._key_cache.get(key)
         if keys is None:
             ids = self._ids[kind][list(index)]
-            keys = self._key_cache[key] = self._keep(
-                np.stack([ids, np.full(len(ids), quantity), np.full(len(ids), -1)], axis=1))
-        return keys
-
-    def _keep(self, keys: np.ndarray) -> np.ndarray:
-        """``keys``, kept for the buffer's life (see ``_joined``)."""
-        self._kept.add(id(keys))
-        return keys
-
-    def _join(self, parts: list[np.ndarray]) -> np.ndarray:
-        """One step's keys from its items' keys: concatenated once per layout where every part is kept."""
-        if len(parts) == 1:
-            return parts[0]
-        layout = tuple(map(id, parts))
-        if not self._kept.issuperset(layout):
-            return np.concatenate(parts)
-        keys = self._joined.get(layout)
-        if keys is None:
-            keys = self._joined[layout] = self._keep(np.concatenate(parts))
+            keys = self._key_cache[key] = np.stack([ids, np.full(len(ids), quantity), np.full(len(ids), -1)], axis=1)
         return keys
 
     # -- sending -------------------------------------------------------------------------
@@ -165,7 +143,7 @@ class StepBuffer:
                         k, v = item
                     parts.append(k)
                     pieces.append(v)
-                spans.append((step, self._join(parts)))
+                spans.append((step, np.concatenate(parts) if len(parts) > 1 else parts[0]))
             values = torch.cat(pieces)  # (mixed float dtypes promote; the batch is cast to float64 below)
         values = values.to(torch.float64)
         ready_fn = None
@@ -207,8 +185,8 @@ class StepBuffer:
             layout = (id(derive), table.shape[1])
             keys = self._derived_keys.get(layout)
             if keys is None:
-                keys = self._derived_keys[layout] = self._keep(np.concatenate(
-                    [self._keys(kind, index, self._writer.quantity(q)) for kind, index, q, _ in parts]))
+                keys = self._derived_keys[layout] = np.concatenate(
+                    [self._keys(kind, index, self._writer.quantity(q)) for kind, index, q, _ in parts])
             where.update((a, (len(tables), r)) for r, a in enumerate(at))
             tables.append((keys, table))
         return tables, where
