@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -233,3 +234,27 @@ def test_a_loss_spike_needs_to_stand_above_the_runs_earlier_swings():
     assert [e.step for e in events(steps, swinging, None, th) if e.kind == "spike"] == [40]
     swinging[500] *= 300.0 / 16.0
     assert [e.step for e in events(steps, swinging, None, th) if e.kind == "spike"] == [40, 500]
+
+
+def test_a_recovered_spike_folded_into_a_worse_finding_loses_its_info_only_clause():
+    """A spike the run got over is info ("the run recovered … (info only)"); folded into an attention finding that
+    is a warning at the same steps, that clause would tell the reader the opposite of the finding's severity."""
+    from gradwatch.diagnosis.findings import Finding
+    from gradwatch.diagnosis.over_steps import RECOVERED
+    from gradwatch.diagnosis.rules import merge_spikes
+
+    spike = Finding(kind="exploding", severity="info", layers=(), steps=(42, 42), summary="a spike",
+                    evidence=f"1 spike above 10× the median (step 42); {RECOVERED}: the total norm is back at 0.31 "
+                             "and the loss ends at 1.9, no higher than before the first spike (2.1): no lasting "
+                             "damage (info only).", cause="", remedies=(),
+                    numbers={"peak": 9.0, "recovered": 1.0})
+    attention = Finding(kind="exploding", severity="warning", layers=("attn",), steps=(20, 290),
+                        summary="the attention went one-hot", evidence="attention logits grew in attn.", cause="",
+                        remedies=("qk-layernorm",), numbers={"attention_logit_growth": 1.0})
+    (merged,) = merge_spikes([spike], [attention])
+    assert merged.severity == "warning" and merged.steps == (20, 290)
+    assert merged.evidence == "attention logits grew in attn; 1 spike above 10× the median (step 42)."
+    assert "recovered" not in merged.numbers and merged.numbers["peak"] == 9.0
+    calm = replace(attention, severity="info")  # an info finding keeps the words that say why it is info
+    (kept,) = merge_spikes([spike], [calm])
+    assert kept.severity == "info" and kept.evidence.endswith("no lasting damage (info only).")

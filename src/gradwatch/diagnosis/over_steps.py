@@ -102,11 +102,13 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         remedies=fixes,
         numbers={"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)),
                  "over_bound": float(len(over)), "peak_step": float(peak_step),
-                 **({"onset": float(steps[ramps[0][0]])} if ramps else {})},
+                 **({"onset": float(steps[ramps[0][0]])} if ramps else {}), **({"recovered": 1.0} if recovered else {})},
         sources=(_total_source(steps),),
     )]
 
 
+RECOVERED = "the run recovered"  # opens the last clause of a recovered finding's evidence (rules.merge_spikes drops it
+# where the same steps hold a worse finding: a spike the run got over does not excuse attention that went one-hot)
 LOSS_SCALE_ABOVE = 100.0  # a first loss above this: no classification loss starts there, a squared error on raw targets does
 
 
@@ -212,7 +214,7 @@ def _recovered(run: Run, steps: np.ndarray, total: np.ndarray, calm: float, onse
     late = float(np.median(tail))
     if late >= th.spike_above * calm:
         return ""
-    back = f"the run recovered: the total norm is back at {sci(late)} over the last {4 * th.window} steps"
+    back = f"{RECOVERED}: the total norm is back at {sci(late)} over the last {4 * th.window} steps"
     if 0 < final <= 0.5 * first:
         return back + f" and the loss fell from {sci(first)} to {sci(final)} (info only)"
     before = ls.values[0][ls.steps < onset][-4 * th.window:]

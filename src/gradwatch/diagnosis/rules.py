@@ -22,7 +22,7 @@ from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.remedies import key_of
 from gradwatch.diagnosis.over_steps import (
-    fading_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
+    RECOVERED, fading_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -81,9 +81,14 @@ def merge_spikes(over_steps: list[Finding], unstable: list[Finding]) -> list[Fin
         theirs = {key_of(r): r for r in o.remedies}  # over_steps words clipping with its threshold: that one wins
         fixes = tuple(dict.fromkeys([theirs.get(key_of(r), r) for r in u.remedies] + list(o.remedies)))
         ramp = "onset" in o.numbers  # a ramp's onset and peak, against the calm steps, say more than a spike's step
-        out[hit] = replace(u, severity=min(u.severity, o.severity, key=_RANK.__getitem__),
+        severity = min(u.severity, o.severity, key=_RANK.__getitem__)
+        evidence, theirs_numbers = o.evidence, o.numbers
+        if o.numbers.get("recovered") and severity != o.severity:  # "the run recovered … (info only)" would contradict
+            evidence = evidence[:evidence.index("; " + RECOVERED)] + "."  # the worse finding it now belongs to
+            theirs_numbers = {k: v for k, v in o.numbers.items() if k != "recovered"}
+        out[hit] = replace(u, severity=severity,
                            summary=o.summary if ramp else u.summary,
                            steps=(min(u.steps[0], o.steps[0]), max(u.steps[1], o.steps[1])),
-                           evidence=u.evidence.rstrip(".") + "; " + o.evidence, remedies=fixes,
-                           numbers={**u.numbers, **o.numbers} if ramp else {**o.numbers, **u.numbers}, sources=tuple(dict.fromkeys(u.sources + o.sources)))
+                           evidence=u.evidence.rstrip(".") + "; " + evidence, remedies=fixes,
+                           numbers={**u.numbers, **theirs_numbers} if ramp else {**theirs_numbers, **u.numbers}, sources=tuple(dict.fromkeys(u.sources + o.sources)))
     return out
