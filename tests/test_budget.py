@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradwatch as gw
+from gradwatch import zoo
 from gradwatch.schedules import BUDGET_FLOOR, DEFAULT_SAMPLED, SPARSEST, every, floor_gap
 from gradwatch.watching import WatchOptions
 from gradwatch.watching import steps as steps_module
@@ -425,3 +426,31 @@ def test_the_diagnosis_reads_sampled_steps_as_missing_never_as_zero(store):
     assert f.numbers["ratio"] == pytest.approx(ratio)
     assert f.steps[0] in sampled and f.steps[1] == 150
     assert "steps 41–150" in f.sources[0]  # the last five recorded steps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gradient_norms_every_8th_step_are_missing_on_the_others_never_non_finite(store, seed):
+    """`every=8` records the gradient norms on every 8th step; the loss is logged on all. The steps between were
+    read as a non-finite gradient ("the run went non-finite from step 1", critical) on every healthy run. Now a
+    healthy run has no problem, and a real NaN is still found at its own step, a recorded or an unrecorded one."""
+    from gradwatch.diagnosis.instability import InstabilityThresholds
+    from gradwatch.diagnosis.spikes import events
+
+    trial = zoo.get("deep_relu_he_mlp")(seed)
+    with gw.watch(trial.model, trial.optimizer, every=8, store=store, name=f"e8-{seed}") as w:
+        for _ in range(160):
+            w.log(loss=trial.step())
+    assert w.open().series("grad_norm").steps.tolist() == list(range(0, 160, 8))
+    assert w.diagnose().problems == []
+    steps = np.arange(160)
+    loss = np.linspace(2.0, 1.0, 160)
+    recorded = steps % 8 == 0
+    grad = np.where(recorded, 1.0, np.nan)
+    assert events(steps, loss, grad, InstabilityThresholds(), recorded) == []
+    nan_loss = loss.copy()
+    nan_loss[93:] = np.nan  # the loss goes NaN between two recorded steps
+    inf_grad = grad.copy()
+    inf_grad[96] = np.inf  # the gradient on a recorded step, the loss still finite
+    for lossy, gradded, at in ((nan_loss, grad, 93), (loss, inf_grad, 96)):
+        (ev,) = events(steps, lossy, gradded, InstabilityThresholds(), recorded)
+        assert (ev.kind, ev.step) == ("nonfinite", at)

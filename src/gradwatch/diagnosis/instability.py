@@ -143,14 +143,14 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
     if not len(steps):  # a view that ends before the first logged loss (NaN from step 0)
         return []
     got = total_grad_norm(run)
-    grad = None
+    grad, recorded = None, None
     if got is not None:
         where = {int(s): v for s, v in zip(got[0].tolist(), got[1].tolist())}
         grad = np.array([where.get(int(s), np.nan) for s in steps])
-        grad[np.isnan(grad) & np.isfinite(loss)] = np.nan
+        recorded = np.array([int(s) in where for s in steps], dtype=bool)  # a sampled schedule leaves steps out
     if grad is not None and np.isfinite(grad).any() and not np.nanmax(np.abs(grad)) > 0:
         return []  # no parameter moves: the loss changes with the batch alone (the stall rule speaks)
-    evs = events(steps, loss, grad, th)
+    evs = events(steps, loss, grad, th, recorded)
     got_norms = update_norms(run)
 
     def movers(t0: int) -> tuple[str, list[tuple[str, int, float]]] | None:

@@ -58,14 +58,19 @@ def _unprecedented(rise: np.ndarray, th: InstabilityThresholds) -> np.ndarray:
     return out
 
 
-def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: InstabilityThresholds) -> list[Event]:
+def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: InstabilityThresholds,
+           recorded: np.ndarray | None = None) -> list[Event]:
     """Spikes (steps within 10 of each other clustered), a divergence and the first non-finite step, in step order.
 
     Spikes and divergence are judged on the steps before the first non-finite one (after it, every value is a
-    casualty, not a cause). ``grad`` is the total gradient norm at the same steps (None: not recorded).
+    casualty, not a cause). ``grad`` is the total gradient norm at the same steps (None: not recorded);
+    ``recorded`` marks the steps where it was measured (a sampled schedule, ``every=8``, leaves the others out:
+    they are missing, neither calm nor non-finite; None: every step).
     """
     out: list[Event] = []
-    bad = ~np.isfinite(loss) | (~np.isfinite(grad) if grad is not None else np.zeros(len(loss), dtype=bool))
+    if grad is not None and recorded is None:
+        recorded = np.ones(len(loss), dtype=bool)
+    bad = ~np.isfinite(loss) | ((recorded & ~np.isfinite(grad)) if grad is not None else np.zeros(len(loss), dtype=bool))
     end = int(np.argmax(bad)) if bad.any() else len(steps)
     if end < len(steps):
         out.append(Event("nonfinite", int(steps[end]), int(steps[-1]),
@@ -79,11 +84,13 @@ def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: Ins
     ratio = np.exp(x - med) if positive else loss / med
     loss_flag = (z > th.spike_z_above) & (ratio > th.loss_ratio_above) & _unprecedented(x - med, th)
     grad_flag = np.zeros(len(loss), dtype=bool)
-    if grad is not None:
-        gx = _log(grad[:end])
-        gz, gmed = robust_z(gx, th.window, least=10)
-        grad_ratio = np.exp(gx - gmed)
-        grad_flag = (gz > th.spike_z_above) & (grad_ratio > th.grad_ratio_above)
+    if grad is not None and recorded is not None:
+        at = np.flatnonzero(recorded[:end])  # judged against the measured steps before it, as a series of its own
+        gx = _log(grad[at])
+        z_at, med_at = robust_z(gx, th.window, least=10)
+        gz, grad_ratio = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
+        gz[at], grad_ratio[at] = z_at, np.exp(gx - med_at)
+        grad_flag[at] = (z_at > th.spike_z_above) & (grad_ratio[at] > th.grad_ratio_above)
     clusters: list[list[int]] = []
     for i in np.flatnonzero(loss_flag | grad_flag).tolist():
         if clusters and i - clusters[-1][-1] <= 10:
