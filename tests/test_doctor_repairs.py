@@ -1131,3 +1131,78 @@ def test_precise_bn_scores_a_model_that_does_not_take_the_batches_inputs_with_it
     assert trial.evaluate(trial.model) == expected
     assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items()) and bn.momentum == 0.1
     assert trial.model.training
+
+
+# --- the output activation stays -------------------------------------------------------------------
+
+
+class _ActsFirst(nn.Module):
+    """Registers its activations before its layers (registration order is not call order): only a forward pass
+    on a batch shows which one acts on the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acts = nn.ModuleList([nn.Sigmoid() for _ in range(3)])
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, act in zip(self.layers, self.acts):
+            x = act(layer(x))
+        return x
+
+
+def test_the_output_activation_is_the_one_after_the_last_layer_in_call_order():
+    from gradwatch.remedies import add_norm, output_activations, swap_activation
+
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1), nn.Sigmoid())
+    assert output_activations(seq) == {id(seq[5])} == output_activations(seq, torch.randn(2, 4))
+    swapped = swap_activation(seq)
+    assert [type(m) for m in swapped] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear, nn.Sigmoid]
+    assert isinstance(swap_activation(seq, output=True)[5], nn.ReLU)  # asked for: every one
+    normed = add_norm(seq)
+    assert [type(m) for m in normed] == [nn.Linear, nn.LayerNorm, nn.Sigmoid, nn.Linear, nn.LayerNorm, nn.Tanh,
+                                         nn.Linear, nn.Sigmoid]  # no LayerNorm over the single output unit
+    model = _ActsFirst()
+    assert output_activations(model) == set()  # registration order: the activations come before every layer
+    x = torch.randn(5, 4)
+    model.train()
+    assert output_activations(model, x) == {id(model.acts[2])}
+    assert model.training and all(m.training for m in model.modules())  # traced in eval mode, modes put back
+    kept = swap_activation(model, example=x)
+    assert [type(a) for a in kept.acts] == [nn.ReLU, nn.ReLU, nn.Sigmoid]
+
+
+def _keras_sigmoid_bce(seed: int) -> Trial:
+    """Keras-style: Dense(32, sigmoid) × 9, Dense(1, sigmoid), binary cross-entropy (nn.BCELoss on the sigmoid), SGD
+    at 0.1, on scikit-learn's breast-cancer set, standardised. The gradient vanishes through nine sigmoids."""
+    from sklearn.datasets import load_breast_cancer
+
+    x_np, y_np = load_breast_cancer(return_X_y=True)
+    x = torch.tensor((x_np - x_np.mean(0)) / x_np.std(0), dtype=torch.float32)
+    y = torch.tensor(y_np, dtype=torch.float32)[:, None]
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(30, 32), nn.Sigmoid()]
+    for _ in range(8):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 1), nn.Sigmoid())
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), _batches(x, y, 32, seed), nn.BCELoss())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relu_and_norm_remedies_keep_a_sigmoid_output_under_bce_loss(seed):
+    """A ReLU in place of the output sigmoid under nn.BCELoss failed ("all elements of input should be between 0 and
+    1"): the doctor's main remedy for a vanishing sigmoid net crashed on the most common Keras port, and LayerNorm
+    before that sigmoid made the output a constant. Now the output sigmoid stays: ReLU + He trains (the loss at
+    most half its start over 300 steps, as a plain loop measures it) where the net as written does not."""
+    baseline = _keras_sigmoid_bce(seed)
+    flat = [float(baseline.step()) for _ in range(300)]
+    assert min(flat[-20:]) > 0.5 * flat[0]  # as written: it does not learn
+    trial = _one("relu").apply(_keras_sigmoid_bce(seed), {})
+    assert [type(m) for m in trial.model][-3:] == [nn.ReLU, nn.Linear, nn.Sigmoid]
+    assert not any(isinstance(m, nn.Sigmoid) for m in list(trial.model)[:-1])
+    losses = [float(trial.step()) for _ in range(300)]
+    assert math.isfinite(losses[-1]) and sum(losses[-20:]) / 20 <= 0.5 * losses[0]
+    normed = _one("norm").apply(_keras_sigmoid_bce(seed), {})
+    assert [type(m) for m in normed.model][-2:] == [nn.Linear, nn.Sigmoid]  # no LayerNorm(1) before it
+    out = normed.model(torch.randn(16, 30))
+    assert out.std() > 0  # the output still depends on the input

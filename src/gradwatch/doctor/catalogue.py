@@ -100,10 +100,10 @@ def catalog() -> dict[str, list[Remedy]]:
         "smaller_init_lower_lr": one("smaller_init_lower_lr", "Xavier init + learning rate ×0.1",
                                      Chain((OnModel(s.xavier), tenth))),
         "identity_init": one("identity_init", "identity/orthogonal init (linear, recurrent)", s.identity_init),
-        "relu": one("relu", "ReLU + He initialisation", OnModel(s.relu_he)),
-        "leaky": one("leaky", "LeakyReLU + He initialisation", OnModel(s.leaky)),
+        "relu": one("relu", "ReLU + He initialisation", s.relu_he),
+        "leaky": one("leaky", "LeakyReLU + He initialisation", s.leaky),
         "leaky_lower_lr": one("leaky_lower_lr", "LeakyReLU + He init + learning rate ×0.1",
-                              Chain((OnModel(s.leaky), tenth))),
+                              Chain((s.leaky, tenth))),
         "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", s.swap_overflow),
         "zero_bias": [],  # included in the He remedies
         "residual": one("residual", "residual connections", OnModel(s.residual)),

@@ -299,7 +299,12 @@ def norm(trial: Trial, numbers: dict[str, float]) -> Trial:
     """LayerNorm/BatchNorm before the activations; the held-out score read with the inserted BatchNorm layers'
     running statistics re-estimated first (:class:`PreciseBN`)."""
     had = {id(m) for m in trial.model.modules()}
-    OnModel(lambda m: r.add_norm(m, inplace=True))(trial, numbers)
+    example = _model_input(trial)
+    try:
+        r.output_activations(trial.model, example)
+    except Exception:  # noqa: BLE001 - not what the model takes: the output found in registration order
+        example = None
+    OnModel(lambda m: r.add_norm(m, inplace=True, example=example))(trial, numbers)
     inserted = [m for m in trial.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in had]
     if inserted and trial.evaluate is not None:
         trial.evaluate = PreciseBN(trial, trial.evaluate, inserted)
@@ -351,13 +356,45 @@ class PreciseBN:
         return self.evaluate(model)
 
 
-def relu_he(m: nn.Module) -> nn.Module:
-    return r.he_init(r.swap_activation(m, nn.ReLU, inplace=True), inplace=True)
+def _keep_output(trial: Trial) -> set[int]:
+    """The trial model's output activations (:func:`gradwatch.remedies.structure.output_activations`), found by a
+    forward pass on its next batch's inputs; in the order the modules were registered where the batches are not
+    ``(inputs, …)`` the model takes (a custom ``step()``)."""
+    example = _model_input(trial)
+    if example is not None:
+        try:
+            return r.output_activations(trial.model, example)
+        except Exception:  # noqa: BLE001 - not what the model takes: the registration order below
+            pass
+    return r.output_activations(trial.model)
 
 
-def leaky(m: nn.Module) -> nn.Module:
-    r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True)
-    return r.he_init(m, inplace=True)
+def _model_input(trial: Trial) -> torch.Tensor | None:
+    """The inputs of the trial's next batch (put back), where its batches are ``(inputs, …)``; else None."""
+    batches = peek(trial, 1)
+    if batches and isinstance(batches[0], (tuple, list)) and batches[0] and isinstance(batches[0][0], torch.Tensor):
+        return batches[0][0]
+    return None
+
+
+def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """ReLU in place of the saturating activations but the output one (a sigmoid under BCELoss stays), He init."""
+    keep = _keep_output(trial)
+    return OnModel(lambda m: r.he_init(_swap(m, nn.ReLU, r.SATURATING, keep), inplace=True))(trial, numbers)
+
+
+def leaky(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """LeakyReLU in place of the ReLUs but an output one, He init."""
+    keep = _keep_output(trial)
+    return OnModel(lambda m: r.he_init(_swap(m, nn.LeakyReLU, (nn.ReLU,), keep), inplace=True))(trial, numbers)
+
+
+def _swap(m: nn.Module, to: type[nn.Module], replace: tuple[type[nn.Module], ...], keep: set[int]) -> nn.Module:
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, replace) and not isinstance(child, to) and id(child) not in keep:
+                setattr(parent, name, to())
+    return m
 
 
 def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:

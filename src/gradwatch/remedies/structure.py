@@ -7,6 +7,7 @@ The residual blocks the remedies build (:class:`Residual`, :class:`ReZero`) or r
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,18 +21,54 @@ def _target(model: nn.Module, inplace: bool) -> nn.Module:
     return model if inplace else copy.deepcopy(model)
 
 
+def output_activations(model: nn.Module, example: Any = None) -> set[int]:
+    """The ids of the activation modules that act on the net's output: those after its last layer with parameters.
+
+    Order is the order a forward pass on ``example`` (an input batch, or a tuple of
+    arguments) calls the leaf modules, or without one the order they were
+    registered in (``nn.Sequential``'s, and most models' ``__init__``). A module
+    called both inside the net and at its output counts as an output one. Such
+    an activation is what the loss reads: a sigmoid under ``nn.BCELoss`` must stay
+    in [0, 1], and a LayerNorm over its single unit would make the output a constant.
+    """
+    from gradwatch.probes.activations import activation_spec
+
+    leaves = [x for x in model.modules() if not list(x.children())]
+    order: list[nn.Module] = leaves
+    if example is not None:
+        called: list[nn.Module] = []
+        hooks = [x.register_forward_hook(lambda mod, a, o: called.append(mod)) for x in leaves]
+        modes = [(x, x.training) for x in model.modules()]
+        model.eval()  # no running statistics move, no dropout mask draws from the random stream
+        try:
+            with torch.no_grad():
+                model(*example) if isinstance(example, tuple) else model(example)
+            order = called
+        finally:
+            for h in hooks:
+                h.remove()
+            for x, training in modes:
+                x.training = training
+    last = max((i for i, x in enumerate(order) if any(True for _ in x.parameters(recurse=False))), default=-1)
+    return {id(x) for x in order[last + 1:] if activation_spec(x) is not None}
+
+
 def swap_activation(model: nn.Module, to: type[nn.Module] = nn.ReLU, replace: tuple[type[nn.Module], ...] = SATURATING,
-                    inplace: bool = False) -> nn.Module:
+                    inplace: bool = False, output: bool = False, example: Any = None) -> nn.Module:
     """Replace activation modules of the given classes by ``to()`` (tanh/sigmoid → ReLU by default).
 
     ReLU's derivative is 1 wherever the unit is active (Nair & Hinton 2010;
     Glorot, Bordes & Bengio 2011), where sigmoid's is at most 1/4. Only
     activation *modules* are reachable; ``torch.tanh(x)`` inside a forward is not.
+    The output activation (:func:`output_activations`, found in the order of a
+    forward pass on ``example`` where given) stays, unless ``output=True``: the
+    loss reads it (a ReLU in place of a sigmoid under ``nn.BCELoss`` fails).
     """
     m = _target(model, inplace)
+    keep = set() if output else output_activations(m, example)
     for parent in list(m.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, replace) and not isinstance(child, to):
+            if isinstance(child, replace) and not isinstance(child, to) and id(child) not in keep:
                 setattr(parent, name, to())
     return m
 
@@ -120,20 +157,24 @@ def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:
         parent.add_module(str(i), mod)
 
 
-def add_norm(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``.
+def add_norm(model: nn.Module, inplace: bool = False, example: Any = None) -> nn.Module:
+    """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``
+    but the output one (:func:`output_activations`; ``example``: an input batch, to find it by a forward pass).
 
     BatchNorm: Ioffe & Szegedy (2015); LayerNorm: Ba, Kiros & Hinton (2016).
     Both keep each layer's pre-activations at unit scale, out of the flat tails.
+    The output's are the net's answer, not a hidden layer's: normalised, a
+    single output unit would be a constant.
     """
     from gradwatch.probes.activations import activation_spec
 
     m = _target(model, inplace)
+    keep = output_activations(m, example)
     for parent in [x for x in m.modules() if isinstance(x, nn.Sequential)]:
         items = list(parent)
         new: list[nn.Module] = []
         for mod in items:
-            if activation_spec(mod) is not None and new:
+            if activation_spec(mod) is not None and new and id(mod) not in keep:
                 prev = new[-1]
                 if isinstance(prev, nn.Linear):
                     new.append(nn.LayerNorm(prev.out_features))
