@@ -1206,3 +1206,18 @@ def test_relu_and_norm_remedies_keep_a_sigmoid_output_under_bce_loss(seed):
     assert [type(m) for m in normed.model][-2:] == [nn.Linear, nn.Sigmoid]  # no LayerNorm(1) before it
     out = normed.model(torch.randn(16, 30))
     assert out.std() > 0  # the output still depends on the input
+
+
+def test_a_remedy_that_multiplies_the_loss_or_brings_a_critical_finding_is_worse_not_no_change():
+    """Measured (a Keras-style sigmoid net under nn.BCELoss, residual connections): loss 0.66 → 36.6, exploding
+    and saturation brought as critical, the same held-out score (0.615, the majority class): it read "no change"."""
+    base = _row("baseline", 0.68, 0.659, 0.615, ("stalled", "vanishing"), ("vanishing",), null=0.66)
+    harm = _row("residual", 0.88, 36.56, 0.615, ("exploding", "saturation", "stalled"), ("exploding", "saturation"),
+                null=0.66)
+    assert verdicts.verdict(base, harm, {"stalled", "vanishing"}) == "worse (brings exploding, saturation)"
+    doubled = _row("residual, no new finding", 0.88, 1.5, 0.615, ("stalled",), null=0.66)
+    assert verdicts.verdict(base, doubled, {"stalled", "vanishing"}) == "worse"
+    same = _row("a remedy that does nothing", 0.68, 0.66, 0.615, ("stalled", "vanishing"), ("vanishing",), null=0.66)
+    assert verdicts.verdict(base, same, {"stalled", "vanishing"}) == "no change"
+    helps = _row("helps", 0.68, 0.5, 0.70, ("stalled",), ("exploding",), null=0.66)
+    assert verdicts.verdict(base, helps, {"stalled", "vanishing"}) == "helps; finding remains"  # better score wins

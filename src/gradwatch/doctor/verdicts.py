@@ -30,6 +30,7 @@ from gradwatch.doctor.trial_run import TrialRun
 LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction of the run's first finite loss
 SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least this much above the baseline's
 NULL_BELOW = 0.9  # "clearly below a constant output": the null loss is measured on a few batches (±10 %)
+WORSE_LOSS_ABOVE = 2.0  # a scored row whose score did not clearly rise is "worse" when its final loss more than doubled
 
 
 
@@ -89,6 +90,8 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     scored = math.isfinite(base.score) and math.isfinite(trial.score)
     if scored:
         better, worse = trial.score >= base.score + SCORE_MARGIN, trial.score <= base.score - SCORE_MARGIN
+        # the same score at chance is no evidence the remedy did nothing: a loss that more than doubled says it did harm
+        worse = worse or (not better and not trial.judge_by_score and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss)
     else:
         better = trial.final_loss < 0.9 * base.final_loss
         worse = trial.final_loss > 1.1 * base.final_loss
@@ -97,6 +100,8 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
         return "fixes it"
     if not left and brought:
         return f"removes the finding; brings {', '.join(brought)}"
+    if brought and not better:
+        return f"worse (brings {', '.join(brought)})"
     if not left and not worse:
         return "removes the finding; does not learn" if not trial.learned else "removes the finding; no better"
     if better:
