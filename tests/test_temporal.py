@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -254,3 +256,49 @@ def test_a_cell_called_once_per_pass_is_not_followed_by_default(store):
         model(torch.randn(5, 4)).backward()
         opt.step()
     assert "temporal_grad_norm" not in w.open().quantities
+
+
+class _LastState(nn.Module):
+    """A fused LSTM read at its last state only (the adding problem's shape): the loss sees h_T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(2, 16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[-1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fused_lstm_is_followed_through_time_without_temporal(store, seed):
+    """Measured (an LSTM on the adding problem at T = 200 that never learns): a plain `gw.watch` said "healthy",
+    since "auto" followed cells only, while the doctor's baseline found the vanishing through time. Now the default
+    records ‖∂L/∂h_t‖ of a fused module too, equal to a hand-unrolled nn.LSTMCell's (retain_grad)."""
+    torch.manual_seed(seed)
+    model = _LastState()
+    x = torch.randn(60, 4, 2)
+    with torch.no_grad():  # a forget gate that forgets: bias −3 on it (gates i, f, g, o)
+        model.lstm.bias_ih_l0[16:32] = -3.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, opt, store=store, name=f"fused-{seed}") as w:  # no temporal=
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        opt.step()
+    series = w.open().temporal("lstm.l0")
+    cell = nn.LSTMCell(2, 16).double()
+    with torch.no_grad():
+        for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, p).copy_(getattr(model.lstm, f"{p}_l0"))
+    h = torch.zeros(4, 16, dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(4, 16, dtype=torch.float64)
+    hs = [h]
+    for xt in x.double():
+        h, c = cell(xt, (h, c))
+        h.retain_grad()
+        hs.append(h)
+    copy.deepcopy(model.head).double()(h).pow(2).sum().backward()
+    reference = torch.stack([s.grad.norm() for s in hs])
+    torch.testing.assert_close(torch.tensor(series.values[:, 0]), reference, rtol=1e-4, atol=1e-30)
+    assert reference[1] < 1e-6 * reference[-1]  # the gradient at the first states has vanished

@@ -232,8 +232,11 @@ def find_recurrent(model: nn.Module, temporal: object, caller: str = "watch") ->
     if temporal is False:
         return []
     modules = dict(model.named_modules())
-    if temporal == "auto":  # the default: cells, followed where one forward pass calls them more than once
-        return [(n, m) for n, m in modules.items() if isinstance(m, nn.RNNCellBase)]
+    if temporal == "auto":  # the default: fused modules, and cells followed where one forward pass calls them more
+        # than once (a cell called once per pass is a layer, not a recurrence)
+        # (not an LSTM with proj_size, which the re-run does not support: asked for by name or True, it says so)
+        return [(n, m) for n, m in modules.items()
+                if isinstance(m, nn.RNNCellBase) or (isinstance(m, nn.RNNBase) and not getattr(m, "proj_size", 0))]
     if temporal is True:
         found: list[tuple[str, nn.Module]] = [(n, m) for n, m in modules.items() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
         if not found:

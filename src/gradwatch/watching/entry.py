@@ -75,12 +75,13 @@ def watch(
         overwrite: replace an existing run of the same name.
         temporal: record ‖∂L/∂h_t‖ at every time step of recurrent modules, on
             the ``activations`` schedule. "auto" (the default): every
-            ``nn.RNNCell``/``GRUCell``/``LSTMCell`` that one forward pass calls
-            more than once (a cell in a Python loop), nothing else, and nothing
-            when ``activations=False``. True: every ``nn.RNN``/``nn.GRU``/
-            ``nn.LSTM`` and ``nn.*Cell`` (fused modules are re-run unrolled);
-            or the names of the modules to follow (a cell of your own, called
-            once per time step, whose output is its new hidden state). See
+            ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (fused modules are re-run
+            unrolled on those steps) and every ``nn.RNNCell``/``GRUCell``/
+            ``LSTMCell`` that one forward pass calls more than once (a cell in
+            a Python loop), and nothing when ``activations=False``. True: every
+            fused module and every cell, however often it is called; or the
+            names of the modules to follow (a cell of your own, called once per
+            time step, whose output is its new hidden state). See
             :mod:`gradwatch.probes.temporal` for what it costs.
         attention: per-head max and rms attention logit and attention entropy
             of every attention module (``nn.MultiheadAttention`` and the
