@@ -196,3 +196,25 @@ def test_a_ramp_into_divergence_gets_its_onset_and_peak(store):
     assert f.numbers["peak_step"] == int(np.argmax(totals)) == 130  # the reference: a naive loop over param.grad
     assert f.numbers["peak"] == pytest.approx(max(totals), rel=1e-5)
     assert "peak at step 130" in f.summary and "while the loss did not fall" in f.evidence
+
+
+def test_a_high_adam_rate_is_blamed_by_what_the_net_has():
+    """The rate's words said "a deep net with attention or normalisation often does not survive" for a plain CNN at
+    Adam lr 1 (it has neither), and put lr 1e-2 first as the cause of an LSTM's forgetting (Adam's 1e-2 trains an
+    LSTM; the doctor's own Adam remedy runs there). Above 3e-3 with normalisation or attention, above 3e-2 without."""
+    from types import SimpleNamespace
+
+    from gradwatch.diagnosis.architecture import lr_without_warmup
+
+    def run(lr: float, *types: str):
+        meta = {"optimizer": "Adam", "optimizer_lr": lr, "optimizer_initial_lr": None, "module_types": list(types)}
+        return SimpleNamespace(meta=meta, entities=lambda *a: [])
+
+    assert lr_without_warmup(run(1e-2, "LSTM", "Linear")) == ""
+    assert lr_without_warmup(run(1e-2, "Conv2d", "ReLU", "Linear")) == ""
+    plain = lr_without_warmup(run(1.0, "Conv2d", "ReLU", "Linear"))
+    assert plain.startswith("the learning rate: Adam at lr 1 with no warm-up") and "attention" not in plain
+    assert "1000× PyTorch's default rate" in plain
+    for types in (("Linear", "LayerNorm"), ("MultiheadAttention", "Linear"), ("TransformerEncoderLayer",)):
+        assert "attention or normalisation" in lr_without_warmup(run(1e-2, *types))
+    assert lr_without_warmup(run(2e-3, "LayerNorm")) == ""

@@ -20,6 +20,7 @@ ADAM_TYPES = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
 # Adam's step moves every weight by about lr from the first step on (its update is normalised): above 3·10⁻³
 # without a warm-up, attention and LayerNorm'd nets (Xiong et al. 2020; Liu et al. 2020) commonly collapse.
 ADAM_LR_ABOVE = 3e-3
+ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1e-2 trains an LSTM or a small CNN)
 # A net of this many weighted layers or more, with no skip connection, is deep enough that residual connections
 # (ReZero/Fixup-initialised, so that they start at the identity) are the depth remedy: He et al. 2016's plain-net
 # degradation, and a 30-layer ReLU MLP that stalls at Xavier init but trains with ReZero (measured: 0.09 → 0.96).
@@ -43,14 +44,24 @@ def module_types(run: Run) -> set[str]:
 
 
 def lr_without_warmup(run: Run) -> str:
-    """Words for Adam-type optimisation at a high learning rate with no warm-up seen ('' when that is not the case)."""
+    """Words for Adam-type optimisation at a high learning rate with no warm-up seen ('' when that is not the case).
+
+    High is above ``ADAM_LR_ABOVE`` for a net with attention or normalisation layers (what Xiong et al. and Liu et
+    al. measured), above ``ADAM_LR_PLAIN_ABOVE`` for one with neither: an LSTM or a plain CNN trains at Adam's
+    1e-2 (the doctor's own Adam remedy runs there), and blaming that rate for a recurrence that forgets misleads.
+    """
     meta = _meta(run)
     opt, lr = meta.get("optimizer"), meta.get("optimizer_lr")
-    if opt not in ADAM_TYPES or not isinstance(lr, (int, float)) or lr <= ADAM_LR_ABOVE or warmup_seen(run):
+    if opt not in ADAM_TYPES or not isinstance(lr, (int, float)) or warmup_seen(run):
         return ""
+    types = module_types(run)
+    sensitive = any("Norm" in t or "Attention" in t or t in RESIDUAL_TYPES for t in types)
+    if lr <= (ADAM_LR_ABOVE if sensitive else ADAM_LR_PLAIN_ABOVE):
+        return ""
+    why = ("which a deep net with attention or normalisation often does not survive" if sensitive else
+           f"{lr / 1e-3:g}× PyTorch's default rate for {opt}, too large a step for most weights")
     return (f"the learning rate: {opt} at lr {lr:g} with no warm-up (no scheduler had lowered it when the watch "
-            f"started) moves every weight by about lr from the first step, which a deep net with attention or "
-            f"normalisation often does not survive")
+            f"started) moves every weight by about lr from the first step, {why}")
 
 
 def warmup_seen(run: Run) -> bool:
