@@ -258,3 +258,38 @@ def test_a_recovered_spike_folded_into_a_worse_finding_loses_its_info_only_claus
     calm = replace(attention, severity="info")  # an info finding keeps the words that say why it is info
     (kept,) = merge_spikes([spike], [calm])
     assert kept.severity == "info" and kept.evidence.endswith("no lasting damage (info only).")
+
+
+def test_a_spike_in_a_net_without_attention_is_not_told_of_attention_statistics(tmp_path):
+    """Measured (an MLP with BatchNorm at batch size 2): a loss spike's cause read "no attention or log-Z statistics
+    were recorded: the mechanism cannot be told apart" — words for a Transformer. A net with no attention gets the
+    plain cause; one with attention but no probe records still hears what is missing."""
+    import torch
+
+    import gradwatch as gw
+
+    class Net(torch.nn.Module):
+        def __init__(self, attention: bool) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+            if attention:
+                self.attn = torch.nn.MultiheadAttention(4, 1)  # present (its class is recorded), never called
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    for attention, words in ((False, "unstable steps: a sharp region"), (True, "no attention or log-Z statistics")):
+        torch.manual_seed(0)
+        model = Net(attention)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(0)
+        with gw.watch(model, opt, attention=False, store=tmp_path, name=f"spike-{attention}") as w:
+            for step in range(120):
+                x = torch.randn(16, 4, generator=g) * (30.0 if step == 80 else 1.0)  # one bad batch
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss)
+        spikes = [f for f in gw.diagnose(w.path).findings if f.kind == "exploding" and "onset" in f.numbers]
+        assert spikes and spikes[0].cause.startswith(words), [str(f) for f in gw.diagnose(w.path).findings]

@@ -35,6 +35,7 @@ from dataclasses import replace
 import numpy as np
 
 from gradwatch._errors import bad_argument
+from gradwatch.diagnosis.architecture import module_types
 from gradwatch.diagnosis.findings import Finding, sci
 from gradwatch.diagnosis.instability_thresholds import InstabilityThresholds
 from gradwatch.diagnosis.measures import flat_loss, total_grad_norm
@@ -76,7 +77,8 @@ def _already_normalised(found: list[Finding], run: Run) -> list[Finding]:
 
 
 def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None, mech: list[Mechanism],
-             probes: ProbeSeries | None, severity: str, more: str = "") -> Finding:
+             probes: ProbeSeries | None, severity: str, more: str = "", attends: bool = True) -> Finding:
+    """``attends``: the model has attention (or a Transformer layer), whose statistics could have told the mechanism."""
     evidence = [ev.words + more]
     numbers = dict(ev.numbers, onset=float(ev.step))
     layers: tuple[str, ...] = ()
@@ -104,7 +106,9 @@ def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None,
                            "far from 0"}[m.key] for m in mech)
         keys = tuple(dict.fromkeys(k for m in mech for k in m.remedy_keys))
     else:
-        cause = ("no attention or log-Z statistics were recorded: the mechanism cannot be told apart" if probes is None
+        cause = ("unstable steps: a sharp region of the loss surface, a bad batch or a learning rate too large for it"
+                 if probes is None and not attends else
+                 "no attention or log-Z statistics were recorded: the mechanism cannot be told apart" if probes is None
                  else "the attention logits and log Z stayed in range: a sharp region of the loss surface or a bad batch")
         keys = _NO_MECHANISM
     name = {"spike": "loss spike", "divergence": "the loss diverged", "nonfinite": "the run went non-finite",
@@ -160,12 +164,13 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         return what, first_movers(names, s, v, t0, th)
 
     found = []
+    attends = probes is not None or any("Attention" in t or "Transformer" in t for t in module_types(run))
     serious = [e for e in evs if e.kind in ("divergence", "nonfinite")]
     end = serious[0].step if serious else math.inf
     if serious:
         ev = serious[0]
         more = "".join(f"; {e.words}" for e in serious[1:2])
-        found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes, "critical", more))
+        found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes, "critical", more, attends))
     spikes = [e for e in evs if e.kind == "spike" and e.step < end]
     if spikes:
         ev = spikes[0]
@@ -175,7 +180,7 @@ def instability_findings(run: Run, thresholds: InstabilityThresholds | None = No
         before = loss[(steps < ev.step) & (steps >= ev.step - th.window)]
         recovered = not serious and len(after) and len(before) and _recovered(loss, before, after)
         found.append(_finding(ev, movers(ev.step), mechanisms(probes, ev.step, th), probes,
-                              "info" if recovered else "warning", more))
+                              "info" if recovered else "warning", more, attends))
     if not serious and not any("attention_logit_growth" in f.numbers and f.severity != "info" for f in found):
         whole = _whole_run(run, int(steps[0]), int(steps[-1]), probes, th)
         if whole is not None:

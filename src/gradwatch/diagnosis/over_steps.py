@@ -252,8 +252,9 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
         evidence=(f"the total gradient norm fell from {sci(early)} (median of steps {int(steps[0])}–"
                   f"{int(steps[ok][th.spike_after - 1])}) to {sci(late)} (median of the last {4 * th.window} steps) "
                   f"while the loss did not converge."),
-        cause="the loss saturates: nothing flows back from it. For a GAN generator trained with the minimax loss "
-        "log(1 − D(G(z))), a discriminator that confidently rejects the samples leaves almost no gradient",
+        cause="nothing flows back from the loss any more: an output unit (a sigmoid, a softmax) in its flat tails, a "
+        "loss on a clamped or detached output, or units that stopped passing a gradient; for a GAN generator trained "
+        "with the minimax loss log(1 − D(G(z))), a discriminator that confidently rejects the samples",
         remedies=remedies("nonsaturating", "lower_lr"),
         numbers={"ratio": late / early, "early": early, "late": late},
         sources=(_total_source(steps),) + (("loss (run)",) if "loss" in run.quantities else ()),
