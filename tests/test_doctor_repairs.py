@@ -1057,9 +1057,11 @@ def test_when_nothing_beats_a_constant_output_the_doctor_says_the_trials_may_be_
     assert report.best is None
     assert report.message.startswith("no remedy helped; 1 remedy removed the findings, but no trial got below")
     assert "steps=80" in report.message
-    gated_final[0] = 0.7  # below 0.9 × the null loss, though it did not halve: no hint
+    gated_final[0] = 0.7  # below 0.9 × the null loss, though it did not halve: no hint, but the closest row named
     report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
-    assert report.best is None and report.message == "no remedy helped", report.message
+    assert report.best is None and report.message == (
+        "no remedy fixes it (findings gone and the loss at most half its start); closest: GATED — removes the "
+        "finding; does not learn, final loss 0.7 against 1, loss 1 → 0.7"), report.message
 
 
 def _sigmoid_convnet(seed: int) -> Trial:
@@ -1221,3 +1223,14 @@ def test_a_remedy_that_multiplies_the_loss_or_brings_a_critical_finding_is_worse
     assert verdicts.verdict(base, same, {"stalled", "vanishing"}) == "no change"
     helps = _row("helps", 0.68, 0.5, 0.70, ("stalled",), ("exploding",), null=0.66)
     assert verdicts.verdict(base, helps, {"stalled", "vanishing"}) == "helps; finding remains"  # better score wins
+
+
+def test_a_row_with_a_much_better_score_that_did_not_halve_its_loss_says_so():
+    """Measured (weight decay 1.0, an over-regularised classifier): norm + LeakyReLU took accuracy 0.61 → 0.99 with
+    the loss 0.69 → 0.52, and read "removes the finding; no better" under a report saying "no remedy helped"."""
+    base = _row("baseline", 0.69, 0.67, 0.614, ("vanishing", "dead_units"), ("vanishing",), null=0.66)
+    row = _row("norm + leaky", 0.69, 0.52, 0.99, null=0.66)
+    assert verdicts.verdict(base, row, {"vanishing", "dead_units"}) == (
+        "removes the finding; a better score, but the loss did not halve")
+    same_score = _row("norm", 0.69, 0.52, 0.62, null=0.66)
+    assert verdicts.verdict(base, same_score, {"vanishing", "dead_units"}) == "removes the finding; does not learn"

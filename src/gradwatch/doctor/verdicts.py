@@ -103,6 +103,8 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     if brought and not better:
         return f"worse (brings {', '.join(brought)})"
     if not left and not worse:
+        if better and scored:  # the score says it learned something; the loss, that it did not learn enough
+            return "removes the finding; a better score, but the loss did not halve"
         return "removes the finding; does not learn" if not trial.learned else "removes the finding; no better"
     if better:
         return "helps; finding remains"
