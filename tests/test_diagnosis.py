@@ -341,3 +341,39 @@ def test_the_root_module_is_named_root_in_findings(store):
     (f,) = [f for f in w.diagnose().of("vanishing") if f.layers]
     assert w.open().series("out_grad_norm").names[-1] == ""  # the root is the last layer
     assert "at layer (root)" in f.evidence and "layer ;" not in f.evidence and "layer  " not in f.evidence
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_clipping_threshold_from_steps_already_on_their_way_up(store, seed):
+    """Measured (a GRU at SGD lr 0.5, momentum 0.9, NaN by step 11–12): the clip threshold was the median of the
+    dozen steps before the NaN, 27, already blowing up; the doctor's clipping at it read "worse" (loss 1273) where
+    clip_grad_norm_(…, 1.0) fixes it. Without a calm phase (`spike_after` calm steps) no threshold is measured,
+    and the doctor clips at 1."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    x = 4 * torch.randn(64, 4, generator=g)
+    y = x.sum(1, keepdim=True) ** 2
+    with gw.watch(model, opt, store=store, name=f"early-{seed}") as w:
+        for _ in range(30):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    found = [f for f in w.diagnose().findings if "clip_at" in f.numbers]
+    assert found and all(math.isnan(f.numbers["clip_at"]) for f in found), [str(f) for f in found]
+    from gradwatch.doctor import surgery
+    from gradwatch.zoo import Trial
+
+    trial = Trial(model, opt, iter(()), nn.functional.mse_loss)
+    numbers: dict[str, float] = {}
+    for f in w.diagnose().findings:  # merged as the doctor merges them: an unmeasured (NaN) value is no value
+        numbers.update({k: v for k, v in f.numbers.items() if k not in numbers and not math.isnan(v)})
+    surgery.clip(trial, numbers)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    opt.step()  # the clipping hook runs before the step, in place
+    total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
+    assert total == pytest.approx(1.0, rel=1e-5)

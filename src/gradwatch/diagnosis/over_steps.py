@@ -100,7 +100,9 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
              "the weights, or of the targets (a squared error on targets in their raw units)" if large_loss
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",
         remedies=fixes,
-        numbers={"peak": peak, "median": median, "clip_at": clip, "spikes": float(len(spikes)),
+        # clip_at only from a calm phase: the median of a dozen steps already on their way up (a GRU at lr 0.5 that
+        # is NaN by step 11: 27) clips too late to hold anything; without it the doctor clips at 1
+        numbers={"peak": peak, "median": median, "clip_at": clip if calm_phase else math.nan, "spikes": float(len(spikes)),
                  "over_bound": float(len(over)), "peak_step": float(peak_step),
                  **({"onset": float(steps[ramps[0][0]])} if ramps else {}), **({"recovered": 1.0} if recovered else {})},
         sources=(_total_source(steps),),

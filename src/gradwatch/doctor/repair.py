@@ -210,7 +210,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         return report
     numbers: dict[str, float] = {}
     for f in diagnosis:
-        numbers.update({k: v for k, v in f.numbers.items() if k not in numbers})
+        numbers.update({k: v for k, v in f.numbers.items() if k not in numbers and not math.isnan(v)})  # NaN: unmeasured
     candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
     targets = {f.kind for f in diagnosis.problems}
     tried: set[tuple[str, ...]] = set()
