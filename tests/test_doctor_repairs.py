@@ -1234,3 +1234,47 @@ def test_a_row_with_a_much_better_score_that_did_not_halve_its_loss_says_so():
         "removes the finding; a better score, but the loss did not halve")
     same_score = _row("norm", 0.69, 0.52, 0.62, null=0.66)
     assert verdicts.verdict(base, same_score, {"vanishing", "dead_units"}) == "removes the finding; does not learn"
+
+
+# --- a softmax before nn.CrossEntropyLoss ----------------------------------------------------------
+
+
+def _digits_mlp(seed: int, softmax: bool) -> Trial:
+    """DeepLocalize's commonest Stack Overflow bug: nn.Softmax at the output of a classifier trained with
+    nn.CrossEntropyLoss (which applies log-softmax itself). Digits, 64-128-64-10 ReLU MLP, SGD at 0.05."""
+    from gradwatch import zoo
+
+    x, y, xt, yt = zoo.digits()
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)]
+    model = nn.Sequential(*layers, *([nn.Softmax(dim=1)] if softmax else []))
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(x, y, 64, seed),
+                 nn.CrossEntropyLoss(), evaluate=lambda m: accuracy(m, xt, yt))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_softmax_before_cross_entropy_is_found_and_dropped(tmp_path, seed):
+    """The watch said "no findings: the gradients look healthy" and the doctor "nothing to fix" on a run whose loss
+    sat at ln 10 for 400 steps. Now the flat loss under a softmax at the output is a finding that names logits, its
+    twin without the softmax (which learns, measured here) has none, and the doctor's remedy drops the softmax: the
+    loss then at most halves, as a plain loop measures it."""
+    found = {}
+    for softmax in (True, False):
+        trial = _digits_mlp(seed, softmax)
+        losses = []
+        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"sm-{softmax}-{seed}") as w:
+            for _ in range(300):
+                losses.append(float(trial.step()))
+                w.log(loss=losses[-1])
+        found[softmax] = [f for f in w.diagnose().problems if "logits" in f.remedy_keys]
+        if softmax:
+            assert sum(losses[-20:]) / 20 > 0.9 * sum(losses[:10]) / 10  # the reference: it does not learn
+        else:
+            assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:10]) / 10  # its twin does
+    assert found[True] and found[True][0].kind == "stalled" and found[True][0].remedy_keys[0] == "logits"
+    assert found[False] == []
+    trial = _one("logits").apply(_digits_mlp(seed, True), {})
+    assert not any(isinstance(m, nn.Softmax) for m in trial.model.modules())
+    losses = [float(trial.step()) for _ in range(300)]
+    assert sum(losses[-20:]) / 20 <= 0.5 * losses[0]
+    assert _one("logits").apply(_digits_mlp(seed, False), {}) is None  # nothing to drop

@@ -36,6 +36,8 @@ REMEDIES = {
     "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
     "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
     "smaller_init_lower_lr": "smaller initial weights together with a lower learning rate",
+    "logits": "pass logits to the loss: drop the softmax at the output (nn.CrossEntropyLoss applies log-softmax itself; "
+              "keep a softmax for predictions only, outside the loss)",
     "output_activation": "check the output layer and the loss: a softmax over a single unit is the constant 1 (use a sigmoid), and a loss on a detached or constant output passes no gradient",
     "margin_loss": "evaluate with a margin (Carlini–Wagner) loss on the logits, max_{j≠y} z_j − z_y, which does not saturate with the softmax",
     "bpda": "BPDA: attack through non-differentiable layers with a differentiable stand-in, e.g. the identity on the backward pass (Athalye, Carlini & Wagner 2018)",

@@ -27,7 +27,9 @@ from gradwatch.diagnosis.over_steps import (
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
-from gradwatch.diagnosis.units import activation_findings, stalled_findings, zero_gradient_findings
+from gradwatch.diagnosis.units import (
+    activation_findings, softmax_output_findings, stalled_findings, zero_gradient_findings,
+)
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
 
@@ -55,7 +57,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
         view = run
     found += merge_spikes(spike_findings(view, th), instability_findings(view, th.instability))
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
-    found += activation_findings(view, th) + skipped
+    found += activation_findings(view, th) + softmax_output_findings(view, th) + skipped
     found += zero_gradient_findings(view, th) or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found = fit_architecture(by_effect(found, view, th), view)

@@ -187,6 +187,35 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     )]
 
 
+def softmax_output_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """A softmax at the model's output (meta ``output_modules``) in a run whose logged loss stays flat: squashed twice.
+
+    ``nn.CrossEntropyLoss`` applies log-softmax itself; fed probabilities, it sees inputs in [0, 1] whose softmax
+    is nearly uniform, so the loss sits near ln K and its gradient is small (the commonest bug in DeepLocalize's
+    Stack Overflow set). The gradients can look healthy: only the flat loss and the module at the output show it.
+    """
+    meta = getattr(run, "meta", None) or {}
+    if "Softmax" not in (meta.get("output_modules") or ()):
+        return []
+    ends = loss_ends(run, th)
+    if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0]:
+        return []
+    first, final = ends
+    steps = run.series("loss", "run").steps
+    return [Finding(
+        kind="stalled", severity="critical", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the loss does not fall ({sci(first)} → {sci(final)}) and the model ends in a softmax",
+        evidence=(f"the logged loss went {sci(first)} → {sci(final)} (medians of its first {th.spike_after} and last "
+                  f"{4 * th.window} values) with nn.Softmax after the last layer; over K classes a loss fed "
+                  f"probabilities it squashes again stays near ln K."),
+        cause="a softmax before a loss that applies its own (nn.CrossEntropyLoss): the outputs are squashed twice, so "
+              "the loss can barely move and passes back a small gradient",
+        remedies=remedies("logits"),
+        numbers={"loss_first": first, "loss_final": final},
+        sources=("loss (run)", "meta output_modules"),
+    )]
+
+
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Every layer's gradient exactly 0 over the last ``window`` steps: nothing trains (stalled, critical).
 

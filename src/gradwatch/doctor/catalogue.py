@@ -132,6 +132,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "forget_bias": one("forget_bias", "LSTM forget-gate bias 1", OnModel(s.forget_bias)),
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", s.nonsaturating),
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
+        "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }
 

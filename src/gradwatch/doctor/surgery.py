@@ -369,6 +369,24 @@ def _keep_output(trial: Trial) -> set[int]:
     return r.output_activations(trial.model)
 
 
+def logits(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The identity in place of an ``nn.Softmax`` after the model's last layer (found by a forward pass on a batch
+    where the batches are the model's inputs): the loss gets logits. None when there is none."""
+    example = _model_input(trial)
+    try:
+        after = r.after_last_layer(trial.model, example)
+    except Exception:  # noqa: BLE001 - not what the model takes: registration order
+        after = r.after_last_layer(trial.model)
+    drop = {id(m) for m in after if isinstance(m, nn.Softmax)}
+    if not drop:
+        return None
+    for parent in list(trial.model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in drop:
+                setattr(parent, name, nn.Identity())
+    return trial
+
+
 def _model_input(trial: Trial) -> torch.Tensor | None:
     """The inputs of the trial's next batch (put back), where its batches are ``(inputs, …)``; else None."""
     batches = peek(trial, 1)

@@ -33,6 +33,11 @@ def output_activations(model: nn.Module, example: Any = None) -> set[int]:
     """
     from gradwatch.probes.activations import activation_spec
 
+    return {id(x) for x in after_last_layer(model, example) if activation_spec(x) is not None}
+
+
+def after_last_layer(model: nn.Module, example: Any = None) -> list[nn.Module]:
+    """The leaf modules after the model's last leaf with parameters, in the order of :func:`output_activations`."""
     leaves = [x for x in model.modules() if not list(x.children())]
     order: list[nn.Module] = leaves
     if example is not None:
@@ -50,7 +55,7 @@ def output_activations(model: nn.Module, example: Any = None) -> set[int]:
             for x, training in modes:
                 x.training = training
     last = max((i for i, x in enumerate(order) if any(True for _ in x.parameters(recurse=False))), default=-1)
-    return {id(x) for x in order[last + 1:] if activation_spec(x) is not None}
+    return list(dict.fromkeys(order[last + 1:]))
 
 
 def swap_activation(model: nn.Module, to: type[nn.Module] = nn.ReLU, replace: tuple[type[nn.Module], ...] = SATURATING,

@@ -43,11 +43,21 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
         # normalisation, activation types) to propose only remedies it does not already have.
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
+        # The parameter-free modules after the last layer with parameters, in registration order: what the loss
+        # reads (a softmax there, before nn.CrossEntropyLoss, squashes the logits twice).
+        "output_modules": output_modules(model),
         # Post-LN Transformer layers (norm_first=False), which need a learning-rate warm-up (Xiong et al. 2020).
         "post_ln_layers": sum(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                               and not m.norm_first for m in model.modules()),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
+
+
+def output_modules(model: nn.Module) -> list[str]:
+    """Class names of the leaf modules registered after the model's last leaf with parameters, in order."""
+    leaves = [m for m in model.modules() if not list(m.children())]
+    last = max((i for i, m in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))), default=-1)
+    return [type(m).__name__ for m in leaves[last + 1:]]
 
 
 def max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
