@@ -196,8 +196,11 @@ def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 
 # Regression losses whose gradient with respect to the output scales as a power of the targets' scale (MSE: σ²·,
-# L1: σ⁰·); the target standardisation applies to these only.
-_TARGET_POWER: dict[Any, int] = {F.mse_loss: 2, nn.MSELoss: 2, F.l1_loss: 1, nn.L1Loss: 1}
+# L1: σ⁰·); the target standardisation applies to these only. Huber and smooth L1 take L1's: their gradient is
+# bounded (by delta, by 1) wherever the residual in raw units passes beta, as it does on raw targets, so the net
+# trains as under an L1 loss on the standardised targets.
+_TARGET_POWER: dict[Any, int] = {F.mse_loss: 2, nn.MSELoss: 2, F.l1_loss: 1, nn.L1Loss: 1, F.smooth_l1_loss: 1,
+                                 nn.SmoothL1Loss: 1, F.huber_loss: 1, nn.HuberLoss: 1}
 TARGETS_OFF_SCALE = 10.0  # targets whose mean or standard deviation is beyond this get standardised
 
 
@@ -207,8 +210,9 @@ def standardise_targets(trial: Trial, numbers: dict[str, float]) -> Trial | None
     The model's output o becomes a prediction mean + std·o (so the loss and the held-out score stay on the
     user's scale), and its gradient is the standardised problem's: an MSE on targets in the millions has a
     gradient a million times too large for any learning rate set for unit targets; Adam hides that, SGD does
-    not. Applies to an MSE or L1 loss (``F.mse_loss``, ``F.l1_loss`` or their modules) on float targets whose
-    mean or standard deviation is beyond :data:`TARGETS_OFF_SCALE`.
+    not. Applies to an MSE, L1, smooth-L1 or Huber loss (``F.mse_loss``, ``F.l1_loss``, ``F.smooth_l1_loss``,
+    ``F.huber_loss`` or their modules) on float targets whose mean or standard deviation is beyond
+    :data:`TARGETS_OFF_SCALE`.
     """
     power = _TARGET_POWER.get(trial.loss_fn, _TARGET_POWER.get(type(trial.loss_fn)))
     if power is None:
