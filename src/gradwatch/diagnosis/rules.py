@@ -59,8 +59,11 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
-    found += activation_findings(view, th) + softmax_output_findings(view, th) + skipped
-    found += zero_gradient_findings(view, th) or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+    found += activation_findings(view, th) + skipped
+    zero = zero_gradient_findings(view, th)  # no gradient at all (a softmax over one unit): that finding says why
+    found += zero or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+    if not zero:
+        found += softmax_output_findings(view, th)
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found = fit_architecture(by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
