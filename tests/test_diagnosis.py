@@ -377,3 +377,69 @@ def test_no_clipping_threshold_from_steps_already_on_their_way_up(store, seed):
     opt.step()  # the clipping hook runs before the step, in place
     total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
     assert total == pytest.approx(1.0, rel=1e-5)
+
+
+class _GRUNext(nn.Module):
+    """A GRU predicting the next value of a noisy sum of sines (T = 50): Stack Overflow's "GRU loss suddenly
+    becomes nan" at plain SGD lr 0.5 with momentum 0.9 (Pascanu et al. 2013's exploding gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, 64, batch_first=True)
+        self.out = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gru(x)[0])
+
+
+def _sines(seed: int, batch: int = 32, steps: int = 50):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        phase, freq = torch.rand(batch, 1, generator=g) * 6.28, 0.1 + 0.3 * torch.rand(batch, 1, generator=g)
+        t = torch.arange(steps + 1).float()[None]
+        s = 3 * torch.sin(freq * t + phase) + 2 * torch.sin(0.37 * freq * t) + 0.1 * torch.randn(batch, steps + 1, generator=g)
+        yield s[:, :steps, None], s[:, 1:, None]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_divergence_from_an_ordinary_start_blames_the_learning_rate_not_the_init(store, seed):
+    """Measured (this GRU at SGD lr 0.5, momentum 0.9, NaN by step 11–12): "too large from the first step: the
+    initial scale of the weights", smaller init first. A norm that starts ordinary and grows ×10 or more before
+    any calm phase is steps that overshoot: a lower learning rate first. An MLP whose weights are too large from
+    the start still hears of its init."""
+    torch.manual_seed(seed)
+    model = _GRUNext()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    batches = _sines(seed)
+    norms = []
+    with gw.watch(model, opt, store=store, name=f"gru-{seed}") as w:
+        for _ in range(40):
+            x, y = next(batches)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            norms.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            opt.step()
+            w.log(loss=loss)
+    finite = [n for n in norms if math.isfinite(n)]
+    assert finite[0] < 100 and max(finite) >= 10 * finite[0]  # the reference: it starts ordinary and grows
+    said = [str(f) for f in w.diagnose().findings]
+    found = [f for f in w.diagnose().findings if f.kind == "exploding" and "peak" in f.numbers]
+    assert found and found[0].cause.startswith("steps that overshoot") and found[0].remedy_keys[0] == "lower_lr", said
+    # weights too large from the start (N(0, 5²)): the gradient is huge at step 0 and NaN at once, nothing grew
+    torch.manual_seed(seed)
+    big = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    for p in big.parameters():
+        nn.init.normal_(p, std=5.0)
+    opt = torch.optim.SGD(big.parameters(), lr=0.1)
+    with gw.watch(big, opt, store=store, name=f"big-{seed}") as w:
+        for _ in range(40):
+            x, y = next(batches)
+            loss = nn.functional.mse_loss(big(x[:, 0]), y[:, 0])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    said = [str(f) for f in w.diagnose().findings]
+    found = [f for f in w.diagnose().findings if f.kind == "exploding" and "peak" in f.numbers]
+    assert found and "scale of" in found[0].cause and found[0].remedy_keys[0] == "smaller_init", said
