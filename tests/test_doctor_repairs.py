@@ -1323,3 +1323,51 @@ def test_a_crawling_loss_in_the_hundreds_is_found_and_its_targets_standardised(t
         trial.loss_fn = loss
         scaled = _one("standardise_targets").apply(trial, {})
         assert isinstance(scaled.model, surgery.TargetScaled) and float(scaled.model.back) == 1.0
+
+
+# --- a weight decay that shrinks the net to nothing --------------------------------------------------
+
+
+def _cancer_wd(seed: int, weight_decay: float) -> Trial:
+    """Stack Overflow's "model predicts the same class for every input" (weight_decay=1 with SGD): scikit-learn's
+    breast-cancer set, standardised, a 30-64-64-2 ReLU MLP, SGD at 0.1 (Krogh & Hertz 1992 on weight decay)."""
+    from sklearn.datasets import load_breast_cancer
+
+    x_np, y_np = load_breast_cancer(return_X_y=True)
+    x = torch.tensor((x_np - x_np.mean(0)) / x_np.std(0), dtype=torch.float32)
+    y = torch.tensor(y_np)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=weight_decay)
+    return Trial(model, opt, _batches(x, y, 64, seed), nn.functional.cross_entropy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_weight_decay_that_collapses_the_net_is_named_and_lowered(tmp_path, seed):
+    """Its findings blamed "negative biases … or a poor initialisation"; weight decay was never named, and the
+    doctor had no remedy for it. Now the findings' cause names it (lr × weight_decay = 10 % a step) with a smaller
+    weight decay first; its twin at 1e-4 learns with no finding; the doctor's weight decay ×0.001 trains in a plain
+    loop (the loss at most half its start)."""
+    from gradwatch.diagnosis.architecture import heavy_weight_decay
+
+    found = {}
+    for wd in (1.0, 1e-4):
+        trial = _cancer_wd(seed, wd)
+        losses = []
+        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"wd-{wd}-{seed}") as w:
+            for _ in range(300):
+                losses.append(float(trial.step()))
+                w.log(loss=losses[-1])
+        found[wd] = w.diagnose().problems
+        if wd == 1.0:
+            assert sum(losses[-20:]) / 20 > 0.9 * sum(losses[:10]) / 10  # the reference: it does not learn
+    assert found[1.0] and all(f.remedy_keys[0] == "lower_wd" and "the weight decay: SGD with weight_decay 1" in f.cause
+                              for f in found[1.0]), [str(f) for f in found[1.0]]
+    assert found[1e-4] == []
+    trial = _one("lower_wd").apply(_cancer_wd(seed, 1.0), {})
+    assert trial.optimizer.param_groups[0]["weight_decay"] == pytest.approx(1e-3)
+    losses = [float(trial.step()) for _ in range(300)]
+    assert sum(losses[-20:]) / 20 <= 0.5 * losses[0]
+    adamw = SimpleNamespace(meta={"optimizer": "AdamW", "optimizer_lr": 1e-3, "optimizer_weight_decay": 0.01})
+    assert heavy_weight_decay(adamw) == ""  # PyTorch's AdamW defaults shrink 0.001 % a step: not this
+    assert _one("lower_wd").apply(_cancer_wd(seed, 0.0), {}) is None

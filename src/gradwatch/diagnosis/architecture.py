@@ -20,6 +20,7 @@ ADAM_TYPES = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
 # Adam's step moves every weight by about lr from the first step on (its update is normalised): above 3·10⁻³
 # without a warm-up, attention and LayerNorm'd nets (Xiong et al. 2020; Liu et al. 2020) commonly collapse.
 ADAM_LR_ABOVE = 3e-3
+WD_SHRINK_ABOVE = 1e-2  # lr × weight_decay: every weight shrinks by 1 % a step or more (SGD, and AdamW's decoupled decay)
 ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1e-2 trains an LSTM or a small CNN)
 # A net of this many weighted layers or more, with no skip connection, is deep enough that residual connections
 # (ReZero/Fixup-initialised, so that they start at the identity) are the depth remedy: He et al. 2016's plain-net
@@ -29,6 +30,8 @@ _DEPTH_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
 # Findings of layers that move too little: under plain SGD each moves lr·g, so an adaptive optimiser (its step
 # normalised by the gradient's own rms) is the last remedy they name, after those of the architecture.
 _TOO_LITTLE_KINDS = ("vanishing", "stalled", "saturation")
+# Findings a weight decay that shrinks the net towards zero explains: too little signal, units that went silent.
+_SHRUNK_KINDS = ("vanishing", "stalled", "dead_units")
 
 
 def _meta(run: Run) -> dict:
@@ -62,6 +65,17 @@ def lr_without_warmup(run: Run) -> str:
            f"{lr / 1e-3:g}× PyTorch's default rate for {opt}, too large a step for most weights")
     return (f"the learning rate: {opt} at lr {lr:g} with no warm-up (no scheduler had lowered it when the watch "
             f"started) moves every weight by about lr from the first step, {why}")
+
+
+def heavy_weight_decay(run: Run) -> str:
+    """Words for a weight decay that shrinks every weight by ``WD_SHRINK_ABOVE`` or more a step ('' otherwise)."""
+    meta = _meta(run)
+    wd, lr, opt = meta.get("optimizer_weight_decay"), meta.get("optimizer_lr"), meta.get("optimizer")
+    if not isinstance(wd, (int, float)) or not isinstance(lr, (int, float)) or wd * lr < WD_SHRINK_ABOVE:
+        return ""
+    return (f"the weight decay: {opt} with weight_decay {wd:g} at lr {lr:g} shrinks every weight by about "
+            f"{wd * lr:.0%} a step, which pulls the net towards zero faster than its gradient can move it "
+            f"(over-regularised: it ends predicting one answer)")
 
 
 def warmup_seen(run: Run) -> bool:
@@ -108,7 +122,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     relu_type = bool(types & RELU_TYPES) or bool(types & {"TransformerEncoderLayer", "TransformerDecoderLayer"})
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
-    lr_words, post_ln = lr_without_warmup(run), post_ln_without_warmup(run)
+    lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
     sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
@@ -120,8 +134,10 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation"}:
             fixes += remedies("adam")
         said: list[str] = []
-        for words, first in ((post_ln, ("warmup", "pre_ln")), (lr_words, ("warmup", "lower_lr"))):  # the last goes first
-            if words and f.severity != "info" and f.kind in _DEPTH_KINDS:
+        for words, first, kinds in ((post_ln, ("warmup", "pre_ln"), _DEPTH_KINDS),
+                                    (lr_words, ("warmup", "lower_lr"), _DEPTH_KINDS),
+                                    (decay, ("lower_wd",), _SHRUNK_KINDS)):  # the last goes first
+            if words and f.severity != "info" and f.kind in kinds:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)
                 said.insert(0, words)
         if said:

@@ -36,6 +36,8 @@ REMEDIES = {
     "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
     "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
     "smaller_init_lower_lr": "smaller initial weights together with a lower learning rate",
+    "lower_wd": "a much smaller weight decay (1e-4 to 1e-2 is usual; optimizer param_groups' weight_decay): at this one "
+                "every step pulls the weights towards zero faster than the gradient can move them",
     "logits": "pass logits to the loss: drop the softmax at the output (nn.CrossEntropyLoss applies log-softmax itself; "
               "keep a softmax for predictions only, outside the loss)",
     "output_activation": "check the output layer and the loss: a softmax over a single unit is the constant 1 (use a sigmoid), and a loss on a detached or constant output passes no gradient",

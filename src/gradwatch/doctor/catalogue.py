@@ -133,6 +133,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", s.nonsaturating),
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
+        "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }
 

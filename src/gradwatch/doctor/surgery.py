@@ -69,6 +69,16 @@ def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
     return trial
 
 
+def lower_wd(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every group's weight decay ×0.001 (1 → 1e-3); None where no group has one."""
+    groups = [g for g in trial.optimizer.param_groups if isinstance(g.get("weight_decay"), (int, float)) and g["weight_decay"] > 0]
+    if not groups:
+        return None
+    for g in groups:
+        g["weight_decay"] *= 1e-3
+    return trial
+
+
 def scale_lr(factor: float, trial: Trial, numbers: dict[str, float]) -> Trial:
     """Every group's learning rate × ``factor`` (bind it with ``functools.partial``); with a scheduler of the
     trial's own, its whole schedule × ``factor`` (a ``LambdaLR`` sets base·λ(t) at every step, and would undo a

@@ -40,6 +40,7 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # the optimizer, the base rate it starts from (`initial_lr`): a warm-up starts below it.
         "optimizer_lr": max_group(optimizer, "lr"),
         "optimizer_initial_lr": max_group(optimizer, "initial_lr"),
+        "optimizer_weight_decay": max_group(optimizer, "weight_decay"),
         # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
         # normalisation, activation types) to propose only remedies it does not already have.
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
