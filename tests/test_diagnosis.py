@@ -443,3 +443,14 @@ def test_a_divergence_from_an_ordinary_start_blames_the_learning_rate_not_the_in
     said = [str(f) for f in w.diagnose().findings]
     found = [f for f in w.diagnose().findings if f.kind == "exploding" and "peak" in f.numbers]
     assert found and "scale of" in found[0].cause and found[0].remedy_keys[0] == "smaller_init", said
+
+
+def test_an_info_finding_prints_no_empty_remedies_line():
+    """An info finding has no remedies; its text printed "remedies: " with nothing after it (and the HTML an empty
+    list), which reads as if something were missing."""
+    from gradwatch.diagnosis.findings import Finding
+
+    info = Finding("exploding", "info", (), (3, 3), "a spike", "one spike.", "a bad batch", ())
+    assert "remedies" not in str(info) and "remedies" not in info.to_html()
+    warned = Finding("exploding", "warning", (), (3, 3), "a spike", "one spike.", "a bad batch", ("clip it",))
+    assert "  remedies: clip it" in str(warned) and "<li>clip it</li>" in warned.to_html()

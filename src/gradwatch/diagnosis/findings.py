@@ -37,8 +37,9 @@ class Finding:
             f"[{self.severity}] {self.kind}: {self.summary}",
             f"  evidence: {self.evidence}",
             f"  cause:    {self.cause}",
-            f"  remedies: {'; '.join(self.remedies)}",
         ]
+        if self.remedies:  # an info finding needs none: no empty line that reads as if some were missing
+            lines.append(f"  remedies: {'; '.join(self.remedies)}")
         if self.sources:
             lines.append(f"  source:   {'; '.join(self.sources)}")
         return "\n".join(lines)
@@ -49,7 +50,8 @@ class Finding:
         items = "".join(f"<li>{e(r)}</li>" for r in self.remedies)
         return (f'<div class="finding {e(self.severity)}" data-kind="{e(self.kind)}"><h3>[{e(self.severity)}] '
                 f"{e(self.kind)}: {e(self.summary)}</h3><dl><dt>evidence</dt><dd>{e(self.evidence)}</dd>"
-                f"<dt>cause</dt><dd>{e(self.cause)}</dd><dt>remedies</dt><dd><ul>{items}</ul></dd></dl>"
+                f"<dt>cause</dt><dd>{e(self.cause)}</dd>"
+                + (f"<dt>remedies</dt><dd><ul>{items}</ul></dd>" if self.remedies else "") + "</dl>"
                 f'<div class="source">source: {e("; ".join(self.sources))}</div></div>')
 
 

@@ -57,8 +57,10 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     clip = float(np.median(total[calm_idx])) if calm_idx else math.nan
     parts = []
     for a, b, p in ramps:
+        rose = (f"rose to a peak of {sci(float(total[p]))} at step {int(steps[p])}" if p != a
+                else f"peaked there at {sci(float(total[p]))}")  # a one-step ramp: its onset is its peak
         parts.append(f"a ramp: the total norm left the calm steps' level at step {int(steps[a])} (against their "
-                     f"median and MAD) and rose to a peak of {sci(float(total[p]))} at step {int(steps[p])}, "
+                     f"median and MAD) and {rose}, "
                      + ("while the loss did not fall" if "loss" in run.quantities
                         else "rising steadily to the last step seen (no loss logged: the gradient alone shows it)"))
     if spikes:
