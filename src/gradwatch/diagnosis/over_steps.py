@@ -108,7 +108,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
              "the weights, or of the targets (a squared error on targets in their raw units)" if large_loss
         else f"steps that overshoot: the total norm grew ×{sci(grew)} from {sci(start_norm)} at the first step, "
-             "before any calm phase — a learning rate too large for this net (momentum compounds it)" if overshoot
+             "before any calm phase — a learning rate too large for this net" if overshoot
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",
         remedies=fixes,
         # clip_at only from a calm phase: the median of a dozen steps already on their way up (a GRU at lr 0.5 that
