@@ -454,3 +454,46 @@ def test_an_info_finding_prints_no_empty_remedies_line():
     assert "remedies" not in str(info) and "remedies" not in info.to_html()
     warned = Finding("exploding", "warning", (), (3, 3), "a spike", "one spike.", "a bad batch", ("clip it",))
     assert "  remedies: clip it" in str(warned) and "<li>clip it</li>" in warned.to_html()
+
+
+def test_a_loss_that_rose_is_not_said_to_have_stayed_at_its_start():
+    """A run that learned and then diverged read "the loss stayed at its start value (1.6 → 2.3)"."""
+    from types import SimpleNamespace
+
+    from gradwatch.diagnosis.findings import Finding
+    from gradwatch.diagnosis.severity import by_effect
+    from gradwatch.diagnosis.thresholds import Thresholds
+
+    def run(loss):
+        series = SimpleNamespace(values=np.asarray(loss, dtype=float)[None], steps=np.arange(len(loss)))
+        return SimpleNamespace(quantities=["loss"], series=lambda *a: series)
+
+    warn = Finding("dead_units", "warning", ("3",), (0, 59), "dead", "units silent.", "", ("leaky",))
+    (rose,) = by_effect([warn], run([1.6] * 10 + [0.3] * 30 + [2.3] * 20), Thresholds())
+    assert rose.severity == "critical" and "ended above its start value (1.6 → 2.3)" in rose.evidence
+    (flat,) = by_effect([warn], run([1.6] * 60), Thresholds())
+    assert "stayed at its start value (1.6 → 1.6)" in flat.evidence
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dead_units_that_pass_exactly_no_gradient_are_not_called_non_finite(store, seed):
+    """Dead units whose layer below gets a gradient of exactly 0 read "the gradient across them is not finite"
+    (measured: a ReLU net with biases at −1), though no record is NaN or Inf."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 2))
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # every unit of the second ReLU silent for every input
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    with gw.watch(model, opt, store=store, name=f"dead-{seed}") as w:
+        for _ in range(80):
+            x = torch.randn(32, 4, generator=g)
+            loss = nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long())
+            opt.zero_grad()
+            loss.backward()
+            assert model[0].weight.grad.abs().max() == 0  # the reference: nothing reaches below them
+            opt.step()
+            w.log(loss=loss)
+    dead = [f for f in w.diagnose().problems if f.kind == "dead_units"]
+    assert dead and "not finite" not in dead[0].evidence and "exactly 0" in dead[0].evidence, str(w.diagnose())

@@ -17,7 +17,9 @@ def by_effect(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     flat = flat_loss(run, th)
     if flat is None:
         return found
-    note = f"; the loss stayed at its start value ({sci(flat[0])} → {sci(flat[1])}): the run does not learn"
+    # "flat" is an end no lower than 0.9 × the start: a loss that rose, or fell and came back, did not stay put
+    where = "stayed at its start value" if flat[1] <= 1.1 * flat[0] else "ended above its start value"
+    note = f"; the loss {where} ({sci(flat[0])} → {sci(flat[1])}): the run does not learn"
     return [replace(f, severity="critical", evidence=f.evidence.rstrip(".") + note + ".",
                     numbers={**f.numbers, "loss_first": flat[0], "loss_final": flat[1]},
                     sources=f.sources if "loss (run)" in f.sources else (*f.sources, "loss (run)"))

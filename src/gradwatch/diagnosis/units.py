@@ -95,6 +95,9 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     if not before or not after:
         return _passes(run, acts, th, output=not after)
     g_in, g_out = prof.median[before[-1]], prof.median[after[0]]
+    if g_in == 0 and g_out > 0 and math.isfinite(g_out):
+        return True, (f"no gradient gets past them: ‖∂L/∂a‖ is exactly 0 at layer {prof.names[before[-1]]}, below them, "
+                      f"against {sci(float(g_out))} at layer {prof.names[after[0]]}"), {"across": 0.0}
     if not (g_in > 0 and g_out > 0 and math.isfinite(g_in) and math.isfinite(g_out)):
         return True, "the gradient across them is not finite", {}
     across = float(g_in / g_out)
