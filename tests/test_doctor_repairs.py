@@ -1371,3 +1371,47 @@ def test_a_weight_decay_that_collapses_the_net_is_named_and_lowered(tmp_path, se
     adamw = SimpleNamespace(meta={"optimizer": "AdamW", "optimizer_lr": 1e-3, "optimizer_weight_decay": 0.01})
     assert heavy_weight_decay(adamw) == ""  # PyTorch's AdamW defaults shrink 0.001 % a step: not this
     assert _one("lower_wd").apply(_cancer_wd(seed, 0.0), {}) is None
+
+
+# --- model.eval() left on while training -----------------------------------------------------------------
+
+
+def _bn_dropout_net(seed: int, eval_mode: bool) -> Trial:
+    """12 blocks of Linear-BatchNorm-ReLU-Dropout(0.1) on digits, SGD 0.05 with momentum; ``eval_mode``: the
+    forum's "model.eval() left on from a validation pass" — BatchNorm uses its running statistics while it trains."""
+    from gradwatch import zoo
+
+    x, y, _, _ = zoo.digits()
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.1)]
+    for _ in range(11):
+        layers += [nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(0.1)]
+    model = nn.Sequential(*layers, nn.Linear(128, 10))
+    model.train(not eval_mode)
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), _batches(x, y, 64, seed),
+                 nn.functional.cross_entropy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_model_left_in_eval_mode_is_named_and_put_back_in_training(tmp_path, seed):
+    """Its vanishing was blamed on dead units, with nothing on model.training being False. Now the watch counts the
+    steps it trained in eval mode, every problem finding names it first (train_mode), its twin in training mode
+    learns with no such words, and the doctor's remedy puts the model in training mode."""
+    said = {}
+    for eval_mode in (True, False):
+        trial = _bn_dropout_net(seed, eval_mode)
+        losses = []
+        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"eval-{eval_mode}-{seed}") as w:
+            for _ in range(150):
+                losses.append(float(trial.step()))
+                w.log(loss=losses[-1])
+        assert w.open().meta["eval_mode_steps"] == (150 if eval_mode else 0)
+        said[eval_mode] = w.diagnose().problems
+        if not eval_mode:
+            assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:10]) / 10  # the reference: in training mode it learns
+    assert said[True] and all(f.remedy_keys[0] == "train_mode" and "trained in eval mode" in f.cause
+                              for f in said[True]), [str(f) for f in said[True]]
+    assert not any("train_mode" in f.remedy_keys for f in said[False])
+    fixed = _one("train_mode").apply(_bn_dropout_net(seed, True), {})
+    assert all(m.training for m in fixed.model.modules())
+    assert _one("train_mode").apply(_bn_dropout_net(seed, False), {}) is None

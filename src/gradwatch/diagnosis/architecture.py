@@ -32,6 +32,7 @@ _DEPTH_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
 _TOO_LITTLE_KINDS = ("vanishing", "stalled", "saturation")
 # Findings a weight decay that shrinks the net towards zero explains: too little signal, units that went silent.
 _SHRUNK_KINDS = ("vanishing", "stalled", "dead_units")
+_ANY_KIND = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "saturation")
 
 
 def _meta(run: Run) -> dict:
@@ -76,6 +77,21 @@ def heavy_weight_decay(run: Run) -> str:
     return (f"the weight decay: {opt} with weight_decay {wd:g} at lr {lr:g} shrinks every weight by about "
             f"{wd * lr:.0%} a step, which pulls the net towards zero faster than its gradient can move it "
             f"(over-regularised: it ends predicting one answer)")
+
+
+def trained_in_eval_mode(run: Run) -> str:
+    """Words for a model that trained in eval mode on at least half its steps, where that changes what it computes
+    (BatchNorm, Dropout); '' otherwise."""
+    meta = _meta(run)
+    n, steps, first = meta.get("eval_mode_steps"), meta.get("steps"), meta.get("eval_mode_first")
+    if not isinstance(n, int) or not isinstance(steps, int) or steps < 1 or n < 0.5 * steps:
+        return ""
+    modes = sorted({t for t in module_types(run) if "BatchNorm" in t or "Dropout" in t})
+    if not modes:
+        return ""
+    return (f"the model trained in eval mode: model.training was False on {n} of {steps} steps (from step {first}), "
+            f"so its {', '.join(modes)} layers ran as at evaluation — BatchNorm normalising with running statistics "
+            f"instead of the batch's, Dropout off")
 
 
 def warmup_seen(run: Run) -> bool:
@@ -123,6 +139,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
+    eval_mode = trained_in_eval_mode(run)
     sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
@@ -136,7 +153,8 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         said: list[str] = []
         for words, first, kinds in ((post_ln, ("warmup", "pre_ln"), _DEPTH_KINDS),
                                     (lr_words, ("warmup", "lower_lr"), _DEPTH_KINDS),
-                                    (decay, ("lower_wd",), _SHRUNK_KINDS)):  # the last goes first
+                                    (decay, ("lower_wd",), _SHRUNK_KINDS),
+                                    (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first
             if words and f.severity != "info" and f.kind in kinds:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)
                 said.insert(0, words)

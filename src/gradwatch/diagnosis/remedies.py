@@ -36,6 +36,8 @@ REMEDIES = {
     "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
     "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
     "smaller_init_lower_lr": "smaller initial weights together with a lower learning rate",
+    "train_mode": "call model.train() before training (model.eval() only around evaluation): in eval mode BatchNorm "
+                  "normalises with its running statistics instead of the batch's, and Dropout is off",
     "lower_wd": "a much smaller weight decay (1e-4 to 1e-2 is usual; optimizer param_groups' weight_decay): at this one "
                 "every step pulls the weights towards zero faster than the gradient can move them",
     "logits": "pass logits to the loss: drop the softmax at the output (nn.CrossEntropyLoss applies log-softmax itself; "

@@ -69,6 +69,14 @@ def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
     return trial
 
 
+def train_mode(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model in training mode (model.train()); None where it already is."""
+    if trial.model.training and all(m.training for m in trial.model.modules()):
+        return None
+    trial.model.train()
+    return trial
+
+
 def lower_wd(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Every group's weight decay ×0.001 (1 → 1e-3); None where no group has one."""
     groups = [g for g in trial.optimizer.param_groups if isinstance(g.get("weight_decay"), (int, float)) and g["weight_decay"] > 0]

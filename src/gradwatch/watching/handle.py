@@ -67,6 +67,7 @@ class Watch:
         self.path: Path = run_dir  # type: ignore[assignment]  # None on a shard follower (rank ≠ 0)
         self._closed = False
         self._failed: BaseException | None = None
+        self._eval_steps, self._eval_first = 0, -1  # steps trained with model.training False, and the first one
         self._handles: list[Any] = []
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
@@ -305,6 +306,10 @@ class Watch:
     # The driver's calls (see gradwatch.watching.drivers).
     @_guarded
     def _gradients_ready(self) -> None:
+        if not self.model.training:  # model.eval() left on while training: BatchNorm and Dropout behave otherwise
+            self._eval_steps += 1
+            if self._eval_first < 0:
+                self._eval_first = self.step
         self._steps.gradients_ready()
 
     @_guarded
@@ -353,4 +358,6 @@ class Watch:
         finally:
             self._closed = True
             self._writer.close({"status": status if self._failed is None else f"failed: {self._failed}",
-                                "steps": self.step, **self._steps.budget.report()})
+                                "steps": self.step, "eval_mode_steps": self._eval_steps,
+                                "eval_mode_first": self._eval_first if self._eval_steps else None,
+                                **self._steps.budget.report()})
