@@ -497,3 +497,42 @@ def test_dead_units_that_pass_exactly_no_gradient_are_not_called_non_finite(stor
             w.log(loss=loss)
     dead = [f for f in w.diagnose().problems if f.kind == "dead_units"]
     assert dead and "not finite" not in dead[0].evidence and "exactly 0" in dead[0].evidence, str(w.diagnose())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clipping_that_holds_on_every_step_is_found(store, seed):
+    """Stack Overflow's "loss not decreasing after adding clip_grad_norm_": at max_norm=1e-6 every SGD update has
+    length lr·1e-6 and the net stays at chance, with nothing found (every layer stuck alike, no stalled layer
+    against the others). The total norm, read after the clipping, is the bound on every step: a warning naming it.
+    The same net unclipped learns with no such finding; Adam (whose step does not scale with the gradient) learns
+    through a bound of 1e-4, and hears of it as info."""
+    from gradwatch import zoo
+
+    x, y, _, _ = zoo.digits()
+    said = {}
+    for case, (opt_cls, lr, bound) in {"sgd": (torch.optim.SGD, 0.1, 1e-6), "free": (torch.optim.SGD, 0.1, None),
+                                       "adam": (torch.optim.Adam, 1e-3, 1e-4)}.items():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        opt = opt_cls(model.parameters(), lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        with gw.watch(model, opt, store=store, name=f"clip-{case}-{seed}") as w:
+            for _ in range(120):
+                idx = torch.randint(0, len(x), (64,), generator=g)
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                if bound is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), bound)
+                opt.step()
+                w.log(loss=loss)
+                losses.append(float(loss))
+        said[case] = [f for f in w.diagnose().findings if "clip_bound" in f.numbers]
+        learned = sum(losses[-20:]) / 20 < 0.5 * sum(losses[:10]) / 10
+        assert learned == (case != "sgd"), (case, losses[:3], losses[-3:])  # the reference
+    (f,) = said["sgd"]
+    assert f.severity != "info" and f.remedy_keys[0] == "raise_clip" and f.numbers["clip_bound"] == pytest.approx(1e-6, rel=1e-4)
+    assert said["free"] == []
+    (f,) = said["adam"]
+    assert f.severity == "info" and f.numbers["clip_bound"] == pytest.approx(1e-4, rel=1e-4)

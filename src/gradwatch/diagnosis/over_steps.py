@@ -263,6 +263,44 @@ def loss_scale_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+CLIPPED_SPREAD = 1e-4  # a total norm within this relative spread of one value on (nearly) every step is a clip bound
+
+
+def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """The user's gradient clipping holds on every step: the total norm, read after it, is one value throughout.
+
+    No gradient norm is that constant by itself; ``clip_grad_norm_(params, max_norm)`` with a bound below the
+    gradient's own scale makes every update a step of length lr·max_norm (measured: an RNN at SGD with
+    max_norm=1e-6 stayed at chance, its update ratios 1.5e-7, with nothing else found). Info when the loss still
+    fell to half its start (Adam, whose step does not scale with the gradient, learns through it), else a warning.
+    """
+    got = total_grad_norm(run)
+    if got is None:
+        return []
+    steps, total = got
+    ok = total[np.isfinite(total) & (total > 0)]
+    if len(ok) < th.spike_after + 4 * th.window:
+        return []
+    bound = float(np.median(ok))
+    held = np.abs(ok / bound - 1) < CLIPPED_SPREAD
+    if held.mean() < 0.9:
+        return []
+    ends = loss_ends(run, th)
+    learns = ends is not None and 0 < ends[1] <= 0.5 * ends[0]
+    return [Finding(
+        kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the gradient is clipped on every step: its total norm is {sci(bound)} on {int(held.sum())} of {len(ok)} steps",
+        evidence=(f"the total gradient norm, read after the step's clipping, is {sci(bound)} within "
+                  f"{CLIPPED_SPREAD:g} on {held.mean():.0%} of the steps"
+                  + (f"; the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "") + "."),
+        cause=f"a clipping bound below the gradient's own scale (clip_grad_norm_(…, max_norm≈{sci(bound)})): it holds "
+              "on every step, so every update has the same length, lr × the bound, whatever the gradient says",
+        remedies=() if learns else remedies("raise_clip"),
+        numbers={"clip_bound": bound, "held": float(held.mean())},
+        sources=(_total_source(steps),),
+    )]
+
+
 def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Vanishing over steps: the whole gradient collapses while the loss has not converged.
 

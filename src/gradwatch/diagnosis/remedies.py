@@ -36,6 +36,8 @@ REMEDIES = {
     "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
     "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
     "smaller_init_lower_lr": "smaller initial weights together with a lower learning rate",
+    "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
+                  "it: a bound that every step hits makes plain SGD a fixed-length step",
     "train_mode": "call model.train() before training (model.eval() only around evaluation): in eval mode BatchNorm "
                   "normalises with its running statistics instead of the batch's, and Dropout is off",
     "lower_wd": "a much smaller weight decay (1e-4 to 1e-2 is usual; optimizer param_groups' weight_decay): at this one "

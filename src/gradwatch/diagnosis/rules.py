@@ -22,7 +22,7 @@ from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.remedies import key_of
 from gradwatch.diagnosis.over_steps import (
-    RECOVERED, fading_findings, loss_scale_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
+    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -56,7 +56,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     else:
         view = run
     found += merge_spikes(spike_findings(view, th), instability_findings(view, th.instability))
-    found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th)
+    found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
     found += activation_findings(view, th) + skipped
