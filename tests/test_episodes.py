@@ -218,3 +218,27 @@ def test_a_high_adam_rate_is_blamed_by_what_the_net_has():
     for types in (("Linear", "LayerNorm"), ("MultiheadAttention", "Linear"), ("TransformerEncoderLayer",)):
         assert "attention or normalisation" in lr_without_warmup(run(1e-2, *types))
     assert lr_without_warmup(run(2e-3, "LayerNorm")) == ""
+
+
+def test_a_run_that_warms_up_with_one_cycle_is_not_told_to_warm_up(store):
+    """A OneCycleLR run that diverged at its peak was told "learning-rate warm-up" first: OneCycle starts at
+    max_lr / div_factor and climbs, which the watch now reads as the warm-up it is."""
+    from types import SimpleNamespace
+
+    from gradwatch.diagnosis.architecture import fit_architecture, warmup_seen
+    from gradwatch.diagnosis.findings import Finding
+    from gradwatch.diagnosis.remedies import remedies
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=100)
+    with gw.watch(model, opt, store=store, name="onecycle") as w:
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    run = w.open()
+    assert run.meta["optimizer_max_lr"] == 1.0 and run.meta["optimizer_lr"] < 1.0 and warmup_seen(run)
+    diverged = Finding("exploding", "critical", (), (20, 40), "diverged", ".", "", remedies("skip_step", "warmup", "lower_lr"))
+    (f,) = fit_architecture([diverged], run)
+    assert "warmup" not in f.remedy_keys and f.remedy_keys[:1] == ("skip_step",)
+    plain = SimpleNamespace(meta={"optimizer": "SGD", "optimizer_lr": 0.1}, entities=lambda *a: [])
+    assert not warmup_seen(plain)

@@ -95,10 +95,12 @@ def trained_in_eval_mode(run: Run) -> str:
 
 
 def warmup_seen(run: Run) -> bool:
-    """A learning-rate scheduler had lowered the rate below its base when the watch started: a warm-up."""
+    """A learning-rate scheduler had lowered the rate below its base when the watch started, or below the peak it
+    climbs to (``OneCycleLR``'s ``max_lr``): a warm-up."""
     meta = _meta(run)
-    lr, initial = meta.get("optimizer_lr"), meta.get("optimizer_initial_lr")
-    return isinstance(lr, (int, float)) and isinstance(initial, (int, float)) and lr < initial
+    lr = meta.get("optimizer_lr")
+    return isinstance(lr, (int, float)) and any(isinstance(top, (int, float)) and lr < top for top in
+                                                 (meta.get("optimizer_initial_lr"), meta.get("optimizer_max_lr")))
 
 
 def post_ln_without_warmup(run: Run) -> str:
@@ -135,6 +137,8 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         drop.add("residual")
     if any("Norm" in t for t in types):
         drop.add("norm")
+    if warmup_seen(run):  # it warms up already (its rate was below the schedule's base or peak at the start)
+        drop.add("warmup")
     relu_type = bool(types & RELU_TYPES) or bool(types & {"TransformerEncoderLayer", "TransformerDecoderLayer"})
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap

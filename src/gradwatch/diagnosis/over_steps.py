@@ -84,7 +84,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
                     f"clip_grad_norm_(params, max_norm={sci(clip)}) (Pascanu et al. 2013), which would have held every one of these steps",)
         fixes = clipping + remedies("lower_lr", *(["standardise_targets"] if large_loss else []), "norm")
-    elif large_loss:  # no calm phase, and a loss in the hundreds or more from the first step
+    elif large_loss:  # no calm phase, and a loss in the hundreds or more from the first step (the weights' scale or
+        # the targets': the loss alone cannot tell them apart, and the doctor tries both)
         fixes = remedies("smaller_init", "standardise_targets", "lower_lr", "clip_norm", "norm")
     elif overshoot:  # no calm phase, but a normal start that grew fast: the steps, not the scale
         fixes = remedies("lower_lr", "clip_norm", "smaller_init", "norm")
