@@ -1236,6 +1236,16 @@ def test_a_row_with_a_much_better_score_that_did_not_halve_its_loss_says_so():
     assert verdicts.verdict(base, same_score, {"vanishing", "dead_units"}) == "removes the finding; does not learn"
 
 
+def _watched(trial: Trial, steps: int, store, name: str):
+    """The trial trained ``steps`` steps under a watch (its defaults), the loss logged: its losses and the watch."""
+    losses: list[float] = []
+    with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
+        for _ in range(steps):
+            losses.append(float(trial.step()))
+            w.log(loss=losses[-1])
+    return losses, w
+
+
 # --- a softmax before nn.CrossEntropyLoss ----------------------------------------------------------
 
 
@@ -1260,12 +1270,7 @@ def test_a_softmax_before_cross_entropy_is_found_and_dropped(tmp_path, seed):
     loss then at most halves, as a plain loop measures it."""
     found = {}
     for softmax in (True, False):
-        trial = _digits_mlp(seed, softmax)
-        losses = []
-        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"sm-{softmax}-{seed}") as w:
-            for _ in range(300):
-                losses.append(float(trial.step()))
-                w.log(loss=losses[-1])
+        losses, w = _watched(_digits_mlp(seed, softmax), 300, tmp_path, f"sm-{softmax}-{seed}")
         found[softmax] = [f for f in w.diagnose().problems if "logits" in f.remedy_keys]
         if softmax:
             assert sum(losses[-20:]) / 20 > 0.9 * sum(losses[:10]) / 10  # the reference: it does not learn
@@ -1306,12 +1311,7 @@ def test_a_crawling_loss_in_the_hundreds_is_found_and_its_targets_standardised(t
     smooth-L1 and Huber losses with L1's scaling (the gradient into the net's output is the raw one, bounded)."""
     found = {}
     for standardised in (False, True):
-        trial = _diabetes_huber(seed, standardised)
-        losses = []
-        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"huber-{standardised}-{seed}") as w:
-            for _ in range(300):
-                losses.append(float(trial.step()))
-                w.log(loss=losses[-1])
+        losses, w = _watched(_diabetes_huber(seed, standardised), 300, tmp_path, f"huber-{standardised}-{seed}")
         found[standardised] = w.diagnose().problems
         if not standardised:
             assert losses[0] > 100 and sum(losses[-20:]) / 20 > 0.5 * losses[0]  # the reference: it crawls
@@ -1352,12 +1352,7 @@ def test_a_weight_decay_that_collapses_the_net_is_named_and_lowered(tmp_path, se
 
     found = {}
     for wd in (1.0, 1e-4):
-        trial = _cancer_wd(seed, wd)
-        losses = []
-        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"wd-{wd}-{seed}") as w:
-            for _ in range(300):
-                losses.append(float(trial.step()))
-                w.log(loss=losses[-1])
+        losses, w = _watched(_cancer_wd(seed, wd), 300, tmp_path, f"wd-{wd}-{seed}")
         found[wd] = w.diagnose().problems
         if wd == 1.0:
             assert sum(losses[-20:]) / 20 > 0.9 * sum(losses[:10]) / 10  # the reference: it does not learn
@@ -1399,12 +1394,7 @@ def test_a_model_left_in_eval_mode_is_named_and_put_back_in_training(tmp_path, s
     learns with no such words, and the doctor's remedy puts the model in training mode."""
     said = {}
     for eval_mode in (True, False):
-        trial = _bn_dropout_net(seed, eval_mode)
-        losses = []
-        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name=f"eval-{eval_mode}-{seed}") as w:
-            for _ in range(150):
-                losses.append(float(trial.step()))
-                w.log(loss=losses[-1])
+        losses, w = _watched(_bn_dropout_net(seed, eval_mode), 150, tmp_path, f"eval-{eval_mode}-{seed}")
         assert w.open().meta["eval_mode_steps"] == (150 if eval_mode else 0)
         said[eval_mode] = w.diagnose().problems
         if not eval_mode:
