@@ -39,7 +39,7 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             dn = dict(zip(d.names, window_median(d, th.window)[0]))
             vals = [dn[n] for n in names if n in dn and math.isfinite(dn[n])]
             if vals:
-                rms = f"; they pass on ×{sci(float(np.mean(vals)))} of the gradient (rms derivative)"
+                rms = f"; they pass on ×{sci(float(np.mean(vals)))} of the gradient on average (rms derivative)"
         where = f"{len(names)} {'/'.join(modules)} module{'s' if len(names) > 1 else ''} ({span(names)})"
         over = steps_text(int(wsteps[0]), int(wsteps[-1]))
         if kind == "saturation":
@@ -142,7 +142,7 @@ def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = Fals
         return True, "no layer on both sides of them to measure the gradient across", {}
     passes, (first, final) = float(min(rel)), ends
     numbers = {"passes": passes, "loss_first": first, "loss_final": final}
-    words = (f"no layer on both sides of them; they pass on ×{sci(passes)} of their peak derivative (rms), "
+    words = (f"no layer on both sides of them; the least of them passes on ×{sci(passes)} of its peak derivative (rms), "
              f"and the loss went {sci(first)} → {sci(final)}")
     if passes >= PASSES_ABOVE and final <= LEARNED_BELOW * first:
         return False, words + ": the gradient gets past them (info only)", numbers
