@@ -20,6 +20,7 @@ ADAM_TYPES = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
 # Adam's step moves every weight by about lr from the first step on (its update is normalised): above 3·10⁻³
 # without a warm-up, attention and LayerNorm'd nets (Xiong et al. 2020; Liu et al. 2020) commonly collapse.
 ADAM_LR_ABOVE = 3e-3
+TINY_BATCH = 4  # BatchNorm on batches this small: Wu & He 2018 measure its error climbing steeply below 8
 WD_SHRINK_ABOVE = 1e-2  # lr × weight_decay: every weight shrinks by 1 % a step or more (SGD, and AdamW's decoupled decay)
 ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1e-2 trains an LSTM or a small CNN)
 # A net of this many weighted layers or more, with no skip connection, is deep enough that residual connections
@@ -94,6 +95,19 @@ def trained_in_eval_mode(run: Run) -> str:
             f"instead of the batch's, Dropout off")
 
 
+def batch_norm_on_tiny_batches(run: Run) -> str:
+    """Words for BatchNorm trained on batches of ``TINY_BATCH`` samples or fewer (the watch's most common
+    ``batch_size``); '' otherwise."""
+    meta = _meta(run)
+    size = meta.get("batch_size")
+    modes = sorted(t for t in module_types(run) if "BatchNorm" in t)
+    if not modes or not isinstance(size, int) or size > TINY_BATCH:
+        return ""
+    return (f"BatchNorm on batches of {size}: {', '.join(modes)} normalises each unit with the mean and variance of "
+            f"{size} samples, which are noise at that size (Ioffe & Szegedy 2015; Wu & He 2018, Fig. 1), and the "
+            f"running statistics used at evaluation follow that noise")
+
+
 def warmup_seen(run: Run) -> bool:
     """A learning-rate scheduler had lowered the rate below its base when the watch started, or below the peak it
     climbs to (``OneCycleLR``'s ``max_lr``): a warm-up."""
@@ -143,7 +157,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
-    eval_mode = trained_in_eval_mode(run)
+    eval_mode, tiny_bn = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run)
     sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
@@ -158,6 +172,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         for words, first, kinds in ((post_ln, ("warmup", "pre_ln"), _DEPTH_KINDS),
                                     (lr_words, ("warmup", "lower_lr"), _DEPTH_KINDS),
                                     (decay, ("lower_wd",), _SHRUNK_KINDS),
+                                    (tiny_bn, ("group_norm",), _ANY_KIND),
                                     (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first
             if words and f.severity != "info" and f.kind in kinds:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)

@@ -38,6 +38,8 @@ REMEDIES = {
     "smaller_init_lower_lr": "smaller initial weights together with a lower learning rate",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
+    "group_norm": "GroupNorm (or a larger batch, 16 or more) in place of BatchNorm: statistics of a few samples are "
+                  "noise, and GroupNorm's do not depend on the batch (Wu & He 2018)",
     "train_mode": "call model.train() before training (model.eval() only around evaluation): in eval mode BatchNorm "
                   "normalises with its running statistics instead of the batch's, and Dropout is off",
     "lower_wd": "a much smaller weight decay (1e-4 to 1e-2 is usual; optimizer param_groups' weight_decay): at this one "

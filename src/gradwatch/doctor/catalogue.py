@@ -135,6 +135,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
+        "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }
 

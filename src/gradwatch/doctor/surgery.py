@@ -69,6 +69,27 @@ def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
     return trial
 
 
+def group_norm(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """GroupNorm with one group (per-sample statistics over the channels, any input shape (N, C, *)) in place of
+    every BatchNorm, its affine weight and bias kept; None where there is none."""
+    before = {id(p) for p in trial.model.parameters()}
+    swapped = False
+    for parent in list(trial.model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                gn = nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    with torch.no_grad():
+                        gn.weight.copy_(child.weight)
+                        gn.bias.copy_(child.bias)
+                setattr(parent, name, gn.to(next(child.parameters(), torch.empty(0)).device))
+                swapped = True
+    if not swapped:
+        return None
+    rebuild_optimizer(trial, before)  # the BatchNorm parameters leave, GroupNorm's join the first group
+    return trial
+
+
 def train_mode(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The model in training mode (model.train()); None where it already is."""
     if trial.model.training and all(m.training for m in trial.model.modules()):

@@ -10,6 +10,7 @@ gradients are ready and when it is over is the driver's
 
 from __future__ import annotations
 
+import collections
 import functools
 import numbers
 import warnings
@@ -68,6 +69,7 @@ class Watch:
         self._closed = False
         self._failed: BaseException | None = None
         self._eval_steps, self._eval_first = 0, -1  # steps trained with model.training False, and the first one
+        self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
         self._handles: list[Any] = []
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
@@ -289,6 +291,8 @@ class Watch:
 
     @_forward_hook
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
+        if module is self.model and args and isinstance(args[0], Tensor) and args[0].dim() and torch.is_grad_enabled():
+            self._batch_sizes[args[0].shape[0]] += 1  # the training batch: BatchNorm's statistics rest on it
         self._steps.forward_starts()
 
     @_forward_hook
@@ -360,4 +364,5 @@ class Watch:
             self._writer.close({"status": status if self._failed is None else f"failed: {self._failed}",
                                 "steps": self.step, "eval_mode_steps": self._eval_steps,
                                 "eval_mode_first": self._eval_first if self._eval_steps else None,
+                                "batch_size": self._batch_sizes.most_common(1)[0][0] if self._batch_sizes else None,
                                 **self._steps.budget.report()})
