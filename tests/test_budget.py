@@ -428,6 +428,7 @@ def test_the_diagnosis_reads_sampled_steps_as_missing_never_as_zero(store):
     assert "steps 41–150" in f.sources[0]  # the last five recorded steps
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradient_norms_every_8th_step_are_missing_on_the_others_never_non_finite(store, seed):
     """`every=8` records the gradient norms on every 8th step; the loss is logged on all. The steps between were

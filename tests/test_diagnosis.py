@@ -343,6 +343,7 @@ def test_the_root_module_is_named_root_in_findings(store):
     assert "at layer (root)" in f.evidence and "layer ;" not in f.evidence and "layer  " not in f.evidence
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_no_clipping_threshold_from_steps_already_on_their_way_up(store, seed):
     """Measured (a GRU at SGD lr 0.5, momentum 0.9, NaN by step 11–12): the clip threshold was the median of the
@@ -401,6 +402,7 @@ def _sines(seed: int, batch: int = 32, steps: int = 50):
         yield s[:, :steps, None], s[:, 1:, None]
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_divergence_from_an_ordinary_start_blames_the_learning_rate_not_the_init(store, seed):
     """Measured (this GRU at SGD lr 0.5, momentum 0.9, NaN by step 11–12): "too large from the first step: the
@@ -475,6 +477,7 @@ def test_a_loss_that_rose_is_not_said_to_have_stayed_at_its_start():
     assert "stayed at its start value (1.6 → 1.6)" in flat.evidence
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dead_units_that_pass_exactly_no_gradient_are_not_called_non_finite(store, seed):
     """Dead units whose layer below gets a gradient of exactly 0 read "the gradient across them is not finite"
@@ -499,6 +502,7 @@ def test_dead_units_that_pass_exactly_no_gradient_are_not_called_non_finite(stor
     assert dead and "not finite" not in dead[0].evidence and "exactly 0" in dead[0].evidence, str(w.diagnose())
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clipping_that_holds_on_every_step_is_found(store, seed):
     """Stack Overflow's "loss not decreasing after adding clip_grad_norm_": at max_norm=1e-6 every SGD update has

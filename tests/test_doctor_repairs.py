@@ -1190,6 +1190,7 @@ def _keras_sigmoid_bce(seed: int) -> Trial:
     return Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), _batches(x, y, 32, seed), nn.BCELoss())
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_relu_and_norm_remedies_keep_a_sigmoid_output_under_bce_loss(seed):
     """A ReLU in place of the output sigmoid under nn.BCELoss failed ("all elements of input should be between 0 and
@@ -1262,6 +1263,7 @@ def _digits_mlp(seed: int, softmax: bool) -> Trial:
                  nn.CrossEntropyLoss(), evaluate=lambda m: accuracy(m, xt, yt))
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_softmax_before_cross_entropy_is_found_and_dropped(tmp_path, seed):
     """The watch said "no findings: the gradients look healthy" and the doctor "nothing to fix" on a run whose loss
@@ -1303,6 +1305,7 @@ def _diabetes_huber(seed: int, standardised: bool) -> Trial:
     return Trial(model, torch.optim.SGD(model.parameters(), lr=1e-3), _batches(x, y, 32, seed), nn.SmoothL1Loss())
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_crawling_loss_in_the_hundreds_is_found_and_its_targets_standardised(tmp_path, seed):
     """"No findings: the gradients look healthy" on smooth L1 over raw diabetes targets (169 → 151 in 400 steps,
@@ -1342,6 +1345,7 @@ def _cancer_wd(seed: int, weight_decay: float) -> Trial:
     return Trial(model, opt, _batches(x, y, 64, seed), nn.functional.cross_entropy)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_weight_decay_that_collapses_the_net_is_named_and_lowered(tmp_path, seed):
     """Its findings blamed "negative biases … or a poor initialisation"; weight decay was never named, and the
@@ -1387,6 +1391,7 @@ def _bn_dropout_net(seed: int, eval_mode: bool) -> Trial:
                  nn.functional.cross_entropy)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_model_left_in_eval_mode_is_named_and_put_back_in_training(tmp_path, seed):
     """Its vanishing was blamed on dead units, with nothing on model.training being False. Now the watch counts the
@@ -1423,6 +1428,7 @@ def _bn_mlp(seed: int, batch: int) -> Trial:
                  nn.functional.cross_entropy)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batch_norm_on_batches_of_two_is_named_and_swapped_for_group_norm(tmp_path, seed):
     """Its findings (dead units, vanishing, spikes) blamed biases and init; the batch size never came up, and the

@@ -271,6 +271,7 @@ class _LastState(nn.Module):
         return self.head(out[-1])
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_fused_lstm_is_followed_through_time_without_temporal(store, seed):
     """Measured (an LSTM on the adding problem at T = 200 that never learns): a plain `gw.watch` said "healthy",
