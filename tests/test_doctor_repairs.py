@@ -1453,3 +1453,22 @@ def test_batch_norm_on_batches_of_two_is_named_and_swapped_for_group_norm(tmp_pa
     assert len(in_opt) == len({id(p) for p in in_opt}) and {id(p) for p in in_opt} == {id(p) for p in trial.model.parameters()}
     assert math.isfinite(float(trial.step()))
     assert _one("group_norm").apply(_digits_mlp(seed, False), {}) is None
+
+
+def test_with_no_layer_holding_a_parameter_no_activation_counts_as_the_output():
+    """A model whose weights are its own nn.Parameter (no nn.Linear) calls its activation modules in a forward the
+    leaves' order cannot place: none of them is taken for the output one, and the swap acts on all, as before."""
+    from gradwatch.remedies import output_activations, swap_activation
+
+    class Raw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 1))
+            self.act = nn.Tanh()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x @ self.w1) @ self.w2
+
+    model = Raw()
+    assert output_activations(model) == set() == output_activations(model, torch.randn(2, 4))
+    assert isinstance(swap_activation(model).act, nn.ReLU)

@@ -54,7 +54,9 @@ def after_last_layer(model: nn.Module, example: Any = None) -> list[nn.Module]:
                 h.remove()
             for x, training in modes:
                 x.training = training
-    last = max((i for i, x in enumerate(order) if any(True for _ in x.parameters(recurse=False))), default=-1)
+    last = max((i for i, x in enumerate(order) if any(True for _ in x.parameters(recurse=False))), default=None)
+    if last is None:  # no leaf holds a parameter (a model's own nn.Parameter used in its forward): order unknown
+        return []
     return list(dict.fromkeys(order[last + 1:]))
 
 
