@@ -1251,7 +1251,7 @@ def _watched(trial: Trial, steps: int, store, name: str):
 
 
 def _digits_mlp(seed: int, softmax: bool) -> Trial:
-    """DeepLocalize's commonest Stack Overflow bug: nn.Softmax at the output of a classifier trained with
+    """A recurring Stack Overflow bug: nn.Softmax at the output of a classifier trained with
     nn.CrossEntropyLoss (which applies log-softmax itself). Digits, 64-128-64-10 ReLU MLP, SGD at 0.05."""
     from gradwatch import zoo
 

@@ -194,8 +194,9 @@ def softmax_output_findings(run: Run, th: Thresholds) -> list[Finding]:
     """A softmax at the model's output (meta ``output_modules``) in a run whose logged loss stays flat: squashed twice.
 
     ``nn.CrossEntropyLoss`` applies log-softmax itself; fed probabilities, it sees inputs in [0, 1] whose softmax
-    is nearly uniform, so the loss sits near ln K and its gradient is small (the commonest bug in DeepLocalize's
-    Stack Overflow set). The gradients can look healthy: only the flat loss and the module at the output show it.
+    is nearly uniform, so the loss sits near ln K and its gradient is small (a recurring Stack Overflow question).
+    The gradients can look healthy: only the flat loss and the module at the output show it. An ``nn.Softmax``
+    module only: a ``torch.softmax`` call inside ``forward`` leaves no module to see.
     """
     meta = getattr(run, "meta", None) or {}
     if "Softmax" not in (meta.get("output_modules") or ()):
