@@ -540,3 +540,16 @@ def test_clipping_that_holds_on_every_step_is_found(store, seed):
     assert said["free"] == []
     (f,) = said["adam"]
     assert f.severity == "info" and f.numbers["clip_bound"] == pytest.approx(1e-4, rel=1e-4)
+    from types import SimpleNamespace
+
+    from gradwatch.diagnosis.over_steps import clipped_findings
+    from gradwatch.diagnosis.thresholds import Thresholds
+
+    flat = np.full(60, 2.3)  # under Adam a bound every step meets is info even where the loss has not halved
+    series = {"loss": SimpleNamespace(values=flat[None], steps=np.arange(60), names=["run"]),
+              "grad_norm": SimpleNamespace(values=np.full((1, 60), 0.5), steps=np.arange(60), names=["0"])}
+    for opt, severity in (("AdamW", "info"), ("SGD", "warning")):
+        run = SimpleNamespace(meta={"optimizer": opt}, quantities=["loss", "grad_norm"],
+                              series=lambda q, *a: series[q], entities=lambda *a: [])
+        (g,) = clipped_findings(run, Thresholds())
+        assert g.severity == severity

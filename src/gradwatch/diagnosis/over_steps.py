@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 
+from gradwatch.diagnosis.architecture import ADAM_TYPES
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import loss_ends, real_fit, total_grad_norm
 from gradwatch.diagnosis.remedies import remedies
@@ -273,7 +274,8 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     No gradient norm is that constant by itself; ``clip_grad_norm_(params, max_norm)`` with a bound below the
     gradient's own scale makes every update a step of length lr·max_norm (measured: an RNN at SGD with
     max_norm=1e-6 stayed at chance, its update ratios 1.5e-7, with nothing else found). Info when the loss still
-    fell to half its start (Adam, whose step does not scale with the gradient, learns through it), else a warning.
+    fell to half its start, or under an Adam-type optimiser (whose step does not scale with the gradient: it learns
+    through it), else a warning.
     """
     got = total_grad_norm(run)
     if got is None:
@@ -287,7 +289,9 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     if held.mean() < 0.9:
         return []
     ends = loss_ends(run, th)
-    learns = ends is not None and 0 < ends[1] <= 0.5 * ends[0]
+    # Adam's step does not scale with the gradient: a bound it always meets leaves its updates as they were
+    adaptive = (getattr(run, "meta", None) or {}).get("optimizer") in ADAM_TYPES
+    learns = adaptive or (ends is not None and 0 < ends[1] <= 0.5 * ends[0])
     return [Finding(
         kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=f"the gradient is clipped on every step: its total norm is {sci(bound)} on {int(held.sum())} of {len(ok)} steps",
