@@ -1472,3 +1472,38 @@ def test_with_no_layer_holding_a_parameter_no_activation_counts_as_the_output():
     model = Raw()
     assert output_activations(model) == set() == output_activations(model, torch.randn(2, 4))
     assert isinstance(swap_activation(model).act, nn.ReLU)
+
+
+# --- inputs far from unit scale -------------------------------------------------------------------------
+
+
+def _cancer_tanh(seed: int, raw: bool) -> Trial:
+    """Stack Overflow's "forgot to scale the features": breast cancer's raw features (up to ~4000) into a 30-32-32-2
+    tanh MLP at SGD 0.01; its twin on standardised features."""
+    from sklearn.datasets import load_breast_cancer
+
+    x_np, y_np = load_breast_cancer(return_X_y=True)
+    x = torch.tensor(x_np if raw else (x_np - x_np.mean(0)) / x_np.std(0), dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
+    return Trial(model, torch.optim.SGD(model.parameters(), lr=0.01), _batches(x, torch.tensor(y_np), 64, seed),
+                 nn.functional.cross_entropy)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_raw_inputs_are_named_first_where_units_saturate_on_them(tmp_path, seed):
+    """On raw inputs (a torch.clamp net on breast cancer's features) the cause read "the layers' Jacobians scale the
+    gradient ×0.49 per layer" and input standardisation was not offered. The watch now measures the first batch's
+    scale once (meta input_std), and where it is far from 1 the findings name it with input standardisation first;
+    the standardised twin hears nothing of it."""
+    said = {}
+    for raw in (True, False):
+        losses, w = _watched(_cancer_tanh(seed, raw), 200, tmp_path, f"raw-{raw}-{seed}")
+        x = next(_cancer_tanh(seed, raw).batches)[0]
+        assert w.open().meta["input_std"] == pytest.approx(float(x.std()), rel=1e-6)  # the reference: its first batch
+        said[raw] = w.diagnose().problems
+    assert said[True] and all(f.remedy_keys[0] == "standardise_inputs" and "not standardised" in f.cause
+                              for f in said[True] if f.kind in ("saturation", "vanishing", "dead_units", "stalled"))
+    assert any(f.kind in ("saturation", "vanishing") for f in said[True]), [str(f) for f in said[True]]
+    assert not any("not standardised" in f.cause for f in said[False])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gradwatch.diagnosis.findings import Finding
+from gradwatch.diagnosis.findings import Finding, sci
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.store import Run
 
@@ -20,6 +20,7 @@ ADAM_TYPES = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
 # Adam's step moves every weight by about lr from the first step on (its update is normalised): above 3·10⁻³
 # without a warm-up, attention and LayerNorm'd nets (Xiong et al. 2020; Liu et al. 2020) commonly collapse.
 ADAM_LR_ABOVE = 3e-3
+RAW_INPUT_ABOVE = 10.0  # inputs whose std or mean |x| is beyond this were not standardised (pixels 0–255, raw features)
 TINY_BATCH = 4  # BatchNorm on batches this small: Wu & He 2018 measure its error climbing steeply below 8
 WD_SHRINK_ABOVE = 1e-2  # lr × weight_decay: every weight shrinks by 1 % a step or more (SGD, and AdamW's decoupled decay)
 ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1e-2 trains an LSTM or a small CNN)
@@ -34,6 +35,8 @@ _TOO_LITTLE_KINDS = ("vanishing", "stalled", "saturation")
 # Findings a weight decay that shrinks the net towards zero explains: too little signal, units that went silent.
 _SHRUNK_KINDS = ("vanishing", "stalled", "dead_units")
 _ANY_KIND = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "saturation")
+# Findings inputs far from unit scale explain: the first layer's units saturate or die, the signal dies with them.
+_INPUT_KINDS = ("vanishing", "stalled", "dead_units", "saturation")
 
 
 def _meta(run: Run) -> dict:
@@ -108,6 +111,18 @@ def batch_norm_on_tiny_batches(run: Run) -> str:
             f"running statistics used at evaluation follow that noise")
 
 
+def raw_inputs(run: Run) -> str:
+    """Words for inputs far from unit scale (the first training batch's std or mean |x| above ``RAW_INPUT_ABOVE``,
+    as the watch measured them once); '' otherwise."""
+    meta = _meta(run)
+    std, mean = meta.get("input_std"), meta.get("input_abs_mean")
+    if not isinstance(std, (int, float)) or not isinstance(mean, (int, float)) or max(std, mean) <= RAW_INPUT_ABOVE:
+        return ""
+    return (f"the inputs are not standardised: the first batch has std {sci(std)} and mean |x| {sci(mean)}, where an "
+            f"initialisation (He, Xavier) expects about 1, so the first layer's pre-activations are that much too "
+            f"large: saturated or dead from the start")
+
+
 def warmup_seen(run: Run) -> bool:
     """A learning-rate scheduler had lowered the rate below its base when the watch started, or below the peak it
     climbs to (``OneCycleLR``'s ``max_lr``): a warm-up."""
@@ -157,7 +172,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
-    eval_mode, tiny_bn = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run)
+    eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
     sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
@@ -172,6 +187,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         for words, first, kinds in ((post_ln, ("warmup", "pre_ln"), _DEPTH_KINDS),
                                     (lr_words, ("warmup", "lower_lr"), _DEPTH_KINDS),
                                     (decay, ("lower_wd",), _SHRUNK_KINDS),
+                                    (raw, ("standardise_inputs",), _INPUT_KINDS),
                                     (tiny_bn, ("group_norm",), _ANY_KIND),
                                     (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first
             if words and f.severity != "info" and f.kind in kinds:

@@ -70,6 +70,7 @@ class Watch:
         self._failed: BaseException | None = None
         self._eval_steps, self._eval_first = 0, -1  # steps trained with model.training False, and the first one
         self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
+        self._input_scale: tuple[float, float] | None = None  # (std, mean |x|) of the first training batch's inputs
         self._handles: list[Any] = []
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
@@ -293,6 +294,9 @@ class Watch:
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
         if module is self.model and args and isinstance(args[0], Tensor) and args[0].dim() and torch.is_grad_enabled():
             self._batch_sizes[args[0].shape[0]] += 1  # the training batch: BatchNorm's statistics rest on it
+            if self._input_scale is None and args[0].is_floating_point():  # once: are the inputs standardised?
+                x = args[0].detach().float()
+                self._input_scale = (float(x.std()) if x.numel() > 1 else 0.0, float(x.abs().mean()))
         self._steps.forward_starts()
 
     @_forward_hook
@@ -365,4 +369,6 @@ class Watch:
                                 "steps": self.step, "eval_mode_steps": self._eval_steps,
                                 "eval_mode_first": self._eval_first if self._eval_steps else None,
                                 "batch_size": self._batch_sizes.most_common(1)[0][0] if self._batch_sizes else None,
+                                "input_std": self._input_scale[0] if self._input_scale else None,
+                                "input_abs_mean": self._input_scale[1] if self._input_scale else None,
                                 **self._steps.budget.report()})
