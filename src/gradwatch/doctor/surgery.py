@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradwatch import remedies as r
+from gradwatch.remedies.structure import replace_modules
 from gradwatch.trial import Trial, peek
 
 TrialChange = Callable[[Trial, dict[str, float]], Trial | None]  # (fresh trial, numbers) -> trial to train; None: n/a
@@ -73,18 +74,18 @@ def group_norm(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """GroupNorm with one group (per-sample statistics over the channels, any input shape (N, C, *)) in place of
     every BatchNorm, its affine weight and bias kept; None where there is none."""
     before = {id(p) for p in trial.model.parameters()}
-    swapped = False
-    for parent in list(trial.model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                gn = nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine)
-                if child.affine:
-                    with torch.no_grad():
-                        gn.weight.copy_(child.weight)
-                        gn.bias.copy_(child.bias)
-                setattr(parent, name, gn.to(next(child.parameters(), torch.empty(0)).device))
-                swapped = True
-    if not swapped:
+
+    def group_norm_for(child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            return None
+        gn = nn.GroupNorm(1, child.num_features, eps=child.eps, affine=child.affine)
+        if child.affine:
+            with torch.no_grad():
+                gn.weight.copy_(child.weight)
+                gn.bias.copy_(child.bias)
+        return gn.to(next(child.parameters(), torch.empty(0)).device)
+
+    if not replace_modules(trial.model, group_norm_for):
         return None
     rebuild_optimizer(trial, before)  # the BatchNorm parameters leave, GroupNorm's join the first group
     return trial
@@ -342,11 +343,7 @@ def norm(trial: Trial, numbers: dict[str, float]) -> Trial:
     """LayerNorm/BatchNorm before the activations; the held-out score read with the inserted BatchNorm layers'
     running statistics re-estimated first (:class:`PreciseBN`)."""
     had = {id(m) for m in trial.model.modules()}
-    example = _model_input(trial)
-    try:
-        r.output_activations(trial.model, example)
-    except Exception:  # noqa: BLE001 - not what the model takes: the output found in registration order
-        example = None
+    example = _traceable_input(trial)
     OnModel(lambda m: r.add_norm(m, inplace=True, example=example))(trial, numbers)
     inserted = [m for m in trial.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in had]
     if inserted and trial.evaluate is not None:
@@ -399,63 +396,41 @@ class PreciseBN:
         return self.evaluate(model)
 
 
-def _keep_output(trial: Trial) -> set[int]:
-    """The trial model's output activations (:func:`gradwatch.remedies.structure.output_activations`), found by a
-    forward pass on its next batch's inputs; in the order the modules were registered where the batches are not
-    ``(inputs, …)`` the model takes (a custom ``step()``)."""
-    example = _model_input(trial)
-    if example is not None:
-        try:
-            return r.output_activations(trial.model, example)
-        except Exception:  # noqa: BLE001 - not what the model takes: the registration order below
-            pass
-    return r.output_activations(trial.model)
-
-
 def logits(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The identity in place of an ``nn.Softmax`` after the model's last layer (found by a forward pass on a batch
     where the batches are the model's inputs): the loss gets logits. None when there is none."""
-    example = _model_input(trial)
-    try:
-        after = r.after_last_layer(trial.model, example)
-    except Exception:  # noqa: BLE001 - not what the model takes: registration order
-        after = r.after_last_layer(trial.model)
-    drop = {id(m) for m in after if isinstance(m, nn.Softmax)}
-    if not drop:
+    drop = {id(m) for m in r.after_last_layer(trial.model, _traceable_input(trial)) if isinstance(m, nn.Softmax)}
+    if not replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
         return None
-    for parent in list(trial.model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) in drop:
-                setattr(parent, name, nn.Identity())
     return trial
 
 
-def _model_input(trial: Trial) -> torch.Tensor | None:
-    """The inputs of the trial's next batch (put back), where its batches are ``(inputs, …)``; else None."""
+def _traceable_input(trial: Trial) -> torch.Tensor | None:
+    """The inputs of the trial's next batch (put back) where a forward pass of the model takes them, to find its
+    output activations in call order; None where the batches are not ``(inputs, …)`` the model takes (a custom
+    ``step()``): the structural remedies then go by the order the modules were registered in."""
     batches = peek(trial, 1)
-    if batches and isinstance(batches[0], (tuple, list)) and batches[0] and isinstance(batches[0][0], torch.Tensor):
-        return batches[0][0]
-    return None
+    if not (batches and isinstance(batches[0], (tuple, list)) and batches[0] and isinstance(batches[0][0], torch.Tensor)):
+        return None
+    try:
+        r.after_last_layer(trial.model, batches[0][0])
+    except Exception:  # noqa: BLE001 - not what the model takes
+        return None
+    return batches[0][0]
 
 
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """ReLU in place of the saturating activations but the output one (a sigmoid under BCELoss stays), He init."""
-    keep = _keep_output(trial)
-    return OnModel(lambda m: r.he_init(_swap(m, nn.ReLU, r.SATURATING, keep), inplace=True))(trial, numbers)
+    example = _traceable_input(trial)
+    return OnModel(lambda m: r.he_init(r.swap_activation(m, nn.ReLU, inplace=True, example=example),
+                                       inplace=True))(trial, numbers)
 
 
 def leaky(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """LeakyReLU in place of the ReLUs but an output one, He init."""
-    keep = _keep_output(trial)
-    return OnModel(lambda m: r.he_init(_swap(m, nn.LeakyReLU, (nn.ReLU,), keep), inplace=True))(trial, numbers)
-
-
-def _swap(m: nn.Module, to: type[nn.Module], replace: tuple[type[nn.Module], ...], keep: set[int]) -> nn.Module:
-    for parent in list(m.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, replace) and not isinstance(child, to) and id(child) not in keep:
-                setattr(parent, name, to())
-    return m
+    example = _traceable_input(trial)
+    return OnModel(lambda m: r.he_init(r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True,
+                                                         example=example), inplace=True))(trial, numbers)
 
 
 def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -487,10 +462,7 @@ def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     if not bad:
         return None
     kinds = tuple({type(m) for m in bad})  # every instance of an overflowing activation's class
-    for parent in list(trial.model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kinds):
-                setattr(parent, name, nn.ReLU())
+    replace_modules(trial.model, lambda child: nn.ReLU() if isinstance(child, kinds) else None)
     return trial
 
 
@@ -522,10 +494,8 @@ def output_activation(trial: Trial, numbers: dict[str, float]) -> Trial | None:
         trial.model.train(was)
     if not constant:
         return None
-    for parent in list(trial.model.modules()):
-        for name, child in list(parent.named_children()):
-            if any(child is c for c in constant):
-                setattr(parent, name, nn.LogSigmoid() if isinstance(child, nn.LogSoftmax) else nn.Sigmoid())
+    replace_modules(trial.model, lambda child: None if not any(child is c for c in constant)
+                    else nn.LogSigmoid() if isinstance(child, nn.LogSoftmax) else nn.Sigmoid())
     return trial
 
 
@@ -644,14 +614,13 @@ def gated(m: nn.Module) -> nn.Module | None:
     0–2, an LSTM with forget-gate bias 1 not in 750 (seed 0)."""
     if not any(isinstance(x, (nn.RNN, nn.RNNCell)) for x in m.modules()):
         return None
-    for parent in list(m.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.RNN):
-                setattr(parent, name, nn.GRU(child.input_size, child.hidden_size, child.num_layers, bias=child.bias,
-                                             batch_first=child.batch_first, dropout=child.dropout,
-                                             bidirectional=child.bidirectional))
-            elif isinstance(child, nn.RNNCell):
-                setattr(parent, name, nn.GRUCell(child.input_size, child.hidden_size, bias=child.bias))
+    def gru_for(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, nn.RNN):
+            return nn.GRU(child.input_size, child.hidden_size, child.num_layers, bias=child.bias,
+                          batch_first=child.batch_first, dropout=child.dropout, bidirectional=child.bidirectional)
+        return nn.GRUCell(child.input_size, child.hidden_size, bias=child.bias) if isinstance(child, nn.RNNCell) else None
+
+    replace_modules(m, gru_for)
     return m
 
 

@@ -7,7 +7,7 @@ The residual blocks the remedies build (:class:`Residual`, :class:`ReZero`) or r
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -73,11 +73,22 @@ def swap_activation(model: nn.Module, to: type[nn.Module] = nn.ReLU, replace: tu
     """
     m = _target(model, inplace)
     keep = set() if output else output_activations(m, example)
-    for parent in list(m.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, replace) and not isinstance(child, to) and id(child) not in keep:
-                setattr(parent, name, to())
+    replace_modules(m, lambda child: to() if isinstance(child, replace) and not isinstance(child, to)
+                    and id(child) not in keep else None)
     return m
+
+
+def replace_modules(model: nn.Module, new: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Each submodule for which ``new`` returns a module is replaced by it in its parent, in place (the modules
+    as they were before: a replacement is not visited); the number replaced."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            got = new(child)
+            if got is not None:
+                setattr(parent, name, got)
+                count += 1
+    return count
 
 
 class Residual(nn.Module):
