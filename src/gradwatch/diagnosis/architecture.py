@@ -39,14 +39,14 @@ _ANY_KIND = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "sa
 _INPUT_KINDS = ("vanishing", "stalled", "dead_units", "saturation")
 
 
-def _meta(run: Run) -> dict:
+def run_meta(run: Run) -> dict:
     """The run's metadata; empty for a view or a run that has none."""
     return getattr(run, "meta", {}) or {}
 
 
 def module_types(run: Run) -> set[str]:
     """The module classes of the run's model: its meta's ``module_types`` and its entities' modules."""
-    meta = _meta(run)
+    meta = run_meta(run)
     types = set(meta.get("module_types") or ())
     return types | {e.module for e in run.entities() if e.module}
 
@@ -58,7 +58,7 @@ def lr_without_warmup(run: Run) -> str:
     al. measured), above ``ADAM_LR_PLAIN_ABOVE`` for one with neither: an LSTM or a plain CNN trains at Adam's
     1e-2 (the doctor's own Adam remedy runs there), and blaming that rate for a recurrence that forgets misleads.
     """
-    meta = _meta(run)
+    meta = run_meta(run)
     opt, lr = meta.get("optimizer"), meta.get("optimizer_lr")
     if opt not in ADAM_TYPES or not isinstance(lr, (int, float)) or warmup_seen(run):
         return ""
@@ -74,7 +74,7 @@ def lr_without_warmup(run: Run) -> str:
 
 def heavy_weight_decay(run: Run) -> str:
     """Words for a weight decay that shrinks every weight by ``WD_SHRINK_ABOVE`` or more a step ('' otherwise)."""
-    meta = _meta(run)
+    meta = run_meta(run)
     wd, lr, opt = meta.get("optimizer_weight_decay"), meta.get("optimizer_lr"), meta.get("optimizer")
     if not isinstance(wd, (int, float)) or not isinstance(lr, (int, float)) or wd * lr < WD_SHRINK_ABOVE:
         return ""
@@ -86,7 +86,7 @@ def heavy_weight_decay(run: Run) -> str:
 def trained_in_eval_mode(run: Run) -> str:
     """Words for a model that trained in eval mode on at least half its steps, where that changes what it computes
     (BatchNorm, Dropout); '' otherwise."""
-    meta = _meta(run)
+    meta = run_meta(run)
     n, steps, first = meta.get("eval_mode_steps"), meta.get("steps"), meta.get("eval_mode_first")
     if not isinstance(n, int) or not isinstance(steps, int) or steps < 1 or n < 0.5 * steps:
         return ""
@@ -101,7 +101,7 @@ def trained_in_eval_mode(run: Run) -> str:
 def batch_norm_on_tiny_batches(run: Run) -> str:
     """Words for BatchNorm trained on batches of ``TINY_BATCH`` samples or fewer (the watch's most common
     ``batch_size``); '' otherwise."""
-    meta = _meta(run)
+    meta = run_meta(run)
     size = meta.get("batch_size")
     modes = sorted(t for t in module_types(run) if "BatchNorm" in t)
     if not modes or not isinstance(size, int) or size > TINY_BATCH:
@@ -114,7 +114,7 @@ def batch_norm_on_tiny_batches(run: Run) -> str:
 def raw_inputs(run: Run) -> str:
     """Words for inputs far from unit scale (the first training batch's std or mean |x| above ``RAW_INPUT_ABOVE``,
     as the watch measured them once); '' otherwise."""
-    meta = _meta(run)
+    meta = run_meta(run)
     std, mean = meta.get("input_std"), meta.get("input_abs_mean")
     if not isinstance(std, (int, float)) or not isinstance(mean, (int, float)) or max(std, mean) <= RAW_INPUT_ABOVE:
         return ""
@@ -126,7 +126,7 @@ def raw_inputs(run: Run) -> str:
 def warmup_seen(run: Run) -> bool:
     """A learning-rate scheduler had lowered the rate below its base when the watch started, or below the peak it
     climbs to (``OneCycleLR``'s ``max_lr``): a warm-up."""
-    meta = _meta(run)
+    meta = run_meta(run)
     lr = meta.get("optimizer_lr")
     return isinstance(lr, (int, float)) and any(isinstance(top, (int, float)) and lr < top for top in
                                                  (meta.get("optimizer_initial_lr"), meta.get("optimizer_max_lr")))
@@ -134,7 +134,7 @@ def warmup_seen(run: Run) -> bool:
 
 def post_ln_without_warmup(run: Run) -> str:
     """Words for Post-LN Transformer layers trained without a warm-up ('' when that is not the case)."""
-    meta = _meta(run)
+    meta = run_meta(run)
     n = meta.get("post_ln_layers")
     if not isinstance(n, int) or n < 1 or warmup_seen(run):
         return ""
@@ -145,7 +145,7 @@ def post_ln_without_warmup(run: Run) -> str:
 
 def has_residual(run: Run) -> bool:
     """Skip connections, by what the modules compute (the watch's ``residual_blocks``) or by their class names."""
-    meta = _meta(run)
+    meta = run_meta(run)
     return bool(meta.get("residual_blocks")) or bool(module_types(run) & RESIDUAL_TYPES)
 
 
@@ -158,7 +158,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     plain SGD are told of Adam, last.
     """
     types = module_types(run)
-    meta = _meta(run)
+    meta = run_meta(run)
     residual = has_residual(run)
     deep_plain = not residual and len(meta.get("layers") or ()) >= DEEP_LAYERS
     drop = set()

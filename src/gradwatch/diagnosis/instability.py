@@ -63,8 +63,7 @@ def qk_normalised(module_types: set[str], layers: list[str]) -> bool:
 def _already_normalised(found: list[Finding], run: Run) -> list[Finding]:
     """In a model that normalises q and k already, attention-logit growth comes from the norms' gains:
     qk-layernorm leaves the remedies, and the cause says so."""
-    types = set((getattr(run, "meta", {}) or {}).get("module_types") or ()) | {e.module for e in run.entities() if e.module}
-    if not qk_normalised(types, [e.name for e in run.entities()]):
+    if not qk_normalised(module_types(run), [e.name for e in run.entities()]):
         return found
     out = []
     for f in found:

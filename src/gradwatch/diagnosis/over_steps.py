@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import ADAM_TYPES
+from gradwatch.diagnosis.architecture import ADAM_TYPES, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import loss_ends, real_fit, total_grad_norm
 from gradwatch.diagnosis.remedies import remedies
@@ -290,7 +290,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
         return []
     ends = loss_ends(run, th)
     # Adam's step does not scale with the gradient: a bound it always meets leaves its updates as they were
-    adaptive = (getattr(run, "meta", None) or {}).get("optimizer") in ADAM_TYPES
+    adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
     learns = adaptive or (ends is not None and 0 < ends[1] <= 0.5 * ends[0])
     return [Finding(
         kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, loss_ends, window_median
@@ -198,8 +199,7 @@ def softmax_output_findings(run: Run, th: Thresholds) -> list[Finding]:
     The gradients can look healthy: only the flat loss and the module at the output show it. An ``nn.Softmax``
     module only: a ``torch.softmax`` call inside ``forward`` leaves no module to see.
     """
-    meta = getattr(run, "meta", None) or {}
-    if "Softmax" not in (meta.get("output_modules") or ()):
+    if "Softmax" not in (run_meta(run).get("output_modules") or ()):
         return []
     ends = loss_ends(run, th)
     if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0]:

@@ -56,10 +56,11 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
 
 
 def output_modules(model: nn.Module) -> list[str]:
-    """Class names of the leaf modules registered after the model's last leaf with parameters, in order."""
-    leaves = [m for m in model.modules() if not list(m.children())]
-    last = max((i for i, m in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))), default=-1)
-    return [type(m).__name__ for m in leaves[last + 1:]]
+    """Class names of the leaf modules registered after the model's last leaf with parameters, in order
+    (:func:`gradwatch.remedies.structure.after_last_layer`: none where no leaf holds a parameter)."""
+    from gradwatch.remedies.structure import after_last_layer
+
+    return [type(m).__name__ for m in after_last_layer(model)]
 
 
 def max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
