@@ -46,7 +46,7 @@ from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
-from gradwatch.doctor.verdicts import NULL_BELOW, SCORE_MARGIN, summary, verdict
+from gradwatch.doctor.verdicts import NULL_BELOW, is_better, summary, verdict
 from gradwatch.trial import SetupFn
 
 
@@ -251,8 +251,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
         closest = [t for t in report.trials if not t.error and t.verdict.startswith(("removes the finding", "helps"))
-                   and (t.score >= base.score + SCORE_MARGIN if math.isfinite(base.score) and math.isfinite(t.score)
-                        else t.final_loss < 0.9 * base.final_loss)]
+                   and is_better(base, t)]
         if closest:  # not a fix, as measured; but a user should hear of a row that got this far
             c = min(closest, key=key)
             evidence = (f"score {c.score:.3f} against {base.score:.3f}" if math.isfinite(c.score) and math.isfinite(base.score)

@@ -81,6 +81,14 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     return better_score or not scored
 
 
+def is_better(base: TrialResult, trial: TrialResult) -> bool:
+    """Clearly better than the baseline: a held-out score ``SCORE_MARGIN`` above it where both rows have one, else
+    a final loss below 0.9 × the baseline's."""
+    if math.isfinite(base.score) and math.isfinite(trial.score):
+        return trial.score >= base.score + SCORE_MARGIN
+    return trial.final_loss < 0.9 * base.final_loss
+
+
 def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     """Judged only on what was measured: the findings left or brought, the loss curve, the held-out score."""
     if not math.isfinite(trial.final_loss) and not trial.judge_by_score:
@@ -88,12 +96,12 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     left = targets & set(trial.findings)
     brought = sorted(set(trial.critical) - set(base.findings))  # critical findings of kinds the baseline had not
     scored = math.isfinite(base.score) and math.isfinite(trial.score)
+    better = is_better(base, trial)
     if scored:
-        better, worse = trial.score >= base.score + SCORE_MARGIN, trial.score <= base.score - SCORE_MARGIN
+        worse = trial.score <= base.score - SCORE_MARGIN
         # the same score at chance is no evidence the remedy did nothing: a loss that more than doubled says it did harm
         worse = worse or (not better and not trial.judge_by_score and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss)
     else:
-        better = trial.final_loss < 0.9 * base.final_loss
         worse = trial.final_loss > 1.1 * base.final_loss
     learned = learns(base, trial)
     if not left and not brought and learned:
