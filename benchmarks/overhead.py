@@ -76,7 +76,9 @@ def cnn_trial(seed: int) -> zoo.Trial:
 CONFIGS: dict[str, dict | None] = {
     "plain": None,
     "plain (A/A)": None,
-    "grad stats every step": dict(activations=False, update_every=False),
+    "grad stats every step (every=1)": dict(every=1, activations=False, update_every=False),
+    "grad stats alone, budgeted (every step to 127, then at least every 8th)": dict(activations=False,
+                                                                                   update_every=False),
     "default watch, recorder and attention off": dict(flight=False, attention=False),
     "default watch (budget 2 %)": dict(),
     "budget=None (activations, updates every 10th)": dict(budget=None),

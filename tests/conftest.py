@@ -209,10 +209,13 @@ def schedule_steps(meta: dict, family: str, steps: int) -> list[int]:
     """The steps a budgeted family sampled, rebuilt from the changes the metadata records."""
     from gradwatch.schedules import floor_gap
 
+    from gradwatch.watching.budget import FAMILIES
+
+    dense_until = {f.name: f.dense_until for f in FAMILIES}[family]  # the gradient norms': every step before it
     changes = meta["schedules"][family]["changes"]
     out = []
     for s in range(steps):
         k = [k for first, k in changes if first <= s][-1]
-        if s % min(k, floor_gap(s)) == 0:
+        if s < dense_until or s % min(k, floor_gap(s)) == 0:
             out.append(s)
     return out

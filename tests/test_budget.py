@@ -26,12 +26,14 @@ from gradwatch import zoo
 from gradwatch.schedules import BUDGET_FLOOR, DEFAULT_SAMPLED, SPARSEST, every, floor_gap
 from gradwatch.watching import WatchOptions
 from gradwatch.watching import steps as steps_module
-from gradwatch.watching.budget import BUDGETED, EVALUATE_EVERY, HEADROOM, Budget, CostMeter, Rhythm, thread_seconds
+from gradwatch.watching.budget import (BUDGETED, EVALUATE_EVERY, GRADS_DENSE_UNTIL, GRADS_SPARSEST, HEADROOM, Budget,
+                                      CostMeter, Rhythm, thread_seconds)
 
 from conftest import at_step, naive_layer_grad_norms, naive_param_grad_norms, sampled_steps, schedule_steps
 
 BUDGETED_ALL = {"grads": BUDGETED, "backprop": BUDGETED, "activations": BUDGETED, "temporal": None,
                 "updates": BUDGETED}
+GRADS_EVERY_STEP = {**BUDGETED_ALL, "grads": every(1)}  # `every=1`: the sampled families' decisions alone
 
 
 # -- the floor and the rhythms -------------------------------------------------------------------
@@ -65,28 +67,34 @@ def feed(budget: Budget, steps: int, step_s: float, cost: dict[str, float], base
         budget.step_ended(step, seconds, base, step_s + base + sum(seconds.values()))
 
 
-def expected_cost(budget: Budget, cost: dict[str, float], base: float) -> float:
-    """Per-step cost the decision expects: every-step families in full, budgeted ones over their k."""
+def expected_cost(budget: Budget, cost: dict[str, float], base: float, step: int) -> float:
+    """Per-step cost the decision expects around ``step``: every-step families in full, budgeted ones at their rate."""
     pinned = sum(c for f, c in cost.items() if f not in budget.rhythms)
-    return base + pinned + sum(cost[f] / r.k for f, r in budget.rhythms.items())
+    return base + pinned + sum(cost[f] * r.rate(step) for f, r in budget.rhythms.items())
 
 
 @settings(max_examples=60, deadline=None)
-@given(step_ms=st.floats(0.5, 500), grads=st.floats(0.0, 0.05), backprop=st.floats(1e-4, 3.0),
+@given(step_ms=st.floats(0.5, 500), grads=st.floats(0.0, 0.3), backprop=st.floats(1e-4, 3.0),
        activations=st.floats(1e-4, 3.0), updates=st.floats(1e-4, 1.0), fraction=st.sampled_from([0.01, 0.02, 0.1]))
 def test_the_decision_fits_the_budget_cannot_densify_further_and_gives_cheap_families_the_small_k(
         step_ms, grads, backprop, activations, updates, fraction):
-    """Costs as fractions of the step. The decision: within the budget whenever the floor allows it; no family could
-    be halved within the headroom; a cheaper family never samples more sparsely than a costlier one."""
+    """Costs as fractions of the step. Past the gradient norms' dense start, the decision: within the budget whenever
+    the floor allows it; no family could be halved within the headroom; of two families with the same largest k, the
+    cheaper never samples more sparsely. Gradient norms: every step before GRADS_DENSE_UNTIL, at least every
+    GRADS_SPARSEST-th after, whatever they cost."""
     step_s = step_ms / 1e3
     cost = {"grads": grads * step_s, "backprop": backprop * step_s, "activations": activations * step_s,
             "updates": updates * step_s}
     budget = Budget(fraction, BUDGETED_ALL)
-    feed(budget, EVALUATE_EVERY + 1, step_s, cost)
-    k = {f: r.k for f, r in budget.rhythms.items()}
-    spent = expected_cost(budget, cost, 0.0)
+    end = (GRADS_DENSE_UNTIL // EVALUATE_EVERY + 1) * EVALUATE_EVERY + 1  # the first decision past the dense start
+    feed(budget, end, step_s, cost)
+    assert all(budget.schedules["grads"](s) for s in range(GRADS_DENSE_UNTIL))
+    r = budget.rhythms
+    k = {f: r[f].k for f in r}
+    spent = expected_cost(budget, cost, 0.0, end)
+    assert budget.decision["overhead"] == pytest.approx(spent / step_s)
     allowance = fraction * step_s
-    at_floor = cost["grads"] + sum(cost[f] / SPARSEST for f in k)
+    at_floor = sum(cost[f] / r[f].sparsest for f in k)
     if abs(spent - allowance) > 1e-9 * allowance:
         assert budget.decision["kept"] == (spent < allowance)
     if at_floor <= HEADROOM * allowance:
@@ -94,17 +102,22 @@ def test_the_decision_fits_the_budget_cannot_densify_further_and_gives_cheap_fam
         for f in k:  # maximal: halving any k would leave the headroom
             if k[f] > 1:
                 assert spent + cost[f] / k[f] > HEADROOM * allowance * (1 - 1e-9)
-    else:
-        assert all(v == SPARSEST for v in k.values())  # nothing fits: everything at the floor
+    else:  # nothing fits: everything at its floor, unless what runs now already fits (no change: hysteresis)
+        assert all(k[f] == r[f].sparsest for f in k) or budget.decision["kept"]
+    assert r["grads"].sparsest == GRADS_SPARSEST
     for a in k:
         for b in k:
-            if cost[a] < cost[b]:
+            if cost[a] < cost[b] and r[a].sparsest == r[b].sparsest:
                 assert k[a] <= k[b]
-    assert budget.schedules["grads"](EVALUATE_EVERY + 1)  # gradient norms every step, whatever it costs
+    if k["grads"] > 1 and at_floor <= HEADROOM * allowance and budget.decision["kept"]:  # the gradient norms first:
+        assert spent - sum(cost[f] / k[f] - cost[f] / r[f].sparsest for f in k if f != "grads") + cost["grads"] / k[
+            "grads"] > HEADROOM * allowance * (1 - 1e-9)  # halving theirs would not fit even with the others at floor
+    steps = [s for s in range(end, end + 400) if budget.schedules["grads"](s)]
+    assert max(np.diff(steps)) <= GRADS_SPARSEST  # at least every 8th step, whatever it costs
 
 
 def test_a_cheap_family_goes_every_step_an_expensive_one_stays_at_the_floor_and_noise_changes_nothing():
-    budget = Budget(0.02, BUDGETED_ALL)
+    budget = Budget(0.02, GRADS_EVERY_STEP)
     cost = {"grads": 20e-6, "backprop": 10e-6, "activations": 5e-3, "updates": 50e-6}  # a 10 ms step: 200 µs
     feed(budget, 4 * EVALUATE_EVERY + 1, 10e-3, cost, base=10e-6)
     # 10 + 20 + 10 + 50 + 5000/64 = 168 µs ≤ 0.9 × 200; activation statistics at every 32nd step would add 78
@@ -122,7 +135,7 @@ def test_a_cheap_family_goes_every_step_an_expensive_one_stays_at_the_floor_and_
 
 
 def test_when_the_every_step_costs_alone_exceed_the_budget_it_says_so_and_why():
-    budget = Budget(0.02, BUDGETED_ALL)
+    budget = Budget(0.02, GRADS_EVERY_STEP)
     feed(budget, 2 * EVALUATE_EVERY + 1, 2e-3, {"grads": 150e-6, "backprop": 400e-6, "activations": 3e-3,
                                                  "updates": 800e-6}, base=30e-6)
     assert all(r.k == SPARSEST for r in budget.rhythms.values())
@@ -132,12 +145,44 @@ def test_when_the_every_step_costs_alone_exceed_the_budget_it_says_so_and_why():
     assert report["overhead"] == pytest.approx((180e-6 + 4.2e-3 / 64) / 2e-3)
 
 
+def test_gradient_norms_run_every_step_early_then_thin_to_every_8th_only_where_they_do_not_fit():
+    """A 2 ms step whose gradient norms cost 150 µs (7.5 %, four times a 2 % budget): every step to step 127, every
+    8th after; on a 20 ms step the same read fits and stays on every step. The sampled families are told apart."""
+    cost = {"grads": 150e-6, "backprop": 40e-6, "activations": 300e-6, "updates": 80e-6}
+    tight = Budget(0.02, BUDGETED_ALL)
+    feed(tight, 20 * EVALUATE_EVERY + 1, 2e-3, cost, base=10e-6)
+    grads = tight.schedules["grads"]
+    assert all(grads(s) for s in range(GRADS_DENSE_UNTIL))
+    assert tight.rhythms["grads"].k == GRADS_SPARSEST
+    assert [s for s in range(GRADS_DENSE_UNTIL, 200) if grads(s)] == list(range(GRADS_DENSE_UNTIL, 200, 8))
+    report = tight.report()
+    assert report["budget"]["fixed_ms"] == pytest.approx(0.01)  # the gradient norms are budgeted, not fixed
+    # 10 + 150/8 + 40/32 + 300/64 + 80/64 = 35.9 µs ≤ 0.9 × 40: ‖∂L/∂a‖ (the cheapest halving) at every 32nd step
+    assert {f: r.k for f, r in tight.rhythms.items()} == {"grads": 8, "backprop": 32, "activations": 64, "updates": 64}
+    assert report["budget"]["overhead"] == pytest.approx((10e-6 + 150e-6 / 8 + 40e-6 / 32 + 300e-6 / 64
+                                                          + 80e-6 / 64) / 2e-3)
+    assert "every 8th" in report["schedules"]["grads"]["by"] and report["schedules"]["grads"]["changes"][0] == [0, 1]
+    roomy = Budget(0.02, BUDGETED_ALL)
+    feed(roomy, 20 * EVALUATE_EVERY + 1, 20e-3, cost, base=10e-6)
+    assert roomy.rhythms["grads"].k == 1 and all(roomy.schedules["grads"](s) for s in range(400))
+
+
+def test_gradient_norms_stay_on_every_step_without_a_budget_with_sharded_parameters_or_beside_the_recorder():
+    assert Budget(None, BUDGETED_ALL).schedules["grads"] == every(1)
+    sharded = Budget(0.02, BUDGETED_ALL, sharded=True)
+    assert sharded.schedules["grads"] == every(1) and "sharded" in sharded.by["grads"]
+    why = "every step: the flight recorder reads the gradient norms on every step anyway"
+    flight = Budget(0.02, BUDGETED_ALL, pinned={"grads": why})
+    assert flight.schedules["grads"] == every(1) and flight.by["grads"] == why and "grads" not in flight.rhythms
+    assert WatchOptions().grad_schedule == BUDGETED and WatchOptions(every=1).grad_schedule == every(1)
+
+
 def test_schedules_you_give_win_are_counted_at_their_rate_and_the_metadata_says_who_set_each():
     budget = Budget(0.02, {**BUDGETED_ALL, "activations": every(2), "updates": None})
     assert budget.schedules["activations"] == every(2) and "activations" not in budget.rhythms
     assert budget.by["activations"].startswith("you (activations=)") and budget.by["updates"] == "off"
     feed(budget, 4 * EVALUATE_EVERY + 1, 10e-3, {"grads": 10e-6, "activations": 100e-6, "backprop": 1e-6})
-    assert budget.decision["fixed_ms"] == pytest.approx(1e3 * (10e-6 + 100e-6 / 2))  # every(2): half the steps
+    assert budget.decision["fixed_ms"] == pytest.approx(1e3 * 100e-6 / 2)  # every(2): half the steps
     assert Budget(None, BUDGETED_ALL).schedules["backprop"] == DEFAULT_SAMPLED  # budget=None: every 10th step
     sharded = Budget(0.02, BUDGETED_ALL, sharded=True)  # every rank must all-reduce on the same steps
     assert sharded.schedules["updates"] == DEFAULT_SAMPLED and "sharded" in sharded.by["updates"]
@@ -148,7 +193,7 @@ def test_the_writer_threads_cpu_counts_as_a_fixed_cost_averaged_over_the_run():
     import threading
 
     spent = {"s": 3.0}
-    budget = Budget(0.02, BUDGETED_ALL, writer_seconds=lambda: spent["s"])
+    budget = Budget(0.02, GRADS_EVERY_STEP, writer_seconds=lambda: spent["s"])
     spent["s"] += 32 * 40e-6  # 40 µs a step of writer CPU over the steps fed below (32 of them, then decision 32)
     feed(budget, 2 * EVALUATE_EVERY + 1, 10e-3, {"grads": 10e-6, "backprop": 1e-6})
     assert budget.decision["writer_ms"] == pytest.approx(1e3 * 32 * 40e-6 / 33)
@@ -239,7 +284,7 @@ def test_the_metadata_names_who_set_each_schedule(store):
         _train(model, opt, w, 3)
     meta = w.open().meta
     assert meta["budget"]["fraction"] == 0.02
-    assert meta["schedules"]["grads"]["by"].startswith("every step")
+    assert meta["schedules"]["grads"]["by"] == "the budget: every step to step 127, then at least every 8th"
     assert meta["schedules"]["activations"]["by"] == "you (activations=): the budget does not change it"
     assert meta["schedules"]["activations"]["schedule"] == "every(n=5)"
     assert meta["schedules"]["updates"]["by"] == "the budget"
@@ -248,6 +293,7 @@ def test_the_metadata_names_who_set_each_schedule(store):
     meta2 = w2.open().meta
     assert meta2["budget"] == {"fraction": None}
     assert meta2["schedules"]["backprop"]["schedule"] == "every(n=10)"
+    assert meta2["schedules"]["grads"]["schedule"] == "every(n=1)"  # budget=None: gradient norms on every step
     assert meta2["schedules"]["updates"]["by"] == "off"  # no optimizer
 
 

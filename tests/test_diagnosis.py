@@ -12,6 +12,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch import zoo
 from gradwatch.schedules import BUDGET_FLOOR
+from gradwatch.watching.budget import GRADS_DENSE_UNTIL, GRADS_SPARSEST
 
 from conftest import SEEDS, sampled_steps, schedule_steps, watched_classifier
 
@@ -64,14 +65,18 @@ MLPS_20 = ["deep_tanh_mlp", "deep_relu_he_mlp", "exploding_relu_mlp", "residual_
 def test_the_20_layer_mlps_sit_at_the_budgets_floor_and_are_diagnosed_as_without_a_budget(zoo_runs, name, seed):
     """Each sample of their forward-side probes costs more than a step's 2 %, and gradient norms alone exceed it:
     the budget keeps the forward-side families at (or, on a machine busy enough to slow the step more than the
-    probes, near) their floor, says it was not kept, records what it sampled, and the diagnosis finds what it
-    found with the old every-10th-step schedule. (Which k a measured cost earns is timing; the decisions are
+    probes, near) their floor and the gradient norms on every step to step 127, then at least every 8th, says it
+    was not kept, records what it sampled, and the diagnosis finds what it found with the old every-10th-step
+    schedule and gradient norms on every step. (Which k a measured cost earns is timing; the decisions are
     tested on scripted costs in test_budget.py.)"""
     run, _ = zoo_runs(name, seed)
     meta = run.meta
     assert meta["budget"]["fraction"] == 0.02 and meta["budget"]["kept"] is False
     floor = [s for s in range(STEPS) if BUDGET_FLOOR(s)]
-    assert sampled_steps(run, "grad_norm") == list(range(STEPS))
+    grads = sampled_steps(run, "grad_norm")
+    assert grads == schedule_steps(meta, "grads", STEPS)
+    assert grads[:GRADS_DENSE_UNTIL] == list(range(GRADS_DENSE_UNTIL)) and max(np.diff(grads)) <= GRADS_SPARSEST
+    assert len(grads) < STEPS  # ... and thinned after step 127: on these steps they cost more than the budget
     for family, quantity in (("backprop", "out_grad_norm"), ("updates", "update_ratio")):
         if family == "updates" and name == "exploding_relu_mlp":
             continue  # its update ratios turn NaN, which the store leaves out

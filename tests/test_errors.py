@@ -36,7 +36,7 @@ BAD = [
     (dict(model=nn.Linear), TypeError, r"`watch\(model=…\)` expects a torch.nn.Module"),
     (dict(optimizer=42), TypeError, r"`watch\(optimizer=…\)` expects a torch.optim.Optimizer or None, got 42"),
     (dict(every="10"), TypeError, r"`watch\(every=…\)` expects a positive int or a callable step -> bool, got '10'"),
-    (dict(every=None), TypeError, r"`watch\(every=…\)`.*got None"),
+    (dict(every="8"), TypeError, r"`watch\(every=…\)`.*got '8'"),
     (dict(activations=-2), ValueError, r"`watch\(activations=…\)`.*or True/False, got -2"),
     (dict(activations=0.5), TypeError, r"`watch\(activations=…\)`.*got 0.5"),
     (dict(update_every="x"), TypeError, r"`watch\(update_every=…\)`"),

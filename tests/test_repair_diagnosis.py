@@ -374,7 +374,7 @@ def _ramped(store, name: str, end: int, log_loss: bool) -> tuple[gw.Watch, list[
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     g = torch.Generator().manual_seed(0)
     totals = []
-    with gw.watch(model, opt, store=store, name=name) as w:
+    with gw.watch(model, opt, every=1, store=store, name=name) as w:  # every step: the naive loop's steps
         for step in range(160):
             factor = 1.15 ** (step - 100) if 100 <= step <= end else 1.0
             opt.zero_grad()

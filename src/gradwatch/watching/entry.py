@@ -24,7 +24,7 @@ def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    every: int | Schedule = 1,
+    every: int | Schedule | None = None,
     activations: bool | int | Schedule = True,
     update_every: bool | int | Schedule = True,
     budget: float | None = DEFAULT_BUDGET,
@@ -45,9 +45,13 @@ def watch(
         optimizer: when given, a step is one ``optimizer.step()`` and update
             ratios are measured across it; otherwise a step is one backward pass.
         every: gradient norms and non-finite counts on these steps (an int n:
-            steps 0, n, 2n, …; or a callable ``step -> bool``). The default, 1,
-            is every step whatever the budget: the diagnosis needs every step
-            (a spike, or the first NaN, lives on one).
+            steps 0, n, 2n, …, ``every=1`` every step whatever the budget; or
+            a callable ``step -> bool``). None (the default): every step for
+            the first 128 steps (where most runs that blow up or collapse do
+            it), then every step where they fit the budget and at least every
+            8th where they do not (a tiny model's step, where reading the
+            norms costs several times the budget). A spike later in the run
+            still shows in the loss you log on every step.
         activations: activation statistics and the back-propagated gradient
             ‖∂L/∂a‖ at each layer's output, on these steps. True (the default):
             on, as often as the budget allows (every 10th step with
@@ -62,8 +66,8 @@ def watch(
             every k-th step, k a power of two chosen from cost / step time and
             revised every 16 steps, never sparser than the diagnosis needs
             (every 16th step early on, every 64th from step 256; see
-            :mod:`gradwatch.watching.budget`). Gradient norms run every step
-            regardless, and a schedule you give (``every=5``,
+            :mod:`gradwatch.watching.budget`). Gradient norms as ``every``
+            says, and a schedule you give (``every=5``,
             ``activations=10``) wins over the budget; ``meta["schedules"]``
             says who set each one, ``meta["budget"]`` what was measured and
             whether the budget was kept. Which steps are sampled then depends

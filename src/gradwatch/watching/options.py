@@ -47,7 +47,7 @@ class WatchOptions:
     training starts; ``caller`` names it in error messages.
     """
 
-    every: int | Schedule = 1
+    every: int | Schedule | None = None
     activations: bool | int | Schedule = True
     update_every: bool | int | Schedule = True
     budget: float | None = DEFAULT_BUDGET
@@ -67,9 +67,8 @@ class WatchOptions:
 
     def __post_init__(self) -> None:
         caller = self.caller
-        grads = parse_schedule(caller, "every", self.every, allow_off=False)
-        if isinstance(self.every, int) and not isinstance(self.every, bool) and self.every == 1:
-            grads = BUDGETED  # the default, every step: the budget leaves gradient norms on every step
+        # None (the default): left to the budget, which keeps them on every step early on and at least every 8th
+        grads = BUDGETED if self.every is None else parse_schedule(caller, "every", self.every, allow_off=False)
         sampled = parse_schedule(caller, "activations", self.activations, allow_off=True)
         update = parse_schedule(caller, "update_every", self.update_every, allow_off=True)
         attention = parse_schedule(caller, "attention", self.attention, allow_off=True)

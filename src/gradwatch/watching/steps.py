@@ -93,9 +93,12 @@ class StepRecorder:
             given["temporal"] = None  # nothing to follow through time
         if self.probes.attention is None:
             given["attention"] = None  # no attention module the probe recognises
+        capacity = options.flight_steps(has_attention=model is not None and bool(find_attention(model)))
+        flight_on = bool(capacity) and optimizer is not None
+        pinned = {"grads": "every step: the flight recorder reads the gradient norms on every step anyway"} if flight_on else {}
         # (the store's writer thread: its records cost CPU there, which the budget counts with the rest)
         self.budget = Budget(options.budget, given, sharded=self.grads.sharded,
-                             writer_seconds=thread_seconds(getattr(writer, "_thread", None)))
+                             writer_seconds=thread_seconds(getattr(writer, "_thread", None)), pinned=pinned)
         self._hooks: Hooks | None = None
         self._wanted: frozenset[str] = frozenset()
         self._hooks_for: frozenset[str] | None = None  # the families whose hooks are placed (once the depth is settled)
@@ -110,8 +113,7 @@ class StepRecorder:
         self._recurrent_ids = {name: w.entity(name, "recurrent", cell) for name, cell in self.probes.temporal.entities()}
         self.buffer = StepBuffer(w, self.device, ids)
         self.flight = None
-        capacity = options.flight_steps(has_attention=model is not None and bool(find_attention(model)))
-        if capacity and optimizer is not None:
+        if flight_on:
             self.flight = WatchFlight(self.grads, [l.name for l in self.layers], ids["layer"], w, capacity)
             w.meta(self.flight.meta())
         # the families a flight-recorder event turns on: all that record at all (sharded: not the collective ones)
