@@ -271,6 +271,8 @@ class StepRecorder:
         self._at_step_end()
         self.meter.base_since(mark)
         seconds, base, interval = self.meter.close_step()
+        for family in [f for f in seconds if f not in now.on]:  # bookkeeping of a family that did not record (an
+            base += seconds.pop(family)  # empty take): its cost samples are of its own steps only, else they mix
         device = self.meter.device_seconds() if self.device.type == "cuda" else []
         if self.budget.step_ended(now.number, seconds, base, interval, device):
             self._writer.meta(self.budget.report())
