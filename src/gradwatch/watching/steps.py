@@ -258,7 +258,7 @@ class StepRecorder:
         self.buffer.release()  # two steps without a forward pass between them
         now = self.now
         if not now.on.isdisjoint(FORWARD):
-            self.probes.add_step(self.buffer, now.scale)
+            self.probes.add_step(self.buffer, now.scale, now.on)
         if "attention" in now.on:
             self.probes.add_attention(self.buffer, self._writer)
         self.buffer.hold(now.number)
@@ -271,8 +271,6 @@ class StepRecorder:
         self._at_step_end()
         self.meter.base_since(mark)
         seconds, base, interval = self.meter.close_step()
-        for family in [f for f in seconds if f not in now.on]:  # bookkeeping of a family that did not record (an
-            base += seconds.pop(family)  # empty take): its cost samples are of its own steps only, else they mix
         device = self.meter.device_seconds() if self.device.type == "cuda" else []
         if self.budget.step_ended(now.number, seconds, base, interval, device):
             self._writer.meta(self.budget.report())
