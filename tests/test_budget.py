@@ -525,3 +525,27 @@ def test_a_familys_cost_samples_come_from_its_own_steps_only(store, monkeypatch)
     assert any("activations" in on for *_, on in seen) and any("activations" not in on for *_, on in seen)
     for step, families, on in seen:
         assert families <= on, step
+
+
+@pytest.mark.parametrize("every_k,says", [(8, "from step 136 at the latest (gradient norms read every 8th step there; "
+                                             "finite at step 128)"), (1, "from step 131,")])
+def test_a_nan_between_two_reads_of_the_gradient_norms_is_dated_by_both(store, every_k, says):
+    """Gradient norms read every 8th step (a budget thinning them on a tiny model, or every=8): the first NaN read
+    is at step 136, the gradient went NaN at 131 (an Inf in that batch, by construction). The finding says both reads
+    instead of "from step 136"; read every step, it says 131."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with gw.watch(model, opt, every=every_k, store=store, name=f"nan-{every_k}") as w:
+        for step in range(160):
+            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+            if step == 131:
+                x[0, 0] = math.inf
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.summary.startswith(f"NaN/Inf gradients {says}"), f.summary
+    assert "the loss is non-finite from step 132" in f.evidence  # (finite at 131: the Inf reached the weights)

@@ -396,6 +396,12 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         return []
     j0 = cols[0]
     step0 = int(s.steps[j0])
+    # Read every k-th step there (a budget that thinned the gradient norms, or every=k): the first NaN lies between
+    # the last finite read and this one.
+    last_finite = int(s.steps[j0 - 1]) if j0 > 0 else None
+    when = (f"step {step0}" if last_finite is None or step0 - last_finite == 1 else
+            f"step {step0} at the latest (gradient norms read every {step0 - last_finite}th step there; "
+            f"finite at step {last_finite})")
     layers_at = [s.names[i] for i in range(len(s.names)) if bad[i, j0]]
     first_back = layers_at[-1]  # backward runs from the output: the deepest layer is reached first
     count = float(np.nansum(s.values[:, j0]))
@@ -421,7 +427,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
             sources.append("loss (run)")
     return [Finding(
         kind="nonfinite", severity="critical", layers=tuple(layers_at), steps=(step0, int(s.steps[cols[-1]])),
-        summary=f"NaN/Inf gradients from step {step0}, first in layer {first_back!r} (backward order)",
+        summary=f"NaN/Inf gradients from {when}, first in layer {first_back!r} (backward order)",
         evidence=evidence + loss_note + ".",
         cause=cause,
         remedies=remedies("lower_lr", "clip_norm", "check_data", "grad_scaler"),
