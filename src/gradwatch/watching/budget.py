@@ -248,10 +248,9 @@ class Budget:
                 self.schedules[f.name], self.by[f.name] = ((every(1), "every step (budget=None)") if f.dense_until else
                                                            (DEFAULT_SAMPLED, "the default (budget=None)"))
             elif sharded and f.collective:
-                self.schedules[f.name], self.by[f.name] = (
-                    (every(1), "every step: sharded parameters join an all-reduce on the same steps on every rank")
-                    if f.dense_until else
-                    (DEFAULT_SAMPLED, "the default: sharded parameters join an all-reduce on the same steps on every rank"))
+                why = "sharded parameters join an all-reduce on the same steps on every rank"
+                self.schedules[f.name], self.by[f.name] = ((every(1), f"every step: {why}") if f.dense_until else
+                                                           (DEFAULT_SAMPLED, f"the default: {why}"))
             elif f.dense_until:
                 self.schedules[f.name] = Rhythm(1, f.sparsest, f.dense_until)
                 self.by[f.name] = (f"the budget: every step to step {f.dense_until - 1}, then at least every "
