@@ -152,6 +152,27 @@ def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = Fals
     return True, words, numbers
 
 
+SKIPPED_SHARE = 0.25  # a layer without gradient on at least this share of the late steps, and with one on as many
+
+
+def _skipped_at_random(run: Run, layer: str) -> bool:
+    """Whether ``layer`` gets a gradient on some of the run's later steps and none (exactly 0, or no ``.grad``)
+    on others, each on at least :data:`SKIPPED_SHARE` of them: a block that stochastic depth or layer drop leaves
+    out. SGD leaves it exactly in place on those steps, so the few sampled update ratios can have a median of 0
+    while it moves 40 % of its norm over the run; it is not stalled. Judged on the gradient norms (read on far more
+    steps than the update ratios); a layer that died keeps no gradient at all late in the run."""
+    if "grad_norm" not in run.quantities:
+        return False
+    g = run.series("grad_norm")
+    if layer not in g.names:
+        return False
+    late = g.values[g.names.index(layer), g.steps >= g.steps[-1] / 2]
+    if len(late) < 8:
+        return False
+    trained = np.mean(late > 0)
+    return bool(trained >= SKIPPED_SHARE and 1 - trained >= SKIPPED_SHARE)
+
+
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
     """Layers whose update ratio ‖Δw‖/‖w‖ is below ``stalled_below`` × the upper-quartile layer's; ``vanishing``: the
     depth finding, whose cause and remedies these layers share when they lie in its stretch."""
@@ -167,12 +188,14 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     typical = float(np.percentile(med[ok], 75))
     if not typical > 0:
         return []
-    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < th.stalled_below * typical]
+    low = th.stalled_below * typical
+    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < low]
+    hit = [i for i in hit if not _skipped_at_random(run, s.names[i])]
     if not hit:
         return []
     names = tuple(s.names[i] for i in hit)
     worst = float(np.min(med[hit]))
-    flags = np.asarray((s.values[hit] < th.stalled_below * typical).all(axis=0))
+    flags = np.asarray((s.values[hit] < low).all(axis=0))
     start = since(flags, s.steps, th.window)
     if vanishing is not None and set(names) <= set(vanishing.layers):
         cause = f"the vanishing gradient: these layers get {vanishing.numbers['ratio']:.1e} of the last layer's gradient or less"
