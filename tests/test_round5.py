@@ -59,3 +59,41 @@ def test_blocks_left_out_at_random_are_not_stalled(store, seed):
     ratios = w.open().series("update_ratio")
     assert (ratios.values == 0).any()  # ... while some of its sampled steps left a block exactly in place
     assert w.diagnose().problems == [], str(w.diagnose())
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_an_optimizer_that_also_trains_a_temperature_is_watched_with_a_warning(store, seed):
+    """A contrastive or distillation set-up trains a learnable temperature beside the model in one optimizer. The
+    watch refused it (ValueError: "pass the optimizer that trains this model"); now it warns, watches the model's
+    own parameters, training is bit-identical to the unwatched twin's, and the diagnosis runs. An optimizer of
+    another model altogether is still refused (test_errors.py)."""
+
+    def make() -> tuple[nn.Module, nn.Parameter, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        log_t = nn.Parameter(torch.zeros(()))
+        return model, log_t, torch.optim.Adam([*model.parameters(), log_t], lr=1e-2)
+
+    def train(model, log_t, opt, w) -> None:
+        x, y, _, _ = digits()
+        for (xb, yb), _ in zip(batches(x, y, 64, seed), range(60)):
+            loss = F.cross_entropy(model(xb) / log_t.exp(), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if w is not None:
+                w.log(loss=loss.detach())
+
+    model, log_t, opt = make()
+    with pytest.warns(UserWarning, match=r"also trains 1 parameter\(s\) outside the model"):
+        w = gw.watch(model, opt, store=store, name=f"temp-{seed}")
+    with w:
+        train(model, log_t, opt, w)
+    twin, twin_t, twin_opt = make()
+    train(twin, twin_t, twin_opt, None)
+    for p, q in zip([*model.parameters(), log_t], [*twin.parameters(), twin_t]):
+        assert torch.equal(p, q)
+    run = w.open()
+    assert sorted(run.series("grad_norm").names) == ["0", "2"]  # the model's layers, not the temperature
+    assert w.diagnose().problems == []

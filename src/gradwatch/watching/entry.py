@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import functools
 from pathlib import Path
 from typing import Any
@@ -177,12 +179,17 @@ def _check_model(model: Any, optimizer: Any, caller: str) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(bad_argument(caller, "optimizer", "a torch.optim.Optimizer or None", optimizer))
         own = {id(p) for p in model.parameters()}
-        foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
-        if foreign:
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        foreign = sum(1 for p in held if id(p) not in own)
+        if foreign == len(held):
             raise ValueError(
                 f"`{caller}(optimizer=…)`: the optimizer holds {foreign} parameter(s) that are not the model's; "
                 f"pass the optimizer that trains this model"
             )
+        if foreign:  # a learnable temperature, loss weights: trained beside the model, not watched
+            warnings.warn(f"`{caller}(optimizer=…)`: the optimizer also trains {foreign} parameter(s) outside the "
+                          f"model (a learnable temperature or loss weight?); gradwatch watches the model's own "
+                          f"parameters only", UserWarning, stacklevel=3)
 
 
 def _check_scaler(scaler: Any, optimizer: Any, caller: str) -> None:
