@@ -97,3 +97,90 @@ def test_an_optimizer_that_also_trains_a_temperature_is_watched_with_a_warning(s
     run = w.open()
     assert sorted(run.series("grad_norm").names) == ["0", "2"]  # the model's layers, not the temperature
     assert w.diagnose().problems == []
+
+
+def _tanh_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for fan_in in (64, 64, 64, 64):
+        layers += [nn.Linear(fan_in, 64), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def _trial(seed: int, lr: float) -> gw.Trial:
+    model = _tanh_mlp(seed)
+    x, y, xt, yt = digits()
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(xt).argmax(1) == yt).float().mean())
+
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=lr), batches(x, y, 64, seed), F.cross_entropy,
+                    evaluate=evaluate)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_learning_rate_far_too_low_is_named_and_the_doctor_raises_it(store, seed):
+    """A Xavier tanh MLP at SGD lr 1e-5: the loss stays at chance for 300 steps and every gradient looks healthy, so
+    the diagnosis said "the gradients look healthy" and the doctor "nothing to fix". Now: a flat loss while no layer
+    moves 1e-5 of its norm a step is too small a learning rate, and raising it repairs the net. The reference: the
+    update ratios measured by hand, and the same net at lr 0.05 learning."""
+    trial = _trial(seed, 1e-5)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"lowlr-{seed}") as w:
+        for _ in range(300):
+            before = [p.detach().clone() for p in trial.model.parameters()]
+            w.log(loss=trial.step())
+    ratio = max(float((p - b).norm() / b.norm()) for p, b in zip(trial.model.parameters(), before) if p.dim() > 1)
+    assert ratio < 1e-5  # the reference: the last step moved no weight matrix by 1e-5 of its norm
+    assert trial.evaluate(trial.model) < 0.3
+    (f,) = w.diagnose().problems
+    assert f.kind == "stalled" and "too small a learning rate at lr 1e-05" in f.cause, str(f)
+    assert f.remedy_keys[0] == "raise_lr"
+    healthy = _trial(seed, 0.05)
+    with gw.watch(healthy.model, healthy.optimizer, store=store, name=f"okl-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=healthy.step())
+    assert healthy.evaluate(healthy.model) > 0.85 and w.diagnose().problems == []
+
+
+@pytest.mark.zoo
+def test_the_doctor_repairs_a_learning_rate_far_too_low(store):
+    """It said "nothing to fix"; the remedies the finding names now include one that makes the net learn."""
+    report = gw.doctor(lambda seed: _trial(seed, 1e-5), steps=300, seeds=2, store=store, progress=False)
+    assert report.best is not None and report.best.verdict == "fixes it" and report.best.score > 0.85, report.message
+    assert {t.parts[0] for t in report.trials} >= {"raise_lr", "adam"}
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nan_before_any_update_names_the_data_and_the_loss_not_the_learning_rate(store, seed):
+    """A hand-written BCE, −[y log σ(z) + (1 − y) log(1 − σ(z))], on raw breast-cancer features (up to 4,254):
+    σ(z) rounds to 0 or 1 on the first batch, log(0) = −inf, and the loss is NaN at step 0, before any update.
+    Its remedies began with "a lower learning rate (or warm-up); gradient-norm clipping"."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    with gw.watch(model, opt, store=store, name=f"bce-{seed}") as w:
+        for xb, yb in zip(x.split(64), y.split(64)):
+            p = torch.sigmoid(model(xb).squeeze(-1))
+            loss = -(yb * torch.log(p) + (1 - yb) * torch.log(1 - p)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+            losses.append(float(loss))
+    assert not torch.isfinite(torch.tensor(losses[0]))  # the reference: non-finite at the first step
+    f = next(f for f in w.diagnose().problems if f.kind == "nonfinite")
+    assert f.steps[0] == 0 and f.remedy_keys[0] == "check_data" and "lower_lr" not in f.remedy_keys, str(f)

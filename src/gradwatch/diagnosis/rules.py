@@ -23,6 +23,7 @@ from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.remedies import key_of
 from gradwatch.diagnosis.over_steps import (
     RECOVERED, clipped_findings, fading_findings, loss_scale_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
+    tiny_step_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -59,6 +60,8 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
+    if not found:  # a flat loss while nothing moves: too small a learning rate
+        found += tiny_step_findings(view, th)
     found += activation_findings(view, th) + skipped
     zero = zero_gradient_findings(view, th)  # no gradient at all (a softmax over one unit): that finding says why
     found += zero or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))

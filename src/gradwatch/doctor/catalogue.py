@@ -68,6 +68,7 @@ EXPANDS: dict[str, tuple[str, ...]] = {
 # round's room (ROUND_WIDTH) to combinations that differ.
 SAME_KNOB: dict[str, frozenset[str]] = {
     "lower_lr": frozenset({"lr_cut"}),
+    "raise_lr": frozenset({"lr_cut"}),  # the same knob, the other way: never with a cut
     "clip_norm": frozenset({"clip"}),
     "clip_lower_lr": frozenset({"clip", "lr_cut"}),
     "smaller_init_lower_lr": frozenset({"lr_cut"}),
@@ -117,6 +118,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "clip_lower_lr": one("clip_lower_lr", "clipping + learning rate ×0.1", Chain((s.clip, tenth))),
         "lower_lr": [Remedy("lower_lr", "learning rate ×0.1", tenth),
                      Remedy("lower_lr", "learning rate ×0.01", partial(s.scale_lr, 0.01))],
+        "raise_lr": [Remedy("raise_lr", "learning rate ×10", partial(s.scale_lr, 10.0)),
+                     Remedy("raise_lr", "learning rate ×100", partial(s.scale_lr, 100.0))],
         "warmup": one("warmup", "learning-rate warm-up (LinearLR)", s.warmup),
         # ten times PyTorch's default step size: the doctor's trials are short (measured: a GRU cell on Pascanu's
         # adding problem at T = 40 learns it in 300 steps at 10⁻², not in 800 at 10⁻³); combined with "learning
