@@ -174,6 +174,21 @@ def test_null_loss_is_the_loss_of_a_constant_output_and_changes_nothing():
     assert math.isnan(null_loss(Trial(nn.Linear(3, 2), mse.optimizer, iter(()), nn.functional.mse_loss)))
 
 
+def test_null_loss_of_a_loss_that_transforms_the_output_is_its_best_constants():
+    """A model that outputs log y under a squared error on exp(output): the zero output predicts 1 against targets
+    near 150 (loss ≈ E[(y − 1)²]), the mean as an output overflows; the best constant is log ȳ, whose loss is Var(y)
+    (closed form). The doctor judged a remedy at R² 0.26 against the zero output's 29,273 as far below a constant."""
+    from gradwatch.trial import null_loss
+
+    g = torch.Generator().manual_seed(0)
+    y = 150 + 75 * torch.rand(64, 1, generator=g)
+    trial = Trial(nn.Linear(3, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1),
+                  iter([(torch.randn(64, 3, generator=g), y)]), lambda out, t: nn.functional.mse_loss(out.exp(), t))
+    variance = float(((y.double() - y.double().mean()) ** 2).mean())
+    assert variance < 0.5 * float(((y - 1) ** 2).mean())  # far below the zero output's
+    assert null_loss(trial) == pytest.approx(variance, rel=1e-3)
+
+
 # --- 2. remedies addressed by key ----------------------------------------------------------------------
 
 
