@@ -108,7 +108,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         evidence="; ".join(parts) + ".",
         cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_phase
         else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
-             "the weights, or of the targets (a squared error on targets in their raw units)" if large_loss
+             "the weights, or, in a regression, of the targets (a squared error on targets in their raw units)" if large_loss
         else f"steps that overshoot: the total norm grew ×{sci(grew)} from {sci(start_norm)} at the first step, "
              "before any calm phase — a learning rate too large for this net" if overshoot
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",

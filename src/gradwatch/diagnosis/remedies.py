@@ -44,6 +44,8 @@ REMEDIES = {
                   "noise, and GroupNorm's do not depend on the batch (Wu & He 2018)",
     "train_mode": "call model.train() before training (model.eval() only around evaluation): in eval mode BatchNorm "
                   "normalises with its running statistics instead of the batch's, and Dropout is off",
+    "lower_momentum": "momentum 0.9, the usual (optimizer param_groups' momentum): at 0.99 or more each step sums a "
+                      "hundred past gradients or more, and overshoots",
     "lower_wd": "a much smaller weight decay (1e-4 to 1e-2 is usual; optimizer param_groups' weight_decay): at this one "
                 "every step pulls the weights towards zero faster than the gradient can move them",
     "logits": "pass logits to the loss: drop the softmax at the output (nn.CrossEntropyLoss applies log-softmax itself; "

@@ -137,6 +137,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
+        "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step

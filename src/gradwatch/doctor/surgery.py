@@ -109,6 +109,16 @@ def lower_wd(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def lower_momentum(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every group's momentum above 0.9 set to 0.9; None where no group's is above it."""
+    groups = [g for g in trial.optimizer.param_groups if isinstance(g.get("momentum"), (int, float)) and g["momentum"] > 0.9]
+    if not groups:
+        return None
+    for g in groups:
+        g["momentum"] = 0.9
+    return trial
+
+
 def scale_lr(factor: float, trial: Trial, numbers: dict[str, float]) -> Trial:
     """Every group's learning rate × ``factor`` (bind it with ``functools.partial``); with a scheduler of the
     trial's own, its whole schedule × ``factor`` (a ``LambdaLR`` sets base·λ(t) at every step, and would undo a
