@@ -225,3 +225,18 @@ def test_the_doctor_repairs_a_momentum_of_0999(store):
     assert report.best is not None and report.best.verdict == "fixes it" and report.best.score > 0.9, report.message
     (row,) = [t for t in report.trials if t.parts == ("lower_momentum",)]
     assert row.verdict == "fixes it" and row.score > 0.9, row  # (Adam, which replaces the optimizer, fixes it too)
+
+
+@pytest.mark.zoo
+def test_a_flat_loss_with_short_steps_at_an_ordinary_rate_is_not_called_too_small_a_rate(store):
+    """The same tanh MLP trained to convergence first, then watched at its ordinary SGD rate (0.05): the loss is flat
+    and the steps short because the gradient is small, not the rate; that is no finding. (The rule fires only below
+    lr 1e-3 for SGD-type and 1e-5 for Adam-type optimisers.)"""
+    trial = _trial(0, 0.05)
+    for _ in range(1500):
+        trial.step()
+    with gw.watch(trial.model, trial.optimizer, store=store, name="converged") as w:
+        for _ in range(300):
+            w.log(loss=trial.step())
+    assert trial.evaluate(trial.model) > 0.9
+    assert not [f for f in w.diagnose().problems if "learning rate" in f.cause], str(w.diagnose())

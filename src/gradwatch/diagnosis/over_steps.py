@@ -266,12 +266,13 @@ def loss_scale_findings(run: Run, th: Thresholds) -> list[Finding]:
 
 
 TINY_STEP = 1e-5  # the upper-quartile layer's update ratio ‖Δw‖/‖w‖ below this a step: nothing moves (1e-3 is typical)
+SMALL_LR = {"sgd": 1e-3, "adam": 1e-5}  # a rate the finding may call too small lies below these (SGD-type, Adam-type)
 
 
 def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
-    """A flat loss while every layer moves by less than :data:`TINY_STEP` of its norm a step: too small a learning
-    rate, with every gradient looking healthy (measured: a Xavier tanh MLP on digits at SGD lr 10⁻⁵, loss 2.35 →
-    2.35 in 300 steps, update ratios ~10⁻⁷; at lr 0.05 it reaches 0.93–0.95)."""
+    """A flat loss while every layer moves by less than :data:`TINY_STEP` of its norm a step at a learning rate below
+    :data:`SMALL_LR`: too small a rate, with every gradient looking healthy (measured: a Xavier tanh MLP on digits at
+    SGD lr 10⁻⁵, loss 2.35 → 2.35 in 300 steps, update ratios ~10⁻⁷; at lr 0.05 it reaches 0.93–0.95)."""
     ends = loss_ends(run, th)
     if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0] or "update_ratio" not in run.quantities:
         return []
@@ -282,8 +283,13 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     typical = float(np.percentile(med, 75))
     if not 0 < typical < TINY_STEP:
         return []
-    lr = run_meta(run).get("optimizer_lr")
-    at = f" at lr {lr:g}" if isinstance(lr, (int, float)) else ""
+    # Only a rate small by any standard: a converged run resumed at an ordinary rate also has a flat loss and short
+    # steps, because its gradient is small, not its rate.
+    meta = run_meta(run)
+    lr = meta.get("optimizer_lr")
+    if not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if meta.get("optimizer") in ADAM_TYPES else "sgd"]:
+        return []
+    at = f" at lr {lr:g}"
     steps = run.series("loss", "run").steps
     return [Finding(
         kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
