@@ -164,10 +164,13 @@ def _best_constant(trial: Any, start: Tensor, outs: list[Tensor], ys: list[Any])
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        value = _constant_loss(trial, c.detach(), outs, ys)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            value = _constant_loss(trial, c.detach(), outs, ys)
+    except Exception:  # noqa: BLE001 — a loss with no gradient to the output, or one that fails there: no search
+        return math.inf
     return value if math.isfinite(value) else math.inf
 
 
@@ -197,9 +200,9 @@ def null_loss(trial: Any) -> float:
             if not all(isinstance(o, Tensor) and o.is_floating_point() for o in outs):
                 return math.nan
             ys = [b[1] for b in taken]
+            value = float(np.mean([float(trial.loss_fn(torch.zeros_like(o), y)) for o, y in zip(outs, ys)]))
             shape = outs[0].shape[1:]
-            start = torch.zeros(shape, dtype=outs[0].dtype)
-            value = _constant_loss(trial, start, outs, ys)
+            start = torch.zeros(shape, dtype=outs[0].dtype, device=outs[0].device)
             if all(isinstance(y, Tensor) and y.is_floating_point() and y.shape == o.shape for o, y in zip(outs, ys)):
                 mean = torch.cat([y.reshape(-1, *o.shape[1:]) for o, y in zip(outs, ys)]).mean(0)
                 at_mean = _constant_loss(trial, mean, outs, ys)
