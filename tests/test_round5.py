@@ -240,3 +240,17 @@ def test_a_flat_loss_with_short_steps_at_an_ordinary_rate_is_not_called_too_smal
             w.log(loss=trial.step())
     assert trial.evaluate(trial.model) > 0.9
     assert not [f for f in w.diagnose().problems if "learning rate" in f.cause], str(w.diagnose())
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_adam_at_a_rate_far_too_low_is_told_to_raise_it_and_the_doctor_does(store, seed):
+    """Adam at lr 1e-7 on the same MLP: a flat loss, steps of ~1e-6 of each weight's norm. The finding names the
+    rate, and not "Adam in place of SGD" (it is Adam already); the doctor's ×1000 brings it to 1e-4."""
+    trial = _trial(seed, 1e-5)
+    trial.optimizer = torch.optim.Adam(trial.model.parameters(), lr=1e-7)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"adam-low-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=trial.step())
+    (f,) = w.diagnose().problems
+    assert "too small a learning rate at lr 1e-07" in f.cause and f.remedy_keys == ("raise_lr",), str(f)

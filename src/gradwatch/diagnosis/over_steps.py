@@ -286,8 +286,8 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     # Only a rate small by any standard: a converged run resumed at an ordinary rate also has a flat loss and short
     # steps, because its gradient is small, not its rate.
     meta = run_meta(run)
-    lr = meta.get("optimizer_lr")
-    if not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if meta.get("optimizer") in ADAM_TYPES else "sgd"]:
+    lr, adam = meta.get("optimizer_lr"), meta.get("optimizer") in ADAM_TYPES
+    if not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if adam else "sgd"]:
         return []
     at = f" at lr {lr:g}"
     steps = run.series("loss", "run").steps
@@ -299,7 +299,7 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
                   f"last {4 * th.window} values); ‖Δw‖/‖w‖ per step is {sci(typical)} in the upper-quartile layer, "
                   f"below {TINY_STEP:g} (about 1e-3 is typical), over steps {int(wsteps[0])}–{int(wsteps[-1])}."),
         cause=f"too small a learning rate{at}: the gradients are fine, the steps are too short to change anything",
-        remedies=remedies("raise_lr", "adam"),
+        remedies=remedies("raise_lr") if adam else remedies("raise_lr", "adam"),
         numbers={"update_ratio": typical, "loss_first": ends[0], "loss_final": ends[1]},
         sources=("loss (run)", f"update_ratio (layers, {steps_text(int(wsteps[0]), int(wsteps[-1]))})"),
     )]

@@ -13,7 +13,7 @@ REMEDIES = {
     "norm": "normalisation (BatchNorm/LayerNorm) before the activations",
     "clip_norm": "gradient-norm clipping (torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013)",
     "lower_lr": "a lower learning rate (or warm-up)",
-    "raise_lr": "a higher learning rate (×10 to ×100, or Adam at 1e-3): every layer moves by less than 10⁻⁵ of its "
+    "raise_lr": "a higher learning rate (×10 to ×1000, or Adam at 1e-3): every layer moves by less than 10⁻⁵ of its "
                 "norm a step, so thousands of steps change nothing",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",

@@ -119,7 +119,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "lower_lr": [Remedy("lower_lr", "learning rate ×0.1", tenth),
                      Remedy("lower_lr", "learning rate ×0.01", partial(s.scale_lr, 0.01))],
         "raise_lr": [Remedy("raise_lr", "learning rate ×10", partial(s.scale_lr, 10.0)),
-                     Remedy("raise_lr", "learning rate ×100", partial(s.scale_lr, 100.0))],
+                     Remedy("raise_lr", "learning rate ×100", partial(s.scale_lr, 100.0)),
+                     Remedy("raise_lr", "learning rate ×1000", partial(s.scale_lr, 1000.0))],
         "warmup": one("warmup", "learning-rate warm-up (LinearLR)", s.warmup),
         # ten times PyTorch's default step size: the doctor's trials are short (measured: a GRU cell on Pascanu's
         # adding problem at T = 40 learns it in 300 steps at 10⁻², not in 800 at 10⁻³); combined with "learning
