@@ -15,7 +15,7 @@ from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
 from gradwatch.probes.activations import peak_derivative
-from gradwatch.store import Run
+from gradwatch.store import Run, Series
 
 
 def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
@@ -155,16 +155,14 @@ def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = Fals
 SKIPPED_SHARE = 0.25  # a layer without gradient on at least this share of the late steps, and with one on as many
 
 
-def _skipped_at_random(run: Run, layer: str) -> bool:
+def _skipped_at_random(g: Series | None, layer: str) -> bool:
     """Whether ``layer`` gets a gradient on some of the run's later steps and none (exactly 0, or no ``.grad``)
     on others, each on at least :data:`SKIPPED_SHARE` of them: a block that stochastic depth or layer drop leaves
     out. SGD leaves it exactly in place on those steps, so the few sampled update ratios can have a median of 0
     while it moves 40 % of its norm over the run; it is not stalled. Judged on the gradient norms (read on far more
-    steps than the update ratios); a layer that died keeps no gradient at all late in the run."""
-    if "grad_norm" not in run.quantities:
-        return False
-    g = run.series("grad_norm")
-    if layer not in g.names:
+    steps than the update ratios, ``g``: the run's ``grad_norm`` series); a layer that died keeps no gradient at
+    all late in the run."""
+    if g is None or layer not in g.names:
         return False
     late = g.values[g.names.index(layer), g.steps >= g.steps[-1] / 2]
     if len(late) < 8:
@@ -190,7 +188,9 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
         return []
     low = th.stalled_below * typical
     hit = [i for i in range(len(s.names)) if ok[i] and med[i] < low]
-    hit = [i for i in hit if not _skipped_at_random(run, s.names[i])]
+    if hit:
+        grads = run.series("grad_norm") if "grad_norm" in run.quantities else None  # read once, not per layer
+        hit = [i for i in hit if not _skipped_at_random(grads, s.names[i])]
     if not hit:
         return []
     names = tuple(s.names[i] for i in hit)
