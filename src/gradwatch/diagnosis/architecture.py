@@ -22,6 +22,7 @@ ADAM_TYPES = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
 ADAM_LR_ABOVE = 3e-3
 RAW_INPUT_ABOVE = 10.0  # inputs whose std or mean |x| is beyond this were not standardised (pixels 0–255, raw features)
 TINY_BATCH = 4  # BatchNorm on batches this small: Wu & He 2018 measure its error climbing steeply below 8
+DROPOUT_FROM = 0.75  # a dropout rate this high keeps a quarter of the units or fewer (0.9 for TF1's keep_prob 0.9)
 MOMENTUM_ABOVE = 0.99  # SGD's momentum at or above this: a step sums 1/(1 − momentum) ≥ 100 past gradients
 WD_SHRINK_ABOVE = 1e-2  # lr × weight_decay: every weight shrinks by 1 % a step or more (SGD, and AdamW's decoupled decay)
 ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1e-2 trains an LSTM or a small CNN)
@@ -95,6 +96,17 @@ def heavy_momentum(run: Run) -> str:
     at = f" at lr {lr:g}" if isinstance(lr, (int, float)) else ""
     return (f"the momentum: {opt} with momentum {mom:g}{at} sums about {1 / (1 - mom):.0f} past gradients into each "
             f"step, {(1 - 0.9) / (1 - mom):.0f}× the usual 0.9's, so the steps overshoot once the gradient turns")
+
+
+def heavy_dropout(run: Run) -> str:
+    """Words for a dropout rate of ``DROPOUT_FROM`` or more ('' otherwise): PyTorch's ``p`` is the probability to
+    drop a unit, TF1's ``keep_prob`` the probability to keep one (measured: an MLP on digits with Dropout(0.9)
+    ends at held-out accuracy 0.50–0.60 with most of its ReLUs silent for whole batches; at p = 0.1, 0.97)."""
+    p = run_meta(run).get("dropout_p")
+    if not isinstance(p, (int, float)) or not DROPOUT_FROM <= p < 1:
+        return ""
+    return (f"the dropout rate: Dropout(p={p:g}) drops {p:.0%} of the units on every step (PyTorch's p is the "
+            f"probability to drop, not to keep), so each unit learns from {1 - p:.0%} of the samples")
 
 
 def trained_in_eval_mode(run: Run) -> str:
@@ -187,7 +199,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
     eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
-    momentum = heavy_momentum(run)
+    momentum, dropout = heavy_momentum(run), heavy_dropout(run)
     sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
@@ -203,6 +215,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
                                     (lr_words, ("warmup", "lower_lr"), _DEPTH_KINDS),
                                     (decay, ("lower_wd",), _SHRUNK_KINDS),
                                     (momentum, ("lower_momentum",), _ANY_KIND),
+                                    (dropout, ("lower_dropout",), _ANY_KIND),
                                     (raw, ("standardise_inputs",), _INPUT_KINDS),
                                     (tiny_bn, ("group_norm",), _ANY_KIND),
                                     (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first

@@ -46,10 +46,14 @@ REMEDIES = {
                   "normalises with its running statistics instead of the batch's, and Dropout is off",
     "lower_momentum": "momentum 0.9, the usual (optimizer param_groups' momentum): at 0.99 or more each step sums a "
                       "hundred past gradients or more, and overshoots",
+    "lower_dropout": "a dropout rate of 0.1–0.5 (nn.Dropout's p is the probability to drop a unit; TF1's keep_prob "
+                     "0.9 is p = 0.1)",
     "lower_wd": "a much smaller weight decay (1e-4 to 1e-2 is usual; optimizer param_groups' weight_decay): at this one "
                 "every step pulls the weights towards zero faster than the gradient can move them",
     "logits": "pass logits to the loss: drop the softmax at the output (nn.CrossEntropyLoss applies log-softmax itself; "
               "keep a softmax for predictions only, outside the loss)",
+    "drop_output_relu": "drop the ReLU after the output layer: the loss wants the layer's outputs as they are (logits, "
+                        "or a regression's values), and an output unit clipped at 0 for every input never learns again",
     "output_activation": "check the output layer and the loss: a softmax over a single unit is the constant 1 (use a sigmoid), and a loss on a detached or constant output passes no gradient",
     "margin_loss": "evaluate with a margin (Carlini–Wagner) loss on the logits, max_{j≠y} z_j − z_y, which does not saturate with the softmax",
     "bpda": "BPDA: attack through non-differentiable layers with a differentiable stand-in, e.g. the identity on the backward pass (Athalye, Carlini & Wagner 2018)",

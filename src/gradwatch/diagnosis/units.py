@@ -21,12 +21,13 @@ from gradwatch.store import Run, Series
 def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Saturation (``saturated_frac`` above ``saturated_above``) and dead units (``dead_frac`` above ``dead_above``)."""
     found = []
+    outputs = output_activations(run)
     for quantity, kind, bound in (("saturated_frac", "saturation", th.saturated_above), ("dead_frac", "dead_units", th.dead_above)):
         if quantity not in run.quantities:
             continue
         s = run.series(quantity, "activation")
         med, wsteps = window_median(s, th.window)
-        hit = [i for i in range(len(s.names)) if med[i] > bound]
+        hit = [i for i in range(len(s.names)) if med[i] > bound and not (kind == "dead_units" and s.names[i] in outputs)]
         if not hit:
             continue
         names = tuple(s.names[i] for i in hit)
@@ -61,6 +62,58 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             summary=summary, evidence=evidence + "; " + effect + ".", cause=cause, remedies=fixes if hurt else (),
             numbers={quantity: frac, **numbers},
             sources=(f"{quantity} (activations {span(s.names)}, {over})",),
+        ))
+    return found
+
+
+def output_activations(run: Run) -> set[str]:
+    """The activation modules after the net's last layer (deeper than every layer entity): what the loss reads."""
+    layers = [e.depth for e in run.entities("layer") if e.depth is not None]
+    if not layers:
+        return set()
+    return {e.name for e in run.entities("activation") if e.depth is not None and e.depth > max(layers)}
+
+
+def dead_output_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Units of an output activation (a ReLU after the last layer) dead for whole batches at each of the last
+    ``window`` reads: outputs that are 0 for every input, get no gradient and never come back.
+
+    Under a cross-entropy loss each is a class the model can never predict; in a regression an output stuck at 0.
+    One such unit is a fault (round 5's Keras-style ``Dense(10, activation='relu')`` before the softmax loss: two
+    of ten classes dead, held-out accuracy 0.73 against 0.93 without the ReLU), so the bound is any unit, not the
+    hidden layers' ``dead_above``; dead at every one of the last reads, not at their median, since an output unit
+    the layers below revive within the run is not lost.
+    """
+    if "dead_frac" not in run.quantities:
+        return []
+    outputs = output_activations(run)
+    if not outputs:
+        return []
+    s = run.series("dead_frac", "activation")
+    found = []
+    for i, name in enumerate(s.names):
+        if name not in outputs:
+            continue
+        tail = s.values[i, -th.window:]
+        if len(tail) < min(th.window, 2) or not (np.isfinite(tail).all() and (tail > 0).all()):
+            continue
+        flags = np.nan_to_num(s.values[i], nan=0.0) > 0
+        start = since(flags, s.steps, th.window)
+        frac = float(np.min(tail))
+        module = next((e.module for e in run.entities("activation") if e.name == name), None) or "activation"
+        over = steps_text(int(s.steps[-len(tail)]), int(s.steps[-1]))
+        found.append(Finding(
+            kind="dead_units", severity="warning", layers=(name,), steps=(start, int(s.steps[-1])),
+            summary=f"{frac:.0%} or more of the outputs of {name} ({module}, after the last layer) are dead",
+            evidence=(f"the output activation {name} ({module}) is exactly 0 for a whole batch in {frac:.0%} or more of "
+                      f"its units at every read over {over}; a dead output unit gets no gradient, so it does not "
+                      f"come back."),
+            cause=(f"a {module} after the last layer: the loss reads outputs that it clips at 0, so an output unit "
+                   f"pushed below 0 for every input is 0 for good — under a cross-entropy a class the model can never "
+                   f"predict"),
+            remedies=remedies("drop_output_relu"),
+            numbers={"dead_frac": frac},
+            sources=(f"dead_frac (activation {name}, {over})",),
         ))
     return found
 

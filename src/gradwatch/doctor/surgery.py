@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradwatch import remedies as r
+from gradwatch.diagnosis.architecture import DROPOUT_FROM
 from gradwatch.remedies.structure import replace_modules
 from gradwatch.trial import Trial, peek
 
@@ -410,6 +411,28 @@ def logits(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The identity in place of an ``nn.Softmax`` after the model's last layer (found by a forward pass on a batch
     where the batches are the model's inputs): the loss gets logits. None when there is none."""
     drop = {id(m) for m in r.after_last_layer(trial.model, _traceable_input(trial)) if isinstance(m, nn.Softmax)}
+    if not replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
+        return None
+    return trial
+
+
+def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Each dropout rate of :data:`~gradwatch.diagnosis.architecture.DROPOUT_FROM` or more read as the keep
+    probability it was likely meant as: p → 1 − p (0.9 → 0.1). None when there is none."""
+    heavy = [m for m in trial.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p >= DROPOUT_FROM]
+    for m in heavy:
+        m.p = 1.0 - m.p
+    return trial if heavy else None
+
+
+# The ReLU-likes whose units die (exactly 0 with no gradient): a leaky one still passes slope × the gradient.
+DYING = (nn.ReLU, nn.ReLU6)
+
+
+def drop_output_relu(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The identity in place of each ReLU after the model's last layer (found as :func:`logits` finds a softmax):
+    the loss reads the last layer's outputs unclipped. None when there is none."""
+    drop = {id(m) for m in r.after_last_layer(trial.model, _traceable_input(trial)) if type(m) in DYING}
     if not replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
         return None
     return trial

@@ -49,6 +49,10 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # The parameter-free modules after the last layer with parameters, in registration order: what the loss
         # reads (a softmax there, before nn.CrossEntropyLoss, squashes the logits twice).
         "output_modules": output_modules(model),
+        # The largest dropout rate (drop probability, PyTorch's p; None without dropout): 0.9 where TF1's keep_prob
+        # 0.9 was meant leaves a tenth of the units.
+        "dropout_p": max((float(m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)),
+                         default=None),
         # Post-LN Transformer layers (norm_first=False), which need a learning-rate warm-up (Xiong et al. 2020).
         "post_ln_layers": sum(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                               and not m.norm_first for m in model.modules()),
