@@ -362,3 +362,85 @@ def test_the_doctor_lowers_a_dropout_rate_of_09(store):
     assert report.best is not None and report.best.verdict == "fixes it" and report.best.score > 0.95, report.message
     (row,) = [t for t in report.trials if t.parts == ("lower_dropout",)]
     assert row.verdict == "fixes it" and row.score > 0.95, row
+
+
+class PixelRNN(nn.Module):
+    """Le, Jaitly & Hinton 2015 (§4.2): a ReLU ``nn.RNN`` reading an 8×8 digit a pixel at a time (pixels in [0, 1]);
+    ``identity``: their IRNN init (W_hh = I, zero biases, W_ih ~ N(0, 10⁻³)), else PyTorch's default."""
+
+    def __init__(self, identity: bool) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(1, 64, nonlinearity="relu", batch_first=True)
+        self.fc = nn.Linear(64, 10)
+        if identity:
+            with torch.no_grad():
+                self.rnn.weight_hh_l0.copy_(torch.eye(64))
+                self.rnn.bias_hh_l0.zero_()
+                self.rnn.bias_ih_l0.zero_()
+                self.rnn.weight_ih_l0.normal_(0, 1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x.view(x.shape[0], 64, 1))
+        return self.fc(h[:, -1])
+
+
+def _pixels() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data / 16.0, dtype=torch.float32)[:1400], torch.tensor(data.target)[:1400]
+
+
+def _dead_hidden(model: PixelRNN, x: torch.Tensor) -> float:
+    """By hand: the share of hidden units 0 for every sample at every time step."""
+    with torch.no_grad():
+        h, _ = model.rnn(x.view(x.shape[0], 64, 1))
+    return float(1 - (h > 0).flatten(0, 1).any(0).double().mean())
+
+
+def test_the_temporal_probe_counts_the_hidden_units_of_a_relu_rnn_that_never_fire():
+    """The re-run's dead share against the fused module's own outputs (``recurrent_dead_frac``); none for tanh."""
+    from gradwatch.probes.temporal import temporal_grads
+
+    torch.manual_seed(0)
+    x, _ = _pixels()
+    model = PixelRNN(identity=True)
+    xs = x[:32].view(32, 64, 1)
+    out, h = model.rnn(xs)
+    (r,) = temporal_grads(model.rnn, xs, None, torch.ones_like(out), None, None, jacobian=False)
+    assert r.dead_frac is not None and 0.3 < float(r.dead_frac) < 0.7
+    assert float(r.dead_frac) == pytest.approx(_dead_hidden(model, x[:32]), abs=1e-12)
+    tanh = nn.RNN(1, 8, batch_first=True)
+    out, _ = tanh(xs)
+    (r,) = temporal_grads(tanh, xs, None, torch.ones_like(out), None, None, jacobian=False)
+    assert r.dead_frac is None
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dead_recurrent_relus_inside_a_fused_rnn_are_named_as_the_cause(store, seed):
+    """An IRNN on pixels in [0, 1]: every unit whose input weight is negative is 0 at every step from the start, and
+    SGD loses the rest; no module hook inside the fused ``nn.RNN`` saw the units, so the finding blamed a shrinking
+    recurrent Jacobian and named IRNN — which it already is. The reference: the dead share counted by hand at the
+    end, and PyTorch's default init, whose units live (a quarter to two fifths dead), keeping the Jacobian's cause."""
+    x, y = _pixels()
+    for identity in (True, False):
+        torch.manual_seed(seed)
+        model = PixelRNN(identity)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        with gw.watch(model, opt, store=store, name=f"irnn-{identity}-{seed}") as w:
+            for (xb, yb), _ in zip(batches(x, y, 64, seed), range(300)):
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss.detach())
+        dead = _dead_hidden(model, x[:256])
+        problems = {f.kind: f for f in w.diagnose().problems if f.layers == ("rnn.l0",)}
+        if identity:
+            assert dead > 0.5, dead
+            assert problems["dead_units"].remedy_keys[0] == "gated", str(w.diagnose())
+            assert problems["vanishing"].cause.startswith("the recurrent ReLUs died"), str(w.diagnose())
+        else:
+            assert dead < 0.5, dead
+            assert "dead_units" not in problems and "Jacobian" in problems["vanishing"].cause, str(w.diagnose())

@@ -24,7 +24,8 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
         return []
     gammas = {r["name"]: r.get("gamma") for r in run.meta.get("recurrent", [])} if hasattr(run, "meta") else {}
     lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
-    found = []
+    dead = _dead_recurrent(run, th)
+    found = [f for f in dead.values()]
     for e in run.entities("recurrent"):
         s = by_lag(run.temporal(e.name))
         if len(s.names) < 3 or len(s.steps) == 0:
@@ -60,17 +61,19 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
         if kind == "vanishing":
             decay = (f"the gradient through time halves every {k:.2g} steps (×{2 ** (-1 / k):.2g} per step)"
                      if k and k > 0 else "the gradient through time falls")
+            cause = ("the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
+                     + (" (its largest singular value is below the bound)" if verdict is not None and verdict.key == "vanishing" else "")
+                     + (": in an LSTM, forget gates that close" if e.module == "LSTM" else ""))
+            fixes = (remedies("forget_bias", "clip_norm") if e.module == "LSTM"
+                     else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
+            if e.name in dead:  # not a Jacobian that shrinks the units: units that pass nothing at all
+                cause, fixes = dead[e.name].cause, dead[e.name].remedies
             found.append(Finding(
                 kind="vanishing", severity="critical" if ratio < th.vanish_below**2 else "warning", layers=(e.name,),
                 steps=(since(per_step < th.vanish_below, s.steps, th.window), int(s.steps[-1])),
                 summary=f"through time in {e.name}: ‖∂L/∂h‖ at the first step is {sci(ratio)} of the last step's",
                 evidence=f"{decay}; {mem_text}{said}.",
-                cause="the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
-                + (" (its largest singular value is below the bound)" if verdict is not None and verdict.key == "vanishing" else "")
-                + (": in an LSTM, forget gates that close" if e.module == "LSTM" else ""),
-                remedies=remedies("forget_bias", "clip_norm") if e.module == "LSTM"
-                else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"),
-                numbers=numbers, sources=sources,
+                cause=cause, remedies=fixes, numbers=numbers, sources=sources,
             ))
         elif kind == "exploding":
             growth = (f"the gradient through time doubles every {-k:.2g} steps going back (×{2 ** (-1 / k):.2g} per step)"
@@ -85,3 +88,41 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                 numbers=numbers, sources=sources,
             ))
     return found
+
+
+def _dead_recurrent(run: Run, th: Thresholds) -> dict[str, Finding]:
+    """Per ReLU recurrent layer whose hidden units are 0 for every sample and time step (``recurrent_dead_frac``)
+    above ``dead_above`` over the last ``window`` reads: a dead-units finding.
+
+    Inside a fused ``nn.RNN`` no module hook sees the units; the temporal probe's re-run does. A dead unit's
+    derivative is 0, so it carries no gradient back through time, and its weights get none: it stays dead.
+    Measured: an IRNN (Le et al. 2015: W_hh = I, zero biases, W_ih ~ N(0, 10⁻³)) on pixel-by-pixel digits starts
+    with every unit whose input weight is negative dead — its pre-activation is below 0 for every non-negative
+    pixel, 42–53 % of them on seeds 0–2 — and SGD at 0.01 loses the rest by step 50; learning-rate cuts down to
+    ×0.01 leave it dead, a GRU (whose gates do not die) trained with Adam learns (0.82). So a gated cell first.
+    """
+    if "recurrent_dead_frac" not in run.quantities:
+        return {}
+    s = run.series("recurrent_dead_frac", "recurrent")
+    med, wsteps = window_median(s, th.window)
+    out = {}
+    for i, name in enumerate(s.names):
+        if not med[i] > th.dead_above:
+            continue
+        flags = np.nan_to_num(s.values[i], nan=0.0) > th.dead_above
+        over = steps_text(int(wsteps[0]), int(wsteps[-1]))
+        out[name] = Finding(
+            kind="dead_units", severity="warning", layers=(name,),
+            steps=(since(flags, s.steps, th.window), int(s.steps[-1])),
+            summary=f"{med[i]:.0%} of the hidden units of {name} are dead",
+            evidence=(f"{med[i]:.0%} of the recurrent ReLU's hidden units are 0 for every sample at every time step "
+                      f"(median over {over}); a dead unit passes no gradient back through time, and its weights get "
+                      f"none to revive it."),
+            cause=(f"the recurrent ReLUs died: {med[i]:.0%} of the hidden units of {name} are 0 for every input at "
+                   f"every step (pre-activations below 0 throughout: input weights or biases that push them there, or "
+                   f"a large step), so the gradient through time has only the rest to pass through"),
+            remedies=remedies("gated", "lower_lr", "clip_norm"),
+            numbers={"dead_frac": float(med[i])},
+            sources=(f"recurrent_dead_frac ({name}, {over})",),
+        )
+    return out

@@ -16,7 +16,10 @@ projections (``proj_size``) are not supported.
 
 The one-step Jacobian norm ‖∂h_{t+1}/∂h_t‖₂ (the state is (h, c) for an LSTM)
 is estimated per sample by 20 batched power iterations on Jᵀ J, all time
-steps at once, and averaged over (at most 8) samples of the batch.
+steps at once, and averaged over (at most 8) samples of the batch. For a ReLU
+``nn.RNN`` the re-run's states also give the share of hidden units that are 0
+for every sample at every time step (``recurrent_dead_frac``): dead units,
+which no module hook inside the fused kernel could see.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class TemporalGrads:
     name: str
     grad_norm: Tensor  # (T + 1,)
     jacobian_norm: Tensor  # (T,)
+    dead_frac: Tensor | None = None  # (1,): a ReLU layer's share of hidden units 0 for every sample and time step
 
 
 def temporal_grads(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None, grad_output: Tensor | None,
@@ -176,7 +180,11 @@ def temporal_grads(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Ten
         jac = step_jacobian_norms(r) if jacobian else torch.full((len(r.states) - 1,), float("nan"))
         if r.name.endswith("_reverse"):
             jac = jac.flip(0)
-        found.append(TemporalGrads(r.name, order, jac))
+        dead = None
+        if module.mode == "RNN_RELU" and len(r.states) > 1:  # a unit 0 at every step of every sample passes nothing on
+            alive = torch.stack([s[:, : r.hidden] for s in r.states[1:]]).detach().gt(0).flatten(0, 1).any(0)
+            dead = 1.0 - alive.double().mean().reshape(1)
+        found.append(TemporalGrads(r.name, order, jac, dead))
         k += 1
     return found
 
@@ -337,6 +345,7 @@ class TemporalProbe:
         out: list[tuple[str, str, list[int], Tensor]] = []
         pooled: dict[str, Tensor] = {}
         jac: dict[str, Tensor] = {}
+        dead: dict[str, Tensor] = {}
         for name, cap in self._captures:
             if not cap.grads:
                 continue
@@ -346,6 +355,8 @@ class TemporalProbe:
                 sq = r.grad_norm.to(self.device) ** 2
                 pooled[entity] = pooled[entity] + sq if entity in pooled and len(pooled[entity]) == len(sq) else sq
                 jac.setdefault(entity, r.jacobian_norm.to(self.device))
+                if r.dead_frac is not None:
+                    dead.setdefault(entity, r.dead_frac.to(self.device))
         for name, module in self.modules:
             if isinstance(module, nn.RNNBase) and any(e.startswith(name + ".l") for e in pooled):
                 for entity, _ in self.entities_of(name, module):
@@ -355,6 +366,8 @@ class TemporalProbe:
         for entity, sq in pooled.items():
             out.append((entity, "temporal_grad_norm", list(range(len(sq))), sq.sqrt()))
             out.append((entity, "step_jacobian_norm", list(range(len(jac[entity]))), jac[entity]))
+            if entity in dead:
+                out.append((entity, "recurrent_dead_frac", [-1], dead[entity]))
         by_cell: dict[str, list[tuple[int, Tensor]]] = {}
         for (name, pos), sq in sorted(self._cell_norms.items()):
             by_cell.setdefault(name, []).append((pos, sq))

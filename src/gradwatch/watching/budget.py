@@ -91,7 +91,7 @@ FAMILIES = (
     Family("backprop", "activations", "out_grad_norm", "‖∂L/∂a‖", forward=True),
     Family("activations", "activations", "saturated_frac, dead_frac, act_mean, act_std, deriv_rms",
            "activation statistics", forward=True),
-    Family("temporal", "activations", "temporal_grad_norm, step_jacobian_norm, lambda1",
+    Family("temporal", "activations", "temporal_grad_norm, step_jacobian_norm, lambda1, recurrent_dead_frac",
            "re-runs through time", forward=True),
     Family("attention", "attention", "attn_logit_max, attn_logit_rms, attn_entropy, logz_mean, logz_max",
            "attention statistics", forward=True),
