@@ -444,3 +444,59 @@ def test_dead_recurrent_relus_inside_a_fused_rnn_are_named_as_the_cause(store, s
         else:
             assert dead < 0.5, dead
             assert "dead_units" not in problems and "Jacobian" in problems["vanishing"].cause, str(w.diagnose())
+
+
+def _zero_init_trial(seed: int, zero: bool = True) -> gw.Trial:
+    """A 6-layer ReLU MLP, SGD 0.02 momentum 0.9; ``zero``: every parameter set to 0 (the course exercise's
+    ``initialize_parameters_zeros``), else He init with the last layer at 0 (a harmless, common choice)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(5):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        for p in (model.parameters() if zero else model[-1].parameters()):
+            p.zero_()
+    x, y, xt, yt = digits()
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(xt).argmax(1) == yt).float().mean())
+
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), batches(x, y, 64, seed),
+                    F.cross_entropy, evaluate=evaluate)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_an_all_zero_initialisation_is_named_as_the_cause(store, seed):
+    """All-zero weights: every hidden gradient stays exactly 0 (the symmetry is never broken, and ReLU'(0) = 0).
+    The findings said "pre-activations negative … a large step", and led with LeakyReLU. The reference: the hidden
+    layers' gradients by hand, exactly 0 at the end; and the same net with only its last layer at 0 learns, quiet."""
+    trial = _zero_init_trial(seed)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"zero-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=trial.step())
+    assert all(float(trial.model[i].weight.grad.abs().max()) == 0 for i in (0, 2, 4, 6))
+    problems = w.diagnose().problems
+    assert problems and all(f.cause.startswith("the initialisation: the weights of 5 layers (0, 2, 4, 6, 8) start at "
+                                               "exactly 0") and f.remedy_keys[0] == "he_init" for f in problems), \
+        str(w.diagnose())
+    head = _zero_init_trial(seed, zero=False)
+    with gw.watch(head.model, head.optimizer, store=store, name=f"zerohead-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=head.step())
+    assert head.evaluate(head.model) > 0.9 and w.diagnose().problems == []
+    assert w.open().meta["zero_weight_layers"] == ["10"]  # recorded, and left out of the words as harmless
+
+
+@pytest.mark.zoo
+def test_the_doctor_repairs_an_all_zero_initialisation_with_he_init(store):
+    report = gw.doctor(_zero_init_trial, steps=300, seeds=2, store=store, progress=False)
+    assert report.best is not None and report.best.verdict == "fixes it" and report.best.score > 0.9, report.message
+    (row,) = [t for t in report.trials if t.parts == ("he_init",)]
+    assert row.verdict == "fixes it", row

@@ -98,6 +98,23 @@ def heavy_momentum(run: Run) -> str:
             f"step, {(1 - 0.9) / (1 - mom):.0f}× the usual 0.9's, so the steps overshoot once the gradient turns")
 
 
+def zero_init(run: Run) -> str:
+    """Words for layers whose weights were all exactly 0 when the watch started ('' otherwise): every unit of such
+    a layer computes the same thing and gets the same gradient, and a ReLU's is 0 at 0 (measured: a 6-layer ReLU
+    MLP initialised at 0 keeps every hidden gradient exactly 0 for 300 steps; He init learns). The last layer alone
+    at 0 is a common, harmless choice (its gradient is not 0), and so is a residual branch that starts at 0 (Fixup,
+    ReZero): those are left out."""
+    meta = run_meta(run)
+    layers = [l.get("name") for l in meta.get("layers") or () if isinstance(l, dict)]
+    names = [n for n in meta.get("zero_weight_layers") or () if not layers or n != layers[-1]]
+    if not names or has_residual(run):
+        return ""
+    which = ", ".join(map(str, names)) if len(names) <= 5 else ", ".join(map(str, names[:4])) + f" and {len(names) - 4} more"
+    return (f"the initialisation: the weights of {len(names)} layer{'s' if len(names) > 1 else ''} ({which}) start at "
+            f"exactly 0, so their units compute the same output and get the same gradient — the symmetry is never "
+            f"broken — and a ReLU's gradient at 0 is 0")
+
+
 def heavy_dropout(run: Run) -> str:
     """Words for a dropout rate of ``DROPOUT_FROM`` or more ('' otherwise): PyTorch's ``p`` is the probability to
     drop a unit, TF1's ``keep_prob`` the probability to keep one (measured: an MLP on digits with Dropout(0.9)
@@ -199,7 +216,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
     eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
-    momentum, dropout = heavy_momentum(run), heavy_dropout(run)
+    momentum, dropout, zeros = heavy_momentum(run), heavy_dropout(run), zero_init(run)
     sgd = meta.get("optimizer") == "SGD"
     out = []
     for f in found:
@@ -216,6 +233,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
                                     (decay, ("lower_wd",), _SHRUNK_KINDS),
                                     (momentum, ("lower_momentum",), _ANY_KIND),
                                     (dropout, ("lower_dropout",), _ANY_KIND),
+                                    (zeros, ("he_init",), _ANY_KIND),
                                     (raw, ("standardise_inputs",), _INPUT_KINDS),
                                     (tiny_bn, ("group_norm",), _ANY_KIND),
                                     (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first

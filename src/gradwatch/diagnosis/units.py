@@ -54,7 +54,7 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             summary = f"{frac:.0%} of the units of {span(names)} are dead"
             evidence = (f"units silent for whole batches above {bound:g} in {where}, {frac:.0%} on average "
                         f"over {over}{rms}")
-            cause = "pre-activations negative for every input: negative biases, a large step that pushed them there, or a poor initialisation"
+            cause = "pre-activations at or below 0 for every input: negative biases, a large step that pushed them there, or a poor initialisation"
             fixes = remedies("leaky", "zero_bias", "he_init", "lower_lr", "norm")
         hurt, effect, numbers = _unit_effect(run, names, th)
         found.append(Finding(

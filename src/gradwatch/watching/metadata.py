@@ -33,6 +33,11 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
             {"name": l.name, "module": type(l.module).__name__, "params": {a: list(p.shape) for a, p in l.params}}
             for l in parts.layers
         ],
+        # Layers whose weight matrices are all exactly 0 at the start (an all-zero initialisation): every unit of
+        # theirs computes the same output, and the symmetry is never broken.
+        "zero_weight_layers": [l.name for l in parts.layers
+                               if any(p.dim() > 1 for _, p in l.params)
+                               and all(not bool(p.detach().any()) for _, p in l.params if p.dim() > 1)],
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,
