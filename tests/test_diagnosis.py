@@ -11,6 +11,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch import zoo
+from gradwatch.diagnosis.findings import sci
 from gradwatch.schedules import BUDGET_FLOOR
 from gradwatch.watching.budget import GRADS_DENSE_UNTIL, GRADS_SPARSEST
 
@@ -289,6 +290,28 @@ def test_spike_and_the_clipping_threshold(store):
     calm = [t for i, t in enumerate(totals) if i != 40]
     assert f.numbers["clip_at"] == pytest.approx(float(np.median(calm)), rel=1e-5)
     assert f.numbers["peak"] == pytest.approx(totals[40], rel=1e-5)
+
+
+def test_a_spikes_summary_names_its_own_peak_not_a_larger_calm_step_elsewhere(store):
+    """A spike at step 10 (×12 the steps before), then a step at ×9 its recent median that is the run's largest
+    but no event: the summary said "jumps to" that step's norm while the evidence named step 10's. The reference:
+    the total norms read by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(16, 4)
+    scales = [5.0] * 10 + [60.0] + [7.0] * 30 + [65.0] + [7.0] * 8
+    totals = []
+    with gw.watch(model, opt, store=store, name="peaks") as w:
+        for scale in scales:
+            opt.zero_grad()
+            (scale * model(x).pow(2).mean()).backward()
+            totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            opt.step()
+    (f,) = w.diagnose().of("exploding")
+    assert f.steps == (10, 10) and max(totals) == totals[41]
+    assert f.numbers["peak"] == pytest.approx(totals[10], rel=1e-5)
+    assert f.summary.startswith(f"the total gradient norm jumps to {sci(totals[10])}"), f.summary
 
 
 def test_injected_nan_is_located(store):

@@ -72,14 +72,17 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         parts.append(f"the total norm crossed {sci(th.grad_norm_above)} on {len(over)} step{'s' if len(over) > 1 else ''}, "
                      f"first at step {int(steps[over[0]])}" + (f" ({th.spike_above:g}× above its first steps' median or more)"
                                                               if grown else ""))
-    peak = float(np.nanmax(np.where(finite, total, np.nan)))
+    # the event's own peak: the largest norm among the steps the evidence names (a larger one elsewhere in the run,
+    # within the calm steps' spread, is not part of it: a summary of 21 over evidence of 19 contradicted itself)
+    peak_at = max((j for j in hit if finite[j]), key=lambda j: total[j], default=None)
+    peak = float(total[peak_at]) if peak_at is not None else float(np.nanmax(np.where(finite, total, np.nan)))
     calm_phase = len(calm_idx) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
     first_loss = _first_loss(run)
     large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
     # A norm that starts ordinary and grows by spike_above or more before any calm phase: each step overshoots (a
     # GRU at SGD lr 0.5 with momentum 0.9, NaN by step 11, was blamed on "the initial scale of the weights")
     start_norm = float(total[finite][0]) if finite.any() else math.nan
-    grew = peak / start_norm if start_norm > 0 else math.nan
+    grew = float(np.nanmax(np.where(finite, total, np.nan))) / start_norm if start_norm > 0 else math.nan
     overshoot = not calm_phase and not large_loss and grew >= th.spike_above
     if math.isfinite(clip) and calm_phase:
         clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
@@ -92,7 +95,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         fixes = remedies("lower_lr", "clip_norm", "smaller_init", "norm")
     else:  # no calm phase before it: the scale itself is wrong (a divergence within the first steps)
         fixes = remedies("smaller_init", "lower_lr", "clip_norm", "norm")
-    peak_step = int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
+    peak_step = int(steps[peak_at]) if peak_at is not None else int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
     summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
                + (f", peak at step {peak_step}" if ramps else "")
                if spikes or ramps else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
