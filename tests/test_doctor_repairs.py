@@ -1522,3 +1522,35 @@ def test_raw_inputs_are_named_first_where_units_saturate_on_them(tmp_path, seed)
                               for f in said[True] if f.kind in ("saturation", "vanishing", "dead_units", "stalled"))
     assert any(f.kind in ("saturation", "vanishing") for f in said[True]), [str(f) for f in said[True]]
     assert not any("not standardised" in f.cause for f in said[False])
+
+
+class _FunctionalTanh(nn.Module):
+    """Activations called as functions in ``forward``: no module for a norm layer to go before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _tiny_trial(model: nn.Module, groups: list[dict] | None = None) -> Trial:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    opt = torch.optim.SGD(groups or model.parameters(), lr=0.1)
+    return Trial(model, opt, _batches(x, y, 16, 0), nn.functional.cross_entropy)
+
+
+def test_remedies_that_change_nothing_do_not_apply_so_no_row_repeats_the_baseline():
+    """Round 5's tables had "no change" rows that were the baseline trained again: one learning rate "unified"
+    over a single group, a norm "inserted" where the activations are functions. Those now do not apply (None);
+    where they do change something they still apply."""
+    one = _tiny_trial(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+    assert surgery.unify(one, {}) is None
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    two = _tiny_trial(model, [{"params": model[0].parameters(), "lr": 1e-5}, {"params": model[2].parameters()}])
+    assert surgery.unify(two, {}) is two and [g["lr"] for g in two.optimizer.param_groups] == [0.1, 0.1]
+    assert surgery.norm(_tiny_trial(_FunctionalTanh()), {}) is None
+    with_modules = surgery.norm(_tiny_trial(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))), {})
+    assert with_modules is not None and any("Norm" in type(m).__name__ for m in with_modules.model.modules())

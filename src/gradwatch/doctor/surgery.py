@@ -189,10 +189,14 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
-def unify(trial: Trial, numbers: dict[str, float]) -> Trial:
-    """One learning rate, the largest, for every param group (and in a scheduler of the trial's own, one base rate)."""
-    r.unify_lr(trial.optimizer)
+def unify(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """One learning rate, the largest, for every param group (and in a scheduler of the trial's own, one base rate).
+    None where the groups share one rate already: training it again would be the baseline, row for row."""
     sched = getattr(trial, "scheduler", None)
+    rates = {g["lr"] for g in trial.optimizer.param_groups} | set(getattr(sched, "base_lrs", None) or ())
+    if len(rates) < 2:
+        return None
+    r.unify_lr(trial.optimizer)
     if sched is not None and getattr(sched, "base_lrs", None):
         top = max(sched.base_lrs)
         sched.base_lrs = [top] * len(sched.base_lrs)
@@ -350,12 +354,15 @@ def residual(m: nn.Module) -> nn.Module:
     return r.add_residual(m, inplace=True)
 
 
-def norm(trial: Trial, numbers: dict[str, float]) -> Trial:
+def norm(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """LayerNorm/BatchNorm before the activations; the held-out score read with the inserted BatchNorm layers'
-    running statistics re-estimated first (:class:`PreciseBN`)."""
+    running statistics re-estimated first (:class:`PreciseBN`). None where no norm layer could be inserted (the
+    activations are functions called in ``forward``, not modules): that row would be the baseline."""
     had = {id(m) for m in trial.model.modules()}
     example = _traceable_input(trial)
     OnModel(lambda m: r.add_norm(m, inplace=True, example=example))(trial, numbers)
+    if not any(id(m) not in had for m in trial.model.modules()):
+        return None
     inserted = [m for m in trial.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in had]
     if inserted and trial.evaluate is not None:
         trial.evaluate = PreciseBN(trial, trial.evaluate, inserted)
