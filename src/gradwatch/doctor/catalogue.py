@@ -107,9 +107,9 @@ def catalog() -> dict[str, list[Remedy]]:
                               Chain((s.leaky, tenth))),
         "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", s.swap_overflow),
         "zero_bias": [],  # included in the He remedies
-        "residual": one("residual", "residual connections", OnModel(s.residual)),
+        "residual": one("residual", "residual connections", s.residual),
         "fixup": one("fixup", "Fixup (zero-init residual branches)", s.fixup),
-        "rezero": one("rezero", "ReZero residual connections", OnModel(s.rezero)),
+        "rezero": one("rezero", "ReZero residual connections", s.rezero),
         "pre_ln": one("pre_ln", "Pre-LN (norm_first=True)", OnModel(s.pre_ln)),
         "norm": one("norm", "LayerNorm/BatchNorm before activations", s.norm),  # its score: s.PreciseBN
         "standardise_inputs": one("standardise_inputs", "input standardisation", s.standardise),

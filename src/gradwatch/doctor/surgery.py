@@ -350,8 +350,26 @@ def xavier(m: nn.Module) -> nn.Module:
     return r.xavier_init(m, inplace=True)
 
 
-def residual(m: nn.Module) -> nn.Module:
-    return r.add_residual(m, inplace=True)
+def residual(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Skip connections around the shape-preserving layers (:func:`gradwatch.remedies.add_residual`: groups of an
+    ``nn.Sequential``, else the layers a ``forward`` calls itself); None where there is none to wrap."""
+    return _skip_connections(trial, numbers, rezero=False)
+
+
+def rezero(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """As :func:`residual`, with ReZero's x + α·f(x), α = 0 at the start."""
+    return _skip_connections(trial, numbers, rezero=True)
+
+
+def _skip_connections(trial: Trial, numbers: dict[str, float], rezero: bool) -> Trial | None:
+    example = _traceable_input(trial)
+
+    def change(m: nn.Module) -> nn.Module | None:
+        before = sum(1 for _ in m.modules())
+        r.add_residual(m, rezero=rezero, inplace=True, example=example)
+        return m if sum(1 for _ in m.modules()) != before else None
+
+    return OnModel(change)(trial, numbers)
 
 
 def norm(trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -581,12 +599,6 @@ def fixup_rescale(branches: list[nn.Module]) -> None:
         if len(layers) >= 2:
             for layer in layers[:-1]:
                 layer.weight.mul_(L ** (-1.0 / (2 * len(layers) - 2)))
-
-
-def rezero(m: nn.Module) -> nn.Module | None:
-    before = sum(1 for _ in m.modules())
-    r.add_residual(m, rezero=True, inplace=True)
-    return m if sum(1 for _ in m.modules()) != before else None
 
 
 @torch.no_grad()

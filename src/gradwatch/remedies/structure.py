@@ -38,22 +38,7 @@ def output_activations(model: nn.Module, example: Any = None) -> set[int]:
 
 def after_last_layer(model: nn.Module, example: Any = None) -> list[nn.Module]:
     """The leaf modules after the model's last leaf with parameters, in the order of :func:`output_activations`."""
-    leaves = [x for x in model.modules() if not list(x.children())]
-    order: list[nn.Module] = leaves
-    if example is not None:
-        called: list[nn.Module] = []
-        hooks = [x.register_forward_hook(lambda mod, a, o: called.append(mod)) for x in leaves]
-        modes = [(x, x.training) for x in model.modules()]
-        model.eval()  # no running statistics move, no dropout mask draws from the random stream
-        try:
-            with torch.no_grad():
-                model(*example) if isinstance(example, tuple) else model(example)
-            order = called
-        finally:
-            for h in hooks:
-                h.remove()
-            for x, training in modes:
-                x.training = training
+    order = call_order(model, example)
     last = max((i for i, x in enumerate(order) if any(True for _ in x.parameters(recurse=False))), default=None)
     if last is None:  # no leaf holds a parameter (a model's own nn.Parameter used in its forward): order unknown
         return []
@@ -128,13 +113,67 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(self.relu2(self.bn2(h)))
 
 
+WEIGHTED_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def shape_preserving(layer: nn.Module) -> bool:
+    """A layer whose output has its input's shape: Linear(n, n), or a convolution with as many channels out as in,
+    stride 1 and 'same' padding (so that x + layer(x) is defined)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features == layer.out_features
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if layer.in_channels != layer.out_channels or any(s != 1 for s in layer.stride):
+            return False
+        if isinstance(layer.padding, str):
+            return layer.padding == "same"
+        return all(2 * p == d * (k - 1) for p, d, k in zip(layer.padding, layer.dilation, layer.kernel_size))
+    return False
+
+
+def call_order(model: nn.Module, example: Any = None) -> list[nn.Module]:
+    """The model's leaf modules in the order a forward pass on ``example`` calls them (a module called twice
+    appears twice; in eval mode, no gradient, the random stream untouched), or without one in registration order."""
+    leaves = [x for x in model.modules() if not list(x.children())]
+    if example is None:
+        return leaves
+    called: list[nn.Module] = []
+    hooks = [x.register_forward_hook(lambda mod, a, o: called.append(mod)) for x in leaves]
+    modes = [(x, x.training) for x in model.modules()]
+    model.eval()  # no running statistics move, no dropout mask draws from the random stream
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*example) if isinstance(example, tuple) else model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        for x, training in modes:
+            x.training = training
+    return called
+
+
+def loose_layers(model: nn.Module, example: Any = None) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) for each weighted layer (:data:`WEIGHTED_LEAVES`) held directly by the model or by an
+    ``nn.ModuleList`` — layers a ``forward`` calls itself, in a loop or one by one, with activations that may be
+    functions (``F.relu``) no structural remedy can see — but the net's last layer (its output). Layers inside
+    other modules (``nn.Sequential``, attention, a block of the user's) are left to those."""
+    order = list(dict.fromkeys(x for x in call_order(model, example) if isinstance(x, WEIGHTED_LEAVES)))
+    last = order[-1] if order else None
+    out: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in [model, *(x for x in model.modules() if isinstance(x, nn.ModuleList))]:
+        for name, child in parent.named_children():
+            if isinstance(child, WEIGHTED_LEAVES) and child is not last and (example is None or child in order):
+                out.append((parent, name, child))
+    return out
+
+
 def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
-    """(start, end) of each Linear(n, n) followed by any non-weighted modules, inside a Sequential."""
+    """(start, end) of each shape-preserving layer (:func:`shape_preserving`) followed by any non-weighted
+    modules, inside a Sequential."""
     items = list(seq)
     spans, i = [], 0
     while i < len(items):
         layer = items[i]
-        if isinstance(layer, nn.Linear) and layer.in_features == layer.out_features:
+        if shape_preserving(layer):
             j = i + 1
             while j < len(items) and not list(items[j].parameters(recurse=False)) and not isinstance(items[j], nn.Linear):
                 j += 1
@@ -145,12 +184,17 @@ def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
     return spans
 
 
-def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False) -> nn.Module:
-    """Wrap every shape-preserving Linear(n, n) + activation group of each ``nn.Sequential`` in a skip connection.
+def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, example: Any = None) -> nn.Module:
+    """Wrap every shape-preserving layer + activation group of each ``nn.Sequential`` in a skip connection
+    (Linear(n, n), or a convolution keeping channels and size: :func:`shape_preserving`); where the model has
+    none, every shape-preserving layer that its ``forward`` calls itself (:func:`loose_layers`: held by the model
+    or an ``nn.ModuleList``, activations that may be functions), alone — x + layer(x), the activation after it.
 
-    ``rezero=True`` wraps in :class:`ReZero` instead (a learnable α starting at 0).
+    ``rezero=True`` wraps in :class:`ReZero` instead (a learnable α starting at 0). ``example``: an input batch,
+    to find the output layer by a forward pass (it is never wrapped).
     """
     m = _target(model, inplace)
+    wrapped = False
     for parent in [x for x in m.modules() if isinstance(x, nn.Sequential)]:
         spans = _pairs(parent)
         if not spans:
@@ -165,6 +209,11 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False) 
             i = end
         new += items[i:]
         _replace_children(parent, new)
+        wrapped = True
+    if not wrapped:
+        for holder, name, layer in loose_layers(m, example):
+            if shape_preserving(layer):
+                setattr(holder, name, ReZero(layer) if rezero else Residual(layer))
     return m
 
 
@@ -178,6 +227,9 @@ def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:
 def add_norm(model: nn.Module, inplace: bool = False, example: Any = None) -> nn.Module:
     """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``
     but the output one (:func:`output_activations`; ``example``: an input batch, to find it by a forward pass).
+    Where the model has no such group, a norm goes after every layer that its ``forward`` calls itself
+    (:func:`loose_layers`: held by the model or an ``nn.ModuleList``, activations that may be functions) but the
+    output layer.
 
     BatchNorm: Ioffe & Szegedy (2015); LayerNorm: Ba, Kiros & Hinton (2016).
     Both keep each layer's pre-activations at unit scale, out of the flat tails.
@@ -188,19 +240,35 @@ def add_norm(model: nn.Module, inplace: bool = False, example: Any = None) -> nn
 
     m = _target(model, inplace)
     keep = output_activations(m, example)
+    inserted = False
     for parent in [x for x in m.modules() if isinstance(x, nn.Sequential)]:
         items = list(parent)
         new: list[nn.Module] = []
         for mod in items:
             if activation_spec(mod) is not None and new and id(mod) not in keep:
-                prev = new[-1]
-                if isinstance(prev, nn.Linear):
-                    new.append(nn.LayerNorm(prev.out_features))
-                elif isinstance(prev, nn.Conv2d):
-                    new.append(nn.BatchNorm2d(prev.out_channels))
-                elif isinstance(prev, nn.Conv1d):
-                    new.append(nn.BatchNorm1d(prev.out_channels))
+                norm = _norm_after(new[-1])
+                if norm is not None:
+                    new.append(norm)
             new.append(mod)
         if len(new) != len(items):
             _replace_children(parent, new)
+            inserted = True
+    if not inserted:  # a forward that calls its layers itself, activations as functions: a norm after each layer
+        for holder, name, layer in loose_layers(m, example):
+            norm = _norm_after(layer)
+            if norm is not None:
+                setattr(holder, name, nn.Sequential(layer, norm))
     return m
+
+
+def _norm_after(layer: nn.Module) -> nn.Module | None:
+    """The normalisation for a layer's output: LayerNorm after a Linear, BatchNorm after a convolution."""
+    if isinstance(layer, nn.Linear):
+        return nn.LayerNorm(layer.out_features)
+    if isinstance(layer, nn.Conv3d):
+        return nn.BatchNorm3d(layer.out_channels)
+    if isinstance(layer, nn.Conv2d):
+        return nn.BatchNorm2d(layer.out_channels)
+    if isinstance(layer, nn.Conv1d):
+        return nn.BatchNorm1d(layer.out_channels)
+    return None
