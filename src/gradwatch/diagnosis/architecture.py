@@ -225,7 +225,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         if deep_plain and f.kind == "vanishing" and f.layers and f.severity != "info" and "residual" not in map(key_of, fixes):
             fixes += remedies("residual")
         keys = set(map(key_of, fixes))  # no gradient at all (a loss that passes none): no optimiser can help
-        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation"}:
+        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation", "check_graph"}:
             fixes += remedies("adam")
         said: list[str] = []
         for words, first, kinds in ((post_ln, ("warmup", "pre_ln"), _DEPTH_KINDS),

@@ -15,6 +15,9 @@ REMEDIES = {
     "lower_lr": "a lower learning rate (or warm-up)",
     "raise_lr": "a higher learning rate (×10 to ×1000, or Adam at 1e-3): every layer moves by less than 10⁻⁵ of its "
                 "norm a step, so thousands of steps change nothing",
+    "check_graph": "find where forward leaves the autograd graph before these layers' output reaches the loss "
+                   "(.detach(), .numpy()/.item()/.tolist(), torch.no_grad(), torch.tensor(…)) and use torch operations "
+                   "on the tensor itself",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

@@ -29,7 +29,7 @@ from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
 from gradwatch.diagnosis.units import (
-    activation_findings, dead_output_findings, softmax_output_findings, stalled_findings, zero_gradient_findings,
+    activation_findings, cut_graph_findings, dead_output_findings, softmax_output_findings, stalled_findings, zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
@@ -66,7 +66,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     zero = zero_gradient_findings(view, th)  # no gradient at all (a softmax over one unit): that finding says why
     found += zero or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     if not zero:
-        found += softmax_output_findings(view, th)
+        found += softmax_output_findings(view, th) + cut_graph_findings(view, th)
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found = fit_architecture(by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))

@@ -240,7 +240,8 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     if not typical > 0:
         return []
     low = th.stalled_below * typical
-    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < low]
+    cut = set(cut_off_layers(run))  # no gradient at all: cut_graph_findings says why
+    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < low and s.names[i] not in cut]
     if hit:
         grads = run.series("grad_norm") if "grad_norm" in run.quantities else None  # read once, not per layer
         hit = [i for i in hit if not _skipped_at_random(grads, s.names[i])]
@@ -264,6 +265,45 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
         cause=cause, remedies=fixes,
         numbers={"update_ratio": worst, "median": typical},
         sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
+    )]
+
+
+def cut_off_layers(run: Run) -> tuple[str, ...]:
+    """Layers that ran in the forward pass but never had a gradient (no ``.grad`` on any recorded step) while
+    others did: the graph between them and the loss is cut."""
+    if "grad_norm" not in run.quantities:
+        return ()
+    got = set(run.series("grad_norm").names)
+    if not got:
+        return ()
+    return tuple(e.name for e in run.entities("layer") if e.depth is not None and e.name not in got)
+
+
+def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Layers whose output was computed but to which no gradient ever came back (:func:`cut_off_layers`).
+
+    Not too little gradient but none at all, ``.grad`` None on every step: something in ``forward`` takes the
+    tensor out of the autograd graph — a ``.detach()``, a round trip through ``.numpy()``, ``.item()`` or
+    ``.tolist()``, ``torch.no_grad()``, a tensor rebuilt with ``torch.tensor(…)`` — and everything before it
+    never learns (round 6: ``torch.from_numpy(np.tanh(h.detach().numpy()))`` in a forward left two of three
+    layers at their initial weights, told "too little gradient, or too small a learning rate").
+    """
+    names = cut_off_layers(run)
+    if not names:
+        return []
+    s = run.series("grad_norm")
+    return [Finding(
+        kind="stalled", severity="warning", layers=names, steps=(int(s.steps[0]), int(s.steps[-1])),
+        summary=f"no gradient ever reaches layers {span(names)}: they never train",
+        evidence=(f"{len(names)} layer{'s' if len(names) > 1 else ''} ({span(names)}) ran in the forward pass, but their "
+                  f"parameters' .grad stayed None on every recorded step ({steps_text(int(s.steps[0]), int(s.steps[-1]))}), "
+                  f"while {len(s.names)} other{'s' if len(s.names) > 1 else ''} ({span(tuple(s.names))}) got one."),
+        cause=("the autograd graph is cut between these layers and the loss: something in forward takes their output "
+               "out of the graph (.detach(), a round trip through .numpy(), .item() or .tolist(), torch.no_grad(), "
+               "or a tensor rebuilt with torch.tensor(…))"),
+        remedies=remedies("check_graph"),
+        numbers={"layers": float(len(names))},
+        sources=(f"grad_norm (layers {span(tuple(s.names))}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})",),
     )]
 
 
