@@ -79,6 +79,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     calm_phase = len(calm_idx) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
     first_loss = _first_loss(run)
     large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
+    summed = summed_over_batch(run, first_loss) if large_loss else ""
     # A norm that starts ordinary and grows by spike_above or more before any calm phase: each step overshoots (a
     # GRU at SGD lr 0.5 with momentum 0.9, NaN by step 11, was blamed on "the initial scale of the weights")
     start_norm = float(total[finite][0]) if finite.any() else math.nan
@@ -90,7 +91,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         fixes = clipping + remedies("lower_lr", *(["standardise_targets"] if large_loss else []), "norm")
     elif large_loss:  # no calm phase, and a loss in the hundreds or more from the first step (the weights' scale or
         # the targets': the loss alone cannot tell them apart, and the doctor tries both)
-        fixes = remedies("smaller_init", "standardise_targets", "lower_lr", "clip_norm", "norm")
+        fixes = remedies(*(["mean_reduction"] if summed else []), "smaller_init", "standardise_targets", "lower_lr",
+                         "clip_norm", "norm")
     elif overshoot:  # no calm phase, but a normal start that grew fast: the steps, not the scale
         fixes = remedies("lower_lr", "clip_norm", "smaller_init", "norm")
     else:  # no calm phase before it: the scale itself is wrong (a divergence within the first steps)
@@ -111,7 +113,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         evidence="; ".join(parts) + ".",
         cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_phase
         else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
-             "the weights, or, in a regression, of the targets (a squared error on targets in their raw units)" if large_loss
+             "the weights, or, in a regression, of the targets (a squared error on targets in their raw units)"
+             + (f", or {summed}" if summed else "") if large_loss
         else f"steps that overshoot: the total norm grew ×{sci(grew)} from {sci(start_norm)} at the first step, "
              "before any calm phase — a learning rate too large for this net" if overshoot
         else "the gradient is too large from the first step: the initial scale of the weights or the loss",
@@ -128,6 +131,22 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
 RECOVERED = "the run recovered"  # opens the last clause of a recovered finding's evidence (rules.merge_spikes drops it
 # where the same steps hold a worse finding: a spike the run got over does not excuse attention that went one-hot)
 LOSS_SCALE_ABOVE = 100.0  # a first loss above this: no classification loss starts there, a squared error on raw targets does
+SUMMED_PER_SAMPLE = (0.05, 20.0)  # a large first loss that is this much per sample of the batch: a sum of ordinary losses
+SUMMED_BATCH_FROM = 16  # ... over a batch this large (over 4 samples, a loss of 4 per sample is no sign of anything)
+
+
+def summed_over_batch(run: Run, first_loss: float) -> str:
+    """Words for a large first loss that is an ordinary one per sample of the batch (meta ``batch_size``) — a loss
+    summed over the batch, ``reduction='sum'`` ('' otherwise). Measured (round 6): an MSE with reduction='sum' on
+    standardised targets over batches of 256 starts at 251–257 and is NaN by step 4 at SGD 0.01."""
+    size = run_meta(run).get("batch_size")
+    if not isinstance(size, int) or size < SUMMED_BATCH_FROM or not math.isfinite(first_loss):
+        return ""
+    per = first_loss / size
+    if not SUMMED_PER_SAMPLE[0] <= per <= SUMMED_PER_SAMPLE[1]:
+        return ""
+    return (f"a loss summed over the batch rather than averaged (reduction='sum'): {sci(first_loss)} over a batch of "
+            f"{size} is {sci(per)} a sample")
 
 
 def _first_loss(run: Run) -> float:

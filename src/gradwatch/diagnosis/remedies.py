@@ -18,6 +18,8 @@ REMEDIES = {
     "check_graph": "find where forward leaves the autograd graph before these layers' output reaches the loss "
                    "(.detach(), .numpy()/.item()/.tolist(), torch.no_grad(), torch.tensor(…)) and use torch operations "
                    "on the tensor itself",
+    "mean_reduction": "average the loss over the batch (reduction='mean', PyTorch's default): a loss summed over B "
+                      "samples makes every gradient B times larger, and with SGD every step",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

@@ -139,6 +139,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "drop_output_relu": one("drop_output_relu", "the ReLU after the output layer dropped", s.drop_output_relu),
+        "mean_reduction": one("mean_reduction", "the loss averaged over the batch, not summed", s.mean_reduction),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
         "lower_dropout": one("lower_dropout", "dropout rate p → 1 − p (0.9 → 0.1)", s.lower_dropout),
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),

@@ -450,6 +450,25 @@ def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial if heavy else None
 
 
+class PerSample:
+    """A trial's loss divided by the batch's size (the output's first dimension): a summed loss made a mean."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, out: torch.Tensor, y: Any) -> torch.Tensor:
+        return self.loss_fn(out, y) / max(1, out.shape[0] if out.dim() else 1)
+
+
+def mean_reduction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's loss averaged over the batch instead of summed (:class:`PerSample`). None where the set-up
+    computes its loss in a ``step()`` of its own, out of the doctor's reach."""
+    if trial.loss_fn is None or type(trial).step is not Trial.step:
+        return None
+    trial.loss_fn = PerSample(trial.loss_fn)
+    return trial
+
+
 # The ReLU-likes whose units die (exactly 0 with no gradient): a leaky one still passes slope × the gradient.
 DYING = (nn.ReLU, nn.ReLU6)
 
