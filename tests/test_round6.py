@@ -112,3 +112,84 @@ def test_the_doctor_averages_a_summed_loss(store):
     report = gw.doctor(_summed_mse_trial, steps=300, seeds=2, store=store, progress=False)
     (row,) = [t for t in report.trials if t.parts == ("mean_reduction",)]
     assert row.verdict == "fixes it" and row.score > 0.3, report
+
+
+class WhereSqrt(nn.Module):
+    """``torch.where(h > 0, torch.sqrt(h), 0)`` (pytorch#52248): the branch not taken is NaN where h < 0, and its
+    gradient is not masked — NaN gradients from the first step, with a finite loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        h = torch.where(h > 0, torch.sqrt(h), torch.zeros_like(h))  # the line the doctor must name
+        return self.l2(h)
+
+
+class PairDistance(nn.Module):
+    """A Siamese distance by hand, √Σ(a − b)², on pairs that include a sample with itself: the distance is exactly 0
+    there, its forward finite and its gradient not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Linear(64, 16), nn.Linear(1, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.emb(x)
+        d = torch.sqrt(((z - z.roll(0, 0)) ** 2).sum(1))  # roll by 0: each sample with itself
+        return self.head(d.unsqueeze(1))
+
+
+class MaskedAttention(nn.Module):
+    """Causal attention by hand with a −inf mask: an infinity meant, no NaN anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(-1, 8, 8)
+        s = self.q(h) @ self.k(h).transpose(1, 2) / 8 ** 0.5
+        s = s.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+        return self.out((torch.softmax(s, -1) @ h).flatten(1))
+
+
+def _digits_trial(model_cls: type[nn.Module]):
+    def make(seed: int) -> gw.Trial:
+        torch.manual_seed(seed)
+        model = model_cls()
+        x, y, xt, yt = digits()
+        return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05), batches(x, y, 64, seed), F.cross_entropy)
+    return make
+
+
+def _line_of(cls: type, text: str) -> str:
+    import inspect
+
+    lines, start = inspect.getsourcelines(cls)
+    return f"test_round6.py:{start + next(i for i, line in enumerate(lines) if text in line)}"
+
+
+def test_the_first_nan_is_located_at_the_users_line():
+    """The reference: the lines above, found in this file's source."""
+    from gradwatch.doctor.locate import locate_nonfinite
+
+    where = locate_nonfinite(_digits_trial(WhereSqrt), 0, 5)
+    assert where is not None and (where.phase, where.op, where.step) == ("forward", "torch.sqrt", 0), where
+    assert where.where == _line_of(WhereSqrt, "h = torch.where(h > 0") and where.code.startswith("h = torch.where"), where
+    pair = locate_nonfinite(_digits_trial(PairDistance), 0, 5)
+    assert pair is not None and pair.phase == "backward" and pair.step == 0, pair
+    assert pair.where == _line_of(PairDistance, "d = torch.sqrt"), pair
+    assert locate_nonfinite(_digits_trial(MaskedAttention), 0, 5) is None  # −inf meant, and nothing went NaN
+
+
+@pytest.mark.zoo
+def test_the_doctor_names_the_line_that_makes_the_nan_when_no_remedy_can_reach_it(store):
+    """Round 6: three set-ups NaN from the user's own arithmetic got "no remedy helped" and nothing else."""
+    report = gw.doctor(_digits_trial(WhereSqrt), steps=60, seeds=2, store=store, progress=False)
+    assert report.best is None
+    assert report.nonfinite_origin is not None and report.nonfinite_origin.op == "torch.sqrt"
+    assert f"torch.sqrt at {_line_of(WhereSqrt, 'h = torch.where(h > 0')}" in report.message, report.message

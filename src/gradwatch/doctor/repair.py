@@ -31,6 +31,7 @@ same however they ran.
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from dataclasses import replace
@@ -168,6 +169,26 @@ def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
             f"longer trials to show learning (gw.doctor(…, steps={4 * steps}))")
 
 
+def _nonfinite_origin(report: DoctorReport, setup: SetupFn | str, steps: int, deadline: float | None) -> str:
+    """Where no remedy fixed a run that goes non-finite: the operation and line of the set-up's code that made its
+    first NaN/Inf (:func:`gradwatch.doctor.locate.locate_nonfinite`, on the seed that showed it), stored as
+    ``report.nonfinite_origin``; the words to add to the message ('' when there is nothing to add)."""
+    from gradwatch.doctor.locate import locate_nonfinite
+
+    found = next((f for f in report.diagnosis.problems if f.kind == "nonfinite"), None)
+    if found is None or (deadline is not None and time.perf_counter() > deadline):
+        return ""
+    hit = re.search(r"the baseline's seed (\d+)", found.evidence)
+    seed = int(hit.group(1)) if hit else 0
+    try:
+        local = _reference.load(setup, "setup") if isinstance(setup, str) else setup
+        origin = locate_nonfinite(local, seed, min(steps - 1, found.steps[0] + 1))
+    except Exception as exc:  # noqa: BLE001 - the user's set-up, re-run once more: its failure is told, not raised
+        return f"; the first NaN/Inf could not be located ({type(exc).__name__}: {exc})"
+    report.nonfinite_origin = origin
+    return f"; {origin}" if origin is not None else ""
+
+
 def _row(label: str, results: list[Result], names: list[str]) -> TrialResult | None:
     """One remedy's row from its seeds' results; None when it does not apply here or did not run to the end."""
     failed = next((r for r in results if isinstance(r, Failure)), None)
@@ -247,7 +268,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         b = report.best
         evidence = (f"score {b.score:.3f} against {base.score:.3f}" if math.isfinite(b.score)
                     else f"final loss {b.final_loss:.4g} against {base.final_loss:.4g}")
-        report.message = f"best remedy: {b.label} — the findings are gone and {evidence}"
+        left = f" ({', '.join(b.findings)} left, none of them critical)" if b.findings else ""
+        report.message = f"best remedy: {b.label} — the baseline's findings are gone{left} and {evidence}"
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
         closest = [t for t in report.trials if not t.error and t.verdict.startswith(("removes the finding", "helps"))
@@ -259,6 +281,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
             report.message = (f"no remedy fixes it (findings gone and the loss at most half its start); closest: "
                               f"{c.label} — {c.verdict}, {evidence}, loss {c.first_loss:.4g} → {c.final_loss:.4g}")
         report.message += _too_short(base, report.trials, steps)
+        report.message += _nonfinite_origin(report, setup, steps, deadline)
     if runner.stopped:
         report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
                            f"{len(candidates)} remedies in round 1)")

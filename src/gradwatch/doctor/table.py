@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import Finding
+from gradwatch.doctor.locate import Origin
 
 MAX_ROUNDS = 3  # iterative repair: at most this many remedies combined
 
@@ -50,6 +51,8 @@ class DoctorReport:
     message: str = ""
     steps: int = 0
     seeds: int = 1
+    # where nothing fixed a run that goes non-finite: the operation and line that made its first NaN/Inf
+    nonfinite_origin: Origin | None = None
 
     def __str__(self) -> str:
         head = f"gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: {self.message}"

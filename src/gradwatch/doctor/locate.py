@@ -1,0 +1,161 @@
+"""Where the first NaN/Inf of a set-up is made: the operation and the line of the user's code.
+
+A NaN from the first step is most often the user's own arithmetic — a square root of a distance that is exactly
+0 (finite forward, infinite gradient), a ``torch.where`` whose unused branch is NaN (its gradient is not
+masked), a log of a softmax that underflowed to 0, a variance of 0 divided by. No remedy the doctor can apply
+reaches that code, so the most useful answer is its address. :func:`locate_nonfinite` trains a fresh trial
+step by step up to the step the baseline went non-finite, watching two things:
+
+- the forward pass and the optimizer step, under a :class:`torch.overrides.TorchFunctionMode`: the first
+  operation of the step that went non-finite whose floating-point output holds a NaN/Inf while every tensor it
+  was given was finite, and no argument was an infinity itself (an attention mask filled with −inf is meant);
+- the backward pass, under ``torch.autograd.detect_anomaly(check_nan=True)``: the first backward function that
+  returns NaN, with the forward call that created it.
+
+Each is reported at the innermost frame outside torch and gradwatch: the user's line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from gradwatch.trial import Trial
+
+_OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The first non-finite value of a run: at which step, in which pass, made by which operation, where."""
+
+    step: int
+    phase: str  # "forward" (forward, loss and optimizer step, as the trial's step() runs them) or "backward"
+    op: str  # the torch function (forward) or the backward function (``SqrtBackward0``)
+    where: str  # "file.py:123" of the user's code, "" when no frame outside torch was found
+    code: str  # that line's source, stripped
+
+    def __str__(self) -> str:
+        at = f" at {self.where}" if self.where else ""
+        line = f" (`{self.code}`)" if self.code else ""
+        if self.phase == "backward":
+            return (f"the first NaN is made in the backward pass of {self.op} at step {self.step}, created{at}{line}: "
+                    f"its gradient there is not finite")
+        return f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
+
+
+def _user_frame(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
+    for f in reversed(frames):
+        path = os.path.abspath(f.filename)
+        if not path.startswith(_OURS) and "<frozen" not in f.filename:
+            return f"{os.path.basename(f.filename)}:{f.lineno}", (f.line or "").strip()
+    return "", ""
+
+
+def _floats(values: Any) -> list[torch.Tensor]:
+    if isinstance(values, torch.Tensor):
+        return [values] if values.is_floating_point() or values.is_complex() else []
+    if isinstance(values, (tuple, list)):
+        return [t for v in values for t in _floats(v)]
+    if isinstance(values, dict):
+        return [t for v in values.values() for t in _floats(v)]
+    return []
+
+
+def _infinite_argument(values: Any) -> bool:
+    """An argument that is an infinity or NaN itself (``masked_fill(mask, -inf)``): a non-finite output is meant."""
+    if isinstance(values, float):
+        return not math.isfinite(values)
+    if isinstance(values, (tuple, list)):
+        return any(_infinite_argument(v) for v in values)
+    if isinstance(values, dict):
+        return any(_infinite_argument(v) for v in values.values())
+    return False
+
+
+class _FirstNonFinite(TorchFunctionMode):
+    """Records the first operation that makes a non-finite float tensor out of finite ones (and its user frame)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: tuple[str, str, str] | None = None
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.found is None and not _infinite_argument((args, kwargs)):
+            made = _floats(out)
+            if made and not all(bool(torch.isfinite(t).all()) for t in made if t.numel()):
+                if all(bool(torch.isfinite(t).all()) for t in _floats((args, kwargs)) if t.numel()):
+                    where, code = _user_frame(traceback.extract_stack()[:-1])
+                    self.found = (_name(func), where, code)
+        return out
+
+
+def _name(func: Callable) -> str:
+    """``torch.sqrt``, ``Tensor.div``, ``torch.nn.functional.softmax``: a torch function as users write it."""
+    name = getattr(func, "__name__", None) or str(func)
+    owner = (getattr(func, "__qualname__", "") or "").rpartition(".")[0]
+    if owner in ("TensorBase", "Tensor", "_TensorBase"):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None)
+    if module and module.startswith("torch.") and not owner:
+        return f"{module}.{name}"
+    return f"torch.{name}"
+
+
+_ANOMALY = re.compile(r"Function '(\w+)' returned nan values")
+
+
+def locate_nonfinite(setup: Callable[[int], Trial], seed: int, until: int) -> Origin | None:
+    """Train ``setup(seed)`` for at most ``until`` + 1 steps, and return where its first NaN/Inf was made
+    (None when no step made one, or the set-up's step() cannot be followed)."""
+    trial = setup(seed)
+    for step in range(until + 1):
+        mode = _FirstNonFinite()
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly(check_nan=True), mode:
+                warnings.simplefilter("always")
+                loss = trial.step()
+        except RuntimeError as exc:
+            hit = _ANOMALY.search(str(exc))
+            if hit is None:
+                raise
+            if mode.found is not None:  # the forward made it first; the backward only carried it on
+                return Origin(step, "forward", *mode.found)
+            trace = "\n".join(str(w.message) for w in caught if "Traceback of forward call" in str(w.message))
+            return Origin(step, "backward", hit.group(1), *_forward_line(trace))
+        if not _went_nonfinite(trial, loss):
+            continue  # an Inf made and absorbed (a mask built without an explicit inf): not the run's NaN
+        if mode.found is not None:
+            return Origin(step, "forward", *mode.found)
+        return None  # non-finite, yet made by nothing the mode sees (a C++ extension): no address to give
+    return None
+
+
+def _went_nonfinite(trial: Trial, loss: Any) -> bool:
+    """The step's loss, a gradient or a parameter is not finite."""
+    if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+        return True
+    for p in trial.model.parameters():
+        if not bool(torch.isfinite(p).all()) or (p.grad is not None and not bool(torch.isfinite(p.grad).all())):
+            return True
+    return False
+
+
+_FILE = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
+
+
+def _forward_line(trace: str) -> tuple[str, str]:
+    """The innermost user frame of anomaly mode's "Traceback of forward call" text: ("file.py:123", code)."""
+    frames = [traceback.FrameSummary(f, int(n), "?", line=code) for f, n, code in _FILE.findall(trace)]
+    return _user_frame(frames)
