@@ -89,6 +89,11 @@ def _span_idx(probes: ProbeSeries, t0: int, since: int) -> np.ndarray:
     return idx
 
 
+# Attention logits whose rms is this large at step 0 did not start as q·k/√d of unit-scale queries and keys (about 1;
+# measured: 0.5–0.7 in round 6's hand-written attention with the scale, 8–11 without it at d = 256).
+START_RMS_ABOVE = 4.0
+
+
 def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
                since: int | None = None) -> list[Mechanism]:
     """Attention-logit growth and output-logit divergence over the probe samples in (``since``, ``t0``].
@@ -128,7 +133,14 @@ def mechanisms(probes: ProbeSeries | None, t0: int, th: InstabilityThresholds,
         words = (f"attention logits grew in {modules}: the max logit of {g[0]} rose ×{sci(g[3])} from {sci(g[1])} to "
                  f"{sci(g[2])} over steps {int(steps[0])}–{int(steps[-1])}; the attention entropy of "
                  f"head{'s' if n_sharp > 1 else ''} {heads} fell below {th.entropy_below:g} nats (one-hot)")
-        found.append(Mechanism("attention_logit_growth", tuple(x[0] for x in grown), words, ("qk_layernorm", "sigma_reparam", "lower_lr"),
+        keys: tuple[str, ...] = ("qk_layernorm", "sigma_reparam", "lower_lr")
+        rms = probes.values.get((g[0], "attn_logit_rms"))
+        first = float(np.nanmax(rms[:, 0])) if rms is not None and np.isfinite(rms[:, 0]).any() else math.nan
+        if first >= START_RMS_ABOVE and probes.steps[0] == 0:
+            words += (f"; they were large from the start (rms {sci(first)} at step 0, where q·k/√d of unit-scale "
+                      f"queries and keys is about 1): a missing 1/√d scale, or queries and keys far from unit scale")
+            keys = ("attention_scale",) + keys
+        found.append(Mechanism("attention_logit_growth", tuple(x[0] for x in grown), words, keys,
                                {"attn_logit_peak": g[2], "attn_logit_growth": g[3], "attn_modules": float(len(grown)),
                                 "sharp_heads": float(n_sharp), "attn_onset": float(min(x[5] for x in grown))},
                                f"attn_logit_max, attn_entropy (attention {modules}, steps {int(steps[0])}–{int(steps[-1])})"))

@@ -65,6 +65,8 @@ REMEDIES = {
     "eot": "EOT: average the gradient over the defence's randomness (Expectation over Transformation, Athalye et al. 2018)",
     "autoattack": "AutoAttack (Croce & Hein 2020): APGD with cross-entropy and DLR losses and the black-box Square attack (art.attacks.evasion.AutoAttack)",
     # Transformer instabilities (issue 15; gradwatch.remedies.transformer)
+    "attention_scale": "scale the attention logits q·k by 1/√d_head (Vaswani et al. 2017, §3.2.1): unscaled, they grow "
+                       "with the head dimension and the softmax goes one-hot from the start",
     "qk_layernorm": "qk-layernorm: LayerNorm on each head's queries and keys (Dehghani et al. 2023; Wortsman et al. 2023; "
                     "gradwatch.remedies.transformer.add_qk_norm)",
     "z_loss": "z-loss 1e-4·log²Z on the output logits (PaLM; Wortsman et al. 2023; gradwatch.remedies.transformer.with_z_loss)",

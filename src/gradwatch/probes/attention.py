@@ -80,9 +80,12 @@ from gradwatch.probes.attention_read import (
     Skip,
     find_attention,
     find_lm_head,
+    find_softmax_sites,
     finish,
     head_stats,
+    softmax_stats,
 )
+from torch.overrides import TorchFunctionMode
 
 Key = tuple[str, str, "int | None"]  # (layer, quantity, head); head is None for the LM head's log Z
 
@@ -108,6 +111,7 @@ class AttentionProbe:
             raise ValueError(bad_argument("AttentionProbe", "chunk", "a positive int (logits per query chunk)", chunk))
         self.model, self.chunk = model, chunk
         self.sites = find_attention(model)
+        self.softmax_sites = find_softmax_sites(model, self.sites)  # attention written by hand
         self.lm_head = self._head_name(model, lm_head)
         self.armed = False
         self.skipped: dict[str, str] = {}  # attention module → why a call of it was not measured
@@ -133,12 +137,18 @@ class AttentionProbe:
     # -- public --------------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        """The attention modules measured, by ``named_modules()`` path."""
-        return [s.name for s in self.sites]
+        """The attention modules measured, by ``named_modules()`` path (those read by their softmax's logits last)."""
+        return [s.name for s in self.sites] + [name for name, _ in self.softmax_sites]
+
+    @property
+    def measures(self) -> bool:
+        """Whether there is anything to measure: an attention module, read or written by hand."""
+        return bool(self.sites or self.softmax_sites)
 
     def entities(self) -> list[tuple[str, str, str]]:
         """(name, kind, module class) of everything the records are about: ``attention`` modules, the LM head's ``layer``."""
         out = [(s.name, "attention", type(s.module).__name__) for s in self.sites]
+        out += [(name, "attention", type(m).__name__) for name, m in self.softmax_sites]
         if self.lm_head is not None:
             out.append((self.lm_head, "layer", type(self.model.get_submodule(self.lm_head)).__name__))
         return out
@@ -169,6 +179,11 @@ class AttentionProbe:
             for role, tap in site.taps.items():
                 self._handles.append(tap.register_forward_hook(self._tap_hook(i, role)))
             self._handles.append(site.module.register_forward_hook(self._site_hook(i), with_kwargs=True))
+        for name, module in self.softmax_sites:
+            named = "att" in name.lower() or "att" in type(module).__name__.lower()
+            spy = _SoftmaxTap(lambda x, name=name: self._guarded(lambda: self._add_softmax(name, x)), named)
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, spy=spy: spy.enter(self.armed)))
+            self._handles.append(module.register_forward_hook(lambda m, a, o, spy=spy: spy.leave(), always_call=True))
         if self.lm_head is not None:
             self._handles.append(self.model.get_submodule(self.lm_head).register_forward_hook(self._on_head))
         return self
@@ -264,6 +279,13 @@ class AttentionProbe:
             stats = torch.cat([torch.maximum(old[:1], stats[:1]), old[1:] + stats[1:]])
         self._stats[site.name] = stats
 
+    def _add_softmax(self, name: str, x: Tensor) -> None:
+        stats = softmax_stats(x, self.chunk)
+        old = self._stats.get(name)
+        if old is not None and old.shape == stats.shape:
+            stats = torch.cat([torch.maximum(old[:1], stats[:1]), old[1:] + stats[1:]])
+        self._stats[name] = stats
+
     def _add_logz(self, logits: Tensor) -> None:
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lse = torch.logsumexp(logits.detach().to(dtype), dim=-1).reshape(-1)  # log Z per position
@@ -271,6 +293,39 @@ class AttentionProbe:
         if self._logz is not None:
             now = torch.stack([self._logz[0] + now[0], self._logz[1] + now[1], torch.maximum(self._logz[2], now[2])])
         self._logz = now
+
+
+class _SoftmaxTap(TorchFunctionMode):
+    """Inside one hand-written attention module's forward, on armed passes: hands each softmax's input over the
+    last dimension of a ≥ 3-D float tensor (the attention logits) to ``seen``, and computes the softmax as asked.
+    Square in its last two dimensions (queries × keys of self-attention), unless the module is ``named`` for
+    attention (cross-attention: as many keys as it has): a softmax over a vocabulary or over experts is not one."""
+
+    def __init__(self, seen: Any, named: bool = False) -> None:
+        super().__init__()
+        self.seen, self.named, self.depth = seen, named, 0  # depth: nested calls of the module
+
+    def enter(self, armed: bool) -> None:
+        if armed or self.depth:  # re-entered while in use: count it, so that leave() pops only its own push
+            self.depth += 1
+            if self.depth == 1:
+                self.__enter__()
+
+    def leave(self) -> None:
+        if self.depth:
+            self.depth -= 1
+            if self.depth == 0:
+                self.__exit__(None, None, None)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "softmax" and args and isinstance(args[0], Tensor):
+            x = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if (isinstance(dim, int) and x.is_floating_point() and x.dim() >= 3 and dim % x.dim() == x.dim() - 1
+                    and (self.named or x.shape[-1] == x.shape[-2])):
+                self.seen(x)
+        return func(*args, **kwargs)
 
 
 __all__ = ["ATTENTION_QUANTITIES", "CHUNK", "LOGZ_QUANTITIES", "AttentionInputs", "AttentionProbe", "Key",

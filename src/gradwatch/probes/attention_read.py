@@ -66,22 +66,48 @@ def head_stats(inp: AttentionInputs, chunk: int = CHUNK) -> Tensor:
             bias = _rows(inp.bias, a, b, Tq)
             ok = ok & ~_masked_bias(bias)
             z = s + bias.to(dtype)
-        ok = ok.expand_as(s)
-        out[0] = torch.maximum(out[0], s.masked_fill(~ok, -math.inf).amax(dim=(0, 2, 3)))
-        out[1] += (s * s).masked_fill(~ok, 0).sum(dim=(0, 2, 3))
-        out[2] += ok.sum(dim=(0, 2, 3))
-        live = ok.any(dim=-1)  # (B, H, c)
-        zm = z.masked_fill(~ok, -math.inf)
-        top = zm.amax(dim=-1, keepdim=True)
-        # shifted by the row's max, so that log Z and Σ p z stay O(log Tk) even when the logits are 10⁴:
-        # H(p) = −Σ p log p = log Z − Σ p z, with log p = z − log Z; masked keys have p = 0
-        zs = (zm - torch.where(live[..., None], top, torch.zeros_like(top))).masked_fill(~ok, 0)
-        lse = torch.logsumexp(zs.masked_fill(~ok, -math.inf), dim=-1, keepdim=True)  # −inf on a row with no key
-        lse = torch.where(live[..., None], lse, torch.zeros_like(lse))
-        p = torch.exp(zs - lse).masked_fill(~ok, 0)
-        ent = (lse[..., 0] - (p * zs).sum(dim=-1)).clamp_min(0)
-        out[3] += ent.masked_fill(~live, 0).sum(dim=(0, 2))
-        out[4] += live.sum(dim=(0, 2))
+        _add_sums(out, s, ok.expand_as(s), z)
+    return out
+
+
+def _add_sums(out: Tensor, s: Tensor, ok: Tensor, z: Tensor) -> None:
+    """Add one chunk's sums to ``out`` (5, H): logits ``s`` (B, H, c, Tk), where a query may attend ``ok`` (same
+    shape), and what the softmax reads ``z`` (s plus any additive bias)."""
+    out[0] = torch.maximum(out[0], s.masked_fill(~ok, -math.inf).amax(dim=(0, 2, 3)))
+    out[1] += (s * s).masked_fill(~ok, 0).sum(dim=(0, 2, 3))
+    out[2] += ok.sum(dim=(0, 2, 3))
+    live = ok.any(dim=-1)  # (B, H, c)
+    zm = z.masked_fill(~ok, -math.inf)
+    top = zm.amax(dim=-1, keepdim=True)
+    # shifted by the row's max, so that log Z and Σ p z stay O(log Tk) even when the logits are 10⁴:
+    # H(p) = −Σ p log p = log Z − Σ p z, with log p = z − log Z; masked keys have p = 0
+    zs = (zm - torch.where(live[..., None], top, torch.zeros_like(top))).masked_fill(~ok, 0)
+    lse = torch.logsumexp(zs.masked_fill(~ok, -math.inf), dim=-1, keepdim=True)  # −inf on a row with no key
+    lse = torch.where(live[..., None], lse, torch.zeros_like(lse))
+    p = torch.exp(zs - lse).masked_fill(~ok, 0)
+    ent = (lse[..., 0] - (p * zs).sum(dim=-1)).clamp_min(0)
+    out[3] += ent.masked_fill(~live, 0).sum(dim=(0, 2))
+    out[4] += live.sum(dim=(0, 2))
+
+
+@torch.no_grad()
+def softmax_stats(x: Tensor, chunk: int = CHUNK) -> Tensor:
+    """:func:`head_stats`' sums from the logits a hand-written attention passes to its softmax: ``x`` (B, Tq, Tk),
+    (B, H, Tq, Tk) or more leading dimensions (folded into B), the softmax over the last. Entries at or below half
+    the dtype's minimum (a −inf or ``finfo.min`` mask) and non-finite ones are masked keys."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = x.detach().to(dtype)
+    s = s.unsqueeze(1) if s.dim() == 3 else s.flatten(0, s.dim() - 4)
+    B, H, Tq, Tk = s.shape
+    out = torch.zeros(5, H, dtype=dtype, device=s.device)
+    out[0] = -math.inf
+    rows = max(1, chunk // max(1, B * H * Tk))
+    floor = torch.finfo(x.dtype).min / 2 if x.is_floating_point() else -math.inf
+    for a in range(0, Tq, rows):
+        c = s[:, :, a:a + rows]
+        ok = torch.isfinite(c) & (c > floor)
+        c = torch.where(ok, c, torch.zeros_like(c))
+        _add_sums(out, c, ok, c)
     return out
 
 
@@ -261,6 +287,34 @@ def find_attention(model: nn.Module) -> list[_Site]:
             k = m.k_norm if isinstance(getattr(m, "k_norm", None), nn.Module) else m.k_proj
             sites.append(_Site(name, m, split_qk_inputs, {"q": q, "k": k}))
     return sites
+
+
+_SOFTMAX_IN_FORWARD: dict[type[nn.Module], bool] = {}
+
+
+def _forward_calls_softmax(cls: type[nn.Module]) -> bool:
+    """Whether a module class's own ``forward`` source mentions a softmax (cached per class; no source: False)."""
+    if cls not in _SOFTMAX_IN_FORWARD:
+        try:
+            _SOFTMAX_IN_FORWARD[cls] = "softmax(" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _SOFTMAX_IN_FORWARD[cls] = False
+    return _SOFTMAX_IN_FORWARD[cls]
+
+
+def find_softmax_sites(model: nn.Module, known: list[_Site] | None = None) -> list[tuple[str, nn.Module]]:
+    """Attention written by hand: (name, module) of each module of the user's own classes (not torch's) whose
+    ``forward`` calls a softmax, the innermost where they nest, none inside or around a module that
+    :func:`find_attention` reads (``known``, found if not given). The model itself is left out (its records need
+    a name). What the probe measures there is the logits each softmax over the last dimension of a ≥ 3-D tensor
+    receives (:func:`softmax_stats`)."""
+    known = find_attention(model) if known is None else known
+    taken = {id(x) for s in known for x in s.module.modules()}
+    around = {id(x) for s in known for name, x in model.named_modules() if s.name.startswith(name + ".") or not name}
+    found = [(name, m) for name, m in model.named_modules()
+             if name and id(m) not in taken and id(m) not in around
+             and not type(m).__module__.startswith("torch.") and _forward_calls_softmax(type(m))]
+    return [(name, m) for name, m in found if not any(o.startswith(name + ".") for o, _ in found)]
 
 
 def find_lm_head(model: nn.Module) -> str | None:

@@ -54,7 +54,7 @@ class SampledProbes:
                  recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard, meter: CostMeter,
                  attention: WatchedAttention | None = None) -> None:
         self.backprop = BackpropProbe(device)
-        self.attention = attention if attention is not None and attention.sites else None
+        self.attention = attention if attention is not None and attention.measures else None
         self.activations = ActivationProbe([a.spec for a in activations], device)
         self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
         self._params = params

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.layers import Anatomy
-from gradwatch.probes.attention_read import find_attention
+from gradwatch.probes.attention_read import find_attention, find_softmax_sites
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -93,7 +93,8 @@ class StepRecorder:
             given["temporal"] = None  # nothing to follow through time
         if self.probes.attention is None:
             given["attention"] = None  # no attention module the probe recognises
-        capacity = options.flight_steps(has_attention=model is not None and bool(find_attention(model)))
+        capacity = options.flight_steps(has_attention=model is not None and bool(find_attention(model)
+                                                                                 or find_softmax_sites(model)))
         flight_on = bool(capacity) and optimizer is not None
         pinned = {"grads": "every step: the flight recorder reads the gradient norms on every step anyway"} if flight_on else {}
         # (the store's writer thread: its records cost CPU there, which the budget counts with the rest)
