@@ -31,6 +31,38 @@ class NumpyCut(nn.Module):
         return self.head(h)
 
 
+class UnreadBranch(nn.Module):
+    """A classifier whose decoder branch runs after the head, its output unread by the loss: its bias gets no
+    gradient, and that is no cut in the graph (a false alarm on the repair benchmark's tied autoencoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.dec_bias = nn.Parameter(torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.enc(x))
+        out = self.head(z)
+        self.reconstruction = z @ self.enc.weight + self.dec_bias  # kept for a look, not trained
+        return out
+
+
+def test_a_branch_the_loss_does_not_read_is_not_a_cut_graph(store):
+    x, y, _, _ = digits()
+    torch.manual_seed(0)
+    model = UnreadBranch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gw.watch(model, opt, store=store, name="unread") as w:
+        for (xb, yb), _ in zip(batches(x, y, 64, 0), range(60)):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+    assert model.dec_bias.grad is None  # the reference: it gets none
+    assert w.diagnose().problems == [], str(w.diagnose())
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
 def test_layers_cut_off_from_the_graph_are_named_as_such(store, seed):

@@ -269,14 +269,18 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
 
 
 def cut_off_layers(run: Run) -> tuple[str, ...]:
-    """Layers that ran in the forward pass but never had a gradient (no ``.grad`` on any recorded step) while
-    others did: the graph between them and the loss is cut."""
+    """Layers that ran in the forward pass, before a layer that trains, but never had a gradient (no ``.grad`` on
+    any recorded step): the graph between them and the loss is cut. A layer that runs after every trained one (a
+    decoder branch the loss does not read: the repair benchmark's tied autoencoder, trained on its classifier alone) is off the
+    loss's path, not cut from it."""
     if "grad_norm" not in run.quantities:
         return ()
     got = set(run.series("grad_norm").names)
-    if not got:
+    depths = [e.depth for e in run.entities("layer") if e.name in got and e.depth is not None]
+    if not depths:
         return ()
-    return tuple(e.name for e in run.entities("layer") if e.depth is not None and e.name not in got)
+    return tuple(e.name for e in run.entities("layer")
+                 if e.depth is not None and e.name not in got and e.depth < max(depths))
 
 
 def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
