@@ -131,8 +131,31 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
 RECOVERED = "the run recovered"  # opens the last clause of a recovered finding's evidence (rules.merge_spikes drops it
 # where the same steps hold a worse finding: a spike the run got over does not excuse attention that went one-hot)
 LOSS_SCALE_ABOVE = 100.0  # a first loss above this: no classification loss starts there, a squared error on raw targets does
-SUMMED_PER_SAMPLE = (0.05, 20.0)  # a large first loss that is this much per sample of the batch: a sum of ordinary losses
+# A large first loss that is this much per sample of the batch: a sum of ordinary losses (a squared error on
+# standardised targets starts near 1 a sample, a cross-entropy over 10 classes at 2.3), where no layer's weights
+# are far above He's scale (an MSE mean from N(0, 1) weights also starts at 2.6–7 a sample of 128).
+SUMMED_PER_SAMPLE = (0.3, 3.0)
 SUMMED_BATCH_FROM = 16  # ... over a batch this large (over 4 samples, a loss of 4 per sample is no sign of anything)
+
+
+WEIGHTS_ABOVE_HE = 2.5  # a layer's weights at the first step this many times He's norm √(2·fan_out): too large
+
+
+def weights_too_large(run: Run) -> bool:
+    """Some layer's weight norm at the first recorded step is ``WEIGHTS_ABOVE_HE`` × or more the norm He
+    initialisation gives (‖W‖ ≈ √(2·fan_out), for a Linear or a convolution alike): the initial scale, not the loss,
+    makes a first loss in the hundreds (N(0, 1) weights: ×2.7 in a Linear(20, 64), ×5.7 in a Linear(64, 1))."""
+    if "weight_norm" not in run.quantities:
+        return False
+    s = run.series("weight_norm")
+    first = dict(zip(s.names, s.values[:, 0])) if s.values.shape[1] else {}
+    for layer in run_meta(run).get("layers") or ():
+        shape = (layer.get("params") or {}).get("weight") if isinstance(layer, dict) else None
+        norm = first.get(layer.get("name")) if isinstance(layer, dict) else None
+        if shape and len(shape) >= 2 and norm is not None and math.isfinite(norm):
+            if norm >= WEIGHTS_ABOVE_HE * math.sqrt(2 * shape[0]):
+                return True
+    return False
 
 
 def summed_over_batch(run: Run, first_loss: float) -> str:
@@ -140,7 +163,7 @@ def summed_over_batch(run: Run, first_loss: float) -> str:
     summed over the batch, ``reduction='sum'`` ('' otherwise). Measured (round 6): an MSE with reduction='sum' on
     standardised targets over batches of 256 starts at 251–257 and is NaN by step 4 at SGD 0.01."""
     size = run_meta(run).get("batch_size")
-    if not isinstance(size, int) or size < SUMMED_BATCH_FROM or not math.isfinite(first_loss):
+    if not isinstance(size, int) or size < SUMMED_BATCH_FROM or not math.isfinite(first_loss) or weights_too_large(run):
         return ""
     per = first_loss / size
     if not SUMMED_PER_SAMPLE[0] <= per <= SUMMED_PER_SAMPLE[1]:
