@@ -71,8 +71,15 @@ SAME_KNOB: dict[str, frozenset[str]] = {
     "raise_lr": frozenset({"lr_cut"}),  # the same knob, the other way: never with a cut
     "clip_norm": frozenset({"clip"}),
     "clip_lower_lr": frozenset({"clip", "lr_cut"}),
-    "smaller_init_lower_lr": frozenset({"lr_cut"}),
-    "leaky_lower_lr": frozenset({"lr_cut"}),
+    # the initialisations: the later overwrites the earlier (round 7's "Xavier + Xavier init + lr ×0.1" row)
+    "he_init": frozenset({"init"}),
+    "orthogonal_init": frozenset({"init"}),
+    "smaller_init": frozenset({"init"}),
+    "identity_init": frozenset({"init"}),
+    "relu": frozenset({"init"}),  # ReLU + He
+    "leaky": frozenset({"init"}),  # LeakyReLU + He
+    "smaller_init_lower_lr": frozenset({"init", "lr_cut"}),
+    "leaky_lower_lr": frozenset({"init", "lr_cut"}),
 }
 
 

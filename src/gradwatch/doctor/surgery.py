@@ -338,16 +338,24 @@ def nonsaturating(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 # -- changes of the model ------------------------------------------------------------------------------------
 
 
-def he(m: nn.Module) -> nn.Module:
-    return r.he_init(m, inplace=True)
+def _initialised(m: nn.Module) -> bool:
+    """Whether the init remedies reach a weight of ``m``: a Linear, convolution or recurrent layer's (not a bare
+    ``nn.Parameter`` used in a forward of the user's, whose fan-in the remedy cannot know)."""
+    from gradwatch.remedies.init import _WEIGHTED
+
+    return any(isinstance(x, _WEIGHTED) for x in m.modules())
 
 
-def orthogonal(m: nn.Module) -> nn.Module:
-    return r.orthogonal_init(m, inplace=True)
+def he(m: nn.Module) -> nn.Module | None:
+    return r.he_init(m, inplace=True) if _initialised(m) else None
 
 
-def xavier(m: nn.Module) -> nn.Module:
-    return r.xavier_init(m, inplace=True)
+def orthogonal(m: nn.Module) -> nn.Module | None:
+    return r.orthogonal_init(m, inplace=True) if _initialised(m) else None
+
+
+def xavier(m: nn.Module) -> nn.Module | None:
+    return r.xavier_init(m, inplace=True) if _initialised(m) else None
 
 
 def residual(trial: Trial, numbers: dict[str, float]) -> Trial | None:
