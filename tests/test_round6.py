@@ -370,3 +370,46 @@ def test_a_nan_from_log_zero_in_the_loss_is_not_called_exploding(store, seed):
     assert calm[-20:].max() < 10 * np.median(calm)
     kinds = [f.kind for f in w.diagnose().problems]
     assert kinds == ["nonfinite"], str(w.diagnose())
+
+
+def _adam_eps_trial(seed: int, eps: float) -> gw.Trial:
+    """A ReLU MLP on digits under Adam 1e-3 with the given eps (round 7: eps = 1, as TensorFlow's docs mention)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    x, y, xt, yt = digits()
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(xt).argmax(1) == yt).float().mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3, eps=eps), batches(x, y, 64, seed),
+                    F.cross_entropy, evaluate=evaluate)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_adams_eps_far_above_the_gradient_is_named(store, seed):
+    """Adam with eps = 1: every layer moves ~10⁻⁵ of its norm a step and the loss stays at chance, and the watch said
+    "the gradients look healthy" (the stalled rule compares layers with each other; all stall at once). The
+    reference: the update ratios by hand, and the default eps learning, quiet."""
+    trial = _adam_eps_trial(seed, 1)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"eps-{seed}") as w:
+        for _ in range(300):
+            before = [p.detach().clone() for p in trial.model.parameters()]
+            w.log(loss=trial.step())
+    moved = [float((p - b).norm() / b.norm()) for p, b in zip(trial.model.parameters(), before) if p.dim() > 1]
+    assert np.percentile(moved, 75) < 1e-4 and trial.evaluate(trial.model) < 0.5
+    (f,) = w.diagnose().problems
+    assert f.cause.startswith("Adam's eps = 1") and f.remedy_keys[0] == "lower_eps", str(w.diagnose())
+    ok = _adam_eps_trial(seed, 1e-8)
+    with gw.watch(ok.model, ok.optimizer, store=store, name=f"eps8-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=ok.step())
+    assert ok.evaluate(ok.model) > 0.9 and w.diagnose().problems == [], str(w.diagnose())
+
+
+@pytest.mark.zoo
+def test_the_doctor_sets_adams_eps_back(store):
+    report = gw.doctor(lambda seed: _adam_eps_trial(seed, 1), steps=300, seeds=2, store=store, progress=False)
+    (row,) = [t for t in report.trials if t.parts == ("lower_eps",)]
+    assert row.verdict == "fixes it" and row.score > 0.9, report

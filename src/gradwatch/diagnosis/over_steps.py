@@ -312,12 +312,18 @@ def loss_scale_findings(run: Run, th: Thresholds) -> list[Finding]:
 
 TINY_STEP = 1e-5  # the upper-quartile layer's update ratio ‖Δw‖/‖w‖ below this a step: nothing moves (1e-3 is typical)
 SMALL_LR = {"sgd": 1e-3, "adam": 1e-5}  # a rate the finding may call too small lies below these (SGD-type, Adam-type)
+# Adam's eps this large makes its step about lr·g/eps (round 7: eps = 1 on digits, update ratios 1.3–5.4e-5 in every
+# layer against 1.8–2.4e-3 at the default 1e-8, loss flat at 2.30); with such an eps the finding takes the upper
+# quartile's update ratio below EPS_TINY_STEP as too short.
+ADAM_EPS_FROM = 1e-3
+EPS_TINY_STEP = 1e-4
 
 
 def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     """A flat loss while every layer moves by less than :data:`TINY_STEP` of its norm a step at a learning rate below
     :data:`SMALL_LR`: too small a rate, with every gradient looking healthy (measured: a Xavier tanh MLP on digits at
-    SGD lr 10⁻⁵, loss 2.35 → 2.35 in 300 steps, update ratios ~10⁻⁷; at lr 0.05 it reaches 0.93–0.95)."""
+    SGD lr 10⁻⁵, loss 2.35 → 2.35 in 300 steps, update ratios ~10⁻⁷; at lr 0.05 it reaches 0.93–0.95). Or, under an
+    Adam-type optimiser with eps of :data:`ADAM_EPS_FROM` or more, below :data:`EPS_TINY_STEP`: the eps."""
     ends = loss_ends(run, th)
     if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0] or "update_ratio" not in run.quantities:
         return []
@@ -326,28 +332,40 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     if len(med) == 0:
         return []
     typical = float(np.percentile(med, 75))
-    if not 0 < typical < TINY_STEP:
+    if not 0 < typical < EPS_TINY_STEP:
         return []
     # Only a rate small by any standard: a converged run resumed at an ordinary rate also has a flat loss and short
-    # steps, because its gradient is small, not its rate.
+    # steps, because its gradient is small, not its rate. Or Adam's eps far above any gradient's rms.
     meta = run_meta(run)
-    lr, adam = meta.get("optimizer_lr"), meta.get("optimizer") in ADAM_TYPES
-    if not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if adam else "sgd"]:
+    lr, adam, eps = meta.get("optimizer_lr"), meta.get("optimizer") in ADAM_TYPES, meta.get("optimizer_eps")
+    if adam and isinstance(eps, (int, float)) and eps >= ADAM_EPS_FROM and typical < EPS_TINY_STEP:
+        return [_tiny_step_finding(run, th, ends, typical, wsteps,
+                                   cause=(f"Adam's eps = {eps:g}: its step lr·m/(√v + eps) is about lr·g/eps wherever the "
+                                          f"gradient's rms is below eps, so the steps are far too short (the default is "
+                                          f"1e-8; TensorFlow's 1.0 or 0.1 for Inception is for its own epsilon-hat)"),
+                                   fixes=remedies("lower_eps", "raise_lr"))]
+    if typical >= TINY_STEP or not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if adam else "sgd"]:
         return []
     at = f" at lr {lr:g}"
+    return [_tiny_step_finding(run, th, ends, typical, wsteps, f" at lr {lr:g}",
+                               f"too small a learning rate{at}: the gradients are fine, the steps are too short to change "
+                               f"anything", remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
+
+
+def _tiny_step_finding(run: Run, th: Thresholds, ends: tuple[float, float], typical: float, wsteps: np.ndarray,
+                       at: str = "", cause: str = "", fixes: tuple[str, ...] = ()) -> Finding:
     steps = run.series("loss", "run").steps
-    return [Finding(
+    return Finding(
         kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=f"the loss does not fall ({sci(ends[0])} → {sci(ends[1])}) and no layer moves: update ratio "
                 f"{sci(typical)} a step{at}",
         evidence=(f"the logged loss went {sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and "
-                  f"last {4 * th.window} values); ‖Δw‖/‖w‖ per step is {sci(typical)} in the upper-quartile layer, "
-                  f"below {TINY_STEP:g} (about 1e-3 is typical), over steps {int(wsteps[0])}–{int(wsteps[-1])}."),
-        cause=f"too small a learning rate{at}: the gradients are fine, the steps are too short to change anything",
-        remedies=remedies("raise_lr") if adam else remedies("raise_lr", "adam"),
+                  f"last {4 * th.window} values); ‖Δw‖/‖w‖ per step is {sci(typical)} in the upper-quartile layer "
+                  f"(about 1e-3 is typical), over steps {int(wsteps[0])}–{int(wsteps[-1])}."),
+        cause=cause, remedies=fixes,
         numbers={"update_ratio": typical, "loss_first": ends[0], "loss_final": ends[1]},
         sources=("loss (run)", f"update_ratio (layers, {steps_text(int(wsteps[0]), int(wsteps[-1]))})"),
-    )]
+    )
 
 
 CLIPPED_SPREAD = 1e-4  # a total norm within this relative spread of one value on (nearly) every step is a clip bound

@@ -20,6 +20,8 @@ REMEDIES = {
                    "on the tensor itself",
     "mean_reduction": "average the loss over the batch (reduction='mean', PyTorch's default): a loss summed over B "
                       "samples makes every gradient B times larger, and with SGD every step",
+    "lower_eps": "Adam's eps at its default 1e-8 (optimizer param_groups' eps): an eps above the gradient's rms divides "
+                 "every step by eps instead of by the gradient's own scale",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

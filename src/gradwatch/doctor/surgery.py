@@ -449,6 +449,15 @@ def logits(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def lower_eps(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Adam's eps back at 1e-8 in every parameter group whose eps is larger; None when none is."""
+    groups = [g for g in trial.optimizer.param_groups
+              if isinstance(g.get("eps"), (int, float)) and not isinstance(g["eps"], bool) and g["eps"] > 1e-8]
+    for g in groups:
+        g["eps"] = 1e-8
+    return trial if groups else None
+
+
 def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Each dropout rate of :data:`~gradwatch.diagnosis.architecture.DROPOUT_FROM` or more read as the keep
     probability it was likely meant as: p → 1 − p (0.9 → 0.1). None when there is none."""

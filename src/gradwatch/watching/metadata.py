@@ -47,6 +47,7 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "optimizer_initial_lr": max_group(optimizer, "initial_lr"),
         "optimizer_weight_decay": max_group(optimizer, "weight_decay"),
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
+        "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)
         "optimizer_max_lr": max_group(optimizer, "max_lr"),  # OneCycleLR's peak: a rate below it climbs (a warm-up)
         # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
         # normalisation, activation types) to propose only remedies it does not already have.
