@@ -413,3 +413,44 @@ def test_the_doctor_sets_adams_eps_back(store):
     report = gw.doctor(lambda seed: _adam_eps_trial(seed, 1), steps=300, seeds=2, store=store, progress=False)
     (row,) = [t for t in report.trials if t.parts == ("lower_eps",)]
     assert row.verdict == "fixes it" and row.score > 0.9, report
+
+
+class BinaryCode(nn.Module):
+    """Binary hidden units, ``torch.round(torch.sigmoid(·))`` (Bengio, Léonard & Courville 2013), with or without
+    the straight-through estimator: without it, round's zero derivative leaves the first layer no gradient."""
+
+    def __init__(self, ste: bool) -> None:
+        super().__init__()
+        self.l1, self.l2, self.out = nn.Linear(64, 16), nn.Linear(16, 128), nn.Linear(128, 10)
+        self.ste = ste
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.l1(x))
+        h = h + (torch.round(h) - h).detach() if self.ste else torch.round(h)
+        return self.out(F.relu(self.l2(h)))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_step_like_operation_is_named_where_no_gradient_passes(store, seed):
+    """Round 7: "vanishing … cause: no layer-to-layer ratio could be measured", with no remedy. The reference: the
+    first layer's gradient by hand, exactly 0; and the straight-through twin quiet."""
+    x, y, _, _ = digits()
+    for ste in (False, True):
+        torch.manual_seed(seed)
+        model = BinaryCode(ste)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        with gw.watch(model, opt, store=store, name=f"bin-{ste}-{seed}") as w:
+            for (xb, yb), _ in zip(batches(x, y, 64, seed), range(300)):
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss.detach())
+        problems = w.diagnose().problems
+        if ste:
+            assert problems == [], str(w.diagnose())
+        else:
+            assert float(model.l1.weight.grad.abs().max()) == 0
+            f = next(f for f in problems if f.kind == "vanishing")
+            assert "zero derivative" in f.cause and f.remedy_keys[0] == "straight_through", str(f)

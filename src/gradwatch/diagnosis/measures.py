@@ -143,6 +143,7 @@ CAUSE_REMEDIES: dict[tuple[str, bool], tuple[str, ...]] = {
     ("weights", False): ("orthogonal_init", "clip_norm", "norm", "lower_lr"),
     ("jacobians", True): ("orthogonal_init", "residual", "norm"),
     ("jacobians", False): ("orthogonal_init", "clip_norm", "norm"),
+    ("blocked", True): ("straight_through", "leaky"),
 }
 
 
@@ -154,7 +155,8 @@ class Cause:
     units), ``activation`` (the activations' derivative explains at least half the decay, vanishing only),
     ``weights`` (the rest: the weights' gain), ``jacobians`` (no activation module is visible between the
     layers: the whole factor is the layers' Jacobians, functional activations included), ``unmeasured``
-    (no layer-to-layer ratio could be measured).
+    (no layer-to-layer ratio could be measured), ``blocked`` (exactly no gradient below a layer that has one, and
+    no dead unit seen to explain it: an operation with zero derivative, or units dead inside functions).
     """
 
     key: str
@@ -205,6 +207,10 @@ class Cause:
         if self.key == "weights":
             return (f"weight scale — the weights amplify the gradient ×{sci(self.weights)} per layer ({acts}' "
                     f"×{sci(self.activation)})")
+        if self.key == "blocked":
+            return ("no gradient at all gets below a layer that has one (exactly 0): an operation with zero derivative "
+                    "between them — torch.round, floor, sign, argmax, a comparison or an integer cast — passes none "
+                    "(a straight-through estimator does), or ReLU units applied as functions all dead")
         return "no layer-to-layer ratio could be measured"
 
 
@@ -241,8 +247,9 @@ def cause_split(grads: Sequence[float] | np.ndarray, between: Sequence[Sequence[
         d = [b.deriv_rms for b in pair]
         log_a.append(sum(math.log(x) for x in d) if d and all(_usable(x) for x in d) else math.nan)
     names = tuple(b.name for b in seen)
+    blocked = any(grads[i] == 0 and _usable(grads[i + 1]) for i in range(len(grads) - 1))
     if not log_r:
-        return Cause("unmeasured", vanishing, modules=names, types=types)
+        return Cause("blocked" if blocked and vanishing else "unmeasured", vanishing, modules=names, types=types)
     r = math.exp(float(np.mean(log_r)))
     if all(math.isnan(x) for x in log_a):
         return Cause("jacobians", vanishing, per_layer=r, modules=names, types=types)

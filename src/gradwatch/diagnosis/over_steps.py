@@ -150,8 +150,9 @@ def weights_too_large(run: Run) -> bool:
     s = run.series("weight_norm")
     first = dict(zip(s.names, s.values[:, 0])) if s.values.shape[1] else {}
     for layer in run_meta(run).get("layers") or ():
-        shape = (layer.get("params") or {}).get("weight") if isinstance(layer, dict) else None
-        norm = first.get(layer.get("name")) if isinstance(layer, dict) else None
+        if not isinstance(layer, dict):
+            continue
+        shape, norm = (layer.get("params") or {}).get("weight"), first.get(str(layer.get("name")))
         if shape and len(shape) >= 2 and norm is not None and math.isfinite(norm):
             if norm >= WEIGHTS_ABOVE_HE * math.sqrt(2 * shape[0]):
                 return True

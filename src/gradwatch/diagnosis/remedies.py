@@ -22,6 +22,8 @@ REMEDIES = {
                       "samples makes every gradient B times larger, and with SGD every step",
     "lower_eps": "Adam's eps at its default 1e-8 (optimizer param_groups' eps): an eps above the gradient's rms divides "
                  "every step by eps instead of by the gradient's own scale",
+    "straight_through": "a straight-through estimator around a step-like operation, x + (f(x) − x).detach() "
+                        "(Bengio et al. 2013): its forward is f(x), its gradient the identity's",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

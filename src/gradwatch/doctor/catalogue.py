@@ -115,6 +115,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", s.swap_overflow),
         "zero_bias": [],  # included in the He remedies
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
+        "straight_through": [],  # the step-like operation is in the user's forward
         "check_graph": [],  # a forward that leaves the autograd graph is the user's code: nothing to try
         "residual": one("residual", "residual connections", s.residual),
         "fixup": one("fixup", "Fixup (zero-init residual branches)", s.fixup),
