@@ -1631,3 +1631,51 @@ def test_the_doctor_repairs_a_plain_20_layer_cnn_written_as_a_loop(store):
     assert report.baseline.score < 0.2
     rows = {t.parts: t for t in report.trials}
     assert rows[("norm",)].score > 0.8 and rows[("rezero",)].score > 0.8, report
+
+
+class _LoopSigmoid(nn.Module):
+    """Glorot & Bengio 2010's deep sigmoid net as users write it: an ``nn.ModuleList`` loop of ``torch.sigmoid``
+    calls, and ``torch.sigmoid`` on the output (for ``nn.BCELoss``) when ``binary``."""
+
+    def __init__(self, depth: int = 10, width: int = 128, binary: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(64, width)] + [nn.Linear(width, width) for _ in range(depth - 1)])
+        self.out = nn.Linear(width, 1 if binary else 10)
+        self.binary = binary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.sigmoid(layer(x))
+        out = self.out(x)
+        return torch.sigmoid(out) if self.binary else out
+
+
+def test_activations_called_as_functions_are_swapped_before_the_last_layer_only():
+    """The reference: the same layers run by hand with ReLU; the output's sigmoid kept."""
+    from gradwatch.remedies.structure import swap_functional
+
+    torch.manual_seed(0)
+    model, x = _LoopSigmoid(depth=3, binary=True), torch.randn(5, 64)
+    swapped = swap_functional(model, {"sigmoid": torch.relu, "tanh": torch.relu}, x)
+    assert swapped is not None and sorted(swapped.plan) == [("sigmoid", 0), ("sigmoid", 1), ("sigmoid", 2)]
+    h = x
+    for layer in model.layers:
+        h = torch.relu(layer(h))
+    torch.testing.assert_close(swapped(x), torch.sigmoid(model.out(h)))
+    assert {p for p in swapped.parameters()} == {p for p in model.parameters()}  # the optimizer's, unchanged
+    assert swap_functional(nn.Sequential(nn.Linear(64, 2)), {"sigmoid": torch.relu}, x) is None
+
+
+@pytest.mark.zoo
+def test_the_doctor_swaps_a_sigmoid_called_as_a_function(store):
+    """Round 7: a 10-layer sigmoid loop (torch.sigmoid in forward) got "no remedy fixes it" — the swap reached only
+    activation modules, and the finding did not name it."""
+
+    def make(seed: int) -> Trial:
+        torch.manual_seed(seed)
+        return _pixels_trial(_LoopSigmoid(), seed)
+
+    report = gw.doctor(make, steps=300, seeds=2, store=store, progress=False)
+    assert report.baseline.score < 0.2
+    (row,) = [t for t in report.trials if t.parts == ("relu",)]
+    assert row.verdict == "fixes it" and row.score > 0.9, report

@@ -514,17 +514,40 @@ def _traceable_input(trial: Trial) -> torch.Tensor | None:
 
 
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """ReLU in place of the saturating activations but the output one (a sigmoid under BCELoss stays), He init."""
+    """ReLU in place of the saturating activations but the output one (a sigmoid under BCELoss stays), He init;
+    where they are functions called in ``forward`` (``torch.tanh``, ``F.sigmoid``), those calls before the last
+    layer (:class:`gradwatch.remedies.structure.FunctionalSwap`). None when there is nothing to swap."""
     example = _traceable_input(trial)
-    return OnModel(lambda m: r.he_init(r.swap_activation(m, nn.ReLU, inplace=True, example=example),
-                                       inplace=True))(trial, numbers)
+    if any(isinstance(m, r.SATURATING) for m in trial.model.modules()):
+        return OnModel(lambda m: r.he_init(r.swap_activation(m, nn.ReLU, inplace=True, example=example),
+                                           inplace=True))(trial, numbers)
+    return _swap_calls(trial, {"tanh": torch.relu, "sigmoid": torch.relu}, example)
 
 
 def leaky(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """LeakyReLU in place of the ReLUs but an output one, He init."""
+    """LeakyReLU in place of the ReLUs but an output one, He init; where the ReLUs are ``F.relu``/``torch.relu``
+    calls in ``forward``, those before the last layer. None when there is nothing to swap."""
     example = _traceable_input(trial)
-    return OnModel(lambda m: r.he_init(r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True,
-                                                         example=example), inplace=True))(trial, numbers)
+    if any(type(m) is nn.ReLU for m in trial.model.modules()):
+        return OnModel(lambda m: r.he_init(r.swap_activation(m, nn.LeakyReLU, replace=(nn.ReLU,), inplace=True,
+                                                             example=example), inplace=True))(trial, numbers)
+    return _swap_calls(trial, {"relu": F.leaky_relu, "relu_": F.leaky_relu}, example)
+
+
+def _swap_calls(trial: Trial, swap: dict[str, Callable[[torch.Tensor], torch.Tensor]], example: Any) -> Trial | None:
+    """The trial's model with those function calls swapped (:func:`gradwatch.remedies.structure.swap_functional`)
+    and He-initialised; its optimizer keeps the same parameters."""
+    from gradwatch.remedies.structure import swap_functional
+
+    try:
+        wrapped = swap_functional(trial.model, swap, example)
+    except Exception:  # noqa: BLE001 - a forward the dry run cannot follow: the remedy does not apply
+        return None
+    if wrapped is None or not _initialised(trial.model):
+        return None
+    r.he_init(trial.model, inplace=True)
+    trial.model = wrapped
+    return trial
 
 
 def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:

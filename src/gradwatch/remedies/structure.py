@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 
@@ -215,6 +216,71 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
             if shape_preserving(layer):
                 setattr(holder, name, ReZero(layer) if rezero else Residual(layer))
     return m
+
+
+_WEIGHTED_CALLS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "bilinear", "matmul", "bmm", "addmm"})
+
+
+class _CallCounter(TorchFunctionMode):
+    """Within one forward pass: the torch function calls by name, in order; ``swap`` maps a call (its name and how
+    many calls of that name came before it) to the function to run instead."""
+
+    def __init__(self, swap: dict[tuple[str, int], Callable[..., Any]] | None = None) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.seen: dict[str, int] = {}
+        self.swap = swap or {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        k = self.seen.get(name, 0)
+        self.seen[name] = k + 1
+        self.calls.append(name)
+        instead = self.swap.get((name, k))
+        if instead is not None and args and isinstance(args[0], Tensor):
+            return instead(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+class FunctionalSwap(nn.Module):
+    """A model whose activations are functions called in its ``forward`` (``torch.tanh``, ``F.sigmoid``,
+    ``F.relu``), with some of them replaced: each call of a name in ``swap`` that comes before the forward's last
+    weighted call (a linear or a convolution, found on ``example``) runs ``swap[name]`` instead; calls after it act
+    on the net's output and stay (a sigmoid under ``nn.BCELoss``). The model's parameters are its own: an
+    optimizer over them trains the swapped model. Calls are matched by their order within a forward pass, so the
+    forward must call them in the same order every time (no data-dependent branches)."""
+
+    def __init__(self, model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any) -> None:
+        super().__init__()
+        self.inner = model
+        probe = _CallCounter()
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), probe:
+                model(*example) if isinstance(example, tuple) else model(example)
+        finally:
+            model.train(was)
+        last = max((i for i, n in enumerate(probe.calls) if n in _WEIGHTED_CALLS), default=-1)
+        seen: dict[str, int] = {}
+        self.plan: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {}
+        for i, name in enumerate(probe.calls):
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            if name in swap and i < last:
+                self.plan[(name, k)] = swap[name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _CallCounter(self.plan):
+            return self.inner(*args, **kwargs)
+
+
+def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any) -> FunctionalSwap | None:
+    """:class:`FunctionalSwap` of ``model``, or None when no call before its last layer is one to swap."""
+    if example is None:
+        return None
+    wrapped = FunctionalSwap(model, swap, example)
+    return wrapped if wrapped.plan else None
 
 
 def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:
