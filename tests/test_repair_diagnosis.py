@@ -114,6 +114,8 @@ def test_a_divergence_with_no_calm_phase_names_a_smaller_init_before_clipping(st
     assert len(finite) < 10 and norms[0] > 1e2  # the reference: large from the start, not finite for 10 steps
     f = next(f for f in w.diagnose().problems if f.kind == "exploding")
     assert f.remedy_keys[0] == "smaller_init" and "from the first step" in f.cause, str(f)
+    # the weights' own norm against He's says which scale it is: not the targets' (round 7 told a classifier of them)
+    assert "the scale of the weights (layer " in f.cause and "targets" not in f.cause, str(f)
 
 
 @pytest.mark.zoo

@@ -80,6 +80,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     first_loss = _first_loss(run)
     large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
     summed = summed_over_batch(run, first_loss) if large_loss else ""
+    heavy = weights_too_large(run) if large_loss else ""
     # A norm that starts ordinary and grows by spike_above or more before any calm phase: each step overshoots (a
     # GRU at SGD lr 0.5 with momentum 0.9, NaN by step 11, was blamed on "the initial scale of the weights")
     start_norm = float(total[finite][0]) if finite.any() else math.nan
@@ -113,6 +114,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         evidence="; ".join(parts) + ".",
         cause="unstable steps: a sharp region of the loss surface or a learning rate too large for it" if calm_phase
         else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
+             f"the weights ({heavy})" if large_loss and heavy
+        else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
              "the weights, or, in a regression, of the targets (a squared error on targets in their raw units)"
              + (f", or {summed}" if summed else "") if large_loss
         else f"steps that overshoot: the total norm grew ×{sci(grew)} from {sci(start_norm)} at the first step, "
@@ -141,22 +144,31 @@ SUMMED_BATCH_FROM = 16  # ... over a batch this large (over 4 samples, a loss of
 WEIGHTS_ABOVE_HE = 2.5  # a layer's weights at the first step this many times He's norm √(2·fan_out): too large
 
 
-def weights_too_large(run: Run) -> bool:
-    """Some layer's weight norm at the first recorded step is ``WEIGHTS_ABOVE_HE`` × or more the norm He
-    initialisation gives (‖W‖ ≈ √(2·fan_out), for a Linear or a convolution alike): the initial scale, not the loss,
-    makes a first loss in the hundreds (N(0, 1) weights: ×2.7 in a Linear(20, 64), ×5.7 in a Linear(64, 1))."""
+def weights_too_large(run: Run) -> str:
+    """Words for the layer whose weight norm at the first recorded step is furthest above the norm He
+    initialisation gives (‖W‖ ≈ √(2·fan_out), for a Linear or a convolution alike), where it is ``WEIGHTS_ABOVE_HE``
+    × or more ('' otherwise): the initial scale, not the loss, makes a first loss in the hundreds (N(0, 1) weights:
+    ×2.7 in a Linear(20, 64), ×5.7 in a Linear(64, 1))."""
     if "weight_norm" not in run.quantities:
-        return False
+        return ""
     s = run.series("weight_norm")
     first = dict(zip(s.names, s.values[:, 0])) if s.values.shape[1] else {}
+    worst = (0.0, "", 0.0)
     for layer in run_meta(run).get("layers") or ():
         if not isinstance(layer, dict):
             continue
-        shape, norm = (layer.get("params") or {}).get("weight"), first.get(str(layer.get("name")))
-        if shape and len(shape) >= 2 and norm is not None and math.isfinite(norm):
-            if norm >= WEIGHTS_ABOVE_HE * math.sqrt(2 * shape[0]):
-                return True
-    return False
+        norm = first.get(str(layer.get("name")))
+        # He's ‖W‖² is 2·fan_out: a module's "weight" is (out, in, …); a bare matrix of the user's (an
+        # nn.ParameterList used as x @ W) is taken at the larger of its sides, the lenient reading
+        he = sum(2 * (shape[0] if key == "weight" else max(shape[0], shape[1]))
+                 for key, shape in (layer.get("params") or {}).items() if isinstance(shape, list) and len(shape) >= 2)
+        if he > 0 and norm is not None and math.isfinite(norm):
+            ratio = norm / math.sqrt(he)
+            if ratio > worst[0]:
+                worst = (ratio, str(layer.get("name")), float(norm))
+    if worst[0] < WEIGHTS_ABOVE_HE:
+        return ""
+    return f"layer {worst[1]} starts at ‖W‖ = {sci(worst[2])}, ×{sci(worst[0])} what He initialisation gives"
 
 
 def summed_over_batch(run: Run, first_loss: float) -> str:
