@@ -141,7 +141,7 @@ CAUSE_REMEDIES: dict[tuple[str, bool], tuple[str, ...]] = {
     ("activation", True): ("relu", "norm", "residual"),
     ("weights", True): ("orthogonal_init", "he_init", "residual", "norm"),
     ("weights", False): ("orthogonal_init", "clip_norm", "norm", "lower_lr"),
-    ("jacobians", True): ("orthogonal_init", "residual", "norm", "relu"),  # relu: for tanh/sigmoid called as functions
+    ("jacobians", True): ("orthogonal_init", "residual", "norm"),
     ("jacobians", False): ("orthogonal_init", "clip_norm", "norm"),
     ("blocked", True): ("straight_through", "leaky"),
 }

@@ -55,7 +55,10 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "lower_lr": ("lower_lr", "warmup", "clip_lower_lr"),
     "clip_norm": ("clip_norm", "clip_lower_lr"),
     "residual": ("residual", "fixup", "rezero", "pre_ln"),
-    "orthogonal_init": ("orthogonal_init", "identity_init", "fixup", "rezero", "pre_ln", "warmup"),
+    # ... and the ReLU swap: where no activation module is in sight (a Jacobian-only cause) the activations may be
+    # torch.tanh/sigmoid calls that the records cannot see but the swap reaches; it does not apply where there are
+    # none (a linear stack), so the finding's words need not name it (round 7's sigmoid loop: ReLU + He 0.96)
+    "orthogonal_init": ("orthogonal_init", "identity_init", "fixup", "rezero", "pre_ln", "warmup", "relu"),
     "smaller_init": ("smaller_init", "smaller_init_lower_lr", "standardise_inputs", "identity_init"),
     "check_data": ("standardise_inputs", "standardise_targets", "swap_overflow"),
     "leaky": ("leaky", "leaky_lower_lr"),
