@@ -98,6 +98,46 @@ def watched_classifier(model, opt, x, y, steps, store, name, seed=0):
     return w, losses
 
 
+def watched_digits(model, opt, x, y, seed, store, name, steps=300):
+    """Train ``model`` with cross-entropy on ``gradwatch.zoo.data.batches(x, y, 64, seed)`` under a watch with the
+    defaults a user gets, logging the loss; the closed watch."""
+    import gradwatch as gw
+    from gradwatch.zoo.data import batches
+
+    with gw.watch(model, opt, store=store, name=name) as w:
+        for (xb, yb), _ in zip(batches(x, y, 64, seed), range(steps)):
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss.detach())
+    return w
+
+
+def relu_mlp_trial(seed, make_optimizer):
+    """A 64-128-128-10 ReLU MLP on the zoo's digits (batches of 64 shuffled by ``seed``), cross-entropy, held-out
+    accuracy; its optimizer ``make_optimizer(parameters)``."""
+    import gradwatch as gw
+    from gradwatch.zoo.data import accuracy, batches, digits
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    x, y, xt, yt = digits()
+    return gw.Trial(model, make_optimizer(model.parameters()), batches(x, y, 64, seed), nn.functional.cross_entropy,
+                    evaluate=accuracy(xt, yt))
+
+
+def watched_trial(trial, store, name, steps=300):
+    """``trial.step()`` ``steps`` times under a watch with the defaults a user gets, logging the loss; the closed
+    watch."""
+    import gradwatch as gw
+
+    with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
+        for _ in range(steps):
+            w.log(loss=trial.step())
+    return w
+
+
 @pytest.fixture(scope="session")
 def zoo_runs(tmp_path_factory):
     return ZooRuns(tmp_path_factory.mktemp("zoo"))

@@ -11,7 +11,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.zoo.data import batches, digits
 
-from conftest import SEEDS
+from conftest import SEEDS, relu_mlp_trial, watched_digits, watched_trial
 
 
 class StochasticDepth(nn.Module):
@@ -143,9 +143,7 @@ def test_a_learning_rate_far_too_low_is_named_and_the_doctor_raises_it(store, se
     assert f.kind == "stalled" and "too small a learning rate at lr 1e-05" in f.cause, str(f)
     assert f.remedy_keys[0] == "raise_lr"
     healthy = _trial(seed, 0.05)
-    with gw.watch(healthy.model, healthy.optimizer, store=store, name=f"okl-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=healthy.step())
+    w = watched_trial(healthy, store, f"okl-{seed}")
     assert healthy.evaluate(healthy.model) > 0.85 and w.diagnose().problems == []
 
 
@@ -187,16 +185,7 @@ def test_nan_before_any_update_names_the_data_and_the_loss_not_the_learning_rate
 
 
 def _momentum_trial(seed: int, momentum: float) -> gw.Trial:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    x, y, xt, yt = digits()
-
-    def evaluate(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(xt).argmax(1) == yt).float().mean())
-
-    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum), batches(x, y, 64, seed),
-                    F.cross_entropy, evaluate=evaluate)
+    return relu_mlp_trial(seed, lambda params: torch.optim.SGD(params, lr=0.05, momentum=momentum))
 
 
 @pytest.mark.zoo
@@ -206,9 +195,7 @@ def test_a_momentum_of_0999_is_named_and_the_doctor_lowers_it(store, seed):
     reaches ~0.02, then the steps overshoot and it ends at chance. The findings never named the momentum, and the
     clipping they offered still diverges by hand. The reference: the same net at momentum 0.9 learns."""
     trial = _momentum_trial(seed, 0.999)
-    with gw.watch(trial.model, trial.optimizer, store=store, name=f"mom-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=trial.step())
+    w = watched_trial(trial, store, f"mom-{seed}")
     assert trial.evaluate(trial.model) < 0.5
     problems = w.diagnose().problems
     assert problems and all(f.cause.startswith("the momentum: SGD with momentum 0.999 at lr 0.05")
@@ -235,9 +222,7 @@ def test_a_flat_loss_with_short_steps_at_an_ordinary_rate_is_not_called_too_smal
     trial = _trial(0, 0.05)
     for _ in range(1500):
         trial.step()
-    with gw.watch(trial.model, trial.optimizer, store=store, name="converged") as w:
-        for _ in range(300):
-            w.log(loss=trial.step())
+    w = watched_trial(trial, store, "converged")
     assert trial.evaluate(trial.model) > 0.9
     assert not [f for f in w.diagnose().problems if "learning rate" in f.cause], str(w.diagnose())
 
@@ -249,9 +234,7 @@ def test_adam_at_a_rate_far_too_low_is_told_to_raise_it_and_the_doctor_does(stor
     rate, and not "Adam in place of SGD" (it is Adam already); the doctor's ×1000 brings it to 1e-4."""
     trial = _trial(seed, 1e-5)
     trial.optimizer = torch.optim.Adam(trial.model.parameters(), lr=1e-7)
-    with gw.watch(trial.model, trial.optimizer, store=store, name=f"adam-low-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=trial.step())
+    w = watched_trial(trial, store, f"adam-low-{seed}")
     (f,) = w.diagnose().problems
     assert "too small a learning rate at lr 1e-07" in f.cause and f.remedy_keys == ("raise_lr",), str(f)
 
@@ -279,9 +262,7 @@ def test_dead_units_of_a_relu_at_the_output_are_found_when_a_class_is_never_pred
     the units), so this was "the gradients look healthy" at held-out accuracy 0.64. The reference: the outputs on
     the whole training set at the end, by hand — a finding exactly when some output unit is 0 for every input."""
     trial = _relu_output_trial(seed)
-    with gw.watch(trial.model, trial.optimizer, store=store, name=f"reluout-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=trial.step())
+    w = watched_trial(trial, store, f"reluout-{seed}")
     x, _, _, _ = digits()
     with torch.no_grad():
         dead = int((trial.model(x).amax(0) <= 0).sum())
@@ -290,9 +271,7 @@ def test_dead_units_of_a_relu_at_the_output_are_found_when_a_class_is_never_pred
     for f in found:
         assert f.kind == "dead_units" and f.remedy_keys == ("drop_output_relu",) and "never predict" in f.cause
     plain = _relu_output_trial(seed, relu=False)
-    with gw.watch(plain.model, plain.optimizer, store=store, name=f"plainout-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=plain.step())
+    w = watched_trial(plain, store, f"plainout-{seed}")
     assert w.diagnose().problems == [] and plain.evaluate(plain.model) > 0.9
 
 
@@ -341,18 +320,14 @@ def test_a_dropout_rate_of_09_is_named_as_the_cause(store, seed):
     findings never named the dropout and the doctor had no remedy for it. The reference: the same net at p = 0.1
     and at Hinton's p = 0.5 learns, quiet."""
     bad = _dropout_trial(seed, 0.9)
-    with gw.watch(bad.model, bad.optimizer, store=store, name=f"drop9-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=bad.step())
+    w = watched_trial(bad, store, f"drop9-{seed}")
     assert bad.evaluate(bad.model) < 0.5
     problems = w.diagnose().problems
     assert problems and all(f.cause.startswith("the dropout rate: Dropout(p=0.9) drops 90% of the units")
                             and f.remedy_keys[0] == "lower_dropout" for f in problems), str(w.diagnose())
     for p in (0.1, 0.5):
         ok = _dropout_trial(seed, p)
-        with gw.watch(ok.model, ok.optimizer, store=store, name=f"drop{p}-{seed}") as w:
-            for _ in range(300):
-                w.log(loss=ok.step())
+        w = watched_trial(ok, store, f"drop{p}-{seed}")
         assert ok.evaluate(ok.model) > 0.95 and w.diagnose().problems == [], str(w.diagnose())
 
 
@@ -428,13 +403,7 @@ def test_dead_recurrent_relus_inside_a_fused_rnn_are_named_as_the_cause(store, s
         torch.manual_seed(seed)
         model = PixelRNN(identity)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        with gw.watch(model, opt, store=store, name=f"irnn-{identity}-{seed}") as w:
-            for (xb, yb), _ in zip(batches(x, y, 64, seed), range(300)):
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                w.log(loss=loss.detach())
+        w = watched_digits(model, opt, x, y, seed, store, f"irnn-{identity}-{seed}")
         dead = _dead_hidden(model, x[:256])
         problems = {f.kind: f for f in w.diagnose().problems if f.layers == ("rnn.l0",)}
         if identity:
@@ -478,18 +447,14 @@ def test_an_all_zero_initialisation_is_named_as_the_cause(store, seed):
     The findings said "pre-activations negative … a large step", and led with LeakyReLU. The reference: the hidden
     layers' gradients by hand, exactly 0 at the end; and the same net with only its last layer at 0 learns, quiet."""
     trial = _zero_init_trial(seed)
-    with gw.watch(trial.model, trial.optimizer, store=store, name=f"zero-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=trial.step())
+    w = watched_trial(trial, store, f"zero-{seed}")
     assert all(float(trial.model[i].weight.grad.abs().max()) == 0 for i in (0, 2, 4, 6))
     problems = w.diagnose().problems
     assert problems and all(f.cause.startswith("the initialisation: the weights of 5 layers (0, 2, 4, 6, 8) start at "
                                                "exactly 0") and f.remedy_keys[0] == "he_init" for f in problems), \
         str(w.diagnose())
     head = _zero_init_trial(seed, zero=False)
-    with gw.watch(head.model, head.optimizer, store=store, name=f"zerohead-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=head.step())
+    w = watched_trial(head, store, f"zerohead-{seed}")
     assert head.evaluate(head.model) > 0.9 and w.diagnose().problems == []
     assert w.open().meta["zero_weight_layers"] == ["10"]  # recorded, and left out of the words as harmless
 

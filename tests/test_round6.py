@@ -12,7 +12,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.zoo.data import batches, digits
 
-from conftest import SEEDS
+from conftest import SEEDS, relu_mlp_trial, watched_digits, watched_trial
 
 
 class NumpyCut(nn.Module):
@@ -73,13 +73,7 @@ def test_layers_cut_off_from_the_graph_are_named_as_such(store, seed):
         torch.manual_seed(seed)
         model = NumpyCut(cut)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        with gw.watch(model, opt, store=store, name=f"cut-{cut}-{seed}") as w:
-            for (xb, yb), _ in zip(batches(x, y, 64, seed), range(300)):
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                w.log(loss=loss.detach())
+        w = watched_digits(model, opt, x, y, seed, store, f"cut-{cut}-{seed}")
         problems = w.diagnose().problems
         if cut:
             assert all(p.grad is None for p in model.feat.parameters())
@@ -133,9 +127,7 @@ def test_a_loss_summed_over_the_batch_is_named(store, seed):
     assert exploding and "reduction='sum'" in exploding[0].cause, str(w.diagnose())
     assert exploding[0].remedy_keys[0] == "mean_reduction"
     mean = _summed_mse_trial(seed, "mean")
-    with gw.watch(mean.model, mean.optimizer, store=store, name=f"mean-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=mean.step())
+    w = watched_trial(mean, store, f"mean-{seed}")
     assert mean.evaluate(mean.model) > 0.3 and w.diagnose().problems == [], str(w.diagnose())
 
 
@@ -374,16 +366,7 @@ def test_a_nan_from_log_zero_in_the_loss_is_not_called_exploding(store, seed):
 
 def _adam_eps_trial(seed: int, eps: float) -> gw.Trial:
     """A ReLU MLP on digits under Adam 1e-3 with the given eps (round 7: eps = 1, as TensorFlow's docs mention)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    x, y, xt, yt = digits()
-
-    def evaluate(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(xt).argmax(1) == yt).float().mean())
-
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3, eps=eps), batches(x, y, 64, seed),
-                    F.cross_entropy, evaluate=evaluate)
+    return relu_mlp_trial(seed, lambda params: torch.optim.Adam(params, lr=1e-3, eps=eps))
 
 
 @pytest.mark.zoo
@@ -402,9 +385,7 @@ def test_adams_eps_far_above_the_gradient_is_named(store, seed):
     (f,) = w.diagnose().problems
     assert f.cause.startswith("Adam's eps = 1") and f.remedy_keys[0] == "lower_eps", str(w.diagnose())
     ok = _adam_eps_trial(seed, 1e-8)
-    with gw.watch(ok.model, ok.optimizer, store=store, name=f"eps8-{seed}") as w:
-        for _ in range(300):
-            w.log(loss=ok.step())
+    w = watched_trial(ok, store, f"eps8-{seed}")
     assert ok.evaluate(ok.model) > 0.9 and w.diagnose().problems == [], str(w.diagnose())
 
 
@@ -440,13 +421,7 @@ def test_a_step_like_operation_is_named_where_no_gradient_passes(store, seed):
         torch.manual_seed(seed)
         model = BinaryCode(ste)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        with gw.watch(model, opt, store=store, name=f"bin-{ste}-{seed}") as w:
-            for (xb, yb), _ in zip(batches(x, y, 64, seed), range(300)):
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                w.log(loss=loss.detach())
+        w = watched_digits(model, opt, x, y, seed, store, f"bin-{ste}-{seed}")
         problems = w.diagnose().problems
         if ste:
             assert problems == [], str(w.diagnose())
