@@ -429,3 +429,21 @@ def test_a_step_like_operation_is_named_where_no_gradient_passes(store, seed):
             assert float(model.l1.weight.grad.abs().max()) == 0
             f = next(f for f in problems if f.kind == "vanishing")
             assert "zero derivative" in f.cause and f.remedy_keys[0] == "straight_through", str(f)
+
+
+class SoftmaxHead(nn.Module):
+    """A classifier head that ends in a softmax: no attention, so no attention site (nor a flight recorder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc(x).view(-1, 2, 5), dim=-1).flatten(1)
+
+
+def test_a_head_that_ends_in_a_softmax_is_not_taken_for_attention():
+    from gradwatch.probes.attention_read import find_softmax_sites
+
+    assert find_softmax_sites(nn.Sequential(SoftmaxHead())) == []
+    assert [n for n, _ in find_softmax_sites(nn.Sequential(HandAttention(8, True)))] == ["0"]

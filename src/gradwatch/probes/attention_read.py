@@ -292,11 +292,16 @@ def find_attention(model: nn.Module) -> list[_Site]:
 _SOFTMAX_IN_FORWARD: dict[type[nn.Module], bool] = {}
 
 
+_PRODUCTS = ("@", "matmul(", "bmm(", "einsum(")  # q·kᵀ: a softmax over a product of two activations, not a head's
+
+
 def _forward_calls_softmax(cls: type[nn.Module]) -> bool:
-    """Whether a module class's own ``forward`` source mentions a softmax (cached per class; no source: False)."""
+    """Whether a module class's own ``forward`` source calls a softmax and multiplies two tensors (q·kᵀ), as an
+    attention does and a classifier's head does not (cached per class; no source: False)."""
     if cls not in _SOFTMAX_IN_FORWARD:
         try:
-            _SOFTMAX_IN_FORWARD[cls] = "softmax(" in inspect.getsource(cls.forward)
+            source = inspect.getsource(cls.forward)
+            _SOFTMAX_IN_FORWARD[cls] = "softmax(" in source and any(p in source for p in _PRODUCTS)
         except (OSError, TypeError):
             _SOFTMAX_IN_FORWARD[cls] = False
     return _SOFTMAX_IN_FORWARD[cls]
@@ -304,7 +309,7 @@ def _forward_calls_softmax(cls: type[nn.Module]) -> bool:
 
 def find_softmax_sites(model: nn.Module, known: list[_Site] | None = None) -> list[tuple[str, nn.Module]]:
     """Attention written by hand: (name, module) of each module of the user's own classes (not torch's) whose
-    ``forward`` calls a softmax, the innermost where they nest, none inside or around a module that
+    ``forward`` calls a softmax on a product (:func:`_forward_calls_softmax`), the innermost where they nest, none inside or around a module that
     :func:`find_attention` reads (``known``, found if not given). The model itself is left out (its records need
     a name). What the probe measures there is the logits each softmax over the last dimension of a ≥ 3-D tensor
     receives (:func:`softmax_stats`)."""
