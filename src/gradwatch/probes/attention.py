@@ -28,7 +28,13 @@ Mistral, Qwen2, and Qwen3/OLMo2 with their ``q_norm``/``k_norm``) from the
 outputs of the projections (or norms), with the module file's own
 ``apply_rotary_pos_emb`` and the key heads repeated for grouped-query
 attention. Any other module can offer ``gradwatch_attention_inputs(*args,
-**kwargs) -> AttentionInputs``. The statistics are computed in chunks of
+**kwargs) -> AttentionInputs``. Attention written by hand — a module of the
+user's own class whose ``forward`` calls a softmax on a product (``@``,
+``matmul``, ``bmm``, ``einsum``) — is read from the logits that softmax
+receives, under a :class:`torch.overrides.TorchFunctionMode` held while the
+module runs on an armed pass (``probe.softmax_sites``): the softmax over the
+last dimension of a ≥ 3-D tensor, square in its last two (self-attention) or
+any shape in a module named for attention. The statistics are computed in chunks of
 queries (at most ``chunk`` logits at a time), so memory stays bounded however
 long the sequence, and no second full attention matrix is materialised.
 
@@ -70,6 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from gradwatch._errors import GradwatchWarning, bad_argument
 from gradwatch.probes.attention_read import (
@@ -85,7 +92,6 @@ from gradwatch.probes.attention_read import (
     head_stats,
     softmax_stats,
 )
-from torch.overrides import TorchFunctionMode
 
 Key = tuple[str, str, "int | None"]  # (layer, quantity, head); head is None for the LM head's log Z
 
@@ -273,14 +279,14 @@ class AttentionProbe:
         except Skip as why:
             self.skipped[site.name] = str(why)
             return
-        stats = head_stats(inputs, self.chunk)
-        old = self._stats.get(site.name)
-        if old is not None:
-            stats = torch.cat([torch.maximum(old[:1], stats[:1]), old[1:] + stats[1:]])
-        self._stats[site.name] = stats
+        self._pool(site.name, head_stats(inputs, self.chunk))
 
     def _add_softmax(self, name: str, x: Tensor) -> None:
-        stats = softmax_stats(x, self.chunk)
+        self._pool(name, softmax_stats(x, self.chunk))
+
+    def _pool(self, name: str, stats: Tensor) -> None:
+        """Add one call's (5, H) sums to the module's: max of the maxima, sums of the rest (a call with another
+        number of heads starts over)."""
         old = self._stats.get(name)
         if old is not None and old.shape == stats.shape:
             stats = torch.cat([torch.maximum(old[:1], stats[:1]), old[1:] + stats[1:]])
