@@ -79,8 +79,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     calm_phase = len(calm_idx) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
     first_loss = _first_loss(run)
     large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
-    summed = summed_over_batch(run, first_loss) if large_loss else ""
     heavy = weights_too_large(run) if large_loss else ""
+    summed = summed_over_batch(run, first_loss) if large_loss and not heavy else ""
     # A norm that starts ordinary and grows by spike_above or more before any calm phase: each step overshoots (a
     # GRU at SGD lr 0.5 with momentum 0.9, NaN by step 11, was blamed on "the initial scale of the weights")
     start_norm = float(total[finite][0]) if finite.any() else math.nan
@@ -173,10 +173,11 @@ def weights_too_large(run: Run) -> str:
 
 def summed_over_batch(run: Run, first_loss: float) -> str:
     """Words for a large first loss that is an ordinary one per sample of the batch (meta ``batch_size``) — a loss
-    summed over the batch, ``reduction='sum'`` ('' otherwise). Measured (round 6): an MSE with reduction='sum' on
-    standardised targets over batches of 256 starts at 251–257 and is NaN by step 4 at SGD 0.01."""
+    summed over the batch, ``reduction='sum'`` ('' otherwise); asked only where no layer's weights are too large
+    (:func:`weights_too_large`). Measured (round 6): an MSE with reduction='sum' on standardised targets over batches
+    of 256 starts at 251–257 and is NaN by step 4 at SGD 0.01."""
     size = run_meta(run).get("batch_size")
-    if not isinstance(size, int) or size < SUMMED_BATCH_FROM or not math.isfinite(first_loss) or weights_too_large(run):
+    if not isinstance(size, int) or size < SUMMED_BATCH_FROM or not math.isfinite(first_loss):
         return ""
     per = first_loss / size
     if not SUMMED_PER_SAMPLE[0] <= per <= SUMMED_PER_SAMPLE[1]:
@@ -351,22 +352,22 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     # steps, because its gradient is small, not its rate. Or Adam's eps far above any gradient's rms.
     meta = run_meta(run)
     lr, adam, eps = meta.get("optimizer_lr"), meta.get("optimizer") in ADAM_TYPES, meta.get("optimizer_eps")
-    if adam and isinstance(eps, (int, float)) and eps >= ADAM_EPS_FROM and typical < EPS_TINY_STEP:
-        return [_tiny_step_finding(run, th, ends, typical, wsteps,
-                                   cause=(f"Adam's eps = {eps:g}: its step lr·m/(√v + eps) is about lr·g/eps wherever the "
-                                          f"gradient's rms is below eps, so the steps are far too short (the default is "
-                                          f"1e-8; TensorFlow's 1.0 or 0.1 for Inception is for its own epsilon-hat)"),
-                                   fixes=remedies("lower_eps", "raise_lr"))]
+    if adam and isinstance(eps, (int, float)) and eps >= ADAM_EPS_FROM:
+        return [_tiny_step_finding(run, th, ends, typical, wsteps, "",
+                                   f"Adam's eps = {eps:g}: its step lr·m/(√v + eps) is about lr·g/eps wherever the "
+                                   f"gradient's rms is below eps, so the steps are far too short (the default is 1e-8; "
+                                   f"TensorFlow's 1.0 or 0.1 for Inception is for its own epsilon-hat)",
+                                   remedies("lower_eps", "raise_lr"))]
     if typical >= TINY_STEP or not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if adam else "sgd"]:
         return []
     at = f" at lr {lr:g}"
-    return [_tiny_step_finding(run, th, ends, typical, wsteps, f" at lr {lr:g}",
+    return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                f"too small a learning rate{at}: the gradients are fine, the steps are too short to change "
                                f"anything", remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
 
 
 def _tiny_step_finding(run: Run, th: Thresholds, ends: tuple[float, float], typical: float, wsteps: np.ndarray,
-                       at: str = "", cause: str = "", fixes: tuple[str, ...] = ()) -> Finding:
+                       at: str, cause: str, fixes: tuple[str, ...]) -> Finding:
     steps = run.series("loss", "run").steps
     return Finding(
         kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
@@ -496,6 +497,14 @@ def skipped_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Find
     )]
 
 
+def nonfinite_remedies(step: int) -> tuple[str, ...]:
+    """The remedies of a run that goes non-finite at ``step``: at the first step no update has happened yet, so the
+    inputs, the loss or the init, not the learning rate."""
+    if step == 0:
+        return remedies("check_data", "standardise_inputs", "smaller_init", "grad_scaler")
+    return remedies("lower_lr", "clip_norm", "check_data", "grad_scaler")
+
+
 def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
     """NaN/Inf gradients: the first step and the layer backward reached first; ``skipped``: :func:`skipped_steps`."""
     if "nonfinite" not in run.quantities:
@@ -546,9 +555,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         summary=f"NaN/Inf gradients from {when}, first in layer {first_back!r} (backward order)",
         evidence=evidence + loss_note + ".",
         cause=cause,
-        # at the first step no update has happened yet: the inputs, the loss or the init, not the learning rate
-        remedies=(remedies("check_data", "standardise_inputs", "smaller_init", "grad_scaler") if step0 == 0 else
-                  remedies("lower_lr", "clip_norm", "check_data", "grad_scaler")),
+        remedies=nonfinite_remedies(step0),
         numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad)},
         sources=tuple(sources),
     )]

@@ -20,9 +20,9 @@ from gradwatch.diagnosis.architecture import fit_architecture
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
-from gradwatch.diagnosis.remedies import key_of, remedies
+from gradwatch.diagnosis.remedies import key_of
 from gradwatch.diagnosis.over_steps import (
-    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, nonfinite_findings, skipped_findings, skipped_steps, spike_findings,
+    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, nonfinite_findings, nonfinite_remedies, skipped_findings, skipped_steps, spike_findings,
     tiny_step_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
@@ -56,9 +56,12 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
         view: Run = RunView(run, found[0].steps[0] if found else np.inf, drop)  # type: ignore[assignment]
     else:
         view = run
-    unstable = merge_spikes(spike_findings(view, th), instability_findings(view, th.instability))
-    found += [_as_nonfinite(f) if _bare_nonfinite_event(f) else f for f in unstable
-              if not (found and _bare_nonfinite_event(f))]
+    said_nonfinite = bool(found)  # where a non-finite finding says it already, a bare non-finite event goes
+    for f in merge_spikes(spike_findings(view, th), instability_findings(view, th.instability)):
+        if not _bare_nonfinite_event(f):
+            found.append(f)
+        elif not said_nonfinite:
+            found.append(_as_nonfinite(f))
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
@@ -91,9 +94,7 @@ def _as_nonfinite(f: Finding) -> Finding:
     """A bare non-finite event as the non-finite finding it is: the forward pass or the loss, as
     :func:`~gradwatch.diagnosis.over_steps.nonfinite_findings` words a NaN that no growth led up to."""
     return replace(f, kind="nonfinite", summary=f"the loss is non-finite from step {f.steps[0]}",
-                   cause="non-finite values in the forward pass or the loss",
-                   remedies=(remedies("check_data", "standardise_inputs", "smaller_init", "grad_scaler") if f.steps[0] == 0
-                             else remedies("lower_lr", "clip_norm", "check_data", "grad_scaler")))
+                   cause="non-finite values in the forward pass or the loss", remedies=nonfinite_remedies(f.steps[0]))
 
 
 def merge_spikes(over_steps: list[Finding], unstable: list[Finding]) -> list[Finding]:

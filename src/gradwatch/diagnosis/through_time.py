@@ -25,7 +25,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
     gammas = {r["name"]: r.get("gamma") for r in run.meta.get("recurrent", [])} if hasattr(run, "meta") else {}
     lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
     dead = _dead_recurrent(run, th)
-    found = [f for f in dead.values()]
+    found = list(dead.values())
     for e in run.entities("recurrent"):
         s = by_lag(run.temporal(e.name))
         if len(s.names) < 3 or len(s.steps) == 0:

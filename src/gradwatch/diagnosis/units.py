@@ -240,11 +240,10 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     if not typical > 0:
         return []
     low = th.stalled_below * typical
-    cut = set(cut_off_layers(run))  # no gradient at all: cut_graph_findings says why
-    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < low and s.names[i] not in cut]
-    if hit:
-        grads = run.series("grad_norm") if "grad_norm" in run.quantities else None  # read once, not per layer
-        hit = [i for i in hit if not _skipped_at_random(grads, s.names[i])]
+    grads = run.series("grad_norm") if "grad_norm" in run.quantities else None  # read once, not per layer
+    cut = set(cut_off_layers(run, grads))  # no gradient at all: cut_graph_findings says why
+    hit = [i for i in range(len(s.names)) if ok[i] and med[i] < low and s.names[i] not in cut
+           and not _skipped_at_random(grads, s.names[i])]
     if not hit:
         return []
     names = tuple(s.names[i] for i in hit)
@@ -268,14 +267,14 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     )]
 
 
-def cut_off_layers(run: Run) -> tuple[str, ...]:
-    """Layers that ran in the forward pass, before a layer that trains, but never had a gradient (no ``.grad`` on
-    any recorded step): the graph between them and the loss is cut. A layer that runs after every trained one (a
-    decoder branch the loss does not read: the repair benchmark's tied autoencoder, trained on its classifier alone) is off the
-    loss's path, not cut from it."""
-    if "grad_norm" not in run.quantities:
+def cut_off_layers(run: Run, grads: Series | None) -> tuple[str, ...]:
+    """Layers that ran in the forward pass, before a layer that trains, but never had a gradient (not in
+    ``grads``, the run's ``grad_norm`` series; None where none was recorded): the graph between them and the loss
+    is cut. A layer that runs after every trained one (a decoder branch the loss does not read: the repair
+    benchmark's tied autoencoder, trained on its classifier alone) is off the loss's path, not cut from it."""
+    if grads is None:
         return ()
-    got = set(run.series("grad_norm").names)
+    got = set(grads.names)
     depths = [e.depth for e in run.entities("layer") if e.name in got and e.depth is not None]
     if not depths:
         return ()
@@ -292,10 +291,10 @@ def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
     never learns (round 6: ``torch.from_numpy(np.tanh(h.detach().numpy()))`` in a forward left two of three
     layers at their initial weights, told "too little gradient, or too small a learning rate").
     """
-    names = cut_off_layers(run)
-    if not names:
+    s = run.series("grad_norm") if "grad_norm" in run.quantities else None
+    names = cut_off_layers(run, s)
+    if s is None or not names:
         return []
-    s = run.series("grad_norm")
     return [Finding(
         kind="stalled", severity="warning", layers=names, steps=(int(s.steps[0]), int(s.steps[-1])),
         summary=f"no gradient ever reaches layers {span(names)}: they never train",

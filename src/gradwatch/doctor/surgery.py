@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from gradwatch import remedies as r
 from gradwatch.diagnosis.architecture import DROPOUT_FROM
-from gradwatch.remedies.structure import replace_modules
+from gradwatch.remedies.structure import dry_run, replace_modules
 from gradwatch.trial import Trial, peek
 
 TrialChange = Callable[[Trial, dict[str, float]], Trial | None]  # (fresh trial, numbers) -> trial to train; None: n/a
@@ -112,12 +112,16 @@ def lower_wd(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 def lower_momentum(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Every group's momentum above 0.9 set to 0.9; None where no group's is above it."""
-    groups = [g for g in trial.optimizer.param_groups if isinstance(g.get("momentum"), (int, float)) and g["momentum"] > 0.9]
-    if not groups:
-        return None
+    return _lower_setting(trial, "momentum", 0.9)
+
+
+def _lower_setting(trial: Trial, key: str, usual: float) -> Trial | None:
+    """Every parameter group's numeric ``key`` above ``usual`` set to it; None where no group's is above it."""
+    groups = [g for g in trial.optimizer.param_groups
+              if isinstance(g.get(key), (int, float)) and not isinstance(g[key], bool) and g[key] > usual]
     for g in groups:
-        g["momentum"] = 0.9
-    return trial
+        g[key] = usual
+    return trial if groups else None
 
 
 def scale_lr(factor: float, trial: Trial, numbers: dict[str, float]) -> Trial:
@@ -451,11 +455,7 @@ def logits(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 def lower_eps(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Adam's eps back at 1e-8 in every parameter group whose eps is larger; None when none is."""
-    groups = [g for g in trial.optimizer.param_groups
-              if isinstance(g.get("eps"), (int, float)) and not isinstance(g["eps"], bool) and g["eps"] > 1e-8]
-    for g in groups:
-        g["eps"] = 1e-8
-    return trial if groups else None
+    return _lower_setting(trial, "eps", 1e-8)
 
 
 def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -598,17 +598,13 @@ def output_activation(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
     soft = [m for m in trial.model.modules() if isinstance(m, (nn.Softmax, nn.LogSoftmax))]
     hooks = [m.register_forward_hook(check) for m in soft]
-    was = trial.model.training
-    trial.model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            trial.model(batches[0][0])
+        dry_run(trial.model, batches[0][0])
     except Exception:
         return None
     finally:
         for h in hooks:
             h.remove()
-        trial.model.train(was)
     if not constant:
         return None
     replace_modules(trial.model, lambda child: None if not any(child is c for c in constant)

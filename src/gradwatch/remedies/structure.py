@@ -6,6 +6,7 @@ The residual blocks the remedies build (:class:`Residual`, :class:`ReZero`) or r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable
 
@@ -139,17 +140,28 @@ def call_order(model: nn.Module, example: Any = None) -> list[nn.Module]:
         return leaves
     called: list[nn.Module] = []
     hooks = [x.register_forward_hook(lambda mod, a, o: called.append(mod)) for x in leaves]
-    modes = [(x, x.training) for x in model.modules()]
-    model.eval()  # no running statistics move, no dropout mask draws from the random stream
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*example) if isinstance(example, tuple) else model(example)
+        dry_run(model, example)
     finally:
         for h in hooks:
             h.remove()
+    return called
+
+
+def dry_run(model: nn.Module, example: Any, *within: Any) -> None:
+    """One forward pass of ``model`` on ``example`` (a batch, or a tuple of arguments) that changes nothing: in eval
+    mode (no running statistics move, no dropout mask), without gradient, the random stream put back, each
+    module's mode restored after; inside the context managers ``within`` as well."""
+    modes = [(x, x.training) for x in model.modules()]
+    model.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            for context in (torch.no_grad(), torch.random.fork_rng(devices=[]), *within):
+                stack.enter_context(context)
+            model(*example) if isinstance(example, tuple) else model(example)
+    finally:
         for x, training in modes:
             x.training = training
-    return called
 
 
 def loose_layers(model: nn.Module, example: Any = None) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -227,7 +239,7 @@ class _CallCounter(TorchFunctionMode):
 
     def __init__(self, swap: dict[tuple[str, int], Callable[..., Any]] | None = None) -> None:
         super().__init__()
-        self.calls: list[str] = []
+        self.calls: list[tuple[str, int]] = []  # (name, calls of that name before it)
         self.seen: dict[str, int] = {}
         self.swap = swap or {}
 
@@ -235,7 +247,7 @@ class _CallCounter(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         k = self.seen.get(name, 0)
         self.seen[name] = k + 1
-        self.calls.append(name)
+        self.calls.append((name, k))
         instead = self.swap.get((name, k))
         if instead is not None and args and isinstance(args[0], Tensor):
             return instead(args[0])
@@ -254,21 +266,10 @@ class FunctionalSwap(nn.Module):
         super().__init__()
         self.inner = model
         probe = _CallCounter()
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]), probe:
-                model(*example) if isinstance(example, tuple) else model(example)
-        finally:
-            model.train(was)
-        last = max((i for i, n in enumerate(probe.calls) if n in _WEIGHTED_CALLS), default=-1)
-        seen: dict[str, int] = {}
-        self.plan: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {}
-        for i, name in enumerate(probe.calls):
-            k = seen.get(name, 0)
-            seen[name] = k + 1
-            if name in swap and i < last:
-                self.plan[(name, k)] = swap[name]
+        dry_run(model, example, probe)
+        last = max((i for i, (name, _) in enumerate(probe.calls) if name in _WEIGHTED_CALLS), default=-1)
+        self.plan: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {
+            call: swap[call[0]] for call in probe.calls[:max(last, 0)] if call[0] in swap}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with _CallCounter(self.plan):
