@@ -39,12 +39,14 @@ class BackpropProbe:
         self._norms: list[Tensor] = []
 
     @torch.no_grad()
-    def add(self, layer: int, grad: Tensor) -> None:
+    def add(self, layer: int, grad: Tensor) -> Tensor:
+        """Keep ``‖grad‖`` for ``layer`` (on the probe's device); returns it."""
         self._layers.append(layer)
         g = grad.detach()
         # accumulate half precision in float32; never narrow a float64 gradient
         norm = torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else torch.linalg.vector_norm(g)
-        self._norms.append(norm.to(self.device))
+        self._norms.append(norm := norm.to(self.device))
+        return norm
 
     def take(self) -> tuple[list[int], Tensor] | None:
         """Per-layer ‖∂L/∂a‖ collected since the last take, and forget them."""

@@ -297,6 +297,8 @@ class Watch:
             if self._input_scale is None and args[0].is_floating_point():  # once: are the inputs standardised?
                 x = args[0].detach().float()
                 self._input_scale = (float(x.std()) if x.numel() > 1 else 0.0, float(x.abs().mean()))
+        if module is self.model:
+            self._steps.model_called()
         self._steps.forward_starts()
 
     @_forward_hook

@@ -22,6 +22,7 @@ from gradwatch.layers import Activation
 from gradwatch.probes.activations import ActivationProbe, Call
 from gradwatch.probes.attention import AttentionProbe
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
+from gradwatch.probes.loops import LoopProbe
 from gradwatch.probes.temporal import TemporalProbe
 from gradwatch.watching.budget import CostMeter
 from gradwatch.watching.buffer import StepBuffer
@@ -52,8 +53,9 @@ class SampledProbes:
 
     def __init__(self, activations: list[Activation], params: list[nn.Parameter], device: torch.device,
                  recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard, meter: CostMeter,
-                 attention: WatchedAttention | None = None) -> None:
+                 attention: WatchedAttention | None = None, loops: dict[int, str] | None = None) -> None:
         self.backprop = BackpropProbe(device)
+        self.loops = LoopProbe(loops or {}, device)  # layers called again on their own output: recurrences by hand
         self.attention = attention if attention is not None and attention.measures else None
         self.activations = ActivationProbe([a.spec for a in activations], device)
         self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
@@ -72,9 +74,11 @@ class SampledProbes:
         finally:
             self._meter.stop(family, t)
 
-    def layer_output(self, layer: int, output: Any) -> None:
-        """Hook the output of layer ``layer``: its gradient's norm is ‖∂L/∂a‖."""
-        hook = functools.partial(self.timed, "backprop", self._output_grad, layer)
+    def layer_output(self, layer: int, output: Any, through_time: bool = False) -> None:
+        """Hook the output of layer ``layer``: its gradient's norm is ‖∂L/∂a‖ (and, ``through_time``, a
+        hand-written recurrence's ‖∂L/∂a‖ of this call, :mod:`gradwatch.probes.loops`)."""
+        call = self.loops.call(layer, output) if through_time else 0
+        hook = functools.partial(self.timed, "backprop", self._output_grad, layer, call)
         for t in grad_tensors(output):
             t.register_hook(hook)
 
@@ -88,9 +92,11 @@ class SampledProbes:
         """Capture a followed recurrent module's call for ‖∂L/∂h_t‖ (its backward hooks timed as temporal)."""
         self.temporal.capture(module, args, output, functools.partial(self.timed, "temporal"))
 
-    def _output_grad(self, layer: int, grad: Tensor) -> None:
+    def _output_grad(self, layer: int, call: int, grad: Tensor) -> None:
         if self._fills_grad():
-            self.backprop.add(layer, grad)
+            norm = self.backprop.add(layer, grad)
+            if call:
+                self.loops.add(layer, call, norm)
 
     def _reached(self, call: Call, grad: Tensor) -> None:
         if self._fills_grad():
@@ -144,8 +150,10 @@ class SampledProbes:
             buffer.add_keyed(*self.attention.records(stats, writer))
         self._meter.stop("attention", t)
 
-    def add_step(self, buffer: StepBuffer, scale: Tensor | None, on: frozenset[str]) -> None:
-        """Queue the step's ‖∂L/∂a‖ (divided by ``scale``) and activation statistics.
+    def add_step(self, buffer: StepBuffer, scale: Tensor | None, on: frozenset[str],
+                 recurrent_id: Callable[[str], int] | None = None) -> None:
+        """Queue the step's ‖∂L/∂a‖ (divided by ``scale``), a hand-written recurrence's per call (entities from
+        ``recurrent_id(name)``), and activation statistics.
 
         Each is timed as its family's cost only on a step ``on`` it: the empty take of a family that did not
         record is bookkeeping, and a near-zero sample among its real ones would drag the budget's median down
@@ -156,6 +164,10 @@ class SampledProbes:
         if taken is not None:
             layers, norms = taken
             buffer.add("layer", layers, "out_grad_norm", norms if scale is None else norms / scale)
+        for name, calls, values in self.loops.take():
+            if recurrent_id is not None:
+                buffer.add_positioned(recurrent_id(name), "temporal_grad_norm", calls,
+                                      values if scale is None else values / scale)
         if t is not None:
             self._meter.stop("backprop", t)
         t = self._meter.start() if "activations" in on else None
@@ -167,6 +179,7 @@ class SampledProbes:
     def clear(self) -> None:
         """Forget everything measured (the watch stopped recording)."""
         self.backprop.clear()
+        self.loops.clear()
         self.activations.clear()
         self.temporal.clear()
         if self.attention is not None:

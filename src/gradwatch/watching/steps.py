@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from gradwatch.layers import Anatomy
 from gradwatch.probes.attention_read import find_attention, find_softmax_sites
 from gradwatch.probes.grads import GradProbe, Pending
+from gradwatch.probes.loops import loop_candidates
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
 from gradwatch.watching.buffer import StepBuffer
@@ -87,8 +88,12 @@ class StepRecorder:
         attention = None
         if model is not None and given["attention"] is not None:
             attention = WatchedAttention(model, self.meter)
+        # a layer called again on its own output (W_hh as an nn.Linear in a Python loop) is followed through time
+        # wherever cells are followed by default ("auto", True), riding the ‖∂L/∂a‖ hooks (gradwatch.probes.loops)
+        self._through_time = options.temporal_auto or options.temporal is True
         self.probes = SampledProbes(self.acts, self.grads.params, self.device, recurrent, options.temporal_auto, guard,
-                                    self.meter, attention)
+                                    self.meter, attention,
+                                    loops=loop_candidates([(l.name, l.module) for l in self.layers]) if self._through_time else None)
         if not self.probes.temporal.modules:
             given["temporal"] = None  # nothing to follow through time
         if self.probes.attention is None:
@@ -112,6 +117,7 @@ class StepRecorder:
                "param": np.array([w.entity(n, "param") for n in self.grads.pair_names]),
                "activation": np.array([w.entity(a.name, "activation", type(a.module).__name__) for a in self.acts])}
         self._recurrent_ids = {name: w.entity(name, "recurrent", cell) for name, cell in self.probes.temporal.entities()}
+        self._loop_types = {layer.name: type(layer.module).__name__ for layer in self.layers}
         self.buffer = StepBuffer(w, self.device, ids)
         self.flight = None
         if flight_on:
@@ -148,12 +154,16 @@ class StepRecorder:
         """A forward pass begins: a step that ended sends its values on before this one's come."""
         self.buffer.release()
 
+    def model_called(self) -> None:
+        """The model's own forward begins (not a first layer's call in a loop): calls of a layer count anew."""
+        self.probes.loops.new_pass()
+
     def layer_forward(self, i: int, output: Any) -> None:
         self.buffer.release()
         self._depth.note(self.layers[i].name, "layer")
         if "backprop" in self.now.on and torch.is_grad_enabled():
             t = self.meter.start()
-            self.probes.layer_output(i, output)
+            self.probes.layer_output(i, output, self._through_time)
             self.meter.stop("backprop", t)
 
     def activation_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
@@ -255,11 +265,15 @@ class StepRecorder:
             scale = skipped_scale(self._scaler, after_update=self._external)
             self.add_scalar("loss_scale", torch.tensor(scale, dtype=torch.float64, device=self.device))
 
+    def _loop_id(self, name: str) -> int:
+        """The entity of a hand-written recurrence (a layer called on its own output), made at its first records."""
+        return self._writer.entity(name, "recurrent", self._loop_types.get(name))
+
     def _end_step(self, mark: tuple[float, float]) -> None:
         self.buffer.release()  # two steps without a forward pass between them
         now = self.now
         if not now.on.isdisjoint(FORWARD):
-            self.probes.add_step(self.buffer, now.scale, now.on)
+            self.probes.add_step(self.buffer, now.scale, now.on, self._loop_id)
         if "attention" in now.on:
             self.probes.add_attention(self.buffer, self._writer)
         self.buffer.hold(now.number)
