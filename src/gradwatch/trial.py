@@ -93,11 +93,15 @@ class Trial:
             self._stepping = self.optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
 
     def step(self) -> Tensor:
-        """One training step on the next batch; returns the (detached) loss."""
+        """One training step on the next batch; returns the (detached) loss. A parametrized weight (an orthogonal
+        W_hh the doctor put on its manifold) is computed once for the step, not at each of a loop's calls."""
+        from torch.nn.utils import parametrize
+
         x, y = next(self.batches)
-        loss = self.loss_fn(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with parametrize.cached():
+            loss = self.loss_fn(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         return loss.detach()
 

@@ -198,7 +198,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     A vanishing net of ``DEEP_LAYERS`` weighted layers or more without skip connections is told of residual
     connections; with Post-LN Transformer layers and no warm-up, the depth findings name warm-up and Pre-LN
     first; with Adam at a high learning rate and no warm-up, the learning rate; layers that move too little under
-    plain SGD are told of Adam, last.
+    plain SGD (or Adagrad) are told of Adam, last.
     """
     types = module_types(run)
     meta = run_meta(run)
@@ -217,7 +217,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
     eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
     momentum, dropout, zeros = heavy_momentum(run), heavy_dropout(run), zero_init(run)
-    sgd = meta.get("optimizer") == "SGD"
+    sgd = meta.get("optimizer") in ("SGD", "Adagrad")  # steps that shrink with the gradient (and, Adagrad's, with time)
     out = []
     for f in found:
         fixes = tuple(t for t in f.remedies if key_of(t) not in drop)

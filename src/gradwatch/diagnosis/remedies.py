@@ -39,7 +39,8 @@ REMEDIES = {
     "standardise_targets": "standardise regression targets (train on (y − mean)/std, predict mean + std·output): "
                            "a squared error on targets in the hundreds or more makes the gradient as large",
     "swap_overflow": "swap an overflowing activation (exp, softplus-like growth) for a bounded or ReLU-type one",
-    "adam": "an adaptive optimiser (Adam) in place of plain SGD: its step does not shrink with the gradient's scale",
+    "adam": ("an adaptive optimiser (Adam) in place of plain SGD or Adagrad: its step does not shrink with the "
+             "gradient's scale, nor with time"),
     "warmup": "learning-rate warm-up (torch.optim.lr_scheduler.LinearLR)",
     "pre_ln": "Pre-LN Transformer layers (norm_first=True; Xiong et al. 2020)",
     "fixup": "Fixup: zero-initialised residual branches (Zhang et al. 2019; gradwatch.remedies.fixup_zero_init)",

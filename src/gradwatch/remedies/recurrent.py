@@ -38,9 +38,10 @@ def pascanu_regularizer(runs: list[LayerRun], loss: Tensor) -> Tensor:
     return omega
 
 
-def orthogonal_recurrent(rnn: nn.RNN | nn.RNNCell) -> nn.RNN | nn.RNNCell:
+def orthogonal_recurrent(rnn: nn.RNN | nn.RNNCell | nn.Linear) -> nn.RNN | nn.RNNCell | nn.Linear:
     """Keep every recurrent weight orthogonal during training (in place; returns ``rnn``), on a fused vanilla
-    ``nn.RNN`` or an ``nn.RNNCell`` called in a loop.
+    ``nn.RNN``, an ``nn.RNNCell`` called in a loop, or the square ``nn.Linear`` that is W_hh of an RNN written by
+    hand (called once per time step on the state).
 
     ``torch.nn.utils.parametrizations.orthogonal``: the weight is the image of an
     unconstrained matrix under the matrix exponential / Cayley map, so every
@@ -48,9 +49,14 @@ def orthogonal_recurrent(rnn: nn.RNN | nn.RNNCell) -> nn.RNN | nn.RNNCell:
     Lezcano-Casado & Martínez-Rubio 2019). For gated cells each gate's block is
     square but the stacked W_hh is not, so only vanilla RNNs and cells are supported.
     """
-    if not isinstance(rnn, (nn.RNN, nn.RNNCell)):
-        raise TypeError(bad_argument("orthogonal_recurrent", "rnn", "a torch.nn.RNN or nn.RNNCell (vanilla)", rnn))
     from torch.nn.utils.parametrizations import orthogonal
+
+    if isinstance(rnn, nn.Linear) and rnn.in_features == rnn.out_features:
+        orthogonal(rnn, "weight")
+        return rnn
+    if not isinstance(rnn, (nn.RNN, nn.RNNCell)):
+        raise TypeError(bad_argument("orthogonal_recurrent", "rnn",
+                                     "a torch.nn.RNN or nn.RNNCell (vanilla), or a square nn.Linear", rnn))
 
     for name in [n for n, _ in rnn.named_parameters() if n.startswith("weight_hh")]:
         orthogonal(rnn, name)

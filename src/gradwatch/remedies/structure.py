@@ -148,20 +148,42 @@ def call_order(model: nn.Module, example: Any = None) -> list[nn.Module]:
     return called
 
 
-def dry_run(model: nn.Module, example: Any, *within: Any) -> None:
+def dry_run(model: nn.Module, example: Any, *within: Any, graph: bool = False) -> None:
     """One forward pass of ``model`` on ``example`` (a batch, or a tuple of arguments) that changes nothing: in eval
-    mode (no running statistics move, no dropout mask), without gradient, the random stream put back, each
-    module's mode restored after; inside the context managers ``within`` as well."""
+    mode (no running statistics move, no dropout mask), without gradient (``graph``: building the autograd graph,
+    never run backward), the random stream put back, each module's mode restored after; inside the context
+    managers ``within`` as well."""
     modes = [(x, x.training) for x in model.modules()]
     model.eval()
     try:
         with contextlib.ExitStack() as stack:
-            for context in (torch.no_grad(), torch.random.fork_rng(devices=[]), *within):
+            for context in (torch.enable_grad() if graph else torch.no_grad(), torch.random.fork_rng(devices=[]), *within):
                 stack.enter_context(context)
             model(*example) if isinstance(example, tuple) else model(example)
     finally:
         for x, training in modes:
             x.training = training
+
+
+def recurrent_layers(model: nn.Module, example: Any) -> list[nn.Module]:
+    """The layers that one forward pass of ``model`` on ``example`` calls again on their own output (W_hh as an
+    ``nn.Linear`` in a Python loop): the watch's judgement (:class:`gradwatch.probes.loops.LoopProbe`), on a dry
+    run that builds the graph. [] where the forward pass fails on ``example``."""
+    from gradwatch.layers import anatomy
+    from gradwatch.probes.loops import LoopProbe, loop_candidates
+
+    layers = [(layer.name, layer.module) for layer in anatomy(model).layers]
+    probe = LoopProbe(loop_candidates(layers), torch.device("cpu"))
+    handles = [layers[i][1].register_forward_hook(lambda m, a, out, i=i: probe.call(i, out) and None)
+               for i in probe.candidates]
+    try:
+        dry_run(model, example, graph=True)
+    except Exception:  # noqa: BLE001 - a forward the example does not fit: no loop found
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return [layers[i][1] for i, recurrent in probe.recurrent.items() if recurrent]
 
 
 def loose_layers(model: nn.Module, example: Any = None) -> list[tuple[nn.Module, str, nn.Module]]:
