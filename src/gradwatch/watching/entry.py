@@ -84,7 +84,10 @@ def watch(
             ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (fused modules are re-run
             unrolled on those steps) and every ``nn.RNNCell``/``GRUCell``/
             ``LSTMCell`` that one forward pass calls more than once (a cell in
-            a Python loop), and nothing when ``activations=False``. True: every
+            a Python loop), every other layer that it calls again on its own
+            earlier output (W_hh as an ``nn.Linear`` in a loop,
+            :mod:`gradwatch.probes.loops`), and nothing when
+            ``activations=False``. True: every
             fused module and every cell, however often it is called; or the
             names of the modules to follow (a cell of your own, called once per
             time step, whose output is its new hidden state). See
