@@ -184,7 +184,13 @@ def test_karpathy_char_rnn_vanishing_through_time_is_found(store, seed):
     (retain_grad on h_t at step 299): ‖∂L/∂h_0‖ 0–2·10⁻⁴ against 0.15 at h_19, recall 0.13–0.25 (chance 0.125).
     Found now as vanishing through time in W_hh; its orthogonal twin with Adam learns the task and stays quiet."""
     sick = _char_rnn_trial("karpathy", seed)
+    at_init = float(torch.linalg.svdvals(sick.model.Whh.weight.detach().double())[0])  # ≈ 0.01·2√64 = 0.16
     w = watched_trial(sick, store, f"karpathy-{seed}")
+    lam = w.open().series("lambda1", "recurrent")
+    assert lam.names == ["Whh"] and lam.steps[0] == 0
+    assert lam.values[0, 0] == pytest.approx(at_init, rel=1e-9)  # read before step 0's update
+    assert lam.values[0, -1] == pytest.approx(float(torch.linalg.svdvals(sick.model.Whh.weight.detach().double())[0]),
+                                             rel=0.05)  # the last read, a few steps before the end
     outs, hook = _whh_grads(sick.model)  # by hand, after training: the gradient at each call's output
     tokens, target = next(sick.batches)
     F.cross_entropy(sick.model(tokens), target).backward()
@@ -193,6 +199,9 @@ def test_karpathy_char_rnn_vanishing_through_time_is_found(store, seed):
     found = [f for f in w.diagnose().problems if f.kind == "vanishing" and f.layers == ("Whh",)]
     assert found, str(w.diagnose())
     assert "through time" in found[0].summary
+    # Adagrad 0.1 grows W_hh from λ₁ 0.16 to ~8 while the tanh units saturate: the derivative shrinks it, not W_hh
+    assert lam.values[0, -1] > 2 * at_init and "saturated" in found[0].cause and "grew" in found[0].cause
+    assert found[0].remedy_keys[0] == "lower_lr"
     assert sick.evaluate(sick.model) < 0.5
 
     twin = _char_rnn_trial("orthogonal", seed)
@@ -203,26 +212,20 @@ def test_karpathy_char_rnn_vanishing_through_time_is_found(store, seed):
 
 
 @pytest.mark.zoo
-def test_doctor_repairs_the_karpathy_char_rnn(store):
-    """Round 7: "nothing to fix" (the vanishing went unseen). Now the baseline names it, the orthogonal rows act on
-    the hand-written W_hh, and a remedy fixes it on the doctor's seeds, checked there in a plain loop (the loss
-    halves, the held-out recall beats the baseline's). Measured over seeds 0–4 by hand, Adam 10⁻² alone is fragile
-    (recall 1.0, 0.91, 0.50, 0.12, 0.69), orthogonal W_hh + Adam is not (1.0, 1.0, 0.58, 1.0, 1.0): the claim here
-    is the doctor's own, on the seeds it trained."""
-    report = gw.doctor(lambda seed: _char_rnn_trial("karpathy", seed), steps=300, seeds=2, store=store, progress=False)
+def test_the_doctors_orthogonal_rows_reach_the_karpathy_char_rnn(store):
+    """Round 7: "nothing to fix" (the vanishing went unseen). Now the baseline names it, and the orthogonal rows act
+    on the hand-written W_hh: kept orthogonal, W_hh removes the finding on both seeds. A repair is not claimed here:
+    this set-up trains chaotically (Adagrad 0.1 on saturating units). Measured over seeds 0–4 by hand, Adam 10⁻²
+    alone reaches a recall of 1.0, 0.91, 0.50, 0.12, 0.69, orthogonal W_hh init + Adam 1.0, 1.0, 0.58, 1.0, 1.0; and
+    the doctor's own best on seeds 0–1 (Adam, 0.96 with native kernels) does not survive ATEN_CPU_CAPABILITY=default
+    (no remedy there halves the loss)."""
+    report = gw.doctor(lambda seed: _char_rnn_trial("karpathy", seed), steps=300, seeds=2, rounds=1, store=store,
+                       progress=False)
     assert "vanishing" in report.baseline.findings, str(report)
     rows = {t.label: t for t in report.trials}
-    assert "orthogonal recurrent weights" in rows, str(report)  # it reached the nn.Linear W_hh
-    best = report.best
-    assert best is not None and best.verdict == "fixes it", str(report)
-    entries = {r.key: r for rs in catalog().values() for r in rs}
-    for seed in range(2):  # the reference: each of the doctor's seeds, in a plain loop
-        trial = _char_rnn_trial("karpathy", seed)
-        for part in best.parts:
-            trial = entries[part].apply(trial, {})
-        curve = [float(trial.step()) for _ in range(300)]
-        assert sum(curve[-15:]) / 15 <= 0.5 * curve[0]
-        assert trial.evaluate(trial.model) > report.baseline.score
+    kept = rows.get("orthogonal recurrent weights")
+    assert kept is not None and kept.findings == [], str(report)  # it reached the nn.Linear W_hh
+    assert "identity/orthogonal init (linear, recurrent)" in rows, str(report)
 
 
 def test_orthogonal_recurrent_weights_reach_a_hand_written_w_hh():

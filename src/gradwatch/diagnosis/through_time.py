@@ -14,6 +14,13 @@ from gradwatch.diagnosis.view import since, steps_text
 from gradwatch.store import Run
 
 
+GREW_BY = 2.0  # λ₁(W_hh) at the last read this many times its first: the updates grew the recurrent weights
+# A vanishing gradient through time with λ₁(W_hh) this many times 1/γ: not the weights (which stretch most directions
+# at that scale) but the derivative (round 7's min-char-rnn: λ₁ grown from 0.16 to 7.7 under Adagrad 0.1, its tanh
+# units 94 % saturated). Near 1/γ the weights' other singular values may shrink it as well: no claim there.
+STRETCH_ABOVE = 2.0
+
+
 def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Vanishing and exploding through time, from ‖∂L/∂h_t‖ of each recurrent layer (``watch(temporal=…)``).
 
@@ -42,14 +49,18 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
         memory = lags[below[0]] if below else None  # the smallest lag at which the gradient is below the cut
         numbers: dict[str, float] = {"ratio": ratio, "halving_steps": k if k else math.nan,
                                      "memory": float(memory) if memory is not None else math.nan}
-        verdict = None
+        verdict, grown = None, ""
         if lam is not None and e.name in lam.names:
             row = lam.values[lam.names.index(e.name)]
-            ok = row[np.isfinite(row)]
-            lam1 = float(ok[-1]) if len(ok) else math.nan
+            ok = np.isfinite(row)
+            lam1 = float(row[ok][-1]) if ok.any() else math.nan
             numbers["lambda1"] = lam1
+            if ok.any() and lam1 > GREW_BY * float(row[ok][0]):
+                grown = f"; W_hh grew under the updates, from λ₁ {float(row[ok][0]):.2g} at step {int(lam.steps[ok][0])}"
             if math.isfinite(lam1):
-                verdict = pascanu(lam1, gammas.get(e.name))
+                # a layer called in the user's own loop (gradwatch.probes.loops) is in no cell's row: its
+                # nonlinearity is a function call unseen, bounded by 1 for tanh, sigmoid and ReLU alike
+                verdict = pascanu(lam1, gammas[e.name] if e.name in gammas else 1.0)
         said = f"; {verdict.words}" if verdict is not None else ""
         sources = (f"temporal_grad_norm ({e.name}, lags {lags[0]}…0 from each sequence's end, "
                    f"{steps_text(int(wsteps[0]), int(wsteps[-1]))})",) + ((f"lambda1 ({e.name})",) if "lambda1" in numbers else ())
@@ -66,6 +77,11 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                      + (": in an LSTM, forget gates that close" if e.module == "LSTM" else ""))
             fixes = (remedies("forget_bias", "clip_norm") if e.module == "LSTM"
                      else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
+            if verdict is not None and verdict.gamma and verdict.lambda1 >= STRETCH_ABOVE / verdict.gamma:
+                cause = (f"λ₁(W_hh) = {verdict.lambda1:.2g} is far above 1/γ, so the recurrent weights would stretch "
+                         f"the gradient: the nonlinearity's derivative shrinks it — saturated tanh/sigmoid units (or "
+                         f"ReLUs that are off){grown}")
+                fixes = remedies(*(("lower_lr",) if grown else ()), "orthogonal_rnn", "gated", "clip_norm")
             if e.name in dead:  # not a Jacobian that shrinks the units: units that pass nothing at all
                 cause, fixes = dead[e.name].cause, dead[e.name].remedies
             found.append(Finding(

@@ -9,7 +9,9 @@ already hooks every layer's output on a sampled step for ‖∂L/∂a‖
 call apart: the gradient at the pre-activation of h_1, h_2, …, h_T, which is
 ‖∂L/∂h_t‖ times the nonlinearity's derivative at that step. Its fall (or
 growth) from the last call to the first is the vanishing (exploding) through
-time that Pascanu et al. (2013) describe, recorded as ``temporal_grad_norm``.
+time that Pascanu et al. (2013) describe, recorded as ``temporal_grad_norm``;
+where the layer is a square ``nn.Linear`` (W_hh), its largest singular value
+as ``lambda1`` (up to :data:`LAMBDA1_MOST` rows).
 
 A layer called several times on inputs that do not depend on its own earlier
 calls (``W_xh`` on each step's token, one head on two crops) is not a
@@ -27,18 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.probes.temporal import lambda1
+
 ANCESTORS_SEARCHED = 64  # a recurrence's state reaches the next call within a few nodes (tanh, add, a gate's product)
 LEAST_CALLS = 3  # the through-time diagnosis needs three time steps
+LAMBDA1_MOST = 2048  # λ₁ of a larger W_hh is not taken on a training step (an SVD: ~1 s on a CPU at 2048²)
 NOT_FOLLOWED = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.EmbeddingBag,
                 nn.RNNBase, nn.RNNCellBase)  # (norms and embeddings: see above; RNN modules: the temporal probe's)
 
 
-def loop_candidates(layers: list[tuple[str, nn.Module]]) -> dict[int, str]:
-    """The layers (index in ``layers``, ``(name, module)`` pairs, -> name) that may turn out to be a hand-written
+def loop_candidates(layers: list[tuple[str, nn.Module]]) -> dict[int, tuple[str, nn.Module]]:
+    """The layers (index in ``layers``, ``(name, module)`` pairs, -> the pair) that may turn out to be a hand-written
     recurrence: any but the model itself, RNN modules (followed by :class:`~gradwatch.probes.temporal.TemporalProbe`),
     norms and embeddings."""
     rms_norm = getattr(nn, "RMSNorm", ())
-    return {i: name for i, (name, module) in enumerate(layers)
+    return {i: (name, module) for i, (name, module) in enumerate(layers)
             if name and not isinstance(module, NOT_FOLLOWED + ((rms_norm,) if rms_norm else ()))}
 
 
@@ -67,13 +72,14 @@ def _node(output: Any) -> Any:
 class LoopProbe:
     """Per-call ‖∂L/∂a‖ of the layers that a forward pass calls on their own earlier output, one pass at a time."""
 
-    def __init__(self, candidates: dict[int, str], device: torch.device) -> None:
+    def __init__(self, candidates: dict[int, tuple[str, nn.Module]], device: torch.device) -> None:
         self.candidates = candidates
         self.device = device
         self.recurrent: dict[int, bool] = {}  # decided on the first pass that calls a layer twice (the model is fixed)
         self._calls: dict[int, int] = {}  # calls in the current forward pass
         self._last: dict[int, Any] = {}  # the last call's autograd node, for a layer not yet decided
         self._norms: dict[tuple[int, int], Tensor] = {}  # (layer, call) -> squared norm, summed over passes
+        self._lambda1: dict[int, Tensor] = {}  # λ₁ of a recurrent square nn.Linear, read before the update
 
     def new_pass(self) -> None:
         """The model's forward pass begins: calls count from 1 again (micro-batches add up call by call)."""
@@ -99,16 +105,35 @@ class LoopProbe:
         sq = norm.double() ** 2
         self._norms[key] = self._norms[key] + sq if key in self._norms else sq
 
-    def take(self) -> list[tuple[str, list[int], Tensor]]:
-        """Per recurrent layer called at least :data:`LEAST_CALLS` times: (name, calls, ‖∂L/∂a‖ per call); forgets."""
+    def read_weights(self) -> None:
+        """λ₁ of each recurrent square ``nn.Linear`` that this step called: the weights of its forward pass (call
+        it once the gradients are ready, before the optimizer steps)."""
+        for layer in {layer for layer, _ in self._norms}:
+            module = self.candidates[layer][1]
+            if (self.recurrent.get(layer) and isinstance(module, nn.Linear)
+                    and module.in_features == module.out_features <= LAMBDA1_MOST):
+                self._lambda1[layer] = lambda1(module.weight).to(self.device)
+
+    def take(self) -> list[tuple[str, str, list[int], Tensor]]:
+        """Records of each recurrent layer called at least :data:`LEAST_CALLS` times — (name, quantity, positions,
+        values): ‖∂L/∂a‖ per call (``temporal_grad_norm``), and λ₁ of a square ``nn.Linear``'s weight as
+        :meth:`read_weights` found it (``lambda1``, position −1) — and forgets the calls."""
         by_layer: dict[int, list[tuple[int, Tensor]]] = {}
         for (layer, call), sq in sorted(self._norms.items()):
             if self.recurrent.get(layer):
                 by_layer.setdefault(layer, []).append((call, sq))
+        weights = self._lambda1
         self.clear()
-        return [(self.candidates[layer], [c for c, _ in rows], torch.stack([v for _, v in rows]).sqrt().to(self.device))
-                for layer, rows in by_layer.items() if len(rows) >= LEAST_CALLS]
+        out = []
+        for layer, rows in by_layer.items():
+            if len(rows) < LEAST_CALLS:
+                continue
+            name = self.candidates[layer][0]
+            out.append((name, "temporal_grad_norm", [c for c, _ in rows], torch.stack([v for _, v in rows]).sqrt().to(self.device)))
+            if layer in weights:
+                out.append((name, "lambda1", [-1], weights[layer]))
+        return out
 
     def clear(self) -> None:
-        self._norms = {}
+        self._norms, self._lambda1 = {}, {}
         self.new_pass()

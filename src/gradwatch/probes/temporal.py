@@ -362,7 +362,7 @@ class TemporalProbe:
                 for entity, _ in self.entities_of(name, module):
                     layer, _, suffix = entity[len(name) + 2:].partition("_")
                     w = getattr(module, f"weight_hh_l{layer}{'_' + suffix if suffix else ''}")
-                    out.append((entity, "lambda1", [-1], _lambda1(w).to(self.device)))
+                    out.append((entity, "lambda1", [-1], lambda1(w).to(self.device)))
         for entity, sq in pooled.items():
             out.append((entity, "temporal_grad_norm", list(range(len(sq))), sq.sqrt()))
             out.append((entity, "step_jacobian_norm", list(range(len(jac[entity]))), jac[entity]))
@@ -377,7 +377,7 @@ class TemporalProbe:
             out.append((name, "temporal_grad_norm", [p for p, _ in rows], torch.stack([v for _, v in rows]).sqrt()))
             module = dict(self.modules)[name]
             if isinstance(module, nn.RNNCellBase):
-                out.append((name, "lambda1", [-1], _lambda1(module.weight_hh).to(self.device)))
+                out.append((name, "lambda1", [-1], lambda1(module.weight_hh).to(self.device)))
         self.clear()
         return out
 
@@ -385,7 +385,7 @@ class TemporalProbe:
         self._captures, self._cell_calls, self._cell_norms = [], {}, {}
 
 
-def _lambda1(w: Tensor) -> Tensor:
+def lambda1(w: Tensor) -> Tensor:
     """Largest singular value of a recurrent weight, (1,); NaN once the weight itself is not finite."""
     w = w.detach().double()
     if not bool(torch.isfinite(w).all()):  # a diverged run: the SVD would fail

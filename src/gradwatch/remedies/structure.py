@@ -174,8 +174,8 @@ def recurrent_layers(model: nn.Module, example: Any) -> list[nn.Module]:
 
     layers = [(layer.name, layer.module) for layer in anatomy(model).layers]
     probe = LoopProbe(loop_candidates(layers), torch.device("cpu"))
-    handles = [layers[i][1].register_forward_hook(lambda m, a, out, i=i: probe.call(i, out) and None)
-               for i in probe.candidates]
+    handles = [module.register_forward_hook(lambda m, a, out, i=i: probe.call(i, out) and None)
+               for i, (_, module) in probe.candidates.items()]
     try:
         dry_run(model, example, graph=True)
     except Exception:  # noqa: BLE001 - a forward the example does not fit: no loop found

@@ -53,7 +53,8 @@ class SampledProbes:
 
     def __init__(self, activations: list[Activation], params: list[nn.Parameter], device: torch.device,
                  recurrent: list[tuple[str, nn.Module]], temporal_auto: bool, guard: Guard, meter: CostMeter,
-                 attention: WatchedAttention | None = None, loops: dict[int, str] | None = None) -> None:
+                 attention: WatchedAttention | None = None,
+                 loops: dict[int, tuple[str, nn.Module]] | None = None) -> None:
         self.backprop = BackpropProbe(device)
         self.loops = LoopProbe(loops or {}, device)  # layers called again on their own output: recurrences by hand
         self.attention = attention if attention is not None and attention.measures else None
@@ -164,10 +165,11 @@ class SampledProbes:
         if taken is not None:
             layers, norms = taken
             buffer.add("layer", layers, "out_grad_norm", norms if scale is None else norms / scale)
-        for name, calls, values in self.loops.take():
+        for name, quantity, pos, values in self.loops.take():
             if recurrent_id is not None:
-                buffer.add_positioned(recurrent_id(name), "temporal_grad_norm", calls,
-                                      values if scale is None else values / scale)
+                if quantity == "temporal_grad_norm" and scale is not None:
+                    values = values / scale
+                buffer.add_positioned(recurrent_id(name), quantity, pos, values)
         if t is not None:
             self._meter.stop("backprop", t)
         t = self._meter.start() if "activations" in on else None

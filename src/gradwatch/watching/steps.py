@@ -191,6 +191,8 @@ class StepRecorder:
             now.scale = current_scale(self._scaler, self.device)
         if "temporal" in now.on:  # before the optimizer step: the re-run needs the weights of the forward pass
             self.probes.add_temporal(self.buffer, now.scale, self._recurrent_ids)
+        if "backprop" in now.on:  # (a hand-written recurrence's λ₁(W_hh) too)
+            self.probes.loops.read_weights()
         staged, now.staged = now.staged, None  # (staged for the recorder alone on a step without "grads")
         if "grads" in now.on:
             if staged is None:
