@@ -84,8 +84,9 @@ def test_inplace_silu_leaves_out_what_it_cannot_measure(store):
     assert "1" not in at_step(run, "deriv_rms", 0, "activation")
 
 
-def test_functional_activations_are_not_seen(store):
-    """torch.tanh inside forward is out of reach of module hooks (documented)."""
+def test_functional_activations_are_seen_named_after_their_layer(store):
+    """torch.tanh inside forward is out of reach of module hooks; the watch's tap measures it
+    (gradwatch.probes.functional; values against a reference in tests/test_functional_activations.py)."""
 
     class F(nn.Module):
         def __init__(self):
@@ -98,7 +99,7 @@ def test_functional_activations_are_not_seen(store):
     with gw.watch(F(), activations=1, store=store, name="f") as w:
         w.model(torch.randn(2, 3)).sum().backward()
     run = w.open()
-    assert run.names("activation") == []
+    assert run.names("activation") == ["lin.tanh()"]
     assert at_step(run, "out_grad_norm", 0)["lin"] > 0  # the gradient evidence is still there
 
 

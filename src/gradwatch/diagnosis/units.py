@@ -42,7 +42,8 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             vals = [dn[n] for n in names if n in dn and math.isfinite(dn[n])]
             if vals:
                 rms = f"; they pass on ×{sci(float(np.mean(vals)))} of the gradient on average (rms derivative)"
-        where = f"{len(names)} {'/'.join(modules)} module{'s' if len(names) > 1 else ''} ({span(names)})"
+        unit = "call" if all(n.endswith("()") for n in names) else "module"  # functions called in forward
+        where = f"{len(names)} {'/'.join(modules)} {unit}{'s' if len(names) > 1 else ''} ({span(names)})"
         over = steps_text(int(wsteps[0]), int(wsteps[-1]))
         if kind == "saturation":
             summary = f"{frac:.0%} of the units of {span(names)} sit in the flat tails"

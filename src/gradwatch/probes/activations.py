@@ -22,7 +22,8 @@ hardtanh an input outside its linear range, and for ReLU an input ≤ 0.
   (mean-field theory uses E[φ'(h)²]).
 
 Activations applied as functions inside a ``forward`` (``torch.tanh(x)``) are
-out of reach of module hooks and are not measured here.
+out of reach of module hooks; :mod:`gradwatch.probes.functional` taps them and
+measures each call as the module it stands for, with the functions here.
 """
 
 from __future__ import annotations

@@ -252,6 +252,8 @@ class Watch:
             "recurrent": [(m, self._on_recurrent_forward) for _, m in steps.probes.temporal.modules],
         }
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
+        if steps.tap is not None:  # activation function calls are tapped for the model's pass: closed after it
+            self._handles.append(self.model.register_forward_hook(self._on_model_return, always_call=True))
         self._handles += self._driver.place()
         self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
         steps.start(self)
@@ -279,6 +281,7 @@ class Watch:
         self._handles, self._forward = [], {}
         if getattr(self, "_steps", None) is not None:  # (None when the constructor failed before it)
             self._steps.probes.attention_hooks(False)
+            self._steps.model_returned()
 
     def _run_guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` unless the watch stopped; an error stops the recording, never the training."""
@@ -289,6 +292,10 @@ class Watch:
         except Exception as exc:  # noqa: BLE001 - the user's run must go on
             self._fail(exc)
             return None
+
+    @torch.compiler.disable
+    def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._steps.model_returned()  # even after a failure or close: an open tap must not outlive the pass
 
     @_forward_hook
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:

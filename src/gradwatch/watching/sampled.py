@@ -22,6 +22,7 @@ from gradwatch.layers import Activation
 from gradwatch.probes.activations import ActivationProbe, Call
 from gradwatch.probes.attention import AttentionProbe
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
+from gradwatch.probes.functional import FunctionalProbe
 from gradwatch.probes.loops import LoopProbe
 from gradwatch.probes.temporal import TemporalProbe
 from gradwatch.watching.budget import CostMeter
@@ -57,6 +58,7 @@ class SampledProbes:
                  loops: dict[int, tuple[str, nn.Module]] | None = None) -> None:
         self.backprop = BackpropProbe(device)
         self.loops = LoopProbe(loops or {}, device)  # layers called again on their own output: recurrences by hand
+        self.functional = FunctionalProbe(device)  # activations called as functions (fed by the watch's tap)
         self.attention = attention if attention is not None and attention.measures else None
         self.activations = ActivationProbe([a.spec for a in activations], device)
         self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
@@ -88,6 +90,17 @@ class SampledProbes:
         call = self.activations.measure(i, module, args, output)
         if call is not None and output.requires_grad:
             output.register_hook(functools.partial(self.timed, "activations", self._reached, call))
+
+    def functional_call(self, fn: str, args: tuple, kwargs: dict, node: Any, output: Tensor) -> str | None:
+        """Measure an activation function's call (:mod:`gradwatch.probes.functional`); its name, None if it is not
+        one (it counts once a backward that fills ``.grad`` reaches it)."""
+        found = self.functional.measure(fn, args, kwargs, node, output)
+        if found is None:
+            return None
+        name, call = found
+        if output.requires_grad:
+            output.register_hook(functools.partial(self.timed, "activations", self._reached, call))
+        return name
 
     def recurrent_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Capture a followed recurrent module's call for ‖∂L/∂h_t‖ (its backward hooks timed as temporal)."""
@@ -152,9 +165,10 @@ class SampledProbes:
         self._meter.stop("attention", t)
 
     def add_step(self, buffer: StepBuffer, scale: Tensor | None, on: frozenset[str],
-                 recurrent_id: Callable[[str], int] | None = None) -> None:
+                 recurrent_id: Callable[[str], int] | None = None,
+                 functional_id: Callable[[str], int] | None = None) -> None:
         """Queue the step's ‖∂L/∂a‖ (divided by ``scale``), a hand-written recurrence's per call (entities from
-        ``recurrent_id(name)``), and activation statistics.
+        ``recurrent_id(name)``), and activation statistics (of activation functions too: ``functional_id(name)``).
 
         Each is timed as its family's cost only on a step ``on`` it: the empty take of a family that did not
         record is bookkeeping, and a near-zero sample among its real ones would drag the budget's median down
@@ -175,6 +189,9 @@ class SampledProbes:
         t = self._meter.start() if "activations" in on else None
         for quantity, index, values in self.activations.take():
             buffer.add("activation", index, quantity, values)
+        for name, quantity, value in self.functional.take():
+            if functional_id is not None:
+                buffer.add_positioned(functional_id(name), quantity, [-1], value)
         if t is not None:
             self._meter.stop("activations", t)
 
@@ -182,6 +199,7 @@ class SampledProbes:
         """Forget everything measured (the watch stopped recording)."""
         self.backprop.clear()
         self.loops.clear()
+        self.functional.clear()
         self.activations.clear()
         self.temporal.clear()
         if self.attention is not None:

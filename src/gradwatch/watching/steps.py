@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from gradwatch.layers import Anatomy
 from gradwatch.probes.attention_read import find_attention, find_softmax_sites
+from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.loops import loop_candidates
 from gradwatch.store import StoreWriter
@@ -127,6 +128,11 @@ class StepRecorder:
         self._detail = frozenset(n for n, sched in self.budget.schedules.items() if sched is not None
                                  and not (self.grads.sharded and self.budget.families[n].collective))
         self._depth = DepthOrder()
+        # activations called as functions in the user's forward (torch.tanh(layer(x))): tapped for the model's
+        # forward pass on the steps that record activations (gradwatch.probes.functional)
+        self.tap = (FunctionalTap(lambda *a: guard(self._functional_call, *a))
+                    if model is not None and self.budget.schedules.get("activations") is not None
+                    and calls_activations(model) else None)
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
 
     # -- hooks: which are placed ---------------------------------------------------------
@@ -155,12 +161,36 @@ class StepRecorder:
         self.buffer.release()
 
     def model_called(self) -> None:
-        """The model's own forward begins (not a first layer's call in a loop): calls of a layer count anew."""
+        """The model's own forward begins (not a first layer's call in a loop): calls of a layer count anew; on a
+        step that records activations (or notes the depth order), activation function calls are tapped."""
         self.probes.loops.new_pass()
+        if (self.tap is not None and torch.is_grad_enabled() and "layers" in self._wanted
+                and ("activations" in self.now.on or not self._depth.settled)):
+            self.probes.functional.layers.clear()
+            self.tap.enter()
+
+    def model_returned(self) -> None:
+        """The model's own forward ended (or failed): the tap, if open, closes."""
+        if self.tap is not None:
+            self.tap.leave()
+
+    def _functional_call(self, fn: str, args: tuple, kwargs: dict, node: Any, output: Tensor) -> None:
+        t = self.meter.start()
+        name = self.probes.functional_call(fn, args, kwargs, node, output)
+        if name is not None:
+            self._functional_id(name)  # (the entity before the depth order is settled, so that it gets one)
+            self._depth.note(name, "activation")
+        self.meter.stop("activations", t)
+
+    def _functional_id(self, name: str) -> int:
+        f = self.probes.functional
+        return self._writer.entity(name, "activation", f.kinds[f.names.index(name)])
 
     def layer_forward(self, i: int, output: Any) -> None:
         self.buffer.release()
         self._depth.note(self.layers[i].name, "layer")
+        if self.tap is not None and self.tap.open:  # a pre-activation for the activation functions to come
+            self.probes.functional.layers.add(self.layers[i].name, output)
         if "backprop" in self.now.on and torch.is_grad_enabled():
             t = self.meter.start()
             self.probes.layer_output(i, output, self._through_time)
@@ -275,7 +305,7 @@ class StepRecorder:
         self.buffer.release()  # two steps without a forward pass between them
         now = self.now
         if not now.on.isdisjoint(FORWARD):
-            self.probes.add_step(self.buffer, now.scale, now.on, self._loop_id)
+            self.probes.add_step(self.buffer, now.scale, now.on, self._loop_id, self._functional_id)
         if "attention" in now.on:
             self.probes.add_attention(self.buffer, self._writer)
         self.buffer.hold(now.number)

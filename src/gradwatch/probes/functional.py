@@ -1,0 +1,212 @@
+"""Activations called as functions in a ``forward``: ``torch.tanh(layer(x))``, ``F.relu``, ``torch.clamp(h, -1, 1)``.
+
+Module hooks cannot see them, so a net written with ``nn.ModuleList`` and
+``torch.tanh`` had no activation statistics: round 7's 8-layer tanh loop at
+N(0, 1) weights (CS231n's "almost all neurons completely saturated"; 82–84 %
+of its units at |h| > 0.98 by hand) was "healthy". On the sampled steps the
+watch now taps those calls with a ``TorchFunctionMode`` held open for the
+model's forward pass, and measures each as the activation module it stands for
+would be measured (:mod:`gradwatch.probes.activations`; ``torch.clamp(x, a, b)``
+as ``nn.Hardtanh(a, b)``, ``clamp(x, min=0)`` as ``nn.ReLU``).
+
+A call counts when the user's own code makes it (not a torch module's
+forward, which the module hooks measure) and its input is a pre-activation:
+the output of a layer of the model, or a sum with one (``W_xh x + W_hh h``).
+The tanh inside a GELU's approximation is neither. The call is named after
+that layer: ``layers.3.tanh()`` is the tanh applied to ``layers.3``'s output
+(an RNN's tanh at every time step pools under one name, ``W_hh.tanh()``).
+
+The tap is placed only for models that may call activations as functions
+(:func:`calls_activations`): a class of the user's whose ``forward`` source
+calls one, or that holds one as an attribute (``self.act = torch.tanh``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+import types
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from gradwatch.probes.activations import ActivationProbe, Call, activation_spec
+
+# function name -> a stand-in module built from the call's settings (None: a setting the stand-in cannot take)
+_ACT_CALL = re.compile(r"\b(tanh|sigmoid|relu6?|hardtanh|clamp|clip|leaky_relu|gelu|silu|elu)_?\(")
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+# frames between the user's call and the mode: Python-level torch functions dispatching to it
+_DISPATCH_FILES = tuple(os.path.join(_TORCH_DIR, *p) for p in (("overrides.py",), ("nn", "functional.py"),
+                                                               ("_tensor.py",)))
+_ADD_NODES = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1"}
+_ACTIVATION_CLASS = re.compile(r"(Activation|GELU|GeLU|SiLU|Swish|Mish|ReLU|Tanh|Sigmoid)$")
+_KNOWN = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.gelu, F.silu, F.elu,
+          torch.clamp, torch.clip, F.tanh, F.sigmoid}
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def stand_in(name: str, args: tuple, kwargs: dict) -> nn.Module | None:
+    """The activation module that a call of ``name`` with these arguments computes; None if none does."""
+    base = name.rstrip("_")
+    if base in ("tanh", "sigmoid", "relu", "relu6", "silu"):
+        return {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}[base]()
+    def arg(i: int, key: str, default: Any = None) -> Any:
+        return args[i] if len(args) > i else kwargs.get(key, default)
+    if base in ("clamp", "clip"):
+        lo, hi = _number(arg(1, "min")), _number(arg(2, "max"))
+        if lo is not None and hi is not None and lo < hi:
+            return nn.Hardtanh(lo, hi)
+        return nn.ReLU() if lo == 0 and arg(2, "max") is None else None
+    if base == "hardtanh":
+        lo, hi = _number(arg(1, "min_val", -1.0)), _number(arg(2, "max_val", 1.0))
+        return nn.Hardtanh(lo, hi) if lo is not None and hi is not None and lo < hi else None
+    if base == "leaky_relu":
+        slope = _number(arg(1, "negative_slope", 0.01))
+        return nn.LeakyReLU(slope) if slope is not None else None
+    if base == "elu":
+        alpha = _number(arg(1, "alpha", 1.0))
+        return nn.ELU(alpha) if alpha is not None else None
+    if base == "gelu":
+        approximate = kwargs.get("approximate", "none")
+        return nn.GELU(approximate) if approximate in ("none", "tanh") else None
+    return None
+
+
+def _source_calls(obj: Any) -> bool:
+    try:
+        return bool(_ACT_CALL.search(inspect.getsource(obj)))
+    except (OSError, TypeError):
+        return False
+
+
+def calls_activations(model: nn.Module) -> bool:
+    """Whether the model may call an activation as a function: a module of the user's own classes (not torch's,
+    nor an activation class of its own, such as a GELU written out) whose ``forward`` source calls one, or that
+    holds one — ``torch.tanh``, or a function or lambda whose source calls one — as an attribute."""
+    for m in model.modules():
+        cls = type(m)
+        if cls.__module__.startswith("torch.") or _ACTIVATION_CLASS.search(cls.__name__):
+            continue
+        if _source_calls(cls.forward):
+            return True
+        for v in vars(m).values():
+            if isinstance(v, types.BuiltinFunctionType) and any(v is k for k in _KNOWN):
+                return True
+            if isinstance(v, types.FunctionType) and (any(v is k for k in _KNOWN) or _source_calls(v)):
+                return True
+    return False
+
+
+def called_by_user() -> bool:
+    """Whether the torch function being handled was called by code outside torch (frames: the mode's handler, its
+    caller's dispatch frames, then the caller)."""
+    f: types.FrameType | None = sys._getframe(2)
+    while f is not None and f.f_code.co_filename.startswith(_DISPATCH_FILES):
+        f = f.f_back
+    return f is not None and not f.f_code.co_filename.startswith(_TORCH_DIR)
+
+
+class FunctionalTap(TorchFunctionMode):
+    """While the model's forward pass runs on an armed step: hands each activation function call to ``seen(name,
+    args, kwargs, input node, output)`` — the input's autograd node taken before the call (an in-place call
+    replaces it)."""
+
+    def __init__(self, seen: Callable[[str, tuple, dict, Any, Tensor], None]) -> None:
+        super().__init__()
+        self.seen = seen
+        self.open = False
+
+    def enter(self) -> None:
+        if not self.open:
+            self.open = True
+            self.__enter__()
+
+    def leave(self) -> None:
+        if self.open:
+            self.open = False
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not (_ACT_CALL.match(name + "(") and args and isinstance(args[0], Tensor) and args[0].is_floating_point()):
+            return func(*args, **kwargs)
+        node = args[0].grad_fn
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) and node is not None and called_by_user():
+            self.seen(name, args, kwargs, node, out)
+        return out
+
+
+class LayerOutputs:
+    """The autograd nodes of the layers' outputs in the current forward pass, to tell a pre-activation."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, tuple[Any, str]] = {}
+
+    def add(self, name: str, output: Any) -> None:
+        node = getattr(output, "grad_fn", None) if isinstance(output, Tensor) else None
+        if node is not None:
+            self._nodes[id(node)] = (node, name)
+
+    def producer(self, node: Any) -> str | None:
+        """The layer whose output is ``node``, or the last of those summed into it (``W_xh x + W_hh h``)."""
+        hit = self._nodes.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        if type(node).__name__ in _ADD_NODES:
+            names = [h[1] for n, _ in node.next_functions if n is not None
+                     and (h := self._nodes.get(id(n))) is not None and h[0] is n]
+            return names[-1] if names else None
+        return None
+
+    def clear(self) -> None:
+        self._nodes = {}
+
+
+class FunctionalProbe:
+    """Statistics of the activation function calls of one step, one entity per call site (``layers.3.tanh()``),
+    measured as their stand-in modules would be (:class:`~gradwatch.probes.activations.ActivationProbe`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.activations = ActivationProbe([], device)
+        self.names: list[str] = []  # by index, as the probe's specs
+        self.kinds: list[str] = []  # the stand-in's class name (the entity's module type): "Tanh", "Hardtanh"
+        self._index: dict[str, int] = {}
+        self.layers = LayerOutputs()
+
+    def measure(self, fn: str, args: tuple, kwargs: dict, node: Any, out: Tensor) -> tuple[str, Call] | None:
+        """Measure one call (the input's node ``node``, the output ``out``): (its name, the call), or None where
+        it is not an activation of a layer's output."""
+        layer = self.layers.producer(node)
+        module = stand_in(fn, args, kwargs) if layer is not None else None
+        spec = activation_spec(module) if module is not None else None
+        if spec is None or (fn.endswith("_") and spec.needs_input):  # in place: the input is gone
+            return None
+        name = f"{layer}.{fn.rstrip('_')}()"
+        i = self._index.get(name)
+        if i is None:
+            i = self._index[name] = len(self.names)
+            self.names.append(name)
+            self.kinds.append(type(module).__name__)
+            self.activations.specs.append(spec)
+        call = self.activations.measure(i, module, (out if fn.endswith("_") else args[0],), out)  # type: ignore[arg-type]
+        return (name, call) if call is not None else None
+
+    def take(self) -> list[tuple[str, str, Tensor]]:
+        """The step's statistics as (entity name, quantity, 1-element value); forgets the calls."""
+        self.layers.clear()
+        return [(self.names[i], quantity, values[k:k + 1])
+                for quantity, index, values in self.activations.take() for k, i in enumerate(index)]
+
+    def clear(self) -> None:
+        self.layers.clear()
+        self.activations.clear()
