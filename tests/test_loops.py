@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -20,7 +21,7 @@ V, T, H = 8, 20, 64  # the recall task: vocabulary, sequence length, hidden unit
 class CharRNN(nn.Module):
     """Karpathy's min-char-rnn (gist karpathy/d4dee566867f8291f086) in PyTorch: h = tanh(W_xh x + W_hh h + b),
     W_hh an nn.Linear called once per time step in a Python loop; "karpathy": every weight N(0, 0.01²) as there,
-    "orthogonal": W_hh orthogonal, the rest PyTorch's default."""
+    "big": the same but W_hh ~ N(0, (3/√H)²), "orthogonal": W_hh orthogonal, the rest PyTorch's default."""
 
     def __init__(self, init: str, hidden: int = H) -> None:
         super().__init__()
@@ -28,11 +29,13 @@ class CharRNN(nn.Module):
         self.Wxh = nn.Linear(V, hidden, bias=False)
         self.Whh = nn.Linear(hidden, hidden)
         self.Why = nn.Linear(hidden, V)
-        if init == "karpathy":
+        if init in ("karpathy", "big"):
             for layer in (self.Wxh, self.Whh, self.Why):
                 nn.init.normal_(layer.weight, 0, 0.01)
             nn.init.zeros_(self.Whh.bias)
             nn.init.zeros_(self.Why.bias)
+            if init == "big":  # radius ≈ 3: Pascanu's necessary condition for exploding holds (λ₁ ≈ 6)
+                nn.init.normal_(self.Whh.weight, 0, 3 / math.sqrt(hidden))
         else:
             nn.init.orthogonal_(self.Whh.weight)
             nn.init.zeros_(self.Whh.bias)
@@ -162,7 +165,7 @@ def _char_rnn_trial(init: str, seed: int) -> gw.Trial:
     with Adam 3·10⁻³; held-out recall accuracy on 1000 sequences (chance 1/8)."""
     torch.manual_seed(seed)
     model = CharRNN(init)
-    if init == "karpathy":
+    if init in ("karpathy", "big"):
         opt: torch.optim.Optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
         opt.register_step_pre_hook(lambda o, a, k: [p.grad.clamp_(-5, 5) for p in model.parameters() if p.grad is not None]
                                    and None)
@@ -249,3 +252,27 @@ def test_orthogonal_recurrent_weights_reach_a_hand_written_w_hh():
     w = fixed.model.Whh.weight.detach()
     torch.testing.assert_close(w @ w.T, torch.eye(H), atol=1e-5, rtol=0)
     assert torch.equal(fixed.model.Wxh.weight, before)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_exploding_through_time_at_initialisation_is_found(store, seed):
+    """Round 7's miss: min-char-rnn with W_hh ~ N(0, (3/√H)²) — "healthy" or one loss spike, recall 0.22/0.52
+    where the orthogonal twin reaches 1.0. At step 0 the gradient through time grows ×10⁴ over 19 steps (by hand,
+    below); later the saturated units mask it. Found now as exploding through time at initialisation, with λ₁(W_hh)
+    at step 0 against svdvals."""
+    sick = _char_rnn_trial("big", seed)
+    at_init = float(torch.linalg.svdvals(sick.model.Whh.weight.detach().double())[0])
+    outs, hook = _whh_grads(sick.model)  # by hand, at step 0: the gradient at each call's output
+    tokens, target = next(sick.batches)
+    F.cross_entropy(sick.model(tokens), target).backward()
+    hook.remove()
+    sick.optimizer.zero_grad()
+    assert outs[0].grad.norm() > 1e3 * outs[-1].grad.norm()
+    sick.batches = itertools.chain([(tokens, target)], sick.batches)  # the watched run starts on the same batch
+    w = watched_trial(sick, store, f"big-{seed}")
+    found = [f for f in w.diagnose().problems if f.kind == "exploding" and f.layers == ("Whh",)]
+    assert found and "initialisation" in found[0].summary, str(w.diagnose())
+    assert found[0].numbers["lambda1"] == pytest.approx(at_init, rel=1e-9)
+    assert found[0].numbers["ratio"] == pytest.approx(float(outs[0].grad.norm() / outs[-1].grad.norm()), rel=1e-4)
+    assert found[0].remedy_keys[0] == "smaller_w_hh"
