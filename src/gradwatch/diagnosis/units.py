@@ -289,7 +289,7 @@ def normed_layers(run: Run) -> set[str]:
     1-channel input convolution (16 weights, one per channel, each normalised away but for its sign) moved
     3.5·10⁻⁵ of its norm a step against 4.9·10⁻³, was a "stalled" warning on a net at 0.97."""
     ordered = sorted((e for e in run.entities() if e.depth is not None and e.kind in ("layer", "activation")),
-                     key=lambda e: e.depth)
+                     key=lambda e: e.depth or 0)
     return {a.name for a, b in zip(ordered, ordered[1:])
             if a.kind == "layer" and b.kind == "layer" and any(t in (b.module or "") for t in NORM_TYPES)
             and not any(t in (a.module or "") for t in NORM_TYPES)}
