@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradwatch.probes.activations import ActivationProbe, Call, activation_spec
 
-# function name -> a stand-in module built from the call's settings (None: a setting the stand-in cannot take)
+# the activation functions tapped, as their names appear in a call (`torch.tanh(`, `x.clamp_(`, `F.leaky_relu(`)
 _ACT_CALL = re.compile(r"\b(tanh|sigmoid|relu6?|hardtanh|clamp|clip|leaky_relu|gelu|silu|elu)_?\(")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # frames between the user's call and the mode: Python-level torch functions dispatching to it
