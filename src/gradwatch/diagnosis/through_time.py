@@ -50,6 +50,9 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
         numbers: dict[str, float] = {"ratio": ratio, "halving_steps": k if k else math.nan,
                                      "memory": float(memory) if memory is not None else math.nan}
         verdict, grown = None, ""
+        # a layer called in the user's own loop (gradwatch.probes.loops) is in no cell's row: its nonlinearity is a
+        # function call unseen, its derivative bounded by 1 for tanh, sigmoid and ReLU alike
+        gamma = gammas[e.name] if e.name in gammas else 1.0
         if lam is not None and e.name in lam.names:
             row = lam.values[lam.names.index(e.name)]
             ok = np.isfinite(row)
@@ -58,9 +61,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
             if ok.any() and lam1 > GREW_BY * float(row[ok][0]):
                 grown = f"; W_hh grew under the updates, from λ₁ {float(row[ok][0]):.2g} at step {int(lam.steps[ok][0])}"
             if math.isfinite(lam1):
-                # a layer called in the user's own loop (gradwatch.probes.loops) is in no cell's row: its
-                # nonlinearity is a function call unseen, bounded by 1 for tanh, sigmoid and ReLU alike
-                verdict = pascanu(lam1, gammas[e.name] if e.name in gammas else 1.0)
+                verdict = pascanu(lam1, gamma)
         said = f"; {verdict.words}" if verdict is not None else ""
         sources = (f"temporal_grad_norm ({e.name}, lags {lags[0]}…0 from each sequence's end, "
                    f"{steps_text(int(wsteps[0]), int(wsteps[-1]))})",) + ((f"lambda1 ({e.name})",) if "lambda1" in numbers else ())
@@ -104,7 +105,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                 numbers=numbers, sources=sources,
             ))
         if kind != "exploding":
-            found += _exploding_at_init(e.name, s, lam, gammas.get(e.name, 1.0), ratio, th)
+            found += _exploding_at_init(e.name, s, lam, gamma, ratio, th)
     return found
 
 
@@ -113,7 +114,7 @@ def _exploding_at_init(name: str, s: Series, lam: Series | None, gamma: float | 
     """Exploding through time at the first read, taken at step 0 before any update, where the late window is not:
     an initialisation whose recurrent weights stretch the gradient (λ₁(W_hh) ≥ 1/γ where recorded), masked later
     as the units saturate. Measured: round 7's min-char-rnn with W_hh ~ N(0, (3/√H)²) (λ₁ ≈ 6): ‖∂L/∂h_0‖ is
-    1.4–1.7·10⁴× ‖∂L/∂h_19‖ at step 0, 10–60× later, and the net learns 0.22/0.52 of a task its orthogonal twin
+    1.4–1.8·10⁴× ‖∂L/∂h_19‖ at step 0, 10–60× later, and the net learns 0.22/0.52 of a task its orthogonal twin
     learns fully; it was "healthy" or one loss spike."""
     if not len(s.steps) or s.steps[0] != 0 or not s.values[-1, 0] > 0:
         return []
