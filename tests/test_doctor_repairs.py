@@ -814,6 +814,26 @@ def test_next_round_tries_adam_first_with_a_remedy_that_removed_the_findings_but
     assert [r.parts for r in catalogue.next_round([orth], diagnosis, cat, set())] == [("orthogonal_rnn", "gated")]
 
 
+def test_next_round_tries_adam_with_a_stuck_row_before_widening_another(monkeypatch):
+    """Regression (pascanu_rnn_radius25, this session's own): once clipping kept "exploding through time at
+    initialisation", the clipped row was the most promising and its combinations took round 2's room; the GRU row,
+    which had removed the explosion but learned nothing, never met Adam (0.99 together), and a 0.20 row in round 3
+    was called best. A row that removed the baseline's findings but did not learn gets Adam first."""
+    monkeypatch.setattr(catalogue, "EXPANDS", {})
+    flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: t)  # noqa: E731
+    cat = {k: [flag(k)] for k in ("clip_norm", "smaller_init", "warmup", "gated", "adam")}
+    diagnosis = Diagnosis([_finding("exploding", "clip_norm", "smaller_init", "warmup", "gated")])
+
+    def row(kinds: list[str], final: float) -> table.TrialResult:
+        return table.TrialResult("x", final, 1.0, math.nan, kinds, 0.0, first_loss=2.0,
+                                 problems=tuple(f for f in diagnosis.problems if f.kind in kinds))
+
+    clipped = (flag("clip_norm"), row(["exploding"], 0.5))  # the most promising: the loss fell furthest
+    gru = (flag("gated"), row(["vanishing"], 1.5))  # the explosion gone, a new finding, and no learning
+    todo = catalogue.next_round([clipped, gru], diagnosis, cat, set(), most=2)
+    assert [r.parts for r in todo] == [("gated", "adam"), ("clip_norm", "smaller_init")]
+
+
 def test_next_round_never_cuts_the_learning_rate_twice_or_clips_twice(monkeypatch):
     """Bug (pascanu_rnn_radius25): round 2 spent its room on clipping + lr×0.1 + lr×0.1 and clipping + lr×0.1 +
     clipping, and round 3 never reached clipping + lr×0.1 + Adam + identity init (score 0.87). Measured on the

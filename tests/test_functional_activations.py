@@ -178,3 +178,4 @@ def test_saturated_tanh_and_clamp_loops_are_found_and_their_twin_is_quiet(store,
     w = watched_digits(model, torch.optim.SGD(model.parameters(), lr=0.05), x, y, seed, store, f"xavier-{seed}")
     assert not w.diagnose().problems, str(w.diagnose())
     assert accuracy(xt, yt)(model) > 0.9
+
