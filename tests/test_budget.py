@@ -364,7 +364,7 @@ def test_a_step_that_samples_no_forward_probe_runs_no_hook_per_layer(store, monk
         for step in range(40):
             seen[step] = (len(model[0]._forward_hooks), len(model[1]._forward_hooks))
             _train(model, opt, w, 1, seed=step)
-    assert seen[0] == (1, 1)  # the first step: every hook (the depth order)
+    assert seen[0] == (2, 2)  # the first step: every hook (the depth order), and the residual blocks' reader
     assert seen[20] == (1, 0)  # ‖∂L/∂a‖ every step from step 17, activation statistics only on the floor's steps
     assert seen[32] == (1, 1)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # all gone after close

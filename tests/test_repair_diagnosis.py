@@ -293,6 +293,42 @@ def test_residual_blocks_are_recognised_by_what_they_compute(store):
     assert all(not m._forward_hooks for m in users.modules())
 
 
+class _Basic(nn.Module):
+    """He et al. 2016's basic block shape, with one ReLU module used in the branch and again after the sum:
+    relu(x + fc2(relu(norm(fc1 x))))."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2, self.relu = nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.fc2(self.relu(self.norm(self.fc1(x)))))
+
+
+class _TanhBlock(nn.Module):
+    """x + tanh(fc x), its activation a module."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(width, width), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+def test_the_modules_on_a_residual_branch_are_told_from_those_on_the_trunk(store):
+    """Which modules every call of which lies on a branch that a block adds to its input, against the blocks'
+    construction: a tanh block's fc and act; a basic block's fc1, norm and fc2 but not its ReLU, which also follows
+    the sum (it sits on the trunk there); nothing of the layers around the blocks, nor of a plain net."""
+    x = torch.randn(4, 8)
+    model = nn.Sequential(nn.Linear(8, 8), _TanhBlock(), _Basic(), nn.Linear(8, 2))
+    meta = _meta_after_one_step(model, x, store / "a")
+    assert meta["residual_blocks"] == ["1", "2"]
+    assert sorted(meta["residual_branch"]) == ["1.act", "1.fc", "2.fc1", "2.fc2", "2.norm"]
+    plain = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    assert _meta_after_one_step(plain, x, store / "b")["residual_branch"] == []
+
+
 def _fake_run(**meta):
     from types import SimpleNamespace
 

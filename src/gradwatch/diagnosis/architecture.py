@@ -187,9 +187,11 @@ def post_ln_without_warmup(run: Run) -> str:
 
 
 def has_residual(run: Run) -> bool:
-    """Skip connections, by what the modules compute (the watch's ``residual_blocks``) or by their class names."""
+    """Skip connections, by what the modules compute (the watch's ``residual_blocks``), by a residual sum written in
+    ``forward`` (``residual_calls``) or by the modules' class names."""
     meta = run_meta(run)
-    return bool(meta.get("residual_blocks")) or bool(module_types(run) & RESIDUAL_TYPES)
+    return (bool(meta.get("residual_blocks")) or bool(meta.get("residual_calls"))
+            or bool(module_types(run) & RESIDUAL_TYPES))
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:

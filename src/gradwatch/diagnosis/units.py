@@ -128,7 +128,11 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     it, below ``affected_below`` × what the units pass on at best — the product
     of their peak derivatives: 1/4 for each sigmoid, so a sigmoid net is not
     judged against a gain it can never have), or the loss does not fall. A
-    residual net whose skip path carries the gradient past them is not hurt.
+    residual net whose skip path carries the gradient past them is not hurt:
+    units inside residual branches (the watch's ``residual_branch`` for
+    blocks' modules, ``residual_calls`` for sums written in ``forward``) are
+    judged along the layers outside the branches, against a gain of 1, the
+    skip's.
     When no layer lies on both sides of them (a one-hidden-layer net, an output
     activation), the units' own rms derivative against their peak and the loss
     decide: they get past when they pass on at least ``PASSES_ABOVE`` of what
@@ -142,9 +146,16 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     if prof is None or prof.quantity != "out_grad_norm" or not d:
         return True, "the gradient around them was not measured", {}
     layer_depth = [depth.get(n) for n in prof.names]
-    # A layer that feeds one of them directly reads ‖∂L/∂a‖ behind the activation's own derivative (inside a
-    # residual branch, say): the gradient that got past them is the one at the layers below those feeders.
-    feeders = {max((i for i, x in enumerate(layer_depth) if x is not None and x < a), default=None) for a in d}
+    meta = run_meta(run)
+    in_blocks = set(meta.get("residual_branch") or ())  # residual blocks' branches (modules), and sums in forward
+    skip = set(acts) <= in_blocks | set(meta.get("residual_calls") or ())
+    if skip:  # inside residual branches: the gradient past them is the skip path's, read at layers outside them
+        branch = in_blocks | set(meta.get("residual_layers") or ())
+        layer_depth = [None if n in branch else x for n, x in zip(prof.names, layer_depth)]
+    # A layer that feeds one of them directly reads ‖∂L/∂a‖ behind the activation's own derivative: the gradient
+    # that got past them is the one at the layers below those feeders.
+    feeders = set() if skip else {max((i for i, x in enumerate(layer_depth) if x is not None and x < a), default=None)
+                                  for a in d}
     before = [i for i, x in enumerate(layer_depth) if x is not None and x < min(d) and i not in feeders]
     after = [i for i, x in enumerate(layer_depth) if x is not None and x > max(d)]
     if not before or not after:
@@ -162,11 +173,12 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     if ends is not None:
         numbers.update(loss_first=ends[0], loss_final=ends[1])
         falls = ends[1] < FLAT_LOSS_ABOVE * ends[0]
-    best = math.prod(peak_derivative(modules.get(a, "")) for a in acts)  # what an unsaturated stretch passes on
+    # what an unsaturated stretch passes on; past residual branches, what the skip passes on
+    best = 1.0 if skip else math.prod(peak_derivative(modules.get(a, "")) for a in acts)
     numbers["best"] = best
     decays = across < th.affected_below * best
     words = (f"‖∂L/∂a‖ goes ×{sci(across)} from layer {prof.names[after[0]]} down to layer {prof.names[before[-1]]} "
-             f"across them")
+             f"across them" + (" (they sit in residual branches: the skip path's gradient)" if skip else ""))
     learned = ends is not None and ends[1] <= LEARNED_BELOW * ends[0]
     if decays and learned and across >= th.affected_below ** 2:
         # a mild cost on a net that learned: round 7's healthy residual dilated stack (tanh written in forward, 33 %

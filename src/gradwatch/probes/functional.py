@@ -16,6 +16,15 @@ The tanh inside a GELU's approximation is neither. The call is named after
 that layer: ``layers.3.tanh()`` is the tanh applied to ``layers.3``'s output
 (an RNN's tanh at every time step pools under one name, ``W_hh.tanh()``).
 
+A residual add written in ``forward`` (``h = h + torch.tanh(conv(h))``) is
+seen by the same tap: an addition one of whose terms is a layer's input (the
+skip) and the other a branch that closes on it: every path back from it
+ends at the skip or at a weight within ``BRANCH_REACH`` autograd nodes, no
+layer met twice (a recurrence is no branch). The activation calls on it sit in a residual
+branch (:attr:`FunctionalProbe.branch_calls`), and so do its layers
+(:attr:`FunctionalProbe.branch_layers`): the skip carries the gradient past
+them, which the diagnosis reads along the layers outside the branches.
+
 The tap is placed only for models that may call activations as functions
 (:func:`calls_activations`): a class of the user's whose ``forward`` source
 calls one, or that holds one as an attribute (``self.act = torch.tanh``).
@@ -44,6 +53,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _DISPATCH_FILES = tuple(os.path.join(_TORCH_DIR, *p) for p in (("overrides.py",), ("nn", "functional.py"),
                                                                ("_tensor.py",)))
 _ADD_NODES = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1"}
+_ADD_FUNCS = {"add", "add_", "__add__", "__radd__", "__iadd__"}  # a residual sum, as the tap sees it
+BRANCH_REACH = 64  # autograd nodes walked back from a sum's term to the skip's source (weights' leaves count)
 _ACTIVATION_CLASS = re.compile(r"(Activation|GELU|GeLU|SiLU|Swish|Mish|ReLU|Tanh|Sigmoid)$")
 _KNOWN = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.gelu, F.silu, F.elu,
           torch.clamp, torch.clip, F.tanh, F.sigmoid}
@@ -119,9 +130,11 @@ class FunctionalTap(TorchFunctionMode):
     args, kwargs, input node, output)`` — the input's autograd node taken before the call (an in-place call
     replaces it)."""
 
-    def __init__(self, seen: Callable[[str, tuple, dict, Any, Tensor], None]) -> None:
+    def __init__(self, seen: Callable[[str, tuple, dict, Any, Tensor], None],
+                 summed: Callable[[tuple[Tensor, Any], tuple[Tensor, Any]], None] | None = None) -> None:
         super().__init__()
         self.seen = seen
+        self.summed = summed  # each addition's terms as (tensor, its autograd node before the call)
         self.open = False
 
     def enter(self) -> None:
@@ -137,6 +150,14 @@ class FunctionalTap(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name in _ADD_FUNCS and self.summed is not None and len(args) >= 2:
+            a, b = args[:2]
+            if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+                return func(*args, **kwargs)
+            terms = ((a, a.grad_fn), (b, b.grad_fn))  # (an in-place sum replaces the first's node)
+            out = func(*args, **kwargs)
+            self.summed(*terms)
+            return out
         if not (_ACT_CALL.match(name + "(") and args and isinstance(args[0], Tensor) and args[0].is_floating_point()):
             return func(*args, **kwargs)
         node = args[0].grad_fn
@@ -147,29 +168,44 @@ class FunctionalTap(TorchFunctionMode):
 
 
 class LayerOutputs:
-    """The autograd nodes of the layers' outputs in the current forward pass, to tell a pre-activation."""
+    """The autograd nodes of the layers' outputs in the current forward pass, to tell a pre-activation; and the
+    layers' inputs, to tell a residual sum's skip."""
 
     def __init__(self) -> None:
-        self._nodes: dict[int, tuple[Any, str]] = {}
+        self._nodes: dict[int, tuple[Any, str, Tensor | None]] = {}  # output node -> (node, layer, its input)
+        self._inputs: dict[int, Any] = {}  # the inputs, and their nodes, by id
 
-    def add(self, name: str, output: Any) -> None:
+    def add(self, name: str, output: Any, x: Tensor | None = None) -> None:
         node = getattr(output, "grad_fn", None) if isinstance(output, Tensor) else None
         if node is not None:
-            self._nodes[id(node)] = (node, name)
+            self._nodes[id(node)] = (node, name, x)
+        if x is not None:
+            self._inputs[id(x)] = x
+            if x.grad_fn is not None:
+                self._inputs[id(x.grad_fn)] = x.grad_fn
+
+    def is_input(self, x: Tensor, node: Any) -> bool:
+        """Whether tensor ``x`` (its node ``node``) was a layer's input in this pass."""
+        return self._inputs.get(id(x)) is x or (node is not None and self._inputs.get(id(node)) is node)
+
+    def layer_of(self, node: Any) -> tuple[str, Tensor | None] | None:
+        """The layer whose output ``node`` is, and its input."""
+        hit = self._nodes.get(id(node))
+        return (hit[1], hit[2]) if hit is not None and hit[0] is node else None
 
     def producer(self, node: Any) -> str | None:
         """The layer whose output is ``node``, or the last of those summed into it (``W_xh x + W_hh h``)."""
-        hit = self._nodes.get(id(node))
-        if hit is not None and hit[0] is node:
-            return hit[1]
+        hit = self.layer_of(node)
+        if hit is not None:
+            return hit[0]
         if type(node).__name__ in _ADD_NODES:
-            names = [h[1] for n, _ in node.next_functions if n is not None
-                     and (h := self._nodes.get(id(n))) is not None and h[0] is n]
+            names = [h[0] for n, _ in node.next_functions if n is not None and (h := self.layer_of(n)) is not None]
             return names[-1] if names else None
         return None
 
     def clear(self) -> None:
         self._nodes = {}
+        self._inputs = {}
 
 
 class FunctionalProbe:
@@ -182,6 +218,9 @@ class FunctionalProbe:
         self.kinds: list[str] = []  # the stand-in's class name (the entity's module type): "Tanh", "Hardtanh"
         self._index: dict[str, int] = {}
         self.layers = LayerOutputs()
+        self._outputs: dict[int, tuple[Any, str]] = {}  # this pass's measured calls: output node -> name
+        self.branch_calls: set[str] = set()  # calls seen inside a residual branch, over the run
+        self.branch_layers: set[str] = set()  # ... and the layers seen there
 
     def measure(self, fn: str, args: tuple, kwargs: dict, node: Any, out: Tensor) -> tuple[str, Call] | None:
         """Measure one call (the input's node ``node``, the output ``out``): (its name, the call), or None where
@@ -199,14 +238,65 @@ class FunctionalProbe:
             self.kinds.append(type(module).__name__)
             self.activations.specs.append(spec)
         call = self.activations.measure(i, module, (out if fn.endswith("_") else args[0],), out)  # type: ignore[arg-type]
+        if out.grad_fn is not None:
+            self._outputs[id(out.grad_fn)] = (out.grad_fn, name)
         return (name, call) if call is not None else None
+
+    def summed(self, a: tuple[Tensor, Any], b: tuple[Tensor, Any]) -> bool:
+        """An addition of terms ``a`` and ``b``, each (tensor, its autograd node): when one is a layer's input (the
+        skip) and the other a branch that closes on it through measured calls, note those calls and the layers on
+        the way as inside a residual branch. True when that adds to what was known."""
+        if not self._outputs:
+            return False
+        before = (len(self.branch_calls), len(self.branch_layers))
+        for skip, branch in ((a, b), (b, a)):
+            if branch[1] is not None and skip[0] is not branch[0] and self.layers.is_input(*skip):
+                self._branch(skip, branch[1])
+        return (len(self.branch_calls), len(self.branch_layers)) != before
+
+    def _branch(self, skip: tuple[Tensor, Any], end: Any) -> None:
+        """Walk back from ``end``: a residual branch when every path ends at the skip or at a leaf (a weight, an
+        input without gradient) within ``BRANCH_REACH`` nodes, a layer on the way took the skip as its input (or the
+        walk met the skip's node), and no layer is met twice (a recurrence)."""
+        calls, layers, reached = [], [], False
+        queue, seen = [end], {id(end)}
+        while queue:
+            node = queue.pop()
+            if skip[1] is not None and node is skip[1]:
+                reached = True
+                continue
+            if len(seen) > BRANCH_REACH:
+                return  # it does not close: not a branch of this sum's own
+            hit = self._outputs.get(id(node))
+            if hit is not None and hit[0] is node:
+                calls.append(hit[1])
+            layer = self.layers.layer_of(node)
+            if layer is not None:
+                if layer[0] in layers:
+                    return
+                layers.append(layer[0])
+                reached = reached or layer[1] is skip[0]
+            for nxt, _ in node.next_functions:
+                if nxt is not None and id(nxt) not in seen:
+                    seen.add(id(nxt))
+                    queue.append(nxt)
+        if reached and calls:
+            self.branch_calls.update(calls)
+            self.branch_layers.update(layers)
+
+    def new_pass(self) -> None:
+        """The model's forward pass begins: the last pass's layers and calls are forgotten."""
+        self.layers.clear()
+        self._outputs = {}
 
     def take(self) -> list[tuple[str, str, Tensor]]:
         """The step's statistics as (entity name, quantity, 1-element value); forgets the calls."""
         self.layers.clear()
+        self._outputs = {}
         return [(self.names[i], quantity, values[k:k + 1])
                 for quantity, index, values in self.activations.take() for k, i in enumerate(index)]
 
     def clear(self) -> None:
         self.layers.clear()
+        self._outputs = {}
         self.activations.clear()

@@ -28,7 +28,7 @@ from gradwatch.layers import anatomy
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import run_metadata
-from gradwatch.watching.residual import ResidualSeen
+from gradwatch.watching.residual import ResidualSeen, first_tensor
 from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
@@ -310,7 +310,7 @@ class Watch:
 
     @_forward_hook
     def _on_layer_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
-        self._steps.layer_forward(i, output)
+        self._steps.layer_forward(i, output, first_tensor(args))
 
     @_forward_hook
     def _on_act_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:

@@ -130,7 +130,7 @@ class StepRecorder:
         self._depth = DepthOrder()
         # activations called as functions in the user's forward (torch.tanh(layer(x))): tapped for the model's
         # forward pass on the steps that record activations (gradwatch.probes.functional)
-        self.tap = (FunctionalTap(lambda *a: guard(self._functional_call, *a))
+        self.tap = (FunctionalTap(lambda *a: guard(self._functional_call, *a), lambda *a: guard(self._functional_sum, *a))
                     if model is not None and self.budget.schedules.get("activations") is not None
                     and calls_activations(model) else None)
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
@@ -166,7 +166,7 @@ class StepRecorder:
         self.probes.loops.new_pass()
         if (self.tap is not None and torch.is_grad_enabled() and "layers" in self._wanted
                 and ("activations" in self.now.on or not self._depth.settled)):
-            self.probes.functional.layers.clear()
+            self.probes.functional.new_pass()
             self.tap.enter()
 
     def model_returned(self) -> None:
@@ -182,15 +182,20 @@ class StepRecorder:
             self._depth.note(name, "activation")
         self.meter.stop("activations", t)
 
+    def _functional_sum(self, a: tuple[Tensor, Any], b: tuple[Tensor, Any]) -> None:
+        f = self.probes.functional
+        if f.summed(a, b):  # a residual branch written in forward: its calls and layers, for the diagnosis
+            self._writer.meta({"residual_calls": sorted(f.branch_calls), "residual_layers": sorted(f.branch_layers)})
+
     def _functional_id(self, name: str) -> int:
         f = self.probes.functional
         return self._writer.entity(name, "activation", f.kinds[f.names.index(name)])
 
-    def layer_forward(self, i: int, output: Any) -> None:
+    def layer_forward(self, i: int, output: Any, x: Tensor | None = None) -> None:
         self.buffer.release()
         self._depth.note(self.layers[i].name, "layer")
         if self.tap is not None and self.tap.open:  # a pre-activation for the activation functions to come
-            self.probes.functional.layers.add(self.layers[i].name, output)
+            self.probes.functional.layers.add(self.layers[i].name, output, x)
         if "backprop" in self.now.on and torch.is_grad_enabled():
             t = self.meter.start()
             self.probes.layer_output(i, output, self._through_time)
