@@ -154,6 +154,30 @@ def batch_norm_on_tiny_batches(run: Run) -> str:
             f"running statistics used at evaluation follow that noise")
 
 
+CLIPPED_LAYERS = 0.5  # the share of the weighted layers whose weights sit at ±c for the net to be called clipped
+
+
+def clipped_weights(run: Run) -> str:
+    """Words for weights clipped to ±c — a WGAN critic's weight clipping — when at least ``CLIPPED_LAYERS`` of the
+    weighted layers have a quarter or more of their weights at ±max|w| (the watch's ``weights_at_bound``); ''
+    otherwise."""
+    meta = run_meta(run)
+    at = meta.get("weights_at_bound") or {}
+    layers = [layer["name"] for layer in meta.get("layers") or ()
+              if any(len(shape) >= 2 for shape in (layer.get("params") or {}).values())]
+    if not at or len(at) < CLIPPED_LAYERS * max(len(layers), 1):
+        return ""
+    names = [n for n in layers if n in at] or sorted(at)
+    share = min(at[n][0] for n in names)
+    bounds = sorted({float(at[n][1]) for n in names})
+    bound = f"±{sci(bounds[0])}" if bounds[-1] <= bounds[0] * (1 + 1e-6) else f"±{sci(bounds[0])}…{sci(bounds[-1])}"
+    return (f"weight clipping: {share:.0%} or more of the weights of {len(names)} of {max(len(layers), len(names))} "
+            f"layers sit at {bound}, their largest magnitude (a WGAN critic's clip bound, Arjovsky et al. 2017); "
+            f"clipping fixes each layer's gain by the bound and the width instead of letting it learn, so the "
+            f"gradient vanishes across the layers for a small bound and explodes for a large one (Gulrajani et al. "
+            f"2017, Fig. 1b)")
+
+
 def raw_inputs(run: Run) -> str:
     """Words for inputs far from unit scale (the first training batch's std or mean |x| above ``RAW_INPUT_ABOVE``,
     as the watch measured them once); '' otherwise."""
@@ -219,6 +243,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
     eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
     momentum, dropout, zeros = heavy_momentum(run), heavy_dropout(run), zero_init(run)
+    clipped = clipped_weights(run)
     sgd = meta.get("optimizer") in ("SGD", "Adagrad")  # steps that shrink with the gradient (and, Adagrad's, with time)
     out = []
     for f in found:
@@ -238,6 +263,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
                                     (zeros, ("he_init",), _ANY_KIND),
                                     (raw, ("standardise_inputs",), _INPUT_KINDS),
                                     (tiny_bn, ("group_norm",), _ANY_KIND),
+                                    (clipped, ("gradient_penalty",), _ANY_KIND),
                                     (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first
             if words and f.severity != "info" and f.kind in kinds:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)

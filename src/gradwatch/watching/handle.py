@@ -33,6 +33,7 @@ from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
 F = TypeVar("F", bound=Callable[..., Any])
+AT_BOUND_ABOVE = 0.25  # a layer whose weights sit at ±max|w| this often or more was clipped there
 
 
 def _guarded(fn: F) -> F:
@@ -139,6 +140,7 @@ class Watch:
         """Wait until every record so far is in the store."""
         if not self._closed:
             self._release()
+            self._run_guarded(self._note_weight_bounds)
         self._writer.flush()
         self._check_writer()
 
@@ -364,12 +366,35 @@ class Watch:
         warnings.warn(f"gradwatch stopped recording at step {self.step} ({type(exc).__name__}: {exc}); training goes "
                       f"on, and {self.path} keeps what was recorded before.", GradwatchWarning, stacklevel=4)
 
+    @torch.no_grad()
+    def _note_weight_bounds(self) -> None:
+        """The layers whose weights pile up at their largest magnitude, as weight clipping (WGAN's p.clamp_(−c, c))
+        leaves them: ``meta["weights_at_bound"]``, layer -> [share of the weights at ±max|w|, max|w|], for a share of
+        ``AT_BOUND_ABOVE`` or more, a fifth of it at each sign (a weight matrix drawn from a continuous law has one
+        entry at its maximum; one set to a constant has all of them at one sign)."""
+        if self._steps.grads.sharded:
+            return  # a shard's maximum is not the layer's
+        found = {}
+        for layer in self._steps.layers:
+            w = getattr(layer.module, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() < 2 or w.numel() < 64 or not w.is_floating_point():
+                continue
+            w = w.detach()
+            top = w.abs().max()
+            if not float(top) > 0:
+                continue
+            up, down = float((w == top).float().mean()), float((w == -top).float().mean())
+            if up + down >= AT_BOUND_ABOVE and min(up, down) >= AT_BOUND_ABOVE / 5:  # at +c and at −c (not a constant)
+                found[layer.name] = [up + down, float(top)]
+        self._writer.meta({"weights_at_bound": found})
+
     def _close(self, status: str) -> None:
         if self._closed:
             return
         self._remove_hooks()
         try:
             if self._failed is None:
+                self._run_guarded(self._note_weight_bounds)
                 self._release()
                 self._steps.buffer.emit(self.step)  # what the unfinished step has (a value logged after the last one)
         finally:
