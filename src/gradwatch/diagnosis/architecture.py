@@ -178,6 +178,18 @@ def clipped_weights(run: Run) -> str:
             f"2017, Fig. 1b)")
 
 
+def grads_not_zeroed(run: Run) -> str:
+    """Words for a loop that never zeroes ``.grad``: at half of the checked steps or more (three at least), the first
+    backward after an optimizer step found a parameter's ``.grad`` still holding a gradient (the watch's
+    ``grads_not_zeroed``); '' otherwise."""
+    stale, checks = (run_meta(run).get("grads_not_zeroed") or (0, 0))
+    if checks < 3 or stale < 0.5 * checks:
+        return ""
+    return (f"the gradients are not zeroed between steps: at {stale} of {checks} steps .grad still held the last "
+            f"step's gradient when the next backward began (no optimizer.zero_grad()), so each step applies the sum of "
+            f"every gradient so far")
+
+
 def raw_inputs(run: Run) -> str:
     """Words for inputs far from unit scale (the first training batch's std or mean |x| above ``RAW_INPUT_ABOVE``,
     as the watch measured them once); '' otherwise."""
@@ -243,7 +255,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
     eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
     momentum, dropout, zeros = heavy_momentum(run), heavy_dropout(run), zero_init(run)
-    clipped = clipped_weights(run)
+    clipped, stale = clipped_weights(run), grads_not_zeroed(run)
     sgd = meta.get("optimizer") in ("SGD", "Adagrad")  # steps that shrink with the gradient (and, Adagrad's, with time)
     out = []
     for f in found:
@@ -264,6 +276,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
                                     (raw, ("standardise_inputs",), _INPUT_KINDS),
                                     (tiny_bn, ("group_norm",), _ANY_KIND),
                                     (clipped, ("gradient_penalty",), _ANY_KIND),
+                                    (stale, ("zero_grad",), _ANY_KIND),
                                     (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first
             if words and f.severity != "info" and f.kind in kinds:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)

@@ -33,6 +33,8 @@ REMEDIES = {
     "forget_bias": "an LSTM forget-gate bias of 1 (Gers et al. 2000; gradwatch.remedies.lstm_forget_bias)",
     "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
+    "zero_grad": "call optimizer.zero_grad() once per step, before loss.backward(): .grad accumulates, so without it "
+                 "each step applies the sum of every gradient so far",
     "gradient_penalty": "a gradient penalty in place of weight clipping (WGAN-GP, Gulrajani et al. 2017): "
                         "λ·(‖∇ₓD(x̂)‖ − 1)² at points x̂ between real and generated samples, λ = 10",
     "nonsaturating": "for a GAN generator, the non-saturating loss −log D(G(z)) (Goodfellow et al. 2014)",

@@ -184,6 +184,13 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
         # a mild cost on a net that learned: round 7's healthy residual dilated stack (tanh written in forward, 33 %
         # saturated, ×0.31 across eight blocks, loss 2.37 → 0.16, held-out 0.95) is no fault to warn of
         return False, words + ", a mild cost on a loss that fell tenfold (info only)", numbers
+    moves = _least_move(run, [prof.names[i] for i in before], th) if decays and learned else None
+    if moves is not None and moves >= MOVES_ABOVE:
+        # the layers below still learn: round 8's breast-cancer MLP under Adam, 72 % of fc2's ReLUs dead, ×0.18
+        # from the head down to fc1, whose update ratio stayed near the others' (loss 17 → 0.26, held-out 0.95)
+        numbers["moves"] = moves
+        return False, words + (f", yet the layers below them still move (update ratio ×{sci(moves)} of the upper "
+                               f"quartile's at least) on a loss that fell tenfold (info only)"), numbers
     if decays:
         return True, words + ": they cost the gradient", numbers
     if not falls:
@@ -191,6 +198,22 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     return False, words + " and the loss falls: the gradient gets past them (info only)", numbers
 
 
+def _least_move(run: Run, names: list[str], th: Thresholds) -> float | None:
+    """The least update ratio (window median) among layers ``names``, over the upper-quartile layer's; None where
+    the update ratios were not recorded for them."""
+    if "update_ratio" not in run.quantities or not names:
+        return None
+    s = run.series("update_ratio")
+    med = dict(zip(s.names, window_median(s, th.window)[0]))
+    ok = [v for v in med.values() if math.isfinite(v)]
+    got = [med.get(n, math.nan) for n in names]
+    if len(ok) < 3 or not all(math.isfinite(v) for v in got):
+        return None
+    typical = float(np.percentile(ok, 75))
+    return float(min(got)) / typical if typical > 0 else None
+
+
+MOVES_ABOVE = 0.1  # layers below costly units that still move a tenth of the upper quartile's ratio, or more, learn
 PASSES_ABOVE = 0.1  # units passing on a tenth of their peak derivative (rms) or more still carry a gradient
 LEARNED_BELOW = 0.1  # ... and a loss that fell tenfold shows it got past them (halving is not enough: measured,
 # a tanh net on raw pixels halves its loss at 62 % accuracy while its units pass on ×0.03 of their peak)
@@ -280,6 +303,18 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
             cause="", remedies=(), numbers={"update_ratio": worst, "median": typical},
             sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
         )]
+    if _branch_layers_of_a_net_that_learned(run, names, th):
+        return [Finding(
+            kind="stalled", severity="info", layers=names, steps=(start, int(s.steps[-1])),
+            summary=f"layers {span(names)} barely move, inside residual branches of a net that learned",
+            evidence=(f"‖Δw‖/‖w‖ per optimizer step below {th.stalled_below:g}× the upper-quartile layer's "
+                      f"({sci(typical)}), as low as {sci(worst)}; they sit in residual branches, which the skip "
+                      f"carries the signal past (a branch whose last layer starts at zero, Fixup's, gives its first "
+                      f"layer little gradient), every layer has the same learning rate, and the loss fell tenfold: "
+                      f"no loss of learning."),
+            cause="", remedies=(), numbers={"update_ratio": worst, "median": typical},
+            sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))}); loss (run)",),
+        )]
     if vanishing is not None and set(names) <= set(vanishing.layers):
         cause = f"the vanishing gradient: these layers get {vanishing.numbers['ratio']:.1e} of the last layer's gradient or less"
         fixes = vanishing.remedies
@@ -295,6 +330,18 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
         numbers={"update_ratio": worst, "median": typical},
         sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
     )]
+
+
+def _branch_layers_of_a_net_that_learned(run: Run, names: tuple[str, ...], th: Thresholds) -> bool:
+    """Layers inside residual branches (the watch's ``residual_branch``, ``residual_layers``), of an optimizer whose
+    groups share one learning rate, on a loss that fell to ``LEARNED_BELOW`` of its start: round 8's residual MLP
+    with zero-initialised branch outputs (Goyal et al. 2017; Fixup), whose first branch layers moved ~0.012× the
+    upper quartile on both seeds of a net at 0.94. A group left at a tiny rate (a bug to warn of) has its own rate."""
+    meta = run_meta(run)
+    branch = set(meta.get("residual_branch") or ()) | set(meta.get("residual_layers") or ())
+    ends = loss_ends(run, th)
+    return (bool(branch) and set(names) <= branch and len(meta.get("optimizer_lrs") or ()) == 1
+            and ends is not None and ends[0] > 0 and ends[1] <= LEARNED_BELOW * ends[0])
 
 
 NORM_TYPES = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm")

@@ -29,6 +29,7 @@ from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import run_metadata
 from gradwatch.watching.residual import ResidualSeen, first_tensor
+from gradwatch.watching.zeroing import ZeroGradCheck, first_trained
 from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
@@ -73,6 +74,7 @@ class Watch:
         self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
         self._input_scale: tuple[float, float] | None = None  # (std, mean |x|) of the first training batch's inputs
         self._handles: list[Any] = []
+        self._zeroing: ZeroGradCheck | None = None
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
         # and keeps nothing.
@@ -141,6 +143,8 @@ class Watch:
         if not self._closed:
             self._release()
             self._run_guarded(self._note_weight_bounds)
+            if self._zeroing is not None:
+                self._run_guarded(lambda: self._writer.meta(self._zeroing.meta()))  # type: ignore[union-attr]
         self._writer.flush()
         self._check_writer()
 
@@ -258,6 +262,10 @@ class Watch:
             self._handles.append(self.model.register_forward_hook(self._on_model_return, always_call=True))
         self._handles += self._driver.place()
         self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
+        param = first_trained(self.model)
+        if self.optimizer is not None and param is not None and not steps.grads.sharded:
+            self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded)
+            self._handles += self._zeroing.handles
         steps.start(self)
 
     def forward_hooks(self, wanted: frozenset[str]) -> None:
@@ -395,6 +403,8 @@ class Watch:
         try:
             if self._failed is None:
                 self._run_guarded(self._note_weight_bounds)
+                if self._zeroing is not None:
+                    self._run_guarded(lambda: self._writer.meta(self._zeroing.meta()))  # type: ignore[union-attr]
                 self._release()
                 self._steps.buffer.emit(self.step)  # what the unfinished step has (a value logged after the last one)
         finally:

@@ -45,6 +45,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # the optimizer, the base rate it starts from (`initial_lr`): a warm-up starts below it.
         "optimizer_lr": max_group(optimizer, "lr"),
         "optimizer_initial_lr": max_group(optimizer, "initial_lr"),
+        # every group's rate: one value when all layers step alike (a stalled layer then lacks gradient, not rate)
+        "optimizer_lrs": sorted({float(g["lr"]) for g in optimizer.param_groups if isinstance(g.get("lr"), numbers.Real)})
+                         if optimizer is not None else None,
         "optimizer_weight_decay": max_group(optimizer, "weight_decay"),
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
         "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)

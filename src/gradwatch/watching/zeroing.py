@@ -1,0 +1,55 @@
+"""Whether ``.grad`` is zeroed between optimizer steps (round 8: a loop that never calls ``optimizer.zero_grad()``).
+
+PyTorch accumulates into ``.grad``: without ``zero_grad()`` each step applies
+the sum of every gradient so far, and training blows up for no reason the
+gradient statistics can name (they read the sum). A hook on one trained
+parameter, which autograd calls with the fresh gradient before accumulating
+it, reads that parameter's ``.grad`` at the first backward after each
+optimizer step: it should be None (``set_to_none``, the default) or zero. The
+count of steps where it was not stays on the device (no synchronisation) and
+is written to the meta at flush and close, ``grads_not_zeroed`` = [steps where
+``.grad`` still held a gradient, steps checked]. Nothing is changed: the hook
+returns nothing, so autograd accumulates the gradient as it would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class ZeroGradCheck:
+    """Reads whether one parameter's ``.grad`` was zeroed since the last optimizer step, at each first backward."""
+
+    def __init__(self, param: nn.Parameter, optimizer: torch.optim.Optimizer, guard: Callable[..., Any]) -> None:
+        self.param = param
+        self.stepped = False  # an optimizer step has run since the last check
+        self.checks = 0
+        self._stale: Tensor | None = None  # steps whose .grad was not zeroed, on the device
+        self.handles = [param.register_hook(functools.partial(guard, self._fresh)),
+                        optimizer.register_step_post_hook(functools.partial(guard, self._stepped))]
+
+    def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.stepped = True
+
+    @torch.no_grad()
+    def _fresh(self, grad: Tensor) -> None:
+        if not self.stepped:
+            return  # a later micro-batch of the same step: accumulating is what it should do
+        self.stepped = False
+        self.checks += 1
+        old = self.param.grad
+        if old is not None:
+            hit = old.ne(0).any().long()
+            self._stale = hit if self._stale is None else self._stale + hit
+
+    def meta(self) -> dict[str, Any]:
+        return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks]}
+
+
+def first_trained(model: nn.Module) -> nn.Parameter | None:
+    """The model's first parameter that requires a gradient."""
+    return next((p for p in model.parameters() if p.requires_grad), None)
