@@ -279,3 +279,87 @@ def test_dead_units_below_which_the_layers_still_learn_are_info(store, seed):
     with torch.no_grad():
         assert float(((model(x[test]) > 0).float() == y[test]).float().mean()) > 0.85
     assert not w.diagnose().problems, str(w.diagnose())
+
+
+class _Prototypes(nn.Module):
+    """A prototype classifier (Snell et al. 2017 take the squared distance): logits = logsumexp_k −s·‖x − c_k‖ over
+    each class's 10 prototypes, drawn from its training samples; the distance written as torch.sqrt(squared
+    distance + eps). With eps = 0 the gradient of the sqrt is infinite where a batch holds a prototype's own sample,
+    and 0 · ∞ = NaN at step 0, the loss finite."""
+
+    def __init__(self, centres: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.centres, self.scale, self.eps = nn.Parameter(centres.clone()), nn.Parameter(torch.tensor(1.0)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = torch.sqrt(((x[:, None, :] - self.centres[None]) ** 2).sum(-1) + self.eps)
+        return torch.logsumexp(-self.scale * d.view(x.shape[0], 10, -1), -1)
+
+
+def _prototype_trial(seed: int, eps: float = 0.0) -> gw.Trial:
+    x, y, xt, yt = digits()
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.nonzero(y == k).squeeze(1) for k in range(10)]
+    centres = torch.cat([x[p[torch.randperm(len(p), generator=g)[:10]]] for p in picks])
+    torch.manual_seed(seed)
+    model = _Prototypes(centres, eps)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-2), batches(x, y, 64, seed), F.cross_entropy,
+                    evaluate=accuracy(xt, yt))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_nan_made_in_the_backward_pass_is_told_from_one_made_forward(store, seed):
+    """The loss at step 0 is finite (by hand) and the gradient is not: the cause is the backward pass, the remedy the
+    operation's argument kept off 0 — not "standardise the inputs", which the doctor found to fix it only by moving
+    the data off the prototypes (round 8). The doctor, with nothing of the user's code to change, names the line
+    that made the NaN; the twin with eps 1e-8 learns, quiet."""
+    trial = _prototype_trial(seed)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"sqrt-{seed}") as w:
+        first = trial.step()
+        w.log(loss=first)
+        for _ in range(20):
+            w.log(loss=trial.step())
+    assert math.isfinite(float(first)) and not torch.isfinite(trial.model.centres).all()
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.steps[0] == 0 and f.cause.startswith("a NaN made in the backward pass"), str(f)
+    assert f.remedy_keys == ("backward_singularity",)
+    if seed == 0:
+        report = gw.doctor(_prototype_trial, steps=40, seeds=2, store=store / "doctor", progress=False)
+        assert report.best is None and report.nonfinite_origin is not None, report.message
+        assert report.nonfinite_origin.phase == "backward" and report.nonfinite_origin.step == 0
+        assert "test_round8.py" in report.nonfinite_origin.where
+    twin = _prototype_trial(seed, eps=1e-8)
+    with gw.watch(twin.model, twin.optimizer, store=store, name=f"eps-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=twin.step())
+    assert not w.diagnose().problems and twin.evaluate(twin.model) > 0.9, str(w.diagnose())
+
+
+def test_a_saturated_sigmoid_under_bce_is_told_to_return_logits(store):
+    """Breast-cancer features as they come, torch.sigmoid at the output, nn.BCELoss (round 8; PyTorch's docs advise
+    BCEWithLogitsLoss): on the seeds whose outputs end at exactly 0 or 1 — every parameter's gradient exactly 0 at
+    the last step, by hand; measured on seeds 1 and 5 of 0–5 — the collapse names logits and a loss on them."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.float32)
+    collapsed = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = _BreastCancerNet()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(seed)
+        with gw.watch(model, opt, store=store, name=f"bce-{seed}") as w:
+            for _ in range(300):
+                i = torch.randint(0, 450, (64,), generator=g)
+                loss = F.binary_cross_entropy(torch.sigmoid(model(x[i])), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss.detach())
+        if all(not bool(p.grad.any()) for p in model.parameters()):
+            collapsed += 1
+            fading = [f for f in w.diagnose().of("vanishing") if "whole gradient collapsed" in f.summary]
+            assert fading and "logits_loss" in fading[0].remedy_keys, str(w.diagnose())
+    assert collapsed >= 1

@@ -454,7 +454,7 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
         cause="nothing flows back from the loss any more: an output unit (a sigmoid, a softmax) in its flat tails, a "
         "loss on a clamped or detached output, or units that stopped passing a gradient; for a GAN generator trained "
         "with the minimax loss log(1 − D(G(z))), a discriminator that confidently rejects the samples",
-        remedies=remedies("nonsaturating", "lower_lr"),
+        remedies=remedies("nonsaturating", "logits_loss", "lower_lr"),
         numbers={"ratio": late / early, "early": early, "late": late},
         sources=(_total_source(steps),) + (("loss (run)",) if "loss" in run.quantities else ()),
     )]
@@ -544,18 +544,30 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
             cause = (f"divergence — the total gradient norm grew from a median of {sci(float(np.median(before)))} to "
                      f"{sci(float(before[-1]))} just before step {step0}")
     loss_note = ""
+    fixes = nonfinite_remedies(step0)
     if "loss" in run.quantities:
         loss = run.series("loss", "run")
         nf = np.where(~np.isfinite(loss.values[0]))[0]
         if len(nf):
             loss_note = f"; the loss is non-finite from step {int(loss.steps[nf[0]])}"
             sources.append("loss (run)")
+        at = np.where(loss.steps == step0)[0]
+        nan_grad = g is not None and g.values.shape == s.values.shape and bool(np.isnan(g.values[:, j0]).any())
+        if step0 == 0 and len(at) and np.isfinite(loss.values[0][at[0]]) and nan_grad:
+            # no update yet and a finite loss: the forward pass was fine, the backward made the NaN (round 8's
+            # prototype classifier, torch.sqrt of a squared distance that is 0 where a prototype is its own sample;
+            # "standardise the inputs" fixed it only by moving the data off the prototypes)
+            loss_note += f"; the loss at step {step0} is finite"
+            cause = ("a NaN made in the backward pass: the loss is finite and its gradient is not, before any update, "
+                     "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
+                     "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1")
+            fixes = remedies("backward_singularity")
     return [Finding(
         kind="nonfinite", severity="critical", layers=tuple(layers_at), steps=(step0, int(s.steps[cols[-1]])),
         summary=f"NaN/Inf gradients from {when}, first in layer {first_back!r} (backward order)",
         evidence=evidence + loss_note + ".",
         cause=cause,
-        remedies=nonfinite_remedies(step0),
+        remedies=fixes,
         numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad)},
         sources=tuple(sources),
     )]

@@ -33,6 +33,11 @@ REMEDIES = {
     "forget_bias": "an LSTM forget-gate bias of 1 (Gers et al. 2000; gradwatch.remedies.lstm_forget_bias)",
     "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
+    "backward_singularity": "keep the arguments of sqrt, norms and fractional powers off 0 (torch.sqrt(s + 1e-8), or "
+                            "the squared distance) and mask before such an operation, not after it (torch.where's "
+                            "untaken branch still back-propagates its NaN)",
+    "logits_loss": "return logits and use the loss on them (nn.BCEWithLogitsLoss, F.cross_entropy): a sigmoid or "
+                   "softmax output at exactly 0 or 1 in float32 passes no gradient back to its logits",
     "zero_grad": "call optimizer.zero_grad() once per step, before loss.backward(): .grad accumulates, so without it "
                  "each step applies the sum of every gradient so far",
     "gradient_penalty": "a gradient penalty in place of weight clipping (WGAN-GP, Gulrajani et al. 2017): "

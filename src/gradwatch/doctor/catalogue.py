@@ -157,6 +157,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "lower_eps": one("lower_eps", "Adam's eps 1e-8", s.lower_eps),
         "zero_grad": one("zero_grad", "gradients zeroed after each optimizer step", s.zero_grad),
         "gradient_penalty": [],  # the critic's loss is the set-up's own: nothing the doctor can reach
+        "backward_singularity": [],  # the operation is in the user's forward: the doctor names its line instead
+        "logits_loss": [],  # the output activation and the loss are the user's
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
