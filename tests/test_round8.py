@@ -204,7 +204,7 @@ def test_slow_first_layers_of_zero_initialised_branches_are_info(store, seed):
     """The zero-initialised twin learns (held-out > 0.9) while its branches' first layers move ~0.01× the upper
     quartile (a branch whose last layer is 0 gives them little gradient): "stalled" warned on seed 1. Now info,
     as layers in residual branches (read off the graph), one learning rate for all, a loss that fell tenfold.
-    The He-initialised net, without the zeros, is still found blowing up."""
+    The He-initialised net, without the zeros, is still found blowing up, and told of Fixup, which repairs it."""
     trial = _resmlp(seed)
     with gw.watch(trial.model, trial.optimizer, store=store, name=f"zero-last-{seed}") as w:
         for _ in range(300):
@@ -221,6 +221,15 @@ def test_slow_first_layers_of_zero_initialised_branches_are_info(store, seed):
         for _ in range(30):
             w.log(loss=blowing.step())
     assert {"nonfinite", "exploding"} <= {f.kind for f in w.diagnose().problems}, str(w.diagnose())
+    # a residual net without normalisation is told of Fixup, which the doctor can apply to its own block class
+    assert all("fixup" in f.remedy_keys for f in w.diagnose().of("exploding")), str(w.diagnose())
+    from gradwatch.doctor import surgery
+
+    fixed = surgery.fixup(_resmlp(seed, zero_last=False), {})
+    assert fixed is not None
+    for _ in range(300):
+        loss = fixed.step()
+    assert math.isfinite(float(loss)) and fixed.evaluate(fixed.model) > 0.9  # measured 0.94 (doctor, seeds 0–1)
 
 
 def test_the_mean_reduction_row_leaves_a_loss_that_averages_already():

@@ -247,6 +247,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         drop.add("residual")
     if any("Norm" in t for t in types):
         drop.add("norm")
+    unnormed_residual = residual and "norm" not in drop
     if warmup_seen(run):  # it warms up already (its rate was below the schedule's base or peak at the start)
         drop.add("warmup")
     relu_type = bool(types & RELU_TYPES) or bool(types & {"TransformerEncoderLayer", "TransformerDecoderLayer"})
@@ -263,6 +264,10 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         cause = f.cause
         if deep_plain and f.kind == "vanishing" and f.layers and f.severity != "info" and "residual" not in map(key_of, fixes):
             fixes += remedies("residual")
+        if unnormed_residual and f.kind == "exploding" and f.severity != "info" and "fixup" not in map(key_of, fixes):
+            # a residual net without normalisation grows its output's variance with every block (Zhang et al. 2019,
+            # §2): round 8's 16-block MLP, He in both branch layers, NaN at step 2; zero-initialised branch ends 0.94
+            fixes += remedies("fixup")
         keys = set(map(key_of, fixes))  # no gradient at all (a loss that passes none): no optimiser can help
         if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation", "check_graph"}:
             fixes += remedies("adam")
