@@ -38,6 +38,9 @@ REMEDIES = {
                             "untaken branch still back-propagates its NaN)",
     "logits_loss": "return logits and use the loss on them (nn.BCEWithLogitsLoss, F.cross_entropy): a sigmoid or "
                    "softmax output at exactly 0 or 1 in float32 passes no gradient back to its logits",
+    "gate_bias": "gate biases that keep the state at the start: the update gate towards the old state (PyTorch's "
+                 "GRU, h' = (1 − z)·n + z·h, a bias of +1 to +3 on z; the other way in the (1 − z)·h + z·ñ "
+                 "convention), an LSTM's forget gate +1, or chrono initialisation (Tallec & Ollivier 2018)",
     "zero_grad": "call optimizer.zero_grad() once per step, before loss.backward(): .grad accumulates, so without it "
                  "each step applies the sum of every gradient so far",
     "gradient_penalty": "a gradient penalty in place of weight clipping (WGAN-GP, Gulrajani et al. 2017): "

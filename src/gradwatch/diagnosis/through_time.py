@@ -32,6 +32,7 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
     gammas = {r["name"]: r.get("gamma") for r in run.meta.get("recurrent", [])} if hasattr(run, "meta") else {}
     lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
     dead = _dead_recurrent(run, th)
+    gated_loops = set(run.meta.get("gated_loops") or ()) if hasattr(run, "meta") else set()
     found = list(dead.values())
     for e in run.entities("recurrent"):
         s = by_lag(run.temporal(e.name))
@@ -73,11 +74,15 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
         if kind == "vanishing":
             decay = (f"the gradient through time halves every {k:.2g} steps (×{2 ** (-1 / k):.2g} per step)"
                      if k and k > 0 else "the gradient through time falls")
+            lstm, gated = e.module in ("LSTM", "LSTMCell"), e.module in ("GRU", "GRUCell") or e.name in gated_loops
             cause = ("the recurrent Jacobian ∂h_{t+1}/∂h_t shrinks the gradient at every step"
                      + (" (its largest singular value is below the bound)" if verdict is not None and verdict.key == "vanishing" else "")
-                     + (": in an LSTM, forget gates that close" if e.module == "LSTM" else ""))
-            fixes = (remedies("forget_bias", "clip_norm") if e.module == "LSTM"
-                     else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
+                     + (": in an LSTM, forget gates that close" if lstm else
+                        ": in a gated cell, gates that overwrite the state at every step" if gated else ""))
+            # a gated cell is told of its gates, not of a GRU in its place (round 8: a GRU written by hand, its
+            # update gate at z ≈ 0.95 in the (1 − z)·h + z·ñ convention, was told to use a GRU)
+            fixes = (remedies("forget_bias", "clip_norm") if lstm else remedies("gate_bias", "orthogonal_rnn", "pascanu_reg")
+                     if gated else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
             if verdict is not None and verdict.gamma and verdict.lambda1 >= STRETCH_ABOVE / verdict.gamma:
                 cause = (f"λ₁(W_hh) = {verdict.lambda1:.2g} is far above 1/γ, so the recurrent weights would stretch "
                          f"the gradient: the nonlinearity's derivative shrinks it — saturated tanh/sigmoid units (or "

@@ -159,6 +159,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "gradient_penalty": [],  # the critic's loss is the set-up's own: nothing the doctor can reach
         "backward_singularity": [],  # the operation is in the user's forward: the doctor names its line instead
         "logits_loss": [],  # the output activation and the loss are the user's
+        "gate_bias": [],  # a gated cell's biases: which gate is which is the cell's own convention
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),

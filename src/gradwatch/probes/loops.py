@@ -23,6 +23,9 @@ again on its own output, but that is depth, which the depth profile reads).
 
 from __future__ import annotations
 
+import inspect
+import re
+
 from collections import deque
 from typing import Any
 
@@ -45,6 +48,27 @@ def loop_candidates(layers: list[tuple[str, nn.Module]]) -> dict[int, tuple[str,
     rms_norm = getattr(nn, "RMSNorm", ())
     return {i: (name, module) for i, (name, module) in enumerate(layers)
             if name and not isinstance(module, NOT_FOLLOWED + ((rms_norm,) if rms_norm else ()))}
+
+
+_SIGMOID_CALL = re.compile(r"\bsigmoid_?\(")
+
+
+def gated_owners(model: nn.Module, names: list[str]) -> list[str]:
+    """Of the layers ``names``, those whose owning module is a gated cell written by hand: its class's ``forward``
+    calls a sigmoid twice or more (a GRU's z and r, an LSTM's i, f and o), or once beside a ``1 - `` (a GRU's
+    (1 − z)); a vanilla RNN with a sigmoid activation calls it once. Read off the source, as the functional tap's
+    models are (:func:`gradwatch.probes.functional.calls_activations`)."""
+    out = []
+    for name in names:
+        try:
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            source = inspect.getsource(type(owner).forward)
+        except (AttributeError, OSError, TypeError):
+            continue
+        calls = len(_SIGMOID_CALL.findall(source))
+        if calls >= 2 or (calls == 1 and re.search(r"\(\s*1(\.0*)?\s*-", source)):
+            out.append(name)
+    return out
 
 
 def feeds(later: Any, earlier: Any, most: int = ANCESTORS_SEARCHED) -> bool:

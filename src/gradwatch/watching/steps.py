@@ -40,7 +40,7 @@ from gradwatch.layers import Anatomy
 from gradwatch.probes.attention_read import find_attention, find_softmax_sites
 from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
-from gradwatch.probes.loops import loop_candidates
+from gradwatch.probes.loops import gated_owners, loop_candidates
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
 from gradwatch.watching.buffer import StepBuffer
@@ -95,6 +95,8 @@ class StepRecorder:
         self.probes = SampledProbes(self.acts, self.grads.params, self.device, recurrent, options.temporal_auto, guard,
                                     self.meter, attention,
                                     loops=loop_candidates([(l.name, l.module) for l in self.layers]) if self._through_time else None)
+        if self._through_time and model is not None:  # hand-written gated cells, for the remedies through time
+            writer.meta({"gated_loops": gated_owners(model, [l.name for l in self.layers if l.name])})
         if not self.probes.temporal.modules:
             given["temporal"] = None  # nothing to follow through time
         if self.probes.attention is None:
