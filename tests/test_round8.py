@@ -267,6 +267,15 @@ def test_dead_units_below_which_the_layers_still_learn_are_info(store, seed):
     fc2's ReLUs die, ×0.18 from the head down to fc1 — and fc1 still moves as the others do, the loss falls tenfold
     and more, held-out ~0.95. It warned on seed 1; now info. (Dead units that stop the layers below keep their
     finding: the zoo's dead-ReLU set-ups, round 8's CNN at lr 0.1.)"""
+    w, model, (x, y, test) = _train_breast_cancer(seed, store, f"bc-{seed}", sigmoid=False)
+    with torch.no_grad():
+        assert float(((model(x[test]) > 0).float() == y[test]).float().mean()) > 0.85
+    assert not w.diagnose().problems, str(w.diagnose())
+
+
+def _train_breast_cancer(seed: int, store, name: str, sigmoid: bool) -> tuple[gw.Watch, nn.Module, tuple]:
+    """The breast-cancer MLP on raw features under Adam 10⁻³ for 300 steps, watched: logits to BCEWithLogits, or
+    (``sigmoid``) torch.sigmoid then nn.BCELoss; the watch, the model and (features, targets, held-out rows)."""
     from sklearn.datasets import load_breast_cancer
 
     data = load_breast_cancer()
@@ -277,17 +286,17 @@ def test_dead_units_below_which_the_layers_still_learn_are_info(store, seed):
     model = _BreastCancerNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
-    with gw.watch(model, opt, store=store, name=f"bc-{seed}") as w:
+    with gw.watch(model, opt, store=store, name=name) as w:
         for _ in range(300):
             i = train[torch.randint(0, 450, (64,), generator=g)]
-            loss = F.binary_cross_entropy_with_logits(model(x[i]), y[i])
+            out = model(x[i])
+            loss = (F.binary_cross_entropy(torch.sigmoid(out), y[i]) if sigmoid
+                    else F.binary_cross_entropy_with_logits(out, y[i]))
             opt.zero_grad()
             loss.backward()
             opt.step()
             w.log(loss=loss.detach())
-    with torch.no_grad():
-        assert float(((model(x[test]) > 0).float() == y[test]).float().mean()) > 0.85
-    assert not w.diagnose().problems, str(w.diagnose())
+    return w, model, (x, y, test)
 
 
 class _Prototypes(nn.Module):
@@ -348,25 +357,10 @@ def test_a_nan_made_in_the_backward_pass_is_told_from_one_made_forward(store, se
 def test_a_saturated_sigmoid_under_bce_is_told_to_return_logits(store):
     """Breast-cancer features as they come, torch.sigmoid at the output, nn.BCELoss (round 8; PyTorch's docs advise
     BCEWithLogitsLoss): on the seeds whose outputs end at exactly 0 or 1 — every parameter's gradient exactly 0 at
-    the last step, by hand; measured on seeds 1 and 5 of 0–5 — the collapse names logits and a loss on them."""
-    from sklearn.datasets import load_breast_cancer
-
-    data = load_breast_cancer()
-    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.float32)
+    the last step, by hand; measured on seed 1 of 0–5, both kernels — the collapse names logits and a loss on them."""
     collapsed = 0
     for seed in range(6):
-        torch.manual_seed(seed)
-        model = _BreastCancerNet()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(seed)
-        with gw.watch(model, opt, store=store, name=f"bce-{seed}") as w:
-            for _ in range(300):
-                i = torch.randint(0, 450, (64,), generator=g)
-                loss = F.binary_cross_entropy(torch.sigmoid(model(x[i])), y[i])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                w.log(loss=loss.detach())
+        w, model, _ = _train_breast_cancer(seed, store, f"bce-{seed}", sigmoid=True)
         if all(not bool(p.grad.any()) for p in model.parameters()):
             collapsed += 1
             fading = [f for f in w.diagnose().of("vanishing") if "whole gradient collapsed" in f.summary]

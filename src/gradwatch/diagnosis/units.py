@@ -291,29 +291,27 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
     worst = float(np.min(med[hit]))
     flags = np.asarray((s.values[hit] < low).all(axis=0))
     start = since(flags, s.steps, th.window)
-    normed = normed_layers(run)
-    if set(names) <= normed:  # a norm right after each: their scale does not matter (info only)
+    # excused (info only): a norm right after each, so their scale does not matter; or layers in residual branches of
+    # a net that learned
+    excused = None
+    if set(names) <= normed_layers(run):
+        excused = ("but a norm follows each",
+                   "a normalisation layer takes each one's output next, so the output does not depend on the scale of "
+                   "its weights, and its gradient is orthogonal to them: a small ratio there is no loss of learning.", "")
+    elif _branch_layers_of_a_net_that_learned(run, names, th):
+        excused = ("inside residual branches of a net that learned",
+                   "they sit in residual branches, which the skip carries the signal past (a branch whose last layer "
+                   "starts at zero, Fixup's, gives its first layer little gradient), every layer has the same learning "
+                   "rate, and the loss fell tenfold: no loss of learning.", "; loss (run)")
+    if excused is not None:
+        summary, why, more = excused
         return [Finding(
             kind="stalled", severity="info", layers=names, steps=(start, int(s.steps[-1])),
-            summary=f"layers {span(names)} barely move, but a norm follows each",
+            summary=f"layers {span(names)} barely move, {summary}",
             evidence=(f"‖Δw‖/‖w‖ per optimizer step below {th.stalled_below:g}× the upper-quartile layer's "
-                      f"({sci(typical)}), as low as {sci(worst)}; a normalisation layer takes each one's output "
-                      f"next, so the output does not depend on the scale of its weights, and its gradient is "
-                      f"orthogonal to them: a small ratio there is no loss of learning."),
+                      f"({sci(typical)}), as low as {sci(worst)}; {why}"),
             cause="", remedies=(), numbers={"update_ratio": worst, "median": typical},
-            sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))})",),
-        )]
-    if _branch_layers_of_a_net_that_learned(run, names, th):
-        return [Finding(
-            kind="stalled", severity="info", layers=names, steps=(start, int(s.steps[-1])),
-            summary=f"layers {span(names)} barely move, inside residual branches of a net that learned",
-            evidence=(f"‖Δw‖/‖w‖ per optimizer step below {th.stalled_below:g}× the upper-quartile layer's "
-                      f"({sci(typical)}), as low as {sci(worst)}; they sit in residual branches, which the skip "
-                      f"carries the signal past (a branch whose last layer starts at zero, Fixup's, gives its first "
-                      f"layer little gradient), every layer has the same learning rate, and the loss fell tenfold: "
-                      f"no loss of learning."),
-            cause="", remedies=(), numbers={"update_ratio": worst, "median": typical},
-            sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))}); loss (run)",),
+            sources=(f"update_ratio (layers {span(s.names)}, {steps_text(int(wsteps[0]), int(wsteps[-1]))}){more}",),
         )]
     if vanishing is not None and set(names) <= set(vanishing.layers):
         cause = f"the vanishing gradient: these layers get {vanishing.numbers['ratio']:.1e} of the last layer's gradient or less"
