@@ -132,7 +132,10 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     units inside residual branches (the watch's ``residual_branch`` for
     blocks' modules, ``residual_calls`` for sums written in ``forward``) are
     judged along the layers outside the branches, against a gain of 1, the
-    skip's.
+    skip's. On a loss that fell to ``LEARNED_BELOW`` of its start, a cost is
+    info when it is mild (``affected_below``² or more) or when the layers
+    below them still move (update ratio ``MOVES_ABOVE`` × the upper
+    quartile's or more).
     When no layer lies on both sides of them (a one-hidden-layer net, an output
     activation), the units' own rms derivative against their peak and the loss
     decide: they get past when they pass on at least ``PASSES_ABOVE`` of what
