@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.probes.activations import ActivationProbe, Call, activation_spec
+from gradwatch.probes.graph import walk_back
 
 # the activation functions tapped, as their names appear in a call (`torch.tanh(`, `x.clamp_(`, `F.leaky_relu(`)
 _ACT_CALL = re.compile(r"\b(tanh|sigmoid|relu6?|hardtanh|clamp|clip|leaky_relu|gelu|silu|elu)_?\(")
@@ -258,15 +259,12 @@ class FunctionalProbe:
         """Walk back from ``end``: a residual branch when every path ends at the skip or at a leaf (a weight, an
         input without gradient) within ``BRANCH_REACH`` nodes, a layer on the way took the skip as its input (or the
         walk met the skip's node), and no layer is met twice (a recurrence)."""
-        calls, layers, reached = [], [], False
-        queue, seen = [end], {id(end)}
-        while queue:
-            node = queue.pop()
-            if skip[1] is not None and node is skip[1]:
-                reached = True
-                continue
-            if len(seen) > BRANCH_REACH:
-                return  # it does not close: not a branch of this sum's own
+        walked = walk_back(end, skip[1], BRANCH_REACH)
+        if walked is None:
+            return  # it does not close: not a branch of this sum's own
+        nodes, reached = walked
+        calls, layers = [], []
+        for node in nodes:
             hit = self._outputs.get(id(node))
             if hit is not None and hit[0] is node:
                 calls.append(hit[1])
@@ -276,10 +274,6 @@ class FunctionalProbe:
                     return
                 layers.append(layer[0])
                 reached = reached or layer[1] is skip[0]
-            for nxt, _ in node.next_functions:
-                if nxt is not None and id(nxt) not in seen:
-                    seen.add(id(nxt))
-                    queue.append(nxt)
         if reached and calls:
             self.branch_calls.update(calls)
             self.branch_layers.update(layers)

@@ -58,15 +58,21 @@ def gated_owners(model: nn.Module, names: list[str]) -> list[str]:
     calls a sigmoid twice or more (a GRU's z and r, an LSTM's i, f and o), or once beside a ``1 - `` (a GRU's
     (1 − z)); a vanilla RNN with a sigmoid activation calls it once. Read off the source, as the functional tap's
     models are (:func:`gradwatch.probes.functional.calls_activations`)."""
+    gated: dict[type, bool] = {}  # by the owner's class: its source is read once
     out = []
     for name in names:
         try:
-            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            source = inspect.getsource(type(owner).forward)
-        except (AttributeError, OSError, TypeError):
+            owner = type(model.get_submodule(name.rpartition(".")[0]) if "." in name else model)
+        except AttributeError:
             continue
-        calls = len(_SIGMOID_CALL.findall(source))
-        if calls >= 2 or (calls == 1 and re.search(r"\(\s*1(\.0*)?\s*-", source)):
+        if owner not in gated:
+            try:
+                source = inspect.getsource(owner.forward)
+            except (AttributeError, OSError, TypeError):
+                source = ""
+            calls = len(_SIGMOID_CALL.findall(source))
+            gated[owner] = calls >= 2 or (calls == 1 and re.search(r"\(\s*1(\.0*)?\s*-", source) is not None)
+        if gated[owner]:
             out.append(name)
     return out
 

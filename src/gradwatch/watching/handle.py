@@ -142,9 +142,7 @@ class Watch:
         """Wait until every record so far is in the store."""
         if not self._closed:
             self._release()
-            self._run_guarded(self._note_weight_bounds)
-            if self._zeroing is not None:
-                self._run_guarded(lambda: self._writer.meta(self._zeroing.meta()))  # type: ignore[union-attr]
+            self._run_guarded(self._note_setup)
         self._writer.flush()
         self._check_writer()
 
@@ -374,6 +372,12 @@ class Watch:
         warnings.warn(f"gradwatch stopped recording at step {self.step} ({type(exc).__name__}: {exc}); training goes "
                       f"on, and {self.path} keeps what was recorded before.", GradwatchWarning, stacklevel=4)
 
+    def _note_setup(self) -> None:
+        """What the set-up shows so far, read at flush and close: clipped weights, and whether ``.grad`` is zeroed."""
+        self._note_weight_bounds()
+        if self._zeroing is not None:
+            self._writer.meta(self._zeroing.meta())
+
     @torch.no_grad()
     def _note_weight_bounds(self) -> None:
         """The layers whose weights pile up at their largest magnitude, as weight clipping (WGAN's p.clamp_(−c, c))
@@ -402,9 +406,7 @@ class Watch:
         self._remove_hooks()
         try:
             if self._failed is None:
-                self._run_guarded(self._note_weight_bounds)
-                if self._zeroing is not None:
-                    self._run_guarded(lambda: self._writer.meta(self._zeroing.meta()))  # type: ignore[union-attr]
+                self._run_guarded(self._note_setup)
                 self._release()
                 self._steps.buffer.emit(self.step)  # what the unfinished step has (a value logged after the last one)
         finally:

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from gradwatch.probes.graph import walk_back
+
 REACH = 4  # nodes walked back from the output: relu(x + f(x)); Post-LN norm2(y + g(y)), y = norm1(x + f(x))
 
 
@@ -52,25 +54,6 @@ def residual_sum(x: Tensor | None, out: Tensor | None) -> Any:
             return node
         node = node.next_functions[0][0]  # the data input (weights of a norm come after it)
     return None
-
-
-def branch_nodes(skip: Any, end: Any, reach: int) -> set[int] | None:
-    """The ids of the autograd nodes from ``end`` back to ``skip`` (not counting it) when the branch closes on the
-    skip: every path back from ``end`` ends at ``skip`` or at a leaf (a weight, an input without gradient) within
-    ``reach`` nodes, and one reaches ``skip``; else None."""
-    queue, seen, reached = [end], {id(end)}, False
-    while queue:
-        node = queue.pop()
-        if node is skip:
-            reached = True
-            continue
-        if len(seen) > reach:
-            return None
-        for nxt, _ in node.next_functions:
-            if nxt is not None and id(nxt) not in seen:
-                seen.add(id(nxt))
-                queue.append(nxt)
-    return seen - {id(skip)} if reached else None
 
 
 BRANCH_REACH = 256  # nodes of one residual branch walked, once, at the first recorded forward pass
@@ -105,7 +88,9 @@ class ResidualSeen:
             self._found.append(name)
         for term, _ in node.next_functions:
             if term is not None and term is not x.grad_fn:  # type: ignore[union-attr]
-                self._branch |= branch_nodes(x.grad_fn, term, BRANCH_REACH) or set()  # type: ignore[union-attr]
+                walked = walk_back(term, x.grad_fn, BRANCH_REACH)  # type: ignore[union-attr]
+                if walked is not None and walked[1]:  # it closes on the block's input
+                    self._branch.update(id(n) for n in walked[0])
 
     def _finish(self, module: nn.Module, args: tuple, out: Any) -> None:
         got = first_tensor(out)

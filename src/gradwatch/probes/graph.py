@@ -1,0 +1,30 @@
+"""Walking an autograd graph back from a node: the branch of a residual sum, as the watch reads it.
+
+Shared by the residual blocks' reader (:mod:`gradwatch.watching.residual`) and the residual sums that the
+activation tap sees in a ``forward`` (:mod:`gradwatch.probes.functional`). Nothing is computed: the graph is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def walk_back(end: Any, stop: Any, reach: int) -> tuple[list[Any], bool] | None:
+    """The autograd nodes on the paths back from ``end`` that do not pass ``stop`` (``end`` first, ``stop`` itself
+    not listed), and whether a path met ``stop``; None when they do not close within ``reach`` nodes — a path goes
+    on past the weights and the inputs without gradient, farther than one sum's branch."""
+    nodes: list[Any] = []
+    queue, seen, met = [end], {id(end)}, False
+    while queue:
+        node = queue.pop()
+        if stop is not None and node is stop:
+            met = True
+            continue
+        if len(seen) > reach:
+            return None
+        nodes.append(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                queue.append(nxt)
+    return nodes, met
