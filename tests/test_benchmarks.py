@@ -14,11 +14,16 @@ def test_gpu_overhead_smoke(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("lightning")
     bench = runpy.run_path(str(ROOT / "benchmarks" / "gpu_overhead.py"))
-    assert bench["main"](["--smoke", "--models", "gpt2", "--rounds", "1", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert bench["main"](["--smoke", "--models", "gpt2", "--rounds", "1", "--steps", "2", "--steady-steps", "2",
+                          "--steady-after", "3", "--inspect", "plain", "gradwatch: gradient statistics every step",
+                          "--out", str(tmp_path)]) == 0
     table = (tmp_path / "gpu_overhead.md").read_text()
-    for row in list(bench["EXTRA"]) + list(bench["WATCHES"]) + ["floor: read every gradient once"]:
+    for row in list(bench["EXTRA"]) + list(bench["WATCHES"]) + [bench["STEADY"], "floor: read every gradient once"]:
         assert f"| {row}" in table
-    assert "| plain | 1.000× |" in table
+    assert "| plain | 1.000× | 1.000× |" in table
+    assert "the default watch's own account" in table
+    inspected = (tmp_path / "inspect_gpt2.txt").read_text()
+    assert "## plain" in inspected and "## gradwatch: gradient statistics every step" in inspected
 
 
 def test_instability_sweep_smoke(tmp_path):

@@ -26,7 +26,7 @@ from gradwatch import zoo
 from gradwatch.schedules import BUDGET_FLOOR, DEFAULT_SAMPLED, SPARSEST, every, floor_gap
 from gradwatch.watching import WatchOptions
 from gradwatch.watching import steps as steps_module
-from gradwatch.watching.budget import (BUDGETED, EVALUATE_EVERY, GRADS_DENSE_UNTIL, GRADS_SPARSEST, HEADROOM, Budget,
+from gradwatch.watching.budget import (BUDGETED, EVALUATE_EVERY, GRADS_DENSE_UNTIL, GRADS_SPARSEST, HEADROOM, TIMED_SECTIONS, Budget,
                                       CostMeter, Rhythm, thread_seconds)
 
 from conftest import at_step, naive_layer_grad_norms, naive_param_grad_norms, sampled_steps, schedule_steps
@@ -243,7 +243,7 @@ def test_on_a_gpu_a_family_costs_the_larger_of_its_host_and_device_time_read_wit
     meter = CostMeter(torch.device("cuda"), clock=lambda: next(host))
     budget = Budget(0.02, BUDGETED_ALL)
     meter.close_step()  # step 0
-    t = meter.start()
+    t = meter.start("activations")
     FakeEvent.clock += 5e-3  # the device spends 5 ms between the two events
     meter.stop("activations", t)
     late = meter._events[-1][3]
@@ -255,6 +255,24 @@ def test_on_a_gpu_a_family_costs_the_larger_of_its_host_and_device_time_read_wit
     late.done = True
     budget.step_ended(2, {}, 0.0, 1e-3, meter.device_seconds())
     assert budget._costs["activations"][1] == pytest.approx(5e-3)
+
+
+def test_on_a_gpu_a_few_sections_per_family_are_timed_on_the_device_and_stand_for_all(monkeypatch):
+    """Hooks per layer make hundreds of sections a step; event pairs on the first TIMED_SECTIONS of each family,
+    scaled to the family's count, give the device time that one pair per section would (each takes 1 ms here)."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    meter = CostMeter(torch.device("cuda"), clock=iter(itertools.count(0.0, 1e-6)).__next__)
+    meter.close_step()  # step 0
+    for family, sections in (("backprop", 10), ("grads", 1)):
+        for _ in range(sections):
+            t = meter.start(family)
+            FakeEvent.clock += 1e-3
+            meter.stop(family, t)
+    assert len(meter._events) == TIMED_SECTIONS + 1  # event pairs recorded: 4 of backprop's 10, grads' one
+    meter.close_step()
+    got = {family: seconds for _, family, seconds in meter.device_seconds()}
+    assert got == {"backprop": pytest.approx(10e-3), "grads": pytest.approx(1e-3)}
+    assert meter.device_seconds() == []  # each pair read once
 
 
 # -- arguments and metadata -----------------------------------------------------------------------

@@ -35,6 +35,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gradwatch.probes.hostcopy import device_tensor
+
 INACTIVE_BELOW = 0.02  # fraction of the peak derivative; tanh: |y| > 0.99
 
 # (module, input, output) -> φ'(input); the module is Any: its settings (alpha, min_val, …) are read
@@ -283,9 +285,8 @@ def pool(calls: dict[int, list[tuple[float, CallStats]]]) -> Pooled:
     idx = sorted(calls)
     s = torch.stack([torch.stack(tuple(t)) for i in idx for _, t in calls[i]])  # (total calls, 4): CallStats' fields
     if len(s) > len(idx):
-        w = torch.tensor([n / sum(m for m, _ in calls[i]) for i in idx for n, _ in calls[i]],
-                         dtype=s.dtype, device=s.device)
-        seg = torch.tensor([k for k, i in enumerate(idx) for _ in calls[i]], device=s.device)
+        w = device_tensor([n / sum(m for m, _ in calls[i]) for i in idx for n, _ in calls[i]], s.dtype, s.device)
+        seg = device_tensor([k for k, i in enumerate(idx) for _ in calls[i]], torch.long, s.device)
 
         def pooled(v: Tensor) -> Tensor:
             return torch.zeros(len(idx), dtype=s.dtype, device=s.device).index_add_(0, seg, w * v)
@@ -379,7 +380,8 @@ class ActivationProbe:
         for quantity in ("saturated_frac", "dead_frac"):
             rows = [k for k, i in enumerate(p.modules) if self.specs[i].quantity == quantity]
             if rows:
-                out.append((quantity, [p.modules[k] for k in rows], p.inactive[rows]))
+                at = device_tensor(rows, torch.long, p.inactive.device)
+                out.append((quantity, [p.modules[k] for k in rows], p.inactive.index_select(0, at)))
         out.append(("deriv_rms", p.modules, p.deriv_rms))
         return out
 

@@ -35,8 +35,9 @@ receives, under a :class:`torch.overrides.TorchFunctionMode` held while the
 module runs on an armed pass (``probe.softmax_sites``): the softmax over the
 last dimension of a ≥ 3-D tensor, square in its last two (self-attention) or
 any shape in a module named for attention. The statistics are computed in chunks of
-queries (at most ``chunk`` logits at a time), so memory stays bounded however
-long the sequence, and no second full attention matrix is materialised.
+queries (at most ``chunk`` logits at a time: by default 4 M on the CPU and, on a
+CUDA device, as many as fit a quarter of its free memory, up to 128 M), so
+memory stays bounded however long the sequence; log Z likewise, in chunks of positions.
 
 **What fused kernels hide.** ``scaled_dot_product_attention`` (flash,
 memory-efficient and cuDNN kernels) never writes the logits or the
@@ -83,6 +84,7 @@ from gradwatch.probes.attention_read import (
     ATTENTION_QUANTITIES,
     CHUNK,
     LOGZ_QUANTITIES,
+    chunk_size,
     AttentionInputs,
     Skip,
     find_attention,
@@ -110,11 +112,12 @@ class AttentionProbe:
     forward pass always goes on.
     """
 
-    def __init__(self, model: nn.Module, lm_head: str | nn.Module | None = "auto", chunk: int = CHUNK) -> None:
+    def __init__(self, model: nn.Module, lm_head: str | nn.Module | None = "auto", chunk: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(bad_argument("AttentionProbe", "model", "a torch.nn.Module", model))
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(bad_argument("AttentionProbe", "chunk", "a positive int (logits per query chunk)", chunk))
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(bad_argument("AttentionProbe", "chunk", "a positive int (logits per query chunk), or "
+                                          "None (by the device: attention_read.chunk_size)", chunk))
         self.model, self.chunk = model, chunk
         self.sites = find_attention(model)
         self.softmax_sites = find_softmax_sites(model, self.sites)  # attention written by hand
@@ -294,8 +297,11 @@ class AttentionProbe:
 
     def _add_logz(self, logits: Tensor) -> None:
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lse = torch.logsumexp(logits.detach().to(dtype), dim=-1).reshape(-1)  # log Z per position
-        now = torch.stack([lse.sum(), lse.new_tensor(float(lse.numel())), lse.max()])
+        rows = logits.detach().reshape(-1, logits.shape[-1])  # a position per row
+        step = max(1, chunk_size(rows.device, self.chunk) // max(1, rows.shape[1]))  # a float32 copy of a chunk only
+        lse = torch.cat([torch.logsumexp(rows[a:a + step].to(dtype), dim=-1) for a in range(0, len(rows), step)])
+        count = torch.full((), float(lse.numel()), dtype=dtype, device=lse.device)  # (filled: no host copy)
+        now = torch.stack([lse.sum(), count, lse.max()])
         if self._logz is not None:
             now = torch.stack([self._logz[0] + now[0], self._logz[1] + now[1], torch.maximum(self._logz[2], now[2])])
         self._logz = now

@@ -17,7 +17,23 @@ from torch.nn import functional as F
 
 ATTENTION_QUANTITIES = ("attn_logit_max", "attn_logit_rms", "attn_entropy")
 LOGZ_QUANTITIES = ("logz_mean", "logz_max")
-CHUNK = 1 << 22  # logits per query chunk (16 MiB of float32): bounded memory at any sequence length
+CHUNK = 1 << 22  # logits per query chunk on the CPU (16 MiB of float32): bounded memory at any sequence length
+DEVICE_CHUNK = 1 << 27  # at most this many on a CUDA device (512 MiB of float32), where each chunk costs ~25 kernel
+# launches: measured on an H200, GPT-2 small at 16 × 1024 tokens took 8.3× its step with the CPU's chunk (49
+# chunks per layer) and ~1.1× with whole layers at a time (benchmarks/RESULTS.md)
+TEMPORARIES = 16  # chunk-sized float32 tensors a chunk's statistics may hold at once, with room to spare
+FREE_SHARE = 4  # a chunk's temporaries take at most 1/FREE_SHARE of the device's free memory
+
+
+def chunk_size(device: torch.device, chunk: int | None) -> int:
+    """Logits per query chunk: ``chunk`` as given, else ``CHUNK`` on the CPU and on a CUDA device as many as
+    ``TEMPORARIES`` float32 copies fit in a quarter of its free memory, between ``CHUNK`` and ``DEVICE_CHUNK``."""
+    if chunk is not None:
+        return chunk
+    if device.type != "cuda":
+        return CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(DEVICE_CHUNK, max(CHUNK, free // (FREE_SHARE * TEMPORARIES * 4))))
 
 
 @dataclass
@@ -38,7 +54,7 @@ def _masked_bias(bias: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def head_stats(inp: AttentionInputs, chunk: int = CHUNK) -> Tensor:
+def head_stats(inp: AttentionInputs, chunk: int | None = None) -> Tensor:
     """Per head, over query chunks: max logit, Σ logit², #logits, Σ row entropy, #rows; a (5, H) tensor.
 
     Sums rather than means, so that several calls (micro-batches, shared
@@ -49,7 +65,7 @@ def head_stats(inp: AttentionInputs, chunk: int = CHUNK) -> Tensor:
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     kt = k.to(dtype).transpose(-1, -2)  # (B, H, D, Tk)
-    rows = max(1, chunk // max(1, B * H * Tk))
+    rows = max(1, chunk_size(q.device, chunk) // max(1, B * H * Tk))
     out = torch.zeros(5, H, dtype=dtype, device=q.device)
     out[0] = -math.inf
     keys = torch.arange(Tk, device=q.device)
@@ -91,7 +107,7 @@ def _add_sums(out: Tensor, s: Tensor, ok: Tensor, z: Tensor) -> None:
 
 
 @torch.no_grad()
-def softmax_stats(x: Tensor, chunk: int = CHUNK) -> Tensor:
+def softmax_stats(x: Tensor, chunk: int | None = None) -> Tensor:
     """:func:`head_stats`' sums from the logits a hand-written attention passes to its softmax: ``x`` (B, Tq, Tk),
     (B, H, Tq, Tk) or more leading dimensions (folded into B), the softmax over the last. Entries at or below half
     the dtype's minimum (a −inf or ``finfo.min`` mask) and non-finite ones are masked keys."""
@@ -101,7 +117,7 @@ def softmax_stats(x: Tensor, chunk: int = CHUNK) -> Tensor:
     B, H, Tq, Tk = s.shape
     out = torch.zeros(5, H, dtype=dtype, device=s.device)
     out[0] = -math.inf
-    rows = max(1, chunk // max(1, B * H * Tk))
+    rows = max(1, chunk_size(s.device, chunk) // max(1, B * H * Tk))
     floor = torch.finfo(x.dtype).min / 2 if x.is_floating_point() else -math.inf
     for a in range(0, Tq, rows):
         c = s[:, :, a:a + rows]

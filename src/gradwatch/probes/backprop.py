@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from gradwatch.probes.hostcopy import device_tensor
+
 
 def grad_tensors(output: Any) -> Iterator[Tensor]:
     """The floating tensors in a module's output that take part in autograd."""
@@ -57,7 +59,7 @@ class BackpropProbe:
         unique = sorted(set(layers))
         if len(unique) == len(layers):  # one output gradient per layer: no pooling
             return layers, norms
-        seg = torch.tensor([unique.index(k) for k in layers], device=norms.device)
+        seg = device_tensor([unique.index(k) for k in layers], torch.long, norms.device)
         pooled = torch.zeros(len(unique), dtype=norms.dtype, device=norms.device).index_add_(0, seg, norms * norms)
         return unique, pooled.sqrt()
 

@@ -116,7 +116,7 @@ class FlightRecorder:
         slot = (self.count - 1) % self.capacity
         now = self.values[slot]  # (layers, quantities)
         measured = ~torch.isnan(now).all(dim=0)  # (quantities,): the first is measured on every step by contract
-        measured[0] = True
+        measured.select(0, 0).fill_(True)  # (fill_, not `[0] = True`: that copies a host scalar, and waits)
         nonfinite = (~torch.isfinite(now) & measured).any()
         if min(self.count, self.capacity) - 1 < self.warmup:
             return nonfinite
@@ -124,7 +124,7 @@ class FlightRecorder:
         empty = torch.isnan(self.values[:, :, 0]).all(dim=1)  # an empty slot stays out of the median
         total = torch.where(empty, torch.full_like(total, math.nan), total)  # (where, not a masked store: no sync)
         history = total.clone()
-        history[slot] = math.nan
+        history.select(0, slot).fill_(math.nan)
         med = history.nanmedian()
         mad = 1.4826 * (history - med).abs().nanmedian()
         rise = total[slot] - med

@@ -34,6 +34,7 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from gradwatch.probes.hostcopy import device_scalar, device_tensor
 from gradwatch.probes.stacked import StackedNorms
 
 
@@ -76,7 +77,7 @@ def fused_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
         order.append(i)
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     if order != list(range(len(tensors))):
-        out = torch.empty_like(out).index_copy_(0, torch.tensor(order, device=device), out)
+        out = torch.empty_like(out).index_copy_(0, device_tensor(order, torch.long, device), out)
     return out
 
 
@@ -370,7 +371,7 @@ class GradProbe:
         pair_w, pair_d = self._per_pair(plan, weight[None]), self._per_pair(plan, delta[None])
         layer_w = self._layer_sum(plan, pair_w * pair_w).sqrt()
         layer_d = self._layer_sum(plan, pair_d * pair_d).sqrt()
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+        nan = device_scalar(float("nan"), torch.float64, self.device)
         return {
             "weight_norm": (plan.layers, layer_w, plan.pairs, pair_w),
             "update_ratio": (

@@ -43,7 +43,7 @@ never different training: the budget reads clocks, not the model). Records
 that must be reproducible come from ``budget=None`` or explicit schedules.
 
 A new family (a probe added to the step) declares itself in ``FAMILIES`` and
-times its work with ``meter.start()`` / ``meter.stop(name, t)``: its cost
+times its work with ``meter.start(name)`` / ``meter.stop(name, t)``: its cost
 counts, and a budgeted one gets a rhythm, with no change here.
 """
 
@@ -134,13 +134,21 @@ class Rhythm:
         return f"budget(k={self.k} now; never sparser than BUDGET_FLOOR)"
 
 
+TIMED_SECTIONS = 4  # event pairs per family per step on a GPU; the family's other sections count at their mean
+
+
 class CostMeter:
     """Times the watch's own work within each step, per family: ``perf_counter``, and CUDA events on a GPU.
 
     On a GPU a family's cost on a step is the larger of its host time (the
     launches) and its device time (the kernels, read from event pairs once
-    they have completed: no synchronisation). Sections may run on autograd's
-    worker thread (backward hooks); the GIL keeps the sums whole.
+    they have completed: no synchronisation). The device time is read on the
+    first ``TIMED_SECTIONS`` sections of a family in a step and scaled to all
+    of them: a pair of events is recorded on the host and queried until done,
+    and one per section (a hook per layer: ~300 a step on ResNet-50, queried
+    ~900 times) cost more host time than a 2 % budget allows (measured on an
+    H200, benchmarks/RESULTS.md). Sections may run on autograd's worker
+    thread (backward hooks); the GIL keeps the sums whole.
     """
 
     def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -149,26 +157,33 @@ class CostMeter:
         self.family_total = 0.0  # their sum, for the time outside families
         self.base = 0.0  # this step's host seconds outside every family (the drivers, hooks, the records)
         self._cuda = device.type == "cuda"
-        self._events: list[tuple[int, str, Any, Any]] = []  # (step, family, start, end) not read yet
+        self._events: list[list[Any]] = []  # [step, family, start, end, scale] not read yet
+        self._sections: dict[str, list[int]] = {}  # this step: family -> [sections timed on the device, all]
         self._spare: list[Any] = []
         self.step = 0
         self._last_end: float | None = None
 
-    def start(self) -> Any:
-        """A section begins; pass the token to :meth:`stop`."""
+    def start(self, family: str) -> Any:
+        """A section of ``family``'s work begins; pass the token to :meth:`stop`."""
         if self._cuda:
-            ev = self._event()
-            ev.record()
-            return self.clock(), ev
+            counts = self._sections.setdefault(family, [0, 0])
+            counts[1] += 1
+            if counts[0] < TIMED_SECTIONS:
+                counts[0] += 1
+                ev = self._event()
+                ev.record()
+                return self.clock(), ev
+            return self.clock(), None
         return self.clock()
 
     def stop(self, family: str, token: Any) -> None:
         """The section begun with ``token`` was ``family``'s work."""
         if self._cuda:
             t0, ev0 = token
-            ev1 = self._event()
-            ev1.record()
-            self._events.append((self.step, family, ev0, ev1))
+            if ev0 is not None:
+                ev1 = self._event()
+                ev1.record()
+                self._events.append([self.step, family, ev0, ev1, 1.0])
         else:
             t0 = token
         dt = self.clock() - t0
@@ -187,6 +202,11 @@ class CostMeter:
         """(seconds per family, base seconds, seconds since the previous step's end) of the step that ends now."""
         now = self.clock()
         out = (self.seconds, self.base, None if self._last_end is None else now - self._last_end)
+        for pair in self._events:  # this step's timed sections stand for all of their family's
+            if pair[0] == self.step and pair[1] in self._sections:
+                timed, every = self._sections[pair[1]]
+                pair[4] = every / timed
+        self._sections = {}
         self.seconds, self.family_total, self.base = {}, 0.0, 0.0
         self._last_end = now
         self.step += 1
@@ -196,12 +216,13 @@ class CostMeter:
         """(step, family, device seconds) of the event pairs that have completed since the last call."""
         done: dict[tuple[int, str], float] = {}
         waiting = []
-        for step, family, ev0, ev1 in self._events:
-            if ev1.query():
-                done[(step, family)] = done.get((step, family), 0.0) + ev0.elapsed_time(ev1) / 1e3
+        for pair in self._events:
+            step, family, ev0, ev1, scale = pair
+            if step < self.step and ev1.query():  # (a step still in progress may get more sections)
+                done[(step, family)] = done.get((step, family), 0.0) + scale * ev0.elapsed_time(ev1) / 1e3
                 self._spare += [ev0, ev1]
             else:
-                waiting.append((step, family, ev0, ev1))
+                waiting.append(pair)
         self._events = waiting
         return [(s, f, v) for (s, f), v in done.items()]
 

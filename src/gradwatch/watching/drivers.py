@@ -23,6 +23,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor, nn
 
+from gradwatch.probes.hostcopy import device_scalar
+
 
 class Driven(Protocol):
     """The watch as its driver sees it: the steps' sequence (:class:`~gradwatch.watching.handle.Watch`)."""
@@ -225,7 +227,7 @@ def current_scale(scaler: Any, device: torch.device) -> Tensor | None:
         return None
     scale = getattr(scaler, "_scale", None)  # the scaler's own tensor, on the device
     if not isinstance(scale, Tensor):  # not created yet, or a scaler of another make
-        return torch.tensor(float(scaler.get_scale()), dtype=torch.float64, device=device)
+        return device_scalar(float(scaler.get_scale()), torch.float64, device)
     return scale.detach().to(device, torch.float64).reshape(())
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from gradwatch._errors import GradwatchWarning, bad_argument
 from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
+from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import run_metadata
@@ -133,7 +134,7 @@ class Watch:
                 else:
                     value = value.clone()
             elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):  # numpy scalars too
-                value = torch.tensor(float(value), dtype=torch.float64, device=self._steps.device)
+                value = device_scalar(float(value), torch.float64, self._steps.device)
             else:
                 raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
             self._run_guarded(self._steps.add_scalar, key, value)

@@ -42,7 +42,7 @@ class WatchedAttention(AttentionProbe):
     def _guarded(self, fn: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        t = self._meter.start()
+        t = self._meter.start("attention")
         try:
             super()._guarded(fn)
         finally:
@@ -71,7 +71,7 @@ class SampledProbes:
     # -- from the forward hooks of a sampled step ------------------------------------------
     def timed(self, family: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` under the guard, its time counted as ``family``'s cost."""
-        t = self._meter.start()
+        t = self._meter.start(family)
         try:
             return self._guard(fn, *args)
         finally:
@@ -137,7 +137,7 @@ class SampledProbes:
     # -- into the step's values ----------------------------------------------------------
     def add_temporal(self, buffer: StepBuffer, scale: Tensor | None, ids: dict[str, int]) -> None:
         """Queue ‖∂L/∂h_t‖ and friends (a loss ``scale`` still on the gradients is divided out): the re-runs."""
-        t = self._meter.start()
+        t = self._meter.start("temporal")
         for name, quantity, pos, values in self.temporal.take():
             if quantity == "temporal_grad_norm" and scale is not None:
                 values = values / scale
@@ -158,7 +158,7 @@ class SampledProbes:
         """Queue the step's attention statistics (per head, ``pos`` = head) and the LM head's log Z."""
         if self.attention is None:
             return
-        t = self._meter.start()
+        t = self._meter.start("attention")
         stats = self.attention.collect()
         if stats:
             buffer.add_keyed(*self.attention.records(stats, writer))
@@ -174,7 +174,7 @@ class SampledProbes:
         record is bookkeeping, and a near-zero sample among its real ones would drag the budget's median down
         (a CNN's activation statistics: 22 ms a sample, a median of 0.01 ms every other decision).
         """
-        t = self._meter.start() if "backprop" in on else None
+        t = self._meter.start("backprop") if "backprop" in on else None
         taken = self.backprop.take()
         if taken is not None:
             layers, norms = taken
@@ -186,7 +186,7 @@ class SampledProbes:
                 buffer.add_positioned(recurrent_id(name), quantity, pos, values)
         if t is not None:
             self._meter.stop("backprop", t)
-        t = self._meter.start() if "activations" in on else None
+        t = self._meter.start("activations") if "activations" in on else None
         for quantity, index, values in self.activations.take():
             buffer.add("activation", index, quantity, values)
         for name, quantity, value in self.functional.take():

@@ -40,6 +40,7 @@ from gradwatch.layers import Anatomy
 from gradwatch.probes.attention_read import find_attention, find_softmax_sites
 from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
+from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -177,7 +178,7 @@ class StepRecorder:
             self.tap.leave()
 
     def _functional_call(self, fn: str, args: tuple, kwargs: dict, node: Any, output: Tensor) -> None:
-        t = self.meter.start()
+        t = self.meter.start("activations")
         name = self.probes.functional_call(fn, args, kwargs, node, output)
         if name is not None:
             self._functional_id(name)  # (the entity before the depth order is settled, so that it gets one)
@@ -199,7 +200,7 @@ class StepRecorder:
         if self.tap is not None and self.tap.open:  # a pre-activation for the activation functions to come
             self.probes.functional.layers.add(self.layers[i].name, output, x)
         if "backprop" in self.now.on and torch.is_grad_enabled():
-            t = self.meter.start()
+            t = self.meter.start("backprop")
             self.probes.layer_output(i, output, self._through_time)
             self.meter.stop("backprop", t)
 
@@ -207,13 +208,13 @@ class StepRecorder:
         self.buffer.release()
         self._depth.note(self.acts[i].name, "activation")
         if "activations" in self.now.on and torch.is_grad_enabled():
-            t = self.meter.start()
+            t = self.meter.start("activations")
             self.probes.activation_call(i, module, args, output)
             self.meter.stop("activations", t)
 
     def recurrent_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if "temporal" in self.now.on and torch.is_grad_enabled():
-            t = self.meter.start()
+            t = self.meter.start("temporal")
             self.probes.recurrent_call(module, args, output)
             self.meter.stop("temporal", t)
 
@@ -233,7 +234,7 @@ class StepRecorder:
         staged, now.staged = now.staged, None  # (staged for the recorder alone on a step without "grads")
         if "grads" in now.on:
             if staged is None:
-                t = self.meter.start()
+                t = self.meter.start("grads")
                 staged = self.grads.gradients()
                 self.meter.stop("grads", t)
             self.buffer.add_pending(staged)
@@ -242,7 +243,7 @@ class StepRecorder:
                 staged = self.grads.gradients()
             self.flight.push(now.number, staged, now.on)  # an event: full detail from the next step on
         if "updates" in now.on:
-            t = self.meter.start()
+            t = self.meter.start("updates")
             self.grads.snapshot()
             self.meter.stop("updates", t)
         self.meter.base_since(mark)
@@ -253,7 +254,7 @@ class StepRecorder:
         if self._counts_skips and not self.now.stepped:
             self._mark_skipped()
         if self.grads.has_snapshot:
-            t = self.meter.start()
+            t = self.meter.start("updates")
             self.buffer.add_stats(self.grads.updates())
             self.meter.stop("updates", t)
         self._end_step(mark)
@@ -271,7 +272,7 @@ class StepRecorder:
         if "temporal" in self.now.on:
             self.probes.add_temporal(self.buffer, self.now.scale, self._recurrent_ids)
         if "grads" in self.now.on:
-            t = self.meter.start()
+            t = self.meter.start("grads")
             self.buffer.add_pending(self.grads.gradients())
             self.meter.stop("grads", t)
         self._end_step(mark)
@@ -283,7 +284,7 @@ class StepRecorder:
         them yet); norms are divided by it.
         """
         if "grads" in self.now.on:
-            t = self.meter.start()
+            t = self.meter.start("grads")
             self.now.staged = self.grads.gradients(scale)
             self.meter.stop("grads", t)
         elif self.flight is not None:  # the recorder reads them on every step, before clipping too
@@ -299,10 +300,10 @@ class StepRecorder:
         self.buffer.add_scalar(self._writer.entity(name, "run"), self._writer.quantity(name), value)
 
     def _mark_skipped(self) -> None:
-        self.add_scalar("skipped_step", torch.tensor(1.0, dtype=torch.float64, device=self.device))
+        self.add_scalar("skipped_step", device_scalar(1.0, torch.float64, self.device))
         if self._scaler is not None:  # the scale this step used; a callback closes the step after update() backed off
             scale = skipped_scale(self._scaler, after_update=self._external)
-            self.add_scalar("loss_scale", torch.tensor(scale, dtype=torch.float64, device=self.device))
+            self.add_scalar("loss_scale", device_scalar(scale, torch.float64, self.device))
 
     def _loop_id(self, name: str) -> int:
         """The entity of a hand-written recurrence (a layer called on its own output), made at its first records."""
