@@ -149,13 +149,16 @@ def _recall(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
 def test_one_hot_attention_that_solved_the_task_is_info(store, seed):
-    """Pre-LN at Adam 0.1 (Wortsman et al. 2023's regime of attention-logit growth): the heads go one-hot — on the
-    token to recall, which is the task's answer — and the loss falls tenfold and more, held-out 0.88–1.0. It read "warning:
+    """Pre-LN at a high Adam lr (Wortsman et al. 2023's regime of attention-logit growth): the heads go one-hot — on
+    the token to recall, which is the task's answer — and the loss falls tenfold and more. It read "warning:
     exploding" on both seeds; now info. (A run whose one-hot attention stops learning keeps its warning:
-    test_instability's proxy at lr 0.1, test_round6's attention without 1/√d.)"""
+    test_instability's proxy at lr 0.1, test_round6's attention without 1/√d.) Round 8 ran it at 0.1, where on one
+    thread of an AMD EPYC seed 1 (portable kernels) and seed 3 (native) do not learn (held-out 0.11, 0.63; the
+    diagnosis then finds a problem, as it should); at 0.05 seeds 0–4 learn to 1.0 on one or two threads and both
+    kernel sets, except seed 3 on two threads of the portable kernels (0.89)."""
     torch.manual_seed(seed)
     model = _Encoder()
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(seed)
     with gw.watch(model, opt, store=store, name=f"preln-{seed}") as w:
         for _ in range(300):
@@ -167,7 +170,7 @@ def test_one_hot_attention_that_solved_the_task_is_info(store, seed):
             w.log(loss=loss.detach())
     x, y = _recall(torch.Generator().manual_seed(999), 1000)
     with torch.no_grad():
-        assert float((model(x).argmax(-1) == y).float().mean()) > 0.85  # 0.88–1.0: seeds 0–2, 1–2 threads, both kernels
+        assert float((model(x).argmax(-1) == y).float().mean()) > 0.85  # 1.0: seeds 0–2, 1–2 threads, both kernels
     diagnosis = w.diagnose()
     assert not diagnosis.problems, str(diagnosis)
     one_hot = [f for f in diagnosis.findings if "attention_logit_growth" in f.numbers]
