@@ -35,7 +35,8 @@ PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 test: $(TESTSTAMP)
 	$(PYTEST) -m "not slow"
 
-# The repair benchmark's labels, checked by plain measurement on its slower set-ups (about 3 min on 2 cores).
+# The repair benchmark's labels, checked by plain measurement on its slower set-ups, and the doctor's slowest tables
+# (about 6 min on 2 cores).
 test-slow: $(TESTSTAMP)
 	$(PYTEST) -m slow
 

@@ -1642,10 +1642,14 @@ def _loop_cnn_trial(seed: int) -> Trial:
     return _pixels_trial(_LoopCNN(), seed)
 
 
-@pytest.mark.zoo
+@pytest.mark.slow
 def test_the_doctor_repairs_a_plain_20_layer_cnn_written_as_a_loop(store):
     """Round 6: its residual, norm and ReZero rows were the baseline trained again (nothing was inserted), and the
-    doctor said "no remedy fixes it" (closest 0.43) where a hand residual reaches 0.93–0.97."""
+    doctor said "no remedy fixes it" (closest 0.43) where a hand residual reaches 0.93–0.97.
+
+    In ``make test-slow``: 12 rows × 2 seeds × 300 steps of a 20-layer CNN took 135 s of ``make test`` and 163 s of
+    the portable run on an AMD EPYC core, a quarter of CI's 20 minutes (it passed under both kernel sets there,
+    2026-12-04). ``make test`` keeps the surgery's own checks above: the rows insert what they say."""
     report = gw.doctor(_loop_cnn_trial, steps=300, seeds=2, store=store, progress=False)
     assert report.best is not None and report.best.verdict == "fixes it" and report.best.score > 0.9, report.message
     assert report.baseline.score < 0.2
