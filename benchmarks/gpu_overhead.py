@@ -93,7 +93,8 @@ def histograms(model: nn.Module) -> None:  # what wandb.watch(log="gradients") c
 EXTRA = {"plain": nothing, "plain (A/A)": nothing, "clip_grad_norm_": clip, "p.grad.norm().item() loop": item_loop,
          "Lightning grad_norm": lightning_grad_norm, "64-bin histc per parameter": histograms}
 ALONE: dict[str, Any] = dict(activations=False, update_every=False, attention=False, flight=False)  # one at a time
-WATCHES: dict[str, dict[str, Any]] = {  # gradwatch variants, timed interleaved with the rest: watch(...) keyword arguments
+# gradwatch variants, timed interleaved with the rest: watch(...) keyword arguments
+WATCHES: dict[str, dict[str, Any]] = {
     "gradwatch: gradient statistics every step": dict(every=1, **ALONE),
     "gradwatch: activation statistics every step": dict(every=1, **{**ALONE, "activations": 1}),
     "gradwatch: attention probes every step": dict(every=1, **{**ALONE, "attention": 1}),
@@ -112,6 +113,7 @@ class Bench:
 
     def __init__(self, build: Callable, device: torch.device, smoke: bool) -> None:
         self.model, self.opt, self.loss_fn = build(device, smoke)
+        self.name = type(self.model).__name__  # run names in the shared store: one model's never clash with another's
         self.cuda = device.type == "cuda"
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -164,7 +166,8 @@ def measure(bench: Bench, rounds: int, steps: int, store: Path, only: set[str] |
         random.Random(r).shuffle(order)
         for v in order:
             if v in watches:
-                with gw.watch(bench.model, bench.opt, store=store, name=f"{type(bench.model).__name__}-r{r}-{variants.index(v)}", **watches[v]):
+                name = f"{bench.name}-r{r}-{variants.index(v)}"
+                with gw.watch(bench.model, bench.opt, store=store, name=name, **watches[v]):
                     bench.one_step()  # the first step settles the layer order: not timed
                     times[v] += bench.timed(steps)
             else:
@@ -182,7 +185,7 @@ def measure_steady(bench: Bench, steps: int, after: int, store: Path) -> dict:
     before and after (A-B-A) give the baseline.
     """
     before = bench.timed(max(1, steps // 4))
-    with gw.watch(bench.model, bench.opt, store=store, name=f"{type(bench.model).__name__}-steady") as w:
+    with gw.watch(bench.model, bench.opt, store=store, name=f"{bench.name}-steady") as w:
         for _ in range(after):
             bench.one_step()
         watched = bench.timed(steps)
@@ -227,14 +230,16 @@ def inspect_watch(bench: Bench, store: Path, variants: list[str]) -> str:
     out: list[str] = []
     for v in variants:
         watching = (contextlib.nullcontext() if v == "plain" else
-                    gw.watch(bench.model, bench.opt, store=store, name=f"{type(bench.model).__name__}-inspect-{len(out)}", **WATCHES.get(v, {})))
+                    gw.watch(bench.model, bench.opt, store=store, name=f"{bench.name}-inspect-{len(out)}",
+                             **WATCHES.get(v, {})))
         with watching:
             for _ in range(2):
                 bench.one_step()
             syncs: dict[str, int] = {}
             shown = warnings.showwarning
 
-            def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
                 frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()
                           if "gradwatch" in f.filename]
                 key = f"{str(message)[:60]} <- {' / '.join(frames[-3:]) or filename + ':' + str(lineno)}"
@@ -335,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(results: dict[str, Any], card: str, rounds: int, steps: int, steady_steps: int, steady_after: int) -> str:
-    """The table: per model the median and the mean step as ratios to the plain step, and the target where one is set."""
+    """The table: per model the median and the mean step as ratios to the plain step, and the target if one is set."""
     names = list(results)
     lines = [f"Card: {card}; torch {torch.__version__}; {rounds} interleaved rounds × {steps} steps per variant "
-             f"(CUDA events on a GPU); the default watch's row: {steady_steps} steps after its first {steady_after}, between "
+             f"(CUDA events on a GPU); the default watch's row: {steady_steps} steps after its first {steady_after}, "
+             "between "
              "two plain blocks. Ratios to the plain step of the same run: median / mean (the mean counts a "
              "schedule's sampled steps).", "",
              "| variant | " + " | ".join(f"{n} median | {n} mean" for n in names) + " | target |",

@@ -65,7 +65,9 @@ def train(kind: str, watch: dict[str, Any] | None, store: Path, *, on_grads: Cal
     model = build().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    w = gw.watch(model, opt, store=store, name=f"{kind}-{len(list(store.iterdir()))}", **watch) if watch is not None else None
+    w = None
+    if watch is not None:
+        w = gw.watch(model, opt, store=store, name=f"{kind}-{len(list(store.iterdir()))}", **watch)
     for _ in range(steps):
         x = torch.randn(shape, device="cuda", generator=gen)
         y = torch.randint(0, 10, (shape[0],), device="cuda", generator=gen)
@@ -81,9 +83,11 @@ def train(kind: str, watch: dict[str, Any] | None, store: Path, *, on_grads: Cal
     return [p.detach().cpu().clone() for p in model.parameters()], w
 
 
+EVERYTHING = dict(every=1, activations=1, update_every=1, attention=1)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("watch", [dict(), dict(budget=None), dict(every=1, activations=1, update_every=1, attention=1)],
-                         ids=["default", "budget-none", "everything-every-step"])
+@pytest.mark.parametrize("watch", [dict(), dict(budget=None), EVERYTHING], ids=["default", "budget-none", "everything"])
 def test_watching_changes_no_parameter_bit(kind, watch, deterministic, tmp_path):
     plain, _ = train(kind, None, tmp_path)
     again, _ = train(kind, None, tmp_path)
@@ -113,8 +117,7 @@ def test_gradient_norms_are_the_gradients_norms(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("watch", [dict(), dict(every=1, activations=1, update_every=1, attention=1)],
-                         ids=["default", "everything-every-step"])
+@pytest.mark.parametrize("watch", [dict(), EVERYTHING], ids=["default", "everything"])
 def test_a_watched_step_never_waits_for_the_device(kind, watch, tmp_path):
     """No host synchronisation in the watch's part of a step: the hooks, the optimizer hooks, the budget's clocks."""
     build, shape = MODELS[kind]

@@ -19,8 +19,8 @@ ATTENTION_QUANTITIES = ("attn_logit_max", "attn_logit_rms", "attn_entropy")
 LOGZ_QUANTITIES = ("logz_mean", "logz_max")
 CHUNK = 1 << 22  # logits per query chunk on the CPU (16 MiB of float32): bounded memory at any sequence length
 DEVICE_CHUNK = 1 << 27  # at most this many on a CUDA device (512 MiB of float32), where each chunk costs ~25 kernel
-# launches: measured on an H200, GPT-2 small at 16 × 1024 tokens took 8.3× its step with the CPU's chunk (49
-# chunks per layer) and ~1.1× with whole layers at a time (benchmarks/RESULTS.md)
+# launches: on an H200, GPT-2 small at 16 × 1024 tokens took 8.3× its step with the CPU's chunk (49 chunks per
+# layer; benchmarks/RESULTS.md); with this one, 2 per layer (not yet measured there)
 TEMPORARIES = 16  # chunk-sized float32 tensors a chunk's statistics may hold at once, with room to spare
 FREE_SHARE = 4  # a chunk's temporaries take at most 1/FREE_SHARE of the device's free memory
 
