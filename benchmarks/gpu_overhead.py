@@ -236,7 +236,6 @@ def inspect_watch(bench: Bench, store: Path, variants: list[str]) -> str:
             for _ in range(2):
                 bench.one_step()
             syncs: dict[str, int] = {}
-            shown = warnings.showwarning
 
             def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
                      line: Any = None) -> None:
@@ -246,8 +245,7 @@ def inspect_watch(bench: Bench, store: Path, variants: list[str]) -> str:
                 syncs[key] = syncs.get(key, 0) + 1
 
             if bench.cuda:
-                warnings.showwarning = note
-                with warnings.catch_warnings():
+                with warnings.catch_warnings():  # (restores showwarning on the way out)
                     warnings.simplefilter("always")
                     warnings.showwarning = note
                     torch.cuda.set_sync_debug_mode("warn")
@@ -257,7 +255,6 @@ def inspect_watch(bench: Bench, store: Path, variants: list[str]) -> str:
                         torch.cuda.synchronize()
                     finally:
                         torch.cuda.set_sync_debug_mode(0)
-                warnings.showwarning = shown
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
             with profile(activities=acts) as prof:
                 for _ in range(4):
@@ -317,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             res = measure(bench, args.rounds, args.steps, Path(tmp), set(args.only) if args.only else None,
                           args.baselines)
             if args.steady_steps:
-                print("  the default watch, steps 128 on", flush=True)
+                print(f"  the default watch, {args.steady_steps} steps after its first {args.steady_after}", flush=True)
                 steady = measure_steady(bench, args.steady_steps, args.steady_after, Path(tmp))
                 res["ratio"][STEADY] = steady["ratio"]
                 res["budget"], res["schedules"] = steady["budget"], steady["schedules"]
@@ -344,8 +341,7 @@ def render(results: dict[str, Any], card: str, rounds: int, steps: int, steady_s
     names = list(results)
     lines = [f"Card: {card}; torch {torch.__version__}; {rounds} interleaved rounds × {steps} steps per variant "
              f"(CUDA events on a GPU); the default watch's row: {steady_steps} steps after its first {steady_after}, "
-             "between "
-             "two plain blocks. Ratios to the plain step of the same run: median / mean (the mean counts a "
+             "between two plain blocks. Ratios to the plain step of the same run: median / mean (the mean counts a "
              "schedule's sampled steps).", "",
              "| variant | " + " | ".join(f"{n} median | {n} mean" for n in names) + " | target |",
              "|---|" + "---:|---:|" * len(names) + "---:|",

@@ -50,11 +50,12 @@ MODELS = {"conv": (conv_net, (64, 3, 16, 16)), "transformer": (Encoder, (32, 12,
 
 @pytest.fixture
 def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     yield
-    torch.use_deterministic_algorithms(before)
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.benchmark = before[1]
 
 
 def train(kind: str, watch: dict[str, Any] | None, store: Path, *, on_grads: Callable[[nn.Module], None] | None = None,
@@ -144,14 +145,13 @@ def test_a_watched_step_never_waits_for_the_device(kind, watch, tmp_path):
     with gw.watch(model, opt, store=tmp_path, name="syncs", **watch):
         for _ in range(2):  # the first step settles the layer order and writes the set-up
             step()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # (restores showwarning on the way out)
             warnings.simplefilter("always")
-            shown, warnings.showwarning = warnings.showwarning, note
+            warnings.showwarning = note
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for _ in range(40):  # past the budget's first decisions (every 16 steps)
                     step()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-                warnings.showwarning = shown
     assert syncs == []
