@@ -180,3 +180,68 @@ def test_small_calls_measured_stacked_at_the_step_end_equal_a_per_call_float64_r
                 float((ys.abs() > 0.99).double().mean()))
     relu_out = calls[9][0][1]
     assert at_step(run, "dead_frac", 0, "activation")[names[9]] == float((relu_out <= 0).all(dim=0).double().mean())
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_large_relu_calls_read_as_raw_sums_equal_a_per_module_float64_reference(store, dtype, device):
+    """A large ReLU call (≥ DEFER_BELOW elements) is read as four raw sums and its statistics made at the step's
+    end with every other call's (a GPU's hooked ReLU launches 5 kernels, not ~17). Against a float64 reference
+    pooled per module over the calls a backward reached: one ReLU module called on a large channels-last map and
+    on a small one (raw sums pooled with a deferred call), a large tanh measured in full in the same step, and a
+    ReLU whose whole first channel is dead. On a CUDA device the counts are ord-0 norms, on the CPU sums of sign(y).
+    """
+    from gradwatch.probes.activations import DEFER_BELOW
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu, self.tanh, self.relu2 = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Tanh(), nn.ReLU()
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            h = h.index_fill(1, torch.tensor([0], device=h.device), -1.0)  # channel 0 below zero on every sample: dead after relu2
+            a = self.relu(h.contiguous(memory_format=torch.channels_last))
+            b = self.tanh(2 * h)
+            c = self.relu2(h)
+            small = self.relu(h[:2, :, :4, :4])  # the same module again, a small call
+            return self.head((a + b + c).mean((2, 3))).sum() + small.sum()
+
+    model = (Net().to(dtype) if dtype != torch.bfloat16 else Net()).to(device)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name in ("relu", "tanh", "relu2"):
+        getattr(model, name).register_forward_hook(
+            lambda m, a, y, name=name: seen.setdefault(name, []).append(y.detach().double()))
+    x = torch.randn(16, 3, 32, 32, dtype=dtype if dtype != torch.bfloat16 else torch.float32).to(device)
+    with gw.watch(model, activations=1, store=store, name="raw") as w:
+        if dtype == torch.bfloat16:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = model(x)
+        else:
+            out = model(x)
+        out.float().sum().backward()
+    run = w.open()
+    assert [y.numel() >= DEFER_BELOW for y in seen["relu"]] == [True, False]
+    rel = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, ys in seen.items():
+        y = torch.cat([t.reshape(-1) for t in ys])
+        assert at_step(run, "act_mean", 0, "activation")[name] == pytest.approx(float(y.mean()), rel=rel)
+        assert at_step(run, "act_std", 0, "activation")[name] == pytest.approx(float(y.std(unbiased=False)), rel=rel)
+    for name in ("relu", "relu2"):
+        ys = seen[name]
+        on = sum(float((t > 0).sum()) for t in ys) / sum(t.numel() for t in ys)
+        assert at_step(run, "deriv_rms", 0, "activation")[name] == pytest.approx(math.sqrt(on), rel=1e-6)
+        dead = [float((t <= 0).all(dim=0).double().mean()) for t in ys]  # per call, pooled by element count
+        expect = sum(d * t.numel() for d, t in zip(dead, ys)) / sum(t.numel() for t in ys)
+        assert at_step(run, "dead_frac", 0, "activation")[name] == pytest.approx(expect, rel=1e-6)
+    assert at_step(run, "dead_frac", 0, "activation")["relu2"] >= 1 / 16  # channel 0, and a few units by chance
+    t = seen["tanh"][0]
+    saturated = float((1 - t * t < INACTIVE_BELOW).double().mean())  # φ' below 2 % of its peak (|y| > 0.98995)
+    assert at_step(run, "saturated_frac", 0, "activation")["tanh"] == pytest.approx(saturated, abs=rel)  # (rounding)
