@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gradwatch.diagnosis.findings import Finding, sci
+from gradwatch.diagnosis.measures import flat_loss
 from gradwatch.diagnosis.remedies import key_of, remedies
+from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
 
 # Module classes that say what the architecture already has (class names, as `module_types` in the run's meta
@@ -228,6 +230,43 @@ def has_residual(run: Run) -> bool:
     meta = run_meta(run)
     return (bool(meta.get("residual_blocks")) or bool(meta.get("residual_calls"))
             or bool(module_types(run) & RESIDUAL_TYPES))
+
+
+def set_up_causes(run: Run) -> list[str]:
+    """The words of every cause in the set-up that :func:`fit_architecture` names for a stalled run (a high Adam
+    rate without warm-up, Post-LN without warm-up, heavy weight decay, momentum or dropout, zero init, raw inputs,
+    BatchNorm on tiny batches, clipped weights, gradients never zeroed, eval mode), in its order; [] for none."""
+    return [w for w in (post_ln_without_warmup(run), lr_without_warmup(run), heavy_weight_decay(run),
+                        heavy_momentum(run), heavy_dropout(run), zero_init(run), raw_inputs(run),
+                        batch_norm_on_tiny_batches(run), clipped_weights(run), grads_not_zeroed(run),
+                        trained_in_eval_mode(run)) if w]
+
+
+def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A loss that stays flat while no rule finds a problem in the gradients, in a set-up with a known cause: one
+    ``stalled`` warning, for :func:`fit_architecture` to give that cause and its remedies (else nothing: a flat
+    loss alone is also a converged run resumed).
+
+    Measured (fifteenth session): a 4-layer Post-LN ViT on digits at Adam 1e-2 without warm-up, on one thread of
+    an AMD EPYC, seed 0: loss 2.35 → 2.20 in 120 steps, the embedding's gradient 1.5·10⁻³–3·10⁻² of the head's
+    (above the vanishing cut), no finding at all, "the gradients look healthy"; seeds 1 and 2 vanish below the cut
+    and were found. At Adam 1e-3 every seed learns (2.3 → 1.1–1.3).
+    """
+    if any(f.severity != "info" for f in found):
+        return []
+    flat = flat_loss(run, th)
+    if flat is None or not set_up_causes(run):
+        return []
+    steps = run.series("loss", "run").steps
+    return [Finding(
+        kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the loss does not fall ({sci(flat[0])} → {sci(flat[1])}), and no rule finds the gradients at fault",
+        evidence=(f"the logged loss went {sci(flat[0])} → {sci(flat[1])} (medians of its first {th.spike_after} and "
+                  f"last {4 * th.window} values) while the gradients passed every check: none vanishes or explodes "
+                  f"across depth or time, no layer stalls, no unit saturates or dies."),
+        cause="a flat loss that the gradients do not explain", remedies=(),
+        numbers={"loss_first": flat[0], "loss_final": flat[1]}, sources=("loss (run)",),
+    )]
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
