@@ -76,7 +76,10 @@ def repair(setup: setups.BenchSetup, seeds: int, store: str) -> dict[str, Any]:
     trials = [{"label": t.label, "parts": list(t.parts), "round": t.rounds, "verdict": t.verdict,
                "findings": list(t.findings), "first_loss": t.first_loss, "final_loss": t.final_loss,
                "score": t.score} for t in report.trials]
-    return {"repaired": report.best is not None and report.best.verdict == "fixes it",
+    held = bool(report.checks) and report.checks[-1].verdict == "fixes it"  # the best held on a seed no trial used
+    return {"repaired": report.best is not None and report.best.verdict == "fixes it", "held": held,
+            "checks": [{"label": c.label, "verdict": c.verdict, "final_loss": c.final_loss, "score": c.score}
+                       for c in report.checks],
             "best": report.best.label if report.best else None, "message": report.message,
             "baseline_findings": [_finding(f) for f in report.diagnosis.findings],
             "baseline": {"first_loss": report.baseline.first_loss, "final_loss": report.baseline.final_loss,
@@ -118,7 +121,8 @@ def _doctor_cell(doc: dict[str, Any]) -> str:
         return "✗ " + doc["message"][:70]
     best = next(t for t in doc["trials"] if t["label"] == doc["best"])
     score = f"score {best['score']:.2f}" if math.isfinite(best["score"]) else f"loss {best['final_loss']:.3g}"
-    return f"{'✓' if _learns(doc) else '½'} {doc['best']} ({score})"
+    held = "" if "held" not in doc else "; held on a fresh seed" if doc["held"] else "; NOT on a fresh seed"
+    return f"{'✓' if _learns(doc) else '½'} {doc['best']} ({score}{held})"
 
 
 def measure(names: list[str], seeds: list[int], doctor: bool) -> dict[str, dict[str, Any]]:
@@ -167,6 +171,9 @@ def render(results: dict[str, Any]) -> list[str]:
         summary += (f"; repair rate (the doctor's \"fixes it\") {len(fixed)}/{len(sick)} = {len(fixed) / max(len(sick), 1):.2f}"
                     f" of the pathological set-ups, {len(real)}/{len(sick)} = {len(real) / max(len(sick), 1):.2f} whose"
                     f" best remedy also reaches a score ≥ {truth.LEARNED_SCORE} (or halves an unscored loss)")
+        if any("held" in d for d in fixed):
+            held = sum(bool(d.get("held")) for d in fixed)
+            summary += f"; {held}/{len(fixed)} of the repaired held on a seed no trial used (the doctor's seed check)"
         if fails:
             summary += f"; {sum(bool(d.get('repaired')) for d in fails)}/{len(fails)} of those labelled 'fails'"
     return lines + ["", summary]

@@ -76,7 +76,9 @@ def main() -> None:
                         learns = fixed and best.score >= LEARNED_SCORE  # type: ignore[union-attr]
                         repaired += fixed
                         real += learns
-                        cell += (f"; doctor: {'✓' if learns else '½'} {best.label} (score {best.score:.2f})"  # type: ignore[union-attr]
+                        held = bool(report.checks) and report.checks[-1].verdict == "fixes it"  # on the next seed
+                        cell += (f"; doctor: {'✓' if learns else '½'} {best.label} (score {best.score:.2f}"  # type: ignore[union-attr]
+                                 f"{'' if held else '; not on the next seed'})"
                                  if fixed else f"; doctor: ✗ {report.message[:60]}") + f" [{report.steps} steps]"
                 cells.append(f"{cell} ({time.perf_counter() - start:.0f} s)")
             print(f"| {name} | {setup.expect or 'healthy'} | " + " | ".join(cells) + " |", flush=True)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import pickle
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -179,13 +182,66 @@ def test_doctor_says_when_no_remedy_helped(monkeypatch):
     assert {t.verdict for t in report.trials} == {"no change"}
 
 
+def _seed_tagged(seed: int):
+    """The zoo's deep tanh MLP, its trial told its seed (for remedies that behave differently on one)."""
+    trial = zoo.get("deep_tanh_mlp")(seed)
+    trial.seed_tag = seed
+    return trial
+
+
+def test_the_best_remedy_is_checked_on_a_seed_no_trial_used():
+    """The best "fixes it" row runs once more on seed ``seeds``. Reference: the same remedy's trial on that seed run
+    by hand (``run_trial``), to the bit; and a remedy that helps only on the seeds it was chosen on is caught there,
+    the next row that holds is named best instead, and where none holds the message says so."""
+    from gradwatch.doctor import catalogue
+    from gradwatch.doctor.trial_run import run_trial
+
+    steps = 60
+    report = gw.doctor(zoo.get("deep_tanh_mlp"), steps=steps, progress=False)
+    assert report.best is not None and len(report.checks) == 1
+    (check,) = report.checks
+    assert check.label == f"{report.best.label} (seed 1)" and check.verdict == "fixes it"
+    assert "it held on a seed no trial used (seed 1" in report.message and "seed check" in str(report)
+    remedy = next(r for r in catalogue.catalog()[report.best.parts[0]] if r.label == report.best.label)
+    with tempfile.TemporaryDirectory() as tmp:
+        by_hand = run_trial(zoo.get("deep_tanh_mlp"), 1, steps, Path(tmp), "by-hand", remedy, {})
+    assert check.final_loss == pytest.approx(float(np.mean(by_hand.losses[-max(1, steps // 10):])), rel=1e-12)
+    assert gw.doctor(zoo.get("deep_tanh_mlp"), steps=steps, progress=False, check_seed=False).checks == []
+
+
+def test_a_remedy_that_fixes_only_its_own_seeds_is_not_the_best(monkeypatch):
+    from gradwatch.doctor import catalogue
+
+    he = catalogue.catalog()["he_init"][0]
+    lucky = catalogue.Remedy("he_init", "He init, seed 0 only",
+                             lambda trial, numbers: he.apply(trial, numbers) if trial.seed_tag < 1 else trial)
+    steady = catalogue.Remedy("he_init", "He init, every seed", he.apply)
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"he_init": [lucky, steady]})
+    report = gw.doctor(_seed_tagged, steps=60, progress=False)
+    fixed = [t for t in report.trials if t.verdict == "fixes it"]
+    assert [t.label for t in fixed] == ["He init, seed 0 only", "He init, every seed"]
+    assert fixed[0].final_loss == fixed[1].final_loss  # on seed 0 the two are one trial: a tie, the first ranks higher
+    assert [c.label for c in report.checks] == ["He init, seed 0 only (seed 1)", "He init, every seed (seed 1)"]
+    shaky = report.checks[0].verdict  # the baseline on seed 1, untouched
+    assert shaky != "fixes it" and report.checks[1].verdict == "fixes it"
+    assert report.best is fixed[1]
+    assert f"He init, seed 0 only ranked higher but did not hold on seed 1 ({shaky})" in report.message
+
+    monkeypatch.setattr(catalogue, "catalog", lambda: {"he_init": [lucky]})
+    report = gw.doctor(_seed_tagged, steps=60, progress=False)
+    assert report.best is not None and report.best.label == "He init, seed 0 only"  # the best row, said to be shaky
+    assert [c.verdict for c in report.checks] == [shaky]
+    assert f"on a seed no trial used (seed 1) it did not hold: {shaky}" in report.message
+
+
 def test_doctor_stops_at_its_time_budget():
     report = gw.doctor(zoo.get("deep_tanh_mlp"), steps=40, budget_s=1e-6, progress=False)
     assert "stopped at the time budget" in report.message and report.trials == []
 
 
 @pytest.mark.parametrize("kwargs,error", [(dict(setup=3), TypeError), (dict(steps=0), ValueError),
-                                         (dict(seeds=0), ValueError), (dict(budget_s=-1), ValueError)])
+                                         (dict(seeds=0), ValueError), (dict(budget_s=-1), ValueError),
+                                         (dict(check_seed=1), TypeError)])
 def test_doctor_bad_arguments(kwargs, error):
     args = dict(setup=zoo.get("deep_tanh_mlp")) | kwargs
     with pytest.raises(error, match=r"`doctor\("):
@@ -221,7 +277,11 @@ def test_cli_doctor(tmp_path, capsys):
     from gradwatch.cli import main
 
     assert main(["doctor", "zoo:stalled_mlp", "--steps", "100"]) == 0
-    assert "best remedy: one learning rate for every group" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best remedy: one learning rate for every group" in out and "seed check" in out
+    assert main(["doctor", "zoo:stalled_mlp", "--steps", "100", "--no-seed-check"]) == 0
+    out = capsys.readouterr().out
+    assert "best remedy: one learning rate for every group" in out and "seed check" not in out
     (tmp_path / "mine.py").write_text("from gradwatch import zoo\ndef make(seed):\n    return zoo.get('deep_relu_he_mlp')(seed)\n")
     assert main(["doctor", f"{tmp_path / 'mine.py'}:make", "--steps", "30"]) == 0
     assert "nothing to fix" in capsys.readouterr().out

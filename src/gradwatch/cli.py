@@ -70,7 +70,7 @@ def _doctor(args: argparse.Namespace) -> int:
         if args.ray:  # an address: connect first; gw.doctor then runs on that cluster and leaves it to us
             connected = _connect_ray(args.ray)
         report = gw.doctor(setup, steps=args.steps, seeds=args.seeds, budget_s=args.budget, store=args.store,
-                           workers="ray" if args.ray is not None else args.workers, ray_resources=resources or None)
+                           check_seed=not args.no_seed_check, workers="ray" if args.ray is not None else args.workers, ray_resources=resources or None)
     except (ValueError, TypeError, ImportError, ConnectionError) as exc:  # the API's argument errors; no Ray
         print(f"gradwatch doctor: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="training steps per trial (default: the set-up's own, else 300)")
     doc.add_argument("--seeds", type=_positive_int, default=1, help="seeds per trial (default 1)")
     doc.add_argument("--budget", type=float, default=None, help="seconds after which no new remedy starts")
+    doc.add_argument("--no-seed-check", action="store_true",
+                     help="do not run the best remedy again on a seed no trial used (gw.doctor's check_seed=False)")
     doc.add_argument("--store", default=None, help="directory for every trial's run (default: a temporary one)")
     where = doc.add_mutually_exclusive_group()
     where.add_argument("--workers", type=_positive_int, default=1,

@@ -53,6 +53,8 @@ class DoctorReport:
     seeds: int = 1
     # where nothing fixed a run that goes non-finite: the operation and line that made its first NaN/Inf
     nonfinite_origin: Origin | None = None
+    # the best "fixes it" rows run again on a seed no trial used (gw.doctor's check_seed), in the order run
+    checks: list[TrialResult] = field(default_factory=list)
 
     def __str__(self) -> str:
         head = f"gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: {self.message}"
@@ -71,6 +73,12 @@ class DoctorReport:
             lines.append("")
             lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds), named by their "
                          f"catalogue keys")
+        if self.checks:
+            lines.append("")
+            lines.append("seed check (a seed none of the rows above used):")
+            for c in self.checks:
+                lines.append(f"  {c.label}: final loss {c.final_loss:.4g}"
+                             + (f", score {c.score:.3f}" if math.isfinite(c.score) else "") + f" — {c.verdict}")
         return "\n".join(lines)
 
 
@@ -88,8 +96,10 @@ class DoctorReport:
             f"<td>{r.final_loss:.4g}</td><td>{r.auc:.4g}</td>" + (f"<td>{r.score:.3f}</td>" if has_score else "")
             + f"<td>{e(', '.join(r.findings) or 'none')}</td><td>{r.seconds:.1f}s</td><td>{e(r.verdict)}</td></tr>"
             for r in rows)
+        checks = "".join(f"<li>{e(c.label)}: final loss {c.final_loss:.4g} — {e(c.verdict)}</li>" for c in self.checks)
+        checks = f"<p>seed check (a seed none of the rows used):</p><ul>{checks}</ul>" if checks else ""
         return (f"<div><h3>gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: "
-                f"{e(self.message)}</h3><table>{head}{body}</table>{self.diagnosis._repr_html_()}</div>")
+                f"{e(self.message)}</h3><table>{head}{body}</table>{checks}{self.diagnosis._repr_html_()}</div>")
 
 
 DECISIVE_BELOW = 0.5  # a fix that ends above this fraction of the null loss is marginal: the doctor looks on
