@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gradwatch.diagnosis.findings import Finding, sci
-from gradwatch.diagnosis.measures import flat_loss
+from gradwatch.diagnosis.measures import flat_loss, flat_loss_finding
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
@@ -257,16 +257,12 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
     flat = flat_loss(run, th)
     if flat is None or not set_up_causes(run):
         return []
-    steps = run.series("loss", "run").steps
-    return [Finding(
-        kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
-        summary=f"the loss does not fall ({sci(flat[0])} → {sci(flat[1])}), and no rule finds the gradients at fault",
-        evidence=(f"the logged loss went {sci(flat[0])} → {sci(flat[1])} (medians of its first {th.spike_after} and "
-                  f"last {4 * th.window} values) while the gradients passed every check: none vanishes or explodes "
-                  f"across depth or time, no layer stalls, no unit saturates or dies."),
-        cause="a flat loss that the gradients do not explain", remedies=(),
-        numbers={"loss_first": flat[0], "loss_final": flat[1]}, sources=("loss (run)",),
-    )]
+    return [flat_loss_finding(
+        run, th, flat, "warning",
+        f"the loss does not fall ({sci(flat[0])} → {sci(flat[1])}), and no rule finds the gradients at fault",
+        " while the gradients passed every check: none vanishes or explodes across depth or time, no layer stalls, no "
+        "unit saturates or dies.",
+        "a flat loss that the gradients do not explain", ())]
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:

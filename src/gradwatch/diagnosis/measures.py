@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gradwatch.diagnosis.findings import sci, span
+from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run, Series
 
@@ -299,6 +299,21 @@ def flat_loss(run: Run, th: Thresholds) -> tuple[float, float] | None:
     """
     ends = loss_ends(run, th)
     return ends if ends is not None and ends[0] > 0 and ends[1] > FLAT_LOSS_ABOVE * ends[0] else None
+
+
+def flat_loss_finding(run: Run, th: Thresholds, ends: tuple[float, float], severity: str, summary: str, after: str,
+                      cause: str, fixes: tuple[str, ...], sources: tuple[str, ...] = ()) -> Finding:
+    """A ``stalled`` finding about the logged loss as a whole: the loss's steps, its evidence the medians
+    :func:`loss_ends` took, then ``after`` (what else was measured, from "; " or " with …", ending with a full
+    stop); ``sources`` beside the loss's."""
+    steps = run.series("loss", "run").steps
+    return Finding(
+        kind="stalled", severity=severity, layers=(), steps=(int(steps[0]), int(steps[-1])), summary=summary,
+        evidence=(f"the logged loss went {sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and "
+                  f"last {4 * th.window} values){after}"),
+        cause=cause, remedies=fixes, numbers={"loss_first": ends[0], "loss_final": ends[1]},
+        sources=("loss (run)", *sources),
+    )
 
 
 # -- through time ------------------------------------------------------------------------------------------

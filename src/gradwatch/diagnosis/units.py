@@ -10,7 +10,7 @@ import numpy as np
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
 from gradwatch.diagnosis.findings import Finding, sci, span
-from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, loss_ends, window_median
+from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, loss_ends, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
@@ -416,20 +416,14 @@ def softmax_output_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0]:
         return []
-    first, final = ends
-    steps = run.series("loss", "run").steps
-    return [Finding(
-        kind="stalled", severity="critical", layers=(), steps=(int(steps[0]), int(steps[-1])),
-        summary=f"the loss does not fall ({sci(first)} → {sci(final)}) and the model ends in a softmax",
-        evidence=(f"the logged loss went {sci(first)} → {sci(final)} (medians of its first {th.spike_after} and last "
-                  f"{4 * th.window} values) with nn.Softmax after the last layer; over K classes a loss fed "
-                  f"probabilities it squashes again stays near ln K."),
-        cause="a softmax before a loss that applies its own (nn.CrossEntropyLoss): the outputs are squashed twice, so "
-              "the loss can barely move and passes back a small gradient",
-        remedies=remedies("logits"),
-        numbers={"loss_first": first, "loss_final": final},
-        sources=("loss (run)", "meta output_modules"),
-    )]
+    return [flat_loss_finding(
+        run, th, ends, "critical", f"the loss does not fall ({sci(ends[0])} → {sci(ends[1])}) and the model ends in a "
+                                   f"softmax",
+        " with nn.Softmax after the last layer; over K classes a loss fed probabilities it squashes again stays near "
+        "ln K.",
+        "a softmax before a loss that applies its own (nn.CrossEntropyLoss): the outputs are squashed twice, so the "
+        "loss can barely move and passes back a small gradient",
+        remedies("logits"), ("meta output_modules",))]
 
 
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
