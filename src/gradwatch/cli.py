@@ -70,7 +70,8 @@ def _doctor(args: argparse.Namespace) -> int:
         if args.ray:  # an address: connect first; gw.doctor then runs on that cluster and leaves it to us
             connected = _connect_ray(args.ray)
         report = gw.doctor(setup, steps=args.steps, seeds=args.seeds, budget_s=args.budget, store=args.store,
-                           check_seed=not args.no_seed_check, workers="ray" if args.ray is not None else args.workers, ray_resources=resources or None)
+                           check_seed=not args.no_seed_check,
+                           workers="ray" if args.ray is not None else args.workers, ray_resources=resources or None)
     except (ValueError, TypeError, ImportError, ConnectionError) as exc:  # the API's argument errors; no Ray
         print(f"gradwatch doctor: {_one_line(exc)}", file=sys.stderr)
         return 2

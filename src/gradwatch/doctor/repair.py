@@ -221,7 +221,7 @@ def _check_seed(setup: SetupFn | str, steps: int, seeds: int, ranked: list[Trial
     return None
 
 
-def _checked_words(checks: list[TrialResult], best: TrialResult, seeds: int) -> str:
+def _checked_words(checks: list[TrialResult], seeds: int) -> str:
     """What the seed checks say, for the message ('' where none ran)."""
     if not checks:
         return ""
@@ -319,7 +319,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                     else f"final loss {b.final_loss:.4g} against {base.final_loss:.4g}")
         left = f" ({', '.join(b.findings)} left, none of them critical)" if b.findings else ""
         report.message = f"best remedy: {b.label} — the baseline's findings are gone{left} and {evidence}"
-        report.message += _checked_words(report.checks, b, seeds)
+        report.message += _checked_words(report.checks, seeds)
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
         closest = [t for t in report.trials if not t.error and t.verdict.startswith(("removes the finding", "helps"))

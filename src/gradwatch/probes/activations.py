@@ -282,9 +282,9 @@ def pool(calls: dict[int, list[tuple[float, CallStats]]]) -> Pooled:
     ``calls[module] = [(element count, call_stats), …]``; the result is
     pooled over every element of every call (Chan et al.'s parallel variance).
     """
-    rows = [(i, n) for i in sorted(calls) for n, _ in calls[i]]
-    s = torch.stack([torch.stack(tuple(t)) for i in sorted(calls) for _, t in calls[i]])
-    return pool_rows([i for i, _ in rows], [n for _, n in rows], s)
+    rows = [(i, n, t) for i in sorted(calls) for n, t in calls[i]]
+    s = torch.stack([torch.stack(tuple(t)) for _, _, t in rows])  # (total calls, 4): CallStats' fields
+    return pool_rows([i for i, _, _ in rows], [n for _, n, _ in rows], s)
 
 
 def pool_rows(modules: list[int], counts: list[float], s: Tensor) -> Pooled:
