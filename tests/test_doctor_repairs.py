@@ -1703,3 +1703,58 @@ def test_the_doctor_swaps_a_sigmoid_called_as_a_function(store):
     assert report.baseline.score < 0.2
     (row,) = [t for t in report.trials if t.parts == ("relu",)]
     assert row.verdict == "fixes it" and row.score > 0.9, report
+
+
+class _NoZeroGrad(Trial):
+    """Round 9's loop that never calls ``optimizer.zero_grad()`` (the PyTorch recipe "Zeroing out gradients")."""
+
+    def step(self):
+        x, y = next(self.batches)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def _digits_trial(seed: int, zeroed: bool, lr: float = 0.01) -> Trial:
+    from gradwatch import zoo
+
+    torch.manual_seed(seed)
+    x, y, xt, yt = zoo.digits()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    kind = Trial if zeroed else _NoZeroGrad
+    return kind(model, torch.optim.SGD(model.parameters(), lr=lr), _batches(x, y, 64, seed), nn.CrossEntropyLoss(),
+                evaluate=lambda m: float((m(xt).argmax(1) == yt).float().mean()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_loop_that_never_zeroes_grad_is_a_finding_of_its_own(store, seed):
+    """Round 9: with no ``zero_grad()`` the accumulated gradient grows ×10 or more (the reference: a naive loop over
+    ``param.grad``), and where no rule fired — here at SGD 10⁻³, on every seed — the watch said "the gradients look
+    healthy" (the stale .grad was only a cause for findings of other rules). Now every seed has a problem finding
+    whose first remedy zeroes the gradients, and the twin that zeroes them has none."""
+    found = {}
+    for zeroed in (False, True):
+        trial = _digits_trial(seed, zeroed, lr=1e-3)
+        norms = []
+        with gw.watch(trial.model, trial.optimizer, store=store, name=f"zero-{seed}-{zeroed}") as w:
+            for _ in range(300):
+                w.log(loss=trial.step())
+                norms.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in trial.model.parameters()))))
+        found[zeroed] = w.diagnose().problems
+        if not zeroed:
+            assert norms[-1] > 10 * norms[0]  # the reference: the gradient each step applies grows
+    assert found[False] and found[False][0].remedy_keys[0] == "zero_grad"
+    assert found[True] == []
+
+
+def test_zeroing_the_gradients_comes_with_a_rate_fit_for_one_batch():
+    """A rate that suited a gradient summed over every step is too small for one batch's: the catalogue tries
+    zeroing alone and zeroing with the learning rate ×10 (and the same for a loss summed over the batch)."""
+    assert catalogue.EXPANDS["zero_grad"] == ("zero_grad", "zero_grad_raise_lr")
+    assert catalogue.EXPANDS["mean_reduction"] == ("mean_reduction", "mean_reduction_raise_lr")
+    trial = _one("zero_grad_raise_lr").apply(_digits_trial(0, zeroed=False), {})
+    assert trial.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    trial.step()
+    assert all(p.grad is None for p in trial.model.parameters())  # zeroed after the optimizer's step
+    assert catalogue.knobs(("zero_grad_raise_lr", "lower_lr")) == frozenset({"lr_cut"})  # never with a cut

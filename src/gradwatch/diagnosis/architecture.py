@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from gradwatch.diagnosis.findings import Finding, sci
-from gradwatch.diagnosis.measures import flat_loss, flat_loss_finding
+from gradwatch.diagnosis.measures import flat_loss, flat_loss_finding, total_grad_norm
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
@@ -240,6 +242,35 @@ def set_up_causes(run: Run) -> list[str]:
                         heavy_momentum(run), heavy_dropout(run), zero_init(run), raw_inputs(run),
                         batch_norm_on_tiny_batches(run), clipped_weights(run), grads_not_zeroed(run),
                         trained_in_eval_mode(run)) if w]
+
+
+def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A loop that never zeroes ``.grad`` (:func:`grads_not_zeroed`), where no rule found a problem to give that cause
+    to: one ``exploding`` warning of its own. Each step then applies the sum of every gradient so far, a step that
+    grows with the run whatever the gradients look like (round 9: an MLP on digits at SGD 0.01 without
+    ``zero_grad()``, its accumulated gradient ×400 in 300 steps, the loss never halving, and "the gradients look
+    healthy"; zeroed at lr 0.1 it reaches 0.97)."""
+    if any(f.severity != "info" for f in found) or not grads_not_zeroed(run):
+        return []
+    stale, checks = run_meta(run).get("grads_not_zeroed")
+    evidence = (f"at {stale} of {checks} checked steps the first backward after an optimizer step found a parameter's "
+                f".grad still holding the last step's gradient")
+    cause, numbers, sources = "", {"stale_steps": float(stale), "checked_steps": float(checks)}, ["meta grads_not_zeroed"]
+    got = total_grad_norm(run)
+    steps = got[0] if got is not None else np.array([0, run_meta(run).get("steps") or 0])
+    if got is not None and len(got[1]) >= 2 * th.window:
+        early, late = float(np.nanmedian(got[1][:th.window])), float(np.nanmedian(got[1][-th.window:]))
+        evidence += (f"; the total gradient norm, what each step applies, went {sci(early)} → {sci(late)} (medians of "
+                     f"its first and last {th.window} reads)")
+        cause = f"the gradient each step applies grew ×{sci(late / early)} over the run" if early > 0 else ""
+        numbers.update(grad_norm_first=early, grad_norm_last=late)
+        sources.append("grad_norm (every layer), total = √Σ layer²")
+    return [Finding(
+        kind="exploding", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary="the gradients are never zeroed: each step applies the sum of every gradient so far",
+        evidence=evidence + ".", cause=cause or "the sum of every gradient so far, applied at every step",
+        remedies=(), numbers=numbers, sources=tuple(sources),
+    )]
 
 
 def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import fit_architecture, unexplained_flat_findings
+from gradwatch.diagnosis.architecture import fit_architecture, stale_grad_findings, unexplained_flat_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
@@ -73,6 +73,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     if not zero:
         found += softmax_output_findings(view, th) + cut_graph_findings(view, th)
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
+    found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found = fit_architecture(by_effect(found, view, th), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
