@@ -1758,3 +1758,47 @@ def test_zeroing_the_gradients_comes_with_a_rate_fit_for_one_batch():
     trial.step()
     assert all(p.grad is None for p in trial.model.parameters())  # zeroed after the optimizer's step
     assert catalogue.knobs(("zero_grad_raise_lr", "lower_lr")) == frozenset({"lr_cut"})  # never with a cut
+
+
+class _OwnStep(Trial):
+    """A set-up whose own ``step()`` computes the loss (round 9's accumulation loop, one micro-batch here)."""
+
+    def step(self):
+        self.optimizer.zero_grad()
+        x, y = next(self.batches)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def test_a_remedy_the_findings_name_that_finds_nothing_to_change_is_said_not_tried():
+    """Round 9: a summed loss in a set-up's own ``step()``: the findings name "average the loss over the batch",
+    the remedy cannot reach a loss computed in ``step()``, and the doctor said nothing of it. The reference:
+    the same set-up as a plain Trial, where that row is tried."""
+    from gradwatch import zoo
+
+    def make(kind):
+        def setup(seed: int) -> Trial:
+            torch.manual_seed(seed)
+            x, y, xt, yt = zoo.digits()
+            model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+            return kind(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(x, y, 128, seed),
+                        nn.CrossEntropyLoss(reduction="sum"))
+        return setup
+
+    label = "the loss averaged over the batch, not summed"
+    plain = gw.doctor(make(Trial), steps=40, rounds=1, check_seed=False, progress=False)
+    assert any("mean_reduction" in f.remedy_keys for f in plain.diagnosis.problems)
+    assert label in [t.label for t in plain.trials] and label not in plain.not_applied
+    own = gw.doctor(make(_OwnStep), steps=40, rounds=1, check_seed=False, progress=False)
+    assert any("mean_reduction" in f.remedy_keys for f in own.diagnosis.problems)
+    assert label not in [t.label for t in own.trials] and label in own.not_applied
+    assert "not tried, finding nothing here to change" in own.message and label in own.message
+
+
+def test_the_table_prints_a_huge_score_in_its_column():
+    row = table.TrialResult("x", 1.0, 1.0, -1.69e20, [], 1.0, verdict="no change")
+    report = table.DoctorReport(row, Diagnosis([]), steps=10)
+    line = str(report).splitlines()[-1]
+    assert "-1.69e+20" in line and len(line.split("-1.69e+20")[0]) == len(str(report).splitlines()[2].split("score")[0]) - 2

@@ -281,6 +281,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     targets = {f.kind for f in diagnosis.problems}
     tried: set[tuple[str, ...]] = set()
     remedy_of: dict[int, Remedy] = {}  # id(row) -> the remedy it tried: the seed check runs it again
+    named = {k for f in diagnosis.problems for k in f.remedy_keys}  # the remedies the findings name (not expansions)
     todo = candidates
     count = 0  # remedies submitted so far: numbers the run names, the same in every mode
     for rnd in range(1, rounds + 1):
@@ -294,6 +295,9 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         for remedy, results, ns in zip(todo, groups, run_names):
             result = _row(remedy.label, results, ns)
             if result is None:
+                if (rnd == 1 and remedy.key in named and results
+                        and all(isinstance(r, Outcome) and r.run is None for r in results)):
+                    report.not_applied.append(remedy.label)  # a remedy a finding names found nothing here to change
                 continue
             if not result.error:
                 result.verdict = verdict(base, result, targets)
@@ -332,6 +336,10 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                               f"{c.label} — {c.verdict}, {evidence}, loss {c.first_loss:.4g} → {c.final_loss:.4g}")
         report.message += _too_short(base, report.trials, steps)
         report.message += _nonfinite_origin(report, setup, steps, deadline)
+    if report.not_applied:
+        report.message += (f"; not tried, finding nothing here to change (a step() of the set-up's own that computes "
+                           f"the loss, or nothing of the kind in the model): {'; '.join(report.not_applied)} — apply "
+                           f"it by hand if it fits")
     if runner.stopped:
         report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
                            f"{len(candidates)} remedies in round 1)")

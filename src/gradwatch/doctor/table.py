@@ -55,6 +55,8 @@ class DoctorReport:
     nonfinite_origin: Origin | None = None
     # the best "fixes it" rows run again on a seed no trial used (gw.doctor's check_seed), in the order run
     checks: list[TrialResult] = field(default_factory=list)
+    # the remedies of round 1 that the findings named but that found nothing to change here (their apply gave None)
+    not_applied: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         head = f"gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: {self.message}"
@@ -67,7 +69,7 @@ class DoctorReport:
             name = r.label if r.rounds == 1 or not r.parts else " + ".join(r.parts)  # a combination: its keys
             lines.append(f"{name[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
                          f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
-                         + (f" {r.score:>7.3f}" if has_score else "")
+                         + (f" {_score(r.score):>7}" if has_score else "")
                          + f" {(', '.join(r.findings) or 'none')[:28]:<28} {r.seconds:>5.1f}s  {r.verdict}")
         if any(r.rounds > 1 for r in self.trials):
             lines.append("")
@@ -100,6 +102,12 @@ class DoctorReport:
         checks = f"<p>seed check (a seed none of the rows used):</p><ul>{checks}</ul>" if checks else ""
         return (f"<div><h3>gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: "
                 f"{e(self.message)}</h3><table>{head}{body}</table>{checks}{self.diagnosis._repr_html_()}</div>")
+
+
+def _score(score: float) -> str:
+    """A held-out score for the table's 7 columns: 3 decimals, or 3 significant digits where it is far from 0–1 (an R²
+    of −1.7e20 for a diverged regression)."""
+    return f"{score:.3f}" if not math.isfinite(score) or abs(score) < 100 else f"{score:.3g}"
 
 
 DECISIVE_BELOW = 0.5  # a fix that ends above this fraction of the null loss is marginal: the doctor looks on
