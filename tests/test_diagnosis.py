@@ -581,3 +581,28 @@ def test_clipping_that_holds_on_every_step_is_found(store, seed):
                               series=lambda q, *a: series[q], entities=lambda *a: [])
         (g,) = clipped_findings(run, Thresholds())
         assert g.severity == severity
+
+
+def test_gradient_norms_that_overflow_are_not_called_nan(store):
+    """Round 9: an IRNN whose gradient entries grew to 2.3e30, every one finite, was told "NaN/Inf gradients". The
+    reference: the gradients' entries themselves, finite, and their float32 norm, +Inf. Scaled so that one backward
+    gives entries of 1e25: the finding says the norms overflow, not that there is a NaN."""
+    lin = nn.Linear(4, 4)
+    with gw.watch(lin, store=store, name="overflow") as w:
+        for scale in (1.0, 1.0, 1e25):
+            out = lin(torch.ones(2, 4)).sum() * scale
+            lin.zero_grad()
+            out.backward()
+            w.log(loss=torch.tensor(1.0))
+    assert torch.isfinite(lin.weight.grad).all() and not torch.isfinite(torch.linalg.vector_norm(lin.weight.grad))
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.summary.startswith("gradient norms that overflow to Inf from step 2") and "NaN/Inf gradients" not in f.evidence
+    nan = nn.Linear(4, 4)
+    with gw.watch(nan, store=store, name="nan") as w:
+        for scale in (1.0, 1.0, float("nan")):
+            out = nan(torch.ones(2, 4)).sum() * scale
+            nan.zero_grad()
+            out.backward()
+            w.log(loss=torch.tensor(1.0))
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.summary.startswith("NaN/Inf gradients from step 2")

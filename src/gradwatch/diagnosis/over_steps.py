@@ -562,9 +562,19 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                      "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
                      "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1")
             fixes = remedies("backward_singularity")
+    what = "NaN/Inf gradients"
+    rows = [i for i in range(len(s.names)) if bad[i, j0]]
+    if (g is not None and g.values.shape == s.values.shape and np.isposinf(g.values[rows, j0]).all()
+            and "; the loss is non-finite from step" not in loss_note):
+        # every norm +Inf and no NaN, the loss still finite: an Inf entry, or finite entries whose squares overflow
+        # (round 9: an IRNN whose gradient entries reached 2.3e30, every one finite, "NaN/Inf gradients")
+        what = "gradient norms that overflow to Inf"
+        evidence = evidence.replace("with NaN/Inf gradients in", "with an Inf gradient norm in")
+        loss_note += ("; every such norm is +Inf and none NaN: an Inf entry, or finite entries so large (above "
+                      "~1.8e19 in float32) that their squares overflow — a gradient grown out of range, not a NaN")
     return [Finding(
         kind="nonfinite", severity="critical", layers=tuple(layers_at), steps=(step0, int(s.steps[cols[-1]])),
-        summary=f"NaN/Inf gradients from {when}, first in layer {first_back!r} (backward order)",
+        summary=f"{what} from {when}, first in layer {first_back!r} (backward order)",
         evidence=evidence + loss_note + ".",
         cause=cause,
         remedies=fixes,
