@@ -252,7 +252,7 @@ def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
     healthy"; zeroed at lr 0.1 it reaches 0.97)."""
     if any(f.severity != "info" for f in found) or not grads_not_zeroed(run):
         return []
-    stale, checks = run_meta(run).get("grads_not_zeroed")
+    stale, checks = run_meta(run).get("grads_not_zeroed") or (0, 0)
     evidence = (f"at {stale} of {checks} checked steps the first backward after an optimizer step found a parameter's "
                 f".grad still holding the last step's gradient")
     cause, numbers, sources = "", {"stale_steps": float(stale), "checked_steps": float(checks)}, ["meta grads_not_zeroed"]
