@@ -4,6 +4,7 @@ without warm-up needs, and the learning rate where Adam runs hot."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 
@@ -234,14 +235,27 @@ def has_residual(run: Run) -> bool:
             or bool(module_types(run) & RESIDUAL_TYPES))
 
 
+# The causes in the set-up that fit_architecture puts before a finding's own, with the remedies they bring first and
+# the kinds of finding they explain, in the order they are said (the last said goes first in the cause).
+SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...]], ...] = (
+    (post_ln_without_warmup, ("warmup", "pre_ln"), _DEPTH_KINDS),
+    (lr_without_warmup, ("warmup", "lower_lr"), _DEPTH_KINDS),
+    (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),
+    (heavy_momentum, ("lower_momentum",), _ANY_KIND),
+    (heavy_dropout, ("lower_dropout",), _ANY_KIND),
+    (zero_init, ("he_init",), _ANY_KIND),
+    (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
+    (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
+    (clipped_weights, ("gradient_penalty",), _ANY_KIND),
+    (grads_not_zeroed, ("zero_grad",), _ANY_KIND),
+    (trained_in_eval_mode, ("train_mode",), _ANY_KIND),
+)
+
+
 def set_up_causes(run: Run) -> list[str]:
-    """The words of every cause in the set-up that :func:`fit_architecture` names for a stalled run (a high Adam
-    rate without warm-up, Post-LN without warm-up, heavy weight decay, momentum or dropout, zero init, raw inputs,
-    BatchNorm on tiny batches, clipped weights, gradients never zeroed, eval mode), in its order; [] for none."""
-    return [w for w in (post_ln_without_warmup(run), lr_without_warmup(run), heavy_weight_decay(run),
-                        heavy_momentum(run), heavy_dropout(run), zero_init(run), raw_inputs(run),
-                        batch_norm_on_tiny_batches(run), clipped_weights(run), grads_not_zeroed(run),
-                        trained_in_eval_mode(run)) if w]
+    """The words of every cause in the set-up (:data:`SET_UP_CAUSES`) that explains a stalled run, in their order;
+    [] for none."""
+    return [w for cause, _, kinds in SET_UP_CAUSES if "stalled" in kinds and (w := cause(run))]
 
 
 def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
@@ -319,10 +333,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     relu_type = bool(types & RELU_TYPES) or bool(types & {"TransformerEncoderLayer", "TransformerDecoderLayer"})
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
-    lr_words, post_ln, decay = lr_without_warmup(run), post_ln_without_warmup(run), heavy_weight_decay(run)
-    eval_mode, tiny_bn, raw = trained_in_eval_mode(run), batch_norm_on_tiny_batches(run), raw_inputs(run)
-    momentum, dropout, zeros = heavy_momentum(run), heavy_dropout(run), zero_init(run)
-    clipped, stale = clipped_weights(run), grads_not_zeroed(run)
+    causes = [(cause(run), first, kinds) for cause, first, kinds in SET_UP_CAUSES]
     sgd = meta.get("optimizer") in ("SGD", "Adagrad")  # steps that shrink with the gradient (and, Adagrad's, with time)
     out = []
     for f in found:
@@ -338,17 +349,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation", "check_graph"}:
             fixes += remedies("adam")
         said: list[str] = []
-        for words, first, kinds in ((post_ln, ("warmup", "pre_ln"), _DEPTH_KINDS),
-                                    (lr_words, ("warmup", "lower_lr"), _DEPTH_KINDS),
-                                    (decay, ("lower_wd",), _SHRUNK_KINDS),
-                                    (momentum, ("lower_momentum",), _ANY_KIND),
-                                    (dropout, ("lower_dropout",), _ANY_KIND),
-                                    (zeros, ("he_init",), _ANY_KIND),
-                                    (raw, ("standardise_inputs",), _INPUT_KINDS),
-                                    (tiny_bn, ("group_norm",), _ANY_KIND),
-                                    (clipped, ("gradient_penalty",), _ANY_KIND),
-                                    (stale, ("zero_grad",), _ANY_KIND),
-                                    (eval_mode, ("train_mode",), _ANY_KIND)):  # the last goes first
+        for words, first, kinds in causes:  # the last said goes first
             if words and f.severity != "info" and f.kind in kinds:
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)
                 said.insert(0, words)
