@@ -1014,7 +1014,9 @@ def test_doctor_repairs_a_users_exploding_residual_mlp_with_fixup():
     report = gw.doctor(_residual_mlp, steps=steps, seeds=3, rounds=1, progress=False)
     assert {t.rounds for t in report.trials} == {1}
     assert {"exploding"} <= set(report.baseline.findings), str(report)
-    assert report.best is not None and report.best.label.startswith("Fixup"), str(report)
+    assert report.best is not None and report.best.verdict == "fixes it", str(report)
+    (fixup,) = [t for t in report.trials if t.label.startswith("Fixup")]
+    assert fixup.verdict == "fixes it", str(report)
     for seed in range(3):  # the reference: each seed's own curve, in a plain loop
         trial = _one("fixup").apply(_residual_mlp(seed), {})
         curve = [float(trial.step()) for _ in range(steps)]
@@ -1625,6 +1627,72 @@ def test_skip_connections_and_norms_reach_layers_that_forward_calls_in_a_loop():
         h = torch.relu(bn(conv(h)))
     assert torch.allclose(normed(x), model.fc(h.flatten(1)), atol=1e-6)
     assert isinstance(normed.fc, nn.Linear)  # the output layer: no norm after the net's answer
+
+
+class _DictCNN(nn.Module):
+    """Round 9's layout: the same plain CNN with its convolutions in an ``nn.ModuleDict``, each a block of the
+    user's (``fc`` inside a class whose ``forward`` calls it), called by key in a loop."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(h))
+
+    def __init__(self, depth: int = 4, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.convs = nn.ModuleDict({f"c{i}": nn.Conv2d(c, c, 3, padding=1) for i in range(depth - 2)})
+        self.blocks = nn.ModuleList([self.Block(c) for _ in range(2)])
+        self.fc = nn.Linear(c * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x.view(-1, 1, 8, 8)))
+        for key in self.convs:
+            h = torch.relu(self.convs[key](h))
+        for block in self.blocks:
+            h = block(h)
+        return self.fc(h.flatten(1))
+
+
+def test_skip_connections_and_norms_reach_layers_in_a_module_dict_and_in_blocks_of_the_users():
+    """Round 9: the same net with its layers in an ``nn.ModuleDict`` got no norm where an ``nn.ModuleList`` did.
+    The reference: the remedied model's output computed by hand from the original's layers."""
+    from gradwatch.remedies import add_norm, add_residual
+
+    torch.manual_seed(0)
+    model, x = _DictCNN(), torch.randn(5, 64)
+    layers = [*model.convs.values(), *(b.conv for b in model.blocks)]
+    res = add_residual(model, example=x)
+    h = torch.relu(model.stem(x.view(-1, 1, 8, 8)))
+    for conv in layers:
+        h = torch.relu(h + conv(h))
+    torch.testing.assert_close(res(x), model.fc(h.flatten(1)))
+    normed = add_norm(model, example=x).eval()
+    norms = [*(n[1] for n in normed.convs.values()), *(b.conv[1] for b in normed.blocks)]
+    h = torch.relu(normed.stem[1](model.stem(x.view(-1, 1, 8, 8))))
+    for conv, bn in zip(layers, norms, strict=True):
+        assert isinstance(bn, nn.BatchNorm2d)
+        h = torch.relu(bn(conv(h)))
+    torch.testing.assert_close(normed(x), model.fc(h.flatten(1)))
+    assert isinstance(normed.fc, nn.Linear)  # the output layer: no norm after the net's answer
+
+
+def test_no_skip_connection_goes_inside_a_block_of_the_users_that_has_one():
+    """A skip around a layer inside x + f(x) compounds (ReZero's α = 0 gave x + relu(x) per block: 2³⁰ over 30
+    blocks, a row that diverged); the block's own skip is found by running it with its weights at zero."""
+    from gradwatch.remedies import add_residual
+    from gradwatch.remedies.structure import skip_blocks
+
+    torch.manual_seed(0)
+    model, x = _ResidualMLP(), torch.randn(5, 8)
+    assert skip_blocks(model, x) == {id(b) for b in model.blocks}
+    assert skip_blocks(_DictCNN(), torch.randn(5, 64)) == set()  # relu(conv(h)): act(0), not h
+    wrapped = add_residual(model, example=x)
+    assert sum(1 for _ in wrapped.modules()) == sum(1 for _ in model.modules())  # nothing to wrap: stem 8 → 32
+    torch.testing.assert_close(wrapped(x), model(x))
 
 
 def _pixels_trial(model: nn.Module, seed: int) -> Trial:

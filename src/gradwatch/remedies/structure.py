@@ -186,19 +186,67 @@ def recurrent_layers(model: nn.Module, example: Any) -> list[nn.Module]:
     return [layers[i][1] for i, recurrent in probe.recurrent.items() if recurrent]
 
 
+def _calls_its_layers(module: nn.Module) -> bool:
+    """A module whose ``forward`` is the user's (a class not from torch: the model, a block of the user's) or a
+    container a user's ``forward`` indexes (``nn.ModuleList``, ``nn.ModuleDict``); not ``nn.Sequential`` nor
+    torch's own layers (attention, a Transformer layer), whose remedies are their own."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return True
+    return not type(module).__module__.startswith("torch.")
+
+
 def loose_layers(model: nn.Module, example: Any = None) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, name, layer) for each weighted layer (:data:`WEIGHTED_LEAVES`) held directly by the model or by an
-    ``nn.ModuleList`` — layers a ``forward`` calls itself, in a loop or one by one, with activations that may be
-    functions (``F.relu``) no structural remedy can see — but the net's last layer (its output). Layers inside
-    other modules (``nn.Sequential``, attention, a block of the user's) are left to those."""
+    """(parent, name, layer) for each weighted layer (:data:`WEIGHTED_LEAVES`) held directly by the model or by a
+    module whose ``forward`` calls it (:func:`_calls_its_layers`: a block class of the user's, an ``nn.ModuleList``
+    or ``nn.ModuleDict``) — layers called in a loop or one by one, with activations that may be functions
+    (``F.relu``) no structural remedy can see — but the net's last layer (its output). Layers inside
+    ``nn.Sequential`` and torch's own modules (attention) are left to those."""
     order = list(dict.fromkeys(x for x in call_order(model, example) if isinstance(x, WEIGHTED_LEAVES)))
     last = order[-1] if order else None
     out: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in [model, *(x for x in model.modules() if isinstance(x, nn.ModuleList))]:
+    for parent in [model, *(x for x in model.modules() if x is not model and _calls_its_layers(x))]:
         for name, child in parent.named_children():
             if isinstance(child, WEIGHTED_LEAVES) and child is not last and (example is None or child in order):
                 out.append((parent, name, child))
     return out
+
+
+def skip_blocks(model: nn.Module, example: Any) -> set[int]:
+    """The ids of the user's blocks (:func:`_calls_its_layers`, not the model itself nor a container) whose
+    ``forward`` already adds its input to its output, x + f(x): with every parameter of a copy set to zero the
+    copy returns its input, on the input a forward pass of ``model`` on ``example`` gave it (a block of plain
+    layers returns act(0) instead). Empty without ``example``."""
+    if example is None:
+        return set()
+    blocks = [x for x in model.modules() if x is not model and not isinstance(x, (nn.ModuleList, nn.ModuleDict))
+              and _calls_its_layers(x) and any(True for _ in x.parameters())]
+    seen: dict[int, tuple[Any, ...]] = {}
+
+    def keep(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.setdefault(id(mod), tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args))
+
+    hooks = [x.register_forward_pre_hook(keep) for x in blocks]
+    try:
+        dry_run(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    found: set[int] = set()
+    for block in blocks:
+        args = seen.get(id(block))
+        if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+            continue
+        zeroed = copy.deepcopy(block).eval()
+        with torch.no_grad():
+            for p in zeroed.parameters():
+                p.zero_()
+            try:
+                out = zeroed(*args)
+            except Exception:  # noqa: BLE001 - a block that will not run alone: not known to add its input
+                continue
+        if isinstance(out, Tensor) and out.shape == args[0].shape and torch.equal(out, args[0]):
+            found.add(id(block))
+    return found
 
 
 def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
@@ -222,8 +270,10 @@ def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
 def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, example: Any = None) -> nn.Module:
     """Wrap every shape-preserving layer + activation group of each ``nn.Sequential`` in a skip connection
     (Linear(n, n), or a convolution keeping channels and size: :func:`shape_preserving`); where the model has
-    none, every shape-preserving layer that its ``forward`` calls itself (:func:`loose_layers`: held by the model
-    or an ``nn.ModuleList``, activations that may be functions), alone — x + layer(x), the activation after it.
+    none, every shape-preserving layer that a ``forward`` calls itself (:func:`loose_layers`: held by the model, a
+    block of the user's, an ``nn.ModuleList`` or ``nn.ModuleDict``; activations that may be functions), alone —
+    x + layer(x), the activation after it — but those inside a block of the user's that already adds its input
+    (:func:`skip_blocks`).
 
     ``rezero=True`` wraps in :class:`ReZero` instead (a learnable α starting at 0). ``example``: an input batch,
     to find the output layer by a forward pass (it is never wrapped).
@@ -246,8 +296,9 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
         _replace_children(parent, new)
         wrapped = True
     if not wrapped:
+        skips = skip_blocks(m, example)  # a skip inside a block that has one compounds: x + x + ... per block
         for holder, name, layer in loose_layers(m, example):
-            if shape_preserving(layer):
+            if shape_preserving(layer) and id(holder) not in skips:
                 setattr(holder, name, ReZero(layer) if rezero else Residual(layer))
     return m
 
@@ -317,8 +368,8 @@ def add_norm(model: nn.Module, inplace: bool = False, example: Any = None) -> nn
     """Insert LayerNorm (after a Linear) or BatchNorm (after a Conv) before every activation of each ``nn.Sequential``
     but the output one (:func:`output_activations`; ``example``: an input batch, to find it by a forward pass).
     Where the model has no such group, a norm goes after every layer that its ``forward`` calls itself
-    (:func:`loose_layers`: held by the model or an ``nn.ModuleList``, activations that may be functions) but the
-    output layer.
+    (:func:`loose_layers`: held by the model, a block of the user's, an ``nn.ModuleList`` or ``nn.ModuleDict``;
+    activations that may be functions) but the output layer.
 
     BatchNorm: Ioffe & Szegedy (2015); LayerNorm: Ba, Kiros & Hinton (2016).
     Both keep each layer's pre-activations at unit scale, out of the flat tails.
