@@ -287,9 +287,39 @@ def test_spike_and_the_clipping_threshold(store):
     assert f.severity == "warning"  # lr 0: the run does not learn, nothing shows it got over the spike
     assert f.steps == (40, 40)
     assert "step 40" in f.evidence
-    calm = [t for i, t in enumerate(totals) if i != 40]
-    assert f.numbers["clip_at"] == pytest.approx(float(np.median(calm)), rel=1e-5)
+    assert f.numbers["clip_at"] == pytest.approx(float(np.median(totals[:40])), rel=1e-5)  # the calm before it
     assert f.numbers["peak"] == pytest.approx(totals[40], rel=1e-5)
+
+
+def test_the_clipping_threshold_comes_from_the_calm_steps_before_the_event_not_a_dead_net_after_it(store):
+    """Round 9 (raw breast-cancer features): norms of 177–1176 on the first steps, then 0.05–0.2 once the units had
+    died, and the advice was max_norm=0.2, "which would have held every one of these steps". The reference: the
+    total norms read by hand, the calm steps before the event and after it at ×10⁻³ of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    totals = []
+    with gw.watch(model, opt, store=store, name="dead-after") as w:
+        for step in range(80):
+            opt.zero_grad()
+            scale = 3e4 if step == 30 else 1.0 if step < 30 else 1e-3
+            (scale * model(torch.randn(16, 4)).pow(2).mean()).backward()
+            totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            opt.step()
+    (f,) = w.diagnose().of("exploding")
+    assert f.steps[0] == 30
+    clip = float(np.median(totals[:30]))
+    assert clip > 30 * float(np.median(totals[31:]))  # the whole run's calm median is the dead net's
+    assert f.numbers["clip_at"] == pytest.approx(clip, rel=1e-5)
+    assert f"max_norm={sci(clip)}" in " ".join(map(str, f.remedies)), f.remedies
+    with gw.watch(model, opt, store=store, name="large-from-the-start") as w:  # no calm steps before it: no level
+        for step in range(80):
+            opt.zero_grad()
+            scale = 3e4 if step < 4 else 1e-3
+            (scale * model(torch.randn(16, 4)).pow(2).mean()).backward()
+            opt.step()
+    (f,) = w.diagnose().of("exploding")
+    assert math.isnan(f.numbers["clip_at"]) and "max_norm=" not in " ".join(map(str, f.remedies)), f.remedies
 
 
 def test_a_spikes_summary_names_its_own_peak_not_a_larger_calm_step_elsewhere(store):

@@ -56,6 +56,10 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     calm_idx = [j for j in range(len(total)) if finite[j] and j not in set(hit)]
     median = float(np.median(total[finite])) if finite.any() else math.nan
     clip = float(np.median(total[calm_idx])) if calm_idx else math.nan
+    # the level to clip at is that of the calm steps before the event: after it a net may be dead (raw inputs: norms
+    # of 177–1176 on steps 0–3, then 0.05–0.2 from dead units, advised max_norm=0.2 "which would have held" them)
+    calm_before = [j for j in calm_idx if j < hit[0]]
+    clip_at = float(np.median(total[calm_before])) if calm_before else math.nan
     parts = []
     for a, b, p in ramps:
         rose = (f"rose to a peak of {sci(float(total[p]))} at step {int(steps[p])}" if p != a
@@ -76,7 +80,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     # within the calm steps' spread, is not part of it: a summary of 21 over evidence of 19 contradicted itself)
     peak_at = max((j for j in hit if finite[j]), key=lambda j: total[j], default=None)
     peak = float(total[peak_at]) if peak_at is not None else float(np.nanmax(np.where(finite, total, np.nan)))
-    calm_phase = len(calm_idx) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
+    calm_phase = len(calm_before) >= th.spike_after  # a calm phase to clip at; else the scale is wrong from the start
     first_loss = _first_loss(run)
     large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
     heavy = weights_too_large(run) if large_loss else ""
@@ -86,9 +90,9 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     start_norm = float(total[finite][0]) if finite.any() else math.nan
     grew = float(np.nanmax(np.where(finite, total, np.nan))) / start_norm if start_norm > 0 else math.nan
     overshoot = not calm_phase and not large_loss and grew >= th.spike_above
-    if math.isfinite(clip) and calm_phase:
-        clipping = (f"gradient-norm clipping at about the norm of the calm steps, "
-                    f"clip_grad_norm_(params, max_norm={sci(clip)}) (Pascanu et al. 2013), which would have held every one of these steps",)
+    if calm_phase:
+        clipping = (f"gradient-norm clipping at about the norm of the calm steps before it, "
+                    f"clip_grad_norm_(params, max_norm={sci(clip_at)}) (Pascanu et al. 2013), which would have held every one of these steps",)
         fixes = clipping + remedies("lower_lr", *(["standardise_targets"] if large_loss else []), "norm")
     elif large_loss:  # no calm phase, and a loss in the hundreds or more from the first step (the weights' scale or
         # the targets': the loss alone cannot tell them apart, and the doctor tries both)
@@ -124,7 +128,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         remedies=fixes,
         # clip_at only from a calm phase: the median of a dozen steps already on their way up (a GRU at lr 0.5 that
         # is NaN by step 11: 27) clips too late to hold anything; without it the doctor clips at 1
-        numbers={"peak": peak, "median": median, "clip_at": clip if calm_phase else math.nan, "spikes": float(len(spikes)),
+        numbers={"peak": peak, "median": median, "clip_at": clip_at if calm_phase else math.nan, "spikes": float(len(spikes)),
                  "over_bound": float(len(over)), "peak_step": float(peak_step),
                  **({"onset": float(steps[ramps[0][0]])} if ramps else {}), **({"recovered": 1.0} if recovered else {})},
         sources=(_total_source(steps),),
