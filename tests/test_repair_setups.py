@@ -28,7 +28,8 @@ from benchmarks.setups.common import Trial  # noqa: E402
 # under ATEN_CPU_CAPABILITY=default by hand), outside `make test`, which keeps CI within its 20 minutes.
 FAST = {"at_circle_exp", "at_blob_exp", "at_circle_sigmoid", "at_circle_relu_uniform", "so_nielsen_linear_mse",
         "so_nielsen_fixed", "so_raw_tanh", "so_raw_tanh_fixed", "so_softmax_one_unit", "so_quadratic_lr",
-        "tanh_raw_pixels", "relu_high_lr", "tied_inplace", "pascanu_rnn_radius25"}
+        "tanh_raw_pixels", "relu_high_lr", "tied_inplace", "pascanu_rnn_radius25", "r9_summed_loss_accumulated",
+        "r9_mean_loss_accumulated", "r9_bf16_mlp", "r9_cancer_raw", "r9_cancer_scaled"}
 
 
 def _cases():
