@@ -431,8 +431,9 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Vanishing over steps: the whole gradient collapses while the loss has not converged.
 
     The total norm's median over the last ``4 × window`` steps against its
-    median over the first ``spike_after``; a run whose logged loss fell to
-    below ``vanish_below`` of its start converged instead.
+    median over the first ``spike_after``: below ``vanish_below`` of it, critical, unless the logged loss fell to
+    below ``vanish_below`` of its start (converged); below ``fade_below`` of it, a warning where a logged loss
+    shows the run did not halve it. Dated from the step the norm stays under ``fade_below`` of its start.
     """
     got = total_grad_norm(run)
     if got is None:
@@ -443,18 +444,24 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
         return []
     early = float(np.median(total[ok][: th.spike_after]))
     late = float(np.median(total[ok][-4 * th.window:]))
-    if not (early > 0 and late < th.vanish_below * early):
+    if not (early > 0 and late < th.fade_below * early):
         return []
     ends = loss_ends(run, th, least=th.spike_after + 1)
     if ends is not None and ends[1] < ends[0] and abs(ends[1]) < th.vanish_below * abs(ends[0]):
         return []  # converged (the loss fell to ~0): a vanishing gradient is what a minimum looks like
-    start = since(total < th.vanish_below * early, steps, th.window)
+    collapsed = late < th.vanish_below * early
+    if not collapsed and (ends is None or 0 < ends[1] <= 0.5 * ends[0]):
+        return []  # faded only to 10⁻²: what a run that learns may show, and without a loss nothing says it did not
+    start = since(total < th.fade_below * early, steps, th.window)
+    first, final = ends if ends is not None else (math.nan, math.nan)
     return [Finding(
-        kind="vanishing", severity="critical", layers=(), steps=(start, int(steps[-1])),
-        summary=f"the whole gradient collapsed: its norm is {sci(late / early)} of what it was at the start, since step {start}",
+        kind="vanishing", severity="critical" if collapsed else "warning", layers=(), steps=(start, int(steps[-1])),
+        summary=f"the whole gradient {'collapsed' if collapsed else 'faded'}: its norm is {sci(late / early)} of what "
+                f"it was at the start, under {th.fade_below:.0%} of it since step {start}",
         evidence=(f"the total gradient norm fell from {sci(early)} (median of steps {int(steps[0])}–"
                   f"{int(steps[ok][th.spike_after - 1])}) to {sci(late)} (median of the last {4 * th.window} steps) "
-                  f"while the loss did not converge."),
+                  + ("while the loss did not converge." if collapsed else
+                     f"while the loss did not halve ({sci(first)} → {sci(final)}).")),
         cause="nothing flows back from the loss any more: an output unit (a sigmoid, a softmax) in its flat tails, a "
         "loss on a clamped or detached output, or units that stopped passing a gradient; for a GAN generator trained "
         "with the minimax loss log(1 − D(G(z))), a discriminator that confidently rejects the samples",

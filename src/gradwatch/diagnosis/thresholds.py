@@ -11,7 +11,7 @@ from gradwatch.diagnosis.instability_thresholds import InstabilityThresholds
 
 _COUNTS = frozenset({"window", "spike_after", "spike_window"})  # numbers of steps
 _FRACTIONS = frozenset({"affected_below", "saturated_above", "dead_above", "skipped_above"})  # shares, in (0, 1)
-_BELOW_ONE = frozenset({"vanish_below", "stalled_below", "memory_below"})  # ratios that cut below 1
+_BELOW_ONE = frozenset({"vanish_below", "stalled_below", "memory_below", "fade_below"})  # ratios that cut below 1
 _ABOVE_ONE = frozenset({"explode_above", "affected_above", "spike_above"})  # ratios that cut above 1
 
 
@@ -67,6 +67,10 @@ class Thresholds:
     # loss barely reaches back (1 %, as the first/last cut-offs above are
     # 10⁻³: a dependency at that lag gets a hundredth of the gradient).
     memory_below: float = 0.01
+    # Over steps: the whole gradient at this fraction of its start while the loss did not halve is a warning (below
+    # `vanish_below` of it, critical), dated from the step it stays under it. A GAN generator on the minimax loss
+    # fell to 1 % of its start by step 77 of 300 and to 1.0–1.1·10⁻³ by the end, covering none of the modes.
+    fade_below: float = 1e-2
     # A step whose total gradient norm exceeds `spike_above` × the median of
     # every step before it (judged from the `spike_after`-th step on); and an
     # absolute bound on that norm (losses on normalised data give totals of
