@@ -335,25 +335,29 @@ class FunctionalSwap(nn.Module):
     optimizer over them trains the swapped model. Calls are matched by their order within a forward pass, so the
     forward must call them in the same order every time (no data-dependent branches)."""
 
-    def __init__(self, model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any) -> None:
+    def __init__(self, model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any,
+                 output: bool = False) -> None:
         super().__init__()
         self.inner = model
         probe = _CallCounter()
         dry_run(model, example, probe)
         last = max((i for i, (name, _) in enumerate(probe.calls) if name in _WEIGHTED_CALLS), default=-1)
+        calls = probe.calls[last + 1:] if output and last >= 0 else probe.calls[:max(last, 0)]
         self.plan: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {
-            call: swap[call[0]] for call in probe.calls[:max(last, 0)] if call[0] in swap}
+            call: swap[call[0]] for call in calls if call[0] in swap}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with _CallCounter(self.plan):
             return self.inner(*args, **kwargs)
 
 
-def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any) -> FunctionalSwap | None:
-    """:class:`FunctionalSwap` of ``model``, or None when no call before its last layer is one to swap."""
+def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any,
+                    output: bool = False) -> FunctionalSwap | None:
+    """:class:`FunctionalSwap` of ``model``, or None when no call before its last layer is one to swap; with
+    ``output=True`` the calls after its last layer instead (a softmax the forward applies to the logits)."""
     if example is None:
         return None
-    wrapped = FunctionalSwap(model, swap, example)
+    wrapped = FunctionalSwap(model, swap, example, output=output)
     return wrapped if wrapped.plan else None
 
 
