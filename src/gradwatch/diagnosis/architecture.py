@@ -28,6 +28,7 @@ ADAM_LR_ABOVE = 3e-3
 RAW_INPUT_ABOVE = 10.0  # inputs whose std or mean |x| is beyond this were not standardised (pixels 0–255, raw features)
 TINY_BATCH = 4  # BatchNorm on batches this small: Wu & He 2018 measure its error climbing steeply below 8
 DROPOUT_FROM = 0.75  # a dropout rate this high keeps a quarter of the units or fewer (0.9 for TF1's keep_prob 0.9)
+CLIMB_ABOVE = 10.0  # a schedule's peak this many times the starting rate or more: OneCycleLR's default div_factor is 25
 MOMENTUM_ABOVE = 0.99  # SGD's momentum at or above this: a step sums 1/(1 − momentum) ≥ 100 past gradients
 WD_SHRINK_ABOVE = 1e-2  # lr × weight_decay: every weight shrinks by 1 % a step or more (SGD, and AdamW's decoupled decay)
 ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1e-2 trains an LSTM or a small CNN)
@@ -36,6 +37,7 @@ ADAM_LR_PLAIN_ABOVE = 3e-2  # ... and a net with neither: 30× Adam's default (1
 # degradation, and a 30-layer ReLU MLP that stalls at Xavier init but trains with ReZero (measured: 0.09 → 0.96).
 DEEP_LAYERS = 10
 _DEPTH_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
+_BLOWUP_KINDS = ("exploding", "nonfinite")
 # Findings of layers that move too little: under plain SGD each moves lr·g, so an adaptive optimiser (its step
 # normalised by the gradient's own rms) is the last remedy they name, after those of the architecture.
 _TOO_LITTLE_KINDS = ("vanishing", "stalled", "saturation")
@@ -216,6 +218,18 @@ def warmup_seen(run: Run) -> bool:
                                                  (meta.get("optimizer_initial_lr"), meta.get("optimizer_max_lr")))
 
 
+def climbing_schedule(run: Run) -> str:
+    """Words for a learning-rate schedule that climbs to a peak (OneCycleLR's ``max_lr``) ``CLIMB_ABOVE``× or more
+    above the rate the watch started at ('' otherwise): a blow-up in such a run comes as the rate rises (round 10:
+    max_lr 5.0 where 0.05 was meant, NaN at steps 18–20 of the climb; its depth ratio 1.07 at the start)."""
+    meta = run_meta(run)
+    lr, top = meta.get("optimizer_lr"), meta.get("optimizer_max_lr")
+    if not isinstance(lr, (int, float)) or not isinstance(top, (int, float)) or not 0 < CLIMB_ABOVE * lr <= top:
+        return ""
+    return (f"the learning-rate schedule: the rate climbs ×{top / lr:.3g}, from {lr:g} when the watch started to a "
+            f"peak of {top:g} (the scheduler's max_lr), and steps that large overshoot as it climbs")
+
+
 def post_ln_without_warmup(run: Run) -> str:
     """Words for Post-LN Transformer layers trained without a warm-up ('' when that is not the case)."""
     meta = run_meta(run)
@@ -238,6 +252,7 @@ def has_residual(run: Run) -> bool:
 # The causes in the set-up that fit_architecture puts before a finding's own, with the remedies they bring first and
 # the kinds of finding they explain, in the order they are said (the last said goes first in the cause).
 SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...]], ...] = (
+    (climbing_schedule, ("lower_lr",), _BLOWUP_KINDS),
     (post_ln_without_warmup, ("warmup", "pre_ln"), _DEPTH_KINDS),
     (lr_without_warmup, ("warmup", "lower_lr"), _DEPTH_KINDS),
     (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),

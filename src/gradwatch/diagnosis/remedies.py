@@ -7,7 +7,8 @@ REMEDIES = {
     "leaky": "use a ReLU variant that never dies (LeakyReLU, GELU, SiLU)",
     "he_init": "He (Kaiming) initialisation for ReLU-type nets",
     "orthogonal_init": "orthogonal or Xavier initialisation, or LSUV (Mishkin & Matas 2016)",
-    "smaller_init": "smaller initial weights (Xavier/orthogonal, or LSUV to unit variance)",
+    "smaller_init": "weights re-initialised at a variance-preserving scale (Xavier/orthogonal with the activation's gain, or "
+                    "LSUV to unit variance)",
     "zero_bias": "initialise biases at zero",
     "residual": "residual connections around blocks",
     "norm": "normalisation (BatchNorm/LayerNorm) before the activations",
@@ -59,7 +60,7 @@ REMEDIES = {
     "rezero": "ReZero residual connections, x + α·f(x) with α = 0 at init (Bachlechner et al. 2020)",
     "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
     "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
-    "smaller_init_lower_lr": "smaller initial weights together with a lower learning rate",
+    "smaller_init_lower_lr": "weights re-initialised (Xavier) together with a lower learning rate",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
     "group_norm": "GroupNorm (or a larger batch, 16 or more) in place of BatchNorm: statistics of a few samples are "

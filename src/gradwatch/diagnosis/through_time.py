@@ -29,7 +29,9 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
     """
     if "temporal_grad_norm" not in run.quantities:
         return []
-    gammas = {r["name"]: r.get("gamma") for r in run.meta.get("recurrent", [])} if hasattr(run, "meta") else {}
+    rows = run.meta.get("recurrent", []) if hasattr(run, "meta") else []
+    gammas = {r["name"]: r.get("gamma") for r in rows}
+    forget = {r["name"]: r["forget_bias"] for r in rows if isinstance(r.get("forget_bias"), (int, float))}
     lam = run.series("lambda1", "recurrent") if "lambda1" in run.quantities else None
     dead = _dead_recurrent(run, th)
     gated_loops = set(run.meta.get("gated_loops") or ()) if hasattr(run, "meta") else set()
@@ -83,6 +85,11 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
             # update gate at z ≈ 0.95 in the (1 − z)·h + z·ñ convention, was told to use a GRU)
             fixes = (remedies("forget_bias", "clip_norm") if lstm else remedies("gate_bias", "orthogonal_rnn", "pascanu_reg")
                      if gated else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
+            opened = forget.get(e.name, 0.0) if lstm else 0.0
+            if opened >= 1:  # round 10: told to set a forget-gate bias of 1 that was already 8
+                cause += (f" — though its forget-gate bias was {opened:.2g} when the watch began (open at 1 or more): "
+                          "the gates closed under training, or the task's signal is too weak to hold them open")
+                fixes = remedies("clip_norm")
             if verdict is not None and verdict.gamma and verdict.lambda1 >= STRETCH_ABOVE / verdict.gamma:
                 cause = (f"λ₁(W_hh) = {verdict.lambda1:.2g} is far above 1/γ, so the recurrent weights would stretch "
                          f"the gradient: the nonlinearity's derivative shrinks it — saturated tanh/sigmoid units (or "

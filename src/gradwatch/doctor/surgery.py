@@ -449,10 +449,21 @@ class PreciseBN:
 
 def logits(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The identity in place of an ``nn.Softmax`` after the model's last layer (found by a forward pass on a batch
-    where the batches are the model's inputs): the loss gets logits. None when there is none."""
-    drop = {id(m) for m in r.after_last_layer(trial.model, _traceable_input(trial)) if isinstance(m, nn.Softmax)}
-    if not replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
+    where the batches are the model's inputs), or of the ``softmax`` calls its forward makes after that layer
+    (:class:`gradwatch.remedies.structure.FunctionalSwap`): the loss gets logits. None when there is neither."""
+    from gradwatch.remedies.structure import swap_functional
+
+    example = _traceable_input(trial)
+    drop = {id(m) for m in r.after_last_layer(trial.model, example) if isinstance(m, nn.Softmax)}
+    if replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
+        return trial
+    try:
+        wrapped = swap_functional(trial.model, {"softmax": lambda x: x}, example, output=True)
+    except Exception:  # noqa: BLE001 - a forward the dry run cannot follow: the remedy does not apply
         return None
+    if wrapped is None:
+        return None
+    trial.model = wrapped
     return trial
 
 

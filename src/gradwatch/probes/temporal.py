@@ -268,6 +268,25 @@ def _gamma(module: nn.Module) -> float | None:
     return 1.0 if mode in ("RNN_TANH", "RNN_RELU") else None
 
 
+def forget_bias(module: nn.Module, entity: str) -> float | None:
+    """The mean forget-gate bias (b_ih + b_hh over the forget slice, PyTorch's gate order i, f, g, o) of an LSTM's
+    layer and direction that ``entity`` names ("lstm.l0", "lstm.l1_reverse"), or of an ``nn.LSTMCell``; None for
+    other cells. 0 without biases."""
+    if isinstance(module, nn.LSTMCell):
+        suffix = ""
+    elif isinstance(module, nn.LSTM):
+        suffix = entity.rsplit(".", 1)[-1]  # "l0", "l0_reverse"
+    else:
+        return None
+    h = module.hidden_size
+    total = 0.0
+    for kind in ("ih", "hh"):
+        b = getattr(module, f"bias_{kind}" + (f"_{suffix}" if suffix else ""), None)
+        if isinstance(b, torch.Tensor):
+            total += float(b.detach()[h:2 * h].float().mean())
+    return total
+
+
 @dataclass
 class _Capture:
     module: nn.RNNBase
@@ -306,7 +325,7 @@ class TemporalProbe:
         rows = []
         for name, m in self.modules:
             for entity, cell in (self.entities_of(name, m)):
-                rows.append({"name": entity, "cell": cell, "gamma": _gamma(m)})
+                rows.append({"name": entity, "cell": cell, "gamma": _gamma(m), "forget_bias": forget_bias(m, entity)})
         return rows
 
     def entities_of(self, name: str, m: nn.Module) -> list[tuple[str, str]]:

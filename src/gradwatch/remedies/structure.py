@@ -306,54 +306,73 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
 _WEIGHTED_CALLS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "bilinear", "matmul", "bmm", "addmm"})
 
 
+_PRODUCTS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "rsub", "__rsub__", "sub", "__sub__", "addcmul", "lerp"})
+
+
 class _CallCounter(TorchFunctionMode):
     """Within one forward pass: the torch function calls by name, in order; ``swap`` maps a call (its name and how
-    many calls of that name came before it) to the function to run instead."""
+    many calls of that name came before it) to the function to run instead. ``gates``: the ``sigmoid`` calls whose
+    output a product or a difference then reads (t·H + (1 − t)·x: a highway's or a hand-written LSTM's gate)."""
 
     def __init__(self, swap: dict[tuple[str, int], Callable[..., Any]] | None = None) -> None:
         super().__init__()
         self.calls: list[tuple[str, int]] = []  # (name, calls of that name before it)
         self.seen: dict[str, int] = {}
         self.swap = swap or {}
+        self.gates: set[tuple[str, int]] = set()
+        self._sigmoids: dict[int, tuple[tuple[str, int], Tensor]] = {}  # id → (call, output): kept alive, ids unique
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = getattr(func, "__name__", "")
         k = self.seen.get(name, 0)
         self.seen[name] = k + 1
         self.calls.append((name, k))
+        if name in _PRODUCTS and not self.swap:
+            for a in args:
+                got = self._sigmoids.get(id(a)) if isinstance(a, Tensor) else None
+                if got is not None and got[1] is a:
+                    self.gates.add(got[0])
         instead = self.swap.get((name, k))
         if instead is not None and args and isinstance(args[0], Tensor):
             return instead(args[0])
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if name == "sigmoid" and not self.swap and isinstance(out, Tensor):
+            self._sigmoids[id(out)] = ((name, k), out)
+        return out
 
 
 class FunctionalSwap(nn.Module):
     """A model whose activations are functions called in its ``forward`` (``torch.tanh``, ``F.sigmoid``,
     ``F.relu``), with some of them replaced: each call of a name in ``swap`` that comes before the forward's last
     weighted call (a linear or a convolution, found on ``example``) runs ``swap[name]`` instead; calls after it act
-    on the net's output and stay (a sigmoid under ``nn.BCELoss``). The model's parameters are its own: an
-    optimizer over them trains the swapped model. Calls are matched by their order within a forward pass, so the
+    on the net's output and stay (a sigmoid under ``nn.BCELoss``), and so do sigmoids that gate (their output
+    multiplies another tensor: a highway's T, a hand-written LSTM's gates; round 10's ReLU "gate" diverged). The
+    model's parameters are its own: an optimizer over them trains the swapped model. Calls are matched by their order within a forward pass, so the
     forward must call them in the same order every time (no data-dependent branches)."""
 
-    def __init__(self, model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any) -> None:
+    def __init__(self, model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any,
+                 output: bool = False) -> None:
         super().__init__()
         self.inner = model
         probe = _CallCounter()
         dry_run(model, example, probe)
         last = max((i for i, (name, _) in enumerate(probe.calls) if name in _WEIGHTED_CALLS), default=-1)
-        self.plan: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {
-            call: swap[call[0]] for call in probe.calls[:max(last, 0)] if call[0] in swap}
+        calls = probe.calls[last + 1:] if output and last >= 0 else probe.calls[:max(last, 0)]
+        self.plan: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {  # a gate stays a gate (in [0, 1])
+            call: swap[call[0]] for call in calls if call[0] in swap and call not in probe.gates}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with _CallCounter(self.plan):
             return self.inner(*args, **kwargs)
 
 
-def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any) -> FunctionalSwap | None:
-    """:class:`FunctionalSwap` of ``model``, or None when no call before its last layer is one to swap."""
+def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any,
+                    output: bool = False) -> FunctionalSwap | None:
+    """:class:`FunctionalSwap` of ``model``, or None when no call before its last layer is one to swap; with
+    ``output=True`` the calls after its last layer instead (a softmax the forward applies to the logits)."""
     if example is None:
         return None
-    wrapped = FunctionalSwap(model, swap, example)
+    wrapped = FunctionalSwap(model, swap, example, output=output)
     return wrapped if wrapped.plan else None
 
 

@@ -332,6 +332,8 @@ class SkipStep:
         def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             return self._guarded_step(*args, **kwargs)
 
+        if hasattr(self._step, "_wrapped_by_lr_sched"):  # a scheduler's wrapper is still inside, called on every
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # step taken: its "overridden" warning is false
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
 
     def outlier(self, norm: float) -> bool:

@@ -74,6 +74,9 @@ class Watch:
         self._eval_steps, self._eval_first = 0, -1  # steps trained with model.training False, and the first one
         self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
         self._input_scale: tuple[float, float] | None = None  # (std, mean |x|) of the first training batch's inputs
+        # the first training pass's output: rows of K ≥ 2 non-negative values that sum to 1 (a softmax the forward
+        # calls, which no module shows) → K, else 0; None until a pass with gradient has returned
+        self._output_classes: int | None = None
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
@@ -305,6 +308,17 @@ class Watch:
     @torch.compiler.disable
     def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.model_returned()  # even after a failure or close: an open tap must not outlive the pass
+        if self._output_classes is None and torch.is_grad_enabled():
+            self._run_guarded(self._note_output, output)
+
+    def _note_output(self, output: Any) -> None:
+        """Once: whether the model returns probabilities (``_output_classes``)."""
+        self._output_classes = 0
+        if isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2 and output.shape[-1] >= 2:
+            with torch.no_grad():
+                y = output.detach().float()
+                if bool((y >= 0).all()) and float((y.sum(-1) - 1).abs().max()) < 1e-3:
+                    self._output_classes = int(output.shape[-1])
 
     @_forward_hook
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
@@ -418,4 +432,5 @@ class Watch:
                                 "batch_size": self._batch_sizes.most_common(1)[0][0] if self._batch_sizes else None,
                                 "input_std": self._input_scale[0] if self._input_scale else None,
                                 "input_abs_mean": self._input_scale[1] if self._input_scale else None,
+                                "output_probabilities": self._output_classes,
                                 **self._steps.budget.report()})
