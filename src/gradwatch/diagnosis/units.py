@@ -414,15 +414,16 @@ def softmax_output_findings(run: Run, th: Thresholds) -> list[Finding]:
     (:func:`_probabilities_floor`), flat or not.
     """
     meta = run_meta(run)
-    classes = meta.get("output_probabilities")
-    probabilities = isinstance(classes, int) and classes >= 2  # measured on the output, a module or a call
+    got = meta.get("output_probabilities")
+    classes = got if isinstance(got, int) else 0  # measured on the output, a module's softmax or a call's
+    probabilities = classes >= 2
     module = "Softmax" in (meta.get("output_modules") or ())
     if not module and not probabilities:
         return []
     ends = loss_ends(run, th)
     if ends is None or not ends[0] > 0:
         return []
-    floor = _probabilities_floor(run, th, ends, int(classes)) if probabilities else []
+    floor = _probabilities_floor(run, th, ends, classes) if probabilities else []
     if floor or not module or ends[1] < FLAT_LOSS_ABOVE * ends[0]:
         return floor
     return [flat_loss_finding(
