@@ -279,6 +279,7 @@ def test_a_run_that_warms_up_with_one_cycle_is_not_told_to_warm_up(store):
     assert run.meta["optimizer_max_lr"] == 1.0 and run.meta["optimizer_lr"] < 1.0 and warmup_seen(run)
     diverged = Finding("exploding", "critical", (), (20, 40), "diverged", ".", "", remedies("skip_step", "warmup", "lower_lr"))
     (f,) = fit_architecture([diverged], run)
-    assert "warmup" not in f.remedy_keys and f.remedy_keys[:1] == ("skip_step",)
+    assert "warmup" not in f.remedy_keys and f.remedy_keys[:2] == ("lower_lr", "skip_step")  # its peak: ×25 its start
+    assert f.cause.startswith("the learning-rate schedule: the rate climbs ×25, from 0.04")
     plain = SimpleNamespace(meta={"optimizer": "SGD", "optimizer_lr": 0.1}, entities=lambda *a: [])
     assert not warmup_seen(plain)
