@@ -271,18 +271,24 @@ def test_cause_split_against_closed_form(store):
     assert f.numbers["activation_factor"] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_spike_and_the_clipping_threshold(store):
+def _scaled_losses(store, name: str, scales: list[float]):
+    """A small ReLU net at lr 0 (every step sees the same weights), its loss on step i multiplied by ``scales[i]``;
+    the watch and the total gradient norm of each step read by hand."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     totals = []
-    with gw.watch(model, opt, store=store, name="spike") as w:
-        for step in range(60):
+    with gw.watch(model, opt, store=store, name=name) as w:
+        for scale in scales:
             opt.zero_grad()
-            scale = 1000.0 if step == 40 else 1.0
             (scale * model(torch.randn(16, 4)).pow(2).mean()).backward()
             totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
             opt.step()
+    return w, totals
+
+
+def test_spike_and_the_clipping_threshold(store):
+    w, totals = _scaled_losses(store, "spike", [1000.0 if step == 40 else 1.0 for step in range(60)])
     (f,) = w.diagnose().of("exploding")
     assert f.severity == "warning"  # lr 0: the run does not learn, nothing shows it got over the spike
     assert f.steps == (40, 40)
@@ -295,29 +301,15 @@ def test_the_clipping_threshold_comes_from_the_calm_steps_before_the_event_not_a
     """Round 9 (raw breast-cancer features): norms of 177–1176 on the first steps, then 0.05–0.2 once the units had
     died, and the advice was max_norm=0.2, "which would have held every one of these steps". The reference: the
     total norms read by hand, the calm steps before the event and after it at ×10⁻³ of them."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    totals = []
-    with gw.watch(model, opt, store=store, name="dead-after") as w:
-        for step in range(80):
-            opt.zero_grad()
-            scale = 3e4 if step == 30 else 1.0 if step < 30 else 1e-3
-            (scale * model(torch.randn(16, 4)).pow(2).mean()).backward()
-            totals.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
-            opt.step()
+    w, totals = _scaled_losses(store, "dead-after", [3e4 if step == 30 else 1.0 if step < 30 else 1e-3
+                                                      for step in range(80)])
     (f,) = w.diagnose().of("exploding")
     assert f.steps[0] == 30
     clip = float(np.median(totals[:30]))
     assert clip > 30 * float(np.median(totals[31:]))  # the whole run's calm median is the dead net's
     assert f.numbers["clip_at"] == pytest.approx(clip, rel=1e-5)
     assert f"max_norm={sci(clip)}" in " ".join(map(str, f.remedies)), f.remedies
-    with gw.watch(model, opt, store=store, name="large-from-the-start") as w:  # no calm steps before it: no level
-        for step in range(80):
-            opt.zero_grad()
-            scale = 3e4 if step < 4 else 1e-3
-            (scale * model(torch.randn(16, 4)).pow(2).mean()).backward()
-            opt.step()
+    w, _ = _scaled_losses(store, "large-from-the-start", [3e4] * 4 + [1e-3] * 76)  # no calm steps before it
     (f,) = w.diagnose().of("exploding")
     assert math.isnan(f.numbers["clip_at"]) and "max_norm=" not in " ".join(map(str, f.remedies)), f.remedies
 
