@@ -239,6 +239,16 @@ def test_a_softmax_called_in_forward_before_cross_entropy_is_found_by_the_floor_
     assert floor < float(np.median(losses[-20:])) < 1.25 * floor
     (f,) = [f for f in w.diagnose().problems if f.kind == "stalled"]
     assert f.remedy_keys[0] == "logits" and f"{floor:.3g}" in f.summary, str(f)
+    assert w.open().meta["output_probabilities"] == 10
+    for head, want in ((nn.Softmax(-1), 3), (nn.Identity(), 0)):  # modules only, no function call to tap: still read
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), head)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gw.watch(model, opt, store=store, name=f"probabilities-{want}-{seed}") as w:
+            with torch.no_grad():
+                model(torch.randn(2, 4))  # an evaluation pass first: not the one read
+            model(torch.randn(5, 4))[:, 0].sum().backward()
+            opt.step()
+        assert w.open().meta["output_probabilities"] == want
     twin = _softmax_trial(seed, double=False)
     with gw.watch(twin.model, twin.optimizer, store=store, name=f"logits-{seed}") as w:
         for _ in range(300):

@@ -262,6 +262,9 @@ class Watch:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         if steps.tap is not None:  # activation function calls are tapped for the model's pass: closed after it
             self._handles.append(self.model.register_forward_hook(self._on_model_return, always_call=True))
+        if self._output_classes is None:  # once, on the first pass with gradient: does the model return probabilities?
+            self._first_output = self.model.register_forward_hook(self._on_first_output)
+            self._handles.append(self._first_output)
         self._handles += self._driver.place()
         self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
         param = first_trained(self.model)
@@ -308,7 +311,11 @@ class Watch:
     @torch.compiler.disable
     def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.model_returned()  # even after a failure or close: an open tap must not outlive the pass
-        if self._output_classes is None and torch.is_grad_enabled():
+
+    @torch.compiler.disable
+    def _on_first_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.is_grad_enabled():  # a training pass (an evaluation under no_grad is not what the loss reads)
+            self._first_output.remove()
             self._run_guarded(self._note_output, output)
 
     def _note_output(self, output: Any) -> None:
