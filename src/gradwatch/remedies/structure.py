@@ -347,8 +347,9 @@ class FunctionalSwap(nn.Module):
     weighted call (a linear or a convolution, found on ``example``) runs ``swap[name]`` instead; calls after it act
     on the net's output and stay (a sigmoid under ``nn.BCELoss``), and so do sigmoids that gate (their output
     multiplies another tensor: a highway's T, a hand-written LSTM's gates; round 10's ReLU "gate" diverged). The
-    model's parameters are its own: an optimizer over them trains the swapped model. Calls are matched by their order within a forward pass, so the
-    forward must call them in the same order every time (no data-dependent branches)."""
+    model's parameters are its own: an optimizer over them trains the swapped model. Calls are matched by their
+    order within a forward pass, so the forward must call them in the same order every time (no data-dependent
+    branches). ``output=True`` swaps the calls after the last weighted call instead (a softmax on the logits)."""
 
     def __init__(self, model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]], example: Any,
                  output: bool = False) -> None:
