@@ -290,6 +290,11 @@ def loss_ends(run: Run, th: Thresholds, least: int | None = None) -> tuple[float
     return float(np.median(loss[: th.spike_after])), float(np.median(loss[-4 * th.window:]))
 
 
+def halved(ends: tuple[float, float] | None) -> bool:
+    """Whether a positive loss ends at half its start or below (``ends``: :func:`loss_ends`'s; None: nothing says)."""
+    return ends is not None and 0 < ends[1] <= 0.5 * ends[0]
+
+
 def flat_loss(run: Run, th: Thresholds) -> tuple[float, float] | None:
     """(start, end) of a logged loss that stayed at its start value, else None.
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.diagnosis.architecture import ADAM_TYPES, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
-from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, loss_ends, real_fit, total_grad_norm, window_median
+from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, halved, loss_ends, real_fit, total_grad_norm, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import episodes, list_steps, since, steps_text
@@ -35,7 +35,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     # step 0 and NaN on step 1). A large loss gives a large gradient from the start (a regression on unnormalised
     # targets: 6·10² at MSE 3·10³, its peak 4–6× its start, measured) in a run that learns, with nothing exploding.
     ends = loss_ends(run, th)
-    learns = ends is not None and 0 < ends[1] <= 0.5 * ends[0]
+    learns = halved(ends)
     grown = th.spike_above * float(np.median(start)) if len(start) and learns else 0.0
     for j in range(len(total)):
         if not finite[j]:
@@ -293,7 +293,7 @@ def _recovered(run: Run, steps: np.ndarray, total: np.ndarray, calm: float, onse
     if late >= th.spike_above * calm:
         return ""
     back = f"{RECOVERED}: the total norm is back at {sci(late)} over the last {4 * th.window} steps"
-    if 0 < final <= 0.5 * first:
+    if halved((first, final)):
         return back + f" and the loss fell from {sci(first)} to {sci(final)} (info only)"
     before = ls.values[0][ls.steps < onset][-4 * th.window:]
     if len(before) >= th.window and final <= float(np.median(before)):
@@ -412,7 +412,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     # Adam's step does not scale with the gradient: a bound it always meets leaves its updates as they were
     adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
-    learns = adaptive or (ends is not None and 0 < ends[1] <= 0.5 * ends[0])
+    learns = adaptive or halved(ends)
     return [Finding(
         kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=f"the gradient is clipped on every step: its total norm is {sci(bound)} on {int(held.sum())} of {len(ok)} steps",
@@ -450,7 +450,7 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     if ends is not None and ends[1] < ends[0] and abs(ends[1]) < th.vanish_below * abs(ends[0]):
         return []  # converged (the loss fell to ~0): a vanishing gradient is what a minimum looks like
     collapsed = late < th.vanish_below * early
-    if not collapsed and (ends is None or 0 < ends[1] <= 0.5 * ends[0]):
+    if not collapsed and (ends is None or halved(ends)):
         return []  # faded only to 10⁻²: what a run that learns may show, and without a loss nothing says it did not
     start = since(total < th.fade_below * early, steps, th.window)
     first, final = ends if ends is not None else (math.nan, math.nan)
