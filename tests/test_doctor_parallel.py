@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -278,8 +279,15 @@ def test_ray_gives_the_serial_table_and_ships_every_trials_store_back(serial, ra
     assert ray_cluster.is_initialized()  # the doctor leaves a cluster it did not start running
 
 
+def _trial_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("gradwatch-*"))
+
+
 def test_a_killed_ray_worker_is_a_failed_row(serial, ray_cluster):
+    before = _trial_dirs()
     report = gw.doctor(functools.partial(sabotaged, "kill", os.getpid()), steps=STEPS, progress=False, workers="ray")
+    # the killed worker could not remove its trial's directory: it was under the doctor's, which the doctor removed
+    assert _trial_dirs() <= before
     rows = {t.label: t for t in report.trials}
     killed = rows.pop(NORM_LABEL)
     assert killed.error.startswith(DIED) and killed.verdict.startswith("failed: the worker process died")

@@ -64,6 +64,7 @@ class Job(NamedTuple):
     store: str | None  # where the worker writes the run; None: a temporary directory of its own
     ship: bool  # send the run directory's files back (the driver writes them under its store)
     threads: int | None  # torch threads in the worker; None: leave as they are (this process)
+    scratch: str | None = None  # the driver's scratch directory: a worker that sees it (this machine) works under it
 
 
 class Outcome(NamedTuple):
@@ -94,7 +95,10 @@ def run_job(job: Job) -> Outcome:
     if job.store is not None:
         run = trial_run.run_trial(setup, job.seed, job.steps, Path(job.store), job.name, job.remedy, job.numbers)
         return Outcome(run, None, time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory(prefix="gradwatch-trial-") as tmp:
+    # under the driver's scratch directory where this worker shares its file system: the driver removes that at
+    # the end, so a worker killed mid-trial (SIGKILL, the pool ended on Ctrl-C or the budget) leaves nothing behind
+    scratch = job.scratch if job.scratch is not None and Path(job.scratch).is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="gradwatch-trial-", dir=scratch) as tmp:
         run = trial_run.run_trial(setup, job.seed, job.steps, Path(tmp), job.name, job.remedy, job.numbers)
         seconds = time.perf_counter() - t0
         files = None
@@ -331,8 +335,8 @@ def _ray_backend(store_named: bool, resources: dict[str, Any]) -> Iterator[Backe
 class Runner:
     """Runs rounds of jobs on a backend and keeps one progress bar of trials done, running and failed."""
 
-    def __init__(self, backend: Backend, root: Path, bar: Any, task: Any) -> None:
-        self.backend, self.root, self.bar, self.task = backend, root, bar, task
+    def __init__(self, backend: Backend, root: Path, bar: Any, task: Any, scratch: Path | None = None) -> None:
+        self.backend, self.root, self.bar, self.task, self.scratch = backend, root, bar, task, scratch
         self.done = self.failed = self.running = 0
         self.stopped = False  # the time budget stopped a round
         self.interrupted = False  # Ctrl-C stopped a round
@@ -343,7 +347,7 @@ class Runner:
         b = self.backend
         local = b.restartable or isinstance(b.executor, _Inline)  # same file system as the driver
         return Job(setup, seed, steps, name, remedy, numbers, str(self.root) if local else None,
-                   b.ship and not local, b.threads)
+                   b.ship and not local, b.threads, str(self.scratch) if self.scratch is not None else None)
 
     def run(self, groups: Sequence[Sequence[Job]], deadline: float | None = None) -> list[list[Result]]:
         """Each group's results, in order. A group is one remedy's seeds: after ``deadline`` no group starts."""

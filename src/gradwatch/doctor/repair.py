@@ -127,18 +127,19 @@ def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, ro
                                 else "pool")
     # in this process the loaded set-up itself; workers import the reference
     job_setup: SetupFn | str = (loaded if workers == 1 else spec) if isinstance(setup, str) else setup
-    tmp = tempfile.TemporaryDirectory() if store is None else None
-    root = Path(tmp.name if tmp is not None else store)  # type: ignore[arg-type]
+    # the driver's scratch directory: the runs when no store is named, and the trials of workers that share this
+    # file system, so that it is all removed at the end, even what a killed worker could not remove
+    scratch = tempfile.TemporaryDirectory(prefix="gradwatch-doctor-")
+    root = Path(scratch.name) if store is None else Path(store)
     try:
         from rich.progress import Progress
 
         with execute.backend(workers, store is not None, ray_resources) as backend, \
                 Progress(transient=True, disable=not progress) as bar:
-            runner = Runner(backend, root, bar, bar.add_task("baseline", total=seeds))
+            runner = Runner(backend, root, bar, bar.add_task("baseline", total=seeds), Path(scratch.name))
             return _doctor(job_setup, steps, seeds, rounds, budget_s, runner, check_seed)
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        scratch.cleanup()
 
 
 _SEVERITY = {"critical": 0, "warning": 1, "info": 2}
