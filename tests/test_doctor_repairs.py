@@ -1870,3 +1870,22 @@ def test_the_table_prints_a_huge_score_in_its_column():
     report = table.DoctorReport(row, Diagnosis([]), steps=10)
     line = str(report).splitlines()[-1]
     assert "-1.69e+20" in line and len(line.split("-1.69e+20")[0]) == len(str(report).splitlines()[2].split("score")[0]) - 2
+
+
+def test_a_row_that_trained_exactly_as_an_earlier_one_is_named_under_the_table():
+    base = table.TrialResult("baseline (no remedy)", 2.0, 2.1, 0.1, ["vanishing"], 1.0, first_loss=2.3)
+    lower = table.TrialResult("learning rate ×0.1", 0.2, 0.9, 0.95, [], 1.0, verdict="fixes it", first_loss=2.3)
+    combo = table.TrialResult("x", 0.2, 0.9, 0.95, [], 1.0, verdict="fixes it", first_loss=2.3, rounds=2,
+                              parts=("lower_lr", "clip_norm"))
+    nearly = table.TrialResult("Xavier initialisation", 0.2 + 1e-12, 0.9, 0.95, [], 1.0, first_loss=2.3)
+    noop = table.TrialResult("orthogonal initialisation", 2.0, 2.1, 0.1, ["vanishing"], 1.0, first_loss=2.3)
+    blown = [table.TrialResult(f"d{i}", math.inf, math.inf, math.nan, ["nonfinite"], 1.0, first_loss=2.3)
+             for i in range(2)]
+    rows = [base, lower, combo, nearly, noop, *blown]
+    assert [(a.label, b.label) for a, b in table.same_runs(rows)] == [("x", lower.label), (noop.label, base.label)]
+    text = str(table.DoctorReport(base, Diagnosis([]), rows[1:], steps=10))
+    assert ("lower_lr + clip_norm: trained exactly as learning rate ×0.1 (every number equal): what it adds never "
+            "acted on these steps") in text
+    assert "orthogonal initialisation: trained exactly as baseline (no remedy) (every number equal): the remedy " \
+           "changed nothing here" in text
+    assert "Xavier initialisation: trained" not in text and "d1: trained" not in text

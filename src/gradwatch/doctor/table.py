@@ -66,7 +66,7 @@ class DoctorReport:
         lines.append(f"{'remedy':<40} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
                      + (f" {'score':>7}" if has_score else "") + f" {'findings left':<28} {'time':>6}  verdict")
         for r in rows:
-            name = r.label if r.rounds == 1 or not r.parts else " + ".join(r.parts)  # a combination: its keys
+            name = _name(r)
             lines.append(f"{name[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
                          f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
                          + (f" {_score(r.score):>7}" if has_score else "")
@@ -75,6 +75,13 @@ class DoctorReport:
             lines.append("")
             lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds), named by their "
                          f"catalogue keys")
+        same = same_runs(rows)
+        if same:
+            lines.append("")
+            for later, earlier in same:
+                lines.append(f"{_name(later)}: trained exactly as {_name(earlier)} (every number equal): "
+                             + ("the remedy changed nothing here" if earlier is self.baseline
+                                else "what it adds never acted on these steps"))
         if self.checks:
             lines.append("")
             lines.append("seed check (a seed none of the rows above used):")
@@ -100,8 +107,32 @@ class DoctorReport:
             for r in rows)
         checks = "".join(f"<li>{e(c.label)}: final loss {c.final_loss:.4g} — {e(c.verdict)}</li>" for c in self.checks)
         checks = f"<p>seed check (a seed none of the rows used):</p><ul>{checks}</ul>" if checks else ""
+        same = "".join(f"<li>{e(_name(a))}: trained exactly as {e(_name(b))}</li>" for a, b in same_runs(rows))
+        checks = (f"<ul>{same}</ul>" if same else "") + checks
         return (f"<div><h3>gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: "
                 f"{e(self.message)}</h3><table>{head}{body}</table>{checks}{self.diagnosis._repr_html_()}</div>")
+
+
+def _name(row: TrialResult) -> str:
+    """A row's name in the table: its label, or for a combination its catalogue keys."""
+    return row.label if row.rounds == 1 or not row.parts else " + ".join(row.parts)
+
+
+def same_runs(rows: list[TrialResult]) -> list[tuple[TrialResult, TrialResult]]:
+    """Each row that trained exactly as an earlier one — the same first and final loss, AUC and score, to the last
+    bit, and a finite final loss — paired with the first such row: a combination whose clipping never engaged, a
+    remedy that found nothing to change on these steps."""
+    seen: dict[tuple[float, ...], TrialResult] = {}
+    same: list[tuple[TrialResult, TrialResult]] = []
+    for row in rows:
+        if row.error or not math.isfinite(row.final_loss):
+            continue
+        key = (row.first_loss, row.final_loss, row.auc, -1.0 if math.isnan(row.score) else row.score)
+        if key in seen:
+            same.append((row, seen[key]))
+        else:
+            seen[key] = row
+    return same
 
 
 def _score(score: float) -> str:
