@@ -14,7 +14,12 @@ set-up labelled "fails" (it does not learn, with no gradient pathology past
 the truth thresholds) is shown (✓ when anything is raised) but not counted.
 Repair: ``gw.doctor`` on every pathological set-up (its steps, ``seeds`` =
 the number of seeds given, which the doctor numbers from 0); repaired when the
-doctor's best remedy has the verdict "fixes it". Prints a markdown table and
+doctor's best remedy has the verdict "fixes it". Where it finds no repair and
+the set-up names its source's own fix (``BenchSetup.reference``: the
+repository's repaired model, the paper's recipe), that fix is trained on the
+same seeds and steps and judged by the doctor's test of real learning against
+the same baseline: when it fails that test too, no remedy could have passed
+it there, and the set-up is counted as out of reach. Prints a markdown table and
 the rates; ``--json`` keeps every finding (kind, severity, remedy keys) and
 every doctor trial (remedy, verdict, findings left); ``--results`` writes the
 table into that markdown file, between markers of its own.
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.setu
 import gradwatch as gw  # noqa: E402
 from benchmarks import setups  # noqa: E402
 from benchmarks.setups import truth  # noqa: E402
+from gradwatch.doctor import trial_run, verdicts  # noqa: E402
 
 
 def _finding(f: Any) -> dict[str, Any]:
@@ -84,7 +90,22 @@ def repair(setup: setups.BenchSetup, seeds: int, store: str) -> dict[str, Any]:
             "baseline_findings": [_finding(f) for f in report.diagnosis.findings],
             "baseline": {"first_loss": report.baseline.first_loss, "final_loss": report.baseline.final_loss,
                          "score": report.baseline.score},
-            "trials": trials, "seconds": time.perf_counter() - start}
+            "trials": trials, "reference": reference(setup, seeds, store, report) if setup.reference else None,
+            "seconds": time.perf_counter() - start}
+
+
+def reference(setup: setups.BenchSetup, seeds: int, store: str, report: gw.DoctorReport) -> dict[str, Any] | None:
+    """The source's own fix on the doctor's seeds and steps, judged by the doctor's test of real learning against
+    the doctor's baseline (``verdicts.learns``); None where the doctor repaired the set-up (nothing to explain)."""
+    if report.best is not None and report.best.verdict == "fixes it":
+        return None
+    assert setup.reference is not None
+    start = time.perf_counter()
+    runs = [trial_run.run_trial(setup.reference, seed, setup.steps, Path(store), f"{setup.name}-reference-{seed}",
+                                None, {}) for seed in range(seeds)]
+    row = verdicts.summary("the source's fix", [r for r in runs if r is not None], time.perf_counter() - start)
+    return {"first_loss": row.first_loss, "final_loss": row.final_loss, "score": row.score,
+            "learns": verdicts.learns(report.baseline, row)}
 
 
 def _guard(fn: Any, *args: Any) -> dict[str, Any]:
@@ -118,7 +139,13 @@ def _doctor_cell(doc: dict[str, Any]) -> str:
     if "error" in doc:
         return "✗ error: " + doc["error"][:60]
     if not doc["repaired"]:
-        return "✗ " + doc["message"][:70]
+        ref = doc.get("reference")
+        if not ref:
+            return "✗ " + doc["message"][:70]
+        score = f", score {ref['score']:.2f}" if math.isfinite(ref["score"]) else ""
+        said = "learns: a miss" if ref["learns"] else "does not pass either: out of reach"
+        return (f"✗ {doc['message'].split(' (')[0][:40]}; the source's fix (loss {ref['first_loss']:.3g} → {ref['final_loss']:.3g}"
+                f"{score}) {said}")
     best = next(t for t in doc["trials"] if t["label"] == doc["best"])
     score = f"score {best['score']:.2f}" if math.isfinite(best["score"]) else f"loss {best['final_loss']:.3g}"
     held = "" if "held" not in doc else "; held on a fresh seed" if doc["held"] else "; NOT on a fresh seed"
@@ -171,6 +198,12 @@ def render(results: dict[str, Any]) -> list[str]:
         summary += (f"; repair rate (the doctor's \"fixes it\") {len(fixed)}/{len(sick)} = {len(fixed) / max(len(sick), 1):.2f}"
                     f" of the pathological set-ups, {len(real)}/{len(sick)} = {len(real) / max(len(sick), 1):.2f} whose"
                     f" best remedy also reaches a score ≥ {truth.LEARNED_SCORE} (or halves an unscored loss)")
+        out = [d for d in sick if not d.get("repaired") and d.get("reference") and not d["reference"]["learns"]]
+        if out:
+            reach = len(sick) - len(out)
+            summary += (f"; {len(out)} of the {len(sick) - len(fixed)} not repaired are out of reach (their source's own"
+                        f" fix fails the doctor's test of real learning on the same seeds and steps): "
+                        f"{len(fixed)}/{reach} = {len(fixed) / max(reach, 1):.2f} of those within reach")
         if any("held" in d for d in fixed):
             held = sum(bool(d.get("held")) for d in fixed)
             summary += f"; {held}/{len(fixed)} of the repaired held on a seed no trial used (the doctor's seed check)"

@@ -29,7 +29,8 @@ from benchmarks.setups.common import Trial  # noqa: E402
 FAST = {"at_circle_exp", "at_blob_exp", "at_circle_sigmoid", "at_circle_relu_uniform", "so_nielsen_linear_mse",
         "so_nielsen_fixed", "so_raw_tanh", "so_raw_tanh_fixed", "so_softmax_one_unit", "so_quadratic_lr",
         "tanh_raw_pixels", "relu_high_lr", "tied_inplace", "pascanu_rnn_radius25", "r9_summed_loss_accumulated",
-        "r9_mean_loss_accumulated", "r9_bf16_mlp", "r9_cancer_raw", "r9_cancer_scaled"}
+        "r9_mean_loss_accumulated", "r9_bf16_mlp", "r9_cancer_raw", "r9_cancer_scaled", "r10_onecycle_high",
+        "r10_onecycle"}
 
 
 def _cases():
@@ -44,6 +45,46 @@ def test_label_holds_by_plain_measurement(name, seed):
     s = setups.get(name)
     got = truth.measure(s.make, seed, s.steps)
     assert s.label in got.holds(), f"{name} seed {seed}: label {s.label!r}, measured {sorted(got.holds())}: {got.describe()}"
+
+
+def _references():
+    for name, s in setups.SETUPS.items():
+        if s.reference is not None:
+            yield pytest.param(name, marks=[pytest.mark.zoo] if name in FAST else [pytest.mark.slow], id=name)
+
+
+@pytest.mark.parametrize("name", list(_references()))
+def test_a_sources_own_fix_removes_the_pathology_it_is_the_reference_for(name):
+    # repair_eval counts a set-up as out of reach when this fix does not learn either: it must be a fix
+    s = setups.get(name)
+    assert s.label != "healthy" and s.reference is not None
+    for seed in (0, 1):
+        got = truth.measure(s.reference, seed, s.steps)
+        assert s.label not in got.holds(), f"{name} seed {seed}: the reference shows {sorted(got.holds())}"
+
+
+def test_out_of_reach_set_ups_are_counted_apart_from_the_rate_over_all():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import repair_eval
+
+    def entry(repaired: bool, reference: dict | None) -> dict:
+        run = {"ok": True, "findings": [{"kind": "vanishing", "severity": "critical"}]}
+        trials = [{"label": "fix", "score": 0.9, "final_loss": 0.1, "first_loss": 1.0}] if repaired else []
+        return {"label": "vanishing", "steps": 10, "runs": [run, run],
+                "doctor": {"repaired": repaired, "best": "fix" if repaired else None, "trials": trials,
+                           "message": "no remedy fixes it (findings gone)", "reference": reference}}
+
+    out = {"first_loss": 0.8, "final_loss": 0.5, "score": 0.7, "learns": False}
+    missed = {**out, "learns": True}
+    results = {"machine": "m", "doctor": True, "setups": {
+        "a": entry(True, None), "b": entry(True, None), "c": entry(False, out), "d": entry(False, missed),
+        "e": entry(False, None)}}
+    lines = repair_eval.render(results)
+    summary = lines[-1]
+    assert "repair rate (the doctor's \"fixes it\") 2/5 = 0.40" in summary
+    assert "1 of the 3 not repaired are out of reach" in summary and "2/4 = 0.50 of those within reach" in summary
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert "out of reach" in rows["c"] and "learns: a miss" in rows["d"] and "the source's fix" not in rows["e"]
 
 
 def test_benchmark_has_enough_setups_and_healthy_ones():

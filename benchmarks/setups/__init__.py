@@ -15,10 +15,12 @@ __all__ = ["BenchSetup", "SETUPS", "get", "names"]
 
 
 def _collect() -> dict[str, BenchSetup]:
-    from . import autotrainer, cnns, deep_mlps, deeplocalize, goodfellow, practice, recurrent, round3, round9, transformers_
+    from . import (autotrainer, cnns, deep_mlps, deeplocalize, goodfellow, practice, recurrent, round3, round9, round10,
+                   transformers_)
 
     found: dict[str, BenchSetup] = {}
-    for module in (autotrainer, deeplocalize, deep_mlps, practice, cnns, recurrent, transformers_, goodfellow, round3, round9):
+    for module in (autotrainer, deeplocalize, deep_mlps, practice, cnns, recurrent, transformers_, goodfellow, round3, round9,
+                   round10):
         for s in module.SETUPS:
             if s.name in found:
                 raise ValueError(f"two set-ups are named {s.name!r}")

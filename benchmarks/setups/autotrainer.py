@@ -154,12 +154,16 @@ def lenet_relu_he(seed: int) -> Trial:
 
 _SRC = "github DeepDiagnosis/ICSE2022, AUTOTRAINER Model Code/"
 SETUPS = [
-    BenchSetup("at_circle_exp", "nonfinite", 150, circle_exp, _SRC + "Models_Circle.py model_0ae2cd88"),
+    BenchSetup("at_circle_exp", "nonfinite", 150, circle_exp, _SRC + "Models_Circle.py model_0ae2cd88",
+               reference=circle_relu_bn),
     BenchSetup("at_blob_exp", "nonfinite", 150, blob_exp, _SRC + "Models_Blob.py model_0b6f114d"),
-    BenchSetup("at_circle_sigmoid", "vanishing", 200, circle_sigmoid, _SRC + "Models_Circle.py model_5ab0aeda"),
-    BenchSetup("at_circle_relu_uniform", "vanishing", 200, circle_relu_uniform, _SRC + "Models_Circle.py model_8de47bdc"),
+    BenchSetup("at_circle_sigmoid", "vanishing", 200, circle_sigmoid, _SRC + "Models_Circle.py model_5ab0aeda",
+               reference=circle_relu_bn),
+    BenchSetup("at_circle_relu_uniform", "vanishing", 200, circle_relu_uniform, _SRC + "Models_Circle.py model_8de47bdc",
+               reference=circle_relu_bn),
     BenchSetup("at_blob_tanh", "saturation", 200, blob_tanh_al19, _SRC + "Models_Blob.py model_al_19"),
-    BenchSetup("at_circle_relu16", "dead_units", 200, circle_relu16, _SRC + "Models_Circle.py model_8e28bdef"),
+    BenchSetup("at_circle_relu16", "dead_units", 200, circle_relu16, _SRC + "Models_Circle.py model_8e28bdef",
+               reference=circle_relu_bn),
     BenchSetup("at_lenet_sigmoid", "vanishing", 200, lenet_sigmoid, _SRC + "Models_MNIST.py model_2af630c4"),
     BenchSetup("at_lenet_relu_uniform", "vanishing", 200, lenet_relu_uniform, _SRC + "Models_MNIST.py tmp_lenet5"),
     BenchSetup("at_circle_selu", "healthy", 400, circle_selu,
