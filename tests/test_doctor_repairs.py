@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -1889,3 +1890,32 @@ def test_a_row_that_trained_exactly_as_an_earlier_one_is_named_under_the_table()
     assert "orthogonal initialisation: trained exactly as baseline (no remedy) (every number equal): the remedy " \
            "changed nothing here" in text
     assert "Xavier initialisation: trained" not in text and "d1: trained" not in text
+
+
+def test_a_likelihood_that_a_constant_drives_below_zero_is_no_ceiling_and_a_negative_start_is_judged_by_score():
+    """Round 11 (a VAE whose Gaussian decoder learns its variance): a constant output reached −37.7 — the variance
+    collapses on the always-blank pixels — below the source's fix with a variance floor (−29, R² 0.69 against the
+    baseline's 0.26), which read "does not learn" by the 0.9 × null-loss rule meant for positive losses."""
+    base = _row("baseline", 12.0, -10.0, 0.26, ("exploding",), ("exploding",), null=-37.7)
+    floor = _row("variance floor", 12.0, -29.0, 0.69, null=-37.7)
+    assert verdicts.learns(base, floor) and verdicts.verdict(base, floor, {"exploding"}) == "fixes it"
+    assert table.decisive(replace(floor, verdict="fixes it"))
+    # a loss that starts below zero: "half of it" means nothing; the held-out score decides
+    neg = _row("baseline", -5.0, -6.0, 0.30, ("vanishing",), ("vanishing",))
+    assert verdicts.verdict(neg, _row("fix", -5.0, -20.0, 0.70), {"vanishing"}) == "fixes it"
+    assert verdicts.verdict(neg, _row("no better", -5.0, -20.0, 0.32), {"vanishing"}) != "fixes it"
+    unscored = _row("baseline", -5.0, -6.0, math.nan, ("vanishing",), ("vanishing",))
+    assert not verdicts.learns(unscored, _row("fix", -5.0, -20.0))  # nothing left to tell learning by
+    # a positive loss keeps its ceiling: 109 → 12 on ten classes is no repair
+    ce = _row("baseline", 109.0, 109.0, 0.1, ("exploding",), ("exploding",), null=2.303)
+    assert not verdicts.learns(ce, _row("lr", 109.0, 12.0, 0.2, null=2.303))
+
+
+def test_a_row_that_diverges_where_the_baseline_diverged_is_no_change_not_worse():
+    """Round 11 (a siamese net whose sqrt of a zero distance makes NaN at step 1): ten learning-rate, warm-up and
+    clipping rows, each the baseline trained again, each read "worse (diverged)"."""
+    base = _row("baseline", 0.189, math.inf, 0.509, ("nonfinite",), ("nonfinite",))
+    again = _row("lr ×0.1", 0.189, math.inf, 0.509, ("nonfinite",), ("nonfinite",))
+    assert verdicts.verdict(base, again, {"nonfinite"}) == "no change (diverged, as the baseline did)"
+    calm = _row("baseline", 2.3, 0.5, 0.9, ("vanishing",), ("vanishing",))
+    assert verdicts.verdict(calm, again, {"vanishing"}) == "worse (diverged)"

@@ -169,7 +169,7 @@ def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
     cleared = [t for t in trials if not t.error and t.verdict.startswith("removes the finding")]
     null = base.null_loss
     ran = [t for t in trials if not t.error and math.isfinite(t.final_loss)]
-    if not cleared or not math.isfinite(null) or any(t.final_loss < NULL_BELOW * null for t in ran):
+    if not cleared or not null > 0 or any(t.final_loss < NULL_BELOW * null for t in ran):
         return ""
     return (f"; {len(cleared)} remed{'y' if len(cleared) == 1 else 'ies'} removed the findings, but no trial got "
             f"below {NULL_BELOW:g} × the loss of a constant output ({null:.4g}) in {steps} steps: the task may need "

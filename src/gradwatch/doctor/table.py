@@ -150,4 +150,4 @@ def decisive(row: TrialResult) -> bool:
     in the table and the doctor goes on combining remedies, to find a better one within its rounds."""
     if row.verdict != "fixes it":
         return False
-    return row.judge_by_score or not math.isfinite(row.null_loss) or row.final_loss <= DECISIVE_BELOW * row.null_loss
+    return row.judge_by_score or not row.null_loss > 0 or row.final_loss <= DECISIVE_BELOW * row.null_loss

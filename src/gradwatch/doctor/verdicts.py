@@ -15,7 +15,14 @@
   squared error, so a net that learned to predict the mean is none); and where the set-up has a held-out score, that
   score at least :data:`SCORE_MARGIN` above the baseline's. A set-up that says
   its loss does not show learning (``Trial.judge_by_score``: a GAN's generator
-  loss) is judged by the score alone.
+  loss) is judged by the score alone; so is a loss that starts at or below
+  zero (a likelihood with a learned variance: "half" of it means nothing). A
+  constant output's loss at or below zero is no ceiling (a learned variance
+  that a constant drives to zero on constant pixels: −37.7 there, below a
+  VAE fixed by a variance floor, −29).
+
+A row that diverged where the baseline diverged too is "no change (diverged,
+as the baseline did)", not "worse".
 """
 
 from __future__ import annotations
@@ -71,12 +78,16 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     better_score = scored and trial.score >= base.score + SCORE_MARGIN
     if trial.judge_by_score:
         return better_score
-    if not (trial.learned and math.isfinite(trial.final_loss)):
+    if not math.isfinite(trial.final_loss):
+        return False
+    if not (base.first_loss > 0 and trial.first_loss > 0):  # a loss that starts at or below 0: no "half" of it
+        return better_score
+    if not trial.learned:
         return False
     if math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
         return False
     null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
-    if math.isfinite(null) and trial.final_loss > NULL_BELOW * null:
+    if null > 0 and trial.final_loss > NULL_BELOW * null:  # NaN and a ceiling at or below 0: none
         return False
     return better_score or not scored
 
@@ -92,7 +103,7 @@ def is_better(base: TrialResult, trial: TrialResult) -> bool:
 def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     """Judged only on what was measured: the findings left or brought, the loss curve, the held-out score."""
     if not math.isfinite(trial.final_loss) and not trial.judge_by_score:
-        return "worse (diverged)"
+        return "no change (diverged, as the baseline did)" if not math.isfinite(base.final_loss) else "worse (diverged)"
     left = targets & set(trial.findings)
     brought = sorted(set(trial.critical) - set(base.findings))  # critical findings of kinds the baseline had not
     scored = math.isfinite(base.score) and math.isfinite(trial.score)
