@@ -80,11 +80,11 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
         return better_score
     if not math.isfinite(trial.final_loss):
         return False
-    if not (base.first_loss > 0 and trial.first_loss > 0):  # a loss that starts at or below 0: no "half" of it
+    if not trial.first_loss > 0:  # a loss that starts at or below 0: no "half" of it
         return better_score
     if not trial.learned:
         return False
-    if math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
+    if base.first_loss > 0 and math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
         return False
     null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
     if null > 0 and trial.final_loss > NULL_BELOW * null:  # NaN and a ceiling at or below 0: none
