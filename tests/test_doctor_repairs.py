@@ -1081,7 +1081,7 @@ def test_when_nothing_beats_a_constant_output_the_doctor_says_the_trials_may_be_
     flag = lambda name: catalogue.Remedy(name, name.upper(), lambda t, n: (t.flags.add(name), t)[1])  # noqa: E731
     monkeypatch.setattr(catalogue, "catalog", lambda: {"gated": [flag("gated")]})
     monkeypatch.setattr(catalogue, "EXPANDS", {})
-    null, gated_final = 1.0, [0.98]
+    null, gated_final, brought = 1.0, [0.98], []
 
     def run(make, seed, steps, store, name, remedy, numbers):
         trial = SimpleNamespace(flags=set())
@@ -1090,13 +1090,18 @@ def test_when_nothing_beats_a_constant_output_the_doctor_says_the_trials_may_be_
         if not trial.flags:
             return trial_run.TrialRun([1.0] * steps, math.nan, ["vanishing"],
                                       Diagnosis([_finding("vanishing", "gated")]), null)
-        return trial_run.TrialRun([1.0] + gated_final * (steps - 1), math.nan, [], Diagnosis([]), null)
+        new = [_finding(kind) for kind in brought]
+        return trial_run.TrialRun([1.0] + gated_final * (steps - 1), math.nan, list(brought), Diagnosis(new), null)
 
     monkeypatch.setattr(trial_run, "run_trial", run)
     report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
     assert report.best is None
     assert report.message.startswith("no remedy helped; 1 remedy removed the findings, but no trial got below")
     assert "steps=80" in report.message
+    brought.append("exploding")  # round 11: a remedy that cleared the finding by bringing a critical one is no sign
+    report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
+    assert report.trials[0].verdict == "removes the finding; brings exploding" and "steps=" not in report.message
+    brought.clear()
     gated_final[0] = 0.7  # below 0.9 × the null loss, though it did not halve: no hint, but the closest row named
     report = gw.doctor(lambda seed: None, steps=20, progress=False)  # type: ignore[arg-type, return-value]
     assert report.best is None and report.message == (

@@ -132,3 +132,48 @@ def test_a_language_model_that_diverges_in_its_first_steps_is_found_and_its_clip
     assert ends[0.25][1] < 0.7 * ends[0.25][0], ends
     assert any(f.kind == "exploding" and f.severity == "critical" for f in said[None].problems), str(said[None])
     assert not said[0.25].problems, str(said[0.25])
+
+
+# --- a plain stack of ReLU convolutions at PyTorch's default init (He et al. 2016, §1; Ioffe & Szegedy 2015) -----
+
+
+def _plain_convs(seed: int) -> gw.Trial:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(12):
+        layers += [nn.Conv2d(1 if i == 0 else 16, 16, 3, padding=1), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    x, y, _, _ = zoo.digits()
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            yield x[idx].view(-1, 1, 8, 8), y[idx]
+
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), batches(), F.cross_entropy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_plain_conv_stack_whose_units_die_is_offered_normalisation_among_the_first_remedies(store, seed):
+    """Round 11: a 20-conv plain ReLU stack at the default init (signal ×0.4 a layer, then units off by their
+    biases' sign) was told of LeakyReLU, zero biases, He init and lower rates first; a doctor's budget of 180 s
+    reached five of them and never BatchNorm, which learns it. Here 12 layers: the same findings, and the
+    normalisation remedy, applied as the doctor applies it, learns where the baseline stays at chance."""
+    from gradwatch.doctor import catalogue
+
+    trial = _plain_convs(seed)
+    losses = []
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"plain-convs-{seed}") as w:
+        for _ in range(150):
+            losses.append(float(trial.step()))
+            w.log(loss=losses[-1])
+    found = w.diagnose()
+    assert {"vanishing", "dead_units"} <= {f.kind for f in found.problems}, str(found)
+    assert "norm" in catalogue.candidate_keys(found)[:3]
+    (norm,) = catalogue.catalog()["norm"][:1]
+    fixed = norm.apply(_plain_convs(seed), {})
+    fixed_losses = [float(fixed.step()) for _ in range(150)]
+    # the references, by hand: the baseline stays at chance, the normalised net learns
+    assert sum(losses[-15:]) / 15 > 0.9 * math.log(10)
+    assert sum(fixed_losses[-15:]) / 15 < 0.5 * fixed_losses[0]
