@@ -177,3 +177,18 @@ def test_a_plain_conv_stack_whose_units_die_is_offered_normalisation_among_the_f
     # the references, by hand: the baseline stays at chance, the normalised net learns
     assert sum(losses[-15:]) / 15 > 0.9 * math.log(10)
     assert sum(fixed_losses[-15:]) / 15 < 0.5 * fixed_losses[0]
+
+
+def test_an_explosion_across_depth_beside_saturated_units_is_blamed_on_the_weights_not_the_saturation():
+    """Round 11 (one Linear with σ ≈ 6 iterated 40 times under tanh): "exploding ×7.4e4 … cause: Tanh saturation".
+    tanh' ≤ 1 can only shrink a back-propagated gradient: what grows it is the weights, which also saturate the
+    units. The same measured split, vanishing, still blames the saturation."""
+    from gradwatch.diagnosis.measures import Between, cause_split
+    from gradwatch.diagnosis.thresholds import Thresholds
+
+    between = [[Between(f"act{i}", "Tanh", deriv_rms=0.4, saturated=0.6)] for i in range(4)]
+    grads = [10.0 ** k for k in (4, 3, 2, 1, 0)]  # ‖∂L/∂a‖ grows ×10 a layer going back
+    exploding = cause_split(grads, between, Thresholds(), vanishing=False)
+    assert exploding.key == "saturation" and "weights" in exploding.words and "Tanh saturation" not in exploding.words
+    vanishing = cause_split(grads[::-1], between, Thresholds(), vanishing=True)
+    assert vanishing.words.startswith("Tanh saturation")

@@ -197,6 +197,10 @@ class Cause:
         if self.key == "dead":
             return (f"dead units — {self.fraction:.0%} of the units of {span(self.modules)} are silent for whole "
                     f"batches, so no gradient passes them")
+        if self.key == "saturation" and not self.vanishing:  # saturated units shrink a gradient; they cannot grow it
+            return (f"weights large enough to grow the gradient across depth though {self.fraction:.0%} of the "
+                    f"unit-samples of {span(self.modules)} sit in {acts}'s flat tails, which shrink it: the weights' "
+                    f"scale, which also drives the units into saturation")
         if self.key == "saturation":
             return f"{acts} saturation — {self.fraction:.0%} of the unit-samples of {span(self.modules)} sit in the flat tails"
         if self.key == "jacobians":

@@ -81,7 +81,8 @@ def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: Ins
     # judged from the 10th step on, as the total-norm spike test (Thresholds.spike_after): the first steps of
     # a warm-up move too fast for a median of fewer to mean anything
     z, med = robust_z(x, th.window, least=10)
-    ratio = np.exp(x - med) if positive else loss / med
+    with np.errstate(divide="ignore", invalid="ignore"):  # a running median of 0 (a loss that reached 0): no ratio
+        ratio = np.exp(x - med) if positive else loss / med
     loss_flag = (z > th.spike_z_above) & (ratio > th.loss_ratio_above) & _unprecedented(x - med, th)
     grad_flag = np.zeros(len(loss), dtype=bool)
     if grad is not None and recorded is not None:
