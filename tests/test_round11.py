@@ -192,3 +192,84 @@ def test_an_explosion_across_depth_beside_saturated_units_is_blamed_on_the_weigh
     assert exploding.key == "saturation" and "weights" in exploding.words and "Tanh saturation" not in exploding.words
     vanishing = cause_split(grads[::-1], between, Thresholds(), vanishing=True)
     assert vanishing.words.startswith("Tanh saturation")
+
+
+# --- attention written in the model's own forward (Vaswani et al. 2017, §3.2.1) ----------------------------------
+
+KEYS, VALUES, ITEMS, DIM = 64, 8, 16, 512
+
+
+class _Recall(nn.Module):
+    """One query attends over 16 (key, value) items: logits (batch, 1, 16), q·kᵀ computed in this forward."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.kemb, self.vemb = nn.Embedding(KEYS, DIM), nn.Embedding(VALUES, DIM)
+        self.wq, self.wk, self.wv, self.out = (nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM),
+                                               nn.Linear(DIM, VALUES))
+        self.scale = DIM**-0.5 if scaled else 1.0
+
+    def forward(self, inp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        keys, vals, q = inp
+        items = self.kemb(keys) + self.vemb(vals)
+        logits = (self.wq(self.kemb(q)).unsqueeze(1) @ self.wk(items).transpose(1, 2)) * self.scale
+        return self.out((torch.softmax(logits, dim=-1) @ self.wv(items)).squeeze(1))
+
+
+def _recall_batch(n: int, g: torch.Generator):
+    keys = torch.stack([torch.randperm(KEYS, generator=g)[:ITEMS] for _ in range(n)])
+    vals = torch.randint(0, VALUES, (n, ITEMS), generator=g)
+    which = torch.randint(0, ITEMS, (n,), generator=g)
+    return (keys, vals, keys[torch.arange(n), which]), vals[torch.arange(n), which]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attention_in_the_models_own_forward_is_read_and_its_missing_scale_found(store, seed):
+    """Round 11: a single-head attention whose q·kᵀ and softmax sit in the model's own forward recorded nothing
+    ("the gradients look healthy") while its softmax was one-hot from step 0; moved into a submodule named attn,
+    the same model was found. Its logits are (batch, 1, keys): not square, read as made from q·kᵀ."""
+    said = {}
+    for scaled in (False, True):
+        torch.manual_seed(seed)
+        model = _Recall(scaled)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+        g = torch.Generator().manual_seed(seed + 100)
+        with gw.watch(model, opt, store=store, name=f"recall-{scaled}-{seed}") as w:
+            for _ in range(200):
+                x, y = _recall_batch(64, g)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss.item())
+        said[scaled] = w.diagnose()
+    # the reference, by hand: the unscaled softmax is nearly one-hot at the end, the scaled one is not
+    with torch.no_grad():
+        (keys, vals, q), _ = _recall_batch(256, torch.Generator().manual_seed(7))
+        for scaled, one_hot in ((False, True), (True, False)):
+            torch.manual_seed(seed)
+            probe = _Recall(scaled)
+            items = probe.kemb(keys) + probe.vemb(vals)
+            logits = (probe.wq(probe.kemb(q)).unsqueeze(1) @ probe.wk(items).transpose(1, 2)) * probe.scale
+            assert (float(torch.softmax(logits, -1).max(-1).values.mean()) > 0.5) == one_hot
+    growth = [f for f in said[False].problems if f.layers == ("_Recall",)]
+    assert growth and "1/√d" in growth[0].evidence, str(said[False])
+    assert not said[True].problems, str(said[True])
+
+
+def test_a_vocabulary_softmax_on_a_product_with_a_weight_is_not_read_as_attention():
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.emb(x) @ self.emb.weight.T, dim=-1)  # (batch, tokens, vocabulary)
+
+    from gradwatch.probes.attention import AttentionProbe
+
+    model = TiedLM()
+    with AttentionProbe(model) as probe:
+        assert probe.names == ["TiedLM"]  # its forward holds a softmax and a product: a candidate
+        model(torch.randint(0, 50, (4, 7)))
+        assert probe.collect() == {}  # but the product is with a weight: no attention logits

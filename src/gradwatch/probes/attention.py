@@ -32,9 +32,9 @@ attention. Any other module can offer ``gradwatch_attention_inputs(*args,
 user's own class whose ``forward`` calls a softmax on a product (``@``,
 ``matmul``, ``bmm``, ``einsum``) — is read from the logits that softmax
 receives, under a :class:`torch.overrides.TorchFunctionMode` held while the
-module runs on an armed pass (``probe.softmax_sites``): the softmax over the
-last dimension of a ≥ 3-D tensor, square in its last two (self-attention) or
-any shape in a module named for attention. The statistics are computed in chunks of
+module runs on an armed pass (``probe.softmax_sites``; the model itself where its own ``forward`` holds the
+attention): the softmax over the last dimension of a ≥ 3-D tensor, square in its last two (self-attention), made
+from a product of two activations (q·kᵀ, scaled or masked), or any shape in a module named for attention. The statistics are computed in chunks of
 queries (at most ``chunk`` logits at a time: by default 4 M on the CPU and, on a
 CUDA device, as many as fit a quarter of its free memory, up to 128 M), so
 memory stays bounded however long the sequence; log Z likewise, in chunks of positions.
@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -307,15 +308,29 @@ class AttentionProbe:
         self._logz = now
 
 
+_PRODUCT_CALLS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum", "baddbmm"})
+# what a forward does to q·kᵀ before its softmax: a scale, a mask, a bias, a cast
+_CARRY_CALLS = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__", "add", "__add__", "__radd__", "sub",
+                          "__sub__", "masked_fill", "masked_fill_", "where", "to", "float", "contiguous", "clamp"})
+
+
+def _weights(t: Any) -> bool:
+    """A parameter, or a view of one (``self.emb.weight.T``): a product with it is a layer, not q·kᵀ."""
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+
+
 class _SoftmaxTap(TorchFunctionMode):
     """Inside one hand-written attention module's forward, on armed passes: hands each softmax's input over the
     last dimension of a ≥ 3-D float tensor (the attention logits) to ``seen``, and computes the softmax as asked.
-    Square in its last two dimensions (queries × keys of self-attention), unless the module is ``named`` for
-    attention (cross-attention: as many keys as it has): a softmax over a vocabulary or over experts is not one."""
+    Square in its last two dimensions (queries × keys of self-attention), or made from a product of two
+    activations (q·kᵀ, then scaled or masked: a single query's (batch, 1, keys) logits), unless the module is
+    ``named`` for attention (cross-attention: as many keys as it has): a softmax over a vocabulary (a product
+    with a weight) or over experts is not one."""
 
     def __init__(self, seen: Any, named: bool = False) -> None:
         super().__init__()
         self.seen, self.named, self.depth = seen, named, 0  # depth: nested calls of the module
+        self.products: dict[int, Any] = {}  # id → weak reference of each tensor made from q·kᵀ in this pass
 
     def enter(self, armed: bool) -> None:
         if armed or self.depth:  # re-entered while in use: count it, so that leave() pops only its own push
@@ -328,16 +343,28 @@ class _SoftmaxTap(TorchFunctionMode):
             self.depth -= 1
             if self.depth == 0:
                 self.__exit__(None, None, None)
+                self.products.clear()
+
+    def _from_product(self, t: Any) -> bool:
+        ref = self.products.get(id(t))
+        return ref is not None and ref() is t
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) == "softmax" and args and isinstance(args[0], Tensor):
+        name = getattr(func, "__name__", None)
+        if name == "softmax" and args and isinstance(args[0], Tensor):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             if (isinstance(dim, int) and x.is_floating_point() and x.dim() >= 3 and dim % x.dim() == x.dim() - 1
-                    and (self.named or x.shape[-1] == x.shape[-2])):
+                    and (self.named or x.shape[-1] == x.shape[-2] or self._from_product(x))):
                 self.seen(x)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) and (name in _PRODUCT_CALLS or name in _CARRY_CALLS):
+            tensors = [a for a in args if isinstance(a, Tensor)]
+            if (len(tensors) >= 2 and not any(_weights(t) for t in tensors) if name in _PRODUCT_CALLS
+                    else any(self._from_product(t) for t in tensors)):
+                self.products[id(out)] = weakref.ref(out)
+        return out
 
 
 __all__ = ["ATTENTION_QUANTITIES", "CHUNK", "LOGZ_QUANTITIES", "AttentionInputs", "AttentionProbe", "Key",

@@ -326,16 +326,28 @@ def _forward_calls_softmax(cls: type[nn.Module]) -> bool:
 def find_softmax_sites(model: nn.Module, known: list[_Site] | None = None) -> list[tuple[str, nn.Module]]:
     """Attention written by hand: (name, module) of each module of the user's own classes (not torch's) whose
     ``forward`` calls a softmax on a product (:func:`_forward_calls_softmax`), the innermost where they nest, none inside or around a module that
-    :func:`find_attention` reads (``known``, found if not given). The model itself is left out (its records need
-    a name). What the probe measures there is the logits each softmax over the last dimension of a ≥ 3-D tensor
-    receives (:func:`softmax_stats`)."""
+    :func:`find_attention` reads (``known``, found if not given). The model itself, where it is the only one (its
+    own ``forward`` computes the attention), is named for its class (:func:`root_site_name`). What the probe
+    measures there is the logits each softmax over the last dimension of a ≥ 3-D tensor receives
+    (:func:`softmax_stats`)."""
     known = find_attention(model) if known is None else known
     taken = {id(x) for s in known for x in s.module.modules()}
     around = {id(x) for s in known for name, x in model.named_modules() if s.name.startswith(name + ".") or not name}
     found = [(name, m) for name, m in model.named_modules()
-             if name and id(m) not in taken and id(m) not in around
+             if id(m) not in taken and id(m) not in around
              and not type(m).__module__.startswith("torch.") and _forward_calls_softmax(type(m))]
-    return [(name, m) for name, m in found if not any(o.startswith(name + ".") for o, _ in found)]
+    inner = [(name, m) for name, m in found if name and not any(o.startswith(name + ".") for o, _ in found if o)]
+    if inner or not found or found[0][0]:
+        return inner
+    return [(root_site_name(model), model)]  # round 11: attention in the model's own forward went unseen
+
+
+def root_site_name(model: nn.Module) -> str:
+    """The name the records give a model whose own ``forward`` holds the attention: its class's, unless a
+    submodule's path is that already."""
+    name = type(model).__name__
+    paths = {n for n, _ in model.named_modules()}
+    return name if name not in paths else f"{name} (the model)"
 
 
 def find_lm_head(model: nn.Module) -> str | None:
