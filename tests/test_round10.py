@@ -7,6 +7,8 @@ each step, a plain loop), on seeds 0–2.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,22 +162,12 @@ def test_an_lstm_whose_forget_gates_were_open_is_not_told_to_open_them(seed, sto
 
 def _one_cycle(seed: int, max_lr: float) -> gw.Trial:
     """Smith & Topin (2019)'s one-cycle schedule on a 6-layer He-initialised ReLU MLP (digits, SGD with momentum
-    0.9), stepped per batch over 300 steps; ``max_lr`` 5.0 is a units slip for 0.05."""
-    from gradwatch.zoo.data import accuracy, batches, digits
+    0.9), stepped per batch over 300 steps; ``max_lr`` 5.0 is a units slip for 0.05 (the repair benchmark's
+    ``r10_onecycle_high`` and its twin)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.setups.round10 import _onecycle
 
-    x, y, xt, yt = digits()
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(64, 128), nn.ReLU()]
-    for _ in range(4):
-        layers += [nn.Linear(128, 128), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(128, 10))
-    for m in model:
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    opt = torch.optim.SGD(model.parameters(), lr=max_lr / 25, momentum=0.9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=300)
-    return gw.Trial(model, opt, batches(x, y, 64, seed), F.cross_entropy, evaluate=accuracy(xt, yt), scheduler=sched)
+    return _onecycle(seed, max_lr)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
