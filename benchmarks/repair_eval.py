@@ -144,8 +144,8 @@ def _doctor_cell(doc: dict[str, Any]) -> str:
             return "✗ " + doc["message"][:70]
         score = f", score {ref['score']:.2f}" if math.isfinite(ref["score"]) else ""
         said = "learns: a miss" if ref["learns"] else "does not pass either: out of reach"
-        return (f"✗ {doc['message'].split(' (')[0][:40]}; the source's fix (loss {ref['first_loss']:.3g} → {ref['final_loss']:.3g}"
-                f"{score}) {said}")
+        message = doc["message"].split(" (")[0][:40]
+        return f"✗ {message}; the source's fix (loss {ref['first_loss']:.3g} → {ref['final_loss']:.3g}{score}) {said}"
     best = next(t for t in doc["trials"] if t["label"] == doc["best"])
     score = f"score {best['score']:.2f}" if math.isfinite(best["score"]) else f"loss {best['final_loss']:.3g}"
     held = "" if "held" not in doc else "; held on a fresh seed" if doc["held"] else "; NOT on a fresh seed"
@@ -201,8 +201,8 @@ def render(results: dict[str, Any]) -> list[str]:
         out = [d for d in sick if not d.get("repaired") and d.get("reference") and not d["reference"]["learns"]]
         if out:
             reach = len(sick) - len(out)
-            summary += (f"; {len(out)} of the {len(sick) - len(fixed)} not repaired are out of reach (their source's own"
-                        f" fix fails the doctor's test of real learning on the same seeds and steps): "
+            summary += (f"; {len(out)} of the {len(sick) - len(fixed)} not repaired are out of reach (their source's"
+                        f" own fix fails the doctor's test of real learning on the same seeds and steps): "
                         f"{len(fixed)}/{reach} = {len(fixed) / max(reach, 1):.2f} of those within reach")
         if any("held" in d for d in fixed):
             held = sum(bool(d.get("held")) for d in fixed)

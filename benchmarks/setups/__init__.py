@@ -19,8 +19,8 @@ def _collect() -> dict[str, BenchSetup]:
                    transformers_)
 
     found: dict[str, BenchSetup] = {}
-    for module in (autotrainer, deeplocalize, deep_mlps, practice, cnns, recurrent, transformers_, goodfellow, round3, round9,
-                   round10):
+    for module in (autotrainer, deeplocalize, deep_mlps, practice, cnns, recurrent, transformers_, goodfellow, round3,
+                   round9, round10):
         for s in module.SETUPS:
             if s.name in found:
                 raise ValueError(f"two set-ups are named {s.name!r}")

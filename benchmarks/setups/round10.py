@@ -1,4 +1,5 @@
-"""Set-ups written by a helper who read only the README (seventeenth session, "round 10"), labelled by plain measurement.
+"""Set-ups written by a helper who read only the README (seventeenth session, "round 10"), labelled by plain
+measurement.
 
 gradwatch was wrong on some of them then — the ReLU swap turned a highway net's gates into ReLUs, norms and skips
 wrapped only its stem, a OneCycle schedule's blow-up was blamed on the initial weights — and those were fixed

@@ -431,7 +431,8 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
         evidence=(f"the total gradient norm, read after the step's clipping, is {sci(bound)} within "
                   f"{CLIPPED_SPREAD:g} on {held.mean():.0%} of the steps"
                   + (f"; the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "")
-                  + (f"; the upper-quartile layer moves by {sci(step)} of its norm a step" if math.isfinite(step) else "")
+                  + (f"; the upper-quartile layer moves by {sci(step)} of its norm a step"
+                     if math.isfinite(step) else "")
                   + "."),
         cause=f"a clipping bound below the gradient's own scale (clip_grad_norm_(…, max_norm≈{sci(bound)})): it holds "
               "on every step, so every update has the same length, lr × the bound, whatever the gradient says",

@@ -108,9 +108,9 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
             if regardless and e.name not in dead:
                 assert ends is not None
                 severity = "info"
-                cause += (f" — but the loss fell {sci(ends[0])} → {sci(ends[1])}: the run learns without the early steps "
-                          f"(a loop iterated to a fixed point forgets its start by design; or the task's dependencies "
-                          f"are short)")
+                cause += (f" — but the loss fell {sci(ends[0])} → {sci(ends[1])}: the run learns without the early "
+                          f"steps (a loop iterated to a fixed point forgets its start by design; or the task's "
+                          f"dependencies are short)")
             found.append(Finding(
                 kind="vanishing", severity=severity, layers=(e.name,),
                 steps=(since(per_step < th.vanish_below, s.steps, th.window), int(s.steps[-1])),

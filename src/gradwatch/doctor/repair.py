@@ -166,7 +166,8 @@ def _every_seed(diagnoses: list[Diagnosis]) -> Diagnosis:
 def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
     """Where remedies removed the findings but no trial at all got clearly below a constant output's loss, the
     trials may be too short for the task to show learning (a long adding task needs ~1000 steps): say so."""
-    cleared = [t for t in trials if not t.error and t.verdict.startswith("removes the finding") and "brings" not in t.verdict]
+    cleared = [t for t in trials if not t.error and t.verdict.startswith("removes the finding")
+               and "brings" not in t.verdict]  # a row that brought a critical finding is no sign of too few steps
     null = base.null_loss
     ran = [t for t in trials if not t.error and math.isfinite(t.final_loss)]
     if not cleared or not null > 0 or any(t.final_loss < NULL_BELOW * null for t in ran):

@@ -32,9 +32,11 @@ attention. Any other module can offer ``gradwatch_attention_inputs(*args,
 user's own class whose ``forward`` calls a softmax on a product (``@``,
 ``matmul``, ``bmm``, ``einsum``) — is read from the logits that softmax
 receives, under a :class:`torch.overrides.TorchFunctionMode` held while the
-module runs on an armed pass (``probe.softmax_sites``; the model itself where its own ``forward`` holds the
-attention): the softmax over the last dimension of a ≥ 3-D tensor, square in its last two (self-attention), made
-from a product of two activations (q·kᵀ, scaled or masked), or any shape in a module named for attention. The statistics are computed in chunks of
+module runs on an armed pass (``probe.softmax_sites``; the model itself where
+its own ``forward`` holds the attention): the softmax over the last dimension
+of a ≥ 3-D tensor, square in its last two (self-attention), made from a
+product of two activations (q·kᵀ, scaled or masked), or any shape in a module
+named for attention. The statistics are computed in chunks of
 queries (at most ``chunk`` logits at a time: by default 4 M on the CPU and, on a
 CUDA device, as many as fit a quarter of its free memory, up to 128 M), so
 memory stays bounded however long the sequence; log Z likewise, in chunks of positions.
