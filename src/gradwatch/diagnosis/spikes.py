@@ -114,9 +114,11 @@ def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: Ins
         b = int(np.argmin(smooth))
         best, final = float(smooth[b]), float(smooth[-1])
         # what the run had gained before its best; nothing where the best is within the first 10 steps (round 11: a
-        # GRU at SGD lr 20 went 3.9 → 51 at step 4 and stayed above chance; the first 10 steps' median held the jump)
+        # GRU at SGD lr 20 went 3.9 → 51 at step 4 and stayed above chance; the first 10 steps' median held the
+        # jump): then the loss must end further above its start (a GAN's generator loss rises as it learns)
         gained = float(np.median(loss[:10])) - best if b >= 10 else 0.0
-        if best > 0 and final >= th.diverge_above * best and final - best >= th.diverge_lost_above * gained:
+        above = th.diverge_above if b >= 10 else th.diverge_from_start_above
+        if best > 0 and final >= above * best and final - best >= th.diverge_lost_above * gained:
             onset = b + int(np.argmax(smooth[b:] >= th.diverge_above * best))
             out.append(Event("divergence", int(steps[onset]), int(steps[-1]),
                              f"the loss diverged: its running median (10 steps) rose from its best, {sci(best)} at step "
