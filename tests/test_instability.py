@@ -121,6 +121,8 @@ def test_thresholds_are_checked():
         InstabilityThresholds(window=0)
     with pytest.raises(ValueError, match=r"`InstabilityThresholds\(diverge_above=…\)` expects a ratio above 1"):
         InstabilityThresholds(diverge_above=0.5)
+    with pytest.raises(ValueError, match=r"`InstabilityThresholds\(diverge_from_start_above=…\)` expects a ratio above 1"):
+        InstabilityThresholds(diverge_from_start_above=1.0)
 
 
 @pytest.mark.zoo
