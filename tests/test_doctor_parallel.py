@@ -280,7 +280,9 @@ def test_ray_gives_the_serial_table_and_ships_every_trials_store_back(serial, ra
 
 
 def _trial_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("gradwatch-*"))
+    # a trial's own directory at the top of the temporary directory: left only by a worker killed mid-trial (the
+    # doctors' scratch directories, gradwatch-doctor-*, come and go with the doctors other tests run meanwhile)
+    return set(Path(tempfile.gettempdir()).glob("gradwatch-trial-*"))
 
 
 def test_a_killed_ray_worker_is_a_failed_row(serial, ray_cluster):
