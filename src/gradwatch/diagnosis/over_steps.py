@@ -337,13 +337,14 @@ ADAM_EPS_FROM = 1e-3
 EPS_TINY_STEP = 1e-4
 
 
-def _typical_update_ratio(run: Run, th: Thresholds) -> float:
-    """The upper-quartile layer's update ratio ‖Δw‖/‖w‖ a step (of its window medians); NaN where not recorded."""
+def _typical_update_ratio(run: Run, th: Thresholds) -> tuple[float, np.ndarray]:
+    """The upper-quartile layer's update ratio ‖Δw‖/‖w‖ a step (of its window medians), and the windows' steps;
+    NaN where not recorded."""
     if "update_ratio" not in run.quantities:
-        return math.nan
-    med, _ = window_median(run.series("update_ratio"), th.window)
+        return math.nan, np.zeros(0)
+    med, wsteps = window_median(run.series("update_ratio"), th.window)
     med = med[np.isfinite(med)]
-    return float(np.percentile(med, 75)) if len(med) else math.nan
+    return (float(np.percentile(med, 75)) if len(med) else math.nan), wsteps
 
 
 def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
@@ -352,14 +353,10 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     SGD lr 10⁻⁵, loss 2.35 → 2.35 in 300 steps, update ratios ~10⁻⁷; at lr 0.05 it reaches 0.93–0.95). Or, under an
     Adam-type optimiser with eps of :data:`ADAM_EPS_FROM` or more, below :data:`EPS_TINY_STEP`: the eps."""
     ends = loss_ends(run, th)
-    if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0] or "update_ratio" not in run.quantities:
+    if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0]:
         return []
-    med, wsteps = window_median(run.series("update_ratio"), th.window)
-    med = med[np.isfinite(med)]
-    if len(med) == 0:
-        return []
-    typical = float(np.percentile(med, 75))
-    if not 0 < typical < EPS_TINY_STEP:
+    typical, wsteps = _typical_update_ratio(run, th)
+    if not 0 < typical < EPS_TINY_STEP:  # NaN: not recorded
         return []
     # Only a rate small by any standard: a converged run resumed at an ordinary rate also has a flat loss and short
     # steps, because its gradient is small, not its rate. Or Adam's eps far above any gradient's rms.
@@ -423,7 +420,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     # Adam's step does not scale with the gradient: a bound it always meets leaves its updates as they were
     adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
-    step = _typical_update_ratio(run, th)
+    step, _ = _typical_update_ratio(run, th)
     learns = adaptive or halved(ends) or step >= EPS_TINY_STEP  # NaN (not recorded): not known to move
     return [Finding(
         kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
