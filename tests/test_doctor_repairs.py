@@ -450,6 +450,24 @@ def test_clipping_with_a_lower_learning_rate():
     assert norms[0] == pytest.approx(2.0, rel=1e-4)  # the raw norm is ~10⁶: clipped to the limit
 
 
+def test_a_clipping_row_names_the_bound_it_clipped_at():
+    clip_lower_lr = _one("clip_lower_lr")
+    assert catalogue.shown_label(clip_lower_lr, {"clip_at": 2.0}) == "clipping at max_norm=2 + learning rate ×0.1"
+    # no bound from the findings: the remedy clips at 1, and says so
+    torch.manual_seed(0)
+    trial = _one("clip_norm").apply(_trial(nn.Linear(4, 1), 1e3 * torch.randn(64, 4), torch.randn(64, 1)), {})
+    trial.optimizer.register_step_pre_hook(lambda o, a, k: norms.append(
+        float(torch.cat([p.grad.flatten() for p in trial.model.parameters()]).norm())))
+    norms: list[float] = []
+    trial.step()
+    assert norms[0] == pytest.approx(1.0, rel=1e-4)
+    assert catalogue.shown_label(_one("clip_norm"), {}).endswith("clipping at max_norm=1")
+    combined = catalogue.compose(_one("leaky"), clip_lower_lr)
+    assert catalogue.shown_label(combined, {"clip_at": 0.25}) == (
+        "LeakyReLU + He initialisation + clipping at max_norm=0.25 + learning rate ×0.1")
+    assert catalogue.shown_label(_one("leaky"), {"clip_at": 0.25}) == _one("leaky").label  # no clipping: as it is
+
+
 def test_fixup_and_rezero_start_unnormalised_residual_nets_at_the_identity():
     torch.manual_seed(0)
     x = torch.randn(16, 8)

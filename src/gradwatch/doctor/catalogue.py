@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis.findings import sci
 from gradwatch.doctor.table import TrialResult, decisive
 from gradwatch.doctor import surgery as s
 from gradwatch.doctor import transformer_surgery
@@ -96,6 +97,13 @@ SAME_KNOB: dict[str, frozenset[str]] = {
 def knobs(parts: tuple[str, ...]) -> frozenset[str]:
     """The knobs that the entries ``parts`` change."""
     return frozenset().union(*(SAME_KNOB.get(part, ()) for part in parts))
+
+
+def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
+    """The remedy's label as its table row shows it: a clipping remedy names the bound it clipped at."""
+    if "clip" not in knobs(remedy.parts):
+        return remedy.label
+    return remedy.label.replace("clipping", f"clipping at max_norm={sci(s.clip_bound(numbers))}", 1)
 
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.

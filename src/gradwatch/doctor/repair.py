@@ -295,11 +295,11 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                              for remedy, ns in zip(todo, run_names)], deadline)
         done: list[tuple[Remedy, TrialResult]] = []
         for remedy, results, ns in zip(todo, groups, run_names):
-            result = _row(remedy.label, results, ns)
+            result = _row(catalogue.shown_label(remedy, numbers), results, ns)
             if result is None:
                 if (rnd == 1 and remedy.key in named and results
                         and all(isinstance(r, Outcome) and r.run is None for r in results)):
-                    report.not_applied.append(remedy.label)  # a remedy a finding names found nothing here to change
+                    report.not_applied.append(catalogue.shown_label(remedy, numbers))  # a remedy a finding names found nothing here to change
                 continue
             if not result.error:
                 result.verdict = verdict(base, result, targets)

@@ -64,10 +64,15 @@ class Chain:
 # -- changes of the optimizer and the schedule ------------------------------------------------------------
 
 
-def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
-    """Gradient-norm clipping at the findings' ``clip_at`` (1 when they give none)."""
+def clip_bound(numbers: dict[str, float]) -> float:
+    """The clipping remedies' ``max_norm``: the findings' ``clip_at``, 1 when they give none."""
     limit = numbers.get("clip_at", math.nan)
-    r.clip_grad_norm(trial.optimizer, limit if math.isfinite(limit) and limit > 0 else 1.0)
+    return limit if math.isfinite(limit) and limit > 0 else 1.0
+
+
+def clip(trial: Trial, numbers: dict[str, float]) -> Trial:
+    """Gradient-norm clipping at :func:`clip_bound`."""
+    r.clip_grad_norm(trial.optimizer, clip_bound(numbers))
     return trial
 
 
