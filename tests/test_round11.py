@@ -273,3 +273,65 @@ def test_a_vocabulary_softmax_on_a_product_with_a_weight_is_not_read_as_attentio
         assert probe.names == ["TiedLM"]  # its forward holds a softmax and a product: a candidate
         model(torch.randint(0, 50, (4, 7)))
         assert probe.collect() == {}  # but the product is with a weight: no attention logits
+
+
+class _Siamese(nn.Module):
+    """keras-team/keras#9097's siamese net (pytorch/pytorch#2421): the Euclidean distance written as
+    sqrt(Σ(e1 − e2)²), and positive pairs drawn from the same class, which now and then are the same image — the
+    distance exactly 0, sqrt'(0) infinite, and 0 · ∞ = NaN, at whichever step first draws such a pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        e1, e2 = self.net(pair[0]), self.net(pair[1])
+        return torch.sqrt(((e1 - e2) ** 2).sum(1))
+
+
+def _siamese_trial(seed: int) -> gw.Trial:
+    x, y, _, _ = zoo.digits()
+    g = torch.Generator().manual_seed(seed + 31)
+    by_class = [torch.nonzero(y == c).flatten() for c in range(10)]
+
+    def pairs():  # half the pairs of one class (the same image now and then), half of two; contrastive loss, margin 1
+        while True:
+            i = torch.randint(0, len(x), (64,), generator=g)
+            j = torch.stack([by_class[int(y[k])][torch.randint(0, len(by_class[int(y[k])]), (1,), generator=g)][0]
+                             if n % 2 == 0 else torch.randint(0, len(x), (1,), generator=g)[0]
+                             for n, k in enumerate(i.tolist())])
+            yield (x[i], x[j]), (y[i] == y[j]).float()
+
+    def contrastive(d: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        return (same * d**2 + (1 - same) * F.relu(1 - d) ** 2).mean() / 2
+
+    torch.manual_seed(seed)
+    model = _Siamese()
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), pairs(), contrastive)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_nan_made_in_the_backward_pass_after_the_first_step_is_not_given_learning_rate_remedies(store, seed):
+    """The first identical pair comes at some step after the first: the loss there is finite and of the size it had,
+    the gradient NaN (both by hand: an optimizer pre-hook reads the gradients, the loss is the step's own). Round 11:
+    "a lower learning rate; clipping", and ten doctor rows that diverged exactly as the baseline did. The cause is the
+    backward pass at any step, not only the first, where the loss did not grow before it."""
+    trial = _siamese_trial(seed)
+    finite: list[bool] = []
+    trial.optimizer.register_step_pre_hook(lambda o, a, k: finite.append(
+        all(bool(torch.isfinite(p.grad).all()) for p in trial.model.parameters())))
+    losses: list[float] = []
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"siamese-{seed}") as w:
+        for _ in range(12):
+            losses.append(float(trial.step()))
+            w.log(loss=losses[-1])
+    first_nan = finite.index(False)
+    assert first_nan >= 1 and math.isfinite(losses[first_nan]), (finite, losses)
+    assert abs(losses[first_nan]) <= 10 * max(abs(v) for v in losses[:first_nan])
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.steps[0] == first_nan and f.cause.startswith("a NaN made in the backward pass"), str(f)
+    assert f.remedy_keys == ("backward_singularity",)
+    if seed == 0:
+        report = gw.doctor(_siamese_trial, steps=12, seeds=2, store=store / "doctor", progress=False)
+        assert not report.trials and report.best is None, report  # nothing the doctor could change: no rows
+        assert "SqrtBackward0" in report.message and "torch.sqrt" in report.message, report.message

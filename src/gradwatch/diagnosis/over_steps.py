@@ -528,6 +528,19 @@ def nonfinite_remedies(step: int) -> tuple[str, ...]:
     return remedies("lower_lr", "clip_norm", "check_data", "grad_scaler")
 
 
+ORDINARY_LOSS_WITHIN = 10.0  # a loss within this factor of the largest before it has not diverged
+
+
+def _ordinary_loss(loss: np.ndarray, at: int) -> bool:
+    """The loss at index ``at`` is finite and of the size it had so far (at most :data:`ORDINARY_LOSS_WITHIN` times
+    the largest magnitude before it; at the first step, finite is enough): a forward pass that did not diverge."""
+    here = float(loss[at])
+    if not np.isfinite(here):
+        return False
+    before = loss[:at][np.isfinite(loss[:at])]
+    return at == 0 or (len(before) > 0 and abs(here) <= ORDINARY_LOSS_WITHIN * float(np.abs(before).max()))
+
+
 def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
     """NaN/Inf gradients: the first step and the layer backward reached first; ``skipped``: :func:`skipped_steps`."""
     if "nonfinite" not in run.quantities:
@@ -576,12 +589,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
             sources.append("loss (run)")
         at = np.where(loss.steps == step0)[0]
         nan_grad = g is not None and g.values.shape == s.values.shape and bool(np.isnan(g.values[:, j0]).any())
-        if step0 == 0 and len(at) and np.isfinite(loss.values[0][at[0]]) and nan_grad:
-            # no update yet and a finite loss: the forward pass was fine, the backward made the NaN (round 8's
-            # prototype classifier, torch.sqrt of a squared distance that is 0 where a prototype is its own sample;
-            # "standardise the inputs" fixed it only by moving the data off the prototypes)
-            loss_note += f"; the loss at step {step0} is finite"
-            cause = ("a NaN made in the backward pass: the loss is finite and its gradient is not, before any update, "
+        if len(at) and nan_grad and _ordinary_loss(loss.values[0], int(at[0])) and not cause.startswith("divergence"):
+            # a finite loss of the size it had so far, and a NaN gradient: the forward pass was fine, the backward
+            # made the NaN (round 8's prototype classifier at step 0, torch.sqrt of a squared distance that is 0 where
+            # a prototype is its own sample; round 11's siamese net at step 1 or 3, the first identical pair — a
+            # lower learning rate or clipping cannot help: ten such doctor rows diverged exactly as the baseline did)
+            loss_note += f"; the loss at step {step0} is finite" + ("" if step0 == 0 else ", of the size it had so far")
+            when_made = "before any update" if step0 == 0 else "with no growth before it"
+            cause = (f"a NaN made in the backward pass: the loss is finite and its gradient is not, {when_made}, "
                      "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
                      "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1")
             fixes = remedies("backward_singularity")
