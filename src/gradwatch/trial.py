@@ -154,8 +154,8 @@ def _constant_loss(trial: Any, c: Tensor, outs: list[Tensor], ys: list[Any]) -> 
     return float(np.mean([float(trial.loss_fn(c.expand_as(o), y)) for o, y in zip(outs, ys)]))
 
 
-def _best_constant(trial: Any, start: Tensor, outs: list[Tensor], ys: list[Any]) -> float:
-    """The loss of the best constant output, searched for from ``start`` (L-BFGS, a few dozen steps): the loss may
+def _best_constant(trial: Any, start: Tensor, outs: list[Tensor], ys: list[Any]) -> tuple[float, Tensor]:
+    """The loss of the best constant output and that output, searched for from ``start`` (L-BFGS, a few dozen steps): the loss may
     transform the output (a model that outputs log y under a loss on exp of it), where neither zeros nor the
     targets' mean is the constant a model learns first (its loss of zeros, exp(0) = 1 against targets near 150:
     29,273 where the best constant's is Var(y), 5,808)."""
@@ -174,14 +174,20 @@ def _best_constant(trial: Any, start: Tensor, outs: list[Tensor], ys: list[Any])
         with torch.no_grad():
             value = _constant_loss(trial, c.detach(), outs, ys)
     except Exception:  # noqa: BLE001 — a loss with no gradient to the output, or one that fails there: no search
-        return math.inf
-    return value if math.isfinite(value) else math.inf
+        return math.inf, start
+    return (value, c.detach()) if math.isfinite(value) else (math.inf, start)
+
+
+def null_loss(trial: Any) -> float:
+    """The loss of the best constant output the doctor knows (:func:`null_output`)."""
+    return null_output(trial)[0]
 
 
 @torch.no_grad()
-def null_loss(trial: Any) -> float:
-    """The loss of the best constant output the doctor knows, on the trial's next batches (put back): a ceiling
-    for a fix, since a model that learned only a constant has learned nothing of its inputs.
+def null_output(trial: Any) -> tuple[float, Tensor | None]:
+    """The loss of the best constant output the doctor knows, on the trial's next batches (put back), and that
+    output (one sample's shape): a ceiling for a fix, since a model that learned only a constant has learned
+    nothing of its inputs.
 
     The lowest of: zeros (cross-entropy on logits: chance, ln(classes); a sigmoid output with binary cross-entropy:
     ln 2); where the output has the targets' shape and they are floats, the targets' mean per output (mean squared
@@ -190,11 +196,12 @@ def null_loss(trial: Any) -> float:
     any other transform of it, whose best constant neither zeros nor the mean is. Measured
     over the next :data:`NULL_BATCHES` batches. The model runs in eval mode to learn its output's shape (no
     running statistic, random number or training flag changes). NaN where it cannot be computed: no
-    ``(inputs, targets)`` batches, an output that is not a float tensor, a loss that fails or is not finite.
+    ``(inputs, targets)`` batches, an output that is not a float tensor, a loss that fails or is not finite (the
+    output then None; None too where the outputs' shapes differ between batches).
     """
     taken = [b for b in peek(trial, NULL_BATCHES) if isinstance(b, (tuple, list)) and len(b) >= 2]
     if not taken:
-        return math.nan
+        return math.nan, None
     model = trial.model
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -202,7 +209,7 @@ def null_loss(trial: Any) -> float:
         with torch.random.fork_rng(devices=[]):
             outs = [model(b[0]) for b in taken]
             if not all(isinstance(o, Tensor) and o.is_floating_point() for o in outs):
-                return math.nan
+                return math.nan, None
             ys = [b[1] for b in taken]
             value = float(np.mean([float(trial.loss_fn(torch.zeros_like(o), y)) for o, y in zip(outs, ys)]))
             shape = outs[0].shape[1:]
@@ -212,13 +219,58 @@ def null_loss(trial: Any) -> float:
                 at_mean = _constant_loss(trial, mean, outs, ys)
                 if at_mean < value:
                     start, value = mean, at_mean
-            if all(o.shape[1:] == shape for o in outs) and shape.numel() <= BEST_CONSTANT_SIZE:
-                best = _best_constant(trial, start, outs, ys)
+            same_shape = all(o.shape[1:] == shape for o in outs)
+            constant = start if same_shape else None
+            if same_shape and shape.numel() <= BEST_CONSTANT_SIZE:
+                best, at_best = _best_constant(trial, start, outs, ys)
                 if best < FAR_OFF * value:  # a loss that transforms the output: zeros and the mean are far off
-                    value = best
+                    value, constant = best, at_best
     except Exception:  # noqa: BLE001 — a set-up whose loss takes more than (output, target): no ceiling
-        return math.nan
+        return math.nan, None
     finally:
         for m, was in modes:
             m.training = was
-    return value if math.isfinite(value) else math.nan
+    return (value, constant) if math.isfinite(value) else (math.nan, None)
+
+
+class ConstantModel(nn.Module):
+    """A model that answers every input with one constant output (one sample's shape), as many rows as the first
+    tensor of its input has: what a net that learned nothing of its inputs would predict at best."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = nn.Parameter(output.detach().clone(), requires_grad=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        first = _first_tensor((args, kwargs))
+        if first is None or first.dim() == 0:
+            raise ValueError("ConstantModel: no batched tensor in the input to take the batch size from")
+        return self.output.expand(first.shape[0], *self.output.shape).clone()
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor in a nest of tuples, lists and dicts (None: none)."""
+    if isinstance(obj, Tensor):
+        return obj
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def null_score(trial: Any, output: Tensor | None, trained_score: float) -> float:
+    """The set-up's held-out score of :class:`ConstantModel` answering ``output`` (from :func:`null_output`):
+    where a score has no fixed chance level (R², D², a reward), the level a remedy must beat to have learned
+    anything of the inputs. NaN where it cannot be measured: no evaluate, no constant, an evaluate that fails on
+    such a model, or one that returns exactly ``trained_score`` (an evaluate that ignores its argument and reads
+    the trained model). Runs under a forked random state: training's random numbers are not touched."""
+    if output is None or getattr(trial, "evaluate", None) is None:
+        return math.nan
+    try:
+        with torch.random.fork_rng(devices=[]):
+            value = float(trial.evaluate(ConstantModel(output)))
+    except Exception:  # noqa: BLE001 — an evaluate that reads the model's own parts or inputs: no null score
+        return math.nan
+    return value if math.isfinite(value) and value != trained_score else math.nan

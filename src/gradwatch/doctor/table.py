@@ -29,6 +29,7 @@ class TrialResult:
     problems: tuple[Finding, ...] = ()  # its problem findings, the first of each kind over seeds (what to try next)
     null_loss: float = math.nan  # the loss of a constant output (mean over seeds): a fix ends clearly below it
     judge_by_score: bool = False  # the set-up's loss does not show learning: the held-out score decides
+    null_score: float = math.nan  # the held-out score of a constant output (mean over seeds): a fix ends above it
     rounds: int = 1  # remedies combined (iterative repair: at most 3)
     parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it
     runs: tuple[str, ...] = ()  # its run stores' names under the doctor's store, one per seed

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.doctor.catalogue import Remedy
-from gradwatch.trial import SetupFn, null_loss
+from gradwatch.trial import SetupFn, null_output, null_score
 from gradwatch.watching import watch
 
 
@@ -29,6 +29,7 @@ class TrialRun(NamedTuple):
     diagnosis: Diagnosis
     null_loss: float = math.nan  # the loss of a constant output on the next batches (gradwatch.trial.null_loss)
     judge_by_score: bool = False  # the set-up says its loss does not show learning: the score decides
+    null_score: float = math.nan  # the held-out score of the constant output (gradwatch.trial.null_score)
 
 
 def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
@@ -43,7 +44,7 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
         trial = applied
     # fused nn.RNN/GRU/LSTM: re-run unrolled; otherwise the watch's default finds cells called in a Python loop
     temporal: bool | str = True if any(isinstance(m, nn.RNNBase) for m in trial.model.modules()) else "auto"
-    null = null_loss(trial)
+    null, constant = null_output(trial)
     losses: list[float] = []
     # budget=None: the fixed default schedules (gradient norms every step, the forward-side probes every 10th).
     # The doctor's verdicts compare trials' findings, so what each trial records must not depend on the clock:
@@ -60,4 +61,4 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose()
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
-                    bool(getattr(trial, "judge_by_score", False)))
+                    bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score))

@@ -13,7 +13,10 @@
   output (:data:`NULL_BELOW` of :func:`gradwatch.trial.null_loss`: chance for
   cross-entropy, so 109 → 12 on ten classes is no repair; Var(y) for mean
   squared error, so a net that learned to predict the mean is none); and where the set-up has a held-out score, that
-  score at least :data:`SCORE_MARGIN` above the baseline's. A set-up that says
+  score at least :data:`SCORE_MARGIN` above the baseline's and above the score
+  of that constant output, where the set-up's ``evaluate`` can score one
+  (:func:`gradwatch.trial.null_score`: R² or D² at the training mean, 0, where
+  the baseline's is −1). A set-up that says
   its loss does not show learning (``Trial.judge_by_score``: a GAN's generator
   loss) is judged by the score alone; so is a loss that starts at or below
   zero (a likelihood with a learned variance: "half" of it means nothing). A
@@ -63,11 +66,13 @@ def summary(label: str, runs: list[TrialRun], seconds: float) -> TrialResult:
             problems.setdefault(f.kind, f)
     critical = sorted({f.kind for run in runs for f in run.diagnosis.problems if f.severity == "critical"})
     nulls = [run.null_loss for run in runs if math.isfinite(run.null_loss)]
+    null_scores = [s for s in (getattr(run, "null_score", math.nan) for run in runs) if math.isfinite(s)]
     return TrialResult(label, float(np.mean([c[1] for c in curves])), float(np.mean([c[2] for c in curves])),
                        float(np.mean([run.score for run in runs])), kinds, seconds,
                        first_loss=float(np.mean([c[0] for c in curves])), learned=all(c[3] for c in curves),
                        critical=critical, problems=tuple(problems.values()),  # type: ignore[arg-type]
                        null_loss=float(np.mean(nulls)) if nulls else math.nan,
+                       null_score=float(np.mean(null_scores)) if len(null_scores) == len(runs) else math.nan,
                        judge_by_score=any(run.judge_by_score for run in runs))
 
 
@@ -75,7 +80,7 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     """Real learning, measured (the module's docstring): the loss tests unless the set-up is judged by its score,
     and a clearly better held-out score wherever both rows have one."""
     scored = math.isfinite(base.score) and math.isfinite(trial.score)
-    better_score = scored and trial.score >= base.score + SCORE_MARGIN
+    better_score = scored and trial.score >= base.score + SCORE_MARGIN and not below_constant(trial)
     if trial.judge_by_score:
         return better_score
     if not math.isfinite(trial.final_loss):
@@ -90,6 +95,14 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     if null > 0 and trial.final_loss > NULL_BELOW * null:  # NaN and a ceiling at or below 0: none
         return False
     return better_score or not scored
+
+
+def below_constant(trial: TrialResult) -> bool:
+    """The row's held-out score is not clearly above a constant output's (``null_score``; False where that is
+    unmeasured): on a score with no fixed chance level (R², D²: 0 is the training mean; a baseline at −1), a
+    score above the baseline's can still be one that predicting the mean would beat (round 12: clipping at
+    D² −0.16 against a baseline's −1, "fixes it", where input standardisation reached 0.50)."""
+    return math.isfinite(trial.null_score) and trial.score < trial.null_score + SCORE_MARGIN
 
 
 def is_better(base: TrialResult, trial: TrialResult) -> bool:
@@ -122,6 +135,8 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     if brought and not better:
         return f"worse (brings {', '.join(brought)})"
     if not left and not worse:
+        if better and scored and below_constant(trial):
+            return f"removes the finding; a better score, but not above a constant output's ({trial.null_score:.3f})"
         if better and scored:  # the score says it learned something; the loss, that it did not learn enough
             return "removes the finding; a better score, but the loss did not halve"
         return "removes the finding; does not learn" if not trial.learned else "removes the finding; no better"

@@ -1,0 +1,108 @@
+"""Round 12: set-ups a helper wrote from the README alone, where gradwatch was wrong, ported with a reference each.
+
+Poisson regression with ``exp`` as the net's output on raw count features (scikit-learn's example "Poisson
+regression and non-normal loss" transforms and standardises them; PyTorch's ``PoissonNLLLoss``): the rate
+overflows or underflows at once. The held-out score is D² (deviance explained; 0 at the training mean, floored
+at −1), so a baseline at −1 leaves "better than the baseline" to rows that predict worse than the mean: the
+doctor called gradient-norm clipping "fixes it" at D² −0.16, beside input standardisation at 0.50.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch import trial as trial_module
+from gradwatch.doctor.verdicts import SCORE_MARGIN
+
+FEATURES, TRAIN, TEST = 20, 2000, 1000
+
+
+def _counts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw count features (x_j ~ Poisson(λ_j), λ_j in [1, 60]) and a count target whose log-rate is linear in
+    the standardised log-features, with one interaction."""
+    g = torch.Generator().manual_seed(31)
+    lam = torch.empty(FEATURES).uniform_(1, 60, generator=g)
+    x = torch.poisson(lam.expand(TRAIN + TEST, FEATURES), generator=g)
+    z = torch.log1p(x)
+    z = (z - z[:TRAIN].mean(0)) / z[:TRAIN].std(0)
+    beta = 0.25 * torch.randn(FEATURES, generator=g)
+    y = torch.poisson(torch.exp(0.7 + z @ beta + 0.3 * torch.tanh(z[:, 0] * z[:, 1])), generator=g)
+    return x, y
+
+
+class _ExpRate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.net(x)).squeeze(-1)
+
+
+def _deviance(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    mu = mu.clamp_min(1e-12)
+    return 2 * torch.sum(torch.where(y > 0, y * torch.log(y / mu), torch.zeros_like(y)) - (y - mu))
+
+
+def _poisson_trial(seed: int) -> gw.Trial:
+    x, y = _counts()
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            i = torch.randint(0, TRAIN, (64,), generator=g)
+            yield x[i], y[i]
+
+    mean = y[:TRAIN].mean()
+
+    @torch.no_grad()
+    def d2(model: nn.Module) -> float:
+        mu = model(x[TRAIN:])
+        if not torch.isfinite(mu).all():
+            return -1.0
+        return max(-1.0, 1 - float(_deviance(mu, y[TRAIN:]) / _deviance(mean.expand(TEST), y[TRAIN:])))
+
+    torch.manual_seed(seed)
+    model = _ExpRate()
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=1e-2), batches(),
+                    nn.PoissonNLLLoss(log_input=False), evaluate=d2)
+
+
+def test_the_constant_outputs_score_is_the_score_of_predicting_the_mean():
+    """The best constant rate under the Poisson loss c − y·log c is the targets' mean (closed form); its D² on the
+    held-out set, by hand, is what the doctor reads as the level a fix must beat."""
+    trial = _poisson_trial(0)
+    peeked = trial_module.peek(trial, trial_module.NULL_BATCHES)
+    mean = torch.cat([b[1] for b in peeked]).mean()
+    value, constant = trial_module.null_output(trial)
+    assert constant is not None and float(constant) == pytest.approx(float(mean), rel=1e-3)
+    assert value == pytest.approx(float(mean - mean * torch.log(mean)), rel=1e-3, abs=1e-4)
+    x, y = _counts()
+    by_hand = 1 - float(_deviance(constant.expand(TEST), y[TRAIN:]) / _deviance(y[:TRAIN].mean().expand(TEST), y[TRAIN:]))
+    assert trial_module.null_score(trial, constant, math.nan) == pytest.approx(by_hand, abs=1e-6)
+    assert abs(by_hand) < 0.05  # the mean of 512 training targets against the training mean
+
+    # an evaluate that reads the trained model, not its argument, or that fails on a constant: unmeasured
+    trial.evaluate = lambda model: 0.25
+    assert math.isnan(trial_module.null_score(trial, constant, 0.25))
+    trial.evaluate = lambda model: float(model.net[0].weight.sum())
+    assert math.isnan(trial_module.null_score(trial, constant, 0.0))
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_no_fix_at_a_held_out_score_a_constant_output_would_beat(store, seed):
+    """Every "fixes it" row ends clearly above the constant output's score; a row whose D² is better than the
+    baseline's −1 but below the mean's is told so. The fix the source names (standardised inputs) still fixes it."""
+    report = gw.doctor(_poisson_trial, steps=400, seeds=2, store=store / "doctor", progress=False, check_seed=False)
+    assert report.best is not None and report.best.score > 0.4, report
+    for row in report.trials:
+        assert math.isfinite(row.null_score) and abs(row.null_score) < 0.1, row
+        if row.verdict == "fixes it":
+            assert row.score >= row.null_score + SCORE_MARGIN, row
+    assert any(row.verdict.startswith("removes the finding; a better score, but not above a constant output's")
+               for row in report.trials), report
