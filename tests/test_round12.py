@@ -106,3 +106,98 @@ def test_no_fix_at_a_held_out_score_a_constant_output_would_beat(store, seed):
             assert row.score >= row.null_score + SCORE_MARGIN, row
     assert any(row.verdict.startswith("removes the finding; a better score, but not above a constant output's")
                for row in report.trials), report
+
+
+# -- an LSTM whose forget gates start shut: chrono initialisation with its sign swapped (Tallec & Ollivier 2018) --
+
+RECALL_T, RECALL_K, RECALL_V, RECALL_H = 50, 4, 8, 64
+
+
+def _recall(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """T one-hot tokens; the class is the first (one of K), the other T − 1 are distractors."""
+    y = torch.randint(0, RECALL_K, (n,), generator=g)
+    tokens = torch.randint(RECALL_K, RECALL_V, (n, RECALL_T), generator=g)
+    tokens[:, 0] = y
+    return nn.functional.one_hot(tokens, RECALL_V).float(), y
+
+
+class _Recall(nn.Module):
+    def __init__(self, sign: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(RECALL_V, RECALL_H, batch_first=True)
+        self.head = nn.Linear(RECALL_H, RECALL_K)
+        H = RECALL_H
+        with torch.no_grad():  # chrono init times sign: −1 shuts the forget gates (σ(−log u) ≈ 0.05 on average)
+            b = torch.log(torch.empty(H).uniform_(1, RECALL_T - 1))
+            self.lstm.bias_ih_l0[H : 2 * H] = sign * b
+            self.lstm.bias_ih_l0[:H] = -sign * b
+            self.lstm.bias_hh_l0[: 2 * H] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _recall_trial(seed: int, sign: float = -1.0) -> gw.Trial:
+    torch.manual_seed(seed)
+    model = _Recall(sign)
+    g = torch.Generator().manual_seed(1000 + seed)
+    test_x, test_y = _recall(512, torch.Generator().manual_seed(99))
+
+    def batches():
+        while True:
+            yield _recall(64, g)
+
+    @torch.no_grad()
+    def accuracy(m: nn.Module) -> float:
+        return float((m(test_x).argmax(1) == test_y).float().mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(), nn.CrossEntropyLoss(),
+                    evaluate=accuracy)
+
+
+def test_chrono_initialisation_spreads_the_forgetting_times_over_the_sequence():
+    """b_f = log u, u ~ U(1, T − 1), b_i = −b_f in bias_ih; bias_hh's input and forget slices zero (closed form)."""
+    H, T = 16, 40
+    for lstm in (nn.LSTM(3, H, num_layers=2), nn.LSTMCell(3, H)):
+        gw.remedies.lstm_chrono_init(lstm, T, generator=torch.Generator().manual_seed(0))
+        for name, p in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                b_f = p[H : 2 * H].detach()
+                assert (b_f >= 0).all() and (b_f <= math.log(T - 1) + 1e-6).all()
+                assert torch.equal(p[:H].detach(), -b_f)
+            elif name.startswith("bias_hh"):
+                assert not p[: 2 * H].detach().any()
+    # the same draws as the generator's own: log of U(1, T − 1)
+    lstm = nn.LSTMCell(3, H)
+    gw.remedies.lstm_chrono_init(lstm, T, generator=torch.Generator().manual_seed(5))
+    u = torch.empty(H, dtype=torch.float64).uniform_(1.0, T - 1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(lstm.bias_ih[H : 2 * H].detach(), torch.log(u).float())
+    with pytest.raises(ValueError, match="t_max"):
+        gw.remedies.lstm_chrono_init(lstm, 2)
+    with pytest.raises(TypeError, match="lstm"):
+        gw.remedies.lstm_chrono_init(nn.GRU(3, H), 10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_lstm_whose_forget_gates_start_shut_is_offered_chrono_init_not_clipping(store, seed):
+    """The watch finds the gradient vanishing through time and names a forget-gate bias and chrono initialisation
+    for the sequence's 50 steps, not clipping (round 12: its doctor row trained exactly as the baseline). The
+    chrono remedy, with the finding's numbers, learns the task where the untouched net stays at chance (plain
+    runs, 400 steps, by hand)."""
+    trial = _recall_trial(seed)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"recall-{seed}") as w:
+        for _ in range(60):
+            w.log(loss=trial.step())
+    (f,) = [f for f in w.diagnose().of("vanishing") if f.summary.startswith("through time")]
+    assert f.remedy_keys == ("forget_bias", "chrono_init"), f.remedy_keys
+    assert f.numbers["seq_len"] == RECALL_T
+
+    from gradwatch.doctor import surgery
+    untouched, repaired = _recall_trial(seed), surgery.chrono(_recall_trial(seed), dict(f.numbers))
+    assert repaired is not None
+    for t in (untouched, repaired):
+        for _ in range(400):
+            t.step()
+    assert untouched.evaluate(untouched.model) < 0.35  # chance is 0.25
+    assert repaired.evaluate(repaired.model) > 0.9
+    assert surgery.chrono(gw.Trial(nn.Linear(2, 2), None, iter(()), None), {"seq_len": 50.0}) is None  # no LSTM

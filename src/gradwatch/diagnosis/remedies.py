@@ -32,6 +32,9 @@ REMEDIES = {
     "gated": "a GRU in place of the vanilla cell (or an LSTM, forget-gate bias 1)",
     "pascanu_reg": "Pascanu's norm-preserving regulariser Ω (gradwatch.remedies.pascanu_regularizer)",
     "forget_bias": "an LSTM forget-gate bias of 1 (Gers et al. 2000; gradwatch.remedies.lstm_forget_bias)",
+    "chrono_init": "chrono initialisation of the LSTM gates for dependencies up to the sequence's length: forget-gate "
+                   "bias log U(1, T − 1), input-gate bias its negative (Tallec & Ollivier 2018; "
+                   "gradwatch.remedies.lstm_chrono_init)",
     "irnn": "identity-initialised ReLU RNN (gradwatch.remedies.irnn, Le et al. 2015)",
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
     "backward_singularity": "keep the arguments of sqrt, norms and fractional powers off 0 (torch.sqrt(s + 1e-8), or "

@@ -162,6 +162,7 @@ def catalog() -> dict[str, list[Remedy]]:
         # a set-up's own step() computes its loss, so the doctor cannot add Ω to it; the finding still names it.
         "pascanu_reg": [],
         "forget_bias": one("forget_bias", "LSTM forget-gate bias 1", OnModel(s.forget_bias)),
+        "chrono_init": one("chrono_init", "chrono init of the LSTM gates", s.chrono),
         "nonsaturating": one("nonsaturating", "non-saturating generator loss", s.nonsaturating),
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),

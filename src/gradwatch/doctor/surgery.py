@@ -784,10 +784,24 @@ def irnn(m: nn.Module) -> nn.Module | None:
 
 
 def forget_bias(m: nn.Module) -> nn.Module | None:
-    lstms = [x for x in m.modules() if isinstance(x, nn.LSTM)]
+    lstms = [x for x in m.modules() if isinstance(x, (nn.LSTM, nn.LSTMCell))]
     for x in lstms:
         r.lstm_forget_bias(x)
     return m if lstms else None
+
+
+def chrono(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Chrono initialisation of every LSTM (and LSTM cell) for dependencies as long as the sequences the watch read
+    (``seq_len``); None where there is no LSTM or no length. Its draws come from a generator of its own (seeded 0):
+    the trial's random numbers are the baseline's."""
+    t_max = numbers.get("seq_len", math.nan)
+    lstms = [x for x in trial.model.modules() if isinstance(x, (nn.LSTM, nn.LSTMCell))]
+    if not lstms or not (math.isfinite(t_max) and t_max > 2):
+        return None
+    g = torch.Generator().manual_seed(0)
+    for x in lstms:
+        r.lstm_chrono_init(x, t_max, generator=g)
+    return trial
 
 
 def gated(m: nn.Module) -> nn.Module | None:

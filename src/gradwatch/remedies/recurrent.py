@@ -100,14 +100,14 @@ def smart_init(rnn: nn.RNN, radius: float = 0.95, nonzero: int = 15, generator: 
     return rnn
 
 
-def lstm_forget_bias(lstm: nn.LSTM, value: float = 1.0) -> nn.LSTM:
+def lstm_forget_bias(lstm: nn.LSTM | nn.LSTMCell, value: float = 1.0) -> nn.LSTM | nn.LSTMCell:
     """Set the forget gates' bias to ``value`` (Gers et al. 2000; Jozefowicz et al. 2015 recommend 1), in place.
 
     PyTorch orders the gates (input, forget, cell, output) and adds ``bias_ih``
     and ``bias_hh``: the forget slice of ``bias_ih`` gets ``value``, that of ``bias_hh`` zero.
     """
-    if not isinstance(lstm, nn.LSTM):
-        raise TypeError(bad_argument("lstm_forget_bias", "lstm", "a torch.nn.LSTM", lstm))
+    if not isinstance(lstm, (nn.LSTM, nn.LSTMCell)):
+        raise TypeError(bad_argument("lstm_forget_bias", "lstm", "a torch.nn.LSTM or nn.LSTMCell", lstm))
     H = lstm.hidden_size
     with torch.no_grad():
         for name, p in lstm.named_parameters():
@@ -115,4 +115,30 @@ def lstm_forget_bias(lstm: nn.LSTM, value: float = 1.0) -> nn.LSTM:
                 p[H : 2 * H] = value
             elif name.startswith("bias_hh"):
                 p[H : 2 * H] = 0.0
+    return lstm
+
+
+def lstm_chrono_init(lstm: nn.LSTM | nn.LSTMCell, t_max: float,
+                     generator: torch.Generator | None = None) -> nn.LSTM | nn.LSTMCell:
+    """Chrono initialisation (Tallec & Ollivier 2018, §4), in place: each unit's forget-gate bias
+    b_f = log u with u ~ U(1, t_max − 1), its input-gate bias −b_f, so that the units' characteristic forgetting
+    times spread over 1 … t_max − 1 steps, the dependencies the task is expected to span.
+
+    The values go into ``bias_ih``; the same slices of ``bias_hh`` get zero (PyTorch adds the two, gates ordered
+    input, forget, cell, output). ``generator`` draws the u's (the global generator when None).
+    """
+    if not isinstance(lstm, (nn.LSTM, nn.LSTMCell)):
+        raise TypeError(bad_argument("lstm_chrono_init", "lstm", "a torch.nn.LSTM or nn.LSTMCell", lstm))
+    if not t_max > 2:
+        raise ValueError(bad_argument("lstm_chrono_init", "t_max", "the longest dependency in steps, above 2", t_max))
+    H = lstm.hidden_size
+    with torch.no_grad():
+        for name, p in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                u = torch.empty(H, dtype=torch.float64).uniform_(1.0, float(t_max) - 1.0, generator=generator)
+                b_f = torch.log(u).to(p.dtype)
+                p[H : 2 * H] = b_f
+                p[:H] = -b_f
+            elif name.startswith("bias_hh"):
+                p[: 2 * H] = 0.0
     return lstm
