@@ -201,3 +201,26 @@ def test_an_lstm_whose_forget_gates_start_shut_is_offered_chrono_init_not_clippi
     assert untouched.evaluate(untouched.model) < 0.35  # chance is 0.25
     assert repaired.evaluate(repaired.model) > 0.9
     assert surgery.chrono(gw.Trial(nn.Linear(2, 2), None, iter(()), None), {"seq_len": 50.0}) is None  # no LSTM
+
+
+def test_the_count_of_non_finite_steps_says_how_many_steps_were_read(store):
+    """Round 12: "147 steps with non-finite gradients in all" where 296 were (a budget read every k-th step). Read
+    every 3rd step, the count is of the reads (by hand: the reads at or after the first NaN), and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    x, y = torch.randn(64, 8), 100 * torch.randn(64, 1)
+    finite: list[bool] = []
+    with gw.watch(model, opt, store=store, name="every-3", every=3) as w:
+        for _ in range(30):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            finite.append(all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()))
+            opt.step()
+            w.log(loss=loss.detach())
+    first = finite.index(False)
+    bad_reads = sum(1 for step in range(0, 30, 3) if not finite[step])
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.steps[0] == first + (-first) % 3  # the first read at or after it
+    assert f"{bad_reads} steps with non-finite gradients of the 10 steps read (steps 0–27" in f.evidence, f.evidence

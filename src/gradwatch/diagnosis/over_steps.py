@@ -567,9 +567,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
     first_back = layers_at[-1]  # backward runs from the output: the deepest layer is reached first
     count = float(np.nansum(s.values[:, j0]))
     steps_bad = len(cols)
+    read = len(s.steps)
+    # a budget that thinned the reads counts only the steps it read (round 12: "147 steps … in all" of 296)
+    in_all = ("in all" if read == int(s.steps[-1]) - int(s.steps[0]) + 1 else
+              f"of the {read} steps read (steps {int(s.steps[0])}–{int(s.steps[-1])}, not every one read)")
     evidence = (f"at step {step0}, {int(count)} parameter tensor{'' if count == 1 else 's'} with NaN/Inf gradients in "
                 f"{len(layers_at)} layer{'s' if len(layers_at) > 1 else ''} ({span(layers_at)}); backward reached "
-                f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients in all")
+                f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients "
+                f"{in_all}")
     sources = [f"nonfinite (layers {span(s.names)}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
     cause = "non-finite values in the forward pass or the loss"
     got = total_grad_norm(run)
