@@ -9,6 +9,7 @@ doctor called gradient-norm clipping "fixes it" at D² −0.16, beside input sta
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -224,3 +225,76 @@ def test_the_count_of_non_finite_steps_says_how_many_steps_were_read(store):
     (f,) = w.diagnose().of("nonfinite")
     assert f.steps[0] == first + (-first) % 3  # the first read at or after it
     assert f"{bad_reads} steps with non-finite gradients of the 10 steps read (steps 0–27" in f.evidence, f.evidence
+
+
+# -- a GCN summing over an unnormalised adjacency (Kipf & Welling 2017, eq. 2, before the renormalisation trick) --
+
+NODES, CLASSES, FEATS, HIDDEN, GCN_DEPTH = 400, 4, 16, 32, 4
+
+
+def _sbm_graph() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stochastic block model (p_in 0.05, p_out 0.004), weakly informative features; 120 labelled nodes."""
+    g = torch.Generator().manual_seed(123)
+    y = torch.arange(NODES) % CLASSES
+    same = (y[:, None] == y[None, :]).float()
+    adjacency = (torch.rand(NODES, NODES, generator=g) < 0.05 * same + 0.004 * (1 - same)).float()
+    adjacency = torch.triu(adjacency, 1)
+    adjacency = adjacency + adjacency.T
+    x = 0.6 * torch.randn(CLASSES, FEATS, generator=g)[y] + torch.randn(NODES, FEATS, generator=g)
+    perm = torch.randperm(NODES, generator=g)
+    return adjacency, x, y, perm[:120]
+
+
+class _GCN(nn.Module):
+    def __init__(self, propagation: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("propagation", propagation)
+        dims = [FEATS] + [HIDDEN] * (GCN_DEPTH - 1) + [CLASSES]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = self.propagation @ layer(x)  # H' = Â H W
+            x = torch.relu(x) if i < len(self.layers) - 1 else x
+        return x
+
+
+def _gcn_trial(seed: int, normalised: bool = False) -> gw.Trial:
+    adjacency, x, y, labelled = _sbm_graph()
+    a_hat = adjacency + torch.eye(NODES)
+    if normalised:  # the renormalisation trick: D^-1/2 (A + I) D^-1/2
+        d = a_hat.sum(1).pow(-0.5)
+        a_hat = d[:, None] * a_hat * d[None, :]
+    torch.manual_seed(seed)
+    model = _GCN(a_hat)
+    targets = torch.full((NODES,), -100, dtype=torch.long)
+    targets[labelled] = y[labelled]
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                    itertools.repeat((x, targets)), nn.CrossEntropyLoss(ignore_index=-100))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_gradient_too_large_from_the_first_step_is_not_blamed_on_the_learning_rate(store, seed):
+    """The sum over an unnormalised adjacency multiplies the signal by about the degree at every layer: the total
+    gradient norm at step 0, before any update, is hundreds of times its normalised twin's (by hand). Round 12:
+    "steps that overshoot … a learning rate too large", and the doctor's own lr ×0.1 still diverged. A norm that
+    starts at a tenth of the bound or more is the forward pass's scale; clipping still repairs it."""
+    norms = []
+    for normalised in (False, True):
+        trial = _gcn_trial(seed, normalised)
+        x, y = next(trial.batches)
+        nn.functional.cross_entropy(trial.model(x), y, ignore_index=-100).backward()
+        norms.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in trial.model.parameters())))
+    assert norms[0] >= 100 and norms[1] < 1, norms  # the reference: large before any step, and not for the twin
+    trial = _gcn_trial(seed)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"gcn-{seed}") as w:
+        for _ in range(12):
+            w.log(loss=trial.step())
+    (f,) = [f for f in w.diagnose().of("exploding") if "peak" in f.numbers]
+    assert f.cause.startswith("the gradient is too large from the first step"), f.cause
+    assert f"{gw.diagnosis.findings.sci(norms[0])} at step 0" in f.cause, (f.cause, norms)
+    assert f.remedy_keys[0] == "smaller_init" and "clip_norm" in f.remedy_keys
+    if seed == 0:
+        report = gw.doctor(_gcn_trial, steps=300, seeds=2, store=store / "doctor", progress=False, check_seed=False)
+        assert report.best is not None and "clipping" in report.best.label, report
+        assert report.best.final_loss < 0.01 and not report.best.findings, report

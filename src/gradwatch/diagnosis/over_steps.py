@@ -89,7 +89,10 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     # GRU at SGD lr 0.5 with momentum 0.9, NaN by step 11, was blamed on "the initial scale of the weights")
     start_norm = float(total[finite][0]) if finite.any() else math.nan
     grew = float(np.nanmax(np.where(finite, total, np.nan))) / start_norm if start_norm > 0 else math.nan
-    overshoot = not calm_phase and not large_loss and grew >= th.spike_above
+    # ... from an ordinary start: a tenth of the bound or less (round 12: a GCN summing over an unnormalised adjacency
+    # started at 793–1,300 against its normalised twin's 0.14–0.20, and was told "a learning rate too large")
+    ordinary_start = start_norm < th.grad_norm_above / 10
+    overshoot = not calm_phase and not large_loss and grew >= th.spike_above and ordinary_start
     if calm_phase:
         clipping = (f"gradient-norm clipping at about the norm of the calm steps before it, "
                     f"clip_grad_norm_(params, max_norm={sci(clip_at)}) (Pascanu et al. 2013), which would have held every one of these steps",)
@@ -124,7 +127,9 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
              + (f", or {summed}" if summed else "") if large_loss
         else f"steps that overshoot: the total norm grew ×{sci(grew)} from {sci(start_norm)} at the first step, "
              "before any calm phase — a learning rate too large for this net" if overshoot
-        else "the gradient is too large from the first step: the initial scale of the weights or the loss",
+        else (f"the gradient is too large from the first step ({sci(start_norm)} at step {int(steps[finite][0])}): the "
+              "scale of the forward pass at init — the weights, the inputs, or a sum that grows with its size (an "
+              "unnormalised aggregation) — or of the loss"),
         remedies=fixes,
         # clip_at only from a calm phase: the median of a dozen steps already on their way up (a GRU at lr 0.5 that
         # is NaN by step 11: 27) clips too late to hold anything; without it the doctor clips at 1
