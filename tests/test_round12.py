@@ -298,3 +298,38 @@ def test_a_gradient_too_large_from_the_first_step_is_not_blamed_on_the_learning_
         report = gw.doctor(_gcn_trial, steps=300, seeds=2, store=store / "doctor", progress=False, check_seed=False)
         assert report.best is not None and "clipping" in report.best.label, report
         assert report.best.final_loss < 0.01 and not report.best.findings, report
+
+
+class _ExpHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(3, 4), nn.Linear(4, 1)
+        with torch.no_grad():
+            for layer in (self.hidden, self.out):
+                layer.weight.fill_(0.2)
+                layer.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.out(torch.relu(self.hidden(x)))).squeeze(-1)
+
+
+def test_every_gradient_zero_after_the_first_steps_is_not_blamed_on_the_output_activation(store):
+    """A rate exp(z) on raw counts: the first step is so large that z falls below −104, exp(z) is 0 in float32, and
+    from then on every gradient is exactly 0 (by hand, below). Round 12: "a softmax over a single unit", which the
+    net does not have, offered and left untried. Gradients before and none after: the updates, not the output."""
+    model = _ExpHead()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = torch.full((32, 3), 10.0), torch.ones(32)
+    zero: list[bool] = []
+    with gw.watch(model, opt, store=store, name="exp-head") as w:
+        for _ in range(30):
+            loss = nn.PoissonNLLLoss(log_input=False)(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            zero.append(all(not p.grad.any() for p in model.parameters()))
+            opt.step()
+            w.log(loss=loss.detach())
+    assert not zero[0] and all(zero[1:]), zero  # the reference: a gradient at step 0, none after
+    (f,) = [f for f in w.diagnose().of("stalled") if f.summary.startswith("every gradient is exactly zero")]
+    assert f.steps[0] == 1 and f.cause.startswith("the first updates moved the net"), f
+    assert "output_activation" not in f.remedy_keys and f.remedy_keys[0] == "lower_lr"

@@ -477,14 +477,27 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     flags = (np.nan_to_num(s.values, nan=1.0) == 0).all(axis=0)
     start = since(flags, s.steps)
     names = tuple(s.names)
+    moved = bool(((np.nan_to_num(s.values, nan=0.0) > 0) & (s.steps < start)).any())
+    if moved:
+        # gradients before, none after: the first updates took the net where its output is flat (round 12: exp of a
+        # net's output on raw counts underflowed to exactly 0 after one step, its ReLUs dead; the "softmax over one
+        # unit" of a net that had none was offered to the user, untried)
+        cause = ("the first updates moved the net to where its output no longer depends on the parameters: units "
+                 "that all died (ReLUs off on every input), or an output squashed to a constant (exp or sigmoid "
+                 "of a large negative value, 0 in float32) — typically after a step far too large")
+        fixes = remedies("lower_lr", "leaky", "standardise_inputs")
+    else:
+        cause = ("the loss does not depend on the parameters: an output activation constant in its input (a softmax "
+                 "over a single unit is the constant 1), or a loss computed on a detached or constant output")
+        fixes = remedies("output_activation")
     return [Finding(
         kind="stalled", severity="critical", layers=names, steps=(start, int(s.steps[-1])),
         summary=f"every gradient is exactly zero: no layer trains, since step {start}",
         evidence=(f"grad_norm is exactly 0 in all {len(names)} layers ({span(names)}) at every recorded step from "
-                  f"{steps_text(start, int(s.steps[-1]))}; no parameter moves."),
-        cause="the loss does not depend on the parameters: an output activation constant in its input (a softmax "
-        "over a single unit is the constant 1), or a loss computed on a detached or constant output",
-        remedies=remedies("output_activation"),
+                  f"{steps_text(start, int(s.steps[-1]))}; no parameter moves"
+                  + (f"; before step {start} they were not." if moved else ".")),
+        cause=cause,
+        remedies=fixes,
         numbers={"layers": float(len(names))},
         sources=(f"grad_norm (layers {span(names)}, {steps_text(start, int(s.steps[-1]))})",),
     )]
