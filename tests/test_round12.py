@@ -333,3 +333,25 @@ def test_every_gradient_zero_after_the_first_steps_is_not_blamed_on_the_output_a
     (f,) = [f for f in w.diagnose().of("stalled") if f.summary.startswith("every gradient is exactly zero")]
     assert f.steps[0] == 1 and f.cause.startswith("the first updates moved the net"), f
     assert "output_activation" not in f.remedy_keys and f.remedy_keys[0] == "lower_lr"
+
+
+def test_a_blow_up_at_the_second_step_on_raw_inputs_names_the_inputs(store):
+    """A rate exp(z) on raw inputs (mean |x| 20) and large counts: the first step drives z past 88, exp(z) is Inf,
+    and the loss and gradients are non-finite from step 1 (by hand, below). Round 12: "non-finite values in the
+    forward pass or the loss" on that seed, the inputs named on the other, whose blow-up was an explosion."""
+    model = _ExpHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.full((32, 3), 20.0), torch.full((32,), 1e5)
+    losses = []
+    with gw.watch(model, opt, store=store, name="exp-raw") as w:
+        for _ in range(10):
+            loss = nn.PoissonNLLLoss(log_input=False)(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            w.log(loss=loss.detach())
+    assert math.isfinite(losses[0]) and not any(math.isfinite(v) for v in losses[1:]), losses
+    (f,) = w.diagnose().of("nonfinite")
+    assert f.steps[0] == 1 and f.cause.startswith("the inputs are not standardised"), f
+    assert f.remedy_keys[0] == "standardise_inputs"
