@@ -355,3 +355,25 @@ def test_a_blow_up_at_the_second_step_on_raw_inputs_names_the_inputs(store):
     (f,) = w.diagnose().of("nonfinite")
     assert f.steps[0] == 1 and f.cause.startswith("the inputs are not standardised"), f
     assert f.remedy_keys[0] == "standardise_inputs"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_gradient_jump_of_an_lstm_leaving_its_plateau_gets_no_remedies(store, seed):
+    """The chrono-initialised twin learns the recall task in a burst: the total gradient norm jumps ×10 and more
+    above the median of the steps before while the loss falls from chance to ~0 (by hand: an optimizer pre-hook
+    reads the norms). An info finding, with no remedies — round 12 told it to clip and skip those very steps."""
+    trial = _recall_trial(seed, sign=1.0)
+    norms: list[float] = []
+    trial.optimizer.register_step_pre_hook(lambda o, a, k: norms.append(
+        math.sqrt(sum(float(p.grad.norm()) ** 2 for p in trial.model.parameters()))))
+    losses = []
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"chrono-{seed}") as w:
+        for _ in range(250):
+            losses.append(float(trial.step()))
+            w.log(loss=losses[-1])
+    jumps = [i for i in range(20, len(norms)) if norms[i] > 10 * sorted(norms[:i])[i // 2]]
+    assert jumps and losses[0] > 1.3 and sum(losses[-40:]) / 40 < 0.05, (jumps, losses[0], losses[-40:])
+    diagnosis = w.diagnose()
+    assert not diagnosis.problems, diagnosis
+    assert all(not f.remedies for f in diagnosis.findings if f.severity == "info"), diagnosis
+    assert any(f.kind == "exploding" for f in diagnosis.findings), diagnosis  # the jump is told, as info

@@ -119,6 +119,8 @@ def merge_spikes(over_steps: list[Finding], unstable: list[Finding]) -> list[Fin
         if o.numbers.get("recovered") and severity != o.severity:  # "the run recovered … (info only)" would contradict
             evidence = evidence[:evidence.index("; " + RECOVERED)] + "."  # the worse finding it now belongs to
             theirs_numbers = {k: v for k, v in o.numbers.items() if k != "recovered"}
+        if severity == "info":  # a run that got over it and learned: nothing to do (round 12: an LSTM's escape from
+            fixes = ()  # its plateau, told to clip and skip the very steps in which it learned the task)
         out[hit] = replace(u, severity=severity,
                            summary=o.summary if ramp else u.summary,
                            steps=(min(u.steps[0], o.steps[0]), max(u.steps[1], o.steps[1])),
