@@ -363,10 +363,11 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         keys = set(map(key_of, fixes))  # no gradient at all (a loss that passes none): no optimiser can help
         if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation", "check_graph"}:
             fixes += remedies("adam")
-        # NaN by the second step, not made in the backward pass: raw inputs blow a forward up as they saturate or kill
+        # NaN at the second step, not made in the backward pass: raw inputs blow a forward up as they saturate or kill
         # units elsewhere (round 12: exp of a net's output on raw counts, NaN from step 1 on one seed, told only "the
-        # forward pass or the loss"; the other seed's explosion named the inputs)
-        early_blowup = f.kind == "nonfinite" and f.steps[0] <= 1 and f.remedy_keys != ("backward_singularity",)
+        # forward pass or the loss"; the other seed's explosion named the inputs). At step 0 the finding's own
+        # remedies already begin with the data and the inputs.
+        early_blowup = f.kind == "nonfinite" and f.steps[0] == 1 and f.remedy_keys != ("backward_singularity",)
         said: list[str] = []
         for words, first, kinds in causes:  # the last said goes first
             if words and f.severity != "info" and (f.kind in kinds or early_blowup and "standardise_inputs" in first):
