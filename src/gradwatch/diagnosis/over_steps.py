@@ -373,8 +373,17 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
                                    f"gradient's rms is below eps, so the steps are far too short (the default is 1e-8; "
                                    f"TensorFlow's 1.0 or 0.1 for Inception is for its own epsilon-hat)",
                                    remedies("lower_eps", "raise_lr"))]
-    if typical >= TINY_STEP or not isinstance(lr, (int, float)) or lr >= SMALL_LR["adam" if adam else "sgd"]:
+    small_rate = isinstance(lr, (int, float)) and lr < SMALL_LR["adam" if adam else "sgd"]
+    if th.from_init and not (typical < TINY_STEP and small_rate):  # a run from its init that never moved
+        at = f" at lr {lr:g}" if isinstance(lr, (int, float)) else ""
+        return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
+                                   f"steps too short for this loss{at}, from the initialisation on: its gradient is "
+                                   f"small, not the rate — a loss on a small scale (a distillation loss at temperature "
+                                   f"T without its T² factor, a sum divided by a large constant), or a rate chosen for "
+                                   f"another loss", remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
+    if typical >= TINY_STEP or not small_rate:
         return []
+    assert isinstance(lr, (int, float))
     at = f" at lr {lr:g}"
     return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                f"too small a learning rate{at}: the gradients are fine, the steps are too short to change "

@@ -98,10 +98,20 @@ class Thresholds:
     skipped_above: float = 0.05
     # Loss spikes with attribution, attention-logit growth, output-logit divergence (gradwatch.diagnosis.instability).
     instability: InstabilityThresholds = InstabilityThresholds()
+    # The run starts from its initialisation, as the doctor's trials do. A loss that stays flat while every layer's
+    # steps are short (the upper-quartile update ratio below 1e-4) is then a run that never learned, whatever the
+    # learning rate; a watch alone cannot tell it from a converged run resumed, whose gradient is small too, so by
+    # default only a rate small by any standard is blamed (round 13: a distillation loss at temperature 20 without
+    # its T² factor, every gradient 1/400 of its twin's at SGD 0.01, chance accuracy, "the gradients look healthy").
+    from_init: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "from_init":
+                if not isinstance(value, bool):
+                    raise TypeError(bad_argument("Thresholds", f.name, "a bool", value))
+                continue
             if f.name == "instability":
                 if not isinstance(value, InstabilityThresholds):
                     raise TypeError(bad_argument("Thresholds", f.name, "a gradwatch.diagnosis.InstabilityThresholds", value))

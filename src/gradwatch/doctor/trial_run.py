@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis import Diagnosis, Thresholds
 from gradwatch.doctor.catalogue import Remedy
 from gradwatch.trial import SetupFn, null_output, null_score
 from gradwatch.watching import watch
@@ -59,6 +59,6 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
             w.log(loss=loss)
             losses.append(float(loss))
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
-    diagnosis = w.diagnose()
+    diagnosis = w.diagnose(Thresholds(from_init=True))  # a trial starts from its set-up's initialisation
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
                     bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score))
