@@ -155,8 +155,8 @@ def _constant_loss(trial: Any, c: Tensor, outs: list[Tensor], ys: list[Any]) -> 
 
 
 def _best_constant(trial: Any, start: Tensor, outs: list[Tensor], ys: list[Any]) -> tuple[float, Tensor]:
-    """The loss of the best constant output and that output, searched for from ``start`` (L-BFGS, a few dozen steps): the loss may
-    transform the output (a model that outputs log y under a loss on exp of it), where neither zeros nor the
+    """The loss of the best constant output, and that output, searched for from ``start`` (L-BFGS, a few dozen
+    steps): the loss may transform the output (a model that outputs log y under a loss on exp of it), where neither zeros nor the
     targets' mean is the constant a model learns first (its loss of zeros, exp(0) = 1 against targets near 150:
     29,273 where the best constant's is Var(y), 5,808)."""
     c = start.detach().clone().requires_grad_(True)

@@ -93,8 +93,9 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
             # update gate at z ≈ 0.95 in the (1 − z)·h + z·ñ convention, was told to use a GRU)
             # chrono init, not clipping, second: clipping cannot raise a vanishing gradient (round 12: the doctor's
             # clipping row trained exactly as the baseline; a bias of 1 learned a T = 50 recall on 2 of 3 seeds)
-            fixes = (remedies("forget_bias", "chrono_init") if lstm else remedies("gate_bias", "orthogonal_rnn", "pascanu_reg")
-                     if gated else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
+            fixes = (remedies("forget_bias", "chrono_init") if lstm
+                     else remedies("gate_bias", "orthogonal_rnn", "pascanu_reg") if gated
+                     else remedies("orthogonal_rnn", "gated", "pascanu_reg", "irnn"))
             opened = forget.get(e.name, 0.0) if lstm else 0.0
             if opened >= 1:  # round 10: told to set a forget-gate bias of 1 that was already 8
                 cause += (f" — though its forget-gate bias was {opened:.2g} when the watch began (open at 1 or more): "

@@ -299,7 +299,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
             if result is None:
                 if (rnd == 1 and remedy.key in named and results
                         and all(isinstance(r, Outcome) and r.run is None for r in results)):
-                    report.not_applied.append(catalogue.shown_label(remedy, numbers))  # a remedy a finding names found nothing here to change
+                    # a remedy a finding names found nothing here to change
+                    report.not_applied.append(catalogue.shown_label(remedy, numbers))
                 continue
             if not result.error:
                 result.verdict = verdict(base, result, targets)
