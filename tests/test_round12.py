@@ -107,6 +107,8 @@ def test_no_fix_at_a_held_out_score_a_constant_output_would_beat(store, seed):
             assert row.score >= row.null_score + SCORE_MARGIN, row
     assert any(row.verdict.startswith("removes the finding; a better score, but not above a constant output's")
                for row in report.trials), report
+    # fixed, and still told where the baseline's first NaN/Inf came from (round 13: a fix may only postpone it)
+    assert report.nonfinite_origin is not None and "the baseline's first NaN" in report.message, report.message
 
 
 # -- an LSTM whose forget gates start shut: chrono initialisation with its sign swapped (Tallec & Ollivier 2018) --

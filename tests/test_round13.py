@@ -93,3 +93,20 @@ def test_the_doctor_repairs_a_distillation_loss_without_its_t_squared_factor(sto
 def test_from_init_is_a_bool():
     with pytest.raises(TypeError, match="from_init"):
         gw.Thresholds(from_init=1)  # type: ignore[arg-type]
+
+
+def test_a_skip_connection_never_spans_a_pooling_layer():
+    """Round 13: every residual row of a LeNet-style stack (Conv–Sigmoid–MaxPool, repeated) failed with a shape
+    error: the group wrapped ran through the pooling. The group is the convolution and its activation; the output
+    by hand: maxpool(x + σ(conv(x))) for each stage."""
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2),
+                          nn.Conv2d(2, 2, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(4, 2, 8, 8)
+    h = x
+    for conv in (stack[0], stack[3]):
+        h = F.max_pool2d(h + torch.sigmoid(conv(h)), 2)
+    expected = stack[7](h.flatten(1))
+    wrapped = gw.remedies.add_residual(stack, example=x)
+    torch.testing.assert_close(wrapped(x), expected)
+    assert sum(isinstance(m, gw.remedies.Residual) for m in wrapped.modules()) == 2

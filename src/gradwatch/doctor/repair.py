@@ -177,10 +177,12 @@ def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
             f"longer trials to show learning (gw.doctor(…, steps={4 * steps}))")
 
 
-def _nonfinite_origin(report: DoctorReport, setup: SetupFn | str, steps: int, deadline: float | None) -> str:
-    """Where no remedy fixed a run that goes non-finite: the operation and line of the set-up's code that made its
-    first NaN/Inf (:func:`gradwatch.doctor.locate.locate_nonfinite`, on the seed that showed it), stored as
-    ``report.nonfinite_origin``; the words to add to the message ('' when there is nothing to add)."""
+def _nonfinite_origin(report: DoctorReport, setup: SetupFn | str, steps: int, deadline: float | None,
+                      whose: str = "") -> str:
+    """For a baseline that goes non-finite: the operation and line of the set-up's code that made its first NaN/Inf
+    (:func:`gradwatch.doctor.locate.locate_nonfinite`, on the seed that showed it), stored as
+    ``report.nonfinite_origin``; the words to add to the message ('' when there is nothing to add), ``whose``
+    put before them where a remedy fixed the run."""
     from gradwatch.doctor.locate import locate_nonfinite
 
     found = next((f for f in report.diagnosis.problems if f.kind == "nonfinite"), None)
@@ -194,7 +196,10 @@ def _nonfinite_origin(report: DoctorReport, setup: SetupFn | str, steps: int, de
     except Exception as exc:  # noqa: BLE001 - the user's set-up, re-run once more: its failure is told, not raised
         return f"; the first NaN/Inf could not be located ({type(exc).__name__}: {exc})"
     report.nonfinite_origin = origin
-    return f"; {origin}" if origin is not None else ""
+    if origin is None:
+        return ""
+    words = str(origin)
+    return f"; {whose}{words[4:]}" if whose and words.startswith("the ") else f"; {words}"
 
 
 CHECKED = 2  # "fixes it" rows run again on a fresh seed, best first, until one holds
@@ -327,6 +332,9 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         left = f" ({', '.join(b.findings)} left, none of them critical)" if b.findings else ""
         report.message = f"best remedy: {b.label} — the baseline's findings are gone{left} and {evidence}"
         report.message += _checked_words(report.checks, seeds)
+        # a fix that keeps a run finite over these steps may only postpone its NaN (round 13: a hand-written BCE,
+        # fixed by LayerNorm for 400 steps, NaN again at step 2,299): the line that made the baseline's is told too
+        report.message += _nonfinite_origin(report, setup, steps, deadline, "the baseline's ")
     else:
         report.message = "no remedy helped" if report.trials else "no remedy could be tried automatically"
         closest = [t for t in report.trials if not t.error and t.verdict.startswith(("removes the finding", "helps"))

@@ -249,16 +249,27 @@ def skip_blocks(model: nn.Module, example: Any) -> set[int]:
     return found
 
 
+def _keeps_shape(m: nn.Module) -> bool:
+    """A module without weights whose output has its input's shape: PyTorch's element-wise activations (all of
+    ``torch.nn.modules.activation`` but its attention), dropout, identity. Not a pooling, flattening or resizing
+    module: a skip around one is undefined (round 13: a Conv–Sigmoid–MaxPool group wrapped whole, "size of tensor
+    a (8) must match … b (4)", in every residual row of a LeNet-style stack and of the benchmark's VGG)."""
+    if list(m.parameters(recurse=False)) or isinstance(m, nn.MultiheadAttention):
+        return False
+    return (type(m).__module__ == "torch.nn.modules.activation"
+            or isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)))
+
+
 def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
-    """(start, end) of each shape-preserving layer (:func:`shape_preserving`) followed by any non-weighted
-    modules, inside a Sequential."""
+    """(start, end) of each shape-preserving layer (:func:`shape_preserving`) followed by the modules after it that
+    keep the shape too (:func:`_keeps_shape`), inside a Sequential."""
     items = list(seq)
     spans, i = [], 0
     while i < len(items):
         layer = items[i]
         if shape_preserving(layer):
             j = i + 1
-            while j < len(items) and not list(items[j].parameters(recurse=False)) and not isinstance(items[j], nn.Linear):
+            while j < len(items) and _keeps_shape(items[j]):
                 j += 1
             spans.append((i, j))
             i = j
