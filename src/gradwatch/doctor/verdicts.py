@@ -66,7 +66,7 @@ def summary(label: str, runs: list[TrialRun], seconds: float) -> TrialResult:
             problems.setdefault(f.kind, f)
     critical = sorted({f.kind for run in runs for f in run.diagnosis.problems if f.severity == "critical"})
     nulls = [run.null_loss for run in runs if math.isfinite(run.null_loss)]
-    null_scores = [s for s in (getattr(run, "null_score", math.nan) for run in runs) if math.isfinite(s)]
+    null_scores = [run.null_score for run in runs if math.isfinite(run.null_score)]
     return TrialResult(label, float(np.mean([c[1] for c in curves])), float(np.mean([c[2] for c in curves])),
                        float(np.mean([run.score for run in runs])), kinds, seconds,
                        first_loss=float(np.mean([c[0] for c in curves])), learned=all(c[3] for c in curves),
