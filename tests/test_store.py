@@ -352,3 +352,37 @@ def test_undefined_values_are_left_out_when_read(store):
     run = w.open()
     assert not np.isnan(run.records("update_ratio")["value"]).any()
     assert np.isnan(run.records("grad_norm", "param")["value"]).any()
+
+
+def test_a_quantity_held_by_one_kind_reads_without_naming_it(store):
+    """`series("saturated_frac")` of a functional tanh (an activation, not a layer) and `series("loss")` (the run's)
+    read without `kind=`: the same matrices as with it, the tanh's against a count by hand of tanh' = 1 − y² below
+    2 % of its peak; a quantity of layers still reads as the layers'. `Run.diagnose()` is `gw.diagnose` on it."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 1)
+
+        def forward(self, x):
+            self.h = self.a(x)
+            return self.b(torch.tanh(self.h))
+
+    torch.manual_seed(0)
+    model = Net()
+    nn.init.normal_(model.a.weight, std=3.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    by_hand = []
+    with gw.watch(model, opt, store=store, name="kinds") as w:
+        for _ in range(3):
+            loss = model(torch.randn(32, 4)).pow(2).mean()
+            by_hand.append(float(((1 - torch.tanh(model.h.detach()) ** 2) < 0.02).double().mean()))
+            opt.zero_grad(); loss.backward(); opt.step(); w.log(loss=loss)
+    run = w.open()
+    sat = run.series("saturated_frac")
+    assert sat.names == run.series("saturated_frac", "activation").names == ["a.tanh()"]
+    assert sat.values[0].tolist() == pytest.approx([by_hand[t] for t in sat.steps], abs=1e-9) and by_hand[0] > 0.2
+    assert np.array_equal(run.series("loss").values, run.series("loss", "run").values)
+    assert run.series("grad_norm").names == ["a", "b"]
+    assert run.series("saturated_frac", "layer").names == []  # asked for by kind: what that kind holds
+    assert str(run.diagnose()) == str(gw.diagnose(run))

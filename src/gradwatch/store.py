@@ -27,11 +27,14 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from gradwatch._errors import NotARunError
+
+if TYPE_CHECKING:
+    from gradwatch.diagnosis import Diagnosis, Thresholds
 
 DB_NAME = "gradwatch.sqlite"
 LOCK_NAME = "gradwatch.lock"  # flock-ed by the process writing the run; holds its pid
@@ -511,15 +514,29 @@ class Run:
                 rows[:] = [np.concatenate(rows)]
         return self._unpacked
 
-    def series(self, quantity: str, kind: str = "layer") -> Series:
-        """One quantity as an (entities × steps) matrix, entities in depth order."""
+    def series(self, quantity: str, kind: str | None = None) -> Series:
+        """One quantity as an (entities × steps) matrix, entities in depth order.
+
+        ``kind``: the entities to read (``"layer"``, ``"activation"``, ``"run"``, ``"recurrent"``, …); by default
+        ``"layer"`` where layers hold the quantity, else the one kind that does (``saturated_frac`` lives on
+        activations, ``loss`` on the run). A quantity held by several kinds and no layer needs ``kind``.
+        """
         if quantity not in self._quantities.values():
             self._load_names()
             if quantity not in self._quantities.values():
                 raise KeyError(f"`Run.series(quantity=…)` expects one of the recorded quantities "
                                f"({', '.join(self.quantities)}), got {quantity!r}")
         rec = self.records(quantity, kind, positioned=False)
-        names = [n for n in self.names(kind) if n in set(rec["layer"].tolist())]
+        if kind is None:  # read once, then keep the kind that holds it
+            held = sorted(set(rec["kind"].tolist()))
+            if len(held) > 1 and "layer" not in held:
+                raise ValueError(f"`Run.series(kind=…)`: {quantity!r} is recorded for entities of kinds "
+                                 f"{', '.join(map(repr, held))}; pass one of them")
+            kind = "layer" if "layer" in held or not held else held[0]
+            keep = rec["kind"] == kind
+            rec = {k: v[keep] for k, v in rec.items()}
+        present = set(rec["layer"].tolist())
+        names = [n for n in self.names(kind) if n in present]
         steps = np.unique(rec["step"])
         values = np.full((len(names), len(steps)), np.nan)
         row = {n: i for i, n in enumerate(names)}
@@ -527,6 +544,13 @@ class Run:
         for name, j, v in zip(rec["layer"], col, rec["value"]):
             values[row[name], j] = v
         return Series(quantity, names, steps, values)
+
+    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
+        """This run's findings in words, as ``gradwatch diagnose DIR`` prints them: the same as
+        :func:`gradwatch.diagnose` on it (``thresholds``: a :class:`gradwatch.Thresholds`; the defaults if None)."""
+        from gradwatch.diagnosis.rules import diagnose  # the diagnosis reads runs: imported here, not at the top
+
+        return diagnose(self, thresholds)
 
     def temporal(self, name: str, quantity: str = "temporal_grad_norm") -> Series:
         """A positioned quantity of one entity as a (positions × steps) matrix; ``names`` are the positions."""
