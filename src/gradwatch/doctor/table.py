@@ -64,14 +64,16 @@ class DoctorReport:
         lines = [head, ""]
         rows = [self.baseline] + self.trials
         has_score = any(math.isfinite(r.score) for r in rows)
-        lines.append(f"{'remedy':<40} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
-                     + (f" {'score':>7}" if has_score else "") + f" {'findings left':<28} {'time':>6}  verdict")
-        for r in rows:
-            name = _name(r)
-            lines.append(f"{name[:40]:<40} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
+        left = [", ".join(r.findings) or "none" for r in rows]
+        nw = max(len("remedy"), *(len(_name(r)) for r in rows))  # as wide as the longest: a bound or factor is never cut
+        fw = max(len("findings left"), *(len(f) for f in left))
+        lines.append(f"{'remedy':<{nw}} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
+                     + (f" {'score':>7}" if has_score else "") + f" {'findings left':<{fw}} {'time':>6}  verdict")
+        for r, f in zip(rows, left):
+            lines.append(f"{_name(r):<{nw}} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
                          f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
                          + (f" {_score(r.score):>7}" if has_score else "")
-                         + f" {(', '.join(r.findings) or 'none')[:28]:<28} {r.seconds:>5.1f}s  {r.verdict}")
+                         + f" {f:<{fw}} {r.seconds:>5.1f}s  {r.verdict}")
         if any(r.rounds > 1 for r in self.trials):
             lines.append("")
             lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds), named by their "
