@@ -47,7 +47,7 @@ from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
-from gradwatch.doctor.verdicts import NULL_BELOW, is_better, summary, verdict
+from gradwatch.doctor.verdicts import NULL_BELOW, is_better, learns, summary, verdict
 from gradwatch.trial import SetupFn
 
 
@@ -228,6 +228,21 @@ def _check_seed(setup: SetupFn | str, steps: int, seeds: int, ranked: list[Trial
     return None
 
 
+def _better_with_a_finding_left(report: DoctorReport, base: TrialResult, best: TrialResult) -> str:
+    """Words on a row that learned clearly better than the best fix but is no fix because a finding it did not
+    target stayed (round 13's RealNVP: clipping alone 0.80 with the dead-units finding its healthy twin has too;
+    clipping + learning rate ×0.1, chosen, 0.54): the user should see the trade, measured. "" where there is none."""
+    better = [t for t in report.trials if not t.error and t.verdict.startswith("helps") and not t.critical
+              and learns(base, t) and is_better(best, t)]
+    if not better:
+        return ""
+    t = max(better, key=lambda t: t.score) if math.isfinite(best.score) else min(better, key=lambda t: t.final_loss)
+    evidence = (f"score {t.score:.3f}, against {best.score:.3f}" if math.isfinite(best.score)
+                else f"final loss {t.final_loss:.4g}, against {best.final_loss:.4g}")
+    return (f"; {t.label} learned better ({evidence}) "
+            f"but left {', '.join(t.findings)} (not critical): where that finding costs nothing, it is the better choice")
+
+
 def _checked_words(checks: list[TrialResult], seeds: int) -> str:
     """What the seed checks say, for the message ('' where none ran)."""
     if not checks:
@@ -332,6 +347,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         left = f" ({', '.join(b.findings)} left, none of them critical)" if b.findings else ""
         report.message = f"best remedy: {b.label} — the baseline's findings are gone{left} and {evidence}"
         report.message += _checked_words(report.checks, seeds)
+        report.message += _better_with_a_finding_left(report, base, b)
         # a fix that keeps a run finite over these steps may only postpone its NaN (round 13: a hand-written BCE,
         # fixed by LayerNorm for 400 steps, NaN again at step 2,299): the line that made the baseline's is told too
         report.message += _nonfinite_origin(report, setup, steps, deadline, "the baseline's ")

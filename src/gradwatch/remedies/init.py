@@ -46,10 +46,28 @@ def he_init(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def xavier_init(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Glorot (Xavier) normal initialisation with the gain of the model's activation (Glorot & Bengio 2010)."""
+    """Glorot (Xavier) normal initialisation with the gain of the model's activation (Glorot & Bengio 2010).
+
+    An ``nn.Embedding``/``nn.EmbeddingBag`` is a linear map from a one-hot input (fan-in 1), so Xavier's variance
+    for it is 2 / (1 + dim); one whose weights are larger than that (PyTorch's default N(0, 1): round 13's bag of
+    40 embeddings summed into a tanh, 68 % saturated) is drawn again at it, one already smaller (a GPT's 0.02) is
+    left as it is."""
     m = _target(model, inplace)
     gain = _gain(m)
+    _shrink_embeddings(m)
     return _each(m, lambda w: nn.init.xavier_normal_(w, gain=gain))
+
+
+@torch.no_grad()
+def _shrink_embeddings(model: nn.Module) -> None:
+    for e in model.modules():
+        if isinstance(e, (nn.Embedding, nn.EmbeddingBag)) and e.weight.numel() > 1:
+            std = math.sqrt(2.0 / (1 + e.weight.shape[1]))
+            if float(e.weight.std()) > std:
+                nn.init.normal_(e.weight, std=std)
+                pad = getattr(e, "padding_idx", None)
+                if pad is not None:
+                    e.weight[pad].zero_()
 
 
 def orthogonal_init(model: nn.Module, inplace: bool = False) -> nn.Module:
