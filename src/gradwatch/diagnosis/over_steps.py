@@ -13,6 +13,7 @@ from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, halved, loss_ends, rea
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import episodes, list_steps, since, steps_text
+from gradwatch.probes.loss_ops import log_of_probabilities
 from gradwatch.store import Run
 
 
@@ -619,6 +620,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                      "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
                      "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1")
             fixes = remedies("backward_singularity")
+    logged = log_of_probabilities(run_meta(run).get("loss_paths"))
+    if logged and not cause.startswith("a NaN made in the backward pass"):
+        # round 13's hand-written BCE: NaN at step 11 of 400, the remedies a lower rate and clipping, neither of
+        # which removes a log(0) that any confident output reaches
+        cause = (f"the loss takes the logarithm of a {logged}'s output written by hand (log p, log(1 − p)): it is "
+                 f"−inf as soon as p rounds to 0 or 1 in float32, which a confident output reaches without any "
+                 f"divergence" + ("" if cause.startswith("non-finite") else f"; besides, {cause}"))
+        fixes = remedies("logits_loss") + fixes
     what = "NaN/Inf gradients"
     rows = [i for i in range(len(s.names)) if bad[i, j0]]
     if (g is not None and g.values.shape == s.values.shape and np.isposinf(g.values[rows, j0]).all()

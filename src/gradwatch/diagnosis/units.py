@@ -15,6 +15,7 @@ from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
 from gradwatch.probes.activations import peak_derivative
+from gradwatch.probes.loss_ops import quadratic_on_squash
 from gradwatch.store import Run, Series
 
 
@@ -51,6 +52,15 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
                         f"{frac:.0%} on average over {over}{rms}")
             cause = "pre-activations too large for the activation: weights initialised or grown too large"
             fixes = remedies("smaller_init", "norm", "relu", "lower_lr")
+            squash = quadratic_on_squash(run_meta(run).get("loss_paths"))
+            if squash and set(names) & outputs:
+                # round 13's sigmoid autoencoder on a quadratic cost (Nielsen ch. 3): its twin, the same init with
+                # cross-entropy on the logits, learns; the init alone was named, never the loss
+                cause = (f"a quadratic cost on the output {squash}: its gradient is (a − y)·{squash}′(z), and "
+                         f"{squash}′ vanishes wherever the output saturates, on the wrong side too, so those outputs "
+                         f"learn slowest where they are most wrong (Nielsen, ch. 3); cross-entropy on the logits has "
+                         f"no {squash}′ factor. Besides: " + cause)
+                fixes = remedies("logits_loss") + fixes
         else:
             summary = f"{frac:.0%} of the units of {span(names)} are dead"
             evidence = (f"units silent for whole batches above {bound:g} in {where}, {frac:.0%} on average "

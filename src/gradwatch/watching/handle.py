@@ -26,6 +26,7 @@ from gradwatch._errors import GradwatchWarning, bad_argument
 from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
 from gradwatch.probes.hostcopy import device_scalar
+from gradwatch.probes.loss_ops import loss_paths
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import run_metadata
@@ -77,6 +78,7 @@ class Watch:
         # the first training pass's output: rows of K ≥ 2 non-negative values that sum to 1 (a softmax the forward
         # calls, which no module shows) → K, else 0; None until a pass with gradient has returned
         self._output_classes: int | None = None
+        self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
@@ -129,6 +131,9 @@ class Watch:
             if isinstance(value, Tensor):
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
+                if not self._loss_read and "loss" in key and value.grad_fn is not None:
+                    self._loss_read = True  # once: what the loss does to the output (a cost on a sigmoid, a log)
+                    self._run_guarded(lambda v=value: self._writer.meta({"loss_paths": loss_paths(v)}))
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
