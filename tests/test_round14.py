@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -244,3 +246,141 @@ def test_a_hand_written_log_of_a_sigmoid_is_named_as_the_cause_of_its_nan(store,
     _, _, w = _hand_bce(seed, store, detach=True)
     f = next(f for f in w.diagnose().problems if f.kind == "nonfinite")
     assert "logits_loss" not in f.remedy_keys and "logarithm" not in f.cause
+
+
+def test_among_fixes_that_tie_the_simplest_and_the_one_named_first_is_best():
+    """Round 14: the row "clipping + learning rate ×0.1", which trained exactly as "learning rate ×0.1" (its clipping
+    never acted), was chosen over it; Adam's learning rate ×100 (0.982) over setting back the eps the diagnosis
+    named first (0.980). Rows within 0.01 of the best score tie: the fewest entries and knobs first, then the
+    table's order (the findings' own). A clearly better score still wins; without scores, the final loss."""
+    from gradwatch.doctor.repair import _ranked
+
+    def row(label, parts, score, final=0.1):
+        return TrialResult(label, final, final, score, [], 1.0, verdict="fixes it", parts=parts)
+
+    clip_lr = row("clipping at max_norm=32 + learning rate ×0.1", ("clip_lower_lr",), 0.980)
+    lr = row("learning rate ×0.1", ("lower_lr",), 0.980)
+    norm = row("LayerNorm/BatchNorm before activations", ("norm",), 0.980)
+    assert _ranked([clip_lr, lr, norm], [clip_lr, lr, norm], True)[:2] == [lr, norm]  # lightest, then named first
+    lines = str(DoctorReport(row("baseline", (), 0.1, 2.0), Diagnosis([]), [clip_lr, lr], best=lr)).splitlines()
+    assert f"{clip_lr.label}: trained exactly as {lr.label} (every number equal): what it adds never acted" in "\n".join(lines)
+    eps = row("Adam's eps at 1e-8", ("lower_eps",), 0.980)
+    raise_lr = row("learning rate ×100", ("raise_lr",), 0.982)
+    assert _ranked([eps, raise_lr], [eps, raise_lr], True) == [eps, raise_lr]
+    clearly = row("learning rate ×100", ("raise_lr",), 0.995)
+    assert _ranked([eps, clearly], [eps, clearly], True)[0] is clearly
+    a, b = row("learning rate ×0.1", ("lower_lr",), math.nan, 0.2), row("Adam", ("adam",), math.nan, 0.1)
+    assert _ranked([a, b], [a, b], False) == [b, a]
+
+
+class _Recall(nn.Module):
+    """Round 14's associative recall, ported smaller (d = 256): 8 (key, value) pairs of 16 symbols and a query key;
+    one scaled dot-product attention head (Vaswani et al. 2017) reads the value stored under the query."""
+
+    D, P, V = 256, 8, 16
+
+    def __init__(self):
+        super().__init__()
+        d, v = self.D, self.V
+        self.ek, self.ev = nn.Embedding(v, d), nn.Embedding(v, d)
+        self.q, self.k, self.v, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, v)
+
+    def forward(self, x):
+        p = self.P
+        h = self.ek(x[:, :p]) + self.ev(x[:, p:2 * p])
+        logits = self.q(self.ek(x[:, 2 * p]))[:, None] @ self.k(h).transpose(1, 2) / math.sqrt(self.D)
+        return self.out((torch.softmax(logits, -1) @ self.v(h))[:, 0])
+
+    @classmethod
+    def sample(cls, n, g):
+        keys = torch.argsort(torch.rand(n, cls.V, generator=g), -1)[:, :cls.P]
+        vals = torch.randint(0, cls.V, (n, cls.P), generator=g)
+        i = torch.randint(0, cls.P, (n,), generator=g)
+        return torch.cat([keys, vals, keys[torch.arange(n), i][:, None]], 1), vals[torch.arange(n), i]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_layers_that_barely_move_on_a_converged_loss_are_not_stalled(store, seed):
+    """Round 14's healthy attention twin: the loss falls from 2.8 to ~5e-5 and every query is answered, while the
+    key embedding moves under 1 % of the upper-quartile layer's update ratio a step (by hand, below) — the residual
+    error's gradient reaches it last. It was a "stalled" warning, and the same finding kept the doctor from calling
+    its unscaled twin's 0.28 → 1.000 a fix. With one learning rate and a loss at 1e-3 of its start or below it is
+    info; the same layer left at a learning rate of its own (a parameter-group bug) is still a warning."""
+    for own_rate in (False, True):
+        g = torch.Generator().manual_seed(1000 + seed)
+        torch.manual_seed(seed)
+        model = _Recall()
+        groups = ([{"params": model.ek.parameters(), "lr": 1e-6},
+                   {"params": [p for n, p in model.named_parameters() if not n.startswith("ek.")]}]
+                  if own_rate else model.parameters())
+        opt = torch.optim.SGD(groups, lr=0.03, momentum=0.9)
+        losses, ratios = [], {n: [] for n, _ in model.named_modules() if n}
+        with gw.watch(model, opt, store=store, name=f"recall-{seed}-{own_rate}") as w:
+            for step in range(600):
+                x, y = _Recall.sample(64, g)
+                loss = nn.functional.cross_entropy(model(x), y)
+                before = {n: m.weight.detach().clone() for n, m in model.named_modules() if n}
+                opt.zero_grad(); loss.backward(); opt.step(); w.log(loss=loss)
+                losses.append(float(loss.detach()))
+                if step >= 550:
+                    for n, m in model.named_modules():
+                        if n:
+                            ratios[n].append(float((m.weight.detach() - before[n]).norm() / before[n].norm()))
+        med = {n: float(np.median(r)) for n, r in ratios.items()}
+        assert med["ek"] < 0.01 * float(np.percentile(list(med.values()), 75))  # barely moves, by hand
+        stalled = [f for f in w.diagnose() if f.kind == "stalled"]
+        if not own_rate:
+            assert np.median(losses[-20:]) <= 1e-3 * np.median(losses[:5])  # converged, by hand
+            assert stalled and all(f.severity == "info" and not f.remedies for f in stalled), stalled
+        else:
+            assert any(f.severity == "warning" and "ek" in f.layers for f in stalled), stalled
+
+
+def _small_setup(conv):
+    def make(seed):
+        torch.manual_seed(seed)
+        if conv:
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(4 * 8 * 8, 3), nn.Sigmoid())
+            x = torch.randn(64, 1, 8, 8)
+        else:
+            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3),
+                                  nn.Sigmoid())
+            x = torch.randn(64, 8)
+        y = torch.rand(64, 3)
+
+        def batches():
+            while True:
+                yield x, y
+
+        return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), batches(), nn.functional.mse_loss,
+                        evaluate=lambda m: -float(nn.functional.mse_loss(m(x), y).detach()))
+    return make
+
+
+def test_the_doctors_trials_read_the_loss_graph_and_say_which_rows_were_scored_with_batchnorm_re_estimated(tmp_path):
+    """The default Trial.step() returns its loss detached, so the doctor's watch could not read what the loss does
+    to the output: the step reads it once (a squared error on this set-up's sigmoid, by construction) and the
+    trial's run stores it. The norm remedy inserts BatchNorm into a conv net (its score read with the statistics
+    re-estimated, PreciseBN) and LayerNorm into an MLP (nothing re-estimated): the TrialRun says which, and the
+    table names such rows under it."""
+    from gradwatch.doctor.catalogue import catalog
+    from gradwatch.doctor.trial_run import run_trial
+
+    trial = _small_setup(False)(0)
+    assert trial.loss_paths is None
+    trial.step()
+    assert trial.loss_paths == [["MseLossBackward0", "SigmoidBackward0"]]
+    norm = catalog()["norm"][0]
+    got = {}
+    for conv in (True, False):
+        run = run_trial(_small_setup(conv), 0, 12, tmp_path, f"n{conv}", norm, {})
+        got[conv] = run.rescored_bn
+        assert gw.open_run(tmp_path / f"n{conv}").meta["loss_paths"] == [["MseLossBackward0", "SigmoidBackward0"]]
+    assert got == {True: True, False: False}
+
+    base = TrialResult("baseline (no remedy)", 1.0, 1.0, 0.1, ["vanishing"], 1.0, first_loss=1.0)
+    bn = TrialResult(norm.label, 0.1, 0.1, 0.9, [], 1.0, verdict="fixes it", first_loss=1.0, rescored_bn=True)
+    text = str(DoctorReport(base, Diagnosis([]), [bn], best=bn))
+    assert f"BatchNorm layers inserted, over 16 training batches (PreciseBN" in text and text.endswith(norm.label)
+    assert "PreciseBN" not in str(DoctorReport(base, Diagnosis([]), [replace(bn, rescored_bn=False)]))

@@ -77,6 +77,9 @@ class Trial:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every optimizer step
     judge_by_score: bool = False  # the loss does not show learning (a GAN's): the doctor reads ``evaluate`` alone
     _stepping: Any = field(default=None, init=False, repr=False, compare=False)  # the hook that steps ``scheduler``
+    # what the loss does to the output (gradwatch.probes.loss_ops.loss_paths), read at the first step(): the step
+    # returns its loss detached, so a watch's log cannot read it there
+    loss_paths: list[list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:
@@ -103,6 +106,10 @@ class Trial:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
+        if self.loss_paths is None:
+            from gradwatch.probes.loss_ops import loss_paths
+
+            self.loss_paths = loss_paths(loss)
         return loss.detach()
 
 

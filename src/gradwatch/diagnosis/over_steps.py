@@ -600,12 +600,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
             cause = (f"divergence — the total gradient norm grew from a median of {sci(float(np.median(before)))} to "
                      f"{sci(float(before[-1]))} just before step {step0}")
     loss_note = ""
+    loss_step = math.nan  # the first step whose logged loss is non-finite (a gradient may overflow before it)
     fixes = nonfinite_remedies(step0)
     if "loss" in run.quantities:
         loss = run.series("loss", "run")
         nf = np.where(~np.isfinite(loss.values[0]))[0]
         if len(nf):
-            loss_note = f"; the loss is non-finite from step {int(loss.steps[nf[0]])}"
+            loss_step = float(loss.steps[nf[0]])
+            loss_note = f"; the loss is non-finite from step {int(loss_step)}"
             sources.append("loss (run)")
         at = np.where(loss.steps == step0)[0]
         nan_grad = g is not None and g.values.shape == s.values.shape and bool(np.isnan(g.values[:, j0]).any())
@@ -644,6 +646,6 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         evidence=evidence + loss_note + ".",
         cause=cause,
         remedies=fixes,
-        numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad)},
+        numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad), "loss_step": loss_step},
         sources=tuple(sources),
     )]

@@ -99,6 +99,12 @@ def knobs(parts: tuple[str, ...]) -> frozenset[str]:
     return frozenset().union(*(SAME_KNOB.get(part, ()) for part in parts))
 
 
+def weight(parts: tuple[str, ...]) -> int:
+    """How much a row changes: one per entry, or per knob where an entry turns several (clipping + a lower
+    learning rate is two). Among rows that tie, the lighter is the one to recommend."""
+    return sum(max(1, len(SAME_KNOB.get(part, ()))) for part in parts)
+
+
 def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
     """The remedy's label as its table row shows it: a clipping remedy names the bound it clipped at."""
     if "clip" not in knobs(remedy.parts):

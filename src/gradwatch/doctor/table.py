@@ -34,6 +34,7 @@ class TrialResult:
     parts: tuple[str, ...] = ()  # the catalogue keys of the remedies in it
     runs: tuple[str, ...] = ()  # its run stores' names under the doctor's store, one per seed
     error: str = ""  # why a trial of it failed (it raised, or its worker died); "" when none did
+    rescored_bn: bool = False  # its score was read after re-estimating the BatchNorm statistics it inserted
 
     @classmethod
     def failed(cls, label: str, error: str, seconds: float = math.nan) -> TrialResult:
@@ -78,10 +79,20 @@ class DoctorReport:
             lines.append("")
             lines.append(f"round n: n remedies combined (iterative repair, at most {MAX_ROUNDS} rounds), named by their "
                          f"catalogue keys")
+        rescored = [_name(r) for r in rows if r.rescored_bn and math.isfinite(r.score)]
+        if rescored:
+            lines.append("")
+            lines.append(f"scored after re-estimating the running statistics of the BatchNorm layers inserted, over "
+                         f"16 training batches (PreciseBN; a short trial leaves them trailing the weights): "
+                         f"{'; '.join(rescored)}")
         same = same_runs(rows)
         if same:
             lines.append("")
+            from gradwatch.doctor.catalogue import weight  # (the catalogue builds on this module's rows)
+
             for later, earlier in same:
+                if earlier is not self.baseline and weight(later.parts) < weight(earlier.parts):
+                    later, earlier = earlier, later  # the row that adds something is the one whose addition never acted
                 lines.append(f"{_name(later)}: trained exactly as {_name(earlier)} (every number equal): "
                              + ("the remedy changed nothing here" if earlier is self.baseline
                                 else "what it adds never acted on these steps"))

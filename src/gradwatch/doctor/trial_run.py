@@ -30,6 +30,7 @@ class TrialRun(NamedTuple):
     null_loss: float = math.nan  # the loss of a constant output on the next batches (gradwatch.trial.null_loss)
     judge_by_score: bool = False  # the set-up says its loss does not show learning: the score decides
     null_score: float = math.nan  # the held-out score of the constant output (gradwatch.trial.null_score)
+    rescored_bn: bool = False  # scored after re-estimating inserted BatchNorm statistics (surgery.PreciseBN)
 
 
 def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
@@ -58,7 +59,13 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
             loss = trial.step()
             w.log(loss=loss)
             losses.append(float(loss))
+        paths = getattr(trial, "loss_paths", None)  # the default step() read its loss's graph (one of the set-up's own may not)
+        if paths:
+            w._note_loss_paths(paths)
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose(Thresholds(from_init=True))  # a trial starts from its set-up's initialisation
+    from gradwatch.doctor.surgery import PreciseBN
+
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
-                    bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score))
+                    bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score),
+                    isinstance(trial.evaluate, PreciseBN))

@@ -132,8 +132,7 @@ class Watch:
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
-                    self._loss_read = True  # once: what the loss does to the output (a cost on a sigmoid, a log)
-                    self._run_guarded(lambda v=value: self._writer.meta({"loss_paths": loss_paths(v)}))
+                    self._note_loss_paths(loss_paths(value))
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -146,6 +145,14 @@ class Watch:
             else:
                 raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
             self._run_guarded(self._steps.add_scalar, key, value)
+
+    def _note_loss_paths(self, paths: list[list[str]]) -> None:
+        """Once: what the loss does to the output (a squared error on a sigmoid, a hand-written log), stored as the
+        run's meta ``loss_paths``; from :meth:`log`, or from the doctor, whose trials' steps return the loss
+        detached and read it themselves (:attr:`gradwatch.Trial.loss_paths`)."""
+        if not self._loss_read:
+            self._loss_read = True
+            self._run_guarded(self._writer.meta, {"loss_paths": paths})
 
     def flush(self) -> None:
         """Wait until every record so far is in the store."""
