@@ -384,3 +384,97 @@ def test_the_doctors_trials_read_the_loss_graph_and_say_which_rows_were_scored_w
     text = str(DoctorReport(base, Diagnosis([]), [bn], best=bn))
     assert f"BatchNorm layers inserted, over 16 training batches (PreciseBN" in text and text.endswith(norm.label)
     assert "PreciseBN" not in str(DoctorReport(base, Diagnosis([]), [replace(bn, rescored_bn=False)]))
+
+
+def test_remedies_in_the_users_own_code_are_named_in_the_doctors_message():
+    """Round 14: the watch put "scale the attention logits q·k by 1/√d_head" first for a hand-written attention;
+    the doctor cannot rewrite a forward, tried other rows, and its message never named it. Remedies the findings
+    name that only the user can make are now listed, once each, in the findings' order; none where every named
+    remedy has catalogue rows."""
+    from gradwatch.diagnosis.findings import Finding
+    from gradwatch.diagnosis.remedies import REMEDIES, remedies
+    from gradwatch.doctor.catalogue import catalog
+    from gradwatch.doctor.repair import _by_hand
+
+    def finding(*keys):
+        return Finding(kind="exploding", severity="critical", layers=("q",), steps=(0, 10), summary="", evidence="",
+                       cause="", remedies=remedies(*keys), numbers={}, sources=())
+
+    words = _by_hand(Diagnosis([finding("attention_scale", "lower_lr"), finding("logits_loss", "attention_scale")]),
+                     catalog())
+    scale, logits = (REMEDIES[k].split(":")[0] for k in ("attention_scale", "logits_loss"))
+    assert words == f"; named by the findings, for you to change in your code (the doctor does not rewrite it): {scale}; {logits}"
+    assert _by_hand(Diagnosis([finding("lower_lr", "clip_norm")]), catalog()) == ""
+
+
+class _Accumulating(gw.Trial):
+    """Gradient accumulation over K micro-batches of 16 (the PyTorch forum's "How to implement gradient
+    accumulation?", Hugging Face's `loss / gradient_accumulation_steps`), the division optional."""
+
+    K = 16
+    divide = True
+
+    def step(self):
+        self.optimizer.zero_grad()
+        total = 0.0
+        for _ in range(self.K):
+            x, y = next(self.batches)
+            loss = self.loss_fn(self.model(x), y)
+            (loss / self.K if self.divide else loss).backward()
+            total += float(loss.detach()) / self.K
+        self.optimizer.step()
+        return torch.tensor(total)
+
+
+def _accumulating(seed, divide, lr=0.05):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor((d.data - d.data.mean(0)) / (d.data.std(0) + 1e-6), dtype=torch.float32)
+    y = torch.tensor(d.target)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            i = torch.randint(0, 1400, (16,), generator=g)
+            yield x[i], y[i]
+
+    trial = _Accumulating(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), batches(),
+                          nn.functional.cross_entropy,
+                          evaluate=lambda m: float((m(x[1400:]).argmax(1) == y[1400:]).float().mean()))
+    trial.divide = divide
+    return trial
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_explosion_under_accumulation_asks_whether_the_loss_was_divided(store, seed):
+    """Round 14: 16 micro-batches per step, each loss not divided by 16 (a learning rate ×16), blew up on every
+    seed and was told "a learning rate too large", accumulation never named. The watch counts the forward passes
+    with gradient per optimizer step (16, by construction) and the explosion's first remedy is the division; the
+    twin that divides has no such finding. The doctor's row for it, every rate ÷16, takes the same steps as the
+    division (SGD with momentum is linear in the gradient: parameters equal by hand after 20 steps)."""
+    from gradwatch.doctor import surgery
+
+    for divide in (False, True):
+        trial = _accumulating(seed, divide)
+        with gw.watch(trial.model, trial.optimizer, store=store, name=f"acc-{seed}-{divide}") as w:
+            for _ in range(60):
+                w.log(loss=trial.step())
+        assert w.open().meta["passes_per_step"] == 16
+        blown = [f for f in w.diagnose().problems if f.kind in ("exploding", "nonfinite")]
+        if divide:
+            assert not blown and trial.evaluate(trial.model) > 0.8
+        else:
+            assert not trial.evaluate(trial.model) > 0.5  # blown up, by hand (NaN counts)
+            assert blown and all(f.remedy_keys[0] == "divide_accumulated" for f in blown), blown
+            assert "16 forward passes with gradient" in blown[0].cause
+
+    divided, scaled = _accumulating(seed, True), _accumulating(seed, False)
+    surgery.divide_accumulated(scaled, {"passes_per_step": 16.0})
+    for _ in range(20):
+        divided.step(), scaled.step()
+    for a, b in zip(divided.model.parameters(), scaled.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert surgery.divide_accumulated(_accumulating(seed, False), {}) is None

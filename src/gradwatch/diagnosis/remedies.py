@@ -45,6 +45,8 @@ REMEDIES = {
     "gate_bias": "gate biases that keep the state at the start: the update gate towards the old state (PyTorch's "
                  "GRU, h' = (1 − z)·n + z·h, a bias of +1 to +3 on z; the other way in the (1 − z)·h + z·ñ "
                  "convention), an LSTM's forget gate +1, or chrono initialisation (Tallec & Ollivier 2018)",
+    "divide_accumulated": "with gradient accumulation over k micro-batches, divide each micro-batch's loss by k before "
+                          "backward() (or lower the learning rate k-fold): the step should apply their mean gradient",
     "zero_grad": "call optimizer.zero_grad() once per step, before loss.backward(): .grad accumulates, so without it "
                  "each step applies the sum of every gradient so far",
     "gradient_penalty": "a gradient penalty in place of weight clipping (WGAN-GP, Gulrajani et al. 2017): "

@@ -16,11 +16,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import fit_architecture, stale_grad_findings, unexplained_flat_findings
+from gradwatch.diagnosis.architecture import fit_architecture, run_meta, stale_grad_findings, unexplained_flat_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
-from gradwatch.diagnosis.remedies import key_of
+from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
     RECOVERED, clipped_findings, fading_findings, loss_scale_findings, nonfinite_findings, nonfinite_remedies, skipped_findings, skipped_steps, spike_findings,
     tiny_step_findings,
@@ -75,9 +75,33 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
-    found = fit_architecture(by_effect(found, view, th), view)
+    found = _accumulated(fit_architecture(by_effect(found, view, th), view), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
+
+
+ACCUMULATED_FROM = 1.5  # forward passes with gradient per optimizer step from which a step sums several
+
+
+def _accumulated(found: list[Finding], run: Run) -> list[Finding]:
+    """An explosion or a NaN whose remedies lower the learning rate, in a run that made k ≥ 2 forward passes with
+    gradient per optimizer step (meta ``passes_per_step``): the words and the remedy for gradient accumulation
+    whose losses were not divided by k, which applies the sum of k mean gradients, a learning rate ×k (round 14:
+    k = 16, "a learning rate too large", accumulation never named). Said as a question: a siamese net's two passes
+    a step are no accumulation."""
+    k = run_meta(run).get("passes_per_step")
+    if not isinstance(k, (int, float)) or k < ACCUMULATED_FROM:
+        return found
+    out = []
+    for f in found:
+        if f.kind in ("exploding", "nonfinite") and f.severity != "info" and "lower_lr" in f.remedy_keys:
+            f = replace(f, cause=f"{f.cause}; each optimizer step followed {k:g} forward passes with gradient: if that "
+                                 f"is gradient accumulation, a loss not divided by their number makes the step the sum "
+                                 f"of their gradients, a learning rate ×{k:g}",
+                        remedies=remedies("divide_accumulated") + f.remedies,
+                        numbers={**f.numbers, "passes_per_step": float(k)})
+        out.append(f)
+    return out
 
 
 _RANK = {"critical": 0, "warning": 1, "info": 2}

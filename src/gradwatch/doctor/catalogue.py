@@ -91,6 +91,7 @@ SAME_KNOB: dict[str, frozenset[str]] = {
     "leaky_lower_lr": frozenset({"init", "lr_cut"}),
     "zero_grad_raise_lr": frozenset({"lr_cut"}),
     "mean_reduction_raise_lr": frozenset({"lr_cut"}),
+    "divide_accumulated": frozenset({"lr_cut"}),
 }
 
 
@@ -112,8 +113,13 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
     return remedy.label.replace("clipping", f"clipping at max_norm={sci(s.clip_bound(numbers))}", 1)
 
 
+# Remedies that change the user's own code, which the doctor cannot reach: its message names them instead. (The
+# backward singularity is not among them: the doctor names the line that made the NaN.)
+BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss"})
+
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
-LR_KEYS = {"lower_lr", "adam", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups"}
+LR_KEYS = {"lower_lr", "adam", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
+           "divide_accumulated"}
 
 
 def catalog() -> dict[str, list[Remedy]]:
@@ -174,6 +180,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "drop_output_relu": one("drop_output_relu", "the ReLU after the output layer dropped", s.drop_output_relu),
         "mean_reduction": one("mean_reduction", "the loss averaged over the batch, not summed", s.mean_reduction),
+        "divide_accumulated": one("divide_accumulated", "learning rate ÷ the forward passes per step (as each "
+                                  "accumulated loss divided by their number)", s.divide_accumulated),
         "mean_reduction_raise_lr": one("mean_reduction_raise_lr", "the loss averaged over the batch + learning rate ×10",
                                        Chain((s.mean_reduction, partial(s.scale_lr, 10.0)))),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),

@@ -43,6 +43,7 @@ from typing import Any
 from gradwatch import _reference
 from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis.remedies import REMEDIES
 from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
@@ -236,6 +237,18 @@ def _check_seed(setup: SetupFn | str, steps: int, seeds: int, ranked: list[Trial
     return None
 
 
+def _by_hand(diagnosis: Diagnosis, catalog: Mapping[str, list[Remedy]]) -> str:
+    """Words on the remedies the findings name that the doctor cannot try: a change to the user's own code (the
+    scale in a hand-written attention, the loss on the logits, a straight-through estimator). Round 14: the watch
+    put "scale the attention logits by 1/√d_head" first, and the doctor's message never mentioned it."""
+    keys = dict.fromkeys(k for f in diagnosis.problems for k in f.remedy_keys if k in catalogue.BY_HAND
+                         and not catalog.get(k))
+    if not keys:
+        return ""
+    texts = [REMEDIES[k].split(":")[0] for k in keys]
+    return f"; named by the findings, for you to change in your code (the doctor does not rewrite it): {'; '.join(texts)}"
+
+
 SCORE_TIE = 0.01  # "fixes it" rows whose held-out scores lie this close to the best one's tie
 
 
@@ -398,6 +411,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         report.message += (f"; not tried, finding nothing here to change (a step() of the set-up's own that computes "
                            f"the loss, or nothing of the kind in the model): {'; '.join(report.not_applied)} — apply "
                            f"it by hand if it fits")
+    report.message += _by_hand(diagnosis, catalog)
     if runner.stopped:
         report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
                            f"{len(candidates)} remedies in round 1)")

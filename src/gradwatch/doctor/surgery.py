@@ -507,6 +507,16 @@ class PerSample:
         return self.loss_fn(out, y) / max(1, out.shape[0] if out.dim() else 1)
 
 
+def divide_accumulated(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every learning rate ÷ k, k the forward passes with gradient per optimizer step the watch counted
+    (``passes_per_step``): for SGD with or without momentum the same steps as each micro-batch's loss divided by k,
+    which the doctor cannot write into a ``step()`` of the set-up's own. None where k was not counted or is 1."""
+    k = numbers.get("passes_per_step", math.nan)
+    if not (math.isfinite(k) and k >= 1.5):
+        return None
+    return scale_lr(1.0 / k, trial, numbers)
+
+
 def mean_reduction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The set-up's loss averaged over the batch instead of summed (:class:`PerSample`). None where the set-up
     computes its loss in a ``step()`` of its own, out of the doctor's reach, or where its loss averages already:

@@ -449,6 +449,9 @@ class Watch:
                                 "steps": self.step, "eval_mode_steps": self._eval_steps,
                                 "eval_mode_first": self._eval_first if self._eval_steps else None,
                                 "batch_size": self._batch_sizes.most_common(1)[0][0] if self._batch_sizes else None,
+                                # the model's forward passes with gradient per step (gradient accumulation: k)
+                                "passes_per_step": (round(sum(self._batch_sizes.values()) / self.step, 2)
+                                                    if self.step else None),
                                 "input_std": self._input_scale[0] if self._input_scale else None,
                                 "input_abs_mean": self._input_scale[1] if self._input_scale else None,
                                 "output_probabilities": self._output_classes,
