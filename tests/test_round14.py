@@ -478,3 +478,6 @@ def test_an_explosion_under_accumulation_asks_whether_the_loss_was_divided(store
     for a, b in zip(divided.model.parameters(), scaled.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert surgery.divide_accumulated(_accumulating(seed, False), {}) is None
+    from gradwatch.doctor.catalogue import catalog, shown_label
+
+    assert shown_label(catalog()["divide_accumulated"][0], {"passes_per_step": 16.0}).startswith("learning rate ÷16 (")

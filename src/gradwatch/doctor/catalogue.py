@@ -107,7 +107,12 @@ def weight(parts: tuple[str, ...]) -> int:
 
 
 def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
-    """The remedy's label as its table row shows it: a clipping remedy names the bound it clipped at."""
+    """The remedy's label as its table row shows it: a clipping remedy names the bound it clipped at, the
+    accumulation remedy its k."""
+    k = numbers.get("passes_per_step", math.nan)
+    if "divide_accumulated" in remedy.parts and math.isfinite(k):
+        return remedy.label.replace("÷ the forward passes per step (as each accumulated loss divided by their number)",
+                                    f"÷{k:g} (as each of the {k:g} accumulated losses divided by {k:g})")
     if "clip" not in knobs(remedy.parts):
         return remedy.label
     return remedy.label.replace("clipping", f"clipping at max_norm={sci(s.clip_bound(numbers))}", 1)
