@@ -261,14 +261,14 @@ def _ranked(fixed: list[TrialResult], trials: list[TrialResult], scored: bool) -
     in 397."""
     at = {id(t): i for i, t in enumerate(trials)}
 
-    def simple(t: TrialResult) -> tuple[int, int]:
+    def lightest_first(t: TrialResult) -> tuple[int, int]:
         return catalogue.weight(t.parts), at[id(t)]
 
     if not scored:
-        return sorted(fixed, key=lambda t: (t.final_loss, *simple(t)))
+        return sorted(fixed, key=lambda t: (t.final_loss, *lightest_first(t)))
     top = max((t.score for t in fixed if math.isfinite(t.score)), default=math.inf)
-    tied = sorted((t for t in fixed if t.score >= top - SCORE_TIE), key=simple)
-    rest = sorted((t for t in fixed if t.score < top - SCORE_TIE), key=lambda t: (-t.score, *simple(t)))
+    tied = sorted((t for t in fixed if t.score >= top - SCORE_TIE), key=lightest_first)
+    rest = sorted((t for t in fixed if t.score < top - SCORE_TIE), key=lambda t: (-t.score, *lightest_first(t)))
     return tied + rest + [t for t in fixed if not math.isfinite(t.score)]  # unscored last
 
 
