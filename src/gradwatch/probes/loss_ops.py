@@ -25,7 +25,15 @@ MAX_NODES = 64  # a loss over many outputs (a sum of heads) is read no further t
 
 def loss_paths(loss: Tensor) -> list[list[str]]:
     """For each squashing function (sigmoid, tanh, softmax) the loss reaches before any layer: the node names
-    from the loss down to it, the shortest such path (breadth first). [] when the loss has no graph."""
+    from the loss down to it, the shortest such path (breadth first). [] when the loss has no graph, or when
+    reading it fails in any way (watching never crashes the user's run)."""
+    try:
+        return _paths(loss)
+    except Exception:  # noqa: BLE001 - an exotic graph node (a C++ extension's): nothing to say, nothing lost
+        return []
+
+
+def _paths(loss: Tensor) -> list[list[str]]:
     start = getattr(loss, "grad_fn", None)
     if start is None:
         return []
