@@ -140,6 +140,15 @@ def merge_spikes(over_steps: list[Finding], unstable: list[Finding]) -> list[Fin
         ramp = "onset" in o.numbers  # a ramp's onset and peak, against the calm steps, say more than a spike's step
         severity = min(u.severity, o.severity, key=_RANK.__getitem__)
         evidence, theirs_numbers = o.evidence, o.numbers
+        learned_through = (u.severity == "info" and o.severity == "warning" and u.summary.startswith("loss spike")
+                           and not {"attention_logit_growth", "output_logit_divergence"} & set(u.numbers))
+        if learned_through:
+            # the loss came back and the run learned through its spikes (instability._recovered): the gradient-norm
+            # spikes at the same steps are that event, not a second warning (round 13's ReLU CNN leaving its plateau:
+            # norm ×300 at step 272, 0.947 held out — a warning on a healthy twin, with clipping offered)
+            severity = "info"
+            evidence = evidence.rstrip(".") + ("; the loss came back after them and the run learned through them "
+                                               "(info only).")
         if o.numbers.get("recovered") and severity != o.severity:  # "the run recovered … (info only)" would contradict
             evidence = evidence[:evidence.index("; " + RECOVERED)] + "."  # the worse finding it now belongs to
             theirs_numbers = {k: v for k, v in o.numbers.items() if k != "recovered"}
