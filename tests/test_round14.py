@@ -481,3 +481,54 @@ def test_an_explosion_under_accumulation_asks_whether_the_loss_was_divided(store
     from gradwatch.doctor.catalogue import catalog, shown_label
 
     assert shown_label(catalog()["divide_accumulated"][0], {"passes_per_step": 16.0}).startswith("learning rate ÷16 (")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gradient_spikes_a_run_learned_through_are_told_not_warned(store, seed):
+    """Round 13's healthy twin (a 7-conv LeNet-style ReLU CNN on digits, SGD 0.05 m0.9, PyTorch's default init;
+    Glorot, Bordes & Bengio 2011) sits on a plateau, then leaves it with gradient-norm spikes hundreds of times the
+    median (by hand) and learns. The loss's own spike finding said "recovered" (info); the gradient norm's, merged
+    into it, made it a warning with clipping and skipped steps offered. Now info, no remedies, wherever the run
+    learned through them (loss at a tenth of its start or below and > 0.9 held out, by hand)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor((d.data - d.data.mean(0)) / (d.data.std(0) + 1e-6), dtype=torch.float32).view(-1, 1, 8, 8)
+    y = torch.tensor(d.target)
+    perm = torch.tensor(np.random.RandomState(0).permutation(len(x)))
+    tr, te = perm[:1400], perm[1400:]
+
+    def epochs():  # shuffled epochs of 64, as round 13's harness drew them
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            p = tr[torch.randperm(len(tr), generator=g)]
+            for k in range(0, len(p) - 63, 64):
+                yield p[k:k + 64]
+
+    torch.manual_seed(seed)
+    layers, c = [], 1
+    for i in range(7):
+        layers += [nn.Conv2d(c, 16, 3, padding=1), nn.ReLU()]
+        c = 16
+        if i == 3:
+            layers.append(nn.MaxPool2d(2))
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = epochs()
+    losses, norms = [], []
+    with gw.watch(model, opt, store=store, name=f"cnn-{seed}") as w:
+        for _ in range(500):
+            i = next(batches)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad(); loss.backward()
+            norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()))
+            opt.step(); w.log(loss=loss)
+            losses.append(float(loss.detach()))
+    with torch.no_grad():
+        score = float((model(x[te]).argmax(1) == y[te]).float().mean())
+    assert score > 0.9 and np.median(losses[-50:]) < 0.1 * np.median(losses[:10])  # it learned, by hand
+    problems = [f for f in w.diagnose().problems if f.kind == "exploding"]
+    assert not problems, problems
+    if max(norms) > 50 * np.median(norms):  # the spikes, by hand (seeds 0 and 1 measured: ×18 and ×300)
+        told = [f for f in w.diagnose() if f.kind == "exploding"]
+        assert told and all(f.severity == "info" and not f.remedies for f in told), told
