@@ -357,7 +357,7 @@ def test_undefined_values_are_left_out_when_read(store):
 def test_a_quantity_held_by_one_kind_reads_without_naming_it(store):
     """`series("saturated_frac")` of a functional tanh (an activation, not a layer) and `series("loss")` (the run's)
     read without `kind=`: the same matrices as with it, the tanh's against a count by hand of tanh' = 1 − y² below
-    2 % of its peak; a quantity of layers still reads as the layers'. `Run.diagnose()` is `gw.diagnose` on it."""
+    2 % of its peak; a quantity of layers still reads as the layers'."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -385,4 +385,3 @@ def test_a_quantity_held_by_one_kind_reads_without_naming_it(store):
     assert np.array_equal(run.series("loss").values, run.series("loss", "run").values)
     assert run.series("grad_norm").names == ["a", "b"]
     assert run.series("saturated_frac", "layer").names == []  # asked for by kind: what that kind holds
-    assert str(run.diagnose()) == str(gw.diagnose(run))

@@ -27,14 +27,11 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from gradwatch._errors import NotARunError
-
-if TYPE_CHECKING:
-    from gradwatch.diagnosis import Diagnosis, Thresholds
 
 DB_NAME = "gradwatch.sqlite"
 LOCK_NAME = "gradwatch.lock"  # flock-ed by the process writing the run; holds its pid
@@ -544,13 +541,6 @@ class Run:
         for name, j, v in zip(rec["layer"], col, rec["value"]):
             values[row[name], j] = v
         return Series(quantity, names, steps, values)
-
-    def diagnose(self, thresholds: Thresholds | None = None) -> Diagnosis:
-        """This run's findings in words, as ``gradwatch diagnose DIR`` prints them: the same as
-        :func:`gradwatch.diagnose` on it (``thresholds``: a :class:`gradwatch.Thresholds`; the defaults if None)."""
-        from gradwatch.diagnosis.rules import diagnose  # the diagnosis reads runs: imported here, not at the top
-
-        return diagnose(self, thresholds)
 
     def temporal(self, name: str, quantity: str = "temporal_grad_norm") -> Series:
         """A positioned quantity of one entity as a (positions × steps) matrix; ``names`` are the positions."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import sci
+from gradwatch.doctor.knobs import knobs
 from gradwatch.doctor.table import TrialResult, decisive
 from gradwatch.doctor import surgery as s
 from gradwatch.doctor import transformer_surgery
@@ -72,40 +73,6 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "zero_grad": ("zero_grad", "zero_grad_raise_lr"),
     "mean_reduction": ("mean_reduction", "mean_reduction_raise_lr"),
 }
-# What an entry changes, where two entries would change the same thing: a combination takes each at most once
-# (two learning-rate cuts stack to a rate no short trial learns at, clipping twice is clipping once), which leaves a
-# round's room (ROUND_WIDTH) to combinations that differ.
-SAME_KNOB: dict[str, frozenset[str]] = {
-    "lower_lr": frozenset({"lr_cut"}),
-    "raise_lr": frozenset({"lr_cut"}),  # the same knob, the other way: never with a cut
-    "clip_norm": frozenset({"clip"}),
-    "clip_lower_lr": frozenset({"clip", "lr_cut"}),
-    # the initialisations: the later overwrites the earlier (round 7's "Xavier + Xavier init + lr ×0.1" row)
-    "he_init": frozenset({"init"}),
-    "orthogonal_init": frozenset({"init"}),
-    "smaller_init": frozenset({"init"}),
-    "identity_init": frozenset({"init"}),
-    "relu": frozenset({"init"}),  # ReLU + He
-    "leaky": frozenset({"init"}),  # LeakyReLU + He
-    "smaller_init_lower_lr": frozenset({"init", "lr_cut"}),
-    "leaky_lower_lr": frozenset({"init", "lr_cut"}),
-    "zero_grad_raise_lr": frozenset({"lr_cut"}),
-    "mean_reduction_raise_lr": frozenset({"lr_cut"}),
-    "divide_accumulated": frozenset({"lr_cut"}),
-}
-
-
-def knobs(parts: tuple[str, ...]) -> frozenset[str]:
-    """The knobs that the entries ``parts`` change."""
-    return frozenset().union(*(SAME_KNOB.get(part, ()) for part in parts))
-
-
-def weight(parts: tuple[str, ...]) -> int:
-    """How much a row changes: one per entry, or per knob where an entry turns several (clipping + a lower
-    learning rate is two). Among rows that tie, the lighter is the one to recommend."""
-    return sum(max(1, len(SAME_KNOB.get(part, ()))) for part in parts)
-
-
 def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
     """The remedy's label as its table row shows it: a clipping remedy names the bound it clipped at, the
     accumulation remedy its k."""
@@ -248,7 +215,7 @@ def next_round(done: list[tuple[Remedy, TrialResult]], diagnosis: Diagnosis, cat
     treated as a new baseline: combined with every remedy its findings name, as round 1 tries every remedy the
     baseline's name; each other row with its first. The round's remaining room goes to the rows in the same order,
     each combined with the remedies the baseline's findings name. No combination changes one knob twice
-    (:data:`SAME_KNOB`). At most ``most`` combinations, each added to ``tried``."""
+    (:data:`gradwatch.doctor.knobs.SAME_KNOB`). At most ``most`` combinations, each added to ``tried``."""
     targets = {f.kind for f in diagnosis.problems}
     overflow = step0_overflow(diagnosis)
 

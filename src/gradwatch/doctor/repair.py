@@ -47,6 +47,7 @@ from gradwatch.diagnosis.remedies import REMEDIES
 from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
+from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
 from gradwatch.doctor.verdicts import NULL_BELOW, is_better, learns, summary, verdict
 from gradwatch.trial import SetupFn
@@ -254,7 +255,7 @@ SCORE_TIE = 0.01  # "fixes it" rows whose held-out scores lie this close to the 
 
 def _ranked(fixed: list[TrialResult], trials: list[TrialResult], scored: bool) -> list[TrialResult]:
     """The "fixes it" rows, best first: by held-out score (else final loss), and among rows that tie — scores
-    within :data:`SCORE_TIE` of the best, or the same final loss — the lightest (:func:`catalogue.weight`) first,
+    within :data:`SCORE_TIE` of the best, or the same final loss — the lightest (:func:`gradwatch.doctor.knobs.weight`) first,
     then the one the findings named first (the table's order). Round 14: "clipping at max_norm=32 + learning rate
     ×0.1" was chosen over "learning rate ×0.1", which it trained exactly as (its clipping never acted); Adam's
     learning rate ×100 (0.982) over setting back the eps the diagnosis named as the cause (0.980), one test sample
@@ -262,7 +263,7 @@ def _ranked(fixed: list[TrialResult], trials: list[TrialResult], scored: bool) -
     at = {id(t): i for i, t in enumerate(trials)}
 
     def lightest_first(t: TrialResult) -> tuple[int, int]:
-        return catalogue.weight(t.parts), at[id(t)]
+        return weight(t.parts), at[id(t)]
 
     if not scored:
         return sorted(fixed, key=lambda t: (t.final_loss, *lightest_first(t)))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import Finding
+from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.locate import Origin
 
 MAX_ROUNDS = 3  # iterative repair: at most this many remedies combined
@@ -88,8 +89,6 @@ class DoctorReport:
         same = same_runs(rows)
         if same:
             lines.append("")
-            from gradwatch.doctor.catalogue import weight  # (the catalogue builds on this module's rows)
-
             for later, earlier in same:
                 if earlier is not self.baseline and weight(later.parts) < weight(earlier.parts):
                     later, earlier = earlier, later  # the row that adds something is the one whose addition never acted
