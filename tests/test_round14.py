@@ -427,23 +427,13 @@ class _Accumulating(gw.Trial):
 
 
 def _accumulating(seed, divide, lr=0.05):
-    from sklearn.datasets import load_digits
+    from gradwatch.zoo.data import accuracy, batches, digits
 
-    d = load_digits()
-    x = torch.tensor((d.data - d.data.mean(0)) / (d.data.std(0) + 1e-6), dtype=torch.float32)
-    y = torch.tensor(d.target)
+    x, y, xt, yt = digits()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    g = torch.Generator().manual_seed(seed)
-
-    def batches():
-        while True:
-            i = torch.randint(0, 1400, (16,), generator=g)
-            yield x[i], y[i]
-
-    trial = _Accumulating(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), batches(),
-                          nn.functional.cross_entropy,
-                          evaluate=lambda m: float((m(x[1400:]).argmax(1) == y[1400:]).float().mean()))
+    trial = _Accumulating(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), batches(x, y, 16, seed),
+                          nn.functional.cross_entropy, evaluate=accuracy(xt, yt))
     trial.divide = divide
     return trial
 

@@ -73,13 +73,15 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "zero_grad": ("zero_grad", "zero_grad_raise_lr"),
     "mean_reduction": ("mean_reduction", "mean_reduction_raise_lr"),
 }
+ACCUMULATED = "÷ the forward passes per step (as each accumulated loss divided by their number)"  # its k, once known
+
+
 def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
     """The remedy's label as its table row shows it: a clipping remedy names the bound it clipped at, the
     accumulation remedy its k."""
     k = numbers.get("passes_per_step", math.nan)
     if "divide_accumulated" in remedy.parts and math.isfinite(k):
-        return remedy.label.replace("÷ the forward passes per step (as each accumulated loss divided by their number)",
-                                    f"÷{k:g} (as each of the {k:g} accumulated losses divided by {k:g})")
+        return remedy.label.replace(ACCUMULATED, f"÷{k:g} (as each of the {k:g} accumulated losses divided by {k:g})")
     if "clip" not in knobs(remedy.parts):
         return remedy.label
     return remedy.label.replace("clipping", f"clipping at max_norm={sci(s.clip_bound(numbers))}", 1)
@@ -152,8 +154,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "drop_output_relu": one("drop_output_relu", "the ReLU after the output layer dropped", s.drop_output_relu),
         "mean_reduction": one("mean_reduction", "the loss averaged over the batch, not summed", s.mean_reduction),
-        "divide_accumulated": one("divide_accumulated", "learning rate ÷ the forward passes per step (as each "
-                                  "accumulated loss divided by their number)", s.divide_accumulated),
+        "divide_accumulated": one("divide_accumulated", f"learning rate {ACCUMULATED}", s.divide_accumulated),
         "mean_reduction_raise_lr": one("mean_reduction_raise_lr", "the loss averaged over the batch + learning rate ×10",
                                        Chain((s.mean_reduction, partial(s.scale_lr, 10.0)))),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),

@@ -9,6 +9,7 @@ from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import Finding
 from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.locate import Origin
+from gradwatch.doctor.surgery import PreciseBN
 
 MAX_ROUNDS = 3  # iterative repair: at most this many remedies combined
 
@@ -84,7 +85,7 @@ class DoctorReport:
         if rescored:
             lines.append("")
             lines.append(f"scored after re-estimating the running statistics of the BatchNorm layers inserted, over "
-                         f"16 training batches (PreciseBN; a short trial leaves them trailing the weights): "
+                         f"{PreciseBN.BATCHES} training batches (PreciseBN; a short trial leaves them trailing the weights): "
                          f"{'; '.join(rescored)}")
         same = same_runs(rows)
         if same:

@@ -16,6 +16,7 @@ from torch import nn
 
 from gradwatch.diagnosis import Diagnosis, Thresholds
 from gradwatch.doctor.catalogue import Remedy
+from gradwatch.doctor.surgery import PreciseBN
 from gradwatch.trial import SetupFn, null_output, null_score
 from gradwatch.watching import watch
 
@@ -64,8 +65,6 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
             w._note_loss_paths(paths)
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose(Thresholds(from_init=True))  # a trial starts from its set-up's initialisation
-    from gradwatch.doctor.surgery import PreciseBN
-
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
                     bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score),
                     isinstance(trial.evaluate, PreciseBN))
