@@ -522,3 +522,48 @@ def test_gradient_spikes_a_run_learned_through_are_told_not_warned(store, seed):
     if max(norms) > 50 * np.median(norms):  # the spikes, by hand (seeds 0 and 1 measured: ×18 and ×300)
         told = [f for f in w.diagnose() if f.kind == "exploding"]
         assert told and all(f.severity == "info" and not f.remedies for f in told), told
+
+
+def _selu_net(seed):
+    """Round 14's self-normalising MLP (Klambauer et al. 2017): 32 SELU layers of 64 at nn.Linear's default init."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(64, 64), nn.SELU()]
+    for _ in range(31):
+        layers += [nn.Linear(64, 64), nn.SELU()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+def test_lecun_init_draws_one_over_fan_in():
+    """LeCun normal: Var(w) = 1 / fan_in (Klambauer et al. 2017, §3), zero biases; He's is twice that."""
+    net = gw.remedies.lecun_init(nn.Sequential(nn.Linear(400, 300), nn.SELU(), nn.Conv2d(8, 16, 3)))
+    assert float(net[0].weight.detach().std()) == pytest.approx(1 / math.sqrt(400), rel=0.02)
+    assert float(net[2].weight.detach().std()) == pytest.approx(1 / math.sqrt(8 * 9), rel=0.05)
+    assert not net[0].bias.any() and not net[2].bias.any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_selu_net_is_told_lecun_normal_not_he_and_the_doctors_row_repairs_it(store, seed):
+    """Round 14: a 32-layer SELU net at PyTorch's default init (Var 1/(3 fan_in): the signal shrinks ×0.58 a
+    layer) vanishes; its remedies named He "for ReLU-type nets", and the doctor's He row diverged (inf). SELU's own
+    init is LeCun normal (torch.nn.SELU's docs): the finding names it in He's place, and the doctor's row — the
+    catalogue's own change — trains the net to ≥ 0.85 held out (the source's fix by hand: 0.91–0.92) where the
+    default stays below 0.2."""
+    from gradwatch.doctor.catalogue import catalog
+    from gradwatch.zoo.data import digits_trial
+
+    trial = digits_trial(_selu_net(seed), seed, 0.01, momentum=0.0)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"selu-{seed}") as w:
+        for _ in range(200):
+            w.log(loss=trial.step())
+    vanishing = [f for f in w.diagnose().problems if f.kind == "vanishing"]
+    assert vanishing and trial.evaluate(trial.model) < 0.2
+    keys = {k for f in w.diagnose().findings for k in f.remedy_keys}
+    assert "lecun_init" in vanishing[0].remedy_keys and "he_init" not in keys
+
+    fixed = digits_trial(_selu_net(seed), seed, 0.01, momentum=0.0)
+    fixed = catalog()["lecun_init"][0].apply(fixed, {})
+    assert fixed is not None
+    assert float(fixed.model[2].weight.detach().std()) == pytest.approx(1 / 8, rel=0.05)
+    for _ in range(400):
+        fixed.step()
+    assert fixed.evaluate(fixed.model) >= 0.85

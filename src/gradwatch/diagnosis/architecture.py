@@ -326,7 +326,8 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
-    """Remedies that fit the architecture: nothing the model already has, no swap of activations it does not use.
+    """Remedies that fit the architecture: nothing the model already has, no swap of activations it does not use,
+    LeCun normal in place of He for a net whose only activation is SELU.
 
     A vanishing net of ``DEEP_LAYERS`` weighted layers or more without skip connections is told of residual
     connections; with Post-LN Transformer layers and no warm-up, the depth findings name warm-up and Pre-LN
@@ -349,10 +350,14 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
     causes = [(cause(run), first, kinds) for cause, first, kinds in SET_UP_CAUSES]
+    # a SELU net's init is LeCun normal, not He's doubled variance (round 14's 32-layer SELU net: He diverged at once)
+    selu_only = "SELU" in types and not types & ((RELU_TYPES | SATURATING_TYPES) - {"SELU"})
     sgd = meta.get("optimizer") in ("SGD", "Adagrad")  # steps that shrink with the gradient (and, Adagrad's, with time)
     out = []
     for f in found:
         fixes = tuple(t for t in f.remedies if key_of(t) not in drop)
+        if selu_only and "he_init" in map(key_of, fixes):
+            fixes = tuple(remedies("lecun_init")[0] if key_of(t) == "he_init" else t for t in fixes)
         cause = f.cause
         if deep_plain and f.kind == "vanishing" and f.layers and f.severity != "info" and "residual" not in map(key_of, fixes):
             fixes += remedies("residual")

@@ -6,6 +6,9 @@ REMEDIES = {
     "relu": "swap tanh/sigmoid for ReLU-type activations (ReLU, GELU, SiLU)",
     "leaky": "use a ReLU variant that never dies (LeakyReLU, GELU, SiLU)",
     "he_init": "He (Kaiming) initialisation for ReLU-type nets",
+    "lecun_init": "LeCun normal initialisation, Var(w) = 1/fan_in (kaiming_normal_ with nonlinearity='linear'): the "
+                  "init SELU's self-normalisation assumes (Klambauer et al. 2017); He's doubled variance makes a deep "
+                  "SELU net explode",
     "orthogonal_init": "orthogonal or Xavier initialisation, or LSUV (Mishkin & Matas 2016)",
     "smaller_init": "weights re-initialised at a variance-preserving scale (Xavier/orthogonal with the activation's gain, or "
                     "LSUV to unit variance)",

@@ -105,6 +105,7 @@ def catalog() -> dict[str, list[Remedy]]:
     tenth = partial(s.scale_lr, 0.1)
     return {
         "he_init": one("he_init", "He initialisation", OnModel(s.he)),
+        "lecun_init": one("lecun_init", "LeCun normal initialisation", OnModel(s.lecun)),
         "orthogonal_init": one("orthogonal_init", "orthogonal initialisation", OnModel(s.orthogonal)),
         "smaller_init": one("smaller_init", "Xavier initialisation", OnModel(s.xavier)),
         # too large a scale from the start diverges at once: a sane init alone may still meet a rate set for the old

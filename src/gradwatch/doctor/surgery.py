@@ -362,6 +362,10 @@ def he(m: nn.Module) -> nn.Module | None:
     return r.he_init(m, inplace=True) if _initialised(m) else None
 
 
+def lecun(m: nn.Module) -> nn.Module | None:
+    return r.lecun_init(m, inplace=True) if _initialised(m) else None
+
+
 def orthogonal(m: nn.Module) -> nn.Module | None:
     return r.orthogonal_init(m, inplace=True) if _initialised(m) else None
 

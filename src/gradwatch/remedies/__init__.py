@@ -6,7 +6,7 @@ handle, or its param groups).
 """
 
 from gradwatch.remedies.clipping import adaptive_clip, agc_, clip_grad_norm, clip_grad_value, scale_lr, unify_lr
-from gradwatch.remedies.init import fixup_zero_init, he_init, lsuv_init, orthogonal_init, xavier_init
+from gradwatch.remedies.init import fixup_zero_init, he_init, lecun_init, lsuv_init, orthogonal_init, xavier_init
 from gradwatch.remedies.recurrent import (irnn, lstm_chrono_init, lstm_forget_bias, orthogonal_recurrent,
                                           pascanu_regularizer, smart_init)
 from gradwatch.remedies.riemannian import RiemannianAdam, RiemannianSGD, recurrent_groups
@@ -18,7 +18,7 @@ from gradwatch.remedies.structure import (
 __all__ = [
     "ReZero", "Residual", "ResidualBlock", "RiemannianAdam", "RiemannianSGD", "adaptive_clip", "add_norm", "add_residual",
     "after_last_layer",
-    "agc_", "clip_grad_norm", "clip_grad_value", "fixup_zero_init", "he_init", "irnn", "lsuv_init", "lstm_chrono_init",
+    "agc_", "clip_grad_norm", "clip_grad_value", "fixup_zero_init", "he_init", "irnn", "lecun_init", "lsuv_init", "lstm_chrono_init",
     "lstm_forget_bias",
     "orthogonal_init", "orthogonal_recurrent", "output_activations", "pascanu_regularizer", "recurrent_groups",
     "SATURATING", "scale_lr", "smart_init", "swap_activation", "unify_lr", "xavier_init",
