@@ -261,16 +261,16 @@ def test_among_fixes_that_tie_the_simplest_and_the_one_named_first_is_best():
     clip_lr = row("clipping at max_norm=32 + learning rate ×0.1", ("clip_lower_lr",), 0.980)
     lr = row("learning rate ×0.1", ("lower_lr",), 0.980)
     norm = row("LayerNorm/BatchNorm before activations", ("norm",), 0.980)
-    assert _ranked([clip_lr, lr, norm], [clip_lr, lr, norm], True)[:2] == [lr, norm]  # lightest, then named first
+    assert _ranked([clip_lr, lr, norm], [clip_lr, lr, norm])[:2] == [lr, norm]  # lightest, then named first
     lines = str(DoctorReport(row("baseline", (), 0.1, 2.0), Diagnosis([]), [clip_lr, lr], best=lr)).splitlines()
     assert f"{clip_lr.label}: trained exactly as {lr.label} (every number equal): what it adds never acted" in "\n".join(lines)
     eps = row("Adam's eps at 1e-8", ("lower_eps",), 0.980)
     raise_lr = row("learning rate ×100", ("raise_lr",), 0.982)
-    assert _ranked([eps, raise_lr], [eps, raise_lr], True) == [eps, raise_lr]
+    assert _ranked([eps, raise_lr], [eps, raise_lr]) == [eps, raise_lr]
     clearly = row("learning rate ×100", ("raise_lr",), 0.995)
-    assert _ranked([eps, clearly], [eps, clearly], True)[0] is clearly
+    assert _ranked([eps, clearly], [eps, clearly])[0] is clearly
     a, b = row("learning rate ×0.1", ("lower_lr",), math.nan, 0.2), row("Adam", ("adam",), math.nan, 0.1)
-    assert _ranked([a, b], [a, b], False) == [b, a]
+    assert _ranked([a, b], [a, b]) == [b, a]
 
 
 class _Recall(nn.Module):

@@ -253,13 +253,15 @@ def _by_hand(diagnosis: Diagnosis, catalog: Mapping[str, list[Remedy]]) -> str:
 SCORE_TIE = 0.01  # "fixes it" rows whose held-out scores lie this close to the best one's tie
 
 
-def _ranked(fixed: list[TrialResult], trials: list[TrialResult], scored: bool) -> list[TrialResult]:
-    """The "fixes it" rows, best first: by held-out score (else final loss), and among rows that tie — scores
-    within :data:`SCORE_TIE` of the best, or the same final loss — the lightest (:func:`gradwatch.doctor.knobs.weight`) first,
-    then the one the findings named first (the table's order). Round 14: "clipping at max_norm=32 + learning rate
-    ×0.1" was chosen over "learning rate ×0.1", which it trained exactly as (its clipping never acted); Adam's
-    learning rate ×100 (0.982) over setting back the eps the diagnosis named as the cause (0.980), one test sample
-    in 397."""
+def _ranked(fixed: list[TrialResult], trials: list[TrialResult]) -> list[TrialResult]:
+    """The "fixes it" rows, best first: by held-out score where they have one (else final loss), and among rows
+    that tie — scores within :data:`SCORE_TIE` of the best, or the same final loss — the lightest
+    (:func:`gradwatch.doctor.knobs.weight`) first, then the one the findings named first (the table's order).
+    Round 14: "clipping at max_norm=32 + learning rate ×0.1" was chosen over "learning rate ×0.1", which it trained
+    exactly as (its clipping never acted); Adam's learning rate ×100 (0.982) over setting back the eps the
+    diagnosis named as the cause (0.980), one test sample in 397. Round 15: a baseline that diverged has no score,
+    its fixes do — the lower training loss (R² 0.42, overfitted) was chosen over the better held-out one (0.60)."""
+    scored = any(math.isfinite(t.score) for t in fixed)
     at = {id(t): i for i, t in enumerate(trials)}
 
     def lightest_first(t: TrialResult) -> tuple[int, int]:
@@ -381,9 +383,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
             break
     base.verdict = f"findings: {', '.join(dict.fromkeys(f.kind for f in diagnosis.problems))}"  # each kind once
     fixed = [t for t in report.trials if t.verdict == "fixes it"]
-    key = (lambda t: -t.score) if math.isfinite(base.score) else (lambda t: t.final_loss)
     if fixed:
-        ranked = _ranked(fixed, report.trials, math.isfinite(base.score))
+        ranked = _ranked(fixed, report.trials)
         held = (_check_seed(setup, steps, seeds, ranked, remedy_of, base, targets, numbers, runner, deadline, report)
                 if check_seed and not runner.interrupted else None)
         report.best = b = held if held is not None else ranked[0]
@@ -401,7 +402,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         closest = [t for t in report.trials if not t.error and t.verdict.startswith(("removes the finding", "helps"))
                    and is_better(base, t)]
         if closest:  # not a fix, as measured; but a user should hear of a row that got this far
-            c = min(closest, key=key)
+            scored = all(math.isfinite(t.score) for t in closest)
+            c = min(closest, key=(lambda t: -t.score) if scored else (lambda t: t.final_loss))
             evidence = (f"score {c.score:.3f} against {base.score:.3f}" if math.isfinite(c.score) and math.isfinite(base.score)
                         else f"final loss {c.final_loss:.4g} against {base.final_loss:.4g}")
             report.message = (f"no remedy fixes it (findings gone and the loss at most half its start); closest: "
