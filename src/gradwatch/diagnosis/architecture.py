@@ -12,6 +12,7 @@ from gradwatch.diagnosis.findings import Finding, sci
 from gradwatch.diagnosis.measures import flat_loss, flat_loss_finding, total_grad_norm
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
+from gradwatch.probes.loss_ops import penalty_on_relu
 from gradwatch.store import Run
 
 # Module classes that say what the architecture already has (class names, as `module_types` in the run's meta
@@ -209,6 +210,18 @@ def raw_inputs(run: Run) -> str:
             f"large: saturated or dead from the start")
 
 
+def activation_penalty(run: Run) -> str:
+    """Words for a loss that penalises a ReLU's outputs themselves (an L1 sparsity term, read off the logged loss's
+    graph: :func:`gradwatch.probes.loss_ops.penalty_on_relu`); '' otherwise. Round 15: a sparse autoencoder at
+    λ = 1 lost every latent (100 % silent, its encoder's gradient exactly 0) and was told of negative biases and
+    the init, never of its own penalty; at λ = 0.01 its twin keeps them."""
+    if not penalty_on_relu(run_meta(run).get("loss_paths")):
+        return ""
+    return ("the loss's penalty on the ReLU units' outputs (an L1 term on the activations: its gradient pushes every "
+            "active unit towards 0, and a unit pushed below 0 for every input gets no gradient back): its coefficient "
+            "is too large for the units to stay alive (Bricken et al. 2023)")
+
+
 def warmup_seen(run: Run) -> bool:
     """A learning-rate scheduler had lowered the rate below its base when the watch started, or below the peak it
     climbs to (``OneCycleLR``'s ``max_lr``): a warm-up."""
@@ -264,6 +277,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),
     (grads_not_zeroed, ("zero_grad",), _ANY_KIND),
     (trained_in_eval_mode, ("train_mode",), _ANY_KIND),
+    (activation_penalty, ("smaller_l1",), _SHRUNK_KINDS),
 )
 
 

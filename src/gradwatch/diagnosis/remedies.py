@@ -26,6 +26,9 @@ REMEDIES = {
                       "samples makes every gradient B times larger, and with SGD every step",
     "lower_eps": "Adam's eps at its default 1e-8 (optimizer param_groups' eps): an eps above the gradient's rms divides "
                  "every step by eps instead of by the gradient's own scale",
+    "smaller_l1": "a smaller coefficient on the L1 penalty of the activations (its gradient pushes every active unit "
+                  "towards 0 by the coefficient, and one pushed below 0 for every input never fires again), or "
+                  "resample dead units (Bricken et al. 2023)",
     "straight_through": "a straight-through estimator around a step-like operation, x + (f(x) − x).detach() "
                         "(Bengio et al. 2013): its forward is f(x), its gradient the identity's",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",

@@ -89,7 +89,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 
 # Remedies that change the user's own code, which the doctor cannot reach: its message names them instead. (The
 # backward singularity is not among them: the doctor names the line that made the NaN.)
-BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss"})
+BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
+                     "smaller_l1"})
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
 LR_KEYS = {"lower_lr", "adam", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
@@ -121,6 +122,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "zero_bias": [],  # included in the He remedies
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
         "straight_through": [],  # the step-like operation is in the user's forward
+        "smaller_l1": [],  # the penalty is in the user's loss
         "check_graph": [],  # a forward that leaves the autograd graph is the user's code: nothing to try
         "residual": one("residual", "residual connections", s.residual),
         "fixup": one("fixup", "Fixup (zero-init residual branches)", s.fixup),

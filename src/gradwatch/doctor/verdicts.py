@@ -12,7 +12,10 @@
   and merely falls back, is no repair) and clearly below the loss of a constant
   output (:data:`NULL_BELOW` of :func:`gradwatch.trial.null_loss`: chance for
   cross-entropy, so 109 → 12 on ten classes is no repair; Var(y) for mean
-  squared error, so a net that learned to predict the mean is none); and where the set-up has a held-out score, that
+  squared error, so a net that learned to predict the mean is none); a mean
+  final loss at most :data:`WORSE_LOSS_ABOVE` × the baseline's final one (a
+  run that ends worse than the pathology on the same objective has not
+  repaired it); and where the set-up has a held-out score, that
   score at least :data:`SCORE_MARGIN` above the baseline's and above the score
   of that constant output, where the set-up's ``evaluate`` can score one
   (:func:`gradwatch.trial.null_score`: R² or D² at the training mean, 0, where
@@ -95,7 +98,18 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
     if null > 0 and trial.final_loss > NULL_BELOW * null:  # NaN and a ceiling at or below 0: none
         return False
+    if ends_above_base(base, trial):
+        return False
     return better_score or not scored
+
+
+def ends_above_base(base: TrialResult, trial: TrialResult) -> bool:
+    """The row's final loss is more than :data:`WORSE_LOSS_ABOVE` × the baseline's (a finite, positive one): on the
+    same objective it ended worse than the pathology did. Round 15: a sparse autoencoder whose latents all died
+    ends at its mean's reconstruction, 0.95; LeakyReLU + He + lr ×0.1 kept them alive but ended at 9.1 (R² 0.12
+    against the healthy twin's 0.82), and was called a fix — the constant output's loss that would have caught it
+    could not be measured on a model that returns (reconstruction, code)."""
+    return 0 < base.final_loss < math.inf and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss
 
 
 def below_constant(trial: TrialResult) -> bool:
@@ -136,6 +150,9 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     if brought and not better:
         return f"worse (brings {', '.join(brought)})"
     if not left and not worse:
+        if better and ends_above_base(base, trial) and not trial.judge_by_score:
+            return (f"removes the finding; a better score, but its loss ends at "
+                    f"×{trial.final_loss / base.final_loss:.3g} the baseline's")
         if better and scored and below_constant(trial):
             return f"removes the finding; a better score, but not above a constant output's ({trial.null_score:.3f})"
         if better and scored:  # the score says it learned something; the loss, that it did not learn enough

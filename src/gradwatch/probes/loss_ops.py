@@ -18,14 +18,16 @@ LAYER_OPS = frozenset({
     "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0", "LinearBackward0",
     "EmbeddingBackward0", "EmbeddingBagBackward0", "AccumulateGrad",
 })
-SQUASH = {"SigmoidBackward0": "sigmoid", "TanhBackward0": "tanh", "SoftmaxBackward0": "softmax"}
+SQUASH = {"SigmoidBackward0": "sigmoid", "TanhBackward0": "tanh", "SoftmaxBackward0": "softmax", "ReluBackward0": "relu"}
+# a penalty on the size of the units' outputs: |z| or a norm of them (an L1 on a ReLU's output, an SAE's sparsity)
+MAGNITUDE = frozenset({"AbsBackward0", "NormBackward0", "NormBackward1", "LinalgVectorNormBackward0"})
 SQUARED = frozenset({"MseLossBackward0", "PowBackward0", "SmoothL1LossBackward0", "HuberLossBackward0"})
 MAX_NODES = 64  # a loss over many outputs (a sum of heads) is read no further than this
 
 
 def loss_paths(loss: Tensor) -> list[list[str]]:
-    """For each squashing function (sigmoid, tanh, softmax) the loss reaches before any layer: the node names
-    from the loss down to it, the shortest such path (breadth first). [] when the loss has no graph, or when
+    """For each squashing function (sigmoid, tanh, softmax) or ReLU the loss reaches before any layer: the node names
+    from the loss down to it, one path for each operation that reads its output (breadth first). [] when the loss has no graph, or when
     reading it fails in any way (watching never crashes the user's run)."""
     try:
         return _paths(loss)
@@ -37,21 +39,25 @@ def _paths(loss: Tensor) -> list[list[str]]:
     start = getattr(loss, "grad_fn", None)
     if start is None:
         return []
+    if type(start).__name__ in SQUASH:
+        return [[type(start).__name__]]
     parent: dict[int, Any] = {id(start): None}
     todo, n, paths = [start], 0, []
     while todo and n < MAX_NODES:
         node = todo.pop(0)
         n += 1
-        name = type(node).__name__
-        if name in SQUASH:
-            path, at = [], node
-            while at is not None:
-                path.append(type(at).__name__)
-                at = parent[id(at)]
-            paths.append(path[::-1])
-            continue
         for nxt, _ in node.next_functions:
-            if nxt is not None and id(nxt) not in parent and type(nxt).__name__ not in LAYER_OPS:
+            if nxt is None:
+                continue
+            name = type(nxt).__name__
+            if name in SQUASH:  # every route to it, each through its own parent (an MSE and an L1 on one ReLU)
+                path, at = [name], node
+                while at is not None:
+                    path.append(type(at).__name__)
+                    at = parent[id(at)]
+                if path[::-1] not in paths:
+                    paths.append(path[::-1])
+            elif id(nxt) not in parent and name not in LAYER_OPS:
                 parent[id(nxt)] = node
                 todo.append(nxt)
     return paths
@@ -61,15 +67,25 @@ def quadratic_on_squash(paths: list[list[str]] | None) -> str:
     """'sigmoid'/'tanh' where the loss squares a difference of that function's output (MSE, (p − y)², Huber),
     else ''."""
     for path in paths or ():
-        if SQUASH[path[-1]] != "softmax" and SQUARED & set(path[:-1]):
+        if SQUASH.get(path[-1]) in ("sigmoid", "tanh") and SQUARED & set(path[:-1]):
             return SQUASH[path[-1]]
     return ""
+
+
+def penalty_on_relu(paths: list[list[str]] | None) -> bool:
+    """Whether the loss adds a penalty on a ReLU's outputs themselves, before any layer: |z|, a norm of z, or z
+    summed or averaged directly (z ≥ 0, so that is its L1) — a sparsity penalty (an SAE's λ‖z‖₁)."""
+    for path in paths or ():
+        if SQUASH.get(path[-1]) == "relu" and len(path) > 1 and (
+                MAGNITUDE & set(path[:-1]) or path[-2].startswith(("SumBackward", "MeanBackward"))):
+            return True
+    return False
 
 
 def log_of_probabilities(paths: list[list[str]] | None) -> str:
     """'sigmoid'/'softmax' where the loss takes the logarithm of that function's output by hand (log p,
     log(1 − p)), else ''."""
     for path in paths or ():
-        if SQUASH[path[-1]] != "tanh" and "LogBackward0" in path[-3:-1]:
+        if SQUASH.get(path[-1]) in ("sigmoid", "softmax") and "LogBackward0" in path[-3:-1]:
             return SQUASH[path[-1]]
     return ""
