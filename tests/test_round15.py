@@ -208,3 +208,53 @@ def test_inputs_standardised_already_are_not_standardised_again():
                        nn.functional.cross_entropy)
         fixed = catalog()["standardise_inputs"][0].apply(raw, {})
         assert fixed is not None and isinstance(fixed.model, surgery.Standardised)
+
+
+class _Iterated(nn.Module):
+    """One Linear + tanh block applied 30 times in a forward pass (Haber & Ruthotto 2017, §2–3; Dehghani et al.
+    2019): h ← tanh(W h + b), or the forward-Euler step h ← h + 0.1·tanh(W h + b) (``euler``, the twin)."""
+
+    def __init__(self, euler):
+        super().__init__()
+        self.enc, self.block, self.head, self.euler = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10), euler
+
+    def forward(self, x):
+        h = self.enc(x)
+        for _ in range(30):
+            h = h + 0.1 * torch.tanh(self.block(h)) if self.euler else torch.tanh(self.block(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_block_applied_thirty_times_is_told_across_its_calls_not_per_layer(store, seed):
+    """Round 15: the depth finding said "halves every 0.044 layers (×1.5e-07 per layer) from layer enc down to
+    layer enc" and "no activation module is visible" — the 30 calls of one block counted as one layer, beside a
+    tanh the run had measured. By hand (retain_grad on each h_t): ‖∂L/∂h_0‖ / ‖∂L/∂h_30‖ below 1e-4, so the encoder
+    gets nothing and the net stays at chance. The finding now names the calls and leaves the rate per call to the
+    finding through time; the Euler twin learns with no warning."""
+    from gradwatch.zoo.data import digits_trial
+
+    for euler in (False, True):
+        trial = digits_trial(_Iterated(euler), seed, 0.05)
+        with gw.watch(trial.model, trial.optimizer, store=store, name=f"loop-{seed}-{euler}") as w:
+            for _ in range(200):
+                w.log(loss=trial.step())
+        found = w.diagnose().problems
+        if euler:
+            assert not [f for f in found if f.severity != "info"] and trial.evaluate(trial.model) > 0.9
+            continue
+        x, y = next(trial.batches)
+        hs = [trial.model.enc(x)]
+        for _ in range(30):
+            hs.append(torch.tanh(trial.model.block(hs[-1])))
+        for h in hs:
+            h.retain_grad()
+        nn.functional.cross_entropy(trial.model.head(hs[-1]), y).backward()
+        assert float(hs[0].grad.norm() / hs[-1].grad.norm()) < 1e-4 and trial.evaluate(trial.model) < 0.2
+        depth = [f for f in found if f.kind == "vanishing" and f.cause_key == "loop"]
+        assert depth and "across the 30 calls of block" in depth[0].evidence, found
+        assert "halves every" not in depth[0].evidence and "no activation module" not in depth[0].cause
+        through = [f for f in found if f.kind == "vanishing" and "through time in block" in f.summary]
+        per_call = 2 ** (-1 / through[0].numbers["halving_steps"])
+        assert 0.4 < per_call < 0.8, per_call  # by hand (the helper's retain_grad): ×0.62 a call
+        assert "not sufficient" in through[0].evidence  # λ₁ ≥ 1 beside a gradient measured to vanish

@@ -21,7 +21,8 @@ class Finding:
     numbers: dict[str, float] = field(default_factory=dict)  # the measured values behind the words
     sources: tuple[str, ...] = ()  # which stored records the numbers come from
     # The cause's key for a depth finding, as gw.check names it (gradwatch.diagnosis.measures.Cause): dead,
-    # saturation, activation, weights, jacobians or unmeasured; "" for the other findings.
+    # saturation, activation, weights, jacobians or unmeasured, or "loop" where the stretch crosses a module called
+    # repeatedly in one forward pass; "" for the other findings.
     cause_key: str = ""
 
     @property

@@ -74,6 +74,10 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
             if math.isfinite(lam1):
                 verdict = pascanu(lam1, gamma)
         said = f"; {verdict.words}" if verdict is not None else ""
+        if verdict is not None and verdict.key == "exploding" and depth_verdict(ratio, th) == "vanishing":
+            # round 15: "explosion possible" beside a gradient measured to vanish ×0.6 a step read as a contradiction
+            said += ("; it is not sufficient, and here the steps contract all the same (a nonlinearity's derivative "
+                     "below 1, or the state off W_hh's top direction)")
         sources = (f"temporal_grad_norm ({e.name}, lags {lags[0]}…0 from each sequence's end, "
                    f"{steps_text(int(wsteps[0]), int(wsteps[-1]))})",) + ((f"lambda1 ({e.name})",) if "lambda1" in numbers else ())
         mem_text = (f"effective memory ≈ {memory} steps (‖∂L/∂h‖ below {th.memory_below:g}× its last value beyond that lag)"
