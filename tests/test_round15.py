@@ -258,3 +258,33 @@ def test_a_block_applied_thirty_times_is_told_across_its_calls_not_per_layer(sto
         per_call = 2 ** (-1 / through[0].numbers["halving_steps"])
         assert 0.4 < per_call < 0.8, per_call  # by hand (the helper's retain_grad): ×0.62 a call
         assert "not sufficient" in through[0].evidence  # λ₁ ≥ 1 beside a gradient measured to vanish
+
+
+def test_a_nan_made_by_torchs_own_loss_or_modules_is_placed_in_the_trial_not_at_the_doctors_call():
+    """Round 15: "the first NaN/Inf is made by torch.nn.functional.mse_loss at doctor.py:8 (`report = gw.doctor(…)`)"
+    — no line of the user's computed it: ``F.mse_loss`` was the set-up's ``loss_fn``, called by the default
+    ``Trial.step()``. By hand, the diabetes ×100 set-up's loss first overflows at a step ≤ 10; the origin names the
+    loss_fn and that step. A NaN made inside torch's own modules (an nn.Sequential) names the model."""
+    from gradwatch.doctor.locate import locate_nonfinite
+
+    trial, first = _diabetes(0), None
+    for step in range(12):
+        if not torch.isfinite(torch.as_tensor(trial.step())):
+            first = step
+            break
+    assert first is not None
+    origin = locate_nonfinite(_diabetes, 0, first + 1)
+    assert origin is not None and origin.step == first and "mse_loss" in origin.op, origin
+    assert "the set-up's loss_fn" in str(origin) and "test_round15.py" not in origin.where
+
+    def overflowing(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Softplus(beta=1.0, threshold=1e9), nn.Linear(4, 1))
+        with torch.no_grad():
+            model[0].weight.fill_(1e38)
+        x = torch.ones(8, 4)
+        return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), iter([(x, torch.zeros(8, 1))] * 4),
+                        nn.functional.mse_loss)
+
+    origin = locate_nonfinite(overflowing, 0, 1)
+    assert origin is not None and origin.step == 0 and "the set-up's model" in str(origin), origin

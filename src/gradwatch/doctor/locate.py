@@ -44,7 +44,7 @@ class Origin:
     code: str  # that line's source, stripped
 
     def __str__(self) -> str:
-        at = f" at {self.where}" if self.where else ""
+        at = "" if not self.where else f" at {self.where}" if self.where[-1].isdigit() else f" in {self.where}"  # a line, or words
         line = f" (`{self.code}`)" if self.code else ""
         if self.phase == "backward":
             return (f"the first NaN is made in the backward pass of {self.op} at step {self.step}, created{at}{line}: "
@@ -53,10 +53,22 @@ class Origin:
 
 
 def _user_frame(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
-    for f in reversed(frames):
+    """The innermost frame outside torch and gradwatch: ("file.py:123", its code). Where the innermost one outside
+    torch is the default :meth:`gradwatch.Trial.step`, no line of the user's made the value — torch's own modules
+    or a torch function given as ``loss_fn`` did, as the trial called them (round 15: ``F.mse_loss`` as the loss
+    was placed at the line that called ``gw.doctor``): the words say which."""
+    for i in range(len(frames) - 1, -1, -1):
+        f = frames[i]
         path = os.path.abspath(f.filename)
-        if not path.startswith(_OURS) and "<frozen" not in f.filename:
-            return f"{os.path.basename(f.filename)}:{f.lineno}", (f.line or "").strip()
+        if "<frozen" in f.filename or path.startswith(_OURS[0]):
+            continue
+        if path.startswith(_OURS[1]):
+            if f.name == "step" and os.path.basename(path) == "trial.py":
+                in_module = any(os.sep + os.path.join("nn", "modules") + os.sep in g.filename for g in frames[i + 1:])
+                return ("the set-up's model (torch's own modules, run by gradwatch's Trial.step())" if in_module
+                        else "the set-up's loss_fn (called by gradwatch's Trial.step())"), ""
+            continue
+        return f"{os.path.basename(f.filename)}:{f.lineno}", (f.line or "").strip()
     return "", ""
 
 
