@@ -288,3 +288,76 @@ def test_a_nan_made_by_torchs_own_loss_or_modules_is_placed_in_the_trial_not_at_
 
     origin = locate_nonfinite(overflowing, 0, 1)
     assert origin is not None and origin.step == 0 and "the set-up's model" in str(origin), origin
+
+
+class _Sine(nn.Module):
+    """SIREN's activation, sin(ω₀·x) with ω₀ = 30 (Sitzmann et al. 2020): a module of a type the watch does not know."""
+
+    def forward(self, x):
+        return torch.sin(30.0 * x)
+
+
+def _siren(seed, paper_init=False):
+    """A SIREN 1-64-64-64-1 fitting a 1-D signal on 300 grid points (full batch, MSE, Adam 1e-4, the paper's), scored
+    by R² on the 299 midpoints. PyTorch's default init leaves every hidden pre-activation at std ≈ 12; the paper's
+    (supplement §1) draws hidden weights U(±√(6/n)/ω₀) and the first U(±1/n)."""
+    import math
+
+    def signal(x):
+        return torch.sin(2 * math.pi * 3 * x) + 0.5 * torch.sin(2 * math.pi * 7 * x + 1) + 0.3 * torch.tanh(20 * x)
+
+    x = torch.linspace(-1, 1, 300)[:, None]
+    xt = (x[:-1] + x[1:]) / 2
+    y, yt = signal(x), signal(xt)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(1, 64), _Sine(), nn.Linear(64, 64), _Sine(), nn.Linear(64, 64), _Sine(),
+                          nn.Linear(64, 1))
+    if paper_init:
+        with torch.no_grad():
+            for i, layer in enumerate(m for m in model if isinstance(m, nn.Linear)):
+                bound = 1.0 if i == 0 else math.sqrt(6 / layer.in_features) / 30.0
+                layer.weight.uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def r2(m):
+        return float(1 - ((m(xt) - yt) ** 2).mean() / ((yt - yt.mean()) ** 2).mean())
+
+    def batches():
+        while True:
+            yield x, y
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-4), batches(), nn.functional.mse_loss, r2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_siren_at_the_default_init_is_repaired_by_dividing_out_its_measured_growth(store, seed):
+    """Round 15: SIREN under nn.Linear's default init — ‖∂L/∂a‖ ×12 a layer (by hand: first/last Linear ≈ 1.8e3),
+    the training points memorised (loss ~1e-8), R² < 0 between them; told "orthogonal or Xavier", both larger than
+    the default here, and the doctor had no row that makes weights smaller. The finding now offers dividing the
+    weights after the first layer by the measured growth, and the doctor's row doing that learns the signal
+    (R² ≥ 0.9 held out, as the paper's init does) where the baseline stays below 0.5."""
+    from gradwatch.doctor.catalogue import shown_label
+
+    trial = _siren(seed)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"siren-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=trial.step())
+    assert trial.evaluate(trial.model) < 0.5
+    exploding = [f for f in w.diagnose().problems if f.kind == "exploding"]
+    assert exploding and "rescale_weights" in exploding[0].remedy_keys, exploding
+    growth = exploding[0].numbers["growth_per_layer"]
+    assert 5 < growth < 30, growth  # by hand: ≈ 12
+    assert "does not know" in exploding[0].cause
+
+    remedy = catalog()["rescale_weights"][0]
+    assert "÷" in shown_label(remedy, {"growth_per_layer": growth})
+    fixed = remedy.apply(_siren(seed), {"growth_per_layer": growth})
+    assert fixed is not None
+    first = [m for m in fixed.model if isinstance(m, nn.Linear)][0]
+    assert torch.equal(first.weight, [m for m in _siren(seed).model if isinstance(m, nn.Linear)][0].weight)
+    for _ in range(300):
+        fixed.step()
+    twin = _siren(seed, paper_init=True)
+    for _ in range(300):
+        twin.step()
+    assert fixed.evaluate(fixed.model) >= 0.9 and twin.evaluate(twin.model) >= 0.9

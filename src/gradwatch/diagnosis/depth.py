@@ -146,7 +146,8 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
     else:
         change = (f"the gradient doubles every {-k:.2g} layers towards the input (×{2 ** (-1 / k):.2g} per layer)"
                   if k is not None and k < 0 else f"layers {span(layers)} get more than {th.affected_above:g}× the last layer's")
-        numbers.update(ratio=ratio, doubling_layers=-k if k else math.nan)
+        numbers.update(ratio=ratio, doubling_layers=-k if k else math.nan,
+                       growth_per_layer=2 ** (-1 / k) if k is not None and k < 0 else math.nan)
         severity = "critical"
     return [Finding(
         kind=verdict, severity=severity, layers=layers, steps=(start, int(prof.steps[-1])),

@@ -12,6 +12,9 @@ REMEDIES = {
     "orthogonal_init": "orthogonal or Xavier initialisation, or LSUV (Mishkin & Matas 2016)",
     "smaller_init": "weights re-initialised at a variance-preserving scale (Xavier/orthogonal with the activation's gain, or "
                     "LSUV to unit variance)",
+    "rescale_weights": "every layer's weights after the first divided by the gradient's measured growth per layer: a "
+                       "re-initialisation measured on this net, for an activation whose gain no formula knows (SIREN's "
+                       "sin(ω₀·x) wants weights ω₀ times smaller than a linear layer's default, Sitzmann et al. 2020)",
     "zero_bias": "initialise biases at zero",
     "residual": "residual connections around blocks",
     "norm": "normalisation (BatchNorm/LayerNorm) before the activations",

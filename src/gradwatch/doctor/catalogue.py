@@ -74,6 +74,7 @@ EXPANDS: dict[str, tuple[str, ...]] = {
     "mean_reduction": ("mean_reduction", "mean_reduction_raise_lr"),
 }
 ACCUMULATED = "÷ the forward passes per step (as each accumulated loss divided by their number)"  # its k, once known
+RESCALED = "÷ the gradient's measured growth per layer"  # its factor, once measured
 
 
 def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
@@ -82,6 +83,9 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
     k = numbers.get("passes_per_step", math.nan)
     if "divide_accumulated" in remedy.parts and math.isfinite(k):
         return remedy.label.replace(ACCUMULATED, f"÷{k:g} (as each of the {k:g} accumulated losses divided by {k:g})")
+    growth = numbers.get("growth_per_layer", math.nan)
+    if "rescale_weights" in remedy.parts and math.isfinite(growth):
+        return remedy.label.replace(RESCALED, f"÷{growth:.2g} (the gradient's measured growth per layer)")
     if "clip" not in knobs(remedy.parts):
         return remedy.label
     return remedy.label.replace("clipping", f"clipping at max_norm={sci(s.clip_bound(numbers))}", 1)
@@ -107,6 +111,7 @@ def catalog() -> dict[str, list[Remedy]]:
     return {
         "he_init": one("he_init", "He initialisation", OnModel(s.he)),
         "lecun_init": one("lecun_init", "LeCun normal initialisation", OnModel(s.lecun)),
+        "rescale_weights": one("rescale_weights", f"weights after the first layer {RESCALED}", s.rescale_weights),
         "orthogonal_init": one("orthogonal_init", "orthogonal initialisation", OnModel(s.orthogonal)),
         "smaller_init": one("smaller_init", "Xavier initialisation", OnModel(s.xavier)),
         # too large a scale from the start diverges at once: a sane init alone may still meet a rate set for the old

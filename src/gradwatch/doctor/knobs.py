@@ -14,6 +14,7 @@ SAME_KNOB: dict[str, frozenset[str]] = {
     # the initialisations: the later overwrites the earlier (round 7's "Xavier + Xavier init + lr ×0.1" row)
     "he_init": frozenset({"init"}),
     "lecun_init": frozenset({"init"}),
+    "rescale_weights": frozenset({"init"}),
     "orthogonal_init": frozenset({"init"}),
     "smaller_init": frozenset({"init"}),
     "identity_init": frozenset({"init"}),

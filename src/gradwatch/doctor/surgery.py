@@ -376,6 +376,26 @@ def he(m: nn.Module) -> nn.Module | None:
     return r.he_init(m, inplace=True) if _initialised(m) else None
 
 
+RESCALE_FROM = 2.0  # a measured growth per layer below this is no scale to divide out
+
+
+@torch.no_grad()
+def rescale_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every weighted layer's weights after the first divided by the depth finding's measured growth per layer
+    (``growth_per_layer``), biases kept; None without such a growth (≥ :data:`RESCALE_FROM`) or with fewer than
+    three weighted layers. The first layer sets the scale the inputs enter at (SIREN's first layer is its
+    frequency); the growth is what the layers above it multiply the gradient by."""
+    from gradwatch.remedies.init import _WEIGHTED
+
+    growth = numbers.get("growth_per_layer", math.nan)
+    layers = [m for m in trial.model.modules() if isinstance(m, _WEIGHTED)]
+    if not (math.isfinite(growth) and growth >= RESCALE_FROM) or len(layers) < 3:
+        return None
+    for layer in layers[1:]:
+        layer.weight.div_(growth)
+    return trial
+
+
 def lecun(m: nn.Module) -> nn.Module | None:
     return r.lecun_init(m, inplace=True) if _initialised(m) else None
 

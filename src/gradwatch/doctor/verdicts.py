@@ -43,6 +43,7 @@ from gradwatch.doctor.trial_run import TrialRun
 LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction of the run's first finite loss
 SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least this much above the baseline's
 NULL_BELOW = 0.9  # "clearly below a constant output": the null loss is measured on a few batches (±10 %)
+SCORE_OVERRULES = 0.5  # a held-out score this much above the baseline's outweighs a training loss above its
 WORSE_LOSS_ABOVE = 2.0  # a scored row whose score did not clearly rise is "worse" when its final loss more than doubled
 
 
@@ -108,7 +109,12 @@ def ends_above_base(base: TrialResult, trial: TrialResult) -> bool:
     same objective it ended worse than the pathology did. Round 15: a sparse autoencoder whose latents all died
     ends at its mean's reconstruction, 0.95; LeakyReLU + He + lr ×0.1 kept them alive but ended at 9.1 (R² 0.12
     against the healthy twin's 0.82), and was called a fix — the constant output's loss that would have caught it
-    could not be measured on a model that returns (reconstruction, code)."""
+    could not be measured on a model that returns (reconstruction, code). A held-out score
+    :data:`SCORE_OVERRULES` or more above the baseline's overrules the training loss: a baseline can memorise its
+    training points and generalise worse than a constant."""
+    scored = math.isfinite(base.score) and math.isfinite(trial.score)
+    if scored and trial.score >= base.score + SCORE_OVERRULES:
+        return False  # the baseline memorised its training set (round 15's SIREN: loss 7e-9, R² −0.25 held out)
     return 0 < base.final_loss < math.inf and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss
 
 
