@@ -612,6 +612,11 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         if len(before) >= 2 and before[-1] > th.spike_above * np.median(before):
             cause = (f"divergence — the total gradient norm grew from a median of {sci(float(np.median(before)))} to "
                      f"{sci(float(before[-1]))} just before step {step0}")
+        elif len(before) and float(before.max()) > th.grad_norm_above:
+            # too few steps before it for a growth to show (round 15: raw regression targets, NaN at step 2 on one
+            # seed and 6 on the other, told two different causes for one mechanism)
+            cause = (f"divergence — the total gradient norm was already {sci(float(before.max()))} before step "
+                     f"{step0}, above the bound of {sci(th.grad_norm_above)}")
     loss_note = ""
     loss_step = math.nan  # the first step whose logged loss is non-finite (a gradient may overflow before it)
     fixes = nonfinite_remedies(step0)
