@@ -364,3 +364,17 @@ def test_a_siren_at_the_default_init_is_repaired_by_dividing_out_its_measured_gr
     for _ in range(300):
         twin.step()
     assert fixed.evaluate(fixed.model) >= 0.9 and twin.evaluate(twin.model) >= 0.9
+
+
+def test_a_model_that_returns_a_tuple_has_a_constant_outputs_loss():
+    """Round 15: the SAE returns (reconstruction, latents), so the loss of a constant output — the doctor's ceiling
+    for a fix — was silently NaN. It is now the lower of every tensor at zeros and the one shaped like the targets
+    at their mean: here the mean's reconstruction error, λ·0 for the latents (by hand on the same batches)."""
+    from gradwatch.trial import NULL_BATCHES, null_loss
+
+    value = null_loss(_sae(0, 1.0))
+    reference = _sae(0, 1.0)
+    batches = [next(reference.batches) for _ in range(NULL_BATCHES)]
+    mean = torch.cat([y for _, y in batches]).mean(0)
+    by_hand = float(np.mean([float(nn.functional.mse_loss(mean.expand_as(y), y)) for _, y in batches]))
+    assert value == pytest.approx(by_hand, rel=1e-5) and 0.5 < value < 1.5  # standardised digits: about 1

@@ -215,6 +215,8 @@ def null_output(trial: Any) -> tuple[float, Tensor | None]:
     try:
         with torch.random.fork_rng(devices=[]):
             outs = [model(b[0]) for b in taken]
+            if all(_float_tuple(o) for o in outs):
+                return _tuple_null(trial, outs, [b[1] for b in taken]), None
             if not all(isinstance(o, Tensor) and o.is_floating_point() for o in outs):
                 return math.nan, None
             ys = [b[1] for b in taken]
@@ -238,6 +240,33 @@ def null_output(trial: Any) -> tuple[float, Tensor | None]:
         for m, was in modes:
             m.training = was
     return (value, constant) if math.isfinite(value) else (math.nan, None)
+
+
+def _float_tuple(out: Any) -> bool:
+    """A tuple or list of float tensors: a model that returns (reconstruction, code), (logits, aux), …"""
+    return isinstance(out, (tuple, list)) and bool(out) and all(isinstance(o, Tensor) and o.is_floating_point() for o in out)
+
+
+def _tuple_null(trial: Any, outs: list, ys: list) -> float:
+    """The null loss of a model that returns several tensors: each at zeros, or, where one has the targets' shape
+    and they are floats, that one at the targets' mean — the lower (round 15: a sparse autoencoder's
+    (reconstruction, latents) had no ceiling, and a row ending at 9× the baseline's loss passed as a fix). NaN where
+    the loss fails or is not finite; no constant output is kept (the score of a constant is not measured)."""
+
+    def rebuilt(o: Any, parts: list[Tensor]) -> Any:
+        try:
+            return type(o)(parts)
+        except TypeError:  # a namedtuple takes its fields one by one
+            return type(o)(*parts)
+
+    def loss(fill: Callable[[Tensor, Any], Tensor]) -> float:
+        return float(np.mean([float(trial.loss_fn(rebuilt(o, [fill(t, y) for t in o]), y)) for o, y in zip(outs, ys)]))
+
+    value = loss(lambda t, y: torch.zeros_like(t))
+    if all(isinstance(y, Tensor) and y.is_floating_point() for y in ys):
+        mean = torch.cat([y.reshape(-1, *y.shape[1:]) for y in ys]).mean(0)
+        value = min(value, loss(lambda t, y: mean.expand_as(t) if t.shape == y.shape else torch.zeros_like(t)))
+    return value if math.isfinite(value) else math.nan
 
 
 class ConstantModel(nn.Module):
