@@ -479,7 +479,8 @@ def test_gradient_spikes_a_run_learned_through_are_told_not_warned(store, seed):
     Glorot, Bordes & Bengio 2011) sits on a plateau, then leaves it with gradient-norm spikes hundreds of times the
     median (by hand) and learns. The loss's own spike finding said "recovered" (info); the gradient norm's, merged
     into it, made it a warning with clipping and skipped steps offered. Now info, no remedies, wherever the run
-    learned through them (loss at a tenth of its start or below and > 0.9 held out, by hand)."""
+    learned through them (by hand, 250 steps after it left its plateau: loss at a fifth of its start or below, > 0.85
+    held out)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -506,17 +507,23 @@ def test_gradient_spikes_a_run_learned_through_are_told_not_warned(store, seed):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = epochs()
     losses, norms = [], []
+    left = None  # the step it left its plateau (the last 20 losses' median below 1); when is chaotic across seeds
+    # and thread counts (by hand, seeds 0–2 on 1 and 2 threads: steps 213–722), so it trains 250 steps past it
     with gw.watch(model, opt, store=store, name=f"cnn-{seed}") as w:
-        for _ in range(500):
+        for step in range(1200):
             i = next(batches)
             loss = nn.functional.cross_entropy(model(x[i]), y[i])
             opt.zero_grad(); loss.backward()
             norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()))
             opt.step(); w.log(loss=loss)
             losses.append(float(loss.detach()))
+            if left is None and step >= 20 and np.median(losses[-20:]) < 1.0:
+                left = step
+            if left is not None and step >= max(500, left + 250):
+                break
     with torch.no_grad():
         score = float((model(x[te]).argmax(1) == y[te]).float().mean())
-    assert score > 0.9 and np.median(losses[-50:]) < 0.1 * np.median(losses[:10])  # it learned, by hand
+    assert score > 0.85 and np.median(losses[-50:]) < 0.2 * np.median(losses[:10])  # it learned, by hand
     problems = [f for f in w.diagnose().problems if f.kind == "exploding"]
     assert not problems, problems
     if max(norms) > 50 * np.median(norms):  # the spikes, by hand (seeds 0 and 1 measured: ×18 and ×300)

@@ -40,11 +40,13 @@ class Origin:
     step: int
     phase: str  # "forward" (forward, loss and optimizer step, as the trial's step() runs them) or "backward"
     op: str  # the torch function (forward) or the backward function (``SqrtBackward0``)
-    where: str  # "file.py:123" of the user's code, "" when no frame outside torch was found
+    # "file.py:123" of the user's code; words where torch's own code, as the default Trial.step() calls it, made the
+    # value (the set-up's model or loss_fn); "" when no frame outside torch was found
+    where: str
     code: str  # that line's source, stripped
 
     def __str__(self) -> str:
-        at = "" if not self.where else f" at {self.where}" if self.where[-1].isdigit() else f" in {self.where}"  # a line, or words
+        at = "" if not self.where else f" at {self.where}" if self.where[-1].isdigit() else f" in {self.where}"
         line = f" (`{self.code}`)" if self.code else ""
         if self.phase == "backward":
             return (f"the first NaN is made in the backward pass of {self.op} at step {self.step}, created{at}{line}: "

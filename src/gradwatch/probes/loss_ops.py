@@ -18,7 +18,8 @@ LAYER_OPS = frozenset({
     "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0", "LinearBackward0",
     "EmbeddingBackward0", "EmbeddingBagBackward0", "AccumulateGrad",
 })
-SQUASH = {"SigmoidBackward0": "sigmoid", "TanhBackward0": "tanh", "SoftmaxBackward0": "softmax", "ReluBackward0": "relu"}
+SQUASH = {"SigmoidBackward0": "sigmoid", "TanhBackward0": "tanh", "SoftmaxBackward0": "softmax",
+          "ReluBackward0": "relu"}
 # a penalty on the size of the units' outputs: |z| or a norm of them (an L1 on a ReLU's output, an SAE's sparsity)
 MAGNITUDE = frozenset({"AbsBackward0", "NormBackward0", "NormBackward1", "LinalgVectorNormBackward0"})
 SQUARED = frozenset({"MseLossBackward0", "PowBackward0", "SmoothL1LossBackward0", "HuberLossBackward0"})
@@ -26,9 +27,9 @@ MAX_NODES = 64  # a loss over many outputs (a sum of heads) is read no further t
 
 
 def loss_paths(loss: Tensor) -> list[list[str]]:
-    """For each squashing function (sigmoid, tanh, softmax) or ReLU the loss reaches before any layer: the node names
-    from the loss down to it, one path for each operation that reads its output (breadth first). [] when the loss has no graph, or when
-    reading it fails in any way (watching never crashes the user's run)."""
+    """For each squashing function (sigmoid, tanh, softmax) or ReLU the loss reaches before any layer: the node
+    names from the loss down to it, one path for each operation that reads its output (breadth first). [] when the
+    loss has no graph, or when reading it fails in any way (watching never crashes the user's run)."""
     try:
         return _paths(loss)
     except Exception:  # noqa: BLE001 - an exotic graph node (a C++ extension's): nothing to say, nothing lost
