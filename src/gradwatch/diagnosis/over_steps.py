@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import ADAM_TYPES, run_meta
+from gradwatch.diagnosis.architecture import ADAM_TYPES, module_types, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, halved, loss_ends, real_fit, total_grad_norm, window_median
 from gradwatch.diagnosis.remedies import remedies
@@ -327,7 +327,7 @@ def loss_scale_findings(run: Run, th: Thresholds) -> list[Finding]:
     ``TargetScaled``): its loss is in the targets' units while it trains as on unit targets, and a regression
     that reaches the noise of its data (round 15: diabetes, R² 0.61, its loss 5.0e7 → 3.0e7) need not halve.
     """
-    if TARGETS_STANDARDISED in (run_meta(run).get("module_types") or ()):
+    if TARGETS_STANDARDISED in module_types(run):
         return []  # trained on standardised targets already (the doctor's row): its loss is in the user's units
     first = _first_loss(run)
     ends = loss_ends(run, th)
