@@ -32,6 +32,9 @@ REMEDIES = {
     "smaller_l1": "a smaller coefficient on the L1 penalty of the activations (its gradient pushes every active unit "
                   "towards 0 by the coefficient, and one pushed below 0 for every input never fires again), or "
                   "resample dead units (Bricken et al. 2023)",
+    "gumbel_temperature": "a Gumbel-softmax temperature near 1, annealed no lower than 0.5 (τ = max(0.5, exp(−r·t)), "
+                          "Jang et al. 2017 §4), or hard=True (straight-through) at that τ where the forward pass "
+                          "needs a discrete sample",
     "straight_through": "a straight-through estimator around a step-like operation, x + (f(x) − x).detach() "
                         "(Bengio et al. 2013): its forward is f(x), its gradient the identity's",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",

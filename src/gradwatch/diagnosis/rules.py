@@ -29,7 +29,8 @@ from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
 from gradwatch.diagnosis.units import (
-    activation_findings, cut_graph_findings, dead_output_findings, softmax_output_findings, stalled_findings, zero_gradient_findings,
+    activation_findings, cut_graph_findings, dead_output_findings, relaxation_findings, softmax_output_findings,
+    stalled_findings, zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
@@ -67,7 +68,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
         found += loss_scale_findings(view, th)
     if not found:  # a flat loss while nothing moves: too small a learning rate
         found += tiny_step_findings(view, th)
-    found += activation_findings(view, th) + dead_output_findings(view, th) + skipped
+    found += activation_findings(view, th) + relaxation_findings(view, th) + dead_output_findings(view, th) + skipped
     zero = zero_gradient_findings(view, th)  # no gradient at all (a softmax over one unit): that finding says why
     found += zero or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
     if not zero:

@@ -10,11 +10,12 @@ import numpy as np
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
 from gradwatch.diagnosis.findings import Finding, sci, span
-from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, loss_ends, window_median
+from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
 from gradwatch.probes.activations import peak_derivative
+from gradwatch.probes.functional import ONE_HOT_ABOVE
 from gradwatch.probes.loss_ops import quadratic_on_squash
 from gradwatch.store import Run, Series
 
@@ -73,6 +74,66 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             summary=summary, evidence=evidence + "; " + effect + ".", cause=cause, remedies=fixes if hurt else (),
             numbers={quantity: frac, **numbers},
             sources=(f"{quantity} (activations {span(s.names)}, {over})",),
+        ))
+    return found
+
+
+RELAXED_ONE_HOT = 0.9  # a Gumbel-softmax whose samples are one-hot this often over the run's first quarter
+TEMPERATURE_LOW = 0.5  # ... at a τ below this: Jang et al. (2017, §4) anneal τ from 1 down to 0.5, no lower
+
+
+def relaxation_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """A Gumbel-softmax whose relaxed samples are one-hot from the start (``onehot_frac`` of its call site,
+    :meth:`gradwatch.probes.functional.FunctionalProbe.relaxed`): its gradient is mostly zero, at times large.
+
+    At the start the logits have learned nothing, so a sample one-hot then is one the temperature made so (or
+    logits far too large for it). Measured (round 15, Jang et al.'s categorical autoencoder on digits, 8 × 8 codes,
+    Adam 1e-3, seeds 0–1): one-hot share over the first 120 steps 0.95–0.97 at τ = 0.01 (held-out FVE 0.35–0.37),
+    0.64–0.70 at τ = 0.1 (0.46), 0.42–0.53 at 0.2, ≤ 0.29 at 0.5 and ≤ 0.07 at 1 (0.55); late in a healthy run a
+    learned code's samples grow confident (0.2–0.6 at τ = 1–0.5), which is why the start is read.
+    """
+    if "onehot_frac" not in run.quantities:
+        return []
+    s = run.series("onehot_frac", "activation")
+    taus: dict[str, float] = {}
+    if "gumbel_tau" in run.quantities:
+        t = run.series("gumbel_tau", "activation")
+        taus = {n: float(np.nanmin(v)) for n, v in zip(t.names, t.values) if np.isfinite(v).any()}
+    ends = loss_ends(run, th)
+    found = []
+    for name, values in zip(s.names, s.values):
+        ok = np.isfinite(values)
+        v, steps = values[ok], s.steps[ok]
+        if not len(v):
+            continue
+        n = max(1, len(v) // 4)
+        share = float(np.median(v[:n]))
+        if share < RELAXED_ONE_HOT:
+            continue
+        tau = taus.get(name, math.nan)
+        hurt = not halved(ends)
+        effect = (f"the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "no logged loss")
+        evidence = (f"{share:.0%} of its relaxed samples one-hot (largest probability above {ONE_HOT_ABOVE:g}) over "
+                    f"{steps_text(int(steps[0]), int(steps[n - 1]))}, the run's first quarter, and "
+                    f"{float(np.median(v)):.0%} over the run; τ = {tau:g}; {effect}")
+        jacobian = (f"its Jacobian (1/τ)(diag y − y yᵀ) is about 0 on a one-hot row and up to 1/(4τ) = "
+                    f"{sci(1 / (4 * tau))} on the others, so the gradient reaching the logits is mostly zero and at "
+                    f"times large: an estimate of high variance (Jang, Gu & Poole 2017, §2 and Fig. 1)")
+        if tau < TEMPERATURE_LOW:
+            cause = (f"a Gumbel-softmax temperature too low (τ = {tau:g}): softmax((logits + g)/τ) is one-hot before "
+                     f"the logits have learned anything; " + jacobian)
+            fixes = remedies("gumbel_temperature")
+        else:
+            cause = (f"logits far too large for the temperature (τ = {tau:g}) from the start, as at a large "
+                     f"initialisation of the layer that makes them; " + jacobian)
+            fixes = remedies("smaller_init")
+        found.append(Finding(
+            kind="saturation", severity="warning" if hurt else "info", layers=(name,),
+            steps=(int(steps[0]), int(steps[-1])),
+            summary=f"{share:.0%} of the Gumbel-softmax samples at {name} are one-hot from the start (τ = {tau:g})",
+            evidence=evidence + ".", cause=cause, remedies=fixes if hurt else (),
+            numbers={"onehot_frac": share, "gumbel_tau": tau},
+            sources=(f"onehot_frac, gumbel_tau (activation {name})",),
         ))
     return found
 

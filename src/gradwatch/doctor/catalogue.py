@@ -128,6 +128,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
         "straight_through": [],  # the step-like operation is in the user's forward
         "smaller_l1": [],  # the penalty is in the user's loss
+        "gumbel_temperature": one("gumbel_temperature", f"Gumbel-softmax temperature {s.GUMBEL_TAU:g}",
+                                  s.gumbel_temperature),
         "check_graph": [],  # a forward that leaves the autograd graph is the user's code: nothing to try
         "residual": one("residual", "residual connections", s.residual),
         "fixup": one("fixup", "Fixup (zero-init residual branches)", s.fixup),

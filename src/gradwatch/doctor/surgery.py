@@ -396,6 +396,19 @@ def rescale_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+GUMBEL_TAU = 1.0  # the temperature the doctor's Gumbel-softmax row trains at (Jang et al. 2017 start there)
+
+
+def gumbel_temperature(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's model with its ``F.gumbel_softmax`` calls at τ = :data:`GUMBEL_TAU` where the finding measured a
+    lower one (``gumbel_tau``; :func:`gradwatch.remedies.gumbel_temperature`); None without one."""
+    tau = numbers.get("gumbel_tau", math.nan)
+    if not (math.isfinite(tau) and tau < GUMBEL_TAU):
+        return None
+    trial.model = r.gumbel_temperature(trial.model, GUMBEL_TAU)
+    return trial
+
+
 def lecun(m: nn.Module) -> nn.Module | None:
     return r.lecun_init(m, inplace=True) if _initialised(m) else None
 

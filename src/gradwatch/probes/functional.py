@@ -48,7 +48,7 @@ from gradwatch.probes.activations import ActivationProbe, Call, activation_spec
 from gradwatch.probes.graph import walk_back
 
 # the activation functions tapped, as their names appear in a call (`torch.tanh(`, `x.clamp_(`, `F.leaky_relu(`)
-_ACT_CALL = re.compile(r"\b(tanh|sigmoid|relu6?|hardtanh|clamp|clip|leaky_relu|gelu|silu|elu)_?\(")
+_ACT_CALL = re.compile(r"\b(tanh|sigmoid|relu6?|hardtanh|clamp|clip|leaky_relu|gelu|silu|elu|gumbel_softmax)_?\(")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # frames between the user's call and the mode: Python-level torch functions dispatching to it
 _DISPATCH_FILES = tuple(os.path.join(_TORCH_DIR, *p) for p in (("overrides.py",), ("nn", "functional.py"),
@@ -57,6 +57,12 @@ _ADD_NODES = {"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1"}
 _ADD_FUNCS = {"add", "add_", "__add__", "__radd__", "__iadd__"}  # a residual sum, as the tap sees it
 BRANCH_REACH = 64  # autograd nodes walked back from a sum's term to the skip's source (weights' leaves count)
 _ACTIVATION_CLASS = re.compile(r"(Activation|GELU|GeLU|SiLU|Swish|Mish|ReLU|Tanh|Sigmoid)$")
+# autograd nodes that only reshape or select: a Gumbel-softmax's logits are a layer's output seen through them
+_SHAPE_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
+                "PermuteBackward0", "SplitBackward0", "UnbindBackward0", "SelectBackward0", "SliceBackward0",
+                "CloneBackward0"}
+ONE_HOT_ABOVE = 0.99  # a relaxed sample whose largest probability is above this is one-hot
+RELAXED = "GumbelSoftmax"  # the entity's module type for a F.gumbel_softmax call site
 _KNOWN = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.gelu, F.silu, F.elu,
           torch.clamp, torch.clip, F.tanh, F.sigmoid}
 
@@ -124,6 +130,17 @@ def called_by_user() -> bool:
     while f is not None and f.f_code.co_filename.startswith(_DISPATCH_FILES):
         f = f.f_back
     return f is not None and not f.f_code.co_filename.startswith(_TORCH_DIR)
+
+
+def _soft_sample(out: Tensor) -> Tensor | None:
+    """The soft sample behind a straight-through Gumbel-softmax's output (y_hard − y_soft.detach() + y_soft): the
+    result its softmax node saved; None where there is no such node."""
+    node = out.grad_fn
+    for next_node, _ in getattr(node, "next_functions", ()):
+        if type(next_node).__name__ == "SoftmaxBackward0":
+            saved = getattr(next_node, "_saved_result", None)
+            return saved.detach() if isinstance(saved, Tensor) else None
+    return None
 
 
 class FunctionalTap(TorchFunctionMode):
@@ -222,10 +239,15 @@ class FunctionalProbe:
         self._outputs: dict[int, tuple[Any, str]] = {}  # this pass's measured calls: output node -> name
         self.branch_calls: set[str] = set()  # calls seen inside a residual branch, over the run
         self.branch_layers: set[str] = set()  # ... and the layers seen there
+        # this step's F.gumbel_softmax calls by site: (Σ one-hot share, calls, lowest τ)
+        self._relaxed: dict[str, tuple[Tensor, int, float]] = {}
 
     def measure(self, fn: str, args: tuple, kwargs: dict, node: Any, out: Tensor) -> tuple[str, Call] | None:
         """Measure one call (the input's node ``node``, the output ``out``): (its name, the call), or None where
-        it is not an activation of a layer's output."""
+        it is not an activation of a layer's output (a Gumbel-softmax's call is measured apart: :meth:`relaxed`)."""
+        if fn == "gumbel_softmax":
+            self.relaxed(args, kwargs, node, out)
+            return None
         layer = self.layers.producer(node)
         module = stand_in(fn, args, kwargs) if layer is not None else None
         spec = activation_spec(module) if module is not None else None
@@ -242,6 +264,43 @@ class FunctionalProbe:
         if out.grad_fn is not None:
             self._outputs[id(out.grad_fn)] = (out.grad_fn, name)
         return (name, call) if call is not None else None
+
+    def relaxed(self, args: tuple, kwargs: dict, node: Any, out: Tensor) -> None:
+        """A ``F.gumbel_softmax(logits, tau, hard, eps, dim)`` call: the share of its samples that are one-hot
+        (largest probability above :data:`ONE_HOT_ABOVE`) and its τ, under the name of the layer whose output the
+        logits are (seen through reshapes: ``enc.2.gumbel_softmax()``). With ``hard=True`` the output is one-hot by
+        design and the gradient is the soft sample's: that sample is read where autograd saved it (the softmax's
+        node under the output's); without a graph, softmax(logits/τ)'s share is taken, the noise left out (no
+        random number is drawn: watching never changes training)."""
+        def arg(i: int, key: str, default: Any) -> Any:
+            return args[i] if len(args) > i else kwargs.get(key, default)
+        tau, hard, dim = _number(arg(1, "tau", 1.0)), arg(2, "hard", False), arg(4, "dim", -1)
+        if tau is None or not tau > 0 or not isinstance(dim, int) or out.dim() == 0:
+            return
+        with torch.no_grad():
+            y = _soft_sample(out) if hard else out.detach()
+            if y is None:
+                y = torch.softmax(args[0].detach().float() / tau, dim)
+            share = (y.amax(dim) > ONE_HOT_ABOVE).float().mean()
+        site = self._site(node)
+        name = f"{site}.gumbel_softmax()" if site is not None else "gumbel_softmax()"
+        got = self._relaxed.get(name)
+        self._relaxed[name] = (share, 1, tau) if got is None else (got[0] + share, got[1] + 1, min(got[2], tau))
+
+    def _site(self, node: Any) -> str | None:
+        """The layer whose output ``node`` is, looked for through nodes that only reshape or select."""
+        for _ in range(8):
+            if node is None:
+                return None
+            layer = self.layers.producer(node)
+            if layer is not None or type(node).__name__ not in _SHAPE_NODES or not node.next_functions:
+                return layer
+            node = node.next_functions[0][0]
+        return None
+
+    def kind_of(self, name: str) -> str:
+        """The module type an entity of this probe stands for: its stand-in's class, or :data:`RELAXED`."""
+        return RELAXED if name.endswith("gumbel_softmax()") else self.kinds[self.names.index(name)]
 
     def summed(self, a: tuple[Tensor, Any], b: tuple[Tensor, Any]) -> bool:
         """An addition of terms ``a`` and ``b``, each (tensor, its autograd node): when one is a layer's input (the
@@ -284,13 +343,20 @@ class FunctionalProbe:
         self._outputs = {}
 
     def take(self) -> list[tuple[str, str, Tensor]]:
-        """The step's statistics as (entity name, quantity, 1-element value); forgets the calls."""
+        """The step's statistics as (entity name, quantity, 1-element value); forgets the calls. A Gumbel-softmax
+        site's are ``onehot_frac`` (the mean share over its calls) and ``gumbel_tau`` (the lowest τ)."""
         self.layers.clear()
         self._outputs = {}
-        return [(self.names[i], quantity, values[k:k + 1])
-                for quantity, index, values in self.activations.take() for k, i in enumerate(index)]
+        relaxed, self._relaxed = self._relaxed, {}
+        taken = [(self.names[i], quantity, values[k:k + 1])
+                 for quantity, index, values in self.activations.take() for k, i in enumerate(index)]
+        for name, (total, calls, tau) in relaxed.items():
+            taken.append((name, "onehot_frac", (total / calls).reshape(1)))
+            taken.append((name, "gumbel_tau", torch.full((1,), tau, device=total.device)))
+        return taken
 
     def clear(self) -> None:
         self.layers.clear()
         self._outputs = {}
+        self._relaxed = {}
         self.activations.clear()

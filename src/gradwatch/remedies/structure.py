@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from gradwatch._errors import bad_argument
+
 SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 
 
@@ -386,6 +388,48 @@ def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]
         return None
     wrapped = FunctionalSwap(model, swap, example, output=output)
     return wrapped if wrapped.plan else None
+
+
+class _Temperature(TorchFunctionMode):
+    """Every ``F.gumbel_softmax`` call made while it is open runs at a temperature of at least ``tau``."""
+
+    def __init__(self, tau: float) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", "") != "gumbel_softmax":
+            return func(*args, **kwargs)
+        names = ("logits", "tau", "hard", "eps", "dim")
+        bound = {**dict(zip(names, args)), **kwargs}
+        if float(bound.get("tau", 1.0)) < self.tau:
+            bound["tau"] = self.tau
+        return func(**bound)
+
+
+class GumbelTemperature(nn.Module):
+    """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
+    ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""
+
+    def __init__(self, model: nn.Module, tau: float = 1.0) -> None:
+        super().__init__()
+        self.inner = model
+        self.tau = tau
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _Temperature(self.tau):
+            return self.inner(*args, **kwargs)
+
+
+def gumbel_temperature(model: nn.Module, tau: float = 1.0) -> GumbelTemperature:
+    """``model`` with every Gumbel-softmax in its forward at temperature ``tau`` or above (Jang, Gu & Poole 2017:
+    near τ = 1 the relaxed samples are soft and the gradient's variance moderate; they anneal τ from 1 to 0.5). For
+    code of one's own, the remedy is the ``tau=`` argument itself; this wrapper reaches a ``forward`` it cannot
+    edit (the doctor's trials)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(bad_argument("gumbel_temperature", "tau", "a positive number", tau))
+    return GumbelTemperature(model, float(tau))
 
 
 def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:

@@ -192,7 +192,7 @@ class StepRecorder:
 
     def _functional_id(self, name: str) -> int:
         f = self.probes.functional
-        return self._writer.entity(name, "activation", f.kinds[f.names.index(name)])
+        return self._writer.entity(name, "activation", f.kind_of(name))
 
     def layer_forward(self, i: int, output: Any, x: Tensor | None = None) -> None:
         self.buffer.release()
