@@ -77,7 +77,8 @@ def _cause(run: Run, prof: Profile, upto: int, th: Thresholds, vanishing: bool) 
         pairs.append([Between(b, module.get(b, ""), *(acts.get(q, {}).get(b, math.nan)
                                                      for q in ("deriv_rms", "saturated_frac", "dead_frac")))
                       for b in _between(entities, prof.names[i], prof.names[i + 1])])
-    cause = cause_split(prof.median[: len(pairs) + 1], pairs, th, vanishing)
+    custom = frozenset((getattr(run, "meta", None) or {}).get("custom_functions") or ())  # a user's autograd.Function
+    cause = cause_split(prof.median[: len(pairs) + 1], pairs, th, vanishing, custom)
     sources = []
     if any(pairs) and "deriv_rms" in acts:
         sources.append(f"deriv_rms, saturated_frac/dead_frac (activations {span([b.name for p in pairs for b in p])}, "

@@ -150,6 +150,7 @@ CAUSE_REMEDIES: dict[tuple[str, bool], tuple[str, ...]] = {
     ("jacobians", True): ("orthogonal_init", "residual", "norm"),
     ("jacobians", False): ("orthogonal_init", "rescale_weights", "clip_norm", "norm"),
     ("blocked", True): ("straight_through", "leaky"),
+    ("custom", True): ("custom_backward",),
 }
 
 
@@ -162,7 +163,9 @@ class Cause:
     ``weights`` (the rest: the weights' gain), ``jacobians`` (no activation module is visible between the
     layers: the whole factor is the layers' Jacobians, functional activations included), ``unmeasured``
     (no layer-to-layer ratio could be measured), ``blocked`` (exactly no gradient below a layer that has one, and
-    no dead unit seen to explain it: an operation with zero derivative, or units dead inside functions).
+    no dead unit seen to explain it: an operation with zero derivative, or units dead inside functions),
+    ``custom`` (as ``activation``, where every measured activation is a user's ``autograd.Function``: its own
+    backward, a straight-through estimator or a surrogate derivative, passes on too little).
     """
 
     key: str
@@ -188,7 +191,7 @@ class Cause:
             return {"saturated_frac": self.fraction}
         if self.key == "jacobians":
             return {"per_layer": self.per_layer}
-        if self.key in ("activation", "weights"):
+        if self.key in ("activation", "weights", "custom"):
             return {"per_layer": self.per_layer, "activation_factor": self.activation, "weight_factor": self.weights}
         return {}
 
@@ -206,9 +209,15 @@ class Cause:
         if self.key == "saturation":
             return f"{acts} saturation — {self.fraction:.0%} of the unit-samples of {span(self.modules)} sit in the flat tails"
         if self.key == "jacobians":
-            return (f"the layers' Jacobians scale the gradient by ×{sci(self.per_layer)} per layer; no activation "
-                    f"module is visible between them (activations applied as functions, or modules of a type the "
-                    f"watch does not know, cannot be measured)")
+            return (f"the layers' Jacobians scale the gradient by ×{sci(self.per_layer)} per layer, and no "
+                    f"activation is seen between them: in a linear stretch that is the weights' scale alone; an "
+                    f"operation the watch cannot see (a module of a type it does not know, arithmetic of your own) "
+                    f"would be part of it")
+        if self.key == "custom":
+            return (f"a backward of your own — {acts}, a torch.autograd.Function between the layers, passes on "
+                    f"×{sci(self.activation)} of the gradient (its backward's gain, measured) per layer, the weights "
+                    f"×{sci(self.weights)}: a straight-through estimator or surrogate derivative that lets the gradient "
+                    f"through for few of its inputs")
         if self.key == "activation":
             return (f"activation derivative — {acts}' passes on ×{sci(self.activation)} (rms) per layer, the weights "
                     f"×{sci(self.weights)}")
@@ -230,7 +239,7 @@ def _usable(x: float) -> bool:
 
 
 def cause_split(grads: Sequence[float] | np.ndarray, between: Sequence[Sequence[Between]], th: Thresholds,
-                vanishing: bool) -> Cause:
+                vanishing: bool, custom: frozenset[str] = frozenset()) -> Cause:
     """Split the change of ‖∂L/∂a‖ over a stretch of layers into the activations' derivative and the weights' gain.
 
     ``grads[0..m]`` are ‖∂L/∂a‖ at consecutive layers (input first); ``between[i]`` the activation modules
@@ -238,7 +247,8 @@ def cause_split(grads: Sequence[float] | np.ndarray, between: Sequence[Sequence[
     between them) × (the gain through layer l+1's weights), so the weights' factor is r over the measured
     rms derivative. Dead units (vanishing) and then saturated units come first: they are the activations'
     failure, whatever the factors say. The activation is the cause when its log-factor is at least half
-    the decay's (log a ≤ ½ log r).
+    the decay's (log a ≤ ½ log r); ``custom`` when every activation measured is of a type in ``custom`` (a user's
+    ``autograd.Function``, meta ``custom_functions``).
     """
     seen = [b for pair in between for b in pair]
     types = tuple(sorted({b.module for b in seen if b.module}))
@@ -266,6 +276,9 @@ def cause_split(grads: Sequence[float] | np.ndarray, between: Sequence[Sequence[
         return Cause("jacobians", vanishing, per_layer=r, modules=names, types=types)
     a = math.exp(float(np.nanmean(log_a)))
     key = "activation" if vanishing and math.log(a) <= 0.5 * math.log(r) else "weights"
+    measured = {b.module for pair in between for b in pair if _usable(b.deriv_rms)}
+    if key == "activation" and measured and measured <= custom:
+        key = "custom"
     return Cause(key, vanishing, per_layer=r, activation=a, weights=r / a, modules=names, types=types)
 
 

@@ -599,9 +599,10 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
     # a budget that thinned the reads counts only the steps it read (round 12: "147 steps … in all" of 296)
     in_all = ("in all" if read == int(s.steps[-1]) - int(s.steps[0]) + 1 else
               f"of the {read} steps read (steps {int(s.steps[0])}–{int(s.steps[-1])}, not every one read)")
+    shown = repr(first_back) if first_back else "(root)"  # the model itself: parameters of its own, as a pos embedding
     evidence = (f"at step {step0}, {int(count)} parameter tensor{'' if count == 1 else 's'} with NaN/Inf gradients in "
                 f"{len(layers_at)} layer{'s' if len(layers_at) > 1 else ''} ({span(layers_at)}); backward reached "
-                f"{first_back!r} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients "
+                f"{shown} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients "
                 f"{in_all}")
     sources = [f"nonfinite (layers {span(s.names)}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
     cause = "non-finite values in the forward pass or the loss"
@@ -660,7 +661,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                       "~1.8e19 in float32) that their squares overflow — a gradient grown out of range, not a NaN")
     return [Finding(
         kind="nonfinite", severity="critical", layers=tuple(layers_at), steps=(step0, int(s.steps[cols[-1]])),
-        summary=f"{what} from {when}, first in layer {first_back!r} (backward order)",
+        summary=f"{what} from {when}, first in layer {shown} (backward order)",
         evidence=evidence + loss_note + ".",
         cause=cause,
         remedies=fixes,

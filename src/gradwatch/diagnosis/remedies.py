@@ -37,6 +37,10 @@ REMEDIES = {
                           "needs a discrete sample",
     "straight_through": "a straight-through estimator around a step-like operation, x + (f(x) − x).detach() "
                         "(Bengio et al. 2013): its forward is f(x), its gradient the identity's",
+    "custom_backward": "widen the backward of your torch.autograd.Function (a straight-through estimator or "
+                       "surrogate derivative) to its inputs' usual range: Hubara et al. 2016 pass |x| ≤ 1 for "
+                       "pre-activations at unit scale, Neftci et al. 2019 a surrogate as wide as the potential's "
+                       "spread; one that passes the gradient in a narrow window cuts it at every layer",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

@@ -91,10 +91,17 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
     return remedy.label.replace("clipping", f"clipping at max_norm={sci(s.clip_bound(numbers))}", 1)
 
 
-# Remedies that change the user's own code, which the doctor cannot reach: its message names them instead. (The
-# backward singularity is not among them: the doctor names the line that made the NaN.)
+# Remedies that change the user's own code, which the doctor cannot reach: its message names them instead (the
+# backward singularity beside the line that made the NaN, which the doctor names: round 16's message gave the line
+# of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
-                     "smaller_l1"})
+                     "smaller_l1", "custom_backward", "backward_singularity"})
+
+# Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
+# place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
+NOT_APPLIED_WHY = {
+    "standardise_inputs": "the inputs are centred and at unit scale already, or flags of 0 and 1",
+}
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
 LR_KEYS = {"lower_lr", "adam", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
@@ -128,6 +135,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
         "straight_through": [],  # the step-like operation is in the user's forward
         "smaller_l1": [],  # the penalty is in the user's loss
+        "custom_backward": [],  # the backward is the user's own Function
         "gumbel_temperature": one("gumbel_temperature", f"Gumbel-softmax temperature {s.GUMBEL_TAU:g}",
                                   s.gumbel_temperature),
         "check_graph": [],  # a forward that leaves the autograd graph is the user's code: nothing to try

@@ -9,6 +9,8 @@ step by step up to the step the baseline went non-finite, watching two things:
 - the forward pass and the optimizer step, under a :class:`torch.overrides.TorchFunctionMode`: the first
   operation of the step that went non-finite whose floating-point output holds a NaN/Inf while every tensor it
   was given was finite, and no argument was an infinity itself (an attention mask filled with −inf is meant);
+  or, failing that, whose output holds a NaN while no tensor it was given held one (a softmax over a row that is
+  −inf throughout: a fully masked attention row, round 16; inf − inf; 0·inf);
 - the backward pass, under ``torch.autograd.detect_anomaly(check_nan=True)``: the first backward function that
   returns NaN, with the forward call that created it.
 
@@ -44,6 +46,7 @@ class Origin:
     # value (the set-up's model or loss_fn); "" when no frame outside torch was found
     where: str
     code: str  # that line's source, stripped
+    from_inf: bool = False  # forward: a NaN made from inputs that held ±inf but no NaN (else from finite inputs)
 
     def __str__(self) -> str:
         at = "" if not self.where else f" at {self.where}" if self.where[-1].isdigit() else f" in {self.where}"
@@ -51,6 +54,14 @@ class Origin:
         if self.phase == "backward":
             return (f"the first NaN is made in the backward pass of {self.op} at step {self.step}, created{at}{line}: "
                     f"its gradient there is not finite")
+        if self.from_inf and "softmax" in self.op:
+            return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from inputs holding −inf but "
+                    f"no NaN: a row that is −inf throughout (every key masked) has no softmax; give every row one "
+                    f"entry it may keep (a [CLS] token never masked), or mask with a large finite negative "
+                    f"(torch.finfo(dtype).min) in place of −inf")
+        if self.from_inf:
+            return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from inputs holding ±inf but "
+                    f"no NaN (inf − inf, 0·inf)")
         return f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
 
 
@@ -96,22 +107,35 @@ def _infinite_argument(values: Any) -> bool:
 
 
 class _FirstNonFinite(TorchFunctionMode):
-    """Records the first operation that makes a non-finite float tensor out of finite ones (and its user frame)."""
+    """Records the first operation that makes a non-finite float tensor out of finite ones (and its user frame);
+    failing that, the first that makes a NaN out of tensors without one (``from_inf``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.found: tuple[str, str, str] | None = None
+        self.from_inf: tuple[str, str, str] | None = None  # the first NaN made from ±inf (no NaN given)
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.found is None and not _infinite_argument((args, kwargs)):
-            made = _floats(out)
-            if made and not all(bool(torch.isfinite(t).all()) for t in made if t.numel()):
-                if all(bool(torch.isfinite(t).all()) for t in _floats((args, kwargs)) if t.numel()):
-                    where, code = _user_frame(traceback.extract_stack()[:-1])
-                    self.found = (_name(func), where, code)
+            made = [t for t in _floats(out) if t.numel()]
+            if made and not all(bool(torch.isfinite(t).all()) for t in made):
+                given = [t for t in _floats((args, kwargs)) if t.numel()]
+                if all(bool(torch.isfinite(t).all()) for t in given):
+                    self.found = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
+                elif (self.from_inf is None and any(bool(torch.isnan(t).any()) for t in made)
+                      and not any(bool(torch.isnan(t).any()) for t in given)):
+                    self.from_inf = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
         return out
+
+    def origin(self, step: int) -> "Origin | None":
+        """The forward origin found at ``step``: a value made from finite inputs first, else a NaN made from ±inf."""
+        if self.found is not None:
+            return Origin(step, "forward", *self.found)
+        if self.from_inf is not None:
+            return Origin(step, "forward", *self.from_inf, from_inf=True)
+        return None
 
 
 def _name(func: Callable) -> str:
@@ -144,14 +168,16 @@ def locate_nonfinite(setup: Callable[[int], Trial], seed: int, until: int) -> Or
             hit = _ANOMALY.search(str(exc))
             if hit is None:
                 raise
-            if mode.found is not None:  # the forward made it first; the backward only carried it on
-                return Origin(step, "forward", *mode.found)
+            found = mode.origin(step)
+            if found is not None:  # the forward made it first; the backward only carried it on
+                return found
             trace = "\n".join(str(w.message) for w in caught if "Traceback of forward call" in str(w.message))
             return Origin(step, "backward", hit.group(1), *_forward_line(trace))
         if not _went_nonfinite(trial, loss):
             continue  # an Inf made and absorbed (a mask built without an explicit inf): not the run's NaN
-        if mode.found is not None:
-            return Origin(step, "forward", *mode.found)
+        found = mode.origin(step)
+        if found is not None:
+            return found
         return None  # non-finite, yet made by nothing the mode sees (a C++ extension): no address to give
     return None
 

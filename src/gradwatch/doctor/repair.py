@@ -350,6 +350,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     targets = {f.kind for f in diagnosis.problems}
     tried: set[tuple[str, ...]] = set()
     remedy_of: dict[int, Remedy] = {}  # id(row) -> the remedy it tried: the seed check runs it again
+    why_not: dict[str, str] = {}  # a named remedy that found nothing to change -> why, where its catalogue says
     named = {k for f in diagnosis.problems for k in f.remedy_keys}  # the remedies the findings name (not expansions)
     todo = candidates
     count = 0  # remedies submitted so far: numbers the run names, the same in every mode
@@ -368,6 +369,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                         and all(isinstance(r, Outcome) and r.run is None for r in results)):
                     # a remedy a finding names found nothing here to change
                     report.not_applied.append(catalogue.shown_label(remedy, numbers))
+                    why_not[report.not_applied[-1]] = catalogue.NOT_APPLIED_WHY.get(remedy.key, "")
                 continue
             if not result.error:
                 result.verdict = verdict(base, result, targets)
@@ -410,9 +412,13 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                               f"{c.label} — {c.verdict}, {evidence}, loss {c.first_loss:.4g} → {c.final_loss:.4g}")
         report.message += _too_short(base, report.trials, steps)
         report.message += _nonfinite_origin(report, setup, steps, deadline)
-    if report.not_applied:
+    known = [f"{label} ({why_not[label]})" for label in report.not_applied if why_not.get(label)]
+    unknown = [label for label in report.not_applied if not why_not.get(label)]
+    if known:
+        report.message += f"; not tried, as nothing needs it here: {'; '.join(known)}"
+    if unknown:
         report.message += (f"; not tried, finding nothing here to change (a step() of the set-up's own that computes "
-                           f"the loss, or nothing of the kind in the model): {'; '.join(report.not_applied)} — apply "
+                           f"the loss, or nothing of the kind in the model): {'; '.join(unknown)} — apply "
                            f"it by hand if it fits")
     report.message += _by_hand(diagnosis, catalog)
     if runner.stopped:

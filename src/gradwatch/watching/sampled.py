@@ -22,6 +22,7 @@ from gradwatch.layers import Activation
 from gradwatch.probes.activations import ActivationProbe, Call
 from gradwatch.probes.attention import AttentionProbe
 from gradwatch.probes.backprop import BackpropProbe, grad_tensors
+from gradwatch.probes.custom import CustomBackwardProbe
 from gradwatch.probes.functional import FunctionalProbe
 from gradwatch.probes.loops import LoopProbe
 from gradwatch.probes.temporal import TemporalProbe
@@ -59,6 +60,7 @@ class SampledProbes:
         self.backprop = BackpropProbe(device)
         self.loops = LoopProbe(loops or {}, device)  # layers called again on their own output: recurrences by hand
         self.functional = FunctionalProbe(device)  # activations called as functions (fed by the watch's tap)
+        self.custom = CustomBackwardProbe(self._fills_grad)  # a user's autograd.Function between layers
         self.attention = attention if attention is not None and attention.measures else None
         self.activations = ActivationProbe([a.spec for a in activations], device)
         self.temporal = TemporalProbe(recurrent, device, repeated_only=temporal_auto)
@@ -194,12 +196,16 @@ class SampledProbes:
                 buffer.add_positioned(functional_id(name), quantity, [-1], value)
         if t is not None:
             self._meter.stop("activations", t)
+        for name, quantity, value in self.custom.take():  # (timed as backprop where its hooks ran)
+            if functional_id is not None:
+                buffer.add_positioned(functional_id(name), quantity, [-1], value)
 
     def clear(self) -> None:
         """Forget everything measured (the watch stopped recording)."""
         self.backprop.clear()
         self.loops.clear()
         self.functional.clear()
+        self.custom.clear()
         self.activations.clear()
         self.temporal.clear()
         if self.attention is not None:

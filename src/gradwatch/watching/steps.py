@@ -29,6 +29,8 @@ never the training.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -137,6 +139,7 @@ class StepRecorder:
                     if model is not None and self.budget.schedules.get("activations") is not None
                     and calls_activations(model) else None)
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
+        self._custom_kinds: list[str] = []  # the user's autograd.Function classes met between layers, so far
 
     # -- hooks: which are placed ---------------------------------------------------------
     def start(self, hooks: Hooks) -> None:
@@ -167,6 +170,7 @@ class StepRecorder:
         """The model's own forward begins (not a first layer's call in a loop): calls of a layer count anew; on a
         step that records activations (or notes the depth order), activation function calls are tapped."""
         self.probes.loops.new_pass()
+        self.probes.custom.new_pass()
         if (self.tap is not None and torch.is_grad_enabled() and "layers" in self._wanted
                 and ("activations" in self.now.on or not self._depth.settled)):
             self.probes.functional.new_pass()
@@ -191,12 +195,30 @@ class StepRecorder:
             self._writer.meta({"residual_calls": sorted(f.branch_calls), "residual_layers": sorted(f.branch_layers)})
 
     def _functional_id(self, name: str) -> int:
-        f = self.probes.functional
-        return self._writer.entity(name, "activation", f.kind_of(name))
+        kind = self.probes.custom.kinds.get(name)
+        return self._writer.entity(name, "activation", kind or self.probes.functional.kind_of(name))
+
+    def _custom_site(self, site: str) -> None:
+        """A user's autograd.Function between two layers (:mod:`gradwatch.probes.custom`): an activation entity in
+        the depth order before the layer it feeds; its Function's class in meta ``custom_functions``."""
+        self._functional_id(site)
+        self._depth.note(site, "activation")
+        kinds = sorted(set(self.probes.custom.kinds.values()))
+        if kinds != self._custom_kinds:
+            self._custom_kinds = kinds
+            self._writer.meta({"custom_functions": kinds})
 
     def layer_forward(self, i: int, output: Any, x: Tensor | None = None) -> None:
         self.buffer.release()
+        grad = torch.is_grad_enabled()
+        if grad and x is not None and x.grad_fn is not None:  # an autograd.Function of the user's before the layer
+            custom = self.probes.custom
+            site = custom.layer_input(x, "backprop" in self.now.on, functools.partial(self.probes.timed, "backprop"))
+            if site is not None:
+                self._custom_site(site)
         self._depth.note(self.layers[i].name, "layer")
+        if grad:
+            self.probes.custom.layer_output(self.layers[i].name, output)
         if self.tap is not None and self.tap.open:  # a pre-activation for the activation functions to come
             self.probes.functional.layers.add(self.layers[i].name, output, x)
         if "backprop" in self.now.on and torch.is_grad_enabled():
