@@ -254,12 +254,19 @@ def post_ln_without_warmup(run: Run) -> str:
             f"early layers small, which without a warm-up stage stalls or derails training (Xiong et al. 2020, §3)")
 
 
+# A class name any user may give a block of their own: residual only where the watch did not read the graph for
+# skips (round 16: 50 plain blocks relu(BN(Linear(h))) of a class "Block" were taken for timm's residual ones)
+GENERIC_RESIDUAL_NAMES = frozenset({"Block"})
+
+
 def has_residual(run: Run) -> bool:
     """Skip connections, by what the modules compute (the watch's ``residual_blocks``), by a residual sum written in
-    ``forward`` (``residual_calls``) or by the modules' class names."""
+    ``forward`` (``residual_calls``) or by the modules' class names (a generic one, :data:`GENERIC_RESIDUAL_NAMES`,
+    only where ``residual_blocks`` was not measured)."""
     meta = run_meta(run)
+    names = RESIDUAL_TYPES - GENERIC_RESIDUAL_NAMES if "residual_blocks" in meta else RESIDUAL_TYPES
     return (bool(meta.get("residual_blocks")) or bool(meta.get("residual_calls"))
-            or bool(module_types(run) & RESIDUAL_TYPES))
+            or bool(module_types(run) & names))
 
 
 # The causes in the set-up that fit_architecture puts before a finding's own, with the remedies they bring first and
@@ -339,12 +346,53 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
         "a flat loss that the gradients do not explain", ())]
 
 
+GROWS_AT_START = 10.0  # the first read's ‖∂L/∂a‖ at the first layer this many times the last's: growth across depth
+
+
+def growth_at_start(run: Run) -> tuple[float, float, int] | None:
+    """(first layer's ‖∂L/∂a‖ over the last's, the geometric growth per layer, the layers) at the first read of
+    ``out_grad_norm`` where both ends were measured; None where that ratio is below :data:`GROWS_AT_START`."""
+    if "out_grad_norm" not in run.quantities:
+        return None
+    s = run.series("out_grad_norm")
+    rows = [i for i in range(len(s.names)) if np.isfinite(s.values[i]).any()]
+    if len(rows) < 3:
+        return None
+    values = s.values[rows]
+    cols = np.where(np.isfinite(values[0]) & np.isfinite(values[-1]) & (values[-1] > 0))[0]
+    if not len(cols):
+        return None
+    ratio = float(values[0, cols[0]] / values[-1, cols[0]])
+    if not ratio >= GROWS_AT_START:
+        return None
+    return ratio, ratio ** (1 / (len(rows) - 1)), len(rows)
+
+
+def _batch_norm_without_skips(run: Run, deep_plain: bool) -> str:
+    """Words for a deep net with BatchNorm and no skip connection whose gradient grows across depth at the start:
+    BatchNorm itself makes it grow at init (Yang et al. 2019, "A mean field theory of batch normalization": "vanilla
+    batch-normalized networks without skip connections are not trainable at large depths"); "" otherwise. Round 16:
+    50 blocks relu(BN(Linear)), ×1.2 a block at step 0, ×1.5·10⁴ across the net, told "re-initialise the weights",
+    which cannot help; ReZero around each block learns to 0.98."""
+    if not deep_plain or not any(t.startswith("BatchNorm") for t in module_types(run)):
+        return ""
+    got = growth_at_start(run)
+    if got is None:
+        return ""
+    ratio, per_layer, n = got
+    return (f"a deep batch-normalised net without skip connections: at the first read the gradient grows ×"
+            f"{sci(per_layer)} per layer towards the input (×{sci(ratio)} across {n} layers), which BatchNorm itself "
+            f"causes at initialisation in a net without skips (Yang et al. 2019); skip connections around the "
+            f"blocks remove it")
+
+
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     """Remedies that fit the architecture: nothing the model already has, no swap of activations it does not use,
     LeCun normal in place of He for a net whose only activation is SELU.
 
     A vanishing net of ``DEEP_LAYERS`` weighted layers or more without skip connections is told of residual
-    connections; with Post-LN Transformer layers and no warm-up, the depth findings name warm-up and Pre-LN
+    connections, and one with BatchNorm whose gradient explodes across depth from the start, of ReZero and
+    residual connections first (:func:`_batch_norm_without_skips`); with Post-LN Transformer layers and no warm-up, the depth findings name warm-up and Pre-LN
     first; with Adam at a high learning rate and no warm-up, the learning rate; layers that move too little under
     plain SGD (or Adagrad) are told of Adam, last.
     """
@@ -366,6 +414,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     causes = [(cause(run), first, kinds) for cause, first, kinds in SET_UP_CAUSES]
     # a SELU net's init is LeCun normal, not He's doubled variance (round 14's 32-layer SELU net: He diverged at once)
     selu_only = "SELU" in types and not types & ((RELU_TYPES | SATURATING_TYPES) - {"SELU"})
+    bn_plain = _batch_norm_without_skips(run, deep_plain)
     sgd = meta.get("optimizer") in ("SGD", "Adagrad")  # steps that shrink with the gradient (and, Adagrad's, with time)
     out = []
     for f in found:
@@ -379,6 +428,9 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
             # a residual net without normalisation grows its output's variance with every block (Zhang et al. 2019,
             # §2): round 8's 16-block MLP, He in both branch layers, NaN at step 2; zero-initialised branch ends 0.94
             fixes += remedies("fixup")
+        if bn_plain and f.kind == "exploding" and f.severity != "info" and f.steps[0] <= 1:
+            fixes = remedies("rezero", "residual") + tuple(t for t in fixes if key_of(t) not in ("rezero", "residual"))
+            cause = f"{bn_plain}; the measurement: {cause}"
         keys = set(map(key_of, fixes))  # no gradient at all (a loss that passes none): no optimiser can help
         if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation", "check_graph"}:
             fixes += remedies("adam")

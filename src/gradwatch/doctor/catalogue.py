@@ -101,6 +101,7 @@ BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "grad
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
 NOT_APPLIED_WHY = {
     "standardise_inputs": "the inputs are centred and at unit scale already, or flags of 0 and 1",
+    "param_groups": "every parameter group has the same learning rate",
 }
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.

@@ -262,14 +262,15 @@ def _keeps_shape(m: nn.Module) -> bool:
             or isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)))
 
 
-def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
-    """(start, end) of each shape-preserving layer (:func:`shape_preserving`) followed by the modules after it that
-    keep the shape too (:func:`_keeps_shape`), inside a Sequential."""
+def _pairs(seq: nn.Sequential, blocks: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
+    """(start, end) of each shape-preserving layer (:func:`shape_preserving`), or block of the user's among
+    ``blocks`` (ids), followed by the modules after it that keep the shape too (:func:`_keeps_shape`), inside a
+    Sequential."""
     items = list(seq)
     spans, i = [], 0
     while i < len(items):
         layer = items[i]
-        if shape_preserving(layer):
+        if shape_preserving(layer) or id(layer) in blocks:
             j = i + 1
             while j < len(items) and _keeps_shape(items[j]):
                 j += 1
@@ -280,9 +281,40 @@ def _pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
     return spans
 
 
+def _shape_keeping_blocks(model: nn.Module, example: Any) -> frozenset[int]:
+    """The ids of the user's blocks held by an ``nn.Sequential`` (a class of their own with parameters) whose output
+    had their input's shape in a forward pass on ``example``, and that do not add their input already
+    (:func:`skip_blocks`): a skip connection goes around each whole (round 16: 50 blocks relu(BN(Linear(h))) in a
+    Sequential, where the skip went around the input Linear alone). Empty without ``example``."""
+    if example is None:
+        return frozenset()
+    held = [c for x in model.modules() if isinstance(x, nn.Sequential) for c in x.children()
+            if not isinstance(c, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _calls_its_layers(c)
+            and any(True for _ in c.parameters())]
+    if not held:
+        return frozenset()
+    same: set[int] = set()
+
+    def keep(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        x = next((a for a in args if isinstance(a, Tensor)), None)
+        if x is not None and isinstance(out, Tensor) and out.shape == x.shape:
+            same.add(id(mod))
+
+    hooks = [c.register_forward_hook(keep) for c in held]
+    try:
+        dry_run(model, example)
+    except Exception:  # noqa: BLE001 - a forward the dry run cannot follow: no block is known to keep its shape
+        return frozenset()
+    finally:
+        for h in hooks:
+            h.remove()
+    return frozenset(same - skip_blocks(model, example))
+
+
 def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, example: Any = None) -> nn.Module:
     """Wrap every shape-preserving layer + activation group of each ``nn.Sequential`` in a skip connection
-    (Linear(n, n), or a convolution keeping channels and size: :func:`shape_preserving`); where the model has
+    (Linear(n, n), or a convolution keeping channels and size: :func:`shape_preserving`; a block of the user's
+    that keeps its input's shape on ``example``, whole: :func:`_shape_keeping_blocks`); where the model has
     none, every shape-preserving layer that a ``forward`` calls itself (:func:`loose_layers`: held by the model, a
     block of the user's, an ``nn.ModuleList`` or ``nn.ModuleDict``; activations that may be functions), alone —
     x + layer(x), the activation after it — but those inside a block of the user's that already adds its input
@@ -293,8 +325,9 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
     """
     m = _target(model, inplace)
     wrapped = False
+    blocks = _shape_keeping_blocks(m, example)
     for parent in [x for x in m.modules() if isinstance(x, nn.Sequential)]:
-        spans = _pairs(parent)
+        spans = _pairs(parent, blocks)
         if not spans:
             continue
         items = list(parent)
