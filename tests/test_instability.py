@@ -192,7 +192,7 @@ def test_probe_records_read_back_through_the_store_and_a_run_view(tmp_path):
         direct = ProbeSeries.from_collected(collected)
         assert stored is not None and stored.steps.tolist() == [0, 1, 2, 3]
         assert set(stored.values) == set(direct.values) == {("attn", q) for q in ("attn_logit_max", "attn_logit_rms",
-                                                                                  "attn_entropy")} | {("lm_head", "logz_mean"), ("lm_head", "logz_max")}
+                                                                                  "attn_entropy", "attn_empty_frac")} | {("lm_head", "logz_mean"), ("lm_head", "logz_max")}
         for key, values in direct.values.items():
             np.testing.assert_allclose(stored.values[key], values, rtol=1e-6)
         early = ProbeSeries.from_run(RunView(run, 2))  # type: ignore[arg-type]

@@ -361,3 +361,59 @@ def test_skip_connections_go_around_a_users_blocks_in_a_sequential():
             t.step()
     assert fixed.evaluate(fixed.model) > 0.95 and base.evaluate(base.model) < 0.4
     assert sum(isinstance(m, ReZero) for m in fixed.model.modules()) == 51
+
+
+def test_the_share_of_attention_rows_without_a_key_is_measured_by_hand(store):
+    """``attn_empty_frac``: the share of query rows whose every key is masked — for the hand-written attention
+    above (3 of 64 sequences all padding: 3/64 of the rows), and for nn.MultiheadAttention with a key_padding_mask
+    that masks 2 of 8 sequences whole (2/8, every head)."""
+    from gradwatch.probes.attention import AttentionProbe
+
+    trial = _masked(0, empty=3)
+    x, y = next(trial.batches)
+    with gw.watch(trial.model, trial.optimizer, store=store, name="empty-rows") as w:
+        loss = F.cross_entropy(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        trial.optimizer.step()
+        w.log(loss=loss)
+    run = gw.open_run(w.path)
+    (e,) = run.entities("attention")
+    pad = x[..., 2] > 0.5
+    assert run.temporal(e.name, "attn_empty_frac").values[0, 0] == pytest.approx(float(pad.all(1).float().mean()))
+
+    class MHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, h, mask):
+            return self.attn(h, h, h, key_padding_mask=mask)[0]
+
+    model = MHA()
+    mask = torch.zeros(8, 5, dtype=torch.bool)
+    mask[:2] = True
+    mask[2:, 3:] = True
+    probe = AttentionProbe(model).attach()
+    model(torch.randn(8, 5, 8), mask)
+    stats = probe.collect()
+    assert [float(stats[("attn", "attn_empty_frac", h)]) for h in (0, 1)] == pytest.approx([0.25, 0.25])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_nan_from_fully_masked_attention_rows_is_named_by_the_watch(store, seed):
+    """Round 16: the watch said "non-finite values in the forward pass or the loss" and offered input
+    standardisation. With rows measured empty at the step the loss went NaN, the cause names them and the remedy a
+    key every row keeps; with one key kept in every row the run is finite and has no finding."""
+    for empty in (3, 0):
+        trial = _masked(seed, empty=empty)
+        with gw.watch(trial.model, trial.optimizer, store=store, name=f"masked-{seed}-{empty}") as w:
+            for _ in range(20):
+                w.log(loss=trial.step())
+        found = w.diagnose().problems
+        if empty:
+            (f,) = [f for f in found if f.kind == "nonfinite"]
+            assert f.steps[0] == 0 and f.remedy_keys[0] == "masked_rows"
+            assert f"{3 / 64:.1%} of the query rows of _Attention had no key to attend at step 0" in f.cause
+        else:
+            assert not found

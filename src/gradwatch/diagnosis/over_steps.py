@@ -10,7 +10,7 @@ import numpy as np
 from gradwatch.diagnosis.architecture import ADAM_TYPES, module_types, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, halved, loss_ends, real_fit, total_grad_norm, window_median
-from gradwatch.diagnosis.remedies import remedies
+from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import episodes, list_steps, since, steps_text
 from gradwatch.probes.loss_ops import log_of_probabilities
@@ -569,6 +569,23 @@ def _ordinary_loss(loss: np.ndarray, at: int) -> bool:
     return at == 0 or (len(before) > 0 and abs(here) <= ORDINARY_LOSS_WITHIN * float(np.abs(before).max()))
 
 
+def _empty_attention_rows(run: Run, step: int) -> tuple[str, float] | None:
+    """(attention module, its largest share of query rows without a key over heads) at the last read at or before
+    ``step``, for the module where that share is largest; None where no row was empty (or nothing was read)."""
+    if "attn_empty_frac" not in run.quantities:
+        return None
+    best: tuple[str, float] | None = None
+    for e in run.entities("attention"):
+        t = run.temporal(e.name, "attn_empty_frac")  # (heads, steps)
+        cols = np.where(t.steps <= step)[0]
+        if not len(cols) or not np.isfinite(t.values[:, cols[-1]]).any():
+            continue
+        frac = float(np.nanmax(t.values[:, cols[-1]]))
+        if frac > 0 and (best is None or frac > best[1]):
+            best = (e.name, frac)
+    return best
+
+
 def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
     """NaN/Inf gradients: the first step and the layer backward reached first; ``skipped``: :func:`skipped_steps`."""
     if "nonfinite" not in run.quantities:
@@ -641,6 +658,15 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                      "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
                      "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1")
             fixes = remedies("backward_singularity")
+    empty = _empty_attention_rows(run, step0) if loss_step == step0 else None  # the forward pass made it
+    if empty is not None and not cause.startswith(("a NaN made in the backward pass", "divergence")):
+        # round 16: a padded sequence with every key masked by −inf; softmax of the row is 0/0 at step 0, and the
+        # cause said only "the forward pass or the loss", with input standardisation as a remedy
+        module, frac = empty
+        cause = (f"attention rows with every key masked: {frac:.1%} of the query rows of {module} had no key to attend "
+                 f"at step {step0}, and a softmax over a row that is −inf throughout is NaN (0/0)")
+        fixes = remedies("masked_rows") + tuple(t for t in fixes if key_of(t) == "check_data")
+        sources.append(f"attn_empty_frac (attention {module})")
     logged = log_of_probabilities(run_meta(run).get("loss_paths"))
     if logged and not cause.startswith("a NaN made in the backward pass"):
         # round 13's hand-written BCE: NaN at step 11 of 400, the remedies a lower rate and clipping, neither of

@@ -41,6 +41,9 @@ REMEDIES = {
                        "surrogate derivative) to its inputs' usual range: Hubara et al. 2016 pass |x| ≤ 1 for "
                        "pre-activations at unit scale, Neftci et al. 2019 a surrogate as wide as the potential's "
                        "spread; one that passes the gradient in a narrow window cuts it at every layer",
+    "masked_rows": "give every attention row at least one key it may attend to (a [CLS] token never masked), or mask "
+                   "with a large finite negative (torch.finfo(dtype).min, as Hugging Face does) in place of −inf, so "
+                   "that a row with every key masked is a uniform softmax, not 0/0",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

@@ -7,7 +7,10 @@ attention module it recognises and every head h:
   s = q·k · scale (scale = 1/√d_head unless the module says otherwise);
 - ``attn_logit_rms``: √mean s² over the same allowed (query, key) pairs;
 - ``attn_entropy``: the entropy −Σ_j p_j log p_j (nats) of each query's
-  attention row p = softmax(s + bias), averaged over batch and queries.
+  attention row p = softmax(s + bias), averaged over batch and queries;
+- ``attn_empty_frac``: the share of query rows with no key allowed (every
+  key masked: a left-padding token, or an all-padding sequence, whose
+  softmax over a −inf mask is NaN).
 
 and at the LM head (the module producing the vocabulary logits y), of
 log Z = logsumexp_v y_v over every position: ``logz_mean`` and ``logz_max``.
@@ -128,7 +131,7 @@ class AttentionProbe:
         self.armed = False
         self.skipped: dict[str, str] = {}  # attention module → why a call of it was not measured
         self.error: BaseException | None = None
-        self._stats: dict[str, Tensor] = {}  # module name → (5, H) sums (head_stats)
+        self._stats: dict[str, Tensor] = {}  # module name → (6, H) sums (head_stats)
         self._logz: Tensor | None = None  # (Σ log Z, #positions, max log Z)
         self._seen: dict[int, dict[str, Tensor]] = {}
         self._signatures: dict[int, inspect.Signature] = {}
@@ -291,7 +294,7 @@ class AttentionProbe:
         self._pool(name, softmax_stats(x, self.chunk))
 
     def _pool(self, name: str, stats: Tensor) -> None:
-        """Add one call's (5, H) sums to the module's: max of the maxima, sums of the rest (a call with another
+        """Add one call's (6, H) sums to the module's: max of the maxima, sums of the rest (a call with another
         number of heads starts over)."""
         old = self._stats.get(name)
         if old is not None and old.shape == stats.shape:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-ATTENTION_QUANTITIES = ("attn_logit_max", "attn_logit_rms", "attn_entropy")
+ATTENTION_QUANTITIES = ("attn_logit_max", "attn_logit_rms", "attn_entropy", "attn_empty_frac")
 LOGZ_QUANTITIES = ("logz_mean", "logz_max")
 CHUNK = 1 << 22  # logits per query chunk on the CPU (16 MiB of float32): bounded memory at any sequence length
 DEVICE_CHUNK = 1 << 27  # at most this many on a CUDA device (512 MiB of float32), where each chunk costs ~25 kernel
@@ -55,7 +55,8 @@ def _masked_bias(bias: Tensor) -> Tensor:
 
 @torch.no_grad()
 def head_stats(inp: AttentionInputs, chunk: int | None = None) -> Tensor:
-    """Per head, over query chunks: max logit, Σ logit², #logits, Σ row entropy, #rows; a (5, H) tensor.
+    """Per head, over query chunks: max logit, Σ logit², #logits, Σ row entropy, #rows with a key, #rows; a (6, H)
+    tensor.
 
     Sums rather than means, so that several calls (micro-batches, shared
     blocks) combine by adding (and by max for row 0).
@@ -66,7 +67,7 @@ def head_stats(inp: AttentionInputs, chunk: int | None = None) -> Tensor:
     Tk = k.shape[2]
     kt = k.to(dtype).transpose(-1, -2)  # (B, H, D, Tk)
     rows = max(1, chunk_size(q.device, chunk) // max(1, B * H * Tk))
-    out = torch.zeros(5, H, dtype=dtype, device=q.device)
+    out = torch.zeros(6, H, dtype=dtype, device=q.device)
     out[0] = -math.inf
     keys = torch.arange(Tk, device=q.device)
     for a in range(0, Tq, rows):
@@ -87,7 +88,7 @@ def head_stats(inp: AttentionInputs, chunk: int | None = None) -> Tensor:
 
 
 def _add_sums(out: Tensor, s: Tensor, ok: Tensor, z: Tensor) -> None:
-    """Add one chunk's sums to ``out`` (5, H): logits ``s`` (B, H, c, Tk), where a query may attend ``ok`` (same
+    """Add one chunk's sums to ``out`` (6, H): logits ``s`` (B, H, c, Tk), where a query may attend ``ok`` (same
     shape), and what the softmax reads ``z`` (s plus any additive bias)."""
     out[0] = torch.maximum(out[0], s.masked_fill(~ok, -math.inf).amax(dim=(0, 2, 3)))
     out[1] += (s * s).masked_fill(~ok, 0).sum(dim=(0, 2, 3))
@@ -104,6 +105,7 @@ def _add_sums(out: Tensor, s: Tensor, ok: Tensor, z: Tensor) -> None:
     ent = (lse[..., 0] - (p * zs).sum(dim=-1)).clamp_min(0)
     out[3] += ent.masked_fill(~live, 0).sum(dim=(0, 2))
     out[4] += live.sum(dim=(0, 2))
+    out[5] += live.shape[0] * live.shape[2]
 
 
 @torch.no_grad()
@@ -115,7 +117,7 @@ def softmax_stats(x: Tensor, chunk: int | None = None) -> Tensor:
     s = x.detach().to(dtype)
     s = s.unsqueeze(1) if s.dim() == 3 else s.flatten(0, s.dim() - 4)
     B, H, Tq, Tk = s.shape
-    out = torch.zeros(5, H, dtype=dtype, device=s.device)
+    out = torch.zeros(6, H, dtype=dtype, device=s.device)
     out[0] = -math.inf
     rows = max(1, chunk_size(s.device, chunk) // max(1, B * H * Tk))
     floor = torch.finfo(x.dtype).min / 2 if x.is_floating_point() else -math.inf
@@ -135,13 +137,16 @@ def _rows(mask: Tensor, a: int, b: int, tq: int) -> Tensor:
 
 
 def finish(stats: Tensor) -> dict[str, Tensor]:
-    """The per-head quantities from :func:`head_stats` sums: max, rms, mean entropy (NaN where nothing was seen)."""
+    """The per-head quantities from :func:`head_stats` sums: max, rms, mean entropy, share of rows without a key
+    (NaN where nothing was seen)."""
     nan = torch.full_like(stats[0], math.nan)
     seen = stats[2] > 0
     return {
         "attn_logit_max": torch.where(seen, stats[0], nan),
         "attn_logit_rms": torch.where(seen, (stats[1] / stats[2].clamp_min(1)).sqrt(), nan),
         "attn_entropy": torch.where(stats[4] > 0, stats[3] / stats[4].clamp_min(1), nan),
+        # the share of query rows with no key to attend (a softmax of them is NaN unless the mask is finite)
+        "attn_empty_frac": torch.where(stats[5] > 0, 1 - stats[4] / stats[5].clamp_min(1), nan),
     }
 
 
