@@ -351,6 +351,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     tried: set[tuple[str, ...]] = set()
     remedy_of: dict[int, Remedy] = {}  # id(row) -> the remedy it tried: the seed check runs it again
     why_not: dict[str, str] = {}  # a named remedy that found nothing to change -> why, where its catalogue says
+    finished_first = 0  # round-1 remedies that ran on every seed before any budget ran out
     named = {k for f in diagnosis.problems for k in f.remedy_keys}  # the remedies the findings name (not expansions)
     todo = candidates
     count = 0  # remedies submitted so far: numbers the run names, the same in every mode
@@ -363,6 +364,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                              for remedy, ns in zip(todo, run_names)], deadline)
         done: list[tuple[Remedy, TrialResult]] = []
         for remedy, results, ns in zip(todo, groups, run_names):
+            if rnd == 1 and results and all(r is not None for r in results):
+                finished_first += 1  # ran to the end (a row, a failure, or nothing here to change)
             result = _row(catalogue.shown_label(remedy, numbers), results, ns)
             if result is None:
                 if (rnd == 1 and remedy.key in named and results
@@ -423,7 +426,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     report.message += _by_hand(diagnosis, catalog)
     if runner.stopped:
         report.message += (f" (stopped at the time budget of {budget_s:g} s after {len(report.trials)} trials; "
-                           f"{len(candidates)} remedies in round 1)")
+                           f"{finished_first} of the {len(candidates)} remedies of round 1 tried, those that found "
+                           f"nothing to change here without a row)")
     if runner.interrupted:
         report.message += f" (interrupted by Ctrl-C after {len(report.trials)} trials: the table is partial)"
     return report
