@@ -386,6 +386,10 @@ def _batch_norm_without_skips(run: Run, deep_plain: bool) -> str:
             f"blocks remove it")
 
 
+# Remedies whose cause no optimiser can help: no gradient at all, a layer no optimizer holds, a rate scheduled to ~0
+_NOT_THE_OPTIMISER = frozenset({"adam", "output_activation", "check_graph", "rebuild_optimizer", "schedule_per_epoch"})
+
+
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     """Remedies that fit the architecture: nothing the model already has, no swap of activations it does not use,
     LeCun normal in place of He for a net whose only activation is SELU.
@@ -432,7 +436,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
             fixes = remedies("rezero", "residual") + tuple(t for t in fixes if key_of(t) not in ("rezero", "residual"))
             cause = f"{bn_plain}; the measurement: {cause}"
         keys = set(map(key_of, fixes))  # no gradient at all (a loss that passes none): no optimiser can help
-        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & {"adam", "output_activation", "check_graph"}:
+        if sgd and f.kind in _TOO_LITTLE_KINDS and f.severity != "info" and not keys & _NOT_THE_OPTIMISER:
             fixes += remedies("adam")
         # NaN at the second step, not made in the backward pass: raw inputs blow a forward up as they saturate or kill
         # units elsewhere (round 12: exp of a net's output on raw counts, NaN from step 1 on one seed, told only "the

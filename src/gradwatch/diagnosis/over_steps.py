@@ -366,6 +366,39 @@ def _typical_update_ratio(run: Run, th: Thresholds) -> tuple[float, np.ndarray]:
     return (float(np.percentile(med, 75)) if len(med) else math.nan), wsteps
 
 
+LR_COLLAPSED = 1e-3  # a learning rate that ended at this fraction of its start, or below, has gone to ~0
+
+
+def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """A learning rate that a schedule took to ~0 (meta ``optimizer_lr_last`` at most :data:`LR_COLLAPSED` × the
+    start's ``optimizer_lr``) in a run whose loss did not halve: every step since is ≈ 0. Round 17: StepLR(step_size=2,
+    γ=0.5) meant per epoch, stepped per batch — 0.05 → 1.2e-5 by step 24, 3.5e-47 by step 300, the loss at 2.25
+    (chance 2.30), update ratios exactly 0, and "the gradients look healthy"."""
+    meta = run_meta(run)
+    lr0, last = meta.get("optimizer_lr"), meta.get("optimizer_lr_last")
+    if not (isinstance(lr0, (int, float)) and isinstance(last, (int, float)) and lr0 > 0 and last <= LR_COLLAPSED * lr0):
+        return []
+    ends = loss_ends(run, th)
+    if ends is None or halved(ends):
+        return []
+    steps = run.series("loss", "run").steps
+    at = meta.get("optimizer_lr_last_step")
+    return [Finding(
+        kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the learning rate fell from {lr0:g} to {last:.2g}: no step since changes anything",
+        evidence=(f"the optimizer's largest learning rate was {lr0:g} at the start and {last:.2g} at step "
+                  f"{at if isinstance(at, int) else int(steps[-1])} (×{sci(last / lr0)}); the logged loss went "
+                  f"{sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and last {4 * th.window} "
+                  f"values)."),
+        cause=("a learning-rate schedule that decays far faster than meant: a scheduler stepped every batch where it "
+               "was meant per epoch (StepLR's step_size, MultiStepLR's milestones and ExponentialLR's gamma count "
+               "scheduler.step() calls), or a step_size or gamma off by the number of batches in an epoch"),
+        remedies=remedies("schedule_per_epoch"),
+        numbers={"lr_first": float(lr0), "lr_last": float(last), "loss_first": ends[0], "loss_final": ends[1]},
+        sources=("meta optimizer_lr, optimizer_lr_last", "loss (run)"),
+    )]
+
+
 def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     """A flat loss while every layer moves by less than :data:`TINY_STEP` of its norm a step at a learning rate below
     :data:`SMALL_LR`: too small a rate, with every gradient looking healthy (measured: a Xavier tanh MLP on digits at

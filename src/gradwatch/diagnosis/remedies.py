@@ -44,6 +44,12 @@ REMEDIES = {
     "masked_rows": "give every attention row at least one key it may attend to (a [CLS] token never masked), or mask "
                    "with a large finite negative (torch.finfo(dtype).min, as Hugging Face does) in place of −inf, so "
                    "that a row with every key masked is a uniform softmax, not 0/0",
+    "rebuild_optimizer": "build the optimizer once the model is complete — after adding or replacing layers and "
+                         "after .to(device) — over model.parameters() (the optimizer holds the tensors it was given, "
+                         "not the module)",
+    "schedule_per_epoch": "step the learning-rate scheduler as its parameters count: once per epoch for StepLR's "
+                          "step_size, MultiStepLR's milestones and ExponentialLR's gamma (or give them in batches); "
+                          "scheduler.step() after optimizer.step()",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

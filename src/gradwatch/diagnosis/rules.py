@@ -22,7 +22,7 @@ from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
-    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, nonfinite_findings, nonfinite_remedies, skipped_findings, skipped_steps, spike_findings,
+    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, lr_collapse_findings, nonfinite_findings, nonfinite_remedies, skipped_findings, skipped_steps, spike_findings,
     tiny_step_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
@@ -30,7 +30,7 @@ from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
 from gradwatch.diagnosis.units import (
     activation_findings, cut_graph_findings, dead_output_findings, relaxation_findings, softmax_output_findings,
-    stalled_findings, zero_gradient_findings,
+    stalled_findings, unoptimised_findings, zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
@@ -66,11 +66,14 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
-    if not found:  # a flat loss while nothing moves: too small a learning rate
-        found += tiny_step_findings(view, th)
+    if not found:  # a flat loss while nothing moves: a rate a schedule took to ~0, or too small a rate
+        found += lr_collapse_findings(view, th) or tiny_step_findings(view, th)
     found += activation_findings(view, th) + relaxation_findings(view, th) + dead_output_findings(view, th) + skipped
     zero = zero_gradient_findings(view, th)  # no gradient at all (a softmax over one unit): that finding says why
-    found += zero or stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+    unheld = unoptimised_findings(view, th)  # layers no optimizer holds: they never move, and that says why
+    stalled = [f for f in stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
+               if not (unheld and set(f.layers) <= set(unheld[0].layers))]
+    found += unheld + (zero or stalled)
     if not zero:
         found += softmax_output_findings(view, th) + cut_graph_findings(view, th)
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)

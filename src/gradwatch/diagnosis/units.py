@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
-from gradwatch.diagnosis.findings import Finding, sci, span
+from gradwatch.diagnosis.findings import Finding, layer_name, sci, span
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -337,6 +337,54 @@ def _skipped_at_random(g: Series | None, layer: str) -> bool:
         return False
     trained = np.mean(late > 0)
     return bool(trained >= SKIPPED_SHARE and 1 - trained >= SKIPPED_SHARE)
+
+
+def unoptimised_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Layers whose trainable parameters no optimizer group holds (meta ``not_in_optimizer``) and whose update ratio
+    is exactly 0 at every read: they get gradients and never move. Round 17: a classifier head replaced after the
+    optimizer was built (PyTorch's fixed-feature-extractor tutorial builds it after), which the watch refused with
+    "pass the optimizer that trains this model", and an appended head, "No findings". A layer that moves all the
+    same — compared at the end with the start (meta ``not_in_optimizer_moved``) — is trained by another optimizer (a
+    GAN's second one): no finding."""
+    meta = run_meta(run)
+    moved = set(meta.get("not_in_optimizer_moved") or ())  # trained by another optimizer
+    missing = [m for m in meta.get("not_in_optimizer") or [] if m not in moved]
+    if not missing or "update_ratio" not in run.quantities:
+        return []
+    s = run.series("update_ratio")
+    layers = []
+    for name, row in zip(s.names, s.values):
+        prefix = f"{name}." if name else ""
+        own = [m for m in missing if m.startswith(prefix) and "." not in m[len(prefix):]]
+        seen = row[np.isfinite(row)]
+        if own and len(seen) and not seen.any():
+            layers.append(name)
+    if not layers:
+        return []
+    tensors = [m for m in missing if any(m.startswith(f"{n}." if n else "") for n in layers)]
+    grown = ""
+    if "grad_norm" in run.quantities:  # optimizer.zero_grad() clears only what it holds: their .grad piles up
+        g = run.series("grad_norm")
+        rows = [g.values[i] for i, n in enumerate(g.names) if n in layers]
+        first = [r[np.isfinite(r)] for r in rows]
+        if first and all(len(r) >= 2 for r in first):
+            a, b = float(np.mean([r[0] for r in first])), float(np.mean([r[-1] for r in first]))
+            if b > 2 * a > 0:
+                grown = (f"; their gradient norm grew {sci(a)} → {sci(b)}, as a .grad that optimizer.zero_grad() "
+                         f"never clears piles up")
+    return [Finding(
+        kind="stalled", severity="warning", layers=tuple(layers), steps=(int(s.steps[0]), int(s.steps[-1])),
+        summary=(f"layer {layer_name(layers[0])} never moves: no optimizer holds its parameters" if len(layers) == 1
+                 else f"layers {span(layers)} never move: no optimizer holds their parameters"),
+        evidence=(f"the optimizer holds none of {', '.join(tensors[:6])}{', …' if len(tensors) > 6 else ''}; the "
+                  f"update ratio of {span(layers)} is exactly 0 at every read "
+                  f"({steps_text(int(s.steps[0]), int(s.steps[-1]))}){grown}."),
+        cause=("parameters never given to the optimizer: a layer added or replaced after the optimizer was built, or "
+               "an optimizer built on a copy of the model (torch.optim holds the tensors, not the module)"),
+        remedies=remedies("rebuild_optimizer"),
+        numbers={"layers": float(len(layers)), "tensors": float(len(tensors))},
+        sources=("meta not_in_optimizer", "update_ratio (layers)"),
+    )]
 
 
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:

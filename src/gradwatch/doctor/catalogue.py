@@ -95,7 +95,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # backward singularity beside the line that made the NaN, which the doctor names: round 16's message gave the line
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
-                     "smaller_l1", "custom_backward", "backward_singularity", "masked_rows"})
+                     "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
+                     "schedule_per_epoch"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -138,6 +139,9 @@ def catalog() -> dict[str, list[Remedy]]:
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function
         "masked_rows": [],  # the mask is built in the user's forward
+        "schedule_per_epoch": [],  # where the scheduler steps is the user's loop
+        "rebuild_optimizer": one("rebuild_optimizer", "the optimizer rebuilt over the model's parameters",
+                                 s.optimizer_over_model),
         "gumbel_temperature": one("gumbel_temperature", f"Gumbel-softmax temperature {s.GUMBEL_TAU:g}",
                                   s.gumbel_temperature),
         "check_graph": [],  # a forward that leaves the autograd graph is the user's code: nothing to try

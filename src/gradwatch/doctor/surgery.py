@@ -405,6 +405,21 @@ def rescale_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def optimizer_over_model(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """A new optimizer of the same class over every parameter of the model that requires grad, with the first
+    group's settings (learning rate, momentum, …): a layer added or replaced after the optimizer was built trains.
+    None where the optimizer holds every such parameter already, or where a scheduler of the trial's drives the old
+    optimizer (it would go on scheduling that one)."""
+    opt = trial.optimizer
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    params = [p for p in trial.model.parameters() if p.requires_grad]
+    if all(id(p) in held for p in params) or getattr(trial, "scheduler", None) is not None:
+        return None
+    settings = {k: v for k, v in opt.param_groups[0].items() if k != "params" and k in opt.defaults}
+    trial.optimizer = type(opt)(params, **settings)
+    return trial
+
+
 GUMBEL_TAU = 1.0  # the temperature the doctor's Gumbel-softmax row trains at (Jang et al. 2017 start there)
 
 

@@ -16,6 +16,7 @@ from gradwatch.probes.temporal import find_recurrent
 from gradwatch.schedules import Schedule
 from gradwatch.watching.distributed import FollowerWatch, ShardFollowerWatch, is_sharded, rank, uses_fsdp1
 from gradwatch.watching.handle import Watch
+from gradwatch.watching.metadata import not_in_optimizer
 from gradwatch.watching.options import DEFAULT_BUDGET, WatchOptions
 from gradwatch.watching.rundir import open_run_dir
 
@@ -185,11 +186,16 @@ def _check_model(model: Any, optimizer: Any, caller: str) -> None:
         held = [p for g in optimizer.param_groups for p in g["params"]]
         foreign = sum(1 for p in held if id(p) not in own)
         if foreign == len(held):
-            raise ValueError(
-                f"`{caller}(optimizer=…)`: the optimizer holds {foreign} parameter(s) that are not the model's; "
-                f"pass the optimizer that trains this model"
-            )
-        if foreign:  # a learnable temperature, loss weights: trained beside the model, not watched
+            # round 17: a head replaced after the optimizer was built (the tutorial's fixed feature extractor), or an
+            # optimizer built on a copy of the model — the user's bug to see, not a reason to refuse the run
+            missing = not_in_optimizer(model, optimizer)
+            warnings.warn(
+                f"`{caller}(optimizer=…)`: the optimizer holds none of the model's parameters ({foreign} of its own "
+                f"are not the model's), so the model's {len(missing)} trainable tensor(s) ({', '.join(missing[:4])}"
+                f"{', …' if len(missing) > 4 else ''}) never move: an optimizer built on a copy of the model, or "
+                f"before its layers were replaced? gradwatch watches the model all the same", UserWarning,
+                stacklevel=3)
+        elif foreign:  # a learnable temperature, loss weights: trained beside the model, not watched
             warnings.warn(f"`{caller}(optimizer=…)`: the optimizer also trains {foreign} parameter(s) outside the "
                           f"model (a learnable temperature or loss weight?); gradwatch watches the model's own "
                           f"parameters only", UserWarning, stacklevel=3)

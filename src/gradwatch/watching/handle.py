@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import numbers
 import warnings
 import weakref
@@ -29,7 +30,7 @@ from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loss_ops import loss_paths
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
-from gradwatch.watching.metadata import run_metadata
+from gradwatch.watching.metadata import max_group, not_in_optimizer, run_metadata
 from gradwatch.watching.residual import ResidualSeen, first_tensor
 from gradwatch.watching.zeroing import ZeroGradCheck, first_trained
 from gradwatch.watching.options import WatchOptions
@@ -81,6 +82,10 @@ class Watch:
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
+        # the parameters no group of the optimizer holds, and a fingerprint of each at the start (sum and norm, in
+        # float64): whether they moved by the end tells a layer never trained from one a second optimizer trains
+        unheld = set(not_in_optimizer(model, optimizer))
+        self._unheld = {n: _fingerprint(p) for n, p in model.named_parameters() if n in unheld}
         self._forward: dict[str, list[Any]] = {}  # the forward hooks placed now, by kind (placed on sampled steps)
         # On ranks other than 0 of a sharded job the watch measures (its slices join the all-reduce)
         # and keeps nothing.
@@ -279,7 +284,7 @@ class Watch:
             self._handles.append(self._first_output)
         self._handles += self._driver.place()
         self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
-        param = first_trained(self.model)
+        param = first_trained(self.model, self.optimizer)
         if self.optimizer is not None and param is not None and not steps.grads.sharded:
             self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded)
             self._handles += self._zeroing.handles
@@ -411,6 +416,12 @@ class Watch:
         self._note_weight_bounds()
         if self._zeroing is not None:
             self._writer.meta(self._zeroing.meta())
+        if self._unheld:
+            now = dict(self.model.named_parameters())
+            self._writer.meta({"not_in_optimizer_moved": [n for n, f in self._unheld.items()
+                                                          if n in now and _fingerprint(now[n]) != f]})
+        if self.optimizer is not None:  # the rate now, beside the start's: a schedule that took it to ~0
+            self._writer.meta({"optimizer_lr_last": max_group(self.optimizer, "lr"), "optimizer_lr_last_step": self.step})
 
     @torch.no_grad()
     def _note_weight_bounds(self) -> None:
@@ -456,3 +467,14 @@ class Watch:
                                 "input_abs_mean": self._input_scale[1] if self._input_scale else None,
                                 "output_probabilities": self._output_classes,
                                 **self._steps.budget.report()})
+
+
+@torch.no_grad()
+def _fingerprint(p: torch.Tensor) -> tuple[float, float]:
+    """A parameter's sum and norm in float64: equal before and after only where it did not move (for a test of
+    whether a parameter no watched optimizer holds was trained at all)."""
+    try:
+        x = p.detach().double()
+        return float(x.sum()), float(x.norm())
+    except Exception:  # noqa: BLE001 - a tensor that will not reduce here (a shard): NaN, never equal: "moved"
+        return math.nan, math.nan

@@ -52,6 +52,10 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
         "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)
         "optimizer_max_lr": max_group(optimizer, "max_lr"),  # OneCycleLR's peak: a rate below it climbs (a warm-up)
+        # The model's trainable parameters that the optimizer does not hold: they get gradients and never move (a
+        # layer added or replaced after the optimizer was built, an optimizer built on a copy) — or a second
+        # optimizer trains them (a GAN's); the diagnosis tells the two apart by whether they move.
+        "not_in_optimizer": not_in_optimizer(model, optimizer),
         # Every module class in the model: the diagnosis reads the architecture off it (residual blocks,
         # normalisation, activation types) to propose only remedies it does not already have.
         "module_types": sorted({type(m).__name__ for m in model.modules()}),
@@ -67,6 +71,15 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
                               and not m.norm_first for m in model.modules()),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
+
+
+def not_in_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
+    """The names of the model's parameters that require grad and that no group of ``optimizer`` holds ([] without
+    an optimizer)."""
+    if optimizer is None:
+        return []
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
 
 
 def output_modules(model: nn.Module) -> list[str]:

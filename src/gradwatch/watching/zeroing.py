@@ -50,6 +50,8 @@ class ZeroGradCheck:
         return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks]}
 
 
-def first_trained(model: nn.Module) -> nn.Parameter | None:
-    """The model's first parameter that requires a gradient."""
-    return next((p for p in model.parameters() if p.requires_grad), None)
+def first_trained(model: nn.Module, optimizer: Any = None) -> nn.Parameter | None:
+    """The model's first parameter that requires a gradient and, given an optimizer, that it holds (its
+    ``zero_grad()`` clears no other: a layer no optimizer holds keeps its .grad whatever the loop does)."""
+    held = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return next((p for p in model.parameters() if p.requires_grad and (held is None or id(p) in held)), None)

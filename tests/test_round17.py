@@ -1,0 +1,169 @@
+"""Round 17's set-ups (written from the README alone, each ported from a public source), each against its reference."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch.doctor import surgery
+
+EPOCH = 1400 // 64  # batches an epoch
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = torch.tensor(y)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return (x[idx[:1400]], y[idx[:1400]]), (x[idx[1400:]], y[idx[1400:]])
+
+
+def _batches(x, y, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(perm) - size + 1, size):
+            yield x[perm[i:i + size]], y[perm[i:i + size]]
+
+
+def _accuracy(x, y):
+    @torch.no_grad()
+    def score(model):
+        return float((model(x).argmax(-1) == y).float().mean())
+    return score
+
+
+def _head(seed, optimizer_after, frozen=True):
+    """PyTorch's transfer-learning tutorial ("ConvNet as fixed feature extractor") with the order swapped: the
+    optimizer is built, then the head is replaced, so the optimizer holds the old head's tensors."""
+    (x, y), (xt, yt) = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    if frozen:
+        model[0].requires_grad_(False)
+    if not optimizer_after:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    model[2] = nn.Linear(256, 10)
+    if optimizer_after:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    return gw.Trial(model, opt, _batches(x, y, seed), F.cross_entropy, _accuracy(xt, yt))
+
+
+def _train(trial, store, name, steps=300):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
+            for _ in range(steps):
+                w.log(loss=trial.step())
+    return w, [str(c.message) for c in caught]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_head_replaced_after_the_optimizer_is_watched_and_named(store, seed):
+    """Round 17: the watch refused the run ("pass the optimizer that trains this model") though the user passed the
+    optimizer that was meant to train it. It now warns, watches, and names the layer that never moves (its weights
+    equal their initial values after training, checked here); the twin, optimizer built after, learns unflagged."""
+    trial = _head(seed, optimizer_after=False)
+    start = trial.model[2].weight.detach().clone()
+    w, said = _train(trial, store, f"head-{seed}")
+    assert any("holds none of the model's parameters" in m and "2.weight, 2.bias" in m for m in said)
+    assert torch.equal(trial.model[2].weight, start)  # it never moved
+    (f,) = [f for f in w.diagnose().problems if f.layers == ("2",)]
+    assert f.kind == "stalled" and f.remedy_keys == ("rebuild_optimizer",)
+    assert "no optimizer holds its parameters" in f.summary
+    twin = _head(seed, optimizer_after=True)
+    tw, _ = _train(twin, store, f"head-twin-{seed}")
+    assert twin.evaluate(twin.model) > 0.9 > trial.evaluate(trial.model) + 0.5
+    assert not tw.diagnose().problems
+
+
+def test_a_layer_left_out_of_the_optimizer_is_named_though_the_rest_learns(store):
+    """A trainable body with the head left out (no warning at the start: the optimizer holds some of the model): the
+    body learns around it, and the finding names the head all the same. A layer a second optimizer trains (a GAN's
+    other half) moves, and is not named."""
+    trial = _head(0, optimizer_after=False, frozen=False)
+    w, said = _train(trial, store, "head-body")
+    assert not any("holds none" in m for m in said)
+    assert [f.layers for f in w.diagnose().problems if f.kind == "stalled"] == [("2",)]
+
+    (x, y), _ = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    first, second = torch.optim.SGD(model[0].parameters(), lr=0.05), torch.optim.SGD(model[2].parameters(), lr=0.05)
+    batches = _batches(x, y, 0)
+    with gw.watch(model, first, store=store, name="two-optimizers") as w2:
+        for _ in range(100):
+            xb, yb = next(batches)
+            loss = F.cross_entropy(model(xb), yb)
+            first.zero_grad()
+            second.zero_grad()
+            loss.backward()
+            first.step()
+            second.step()
+            w2.log(loss=loss)
+    assert gw.open_run(w2.path).meta["not_in_optimizer"] == ["2.weight", "2.bias"]
+    assert not [f for f in w2.diagnose().problems if f.layers == ("2",)]
+
+
+def test_the_doctor_rebuilds_the_optimizer_over_the_model(tmp_path):
+    """The doctor's row builds the optimizer again over the model's parameters, with the first group's settings: it
+    reaches the twin's held-out accuracy (a plain loop, optimizer built after the head, the same seeds)."""
+    report = gw.doctor(lambda s: _head(s, optimizer_after=False), steps=300, seeds=2, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.label == "the optimizer rebuilt over the model's parameters"
+    twins = []
+    for seed in (0, 1):
+        twin = _head(seed, optimizer_after=True)
+        for _ in range(300):
+            twin.step()
+        twins.append(twin.evaluate(twin.model))
+    assert report.best.score == pytest.approx(sum(twins) / 2, abs=0.02)
+    rebuilt = surgery.optimizer_over_model(_head(0, optimizer_after=False), {})
+    assert rebuilt is not None and rebuilt.optimizer.param_groups[0]["momentum"] == 0.9
+    assert surgery.optimizer_over_model(_head(0, optimizer_after=True), {}) is None  # it holds them all
+
+
+def _scheduled(seed, per_batch):
+    """StepLR(step_size=2, γ=0.5) meant per epoch; stepped per batch it takes the rate to ~0 (the twin: the same
+    schedule counted in batches, 0.5 ** (batch // (2 · batches an epoch)))."""
+    (x, y), (xt, yt) = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if per_batch else
+             torch.optim.lr_scheduler.LambdaLR(opt, lambda b: 0.5 ** (b // (2 * EPOCH))))
+    return gw.Trial(model, opt, _batches(x, y, seed), F.cross_entropy, _accuracy(xt, yt), scheduler=sched)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_learning_rate_scheduled_to_zero_is_named(store, seed):
+    """Round 17: the rate fell from 0.05 to 3.5e-47 in 300 steps and "the gradients look healthy". The finding gives
+    the rate the optimizer holds at the end (compared with the optimizer's own) and the scheduler's cause; the twin
+    learns with no finding."""
+    trial = _scheduled(seed, per_batch=True)
+    w, _ = _train(trial, store, f"sched-{seed}")
+    (f,) = [f for f in w.diagnose().problems if "learning rate fell" in f.summary]
+    assert f.numbers["lr_last"] == trial.optimizer.param_groups[0]["lr"] < 1e-40
+    assert f.numbers["lr_first"] == 0.05 and f.remedy_keys == ("schedule_per_epoch",)
+    twin = _scheduled(seed, per_batch=False)
+    tw, _ = _train(twin, store, f"sched-twin-{seed}")
+    assert twin.evaluate(twin.model) > 0.9 > trial.evaluate(trial.model) + 0.3
+    assert not tw.diagnose().problems
+
+
+def test_an_optimizer_built_on_a_copy_is_watched(store):
+    """The optimizer over a deep copy holds none of the model's tensors: a warning naming them, not an error."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"holds none of the model's parameters \(4 of its own"):
+        w = gw.watch(model, opt, store=store, name="copy")
+    w.close()
+    assert gw.open_run(w.path).meta["not_in_optimizer"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
