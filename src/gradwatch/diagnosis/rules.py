@@ -29,8 +29,8 @@ from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
 from gradwatch.diagnosis.units import (
-    activation_findings, cut_graph_findings, dead_output_findings, relaxation_findings, softmax_output_findings,
-    stalled_findings, unoptimised_findings, zero_gradient_findings,
+    activation_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
+    softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
@@ -76,6 +76,8 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += unheld + (zero or stalled)
     if not zero:
         found += softmax_output_findings(view, th) + cut_graph_findings(view, th)
+        if not any(f.severity != "info" for f in found):  # a squared error on probabilities, which crawls
+            found += quadratic_softmax_findings(view, th)
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains

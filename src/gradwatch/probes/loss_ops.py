@@ -73,6 +73,11 @@ def quadratic_on_squash(paths: list[list[str]] | None) -> str:
     return ""
 
 
+def quadratic_on_softmax(paths: list[list[str]] | None) -> bool:
+    """Whether the loss squares a difference of a softmax's output (MSE on probabilities against one-hot targets)."""
+    return any(SQUASH.get(path[-1]) == "softmax" and SQUARED & set(path[:-1]) for path in paths or ())
+
+
 def penalty_on_relu(paths: list[list[str]] | None) -> bool:
     """Whether the loss adds a penalty on a ReLU's outputs themselves, before any layer: |z|, a norm of z, or z
     summed or averaged directly (z ≥ 0, so that is its L1) — a sparsity penalty (an SAE's λ‖z‖₁)."""
