@@ -219,3 +219,50 @@ def test_a_squared_error_on_softmax_outputs_is_named(store, seed):
     tw, _ = _train(twin, store, f"softmax-ce-{seed}")
     assert twin.evaluate(twin.model) > 0.9 > trial.evaluate(trial.model) + 0.3
     assert not tw.diagnose().problems
+
+
+class _ClipTrial(gw.Trial):
+    """The user's own step, in PyTorch's documented order: backward, clip_grad_value_(params, clip), step."""
+
+    clip = 1.0
+
+    def step(self):
+        x, y = next(self.batches)
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        return loss
+
+
+def _clipped(seed, clip):
+    (x, y), (xt, yt) = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    trial = _ClipTrial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), _batches(x, y, seed),
+                       F.cross_entropy, _accuracy(xt, yt))
+    trial.clip = clip
+    return trial
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_gradient_clipped_by_value_far_below_its_scale_is_named(store, seed):
+    """Round 17: clip_grad_value_(…, 1e-5) left every element at ±1e-5 — "No findings", and the doctor blamed "a loss
+    on a small scale". The finding gives the clip value (each layer's norm over √(its elements), compared with the
+    clip set here) and the doctor's message names the clip as the user's to raise; clipping at 1 learns unflagged."""
+    trial = _clipped(seed, 1e-5)
+    with gw.watch(trial.model, trial.optimizer, store=store, name=f"clip-{seed}") as w:
+        for _ in range(300):
+            w.log(loss=trial.step())
+    (f,) = [f for f in w.diagnose().problems if "clipped by value" in f.summary]
+    assert f.numbers["clip_value"] == pytest.approx(1e-5, rel=0.05) and f.remedy_keys[0] == "raise_clip"
+    twin = _clipped(seed, 1.0)
+    with gw.watch(twin.model, twin.optimizer, store=store, name=f"clip-twin-{seed}") as tw:
+        for _ in range(300):
+            tw.log(loss=twin.step())
+    assert twin.evaluate(twin.model) > 0.9 > trial.evaluate(trial.model) + 0.3
+    assert not tw.diagnose().problems
+    if seed == 0:
+        report = gw.doctor(lambda s: _clipped(s, 1e-5), steps=300, seeds=2, store=store / "doctor", progress=False)
+        assert "for you to change in your code" in report.message and "clip at about the gradient's own norm" in report.message

@@ -477,7 +477,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     bound = float(np.median(ok))
     held = np.abs(ok / bound - 1) < CLIPPED_SPREAD
     if held.mean() < 0.9:
-        return []
+        return _clipped_by_value(run, th)
     ends = loss_ends(run, th)
     # Adam's step does not scale with the gradient: a bound it always meets leaves its updates as they were
     adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
@@ -497,6 +497,52 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
         remedies=() if learns else remedies("raise_clip"),
         numbers={"clip_bound": bound, "held": float(held.mean())},
         sources=(_total_source(steps),),
+    )]
+
+
+VALUE_CLIPPED_SPREAD = 0.05  # every layer's ‖g‖/√n within this of one value c on (nearly) every step: clipped at ±c
+
+
+def _clipped_by_value(run: Run, th: Thresholds) -> list[Finding]:
+    """The user's ``clip_grad_value_(params, c)`` below the gradient's own scale: nearly every element sits at ±c, so
+    each layer's gradient norm, read after the clipping, is c·√(its elements) on every step — one c for every
+    layer. Round 17: clip_grad_value_(…, 1e-5) on an MLP at SGD 0.05, norms within 3 % of √n·1e-5 for 300 steps,
+    the raw gradient 0.42–0.58 (the twin's), "No findings" from the watch and "its gradient is small … a loss on a
+    small scale" from the doctor, whose lr ×100 held only while the clip stayed (clip fixed, that rate diverges)."""
+    if "grad_norm" not in run.quantities:
+        return []
+    sizes = {l.get("name"): sum(int(np.prod(shape)) for shape in (l.get("params") or {}).values())
+             for l in run_meta(run).get("layers") or () if isinstance(l, dict)}
+    s = run.series("grad_norm")
+    rows = [i for i, n in enumerate(s.names) if sizes.get(n)]
+    if len(rows) < 2:
+        return []
+    per = s.values[rows] / np.sqrt([[sizes[s.names[i]]] for i in rows])  # ‖g‖/√n: c where every element is ±c
+    per = per[:, np.isfinite(per).all(axis=0) & (per > 0).all(axis=0)]
+    if per.shape[1] < th.spike_after + 4 * th.window:
+        return []
+    c = float(np.median(per))
+    held = (np.abs(per / c - 1) < VALUE_CLIPPED_SPREAD).all(axis=0)
+    if held.mean() < 0.9:
+        return []
+    ends = loss_ends(run, th)
+    step, _ = _typical_update_ratio(run, th)
+    adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
+    learns = adaptive or halved(ends) or step >= EPS_TINY_STEP
+    return [Finding(
+        kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(s.steps[0]), int(s.steps[-1])),
+        summary=f"the gradient is clipped by value on every step: nearly every element is at ±{sci(c)}",
+        evidence=(f"each of {len(rows)} layers' gradient norm, read after the step's clipping, is {sci(c)} × √(its "
+                  f"elements) within {VALUE_CLIPPED_SPREAD:.0%} on {held.mean():.0%} of the steps read — what a "
+                  f"gradient whose every element sits at ±{sci(c)} has"
+                  + (f"; the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "")
+                  + (f"; the upper-quartile layer moves by {sci(step)} of its norm a step" if math.isfinite(step)
+                     else "") + "."),
+        cause=(f"a clipping value below the gradient's own scale (clip_grad_value_(…, clip_value≈{sci(c)})): it cuts "
+               f"every element to ±{sci(c)}, so every update is lr × {sci(c)} a weight, whatever the gradient says"),
+        remedies=() if learns else remedies("raise_clip"),
+        numbers={"clip_value": c, "held": float(held.mean())},
+        sources=("grad_norm (layers), meta layers' parameter shapes",),
     )]
 
 
