@@ -80,20 +80,26 @@ def _watched(store, seed: int, tau: float, hard: bool = False, steps: int = 400)
     return trial, w
 
 
+def _one_watched_step(trial: gw.Trial, store, name: str):
+    """One training step of ``trial`` under a watch: (its batch's inputs, the generator state before it, the watch)."""
+    x, y = next(trial.batches)
+    state = torch.random.get_rng_state()
+    with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
+        loss = F.mse_loss(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        trial.optimizer.step()
+        w.log(loss=loss)
+    return x, state, w
+
+
 def test_the_one_hot_share_is_the_samples_own(store):
     """The recorded share of one-hot samples at step 0 is the share of the very sample the step drew: the watch draws
     no random number, so the same generator state gives the same sample by hand."""
     for tau in (0.01, 1.0):
         trial = _trial(0, tau)
-        x, y = next(trial.batches)
         before = copy.deepcopy(trial.model)
-        state = torch.random.get_rng_state()
-        with gw.watch(trial.model, trial.optimizer, store=store, name=f"share-{tau}") as w:
-            loss = F.mse_loss(trial.model(x), y)
-            trial.optimizer.zero_grad()
-            loss.backward()
-            trial.optimizer.step()
-            w.log(loss=loss)
+        x, state, w = _one_watched_step(trial, store, f"share-{tau}")
         s = gw.open_run(w.path).series("onehot_frac", "activation")
         assert s.names == ["enc.2.gumbel_softmax()"]
         torch.random.set_rng_state(state)
@@ -136,14 +142,7 @@ def test_a_straight_through_sample_is_judged_by_its_soft_probabilities(store):
     found; at τ = 1 it is not."""
     for tau in (0.01, 1.0):
         trial = _trial(0, tau, hard=True)
-        x, y = next(trial.batches)
-        state = torch.random.get_rng_state()
-        with gw.watch(trial.model, trial.optimizer, store=store, name=f"hard-{tau}") as w:
-            loss = F.mse_loss(trial.model(x), y)
-            trial.optimizer.zero_grad()
-            loss.backward()
-            trial.optimizer.step()
-            w.log(loss=loss)
+        x, state, w = _one_watched_step(trial, store, f"hard-{tau}")
         torch.random.set_rng_state(state)
         with torch.no_grad():
             z = F.gumbel_softmax(_trial(0, tau).model.enc(x).view(-1, G, K), tau=tau, dim=-1)

@@ -11,34 +11,19 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 import gradwatch as gw
+from gradwatch.zoo.data import accuracy, batches, digits
 from gradwatch.doctor import surgery
 from gradwatch.doctor.locate import locate_nonfinite
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(y)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return (x[idx[:1400]], y[idx[:1400]]), (x[idx[1400:]], y[idx[1400:]])
+    """The zoo's digits (standardised on its 1,500 training images): ((x, y), (x_test, y_test))."""
+    x, y, xt, yt = digits()
+    return (x, y), (xt, yt)
 
 
 def _batches(x, y, seed, size=64):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(perm) - size + 1, size):
-            yield x[perm[i:i + size]], y[perm[i:i + size]]
-
-
-def _accuracy(x, y):
-    @torch.no_grad()
-    def score(model):
-        return float((model(x).argmax(-1) == y).float().mean())
-    return score
+    return batches(x, y, size, seed)
 
 
 class SignSTE(torch.autograd.Function):
@@ -77,7 +62,7 @@ def _binarised(seed, w):
     torch.manual_seed(seed)
     model = BinNet(w)
     return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), _batches(x, y, seed), F.cross_entropy,
-                    _accuracy(xt, yt))
+                    accuracy(xt, yt))
 
 
 def test_a_custom_backwards_gain_is_measured_against_its_gradients_by_hand(store):
@@ -241,7 +226,12 @@ def test_a_rare_pixel_of_data_standardised_elsewhere_counts_as_standardised():
     """Digits z-scored over the whole set: in a trial's first 8 batches a few border pixels have std 0.38–0.47 but
     sit at their centre almost always (median |x| ≈ 0.06): nothing for input standardisation to change (round 16
     spent three of its rows on it)."""
-    (x, y), _ = _digits()
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1400]
+    x, y = ((x - x.mean(0)) / (x.std(0) + 1e-6))[idx], y[idx]  # a training split of data z-scored over the whole set
     net = nn.Linear(64, 10)
     trial = gw.Trial(net, torch.optim.SGD(net.parameters(), lr=0.1), _batches(x, y, 0), F.cross_entropy)
     first = torch.cat([b[0] for b, _ in zip(_batches(x, y, 0), range(8))])
@@ -307,7 +297,7 @@ def _deep_bn(seed, skip, depth=50):
         was = m.training
         m.eval()
         try:
-            return _accuracy(xt, yt)(m)
+            return accuracy(xt, yt)(m)
         finally:
             m.train(was)
 

@@ -11,35 +11,20 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
+from gradwatch.zoo.data import accuracy, batches, digits
 from gradwatch.doctor import surgery
 
 EPOCH = 1400 // 64  # batches an epoch
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = torch.tensor(y)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return (x[idx[:1400]], y[idx[:1400]]), (x[idx[1400:]], y[idx[1400:]])
+    """The zoo's digits (standardised on its 1,500 training images): ((x, y), (x_test, y_test))."""
+    x, y, xt, yt = digits()
+    return (x, y), (xt, yt)
 
 
 def _batches(x, y, seed, size=64):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(perm) - size + 1, size):
-            yield x[perm[i:i + size]], y[perm[i:i + size]]
-
-
-def _accuracy(x, y):
-    @torch.no_grad()
-    def score(model):
-        return float((model(x).argmax(-1) == y).float().mean())
-    return score
+    return batches(x, y, size, seed)
 
 
 def _head(seed, optimizer_after, frozen=True):
@@ -55,7 +40,7 @@ def _head(seed, optimizer_after, frozen=True):
     model[2] = nn.Linear(256, 10)
     if optimizer_after:
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    return gw.Trial(model, opt, _batches(x, y, seed), F.cross_entropy, _accuracy(xt, yt))
+    return gw.Trial(model, opt, _batches(x, y, seed), F.cross_entropy, accuracy(xt, yt))
 
 
 def _train(trial, store, name, steps=300):
@@ -145,7 +130,7 @@ def _scheduled(seed, per_batch):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if per_batch else
              torch.optim.lr_scheduler.LambdaLR(opt, lambda b: 0.5 ** (b // (2 * EPOCH))))
-    return gw.Trial(model, opt, _batches(x, y, seed), F.cross_entropy, _accuracy(xt, yt), scheduler=sched)
+    return gw.Trial(model, opt, _batches(x, y, seed), F.cross_entropy, accuracy(xt, yt), scheduler=sched)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -194,7 +179,7 @@ def _softmax_mse(seed, mse):
     model = _SoftmaxNet(mse)
     loss = (lambda p, t: F.mse_loss(p, F.one_hot(t, 10).float())) if mse else F.cross_entropy
     return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), _batches(x, y, seed), loss,
-                    _accuracy(xt, yt))
+                    accuracy(xt, yt))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -241,7 +226,7 @@ def _clipped(seed, clip):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     trial = _ClipTrial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), _batches(x, y, seed),
-                       F.cross_entropy, _accuracy(xt, yt))
+                       F.cross_entropy, accuracy(xt, yt))
     trial.clip = clip
     return trial
 
