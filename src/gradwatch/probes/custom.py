@@ -67,7 +67,10 @@ class CustomBackwardProbe:
 
     def __init__(self, fills_grad: Callable[[], bool]) -> None:
         self._fills_grad = fills_grad  # whether the running backward accumulates into .grad
-        self._outputs: dict[int, tuple[Any, str]] = {}  # this pass's layer outputs: node id -> (node, layer)
+        # this pass's layer outputs: node id -> layer. Ids only: a dict holding autograd nodes keeps their hooks, and
+        # through them the watch, alive past a dropped watch (the nodes are C++ objects the collector cannot see
+        # through); within a pass the ids are the live graph's, and each pass starts a new map.
+        self._outputs: dict[int, str] = {}
         self._hooked: set[int] = set()  # nodes hooked in this pass
         self.kinds: dict[str, str] = {}  # site name -> the Function's class name
         self._gain: dict[str, list[Tensor]] = {}  # site -> [Σ‖g_in‖², Σ‖g_out‖²] over this step's calls
@@ -79,7 +82,7 @@ class CustomBackwardProbe:
     def layer_output(self, layer: str, output: Any) -> None:
         node = getattr(output, "grad_fn", None)
         if node is not None:
-            self._outputs[id(node)] = (node, layer)
+            self._outputs[id(node)] = layer
 
     def _producer(self, node: Any) -> str | None:
         """The layer whose output the custom node took (through reshapes)."""
@@ -88,8 +91,8 @@ class CustomBackwardProbe:
                 if n is None:
                     break
                 hit = self._outputs.get(id(n))
-                if hit is not None and hit[0] is n:
-                    return hit[1]
+                if hit is not None:
+                    return hit
                 if type(n).__name__ not in _SHAPE_NODES or not n.next_functions:
                     break
                 n = n.next_functions[0][0]
