@@ -396,9 +396,10 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
 
     A vanishing net of ``DEEP_LAYERS`` weighted layers or more without skip connections is told of residual
     connections, and one with BatchNorm whose gradient explodes across depth from the start, of ReZero and
-    residual connections first (:func:`_batch_norm_without_skips`); with Post-LN Transformer layers and no warm-up, the depth findings name warm-up and Pre-LN
-    first; with Adam at a high learning rate and no warm-up, the learning rate; layers that move too little under
-    plain SGD (or Adagrad) are told of Adam, last.
+    residual connections first (:func:`_batch_norm_without_skips`); with Post-LN Transformer layers and no
+    warm-up, the depth findings name warm-up and Pre-LN first; with Adam at a high learning rate and no warm-up,
+    the learning rate; layers that move too little under plain SGD (or Adagrad) are told of Adam, last (not where
+    no optimiser can help: :data:`_NOT_THE_OPTIMISER`).
     """
     types = module_types(run)
     meta = run_meta(run)

@@ -22,8 +22,8 @@ from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
-    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, lr_collapse_findings, nonfinite_findings, nonfinite_remedies, skipped_findings, skipped_steps, spike_findings,
-    tiny_step_findings,
+    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, lr_collapse_findings, nonfinite_findings,
+    nonfinite_remedies, skipped_findings, skipped_steps, spike_findings, tiny_step_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds

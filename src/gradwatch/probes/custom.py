@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from gradwatch.probes.functional import _SHAPE_NODES
+from gradwatch.probes.functional import SHAPE_NODES
 
 REACH = 8  # autograd nodes walked back from a layer's input to a custom Function's node, through reshapes
 
@@ -45,7 +45,7 @@ def custom_node(x: Any) -> Any:
             return None
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             return node if _users(node) else None
-        if type(node).__name__ not in _SHAPE_NODES or not node.next_functions:
+        if type(node).__name__ not in SHAPE_NODES or not node.next_functions:
             return None
         node = node.next_functions[0][0]
     return None
@@ -93,7 +93,7 @@ class CustomBackwardProbe:
                 hit = self._outputs.get(id(n))
                 if hit is not None:
                     return hit
-                if type(n).__name__ not in _SHAPE_NODES or not n.next_functions:
+                if type(n).__name__ not in SHAPE_NODES or not n.next_functions:
                     break
                 n = n.next_functions[0][0]
         return None

@@ -25,6 +25,10 @@ branch (:attr:`FunctionalProbe.branch_calls`), and so do its layers
 (:attr:`FunctionalProbe.branch_layers`): the skip carries the gradient past
 them, which the diagnosis reads along the layers outside the branches.
 
+A ``F.gumbel_softmax`` call is tapped too (:meth:`FunctionalProbe.relaxed`): the
+share of its relaxed samples that are one-hot and its τ, which the diagnosis
+reads for a temperature too low (Jang et al. 2017).
+
 The tap is placed only for models that may call activations as functions
 (:func:`calls_activations`): a class of the user's whose ``forward`` source
 calls one, or that holds one as an attribute (``self.act = torch.tanh``).
@@ -58,7 +62,7 @@ _ADD_FUNCS = {"add", "add_", "__add__", "__radd__", "__iadd__"}  # a residual su
 BRANCH_REACH = 64  # autograd nodes walked back from a sum's term to the skip's source (weights' leaves count)
 _ACTIVATION_CLASS = re.compile(r"(Activation|GELU|GeLU|SiLU|Swish|Mish|ReLU|Tanh|Sigmoid)$")
 # autograd nodes that only reshape or select: a Gumbel-softmax's logits are a layer's output seen through them
-_SHAPE_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
+SHAPE_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
                 "PermuteBackward0", "SplitBackward0", "UnbindBackward0", "SelectBackward0", "SliceBackward0",
                 "CloneBackward0"}
 ONE_HOT_ABOVE = 0.99  # a relaxed sample whose largest probability is above this is one-hot
@@ -293,7 +297,7 @@ class FunctionalProbe:
             if node is None:
                 return None
             layer = self.layers.producer(node)
-            if layer is not None or type(node).__name__ not in _SHAPE_NODES or not node.next_functions:
+            if layer is not None or type(node).__name__ not in SHAPE_NODES or not node.next_functions:
                 return layer
             node = node.next_functions[0][0]
         return None

@@ -18,7 +18,8 @@ from gradwatch.remedies.structure import (
 __all__ = [
     "ReZero", "Residual", "ResidualBlock", "RiemannianAdam", "RiemannianSGD", "adaptive_clip", "add_norm", "add_residual",
     "after_last_layer",
-    "agc_", "clip_grad_norm", "clip_grad_value", "fixup_zero_init", "gumbel_temperature", "he_init", "irnn", "lecun_init", "lsuv_init", "lstm_chrono_init",
+    "agc_", "clip_grad_norm", "clip_grad_value", "fixup_zero_init", "gumbel_temperature", "he_init", "irnn",
+    "lecun_init", "lsuv_init", "lstm_chrono_init",
     "lstm_forget_bias",
     "orthogonal_init", "orthogonal_recurrent", "output_activations", "pascanu_regularizer", "recurrent_groups",
     "SATURATING", "scale_lr", "smart_init", "swap_activation", "unify_lr", "xavier_init",

@@ -93,7 +93,8 @@ FAMILIES = (
            "activation statistics", forward=True),
     Family("temporal", "activations", "temporal_grad_norm, step_jacobian_norm, lambda1, recurrent_dead_frac",
            "re-runs through time", forward=True),
-    Family("attention", "attention", "attn_logit_max, attn_logit_rms, attn_entropy, attn_empty_frac, logz_mean, logz_max",
+    Family("attention", "attention",
+           "attn_logit_max, attn_logit_rms, attn_entropy, attn_empty_frac, logz_mean, logz_max",
            "attention statistics", forward=True),
     Family("updates", "update_every", "weight_norm, update_ratio", "weight copies", collective=True),
 )

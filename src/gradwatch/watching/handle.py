@@ -421,7 +421,8 @@ class Watch:
             self._writer.meta({"not_in_optimizer_moved": [n for n, f in self._unheld.items()
                                                           if n in now and _fingerprint(now[n]) != f]})
         if self.optimizer is not None:  # the rate now, beside the start's: a schedule that took it to ~0
-            self._writer.meta({"optimizer_lr_last": max_group(self.optimizer, "lr"), "optimizer_lr_last_step": self.step})
+            self._writer.meta({"optimizer_lr_last": max_group(self.optimizer, "lr"),
+                               "optimizer_lr_last_step": self.step})
 
     @torch.no_grad()
     def _note_weight_bounds(self) -> None:
