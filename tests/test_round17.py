@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -251,3 +252,86 @@ def test_a_gradient_clipped_by_value_far_below_its_scale_is_named(store, seed):
     if seed == 0:
         report = gw.doctor(lambda s: _clipped(s, 1e-5), steps=300, seeds=2, store=store / "doctor", progress=False)
         assert "for you to change in your code" in report.message and "clip at about the gradient's own norm" in report.message
+
+
+class _EulerODE(nn.Module):
+    """dh/dt = −Λh + tanh(W h + U x), Λ = diag(logspace(0, 2)) fixed (rates 1…100: stiff), explicit Euler over [0, 1]
+    in ``n`` steps (Hairer & Wanner, Solving ODEs II, §IV.2: stable only for dt·λ < 2)."""
+
+    def __init__(self, n, dim=32):
+        super().__init__()
+        self.enc, self.W, self.U, self.dec = nn.Linear(64, dim), nn.Linear(dim, dim), nn.Linear(64, dim, bias=False), \
+            nn.Linear(dim, 10)
+        self.n = n
+        self.register_buffer("lam", torch.logspace(0, 2, dim))
+
+    def forward(self, x):
+        h, u, dt = self.enc(x), self.U(x), 1.0 / self.n
+        for _ in range(self.n):
+            h = h + dt * (-self.lam * h + torch.tanh(self.W(h) + u))
+        return self.dec(h)
+
+
+def _ode(seed, n):
+    (x, y), (xt, yt) = _digits()
+    torch.manual_seed(seed)
+    model = _EulerODE(n)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _batches(x, y, seed), F.cross_entropy,
+                    accuracy(xt, yt))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_stiff_update_under_too_large_a_step_is_told_of_the_step(store, seed):
+    """Round 17: a stiff neural ODE under explicit Euler at dt·λ_max = 10 explodes ×4e7; the finding blamed W's
+    Jacobian and offered orthogonal weights. Each step's backward multiplies the stiff modes by |1 − dt·λ| = 9 (by
+    hand here: the largest eigenvalue of the update's linear part), W's path at most by its spectral norm (measured
+    here, about 1–2). The cause names the step and the remedy a smaller one; 60 steps (dt·λ_max = 1.7) learn
+    unflagged."""
+    trial = _ode(seed, 10)
+    assert float((1 - 0.1 * trial.model.lam).abs().max()) == pytest.approx(9.0)
+    assert float(torch.linalg.matrix_norm(trial.model.W.weight, 2)) < 2
+    w, _ = _train(trial, store, f"ode-{seed}")
+    (f,) = [f for f in w.diagnose().problems if f.kind == "exploding" and f.layers]
+    assert f.remedy_keys[0] == "smaller_step" and "skips it" in f.cause
+    twin = _ode(seed, 60)
+    tw, _ = _train(twin, store, f"ode-twin-{seed}")
+    assert twin.evaluate(twin.model) > 0.9 and not tw.diagnose().problems
+
+
+def test_a_recurrence_that_explodes_through_its_weights_is_not_blamed_on_the_step(store):
+    """The property's other side: h ← tanh(W h + U x) with W at spectral radius 2.5 (Pascanu's exploding regime) grows
+    through W itself, at most ×λ₁(W) a call: its cause is not the step size."""
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.U, self.W, self.out = nn.Linear(8, 32), nn.Linear(32, 32, bias=False), nn.Linear(32, 2)
+            with torch.no_grad():
+                q, _ = torch.linalg.qr(torch.randn(32, 32))
+                self.W.weight.copy_(2.5 * q)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 32)
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.W(h) + self.U(x[:, t]))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Cell()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with gw.watch(model, opt, store=store, name="cell-2.5") as w:
+        for _ in range(60):
+            x, y = torch.randn(16, 20, 8, generator=g) * 0.1, torch.randint(0, 2, (16,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    from gradwatch.diagnosis.depth import _skip_path_growth
+
+    run = gw.open_run(w.path)
+    lam = run.series("lambda1", "recurrent")
+    assert lam.names == ["W"] and float(lam.values[0, 0]) == pytest.approx(2.5, rel=0.02)  # measured, at the start
+    assert (run.temporal("W").values > 0).any() and _skip_path_growth(run, ["W"]) is None
+    assert not [f for f in w.diagnose().findings if "smaller_step" in f.remedy_keys]

@@ -123,11 +123,21 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
     at = (f"‖∂L/∂a‖ at layer {layer_name(prof.names[0])} is {sci(first)} against {sci(last)} at layer "
           f"{layer_name(prof.names[-1])}{caveat}")
     looped = _called_in_a_loop(run, prof.names[: upto + 2])
+    skip = None
     if looped:  # the stretch crosses a module's repeated calls: no rate per layer, and no activation "between" them
         k = None
         cause_words = (f"the repeated calls of {span(list(looped))}: one module applied again to its own output "
                        f"{max(looped.values())} times in each forward pass, and the gradient passes its Jacobian "
                        f"once per call (the finding through time measures the rate per call)")
+        skip = None if vanishing else _skip_path_growth(run, list(looped))
+        if skip is not None:
+            name, per_call, lam = skip
+            cause_words = (f"the update around the repeated calls of {name} amplifies by itself: ‖∂L/∂a‖ at its "
+                           f"output grows ×{sci(per_call)} a call (backwards) while its weights' spectral norm is "
+                           f"{sci(lam)}, so its own path can pass at most about ×{sci(lam)}; the rest is the path that "
+                           f"skips it — an explicit update h + dt·f(h) whose linear part (a decay −λ·h, the skip) "
+                           f"multiplies the gradient by more than 1 a step: a step dt too large for the dynamics "
+                           f"(explicit Euler is stable only for dt·λ < 2; Hairer & Wanner, Solving ODEs II, §IV.2)")
     if vanishing:
         zero = [prof.names[i] for i in range(n) if prof.median[i] == 0]
         if zero:
@@ -156,7 +166,8 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
                  f"{' of' if vanishing else '×'} the last layer's, since step {start}"),
         evidence=f"{at}; {change}.",
         cause=cause_words if looped else cause.words,
-        remedies=remedies(*(LOOP_REMEDIES if looped else cause.remedy_keys)), numbers=numbers,
+        remedies=remedies(*(("smaller_step",) if skip is not None else LOOP_REMEDIES) if looped else cause.remedy_keys),
+        numbers=numbers,
         sources=(source, *sources), cause_key="loop" if looped else cause.key,
     )]
 
@@ -164,6 +175,35 @@ def depth_findings(run: Run, th: Thresholds) -> list[Finding]:
 LOOP_REMEDIES = ("orthogonal_rnn", "residual", "orthogonal_init")  # a module's calls in a loop: keep its Jacobian
 # norm-preserving (Haber & Ruthotto 2017: the step h + δ·σ(Wh + b) for a block applied many times)
 RNN_MODULES = frozenset({"RNN", "LSTM", "GRU"})  # recurrent modules that loop inside one call
+
+
+SKIP_PATH_ABOVE = 2.0  # growth per call over the looped layer's spectral norm beyond which its own path cannot explain it
+
+
+def _skip_path_growth(run: Run, looped: list[str]) -> tuple[str, float, float] | None:
+    """(layer, ‖∂L/∂a‖'s growth per call backwards, its weights' λ₁) for a layer called in a loop whose gradient
+    grows per call more than :data:`SKIP_PATH_ABOVE` × λ₁ (meta-free: the temporal record and ``lambda1``): the path
+    through the layer passes at most about λ₁ (a unit's derivative ≤ 1, a step ≤ 1), so the growth is the update's
+    own. The growth is the median ratio of consecutive calls' norms where both are positive (late calls whose units
+    saturated pass 0). Round 17: a stiff neural ODE under explicit Euler, dt·λ_max = 10: ×9–14 a call against
+    λ₁(W) = 1.07, and "the repeated calls of W" told orthogonal weights, which cannot help."""
+    if "lambda1" not in run.quantities:
+        return None
+    lam = run.series("lambda1", "recurrent")
+    for name in looped:
+        if name not in lam.names:
+            continue
+        l1 = lam.values[lam.names.index(name)]
+        l1 = float(np.nanmedian(l1)) if np.isfinite(l1).any() else math.nan
+        t = run.temporal(name)  # (calls, steps), the first call first
+        ratios = [a / b for col in t.values.T for a, b in zip(col[:-1], col[1:]) if a > 0 and b > 0
+                  and math.isfinite(a) and math.isfinite(b)]
+        if not ratios or not l1 > 0:
+            continue
+        per_call = float(np.median(ratios))
+        if per_call > SKIP_PATH_ABOVE * max(l1, 1.0):
+            return name, per_call, l1
+    return None
 
 
 def _called_in_a_loop(run: Run, names: list[str]) -> dict[str, int]:

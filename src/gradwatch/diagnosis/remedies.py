@@ -50,6 +50,9 @@ REMEDIES = {
     "schedule_per_epoch": "step the learning-rate scheduler as its parameters count: once per epoch for StepLR's "
                           "step_size, MultiStepLR's milestones and ExponentialLR's gamma (or give them in batches); "
                           "scheduler.step() after optimizer.step()",
+    "smaller_step": "a smaller step in the repeated update (more steps over the same horizon, dt·λ_max < 2 for "
+                    "explicit Euler) or a semi-implicit / implicit step for stiff dynamics (Hairer & Wanner, Solving "
+                    "ODEs II, §IV.2; Kim et al. 2021, stiff neural ODEs)",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",

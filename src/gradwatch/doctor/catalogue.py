@@ -96,7 +96,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip"})
+                     "schedule_per_epoch", "raise_clip", "smaller_step"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -140,6 +140,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "custom_backward": [],  # the backward is the user's own Function
         "masked_rows": [],  # the mask is built in the user's forward
         "schedule_per_epoch": [],  # where the scheduler steps is the user's loop
+        "smaller_step": [],  # the step size of the user's own update
         "rebuild_optimizer": one("rebuild_optimizer", "the optimizer rebuilt over the model's parameters",
                                  s.optimizer_over_model),
         "gumbel_temperature": one("gumbel_temperature", f"Gumbel-softmax temperature {s.GUMBEL_TAU:g}",
