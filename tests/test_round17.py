@@ -335,3 +335,34 @@ def test_a_recurrence_that_explodes_through_its_weights_is_not_blamed_on_the_ste
     assert lam.names == ["W"] and float(lam.values[0, 0]) == pytest.approx(2.5, rel=0.02)  # measured, at the start
     assert (run.temporal("W").values > 0).any() and _skip_path_growth(run, ["W"]) is None
     assert not [f for f in w.diagnose().findings if "smaller_step" in f.remedy_keys]
+
+
+def test_a_schedule_that_reaches_zero_at_its_end_is_no_collapse(store):
+    """Cosine annealing to 0 over the run (its rate at ~0 only in its last steps) in a run whose loss does not halve is
+    not told of a schedule stepped too often: the rate was at ~0 for a few steps, not for half the run."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)[:, None]
+    x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200, eta_min=0.0)
+    with gw.watch(model, opt, store=store, name="cosine") as w:
+        for step in range(200):
+            i = torch.arange(step * 32, step * 32 + 32) % len(x)
+            loss = F.mse_loss(model(x[i]), y[i])  # a noisy regression: its loss does not halve
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            w.log(loss=loss)
+    from gradwatch.diagnosis.measures import halved, loss_ends
+
+    run = gw.open_run(w.path)
+    meta = run.meta
+    assert not halved(loss_ends(run, gw.Thresholds()))  # the precondition: a loss that does not halve
+    assert meta["optimizer_lr_last"] <= 1e-3 * meta["optimizer_lr"]  # it did end at ~0 ...
+    assert meta["optimizer_steps"] - meta["optimizer_lr_low_from"] < 0.1 * meta["optimizer_steps"]  # ... at its end
+    assert not [f for f in w.diagnose().findings if "learning rate fell" in f.summary]

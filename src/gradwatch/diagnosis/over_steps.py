@@ -367,16 +367,22 @@ def _typical_update_ratio(run: Run, th: Thresholds) -> tuple[float, np.ndarray]:
 
 
 LR_COLLAPSED = 1e-3  # a learning rate that ended at this fraction of its start, or below, has gone to ~0
+LOW_FOR = 0.5  # ... for at least this share of the run's optimizer steps (cosine annealing reaches it at the end)
 
 
 def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
     """A learning rate that a schedule took to ~0 (meta ``optimizer_lr_last`` at most :data:`LR_COLLAPSED` × the
-    start's ``optimizer_lr``) in a run whose loss did not halve: every step since is ≈ 0. Round 17: StepLR(step_size=2,
-    γ=0.5) meant per epoch, stepped per batch — 0.05 → 1.2e-5 by step 24, 3.5e-47 by step 300, the loss at 2.25
-    (chance 2.30), update ratios exactly 0, and "the gradients look healthy"."""
+    start's ``optimizer_lr``) and kept there for :data:`LOW_FOR` of the run or more (``optimizer_lr_low_from``), in a
+    run whose loss did not halve: every step since is ≈ 0. A schedule that reaches ~0 at its end, as cosine
+    annealing and OneCycleLR do, is none. Round 17: StepLR(step_size=2, γ=0.5) meant per epoch, stepped per batch —
+    0.05 → 1.2e-5 by step 24, 3.5e-47 by step 300, the loss at 2.25 (chance 2.30), update ratios exactly 0, and "the
+    gradients look healthy"."""
     meta = run_meta(run)
     lr0, last = meta.get("optimizer_lr"), meta.get("optimizer_lr_last")
     if not (isinstance(lr0, (int, float)) and isinstance(last, (int, float)) and lr0 > 0 and last <= LR_COLLAPSED * lr0):
+        return []
+    low_from, stepped = meta.get("optimizer_lr_low_from"), meta.get("optimizer_steps")
+    if not (isinstance(low_from, int) and isinstance(stepped, int) and stepped - low_from >= LOW_FOR * stepped):
         return []
     ends = loss_ends(run, th)
     if ends is None or halved(ends):
@@ -387,7 +393,8 @@ def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
         kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=f"the learning rate fell from {lr0:g} to {last:.2g}: no step since changes anything",
         evidence=(f"the optimizer's largest learning rate was {lr0:g} at the start and {last:.2g} at step "
-                  f"{at if isinstance(at, int) else int(steps[-1])} (×{sci(last / lr0)}); the logged loss went "
+                  f"{at if isinstance(at, int) else int(steps[-1])} (×{sci(last / lr0)}), at {LR_COLLAPSED:g} × its "
+                  f"start or below from optimizer step {low_from} of {stepped}; the logged loss went "
                   f"{sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and last {4 * th.window} "
                   f"values)."),
         cause=("a learning-rate schedule that decays far faster than meant: a scheduler stepped every batch where it "

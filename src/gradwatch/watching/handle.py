@@ -32,7 +32,7 @@ from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import max_group, not_in_optimizer, run_metadata
 from gradwatch.watching.residual import ResidualSeen, first_tensor
-from gradwatch.watching.zeroing import ZeroGradCheck, first_trained
+from gradwatch.watching.zeroing import LrTrack, ZeroGradCheck, first_trained
 from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
@@ -82,6 +82,7 @@ class Watch:
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
+        self._lr_track: LrTrack | None = None
         # the parameters no group of the optimizer holds, and a fingerprint of each at the start (sum and norm, in
         # float64): whether they moved by the end tells a layer never trained from one a second optimizer trains
         unheld = set(not_in_optimizer(model, optimizer))
@@ -288,6 +289,9 @@ class Watch:
         if self.optimizer is not None and param is not None and not steps.grads.sharded:
             self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded)
             self._handles += self._zeroing.handles
+        if self.optimizer is not None:
+            self._lr_track = LrTrack(self.optimizer, self._run_guarded)
+            self._handles += self._lr_track.handles
         steps.start(self)
 
     def forward_hooks(self, wanted: frozenset[str]) -> None:
@@ -423,6 +427,8 @@ class Watch:
         if self.optimizer is not None:  # the rate now, beside the start's: a schedule that took it to ~0
             self._writer.meta({"optimizer_lr_last": max_group(self.optimizer, "lr"),
                                "optimizer_lr_last_step": self.step})
+        if self._lr_track is not None:  # ... and since when
+            self._writer.meta(self._lr_track.meta())
 
     @torch.no_grad()
     def _note_weight_bounds(self) -> None:

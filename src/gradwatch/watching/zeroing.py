@@ -55,3 +55,36 @@ def first_trained(model: nn.Module, optimizer: Any = None) -> nn.Parameter | Non
     ``zero_grad()`` clears no other: a layer no optimizer holds keeps its .grad whatever the loop does)."""
     held = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
     return next((p for p in model.parameters() if p.requires_grad and (held is None or id(p) in held)), None)
+
+
+LR_LOW = 1e-3  # a learning rate at this fraction of its first read, or below, is ~0
+
+
+class LrTrack:
+    """The optimizer's largest learning rate after each of its steps (a Python float, no synchronisation): the step
+    from which it stays at :data:`LR_LOW` × its first read or below — a schedule that took it to ~0 early (StepLR
+    meant per epoch stepped per batch) rather than at the end, where cosine annealing and OneCycleLR put it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, guard: Callable[..., Any]) -> None:
+        self.optimizer = optimizer
+        self.steps = 0
+        self.first: float | None = None
+        self.low_from: int | None = None  # the first step of the stretch at ~0 that lasts to now
+        self.handles = [optimizer.register_step_post_hook(functools.partial(guard, self._stepped))]
+
+    def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        rates = [g["lr"] for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))]
+        self.steps += 1
+        if not rates:
+            return
+        lr = float(max(rates))
+        if self.first is None:
+            self.first = lr
+        if self.first > 0 and lr <= LR_LOW * self.first:
+            if self.low_from is None:
+                self.low_from = self.steps
+        else:
+            self.low_from = None
+
+    def meta(self) -> dict[str, Any]:
+        return {"optimizer_lr_low_from": self.low_from, "optimizer_steps": self.steps}
