@@ -32,23 +32,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from gradwatch.probes.functional import SHAPE_NODES
-
-REACH = 8  # autograd nodes walked back from a layer's input to a custom Function's node, through reshapes
+from gradwatch.probes.functional import through_shapes
 
 
 def custom_node(x: Any) -> Any:
     """The node of a user's elementwise ``autograd.Function`` that made ``x`` (seen through reshapes); None if none."""
-    node = getattr(x, "grad_fn", None)
-    for _ in range(REACH):
-        if node is None:
-            return None
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            return node if _users(node) else None
-        if type(node).__name__ not in SHAPE_NODES or not node.next_functions:
-            return None
-        node = node.next_functions[0][0]
-    return None
+    node = through_shapes(getattr(x, "grad_fn", None),
+                          lambda n: n if isinstance(n, torch.autograd.function.BackwardCFunction) else None)
+    return node if node is not None and _users(node) else None
 
 
 def function_name(node: Any) -> str:
@@ -87,15 +78,9 @@ class CustomBackwardProbe:
     def _producer(self, node: Any) -> str | None:
         """The layer whose output the custom node took (through reshapes)."""
         for n, _ in node.next_functions:
-            for _ in range(REACH):
-                if n is None:
-                    break
-                hit = self._outputs.get(id(n))
-                if hit is not None:
-                    return hit
-                if type(n).__name__ not in SHAPE_NODES or not n.next_functions:
-                    break
-                n = n.next_functions[0][0]
+            hit = through_shapes(n, lambda m: self._outputs.get(id(m)))
+            if hit is not None:
+                return hit
         return None
 
     def layer_input(self, x: Any, armed: bool, timed: Callable[..., Any]) -> str | None:

@@ -136,6 +136,24 @@ def called_by_user() -> bool:
     return f is not None and not f.f_code.co_filename.startswith(_TORCH_DIR)
 
 
+SHAPE_REACH = 8  # nodes walked back through reshapes at most
+
+
+def through_shapes(node: Any, found: Callable[[Any], Any]) -> Any:
+    """Walk back from autograd ``node`` through nodes that only reshape or select (:data:`SHAPE_NODES`, their first
+    input): ``found(node)`` at the first node where it is not None; None where a node of another kind comes first."""
+    for _ in range(SHAPE_REACH):
+        if node is None:
+            return None
+        hit = found(node)
+        if hit is not None:
+            return hit
+        if type(node).__name__ not in SHAPE_NODES or not node.next_functions:
+            return None
+        node = node.next_functions[0][0]
+    return None
+
+
 def _soft_sample(out: Tensor) -> Tensor | None:
     """The soft sample behind a straight-through Gumbel-softmax's output (y_hard − y_soft.detach() + y_soft): the
     result its softmax node saved; None where there is no such node."""
@@ -293,14 +311,7 @@ class FunctionalProbe:
 
     def _site(self, node: Any) -> str | None:
         """The layer whose output ``node`` is, looked for through nodes that only reshape or select."""
-        for _ in range(8):
-            if node is None:
-                return None
-            layer = self.layers.producer(node)
-            if layer is not None or type(node).__name__ not in SHAPE_NODES or not node.next_functions:
-                return layer
-            node = node.next_functions[0][0]
-        return None
+        return through_shapes(node, self.layers.producer)
 
     def kind_of(self, name: str) -> str:
         """The module type an entity of this probe stands for: its stand-in's class, or :data:`RELAXED`."""
