@@ -217,6 +217,65 @@ def test_a_watch_dropped_without_close_leaks_no_thread_or_file(store):
         assert run.meta["status"].startswith("not closed")
 
 
+class _Sign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.sign()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Functional(nn.Module):
+    """Activations called as functions, a residual sum in forward, a user's autograd.Function between layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + torch.tanh(self.b(h))
+        return self.c(_Sign.apply(h))
+
+
+class _Unrolled(nn.Module):
+    """A cell called once per time step (a loop the watch follows through time) and an LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.lstm, self.out = nn.RNNCell(3, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h, hs = torch.zeros(x.shape[0], 8), []
+        for _ in range(5):
+            h = self.cell(x, h)
+            hs.append(h)
+        y, _ = self.lstm(torch.stack(hs, 1))
+        return self.out(y[:, -1])
+
+
+@pytest.mark.parametrize("make", [_model, _Functional, _Unrolled], ids=["sequential", "functional", "unrolled"])
+def test_a_watch_dropped_between_forward_and_backward_leaks_no_thread(store, make):
+    """The watch's hooks sit on the pass's graph, and its probes hold nodes of that graph until the step ends: a
+    strong hook would close a cycle through autograd's C++ nodes that the collector cannot see, and a watch dropped
+    before the backward (an exception in the user's loop) would keep its writer thread for ever."""
+    import gc
+
+    before = _writer_threads()
+
+    def forward_and_forget():
+        model = make()
+        gw.watch(model, store=store, name="mid-step")
+        model(torch.randn(4, 3)).sum()
+        assert _writer_threads() == before + 1
+
+    forward_and_forget()
+    gc.collect()
+    assert _writer_threads() == before
+
+
 def test_summary_leaves_no_file_open(store):
     model = _model()
     with gw.watch(model, store=store, name="sum") as w:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.probes.functional import through_shapes
+from gradwatch.probes.weakhook import WeakHook
 
 
 def custom_node(x: Any) -> Any:
@@ -95,8 +96,11 @@ class CustomBackwardProbe:
         self.kinds[name] = fn
         if armed and id(node) not in self._hooked:
             self._hooked.add(id(node))
-            node.register_hook(lambda grad_in, grad_out: timed(self._read, name, grad_in, grad_out))
+            node.register_hook(WeakHook(self, "_timed_read", timed, name))
         return name
+
+    def _timed_read(self, timed: Callable[..., Any], name: str, grad_in: tuple, grad_out: tuple) -> None:
+        timed(self._read, name, grad_in, grad_out)
 
     def _read(self, name: str, grad_in: tuple, grad_out: tuple) -> None:
         if not self._fills_grad():

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch._errors import bad_argument
+from gradwatch.probes.weakhook import WeakHook
 
 POWER_ITERATIONS = 20
 JACOBIAN_SAMPLES = 8
@@ -345,14 +346,19 @@ class TemporalProbe:
             hn, cn = (h if isinstance(h, tuple) else (h, None))
             for key, t in (("out", out), ("h", hn), ("c", cn)):
                 if isinstance(t, Tensor) and t.requires_grad:
-                    t.register_hook(lambda g, key=key: guard(lambda: _accumulate(cap.grads, key, g)))
+                    # (the hook holds the capture's grads, not the capture: that holds the module, and the module's
+                    # hooks the watch — a cycle through the graph's C++ nodes, :mod:`gradwatch.probes.weakhook`)
+                    t.register_hook(lambda g, key=key, grads=cap.grads: guard(lambda: _accumulate(grads, key, g)))
             self._captures.append((name, cap))
             return
         h = output[0] if isinstance(output, (tuple, list)) else output
         if isinstance(h, Tensor) and h.requires_grad:
             pos = self._cell_calls.get(name, 0) + 1  # the state this call produces: h_1, h_2, …
             self._cell_calls[name] = pos
-            h.register_hook(lambda g: guard(lambda: self._cell_grad(name, pos, g)))
+            h.register_hook(WeakHook(self, "_cell_hook", guard, name, pos))
+
+    def _cell_hook(self, guard: Callable[[Callable[[], None]], None], name: str, pos: int, g: Tensor) -> None:
+        guard(lambda: self._cell_grad(name, pos, g))
 
     def _cell_grad(self, name: str, pos: int, g: Tensor) -> None:
         sq = g.detach().double().pow(2).sum().to(self.device)

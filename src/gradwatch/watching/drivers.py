@@ -17,13 +17,13 @@
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from gradwatch.probes.hostcopy import device_scalar
+from gradwatch.probes.weakhook import WeakHook
 
 
 class Driven(Protocol):
@@ -166,29 +166,6 @@ class EndOfBackward:
     def _end(self) -> None:
         self._queued = False
         self._then()
-
-
-class WeakHook:
-    """A parameter hook that calls a method through a weak reference.
-
-    Hooks on tensors live in C++, where Python's garbage collector cannot see
-    the cycle watch → model → parameter → hook → watch; a strong hook there
-    would keep a dropped watch (and its writer thread and files) alive for
-    ever. The module hooks, in Python dicts, keep the watch alive while its
-    model lives; this one does not pin it.
-    """
-
-    def __init__(self, owner: Any, method: str) -> None:
-        self._ref = weakref.ref(owner)
-        self._method = method
-
-    @property
-    def __self__(self) -> Any:  # (read by the check for a model that is already watched, as a bound method's)
-        return self._ref()
-
-    def __call__(self, *args: Any) -> Any:
-        owner = self._ref()
-        return None if owner is None else getattr(owner, self._method)(*args)
 
 
 class ScalerStepWrap:

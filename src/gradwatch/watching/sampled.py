@@ -12,7 +12,6 @@ gradient) runs the same tensor hooks and is left out.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import torch
@@ -26,6 +25,7 @@ from gradwatch.probes.custom import CustomBackwardProbe
 from gradwatch.probes.functional import FunctionalProbe
 from gradwatch.probes.loops import LoopProbe
 from gradwatch.probes.temporal import TemporalProbe
+from gradwatch.probes.weakhook import WeakHook
 from gradwatch.watching.budget import CostMeter
 from gradwatch.watching.buffer import StepBuffer
 
@@ -79,11 +79,16 @@ class SampledProbes:
         finally:
             self._meter.stop(family, t)
 
+    def timed_by_name(self, family: str, method: str, *args: Any) -> Any:
+        """:meth:`timed` of this object's method ``method``: the form a hook on the graph takes (a
+        :class:`~gradwatch.probes.weakhook.WeakHook`, which holds no bound method of ours)."""
+        return self.timed(family, getattr(self, method), *args)
+
     def layer_output(self, layer: int, output: Any, through_time: bool = False) -> None:
         """Hook the output of layer ``layer``: its gradient's norm is ‖∂L/∂a‖ (and, ``through_time``, a
         hand-written recurrence's ‖∂L/∂a‖ of this call, :mod:`gradwatch.probes.loops`)."""
         call = self.loops.call(layer, output) if through_time else 0
-        hook = functools.partial(self.timed, "backprop", self._output_grad, layer, call)
+        hook = WeakHook(self, "timed_by_name", "backprop", "_output_grad", layer, call)
         for t in grad_tensors(output):
             t.register_hook(hook)
 
@@ -91,7 +96,7 @@ class SampledProbes:
         """Measure a call of activation ``i``; it counts once a backward that fills ``.grad`` reaches it."""
         call = self.activations.measure(i, module, args, output)
         if call is not None and output.requires_grad:
-            output.register_hook(functools.partial(self.timed, "activations", self._reached, call))
+            output.register_hook(WeakHook(self, "timed_by_name", "activations", "_reached", call))
 
     def functional_call(self, fn: str, args: tuple, kwargs: dict, node: Any, output: Tensor) -> str | None:
         """Measure an activation function's call (:mod:`gradwatch.probes.functional`); its name, None if it is not
@@ -101,12 +106,12 @@ class SampledProbes:
             return None
         name, call = found
         if output.requires_grad:
-            output.register_hook(functools.partial(self.timed, "activations", self._reached, call))
+            output.register_hook(WeakHook(self, "timed_by_name", "activations", "_reached", call))
         return name
 
     def recurrent_call(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Capture a followed recurrent module's call for ‖∂L/∂h_t‖ (its backward hooks timed as temporal)."""
-        self.temporal.capture(module, args, output, functools.partial(self.timed, "temporal"))
+        self.temporal.capture(module, args, output, WeakHook(self, "timed", "temporal"))
 
     def _output_grad(self, layer: int, call: int, grad: Tensor) -> None:
         if self._fills_grad():

@@ -29,7 +29,6 @@ never the training.
 
 from __future__ import annotations
 
-import functools
 
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -44,6 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
+from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
 from gradwatch.watching.buffer import StepBuffer
@@ -213,7 +213,7 @@ class StepRecorder:
         grad = torch.is_grad_enabled()
         if grad and x is not None and x.grad_fn is not None:  # an autograd.Function of the user's before the layer
             custom = self.probes.custom
-            site = custom.layer_input(x, "backprop" in self.now.on, functools.partial(self.probes.timed, "backprop"))
+            site = custom.layer_input(x, "backprop" in self.now.on, WeakHook(self.probes, "timed", "backprop"))
             if site is not None:
                 self._custom_site(site)
         self._depth.note(self.layers[i].name, "layer")
