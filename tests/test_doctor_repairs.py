@@ -1719,6 +1719,30 @@ def test_no_skip_connection_goes_inside_a_block_of_the_users_that_has_one():
     torch.testing.assert_close(wrapped(x), model(x))
 
 
+def test_the_doctor_says_where_its_skip_connections_went_in_the_users_names():
+    """Round 16: "residual connections" did not say around what. The row says which of the user's modules each skip
+    goes around (the reference: the original modules found inside each wrapper, by identity), in the table's
+    notes."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 32), nn.Tanh()] + [m for _ in range(6) for m in (nn.Linear(32, 32), nn.Tanh())]
+    model = nn.Sequential(*layers, nn.Linear(32, 10))
+    original = {id(m): str(i) for i, m in enumerate(model)}
+    trial = _pixels_trial(model, 0)
+    fixed = surgery.residual(trial, {})
+    assert fixed is not None
+    wrappers = [m for m in fixed.model.modules() if isinstance(m, Residual)]
+    spans = [original[id(next(x for x in w.block if isinstance(x, nn.Linear)))] for w in wrappers]
+    assert spans == ["2", "4", "6", "8", "10", "12"]  # the Linear(32, 32) + Tanh pairs, not the input or output layer
+    assert fixed.doctor_changed == "x + f(x) around 6 blocks: 2, 4, …, 12"
+    assert surgery.skips_where(["a.0–a.1"]) == "x + f(x) around 1 block: a.0–a.1"
+    row = table.TrialResult("residual connections", 0.5, 1.0, math.nan, [], 1.0, verdict="fixes it", first_loss=3.0,
+                      changed=fixed.doctor_changed)
+    base = table.TrialResult("baseline (no change)", 3.0, 2.0, math.nan, ["vanishing"], 1.0, verdict="has findings",
+                             first_loss=3.0)
+    text = str(table.DoctorReport(base, Diagnosis([]), [row], best=row, steps=10, seeds=2))
+    assert "what the changes did: residual connections: x + f(x) around 6 blocks: 2, 4, …, 12" in text
+
+
 def _pixels_trial(model: nn.Module, seed: int) -> Trial:
     from sklearn.datasets import load_digits
 

@@ -396,7 +396,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         evidence = (f"score {b.score:.3f} against {base.score:.3f}" if math.isfinite(b.score)
                     else f"final loss {b.final_loss:.4g} against {base.final_loss:.4g}")
         left = f" ({', '.join(b.findings)} left, none of them critical)" if b.findings else ""
-        report.message = f"best remedy: {b.label} — the baseline's findings are gone{left} and {evidence}"
+        where = f" ({b.changed})" if b.changed else ""
+        report.message = f"best remedy: {b.label}{where} — the baseline's findings are gone{left} and {evidence}"
         report.message += _checked_words(report.checks, seeds)
         report.message += _better_with_a_finding_left(report, base, b)
         # a fix that keeps a run finite over these steps may only postpone its NaN (round 13: a hand-written BCE,

@@ -458,13 +458,35 @@ def rezero(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 def _skip_connections(trial: Trial, numbers: dict[str, float], rezero: bool) -> Trial | None:
     example = _traceable_input(trial)
+    names = {id(x): n or "(root)" for n, x in trial.model.named_modules()}  # the user's names, before the change
 
     def change(m: nn.Module) -> nn.Module | None:
         before = sum(1 for _ in m.modules())
         r.add_residual(m, rezero=rezero, inplace=True, example=example)
         return m if sum(1 for _ in m.modules()) != before else None
 
-    return OnModel(change)(trial, numbers)
+    got = OnModel(change)(trial, numbers)
+    if got is not None:
+        wrappers = [x for x in got.model.modules() if isinstance(x, (r.Residual, r.ReZero)) and id(x) not in names]
+        got.doctor_changed = skips_where([_span(w.block, names) for w in wrappers])  # type: ignore[attr-defined]
+    return got
+
+
+def _span(block: nn.Module, names: dict[int, str]) -> str:
+    """The user's names of the first and last modules with weights of their own inside a wrapped block."""
+    inner = [names[id(x)] for x in block.modules() if id(x) in names and any(True for _ in x.parameters(recurse=False))]
+    if not inner:
+        inner = [names[id(x)] for x in block.modules() if id(x) in names] or ["?"]
+    return inner[0] if len(inner) == 1 else f"{inner[0]}–{inner[-1]}"
+
+
+def skips_where(spans: list[str]) -> str:
+    """Where the skip connections went, in the user's module names: every span up to four, else the first two and
+    the last."""
+    if not spans:
+        return ""
+    shown = spans if len(spans) <= 4 else spans[:2] + ["…"] + spans[-1:]
+    return f"x + f(x) around {len(spans)} block{'s' if len(spans) > 1 else ''}: {', '.join(shown)}"
 
 
 def norm(trial: Trial, numbers: dict[str, float]) -> Trial | None:

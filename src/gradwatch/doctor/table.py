@@ -37,6 +37,7 @@ class TrialResult:
     runs: tuple[str, ...] = ()  # its run stores' names under the doctor's store, one per seed
     error: str = ""  # why a trial of it failed (it raised, or its worker died); "" when none did
     rescored_bn: bool = False  # its score was read after re-estimating the BatchNorm statistics it inserted
+    changed: str = ""  # what its change did, where the change says (where the skip connections went)
 
     @classmethod
     def failed(cls, label: str, error: str, seconds: float = math.nan) -> TrialResult:
@@ -87,6 +88,10 @@ class DoctorReport:
             lines.append(f"scored after re-estimating the running statistics of the BatchNorm layers inserted, over "
                          f"{PreciseBN.BATCHES} training batches (PreciseBN; a short trial leaves them trailing the weights): "
                          f"{'; '.join(rescored)}")
+        changed = [f"{_name(r)}: {r.changed}" for r in rows if r.changed]
+        if changed:
+            lines.append("")
+            lines.append("what the changes did: " + "; ".join(changed))
         same = same_runs(rows)
         if same:
             lines.append("")
@@ -123,6 +128,8 @@ class DoctorReport:
         checks = f"<p>seed check (a seed none of the rows used):</p><ul>{checks}</ul>" if checks else ""
         same = "".join(f"<li>{e(_name(a))}: trained exactly as {e(_name(b))}</li>" for a, b in same_runs(rows))
         checks = (f"<ul>{same}</ul>" if same else "") + checks
+        changed = "".join(f"<li>{e(_name(r))}: {e(r.changed)}</li>" for r in rows if r.changed)
+        checks = (f"<p>what the changes did:</p><ul>{changed}</ul>" if changed else "") + checks
         return (f"<div><h3>gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: "
                 f"{e(self.message)}</h3><table>{head}{body}</table>{checks}{self.diagnosis._repr_html_()}</div>")
 

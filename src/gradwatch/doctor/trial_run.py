@@ -32,6 +32,7 @@ class TrialRun(NamedTuple):
     judge_by_score: bool = False  # the set-up says its loss does not show learning: the score decides
     null_score: float = math.nan  # the held-out score of the constant output (gradwatch.trial.null_score)
     rescored_bn: bool = False  # scored after re-estimating inserted BatchNorm statistics (surgery.PreciseBN)
+    changed: str = ""  # what the remedy changed, where a change says (surgery: where the skip connections went)
 
 
 def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
@@ -67,4 +68,4 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
     diagnosis = w.diagnose(Thresholds(from_init=True))  # a trial starts from its set-up's initialisation
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
                     bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score),
-                    isinstance(trial.evaluate, PreciseBN))
+                    isinstance(trial.evaluate, PreciseBN), str(getattr(trial, "doctor_changed", "")))

@@ -78,7 +78,8 @@ def summary(label: str, runs: list[TrialRun], seconds: float) -> TrialResult:
                        null_loss=float(np.mean(nulls)) if nulls else math.nan,
                        null_score=float(np.mean(null_scores)) if len(null_scores) == len(runs) else math.nan,
                        judge_by_score=any(run.judge_by_score for run in runs),
-                       rescored_bn=any(run.rescored_bn for run in runs))
+                       rescored_bn=any(run.rescored_bn for run in runs),
+                       changed=next((run.changed for run in runs if run.changed), ""))
 
 
 def learns(base: TrialResult, trial: TrialResult) -> bool:
