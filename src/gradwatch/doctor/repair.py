@@ -190,6 +190,8 @@ def _nonfinite_origin(report: DoctorReport, setup: SetupFn | str, steps: int, de
     found = next((f for f in report.diagnosis.problems if f.kind == "nonfinite"), None)
     if found is None or (deadline is not None and time.perf_counter() > deadline):
         return ""
+    if math.isfinite(found.numbers.get("update_step", math.nan)):
+        return ""  # the optimizer's update made it from finite gradients (its cause says so): no operation of autograd
     hit = re.search(r"the baseline's seed (\d+)", found.evidence)
     seed = int(hit.group(1)) if hit else 0
     try:

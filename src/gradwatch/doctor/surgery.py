@@ -198,7 +198,17 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
               for g in old.param_groups]
     trial.optimizer = torch.optim.Adam(groups, lr=lr)
     follow_optimizer(trial, old)
+    kept = sorted({float(g["weight_decay"]) for g in groups if g["weight_decay"]})
+    if kept:  # round 18: Adam(lr=1e-2) as the label reads gave AP 0.20 where the row, with SGD's decay, gave 0.80
+        note_change(trial, f"the SGD's weight_decay kept: Adam(…, weight_decay={'/'.join(f'{w:g}' for w in kept)})")
     return trial
+
+
+def note_change(trial: Trial, words: str) -> None:
+    """Say what a change did beyond its label (where the skips went, what it kept): the row's notes and the best
+    remedy's message carry it (``TrialResult.changed``); changes combined in one row are joined by "; "."""
+    before = getattr(trial, "doctor_changed", "")
+    trial.doctor_changed = f"{before}; {words}" if before else words  # type: ignore[attr-defined]
 
 
 def unify(trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -468,7 +478,7 @@ def _skip_connections(trial: Trial, numbers: dict[str, float], rezero: bool) -> 
     got = OnModel(change)(trial, numbers)
     if got is not None:
         wrappers = [x for x in got.model.modules() if isinstance(x, (r.Residual, r.ReZero)) and id(x) not in names]
-        got.doctor_changed = skips_where([_span(w.block, names) for w in wrappers])  # type: ignore[attr-defined]
+        note_change(got, skips_where([_span(w.block, names) for w in wrappers]))
     return got
 
 
@@ -583,6 +593,21 @@ def zero_grad(trial: Trial, numbers: dict[str, float]) -> Trial:
 def lower_eps(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Adam's eps back at 1e-8 in every parameter group whose eps is larger; None when none is."""
     return _lower_setting(trial, "eps", 1e-8)
+
+
+HALF_EPS = 1e-4  # an eps float16 holds with room (its smallest normal number is 6.1e-5), as mixed-precision recipes use
+
+
+def fp16_eps(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """eps = :data:`HALF_EPS` in every parameter group that holds float16 weights and whose eps float16 rounds to 0
+    (Adam's default 1e-8: where a gradient entry is 0 its step is 0/0); None where no group is such."""
+    tiny = 2.0 ** -25  # below half of float16's smallest subnormal: rounds to 0
+    groups = [g for g in trial.optimizer.param_groups
+              if isinstance(g.get("eps"), (int, float)) and not isinstance(g["eps"], bool) and 0 <= g["eps"] < tiny
+              and any(p.dtype == torch.float16 for p in g["params"])]
+    for g in groups:
+        g["eps"] = HALF_EPS
+    return trial if groups else None
 
 
 def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:

@@ -39,6 +39,16 @@ class TrialResult:
     rescored_bn: bool = False  # its score was read after re-estimating the BatchNorm statistics it inserted
     changed: str = ""  # what its change did, where the change says (where the skip connections went)
 
+    def __str__(self) -> str:
+        """The row in words: ``residual connections (x + f(x) around 6 blocks: …): fixes it — final loss 0.31 from
+        a first loss of 2.3, score 0.962; findings left: none``."""
+        where = f" ({self.changed})" if self.changed else ""
+        if self.error:
+            return f"{_name(self)}{where}: failed — {self.error}"
+        score = f", score {_score(self.score)}" if math.isfinite(self.score) else ""
+        return (f"{_name(self)}{where}: {self.verdict or 'not judged'} — final loss {self.final_loss:.4g} from a first "
+                f"loss of {self.first_loss:.4g}{score}; findings left: {', '.join(self.findings) or 'none'}")
+
     @classmethod
     def failed(cls, label: str, error: str, seconds: float = math.nan) -> TrialResult:
         """A row for a remedy (or the baseline) whose trial failed: nothing measured, the error as its verdict."""

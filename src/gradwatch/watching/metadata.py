@@ -51,6 +51,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "optimizer_weight_decay": max_group(optimizer, "weight_decay"),
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
         "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)
+        # The floating dtypes the trainable parameters are kept in: float16 weights (model.half()) round an eps of
+        # 1e-8 to 0, and torch.amp.GradScaler refuses their gradients.
+        "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params if p.is_floating_point()}),
         "optimizer_max_lr": max_group(optimizer, "max_lr"),  # OneCycleLR's peak: a rate below it climbs (a warm-up)
         # The model's trainable parameters that the optimizer does not hold: they get gradients and never move (a
         # layer added or replaced after the optimizer was built, an optimizer built on a copy) — or a second
