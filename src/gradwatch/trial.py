@@ -80,6 +80,8 @@ class Trial:
     # what the loss does to the output (gradwatch.probes.loss_ops.loss_paths), read at the first step(): the step
     # returns its loss detached, so a watch's log cannot read it there
     loss_paths: list[list[str]] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and a binary cross-entropy's positive rate against its mean prediction (loss_ops.loss_prior)
+    loss_prior: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:
@@ -103,6 +105,10 @@ class Trial:
         x, y = next(self.batches)
         with parametrize.cached():
             loss = self.loss_fn(self.model(x), y)
+            if self.loss_paths is None:  # (the targets a binary cross-entropy saved are freed by the backward pass)
+                from gradwatch.probes.loss_ops import loss_prior
+
+                self.loss_prior = loss_prior(loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()

@@ -55,6 +55,8 @@ REMEDIES = {
                     "ODEs II, §IV.2; Kim et al. 2021, stiff neural ODEs)",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
+    "prior_bias": "the output layer's bias at −log((1 − π)/π), π the targets' positive rate (Lin et al. 2017, §3.3, "
+                  "π = 0.01 for RetinaNet's classifier): the output starts at the targets' rate, not at 0.5",
     "fp32_weights": "weights kept in float32, the forward pass under torch.autocast(dtype=torch.float16) with a "
                     "torch.amp.GradScaler (which refuses float16 parameters' gradients), or bfloat16",
     "fp16_eps": "an eps that float16 can hold — 1e-4 (optimizer param_groups' eps) — or the weights in float32 "

@@ -12,6 +12,7 @@ and :mod:`~gradwatch.diagnosis.units` (saturated and dead units, stalled layers)
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -81,7 +82,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
-    found = _accumulated(fit_architecture(by_effect(found, view, th), view), view)
+    found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
 
@@ -106,6 +107,43 @@ def _accumulated(found: list[Finding], run: Run) -> list[Finding]:
                                  f"of their gradients, a learning rate ×{k:g}",
                         remedies=remedies("divide_accumulated") + f.remedies,
                         numbers={**f.numbers, "passes_per_step": float(k)})
+        out.append(f)
+    return out
+
+
+RARE_POSITIVES = 0.05  # a binary cross-entropy's targets positive at this rate or below are rare
+PRIOR_OFF_BY = 10.0  # ... and an output that starts at this many times their rate (and at 0.1 or more) ignores it
+_PRIOR_KINDS = ("exploding", "vanishing", "dead_units", "stalled", "nonfinite")
+
+
+def _rare_positives(found: list[Finding], run: Run) -> list[Finding]:
+    """The problems of a run whose binary cross-entropy starts with its output at a probability far above its
+    targets' positive rate (meta ``loss_prior``, read at the first logged loss): a classifier's bias at 0 for rare
+    positives. The first steps' loss and gradient then come from the many easy negatives, and the first updates
+    push the net hard (Lin et al. 2017, §3.3, which initialises the output's bias to the prior π). Round 18: a dense
+    1-D detector, 0.4 % of 2,048 anchor-class outputs positive, BCE summed over them / the positives: the first
+    loss 668–710 against 14–15 with the prior bias, the total gradient norm 170–181 against 3.1–3.3, then 97–100 %
+    dead channels and chance AP, told "dead units" with a generic cause. The cause and the remedy are put first."""
+    prior = run_meta(run).get("loss_prior")
+    if not isinstance(prior, dict):
+        return found
+    rate, mean = prior.get("positive_rate"), prior.get("mean_prob")
+    if not (isinstance(rate, (int, float)) and isinstance(mean, (int, float)) and 0 < rate <= RARE_POSITIVES
+            and mean >= max(0.1, PRIOR_OFF_BY * rate)):
+        return found
+    # the loss per output at the start, against outputs at the targets' rate (its entropy): closed form
+    at_start = -(rate * math.log(mean) + (1 - rate) * math.log1p(-min(mean, 1 - 1e-12)))
+    at_rate = -(rate * math.log(rate) + (1 - rate) * math.log1p(-rate))
+    words = (f"a binary cross-entropy whose output starts at a probability of {mean:.2f} where {rate:.2%} of the "
+             f"targets are positive: a bias at 0 for rare positives makes the first loss {at_start / at_rate:.0f}× "
+             f"that of outputs at the targets' rate, its gradient comes from the many easy negatives, and the first "
+             f"updates push the net hard (Lin et al. 2017, §3.3)")
+    out = []
+    for f in found:
+        if f.kind in _PRIOR_KINDS and f.severity != "info" and "prior_bias" not in f.remedy_keys:
+            f = replace(f, cause=f"{words}; besides, {f.cause}", remedies=remedies("prior_bias") + f.remedies,
+                        numbers={**f.numbers, "positive_rate": float(rate)},
+                        sources=(*f.sources, "meta loss_prior"))
         out.append(f)
     return out
 

@@ -95,3 +95,59 @@ def log_of_probabilities(paths: list[list[str]] | None) -> str:
         if SQUASH.get(path[-1]) in ("sigmoid", "softmax") and "LogBackward0" in path[-3:-1]:
             return SQUASH[path[-1]]
     return ""
+
+
+BINARY_CE = frozenset({"BinaryCrossEntropyWithLogitsBackward0", "BinaryCrossEntropyBackward0"})
+
+
+def loss_prior(loss: Tensor) -> dict[str, float] | None:
+    """For a binary cross-entropy in the loss's graph (``F.binary_cross_entropy_with_logits``, ``nn.BCELoss``):
+    the share of positive targets and the mean predicted probability, read from the tensors its backward node saved
+    (``{"positive_rate": π, "mean_prob": p̄}``); None where there is none, or its targets are not in [0, 1] — or the
+    backward pass has run (it frees them: a trial reads it before; a watch reads the signs of the output's gradient,
+    :meth:`gradwatch.Watch.log`). The output's start against the targets' rate (a detector's bias at 0 for rare
+    positives, Lin et al. 2017 §3.3). Reads only; never fails the user's run."""
+    try:
+        return _prior(loss)
+    except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
+        return None
+
+
+def binary_ce_input(loss: Tensor) -> Any:
+    """The autograd node of the input of a binary cross-entropy on logits in the loss's graph (names only: it can
+    be read after the backward pass); None where there is none."""
+    start = getattr(loss, "grad_fn", None)
+    todo, seen = [start] if start is not None else [], set[int]()
+    while todo and len(seen) < MAX_NODES:
+        node = todo.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "BinaryCrossEntropyWithLogitsBackward0":
+            return node.next_functions[0][0] if node.next_functions else None
+        if type(node).__name__ not in LAYER_OPS:
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+    return None
+
+
+def _prior(loss: Tensor) -> dict[str, float] | None:
+    import torch
+
+    start = getattr(loss, "grad_fn", None)
+    todo, seen = [start] if start is not None else [], set[int]()
+    while todo and len(seen) < MAX_NODES:
+        node = todo.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = type(node).__name__
+        if name in BINARY_CE:
+            with torch.no_grad():
+                target, out = node._saved_target.detach().float(), node._saved_self.detach().float()
+                if not target.numel() or bool((target < 0).any() or (target > 1).any()):
+                    return None
+                prob = torch.sigmoid(out) if name.endswith("WithLogitsBackward0") else out
+                return {"positive_rate": float(target.mean()), "mean_prob": float(prob.mean())}
+        if name not in LAYER_OPS:
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+    return None

@@ -26,8 +26,10 @@ from torch import Tensor, nn
 from gradwatch._errors import GradwatchWarning, bad_argument
 from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
+from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
-from gradwatch.probes.loss_ops import loss_paths
+from gradwatch.probes.loss_ops import binary_ce_input, loss_paths
+from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import max_group, not_in_optimizer, run_metadata
@@ -79,6 +81,9 @@ class Watch:
         # the first training pass's output: rows of K ≥ 2 non-negative values that sum to 1 (a softmax the forward
         # calls, which no module shows) → K, else 0; None until a pass with gradient has returned
         self._output_classes: int | None = None
+        # the first output's autograd node, its mean sigmoid, and the share of its gradient's entries below 0 (held
+        # until the first logged loss: a binary cross-entropy's positive rate against where its output starts)
+        self._output_start: tuple[Any, float, float | None] | None = None
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
@@ -138,7 +143,7 @@ class Watch:
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
-                    self._note_loss_paths(loss_paths(value))
+                    self._note_loss_paths(loss_paths(value), self._binary_prior(value))
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -152,13 +157,14 @@ class Watch:
                 raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
             self._run_guarded(self._steps.add_scalar, key, value)
 
-    def _note_loss_paths(self, paths: list[list[str]]) -> None:
+    def _note_loss_paths(self, paths: list[list[str]], prior: dict[str, float] | None = None) -> None:
         """Once: what the loss does to the output (a squared error on a sigmoid, a hand-written log), stored as the
-        run's meta ``loss_paths``; from :meth:`log`, or from the doctor, whose trials' steps return the loss
-        detached and read it themselves (:attr:`gradwatch.Trial.loss_paths`)."""
+        run's meta ``loss_paths``, and a binary cross-entropy's positive rate against its mean prediction
+        (``loss_prior``, :func:`gradwatch.probes.loss_ops.loss_prior`); from :meth:`log`, or from the doctor, whose
+        trials' steps return the loss detached and read it themselves (:attr:`gradwatch.Trial.loss_paths`)."""
         if not self._loss_read:
             self._loss_read = True
-            self._run_guarded(self._writer.meta, {"loss_paths": paths})
+            self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior})
 
     def flush(self) -> None:
         """Wait until every record so far is in the store."""
@@ -340,13 +346,41 @@ class Watch:
             self._run_guarded(self._note_output, output)
 
     def _note_output(self, output: Any) -> None:
-        """Once: whether the model returns probabilities (``_output_classes``)."""
+        """Once: whether the model returns probabilities (``_output_classes``); and its mean sigmoid and autograd node,
+        with a hook that counts its gradient's negative entries (:meth:`_binary_prior`)."""
         self._output_classes = 0
+        if isinstance(output, Tensor) and output.is_floating_point() and output.requires_grad and output.numel() > 1:
+            with torch.no_grad():
+                self._output_start = (output.grad_fn, float(torch.sigmoid(output.detach().float()).mean()), None)
+            output.register_hook(WeakHook(self, "_on_output_grad"))
         if isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2 and output.shape[-1] >= 2:
             with torch.no_grad():
                 y = output.detach().float()
                 if bool((y >= 0).all()) and float((y.sum(-1) - 1).abs().max()) < 1e-3:
                     self._output_classes = int(output.shape[-1])
+
+    def _on_output_grad(self, grad: Tensor) -> None:
+        self._run_guarded(self._output_signs, grad)
+
+    def _output_signs(self, grad: Tensor) -> None:
+        """The share of the first output's gradient entries below 0: under a binary cross-entropy on logits,
+        ∂L/∂z = c·(σ(z) − y) with c > 0, negative exactly where the target is 1 — its positive rate."""
+        if self._output_start is not None and self._output_start[2] is None:
+            node, mean, _ = self._output_start
+            self._output_start = (node, mean, float((grad.detach() < 0).float().mean()))
+
+    def _binary_prior(self, loss: Tensor) -> dict[str, float] | None:
+        """Where the first logged loss is a binary cross-entropy on the model's own output (through reshapes): its
+        targets' positive rate (the signs of the output's gradient) and the output's mean sigmoid at the start, the
+        meta ``loss_prior`` (:func:`gradwatch.probes.loss_ops.loss_prior` reads the same from the loss's saved
+        tensors, which the backward pass frees before a watch sees the loss). The output's node is let go."""
+        start, self._output_start = self._output_start, None
+        if start is None or start[2] is None:
+            return None
+        node, mean, rate = start[0], start[1], start[2]
+        if through_shapes(binary_ce_input(loss), lambda n: True if n is node else None) is None:
+            return None
+        return {"positive_rate": rate, "mean_prob": mean}
 
     @_forward_hook
     def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
