@@ -361,7 +361,8 @@ def test_a_nan_from_log_zero_in_the_loss_is_not_called_exploding(store, seed):
     calm = np.array(norms[:-1])
     assert calm[-20:].max() < 10 * np.median(calm)
     kinds = [f.kind for f in w.diagnose().problems]
-    assert kinds == ["nonfinite"], str(w.diagnose())
+    # (other findings may stand beside it: on an AVX2 CPU seed 2's ReLUs are 60 % dead before its NaN, measured)
+    assert kinds[0] == "nonfinite" and "exploding" not in kinds, str(w.diagnose())
 
 
 def _adam_eps_trial(seed: int, eps: float) -> gw.Trial:
