@@ -113,9 +113,9 @@ def loss_prior(loss: Tensor) -> dict[str, float] | None:
         return None
 
 
-def binary_ce_input(loss: Tensor) -> Any:
-    """The autograd node of the input of a binary cross-entropy on logits in the loss's graph (names only: it can
-    be read after the backward pass); None where there is none."""
+def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
+    """The first node named in ``names`` on a breadth-first walk of the loss's graph that stops at the layers (at
+    most :data:`MAX_NODES`); None where there is none."""
     start = getattr(loss, "grad_fn", None)
     todo, seen = [start] if start is not None else [], set[int]()
     while todo and len(seen) < MAX_NODES:
@@ -123,31 +123,29 @@ def binary_ce_input(loss: Tensor) -> Any:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ == "BinaryCrossEntropyWithLogitsBackward0":
-            return node.next_functions[0][0] if node.next_functions else None
+        if type(node).__name__ in names:
+            return node
         if type(node).__name__ not in LAYER_OPS:
             todo.extend(n for n, _ in node.next_functions if n is not None)
     return None
 
 
+def binary_ce_input(loss: Tensor) -> Any:
+    """The autograd node of the input of a binary cross-entropy on logits in the loss's graph (names only: it can
+    be read after the backward pass); None where there is none."""
+    node = _first_node(loss, frozenset({"BinaryCrossEntropyWithLogitsBackward0"}))
+    return node.next_functions[0][0] if node is not None and node.next_functions else None
+
+
 def _prior(loss: Tensor) -> dict[str, float] | None:
     import torch
 
-    start = getattr(loss, "grad_fn", None)
-    todo, seen = [start] if start is not None else [], set[int]()
-    while todo and len(seen) < MAX_NODES:
-        node = todo.pop(0)
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        name = type(node).__name__
-        if name in BINARY_CE:
-            with torch.no_grad():
-                target, out = node._saved_target.detach().float(), node._saved_self.detach().float()
-                if not target.numel() or bool((target < 0).any() or (target > 1).any()):
-                    return None
-                prob = torch.sigmoid(out) if name.endswith("WithLogitsBackward0") else out
-                return {"positive_rate": float(target.mean()), "mean_prob": float(prob.mean())}
-        if name not in LAYER_OPS:
-            todo.extend(n for n, _ in node.next_functions if n is not None)
-    return None
+    node = _first_node(loss, BINARY_CE)
+    if node is None:
+        return None
+    with torch.no_grad():
+        target, out = node._saved_target.detach().float(), node._saved_self.detach().float()
+        if not target.numel() or bool((target < 0).any() or (target > 1).any()):
+            return None
+        prob = torch.sigmoid(out) if type(node).__name__.endswith("WithLogitsBackward0") else out
+        return {"positive_rate": float(target.mean()), "mean_prob": float(prob.mean())}
