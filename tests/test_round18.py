@@ -163,10 +163,12 @@ def _detections(seed, n):
     """1-D signals with 1–3 bumps each; an anchor-class target is 1 at a bump's centre for its class (0.1–0.2 % of
     the targets positive)."""
     g = torch.Generator().manual_seed(seed)
-    x, target, t = 0.3 * torch.randn(n, 1, L_SIG, generator=g), torch.zeros(n, CLASSES, L_SIG), torch.arange(L_SIG).float()
+    x, target = 0.3 * torch.randn(n, 1, L_SIG, generator=g), torch.zeros(n, CLASSES, L_SIG)
+    t = torch.arange(L_SIG).float()
     for i in range(n):
         for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
-            c, at = int(torch.randint(0, CLASSES, (1,), generator=g)), int(torch.randint(8, L_SIG - 8, (1,), generator=g))
+            c = int(torch.randint(0, CLASSES, (1,), generator=g))
+            at = int(torch.randint(8, L_SIG - 8, (1,), generator=g))
             x[i, 0] += (2.0 if c % 2 == 0 else -2.0) * torch.exp(-0.5 * ((t - at) / (1.0 + c * 0.5)) ** 2)
             target[i, c, at] = 1.0
     return x, target

@@ -653,9 +653,9 @@ def _made_by_update(run: Run, loss: np.ndarray, loss_steps: np.ndarray, grads_re
     """Where the optimizer's update itself made the weights non-finite: the gradients of the step before ``step0``
     were read and finite, the loss there finite and of its size so far, the loss at ``step0`` non-finite, and the
     update ratio ‖Δw‖/‖w‖ read at that step non-finite (the weights after the update were NaN/Inf). (The cause in
-    words, the layers, whether the eps below is it), or None. Under an Adam-type optimizer with float16 weights whose eps float16 rounds to 0,
-    that eps (round 18: model.half() with Adam's default eps 1e-8 — every gradient finite at step 0, 98 % of the
-    weights NaN after its update: where a gradient entry is 0, m/(√v + eps) is 0/0)."""
+    words, the layers, whether the eps below is it), or None. Under an Adam-type optimizer with float16 weights
+    whose eps float16 rounds to 0, that eps (round 18: model.half() with Adam's default eps 1e-8 — every gradient
+    finite at step 0, 98 % of the weights NaN after its update: where a gradient entry is 0, m/(√v + eps) is 0/0)."""
     if not (grads_read_before and step0 >= 1 and "update_ratio" in run.quantities):
         return None
     at, before = np.where(loss_steps == step0)[0], np.where(loss_steps == step0 - 1)[0]

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from gradwatch import remedies as r
 from gradwatch.diagnosis.architecture import DROPOUT_FROM
+from gradwatch.diagnosis.over_steps import FLOAT16_TINY
 from gradwatch.remedies.structure import dry_run, recurrent_layers, replace_modules
 from gradwatch.trial import Trial, peek
 
@@ -600,7 +601,8 @@ PRIOR_AT_LEAST = 0.01  # Lin et al. 2017, §3.3
 
 def prior_bias(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The output layer's bias at −log((1 − π)/π), π the targets' positive rate the finding measured
-    (``numbers["positive_rate"]``; Lin et al. 2017, §3.3): the output starts at the targets' rate. The output layer
+    (``numbers["positive_rate"]``) but no lower than :data:`PRIOR_AT_LEAST` (Lin et al. 2017, §3.3): the output starts
+    near the targets' rate. The output layer
     is the last module with a bias that a forward pass on the next batch calls whose output has the model's output
     shape. None without a rate, a traceable input, or such a layer."""
     rate = numbers.get("positive_rate", math.nan)
@@ -611,11 +613,17 @@ def prior_bias(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     # passes back too little to learn from (round 18's detector at π = 0.001, its measured rate: AP 0.002 in 300
     # steps; at 0.01, 0.10–0.12)
     rate = max(rate, PRIOR_AT_LEAST)
-    calls: list[tuple[nn.Module, tuple[int, ...]]] = []
-    hooks = [m.register_forward_hook(lambda m, a, out: calls.append((m, tuple(out.shape))) if isinstance(out, torch.Tensor) else None)
-             for m in trial.model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)]
+    calls: list[tuple[nn.Module, tuple[int, ...]]] = []  # (module with a bias, its output's shape), in call order
+
+    def seen(m: nn.Module, args: Any, got: Any) -> None:
+        if isinstance(got, torch.Tensor):
+            calls.append((m, tuple(got.shape)))
+
+    hooks = [m.register_forward_hook(seen) for m in trial.model.modules()
+             if isinstance(getattr(m, "bias", None), nn.Parameter) and m is not trial.model]
     out: list[tuple[int, ...]] = []
-    final = trial.model.register_forward_hook(lambda m, a, o: out.append(tuple(o.shape)) if isinstance(o, torch.Tensor) else None)
+    final = trial.model.register_forward_hook(lambda m, a, o: out.append(tuple(o.shape)) if isinstance(o, torch.Tensor)
+                                              else None)
     try:
         dry_run(trial.model, example)
     finally:
@@ -638,9 +646,9 @@ HALF_EPS = 1e-4  # an eps float16 holds with room (its smallest normal number is
 def fp16_eps(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """eps = :data:`HALF_EPS` in every parameter group that holds float16 weights and whose eps float16 rounds to 0
     (Adam's default 1e-8: where a gradient entry is 0 its step is 0/0); None where no group is such."""
-    tiny = 2.0 ** -25  # below half of float16's smallest subnormal: rounds to 0
     groups = [g for g in trial.optimizer.param_groups
-              if isinstance(g.get("eps"), (int, float)) and not isinstance(g["eps"], bool) and 0 <= g["eps"] < tiny
+              if isinstance(g.get("eps"), (int, float)) and not isinstance(g["eps"], bool)
+              and 0 <= g["eps"] < FLOAT16_TINY / 2  # below half of float16's smallest number: rounds to 0
               and any(p.dtype == torch.float16 for p in g["params"])]
     for g in groups:
         g["eps"] = HALF_EPS
