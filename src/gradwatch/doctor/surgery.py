@@ -620,7 +620,7 @@ def prior_bias(trial: Trial, numbers: dict[str, float]) -> Trial | None:
             calls.append((m, tuple(got.shape)))
 
     hooks = [m.register_forward_hook(seen) for m in trial.model.modules()
-             if isinstance(getattr(m, "bias", None), nn.Parameter) and m is not trial.model]
+             if isinstance(getattr(m, "bias", None), nn.Parameter)]
     out: list[tuple[int, ...]] = []
     final = trial.model.register_forward_hook(lambda m, a, o: out.append(tuple(o.shape)) if isinstance(o, torch.Tensor)
                                               else None)
