@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 def test_gpu_overhead_smoke(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("lightning")

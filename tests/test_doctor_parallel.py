@@ -142,6 +142,7 @@ def test_a_process_pool_gives_the_serial_table_and_every_trials_store(serial, tm
     _assert_stores_open(report, tmp_path / "runs")
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 def test_a_killed_pool_worker_is_a_failed_row_and_the_rest_of_the_table_stands(serial):
     report = gw.doctor(functools.partial(sabotaged, "kill", os.getpid()), steps=STEPS, progress=False, workers=2)
     rows = {t.label: t for t in report.trials}
@@ -289,6 +290,7 @@ def _trial_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("gradwatch-trial-*"))
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 def test_a_killed_ray_worker_is_a_failed_row(serial, ray_cluster):
     before = _trial_dirs()
     report = gw.doctor(functools.partial(sabotaged, "kill", os.getpid()), steps=STEPS, progress=False, workers="ray")

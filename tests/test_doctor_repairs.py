@@ -926,6 +926,7 @@ def _nine_exps(seed: int) -> Trial:
                  nn.functional.cross_entropy)
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 def test_doctor_repairs_step0_overflow_by_the_activation_not_the_learning_rate():
     steps = 300
     report = gw.doctor(_nine_exps, steps=steps, seeds=3, progress=False)
@@ -1028,6 +1029,7 @@ def _residual_mlp(seed: int) -> Trial:
                  nn.functional.cross_entropy)
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 def test_doctor_repairs_a_users_exploding_residual_mlp_with_fixup():
     steps = 150  # one round: Fixup alone repairs it (its later rounds, combinations that do no better, took 4 min)
     report = gw.doctor(_residual_mlp, steps=steps, seeds=3, rounds=1, progress=False)
@@ -1806,6 +1808,7 @@ def test_activations_called_as_functions_are_swapped_before_the_last_layer_only(
     assert swap_functional(nn.Sequential(nn.Linear(64, 2)), {"sigmoid": torch.relu}, x) is None
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 def test_the_doctor_swaps_a_sigmoid_called_as_a_function(store):
     """Round 7: a 10-layer sigmoid loop (torch.sigmoid in forward) got "no remedy fixes it" — the swap reached only

@@ -269,6 +269,7 @@ def test_residual_sums_written_in_forward_are_told_from_other_sums(store):
     assert "residual_calls" not in w.open().meta and not has_residual(w.open())
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
 def test_saturated_units_in_residual_branches_are_judged_by_the_skip(store, seed):

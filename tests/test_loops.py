@@ -214,6 +214,7 @@ def test_karpathy_char_rnn_vanishing_through_time_is_found(store, seed):
     assert math.isfinite(float(w.open().temporal("Whh").values[-1, -1]))
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 def test_the_doctors_orthogonal_rows_reach_the_karpathy_char_rnn(store):
     """Round 7: "nothing to fix" (the vanishing went unseen). Now the baseline names it, and the orthogonal rows act

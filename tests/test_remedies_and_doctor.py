@@ -290,6 +290,7 @@ def test_cli_doctor(tmp_path, capsys):
 
 
 @pytest.mark.slow  # 30 s here, ~90 s on an AMD EPYC: in make test-portable (.ci/run) and make test-slow, not make test
+@pytest.mark.portable
 @pytest.mark.zoo
 def test_doctor_fixes_the_saturating_gan_with_the_nonsaturating_loss():
     """The doctor's choice, and its score over three seeds, in 150 steps a trial. Under the native kernels make

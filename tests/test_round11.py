@@ -98,6 +98,7 @@ class _LM(nn.Module):
         return self.out(self.rnn(self.emb(x))[0])
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_language_model_that_diverges_in_its_first_steps_is_found_and_its_clipped_twin_is_not_told_to_unclip(store,
                                                                                                                 seed):
@@ -223,6 +224,7 @@ def _recall_batch(n: int, g: torch.Generator):
     return (keys, vals, keys[torch.arange(n), which]), vals[torch.arange(n), which]
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_attention_in_the_models_own_forward_is_read_and_its_missing_scale_found(store, seed):
     """Round 11: a single-head attention whose q·kᵀ and softmax sit in the model's own forward recorded nothing

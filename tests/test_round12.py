@@ -280,6 +280,7 @@ def _gcn_trial(seed: int, normalised: bool = False) -> gw.Trial:
                     itertools.repeat((x, targets)), nn.CrossEntropyLoss(ignore_index=-100))
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_gradient_too_large_from_the_first_step_is_not_blamed_on_the_learning_rate(store, seed):
     """The sum over an unnormalised adjacency multiplies the signal by about the degree at every layer: the total

@@ -299,6 +299,7 @@ class _Recall(nn.Module):
         return torch.cat([keys, vals, keys[torch.arange(n), i][:, None]], 1), vals[torch.arange(n), i]
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_layers_that_barely_move_on_a_converged_loss_are_not_stalled(store, seed):
     """Round 14's healthy attention twin: the loss falls from 2.8 to ~5e-5 and every query is answered, while the

@@ -161,6 +161,7 @@ def test_the_loss_graph_tells_a_penalty_on_relu_outputs_from_other_losses():
     assert quadratic_on_squash(loss_paths(nn.functional.mse_loss(z, target))) == ""  # no "quadratic cost on a ReLU"
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_an_autoencoder_whose_l1_penalty_killed_its_latents_is_told_so_and_no_worse_loss_is_a_fix(store, seed):
     """Round 15: at λ = 1 every latent is silent on the training data after 400 steps (measured here) and the

@@ -206,6 +206,7 @@ def test_a_momentum_of_0999_is_named_and_the_doctor_lowers_it(store, seed):
     assert usual.evaluate(usual.model) > 0.9
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 def test_the_doctor_repairs_a_momentum_of_0999(store):
     report = gw.doctor(lambda seed: _momentum_trial(seed, 0.999), steps=300, seeds=2, store=store, progress=False)
@@ -331,6 +332,7 @@ def test_a_dropout_rate_of_09_is_named_as_the_cause(store, seed):
         assert ok.evaluate(ok.model) > 0.95 and w.diagnose().problems == [], str(w.diagnose())
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 def test_the_doctor_lowers_a_dropout_rate_of_09(store):
     report = gw.doctor(lambda seed: _dropout_trial(seed, 0.9), steps=300, seeds=2, store=store, progress=False)
@@ -459,6 +461,7 @@ def test_an_all_zero_initialisation_is_named_as_the_cause(store, seed):
     assert w.open().meta["zero_weight_layers"] == ["10"]  # recorded, and left out of the words as harmless
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 def test_the_doctor_repairs_an_all_zero_initialisation_with_he_init(store):
     report = gw.doctor(_zero_init_trial, steps=300, seeds=2, store=store, progress=False)

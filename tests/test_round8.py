@@ -146,6 +146,7 @@ def _recall(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, 0] - 1
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
 def test_one_hot_attention_that_solved_the_task_is_info(store, seed):
@@ -413,6 +414,7 @@ class _Recall(nn.Module):
         return self.out(h)
 
 
+@pytest.mark.slow  # (over 20 min of CI on an AVX2 EPYC with it: `make test-slow` runs it)
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_gated_cell_written_by_hand_is_told_of_its_gates(store, seed):
