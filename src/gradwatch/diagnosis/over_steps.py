@@ -67,7 +67,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
                 else f"peaked there at {sci(float(total[p]))}")  # a one-step ramp: its onset is its peak
         parts.append(f"a ramp: the total norm left the calm steps' level at step {int(steps[a])} (against their "
                      f"median and MAD) and {rose}, "
-                     + ("while the loss did not fall" if "loss" in run.quantities
+                     + ("while the loss did not fall over those steps" if "loss" in run.quantities
                         else "rising steadily to the last step seen (no loss logged: the gradient alone shows it)"))
     if spikes:
         shown = ", ".join(str(int(steps[j])) for j in spikes[:5]) + (" …" if len(spikes) > 5 else "")

@@ -55,6 +55,11 @@ REMEDIES = {
                     "ODEs II, §IV.2; Kim et al. 2021, stiff neural ODEs)",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
+    "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
+                  "targets of shape (B,), or targets.view_as(out): (B, 1) against (B,) broadcasts to (B, B)",
+    "no_collapse": "a loss with no minimum at a constant output — in a triplet loss, semi-hard negatives (d_ap < "
+                   "d_an < d_ap + α, Schroff et al. 2015 eq. 4) in place of the hardest: the hardest only once the "
+                   "embedding has spread; in a contrastive loss, more negatives",
     "prior_bias": "the output layer's bias at −log((1 − π)/π), π the targets' positive rate (Lin et al. 2017, §3.3, "
                   "π = 0.01 for RetinaNet's classifier): the output starts at the targets' rate, not at 0.5",
     "fp32_weights": "weights kept in float32, the forward pass under torch.autocast(dtype=torch.float16) with a "

@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from gradwatch.diagnosis.architecture import fit_architecture, run_meta, stale_grad_findings, unexplained_flat_findings
+from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
@@ -30,7 +31,7 @@ from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
 from gradwatch.diagnosis.units import (
-    activation_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
+    activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
     softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
@@ -65,6 +66,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
         elif not said_nonfinite:
             found.append(_as_nonfinite(f))
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)
+    found += broadcast_findings(view, th)  # an output (B, 1) against targets (B,): whatever else, the loss is wrong
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
     if not found:  # a flat loss while nothing moves: a rate a schedule took to ~0, or too small a rate
@@ -82,6 +84,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = earlier_episodes(found, view, th) + past_depth_findings(view, th, found)
     found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
+    found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))

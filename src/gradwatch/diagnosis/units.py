@@ -599,6 +599,34 @@ def quadratic_softmax_findings(run: Run, th: Thresholds) -> list[Finding]:
         remedies("logits_loss"), ("meta loss_paths",))]
 
 
+def broadcast_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """A loss that broadcast the model's output against targets of another shape (meta ``loss_broadcast``,
+    :func:`gradwatch.probes.loss_ops.loss_broadcast`): an output (B, 1) against targets (B,) compares every output
+    with every target, B × B, and the loss is least at the batch's mean target whatever the input. Critical where
+    the logged loss did not halve, a warning where it did (from an output far off the targets' scale, falling to
+    their variance is still "learning"). Round 19 (deepset-ai/FARM#229): a diabetes MLP under ``nn.MSELoss()`` on
+    (B, 1) against (B,), 1.14 → 1.01 in 300 steps, R² 0.04, and "the gradients look healthy"; in the same shape
+    R² 0.47–0.50."""
+    got = run_meta(run).get("loss_broadcast")
+    if not isinstance(got, dict) or "loss" not in run.quantities:
+        return []
+    out, wide = tuple(got.get("output", ())), tuple(got.get("broadcast", ()))
+    ends = loss_ends(run, th, least=1)
+    steps = run.series("loss", "run").steps
+    severity = "warning" if halved(ends) else "critical"
+    told = f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else ""
+    return [Finding(
+        kind="stalled", severity=severity, layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the loss compares every output with every target: the output {out} is broadcast to {wide}",
+        evidence=(f"the loss's graph takes the model's output of shape {out} to {wide} ({got.get('op', '?')}) against "
+                  f"a target of another shape{told}."),
+        cause=(f"targets of another shape than the output {out}: the loss broadcasts the pair to {wide}, every output "
+               "against every target, so it is least at the batch's mean target whatever the input (torch warns: "
+               "\"Using a target size … that is different to the input size\"; deepset-ai/FARM#229)"),
+        remedies=remedies("same_shape"), numbers={"batch": float(out[0]) if out else math.nan},
+        sources=("meta loss_broadcast (the loss graph's shapes)", "loss (run)"))]
+
+
 FLOOR_WITHIN = 1.25  # a loss that ends within this factor above the floor of a cross-entropy fed probabilities
 
 
@@ -621,6 +649,16 @@ def _probabilities_floor(run: Run, th: Thresholds, ends: tuple[float, float], cl
         remedies("logits"), ("meta output_probabilities",))]
 
 
+def _loss_at_zero(run: Run, start: int) -> bool:
+    """Whether the logged loss is exactly 0 at every logged step from ``start`` on (its floor: every gradient of a
+    hinge is 0 there, measured: a triplet loss under Adam reached 0 at step 280, the net at 0.988 held out)."""
+    if "loss" not in run.quantities:
+        return False
+    loss = run.series("loss", "run")
+    late = loss.values[0][loss.steps >= start]
+    return bool(len(late)) and bool((late == 0).all())
+
+
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Every layer's gradient exactly 0 over the last ``window`` steps: nothing trains (stalled, critical).
 
@@ -641,6 +679,8 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     start = since(flags, s.steps)
     names = tuple(s.names)
     moved = bool(((np.nan_to_num(s.values, nan=0.0) > 0) & (s.steps < start)).any())
+    if moved and _loss_at_zero(run, start):
+        return []  # nothing left to learn: a hinge or margin loss met on every sample (a triplet loss at exactly 0)
     if moved:
         # gradients before, none after: the first updates took the net where its output is flat (round 12: exp of a
         # net's output on raw counts underflowed to exactly 0 after one step, its ReLUs dead; the "softmax over one

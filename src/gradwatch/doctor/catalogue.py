@@ -96,7 +96,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights"})
+                     "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -141,6 +141,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "masked_rows": [],  # the mask is built in the user's forward
         "schedule_per_epoch": [],  # where the scheduler steps is the user's loop
         "smaller_step": [],  # the step size of the user's own update
+        "no_collapse": [],  # the loss (its choice of negatives) is the user's
         "rebuild_optimizer": one("rebuild_optimizer", "the optimizer rebuilt over the model's parameters",
                                  s.optimizer_over_model),
         "gumbel_temperature": one("gumbel_temperature", f"Gumbel-softmax temperature {s.GUMBEL_TAU:g}",
@@ -179,6 +180,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "drop_output_relu": one("drop_output_relu", "the ReLU after the output layer dropped", s.drop_output_relu),
         "mean_reduction": one("mean_reduction", "the loss averaged over the batch, not summed", s.mean_reduction),
+        "same_shape": one("same_shape", "the output in its targets' shape before the loss", s.same_shape),
         "divide_accumulated": one("divide_accumulated", f"learning rate {ACCUMULATED}", s.divide_accumulated),
         "mean_reduction_raise_lr": one("mean_reduction_raise_lr", "the loss averaged over the batch + learning rate ×10",
                                        Chain((s.mean_reduction, partial(s.scale_lr, 10.0)))),

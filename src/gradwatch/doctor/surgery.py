@@ -674,6 +674,31 @@ class PerSample:
         return self.loss_fn(out, y) / max(1, out.shape[0] if out.dim() else 1)
 
 
+class SameShape:
+    """A trial's loss on the output reshaped to its targets' shape where the two hold as many numbers and differ in
+    shape (an output (B, 1) against targets (B,), which the loss would broadcast to B × B)."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, out: Any, y: Any) -> torch.Tensor:
+        if (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.shape != y.shape
+                and out.numel() == y.numel()):
+            out = out.reshape(y.shape)
+        return self.loss_fn(out, y)
+
+
+def same_shape(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The loss takes the output in its targets' shape (:class:`SameShape`): the source's fix of a loss that
+    broadcast an output (B, 1) against targets (B,) (deepset-ai/FARM#229, #230). None where the set-up computes its
+    loss in a ``step()`` of its own."""
+    if trial.loss_fn is None or type(trial).step is not Trial.step:
+        return None
+    trial.loss_fn = SameShape(trial.loss_fn)
+    note_change(trial, "output.reshape(targets.shape) before the loss")
+    return trial
+
+
 def divide_accumulated(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Every learning rate ÷ k, k the forward passes with gradient per optimizer step the watch counted
     (``passes_per_step``): for SGD with or without momentum the same steps as each micro-batch's loss divided by k,

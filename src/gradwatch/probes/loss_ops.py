@@ -9,6 +9,7 @@ only (reading them neither runs nor keeps anything of the graph), so watching st
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -51,7 +52,9 @@ def _paths(loss: Tensor) -> list[list[str]]:
             if nxt is None:
                 continue
             name = type(nxt).__name__
-            if name in SQUASH:  # every route to it, each through its own parent (an MSE and an L1 on one ReLU)
+            if name in SQUASH and (name != "ReluBackward0" or _after_layer(nxt)):
+                # every route to it, each through its own parent (an MSE and an L1 on one ReLU); a ReLU only where it
+                # is a unit of the model's (a hinge on distances, relu(d_ap − d_an + α), is the loss's own)
                 path, at = [name], node
                 while at is not None:
                     path.append(type(at).__name__)
@@ -62,6 +65,67 @@ def _paths(loss: Tensor) -> list[list[str]]:
                 parent[id(nxt)] = node
                 todo.append(nxt)
     return paths
+
+
+def loss_broadcast(loss: Tensor) -> dict[str, Any] | None:
+    """Where the loss broadcasts the model's output against a target of another shape across the batch — an output
+    (B, 1) against targets (B,) — so that every output is compared with every target: ``{"output": (B, 1),
+    "broadcast": (B, B), "op": the node}``; None where it does not, or reading fails (never the user's run).
+
+    Read from the shapes autograd keeps on each node (its forward output's), which the backward pass does not free:
+    an operation before any layer with one differentiable operand (the other a target: ``nn.MSELoss`` expands its
+    input, ``(out − y) ** 2`` subtracts) whose output has the batch size B along a dimension where its input had 1
+    (or none), and B times its input's elements. A distance between outputs (both operands differentiable) is not
+    one. Source: deepset-ai/FARM#229; torch warns "Using a target size … that is different to the input size"."""
+    try:
+        return _broadcast(loss)
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return None
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = getattr(node, "_input_metadata", None)
+    return tuple(int(d) for d in meta[0].shape) if meta else None
+
+
+def _broadcast(loss: Tensor) -> dict[str, Any] | None:
+    start = getattr(loss, "grad_fn", None)
+    todo, seen = [start] if start is not None else [], set[int]()
+    while todo and len(seen) < MAX_NODES:
+        node = todo.pop(0)
+        seen.add(id(node))
+        edges = [n for n, _ in node.next_functions]
+        inputs = [n for n in edges if n is not None]
+        out = _shape(node)
+        if len(inputs) == 1 and out is not None and type(inputs[0]).__name__ != "AccumulateGrad":
+            src = _shape(inputs[0])
+            if src and _across_batch(src, out):
+                return {"output": list(src), "broadcast": list(out), "op": type(node).__name__}
+        todo += [n for n in inputs if id(n) not in seen and type(n).__name__ not in LAYER_OPS]
+    return None
+
+
+def _across_batch(src: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether ``src`` broadcast to ``out`` gains a dimension of the batch size ``src[0]`` (≥ 2), B times the
+    elements."""
+    batch = src[0]
+    if batch < 2 or len(out) < len(src) or math.prod(out) != batch * math.prod(src):
+        return False
+    padded = (1,) * (len(out) - len(src)) + src
+    return any(p == 1 and o == batch for p, o in zip(padded, out))
+
+
+UNIT_REACH = 3  # nodes walked back from a ReLU for the layer whose output it takes (a view, a bias added between)
+
+
+def _after_layer(node: Any) -> bool:
+    """Whether a layer's operation or a parameter is within :data:`UNIT_REACH` nodes before ``node``."""
+    todo = [node]
+    for _ in range(UNIT_REACH):
+        todo = [n for t in todo for n, _ in t.next_functions if n is not None]
+        if any(type(n).__name__ in LAYER_OPS for n in todo):
+            return True
+    return False
 
 
 def quadratic_on_squash(paths: list[list[str]] | None) -> str:

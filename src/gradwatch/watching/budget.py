@@ -88,7 +88,7 @@ class Family:
 FAMILIES = (
     Family("grads", "every", "grad_norm, nonfinite", "gradient norms", collective=True, sparsest=GRADS_SPARSEST,
            dense_until=GRADS_DENSE_UNTIL),
-    Family("backprop", "activations", "out_grad_norm", "‖∂L/∂a‖", forward=True),
+    Family("backprop", "activations", "out_grad_norm, out_spread, out_rms", "‖∂L/∂a‖ and the output's spread", forward=True),
     Family("activations", "activations", "saturated_frac, dead_frac, act_mean, act_std, deriv_rms, onehot_frac",
            "activation statistics", forward=True),
     Family("temporal", "activations", "temporal_grad_norm, step_jacobian_norm, lambda1, recurrent_dead_frac",

@@ -28,7 +28,7 @@ from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
-from gradwatch.probes.loss_ops import binary_ce_input, loss_paths
+from gradwatch.probes.loss_ops import binary_ce_input, loss_broadcast, loss_paths
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
@@ -143,7 +143,7 @@ class Watch:
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
-                    self._note_loss_paths(loss_paths(value), self._binary_prior(value))
+                    self._note_loss_paths(loss_paths(value), self._binary_prior(value), loss_broadcast(value))
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -157,14 +157,18 @@ class Watch:
                 raise TypeError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
             self._run_guarded(self._steps.add_scalar, key, value)
 
-    def _note_loss_paths(self, paths: list[list[str]], prior: dict[str, float] | None = None) -> None:
+    def _note_loss_paths(self, paths: list[list[str]], prior: dict[str, float] | None = None,
+                         broadcast: dict[str, Any] | None = None) -> None:
         """Once: what the loss does to the output (a squared error on a sigmoid, a hand-written log), stored as the
-        run's meta ``loss_paths``, and a binary cross-entropy's positive rate against its mean prediction
-        (``loss_prior``, :func:`gradwatch.probes.loss_ops.loss_prior`); from :meth:`log`, or from the doctor, whose
-        trials' steps return the loss detached and read it themselves (:attr:`gradwatch.Trial.loss_paths`)."""
+        run's meta ``loss_paths``, a binary cross-entropy's positive rate against its mean prediction
+        (``loss_prior``, :func:`gradwatch.probes.loss_ops.loss_prior`) and an output broadcast against targets of
+        another shape (``loss_broadcast``, :func:`gradwatch.probes.loss_ops.loss_broadcast`); from :meth:`log`, or
+        from the doctor, whose trials' steps return the loss detached and read it themselves
+        (:attr:`gradwatch.Trial.loss_paths`)."""
         if not self._loss_read:
             self._loss_read = True
-            self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior})
+            self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior,
+                                                  "loss_broadcast": broadcast})
 
     def flush(self) -> None:
         """Wait until every record so far is in the store."""
@@ -286,6 +290,7 @@ class Watch:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         if steps.tap is not None:  # activation function calls are tapped for the model's pass: closed after it
             self._handles.append(self.model.register_forward_hook(self._on_model_return, always_call=True))
+        self._handles.append(self.model.register_forward_hook(self._on_model_output))
         if self._output_classes is None:  # once, on the first pass with gradient: does the model return probabilities?
             self._first_output = self.model.register_forward_hook(self._on_first_output)
             self._handles.append(self._first_output)
@@ -338,6 +343,11 @@ class Watch:
     @torch.compiler.disable
     def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.model_returned()  # even after a failure or close: an open tap must not outlive the pass
+
+    @_forward_hook
+    def _on_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.is_grad_enabled():  # a training pass: its output's spread across the batch, on sampled steps
+            self._steps.model_output(output)
 
     @torch.compiler.disable
     def _on_first_output(self, module: nn.Module, args: tuple, output: Any) -> None:

@@ -43,6 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
+from gradwatch.probes.output import batch_spread, batch_tensor
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -63,6 +64,7 @@ class Step:
     scale: Tensor | None = None  # the loss scale on the backward pass, if ‖∂L/∂a‖ or ‖∂L/∂h_t‖ was read during it
     staged: Pending | None = None  # gradient norms read at the end of backward (before clipping), to be kept
     stepped: bool = False  # optimizer.step() ran since the gradients were read (external driver: else a skip)
+    spread_read: bool = False  # the model's output spread was read on this step (its first pass only)
 
 
 class Hooks(Protocol):
@@ -175,6 +177,21 @@ class StepRecorder:
                 and ("activations" in self.now.on or not self._depth.settled)):
             self.probes.functional.new_pass()
             self.tap.enter()
+
+    def model_output(self, output: Any) -> None:
+        """The model's output on a pass with gradient: on a step that reads ‖∂L/∂a‖, the spread of its first pass's
+        output across the batch and its rms (:func:`gradwatch.probes.output.batch_spread`), the run's ``out_spread``
+        and ``out_rms``."""
+        if "backprop" not in self.now.on or self.now.spread_read:
+            return
+        self.now.spread_read = True
+        y = batch_tensor(output)
+        if y is not None:
+            t = self.meter.start("backprop")
+            spread, rms = batch_spread(y)
+            self.add_scalar("out_spread", spread)
+            self.add_scalar("out_rms", rms)
+            self.meter.stop("backprop", t)
 
     def model_returned(self) -> None:
         """The model's own forward ended (or failed): the tap, if open, closes."""

@@ -1,0 +1,295 @@
+"""The twenty-fourth session's set-ups: round 18's missed collapse, and round 19's (written from the README alone,
+each ported from a public source), each against its reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_diabetes, load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch.probes.loss_ops import loss_paths, penalty_on_relu
+from gradwatch.probes.output import SPREAD_FEATURES, batch_spread, batch_tensor
+
+ALPHA = 0.2
+
+
+def _train(trial, store, name, steps, **watch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gw.watch(trial.model, trial.optimizer, store=store, name=name, **watch) as w:
+            for _ in range(steps):  # the README's loop: the loss logged with its graph
+                x, y = next(trial.batches)
+                loss = trial.loss_fn(trial.model(x), y)
+                trial.optimizer.zero_grad()
+                loss.backward()
+                trial.optimizer.step()
+                w.log(loss=loss)
+    return w
+
+
+# -- an output that collapsed (round 18's triplet loss) -------------------------------------------------------------
+
+
+def test_the_outputs_spread_is_its_share_that_differs_across_the_batch():
+    """‖Y − Ȳ‖/‖Y‖ by hand (numpy, float64) for a matrix, a batch of sequences, a half-precision output, and a
+    language model's logits read on their first SPREAD_FEATURES features; 0 for one output for all."""
+    g = torch.Generator().manual_seed(0)
+    for y in (torch.randn(32, 10, generator=g) + 3.0, torch.randn(8, 5, 7, generator=g),
+              (torch.randn(16, 4, generator=g) * 0.1 + 1).half()):
+        rows = y.double().reshape(len(y), -1).numpy()
+        ref = np.linalg.norm(rows - rows.mean(0)) / np.linalg.norm(rows)
+        assert batch_spread(y)[0].item() == pytest.approx(ref, rel=1e-3)
+        assert batch_spread(y)[1].item() == pytest.approx(np.linalg.norm(rows) / np.sqrt(len(rows)), rel=1e-3)
+    wide = torch.randn(4, SPREAD_FEATURES + 10, generator=g)
+    rows = wide[:, :SPREAD_FEATURES].double().numpy()
+    assert batch_spread(wide)[0].item() == pytest.approx(np.linalg.norm(rows - rows.mean(0)) / np.linalg.norm(rows),
+                                                      rel=1e-4)
+    assert batch_spread(torch.ones(6, 3))[0].item() == pytest.approx(0.0, abs=1e-3)
+    assert batch_spread(torch.zeros(6, 3))[0].item() == 0.0
+    loss, logits = torch.tensor(1.0), torch.randn(3, 2)
+    assert batch_tensor({"loss": loss, "logits": logits}) is logits  # a Hugging Face output's 0-d loss passed over
+    assert batch_tensor(torch.randn(1, 4)) is None  # one sample: no spread
+
+
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=1)
+
+
+def _triplet(semi_hard: bool):
+    """FaceNet's triplet loss on squared distances, every anchor-positive pair of the batch, its negative the
+    hardest (Schroff et al. 2015 §3.2: "a collapsed model (i.e. f(x) = 0)") or a semi-hard one (eq. 4: the fix)."""
+    def loss(emb, y):
+        d = torch.cdist(emb, emb).pow(2)
+        same = y[:, None] == y[None, :]
+        a, p = torch.nonzero(same & ~torch.eye(len(y), dtype=torch.bool), as_tuple=True)
+        dap, dan = d[a, p], d[a].masked_fill(same[a], float("inf"))
+        if semi_hard:
+            semi = dan.masked_fill(dan <= dap[:, None], float("inf")).min(1).values
+            neg = torch.where(torch.isfinite(semi), semi, dan.min(1).values)
+        else:
+            neg = dan.min(1).values
+        return F.relu(dap - neg + ALPHA).mean()
+    return loss
+
+
+def _margin_accuracy(xt, yt):
+    """The share of 2,000 fixed held-out triplets the embedding separates by the margin α."""
+    g = torch.Generator().manual_seed(1234)
+    a = torch.randint(0, len(yt), (2000,), generator=g)
+    p = torch.tensor([int(np.flatnonzero((yt == yt[i]).numpy())[j % int((yt == yt[i]).sum())])
+                      for i, j in zip(a.tolist(), torch.randint(0, 10**6, (2000,), generator=g).tolist())])
+    n = torch.tensor([int(np.flatnonzero((yt != yt[i]).numpy())[j % int((yt != yt[i]).sum())])
+                      for i, j in zip(a.tolist(), torch.randint(0, 10**6, (2000,), generator=g).tolist())])
+
+    def score(model):
+        with torch.no_grad():
+            e = model(xt)
+        return float((((e[a] - e[n]).pow(2).sum(1) - (e[a] - e[p]).pow(2).sum(1)) >= ALPHA).float().mean())
+    return score
+
+
+def _pixels(seed):
+    """Digits with their pixels in [0, 1] (x/16, as the source scales them; standardised inputs do not collapse),
+    70 / 30 stratified by the seed."""
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.3, random_state=seed, stratify=y)
+    return (torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train),
+            torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test))
+
+
+def _full_batches(x, y, size, seed):
+    """Shuffled every epoch, full batches only."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    while True:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - size + 1, size):
+            yield x[perm[i:i + size]], y[perm[i:i + size]]
+
+
+def _facenet(seed, semi_hard=False, adam=False):
+    x, y, xt, yt = _pixels(seed)
+    torch.manual_seed(seed)
+    model = _Embed()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2) if adam else torch.optim.SGD(model.parameters(), lr=0.01,
+                                                                                      momentum=0.9)
+    return gw.Trial(model, opt, _full_batches(x, y, 256, seed), _triplet(semi_hard), evaluate=_margin_accuracy(xt, yt))
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_an_embedding_collapsed_under_the_hardest_negatives_is_found_and_its_twin_is_not(store, seed):
+    """Round 18: "No findings: the gradients look healthy" while the triplet loss sat at its margin α and the held-out
+    margin accuracy was 0. The watch's out_spread and out_rms are the by-hand ‖y − ȳ‖/‖y‖ and ‖y‖/√B of the model's
+    output at each read; the distance from the mean falls to under half its start, the spread ends low and the loss
+    does not halve: a collapse, with the semi-hard negatives and Adam named.
+    The twin (semi-hard negatives) learns with no finding."""
+    trial = _facenet(seed)
+    spread = {}
+    trial.model.register_forward_hook(lambda m, i, out: spread.update({len(spread): [
+        float(np.linalg.norm(out.detach().double() - out.detach().double().mean(0)) / np.linalg.norm(out.detach())),
+        float(np.linalg.norm(out.detach().double()) / np.sqrt(len(out)))]}))
+    w = _train(trial, store, f"hard-{seed}", 300, budget=None)
+    run = gw.open_run(w.path)
+    s, r = run.series("out_spread", "run"), run.series("out_rms", "run")
+    assert len(s.steps) >= 10 and list(s.steps) == list(r.steps)
+    assert all([s.values[0][k], r.values[0][k]] == pytest.approx(spread[int(t)], rel=1e-4) for k, t in enumerate(s.steps))
+    assert trial.evaluate(trial.model) < 0.05
+    (f,) = w.diagnose().problems
+    assert f.kind == "stalled" and "output collapsed" in f.summary and "Schroff" in f.cause
+    assert f.remedy_keys == ("no_collapse", "adam")
+    assert f.numbers["distance_least"] <= 0.5 * f.numbers["distance_first"] and f.numbers["spread_late"] <= 0.25
+
+    twin = _facenet(seed, semi_hard=True)
+    tw = _train(twin, store, f"semi-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.9
+    assert not tw.diagnose().problems
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_hinge_loss_met_on_every_sample_is_no_stall(store, seed):
+    """Every gradient is 0 once a hinge is met everywhere: the doctor's Adam row on the triplet loss reached a loss of
+    exactly 0 (its seed check, held out 0.988) and was told "every gradient is exactly zero: no layer trains". Here a
+    hinge relu(1 − y·f(x)) on a separable set: by hand the loss and every gradient are exactly 0 from some step on;
+    no stall is said. (Its other side, gradients that stop while the loss stays above 0, is
+    test_every_gradient_zero_after_the_first_steps_is_not_blamed_on_the_output_activation's.)"""
+    torch.manual_seed(seed)
+    x = torch.randn(512, 2)
+    x = x[x[:, 0].abs() > 0.5][:256]
+    y = torch.sign(x[:, 0])
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    zero = []
+    with gw.watch(model, opt, store=store, name=f"hinge-{seed}", budget=None) as w:
+        for _ in range(250):
+            loss = F.relu(1 - y * model(x).squeeze(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            zero.append(loss.item() == 0 and all(float(p.grad.abs().max()) == 0 for p in model.parameters()))
+            opt.step()
+            w.log(loss=loss)
+    assert all(zero[-50:]) and not zero[0]
+    assert not [f for f in w.diagnose().problems if f.kind == "stalled"]
+
+
+def test_a_hinge_in_the_loss_is_not_a_penalty_on_the_units():
+    """The loss graph's ReLU paths: relu(d_ap − d_an + α) is the loss's own hinge, not an L1 on a ReLU's outputs (the
+    triplet run was told "the loss's penalty on the ReLU units' outputs"); a sparse autoencoder's λ·relu(Wx).sum()
+    still is."""
+    torch.manual_seed(0)
+    model = _Embed()
+    x, y = torch.randn(64, 64), torch.arange(64) % 4
+    assert not penalty_on_relu(loss_paths(_triplet(False)(model(x), y)))
+    enc = nn.Linear(64, 16)
+    z = torch.relu(enc(x))
+    assert penalty_on_relu(loss_paths((z - 1).pow(2).mean() + 1e-2 * z.sum()))
+
+
+@pytest.mark.slow
+def test_the_doctor_repairs_the_collapsed_embedding_with_adam(tmp_path):
+    """The doctor's row: Adam in place of the SGD, as the finding names it — by hand 0.989 / 0.983 held out on seeds
+    0 and 1 (SGD 0.000); the doctor's row fixes it and holds on a seed no trial used."""
+    report = gw.doctor(_facenet, steps=300, budget_s=300, store=tmp_path)
+    assert report.best is not None and report.best.label.startswith("Adam")
+    assert report.best.score > 0.9 and report.baseline.score < 0.05
+    assert "a loss with no minimum at a constant output" in str(report)
+
+
+# -- round 19: an output (B, 1) against targets (B,) ---------------------------------------------------------------
+
+
+def test_the_loss_graph_names_an_output_broadcast_against_targets_of_another_shape():
+    """By the shapes autograd keeps: nn.MSELoss and nn.L1Loss expand an output (B, 1) against targets (B,) (and (B,)
+    against (B, 1)), a hand-written (out − y)² subtracts them to (B, B); the same shapes, a squeezed output, and a
+    distance between outputs (both operands the model's) are none."""
+    from gradwatch.probes.loss_ops import loss_broadcast
+
+    torch.manual_seed(0)
+    lin, x, y = nn.Linear(3, 1), torch.randn(8, 3), torch.randn(8)
+    cases = {
+        "mse": (lambda o: nn.MSELoss()(o, y), ([8, 1], [8, 8])),
+        "by hand": (lambda o: ((o - y) ** 2).mean(), ([8, 1], [8, 8])),
+        "l1": (lambda o: nn.L1Loss()(o, y), ([8, 1], [8, 8])),
+        "column targets": (lambda o: nn.MSELoss()(o.squeeze(1), y[:, None]), ([8], [8, 8])),
+        "same shape": (lambda o: nn.MSELoss()(o, y[:, None]), None),
+        "squeezed": (lambda o: ((o.squeeze(1) - y) ** 2).mean(), None),
+        "pairwise": (lambda o: (o - o.T).pow(2).mean(), None),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "Using a target size … different to the input size"
+        for name, (loss_fn, expected) in cases.items():
+            loss = loss_fn(lin(x))
+            loss.backward()  # read after the backward pass, as the watch reads it
+            got = loss_broadcast(loss)
+            assert (got if got is None else (got["output"], got["broadcast"])) == expected, name
+
+
+def _regression(seed, fixed=False):
+    """deepset-ai/FARM#229: a regression head's output (B, 1) under nn.MSELoss against targets (B,) — the diabetes
+    data, standardised features and targets, an MLP 10-64-64-1 at Adam 1e-3; the fix (#230): the same shapes. The
+    held-out score is R²."""
+    x, y = load_diabetes(return_X_y=True)
+    perm = np.random.RandomState(123).permutation(len(x))
+    test, train = perm[:132], perm[132:]
+    mu, sd, ym, ys = x[train].mean(0), x[train].std(0), y[train].mean(), y[train].std()
+    xtr, xte = (torch.tensor((x[i] - mu) / sd, dtype=torch.float32) for i in (train, test))
+    ytr, yte = (torch.tensor((y[i] - ym) / ys, dtype=torch.float32) for i in (train, test))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def feed():
+        for xb, yb in _full_batches(xtr, ytr, 32, seed):
+            yield xb, (yb[:, None] if fixed else yb)
+
+    def r2(m):
+        with torch.no_grad():
+            p = m(xte).squeeze(1)
+        return float(1 - (p - yte).pow(2).mean() / (yte - ytr.mean()).pow(2).mean())
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), feed(), nn.MSELoss(), evaluate=r2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_regression_whose_loss_broadcasts_its_output_is_told_so_and_its_twin_is_not(store, seed):
+    """Round 19: "No findings: the gradients look healthy" at R² 0.04 (the output's spread 0.035 against the targets'
+    1.0). By hand: the loss is the mean over every (output, target) pair, which a constant at the batch's mean target
+    minimises. The watch names the broadcast, critical; the twin (targets (B, 1)) learns with no finding."""
+    trial = _regression(seed)
+    x, y = next(trial.batches)
+    out = trial.model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert trial.loss_fn(out, y).item() == pytest.approx((out - y[None, :]).pow(2).mean().item(), rel=1e-6)
+    w = _train(trial, store, f"bcast-{seed}", 300)
+    assert trial.evaluate(trial.model) < 0.1
+    (f,) = w.diagnose().problems
+    assert f.severity == "critical" and "(32, 1) is broadcast to (32, 32)" in f.summary
+    assert f.remedy_keys == ("same_shape",) and gw.open_run(w.path).meta["loss_broadcast"]["broadcast"] == [32, 32]
+
+    twin = _regression(seed, fixed=True)
+    tw = _train(twin, store, f"bcast-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.4
+    assert not tw.diagnose().problems
+
+
+def test_the_doctor_gives_the_output_its_targets_shape(tmp_path):
+    """The doctor's row reshapes the output to its targets' shape before the loss (FARM#230's fix): R² above 0.4
+    against the baseline's 0.04, held on a seed no trial used; the same row on a loss whose shapes agree already
+    changes nothing (the output is passed as it was)."""
+    report = gw.doctor(_regression, steps=300, budget_s=120, store=tmp_path)
+    assert report.best is not None and report.best.label.startswith("the output in its targets' shape")
+    assert report.best.score > 0.4 and report.baseline.score < 0.1
+    assert "held on a seed" in report.message
+    from gradwatch.doctor.surgery import SameShape
+
+    out, y = torch.randn(4, 1), torch.randn(4, 1)
+    assert SameShape(lambda o, t: o)(out, y) is out
