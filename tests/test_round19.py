@@ -293,3 +293,63 @@ def test_the_doctor_gives_the_output_its_targets_shape(tmp_path):
 
     out, y = torch.randn(4, 1), torch.randn(4, 1)
     assert SameShape(lambda o, t: o)(out, y) is out
+
+
+# -- round 19: weights in bfloat16, whose updates round away -------------------------------------------------------
+
+
+def _bf16(seed, fixed=False):
+    """Micikevicius et al. 2018 §3.1, Zamirai et al. 2020: a digits MLP 64-128-128-10 kept in bfloat16
+    (``model.to(torch.bfloat16)``) under Adam 3e-5; the fix: float32 (master) weights."""
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.RandomState(123).permutation(len(x))
+    test, train = perm[:539], perm[539:]
+    x = x / 16.0
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-3
+    dtype = torch.float32 if fixed else torch.bfloat16
+    xtr, xte = (torch.tensor((x[i] - mu) / sd, dtype=torch.float32) for i in (train, test))
+    ytr, yte = torch.tensor(y[train]), torch.tensor(y[test])
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).to(dtype)
+
+    def feed():
+        for xb, yb in _full_batches(xtr, ytr, 128, seed):
+            yield xb.to(dtype), yb
+
+    def accuracy(m):
+        with torch.no_grad():
+            return float((m(xte.to(dtype)).float().argmax(1) == yte).float().mean())
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-5), feed(),
+                    lambda out, t: F.cross_entropy(out.float(), t), evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_updates_that_round_away_in_bfloat16_are_named_and_float32_weights_are_not_told(store, seed):
+    """Round 19: "No findings" on a bfloat16 net at chance. By hand: under a tenth of the weights' entries ever change
+    in 300 steps (float32 at the same rate: nearly all). The watch names the rounding (its update ratio ×8 or more
+    below bfloat16's 2⁻⁸) with float32 master weights and a higher rate; the float32 twin, at the same short steps,
+    learns (> 0.5 at chance 0.1) and is not told."""
+    trial = _bf16(seed)
+    start = [p.detach().clone() for p in trial.model.parameters()]
+    w = _train(trial, store, f"bf16-{seed}", 300)
+    changed = sum(int((p.detach() != s).sum()) for p, s in zip(trial.model.parameters(), start))
+    assert changed < 0.2 * sum(s.numel() for s in start) and trial.evaluate(trial.model) < 0.25
+    (f,) = w.diagnose().problems
+    assert "round away in bfloat16" in f.summary and f.remedy_keys == ("master_weights", "raise_lr")
+    assert f.numbers["update_ratio"] < f.numbers["roundoff"] / 8
+
+    twin = _bf16(seed, fixed=True)
+    start = [p.detach().clone() for p in twin.model.parameters()]
+    tw = _train(twin, store, f"fp32-{seed}", 300)
+    changed = sum(int((p.detach() != s).sum()) for p, s in zip(twin.model.parameters(), start))
+    assert changed > 0.9 * sum(s.numel() for s in start) and twin.evaluate(twin.model) > 0.5
+    assert not tw.diagnose().problems
+
+
+def test_the_doctor_repairs_updates_that_round_away_and_names_master_weights(tmp_path):
+    """The doctor's rows raise the rate (by hand lr ×10: 0.93–0.94), and its message names float32 master weights, the
+    source's fix, which it cannot write."""
+    report = gw.doctor(_bf16, steps=300, budget_s=120, store=tmp_path)
+    assert report.best is not None and report.best.label.startswith("learning rate ×")
+    assert report.best.score > 0.9 and report.baseline.score < 0.25
+    assert "float32 master weights" in report.message

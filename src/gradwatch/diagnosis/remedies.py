@@ -20,8 +20,8 @@ REMEDIES = {
     "norm": "normalisation (BatchNorm/LayerNorm) before the activations",
     "clip_norm": "gradient-norm clipping (torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013)",
     "lower_lr": "a lower learning rate (or warm-up)",
-    "raise_lr": "a higher learning rate (×10 to ×1000, or Adam at 1e-3): every layer moves by less than 10⁻⁵ of its "
-                "norm a step, so thousands of steps change nothing",
+    "raise_lr": "a higher learning rate (×10 to ×1000, or Adam at 1e-3): steps that move a weight by a small share "
+                "of itself (10⁻⁴ or less) change nothing in thousands of steps",
     "check_graph": "find where forward leaves the autograd graph before these layers' output reaches the loss "
                    "(.detach(), .numpy()/.item()/.tolist(), torch.no_grad(), torch.tensor(…)) and use torch operations "
                    "on the tensor itself",
@@ -64,6 +64,9 @@ REMEDIES = {
                   "π = 0.01 for RetinaNet's classifier): the output starts at the targets' rate, not at 0.5",
     "fp32_weights": "weights kept in float32, the forward pass under torch.autocast(dtype=torch.float16) with a "
                     "torch.amp.GradScaler (which refuses float16 parameters' gradients), or bfloat16",
+    "master_weights": "float32 master weights: the parameters in float32 and the forward pass under "
+                      "torch.autocast(dtype=torch.bfloat16) (or float16), so the update is added where a step of 10⁻⁵ "
+                      "of a weight is not lost (Micikevicius et al. 2018, §3.1); or stochastic rounding",
     "fp16_eps": "an eps that float16 can hold — 1e-4 (optimizer param_groups' eps) — or the weights in float32 "
                 "under torch.autocast, where the optimizer's arithmetic runs in float32",
     "bf16": "bfloat16 autocast in place of float16 (float32's range: no loss scaling, no skipped steps)",
