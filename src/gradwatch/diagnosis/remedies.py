@@ -57,6 +57,8 @@ REMEDIES = {
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
                   "targets of shape (B,), or targets.view_as(out): (B, 1) against (B,) broadcasts to (B, B)",
+    "shuffle": "shuffle the training samples every epoch (DataLoader(…, shuffle=True), or torch.randperm over the "
+               "indices), so that every batch draws from every class",
     "no_collapse": "a loss with no minimum at a constant output — in a triplet loss, semi-hard negatives (d_ap < "
                    "d_an < d_ap + α, Schroff et al. 2015 eq. 4) in place of the hardest: the hardest only once the "
                    "embedding has spread; in a contrastive loss, more negatives",

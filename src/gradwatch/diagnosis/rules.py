@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from gradwatch.diagnosis.architecture import fit_architecture, run_meta, stale_grad_findings, unexplained_flat_findings
+from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
@@ -86,6 +87,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
+    found = unshuffled(found, view, th)  # batches that hold a few classes each, in turn: the cause comes first
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
 

@@ -674,6 +674,51 @@ class PerSample:
         return self.loss_fn(out, y) / max(1, out.shape[0] if out.dim() else 1)
 
 
+SHUFFLE_POOL = 64  # batches' worth of samples the doctor's shuffle draws each batch from (an epoch of most set-ups)
+
+
+class Shuffled:
+    """Batches drawn at random from a pool of the set-up's next samples (:data:`SHUFFLE_POOL` batches' worth), each
+    sample yielded replaced by one of the next batch's: a shuffle buffer, as ``tf.data``'s, over a stream that came
+    sorted."""
+
+    def __init__(self, batches: Any, pool: int = SHUFFLE_POOL, seed: int = 0) -> None:
+        self._source, self._pool = batches, pool
+        self._gen = torch.Generator().manual_seed(seed)
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._size = 0
+
+    def __iter__(self) -> Shuffled:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._x is None:
+            taken = [next(self._source) for _ in range(self._pool)]
+            self._size = len(taken[0][0])
+            self._x = torch.cat([x for x, _ in taken])
+            self._y = torch.cat([y for _, y in taken])
+        assert self._y is not None
+        pick = torch.randperm(len(self._x), generator=self._gen)[: self._size]
+        batch = self._x[pick], self._y[pick]  # copies: the pool's refill below leaves them as they are
+        x, y = next(self._source)
+        self._x[pick[: len(x)]], self._y[pick[: len(y)]] = x[: len(pick)], y[: len(pick)]
+        return batch
+
+
+def shuffled(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's batches shuffled through a pool (:class:`Shuffled`): for batches that came sorted by class. None
+    where its batches are not ``(inputs, targets)`` tensors of one batch size."""
+    batches = peek(trial, 1)
+    if not (batches and isinstance(batches[0], (tuple, list)) and len(batches[0]) == 2
+            and all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in batches[0])
+            and len(batches[0][0]) == len(batches[0][1])):
+        return None
+    trial.batches = Shuffled(trial.batches)
+    note_change(trial, f"each batch drawn at random from the next {SHUFFLE_POOL} batches' samples")
+    return trial
+
+
 class SameShape:
     """A trial's loss on the output reshaped to its targets' shape where the two hold as many numbers and differ in
     shape (an output (B, 1) against targets (B,), which the loss would broadcast to B × B)."""

@@ -43,3 +43,21 @@ def batch_spread(y: Tensor) -> tuple[Tensor, Tensor]:
     share = 1 - rows.shape[0] * mean.pow(2).sum() / total.clamp_min(torch.finfo(rows.dtype).tiny)
     return (torch.where(total > 0, share.clamp(0, 1), 0.0).sqrt().double(),
             (total / rows.shape[0]).sqrt().double())
+
+
+@torch.no_grad()
+def batch_labels(grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The labels of a batch of class scores (B, C) under cross-entropy, read off the loss's gradient there: ∂L/∂z =
+    c·(softmax(z) − onehot(y)) with c > 0 is negative exactly at each row's label. (the number of distinct labels
+    among the rows with exactly one negative entry, the smallest of them — C where there is none — the share of rows
+    with exactly one, C), float64 0-d tensors on ``grad``'s device, with no host sync. A loss that is not a
+    cross-entropy on these scores shows as a share of such rows below 1."""
+    neg = grad.detach() < 0
+    one = neg.sum(1) == 1
+    classes = grad.shape[1]
+    labels = neg.float().argmax(1)
+    seen = torch.zeros(classes + 1, device=grad.device).index_add_(
+        0, torch.where(one, labels, classes), torch.ones(len(labels), device=grad.device))[:classes]
+    first = torch.where(one, labels, classes).min()
+    return ((seen > 0).sum().double(), first.double(), one.double().mean(),
+            torch.tensor(float(classes), dtype=torch.float64, device=grad.device))

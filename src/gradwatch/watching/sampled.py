@@ -113,6 +113,10 @@ class SampledProbes:
         """Capture a followed recurrent module's call for ‖∂L/∂h_t‖ (its backward hooks timed as temporal)."""
         self.temporal.capture(module, args, output, WeakHook(self, "timed", "temporal"))
 
+    def fills_grad(self) -> bool:
+        """Whether the running backward pass fills the parameters' ``.grad`` (:meth:`_fills_grad`)."""
+        return self._fills_grad()
+
     def _output_grad(self, layer: int, call: int, grad: Tensor) -> None:
         if self._fills_grad():
             norm = self.backprop.add(layer, grad)

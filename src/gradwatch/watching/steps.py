@@ -43,7 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
-from gradwatch.probes.output import batch_spread, batch_tensor
+from gradwatch.probes.output import batch_labels, batch_spread, batch_tensor
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -191,7 +191,21 @@ class StepRecorder:
             spread, rms = batch_spread(y)
             self.add_scalar("out_spread", spread)
             self.add_scalar("out_rms", rms)
+            if y.requires_grad and y.dim() == 2 and y.shape[1] >= 3:  # class scores: their gradient tells the labels
+                y.register_hook(WeakHook(self, "_on_labels_grad"))
             self.meter.stop("backprop", t)
+
+    def _on_labels_grad(self, grad: Tensor) -> None:
+        self.probes.timed("backprop", self._batch_labels, grad)
+
+    def _batch_labels(self, grad: Tensor) -> None:
+        """The labels of a batch scored by cross-entropy, read off the output's gradient (:func:`gradwatch.probes.
+        output.batch_labels`) in the backward pass that fills ``.grad``: the run's ``batch_classes``,
+        ``batch_class_min``, ``label_rows`` and ``output_classes``."""
+        if self.probes.fills_grad():
+            for name, value in zip(("batch_classes", "batch_class_min", "label_rows", "output_classes"),
+                                   batch_labels(grad)):
+                self.add_scalar(name, value)
 
     def model_returned(self) -> None:
         """The model's own forward ended (or failed): the tap, if open, closes."""
