@@ -440,3 +440,26 @@ def test_the_doctor_shuffles_batches_that_came_sorted(tmp_path):
     report = gw.doctor(_sorted_digits, steps=300, budget_s=120, store=tmp_path)
     assert report.best is not None and report.best.label == "batches shuffled"
     assert report.best.score > 0.9 and report.baseline.score < 0.6 and "held on a seed" in report.message
+
+
+def test_a_baseline_with_no_findings_that_did_not_learn_is_not_called_healthy(monkeypatch):
+    """Round 19: "nothing to fix: the baseline has no findings" and a verdict "healthy" on baselines at R² 0.04 and at
+    chance. A baseline whose loss does not halve (by the verdicts' own measure) is "no findings; did not learn", and
+    the message says no finding named a cause; one that learns is still healthy."""
+    import math
+
+    from gradwatch.diagnosis.findings import Diagnosis
+    from gradwatch.doctor import trial_run
+
+    curve = {"flat": [1.14] + [1.0] * 99, "falls": [1.14] + [0.3] * 99}
+    for name, losses in curve.items():
+        monkeypatch.setattr(trial_run, "run_trial",
+                            lambda *a, losses=losses, **k: trial_run.TrialRun(losses, math.nan, [], Diagnosis([])))
+        report = gw.doctor(lambda seed: None, steps=100, seeds=1, progress=False)  # type: ignore[arg-type, return-value]
+        if name == "flat":
+            assert report.baseline.verdict == "no findings; did not learn"
+            assert report.message.startswith("no remedy tried: the baseline has no findings, but it did not learn "
+                                             "(its loss went 1.14 → 1 and did not halve)"), report.message
+        else:
+            assert report.baseline.verdict == "healthy"
+            assert report.message == "nothing to fix: the baseline has no findings"

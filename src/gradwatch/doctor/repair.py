@@ -49,7 +49,7 @@ from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
-from gradwatch.doctor.verdicts import NULL_BELOW, is_better, learns, summary, verdict
+from gradwatch.doctor.verdicts import NULL_BELOW, did_not_learn, is_better, learns, summary, verdict
 from gradwatch.trial import SetupFn
 
 
@@ -342,8 +342,11 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     diagnosis = _every_seed([r.run[3] for r in results if isinstance(r, Outcome) and r.run is not None])
     report = DoctorReport(base, diagnosis, steps=steps, seeds=seeds)
     if not diagnosis.problems:
-        base.verdict = "healthy"
-        report.message = "nothing to fix: the baseline has no findings"
+        stuck = did_not_learn(base)
+        base.verdict = "no findings; did not learn" if stuck else "healthy"
+        report.message = (f"no remedy tried: the baseline has no findings, but it did not learn ({stuck}), and no "
+                          "finding names a cause to try a remedy for" if stuck
+                          else "nothing to fix: the baseline has no findings")
         return report
     numbers: dict[str, float] = {}
     for f in diagnosis:

@@ -105,6 +105,22 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     return better_score or not scored
 
 
+def did_not_learn(row: TrialResult) -> str:
+    """Words for a row (a baseline with no findings) that did not learn by the verdicts' own measure ('' where it
+    did, or nothing shows it): its held-out score not clearly above a constant output's, or — where its loss shows
+    learning — a loss that did not halve, or that ended not clearly below a constant output's. Round 19: "nothing to
+    fix" and "healthy" on a regression at R² 0.04 and on a bfloat16 net at 0.14 on ten classes."""
+    if below_constant(row):
+        return f"score {row.score:.3g} against a constant output's {row.null_score:.3g}"
+    if row.judge_by_score or not row.first_loss > 0 or not math.isfinite(row.final_loss):
+        return ""
+    if not row.learned:
+        return f"its loss went {row.first_loss:.4g} → {row.final_loss:.4g} and did not halve"
+    if row.null_loss > 0 and row.final_loss > NULL_BELOW * row.null_loss:
+        return f"its final loss {row.final_loss:.4g} is not below a constant output's {row.null_loss:.4g}"
+    return ""
+
+
 def ends_above_base(base: TrialResult, trial: TrialResult) -> bool:
     """The row's final loss is more than :data:`WORSE_LOSS_ABOVE` × the baseline's (a finite, positive one): on the
     same objective it ended worse than the pathology did. Round 15: a sparse autoencoder whose latents all died
