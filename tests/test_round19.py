@@ -463,3 +463,88 @@ def test_a_baseline_with_no_findings_that_did_not_learn_is_not_called_healthy(mo
         else:
             assert report.baseline.verdict == "healthy"
             assert report.message == "nothing to fix: the baseline has no findings"
+
+
+# -- round 19: an LSTM read at the end of post-padded sequences ----------------------------------------------------
+
+
+def test_the_trailing_steps_that_repeat_a_sequences_last_input_are_counted_as_by_hand():
+    """(median, least, most) over the batch of the last steps equal to each sequence's last input, counting it:
+    batch-first and time-first alike."""
+    from gradwatch.probes.temporal import trailing_repeats
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 5, 9, 9, 2]
+    x = torch.randn(5, 12, 4, generator=g)
+    for i, n in enumerate(lengths):
+        x[i, n:] = 0.0
+    by_hand = [12 - n for n in lengths]
+    expected = [float(np.median(by_hand)), float(min(by_hand)), float(max(by_hand))]
+    assert trailing_repeats(x, batch_first=True).tolist() == expected
+    assert trailing_repeats(x.transpose(0, 1), batch_first=False).tolist() == expected
+    assert trailing_repeats(torch.randn(5, 12, 4, generator=g), batch_first=True).tolist() == [1.0, 1.0, 1.0]
+
+
+class _PadLSTM(nn.Module):
+    def __init__(self, at_length):
+        super().__init__()
+        self.at_length = at_length
+        self.emb = nn.Embedding(12, 16)
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, xl):
+        x, n = xl[:, :-1], xl[:, -1]
+        out, _ = self.lstm(self.emb(x))
+        return self.head(out[torch.arange(len(x)), n - 1] if self.at_length else out[:, -1])
+
+
+def _padded(seed, fixed=False, lengths=(4, 9)):
+    """Dwarampudi & Reddy 2019, SO 51030782: sequences of 4–8 tokens post-padded with 0 to 80, the class set by the
+    first token, an LSTM read at out[:, −1]; the fix: each sequence's output read at its true last step."""
+    def task(n, g):
+        length = torch.randint(*lengths, (n,), generator=g)
+        x = torch.randint(2, 12, (n, 80), generator=g)
+        y = (x[:, 0] >= 7).long()
+        x = torch.where(torch.arange(80)[None, :] < length[:, None], x, torch.zeros_like(x))
+        return torch.cat([x, length[:, None]], 1), y
+
+    torch.manual_seed(seed)
+    model = _PadLSTM(fixed)
+    xt, yt = task(1000, torch.Generator().manual_seed(999))
+
+    def feed():
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield task(32, g)
+
+    def accuracy(m):
+        with torch.no_grad():
+            return float((m(xt).argmax(1) == yt).float().mean())
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), feed(), nn.CrossEntropyLoss(),
+                    evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_an_lstm_read_after_its_padding_is_told_of_the_padding_first(store, seed):
+    """Round 19: "forget gates that close" for an LSTM at chance that ran 72–76 steps of padding before its output
+    was read. The vanishing finding now names the padding first (its lengths read off the inputs, as by hand), with
+    packing first among the remedies; read at each sequence's true last step, the twin learns with no finding. Its
+    other side: padding of one length for every sequence (a task whose inputs end in a fixed stretch of blanks, as
+    the copy task's) is not called padding."""
+    trial = _padded(seed)
+    w = _train(trial, store, f"pad-{seed}", 300)
+    assert trial.evaluate(trial.model) < 0.6
+    (f,) = [f for f in w.diagnose().problems if f.kind == "vanishing"]
+    assert f.cause.startswith("the sequences end in padding: the median one's last") and "72–76 in the batch" in f.cause
+    assert f.remedy_keys[0] == "pack"
+
+    twin = _padded(seed, fixed=True)
+    tw = _train(twin, store, f"pad-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.9
+    assert not tw.diagnose().problems
+
+    fixed = _padded(seed, lengths=(6, 7))
+    fw = _train(fixed, store, f"pad-fixed-{seed}", 300)
+    (f,) = [f for f in fw.diagnose().problems if f.kind == "vanishing"]
+    assert "padding" not in f.cause and f.remedy_keys[0] != "pack"

@@ -57,6 +57,8 @@ REMEDIES = {
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
                   "targets of shape (B,), or targets.view_as(out): (B, 1) against (B,) broadcasts to (B, B)",
+    "pack": "pack the padded batch (torch.nn.utils.rnn.pack_padded_sequence with the true lengths) or read each "
+            "sequence's output at its own last step, out[i, length_i − 1], not at the padded end; or pad in front",
     "shuffle": "shuffle the training samples every epoch (DataLoader(…, shuffle=True), or torch.randperm over the "
                "indices), so that every batch draws from every class",
     "no_collapse": "a loss with no minimum at a constant output — in a triplet loss, semi-hard negatives (d_ap < "

@@ -112,6 +112,10 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                 fixes = remedies(*(("lower_lr",) if grown else ()), "orthogonal_rnn", "gated", "clip_norm")
             if e.name in dead:  # not a Jacobian that shrinks the units: units that pass nothing at all
                 cause, fixes = dead[e.name].cause, dead[e.name].remedies
+            padding = _padded_tail(run, e.name, lags[0])
+            if padding:
+                cause, fixes = f"{padding}; besides, {cause}", remedies("pack") + fixes
+                sources += (f"pad_steps ({e.name})",)
             severity = "critical" if ratio < th.vanish_below**2 else "warning"
             if regardless and e.name not in dead:
                 assert ends is not None
@@ -141,6 +145,30 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
         if kind != "exploding":
             found += _exploding_at_init(e.name, s, lam, gamma, ratio, th)
     return found
+
+
+PAD_AT_LEAST = 10  # trailing steps that repeat the last input, in the median sequence: padding (and a quarter of T)
+
+
+def _padded_tail(run: Run, name: str, steps: int) -> str:
+    """Words where most sequences end in padding of varying length that the layer runs through (``pad_steps``:
+    median, least and most trailing steps that repeat a sequence's last input, :func:`gradwatch.probes.temporal.
+    trailing_repeats`); '' otherwise. Lengths that differ are what tells padding from a task whose inputs end in
+    a fixed stretch of blanks (the copy task reads its answer after them by design). Round 19 (Dwarampudi & Reddy
+    2019; SO 51030782): an LSTM over sequences of 4–8 tokens post-padded to 80 and read at out[:, −1], 72–76 padding
+    steps, told "forget gates that close" (at chance; read at each sequence's true last step it learns, 1.0)."""
+    if "pad_steps" not in run.quantities:
+        return ""
+    s = run.temporal(name, "pad_steps")
+    if len(s.names) != 3 or not np.isfinite(s.values).all() or not len(s.steps):
+        return ""
+    median, least, most = (float(np.median(row)) for row in s.values)
+    if median < max(PAD_AT_LEAST, steps / 4) or most - least < 2:
+        return ""
+    return (f"the sequences end in padding: the median one's last {median:.0f} of {steps} steps repeat its last input "
+            f"({least:.0f}–{most:.0f} in the batch, lengths that differ), and the layer runs through them, so an output "
+            f"read at the last step must carry what the real steps said through that many steps of padding (post-"
+            f"padding, Dwarampudi & Reddy 2019)")
 
 
 def _exploding_at_init(name: str, s: Series, lam: Series | None, gamma: float | None, late: float,

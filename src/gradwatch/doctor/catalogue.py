@@ -97,7 +97,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
-                     "master_weights"})
+                     "master_weights", "pack"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -143,6 +143,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "schedule_per_epoch": [],  # where the scheduler steps is the user's loop
         "smaller_step": [],  # the step size of the user's own update
         "no_collapse": [],  # the loss (its choice of negatives) is the user's
+        "pack": [],  # where the output is read, and how the batch is padded, is the user's forward
         "master_weights": [],  # the dtype of the weights, and of the batches the forward takes, is the set-up's own
         "rebuild_optimizer": one("rebuild_optimizer", "the optimizer rebuilt over the model's parameters",
                                  s.optimizer_over_model),

@@ -371,9 +371,11 @@ class TemporalProbe:
         pooled: dict[str, Tensor] = {}
         jac: dict[str, Tensor] = {}
         dead: dict[str, Tensor] = {}
+        padded: dict[str, Tensor] = {}
         for name, cap in self._captures:
             if not cap.grads:
                 continue
+            padded.setdefault(f"{name}.l0", trailing_repeats(cap.x, cap.module.batch_first).to(self.device))
             found = temporal_grads(cap.module, cap.x, cap.hx, cap.grads.get("out"), cap.grads.get("h"), cap.grads.get("c"))
             for r in found:
                 entity = f"{name}.{r.name}"
@@ -388,6 +390,9 @@ class TemporalProbe:
                     layer, _, suffix = entity[len(name) + 2:].partition("_")
                     w = getattr(module, f"weight_hh_l{layer}{'_' + suffix if suffix else ''}")
                     out.append((entity, "lambda1", [-1], lambda1(w).to(self.device)))
+        for entity, runs in padded.items():
+            if entity in pooled:
+                out.append((entity, "pad_steps", [0, 1, 2], runs))
         for entity, sq in pooled.items():
             out.append((entity, "temporal_grad_norm", list(range(len(sq))), sq.sqrt()))
             out.append((entity, "step_jacobian_norm", list(range(len(jac[entity]))), jac[entity]))
@@ -408,6 +413,20 @@ class TemporalProbe:
 
     def clear(self) -> None:
         self._captures, self._cell_calls, self._cell_norms = [], {}, {}
+
+
+def trailing_repeats(x: Tensor, batch_first: bool) -> Tensor:
+    """How many of a batch's last time steps repeat each sequence's last input (padding after its end, counting
+    that last step): (median, least, most) over the sequences, float64, (3,). An unbatched (T, F) input is one
+    sequence."""
+    x = x.detach()
+    if x.dim() == 2:
+        x = x.unsqueeze(0 if batch_first else 1)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    same = (x == x[:, -1:]).reshape(x.shape[0], x.shape[1], -1).all(-1)  # (B, T): the step's input is the last one's
+    runs = same.flip(1).int().cumprod(1).sum(1).double()
+    return torch.stack([runs.median(), runs.min(), runs.max()])
 
 
 def lambda1(w: Tensor) -> Tensor:
