@@ -254,6 +254,26 @@ def post_ln_without_warmup(run: Run) -> str:
             f"early layers small, which without a warm-up stage stalls or derails training (Xiong et al. 2020, §3)")
 
 
+ATTENTION_TYPES = frozenset({"TransformerEncoderLayer", "TransformerDecoderLayer", "MultiheadAttention"})
+ORDERED_TYPES = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Conv1d", "Conv2d"})
+
+
+def no_positions(run: Run) -> str:
+    """Words for a Transformer over embedded tokens with nothing that carries their positions ('' otherwise): torch's
+    attention layers over an ``nn.Embedding``, no recurrence or convolution, and no parameter, buffer or module whose
+    name speaks of positions (meta ``position_names``: pos, rotary, rope, alibi). Attention without positions is
+    blind to the tokens' order (Vaswani et al. 2017, §3.5). Round 19: a 2-layer encoder on "first token > last
+    token", 0.51 at chance, told "Post-LN without warm-up" — its twin, the same Post-LN layers with a learned
+    positional embedding, learns (0.97–0.99)."""
+    meta, types = run_meta(run), module_types(run)
+    if (meta.get("position_names", ["?"]) or not types & ATTENTION_TYPES or "Embedding" not in types
+            or types & ORDERED_TYPES):
+        return ""
+    return ("no positional encoding: attention over embedded tokens with no parameter, buffer or module for their "
+            "positions sees each sequence as a set, blind to the tokens' order — a task that needs the order cannot "
+            "be learned (Vaswani et al. 2017, §3.5)")
+
+
 # A class name any user may give a block of their own: residual only where the watch did not read the graph for
 # skips (round 16: 50 plain blocks relu(BN(Linear(h))) of a class "Block" were taken for timm's residual ones)
 GENERIC_RESIDUAL_NAMES = frozenset({"Block"})
@@ -274,6 +294,7 @@ def has_residual(run: Run) -> bool:
 SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...]], ...] = (
     (climbing_schedule, ("lower_lr",), _BLOWUP_KINDS),
     (post_ln_without_warmup, ("warmup", "pre_ln"), _DEPTH_KINDS),
+    (no_positions, ("positions",), ("stalled",)),
     (lr_without_warmup, ("warmup", "lower_lr"), _DEPTH_KINDS),
     (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),
     (heavy_momentum, ("lower_momentum",), _ANY_KIND),

@@ -57,6 +57,8 @@ REMEDIES = {
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
                   "targets of shape (B,), or targets.view_as(out): (B, 1) against (B,) broadcasts to (B, B)",
+    "positions": "add the tokens' positions to their embeddings: a learned positional embedding, or sinusoids "
+                 "(Vaswani et al. 2017, §3.5; gradwatch.remedies.add_positions), or rotary embeddings",
     "pack": "pack the padded batch (torch.nn.utils.rnn.pack_padded_sequence with the true lengths) or read each "
             "sequence's output at its own last step, out[i, length_i − 1], not at the padded end; or pad in front",
     "shuffle": "shuffle the training samples every epoch (DataLoader(…, shuffle=True), or torch.randperm over the "

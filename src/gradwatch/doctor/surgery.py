@@ -674,6 +674,18 @@ class PerSample:
         return self.loss_fn(out, y) / max(1, out.shape[0] if out.dim() else 1)
 
 
+def positions(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Sinusoidal positions added to the first embedding's output (:func:`gradwatch.remedies.structure.
+    add_positions`), in place: the optimizer still holds every parameter. None without an embedding or attention."""
+    from gradwatch.remedies.structure import add_positions
+
+    try:
+        add_positions(trial.model, inplace=True)
+    except ValueError:
+        return None
+    return trial
+
+
 SHUFFLE_POOL = 64  # batches' worth of samples the doctor's shuffle draws each batch from (an epoch of most set-ups)
 
 

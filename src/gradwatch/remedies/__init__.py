@@ -11,12 +11,13 @@ from gradwatch.remedies.recurrent import (irnn, lstm_chrono_init, lstm_forget_bi
                                           pascanu_regularizer, smart_init)
 from gradwatch.remedies.riemannian import RiemannianAdam, RiemannianSGD, recurrent_groups
 from gradwatch.remedies.structure import (
-    SATURATING, Residual, ResidualBlock, ReZero, add_norm, add_residual, after_last_layer, gumbel_temperature,
+    SATURATING, Residual, ResidualBlock, ReZero, add_norm, add_positions, add_residual, after_last_layer,
+    gumbel_temperature,
     output_activations, swap_activation,
 )
 
 __all__ = [
-    "ReZero", "Residual", "ResidualBlock", "RiemannianAdam", "RiemannianSGD", "adaptive_clip", "add_norm", "add_residual",
+    "ReZero", "Residual", "ResidualBlock", "RiemannianAdam", "RiemannianSGD", "adaptive_clip", "add_norm", "add_positions", "add_residual",
     "after_last_layer",
     "agc_", "clip_grad_norm", "clip_grad_value", "fixup_zero_init", "gumbel_temperature", "he_init", "irnn",
     "lecun_init", "lsuv_init", "lstm_chrono_init",

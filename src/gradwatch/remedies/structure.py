@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Any, Callable
 
 import torch
@@ -463,6 +464,61 @@ def gumbel_temperature(model: nn.Module, tau: float = 1.0) -> GumbelTemperature:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
         raise ValueError(bad_argument("gumbel_temperature", "tau", "a positive number", tau))
     return GumbelTemperature(model, float(tau))
+
+
+ATTENTION = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+
+
+def sinusoids(length: int, width: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Vaswani et al. 2017's positional encoding, (length, width): sin(p/10000^(2i/d)) in the even columns,
+    cos in the odd."""
+    pos = torch.arange(length, dtype=torch.float64, device=device)[:, None]
+    rate = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float64, device=device) / width)
+    out = torch.zeros(length, width, dtype=torch.float64, device=device)
+    out[:, 0::2] = torch.sin(pos * rate)
+    out[:, 1::2] = torch.cos(pos * rate)[:, : width // 2]
+    return out.to(dtype)
+
+
+class Positioned(nn.Module):
+    """An embedding whose output has each token's sinusoidal position added (Vaswani et al. 2017, §3.5), along
+    dimension 1 (``batch_first``) or 0. The embedding's parameters are its own: an optimizer over them still holds
+    them."""
+
+    def __init__(self, embedding: nn.Module, batch_first: bool) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.batch_first = batch_first
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.embedding(*args, **kwargs)
+        length = out.shape[1] if self.batch_first else out.shape[0]
+        pe = sinusoids(length, out.shape[-1], out.device, out.dtype)
+        return out + (pe if self.batch_first else pe[:, None, :])
+
+
+def add_positions(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` with its first ``nn.Embedding`` giving each token's sinusoidal position too (:class:`Positioned`): a
+    Transformer that had no positional encoding sees its tokens' order (Vaswani et al. 2017, §3.5). The sequence
+    dimension is that of the model's first attention layer (``batch_first``). Raises ValueError for a model without
+    an ``nn.Embedding`` or without torch's attention layers."""
+    model = _target(model, inplace)
+    attention = next((m for m in model.modules() if isinstance(m, ATTENTION)), None)
+    if attention is None or not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        raise ValueError(bad_argument("add_positions", "model",
+                                      "a model with an nn.Embedding and torch's attention layers", type(model).__name__))
+    batch_first = bool(getattr(attention, "batch_first", getattr(getattr(attention, "self_attn", None),
+                                                                  "batch_first", False)))
+    done: list[nn.Module] = []
+
+    def wrap(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, nn.Embedding) and not done:
+            done.append(m)
+            return Positioned(m, batch_first)
+        return None
+
+    replace_modules(model, wrap)
+    return model
 
 
 def _replace_children(parent: nn.Sequential, modules: list[nn.Module]) -> None:

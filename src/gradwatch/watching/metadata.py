@@ -72,8 +72,23 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Post-LN Transformer layers (norm_first=False), which need a learning-rate warm-up (Xiong et al. 2020).
         "post_ln_layers": sum(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                               and not m.norm_first for m in model.modules()),
+        # The names of the parameters, buffers and modules that carry token positions (pos_emb, wpe,
+        # position_embeddings, a rotary module): a Transformer with none sees its tokens as a set (Vaswani et al.
+        # 2017, §3.5).
+        "position_names": position_names(model),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
+
+
+POSITION_WORDS = ("pos", "wpe", "rotary", "rope", "alibi", "relative")  # in a name, case aside: token positions
+
+
+def position_names(model: nn.Module, most: int = 5) -> list[str]:
+    """The first ``most`` names of parameters, buffers or modules (or module classes) in which a word of
+    :data:`POSITION_WORDS` appears."""
+    named = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    named += [n or type(m).__name__ for n, m in model.named_modules()] + [type(m).__name__ for m in model.modules()]
+    return list(dict.fromkeys(n for n in named if any(w in n.lower() for w in POSITION_WORDS)))[:most]
 
 
 def not_in_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
