@@ -44,6 +44,7 @@ LEARNED_BELOW = 0.5  # "really learns": the final loss is at most this fraction 
 SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least this much above the baseline's
 NULL_BELOW = 0.9  # "clearly below a constant output": the null loss is measured on a few batches (±10 %)
 SCORE_OVERRULES = 0.5  # a held-out score this much above the baseline's outweighs a training loss above its
+FLAT_ABOVE = 0.9  # a loss that ends above this fraction of its first did not fall (where a constant's is unmeasured)
 WORSE_LOSS_ABOVE = 2.0  # a scored row whose score did not clearly rise is "worse" when its final loss more than doubled
 
 
@@ -106,18 +107,22 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
 
 
 def did_not_learn(row: TrialResult) -> str:
-    """Words for a row (a baseline with no findings) that did not learn by the verdicts' own measure ('' where it
-    did, or nothing shows it): its held-out score not clearly above a constant output's, or — where its loss shows
-    learning — a loss that did not halve, or that ended not clearly below a constant output's. Round 19: "nothing to
-    fix" and "healthy" on a regression at R² 0.04 and on a bfloat16 net at 0.14 on ten classes."""
-    if below_constant(row):
-        return f"score {row.score:.3g} against a constant output's {row.null_score:.3g}"
+    """Words for a row (a baseline with no findings) that did not learn ('' where it did, or nothing shows it): its
+    held-out score not clearly above a constant output's where both are measured; else — where its loss shows
+    learning — a final loss no lower than a constant output's, or above :data:`FLAT_ABOVE` × its first. A loss that
+    falls but has not halved in a short trial is learning (a healthy MLP: 2.88 → 2.17 in 30 steps, a constant's
+    2.30, held out 0.26 against 0.10). Round 19: "nothing to fix" and "healthy" on a regression at R² 0.04 (1.14 → 1.005,
+    a constant's 1.0) and on a bfloat16 net at 0.14 on ten classes (2.301 → 2.294)."""
+    if math.isfinite(row.score) and math.isfinite(row.null_score):
+        return (f"score {row.score:.3g} against a constant output's {row.null_score:.3g}" if below_constant(row)
+                else "")
     if row.judge_by_score or not row.first_loss > 0 or not math.isfinite(row.final_loss):
         return ""
-    if not row.learned:
-        return f"its loss went {row.first_loss:.4g} → {row.final_loss:.4g} and did not halve"
-    if row.null_loss > 0 and row.final_loss > NULL_BELOW * row.null_loss:
-        return f"its final loss {row.final_loss:.4g} is not below a constant output's {row.null_loss:.4g}"
+    if row.null_loss > 0 and row.final_loss >= row.null_loss:
+        return (f"its loss went {row.first_loss:.4g} → {row.final_loss:.4g}, no lower than a constant output's "
+                f"{row.null_loss:.4g}")
+    if row.final_loss > FLAT_ABOVE * row.first_loss:
+        return f"its loss went {row.first_loss:.4g} → {row.final_loss:.4g}"
     return ""
 
 
