@@ -641,3 +641,18 @@ def test_the_doctor_adds_sinusoidal_positions(tmp_path):
     report = gw.doctor(_order_task, steps=300, budget_s=200, store=tmp_path)
     assert report.best is not None and report.best.label.startswith("sinusoidal positions")
     assert report.best.score > 0.9 and report.baseline.score < 0.6 and "held on a seed" in report.message
+
+
+def test_the_readmes_catalogue_table_names_every_key_the_doctor_knows():
+    """Round 18's complaint: whether a situation is covered could not be told from the doctor's paragraph. The
+    README's two tables under "The catalogue, by cause" name every catalogue key in their first column, and no other."""
+    import re
+    from pathlib import Path
+
+    from gradwatch.doctor import catalogue
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = readme[readme.index("### The catalogue, by cause"):readme.index("### Many trials at once")]
+    firsts = [row.split("|")[1] for row in section.splitlines() if row.startswith("| `")]
+    named = {k for cell in firsts for k in re.findall(r"`(\w+)`", cell)}
+    assert named == set(catalogue.catalog())
