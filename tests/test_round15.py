@@ -11,6 +11,7 @@ import gradwatch as gw
 from gradwatch.diagnosis import over_steps
 from gradwatch.doctor import surgery
 from gradwatch.doctor.catalogue import catalog
+from gradwatch.zoo.train import readme_loop
 
 
 def _diabetes(seed, standardise=False):
@@ -137,13 +138,7 @@ def _sae(seed, lam):
 
 def _train(trial, w, steps=400):
     """The README's loop: the loss logged with its graph (the watch reads what it does to the output once)."""
-    for _ in range(steps):
-        x, y = next(trial.batches)
-        loss = trial.loss_fn(trial.model(x), y)
-        trial.optimizer.zero_grad()
-        loss.backward()
-        trial.optimizer.step()
-        w.log(loss=loss)
+    readme_loop(trial, w, steps)
 
 
 def test_the_loss_graph_tells_a_penalty_on_relu_outputs_from_other_losses():

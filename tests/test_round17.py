@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.zoo.data import accuracy, batches, digits
 from gradwatch.doctor import surgery
+from gradwatch.zoo.train import readme_loop
 
 EPOCH = 1400 // 64  # batches an epoch
 
@@ -48,13 +49,7 @@ def _train(trial, store, name, steps=300):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
-            for _ in range(steps):  # the README's loop: the loss logged with its graph
-                x, y = next(trial.batches)
-                loss = trial.loss_fn(trial.model(x), y)
-                trial.optimizer.zero_grad()
-                loss.backward()
-                trial.optimizer.step()  # (a Trial's scheduler steps itself after it)
-                w.log(loss=loss)
+            readme_loop(trial, w, steps)
     return w, [str(c.message) for c in caught]
 
 

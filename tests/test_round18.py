@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.zoo.data import batches, digits
+from gradwatch.zoo.train import readme_loop
 
 
 def _half_accuracy(xt, yt):
@@ -38,13 +39,7 @@ def _train(trial, store, name, steps=150):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
-            for _ in range(steps):  # the README's loop: the loss logged with its graph
-                x, y = next(trial.batches)
-                loss = trial.loss_fn(trial.model(x), y)
-                trial.optimizer.zero_grad()
-                loss.backward()
-                trial.optimizer.step()
-                w.log(loss=loss)
+            readme_loop(trial, w, steps)
     return w
 
 

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.probes.loss_ops import loss_paths, penalty_on_relu
 from gradwatch.probes.output import SPREAD_FEATURES, batch_spread, batch_tensor
+from gradwatch.zoo.train import readme_loop
 
 ALPHA = 0.2
 
@@ -24,13 +25,7 @@ def _train(trial, store, name, steps, **watch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with gw.watch(trial.model, trial.optimizer, store=store, name=name, **watch) as w:
-            for _ in range(steps):  # the README's loop: the loss logged with its graph
-                x, y = next(trial.batches)
-                loss = trial.loss_fn(trial.model(x), y)
-                trial.optimizer.zero_grad()
-                loss.backward()
-                trial.optimizer.step()
-                w.log(loss=loss)
+            readme_loop(trial, w, steps)
     return w
 
 

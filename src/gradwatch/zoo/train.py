@@ -26,3 +26,16 @@ def train_watched(name: str, seed: int, steps: int, store: str | Path, run_name:
         for _ in range(steps):
             w.log(loss=trial.step())
     return w.path, trial
+
+
+def readme_loop(trial: Trial, w: Any, steps: int) -> None:
+    """``steps`` steps of the README's loop on ``trial`` under the watch ``w``: forward, loss, zero_grad, backward,
+    step, and the loss logged with its graph (so that the watch reads what the loss does to the output, which a
+    detached ``trial.step()`` hides). A trial's scheduler steps itself after each optimizer step."""
+    for _ in range(steps):
+        x, y = next(trial.batches)
+        loss = trial.loss_fn(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        trial.optimizer.step()
+        w.log(loss=loss)
