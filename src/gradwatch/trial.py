@@ -80,8 +80,8 @@ class Trial:
     # what the loss does to the output (gradwatch.probes.loss_ops.loss_paths), read at the first step(): the step
     # returns its loss detached, so a watch's log cannot read it there
     loss_paths: list[list[str]] | None = field(default=None, init=False, repr=False, compare=False)
-    # ... and whether it broadcast the output against targets of another shape (loss_ops.loss_broadcast), then too
-    loss_broadcast: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and the rest a watch stores of its graph (loss_ops.loss_graph: a broadcast, the operations), then too
+    loss_graph: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and a binary cross-entropy's positive rate against its mean prediction (loss_ops.loss_prior)
     loss_prior: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -115,10 +115,10 @@ class Trial:
             loss.backward()
         self.optimizer.step()
         if self.loss_paths is None:
-            from gradwatch.probes.loss_ops import loss_broadcast, loss_paths
+            from gradwatch.probes.loss_ops import loss_graph, loss_paths
 
             self.loss_paths = loss_paths(loss)
-            self.loss_broadcast = loss_broadcast(loss)
+            self.loss_graph = loss_graph(loss)
         return loss.detach()
 
 

@@ -672,6 +672,24 @@ def nonfinite_remedies(step: int, half_weights: bool = False) -> tuple[str, ...]
     return remedies("lower_lr", "clip_norm", "check_data", scaler)
 
 
+def _infinite_ctc(run: Run, loss_step: float) -> str:
+    """Words where the loss is a CTC loss (meta ``loss_ops``: ``CtcLossBackward0``) that is +inf at the first
+    non-finite step: an input sequence too short to align its target — T frames hold L labels only with a blank
+    between each repeated pair, T ≥ L + repeats — has no alignment, so its loss is +inf and its gradient NaN
+    (torch.nn.CTCLoss's zero_infinity); '' otherwise. Round 20 (captcha_break#29; mmocr#159's fix): 10 % of the
+    clips truncated below their label count, +inf at step 0, told "non-finite values in the forward pass or the
+    loss" with input standardisation and re-initialisation, both of which diverged as the baseline did."""
+    if "CtcLossBackward0" not in (run_meta(run).get("loss_ops") or ()) or not math.isfinite(loss_step):
+        return ""
+    loss = run.series("loss", "run")
+    at = np.where(loss.steps == loss_step)[0]
+    if not len(at) or not np.isposinf(loss.values[0][at[0]]):
+        return ""
+    return (f"a CTC loss that is +inf from step {int(loss_step)}: an input sequence too short for its target (T frames "
+            "hold L labels only with a blank between repeated ones, T ≥ L + repeats) has no alignment, so its loss "
+            "is +inf and the gradient NaN — one such sample makes the batch's mean +inf")
+
+
 FLOAT16_TINY = 2.0 ** -24  # float16's smallest positive number (a subnormal, ≈ 6e-8): an eps below half of it is 0
 
 
@@ -837,6 +855,10 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                  f"−inf as soon as p rounds to 0 or 1 in float32, which a confident output reaches without any "
                  f"divergence" + ("" if cause.startswith("non-finite") else f"; besides, {cause}"))
         fixes = remedies("logits_loss") + fixes
+    ctc = _infinite_ctc(run, loss_step)
+    if ctc and not cause.startswith("a NaN made in the backward pass"):
+        cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")
+        sources.append("meta loss_ops")
     what = "NaN/Inf gradients"
     rows = [i for i in range(len(s.names)) if bad[i, j0]]
     if (g is not None and g.values.shape == s.values.shape and np.isposinf(g.values[rows, j0]).all()

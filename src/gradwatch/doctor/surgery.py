@@ -686,6 +686,29 @@ def positions(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+class CtcZeroInfinity:
+    """A trial's loss with every CTC loss in it at ``zero_infinity=True``
+    (:class:`gradwatch.remedies.structure.ZeroInfinity`)."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, out: Any, y: Any) -> torch.Tensor:
+        from gradwatch.remedies.structure import ZeroInfinity
+
+        with ZeroInfinity():
+            return self.loss_fn(out, y)
+
+
+def ctc_zero_infinity(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's CTC loss at ``zero_infinity=True`` (:class:`CtcZeroInfinity`): a sample too short for its target
+    adds 0, not +inf (mmocr#159's fix). None where the set-up computes its loss in a ``step()`` of its own."""
+    if trial.loss_fn is None or type(trial).step is not Trial.step:
+        return None
+    trial.loss_fn = CtcZeroInfinity(trial.loss_fn)
+    return trial
+
+
 SHUFFLE_POOL = 64  # batches' worth of samples the doctor's shuffle draws each batch from (an epoch of most set-ups)
 
 

@@ -67,6 +67,29 @@ def _paths(loss: Tensor) -> list[list[str]]:
     return paths
 
 
+def loss_graph(loss: Tensor) -> dict[str, Any]:
+    """What a watch stores of the loss's graph beside :func:`loss_paths`: ``loss_broadcast``
+    (:func:`loss_broadcast`) and ``loss_ops``, the names of the backward operations between the loss and the layers
+    (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss). Reads only; never fails the run."""
+    return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss)}
+
+
+def loss_ops(loss: Tensor) -> list[str]:
+    """The names of the backward operations between the loss and the layers, sorted ([] where reading fails)."""
+    try:
+        start = getattr(loss, "grad_fn", None)
+        todo, seen, names = [start] if start is not None else [], set[int](), set[str]()
+        while todo and len(seen) < MAX_NODES:
+            node = todo.pop(0)
+            seen.add(id(node))
+            names.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions
+                     if n is not None and id(n) not in seen and type(n).__name__ not in LAYER_OPS]
+        return sorted(names)
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return []
+
+
 def loss_broadcast(loss: Tensor) -> dict[str, Any] | None:
     """Where the loss broadcasts the model's output against a target of another shape across the batch — an output
     (B, 1) against targets (B,) — so that every output is compared with every target: ``{"output": (B, 1),

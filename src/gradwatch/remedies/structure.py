@@ -442,6 +442,19 @@ class _Temperature(TorchFunctionMode):
         return func(**bound)
 
 
+class ZeroInfinity(TorchFunctionMode):
+    """Every ``F.ctc_loss`` call made while it is open (``nn.CTCLoss``'s too) runs with ``zero_infinity=True``: a
+    sample with no alignment adds 0 to the loss, not +inf."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", "") != "ctc_loss" or getattr(func, "__module__", "") != "torch.nn.functional":
+            return func(*args, **kwargs)
+        names = ("log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction", "zero_infinity")
+        bound = {**dict(zip(names, args)), **kwargs, "zero_infinity": True}
+        return func(**bound)
+
+
 class GumbelTemperature(nn.Module):
     """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
     ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""

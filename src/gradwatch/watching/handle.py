@@ -28,7 +28,7 @@ from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
-from gradwatch.probes.loss_ops import binary_ce_input, loss_broadcast, loss_paths
+from gradwatch.probes.loss_ops import binary_ce_input, loss_graph, loss_paths
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
@@ -143,7 +143,7 @@ class Watch:
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
-                    self._note_loss_paths(loss_paths(value), self._binary_prior(value), loss_broadcast(value))
+                    self._note_loss_paths(loss_paths(value), self._binary_prior(value), loss_graph(value))
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -158,17 +158,17 @@ class Watch:
             self._run_guarded(self._steps.add_scalar, key, value)
 
     def _note_loss_paths(self, paths: list[list[str]], prior: dict[str, float] | None = None,
-                         broadcast: dict[str, Any] | None = None) -> None:
+                         graph: dict[str, Any] | None = None) -> None:
         """Once: what the loss does to the output (a squared error on a sigmoid, a hand-written log), stored as the
         run's meta ``loss_paths``, a binary cross-entropy's positive rate against its mean prediction
-        (``loss_prior``, :func:`gradwatch.probes.loss_ops.loss_prior`) and an output broadcast against targets of
-        another shape (``loss_broadcast``, :func:`gradwatch.probes.loss_ops.loss_broadcast`); from :meth:`log`, or
+        (``loss_prior``, :func:`gradwatch.probes.loss_ops.loss_prior`), an output broadcast against targets of
+        another shape and the graph's operations (``loss_broadcast``, ``loss_ops``:
+        :func:`gradwatch.probes.loss_ops.loss_graph`); from :meth:`log`, or
         from the doctor, whose trials' steps return the loss detached and read it themselves
         (:attr:`gradwatch.Trial.loss_paths`)."""
         if not self._loss_read:
             self._loss_read = True
-            self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior,
-                                                  "loss_broadcast": broadcast})
+            self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior, **(graph or {})})
 
     def flush(self) -> None:
         """Wait until every record so far is in the store."""
