@@ -686,6 +686,21 @@ def positions(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def _pair(trial: Trial) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The trial's next batch (put back) where it is ``(inputs, targets)`` tensors; None otherwise."""
+    batches = peek(trial, 1)
+    if (batches and isinstance(batches[0], (tuple, list)) and len(batches[0]) == 2
+            and all(isinstance(t, torch.Tensor) for t in batches[0])):
+        return batches[0][0], batches[0][1]
+    return None
+
+
+def _loss_reachable(trial: Trial) -> bool:
+    """Whether the doctor can change the trial's loss: it has a ``loss_fn`` that :meth:`Trial.step` calls (not a
+    ``step()`` of the set-up's own)."""
+    return trial.loss_fn is not None and type(trial).step is Trial.step
+
+
 class CtcZeroInfinity:
     """A trial's loss with every CTC loss in it at ``zero_infinity=True``
     (:class:`gradwatch.remedies.structure.ZeroInfinity`)."""
@@ -703,7 +718,7 @@ class CtcZeroInfinity:
 def ctc_zero_infinity(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The set-up's CTC loss at ``zero_infinity=True`` (:class:`CtcZeroInfinity`): a sample too short for its target
     adds 0, not +inf (mmocr#159's fix). None where the set-up computes its loss in a ``step()`` of its own."""
-    if trial.loss_fn is None or type(trial).step is not Trial.step:
+    if not _loss_reachable(trial):
         return None
     trial.loss_fn = CtcZeroInfinity(trial.loss_fn)
     return trial
@@ -744,10 +759,8 @@ class Shuffled:
 def shuffled(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The set-up's batches shuffled through a pool (:class:`Shuffled`): for batches that came sorted by class. None
     where its batches are not ``(inputs, targets)`` tensors of one batch size."""
-    batches = peek(trial, 1)
-    if not (batches and isinstance(batches[0], (tuple, list)) and len(batches[0]) == 2
-            and all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in batches[0])
-            and len(batches[0][0]) == len(batches[0][1])):
+    pair = _pair(trial)
+    if pair is None or min(t.dim() for t in pair) < 1 or len(pair[0]) != len(pair[1]):
         return None
     trial.batches = Shuffled(trial.batches)
     note_change(trial, f"each batch drawn at random from the next {SHUFFLE_POOL} batches' samples")
@@ -772,7 +785,7 @@ def same_shape(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The loss takes the output in its targets' shape (:class:`SameShape`): the source's fix of a loss that
     broadcast an output (B, 1) against targets (B,) (deepset-ai/FARM#229, #230). None where the set-up computes its
     loss in a ``step()`` of its own."""
-    if trial.loss_fn is None or type(trial).step is not Trial.step:
+    if not _loss_reachable(trial):
         return None
     trial.loss_fn = SameShape(trial.loss_fn)
     note_change(trial, "output.reshape(targets.shape) before the loss")
@@ -794,7 +807,7 @@ def mean_reduction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     computes its loss in a ``step()`` of its own, out of the doctor's reach, or where its loss averages already:
     the same on the next batch as on that batch twice over (round 8: a He-initialised residual MLP's first loss of
     110 under ``F.cross_entropy`` looked summed, and the row divided a mean by 64)."""
-    if trial.loss_fn is None or type(trial).step is not Trial.step or _averages(trial):
+    if not _loss_reachable(trial) or _averages(trial):
         return None
     trial.loss_fn = PerSample(trial.loss_fn)
     return trial
@@ -804,11 +817,10 @@ def mean_reduction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 def _averages(trial: Trial) -> bool:
     """Whether the trial's loss on the next batch (put back) equals its loss on that batch repeated twice: a mean
     over the samples (a sum doubles). False where it cannot be told (batches not ``(inputs, targets)``)."""
-    batches = peek(trial, 1)
-    if not (batches and isinstance(batches[0], (tuple, list)) and len(batches[0]) == 2
-            and all(isinstance(t, torch.Tensor) for t in batches[0])):
+    pair = _pair(trial)
+    if pair is None:
         return False
-    x, y = batches[0]
+    x, y = pair
     model, was = trial.model, trial.model.training
     model.eval()  # no dropout draw, no BatchNorm statistics moved: the trial trains as it would have
     try:

@@ -10,7 +10,7 @@ only (reading them neither runs nor keeps anything of the graph), so watching st
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 from torch import Tensor
 
@@ -77,15 +77,7 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
 def loss_ops(loss: Tensor) -> list[str]:
     """The names of the backward operations between the loss and the layers, sorted ([] where reading fails)."""
     try:
-        start = getattr(loss, "grad_fn", None)
-        todo, seen, names = [start] if start is not None else [], set[int](), set[str]()
-        while todo and len(seen) < MAX_NODES:
-            node = todo.pop(0)
-            seen.add(id(node))
-            names.add(type(node).__name__)
-            todo += [n for n, _ in node.next_functions
-                     if n is not None and id(n) not in seen and type(n).__name__ not in LAYER_OPS]
-        return sorted(names)
+        return sorted({type(n).__name__ for n in _walk(loss)} - LAYER_OPS)
     except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
         return []
 
@@ -112,19 +104,14 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 
 def _broadcast(loss: Tensor) -> dict[str, Any] | None:
-    start = getattr(loss, "grad_fn", None)
-    todo, seen = [start] if start is not None else [], set[int]()
-    while todo and len(seen) < MAX_NODES:
-        node = todo.pop(0)
-        seen.add(id(node))
-        edges = [n for n, _ in node.next_functions]
-        inputs = [n for n in edges if n is not None]
+    for node in _walk(loss):
+        inputs = [n for n, _ in node.next_functions if n is not None]
         out = _shape(node)
-        if len(inputs) == 1 and out is not None and type(inputs[0]).__name__ != "AccumulateGrad":
+        if (type(node).__name__ not in LAYER_OPS and len(inputs) == 1 and out is not None
+                and type(inputs[0]).__name__ != "AccumulateGrad"):
             src = _shape(inputs[0])
             if src and _across_batch(src, out):
                 return {"output": list(src), "broadcast": list(out), "op": type(node).__name__}
-        todo += [n for n in inputs if id(n) not in seen and type(n).__name__ not in LAYER_OPS]
     return None
 
 
@@ -200,9 +187,9 @@ def loss_prior(loss: Tensor) -> dict[str, float] | None:
         return None
 
 
-def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
-    """The first node named in ``names`` on a breadth-first walk of the loss's graph that stops at the layers (at
-    most :data:`MAX_NODES`); None where there is none."""
+def _walk(loss: Tensor) -> Iterator[Any]:
+    """The nodes of the loss's graph, breadth first, each once, at most :data:`MAX_NODES`; a layer's node is
+    yielded, not walked past."""
     start = getattr(loss, "grad_fn", None)
     todo, seen = [start] if start is not None else [], set[int]()
     while todo and len(seen) < MAX_NODES:
@@ -210,11 +197,14 @@ def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ in names:
-            return node
+        yield node
         if type(node).__name__ not in LAYER_OPS:
             todo.extend(n for n, _ in node.next_functions if n is not None)
-    return None
+
+
+def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
+    """The first node named in ``names`` on :func:`_walk`; None where there is none."""
+    return next((n for n in _walk(loss) if type(n).__name__ in names), None)
 
 
 def binary_ce_input(loss: Tensor) -> Any:
