@@ -293,17 +293,22 @@ def test_the_doctor_gives_the_output_its_targets_shape(tmp_path):
 # -- round 19: weights in bfloat16, whose updates round away -------------------------------------------------------
 
 
-def _bf16(seed, fixed=False):
-    """Micikevicius et al. 2018 §3.1, Zamirai et al. 2020: a digits MLP 64-128-128-10 kept in bfloat16
-    (``model.to(torch.bfloat16)``) under Adam 3e-5; the fix: float32 (master) weights."""
+def _digits_split():
+    """Digits at x/16, standardised on a fixed 70 / 30 split (seed 123): (x_train, y_train, x_test, y_test)."""
     x, y = load_digits(return_X_y=True)
     perm = np.random.RandomState(123).permutation(len(x))
     test, train = perm[:539], perm[539:]
     x = x / 16.0
     mu, sd = x[train].mean(0), x[train].std(0) + 1e-3
-    dtype = torch.float32 if fixed else torch.bfloat16
     xtr, xte = (torch.tensor((x[i] - mu) / sd, dtype=torch.float32) for i in (train, test))
-    ytr, yte = torch.tensor(y[train]), torch.tensor(y[test])
+    return xtr, torch.tensor(y[train]), xte, torch.tensor(y[test])
+
+
+def _bf16(seed, fixed=False):
+    """Micikevicius et al. 2018 §3.1, Zamirai et al. 2020: a digits MLP 64-128-128-10 kept in bfloat16
+    (``model.to(torch.bfloat16)``) under Adam 3e-5; the fix: float32 (master) weights."""
+    xtr, ytr, xte, yte = _digits_split()
+    dtype = torch.float32 if fixed else torch.bfloat16
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).to(dtype)
 
@@ -373,13 +378,7 @@ def test_a_batchs_labels_are_read_off_the_cross_entropys_gradient():
 def _sorted_digits(seed, fixed=False):
     """Cross Validated q. 245502: digits stored sorted by label, batches of 32 taken in order epoch after epoch, an
     MLP at SGD 0.05 with momentum 0.9; the fix: a permutation every epoch."""
-    x, y = load_digits(return_X_y=True)
-    perm = np.random.RandomState(123).permutation(len(x))
-    test, train = perm[:539], perm[539:]
-    x = x / 16.0
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-3
-    xtr, xte = (torch.tensor((x[i] - mu) / sd, dtype=torch.float32) for i in (train, test))
-    ytr, yte = torch.tensor(y[train]), torch.tensor(y[test])
+    xtr, ytr, xte, yte = _digits_split()
     order = torch.argsort(ytr, stable=True)
     xtr, ytr = xtr[order], ytr[order]
     torch.manual_seed(seed)
@@ -505,18 +504,23 @@ def _padded(seed, fixed=False, lengths=(4, 9)):
         return torch.cat([x, length[:, None]], 1), y
 
     torch.manual_seed(seed)
-    model = _PadLSTM(fixed)
-    xt, yt = task(1000, torch.Generator().manual_seed(999))
+    return _task_trial(task, _PadLSTM(fixed), 3e-3, 32, 1000, seed)
+
+
+def _task_trial(task, model, lr, size, held_out, seed):
+    """A classifier on a synthetic task, ``task(n, generator) -> (x, y)``: Adam at ``lr`` over endless batches of
+    ``size`` drawn from the seed, scored by its accuracy on ``held_out`` samples drawn from seed 999."""
+    xt, yt = task(held_out, torch.Generator().manual_seed(999))
 
     def feed():
         g = torch.Generator().manual_seed(seed)
         while True:
-            yield task(32, g)
+            yield task(size, g)
 
     def accuracy(m):
         with torch.no_grad():
             return float((m(xt).argmax(1) == yt).float().mean())
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), feed(), nn.CrossEntropyLoss(),
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=lr), feed(), nn.CrossEntropyLoss(),
                     evaluate=accuracy)
 
 
@@ -594,19 +598,7 @@ def _order_task(seed, positions=False):
         return x, (x[:, 0] > x[:, -1]).long()
 
     torch.manual_seed(seed)
-    model = _Encoder(positions)
-    xt, yt = task(2000, torch.Generator().manual_seed(999))
-
-    def feed():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            yield task(64, g)
-
-    def accuracy(m):
-        with torch.no_grad():
-            return float((m(xt).argmax(1) == yt).float().mean())
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), feed(), nn.CrossEntropyLoss(),
-                    evaluate=accuracy)
+    return _task_trial(task, _Encoder(positions), 1e-3, 64, 2000, seed)
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
