@@ -85,14 +85,14 @@ def test_the_constant_outputs_score_is_the_score_of_predicting_the_mean():
     assert value == pytest.approx(float(mean - mean * torch.log(mean)), rel=1e-3, abs=1e-4)
     x, y = _counts()
     by_hand = 1 - float(_deviance(constant.expand(TEST), y[TRAIN:]) / _deviance(y[:TRAIN].mean().expand(TEST), y[TRAIN:]))
-    assert trial_module.null_score(trial, constant, math.nan) == pytest.approx(by_hand, abs=1e-6)
+    assert trial_module.null_score(trial, constant) == pytest.approx(by_hand, abs=1e-6)
     assert abs(by_hand) < 0.05  # the mean of 512 training targets against the training mean
 
     # an evaluate that reads the trained model, not its argument, or that fails on a constant: unmeasured
     trial.evaluate = lambda model: 0.25
-    assert math.isnan(trial_module.null_score(trial, constant, 0.25))
+    assert math.isnan(trial_module.null_score(trial, constant))
     trial.evaluate = lambda model: float(model.net[0].weight.sum())
-    assert math.isnan(trial_module.null_score(trial, constant, 0.0))
+    assert math.isnan(trial_module.null_score(trial, constant))
 
 
 @pytest.mark.parametrize("seed", [0])

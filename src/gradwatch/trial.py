@@ -285,8 +285,10 @@ class ConstantModel(nn.Module):
     def __init__(self, output: Tensor) -> None:
         super().__init__()
         self.output = nn.Parameter(output.detach().clone(), requires_grad=False)
+        self.calls = 0  # forward passes: an evaluate that never calls its argument did not score this model
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
         first = _first_tensor((args, kwargs))
         if first is None or first.dim() == 0:
             raise ValueError("ConstantModel: no batched tensor in the input to take the batch size from")
@@ -305,17 +307,21 @@ def _first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
-def null_score(trial: Any, output: Tensor | None, trained_score: float) -> float:
+def null_score(trial: Any, output: Tensor | None) -> float:
     """The set-up's held-out score of :class:`ConstantModel` answering ``output`` (from :func:`null_output`):
     where a score has no fixed chance level (R², D², a reward), the level a remedy must beat to have learned
     anything of the inputs. NaN where it cannot be measured: no evaluate, no constant, an evaluate that fails on
-    such a model, or one that returns exactly ``trained_score`` (an evaluate that ignores its argument and reads
-    the trained model). Runs under a forked random state: training's random numbers are not touched."""
+    such a model, or one that never calls it (an evaluate that ignores its argument and reads the trained model).
+    A constant may score exactly what the trained model scored: round 20's classifier of 5 % positives that
+    predicts none scores a balanced accuracy of 0.500, as every constant does — it learned nothing a constant
+    would not (a score equal to the trained model's was once taken for an evaluate that ignores its argument). Runs
+    under a forked random state: training's random numbers are not touched."""
     if output is None or getattr(trial, "evaluate", None) is None:
         return math.nan
+    model = ConstantModel(output)
     try:
         with torch.random.fork_rng(devices=[]):
-            value = float(trial.evaluate(ConstantModel(output)))
+            value = float(trial.evaluate(model))
     except Exception:  # noqa: BLE001 — an evaluate that reads the model's own parts or inputs: no null score
         return math.nan
-    return value if math.isfinite(value) and value != trained_score else math.nan
+    return value if math.isfinite(value) and model.calls else math.nan

@@ -33,6 +33,7 @@ class TrialRun(NamedTuple):
     null_score: float = math.nan  # the held-out score of the constant output (gradwatch.trial.null_score)
     rescored_bn: bool = False  # scored after re-estimating inserted BatchNorm statistics (surgery.PreciseBN)
     changed: str = ""  # what the remedy changed, where a change says (surgery: where the skip connections went)
+    own_objective: bool = False  # the remedy weighs the loss's samples otherwise: its loss is another objective
 
 
 def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, remedy: Remedy | None,
@@ -67,5 +68,6 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose(Thresholds(from_init=True))  # a trial starts from its set-up's initialisation
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,
-                    bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant, score),
-                    isinstance(trial.evaluate, PreciseBN), str(getattr(trial, "doctor_changed", "")))
+                    bool(getattr(trial, "judge_by_score", False)), null_score(trial, constant),
+                    isinstance(trial.evaluate, PreciseBN), str(getattr(trial, "doctor_changed", "")),
+                    bool(getattr(trial, "doctor_own_objective", False)))
