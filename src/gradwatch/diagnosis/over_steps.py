@@ -10,7 +10,9 @@ import numpy as np
 
 from gradwatch.diagnosis.architecture import ADAM_TYPES, module_types, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
-from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, halved, loss_ends, real_fit, total_grad_norm, window_median
+from gradwatch.diagnosis.measures import (
+    FLAT_LOSS_ABOVE, halved, loss_ends, loss_went, real_fit, total_grad_norm, window_median,
+)
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import episodes, list_steps, since, steps_text
@@ -522,7 +524,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
         summary=f"the gradient is clipped on every step: its total norm is {sci(bound)} on {int(held.sum())} of {len(ok)} steps",
         evidence=(f"the total gradient norm, read after the step's clipping, is {sci(bound)} within "
                   f"{CLIPPED_SPREAD:g} on {held.mean():.0%} of the steps"
-                  + (f"; the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "")
+                  + (f"; the loss went {loss_went(run, th, ends)}" if ends is not None else "")
                   + (f"; the upper-quartile layer moves by {sci(step)} of its norm a step"
                      if math.isfinite(step) else "")
                   + "."),
@@ -569,7 +571,7 @@ def _clipped_by_value(run: Run, th: Thresholds) -> list[Finding]:
         evidence=(f"each of {len(rows)} layers' gradient norm, read after the step's clipping, is {sci(c)} × √(its "
                   f"elements) within {VALUE_CLIPPED_SPREAD:.0%} on {held.mean():.0%} of the steps read — what a "
                   f"gradient whose every element sits at ±{sci(c)} has"
-                  + (f"; the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "")
+                  + (f"; the loss went {loss_went(run, th, ends)}" if ends is not None else "")
                   + (f"; the upper-quartile layer moves by {sci(step)} of its norm a step" if math.isfinite(step)
                      else "") + "."),
         cause=(f"a clipping value below the gradient's own scale (clip_grad_value_(…, clip_value≈{sci(c)})): it cuts "

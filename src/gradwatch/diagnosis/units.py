@@ -10,7 +10,7 @@ import numpy as np
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
 from gradwatch.diagnosis.findings import Finding, layer_name, sci, span
-from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, window_median
+from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, loss_went, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
@@ -112,7 +112,7 @@ def relaxation_findings(run: Run, th: Thresholds) -> list[Finding]:
             continue
         tau = taus.get(name, math.nan)
         hurt = not halved(ends)
-        effect = (f"the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else "no logged loss")
+        effect = (f"the loss went {loss_went(run, th, ends)}" if ends is not None else "no logged loss")
         evidence = (f"{share:.0%} of its relaxed samples one-hot (largest probability above {ONE_HOT_ABOVE:g}) over "
                     f"{steps_text(int(steps[0]), int(steps[n - 1]))}, the run's first quarter, and "
                     f"{float(np.median(v)):.0%} over the run; τ = {tau:g}; {effect}")
@@ -312,7 +312,7 @@ def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = Fals
     passes, (first, final) = float(min(rel)), ends
     numbers = {"passes": passes, "loss_first": first, "loss_final": final}
     words = (f"no layer on both sides of them; the least of them passes on ×{sci(passes)} of its peak derivative (rms), "
-             f"and the loss went {sci(first)} → {sci(final)}")
+             f"and the loss went {loss_went(run, th, ends)}")
     if passes >= PASSES_ABOVE and final <= LEARNED_BELOW * first:
         return False, words + ": the gradient gets past them (info only)", numbers
     if output and final <= LEARNED_BELOW * first:

@@ -48,16 +48,19 @@ def since(flags: np.ndarray, steps: np.ndarray, steady: int = 1) -> int:
     """First step of the final run of consecutive True flags (the last flag may be False: then its end).
 
     ``steady``: judge each flag by the majority of the ``steady`` flags centred on it, so that one noisy sample
-    neither ends the final run early (an onset reported late) nor starts it.
+    neither ends the final run early (an onset reported late) nor starts it. The step returned is one whose own flag
+    is True where the run has one (round 20: "since step 0" for a gradient that was 0.046 at step 0 and 0 from the
+    next sample on — the majority around step 0 was already True).
     """
-    f = np.asarray(flags, dtype=bool)
+    raw = f = np.asarray(flags, dtype=bool)
     if steady > 1 and len(f):
         h = steady // 2
         f = np.array([f[max(0, j - h): j + h + 1].mean() > 0.5 for j in range(len(f))])
     i = len(f) - 1
     while i > 0 and f[i - 1]:
         i -= 1
-    return int(steps[i])
+    held = np.flatnonzero(raw[i:])
+    return int(steps[i + held[0]]) if len(held) else int(steps[i])
 
 
 def steps_text(first: int, last: int) -> str:
