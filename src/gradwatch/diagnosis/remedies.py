@@ -68,6 +68,9 @@ REMEDIES = {
     "no_collapse": "a loss with no minimum at a constant output — in a triplet loss, semi-hard negatives (d_ap < "
                    "d_an < d_ap + α, Schroff et al. 2015 eq. 4) in place of the hardest: the hardest only once the "
                    "embedding has spread; in a contrastive loss, more negatives",
+    "pos_weight": "weigh the rare class up: BCEWithLogitsLoss(pos_weight=n_negative / n_positive) (or weight= per "
+                  "sample for nn.BCELoss), or draw the classes equally (torch.utils.data.WeightedRandomSampler); and "
+                  "judge the model by a threshold-free score (average precision) or a threshold set on held-out data",
     "prior_bias": "the output layer's bias at −log((1 − π)/π), π the targets' positive rate (Lin et al. 2017, §3.3, "
                   "π = 0.01 for RetinaNet's classifier): the output starts at the targets' rate, not at 0.5",
     "fp32_weights": "weights kept in float32, the forward pass under torch.autocast(dtype=torch.float16) with a "

@@ -23,6 +23,7 @@ from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
+from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
     RECOVERED, clipped_findings, fading_findings, loss_scale_findings, lr_collapse_findings, nonfinite_findings,
@@ -86,6 +87,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
+    found += majority_findings(found, view, th)  # a binary classifier that answers one class only, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
     found = unshuffled(found, view, th)  # batches that hold a few classes each, in turn: the cause comes first
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
@@ -145,7 +147,8 @@ def _rare_positives(found: list[Finding], run: Run) -> list[Finding]:
              f"updates push the net hard (Lin et al. 2017, §3.3)")
     out = []
     for f in found:
-        if f.kind in _PRIOR_KINDS and f.severity != "info" and "prior_bias" not in f.remedy_keys:
+        if (f.kind in _PRIOR_KINDS and f.severity != "info" and "prior_bias" not in f.remedy_keys
+                and "pos_weight" not in f.remedy_keys):  # a model that answers the majority only: no bias towards it
             f = replace(f, cause=f"{words}; besides, {f.cause}", remedies=remedies("prior_bias") + f.remedies,
                         numbers={**f.numbers, "positive_rate": float(rate)},
                         sources=(*f.sources, "meta loss_prior"))

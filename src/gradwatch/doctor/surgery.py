@@ -701,26 +701,43 @@ def _loss_reachable(trial: Trial) -> bool:
     return trial.loss_fn is not None and type(trial).step is Trial.step
 
 
-class CtcZeroInfinity:
-    """A trial's loss with every CTC loss in it at ``zero_infinity=True``
-    (:class:`gradwatch.remedies.structure.ZeroInfinity`)."""
+class LossUnder:
+    """A trial's loss computed under a torch function mode, ``mode(*args)`` (its calls rewritten:
+    :class:`gradwatch.remedies.structure.ZeroInfinity`, :class:`~gradwatch.remedies.structure.PositiveWeight`)."""
 
-    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
-        self.loss_fn = loss_fn
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], mode: Callable[..., Any], *args: Any) -> None:
+        self.loss_fn, self.mode, self.args = loss_fn, mode, args
 
     def __call__(self, out: Any, y: Any) -> torch.Tensor:
-        from gradwatch.remedies.structure import ZeroInfinity
-
-        with ZeroInfinity():
+        with self.mode(*self.args):
             return self.loss_fn(out, y)
 
 
 def ctc_zero_infinity(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """The set-up's CTC loss at ``zero_infinity=True`` (:class:`CtcZeroInfinity`): a sample too short for its target
-    adds 0, not +inf (mmocr#159's fix). None where the set-up computes its loss in a ``step()`` of its own."""
+    """The set-up's CTC loss at ``zero_infinity=True`` (:class:`~gradwatch.remedies.structure.ZeroInfinity`): a
+    sample too short for its target adds 0, not +inf (mmocr#159's fix). None where the set-up computes its loss in a
+    ``step()`` of its own."""
+    from gradwatch.remedies.structure import ZeroInfinity
+
     if not _loss_reachable(trial):
         return None
-    trial.loss_fn = CtcZeroInfinity(trial.loss_fn)
+    trial.loss_fn = LossUnder(trial.loss_fn, ZeroInfinity)
+    return trial
+
+
+def pos_weight(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's binary cross-entropy with its positive targets weighed (1 − π)/π, π the targets' positive rate
+    the finding measured (``numbers["positive_rate"]``; :class:`~gradwatch.remedies.structure.PositiveWeight`): each
+    class then carries half the loss (the forum's ``pos_weight = n_neg / n_pos``, t/145203). None without a rate, or
+    where the set-up computes its loss in a ``step()`` of its own."""
+    from gradwatch.remedies.structure import PositiveWeight
+
+    rate = numbers.get("positive_rate", math.nan)
+    if not 0 < rate < 1 or not _loss_reachable(trial):
+        return None
+    trial.loss_fn = LossUnder(trial.loss_fn, PositiveWeight, (1 - rate) / rate)
+    trial.doctor_own_objective = True  # type: ignore[attr-defined]  # its loss is judged against its own start
+    note_change(trial, f"pos_weight = (1 − π)/π = {(1 - rate) / rate:.3g}, π = {rate:.2g}")
     return trial
 
 

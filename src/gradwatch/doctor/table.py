@@ -38,6 +38,7 @@ class TrialResult:
     error: str = ""  # why a trial of it failed (it raised, or its worker died); "" when none did
     rescored_bn: bool = False  # its score was read after re-estimating the BatchNorm statistics it inserted
     changed: str = ""  # what its change did, where the change says (where the skip connections went)
+    own_objective: bool = False  # its loss weighs the samples otherwise (pos_weight): not comparable to the baseline's
 
     def __str__(self) -> str:
         """The row in words: ``residual connections (x + f(x) around 6 blocks: …): fixes it — final loss 0.31 from

@@ -25,7 +25,9 @@
   zero (a likelihood with a learned variance: "half" of it means nothing). A
   constant output's loss at or below zero is no ceiling (a learned variance
   that a constant drives to zero on constant pixels: −37.7 there, below a
-  VAE fixed by a variance floor, −29).
+  VAE fixed by a variance floor, −29). A remedy that weighs the loss's
+  samples otherwise (``pos_weight``) makes another objective: its loss is
+  held to its own first loss and its own constant output, not the baseline's.
 
 A row that diverged where the baseline diverged too is "no change (diverged,
 as the baseline did)", not "worse".
@@ -80,7 +82,8 @@ def summary(label: str, runs: list[TrialRun], seconds: float) -> TrialResult:
                        null_score=float(np.mean(null_scores)) if len(null_scores) == len(runs) else math.nan,
                        judge_by_score=any(run.judge_by_score for run in runs),
                        rescored_bn=any(run.rescored_bn for run in runs),
-                       changed=next((run.changed for run in runs if run.changed), ""))
+                       changed=next((run.changed for run in runs if run.changed), ""),
+                       own_objective=any(run.own_objective for run in runs))
 
 
 def learns(base: TrialResult, trial: TrialResult) -> bool:
@@ -96,9 +99,12 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
         return better_score
     if not trial.learned:
         return False
-    if base.first_loss > 0 and math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
-        return False
-    null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
+    if trial.own_objective:  # a loss that weighs the samples otherwise: its own start and its own constant output
+        null = trial.null_loss
+    else:
+        if base.first_loss > 0 and math.isfinite(base.first_loss) and trial.final_loss > LEARNED_BELOW * base.first_loss:
+            return False
+        null = base.null_loss if math.isfinite(base.null_loss) else trial.null_loss
     if null > 0 and trial.final_loss > NULL_BELOW * null:  # NaN and a ceiling at or below 0: none
         return False
     if ends_above_base(base, trial):
@@ -135,6 +141,8 @@ def ends_above_base(base: TrialResult, trial: TrialResult) -> bool:
     :data:`SCORE_OVERRULES` or more above the baseline's overrules the training loss: a baseline can memorise its
     training points and generalise worse than a constant."""
     scored = math.isfinite(base.score) and math.isfinite(trial.score)
+    if trial.own_objective:
+        return False  # another objective: its loss is not the baseline's to compare
     if scored and trial.score >= base.score + SCORE_OVERRULES:
         return False  # the baseline memorised its training set (round 15's SIREN: loss 7e-9, R² −0.25 held out)
     return 0 < base.final_loss < math.inf and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss
@@ -167,7 +175,8 @@ def verdict(base: TrialResult, trial: TrialResult, targets: set[str]) -> str:
     if scored:
         worse = trial.score <= base.score - SCORE_MARGIN
         # the same score at chance is no evidence the remedy did nothing: a loss that more than doubled says it did harm
-        worse = worse or (not better and not trial.judge_by_score and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss)
+        worse = worse or (not better and not trial.judge_by_score and not trial.own_objective
+                          and trial.final_loss > WORSE_LOSS_ABOVE * base.final_loss)
     else:
         worse = trial.final_loss > 1.1 * base.final_loss
     learned = learns(base, trial)

@@ -61,3 +61,11 @@ def batch_labels(grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     first = torch.where(one, labels, classes).min()
     return ((seen > 0).sum().double(), first.double(), one.double().mean(),
             torch.tensor(float(classes), dtype=torch.float64, device=grad.device))
+
+
+@torch.no_grad()
+def binary_shares(y: Tensor) -> tuple[Tensor, Tensor]:
+    """The shares of a one-score-a-sample output's entries above 0 (logits: predicted positive) and above ½
+    (probabilities: predicted positive), float64 0-d tensors on ``y``'s device, with no host sync."""
+    flat = y.detach().reshape(-1)
+    return (flat > 0).double().mean(), (flat > 0.5).double().mean()

@@ -455,6 +455,36 @@ class ZeroInfinity(TorchFunctionMode):
         return func(**bound)
 
 
+class PositiveWeight(TorchFunctionMode):
+    """Every binary cross-entropy called while it is open weighs its positive targets ``weight``×: an
+    ``F.binary_cross_entropy_with_logits`` with no ``pos_weight`` gets ``pos_weight=weight``
+    (``nn.BCEWithLogitsLoss``'s too), an ``F.binary_cross_entropy`` on probabilities with no ``weight`` gets
+    ``weight = 1 + (weight − 1)·target`` (``nn.BCELoss``'s too), the same loss for targets in {0, 1}. A call that
+    weighs its classes itself is left as it is."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if getattr(func, "__module__", "") != "torch.nn.functional" or name not in (
+                "binary_cross_entropy_with_logits", "binary_cross_entropy"):
+            return func(*args, **kwargs)
+        if name == "binary_cross_entropy_with_logits":
+            names = ("input", "target", "weight", "size_average", "reduce", "reduction", "pos_weight")
+            bound = {**dict(zip(names, args)), **kwargs}
+            if bound.get("pos_weight") is None:
+                target = bound["target"]
+                bound["pos_weight"] = torch.tensor(self.weight, dtype=target.dtype, device=target.device)
+            return func(**bound)
+        bound = {**dict(zip(("input", "target", "weight", "size_average", "reduce", "reduction"), args)), **kwargs}
+        if bound.get("weight") is None:
+            bound["weight"] = 1 + (self.weight - 1) * bound["target"].detach()
+        return func(**bound)
+
+
 class GumbelTemperature(nn.Module):
     """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
     ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""

@@ -43,7 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
-from gradwatch.probes.output import batch_labels, batch_spread, batch_tensor
+from gradwatch.probes.output import batch_labels, batch_spread, batch_tensor, binary_shares
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -193,10 +193,25 @@ class StepRecorder:
             self.add_scalar("out_rms", rms)
             if y.requires_grad and y.dim() == 2 and y.shape[1] >= 3:  # class scores: their gradient tells the labels
                 y.register_hook(WeakHook(self, "_on_labels_grad"))
+            elif y.requires_grad and y.numel() == y.shape[0]:  # one score a sample: its sign, and its targets' share
+                above_zero, above_half = binary_shares(y)
+                self.add_scalar("out_positive", above_zero)
+                self.add_scalar("out_above_half", above_half)
+                y.register_hook(WeakHook(self, "_on_binary_grad"))
             self.meter.stop("backprop", t)
 
     def _on_labels_grad(self, grad: Tensor) -> None:
         self.probes.timed("backprop", self._batch_labels, grad)
+
+    def _on_binary_grad(self, grad: Tensor) -> None:
+        self.probes.timed("backprop", self._binary_targets, grad)
+
+    def _binary_targets(self, grad: Tensor) -> None:
+        """The share of a one-score-a-sample output's gradient entries below 0, in the backward pass that fills
+        ``.grad``: under a binary cross-entropy, ∂L/∂z = c·(σ(z) − y) with c > 0 (and ∂L/∂p = (p − y)/(p(1 − p)) on
+        probabilities) is negative exactly where the target is 1 — the batch's positive rate, ``target_positive``."""
+        if self.probes.fills_grad():
+            self.add_scalar("target_positive", (grad.detach() < 0).double().mean())
 
     def _batch_labels(self, grad: Tensor) -> None:
         """The labels of a batch scored by cross-entropy, read off the output's gradient (:func:`gradwatch.probes.

@@ -1,0 +1,233 @@
+"""The twenty-fifth session's set-ups: round 20's (written from the README alone, each ported from a public source)
+that the watch called healthy, each against its reference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch import trial as trial_module
+from gradwatch.diagnosis.findings import sci
+from gradwatch.store import open_run
+from gradwatch.zoo.train import readme_loop
+
+
+def _train(trial, store, name, steps, **watch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gw.watch(trial.model, trial.optimizer, store=store, name=name, **watch) as w:
+            readme_loop(trial, w, steps)
+    return w
+
+
+# -- round 20: a binary classifier of rare positives that answers the majority only ----------------------------------
+
+
+def _rare(n, seed, rate=0.05, shift=0.8):
+    """5 % positives shifted by 0.8 in 3 of 20 standard normal features: the classes overlap."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(n, generator=g) < rate).float()
+    x = torch.randn(n, 20, generator=g)
+    x[:, :3] += shift * y[:, None]
+    return x, y[:, None]
+
+
+def _feed(x, y, seed, size=64):
+    g = torch.Generator().manual_seed(1000 + seed)
+    while True:
+        idx = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - size + 1, size):
+            yield x[idx[i:i + size]], y[idx[i:i + size]]
+
+
+def _balanced_accuracy(model, x, y, at=0.0):
+    with torch.no_grad():
+        said = (model(x) > at).float()
+    return 0.5 * (float((said[y == 1] == 1).float().mean()) + float((said[y == 0] == 0).float().mean()))
+
+
+def _imbalanced(seed, weighted=False, probabilities=False):
+    """discuss.pytorch.org t/145203 ("predictions stuck at zero when the positive label is only 16 % of the data"):
+    an MLP under Adam 3e-3 and an unweighted BCEWithLogitsLoss; the answer there: pos_weight = n_neg / n_pos.
+    ``probabilities``: the same net ending in a sigmoid under nn.BCELoss. Scored by the balanced accuracy."""
+    torch.manual_seed(seed)
+    xtr, ytr = _rare(6000, 20 + seed)
+    xte, yte = _rare(4000, 77)
+    layers = [nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 1)] + ([nn.Sigmoid()] if probabilities else [])
+    model = nn.Sequential(*layers)
+    weight = (1 - ytr).sum() / ytr.sum() if weighted else None
+    loss = nn.BCELoss() if probabilities else nn.BCEWithLogitsLoss(pos_weight=weight)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _feed(xtr, ytr, seed), loss,
+                    evaluate=lambda m: _balanced_accuracy(m, xte, yte, 0.5 if probabilities else 0.0))
+
+
+def test_the_outputs_predicted_share_and_its_targets_positive_share_are_read_as_by_hand(tmp_path):
+    """On the steps that read ‖∂L/∂a‖, a one-score-a-sample output's share above 0 and above ½ is the batch's own
+    (by hand from the output), and the share of its gradient's entries below 0 is the batch's positive rate (by
+    hand from the targets): ∂L/∂z = (σ(z) − y)/B."""
+    trial = _imbalanced(0)
+    by_hand: dict[int, tuple[float, float, float]] = {}
+    with gw.watch(trial.model, trial.optimizer, store=tmp_path, name="shares", budget=None) as w:
+        for step in range(40):
+            x, y = next(trial.batches)
+            out = trial.model(x)
+            loss = trial.loss_fn(out, y)
+            by_hand[step] = (float((out > 0).float().mean()), float((out > 0.5).float().mean()), float(y.mean()))
+            trial.optimizer.zero_grad()
+            loss.backward()
+            trial.optimizer.step()
+            w.log(loss=loss)
+    run = open_run(tmp_path / "shares")
+    read = {q: run.series(q, "run") for q in ("out_positive", "out_above_half", "target_positive")}
+    assert len(read["target_positive"].steps) >= 4
+    for column, q in enumerate(read):
+        steps, values = read[q].steps, read[q].values[0]
+        assert [by_hand[int(s)][column] for s in steps] == pytest.approx(values.tolist(), abs=1e-9), q
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_classifier_that_answers_the_majority_only_is_told_so_and_its_weighted_twin_is_not(store, seed):
+    """Round 20: "No findings: the gradients look healthy" on all seeds, at a balanced accuracy of 0.500. By hand the
+    model predicts no positive on the held-out set while the loss falls (to below the prior's entropy). The watch now
+    says the classifier answers the negative class only, with pos_weight first; the twin (pos_weight = n_neg/n_pos,
+    the forum's answer) learns, no finding."""
+    trial = _imbalanced(seed)
+    w = _train(trial, store, f"rare-{seed}", 300)
+    assert trial.evaluate(trial.model) == 0.5
+    (f,) = w.diagnose().problems
+    assert f.kind == "stalled" and f.summary.startswith("the classifier predicts the negative class only: 0.0% ")
+    assert f.remedy_keys[0] == "pos_weight" and "prior_bias" not in f.remedy_keys
+    assert 0.02 < f.numbers["positive_rate"] < 0.08  # the batches' rate, by the gradient's signs (the data's 0.05)
+
+    twin = _imbalanced(seed, weighted=True)
+    tw = _train(twin, store, f"rare-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.7
+    assert not tw.diagnose().problems
+
+
+def test_a_classifier_of_probabilities_under_bce_answering_the_majority_is_told_so_too(store):
+    """The same net ending in a sigmoid under nn.BCELoss: a probability above ½ is a positive answer."""
+    trial = _imbalanced(0, probabilities=True)
+    w = _train(trial, store, "rare-probabilities", 300)
+    assert trial.evaluate(trial.model) == 0.5
+    (f,) = w.diagnose().problems
+    assert "a probability above ½" in f.evidence and f.remedy_keys[0] == "pos_weight"
+
+
+def test_positive_weight_is_torchs_pos_weight_on_every_binary_cross_entropy_called_within_it():
+    """Within PositiveWeight(w): F.binary_cross_entropy_with_logits and nn.BCEWithLogitsLoss give what torch gives with
+    pos_weight=w (by hand), F.binary_cross_entropy and nn.BCELoss on probabilities the same loss (their weight
+    1 + (w − 1)·y); a call that weighs its classes itself is left as it is; closed, nothing changes."""
+    from gradwatch.remedies.structure import PositiveWeight
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(16, 1, generator=g), (torch.rand(16, 1, generator=g) < 0.3).float()
+    by_hand = F.binary_cross_entropy_with_logits(z, y, pos_weight=torch.tensor(7.0))
+    own = F.binary_cross_entropy_with_logits(z, y, pos_weight=torch.tensor(2.0))
+    with PositiveWeight(7.0):
+        assert torch.allclose(F.binary_cross_entropy_with_logits(z, y), by_hand)
+        assert torch.allclose(nn.BCEWithLogitsLoss()(z, y), by_hand)
+        assert torch.allclose(F.binary_cross_entropy(torch.sigmoid(z), y), by_hand, atol=1e-6)
+        assert torch.allclose(nn.BCELoss()(torch.sigmoid(z), y), by_hand, atol=1e-6)
+        assert torch.allclose(nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0))(z, y), own)
+    assert torch.allclose(F.binary_cross_entropy_with_logits(z, y), F.binary_cross_entropy_with_logits(z, y,
+                                                                                                       weight=None))
+    assert not torch.allclose(F.binary_cross_entropy_with_logits(z, y), by_hand)
+
+
+def test_a_constant_that_scores_what_the_trained_model_scores_is_measured(tmp_path):
+    """Every constant scores a balanced accuracy of 0.500, as the classifier that answers the majority does: the
+    constant's score is measured (it calls the model it was given), so that a row must beat it; an
+    evaluate that never calls the model it is given has no null score."""
+    trial = _imbalanced(0)
+    _, constant = trial_module.null_output(trial)
+    assert trial_module.null_score(trial, constant) == 0.5
+    trial.evaluate = lambda model: 0.5
+    assert math.isnan(trial_module.null_score(trial, constant))
+
+
+def test_the_doctor_weighs_the_rare_class_up(tmp_path):
+    """The doctor's row runs the set-up's loss with pos_weight = (1 − π)/π, π the rate the finding measured: it is
+    another objective, held to its own start and its own constant output (its loss, 2.0 → 0.81, is not the
+    baseline's 0.15): balanced accuracy 0.74 against 0.50, held on another seed — the forum's fix."""
+    report = gw.doctor(_imbalanced, steps=300, budget_s=120, store=tmp_path)
+    assert report.best is not None and report.best.label == "the rare class weighed up"
+    assert report.best.score > 0.7 and report.baseline.score == 0.5 and "held on a seed" in report.message
+    assert report.best.changed.startswith("pos_weight = (1 − π)/π = ")
+
+
+# -- round 20: breast cancer's raw features (the wording of what was found) -----------------------------------------
+
+
+def _raw_features(seed, standardise=False):
+    """stackoverflow.com/q/47807402: a breast-cancer MLP (30 → 32 ReLU → 1) under SGD 0.01 on the raw features (their
+    scales 10⁻³ … 4·10³); the fix: standardised inputs (LeCun et al. 1998, §4.3). Scored by accuracy at logit 0."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+
+    data = load_breast_cancer()
+    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.float32)[:, None]
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y[:, 0])
+    if standardise:
+        mean, std = xtr.mean(0), xtr.std(0)
+        xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def accuracy(m):
+        with torch.no_grad():
+            return float(((m(xte) > 0).float() == yte).float().mean())
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=1e-2), _feed(xtr, ytr, seed, 32),
+                    nn.BCEWithLogitsLoss(), evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_raw_features_are_named_first_in_every_finding_and_the_loss_is_told_from_where_it_began(store, seed):
+    """Round 20: seed 1's "exploding from step 1" named re-initialisation and clipping, not the inputs its other
+    findings named; the dead units' evidence said "the loss went 0.69 → 0.67 … stayed at its start value" of a loss
+    that began at 35–40 (medians of the first ten hide it); the vanishing gradient was "since step 0", where it was
+    not yet 0. By hand: the first loss; every finding now puts input standardisation first, the first logged loss is
+    said, and the onset is a read where the gradient was already 0 (not step 0). The twin learns, no finding."""
+    trial = _raw_features(seed)
+    x, y = next(trial.batches)
+    with torch.no_grad():
+        began = float(trial.loss_fn(trial.model(x), y))
+    assert began > 5.0
+    trial = _raw_features(seed)
+    w = _train(trial, store, f"raw-{seed}", 300)
+    assert trial.evaluate(trial.model) < 0.7
+    problems = w.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "standardise_inputs" for f in problems)
+    dead = next(f for f in problems if f.kind == "dead_units")
+    assert f"it began at {sci(began)}" in dead.evidence
+    assert dead.evidence.count("the loss went") == 1
+    vanishing = next(f for f in problems if f.kind == "vanishing")
+    run = open_run(store / f"raw-{seed}")
+    g = run.series("out_grad_norm", "layer")
+    first = g.values[list(g.names).index(vanishing.layers[0])]
+    onset = vanishing.steps[0]
+    assert onset > 0 and first[list(g.steps).index(onset)] == 0.0
+
+    twin = _raw_features(seed, standardise=True)
+    tw = _train(twin, store, f"raw-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.85
+    assert not tw.diagnose().problems
+
+
+def test_an_onset_is_a_step_where_the_condition_held():
+    """since(): the final run of flags, judged by the majority around each; the step it returns has its own flag
+    True (by hand: flags F T T T T at steps 0, 16, 32, 48, 64 with a window of 5 start at 16 — the majority around
+    step 0, F T T, is True), and one False inside the run does not end it."""
+    from gradwatch.diagnosis.view import since
+
+    steps = np.array([0, 16, 32, 48, 64])
+    assert since(np.array([False, True, True, True, True]), steps, 5) == 16
+    assert since(np.array([True, True, False, True, True]), steps, 5) == 0
+    assert since(np.array([False, False, True, True, True]), steps, 1) == 32
