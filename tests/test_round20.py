@@ -266,3 +266,13 @@ def test_only_a_lighter_row_within_the_spread_outranks_the_best():
     assert _lighter_within_spread([best, far], best, check) is None
     assert _lighter_within_spread([best, light], best, row("heavy (seed 1)", 0.925, best.parts)) is None
     assert _lighter_within_spread([best, light], best, row("heavy (seed 1)", 0.94, best.parts, "no change")) is None
+
+
+def test_units_of_a_module_named_by_a_bare_index_say_module():
+    """Round 19: "the units of 3" read as "the third layer". A bare index (a Sequential's child) is called a module;
+    a dotted path is not changed."""
+    from gradwatch.diagnosis.findings import modules_span
+
+    assert modules_span(["3"]) == "module 3"
+    assert modules_span(["1", "3", "5"]) == "modules 1…5"
+    assert modules_span(["net.1"]) == "net.1" and modules_span(["1", "net.3"]) == "1…net.3"

@@ -126,6 +126,13 @@ def layer_name(name: str) -> str:
     return name or "(root)"
 
 
+def modules_span(names: list[str] | tuple[str, ...]) -> str:
+    """:func:`span` with "module " before a bare index (a ``nn.Sequential``'s child, "1"), so that "the units of
+    module 1" is not read as "the units of the first layer" (round 19)."""
+    bare = bool(names) and all(n.isdigit() for n in names)
+    return f"module{'s' if bare and len(names) > 1 else ''} {span(names)}" if bare else span(names)
+
+
 def span(names: list[str] | tuple[str, ...], total: int | None = None) -> str:
     """'0…36 (19 of 20)' for a list of names; the model itself (named "") is '(root)'."""
     if not names:

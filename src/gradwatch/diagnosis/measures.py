@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gradwatch.diagnosis.findings import Finding, sci, span
+from gradwatch.diagnosis.findings import Finding, modules_span, sci, span
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run, Series
 
@@ -200,7 +200,7 @@ class Cause:
         """The cause in words, with its numbers: a depth finding's cause line, and gw.check's reason."""
         acts = "/".join(self.types) or "activation"
         if self.key == "dead":
-            return (f"dead units — {self.fraction:.0%} of the units of {span(self.modules)} are silent for whole "
+            return (f"dead units — {self.fraction:.0%} of the units of {modules_span(self.modules)} are silent for whole "
                     f"batches, so no gradient passes them")
         if self.key == "saturation" and not self.vanishing:  # saturated units shrink a gradient; they cannot grow it
             return (f"weights large enough to grow the gradient across depth though {self.fraction:.0%} of the "

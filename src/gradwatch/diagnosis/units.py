@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
-from gradwatch.diagnosis.findings import Finding, layer_name, sci, span
+from gradwatch.diagnosis.findings import Finding, layer_name, modules_span, sci, span
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, loss_went, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -48,7 +48,7 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
         where = f"{len(names)} {'/'.join(modules)} {unit}{'s' if len(names) > 1 else ''} ({span(names)})"
         over = steps_text(int(wsteps[0]), int(wsteps[-1]))
         if kind == "saturation":
-            summary = f"{frac:.0%} of the units of {span(names)} sit in the flat tails"
+            summary = f"{frac:.0%} of the units of {modules_span(names)} sit in the flat tails"
             evidence = (f"saturated fraction (φ' < 2 % of its peak) above {bound:g} in {where}, "
                         f"{frac:.0%} on average over {over}{rms}")
             cause = "pre-activations too large for the activation: weights initialised or grown too large"
@@ -63,7 +63,7 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
                          f"no {squash}′ factor. Besides: " + cause)
                 fixes = remedies("logits_loss") + fixes
         else:
-            summary = f"{frac:.0%} of the units of {span(names)} are dead"
+            summary = f"{frac:.0%} of the units of {modules_span(names)} are dead"
             evidence = (f"units silent for whole batches above {bound:g} in {where}, {frac:.0%} on average "
                         f"over {over}{rms}")
             cause = "pre-activations at or below 0 for every input: negative biases, a large step that pushed them there, or a poor initialisation"
