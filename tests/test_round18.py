@@ -13,7 +13,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.zoo.data import batches, digits
-from gradwatch.zoo.train import readme_loop
+from gradwatch.zoo.train import readme_watched
 
 
 def _half_accuracy(xt, yt):
@@ -36,11 +36,7 @@ def _fp16(seed, eps=1e-8):
 
 
 def _train(trial, store, name, steps=150):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with gw.watch(trial.model, trial.optimizer, store=store, name=name) as w:
-            readme_loop(trial, w, steps)
-    return w
+    return readme_watched(trial, store, name, steps)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

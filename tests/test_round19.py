@@ -16,17 +16,12 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.probes.loss_ops import loss_paths, penalty_on_relu
 from gradwatch.probes.output import SPREAD_FEATURES, batch_spread, batch_tensor
-from gradwatch.zoo.train import readme_loop
+from gradwatch.zoo.train import readme_watched
 
 ALPHA = 0.2
 
 
-def _train(trial, store, name, steps, **watch):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with gw.watch(trial.model, trial.optimizer, store=store, name=name, **watch) as w:
-            readme_loop(trial, w, steps)
-    return w
+_train = readme_watched
 
 
 # -- an output that collapsed (round 18's triplet loss) -------------------------------------------------------------

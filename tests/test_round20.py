@@ -4,7 +4,6 @@ that the watch called healthy, each against its reference."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -16,15 +15,10 @@ import gradwatch as gw
 from gradwatch import trial as trial_module
 from gradwatch.diagnosis.findings import sci
 from gradwatch.store import open_run
-from gradwatch.zoo.train import readme_loop
+from gradwatch.zoo.train import readme_watched
 
 
-def _train(trial, store, name, steps, **watch):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with gw.watch(trial.model, trial.optimizer, store=store, name=name, **watch) as w:
-            readme_loop(trial, w, steps)
-    return w
+_train = readme_watched
 
 
 # -- round 20: a binary classifier of rare positives that answers the majority only ----------------------------------

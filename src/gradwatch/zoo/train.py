@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,13 @@ def readme_loop(trial: Trial, w: Any, steps: int) -> None:
         loss.backward()
         trial.optimizer.step()
         w.log(loss=loss)
+
+
+def readme_watched(trial: Trial, store: str | Path, name: str, steps: int, **watch_options: Any) -> Any:
+    """:func:`readme_loop` for ``steps`` steps under a watch stored as ``store/name``, the set-up's own warnings
+    silenced (a pathology's set-up warns by design: a broadcast MSE, a ctc_loss that is +inf); the watch, closed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(trial.model, trial.optimizer, store=store, name=name, **watch_options) as w:
+            readme_loop(trial, w, steps)
+    return w
