@@ -62,6 +62,24 @@ def _imbalanced(seed, weighted=False, probabilities=False):
                     evaluate=lambda m: _balanced_accuracy(m, xte, yte, 0.5 if probabilities else 0.0))
 
 
+def _two_logits(seed, weighted=False):
+    """The same task written as most tutorials write a binary classifier: two logits under nn.CrossEntropyLoss
+    (weighted: weight = (n_pos/n_neg, 1) for classes (0, 1), the forum's fix in this form). Balanced accuracy."""
+    torch.manual_seed(seed)
+    xtr, ytr = _rare(6000, 20 + seed)
+    xte, yte = _rare(4000, 77)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    weight = torch.tensor([float(ytr.sum() / (1 - ytr).sum()), 1.0]) if weighted else None
+
+    def score(m):
+        with torch.no_grad():
+            said = m(xte).argmax(1).float()
+        y = yte[:, 0]
+        return 0.5 * (float((said[y == 1] == 1).float().mean()) + float((said[y == 0] == 0).float().mean()))
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _feed(xtr, ytr[:, 0].long(), seed),
+                    nn.CrossEntropyLoss(weight=weight), evaluate=score)
+
+
 def test_the_outputs_predicted_share_and_its_targets_positive_share_are_read_as_by_hand(tmp_path):
     """On the steps that read ‖∂L/∂a‖, a one-score-a-sample output's share above 0 and above ½ is the batch's own
     (by hand from the output), and the share of its gradient's entries below 0 is the batch's positive rate (by
@@ -115,6 +133,60 @@ def test_a_classifier_of_probabilities_under_bce_answering_the_majority_is_told_
     assert "a probability above ½" in f.evidence and f.remedy_keys[0] == "pos_weight"
 
 
+def test_the_majority_label_and_the_shares_labelled_and_predicted_otherwise_are_read_as_by_hand():
+    """majority_shares by hand from the labels and the argmax: the most common label, the shares of rows labelled
+    and predicted otherwise (the rows whose gradient has one negative entry: a cross-entropy's)."""
+    from gradwatch.probes.output import majority_shares
+
+    g = torch.Generator().manual_seed(0)
+    for classes in (2, 5):
+        y = torch.randint(0, classes, (64,), generator=g)
+        y[:40] = 1
+        z = torch.randn(64, classes, generator=g, requires_grad=True)
+        F.cross_entropy(z, y).backward()
+        predicted = z.detach().argmax(1)
+        top, labelled, said = (float(t) for t in majority_shares(z.grad, predicted))
+        assert top == 1.0
+        assert labelled == pytest.approx(float((y != 1).float().mean()))
+        assert said == pytest.approx(float((predicted != 1).float().mean()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_logits_under_cross_entropy_answering_the_majority_are_told_so_and_the_weighted_twin_is_not(store, seed):
+    """The binary task as two logits under nn.CrossEntropyLoss: by hand it predicts class 0 for every held-out row
+    (balanced accuracy 0.5); told "predicts class 0 only", class_weight first. The twin (weight=) learns, no finding."""
+    trial = _two_logits(seed)
+    w = _train(trial, store, f"two-{seed}", 300)
+    assert trial.evaluate(trial.model) == 0.5
+    (f,) = w.diagnose().problems
+    assert f.summary.startswith("the classifier predicts class 0 only: 0.0% of its outputs name another class")
+    assert f.remedy_keys[0] == "class_weight" and f.numbers["majority_class"] == 0
+    assert 0.92 < f.numbers["majority_share"] < 0.98
+
+    twin = _two_logits(seed, weighted=True)
+    tw = _train(twin, store, f"two-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.7
+    assert not tw.diagnose().problems
+
+
+def test_class_weight_is_torchs_weight_on_every_cross_entropy_called_within_it():
+    """Within ClassWeight(k, w): F.cross_entropy, nn.CrossEntropyLoss and F.nll_loss give what torch gives with
+    weight = 1 everywhere but w at class k (by hand); a call with a weight of its own is left as it is."""
+    from gradwatch.remedies.structure import ClassWeight
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(16, 3, generator=g), torch.randint(0, 3, (16,), generator=g)
+    weight = torch.tensor([1.0, 0.2, 1.0])
+    by_hand = F.cross_entropy(z, y, weight=weight)
+    with ClassWeight(1, 0.2):
+        assert torch.allclose(F.cross_entropy(z, y), by_hand)
+        assert torch.allclose(nn.CrossEntropyLoss()(z, y), by_hand)
+        assert torch.allclose(F.nll_loss(F.log_softmax(z, 1), y), by_hand)
+        own = torch.tensor([2.0, 1.0, 1.0])
+        assert torch.allclose(F.cross_entropy(z, y, own), F.cross_entropy(z, y, weight=own))
+    assert not torch.allclose(F.cross_entropy(z, y), by_hand)
+
+
 def test_positive_weight_is_torchs_pos_weight_on_every_binary_cross_entropy_called_within_it():
     """Within PositiveWeight(w): F.binary_cross_entropy_with_logits and nn.BCEWithLogitsLoss give what torch gives with
     pos_weight=w (by hand), F.binary_cross_entropy and nn.BCELoss on probabilities the same loss (their weight
@@ -145,6 +217,19 @@ def test_a_constant_that_scores_what_the_trained_model_scores_is_measured(tmp_pa
     assert trial_module.null_score(trial, constant) == 0.5
     trial.evaluate = lambda model: 0.5
     assert math.isnan(trial_module.null_score(trial, constant))
+
+
+def test_the_doctor_weighs_the_majority_class_of_two_logits_down(tmp_path):
+    """The two-logit form: the doctor's row weighs class 0 (1 − m)/m in the set-up's cross-entropy (torch's weighted
+    mean: the loss starts near ln 2 and cannot halve over overlapping classes). It removes the finding at a balanced
+    accuracy above 0.7 against 0.5, but its loss did not halve: by the verdict's rule no fix, the closest row named
+    with both scores."""
+    report = gw.doctor(_two_logits, steps=300, budget_s=120, store=tmp_path)
+    row = next(t for t in report.trials if t.label == "the majority class weighed down to the rest")
+    assert row.score > 0.7 and report.baseline.score == 0.5 and not row.findings
+    assert row.final_loss > 0.5 * row.first_loss and row.verdict.startswith("removes the finding; a better score")
+    assert report.message.startswith("no remedy fixes it (findings gone and the loss at most half its start); closest: "
+                                     "the majority class weighed down to the rest")
 
 
 def test_the_doctor_weighs_the_rare_class_up(tmp_path):

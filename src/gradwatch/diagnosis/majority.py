@@ -1,10 +1,13 @@
-"""A binary classifier that predicts one class only: the minority class never comes out.
+"""A classifier that predicts one class only: the minority classes never come out.
 
 For a model with one score a sample under a binary cross-entropy (meta ``loss_ops``: ``F.binary_cross_entropy_with_
 logits`` or ``nn.BCELoss``), the watch reads, on the steps that read ‖∂L/∂a‖, the share of the scores that predict
 the positive class (``out_positive``, a logit above 0; ``out_above_half``, a probability above ½) and the share of
 the batch's targets that are positive (``target_positive``, from the signs of the output's gradient,
-:mod:`gradwatch.probes.output`). Where the minority class is predicted for at most ``NEVER_BELOW`` of its own rate
+:mod:`gradwatch.probes.output`). For class scores (B, C ≥ 2) under a cross-entropy it reads the batch's most common
+label and the shares of the rows labelled and predicted (argmax) otherwise (``label_top``, ``label_minority``,
+``pred_minority``: the labels off the gradient, negative exactly at each row's label) — the binary task written as
+two logits, as most tutorials do. Where the minority classes are predicted for at most ``NEVER_BELOW`` of their rate
 over the last third of the reads, the classifier answers the majority class for everything: an unweighted binary
 cross-entropy over overlapping classes has its least loss near there, so the loss falls while the model learns
 nothing a constant would not. It is the finding of last resort: only where no other rule found a problem (a net
@@ -31,57 +34,96 @@ from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
 
 NEVER_BELOW = 0.1  # the minority class predicted at under this share of its rate: never (0 measured; the twin ×4–8)
+LABELLED_ROWS = 0.9  # a cross-entropy's labels are read where this share of rows has one negative gradient entry
 # the predicted-positive share each binary cross-entropy's output is read at
 _PREDICTED = {"BinaryCrossEntropyWithLogitsBackward0": "out_positive", "BinaryCrossEntropyBackward0": "out_above_half"}
 
 
+def _aligned(run: Run, names: tuple[str, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The run-level series ``names`` at the steps they all hold, finite everywhere."""
+    series = [run.series(q, "run") for q in names]
+    steps = series[0].steps
+    for s in series[1:]:
+        steps = np.intersect1d(steps, s.steps)
+    values = [s.values[0][np.isin(s.steps, steps)] for s in series]
+    ok = np.all([np.isfinite(v) for v in values], axis=0)
+    return steps[ok], [v[ok] for v in values]
+
+
+def _binary(run: Run, ops: tuple[str, ...] | list[str]) -> tuple | None:
+    """(steps, minority predicted, minority rate, words, numbers, remedy) for a one-score-a-sample binary
+    cross-entropy; None where the loss is none or its reads are missing."""
+    name = next((q for op, q in _PREDICTED.items() if op in ops), None)
+    if name is None or name not in run.quantities or "target_positive" not in run.quantities:
+        return None
+    steps, (predicted, targets) = _aligned(run, (name, "target_positive"))
+    rate = float(np.mean(targets)) if len(targets) else math.nan
+    if not 0 < rate < 1:
+        return None
+    positive_minority = rate <= 0.5
+    minority, majority = ("positive", "negative") if positive_minority else ("negative", "positive")
+    said = predicted if positive_minority else 1 - predicted
+    prior = -(rate * math.log(rate) + (1 - rate) * math.log1p(-rate))  # the loss at outputs at the targets' rate
+    words = {"majority": f"the {majority} class", "minority": f"say {minority}", "targets": f"are {minority}",
+             "how": "a logit above 0" if name == "out_positive" else "a probability above ½",
+             "read": "the signs of the output's gradient", "prior": prior,
+             "loss": f"an unweighted binary cross-entropy with a rare {minority} class",
+             "answer": f"answering {majority} for every input", "source": f"{name}, target_positive (run)"}
+    return steps, said, min(rate, 1 - rate), words, {"positive_rate": rate}, "pos_weight"
+
+
+def _classes(run: Run, ops: tuple[str, ...] | list[str]) -> tuple | None:
+    """The same for class scores (B, C ≥ 2) under a cross-entropy, the labels read off its gradient."""
+    names = ("label_top", "label_minority", "pred_minority", "label_rows", "output_classes")
+    if "NllLossBackward0" not in ops or not all(q in run.quantities for q in names):
+        return None
+    steps, (top, labelled, predicted, rows, width) = _aligned(run, names)
+    if not len(steps) or float(np.median(rows)) < LABELLED_ROWS:
+        return None
+    share = 1 - float(np.mean(labelled))
+    majority = int(np.median(top[-max(1, len(top) // 3):]))
+    words = {"majority": f"class {majority}", "minority": "name another class", "targets": "of another class",
+             "how": "the scores' argmax", "read": "the labels read off the cross-entropy's gradient", "prior": None,
+             "loss": f"an unweighted cross-entropy over {int(np.median(width))} classes, {share:.0%} of the targets "
+                     f"of class {majority}",
+             "answer": f"answering class {majority} for every input",
+             "source": "label_top, label_minority, pred_minority (run)"}
+    return steps, predicted, float(np.mean(labelled)), words, {"majority_class": float(majority),
+                                                             "majority_share": share}, "class_weight"
+
+
 def majority_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
-    """One ``stalled`` warning where a binary classifier predicts the majority class only (see the module) and no
-    other rule found a problem."""
+    """One ``stalled`` warning where a classifier predicts the majority class only (see the module) and no other
+    rule found a problem."""
     if any(f.severity != "info" for f in found):
         return []
     ops = run_meta(run).get("loss_ops") or ()
-    name = next((q for op, q in _PREDICTED.items() if op in ops), None)
-    if name is None or name not in run.quantities or "target_positive" not in run.quantities:
+    got = _binary(run, ops) or _classes(run, ops)
+    if got is None:
         return []
-    p, t = run.series(name, "run"), run.series("target_positive", "run")
-    steps = np.intersect1d(p.steps, t.steps)
-    predicted = p.values[0][np.isin(p.steps, steps)]
-    targets = t.values[0][np.isin(t.steps, steps)]
-    ok = np.isfinite(predicted) & np.isfinite(targets)
-    steps, predicted, targets = steps[ok], predicted[ok], targets[ok]
-    if len(steps) < 2 * th.window:
+    steps, said_by_read, minority_rate, words, numbers, key = got
+    if len(steps) < 2 * th.window or not minority_rate > 0:
         return []
-    rate = float(np.mean(targets))
-    if not 0 < rate < 1:
-        return []
-    positive_minority = rate <= 0.5
-    minority_rate = rate if positive_minority else 1 - rate
     last = max(th.window, len(steps) // 3)
-    shares = predicted[-last:] if positive_minority else 1 - predicted[-last:]
-    said = float(np.mean(shares))
+    said = float(np.mean(said_by_read[-last:]))
     if said > NEVER_BELOW * minority_rate:
         return []
-    minority, majority = ("positive", "negative") if positive_minority else ("negative", "positive")
-    # an unweighted binary cross-entropy's loss at outputs at the targets' rate (the prior's entropy): closed form
-    prior = -(rate * math.log(rate) + (1 - rate) * math.log1p(-rate))
     ends = loss_ends(run, th)
-    went = (f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}, against {sci(prior)} for outputs at the targets' "
-            f"rate" if ends is not None else "")
+    prior = words["prior"]
+    went = "" if ends is None else f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}" + (
+        f", against {sci(prior)} for outputs at the targets' rate" if prior is not None else "")
     first = int(steps[-last])
     return [Finding(
         kind="stalled", severity="warning", layers=(), steps=(first, int(steps[-1])),
-        summary=(f"the classifier predicts the {majority} class only: {said:.1%} of its outputs say {minority}, where "
-                 f"{minority_rate:.1%} of the targets are"),
-        evidence=(f"over the last {last} reads (steps {first}–{int(steps[-1])}) {said:.1%} of the outputs predict the "
-                  f"{minority} class ({'a logit above 0' if name == 'out_positive' else 'a probability above ½'}), "
-                  f"where {minority_rate:.1%} of the batches' targets are {minority} (the signs of the output's "
-                  f"gradient){went}."),
-        cause=(f"an unweighted binary cross-entropy with a rare {minority} class: where the classes overlap, answering "
-               f"{majority} for every input is near the loss's minimum, so the loss falls while the model learns "
-               f"nothing a constant would not (He & Garcia 2009, §2)"),
-        remedies=remedies("pos_weight"),
-        numbers={"positive_rate": rate, "predicted_minority": said, "minority_rate": minority_rate,
-                 "loss_prior": prior},
-        sources=(f"{name}, target_positive (run): the output's and the targets' positive shares", "meta loss_ops"),
+        summary=(f"the classifier predicts {words['majority']} only: {said:.1%} of its outputs {words['minority']}, "
+                 f"where {minority_rate:.1%} of the targets {words['targets']}"),
+        evidence=(f"over the last {last} reads (steps {first}–{int(steps[-1])}) {said:.1%} of the outputs "
+                  f"{words['minority']} ({words['how']}), where {minority_rate:.1%} of the batches' targets "
+                  f"{words['targets']} ({words['read']}){went}."),
+        cause=(f"{words['loss']}: where the classes overlap, {words['answer']} is near the loss's minimum, so the loss "
+               f"falls while the model learns nothing a constant would not (He & Garcia 2009, §2)"),
+        remedies=remedies(key),
+        numbers={**numbers, "predicted_minority": said, "minority_rate": minority_rate,
+                 **({"loss_prior": prior} if prior is not None else {})},
+        sources=(f"{words['source']}: the outputs' and the targets' shares", "meta loss_ops"),
     )]

@@ -71,6 +71,9 @@ REMEDIES = {
     "pos_weight": "weigh the rare class up: BCEWithLogitsLoss(pos_weight=n_negative / n_positive) (or weight= per "
                   "sample for nn.BCELoss), or draw the classes equally (torch.utils.data.WeightedRandomSampler); and "
                   "judge the model by a threshold-free score (average precision) or a threshold set on held-out data",
+    "class_weight": "weigh the rare classes up: CrossEntropyLoss(weight=…) with each class's weight inverse to its "
+                    "frequency (n / (C·n_c)), or draw the classes equally (torch.utils.data.WeightedRandomSampler); "
+                    "and judge the model by a score that weighs the classes equally (balanced accuracy, macro F1)",
     "prior_bias": "the output layer's bias at −log((1 − π)/π), π the targets' positive rate (Lin et al. 2017, §3.3, "
                   "π = 0.01 for RetinaNet's classifier): the output starts at the targets' rate, not at 0.5",
     "fp32_weights": "weights kept in float32, the forward pass under torch.autocast(dtype=torch.float16) with a "

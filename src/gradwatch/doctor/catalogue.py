@@ -196,6 +196,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "lower_eps": one("lower_eps", "Adam's eps 1e-8", s.lower_eps),
         "fp16_eps": one("fp16_eps", "eps 1e-4 for the float16 weights (1e-8 is 0 in float16)", s.fp16_eps),
         "pos_weight": one("pos_weight", "the rare class weighed up", s.pos_weight),
+        "class_weight": one("class_weight", "the majority class weighed down to the rest", s.class_weight),
         "prior_bias": one("prior_bias", "the output's bias at the targets' positive rate (Lin et al. 2017)", s.prior_bias),
         "fp32_weights": [],  # the dtype of the weights, and of the batches the forward takes, is the set-up's own
         "zero_grad": one("zero_grad", "gradients zeroed after each optimizer step", s.zero_grad),

@@ -741,6 +741,23 @@ def pos_weight(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def class_weight(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's cross-entropy with its majority class weighed (1 − m)/m against 1 for the others, m its share
+    of the targets the finding measured (``numbers["majority_class"]``, ``numbers["majority_share"]``;
+    :class:`~gradwatch.remedies.structure.ClassWeight`): the majority then carries as much of the loss as the rest
+    (for two classes, ``pos_weight`` = n_neg / n_pos in the cross-entropy's terms). None without them, or where the
+    set-up computes its loss in a ``step()`` of its own."""
+    from gradwatch.remedies.structure import ClassWeight
+
+    share, majority = numbers.get("majority_share", math.nan), numbers.get("majority_class", math.nan)
+    if not 0.5 < share < 1 or not math.isfinite(majority) or not _loss_reachable(trial):
+        return None
+    trial.loss_fn = LossUnder(trial.loss_fn, ClassWeight, int(majority), (1 - share) / share)
+    trial.doctor_own_objective = True  # type: ignore[attr-defined]  # its loss is judged against its own start
+    note_change(trial, f"class {int(majority)} weighed (1 − m)/m = {(1 - share) / share:.3g}, m = {share:.2g}")
+    return trial
+
+
 SHUFFLE_POOL = 64  # batches' worth of samples the doctor's shuffle draws each batch from (an epoch of most set-ups)
 
 

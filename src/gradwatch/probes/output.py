@@ -69,3 +69,20 @@ def binary_shares(y: Tensor) -> tuple[Tensor, Tensor]:
     (probabilities: predicted positive), float64 0-d tensors on ``y``'s device, with no host sync."""
     flat = y.detach().reshape(-1)
     return (flat > 0).double().mean(), (flat > 0.5).double().mean()
+
+
+@torch.no_grad()
+def majority_shares(grad: Tensor, predicted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For class scores (B, C) under cross-entropy, their gradient ``grad`` (negative exactly at each row's label,
+    :func:`batch_labels`) and the class each row predicts (``predicted``, the scores' argmax): (the batch's most
+    common label, the share of rows labelled otherwise, the share of rows predicted otherwise), over the rows with
+    exactly one negative entry; float64 0-d tensors, with no host sync. A classifier that answers the majority class
+    only predicts otherwise for none of its rows, where the labels do for some."""
+    neg = grad.detach() < 0
+    one = neg.sum(1) == 1
+    labels = neg.float().argmax(1)
+    counts = torch.zeros(grad.shape[1], device=grad.device).index_add_(0, labels, one.float())
+    top = counts.argmax()
+    rows = one.double().sum().clamp_min(1)
+    return (top.double(), ((labels != top) & one).double().sum() / rows,
+            ((predicted.to(labels.device) != top) & one).double().sum() / rows)

@@ -485,6 +485,31 @@ class PositiveWeight(TorchFunctionMode):
         return func(**bound)
 
 
+class ClassWeight(TorchFunctionMode):
+    """Every cross-entropy over class scores called while it is open (``F.cross_entropy``, ``nn.CrossEntropyLoss``,
+    ``F.nll_loss``) with no ``weight`` of its own weighs class ``majority`` by ``weight`` and every other class by 1:
+    torch's own ``weight=`` argument, a vector over the classes."""
+
+    def __init__(self, majority: int, weight: float) -> None:
+        super().__init__()
+        self.majority, self.weight = majority, weight
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if getattr(func, "__module__", "") != "torch.nn.functional" or name not in ("cross_entropy", "nll_loss"):
+            return func(*args, **kwargs)
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+        bound = {**dict(zip(names, args)), **kwargs}
+        scores = bound["input"]
+        classes = scores.shape[1] if scores.dim() >= 2 else scores.shape[0]
+        if bound.get("weight") is None and 0 <= self.majority < classes:
+            weight = torch.ones(classes, dtype=scores.dtype, device=scores.device)
+            weight[self.majority] = self.weight
+            bound["weight"] = weight
+        return func(**bound)
+
+
 class GumbelTemperature(nn.Module):
     """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
     ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""

@@ -43,7 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
-from gradwatch.probes.output import batch_labels, batch_spread, batch_tensor, binary_shares
+from gradwatch.probes.output import batch_labels, batch_spread, batch_tensor, binary_shares, majority_shares
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -65,6 +65,7 @@ class Step:
     staged: Pending | None = None  # gradient norms read at the end of backward (before clipping), to be kept
     stepped: bool = False  # optimizer.step() ran since the gradients were read (external driver: else a skip)
     spread_read: bool = False  # the model's output spread was read on this step (its first pass only)
+    predicted: Tensor | None = None  # the class each row of (B, C) scores predicts, read with the spread
 
 
 class Hooks(Protocol):
@@ -191,7 +192,8 @@ class StepRecorder:
             spread, rms = batch_spread(y)
             self.add_scalar("out_spread", spread)
             self.add_scalar("out_rms", rms)
-            if y.requires_grad and y.dim() == 2 and y.shape[1] >= 3:  # class scores: their gradient tells the labels
+            if y.requires_grad and y.dim() == 2 and y.shape[1] >= 2:  # class scores: their gradient tells the labels
+                self.now.predicted = y.detach().argmax(1)
                 y.register_hook(WeakHook(self, "_on_labels_grad"))
             elif y.requires_grad and y.numel() == y.shape[0]:  # one score a sample: its sign, and its targets' share
                 above_zero, above_half = binary_shares(y)
@@ -221,6 +223,10 @@ class StepRecorder:
             for name, value in zip(("batch_classes", "batch_class_min", "label_rows", "output_classes"),
                                    batch_labels(grad)):
                 self.add_scalar(name, value)
+            if self.now.predicted is not None and self.now.predicted.shape[0] == grad.shape[0]:
+                for name, value in zip(("label_top", "label_minority", "pred_minority"),
+                                       majority_shares(grad, self.now.predicted)):
+                    self.add_scalar(name, value)
 
     def model_returned(self) -> None:
         """The model's own forward ended (or failed): the tap, if open, closes."""
