@@ -417,7 +417,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                 if check_seed and not runner.interrupted else None)
         lighter = None if held is None else _lighter_within_spread(ranked, held, report.checks[-1])
         outranked = ""
-        if lighter is not None:  # as good within the seeds' own spread, and a smaller change: checked, it is chosen
+        if held is not None and lighter is not None:  # as good within the seeds' own spread, and a smaller change: checked, it is chosen
             spread = abs(held.score - report.checks[-1].score)
             if _check_seed(setup, steps, seeds, [lighter], remedy_of, base, targets, numbers, runner, deadline,
                            report) is not None:
