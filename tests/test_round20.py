@@ -4,6 +4,8 @@ that the watch called healthy, each against its reference."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +357,23 @@ def test_units_of_a_module_named_by_a_bare_index_say_module():
     assert modules_span(["3"]) == "module 3"
     assert modules_span(["1", "3", "5"]) == "modules 1…5"
     assert modules_span(["net.1"]) == "net.1" and modules_span(["1", "net.3"]) == "1…net.3"
+
+
+def test_an_output_that_predicts_the_targets_mean_under_a_squared_error_is_no_collapse(tmp_path):
+    """Pascanu's adding problem on a hand-unrolled RNN cell with orthogonal recurrent weights (the doctor's first row
+    on `pascanu_rnncell_loop`): by hand its held-out R² is about 0 — it predicts the targets' mean, its output spread
+    near 0. The collapse rule told it "the model's output collapsed … a triplet or contrastive loss", and the doctor's
+    next round followed that finding instead of the baseline's remedies and lost its repair (orthogonal + Adam +
+    GRU cell, 0.996). An output that stopped depending on the input under a loss against targets is no collapse."""
+    from gradwatch.doctor import catalogue
+    from gradwatch.doctor.trial_run import run_trial
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import setups
+
+    bench = setups.get("pascanu_rnncell_loop")
+    remedy = catalogue.catalog()["orthogonal_rnn"][0]
+    run = run_trial(bench.make, 0, bench.steps, tmp_path, "orthogonal", remedy, {})
+    assert run is not None and abs(run.score) < 0.05
+    assert "MseLossBackward0" in (open_run(tmp_path / "orthogonal").meta.get("loss_ops") or ())
+    assert not [f for f in run.diagnosis.problems if f.summary.startswith("the model's output collapsed")]

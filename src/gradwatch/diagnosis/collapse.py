@@ -4,7 +4,8 @@ The watch reads the output's spread across the batch, ``out_spread`` = ‖Y − 
 ‖Y‖/√B (:mod:`gradwatch.probes.output`), on the steps that read ‖∂L/∂a‖; their product is the rms distance of a
 sample's output from the batch's mean. A collapse is that distance falling to at most ``COLLAPSE_FELL_TO`` of its
 first read, with the relative spread at or below ``COLLAPSED_BELOW`` over the last quarter of the reads, in a run
-whose logged loss did not halve. Outputs that moved to an offset are no collapse: a GAN generator's samples
+whose logged loss did not halve, under a loss that is not the output's error against targets (:data:`AGAINST_TARGETS`,
+read off the loss's graph). Outputs that moved to an offset are no collapse: a GAN generator's samples
 reaching data far from 0 have a relative spread of 0.08–0.13 while their distance from their mean grew ×7–13
 (measured on goodfellow_gan_nonsaturating, seeds 0–2). It is the finding of last resort: only where no other rule
 found a problem (a net whose units died has a constant output too, and that finding says why).
@@ -20,12 +21,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.findings import Finding, sci
 from gradwatch.diagnosis.measures import halved, loss_ends
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
 
+# a loss of the output against targets (a regression's squared or absolute error, a classifier's cross-entropy): an
+# output that stopped depending on the input there predicts the targets' mean or prior — a net that learned nothing,
+# which the other rules explain, not a collapse into the minimum of a loss between outputs (twenty-fifth session: a
+# hand-unrolled RNN on Pascanu's adding problem at R² ≈ 0 was told "the output collapsed … a triplet or contrastive
+# loss", and the doctor's next round followed that finding's remedies, not the baseline's, and lost its repair)
+AGAINST_TARGETS = frozenset({"MseLossBackward0", "L1LossBackward0", "SmoothL1LossBackward0", "HuberLossBackward0",
+                             "NllLossBackward0", "NllLoss2DBackward0"})
 COLLAPSE_FELL_TO = 0.5  # the distance's least read at most this share of its first (0.22–0.39 measured)
 COLLAPSED_BELOW = 0.25  # ... and its last quarter's median at or below this (0.12–0.13 measured; the twin's 0.98)
 
@@ -33,6 +42,8 @@ COLLAPSED_BELOW = 0.25  # ... and its last quarter's median at or below this (0.
 def collapse_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """One ``stalled`` warning where the output collapsed (see the module) and no other rule found a problem."""
     if any(f.severity != "info" for f in found) or "out_spread" not in run.quantities:
+        return []
+    if AGAINST_TARGETS & set(run_meta(run).get("loss_ops") or ()):
         return []
     ends = loss_ends(run, th)
     if ends is None or halved(ends):
