@@ -255,6 +255,14 @@ def _by_hand(diagnosis: Diagnosis, catalog: Mapping[str, list[Remedy]]) -> str:
 SCORE_TIE = 0.01  # "fixes it" rows whose held-out scores lie this close to the best one's tie
 
 
+def _seed_spread(best: TrialResult, check: TrialResult) -> float | None:
+    """How far ``best``'s score and its seed check's (``check``) lie apart, where the check held and both are
+    measured; else None."""
+    if check.verdict != "fixes it" or not (math.isfinite(best.score) and math.isfinite(check.score)):
+        return None
+    return abs(best.score - check.score)
+
+
 def _lighter_within_spread(ranked: list[TrialResult], best: TrialResult, check: TrialResult) -> TrialResult | None:
     """A "fixes it" row of fewer changes (:func:`gradwatch.doctor.knobs.weight`) than ``best`` whose score lies
     within the spread of ``best``'s own two seeds (its row's and its seed check's, ``check``) below it — the lightest,
@@ -262,9 +270,9 @@ def _lighter_within_spread(ranked: list[TrialResult], best: TrialResult, check: 
     (those rows tie already). Round 20: LeakyReLU + He + learning rate ×0.1 (0.918, 0.936 on its check seed) was
     chosen over input standardisation (0.906; by hand 0.901 / 0.930 / 0.924), the source's fix and the cause the
     findings named, 0.012 apart where the seeds differ by 0.018."""
-    if check.verdict != "fixes it" or not (math.isfinite(best.score) and math.isfinite(check.score)):
+    spread = _seed_spread(best, check)
+    if spread is None:
         return None
-    spread = abs(best.score - check.score)
     lighter = [t for t in ranked if weight(t.parts) < weight(best.parts) and math.isfinite(t.score)
                and best.score - spread <= t.score < best.score - SCORE_TIE]
     return min(lighter, key=lambda t: (weight(t.parts), -t.score), default=None)
@@ -418,7 +426,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         lighter = None if held is None else _lighter_within_spread(ranked, held, report.checks[-1])
         outranked = ""
         if held is not None and lighter is not None:  # as good within the seeds' own spread, and a smaller change: checked, it is chosen
-            spread = abs(held.score - report.checks[-1].score)
+            spread = _seed_spread(held, report.checks[-1])
             if _check_seed(setup, steps, seeds, [lighter], remedy_of, base, targets, numbers, runner, deadline,
                            report) is not None:
                 outranked = (f"; {held.label} scored {held.score:.3f} against this one's {lighter.score:.3f}, "

@@ -46,16 +46,23 @@ def batch_spread(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def batch_labels(grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The labels of a batch of class scores (B, C) under cross-entropy, read off the loss's gradient there: ∂L/∂z =
-    c·(softmax(z) − onehot(y)) with c > 0 is negative exactly at each row's label. (the number of distinct labels
-    among the rows with exactly one negative entry, the smallest of them — C where there is none — the share of rows
-    with exactly one, C), float64 0-d tensors on ``grad``'s device, with no host sync. A loss that is not a
-    cross-entropy on these scores shows as a share of such rows below 1."""
+def labelled(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """For class scores (B, C) under cross-entropy, their gradient ``grad`` (∂L/∂z = c·(softmax(z) − onehot(y)) with
+    c > 0, negative exactly at each row's label): (which rows have exactly one negative entry, each row's label — the
+    column of its first negative entry), read once for :func:`batch_labels` and :func:`majority_shares`."""
     neg = grad.detach() < 0
-    one = neg.sum(1) == 1
+    return neg.sum(1) == 1, neg.float().argmax(1)
+
+
+@torch.no_grad()
+def batch_labels(grad: Tensor, rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The labels of a batch of class scores (B, C) under cross-entropy, read off the loss's gradient there
+    (:func:`labelled`, or its ``rows`` where read already): (the number of distinct labels among the rows with
+    exactly one negative entry, the smallest of them — C where there is none — the share of rows with exactly one,
+    C), float64 0-d tensors on ``grad``'s device, with no host sync. A loss that is not a cross-entropy on these
+    scores shows as a share of such rows below 1."""
+    one, labels = labelled(grad) if rows is None else rows
     classes = grad.shape[1]
-    labels = neg.float().argmax(1)
     seen = torch.zeros(classes + 1, device=grad.device).index_add_(
         0, torch.where(one, labels, classes), torch.ones(len(labels), device=grad.device))[:classes]
     first = torch.where(one, labels, classes).min()
@@ -72,17 +79,16 @@ def binary_shares(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def majority_shares(grad: Tensor, predicted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def majority_shares(grad: Tensor, predicted: Tensor,
+                    rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """For class scores (B, C) under cross-entropy, their gradient ``grad`` (negative exactly at each row's label,
-    :func:`batch_labels`) and the class each row predicts (``predicted``, the scores' argmax): (the batch's most
-    common label, the share of rows labelled otherwise, the share of rows predicted otherwise), over the rows with
-    exactly one negative entry; float64 0-d tensors, with no host sync. A classifier that answers the majority class
-    only predicts otherwise for none of its rows, where the labels do for some."""
-    neg = grad.detach() < 0
-    one = neg.sum(1) == 1
-    labels = neg.float().argmax(1)
+    :func:`labelled`, or its ``rows`` where read already) and the class each row predicts (``predicted``, the scores'
+    argmax): (the batch's most common label, the share of rows labelled otherwise, the share of rows predicted
+    otherwise), over the rows with exactly one negative entry; float64 0-d tensors, with no host sync. A classifier
+    that answers the majority class only predicts otherwise for none of its rows, where the labels do for some."""
+    one, labels = labelled(grad) if rows is None else rows
     counts = torch.zeros(grad.shape[1], device=grad.device).index_add_(0, labels, one.float())
     top = counts.argmax()
-    rows = one.double().sum().clamp_min(1)
-    return (top.double(), ((labels != top) & one).double().sum() / rows,
-            ((predicted.to(labels.device) != top) & one).double().sum() / rows)
+    counted = one.double().sum().clamp_min(1)
+    return (top.double(), ((labels != top) & one).double().sum() / counted,
+            ((predicted.to(labels.device) != top) & one).double().sum() / counted)

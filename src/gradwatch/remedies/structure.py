@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -424,90 +424,98 @@ def swap_functional(model: nn.Module, swap: dict[str, Callable[[Tensor], Tensor]
     return wrapped if wrapped.plan else None
 
 
-class _Temperature(TorchFunctionMode):
+class _Rebinding(TorchFunctionMode):
+    """A function mode that changes the arguments of some of ``torch.nn.functional``'s calls made while it is open:
+    ``signatures`` names each such function's positional parameters; :meth:`rebind` gets every call's arguments bound
+    by name and returns those it is made with. Every other call runs as it was made."""
+
+    signatures: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name not in self.signatures or getattr(func, "__module__", "") != "torch.nn.functional":
+            return func(*args, **kwargs)
+        return func(**self.rebind(name, {**dict(zip(self.signatures[name], args)), **kwargs}))
+
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _Temperature(_Rebinding):
     """Every ``F.gumbel_softmax`` call made while it is open runs at a temperature of at least ``tau``."""
+
+    signatures = {"gumbel_softmax": ("logits", "tau", "hard", "eps", "dim")}
 
     def __init__(self, tau: float) -> None:
         super().__init__()
         self.tau = tau
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        if getattr(func, "__name__", "") != "gumbel_softmax":
-            return func(*args, **kwargs)
-        names = ("logits", "tau", "hard", "eps", "dim")
-        bound = {**dict(zip(names, args)), **kwargs}
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
         if float(bound.get("tau", 1.0)) < self.tau:
             bound["tau"] = self.tau
-        return func(**bound)
+        return bound
 
 
-class ZeroInfinity(TorchFunctionMode):
+class ZeroInfinity(_Rebinding):
     """Every ``F.ctc_loss`` call made while it is open (``nn.CTCLoss``'s too) runs with ``zero_infinity=True``: a
     sample with no alignment adds 0 to the loss, not +inf."""
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        if getattr(func, "__name__", "") != "ctc_loss" or getattr(func, "__module__", "") != "torch.nn.functional":
-            return func(*args, **kwargs)
-        names = ("log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction", "zero_infinity")
-        bound = {**dict(zip(names, args)), **kwargs, "zero_infinity": True}
-        return func(**bound)
+    signatures = {"ctc_loss": ("log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction",
+                               "zero_infinity")}
+
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
+        return {**bound, "zero_infinity": True}
 
 
-class PositiveWeight(TorchFunctionMode):
+class PositiveWeight(_Rebinding):
     """Every binary cross-entropy called while it is open weighs its positive targets ``weight``×: an
     ``F.binary_cross_entropy_with_logits`` with no ``pos_weight`` gets ``pos_weight=weight``
     (``nn.BCEWithLogitsLoss``'s too), an ``F.binary_cross_entropy`` on probabilities with no ``weight`` gets
     ``weight = 1 + (weight − 1)·target`` (``nn.BCELoss``'s too), the same loss for targets in {0, 1}. A call that
     weighs its classes itself is left as it is."""
 
+    signatures = {
+        "binary_cross_entropy_with_logits": ("input", "target", "weight", "size_average", "reduce", "reduction",
+                                             "pos_weight"),
+        "binary_cross_entropy": ("input", "target", "weight", "size_average", "reduce", "reduction")}
+
     def __init__(self, weight: float) -> None:
         super().__init__()
         self.weight = weight
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
-        if getattr(func, "__module__", "") != "torch.nn.functional" or name not in (
-                "binary_cross_entropy_with_logits", "binary_cross_entropy"):
-            return func(*args, **kwargs)
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
         if name == "binary_cross_entropy_with_logits":
-            names = ("input", "target", "weight", "size_average", "reduce", "reduction", "pos_weight")
-            bound = {**dict(zip(names, args)), **kwargs}
             if bound.get("pos_weight") is None:
                 target = bound["target"]
                 bound["pos_weight"] = torch.tensor(self.weight, dtype=target.dtype, device=target.device)
-            return func(**bound)
-        bound = {**dict(zip(("input", "target", "weight", "size_average", "reduce", "reduction"), args)), **kwargs}
-        if bound.get("weight") is None:
+        elif bound.get("weight") is None:
             bound["weight"] = 1 + (self.weight - 1) * bound["target"].detach()
-        return func(**bound)
+        return bound
 
 
-class ClassWeight(TorchFunctionMode):
+class ClassWeight(_Rebinding):
     """Every cross-entropy over class scores called while it is open (``F.cross_entropy``, ``nn.CrossEntropyLoss``,
     ``F.nll_loss``) with no ``weight`` of its own weighs class ``majority`` by ``weight`` and every other class by 1:
     torch's own ``weight=`` argument, a vector over the classes."""
+
+    signatures = {
+        "cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+                          "label_smoothing"),
+        "nll_loss": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")}
 
     def __init__(self, majority: int, weight: float) -> None:
         super().__init__()
         self.majority, self.weight = majority, weight
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
-        if getattr(func, "__module__", "") != "torch.nn.functional" or name not in ("cross_entropy", "nll_loss"):
-            return func(*args, **kwargs)
-        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
-        bound = {**dict(zip(names, args)), **kwargs}
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
         scores = bound["input"]
         classes = scores.shape[1] if scores.dim() >= 2 else scores.shape[0]
         if bound.get("weight") is None and 0 <= self.majority < classes:
             weight = torch.ones(classes, dtype=scores.dtype, device=scores.device)
             weight[self.majority] = self.weight
             bound["weight"] = weight
-        return func(**bound)
+        return bound
 
 
 class GumbelTemperature(nn.Module):

@@ -43,7 +43,8 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
-from gradwatch.probes.output import batch_labels, batch_spread, batch_tensor, binary_shares, majority_shares
+from gradwatch.probes.output import (batch_labels, batch_spread, batch_tensor, binary_shares, labelled,
+                                     majority_shares)
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import StoreWriter
 from gradwatch.watching.budget import FORWARD, Budget, CostMeter, thread_seconds
@@ -220,12 +221,13 @@ class StepRecorder:
         output.batch_labels`) in the backward pass that fills ``.grad``: the run's ``batch_classes``,
         ``batch_class_min``, ``label_rows`` and ``output_classes``."""
         if self.probes.fills_grad():
+            rows = labelled(grad)
             for name, value in zip(("batch_classes", "batch_class_min", "label_rows", "output_classes"),
-                                   batch_labels(grad)):
+                                   batch_labels(grad, rows)):
                 self.add_scalar(name, value)
             if self.now.predicted is not None and self.now.predicted.shape[0] == grad.shape[0]:
                 for name, value in zip(("label_top", "label_minority", "pred_minority"),
-                                       majority_shares(grad, self.now.predicted)):
+                                       majority_shares(grad, self.now.predicted, rows)):
                     self.add_scalar(name, value)
 
     def model_returned(self) -> None:
