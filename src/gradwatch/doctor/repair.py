@@ -171,8 +171,12 @@ def _too_short(base: TrialResult, trials: list[TrialResult], steps: int) -> str:
     cleared = [t for t in trials if not t.error and t.verdict.startswith("removes the finding")
                and "brings" not in t.verdict]  # a row that brought a critical finding is no sign of too few steps
     null = base.null_loss
+
+    def learned(t: TrialResult) -> bool:  # a row that weighs its samples otherwise is held to its own constant's loss
+        own = t.null_loss if t.own_objective else null
+        return own > 0 and t.final_loss < NULL_BELOW * own
     ran = [t for t in trials if not t.error and math.isfinite(t.final_loss)]
-    if not cleared or not null > 0 or any(t.final_loss < NULL_BELOW * null for t in ran):
+    if not cleared or not null > 0 or any(learned(t) for t in ran):
         return ""
     return (f"; {len(cleared)} remed{'y' if len(cleared) == 1 else 'ies'} removed the findings, but no trial got "
             f"below {NULL_BELOW:g} × the loss of a constant output ({null:.4g}) in {steps} steps: the task may need "
