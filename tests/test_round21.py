@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import gradwatch as gw
+from gradwatch.store import open_run
 from gradwatch.zoo.train import readme_watched
 
 
@@ -93,3 +96,102 @@ def test_the_doctor_weighs_the_majority_of_four_classes_down_and_holds_it_to_its
     assert row.score > report.baseline.score + 0.15
     assert row.final_loss < 0.9 * row.null_loss
     assert "longer trials" not in report.message
+
+
+# -- round 21: an NLL loss on raw scores (the NLLLoss docs; a forum report of a negative loss) ------------------------
+
+
+def _digits_standardised():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    as_x = lambda a: torch.tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
+    return as_x(xtr), torch.tensor(ytr), as_x(xte), torch.tensor(yte)
+
+
+def _accuracy(xte, yte):
+    def score(model):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(xte)
+        model.train(was)
+        return float((out.argmax(1) == yte).float().mean())
+    return score
+
+
+def _nll(seed, log_softmax=False, lr=0.05):
+    """A digits MLP at SGD 0.05 with momentum 0.9 under nn.NLLLoss() on its logits; the twin appends
+    nn.LogSoftmax(dim=1), as the docs say."""
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = _digits_standardised()
+    layers = [nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)]
+    model = nn.Sequential(*layers, *([nn.LogSoftmax(dim=1)] if log_softmax else []))
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), _feed(xtr, ytr, seed),
+                    nn.NLLLoss(), evaluate=_accuracy(xte, yte))
+
+
+def test_an_nll_loss_is_read_as_taking_raw_scores_only_where_no_logarithm_comes_between():
+    from gradwatch.probes.loss_ops import loss_graph, nll_on_scores
+
+    x, y, lin = torch.randn(8, 5), torch.randint(0, 3, (8,)), nn.Linear(5, 3)
+    assert nll_on_scores(F.nll_loss(lin(x), y)) and nll_on_scores(nn.NLLLoss()(2 * lin(x) + 1, y))
+    assert not nll_on_scores(F.nll_loss(F.log_softmax(lin(x), 1), y))
+    assert not nll_on_scores(F.cross_entropy(lin(x), y))
+    assert not nll_on_scores(F.nll_loss(torch.log(F.softmax(lin(x), 1)), y))
+    assert not nll_on_scores(F.mse_loss(lin(x), torch.randn(8, 3)))
+    assert loss_graph(F.nll_loss(lin(x), y))["nll_on_scores"] is True
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_nll_loss_on_raw_scores_is_named_before_the_divergence_it_causes_and_its_twin_is_healthy(store, seed):
+    """By hand: the pathology's loss goes below 0 (a negative log-likelihood of probabilities never does) and its
+    held-out accuracy is chance; every problem found is told the NLL loss takes raw scores, log_softmax first. The
+    twin (LogSoftmax appended) learns, with no finding."""
+    trial = _nll(seed)
+    w = _train(trial, store, f"nll-{seed}", 300)
+    loss = open_run(store / f"nll-{seed}").series("loss", "run").values[0]
+    assert (loss[np.isfinite(loss)] < 0).any() and trial.evaluate(trial.model) < 0.2
+    problems = w.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "log_softmax" and "NLL loss on the model's raw scores" in f.cause
+                            for f in problems)
+
+    twin = _nll(seed, log_softmax=True)
+    tw = _train(twin, store, f"nll-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.9 and not tw.diagnose().problems
+
+
+def test_an_nll_loss_on_raw_scores_that_has_not_diverged_yet_is_a_finding_of_its_own(store):
+    """At SGD 5e-4 nothing diverges in 300 steps, but the loss goes below 0 and falls on: the finding says so."""
+    trial = _nll(0, lr=5e-4)
+    w = _train(trial, store, "nll-slow", 300)
+    loss = open_run(store / "nll-slow").series("loss", "run")
+    first_negative = int(loss.steps[np.argmax(loss.values[0] < 0)])
+    assert (loss.values[0] < 0).any() and np.isfinite(loss.values[0]).all()
+    (f,) = w.diagnose().problems
+    assert f.severity == "critical" and f.kind == "exploding" and f.remedy_keys == ("log_softmax",)
+    assert f.summary.startswith("the loss is unbounded below") and f.numbers["below_zero_step"] == first_negative
+
+
+def test_log_probabilities_is_cross_entropy_on_raw_scores_and_leaves_log_probabilities_alone():
+    from gradwatch.remedies.structure import LogProbabilities
+
+    z, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    with LogProbabilities():
+        raw, module = F.nll_loss(z, y), nn.NLLLoss(reduction="sum")(z, y)
+        logs = F.nll_loss(F.log_softmax(z, 1), y)
+    torch.testing.assert_close(raw, F.cross_entropy(z, y))
+    torch.testing.assert_close(module, F.cross_entropy(z, y, reduction="sum"))
+    torch.testing.assert_close(logs, F.cross_entropy(z, y))
+
+
+def test_the_doctor_puts_log_softmax_before_the_nll_loss_and_a_lower_rate_is_no_fix(tmp_path):
+    """The round-21 doctor chose learning rate ×0.01 (0.317 held out, its loss −0.81 and falling). Now the
+    log_softmax row fixes it (held on seed 1) and the lower rates keep the finding."""
+    report = gw.doctor(_nll, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.label == "log_softmax before the NLL loss"
+    assert report.best.score > 0.9 and report.checks and report.checks[-1].verdict == "fixes it"
+    assert all(t.verdict != "fixes it" for t in report.trials if t.label.startswith("learning rate"))

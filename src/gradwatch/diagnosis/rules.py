@@ -23,6 +23,7 @@ from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
+from gradwatch.diagnosis.log_probs import nll_on_scores_findings
 from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
@@ -90,6 +91,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += majority_findings(found, view, th)  # a binary classifier that answers one class only, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
     found = unshuffled(found, view, th)  # batches that hold a few classes each, in turn: the cause comes first
+    found = nll_on_scores_findings(found, view, th)  # an NLL loss on raw scores: unbounded below, whatever else
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
 

@@ -725,6 +725,19 @@ def ctc_zero_infinity(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def log_softmax(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's NLL loss on the log_softmax of its input (:class:`~gradwatch.remedies.structure.
+    LogProbabilities`): log-probabilities, as nn.NLLLoss expects, where the model gives raw scores — a cross-entropy
+    (the NLLLoss docs' LogSoftmax layer, applied at the loss). None where the set-up computes its loss in a
+    ``step()`` of its own."""
+    from gradwatch.remedies.structure import LogProbabilities
+
+    if not _loss_reachable(trial):
+        return None
+    trial.loss_fn = LossUnder(trial.loss_fn, LogProbabilities)
+    return trial
+
+
 def pos_weight(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The set-up's binary cross-entropy with its positive targets weighed (1 − π)/π, π the targets' positive rate
     the finding measured (``numbers["positive_rate"]``; :class:`~gradwatch.remedies.structure.PositiveWeight`): each

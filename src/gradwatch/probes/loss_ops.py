@@ -69,9 +69,46 @@ def _paths(loss: Tensor) -> list[list[str]]:
 
 def loss_graph(loss: Tensor) -> dict[str, Any]:
     """What a watch stores of the loss's graph beside :func:`loss_paths`: ``loss_broadcast``
-    (:func:`loss_broadcast`) and ``loss_ops``, the names of the backward operations between the loss and the layers
-    (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss). Reads only; never fails the run."""
-    return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss)}
+    (:func:`loss_broadcast`), ``loss_ops``, the names of the backward operations between the loss and the layers
+    (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), and ``nll_on_scores``
+    (:func:`nll_on_scores`). Reads only; never fails the run."""
+    return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss)}
+
+
+NLL = frozenset({"NllLossBackward0", "NllLoss2DBackward0", "NllLoss2dBackward0"})
+# the operations that make log-probabilities (or logarithms of anything): an NLL loss after one of them is fed logs
+LOG_OPS = frozenset({"LogSoftmaxBackward0", "LogBackward0", "LogsumexpBackward0", "LogSigmoidBackward0",
+                     "Log1PBackward0", "Log2Backward0", "Log10Backward0", "XlogyBackward0"})
+NLL_REACH = 16  # nodes walked back from an NLL loss's input for a logarithm before the layers
+
+
+def nll_on_scores(loss: Tensor) -> bool:
+    """Whether an NLL loss (``nn.NLLLoss``, ``F.nll_loss``) in the loss's graph takes the model's scores with no
+    logarithm between them and the layers (no ``log_softmax``, no ``log``): the loss −z_y of raw scores is unbounded
+    below. Every route back from its input must reach a layer or a leaf within :data:`NLL_REACH` nodes; a walk cut
+    short says nothing (False), and so does a graph that cannot be read (never the user's run).
+    ``nn.CrossEntropyLoss`` is log_softmax and NLL in one: its graph holds ``LogSoftmaxBackward0``."""
+    try:
+        node = _first_node(loss, NLL)
+        if node is None:
+            return False
+        todo = [n for n, _ in node.next_functions if n is not None]
+        reached, walked = False, 0
+        while todo:
+            walked += 1
+            if walked > NLL_REACH:
+                return False
+            at = todo.pop(0)
+            name = type(at).__name__
+            if name in LOG_OPS:
+                return False
+            if name in LAYER_OPS:
+                reached = True
+                continue
+            todo.extend(n for n, _ in at.next_functions if n is not None)
+        return reached
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return False
 
 
 def loss_ops(loss: Tensor) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from gradwatch._errors import bad_argument
@@ -516,6 +517,18 @@ class ClassWeight(_Rebinding):
             weight[self.majority] = self.weight
             bound["weight"] = weight
         return bound
+
+
+class LogProbabilities(_Rebinding):
+    """Every ``F.nll_loss`` called while it is open (``nn.NLLLoss``'s too) takes the log_softmax of its input over
+    the classes (dim 1; dim 0 for one sample's scores): the NLL of log-probabilities, a cross-entropy. For an input
+    of log-probabilities already it changes nothing (log_softmax of log-probabilities is themselves)."""
+
+    signatures = {"nll_loss": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")}
+
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
+        scores = bound["input"]
+        return {**bound, "input": F.log_softmax(scores, dim=1 if scores.dim() >= 2 else 0)}
 
 
 class GumbelTemperature(nn.Module):
