@@ -195,3 +195,91 @@ def test_the_doctor_puts_log_softmax_before_the_nll_loss_and_a_lower_rate_is_no_
     assert report.best is not None and report.best.label == "log_softmax before the NLL loss"
     assert report.best.score > 0.9 and report.checks and report.checks[-1].verdict == "fixes it"
     assert all(t.verdict != "fixes it" for t in report.trials if t.label.startswith("learning rate"))
+
+
+# -- round 21: TF1's keep_prob 0.9 ported as PyTorch's drop rate --------------------------------------------------------
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.p = p
+
+    def forward(self, x):
+        h = F.dropout(F.relu(self.fc1(x)), p=self.p, training=self.training)
+        h = F.dropout(F.relu(self.fc2(h)), p=self.p, training=self.training)
+        return self.fc3(h)
+
+
+def _dropout(seed, p=0.9, modules=False):
+    """A digits MLP at Adam 1e-3 whose forward calls F.dropout(h, p=0.9) where TF1's keep_prob 0.9 was meant (the
+    twin: p = 0.1); ``modules``: the same with nn.Dropout(p) modules in an nn.Sequential."""
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = _digits_standardised()
+    model = (nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(p), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(p),
+                           nn.Linear(64, 10)) if modules else _FunctionalDropout(p))
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), _feed(xtr, ytr, seed),
+                    nn.CrossEntropyLoss(), evaluate=_accuracy(xte, yte))
+
+
+def test_a_dropout_called_as_a_function_is_read_at_its_rate_where_it_trains(store):
+    from gradwatch.probes.functional import calls_dropout
+
+    trial = _dropout(0)
+    assert calls_dropout(trial.model) and not calls_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.9)))
+    _train(trial, store, "fdrop", 20)
+    assert open_run(store / "fdrop").meta.get("functional_dropout_p") == 0.9
+    quiet = _dropout(0, p=0.3)
+    _train(quiet, store, "fdrop-quiet", 20)
+    assert open_run(store / "fdrop-quiet").meta.get("functional_dropout_p") == 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_dropout_rate_meant_as_a_keep_probability_is_told_and_its_twin_is_not(store, seed):
+    """By hand: p = 0.9 leaves the loss 2.5–2.6 → 2.2 and 0.61–0.67 held out, p = 0.1 learns to 0.96–0.97. Told
+    "did not halve … under a dropout rate of 0.9", p → 1 − p first; the twin has no finding."""
+    trial = _dropout(seed)
+    w = _train(trial, store, f"drop-{seed}", 300)
+    assert trial.evaluate(trial.model) < 0.8
+    (f,) = w.diagnose().problems
+    assert f.summary.startswith("the loss did not halve") and f.summary.endswith("under a dropout rate of 0.9")
+    assert f.remedy_keys[0] == "lower_dropout" and "F.dropout(…, p=0.9)" in f.cause
+
+    twin = _dropout(seed, p=0.1)
+    tw = _train(twin, store, f"drop-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.9 and not tw.diagnose().problems
+
+
+def test_dropout_modules_at_a_keep_probability_are_told_too(store):
+    trial = _dropout(0, modules=True)
+    w = _train(trial, store, "drop-modules", 300)
+    (f,) = w.diagnose().problems
+    assert f.remedy_keys[0] == "lower_dropout" and "Dropout(p=0.9)" in f.cause
+
+
+def test_dropout_kept_runs_a_heavy_functional_dropout_at_one_minus_its_rate():
+    """Under DropoutKept(0.75), F.dropout(x, 0.9) draws what F.dropout(x, 0.1) draws from the same generator state;
+    a rate below 0.75 and a dropout out of training are left alone."""
+    from gradwatch.remedies.structure import DropoutKept
+
+    x = torch.randn(50, 40)
+    torch.manual_seed(3)
+    expected = F.dropout(x, 0.1)
+    torch.manual_seed(3)
+    with DropoutKept(0.75):
+        got = F.dropout(x, p=0.9)
+        torch.manual_seed(4)
+        light = F.dropout(x, 0.5)
+        off = F.dropout(x, 0.9, training=False)
+    torch.manual_seed(4)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(light, F.dropout(x, 0.5))
+    torch.testing.assert_close(off, x)
+
+
+def test_the_doctor_runs_a_functional_dropout_at_the_keep_probability_it_was_meant_as(tmp_path):
+    report = gw.doctor(_dropout, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.baseline.findings == ["stalled"]
+    assert report.best is not None and report.best.label.startswith("dropout rate p → 1 − p")
+    assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"

@@ -657,11 +657,19 @@ def fp16_eps(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Each dropout rate of :data:`~gradwatch.diagnosis.architecture.DROPOUT_FROM` or more read as the keep
-    probability it was likely meant as: p → 1 − p (0.9 → 0.1). None when there is none."""
+    probability it was likely meant as: p → 1 − p (0.9 → 0.1) — a module's ``p``, and a dropout the forward calls
+    as a function (``F.dropout(h, p=0.9)``: the model run under :class:`~gradwatch.remedies.structure.DropoutKept`).
+    None when there is neither."""
+    from gradwatch.probes.functional import calls_dropout
+    from gradwatch.remedies.structure import DropoutKept, UnderMode
+
     heavy = [m for m in trial.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p >= DROPOUT_FROM]
     for m in heavy:
         m.p = 1.0 - m.p
-    return trial if heavy else None
+    called = calls_dropout(trial.model)
+    if called:
+        trial.model = UnderMode(trial.model, DropoutKept, DROPOUT_FROM)
+    return trial if heavy or called else None
 
 
 class PerSample:

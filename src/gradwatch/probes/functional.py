@@ -53,6 +53,10 @@ from gradwatch.probes.graph import walk_back
 
 # the activation functions tapped, as their names appear in a call (`torch.tanh(`, `x.clamp_(`, `F.leaky_relu(`)
 _ACT_CALL = re.compile(r"\b(tanh|sigmoid|relu6?|hardtanh|clamp|clip|leaky_relu|gelu|silu|elu|gumbel_softmax)_?\(")
+# a dropout called as a function (F.dropout(h, p=0.9, training=self.training)): its rate, read where training
+_DROPOUT_CALL = re.compile(r"\b(?:F|functional|torch)\.(?:feature_)?(?:alpha_)?dropout(?:[123]d)?\(")
+DROPOUT_FUNCS = frozenset({"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+                           "dropout3d"})
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # frames between the user's call and the mode: Python-level torch functions dispatching to it
 _DISPATCH_FILES = tuple(os.path.join(_TORCH_DIR, *p) for p in (("overrides.py",), ("nn", "functional.py"),
@@ -104,15 +108,31 @@ def stand_in(name: str, args: tuple, kwargs: dict) -> nn.Module | None:
 
 def _source_calls(obj: Any) -> bool:
     try:
-        return bool(_ACT_CALL.search(inspect.getsource(obj)))
+        source = inspect.getsource(obj)
+        return bool(_ACT_CALL.search(source) or _DROPOUT_CALL.search(source))
     except (OSError, TypeError):
         return False
 
 
+def calls_dropout(model: nn.Module) -> bool:
+    """Whether a module of the user's own classes (not torch's) has a ``forward`` whose source calls a dropout as a
+    function (``F.dropout``, ``torch.dropout``, the 1d/2d/3d and alpha ones)."""
+    for m in model.modules():
+        if type(m).__module__.startswith("torch."):
+            continue
+        try:
+            if _DROPOUT_CALL.search(inspect.getsource(type(m).forward)):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
+
+
 def calls_activations(model: nn.Module) -> bool:
-    """Whether the model may call an activation as a function: a module of the user's own classes (not torch's,
-    nor an activation class of its own, such as a GELU written out) whose ``forward`` source calls one, or that
-    holds one — ``torch.tanh``, or a function or lambda whose source calls one — as an attribute."""
+    """Whether the model may call an activation (or a dropout, ``F.dropout``) as a function: a module of the user's
+    own classes (not torch's, nor an activation class of its own, such as a GELU written out) whose ``forward``
+    source calls one, or that holds one — ``torch.tanh``, or a function or lambda whose source calls one — as an
+    attribute."""
     for m in model.modules():
         cls = type(m)
         if cls.__module__.startswith("torch.") or _ACTIVATION_CLASS.search(cls.__name__):
@@ -168,13 +188,15 @@ def _soft_sample(out: Tensor) -> Tensor | None:
 class FunctionalTap(TorchFunctionMode):
     """While the model's forward pass runs on an armed step: hands each activation function call to ``seen(name,
     args, kwargs, input node, output)`` — the input's autograd node taken before the call (an in-place call
-    replaces it)."""
+    replaces it) — and each dropout's rate, where it trains, to ``dropped(p)``."""
 
     def __init__(self, seen: Callable[[str, tuple, dict, Any, Tensor], None],
-                 summed: Callable[[tuple[Tensor, Any], tuple[Tensor, Any]], None] | None = None) -> None:
+                 summed: Callable[[tuple[Tensor, Any], tuple[Tensor, Any]], None] | None = None,
+                 dropped: Callable[[float], None] | None = None) -> None:
         super().__init__()
         self.seen = seen
         self.summed = summed  # each addition's terms as (tensor, its autograd node before the call)
+        self.dropped = dropped  # each dropout's p, where it runs in training
         self.open = False
 
     def enter(self) -> None:
@@ -198,6 +220,12 @@ class FunctionalTap(TorchFunctionMode):
             out = func(*args, **kwargs)
             self.summed(*terms)
             return out
+        if name in DROPOUT_FUNCS and self.dropped is not None:
+            p, training = kwargs.get("p", args[1] if len(args) > 1 else 0.5), kwargs.get(
+                "training", args[2] if len(args) > 2 else True)
+            if training and isinstance(p, (int, float)) and not isinstance(p, bool) and called_by_user():
+                self.dropped(float(p))
+            return func(*args, **kwargs)
         if not (_ACT_CALL.match(name + "(") and args and isinstance(args[0], Tensor) and args[0].is_floating_point()):
             return func(*args, **kwargs)
         node = args[0].grad_fn

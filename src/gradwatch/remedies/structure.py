@@ -531,6 +531,38 @@ class LogProbabilities(_Rebinding):
         return {**bound, "input": F.log_softmax(scores, dim=1 if scores.dim() >= 2 else 0)}
 
 
+class DropoutKept(_Rebinding):
+    """Every dropout called as a function while it is open (``F.dropout``, ``F.dropout1d/2d/3d``, the alpha ones) at
+    a rate of ``at_least`` or more runs at 1 − p: the keep probability it was likely meant as (TF1's keep_prob)."""
+
+    signatures = {name: ("input", "p", "training", "inplace") for name in (
+        "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d")}
+
+    def __init__(self, at_least: float) -> None:
+        super().__init__()
+        self.at_least = at_least
+
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
+        p = bound.get("p", 0.5)
+        if isinstance(p, (int, float)) and self.at_least <= p < 1:
+            bound["p"] = 1.0 - p
+        return bound
+
+
+class UnderMode(nn.Module):
+    """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
+    :class:`DropoutKept`). The model's parameters are its own (an optimizer over them trains it)."""
+
+    def __init__(self, model: nn.Module, mode: Callable[..., TorchFunctionMode], *args: Any) -> None:
+        super().__init__()
+        self.inner = model
+        self.mode, self.args = mode, args
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.mode(*self.args):
+            return self.inner(*args, **kwargs)
+
+
 class GumbelTemperature(nn.Module):
     """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
     ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""

@@ -139,11 +139,13 @@ class StepRecorder:
         self._depth = DepthOrder()
         # activations called as functions in the user's forward (torch.tanh(layer(x))): tapped for the model's
         # forward pass on the steps that record activations (gradwatch.probes.functional)
-        self.tap = (FunctionalTap(lambda *a: guard(self._functional_call, *a), lambda *a: guard(self._functional_sum, *a))
+        self.tap = (FunctionalTap(lambda *a: guard(self._functional_call, *a), lambda *a: guard(self._functional_sum, *a),
+                                  lambda p: guard(self._functional_dropout, p))
                     if model is not None and self.budget.schedules.get("activations") is not None
                     and calls_activations(model) else None)
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
         self._custom_kinds: list[str] = []  # the user's autograd.Function classes met between layers, so far
+        self._dropout_p = 0.0  # the largest rate of a dropout called as a function, so far
 
     # -- hooks: which are placed ---------------------------------------------------------
     def start(self, hooks: Hooks) -> None:
@@ -247,6 +249,13 @@ class StepRecorder:
         f = self.probes.functional
         if f.summed(a, b):  # a residual branch written in forward: its calls and layers, for the diagnosis
             self._writer.meta({"residual_calls": sorted(f.branch_calls), "residual_layers": sorted(f.branch_layers)})
+
+    def _functional_dropout(self, p: float) -> None:
+        """A dropout called as a function in training (``F.dropout(h, p)``): the largest rate so far, meta
+        ``functional_dropout_p`` (modules' rates are meta ``dropout_p``)."""
+        if p > self._dropout_p:
+            self._dropout_p = p
+            self._writer.meta({"functional_dropout_p": p})
 
     def _functional_id(self, name: str) -> int:
         kind = self.probes.custom.kinds.get(name)
