@@ -283,3 +283,71 @@ def test_the_doctor_runs_a_functional_dropout_at_the_keep_probability_it_was_mea
     assert report.baseline.findings == ["stalled"]
     assert report.best is not None and report.best.label.startswith("dropout rate p → 1 − p")
     assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"
+
+
+# -- round 21: a reentrant checkpoint after a frozen layer (transformers#21381) -----------------------------------------
+
+
+class _FrozenStemCheckpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.stem = nn.Linear(64, 64)  # "pretrained", frozen
+        self.stem.requires_grad_(False)
+        self.blocks = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8),
+                                    nn.ReLU())
+        self.head = nn.Linear(8, 10)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.stem(x)
+        h = checkpoint(self.blocks, h, use_reentrant=self.reentrant) if self.training else self.blocks(h)
+        return self.head(h)
+
+
+def _checkpointed(seed, reentrant=True):
+    """A frozen stem, then torch.utils.checkpoint(blocks, h, use_reentrant=True), then a head, Adam 3e-3 over the
+    trainable parameters; the twin: use_reentrant=False (the issue's fix)."""
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = _digits_standardised()
+    model = _FrozenStemCheckpointed(reentrant)
+    return gw.Trial(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3),
+                    _feed(xtr, ytr, seed), nn.CrossEntropyLoss(), evaluate=_accuracy(xte, yte))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_layers_a_reentrant_checkpoint_cut_off_are_told_so_and_the_non_reentrant_twin_is_not(store, seed):
+    """By hand: the blocks' .grad stays None (torch warns "None of the inputs have requires_grad=True") and the
+    held-out accuracy stays near chance; told that the reentrant checkpoint ran them, checkpoint_inputs first. The
+    twin (use_reentrant=False) learns, no finding."""
+    trial = _checkpointed(seed)
+    w = _train(trial, store, f"ckpt-{seed}", 300)
+    assert all(p.grad is None for p in trial.model.blocks.parameters()) and trial.evaluate(trial.model) < 0.5
+    assert open_run(store / f"ckpt-{seed}").meta.get("reentrant_checkpoint_layers") == ["blocks.0", "blocks.2",
+                                                                                        "blocks.4"]
+    (f,) = w.diagnose().problems
+    assert f.layers == ("blocks.0", "blocks.2", "blocks.4") and f.remedy_keys == ("checkpoint_inputs",)
+    assert f.cause.startswith("torch.utils.checkpoint(…, use_reentrant=True) ran blocks.0")
+
+    twin = _checkpointed(seed, reentrant=False)
+    tw = _train(twin, store, f"ckpt-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.9 and not tw.diagnose().problems
+    assert not open_run(store / f"ckpt-twin-{seed}").meta.get("reentrant_checkpoint_layers")
+
+
+def test_a_reentrant_checkpoint_whose_input_requires_grad_is_no_finding(store):
+    """The same reentrant checkpoint after a stem that trains: its input requires grad, the blocks get gradients
+    (the recomputation in backward runs them with grad on) and the run learns — no finding, whatever the meta says."""
+    trial = _checkpointed(0)
+    trial.model.stem.requires_grad_(True)
+    trial.optimizer.add_param_group({"params": list(trial.model.stem.parameters())})
+    w = _train(trial, store, "ckpt-trained-stem", 300)
+    assert all(p.grad is not None for p in trial.model.blocks.parameters()) and trial.evaluate(trial.model) > 0.9
+    assert not w.diagnose().problems
+
+
+def test_the_doctor_makes_a_reentrant_checkpoints_input_require_grad(tmp_path):
+    report = gw.doctor(_checkpointed, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.label.startswith("inputs that require grad")
+    assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"

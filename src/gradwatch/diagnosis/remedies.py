@@ -57,6 +57,9 @@ REMEDIES = {
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
                   "targets of shape (B,), or targets.view_as(out): (B, 1) against (B,) broadcasts to (B, B)",
+    "checkpoint_inputs": "torch.utils.checkpoint(…, use_reentrant=False), which gives the checkpointed layers "
+                         "gradients whatever their inputs; or an input that requires grad (x.requires_grad_(), "
+                         "transformers' model.enable_input_require_grads())",
     "log_softmax": "log-probabilities to the NLL loss: nn.LogSoftmax(dim=1) as the model's last layer "
                    "(F.log_softmax(z, dim=1)), or nn.CrossEntropyLoss on the raw scores, which applies it itself",
     "ctc_zero_infinity": "zero_infinity=True in torch.nn.CTCLoss / F.ctc_loss (an input too short for its target "

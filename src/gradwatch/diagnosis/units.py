@@ -528,18 +528,30 @@ def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
     names = cut_off_layers(run, s)
     if s is None or not names:
         return []
+    cause = ("the autograd graph is cut between these layers and the loss: something in forward takes their output "
+             "out of the graph (.detach(), a round trip through .numpy(), .item() or .tolist(), torch.no_grad(), "
+             "or a tensor rebuilt with torch.tensor(…))")
+    fixes, sources = remedies("check_graph"), ()
+    checkpointed = set(run_meta(run).get("reentrant_checkpoint_layers") or ()) & set(names)
+    if checkpointed:
+        # round 21 (transformers#21381): a frozen stem before checkpoint(blocks, h, use_reentrant=True), whose input
+        # needs no gradient, so the blocks never get one — torch warns "None of the inputs have requires_grad=True"
+        cause = (f"torch.utils.checkpoint(…, use_reentrant=True) ran {span(tuple(sorted(checkpointed)))}: the "
+                 "reentrant variant runs its function under torch.no_grad() and gives it gradients only where one of "
+                 "its inputs requires grad, and the input here does not (it comes from frozen layers, or from the "
+                 "data)")
+        fixes, sources = remedies("checkpoint_inputs"), ("meta reentrant_checkpoint_layers",)
     return [Finding(
         kind="stalled", severity="warning", layers=names, steps=(int(s.steps[0]), int(s.steps[-1])),
         summary=f"no gradient ever reaches layers {span(names)}: they never train",
         evidence=(f"{len(names)} layer{'s' if len(names) > 1 else ''} ({span(names)}) ran in the forward pass, but their "
                   f"parameters' .grad stayed None on every recorded step ({steps_text(int(s.steps[0]), int(s.steps[-1]))}), "
                   f"while {len(s.names)} other{'s' if len(s.names) > 1 else ''} ({span(tuple(s.names))}) got one."),
-        cause=("the autograd graph is cut between these layers and the loss: something in forward takes their output "
-               "out of the graph (.detach(), a round trip through .numpy(), .item() or .tolist(), torch.no_grad(), "
-               "or a tensor rebuilt with torch.tensor(…))"),
-        remedies=remedies("check_graph"),
+        cause=cause,
+        remedies=fixes,
         numbers={"layers": float(len(names))},
-        sources=(f"grad_norm (layers {span(tuple(s.names))}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})",),
+        sources=(f"grad_norm (layers {span(tuple(s.names))}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})",
+                 *sources),
     )]
 
 

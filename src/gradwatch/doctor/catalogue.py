@@ -183,6 +183,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "drop_output_relu": one("drop_output_relu", "the ReLU after the output layer dropped", s.drop_output_relu),
         "mean_reduction": one("mean_reduction", "the loss averaged over the batch, not summed", s.mean_reduction),
+        "checkpoint_inputs": one("checkpoint_inputs", "inputs that require grad (a reentrant checkpoint's)",
+                                 s.checkpoint_inputs),
         "log_softmax": one("log_softmax", "log_softmax before the NLL loss", s.log_softmax),
         "ctc_zero_infinity": one("ctc_zero_infinity", "CTC loss at zero_infinity=True", s.ctc_zero_infinity),
         "positions": one("positions", "sinusoidal positions added to the embedding (Vaswani et al. 2017)",

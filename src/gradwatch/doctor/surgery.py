@@ -733,6 +733,30 @@ def ctc_zero_infinity(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def _requiring_grad(x: Any) -> Any:
+    """``x`` as a tensor that requires grad, where it is a floating-point one that does not, under grad mode."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad and torch.is_grad_enabled():
+        return x.detach().requires_grad_()
+    return x
+
+
+def checkpoint_inputs(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model's floating-point inputs, and the outputs of its frozen modules (every parameter
+    ``requires_grad=False``), made to require grad by hooks — what transformers' ``enable_input_require_grads()``
+    does for its embeddings: a reentrant ``torch.utils.checkpoint`` after them then gives the layers it runs their
+    gradients (transformers#21381). Their own gradient is computed and left unused."""
+    frozen = [m for m in trial.model.modules()
+              if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+    trial.model.register_forward_pre_hook(
+        lambda module, args, kwargs: (tuple(_requiring_grad(a) for a in args),
+                                      {k: _requiring_grad(v) for k, v in kwargs.items()}), with_kwargs=True)
+    for m in frozen:
+        m.register_forward_hook(lambda module, args, out: _requiring_grad(out))
+    note_change(trial, "the inputs" + (f" and the outputs of {len(frozen)} frozen module{'s' if len(frozen) > 1 else ''}"
+                                       if frozen else "") + " made to require grad")
+    return trial
+
+
 def log_softmax(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The set-up's NLL loss on the log_softmax of its input (:class:`~gradwatch.remedies.structure.
     LogProbabilities`): log-probabilities, as nn.NLLLoss expects, where the model gives raw scores — a cross-entropy

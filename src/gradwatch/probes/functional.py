@@ -156,6 +156,23 @@ def called_by_user() -> bool:
     return f is not None and not f.f_code.co_filename.startswith(_TORCH_DIR)
 
 
+_CHECKPOINT_FILE = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
+CHECKPOINT_REACH = 40  # frames walked up from a layer's forward hook for a reentrant checkpoint's
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Whether the code running now was called from the forward of ``torch.utils.checkpoint``'s reentrant variant
+    (``CheckpointFunction.forward``, which runs its function under ``torch.no_grad()``)."""
+    f: types.FrameType | None = sys._getframe(1)
+    for _ in range(CHECKPOINT_REACH):
+        if f is None:
+            return False
+        if f.f_code.co_name == "forward" and f.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        f = f.f_back
+    return False
+
+
 SHAPE_REACH = 8  # nodes walked back through reshapes at most
 
 

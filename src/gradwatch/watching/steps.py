@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from gradwatch.layers import Anatomy
 from gradwatch.probes.attention_read import find_attention, find_softmax_sites
-from gradwatch.probes.functional import FunctionalTap, calls_activations
+from gradwatch.probes.functional import FunctionalTap, calls_activations, in_reentrant_checkpoint
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
@@ -146,6 +146,8 @@ class StepRecorder:
         self._at_step_end = at_step_end  # the watch checks its writer before the next step begins
         self._custom_kinds: list[str] = []  # the user's autograd.Function classes met between layers, so far
         self._dropout_p = 0.0  # the largest rate of a dropout called as a function, so far
+        self._ran_without_grad: set[str] = set()  # layers seen running with gradients off
+        self._checkpointed: list[str] = []  # ... of them, those inside a reentrant checkpoint
 
     # -- hooks: which are placed ---------------------------------------------------------
     def start(self, hooks: Hooks) -> None:
@@ -280,6 +282,8 @@ class StepRecorder:
             if site is not None:
                 self._custom_site(site)
         self._depth.note(self.layers[i].name, "layer")
+        if not grad and self.layers[i].name not in self._ran_without_grad:
+            self._no_grad_layer(self.layers[i].name)
         if grad:
             self.probes.custom.layer_output(self.layers[i].name, output)
         if self.tap is not None and self.tap.open:  # a pre-activation for the activation functions to come
@@ -288,6 +292,15 @@ class StepRecorder:
             t = self.meter.start("backprop")
             self.probes.layer_output(i, output, self._through_time)
             self.meter.stop("backprop", t)
+
+    def _no_grad_layer(self, name: str) -> None:
+        """A layer that ran with gradients off, the first time: where that was inside a reentrant
+        ``torch.utils.checkpoint`` (which runs its function under no_grad, and gives it gradients only where an input
+        requires grad), meta ``reentrant_checkpoint_layers``."""
+        self._ran_without_grad.add(name)
+        if in_reentrant_checkpoint():
+            self._checkpointed.append(name)
+            self._writer.meta({"reentrant_checkpoint_layers": list(self._checkpointed)})
 
     def activation_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
         self.buffer.release()
