@@ -531,7 +531,8 @@ def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
     cause = ("the autograd graph is cut between these layers and the loss: something in forward takes their output "
              "out of the graph (.detach(), a round trip through .numpy(), .item() or .tolist(), torch.no_grad(), "
              "or a tensor rebuilt with torch.tensor(…))")
-    fixes, sources = remedies("check_graph"), ()
+    fixes = remedies("check_graph")
+    sources: tuple[str, ...] = ()
     checkpointed = set(run_meta(run).get("reentrant_checkpoint_layers") or ()) & set(names)
     if checkpointed:
         # round 21 (transformers#21381): a frozen stem before checkpoint(blocks, h, use_reentrant=True), whose input
