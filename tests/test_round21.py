@@ -351,3 +351,75 @@ def test_the_doctor_makes_a_reentrant_checkpoints_input_require_grad(tmp_path):
     report = gw.doctor(_checkpointed, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label.startswith("inputs that require grad")
     assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"
+
+
+# -- round 21: an AdamW recipe's weight decay given to Adam, where it is L2 (mapbox/robosat#166) ------------------------
+
+
+def _decayed(seed, decoupled=False, wd=0.1):
+    """A digits MLP 64-128-128-10 at Adam(lr=1e-3, weight_decay=0.1); the twin: AdamW with the same settings."""
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = _digits_standardised()
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = (torch.optim.AdamW if decoupled else torch.optim.Adam)(model.parameters(), lr=1e-3, weight_decay=wd)
+    return gw.Trial(model, opt, _feed(xtr, ytr, seed), nn.CrossEntropyLoss(), evaluate=_accuracy(xte, yte))
+
+
+def _held_by_hand(trial, steps=300):
+    """‖g‖/(λ‖w‖) on each layer, medians over the last 100 of ``steps`` plain steps (each layer's weight and bias
+    together, as the watch reads a layer), and the held-out score."""
+    lam = trial.optimizer.param_groups[0]["weight_decay"]
+    layers = [m for m in trial.model if isinstance(m, nn.Linear)]
+    ratios: list[list[float]] = [[] for _ in layers]
+    for step in range(steps):
+        x, y = next(trial.batches)
+        loss = trial.loss_fn(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        if step >= steps - 100:
+            for i, m in enumerate(layers):
+                g = torch.cat([m.weight.grad.flatten(), m.bias.grad.flatten()]).norm()
+                w = torch.cat([m.weight.detach().flatten(), m.bias.detach().flatten()]).norm()
+                ratios[i].append(float(g / (lam * w)))
+        trial.optimizer.step()
+    return [float(np.median(r)) for r in ratios], trial.evaluate(trial.model)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adams_l2_weight_decay_that_holds_the_weights_is_told_and_the_adamw_twin_is_not(store, seed):
+    """By hand: the loss's gradient ends 1.1–1.9× λ‖w‖ on every layer (the L2 pull balances it), 0.84 held out;
+    told so, AdamW first, with the median layer's ratio near the hand's. AdamW's twin: 0.97, no finding."""
+    by_hand, score = _held_by_hand(_decayed(seed))
+    assert score < 0.9 and all(0.8 < r < 2.2 for r in by_hand)
+    trial = _decayed(seed)
+    w = _train(trial, store, f"wd-{seed}", 300)
+    (f,) = w.diagnose().problems
+    assert f.remedy_keys == ("adamw", "lower_wd") and f.summary.startswith("Adam's weight_decay=0.1 is an L2 term")
+    assert f.numbers["grad_over_decay"] == pytest.approx(float(np.median(by_hand)), rel=0.35)
+
+    twin = _decayed(seed, decoupled=True)
+    tw = _train(twin, store, f"wd-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.95 and not tw.diagnose().problems
+
+
+def test_a_weaker_l2_that_the_net_learns_through_is_no_finding(store):
+    """Adam at λ = 0.03: the median layer's gradient 2.3× λ‖w‖, the loss 2.2 → 0.19 and 0.96 held out: not told."""
+    trial = _decayed(0, wd=0.03)
+    w = _train(trial, store, "wd-weak", 300)
+    assert trial.evaluate(trial.model) > 0.95 and not w.diagnose().problems
+
+
+def test_the_doctor_swaps_adam_for_adamw_with_the_same_settings(tmp_path):
+    from gradwatch.doctor import surgery
+
+    trial = _decayed(0)
+    trial.optimizer.param_groups[0]["betas"] = (0.8, 0.99)
+    swapped = surgery.adamw(trial, {})
+    assert type(swapped.optimizer) is torch.optim.AdamW
+    group = swapped.optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.8, 0.99), 0.1)
+    assert surgery.adamw(_decayed(0, decoupled=True), {}) is None
+
+    report = gw.doctor(_decayed, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.label.startswith("AdamW in place of Adam")
+    assert report.best.score > 0.95 and report.checks[-1].verdict == "fixes it"

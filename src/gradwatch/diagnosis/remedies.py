@@ -57,6 +57,9 @@ REMEDIES = {
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
                   "targets of shape (B,), or targets.view_as(out): (B, 1) against (B,) broadcasts to (B, B)",
+    "adamw": "torch.optim.AdamW with the same settings (or Adam(…, decoupled_weight_decay=True)): its decay shrinks "
+             "the weights apart from the gradient, lr·λ·w a step, where Adam's weight_decay is an L2 term it "
+             "normalises (Loshchilov & Hutter 2019)",
     "checkpoint_inputs": "torch.utils.checkpoint(…, use_reentrant=False), which gives the checkpointed layers "
                          "gradients whatever their inputs; or an input that requires grad (x.requires_grad_(), "
                          "transformers' model.enable_input_require_grads())",

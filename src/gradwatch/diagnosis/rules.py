@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import (fit_architecture, heavy_dropout_findings, run_meta, stale_grad_findings,
-                                              unexplained_flat_findings)
+from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_architecture, heavy_dropout_findings, run_meta,
+                                              stale_grad_findings, unexplained_flat_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
@@ -89,6 +89,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += stale_grad_findings(found, view, th)  # .grad never zeroed, where no finding took it as its cause
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
+    found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights
     found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
     found += majority_findings(found, view, th)  # a binary classifier that answers one class only, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)

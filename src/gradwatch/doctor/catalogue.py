@@ -194,6 +194,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "divide_accumulated": one("divide_accumulated", f"learning rate {ACCUMULATED}", s.divide_accumulated),
         "mean_reduction_raise_lr": one("mean_reduction_raise_lr", "the loss averaged over the batch + learning rate ×10",
                                        Chain((s.mean_reduction, partial(s.scale_lr, 10.0)))),
+        "adamw": one("adamw", "AdamW in place of Adam (the decay decoupled)", s.adamw),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
         "lower_dropout": one("lower_dropout", "dropout rate p → 1 − p (0.9 → 0.1)", s.lower_dropout),
         "lower_eps": one("lower_eps", "Adam's eps 1e-8", s.lower_eps),

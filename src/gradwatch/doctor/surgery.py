@@ -205,6 +205,21 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def adamw(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """``torch.optim.AdamW`` in place of a ``torch.optim.Adam`` whose weight decay is an L2 term: the same groups and
+    settings (lr, betas, eps, weight_decay, amsgrad), the decay now decoupled from the gradient (Loshchilov & Hutter
+    2019; mapbox/robosat#166). None for another optimizer, or an Adam without weight decay or decoupled already."""
+    old = trial.optimizer
+    if (type(old) is not torch.optim.Adam or not any(g.get("weight_decay") for g in old.param_groups)
+            or any(g.get("decoupled_weight_decay") for g in old.param_groups)):
+        return None
+    keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+    trial.optimizer = torch.optim.AdamW([{"params": g["params"], **{k: g[k] for k in keys if k in g}}
+                                         for g in old.param_groups])
+    follow_optimizer(trial, old)
+    return trial
+
+
 def note_change(trial: Trial, words: str) -> None:
     """Say what a change did beyond its label (where the skips went, what it kept): the row's notes and the best
     remedy's message carry it (``TrialResult.changed``); changes combined in one row are joined by "; "."""

@@ -49,6 +49,8 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "optimizer_lrs": sorted({float(g["lr"]) for g in optimizer.param_groups if isinstance(g.get("lr"), numbers.Real)})
                          if optimizer is not None else None,
         "optimizer_weight_decay": max_group(optimizer, "weight_decay"),
+        # Adam's, NAdam's, RAdam's decoupled_weight_decay=True (AdamW's decay): else their weight decay is an L2 term
+        "optimizer_decoupled_wd": max_group(optimizer, "decoupled_weight_decay"),
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
         "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)
         # The floating dtypes the trainable parameters are kept in: float16 weights (model.half()) round an eps of
