@@ -423,3 +423,107 @@ def test_the_doctor_swaps_adam_for_adamw_with_the_same_settings(tmp_path):
     report = gw.doctor(_decayed, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label.startswith("AdamW in place of Adam")
     assert report.best.score > 0.95 and report.checks[-1].verdict == "fixes it"
+
+
+# -- round 21: a regression's data sorted by its target, read in order (the common-mistakes guide, CV q. 180827) ------
+
+
+def _friedman():
+    from sklearn.datasets import make_friedman1
+    from sklearn.model_selection import train_test_split
+
+    x, y = make_friedman1(n_samples=6000, n_features=10, noise=0.5, random_state=0)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0)
+    mu, sd, ym, ys = xtr.mean(0), xtr.std(0), ytr.mean(), ytr.std()
+    as_x = lambda a: torch.tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
+    as_y = lambda a: torch.tensor((a - ym) / ys, dtype=torch.float32)[:, None]  # noqa: E731
+    return as_x(xtr), as_y(ytr), as_x(xte), as_y(yte)
+
+
+def _r2(xte, yte):
+    def score(model):
+        with torch.no_grad():
+            p = torch.nan_to_num(model(xte), nan=1e6, posinf=1e6, neginf=-1e6)
+        return float(1 - ((p - yte) ** 2).sum() / ((yte - yte.mean()) ** 2).sum())
+    return score
+
+
+def _in_order(x, y, size=32):
+    while True:
+        for i in range(0, len(x) - size + 1, size):
+            yield x[i:i + size], y[i:i + size]
+
+
+def _sorted(seed, shuffle=False, offset=0.0):
+    """An MLP 10-64-64-1 at Adam 3e-3 under MSE on Friedman-1 (standardised), the training file sorted by its target
+    and read in order, batches of 32; the twin shuffles every epoch. ``offset`` moves the targets off 0."""
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = _friedman()
+    order = torch.argsort(ytr[:, 0])
+    xs, ys = xtr[order], ytr[order] + offset
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    batches = _feed(xs, ys, seed, 32) if shuffle else _in_order(xs, ys)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches, nn.MSELoss(),
+                    evaluate=_r2(xte, yte + offset))
+
+
+def _sweep_by_hand(trial, steps=300, every=16):
+    """(the spread across reads of each read batch's mean output, the median spread of a batch's outputs about it),
+    reads every ``every`` steps after the first, by hand."""
+    means, within = [], []
+    for step in range(steps):
+        x, y = next(trial.batches)
+        out = trial.model(x)
+        if step % every == 0 and step > 0:
+            means.append(float(out.detach().mean()))
+            within.append(float(out.detach().std(unbiased=False)))
+        loss = trial.loss_fn(out, y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        trial.optimizer.step()
+    return float(np.std(np.abs(means))), float(np.median(within))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_regression_read_in_the_order_of_its_targets_is_told_to_shuffle_and_its_twin_is_not(store, seed):
+    """By hand: each batch's outputs sit close together while their mean sweeps the range (its spread across reads
+    3× a batch's own or more; R² below 0). Told "the batches are not shuffled", shuffling first. The twin (shuffled
+    every epoch) learns (R² > 0.9), its batch means barely move, and nothing is found."""
+    sweep, own = _sweep_by_hand(_sorted(seed))
+    assert sweep > 3 * own
+    trial = _sorted(seed)
+    w = _train(trial, store, f"sorted-{seed}", 300)
+    assert trial.evaluate(trial.model) < 0.5
+    problems = w.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "shuffle" and "the batches are not shuffled" in f.cause
+                            for f in problems)
+
+    twin_sweep, twin_own = _sweep_by_hand(_sorted(seed, shuffle=True))
+    assert twin_sweep < 0.5 * twin_own
+    twin = _sorted(seed, shuffle=True)
+    tw = _train(twin, store, f"sorted-twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > 0.9 and not tw.diagnose().problems
+
+
+def test_shuffled_targets_far_from_zero_and_a_regression_that_learns_nothing_sweep_nothing(store):
+    """Targets at +250 (a batch's outputs close together against their mean, but the mean steady), and targets of
+    pure noise (the output near a constant): neither is read as sorted."""
+    from gradwatch.diagnosis.batches import sorted_targets_words
+    from gradwatch.diagnosis.thresholds import Thresholds
+
+    far = _sorted(0, shuffle=True, offset=250.0)
+    _train(far, store, "far", 300)
+    assert sorted_targets_words(open_run(store / "far"), Thresholds()) == ""
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4000, 10), torch.randn(4000, 1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    noise = gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _feed(x, y, 0, 32), nn.MSELoss())
+    _train(noise, store, "noise", 300)
+    assert sorted_targets_words(open_run(store / "noise"), Thresholds()) == ""
+
+
+def test_the_doctor_shuffles_a_regression_read_in_the_order_of_its_targets(tmp_path):
+    report = gw.doctor(_sorted, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.label == "batches shuffled"
+    assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"
