@@ -527,3 +527,76 @@ def test_the_doctor_shuffles_a_regression_read_in_the_order_of_its_targets(tmp_p
     report = gw.doctor(_sorted, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label == "batches shuffled"
     assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"
+
+
+# -- round 22: an nn.LSTM read at h_n only stopped the recording; the diagnosis of what was kept then raised ---------
+
+
+class _LastState(nn.Module):
+    """An nn.LSTM (sequence first, as its default) classified from h_n, its sequence output unused."""
+
+    def __init__(self, cell=False):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(8, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return self.head(h[-1])
+
+
+def test_an_lstm_read_at_its_last_state_only_is_watched_to_the_end(tmp_path):
+    """The sequence output gets no gradient where h_n does: its hooks are handed None, which stopped the recording at
+    step 0 ('NoneType' object has no attribute 'detach'). Watched now with no warning, every step recorded, the
+    hidden state's gradient through time read, and the parameters bit-identical to an unwatched run's."""
+    import warnings
+
+    def run(watched):
+        torch.manual_seed(0)
+        model = _LastState()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+
+        def steps(w=None):
+            for _ in range(30):
+                x, y = torch.randn(12, 16, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if w is not None:
+                    w.log(loss=loss)
+        if watched:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", gw.GradwatchWarning)
+                with gw.watch(model, opt, store=tmp_path, name="lstm-hn") as w:
+                    steps(w)
+            return model, w
+        steps()
+        return model, None
+
+    watched, w = run(True)
+    plain, _ = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
+    stored = open_run(tmp_path / "lstm-hn")
+    assert int(stored.series("loss", "run").steps[-1]) == 29
+    assert "temporal_grad_norm" in stored.quantities
+    w.diagnose()  # (random labels: what it finds is not the point; that it reads the whole run is)
+
+
+def test_a_store_whose_recording_stopped_within_its_first_step_is_diagnosed(tmp_path, monkeypatch):
+    """A probe that fails at step 0 stops the recording (a GradwatchWarning) after the step registered its
+    quantities' names: those names hold no record, so the store lists no such quantity and the diagnosis of what
+    was kept runs (it raised IndexError)."""
+    from gradwatch.probes import backprop
+
+    def broken(self, layer, grad):
+        raise RuntimeError("a probe that fails")
+    monkeypatch.setattr(backprop.BackpropProbe, "add", broken)
+    trial = _dropout(0, p=0.1)
+    with pytest.warns(gw.GradwatchWarning, match="stopped recording at step 0"):
+        with gw.watch(trial.model, trial.optimizer, store=tmp_path, name="stopped") as w:
+            gw.zoo.train.readme_loop(trial, w, 5)
+    run = open_run(tmp_path / "stopped")
+    for q in run.quantities:
+        assert run.series(q).values.size, q
+    assert not w.diagnose().problems

@@ -415,7 +415,17 @@ class Run:
 
     @property
     def quantities(self) -> list[str]:
-        return sorted(self._quantities.values())
+        """The quantities with at least one record: a name registered by a step that was never written (a watch
+        that stopped recording within it) is not one."""
+        mark = self._con.execute("SELECT (SELECT MAX(rowid) FROM records), (SELECT MAX(id) FROM layouts)").fetchone()
+        if getattr(self, "_held_mark", None) != mark:  # read again only where a writer added records or a layout
+            held = {int(q) for (q,) in self._con.execute("SELECT DISTINCT quantity FROM records")}
+            for blob, in self._con.execute("SELECT keys FROM layouts"):
+                held.update(np.frombuffer(blob, dtype=KEY_DTYPE).reshape(-1, 3)[:, 1].tolist())
+            if not held <= self._quantities.keys():
+                self._load_names()
+            self._held_mark, self._held = mark, held
+        return sorted(n for i, n in self._quantities.items() if i in self._held)
 
     def records(self, quantity: str | None = None, kind: str | None = None,
                 positioned: bool | None = None) -> dict[str, np.ndarray]:

@@ -360,7 +360,9 @@ class TemporalProbe:
     def _cell_hook(self, guard: Callable[[Callable[[], None]], None], name: str, pos: int, g: Tensor) -> None:
         guard(lambda: self._cell_grad(name, pos, g))
 
-    def _cell_grad(self, name: str, pos: int, g: Tensor) -> None:
+    def _cell_grad(self, name: str, pos: int, g: Tensor | None) -> None:
+        if g is None:  # a state the loss does not read, where another output of the cell's call is read
+            return
         sq = g.detach().double().pow(2).sum().to(self.device)
         key = (name, pos)
         self._cell_norms[key] = self._cell_norms[key] + sq if key in self._cell_norms else sq
@@ -437,6 +439,8 @@ def lambda1(w: Tensor) -> Tensor:
     return torch.linalg.svdvals(w)[:1]
 
 
-def _accumulate(grads: dict[str, Tensor], key: str, g: Tensor) -> None:
+def _accumulate(grads: dict[str, Tensor], key: str, g: Tensor | None) -> None:
+    if g is None:  # an output the loss does not read, where another of the module's does (an LSTM read at h_n only)
+        return
     g = g.detach()
     grads[key] = grads[key] + g if key in grads else g

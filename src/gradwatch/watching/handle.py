@@ -372,10 +372,10 @@ class Watch:
     def _on_output_grad(self, grad: Tensor) -> None:
         self._run_guarded(self._output_signs, grad)
 
-    def _output_signs(self, grad: Tensor) -> None:
+    def _output_signs(self, grad: Tensor | None) -> None:
         """The share of the first output's gradient entries below 0: under a binary cross-entropy on logits,
         ∂L/∂z = c·(σ(z) − y) with c > 0, negative exactly where the target is 1 — its positive rate."""
-        if self._output_start is not None and self._output_start[2] is None:
+        if grad is not None and self._output_start is not None and self._output_start[2] is None:
             node, mean, _ = self._output_start
             self._output_start = (node, mean, float((grad.detach() < 0).float().mean()))
 

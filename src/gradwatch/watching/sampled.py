@@ -117,8 +117,10 @@ class SampledProbes:
         """Whether the running backward pass fills the parameters' ``.grad`` (:meth:`_fills_grad`)."""
         return self._fills_grad()
 
-    def _output_grad(self, layer: int, call: int, grad: Tensor) -> None:
-        if self._fills_grad():
+    def _output_grad(self, layer: int, call: int, grad: Tensor | None) -> None:
+        # a layer's output the loss does not read gets None where another output of the same node gets a gradient
+        # (round 22: an nn.LSTM read at h_n only, its sequence output unused)
+        if grad is not None and self._fills_grad():
             norm = self.backprop.add(layer, grad)
             if call:
                 self.loops.add(layer, call, norm)

@@ -213,18 +213,18 @@ class StepRecorder:
     def _on_binary_grad(self, grad: Tensor) -> None:
         self.probes.timed("backprop", self._binary_targets, grad)
 
-    def _binary_targets(self, grad: Tensor) -> None:
+    def _binary_targets(self, grad: Tensor | None) -> None:
         """The share of a one-score-a-sample output's gradient entries below 0, in the backward pass that fills
         ``.grad``: under a binary cross-entropy, ∂L/∂z = c·(σ(z) − y) with c > 0 (and ∂L/∂p = (p − y)/(p(1 − p)) on
         probabilities) is negative exactly where the target is 1 — the batch's positive rate, ``target_positive``."""
-        if self.probes.fills_grad():
+        if grad is not None and self.probes.fills_grad():
             self.add_scalar("target_positive", (grad.detach() < 0).double().mean())
 
-    def _batch_labels(self, grad: Tensor) -> None:
+    def _batch_labels(self, grad: Tensor | None) -> None:
         """The labels of a batch scored by cross-entropy, read off the output's gradient (:func:`gradwatch.probes.
         output.batch_labels`) in the backward pass that fills ``.grad``: the run's ``batch_classes``,
         ``batch_class_min``, ``label_rows`` and ``output_classes``."""
-        if self.probes.fills_grad():
+        if grad is not None and self.probes.fills_grad():  # (None: an output the loss does not read)
             rows = labelled(grad)
             for name, value in zip(("batch_classes", "batch_class_min", "label_rows", "output_classes"),
                                    batch_labels(grad, rows)):
