@@ -3,6 +3,7 @@ without warm-up needs, and the learning rate where Adam runs hot."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable
 
@@ -93,6 +94,42 @@ def heavy_weight_decay(run: Run) -> str:
     return (f"the weight decay: {opt} with weight_decay {wd:g} at lr {lr:g} shrinks every weight by about "
             f"{wd * lr:.0%} a step, which pulls the net towards zero faster than its gradient can move it "
             f"(over-regularised: it ends predicting one answer)")
+
+
+def swapped_betas(run: Run) -> str:
+    """Words for Adam-type betas outside Adam's convergence condition, γ = β1²/√β2 < 1 (Kingma & Ba 2015,
+    Theorem 4.1) — ('' otherwise): (0.999, 0.9), the usual (0.9, 0.999) the other way round, averages the first
+    moment over ~1000 steps and the second over ~10, so m̂/√v̂ is no longer held near 1 and the steps run away.
+    Round 22: a CNN on digits under Adam(betas=(0.999, 0.9)), its weights moved ×400 the twin's, 0.81–0.85 held out
+    against 0.94–0.96, "the gradients look healthy"."""
+    meta = run_meta(run)
+    betas, opt = meta.get("optimizer_betas"), meta.get("optimizer")
+    if opt not in ADAM_TYPES or not isinstance(betas, list) or len(betas) != 2:
+        return ""
+    b1, b2 = betas
+    if not (0 <= b1 < 1 and 0 < b2 < 1) or b1 * b1 < math.sqrt(b2):
+        return ""
+    return (f"{opt}'s betas=({b1:g}, {b2:g}): β1²/√β2 = {b1 * b1 / math.sqrt(b2):.3g} ≥ 1, outside Adam's convergence "
+            f"condition (Kingma & Ba 2015, Thm 4.1) — the first moment averages ~{1 / (1 - b1):.0f} steps and the "
+            f"second ~{1 / (1 - b2):.0f}, so m̂/√v̂ is not held near 1 and the steps run away"
+            + (" (the usual (0.9, 0.999), swapped)" if b1 > b2 else ""))
+
+
+def swapped_betas_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Adam-type betas outside the convergence condition (:func:`swapped_betas`) where no rule found a problem: one
+    ``exploding`` warning of its own (its words join any other finding's cause through :func:`fit_architecture`)."""
+    words = swapped_betas(run)
+    if not words or any(f.severity != "info" for f in found):
+        return []
+    steps = run.series("loss", "run").steps if "loss" in run.quantities else np.array([0])
+    ends = loss_ends(run, th)
+    went = "" if ends is None else f"; the logged loss went {loss_went(run, th, ends)}"
+    return [Finding(
+        kind="exploding", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary="Adam's betas are outside its convergence condition: its steps are not held near the learning rate",
+        evidence=f"read off the optimizer's first parameter group{went}.",
+        cause=words, remedies=remedies("adam_betas"),
+        sources=("meta optimizer_betas",))]
 
 
 def heavy_momentum(run: Run) -> str:
@@ -389,6 +426,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (lr_without_warmup, ("warmup", "lower_lr"), _DEPTH_KINDS),
     (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),
     (heavy_momentum, ("lower_momentum",), _ANY_KIND),
+    (swapped_betas, ("adam_betas",), _ANY_KIND),
     (heavy_dropout, ("lower_dropout",), _ANY_KIND),
     (zero_init, ("he_init",), _ANY_KIND),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
@@ -437,8 +475,8 @@ def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
 
 def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """A loss that stays flat while no rule finds a problem in the gradients, in a set-up with a known cause: one
-    ``stalled`` warning, for :func:`fit_architecture` to give that cause and its remedies (else nothing: a flat
-    loss alone is also a converged run resumed).
+    ``stalled`` warning, for :func:`fit_architecture` to give that cause and its remedies (else nothing here: a
+    flat loss alone is also a converged run resumed; :func:`outside_gradients_note` says so last).
 
     Measured (fifteenth session): a 4-layer Post-LN ViT on digits at Adam 1e-2 without warm-up, on one thread of
     an AMD EPYC, seed 0: loss 2.35 → 2.20 in 120 steps, the embedding's gradient 1.5·10⁻³–3·10⁻² of the head's
@@ -450,12 +488,28 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
     flat = flat_loss(run, th)
     if flat is None or not set_up_causes(run):
         return []
+    return [flat_loss_finding(run, th, flat, "warning", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _FLAT_AFTER,
+                              "a flat loss that the gradients do not explain", ())]
+
+
+_FLAT_SUMMARY = "the loss does not fall ({} → {}), and no rule finds the gradients at fault"
+_FLAT_AFTER = (" while the gradients passed every check: none vanishes or explodes across depth or time, no layer "
+               "stalls, no unit saturates or dies.")
+
+
+def outside_gradients_note(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A flat loss where, after every rule, nothing was found: an ``info`` note that the cause, if the run should
+    learn, lies outside the gradients (a converged run resumed is flat too: no warning). Round 22: inputs no longer
+    paired with their labels — a view where a transpose was meant, a padding mask inverted — at chance, and "the
+    gradients look healthy"."""
+    flat = flat_loss(run, th)
+    if flat is None or any(f.severity != "info" for f in found):
+        return []
     return [flat_loss_finding(
-        run, th, flat, "warning",
-        f"the loss does not fall ({sci(flat[0])} → {sci(flat[1])}), and no rule finds the gradients at fault",
-        " while the gradients passed every check: none vanishes or explodes across depth or time, no layer stalls, no "
-        "unit saturates or dies.",
-        "a flat loss that the gradients do not explain", ())]
+        run, th, flat, "info", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _FLAT_AFTER,
+        "a flat loss the gradients do not explain: if the run should learn, look outside the gradients — the inputs' "
+        "pairing with their targets (a view or reshape where a transpose was meant, inputs and targets shuffled "
+        "apart), a mask that keeps the wrong entries, targets that carry no signal", ())]
 
 
 GROWS_AT_START = 10.0  # the first read's ‖∂L/∂a‖ at the first layer this many times the last's: growth across depth
@@ -498,8 +552,10 @@ def _batch_norm_without_skips(run: Run, deep_plain: bool) -> str:
             f"blocks remove it")
 
 
-# Remedies whose cause no optimiser can help: no gradient at all, a layer no optimizer holds, a rate scheduled to ~0
-_NOT_THE_OPTIMISER = frozenset({"adam", "output_activation", "check_graph", "rebuild_optimizer", "schedule_per_epoch"})
+# Remedies whose cause no optimiser can help: no gradient at all, a layer no optimizer holds, a rate scheduled to ~0,
+# gradients cleared before the step, layers a reentrant checkpoint cut off
+_NOT_THE_OPTIMISER = frozenset({"adam", "output_activation", "check_graph", "rebuild_optimizer", "schedule_per_epoch",
+                                "zero_grad_order", "checkpoint_inputs"})
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:

@@ -60,6 +60,9 @@ REMEDIES = {
     "adamw": "torch.optim.AdamW with the same settings (or Adam(…, decoupled_weight_decay=True)): its decay shrinks "
              "the weights apart from the gradient, lr·λ·w a step, where Adam's weight_decay is an L2 term it "
              "normalises (Loshchilov & Hutter 2019)",
+    "adam_betas": "Adam's usual betas=(0.9, 0.999): β1 for the step's direction (~10 steps), β2 for its scale (~1000)",
+    "zero_grad_order": "optimizer.zero_grad() before the forward pass (or right after optimizer.step()), never "
+                       "between loss.backward() and optimizer.step(); and the step after the backward",
     "checkpoint_inputs": "torch.utils.checkpoint(…, use_reentrant=False), which gives the checkpointed layers "
                          "gradients whatever their inputs; or an input that requires grad (x.requires_grad_(), "
                          "transformers' model.enable_input_require_grads())",

@@ -18,7 +18,8 @@ from dataclasses import replace
 import numpy as np
 
 from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_architecture, heavy_dropout_findings, run_meta,
-                                              stale_grad_findings, unexplained_flat_findings)
+                                              outside_gradients_note, stale_grad_findings, swapped_betas_findings,
+                                              unexplained_flat_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
@@ -35,6 +36,7 @@ from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import temporal_findings
 from gradwatch.diagnosis.units import (
+    cleared_grad_findings,
     activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
     softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
 )
@@ -76,7 +78,8 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     if not found:  # a flat loss while nothing moves: a rate a schedule took to ~0, or too small a rate
         found += lr_collapse_findings(view, th) or tiny_step_findings(view, th)
     found += activation_findings(view, th) + relaxation_findings(view, th) + dead_output_findings(view, th) + skipped
-    zero = zero_gradient_findings(view, th)  # no gradient at all (a softmax over one unit): that finding says why
+    # no gradient at all (a softmax over one unit), or none left when the optimizer steps: that finding says why
+    zero = zero_gradient_findings(view, th) or cleared_grad_findings(view, th)
     unheld = unoptimised_findings(view, th)  # layers no optimizer holds: they never move, and that says why
     stalled = [f for f in stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
                if not (unheld and set(f.layers) <= set(unheld[0].layers))]
@@ -90,11 +93,13 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights
+    found += swapped_betas_findings(found, view, th)  # Adam's betas swapped: steps no longer held near lr
     found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
     found += majority_findings(found, view, th)  # a binary classifier that answers one class only, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
     found = unshuffled(found, view, th)  # batches that hold a few classes each, in turn: the cause comes first
     found = nll_on_scores_findings(found, view, th)  # an NLL loss on raw scores: unbounded below, whatever else
+    found += outside_gradients_note(found, view, th)  # a flat loss with nothing found: the cause is elsewhere
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))
 

@@ -672,6 +672,34 @@ def _loss_at_zero(run: Run, start: int) -> bool:
     return bool(len(late)) and bool((late == 0).all())
 
 
+def cleared_grad_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """No parameter moved at all — every layer's update ratio exactly 0 on every read step — and no gradient was
+    there when the optimizer stepped (no ``grad_norm`` recorded: ``.grad`` None at every step): the gradients are
+    cleared between the backward pass and the step. Round 22 (the "where does zero_grad() go" tutorials):
+    ``loss.backward(); optimizer.zero_grad(); optimizer.step()`` on breast cancer, nothing moved in 300 steps, the
+    loss flat at 0.69, a constant's score — and "the gradients look healthy"."""
+    if "update_ratio" not in run.quantities or "grad_norm" in run.quantities:
+        return []
+    u = run.series("update_ratio")
+    if len(u.steps) < th.window or not len(u.names) or not (np.isfinite(u.values).all() and (u.values == 0).all()):
+        return []
+    reached = "out_grad_norm" in run.quantities
+    return [Finding(
+        kind="stalled", severity="critical", layers=tuple(u.names), steps=(int(u.steps[0]), int(u.steps[-1])),
+        summary="no parameter moved: no layer had a gradient when the optimizer stepped",
+        evidence=(f"the update ratio ‖Δw‖/‖w‖ is exactly 0 on all {len(u.names)} layers at every one of the "
+                  f"{len(u.steps)} steps read, and no parameter's .grad held a gradient at the step"
+                  + (", though the backward pass reached the layers (‖∂L/∂a‖ read)" if reached else "") + "."),
+        cause=("the gradients are cleared between loss.backward() and optimizer.step(): a zero_grad() (the "
+               "optimizer's or the model's) called in between" if reached else
+               "the optimizer steps before any backward pass has filled .grad (optimizer.step() before "
+               "loss.backward(), or a zero_grad() between them)"),
+        remedies=remedies("zero_grad_order"),
+        numbers={"layers": float(len(u.names)), "steps": float(len(u.steps))},
+        sources=("update_ratio (layers)", "grad_norm (none recorded)") + (("out_grad_norm",) if reached else ()),
+    )]
+
+
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Every layer's gradient exactly 0 over the last ``window`` steps: nothing trains (stalled, critical).
 

@@ -97,7 +97,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
-                     "master_weights", "pack"})
+                     "master_weights", "pack", "zero_grad_order"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -194,6 +194,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "divide_accumulated": one("divide_accumulated", f"learning rate {ACCUMULATED}", s.divide_accumulated),
         "mean_reduction_raise_lr": one("mean_reduction_raise_lr", "the loss averaged over the batch + learning rate ×10",
                                        Chain((s.mean_reduction, partial(s.scale_lr, 10.0)))),
+        "adam_betas": one("adam_betas", "Adam's betas (0.9, 0.999)", s.adam_betas),
         "adamw": one("adamw", "AdamW in place of Adam (the decay decoupled)", s.adamw),
         "lower_wd": one("lower_wd", "weight decay ×0.001", s.lower_wd),
         "lower_dropout": one("lower_dropout", "dropout rate p → 1 − p (0.9 → 0.1)", s.lower_dropout),
@@ -209,6 +210,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "gradient_penalty": [],  # the critic's loss is the set-up's own: nothing the doctor can reach
         "backward_singularity": [],  # the operation is in the user's forward: the doctor names its line instead
         "logits_loss": [],  # the output activation and the loss are the user's
+        "zero_grad_order": [],  # where the loop clears .grad is the user's loop (a Trial's own step())
         "gate_bias": [],  # a gated cell's biases: which gate is which is the cell's own convention
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),

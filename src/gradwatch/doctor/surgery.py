@@ -220,6 +220,15 @@ def adamw(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def adam_betas(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every parameter group's ``betas`` set to Adam's usual (0.9, 0.999); None where no group has other betas."""
+    groups = [g for g in trial.optimizer.param_groups
+              if isinstance(g.get("betas"), (tuple, list)) and tuple(map(float, g["betas"])) != (0.9, 0.999)]
+    for g in groups:
+        g["betas"] = (0.9, 0.999)
+    return trial if groups else None
+
+
 def note_change(trial: Trial, words: str) -> None:
     """Say what a change did beyond its label (where the skips went, what it kept): the row's notes and the best
     remedy's message carry it (``TrialResult.changed``); changes combined in one row are joined by "; "."""

@@ -52,6 +52,7 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Adam's, NAdam's, RAdam's decoupled_weight_decay=True (AdamW's decay): else their weight decay is an L2 term
         "optimizer_decoupled_wd": max_group(optimizer, "decoupled_weight_decay"),
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
+        "optimizer_betas": first_betas(optimizer),  # Adam's (β1, β2): swapped, the steps run away
         "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)
         # The floating dtypes the trainable parameters are kept in: float16 weights (model.half()) round an eps of
         # 1e-8 to 0, and torch.amp.GradScaler refuses their gradients.
@@ -108,6 +109,17 @@ def output_modules(model: nn.Module) -> list[str]:
     from gradwatch.remedies.structure import after_last_layer
 
     return [type(m).__name__ for m in after_last_layer(model)]
+
+
+def first_betas(optimizer: torch.optim.Optimizer | None) -> list[float] | None:
+    """The first parameter group's ``betas`` (Adam-type optimizers'), as two floats; None without them."""
+    betas = optimizer.param_groups[0].get("betas") if optimizer is not None and optimizer.param_groups else None
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        return None
+    try:
+        return [float(b) for b in betas]
+    except (TypeError, ValueError):
+        return None
 
 
 def max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
