@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch import zoo
+from conftest import SEED_0_FAST
 
 ITERS, WIDTH = 40, 64
 
@@ -155,7 +156,7 @@ def _plain_convs(seed: int) -> gw.Trial:
     return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), batches(), F.cross_entropy)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", SEED_0_FAST)
 def test_a_plain_conv_stack_whose_units_die_is_offered_normalisation_among_the_first_remedies(store, seed):
     """Round 11: a 20-conv plain ReLU stack at the default init (signal ×0.4 a layer, then units off by their
     biases' sign) was told of LeakyReLU, zero biases, He init and lower rates first; a doctor's budget of 180 s
