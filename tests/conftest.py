@@ -54,6 +54,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
 
 
+def shuffled_batches(x, y, seed, size=64):
+    """Batches of ``size`` drawn from (x, y) without replacement, reshuffled every epoch, seeded by ``seed``."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    while True:
+        idx = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - size + 1, size):
+            yield x[idx[i:i + size]], y[idx[i:i + size]]
+
+
 @pytest.fixture
 def store(tmp_path):
     return tmp_path / "runs"

@@ -18,6 +18,7 @@ from gradwatch import trial as trial_module
 from gradwatch.diagnosis.findings import sci
 from gradwatch.store import open_run
 from gradwatch.zoo.train import readme_watched
+from conftest import shuffled_batches as _feed
 
 
 _train = readme_watched
@@ -33,14 +34,6 @@ def _rare(n, seed, rate=0.05, shift=0.8):
     x = torch.randn(n, 20, generator=g)
     x[:, :3] += shift * y[:, None]
     return x, y[:, None]
-
-
-def _feed(x, y, seed, size=64):
-    g = torch.Generator().manual_seed(1000 + seed)
-    while True:
-        idx = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - size + 1, size):
-            yield x[idx[i:i + size]], y[idx[i:i + size]]
 
 
 def _balanced_accuracy(model, x, y, at=0.0):

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.store import open_run
 from gradwatch.zoo.train import readme_watched
+from conftest import shuffled_batches as _feed
 
 
 _train = readme_watched
@@ -36,14 +37,6 @@ def _rare_classes(n, seed, rates=(0.05, 0.05, 0.05), shift=0.9):
     for k in range(1, len(rates) + 1):
         x[y == k, 3 * (k - 1):3 * k] += shift
     return x, y
-
-
-def _feed(x, y, seed, size=64):
-    g = torch.Generator().manual_seed(1000 + seed)
-    while True:
-        idx = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - size + 1, size):
-            yield x[idx[i:i + size]], y[idx[i:i + size]]
 
 
 def _four_classes(seed, weighted=False):
