@@ -193,7 +193,8 @@ def coupled_decay_findings(found: list[Finding], run: Run, th: Thresholds) -> li
     ``decoupled_weight_decay``), strong enough to hold the weights: over the last third of the reads, the loss's
     gradient on the median layer is within :data:`HELD_WITHIN` of λ‖w‖ — where the two balance, Adam's normalised
     step is near 0 and the weights stop where the L2 pull meets the loss's — the loss ending above
-    :data:`HELD_LOSS_ABOVE` of its start, and no rule found a problem: one ``stalled`` warning. Loshchilov & Hutter 2019: in Adam, L2 is not weight decay; AdamW decouples it.
+    :data:`HELD_LOSS_ABOVE` of its start, and no rule found a problem: one ``stalled`` warning. Loshchilov & Hutter
+    2019: in Adam, L2 is not weight decay; AdamW decouples it.
 
     Measured (round 21, mapbox/robosat#166: a digits MLP at Adam(lr=1e-3, weight_decay=0.1), the decay of an AdamW
     recipe): ‖g‖/(λ‖w‖) 1.1–1.8 on every layer, ‖W‖ held at 2–2.7, the loss 2.3 → 0.73, 0.84 held out against
@@ -246,9 +247,9 @@ def coupled_decay_findings(found: list[Finding], run: Run, th: Thresholds) -> li
 def heavy_dropout_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """A dropout rate of ``DROPOUT_FROM`` or more (:func:`heavy_dropout`) in a run whose loss did not halve, where no
     rule found a problem: one ``stalled`` warning of its own, for :func:`fit_architecture` to give that cause and
-    its remedy (the loss need not be flat: a tenth of the units still learns a little). Round 21 (TF1's keep_prob 0.9 ported as ``F.dropout(h, p=0.9)``, and as
-    ``nn.Dropout(0.9)``): the loss 2.6 → 2.2 in 300 steps, 0.61–0.67 held out against 0.96–0.97 at p = 0.1, and
-    "the gradients look healthy"."""
+    its remedy (the loss need not be flat: a tenth of the units still learns a little). Round 21 (TF1's keep_prob
+    0.9 ported as ``F.dropout(h, p=0.9)``, and as ``nn.Dropout(0.9)``): the loss 2.6 → 2.2 in 300 steps, 0.61–0.67
+    held out against 0.96–0.97 at p = 0.1, and "the gradients look healthy"."""
     words = heavy_dropout(run)
     if not words or any(f.severity != "info" for f in found):
         return []
