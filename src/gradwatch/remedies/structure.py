@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from gradwatch._errors import bad_argument
+from gradwatch.probes.functional import DROPOUT_FUNCS
 
 SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 
@@ -535,8 +536,7 @@ class DropoutKept(_Rebinding):
     """Every dropout called as a function while it is open (``F.dropout``, ``F.dropout1d/2d/3d``, the alpha ones) at
     a rate of ``at_least`` or more runs at 1 − p: the keep probability it was likely meant as (TF1's keep_prob)."""
 
-    signatures = {name: ("input", "p", "training", "inplace") for name in (
-        "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d")}
+    signatures = {name: ("input", "p", "training", "inplace") for name in DROPOUT_FUNCS}
 
     def __init__(self, at_least: float) -> None:
         super().__init__()
@@ -551,7 +551,8 @@ class DropoutKept(_Rebinding):
 
 class UnderMode(nn.Module):
     """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
-    :class:`DropoutKept`). The model's parameters are its own (an optimizer over them trains it)."""
+    :class:`DropoutKept`, :class:`_Temperature`). The model's parameters are its own (an optimizer over them trains
+    it)."""
 
     def __init__(self, model: nn.Module, mode: Callable[..., TorchFunctionMode], *args: Any) -> None:
         super().__init__()
@@ -563,18 +564,13 @@ class UnderMode(nn.Module):
             return self.inner(*args, **kwargs)
 
 
-class GumbelTemperature(nn.Module):
+class GumbelTemperature(UnderMode):
     """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
     ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""
 
     def __init__(self, model: nn.Module, tau: float = 1.0) -> None:
-        super().__init__()
-        self.inner = model
+        super().__init__(model, _Temperature, tau)
         self.tau = tau
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with _Temperature(self.tau):
-            return self.inner(*args, **kwargs)
 
 
 def gumbel_temperature(model: nn.Module, tau: float = 1.0) -> GumbelTemperature:
