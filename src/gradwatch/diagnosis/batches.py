@@ -16,12 +16,10 @@ divergence were found with generic causes, 0.22–0.44 held out (shuffled: 8–1
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from gradwatch.diagnosis.architecture import run_meta
-from gradwatch.diagnosis.findings import Finding, sci
+from gradwatch.diagnosis.findings import Finding, sci, told_cause
 from gradwatch.diagnosis.measures import halved, loss_ends
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -108,12 +106,9 @@ def unshuffled(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     words = words or sorted_targets_words(run, th)
     if not words:
         return found
-    problems = [f for f in found if f.severity != "info"]
-    if problems:
+    if any(f.severity != "info" for f in found):
         read = "out_spread, out_rms (run)" if regression else "batch_classes, batch_class_min (run)"
-        return [replace(f, cause=f"{words}; besides, {f.cause}", remedies=remedies("shuffle") + f.remedies,
-                        sources=(*f.sources, read))
-                if f.severity != "info" and "shuffle" not in f.remedy_keys else f for f in found]
+        return told_cause(found, words, remedies("shuffle"), read)
     ends = loss_ends(run, th)
     if regression:  # the sweep is its own evidence: a loss that halves on each band in turn still fits the band only
         steps = run.series("out_spread", "run").steps

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 @dataclass(frozen=True)
@@ -153,3 +153,15 @@ def sci(x: float) -> str:
     if abs(x) < 1e-2 or abs(x) >= 1e3:
         return f"{x:.1e}"
     return f"{x:.2g}"
+
+
+def told_cause(found: list[Finding], words: str, fixes: tuple[str, ...], source: str) -> list[Finding]:
+    """``found`` with every problem (not ``info``) that does not name ``fixes``' first key already told a cause of
+    the set-up first — ``words``, then "besides," its own — with ``fixes`` (remedy texts) before its remedies and
+    ``source`` beside its sources."""
+    from gradwatch.diagnosis.remedies import key_of
+
+    key = key_of(fixes[0])
+    return [replace(f, cause=f"{words}; besides, {f.cause}", remedies=tuple(fixes) + tuple(f.remedies),
+                    sources=(*f.sources, source))
+            if f.severity != "info" and key not in f.remedy_keys else f for f in found]

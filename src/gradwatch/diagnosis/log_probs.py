@@ -15,12 +15,10 @@ learning rate ×0.01 "fixed" it at 0.32 held out, its loss −0.81 and still fal
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from gradwatch.diagnosis.architecture import run_meta
-from gradwatch.diagnosis.findings import Finding, sci
+from gradwatch.diagnosis.findings import Finding, sci, told_cause
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
@@ -37,11 +35,8 @@ def nll_on_scores_findings(found: list[Finding], run: Run, th: Thresholds) -> li
     negative log-likelihood of probabilities never does, else a warning."""
     if run_meta(run).get("nll_on_scores") is not True:
         return found
-    problems = [f for f in found if f.severity != "info"]
-    if problems:
-        return [replace(f, cause=f"{WORDS}; besides, {f.cause}", remedies=remedies("log_softmax") + f.remedies,
-                        sources=(*f.sources, "meta nll_on_scores"))
-                if f.severity != "info" and "log_softmax" not in f.remedy_keys else f for f in found]
+    if any(f.severity != "info" for f in found):
+        return told_cause(found, WORDS, remedies("log_softmax"), "meta nll_on_scores")
     told, below, steps = "", None, (0, 0)
     if "loss" in run.quantities:
         s = run.series("loss", "run")
