@@ -525,6 +525,46 @@ def test_the_doctor_shuffles_a_regression_read_in_the_order_of_its_targets(tmp_p
     assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"
 
 
+def _shuffled_apart(seed, apart=True):
+    """Round 22's Friedman-1 regression (SO 4601373): 1,000 training rows whose inputs and targets were shuffled by
+    two independent permutations (``rs.shuffle(X); rs.shuffle(y)``); the twin, by one. MLP 10-64-64-1, Adam 3e-3."""
+    xtr, ytr, xte, yte = _friedman()
+    xtr, ytr = xtr[:1000], ytr[:1000]
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randperm(1000, generator=g)
+    py = torch.randperm(1000, generator=g) if apart else px
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _feed(xtr[px], ytr[py], seed),
+                    nn.MSELoss(), evaluate=_r2(xte, yte))
+
+
+def test_the_doctor_says_a_baseline_that_fits_only_its_training_batches_learned_nothing_that_carries(tmp_path):
+    """Round 22: inputs and targets shuffled apart — the training loss falls (memorised pairs) while held out R² < 0,
+    and the doctor said only "did not learn". By hand first: the loss ends below 0.8 of the targets' variance (a
+    constant's loss) while R² stays below 0; the twin reaches R² 0.9. Its message now says what fits and what does
+    not carry over, and where to look; the twin's says nothing of it."""
+    trial = _shuffled_apart(0)
+    losses = []
+    for _ in range(300):
+        x, y = next(trial.batches)
+        loss = trial.loss_fn(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        trial.optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.8 * float(_friedman()[1][:1000].var()) and trial.evaluate(trial.model) < 0
+
+    report = gw.doctor(_shuffled_apart, steps=300, budget_s=120, store=tmp_path / "apart", progress=False)
+    assert report.baseline.verdict == "no findings; did not learn", report.message
+    assert "it fits its training batches and nothing of it carries to held-out data" in report.message
+    assert "shuffled apart" in report.message
+    twin = gw.doctor(lambda seed: _shuffled_apart(seed, apart=False), steps=300, budget_s=120,
+                     store=tmp_path / "twin", progress=False)
+    assert twin.baseline.verdict == "healthy" and twin.baseline.score > 0.9
+    assert twin.message == "nothing to fix: the baseline has no findings"
+
+
 # -- round 22: an nn.LSTM read at h_n only stopped the recording; the diagnosis of what was kept then raised ---------
 
 

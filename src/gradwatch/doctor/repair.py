@@ -49,7 +49,7 @@ from gradwatch.doctor.catalogue import Remedy, candidate_keys
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
-from gradwatch.doctor.verdicts import NULL_BELOW, did_not_learn, is_better, learns, summary, verdict
+from gradwatch.doctor.verdicts import NULL_BELOW, did_not_learn, fits_only_training, is_better, learns, summary, verdict
 from gradwatch.trial import SetupFn
 
 
@@ -377,6 +377,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         report.message = (f"no remedy tried: the baseline has no findings, but it did not learn ({stuck}), and no "
                           "finding names a cause to try a remedy for" if stuck
                           else "nothing to fix: the baseline has no findings")
+        if stuck and (fits := fits_only_training(base)):
+            report.message += f"; {fits}"
         return report
     numbers: dict[str, float] = {}
     for f in diagnosis:

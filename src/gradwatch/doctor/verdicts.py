@@ -51,6 +51,7 @@ SCORE_MARGIN = 0.05  # "clearly better": a held-out score (1 = perfect) at least
 NULL_BELOW = 0.9  # "clearly below a constant output": the null loss is measured on a few batches (±10 %)
 SCORE_OVERRULES = 0.5  # a held-out score this much above the baseline's outweighs a training loss above its
 FLAT_ABOVE = 0.9  # a loss that ends above this fraction of its first did not fall (where a constant's is unmeasured)
+FITS_BELOW = 0.8  # "fits its training batches": a training loss this fraction or less of a constant output's
 WORSE_LOSS_ABOVE = 2.0  # a scored row whose score did not clearly rise is "worse" when its final loss more than doubled
 
 
@@ -134,6 +135,21 @@ def did_not_learn(row: TrialResult) -> str:
     if row.final_loss > FLAT_ABOVE * row.first_loss:
         return f"its loss went {row.first_loss:.4g} → {row.final_loss:.4g}"
     return ""
+
+
+def fits_only_training(row: TrialResult) -> str:
+    """Words where a row fits its training batches — a final loss :data:`FITS_BELOW` × a constant output's or less —
+    while its held-out score is not clearly above a constant's ('' otherwise): what it learned does not carry to
+    held-out data. Round 22: a regression whose inputs and targets were shuffled apart (two independent shuffles),
+    its training loss 1.0 → 0.6 against a constant's 1.0, held out R² −0.15 to −0.21, told only "did not learn"."""
+    if not (below_constant(row) and math.isfinite(row.score) and 0 < row.null_loss < math.inf
+            and math.isfinite(row.final_loss) and row.final_loss <= FITS_BELOW * row.null_loss):
+        return ""
+    return (f"its training loss fell to {row.final_loss / row.null_loss:.2f} of a constant output's while its held-out "
+            f"score is not above a constant's: it fits its training batches and nothing of it carries to held-out "
+            f"data — inputs and targets that do not belong together (shuffled apart, misaligned by a reshape or an "
+            f"index), or a held-out set prepared otherwise than the training set (its own scaling, its labels mapped "
+            f"otherwise)")
 
 
 def ends_above_base(base: TrialResult, trial: TrialResult) -> bool:
