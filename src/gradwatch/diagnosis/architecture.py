@@ -291,6 +291,24 @@ def batch_norm_on_tiny_batches(run: Run) -> str:
             f"running statistics used at evaluation follow that noise")
 
 
+def batch_axis_misread(run: Run) -> str:
+    """Words for attention or recurrent layers built to read (seq, batch, feature) and given batches whose dimension
+    0 is the batch (meta ``batch_axis_misread``, :mod:`gradwatch.probes.layout`); '' otherwise. Round 23: a 2-layer
+    ``nn.TransformerEncoder`` at ``batch_first=False`` fed (64, 8, 32), at chance on seeds 0–2 and told "Post-LN
+    without warm-up"; the same layers at ``batch_first=True`` reach 1.00."""
+    seen = run_meta(run).get("batch_axis_misread") or []
+    if not seen:
+        return ""
+    first = seen[0]
+    more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+    shape = "×".join(str(n) for n in first["input"])
+    return (f"the batch read as the sequence: {first['module']} ({first['type']}){more} reads its input as (seq, batch, "
+            f"feature) — batch_first=False — but is given {shape}, whose dimension 0 is the batch of "
+            f"{first['batch']} samples the model outputs; it attends or recurs across the samples of the batch at "
+            f"each position, so the steps of one sequence never meet and each sample's output depends on the others "
+            f"in its batch")
+
+
 CLIPPED_LAYERS = 0.5  # the share of the weighted layers whose weights sit at ±c for the net to be called clipped
 
 
@@ -436,6 +454,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (grads_not_zeroed, ("zero_grad",), _ANY_KIND),
     (trained_in_eval_mode, ("train_mode",), _ANY_KIND),
     (activation_penalty, ("smaller_l1",), _SHRUNK_KINDS),
+    (batch_axis_misread, ("batch_first",), _ANY_KIND),
 )
 
 
@@ -491,6 +510,26 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
         return []
     return [flat_loss_finding(run, th, flat, "warning", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _FLAT_AFTER,
                               "a flat loss that the gradients do not explain", ())]
+
+
+def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Layers that read the batch as the sequence (:func:`batch_axis_misread`) where no rule found a problem to give
+    that cause to (a loss that falls all the same, on what each position tells alone): one ``stalled`` warning of its
+    own, for :func:`fit_architecture` to give the words and ``batch_first`` first."""
+    seen = run_meta(run).get("batch_axis_misread") or []
+    if not seen or any(f.severity != "info" for f in found):
+        return []
+    steps = int(run_meta(run).get("steps") or 0)
+    names = tuple(str(x["module"]) for x in seen)
+    return [Finding(
+        kind="stalled", severity="warning", layers=names, steps=(0, max(steps - 1, 0)),
+        summary=f"{len(names)} attention or recurrent layer{'s' if len(names) > 1 else ''} read the batch as the "
+                f"sequence",
+        evidence="at the first training pass, " + "; ".join(
+            f"{x['module']} ({x['type']}, batch_first=False) got {'×'.join(map(str, x['input']))} while the model "
+            f"output {x['batch']} samples" for x in seen) + ".",
+        cause="each sample's output mixes the others in its batch", remedies=remedies("batch_first"),
+        sources=("meta batch_axis_misread",))]
 
 
 _FLAT_SUMMARY = "the loss does not fall ({} → {}), and no rule finds the gradients at fault"

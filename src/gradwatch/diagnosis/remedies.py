@@ -135,6 +135,8 @@ REMEDIES = {
     "smaller_init_lower_lr": "weights re-initialised (Xavier) together with a lower learning rate",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
+    "batch_first": "batch_first=True on the attention and recurrent layers given (batch, seq, feature) inputs (or "
+                   "transpose their inputs to (seq, batch, feature))",
     "group_norm": "GroupNorm (or a larger batch, 16 or more) in place of BatchNorm: statistics of a few samples are "
                   "noise, and GroupNorm's do not depend on the batch (Wu & He 2018)",
     "train_mode": "call model.train() before training (model.eval() only around evaluation): in eval mode BatchNorm "

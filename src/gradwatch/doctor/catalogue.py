@@ -215,6 +215,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
+        "batch_first": one("batch_first", "batch_first=True where the batch was read as the sequence", s.batch_first),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }
 

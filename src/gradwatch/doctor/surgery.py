@@ -964,6 +964,24 @@ def _traceable_input(trial: Trial) -> torch.Tensor | None:
     return batches[0][0]
 
 
+def batch_first(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """``batch_first=True`` on the attention and recurrent layers built to read (seq, batch, feature) that a pass of
+    the trial's next batch gives their batch along dimension 0 (:func:`gradwatch.probes.layout.misread_layers`):
+    they then read the layout the rest of the model writes. None where none does, or the batches are not inputs
+    the model takes (a custom ``step()``)."""
+    from gradwatch.probes.layout import misread_layers
+
+    x = _traceable_input(trial)
+    names = misread_layers(trial.model, x) if x is not None else []
+    if not names:
+        return None
+    modules = dict(trial.model.named_modules())
+    for name in names:
+        modules[name].batch_first = True
+    note_change(trial, f"batch_first=True on {', '.join(names)}")
+    return trial
+
+
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """ReLU in place of the saturating activations but the output one (a sigmoid under BCELoss stays), He init;
     where they are functions called in ``forward`` (``torch.tanh``, ``F.sigmoid``), those calls before the last

@@ -28,6 +28,7 @@ from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
+from gradwatch.probes.layout import LayoutSeen
 from gradwatch.probes.loss_ops import binary_ce_input, loss_graph, loss_paths
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
@@ -296,6 +297,7 @@ class Watch:
             self._handles.append(self._first_output)
         self._handles += self._driver.place()
         self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
+        self._handles += LayoutSeen(self.model, self._writer.meta, self._run_guarded).handles
         param = first_trained(self.model, self.optimizer)
         if self.optimizer is not None and param is not None and not steps.grads.sharded:
             self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded)

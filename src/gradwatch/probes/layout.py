@@ -1,0 +1,96 @@
+"""Layers that take dimension 0 of their input for the sequence, given batches whose dimension 0 is the batch.
+
+``nn.MultiheadAttention`` (and the ``nn.TransformerEncoderLayer``/``DecoderLayer`` around it) and ``nn.RNN``/
+``nn.LSTM``/``nn.GRU`` read (seq, batch, feature) unless built with ``batch_first=True``. Given a (batch, seq,
+feature) tensor, such a layer raises nothing: it attends, or recurs, across the samples of the batch at each
+position, so the tokens of one sequence never meet, and every sample's output depends on the others in its batch.
+
+A layer's input is read as misread where it is 3-D, its dimension 0 is the size of the model's output's dimension 0
+(a classifier's or a regression's per-sample output, 1-D or 2-D) and its dimension 1 is not: laid out as the layer
+expects, dimension 1 would be that batch. A model whose output is itself a sequence (3-D) is not judged: its
+dimension 0 may be the sequence as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+SEQ_FIRST_TYPES = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def seq_first(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's attention and recurrent layers that read (seq, batch, feature): ``batch_first`` False."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, SEQ_FIRST_TYPES) and not getattr(m, "batch_first", True)]
+
+
+def misread(shapes: dict[str, list[int]], output: list[int]) -> list[str]:
+    """The layers (by name, from their first input's ``shapes``) whose dimension 0 is the batch of a model whose
+    ``output`` has the shape given, by the rule of the module's docstring."""
+    if not 1 <= len(output) <= 2 or output[0] < 2:
+        return []
+    batch = output[0]
+    return [name for name, shape in shapes.items() if len(shape) == 3 and shape[0] == batch and shape[1] != batch]
+
+
+class LayoutSeen:
+    """Forward pre-hooks on the seq-first layers that note each one's first input shape, and a hook on the model
+    that, at the first forward pass with gradient, writes the layers that pass misread (meta ``batch_axis_misread``:
+    [{"module", "type", "input", "batch"}], [] where none is) and removes every hook. No hook at all where the
+    model has no seq-first layer."""
+
+    def __init__(self, model: nn.Module, write: Callable[[dict[str, Any]], None],
+                 guard: Callable[..., Any]) -> None:
+        self._layers = dict(seq_first(model))
+        self._shapes: dict[str, list[int]] = {}
+        self._write = write
+        self.handles = [m.register_forward_pre_hook(lambda mod, args, name=name: guard(self._on, name, args))
+                        for name, m in self._layers.items()]
+        if self.handles:
+            self.handles.append(model.register_forward_hook(lambda mod, args, out: guard(self._finish, out)))
+
+    def _on(self, name: str, args: tuple) -> None:
+        if name not in self._shapes and args and isinstance(args[0], Tensor):
+            self._shapes[name] = list(args[0].shape)
+
+    def _finish(self, out: Any) -> None:
+        if not isinstance(out, Tensor) or out.grad_fn is None:
+            self._shapes.clear()  # a pass autograd did not record (evaluation): wait for a training one
+            return
+        names = misread(self._shapes, list(out.shape))
+        self._write({"batch_axis_misread": [
+            {"module": n, "type": type(self._layers[n]).__name__, "input": self._shapes[n], "batch": int(out.shape[0])}
+            for n in names]})
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def misread_layers(model: nn.Module, x: Any) -> list[str]:
+    """The seq-first layers that one evaluation-mode pass of ``model(x)`` gives its batch along dimension 0 (the
+    doctor's row finds them so, on a batch of the trial's own): the pass leaves the random state and the model's
+    mode as they were, and its running statistics (evaluation mode uses, never updates, them)."""
+    layers = dict(seq_first(model))
+    if not layers:
+        return []
+    shapes: dict[str, list[int]] = {}
+
+    def note(name: str, args: tuple) -> None:
+        if name not in shapes and args and isinstance(args[0], Tensor):
+            shapes[name] = list(args[0].shape)
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: note(name, args)) for name, m in layers.items()]
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            out = model(x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return misread(shapes, list(out.shape)) if isinstance(out, Tensor) else []
