@@ -190,3 +190,183 @@ def test_finding_the_misread_layers_leaves_the_random_state_the_mode_and_the_sta
     assert model.training
     model.as_built = True  # (seq, batch, feature), read at its last step: as the layer was built
     assert misread_layers(model, x.transpose(0, 1).contiguous()) == []
+
+
+# -- round 23: a squared error on an output squashed into a range its targets leave --------------------------------
+
+
+def test_a_squared_errors_targets_are_read_off_the_outputs_gradient_as_they_are():
+    """y = a − g·N/2 under a mean, a − g/2 under a sum, through a view: the targets by hand (float32 rounding). None
+    where the loss adds a term, weighs the MSE, or squares part of the output; before the backward pass a trial reads
+    them from the loss itself."""
+    from gradwatch.probes.loss_ops import quadratic_targets, target_range, targets_off_gradient
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), 3 * torch.randn(16, 5) + 1
+    layer = nn.Linear(5, 5)
+
+    def read(loss_of):
+        out = torch.sigmoid(layer(x))
+        got = []
+        out.register_hook(lambda g: got.append(g.detach().clone()))
+        loss = loss_of(out)
+        before = quadratic_targets(loss)
+        loss.backward()
+        return before, targets_off_gradient(loss, out.grad_fn, out.detach(), got[0])
+
+    expected = target_range(y)
+    for loss_of in (lambda o: F.mse_loss(o, y), lambda o: F.mse_loss(o, y, reduction="sum"),
+                    lambda o: F.mse_loss(o.view(-1), y.view(-1))):
+        before, after = read(loss_of)
+        assert before == expected
+        assert after is not None and all(abs(after[k] - expected[k]) < 1e-4 for k in expected), (after, expected)
+    assert expected["below_0"] > 0.2 and expected["above_1"] > 0.3
+    assert read(lambda o: F.mse_loss(o, y) + o.abs().mean())[1] is None
+    assert read(lambda o: 0.5 * F.mse_loss(o, y))[1] is None
+    assert read(lambda o: F.mse_loss(o[:8], y[:8]))[1] is None
+
+
+def _ae(seed, sigmoid=True):
+    """Chollet's "Building Autoencoders in Keras" (a sigmoid output, meant for pixels in [0, 1]) on standardised
+    digits: 64-48-12-48-64 ReLU, MSE, Adam 3e-3; held out, the fraction of variance explained. The twin: linear."""
+    xtr, _, xte, _ = _digits()
+    torch.manual_seed(seed)
+    layers = [nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 12), nn.ReLU(), nn.Linear(12, 48), nn.ReLU(),
+              nn.Linear(48, 64)] + ([nn.Sigmoid()] if sigmoid else [])
+    model = nn.Sequential(*layers)
+
+    @torch.no_grad()
+    def explained(m):
+        return float(1 - ((m(xte) - xte) ** 2).sum() / ((xte - xte.mean(0)) ** 2).sum())
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _feed(xtr, xtr, seed), F.mse_loss,
+                    evaluate=explained)
+
+
+def _relu_regression(seed, relu=True):
+    """A diabetes regression (standardised inputs and targets) with an nn.ReLU after its output layer (SO: "my
+    regression predicts only zeros"); the twin's output is linear. MLP 10-64-64-1, Adam 1e-3, batches of 32."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)[:, None]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = order[:331], order[331:]
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    y = (y - y[tr].mean()) / y[tr].std()
+    torch.manual_seed(seed)
+    layers = [nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)] + ([nn.ReLU()] if relu else [])
+    model = nn.Sequential(*layers)
+
+    @torch.no_grad()
+    def r2(m):
+        return float(1 - ((m(x[te]) - y[te]) ** 2).sum() / ((y[te] - y[te].mean()) ** 2).sum())
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), _feed(x[tr], y[tr], seed, 32), F.mse_loss,
+                    evaluate=r2)
+
+
+@pytest.mark.parametrize("make", [_ae, _relu_regression], ids=["sigmoid-ae", "relu-regression"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_targets_outside_the_outputs_range_are_told_and_the_linear_twin_is_not(store, make, seed):
+    """By hand: a tenth of the targets or more outside the output function's range ((0, 1); [0, ∞)). Every problem is
+    told so, ``linear_output`` first and no cross-entropy on logits (unbounded below on such targets); the ReLU
+    regression, silent before, gets a warning of its own. The twin learns clearly better and has no problem."""
+    trial = make(seed)
+    targets = torch.cat([next(trial.batches)[1] for _ in range(20)])
+    lowest = 0.0 if make is _relu_regression else None
+    outside = float(((targets < lowest) if lowest is not None else ((targets < 0) | (targets > 1))).float().mean())
+    assert outside > 0.3
+    w = _train(trial, store, f"range-{seed}", 300)
+    twin = make(seed, False)
+    tw = _train(twin, store, f"twin-{seed}", 300)
+    assert twin.evaluate(twin.model) > trial.evaluate(trial.model) + 0.15
+    problems = w.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "linear_output" and "logits_loss" not in f.remedy_keys
+                            and "cannot reach" in f.cause for f in problems)
+    assert not tw.diagnose().problems
+
+
+@pytest.mark.parametrize("make", [_ae, _relu_regression], ids=["sigmoid-ae", "relu-regression"])
+def test_the_doctor_gives_a_squared_error_a_linear_output(tmp_path, make):
+    """Round 23: no row touched the output's sigmoid ("no remedy helped"), and the regression had nothing to fix."""
+    report = gw.doctor(make, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.label.startswith("a linear output")
+    assert report.best.score > report.baseline.score + 0.15 and report.checks[-1].verdict == "fixes it"
+
+
+# -- round 23: a GCN's D^(−1/2) at an isolated node --------------------------------------------------------------------
+
+
+def test_zero_reciprocals_is_0_where_the_base_is_0_and_the_function_elsewhere_with_a_finite_gradient():
+    """By hand: deg ** −0.5, deg.pow(−0.5), torch.rsqrt, 1 / deg, x / deg and torch.reciprocal are 0 where deg is 0
+    and equal to the plain call elsewhere, and the gradient through them is finite; a positive power of 0 (0) and a
+    division by a number are left alone."""
+    from gradwatch.remedies.structure import ZeroReciprocals
+
+    deg = torch.tensor([0.0, 1.0, 4.0, 0.0, 9.0], requires_grad=True)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    calls = [lambda d: d ** -0.5, lambda d: d.pow(-0.5), torch.rsqrt, lambda d: 1 / d, lambda d: x / d,
+             torch.reciprocal, lambda d: torch.div(x, d)]
+    keep = deg.detach() != 0
+    for call in calls:
+        with ZeroReciprocals():
+            out = call(deg)
+        plain = call(deg.detach())
+        assert torch.equal(out.detach()[~keep], torch.zeros(2)) and torch.allclose(out.detach()[keep], plain[keep])
+        (g,) = torch.autograd.grad(out.sum(), deg)
+        assert torch.isfinite(g).all() and torch.equal(g[~keep], torch.zeros(2))
+    with ZeroReciprocals():
+        assert torch.equal(deg.detach() ** 2, torch.tensor([0.0, 1.0, 16.0, 0.0, 81.0]))
+        assert torch.isinf(deg.detach() / 0.0)[1]
+
+
+class _GCN(nn.Module):
+    """Kipf & Welling 2017's symmetric normalisation written in the forward, D^(−1/2) A D^(−1/2), without the
+    self-loops of their renormalisation trick: an isolated node's degree is 0, its deg.pow(−0.5) inf, and 0·inf NaN."""
+
+    def __init__(self, adj, x, self_loops=False):
+        super().__init__()
+        self.register_buffer("adj", adj + torch.eye(len(adj)) if self_loops else adj)
+        self.register_buffer("x", x)
+        self.l1, self.l2 = nn.Linear(x.shape[1], 32), nn.Linear(32, 4)
+
+    def propagate(self, h):
+        dinv = self.adj.sum(1).pow(-0.5)
+        return dinv[:, None] * (self.adj @ (dinv[:, None] * h))
+
+    def forward(self, idx):
+        return self.propagate(self.l2(torch.relu(self.propagate(self.l1(self.x)))))[idx]
+
+
+def _gcn(seed, self_loops=False):
+    """A stochastic block model of 600 nodes in 4 classes (p_in 0.02, p_out 0.002), 5 % of them isolated, features
+    their class's centre ×0.6 plus noise; half the nodes labelled. Adam 1e-2, weight decay 5e-4, batches of 64 nodes."""
+    g = torch.Generator().manual_seed(7)
+    n = 600
+    y = torch.randint(0, 4, (n,), generator=g)
+    prob = torch.where(y[:, None] == y[None, :], torch.tensor(0.02), torch.tensor(0.002))
+    a = torch.triu((torch.rand(n, n, generator=g) < prob).float(), 1)
+    a = a + a.t()
+    isolated = torch.rand(n, generator=g) < 0.05
+    a[isolated], a[:, isolated] = 0.0, 0.0
+    x = torch.randn(4, 16, generator=g)[y] * 0.6 + torch.randn(n, 16, generator=g)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    tr, te = order[:300], order[300:]
+    torch.manual_seed(seed)
+    model = _GCN(a, x, self_loops)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=5e-4), _feed(tr, y[tr], seed),
+                    F.cross_entropy, evaluate=_accuracy(te, y[te]))
+
+
+def test_the_doctor_sets_a_zero_degrees_inf_to_0_and_names_its_line(tmp_path):
+    """Round 23: NaN from step 0 on every seed, the doctor named `dinv = …pow(-0.5)` but tried only Xavier. The first
+    NaN is now located before the trials; made by a power with a negative exponent, its row sets that inf to 0
+    (pygcn's fix): near the self-looped twin's score, held on a seed no trial used."""
+    twin = _gcn(0, self_loops=True)
+    for _ in range(300):
+        twin.step()
+    report = gw.doctor(_gcn, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.baseline.score < 0.4 and report.nonfinite_origin is not None
+    assert report.nonfinite_origin.op == "Tensor.pow" and "self-loops" in str(report.nonfinite_origin)
+    assert report.best is not None and report.best.label.startswith("0 where 1/x")
+    assert report.best.score > twin.evaluate(twin.model) - 0.1 and report.checks[-1].verdict == "fixes it"
+    assert "dinv = self.adj.sum(1).pow(-0.5)" in report.message

@@ -84,6 +84,8 @@ class Trial:
     loss_graph: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and a binary cross-entropy's positive rate against its mean prediction (loss_ops.loss_prior)
     loss_prior: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and a squared error's targets' range (loss_ops.quadratic_targets), read before the backward pass frees them
+    loss_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:
@@ -108,9 +110,10 @@ class Trial:
         with parametrize.cached():
             loss = self.loss_fn(self.model(x), y)
             if self.loss_paths is None:  # (the targets a binary cross-entropy saved are freed by the backward pass)
-                from gradwatch.probes.loss_ops import loss_prior
+                from gradwatch.probes.loss_ops import loss_prior, quadratic_targets
 
                 self.loss_prior = loss_prior(loss)
+                self.loss_targets = quadratic_targets(loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -118,7 +121,7 @@ class Trial:
             from gradwatch.probes.loss_ops import loss_graph, loss_paths
 
             self.loss_paths = loss_paths(loss)
-            self.loss_graph = loss_graph(loss)
+            self.loss_graph = {**loss_graph(loss), "loss_targets": self.loss_targets}
         return loss.detach()
 
 

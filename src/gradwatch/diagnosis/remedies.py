@@ -149,6 +149,8 @@ REMEDIES = {
                 "every step pulls the weights towards zero faster than the gradient can move them",
     "logits": "pass logits to the loss: drop the softmax at the output (nn.CrossEntropyLoss applies log-softmax itself; "
               "keep a softmax for predictions only, outside the loss)",
+    "linear_output": "drop the output's sigmoid, tanh or ReLU (a linear output), or rescale the targets into its "
+                     "range: a squared error wants an output that can reach its targets",
     "drop_output_relu": "drop the ReLU after the output layer: the loss wants the layer's outputs as they are (logits, "
                         "or a regression's values), and an output unit clipped at 0 for every input never learns again",
     "output_activation": "check the output layer and the loss: a softmax over a single unit is the constant 1 (use a sigmoid), and a loss on a detached or constant output passes no gradient",

@@ -10,6 +10,7 @@ import numpy as np
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
 from gradwatch.diagnosis.findings import Finding, layer_name, modules_span, sci, span
+from gradwatch.diagnosis.output_range import output_range_words
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, loss_went, window_median
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -54,7 +55,7 @@ def activation_findings(run: Run, th: Thresholds) -> list[Finding]:
             cause = "pre-activations too large for the activation: weights initialised or grown too large"
             fixes = remedies("smaller_init", "norm", "relu", "lower_lr")
             squash = quadratic_on_squash(run_meta(run).get("loss_paths"))
-            if squash and set(names) & outputs:
+            if squash and set(names) & outputs and not output_range_words(run)[0]:  # (targets outside: its own)
                 # round 13's sigmoid autoencoder on a quadratic cost (Nielsen ch. 3): its twin, the same init with
                 # cross-entropy on the logits, learns; the init alone was named, never the loss
                 cause = (f"a quadratic cost on the output {squash}: its gradient is (a − y)·{squash}′(z), and "

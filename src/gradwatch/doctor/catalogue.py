@@ -182,6 +182,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "output_activation": one("output_activation", "sigmoid in place of a softmax over one unit", s.output_activation),
         "logits": one("logits", "logits to the loss (the output softmax dropped)", s.logits),
         "drop_output_relu": one("drop_output_relu", "the ReLU after the output layer dropped", s.drop_output_relu),
+        "linear_output": one("linear_output", "a linear output (its sigmoid, tanh or ReLU dropped)", s.linear_output),
         "mean_reduction": one("mean_reduction", "the loss averaged over the batch, not summed", s.mean_reduction),
         "checkpoint_inputs": one("checkpoint_inputs", "inputs that require grad (a reentrant checkpoint's)",
                                  s.checkpoint_inputs),
@@ -215,6 +216,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
+        "zero_reciprocal": one("zero_reciprocal", "0 where 1/x or x^(−p) meets 0 (pygcn, PyG)", s.zero_reciprocals),
         "batch_first": one("batch_first", "batch_first=True where the batch was read as the sequence", s.batch_first),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from gradwatch.remedies.structure import RECIPROCALS
 from gradwatch.trial import Trial
 
 _OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,7 +63,12 @@ class Origin:
         if self.from_inf:
             return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from inputs holding ±inf but "
                     f"no NaN (inf − inf, 0·inf)")
-        return f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
+        made = f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
+        if self.op.rpartition(".")[2] in RECIPROCALS:
+            made += (": 1/x of an entry that is 0 (a power with a negative exponent, rsqrt, a division) is ±inf — "
+                     "set those entries to 0 after it (pygcn's r_inv[isinf(r_inv)] = 0), clamp the base away from "
+                     "0, or, for a graph's degree, add self-loops (Kipf & Welling's Ã = A + I)")
+        return made
 
 
 def _user_frame(frames: list[traceback.FrameSummary]) -> tuple[str, str]:

@@ -45,11 +45,12 @@ from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.remedies import REMEDIES
 from gradwatch.doctor import catalogue, execute
-from gradwatch.doctor.catalogue import Remedy, candidate_keys
+from gradwatch.doctor.catalogue import Remedy, candidate_keys, step0_overflow
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
 from gradwatch.doctor.verdicts import NULL_BELOW, did_not_learn, fits_only_training, is_better, learns, summary, verdict
+from gradwatch.remedies.structure import RECIPROCALS
 from gradwatch.trial import SetupFn
 
 
@@ -207,7 +208,7 @@ def _nonfinite_origin(report: DoctorReport, setup: SetupFn | str, steps: int, de
         if math.isfinite(loss_step):
             last = max(last, int(loss_step) + 1)
         until = min(steps - 1, last)
-        origin = locate_nonfinite(local, seed, until)
+        origin = report.nonfinite_origin or locate_nonfinite(local, seed, until)  # (located early for a remedy)
     except Exception as exc:  # noqa: BLE001 - the user's set-up, re-run once more: its failure is told, not raised
         return f"; the first NaN/Inf could not be located ({type(exc).__name__}: {exc})"
     report.nonfinite_origin = origin
@@ -384,6 +385,12 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     for f in diagnosis:
         numbers.update({k: v for k, v in f.numbers.items() if k not in numbers and not math.isnan(v)})  # NaN: unmeasured
     candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
+    if step0_overflow(diagnosis):  # where its operation names a remedy, the first NaN is located before the trials
+        _nonfinite_origin(report, setup, steps, deadline)
+        made = report.nonfinite_origin
+        if (made is not None and made.phase == "forward" and not made.from_inf
+                and made.op.rpartition(".")[2] in RECIPROCALS):
+            candidates = catalog["zero_reciprocal"] + candidates
     targets = {f.kind for f in diagnosis.problems}
     tried: set[tuple[str, ...]] = set()
     remedy_of: dict[int, Remedy] = {}  # id(row) -> the remedy it tried: the seed check runs it again

@@ -696,6 +696,17 @@ def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial if heavy or called else None
 
 
+def zero_reciprocals(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model run under :class:`~gradwatch.remedies.structure.ZeroReciprocals`: a power with a negative exponent,
+    1/x, rsqrt or a division is 0 where it meets an entry that is exactly 0 (pygcn's and PyG's masked D^(−1/2) at a
+    zero degree), in place of the ±inf that made the run's first NaN."""
+    from gradwatch.remedies.structure import UnderMode, ZeroReciprocals
+
+    trial.model = UnderMode(trial.model, ZeroReciprocals)
+    note_change(trial, "0 in place of ±inf where a power with a negative exponent, 1/x or a division met an entry of 0")
+    return trial
+
+
 class PerSample:
     """A trial's loss divided by the batch's size (the output's first dimension): a summed loss made a mean."""
 
@@ -945,6 +956,17 @@ def drop_output_relu(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The identity in place of each ReLU after the model's last layer (found as :func:`logits` finds a softmax):
     the loss reads the last layer's outputs unclipped. None when there is none."""
     drop = {id(m) for m in r.after_last_layer(trial.model, _traceable_input(trial)) if type(m) in DYING}
+    if not replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
+        return None
+    return trial
+
+
+def linear_output(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The identity in place of each sigmoid, tanh or ReLU-type module after the model's last layer (found as
+    :func:`drop_output_relu` finds a ReLU): a squared error then reads outputs that can reach any target. None when
+    there is none (a squashing function called in ``forward`` is the user's to drop)."""
+    squash = (nn.Sigmoid, nn.Tanh, *DYING)
+    drop = {id(m) for m in r.after_last_layer(trial.model, _traceable_input(trial)) if isinstance(m, squash)}
     if not replace_modules(trial.model, lambda child: nn.Identity() if id(child) in drop else None):
         return None
     return trial

@@ -239,6 +239,64 @@ def _walk(loss: Tensor) -> Iterator[Any]:
             todo.extend(n for n, _ in node.next_functions if n is not None)
 
 
+QUADRATIC_TARGETS_MAX = 1 << 16  # outputs up to which a squared error's targets are read (one small copy, once)
+# the backward nodes that keep an output's elements, one for one: a squared error on them has the output's own count
+_SAME_ELEMENTS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+                            "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "TransposeBackward0",
+                            "PermuteBackward0", "CloneBackward0"})
+
+
+def target_range(target: Tensor) -> dict[str, float] | None:
+    """What a watch keeps of a squared error's targets: their least and largest, and the shares of them below 0,
+    above 1 and below −1 (the ranges of a ReLU, a sigmoid and a tanh output); None for no finite target."""
+    import torch
+
+    with torch.no_grad():
+        y = target.detach().float().reshape(-1)
+        y = y[torch.isfinite(y)]
+        if not y.numel():
+            return None
+        return {"min": float(y.min()), "max": float(y.max()), "below_0": float((y < -RANGE_SLACK).float().mean()),
+                "above_1": float((y > 1 + RANGE_SLACK).float().mean()),
+                "below_m1": float((y < -1 - RANGE_SLACK).float().mean())}
+
+
+RANGE_SLACK = 0.01  # a target this far past an output's bound is outside it (0 and 1 themselves are a sigmoid's)
+
+
+def quadratic_targets(loss: Tensor) -> dict[str, float] | None:
+    """The range of the targets of a squared error (``nn.MSELoss``, ``F.mse_loss``) in the loss's graph
+    (:func:`target_range`), read from the tensor its backward node saved; None where there is none — or the
+    backward pass has run (a trial reads it before; a watch reads them off the output's gradient,
+    :func:`targets_off_gradient`). Reads only; never fails the user's run."""
+    try:
+        node = _first_node(loss, frozenset({"MseLossBackward0"}))
+        return None if node is None else target_range(node._saved_target)
+    except Exception:  # noqa: BLE001 - an exotic graph, or its tensors freed: nothing to say, nothing lost
+        return None
+
+
+def targets_off_gradient(loss: Tensor, output: Any, value: Tensor, grad: Tensor) -> dict[str, float] | None:
+    """The range of a squared error's targets (:func:`target_range`) read off the gradient ``grad`` of the model's
+    ``output`` (its autograd node, and ``value``), where the loss *is* an MSE of that output (its graph's first
+    node, the output reached through nodes that keep its elements one for one): ∂L/∂a = 2(a − y)/N under a mean
+    (N, the output's elements) and 2(a − y) under a sum, so y = a − g·N/2 or a − g/2. None otherwise (a loss that
+    adds terms, weighs the MSE, or reads part of the output). Reads only; never fails the user's run."""
+    try:
+        node = getattr(loss, "grad_fn", None)
+        if type(node).__name__ != "MseLossBackward0" or node._saved_reduction not in (1, 2):
+            return None
+        at = node.next_functions[0][0]
+        while at is not None and at is not output and type(at).__name__ in _SAME_ELEMENTS:
+            at = at.next_functions[0][0]
+        if at is not output or value.numel() != grad.numel():
+            return None
+        scale = value.numel() / 2 if node._saved_reduction == 1 else 0.5
+        return target_range(value.reshape(-1) - grad.reshape(-1) * scale)
+    except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
+        return None
+
+
 def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
     """The first node named in ``names`` on :func:`_walk`; None where there is none."""
     return next((n for n in _walk(loss) if type(n).__name__ in names), None)

@@ -549,6 +549,41 @@ class DropoutKept(_Rebinding):
         return bound
 
 
+# the operations that make ±inf of an entry that is exactly 0: a power with a negative exponent, 1/x, rsqrt, x/0
+RECIPROCALS = frozenset({"pow", "__pow__", "rsqrt", "reciprocal", "div", "true_divide", "__truediv__",
+                         "__rdiv__", "__rtruediv__"})
+
+
+class ZeroReciprocals(TorchFunctionMode):
+    """While open, every power with a negative exponent, reciprocal, rsqrt and division by a tensor is 0 where its
+    base (divisor) is exactly 0, in place of ±inf or NaN — what pygcn does to a zero degree's D^(−1/2)
+    (``r_inv[np.isinf(r_inv)] = 0.``) and PyG's ``gcn_norm`` with its ``masked_fill``. Computed on a base with 1 at
+    those entries and then set to 0 there, so that no 1/0 reaches the backward pass either (its gradient there is
+    0). Every other call runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name not in RECIPROCALS or not args:
+            return func(*args, **kwargs)
+        if name in ("pow", "__pow__"):
+            at = 0 if len(args) > 1 and isinstance(args[1], (int, float)) and args[1] < 0 else None
+        elif name in ("rsqrt", "reciprocal", "__rdiv__", "__rtruediv__"):
+            at = 0
+        else:
+            at = 1 if len(args) > 1 and isinstance(args[1], Tensor) else None
+        base = args[at] if at is not None else None
+        if not isinstance(base, Tensor) or not base.is_floating_point():
+            return func(*args, **kwargs)
+        zero = base == 0
+        if not bool(zero.any()):
+            return func(*args, **kwargs)
+        safe = list(args)
+        safe[at] = torch.where(zero, torch.ones_like(base), base)
+        out = func(*safe, **kwargs)
+        return torch.where(zero, torch.zeros_like(out), out)
+
+
 class UnderMode(nn.Module):
     """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
     :class:`DropoutKept`, :class:`_Temperature`). The model's parameters are its own (an optimizer over them trains

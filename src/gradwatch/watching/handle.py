@@ -29,7 +29,8 @@ from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.layout import LayoutSeen
-from gradwatch.probes.loss_ops import binary_ce_input, loss_graph, loss_paths
+from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, loss_graph, loss_paths,
+                                       targets_off_gradient)
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
@@ -85,6 +86,7 @@ class Watch:
         # the first output's autograd node, its mean sigmoid, and the share of its gradient's entries below 0 (held
         # until the first logged loss: a binary cross-entropy's positive rate against where its output starts)
         self._output_start: tuple[Any, float, float | None] | None = None
+        self._output_grad: tuple[Any, Tensor, Tensor | None] | None = None  # the first output's node, value, gradient
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
@@ -144,7 +146,8 @@ class Watch:
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
-                    self._note_loss_paths(loss_paths(value), self._binary_prior(value), loss_graph(value))
+                    self._note_loss_paths(loss_paths(value), self._binary_prior(value),
+                                          {**loss_graph(value), "loss_targets": self._quadratic_targets(value)})
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -364,6 +367,8 @@ class Watch:
         if isinstance(output, Tensor) and output.is_floating_point() and output.requires_grad and output.numel() > 1:
             with torch.no_grad():
                 self._output_start = (output.grad_fn, float(torch.sigmoid(output.detach().float()).mean()), None)
+                if output.numel() <= QUADRATIC_TARGETS_MAX and self._steps._scaler is None:  # (a scaled gradient: no)
+                    self._output_grad = (output.grad_fn, output.detach().float().clone(), None)
             output.register_hook(WeakHook(self, "_on_output_grad"))
         if isinstance(output, Tensor) and output.is_floating_point() and output.dim() >= 2 and output.shape[-1] >= 2:
             with torch.no_grad():
@@ -380,6 +385,17 @@ class Watch:
         if grad is not None and self._output_start is not None and self._output_start[2] is None:
             node, mean, _ = self._output_start
             self._output_start = (node, mean, float((grad.detach() < 0).float().mean()))
+        if grad is not None and self._output_grad is not None and self._output_grad[2] is None:
+            self._output_grad = (self._output_grad[0], self._output_grad[1], grad.detach().float().clone())
+
+    def _quadratic_targets(self, loss: Tensor) -> dict[str, float] | None:
+        """Where the first logged loss is a squared error of the model's first output: its targets' range, read off
+        that output's gradient (:func:`gradwatch.probes.loss_ops.targets_off_gradient`; a trial reads them from the
+        loss before its backward pass). The output and its gradient are let go."""
+        got, self._output_grad = self._output_grad, None
+        if got is None or got[2] is None:
+            return None
+        return targets_off_gradient(loss, got[0], got[1], got[2])
 
     def _binary_prior(self, loss: Tensor) -> dict[str, float] | None:
         """Where the first logged loss is a binary cross-entropy on the model's own output (through reshapes): its
