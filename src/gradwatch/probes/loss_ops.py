@@ -283,7 +283,7 @@ def targets_off_gradient(loss: Tensor, output: Any, value: Tensor, grad: Tensor)
     (N, the output's elements) and 2(a − y) under a sum, so y = a − g·N/2 or a − g/2. None otherwise (a loss that
     adds terms, weighs the MSE, or reads part of the output). Reads only; never fails the user's run."""
     try:
-        node = getattr(loss, "grad_fn", None)
+        node: Any = getattr(loss, "grad_fn", None)
         if type(node).__name__ != "MseLossBackward0" or node._saved_reduction not in (1, 2):
             return None
         at = node.next_functions[0][0]

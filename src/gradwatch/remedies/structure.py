@@ -573,7 +573,7 @@ class ZeroReciprocals(TorchFunctionMode):
         else:
             at = 1 if len(args) > 1 and isinstance(args[1], Tensor) else None
         base = args[at] if at is not None else None
-        if not isinstance(base, Tensor) or not base.is_floating_point():
+        if at is None or not isinstance(base, Tensor) or not base.is_floating_point():
             return func(*args, **kwargs)
         zero = base == 0
         if not bool(zero.any()):
