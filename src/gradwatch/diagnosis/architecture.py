@@ -309,6 +309,22 @@ def batch_axis_misread(run: Run) -> str:
             f"in its batch")
 
 
+def float_masks(run: Run) -> str:
+    """Words for attention modules given a float mask of 0s and 1s (meta ``float_01_masks``,
+    :func:`gradwatch.probes.layout.float_01`); '' otherwise. Round 24: a Transformer LM whose causal mask was
+    ``torch.triu(torch.ones(T, T), 1)`` — float, so added to the scores — saw the next token: its training loss fell
+    to 0.1 while its held-out causal accuracy stayed at 0.11 against 0.52 with ``mask.bool()``; "no findings"."""
+    seen = run_meta(run).get("float_01_masks") or []
+    if not seen:
+        return ""
+    first = seen[0]
+    more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+    return (f"an attention mask of 0s and 1s given as floats: {first['module']}'s {first['mask']}{more} — "
+            f"nn.MultiheadAttention adds a float mask to the attention scores, so its 1s raise those scores by 1 and "
+            f"mask nothing: the model attends to what the mask was meant to hide (under a causal mask, the tokens it "
+            f"is to predict), and what it learns does not hold where they are hidden")
+
+
 CLIPPED_LAYERS = 0.5  # the share of the weighted layers whose weights sit at ±c for the net to be called clipped
 
 
@@ -396,6 +412,8 @@ def post_ln_without_warmup(run: Run) -> str:
     n = meta.get("post_ln_layers")
     if not isinstance(n, int) or n < 1 or warmup_seen(run):
         return ""
+    if meta.get("batch_axis_misread") or meta.get("float_01_masks"):
+        return ""  # the layers are fed what they cannot learn from (round 23: its twin, as Post-LN, learned to 1.00)
     return (f"the architecture: {n} Post-LN Transformer layer{'s' if n > 1 else ''} (norm_first=False) trained with no "
             f"learning-rate warm-up; at initialisation Post-LN's gradients near the output are large and those of the "
             f"early layers small, which without a warm-up stage stalls or derails training (Xiong et al. 2020, §3)")
@@ -455,6 +473,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (trained_in_eval_mode, ("train_mode",), _ANY_KIND),
     (activation_penalty, ("smaller_l1",), _SHRUNK_KINDS),
     (batch_axis_misread, ("batch_first",), _ANY_KIND),
+    (float_masks, ("bool_mask",), _ANY_KIND),
 )
 
 
@@ -510,6 +529,24 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
         return []
     return [flat_loss_finding(run, th, flat, "warning", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _FLAT_AFTER,
                               "a flat loss that the gradients do not explain", ())]
+
+
+def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Attention modules given a float mask of 0s and 1s (:func:`float_masks`) where no rule found a problem to
+    give that cause to (the loss falls, on what the mask should have hidden): one ``stalled`` warning of its own,
+    for :func:`fit_architecture` to give the words and ``bool_mask`` first."""
+    seen = run_meta(run).get("float_01_masks") or []
+    if not seen or any(f.severity != "info" for f in found):
+        return []
+    steps = int(run_meta(run).get("steps") or 0)
+    names = tuple(dict.fromkeys(str(x["module"]) for x in seen))
+    return [Finding(
+        kind="stalled", severity="warning", layers=names, steps=(0, max(steps - 1, 0)),
+        summary=f"{len(seen)} attention mask{'s' if len(seen) > 1 else ''} of 0s and 1s given as floats mask nothing",
+        evidence="at the first training pass, " + "; ".join(
+            f"{x['module']}'s {x['mask']} held only 0.0 and 1.0" for x in seen) + ".",
+        cause="a float mask is added to the attention scores", remedies=remedies("bool_mask"),
+        sources=("meta float_01_masks",))]
 
 
 def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -53,6 +53,8 @@ REMEDIES = {
     "smaller_step": "a smaller step in the repeated update (more steps over the same horizon, dt·λ_max < 2 for "
                     "explicit Euler) or a semi-implicit / implicit step for stiff dynamics (Hairer & Wanner, Solving "
                     "ODEs II, §IV.2; Kim et al. 2021, stiff neural ODEs)",
+    "impute_inputs": "replace the inputs' missing values before training (the training columns' means, or "
+                     "torch.nan_to_num), or drop the rows that hold them",
     "check_data": "check the inputs and the loss for NaN/Inf, and log/division/sqrt of values near 0",
     "grad_scaler": "with float16, torch.amp.GradScaler",
     "same_shape": "give the output and the targets the same shape before the loss — out.squeeze(-1) against "
@@ -106,7 +108,8 @@ REMEDIES = {
     "smaller_w_hh": "recurrent weights with spectral radius below 1 (gradwatch.remedies.smart_init)",
     "backward_singularity": "keep the arguments of sqrt, norms and fractional powers off 0 (torch.sqrt(s + 1e-8), or "
                             "the squared distance) and mask before such an operation, not after it (torch.where's "
-                            "untaken branch still back-propagates its NaN)",
+                            "untaken branch still back-propagates its NaN); take logarithms in log space "
+                            "(torch.logsumexp of log-densities, F.log_softmax), not of a sum that underflows to 0",
     "logits_loss": "return logits and use the loss on them (nn.BCEWithLogitsLoss, F.cross_entropy): a sigmoid or "
                    "softmax output at exactly 0 or 1 in float32 passes no gradient back to its logits",
     "gate_bias": "gate biases that keep the state at the start: the update gate towards the old state (PyTorch's "
@@ -135,6 +138,8 @@ REMEDIES = {
     "smaller_init_lower_lr": "weights re-initialised (Xavier) together with a lower learning rate",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
+    "bool_mask": "give nn.MultiheadAttention (a Transformer layer's mask, src_key_padding_mask) a boolean mask, True "
+                 "where masked (mask.bool()), or −inf where masked: a float mask is added to the scores",
     "batch_first": "batch_first=True on the attention and recurrent layers given (batch, seq, feature) inputs (or "
                    "transpose their inputs to (seq, batch, feature))",
     "group_norm": "GroupNorm (or a larger batch, 16 or more) in place of BatchNorm: statistics of a few samples are "

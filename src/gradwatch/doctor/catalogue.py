@@ -156,6 +156,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "pre_ln": one("pre_ln", "Pre-LN (norm_first=True)", OnModel(s.pre_ln)),
         "norm": one("norm", "LayerNorm/BatchNorm before activations", s.norm),  # its score: s.PreciseBN
         "standardise_inputs": one("standardise_inputs", "input standardisation", s.standardise),
+        "impute_inputs": one("impute_inputs", "missing inputs imputed (the features' means)", s.impute_inputs),
         "standardise_targets": one("standardise_targets", "target standardisation", s.standardise_targets),
         "clip_norm": one("clip_norm", "gradient-norm clipping", s.clip),
         "clip_lower_lr": one("clip_lower_lr", "clipping + learning rate ×0.1", Chain((s.clip, tenth))),
@@ -217,6 +218,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         "zero_reciprocal": one("zero_reciprocal", "0 where 1/x or x^(−p) meets 0 (pygcn, PyG)", s.zero_reciprocals),
+        "bool_mask": one("bool_mask", "attention masks of 0s and 1s made boolean (mask.bool())", s.bool_masks),
         "batch_first": one("batch_first", "batch_first=True where the batch was read as the sequence", s.batch_first),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }

@@ -31,7 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.remedies.structure import RECIPROCALS
-from gradwatch.trial import Trial
+from gradwatch.trial import Trial, peek
 
 _OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,7 +41,9 @@ class Origin:
     """The first non-finite value of a run: at which step, in which pass, made by which operation, where."""
 
     step: int
-    phase: str  # "forward" (forward, loss and optimizer step, as the trial's step() runs them) or "backward"
+    # "forward" (forward, loss and optimizer step, as the trial's step() runs them), "backward", or "input" (the
+    # batch the step read held NaN/Inf already: ``op`` says how many of its entries)
+    phase: str
     op: str  # the torch function (forward) or the backward function (``SqrtBackward0``)
     # "file.py:123" of the user's code; words where torch's own code, as the default Trial.step() calls it, made the
     # value (the set-up's model or loss_fn); "" when no frame outside torch was found
@@ -50,6 +52,9 @@ class Origin:
     from_inf: bool = False  # forward: a NaN made from inputs that held ±inf but no NaN (else from finite inputs)
 
     def __str__(self) -> str:
+        if self.phase == "input":
+            return (f"the first NaN/Inf is in the inputs: the batch of step {self.step} holds {self.op} that are NaN "
+                    f"or Inf (missing values), which every layer passes on — impute or drop them before training")
         at = "" if not self.where else f" at {self.where}" if self.where[-1].isdigit() else f" in {self.where}"
         line = f" (`{self.code}`)" if self.code else ""
         if self.phase == "backward":
@@ -64,6 +69,10 @@ class Origin:
             return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from inputs holding ±inf but "
                     f"no NaN (inf − inf, 0·inf)")
         made = f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
+        if self.op.rpartition(".")[2] in ("log", "log2", "log10"):
+            made += (": the logarithm of an entry that underflowed to 0 (a probability or density computed outside "
+                     "log space) is −inf — compute it in log space: torch.logsumexp over log-densities (a mixture's "
+                     "likelihood), F.log_softmax, F.logsigmoid, torch.log1p")
         if self.op.rpartition(".")[2] in RECIPROCALS:
             made += (": 1/x of an entry that is 0 (a power with a negative exponent, rsqrt, a division) is ±inf — "
                      "set those entries to 0 after it (pygcn's r_inv[isinf(r_inv)] = 0), clamp the base away from "
@@ -164,6 +173,10 @@ def locate_nonfinite(setup: Callable[[int], Trial], seed: int, until: int) -> Or
     (None when no step made one, or the set-up's step() cannot be followed)."""
     trial = setup(seed)
     for step in range(until + 1):
+        given = [t for b in peek(trial, 1) for t in _floats(b) if t.numel()]
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in given)
+        if bad:
+            return Origin(step, "input", f"{bad} of {sum(t.numel() for t in given)} entries", "", "")
         mode = _FirstNonFinite()
         caught: list[warnings.WarningMessage] = []
         try:

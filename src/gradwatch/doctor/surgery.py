@@ -306,6 +306,27 @@ def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def impute_inputs(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model behind an imputation of its inputs: each NaN/Inf entry replaced by its feature's mean over the
+    finite values of the trial's next 8 batches (0 where a feature has none) — the mean imputation a tabular
+    pipeline does before training. None where those batches hold no non-finite input."""
+    batches = peek(trial, 8)
+    pairs = [b for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
+    if not pairs or not pairs[0][0].is_floating_point() or pairs[0][0].dim() < 2:
+        return None
+    at = batch_dim(pairs[0][0], pairs[0][1] if len(pairs[0]) > 1 else None)
+    x = torch.cat([b[0].flatten(0, at) for b in pairs])
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return None
+    shape = (1,) * (at + 1) + tuple(x.shape[1:])
+    fill = torch.nan_to_num(torch.where(finite, x, torch.nan).nanmean(0), nan=0.0).reshape(shape)
+    trial.model = Standardised(Impute(fill), trial.model)
+    note_change(trial, f"{int((~finite).sum())} non-finite entries in the first {len(pairs)} batches set to their "
+                       f"feature's mean")
+    return trial
+
+
 ALREADY_STANDARDISED = (0.25, 0.5, 2.0)  # every varying feature's |mean| and std within these: nothing to change
 
 
@@ -1004,6 +1025,27 @@ def batch_first(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def bool_masks(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Each float mask of 0s and 1s an ``nn.MultiheadAttention`` of the model is given (``attn_mask``,
+    ``key_padding_mask``, by keyword or position) made boolean, True where it held 1 — the ``mask.bool()`` it was
+    meant as (:func:`gradwatch.probes.layout.float_01`). None where the model has no such module."""
+    from gradwatch.probes.layout import float_01
+
+    def as_bool(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = list(args)  # type: ignore[assignment]
+        for key, at in (("attn_mask", 5), ("key_padding_mask", 3)):
+            if key in kwargs and float_01(kwargs[key]):
+                kwargs[key] = kwargs[key] == 1
+            elif len(args) > at and float_01(args[at]):
+                args[at] = args[at] == 1  # type: ignore[index]
+        return tuple(args), kwargs
+
+    attention = [m for m in trial.model.modules() if isinstance(m, nn.MultiheadAttention)]
+    for m in attention:
+        m.register_forward_pre_hook(as_bool, with_kwargs=True)
+    return trial if attention else None
+
+
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """ReLU in place of the saturating activations but the output one (a sigmoid under BCELoss stays), He init;
     where they are functions called in ``forward`` (``torch.tanh``, ``F.sigmoid``), those calls before the last
@@ -1294,10 +1336,23 @@ class Standardise(nn.Module):
         return (x - self.mean) / self.std
 
 
+class Impute(nn.Module):
+    """Each non-finite input entry replaced by its feature's value in ``fill`` (a buffer, nothing to learn)."""
+
+    fill: torch.Tensor
+
+    def __init__(self, fill: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("fill", fill)  # (1, …, 1, *features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(x), x, self.fill)
+
+
 class Standardised(nn.Module):
     """The user's model behind an input standardisation layer."""
 
-    def __init__(self, norm: Standardise, model: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, model: nn.Module) -> None:
         super().__init__()
         self.norm, self.model = norm, model
 

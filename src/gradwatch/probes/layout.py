@@ -36,19 +36,32 @@ def misread(shapes: dict[str, list[int]], output: list[int]) -> list[str]:
     return [name for name, shape in shapes.items() if len(shape) == 3 and shape[0] == batch and shape[1] != batch]
 
 
+def float_01(mask: Any) -> bool:
+    """Whether ``mask`` is a floating-point tensor of 0s and 1s with at least one 1: given to
+    ``nn.MultiheadAttention`` (``attn_mask``, ``key_padding_mask``) it is *added* to the scores — its 1s raise them by
+    1 and mask nothing, where a boolean mask (True: masked) or −inf was meant."""
+    return (isinstance(mask, Tensor) and mask.is_floating_point() and mask.numel() > 0
+            and bool(((mask == 0) | (mask == 1)).all()) and bool((mask == 1).any()))
+
+
 class LayoutSeen:
-    """Forward pre-hooks on the seq-first layers that note each one's first input shape, and a hook on the model
-    that, at the first forward pass with gradient, writes the layers that pass misread (meta ``batch_axis_misread``:
-    [{"module", "type", "input", "batch"}], [] where none is) and removes every hook. No hook at all where the
-    model has no seq-first layer."""
+    """Forward pre-hooks that note, at the first forward pass with gradient, each seq-first layer's input shape and
+    each ``nn.MultiheadAttention``'s masks, and a hook on the model that then writes the layers that pass misread
+    (meta ``batch_axis_misread``: [{"module", "type", "input", "batch"}]) and the attention modules given a float
+    mask of 0s and 1s (meta ``float_01_masks``: [{"module", "mask"}]) — [] where none is — and removes every hook. No
+    hook at all where the model has neither kind of layer."""
 
     def __init__(self, model: nn.Module, write: Callable[[dict[str, Any]], None],
                  guard: Callable[..., Any]) -> None:
         self._layers = dict(seq_first(model))
         self._shapes: dict[str, list[int]] = {}
+        self._masks: list[dict[str, str]] = []
         self._write = write
         self.handles = [m.register_forward_pre_hook(lambda mod, args, name=name: guard(self._on, name, args))
                         for name, m in self._layers.items()]
+        self.handles += [m.register_forward_pre_hook(
+            lambda mod, args, kwargs, name=name: guard(self._on_attention, name, args, kwargs), with_kwargs=True)
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
         if self.handles:
             self.handles.append(model.register_forward_hook(lambda mod, args, out: guard(self._finish, out)))
 
@@ -56,14 +69,22 @@ class LayoutSeen:
         if name not in self._shapes and args and isinstance(args[0], Tensor):
             self._shapes[name] = list(args[0].shape)
 
-    def _finish(self, out: Any) -> None:
-        if not isinstance(out, Tensor) or out.grad_fn is None:
-            self._shapes.clear()  # a pass autograd did not record (evaluation): wait for a training one
+    def _on_attention(self, name: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled() or any(m["module"] == name for m in self._masks):
             return
-        names = misread(self._shapes, list(out.shape))
+        given = {"attn_mask": kwargs.get("attn_mask", args[5] if len(args) > 5 else None),
+                 "key_padding_mask": kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)}
+        self._masks += [{"module": name, "mask": which} for which, mask in given.items() if float_01(mask)]
+
+    def _finish(self, out: Any) -> None:
+        if not torch.is_grad_enabled():
+            self._shapes.clear()  # a pass autograd did not record (evaluation): wait for a training one
+            self._masks.clear()
+            return
+        names = misread(self._shapes, list(out.shape)) if isinstance(out, Tensor) else []
         self._write({"batch_axis_misread": [
             {"module": n, "type": type(self._layers[n]).__name__, "input": self._shapes[n], "batch": int(out.shape[0])}
-            for n in names]})
+            for n in names], "float_01_masks": list(self._masks)})
         for h in self.handles:
             h.remove()
         self.handles = []
