@@ -586,3 +586,20 @@ def test_the_doctor_makes_a_float_mask_of_0s_and_1s_boolean(tmp_path):
     report = gw.doctor(_lm, steps=300, budget_s=200, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label.startswith("attention masks of 0s and 1s made boolean")
     assert report.best.score > report.baseline.score + 0.3 and report.checks[-1].verdict == "fixes it"
+
+
+def test_a_reports_row_applied_to_a_fresh_trial_trains_as_the_doctors_trial_did(tmp_path):
+    """Round 24's problem 9: nothing said how to get the remedied model. ``report.apply(setup(seed))`` makes the best
+    row's change; trained for the report's steps on the row's seed (0), it scores exactly what the row did (the
+    doctor's watch changes no training). The baseline's row, or a trial the change finds nothing in, is refused by
+    name."""
+    report = gw.doctor(_relu_regression, steps=300, budget_s=120, store=tmp_path, progress=False)
+    trial = report.apply(_relu_regression(0))
+    assert not isinstance(trial.model[-1], nn.ReLU)
+    for _ in range(report.steps):
+        trial.step()
+    assert trial.evaluate(trial.model) == report.best.score
+    with pytest.raises(ValueError, match="row=…"):
+        report.apply(_relu_regression(0), report.baseline)
+    with pytest.raises(ValueError, match="finds nothing to change"):
+        report.apply(_relu_regression(0, relu=False))

@@ -238,7 +238,7 @@ def _check_seed(setup: SetupFn | str, steps: int, seeds: int, ranked: list[Trial
             return None  # the time budget or Ctrl-C came first: unchecked
         if not checked.error:
             checked.verdict = verdict(base, checked, targets)
-        checked.rounds, checked.parts = row.rounds, row.parts
+        checked.rounds, checked.parts, checked.remedy = row.rounds, row.parts, remedy
         report.checks.append(checked)
         if checked.verdict == "fixes it":
             return row
@@ -384,6 +384,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     numbers: dict[str, float] = {}
     for f in diagnosis:
         numbers.update({k: v for k, v in f.numbers.items() if k not in numbers and not math.isnan(v)})  # NaN: unmeasured
+    report.numbers = numbers
     candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
     if step0_overflow(diagnosis):  # where its operation names a remedy, the first NaN is located before the trials
         _nonfinite_origin(report, setup, steps, deadline)
@@ -424,6 +425,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                 result.verdict = verdict(base, result, targets)
                 done.append((remedy, result))
                 remedy_of[id(result)] = remedy
+            result.remedy = remedy
             result.rounds, result.parts = rnd, remedy.parts
             report.trials.append(result)
         if runner.stopped or runner.interrupted or rnd == rounds or any(decisive(t) for t in report.trials):

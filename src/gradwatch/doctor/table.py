@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+from gradwatch._errors import bad_argument
 from gradwatch.diagnosis import Diagnosis
 from gradwatch.diagnosis.findings import Finding
 from gradwatch.doctor.knobs import weight
@@ -39,6 +41,8 @@ class TrialResult:
     rescored_bn: bool = False  # its score was read after re-estimating the BatchNorm statistics it inserted
     changed: str = ""  # what its change did, where the change says (where the skip connections went)
     own_objective: bool = False  # its loss weighs the samples otherwise (pos_weight): not comparable to the baseline's
+    # the change it tried (its catalogue entry, gradwatch.doctor.catalogue.Remedy); None for the baseline's row
+    remedy: Any = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         """The row in words: ``residual connections (x + f(x) around 6 blocks: …): fixes it — final loss 0.31 from
@@ -73,6 +77,23 @@ class DoctorReport:
     checks: list[TrialResult] = field(default_factory=list)
     # the remedies of round 1 that the findings named but that found nothing to change here (their apply gave None)
     not_applied: list[str] = field(default_factory=list)
+    # what the findings measured that the remedies read (a clipping bound, a learning rate's factor)
+    numbers: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def apply(self, trial: Any, row: TrialResult | None = None) -> Any:
+        """``trial`` (a fresh one of the set-up's, ``setup(seed)``) with the change of ``row`` — by default
+        :attr:`best` — made as the doctor made it in its trials: train it on, keep its model. Trained for
+        :attr:`steps` steps on the seed of a row's trial, it gives that trial's numbers."""
+        row = self.best if row is None else row
+        if row is None or row.remedy is None:
+            raise ValueError(bad_argument("DoctorReport.apply", "row", "a row of this report's trials or checks "
+                                          "(the report recommends none: pass one)" if row is None else
+                                          "a row of this report's trials or checks, not the baseline's", row))
+        changed = row.remedy.apply(trial, {**self.numbers, "doctor_steps": float(self.steps)})
+        if changed is None:
+            raise ValueError(bad_argument("DoctorReport.apply", "trial", f"a trial of the set-up the doctor ran: "
+                                          f"{row.label} finds nothing to change in this one", trial))
+        return changed
 
     def __str__(self) -> str:
         head = f"gw.doctor — {self.steps} steps × {self.seeds} seed{'s' if self.seeds > 1 else ''}: {self.message}"
