@@ -121,7 +121,10 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     # a bound crossed on a few steps of a run that learns, its norm back at the calm level: transient, like a spike
     # (round 24: a mixture density net's NLL, median norm 2.7e2, above 1e3 on 1–2 steps while its loss fell 37 → −9.6)
     fell = ends is not None and ends[0] > 0 and ends[1] <= 0.5 * ends[0]  # (an NLL may fall below 0)
-    transient = not over or (fell and len(over) <= th.window)
+    # ... and no spike against the run's own level: a norm that lives near the bound (an explosion that then killed
+    # units is back at a "calm" level too — round 9's IRNN, a raw-target regression — and its peak is ×10 and more)
+    near = bool(over) and max(float(total[j]) for j in over) <= th.spike_above * median
+    transient = not over or (fell and len(over) <= th.window and near)
     recovered = _recovered(run, steps, total, clip, int(steps[hit[0]]), th) if transient else ""
     if recovered:  # severity follows the effect on training: transient spikes in a run that learns are info
         severity, fixes = "info", ()
