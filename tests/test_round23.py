@@ -603,3 +603,27 @@ def test_a_reports_row_applied_to_a_fresh_trial_trains_as_the_doctors_trial_did(
         report.apply(_relu_regression(0), report.baseline)
     with pytest.raises(ValueError, match="finds nothing to change"):
         report.apply(_relu_regression(0, relu=False))
+
+
+def test_a_bound_crossed_on_a_few_steps_with_a_peak_far_above_the_runs_level_stays_critical(tmp_path):
+    """The few-steps rule's other side, on the repair benchmark's raw-target regression (SO 63333466), seed 1, run as
+    the benchmark runs it: its norm peaks far above its own median (×10 and more, by a naive loop over param.grad),
+    kills units and then looks calm while its loss falls from a huge start. The first version of the rule made it
+    info, and the benchmark lost it; it stays a critical explosion."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import setups
+    from benchmarks.repair_eval import detect
+
+    s = setups.get("so_raw_targets_sgd")
+    torch.manual_seed(1)
+    trial, norms = s(1), []
+    for _ in range(s.steps):
+        trial.step()
+        norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in trial.model.parameters()
+                                   if p.grad is not None)))
+    assert max(norms) > 1e3 and max(norms) > 10 * float(np.median(norms))
+    found = detect(s, 1, str(tmp_path))["findings"]
+    assert any(f["kind"] == "exploding" and f["severity"] == "critical" for f in found), found
