@@ -43,6 +43,18 @@ def _digits():
     return x[tr], y[tr], x[te], y[te]
 
 
+def _diabetes(train):
+    """scikit-learn's diabetes set, inputs and targets standardised on the first ``train`` rows of a fixed shuffle:
+    (x, y, train rows, test rows)."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)[:, None]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = order[:train], order[train:]
+    return (x - x[tr].mean(0)) / x[tr].std(0), (y - y[tr].mean()) / y[tr].std(), tr, te
+
+
 # -- round 23: attention and recurrent layers at batch_first=False given (batch, seq, feature) ------------------------
 
 
@@ -247,14 +259,7 @@ def _ae(seed, sigmoid=True):
 def _relu_regression(seed, relu=True):
     """A diabetes regression (standardised inputs and targets) with an nn.ReLU after its output layer (SO: "my
     regression predicts only zeros"); the twin's output is linear. MLP 10-64-64-1, Adam 1e-3, batches of 32."""
-    from sklearn.datasets import load_diabetes
-
-    d = load_diabetes()
-    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)[:, None]
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:331], order[331:]
-    x = (x - x[tr].mean(0)) / x[tr].std(0)
-    y = (y - y[tr].mean()) / y[tr].std()
+    x, y, tr, te = _diabetes(331)
     torch.manual_seed(seed)
     layers = [nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)] + ([nn.ReLU()] if relu else [])
     model = nn.Sequential(*layers)
@@ -380,14 +385,7 @@ def test_the_doctor_sets_a_zero_degrees_inf_to_0_and_names_its_line(tmp_path):
 def _missing(seed, impute=False):
     """SO 40050397 ("NaN loss": NaN in the input data): the diabetes set standardised, 1 % of its cells missing as NaN
     (never the sex column); the twin imputes the training columns' means. MLP 10-64-64-1, Adam 1e-3, batches of 32."""
-    from sklearn.datasets import load_diabetes
-
-    d = load_diabetes()
-    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)[:, None]
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:350], order[350:]
-    x = (x - x[tr].mean(0)) / x[tr].std(0)
-    y = (y - y[tr].mean()) / y[tr].std()
+    x, y, tr, te = _diabetes(350)
     gone = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.01
     gone[:, 1] = False
     x = x.masked_fill(gone, float("nan"))

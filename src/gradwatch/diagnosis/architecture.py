@@ -291,6 +291,11 @@ def batch_norm_on_tiny_batches(run: Run) -> str:
             f"running statistics used at evaluation follow that noise")
 
 
+def _and_more(seen: list) -> str:
+    """" and 3 more" after the first of ``seen`` named, '' where it is the only one."""
+    return f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+
+
 def batch_axis_misread(run: Run) -> str:
     """Words for attention or recurrent layers built to read (seq, batch, feature) and given batches whose dimension
     0 is the batch (meta ``batch_axis_misread``, :mod:`gradwatch.probes.layout`); '' otherwise. Round 23: a 2-layer
@@ -299,8 +304,7 @@ def batch_axis_misread(run: Run) -> str:
     seen = run_meta(run).get("batch_axis_misread") or []
     if not seen:
         return ""
-    first = seen[0]
-    more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+    first, more = seen[0], _and_more(seen)
     shape = "×".join(str(n) for n in first["input"])
     return (f"the batch read as the sequence: {first['module']} ({first['type']}){more} reads its input as (seq, batch, "
             f"feature) — batch_first=False — but is given {shape}, whose dimension 0 is the batch of "
@@ -317,8 +321,7 @@ def float_masks(run: Run) -> str:
     seen = run_meta(run).get("float_01_masks") or []
     if not seen:
         return ""
-    first = seen[0]
-    more = f" and {len(seen) - 1} more" if len(seen) > 1 else ""
+    first, more = seen[0], _and_more(seen)
     return (f"an attention mask of 0s and 1s given as floats: {first['module']}'s {first['mask']}{more} — "
             f"nn.MultiheadAttention adds a float mask to the attention scores, so its 1s raise those scores by 1 and "
             f"mask nothing: the model attends to what the mask was meant to hide (under a causal mask, the tokens it "
