@@ -170,6 +170,7 @@ class Watch:
         :func:`gradwatch.probes.loss_ops.loss_graph`); from :meth:`log`, or
         from the doctor, whose trials' steps return the loss detached and read it themselves
         (:attr:`gradwatch.Trial.loss_paths`)."""
+        self._output_grad = None  # (read where the watch saw the loss; a trial read its targets itself)
         if not self._loss_read:
             self._loss_read = True
             self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior, **(graph or {})})
