@@ -534,42 +534,47 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
                               "a flat loss that the gradients do not explain", ())]
 
 
+def set_up_warning(run: Run, kind: str, layers: tuple[str, ...], summary: str, evidence: str, cause: str,
+                   key: str, *sources: str, numbers: dict[str, float] | None = None) -> Finding:
+    """A warning of its own for a cause read off the set-up (meta entries, ``sources``) where no rule found a problem
+    to give it to: over the whole run, ``key``'s remedy (:func:`fit_architecture` puts a set-up cause's words
+    first)."""
+    steps = int(run_meta(run).get("steps") or 0)
+    return Finding(kind=kind, severity="warning", layers=layers, steps=(0, max(steps - 1, 0)), summary=summary,
+                   evidence=evidence, cause=cause, remedies=remedies(key), numbers=dict(numbers or {}),
+                   sources=sources)
+
+
 def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """Attention modules given a float mask of 0s and 1s (:func:`float_masks`) where no rule found a problem to
     give that cause to (the loss falls, on what the mask should have hidden): one ``stalled`` warning of its own,
-    for :func:`fit_architecture` to give the words and ``bool_mask`` first."""
+    ``bool_mask`` first."""
     seen = run_meta(run).get("float_01_masks") or []
     if not seen or any(f.severity != "info" for f in found):
         return []
-    steps = int(run_meta(run).get("steps") or 0)
-    names = tuple(dict.fromkeys(str(x["module"]) for x in seen))
-    return [Finding(
-        kind="stalled", severity="warning", layers=names, steps=(0, max(steps - 1, 0)),
-        summary=f"{len(seen)} attention mask{'s' if len(seen) > 1 else ''} of 0s and 1s given as floats mask nothing",
-        evidence="at the first training pass, " + "; ".join(
-            f"{x['module']}'s {x['mask']} held only 0.0 and 1.0" for x in seen) + ".",
-        cause="a float mask is added to the attention scores", remedies=remedies("bool_mask"),
-        sources=("meta float_01_masks",))]
+    return [set_up_warning(
+        run, "stalled", tuple(dict.fromkeys(str(x["module"]) for x in seen)),
+        f"{len(seen)} attention mask{'s' if len(seen) > 1 else ''} of 0s and 1s given as floats mask nothing",
+        "at the first training pass, " + "; ".join(f"{x['module']}'s {x['mask']} held only 0.0 and 1.0"
+                                                  for x in seen) + ".",
+        "a float mask is added to the attention scores", "bool_mask", "meta float_01_masks")]
 
 
 def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """Layers that read the batch as the sequence (:func:`batch_axis_misread`) where no rule found a problem to give
     that cause to (a loss that falls all the same, on what each position tells alone): one ``stalled`` warning of its
-    own, for :func:`fit_architecture` to give the words and ``batch_first`` first."""
+    own, ``batch_first`` first."""
     seen = run_meta(run).get("batch_axis_misread") or []
     if not seen or any(f.severity != "info" for f in found):
         return []
-    steps = int(run_meta(run).get("steps") or 0)
     names = tuple(str(x["module"]) for x in seen)
-    return [Finding(
-        kind="stalled", severity="warning", layers=names, steps=(0, max(steps - 1, 0)),
-        summary=f"{len(names)} attention or recurrent layer{'s' if len(names) > 1 else ''} read the batch as the "
-                f"sequence",
-        evidence="at the first training pass, " + "; ".join(
+    return [set_up_warning(
+        run, "stalled", names,
+        f"{len(names)} attention or recurrent layer{'s' if len(names) > 1 else ''} read the batch as the sequence",
+        "at the first training pass, " + "; ".join(
             f"{x['module']} ({x['type']}, batch_first=False) got {'×'.join(map(str, x['input']))} while the model "
             f"output {x['batch']} samples" for x in seen) + ".",
-        cause="each sample's output mixes the others in its batch", remedies=remedies("batch_first"),
-        sources=("meta batch_axis_misread",))]
+        "each sample's output mixes the others in its batch", "batch_first", "meta batch_axis_misread")]
 
 
 _FLAT_SUMMARY = "the loss does not fall ({} → {}), and no rule finds the gradients at fault"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gradwatch.diagnosis.architecture import run_meta
+from gradwatch.diagnosis.architecture import run_meta, set_up_warning
 from gradwatch.diagnosis.findings import Finding, told_cause
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -73,12 +73,9 @@ def output_range_findings(found: list[Finding], run: Run, th: Thresholds) -> lis
             if "logits_loss" in f.remedy_keys else f for f in found]
     if any(f.severity != "info" for f in kept):
         return told_cause(kept, words, remedies("linear_output"), "meta loss_targets")
-    steps = int(run_meta(run).get("steps") or 0)
-    return kept + [Finding(
-        kind="dead_units" if squash == "relu" else "saturation", severity="warning", layers=(),
-        steps=(0, max(steps - 1, 0)),
-        summary=f"{outside:.0%} of the targets lie outside the output {squash}'s range",
-        evidence=(f"the loss squares a difference of a {squash}'s output (read off the loss's graph); its targets "
-                  f"at the first step: {outside:.0%} outside {RANGES[squash][0]}."),
-        cause=words, remedies=remedies("linear_output"), numbers={"outside_range": outside},
-        sources=("meta loss_targets", "meta loss_paths"))]
+    return kept + [set_up_warning(
+        run, "dead_units" if squash == "relu" else "saturation", (),
+        f"{outside:.0%} of the targets lie outside the output {squash}'s range",
+        f"the loss squares a difference of a {squash}'s output (read off the loss's graph); its targets at the first "
+        f"step: {outside:.0%} outside {RANGES[squash][0]}.", words, "linear_output", "meta loss_targets",
+        "meta loss_paths", numbers={"outside_range": outside})]

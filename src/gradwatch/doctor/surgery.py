@@ -277,6 +277,23 @@ def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
 # -- changes of the inputs and the loss --------------------------------------------------------------------
 
 
+INPUT_BATCHES = 8  # batches an input statistic is fitted on (put back: training sees the same ones)
+
+
+def _input_rows(trial: Trial) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """The floating-point inputs of the trial's next :data:`INPUT_BATCHES` batches as (samples, *features) — the
+    batch is the dimension of the inputs as long as the targets' first, so a sequence-first (T, B, F) input's time
+    steps are samples too — and the shape (1, …, 1, *features) a per-feature statistic broadcasts in; None where the
+    batches are not (inputs, …) with features."""
+    pairs = [b for b in peek(trial, INPUT_BATCHES)
+             if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
+    if not pairs or not pairs[0][0].is_floating_point() or pairs[0][0].dim() < 2:
+        return None
+    at = batch_dim(pairs[0][0], pairs[0][1] if len(pairs[0]) > 1 else None)
+    x = torch.cat([b[0].flatten(0, at) for b in pairs])  # (samples, *features): sequences of any length
+    return x, (1,) * (at + 1) + tuple(x.shape[1:])
+
+
 def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The model behind a standardisation of its inputs, fitted on the trial's next 8 batches.
 
@@ -287,13 +304,10 @@ def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     may read as one (round 16: a padding flag read as ``x[..., 8] > 0.5``, standardised to 0.40 where 86 % of
     the tokens were padding, un-masked 1199 of them; the doctor called that row a fix).
     """
-    batches = peek(trial, 8)
-    pairs = [b for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
-    if not pairs or not pairs[0][0].is_floating_point() or pairs[0][0].dim() < 2:
+    rows = _input_rows(trial)
+    if rows is None:
         return None
-    at = batch_dim(pairs[0][0], pairs[0][1] if len(pairs[0]) > 1 else None)
-    x = torch.cat([b[0].flatten(0, at) for b in pairs])  # (samples, *features): sequences of any length
-    shape = (1,) * (at + 1) + tuple(x.shape[1:])
+    x, shape = rows
     mean, std = x.mean(0).reshape(shape), x.std(0).reshape(shape)  # (1, …, 1, *features)
     binary = ((x == 0) | (x == 1)).all(0).reshape(shape)
     mean, std = torch.where(binary, torch.zeros_like(mean), mean), torch.where(binary, torch.ones_like(std), std)
@@ -308,21 +322,18 @@ def standardise(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 def impute_inputs(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The model behind an imputation of its inputs: each NaN/Inf entry replaced by its feature's mean over the
-    finite values of the trial's next 8 batches (0 where a feature has none) — the mean imputation a tabular
+    finite values of the trial's next :data:`INPUT_BATCHES` batches (0 where a feature has none) — the mean imputation a tabular
     pipeline does before training. None where those batches hold no non-finite input."""
-    batches = peek(trial, 8)
-    pairs = [b for b in batches if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)]
-    if not pairs or not pairs[0][0].is_floating_point() or pairs[0][0].dim() < 2:
+    rows = _input_rows(trial)
+    if rows is None:
         return None
-    at = batch_dim(pairs[0][0], pairs[0][1] if len(pairs[0]) > 1 else None)
-    x = torch.cat([b[0].flatten(0, at) for b in pairs])
+    x, shape = rows
     finite = torch.isfinite(x)
     if bool(finite.all()):
         return None
-    shape = (1,) * (at + 1) + tuple(x.shape[1:])
     fill = torch.nan_to_num(torch.where(finite, x, torch.nan).nanmean(0), nan=0.0).reshape(shape)
     trial.model = Standardised(Impute(fill), trial.model)
-    note_change(trial, f"{int((~finite).sum())} non-finite entries in the first {len(pairs)} batches set to their "
+    note_change(trial, f"{int((~finite).sum())} non-finite entries in the next {INPUT_BATCHES} batches set to their "
                        f"feature's mean")
     return trial
 
