@@ -90,6 +90,18 @@ def test_inf_to_1e10_is_never_a_fix():
     assert verdicts.verdict(base, trial, {"nonfinite"}) != "fixes it"
 
 
+def test_a_baseline_with_no_finite_loss_shows_none_finite_not_inf():
+    """Round 24: a baseline NaN from step 0 showed "inf" as its first loss, a loss it never had."""
+    first, final, auc, learned = verdicts.curve([math.nan] * 20)
+    assert first == math.inf and not learned  # "none was finite" is stored as inf
+    base = table.TrialResult("baseline (no change)", final, auc, math.nan, ["nonfinite"], 1.0, first_loss=first)
+    row = table.TrialResult("input imputation", 0.4, 0.5, math.nan, [], 1.0, verdict="fixes it", first_loss=1.2)
+    text = str(table.DoctorReport(base, Diagnosis([]), [row], best=row, steps=20))
+    line = next(x for x in text.splitlines() if x.startswith("baseline"))
+    assert "none finite" in line and "inf" not in line.split("none finite")[0]
+    assert "with no finite loss on any step" in str(base) and "1.2" in text
+
+
 def _row(label: str, first: float, final: float, score: float = math.nan, findings: tuple[str, ...] = (),
          critical: tuple[str, ...] = (), null: float = math.nan, by_score: bool = False) -> table.TrialResult:
     """A row as summary() makes it from one seed's curve [first, …, final]."""

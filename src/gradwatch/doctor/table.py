@@ -51,8 +51,10 @@ class TrialResult:
         if self.error:
             return f"{_name(self)}{where}: failed — {self.error}"
         score = f", score {_score(self.score)}" if math.isfinite(self.score) else ""
-        return (f"{_name(self)}{where}: {self.verdict or 'not judged'} — final loss {self.final_loss:.4g} from a first "
-                f"loss of {self.first_loss:.4g}{score}; findings left: {', '.join(self.findings) or 'none'}")
+        began = (f"from a first loss of {self.first_loss:.4g}" if self.first_loss != math.inf
+                 else "with no finite loss on any step")
+        return (f"{_name(self)}{where}: {self.verdict or 'not judged'} — final loss {self.final_loss:.4g} {began}"
+                f"{score}; findings left: {', '.join(self.findings) or 'none'}")
 
     @classmethod
     def failed(cls, label: str, error: str, seconds: float = math.nan) -> TrialResult:
@@ -103,10 +105,10 @@ class DoctorReport:
         left = [", ".join(r.findings) or "none" for r in rows]
         nw = max(len("remedy"), *(len(_name(r)) for r in rows))  # as wide as the longest: a bound or factor is never cut
         fw = max(len("findings left"), *(len(f) for f in left))
-        lines.append(f"{'remedy':<{nw}} {'round':>5} {'first loss':>10} {'final loss':>10} {'AUC':>9}"
+        lines.append(f"{'remedy':<{nw}} {'round':>5} {'first loss':>11} {'final loss':>10} {'AUC':>9}"
                      + (f" {'score':>7}" if has_score else "") + f" {'findings left':<{fw}} {'time':>6}  verdict")
         for r, f in zip(rows, left):
-            lines.append(f"{_name(r):<{nw}} {r.rounds if r is not self.baseline else '-':>5} {r.first_loss:>10.4g} "
+            lines.append(f"{_name(r):<{nw}} {r.rounds if r is not self.baseline else '-':>5} {_first(r):>11} "
                          f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
                          + (f" {_score(r.score):>7}" if has_score else "")
                          + f" {f:<{fw}} {r.seconds:>5.1f}s  {r.verdict}")
@@ -152,7 +154,7 @@ class DoctorReport:
         head = ("<tr><th>remedy</th><th>round</th><th>first loss</th><th>final loss</th><th>AUC</th>"
                 + ("<th>score</th>" if has_score else "") + "<th>findings left</th><th>time</th><th>verdict</th></tr>")
         body = "".join(
-            f"<tr><td>{e(r.label)}</td><td>{r.rounds if r is not self.baseline else '-'}</td><td>{r.first_loss:.4g}</td>"
+            f"<tr><td>{e(r.label)}</td><td>{r.rounds if r is not self.baseline else '-'}</td><td>{_first(r)}</td>"
             f"<td>{r.final_loss:.4g}</td><td>{r.auc:.4g}</td>" + (f"<td>{r.score:.3f}</td>" if has_score else "")
             + f"<td>{e(', '.join(r.findings) or 'none')}</td><td>{r.seconds:.1f}s</td><td>{e(r.verdict)}</td></tr>"
             for r in rows)
@@ -186,6 +188,11 @@ def same_runs(rows: list[TrialResult]) -> list[tuple[TrialResult, TrialResult]]:
         else:
             seen[key] = row
     return same
+
+
+def _first(row: TrialResult) -> str:
+    """A row's first loss for the table: "none finite" where no step's loss was finite (stored as inf)."""
+    return "none finite" if row.first_loss == math.inf else f"{row.first_loss:.4g}"
 
 
 def _score(score: float) -> str:
