@@ -701,7 +701,8 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         for words, first, kinds in causes:  # the last said goes first
             if words and f.severity != "info" and (f.kind in kinds or early_blowup and "standardise_inputs" in first):
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)
-                said.insert(0, words)
+                if words not in cause:  # a set-up's warning of its own is these words already (round 25: said twice)
+                    said.insert(0, words)
         if said:
             cause = "; ".join(said) + f"; the measurement: {cause}"
         out.append(f if fixes == f.remedies and cause == f.cause else replace(f, remedies=fixes, cause=cause))
