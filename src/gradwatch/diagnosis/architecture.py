@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from gradwatch.diagnosis.findings import Finding, sci
+from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import flat_loss, flat_loss_finding, halved, loss_ends, loss_went, total_grad_norm
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -558,6 +558,38 @@ def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
         "at the first training pass, " + "; ".join(f"{x['module']}'s {x['mask']} held only 0.0 and 1.0"
                                                   for x in seen) + ".",
         "a float mask is added to the attention scores", "bool_mask", "meta float_01_masks")]
+
+
+def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Weight matrices that got an exactly-0 gradient on nearly every entry at the first training step, whole rows and
+    columns alike (meta ``zero_grad_weights``, :data:`gradwatch.watching.handle.ZERO_GRAD_ABOVE`): an operation with
+    zero derivative in the weights' own path. One ``vanishing`` finding, critical where the loss did not halve,
+    ``straight_through`` first; layers a finding already gives that remedy (a step between the layers) are not told
+    again. Round 25: 4-bit fake-quantised weights, ``torch.round(w / s) * s`` with no straight-through estimator — one
+    entry of each matrix had a gradient (through s = max|w|/7), the loss went 2.3 → 2.27, 0.14–0.27 held out against
+    0.95 with the estimator, and the watch found nothing at fault."""
+    seen = run_meta(run).get("zero_grad_weights") or {}
+    told = {layer for f in found if "straight_through" in f.remedy_keys for layer in f.layers}
+    layers = tuple(name for name in seen if name not in told)
+    if not layers:
+        return []
+    ends = loss_ends(run, th)
+    stuck = ends is not None and ends[0] > 0 and not halved(ends)
+    parts = [f"layer {name}'s weight {seen[name][1]} of {seen[name][2]} entries ({1 - seen[name][0]:.2%})"
+             for name in layers]
+    went = "" if ends is None else f"; the logged loss went {loss_went(run, th, ends)}"
+    steps = int(run_meta(run).get("steps") or 0)
+    return [Finding(
+        kind="vanishing", severity="critical" if stuck else "warning", layers=layers, steps=(0, max(steps - 1, 0)),
+        summary=(f"the weights of {span(layers)} get a gradient on almost none of their entries: an operation with zero "
+                 f"derivative in their path"),
+        evidence=(f"at the first training step the gradient was nonzero on {'; '.join(parts)} — whole rows and whole "
+                  f"columns at 0, not a dead unit's row or an absent input's column{went}."),
+        cause=("an operation with zero derivative between the weights and the loss — torch.round, floor, sign or a "
+               "quantiser applied to the weights (fake quantisation without its straight-through estimator) — passes "
+               "them no gradient; what reaches an entry at all goes around it (a scale computed from max|w|)"),
+        remedies=remedies("straight_through"), numbers={"zero_share": min(seen[name][0] for name in layers)},
+        sources=("meta zero_grad_weights (the first training step's weight gradients)",))]
 
 
 def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -94,7 +94,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # Remedies that change the user's own code, which the doctor cannot reach: its message names them instead (the
 # backward singularity beside the line that made the NaN, which the doctor names: round 16's message gave the line
 # of a sqrt at 0 but not the fix).
-BY_HAND = frozenset({"attention_scale", "straight_through", "check_graph", "gradient_penalty", "logits_loss",
+BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order"})
@@ -136,7 +136,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", s.swap_overflow),
         "zero_bias": [],  # included in the He remedies
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
-        "straight_through": [],  # the step-like operation is in the user's forward
+        "straight_through": one("straight_through", "straight-through estimator around round/floor/sign",
+                                s.straight_through),
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function
         "masked_rows": [],  # the mask is built in the user's forward

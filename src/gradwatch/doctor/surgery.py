@@ -739,6 +739,17 @@ def zero_reciprocals(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def straight_through(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model run under :class:`~gradwatch.remedies.structure.StraightThrough`: every ``round``, ``floor``,
+    ``ceil``, ``trunc`` and ``sign`` of a tensor that requires grad passes the gradient straight through,
+    ``x + (f(x) − x).detach()`` — a quantiser's estimator (fake-quantised weights, binary units)."""
+    from gradwatch.remedies.structure import StraightThrough, UnderMode
+
+    trial.model = UnderMode(trial.model, StraightThrough)
+    note_change(trial, "x + (f(x) − x).detach() for every round, floor, ceil, trunc and sign on the gradient's path")
+    return trial
+
+
 class PerSample:
     """A trial's loss divided by the batch's size (the output's first dimension): a summed loss made a mean."""
 

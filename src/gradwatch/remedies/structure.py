@@ -584,6 +584,25 @@ class ZeroReciprocals(TorchFunctionMode):
         return torch.where(zero, torch.zeros_like(out), out)
 
 
+# the step-like operations a straight-through estimator passes the gradient around: zero derivative almost everywhere
+STEP_LIKE = frozenset({"round", "floor", "ceil", "trunc", "fix", "sign", "sgn"})
+
+
+class StraightThrough(TorchFunctionMode):
+    """While open, every rounding and sign of a tensor that requires grad is ``x + (f(x) − x).detach()``: f(x)
+    forward, the identity's gradient backward — the straight-through estimator (Bengio, Léonard & Courville 2013;
+    Hubara et al. 2016 for quantised weights). Every other call runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        x = args[0] if args else None
+        if (getattr(func, "__name__", "") not in STEP_LIKE or not isinstance(x, Tensor) or not x.requires_grad
+                or not isinstance(out, Tensor) or out.shape != x.shape or not out.is_floating_point()):
+            return out
+        return x + (out - x).detach()
+
+
 class UnderMode(nn.Module):
     """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
     :class:`DropoutKept`, :class:`_Temperature`). The model's parameters are its own (an optimizer over them trains

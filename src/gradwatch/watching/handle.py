@@ -42,6 +42,12 @@ from gradwatch.watching.steps import StepRecorder
 
 F = TypeVar("F", bound=Callable[..., Any])
 AT_BOUND_ABOVE = 0.25  # a layer whose weights sit at ±max|w| this often or more was clipped there
+# A weight matrix whose gradient is exactly 0 on this share of its entries or more, on four in five of its rows and of
+# its columns whole (not the rows of dead units alone, nor the columns of absent one-hot inputs alone), at the first
+# training step: an operation with zero derivative in the weights' own path (round 25: torch.round(w / s) * s, a
+# quantiser without its straight-through estimator, left one entry of 8192 a gradient).
+ZERO_GRAD_ABOVE = 0.99
+ZERO_LINES_FROM = 0.8
 
 
 def _guarded(fn: F) -> F:
@@ -88,6 +94,7 @@ class Watch:
         self._output_start: tuple[Any, float, float | None] | None = None
         self._output_grad: tuple[Any, Tensor, Tensor | None] | None = None  # the first output's node, value, gradient
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
+        self._zero_grads_read = False  # the first training step's weight gradients have been read (zero_grad_weights)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
         self._lr_track: LrTrack | None = None
@@ -441,7 +448,33 @@ class Watch:
             self._eval_steps += 1
             if self._eval_first < 0:
                 self._eval_first = self.step
+        elif not self._zero_grads_read:
+            self._zero_grads_read = True
+            self._run_guarded(self._note_zero_grads)
         self._steps.gradients_ready()
+
+    @torch.no_grad()
+    def _note_zero_grads(self) -> None:
+        """Once, at the first training step's gradients: the layers whose weight matrix got an exactly-0 gradient on
+        ``ZERO_GRAD_ABOVE`` of its entries or more, whole rows and columns alike — ``meta["zero_grad_weights"]``,
+        layer -> [that share, the entries with a gradient, the entries]. Embeddings (a batch's rows) are not read."""
+        if self._steps.grads.sharded:
+            return  # a shard is not the layer's matrix
+        found = {}
+        for layer in self._steps.layers:
+            w = getattr(layer.module, "weight", None)
+            if (isinstance(layer.module, (nn.Embedding, nn.EmbeddingBag)) or not isinstance(w, torch.Tensor)
+                    or w.dim() < 2 or w.numel() < 64 or not w.is_floating_point() or w.grad is None or w.grad.is_sparse):
+                continue
+            zero = w.grad.detach().reshape(w.shape[0], -1) == 0
+            share = float(zero.float().mean())
+            if share < ZERO_GRAD_ABOVE:
+                continue
+            rows, cols = int(zero.all(1).sum()), int(zero.all(0).sum())
+            if rows >= ZERO_LINES_FROM * zero.shape[0] and cols >= ZERO_LINES_FROM * zero.shape[1]:
+                found[layer.name] = [share, int((~zero).sum()), int(zero.numel())]
+        if found:
+            self._writer.meta({"zero_grad_weights": found})
 
     @_guarded
     def _step_done(self) -> None:
