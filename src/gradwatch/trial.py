@@ -86,6 +86,8 @@ class Trial:
     loss_prior: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and a squared error's targets' range (loss_ops.quadratic_targets), read before the backward pass frees them
     loss_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and a soft-margin loss's share of targets at 0 (loss_ops.margin_targets), read at the same moment
+    margin_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:
@@ -110,10 +112,11 @@ class Trial:
         with parametrize.cached():
             loss = self.loss_fn(self.model(x), y)
             if self.loss_paths is None:  # (the targets a binary cross-entropy saved are freed by the backward pass)
-                from gradwatch.probes.loss_ops import loss_prior, quadratic_targets
+                from gradwatch.probes.loss_ops import loss_prior, margin_targets, quadratic_targets
 
                 self.loss_prior = loss_prior(loss)
                 self.loss_targets = quadratic_targets(loss)
+                self.margin_targets = margin_targets(loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -121,7 +124,8 @@ class Trial:
             from gradwatch.probes.loss_ops import loss_graph, loss_paths
 
             self.loss_paths = loss_paths(loss)
-            self.loss_graph = {**loss_graph(loss), "loss_targets": self.loss_targets}
+            self.loss_graph = {**loss_graph(loss), "loss_targets": self.loss_targets,
+                               "margin_targets": self.margin_targets}
         return loss.detach()
 
 

@@ -79,3 +79,29 @@ def output_range_findings(found: list[Finding], run: Run, th: Thresholds) -> lis
         f"the loss squares a difference of a {squash}'s output (read off the loss's graph); its targets at the first "
         f"step: {outside:.0%} outside {RANGES[squash][0]}.", words, "linear_output", "meta loss_targets",
         "meta loss_paths", numbers={"outside_range": outside})]
+
+
+ZERO_TARGETS_ABOVE = 0.1  # a tenth of a soft-margin loss's targets or more at 0: a share of the task with no gradient
+
+
+def margin_target_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A soft-margin loss (targets −1 and +1) given 0/1 labels (meta ``margin_targets``: a tenth of its targets or
+    more at 0): every problem told so first, ``signed_targets`` first; where there is none, one ``stalled`` warning
+    of its own. A target of 0 gives its sample log(1 + e⁰) = log 2 whatever the output, and no gradient: the net fits
+    the samples labelled 1 and answers 1. Round 25 (``F.soft_margin_loss`` on breast cancer's 0/1 labels, as a BCE
+    wants them): 37 % of the targets at 0, the loss 0.69 → 0.28, balanced accuracy 0.5 against 0.97 with 2y − 1,
+    and "the gradients look healthy"."""
+    seen = run_meta(run).get("margin_targets")
+    share = float(seen.get("at_0") or 0.0) if isinstance(seen, dict) else 0.0
+    if share < ZERO_TARGETS_ABOVE:
+        return found
+    words = (f"a soft-margin loss given 0/1 labels: it expects targets of −1 and +1, and {share:.0%} of them are 0 "
+             f"(read at the first step) — each such sample's loss is log 2 whatever the output, with no gradient, so "
+             f"the net learns only the samples labelled 1 and answers 1")
+    if any(f.severity != "info" for f in found):
+        return told_cause(found, words, remedies("signed_targets"), "meta margin_targets")
+    return found + [set_up_warning(
+        run, "stalled", (), f"{share:.0%} of the soft-margin loss's targets are 0, which it reads as no label",
+        f"the loss is a soft-margin loss (read off its graph) whose targets at the first step were 0 on {share:.0%} "
+        f"of its entries: those pass exactly no gradient to the output.", words, "signed_targets",
+        "meta margin_targets", numbers={"targets_at_0": share})]

@@ -138,6 +138,8 @@ REMEDIES = {
     "smaller_init_lower_lr": "weights re-initialised (Xavier) together with a lower learning rate",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
+    "signed_targets": "give nn.SoftMarginLoss targets of −1 and +1 (2·y − 1 from 0/1 labels), or train the 0/1 "
+                      "labels under nn.BCEWithLogitsLoss",
     "bool_mask": "give nn.MultiheadAttention (a Transformer layer's mask, src_key_padding_mask) a boolean mask, True "
                  "where masked (mask.bool()), or −inf where masked: a float mask is added to the scores",
     "batch_first": "batch_first=True on the attention and recurrent layers given (batch, seq, feature) inputs (or "

@@ -27,7 +27,7 @@ from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_dep
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.log_probs import nll_on_scores_findings
-from gradwatch.diagnosis.output_range import output_range_findings
+from gradwatch.diagnosis.output_range import margin_target_findings, output_range_findings
 from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
@@ -105,6 +105,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = unshuffled(found, view, th)  # batches that hold a few classes each, in turn: the cause comes first
     found = nll_on_scores_findings(found, view, th)  # an NLL loss on raw scores: unbounded below, whatever else
     found = output_range_findings(found, view, th)  # a squared error's targets outside its output's range
+    found = margin_target_findings(found, view, th)  # a soft-margin loss given 0/1 labels: the 0s pass no gradient
     found += outside_gradients_note(found, view, th)  # a flat loss with nothing found: the cause is elsewhere
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))

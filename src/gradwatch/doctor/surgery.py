@@ -750,6 +750,28 @@ def straight_through(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+class UnderLossMode:
+    """A trial's loss computed under a torch function mode (:class:`~gradwatch.remedies.structure.
+    SignedMarginTargets`): the calls it makes rewritten, the loss function otherwise the set-up's own."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], mode: Callable[[], Any]) -> None:
+        self.loss_fn, self.mode = loss_fn, mode
+
+    def __call__(self, out: Any, y: Any) -> torch.Tensor:
+        with self.mode():
+            return self.loss_fn(out, y)
+
+
+def signed_targets(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's soft-margin losses given 2·y − 1 where their targets are 0/1 labels (the loss run under
+    :class:`~gradwatch.remedies.structure.SignedMarginTargets`)."""
+    from gradwatch.remedies.structure import SignedMarginTargets
+
+    trial.loss_fn = UnderLossMode(trial.loss_fn, SignedMarginTargets)
+    note_change(trial, "a soft-margin loss's 0/1 targets given as −1/+1 (2·y − 1)")
+    return trial
+
+
 class PerSample:
     """A trial's loss divided by the batch's size (the output's first dimension): a summed loss made a mean."""
 

@@ -297,6 +297,44 @@ def targets_off_gradient(loss: Tensor, output: Any, value: Tensor, grad: Tensor)
         return None
 
 
+# a loss whose targets are −1 and +1: a target of 0 gives its sample the constant loss log 2 and no gradient at all
+MARGIN_LOSSES = frozenset({"SoftMarginLossBackward0"})
+
+
+def margin_targets(loss: Tensor) -> dict[str, float] | None:
+    """Where the loss's graph holds a soft-margin loss (``nn.SoftMarginLoss``, ``F.soft_margin_loss``, which expects
+    targets of ±1): the share of its targets at exactly 0 — 0/1 labels given where −1/+1 were meant — read from the
+    tensor its backward node saved, before the backward pass frees it (a trial; a watch reads the same off the
+    output's gradient, :func:`margin_targets_off_gradient`). None where there is none. Never fails the user's run."""
+    try:
+        node = _first_node(loss, MARGIN_LOSSES)
+        if node is None:
+            return None
+        y = node._saved_target.detach().reshape(-1)
+        return {"at_0": float((y == 0).float().mean())} if y.numel() else None
+    except Exception:  # noqa: BLE001 - an exotic graph, or its tensors freed: nothing to say, nothing lost
+        return None
+
+
+def margin_targets_off_gradient(loss: Tensor, output: Any, grad: Tensor) -> dict[str, float] | None:
+    """:func:`margin_targets` read off the gradient ``grad`` of the model's ``output`` (its autograd node) where the
+    loss *is* a soft-margin loss of that output (its graph's first node, reached through nodes that keep its elements
+    one for one): ∂L/∂z = −y·σ(−yz)/N is exactly 0 where y = 0 and nowhere else short of |z| > 100. None otherwise.
+    Never fails the user's run."""
+    try:
+        node: Any = getattr(loss, "grad_fn", None)
+        if type(node).__name__ not in MARGIN_LOSSES:
+            return None
+        at = node.next_functions[0][0]
+        while at is not None and at is not output and type(at).__name__ in _SAME_ELEMENTS:
+            at = at.next_functions[0][0]
+        if at is not output or not grad.numel():
+            return None
+        return {"at_0": float((grad == 0).float().mean())}
+    except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
+        return None
+
+
 def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
     """The first node named in ``names`` on :func:`_walk`; None where there is none."""
     return next((n for n in _walk(loss) if type(n).__name__ in names), None)

@@ -603,6 +603,24 @@ class StraightThrough(TorchFunctionMode):
         return x + (out - x).detach()
 
 
+class SignedMarginTargets(TorchFunctionMode):
+    """While open, a soft-margin loss (``F.soft_margin_loss``, ``nn.SoftMarginLoss``) whose targets are all 0 or 1
+    gets 2·y − 1: the −1/+1 targets it expects, from the 0/1 labels a binary cross-entropy wants. Every other call
+    runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.soft_margin_loss:
+            args = list(args)
+            y = args[1] if len(args) > 1 else kwargs.get("target")
+            if isinstance(y, Tensor) and y.numel() and bool(((y == 0) | (y == 1)).all()):
+                if len(args) > 1:
+                    args[1] = 2 * y - 1
+                else:
+                    kwargs["target"] = 2 * y - 1
+        return func(*args, **kwargs)
+
+
 class UnderMode(nn.Module):
     """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
     :class:`DropoutKept`, :class:`_Temperature`). The model's parameters are its own (an optimizer over them trains

@@ -30,7 +30,7 @@ from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.layout import LayoutSeen
 from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, loss_graph, loss_paths,
-                                       targets_off_gradient)
+                                       margin_targets_off_gradient, targets_off_gradient)
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
@@ -154,7 +154,7 @@ class Watch:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
                     self._note_loss_paths(loss_paths(value), self._binary_prior(value),
-                                          {**loss_graph(value), "loss_targets": self._quadratic_targets(value)})
+                                          {**loss_graph(value), **self._targets(value)})
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -396,14 +396,17 @@ class Watch:
         if grad is not None and self._output_grad is not None and self._output_grad[2] is None:
             self._output_grad = (self._output_grad[0], self._output_grad[1], grad.detach().float().clone())
 
-    def _quadratic_targets(self, loss: Tensor) -> dict[str, float] | None:
-        """Where the first logged loss is a squared error of the model's first output: its targets' range, read off
-        that output's gradient (:func:`gradwatch.probes.loss_ops.targets_off_gradient`; a trial reads them from the
-        loss before its backward pass). The output and its gradient are let go."""
+    def _targets(self, loss: Tensor) -> dict[str, dict[str, float] | None]:
+        """What the first logged loss's targets say, read off the gradient of the model's first output (a trial reads
+        them from the loss before its backward pass): a squared error's range, meta ``loss_targets``
+        (:func:`gradwatch.probes.loss_ops.targets_off_gradient`), and a soft-margin loss's share at 0, meta
+        ``margin_targets`` (:func:`gradwatch.probes.loss_ops.margin_targets_off_gradient`). The output and its
+        gradient are let go."""
         got, self._output_grad = self._output_grad, None
         if got is None or got[2] is None:
-            return None
-        return targets_off_gradient(loss, got[0], got[1], got[2])
+            return {"loss_targets": None, "margin_targets": None}
+        return {"loss_targets": targets_off_gradient(loss, got[0], got[1], got[2]),
+                "margin_targets": margin_targets_off_gradient(loss, got[0], got[2])}
 
     def _binary_prior(self, loss: Tensor) -> dict[str, float] | None:
         """Where the first logged loss is a binary cross-entropy on the model's own output (through reshapes): its
