@@ -105,7 +105,7 @@ def test_watching_a_custom_backward_leaves_training_bit_identical(store):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", SEED_0_FAST)
 def test_a_straight_through_window_too_narrow_is_named_and_its_twin_is_healthy(store, seed):
     """Round 16 (Bengio et al. 2013; Hubara et al. 2016): at w = 0.01 the vanishing across the binarised net was
     blamed on the weights ("orthogonal init", which by hand does not help). Its cause is the STE's backward, whose
@@ -391,7 +391,7 @@ def test_the_share_of_attention_rows_without_a_key_is_measured_by_hand(store):
     assert [float(stats[("attn", "attn_empty_frac", h)]) for h in (0, 1)] == pytest.approx([0.25, 0.25])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", SEED_0_FAST)
 def test_a_nan_from_fully_masked_attention_rows_is_named_by_the_watch(store, seed):
     """Round 16: the watch said "non-finite values in the forward pass or the loss" and offered input
     standardisation. With rows measured empty at the step the loss went NaN, the cause names them and the remedy a
