@@ -3,6 +3,7 @@ source), each against its reference."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -206,3 +207,95 @@ def test_the_doctor_gives_a_soft_margin_loss_signed_targets(tmp_path):
     report = gw.doctor(_margin, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.parts == ("signed_targets",), str(report)
     assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"
+
+
+# -- round 26: a BiGRU under CTC over clips zero-padded to 40 frames (torch.nn.CTCLoss's docs: zero_infinity) ----------
+
+_CTC_C, _CTC_T, _CTC_F = 8, 40, 12  # classes with the blank 0, frames, features
+
+
+def _clips(n, seed, short):
+    """Transcripts of 2–6 symbols, each 2–3 frames of a noisy code vector, zero-padded to 40 frames; a share
+    ``short`` of the clips cut to fewer frames than symbols (no alignment: their CTC loss is +inf)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randn(_CTC_C, _CTC_F, generator=torch.Generator().manual_seed(123))
+    codes[0] = 0
+    x, y = torch.zeros(n, _CTC_T, _CTC_F), torch.zeros(n, 8, dtype=torch.long)
+    for i in range(n):
+        labels = torch.randint(1, _CTC_C, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+        frames = [s for s in labels.tolist() for _ in range(int(torch.randint(2, 4, (1,), generator=g)))]
+        t = len(frames) if torch.rand(1, generator=g).item() >= short else len(labels) - 1
+        x[i, :t] = codes[torch.tensor(frames[:t])] + 0.5 * torch.randn(t, _CTC_F, generator=g)
+        y[i, :len(labels)], y[i, 6], y[i, 7] = labels, t, len(labels)
+    return x, y
+
+
+class _CTCNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(_CTC_F, 32), nn.Linear(64, _CTC_C)
+        self.rnn = nn.GRU(32, 32, batch_first=True, bidirectional=True)
+
+    def forward(self, x):  # (N, T, F) -> (T, N, C) log-probabilities, as nn.CTCLoss takes them
+        return self.out(self.rnn(torch.relu(self.inp(x)))[0]).log_softmax(-1).transpose(0, 1)
+
+
+def _ctc(seed, zero_infinity=False):
+    x, y = _clips(1024, seed, 0.1)
+    torch.manual_seed(seed)
+    model = _CTCNet()
+    ctc = nn.CTCLoss(zero_infinity=zero_infinity)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _feed(x, y, seed, 32),
+                    lambda out, t: ctc(out, t[:, :6], t[:, 6], t[:, 7]))
+
+
+def test_a_bigru_under_ctc_over_zero_padded_clips_is_not_told_of_weights_initialised_too_large(store):
+    """Round 26: the healthy twin (zero_infinity=True; 0.80–0.84 exact match held out) was told "[warning] exploding
+    through time in rnn.l0_reverse at initialisation: recurrent weights initialised too large", ×4.7·10⁴ at step 0 —
+    and each of the doctor's zero_infinity rows "brought" it, so none was a fix. By hand: the loss passes exactly no
+    gradient to the frames past a clip's length (its log-probabilities' gradient there is 0), so that ratio is
+    padding, not a stretch. The pathology's own finding names zero_infinity."""
+    trial = _ctc(0, zero_infinity=True)
+    x, y = next(_feed(*_clips(1024, 0, 0.1), 0, 32))
+    out = trial.model(x).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(trial.loss_fn(out, y), out)
+    past = torch.arange(_CTC_T)[:, None] >= y[:, 6][None, :]  # (T, N): frames past each clip's length
+    assert past.float().mean() > 0.4 and float(g[past].abs().max()) == 0 and float(g[~past].abs().max()) > 0
+    w = _train(trial, store, "ctc-twin", 150)
+    run = w.open()
+    first = run.temporal("rnn.l0_reverse").values[:, 0]
+    assert first[0] / first[-1] > 1e3  # what the rule read as weights initialised too large
+    assert not w.diagnose().problems, str(w.diagnose())
+    bad = _train(_ctc(0), store, "ctc", 20)
+    f = bad.diagnose().problems[0]
+    assert f.kind == "nonfinite" and "zero_infinity" in f.cause + " ".join(f.remedies), str(f)
+
+
+def test_a_reverse_direction_is_read_in_the_order_its_recurrence_runs(store):
+    """A bidirectional tanh RNN whose recurrent weights contract (spectral radius 0.3), its loss on h_n — the forward
+    direction's state at the last position and the reverse direction's at the first. Both directions' gradients fade
+    back through their recurrences, so both are vanishing; read in input time (position 0 first), the reverse
+    direction's looked ×10⁴ the other way, "exploding". The reference: the stored ‖∂L/∂h_t‖ of the reverse direction,
+    position T − 1 (its first state) against position 0 (its last), is the ratio its finding gives."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(4, 16, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for w in (rnn.weight_hh_l0, rnn.weight_hh_l0_reverse):
+            w.mul_(0.3 / torch.linalg.matrix_norm(w, 2))
+    head = nn.Linear(32, 1)
+    model = nn.ModuleDict({"rnn": rnn, "head": head})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gw.watch(model, opt, store=store, name="birnn", temporal=True) as w:
+        for _ in range(20):
+            x = torch.randn(8, 30, 4)
+            _, h = rnn(x)
+            loss = head(torch.cat([h[0], h[1]], 1)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    found = {f.layers[0]: f for f in w.diagnose().findings if f.layers and f.layers[0].startswith("rnn.")}
+    assert found["rnn.l0"].kind == "vanishing" and found["rnn.l0_reverse"].kind == "vanishing", str(w.diagnose())
+    norms = w.open().temporal("rnn.l0_reverse").values  # input time: row p is position p
+    stored = float(np.median(norms[-1, -10:]) / np.median(norms[0, -10:]))
+    assert found["rnn.l0_reverse"].numbers["ratio"] == pytest.approx(stored, rel=1e-6) and stored < 1e-4
