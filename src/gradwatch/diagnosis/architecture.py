@@ -561,7 +561,7 @@ def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
 
 
 def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
-    """Weight matrices that got an exactly-0 gradient on nearly every entry at the first training step, whole rows and
+    """Weight matrices that got an exactly-0 gradient on nearly every entry at the tenth training step, whole rows and
     columns alike (meta ``zero_grad_weights``, :data:`gradwatch.watching.handle.ZERO_GRAD_ABOVE`): an operation with
     zero derivative in the weights' own path. One ``vanishing`` finding, critical where the loss did not halve,
     ``straight_through`` first; layers a finding already gives that remedy (a step between the layers) are not told
@@ -583,13 +583,13 @@ def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
         kind="vanishing", severity="critical" if stuck else "warning", layers=layers, steps=(0, max(steps - 1, 0)),
         summary=(f"the weights of {span(layers)} get a gradient on almost none of their entries: an operation with zero "
                  f"derivative in their path"),
-        evidence=(f"at the first training step the gradient was nonzero on {'; '.join(parts)} — whole rows and whole "
+        evidence=(f"at the tenth training step the gradient was nonzero on {'; '.join(parts)} — whole rows and whole "
                   f"columns at 0, not a dead unit's row or an absent input's column{went}."),
         cause=("an operation with zero derivative between the weights and the loss — torch.round, floor, sign or a "
                "quantiser applied to the weights (fake quantisation without its straight-through estimator) — passes "
                "them no gradient; what reaches an entry at all goes around it (a scale computed from max|w|)"),
         remedies=remedies("straight_through"), numbers={"zero_share": min(seen[name][0] for name in layers)},
-        sources=("meta zero_grad_weights (the first training step's weight gradients)",))]
+        sources=("meta zero_grad_weights (the tenth training step's weight gradients)",))]
 
 
 def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -864,7 +864,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause = (f"the loss takes the logarithm of a {logged}'s output written by hand (log p, log(1 − p)): it is "
                  f"−inf as soon as p rounds to 0 or 1 in float32, which a confident output reaches without any "
                  f"divergence" + ("" if cause.startswith("non-finite") else f"; besides, {cause}"))
-        fixes = remedies("logits_loss") + fixes
+        fixes = remedies("logits_loss", "log_space") + fixes
     ctc = _infinite_ctc(run, loss_step)
     if ctc and not cause.startswith("a NaN made in the backward pass"):
         cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")

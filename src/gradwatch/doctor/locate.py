@@ -70,8 +70,8 @@ class Origin:
                     f"no NaN (inf − inf, 0·inf)")
         made = f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
         if self.op.rpartition(".")[2] in ("log", "log2", "log10"):
-            made += (": the logarithm of an entry that underflowed to 0 (a probability or density computed outside "
-                     "log space) is −inf — compute it in log space: torch.logsumexp over log-densities (a mixture's "
+            made += (": the logarithm of an entry that is 0 — a probability or density computed outside log space "
+                     "that underflowed, or 1 − p where p rounded to 1 — is −inf (and 0·log 0 is NaN) — compute it in log space: torch.logsumexp over log-densities (a mixture's "
                      "likelihood), F.log_softmax, F.logsigmoid, torch.log1p")
         if self.op.rpartition(".")[2] in RECIPROCALS:
             made += (": 1/x of an entry that is 0 (a power with a negative exponent, rsqrt, a division) is ±inf — "

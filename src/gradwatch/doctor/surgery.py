@@ -762,6 +762,32 @@ class UnderLossMode:
             return self.loss_fn(out, y)
 
 
+class _Shared:
+    """One torch function mode for the model's forward and the trial's loss (:class:`~gradwatch.remedies.structure.
+    LogSpace`: the forward makes a sigmoid, the loss takes its log); ``fresh``: it forgets what the last step made."""
+
+    def __init__(self, mode: Any, fresh: bool) -> None:
+        self.mode, self.fresh = mode, fresh
+
+    def __call__(self) -> Any:
+        if self.fresh:
+            self.mode.forget()
+        return self.mode
+
+
+def log_space(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The logarithms of sigmoid and softmax outputs, in the model's forward and the trial's loss, computed in log
+    space (the model and the loss run under one :class:`~gradwatch.remedies.structure.LogSpace`): a hand-written
+    binary cross-entropy, −(y·log p + (1 − y)·log(1 − p)), becomes BCEWithLogitsLoss's value, finite at p = 0 or 1."""
+    from gradwatch.remedies.structure import LogSpace, UnderMode
+
+    mode = LogSpace()
+    trial.model = UnderMode(trial.model, _Shared(mode, fresh=True))
+    trial.loss_fn = UnderLossMode(trial.loss_fn, _Shared(mode, fresh=False))
+    note_change(trial, "log(σ(z)) as logsigmoid(z), log(1 − σ(z)) as logsigmoid(−z), log(softmax(z)) as log_softmax(z)")
+    return trial
+
+
 def signed_targets(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The trial's soft-margin losses given 2·y − 1 where their targets are 0/1 labels (the loss run under
     :class:`~gradwatch.remedies.structure.SignedMarginTargets`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -618,6 +619,55 @@ class SignedMarginTargets(TorchFunctionMode):
                     args[1] = 2 * y - 1
                 else:
                     kwargs["target"] = 2 * y - 1
+        return func(*args, **kwargs)
+
+
+class LogSpace(TorchFunctionMode):
+    """While open, the logarithm of a sigmoid's or softmax's output is computed in log space: ``log(sigmoid(z))`` as
+    ``F.logsigmoid(z)``, ``log(1 − sigmoid(z))`` as ``F.logsigmoid(−z)``, ``log(softmax(z))`` as ``F.log_softmax(z)``
+    — finite where p rounds to 0 or 1 in float32 (a hand-written binary cross-entropy's 0·log 0 = NaN), the same
+    value elsewhere. The outputs it made are remembered until :meth:`forget` (one step: the doctor's trial calls it
+    after each loss); every other call runs as it was made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[int, tuple[Any, str, Tensor, int]] = {}  # id(output) -> (weakref, kind, logits, dim)
+
+    def forget(self) -> None:
+        self.made.clear()
+
+    def _of(self, x: Any) -> tuple[str, Tensor, int] | None:
+        got = self.made.get(id(x)) if isinstance(x, Tensor) else None
+        return got[1:] if got is not None and got[0]() is x else None
+
+    def _note(self, out: Any, kind: str, z: Tensor, dim: int = -1) -> Any:
+        if isinstance(out, Tensor):
+            self.made[id(out)] = (weakref.ref(out), kind, z, dim)
+        return out
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        x = args[0] if args else None
+        if name == "sigmoid" and isinstance(x, Tensor):
+            return self._note(func(*args, **kwargs), "sigmoid", x)
+        if name == "softmax" and isinstance(x, Tensor):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            out = func(*args, **kwargs)
+            return self._note(out, "softmax", x, dim) if isinstance(dim, int) else out
+        if name in ("__rsub__", "rsub") and len(args) > 1 and isinstance(args[1], (int, float)) and args[1] == 1:
+            got = self._of(x)
+            out = func(*args, **kwargs)
+            return self._note(out, "sigmoid", -got[1]) if got is not None and got[0] == "sigmoid" else out
+        if name in ("__sub__", "sub") and isinstance(x, (int, float)) and x == 1 and len(args) > 1:
+            got = self._of(args[1])  # torch.sub(1, p)
+            out = func(*args, **kwargs)
+            return self._note(out, "sigmoid", -got[1]) if got is not None and got[0] == "sigmoid" else out
+        if name == "log" and not kwargs:
+            got = self._of(x)
+            if got is not None:
+                kind, z, dim = got
+                return F.logsigmoid(z) if kind == "sigmoid" else F.log_softmax(z, dim)
         return func(*args, **kwargs)
 
 

@@ -43,11 +43,14 @@ from gradwatch.watching.steps import StepRecorder
 F = TypeVar("F", bound=Callable[..., Any])
 AT_BOUND_ABOVE = 0.25  # a layer whose weights sit at ±max|w| this often or more was clipped there
 # A weight matrix whose gradient is exactly 0 on this share of its entries or more, on four in five of its rows and of
-# its columns whole (not the rows of dead units alone, nor the columns of absent one-hot inputs alone), at the first
-# training step: an operation with zero derivative in the weights' own path (round 25: torch.round(w / s) * s, a
-# quantiser without its straight-through estimator, left one entry of 8192 a gradient).
+# its columns whole (not the rows of dead units alone, nor the columns of absent one-hot inputs alone), at the
+# ZERO_GRAD_STEP-th training step: an operation with zero derivative in the weights' own path (round 25:
+# torch.round(w / s) * s, a quantiser without its straight-through estimator, left one entry of 8192 a gradient).
+# Not the first step: a layer whose successor starts at exactly 0 (a residual branch's last layer zero-initialised,
+# Goyal et al. 2017; Fixup) gets no gradient there by design, and one after the first updates.
 ZERO_GRAD_ABOVE = 0.99
 ZERO_LINES_FROM = 0.8
+ZERO_GRAD_STEP = 10
 
 
 def _guarded(fn: F) -> F:
@@ -94,7 +97,7 @@ class Watch:
         self._output_start: tuple[Any, float, float | None] | None = None
         self._output_grad: tuple[Any, Tensor, Tensor | None] | None = None  # the first output's node, value, gradient
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
-        self._zero_grads_read = False  # the first training step's weight gradients have been read (zero_grad_weights)
+        self._trained_passes = 0  # training steps whose gradients were ready, up to ZERO_GRAD_STEP (zero_grad_weights)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
         self._lr_track: LrTrack | None = None
@@ -451,16 +454,18 @@ class Watch:
             self._eval_steps += 1
             if self._eval_first < 0:
                 self._eval_first = self.step
-        elif not self._zero_grads_read:
-            self._zero_grads_read = True
-            self._run_guarded(self._note_zero_grads)
+        elif self._trained_passes < ZERO_GRAD_STEP:
+            self._trained_passes += 1
+            if self._trained_passes == ZERO_GRAD_STEP:
+                self._run_guarded(self._note_zero_grads)
         self._steps.gradients_ready()
 
     @torch.no_grad()
     def _note_zero_grads(self) -> None:
-        """Once, at the first training step's gradients: the layers whose weight matrix got an exactly-0 gradient on
-        ``ZERO_GRAD_ABOVE`` of its entries or more, whole rows and columns alike — ``meta["zero_grad_weights"]``,
-        layer -> [that share, the entries with a gradient, the entries]. Embeddings (a batch's rows) are not read."""
+        """Once, at the ``ZERO_GRAD_STEP``-th training step's gradients: the layers whose weight matrix got an exactly-0
+        gradient on ``ZERO_GRAD_ABOVE`` of its entries or more, whole rows and columns alike —
+        ``meta["zero_grad_weights"]``, layer -> [that share, the entries with a gradient, the entries]. Embeddings (a
+        batch's rows) are not read."""
         if self._steps.grads.sharded:
             return  # a shard is not the layer's matrix
         found = {}
