@@ -569,6 +569,8 @@ def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
     entry of each matrix had a gradient (through s = max|w|/7), the loss went 2.3 → 2.27, 0.14–0.27 held out against
     0.95 with the estimator, and the watch found nothing at fault."""
     seen = run_meta(run).get("zero_grad_weights") or {}
+    if any(f.kind == "dead_units" or f.cause_key == "dead" for f in found):
+        return []  # units that pass nothing leave their weights without a gradient too: that finding says why
     told = {layer for f in found if "straight_through" in f.remedy_keys for layer in f.layers}
     layers = tuple(name for name in seen if name not in told)
     if not layers:
