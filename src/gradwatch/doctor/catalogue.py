@@ -219,6 +219,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         "zero_reciprocal": one("zero_reciprocal", "0 where 1/x or x^(−p) meets 0 (pygcn, PyG)", s.zero_reciprocals),
+        "zero_root": one("zero_root", "0 where a square root meets 0, its gradient too (Moindrot's triplet mask)",
+                         s.zero_roots),
         "log_space": one("log_space", "logs of sigmoid/softmax outputs in log space (logsigmoid, log_softmax)",
                          s.log_space),
         "signed_targets": one("signed_targets", "soft-margin targets −1/+1 (2·y − 1 from 0/1 labels)",

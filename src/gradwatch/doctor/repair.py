@@ -50,7 +50,7 @@ from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.knobs import weight
 from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
 from gradwatch.doctor.verdicts import NULL_BELOW, did_not_learn, fits_only_training, is_better, learns, summary, verdict
-from gradwatch.remedies.structure import RECIPROCALS
+from gradwatch.remedies.structure import RECIPROCALS, ROOT_BACKWARDS
 from gradwatch.trial import SetupFn
 
 
@@ -392,6 +392,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         if (made is not None and made.phase == "forward" and not made.from_inf
                 and made.op.rpartition(".")[2] in RECIPROCALS):
             candidates = catalog["zero_reciprocal"] + candidates
+        elif made is not None and made.phase == "backward" and made.op in ROOT_BACKWARDS:
+            candidates = catalog["zero_root"] + candidates  # round 26: a triplet loss's sqrt of a 0 distance
         elif made is not None and made.phase == "input" and all(r.key != "impute_inputs" for r in candidates):
             candidates = catalog["impute_inputs"] + candidates
     targets = {f.kind for f in diagnosis.problems}

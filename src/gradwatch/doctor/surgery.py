@@ -762,6 +762,17 @@ class UnderLossMode:
             return self.loss_fn(out, y)
 
 
+def zero_roots(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model and the trial's loss run under :class:`~gradwatch.remedies.structure.ZeroRoots`: a square root at
+    an entry that is exactly 0 (a pairwise distance's diagonal) passes 0 back, not inf·0 = NaN."""
+    from gradwatch.remedies.structure import UnderMode, ZeroRoots
+
+    trial.model = UnderMode(trial.model, ZeroRoots)
+    trial.loss_fn = UnderLossMode(trial.loss_fn, ZeroRoots)
+    note_change(trial, "a square root's gradient 0 where its input is exactly 0 (computed on 1 there, then zeroed)")
+    return trial
+
+
 class _Shared:
     """One torch function mode for the model's forward and the trial's loss (:class:`~gradwatch.remedies.structure.
     LogSpace`: the forward makes a sigmoid, the loss takes its log); ``fresh``: it forgets what the last step made."""

@@ -671,6 +671,31 @@ class LogSpace(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# the backward functions of a root at 0: d√x/dx = 1/(2√x) is inf there, and inf·0 a NaN
+ROOT_BACKWARDS = frozenset({"SqrtBackward0", "PowBackward0", "PowBackward1"})
+
+
+class ZeroRoots(TorchFunctionMode):
+    """While open, a square root (``torch.sqrt``, ``x ** p`` and ``pow`` with 0 < p < 1) of a tensor that requires
+    grad is 0 where its input is exactly 0, computed on 1 there so that its backward passes 0 in place of inf (and
+    inf·0 = NaN) — Moindrot's "add a small epsilon where distances == 0.0, then zero them again" for a pairwise
+    distance matrix's diagonal. Every other call runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        x = args[0] if args else None
+        root = name == "sqrt" or (name in ("pow", "__pow__") and len(args) > 1 and isinstance(args[1], float)
+                                  and 0 < args[1] < 1)
+        if not root or not isinstance(x, Tensor) or not x.requires_grad or not x.is_floating_point():
+            return func(*args, **kwargs)
+        zero = x == 0
+        if not bool(zero.any()):
+            return func(*args, **kwargs)
+        out = func(torch.where(zero, torch.ones_like(x), x), *args[1:], **kwargs)
+        return torch.where(zero, torch.zeros_like(out), out)
+
+
 class UnderMode(nn.Module):
     """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
     :class:`DropoutKept`, :class:`_Temperature`). The model's parameters are its own (an optimizer over them trains
