@@ -343,6 +343,7 @@ def test_the_doctor_computes_a_hand_written_bces_logs_in_log_space(tmp_path):
     assert report.best is not None and report.best.parts == ("log_space",), str(report)
     assert report.best.score > 0.94 and report.checks[-1].verdict == "fixes it"
     assert "1 − p where p rounded to 1" in report.message and "torch.log(1 - p)" in report.message
+    assert "may only postpone" not in report.message  # the row mends the operation that made the NaN (round 26)
 
 
 # -- round 26: a batch-all triplet loss whose distances are sqrt(d²) with d² = 0 on the diagonal (Moindrot 2018) --------
