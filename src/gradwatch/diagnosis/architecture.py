@@ -560,6 +560,9 @@ def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
         "a float mask is added to the attention scores", "bool_mask", "meta float_01_masks")]
 
 
+ZERO_READ_STEP = 10  # the training step at which a watch reads meta zero_grad_weights (watching.handle.ZERO_GRAD_STEP)
+
+
 def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """Weight matrices that got an exactly-0 gradient on nearly every entry at the tenth training step, whole rows and
     columns alike (meta ``zero_grad_weights``, :data:`gradwatch.watching.handle.ZERO_GRAD_ABOVE`): an operation with
@@ -571,7 +574,12 @@ def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
     seen = run_meta(run).get("zero_grad_weights") or {}
     if any(f.kind == "dead_units" or f.cause_key == "dead" for f in found):
         return []  # units that pass nothing leave their weights without a gradient too: that finding says why
-    told = {layer for f in found if "straight_through" in f.remedy_keys for layer in f.layers}
+    if any(f.kind in ("nonfinite", "exploding") and f.severity == "critical" and f.steps[0] <= ZERO_READ_STEP
+           for f in found):
+        return []  # a run that blew up before the read: what is left of its gradients says nothing of the path
+    # ... nor where no layer gets any gradient at all (a softmax over one unit): that finding says why
+    told = {layer for f in found if "straight_through" in f.remedy_keys or f.kind == "stalled"
+            and f.severity == "critical" for layer in f.layers}
     layers = tuple(name for name in seen if name not in told)
     if not layers:
         return []
