@@ -611,14 +611,14 @@ class SignedMarginTargets(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        if func is torch.nn.functional.soft_margin_loss:
-            args = list(args)
-            y = args[1] if len(args) > 1 else kwargs.get("target")
-            if isinstance(y, Tensor) and y.numel() and bool(((y == 0) | (y == 1)).all()):
-                if len(args) > 1:
-                    args[1] = 2 * y - 1
-                else:
-                    kwargs["target"] = 2 * y - 1
+        if func is not torch.nn.functional.soft_margin_loss:
+            return func(*args, **kwargs)
+        y = args[1] if len(args) > 1 else kwargs.get("target")
+        if isinstance(y, Tensor) and y.numel() and bool(((y == 0) | (y == 1)).all()):
+            if len(args) > 1:
+                args = (args[0], 2 * y - 1, *args[2:])
+            else:
+                kwargs["target"] = 2 * y - 1
         return func(*args, **kwargs)
 
 
