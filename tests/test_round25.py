@@ -3,6 +3,8 @@ source), each against its reference."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -406,3 +408,71 @@ def test_the_doctor_tries_a_square_root_that_passes_0_at_0_where_its_backward_ma
     row = next(t for t in report.trials if t.parts == ("zero_root",))
     assert report.trials[0] is row and row.score > 0.95 and not row.findings, str(report)
     assert row.verdict in ("fixes it", "removes the finding; a better score, but the loss did not halve")
+
+
+# -- round 26: a physics-informed net with ReLU units (deepxde#80: "Don't use relu … Use smooth activations") -----------
+
+class _PINN(nn.Module):
+    """u(x) and u''(x) by autograd inside the forward, for u'' = −π² sin πx on [−1, 1] with u(±1) = 0."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            u = self.net(x)
+            du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+            d2u = torch.autograd.grad(du.sum(), x, create_graph=True)[0]
+        return torch.cat([u, d2u], 1)
+
+
+def _pinn_points(seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        xi = torch.rand(64, 1, generator=g) * 2 - 1
+        x = torch.cat([xi, torch.tensor([[-1.0], [1.0]])])
+        f = -(math.pi ** 2) * torch.sin(math.pi * xi)
+        yield x, torch.cat([torch.cat([torch.zeros(64, 1), f], 1), torch.tensor([[1.0, 0.0], [1.0, 0.0]])])
+
+
+def _pinn_loss(out, target):  # target: [on the boundary, value]
+    bnd = target[:, 0] > 0.5
+    return (out[~bnd, 1] - target[~bnd, 1]).pow(2).mean() + (out[bnd, 0] - target[bnd, 1]).pow(2).mean()
+
+
+def _pinn(seed, act=nn.ReLU):
+    torch.manual_seed(seed)
+    model = _PINN(act)
+    grid = torch.linspace(-1, 1, 201)[:, None]
+
+    def r2(m):
+        u, exact = m(grid)[:, 0].detach(), torch.sin(math.pi * grid[:, 0])
+        return float(1 - ((u - exact) ** 2).sum() / ((exact - exact.mean()) ** 2).sum())
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _pinn_points(seed), _pinn_loss, evaluate=r2)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_pinn_with_relu_units_is_told_its_second_derivative_is_0_and_its_tanh_twin_is_not(store, seed):
+    """Round 26: the loss stuck at 48, R² 0 against 1.000 with tanh, told a saturated output or a GAN's loss. By hand:
+    the ReLU net's u'' is exactly 0 at every point, the tanh net's is not; the double backward the watch names is in
+    the output's graph."""
+    trial, twin = _pinn(seed), _pinn(seed, nn.Tanh)
+    x, _ = next(_pinn_points(seed))
+    assert float(trial.model(x)[:, 1].abs().max()) == 0 and float(twin.model(x)[:, 1].abs().max()) > 0
+    w = _train(trial, store, f"pinn-{seed}", 300)
+    tw = _train(twin, store, f"pinn-twin-{seed}", 300)
+    assert trial.evaluate(trial.model) < 0.1 and twin.evaluate(twin.model) > 0.95
+    (f,) = w.diagnose().problems
+    assert f.remedy_keys[0] == "smooth_activation" and "second derivative is 0" in f.cause, str(f)
+    assert "ThresholdBackwardBackward0" in w.open().meta["output_derivative_ops"]
+    assert not tw.diagnose().problems
+
+
+def test_the_doctor_gives_a_pinn_a_smooth_activation(tmp_path):
+    """Tanh in place of the ReLUs: R² 1.000 (the twin's), held on a seed no trial used."""
+    report = gw.doctor(_pinn, steps=300, budget_s=120, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.parts == ("smooth_activation",), str(report)
+    assert report.best.score > 0.95 and report.checks[-1].verdict == "fixes it"
+    assert not any(isinstance(m, nn.ReLU) for m in report.apply(_pinn(0)).model.modules())

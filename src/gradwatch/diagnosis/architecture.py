@@ -313,6 +313,27 @@ def batch_axis_misread(run: Run) -> str:
             f"in its batch")
 
 
+# the double-backward nodes of piecewise-linear activations: their derivative is a step, its derivative 0
+PIECEWISE_DOUBLE = {"ThresholdBackwardBackward0": "ReLU", "LeakyReluBackwardBackward0": "LeakyReLU",
+                    "HardtanhBackwardBackward0": "ReLU6/Hardtanh"}
+
+
+def derivative_through_relu(run: Run) -> str:
+    """Words for a model whose forward differentiates itself through a piecewise-linear activation (meta
+    ``output_derivative_ops``: its output's graph holds that activation's double backward — ``torch.autograd.grad``
+    with ``create_graph=True`` inside the forward); '' otherwise. A ReLU net is piecewise linear in its input: its
+    second derivative is 0 almost everywhere, so a residual on u'' passes no gradient to the weights. Round 26: a
+    physics-informed net for u'' = −π² sin πx with ReLU units (deepxde#80: "Don't use relu … Use smooth activations,
+    e.g., tanh"), its loss stuck at 48 and R² 0 against 1.000 with tanh, told a saturated output or a GAN's loss."""
+    ops = [PIECEWISE_DOUBLE[o] for o in run_meta(run).get("output_derivative_ops") or () if o in PIECEWISE_DOUBLE]
+    if not ops:
+        return ""
+    return (f"the model's output holds a derivative it took of itself through {', '.join(ops)} (a double backward in "
+            f"its graph: torch.autograd.grad with create_graph=True in the forward): a {ops[0]} net is piecewise linear "
+            f"in its input, so its second derivative is 0 almost everywhere and a loss on it (a physics-informed "
+            f"residual on u'') passes the weights no gradient")
+
+
 def float_masks(run: Run) -> str:
     """Words for attention modules given a float mask of 0s and 1s (meta ``float_01_masks``,
     :func:`gradwatch.probes.layout.float_01`); '' otherwise. Round 24: a Transformer LM whose causal mask was
@@ -477,6 +498,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (activation_penalty, ("smaller_l1",), _SHRUNK_KINDS),
     (batch_axis_misread, ("batch_first",), _ANY_KIND),
     (float_masks, ("bool_mask",), _ANY_KIND),
+    (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )
 
 

@@ -138,6 +138,8 @@ REMEDIES = {
     "smaller_init_lower_lr": "weights re-initialised (Xavier) together with a lower learning rate",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
+    "smooth_activation": "a smooth activation (tanh, SiLU, softplus) in place of ReLU where the loss reads the net's "
+                         "derivatives in its input (a physics-informed residual): ReLU's second derivative is 0",
     "log_space": "compute the logarithm of a sigmoid or softmax output in log space (F.logsigmoid(z), "
                  "F.logsigmoid(−z) for log(1 − σ(z)), F.log_softmax), or the loss on the logits",
     "signed_targets": "give nn.SoftMarginLoss targets of −1 and +1 (2·y − 1 from 0/1 labels), or train the 0/1 "

@@ -219,6 +219,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         "zero_reciprocal": one("zero_reciprocal", "0 where 1/x or x^(−p) meets 0 (pygcn, PyG)", s.zero_reciprocals),
+        "smooth_activation": one("smooth_activation", "Tanh in place of ReLU (a smooth second derivative)",
+                                 s.smooth_activation),
         "zero_root": one("zero_root", "0 where a square root meets 0, its gradient too (Moindrot's triplet mask)",
                          s.zero_roots),
         "log_space": one("log_space", "logs of sigmoid/softmax outputs in log space (logsigmoid, log_softmax)",

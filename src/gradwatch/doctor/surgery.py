@@ -1148,6 +1148,17 @@ def leaky(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return _swap_calls(trial, {"relu": F.leaky_relu, "relu_": F.leaky_relu}, example)
 
 
+def smooth_activation(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Tanh in place of the ReLU-type activation modules but an output one, the weights as they were: a net whose
+    loss reads its derivatives in the input (a physics-informed residual) gets a second derivative that is not 0.
+    None when there is no ReLU, LeakyReLU or ReLU6 module."""
+    kinds = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+    if not any(isinstance(m, kinds) for m in trial.model.modules()):
+        return None
+    example = _traceable_input(trial)
+    return OnModel(lambda m: r.swap_activation(m, nn.Tanh, replace=kinds, inplace=True, example=example))(trial, numbers)
+
+
 def _swap_calls(trial: Trial, swap: dict[str, Callable[[torch.Tensor], torch.Tensor]], example: Any) -> Trial | None:
     """The trial's model with those function calls swapped (:func:`gradwatch.remedies.structure.swap_functional`)
     and He-initialised; its optimizer keeps the same parameters."""

@@ -297,6 +297,31 @@ def targets_off_gradient(loss: Tensor, output: Any, value: Tensor, grad: Tensor)
         return None
 
 
+DERIVATIVE_NODES = 4096  # nodes of the model's output graph walked for a derivative taken inside the forward, once
+
+
+def derivative_ops(output: Tensor) -> list[str]:
+    """The double-backward operations in the graph of the model's ``output`` (``ThresholdBackwardBackward0`` for a
+    ReLU's): the forward differentiates itself, ``torch.autograd.grad(..., create_graph=True)`` — a physics-informed
+    net's u'' — and its output holds that derivative. Sorted names, at most :data:`DERIVATIVE_NODES` nodes walked;
+    [] where there is none. Reads only; never fails the user's run."""
+    try:
+        start = getattr(output, "grad_fn", None)
+        todo, seen, found = [start] if start is not None else [], set[int](), set[str]()
+        while todo and len(seen) < DERIVATIVE_NODES:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            name = type(node).__name__
+            if name.endswith("BackwardBackward0"):
+                found.add(name)
+            todo.extend(n for n, _ in node.next_functions)
+        return sorted(found)
+    except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
+        return []
+
+
 # a loss whose targets are −1 and +1: a target of 0 gives its sample the constant loss log 2 and no gradient at all
 MARGIN_LOSSES = frozenset({"SoftMarginLossBackward0"})
 

@@ -29,7 +29,7 @@ from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.layout import LayoutSeen
-from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, loss_graph, loss_paths,
+from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, derivative_ops, loss_graph, loss_paths,
                                        margin_targets_off_gradient, targets_off_gradient)
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
@@ -375,6 +375,10 @@ class Watch:
         """Once: whether the model returns probabilities (``_output_classes``); and its mean sigmoid and autograd node,
         with a hook that counts its gradient's negative entries (:meth:`_binary_prior`)."""
         self._output_classes = 0
+        if isinstance(output, Tensor) and output.requires_grad:  # a derivative the forward took of itself (a PINN's)
+            ops = derivative_ops(output)
+            if ops:
+                self._writer.meta({"output_derivative_ops": ops})
         if isinstance(output, Tensor) and output.is_floating_point() and output.requires_grad and output.numel() > 1:
             with torch.no_grad():
                 self._output_start = (output.grad_fn, float(torch.sigmoid(output.detach().float()).mean()), None)
