@@ -576,13 +576,20 @@ class ZeroReciprocals(TorchFunctionMode):
         base = args[at] if at is not None else None
         if at is None or not isinstance(base, Tensor) or not base.is_floating_point():
             return func(*args, **kwargs)
-        zero = base == 0
-        if not bool(zero.any()):
-            return func(*args, **kwargs)
-        safe = list(args)
-        safe[at] = torch.where(zero, torch.ones_like(base), base)
-        out = func(*safe, **kwargs)
-        return torch.where(zero, torch.zeros_like(out), out)
+        return _zero_at_zeros(func, args, at, kwargs)
+
+
+def _zero_at_zeros(func: Any, args: tuple, at: int, kwargs: dict) -> Any:
+    """``func(*args, **kwargs)``, computed with 1 in place of ``args[at]``'s exact zeros and then 0 there: neither
+    the value nor the backward pass meets the operation at 0 (its inf, and inf·0 = NaN). As made where there is none."""
+    base = args[at]
+    zero = base == 0
+    if not bool(zero.any()):
+        return func(*args, **kwargs)
+    safe = list(args)
+    safe[at] = torch.where(zero, torch.ones_like(base), base)
+    out = func(*safe, **kwargs)
+    return torch.where(zero, torch.zeros_like(out), out)
 
 
 # the step-like operations a straight-through estimator passes the gradient around: zero derivative almost everywhere
@@ -689,11 +696,7 @@ class ZeroRoots(TorchFunctionMode):
                                   and 0 < args[1] < 1)
         if not root or not isinstance(x, Tensor) or not x.requires_grad or not x.is_floating_point():
             return func(*args, **kwargs)
-        zero = x == 0
-        if not bool(zero.any()):
-            return func(*args, **kwargs)
-        out = func(torch.where(zero, torch.ones_like(x), x), *args[1:], **kwargs)
-        return torch.where(zero, torch.zeros_like(out), out)
+        return _zero_at_zeros(func, args, 0, kwargs)
 
 
 class UnderMode(nn.Module):
