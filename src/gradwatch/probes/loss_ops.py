@@ -286,10 +286,7 @@ def targets_off_gradient(loss: Tensor, output: Any, value: Tensor, grad: Tensor)
         node: Any = getattr(loss, "grad_fn", None)
         if type(node).__name__ != "MseLossBackward0" or node._saved_reduction not in (1, 2):
             return None
-        at = node.next_functions[0][0]
-        while at is not None and at is not output and type(at).__name__ in _SAME_ELEMENTS:
-            at = at.next_functions[0][0]
-        if at is not output or value.numel() != grad.numel():
+        if not _reads_whole(node, output) or value.numel() != grad.numel():
             return None
         scale = value.numel() / 2 if node._saved_reduction == 1 else 0.5
         return target_range(value.reshape(-1) - grad.reshape(-1) * scale)
@@ -350,14 +347,20 @@ def margin_targets_off_gradient(loss: Tensor, output: Any, grad: Tensor) -> dict
         node: Any = getattr(loss, "grad_fn", None)
         if type(node).__name__ not in MARGIN_LOSSES:
             return None
-        at = node.next_functions[0][0]
-        while at is not None and at is not output and type(at).__name__ in _SAME_ELEMENTS:
-            at = at.next_functions[0][0]
-        if at is not output or not grad.numel():
+        if not _reads_whole(node, output) or not grad.numel():
             return None
         return {"at_0": float((grad == 0).float().mean())}
     except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
         return None
+
+
+def _reads_whole(node: Any, output: Any) -> bool:
+    """Whether the loss node ``node``'s input is the model's ``output`` node itself, reached through nodes that keep
+    its elements one for one (views, squeezes, transposes)."""
+    at = node.next_functions[0][0]
+    while at is not None and at is not output and type(at).__name__ in _SAME_ELEMENTS:
+        at = at.next_functions[0][0]
+    return at is output
 
 
 def _first_node(loss: Tensor, names: frozenset[str]) -> Any:
