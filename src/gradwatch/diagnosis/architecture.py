@@ -600,8 +600,10 @@ def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
            for f in found):
         return []  # a run that blew up before the read: what is left of its gradients says nothing of the path
     # ... nor where no layer gets any gradient at all (a softmax over one unit): that finding says why
-    told = {layer for f in found if "straight_through" in f.remedy_keys or f.kind == "stalled"
-            and f.severity == "critical" for layer in f.layers}
+    # ... and where a finding names an operation between the layers (a step, a backward of the user's own) for them
+    told = {layer for f in found if {"straight_through", "custom_backward"} & set(f.remedy_keys)
+            or f.cause_key in ("blocked", "custom") or f.kind == "stalled" and f.severity == "critical"
+            for layer in f.layers}
     layers = tuple(name for name in seen if name not in told)
     if not layers:
         return []
