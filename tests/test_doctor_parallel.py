@@ -277,6 +277,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # one Ray test in make test (the CLI's), this one in make test-slow (CI's 20 minutes)
 def test_ray_gives_the_serial_table_and_ships_every_trials_store_back(serial, ray_cluster, tmp_path):
     report = gw.doctor(tiny, steps=STEPS, progress=False, workers="ray", ray_resources={"num_cpus": 1}, store=tmp_path)
     _assert_same_table(report, serial)

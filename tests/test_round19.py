@@ -342,6 +342,7 @@ def test_updates_that_round_away_in_bfloat16_are_named_and_float32_weights_are_n
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_repairs_updates_that_round_away_and_names_master_weights(tmp_path):
     """The doctor's rows raise the rate (by hand lr ×10: 0.93–0.94), and its message names float32 master weights, the
     source's fix, which it cannot write."""

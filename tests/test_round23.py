@@ -168,6 +168,7 @@ def test_layers_given_the_batch_along_the_sequence_axis_are_told_so_and_their_ba
     assert seen and all(s["batch"] == 64 and s["input"][0] == 64 for s in seen)
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_sets_batch_first_on_the_layers_given_the_batch_first(tmp_path):
     """Round 23: the doctor tried warm-up and Pre-LN ("removes the finding") and said the trials may be too short;
     at 1,200 steps the misread encoder is still at chance. Its row sets batch_first on the two attention layers
@@ -486,6 +487,7 @@ def test_a_healthy_mixture_density_net_whose_norm_crossed_the_bound_on_a_few_ste
     assert not w.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_names_the_log_of_an_underflowed_sum_and_says_a_finite_row_may_only_postpone_it(tmp_path):
     """Round 24: input standardisation kept the log of a sum of densities finite for 300 steps ("fixes it") and NaN
     came back at steps 879–1922. The line is named with its mend (logsumexp), and the message says such a row may
@@ -578,6 +580,7 @@ def test_a_causal_mask_given_as_floats_is_told_and_its_boolean_twin_is_not(store
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_makes_a_float_mask_of_0s_and_1s_boolean(tmp_path):
     """The row's loss ends ×11 the baseline's — which fitted its training batches to 0.04 of a constant's loss by
     seeing its targets — while held out it scores 0.52 against 0.11: a fix, held on a seed no trial used."""

@@ -198,6 +198,7 @@ def test_a_soft_margin_loss_given_0_1_labels_is_told_and_its_signed_twin_is_not(
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_gives_a_soft_margin_loss_signed_targets(tmp_path):
     """The row computes the set-up's own loss with 2y − 1 in place of y (the loss by hand, equal), and repairs it:
     0.978 held out, the signed twin's level, held on a seed no trial used."""
@@ -470,6 +471,7 @@ def test_a_pinn_with_relu_units_is_told_its_second_derivative_is_0_and_its_tanh_
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_gives_a_pinn_a_smooth_activation(tmp_path):
     """Tanh in place of the ReLUs: R² 1.000 (the twin's), held on a seed no trial used."""
     report = gw.doctor(_pinn, steps=300, budget_s=120, store=tmp_path, progress=False)
