@@ -582,21 +582,21 @@ def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
         "a float mask is added to the attention scores", "bool_mask", "meta float_01_masks")]
 
 
-ZERO_READ_STEP = 10  # the training step at which a watch reads meta zero_grad_weights (watching.handle.ZERO_GRAD_STEP)
-
-
 def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
-    """Weight matrices that got an exactly-0 gradient on nearly every entry at the tenth training step, whole rows and
-    columns alike (meta ``zero_grad_weights``, :data:`gradwatch.watching.handle.ZERO_GRAD_ABOVE`): an operation with
-    zero derivative in the weights' own path. One ``vanishing`` finding, critical where the loss did not halve,
+    """Weight matrices that got an exactly-0 gradient on nearly every entry at a training step early in the run
+    (``meta["zero_grad_step"]``, the tenth), whole rows and columns alike (meta ``zero_grad_weights``,
+    :data:`gradwatch.watching.handle.ZERO_GRAD_ABOVE`): an operation with zero derivative in the weights' own path. One ``vanishing`` finding, critical where the loss did not halve,
     ``straight_through`` first; layers a finding already gives that remedy (a step between the layers) are not told
     again. Round 25: 4-bit fake-quantised weights, ``torch.round(w / s) * s`` with no straight-through estimator — one
     entry of each matrix had a gradient (through s = max|w|/7), the loss went 2.3 → 2.27, 0.14–0.27 held out against
     0.95 with the estimator, and the watch found nothing at fault."""
-    seen = run_meta(run).get("zero_grad_weights") or {}
+    meta = run_meta(run)
+    seen, read = meta.get("zero_grad_weights") or {}, meta.get("zero_grad_step")
+    if not seen or not isinstance(read, int):
+        return []
     if any(f.kind == "dead_units" or f.cause_key == "dead" for f in found):
         return []  # units that pass nothing leave their weights without a gradient too: that finding says why
-    if any(f.kind in ("nonfinite", "exploding") and f.severity == "critical" and f.steps[0] <= ZERO_READ_STEP
+    if any(f.kind in ("nonfinite", "exploding") and f.severity == "critical" and f.steps[0] <= read
            for f in found):
         return []  # a run that blew up before the read: what is left of its gradients says nothing of the path
     # ... nor where no layer gets any gradient at all (a softmax over one unit): that finding says why
@@ -617,13 +617,13 @@ def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
         kind="vanishing", severity="critical" if stuck else "warning", layers=layers, steps=(0, max(steps - 1, 0)),
         summary=(f"the weights of {span(layers)} get a gradient on almost none of their entries: an operation with zero "
                  f"derivative in their path"),
-        evidence=(f"at the tenth training step the gradient was nonzero on {'; '.join(parts)} — whole rows and whole "
+        evidence=(f"at training step {read} the gradient was nonzero on {'; '.join(parts)} — whole rows and whole "
                   f"columns at 0, not a dead unit's row or an absent input's column{went}."),
         cause=("an operation with zero derivative between the weights and the loss — torch.round, floor, sign or a "
                "quantiser applied to the weights (fake quantisation without its straight-through estimator) — passes "
                "them no gradient; what reaches an entry at all goes around it (a scale computed from max|w|)"),
         remedies=remedies("straight_through"), numbers={"zero_share": min(seen[name][0] for name in layers)},
-        sources=("meta zero_grad_weights (the tenth training step's weight gradients)",))]
+        sources=(f"meta zero_grad_weights (training step {read}'s weight gradients)",))]
 
 
 def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -364,6 +364,13 @@ def flat_loss_finding(run: Run, th: Thresholds, ends: tuple[float, float], sever
 # -- through time ------------------------------------------------------------------------------------------
 
 
+def recorded_lengths(values: np.ndarray) -> list[int]:
+    """Per column (training step) of a (positions × steps) temporal matrix, the positions recorded: one past the
+    last that is not NaN (0 where none is)."""
+    ok = ~np.isnan(values)
+    return [int(np.where(ok[:, j])[0].max()) + 1 if ok[:, j].any() else 0 for j in range(values.shape[1])]
+
+
 def by_lag(s: Series) -> Series:
     """Re-index a (positions × steps) temporal series by lag from each step's last position.
 
@@ -372,8 +379,7 @@ def by_lag(s: Series) -> Series:
     ``len − 1 − i`` (the last row is lag 0) and only lags that every step has
     are kept. ``names`` are the lags.
     """
-    ok = ~np.isnan(s.values)
-    lengths = [int(np.where(ok[:, j])[0].max()) + 1 if ok[:, j].any() else 0 for j in range(s.values.shape[1])]
+    lengths = recorded_lengths(s.values)
     cols = [j for j, n in enumerate(lengths) if n > 0]
     if not cols:
         return Series(s.quantity, [], s.steps[:0], np.zeros((0, 0)))

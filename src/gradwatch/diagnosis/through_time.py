@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, sci
-from gradwatch.diagnosis.measures import by_lag, depth_verdict, layers_per_halving, loss_ends, pascanu, window_median
+from gradwatch.diagnosis.measures import (by_lag, depth_verdict, layers_per_halving, loss_ends, pascanu,
+                                         recorded_lengths, window_median)
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
@@ -160,8 +161,7 @@ def _processing_order(s: Series) -> Series:
     direction's gradient fading back through its recurrence looked like one growing, and one growing like one
     fading."""
     values = s.values.copy()
-    for j in range(values.shape[1]):
-        n = int(np.where(~np.isnan(values[:, j]))[0].max()) + 1 if (~np.isnan(values[:, j])).any() else 0
+    for j, n in enumerate(recorded_lengths(values)):
         values[:n, j] = values[:n, j][::-1]
     return Series(s.quantity, s.names, s.steps, values)
 

@@ -634,7 +634,7 @@ class LogSpace(TorchFunctionMode):
     ``F.logsigmoid(z)``, ``log(1 − sigmoid(z))`` as ``F.logsigmoid(−z)``, ``log(softmax(z))`` as ``F.log_softmax(z)``
     — finite where p rounds to 0 or 1 in float32 (a hand-written binary cross-entropy's 0·log 0 = NaN), the same
     value elsewhere. The outputs it made are remembered until :meth:`forget` (one step: the doctor's trial calls it
-    after each loss); every other call runs as it was made."""
+    as each forward pass starts); every other call runs as it was made."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -662,12 +662,10 @@ class LogSpace(TorchFunctionMode):
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             out = func(*args, **kwargs)
             return self._note(out, "softmax", x, dim) if isinstance(dim, int) else out
-        if name in ("__rsub__", "rsub") and len(args) > 1 and isinstance(args[1], (int, float)) and args[1] == 1:
-            got = self._of(x)
-            out = func(*args, **kwargs)
-            return self._note(out, "sigmoid", -got[1]) if got is not None and got[0] == "sigmoid" else out
-        if name in ("__sub__", "sub") and isinstance(x, (int, float)) and x == 1 and len(args) > 1:
-            got = self._of(args[1])  # torch.sub(1, p)
+        p = (x if name in ("__rsub__", "rsub") and len(args) > 1 and _is_one(args[1])  # 1 - p
+             else args[1] if name in ("__sub__", "sub") and _is_one(x) and len(args) > 1 else None)  # torch.sub(1, p)
+        if p is not None:
+            got = self._of(p)
             out = func(*args, **kwargs)
             return self._note(out, "sigmoid", -got[1]) if got is not None and got[0] == "sigmoid" else out
         if name == "log" and not kwargs:
@@ -676,6 +674,10 @@ class LogSpace(TorchFunctionMode):
                 kind, z, dim = got
                 return F.logsigmoid(z) if kind == "sigmoid" else F.log_softmax(z, dim)
         return func(*args, **kwargs)
+
+
+def _is_one(v: Any) -> bool:
+    return isinstance(v, (int, float)) and v == 1
 
 
 # the backward functions of a root at 0: d√x/dx = 1/(2√x) is inf there, and inf·0 a NaN

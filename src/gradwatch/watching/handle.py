@@ -468,8 +468,8 @@ class Watch:
     def _note_zero_grads(self) -> None:
         """Once, at the ``ZERO_GRAD_STEP``-th training step's gradients: the layers whose weight matrix got an exactly-0
         gradient on ``ZERO_GRAD_ABOVE`` of its entries or more, whole rows and columns alike —
-        ``meta["zero_grad_weights"]``, layer -> [that share, the entries with a gradient, the entries]. Embeddings (a
-        batch's rows) are not read."""
+        ``meta["zero_grad_weights"]``, layer -> [that share, the entries with a gradient, the entries], read at
+        ``meta["zero_grad_step"]``. Embeddings (a batch's rows) are not read."""
         if self._steps.grads.sharded:
             return  # a shard is not the layer's matrix
         found = {}
@@ -486,7 +486,7 @@ class Watch:
             if rows >= ZERO_LINES_FROM * zero.shape[0] and cols >= ZERO_LINES_FROM * zero.shape[1]:
                 found[layer.name] = [share, int((~zero).sum()), int(zero.numel())]
         if found:
-            self._writer.meta({"zero_grad_weights": found})
+            self._writer.meta({"zero_grad_weights": found, "zero_grad_step": ZERO_GRAD_STEP})
 
     @_guarded
     def _step_done(self) -> None:
