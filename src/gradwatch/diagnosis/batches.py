@@ -57,6 +57,10 @@ def unshuffled_words(run: Run, th: Thresholds) -> str:
 REGRESSION_LOSSES = frozenset({"MseLossBackward0", "L1LossBackward0", "SmoothL1LossBackward0", "HuberLossBackward0"})
 SWEEPS_ABOVE = 3.0  # the batch mean's spread across reads, over a batch's own spread: a random batch's is about 1/√B
 SWEEP_OF_SCALE = 0.3  # ... and at least this share of the output's rms (a model whose output barely moves sweeps nothing)
+# A batch's own spread at least this share of the output's rms: an output that is one constant within a batch moves
+# with its bias, not along the targets (round 15's autoencoder whose latents all died, its output the decoder's bias:
+# a spread of 0.01 of its rms, its bias moved by Adam between batches; round 21's sorted regression: 0.2–0.25)
+OWN_SPREAD_FROM = 0.05
 
 
 def sorted_targets_words(run: Run, th: Thresholds) -> str:
@@ -68,7 +72,8 @@ def sorted_targets_words(run: Run, th: Thresholds) -> str:
     small) while their mean sweeps the targets' range over the epoch, and back. Where m's spread about its linear
     trend over the second half of the reads (an output still approaching targets far from 0 drifts one way) is
     ``SWEEPS_ABOVE`` × the median s or more, and ``SWEEP_OF_SCALE`` of the median rms or more, under a regression
-    loss (meta ``loss_ops``), the batches are not shuffled.
+    loss (meta ``loss_ops``), the batches are not shuffled — where s itself is ``OWN_SPREAD_FROM`` of the median rms
+    or more (an output constant within each batch is no band of targets).
 
     Measured (round 21, the common-mistakes guide's "not shuffling the training data": Friedman-1 sorted by its
     standardised target, batches of 32 in order, Adam 3e-3): m's spread 4–5× the median s and ≈ the median rms,
@@ -88,7 +93,7 @@ def sorted_targets_words(run: Run, th: Thresholds) -> str:
     reads = np.arange(len(means), dtype=float)
     trend = np.polyval(np.polyfit(reads, means, 1), reads)  # a mean still drifting one way is no sweep
     sweep, own, scale = float(np.std(means - trend)), float(np.median(within)), float(np.median(rms))
-    if not (sweep >= SWEEPS_ABOVE * own and sweep >= SWEEP_OF_SCALE * scale and scale > 0):
+    if not (sweep >= SWEEPS_ABOVE * own and sweep >= SWEEP_OF_SCALE * scale and own >= OWN_SPREAD_FROM * scale > 0):
         return ""
     return (f"the batches are not shuffled: each batch's outputs lie close together (a median spread of {sci(own)} "
             f"about their mean) while that mean sweeps the range from one batch to the next (its spread across the "
