@@ -349,6 +349,22 @@ def float_masks(run: Run) -> str:
             f"is to predict), and what it learns does not hold where they are hidden")
 
 
+def inverted_padding_masks(run: Run) -> str:
+    """Words for attention modules given a key-padding mask that hides the text and leaves the padding (meta
+    ``inverted_padding_masks``, :func:`gradwatch.probes.layout.inverted_padding`); '' otherwise. Round 26: Hugging
+    Face's ``attention_mask`` (1 = a real token) given as ``src_key_padding_mask`` (True = ignore) — every query
+    attended only to the padding, held-out accuracy 0.48–0.54 against 0.99–1.00 with ``attention_mask == 0``, told
+    Post-LN's missing warm-up on two seeds and nothing on the third."""
+    seen = run_meta(run).get("inverted_padding_masks") or []
+    if not seen:
+        return ""
+    first, more = seen[0], _and_more(seen)
+    return (f"a key padding mask inverted: {first['module']}{more} attended only to keys holding token "
+            f"{first['token']} (the padding) and ignored every other — PyTorch's key_padding_mask ignores the keys "
+            f"where it is True, the inverse of Hugging Face's attention_mask (1 = a real token), so no query sees the "
+            f"text")
+
+
 CLIPPED_LAYERS = 0.5  # the share of the weighted layers whose weights sit at ±c for the net to be called clipped
 
 
@@ -436,7 +452,7 @@ def post_ln_without_warmup(run: Run) -> str:
     n = meta.get("post_ln_layers")
     if not isinstance(n, int) or n < 1 or warmup_seen(run):
         return ""
-    if meta.get("batch_axis_misread") or meta.get("float_01_masks"):
+    if meta.get("batch_axis_misread") or meta.get("float_01_masks") or meta.get("inverted_padding_masks"):
         return ""  # the layers are fed what they cannot learn from (round 23: its twin, as Post-LN, learned to 1.00)
     return (f"the architecture: {n} Post-LN Transformer layer{'s' if n > 1 else ''} (norm_first=False) trained with no "
             f"learning-rate warm-up; at initialisation Post-LN's gradients near the output are large and those of the "
@@ -498,6 +514,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (activation_penalty, ("smaller_l1",), _SHRUNK_KINDS),
     (batch_axis_misread, ("batch_first",), _ANY_KIND),
     (float_masks, ("bool_mask",), _ANY_KIND),
+    (inverted_padding_masks, ("invert_padding_mask",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )
 
@@ -567,19 +584,31 @@ def set_up_warning(run: Run, kind: str, layers: tuple[str, ...], summary: str, e
                    sources=sources)
 
 
-def float_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
-    """Attention modules given a float mask of 0s and 1s (:func:`float_masks`) where no rule found a problem to
-    give that cause to (the loss falls, on what the mask should have hidden): one ``stalled`` warning of its own,
-    ``bool_mask`` first."""
-    seen = run_meta(run).get("float_01_masks") or []
-    if not seen or any(f.severity != "info" for f in found):
+def attention_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Attention modules given a float mask of 0s and 1s (:func:`float_masks`), or a key-padding mask that reads
+    as inverted (:func:`inverted_padding_masks`), where no rule found a problem to give that cause to (the loss
+    falls, on what the mask should have hidden; or nothing read the flat loss): one ``stalled`` warning of its
+    own, ``bool_mask`` or ``invert_padding_mask`` first."""
+    if any(f.severity != "info" for f in found):
         return []
-    return [set_up_warning(
-        run, "stalled", tuple(dict.fromkeys(str(x["module"]) for x in seen)),
-        f"{len(seen)} attention mask{'s' if len(seen) > 1 else ''} of 0s and 1s given as floats mask nothing",
-        "at the first training pass, " + "; ".join(f"{x['module']}'s {x['mask']} held only 0.0 and 1.0"
-                                                  for x in seen) + ".",
-        "a float mask is added to the attention scores", "bool_mask", "meta float_01_masks")]
+    meta = run_meta(run)
+    if seen := meta.get("float_01_masks") or []:
+        return [set_up_warning(
+            run, "stalled", tuple(dict.fromkeys(str(x["module"]) for x in seen)),
+            f"{len(seen)} attention mask{'s' if len(seen) > 1 else ''} of 0s and 1s given as floats mask nothing",
+            "at the first training pass, " + "; ".join(f"{x['module']}'s {x['mask']} held only 0.0 and 1.0"
+                                                      for x in seen) + ".",
+            "a float mask is added to the attention scores", "bool_mask", "meta float_01_masks")]
+    if seen := meta.get("inverted_padding_masks") or []:
+        return [set_up_warning(
+            run, "stalled", tuple(dict.fromkeys(str(x["module"]) for x in seen)),
+            f"{len(seen)} key padding mask{'s hide' if len(seen) > 1 else ' hides'} the text and leave"
+            f"{'' if len(seen) > 1 else 's'} the padding",
+            "at the first training pass, " + "; ".join(f"{x['module']}'s key_padding_mask left attended only keys "
+                                                      f"holding token {x['token']}, and hid keys holding others"
+                                                      for x in seen) + ".",
+            "the key padding mask is inverted", "invert_padding_mask", "meta inverted_padding_masks")]
+    return []
 
 
 def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -124,7 +124,7 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     # ... and no spike against the run's own level: a norm that lives near the bound (an explosion that then killed
     # units is back at a "calm" level too — round 9's IRNN, a raw-target regression — and its peak is ×10 and more)
     near = bool(over) and max(float(total[j]) for j in over) <= th.spike_above * median
-    transient = not over or (fell and len(over) <= th.window and near)
+    transient = not over or (fell and len(over) <= th.window and near) or (calm_phase and _fell_during(run, steps, hit))
     recovered = _recovered(run, steps, total, clip, int(steps[hit[0]]), th) if transient else ""
     if recovered:  # severity follows the effect on training: transient spikes in a run that learns are info
         severity, fixes = "info", ()
@@ -291,6 +291,26 @@ def _ramps(run: Run, steps: np.ndarray, total: np.ndarray, high: list[int], spik
         if math.isfinite(before_m) and math.isfinite(at_m) and at_m >= before_m:
             out.append((onset, j, peak))
     return out
+
+
+def _fell_during(run: Run, steps: np.ndarray, hit: list[int]) -> bool:
+    """The logged loss, finite throughout, fell while the norm was out: its median over the event's steps is at most
+    ``FELL_DURING`` of its median over as many steps before it. Norms far beyond the bound on many steps can be a
+    model's own geometry, not a step that overshoots (round 26: Poincaré embeddings kept in the ball by a projection,
+    Euclidean gradients ×10⁴ their median near its edge on 20–40 steps while the loss fell 1.2 → 0.8 and the ranking
+    reached 0.90–0.94); an explosion that damages the run does not lower its loss (round 9's IRNN, whose units died)."""
+    if "loss" not in run.quantities:
+        return False
+    ls = run.series("loss", "run")
+    if not np.isfinite(ls.values[0]).all():
+        return False
+    a, b = int(steps[hit[0]]), int(steps[hit[-1]])
+    during = ls.values[0][(ls.steps >= a) & (ls.steps <= b)]
+    before = ls.values[0][ls.steps < a][-max(len(during), 1):]
+    return bool(len(during) and len(before) and float(np.median(during)) <= FELL_DURING * float(np.median(before)))
+
+
+FELL_DURING = 0.9
 
 
 def _recovered(run: Run, steps: np.ndarray, total: np.ndarray, calm: float, onset: int, th: Thresholds) -> str:

@@ -146,6 +146,9 @@ REMEDIES = {
                       "labels under nn.BCEWithLogitsLoss",
     "bool_mask": "give nn.MultiheadAttention (a Transformer layer's mask, src_key_padding_mask) a boolean mask, True "
                  "where masked (mask.bool()), or −inf where masked: a float mask is added to the scores",
+    "invert_padding_mask": "give nn.MultiheadAttention (a Transformer layer's src_key_padding_mask) True where a key "
+                           "is padding — attention_mask == 0 from Hugging Face's attention_mask, whose 1s mark the "
+                           "real tokens",
     "batch_first": "batch_first=True on the attention and recurrent layers given (batch, seq, feature) inputs (or "
                    "transpose their inputs to (seq, batch, feature))",
     "group_norm": "GroupNorm (or a larger batch, 16 or more) in place of BatchNorm: statistics of a few samples are "

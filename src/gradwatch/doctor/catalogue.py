@@ -228,6 +228,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "signed_targets": one("signed_targets", "soft-margin targets −1/+1 (2·y − 1 from 0/1 labels)",
                               s.signed_targets),
         "bool_mask": one("bool_mask", "attention masks of 0s and 1s made boolean (mask.bool())", s.bool_masks),
+        "invert_padding_mask": one("invert_padding_mask", "key padding masks inverted (attention_mask == 0)",
+                                   s.padding_masks_inverted),
         "batch_first": one("batch_first", "batch_first=True where the batch was read as the sequence", s.batch_first),
         **transformer_surgery.entries(one),  # qk_layernorm, sigma_reparam, z_loss, skip_step
     }

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gradwatch import remedies as r
@@ -1125,6 +1125,61 @@ def bool_masks(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     for m in attention:
         m.register_forward_pre_hook(as_bool, with_kwargs=True)
     return trial if attention else None
+
+
+# Where each Transformer module takes a key-padding mask: (argument, position in forward) — by keyword or position.
+KEY_PADDING_ARGS: dict[type, tuple[tuple[str, int], ...]] = {
+    nn.Transformer: (("src_key_padding_mask", 5), ("tgt_key_padding_mask", 6), ("memory_key_padding_mask", 7)),
+    nn.TransformerEncoder: (("src_key_padding_mask", 2),),
+    nn.TransformerDecoder: (("tgt_key_padding_mask", 4), ("memory_key_padding_mask", 5)),
+    nn.TransformerEncoderLayer: (("src_key_padding_mask", 2),),
+    nn.TransformerDecoderLayer: (("tgt_key_padding_mask", 4), ("memory_key_padding_mask", 5)),
+    nn.MultiheadAttention: (("key_padding_mask", 3),),
+}
+
+
+def padding_masks_inverted(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Each key-padding mask that reads as inverted against the model's token ids
+    (:func:`gradwatch.probes.layout.inverted_padding`: it leaves only the padding attended) given back inverted —
+    ``attention_mask == 0`` where Hugging Face's ``attention_mask`` was passed — at the outermost Transformer modules
+    (:data:`KEY_PADDING_ARGS`: the layer's fast path in evaluation mode goes around its attention module), so that
+    training and evaluation read the same mask. None where the model has no such module."""
+    from gradwatch.probes.layout import integer_inputs, inverted_padding, masked_keys
+
+    tokens: list[Tensor] = []
+
+    def note(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens[:] = integer_inputs(args, kwargs)
+
+    def flip(mask: Tensor) -> Tensor:
+        hidden = masked_keys(mask)
+        assert hidden is not None  # inverted_padding read it
+        return ~hidden if mask.dtype == torch.bool else torch.zeros_like(mask).masked_fill(~hidden, float("-inf"))
+
+    def unmask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = list(args)  # type: ignore[assignment]
+        for key, at in KEY_PADDING_ARGS[type(module)]:
+            given = kwargs.get(key, args[at] if len(args) > at else None)
+            if not any(inverted_padding(given, x) is not None for x in tokens):
+                continue
+            if key in kwargs:
+                kwargs[key] = flip(given)
+            else:
+                args[at] = flip(given)  # type: ignore[index]
+        return tuple(args), kwargs
+
+    inside: set[str] = set()
+    outer = []
+    for name, m in trial.model.named_modules():
+        if type(m) in KEY_PADDING_ARGS and not any(p == "" or name.startswith(p + ".") for p in inside):
+            outer.append(m)
+            inside.add(name)
+    if not outer:
+        return None
+    trial.model.register_forward_pre_hook(note, with_kwargs=True)
+    for m in outer:
+        m.register_forward_pre_hook(unmask, with_kwargs=True)
+    return trial
 
 
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:
