@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
 	touch $(STAMP)
 
-$(TESTSTAMP): $(STAMP) pyproject.toml constraints.txt
+# One pip run for the package and its test extras (a second run would resolve and build the package again).
+$(TESTSTAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
-	touch $(TESTSTAMP)
+	touch $(STAMP) $(TESTSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/gradwatch demo

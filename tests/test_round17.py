@@ -362,3 +362,24 @@ def test_a_schedule_that_reaches_zero_at_its_end_is_no_collapse(store):
     assert meta["optimizer_lr_last"] <= 1e-3 * meta["optimizer_lr"]  # it did end at ~0 ...
     assert meta["optimizer_steps"] - meta["optimizer_lr_low_from"] < 0.1 * meta["optimizer_steps"]  # ... at its end
     assert not [f for f in w.diagnose().findings if "learning rate fell" in f.summary]
+
+
+def test_the_schedule_row_holds_the_rate_the_schedule_starts_from():
+    """Round 25's friction: the doctor tried nothing where the trial hands it its scheduler. The row stops stepping
+    it and holds each group at its ``initial_lr``: 300 steps at lr 0.05 reach the per-epoch twin's score (> 0.9)
+    where the per-batch schedule stays near chance. A trial without a scheduler has nothing for it."""
+    trial = _scheduled(0, per_batch=True)
+    assert surgery.held_schedule(trial, {}) is trial and trial.scheduler is None
+    for _ in range(300):
+        trial.step()
+    assert trial.optimizer.param_groups[0]["lr"] == 0.05 and trial.evaluate(trial.model) > 0.9
+    plain = _scheduled(0, per_batch=True)
+    plain.step_scheduler(None)
+    assert surgery.held_schedule(plain, {}) is None
+
+
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
+def test_the_doctor_holds_a_schedule_stepped_every_batch(tmp_path):
+    report = gw.doctor(lambda s: _scheduled(s, per_batch=True), steps=300, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.parts == ("schedule_per_epoch",), str(report)
+    assert report.best.score > 0.9 and report.checks[-1].verdict == "fixes it"

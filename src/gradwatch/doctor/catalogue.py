@@ -141,7 +141,9 @@ def catalog() -> dict[str, list[Remedy]]:
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function
         "masked_rows": [],  # the mask is built in the user's forward
-        "schedule_per_epoch": [],  # where the scheduler steps is the user's loop
+        # where the scheduler steps is the user's loop: the row holds the rate the schedule starts from
+        "schedule_per_epoch": one("schedule_per_epoch", "the schedule's first rate held (it decayed every batch)",
+                                  s.held_schedule),
         "smaller_step": [],  # the step size of the user's own update
         "no_collapse": [],  # the loss (its choice of negatives) is the user's
         "pack": [],  # where the output is read, and how the batch is padded, is the user's forward

@@ -154,6 +154,22 @@ def _schedule_rates(trial: Trial, change: Callable[[float], float]) -> None:
             setattr(sched, name, [change(v) for v in value])
 
 
+def held_schedule(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's scheduler no longer stepped, each group back at the rate the schedule started from (its
+    ``initial_lr``): over a trial's few hundred steps a schedule meant per epoch barely moves, while stepped every
+    batch it decays ÷ the batches an epoch faster (round 25: StepLR(step_size=3, γ=0.1) at 10⁻¹⁰² × its rate by
+    step 300). Where the scheduler steps in the user's loop is the user's to change; the row shows the decay is the
+    cause. None without a scheduler of the trial's (a ``step()`` of the user's own steps its own)."""
+    if getattr(trial, "scheduler", None) is None:
+        return None
+    trial.step_scheduler(None)
+    for g in trial.optimizer.param_groups:
+        if isinstance(g.get("initial_lr"), (int, float)):
+            g["lr"] = g["initial_lr"]
+    note_change(trial, "the scheduler no longer stepped, the rate held at its start")
+    return trial
+
+
 def follow_optimizer(trial: Trial, old: torch.optim.Optimizer) -> None:
     """After a remedy replaced ``old`` by ``trial.optimizer`` (the same groups, in order): the trial's scheduler
     moves to the new optimizer, its schedule now relative to the new groups' rates, and is stepped by it."""
