@@ -29,10 +29,14 @@ def pytest_configure(config):
             pass
 
 
-# The groups that take longest (measured, `--durations`), handed out first so that the last ones are short.
-LONGEST_FIRST = ("zoo-seed0", "zoo-seed1", "zoo-seed2", "tests/test_remedies_and_doctor.py",
-                 "tests/test_doctor_repairs.py", "tests/test_doctor_parallel.py", "tests/test_tutorials.py",
-                 "tests/test_lightning.py", "tests/test_compile.py", "tests/test_typing.py")
+# The groups that take longest (measured, `--durations`: the twenty-ninth session's list, 2026-12-06), handed out
+# first so that the last ones are short (the round files come last in collection order, and took 25–75 s each).
+LONGEST_FIRST = ("zoo-seed0", "zoo-seed1", "zoo-seed2", "tests/test_round19.py", "tests/test_doctor_parallel.py",
+                 "tests/test_doctor_repairs.py", "tests/test_round23.py", "tests/test_remedies_and_doctor.py",
+                 "tests/test_round21.py", "tests/test_round12.py", "tests/test_round6.py", "tests/test_round5.py",
+                 "tests/test_round8.py", "tests/test_distributed.py", "tests/test_episodes.py",
+                 "tests/test_repair_diagnosis.py", "tests/test_round25.py", "tests/test_typing.py",
+                 "tests/test_tutorials.py", "tests/test_lightning.py", "tests/test_compile.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups

@@ -83,6 +83,7 @@ def test_a_loss_whose_gradient_is_scaled_down_from_the_start_is_found_in_a_run_f
     assert twin.evaluate(twin.model) > 0.9
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_repairs_a_distillation_loss_without_its_t_squared_factor(store):
     """Round 13: "nothing to fix" on a student at chance. Now: a higher rate (or Adam) fixes it, as by hand (the
     helper measured lr ×100: 0.96 on seeds 0–2)."""

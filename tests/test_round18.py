@@ -250,6 +250,7 @@ def test_a_detectors_bias_at_0_for_rare_positives_is_named_with_the_prior(store,
     assert not [f for f in tw.diagnose() if "prior_bias" in f.remedy_keys]
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_sets_the_output_bias_at_the_prior():
     """The doctor's row: the classifier's bias (the last layer with a bias and the output's shape, by a forward pass)
     at −log(99) — π no lower than the paper's 0.01 — and the detector learns (seed 0: AP > 0.05, the baseline

@@ -417,6 +417,7 @@ def test_batches_sorted_by_class_are_named_first_and_shuffled_ones_are_not(store
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_shuffles_batches_that_came_sorted(tmp_path):
     """The doctor's row draws each batch from a pool of the next 64 batches' samples (every sample one of the
     set-up's, each batch now of many classes): it repairs the sorted digits (0.97 against 0.44) and holds."""
@@ -724,6 +725,7 @@ def test_a_ctc_loss_that_is_infinite_names_inputs_too_short_and_zero_infinity(st
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_sets_zero_infinity_on_the_ctc_loss(tmp_path):
     """The doctor's row runs the set-up's loss with zero_infinity=True (mmocr#159): 0.49 exact against 0, held."""
     report = gw.doctor(_ctc, steps=300, budget_s=120, store=tmp_path)

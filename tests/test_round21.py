@@ -184,6 +184,7 @@ def test_log_probabilities_is_cross_entropy_on_raw_scores_and_leaves_log_probabi
     torch.testing.assert_close(logs, F.cross_entropy(z, y))
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_puts_log_softmax_before_the_nll_loss_and_a_lower_rate_is_no_fix(tmp_path):
     """The round-21 doctor chose learning rate ×0.01 (0.317 held out, its loss −0.81 and falling). Now the
     log_softmax row fixes it (held on seed 1) and the lower rates keep the finding."""
@@ -749,6 +750,7 @@ def test_adams_betas_swapped_are_told_and_the_usual_betas_are_not(store, seed):
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_sets_adams_usual_betas(tmp_path):
     report = gw.doctor(_betas, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label == "Adam's betas (0.9, 0.999)"

@@ -365,6 +365,7 @@ def _gcn(seed, self_loops=False):
                     F.cross_entropy, evaluate=_accuracy(te, y[te]))
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_sets_a_zero_degrees_inf_to_0_and_names_its_line(tmp_path):
     """Round 23: NaN from step 0 on every seed, the doctor named `dinv = …pow(-0.5)` but tried only Xavier. The first
     NaN is now located before the trials; made by a power with a negative exponent, its row sets that inf to 0

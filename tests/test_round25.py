@@ -338,6 +338,7 @@ def test_log_space_gives_a_hand_written_bce_the_value_and_gradient_of_bce_with_l
     assert torch.equal(plain, torch.log(z.detach().abs() + 1))
 
 
+@pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_computes_a_hand_written_bces_logs_in_log_space(tmp_path):
     """Round 25: NaN at step 12 on every seed; the doctor's best row was a learning rate ×0.01 — finite, 0.946, its
     loss ×10–100 the twin's, the line that makes the NaN left as it was. The log-space row scores the twin's level
