@@ -113,7 +113,11 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     else:  # no calm phase before it: the scale itself is wrong (a divergence within the first steps)
         fixes = remedies("smaller_init", "lower_lr", "clip_norm", "norm")
     peak_step = int(steps[peak_at]) if peak_at is not None else int(steps[int(np.nanargmax(np.where(finite, total, np.nan)))])
-    summary = (f"the total gradient norm jumps to {sci(peak)} (median {sci(median)}), from step {int(steps[hit[0]])}"
+    # the level it jumped from: the median of the steps before the event, which the spike rule compares with (round
+    # 28: "jumps to 6.5 (median 5.6)" over the whole run, of a spike ×10 the steps before it); the run's own without any
+    earlier = total[: hit[0]][finite[: hit[0]]]
+    level = f"median {sci(float(np.median(earlier)))} before it" if len(earlier) else f"median {sci(median)}"
+    summary = (f"the total gradient norm jumps to {sci(peak)} ({level}), from step {int(steps[hit[0]])}"
                + (f", peak at step {peak_step}" if ramps else "")
                if spikes or ramps else f"the total gradient norm exceeds {sci(th.grad_norm_above)} from step {int(steps[hit[0]])} "
                f"(median {sci(median)})")

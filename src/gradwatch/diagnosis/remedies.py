@@ -146,6 +146,9 @@ REMEDIES = {
                       "labels under nn.BCEWithLogitsLoss",
     "bool_mask": "give nn.MultiheadAttention (a Transformer layer's mask, src_key_padding_mask) a boolean mask, True "
                  "where masked (mask.bool()), or −inf where masked: a float mask is added to the scores",
+    "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
+                        "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
+                        "is the constant 0",
     "invert_padding_mask": "give nn.MultiheadAttention (a Transformer layer's src_key_padding_mask) True where a key "
                            "is padding — attention_mask == 0 from Hugging Face's attention_mask, whose 1s mark the "
                            "real tokens",

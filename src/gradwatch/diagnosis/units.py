@@ -731,6 +731,13 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  "that all died (ReLUs off on every input), or an output squashed to a constant (exp or sigmoid "
                  "of a large negative value, 0 in float32) — typically after a step far too large")
         fixes = remedies("lower_lr", "leaky", "standardise_inputs")
+    elif cancelling := run_meta(run).get("self_cancelling"):
+        # round 28: PPO's ratio exp(logp − logp_old) with logp_old = logp, not detached (huggingface/trl#2769): the
+        # ratio is the constant 1, the policy at chance; told "a softmax over a single unit" before
+        cause = (f"the loss does not depend on the parameters: it takes a tensor from itself or divides it by itself "
+                 f"({', '.join(cancelling)} with one tensor on both sides: x − x, x / x), a constant whose gradient "
+                 f"is exactly 0 — as PPO's ratio exp(logp − logp_old) with logp_old the same logp, not detached")
+        fixes = remedies("detach_reference")
     else:
         cause = ("the loss does not depend on the parameters: an output activation constant in its input (a softmax "
                  "over a single unit is the constant 1), or a loss computed on a detached or constant output")

@@ -97,7 +97,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
-                     "master_weights", "pack", "zero_grad_order"})
+                     "master_weights", "pack", "zero_grad_order", "detach_reference"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -142,6 +142,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "custom_backward": [],  # the backward is the user's own Function
         "masked_rows": [],  # the mask is built in the user's forward
         # where the scheduler steps is the user's loop: the row holds the rate the schedule starts from
+        "detach_reference": [],  # the reference term is computed in the user's loss
         "schedule_per_epoch": one("schedule_per_epoch", "the schedule's first rate held (it decayed every batch)",
                                   s.held_schedule),
         "smaller_step": [],  # the step size of the user's own update

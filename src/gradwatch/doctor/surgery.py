@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from gradwatch import remedies as r
 from gradwatch.diagnosis.architecture import DROPOUT_FROM
 from gradwatch.diagnosis.over_steps import FLOAT16_TINY
-from gradwatch.remedies.structure import dry_run, recurrent_layers, replace_modules
+from gradwatch.remedies.structure import Wrapper, dry_run, recurrent_layers, replace_modules
 from gradwatch.trial import Trial, peek
 
 TrialChange = Callable[[Trial, dict[str, float]], Trial | None]  # (fresh trial, numbers) -> trial to train; None: n/a
@@ -417,8 +417,10 @@ class _Rescale(torch.autograd.Function):
         return grad * back, None, None, None
 
 
-class TargetScaled(nn.Module):
+class TargetScaled(Wrapper):
     """The user's model predicting mean + std·output: trained as on standardised targets (:func:`standardise_targets`)."""
+
+    wraps = "model"
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -1512,8 +1514,10 @@ class Impute(nn.Module):
         return torch.where(torch.isfinite(x), x, self.fill)
 
 
-class Standardised(nn.Module):
+class Standardised(Wrapper):
     """The user's model behind an input standardisation layer."""
+
+    wraps = "model"
 
     def __init__(self, norm: nn.Module, model: nn.Module) -> None:
         super().__init__()

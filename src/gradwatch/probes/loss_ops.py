@@ -70,9 +70,28 @@ def _paths(loss: Tensor) -> list[list[str]]:
 def loss_graph(loss: Tensor) -> dict[str, Any]:
     """What a watch stores of the loss's graph beside :func:`loss_paths`: ``loss_broadcast``
     (:func:`loss_broadcast`), ``loss_ops``, the names of the backward operations between the loss and the layers
-    (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), and ``nll_on_scores``
-    (:func:`nll_on_scores`). Reads only; never fails the run."""
-    return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss)}
+    (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), ``nll_on_scores``
+    (:func:`nll_on_scores`) and ``self_cancelling`` (:func:`self_cancelling`). Reads only; never fails the run."""
+    return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
+            "self_cancelling": self_cancelling(loss)}
+
+
+# the operations that give a constant when both operands are one tensor: x − x = 0, x / x = 1
+CANCELLING = frozenset({"SubBackward0", "DivBackward0"})
+
+
+def self_cancelling(loss: Tensor) -> list[str]:
+    """The operations between the loss and the layers (:func:`_walk`) that take one tensor from itself or divide it
+    by itself — both operands the same output of the same node, as in ``logp - logp`` — sorted; their result is a
+    constant whose gradient is exactly 0 (``loss_graph``'s ``self_cancelling``). PPO's ratio
+    ``exp(logp - logp_old)`` with ``logp_old`` not detached is one (huggingface/trl#2769): the policy never moves.
+    [] where there is none, or reading fails (never the user's run)."""
+    try:
+        return sorted({type(n).__name__ for n in _walk(loss) if type(n).__name__ in CANCELLING
+                       and len(n.next_functions) == 2 and n.next_functions[0][0] is not None
+                       and n.next_functions[0] == n.next_functions[1]})
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return []
 
 
 NLL = frozenset({"NllLossBackward0", "NllLoss2DBackward0", "NllLoss2dBackward0"})

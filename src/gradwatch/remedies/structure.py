@@ -391,7 +391,24 @@ class _CallCounter(TorchFunctionMode):
         return out
 
 
-class FunctionalSwap(nn.Module):
+class Wrapper(nn.Module):
+    """A module around the user's model (the attribute named by ``wraps``) that reads through to it the attributes
+    it does not have itself: the set-up's ``evaluate(model)`` may read ``model.net`` or call a method of its own on
+    the model a remedy handed it (round 28: the input-standardisation row failed with "'Standardised' object has no
+    attribute 'net'")."""
+
+    wraps = "inner"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.wraps:
+                raise
+            return getattr(super().__getattr__(self.wraps), name)
+
+
+class FunctionalSwap(Wrapper):
     """A model whose activations are functions called in its ``forward`` (``torch.tanh``, ``F.sigmoid``,
     ``F.relu``), with some of them replaced: each call of a name in ``swap`` that comes before the forward's last
     weighted call (a linear or a convolution, found on ``example``) runs ``swap[name]`` instead; calls after it act
@@ -701,7 +718,7 @@ class ZeroRoots(TorchFunctionMode):
         return _zero_at_zeros(func, args, 0, kwargs)
 
 
-class UnderMode(nn.Module):
+class UnderMode(Wrapper):
     """A model whose forward runs under a torch function mode, ``mode(*args)`` (its calls rewritten:
     :class:`DropoutKept`, :class:`_Temperature`). The model's parameters are its own (an optimizer over them trains
     it)."""
