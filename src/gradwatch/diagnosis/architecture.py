@@ -349,6 +349,16 @@ def float_masks(run: Run) -> str:
             f"is to predict), and what it learns does not hold where they are hidden")
 
 
+def single_element_norm(run: Run) -> str:
+    """Words for normalisation layers over a single element (meta ``single_element_norms``); '' otherwise."""
+    seen = run_meta(run).get("single_element_norms") or []
+    if not seen:
+        return ""
+    return (f"a normalisation over a single element: module '{seen[0]}'{_and_more(seen)} normalises over a shape of 1, where "
+            f"x − mean(x) is 0 (LayerNorm) or x / rms(x) is ±1 (RMSNorm): its output is its bias whatever its input, "
+            f"so no layer before it gets a gradient")
+
+
 def inverted_padding_masks(run: Run) -> str:
     """Words for attention modules given a key-padding mask that hides the text and leaves the padding (meta
     ``inverted_padding_masks``, :func:`gradwatch.probes.layout.inverted_padding`); '' otherwise. Round 26: Hugging
@@ -515,6 +525,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (batch_axis_misread, ("batch_first",), _ANY_KIND),
     (float_masks, ("bool_mask",), _ANY_KIND),
     (inverted_padding_masks, ("invert_padding_mask",), _ANY_KIND),
+    (single_element_norm, ("drop_single_norm",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )
 

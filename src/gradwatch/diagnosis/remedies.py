@@ -149,6 +149,10 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "
+                      "under nn.CrossEntropyLoss with class indices",
+    "drop_single_norm": "drop the normalisation over a single element (a LayerNorm over one output feature): "
+                        "normalise over the features of a layer, not over one",
     "invert_padding_mask": "give nn.MultiheadAttention (a Transformer layer's src_key_padding_mask) True where a key "
                            "is padding — attention_mask == 0 from Hugging Face's attention_mask, whose 1s mark the "
                            "real tokens",

@@ -112,6 +112,9 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
 
 
 ACCUMULATED_FROM = 1.5  # forward passes with gradient per optimizer step from which a step sums several
+# Optimizers whose step(closure) runs the forward and backward passes itself, several a step: no accumulation (round
+# 27: L-BFGS's 18–24 closure evaluations a step were told "a loss not divided by their number", lr ÷18 first)
+CLOSURE_OPTIMIZERS = frozenset({"LBFGS"})
 
 
 def _accumulated(found: list[Finding], run: Run) -> list[Finding]:
@@ -120,9 +123,10 @@ def _accumulated(found: list[Finding], run: Run) -> list[Finding]:
     whose losses were not divided by k, which applies the sum of k mean gradients, a learning rate ×k (round 14:
     k = 16, "a learning rate too large", accumulation never named). Said as a question: a siamese net's two passes
     a step are no accumulation."""
-    k = run_meta(run).get("passes_per_step")
-    if not isinstance(k, (int, float)) or k < ACCUMULATED_FROM:
-        return found
+    meta = run_meta(run)
+    k = meta.get("passes_per_step")
+    if not isinstance(k, (int, float)) or k < ACCUMULATED_FROM or meta.get("optimizer") in CLOSURE_OPTIMIZERS:
+        return found  # (an optimizer that evaluates a closure several times a step makes those passes itself)
     out = []
     for f in found:
         if f.kind in ("exploding", "nonfinite") and f.severity != "info" and "lower_lr" in f.remedy_keys:

@@ -97,7 +97,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
-                     "master_weights", "pack", "zero_grad_order", "detach_reference"})
+                     "master_weights", "pack", "zero_grad_order", "detach_reference",
+                     "one_logit_loss"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -143,6 +144,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "masked_rows": [],  # the mask is built in the user's forward
         # where the scheduler steps is the user's loop: the row holds the rate the schedule starts from
         "detach_reference": [],  # the reference term is computed in the user's loss
+        "one_logit_loss": [],  # the loss function is the user's
         "schedule_per_epoch": one("schedule_per_epoch", "the schedule's first rate held (it decayed every batch)",
                                   s.held_schedule),
         "smaller_step": [],  # the step size of the user's own update
@@ -231,6 +233,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "signed_targets": one("signed_targets", "soft-margin targets −1/+1 (2·y − 1 from 0/1 labels)",
                               s.signed_targets),
         "bool_mask": one("bool_mask", "attention masks of 0s and 1s made boolean (mask.bool())", s.bool_masks),
+        "drop_single_norm": one("drop_single_norm", "normalisations over a single element dropped",
+                                s.drop_single_norms),
         "invert_padding_mask": one("invert_padding_mask", "key padding masks inverted (attention_mask == 0)",
                                    s.padding_masks_inverted),
         "batch_first": one("batch_first", "batch_first=True where the batch was read as the sequence", s.batch_first),

@@ -1169,7 +1169,7 @@ def padding_masks_inverted(trial: Trial, numbers: dict[str, float]) -> Trial | N
     def note(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens[:] = integer_inputs(args, kwargs)
 
-    def flip(mask: Tensor) -> Tensor:
+    def flip(mask: Any) -> Tensor:
         hidden = masked_keys(mask)
         assert hidden is not None  # inverted_padding read it
         return ~hidden if mask.dtype == torch.bool else torch.zeros_like(mask).masked_fill(~hidden, float("-inf"))
@@ -1198,6 +1198,22 @@ def padding_masks_inverted(trial: Trial, numbers: dict[str, float]) -> Trial | N
     for m in outer:
         m.register_forward_pre_hook(unmask, with_kwargs=True)
     return trial
+
+
+def drop_single_norms(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Each LayerNorm/RMSNorm over a single element (:func:`gradwatch.watching.metadata.single_element_norms`)
+    replaced by the identity. None where the model has none."""
+    from gradwatch.watching.metadata import single_element_norms
+
+    names = single_element_norms(trial.model)
+    before = {id(p) for p in trial.model.parameters()}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(trial.model.get_submodule(parent), leaf, nn.Identity())
+    if names:
+        rebuild_optimizer(trial, before)  # their weight and bias leave the optimizer with them
+        note_change(trial, f"{', '.join(names)} dropped")
+    return trial if names else None
 
 
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:

@@ -23,7 +23,8 @@
   the baseline's is −1). A set-up that says
   its loss does not show learning (``Trial.judge_by_score``: a GAN's generator
   loss) is judged by the score alone; so is a loss that starts at or below
-  zero (a likelihood with a learned variance: "half" of it means nothing). A
+  zero (a likelihood with a learned variance: "half" of it means nothing),
+  and one that ends below minus its start (a loss unbounded below). A
   constant output's loss at or below zero is no ceiling (a learned variance
   that a constant drives to zero on constant pixels: −37.7 there, below a
   VAE fixed by a variance floor, −29). A remedy that weighs the loss's
@@ -111,6 +112,11 @@ def learns(base: TrialResult, trial: TrialResult) -> bool:
     if not math.isfinite(trial.final_loss):
         return False
     if not trial.first_loss > 0:  # a loss that starts at or below 0: no "half" of it
+        return better_score
+    if trial.final_loss < -trial.first_loss:
+        # fell through 0 to below minus its start: a loss unbounded below, its "halving" no evidence of learning
+        # (round 27: loss weights learned as free multipliers, Σ w_i·L_i; clipping "fixed" it at a loss of −9.5·10⁵
+        # and R² −2.4·10⁵, the baseline's score NaN); the held-out score alone decides
         return better_score
     if not trial.learned:
         return False

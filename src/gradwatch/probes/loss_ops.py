@@ -71,9 +71,27 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     """What a watch stores of the loss's graph beside :func:`loss_paths`: ``loss_broadcast``
     (:func:`loss_broadcast`), ``loss_ops``, the names of the backward operations between the loss and the layers
     (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), ``nll_on_scores``
-    (:func:`nll_on_scores`) and ``self_cancelling`` (:func:`self_cancelling`). Reads only; never fails the run."""
+    (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`) and ``softmax_over_one``
+    (:func:`softmax_over_one`). Reads only; never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
-            "self_cancelling": self_cancelling(loss)}
+            "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss)}
+
+
+def softmax_over_one(loss: Tensor) -> bool:
+    """Whether the loss's graph (:func:`_walk`) takes a log-softmax over a dimension of size 1 — a cross-entropy on a
+    single logit (``nn.CrossEntropyLoss`` on a (B, 1) output): the log-softmax of one value is 0 whatever the value,
+    so the loss passes the output no gradient (round 27: a binary classifier with one
+    output unit under ``nn.CrossEntropyLoss``). False where there is none, or reading fails."""
+    try:
+        for n in _walk(loss):
+            if type(n).__name__ == "LogSoftmaxBackward0":  # (a softmax of the model's own: output_activation)
+                # the shape autograd keeps on the node (its forward output's; a backward pass frees the saved result)
+                shape, dim = list(n._input_metadata[0].shape), int(n._saved_dim)
+                if shape and shape[dim] == 1:
+                    return True
+        return False
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return False
 
 
 # the operations that give a constant when both operands are one tensor: x − x = 0, x / x = 1

@@ -349,12 +349,20 @@ class SkipStep:
         return x - med > math.log(self.ratio_above) and (x - med) > self.z_above * mad
 
     def _guarded_step(self, *args: Any, **kwargs: Any) -> Any:
+        # an optimizer stepped with a closure (L-BFGS) computes this step's gradient in it: evaluated once here, the
+        # step is judged on that gradient, not the last step's, and a skipped step returns its loss, as step(closure)
+        # does (round 27: a skipped L-BFGS step returned None to a loop that reads the loss it returns)
+        closure = kwargs.get("closure", args[0] if args else None)
+        loss = None
+        if callable(closure):
+            with torch.enable_grad():
+                loss = closure()
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
         i, self.calls = self.calls, self.calls + 1
         if self.outlier(norm):
             self.skipped.append(i)
-            return None
+            return loss
         if norm > 0:
             self._history.append(math.log(norm))
         return self._step(*args, **kwargs)
@@ -377,7 +385,10 @@ def skip_step_on_spike(optimizer: torch.optim.Optimizer, window: int = 128, z_ab
     scale where norms vary multiplicatively, with a floor so that a run with
     very steady norms does not lose ordinary steps. The first ``warmup``
     steps are always taken (only non-finite ones skipped). One host sync per
-    step (the decision). Skipped steps do not enter the window.
+    step (the decision). Skipped steps do not enter the window. Stepped with a
+    closure (``optimizer.step(closure)``, L-BFGS), the closure is evaluated once
+    first and the step judged on the gradient it computes; a skipped step
+    returns that loss, as ``step(closure)`` does.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(bad_argument("skip_step_on_spike", "optimizer", "a torch.optim.Optimizer", optimizer))

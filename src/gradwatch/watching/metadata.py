@@ -72,6 +72,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # 0.9 was meant leaves a tenth of the units.
         "dropout_p": max((float(m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)),
                          default=None),
+        # Normalisation layers over a single element (LayerNorm/RMSNorm with normalized_shape 1): their output is the
+        # bias (or ±weight) whatever their input, so nothing before them gets a gradient.
+        "single_element_norms": single_element_norms(model),
         # Post-LN Transformer layers (norm_first=False), which need a learning-rate warm-up (Xiong et al. 2020).
         "post_ln_layers": sum(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                               and not m.norm_first for m in model.modules()),
@@ -128,3 +131,16 @@ def max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None
         return None
     got = [float(g[key]) for g in optimizer.param_groups if isinstance(g.get(key), numbers.Real)]
     return max(got) if got else None
+
+
+def single_element_norms(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.LayerNorm``/``nn.RMSNorm`` modules that normalise over one element: x − mean(x)
+    is 0 and x/rms(x) is ±1 there, so the output is constant in the input (round 27: a LayerNorm over a regression's
+    single output feature, R² ≈ 0 against 0.36–0.45 without it, told "the initialisation shrinks the signal")."""
+    kinds = tuple(k for k in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if k is not None)
+    out = []
+    for name, m in model.named_modules():
+        shape = getattr(m, "normalized_shape", None)
+        if isinstance(m, kinds) and isinstance(shape, tuple) and shape and all(int(d) == 1 for d in shape):
+            out.append(name)
+    return out
