@@ -343,3 +343,41 @@ def test_a_loss_that_falls_below_minus_its_start_is_judged_by_its_score():
     assert verdict(base, _row("clip", -2.4e5, 1.3, -9.5e5), {"nonfinite"}) != "fixes it"
     mdn_base = _row("baseline", math.nan, 37.0, math.nan, ["nonfinite"])
     assert verdict(mdn_base, _row("clip", math.nan, 37.0, -9.6), {"nonfinite"}) == "fixes it"
+
+
+# -- round 27: float16 autocast with a GradScaler whose step the loop goes around (torch.amp docs) -----------------
+
+def test_a_gradscaler_whose_step_the_loop_goes_around_is_told(store):
+    """Round 27: ``optimizer.step()`` where ``scaler.step(optimizer)`` belongs — the gradients of a loss ×65536,
+    never unscaled, NaN at step 1 — was told "the scale of the forward pass at init" and offered a GradScaler, one
+    being in use. The watch given the scaler counts the optimizer steps taken outside it; the loop that steps
+    through it has none and no problem."""
+    d = load_digits()
+    x, y = torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+
+    def run(through_scaler, name):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu")
+        g = torch.Generator().manual_seed(0)
+        with gw.watch(model, opt, store=store, name=name, scaler=scaler) as w:
+            for _ in range(60):
+                i = torch.randint(0, len(x), (64,), generator=g)
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = nn.functional.cross_entropy(model(x[i]), y[i])
+                opt.zero_grad()
+                scaler.scale(loss).backward()
+                if through_scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                w.log(loss=loss)
+        return w
+
+    bad, good = run(False, "amp-bypassed"), run(True, "amp")
+    assert bad.open().meta["steps_outside_scaler"] == 60 and good.open().meta["steps_outside_scaler"] == 0
+    problems = bad.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "scaler_step" for f in problems), problems
+    assert not good.diagnose().problems

@@ -359,6 +359,21 @@ def single_element_norm(run: Run) -> str:
             f"so no layer before it gets a gradient")
 
 
+def scaler_bypassed(run: Run) -> str:
+    """Words for a GradScaler given to the watch whose ``step`` the loop went around (meta ``steps_outside_scaler``:
+    optimizer steps not taken through ``scaler.step(optimizer)``); '' otherwise. Round 27: float16 autocast on the
+    CPU with ``optimizer.step()`` where ``scaler.step(optimizer)`` belongs — the gradients of a loss ×65536, never
+    unscaled, NaN at step 1 — told "the scale of the forward pass at init" and offered a GradScaler."""
+    meta = run_meta(run)
+    outside, steps = meta.get("steps_outside_scaler"), meta.get("steps")
+    if not isinstance(outside, int) or outside < 1:
+        return ""
+    of = f" of {steps}" if isinstance(steps, int) else ""
+    return (f"a GradScaler that scales the loss while the optimizer steps outside it: {outside}{of} optimizer steps "
+            f"were not taken through scaler.step(optimizer), so their gradients were never unscaled — each step "
+            f"applied the gradient × the loss scale (65536 by default) — and no step with NaN/Inf was skipped")
+
+
 def inverted_padding_masks(run: Run) -> str:
     """Words for attention modules given a key-padding mask that hides the text and leaves the padding (meta
     ``inverted_padding_masks``, :func:`gradwatch.probes.layout.inverted_padding`); '' otherwise. Round 26: Hugging
@@ -526,6 +541,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (float_masks, ("bool_mask",), _ANY_KIND),
     (inverted_padding_masks, ("invert_padding_mask",), _ANY_KIND),
     (single_element_norm, ("drop_single_norm",), _ANY_KIND),
+    (scaler_bypassed, ("scaler_step",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )
 

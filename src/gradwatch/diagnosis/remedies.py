@@ -149,6 +149,8 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "scaler_step": "step through the scaler: scaler.step(optimizer) and scaler.update() in place of "
+                   "optimizer.step() (they unscale the gradients and skip a step with NaN/Inf)",
     "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "
                       "under nn.CrossEntropyLoss with class indices",
     "drop_single_norm": "drop the normalisation over a single element (a LayerNorm over one output feature): "

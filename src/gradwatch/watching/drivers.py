@@ -66,6 +66,10 @@ class Driver:
         """Place the hooks; returns their handles (each with ``remove()``)."""
         raise NotImplementedError
 
+    def meta(self) -> dict[str, Any]:
+        """What the driver saw of the set-up, for the run's meta (read at flush and close)."""
+        return {}
+
 
 class OptimizerDriver(Driver):
     """Gradients ready before ``optimizer.step()``, the step done after it; a scaler's skipped steps too."""
@@ -78,11 +82,23 @@ class OptimizerDriver(Driver):
         handles: list[Any] = [optimizer.register_step_pre_hook(self._before),
                               optimizer.register_step_post_hook(self._after)]
         if self.scaler is not None:
-            handles.append(ScalerStepWrap(self.scaler, self.watch))
+            self._wrap = ScalerStepWrap(self.scaler, self.watch)
+            handles.append(self._wrap)
         return handles
 
+    _wrap: ScalerStepWrap | None = None
+    outside = 0  # optimizer steps taken outside the scaler's step(optimizer)
+
     def _before(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._wrap is not None and not self._wrap.inside:
+            self.outside += 1
         self.watch._gradients_ready()
+
+    def meta(self) -> dict[str, Any]:
+        """With a scaler given: ``steps_outside_scaler``, the optimizer steps not taken through
+        ``scaler.step(optimizer)`` — their gradients were never unscaled (round 27: ``optimizer.step()`` where
+        ``scaler.step(optimizer)`` belongs, float16 autocast on the CPU, NaN at step 1)."""
+        return {"steps_outside_scaler": self.outside} if self._wrap is not None else {}
 
     def _after(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.watch._step_done()
@@ -181,12 +197,17 @@ class ScalerStepWrap:
 
     def __init__(self, scaler: Any, watch: Driven) -> None:
         self.scaler = scaler
+        self.inside = False  # within the scaler's step (the optimizer's steps it takes are its)
         original = scaler.step
 
         @functools.wraps(original)
         def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             before = watch.step
-            out = original(optimizer, *args, **kwargs)
+            self.inside = True
+            try:
+                out = original(optimizer, *args, **kwargs)
+            finally:
+                self.inside = False
             if optimizer is watch.optimizer and watch.step == before and not watch.closed:
                 watch._step_skipped()
             return out

@@ -537,6 +537,8 @@ class Watch:
                                "optimizer_lr_last_step": self.step})
         if self._lr_track is not None:  # ... and since when
             self._writer.meta(self._lr_track.meta())
+        if getattr(self, "_driver", None) is not None:  # (a scaler's steps bypassed)
+            self._writer.meta(self._driver.meta())
 
     @torch.no_grad()
     def _note_weight_bounds(self) -> None:
