@@ -381,3 +381,57 @@ def test_a_gradscaler_whose_step_the_loop_goes_around_is_told(store):
     problems = bad.diagnose().problems
     assert problems and all(f.remedy_keys[0] == "scaler_step" for f in problems), problems
     assert not good.diagnose().problems
+
+
+# -- round 27: loss weights learned as free multipliers (Kendall, Gal & Cipolla 2018) ------------------------------
+
+def _two_tasks(seed, kendall=False):
+    """A shared trunk on diabetes: a regression head and an "above the median" head, Σ wᵢ·Lᵢ with wᵢ learned (or
+    Kendall's exp(−sᵢ)·Lᵢ + sᵢ), SGD 0.05: returns the model, the optimizer and a step that returns the live loss."""
+    xtr, ytr, _, _ = _diabetes()
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    model = nn.ModuleDict({"net": trunk})
+    model.w = nn.Parameter(torch.zeros(2) if kendall else torch.ones(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+
+    def step():
+        i = torch.randint(0, len(xtr), (32,), generator=g)
+        out, y = trunk(xtr[i]), ytr[i, 0]
+        losses = torch.stack([nn.functional.mse_loss(out[:, 0], y),
+                              nn.functional.binary_cross_entropy_with_logits(out[:, 1], (y > 0).float())])
+        loss = (torch.exp(-model.w) * losses + model.w).sum() if kendall else (model.w * losses).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+    return model, opt, step
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_loss_weights_learned_as_free_multipliers_are_told_and_kendalls_are_not(store, seed):
+    """Round 27: NaN by step 53–60, told "a learning rate too large". By hand: a weight goes below 0 and the logged
+    loss with it, before the NaN. Told first with ``positive_loss_weights``; Kendall's form is quiet."""
+    import numpy as np
+
+    model, opt, step = _two_tasks(seed)
+    losses, weights = [], []
+    with gw.watch(model, opt, store=store, name=f"weights-{seed}") as w:
+        for _ in range(120):
+            loss = step()
+            w.log(loss=loss)
+            losses.append(float(loss.detach()))
+            weights.append(float(model.w.detach().min()))
+    losses = np.array(losses)
+    first_bad = int(np.argmax(~np.isfinite(losses))) if not np.isfinite(losses).all() else len(losses)
+    assert first_bad < 120 and (losses[:first_bad] < 0).any() and min(weights[:first_bad]) < 0
+    problems = w.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "positive_loss_weights" for f in problems), problems
+    assert w.open().meta["loss_weights"] is True
+
+    model, opt, step = _two_tasks(seed, kendall=True)
+    with gw.watch(model, opt, store=store, name=f"kendall-{seed}") as tw:
+        for _ in range(120):
+            tw.log(loss=step())
+    assert tw.open().meta["loss_weights"] is False and not tw.diagnose().problems

@@ -359,6 +359,22 @@ def single_element_norm(run: Run) -> str:
             f"so no layer before it gets a gradient")
 
 
+def unbounded_loss_weights(run: Run) -> str:
+    """Words for a loss of terms never below 0 weighed by parameters (meta ``loss_weights``) whose logged value went
+    below 0: a learned weight went through 0, and the loss is unbounded below; '' otherwise. Round 27: Σ wᵢ·Lᵢ over
+    a regression's and a classifier's losses, NaN by step 53–60, told "a learning rate too large"."""
+    if not run_meta(run).get("loss_weights") or "loss" not in run.quantities:
+        return ""
+    ls = run.series("loss", "run")
+    below = np.flatnonzero(np.isfinite(ls.values[0]) & (ls.values[0] < 0))
+    if not len(below):
+        return ""
+    at = int(ls.steps[below[0]])
+    return (f"loss weights learned as free multipliers: a parameter weighs terms of a loss that are never below 0, "
+            f"and the logged loss went below 0 from step {at} ({sci(float(ls.values[0][below[0]]))}) — a weight the "
+            f"optimizer drove through 0, below which the loss is unbounded: each step then raises that task's loss")
+
+
 def scaler_bypassed(run: Run) -> str:
     """Words for a GradScaler given to the watch whose ``step`` the loop went around (meta ``steps_outside_scaler``:
     optimizer steps not taken through ``scaler.step(optimizer)``); '' otherwise. Round 27: float16 autocast on the
@@ -542,6 +558,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (inverted_padding_masks, ("invert_padding_mask",), _ANY_KIND),
     (single_element_norm, ("drop_single_norm",), _ANY_KIND),
     (scaler_bypassed, ("scaler_step",), _ANY_KIND),
+    (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )
 

@@ -149,6 +149,9 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "positive_loss_weights": "keep learned loss weights positive: Kendall et al. 2018's exp(−s)·L + s with s = log σ² "
+                             "learned, or softplus(w)·L — a free multiplier driven through 0 makes the loss unbounded "
+                             "below",
     "scaler_step": "step through the scaler: scaler.step(optimizer) and scaler.update() in place of "
                    "optimizer.step() (they unscale the gradients and skip a step with NaN/Inf)",
     "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "

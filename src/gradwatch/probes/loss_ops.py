@@ -71,10 +71,32 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     """What a watch stores of the loss's graph beside :func:`loss_paths`: ``loss_broadcast``
     (:func:`loss_broadcast`), ``loss_ops``, the names of the backward operations between the loss and the layers
     (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), ``nll_on_scores``
-    (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`) and ``softmax_over_one``
-    (:func:`softmax_over_one`). Reads only; never fails the run."""
+    (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`), ``softmax_over_one``
+    (:func:`softmax_over_one`) and ``loss_weights`` (:func:`loss_weights`). Reads only; never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
-            "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss)}
+            "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
+            "loss_weights": loss_weights(loss)}
+
+
+# the loss functions whose value is never below 0: a sum of them with positive weights is not either
+NON_NEGATIVE = frozenset({"MseLossBackward0", "L1LossBackward0", "SmoothL1LossBackward0", "HuberLossBackward0",
+                          "BinaryCrossEntropyBackward0", "BinaryCrossEntropyWithLogitsBackward0", "NllLossBackward0"})
+
+
+def loss_weights(loss: Tensor) -> bool:
+    """Whether a parameter multiplies a term of a loss made of losses that are never below 0 (:data:`NON_NEGATIVE`):
+    a learned loss weight, ``(w * losses).sum()``, which the optimizer can drive through 0 — below it the loss is
+    unbounded below (round 27: two task losses weighed by free multipliers, Kendall et al. 2018's log σ² form the
+    fix). False where there is none, or reading fails."""
+    try:
+        nodes = list(_walk(loss))
+        names = {type(n).__name__ for n in nodes}
+        return bool(NON_NEGATIVE & names) and any(
+            type(n).__name__ in ("MulBackward0", "DivBackward0")
+            and any(m is not None and type(m).__name__ == "AccumulateGrad" for m, _ in n.next_functions)
+            for n in nodes)
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return False
 
 
 def softmax_over_one(loss: Tensor) -> bool:
