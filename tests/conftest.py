@@ -58,6 +58,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
 
 
+def standardised_split(x, y, n_train, targets=False):
+    """(x_train, y_train, x_test, y_test): the first ``n_train`` of a fixed permutation (seed 0) to train on, the
+    inputs standardised with the training part's statistics (the targets too, with ``targets``)."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = order[:n_train], order[n_train:]
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    if targets:
+        y = (y - y[tr].mean()) / y[tr].std()
+    return x[tr], y[tr], x[te], y[te]
+
+
 def shuffled_batches(x, y, seed, size=64):
     """Batches of ``size`` drawn from (x, y) without replacement, reshuffled every epoch, seeded by ``seed``."""
     g = torch.Generator().manual_seed(1000 + seed)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST, shuffled_batches as _feed
+from conftest import SEED_0_FAST, shuffled_batches as _feed, standardised_split
 
 _train = readme_watched
 
@@ -143,11 +143,7 @@ def _cancer():
     from sklearn.datasets import load_breast_cancer
 
     d = load_breast_cancer()
-    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:398], order[398:]
-    x = (x - x[tr].mean(0)) / x[tr].std(0)
-    return x[tr], y[tr], x[te], y[te]
+    return standardised_split(torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32), 398)
 
 
 def _balanced(x, y):

@@ -14,7 +14,7 @@ import gradwatch as gw
 from gradwatch.doctor import table
 from gradwatch.doctor.verdicts import verdict
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST
+from conftest import SEED_0_FAST, standardised_split
 
 _train = readme_watched
 
@@ -148,12 +148,9 @@ def _diabetes():
     from sklearn.datasets import load_diabetes
 
     d = load_diabetes()
-    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.float32)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:350], order[350:]
-    x = (x - x[tr].mean(0)) / x[tr].std(0)
-    y = (y - y[tr].mean()) / y[tr].std()
-    return x[tr], y[tr, None], x[te], y[te, None]
+    xtr, ytr, xte, yte = standardised_split(torch.tensor(d.data, dtype=torch.float32),
+                                            torch.tensor(d.target, dtype=torch.float32), 350, targets=True)
+    return xtr, ytr[:, None], xte, yte[:, None]
 
 
 def _normed_regression(seed, on_output=True):
