@@ -735,8 +735,8 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
             run_meta(run).get("output_modules") or ()):  # (a softmax module of the model's own: output_activation)
         # round 27: nn.CrossEntropyLoss on a binary classifier's one logit, told "a softmax over a single unit (use a
         # sigmoid)" of a model that has no softmax — and a sigmoid added before that loss still passes nothing
-        cause = ("the loss does not depend on the parameters: it takes a softmax or log-softmax over a single class "
-                 "(nn.CrossEntropyLoss on one logit), which is 1 (its log 0) whatever the logit")
+        cause = ("the loss does not depend on the parameters: it takes a log-softmax over a single class "
+                 "(nn.CrossEntropyLoss on one logit), which is 0 whatever the logit")
         fixes = remedies("one_logit_loss")
     elif cancelling := run_meta(run).get("self_cancelling"):
         # round 28: PPO's ratio exp(logp − logp_old) with logp_old = logp, not detached (huggingface/trl#2769): the
