@@ -1124,6 +1124,20 @@ def batch_first(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def _rewrite_arguments(args: tuple, kwargs: dict, places: tuple[tuple[str, int], ...],
+                       change: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook's (args, kwargs) with each argument at ``places`` (its keyword, its position) replaced by
+    ``change(value)`` where that is not None."""
+    given = list(args)
+    for key, at in places:
+        if key in kwargs:
+            if (new := change(kwargs[key])) is not None:
+                kwargs[key] = new
+        elif len(given) > at and (new := change(given[at])) is not None:
+            given[at] = new
+    return tuple(given), kwargs
+
+
 def bool_masks(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Each float mask of 0s and 1s an ``nn.MultiheadAttention`` of the model is given (``attn_mask``,
     ``key_padding_mask``, by keyword or position) made boolean, True where it held 1 — the ``mask.bool()`` it was
@@ -1131,13 +1145,8 @@ def bool_masks(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     from gradwatch.probes.layout import float_01
 
     def as_bool(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        args = list(args)  # type: ignore[assignment]
-        for key, at in (("attn_mask", 5), ("key_padding_mask", 3)):
-            if key in kwargs and float_01(kwargs[key]):
-                kwargs[key] = kwargs[key] == 1
-            elif len(args) > at and float_01(args[at]):
-                args[at] = args[at] == 1  # type: ignore[index]
-        return tuple(args), kwargs
+        return _rewrite_arguments(args, kwargs, (("attn_mask", 5), ("key_padding_mask", 3)),
+                                  lambda mask: mask == 1 if float_01(mask) else None)
 
     attention = [m for m in trial.model.modules() if isinstance(m, nn.MultiheadAttention)]
     for m in attention:
@@ -1169,22 +1178,15 @@ def padding_masks_inverted(trial: Trial, numbers: dict[str, float]) -> Trial | N
     def note(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens[:] = integer_inputs(args, kwargs)
 
-    def flip(mask: Any) -> Tensor:
+    def flip(mask: Any) -> Tensor | None:  # None: a mask that does not read as inverted, kept
+        if not any(inverted_padding(mask, x) is not None for x in tokens):
+            return None
         hidden = masked_keys(mask)
         assert hidden is not None  # inverted_padding read it
         return ~hidden if mask.dtype == torch.bool else torch.zeros_like(mask).masked_fill(~hidden, float("-inf"))
 
     def unmask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        args = list(args)  # type: ignore[assignment]
-        for key, at in KEY_PADDING_ARGS[type(module)]:
-            given = kwargs.get(key, args[at] if len(args) > at else None)
-            if not any(inverted_padding(given, x) is not None for x in tokens):
-                continue
-            if key in kwargs:
-                kwargs[key] = flip(given)
-            else:
-                args[at] = flip(given)  # type: ignore[index]
-        return tuple(args), kwargs
+        return _rewrite_arguments(args, kwargs, KEY_PADDING_ARGS[type(module)], flip)
 
     inside: set[str] = set()
     outer = []
