@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -301,6 +302,48 @@ def test_an_optimizers_own_closure_passes_are_no_gradient_accumulation(store):
     assert w.open().meta["passes_per_step"] > 1.5
     found = w.diagnose().findings
     assert not any("divide_accumulated" in f.remedy_keys or "accumulation" in f.cause for f in found), found
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
+def test_a_closure_steps_gradients_are_read_where_its_first_evaluation_left_them(store, optimizer):
+    """Round 27's leftover: read in the step's pre-hook, every L-BFGS step was recorded with the gradient of the
+    previous step's last closure evaluation (the first step with none). Against a naive loop over ``param.grad`` at
+    each step's first evaluation; training stays bit-identical with and without the watch."""
+    def run(watched):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        opt = (torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4) if optimizer == "lbfgs"
+               else torch.optim.SGD(model.parameters(), lr=0.1))
+        d = load_digits()
+        x, y = torch.tensor(d.data[:256] / 16.0, dtype=torch.float32), torch.tensor(d.target[:256])
+        by_hand: list[list[float]] = []
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if len(by_hand) < len(steps):  # the step's first evaluation
+                by_hand.append([float(torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(p.grad) for p in layer.parameters()]))) for layer in (model[0], model[2])])
+            return loss
+
+        steps: list[int] = []
+        w = gw.watch(model, opt, store=store, name=f"closure_{optimizer}") if watched else None
+        for step in range(6):
+            steps.append(step)
+            loss = opt.step(closure)
+            if w is not None:
+                w.log(loss=loss)
+        if w is not None:
+            w.close()
+        return model, by_hand, w
+
+    model, by_hand, w = run(True)
+    grads = w.open().series("grad_norm")
+    assert grads.steps.tolist() == list(range(6))
+    np.testing.assert_allclose(grads.values.T, by_hand, rtol=1e-5)
+    plain, _, _ = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
 
 
 def test_skipping_a_step_of_an_optimizer_stepped_with_a_closure_returns_its_loss():

@@ -2,7 +2,9 @@
 
 - ``optimizer`` (``gw.watch`` with an optimizer): the optimizer's step
   pre-hook says "gradients ready" (accumulated gradients are read once), its
-  post-hook "step done". A ``GradScaler`` that skips a step for inf/NaN
+  post-hook "step done"; under ``optimizer.step(closure)`` (L-BFGS) the
+  gradients are read after the closure's first evaluation, which computes
+  them. A ``GradScaler`` that skips a step for inf/NaN
   gradients never calls ``optimizer.step()``; wrapping the scaler's ``step``
   notices that, and the skipped step is recorded too.
 - ``backward`` (no optimizer): a step is one backward pass; at its end the
@@ -89,10 +91,14 @@ class OptimizerDriver(Driver):
     _wrap: ScalerStepWrap | None = None
     outside = 0  # optimizer steps taken outside the scaler's step(optimizer)
 
-    def _before(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _before(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._wrap is not None and not self._wrap.inside:
             self.outside += 1
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args: (optimizer, closure)
+        if callable(closure):
+            return read_after_first_call(closure, self.watch, args, kwargs)
         self.watch._gradients_ready()
+        return None
 
     def meta(self) -> dict[str, Any]:
         """With a scaler given: ``steps_outside_scaler``, the optimizer steps not taken through
@@ -102,6 +108,29 @@ class OptimizerDriver(Driver):
 
     def _after(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.watch._step_done()
+
+
+def read_after_first_call(closure: Callable[[], Any], watch: Driven, args: tuple,
+                          kwargs: dict) -> tuple[tuple, dict]:
+    """``optimizer.step(closure)``'s arguments as its pre-hook gets them (``args``: the optimizer, then the closure,
+    unless passed by name) with the closure wrapped: the step's gradients are the ones its first
+    evaluation computes (at the weights the step starts from), so they are read right after it, not before the
+    step (round 27's L-BFGS: read in the pre-hook, every step recorded the gradient of the previous step's last
+    evaluation, and the first step none). What the closure returns is returned unchanged; an optimizer that never
+    calls it has no gradients read that step."""
+    called = False
+
+    def first_read() -> Any:
+        nonlocal called
+        out = closure()
+        if not called:
+            called = True
+            watch._gradients_ready()
+        return out
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": first_read}
+    return (args[0], first_read, *args[2:]), kwargs
 
 
 class BackwardDriver(Driver):
