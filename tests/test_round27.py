@@ -124,6 +124,40 @@ class _Valued(nn.Module):
         return self.net(x)
 
 
+def test_a_constant_outputs_score_is_measured_where_evaluate_calls_a_part_of_the_model():
+    """Round 28: a TD value net's evaluate called ``model.net(x)``; the constant output's score was unmeasured there,
+    and a remedy at R² −49 against the baseline's −103 was called a fix. The constant answers through the model's
+    parts; its R² by hand is that of predicting the constant for every state."""
+    from gradwatch import trial as trial_module
+
+    torch.manual_seed(0)
+    xtr, xte = torch.randn(256, 3), torch.randn(128, 3)
+    ytr, yte = xtr @ torch.tensor([[1.0], [-2.0], [0.5]]), xte @ torch.tensor([[1.0], [-2.0], [0.5]])
+    model = _Valued()
+
+    def batches():
+        while True:
+            yield xtr, ytr
+
+    def r2(m):
+        with torch.no_grad():
+            pred = m.net(xte)  # a part of the model, not the model
+        return float(1 - ((pred - yte) ** 2).sum() / ((yte - yte.mean()) ** 2).sum())
+
+    trial = gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.01), batches(), nn.functional.mse_loss,
+                     evaluate=r2)
+    _, constant = trial_module.null_output(trial)
+    assert constant is not None and float(constant) == pytest.approx(float(ytr.mean()), rel=1e-4)
+    by_hand = float(1 - ((ytr.mean() - yte) ** 2).sum() / ((yte - yte.mean()) ** 2).sum())
+    assert trial_module.null_score(trial, constant) == pytest.approx(by_hand, rel=1e-5)
+    base = table.TrialResult("baseline", 0.02, 0.02, -103.0, ["dead_units"], 0.0, first_loss=0.23, learned=True)
+    row = table.TrialResult("inputs", 0.003, 0.003, -49.0, [], 0.0, first_loss=0.23, learned=True,
+                            null_score=by_hand)
+    assert verdict(base, row, {"dead_units"}) != "fixes it"
+    trial.evaluate = lambda m: float(m.head(xte).mean())  # a part the model does not have: unmeasured
+    assert math.isnan(trial_module.null_score(trial, constant))
+
+
 def test_a_remedys_wrapper_reads_through_to_the_users_model():
     """Round 28: the input-standardisation row failed with "'Standardised' object has no attribute 'net'" where the
     set-up's evaluate read ``model.net``. The wrappers read through to the user's model what they do not have."""
