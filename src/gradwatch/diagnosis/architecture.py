@@ -655,6 +655,24 @@ def attention_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> l
     return []
 
 
+BLOWN_UP_ABOVE = 10.0  # a positive loss logged this many times its first value or more has blown up
+
+
+def loss_blew_up_by(run: Run, step: int) -> bool:
+    """Whether the logged loss was non-finite, or above :data:`BLOWN_UP_ABOVE` × its first finite value (a positive
+    one), at some step up to ``step``. Round 27: L-BFGS without a line search, its loss 2.3 → 10¹⁷ by step 8 and NaN
+    from step 11 — its first layer's tanh units fully saturated at step 10 passed exactly 0, and that was told as an
+    operation with zero derivative in the weights' path (the non-finite finding dated from step 11)."""
+    if "loss" not in run.quantities:
+        return False
+    loss = run.series("loss", "run")
+    upto = loss.values[0][loss.steps <= step]
+    finite = upto[np.isfinite(upto)]
+    if len(finite) < len(upto):
+        return True
+    return bool(len(finite)) and finite[0] > 0 and bool((finite > BLOWN_UP_ABOVE * finite[0]).any())
+
+
 def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """Weight matrices that got an exactly-0 gradient on nearly every entry at a training step early in the run
     (``meta["zero_grad_step"]``, the tenth), whole rows and columns alike (meta ``zero_grad_weights``,
@@ -670,7 +688,7 @@ def zero_path_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
     if any(f.kind == "dead_units" or f.cause_key == "dead" for f in found):
         return []  # units that pass nothing leave their weights without a gradient too: that finding says why
     if any(f.kind in ("nonfinite", "exploding") and f.severity == "critical" and f.steps[0] <= read
-           for f in found):
+           for f in found) or loss_blew_up_by(run, read):
         return []  # a run that blew up before the read: what is left of its gradients says nothing of the path
     # ... nor where no layer gets any gradient at all (a softmax over one unit): that finding says why
     # ... and where a finding names an operation between the layers (a step, a backward of the user's own) for them
