@@ -288,6 +288,8 @@ def test_a_nan_made_by_torchs_own_loss_or_modules_is_placed_in_the_trial_not_at_
 
     origin = locate_nonfinite(overflowing, 0, 1)
     assert origin is not None and origin.step == 0 and "the set-up's model" in str(origin), origin
+    # round 29: a layer's product that overflows is the divergence, not a line to mend
+    assert origin.overflowed and "overflowed the float range" in str(origin), origin
 
 
 class _Sine(nn.Module):

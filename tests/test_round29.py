@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
 
@@ -14,14 +15,15 @@ from gradwatch.zoo.train import readme_watched
 
 
 def _digits():
-    """Digits, 1257 to train on, standardised with the training part's statistics (constant pixels left at 0)."""
+    """Digits, 70 % stratified to train on (as round 29 split them), standardised with the training part's statistics
+    (constant pixels left at 0)."""
     d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:1257], order[1257:]
-    x = (x - x[tr].mean(0)) / x[tr].std(0).clamp_min(1e-3)
-    y = torch.tensor(d.target)
-    return x[tr], y[tr], x[te], y[te]
+    xtr, xte, ytr, yte = train_test_split(d.data.astype("float32"), d.target, test_size=0.3, random_state=0,
+                                          stratify=d.target)
+    mean, std = xtr.mean(0), xtr.std(0)
+    std[std < 1e-3] = 1.0
+    return (torch.tensor((xtr - mean) / std), torch.tensor(ytr), torch.tensor((xte - mean) / std),
+            torch.tensor(yte))
 
 
 def _digit_batches(x, y, seed, size):
@@ -62,3 +64,40 @@ def test_units_silent_on_a_batch_of_two_are_not_told_dead_where_the_loss_fell(st
     wb = readme_watched(bug, store, f"bn2_{seed}", 300)
     problems = wb.diagnose().problems
     assert problems and "BatchNorm on batches of 2" in problems[0].cause and "group_norm" in problems[0].remedy_keys
+
+
+# -- round 29: a cross-entropy summed over a batch of 256 at a rate tuned for the mean (Alibaba-MIIL/ASL#56) ------
+
+def _summed(seed, reduction="sum"):
+    xtr, ytr, xte, yte = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    @torch.no_grad()
+    def accuracy(m):
+        return float((m(xte).argmax(1) == yte).float().mean())
+
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                    _digit_batches(xtr, ytr, seed, 256),
+                    lambda out, y: F.cross_entropy(out, y, reduction=reduction), evaluate=accuracy)
+
+
+def test_a_summed_loss_is_repaired_by_averaging_it_and_its_overflow_is_no_line_to_mend(tmp_path):
+    """Round 29: a cross-entropy summed over 256 samples under SGD at 0.05 and momentum 0.9 is NaN by step 6; the
+    doctor recommended "learning rate ×0.01" (0.972) over averaging the loss (0.976), the cause its findings named,
+    and told ``torch._C._nn.linear``'s overflow as "a NaN that an operation of yours makes: mend that line". Among
+    tied fixes the one that undoes the cause goes first; a layer's overflow is told as the divergence it is."""
+    x = _summed(0)
+    first = None
+    for step in range(10):  # by hand: the summed loss goes non-finite within the first steps
+        if not torch.isfinite(torch.as_tensor(x.step())):
+            first = step
+            break
+    assert first is not None and first < 10
+    report = gw.doctor(_summed, steps=200, budget_s=200, store=tmp_path, progress=False)
+    assert report.best is not None and report.best.parts == ("mean_reduction",), report
+    twin = _summed(0, "mean")
+    for _ in range(200):
+        twin.step()
+    assert report.best.score >= twin.evaluate(twin.model) - 0.02  # as the source's own fix, trained by hand
+    assert "mend that line" not in report.message and "overflowed" in report.message, report.message

@@ -31,6 +31,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.remedies.structure import RECIPROCALS
+
+# a layer's products: an Inf they make from finite inputs is an overflow of values grown too large
+PRODUCTS = frozenset({"linear", "bilinear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d",
+                      "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
 from gradwatch.trial import Trial, peek
 
 _OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +54,13 @@ class Origin:
     where: str
     code: str  # that line's source, stripped
     from_inf: bool = False  # forward: a NaN made from inputs that held ±inf but no NaN (else from finite inputs)
+
+    @property
+    def overflowed(self) -> bool:
+        """A product of a layer (linear, matmul, convolution) that made an Inf from finite inputs: an overflow of
+        values grown too large, not an operation undefined at its input (round 29: a cross-entropy summed over a
+        batch of 256 diverged, and ``torch._C._nn.linear`` was told as a line to mend)."""
+        return self.phase == "forward" and not self.from_inf and self.op.rpartition(".")[2] in PRODUCTS
 
     def __str__(self) -> str:
         if self.phase == "input":
@@ -73,6 +84,9 @@ class Origin:
             made += (": the logarithm of an entry that is 0 — a probability or density computed outside log space "
                      "that underflowed, or 1 − p where p rounded to 1 — is −inf (and 0·log 0 is NaN) — compute it in log space: torch.logsumexp over log-densities (a mixture's "
                      "likelihood), F.log_softmax, F.logsigmoid, torch.log1p")
+        if self.overflowed:
+            made += (": a layer's product overflowed the float range, as it does once the weights or the inputs "
+                     "have grown without bound — the divergence the findings name, not a line to mend")
         if self.op.rpartition(".")[2] in RECIPROCALS:
             made += (": 1/x of an entry that is 0 (a power with a negative exponent, rsqrt, a division) is ±inf — "
                      "set those entries to 0 after it (pygcn's r_inv[isinf(r_inv)] = 0), clamp the base away from "

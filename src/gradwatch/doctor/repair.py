@@ -288,10 +288,17 @@ def _lighter_within_spread(ranked: list[TrialResult], best: TrialResult, check: 
     return min(lighter, key=lambda t: (weight(t.parts), -t.score), default=None)
 
 
+# rows that ease a run's steps whatever made them too large: among fixes that tie, one that undoes a cause goes first
+SYMPTOMATIC = frozenset({"lower_lr", "clip_norm", "clip_lower_lr", "warmup", "skip_step"})
+
+
 def _ranked(fixed: list[TrialResult], trials: list[TrialResult]) -> list[TrialResult]:
     """The "fixes it" rows, best first: by held-out score where they have one (else final loss), and among rows
     that tie — scores within :data:`SCORE_TIE` of the best, or the same final loss — the lightest
-    (:func:`gradwatch.doctor.knobs.weight`) first, then the one the findings named first (the table's order).
+    (:func:`gradwatch.doctor.knobs.weight`) first, then one that undoes a cause before one that only eases the steps
+    (:data:`SYMPTOMATIC`; round 29: "learning rate ×0.01", 0.972, was recommended over averaging a cross-entropy
+    summed over a batch of 256, 0.976, the cause the findings named), then the one the findings named first (the
+    table's order).
     Round 14: "clipping at max_norm=32 + learning rate ×0.1" was chosen over "learning rate ×0.1", which it trained
     exactly as (its clipping never acted); Adam's learning rate ×100 (0.982) over setting back the eps the
     diagnosis named as the cause (0.980), one test sample in 397. Round 15: a baseline that diverged has no score,
@@ -299,8 +306,8 @@ def _ranked(fixed: list[TrialResult], trials: list[TrialResult]) -> list[TrialRe
     scored = any(math.isfinite(t.score) for t in fixed)
     at = {id(t): i for i, t in enumerate(trials)}
 
-    def lightest_first(t: TrialResult) -> tuple[int, int]:
-        return weight(t.parts), at[id(t)]
+    def lightest_first(t: TrialResult) -> tuple[int, bool, int]:
+        return weight(t.parts), bool(t.parts) and set(t.parts) <= SYMPTOMATIC, at[id(t)]
 
     if not scored:
         return sorted(fixed, key=lambda t: (t.final_loss, *lightest_first(t)))
@@ -468,7 +475,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         # fixed by LayerNorm for 400 steps, NaN again at step 2,299): the line that made the baseline's is told too
         origin = _nonfinite_origin(report, setup, steps, deadline, "the baseline's ")
         made = report.nonfinite_origin
-        if origin and made is not None and made.phase != "input" and not set(b.parts) & MENDS_THE_ORIGIN:
+        if (origin and made is not None and made.phase != "input" and not made.overflowed
+                and not set(b.parts) & MENDS_THE_ORIGIN):
             # round 24: input standardisation kept a mixture density net's log of an underflowed density finite
             # for 300 steps, and NaN came back at steps 879–1922 on 3 of 4 seeds
             origin += (" — a row that keeps these trials finite may only postpone a NaN that an operation of yours "
