@@ -3,6 +3,9 @@ against its reference."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -101,3 +104,71 @@ def test_a_summed_loss_is_repaired_by_averaging_it_and_its_overflow_is_no_line_t
         twin.step()
     assert report.best.score >= twin.evaluate(twin.model) - 0.02  # as the source's own fix, trained by hand
     assert "mend that line" not in report.message and "overflowed" in report.message, report.message
+
+
+# -- round 29: a RealNVP whose log-determinant enters its loss with the wrong sign (pytorch-flows#16) -------------
+
+class _Coupling(nn.Module):
+    """An affine coupling on 2-D points: one coordinate scaled by exp(s) and shifted by t, both of the other."""
+
+    def __init__(self, flip):
+        super().__init__()
+        self.flip = flip
+        self.net = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+
+    def forward(self, x):
+        keep, move = (x[:, 1:], x[:, :1]) if self.flip else (x[:, :1], x[:, 1:])
+        s, t = self.net(keep).chunk(2, dim=1)
+        moved = move * torch.exp(s) + t
+        return (torch.cat([moved, keep], 1) if self.flip else torch.cat([keep, moved], 1)), s.sum(1)
+
+
+class _Flow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Coupling(i % 2 == 1) for i in range(6))
+
+    def forward(self, x):
+        logdet = torch.zeros(len(x))
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return torch.cat([x, logdet[:, None]], 1)  # (B, 3): z, then log|det J|
+
+
+def _flow(seed, sign):
+    from sklearn.datasets import make_moons
+
+    points, _ = make_moons(n_samples=2000, noise=0.05, random_state=0)
+    x = torch.tensor((points - points.mean(0)) / points.std(0), dtype=torch.float32)
+
+    def batches():
+        g = torch.Generator().manual_seed(2000 + seed)
+        while True:
+            i = torch.randint(0, len(x), (256,), generator=g)
+            yield x[i], x[i]
+
+    def nll(out, _):
+        log_normal = -0.5 * (out[:, :2] ** 2).sum(1) - math.log(2 * math.pi)
+        return -(log_normal + sign * out[:, 2]).mean()
+
+    torch.manual_seed(seed)
+    model = _Flow()
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(), nll)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_loss_unbounded_below_is_named_as_the_cause_of_its_blow_up(store, seed):
+    """Round 29: −(log N(z) − log|det J|) went 4.7 → −1.8·10⁶ with its gradient at 10¹⁰, told "unstable steps … a
+    learning rate too large" and "the weights amplify the gradient"; the twin, +log|det J|, converges above 0. By
+    hand: the wrong sign's loss falls below −10× its start, the right one's stays above 0."""
+    bug, twin = _flow(seed, -1.0), _flow(seed, 1.0)
+    wb = readme_watched(bug, store, f"flow_bug_{seed}", 300)
+    wt = readme_watched(twin, store, f"flow_twin_{seed}", 300)
+    lb = gw.open_run(wb.path).series("loss", "run").values[0]
+    lt = gw.open_run(wt.path).series("loss", "run").values[0]
+    assert np.nanmin(lb) < -10 * np.median(lb[:10]) and np.isfinite(lt).all() and lt.min() > 0
+    problems = wb.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "bounded_objective" for f in problems if f.kind == "exploding")
+    assert "a loss unbounded below" in problems[0].cause, problems[0]
+    assert not wt.diagnose().problems

@@ -375,6 +375,35 @@ def unbounded_loss_weights(run: Run) -> str:
             f"optimizer drove through 0, below which the loss is unbounded: each step then raises that task's loss")
 
 
+UNBOUNDED_BELOW = 10.0  # a positive loss that falls below −this × its start has no floor the model stops at
+
+
+def loss_unbounded_below(run: Run) -> str:
+    """Words for a logged loss that started above 0 and fell below −:data:`UNBOUNDED_BELOW` × its start (the median of
+    its first values); '' otherwise, and where learned loss weights say why (:func:`unbounded_loss_weights`). Said
+    only beside a blow-up: a likelihood that converges below 0 (a density fitted to concentrated data) has no
+    growing gradient. Round 29: a RealNVP whose loss was −(log N(z) − log|det J|), its log-determinant's sign flipped
+    (pytorch-flows#16), went 4.7 → −1.8·10⁶ with its gradient at 10¹⁰, told "unstable steps … a learning rate too
+    large" and "the weights amplify the gradient ×3.8 per layer"; the twin, +log|det J|, ends at 1.4."""
+    if run_meta(run).get("loss_weights") or "loss" not in run.quantities:
+        return ""
+    ls = run.series("loss", "run")
+    finite = np.isfinite(ls.values[0])
+    values, steps = ls.values[0][finite], ls.steps[finite]
+    if len(values) < 2:
+        return ""
+    start = float(np.median(values[:10]))
+    below = np.flatnonzero(values < -UNBOUNDED_BELOW * start)
+    if not start > 0 or not len(below):
+        return ""
+    low = int(np.argmin(values))
+    return (f"a loss unbounded below: the logged loss started at {sci(start)} and fell below −{UNBOUNDED_BELOW:g}× that "
+            f"from step {int(steps[below[0]])}, to {sci(float(values[low]))} at step {int(steps[low])} — an objective "
+            f"the model can drive towards −∞ (a log-determinant or log-variance term with the wrong sign, as a flow's "
+            f"−log|det J| where +log|det J| belongs; a learned variance or scale with no floor), whose gradient grows "
+            f"as it falls: no learning rate or clipping gives it a minimum")
+
+
 def scaler_bypassed(run: Run) -> str:
     """Words for a GradScaler given to the watch whose ``step`` the loop went around (meta ``steps_outside_scaler``:
     optimizer steps not taken through ``scaler.step(optimizer)``); '' otherwise. Round 27: float16 autocast on the
@@ -558,6 +587,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (inverted_padding_masks, ("invert_padding_mask",), _ANY_KIND),
     (single_element_norm, ("drop_single_norm",), _ANY_KIND),
     (scaler_bypassed, ("scaler_step",), _ANY_KIND),
+    (loss_unbounded_below, ("bounded_objective",), _BLOWUP_KINDS),
     (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )

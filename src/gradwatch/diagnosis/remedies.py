@@ -152,6 +152,9 @@ REMEDIES = {
     "positive_loss_weights": "keep learned loss weights positive: Kendall et al. 2018's exp(−s)·L + s with s = log σ² "
                              "learned, or softplus(w)·L — a free multiplier driven through 0 makes the loss unbounded "
                              "below",
+    "bounded_objective": "give the loss a minimum: check the signs of its log-determinant and log-variance terms "
+                         "(a flow's loss is −(log p(z) + log|det J|)), and floor a learned variance or scale "
+                         "(softplus + ε)",
     "scaler_step": "step through the scaler: scaler.step(optimizer) and scaler.update() in place of "
                    "optimizer.step() (they unscale the gradients and skip a step with NaN/Inf)",
     "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "
