@@ -172,3 +172,27 @@ def test_a_loss_unbounded_below_is_named_as_the_cause_of_its_blow_up(store, seed
     assert problems and all(f.remedy_keys[0] == "bounded_objective" for f in problems if f.kind == "exploding")
     assert "a loss unbounded below" in problems[0].cause, problems[0]
     assert not wt.diagnose().problems
+
+
+def test_a_faded_gradient_is_offered_the_output_and_gan_remedies_only_where_the_loss_reads_them(store):
+    """Round 29: BatchNorm on batches of 2, its gradient ×0.009 of a wild start, was offered "for a GAN generator,
+    the non-saturating loss" and "return logits" under a cross-entropy on logits. They are offered where the loss's
+    graph holds a sigmoid or a binary cross-entropy (a GAN's generator loss), or a softmax."""
+    from gradwatch.diagnosis.over_steps import _fading_remedies
+
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    losses = {"ce": lambda out: F.cross_entropy(out, y),
+              "bce": lambda out: F.binary_cross_entropy(torch.sigmoid(out[:, 0]), y.float()),
+              "softmax_mse": lambda out: F.mse_loss(torch.softmax(out, 1), F.one_hot(y, 2).float())}
+    said = {}
+    for name, loss_fn in losses.items():
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gw.watch(model, opt, store=store, name=name) as w:
+            for _ in range(3):
+                loss = loss_fn(model(x))
+                opt.zero_grad(); loss.backward(); opt.step()
+                w.log(loss=loss)
+        said[name] = _fading_remedies(gw.open_run(w.path))
+    assert said == {"ce": ("lower_lr",), "bce": ("nonsaturating", "logits_loss", "lower_lr"),
+                    "softmax_mse": ("logits_loss", "lower_lr")}

@@ -613,6 +613,19 @@ def _clipped_by_value(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def _fading_remedies(run: Run) -> tuple[str, ...]:
+    """A faded gradient's remedies: the non-saturating loss where the loss's graph holds a sigmoid or a binary
+    cross-entropy (a GAN's generator loss does), the loss on the logits where it holds a sigmoid or a softmax (not
+    a log-softmax), then a lower learning rate; both where the loss's graph was not read. Round 29: a BatchNorm
+    classifier under cross-entropy, its gradient ×0.009 of a wild start, was offered both."""
+    ops = run_meta(run).get("loss_ops")
+    if not isinstance(ops, list):
+        return ("nonsaturating", "logits_loss", "lower_lr")
+    sigmoid = any("Sigmoid" in op or "BinaryCrossEntropy" in op for op in ops)
+    squash = sigmoid or "SoftmaxBackward0" in ops
+    return (("nonsaturating",) if sigmoid else ()) + (("logits_loss",) if squash else ()) + ("lower_lr",)
+
+
 def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Vanishing over steps: the whole gradient collapses while the loss has not converged.
 
@@ -651,7 +664,7 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
         cause="nothing flows back from the loss any more: an output unit (a sigmoid, a softmax) in its flat tails, a "
         "loss on a clamped or detached output, or units that stopped passing a gradient; for a GAN generator trained "
         "with the minimax loss log(1 − D(G(z))), a discriminator that confidently rejects the samples",
-        remedies=remedies("nonsaturating", "logits_loss", "lower_lr"),
+        remedies=remedies(*_fading_remedies(run)),
         numbers={"ratio": late / early, "early": early, "late": late},
         sources=(_total_source(steps),) + (("loss (run)",) if "loss" in run.quantities else ()),
     )]
