@@ -67,6 +67,9 @@ def test_units_silent_on_a_batch_of_two_are_not_told_dead_where_the_loss_fell(st
     wb = readme_watched(bug, store, f"bn2_{seed}", 300)
     problems = wb.diagnose().problems
     assert problems and "BatchNorm on batches of 2" in problems[0].cause and "group_norm" in problems[0].remedy_keys
+    # its cross-entropy ends near chance, ln 10, by hand: not learning, so critical on every seed
+    tail = gw.open_run(wb.path).series("loss", "run").values[0][-40:]
+    assert float(np.median(tail)) > 0.9 * math.log(10) and problems[0].severity == "critical", problems[0]
 
 
 # -- round 29: a cross-entropy summed over a batch of 256 at a rate tuned for the mean (Alibaba-MIIL/ASL#56) ------
