@@ -263,6 +263,11 @@ def test_among_fixes_that_tie_the_simplest_and_the_one_named_first_is_best():
     lr = row("learning rate ×0.1", ("lower_lr",), 0.980)
     norm = row("LayerNorm/BatchNorm before activations", ("norm",), 0.980)
     assert _ranked([clip_lr, lr, norm], [clip_lr, lr, norm])[:2] == [lr, norm]  # lightest, then named first
+    # round 29: the remedy a finding names first for its cause goes before one that only eases the steps, though
+    # lower_lr is a finding's first too (a non-finite finding's)
+    mean = row("the loss averaged over the batch", ("mean_reduction",), 0.976)
+    assert _ranked([lr, mean], [lr, mean], frozenset({"lower_lr", "mean_reduction"})) == [mean, lr]
+    assert _ranked([lr, mean], [lr, mean], frozenset({"lower_lr"})) == [lr, mean]
     lines = str(DoctorReport(row("baseline", (), 0.1, 2.0), Diagnosis([]), [clip_lr, lr], best=lr)).splitlines()
     assert f"{clip_lr.label}: trained exactly as {lr.label} (every number equal): what it adds never acted" in "\n".join(lines)
     eps = row("Adam's eps at 1e-8", ("lower_eps",), 0.980)

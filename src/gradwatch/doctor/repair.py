@@ -288,17 +288,20 @@ def _lighter_within_spread(ranked: list[TrialResult], best: TrialResult, check: 
     return min(lighter, key=lambda t: (weight(t.parts), -t.score), default=None)
 
 
-# rows that ease a run's steps whatever made them too large: among fixes that tie, one that undoes a cause goes first
+# rows that ease a run's steps whatever made them too large: among fixes that tie, the remedy a finding names first
+# for its cause goes before them
 SYMPTOMATIC = frozenset({"lower_lr", "clip_norm", "clip_lower_lr", "warmup", "skip_step"})
 
 
-def _ranked(fixed: list[TrialResult], trials: list[TrialResult]) -> list[TrialResult]:
+def _ranked(fixed: list[TrialResult], trials: list[TrialResult],
+            firsts: frozenset[str] = frozenset()) -> list[TrialResult]:
     """The "fixes it" rows, best first: by held-out score where they have one (else final loss), and among rows
     that tie — scores within :data:`SCORE_TIE` of the best, or the same final loss — the lightest
-    (:func:`gradwatch.doctor.knobs.weight`) first, then one that undoes a cause before one that only eases the steps
-    (:data:`SYMPTOMATIC`; round 29: "learning rate ×0.01", 0.972, was recommended over averaging a cross-entropy
-    summed over a batch of 256, 0.976, the cause the findings named), then the one the findings named first (the
-    table's order).
+    (:func:`gradwatch.doctor.knobs.weight`) first, then one holding a remedy that a finding names first for its cause
+    (``firsts``, the baseline's findings' first remedies, less those that only ease the steps, :data:`SYMPTOMATIC`;
+    round 29: "learning rate ×0.01", 0.972, the non-finite finding's first, was recommended over averaging a
+    cross-entropy summed over a batch of 256, 0.976, the first remedy of the finding that named the sum), then the
+    one the findings named first (the table's order).
     Round 14: "clipping at max_norm=32 + learning rate ×0.1" was chosen over "learning rate ×0.1", which it trained
     exactly as (its clipping never acted); Adam's learning rate ×100 (0.982) over setting back the eps the
     diagnosis named as the cause (0.980), one test sample in 397. Round 15: a baseline that diverged has no score,
@@ -306,8 +309,10 @@ def _ranked(fixed: list[TrialResult], trials: list[TrialResult]) -> list[TrialRe
     scored = any(math.isfinite(t.score) for t in fixed)
     at = {id(t): i for i, t in enumerate(trials)}
 
+    causes = firsts - SYMPTOMATIC
+
     def lightest_first(t: TrialResult) -> tuple[int, bool, int]:
-        return weight(t.parts), bool(t.parts) and set(t.parts) <= SYMPTOMATIC, at[id(t)]
+        return weight(t.parts), not set(t.parts) & causes, at[id(t)]
 
     if not scored:
         return sorted(fixed, key=lambda t: (t.final_loss, *lightest_first(t)))
@@ -451,7 +456,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
     base.verdict = f"findings: {', '.join(dict.fromkeys(f.kind for f in diagnosis.problems))}"  # each kind once
     fixed = [t for t in report.trials if t.verdict == "fixes it"]
     if fixed:
-        ranked = _ranked(fixed, report.trials)
+        firsts = frozenset(f.remedy_keys[0] for f in report.diagnosis.problems if f.remedy_keys)
+        ranked = _ranked(fixed, report.trials, firsts)
         held = (_check_seed(setup, steps, seeds, ranked, remedy_of, base, targets, numbers, runner, deadline, report)
                 if check_seed and not runner.interrupted else None)
         lighter = None if held is None else _lighter_within_spread(ranked, held, report.checks[-1])
