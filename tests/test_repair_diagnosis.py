@@ -332,7 +332,7 @@ def test_the_modules_on_a_residual_branch_are_told_from_those_on_the_trunk(store
 def _fake_run(**meta):
     from types import SimpleNamespace
 
-    return SimpleNamespace(meta=meta, entities=lambda kind=None: [])
+    return SimpleNamespace(meta=meta, entities=lambda kind=None: [], quantities=())  # no series recorded
 
 
 def _vanishing():
