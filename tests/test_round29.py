@@ -4,6 +4,7 @@ against its reference."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -199,3 +200,66 @@ def test_a_faded_gradient_is_offered_the_output_and_gan_remedies_only_where_the_
         said[name] = _fading_remedies(gw.open_run(w.path))
     assert said == {"ce": ("lower_lr",), "bce": ("nonsaturating", "logits_loss", "lower_lr"),
                     "softmax_mse": ("logits_loss", "lower_lr")}
+
+
+# -- round 30: BCEWithLogitsLoss on targets standardised as transforms.Normalize makes them (its docs: in [0, 1]) --
+
+def _bce_autoencoder(seed, standardised=True):
+    """An autoencoder 64-128-16-128-64 reconstructing digits under BCEWithLogitsLoss, its inputs and targets
+    standardised with one global mean and std (Normalize((m,), (s,))) unless the twin (pixels in [0, 1])."""
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = x[order[:1400]], x[order[1400:]]
+    mean, std = float(train.mean()), float(train.std())
+    data = (train - mean) / std if standardised else train
+
+    def batches():
+        g = torch.Generator().manual_seed(1000 + seed)
+        while True:
+            i = torch.randint(0, len(data), (64,), generator=g)
+            yield data[i], data[i]
+
+    @torch.no_grad()
+    def explained(m):  # the held-out variance explained, in pixels
+        rec = torch.sigmoid(m((test - mean) / std)) * std + mean if standardised else torch.sigmoid(m(test))
+        return float(1 - ((rec - test) ** 2).sum() / ((test - test.mean(0)) ** 2).sum())
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 128), nn.ReLU(),
+                          nn.Linear(128, 64))
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(), nn.BCEWithLogitsLoss(),
+                    evaluate=explained)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_binary_cross_entropy_on_targets_outside_0_1_is_named(store, seed):
+    """Round 30: 86 % of the targets outside [0, 1], the loss 0.70 → −2.3·10⁵, told "a loss unbounded below … a
+    flow's log-determinant" with clipping and lower rates. The targets' range is read off the output's gradient
+    (y = σ(z) − N·∂L/∂z); by hand, the same share of the first batch's targets lies outside [0, 1]. Its twin, on
+    pixels in [0, 1], is quiet."""
+    bug = _bce_autoencoder(seed)
+    x, y = next(_bce_autoencoder(seed).batches)
+    by_hand = float(((y < -0.01) | (y > 1.01)).float().mean())
+    w = readme_watched(bug, store, f"bce_{seed}", 300)
+    targets = gw.open_run(w.path).meta["loss_targets"]
+    assert targets["bce_logits"] == 1.0 and targets["below_0"] + targets["above_1"] == pytest.approx(by_hand, abs=1e-6)
+    problems = w.diagnose().problems
+    assert problems and all(f.remedy_keys[0] == "probability_targets" for f in problems), problems
+    assert "targets outside [0, 1]" in problems[0].cause
+    twin = _bce_autoencoder(seed, standardised=False)
+    assert not readme_watched(twin, store, f"bce_twin_{seed}", 300).diagnose().problems
+
+
+def test_no_row_that_only_slows_a_loss_without_a_minimum_is_a_fix(tmp_path):
+    """Round 30: learning rate ×0.1 and LayerNorm kept the BCE's fall under −10× its start for 200 steps (−1.6,
+    −6.5; by 600 steps −427 and −40, held out −0.44 and −0.32 against the twin's 0.58) and were called fixes. The
+    finding holds in every row whose targets are the same; a row whose loss still ends below 0 where the baseline's
+    had no minimum is no fix."""
+    report = gw.doctor(_bce_autoencoder, steps=200, budget_s=200, store=tmp_path, progress=False)
+    assert report.best is None and not any(t.verdict == "fixes it" for t in report.trials), report
+    from gradwatch.doctor.verdicts import verdict
+
+    base, row = report.baseline, next(t for t in report.trials if t.parts == ("lower_lr",))
+    assert row.final_loss < 0 < row.first_loss
+    assert verdict(base, replace(row, findings=[], critical=[]), {"exploding"}).startswith("removes the finding; its loss")

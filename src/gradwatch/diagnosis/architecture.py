@@ -376,6 +376,28 @@ def unbounded_loss_weights(run: Run) -> str:
 
 
 UNBOUNDED_BELOW = 10.0  # a positive loss that falls below −this × its start has no floor the model stops at
+TARGETS_OUTSIDE_FROM = 0.1  # a binary cross-entropy with this share of its targets outside [0, 1] has no minimum
+
+
+def bce_targets_outside(run: Run) -> str:
+    """Words for a binary cross-entropy on logits whose targets, read off the output's gradient at the first logged
+    loss (meta ``loss_targets`` marked ``bce_logits``), lie outside [0, 1] for :data:`TARGETS_OUTSIDE_FROM` of them
+    or more; '' otherwise. −y·log σ(z) − (1 − y)·log(1 − σ(z)) is linear in z for large |z| with slope 1 − y above
+    and −y below: for y > 1 it falls without bound as z → +∞, for y < 0 as z → −∞. Round 30: an autoencoder under
+    BCEWithLogitsLoss on digits standardised as torchvision's Normalize does (86 % of the targets outside [0, 1]),
+    its loss 0.70 → −2.3·10⁵, held out −0.56 against 0.58 on pixels in [0, 1]; the doctor's lower learning rates
+    only postponed the fall, and were called fixes."""
+    targets = run_meta(run).get("loss_targets")
+    if not isinstance(targets, dict) or not targets.get("bce_logits"):
+        return ""
+    outside = float(targets.get("below_0") or 0.0) + float(targets.get("above_1") or 0.0)
+    if outside < TARGETS_OUTSIDE_FROM:
+        return ""
+    return (f"a binary cross-entropy on targets outside [0, 1]: {outside:.0%} of them at the first step, from "
+            f"{sci(float(targets['min']))} to {sci(float(targets['max']))} — BCEWithLogitsLoss wants probabilities; "
+            f"for a target above 1 its loss falls without bound as the logit grows, for one below 0 as it falls, so "
+            f"the loss has no minimum and the logits run off (standardised inputs used as targets, as "
+            f"transforms.Normalize makes them)")
 
 
 def loss_unbounded_below(run: Run) -> str:
@@ -385,7 +407,7 @@ def loss_unbounded_below(run: Run) -> str:
     growing gradient. Round 29: a RealNVP whose loss was −(log N(z) − log|det J|), its log-determinant's sign flipped
     (pytorch-flows#16), went 4.7 → −1.8·10⁶ with its gradient at 10¹⁰, told "unstable steps … a learning rate too
     large" and "the weights amplify the gradient ×3.8 per layer"; the twin, +log|det J|, ends at 1.4."""
-    if run_meta(run).get("loss_weights") or "loss" not in run.quantities:
+    if run_meta(run).get("loss_weights") or "loss" not in run.quantities or bce_targets_outside(run):
         return ""
     ls = run.series("loss", "run")
     finite = np.isfinite(ls.values[0])
@@ -588,6 +610,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (single_element_norm, ("drop_single_norm",), _ANY_KIND),
     (scaler_bypassed, ("scaler_step",), _ANY_KIND),
     (loss_unbounded_below, ("bounded_objective",), _BLOWUP_KINDS),
+    (bce_targets_outside, ("probability_targets", "bounded_objective"), _ANY_KIND),
     (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
 )
@@ -656,6 +679,33 @@ def set_up_warning(run: Run, kind: str, layers: tuple[str, ...], summary: str, e
     return Finding(kind=kind, severity="warning", layers=layers, steps=(0, max(steps - 1, 0)), summary=summary,
                    evidence=evidence, cause=cause, remedies=remedies(key), numbers=dict(numbers or {}),
                    sources=sources)
+
+
+def bce_target_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A binary cross-entropy on targets outside [0, 1] (:func:`bce_targets_outside`) where no rule found a problem to
+    give that cause to (the logits have not run off yet: a lower learning rate only postpones it): one ``exploding``
+    finding of its own, ``probability_targets`` first — critical once the logged loss went below 0, which a
+    cross-entropy of probabilities never does, else a warning."""
+    if any(f.severity != "info" for f in found) or not bce_targets_outside(run):
+        return []
+    targets = run_meta(run).get("loss_targets") or {}
+    outside = float(targets.get("below_0") or 0.0) + float(targets.get("above_1") or 0.0)
+    told, below = "", None
+    if "loss" in run.quantities:
+        s = run.series("loss", "run")
+        ok = np.isfinite(s.values[0])
+        negative = np.flatnonzero(ok & (s.values[0] < 0))
+        if ok.any():
+            told = f"; the logged loss went {sci(float(s.values[0][ok][0]))} → {sci(float(s.values[0][ok][-1]))}"
+        if len(negative):
+            below = int(s.steps[negative[0]])
+            told += f", below 0 from step {below}: a cross-entropy of probabilities never is"
+    finding = set_up_warning(
+        run, "exploding", (), f"a binary cross-entropy on targets outside [0, 1] ({outside:.0%} of them): its loss "
+        f"has no minimum", f"the targets read at the first step lie from {sci(float(targets.get('min', 0.0)))} to "
+        f"{sci(float(targets.get('max', 0.0)))}{told}.", "the logits run off to lower a loss that has no floor",
+        "probability_targets", "meta loss_targets", "loss (run)", numbers={"outside_range": outside})
+    return [replace(finding, severity="critical" if below is not None else "warning")]
 
 
 def attention_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

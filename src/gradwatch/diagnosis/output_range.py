@@ -47,7 +47,7 @@ def output_range_words(run: Run) -> tuple[str, str, float]:
     :data:`OUTSIDE_ABOVE` or more; ('', '', 0) otherwise."""
     meta = run_meta(run)
     targets, squash = meta.get("loss_targets"), squared_output(meta.get("loss_paths"))
-    if not squash or not isinstance(targets, dict):
+    if not squash or not isinstance(targets, dict) or targets.get("bce_logits"):  # (a cross-entropy's targets)
         return "", "", 0.0
     span, keys = RANGES[squash]
     outside = sum(float(targets.get(k) or 0.0) for k in keys)

@@ -155,6 +155,8 @@ REMEDIES = {
     "bounded_objective": "give the loss a minimum: check the signs of its log-determinant and log-variance terms "
                          "(a flow's loss is −(log p(z) + log|det J|)), and floor a learned variance or scale "
                          "(softplus + ε)",
+    "probability_targets": "give a binary cross-entropy targets in [0, 1] (pixels scaled to [0, 1], not "
+                           "standardised), or a squared error where the targets are not probabilities",
     "scaler_step": "step through the scaler: scaler.step(optimizer) and scaler.update() in place of "
                    "optimizer.step() (they unscale the gradients and skip a step with NaN/Inf)",
     "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "

@@ -324,13 +324,19 @@ RANGE_SLACK = 0.01  # a target this far past an output's bound is outside it (0 
 
 
 def quadratic_targets(loss: Tensor) -> dict[str, float] | None:
-    """The range of the targets of a squared error (``nn.MSELoss``, ``F.mse_loss``) in the loss's graph
-    (:func:`target_range`), read from the tensor its backward node saved; None where there is none — or the
+    """The range of the targets of a squared error (``nn.MSELoss``, ``F.mse_loss``) or of a binary cross-entropy on
+    logits (marked ``bce_logits``: 1) in the loss's graph (:func:`target_range`), read from the tensor its backward
+    node saved, the first such node; None where there is none — or the
     backward pass has run (a trial reads it before; a watch reads them off the output's gradient,
     :func:`targets_off_gradient`). Reads only; never fails the user's run."""
     try:
-        node = _first_node(loss, frozenset({"MseLossBackward0"}))
-        return None if node is None else target_range(node._saved_target)
+        node = _first_node(loss, frozenset({"MseLossBackward0", BCE_LOGITS}))
+        if node is None:
+            return None
+        got = target_range(node._saved_target)
+        if type(node).__name__ == BCE_LOGITS:  # (its targets' range, marked as a binary cross-entropy's)
+            return None if got is None else {**got, "bce_logits": 1.0}
+        return got
     except Exception:  # noqa: BLE001 - an exotic graph, or its tensors freed: nothing to say, nothing lost
         return None
 
@@ -339,18 +345,31 @@ def targets_off_gradient(loss: Tensor, output: Any, value: Tensor, grad: Tensor)
     """The range of a squared error's targets (:func:`target_range`) read off the gradient ``grad`` of the model's
     ``output`` (its autograd node, and ``value``), where the loss *is* an MSE of that output (its graph's first
     node, the output reached through nodes that keep its elements one for one): ∂L/∂a = 2(a − y)/N under a mean
-    (N, the output's elements) and 2(a − y) under a sum, so y = a − g·N/2 or a − g/2. None otherwise (a loss that
-    adds terms, weighs the MSE, or reads part of the output). Reads only; never fails the user's run."""
+    (N, the output's elements) and 2(a − y) under a sum, so y = a − g·N/2 or a − g/2. Likewise an unweighted
+    binary cross-entropy on logits (y = σ(z) − g·N or σ(z) − g), its range marked ``bce_logits``: 1. None otherwise
+    (a loss that adds terms, weighs the loss, or reads part of the output). Reads only; never fails the user's
+    run."""
     try:
         node: Any = getattr(loss, "grad_fn", None)
-        if type(node).__name__ != "MseLossBackward0" or node._saved_reduction not in (1, 2):
+        name = type(node).__name__
+        if name not in ("MseLossBackward0", BCE_LOGITS) or node._saved_reduction not in (1, 2):
             return None
         if not _reads_whole(node, output) or value.numel() != grad.numel():
             return None
+        if name == BCE_LOGITS:
+            # round 30: ∂L/∂z = (σ(z) − y)/N under a mean, (σ(z) − y) under a sum, unweighted only
+            if node._saved_weight is not None or node._saved_pos_weight is not None:
+                return None
+            scale = value.numel() if node._saved_reduction == 1 else 1.0
+            got = target_range(value.reshape(-1).float().sigmoid() - grad.reshape(-1).float() * scale)
+            return None if got is None else {**got, "bce_logits": 1.0}
         scale = value.numel() / 2 if node._saved_reduction == 1 else 0.5
         return target_range(value.reshape(-1) - grad.reshape(-1) * scale)
     except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
         return None
+
+
+BCE_LOGITS = "BinaryCrossEntropyWithLogitsBackward0"
 
 
 DERIVATIVE_NODES = 4096  # nodes of the model's output graph walked for a derivative taken inside the forward, once
