@@ -902,6 +902,13 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                  f"−inf as soon as p rounds to 0 or 1 in float32, which a confident output reaches without any "
                  f"divergence" + ("" if cause.startswith("non-finite") else f"; besides, {cause}"))
         fixes = remedies("logits_loss", "log_space") + fixes
+    elif logged:
+        # round 30: an entropy −Σ torch.where(p > 0, p·log p, 0) of a sharpened softmax, NaN in the backward pass
+        # once a p underflowed to 0; told the singularity and its line, the log_space row never tried (applied by
+        # hand it repairs every seed: 0.86–0.87, as the twin written with F.log_softmax)
+        cause += (f"; the loss takes the logarithm of a {logged}'s output written by hand: where p underflows to 0, "
+                  f"log p is −inf and its backward NaN, while in log space (F.log_softmax) it stays finite")
+        fixes = remedies("log_space") + fixes
     ctc = _infinite_ctc(run, loss_step)
     if ctc and not cause.startswith("a NaN made in the backward pass"):
         cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")
