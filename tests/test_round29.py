@@ -303,3 +303,50 @@ def test_a_nan_from_the_backward_of_a_hand_written_log_of_a_softmax_is_repaired_
     report = gw.doctor(_sharpened, steps=200, budget_s=200, store=tmp_path, progress=False)
     assert report.best is not None and report.best.parts == ("log_space",), report
     assert report.best.score >= twin.evaluate(twin.model) - 0.05
+
+
+# -- round 30: a GRU cell whose state the loop detaches at every step (oxwhirl/pymarl#161) --------------------------
+
+class _FirstToken(nn.Module):
+    """A GRU cell over T one-hot tokens, its class read from the last state; the state detached before every
+    ``detach_every``-th call (0: never)."""
+
+    def __init__(self, detach_every):
+        super().__init__()
+        self.detach_every, self.cell, self.head = detach_every, nn.GRUCell(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 32)
+        for t in range(x.shape[1]):
+            if self.detach_every and t % self.detach_every == 0:
+                h = h.detach()
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def _first_token(seed, detach_every=1):
+    """The label is the first of 20 tokens (one of 4), the other 19 distractors (4–7)."""
+    g = torch.Generator().manual_seed(11)
+    first = torch.randint(0, 4, (4000,), generator=g)
+    x = F.one_hot(torch.cat([first[:, None], torch.randint(4, 8, (4000, 19), generator=g)], 1), 8).float()
+    torch.manual_seed(seed)
+    model = _FirstToken(detach_every)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), _digit_batches(x, first, seed, 64),
+                    F.cross_entropy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_state_detached_at_every_step_is_told_and_its_twin_is_quiet(store, seed):
+    """Round 30: at chance (0.27) and told "none vanishes … across depth or time" — with no ‖∂L/∂h_t‖ recorded
+    beyond the last step; its twin (1.000) warned of vanishing through time on seed 0, having recovered (‖∂L/∂h_1‖
+    10⁻⁴ of the last step's until step 192, 0.49 at the last read). The share of later calls given a state with no
+    gradient is 19/19 by hand, 0 for the twin and 3/19 under truncation every 5 steps (calls 5, 10 and 15)."""
+    bug, twin, chunks = _first_token(seed), _first_token(seed, 0), _first_token(seed, 5)
+    wb = readme_watched(bug, store, f"cut_{seed}", 300)
+    wt = readme_watched(twin, store, f"kept_{seed}", 300)
+    wc = readme_watched(chunks, store, f"chunks_{seed}", 20)
+    cut = [float(np.median(gw.open_run(w.path).series("state_cut_frac", "recurrent").values)) for w in (wb, wt, wc)]
+    assert cut == pytest.approx([1.0, 0.0, 3 / 19])
+    problems = wb.diagnose().problems
+    assert problems and problems[0].remedy_keys == ("keep_state_graph",) and "detached" in problems[0].cause
+    assert not wt.diagnose().problems

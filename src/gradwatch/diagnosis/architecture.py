@@ -666,8 +666,8 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
     flat = flat_loss(run, th)
     if flat is None or not set_up_causes(run):
         return []
-    return [flat_loss_finding(run, th, flat, "warning", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _FLAT_AFTER,
-                              "a flat loss that the gradients do not explain", ())]
+    return [flat_loss_finding(run, th, flat, "warning", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])),
+                              _flat_after(run), "a flat loss that the gradients do not explain", ())]
 
 
 def set_up_warning(run: Run, kind: str, layers: tuple[str, ...], summary: str, evidence: str, cause: str,
@@ -815,8 +815,14 @@ def misread_batch_findings(found: list[Finding], run: Run, th: Thresholds) -> li
 
 
 _FLAT_SUMMARY = "the loss does not fall ({} → {}), and no rule finds the gradients at fault"
-_FLAT_AFTER = (" while the gradients passed every check: none vanishes or explodes across depth or time, no layer "
+_FLAT_AFTER = (" while the gradients passed every check: none vanishes or explodes across depth{}, no layer "
                "stalls, no unit saturates or dies.")
+
+
+def _flat_after(run: Run) -> str:
+    """:data:`_FLAT_AFTER`, "or time" in it only where ‖∂L/∂h_t‖ was recorded (round 30: said of a cell whose state
+    the loop detached, no step but the last one read)."""
+    return _FLAT_AFTER.format(" or time" if "temporal_grad_norm" in run.quantities else "")
 
 
 def outside_gradients_note(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
@@ -828,7 +834,7 @@ def outside_gradients_note(found: list[Finding], run: Run, th: Thresholds) -> li
     if flat is None or any(f.severity != "info" for f in found):
         return []
     return [flat_loss_finding(
-        run, th, flat, "info", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _FLAT_AFTER,
+        run, th, flat, "info", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _flat_after(run),
         "a flat loss the gradients do not explain: if the run should learn, look outside the gradients — the inputs' "
         "pairing with their targets (a view or reshape where a transpose was meant, inputs and targets shuffled "
         "apart), a mask that keeps the wrong entries, targets that carry no signal", ())]

@@ -157,6 +157,8 @@ REMEDIES = {
                          "(softplus + ε)",
     "probability_targets": "give a binary cross-entropy targets in [0, 1] (pixels scaled to [0, 1], not "
                            "standardised), or a squared error where the targets are not probabilities",
+    "keep_state_graph": "keep the recurrent state in the graph within a sequence: detach it between sequences or "
+                        "chunks of steps (truncated backpropagation through time), not at every step",
     "scaler_step": "step through the scaler: scaler.step(optimizer) and scaler.update() in place of "
                    "optimizer.step() (they unscale the gradients and skip a step with NaN/Inf)",
     "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "

@@ -36,7 +36,7 @@ from gradwatch.diagnosis.over_steps import (
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
-from gradwatch.diagnosis.through_time import temporal_findings
+from gradwatch.diagnosis.through_time import cut_state_findings, temporal_findings
 from gradwatch.diagnosis.units import (
     cleared_grad_findings,
     activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
@@ -74,6 +74,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
         elif not said_nonfinite:
             found.append(_as_nonfinite(f))
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)
+    found += cut_state_findings(view, th)  # a cell in a loop whose state is detached at every step: no BPTT at all
     found += broadcast_findings(view, th)  # an output (B, 1) against targets (B,): whatever else, the loss is wrong
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, sci
-from gradwatch.diagnosis.measures import (by_lag, depth_verdict, layers_per_halving, loss_ends, pascanu,
+from gradwatch.diagnosis.measures import (by_lag, depth_verdict, halved, layers_per_halving, loss_ends, pascanu,
                                          recorded_lengths, window_median)
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -127,6 +127,16 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
                 cause += (f" — but the loss fell {sci(ends[0])} → {sci(ends[1])}: the run learns without the early "
                           f"steps (a loop iterated to a fixed point forgets its start by design; or the task's "
                           f"dependencies are short)")
+            elif (e.name not in dead and halved(ends) and math.isfinite(per_step[-1])
+                  and depth_verdict(float(per_step[-1]), th) != "vanishing"):
+                # round 30: a GRU cell over 20 tokens, its label the first: ‖∂L/∂h_1‖ 10⁻⁴ of the last step's until
+                # step 192, 0.49 at the last read, the loss 1.40 → 0.15 and held out 1.000 — warned
+                assert ends is not None
+                severity = "info"
+                cause += (f" — until it recovered: at the last read (step {int(s.steps[-1])}) ‖∂L/∂h‖ at the first "
+                          f"step is {sci(float(per_step[-1]))} of the last step's, and the loss fell {sci(ends[0])} → "
+                          f"{sci(ends[1])}")
+                fixes = ()
             found.append(Finding(
                 kind="vanishing", severity=severity, layers=(e.name,),
                 steps=(since(per_step < th.vanish_below, s.steps, th.window), int(s.steps[-1])),
@@ -151,6 +161,43 @@ def temporal_findings(run: Run, th: Thresholds) -> list[Finding]:
             ))
         if kind != "exploding":
             found += _exploding_at_init(e.name, s, lam, gamma, ratio, th)
+    return found
+
+
+STATE_CUT_FROM = 0.9  # a cell whose state is cut from the graph on this share of its later calls: no BPTT at all
+
+
+def cut_state_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """A cell called in a loop whose state is cut from the graph (``h = h.detach()``) on nearly every call after a
+    pass's first (``state_cut_frac`` at least :data:`STATE_CUT_FROM`, its median over the reads): no gradient passes
+    from a step to the one before, so the cell learns nothing that lies more than one step back. One ``vanishing``
+    finding, a warning where the loss did not halve, else ``info`` (one-step backpropagation through time, chosen).
+    Truncated backpropagation every k steps reads 1/k. Round 30: a GRU cell over 20 tokens whose label is the first
+    token, its state detached at every step (oxwhirl/pymarl#161), at chance (0.27), told only that "none vanishes …
+    across depth or time" — no ‖∂L/∂h_t‖ beyond the last step had been recorded; its twin 1.000."""
+    if "state_cut_frac" not in run.quantities:
+        return []
+    s = run.series("state_cut_frac", "recurrent")
+    ends = loss_ends(run, th)
+    found = []
+    for name, row in zip(s.names, s.values):
+        ok = np.isfinite(row)
+        if not ok.any() or float(np.median(row[ok])) < STATE_CUT_FROM:
+            continue
+        share = float(np.median(row[ok]))
+        learns = halved(ends)
+        went = f"; the loss went {sci(ends[0])} → {sci(ends[1])}" if ends is not None else ""
+        found.append(Finding(
+            kind="vanishing", severity="info" if learns else "warning", layers=(name,),
+            steps=(int(s.steps[ok][0]), int(s.steps[ok][-1])),
+            summary=f"through time in {name}: the state is cut from the graph at every step, so no gradient passes back",
+            evidence=(f"on {share:.0%} of {name}'s calls after the first of a forward pass (median over "
+                      f"{int(ok.sum())} reads), the state it was given carried no gradient{went}."),
+            cause=("the state is detached inside the loop (h = h.detach() at every step): the gradient reaches each "
+                   "call from its own output only, so nothing the cell keeps for later steps is learned — detach "
+                   "between sequences or chunks of steps (truncated backpropagation through time), not within one"),
+            remedies=() if learns else remedies("keep_state_graph"), numbers={"state_cut_frac": share},
+            sources=(f"state_cut_frac ({name})",) + (("loss (run)",) if ends is not None else ())))
     return found
 
 

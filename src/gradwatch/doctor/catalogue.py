@@ -99,7 +99,7 @@ BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logi
                      "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
-                     "probability_targets"})
+                     "probability_targets", "keep_state_graph"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -150,6 +150,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "positive_loss_weights": [],  # the loss and its weights are the user's
         "bounded_objective": [],  # the loss is the user's
         "probability_targets": [],  # the targets are the user's data
+        "keep_state_graph": [],  # the loop that detaches the state is the user's forward
         "schedule_per_epoch": one("schedule_per_epoch", "the schedule's first rate held (it decayed every batch)",
                                   s.held_schedule),
         "smaller_step": [],  # the step size of the user's own update

@@ -309,6 +309,8 @@ class TemporalProbe:
         self._captures: list[tuple[str, _Capture]] = []
         self._cell_calls: dict[str, int] = {}
         self._cell_norms: dict[tuple[str, int], Tensor] = {}
+        # a cell's calls after the first of a pass, and those of them given a state cut from the graph (no gradient)
+        self._cell_cut: dict[str, tuple[int, int]] = {}
 
     def entities(self) -> list[tuple[str, str]]:
         """(entity name, cell type): one per layer and direction of a fused module, one per cell."""
@@ -355,6 +357,12 @@ class TemporalProbe:
         if isinstance(h, Tensor) and h.requires_grad:
             pos = self._cell_calls.get(name, 0) + 1  # the state this call produces: h_1, h_2, …
             self._cell_calls[name] = pos
+            if pos > 1:  # a later call: is the state it was given cut from the graph? (h = h.detach() in the loop)
+                state = args[1] if len(args) > 1 else None
+                state = state[0] if isinstance(state, (tuple, list)) and state else state
+                cut = not isinstance(state, Tensor) or not state.requires_grad
+                later, detached = self._cell_cut.get(name, (0, 0))
+                self._cell_cut[name] = (later + 1, detached + int(cut))
             h.register_hook(WeakHook(self, "_cell_hook", guard, name, pos))
 
     def _cell_hook(self, guard: Callable[[Callable[[], None]], None], name: str, pos: int, g: Tensor) -> None:
@@ -400,6 +408,10 @@ class TemporalProbe:
             out.append((entity, "step_jacobian_norm", list(range(len(jac[entity]))), jac[entity]))
             if entity in dead:
                 out.append((entity, "recurrent_dead_frac", [-1], dead[entity]))
+        for name, (later, detached) in self._cell_cut.items():
+            # the share of a cell's later calls whose state carried no gradient: 1 where the loop detaches it at every
+            # step, 1/k under truncated backpropagation through time every k steps, 0 where the state flows
+            out.append((name, "state_cut_frac", [-1], torch.tensor(detached / later, device=self.device)))
         by_cell: dict[str, list[tuple[int, Tensor]]] = {}
         for (name, pos), sq in sorted(self._cell_norms.items()):
             by_cell.setdefault(name, []).append((pos, sq))
@@ -414,7 +426,7 @@ class TemporalProbe:
         return out
 
     def clear(self) -> None:
-        self._captures, self._cell_calls, self._cell_norms = [], {}, {}
+        self._captures, self._cell_calls, self._cell_norms, self._cell_cut = [], {}, {}, {}
 
 
 def trailing_repeats(x: Tensor, batch_first: bool) -> Tensor:
