@@ -350,3 +350,53 @@ def test_a_state_detached_at_every_step_is_told_and_its_twin_is_quiet(store, see
     problems = wb.diagnose().problems
     assert problems and problems[0].remedy_keys == ("keep_state_graph",) and "detached" in problems[0].cause
     assert not wt.diagnose().problems
+
+
+# -- round 30: a VAE that decodes Normal(μ, σ).sample() where rsample() was meant (jankrepl/deepdow#101) -----------
+
+class _VAE(nn.Module):
+    def __init__(self, reparameterised):
+        super().__init__()
+        self.reparameterised = reparameterised
+        self.enc, self.mu, self.logvar = nn.Sequential(nn.Linear(64, 128), nn.ReLU()), nn.Linear(128, 8), nn.Linear(128, 8)
+        self.dec = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    def forward(self, x):
+        h = self.enc(x)
+        mu, logvar = self.mu(h), self.logvar(h)
+        q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+        z = q.rsample() if self.reparameterised else q.sample()
+        return self.dec(z), mu, logvar
+
+
+def _vae(seed, reparameterised=False):
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+
+    def loss(out, target):
+        logits, mu, logvar = out
+        rec = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(target)
+        return rec - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(target)
+
+    torch.manual_seed(seed)
+    model = _VAE(reparameterised)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), _digit_batches(x, x, seed, 64), loss)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_layer_fed_a_sample_cut_from_the_graph_is_told(store, seed):
+    """Round 30: .sample() where .rsample() was meant — the encoder trained by the KL term alone, "no findings" and
+    the doctor's "healthy". By hand: the reconstruction term's gradient at μ is exactly 0 with .sample(), not with
+    .rsample(); the decoder's first layer is told, and the twin is quiet."""
+    for reparameterised, zero in ((False, True), (True, False)):
+        t = _vae(seed, reparameterised)
+        x, _ = next(t.batches)
+        logits, mu, _ = t.model(x)
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        (g,) = torch.autograd.grad(rec, mu, allow_unused=True)
+        assert (g is None or not g.any()) == zero
+    w = readme_watched(_vae(seed), store, f"sample_{seed}", 300)
+    problems = w.diagnose().problems
+    assert problems and problems[0].layers == ("dec.0",) and ".rsample()" in problems[0].cause, problems
+    assert gw.open_run(w.path).meta["cut_inputs"] == ["dec.0"]
+    assert not readme_watched(_vae(seed, True), store, f"rsample_{seed}", 300).diagnose().problems

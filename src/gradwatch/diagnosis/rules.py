@@ -38,7 +38,7 @@ from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import cut_state_findings, temporal_findings
 from gradwatch.diagnosis.units import (
-    cleared_grad_findings,
+    cleared_grad_findings, cut_input_findings,
     activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
     softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
 )
@@ -96,6 +96,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found += misread_batch_findings(found, view, th)  # layers reading the batch as the sequence, the loss falling
     found += zero_path_findings(found, view, th)  # weights behind an operation with zero derivative (round, no STE)
+    found += cut_input_findings(found, view, th)  # a layer fed a tensor cut from the graph (.sample() for .rsample())
     found += attention_mask_findings(found, view, th)  # masks of 0s and 1s as floats (masking nothing), or inverted
     found += bce_target_findings(found, view, th)  # a binary cross-entropy on targets outside [0, 1]: no minimum
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve

@@ -568,6 +568,35 @@ def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def cut_input_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Layers that took a float input carrying no gradient after other layers of the same forward pass had made
+    outputs with one (meta ``cut_inputs``; the pass's own inputs are not counted), in a run whose loss did not halve
+    and where no finding says the graph is cut already: one ``stalled`` warning. What comes before such a layer
+    learns nothing through it; the layers before it still get a gradient by another path, so ``.grad`` is not None
+    (:func:`cut_graph_findings` sees nothing). Round 30: a VAE decoding ``Normal(μ, σ).sample()`` (jankrepl/deepdow#101:
+    ``rsample()`` was meant), its encoder trained by the KL term alone — 0 of 8 latents active, held out −0.13 to −0.08
+    against 0.37–0.40 — and "no findings"."""
+    cut = run_meta(run).get("cut_inputs") or []
+    if not cut or any("check_graph" in f.remedy_keys for f in found):
+        return []
+    ends = loss_ends(run, th)
+    if ends is None or halved(ends):
+        return []
+    layers = tuple(cut)
+    steps = int(run_meta(run).get("steps") or 0)
+    return [Finding(
+        kind="stalled", severity="warning", layers=layers, steps=(0, max(steps - 1, 0)),
+        summary=f"the autograd graph is cut before {span(layers)}: what comes before learns nothing through it",
+        evidence=(f"{span(layers)} took a float input that carries no gradient, though layers before "
+                  f"{'them' if len(layers) > 1 else 'it'} in the same forward pass made outputs that do; the loss went "
+                  f"{loss_went(run, th, ends)}."),
+        cause=("something in forward takes a tensor out of the graph between layers: a distribution's .sample() where "
+               ".rsample() is meant (a VAE's latent, a reparameterised policy), .detach(), a round trip through "
+               ".numpy(), .item() or .tolist(), or torch.no_grad() around part of the forward"),
+        remedies=remedies("check_graph"), numbers={"layers": float(len(layers))},
+        sources=("meta cut_inputs", "loss (run)"))]
+
+
 def softmax_output_findings(run: Run, th: Thresholds) -> list[Finding]:
     """A softmax at the model's output (meta ``output_modules``) in a run whose logged loss stays flat: squashed twice.
 

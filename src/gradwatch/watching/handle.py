@@ -436,7 +436,7 @@ class Watch:
                 x = args[0].detach().float()
                 self._input_scale = (float(x.std()) if x.numel() > 1 else 0.0, float(x.abs().mean()))
         if module is self.model:
-            self._steps.model_called()
+            self._steps.model_called(args)
         self._steps.forward_starts()
 
     @_forward_hook

@@ -147,6 +147,11 @@ class StepRecorder:
         self._custom_kinds: list[str] = []  # the user's autograd.Function classes met between layers, so far
         self._dropout_p = 0.0  # the largest rate of a dropout called as a function, so far
         self._ran_without_grad: set[str] = set()  # layers seen running with gradients off
+        # a pass's own inputs (their storages) and whether a layer of it has made an output with gradient yet; the
+        # layers seen taking a float input with none after that (meta cut_inputs)
+        self._pass_inputs: set[int] = set()
+        self._pass_grad_out = False
+        self._cut_inputs: list[str] = []
         self._checkpointed: list[str] = []  # ... of them, those inside a reentrant checkpoint
 
     # -- hooks: which are placed ---------------------------------------------------------
@@ -174,9 +179,12 @@ class StepRecorder:
         """A forward pass begins: a step that ended sends its values on before this one's come."""
         self.buffer.release()
 
-    def model_called(self) -> None:
+    def model_called(self, args: tuple = ()) -> None:
         """The model's own forward begins (not a first layer's call in a loop): calls of a layer count anew; on a
-        step that records activations (or notes the depth order), activation function calls are tapped."""
+        step that records activations (or notes the depth order), activation function calls are tapped. ``args``:
+        the model's inputs, which a layer may take without gradient."""
+        self._pass_inputs = {_storage(t) for t in args if isinstance(t, Tensor)}
+        self._pass_grad_out = False
         self.probes.loops.new_pass()
         self.probes.custom.new_pass()
         if (self.tap is not None and torch.is_grad_enabled() and "layers" in self._wanted
@@ -276,6 +284,8 @@ class StepRecorder:
     def layer_forward(self, i: int, output: Any, x: Tensor | None = None) -> None:
         self.buffer.release()
         grad = torch.is_grad_enabled()
+        if grad:
+            self._cut_input(self.layers[i].name, output, x)
         if grad and x is not None and x.grad_fn is not None:  # an autograd.Function of the user's before the layer
             custom = self.probes.custom
             site = custom.layer_input(x, "backprop" in self.now.on, WeakHook(self.probes, "timed", "backprop"))
@@ -292,6 +302,19 @@ class StepRecorder:
             t = self.meter.start("backprop")
             self.probes.layer_output(i, output, self._through_time)
             self.meter.stop("backprop", t)
+
+    def _cut_input(self, name: str, output: Any, x: Tensor | None) -> None:
+        """A layer that takes a float input with no gradient, not one of the pass's own inputs, after a layer of the
+        same pass made an output with one: the graph is cut between them (a distribution's .sample() where
+        .rsample() is meant, a .detach(), a .numpy() round trip) — meta ``cut_inputs``, each layer once. Round 30:
+        a VAE decoding Normal(μ, σ).sample(), its encoder trained by the KL term alone, 0 of 8 latents active, and
+        "no findings"."""
+        if (self._pass_grad_out and x is not None and x.is_floating_point() and not x.requires_grad
+                and name not in self._cut_inputs and _storage(x) not in self._pass_inputs):
+            self._cut_inputs.append(name)
+            self._writer.meta({"cut_inputs": list(self._cut_inputs)})
+        if not self._pass_grad_out and isinstance(output, Tensor) and output.requires_grad:
+            self._pass_grad_out = True
 
     def _no_grad_layer(self, name: str) -> None:
         """A layer that ran with gradients off, the first time: where that was inside a reentrant
@@ -442,3 +465,11 @@ class StepRecorder:
         self.buffer.clear()
         self.probes.clear()
         self.grads.drop_snapshot()
+
+
+def _storage(t: Tensor) -> int:
+    """The address of a tensor's storage (its views share it); 0 where it has none (a tensor subclass)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
