@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, sci, span
-from gradwatch.diagnosis.measures import flat_loss, flat_loss_finding, halved, loss_ends, loss_went, total_grad_norm
+from gradwatch.diagnosis.measures import (flat_loss, flat_loss_finding, halved, loss_ends, loss_went, total_grad_norm,
+                                         went_below_zero)
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.probes.loss_ops import penalty_on_relu
@@ -690,16 +691,9 @@ def bce_target_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
         return []
     targets = run_meta(run).get("loss_targets") or {}
     outside = float(targets.get("below_0") or 0.0) + float(targets.get("above_1") or 0.0)
-    told, below = "", None
-    if "loss" in run.quantities:
-        s = run.series("loss", "run")
-        ok = np.isfinite(s.values[0])
-        negative = np.flatnonzero(ok & (s.values[0] < 0))
-        if ok.any():
-            told = f"; the logged loss went {sci(float(s.values[0][ok][0]))} → {sci(float(s.values[0][ok][-1]))}"
-        if len(negative):
-            below = int(s.steps[negative[0]])
-            told += f", below 0 from step {below}: a cross-entropy of probabilities never is"
+    told, _, below = went_below_zero(run)
+    if below is not None:
+        told += f", below 0 from step {below}: a cross-entropy of probabilities never is"
     finding = set_up_warning(
         run, "exploding", (), f"a binary cross-entropy on targets outside [0, 1] ({outside:.0%} of them): its loss "
         f"has no minimum", f"the targets read at the first step lie from {sci(float(targets.get('min', 0.0)))} to "

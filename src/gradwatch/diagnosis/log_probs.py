@@ -15,10 +15,9 @@ learning rate ×0.01 "fixed" it at 0.32 held out, its loss −0.81 and still fal
 
 from __future__ import annotations
 
-import numpy as np
-
 from gradwatch.diagnosis.architecture import run_meta
-from gradwatch.diagnosis.findings import Finding, sci, told_cause
+from gradwatch.diagnosis.findings import Finding, told_cause
+from gradwatch.diagnosis.measures import went_below_zero
 from gradwatch.diagnosis.remedies import remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.store import Run
@@ -37,18 +36,9 @@ def nll_on_scores_findings(found: list[Finding], run: Run, th: Thresholds) -> li
         return found
     if any(f.severity != "info" for f in found):
         return told_cause(found, WORDS, remedies("log_softmax"), "meta nll_on_scores")
-    told, below, steps = "", None, (0, 0)
-    if "loss" in run.quantities:
-        s = run.series("loss", "run")
-        values, at = s.values[0], s.steps
-        ok = np.isfinite(values)
-        if ok.any():
-            steps = (int(at[ok][0]), int(at[ok][-1]))
-            told = f"; the logged loss went {sci(float(values[ok][0]))} → {sci(float(values[ok][-1]))}"
-            negative = np.where(ok & (values < 0))[0]
-            if len(negative):
-                below = int(at[negative[0]])
-                told += f", below 0 from step {below}: a negative log-likelihood of probabilities never is"
+    told, steps, below = went_below_zero(run)
+    if below is not None:
+        told += f", below 0 from step {below}: a negative log-likelihood of probabilities never is"
     return found + [Finding(
         kind="exploding", severity="critical" if below is not None else "warning", layers=(), steps=steps,
         summary="the loss is unbounded below: an NLL loss takes the model's raw scores, not log-probabilities",

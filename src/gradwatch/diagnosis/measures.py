@@ -330,6 +330,22 @@ def loss_went(run: Run, th: Thresholds, ends: tuple[float, float]) -> str:
             f"logged values; it began at {sci(float(loss[0]))}")
 
 
+def went_below_zero(run: Run) -> tuple[str, tuple[int, int], int | None]:
+    """The logged loss's first and last finite values in words ("; the logged loss went A → B", '' without one), the
+    steps they span ((0, 0) without one), and the first step it was below 0 (None: never) — for a loss that a model
+    of probabilities can never take below 0."""
+    if "loss" not in run.quantities:
+        return "", (0, 0), None
+    s = run.series("loss", "run")
+    values, at = s.values[0], s.steps
+    ok = np.isfinite(values)
+    if not ok.any():
+        return "", (0, 0), None
+    negative = np.flatnonzero(ok & (values < 0))
+    return (f"; the logged loss went {sci(float(values[ok][0]))} → {sci(float(values[ok][-1]))}",
+            (int(at[ok][0]), int(at[ok][-1])), int(at[negative[0]]) if len(negative) else None)
+
+
 def halved(ends: tuple[float, float] | None) -> bool:
     """Whether a positive loss ends at half its start or below (``ends``: :func:`loss_ends`'s; None: nothing says)."""
     return ends is not None and 0 < ends[1] <= 0.5 * ends[0]
