@@ -400,3 +400,30 @@ def test_a_layer_fed_a_sample_cut_from_the_graph_is_told(store, seed):
     assert problems and problems[0].layers == ("dec.0",) and ".rsample()" in problems[0].cause, problems
     assert gw.open_run(w.path).meta["cut_inputs"] == ["dec.0"]
     assert not readme_watched(_vae(seed, True), store, f"rsample_{seed}", 300).diagnose().problems
+
+
+def test_a_submodule_called_on_its_own_inputs_is_no_cut(store):
+    """A siamese net's branch called directly, ``model.embed(a)`` then ``model.embed(b)``, takes inputs without
+    gradient after a layer made an output with one: each call of the first layer starts a pass, so neither is told
+    as a cut. The same net decoding a detached tensor is."""
+    class Siamese(nn.Module):
+        def __init__(self, cut):
+            super().__init__()
+            self.cut, self.embed, self.head = cut, nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 1)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(h.detach() if self.cut else h)
+
+    for cut in (False, True):
+        torch.manual_seed(0)
+        model = Siamese(cut)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gw.watch(model, opt, store=store, name=f"siamese_{cut}") as w:
+            for _ in range(20):  # (the layers' inputs are read on the steps that read ‖∂L/∂a‖: 0 and 16 here)
+                a, b = torch.randn(32, 8), torch.randn(32, 8)
+                model(a)  # the depth order: embed, then head
+                loss = (model.embed(a) - model.embed(b)).pow(2).mean() + model(a).pow(2).mean()
+                opt.zero_grad(); loss.backward(); opt.step()
+                w.log(loss=loss)
+        assert gw.open_run(w.path).meta.get("cut_inputs", []) == (["head"] if cut else []), cut

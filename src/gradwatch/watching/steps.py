@@ -176,7 +176,10 @@ class StepRecorder:
 
     # -- forward hooks -------------------------------------------------------------------
     def forward_starts(self) -> None:
-        """A forward pass begins: a step that ended sends its values on before this one's come."""
+        """A forward pass begins (the model's, or its first layer's call: a submodule called on its own, a siamese
+        net's ``model.embed(a)``): a step that ended sends its values on before this one's come; no layer of the pass
+        has made an output yet, and an input a layer takes without gradient then is the pass's own."""
+        self._pass_grad_out = False
         self.buffer.release()
 
     def model_called(self, args: tuple = ()) -> None:
@@ -309,8 +312,9 @@ class StepRecorder:
         .rsample() is meant, a .detach(), a .numpy() round trip) — meta ``cut_inputs``, each layer once. Round 30:
         a VAE decoding Normal(μ, σ).sample(), its encoder trained by the KL term alone, 0 of 8 latents active, and
         "no findings"."""
-        if (self._pass_grad_out and x is not None and x.is_floating_point() and not x.requires_grad
-                and name not in self._cut_inputs and _storage(x) not in self._pass_inputs):
+        # (from the step the depth order settles: its first layer's calls start a pass of their own from then on)
+        if (self._pass_grad_out and self._depth.settled and x is not None and x.is_floating_point()
+                and not x.requires_grad and name not in self._cut_inputs and _storage(x) not in self._pass_inputs):
             self._cut_inputs.append(name)
             self._writer.meta({"cut_inputs": list(self._cut_inputs)})
         if not self._pass_grad_out and isinstance(output, Tensor) and output.requires_grad:
