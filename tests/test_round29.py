@@ -175,7 +175,9 @@ def test_a_loss_unbounded_below_is_named_as_the_cause_of_its_blow_up(store, seed
     problems = wb.diagnose().problems
     assert problems and all(f.remedy_keys[0] == "bounded_objective" for f in problems if f.kind == "exploding")
     assert "a loss unbounded below" in problems[0].cause, problems[0]
-    assert not wt.diagnose().problems
+    # the twin's unbounded exp(s) scales spike at times (under the portable kernels, seed 1: ×1.5·10⁴ at step 185,
+    # the loss ending at 1.9 against 1.7 before it — a warning, as it should be); never a loss without a minimum
+    assert not any(f.severity == "critical" or "unbounded" in f.cause for f in wt.diagnose().problems)
 
 
 def test_a_faded_gradient_is_offered_the_output_and_gan_remedies_only_where_the_loss_reads_them(store):
