@@ -429,3 +429,30 @@ def test_a_submodule_called_on_its_own_inputs_is_no_cut(store):
                 opt.zero_grad(); loss.backward(); opt.step()
                 w.log(loss=loss)
         assert gw.open_run(w.path).meta.get("cut_inputs", []) == (["head"] if cut else []), cut
+
+
+def test_a_recurrence_started_from_a_state_of_zeros_is_no_cut(store):
+    """A hand-written RNN's W_hh takes h_0 = 0, made in forward, after W_xh made an output with gradient (the slow
+    karpathy char-RNN doctor table got a "graph cut" finding on its orthogonal row): a state of zeros is no cut; the
+    same loop started from a detached state that is not zero is."""
+    class Loop(nn.Module):
+        def __init__(self, start):
+            super().__init__()
+            self.start, self.wxh, self.whh, self.head = start, nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 8) + self.start
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.wxh(x[:, t]) + self.whh(h))
+            return self.head(h)
+
+    for start in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = Loop(start)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gw.watch(model, opt, store=store, name=f"loop_{start}") as w:
+            for _ in range(20):
+                loss = model(torch.randn(16, 5, 4)).pow(2).mean()
+                opt.zero_grad(); loss.backward(); opt.step()
+                w.log(loss=loss)
+        assert gw.open_run(w.path).meta.get("cut_inputs", []) == (["whh"] if start else []), start

@@ -313,8 +313,10 @@ class StepRecorder:
         a VAE decoding Normal(μ, σ).sample(), its encoder trained by the KL term alone, 0 of 8 latents active, and
         "no findings"."""
         # (from the step the depth order settles: its first layer's calls start a pass of their own from then on)
+        # (a state of zeros to start a recurrence from is no cut: a hand-written RNN's W_hh takes h_0 = 0 after W_xh)
         if (self._pass_grad_out and self._depth.settled and x is not None and x.is_floating_point()
-                and not x.requires_grad and name not in self._cut_inputs and _storage(x) not in self._pass_inputs):
+                and not x.requires_grad and name not in self._cut_inputs and _storage(x) not in self._pass_inputs
+                and bool(x.detach().ne(0).any())):
             self._cut_inputs.append(name)
             self._writer.meta({"cut_inputs": list(self._cut_inputs)})
         if not self._pass_grad_out and isinstance(output, Tensor) and output.requires_grad:
