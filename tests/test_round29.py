@@ -456,3 +456,26 @@ def test_a_recurrence_started_from_a_state_of_zeros_is_no_cut(store):
                 opt.zero_grad(); loss.backward(); opt.step()
                 w.log(loss=loss)
         assert gw.open_run(w.path).meta.get("cut_inputs", []) == (["whh"] if start else []), start
+
+
+def test_a_tensor_the_model_is_called_with_by_name_is_no_cut(store):
+    """A model called with its inputs by name (``model(text=…, image=…)``, as Hugging Face's are) whose second branch
+    takes its input after the first branch's layers made outputs with gradient: that input is the model's own, no
+    cut from the graph."""
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text, self.image, self.head = nn.Linear(4, 8), nn.Linear(6, 8), nn.Linear(16, 1)
+
+        def forward(self, text, image):
+            return self.head(torch.cat([self.text(text), self.image(image)], 1))
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, opt, store=store, name="by_name") as w:
+        for _ in range(20):
+            loss = model(text=torch.randn(16, 4), image=torch.randn(16, 6)).pow(2).mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+            w.log(loss=loss)
+    assert "cut_inputs" not in gw.open_run(w.path).meta

@@ -303,6 +303,9 @@ class Watch:
             "recurrent": [(m, self._on_recurrent_forward) for _, m in steps.probes.temporal.modules],
         }
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
+        # the tensors the model is called with, by name too (input_ids=…, pixel_values=…): a layer may take them
+        # without gradient (a layer taking another tensor without one, after layers that made some, is a cut)
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_inputs, with_kwargs=True))
         if steps.tap is not None:  # activation function calls are tapped for the model's pass: closed after it
             self._handles.append(self.model.register_forward_hook(self._on_model_return, always_call=True))
         self._handles.append(self.model.register_forward_hook(self._on_model_output))
@@ -436,8 +439,12 @@ class Watch:
                 x = args[0].detach().float()
                 self._input_scale = (float(x.std()) if x.numel() > 1 else 0.0, float(x.abs().mean()))
         if module is self.model:
-            self._steps.model_called(args)
+            self._steps.model_called()
         self._steps.forward_starts()
+
+    @_forward_hook
+    def _on_model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._steps.pass_inputs(args, kwargs)
 
     @_forward_hook
     def _on_layer_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:

@@ -182,11 +182,9 @@ class StepRecorder:
         self._pass_grad_out = False
         self.buffer.release()
 
-    def model_called(self, args: tuple = ()) -> None:
+    def model_called(self) -> None:
         """The model's own forward begins (not a first layer's call in a loop): calls of a layer count anew; on a
-        step that records activations (or notes the depth order), activation function calls are tapped. ``args``:
-        the model's inputs, which a layer may take without gradient."""
-        self._pass_inputs = {_storage(t) for t in args if isinstance(t, Tensor)}
+        step that records activations (or notes the depth order), activation function calls are tapped."""
         self._pass_grad_out = False
         self.probes.loops.new_pass()
         self.probes.custom.new_pass()
@@ -305,6 +303,16 @@ class StepRecorder:
             t = self.meter.start("backprop")
             self.probes.layer_output(i, output, self._through_time)
             self.meter.stop("backprop", t)
+
+    def pass_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The tensors the model's forward is called with, positional and by name (a layer may take them without
+        gradient); the storages of the first level's, and of those in a tuple or list there."""
+        found: set[int] = set()
+        for value in (*args, *kwargs.values()):
+            for t in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(t, Tensor):
+                    found.add(_storage(t))
+        self._pass_inputs = found
 
     def _cut_input(self, name: str, output: Any, x: Tensor | None) -> None:
         """A layer that takes a float input with no gradient, not one of the pass's own inputs, after a layer of the
