@@ -297,8 +297,8 @@ class ConstantModel(nn.Module):
         # the names of ``like``'s submodules (every part of their paths): an evaluate that calls ``model.net(x)``
         # calls this constant too (round 28: a TD value net's evaluate read ``model.net``; no constant's score was
         # measured, and a remedy at R² −49 against a baseline's −103 was called a fix)
-        parts = {part for name, _ in like.named_modules() for part in name.split(".") if part} if like is not None else set()
-        self._parts = frozenset(parts)
+        names = [name for name, _ in like.named_modules()] if like is not None else []
+        self._parts = frozenset(part for name in names for part in name.split(".") if part)
 
     def __getattr__(self, name: str) -> Any:
         try:

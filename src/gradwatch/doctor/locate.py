@@ -31,11 +31,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.remedies.structure import RECIPROCALS
+from gradwatch.trial import Trial, peek
 
 # a layer's products: an Inf they make from finite inputs is an overflow of values grown too large
 PRODUCTS = frozenset({"linear", "bilinear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d",
                       "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-from gradwatch.trial import Trial, peek
 
 _OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
