@@ -325,18 +325,17 @@ RANGE_SLACK = 0.01  # a target this far past an output's bound is outside it (0 
 
 def quadratic_targets(loss: Tensor) -> dict[str, float] | None:
     """The range of the targets of a squared error (``nn.MSELoss``, ``F.mse_loss``) or of a binary cross-entropy on
-    logits (marked ``bce_logits``: 1) in the loss's graph (:func:`target_range`), read from the tensor its backward
-    node saved, the first such node; None where there is none — or the
+    logits (marked ``bce_logits``: 1; where the graph holds no squared error) in the loss's graph
+    (:func:`target_range`), read from the tensor its backward node saved; None where there is none — or the
     backward pass has run (a trial reads it before; a watch reads them off the output's gradient,
     :func:`targets_off_gradient`). Reads only; never fails the user's run."""
     try:
-        node = _first_node(loss, frozenset({"MseLossBackward0", BCE_LOGITS}))
-        if node is None:
-            return None
-        got = target_range(node._saved_target)
-        if type(node).__name__ == BCE_LOGITS:  # (its targets' range, marked as a binary cross-entropy's)
-            return None if got is None else {**got, "bce_logits": 1.0}
-        return got
+        node = _first_node(loss, frozenset({"MseLossBackward0"}))  # a squared error's first, as before
+        if node is not None:
+            return target_range(node._saved_target)
+        node = _first_node(loss, frozenset({BCE_LOGITS}))
+        got = None if node is None else target_range(node._saved_target)
+        return None if got is None else {**got, "bce_logits": 1.0}  # (marked as a binary cross-entropy's)
     except Exception:  # noqa: BLE001 - an exotic graph, or its tensors freed: nothing to say, nothing lost
         return None
 
