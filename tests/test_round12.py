@@ -96,6 +96,7 @@ def test_the_constant_outputs_score_is_the_score_of_predicting_the_mean():
     assert math.isnan(trial_module.null_score(trial, constant))
 
 
+@pytest.mark.slow  # a doctor table of two seeds on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 @pytest.mark.parametrize("seed", [0])
 def test_no_fix_at_a_held_out_score_a_constant_output_would_beat(store, seed):
     """Every "fixes it" row ends clearly above the constant output's score; a row whose D² is better than the

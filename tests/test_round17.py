@@ -101,6 +101,7 @@ def test_a_layer_left_out_of_the_optimizer_is_named_though_the_rest_learns(store
     assert not [f for f in w2.diagnose().problems if f.layers == ("2",)]
 
 
+@pytest.mark.slow  # a doctor table of two seeds on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_rebuilds_the_optimizer_over_the_model(tmp_path):
     """The doctor's row builds the optimizer again over the model's parameters, with the first group's settings: it
     reaches the twin's held-out accuracy (a plain loop, optimizer built after the head, the same seeds)."""
@@ -228,6 +229,7 @@ def _clipped(seed, clip):
     return trial
 
 
+@pytest.mark.slow  # a doctor table of two seeds on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 @pytest.mark.parametrize("seed", SEED_0_FAST)
 def test_a_gradient_clipped_by_value_far_below_its_scale_is_named(store, seed):
     """Round 17: clip_grad_value_(…, 1e-5) left every element at ±1e-5 — "No findings", and the doctor blamed "a loss
