@@ -214,6 +214,7 @@ def test_a_constant_that_scores_what_the_trained_model_scores_is_measured(tmp_pa
     assert math.isnan(trial_module.null_score(trial, constant))
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_weighs_the_majority_class_of_two_logits_down(tmp_path):
     """The two-logit form: the doctor's row weighs class 0 (1 − m)/m in the set-up's cross-entropy (torch's weighted
     mean: the loss starts near ln 2 and cannot halve over overlapping classes). It removes the finding at a balanced
@@ -227,6 +228,7 @@ def test_the_doctor_weighs_the_majority_class_of_two_logits_down(tmp_path):
                                      "the majority class weighed down to the rest")
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_weighs_the_rare_class_up(tmp_path):
     """The doctor's row runs the set-up's loss with pos_weight = (1 − π)/π, π the rate the finding measured: it is
     another objective, held to its own start and its own constant output (its loss, 2.0 → 0.81, is not the

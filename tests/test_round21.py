@@ -80,6 +80,7 @@ def test_four_classes_answering_the_majority_almost_only_are_told_so_and_the_wei
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_weighs_the_majority_of_four_classes_down_and_holds_it_to_its_own_constant(tmp_path):
     """The doctor's baseline (read every 10 steps, not 16) finds the same; its class_weight row removes the finding
     and scores better. The weighted loss is another objective: it is held to its own constant output's loss, which
@@ -275,6 +276,7 @@ def test_dropout_kept_runs_a_heavy_functional_dropout_at_one_minus_its_rate():
     torch.testing.assert_close(off, x)
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_runs_a_functional_dropout_at_the_keep_probability_it_was_meant_as(tmp_path):
     report = gw.doctor(_dropout, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.baseline.findings == ["stalled"]
@@ -344,6 +346,7 @@ def test_a_reentrant_checkpoint_whose_input_requires_grad_is_no_finding(store):
     assert not w.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_makes_a_reentrant_checkpoints_input_require_grad(tmp_path):
     report = gw.doctor(_checkpointed, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label.startswith("inputs that require grad")
@@ -406,6 +409,7 @@ def test_a_weaker_l2_that_the_net_learns_through_is_no_finding(store):
     assert trial.evaluate(trial.model) > 0.95 and not w.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_swaps_adam_for_adamw_with_the_same_settings(tmp_path):
     from gradwatch.doctor import surgery
 
@@ -520,6 +524,7 @@ def test_shuffled_targets_far_from_zero_and_a_regression_that_learns_nothing_swe
     assert sorted_targets_words(open_run(store / "noise"), Thresholds()) == ""
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_shuffles_a_regression_read_in_the_order_of_its_targets(tmp_path):
     report = gw.doctor(_sorted, steps=300, budget_s=120, store=tmp_path, progress=False)
     assert report.best is not None and report.best.label == "batches shuffled"
@@ -540,6 +545,7 @@ def _shuffled_apart(seed, apart=True):
                     nn.MSELoss(), evaluate=_r2(xte, yte))
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_says_a_baseline_that_fits_only_its_training_batches_learned_nothing_that_carries(tmp_path):
     """Round 22: inputs and targets shuffled apart — the training loss falls (memorised pairs) while held out R² < 0,
     and the doctor said only "did not learn". By hand first: the loss ends below 0.8 of the targets' variance (a
