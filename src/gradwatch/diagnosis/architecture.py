@@ -380,6 +380,15 @@ UNBOUNDED_BELOW = 10.0  # a positive loss that falls below −this × its start 
 TARGETS_OUTSIDE_FROM = 0.1  # a binary cross-entropy with this share of its targets outside [0, 1] has no minimum
 
 
+def _bce_targets(run: Run) -> tuple[dict, float]:
+    """A binary cross-entropy's targets as read at the first logged loss (meta ``loss_targets`` marked
+    ``bce_logits``; {} otherwise) and the share of them outside [0, 1] (0 without them)."""
+    targets = run_meta(run).get("loss_targets")
+    if not isinstance(targets, dict) or not targets.get("bce_logits"):
+        return {}, 0.0
+    return targets, float(targets.get("below_0") or 0.0) + float(targets.get("above_1") or 0.0)
+
+
 def bce_targets_outside(run: Run) -> str:
     """Words for a binary cross-entropy on logits whose targets, read off the output's gradient at the first logged
     loss (meta ``loss_targets`` marked ``bce_logits``), lie outside [0, 1] for :data:`TARGETS_OUTSIDE_FROM` of them
@@ -388,10 +397,7 @@ def bce_targets_outside(run: Run) -> str:
     BCEWithLogitsLoss on digits standardised as torchvision's Normalize does (86 % of the targets outside [0, 1]),
     its loss 0.70 → −2.3·10⁵, held out −0.56 against 0.58 on pixels in [0, 1]; the doctor's lower learning rates
     only postponed the fall, and were called fixes."""
-    targets = run_meta(run).get("loss_targets")
-    if not isinstance(targets, dict) or not targets.get("bce_logits"):
-        return ""
-    outside = float(targets.get("below_0") or 0.0) + float(targets.get("above_1") or 0.0)
+    targets, outside = _bce_targets(run)
     if outside < TARGETS_OUTSIDE_FROM:
         return ""
     return (f"a binary cross-entropy on targets outside [0, 1]: {outside:.0%} of them at the first step, from "
@@ -689,8 +695,7 @@ def bce_target_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
     cross-entropy of probabilities never does, else a warning."""
     if any(f.severity != "info" for f in found) or not bce_targets_outside(run):
         return []
-    targets = run_meta(run).get("loss_targets") or {}
-    outside = float(targets.get("below_0") or 0.0) + float(targets.get("above_1") or 0.0)
+    targets, outside = _bce_targets(run)
     told, _, below = went_below_zero(run)
     if below is not None:
         told += f", below 0 from step {below}: a cross-entropy of probabilities never is"
