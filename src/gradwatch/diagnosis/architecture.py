@@ -151,10 +151,12 @@ def zero_init(run: Run) -> str:
     a layer computes the same thing and gets the same gradient, and a ReLU's is 0 at 0 (measured: a 6-layer ReLU
     MLP initialised at 0 keeps every hidden gradient exactly 0 for 300 steps; He init learns). The last layer alone
     at 0 is a common, harmless choice (its gradient is not 0), and so is a residual branch that starts at 0 (Fixup,
-    ReZero): those are left out."""
+    ReZero): those are left out, and so are the products whose factors are all 0 (meta ``zero_factors``:
+    :func:`gradwatch.diagnosis.units.zero_factor_words`)."""
     meta = run_meta(run)
     layers = [l.get("name") for l in meta.get("layers") or () if isinstance(l, dict)]
-    names = [n for n in meta.get("zero_weight_layers") or () if not layers or n != layers[-1]]
+    factored = {str(f.get("module")) for f in meta.get("zero_factors") or () if isinstance(f, dict)}
+    names = [n for n in meta.get("zero_weight_layers") or () if (not layers or n != layers[-1]) and n not in factored]
     if not names or has_residual(run):
         return ""
     which = ", ".join(map(str, names)) if len(names) <= 5 else ", ".join(map(str, names[:4])) + f" and {len(names) - 4} more"

@@ -9,6 +9,9 @@ REMEDIES = {
     "lecun_init": "LeCun normal initialisation, Var(w) = 1/fan_in (kaiming_normal_ with nonlinearity='linear'): the "
                   "init SELU's self-normalisation assumes (Klambauer et al. 2017); He's doubled variance makes a deep "
                   "SELU net explode",
+    "one_factor_init": "of each product whose factors all start at 0, the first drawn at random (Kaiming uniform, "
+                       "as nn.Linear draws its weight) and the others left at 0: the output is unchanged at the start "
+                       "and every factor gets a gradient (LoRA's own init: A at random, B at 0; Hu et al. 2021)",
     "orthogonal_init": "orthogonal or Xavier initialisation, or LSUV (Mishkin & Matas 2016)",
     "smaller_init": "weights re-initialised at a variance-preserving scale (Xavier/orthogonal with the activation's gain, or "
                     "LSUV to unit variance)",

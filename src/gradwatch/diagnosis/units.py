@@ -741,6 +741,19 @@ def cleared_grad_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def zero_factor_words(run: Run) -> str:
+    """Words for the products whose factors all started at exactly 0 (meta ``zero_factors``: a LoRA adapter's A and
+    B), '' without one: each factor's gradient is a product with the other, 0 while it is 0."""
+    found = [f for f in run_meta(run).get("zero_factors") or () if isinstance(f, dict) and f.get("factors")]
+    if not found:
+        return ""
+    names = " and ".join(map(str, found[0]["factors"]))
+    where = ", ".join(str(f.get("module")) for f in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return (f"the initialisation: the factors of a product all start at exactly 0 ({names} of {len(found)} "
+            f"module{'s' if len(found) > 1 else ''}: {where}), and each factor's gradient is a product with the "
+            f"other, 0 while it is 0, so none of them ever moves (a LoRA adapter draws A at random and starts B at 0)")
+
+
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Every layer's gradient exactly 0 over the last ``window`` steps: nothing trains (stalled, critical).
 
@@ -771,6 +784,11 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  "that all died (ReLUs off on every input), or an output squashed to a constant (exp or sigmoid "
                  "of a large negative value, 0 in float32) — typically after a step far too large")
         fixes = remedies("lower_lr", "leaky", "standardise_inputs")
+    elif factors := zero_factor_words(run):
+        # round 31: LoRA adapters with A and B both at 0 (Guitaricet/relora#18), told "units that compute the same
+        # output … a ReLU's gradient at 0" and "a softmax over a single unit" of a 10-class model
+        cause = factors
+        fixes = remedies("one_factor_init")
     elif run_meta(run).get("softmax_over_one") and not {"Softmax", "LogSoftmax"} & set(
             run_meta(run).get("output_modules") or ()):  # (a softmax module of the model's own: output_activation)
         # round 27: nn.CrossEntropyLoss on a binary classifier's one logit, told "a softmax over a single unit (use a

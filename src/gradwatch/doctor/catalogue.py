@@ -123,6 +123,8 @@ def catalog() -> dict[str, list[Remedy]]:
     return {
         "he_init": one("he_init", "He initialisation", OnModel(s.he)),
         "lecun_init": one("lecun_init", "LeCun normal initialisation", OnModel(s.lecun)),
+        "one_factor_init": one("one_factor_init", "one factor of each zero product drawn at random",
+                               OnModel(s.one_factor)),
         "rescale_weights": one("rescale_weights", f"weights after the first layer {RESCALED}", s.rescale_weights),
         "orthogonal_init": one("orthogonal_init", "orthogonal initialisation", OnModel(s.orthogonal)),
         "smaller_init": one("smaller_init", "Xavier initialisation", OnModel(s.xavier)),

@@ -459,15 +459,19 @@ def nonsaturating(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 
 def _initialised(m: nn.Module) -> bool:
-    """Whether the init remedies reach a weight of ``m``: a Linear, convolution or recurrent layer's (not a bare
-    ``nn.Parameter`` used in a forward of the user's, whose fan-in the remedy cannot know)."""
-    from gradwatch.remedies.init import _WEIGHTED
+    """Whether the init remedies reach a weight of ``m``: a trainable Linear, convolution or recurrent layer's (not a
+    bare ``nn.Parameter`` used in a forward of the user's, whose fan-in the remedy cannot know, nor a frozen layer's)."""
+    from gradwatch.remedies.init import _trainable
 
-    return any(isinstance(x, _WEIGHTED) for x in m.modules())
+    return any(_trainable(x) for x in m.modules())
 
 
 def he(m: nn.Module) -> nn.Module | None:
     return r.he_init(m, inplace=True) if _initialised(m) else None
+
+
+def one_factor(m: nn.Module) -> nn.Module | None:
+    return r.one_factor_init(m, inplace=True) if r.zero_factors(m) else None
 
 
 RESCALE_FROM = 2.0  # a measured growth per layer below this is no scale to divide out
@@ -475,14 +479,14 @@ RESCALE_FROM = 2.0  # a measured growth per layer below this is no scale to divi
 
 @torch.no_grad()
 def rescale_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """Every weighted layer's weights after the first divided by the depth finding's measured growth per layer
+    """Every trainable weighted layer's weights after the first divided by the depth finding's measured growth per layer
     (``growth_per_layer``), biases kept; None without such a growth (≥ :data:`RESCALE_FROM`) or with fewer than
     three weighted layers. The first layer sets the scale the inputs enter at (SIREN's first layer is its
     frequency); the growth is what the layers above it multiply the gradient by."""
-    from gradwatch.remedies.init import _WEIGHTED
+    from gradwatch.remedies.init import _trainable
 
     growth = numbers.get("growth_per_layer", math.nan)
-    layers = [m for m in trial.model.modules() if isinstance(m, _WEIGHTED)]
+    layers = [m for m in trial.model.modules() if _trainable(m)]
     if not (math.isfinite(growth) and growth >= RESCALE_FROM) or len(layers) < 3:
         return None
     for layer in layers[1:]:
@@ -1376,7 +1380,7 @@ def fixup_rescale(branches: list[nn.Module]) -> None:
 def identity_init(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Deep linear nets: identity on square layers (Saxe et al. 2014); recurrent weights orthogonal (Le et al. 2015)."""
     m, done = trial.model, False
-    linear: list[nn.Linear] = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    linear: list[nn.Linear] = [x for x in m.modules() if isinstance(x, nn.Linear) and x.weight.requires_grad]
     if len(linear) >= 4 and is_affine(m, peek(trial, 1)):
         for x in linear:
             if x.in_features == x.out_features:

@@ -6,7 +6,8 @@ handle, or its param groups).
 """
 
 from gradwatch.remedies.clipping import adaptive_clip, agc_, clip_grad_norm, clip_grad_value, scale_lr, unify_lr
-from gradwatch.remedies.init import fixup_zero_init, he_init, lecun_init, lsuv_init, orthogonal_init, xavier_init
+from gradwatch.remedies.init import (fixup_zero_init, he_init, lecun_init, lsuv_init, one_factor_init, orthogonal_init,
+                                     xavier_init, zero_factors)
 from gradwatch.remedies.recurrent import (irnn, lstm_chrono_init, lstm_forget_bias, orthogonal_recurrent,
                                           pascanu_regularizer, smart_init)
 from gradwatch.remedies.riemannian import RiemannianAdam, RiemannianSGD, recurrent_groups
@@ -21,7 +22,7 @@ __all__ = [
     "after_last_layer",
     "agc_", "clip_grad_norm", "clip_grad_value", "fixup_zero_init", "gumbel_temperature", "he_init", "irnn",
     "lecun_init", "lsuv_init", "lstm_chrono_init",
-    "lstm_forget_bias",
+    "lstm_forget_bias", "one_factor_init",
     "orthogonal_init", "orthogonal_recurrent", "output_activations", "pascanu_regularizer", "recurrent_groups",
-    "SATURATING", "scale_lr", "smart_init", "swap_activation", "unify_lr", "xavier_init",
+    "SATURATING", "scale_lr", "smart_init", "swap_activation", "unify_lr", "xavier_init", "zero_factors",
 ]

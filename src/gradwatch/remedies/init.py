@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from typing import Callable, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,19 @@ def _gain(model: nn.Module) -> float:
     return 1.0
 
 
+def _trainable(m: nn.Module) -> TypeGuard[nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d]:
+    """Whether ``m`` is a weighted layer whose weight trains: a frozen one (``requires_grad=False``: a pre-trained
+    base under LoRA adapters, a frozen backbone) is the user's to keep, and no init remedy touches it (round 31: He
+    init drawn over a LoRA net's frozen base took its own task from 0.95 to 0.11)."""
+    return isinstance(m, _WEIGHTED) and m.weight.requires_grad
+
+
 @torch.no_grad()
 def _each(model: nn.Module, init: Callable[[Tensor], object]) -> nn.Module:
     for m in model.modules():
-        if isinstance(m, _WEIGHTED):
+        if _trainable(m):
             init(m.weight)
-            if m.bias is not None:
+            if m.bias is not None and m.bias.requires_grad:
                 nn.init.zeros_(m.bias)
     return model
 
@@ -68,7 +75,7 @@ def xavier_init(model: nn.Module, inplace: bool = False) -> nn.Module:
 @torch.no_grad()
 def _shrink_embeddings(model: nn.Module) -> None:
     for e in model.modules():
-        if isinstance(e, (nn.Embedding, nn.EmbeddingBag)) and e.weight.numel() > 1:
+        if isinstance(e, (nn.Embedding, nn.EmbeddingBag)) and e.weight.numel() > 1 and e.weight.requires_grad:
             std = math.sqrt(2.0 / (1 + e.weight.shape[1]))
             if float(e.weight.std()) > std:
                 nn.init.normal_(e.weight, std=std)
@@ -96,7 +103,7 @@ def lsuv_init(model: nn.Module, batch: Tensor, inplace: bool = False, tol: float
     orthogonal_init(m, inplace=True)
     was = m.training
     m.eval()
-    layers = [x for x in m.modules() if isinstance(x, _WEIGHTED)]
+    layers = [x for x in m.modules() if _trainable(x)]
     try:
         for layer in layers:
             out: dict[str, Tensor] = {}
@@ -127,8 +134,40 @@ def fixup_zero_init(model: nn.Module, inplace: bool = False) -> nn.Module:
             last = block.conv2
         elif isinstance(block, Residual):
             last = [x for x in block.block.modules() if isinstance(x, _WEIGHTED)][-1]
-        if isinstance(last, _WEIGHTED):
+        if last is not None and _trainable(last):
             nn.init.zeros_(last.weight)
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
+    return m
+
+
+def zero_factors(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """The modules of ``model`` that hold, as parameters of their own, two or more trainable matrices all exactly 0
+    whose shapes chain (one's rows the other's columns: the factors B·A of a product, a LoRA adapter's), with those
+    parameters' names in registration order: (module name, names). Each factor's gradient is a product with the
+    other, 0 while the other is 0, so none of them ever moves (round 31: LoRA with A and B both at 0,
+    Guitaricet/relora#18). The weights of Linear or convolution layers are left out: zero layers in a row are
+    :func:`he_init`'s (their units are symmetric as well, which one factor drawn at random would not mend)."""
+    found = []
+    for name, m in model.named_modules():
+        zeros = [(n, p) for n, p in m.named_parameters(recurse=False)
+                 if p.requires_grad and p.dim() == 2 and not bool(p.detach().any())]
+        if isinstance(m, _WEIGHTED) or len(zeros) < 2:
+            continue
+        chained = [n for n, p in zeros
+                   if any(q is not p and (p.shape[0] == q.shape[1] or p.shape[1] == q.shape[0]) for _, q in zeros)]
+        if len(chained) >= 2:
+            found.append((name, chained))
+    return found
+
+
+@torch.no_grad()
+def one_factor_init(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Of each product whose factors all start at exactly 0 (:func:`zero_factors`), the first factor drawn as
+    ``nn.Linear`` draws its weight (Kaiming uniform, a = √5), the others left at 0: the product, and so the model's
+    output, is still 0 at the start, and every factor now has a gradient (LoRA's own init: A at random, B at 0; Hu et
+    al. 2021, §4.1)."""
+    m = _target(model, inplace)
+    for name, names in zero_factors(m):
+        nn.init.kaiming_uniform_(getattr(m.get_submodule(name), names[0]), a=math.sqrt(5))
     return m

@@ -12,6 +12,7 @@ from torch import nn
 
 from gradwatch._version import __version__
 from gradwatch.layers import Anatomy
+from gradwatch.remedies.init import zero_factors
 
 
 def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, parts: Anatomy,
@@ -38,6 +39,8 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "zero_weight_layers": [l.name for l in parts.layers
                                if any(p.dim() > 1 for _, p in l.params)
                                and all(not bool(p.detach().any()) for _, p in l.params if p.dim() > 1)],
+        # Products whose factors all start at exactly 0 (a LoRA adapter's A and B both zero): neither ever moves.
+        "zero_factors": [{"module": n, "factors": f} for n, f in zero_factors(model)],
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,

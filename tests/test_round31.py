@@ -1,0 +1,164 @@
+"""The thirty-first session's set-ups: round 31 (written from the README alone, each ported from a public source),
+each against its reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from gradwatch import remedies
+from gradwatch.zoo.train import readme_watched
+from conftest import SEED_0_FAST
+
+
+def _digits():
+    """Digits, 70 % stratified to train on, standardised with the training part's statistics (constant pixels at 0)."""
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(d.data.astype("float32"), d.target, test_size=0.3, random_state=0,
+                                          stratify=d.target)
+    mean, std = xtr.mean(0), xtr.std(0)
+    std[std < 1e-3] = 1.0
+    return (torch.tensor((xtr - mean) / std), torch.tensor(ytr), torch.tensor((xte - mean) / std),
+            torch.tensor(yte))
+
+
+def _digit_batches(x, y, seed, size=64):
+    g = torch.Generator().manual_seed(1000 + seed)
+    while True:
+        i = torch.randint(0, len(x), (size,), generator=g)
+        yield x[i], y[i]
+
+
+# -- round 31: LoRA adapters whose A and B both start at 0 (Guitaricet/relora#18; nvidia-cosmos/cosmos-predict2.5#15) --
+
+class LoRALinear(nn.Module):
+    """A frozen pre-trained linear layer plus a trainable low-rank update scale·B·A, written as the LoRA tutorials
+    write it (A: rank × in, B: out × rank, both parameters of this module)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, zero_a: bool = False) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        if not zero_a:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * (x @ self.lora_A.T) @ self.lora_B.T
+
+
+_BASE: dict[str, dict] = {}
+
+
+def _pretrained():
+    """A 64-64-64-10 ReLU MLP trained 200 Adam steps on digits' own labels (once): the base model."""
+    xtr, ytr, _, _ = _digits()
+    if "state" not in _BASE:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        for (x, y), _ in zip(_digit_batches(xtr, ytr, 0), range(200)):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        _BASE["state"] = copy.deepcopy(net.state_dict())
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    net.load_state_dict(_BASE["state"])
+    return net
+
+
+def _lora(seed, zero_a=True):
+    """The base model fine-tuned through LoRA adapters on a new label map (each digit's label + 1 mod 10)."""
+    xtr, ytr, xte, yte = _digits()
+    base = _pretrained()
+    torch.manual_seed(seed)
+    model = nn.Sequential(LoRALinear(base[0], zero_a=zero_a), nn.ReLU(), LoRALinear(base[2], zero_a=zero_a), nn.ReLU(),
+                          LoRALinear(base[4], zero_a=zero_a))
+
+    @torch.no_grad()
+    def accuracy(m):
+        return float((m(xte).argmax(1) == (yte + 1) % 10).float().mean())
+
+    return gw.Trial(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3),
+                    _digit_batches(xtr, (ytr + 1) % 10, seed), F.cross_entropy, evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)  # seeds 1 and 2: make test-slow
+def test_lora_factors_both_at_zero_are_named_and_the_twin_is_quiet(store, seed):
+    """Round 31: LoRA with A and B both 0 never moves — by hand, every adapter's .grad is exactly 0 — and was told
+    "units that compute the same output … a ReLU's gradient at 0" and "a softmax over a single unit" of a 10-class
+    model. Now the zero product is named and its one-factor init offered. The twin (A at random, B at 0) learns
+    and the watch is quiet."""
+    bug = _lora(seed)
+    x, y = next(bug.batches)
+    F.cross_entropy(bug.model(x), y).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in bug.model.parameters() if p.requires_grad)
+    bug.optimizer.zero_grad()
+    problems = readme_watched(bug, store, f"lora_{seed}", 200).diagnose().problems
+    assert problems and problems[0].kind == "stalled" and problems[0].severity == "critical", problems
+    assert "lora_A and lora_B of 3 modules" in problems[0].cause and "softmax" not in problems[0].cause
+    assert problems[0].remedy_keys == ("one_factor_init",), problems[0]
+    twin = _lora(seed, zero_a=False)
+    w = readme_watched(twin, store, f"lora_twin_{seed}", 200)
+    assert twin.evaluate(twin.model) > 0.85 and not w.diagnose().problems, w.diagnose()
+
+
+def test_one_factor_init_keeps_the_output_and_gives_every_factor_a_gradient():
+    """The remedy draws the first factor of each zero product and leaves the rest at 0: the model's output at the
+    start is the base model's, to the bit, and after one step of SGD both factors have a gradient; the frozen base
+    is not touched. A plain Linear layer at 0 is no product (two zero Linear layers in a row are he_init's)."""
+    trial = _lora(0)
+    x, y = next(trial.batches)
+    before = trial.model(x)
+    fixed = remedies.one_factor_init(trial.model)
+    assert torch.equal(fixed(x), before)
+    assert [p.any().item() for n, p in fixed.named_parameters() if "lora" in n] == [True, False] * 3
+    for a, b in zip(fixed.modules(), trial.model.modules()):
+        if isinstance(a, nn.Linear):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    opt = torch.optim.SGD([p for p in fixed.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(fixed(x), y).backward()
+        opt.step()
+    assert all(p.grad.any() for n, p in fixed.named_parameters() if "lora" in n)
+    assert remedies.zero_factors(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).apply(
+        lambda m: nn.init.zeros_(m.weight) if isinstance(m, nn.Linear) else None)) == []
+
+
+@pytest.mark.parametrize("init", ["he_init", "lecun_init", "orthogonal_init", "xavier_init"])
+def test_the_init_remedies_leave_a_frozen_layer_as_it_is(init):
+    """Round 31: the doctor's He-init row drew the frozen pre-trained base of a LoRA net anew and zeroed its biases
+    (its own task 0.95 → 0.11). An init remedy draws the trainable layers only."""
+    frozen, trained = nn.Linear(8, 8).requires_grad_(False), nn.Linear(8, 8)
+    model = nn.Sequential(frozen, nn.ReLU(), trained)
+    keep = copy.deepcopy(model)
+    out = getattr(remedies, init)(model)
+    assert torch.equal(out[0].weight, keep[0].weight) and torch.equal(out[0].bias, keep[0].bias)
+    assert not torch.equal(out[2].weight, keep[2].weight)
+
+
+def test_the_doctor_repairs_lora_factors_at_zero_with_the_base_untouched(tmp_path):
+    """The doctor's row for the zero product fixes it (by hand: the row's model trained plainly learns the new
+    labels, its frozen base the same tensors as the set-up's), where its only row was He init over the frozen base,
+    rated "helps"."""
+    report = gw.doctor(_lora, steps=200, seeds=1, progress=False, store=tmp_path / "runs")
+    assert report.best is not None and report.best.parts == ("one_factor_init",), report
+    assert report.best.verdict == "fixes it"
+    assert all(t.parts != ("he_init",) for t in report.trials)
+    trial = report.apply(_lora(1), report.best)
+    for m, b in zip(trial.model.modules(), _lora(1).model.modules()):
+        if isinstance(m, nn.Linear):
+            assert torch.equal(m.weight, b.weight)
+    for _ in range(200):
+        trial.step()
+    assert trial.evaluate(trial.model) > 0.85
