@@ -178,6 +178,7 @@ def test_the_temperature_remedy_raises_a_low_tau_and_leaves_the_rest():
         gumbel_temperature(Call(0.1), 0.0)
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_trains_the_code_at_temperature_one(tmp_path):
     """The doctor's row at τ = 1 removes the finding and reaches the twin's held-out FVE (a plain loop at τ = 1, the
     same seeds, measured here), far above the baseline's. Its loss ends just short of half its noisy first batch's

@@ -293,6 +293,7 @@ def test_targets_outside_the_outputs_range_are_told_and_the_linear_twin_is_not(s
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 @pytest.mark.parametrize("make", [_ae, _relu_regression], ids=["sigmoid-ae", "relu-regression"])
 def test_the_doctor_gives_a_squared_error_a_linear_output(tmp_path, make):
     """Round 23: no row touched the output's sigmoid ("no remedy helped"), and the regression had nothing to fix."""

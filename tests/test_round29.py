@@ -254,6 +254,7 @@ def test_a_binary_cross_entropy_on_targets_outside_0_1_is_named(store, seed):
     assert not readme_watched(twin, store, f"bce_twin_{seed}", 300).diagnose().problems
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_no_row_that_only_slows_a_loss_without_a_minimum_is_a_fix(tmp_path):
     """Round 30: learning rate ×0.1 and LayerNorm kept the BCE's fall under −10× its start for 200 steps (−1.6,
     −6.5; by 600 steps −427 and −40, held out −0.44 and −0.32 against the twin's 0.58) and were called fixes. The

@@ -147,6 +147,7 @@ def test_a_learning_rate_far_too_low_is_named_and_the_doctor_raises_it(store, se
     assert healthy.evaluate(healthy.model) > 0.85 and w.diagnose().problems == []
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 @pytest.mark.zoo
 def test_the_doctor_repairs_a_learning_rate_far_too_low(store):
     """It said "nothing to fix"; the remedies the finding names now include one that makes the net learn."""

@@ -131,6 +131,7 @@ def test_a_loss_summed_over_the_batch_is_named(store, seed):
     assert mean.evaluate(mean.model) > 0.3 and w.diagnose().problems == [], str(w.diagnose())
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 @pytest.mark.zoo
 def test_the_doctor_averages_a_summed_loss(store):
     report = gw.doctor(_summed_mse_trial, steps=300, seeds=2, store=store, progress=False)
@@ -390,6 +391,7 @@ def test_adams_eps_far_above_the_gradient_is_named(store, seed):
     assert ok.evaluate(ok.model) > 0.9 and w.diagnose().problems == [], str(w.diagnose())
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 @pytest.mark.zoo
 def test_the_doctor_sets_adams_eps_back(store):
     report = gw.doctor(lambda seed: _adam_eps_trial(seed, 1), steps=300, seeds=2, store=store, progress=False)
