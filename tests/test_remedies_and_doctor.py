@@ -289,7 +289,7 @@ def test_cli_doctor(tmp_path, capsys):
     assert "expects one of" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # 30 s here, ~90 s on an AMD EPYC: in make test-portable (.ci/run) and make test-slow, not make test
+@pytest.mark.slow  # 30 s here, ~110 s under the portable kernels: make test-slow and make test-portable-rest
 @pytest.mark.portable
 @pytest.mark.zoo
 def test_doctor_fixes_the_saturating_gan_with_the_nonsaturating_loss():
