@@ -10,25 +10,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST
-
-
-def _digits():
-    """Digits, 70 % stratified to train on (as round 29 split them), standardised with the training part's statistics
-    (constant pixels left at 0)."""
-    d = load_digits()
-    xtr, xte, ytr, yte = train_test_split(d.data.astype("float32"), d.target, test_size=0.3, random_state=0,
-                                          stratify=d.target)
-    mean, std = xtr.mean(0), xtr.std(0)
-    std[std < 1e-3] = 1.0
-    return (torch.tensor((xtr - mean) / std), torch.tensor(ytr), torch.tensor((xte - mean) / std),
-            torch.tensor(yte))
+from conftest import SEED_0_FAST, stratified_digits
 
 
 def _digit_batches(x, y, seed, size):
@@ -41,7 +28,7 @@ def _digit_batches(x, y, seed, size):
 # -- round 29: BatchNorm trained on batches of 2 (Wu & He 2018, §1 and Fig. 1), its twin GroupNorm --------------
 
 def _normed(seed, group_norm):
-    xtr, ytr, _, _ = _digits()
+    xtr, ytr, _, _ = stratified_digits()
     torch.manual_seed(seed)
     norm = (lambda c: nn.GroupNorm(8, c)) if group_norm else nn.BatchNorm1d
     model = nn.Sequential(nn.Linear(64, 128), norm(128), nn.ReLU(), nn.Linear(128, 128), norm(128), nn.ReLU(),
@@ -57,7 +44,7 @@ def test_units_silent_on_a_batch_of_two_are_not_told_dead_where_the_loss_fell(st
     active on a share p of the samples is silent on a batch of 2 with probability (1 − p)²: the share overstates
     the dead. BatchNorm on the same batches is still found, and named."""
     twin = _normed(seed, group_norm=True)
-    xtr = _digits()[0]
+    xtr = stratified_digits()[0]
     w = readme_watched(twin, store, f"gn2_{seed}", 300)
     with torch.no_grad():  # by hand: units 0 on every training sample, against units 0 on some batch of 2
         h = twin.model[:6](xtr)
@@ -77,7 +64,7 @@ def test_units_silent_on_a_batch_of_two_are_not_told_dead_where_the_loss_fell(st
 # -- round 29: a cross-entropy summed over a batch of 256 at a rate tuned for the mean (Alibaba-MIIL/ASL#56) ------
 
 def _summed(seed, reduction="sum"):
-    xtr, ytr, xte, yte = _digits()
+    xtr, ytr, xte, yte = stratified_digits()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 

@@ -8,26 +8,13 @@ import math
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch import remedies
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST
-
-
-def _digits():
-    """Digits, 70 % stratified to train on, standardised with the training part's statistics (constant pixels at 0)."""
-    d = load_digits()
-    xtr, xte, ytr, yte = train_test_split(d.data.astype("float32"), d.target, test_size=0.3, random_state=0,
-                                          stratify=d.target)
-    mean, std = xtr.mean(0), xtr.std(0)
-    std[std < 1e-3] = 1.0
-    return (torch.tensor((xtr - mean) / std), torch.tensor(ytr), torch.tensor((xte - mean) / std),
-            torch.tensor(yte))
+from conftest import SEED_0_FAST, stratified_digits
 
 
 def _digit_batches(x, y, seed, size=64):
@@ -61,7 +48,7 @@ _BASE: dict[str, dict] = {}
 
 def _pretrained():
     """A 64-64-64-10 ReLU MLP trained 200 Adam steps on digits' own labels (once): the base model."""
-    xtr, ytr, _, _ = _digits()
+    xtr, ytr, _, _ = stratified_digits()
     if "state" not in _BASE:
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -78,7 +65,7 @@ def _pretrained():
 
 def _lora(seed, zero_a=True):
     """The base model fine-tuned through LoRA adapters on a new label map (each digit's label + 1 mod 10)."""
-    xtr, ytr, xte, yte = _digits()
+    xtr, ytr, xte, yte = stratified_digits()
     base = _pretrained()
     torch.manual_seed(seed)
     model = nn.Sequential(LoRALinear(base[0], zero_a=zero_a), nn.ReLU(), LoRALinear(base[2], zero_a=zero_a), nn.ReLU(),
