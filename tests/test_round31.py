@@ -149,3 +149,12 @@ def test_the_doctor_repairs_lora_factors_at_zero_with_the_base_untouched(tmp_pat
     for _ in range(200):
         trial.step()
     assert trial.evaluate(trial.model) > 0.85
+
+
+def test_the_doctors_init_rows_do_not_apply_to_a_net_whose_layers_are_all_frozen():
+    """Where every weighted layer is frozen, the doctor's init rows find nothing to change (None: "not tried")."""
+    from gradwatch.doctor import surgery
+
+    frozen = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).requires_grad_(False)
+    assert all(change(frozen) is None for change in (surgery.he, surgery.lecun, surgery.orthogonal, surgery.xavier))
+    assert surgery.he(nn.Sequential(frozen, nn.Linear(2, 2))) is not None
