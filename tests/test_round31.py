@@ -1,5 +1,5 @@
-"""The thirty-first session's set-ups: round 31 (written from the README alone, each ported from a public source),
-each against its reference."""
+"""The thirty-first session's set-ups: rounds 31 and 32 (written from the README alone, each ported from a public
+source), each against its reference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
@@ -158,3 +159,79 @@ def test_the_doctors_init_rows_do_not_apply_to_a_net_whose_layers_are_all_frozen
     frozen = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).requires_grad_(False)
     assert all(change(frozen) is None for change in (surgery.he, surgery.lecun, surgery.orthogonal, surgery.xavier))
     assert surgery.he(nn.Sequential(frozen, nn.Linear(2, 2))) is not None
+
+
+# -- round 32: ZCA whitening by torch.linalg.eigh of a rank-deficient batch covariance (torch.linalg.eigh's docs;
+# Huang et al. 2018), and an arccos over a Gram matrix whose diagonal is masked only afterwards (pytorch/pytorch#8069) --
+
+class Whiten(nn.Module):
+    """Batch whitening of a layer's output (Decorrelated BatchNorm): by eigh (ZCA) or by a Cholesky factor."""
+
+    def __init__(self, how: str, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.how, self.eps = how, eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        c = h - h.mean(0)
+        cov = c.T @ c / (len(h) - 1) + self.eps * torch.eye(h.shape[1])
+        if self.how == "zca":
+            lam, u = torch.linalg.eigh(cov)
+            return c @ (u @ torch.diag(lam.rsqrt()) @ u.T)
+        return c @ torch.linalg.inv(torch.linalg.cholesky(cov)).T
+
+
+def _whitened(seed, how="zca"):
+    """Batches of 16 whitened over 32 features: the covariance has rank 15, so 17 of its eigenvalues are equal. The
+    pixels in [0, 1], as round 32 scaled them (standardised ones reach the NaN later or not in 30 steps)."""
+    d = load_digits()
+    order = torch.randperm(len(d.data), generator=torch.Generator().manual_seed(123))[:1400]
+    xtr, ytr = torch.tensor(d.data, dtype=torch.float32)[order] / 16, torch.tensor(d.target)[order]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 32), Whiten(how), nn.ReLU(), nn.Linear(32, 10))
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                    _digit_batches(xtr, ytr, seed, 16), F.cross_entropy)
+
+
+def _angular(seed):
+    """Prototypes on the sphere with MHE's angular energy, mean 1/arccos(p_i·p_j) over i ≠ j, the arccos taken over
+    the whole Gram matrix (its diagonal at 1) and the diagonal left out only afterwards."""
+    xtr, ytr, _, _ = stratified_digits()
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    protos = nn.Parameter(torch.randn(10, 32))
+    model = nn.Module()
+    model.body, model.protos = body, protos
+    model.forward = lambda x: 10.0 * F.normalize(body(x), dim=-1) @ F.normalize(protos, dim=-1).T
+
+    def loss_fn(out, y):
+        p = F.normalize(protos, dim=-1)
+        theta = torch.acos((p @ p.T).clamp(-1, 1))
+        return F.cross_entropy(out, y) + 0.1 * (1 / theta[~torch.eye(10, dtype=torch.bool)]).mean()
+
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                    _digit_batches(xtr, ytr, seed, 64), loss_fn)
+
+
+@pytest.mark.parametrize("make,op,words", [(_whitened, "LinalgEighBackward0", "gaps between eigenvalues"),
+                                           (_angular, "AcosBackward0", "infinite at ±1")], ids=["eigh", "acos"])
+def test_a_nan_made_by_a_decompositions_or_an_arccos_backward_is_told_what_that_operation_needs(tmp_path, make, op,
+                                                                                                  words):
+    """Round 32: both NaNs were placed at their lines, then told "keep the arguments of sqrt off 0 … logarithms in
+    log space" alone. By hand: the loss is finite and a gradient is not at the same step, and the operation's own
+    condition holds there — eigenvalues of the covariance equal to float precision, a cosine of exactly 1."""
+    trial, made = make(0), False
+    for _ in range(30):
+        x, y = next(trial.batches)
+        loss = trial.loss_fn(trial.model(x), y)
+        trial.optimizer.zero_grad()
+        loss.backward()
+        made = not all(torch.isfinite(p.grad).all() for p in trial.model.parameters() if p.grad is not None)
+        if made:
+            break
+        trial.optimizer.step()
+    assert made and torch.isfinite(loss)  # the backward made it
+    report = gw.doctor(make, steps=30, progress=False, store=tmp_path / "runs")
+    origin = str(report.nonfinite_origin)
+    assert op in origin and words in origin and words in report.message, report.message
+    (f,) = [f for f in report.diagnosis.problems if f.kind == "nonfinite"]
+    assert "a NaN made in the backward pass" in f.cause and "eigh" in f.cause

@@ -876,7 +876,8 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
             cause = (f"a NaN made in the backward pass: the loss is finite and its gradient is not, {when_made}, "
                      "so an operation's derivative is infinite or undefined where it was evaluated — torch.sqrt or a "
                      "norm at 0, x ** p with p < 1 at 0, a torch.where whose untaken branch is NaN, acos/asin at ±1, "
-                     "torch.log of an entry that underflowed to 0 (its derivative 1/x)")
+                     "torch.log of an entry that underflowed to 0 (its derivative 1/x), torch.linalg.eigh or svd of "
+                     "a matrix with repeated eigenvalues (its gradient divides by their gaps)")
             fixes = remedies("backward_singularity")
         update = (None if cause.startswith(("divergence", "a NaN made in the backward pass")) else
                   _made_by_update(run, loss.values[0], loss.steps, j0 > 0 and int(s.steps[j0 - 1]) == step0 - 1, step0))

@@ -112,7 +112,8 @@ REMEDIES = {
     "backward_singularity": "keep the arguments of sqrt, norms and fractional powers off 0 (torch.sqrt(s + 1e-8), or "
                             "the squared distance) and mask before such an operation, not after it (torch.where's "
                             "untaken branch still back-propagates its NaN); take logarithms in log space "
-                            "(torch.logsumexp of log-densities, F.log_softmax), not of a sum that underflows to 0",
+                            "(torch.logsumexp of log-densities, F.log_softmax), not of a sum that underflows to 0; add εI to a matrix "
+                            "before torch.linalg.eigh or svd (their gradients divide by the gaps between eigenvalues)",
     "logits_loss": "return logits and use the loss on them (nn.BCEWithLogitsLoss, F.cross_entropy): a sigmoid or "
                    "softmax output at exactly 0 or 1 in float32 passes no gradient back to its logits",
     "gate_bias": "gate biases that keep the state at the start: the update gate towards the old state (PyTorch's "

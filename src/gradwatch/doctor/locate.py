@@ -70,7 +70,7 @@ class Origin:
         line = f" (`{self.code}`)" if self.code else ""
         if self.phase == "backward":
             return (f"the first NaN is made in the backward pass of {self.op} at step {self.step}, created{at}{line}: "
-                    f"its gradient there is not finite")
+                    f"its gradient there is not finite{singular_words(self.op)}")
         if self.from_inf and "softmax" in self.op:
             return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from inputs holding −inf but "
                     f"no NaN: a row that is −inf throughout (every key masked) has no softmax; give every row one "
@@ -92,6 +92,35 @@ class Origin:
                      "set those entries to 0 after it (pygcn's r_inv[isinf(r_inv)] = 0), clamp the base away from "
                      "0, or, for a graph's degree, add self-loops (Kipf & Welling's Ã = A + I)")
         return made
+
+
+# Backward functions whose derivative is infinite or undefined at some inputs, and the words for each (round 32: the
+# NaN of a whitening's torch.linalg.eigh of a rank-deficient covariance, and of an arccos of a Gram matrix's diagonal,
+# were both given "keep the arguments of sqrt off 0 … take logarithms in log space" alone).
+SINGULAR_BACKWARDS = (
+    (("LinalgEighBackward", "LinalgEigBackward", "LinalgSvdBackward", "SvdBackward", "SymeigBackward",
+      "LinalgEigvalshBackward"),
+     "an eigen- or singular-vector gradient divides by the gaps between eigenvalues, 1/(λᵢ − λⱼ), infinite where two "
+     "are equal, as the repeated zero eigenvalues of a rank-deficient matrix (a covariance of fewer samples than "
+     "features) are: add εI to the matrix before the decomposition, or use one whose gradient needs no gaps (a "
+     "Cholesky factor, Newton–Schulz iterations)"),
+    (("AcosBackward", "AsinBackward"),
+     "acos and asin have the derivative ∓1/√(1 − x²), infinite at ±1 (a vector's cosine with itself is 1, and a clamp "
+     "to [−1, 1] keeps it there): leave those entries out before the call (mask the diagonal), or clamp to "
+     "±(1 − 1e-6)"),
+    (("SqrtBackward", "NormBackward", "LinalgVectorNormBackward", "PowBackward", "CdistBackward"),
+     "a square root, a norm or a power below 1 has an infinite derivative at 0: keep its argument off 0 (+ 1e-8, or "
+     "the squared distance), or leave those entries out before the call, not after it"),
+)
+
+
+def singular_words(op: str) -> str:
+    """The words for the backward function ``op`` (``LinalgEighBackward0``) from :data:`SINGULAR_BACKWARDS`, after a
+    dash; '' for one not listed."""
+    for names, words in SINGULAR_BACKWARDS:
+        if op.startswith(names):
+            return f" — {words}"
+    return ""
 
 
 def _user_frame(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
