@@ -560,6 +560,27 @@ def post_ln_without_warmup(run: Run) -> str:
             f"early layers small, which without a warm-up stage stalls or derails training (Xiong et al. 2020, §3)")
 
 
+POST_LN_IMBALANCE = 0.1  # Post-LN's stall shows as the first layer's gradient under this share of the last layer's
+
+
+def post_ln_stall(run: Run) -> str:
+    """:func:`post_ln_without_warmup`'s words for a stalled run only where the gradient shows Post-LN's imbalance: the
+    first layer's ‖∂L/∂a‖ under :data:`POST_LN_IMBALANCE` of the last layer's (window medians, the depth rule's
+    profile); '' otherwise. Xiong et al.'s mechanism is that imbalance, and where the gradients are balanced something
+    else stalls the run. Measured: the 4-layer Post-LN ViT at Adam 1e-2 (fifteenth session) ran at 1.5·10⁻³–3·10⁻²;
+    round 32's causal Transformer classified from position 0 (which attends to itself only: rasbt/
+    MachineLearning-QandAI-book#18) at 0.24–0.42, told "Post-LN without warm-up" where its twin, the same Post-LN
+    layers without a warm-up read at the last position, learns to 1.00."""
+    from gradwatch.diagnosis.depth import profile
+
+    words = post_ln_without_warmup(run)
+    prof = profile(run, Thresholds()) if words else None
+    if prof is not None and prof.median[-1] > 0 and math.isfinite(prof.median[0] / prof.median[-1]) and (
+            prof.median[0] / prof.median[-1] >= POST_LN_IMBALANCE):
+        return ""
+    return words
+
+
 ATTENTION_TYPES = frozenset({"TransformerEncoderLayer", "TransformerDecoderLayer", "MultiheadAttention"})
 ORDERED_TYPES = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Conv1d", "Conv2d"})
 
@@ -599,7 +620,8 @@ def has_residual(run: Run) -> bool:
 # the kinds of finding they explain, in the order they are said (the last said goes first in the cause).
 SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...]], ...] = (
     (climbing_schedule, ("lower_lr",), _BLOWUP_KINDS),
-    (post_ln_without_warmup, ("warmup", "pre_ln"), _DEPTH_KINDS),
+    (post_ln_without_warmup, ("warmup", "pre_ln"), _BLOWUP_KINDS + ("vanishing",)),
+    (post_ln_stall, ("warmup", "pre_ln"), ("stalled",)),
     (no_positions, ("positions",), ("stalled",)),
     (lr_without_warmup, ("warmup", "lower_lr"), _DEPTH_KINDS),
     (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),
