@@ -150,9 +150,11 @@ def zero_factors(model: nn.Module) -> list[tuple[str, list[str]]]:
     :func:`he_init`'s (their units are symmetric as well, which one factor drawn at random would not mend)."""
     found = []
     for name, m in model.named_modules():
+        if isinstance(m, _WEIGHTED):
+            continue
         zeros = [(n, p) for n, p in m.named_parameters(recurse=False)
                  if p.requires_grad and p.dim() == 2 and not bool(p.detach().any())]
-        if isinstance(m, _WEIGHTED) or len(zeros) < 2:
+        if len(zeros) < 2:
             continue
         chained = [n for n, p in zeros
                    if any(q is not p and (p.shape[0] == q.shape[1] or p.shape[1] == q.shape[0]) for _, q in zeros)]
