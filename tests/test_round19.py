@@ -272,6 +272,7 @@ def test_a_regression_whose_loss_broadcasts_its_output_is_told_so_and_its_twin_i
     assert not tw.diagnose().problems
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_gives_the_output_its_targets_shape(tmp_path):
     """The doctor's row reshapes the output to its targets' shape before the loss (FARM#230's fix): R² above 0.4
     against the baseline's 0.04, held on a seed no trial used; the same row on a loss whose shapes agree already

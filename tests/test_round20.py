@@ -309,6 +309,7 @@ def test_an_onset_is_a_step_where_the_condition_held():
     assert since(np.array([False, False, True, True, True]), steps, 1) == 32
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_a_smaller_change_within_the_best_rows_own_seed_spread_is_recommended(tmp_path):
     """Round 20: LeakyReLU + He + learning rate ×0.1 (0.918; 0.936 on its check seed) was chosen over input
     standardisation (0.906, the cause the findings named and the source's fix), 0.012 apart, outside the 0.01 tie,

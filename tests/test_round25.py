@@ -129,6 +129,7 @@ def test_a_straight_through_estimator_is_round_forward_and_the_identity_backward
     assert not plain.requires_grad and torch.equal(other, torch.exp(x))
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_the_doctor_passes_the_gradient_straight_through_a_quantiser(tmp_path):
     """The straight-through row: 0.95 held out (the twin's level), held on a seed no trial used."""
     report = gw.doctor(_qat, steps=300, budget_s=120, store=tmp_path, progress=False)

@@ -77,6 +77,7 @@ def _summed(seed, reduction="sum"):
                     lambda out, y: F.cross_entropy(out, y, reduction=reduction), evaluate=accuracy)
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_a_summed_loss_is_repaired_by_averaging_it_and_its_overflow_is_no_line_to_mend(tmp_path):
     """Round 29: a cross-entropy summed over 256 samples under SGD at 0.05 and momentum 0.9 is NaN by step 6; the
     doctor recommended "learning rate ×0.01" (0.972) over averaging the loss (0.976), the cause its findings named,
@@ -284,6 +285,7 @@ def _sharpened(seed, log_softmax=False):
                     lambda z, t: F.cross_entropy(z, t) + entropy(z), evaluate=accuracy)
 
 
+@pytest.mark.slow  # a doctor table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)
 def test_a_nan_from_the_backward_of_a_hand_written_log_of_a_softmax_is_repaired_in_log_space(tmp_path):
     """Round 30: the singularity and its line were named, and "no remedy could be tried automatically"; the
     log_space row, applied by hand, repaired every seed (0.86–0.87, as the twin written with F.log_softmax). By hand:
