@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from gradwatch.diagnosis.findings import Finding, sci, span
+from gradwatch.diagnosis.findings import Finding, listed, sci, span
 from gradwatch.diagnosis.measures import (flat_loss, flat_loss_finding, halved, loss_ends, loss_went, total_grad_norm,
                                          went_below_zero)
 from gradwatch.diagnosis.remedies import key_of, remedies
@@ -159,10 +159,9 @@ def zero_init(run: Run) -> str:
     names = [n for n in meta.get("zero_weight_layers") or () if (not layers or n != layers[-1]) and n not in factored]
     if not names or has_residual(run):
         return ""
-    which = ", ".join(map(str, names)) if len(names) <= 5 else ", ".join(map(str, names[:4])) + f" and {len(names) - 4} more"
-    return (f"the initialisation: the weights of {len(names)} layer{'s' if len(names) > 1 else ''} ({which}) start at "
-            f"exactly 0, so their units compute the same output and get the same gradient — the symmetry is never "
-            f"broken — and a ReLU's gradient at 0 is 0")
+    return (f"the initialisation: the weights of {len(names)} layer{'s' if len(names) > 1 else ''} ({listed(names)}) "
+            f"start at exactly 0, so their units compute the same output and get the same gradient — the symmetry is "
+            f"never broken — and a ReLU's gradient at 0 is 0")
 
 
 def heavy_dropout(run: Run) -> str:

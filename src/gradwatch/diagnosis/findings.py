@@ -133,6 +133,14 @@ def modules_span(names: list[str] | tuple[str, ...]) -> str:
     return f"module{'s' if bare and len(names) > 1 else ''} {span(names)}" if bare else span(names)
 
 
+def listed(names: list[str] | tuple[str, ...], most: int = 5) -> str:
+    """'0, 2, 4' for up to ``most`` names; beyond, the first ``most`` − 1 and "and N more"."""
+    shown = [str(n) for n in names]
+    if len(shown) <= most:
+        return ", ".join(shown)
+    return ", ".join(shown[:most - 1]) + f" and {len(shown) - most + 1} more"
+
+
 def span(names: list[str] | tuple[str, ...], total: int | None = None) -> str:
     """'0…36 (19 of 20)' for a list of names; the model itself (named "") is '(root)'."""
     if not names:

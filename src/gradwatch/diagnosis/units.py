@@ -9,7 +9,7 @@ import numpy as np
 
 from gradwatch.diagnosis.architecture import run_meta
 from gradwatch.diagnosis.depth import profile
-from gradwatch.diagnosis.findings import Finding, layer_name, modules_span, sci, span
+from gradwatch.diagnosis.findings import Finding, layer_name, listed, modules_span, sci, span
 from gradwatch.diagnosis.output_range import output_range_words
 from gradwatch.diagnosis.measures import FLAT_LOSS_ABOVE, flat_loss_finding, halved, loss_ends, loss_went, window_median
 from gradwatch.diagnosis.remedies import remedies
@@ -747,11 +747,11 @@ def zero_factor_words(run: Run) -> str:
     found = [f for f in run_meta(run).get("zero_factors") or () if isinstance(f, dict) and f.get("factors")]
     if not found:
         return ""
-    names = " and ".join(map(str, found[0]["factors"]))
-    where = ", ".join(str(f.get("module")) for f in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    names, modules = " and ".join(map(str, found[0]["factors"])), [str(f.get("module")) for f in found]
     return (f"the initialisation: the factors of a product all start at exactly 0 ({names} of {len(found)} "
-            f"module{'s' if len(found) > 1 else ''}: {where}), and each factor's gradient is a product with the "
-            f"other, 0 while it is 0, so none of them ever moves (a LoRA adapter draws A at random and starts B at 0)")
+            f"module{'s' if len(found) > 1 else ''}: {listed(modules)}), and each factor's gradient is a product with "
+            f"the other, 0 while it is 0, so none of them ever moves (a LoRA adapter draws A at random and starts B at "
+            f"0)")
 
 
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from gradwatch import remedies as r
 from gradwatch.diagnosis.architecture import DROPOUT_FROM
 from gradwatch.diagnosis.over_steps import FLOAT16_TINY
+from gradwatch.remedies.init import _WEIGHTED as WEIGHTED, _trainable
 from gradwatch.remedies.structure import Wrapper, dry_run, recurrent_layers, replace_modules
 from gradwatch.trial import Trial, peek
 
@@ -461,8 +462,6 @@ def nonsaturating(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 def _initialised(m: nn.Module) -> bool:
     """Whether the init remedies reach a weight of ``m``: a trainable Linear, convolution or recurrent layer's (not a
     bare ``nn.Parameter`` used in a forward of the user's, whose fan-in the remedy cannot know, nor a frozen layer's)."""
-    from gradwatch.remedies.init import _trainable
-
     return any(_trainable(x) for x in m.modules())
 
 
@@ -483,8 +482,6 @@ def rescale_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     (``growth_per_layer``), biases kept; None without such a growth (≥ :data:`RESCALE_FROM`) or with fewer than
     three weighted layers. The first layer sets the scale the inputs enter at (SIREN's first layer is its
     frequency); the growth is what the layers above it multiply the gradient by."""
-    from gradwatch.remedies.init import _trainable
-
     growth = numbers.get("growth_per_layer", math.nan)
     layers = [m for m in trial.model.modules() if _trainable(m)]
     if not (math.isfinite(growth) and growth >= RESCALE_FROM) or len(layers) < 3:
@@ -1547,9 +1544,6 @@ class Standardised(Wrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.norm(x))
-
-
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @torch.no_grad()
