@@ -39,12 +39,19 @@ LONGEST_FIRST = ("zoo-seed0", "zoo-seed1", "zoo-seed2", "tests/test_round19.py",
                  "tests/test_tutorials.py", "tests/test_lightning.py", "tests/test_compile.py")
 
 
+# A zoo claim's seeds 1 and 2 (marked `later_seeds` here): `make test` runs every claim on seed 0 natively, `make
+# test-slow` on seeds 1 and 2 natively, `make test-portable` and `make test-portable-rest` on all three under the
+# portable kernels (CI's 20 minutes on 2 cores: .ci/run runs the first and the zoo's own part of the third).
+LATER_SEEDS = (1, 2)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Which tests share a pytest-xdist worker (`make test` runs `--dist loadgroup`): the tests that read zoo runs
     (the ``zoo_runs`` fixture) by their seed, so that each zoo run is trained once and the seeds' runs spread over
     the workers; every other test with the rest of its file, so that a file's module fixtures are built once.
-    The groups in :data:`LONGEST_FIRST` go first."""
+    The groups in :data:`LONGEST_FIRST` go first. A ``zoo``-marked test on a seed in :data:`LATER_SEEDS` is marked
+    ``later_seeds``."""
     groups = {}
     for item in items:
         if "zoo_runs" in getattr(item, "fixturenames", ()):
@@ -53,6 +60,9 @@ def pytest_collection_modifyitems(config, items):
         else:
             group = item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        callspec = getattr(item, "callspec", None)
+        if item.get_closest_marker("zoo") and callspec and callspec.params.get("seed") in LATER_SEEDS:
+            item.add_marker(pytest.mark.later_seeds)
         groups[item.nodeid] = group
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
