@@ -102,6 +102,19 @@ def test_a_baseline_with_no_finite_loss_shows_none_finite_not_inf():
     assert "with no finite loss on any step" in str(base) and "1.2" in text
 
 
+def test_a_nan_final_loss_reads_not_finite_not_inf():
+    """Round 32: a run whose loss turned NaN printed its final loss as "inf", a value it never had."""
+    first, final, auc, _ = verdicts.curve([2.3] * 5 + [math.nan] * 15)
+    assert first == 2.3 and final == auc == math.inf  # "not every step finite" is stored as inf
+    base = table.TrialResult("baseline (no change)", final, auc, math.nan, ["nonfinite"], 1.0, first_loss=first)
+    row = table.TrialResult("gradient-norm clipping", 0.4, 0.5, math.nan, [], 1.0, verdict="fixes it", first_loss=2.3)
+    report = table.DoctorReport(base, Diagnosis([]), [row], best=row, steps=20)
+    line = next(x for x in str(report).splitlines() if x.startswith("baseline"))
+    assert line.split()[4:8] == ["2.3", "not", "finite", "not"] and "inf" not in line
+    assert "final loss not finite from a first loss of 2.3" in str(base)
+    assert "<td>not finite</td><td>not finite</td>" in report._repr_html_() and "<td>0.4</td>" in report._repr_html_()
+
+
 def _row(label: str, first: float, final: float, score: float = math.nan, findings: tuple[str, ...] = (),
          critical: tuple[str, ...] = (), null: float = math.nan, by_score: bool = False) -> table.TrialResult:
     """A row as summary() makes it from one seed's curve [first, …, final]."""

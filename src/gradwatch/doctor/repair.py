@@ -48,7 +48,7 @@ from gradwatch.doctor import catalogue, execute
 from gradwatch.doctor.catalogue import Remedy, candidate_keys, step0_overflow
 from gradwatch.doctor.execute import Failure, Outcome, Result, Runner, Workers
 from gradwatch.doctor.knobs import weight
-from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive
+from gradwatch.doctor.table import MAX_ROUNDS, DoctorReport, TrialResult, decisive, loss_text
 from gradwatch.doctor.verdicts import NULL_BELOW, did_not_learn, fits_only_training, is_better, learns, summary, verdict
 from gradwatch.remedies.structure import RECIPROCALS, ROOT_BACKWARDS
 from gradwatch.trial import SetupFn
@@ -332,7 +332,7 @@ def _better_with_a_finding_left(report: DoctorReport, base: TrialResult, best: T
         return ""
     t = max(better, key=lambda t: t.score) if math.isfinite(best.score) else min(better, key=lambda t: t.final_loss)
     evidence = (f"score {t.score:.3f}, against {best.score:.3f}" if math.isfinite(best.score)
-                else f"final loss {t.final_loss:.4g}, against {best.final_loss:.4g}")
+                else f"final loss {loss_text(t.final_loss)}, against {loss_text(best.final_loss)}")
     return (f"; {t.label} learned better ({evidence}) "
             f"but left {', '.join(t.findings)} (not critical): where that finding costs nothing, it is the better choice")
 
@@ -343,7 +343,7 @@ def _checked_words(checks: list[TrialResult], seeds: int) -> str:
     if not checks:
         return ""
     if checks[-1].verdict == "fixes it":
-        words = f"; it held on a seed no trial used (seed {seeds}: final loss {checks[-1].final_loss:.4g})"
+        words = f"; it held on a seed no trial used (seed {seeds}: final loss {loss_text(checks[-1].final_loss)})"
         for c in checks[:-1]:
             if c.verdict != "fixes it":
                 words += (f"; {c.label.rsplit(' (seed', 1)[0]} ranked higher but did not hold on seed {seeds} "
@@ -471,7 +471,7 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
                 held = lighter
         report.best = b = held if held is not None else ranked[0]
         evidence = (f"score {b.score:.3f} against {base.score:.3f}" if math.isfinite(b.score)
-                    else f"final loss {b.final_loss:.4g} against {base.final_loss:.4g}")
+                    else f"final loss {loss_text(b.final_loss)} against {loss_text(base.final_loss)}")
         left = f" ({', '.join(b.findings)} left, none of them critical)" if b.findings else ""
         where = f" ({b.changed})" if b.changed else ""
         report.message = f"best remedy: {b.label}{where} — the baseline's findings are gone{left} and {evidence}"
@@ -496,9 +496,9 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
             scored = all(math.isfinite(t.score) for t in closest)
             c = min(closest, key=(lambda t: -t.score) if scored else (lambda t: t.final_loss))
             evidence = (f"score {c.score:.3f} against {base.score:.3f}" if math.isfinite(c.score) and math.isfinite(base.score)
-                        else f"final loss {c.final_loss:.4g} against {base.final_loss:.4g}")
+                        else f"final loss {loss_text(c.final_loss)} against {loss_text(base.final_loss)}")
             report.message = (f"no remedy fixes it (findings gone and the loss at most half its start); closest: "
-                              f"{c.label} — {c.verdict}, {evidence}, loss {c.first_loss:.4g} → {c.final_loss:.4g}")
+                              f"{c.label} — {c.verdict}, {evidence}, loss {c.first_loss:.4g} → {loss_text(c.final_loss)}")
         report.message += _too_short(base, report.trials, steps)
         report.message += _nonfinite_origin(report, setup, steps, deadline)
     known = [f"{label} ({why_not[label]})" for label in report.not_applied if why_not.get(label)]

@@ -53,7 +53,7 @@ class TrialResult:
         score = f", score {_score(self.score)}" if math.isfinite(self.score) else ""
         began = (f"from a first loss of {self.first_loss:.4g}" if self.first_loss != math.inf
                  else "with no finite loss on any step")
-        return (f"{_name(self)}{where}: {self.verdict or 'not judged'} — final loss {self.final_loss:.4g} {began}"
+        return (f"{_name(self)}{where}: {self.verdict or 'not judged'} — final loss {loss_text(self.final_loss)} {began}"
                 f"{score}; findings left: {', '.join(self.findings) or 'none'}")
 
     @classmethod
@@ -105,11 +105,11 @@ class DoctorReport:
         left = [", ".join(r.findings) or "none" for r in rows]
         nw = max(len("remedy"), *(len(_name(r)) for r in rows))  # as wide as the longest: a bound or factor is never cut
         fw = max(len("findings left"), *(len(f) for f in left))
-        lines.append(f"{'remedy':<{nw}} {'round':>5} {'first loss':>11} {'final loss':>10} {'AUC':>9}"
+        lines.append(f"{'remedy':<{nw}} {'round':>5} {'first loss':>11} {'final loss':>10} {'AUC':>10}"
                      + (f" {'score':>7}" if has_score else "") + f" {'findings left':<{fw}} {'time':>6}  verdict")
         for r, f in zip(rows, left):
             lines.append(f"{_name(r):<{nw}} {r.rounds if r is not self.baseline else '-':>5} {_first(r):>11} "
-                         f"{r.final_loss:>10.4g} {r.auc:>9.4g}"
+                         f"{loss_text(r.final_loss):>10} {loss_text(r.auc):>10}"
                          + (f" {_score(r.score):>7}" if has_score else "")
                          + f" {f:<{fw}} {r.seconds:>5.1f}s  {r.verdict}")
         if any(r.rounds > 1 for r in self.trials):
@@ -139,7 +139,7 @@ class DoctorReport:
             lines.append("")
             lines.append("seed check (a seed none of the rows above used):")
             for c in self.checks:
-                lines.append(f"  {c.label}: final loss {c.final_loss:.4g}"
+                lines.append(f"  {c.label}: final loss {loss_text(c.final_loss)}"
                              + (f", score {c.score:.3f}" if math.isfinite(c.score) else "") + f" — {c.verdict}")
         return "\n".join(lines)
 
@@ -155,10 +155,10 @@ class DoctorReport:
                 + ("<th>score</th>" if has_score else "") + "<th>findings left</th><th>time</th><th>verdict</th></tr>")
         body = "".join(
             f"<tr><td>{e(r.label)}</td><td>{r.rounds if r is not self.baseline else '-'}</td><td>{_first(r)}</td>"
-            f"<td>{r.final_loss:.4g}</td><td>{r.auc:.4g}</td>" + (f"<td>{r.score:.3f}</td>" if has_score else "")
+            f"<td>{loss_text(r.final_loss)}</td><td>{loss_text(r.auc)}</td>" + (f"<td>{r.score:.3f}</td>" if has_score else "")
             + f"<td>{e(', '.join(r.findings) or 'none')}</td><td>{r.seconds:.1f}s</td><td>{e(r.verdict)}</td></tr>"
             for r in rows)
-        checks = "".join(f"<li>{e(c.label)}: final loss {c.final_loss:.4g} — {e(c.verdict)}</li>" for c in self.checks)
+        checks = "".join(f"<li>{e(c.label)}: final loss {loss_text(c.final_loss)} — {e(c.verdict)}</li>" for c in self.checks)
         checks = f"<p>seed check (a seed none of the rows used):</p><ul>{checks}</ul>" if checks else ""
         same = "".join(f"<li>{e(_name(a))}: trained exactly as {e(_name(b))}</li>" for a, b in same_runs(rows))
         checks = (f"<ul>{same}</ul>" if same else "") + checks
@@ -188,6 +188,11 @@ def same_runs(rows: list[TrialResult]) -> list[tuple[TrialResult, TrialResult]]:
         else:
             seen[key] = row
     return same
+
+
+def loss_text(loss: float) -> str:
+    """A final loss or AUC in words: "not finite" where a step of it was NaN or ±inf (stored as inf), else 4 digits."""
+    return "not finite" if loss == math.inf else f"{loss:.4g}"
 
 
 def _first(row: TrialResult) -> str:
