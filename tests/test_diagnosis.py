@@ -393,6 +393,33 @@ def test_the_root_module_is_named_root_in_findings(store):
     assert "at layer (root)" in f.evidence and "layer ;" not in f.evidence and "layer  " not in f.evidence
 
 
+def test_a_nan_first_reached_in_the_models_own_parameter_names_it(store):
+    """Round 32: "first in layer (root)" for a NaN whose backward reached the model's own ``protos`` first."""
+
+    class Prototypes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 4)
+            self.protos = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            d = self.embed(x) @ self.protos
+            return (d - d.detach()).sqrt()  # sqrt at exactly 0: an infinite derivative, times 0 → NaN
+
+    torch.manual_seed(0)
+    model = Prototypes()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, store=store, name="protos") as w:
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).sum().backward()
+            assert not torch.isfinite(model.protos.grad).all()  # the reference: the gradient itself
+            opt.step()
+    (f,) = w.diagnose().of("nonfinite")
+    assert "first in layer (root: the model's own protos)" in f.summary
+    assert "backward reached (root: the model's own protos) first" in f.evidence
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_no_clipping_threshold_from_steps_already_on_their_way_up(store, seed):

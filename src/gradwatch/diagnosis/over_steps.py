@@ -803,6 +803,13 @@ def _empty_attention_rows(run: Run, step: int) -> tuple[str, float] | None:
     return best
 
 
+def _root(run: Run) -> str:
+    """The model itself as a layer: "(root: the model's own protos)", its own trainable parameters named (round 32:
+    "first in layer (root)" left a user to guess which of a model's tensors it was)."""
+    own: dict = next((layer.get("params", {}) for layer in run_meta(run).get("layers", ()) if layer.get("name") == ""), {})
+    return f"(root: the model's own {', '.join(own)})" if own else "(root)"
+
+
 def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Finding]:
     """NaN/Inf gradients: the first step and the layer backward reached first; ``skipped``: :func:`skipped_steps`."""
     if "nonfinite" not in run.quantities:
@@ -833,7 +840,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
     # a budget that thinned the reads counts only the steps it read (round 12: "147 steps … in all" of 296)
     in_all = ("in all" if read == int(s.steps[-1]) - int(s.steps[0]) + 1 else
               f"of the {read} steps read (steps {int(s.steps[0])}–{int(s.steps[-1])}, not every one read)")
-    shown = repr(first_back) if first_back else "(root)"  # the model itself: parameters of its own, as a pos embedding
+    shown = repr(first_back) if first_back else _root(run)  # the model itself: parameters of its own, as a pos embedding
     evidence = (f"at step {step0}, {int(count)} parameter tensor{'' if count == 1 else 's'} with NaN/Inf gradients in "
                 f"{len(layers_at)} layer{'s' if len(layers_at) > 1 else ''} ({span(layers_at)}); backward reached "
                 f"{shown} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients "
