@@ -902,10 +902,10 @@ def _batch_norm_without_skips(run: Run, deep_plain: bool) -> str:
             f"blocks remove it")
 
 
-# Remedies whose cause no optimiser can help: no gradient at all, a layer no optimizer holds, a rate scheduled to ~0,
-# gradients cleared before the step, layers a reentrant checkpoint cut off
+# Remedies whose cause no optimiser can help: no gradient at all, a layer no optimizer holds, a rate scheduled to ~0
+# or still warming up, gradients cleared or clipped to 0 before the step, layers a reentrant checkpoint cut off
 _NOT_THE_OPTIMISER = frozenset({"adam", "output_activation", "check_graph", "rebuild_optimizer", "schedule_per_epoch",
-                                "zero_grad_order", "checkpoint_inputs"})
+                                "zero_grad_order", "checkpoint_inputs", "no_zero_clip", "finish_warmup"})
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:

@@ -134,12 +134,17 @@ REMEDIES = {
     "adam": ("an adaptive optimiser (Adam) in place of plain SGD or Adagrad: its step does not shrink with the "
              "gradient's scale, nor with time"),
     "warmup": "learning-rate warm-up (torch.optim.lr_scheduler.LinearLR)",
+    "finish_warmup": "a warm-up the run finishes: its warm-up steps set from the steps you train (5–10 % of them; "
+                     "num_warmup_steps, LinearLR's total_iters), so that the rate reaches its base",
     "pre_ln": "Pre-LN Transformer layers (norm_first=True; Xiong et al. 2020)",
     "fixup": "Fixup: zero-initialised residual branches (Zhang et al. 2019; gradwatch.remedies.fixup_zero_init)",
     "rezero": "ReZero residual connections, x + α·f(x) with α = 0 at init (Bachlechner et al. 2020)",
     "identity_init": "identity or orthogonal initialisation of deep linear and recurrent weights (Saxe et al. 2014; Le et al. 2015)",
     "clip_lower_lr": "gradient-norm clipping together with a lower learning rate",
     "smaller_init_lower_lr": "weights re-initialised (Xavier) together with a lower learning rate",
+    "no_zero_clip": "never clip at 0: clip_grad_norm_(…, max_norm=0) and clip_grad_value_(…, 0) set every gradient to "
+                    "0; leave the call out where a config's 0 means 'no clipping', or clip at about the gradient's "
+                    "own norm",
     "raise_clip": "clip at about the gradient's own norm (its median over calm steps, Pascanu et al. 2013), not below "
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
     "smooth_activation": "a smooth activation (tanh, SiLU, softplus) in place of ReLU where the loss reads the net's "

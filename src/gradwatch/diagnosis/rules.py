@@ -32,7 +32,7 @@ from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
     RECOVERED, clipped_findings, fading_findings, loss_scale_findings, lr_collapse_findings, nonfinite_findings,
-    nonfinite_remedies, skipped_findings, skipped_steps, spike_findings, tiny_step_findings,
+    nonfinite_remedies, skipped_findings, skipped_steps, spike_findings, tiny_step_findings, unfinished_warmup_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -79,7 +79,8 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
     if not found:  # a flat loss while nothing moves: a rate a schedule took to ~0, or too small a rate
-        found += lr_collapse_findings(view, th) or tiny_step_findings(view, th)
+        found += (lr_collapse_findings(view, th) or unfinished_warmup_findings(view, th)  # a warm-up the run never ends
+                  or tiny_step_findings(view, th))
     found += activation_findings(view, th) + relaxation_findings(view, th) + dead_output_findings(view, th) + skipped
     # no gradient at all (a softmax over one unit), or none left when the optimizer steps: that finding says why
     zero = zero_gradient_findings(view, th) or cleared_grad_findings(view, th)

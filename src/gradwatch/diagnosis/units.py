@@ -754,6 +754,19 @@ def zero_factor_words(run: Run) -> str:
             f"0)")
 
 
+def _backward_reached(run: Run, start: int) -> str:
+    """Words for a backward pass that carried a gradient to the layers from ``start`` on ("‖∂L/∂a‖ up to 0.31 at
+    conv1…fc2"), '' where no layer's ‖∂L/∂a‖ was positive there (not recorded, a loss that passes none)."""
+    if "out_grad_norm" not in run.quantities:
+        return ""
+    a = run.series("out_grad_norm")
+    late = a.values[:, a.steps >= start]
+    alive = [i for i in range(len(a.names)) if (np.nan_to_num(late[i], nan=0.0) > 0).any()]
+    if not alive:
+        return ""
+    return f"‖∂L/∂a‖ up to {sci(float(np.nanmax(late[alive])))} at {span([a.names[i] for i in alive])}"
+
+
 def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Every layer's gradient exactly 0 over the last ``window`` steps: nothing trains (stalled, critical).
 
@@ -774,6 +787,7 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
     start = since(flags, s.steps)
     names = tuple(s.names)
     moved = bool(((np.nan_to_num(s.values, nan=0.0) > 0) & (s.steps < start)).any())
+    reached = ""
     if moved and _loss_at_zero(run, start):
         return []  # nothing left to learn: a hinge or margin loss met on every sample (a triplet loss at exactly 0)
     if moved:
@@ -803,6 +817,14 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  f"({', '.join(cancelling)} with one tensor on both sides: x − x, x / x), a constant whose gradient "
                  f"is exactly 0 — as PPO's ratio exp(logp − logp_old) with logp_old the same logp, not detached")
         fixes = remedies("detach_reference")
+    elif reached := _backward_reached(run, start):
+        # round 33: clip_grad_norm_(params, 0.0), a max_grad_norm of 0 meant as "no clipping" (OpenNMT/OpenNMT-py#1140),
+        # told "a softmax over a single unit … a loss on a detached output" of a CNN whose backward pass was whole
+        cause = (f"the gradients are set to 0 between loss.backward() and optimizer.step(): the backward pass reaches "
+                 f"the layers ({reached}) but every parameter's .grad is exactly 0 when the optimizer steps — a "
+                 f"clip_grad_norm_(…, max_norm=0) or clip_grad_value_(…, 0), a 0 meant as 'no clipping' in a "
+                 f"config, or a grad.zero_() or mul_(0) on the gradients")
+        fixes = remedies("no_zero_clip")
     else:
         cause = ("the loss does not depend on the parameters: an output activation constant in its input (a softmax "
                  "over a single unit is the constant 1), or a loss computed on a detached or constant output")
@@ -816,5 +838,6 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
         cause=cause,
         remedies=fixes,
         numbers={"layers": float(len(names))},
-        sources=(f"grad_norm (layers {span(names)}, {steps_text(start, int(s.steps[-1]))})",),
+        sources=(f"grad_norm (layers {span(names)}, {steps_text(start, int(s.steps[-1]))})",)
+        + (("out_grad_norm",) if reached else ()),
     )]

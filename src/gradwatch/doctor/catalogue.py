@@ -96,7 +96,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip", "smaller_step", "fp32_weights", "no_collapse",
+                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
                      "probability_targets", "keep_state_graph"})
@@ -109,7 +109,7 @@ NOT_APPLIED_WHY = {
 }
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
-LR_KEYS = {"lower_lr", "adam", "warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
+LR_KEYS = {"lower_lr", "adam", "warmup", "finish_warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
            "divide_accumulated"}
 
 
@@ -180,6 +180,8 @@ def catalog() -> dict[str, list[Remedy]]:
                      Remedy("raise_lr", "learning rate ×100", partial(s.scale_lr, 100.0)),
                      Remedy("raise_lr", "learning rate ×1000", partial(s.scale_lr, 1000.0))],
         "warmup": one("warmup", "learning-rate warm-up (LinearLR)", s.warmup),
+        "finish_warmup": one("finish_warmup", "a warm-up over the first tenth of the steps, in place of the schedule",
+                             s.finish_warmup),
         # ten times PyTorch's default step size: the doctor's trials are short (measured: a GRU cell on Pascanu's
         # adding problem at T = 40 learns it in 300 steps at 10⁻², not in 800 at 10⁻³); combined with "learning
         # rate ×0.1" it is the default. One entry: a combination's parts name catalogue keys, not rates.
@@ -227,6 +229,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "backward_singularity": [],  # the operation is in the user's forward: the doctor names its line instead
         "logits_loss": [],  # the output activation and the loss are the user's
         "zero_grad_order": [],  # where the loop clears .grad is the user's loop (a Trial's own step())
+        "no_zero_clip": [],  # ... and where it clips them
         "gate_bias": [],  # a gated cell's biases: which gate is which is the cell's own convention
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),

@@ -291,6 +291,22 @@ def warmup(trial: Trial, numbers: dict[str, float]) -> Trial:
     return trial
 
 
+def finish_warmup(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's own schedule replaced by a warm-up the trial finishes: linear from 1 % of each group's base rate
+    (its ``initial_lr``, OneCycleLR's ``max_lr`` where higher) over the first tenth of the trial's steps, then that
+    base. None where the trial has no scheduler of its own (nothing warms up)."""
+    own = getattr(trial, "scheduler", None)
+    if own is None or not hasattr(trial, "step_scheduler"):
+        return None
+    for group in trial.optimizer.param_groups:
+        bases = [b for b in (group.get("initial_lr"), group.get("max_lr")) if isinstance(b, (int, float))]
+        if bases:  # LinearLR scales the group's current rate, which the old schedule left at its warm-up's
+            group["initial_lr"] = group["lr"] = max(bases)
+    steps = max(1, int(numbers.get("doctor_steps", 300)) // 10)
+    trial.step_scheduler(torch.optim.lr_scheduler.LinearLR(trial.optimizer, start_factor=0.01, total_iters=steps))
+    return trial
+
+
 # -- changes of the inputs and the loss --------------------------------------------------------------------
 
 

@@ -69,6 +69,7 @@ class LrTrack:
         self.optimizer = optimizer
         self.steps = 0
         self.first: float | None = None
+        self.peak: float | None = None  # the largest rate after any step (a warm-up that never ends: below its base)
         self.low_from: int | None = None  # the first step of the stretch at ~0 that lasts to now
         self.handles = [optimizer.register_step_post_hook(functools.partial(guard, self._stepped))]
 
@@ -80,6 +81,7 @@ class LrTrack:
         lr = float(max(rates))
         if self.first is None:
             self.first = lr
+        self.peak = lr if self.peak is None else max(self.peak, lr)
         if self.first > 0 and lr <= LR_LOW * self.first:
             if self.low_from is None:
                 self.low_from = self.steps
@@ -87,4 +89,4 @@ class LrTrack:
             self.low_from = None
 
     def meta(self) -> dict[str, Any]:
-        return {"optimizer_lr_low_from": self.low_from, "optimizer_steps": self.steps}
+        return {"optimizer_lr_low_from": self.low_from, "optimizer_steps": self.steps, "optimizer_lr_peak": self.peak}
