@@ -459,14 +459,14 @@ def test_an_explosion_under_accumulation_asks_whether_the_loss_was_divided(store
         with gw.watch(trial.model, trial.optimizer, store=store, name=f"acc-{seed}-{divide}") as w:
             for _ in range(60):
                 w.log(loss=trial.step())
-        assert w.open().meta["passes_per_step"] == 16
+        assert w.open().meta["passes_per_step"] == 16 and w.open().meta["backwards_per_step"] == 16
         blown = [f for f in w.diagnose().problems if f.kind in ("exploding", "nonfinite")]
         if divide:
             assert not blown and trial.evaluate(trial.model) > 0.8
         else:
             assert not trial.evaluate(trial.model) > 0.5  # blown up, by hand (NaN counts)
             assert blown and all(f.remedy_keys[0] == "divide_accumulated" for f in blown), blown
-            assert "16 forward passes with gradient" in blown[0].cause
+            assert "16 backward passes" in blown[0].cause
 
     divided, scaled = _accumulating(seed, True), _accumulating(seed, False)
     surgery.divide_accumulated(scaled, {"passes_per_step": 16.0})

@@ -107,3 +107,29 @@ def test_gradients_clipped_to_zero_are_told_as_such_not_as_a_constant_output(tmp
     assert "between loss.backward() and optimizer.step()" in f.cause and "max_norm=0" in f.cause
     assert "softmax over a single unit" not in f.cause
     assert not [f for f in runs[1.0] if f.severity != "info"]
+
+
+# -- one backward through several calls of the net is no gradient accumulation (round 33's WGAN critic) -----------
+
+def test_a_net_called_three_times_in_one_graph_is_not_told_of_gradient_accumulation(tmp_path):
+    """A WGAN-GP critic's real, fake and interpolated passes (3.2 forward passes a step with the generator's) were told
+    "if that is gradient accumulation … divide each micro-batch's loss by 3.2"; the reference: autograd calls a
+    leaf's hook once per backward, whatever the number of uses, and real accumulation stays k (round 14's test)."""
+    xtr, _, _, _ = stratified_digits()
+    torch.manual_seed(0)
+    critic = _mlp()
+    opt = torch.optim.SGD(critic.parameters(), lr=3.0)  # far too large: an explosion to be explained
+    g = torch.Generator().manual_seed(0)
+    with gw.watch(critic, opt, store=tmp_path, name="critic") as w:
+        for _ in range(60):
+            i = torch.randint(0, len(xtr), (3, 64), generator=g)
+            real, fake, mixed = critic(xtr[i[0]]), critic(xtr[i[1]] + 1.0), critic(0.5 * (xtr[i[0]] + xtr[i[2]]))
+            loss = (fake.logsumexp(1) - real.logsumexp(1) + mixed.pow(2).mean(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    meta = w.open().meta
+    assert meta["passes_per_step"] == 3 and meta["backwards_per_step"] == 1
+    blown = [f for f in w.diagnose().problems if f.kind in ("exploding", "nonfinite")]
+    assert blown and not any("divide_accumulated" in f.remedy_keys or "backward passes" in f.cause for f in blown)

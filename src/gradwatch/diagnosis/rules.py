@@ -115,7 +115,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     return Diagnosis(found, str(run.path))
 
 
-ACCUMULATED_FROM = 1.5  # forward passes with gradient per optimizer step from which a step sums several
+ACCUMULATED_FROM = 1.5  # backward passes per optimizer step from which a step sums several
 # Optimizers whose step(closure) runs the forward and backward passes itself, several a step: no accumulation (round
 # 27: L-BFGS's 18–24 closure evaluations a step were told "a loss not divided by their number", lr ÷18 first)
 CLOSURE_OPTIMIZERS = frozenset({"LBFGS"})
@@ -125,16 +125,19 @@ def _accumulated(found: list[Finding], run: Run) -> list[Finding]:
     """An explosion or a NaN whose remedies lower the learning rate, in a run that made k ≥ 2 forward passes with
     gradient per optimizer step (meta ``passes_per_step``): the words and the remedy for gradient accumulation
     whose losses were not divided by k, which applies the sum of k mean gradients, a learning rate ×k (round 14:
-    k = 16, "a learning rate too large", accumulation never named). Said as a question: a siamese net's two passes
-    a step are no accumulation."""
+    k = 16, "a learning rate too large", accumulation never named). Counted in backward passes where the run
+    recorded them (``backwards_per_step``): a siamese net's two passes, or a GAN critic's three, in one graph are
+    one backward and no accumulation. Said as a question all the same."""
     meta = run_meta(run)
-    k = meta.get("passes_per_step")
+    # backward passes a step where recorded: one backward through several calls of the net is no accumulation (round
+    # 33: a WGAN critic's real, fake and interpolated passes, 3.2 a step, were told "divide each micro-batch's loss")
+    k = meta.get("backwards_per_step", meta.get("passes_per_step"))
     if not isinstance(k, (int, float)) or k < ACCUMULATED_FROM or meta.get("optimizer") in CLOSURE_OPTIMIZERS:
         return found  # (an optimizer that evaluates a closure several times a step makes those passes itself)
     out = []
     for f in found:
         if f.kind in ("exploding", "nonfinite") and f.severity != "info" and "lower_lr" in f.remedy_keys:
-            f = replace(f, cause=f"{f.cause}; each optimizer step followed {k:g} forward passes with gradient: if that "
+            f = replace(f, cause=f"{f.cause}; each optimizer step followed {k:g} backward passes: if that "
                                  f"is gradient accumulation, a loss not divided by their number makes the step the sum "
                                  f"of their gradients, a learning rate ×{k:g}",
                         remedies=remedies("divide_accumulated") + f.remedies,

@@ -28,15 +28,22 @@ class ZeroGradCheck:
         self.param = param
         self.stepped = False  # an optimizer step has run since the last check
         self.checks = 0
+        # backward passes that reached the parameter, and optimizer steps: gradient accumulation makes several a
+        # step, where a net called several times in one graph (a GAN critic's real, fake and interpolated passes, a
+        # siamese net's two) makes one (autograd sums a leaf's gradient over its uses before the hook)
+        self.backwards = 0
+        self.steps = 0
         self._stale: Tensor | None = None  # steps whose .grad was not zeroed, on the device
         self.handles = [param.register_hook(functools.partial(guard, self._fresh)),
                         optimizer.register_step_post_hook(functools.partial(guard, self._stepped))]
 
     def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.stepped = True
+        self.steps += 1
 
     @torch.no_grad()
     def _fresh(self, grad: Tensor) -> None:
+        self.backwards += 1
         if not self.stepped:
             return  # a later micro-batch of the same step: accumulating is what it should do
         self.stepped = False
@@ -47,7 +54,8 @@ class ZeroGradCheck:
             self._stale = hit if self._stale is None else self._stale + hit
 
     def meta(self) -> dict[str, Any]:
-        return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks]}
+        return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks],
+                "backwards_per_step": round(self.backwards / self.steps, 2) if self.steps else None}
 
 
 def first_trained(model: nn.Module, optimizer: Any = None) -> nn.Parameter | None:
