@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -406,6 +407,12 @@ def _typical_update_ratio(run: Run, th: Thresholds) -> tuple[float, np.ndarray]:
     return (float(np.percentile(med, 75)) if len(med) else math.nan), wsteps
 
 
+def _whole_run_warning(run: Run, **fields: Any) -> Finding:
+    """A stalled-run warning over the logged loss's steps, of no layer in particular (a schedule's, a step size's)."""
+    steps = run.series("loss", "run").steps
+    return Finding(kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])), **fields)
+
+
 LR_COLLAPSED = 1e-3  # a learning rate that ended at this fraction of its start, or below, has gone to ~0
 LOW_FOR = 0.5  # ... for at least this share of the run's optimizer steps (cosine annealing reaches it at the end)
 
@@ -427,13 +434,12 @@ def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     if ends is None or halved(ends):
         return []
-    steps = run.series("loss", "run").steps
     at = meta.get("optimizer_lr_last_step")
-    return [Finding(
-        kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+    return [_whole_run_warning(
+        run,
         summary=f"the learning rate fell from {lr0:g} to {last:.2g}: no step since changes anything",
         evidence=(f"the optimizer's largest learning rate was {lr0:g} at the start and {last:.2g} at step "
-                  f"{at if isinstance(at, int) else int(steps[-1])} (×{sci(last / lr0)}), at {LR_COLLAPSED:g} × its "
+                  f"{at if isinstance(at, int) else int(run.series('loss', 'run').steps[-1])} (×{sci(last / lr0)}), at {LR_COLLAPSED:g} × its "
                   f"start or below from optimizer step {low_from} of {stepped}; the logged loss went "
                   f"{sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and last {4 * th.window} "
                   f"values)."),
@@ -469,11 +475,10 @@ def unfinished_warmup_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     if ends is None or halved(ends):
         return []
-    steps = run.series("loss", "run").steps
     stepped = meta.get("optimizer_steps")
     over = f"all {stepped} optimizer steps" if isinstance(stepped, int) else "the whole run"
-    return [Finding(
-        kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+    return [_whole_run_warning(
+        run,
         summary=f"the learning rate was still warming up when the run ended: {last:.2g}, {last / base:.0%} of its "
                 f"base {base:g}",
         evidence=(f"the optimizer's largest learning rate rose from {first:.2g} at the start to {last:.2g} at the last "
@@ -549,9 +554,8 @@ def _rounded_away(run: Run, th: Thresholds, ends: tuple[float, float], typical: 
 
 def _tiny_step_finding(run: Run, th: Thresholds, ends: tuple[float, float], typical: float, wsteps: np.ndarray,
                        at: str, cause: str, fixes: tuple[str, ...]) -> Finding:
-    steps = run.series("loss", "run").steps
-    return Finding(
-        kind="stalled", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
+    return _whole_run_warning(
+        run,
         summary=f"the loss does not fall ({sci(ends[0])} → {sci(ends[1])}) and no layer moves: update ratio "
                 f"{sci(typical)} a step{at}",
         evidence=(f"the logged loss went {sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and "
