@@ -40,7 +40,7 @@ test: $(TESTSTAMP)
 	$(PYTEST) -m "not slow and not later_seeds"
 
 # The repair benchmark's labels, checked by plain measurement on its slower set-ups, the doctor's slowest tables, and
-# the zoo claims' seeds 1 and 2, natively (about 25 min on 2 cores).
+# the zoo claims' seeds 1 and 2, natively (25–30 min on 2 cores).
 test-slow: $(TESTSTAMP)
 	$(PYTEST) -m "slow or later_seeds"
 
