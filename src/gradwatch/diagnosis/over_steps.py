@@ -435,11 +435,12 @@ def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
     if ends is None or halved(ends):
         return []
     at = meta.get("optimizer_lr_last_step")
+    at = at if isinstance(at, int) else int(run.series("loss", "run").steps[-1])
     return [_whole_run_warning(
         run,
         summary=f"the learning rate fell from {lr0:g} to {last:.2g}: no step since changes anything",
         evidence=(f"the optimizer's largest learning rate was {lr0:g} at the start and {last:.2g} at step "
-                  f"{at if isinstance(at, int) else int(run.series('loss', 'run').steps[-1])} (×{sci(last / lr0)}), at {LR_COLLAPSED:g} × its "
+                  f"{at} (×{sci(last / lr0)}), at {LR_COLLAPSED:g} × its "
                   f"start or below from optimizer step {low_from} of {stepped}; the logged loss went "
                   f"{sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and last {4 * th.window} "
                   f"values)."),
@@ -483,7 +484,7 @@ def unfinished_warmup_findings(run: Run, th: Thresholds) -> list[Finding]:
                 f"base {base:g}",
         evidence=(f"the optimizer's largest learning rate rose from {first:.2g} at the start to {last:.2g} at the last "
                   f"step, its highest over {over}, and never reached {WARMUP_SHORT_OF:.0%} of the schedule's base rate "
-                  f"{base:g} (the param groups' initial_lr); the logged loss went {loss_went(run, th, ends)}."),
+                  f"{base:g} (the param groups' initial_lr, or OneCycleLR's max_lr); the logged loss went {loss_went(run, th, ends)}."),
         cause=("a learning-rate warm-up longer than the run: the schedule's warm-up steps (num_warmup_steps, "
                "LinearLR's total_iters, a warm-up copied from a longer run) exceed the steps trained, so the rate "
                "climbs the whole time and the run trains at a small share of the rate it was given"),

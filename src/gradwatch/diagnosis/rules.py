@@ -122,12 +122,12 @@ CLOSURE_OPTIMIZERS = frozenset({"LBFGS"})
 
 
 def _accumulated(found: list[Finding], run: Run) -> list[Finding]:
-    """An explosion or a NaN whose remedies lower the learning rate, in a run that made k ≥ 2 forward passes with
-    gradient per optimizer step (meta ``passes_per_step``): the words and the remedy for gradient accumulation
-    whose losses were not divided by k, which applies the sum of k mean gradients, a learning rate ×k (round 14:
-    k = 16, "a learning rate too large", accumulation never named). Counted in backward passes where the run
-    recorded them (``backwards_per_step``): a siamese net's two passes, or a GAN critic's three, in one graph are
-    one backward and no accumulation. Said as a question all the same."""
+    """An explosion or a NaN whose remedies lower the learning rate, in a run that made k ≥ 2 backward passes per
+    optimizer step (meta ``backwards_per_step``; the forward passes with gradient, ``passes_per_step``, in a store
+    that has no backward count): the words and the remedy for gradient accumulation whose losses were not divided by
+    k, which applies the sum of k mean gradients, a learning rate ×k (round 14: k = 16, "a learning rate too large",
+    accumulation never named). A siamese net's two passes, or a GAN critic's three, in one graph are one backward
+    and no accumulation. Said as a question all the same."""
     meta = run_meta(run)
     # backward passes a step where recorded: one backward through several calls of the net is no accumulation (round
     # 33: a WGAN critic's real, fake and interpolated passes, 3.2 a step, were told "divide each micro-batch's loss")

@@ -295,8 +295,7 @@ def finish_warmup(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The trial's own schedule replaced by a warm-up the trial finishes: linear from 1 % of each group's base rate
     (its ``initial_lr``, OneCycleLR's ``max_lr`` where higher) over the first tenth of the trial's steps, then that
     base. None where the trial has no scheduler of its own (nothing warms up)."""
-    own = getattr(trial, "scheduler", None)
-    if own is None or not hasattr(trial, "step_scheduler"):
+    if getattr(trial, "scheduler", None) is None or not hasattr(trial, "step_scheduler"):
         return None
     for group in trial.optimizer.param_groups:
         bases = [b for b in (group.get("initial_lr"), group.get("max_lr")) if isinstance(b, (int, float))]
