@@ -71,8 +71,9 @@ def test_the_doctors_warmup_reaches_the_base_rate_in_a_tenth_of_the_steps():
     # LinearLR from 1 % of the base over 30 steps: closed form base · (0.01 + 0.99 · k/30), then the base
     assert rates[0] == pytest.approx(1e-3 * (0.01 + 0.99 / 30))
     assert rates[29:] == pytest.approx([1e-3] * 11)
-    assert surgery.finish_warmup(_warmup_setup(0, 2000) and gw.Trial(_mlp(), torch.optim.SGD(_mlp().parameters(), 0.1),
-                                                                      iter(()), F.cross_entropy), {}) is None
+    plain = _mlp()  # no scheduler of its own: nothing warms up, nothing to replace
+    assert surgery.finish_warmup(gw.Trial(plain, torch.optim.SGD(plain.parameters(), 0.1), iter(()), F.cross_entropy),
+                                 {}) is None
 
 
 def test_the_doctor_finishes_the_warmup():
