@@ -88,6 +88,8 @@ class Trial:
     loss_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and a soft-margin loss's share of targets at 0 (loss_ops.margin_targets), read at the same moment
     margin_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and a mean-reduced loss divided again by a constant, with that constant (loss_ops.mean_divided)
+    mean_divided: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:
@@ -112,11 +114,12 @@ class Trial:
         with parametrize.cached():
             loss = self.loss_fn(self.model(x), y)
             if self.loss_paths is None:  # (the targets a binary cross-entropy saved are freed by the backward pass)
-                from gradwatch.probes.loss_ops import loss_prior, margin_targets, quadratic_targets
+                from gradwatch.probes.loss_ops import loss_prior, margin_targets, mean_divided, quadratic_targets
 
                 self.loss_prior = loss_prior(loss)
                 self.loss_targets = quadratic_targets(loss)
                 self.margin_targets = margin_targets(loss)
+                self.mean_divided = mean_divided(loss)  # (the division's constant is freed by the backward pass too)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -125,7 +128,7 @@ class Trial:
 
             self.loss_paths = loss_paths(loss)
             self.loss_graph = {**loss_graph(loss), "loss_targets": self.loss_targets,
-                               "margin_targets": self.margin_targets}
+                               "margin_targets": self.margin_targets, "mean_divided": self.mean_divided}
         return loss.detach()
 
 

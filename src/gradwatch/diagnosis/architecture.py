@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, listed, sci, span
-from gradwatch.diagnosis.measures import (flat_loss, flat_loss_finding, halved, loss_ends, loss_went, total_grad_norm,
-                                         went_below_zero)
+from gradwatch.diagnosis.measures import (EPS_TINY_STEP, flat_loss, flat_loss_finding, halved, loss_ends, loss_went,
+                                         total_grad_norm, typical_update_ratio, went_below_zero)
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.probes.loss_ops import penalty_on_relu
@@ -318,6 +318,35 @@ def batch_axis_misread(run: Run) -> str:
 # the double-backward nodes of piecewise-linear activations: their derivative is a step, its derivative 0
 PIECEWISE_DOUBLE = {"ThresholdBackwardBackward0": "ReLU", "LeakyReluBackwardBackward0": "LeakyReLU",
                     "HardtanhBackwardBackward0": "ReLU6/Hardtanh"}
+
+
+AMPLIFIES_FROM = 10.0  # a backward of the user's own that passes on this many times the gradient it receives, or more
+
+
+def amplifying_backward(run: Run) -> str:
+    """Words for a ``torch.autograd.Function`` of the user's own (meta ``custom_functions``) whose backward passes on
+    :data:`AMPLIFIES_FROM` × the gradient it receives or more (its ``deriv_rms``, the gain the watch measures on
+    it: :mod:`gradwatch.probes.custom`; the median of the steps read), '' for none. Round 34: a gradient-reversal
+    layer at a constant λ = 100 (DANN, Ganin et al. 2016, §5.2.2; janfreyberg/pytorch-revgrad#6), NaN by step 42–63
+    on two seeds, told "a learning rate too large" while its gain of 100.0 was in the store (its twin, Ganin's ramp
+    of λ from 0 to 1: 0.92, and 0.95–0.96 held out)."""
+    custom = set(run_meta(run).get("custom_functions") or ())
+    if not custom or "deriv_rms" not in run.quantities:
+        return ""
+    s = run.series("deriv_rms", "activation")
+    modules = {e.name: e.module for e in run.entities("activation")}
+    gains = []
+    for name, values in zip(s.names, s.values):
+        seen = values[np.isfinite(values)]
+        if modules.get(name) in custom and len(seen):
+            gains.append((float(np.median(seen)), name, str(modules[name])))
+    gain, name, cls = max(gains, default=(0.0, "", ""))
+    if gain < AMPLIFIES_FROM:
+        return ""
+    return (f"a backward of your own amplifies the gradient: {cls}.backward passes on ×{gain:.3g} of the gradient it "
+            f"receives ({name}, measured), so every layer below it gets ×{gain:.3g} what the loss asks of it — a "
+            f"gradient-reversal layer's λ far above 1 (Ganin et al. 2016 ramp it from 0 to 1, λ = 2/(1 + e^(−10p)) − "
+            f"1 at progress p), or a surrogate derivative far steeper than the step it stands for")
 
 
 def derivative_through_relu(run: Run) -> str:
@@ -643,6 +672,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (bce_targets_outside, ("probability_targets", "bounded_objective"), _ANY_KIND),
     (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
+    (amplifying_backward, ("tame_custom_backward",), _BLOWUP_KINDS),
 )
 
 
@@ -855,11 +885,20 @@ def outside_gradients_note(found: list[Finding], run: Run, th: Thresholds) -> li
     flat = flat_loss(run, th)
     if flat is None or any(f.severity != "info" for f in found):
         return []
+    cause = ("a flat loss the gradients do not explain: if the run should learn, look outside the gradients — the "
+             "inputs' pairing with their targets (a view or reshape where a transpose was meant, inputs and targets "
+             "shuffled apart), a mask that keeps the wrong entries, targets that carry no signal")
+    step = typical_update_ratio(run, th)[0]
+    if 0 < step < EPS_TINY_STEP:
+        # round 34: a cross-entropy divided by the batch size again, read by default as "look outside the gradients"
+        # while every gradient was 1/64 of its twin's; under from_init the steps are the finding
+        cause += (f"; or, where the run started from its initialisation, steps too short for this loss: the "
+                  f"upper-quartile layer moves by {sci(step)} of its norm a step (about 1e-3 is typical) — a loss on a "
+                  f"small scale (a sum divided by a large constant, a distillation loss without its T² factor); a "
+                  f"converged run resumed takes steps as short, so diagnose(gw.Thresholds(from_init=True)) tells "
+                  f"them apart only where you know it started from its initialisation")
     return [flat_loss_finding(
-        run, th, flat, "info", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _flat_after(run),
-        "a flat loss the gradients do not explain: if the run should learn, look outside the gradients — the inputs' "
-        "pairing with their targets (a view or reshape where a transpose was meant, inputs and targets shuffled "
-        "apart), a mask that keeps the wrong entries, targets that carry no signal", ())]
+        run, th, flat, "info", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])), _flat_after(run), cause, ())]
 
 
 GROWS_AT_START = 10.0  # the first read's ‖∂L/∂a‖ at the first layer this many times the last's: growth across depth
@@ -903,9 +942,11 @@ def _batch_norm_without_skips(run: Run, deep_plain: bool) -> str:
 
 
 # Remedies whose cause no optimiser can help: no gradient at all, a layer no optimizer holds, a rate scheduled to ~0
-# or still warming up, gradients cleared or clipped to 0 before the step, layers a reentrant checkpoint cut off
+# or still warming up, gradients cleared or clipped to 0 before the step, layers a reentrant checkpoint cut off, a
+# rounding between the output and the loss
 _NOT_THE_OPTIMISER = frozenset({"adam", "output_activation", "check_graph", "rebuild_optimizer", "schedule_per_epoch",
-                                "zero_grad_order", "checkpoint_inputs", "no_zero_clip", "finish_warmup"})
+                                "zero_grad_order", "checkpoint_inputs", "no_zero_clip", "finish_warmup",
+                                "drop_rounding"})
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:

@@ -297,6 +297,21 @@ def total_grad_norm(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     return s.steps, total
 
 
+# an update ratio below this a step is too short to learn from the initialisation (1e-3 is typical); an Adam eps of
+# ADAM_EPS_FROM or more with steps this short is the eps (gradwatch.diagnosis.over_steps.tiny_step_findings)
+EPS_TINY_STEP = 1e-4
+
+
+def typical_update_ratio(run: Run, th: Thresholds) -> tuple[float, np.ndarray]:
+    """The upper-quartile layer's update ratio ‖Δw‖/‖w‖ a step (of its window medians), and the windows' steps;
+    NaN where not recorded."""
+    if "update_ratio" not in run.quantities:
+        return math.nan, np.zeros(0)
+    med, wsteps = window_median(run.series("update_ratio"), th.window)
+    med = med[np.isfinite(med)]
+    return (float(np.percentile(med, 75)) if len(med) else math.nan), wsteps
+
+
 FLAT_LOSS_ABOVE = 0.9  # the loss is "flat at its start" when its late median is above this fraction of its early one
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from gradwatch.diagnosis.architecture import ADAM_TYPES, module_types, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import (
-    FLAT_LOSS_ABOVE, halved, loss_ends, loss_went, real_fit, total_grad_norm, window_median,
+    EPS_TINY_STEP, FLAT_LOSS_ABOVE, halved, loss_ends, loss_went, real_fit, total_grad_norm, typical_update_ratio,
 )
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -388,23 +388,12 @@ SMALL_LR = {"sgd": 1e-3, "adam": 1e-5}  # a rate the finding may call too small 
 # layer against 1.8–2.4e-3 at the default 1e-8, loss flat at 2.30); with such an eps the finding takes the upper
 # quartile's update ratio below EPS_TINY_STEP as too short.
 ADAM_EPS_FROM = 1e-3
-EPS_TINY_STEP = 1e-4
 # A low-precision weight's unit roundoff: an update below half its spacing, about this share of the weight, rounds
 # away (bfloat16 keeps 8 significant bits, float16 11). Below ROUNDED_BELOW of it the upper-quartile layer's update
 # ratio says most entries never change (round 19: pure bfloat16 weights under Adam 3e-5, ratios 7e-5–1.3e-4 against
 # bfloat16's 3.9e-3, about 10 % of the entries ever changed, loss 2.30 → 2.29; in float32 0.63–0.79 held out).
 ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 ROUNDED_BELOW = 1 / 8
-
-
-def _typical_update_ratio(run: Run, th: Thresholds) -> tuple[float, np.ndarray]:
-    """The upper-quartile layer's update ratio ‖Δw‖/‖w‖ a step (of its window medians), and the windows' steps;
-    NaN where not recorded."""
-    if "update_ratio" not in run.quantities:
-        return math.nan, np.zeros(0)
-    med, wsteps = window_median(run.series("update_ratio"), th.window)
-    med = med[np.isfinite(med)]
-    return (float(np.percentile(med, 75)) if len(med) else math.nan), wsteps
 
 
 def _whole_run_warning(run: Run, **fields: Any) -> Finding:
@@ -503,7 +492,7 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     if ends is None or not ends[0] > 0 or ends[1] < FLAT_LOSS_ABOVE * ends[0]:
         return []
-    typical, wsteps = _typical_update_ratio(run, th)
+    typical, wsteps = typical_update_ratio(run, th)
     meta = run_meta(run)
     lr, adam, eps = meta.get("optimizer_lr"), meta.get("optimizer") in ADAM_TYPES, meta.get("optimizer_eps")
     low = [d for d in ROUNDOFF if d in (meta.get("param_dtypes") or ())]
@@ -520,8 +509,14 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
                                    f"TensorFlow's 1.0 or 0.1 for Inception is for its own epsilon-hat)",
                                    remedies("lower_eps", "raise_lr"))]
     small_rate = isinstance(lr, (int, float)) and lr < SMALL_LR["adam" if adam else "sgd"]
+    at = f" at lr {lr:g}" if isinstance(lr, (int, float)) else ""
+    if (divided := _mean_divided_words(meta, at)) and not (typical < TINY_STEP and small_rate):
+        # round 34: F.cross_entropy(out, y) / y.shape[0] under SGD 0.05 (williamleif/GraphSAGE#12), every gradient
+        # 1/64 of its twin's, loss flat at 0.036 (= 2.30 / 64), held out 0.10–0.20 against 0.95; by default told only
+        # "a flat loss the gradients do not explain … look outside the gradients"
+        return [_tiny_step_finding(run, th, ends, typical, wsteps, at, divided,
+                                   remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
     if th.from_init and not (typical < TINY_STEP and small_rate):  # a run from its init that never moved
-        at = f" at lr {lr:g}" if isinstance(lr, (int, float)) else ""
         return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                    f"steps too short for this loss{at}, from the initialisation on: its gradient is "
                                    f"small, not the rate — a loss on a small scale (a distillation loss at temperature "
@@ -529,11 +524,62 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
                                    f"another loss", remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
     if typical >= TINY_STEP or not small_rate:
         return []
-    assert isinstance(lr, (int, float))
-    at = f" at lr {lr:g}"
     return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                f"too small a learning rate{at}: the gradients are fine, the steps are too short to change "
                                f"anything", remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
+
+
+_MEAN_NAMES = {"NllLoss": "a cross-entropy or NLL loss", "NllLoss2D": "a cross-entropy or NLL loss",
+               "MseLoss": "a mean squared error", "L1Loss": "an L1 loss", "SmoothL1Loss": "a smooth L1 loss",
+               "HuberLoss": "a Huber loss", "BinaryCrossEntropy": "a binary cross-entropy",
+               "BinaryCrossEntropyWithLogits": "a binary cross-entropy", "KlDiv": "a KL divergence"}
+
+
+PRODUCT_NODES = frozenset({"CumprodBackward0", "ProdBackward0", "ProdBackward1"})
+
+
+def _log_of_product(run: Run, loss_step: float) -> str:
+    """The cause for a loss that is non-finite from its first logged step and takes the logarithm of a product of
+    many factors (``LogBackward0`` and a ``torch.cumprod``/``torch.prod`` node in meta ``loss_ops``): the product
+    underflowed to 0 before any update; '' otherwise."""
+    ops = set(run_meta(run).get("loss_ops") or ())
+    if "loss" not in run.quantities or "LogBackward0" not in ops or not ops & PRODUCT_NODES:
+        return ""
+    steps = run.series("loss", "run").steps
+    if not len(steps) or loss_step != float(steps[0]):
+        return ""
+    calls = " and ".join(sorted({"torch.cumprod" if o.startswith("Cumprod") else "torch.prod" for o in ops & PRODUCT_NODES}))
+    return (f"the loss takes the logarithm of a product of many factors ({calls} in its graph, then torch.log): a "
+            f"product of a hundred or more factors below 1 underflows to 0 in float32 (0.5¹⁵⁰ ≈ 7·10⁻⁴⁶ is below its "
+            f"smallest value, 1.4·10⁻⁴⁵), so its logarithm is −inf from the first step, before any update — sum the "
+            f"factors' logarithms instead (a product of 1 − σ(z) as torch.cumsum(F.logsigmoid(−z)), of probabilities "
+            f"as a cumsum of their logs)")
+
+
+def _mean_divided_words(meta: dict, at: str) -> str:
+    """The cause for a loss that is a mean divided again by a constant (meta ``mean_divided``,
+    :func:`gradwatch.probes.loss_ops.mean_divided`) whose steps ``at`` a rate are too short; '' for none — nor where
+    the constant is the number of backward passes a step (``backwards_per_step``: gradient accumulation's own
+    division), or unread in a run that accumulates."""
+    divided = meta.get("mean_divided")
+    if not isinstance(divided, dict):
+        return ""
+    got, passes, batch = divided.get("divisor"), meta.get("backwards_per_step"), meta.get("batch_size")
+    known = isinstance(got, (int, float))
+    d = float(got) if isinstance(got, (int, float)) else math.nan
+    k = float(passes) if isinstance(passes, (int, float)) else 1.0
+    if k > 1.5 and (not known or abs(d - k) < 0.5) or known and abs(d) <= 1:
+        return ""
+    node = str(divided.get("loss", "")).removesuffix("Backward0")
+    what = "torch.mean of a loss" if node.startswith("Mean") else f"{_MEAN_NAMES.get(node, node)} with reduction='mean'"
+    if known:
+        by = f"{d:g}" + (", the batch size" if d == batch else "")
+        share = f"1/{d:g} of the mean's, and the steps{at} are ×{d:g} too short"
+    else:
+        by, share = "a constant", f"that constant's fraction of the mean's, and the steps{at} as much too short"
+    return (f"a mean divided again by {by}: the loss is {what}, already an average over the batch, divided by "
+            f"{'it' if known else 'that constant'}, so every gradient is {share} (williamleif/GraphSAGE#12: a "
+            f"cross-entropy divided by the batch size twice) — drop the division, or raise the rate by as much")
 
 
 def _rounded_away(run: Run, th: Thresholds, ends: tuple[float, float], typical: float, wsteps: np.ndarray,
@@ -596,7 +642,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th)
     # Adam's step does not scale with the gradient: a bound it always meets leaves its updates as they were
     adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
-    step, _ = _typical_update_ratio(run, th)
+    step, _ = typical_update_ratio(run, th)
     learns = adaptive or halved(ends) or step >= EPS_TINY_STEP  # NaN (not recorded): not known to move
     return [Finding(
         kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
@@ -641,7 +687,7 @@ def _clipped_by_value(run: Run, th: Thresholds) -> list[Finding]:
     if held.mean() < 0.9:
         return []
     ends = loss_ends(run, th)
-    step, _ = _typical_update_ratio(run, th)
+    step, _ = typical_update_ratio(run, th)
     adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
     learns = adaptive or halved(ends) or step >= EPS_TINY_STEP
     return [Finding(
@@ -965,6 +1011,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause += (f"; the loss takes the logarithm of a {logged}'s output written by hand: where p underflows to 0, "
                   f"log p is −inf and its backward NaN, while in log space (F.log_softmax) it stays finite")
         fixes = remedies("log_space") + fixes
+    product = _log_of_product(run, loss_step)
+    if product and not cause.startswith(("a NaN made in the backward pass", "divergence")):
+        # round 34: a discrete-time survival likelihood, log(h_t · cumprod(1 − h)) over 200 intervals (lifelines#155,
+        # pycox#51), inf at step 0 on every seed, told "the forward pass or the loss" with input standardisation and a
+        # re-initialisation as remedies, for inputs already standard and weights at PyTorch's default
+        cause = product
+        fixes = remedies("log_of_product", "check_data")
+        sources.append("meta loss_ops")
     ctc = _infinite_ctc(run, loss_step)
     if ctc and not cause.startswith("a NaN made in the backward pass"):
         cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")

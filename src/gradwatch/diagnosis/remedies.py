@@ -40,6 +40,11 @@ REMEDIES = {
                           "needs a discrete sample",
     "straight_through": "a straight-through estimator around a step-like operation, x + (f(x) − x).detach() "
                         "(Bengio et al. 2013): its forward is f(x), its gradient the identity's",
+    "drop_rounding": "train on the output itself: round, floor or sign the predictions only to report them (accuracy, "
+                     "a 0/1 answer), never between the output and the loss",
+    "tame_custom_backward": "scale the backward of your torch.autograd.Function to a gain of 1 or less: a "
+                            "gradient-reversal layer's λ ramped from 0 to 1 over training (Ganin et al. 2016, §5.2.2), a "
+                            "surrogate derivative no steeper than the unit step's width allows",
     "custom_backward": "widen the backward of your torch.autograd.Function (a straight-through estimator or "
                        "surrogate derivative) to its inputs' usual range: Hubara et al. 2016 pass |x| ≤ 1 for "
                        "pre-activations at unit scale, Neftci et al. 2019 a surrogate as wide as the potential's "
@@ -149,6 +154,9 @@ REMEDIES = {
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
     "smooth_activation": "a smooth activation (tanh, SiLU, softplus) in place of ReLU where the loss reads the net's "
                          "derivatives in its input (a physics-informed residual): ReLU's second derivative is 0",
+    "log_of_product": "compute a long product of probabilities in log space: the sum (or torch.cumsum) of the "
+                      "factors' logarithms — F.logsigmoid(−z) for 1 − σ(z), torch.log1p(−p) for 1 − p — in place of "
+                      "torch.log(torch.cumprod(…)) or torch.log(torch.prod(…))",
     "log_space": "compute the logarithm of a sigmoid or softmax output in log space (F.logsigmoid(z), "
                  "F.logsigmoid(−z) for log(1 − σ(z)), F.log_softmax), or the loss on the logits",
     "signed_targets": "give nn.SoftMarginLoss targets of −1 and +1 (2·y − 1 from 0/1 labels), or train the 0/1 "

@@ -17,7 +17,7 @@ from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
 from gradwatch.probes.activations import peak_derivative
 from gradwatch.probes.functional import ONE_HOT_ABOVE
-from gradwatch.probes.loss_ops import quadratic_on_softmax, quadratic_on_squash
+from gradwatch.probes.loss_ops import quadratic_on_softmax, quadratic_on_squash, step_ops
 from gradwatch.store import Run, Series
 
 
@@ -817,6 +817,16 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  f"({', '.join(cancelling)} with one tensor on both sides: x − x, x / x), a constant whose gradient "
                  f"is exactly 0 — as PPO's ratio exp(logp − logp_old) with logp_old the same logp, not detached")
         fixes = remedies("detach_reference")
+    elif (step_fns := step_ops(run_meta(run).get("loss_ops"))) and not moved:
+        # round 34: BCELoss(torch.round(torch.sigmoid(z)), y), a rounding meant to compare 0/1 answers with the labels
+        # (discuss.pytorch.org "Torch.round() gradient"), told "a softmax over a single unit" of a net ending in a
+        # sigmoid; without the rounding it learns to 0.96–0.97 where the rounded one stays at 0.48–0.64
+        calls = ", ".join(f"torch.{op}" for op in step_fns)
+        cause = (f"the loss reads the output through a step function ({calls}) between the last layer and the loss: "
+                 f"its derivative is 0 everywhere but at its jumps, so the backward pass carries exactly 0 from the "
+                 f"loss — round or threshold the predictions only to report them, and train on the output itself "
+                 f"(where the forward pass needs the step, a straight-through estimator passes the gradient past it)")
+        fixes = remedies("drop_rounding", "straight_through")
     elif reached := _backward_reached(run, start):
         # round 33: clip_grad_norm_(params, 0.0), a max_grad_norm of 0 meant as "no clipping" (OpenNMT/OpenNMT-py#1140),
         # told "a softmax over a single unit … a loss on a detached output" of a CNN whose backward pass was whole

@@ -96,7 +96,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "smaller_step", "fp32_weights", "no_collapse",
+                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "smaller_step",
+                     "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
                      "probability_targets", "keep_state_graph"})
@@ -142,8 +143,12 @@ def catalog() -> dict[str, list[Remedy]]:
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
         "straight_through": one("straight_through", "straight-through estimator around round/floor/sign",
                                 s.straight_through),
+        "drop_rounding": one("drop_rounding", "no round/floor/sign between the output and the loss",
+                             s.drop_rounding),
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function
+        "tame_custom_backward": one("tame_custom_backward", "custom autograd.Function backward capped at gain 1",
+                                    s.tame_custom_backward),
         "masked_rows": [],  # the mask is built in the user's forward
         # where the scheduler steps is the user's loop: the row holds the rate the schedule starts from
         "detach_reference": [],  # the reference term is computed in the user's loss
@@ -230,6 +235,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "logits_loss": [],  # the output activation and the loss are the user's
         "zero_grad_order": [],  # where the loop clears .grad is the user's loop (a Trial's own step())
         "no_zero_clip": [],  # ... and where it clips them
+        "log_of_product": [],  # the product is the user's loss
         "gate_bias": [],  # a gated cell's biases: which gate is which is the cell's own convention
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),

@@ -780,7 +780,33 @@ def straight_through(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     from gradwatch.remedies.structure import StraightThrough, UnderMode
 
     trial.model = UnderMode(trial.model, StraightThrough)
+    trial.loss_fn = UnderLossMode(trial.loss_fn, StraightThrough)  # (a rounding in the loss function itself)
     note_change(trial, "x + (f(x) − x).detach() for every round, floor, ceil, trunc and sign on the gradient's path")
+    return trial
+
+
+def tame_custom_backward(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model as :class:`~gradwatch.remedies.structure.CappedBackward`: every ``torch.autograd.Function`` of the
+    user's own met at a module's input passes on no more gradient than it receives (a gradient-reversal layer's λ of
+    100 becomes 1, as Ganin et al.'s ramp ends)."""
+    from gradwatch.remedies.structure import CappedBackward
+
+    trial.model = CappedBackward(trial.model)
+    note_change(trial, "each backward of your own autograd.Function scaled to pass on no more gradient than it "
+                       "receives (a gain of 1 at most, its sign kept)")
+    return trial
+
+
+def drop_rounding(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model and the trial's loss run under :class:`~gradwatch.remedies.structure.DropSteps`: every ``round``,
+    ``floor``, ``ceil``, ``trunc`` and ``sign`` of a tensor that requires grad returns its input, so the loss reads
+    the output itself — a rounding between the output and the loss is for reporting answers, not for training."""
+    from gradwatch.remedies.structure import DropSteps, UnderMode
+
+    trial.model = UnderMode(trial.model, DropSteps)
+    trial.loss_fn = UnderLossMode(trial.loss_fn, DropSteps)
+    note_change(trial, "the loss reads the output itself: every round, floor, ceil, trunc and sign on the gradient's "
+                       "path returns its input")
     return trial
 
 

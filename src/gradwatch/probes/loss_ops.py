@@ -72,10 +72,11 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     (:func:`loss_broadcast`), ``loss_ops``, the names of the backward operations between the loss and the layers
     (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), ``nll_on_scores``
     (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`), ``softmax_over_one``
-    (:func:`softmax_over_one`) and ``loss_weights`` (:func:`loss_weights`). Reads only; never fails the run."""
+    (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`) and ``mean_divided`` (:func:`mean_divided`).
+    Reads only; never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
-            "loss_weights": loss_weights(loss)}
+            "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss)}
 
 
 # the loss functions whose value is never below 0: a sum of them with positive weights is not either
@@ -168,6 +169,58 @@ def nll_on_scores(loss: Tensor) -> bool:
         return reached
     except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
         return False
+
+
+# the step functions: a derivative of 0 everywhere but at their jumps (where the loss's graph holds one between the
+# output and the loss, no gradient leaves the loss)
+STEP_NODES = {"RoundBackward0": "round", "RoundBackward1": "round", "FloorBackward0": "floor", "CeilBackward0": "ceil",
+              "TruncBackward0": "trunc", "SignBackward0": "sign", "SgnBackward0": "sgn"}
+
+
+def step_ops(ops: object) -> list[str]:
+    """The step functions (:data:`STEP_NODES`) among the loss's operations (meta ``loss_ops``), by their torch names,
+    sorted; [] for none."""
+    return sorted({STEP_NODES[o] for o in ops if o in STEP_NODES}) if isinstance(ops, (list, tuple)) else []
+
+
+# the loss functions that average over their elements by default (``reduction='mean'``, read from the node) and
+# torch.mean itself
+MEAN_LOSSES = frozenset({"NllLossBackward0", "NllLoss2DBackward0", "MseLossBackward0", "L1LossBackward0",
+                         "SmoothL1LossBackward0", "HuberLossBackward0", "BinaryCrossEntropyBackward0",
+                         "BinaryCrossEntropyWithLogitsBackward0", "KlDivBackward0", "MeanBackward0", "MeanBackward1"})
+_REDUCTION_MEAN = 1  # ATen's Reduction::Mean
+
+
+def mean_divided(loss: Tensor) -> dict[str, Any] | None:
+    """Where the logged loss is a mean-reduced loss divided again by a constant — ``F.cross_entropy(out, y) /
+    batch_size``, a mean that is divided by the batch twice (williamleif/GraphSAGE#12): ``{"loss": the mean's node,
+    "divisor": the constant}``, the divisor None where the backward pass has freed it (a tensor saved by the division:
+    a loss logged after ``backward()``). None where the loss is no such quotient, or reading fails (never the user's
+    run). Every gradient is then the divisor's fraction of the mean's."""
+    try:
+        node = getattr(loss, "grad_fn", None)
+        while node is not None and type(node).__name__ in _SAME_ELEMENTS:
+            node = node.next_functions[0][0]
+        if node is None or type(node).__name__ not in ("DivBackward0", "DivBackward1"):
+            return None
+        nxt = node.next_functions
+        if len(nxt) == 2 and nxt[1][0] is not None:  # a quotient of two tensors that both carry a gradient
+            return None
+        mean = nxt[0][0]
+        while mean is not None and type(mean).__name__ in _SAME_ELEMENTS:
+            mean = mean.next_functions[0][0]
+        name = type(mean).__name__ if mean is not None else ""
+        if name not in MEAN_LOSSES or (not name.startswith("Mean")
+                                       and getattr(mean, "_saved_reduction", None) != _REDUCTION_MEAN):
+            return None
+        try:
+            other = node._saved_other
+            divisor = float(other.item() if isinstance(other, Tensor) else other)
+        except Exception:  # noqa: BLE001 - freed by the backward pass: the quotient is known, its constant not
+            divisor = None
+        return {"loss": name, "divisor": divisor}
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return None
 
 
 def loss_ops(loss: Tensor) -> list[str]:

@@ -628,6 +628,20 @@ class StraightThrough(TorchFunctionMode):
         return x + (out - x).detach()
 
 
+class DropSteps(TorchFunctionMode):
+    """While open, every rounding and sign of a tensor that requires grad returns its input: the value the loss
+    should have read, where a step function sat between a model's output and its loss only to report 0/1 answers
+    (``BCELoss(torch.round(torch.sigmoid(z)), y)``: its derivative is 0 everywhere, so no gradient ever leaves the
+    loss). Every other call runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if getattr(func, "__name__", "") in STEP_LIKE and isinstance(x, Tensor) and x.requires_grad:
+            return x
+        return func(*args, **kwargs)
+
+
 class SignedMarginTargets(TorchFunctionMode):
     """While open, a soft-margin loss (``F.soft_margin_loss``, ``nn.SoftMarginLoss``) whose targets are all 0 or 1
     gets 2·y − 1: the −1/+1 targets it expects, from the 0/1 labels a binary cross-entropy wants. Every other call
@@ -731,6 +745,42 @@ class UnderMode(Wrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.mode(*self.args):
             return self.inner(*args, **kwargs)
+
+
+class CappedBackward(Wrapper):
+    """A model whose ``torch.autograd.Function`` nodes of the user's own, met at its modules' inputs, pass on no more
+    gradient than they receive: a hook on each such node (:func:`gradwatch.probes.custom.custom_node`, as the watch
+    finds them) scales what its backward returns down to the norm of what it received wherever it is larger — a
+    gradient-reversal layer at λ = 100 becomes one at λ = 1, its sign kept; a gain of 1 or less is left as it is.
+    The model's parameters are its own (an optimizer over them trains it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self._capped: set[int] = set()  # the nodes hooked in this forward pass (ids: a node lives for one step)
+        self._hooks = [m.register_forward_pre_hook(self._cap) for m in model.modules()]
+
+    def _cap(self, module: nn.Module, args: tuple) -> None:
+        from gradwatch.probes.custom import custom_node
+
+        for x in args:
+            node = custom_node(x) if isinstance(x, Tensor) else None
+            if node is not None and id(node) not in self._capped:
+                self._capped.add(id(node))
+                node.register_hook(_no_gain)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._capped.clear()
+        return self.inner(*args, **kwargs)
+
+
+def _no_gain(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+    """A node's hook: its gradients scaled to the norm of the gradient it received where they are larger."""
+    given = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grad_inputs if isinstance(g, Tensor)))
+    got = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grad_outputs if isinstance(g, Tensor)))
+    if not (given > got > 0) or not math.isfinite(given):
+        return None
+    return tuple(g * (got / given) if isinstance(g, Tensor) else g for g in grad_inputs)
 
 
 class GumbelTemperature(UnderMode):
