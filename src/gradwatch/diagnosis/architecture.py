@@ -390,6 +390,20 @@ def single_element_norm(run: Run) -> str:
             f"so no layer before it gets a gradient")
 
 
+def identity_activations(run: Run) -> str:
+    """Words for LeakyReLU modules with a negative slope of 1 or more (meta ``linear_activations``) where they are
+    every nonlinearity the model has: its layers compose to one linear map; '' otherwise."""
+    seen = run_meta(run).get("linear_activations") or []
+    deepest = max((e.depth for e in run.entities("layer") if e.depth is not None), default=None)
+    between = [e.name for e in run.entities("activation") if e.depth is not None and deepest is not None
+               and e.depth < deepest]  # (an output's sigmoid is no nonlinearity between layers)
+    if not seen or not between or not set(between) <= set(seen):
+        return ""
+    return (f"a linear net: every activation is an nn.LeakyReLU with a negative slope of 1 (module"
+            f"{'s' if len(seen) > 1 else ''} {listed(seen)}), the identity — nn.LeakyReLU(True) sets negative_slope=1, not inplace=True (its "
+            f"second argument) — so the layers compose to one linear map, which cannot fit a task that is not linear")
+
+
 def unbounded_loss_weights(run: Run) -> str:
     """Words for a loss of terms never below 0 weighed by parameters (meta ``loss_weights``) whose logged value went
     below 0: a learned weight went through 0, and the loss is unbounded below; '' otherwise. Round 27: Σ wᵢ·Lᵢ over
@@ -673,7 +687,14 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
     (amplifying_backward, ("tame_custom_backward",), _BLOWUP_KINDS),
+    (identity_activations, ("leaky_slope",), ("stalled",)),
 )
+
+
+# the set-up causes that act through the size of the steps (a rate, its warm-up): none of them makes a NaN that one
+# batch's forward pass makes at an ordinary loss (round 35: a masked mean over an empty mask, told "Post-LN without
+# warm-up")
+_STEP_CAUSES = frozenset({climbing_schedule, post_ln_without_warmup, lr_without_warmup})
 
 
 def set_up_causes(run: Run) -> list[str]:
@@ -975,7 +996,7 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
     relu_type = bool(types & RELU_TYPES) or bool(types & {"TransformerEncoderLayer", "TransformerDecoderLayer"})
     if not types & SATURATING_TYPES and (relu_type or run.entities("activation")):
         drop.add("relu")  # nothing tanh/sigmoid-like to swap
-    causes = [(cause(run), first, kinds) for cause, first, kinds in SET_UP_CAUSES]
+    causes = [(cause(run), first, kinds, cause in _STEP_CAUSES) for cause, first, kinds in SET_UP_CAUSES]
     # a SELU net's init is LeCun normal, not He's doubled variance (round 14's 32-layer SELU net: He diverged at once)
     selu_only = "SELU" in types and not types & ((RELU_TYPES | SATURATING_TYPES) - {"SELU"})
     bn_plain = _batch_norm_without_skips(run, deep_plain)
@@ -1004,7 +1025,9 @@ def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:
         # remedies already begin with the data and the inputs.
         early_blowup = f.kind == "nonfinite" and f.steps[0] == 1 and f.remedy_keys != ("backward_singularity",)
         said: list[str] = []
-        for words, first, kinds in causes:  # the last said goes first
+        for words, first, kinds, steps_cause in causes:  # the last said goes first
+            if steps_cause and f.numbers.get("sudden"):
+                continue  # a NaN one batch made in the forward pass, at an ordinary loss: no step size made it
             if words and f.severity != "info" and (f.kind in kinds or early_blowup and "standardise_inputs" in first):
                 fixes = remedies(*first) + tuple(t for t in fixes if key_of(t) not in first)
                 if words not in cause:  # a set-up's warning of its own is these words already (round 25: said twice)

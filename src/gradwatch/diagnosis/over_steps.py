@@ -870,6 +870,64 @@ def _made_by_update(run: Run, loss: np.ndarray, loss_steps: np.ndarray, grads_re
 ORDINARY_LOSS_WITHIN = 10.0  # a loss within this factor of the largest before it has not diverged
 
 
+def harmless_nan_loss(run: Run) -> Finding | None:
+    """An ``info`` finding where the logged loss is non-finite on some steps, finite again after each (its last value
+    finite, at most half its steps non-finite), while no gradient was ever non-finite: a value undefined on a batch
+    that the backward pass did not carry — a mean over no elements (every target ``ignore_index``: round 35, a
+    tagger's ``nn.CrossEntropyLoss(ignore_index=-100)`` on batches without a label, NaN on 10–25 of 300 steps with a
+    gradient of exactly 0 there, learning exactly as its twin; told "critical: Post-LN without warm-up"). None
+    otherwise."""
+    if "loss" not in run.quantities:
+        return None
+    loss = run.series("loss", "run")
+    values, steps = loss.values[0], loss.steps
+    bad = ~np.isfinite(values)
+    if not bad.any() or bad[-1] or bad.mean() > 0.5:
+        return None
+    if "nonfinite" in run.quantities and (np.nan_to_num(run.series("nonfinite").values, nan=0.0) > 0).any():
+        return None
+    got = total_grad_norm(run)
+    if got is not None and np.isinf(got[1]).any():
+        return None
+    at = steps[bad]
+    zero = ""
+    if got is not None:
+        read = np.isin(got[0], at) & np.isfinite(got[1])
+        if read.any():
+            zero = (f"; the total gradient norm is 0 on {int((got[1][read] == 0).sum())} of the {int(read.sum())} of "
+                    f"those steps read")
+    shown = ", ".join(str(int(x)) for x in at[:5]) + (" …" if len(at) > 5 else "")
+    return Finding(
+        kind="nonfinite", severity="info", layers=(), steps=(int(at[0]), int(at[-1])),
+        summary=f"the logged loss is NaN on {len(at)} of {len(values)} steps, with finite gradients",
+        evidence=(f"the logged loss is non-finite at step{'s' if len(at) > 1 else ''} {shown}, each followed by finite "
+                  f"values, and no gradient read was ever non-finite{zero}."),
+        cause=("a loss value undefined on some batches that the backward pass did not carry: a mean over no elements — "
+               "a batch whose every target is ignored (nn.CrossEntropyLoss(ignore_index=…) and F.cross_entropy give "
+               "0/0 = NaN there, with a gradient of 0: pytorch/pytorch#70348) or masked out; such a step changes "
+               "nothing. Log the loss only where the batch has a target, or skip those batches"),
+        remedies=(), numbers={"nan_steps": float(len(at))}, sources=("loss (run)", "nonfinite (layers)"),
+    )
+
+
+NONFINITE_CAUSE = "non-finite values in the forward pass or the loss"  # where no measurement says more
+SUDDEN_AFTER = 3  # a loss logged finite and of its usual size on this many steps or more before it turned non-finite
+
+
+def _sudden_in_forward(run: Run, loss_step: float, th: Thresholds) -> bool:
+    """The logged loss turned non-finite at ``loss_step`` after at least :data:`SUDDEN_AFTER` finite steps, its
+    last finite value of the size it had so far (:func:`_ordinary_loss`): the forward pass of one batch made the NaN,
+    no divergence led to it (the caller has checked the gradient's norm)."""
+    if "loss" not in run.quantities or not math.isfinite(loss_step):
+        return False
+    loss = run.series("loss", "run")
+    at = np.where(loss.steps == loss_step)[0]
+    if not len(at) or at[0] < SUDDEN_AFTER:
+        return False
+    before = loss.values[0][: at[0]]
+    return bool(np.isfinite(before).all()) and _ordinary_loss(before, len(before) - 1)
+
+
 def _ordinary_loss(loss: np.ndarray, at: int) -> bool:
     """The loss at index ``at`` is finite and of the size it had so far (at most :data:`ORDINARY_LOSS_WITHIN` times
     the largest magnitude before it; at the first step, finite is enough): a forward pass that did not diverge."""
@@ -940,7 +998,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                 f"{shown} first; {steps_bad} step{'s' if steps_bad > 1 else ''} with non-finite gradients "
                 f"{in_all}")
     sources = [f"nonfinite (layers {span(s.names)}, {steps_text(int(s.steps[0]), int(s.steps[-1]))})"]
-    cause = "non-finite values in the forward pass or the loss"
+    cause = NONFINITE_CAUSE
     got = total_grad_norm(run)
     if got is not None:
         steps, total = got
@@ -1032,6 +1090,16 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                  + ("" if cause.startswith("non-finite") else f"; besides, {cause}"))
         fixes = remedies("impute_inputs", "check_data")
         sources.append("meta input_std")
+    sudden = cause == NONFINITE_CAUSE and update is None and _sudden_in_forward(run, loss_step, th)
+    if sudden:
+        # round 35: a masked mean written by hand, sum(l·m) / m.sum(), on the first batch with no labelled token
+        # (huggingface/trl#3248), NaN at steps 10, 19 and 4 whatever the rate, told "a Post-LN layer without warm-up"
+        cause = (f"a NaN made by the forward pass on one batch: the loss was of its usual size up to step "
+                 f"{step0 - 1} and is non-finite at step {step0}, with no growth of the gradient before it, so no "
+                 f"divergence — an operation undefined on that batch's values: 0/0 (a mean over an empty mask, "
+                 f"sum(l·m) / m.sum() on a batch with no entry to average), log 0, sqrt of a negative; a lower "
+                 f"learning rate cannot help")
+        fixes = remedies("guard_division", "check_data")
     what = "NaN/Inf gradients"
     rows = [i for i in range(len(s.names)) if bad[i, j0]]
     if (g is not None and g.values.shape == s.values.shape and np.isposinf(g.values[rows, j0]).all()
@@ -1049,6 +1117,7 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause=cause,
         remedies=fixes,
         numbers={"step": float(step0), "tensors": count, "steps": float(steps_bad), "loss_step": loss_step,
-                 "update_step": float(step0 - 1) if update is not None else math.nan},
+                 "update_step": float(step0 - 1) if update is not None else math.nan,
+                 **({"sudden": 1.0} if sudden else {})},
         sources=tuple(sources),
     )]

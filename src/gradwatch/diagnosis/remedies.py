@@ -154,6 +154,11 @@ REMEDIES = {
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
     "smooth_activation": "a smooth activation (tanh, SiLU, softplus) in place of ReLU where the loss reads the net's "
                          "derivatives in its input (a physics-informed residual): ReLU's second derivative is 0",
+    "leaky_slope": "give nn.LeakyReLU its intended negative slope (0.01, PyTorch's default): nn.LeakyReLU(inplace=True), "
+                   "not nn.LeakyReLU(True), whose first argument is negative_slope",
+    "guard_division": "guard the operation the batch made undefined: clamp a count or a norm away from 0 before "
+                      "dividing (sum(l·m) / m.sum().clamp(min=1)), skip a batch with nothing to average, keep a log's "
+                      "or a square root's argument positive",
     "log_of_product": "compute a long product of probabilities in log space: the sum (or torch.cumsum) of the "
                       "factors' logarithms — F.logsigmoid(−z) for 1 − σ(z), torch.log1p(−p) for 1 − p — in place of "
                       "torch.log(torch.cumprod(…)) or torch.log(torch.prod(…))",

@@ -31,7 +31,8 @@ from gradwatch.diagnosis.output_range import margin_target_findings, output_rang
 from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
-    RECOVERED, clipped_findings, fading_findings, loss_scale_findings, lr_collapse_findings, nonfinite_findings,
+    RECOVERED, clipped_findings, fading_findings, harmless_nan_loss, loss_scale_findings, lr_collapse_findings,
+    nonfinite_findings,
     nonfinite_remedies, skipped_findings, skipped_steps, spike_findings, tiny_step_findings, unfinished_warmup_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
@@ -68,9 +69,13 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     else:
         view = run
     said_nonfinite = bool(found)  # where a non-finite finding says it already, a bare non-finite event goes
+    harmless = None if said_nonfinite else harmless_nan_loss(view)  # NaN losses the backward pass never carried
     for f in merge_spikes(spike_findings(view, th), instability_findings(view, th.instability)):
         if not _bare_nonfinite_event(f):
             found.append(f)
+        elif harmless is not None:
+            found.append(harmless)
+            harmless, said_nonfinite = None, True
         elif not said_nonfinite:
             found.append(_as_nonfinite(f))
     found += fading_findings(view, th) + depth_findings(view, th) + temporal_findings(view, th) + clipped_findings(view, th)

@@ -96,8 +96,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "smaller_step",
-                     "fp32_weights", "no_collapse",
+                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "guard_division",
+                     "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
                      "probability_targets", "keep_state_graph"})
@@ -143,6 +143,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
         "straight_through": one("straight_through", "straight-through estimator around round/floor/sign",
                                 s.straight_through),
+        "leaky_slope": one("leaky_slope", "LeakyReLU's negative slope 0.01 where it was 1", OnModel(s.leaky_slope)),
         "drop_rounding": one("drop_rounding", "no round/floor/sign between the output and the loss",
                              s.drop_rounding),
         "smaller_l1": [],  # the penalty is in the user's loss
@@ -236,6 +237,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "zero_grad_order": [],  # where the loop clears .grad is the user's loop (a Trial's own step())
         "no_zero_clip": [],  # ... and where it clips them
         "log_of_product": [],  # the product is the user's loss
+        "guard_division": [],  # the division is the user's forward or loss
         "gate_bias": [],  # a gated cell's biases: which gate is which is the cell's own convention
         "lower_momentum": one("lower_momentum", "momentum 0.9", s.lower_momentum),
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),

@@ -54,6 +54,7 @@ class Origin:
     where: str
     code: str  # that line's source, stripped
     from_inf: bool = False  # forward: a NaN made from inputs that held ±inf but no NaN (else from finite inputs)
+    nan: bool = False  # forward, from finite inputs: the value made holds a NaN (0/0), not only ±inf (1/0)
 
     @property
     def overflowed(self) -> bool:
@@ -87,7 +88,12 @@ class Origin:
         if self.overflowed:
             made += (": a layer's product overflowed the float range, as it does once the weights or the inputs "
                      "have grown without bound — the divergence the findings name, not a line to mend")
-        if self.op.rpartition(".")[2] in RECIPROCALS:
+        if self.op.rpartition(".")[2] in RECIPROCALS and self.nan:
+            # round 35: a masked mean written by hand, sum(l·m) / m.sum(), on a batch with no labelled token
+            made += (": 0/0 is NaN — a sum divided by a count or a norm that is 0 on this batch, as a mean over a "
+                     "mask with no entry (sum(l·m) / m.sum()) — clamp the divisor away from 0 "
+                     "(m.sum().clamp(min=1)), or skip a batch with nothing to average")
+        elif self.op.rpartition(".")[2] in RECIPROCALS:
             made += (": 1/x of an entry that is 0 (a power with a negative exponent, rsqrt, a division) is ±inf — "
                      "set those entries to 0 after it (pygcn's r_inv[isinf(r_inv)] = 0), clamp the base away from "
                      "0, or, for a graph's degree, add self-loops (Kipf & Welling's Ã = A + I)")
@@ -172,6 +178,7 @@ class _FirstNonFinite(TorchFunctionMode):
         super().__init__()
         self.found: tuple[str, str, str] | None = None
         self.from_inf: tuple[str, str, str] | None = None  # the first NaN made from ±inf (no NaN given)
+        self.found_nan = False  # the first value made from finite inputs holds a NaN (0/0), not only ±inf
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -182,6 +189,7 @@ class _FirstNonFinite(TorchFunctionMode):
                 given = [t for t in _floats((args, kwargs)) if t.numel()]
                 if all(bool(torch.isfinite(t).all()) for t in given):
                     self.found = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
+                    self.found_nan = any(bool(torch.isnan(t).any()) for t in made)
                 elif (self.from_inf is None and any(bool(torch.isnan(t).any()) for t in made)
                       and not any(bool(torch.isnan(t).any()) for t in given)):
                     self.from_inf = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
@@ -190,7 +198,7 @@ class _FirstNonFinite(TorchFunctionMode):
     def origin(self, step: int) -> "Origin | None":
         """The forward origin found at ``step``: a value made from finite inputs first, else a NaN made from ±inf."""
         if self.found is not None:
-            return Origin(step, "forward", *self.found)
+            return Origin(step, "forward", *self.found, nan=self.found_nan)
         if self.from_inf is not None:
             return Origin(step, "forward", *self.from_inf, from_inf=True)
         return None

@@ -403,7 +403,10 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         numbers.update({k: v for k, v in f.numbers.items() if k not in numbers and not math.isnan(v)})  # NaN: unmeasured
     report.numbers = numbers
     candidates = [r for key in candidate_keys(diagnosis) for r in catalog.get(key, [])]
-    if step0_overflow(diagnosis):  # where its operation names a remedy, the first NaN is located before the trials
+    # where its operation names a remedy, the first NaN is located before the trials: one made at step 0, or by one
+    # batch's forward pass at an ordinary loss later on (round 35: a masked mean's 0/0 on a batch with no label)
+    sudden = any(f.kind == "nonfinite" and f.numbers.get("sudden") for f in diagnosis.problems)
+    if step0_overflow(diagnosis) or sudden:
         _nonfinite_origin(report, setup, steps, deadline)
         made = report.nonfinite_origin
         if (made is not None and made.phase == "forward" and not made.from_inf

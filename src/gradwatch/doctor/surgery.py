@@ -763,12 +763,14 @@ def lower_dropout(trial: Trial, numbers: dict[str, float]) -> Trial | None:
 
 
 def zero_reciprocals(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """The model run under :class:`~gradwatch.remedies.structure.ZeroReciprocals`: a power with a negative exponent,
-    1/x, rsqrt or a division is 0 where it meets an entry that is exactly 0 (pygcn's and PyG's masked D^(−1/2) at a
-    zero degree), in place of the ±inf that made the run's first NaN."""
+    """The model and the trial's loss run under :class:`~gradwatch.remedies.structure.ZeroReciprocals`: a power with
+    a negative exponent, 1/x, rsqrt or a division is 0 where it meets an entry that is exactly 0 (pygcn's and PyG's
+    masked D^(−1/2) at a zero degree; a masked mean's 0/0 on a batch with an empty mask), in place of the ±inf or NaN
+    that made the run's first NaN."""
     from gradwatch.remedies.structure import UnderMode, ZeroReciprocals
 
     trial.model = UnderMode(trial.model, ZeroReciprocals)
+    trial.loss_fn = UnderLossMode(trial.loss_fn, ZeroReciprocals)  # (a division written in the loss function)
     note_change(trial, "0 in place of ±inf where a power with a negative exponent, 1/x or a division met an entry of 0")
     return trial
 
@@ -795,6 +797,14 @@ def tame_custom_backward(trial: Trial, numbers: dict[str, float]) -> Trial | Non
     note_change(trial, "each backward of your own autograd.Function scaled to pass on no more gradient than it "
                        "receives (a gain of 1 at most, its sign kept)")
     return trial
+
+
+def leaky_slope(m: nn.Module) -> nn.Module | None:
+    """Every ``nn.LeakyReLU`` with a negative slope of 1 or more given PyTorch's default, 0.01; None where none has."""
+    found = [x for x in m.modules() if isinstance(x, nn.LeakyReLU) and float(x.negative_slope) >= 1]
+    for x in found:
+        x.negative_slope = 0.01
+    return m if found else None
 
 
 def drop_rounding(trial: Trial, numbers: dict[str, float]) -> Trial | None:

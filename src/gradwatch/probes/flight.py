@@ -148,11 +148,13 @@ class FlightRecorder:
         if min(self.count, self.capacity) - 1 < self.warmup:
             return False
         history = np.delete(totals, slot)
-        if not totals[slot] - np.nanmin(history) > self.log_ratio:  # the rise over the median is at most this
-            return False  # (most steps: no sort needed)
-        med = _lower_median(history)
-        mad = 1.4826 * _lower_median(np.abs(history - med))
-        rise = totals[slot] - med
+        # a norm of 0 is a log of −inf: −inf − (−inf) is NaN, no rise (and no warning for the user to read)
+        with np.errstate(invalid="ignore"):
+            if not totals[slot] - np.nanmin(history) > self.log_ratio:  # the rise over the median is at most this
+                return False  # (most steps: no sort needed)
+            med = _lower_median(history)
+            mad = 1.4826 * _lower_median(np.abs(history - med))
+            rise = totals[slot] - med
         return bool(rise > self.log_ratio and rise > self.z_above * mad)
 
     def fire(self, step: int) -> None:

@@ -78,6 +78,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Normalisation layers over a single element (LayerNorm/RMSNorm with normalized_shape 1): their output is the
         # bias (or ±weight) whatever their input, so nothing before them gets a gradient.
         "single_element_norms": single_element_norms(model),
+        # LeakyReLU modules whose negative slope is 1 or more: nn.LeakyReLU(True) sets negative_slope=1 (inplace is the
+        # second argument), the identity, so the net between its layers is linear.
+        "linear_activations": linear_activations(model),
         # Post-LN Transformer layers (norm_first=False), which need a learning-rate warm-up (Xiong et al. 2020).
         "post_ln_layers": sum(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                               and not m.norm_first for m in model.modules()),
@@ -134,6 +137,14 @@ def max_group(optimizer: torch.optim.Optimizer | None, key: str) -> float | None
         return None
     got = [float(g[key]) for g in optimizer.param_groups if isinstance(g.get(key), numbers.Real)]
     return max(got) if got else None
+
+
+def linear_activations(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.LeakyReLU`` modules with a negative slope of 1 or more: at 1 the identity, so a
+    net whose every nonlinearity is one is linear (round 35: ``nn.LeakyReLU(True)`` meant as ``inplace=True``,
+    PantoMatrix#52, a circles classifier at chance)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.LeakyReLU) and float(m.negative_slope) >= 1]
 
 
 def single_element_norms(model: nn.Module) -> list[str]:
