@@ -914,7 +914,7 @@ NONFINITE_CAUSE = "non-finite values in the forward pass or the loss"  # where n
 SUDDEN_AFTER = 3  # a loss logged finite and of its usual size on this many steps or more before it turned non-finite
 
 
-def _sudden_in_forward(run: Run, loss_step: float, th: Thresholds) -> bool:
+def _sudden_in_forward(run: Run, loss_step: float) -> bool:
     """The logged loss turned non-finite at ``loss_step`` after at least :data:`SUDDEN_AFTER` finite steps, its
     last finite value of the size it had so far (:func:`_ordinary_loss`): the forward pass of one batch made the NaN,
     no divergence led to it (the caller has checked the gradient's norm)."""
@@ -1090,7 +1090,8 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                  + ("" if cause.startswith("non-finite") else f"; besides, {cause}"))
         fixes = remedies("impute_inputs", "check_data")
         sources.append("meta input_std")
-    sudden = cause == NONFINITE_CAUSE and update is None and _sudden_in_forward(run, loss_step, th)
+    sudden = (cause == NONFINITE_CAUSE and update is None and loss_step == step0
+              and _sudden_in_forward(run, loss_step))
     if sudden:
         # round 35: a masked mean written by hand, sum(l·m) / m.sum(), on the first batch with no labelled token
         # (huggingface/trl#3248), NaN at steps 10, 19 and 4 whatever the rate, told "a Post-LN layer without warm-up"
