@@ -399,9 +399,10 @@ def identity_activations(run: Run) -> str:
                and e.depth < deepest]  # (an output's sigmoid is no nonlinearity between layers)
     if not seen or not between or not set(between) <= set(seen):
         return ""
-    return (f"a linear net: every activation is an nn.LeakyReLU with a negative slope of 1 (module"
-            f"{'s' if len(seen) > 1 else ''} {listed(seen)}), the identity — nn.LeakyReLU(True) sets negative_slope=1, not inplace=True (its "
-            f"second argument) — so the layers compose to one linear map, which cannot fit a task that is not linear")
+    modules = f"module{'s' if len(seen) > 1 else ''} {listed(seen)}"
+    return (f"a linear net: every activation is an nn.LeakyReLU with a negative slope of 1 ({modules}), the identity "
+            f"— nn.LeakyReLU(True) sets negative_slope=1, not inplace=True (its second argument) — so the layers "
+            f"compose to one linear map, which cannot fit a task that is not linear")
 
 
 def unbounded_loss_weights(run: Run) -> str:

@@ -548,7 +548,8 @@ def _log_of_product(run: Run, loss_step: float) -> str:
     steps = run.series("loss", "run").steps
     if not len(steps) or loss_step != float(steps[0]):
         return ""
-    calls = " and ".join(sorted({"torch.cumprod" if o.startswith("Cumprod") else "torch.prod" for o in ops & PRODUCT_NODES}))
+    calls = " and ".join(sorted({"torch.cumprod" if o.startswith("Cumprod") else "torch.prod"
+                                 for o in ops & PRODUCT_NODES}))
     return (f"the loss takes the logarithm of a product of many factors ({calls} in its graph, then torch.log): a "
             f"product of a hundred or more factors below 1 underflows to 0 in float32 (0.5¹⁵⁰ ≈ 7·10⁻⁴⁶ is below its "
             f"smallest value, 1.4·10⁻⁴⁵), so its logarithm is −inf from the first step, before any update — sum the "

@@ -43,8 +43,8 @@ REMEDIES = {
     "drop_rounding": "train on the output itself: round, floor or sign the predictions only to report them (accuracy, "
                      "a 0/1 answer), never between the output and the loss",
     "tame_custom_backward": "scale the backward of your torch.autograd.Function to a gain of 1 or less: a "
-                            "gradient-reversal layer's λ ramped from 0 to 1 over training (Ganin et al. 2016, §5.2.2), a "
-                            "surrogate derivative no steeper than the unit step's width allows",
+                            "gradient-reversal layer's λ ramped from 0 to 1 over training (Ganin et al. 2016, "
+                            "§5.2.2), a surrogate derivative no steeper than the unit step's width allows",
     "custom_backward": "widen the backward of your torch.autograd.Function (a straight-through estimator or "
                        "surrogate derivative) to its inputs' usual range: Hubara et al. 2016 pass |x| ≤ 1 for "
                        "pre-activations at unit scale, Neftci et al. 2019 a surrogate as wide as the potential's "
@@ -154,8 +154,8 @@ REMEDIES = {
                   "it: a bound that every step hits makes plain SGD a fixed-length step",
     "smooth_activation": "a smooth activation (tanh, SiLU, softplus) in place of ReLU where the loss reads the net's "
                          "derivatives in its input (a physics-informed residual): ReLU's second derivative is 0",
-    "leaky_slope": "give nn.LeakyReLU its intended negative slope (0.01, PyTorch's default): nn.LeakyReLU(inplace=True), "
-                   "not nn.LeakyReLU(True), whose first argument is negative_slope",
+    "leaky_slope": "give nn.LeakyReLU its intended negative slope (0.01, PyTorch's default): "
+                   "nn.LeakyReLU(inplace=True), not nn.LeakyReLU(True), whose first argument is negative_slope",
     "guard_division": "guard the operation the batch made undefined: clamp a count or a norm away from 0 before "
                       "dividing (sum(l·m) / m.sum().clamp(min=1)), skip a batch with nothing to average, keep a log's "
                       "or a square root's argument positive",
