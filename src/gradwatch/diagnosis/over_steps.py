@@ -1114,7 +1114,9 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
                       "~1.8e19 in float32) that their squares overflow — a gradient grown out of range, not a NaN")
     return [Finding(
         kind="nonfinite", severity="critical", layers=tuple(layers_at), steps=(step0, int(s.steps[cols[-1]])),
-        summary=f"{what} from {when}, first in layer {shown} (backward order)",
+        # a NaN loss reaches every layer in one backward pass: the deepest layer is no first place (round 35)
+        summary=(f"{what} from {when}, in {len(layers_at)} layers at once: the loss itself is non-finite there"
+                 if sudden else f"{what} from {when}, first in layer {shown} (backward order)"),
         evidence=evidence + loss_note + ".",
         cause=cause,
         remedies=fixes,
