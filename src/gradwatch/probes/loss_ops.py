@@ -198,17 +198,13 @@ def mean_divided(loss: Tensor) -> dict[str, Any] | None:
     a loss logged after ``backward()``). None where the loss is no such quotient, or reading fails (never the user's
     run). Every gradient is then the divisor's fraction of the mean's."""
     try:
-        node = getattr(loss, "grad_fn", None)
-        while node is not None and type(node).__name__ in _SAME_ELEMENTS:
-            node = node.next_functions[0][0]
+        node = _past_same_elements(getattr(loss, "grad_fn", None))
         if node is None or type(node).__name__ not in ("DivBackward0", "DivBackward1"):
             return None
         nxt = node.next_functions
         if len(nxt) == 2 and nxt[1][0] is not None:  # a quotient of two tensors that both carry a gradient
             return None
-        mean = nxt[0][0]
-        while mean is not None and type(mean).__name__ in _SAME_ELEMENTS:
-            mean = mean.next_functions[0][0]
+        mean = _past_same_elements(nxt[0][0])
         name = type(mean).__name__ if mean is not None else ""
         if name not in MEAN_LOSSES or (not name.startswith("Mean")
                                        and getattr(mean, "_saved_reduction", None) != _REDUCTION_MEAN):
@@ -487,10 +483,15 @@ def margin_targets_off_gradient(loss: Tensor, output: Any, grad: Tensor) -> dict
 def _reads_whole(node: Any, output: Any) -> bool:
     """Whether the loss node ``node``'s input is the model's ``output`` node itself, reached through nodes that keep
     its elements one for one (views, squeezes, transposes)."""
-    at = node.next_functions[0][0]
-    while at is not None and at is not output and type(at).__name__ in _SAME_ELEMENTS:
-        at = at.next_functions[0][0]
-    return at is output
+    return _past_same_elements(node.next_functions[0][0], output) is output
+
+
+def _past_same_elements(node: Any, stop: Any = None) -> Any:
+    """The first node from ``node`` back (its first input each time) that does not keep its input's elements one for
+    one (:data:`_SAME_ELEMENTS`: views, squeezes, transposes), or ``stop`` where the walk meets it first."""
+    while node is not None and node is not stop and type(node).__name__ in _SAME_ELEMENTS:
+        node = node.next_functions[0][0]
+    return node
 
 
 def _first_node(loss: Tensor, names: frozenset[str]) -> Any:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from gradwatch._errors import bad_argument
+from gradwatch.probes.custom import custom_node
 from gradwatch.probes.functional import DROPOUT_FUNCS
 
 SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
@@ -761,8 +762,6 @@ class CappedBackward(Wrapper):
         self._hooks = [m.register_forward_pre_hook(self._cap) for m in model.modules()]
 
     def _cap(self, module: nn.Module, args: tuple) -> None:
-        from gradwatch.probes.custom import custom_node
-
         for x in args:
             node = custom_node(x) if isinstance(x, Tensor) else None
             if node is not None and id(node) not in self._capped:
