@@ -90,6 +90,8 @@ class Trial:
     margin_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and a mean-reduced loss divided again by a constant, with that constant (loss_ops.mean_divided)
     mean_divided: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and the parameters of its graph that neither the model nor the optimizer holds (graph_scan.scan_graph)
+    loss_foreign: list[Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None:
@@ -124,11 +126,14 @@ class Trial:
             loss.backward()
         self.optimizer.step()
         if self.loss_paths is None:
+            from gradwatch.probes.graph_scan import held_parameters, scan_graph
             from gradwatch.probes.loss_ops import loss_graph, loss_paths
 
             self.loss_paths = loss_paths(loss)
+            self.loss_foreign, reductions = scan_graph(loss, held_parameters(self.model, self.optimizer))
             self.loss_graph = {**loss_graph(loss), "loss_targets": self.loss_targets,
-                               "margin_targets": self.margin_targets, "mean_divided": self.mean_divided}
+                               "margin_targets": self.margin_targets, "mean_divided": self.mean_divided,
+                               "degenerate_reductions": reductions}
         return loss.detach()
 
 

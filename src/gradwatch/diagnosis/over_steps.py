@@ -557,6 +557,27 @@ def _log_of_product(run: Run, loss_step: float) -> str:
             f"as a cumsum of their logs)")
 
 
+def _degenerate_variance(run: Run, loss_step: float) -> str:
+    """The cause for a loss that is non-finite from its first logged step where the graph takes a variance or a
+    standard deviation over no more elements per output than its correction (meta ``degenerate_reductions``: a
+    ``torch.var`` over a 1×1 map, Bessel's n − 1 by default): 0/0 on every forward pass; '' otherwise."""
+    found = run_meta(run).get("degenerate_reductions") or []
+    if "loss" not in run.quantities or not found:
+        return ""
+    steps = run.series("loss", "run").steps
+    if not len(steps) or loss_step != float(steps[0]):
+        return ""
+    got = found[0]
+    dims = "all its dimensions" if got.get("dims") is None else f"dims {tuple(got['dims'])}"
+    shape = "×".join(str(d) for d in got.get("input") or ())
+    over, correction = int(got.get("over", 1)), float(got.get("correction", 1))
+    return (f"{got.get('op', 'torch.var')} over {dims} of a {shape} input reduces {over} element{'s' * (over != 1)} per "
+            f"output with a correction of {correction:g} (Bessel's n − 1, torch.var's and torch.std's default): it "
+            f"divides by {over} − {correction:g} = {over - correction:g}, so every value it makes is NaN (0/0), on "
+            f"every forward pass, before any update — pass correction=0 (unbiased=False), as an instance statistic "
+            f"over a 1×1 map needs, or reduce over more elements")
+
+
 def _mean_divided_words(meta: dict, at: str) -> str:
     """The cause for a loss that is a mean divided again by a constant (meta ``mean_divided``,
     :func:`gradwatch.probes.loss_ops.mean_divided`) whose steps ``at`` a rate are too short; '' for none — nor where
@@ -1078,6 +1099,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause = product
         fixes = remedies("log_of_product", "check_data")
         sources.append("meta loss_ops")
+    variance = _degenerate_variance(run, loss_step)
+    if variance and not cause.startswith(("a NaN made in the backward pass", "divergence")):
+        # round 36: EvoNorm-B0's instance std, torch.var(x, dim=(2, 3)) over a 1×1 map (digantamisra98/EvoNorm#4),
+        # NaN at step 0 on every seed, told "the forward pass or the loss" with input standardisation, Xavier and a
+        # GradScaler for inputs in [0, 1], default weights and float32
+        cause = variance
+        fixes = remedies("biased_variance", "check_data")
+        sources.append("meta degenerate_reductions")
     ctc = _infinite_ctc(run, loss_step)
     if ctc and not cause.startswith("a NaN made in the backward pass"):
         cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")

@@ -159,6 +159,12 @@ REMEDIES = {
     "guard_division": "guard the operation the batch made undefined: clamp a count or a norm away from 0 before "
                       "dividing (sum(l·m) / m.sum().clamp(min=1)), skip a batch with nothing to average, keep a log's "
                       "or a square root's argument positive",
+    "clip_before_step": "clip between loss.backward() and optimizer.step() (backward, clip_grad_norm_, step): a clip "
+                        "after the step changes a gradient the step has already applied",
+    "biased_variance": "take a variance over a single element with correction=0 (unbiased=False): torch.var and "
+                       "torch.std divide by n − 1 by default, 0/0 where n = 1 (an instance statistic over a 1×1 map)",
+    "layer_in_init": "build every layer in __init__ (self.fc = nn.Linear(…)) and only call it in forward(): a layer "
+                     "built inside forward() is drawn at random again on every call, and no optimizer holds it",
     "log_of_product": "compute a long product of probabilities in log space: the sum (or torch.cumsum) of the "
                       "factors' logarithms — F.logsigmoid(−z) for 1 − σ(z), torch.log1p(−p) for 1 − p — in place of "
                       "torch.log(torch.cumprod(…)) or torch.log(torch.prod(…))",

@@ -41,7 +41,8 @@ from gradwatch.diagnosis.through_time import cut_state_findings, temporal_findin
 from gradwatch.diagnosis.units import (
     cleared_grad_findings, cut_input_findings,
     activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
-    softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
+    made_in_forward_findings, softmax_output_findings, stalled_findings, unoptimised_findings,
+    zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
@@ -92,7 +93,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     unheld = unoptimised_findings(view, th)  # layers no optimizer holds: they never move, and that says why
     stalled = [f for f in stalled_findings(view, th, next((f for f in found if f.kind == "vanishing"), None))
                if not (unheld and set(f.layers) <= set(unheld[0].layers))]
-    found += unheld + (zero or stalled)
+    found += unheld + made_in_forward_findings(view, th) + (zero or stalled)
     if not zero:
         found += softmax_output_findings(view, th) + cut_graph_findings(view, th)
         if not any(f.severity != "info" for f in found):  # a squared error on probabilities, which crawls

@@ -399,6 +399,35 @@ def unoptimised_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def made_in_forward_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Parameters of the loss's graph that neither the model nor the optimizer held, and that were freed since the
+    step that made them (meta ``made_in_forward``, :func:`gradwatch.probes.graph_scan.made_in_forward`): a layer
+    built inside ``forward``, drawn at random again on every call and never trained. Critical where the loss did not
+    halve, a warning where the rest of the net learns around it. Round 36 (thecodeforge.io's "forward() layer bug":
+    ``fc = nn.Linear(64, 128)`` inside forward on digits): the loss at ln 10 for 200 steps on three seeds, held out
+    0.06–0.10 against 0.95–0.96, told only "look outside the gradients"."""
+    shapes = run_meta(run).get("made_in_forward") or []
+    if not shapes or "loss" not in run.quantities:
+        return []
+    ends = loss_ends(run, th)
+    learns = ends is not None and halved(ends)
+    steps = run.series("loss", "run").steps
+    listed_shapes = ", ".join("×".join(str(d) for d in shape) or "a scalar" for shape in shapes[:6])
+    went = "" if ends is None else f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}"
+    return [Finding(
+        kind="stalled", severity="warning" if learns else "critical", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"{len(shapes)} parameter tensor{'s' * (len(shapes) != 1)} made anew on every forward pass",
+        evidence=(f"the first logged loss's graph reads {len(shapes)} parameter tensor{'s' * (len(shapes) != 1)} "
+                  f"({listed_shapes}{', …' if len(shapes) > 6 else ''}) that neither the model nor the optimizer "
+                  f"holds, and that were freed with that step's graph{went}."),
+        cause=("a layer built inside forward() (nn.Linear(…) called where it is made): its weights are drawn at random "
+               "again on every call, so the layers after it never see the same features twice, and "
+               "model.parameters() never lists it, so no optimizer trains it"),
+        remedies=remedies("layer_in_init"),
+        numbers={"tensors": float(len(shapes))},
+        sources=("meta made_in_forward", "loss (run)"))]
+
+
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
     """Layers whose update ratio ‖Δw‖/‖w‖ is below ``stalled_below`` × the upper-quartile layer's; ``vanishing``: the
     depth finding, whose cause and remedies these layers share when they lie in its stretch."""

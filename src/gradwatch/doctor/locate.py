@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradwatch.remedies.structure import RECIPROCALS
+from gradwatch.remedies.structure import RECIPROCALS, VARIANCES
 from gradwatch.trial import Trial, peek
 
 # a layer's products: an Inf they make from finite inputs is an overflow of values grown too large
@@ -88,7 +88,11 @@ class Origin:
         if self.overflowed:
             made += (": a layer's product overflowed the float range, as it does once the weights or the inputs "
                      "have grown without bound — the divergence the findings name, not a line to mend")
-        if self.op.rpartition(".")[2] in RECIPROCALS and self.nan:
+        if self.op.rpartition(".")[2] in VARIANCES and self.nan:
+            # round 36: EvoNorm-B0's instance std by torch.var over a 1×1 map, whose line alone was named
+            made += (": a variance over a single element with Bessel's correction (n − 1, torch.var's and "
+                     "torch.std's default) is 0/0 — pass correction=0 (unbiased=False), or reduce over more elements")
+        elif self.op.rpartition(".")[2] in RECIPROCALS and self.nan:
             # round 35: a masked mean written by hand, sum(l·m) / m.sum(), on a batch with no labelled token
             made += (": 0/0 is NaN — a sum divided by a count or a norm that is 0 on this batch, as a mean over a "
                      "mask with no entry (sum(l·m) / m.sum()) — clamp the divisor away from 0 "

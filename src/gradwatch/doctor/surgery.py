@@ -820,6 +820,18 @@ def drop_rounding(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def biased_variance(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model and the trial's loss run under :class:`~gradwatch.remedies.structure.NoEmptyVariance`: a variance or
+    standard deviation over no more elements per output than its correction (``torch.var`` over a 1×1 map, Bessel's
+    n − 1: 0/0) is taken with ``correction=0``; every other reduction as it was."""
+    from gradwatch.remedies.structure import NoEmptyVariance, UnderMode
+
+    trial.model = UnderMode(trial.model, NoEmptyVariance)
+    trial.loss_fn = UnderLossMode(trial.loss_fn, NoEmptyVariance)
+    note_change(trial, "correction=0 for every torch.var/std over a single element per output (0/0 with n − 1)")
+    return trial
+
+
 class UnderLossMode:
     """A trial's loss computed under a torch function mode (:class:`~gradwatch.remedies.structure.
     SignedMarginTargets`): the calls it makes rewritten, the loss function otherwise the set-up's own."""

@@ -64,7 +64,8 @@ def run_trial(setup: SetupFn, seed: int, steps: int, store: Path, name: str, rem
             losses.append(float(loss))
         paths = getattr(trial, "loss_paths", None)  # the default step() read its loss's graph (one of the set-up's own may not)
         if paths is not None:
-            w._note_loss_paths(paths, getattr(trial, "loss_prior", None), getattr(trial, "loss_graph", None))
+            w._note_loss_paths(paths, getattr(trial, "loss_prior", None), getattr(trial, "loss_graph", None),
+                               getattr(trial, "loss_foreign", None))
     score = trial.evaluate(trial.model) if trial.evaluate is not None else math.nan
     diagnosis = w.diagnose(Thresholds(from_init=True))  # a trial starts from its set-up's initialisation
     return TrialRun(losses, score, list(dict.fromkeys(f.kind for f in diagnosis.problems)), diagnosis, null,

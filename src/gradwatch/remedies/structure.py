@@ -643,6 +643,50 @@ class DropSteps(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+VARIANCES = frozenset({"var", "std", "var_mean", "std_mean"})
+
+
+class NoEmptyVariance(TorchFunctionMode):
+    """While open, a variance or standard deviation (``torch.var``, ``torch.std``, their ``_mean`` forms and the
+    tensor methods) that reduces no more elements per output than its correction — Bessel's n − 1, their default,
+    over a single element: 0/0 — is taken with ``correction=0``, the 0 a single element's spread is. Every other
+    call, and every reduction over more elements, runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        x = args[0] if args else kwargs.get("input")
+        if getattr(func, "__name__", "") in VARIANCES and isinstance(x, Tensor) and x.is_floating_point():
+            call = _without_correction(x, args[1:], {k: v for k, v in kwargs.items() if k != "input"})
+            if call is not None:
+                return func(x, **call)
+        return func(*args, **kwargs)
+
+
+def _without_correction(x: Tensor, rest: tuple, kwargs: dict) -> dict | None:
+    """The keyword arguments of the same reduction with ``correction=0`` where the given call reduces no more
+    elements per output than its correction; None where it reduces more (the call stands as made)."""
+    dim, unbiased = kwargs.get("dim"), kwargs.get("unbiased")
+    keepdim, correction = bool(kwargs.get("keepdim", False)), kwargs.get("correction")
+    for a in rest:  # positional: (dim, unbiased, keepdim), or (unbiased,)
+        if isinstance(a, bool):
+            if unbiased is None:
+                unbiased = a
+            else:
+                keepdim = a
+        else:
+            dim = a
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    dims = (range(x.dim()) if dim is None or (isinstance(dim, (tuple, list)) and not dim)
+            else [dim] if isinstance(dim, int) else list(dim))
+    over = 1
+    for d in dims:
+        over *= x.shape[d] if x.dim() else 1
+    if over > float(correction):
+        return None
+    return {"dim": dim, "keepdim": keepdim, "correction": 0}
+
+
 class SignedMarginTargets(TorchFunctionMode):
     """While open, a soft-margin loss (``F.soft_margin_loss``, ``nn.SoftMarginLoss``) whose targets are all 0 or 1
     gets 2·y − 1: the −1/+1 targets it expects, from the 0/1 labels a binary cross-entropy wants. Every other call

@@ -27,6 +27,7 @@ from gradwatch._errors import GradwatchWarning, bad_argument
 from gradwatch.diagnosis import Diagnosis, Thresholds, diagnose
 from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
+from gradwatch.probes.graph_scan import Foreign, held_parameters, made_in_forward, scan_graph
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.layout import LayoutSeen
 from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, derivative_ops, loss_graph, loss_paths,
@@ -97,6 +98,7 @@ class Watch:
         self._output_start: tuple[Any, float, float | None] | None = None
         self._output_grad: tuple[Any, Tensor, Tensor | None] | None = None  # the first output's node, value, gradient
         self._loss_read = False  # the first logged loss with a graph has had its operations read (meta loss_paths)
+        self._foreign: Foreign = []  # ... and the parameters of its graph that neither the model nor optimizer holds
         self._trained_passes = 0  # training steps whose gradients were ready, up to ZERO_GRAD_STEP (zero_grad_weights)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
@@ -156,8 +158,10 @@ class Watch:
                 if value.numel() != 1:
                     raise ValueError(bad_argument("Watch.log", key, "a number or a one-element tensor", value))
                 if not self._loss_read and "loss" in key and value.grad_fn is not None:
+                    foreign, reductions = scan_graph(value, self._held())
                     self._note_loss_paths(loss_paths(value), self._binary_prior(value),
-                                          {**loss_graph(value), **self._targets(value)})
+                                          {**loss_graph(value), **self._targets(value),
+                                           "degenerate_reductions": reductions}, foreign)
                 # a copy (a running total the caller adds to in place keeps each step's value), of the tensor's own
                 # float dtype: its batch of steps is cast to float64 in one call when sent
                 value = value.detach()
@@ -172,17 +176,21 @@ class Watch:
             self._run_guarded(self._steps.add_scalar, key, value)
 
     def _note_loss_paths(self, paths: list[list[str]], prior: dict[str, float] | None = None,
-                         graph: dict[str, Any] | None = None) -> None:
+                         graph: dict[str, Any] | None = None, foreign: Foreign | None = None) -> None:
         """Once: what the loss does to the output (a squared error on a sigmoid, a hand-written log), stored as the
         run's meta ``loss_paths``, a binary cross-entropy's positive rate against its mean prediction
         (``loss_prior``, :func:`gradwatch.probes.loss_ops.loss_prior`), an output broadcast against targets of
         another shape and the graph's operations (``loss_broadcast``, ``loss_ops``:
         :func:`gradwatch.probes.loss_ops.loss_graph`); from :meth:`log`, or
         from the doctor, whose trials' steps return the loss detached and read it themselves
-        (:attr:`gradwatch.Trial.loss_paths`)."""
-        self._output_grad = None  # (read where the watch saw the loss; a trial read its targets itself)
+        (:attr:`gradwatch.Trial.loss_paths`). ``foreign``: the graph's parameters that neither the model nor the
+        optimizer holds (:func:`gradwatch.probes.graph_scan.scan_graph`), told at flush and close if freed since."""
+        # (read where the watch saw the loss; a trial read its targets and prior itself): the first output's graph
+        # is let go, and with it any parameter only that graph held (made_in_forward)
+        self._output_grad = self._output_start = None
         if not self._loss_read:
             self._loss_read = True
+            self._foreign = foreign or []
             self._run_guarded(self._writer.meta, {"loss_paths": paths, "loss_prior": prior, **(graph or {})})
 
     def flush(self) -> None:
@@ -317,7 +325,8 @@ class Watch:
         self._handles += LayoutSeen(self.model, self._writer.meta, self._run_guarded).handles
         param = first_trained(self.model, self.optimizer)
         if self.optimizer is not None and param is not None and not steps.grads.sharded:
-            self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded)
+            self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded, self.model,
+                                          first_trained(self.model, self.optimizer, last=True))
             self._handles += self._zeroing.handles
         if self.optimizer is not None:
             self._lr_track = LrTrack(self.optimizer, self._run_guarded)
@@ -417,6 +426,10 @@ class Watch:
             return {"loss_targets": None, "margin_targets": None}
         return {"loss_targets": targets_off_gradient(loss, got[0], got[1], got[2]),
                 "margin_targets": margin_targets_off_gradient(loss, got[0], got[2])}
+
+    def _held(self) -> set[int]:
+        """The ids of the parameters the model or the optimizer holds."""
+        return held_parameters(self.model, self.optimizer)
 
     def _binary_prior(self, loss: Tensor) -> dict[str, float] | None:
         """Where the first logged loss is a binary cross-entropy on the model's own output (through reshapes): its
@@ -535,6 +548,8 @@ class Watch:
         self._note_weight_bounds()
         if self._zeroing is not None:
             self._writer.meta(self._zeroing.meta())
+        if self._foreign:  # parameters of the first loss's graph no one holds, freed since: made in forward()
+            self._writer.meta({"made_in_forward": made_in_forward(self._foreign)})
         if self._unheld:
             now = dict(self.model.named_parameters())
             self._writer.meta({"not_in_optimizer_moved": [n for n, f in self._unheld.items()

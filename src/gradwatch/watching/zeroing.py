@@ -10,6 +10,14 @@ count of steps where it was not stays on the device (no synchronisation) and
 is written to the meta at flush and close, ``grads_not_zeroed`` = [steps where
 ``.grad`` still held a gradient, steps checked]. Nothing is changed: the hook
 returns nothing, so autograd accumulates the gradient as it would.
+
+The last trained parameter's ``.grad`` (the output layer's: a gradient every
+step, where dead units leave the first layer's at 0) is held from each optimizer
+step to the next forward pass of the model, with its version counter: a gradient changed in
+place in between, and not to zero, was changed after the step had used it — a
+``clip_grad_norm_`` placed after ``optimizer.step()`` (round 36: graphstorm#1366)
+clips nothing the step applied. ``grads_changed_after_step`` = [steps where it
+was, steps checked].
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from torch import Tensor, nn
 class ZeroGradCheck:
     """Reads whether one parameter's ``.grad`` was zeroed since the last optimizer step, at each first backward."""
 
-    def __init__(self, param: nn.Parameter, optimizer: torch.optim.Optimizer, guard: Callable[..., Any]) -> None:
+    def __init__(self, param: nn.Parameter, optimizer: torch.optim.Optimizer, guard: Callable[..., Any],
+                 model: nn.Module | None = None, last: nn.Parameter | None = None) -> None:
         self.param = param
+        self.last = param if last is None else last
         self.stepped = False  # an optimizer step has run since the last check
         self.checks = 0
         # backward passes that reached the parameter, and optimizer steps: gradient accumulation makes several a
@@ -34,12 +44,30 @@ class ZeroGradCheck:
         self.backwards = 0
         self.steps = 0
         self._stale: Tensor | None = None  # steps whose .grad was not zeroed, on the device
+        self._used: tuple[Tensor, int] | None = None  # the .grad the last step used, and its version then
+        self.after_checks = 0
+        self._changed: Tensor | None = None  # steps whose used .grad was changed in place (not zeroed), on the device
         self.handles = [param.register_hook(functools.partial(guard, self._fresh)),
                         optimizer.register_step_post_hook(functools.partial(guard, self._stepped))]
+        if model is not None:
+            self.handles.append(model.register_forward_pre_hook(
+                torch.compiler.disable(functools.partial(guard, self._forward))))
 
     def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.stepped = True
         self.steps += 1
+        grad = self.last.grad
+        self._used = None if grad is None else (grad, grad._version)
+
+    @torch.no_grad()
+    def _forward(self, module: nn.Module, args: tuple) -> None:
+        if self._used is None:
+            return
+        (grad, version), self._used = self._used, None  # (held no longer than this: its memory is the user's)
+        self.after_checks += 1
+        if grad._version != version:
+            hit = grad.ne(0).any().long()
+            self._changed = hit if self._changed is None else self._changed + hit
 
     @torch.no_grad()
     def _fresh(self, grad: Tensor) -> None:
@@ -55,14 +83,18 @@ class ZeroGradCheck:
 
     def meta(self) -> dict[str, Any]:
         return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks],
+                "grads_changed_after_step": [int(self._changed) if self._changed is not None else 0,
+                                             self.after_checks],
                 "backwards_per_step": round(self.backwards / self.steps, 2) if self.steps else None}
 
 
-def first_trained(model: nn.Module, optimizer: Any = None) -> nn.Parameter | None:
-    """The model's first parameter that requires a gradient and, given an optimizer, that it holds (its
-    ``zero_grad()`` clears no other: a layer no optimizer holds keeps its .grad whatever the loop does)."""
+def first_trained(model: nn.Module, optimizer: Any = None, last: bool = False) -> nn.Parameter | None:
+    """The model's first (``last``: last) parameter that requires a gradient and, given an optimizer, that it holds
+    (its ``zero_grad()`` clears no other: a layer no optimizer holds keeps its .grad whatever the loop does)."""
     held = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
-    return next((p for p in model.parameters() if p.requires_grad and (held is None or id(p) in held)), None)
+    params = list(model.parameters())
+    return next((p for p in (params[::-1] if last else params)
+                 if p.requires_grad and (held is None or id(p) in held)), None)
 
 
 LR_LOW = 1e-3  # a learning rate at this fraction of its first read, or below, is ~0
