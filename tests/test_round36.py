@@ -187,7 +187,7 @@ def test_the_doctor_repairs_the_variance_over_one_element():
     assert "correction=0" in report.message and "may only postpone" not in report.message
 
 
-# -- clip_grad_norm_ after optimizer.step() (awslabs/graphstorm#1366) ---------------------------------------------------
+# -- clip_grad_norm_ after optimizer.step() (awslabs/graphstorm#1366) ------------------------------------------------
 
 def _regression() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import make_regression

@@ -533,13 +533,21 @@ def clipped_weights(run: Run) -> str:
             f"2017, Fig. 1b)")
 
 
+def _most_checked_steps(run: Run, key: str) -> tuple[int, int] | None:
+    """The watch's [steps where a check hit, steps checked] under meta ``key``, where it hit at half of them or more
+    (three checked at least); None otherwise."""
+    hits, checks = run_meta(run).get(key) or (0, 0)
+    return (hits, checks) if checks >= 3 and hits >= 0.5 * checks else None
+
+
 def grads_not_zeroed(run: Run) -> str:
     """Words for a loop that never zeroes ``.grad``: at half of the checked steps or more (three at least), the first
     backward after an optimizer step found a parameter's ``.grad`` still holding a gradient (the watch's
     ``grads_not_zeroed``); '' otherwise."""
-    stale, checks = (run_meta(run).get("grads_not_zeroed") or (0, 0))
-    if checks < 3 or stale < 0.5 * checks:
+    got = _most_checked_steps(run, "grads_not_zeroed")
+    if got is None:
         return ""
+    stale, checks = got
     return (f"the gradients are not zeroed between steps: at {stale} of {checks} steps .grad still held the last "
             f"step's gradient when the next backward began (no optimizer.zero_grad()), so each step applies the sum of "
             f"every gradient so far")
@@ -551,9 +559,10 @@ def clipped_after_step(run: Run) -> str:
     watch's ``grads_changed_after_step``) — a clip placed after ``optimizer.step()``; '' otherwise. Round 36
     (awslabs/graphstorm#1366, fixed by moving the clip before the step): SGD at 0.3 with momentum diverged on three
     seeds, R² −1.37 / −1.02 / −0.08 against 0.86–0.98, told "clip the gradient norm" by a loop that clipped."""
-    changed, checks = (run_meta(run).get("grads_changed_after_step") or (0, 0))
-    if checks < 3 or changed < 0.5 * checks:
+    got = _most_checked_steps(run, "grads_changed_after_step")
+    if got is None:
         return ""
+    changed, checks = got
     return (f"the gradient is changed after the optimizer has used it: at {changed} of {checks} steps the .grad a step "
             f"had applied was changed in place before the next forward pass — a clip_grad_norm_ (or clip_grad_value_) "
             f"called after optimizer.step(), which clips nothing that step applied, so the steps are unclipped")

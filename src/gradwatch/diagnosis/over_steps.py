@@ -571,8 +571,8 @@ def _degenerate_variance(run: Run, loss_step: float) -> str:
     dims = "all its dimensions" if got.get("dims") is None else f"dims {tuple(got['dims'])}"
     shape = "×".join(str(d) for d in got.get("input") or ())
     over, correction = int(got.get("over", 1)), float(got.get("correction", 1))
-    return (f"{got.get('op', 'torch.var')} over {dims} of a {shape} input reduces {over} element{'s' * (over != 1)} per "
-            f"output with a correction of {correction:g} (Bessel's n − 1, torch.var's and torch.std's default): it "
+    return (f"{got.get('op', 'torch.var')} over {dims} of a {shape} input reduces {over} "
+            f"element{'s' * (over != 1)} per output with a correction of {correction:g} (Bessel's n − 1, torch.var's and torch.std's default): it "
             f"divides by {over} − {correction:g} = {over - correction:g}, so every value it makes is NaN (0/0), on "
             f"every forward pass, before any update — pass correction=0 (unbiased=False), as an instance statistic "
             f"over a 1×1 map needs, or reduce over more elements")

@@ -41,8 +41,7 @@ from gradwatch.diagnosis.through_time import cut_state_findings, temporal_findin
 from gradwatch.diagnosis.units import (
     cleared_grad_findings, cut_input_findings,
     activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
-    made_in_forward_findings, softmax_output_findings, stalled_findings, unoptimised_findings,
-    zero_gradient_findings,
+    made_in_forward_findings, softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run

@@ -96,8 +96,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 # of a sqrt at 0 but not the fix).
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
-                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "guard_division", "layer_in_init",
-                     "clip_before_step",
+                     "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "guard_division",
+                     "layer_in_init", "clip_before_step",
                      "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
