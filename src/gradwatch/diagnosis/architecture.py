@@ -568,6 +568,22 @@ def clipped_after_step(run: Run) -> str:
             f"called after optimizer.step(), which clips nothing that step applied, so the steps are unclipped")
 
 
+def rprop_on_minibatches(run: Run) -> str:
+    """Words for ``torch.optim.Rprop`` on batches that change from step to step (meta ``batches_vary``): a full-batch
+    method (Riedmiller & Braun 1993) whose per-weight steps follow the gradient's sign alone, growing ×1.2 while two
+    successive signs agree, to 50; on mini-batches the signs are the batches' noise (Hinton's lecture 6e: "rprop
+    does not work with mini-batches"; RMSprop is its mini-batch form). '' otherwise. Round 37: digits in batches of
+    32, the loss ending above its start on three seeds, told "a learning rate too large", which for Rprop is only its
+    first step."""
+    meta = run_meta(run)
+    if meta.get("optimizer") != "Rprop" or meta.get("batches_vary") is not True:
+        return ""
+    return ("Rprop on mini-batches: torch.optim.Rprop steps each weight by the sign of its gradient alone, its step "
+            "growing ×1.2 (to 50) while two successive signs agree — a full-batch method (Riedmiller & Braun 1993); "
+            "from batch to batch the signs follow the batches' noise, and the steps run away whatever the learning "
+            "rate, which is only its first step — use Adam or RMSprop (Rprop's mini-batch form), or full batches")
+
+
 def raw_inputs(run: Run) -> str:
     """Words for inputs far from unit scale (the first training batch's std or mean |x| above ``RAW_INPUT_ABOVE``,
     as the watch measured them once); '' otherwise."""
@@ -692,6 +708,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (lr_without_warmup, ("warmup", "lower_lr"), _DEPTH_KINDS),
     (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),
     (heavy_momentum, ("lower_momentum",), _ANY_KIND),
+    (rprop_on_minibatches, ("adam",), _ANY_KIND),
     (swapped_betas, ("adam_betas",), _ANY_KIND),
     (heavy_dropout, ("lower_dropout",), _ANY_KIND),
     (zero_init, ("he_init",), _ANY_KIND),
@@ -921,6 +938,36 @@ def _flat_after(run: Run) -> str:
     """:data:`_FLAT_AFTER`, "or time" in it only where ‖∂L/∂h_t‖ was recorded (round 30: said of a cell whose state
     the loop detached, no step but the last one read)."""
     return _FLAT_AFTER.format(" or time" if "temporal_grad_norm" in run.quantities else "")
+
+
+COLD_LOGITS_BELOW = 0.05  # logits whose rms stays below this at every read: a softmax over them is ~uniform (at
+# PyTorch's default initialisation a classifier's logits start at an rms of about 0.3–0.5: round 37's twins 0.34–0.46)
+
+
+def cold_logits_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A flat cross-entropy (meta ``loss_ops``: a log-softmax) whose logits stayed near 0 at every read (``out_rms``
+    below :data:`COLD_LOGITS_BELOW`), where nothing else was found: the softmax is uniform, the loss sits at ln C, and
+    every gradient before the logits is as small as they are — a constant that shrinks them. Round 37: a temperature
+    multiplied where it should divide (bowang-lab/BLEEP#5), logits × 0.01, rms 0.005–0.007 for 200 steps, the loss
+    2.303 → 2.301 on three seeds, told only "look outside the gradients" (the twin's logits reach an rms of 28)."""
+    flat = flat_loss(run, th)
+    ops = set(run_meta(run).get("loss_ops") or ())
+    if (flat is None or any(f.severity != "info" for f in found) or "LogSoftmaxBackward0" not in ops
+            or "out_rms" not in run.quantities):
+        return []
+    rms = run.series("out_rms", "run").values[0]
+    rms = rms[np.isfinite(rms)]
+    if len(rms) < th.window or not float(rms.max()) < COLD_LOGITS_BELOW:
+        return []
+    scaled = (", and the loss's graph scales the output by a constant before its softmax"
+              if ops & {"MulBackward0", "DivBackward0"} else "")
+    cause = (f"logits that stay near 0: their rms is at most {sci(float(rms.max()))} at every read (a classifier "
+             f"at PyTorch's default initialisation starts near 0.3), so the softmax over them is uniform, the loss "
+             f"sits at ln C, and every gradient before them is as small — a constant that shrinks the logits (a "
+             f"temperature that multiplies where it should divide, z · 0.01){scaled}")
+    return [flat_loss_finding(run, th, flat, "critical", "the logits stay near 0: a uniform softmax",
+                              f"; the logits' rms stayed below {COLD_LOGITS_BELOW} at all {len(rms)} reads.", cause,
+                              remedies("logit_scale"), ("out_rms (run)", "meta loss_ops"))]
 
 
 def outside_gradients_note(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -557,16 +557,28 @@ def _log_of_product(run: Run, loss_step: float) -> str:
             f"as a cumsum of their logs)")
 
 
-def _degenerate_variance(run: Run, loss_step: float) -> str:
-    """The cause for a loss that is non-finite from its first logged step where the graph takes a variance or a
-    standard deviation over no more elements per output than its correction (meta ``degenerate_reductions``: a
-    ``torch.var`` over a 1×1 map, Bessel's n − 1 by default): 0/0 on every forward pass; '' otherwise."""
-    found = run_meta(run).get("degenerate_reductions") or []
-    if "loss" not in run.quantities or not found:
+def _zero_over_zero(run: Run, loss_step: float) -> str:
+    """The cause for a loss that is non-finite from its first logged step where the model normalises a weight whose
+    norm is 0 (meta ``zero_weight_norms``) or the graph takes a variance or a standard deviation over no more
+    elements per output than its correction (meta ``degenerate_reductions``: a ``torch.var`` over a 1×1 map,
+    Bessel's n − 1 by default): 0/0 on every forward pass; '' otherwise."""
+    meta = run_meta(run)
+    found, norms = meta.get("degenerate_reductions") or [], meta.get("zero_weight_norms") or []
+    if "loss" not in run.quantities or not (found or norms):
         return ""
     steps = run.series("loss", "run").steps
     if not len(steps) or loss_step != float(steps[0]):
         return ""
+    if norms:
+        # round 37: an output layer zero-initialised, then wrapped in weight_norm (pytorch/pytorch#19126), NaN at step
+        # 0, told "the forward pass or the loss" with input standardisation and a GradScaler
+        got = norms[0]
+        rows, zero = int(got.get("rows", 1)), int(got.get("zero_rows", 1))
+        shape = "×".join(str(d) for d in got.get("shape") or ())
+        return (f"weight normalisation (w = g·v/‖v‖) of the {shape} weight of '{got.get('module') or ''}', "
+                f"{'all ' if zero == rows else ''}{zero} of whose {rows} rows {'is' if zero == 1 else 'are'} "
+                f"0 at the start: g = ‖v‖ = 0 there, so w is 0·0/0 = NaN on every forward pass, before any update "
+                f"— initialise the weight before wrapping it (a layer meant to start at 0: zero g alone, after)")
     got = found[0]
     dims = "all its dimensions" if got.get("dims") is None else f"dims {tuple(got['dims'])}"
     shape = "×".join(str(d) for d in got.get("input") or ())
@@ -764,6 +776,13 @@ def fading_findings(run: Run, th: Thresholds) -> list[Finding]:
     ends = loss_ends(run, th, least=th.spike_after + 1)
     if ends is not None and ends[1] < ends[0] and abs(ends[1]) < th.vanish_below * abs(ends[0]):
         return []  # converged (the loss fell to ~0): a vanishing gradient is what a minimum looks like
+    if ends is not None and ends[1] < ends[0] and abs(ends[1]) < th.fade_below * abs(ends[0]):
+        # ... and one that reached ~0 and ended near it, at a hundredth of its start (round 37: full-batch Rprop on
+        # digits, the loss 2.2 → 3·10⁻¹⁰ and back to 0.014 in its last steps' bounces, 0.89 held out: "collapsed")
+        loss = run.series("loss", "run").values[0]
+        loss = loss[np.isfinite(loss)]
+        if len(loss) and float(np.abs(loss).min()) < th.vanish_below * abs(ends[0]):
+            return []
     collapsed = late < th.vanish_below * early
     if not collapsed and (ends is None or halved(ends)):
         return []  # faded only to 10⁻²: what a run that learns may show, and without a loss nothing says it did not
@@ -1099,14 +1118,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause = product
         fixes = remedies("log_of_product", "check_data")
         sources.append("meta loss_ops")
-    variance = _degenerate_variance(run, loss_step)
+    variance = _zero_over_zero(run, loss_step)
     if variance and not cause.startswith(("a NaN made in the backward pass", "divergence")):
         # round 36: EvoNorm-B0's instance std, torch.var(x, dim=(2, 3)) over a 1×1 map (digantamisra98/EvoNorm#4),
         # NaN at step 0 on every seed, told "the forward pass or the loss" with input standardisation, Xavier and a
         # GradScaler for inputs in [0, 1], default weights and float32
         cause = variance
-        fixes = remedies("biased_variance", "check_data")
-        sources.append("meta degenerate_reductions")
+        fixes = remedies("weight_norm_init" if variance.startswith("weight norm") else "biased_variance", "check_data")
+        sources.append("meta zero_weight_norms" if variance.startswith("weight norm") else "meta degenerate_reductions")
     ctc = _infinite_ctc(run, loss_step)
     if ctc and not cause.startswith("a NaN made in the backward pass"):
         cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")

@@ -163,6 +163,10 @@ REMEDIES = {
                         "after the step changes a gradient the step has already applied",
     "biased_variance": "take a variance over a single element with correction=0 (unbiased=False): torch.var and "
                        "torch.std divide by n − 1 by default, 0/0 where n = 1 (an instance statistic over a 1×1 map)",
+    "weight_norm_init": "initialise a layer's weight before weight normalisation wraps it, never at 0 (g = ‖v‖ = 0 "
+                        "makes g·v/‖v‖ = 0/0); to start the layer at 0, set g to 0 after wrapping",
+    "logit_scale": "let the logits reach their usual scale: divide them by a temperature (z / τ), never multiply, "
+                   "and remove any constant that shrinks them before the softmax",
     "layer_in_init": "build every layer in __init__ (self.fc = nn.Linear(…)) and only call it in forward(): a layer "
                      "built inside forward() is drawn at random again on every call, and no optimizer holds it",
     "log_of_product": "compute a long product of probabilities in log space: the sum (or torch.cumsum) of the "

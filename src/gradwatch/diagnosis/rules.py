@@ -20,7 +20,8 @@ import numpy as np
 from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_architecture, heavy_dropout_findings, run_meta,
                                               outside_gradients_note, stale_grad_findings, swapped_betas_findings,
                                               unexplained_flat_findings, misread_batch_findings,
-                                              attention_mask_findings, bce_target_findings, zero_path_findings)
+                                              attention_mask_findings, bce_target_findings, cold_logits_findings,
+                                              zero_path_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
@@ -41,7 +42,8 @@ from gradwatch.diagnosis.through_time import cut_state_findings, temporal_findin
 from gradwatch.diagnosis.units import (
     cleared_grad_findings, cut_input_findings,
     activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
-    made_in_forward_findings, softmax_output_findings, stalled_findings, unoptimised_findings, zero_gradient_findings,
+    made_in_forward_findings, softmax_output_findings, stalled_findings, symmetric_init_findings, unoptimised_findings,
+    zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
 from gradwatch.store import Run
@@ -108,6 +110,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights
     found += swapped_betas_findings(found, view, th)  # Adam's betas swapped: steps no longer held near lr
+    found += symmetric_init_findings(found, view, th)  # weights set to one constant: units that stay copies
     found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
     found += majority_findings(found, view, th)  # a binary classifier that answers one class only, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)
@@ -115,6 +118,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found = nll_on_scores_findings(found, view, th)  # an NLL loss on raw scores: unbounded below, whatever else
     found = output_range_findings(found, view, th)  # a squared error's targets outside its output's range
     found = margin_target_findings(found, view, th)  # a soft-margin loss given 0/1 labels: the 0s pass no gradient
+    found += cold_logits_findings(found, view, th)  # a flat cross-entropy whose logits stayed near 0
     found += outside_gradients_note(found, view, th)  # a flat loss with nothing found: the cause is elsewhere
     found.sort(key=lambda f: (f.severity != "critical", _ORDER[f.kind]))
     return Diagnosis(found, str(run.path))

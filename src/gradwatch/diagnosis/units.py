@@ -428,6 +428,31 @@ def made_in_forward_findings(run: Run, th: Thresholds) -> list[Finding]:
         sources=("meta made_in_forward", "loss (run)"))]
 
 
+def symmetric_init_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Two or more layers whose weights all start at one constant other than 0 (meta ``constant_weight_layers``):
+    every unit of each computes the same output and, through the next layer's equal weights, gets the same gradient,
+    so they stay copies of one another — a layer as wide as one unit. Where no finding says so already: critical
+    where the loss did not halve, a warning otherwise. Round 37 (D2L §5.4.2, "Breaking the Symmetry": every weight
+    0.05): the loss 2.30 → 1.81–1.93, held out 0.18–0.19 against 0.95–0.96, and "No findings"."""
+    names = run_meta(run).get("constant_weight_layers") or []
+    if len(names) < 2 or any(f.severity != "info" for f in found) or "loss" not in run.quantities:
+        return []
+    ends = loss_ends(run, th)
+    steps = run.series("loss", "run").steps
+    went = "" if ends is None else f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}"
+    return [Finding(
+        kind="stalled", severity="warning" if ends is not None and halved(ends) else "critical", layers=tuple(names),
+        steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the units of {len(names)} layers start as copies of one another (every weight one constant)",
+        evidence=f"every weight of {listed(names)} was one constant other than 0 when the watch started{went}.",
+        cause=("the initialisation: weights set to one constant (nn.init.constant_) give every unit of a layer the "
+               "same output and the same gradient, so they stay copies — the symmetry is never broken, and each "
+               "layer works as one unit"),
+        remedies=remedies("he_init"),
+        numbers={"layers": float(len(names))},
+        sources=("meta constant_weight_layers", "loss (run)"))]
+
+
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
     """Layers whose update ratio ‖Δw‖/‖w‖ is below ``stalled_below`` × the upper-quartile layer's; ``vanishing``: the
     depth finding, whose cause and remedies these layers share when they lie in its stretch."""

@@ -97,7 +97,7 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "guard_division",
-                     "layer_in_init", "clip_before_step",
+                     "layer_in_init", "clip_before_step", "logit_scale",
                      "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
@@ -149,8 +149,11 @@ def catalog() -> dict[str, list[Remedy]]:
                              s.drop_rounding),
         "biased_variance": one("biased_variance", "correction=0 for a variance over one element (not 0/0)",
                                s.biased_variance),
+        "weight_norm_init": one("weight_norm_init", "weight-normalised rows at 0 drawn as PyTorch's default",
+                                OnModel(s.weight_norm_init)),
         "layer_in_init": [],  # where the layer is built is the user's model code
         "clip_before_step": [],  # where the loop clips is the user's loop (a Trial's own step())
+        "logit_scale": [],  # the scale is in the user's forward or loss
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function
         "tame_custom_backward": one("tame_custom_backward", "custom autograd.Function backward capped at gain 1",

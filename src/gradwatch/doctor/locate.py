@@ -88,7 +88,10 @@ class Origin:
         if self.overflowed:
             made += (": a layer's product overflowed the float range, as it does once the weights or the inputs "
                      "have grown without bound — the divergence the findings name, not a line to mend")
-        if self.op.rpartition(".")[2] in VARIANCES and self.nan:
+        if self.op.rpartition(".")[2] == "_weight_norm" and self.nan:
+            made += (": weight normalisation, g·v/‖v‖, of a weight with rows at 0 is 0/0 — initialise the layer "
+                     "before wrapping it (to start it at 0, zero g alone)")
+        elif self.op.rpartition(".")[2] in VARIANCES and self.nan:
             # round 36: EvoNorm-B0's instance std by torch.var over a 1×1 map, whose line alone was named
             made += (": a variance over a single element with Bessel's correction (n − 1, torch.var's and "
                      "torch.std's default) is 0/0 — pass correction=0 (unbiased=False), or reduce over more elements")

@@ -59,7 +59,8 @@ DEFAULT_STEPS = 300  # per trial, where neither the call nor the set-up says
 # the rows that change the operation that made a first NaN (not a row that keeps the run away from it): where the
 # best row holds one of them, the message does not say it may only postpone the NaN (round 26: a CTC loss's
 # zero_infinity, the source's own fix, was told so)
-MENDS_THE_ORIGIN = frozenset({"zero_reciprocal", "zero_root", "log_space", "ctc_zero_infinity", "biased_variance"})
+MENDS_THE_ORIGIN = frozenset({"zero_reciprocal", "zero_root", "log_space", "ctc_zero_infinity", "biased_variance",
+                              "weight_norm_init"})
 
 
 def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, rounds: int = MAX_ROUNDS,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from gradwatch import remedies as r
 from gradwatch.diagnosis.architecture import DROPOUT_FROM
@@ -199,16 +200,17 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
     and each group's rate relative to the largest.
 
     SGD moves a weight by lr·g, so a layer whose gradient vanished by 10⁻⁴ moves 10⁻⁴ as far; Adam divides by
-    the running rms of g, so every layer's step is about lr whatever its gradient's scale (Kingma & Ba 2015, §2.1).
+    the running rms of g, so every layer's step is about lr whatever its gradient's scale (Kingma & Ba 2015, §2.1);
+    it replaces ``torch.optim.Rprop`` on mini-batches too, whose sign-based steps need full batches.
     AUTOTRAINER (Zhang et al. 2021) tries the same switch for vanishing gradients. Adagrad divides by the root of
     the *sum* of all past g², so its steps only shrink (Duchi et al. 2011); Adam's moving average does not: measured
     on min-char-rnn (Adagrad 0.1, 19 steps of memory) with W_hh orthogonal at init, held-out recall 0.44 with
-    Adagrad kept, 1.0 with Adam (seeds 0–1). Applies to ``torch.optim.SGD`` and ``torch.optim.Adagrad`` only. The catalogue applies it before
-    any other change of the optimizer (:func:`~gradwatch.doctor.catalogue.compose`), so that hooks and schedulers
-    attach to the new optimizer.
+    Adagrad kept, 1.0 with Adam (seeds 0–1). Applies to ``torch.optim.SGD``, ``Adagrad`` and ``Rprop`` only. The
+    catalogue applies it before any other change of the optimizer (:func:`~gradwatch.doctor.catalogue.compose`), so
+    that hooks and schedulers attach to the new optimizer.
     """
     old = trial.optimizer
-    if type(old) not in (torch.optim.SGD, torch.optim.Adagrad):
+    if type(old) not in (torch.optim.SGD, torch.optim.Adagrad, torch.optim.Rprop):
         return None
     top = max(g["lr"] for g in old.param_groups)
     # each group keeps its rate relative to the largest: the switch changes the optimiser, not the groups' settings
@@ -216,6 +218,8 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
               for g in old.param_groups]
     trial.optimizer = torch.optim.Adam(groups, lr=lr)
     follow_optimizer(trial, old)
+    if isinstance(old, torch.optim.Rprop):  # round 37: a full-batch method on mini-batches
+        note_change(trial, "Adam in place of Rprop, whose sign-based steps need full batches")
     kept = sorted({float(g["weight_decay"]) for g in groups if g["weight_decay"]})
     if kept:  # round 18: Adam(lr=1e-2) as the label reads gave AP 0.20 where the row, with SGD's decay, gave 0.80
         note_change(trial, f"the SGD's weight_decay kept: Adam(…, weight_decay={'/'.join(f'{w:g}' for w in kept)})")
@@ -799,6 +803,13 @@ def tame_custom_backward(trial: Trial, numbers: dict[str, float]) -> Trial | Non
     return trial
 
 
+def weight_norm_init(m: nn.Module) -> nn.Module | None:
+    """:func:`gradwatch.remedies.init.weight_norm_init`; None where no weight-normalised weight has a row at 0."""
+    from gradwatch.remedies.init import weight_norm_init as init, zero_weight_norms
+
+    return init(m, inplace=True) if zero_weight_norms(m) else None
+
+
 def leaky_slope(m: nn.Module) -> nn.Module | None:
     """Every ``nn.LeakyReLU`` with a negative slope of 1 or more given PyTorch's default, 0.01; None where none has."""
     found = [x for x in m.modules() if isinstance(x, nn.LeakyReLU) and float(x.negative_slope) >= 1]
@@ -1331,22 +1342,27 @@ def _swap_calls(trial: Trial, swap: dict[str, Callable[[torch.Tensor], torch.Ten
 
 
 def swap_overflow(trial: Trial, numbers: dict[str, float]) -> Trial | None:
-    """ReLU in place of every parameter-free leaf module whose output overflows (non-finite, or 10³× past its
-    input) on a real batch, and of every other instance of its class."""
+    """ReLU in place of every parameter-free leaf module of one input whose output overflows (±inf, or 10³× past
+    its input) on a real batch, and of every other instance of its class. A NaN alone is no overflow (0/0), and a
+    parametrization (weight normalisation's, which takes g and v) is no activation: round 36's zero-initialised
+    weight-normalised head, whose 0/0 made NaN, had its ``_WeightNorm`` replaced by a ReLU, and the row failed."""
     batches = peek(trial, 1)
     if not batches or not isinstance(batches[0], (tuple, list)):
         return None
     bad: list[nn.Module] = []
 
     def check(mod: nn.Module, args: tuple, out: Any) -> None:
-        if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)):
+        if not (len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)):
             return
         a, o = args[0].detach().float(), out.detach().float()
-        if torch.isfinite(a).all() and (not torch.isfinite(o).all()
+        if torch.isfinite(a).all() and (bool(torch.isinf(o).any())
                                         or o.abs().max() > 1e3 * max(1.0, float(a.abs().max()))):
             bad.append(mod)
 
-    leaves = [m for m in trial.model.modules() if not list(m.children()) and not list(m.parameters(recurse=False))]
+    weights = {id(m) for p in trial.model.modules() if isinstance(p, parametrize.ParametrizationList)
+               for m in p.modules()}
+    leaves = [m for m in trial.model.modules() if not list(m.children()) and not list(m.parameters(recurse=False))
+              and id(m) not in weights]
     hooks = [m.register_forward_hook(check) for m in leaves]
     try:
         with torch.no_grad():

@@ -163,6 +163,55 @@ def zero_factors(model: nn.Module) -> list[tuple[str, list[str]]]:
     return found
 
 
+def weight_norms(model: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
+    """The weight-normalised weights of ``model``, each as (module name, g, v): ``nn.utils.parametrizations.
+    weight_norm``'s ``original0``/``original1`` and the older ``nn.utils.weight_norm``'s ``weight_g``/``weight_v``."""
+    from torch.nn.utils import parametrize
+
+    found: list[tuple[str, Tensor, Tensor]] = []
+    for name, m in model.named_modules():
+        plist = getattr(getattr(m, "parametrizations", None), "weight", None)
+        pairs = [(getattr(m, "weight_g", None), getattr(m, "weight_v", None))]
+        if isinstance(plist, parametrize.ParametrizationList) and any(type(p).__name__ == "_WeightNorm" for p in plist):
+            pairs.append((getattr(plist, "original0", None), getattr(plist, "original1", None)))
+        found += [(name, g, v) for g, v in pairs if isinstance(g, Tensor) and isinstance(v, Tensor)
+                  and v.dim() >= 2 and g.numel() == v.shape[0]]
+    return found
+
+
+@torch.no_grad()
+def zero_weight_norms(model: nn.Module) -> list[dict]:
+    """The weight-normalised weights (:func:`weight_norms`) with rows of v exactly 0: g·v/‖v‖ is 0/0 there, NaN on
+    every forward pass (a layer initialised at 0, then wrapped): module, the weight's shape, its rows, those at 0.
+    [] where reading fails (a sharded weight): a watch never fails the run for it."""
+    found = []
+    try:
+        for name, g, v in weight_norms(model):
+            zero = int((v.reshape(v.shape[0], -1).norm(dim=1) == 0).sum())
+            if zero:
+                found.append({"module": name, "shape": list(v.shape), "rows": int(v.shape[0]), "zero_rows": zero})
+    except Exception:  # noqa: BLE001 - nothing to say, nothing lost
+        return []
+    return found
+
+
+@torch.no_grad()
+def weight_norm_init(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Every row of a weight-normalised v at exactly 0 (:func:`zero_weight_norms`) drawn as ``nn.Linear`` draws
+    its weight (Kaiming uniform, a = √5), and its g set to that row's norm: the layer's default start, where
+    g·v/‖v‖ was 0/0."""
+    m = _target(model, inplace)
+    for _, g, v in weight_norms(m):
+        rows = v.reshape(v.shape[0], -1)
+        zero = rows.norm(dim=1) == 0
+        if bool(zero.any()):
+            fresh = torch.empty_like(v)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            v[zero] = fresh[zero]
+            g.copy_(torch.where(zero, rows.norm(dim=1), g.reshape(-1)).reshape(g.shape))
+    return m
+
+
 @torch.no_grad()
 def one_factor_init(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Of each product whose factors all start at exactly 0 (:func:`zero_factors`), the first factor drawn as

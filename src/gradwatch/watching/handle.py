@@ -90,6 +90,7 @@ class Watch:
         self._eval_steps, self._eval_first = 0, -1  # steps trained with model.training False, and the first one
         self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
         self._input_scale: tuple[float, float] | None = None  # (std, mean |x|) of the first training batch's inputs
+        self._batch_marks: list[tuple[tuple[int, ...], float]] = []  # the first two training batches' shapes and sums
         # the first training pass's output: rows of K ≥ 2 non-negative values that sum to 1 (a softmax the forward
         # calls, which no module shows) → K, else 0; None until a pass with gradient has returned
         self._output_classes: int | None = None
@@ -451,6 +452,8 @@ class Watch:
             if self._input_scale is None and args[0].is_floating_point():  # once: are the inputs standardised?
                 x = args[0].detach().float()
                 self._input_scale = (float(x.std()) if x.numel() > 1 else 0.0, float(x.abs().mean()))
+            if len(self._batch_marks) < 2:  # the first two training batches: one batch each step, or mini-batches?
+                self._batch_marks.append((tuple(args[0].shape), float(args[0].detach().double().sum())))
         if module is self.model:
             self._steps.model_called()
         self._steps.forward_starts()
@@ -603,6 +606,9 @@ class Watch:
                                 "passes_per_step": (round(sum(self._batch_sizes.values()) / self.step, 2)
                                                     if self.step else None),
                                 "input_std": self._input_scale[0] if self._input_scale else None,
+                                # the second training batch other than the first (mini-batches), or the same
+                                "batches_vary": (self._batch_marks[0] != self._batch_marks[1]
+                                                 if len(self._batch_marks) == 2 else None),
                                 "input_abs_mean": self._input_scale[1] if self._input_scale else None,
                                 "output_probabilities": self._output_classes,
                                 **self._steps.budget.report()})

@@ -12,7 +12,7 @@ from torch import nn
 
 from gradwatch._version import __version__
 from gradwatch.layers import Anatomy
-from gradwatch.remedies.init import zero_factors
+from gradwatch.remedies.init import zero_factors, zero_weight_norms
 
 
 def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, parts: Anatomy,
@@ -39,8 +39,12 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "zero_weight_layers": [l.name for l in parts.layers
                                if any(p.dim() > 1 for _, p in l.params)
                                and all(not bool(p.detach().any()) for _, p in l.params if p.dim() > 1)],
+        # ... and those whose weights all start at one other constant (nn.init.constant_): symmetric all the same.
+        "constant_weight_layers": [l.name for l in parts.layers if _constant_weights(l.params)],
         # Products whose factors all start at exactly 0 (a LoRA adapter's A and B both zero): neither ever moves.
         "zero_factors": [{"module": n, "factors": f} for n, f in zero_factors(model)],
+        # Weight-normalised weights with rows at exactly 0: g·v/‖v‖ = 0/0 (a layer zeroed, then wrapped).
+        "zero_weight_norms": zero_weight_norms(model),
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -101,6 +105,16 @@ def position_names(model: nn.Module, most: int = 5) -> list[str]:
     named = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     named += [n or type(m).__name__ for n, m in model.named_modules()] + [type(m).__name__ for m in model.modules()]
     return list(dict.fromkeys(n for n in named if any(w in n.lower() for w in POSITION_WORDS)))[:most]
+
+
+def _constant_weights(params: list) -> bool:
+    """Whether a layer's weight matrices (one at least, of two rows or more) are each one constant other than 0
+    (by reductions alone, which a sharded DTensor's weight supports; False where reading fails)."""
+    try:
+        weights = [p.detach() for _, p in params if p.dim() > 1]
+        return bool(weights) and all(w.shape[0] > 1 and bool(w.any()) and bool(w.amax() == w.amin()) for w in weights)
+    except Exception:  # noqa: BLE001 - a weight that cannot be reduced here: nothing to say, nothing lost
+        return False
 
 
 def not_in_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
