@@ -3,6 +3,7 @@ each against its reference."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -206,3 +207,18 @@ def test_logits_multiplied_by_a_small_temperature_are_told(tmp_path, seed):
     assert f.kind == "stalled" and f.severity == "critical" and f.remedy_keys == ("logit_scale",), str(f)
     assert "logits that stay near 0" in f.cause
     assert not _problems(w_twin)
+
+
+def test_a_baseline_flat_at_a_constants_loss_did_not_learn_whatever_its_score():
+    """A cross-entropy flat at ln 10 (2.302 → 2.301) that ranks a little (0.385 held out, a constant 0.091) was
+    called "healthy" by the doctor where no finding named a cause."""
+    from gradwatch.doctor.table import TrialResult
+    from gradwatch.doctor.verdicts import did_not_learn
+
+    def row(final: float, score: float) -> TrialResult:
+        return TrialResult("baseline", final, 2.302, score, [], 1.0, first_loss=2.302, null_loss=math.log(10),
+                           null_score=0.0911)
+
+    assert "about a constant output's 2.303" in did_not_learn(row(2.301, 0.385))
+    assert did_not_learn(row(0.5, 0.385)) == ""  # the loss fell: it learns
+    assert "against a constant output's" in did_not_learn(row(2.301, 0.09))  # no better than a constant
