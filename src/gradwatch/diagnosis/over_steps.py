@@ -584,8 +584,8 @@ def _zero_over_zero(run: Run, loss_step: float) -> str:
     shape = "×".join(str(d) for d in got.get("input") or ())
     over, correction = int(got.get("over", 1)), float(got.get("correction", 1))
     return (f"{got.get('op', 'torch.var')} over {dims} of a {shape} input reduces {over} "
-            f"element{'s' * (over != 1)} per output with a correction of {correction:g} (Bessel's n − 1, torch.var's and torch.std's default): it "
-            f"divides by {over} − {correction:g} = {over - correction:g}, so every value it makes is NaN (0/0), on "
+            f"element{'s' * (over != 1)} per output with a correction of {correction:g} (Bessel's n − 1, torch.var's "
+            f"and torch.std's default): it divides by {over} − {correction:g} = {over - correction:g}, so every value it makes is NaN (0/0), on "
             f"every forward pass, before any update — pass correction=0 (unbiased=False), as an instance statistic "
             f"over a 1×1 map needs, or reduce over more elements")
 
