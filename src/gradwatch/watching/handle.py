@@ -453,7 +453,8 @@ class Watch:
                 x = args[0].detach().float()
                 self._input_scale = (float(x.std()) if x.numel() > 1 else 0.0, float(x.abs().mean()))
             if len(self._batch_marks) < 2:  # the first two training batches: one batch each step, or mini-batches?
-                self._batch_marks.append((tuple(args[0].shape), float(args[0].detach().double().sum())))
+                # (float32: MPS has no float64)
+                self._batch_marks.append((tuple(args[0].shape), float(args[0].detach().float().sum())))
         if module is self.model:
             self._steps.model_called()
         self._steps.forward_starts()
