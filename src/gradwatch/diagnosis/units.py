@@ -399,6 +399,14 @@ def unoptimised_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def _loss_course(run: Run, th: Thresholds) -> tuple[bool, np.ndarray, str]:
+    """Whether the logged loss halved (:func:`loss_ends`), its steps, and "; the logged loss went A → B" ('' where
+    too few values show its ends) — for a finding of the run as a whole."""
+    ends = loss_ends(run, th)
+    went = "" if ends is None else f"; the logged loss went {loss_went(run, th, ends)}"
+    return ends is not None and halved(ends), run.series("loss", "run").steps, went
+
+
 def made_in_forward_findings(run: Run, th: Thresholds) -> list[Finding]:
     """Parameters of the loss's graph that neither the model nor the optimizer held, and that were freed since the
     step that made them (meta ``made_in_forward``, :func:`gradwatch.probes.graph_scan.made_in_forward`): a layer
@@ -409,11 +417,8 @@ def made_in_forward_findings(run: Run, th: Thresholds) -> list[Finding]:
     shapes = run_meta(run).get("made_in_forward") or []
     if not shapes or "loss" not in run.quantities:
         return []
-    ends = loss_ends(run, th)
-    learns = ends is not None and halved(ends)
-    steps = run.series("loss", "run").steps
+    learns, steps, went = _loss_course(run, th)
     listed_shapes = ", ".join("×".join(str(d) for d in shape) or "a scalar" for shape in shapes[:6])
-    went = "" if ends is None else f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}"
     return [Finding(
         kind="stalled", severity="warning" if learns else "critical", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=f"{len(shapes)} parameter tensor{'s' * (len(shapes) != 1)} made anew on every forward pass",
@@ -437,11 +442,9 @@ def symmetric_init_findings(found: list[Finding], run: Run, th: Thresholds) -> l
     names = run_meta(run).get("constant_weight_layers") or []
     if len(names) < 2 or any(f.severity != "info" for f in found) or "loss" not in run.quantities:
         return []
-    ends = loss_ends(run, th)
-    steps = run.series("loss", "run").steps
-    went = "" if ends is None else f"; the logged loss went {sci(ends[0])} → {sci(ends[1])}"
+    learns, steps, went = _loss_course(run, th)
     return [Finding(
-        kind="stalled", severity="warning" if ends is not None and halved(ends) else "critical", layers=tuple(names),
+        kind="stalled", severity="warning" if learns else "critical", layers=tuple(names),
         steps=(int(steps[0]), int(steps[-1])),
         summary=f"the units of {len(names)} layers start as copies of one another (every weight one constant)",
         evidence=f"every weight of {listed(names)} was one constant other than 0 when the watch started{went}.",
