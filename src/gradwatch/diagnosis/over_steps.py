@@ -557,18 +557,18 @@ def _log_of_product(run: Run, loss_step: float) -> str:
             f"as a cumsum of their logs)")
 
 
-def _zero_over_zero(run: Run, loss_step: float) -> str:
-    """The cause for a loss that is non-finite from its first logged step where the model normalises a weight whose
-    norm is 0 (meta ``zero_weight_norms``) or the graph takes a variance or a standard deviation over no more
-    elements per output than its correction (meta ``degenerate_reductions``: a ``torch.var`` over a 1×1 map,
-    Bessel's n − 1 by default): 0/0 on every forward pass; '' otherwise."""
+def _zero_over_zero(run: Run, loss_step: float) -> tuple[str, str, str] | None:
+    """The cause, its remedy key and the meta it read for a loss that is non-finite from its first logged step where
+    the model normalises a weight whose norm is 0 (meta ``zero_weight_norms``) or the graph takes a variance or a
+    standard deviation over no more elements per output than its correction (meta ``degenerate_reductions``: a
+    ``torch.var`` over a 1×1 map, Bessel's n − 1 by default): 0/0 on every forward pass; None otherwise."""
     meta = run_meta(run)
     found, norms = meta.get("degenerate_reductions") or [], meta.get("zero_weight_norms") or []
     if "loss" not in run.quantities or not (found or norms):
-        return ""
+        return None
     steps = run.series("loss", "run").steps
     if not len(steps) or loss_step != float(steps[0]):
-        return ""
+        return None
     if norms:
         # round 37: an output layer zero-initialised, then wrapped in weight_norm (pytorch/pytorch#19126), NaN at step
         # 0, told "the forward pass or the loss" with input standardisation and a GradScaler
@@ -578,16 +578,18 @@ def _zero_over_zero(run: Run, loss_step: float) -> str:
         return (f"weight normalisation (w = g·v/‖v‖) of the {shape} weight of '{got.get('module') or ''}', "
                 f"{'all ' if zero == rows else ''}{zero} of whose {rows} rows {'is' if zero == 1 else 'are'} "
                 f"0 at the start: g = ‖v‖ = 0 there, so w is 0·0/0 = NaN on every forward pass, before any update "
-                f"— initialise the weight before wrapping it (a layer meant to start at 0: zero g alone, after)")
+                f"— initialise the weight before wrapping it (a layer meant to start at 0: zero g alone, after)",
+                "weight_norm_init", "meta zero_weight_norms")
     got = found[0]
     dims = "all its dimensions" if got.get("dims") is None else f"dims {tuple(got['dims'])}"
     shape = "×".join(str(d) for d in got.get("input") or ())
     over, correction = int(got.get("over", 1)), float(got.get("correction", 1))
     return (f"{got.get('op', 'torch.var')} over {dims} of a {shape} input reduces {over} "
             f"element{'s' * (over != 1)} per output with a correction of {correction:g} (Bessel's n − 1, torch.var's "
-            f"and torch.std's default): it divides by {over} − {correction:g} = {over - correction:g}, so every value it makes is NaN (0/0), on "
-            f"every forward pass, before any update — pass correction=0 (unbiased=False), as an instance statistic "
-            f"over a 1×1 map needs, or reduce over more elements")
+            f"and torch.std's default): it divides by {over} − {correction:g} = {over - correction:g}, so every "
+            f"value it makes is NaN (0/0), on every forward pass, before any update — pass correction=0 "
+            f"(unbiased=False), as an instance statistic over a 1×1 map needs, or reduce over more elements",
+            "biased_variance", "meta degenerate_reductions")
 
 
 def _mean_divided_words(meta: dict, at: str) -> str:
@@ -1118,14 +1120,14 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause = product
         fixes = remedies("log_of_product", "check_data")
         sources.append("meta loss_ops")
-    variance = _zero_over_zero(run, loss_step)
-    if variance and not cause.startswith(("a NaN made in the backward pass", "divergence")):
+    zero_over_zero = _zero_over_zero(run, loss_step)
+    if zero_over_zero is not None and not cause.startswith(("a NaN made in the backward pass", "divergence")):
         # round 36: EvoNorm-B0's instance std, torch.var(x, dim=(2, 3)) over a 1×1 map (digantamisra98/EvoNorm#4),
         # NaN at step 0 on every seed, told "the forward pass or the loss" with input standardisation, Xavier and a
         # GradScaler for inputs in [0, 1], default weights and float32
-        cause = variance
-        fixes = remedies("weight_norm_init" if variance.startswith("weight norm") else "biased_variance", "check_data")
-        sources.append("meta zero_weight_norms" if variance.startswith("weight norm") else "meta degenerate_reductions")
+        cause, zero_key, zero_meta = zero_over_zero
+        fixes = remedies(zero_key, "check_data")
+        sources.append(zero_meta)
     ctc = _infinite_ctc(run, loss_step)
     if ctc and not cause.startswith("a NaN made in the backward pass"):
         cause, fixes = ctc, remedies("ctc_zero_infinity", "check_data")
