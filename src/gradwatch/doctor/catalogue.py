@@ -199,7 +199,7 @@ def catalog() -> dict[str, list[Remedy]]:
         # ten times PyTorch's default step size: the doctor's trials are short (measured: a GRU cell on Pascanu's
         # adding problem at T = 40 learns it in 300 steps at 10⁻², not in 800 at 10⁻³); combined with "learning
         # rate ×0.1" it is the default. One entry: a combination's parts name catalogue keys, not rates.
-        "adam": one("adam", "Adam (lr 1e-2) in place of SGD/Adagrad", partial(s.adam, 1e-2)),
+        "adam": one("adam", "Adam (lr 1e-2) in place of SGD/Adagrad/Rprop", partial(s.adam, 1e-2)),
         "param_groups": one("param_groups", "one learning rate for every group", s.unify),
         "orthogonal_rnn": one("orthogonal_rnn", "orthogonal recurrent weights", s.orthogonal_rnn),
         "gated": one("gated", "gated recurrence (GRU for nn.RNN, GRUCell for a cell)", OnModel(s.gated)),
