@@ -164,6 +164,21 @@ def zero_init(run: Run) -> str:
             f"never broken — and a ReLU's gradient at 0 is 0")
 
 
+def zero_norm_scales(run: Run) -> str:
+    """Words for normalisation layers whose scale γ was exactly 0 in every entry when the watch started (meta
+    ``zero_norm_scales``) in a net without skip connections ('' otherwise): each outputs its shift β whatever its
+    input, so nothing below it gets a gradient through it. Round 39: every BatchNorm's γ at 0 in a plain CNN on
+    digits (tensorpack#420; Goyal et al. 2017 zero only a residual block's last), the ReLUs after them all at 0 and
+    every gradient below them exactly 0, 0.08–0.11 held out against 0.98–0.99, told "negative biases, a large step …
+    or a poor initialisation". A residual net's zero γ is the Goyal trick, and is left out."""
+    names = [n for n in run_meta(run).get("zero_norm_scales") or () if isinstance(n, str)]
+    if not names or has_residual(run):
+        return ""
+    return (f"the initialisation: the scale γ of {len(names)} normalisation layer{'s' * (len(names) > 1)} "
+            f"({listed(names)}) starts at exactly 0, so each outputs its shift β whatever its input, and no gradient "
+            f"passes it to the layers below (a γ of 0 belongs only to the last norm of a residual branch)")
+
+
 def heavy_dropout(run: Run) -> str:
     """Words for a dropout rate of ``DROPOUT_FROM`` or more ('' otherwise): PyTorch's ``p`` is the probability to
     drop a unit, TF1's ``keep_prob`` the probability to keep one (measured: an MLP on digits with Dropout(0.9)
@@ -466,16 +481,49 @@ def loss_unbounded_below(run: Run) -> str:
     values, steps = ls.values[0][finite], ls.steps[finite]
     if len(values) < 2:
         return ""
-    start = float(np.median(values[:10]))
-    below = np.flatnonzero(values < -UNBOUNDED_BELOW * start)
-    if not start > 0 or not len(below):
+    # the start: the median of its first values before it first went below 0 (round 39: a pinball loss given q = 90
+    # for 0.9 went 6.3 → −212 → … → −10²⁵ in seven steps, and the median of its first ten was itself negative); a
+    # loss below 0 from its first value (the same loss on another seed) by UNBOUNDED_BELOW² × that value's size
+    negative = np.flatnonzero(values < 0)
+    start = float(np.median(values[:min(10, negative[0])])) if values[0] >= 0 and len(negative) else (
+        float(np.median(values[:10])) if values[0] >= 0 else float(values[0]))
+    times = UNBOUNDED_BELOW if values[0] >= 0 else UNBOUNDED_BELOW ** 2
+    below = np.flatnonzero(values < -times * abs(start))
+    if start == 0 or not np.isfinite(start) or (values[0] >= 0) != (start > 0) or not len(below):
         return ""
     low = int(np.argmin(values))
-    return (f"a loss unbounded below: the logged loss started at {sci(start)} and fell below −{UNBOUNDED_BELOW:g}× that "
-            f"from step {int(steps[below[0]])}, to {sci(float(values[low]))} at step {int(steps[low])} — an objective "
-            f"the model can drive towards −∞ (a log-determinant or log-variance term with the wrong sign, as a flow's "
-            f"−log|det J| where +log|det J| belongs; a learned variance or scale with no floor), whose gradient grows "
-            f"as it falls: no learning rate or clipping gives it a minimum")
+    return (f"a loss unbounded below: the logged loss started at {sci(start)} and fell below −{times:g}× "
+            f"{'that' if start > 0 else 'its size'} from step {int(steps[below[0]])}, to {sci(float(values[low]))} at "
+            f"step {int(steps[low])} — an objective the model can drive towards −∞ (a log-determinant or log-variance "
+            f"term with the wrong sign, as a flow's −log|det J| where +log|det J| belongs; a learned variance or scale "
+            f"with no floor; a pinball loss given q = 90 for the quantile 0.9), whose gradient grows as it falls: no "
+            f"learning rate or clipping gives it a minimum")
+
+
+NAN_LOSS_SHARE = 0.5  # a loss non-finite from its first logged step on this share of its steps or more
+
+
+def log_of_nonpositive(run: Run) -> str:
+    """Words for a logged loss non-finite from its first value and on :data:`NAN_LOSS_SHARE` of its steps or more
+    while no gradient read was ever non-finite, with a logarithm in its graph (meta ``loss_ops``: ``LogBackward0``)
+    ('' otherwise): the log of values ≤ 0 makes the value NaN, while its derivative 1/x stays finite and keeps
+    training, towards ever more negative inputs. Round 39: ``nn.PoissonNLLLoss(log_input=False)`` given a linear
+    output (pytorch/pytorch#184030), the loss NaN from step 0 on two seeds and the outputs driven to −4·10⁴, told
+    "unstable steps … a learning rate too large"."""
+    meta = run_meta(run)
+    if "LogBackward0" not in (meta.get("loss_ops") or ()) or "loss" not in run.quantities:
+        return ""
+    values = run.series("loss", "run").values[0]
+    bad = ~np.isfinite(values)
+    if not len(values) or not bad[0] or bad.mean() < NAN_LOSS_SHARE:
+        return ""
+    if "nonfinite" in run.quantities and (np.nan_to_num(run.series("nonfinite").values, nan=0.0) > 0).any():
+        return ""
+    return (f"the loss takes the logarithm of values at or below 0: it is NaN from its first step and on "
+            f"{int(bad.sum())} of {len(values)} logged steps while every gradient read is finite (log's derivative "
+            f"1/x is finite below 0, and drives the input further down) — the model's raw output given where the loss "
+            f"expects a positive quantity: nn.PoissonNLLLoss(log_input=False) reads its input as the rate itself "
+            f"(log_input=True, the default, as a log-rate), a hand-written log of an output that is not kept positive")
 
 
 def scaler_bypassed(run: Run) -> str:
@@ -712,6 +760,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (swapped_betas, ("adam_betas",), _ANY_KIND),
     (heavy_dropout, ("lower_dropout",), _ANY_KIND),
     (zero_init, ("he_init",), _ANY_KIND),
+    (zero_norm_scales, ("norm_scale_one",), _ANY_KIND),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),
@@ -725,6 +774,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (single_element_norm, ("drop_single_norm",), _ANY_KIND),
     (scaler_bypassed, ("scaler_step",), _ANY_KIND),
     (loss_unbounded_below, ("bounded_objective",), _BLOWUP_KINDS),
+    (log_of_nonpositive, ("positive_log_input",), _ANY_KIND),
     (bce_targets_outside, ("probability_targets", "bounded_objective"), _ANY_KIND),
     (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),

@@ -442,6 +442,81 @@ def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+def zero_lr_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Every optimizer step taken at a learning rate of exactly 0 (meta ``optimizer_lr`` and ``optimizer_lr_peak``
+    both 0), in a run whose loss did not halve: nothing ever moves, whatever the gradients. Round 38:
+    get_linear_schedule_with_warmup built and never stepped (huggingface/transformers#2331) — LambdaLR sets the rate
+    to base·λ(0) = 0 when it is built; a small Transformer's loss 2.3 → 2.3, 0.10 held out against its twin's 1.00,
+    told "look outside the gradients" (at lr 10⁻⁹ the same net was told "too small a learning rate", and ×10 of 0 is
+    0 all the same)."""
+    meta = run_meta(run)
+    lr0, peak, stepped = meta.get("optimizer_lr"), meta.get("optimizer_lr_peak"), meta.get("optimizer_steps")
+    if not (lr0 == 0 and peak == 0 and isinstance(stepped, int) and stepped > 0):
+        return []
+    ends = loss_ends(run, th)
+    if ends is None or halved(ends):
+        return []
+    base = meta.get("optimizer_initial_lr")
+    if isinstance(base, (int, float)) and base > 0:
+        cause = (f"a learning-rate scheduler built on this optimizer set the rate to its factor at step 0 — 0, a "
+                 f"linear warm-up's start — and was never stepped: the groups' initial_lr, the rate the schedule "
+                 f"starts from, is {base:g}")
+        keys = remedies("step_scheduler")
+    else:
+        cause = "the optimizer's learning rate is 0: lr=0 where it was built, or set to 0 in its param_groups"
+        keys = remedies("set_lr")
+    steps = run.series("loss", "run").steps
+    return [Finding(
+        kind="stalled", severity="critical", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary="the learning rate is 0: no step changes any weight",
+        evidence=(f"every group's learning rate was 0 at the start and after each of the {stepped} optimizer steps; "
+                  f"the logged loss went {loss_went(run, th, ends)}."),
+        cause=cause, remedies=keys,
+        numbers={"lr_first": 0.0, "loss_first": ends[0], "loss_final": ends[1]},
+        sources=("meta optimizer_lr, optimizer_lr_peak, optimizer_initial_lr", "loss (run)"),
+    )]
+
+
+def group_lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
+    """Some parameter groups' learning rates taken to ~0 (:data:`LR_COLLAPSED` × their first or below, meta
+    ``optimizer_groups_low``) for :data:`LOW_FOR` of the run or more while the other groups kept theirs, in a run
+    whose loss did not halve: the layers those groups hold stop training, and the largest rate, which
+    :func:`lr_collapse_findings` reads, says nothing. Round 38: a layer-wise decay of 0.75 multiplied into a
+    scheduler's lambda at every step instead of once (jaehyunnn/ViTPose_pytorch#20) — three of four groups at
+    10⁻⁴⁰–10⁻¹¹⁶ by step 300, the head's at 3·10⁻³, the loss 2.3 → 1.8–2.0, 0.26–0.36 held out against the twin's
+    1.00, and "the gradients look healthy"."""
+    meta = run_meta(run)
+    low, stepped = meta.get("optimizer_groups_low"), meta.get("optimizer_steps")
+    if not (isinstance(low, dict) and isinstance(stepped, int) and stepped > 0):
+        return []
+    groups = [g for g in low.get("groups") or () if isinstance(g, dict) and isinstance(g.get("low_from"), int)
+              and stepped - g["low_from"] >= LOW_FOR * stepped]
+    ends = loss_ends(run, th)
+    if not groups or ends is None or halved(ends):
+        return []
+    modules = [m for g in groups for m in g.get("modules") or ()]
+    watched = [str(l["name"]) for l in meta.get("layers") or () if isinstance(l, dict) and l.get("name") is not None]
+    layers = tuple(n for n in watched if any(n == m or n.startswith(f"{m}.") or m.startswith(f"{n}.") for m in modules))
+    rates = "; ".join(f"group {g['group']} ({span(g.get('modules') or [])}) {sci(g['lr_first'])} → {sci(g['lr_last'])} "
+                      f"from optimizer step {g['low_from']}" for g in groups[:4])
+    more = f"; and {len(groups) - 4} more" if len(groups) > 4 else ""
+    steps = run.series("loss", "run").steps
+    return [Finding(
+        kind="stalled", severity="warning", layers=layers, steps=(int(steps[0]), int(steps[-1])),
+        summary=(f"the learning rate of {len(groups)} of {low.get('of')} parameter groups fell to ~0 while the others "
+                 f"kept theirs: {span(modules)} stopped training"),
+        evidence=(f"at {LR_COLLAPSED:g} × their first rate or below: {rates}{more}, of {stepped} optimizer steps; "
+                  f"the logged loss went {loss_went(run, th, ends)}."),
+        cause=("a per-group factor that compounds: a layer-wise learning-rate decay multiplied into the groups' "
+               "rates at every step (in a scheduler's lambda, or a loop over optimizer.param_groups) where it was "
+               "meant once, or a schedule that decays these groups far faster than meant"),
+        remedies=remedies("layer_decay_once", "schedule_per_epoch"),
+        numbers={"groups_low": float(len(groups)), "loss_first": ends[0], "loss_final": ends[1],
+                 "lr_last": float(min(g["lr_last"] for g in groups))},
+        sources=("meta optimizer_groups_low, optimizer_steps", "loss (run)"),
+    )]
+
+
 WARMUP_SHORT_OF = 0.5  # a rate that never reached this share of its schedule's base (its peak) in the whole run
 WARMUP_ROSE = 2.0  # ... while it rose this many times over and ended at its highest: a warm-up the run never finished
 

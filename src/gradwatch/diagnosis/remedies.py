@@ -27,7 +27,8 @@ REMEDIES = {
                 "of itself (10⁻⁴ or less) change nothing in thousands of steps",
     "check_graph": "find where forward leaves the autograd graph before these layers' output reaches the loss "
                    "(.detach(), .numpy()/.item()/.tolist(), torch.no_grad(), torch.tensor(…)) and use torch operations "
-                   "on the tensor itself",
+                   "on the tensor itself; where an index (argmax, topk) selects with their output, a selection that "
+                   "passes a gradient: F.gumbel_softmax(…, hard=True) or a straight-through softmax",
     "mean_reduction": "average the loss over the batch (reduction='mean', PyTorch's default): a loss summed over B "
                       "samples makes every gradient B times larger, and with SGD every step",
     "lower_eps": "Adam's eps at its default 1e-8 (optimizer param_groups' eps): an eps above the gradient's rms divides "
@@ -161,6 +162,23 @@ REMEDIES = {
                       "or a square root's argument positive",
     "clip_before_step": "clip between loss.backward() and optimizer.step() (backward, clip_grad_norm_, step): a clip "
                         "after the step changes a gradient the step has already applied",
+    "step_scheduler": "call scheduler.step() after each optimizer.step(): a scheduler sets the rate to its factor "
+                      "at step 0 when it is built (0 at a linear warm-up's start: get_linear_schedule_with_warmup, "
+                      "LambdaLR, LinearLR(start_factor=0)) and moves it only when stepped",
+    "norm_scale_one": "start every normalisation layer's scale γ at 1 (PyTorch's default); a γ of 0 belongs only "
+                      "to the last norm of a residual branch, where the skip connection carries the signal (Goyal et "
+                      "al. 2017, §5.1)",
+    "positive_log_input": "give the logarithm in the loss a positive input: a log-rate with "
+                          "nn.PoissonNLLLoss(log_input=True) (the default), or the output through softplus or exp "
+                          "before a log of your own",
+    "set_lr": "give the optimizer a learning rate above 0 (lr=1e-3 for Adam, 0.01–0.1 for SGD, or each param "
+              "group's 'lr')",
+    "layer_decay_once": "apply a per-group factor once, to the groups' base rates (lr_i = lr · decay^(L − i) when "
+                        "the optimizer is built), not in a scheduler's lambda or a loop that multiplies the rates "
+                        "again at every step, where it compounds to 0",
+    "restore_weights": "put the trained weights back after evaluating with averaged ones (an EMA's store(), "
+                       "copy_to(), evaluate, restore()), or evaluate a separate averaged copy "
+                       "(torch.optim.swa_utils.AveragedModel): training must go on from the optimizer's weights",
     "biased_variance": "take a variance over a single element with correction=0 (unbiased=False): torch.var and "
                        "torch.std divide by n − 1 by default, 0/0 where n = 1 (an instance statistic over a 1×1 map)",
     "weight_norm_init": "initialise a layer's weight before weight normalisation wraps it, never at 0 (g = ‖v‖ = 0 "

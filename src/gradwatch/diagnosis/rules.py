@@ -32,17 +32,17 @@ from gradwatch.diagnosis.output_range import margin_target_findings, output_rang
 from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.over_steps import (
-    RECOVERED, clipped_findings, fading_findings, harmless_nan_loss, loss_scale_findings, lr_collapse_findings,
-    nonfinite_findings,
-    nonfinite_remedies, skipped_findings, skipped_steps, spike_findings, tiny_step_findings, unfinished_warmup_findings,
+    RECOVERED, clipped_findings, fading_findings, group_lr_collapse_findings, harmless_nan_loss, loss_scale_findings,
+    lr_collapse_findings, nonfinite_findings, nonfinite_remedies, skipped_findings, skipped_steps, spike_findings,
+    tiny_step_findings, unfinished_warmup_findings, zero_lr_findings,
 )
 from gradwatch.diagnosis.severity import by_effect
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.through_time import cut_state_findings, temporal_findings
 from gradwatch.diagnosis.units import (
-    cleared_grad_findings, cut_input_findings,
-    activation_findings, broadcast_findings, cut_graph_findings, dead_output_findings, quadratic_softmax_findings, relaxation_findings,
-    made_in_forward_findings, softmax_output_findings, stalled_findings, symmetric_init_findings, unoptimised_findings,
+    activation_findings, broadcast_findings, cleared_grad_findings, cut_graph_findings, cut_input_findings,
+    dead_output_findings, made_in_forward_findings, quadratic_softmax_findings, relaxation_findings,
+    softmax_output_findings, stalled_findings, symmetric_init_findings, unoptimised_findings, written_weights_findings,
     zero_gradient_findings,
 )
 from gradwatch.diagnosis.view import RunView
@@ -86,7 +86,8 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     if not found:  # a loss far from its targets' scale that crawls, with nothing else to explain it
         found += loss_scale_findings(view, th)
     if not found:  # a flat loss while nothing moves: a rate a schedule took to ~0, or too small a rate
-        found += (lr_collapse_findings(view, th) or unfinished_warmup_findings(view, th)  # a warm-up the run never ends
+        found += (zero_lr_findings(view, th) or lr_collapse_findings(view, th) or group_lr_collapse_findings(view, th)
+                  or unfinished_warmup_findings(view, th)  # a warm-up the run never ends
                   or tiny_step_findings(view, th))
     found += activation_findings(view, th) + relaxation_findings(view, th) + dead_output_findings(view, th) + skipped
     # no gradient at all (a softmax over one unit), or none left when the optimizer steps: that finding says why
@@ -111,6 +112,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights
     found += swapped_betas_findings(found, view, th)  # Adam's betas swapped: steps no longer held near lr
     found += symmetric_init_findings(found, view, th)  # weights set to one constant: units that stay copies
+    found += written_weights_findings(found, view, th)  # weights set back between steps (an EMA copy not restored)
     found += collapse_findings(found, view, th)  # an output that stopped depending on the input, as a last resort
     found += majority_findings(found, view, th)  # a binary classifier that answers one class only, as a last resort
     found = _rare_positives(_accumulated(fit_architecture(by_effect(found, view, th), view), view), view)

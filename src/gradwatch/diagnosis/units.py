@@ -456,6 +456,43 @@ def symmetric_init_findings(found: list[Finding], run: Run, th: Thresholds) -> l
         sources=("meta constant_weight_layers", "loss (run)"))]
 
 
+WRITTEN_FROM = 3  # writes between optimizer steps counted from this many ...
+WRITTEN_AT_MOST = 0.5  # ... at no more than this share of the checked steps (a constraint at every step is none)
+SET_BACK_FROM = 0.9  # ... and this share of them or more set the weights back towards their start
+
+
+def written_weights_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """Weights written between optimizer steps by something other than the optimizer, now and then, and each time
+    nearer their start than the step left them (meta ``weights_written``:
+    :class:`gradwatch.watching.zeroing.WrittenCheck`), in a run whose loss did not halve and where no finding says
+    why: averaged weights loaded into the model and not put back. Round 38 (an EMA at 0.999 copied into a small Transformer for a validation pass every 10 steps and never
+    restored; Open-Sora-Plan#186, waifu-diffusion#31): written and set back at 29 of 299 steps, the loss 2.3 →
+    1.9–2.0, held out 0.14–0.15 against 1.00, "the gradients look healthy". A weight constraint applied after every
+    step (WGAN's clamp) writes at every step, and is left out."""
+    got = run_meta(run).get("weights_written")
+    if (not isinstance(got, (list, tuple)) or len(got) != 3 or any(f.severity != "info" for f in found)
+            or "loss" not in run.quantities):
+        return []
+    written, back, checks = (int(v) for v in got)
+    if not (WRITTEN_FROM <= written <= WRITTEN_AT_MOST * checks and back >= SET_BACK_FROM * written):
+        return []
+    learns, steps, went = _loss_course(run, th)
+    if learns:
+        return []
+    return [Finding(
+        kind="stalled", severity="critical", layers=(), steps=(int(steps[0]), int(steps[-1])),
+        summary=f"the weights are set back between optimizer steps ({written} of {checks} steps)",
+        evidence=(f"at {written} of {checks} checked steps a parameter's values changed between optimizer.step() and "
+                  f"the next backward pass, and at {back} of them they were nearer their start than the step had "
+                  f"left them{went}."),
+        cause=("something other than the optimizer writes the weights between steps and sets them back: averaged "
+               "weights (an EMA's or SWA's copy_to) loaded into the model for an evaluation and never restored, or a "
+               "checkpoint reloaded, so training goes on from older weights each time"),
+        remedies=remedies("restore_weights"),
+        numbers={"written_steps": float(written), "set_back_steps": float(back), "checked_steps": float(checks)},
+        sources=("meta weights_written", "loss (run)"))]
+
+
 def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None) -> list[Finding]:
     """Layers whose update ratio ‖Δw‖/‖w‖ is below ``stalled_below`` × the upper-quartile layer's; ``vanishing``: the
     depth finding, whose cause and remedies these layers share when they lie in its stretch."""
@@ -599,7 +636,8 @@ def cut_graph_findings(run: Run, th: Thresholds) -> list[Finding]:
         return []
     cause = ("the autograd graph is cut between these layers and the loss: something in forward takes their output "
              "out of the graph (.detach(), a round trip through .numpy(), .item() or .tolist(), torch.no_grad(), "
-             "or a tensor rebuilt with torch.tensor(…))")
+             "or a tensor rebuilt with torch.tensor(…)), or uses it only through an integer result — the index of an "
+             "argmax, topk or sort, a comparison — which carries no gradient (round 38: a hard argmax selection)")
     fixes = remedies("check_graph")
     sources: tuple[str, ...] = ()
     checkpointed = set(run_meta(run).get("reentrant_checkpoint_layers") or ()) & set(names)

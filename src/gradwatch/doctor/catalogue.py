@@ -97,7 +97,8 @@ def shown_label(remedy: Remedy, numbers: dict[str, float]) -> str:
 BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logits_loss",
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "guard_division",
-                     "layer_in_init", "clip_before_step", "logit_scale",
+                     "layer_in_init", "clip_before_step", "logit_scale", "restore_weights", "set_lr",
+                     "positive_log_input",
                      "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
@@ -149,10 +150,19 @@ def catalog() -> dict[str, list[Remedy]]:
                              s.drop_rounding),
         "biased_variance": one("biased_variance", "correction=0 for a variance over one element (not 0/0)",
                                s.biased_variance),
+        "norm_scale_one": one("norm_scale_one", "normalisation scales γ at 1 (PyTorch's default), not 0",
+                              OnModel(s.norm_scales_one)),
         "weight_norm_init": one("weight_norm_init", "weight-normalised rows at 0 drawn as PyTorch's default",
                                 OnModel(s.weight_norm_init)),
         "layer_in_init": [],  # where the layer is built is the user's model code
         "clip_before_step": [],  # where the loop clips is the user's loop (a Trial's own step())
+        "restore_weights": [],  # where the loop evaluates, and with which weights, is the user's loop
+        "set_lr": [],  # no rate to scale: the optimizer's is 0
+        "positive_log_input": [],  # the loss, and how the user's score reads the output, are the user's
+        "step_scheduler": one("step_scheduler",
+                              "each group at its scheduler's base rate (initial_lr), the warm-up skipped", s.base_rate),
+        "layer_decay_once": one("layer_decay_once",
+                                "the schedule removed: each group held at its base rate (initial_lr)", s.held_schedule),
         "logit_scale": [],  # the scale is in the user's forward or loss
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function

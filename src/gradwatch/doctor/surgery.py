@@ -172,6 +172,23 @@ def held_schedule(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def base_rate(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Each group whose rate is 0 set to the base rate a scheduler built on the optimizer recorded (its
+    ``initial_lr``): a scheduler sets the rate to its factor at step 0 when it is built, 0 at a linear warm-up's
+    start, and one never stepped leaves it there (round 38: huggingface/transformers#2331, a 300-step run at lr 0).
+    The row skips the warm-up the user meant; stepping the scheduler is the user's to add. None where no group is at
+    0 with a base rate above it, or where the trial steps a scheduler of its own."""
+    if getattr(trial, "scheduler", None) is not None:
+        return None
+    groups = [g for g in trial.optimizer.param_groups
+              if g.get("lr") == 0 and isinstance(g.get("initial_lr"), (int, float)) and g["initial_lr"] > 0]
+    for g in groups:
+        g["lr"] = g["initial_lr"]
+    if groups:
+        note_change(trial, "each group at its initial_lr, as a stepped scheduler would have taken it after its warm-up")
+    return trial if groups else None
+
+
 def follow_optimizer(trial: Trial, old: torch.optim.Optimizer) -> None:
     """After a remedy replaced ``old`` by ``trial.optimizer`` (the same groups, in order): the trial's scheduler
     moves to the new optimizer, its schedule now relative to the new groups' rates, and is stepped by it."""
@@ -808,6 +825,13 @@ def weight_norm_init(m: nn.Module) -> nn.Module | None:
     from gradwatch.remedies.init import weight_norm_init as init, zero_weight_norms
 
     return init(m, inplace=True) if zero_weight_norms(m) else None
+
+
+def norm_scales_one(m: nn.Module) -> nn.Module | None:
+    """:func:`gradwatch.remedies.init.norm_scales_one`; None where no normalisation layer's scale is all 0."""
+    from gradwatch.remedies.init import norm_scales_one as one, zero_norm_scales
+
+    return one(m, inplace=True) if zero_norm_scales(m) else None
 
 
 def leaky_slope(m: nn.Module) -> nn.Module | None:

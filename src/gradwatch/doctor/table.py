@@ -144,9 +144,10 @@ class DoctorReport:
             unchecked = self.unchecked_fixes()
             if unchecked:
                 # round 36: a "fixes it" row at 0.76 on seed 0 (the best, checked, at 0.99) diverged on seed 1
-                lines.append(f"  the other {len(unchecked)} row{'s' * (len(unchecked) != 1)} that fix it "
-                             f"{'were' if len(unchecked) != 1 else 'was'} judged on the trials' "
-                             f"seed{'s' * (self.seeds != 1)} alone: check one on another seed before you adopt it")
+                others = ("the other row that fixes it was" if len(unchecked) == 1
+                          else f"the other {len(unchecked)} rows that fix it were")
+                lines.append(f"  {others} judged on the trials' seed{'s' * (self.seeds != 1)} alone: check one on "
+                             f"another seed before you adopt it")
         return "\n".join(lines)
 
     def unchecked_fixes(self) -> list[TrialResult]:

@@ -212,6 +212,34 @@ def weight_norm_init(model: nn.Module, inplace: bool = False) -> nn.Module:
     return m
 
 
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # those with a scale γ (their weight)
+
+
+@torch.no_grad()
+def zero_norm_scales(model: nn.Module) -> list[str]:
+    """The normalisation layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm) whose scale γ is exactly 0 in every
+    entry: each outputs its shift β whatever its input, and passes no gradient below it. [] where reading fails (a
+    sharded weight): a watch never fails the run for it."""
+    try:
+        return [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES)
+                and isinstance(getattr(m, "weight", None), Tensor) and m.weight.numel() and not bool(m.weight.any())]
+    except Exception:  # noqa: BLE001 - nothing to say, nothing lost
+        return []
+
+
+@torch.no_grad()
+def norm_scales_one(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Every normalisation layer's scale γ that is 0 in every entry (:func:`zero_norm_scales`) set to 1, PyTorch's
+    default: a γ of 0 is meant for the last norm of a residual branch only (Goyal et al. 2017, §5.1), where the skip
+    carries the signal and the gradient past it."""
+    m = _target(model, inplace)
+    for name in zero_norm_scales(m):
+        weight = m.get_submodule(name).weight
+        assert isinstance(weight, Tensor)  # zero_norm_scales found a tensor there
+        nn.init.ones_(weight)
+    return m
+
+
 @torch.no_grad()
 def one_factor_init(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Of each product whose factors all start at exactly 0 (:func:`zero_factors`), the first factor drawn as

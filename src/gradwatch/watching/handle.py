@@ -37,7 +37,7 @@ from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import max_group, not_in_optimizer, run_metadata
 from gradwatch.watching.residual import ResidualSeen, first_tensor
-from gradwatch.watching.zeroing import LrTrack, ZeroGradCheck, first_trained
+from gradwatch.watching.zeroing import LrTrack, WrittenCheck, ZeroGradCheck, first_trained, smallest_trained
 from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
@@ -103,6 +103,7 @@ class Watch:
         self._trained_passes = 0  # training steps whose gradients were ready, up to ZERO_GRAD_STEP (zero_grad_weights)
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
+        self._written: WrittenCheck | None = None
         self._lr_track: LrTrack | None = None
         # the parameters no group of the optimizer holds, and a fingerprint of each at the start (sum and norm, in
         # float64): whether they moved by the end tells a layer never trained from one a second optimizer trains
@@ -329,6 +330,10 @@ class Watch:
             self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded, self.model,
                                           first_trained(self.model, self.optimizer, last=True))
             self._handles += self._zeroing.handles
+            small = smallest_trained(self.model, self.optimizer)
+            if small is not None:
+                self._written = WrittenCheck(small, self.optimizer, self._run_guarded)
+                self._handles += self._written.handles
         if self.optimizer is not None:
             self._lr_track = LrTrack(self.optimizer, self._run_guarded)
             self._handles += self._lr_track.handles
@@ -552,6 +557,8 @@ class Watch:
         self._note_weight_bounds()
         if self._zeroing is not None:
             self._writer.meta(self._zeroing.meta())
+        if self._written is not None:
+            self._writer.meta(self._written.meta())
         if self._foreign:  # parameters of the first loss's graph no one holds, freed since: made in forward()
             self._writer.meta({"made_in_forward": made_in_forward(self._foreign)})
         if self._unheld:
@@ -563,8 +570,21 @@ class Watch:
                                "optimizer_lr_last_step": self.step})
         if self._lr_track is not None:  # ... and since when
             self._writer.meta(self._lr_track.meta())
+            self._writer.meta({"optimizer_groups_low": self._low_groups(self._lr_track)})
         if getattr(self, "_driver", None) is not None:  # (a scaler's steps bypassed)
             self._writer.meta(self._driver.meta())
+
+    def _low_groups(self, track: LrTrack) -> dict[str, Any] | None:
+        """The parameter groups whose rate a schedule took to ~0 while others kept theirs: the modules they hold,
+        their first and last rates and since when, of how many groups (None where none or every group did)."""
+        low, groups = track.low_groups(), track.optimizer.param_groups
+        if not low or len(low) == len(groups) or len(groups) != len(track.group_first):
+            return None
+        owner = {id(p): n.rpartition(".")[0] or n for n, p in self.model.named_parameters()}
+        return {"of": len(groups), "groups": [
+            {"group": i, "modules": list(dict.fromkeys(owner[id(p)] for p in groups[i]["params"] if id(p) in owner)),
+             "lr_first": track.group_first[i], "lr_last": float(groups[i]["lr"]), "low_from": at}
+            for i, at in low.items()]}
 
     @torch.no_grad()
     def _note_weight_bounds(self) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from gradwatch._version import __version__
 from gradwatch.layers import Anatomy
-from gradwatch.remedies.init import zero_factors, zero_weight_norms
+from gradwatch.remedies.init import zero_factors, zero_norm_scales, zero_weight_norms
 
 
 def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, parts: Anatomy,
@@ -45,6 +45,8 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "zero_factors": [{"module": n, "factors": f} for n, f in zero_factors(model)],
         # Weight-normalised weights with rows at exactly 0: g·v/‖v‖ = 0/0 (a layer zeroed, then wrapped).
         "zero_weight_norms": zero_weight_norms(model),
+        # Normalisation layers whose scale γ starts at 0 in every entry: each outputs its shift, whatever its input.
+        "zero_norm_scales": zero_norm_scales(model),
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,

@@ -18,6 +18,11 @@ place in between, and not to zero, was changed after the step had used it — a
 ``clip_grad_norm_`` placed after ``optimizer.step()`` (round 36: graphstorm#1366)
 clips nothing the step applied. ``grads_changed_after_step`` = [steps where it
 was, steps checked].
+
+Two more reads of the loop live here: :class:`WrittenCheck`, whether something
+other than the optimizer writes the weights between its steps (an EMA copied in
+for evaluation and never restored), and :class:`LrTrack`, the learning rates a
+schedule takes to ~0, the largest and each group's.
 """
 
 from __future__ import annotations
@@ -88,6 +93,63 @@ class ZeroGradCheck:
                 "backwards_per_step": round(self.backwards / self.steps, 2) if self.steps else None}
 
 
+WRITTEN_MAX = 1 << 16  # the parameter read for writes between steps is copied at each step: at most this many entries
+
+
+class WrittenCheck:
+    """Whether something other than the optimizer writes the weights between its steps (round 38: an EMA's averaged
+    weights copied into the model for a validation pass every 10 steps and never restored, Open-Sora-Plan#186 —
+    training went on from weights ~75 % of the way back to their start, 0.14 held out against 1.00, "the gradients
+    look healthy").
+
+    One small trained parameter is copied after each optimizer step, with its version counter; at the first backward
+    after the step (autograd's hook on it, which sees the values the forward pass used) a changed version and changed
+    values count as a write, and values nearer the parameter's start than the step left them as a write that set the
+    weights back. Restoring the step's weights after an evaluation is no write. The counts stay on the device (no
+    synchronisation); ``weights_written`` = [steps written, of which set back, steps checked]."""
+
+    def __init__(self, param: nn.Parameter, optimizer: torch.optim.Optimizer, guard: Callable[..., Any]) -> None:
+        self.param = param
+        self.start = param.detach().clone()
+        self.checks = 0
+        self._after: tuple[Tensor, int] | None = None
+        self._written: Tensor | None = None
+        self._back: Tensor | None = None
+        self.handles = [optimizer.register_step_post_hook(functools.partial(guard, self._stepped)),
+                        param.register_hook(functools.partial(guard, self._backward))]
+
+    @torch.no_grad()
+    def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._after = (self.param.detach().clone(), self.param._version)
+
+    @torch.no_grad()
+    def _backward(self, grad: Tensor) -> None:
+        if self._after is None:
+            return  # before the first step, or a later micro-batch of the same step
+        (after, version), self._after = self._after, None
+        self.checks += 1
+        if self.param._version == version:
+            return
+        now = self.param.detach()
+        hit = now.ne(after).any()
+        back = hit & ((now - self.start).norm() < (after - self.start).norm())
+        self._written = hit.long() if self._written is None else self._written + hit
+        self._back = back.long() if self._back is None else self._back + back
+
+    def meta(self) -> dict[str, Any]:
+        return {"weights_written": [int(self._written) if self._written is not None else 0,
+                                    int(self._back) if self._back is not None else 0, self.checks]}
+
+
+def smallest_trained(model: nn.Module, optimizer: Any) -> nn.Parameter | None:
+    """The model's smallest floating parameter that requires a gradient and that ``optimizer`` holds, of at most
+    :data:`WRITTEN_MAX` entries (None: none)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    found = [p for p in model.parameters() if p.requires_grad and id(p) in held and p.is_floating_point()
+             and 0 < p.numel() <= WRITTEN_MAX]
+    return min(found, key=lambda p: p.numel(), default=None)
+
+
 def first_trained(model: nn.Module, optimizer: Any = None, last: bool = False) -> nn.Parameter | None:
     """The model's first (``last``: last) parameter that requires a gradient and, given an optimizer, that it holds
     (its ``zero_grad()`` clears no other: a layer no optimizer holds keeps its .grad whatever the loop does)."""
@@ -111,6 +173,10 @@ class LrTrack:
         self.first: float | None = None
         self.peak: float | None = None  # the largest rate after any step (a warm-up that never ends: below its base)
         self.low_from: int | None = None  # the first step of the stretch at ~0 that lasts to now
+        # each group's first rate and the step from which it stays at ~0 (round 38: a layer-wise decay compounded at
+        # every step took three of four groups to 10⁻⁴⁰–10⁻¹¹⁶ while the head's kept its rate, and so the largest)
+        self.group_first: list[float] = []
+        self.group_low_from: list[int | None] = []
         self.handles = [optimizer.register_step_post_hook(functools.partial(guard, self._stepped))]
 
     def _stepped(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -118,6 +184,11 @@ class LrTrack:
         self.steps += 1
         if not rates:
             return
+        if len(rates) != len(self.group_first):  # the first step, or groups added since: start their count over
+            self.group_first, self.group_low_from = [float(r) for r in rates], [None] * len(rates)
+        for i, rate in enumerate(rates):
+            low = self.group_first[i] > 0 and rate <= LR_LOW * self.group_first[i]
+            self.group_low_from[i] = (self.group_low_from[i] or self.steps) if low else None
         lr = float(max(rates))
         if self.first is None:
             self.first = lr
@@ -127,6 +198,11 @@ class LrTrack:
                 self.low_from = self.steps
         else:
             self.low_from = None
+
+    def low_groups(self) -> dict[int, int]:
+        """The groups whose rate has stayed at ~0 (:data:`LR_LOW` × their first read or below) since a step: group
+        index -> that step."""
+        return {i: at for i, at in enumerate(self.group_low_from) if at is not None}
 
     def meta(self) -> dict[str, Any]:
         return {"optimizer_lr_low_from": self.low_from, "optimizer_steps": self.steps, "optimizer_lr_peak": self.peak}
