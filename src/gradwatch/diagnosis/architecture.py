@@ -436,7 +436,11 @@ def unbounded_loss_weights(run: Run) -> str:
             f"optimizer drove through 0, below which the loss is unbounded: each step then raises that task's loss")
 
 
-UNBOUNDED_BELOW = 10.0  # a positive loss that falls below −this × its start has no floor the model stops at
+UNBOUNDED_BELOW = 10.0  # a positive loss that falls below −this × its start has no floor the model stops at ...
+# ... where it reaches −this × its start's size at its lowest: a likelihood without its constant term goes below 0
+# and stops (round 39: a Poisson NLL on log-rates, 0.7 → −11 on one batch of large counts, −5.4 at the end), where a
+# loss without a minimum runs away (a flipped log-determinant to −1.8·10⁶ from 4.7, a pinball loss at q = 90 to −10²⁵)
+UNBOUNDED_DEPTH = 1000.0
 TARGETS_OUTSIDE_FROM = 0.1  # a binary cross-entropy with this share of its targets outside [0, 1] has no minimum
 
 
@@ -469,7 +473,7 @@ def bce_targets_outside(run: Run) -> str:
 
 def loss_unbounded_below(run: Run) -> str:
     """Words for a logged loss that started above 0 and fell below −:data:`UNBOUNDED_BELOW` × its start (the median of
-    its first values); '' otherwise, and where learned loss weights say why (:func:`unbounded_loss_weights`). Said
+    its first values), on to −:data:`UNBOUNDED_DEPTH` × it or below; '' otherwise, and where learned loss weights say why (:func:`unbounded_loss_weights`). Said
     only beside a blow-up: a likelihood that converges below 0 (a density fitted to concentrated data) has no
     growing gradient. Round 29: a RealNVP whose loss was −(log N(z) − log|det J|), its log-determinant's sign flipped
     (pytorch-flows#16), went 4.7 → −1.8·10⁶ with its gradient at 10¹⁰, told "unstable steps … a learning rate too
@@ -489,9 +493,10 @@ def loss_unbounded_below(run: Run) -> str:
         float(np.median(values[:10])) if values[0] >= 0 else float(values[0]))
     times = UNBOUNDED_BELOW if values[0] >= 0 else UNBOUNDED_BELOW ** 2
     below = np.flatnonzero(values < -times * abs(start))
-    if start == 0 or not np.isfinite(start) or (values[0] >= 0) != (start > 0) or not len(below):
-        return ""
     low = int(np.argmin(values))
+    if (start == 0 or not np.isfinite(start) or (values[0] >= 0) != (start > 0) or not len(below)
+            or values[low] > -UNBOUNDED_DEPTH * abs(start)):
+        return ""
     return (f"a loss unbounded below: the logged loss started at {sci(start)} and fell below −{times:g}× "
             f"{'that' if start > 0 else 'its size'} from step {int(steps[below[0]])}, to {sci(float(values[low]))} at "
             f"step {int(steps[low])} — an objective the model can drive towards −∞ (a log-determinant or log-variance "
@@ -504,8 +509,8 @@ NAN_LOSS_SHARE = 0.5  # a loss non-finite from its first logged step on this sha
 
 
 def log_of_nonpositive(run: Run) -> str:
-    """Words for a logged loss non-finite from its first value and on :data:`NAN_LOSS_SHARE` of its steps or more
-    while no gradient read was ever non-finite, with a logarithm in its graph (meta ``loss_ops``: ``LogBackward0``)
+    """Words for a logged loss non-finite at its last value and on :data:`NAN_LOSS_SHARE` of its steps or more since
+    it first was, while no gradient read was ever non-finite, with a logarithm in its graph (meta ``loss_ops``: ``LogBackward0``)
     ('' otherwise): the log of values ≤ 0 makes the value NaN, while its derivative 1/x stays finite and keeps
     training, towards ever more negative inputs. Round 39: ``nn.PoissonNLLLoss(log_input=False)`` given a linear
     output (pytorch/pytorch#184030), the loss NaN from step 0 on two seeds and the outputs driven to −4·10⁴, told
@@ -513,14 +518,18 @@ def log_of_nonpositive(run: Run) -> str:
     meta = run_meta(run)
     if "LogBackward0" not in (meta.get("loss_ops") or ()) or "loss" not in run.quantities:
         return ""
-    values = run.series("loss", "run").values[0]
-    bad = ~np.isfinite(values)
-    if not len(values) or not bad[0] or bad.mean() < NAN_LOSS_SHARE:
+    loss = run.series("loss", "run")
+    bad = ~np.isfinite(loss.values[0])
+    if not bad.any():
+        return ""
+    first = int(np.argmax(bad))
+    if not bad[-1] or bad[first:].mean() < NAN_LOSS_SHARE:
         return ""
     if "nonfinite" in run.quantities and (np.nan_to_num(run.series("nonfinite").values, nan=0.0) > 0).any():
         return ""
-    return (f"the loss takes the logarithm of values at or below 0: it is NaN from its first step and on "
-            f"{int(bad.sum())} of {len(values)} logged steps while every gradient read is finite (log's derivative "
+    since = "its first step" if first == 0 else f"step {int(loss.steps[first])}"
+    return (f"the loss takes the logarithm of values at or below 0: it is NaN from {since} on {int(bad.sum())} of "
+            f"{len(bad)} logged steps while every gradient read is finite (log's derivative "
             f"1/x is finite below 0, and drives the input further down) — the model's raw output given where the loss "
             f"expects a positive quantity: nn.PoissonNLLLoss(log_input=False) reads its input as the rate itself "
             f"(log_input=True, the default, as a log-rate), a hand-written log of an output that is not kept positive")

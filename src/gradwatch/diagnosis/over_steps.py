@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import ADAM_TYPES, module_types, run_meta
+from gradwatch.diagnosis.architecture import ADAM_TYPES, UNBOUNDED_BELOW, module_types, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import (
     EPS_TINY_STEP, FLAT_LOSS_ABOVE, halved, loss_ends, loss_went, real_fit, total_grad_norm, typical_update_ratio,
@@ -341,7 +341,9 @@ def _recovered(run: Run, steps: np.ndarray, total: np.ndarray, calm: float, onse
     if late >= th.spike_above * calm:
         return ""
     back = f"{RECOVERED}: the total norm is back at {sci(late)} over the last {4 * th.window} steps"
-    if halved((first, final)):
+    # a likelihood without its constant term may start or end below 0 (round 39: a Poisson NLL on log-rates, the
+    # medians of its first and last values −0.57 → −2.2): fallen, short of what a loss without a minimum reaches
+    if halved((first, final)) or -UNBOUNDED_BELOW * abs(first) < final < min(first, 0.0):
         return back + f" and the loss fell from {sci(first)} to {sci(final)} (info only)"
     before = ls.values[0][ls.steps < onset][-4 * th.window:]
     if len(before) >= th.window and final <= float(np.median(before)):
