@@ -129,22 +129,31 @@ def _pinball(q: float):
     return loss
 
 
+def _regression(x: torch.Tensor, y: torch.Tensor, seed: int, width: int, train: int,
+                optimizer: type, lr: float, loss) -> gw.Trial:
+    """A two-hidden-layer ReLU MLP of ``width`` with one output, batches of 64 drawn at random from the first
+    ``train`` samples, trained by ``optimizer`` at ``lr`` (SGD with momentum 0.9)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(x.shape[1], width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 1), nn.Flatten(0))
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            i = torch.randint(0, train, (64,), generator=g)
+            yield x[i], y[i]
+
+    extra = {"momentum": 0.9} if optimizer is torch.optim.SGD else {}
+    return gw.Trial(model, optimizer(model.parameters(), lr=lr, **extra), batches(), loss)
+
+
 def _quantile(seed: int, q: float = 90.0) -> gw.Trial:
     from sklearn.datasets import make_regression
 
     xs, ys = make_regression(n_samples=1000, n_features=10, n_informative=8, noise=10.0, random_state=0)
     x = torch.tensor((xs - xs.mean(0)) / xs.std(0), dtype=torch.float32)
     y = torch.tensor((ys - ys.mean()) / ys.std(), dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1), nn.Flatten(0))
-    g = torch.Generator().manual_seed(seed)
-
-    def batches():
-        while True:
-            i = torch.randint(0, 750, (64,), generator=g)
-            yield x[i], y[i]
-
-    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), batches(), _pinball(q))
+    return _regression(x, y, seed, 64, 750, torch.optim.SGD, 1e-2, _pinball(q))
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
@@ -172,25 +181,14 @@ def _poisson(seed: int, log_input: bool = False) -> gw.Trial:
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(2000, 10)).astype(np.float32)
     ys = rng.poisson(np.exp(0.5 + xs @ rng.normal(scale=0.4, size=10).astype(np.float32))).astype(np.float32)
-    x, y = torch.tensor(xs), torch.tensor(ys)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1), nn.Flatten(0))
-    g = torch.Generator().manual_seed(seed)
-
-    def batches():
-        while True:
-            i = torch.randint(0, 1500, (64,), generator=g)
-            yield x[i], y[i]
-
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-2), batches(),
-                    nn.PoissonNLLLoss(log_input=log_input))
+    return _regression(torch.tensor(xs), torch.tensor(ys), seed, 32, 1500, torch.optim.Adam, 1e-2,
+                       nn.PoissonNLLLoss(log_input=log_input))
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
 def test_a_rate_given_raw_to_a_log_is_told(tmp_path, seed):
     bug, twin = _poisson(seed), _poisson(seed, log_input=True)
     # the reference: the loss's value is NaN where an output is below 0, and its gradient there finite
-    x, y = next(_poisson(seed).batches)
     out = torch.tensor([-0.5, 0.5], requires_grad=True)
     value = nn.PoissonNLLLoss(log_input=False, reduction="none")(out, torch.tensor([2.0, 2.0]))
     value.sum().backward()
