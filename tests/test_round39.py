@@ -82,6 +82,8 @@ def test_zero_normalisation_scales_are_told_as_the_cause(tmp_path, seed):
     problems = _problems(w_bug)
     assert problems and all(f.remedy_keys[0] == "norm_scale_one" and "the scale γ of 3 normalisation layers" in f.cause
                             for f in problems), [str(f) for f in problems]
+    # layers whose gradient is exactly 0 are not also excused as "no loss of learning" because a norm follows each
+    assert not any("no loss of learning" in f.evidence for f in w_bug.diagnose())
     assert not _problems(w_twin)
 
 

@@ -538,6 +538,9 @@ def stalled_findings(run: Run, th: Thresholds, vanishing: Finding | None = None)
                    "they sit in residual branches, which the skip carries the signal past (a branch whose last layer "
                    "starts at zero, Fixup's, gives its first layer little gradient), every layer has the same learning "
                    "rate, and the loss fell tenfold: no loss of learning.", "; loss (run)")
+    if excused is not None and vanishing is not None and vanishing.severity == "critical" and set(names) <= set(
+            vanishing.layers):
+        return []  # a critical vanishing finding tells these layers already: "no loss of learning" would contradict it
     if excused is not None:
         summary, why, more = excused
         return [Finding(
