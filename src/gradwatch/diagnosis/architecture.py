@@ -625,6 +625,36 @@ def clipped_after_step(run: Run) -> str:
             f"called after optimizer.step(), which clips nothing that step applied, so the steps are unclipped")
 
 
+PADDING_READ_FROM = 0.5  # an embedding whose lookups are its padding index this often reads it as data
+
+
+def padding_read_words(run: Run) -> str:
+    """Words for embeddings whose first lookups were their ``padding_idx`` for :data:`PADDING_READ_FROM` of them or
+    more (meta ``padding_reads``), '' without one: that row is 0 and gets no gradient, and whatever multiplies it
+    gets none either."""
+    found = [r for r in run_meta(run).get("padding_reads") or ()
+             if isinstance(r, dict) and isinstance(r.get("share"), (int, float)) and r["share"] >= PADDING_READ_FROM]
+    if not found:
+        return ""
+    read = "; ".join(f"{r['module']} reads its padding_idx ({r['padding_idx']}) in {r['share']:.0%} of its lookups"
+                     for r in found[:3])
+    return (f"an embedding's padding row read as data: {read} — nn.Embedding keeps that row at 0 and never gives it a "
+            f"gradient, so it and everything multiplied by it stay at 0: padding_idx given to an index that is real "
+            f"data (a relation, a token)")
+
+
+def ascending(run: Run) -> str:
+    """Words for an optimizer with ``maximize=True`` in a group (meta ``optimizer_maximize``), '' otherwise: it steps
+    along the gradient, up the loss. Round 40 (the fast.ai forum's "why do we always subtract the gradients": a step
+    written params += lr·grad, ported as SGD(maximize=True)): the loss rose from its first step and went NaN at steps
+    30–50, 0.35 held out against 0.96–0.98, told "a learning rate too large"."""
+    if run_meta(run).get("optimizer_maximize") is not True:
+        return ""
+    return (f"the optimizer climbs the loss: {run_meta(run).get('optimizer') or 'it'} was built with maximize=True, "
+            f"so each step adds lr·grad where training subtracts it (params −= lr·grad) — wrong wherever the logged "
+            f"loss is the quantity to lower")
+
+
 def rprop_on_minibatches(run: Run) -> str:
     """Words for ``torch.optim.Rprop`` on batches that change from step to step (meta ``batches_vary``): a full-batch
     method (Riedmiller & Braun 1993) whose per-weight steps follow the gradient's sign alone, growing ×1.2 while two
@@ -766,6 +796,8 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (heavy_weight_decay, ("lower_wd",), _SHRUNK_KINDS),
     (heavy_momentum, ("lower_momentum",), _ANY_KIND),
     (rprop_on_minibatches, ("adam",), _ANY_KIND),
+    (ascending, ("minimize",), _ANY_KIND),
+    (padding_read_words, ("padding_idx",), _ANY_KIND),
     (swapped_betas, ("adam_betas",), _ANY_KIND),
     (heavy_dropout, ("lower_dropout",), _ANY_KIND),
     (zero_init, ("he_init",), _ANY_KIND),

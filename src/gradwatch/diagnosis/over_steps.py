@@ -90,7 +90,11 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     large_loss = first_loss > LOSS_SCALE_ABOVE  # the loss's own scale: regression targets in their raw units
     heavy = weights_too_large(run) if large_loss else ""
     summed = summed_over_batch(run, first_loss) if large_loss and not heavy else ""
-    targets_first = large_loss and not heavy and not summed and "weight_norm" in run.quantities
+    # a classifier's loss (a cross-entropy's nodes in the loss's graph) has no targets' scale to blame (round 40: a
+    # residual sum added twice in a 12-block MLP, the loss at ~1000 from logits ×10³, told "in a regression, the scale
+    # of the targets" with target standardisation first)
+    classifier = bool(CLASSIFIER_NODES & set(run_meta(run).get("loss_ops") or ()))
+    targets_first = large_loss and not heavy and not summed and not classifier and "weight_norm" in run.quantities
     # A norm that starts ordinary and grows by spike_above or more before any calm phase: each step overshoots (a
     # GRU at SGD lr 0.5 with momentum 0.9, NaN by step 11, was blamed on "the initial scale of the weights")
     start_norm = float(total[finite][0]) if finite.any() else math.nan
@@ -107,7 +111,8 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         # the targets': the loss alone cannot tell them apart, and the doctor tries both; where every layer's weights
         # were measured at an ordinary scale, the targets go first — round 15: the diabetes targets ×100 under
         # nn.Linear's default init were told "weights re-initialised" first)
-        scale = ("standardise_targets", "smaller_init") if targets_first else ("smaller_init", "standardise_targets")
+        scale = (("standardise_targets", "smaller_init") if targets_first else ("smaller_init",) if classifier
+                 else ("smaller_init", "standardise_targets"))
         fixes = remedies(*(["mean_reduction"] if summed else []), *scale, "lower_lr", "clip_norm", "norm")
     elif overshoot:  # no calm phase, but a normal start that grew fast: the steps, not the scale
         fixes = remedies("lower_lr", "clip_norm", "smaller_init", "norm")
@@ -144,6 +149,9 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
         else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} with every "
              f"layer's weights within ×{WEIGHTS_ABOVE_HE:g} of He's scale — in a regression, the scale of the targets (a "
              "squared error on targets in their raw units)" if targets_first
+        else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)}, a classifier's "
+             "logits that large — the scale of the forward pass: the weights, the inputs, or activations that grow "
+             "block by block (a residual sum that adds its input more than once)" if large_loss and classifier
         else f"the gradient is too large from the first step: the loss starts at {sci(first_loss)} — the scale of "
              "the weights, or, in a regression, of the targets (a squared error on targets in their raw units)"
              + (f", or {summed}" if summed else "") if large_loss
@@ -162,6 +170,9 @@ def spike_findings(run: Run, th: Thresholds) -> list[Finding]:
     )]
 
 
+# a cross-entropy's or a binary cross-entropy's nodes in the loss's graph (meta loss_ops): a classifier's loss
+CLASSIFIER_NODES = frozenset({"NllLossBackward0", "NllLoss2DBackward0", "BinaryCrossEntropyWithLogitsBackward0",
+                              "BinaryCrossEntropyBackward0"})
 RECOVERED = "the run recovered"  # opens the last clause of a recovered finding's evidence (rules.merge_spikes drops it
 # where the same steps hold a worse finding: a spike the run got over does not excuse attention that went one-hot)
 TARGETS_STANDARDISED = "TargetScaled"  # the doctor's wrapper that trains a model as on standardised targets

@@ -171,6 +171,10 @@ REMEDIES = {
     "positive_log_input": "give the logarithm in the loss a positive input: a log-rate with "
                           "nn.PoissonNLLLoss(log_input=True) (the default), or the output through softplus or exp "
                           "before a log of your own",
+    "padding_idx": "give padding_idx only to an index that is padding (nn.Embedding(…, padding_idx=None) where every "
+                   "index is data), or shift the real indices past it: the padding row stays 0 and never learns",
+    "minimize": "step down the gradient: the optimizer with maximize=False (the default), or a step written "
+                "params -= lr * grad",
     "set_lr": "give the optimizer a learning rate above 0 (lr=1e-3 for Adam, 0.01–0.1 for SGD, or each param "
               "group's 'lr')",
     "layer_decay_once": "apply a per-group factor once, to the groups' base rates (lr_i = lr · decay^(L − i) when "

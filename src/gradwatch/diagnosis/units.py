@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from gradwatch.diagnosis.architecture import run_meta
+from gradwatch.diagnosis.architecture import padding_read_words, run_meta
 from gradwatch.diagnosis.depth import profile
 from gradwatch.diagnosis.findings import Finding, layer_name, listed, modules_span, sci, span
 from gradwatch.diagnosis.output_range import output_range_words
@@ -925,6 +925,11 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  f"loss — round or threshold the predictions only to report them, and train on the output itself "
                  f"(where the forward pass needs the step, a straight-through estimator passes the gradient past it)")
         fixes = remedies("drop_rounding", "straight_through")
+    elif padded := padding_read_words(run):
+        # round 40: the only relation of a knowledge graph at padding_idx=0 (ibalazevic/TuckER#17), told "a
+        # clip_grad_norm_(…, max_norm=0) or a grad.zero_()" of a loop that had neither
+        cause = padded
+        fixes = remedies("padding_idx")
     elif reached := _backward_reached(run, start):
         # round 33: clip_grad_norm_(params, 0.0), a max_grad_norm of 0 meant as "no clipping" (OpenNMT/OpenNMT-py#1140),
         # told "a softmax over a single unit … a loss on a detached output" of a CNN whose backward pass was whole

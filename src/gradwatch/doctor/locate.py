@@ -97,9 +97,11 @@ class Origin:
                      "torch.std's default) is 0/0 — pass correction=0 (unbiased=False), or reduce over more elements")
         elif self.op.rpartition(".")[2] in RECIPROCALS and self.nan:
             # round 35: a masked mean written by hand, sum(l·m) / m.sum(), on a batch with no labelled token
-            made += (": 0/0 is NaN — a sum divided by a count or a norm that is 0 on this batch, as a mean over a "
-                     "mask with no entry (sum(l·m) / m.sum()) — clamp the divisor away from 0 "
-                     "(m.sum().clamp(min=1)), or skip a batch with nothing to average")
+            # round 40: a batch norm written by hand without eps, (x − μ)/σ over a feature that is 0 on the batch
+            made += (": 0/0 is NaN — a sum divided by a count or a norm that is 0 on this batch: a mean over a "
+                     "mask with no entry (sum(l·m) / m.sum()), or a standardisation (x − μ)/σ without an eps over a "
+                     "feature constant on the batch — clamp the divisor away from 0 (m.sum().clamp(min=1), "
+                     "σ + eps or √(σ² + eps)), or skip a batch with nothing to average")
         elif self.op.rpartition(".")[2] in RECIPROCALS:
             made += (": 1/x of an entry that is 0 (a power with a negative exponent, rsqrt, a division) is ±inf — "
                      "set those entries to 0 after it (pygcn's r_inv[isinf(r_inv)] = 0), clamp the base away from "

@@ -231,7 +231,9 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
         return None
     top = max(g["lr"] for g in old.param_groups)
     # each group keeps its rate relative to the largest: the switch changes the optimiser, not the groups' settings
-    groups = [{"params": g["params"], "weight_decay": g.get("weight_decay", 0.0), "lr": lr * g["lr"] / top if top > 0 else lr}
+    # maximize kept (round 40: the row dropped SGD(maximize=True), and its "fixes it" was the flag's removal unsaid)
+    groups = [{"params": g["params"], "weight_decay": g.get("weight_decay", 0.0),
+               "lr": lr * g["lr"] / top if top > 0 else lr, "maximize": bool(g.get("maximize", False))}
               for g in old.param_groups]
     trial.optimizer = torch.optim.Adam(groups, lr=lr)
     follow_optimizer(trial, old)
@@ -241,6 +243,17 @@ def adam(lr: float, trial: Trial, numbers: dict[str, float]) -> Trial | None:
     if kept:  # round 18: Adam(lr=1e-2) as the label reads gave AP 0.20 where the row, with SGD's decay, gave 0.80
         note_change(trial, f"the SGD's weight_decay kept: Adam(…, weight_decay={'/'.join(f'{w:g}' for w in kept)})")
     return trial
+
+
+def minimize(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every param group's ``maximize`` set to False, the optimizer's default: it steps down the gradient. None where
+    no group has it set."""
+    groups = [g for g in trial.optimizer.param_groups if g.get("maximize")]
+    for g in groups:
+        g["maximize"] = False
+    if groups:
+        note_change(trial, "maximize=False in every group")
+    return trial if groups else None
 
 
 def adamw(trial: Trial, numbers: dict[str, float]) -> Trial | None:
@@ -825,6 +838,17 @@ def weight_norm_init(m: nn.Module) -> nn.Module | None:
     from gradwatch.remedies.init import weight_norm_init as init, zero_weight_norms
 
     return init(m, inplace=True) if zero_weight_norms(m) else None
+
+
+@torch.no_grad()
+def no_padding_idx(m: nn.Module) -> nn.Module | None:
+    """Every ``nn.Embedding`` with a ``padding_idx`` given none, its padding row drawn as the layer draws its weight
+    (N(0, 1)): the row is data, and trains. None where no embedding has a padding index."""
+    found = [x for x in m.modules() if isinstance(x, nn.Embedding) and x.padding_idx is not None]
+    for x in found:
+        x.weight[x.padding_idx].normal_()
+        x.padding_idx = None
+    return m if found else None
 
 
 def norm_scales_one(m: nn.Module) -> nn.Module | None:

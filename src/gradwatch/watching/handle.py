@@ -30,6 +30,7 @@ from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.graph_scan import Foreign, held_parameters, made_in_forward, scan_graph
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.layout import LayoutSeen
+from gradwatch.probes.padding import PaddingReads
 from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, derivative_ops, loss_graph, loss_paths,
                                        margin_targets_off_gradient, targets_off_gradient)
 from gradwatch.probes.weakhook import WeakHook
@@ -104,6 +105,7 @@ class Watch:
         self._handles: list[Any] = []
         self._zeroing: ZeroGradCheck | None = None
         self._written: WrittenCheck | None = None
+        self._padding: PaddingReads | None = None
         self._lr_track: LrTrack | None = None
         # the parameters no group of the optimizer holds, and a fingerprint of each at the start (sum and norm, in
         # float64): whether they moved by the end tells a layer never trained from one a second optimizer trains
@@ -325,6 +327,8 @@ class Watch:
         self._handles += self._driver.place()
         self._handles += ResidualSeen(self.model, self._writer.meta, self._run_guarded).handles
         self._handles += LayoutSeen(self.model, self._writer.meta, self._run_guarded).handles
+        self._padding = PaddingReads(self.model, self._run_guarded)
+        self._handles += self._padding.handles
         param = first_trained(self.model, self.optimizer)
         if self.optimizer is not None and param is not None and not steps.grads.sharded:
             self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded, self.model,
@@ -559,6 +563,8 @@ class Watch:
             self._writer.meta(self._zeroing.meta())
         if self._written is not None:
             self._writer.meta(self._written.meta())
+        if self._padding is not None:
+            self._writer.meta(self._padding.meta())
         if self._foreign:  # parameters of the first loss's graph no one holds, freed since: made in forward()
             self._writer.meta({"made_in_forward": made_in_forward(self._foreign)})
         if self._unheld:

@@ -60,6 +60,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "optimizer_weight_decay": max_group(optimizer, "weight_decay"),
         # Adam's, NAdam's, RAdam's decoupled_weight_decay=True (AdamW's decay): else their weight decay is an L2 term
         "optimizer_decoupled_wd": max_group(optimizer, "decoupled_weight_decay"),
+        # maximize=True in any group: the optimizer climbs the loss (a step written params += lr·grad, ported so)
+        "optimizer_maximize": any(bool(g.get("maximize")) for g in optimizer.param_groups) if optimizer is not None
+                              else None,
         "optimizer_momentum": max_group(optimizer, "momentum"),  # SGD's, RMSprop's (Adam's betas are not this)
         "optimizer_betas": first_betas(optimizer),  # Adam's (β1, β2): swapped, the steps run away
         "optimizer_eps": max_group(optimizer, "eps"),  # Adam's, RMSprop's: a step is lr·m/(√v + eps)
