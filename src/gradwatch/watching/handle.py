@@ -30,9 +30,9 @@ from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.graph_scan import Foreign, held_parameters, made_in_forward, scan_graph
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.layout import LayoutSeen
-from gradwatch.probes.padding import PaddingReads
 from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, derivative_ops, loss_graph, loss_paths,
                                        margin_targets_off_gradient, targets_off_gradient)
+from gradwatch.probes.padding import PaddingReads
 from gradwatch.probes.weakhook import WeakHook
 from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open_run
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
