@@ -473,11 +473,12 @@ def bce_targets_outside(run: Run) -> str:
 
 def loss_unbounded_below(run: Run) -> str:
     """Words for a logged loss that started above 0 and fell below −:data:`UNBOUNDED_BELOW` × its start (the median of
-    its first values), on to −:data:`UNBOUNDED_DEPTH` × it or below; '' otherwise, and where learned loss weights say why (:func:`unbounded_loss_weights`). Said
-    only beside a blow-up: a likelihood that converges below 0 (a density fitted to concentrated data) has no
-    growing gradient. Round 29: a RealNVP whose loss was −(log N(z) − log|det J|), its log-determinant's sign flipped
-    (pytorch-flows#16), went 4.7 → −1.8·10⁶ with its gradient at 10¹⁰, told "unstable steps … a learning rate too
-    large" and "the weights amplify the gradient ×3.8 per layer"; the twin, +log|det J|, ends at 1.4."""
+    its first values), on to −:data:`UNBOUNDED_DEPTH` × it or below; '' otherwise, and where learned loss weights say
+    why (:func:`unbounded_loss_weights`). Said only beside a blow-up: a likelihood that converges below 0 (a density
+    fitted to concentrated data) has no growing gradient. Round 29: a RealNVP whose loss was −(log N(z) − log|det J|),
+    its log-determinant's sign flipped (pytorch-flows#16), went 4.7 → −1.8·10⁶ with its gradient at 10¹⁰, told "unstable
+    steps … a learning rate too large" and "the weights amplify the gradient ×3.8 per layer"; the twin, +log|det J|,
+    ends at 1.4."""
     if run_meta(run).get("loss_weights") or "loss" not in run.quantities or bce_targets_outside(run):
         return ""
     ls = run.series("loss", "run")
@@ -488,14 +489,14 @@ def loss_unbounded_below(run: Run) -> str:
     # the start: the median of its first values before it first went below 0 (round 39: a pinball loss given q = 90
     # for 0.9 went 6.3 → −212 → … → −10²⁵ in seven steps, and the median of its first ten was itself negative); a
     # loss below 0 from its first value (the same loss on another seed) by UNBOUNDED_BELOW² × that value's size
-    negative = np.flatnonzero(values < 0)
-    start = float(np.median(values[:min(10, negative[0])])) if values[0] >= 0 and len(negative) else (
-        float(np.median(values[:10])) if values[0] >= 0 else float(values[0]))
-    times = UNBOUNDED_BELOW if values[0] >= 0 else UNBOUNDED_BELOW ** 2
+    if values[0] >= 0:
+        negative = np.flatnonzero(values < 0)
+        start, times = float(np.median(values[:min(10, negative[0]) if len(negative) else 10])), UNBOUNDED_BELOW
+    else:
+        start, times = float(values[0]), UNBOUNDED_BELOW ** 2
     below = np.flatnonzero(values < -times * abs(start))
     low = int(np.argmin(values))
-    if (start == 0 or not np.isfinite(start) or (values[0] >= 0) != (start > 0) or not len(below)
-            or values[low] > -UNBOUNDED_DEPTH * abs(start)):
+    if start == 0 or not len(below) or values[low] > -UNBOUNDED_DEPTH * abs(start):
         return ""
     return (f"a loss unbounded below: the logged loss started at {sci(start)} and fell below −{times:g}× "
             f"{'that' if start > 0 else 'its size'} from step {int(steps[below[0]])}, to {sci(float(values[low]))} at "
@@ -505,15 +506,15 @@ def loss_unbounded_below(run: Run) -> str:
             f"learning rate or clipping gives it a minimum")
 
 
-NAN_LOSS_SHARE = 0.5  # a loss non-finite from its first logged step on this share of its steps or more
+NAN_LOSS_SHARE = 0.5  # a loss non-finite on this share of its steps or more since it first was
 
 
 def log_of_nonpositive(run: Run) -> str:
-    """Words for a logged loss non-finite at its last value and on :data:`NAN_LOSS_SHARE` of its steps or more since
-    it first was, while no gradient read was ever non-finite, with a logarithm in its graph (meta ``loss_ops``: ``LogBackward0``)
-    ('' otherwise): the log of values ≤ 0 makes the value NaN, while its derivative 1/x stays finite and keeps
-    training, towards ever more negative inputs. Round 39: ``nn.PoissonNLLLoss(log_input=False)`` given a linear
-    output (pytorch/pytorch#184030), the loss NaN from step 0 on two seeds and the outputs driven to −4·10⁴, told
+    """Words for a logged loss non-finite at its last value and on :data:`NAN_LOSS_SHARE` of its steps or more since it
+    first was, while no gradient read was ever non-finite, with a logarithm in its graph (meta ``loss_ops``:
+    ``LogBackward0``) ('' otherwise): the log of values ≤ 0 makes the value NaN, while its derivative 1/x stays finite
+    and keeps training, towards ever more negative inputs. Round 39: ``nn.PoissonNLLLoss(log_input=False)`` given a
+    linear output (pytorch/pytorch#184030), the loss NaN from step 0 on two seeds and the outputs driven to −4·10⁴, told
     "unstable steps … a learning rate too large"."""
     meta = run_meta(run)
     if "LogBackward0" not in (meta.get("loss_ops") or ()) or "loss" not in run.quantities:

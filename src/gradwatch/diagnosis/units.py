@@ -462,13 +462,13 @@ SET_BACK_FROM = 0.9  # ... and this share of them or more set the weights back t
 
 
 def written_weights_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
-    """Weights written between optimizer steps by something other than the optimizer, now and then, and each time
-    nearer their start than the step left them (meta ``weights_written``:
-    :class:`gradwatch.watching.zeroing.WrittenCheck`), in a run whose loss did not halve and where no finding says
-    why: averaged weights loaded into the model and not put back. Round 38 (an EMA at 0.999 copied into a small Transformer for a validation pass every 10 steps and never
-    restored; Open-Sora-Plan#186, waifu-diffusion#31): written and set back at 29 of 299 steps, the loss 2.3 →
-    1.9–2.0, held out 0.14–0.15 against 1.00, "the gradients look healthy". A weight constraint applied after every
-    step (WGAN's clamp) writes at every step, and is left out."""
+    """Weights written between optimizer steps by something other than the optimizer, now and then, and each time nearer
+    their start than the step left them (meta ``weights_written``: :class:`gradwatch.watching.zeroing.WrittenCheck`), in
+    a run whose loss did not halve and where no finding says why: averaged weights loaded into the model and not put
+    back. Round 38 (an EMA at 0.999 copied into a small Transformer for a validation pass every 10 steps and never
+    restored; Open-Sora-Plan#186, waifu-diffusion#31): written and set back at 29 of 299 steps, the loss 2.3 → 1.9–2.0,
+    held out 0.14–0.15 against 1.00, "the gradients look healthy". A weight constraint applied after every step (WGAN's
+    clamp) writes at every step, and is left out."""
     got = run_meta(run).get("weights_written")
     if (not isinstance(got, (list, tuple)) or len(got) != 3 or any(f.severity != "info" for f in found)
             or "loss" not in run.quantities):
