@@ -11,7 +11,7 @@ import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, listed, sci, span
 from gradwatch.diagnosis.measures import (EPS_TINY_STEP, flat_loss, flat_loss_finding, halved, loss_ends, loss_went,
-                                         total_grad_norm, typical_update_ratio, went_below_zero)
+                                         nonfinite_grads_seen, total_grad_norm, typical_update_ratio, went_below_zero)
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.probes.loss_ops import penalty_on_relu
@@ -526,7 +526,7 @@ def log_of_nonpositive(run: Run) -> str:
     first = int(np.argmax(bad))
     if not bad[-1] or bad[first:].mean() < NAN_LOSS_SHARE:
         return ""
-    if "nonfinite" in run.quantities and (np.nan_to_num(run.series("nonfinite").values, nan=0.0) > 0).any():
+    if nonfinite_grads_seen(run):
         return ""
     since = "its first step" if first == 0 else f"step {int(loss.steps[first])}"
     return (f"the loss takes the logarithm of values at or below 0: it is NaN from {since} on {int(bad.sum())} of "

@@ -285,6 +285,11 @@ def cause_split(grads: Sequence[float] | np.ndarray, between: Sequence[Sequence[
 # -- over steps --------------------------------------------------------------------------------------------
 
 
+def nonfinite_grads_seen(run: Run) -> bool:
+    """Whether any layer's gradient was non-finite at any recorded step (the ``nonfinite`` counts)."""
+    return "nonfinite" in run.quantities and bool((np.nan_to_num(run.series("nonfinite").values, nan=0.0) > 0).any())
+
+
 def total_grad_norm(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     """(steps, √Σ layer grad_norm²) per recorded step; NaN where nothing finite was recorded, inf where a norm was."""
     if "grad_norm" not in run.quantities:

@@ -12,7 +12,8 @@ import numpy as np
 from gradwatch.diagnosis.architecture import ADAM_TYPES, UNBOUNDED_BELOW, module_types, run_meta
 from gradwatch.diagnosis.findings import Finding, sci, span
 from gradwatch.diagnosis.measures import (
-    EPS_TINY_STEP, FLAT_LOSS_ABOVE, halved, loss_ends, loss_went, real_fit, total_grad_norm, typical_update_ratio,
+    EPS_TINY_STEP, FLAT_LOSS_ABOVE, halved, loss_ends, loss_went, nonfinite_grads_seen, real_fit, total_grad_norm,
+    typical_update_ratio,
 )
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
@@ -1015,7 +1016,7 @@ def harmless_nan_loss(run: Run) -> Finding | None:
     bad = ~np.isfinite(values)
     if not bad.any() or bad[-1] or bad.mean() > 0.5:
         return None
-    if "nonfinite" in run.quantities and (np.nan_to_num(run.series("nonfinite").values, nan=0.0) > 0).any():
+    if nonfinite_grads_seen(run):
         return None
     got = total_grad_norm(run)
     if got is not None and np.isinf(got[1]).any():
