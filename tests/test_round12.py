@@ -19,7 +19,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch import trial as trial_module
 from gradwatch.doctor.verdicts import SCORE_MARGIN
-from conftest import SEED_0_FAST
+from conftest import ALL_SLOW, SEED_0_FAST
 
 FEATURES, TRAIN, TEST = 20, 2000, 1000
 
@@ -183,8 +183,7 @@ def test_chrono_initialisation_spreads_the_forgetting_times_over_the_sequence():
         gw.remedies.lstm_chrono_init(nn.GRU(3, H), 10)
 
 
-# seeds 1 and 2 in make test-slow (CI's 20 minutes on a 2-core AVX2 EPYC)
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seed", ALL_SLOW)  # (make test-slow: CI's 20 minutes on a 2-core AVX2 EPYC)
 def test_an_lstm_whose_forget_gates_start_shut_is_offered_chrono_init_not_clipping(store, seed):
     """The watch finds the gradient vanishing through time and names a forget-gate bias and chrono initialisation
     for the sequence's 50 steps, not clipping (round 12: its doctor row trained exactly as the baseline). The

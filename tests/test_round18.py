@@ -14,7 +14,7 @@ import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.zoo.data import batches, digits
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST
+from conftest import ALL_SLOW, SEED_0_FAST
 
 
 def _half_accuracy(xt, yt):
@@ -233,8 +233,7 @@ def test_the_positive_rate_and_the_outputs_start_are_read_as_by_hand(store):
     assert loss_prior(F.mse_loss(trial.model(x), t)) is None
 
 
-# seeds 1 and 2 in make test-slow (CI's 20 minutes on a 2-core AVX2 EPYC)
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seed", ALL_SLOW)  # (make test-slow: CI's 20 minutes on a 2-core AVX2 EPYC)
 def test_a_detectors_bias_at_0_for_rare_positives_is_named_with_the_prior(store, seed):
     """Round 18: the detector's dead units were told "negative biases, a large step, or a poor initialisation", and
     the prior never named. By hand: the first loss is tens of times the prior twin's and the held-out AP is at

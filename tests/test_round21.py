@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.store import open_run
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST, shuffled_batches as _feed
+from conftest import ALL_SLOW, SEED_0_FAST, shuffled_batches as _feed
 
 
 _train = readme_watched
@@ -801,7 +801,7 @@ def _masked(seed, inverted=False):
                     nn.CrossEntropyLoss(), evaluate=_accuracy(xte, yte))
 
 
-@pytest.mark.parametrize("seed", SEED_0_FAST)
+@pytest.mark.parametrize("seed", ALL_SLOW)
 def test_a_masked_gru_over_padding_learns_with_no_explosion_told_and_its_inverted_mask_gets_a_note(store, seed):
     """The healthy twin (the mask keeps the tokens): 0.97 or more held out, and no finding — seed 1 was told
     "[critical] exploding: ‖∂L/∂h‖ at the first step is 4.4e+03× the last step's", the last steps being padding the

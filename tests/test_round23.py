@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.store import open_run
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST, shuffled_batches as _feed
+from conftest import ALL_SLOW, SEED_0_FAST, shuffled_batches as _feed
 
 
 _train = readme_watched
@@ -144,7 +144,7 @@ def _mixes_the_batch(model, x):
 
 
 @pytest.mark.parametrize("make", [_encoder, _rows], ids=["encoder", "lstm"])
-@pytest.mark.parametrize("seed", SEED_0_FAST)
+@pytest.mark.parametrize("seed", ALL_SLOW)
 def test_layers_given_the_batch_along_the_sequence_axis_are_told_so_and_their_batch_first_twins_are_not(
         store, make, seed):
     """By hand first: at batch_first=False a sample's output depends on the other samples' inputs, at True not. The
@@ -566,7 +566,7 @@ def test_a_float_mask_of_0s_and_1s_is_read_as_one_and_a_boolean_or_additive_mask
     assert not float_01(torch.tensor([[0.0, 0.5], [1.0, 0.0]]))  # a bias of other values (ALiBi-like)
 
 
-@pytest.mark.parametrize("seed", SEED_0_FAST)
+@pytest.mark.parametrize("seed", ALL_SLOW)
 def test_a_causal_mask_given_as_floats_is_told_and_its_boolean_twin_is_not(store, seed):
     """Round 24: "No findings: the gradients look healthy" on an LM that saw its next token (training loss 0.1, held
     out 0.11 against the boolean twin's 0.52). Told with ``bool_mask`` first and not Post-LN's warm-up (the twin

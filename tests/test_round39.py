@@ -116,6 +116,7 @@ def test_zero_scales_are_found_and_set_to_one_and_a_residual_branch_is_left_alon
     assert all("normalisation layer" not in f.cause for f in w.diagnose()), [str(f) for f in w.diagnose()]
 
 
+@pytest.mark.slow
 def test_the_doctor_sets_the_scales_to_one():
     report = gw.doctor(_zero_gamma, steps=200, progress=False)
     assert report.best is not None and report.best.parts == ("norm_scale_one",), str(report)
