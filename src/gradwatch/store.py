@@ -53,7 +53,7 @@ VALUE_DTYPE = np.dtype("<f8")  # a packed row's values, in its layout's order
 # Quantities whose NaN means "undefined here" (zero weights, an input lost to
 # an in-place op); they are left out rather than stored. A NaN gradient norm is
 # a finding and is always stored.
-SKIP_NAN = frozenset({"update_ratio", "saturated_frac", "dead_frac", "deriv_rms"})
+SKIP_NAN = frozenset({"update_ratio", "saturated_frac", "dead_frac", "deriv_rms", "chain_slope"})
 
 _BATCH = 64  # queue items per transaction, at most
 

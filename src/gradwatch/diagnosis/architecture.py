@@ -338,6 +338,82 @@ PIECEWISE_DOUBLE = {"ThresholdBackwardBackward0": "ReLU", "LeakyReluBackwardBack
 AMPLIFIES_FROM = 10.0  # a backward of the user's own that passes on this many times the gradient it receives, or more
 
 
+CHAIN_SLOPE_TO = 0.3  # log|g_in| against log|g_out| across a backward's entries: about 1 by the chain rule, 0 without
+
+
+def ignored_grad_output(run: Run) -> str:
+    """Words for a ``torch.autograd.Function`` of the user's own whose backward does not multiply by the gradient it
+    receives (its ``chain_slope``, the slope of log|g_in| against log|g_out| across its entries, at a median of
+    :data:`CHAIN_SLOPE_TO` or below over 3 reads or more: a backward g_out·φ'(x), as the chain rule makes every one,
+    has a slope of about 1 whatever φ' is); '' otherwise. Round 41: a Transformer's GELU and an MLP's swish written
+    as Functions whose backward returned φ'(x), leaving out ``grad_output *`` (pytorch/pytorch#995;
+    discuss.pytorch.org/t/139574): the gradient ×10³–10⁵ the true one and at a cosine of about 0 with it, 0.37 held
+    out against 0.98–0.99 and R² 0 against 0.74–0.76; the one told "a backward … amplifies the gradient", the other
+    "the gradients passed every check"."""
+    custom = set(run_meta(run).get("custom_functions") or ())
+    if not custom or "chain_slope" not in run.quantities:
+        return ""
+    s = run.series("chain_slope", "activation")
+    modules = {e.name: e.module for e in run.entities("activation")}
+    for name, values in zip(s.names, s.values):
+        seen = values[np.isfinite(values)]
+        if modules.get(name) not in custom or len(seen) < 3 or float(np.median(seen)) > CHAIN_SLOPE_TO:
+            continue
+        return (f"a backward of your own leaves out the gradient it receives: across its entries, what "
+                f"{modules[name]}.backward passes on ({name}) does not follow what it received — log|g_in| against "
+                f"log|g_out| at a slope of {float(np.median(seen)):.2f} (median of {len(seen)} reads), where a "
+                f"backward g_out·φ'(x) has about 1 whatever φ' is: it returns the local derivative φ'(x) without "
+                f"grad_output ×, so the layers below it get a gradient of the activations, not of the loss")
+    return ""
+
+
+HOOKS_PILED_FROM = 10  # backward hooks of the user's own on one parameter or module that grew by this many in a run
+
+
+def _hooks(run: Run) -> list[tuple[str, str, int, int]]:
+    """The user's backward hooks (meta ``backward_hooks``) as (``param`` or ``module``, its name, how many when
+    the watch began, how many at the end)."""
+    seen = run_meta(run).get("backward_hooks") or {}
+    return [(part.removesuffix("s"), name, int(n[0]), int(n[1])) for part in ("params", "modules")
+            for name, n in (seen.get(part) or {}).items() if isinstance(n, (list, tuple)) and len(n) == 2]
+
+
+def piled_hooks(run: Run) -> str:
+    """Words for backward hooks of the user's own that piled up on a parameter or module while the watch ran
+    (:data:`HOOKS_PILED_FROM` more or above at its end: one registered at every call of ``forward()``); ''
+    otherwise. Round 41: MuZero's ×0.5 gradient scaling (dotnet/TorchSharp#1483) registered on embedding weights
+    inside ``forward()``: 302 hooks by step 300, the embeddings' gradient ×0.5³⁰² = 0, R² −0.06 against 0.73–0.96
+    registered once, told "a zero initialisation"."""
+    piled = sorted(((last - first, part, name, last) for part, name, first, last in _hooks(run)
+                    if last - first >= HOOKS_PILED_FROM), reverse=True)
+    if not piled:
+        return ""
+    _, part, name, last = piled[0]
+    more = f" (and {len(piled) - 1} more)" if len(piled) > 1 else ""
+    call = "register_hook" if part == "param" else "register_full_backward_hook"
+    return (f"backward hooks of your own pile up: {part} {name}{more} carries {last} of them at the end, "
+            f"{last - piled[0][0]} when the watch began — a {call} called in forward() adds one at every call, and "
+            f"every one applies at each backward after it: a hook that scales the gradient by 0.5 scales it by "
+            f"0.5^{last}, and one that clamps it, {last} times")
+
+
+def rewriting_hooks(run: Run) -> str:
+    """Words for modules with backward hooks of the user's own (meta ``backward_hooks``, those that did not pile
+    up: :func:`piled_hooks`), '' for none: a hook that returns a tensor replaces the gradient the module passes on.
+    Round 41: a guided-backpropagation visualiser (utkuozbulak/pytorch-cnn-visualizations) left on a CNN being
+    trained, every ReLU's gradient clamped to ≥ 0: 0.09–0.12 held out against 0.96–0.97 with the hooks removed,
+    told "negative biases, a large step or the initialisation"."""
+    held = [name for part, name, first, last in _hooks(run)
+            if part == "module" and last and last - first < HOOKS_PILED_FROM]
+    if not held:
+        return ""
+    where = "every module (a global hook)" if held == ["*"] else f"module{'s' if len(held) > 1 else ''} {listed(held)}"
+    return (f"backward hooks of your own on {where} (register_full_backward_hook or a backward pre-hook): one that "
+            f"returns a tensor replaces the gradient the module passes on, so the layers below train on that, not "
+            f"on the loss's gradient — guided backpropagation's clamp to ≥ 0 (Springenberg et al. 2015) is for "
+            f"saliency maps, and a visualiser's hooks left on a model being trained rewrite every step")
+
+
 def amplifying_backward(run: Run) -> str:
     """Words for a ``torch.autograd.Function`` of the user's own (meta ``custom_functions``) whose backward passes on
     :data:`AMPLIFIES_FROM` × the gradient it receives or more (its ``deriv_rms``, the gain the watch measures on
@@ -346,8 +422,8 @@ def amplifying_backward(run: Run) -> str:
     on two seeds, told "a learning rate too large" while its gain of 100.0 was in the store (its twin, Ganin's ramp
     of λ from 0 to 1: 0.92, and 0.95–0.96 held out)."""
     custom = set(run_meta(run).get("custom_functions") or ())
-    if not custom or "deriv_rms" not in run.quantities:
-        return ""
+    if not custom or "deriv_rms" not in run.quantities or ignored_grad_output(run):
+        return ""  # (a backward that ignores what it receives passes on much more than it, told as that)
     s = run.series("deriv_rms", "activation")
     modules = {e.name: e.module for e in run.entities("activation")}
     gains = []
@@ -821,6 +897,9 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (unbounded_loss_weights, ("positive_loss_weights",), _ANY_KIND),
     (derivative_through_relu, ("smooth_activation",), _SHRUNK_KINDS),
     (amplifying_backward, ("tame_custom_backward",), _BLOWUP_KINDS),
+    (ignored_grad_output, ("chain_grad_output",), _ANY_KIND),
+    (rewriting_hooks, ("remove_backward_hooks",), _ANY_KIND),
+    (piled_hooks, ("hook_once",), _ANY_KIND),
     (identity_activations, ("leaky_slope",), ("stalled",)),
 )
 

@@ -420,6 +420,28 @@ LR_COLLAPSED = 1e-3  # a learning rate that ended at this fraction of its start,
 LOW_FOR = 0.5  # ... for at least this share of the run's optimizer steps (cosine annealing reaches it at the end)
 
 
+def _plateau_max(meta: dict) -> dict | None:
+    """A ``ReduceLROnPlateau`` with ``mode='max'`` on the optimizer (meta ``plateau_schedulers``), None for none."""
+    return next((p for p in meta.get("plateau_schedulers") or () if isinstance(p, dict) and p.get("mode") == "max"),
+                None)
+
+
+def _collapse_cause(meta: dict) -> str:
+    """What took the rate to ~0: a ``ReduceLROnPlateau`` in ``mode='max'`` where one is on the optimizer, else a
+    schedule stepped faster than meant. Round 41: ReduceLROnPlateau(mode='max') stepped on a validation loss every
+    10 steps (FunctionLab/selene#115), 10⁻³ → 10⁻⁸ in 300 steps, 0.45 held out against 0.95–0.97 in mode 'min', told
+    "a scheduler stepped every batch"."""
+    plateau = _plateau_max(meta)
+    if plateau is not None:
+        return (f"a ReduceLROnPlateau in mode='max' on this optimizer (factor {plateau['factor']:g}, patience "
+                f"{plateau['patience']}): it counts a rise of what it is given as improvement, so given a loss, "
+                f"which falls, it sees none and cuts the rate ×{plateau['factor']:g} after every patience + 1 of its "
+                f"steps — mode='min' for a loss (mode='max' is for a score, such as accuracy)")
+    return ("a learning-rate schedule that decays far faster than meant: a scheduler stepped every batch where it "
+            "was meant per epoch (StepLR's step_size, MultiStepLR's milestones and ExponentialLR's gamma count "
+            "scheduler.step() calls), or a step_size or gamma off by the number of batches in an epoch")
+
+
 def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
     """A learning rate that a schedule took to ~0 (meta ``optimizer_lr_last`` at most :data:`LR_COLLAPSED` × the
     start's ``optimizer_lr``) and kept there for :data:`LOW_FOR` of the run or more (``optimizer_lr_low_from``), in a
@@ -447,10 +469,8 @@ def lr_collapse_findings(run: Run, th: Thresholds) -> list[Finding]:
                   f"start or below from optimizer step {low_from} of {stepped}; the logged loss went "
                   f"{sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and last {4 * th.window} "
                   f"values)."),
-        cause=("a learning-rate schedule that decays far faster than meant: a scheduler stepped every batch where it "
-               "was meant per epoch (StepLR's step_size, MultiStepLR's milestones and ExponentialLR's gamma count "
-               "scheduler.step() calls), or a step_size or gamma off by the number of batches in an epoch"),
-        remedies=remedies("schedule_per_epoch"),
+        cause=_collapse_cause(meta),
+        remedies=remedies("plateau_mode_min" if _plateau_max(meta) else "schedule_per_epoch"),
         numbers={"lr_first": float(lr0), "lr_last": float(last), "loss_first": ends[0], "loss_final": ends[1]},
         sources=("meta optimizer_lr, optimizer_lr_last", "loss (run)"),
     )]
@@ -644,6 +664,28 @@ def _log_of_product(run: Run, loss_step: float) -> str:
             f"smallest value, 1.4·10⁻⁴⁵), so its logarithm is −inf from the first step, before any update — sum the "
             f"factors' logarithms instead (a product of 1 − σ(z) as torch.cumsum(F.logsigmoid(−z)), of probabilities "
             f"as a cumsum of their logs)")
+
+
+def _exp_in_loss(run: Run, loss_step: float) -> str:
+    """The cause for a loss that is non-finite from its first logged step where the layers' outputs were finite
+    there (``out_rms``) and the loss's graph takes ``torch.exp`` (meta ``loss_ops``): e^x overflows float32 above
+    x ≈ 88.7; '' otherwise. Round 41: lightning-bolts' NT-Xent (Lightning-bolts#811, #320), exp(cos/τ) at τ = 0.01
+    — e^100 = inf, then inf − inf — NaN at step 0 on every seed, told "the forward pass or the loss" with input
+    standardisation and a GradScaler for a float32 model; its twin, F.cross_entropy on cos/τ, learns."""
+    if "loss" not in run.quantities or "ExpBackward0" not in (run_meta(run).get("loss_ops") or ()):
+        return ""
+    steps = run.series("loss", "run").steps
+    if not len(steps) or loss_step != float(steps[0]) or "out_rms" not in run.quantities:
+        return ""
+    out = run.series("out_rms")
+    first = out.values[:, out.steps == steps[0]]
+    if first.size == 0 or not np.isfinite(first).all():
+        return ""
+    return ("the loss exponentiates by hand (torch.exp in its graph, after the model's outputs, which are finite at "
+            "the first step): e^x overflows float32 above x ≈ 88.7 — a cosine over a temperature of 0.01 reaches "
+            "100 — and inf − inf or inf/inf is NaN from the first step; compute the loss in log space, on the "
+            "exponent itself: F.cross_entropy or torch.logsumexp of the logits (a similarity over τ), never torch.exp "
+            "and then a log")
 
 
 def _zero_over_zero(run: Run, loss_step: float) -> tuple[str, str, str] | None:
@@ -1209,6 +1251,10 @@ def nonfinite_findings(run: Run, th: Thresholds, skipped: np.ndarray) -> list[Fi
         cause = product
         fixes = remedies("log_of_product", "check_data")
         sources.append("meta loss_ops")
+    overflow = _exp_in_loss(run, loss_step)
+    if overflow and not cause.startswith(("a NaN made in the backward pass", "divergence")) and not product:
+        cause, fixes = overflow, remedies("exp_log_space", "check_data")
+        sources.append("meta loss_ops; out_rms (layers, the first step)")
     zero_over_zero = _zero_over_zero(run, loss_step)
     if zero_over_zero is not None and not cause.startswith(("a NaN made in the backward pass", "divergence")):
         # round 36: EvoNorm-B0's instance std, torch.var(x, dim=(2, 3)) over a 1×1 map (digantamisra98/EvoNorm#4),

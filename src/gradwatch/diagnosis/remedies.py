@@ -43,6 +43,14 @@ REMEDIES = {
                         "(Bengio et al. 2013): its forward is f(x), its gradient the identity's",
     "drop_rounding": "train on the output itself: round, floor or sign the predictions only to report them (accuracy, "
                      "a 0/1 answer), never between the output and the loss",
+    "remove_backward_hooks": "remove the backward hooks before training (keep the handle that "
+                             "register_full_backward_hook returns and call its .remove()), or train a copy of the "
+                             "model that has none",
+    "hook_once": "register a gradient hook once, where the model is built, not in forward(); or on the tensor this "
+                 "call computed (it dies with the step), and keep the handle to .remove() it",
+    "chain_grad_output": "multiply what the backward of your torch.autograd.Function returns by the gradient it "
+                         "receives, return grad_output * φ'(x) (the chain rule): without it the gradient below is "
+                         "φ'(x) alone, unrelated to the loss",
     "tame_custom_backward": "scale the backward of your torch.autograd.Function to a gain of 1 or less: a "
                             "gradient-reversal layer's λ ramped from 0 to 1 over training (Ganin et al. 2016, "
                             "§5.2.2), a surrogate derivative no steeper than the unit step's width allows",
@@ -56,6 +64,8 @@ REMEDIES = {
     "rebuild_optimizer": "build the optimizer once the model is complete — after adding or replacing layers and "
                          "after .to(device) — over model.parameters() (the optimizer holds the tensors it was given, "
                          "not the module)",
+    "plateau_mode_min": "ReduceLROnPlateau(mode='min') for a loss it is stepped on (mode='max' for a score such as "
+                        "accuracy)",
     "schedule_per_epoch": "step the learning-rate scheduler as its parameters count: once per epoch for StepLR's "
                           "step_size, MultiStepLR's milestones and ExponentialLR's gamma (or give them in batches); "
                           "scheduler.step() after optimizer.step()",
@@ -191,6 +201,8 @@ REMEDIES = {
                    "and remove any constant that shrinks them before the softmax",
     "layer_in_init": "build every layer in __init__ (self.fc = nn.Linear(…)) and only call it in forward(): a layer "
                      "built inside forward() is drawn at random again on every call, and no optimizer holds it",
+    "exp_log_space": "compute a loss over exponentials in log space: F.cross_entropy or torch.logsumexp on the "
+                     "exponents themselves (similarities over τ, logits), in place of torch.exp then a sum and a log",
     "log_of_product": "compute a long product of probabilities in log space: the sum (or torch.cumsum) of the "
                       "factors' logarithms — F.logsigmoid(−z) for 1 − σ(z), torch.log1p(−p) for 1 − p — in place of "
                       "torch.log(torch.cumprod(…)) or torch.log(torch.prod(…))",

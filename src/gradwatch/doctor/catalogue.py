@@ -98,7 +98,7 @@ BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logi
                      "smaller_l1", "custom_backward", "backward_singularity", "masked_rows",
                      "schedule_per_epoch", "raise_clip", "no_zero_clip", "log_of_product", "guard_division",
                      "layer_in_init", "clip_before_step", "logit_scale", "restore_weights", "set_lr",
-                     "positive_log_input",
+                     "positive_log_input", "hook_once", "exp_log_space",
                      "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
@@ -169,6 +169,12 @@ def catalog() -> dict[str, list[Remedy]]:
         "logit_scale": [],  # the scale is in the user's forward or loss
         "smaller_l1": [],  # the penalty is in the user's loss
         "custom_backward": [],  # the backward is the user's own Function
+        "remove_backward_hooks": one("remove_backward_hooks", "the backward hooks of your own removed from every "
+                                     "module", OnModel(s.remove_backward_hooks)),
+        "hook_once": [],  # the hook is registered in the user's forward
+        "exp_log_space": [],  # the loss is the user's
+        "chain_grad_output": one("chain_grad_output", "custom autograd.Function backward multiplied by the "
+                                 "gradient it receives", s.chain_grad_output),
         "tame_custom_backward": one("tame_custom_backward", "custom autograd.Function backward capped at gain 1",
                                     s.tame_custom_backward),
         "masked_rows": [],  # the mask is built in the user's forward
@@ -180,6 +186,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "bounded_objective": [],  # the loss is the user's
         "probability_targets": [],  # the targets are the user's data
         "keep_state_graph": [],  # the loop that detaches the state is the user's forward
+        "plateau_mode_min": one("plateau_mode_min", "ReduceLROnPlateau in mode='min'", s.plateau_mode_min),
         "schedule_per_epoch": one("schedule_per_epoch", "the schedule's first rate held (it decayed every batch)",
                                   s.held_schedule),
         "smaller_step": [],  # the step size of the user's own update

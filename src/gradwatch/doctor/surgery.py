@@ -172,6 +172,22 @@ def held_schedule(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def plateau_mode_min(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every ``ReduceLROnPlateau`` in ``mode='max'`` on the trial's optimizer (one the trial holds, or one its own
+    ``step()`` steps: :func:`gradwatch.watching.zeroing.plateau_schedulers` finds it) switched to ``mode='min'``, its
+    best value reset: for a loss, which a rise does not improve. None where there is none."""
+    from gradwatch.watching.zeroing import plateau_schedulers
+
+    found = [x for x in plateau_schedulers(trial.optimizer) if x.mode == "max"]
+    for x in found:
+        x.mode = "min"
+        x._init_is_better(mode="min", threshold=x.threshold, threshold_mode=x.threshold_mode)
+        x.best = x.mode_worse
+    if found:
+        note_change(trial, "mode='min' for each ReduceLROnPlateau, which is given a loss")
+    return trial if found else None
+
+
 def base_rate(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Each group whose rate is 0 set to the base rate a scheduler built on the optimizer recorded (its
     ``initial_lr``): a scheduler sets the rate to its factor at step 0 when it is built, 0 at a linear warm-up's
@@ -831,6 +847,32 @@ def tame_custom_backward(trial: Trial, numbers: dict[str, float]) -> Trial | Non
     note_change(trial, "each backward of your own autograd.Function scaled to pass on no more gradient than it "
                        "receives (a gain of 1 at most, its sign kept)")
     return trial
+
+
+def chain_grad_output(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model as :class:`~gradwatch.remedies.structure.ChainedBackward`: every ``torch.autograd.Function`` of the
+    user's own met at a module's input has what its backward returns multiplied by the gradient it received (a
+    backward that returned φ'(x) without ``grad_output *``)."""
+    from gradwatch.remedies.structure import ChainedBackward
+
+    trial.model = ChainedBackward(trial.model)
+    note_change(trial, "what each backward of your own autograd.Function returns multiplied by the gradient it "
+                       "received (grad_output × φ'(x), the chain rule)")
+    return trial
+
+
+def remove_backward_hooks(m: nn.Module) -> nn.Module | None:
+    """Every backward hook and backward pre-hook of the user's own on ``m``'s modules removed
+    (:mod:`gradwatch.watching.user_hooks` says whose a hook is); None where there is none."""
+    from gradwatch.watching.user_hooks import module_hooks, own_hooks
+
+    if not {n for n in module_hooks(m) if n != "*"}:
+        return None
+    for x in m.modules():
+        for hooks in (x._backward_hooks, x._backward_pre_hooks):
+            for key in own_hooks(hooks):
+                del hooks[key]
+    return m
 
 
 def weight_norm_init(m: nn.Module) -> nn.Module | None:

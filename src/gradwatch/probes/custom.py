@@ -19,7 +19,13 @@ entity of module type ``SignSTE``, placed in the depth order before the layer
 it feeds. On the steps that record ‖∂L/∂a‖ a hook on the node measures its
 backward's gain √(Σ‖g_in‖² / Σ‖g_out‖²), recorded as the entity's
 ``deriv_rms``: for an elementwise backward g·φ'(x) that is the rms of φ'
-weighted by the gradient, what an activation's ``deriv_rms`` is. The node's
+weighted by the gradient, what an activation's ``deriv_rms`` is. Beside it,
+``chain_slope`` is the slope of log|g_in| against log|g_out| over the
+entries (where both are non-zero): a backward that multiplies by what it
+receives, as the chain rule makes every one, g_in = g_out·φ'(x), has a slope
+of about 1 whatever φ' is (a gradient reversal's −λ, a straight-through
+window's 0 or 1); one that returns φ'(x) and leaves out ``grad_output *`` has
+a slope of about 0 (round 41: a GELU and a swish written so). The node's
 class is in the run's meta ``custom_functions``, for the diagnosis to say
 whose backward it is. Nothing is computed on the forward pass; the hook reads
 the gradients the backward makes anyway.
@@ -52,6 +58,20 @@ def function_name(node: Any) -> str:
 def _users(node: Any) -> bool:
     cls = getattr(node, "_forward_cls", None)
     return not (getattr(cls, "__module__", "") or "").startswith("torch.")
+
+
+CHAIN_VAR_FROM = 0.01  # log|g_out| must vary across the entries by this much (a variance, in nats²) for a slope
+
+
+def _log_moments(a: Tensor, b: Tensor) -> list[Tensor]:
+    """n, Σx, Σy, Σxy, Σy² of x = log|a|, y = log|b| over the entries where both are finite and non-zero (all 0
+    where the shapes differ: a backward that is not entry by entry)."""
+    if a.shape != b.shape:
+        return [a.new_zeros(())] * 5
+    a, b = a.abs(), b.abs()
+    ok = (a > 0) & (b > 0) & torch.isfinite(a) & torch.isfinite(b)
+    x, y = torch.where(ok, a, 1).log(), torch.where(ok, b, 1).log()
+    return [ok.sum().float(), x.sum(), y.sum(), (x * y).sum(), (y * y).sum()]
 
 
 class CustomBackwardProbe:
@@ -109,14 +129,23 @@ class CustomBackwardProbe:
         go = next((g for g in grad_out if isinstance(g, Tensor)), None)
         if gi is None or go is None:
             return
-        sums = torch.stack([gi.detach().float().square().sum(), go.detach().float().square().sum()])
+        a, b = gi.detach().float(), go.detach().float()
+        sums = torch.stack([a.square().sum(), b.square().sum(), *_log_moments(a, b)])
         got = self._gain.get(name)
         self._gain[name] = [sums] if got is None else [got[0] + sums]
 
     def take(self) -> list[tuple[str, str, Tensor]]:
-        """The step's gains as (site, ``deriv_rms``, 1-element value); forgets them."""
+        """The step's gains and chain slopes as (site, ``deriv_rms`` or ``chain_slope``, 1-element value); forgets
+        them."""
         gain, self._gain = self._gain, {}
-        return [(name, "deriv_rms", (s[0][0] / s[0][1]).sqrt().reshape(1)) for name, s in gain.items()]
+        out = []
+        for name, (s,) in gain.items():
+            n, sa, sb, sab, sbb = s[2:]
+            var = sbb - sb * sb / n.clamp(min=1)
+            cov = sab - sa * sb / n.clamp(min=1)
+            slope = torch.where((n >= 2) & (var > CHAIN_VAR_FROM * n), cov / var, torch.nan)
+            out += [(name, "deriv_rms", (s[0] / s[1]).sqrt().reshape(1)), (name, "chain_slope", slope.reshape(1))]
+        return out
 
     def clear(self) -> None:
         self._outputs, self._hooked, self._gain = {}, set(), {}

@@ -826,6 +826,29 @@ def _no_gain(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
     return tuple(g * (got / given) if isinstance(g, Tensor) else g for g in grad_inputs)
 
 
+class ChainedBackward(CappedBackward):
+    """A model whose ``torch.autograd.Function`` nodes of the user's own, met at its modules' inputs, multiply what
+    their backward returns by the gradient they received, entry by entry, wherever the shapes agree: the chain rule's
+    ``grad_output *`` put back into a backward that returns the local derivative φ'(x) alone. A backward that already
+    multiplies by it would be multiplied twice: this is for one measured to ignore it. The model's parameters are its
+    own (an optimizer over them trains it)."""
+
+    def _cap(self, module: nn.Module, args: tuple) -> None:
+        for x in args:
+            node = custom_node(x) if isinstance(x, Tensor) else None
+            if node is not None and id(node) not in self._capped:
+                self._capped.add(id(node))
+                node.register_hook(_chained)
+
+
+def _chained(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+    """A node's hook: its gradients multiplied by the one it received where the shapes agree."""
+    got = next((g for g in grad_outputs if isinstance(g, Tensor)), None)
+    if got is None:
+        return None
+    return tuple(g * got if isinstance(g, Tensor) and g.shape == got.shape else g for g in grad_inputs)
+
+
 class GumbelTemperature(UnderMode):
     """A model whose ``F.gumbel_softmax`` calls run at a temperature of at least ``tau``: a call at a lower τ gets
     ``tau``, its other arguments kept. The model's parameters are its own (an optimizer over them trains it)."""

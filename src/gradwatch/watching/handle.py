@@ -38,7 +38,9 @@ from gradwatch.store import DB_NAME, NullWriter, Run, RunLock, StoreWriter, open
 from gradwatch.watching.drivers import ExternalDriver, driver_kind, make_driver
 from gradwatch.watching.metadata import max_group, not_in_optimizer, run_metadata
 from gradwatch.watching.residual import ResidualSeen, first_tensor
-from gradwatch.watching.zeroing import LrTrack, WrittenCheck, ZeroGradCheck, first_trained, smallest_trained
+from gradwatch.watching.user_hooks import HookCount
+from gradwatch.watching.zeroing import (LrTrack, WrittenCheck, ZeroGradCheck, first_trained, plateau_meta,
+                                       smallest_trained)
 from gradwatch.watching.options import WatchOptions
 from gradwatch.watching.steps import StepRecorder
 
@@ -106,6 +108,8 @@ class Watch:
         self._zeroing: ZeroGradCheck | None = None
         self._written: WrittenCheck | None = None
         self._padding: PaddingReads | None = None
+        self._user_hooks: HookCount | None = None
+        self._plateaus: list[dict[str, Any]] | None = None  # the ReduceLROnPlateau schedulers, once a rate fell
         self._lr_track: LrTrack | None = None
         # the parameters no group of the optimizer holds, and a fingerprint of each at the start (sum and norm, in
         # float64): whether they moved by the end tells a layer never trained from one a second optimizer trains
@@ -329,6 +333,7 @@ class Watch:
         self._handles += LayoutSeen(self.model, self._writer.meta, self._run_guarded).handles
         self._padding = PaddingReads(self.model, self._run_guarded)
         self._handles += self._padding.handles
+        self._user_hooks = HookCount(self.model)  # (before the watch's own: those are not counted anyway)
         param = first_trained(self.model, self.optimizer)
         if self.optimizer is not None and param is not None and not steps.grads.sharded:
             self._zeroing = ZeroGradCheck(param, self.optimizer, self._run_guarded, self.model,
@@ -565,6 +570,8 @@ class Watch:
             self._writer.meta(self._written.meta())
         if self._padding is not None:
             self._writer.meta(self._padding.meta())
+        if self._user_hooks is not None:
+            self._writer.meta(self._user_hooks.meta())
         if self._foreign:  # parameters of the first loss's graph no one holds, freed since: made in forward()
             self._writer.meta({"made_in_forward": made_in_forward(self._foreign)})
         if self._unheld:
@@ -576,6 +583,9 @@ class Watch:
                                "optimizer_lr_last_step": self.step})
         if self._lr_track is not None:  # ... and since when
             self._writer.meta(self._lr_track.meta())
+            if self._plateaus is None and self._lr_track.low_from is not None:  # (once: a scan of the heap)
+                self._plateaus = plateau_meta(self.optimizer)
+                self._writer.meta({"plateau_schedulers": self._plateaus})
             self._writer.meta({"optimizer_groups_low": self._low_groups(self._lr_track)})
         if getattr(self, "_driver", None) is not None:  # (a scaler's steps bypassed)
             self._writer.meta(self._driver.meta())

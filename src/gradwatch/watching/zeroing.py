@@ -159,6 +159,24 @@ def first_trained(model: nn.Module, optimizer: Any = None, last: bool = False) -
                  if p.requires_grad and (held is None or id(p) in held)), None)
 
 
+def plateau_schedulers(optimizer: Any) -> list[Any]:
+    """The ``ReduceLROnPlateau`` schedulers built on ``optimizer``, found among the objects that refer to it (an
+    optimizer does not know its schedulers; the garbage collector does: a scan of the heap, read once where a rate
+    fell)."""
+    import gc
+
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    return [x for x in gc.get_referrers(optimizer) if isinstance(x, plateau) and x.optimizer is optimizer]
+
+
+def plateau_meta(optimizer: Any) -> list[dict[str, Any]]:
+    """Each ``ReduceLROnPlateau`` on ``optimizer`` (:func:`plateau_schedulers`) as its mode, factor, patience and the
+    best value it has seen."""
+    return [{"mode": str(x.mode), "factor": float(x.factor), "patience": int(x.patience),
+             "best": float(x.best) if isinstance(x.best, (int, float)) else None}
+            for x in plateau_schedulers(optimizer)]
+
+
 LR_LOW = 1e-3  # a learning rate at this fraction of its first read, or below, is ~0
 
 
