@@ -164,6 +164,29 @@ def zero_init(run: Run) -> str:
             f"never broken — and a ReLU's gradient at 0 is 0")
 
 
+NEGATIVE_BIAS_TO = -1.0  # a layer's bias that starts at one constant this negative, or more, in every entry
+
+
+def negative_constant_biases(run: Run) -> str:
+    """Words for hidden layers whose bias starts at one constant of :data:`NEGATIVE_BIAS_TO` or below in every
+    entry (meta ``constant_biases``; the last layer's, a detector's prior for its output, is left out), '' for none.
+    Round 41: RetinaNet's prior bias −log((1 − π)/π) = −4.6 given to every conv of a digits CNN
+    (kuangliu/pytorch-retinanet#10), every ReLU dead, 0.08–0.10 held out against 0.96; round 42: every bias of a
+    regression MLP at −2 (facebookresearch/dlrm#358), R² −2.9 against 0.43–0.50."""
+    meta = run_meta(run)
+    layers = [l.get("name") for l in meta.get("layers") or () if isinstance(l, dict)]
+    found = {n: b for n, b in (meta.get("constant_biases") or {}).items()
+             if isinstance(b, (int, float)) and b <= NEGATIVE_BIAS_TO and (not layers or n != layers[-1])}
+    if not found:
+        return ""
+    values = sorted(set(found.values()))
+    value = f"{values[0]:.3g}" if len(values) == 1 else f"{values[0]:.3g} to {values[-1]:.3g}"
+    return (f"the initialisation: the bias of {len(found)} hidden layer{'s' * (len(found) > 1)} ({listed(list(found))})"
+            f" starts at {value} in every entry, so a ReLU after it is off wherever w·x stays below {-values[-1]:.3g}"
+            f" — on most inputs from the first step — and passes no gradient back (a detector's prior bias "
+            f"−log((1 − π)/π) belongs on its classification output alone)")
+
+
 def zero_norm_scales(run: Run) -> str:
     """Words for normalisation layers whose scale γ was exactly 0 in every entry when the watch started (meta
     ``zero_norm_scales``) in a net without skip connections ('' otherwise): each outputs its shift β whatever its
@@ -879,6 +902,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (heavy_dropout, ("lower_dropout",), _ANY_KIND),
     (zero_init, ("he_init",), _ANY_KIND),
     (zero_norm_scales, ("norm_scale_one",), _ANY_KIND),
+    (negative_constant_biases, ("zero_bias",), _SHRUNK_KINDS),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),

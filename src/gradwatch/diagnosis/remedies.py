@@ -19,6 +19,8 @@ REMEDIES = {
                        "re-initialisation measured on this net, for an activation whose gain no formula knows (SIREN's "
                        "sin(ω₀·x) wants weights ω₀ times smaller than a linear layer's default, Sitzmann et al. 2020)",
     "zero_bias": "initialise biases at zero",
+    "redraw_zero": "draw the weights of a layer that starts at exactly 0 at random (PyTorch's default init, "
+                   "reset_parameters()), or at a small scale",
     "residual": "residual connections around blocks",
     "norm": "normalisation (BatchNorm/LayerNorm) before the activations",
     "clip_norm": "gradient-norm clipping (torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013)",

@@ -852,6 +852,26 @@ def zero_factor_words(run: Run) -> str:
             f"0)")
 
 
+def _zero_last_layer(run: Run) -> str:
+    """The model's last layer where its weights were all exactly 0 at the start (meta ``zero_weight_layers``), ''
+    otherwise."""
+    meta = run_meta(run)
+    layers = [l.get("name") for l in meta.get("layers") or () if isinstance(l, dict)]
+    return str(layers[-1]) if layers and layers[-1] in (meta.get("zero_weight_layers") or ()) else ""
+
+
+ALL_DEAD_FROM = 0.9  # units silent for whole batches this often, where every gradient is 0 besides: all dead
+
+
+def _all_dead(run: Run) -> list[str]:
+    """The activation modules whose units were silent for whole batches at :data:`ALL_DEAD_FROM` or more over the
+    run (median of ``dead_frac``): they pass no gradient back."""
+    if "dead_frac" not in run.quantities:
+        return []
+    s = run.series("dead_frac", "activation")
+    return [n for n, v in zip(s.names, s.values) if np.isfinite(v).any() and float(np.nanmedian(v)) >= ALL_DEAD_FROM]
+
+
 def _backward_reached(run: Run, start: int) -> str:
     """Words for a backward pass that carried a gradient to the layers from ``start`` on ("‖∂L/∂a‖ up to 0.31 at
     conv1…fc2"), '' where no layer's ‖∂L/∂a‖ was positive there (not recorded, a loss that passes none)."""
@@ -938,6 +958,21 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  f"clip_grad_norm_(…, max_norm=0) or clip_grad_value_(…, 0), a 0 meant as 'no clipping' in a "
                  f"config, or a grad.zero_() or mul_(0) on the gradients")
         fixes = remedies("no_zero_clip")
+    elif (last := _zero_last_layer(run)) and not moved:
+        # round 42: a supervised contrastive head zero-initialised before F.normalize (pytorch/pytorch#184575): the
+        # loss's gradient at the zero output is 0, 0.12 held out against 0.98; told "a softmax over a single unit"
+        cause = (f"the last layer's weights start at exactly 0 ({last}): its output is the same whatever the input, "
+                 f"and the loss's gradient there is 0 — a loss on F.normalize of a zero vector, on similarities of "
+                 f"vectors that are all alike, sits where no direction is preferred — so neither it nor any layer "
+                 f"below it ever gets a gradient; draw its weights at random (PyTorch's default init)")
+        fixes = remedies("redraw_zero", "he_init")
+    elif (dead := _all_dead(run)) and not moved:
+        # round 42: every bias of a regression MLP at −2 with a ReLU on its output (facebookresearch/dlrm#358), each
+        # unit off on every input from the first step; told "a softmax over a single unit" of a net that has none
+        cause = (f"every unit of {listed(dead)} is off on every input from the first step (silent for whole batches "
+                 f"{ALL_DEAD_FROM:.0%} of the time or more), so nothing passes a gradient back: pre-activations below "
+                 f"0 for every input — negative biases, weights that start too small or shifted")
+        fixes = remedies("zero_bias", "leaky", "he_init")
     else:
         cause = ("the loss does not depend on the parameters: an output activation constant in its input (a softmax "
                  "over a single unit is the constant 1), or a loss computed on a detached or constant output")

@@ -141,7 +141,10 @@ def catalog() -> dict[str, list[Remedy]]:
         "leaky_lower_lr": one("leaky_lower_lr", "LeakyReLU + He init + learning rate ×0.1",
                               Chain((s.leaky, tenth))),
         "swap_overflow": one("swap_overflow", "ReLU in place of overflowing activations", s.swap_overflow),
-        "zero_bias": [],  # included in the He remedies
+        # (He initialisation zeroes every bias too; this row zeroes the constant ones alone)
+        "zero_bias": one("zero_bias", "biases that start at one constant set to 0", OnModel(s.zero_constant_biases)),
+        "redraw_zero": one("redraw_zero", "layers whose weights are all 0 drawn again (PyTorch's default init)",
+                           OnModel(s.redraw_zero_layers)),
         "attention_scale": [],  # the scale is in the user's own forward: nothing the doctor can reach
         "straight_through": one("straight_through", "straight-through estimator around round/floor/sign",
                                 s.straight_through),

@@ -861,6 +861,31 @@ def chain_grad_output(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+@torch.no_grad()
+def zero_constant_biases(m: nn.Module) -> nn.Module | None:
+    """Every bias of two entries or more that is one constant other than 0 in every entry set to 0 (a detector's
+    prior bias given to every layer), and a one-entry bias (a single output's) at one of those constants too; None
+    where there is none."""
+    biases = [b for x in m.modules() if isinstance(b := getattr(x, "bias", None), nn.Parameter) and b.dim() == 1
+              and bool(b.any()) and bool(b.amax() == b.amin())]
+    constants = {float(b[0]) for b in biases if b.numel() > 1}
+    found = [b for b in biases if b.numel() > 1 or float(b[0]) in constants]
+    for b in found:
+        b.zero_()
+    return m if found else None
+
+
+@torch.no_grad()
+def redraw_zero_layers(m: nn.Module) -> nn.Module | None:
+    """Every module whose weight (two dimensions or more) is all exactly 0 drawn again by its own
+    ``reset_parameters()``, PyTorch's default init; None where there is none."""
+    found = [x for x in m.modules() if isinstance(w := getattr(x, "weight", None), nn.Parameter) and w.dim() > 1
+             and not bool(w.any()) and callable(getattr(x, "reset_parameters", None))]
+    for x in found:
+        getattr(x, "reset_parameters")()
+    return m if found else None
+
+
 def remove_backward_hooks(m: nn.Module) -> nn.Module | None:
     """Every backward hook and backward pre-hook of the user's own on ``m``'s modules removed
     (:mod:`gradwatch.watching.user_hooks` says whose a hook is); None where there is none."""

@@ -41,6 +41,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
                                and all(not bool(p.detach().any()) for _, p in l.params if p.dim() > 1)],
         # ... and those whose weights all start at one other constant (nn.init.constant_): symmetric all the same.
         "constant_weight_layers": [l.name for l in parts.layers if _constant_weights(l.params)],
+        # ... and those whose bias starts at one constant other than 0 in every entry: a detector's prior bias
+        # −log((1 − π)/π) (RetinaNet's −4.6) meant for its output, given to every layer (round 41)
+        "constant_biases": {l.name: b for l in parts.layers if (b := _constant_bias(l.params)) is not None},
         # Products whose factors all start at exactly 0 (a LoRA adapter's A and B both zero): neither ever moves.
         "zero_factors": [{"module": n, "factors": f} for n, f in zero_factors(model)],
         # Weight-normalised weights with rows at exactly 0: g·v/‖v‖ = 0/0 (a layer zeroed, then wrapped).
@@ -120,6 +123,18 @@ def _constant_weights(params: list) -> bool:
         return bool(weights) and all(w.shape[0] > 1 and bool(w.any()) and bool(w.amax() == w.amin()) for w in weights)
     except Exception:  # noqa: BLE001 - a weight that cannot be reduced here: nothing to say, nothing lost
         return False
+
+
+def _constant_bias(params: list) -> float | None:
+    """A layer's bias (two entries or more) where every entry is one constant other than 0, that constant; None
+    otherwise, or where reading fails."""
+    try:
+        bias = next((p.detach() for a, p in params if a == "bias" and p.dim() == 1 and p.numel() > 1), None)
+        if bias is None or not bool(bias.any()) or not bool(bias.amax() == bias.amin()):
+            return None
+        return float(bias.amax())
+    except Exception:  # noqa: BLE001 - a bias that cannot be reduced here: nothing to say, nothing lost
+        return None
 
 
 def not_in_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
