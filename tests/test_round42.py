@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST
+from conftest import ALL_SLOW, SEED_0_FAST
 
 
 def _problems(w) -> list:
@@ -218,3 +218,91 @@ def test_the_doctor_draws_the_zero_layer_again():
     model = _embedding(0).model
     assert surgery.redraw_zero_layers(model) is model and model.head.weight.any()
     assert surgery.redraw_zero_layers(model) is None
+
+
+# -- a rate set far from what the optimizer is built for (tensorflow#36785, pytorch/pytorch#78917, OpenNMT-py#253) ---
+
+class _RowGru(nn.Module):
+    """A GRU reading an 8×8 digit row by row, its last state to a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.head = nn.GRU(8, 32, batch_first=True), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def _rows(seed: int, make_optimizer) -> gw.Trial:
+    x, y = _digits()
+    x = x.view(-1, 8, 8)
+    x = (x - x.mean()) / x.std()
+    torch.manual_seed(seed)
+    model = _RowGru()
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def batches():
+        while True:
+            i = torch.randint(0, 1400, (64,), generator=g)
+            yield x[i], y[i]
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
+
+    optimizer, scheduler = make_optimizer(model.parameters())
+    return gw.Trial(model, optimizer, batches(), F.cross_entropy, evaluate=accuracy, scheduler=scheduler)
+
+
+def _adadelta(lr: float):
+    return lambda params: (torch.optim.Adadelta(params, lr=lr), None)
+
+
+def _rate_in_the_lambda(twice: bool):
+    def make(params):
+        opt = torch.optim.Adam(params, lr=3e-3)
+        decay = (lambda x: 3e-3 * (1 + 1e-3 * x) ** -0.75) if twice else (lambda x: (1 + 1e-3 * x) ** -0.75)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    return make
+
+
+def _adam(lr: float):
+    return lambda params: (torch.optim.Adam(params, lr=lr), None)
+
+
+@pytest.mark.parametrize("seed", ALL_SLOW)  # (a GRU watched through time: 30–80 s a run here; the rule below)
+@pytest.mark.parametrize("bug, twin, key, words", [
+    (_adadelta(1e-3), _adadelta(1.0), "raise_lr", "Adadelta at lr 0.001, 1/1000 of PyTorch's default for it (1)"),
+    (_rate_in_the_lambda(True), _rate_in_the_lambda(False), "raise_lr", "its scheduler's base rate 0.003 squared"),
+    (_adam(1.0), _adam(1e-3), "warmup", "Adam at lr 1 with no warm-up"),
+], ids=["adadelta_at_keras_rate", "rate_in_the_lambda", "adam_at_adadelta_rate"])
+def test_a_rate_far_from_the_optimizer_s_is_told(tmp_path, seed, bug, twin, key, words):
+    bugged, healthy = _rows(seed, bug), _rows(seed, twin)
+    w_bug = readme_watched(bugged, tmp_path, "bug", 300)
+    w_twin = readme_watched(healthy, tmp_path, "twin", 300)
+    assert bugged.evaluate(bugged.model) < 0.45 and healthy.evaluate(healthy.model) > 0.8
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == key and words in f.cause for f in problems), \
+        [str(f) for f in problems]
+    assert not _problems(w_twin)
+    # the reference: the rate the optimizer stepped at, and the rate PyTorch builds it with
+    import inspect
+
+    rate = bugged.optimizer.param_groups[0]["lr"]
+    default = inspect.signature(type(bugged.optimizer)).parameters["lr"].default
+    assert rate <= 0.01 * default or rate >= 100 * default
+
+
+def test_a_rate_set_low_is_read_against_pytorch_s_default_and_the_scheduler_s_base():
+    import inspect
+
+    from gradwatch.diagnosis.over_steps import _default_lr, _rate_set_low
+
+    for name in ("Adadelta", "Adam", "SGD", "RMSprop"):  # the reference: the optimizer's own signature
+        assert _default_lr(name) == inspect.signature(getattr(torch.optim, name)).parameters["lr"].default
+    assert _default_lr("NoSuchOptimizer") is None
+    assert "1/1000 of PyTorch's default" in _rate_set_low({"optimizer": "Adadelta", "optimizer_lr": 1e-3})
+    assert _rate_set_low({"optimizer": "Adadelta", "optimizer_lr": 0.5}) == ""
+    assert "base rate 0.003 squared" in _rate_set_low({"optimizer": "Adam", "optimizer_lr": 9e-6,
+                                                        "optimizer_initial_lr": 3e-3})
+    assert _rate_set_low({"optimizer": "Adam", "optimizer_lr": 3e-3, "optimizer_initial_lr": 3e-3}) == ""

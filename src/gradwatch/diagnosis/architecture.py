@@ -10,8 +10,9 @@ from typing import Callable
 import numpy as np
 
 from gradwatch.diagnosis.findings import Finding, listed, sci, span
-from gradwatch.diagnosis.measures import (EPS_TINY_STEP, flat_loss, flat_loss_finding, halved, loss_ends, loss_went,
-                                         nonfinite_grads_seen, total_grad_norm, typical_update_ratio, went_below_zero)
+from gradwatch.diagnosis.measures import (EPS_TINY_STEP, FLAT_LOSS_ABOVE, flat_loss, flat_loss_finding, halved,
+                                         loss_ends, loss_went, nonfinite_grads_seen, total_grad_norm,
+                                         typical_update_ratio, went_below_zero)
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.probes.loss_ops import penalty_on_relu
@@ -969,6 +970,15 @@ def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
     )]
 
 
+def first_loss(run: Run) -> float | None:
+    """The first finite logged loss, None without one."""
+    if "loss" not in run.quantities:
+        return None
+    values = run.series("loss", "run").values[0]
+    seen = values[np.isfinite(values)]
+    return float(seen[0]) if len(seen) else None
+
+
 def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """A loss that stays flat while no rule finds a problem in the gradients, in a set-up with a known cause: one
     ``stalled`` warning, for :func:`fit_architecture` to give that cause and its remedies (else nothing here: a
@@ -981,11 +991,20 @@ def unexplained_flat_findings(found: list[Finding], run: Run, th: Thresholds) ->
     """
     if any(f.severity != "info" for f in found):
         return []
-    flat = flat_loss(run, th)
+    flat, first = flat_loss(run, th), first_loss(run)
+    ends = loss_ends(run, th)
+    if flat is None and first is not None and ends is not None and first > 0 and ends[1] > FLAT_LOSS_ABOVE * first:
+        # round 42: Adam at lr 1.0 (OpenNMT-py#253), the loss 2.3 → 10–21 in its first steps and back to 2.1–3.3: the
+        # median of its first values, 9.8, made a loss that never fell below its first value look like one that fell
+        flat, after = ends, (f"; its first value was {sci(first)}: the loss rose at once, and ended above "
+                             f"{FLAT_LOSS_ABOVE:g} × it{_flat_after(run)}")
+        summary = _FLAT_SUMMARY.format(sci(first), sci(ends[1]))
+    elif flat is not None:
+        after, summary = _flat_after(run), _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1]))
     if flat is None or not set_up_causes(run):
         return []
-    return [flat_loss_finding(run, th, flat, "warning", _FLAT_SUMMARY.format(sci(flat[0]), sci(flat[1])),
-                              _flat_after(run), "a flat loss that the gradients do not explain", ())]
+    return [flat_loss_finding(run, th, flat, "warning", summary, after, "a flat loss that the gradients do not explain",
+                              ())]
 
 
 def set_up_warning(run: Run, kind: str, layers: tuple[str, ...], summary: str, evidence: str, cause: str,

@@ -625,6 +625,11 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
         # "a flat loss the gradients do not explain … look outside the gradients"
         return [_tiny_step_finding(run, th, ends, typical, wsteps, at, divided,
                                    remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
+    if low_rate := _rate_set_low(meta):
+        # round 42: LambdaLR(opt, lambda x: lr·(1 + γx)^−0.75) (lhoyer/MIC#60), 3·10⁻³ squared to 9·10⁻⁶, and Adadelta
+        # at Keras' 10⁻³ (tensorflow#36785), PyTorch's 1.0 ÷ 1000: held out at chance against 0.93–0.96, told only
+        # "look outside the gradients"
+        return [_tiny_step_finding(run, th, ends, typical, wsteps, at, low_rate, remedies("raise_lr"))]
     if th.from_init and not (typical < TINY_STEP and small_rate):  # a run from its init that never moved
         return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                    f"steps too short for this loss{at}, from the initialisation on: its gradient is "
@@ -636,6 +641,45 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
     return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                f"too small a learning rate{at}: the gradients are fine, the steps are too short to change "
                                f"anything", remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
+
+
+BELOW_DEFAULT = 0.01  # a rate at this fraction of PyTorch's default for its optimizer, or below, is set low
+SQUARED_WITHIN = 0.05  # a rate at its scheduler's base rate squared, within this relative tolerance
+
+
+def _default_lr(name: object) -> float | None:
+    """PyTorch's default ``lr`` for the optimizer class ``torch.optim.<name>``, None where it has none."""
+    import inspect
+
+    import torch
+
+    cls = getattr(torch.optim, str(name), None)
+    try:
+        lr = inspect.signature(cls).parameters["lr"].default if isinstance(cls, type) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 else None
+
+
+def _rate_set_low(meta: dict) -> str:
+    """Words for a rate set low by the set-up, '' otherwise: at the watch's start the rate was its scheduler's base
+    rate squared (a LambdaLR whose lambda returns a rate where a factor is meant), or the optimizer's rate is
+    :data:`BELOW_DEFAULT` of PyTorch's default for it or below (Adadelta at Keras' 10⁻³ for PyTorch's 1.0)."""
+    lr, base, opt = meta.get("optimizer_lr"), meta.get("optimizer_initial_lr"), meta.get("optimizer")
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        return ""
+    if isinstance(base, (int, float)) and 0 < base < 0.1 and abs(lr - base * base) <= SQUARED_WITHIN * base * base:
+        return (f"the learning rate at the start is {lr:.3g}, its scheduler's base rate {base:g} squared: a LambdaLR "
+                f"sets lr = base × λ(step), so a lambda that returns a rate (lambda x: {base:g} · …) where a factor "
+                f"is meant puts the rate in twice (pytorch/pytorch#78917) — the steps are {1 / base:.3g}× too short")
+    default = _default_lr(opt)
+    if default is not None and lr <= BELOW_DEFAULT * default:
+        return (f"the learning rate: {opt} at lr {lr:g}, 1/{default / lr:.0f} of PyTorch's default for it "
+                f"({default:g}), so every step is that much shorter than {opt} is built for" +
+                (" — Adadelta scales its own steps by a ratio of running RMS (Zeiler 2012 has no rate at all) and "
+                 "its lr, meant at about 1, only multiplies them; Keras' default of 0.001 for it is not PyTorch's"
+                 if opt == "Adadelta" else ""))
+    return ""
 
 
 _MEAN_NAMES = {"NllLoss": "a cross-entropy or NLL loss", "NllLoss2D": "a cross-entropy or NLL loss",
