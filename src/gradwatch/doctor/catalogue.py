@@ -109,6 +109,8 @@ BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logi
 NOT_APPLIED_WHY = {
     "standardise_inputs": "the inputs are centred and at unit scale already, or flags of 0 and 1",
     "param_groups": "every parameter group has the same learning rate",
+    # round 42: Adadelta's run was told "a step() of the set-up's own" for the Adam row
+    "adam": "the optimizer is neither SGD, Adagrad nor Rprop, the ones Adam replaces",
 }
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
