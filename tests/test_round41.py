@@ -17,7 +17,7 @@ import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.watching.user_hooks import module_hooks, param_hooks
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST
+from conftest import SEED_0_FAST, digits_cnn, digits_in_order_123
 
 
 def _problems(w) -> list:
@@ -143,41 +143,17 @@ def test_the_doctor_multiplies_by_grad_output():
 
 # -- guided backpropagation's hooks left on a CNN being trained (utkuozbulak/pytorch-cnn-visualizations) ------------
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    order = torch.randperm(len(d.data), generator=torch.Generator().manual_seed(123))  # (the first 1400 train)
-    return torch.tensor(d.data / 16.0, dtype=torch.float32)[order], torch.tensor(d.target)[order]
-
-
 def _clamp_to_positive(module, grad_in, grad_out):
     return (torch.clamp(grad_in[0], min=0.0),)
 
 
 def _guided(seed: int, hooks: bool = True) -> gw.Trial:
-    x, y = _digits()
-    x = x.view(-1, 1, 8, 8)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-    if hooks:
+    def prepare(model: nn.Module) -> None:
         for m in model.modules():
-            if isinstance(m, nn.ReLU):
+            if hooks and isinstance(m, nn.ReLU):
                 m.register_full_backward_hook(_clamp_to_positive)
-    g = torch.Generator().manual_seed(1000 + seed)
 
-    def batches():
-        while True:
-            i = torch.randint(0, 1400, (64,), generator=g)
-            yield x[i], y[i]
-
-    def accuracy(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
-
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(), F.cross_entropy,
-                    evaluate=accuracy)
+    return digits_cnn(seed, prepare)
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
@@ -429,7 +405,7 @@ def _nt_xent_logits(out: torch.Tensor, _: torch.Tensor, tau: float = 0.01) -> to
 
 
 def _simclr(seed: int, loss=_nt_xent_exp) -> gw.Trial:
-    x, y = _digits()
+    x, y = digits_in_order_123()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(2000 + seed)
 

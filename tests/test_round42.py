@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.zoo.train import readme_watched
-from conftest import ALL_SLOW, SEED_0_FAST
+from conftest import ALL_SLOW, SEED_0_FAST, digits_cnn, digits_in_order_123
 
 
 def _problems(w) -> list:
@@ -105,36 +105,13 @@ def test_the_doctor_sets_the_biases_to_0():
 
 # -- RetinaNet's prior bias −log((1 − π)/π) on every conv, not its output alone (kuangliu/pytorch-retinanet#10) -------
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    order = torch.randperm(len(d.data), generator=torch.Generator().manual_seed(123))  # (the first 1400 train)
-    return torch.tensor(d.data / 16.0, dtype=torch.float32)[order], torch.tensor(d.target)[order]
-
-
 def _prior(seed: int, everywhere: bool = True) -> gw.Trial:
-    x, y = _digits()
-    x = x.view(-1, 1, 8, 8)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-    for m in model:
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and (everywhere or m is model[-1]):
-            nn.init.constant_(m.bias, -math.log((1 - 0.01) / 0.01))
-    g = torch.Generator().manual_seed(1000 + seed)
+    def prepare(model: nn.Module) -> None:
+        for m in model:
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and (everywhere or m is model[-1]):
+                nn.init.constant_(m.bias, -math.log((1 - 0.01) / 0.01))
 
-    def batches():
-        while True:
-            i = torch.randint(0, 1400, (64,), generator=g)
-            yield x[i], y[i]
-
-    def accuracy(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
-
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(), F.cross_entropy,
-                    evaluate=accuracy)
+    return digits_cnn(seed, prepare)
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
@@ -175,7 +152,7 @@ class _Embed(nn.Module):
 
 
 def _embedding(seed: int, zero_head: bool = True) -> gw.Trial:
-    x, y = _digits()
+    x, y = digits_in_order_123()
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     torch.manual_seed(seed)
     model = _Embed(zero_head)
@@ -234,7 +211,7 @@ class _RowGru(nn.Module):
 
 
 def _rows(seed: int, make_optimizer) -> gw.Trial:
-    x, y = _digits()
+    x, y = digits_in_order_123()
     x = x.view(-1, 8, 8)
     x = (x - x.mean()) / x.std()
     torch.manual_seed(seed)

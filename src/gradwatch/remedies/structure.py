@@ -810,7 +810,11 @@ class CappedBackward(Wrapper):
             node = custom_node(x) if isinstance(x, Tensor) else None
             if node is not None and id(node) not in self._capped:
                 self._capped.add(id(node))
-                node.register_hook(_no_gain)
+                node.register_hook(type(self)._node_hook)
+
+    @staticmethod
+    def _node_hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+        return _no_gain(grad_inputs, grad_outputs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._capped.clear()
@@ -833,12 +837,9 @@ class ChainedBackward(CappedBackward):
     multiplies by it would be multiplied twice: this is for one measured to ignore it. The model's parameters are its
     own (an optimizer over them trains it)."""
 
-    def _cap(self, module: nn.Module, args: tuple) -> None:
-        for x in args:
-            node = custom_node(x) if isinstance(x, Tensor) else None
-            if node is not None and id(node) not in self._capped:
-                self._capped.add(id(node))
-                node.register_hook(_chained)
+    @staticmethod
+    def _node_hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+        return _chained(grad_inputs, grad_outputs)
 
 
 def _chained(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
