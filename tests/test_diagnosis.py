@@ -141,7 +141,14 @@ def test_dead_units_and_the_vanishing_they_cause(zoo_runs, seed):
     expect = [n for n, v in zip(s.names, np.median(s.values[:, -5:], axis=1)) if v > 0.5]
     assert list(dead.layers) == expect and "9" in expect and "1" not in expect
     (van,) = diagnosis.of("vanishing")
-    assert van.cause.startswith("dead units")
+    # the reference: the zoo's hidden biases, read off a fresh model of the set-up (round 41's constant-bias cause)
+    from gradwatch.zoo import get
+
+    model = get("dead_relu_mlp")(seed).model
+    hidden = {n.removesuffix(".bias") for n, p in model.named_parameters() if n.endswith("bias")
+              and p.numel() > 1 and bool((p == -1.5).all())}
+    assert van.cause.startswith(f"the initialisation: the bias of {len(hidden)} hidden layers") and len(hidden) == 5
+    assert "starts at -1.5 in every entry" in van.cause and "the measurement: dead units" in van.cause
 
 
 @pytest.mark.zoo
