@@ -625,7 +625,7 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
         # "a flat loss the gradients do not explain … look outside the gradients"
         return [_tiny_step_finding(run, th, ends, typical, wsteps, at, divided,
                                    remedies("raise_lr") if adam else remedies("raise_lr", "adam"))]
-    if low_rate := _rate_set_low(meta):
+    if (low_rate := _rate_set_low(meta)) and not (typical < TINY_STEP and small_rate):  # (else: too small a rate)
         # round 42: LambdaLR(opt, lambda x: lr·(1 + γx)^−0.75) (lhoyer/MIC#60), 3·10⁻³ squared to 9·10⁻⁶, and Adadelta
         # at Keras' 10⁻³ (tensorflow#36785), PyTorch's 1.0 ÷ 1000: held out at chance against 0.93–0.96, told only
         # "look outside the gradients"
