@@ -304,6 +304,7 @@ def test_a_killed_ray_worker_is_a_failed_row(serial, ray_cluster):
         _assert_same_row(rows[want.label], want)
 
 
+@pytest.mark.slow  # (50–65 s: make test-slow, CI's 20 minutes on 2 cores)
 def test_cli_doctor_on_ray_stores_the_runs_that_gradwatch_report_opens(serial, ray_cluster, tmp_path, capsys):
     from gradwatch.cli import main
 

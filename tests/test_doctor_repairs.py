@@ -1080,6 +1080,7 @@ def _raw_pixels(seed: int) -> Trial:
                  nn.functional.cross_entropy)
 
 
+@pytest.mark.slow  # (50–65 s: make test-slow, CI's 20 minutes on 2 cores)
 def test_doctor_repairs_saturation_from_raw_inputs_by_standardising_them():
     steps = 200
     report = gw.doctor(_raw_pixels, steps=steps, seeds=3, progress=False)
