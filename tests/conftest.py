@@ -182,6 +182,14 @@ def relu_mlp_trial(seed, make_optimizer):
                     evaluate=accuracy(xt, yt))
 
 
+def drawn_batches(x, y, n_train, size, seed):
+    """Batches of ``size`` drawn with replacement from the first ``n_train`` of (x, y), a generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        i = torch.randint(0, n_train, (size,), generator=g)
+        yield x[i], y[i]
+
+
 def digits_in_order_123():
     """Digits' pixels over 16 and their labels in a fixed random order (seed 123): the first 1400 to train on."""
     from sklearn.datasets import load_digits
@@ -203,19 +211,13 @@ def digits_cnn(seed, prepare):
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
     prepare(model)
-    g = torch.Generator().manual_seed(1000 + seed)
-
-    def batches():
-        while True:
-            i = torch.randint(0, 1400, (64,), generator=g)
-            yield x[i], y[i]
 
     def accuracy(m):
         with torch.no_grad():
             return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(), nn.functional.cross_entropy,
-                    evaluate=accuracy)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    nn.functional.cross_entropy, evaluate=accuracy)
 
 
 def watched_trial(trial, store, name, steps=300):

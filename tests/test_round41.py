@@ -17,7 +17,7 @@ import gradwatch as gw
 from gradwatch.doctor import surgery
 from gradwatch.watching.user_hooks import module_hooks, param_hooks
 from gradwatch.zoo.train import readme_watched
-from conftest import SEED_0_FAST, digits_cnn, digits_in_order_123
+from conftest import SEED_0_FAST, digits_cnn, digits_in_order_123, drawn_batches
 
 
 def _problems(w) -> list:
@@ -74,19 +74,14 @@ def _swish(seed: int, fn: type[torch.autograd.Function] = SwishNoChain) -> gw.Tr
     x, y = _friedman()
     torch.manual_seed(seed)
     model = _SwishNet(fn)
-    g = torch.Generator().manual_seed(1000 + seed)
-
-    def batches():
-        while True:
-            i = torch.randint(0, 1200, (64,), generator=g)
-            yield x[i], y[i]
 
     def r2(m: nn.Module) -> float:
         with torch.no_grad():
             p, t = m(x[1200:]), y[1200:]
             return float(1 - ((p - t) ** 2).sum() / ((t - t.mean()) ** 2).sum())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(), F.mse_loss, evaluate=r2)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), drawn_batches(x, y, 1200, 64, 1000 + seed),
+                    F.mse_loss, evaluate=r2)
 
 
 def _first_site_slope(trial: gw.Trial) -> float:
@@ -240,12 +235,6 @@ def _factorised(seed: int, in_forward: bool = True) -> gw.Trial:
     pairs, r = _ratings()
     torch.manual_seed(seed)
     model = _Factorised(in_forward)
-    g = torch.Generator().manual_seed(2000 + seed)
-
-    def batches():
-        while True:
-            i = torch.randint(0, 30000, (256,), generator=g)
-            yield pairs[i], r[i]
 
     def r2(m: nn.Module) -> float:
         with torch.no_grad():
@@ -253,7 +242,8 @@ def _factorised(seed: int, in_forward: bool = True) -> gw.Trial:
             pred = (m.user(p[:, 0]) * m.item(p[:, 1])).sum(1)  # (not through forward: no hook added)
             return float(1 - ((pred - t) ** 2).mean() / ((t - t.mean()) ** 2).mean())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=0.02), batches(), F.mse_loss, evaluate=r2)
+    batches = drawn_batches(pairs, r, 30000, 256, 2000 + seed)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=0.02), batches, F.mse_loss, evaluate=r2)
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
