@@ -45,13 +45,69 @@ LONGEST_FIRST = ("zoo-seed0", "zoo-seed1", "zoo-seed2", "tests/test_round19.py",
 LATER_SEEDS = (1, 2)
 
 
+# The longest claims of `make test` (15 s or more each on a loaded machine, `--durations` of 2026-12-07), run in `make
+# test-slow` only, where every seed of them runs: stop 54's CI took 1290 s of its 1200 on 2 cores. A zoo-marked one
+# among them is marked `portable` too, so that `make test-portable-rest` still runs it under the portable kernels.
+CI_SLOW = frozenset({
+    "tests/test_distributed.py::test_fsdp1_is_refused_with_the_way_out",
+    "tests/test_distributed.py::test_fsdp2_flight_recorder_catches_an_injected_spike_with_the_single_process_values",
+    "tests/test_doctor_parallel.py::test_a_process_pool_gives_the_serial_table_and_every_trials_store",
+    "tests/test_doctor_repairs.py::test_a_remedy_the_findings_name_that_finds_nothing_to_change_is_said_not_tried",
+    "tests/test_doctor_repairs.py::test_doctor_repairs_a_regression_on_raw_targets_by_standardising_them",
+    "tests/test_episodes.py::test_a_vit_at_a_high_adam_lr_without_warmup_is_a_learning_rate_problem",
+    "tests/test_lightning.py::test_ddp_trainer_rank0_records_equal_the_single_process_run",
+    "tests/test_loops.py::test_karpathy_char_rnn_vanishing_through_time_is_found",
+    "tests/test_reliability.py::test_a_writer_killed_at_20_random_moments_leaves_a_store_that_opens_or_none",
+    "tests/test_reliability.py::test_overwrite_refuses_a_run_another_process_is_writing",
+    "tests/test_remedies_and_doctor.py::test_a_remedy_that_fixes_only_its_own_seeds_is_not_the_best",
+    "tests/test_remedies_and_doctor.py::test_doctor_finds_the_misconfigured_parameter_group",
+    "tests/test_remedies_and_doctor.py::test_doctor_repairs_the_vanishing_tanh_mlp",
+    "tests/test_remedies_and_doctor.py::test_the_best_remedy_is_checked_on_a_seed_no_trial_used",
+    "tests/test_repair_diagnosis.py::test_a_gan_burst_that_left_no_damage_is_not_a_problem",
+    "tests/test_repair_diagnosis.py::test_a_large_gradient_that_does_not_grow_is_not_exploding",
+    "tests/test_repair_setups.py::test_label_holds_by_plain_measurement",
+    "tests/test_round10.py::test_a_users_gan_whose_generator_gradient_fades_to_a_thousandth_is_found_and_dated",
+    "tests/test_round10.py::test_an_lstm_whose_forget_gates_were_open_is_not_told_to_open_them",
+    "tests/test_round11.py::test_a_plain_conv_stack_whose_units_die_is_offered_normalisation_among_the_first_remedies",
+    "tests/test_round12.py::test_the_gradient_jump_of_an_lstm_leaving_its_plateau_gets_no_remedies",
+    "tests/test_round16.py::test_a_deep_batch_normalised_net_without_skips_is_told_of_skip_connections",
+    "tests/test_round16.py::test_skip_connections_go_around_a_users_blocks_in_a_sequential",
+    "tests/test_round19.py::test_an_embedding_collapsed_under_the_hardest_negatives_is_found_and_its_twin_is_not",
+    "tests/test_round19.py::test_an_lstm_read_after_its_padding_is_told_of_the_padding_first",
+    "tests/test_round23.py::test_a_reports_row_applied_to_a_fresh_trial_trains_as_the_doctors_trial_did",
+    "tests/test_round25.py::test_a_bigru_under_ctc_over_zero_padded_clips_is_not_told_of_weights_initialised_too_large",
+    "tests/test_round25.py::test_a_pinn_with_relu_units_is_told_its_second_derivative_is_0_and_its_tanh_twin_is_not",
+    "tests/test_round25.py::test_hugging_faces_attention_mask_given_as_the_padding_mask_is_told_and_its_twin_is_not",
+    "tests/test_round25.py::test_the_doctor_tries_a_square_root_that_passes_0_at_0_where_its_backward_made_the_first_nan",
+    "tests/test_round29.py::test_a_loss_unbounded_below_is_named_as_the_cause_of_its_blow_up",
+    "tests/test_round29.py::test_a_state_detached_at_every_step_is_told_and_its_twin_is_quiet",
+    "tests/test_round31.py::test_a_stall_with_balanced_gradients_is_not_blamed_on_post_ln",
+    "tests/test_round36.py::test_a_variance_over_one_element_is_told_as_zero_over_zero",
+    "tests/test_round36.py::test_the_doctor_repairs_the_variance_over_one_element",
+    "tests/test_round37.py::test_the_doctor_puts_adam_in_place_of_rprop",
+    "tests/test_round38.py::test_groups_whose_rate_compounds_to_zero_are_told",
+    "tests/test_round38.py::test_the_doctor_gives_the_rate_back",
+    "tests/test_round38.py::test_the_doctor_holds_the_groups_rates",
+    "tests/test_round38.py::test_weights_set_back_between_steps_are_told",
+    "tests/test_round40.py::test_the_doctor_steps_down_the_gradient",
+    "tests/test_round41.py::test_a_plateau_scheduler_in_mode_max_on_a_loss_is_told",
+    "tests/test_round5.py::test_a_dropout_rate_of_09_is_named_as_the_cause",
+    "tests/test_round5.py::test_dead_recurrent_relus_inside_a_fused_rnn_are_named_as_the_cause",
+    "tests/test_round5.py::test_the_doctor_drops_a_relu_at_the_output",
+    "tests/test_round6.py::test_hand_written_attention_without_its_scale_is_found",
+    "tests/test_round8.py::test_a_saturated_sigmoid_under_bce_is_told_to_return_logits",
+    "tests/test_round8.py::test_slow_first_layers_of_zero_initialised_branches_are_info",
+    "tests/test_store.py::test_a_finished_run_opens_from_read_only_storage",
+})
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Which tests share a pytest-xdist worker (`make test` runs `--dist loadgroup`): the tests that read zoo runs
     (the ``zoo_runs`` fixture) by their seed, so that each zoo run is trained once and the seeds' runs spread over
     the workers; every other test with the rest of its file, so that a file's module fixtures are built once.
     The groups in :data:`LONGEST_FIRST` go first. A ``zoo``-marked test on a seed in :data:`LATER_SEEDS` is marked
-    ``later_seeds``."""
+    ``later_seeds``; one in :data:`CI_SLOW`, ``slow`` (and ``portable`` where it is ``zoo``-marked)."""
     groups = {}
     for item in items:
         if "zoo_runs" in getattr(item, "fixturenames", ()):
@@ -63,6 +119,10 @@ def pytest_collection_modifyitems(config, items):
         callspec = getattr(item, "callspec", None)
         if item.get_closest_marker("zoo") and callspec and callspec.params.get("seed") in LATER_SEEDS:
             item.add_marker(pytest.mark.later_seeds)
+        if item.nodeid.split("[")[0] in CI_SLOW:
+            item.add_marker(pytest.mark.slow)
+            if item.get_closest_marker("zoo"):
+                item.add_marker(pytest.mark.portable)
         groups[item.nodeid] = group
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
