@@ -50,6 +50,9 @@ REMEDIES = {
                              "model that has none",
     "hook_once": "register a gradient hook once, where the model is built, not in forward(); or on the tensor this "
                  "call computed (it dies with the step), and keep the handle to .remove() it",
+    "norm_stats_in_graph": "compute a hand-written normalisation's mean and variance in the graph (no .detach(), "
+                           "torch.no_grad() or .data on them), or use nn.BatchNorm/nn.LayerNorm/nn.GroupNorm: its "
+                           "backward then passes nothing along what the normalisation removes",
     "chain_grad_output": "multiply what the backward of your torch.autograd.Function returns by the gradient it "
                          "receives, return grad_output * φ'(x) (the chain rule): without it the gradient below is "
                          "φ'(x) alone, unrelated to the loss",

@@ -28,6 +28,7 @@ from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_dep
 from gradwatch.diagnosis.findings import Diagnosis, Finding
 from gradwatch.diagnosis.instability import instability_findings
 from gradwatch.diagnosis.log_probs import nll_on_scores_findings
+from gradwatch.diagnosis.norm_backward import detached_norm_findings
 from gradwatch.diagnosis.output_range import margin_target_findings, output_range_findings
 from gradwatch.diagnosis.majority import majority_findings
 from gradwatch.diagnosis.remedies import key_of, remedies
@@ -105,6 +106,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += unexplained_flat_findings(found, view, th)  # a set-up cause for a flat loss no gradient rule explains
     found += misread_batch_findings(found, view, th)  # layers reading the batch as the sequence, the loss falling
     found += zero_path_findings(found, view, th)  # weights behind an operation with zero derivative (round, no STE)
+    found += detached_norm_findings(found, view, th)  # a normalisation by hand whose statistics are detached
     found += cut_input_findings(found, view, th)  # a layer fed a tensor cut from the graph (.sample() for .rsample())
     found += attention_mask_findings(found, view, th)  # masks of 0s and 1s as floats (masking nothing), or inverted
     found += bce_target_findings(found, view, th)  # a binary cross-entropy on targets outside [0, 1]: no minimum

@@ -178,6 +178,8 @@ def catalog() -> dict[str, list[Remedy]]:
                                      "module", OnModel(s.remove_backward_hooks)),
         "hook_once": [],  # the hook is registered in the user's forward
         "exp_log_space": [],  # the loss is the user's
+        "norm_stats_in_graph": one("norm_stats_in_graph", "hand-written normalisation's backward projected as "
+                                   "if its statistics were in the graph", s.project_norm_gradient),
         "chain_grad_output": one("chain_grad_output", "custom autograd.Function backward multiplied by the "
                                  "gradient it receives", s.chain_grad_output),
         "tame_custom_backward": one("tame_custom_backward", "custom autograd.Function backward capped at gain 1",

@@ -861,6 +861,18 @@ def chain_grad_output(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def project_norm_gradient(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model as :class:`~gradwatch.remedies.norm_backward.ProjectedNormBackward`: each normalisation of the
+    user's own whose backward passes on a gradient along the shift or scale its forward ignores (its statistics
+    detached) gets the gradient it would pass with them in the graph."""
+    from gradwatch.remedies.norm_backward import ProjectedNormBackward
+
+    trial.model = ProjectedNormBackward(trial.model)
+    note_change(trial, "the backward of each hand-written normalisation whose statistics are outside the graph "
+                       "projected as if they were in it (its gradient along the shift and scale it removes taken out)")
+    return trial
+
+
 @torch.no_grad()
 def zero_constant_biases(m: nn.Module) -> nn.Module | None:
     """Every bias of two entries or more that is one constant other than 0 in every entry set to 0 (a detector's

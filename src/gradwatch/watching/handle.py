@@ -480,6 +480,7 @@ class Watch:
     @_forward_hook
     def _on_layer_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:
         self._steps.layer_forward(i, output, first_tensor(args))
+        self._steps.norm_layer(i, module, args)
 
     @_forward_hook
     def _on_act_forward(self, i: int, module: nn.Module, args: tuple, output: Any) -> None:

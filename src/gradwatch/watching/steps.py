@@ -43,6 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations, in_ree
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
+from gradwatch.probes.norms import candidate as norm_candidate, norm_check
 from gradwatch.probes.output import (batch_labels, batch_spread, batch_tensor, binary_shares, labelled,
                                      majority_shares)
 from gradwatch.probes.weakhook import WeakHook
@@ -153,6 +154,8 @@ class StepRecorder:
         self._pass_grad_out = False
         self._cut_inputs: list[str] = []
         self._checkpointed: list[str] = []  # ... of them, those inside a reentrant checkpoint
+        self._norm_checked: set[str] = set()  # layers whose first training call was looked at for a normalisation
+        self._norm_layers: dict[str, dict[str, Any]] = {}  # ... those found to normalise (meta normalising_layers)
 
     # -- hooks: which are placed ---------------------------------------------------------
     def start(self, hooks: Hooks) -> None:
@@ -303,6 +306,26 @@ class StepRecorder:
             t = self.meter.start("backprop")
             self.probes.layer_output(i, output, self._through_time)
             self.meter.stop("backprop", t)
+
+    def norm_layer(self, i: int, module: nn.Module, args: tuple) -> None:
+        """A layer of the user's own that may normalise its input, at its first training call: whether it does, and
+        whether its backward passes on a gradient along what its forward ignores (:mod:`gradwatch.probes.norms`;
+        meta ``normalising_layers``, each such layer once)."""
+        name = self.layers[i].name
+        if name in self._norm_checked or not (torch.is_grad_enabled() and module.training):
+            return
+        self._norm_checked.add(name)
+        if not norm_candidate(module, args) or args[0].dtype not in (torch.float32, torch.float64):
+            return
+        t = self.meter.start("backprop")
+        try:
+            with torch.autocast(args[0].device.type, enabled=False):
+                found = norm_check(module, args[0])
+        finally:
+            self.meter.stop("backprop", t)
+        if found is not None:
+            self._norm_layers[name] = found.as_meta()
+            self._writer.meta({"normalising_layers": dict(self._norm_layers)})
 
     def pass_inputs(self, args: tuple, kwargs: dict) -> None:
         """The tensors the model's forward is called with, positional and by name (a layer may take them without
