@@ -165,3 +165,73 @@ def test_the_doctor_projects_a_detached_norm_backward(seed):
         fixed.step()
         twin.step()
     assert fixed.evaluate(fixed.model) > twin.evaluate(twin.model) - 0.06
+
+
+# -- GroupNorm(C, C) in a CNN's last block, on 1×1 maps: each group one value (pytorch/pytorch#94288) ---------------
+
+class _GnCnn(nn.Module):
+    """Four blocks of a 3×3 conv, a GroupNorm and a ReLU on digits (8×8 → 4×4 → 2×2 → 1×1 by max-pools), and a
+    linear head; GroupNorm(C, C) in every block (groups of one channel) or GroupNorm(C // 8, C)."""
+
+    def __init__(self, groups_of_one: bool) -> None:
+        super().__init__()
+        chans, blocks = [1, 16, 32, 64, 64], []
+        for i in range(4):
+            c = chans[i + 1]
+            blocks += [nn.Conv2d(chans[i], c, 3, padding=1), nn.GroupNorm(c if groups_of_one else c // 8, c), nn.ReLU()]
+            if i < 3:
+                blocks.append(nn.MaxPool2d(2))
+        self.features, self.head = nn.Sequential(*blocks), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+def _gn(seed: int, groups_of_one: bool = True) -> gw.Trial:
+    x, y = digits_in_order_123()
+    x = (x - x[:1400].mean()) / x[:1400].std()
+    torch.manual_seed(seed)
+    model = _GnCnn(groups_of_one)
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    F.cross_entropy, evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_group_norm_whose_groups_hold_one_value_is_told_first(tmp_path, seed):
+    bug, twin = _gn(seed), _gn(seed, groups_of_one=False)
+    # the reference: on 1×1 maps GroupNorm(64, 64) outputs its bias whatever its input (up to float rounding of x −
+    # mean(x), ×1/√ε), and no gradient reaches the first conv (a loop over .grad)
+    probe = _gn(seed).model
+    last = probe.features[13]
+    with torch.no_grad():
+        last.bias.normal_()
+    h = torch.randn(5, 64, 1, 1)
+    assert torch.allclose(last(h), last.bias.view(1, -1, 1, 1).expand(5, -1, 1, 1), atol=1e-3)
+    xb, yb = next(_gn(seed).batches)
+    F.cross_entropy(probe(xb), yb).backward()
+    assert float(probe.features[0].weight.grad.norm()) < 1e-5
+    w_bug = readme_watched(bug, tmp_path, "bug", 300)
+    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    assert bug.evaluate(bug.model) < 0.2 and twin.evaluate(twin.model) > 0.9
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == "drop_single_norm" for f in problems)
+    assert "GroupNorm" in problems[0].cause and "'features.13'" in problems[0].cause
+    assert not _problems(w_twin)
+
+
+@pytest.mark.parametrize("seed", ALL_SLOW)
+def test_the_doctor_regroups_a_group_norm_of_single_values(seed):
+    report = gw.doctor(lambda s: _gn(seed + s), steps=200, progress=False)
+    assert report.best is not None and report.best.parts == ("drop_single_norm",), str(report)
+    fixed = report.apply(_gn(seed + 7))
+    for _ in range(200):
+        fixed.step()
+    model = fixed.model.inner if hasattr(fixed.model, "inner") else fixed.model
+    # found at its first call: the 1×1 block's 64 channels in groups of 8; the others' groups had 16 values or more
+    assert [model.features[i].num_groups for i in (1, 5, 9, 13)] == [16, 32, 64, 8]
+    assert fixed.evaluate(fixed.model) > 0.9  # the twin's 0.99 by plain measurement

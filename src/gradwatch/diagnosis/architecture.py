@@ -496,13 +496,17 @@ def float_masks(run: Run) -> str:
 
 
 def single_element_norm(run: Run) -> str:
-    """Words for normalisation layers over a single element (meta ``single_element_norms``); '' otherwise."""
-    seen = run_meta(run).get("single_element_norms") or []
+    """Words for normalisation layers over a single element (meta ``single_element_norms``, and
+    ``single_element_groups``: GroupNorm layers whose groups held one value on their first training call); ''
+    otherwise."""
+    groups = run_meta(run).get("single_element_groups") or []
+    seen = (run_meta(run).get("single_element_norms") or []) + groups
     if not seen:
         return ""
+    where = ("x − mean(x) is 0 (LayerNorm, a GroupNorm whose groups hold one value: GroupNorm(C, C) on 1×1 maps) or "
+             "x / rms(x) is ±1 (RMSNorm)" if groups else "x − mean(x) is 0 (LayerNorm) or x / rms(x) is ±1 (RMSNorm)")
     return (f"a normalisation over a single element: module '{seen[0]}'{_and_more(seen)} normalises over a shape of 1, where "
-            f"x − mean(x) is 0 (LayerNorm) or x / rms(x) is ±1 (RMSNorm): its output is its bias whatever its input, "
-            f"so no layer before it gets a gradient")
+            f"{where}: its output is its bias whatever its input, so no layer before it gets a gradient")
 
 
 def identity_activations(run: Run) -> str:

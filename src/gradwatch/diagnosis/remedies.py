@@ -234,8 +234,9 @@ REMEDIES = {
                    "optimizer.step() (they unscale the gradients and skip a step with NaN/Inf)",
     "one_logit_loss": "a binary loss on the one logit — nn.BCEWithLogitsLoss with 0/1 targets — or two output units "
                       "under nn.CrossEntropyLoss with class indices",
-    "drop_single_norm": "drop the normalisation over a single element (a LayerNorm over one output feature): "
-                        "normalise over the features of a layer, not over one",
+    "drop_single_norm": "drop the normalisation over a single element (a LayerNorm over one output feature), or "
+                        "give a GroupNorm groups of several channels (GroupNorm(C // 8, C), not GroupNorm(C, C) on "
+                        "1×1 maps): normalise over several values, not over one",
     "invert_padding_mask": "give nn.MultiheadAttention (a Transformer layer's src_key_padding_mask) True where a key "
                            "is padding — attention_mask == 0 from Hugging Face's attention_mask, whose 1s mark the "
                            "real tokens",

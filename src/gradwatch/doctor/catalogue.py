@@ -287,7 +287,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "signed_targets": one("signed_targets", "soft-margin targets −1/+1 (2·y − 1 from 0/1 labels)",
                               s.signed_targets),
         "bool_mask": one("bool_mask", "attention masks of 0s and 1s made boolean (mask.bool())", s.bool_masks),
-        "drop_single_norm": one("drop_single_norm", "normalisations over a single element dropped",
+        "drop_single_norm": one("drop_single_norm", "normalisations over a single element dropped or regrouped",
                                 s.drop_single_norms),
         "invert_padding_mask": one("invert_padding_mask", "key padding masks inverted (attention_mask == 0)",
                                    s.padding_masks_inverted),

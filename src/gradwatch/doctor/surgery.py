@@ -1404,9 +1404,23 @@ def padding_masks_inverted(trial: Trial, numbers: dict[str, float]) -> Trial | N
     return trial
 
 
+GROUP_CHANNELS = 8  # channels a group of a GroupNorm regrouped from groups of one value holds (Wu & He 2018: 16–32)
+
+
+def _regroup(module: nn.Module, args: tuple) -> None:
+    """A GroupNorm's forward pre-hook: where each of its groups would hold one value, groups of
+    :data:`GROUP_CHANNELS` channels (the largest number of groups that gives each as many, or one group)."""
+    from gradwatch.probes.norms import group_elements
+
+    if isinstance(module, nn.GroupNorm) and args and group_elements(module, args[0]) == 1:
+        c = module.num_channels
+        module.num_groups = max([g for g in range(1, c + 1) if c % g == 0 and c // g >= GROUP_CHANNELS] or [1])
+
+
 def drop_single_norms(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """Each LayerNorm/RMSNorm over a single element (:func:`gradwatch.watching.metadata.single_element_norms`)
-    replaced by the identity. None where the model has none."""
+    replaced by the identity; each GroupNorm regrouped, at its first call, where its groups would hold one value
+    (:func:`_regroup`). None where the model has neither."""
     from gradwatch.watching.metadata import single_element_norms
 
     names = single_element_norms(trial.model)
@@ -1416,8 +1430,14 @@ def drop_single_norms(trial: Trial, numbers: dict[str, float]) -> Trial | None:
         setattr(trial.model.get_submodule(parent), leaf, nn.Identity())
     if names:
         rebuild_optimizer(trial, before)  # their weight and bias leave the optimizer with them
-        note_change(trial, f"{', '.join(names)} dropped")
-    return trial if names else None
+    groups = [m for m in trial.model.modules() if isinstance(m, nn.GroupNorm)]
+    for m in groups:
+        m.register_forward_pre_hook(_regroup)
+    if names or groups:
+        note_change(trial, "; ".join(filter(None, [f"{', '.join(names)} dropped" if names else "",
+                                                   f"a GroupNorm whose groups hold one value regrouped into groups of "
+                                                   f"{GROUP_CHANNELS} channels" if groups else ""])))
+    return trial if names or groups else None
 
 
 def relu_he(trial: Trial, numbers: dict[str, float]) -> Trial | None:

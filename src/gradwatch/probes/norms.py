@@ -79,6 +79,19 @@ def reduced_dims(group: str, ndim: int) -> tuple[int, ...] | None:
 GROUPS = ("row", "instance", "channel", "sample")  # finest first; "all" is tried before them, to turn most away
 
 
+def group_elements(module: nn.GroupNorm, x: Any) -> int | None:
+    """How many values each group of a ``nn.GroupNorm`` normalises over on input ``x`` (N, C, *): C/G times the
+    spatial size. 1 makes x − mean(x) exactly 0: the output is the bias β whatever the input (round 43:
+    ``GroupNorm(C, C)`` in a CNN's last block, on 1×1 maps; pytorch/pytorch#94288). None for an input it cannot
+    take."""
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != module.num_channels or not module.num_groups:
+        return None
+    n = module.num_channels // module.num_groups
+    for d in x.shape[2:]:
+        n *= int(d)
+    return n
+
+
 def candidate(module: nn.Module, args: tuple) -> bool:
     """A leaf module of the user's own, with parameters of at most one dimension, called on one float tensor."""
     if (type(module).__module__ or "").startswith("torch.") or next(module.children(), None) is not None:
@@ -210,4 +223,4 @@ def norm_check(module: nn.Module, x: Tensor) -> NormCheck | None:
             return None
 
 
-__all__ = ["CHECK_SPREAD", "CHECKED_ENTRIES", "GROUPS", "INVARIANT_TO", "STRAY_FROM", "NormCheck", "candidate", "norm_check", "reduced_dims"]
+__all__ = ["CHECK_SPREAD", "CHECKED_ENTRIES", "GROUPS", "INVARIANT_TO", "STRAY_FROM", "group_elements", "NormCheck", "candidate", "norm_check", "reduced_dims"]

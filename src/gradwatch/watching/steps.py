@@ -43,7 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations, in_ree
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
-from gradwatch.probes.norms import candidate as norm_candidate, norm_check
+from gradwatch.probes.norms import candidate as norm_candidate, group_elements, norm_check
 from gradwatch.probes.output import (batch_labels, batch_spread, batch_tensor, binary_shares, labelled,
                                      majority_shares)
 from gradwatch.probes.weakhook import WeakHook
@@ -156,6 +156,7 @@ class StepRecorder:
         self._checkpointed: list[str] = []  # ... of them, those inside a reentrant checkpoint
         self._norm_checked: set[str] = set()  # layers whose first training call was looked at for a normalisation
         self._norm_layers: dict[str, dict[str, Any]] = {}  # ... those found to normalise (meta normalising_layers)
+        self._single_groups: list[str] = []  # GroupNorm layers whose groups held one element (single_element_groups)
 
     # -- hooks: which are placed ---------------------------------------------------------
     def start(self, hooks: Hooks) -> None:
@@ -315,6 +316,9 @@ class StepRecorder:
         if name in self._norm_checked or not (torch.is_grad_enabled() and module.training):
             return
         self._norm_checked.add(name)
+        if isinstance(module, nn.GroupNorm) and args and group_elements(module, args[0]) == 1:
+            self._single_groups.append(name)  # GroupNorm(C, C) on 1×1 maps: each group one value, the output β
+            self._writer.meta({"single_element_groups": list(self._single_groups)})
         if not norm_candidate(module, args) or args[0].dtype not in (torch.float32, torch.float64):
             return
         t = self.meter.start("backprop")
