@@ -235,3 +235,85 @@ def test_the_doctor_regroups_a_group_norm_of_single_values(seed):
     # found at its first call: the 1×1 block's 64 channels in groups of 8; the others' groups had 16 values or more
     assert [model.features[i].num_groups for i in (1, 5, 9, 13)] == [16, 32, 64, 8]
     assert fixed.evaluate(fixed.model) > 0.9  # the twin's 0.99 by plain measurement
+
+
+# -- LAMB without its guard for ‖w‖ = 0 on a net whose head starts at 0 (cybertronai/pytorch-lamb#6) ----------------
+
+class _Lamb(torch.optim.Optimizer):
+    """LAMB as cybertronai/pytorch-lamb writes it: Adam's step with decoupled weight decay, scaled by the trust ratio
+    ‖w‖/‖step‖; ``guard`` is
+    its PR #6, a ratio of 1 where either norm is 0 (without it a weight at 0 never moves)."""
+
+    def __init__(self, params, lr: float, guard: bool, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.guard = guard
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = state["m"], state["v"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                step = m / (v.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, s_norm = p.norm().clamp(0, 10), step.norm()
+                ratio = w_norm / s_norm
+                if self.guard and (w_norm == 0 or s_norm == 0):
+                    ratio = torch.ones(())
+                p.add_(step, alpha=-group["lr"] * float(ratio))
+
+
+def _lamb(seed: int, guard: bool = False) -> gw.Trial:
+    """Digits through 64→128→128 ReLU layers and a head zero-initialised (weights and bias, as ViTs' heads are)
+    under LAMB at lr 0.01; held-out accuracy."""
+    x, y = digits_in_order_123()
+    x = (x - x[:1400].mean(0)) / x[:1400].std(0).clamp(min=1e-3)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    nn.init.zeros_(model[4].weight)
+    nn.init.zeros_(model[4].bias)
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
+
+    return gw.Trial(model, _Lamb(model.parameters(), lr=0.01, guard=guard), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    F.cross_entropy, evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_zero_head_that_lamb_never_moves_is_told_first(tmp_path, seed):
+    bug, twin = _lamb(seed), _lamb(seed, guard=True)
+    w_bug = readme_watched(bug, tmp_path, "bug", 300)
+    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    # the reference, by plain measurement: the head is still exactly 0, the body moved by its weight decay alone, at
+    # chance
+    head = bug.model[4].weight
+    assert not head.detach().any() and bug.evaluate(bug.model) < 0.2 and twin.evaluate(twin.model) > 0.9
+    x, y = next(_lamb(seed).batches)
+    F.cross_entropy(bug.model(x), y).backward()
+    assert float(head.grad.norm()) > 0 and not bug.model[0].weight.grad.any()
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == "redraw_zero" for f in problems)
+    assert "never move" in problems[0].cause and "_Lamb" in problems[0].cause
+    assert not _problems(w_twin)
+
+
+@pytest.mark.parametrize("seed", ALL_SLOW)
+def test_the_doctor_draws_the_head_lamb_never_moved_again(seed):
+    report = gw.doctor(lambda s: _lamb(seed + s), steps=200, progress=False)
+    # the first row is the finding's first remedy; He initialisation draws the head again too, and may do as well
+    row = report.trials[0]
+    assert row.parts == ("redraw_zero",) and row.verdict == "fixes it", str(report)
+    assert report.best is not None and report.best.verdict == "fixes it"
+    fixed = report.apply(_lamb(seed + 7), row)
+    for _ in range(200):
+        fixed.step()
+    assert fixed.evaluate(fixed.model) > 0.9

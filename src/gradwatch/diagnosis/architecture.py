@@ -188,6 +188,37 @@ def negative_constant_biases(run: Run) -> str:
             f"−log((1 − π)/π) belongs on its classification output alone)")
 
 
+def unmoved_zero_layer(run: Run) -> str:
+    """Words for layers whose weights started at exactly 0 (meta ``zero_weight_layers``) and stayed there at every
+    read of ``weight_norm`` (3 or more) while their gradient was not 0: the optimizer's step for them is 0; '' for
+    none. Round 43: LAMB without its guard for ‖w‖ = 0 (cybertronai/pytorch-lamb#6) on a ViT whose head starts at 0
+    — the trust ratio ‖w‖/‖u‖ is 0, the head never moves, and nothing below it gets a gradient: ln 10 throughout,
+    0.08 held out against 0.87–0.90, told "an operation with zero derivative … or ReLU units all dead"."""
+    meta = run_meta(run)
+    zero = set(meta.get("zero_weight_layers") or ())
+    if not zero or not {"weight_norm", "grad_norm"} <= set(run.quantities):
+        return ""
+    w, g = run.series("weight_norm", "param"), run.series("grad_norm", "param")
+    grads = dict(zip(g.names, g.values))
+    stuck = []
+    for name, values in zip(w.names, w.values):
+        layer, _, attr = name.rpartition(".")
+        seen, grad = values[np.isfinite(values)], grads.get(name)
+        if (layer in zero and attr == "weight" and len(seen) >= 3 and not seen.any() and grad is not None
+                and np.isfinite(grad).any() and float(np.nanmedian(grad)) > 0):
+            stuck.append(layer)
+    if not stuck:
+        return ""
+    layers = [l.get("name") for l in meta.get("layers") or () if isinstance(l, dict)]
+    below = (" — and since they are the output layer's, nothing below it gets a gradient either (∂L/∂h = Wᵀ·g = 0)"
+             if layers and layers[-1] in stuck else "")
+    optimizer = meta.get("optimizer") or "the optimizer"
+    return (f"weights that start at 0 and never move: the weights of {listed(stuck)} are exactly 0 at every read "
+            f"though their gradient is not, so {optimizer}'s step for them is 0 — an optimizer whose step is "
+            f"proportional to the weights' norm (LAMB's or LARS's trust ratio ‖w‖/‖u‖ with no guard for ‖w‖ = 0) "
+            f"never moves a weight that is 0{below}")
+
+
 def zero_norm_scales(run: Run) -> str:
     """Words for normalisation layers whose scale γ was exactly 0 in every entry when the watch started (meta
     ``zero_norm_scales``) in a net without skip connections ('' otherwise): each outputs its shift β whatever its
@@ -908,6 +939,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (zero_init, ("he_init",), _ANY_KIND),
     (zero_norm_scales, ("norm_scale_one",), _ANY_KIND),
     (negative_constant_biases, ("zero_bias",), _SHRUNK_KINDS),
+    (unmoved_zero_layer, ("redraw_zero",), _ANY_KIND),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),
