@@ -741,6 +741,11 @@ def grads_not_zeroed(run: Run) -> str:
     if got is None:
         return ""
     stale, checks = got
+    if stale < checks:  # round 43: zero_grad() once an epoch (every 21 batches), step() at every batch
+        return (f"the gradients are zeroed only now and then: at {stale} of {checks} steps .grad still held the last "
+                f"step's gradient when the next backward began (optimizer.zero_grad() called less often than "
+                f"optimizer.step(): once an epoch, not once a batch), so each step applies the sum of every gradient "
+                f"since the last zeroing")
     return (f"the gradients are not zeroed between steps: at {stale} of {checks} steps .grad still held the last "
             f"step's gradient when the next backward began (no optimizer.zero_grad()), so each step applies the sum of "
             f"every gradient so far")
@@ -1000,7 +1005,8 @@ def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
         sources.append("grad_norm (every layer), total = √Σ layer²")
     return [Finding(
         kind="exploding", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
-        summary="the gradients are never zeroed: each step applies the sum of every gradient so far",
+        summary=("the gradients are never zeroed: each step applies the sum of every gradient so far" if stale >= checks
+                 else "the gradients are zeroed only now and then: a step applies every gradient since the last zeroing"),
         evidence=evidence + ".", cause=cause or "the sum of every gradient so far, applied at every step",
         remedies=(), numbers=numbers, sources=tuple(sources),
     )]

@@ -8,7 +8,11 @@ it, reads that parameter's ``.grad`` at the first backward after each
 optimizer step: it should be None (``set_to_none``, the default) or zero. The
 count of steps where it was not stays on the device (no synchronisation) and
 is written to the meta at flush and close, ``grads_not_zeroed`` = [steps where
-``.grad`` still held a gradient, steps checked]. Nothing is changed: the hook
+``.grad`` still held a gradient, steps checked] — a ``.grad`` of zeros is left
+out of the steps checked, since it is what ``zero_grad(set_to_none=False)``
+leaves and also what a sum of zeros leaves (units that died upstream: round
+43's loop that zeroed once every 21 steps blew up, its units died, and then
+only a third of its steps counted stale). Nothing is changed: the hook
 returns nothing, so autograd accumulates the gradient as it would.
 
 The last trained parameter's ``.grad`` (the output layer's: a gradient every
@@ -49,6 +53,7 @@ class ZeroGradCheck:
         self.backwards = 0
         self.steps = 0
         self._stale: Tensor | None = None  # steps whose .grad was not zeroed, on the device
+        self._unclear: Tensor | None = None  # ... and those whose .grad was all 0 (left out of the steps checked)
         self._used: tuple[Tensor, int] | None = None  # the .grad the last step used, and its version then
         self.after_checks = 0
         self._changed: Tensor | None = None  # steps whose used .grad was changed in place (not zeroed), on the device
@@ -85,9 +90,12 @@ class ZeroGradCheck:
         if old is not None:
             hit = old.ne(0).any().long()
             self._stale = hit if self._stale is None else self._stale + hit
+            # a .grad of zeros tells nothing: zeroed (set_to_none=False), or a sum of zeros (dead units upstream)
+            self._unclear = 1 - hit if self._unclear is None else self._unclear + 1 - hit
 
     def meta(self) -> dict[str, Any]:
-        return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks],
+        unclear = int(self._unclear) if self._unclear is not None else 0
+        return {"grads_not_zeroed": [int(self._stale) if self._stale is not None else 0, self.checks - unclear],
                 "grads_changed_after_step": [int(self._changed) if self._changed is not None else 0,
                                              self.after_checks],
                 "backwards_per_step": round(self.backwards / self.steps, 2) if self.steps else None}
