@@ -345,3 +345,98 @@ def test_gradients_zeroed_once_an_epoch_are_told_as_such(tmp_path, seed):
     problems = w.diagnose().problems
     assert problems and all(f.cause.startswith("the gradients are zeroed only now and then") for f in problems)
     assert all(f.remedy_keys[0] == "zero_grad" for f in problems)
+
+
+# -- SupCon's loss on features that were never normalised (HobbitLong/SupContrast#50, #100, #104) -------------------
+
+def _supcon_loss(out: torch.Tensor, y: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """SupContrast's SupConLoss (contrast_mode 'all') on two views stacked as (2B, D): the row max subtracted, the
+    self-similarity masked out of the denominator, the log-probabilities of the positives averaged."""
+    labels = torch.cat([y, y])
+    logits = out @ out.T / tau
+    logits = logits - logits.max(1, keepdim=True).values.detach()
+    not_self = 1 - torch.eye(len(labels))
+    positive = (labels[:, None] == labels[None, :]).float() * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    return -((positive * log_prob).sum(1) / positive.sum(1)).mean()
+
+
+class _SupConNet(nn.Module):
+    def __init__(self, normalise: bool) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+        self.normalise = normalise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.encoder(x))
+        return F.normalize(z, dim=1) if self.normalise else z
+
+
+def _supcon(seed: int, normalise: bool = False) -> gw.Trial:
+    """Digits (standardised) in two noisy views each (pixels dropped at 20 %, noise 0.3), SupCon at τ 0.07 under
+    main_supcon.py's SGD (0.05, momentum 0.9, weight decay 1e-4); held-out 5-nearest-neighbour accuracy on the
+    encoder's normalised features."""
+    x, y = digits_in_order_123()
+    x = (x - x[:1400].mean(0)) / x[:1400].std(0).clamp(min=1e-3)
+    torch.manual_seed(seed)
+    model = _SupConNet(normalise)
+
+    def views():
+        g = torch.Generator().manual_seed(2000 + seed)
+        for xb, yb in drawn_batches(x, y, 1400, 64, 1000 + seed):
+            two = [xb * (torch.rand(xb.shape, generator=g) > 0.2) + 0.3 * torch.randn(xb.shape, generator=g)
+                   for _ in range(2)]
+            yield torch.cat(two), yb
+
+    def knn(m: nn.Module) -> float:
+        with torch.no_grad():
+            bank, query = F.normalize(m.encoder(x[:1400]), dim=1), F.normalize(m.encoder(x[1400:]), dim=1)
+            if not (torch.isfinite(bank).all() and torch.isfinite(query).all()):
+                return 0.0
+            votes = y[:1400][(query @ bank.T).topk(5, dim=1).indices]
+            return float((votes.mode(1).values == y[1400:]).float().mean())
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return gw.Trial(model, opt, views(), _supcon_loss, evaluate=knn)
+
+
+def test_similarity_logits_of_unnormalised_embeddings_are_read_off_the_loss():
+    from gradwatch.probes.similarity import unnormalised_similarity
+
+    torch.manual_seed(0)
+    lin, x, y = nn.Linear(8, 4), torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    z = lin(x[:3])
+    assert unnormalised_similarity(_supcon_loss(lin(x[:6]), y[:3]))
+    assert not unnormalised_similarity(_supcon_loss(F.normalize(lin(x[:6]), dim=1), y[:3]))
+    assert not unnormalised_similarity(_supcon_loss(lin(x[:6]) / lin(x[:6]).norm(dim=1, keepdim=True), y[:3]))
+    assert not unnormalised_similarity(F.cross_entropy(lin(x), y))  # a layer's product: a weight is a factor
+    assert not unnormalised_similarity(((z @ z.T) - 1).pow(2).mean())  # a Gram matrix with no exp: a style loss
+    loss = F.cross_entropy(z @ z.T / 0.1, torch.arange(3))
+    loss.backward()
+    assert unnormalised_similarity(loss)  # (node names and edges: read after the backward pass too)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_contrastive_loss_on_unnormalised_features_is_told_first(tmp_path, seed):
+    bug, twin = _supcon(seed), _supcon(seed, normalise=True)
+    w_bug = readme_watched(bug, tmp_path, "bug", 300)
+    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    # the reference, by plain measurement: the bug's loss went non-finite, the twin's features hold out 0.95 or more
+    assert not all(torch.isfinite(p).all() for p in bug.model.parameters()) or bug.evaluate(bug.model) < 0.5
+    assert twin.evaluate(twin.model) > 0.95
+    problems = _problems(w_bug)
+    assert problems and problems[0].kind == "nonfinite"
+    assert all(f.remedy_keys[0] == "normalise_embeddings" for f in problems)
+    assert not _problems(w_twin)
+
+
+@pytest.mark.parametrize("seed", ALL_SLOW)
+def test_the_doctor_normalises_the_embeddings(seed):
+    report = gw.doctor(lambda s: _supcon(seed + s), steps=200, progress=False)
+    row = report.trials[0]
+    assert row.parts == ("normalise_embeddings",) and not row.findings, str(report)
+    fixed = report.apply(_supcon(seed + 7), row)
+    for _ in range(200):
+        fixed.step()
+    assert fixed.evaluate(fixed.model) > 0.95  # as the twin, whose loss does not halve either (SupCon's floor)

@@ -606,6 +606,19 @@ def bce_targets_outside(run: Run) -> str:
             f"transforms.Normalize makes them)")
 
 
+def unnormalised_similarities(run: Run) -> str:
+    """Words for a loss that takes similarity logits of embeddings that are not normalised (meta
+    ``unnormalised_similarity``, :mod:`gradwatch.probes.similarity`); '' otherwise. Round 43: SupContrast's
+    SupConLoss (τ = 0.07) on raw features (HobbitLong/SupContrast#50), NaN by step 3–39 on seeds 0–2 and told
+    "divergence" or "0/0 over an empty mask"; F.normalize before it holds out 0.98."""
+    if not run_meta(run).get("unnormalised_similarity"):
+        return ""
+    return ("similarity logits of embeddings that are not normalised: the loss takes products z_i·z_j of the model's "
+            "outputs (÷ a temperature) through an exp or a softmax, and neither factor is divided by its norm, so "
+            "the logits grow with ‖z‖² — the softmax goes one-hot and, at a temperature such as 0.07, an exp "
+            "underflows across a whole row, whose log is −inf (a contrastive loss wants unit vectors: F.normalize)")
+
+
 def loss_unbounded_below(run: Run) -> str:
     """Words for a logged loss that started above 0 and fell below −:data:`UNBOUNDED_BELOW` × its start (the median of
     its first values), on to −:data:`UNBOUNDED_DEPTH` × it or below; '' otherwise, and where learned loss weights say
@@ -957,6 +970,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (inverted_padding_masks, ("invert_padding_mask",), _ANY_KIND),
     (single_element_norm, ("drop_single_norm",), _ANY_KIND),
     (scaler_bypassed, ("scaler_step",), _ANY_KIND),
+    (unnormalised_similarities, ("normalise_embeddings",), _ANY_KIND),
     (loss_unbounded_below, ("bounded_objective",), _BLOWUP_KINDS),
     (log_of_nonpositive, ("positive_log_input",), _ANY_KIND),
     (bce_targets_outside, ("probability_targets", "bounded_objective"), _ANY_KIND),

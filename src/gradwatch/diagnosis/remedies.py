@@ -50,6 +50,8 @@ REMEDIES = {
                              "model that has none",
     "hook_once": "register a gradient hook once, where the model is built, not in forward(); or on the tensor this "
                  "call computed (it dies with the step), and keep the handle to .remove() it",
+    "normalise_embeddings": "normalise the embeddings before their similarities (F.normalize(z, dim=-1), as "
+                            "SimCLR, SupCon and CLIP do): logits z_i·z_j/τ of unit vectors stay within ±1/τ",
     "norm_stats_in_graph": "compute a hand-written normalisation's mean and variance in the graph (no .detach(), "
                            "torch.no_grad() or .data on them), or use nn.BatchNorm/nn.LayerNorm/nn.GroupNorm: its "
                            "backward then passes nothing along what the normalisation removes",

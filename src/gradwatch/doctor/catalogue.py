@@ -178,6 +178,8 @@ def catalog() -> dict[str, list[Remedy]]:
                                      "module", OnModel(s.remove_backward_hooks)),
         "hook_once": [],  # the hook is registered in the user's forward
         "exp_log_space": [],  # the loss is the user's
+        "normalise_embeddings": one("normalise_embeddings", "model's output normalised (F.normalize over its last "
+                                    "dimension)", s.normalise_output),
         "norm_stats_in_graph": one("norm_stats_in_graph", "hand-written normalisation's backward projected as "
                                    "if its statistics were in the graph", s.project_norm_gradient),
         "chain_grad_output": one("chain_grad_output", "custom autograd.Function backward multiplied by the "

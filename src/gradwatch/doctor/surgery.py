@@ -861,6 +861,16 @@ def chain_grad_output(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def normalise_output(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model as :class:`~gradwatch.remedies.structure.NormalisedOutput`: its float outputs of two dimensions or
+    more divided by their norm over the last (the unit vectors a contrastive loss wants)."""
+    from gradwatch.remedies.structure import NormalisedOutput
+
+    trial.model = NormalisedOutput(trial.model)
+    note_change(trial, "the model's output normalised to unit length over its last dimension (F.normalize)")
+    return trial
+
+
 def project_norm_gradient(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The model as :class:`~gradwatch.remedies.norm_backward.ProjectedNormBackward`: each normalisation of the
     user's own whose backward passes on a gradient along the shift or scale its forward ignores (its statistics

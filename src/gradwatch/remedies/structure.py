@@ -792,6 +792,27 @@ class UnderMode(Wrapper):
             return self.inner(*args, **kwargs)
 
 
+class NormalisedOutput(Wrapper):
+    """A model whose float tensor outputs of two dimensions or more (each one of a tuple or list too) are divided by
+    their norm over the last dimension, ``F.normalize(out, dim=-1)``. The model's parameters are its own (an
+    optimizer over them trains it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    @staticmethod
+    def _unit(out: Any) -> Any:
+        if isinstance(out, Tensor) and out.is_floating_point() and out.dim() >= 2:
+            return F.normalize(out, dim=-1)
+        if isinstance(out, (tuple, list)):
+            return type(out)(NormalisedOutput._unit(o) for o in out)
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._unit(self.inner(*args, **kwargs))
+
+
 class CappedBackward(Wrapper):
     """A model whose ``torch.autograd.Function`` nodes of the user's own, met at its modules' inputs, pass on no more
     gradient than they receive: a hook on each such node (:func:`gradwatch.probes.custom.custom_node`, as the watch
