@@ -78,7 +78,8 @@ CI_SLOW = frozenset({
     "tests/test_round25.py::test_a_bigru_under_ctc_over_zero_padded_clips_is_not_told_of_weights_initialised_too_large",
     "tests/test_round25.py::test_a_pinn_with_relu_units_is_told_its_second_derivative_is_0_and_its_tanh_twin_is_not",
     "tests/test_round25.py::test_hugging_faces_attention_mask_given_as_the_padding_mask_is_told_and_its_twin_is_not",
-    "tests/test_round25.py::test_the_doctor_tries_a_square_root_that_passes_0_at_0_where_its_backward_made_the_first_nan",
+    "tests/test_round25.py::test_the_doctor_tries_a_square_root_that_passes_0_at_0_"
+    "where_its_backward_made_the_first_nan",
     "tests/test_round29.py::test_a_loss_unbounded_below_is_named_as_the_cause_of_its_blow_up",
     "tests/test_round29.py::test_a_state_detached_at_every_step_is_told_and_its_twin_is_quiet",
     "tests/test_round31.py::test_a_stall_with_balanced_gradients_is_not_blamed_on_post_ln",
@@ -271,13 +272,24 @@ def digits_cnn(seed, prepare):
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
     prepare(model)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    nn.functional.cross_entropy, evaluate=held_out_accuracy(x, y, 1400))
 
+
+def watched_pair(bug, twin, store, steps=300):
+    """A pathology's trial and its twin's, each trained ``steps`` steps under the README's watch (stores ``bug`` and
+    ``twin``); their closed watches."""
+    from gradwatch.zoo.train import readme_watched
+
+    return readme_watched(bug, store, "bug", steps), readme_watched(twin, store, "twin", steps)
+
+
+def held_out_accuracy(x, y, start):
+    """``evaluate(model)``: the share of the rows of ``x`` from ``start`` on whose highest score is their label."""
     def accuracy(m):
         with torch.no_grad():
-            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
-
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
-                    nn.functional.cross_entropy, evaluate=accuracy)
+            return float((m(x[start:]).argmax(1) == y[start:]).float().mean())
+    return accuracy
 
 
 def watched_trial(trial, store, name, steps=300):

@@ -12,11 +12,26 @@ import gradwatch as gw
 from gradwatch.probes.norms import STRAY_FROM, norm_check
 from gradwatch.remedies.norm_backward import project
 from gradwatch.zoo.train import readme_watched
-from conftest import ALL_SLOW, SEEDS, digits_in_order_123, drawn_batches
+from conftest import ALL_SLOW, SEEDS, digits_in_order_123, drawn_batches, held_out_accuracy, watched_pair
 
 
 def _problems(w) -> list:
     return [f for f in w.diagnose() if f.severity != "info"]
+
+
+def _told_first(w_bug, w_twin, key: str) -> list:
+    """The bug's problem findings, each with ``key`` as its first remedy, where its twin has none."""
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == key for f in problems), str(w_bug.diagnose())
+    assert not _problems(w_twin), str(w_twin.diagnose())
+    return problems
+
+
+def _trained(trial: gw.Trial, steps: int = 200) -> gw.Trial:
+    """``trial`` after ``steps`` plain steps."""
+    for _ in range(steps):
+        trial.step()
+    return trial
 
 
 # -- a normalisation written by hand, its statistics detached or in the graph -----------------------------------------
@@ -71,12 +86,8 @@ def _hand_bn(seed: int, detach: bool = True) -> gw.Trial:
     torch.manual_seed(seed)
     model = _HandBnCnn(detach)
 
-    def accuracy(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
-
     return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.1), drawn_batches(x, y, 1400, 64, 1000 + seed),
-                    F.cross_entropy, evaluate=accuracy)
+                    F.cross_entropy, evaluate=held_out_accuracy(x, y, 1400))
 
 
 @pytest.mark.parametrize("detach", [False, True])
@@ -128,8 +139,7 @@ def test_modules_that_do_not_normalise_are_left_alone():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_batch_norm_by_hand_with_detached_statistics_is_found(tmp_path, seed):
     bug, twin = _hand_bn(seed), _hand_bn(seed, detach=False)
-    w_bug = readme_watched(bug, tmp_path, "bug", 300)
-    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
     # the reference, by plain measurement: the detached one holds out far less, its first conv's weights grow
     assert bug.evaluate(bug.model) < 0.8 and twin.evaluate(twin.model) > 0.9
     assert float(bug.model.c1.weight.detach().norm()) > 1.8 * float(twin.model.c1.weight.detach().norm())
@@ -151,7 +161,7 @@ def test_watching_a_norm_by_hand_leaves_training_bit_identical(tmp_path):
         assert torch.equal(p, q), n
     for b, c in zip(plain.model.buffers(), watched.model.buffers()):
         assert torch.equal(b, c)
-    assert [m.calls for m in (plain.model.n1, plain.model.n2)] == [m.calls for m in (watched.model.n1, watched.model.n2)]
+    assert [m.calls for m in (plain.model.n1, plain.model.n3)] == [m.calls for m in (watched.model.n1, watched.model.n3)]
 
 
 @pytest.mark.parametrize("seed", ALL_SLOW)
@@ -193,12 +203,8 @@ def _gn(seed: int, groups_of_one: bool = True) -> gw.Trial:
     torch.manual_seed(seed)
     model = _GnCnn(groups_of_one)
 
-    def accuracy(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
-
     return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
-                    F.cross_entropy, evaluate=accuracy)
+                    F.cross_entropy, evaluate=held_out_accuracy(x, y, 1400))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -215,22 +221,17 @@ def test_a_group_norm_whose_groups_hold_one_value_is_told_first(tmp_path, seed):
     xb, yb = next(_gn(seed).batches)
     F.cross_entropy(probe(xb), yb).backward()
     assert float(probe.features[0].weight.grad.norm()) < 1e-5
-    w_bug = readme_watched(bug, tmp_path, "bug", 300)
-    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
     assert bug.evaluate(bug.model) < 0.2 and twin.evaluate(twin.model) > 0.9
-    problems = _problems(w_bug)
-    assert problems and all(f.remedy_keys[0] == "drop_single_norm" for f in problems)
+    problems = _told_first(w_bug, w_twin, "drop_single_norm")
     assert "GroupNorm" in problems[0].cause and "'features.13'" in problems[0].cause
-    assert not _problems(w_twin)
 
 
 @pytest.mark.parametrize("seed", ALL_SLOW)
 def test_the_doctor_regroups_a_group_norm_of_single_values(seed):
     report = gw.doctor(lambda s: _gn(seed + s), steps=200, progress=False)
     assert report.best is not None and report.best.parts == ("drop_single_norm",), str(report)
-    fixed = report.apply(_gn(seed + 7))
-    for _ in range(200):
-        fixed.step()
+    fixed = _trained(report.apply(_gn(seed + 7)))
     model = fixed.model.inner if hasattr(fixed.model, "inner") else fixed.model
     # found at its first call: the 1×1 block's 64 channels in groups of 8; the others' groups had 16 values or more
     assert [model.features[i].num_groups for i in (1, 5, 9, 13)] == [16, 32, 64, 8]
@@ -280,19 +281,14 @@ def _lamb(seed: int, guard: bool = False) -> gw.Trial:
     nn.init.zeros_(model[4].weight)
     nn.init.zeros_(model[4].bias)
 
-    def accuracy(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(x[1400:]).argmax(1) == y[1400:]).float().mean())
-
     return gw.Trial(model, _Lamb(model.parameters(), lr=0.01, guard=guard), drawn_batches(x, y, 1400, 64, 1000 + seed),
-                    F.cross_entropy, evaluate=accuracy)
+                    F.cross_entropy, evaluate=held_out_accuracy(x, y, 1400))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_zero_head_that_lamb_never_moves_is_told_first(tmp_path, seed):
     bug, twin = _lamb(seed), _lamb(seed, guard=True)
-    w_bug = readme_watched(bug, tmp_path, "bug", 300)
-    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
     # the reference, by plain measurement: the head is still exactly 0, the body moved by its weight decay alone, at
     # chance
     head = bug.model[4].weight
@@ -300,10 +296,8 @@ def test_a_zero_head_that_lamb_never_moves_is_told_first(tmp_path, seed):
     x, y = next(_lamb(seed).batches)
     F.cross_entropy(bug.model(x), y).backward()
     assert float(head.grad.norm()) > 0 and not bug.model[0].weight.grad.any()
-    problems = _problems(w_bug)
-    assert problems and all(f.remedy_keys[0] == "redraw_zero" for f in problems)
+    problems = _told_first(w_bug, w_twin, "redraw_zero")
     assert "never move" in problems[0].cause and "_Lamb" in problems[0].cause
-    assert not _problems(w_twin)
 
 
 @pytest.mark.parametrize("seed", ALL_SLOW)
@@ -313,9 +307,7 @@ def test_the_doctor_draws_the_head_lamb_never_moved_again(seed):
     row = report.trials[0]
     assert row.parts == ("redraw_zero",) and row.verdict == "fixes it", str(report)
     assert report.best is not None and report.best.verdict == "fixes it"
-    fixed = report.apply(_lamb(seed + 7), row)
-    for _ in range(200):
-        fixed.step()
+    fixed = _trained(report.apply(_lamb(seed + 7), row))
     assert fixed.evaluate(fixed.model) > 0.9
 
 
@@ -420,15 +412,11 @@ def test_similarity_logits_of_unnormalised_embeddings_are_read_off_the_loss():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_contrastive_loss_on_unnormalised_features_is_told_first(tmp_path, seed):
     bug, twin = _supcon(seed), _supcon(seed, normalise=True)
-    w_bug = readme_watched(bug, tmp_path, "bug", 300)
-    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
     # the reference, by plain measurement: the bug's loss went non-finite, the twin's features hold out 0.95 or more
     assert not all(torch.isfinite(p).all() for p in bug.model.parameters()) or bug.evaluate(bug.model) < 0.5
     assert twin.evaluate(twin.model) > 0.95
-    problems = _problems(w_bug)
-    assert problems and problems[0].kind == "nonfinite"
-    assert all(f.remedy_keys[0] == "normalise_embeddings" for f in problems)
-    assert not _problems(w_twin)
+    assert _told_first(w_bug, w_twin, "normalise_embeddings")[0].kind == "nonfinite"
 
 
 @pytest.mark.parametrize("seed", ALL_SLOW)
@@ -436,7 +424,5 @@ def test_the_doctor_normalises_the_embeddings(seed):
     report = gw.doctor(lambda s: _supcon(seed + s), steps=200, progress=False)
     row = report.trials[0]
     assert row.parts == ("normalise_embeddings",) and not row.findings, str(report)
-    fixed = report.apply(_supcon(seed + 7), row)
-    for _ in range(200):
-        fixed.step()
+    fixed = _trained(report.apply(_supcon(seed + 7), row))
     assert fixed.evaluate(fixed.model) > 0.95  # as the twin, whose loss does not halve either (SupCon's floor)

@@ -1020,7 +1020,8 @@ def stale_grad_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
     return [Finding(
         kind="exploding", severity="warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=("the gradients are never zeroed: each step applies the sum of every gradient so far" if stale >= checks
-                 else "the gradients are zeroed only now and then: a step applies every gradient since the last zeroing"),
+                 else "the gradients are zeroed only now and then: a step applies every gradient since the last "
+                      "zeroing"),
         evidence=evidence + ".", cause=cause or "the sum of every gradient so far, applied at every step",
         remedies=(), numbers=numbers, sources=tuple(sources),
     )]

@@ -155,7 +155,8 @@ def _stray(f: Any, x: Tensor, group: str, shift: bool, scale: bool) -> float:
         along = along + (g.sum(dims, keepdim=True) ** 2 / n).sum()
         xs = xs - xs.mean(dims, keepdim=True)
     if scale:
-        along = along + ((g * xs).sum(dims, keepdim=True) ** 2 / (xs * xs).sum(dims, keepdim=True).clamp(min=1e-30)).sum()
+        square = (xs * xs).sum(dims, keepdim=True).clamp(min=1e-30)
+        along = along + ((g * xs).sum(dims, keepdim=True) ** 2 / square).sum()
     total = float((g * g).sum())
     return float((along / total).sqrt()) if total > 0 else float("nan")
 
@@ -223,4 +224,5 @@ def norm_check(module: nn.Module, x: Tensor) -> NormCheck | None:
             return None
 
 
-__all__ = ["CHECK_SPREAD", "CHECKED_ENTRIES", "GROUPS", "INVARIANT_TO", "STRAY_FROM", "group_elements", "NormCheck", "candidate", "norm_check", "reduced_dims"]
+__all__ = ["CHECK_SPREAD", "CHECKED_ENTRIES", "GROUPS", "INVARIANT_TO", "NormCheck", "STRAY_FROM", "candidate",
+           "group_elements", "norm_check", "reduced_dims"]
