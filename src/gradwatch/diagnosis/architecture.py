@@ -200,11 +200,13 @@ def unmoved_zero_layer(run: Run) -> str:
         return ""
     w, g = run.series("weight_norm", "param"), run.series("grad_norm", "param")
     grads = dict(zip(g.names, g.values))
+    unheld = set(meta.get("not_in_optimizer") or ())  # (a layer no optimizer holds: unoptimised_findings says so)
     stuck = []
     for name, values in zip(w.names, w.values):
         layer, _, attr = name.rpartition(".")
         seen, grad = values[np.isfinite(values)], grads.get(name)
-        if (layer in zero and attr == "weight" and len(seen) >= 3 and not seen.any() and grad is not None
+        if (layer in zero and attr == "weight" and name not in unheld and len(seen) >= 3 and not seen.any()
+                and grad is not None
                 and np.isfinite(grad).any() and float(np.nanmedian(grad)) > 0):
             stuck.append(layer)
     if not stuck:
