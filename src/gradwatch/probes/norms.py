@@ -193,6 +193,15 @@ class _Rerun:
                     t.copy_(kept)
 
 
+def judged(module: nn.Module, args: tuple) -> NormCheck | None:
+    """:func:`norm_check` of a call ``module(*args)`` where the module is a :func:`candidate` and its input float32 or
+    float64, autocast off (a lower precision's rounding would pass for a stray gradient); None otherwise."""
+    if not candidate(module, args) or args[0].dtype not in (torch.float32, torch.float64):
+        return None
+    with torch.autocast(args[0].device.type, enabled=False):
+        return norm_check(module, args[0])
+
+
 def norm_check(module: nn.Module, x: Tensor) -> NormCheck | None:
     """Whether ``module`` normalises ``x`` (its output ignores a shift or a scale of its input within some
     grouping), and where it does, how much of its backward's gradient strays along what the forward ignores; None
@@ -225,4 +234,4 @@ def norm_check(module: nn.Module, x: Tensor) -> NormCheck | None:
 
 
 __all__ = ["CHECK_SPREAD", "CHECKED_ENTRIES", "GROUPS", "INVARIANT_TO", "NormCheck", "STRAY_FROM", "candidate",
-           "group_elements", "norm_check", "reduced_dims"]
+           "group_elements", "judged", "norm_check", "reduced_dims"]

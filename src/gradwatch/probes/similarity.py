@@ -21,15 +21,15 @@ from typing import Any
 
 from torch import Tensor
 
+from gradwatch.probes.loss_ops import _SAME_ELEMENTS as SAME_ELEMENTS
+
 
 MAX_NODES = 96  # nodes of the loss's graph read at most
 PRODUCTS = frozenset({"MmBackward0", "BmmBackward0"})
 EXP_LIKE = frozenset({"ExpBackward0", "SoftmaxBackward0", "LogSoftmaxBackward0", "LogsumexpBackward0"})
 # what keeps an embedding an embedding on its way to a product: reshapes, transposes, concatenations of views
-_CARRY = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TBackward0",
-                    "TransposeBackward0", "PermuteBackward0", "CloneBackward0", "CatBackward0", "UnbindBackward0",
-                    "StackBackward0", "SelectBackward0", "SliceBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-                    "SqueezeBackward1", "ExpandBackward0", "UnsafeSplitBackward0", "SplitBackward0"})
+_CARRY = SAME_ELEMENTS | {"TBackward0", "CatBackward0", "UnbindBackward0", "StackBackward0", "SelectBackward0",
+                          "SliceBackward0", "ExpandBackward0", "UnsafeSplitBackward0", "SplitBackward0"}
 _NORMS = frozenset({"LinalgVectorNormBackward0", "NormBackward0", "NormBackward1", "NormBackward2"})
 _DIVISOR = frozenset({"ExpandBackward0", "ClampMinBackward0", "ClampBackward1", "AddBackward0", "UnsqueezeBackward0",
                       "ViewBackward0", "SqrtBackward0", "SumBackward1", "PowBackward0"})

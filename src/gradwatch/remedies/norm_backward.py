@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwatch.probes.norms import STRAY_FROM, candidate, norm_check, reduced_dims
+from gradwatch.probes.norms import STRAY_FROM, judged, reduced_dims
 from gradwatch.remedies.structure import Wrapper
 
 
@@ -84,7 +84,7 @@ class ProjectedNormBackward(Wrapper):
             if not (torch.is_grad_enabled() and module.training):
                 return
             self._hooks.pop(name).remove()  # judged once, at its first training call
-            found = norm_check(module, args[0]) if candidate(module, args) else None
+            found = judged(module, args)
             if found is not None and found.stray >= STRAY_FROM:
                 self.fixed[name] = (found.group, found.shift, found.scale)
                 module.forward = _ProjectedForward(module, *self.fixed[name])  # type: ignore[method-assign]

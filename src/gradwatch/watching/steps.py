@@ -43,7 +43,7 @@ from gradwatch.probes.functional import FunctionalTap, calls_activations, in_ree
 from gradwatch.probes.grads import GradProbe, Pending
 from gradwatch.probes.hostcopy import device_scalar
 from gradwatch.probes.loops import gated_owners, loop_candidates
-from gradwatch.probes.norms import candidate as norm_candidate, group_elements, norm_check
+from gradwatch.probes.norms import group_elements, judged as judged_norm
 from gradwatch.probes.output import (batch_labels, batch_spread, batch_tensor, binary_shares, labelled,
                                      majority_shares)
 from gradwatch.probes.weakhook import WeakHook
@@ -319,12 +319,9 @@ class StepRecorder:
         if isinstance(module, nn.GroupNorm) and args and group_elements(module, args[0]) == 1:
             self._single_groups.append(name)  # GroupNorm(C, C) on 1×1 maps: each group one value, the output β
             self._writer.meta({"single_element_groups": list(self._single_groups)})
-        if not norm_candidate(module, args) or args[0].dtype not in (torch.float32, torch.float64):
-            return
         t = self.meter.start("backprop")
         try:
-            with torch.autocast(args[0].device.type, enabled=False):
-                found = norm_check(module, args[0])
+            found = judged_norm(module, args)
         finally:
             self.meter.stop("backprop", t)
         if found is not None:
