@@ -1,12 +1,20 @@
 """Walking an autograd graph back from a node: the branch of a residual sum, as the watch reads it.
 
 Shared by the residual blocks' reader (:mod:`gradwatch.watching.residual`) and the residual sums that the
-activation tap sees in a ``forward`` (:mod:`gradwatch.probes.functional`). Nothing is computed: the graph is read.
+activation tap sees in a ``forward`` (:mod:`gradwatch.probes.functional`); :data:`SAME_ELEMENTS` by the loss's
+readers (:mod:`gradwatch.probes.loss_ops`, :mod:`gradwatch.probes.similarity`). Nothing is computed: the graph is
+read.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# the backward nodes that keep a tensor's elements, one for one: a squared error on an output carried through them has
+# the output's own count, and an embedding carried through them is still the embedding
+SAME_ELEMENTS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+                           "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "TransposeBackward0",
+                           "PermuteBackward0", "CloneBackward0"})
 
 
 def walk_back(end: Any, stop: Any, reach: int) -> tuple[list[Any], bool] | None:

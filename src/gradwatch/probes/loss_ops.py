@@ -14,6 +14,9 @@ from typing import Any, Iterator
 
 from torch import Tensor
 
+from gradwatch.probes.graph import SAME_ELEMENTS
+from gradwatch.probes.similarity import unnormalised_similarity
+
 # the operations of a layer (a weight meets its input): the walk from the loss stops there
 LAYER_OPS = frozenset({
     "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0", "LinearBackward0",
@@ -75,8 +78,6 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`), ``mean_divided`` (:func:`mean_divided`)
     and ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`). Reads only;
     never fails the run."""
-    from gradwatch.probes.similarity import unnormalised_similarity
-
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
             "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss),
@@ -352,10 +353,6 @@ def _walk(loss: Tensor) -> Iterator[Any]:
 
 
 QUADRATIC_TARGETS_MAX = 1 << 16  # outputs up to which a squared error's targets are read (one small copy, once)
-# the backward nodes that keep an output's elements, one for one: a squared error on them has the output's own count
-_SAME_ELEMENTS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
-                            "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "TransposeBackward0",
-                            "PermuteBackward0", "CloneBackward0"})
 
 
 def target_range(target: Tensor) -> dict[str, float] | None:
@@ -492,8 +489,8 @@ def _reads_whole(node: Any, output: Any) -> bool:
 
 def _past_same_elements(node: Any, stop: Any = None) -> Any:
     """The first node from ``node`` back (its first input each time) that does not keep its input's elements one for
-    one (:data:`_SAME_ELEMENTS`: views, squeezes, transposes), or ``stop`` where the walk meets it first."""
-    while node is not None and node is not stop and type(node).__name__ in _SAME_ELEMENTS:
+    one (:data:`gradwatch.probes.graph.SAME_ELEMENTS`: views, squeezes, transposes), or ``stop`` where the walk meets it first."""
+    while node is not None and node is not stop and type(node).__name__ in SAME_ELEMENTS:
         node = node.next_functions[0][0]
     return node
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from gradwatch.probes.loss_ops import _SAME_ELEMENTS as SAME_ELEMENTS
+from gradwatch.probes.graph import SAME_ELEMENTS
 
 
 MAX_NODES = 96  # nodes of the loss's graph read at most
