@@ -16,7 +16,7 @@ from gradwatch.diagnosis.measures import (EPS_TINY_STEP, FLAT_LOSS_ABOVE, flat_l
 from gradwatch.diagnosis.remedies import key_of, remedies
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.probes.loss_ops import penalty_on_relu
-from gradwatch.store import Run
+from gradwatch.store import Run, Series
 
 # Module classes that say what the architecture already has (class names, as `module_types` in the run's meta
 # and the entities' modules record them).
@@ -157,12 +157,81 @@ def zero_init(run: Run) -> str:
     meta = run_meta(run)
     layers = [l.get("name") for l in meta.get("layers") or () if isinstance(l, dict)]
     factored = {str(f.get("module")) for f in meta.get("zero_factors") or () if isinstance(f, dict)}
-    names = [n for n in meta.get("zero_weight_layers") or () if (not layers or n != layers[-1]) and n not in factored]
+    single = single_unit_layers(run)
+    names = [n for n in meta.get("zero_weight_layers") or ()
+             if (not layers or n != layers[-1]) and n not in factored and n not in single]
     if not names or has_residual(run):
         return ""
     return (f"the initialisation: the weights of {len(names)} layer{'s' if len(names) > 1 else ''} ({listed(names)}) "
             f"start at exactly 0, so their units compute the same output and get the same gradient — the symmetry is "
             f"never broken — and a ReLU's gradient at 0 is 0")
+
+
+def single_unit_layers(run: Run) -> set[str]:
+    """The layers (meta ``layers``) whose weight has one output unit: an ``nn.Embedding``'s last dimension of 1 (a
+    bias per user or item), a ``Linear``'s or a convolution's first. Such a layer has no units to be copies of each
+    other, so a zero start breaks no symmetry (round 44: a recommender's bias tables ``nn.Embedding(n, 1)`` at 0,
+    the layers that moved most, were told as the symmetric initialisation of a model with no ReLU)."""
+    found = set()
+    for layer in run_meta(run).get("layers") or ():
+        shape = (layer.get("params") or {}).get("weight") if isinstance(layer, dict) else None
+        if isinstance(shape, list) and len(shape) >= 2:
+            units = shape[-1] if layer.get("module") in ("Embedding", "EmbeddingBag") else shape[0]
+            if units == 1:
+                found.add(str(layer.get("name")))
+    return found
+
+
+STEP_FLOOR = 1e-3  # a hand-written optimizer's step this share, or less, of both SGD's and Adam's at its rate
+
+
+def hand_written_steps(run: Run) -> str:
+    """Words for an optimizer of a class outside ``torch`` (meta ``optimizer_module``) whose step for some parameters
+    is :data:`STEP_FLOOR` or less of both steps its rate stands for — SGD's, lr·‖g‖, and Adam's, about lr per weight
+    (lr·√n) — at the median over the run's reads, with one rate for every group (the smallest of the run's first and
+    last); '' otherwise. A torch.optim class takes one of the two; a rule written by hand that takes neither does not
+    do what its rate says. Round 44: a hand-written Adam that multiplies by √v̂ where it divides
+    (oracle/tribuo#401), the embeddings of a recommender moved 3·10⁻⁴ of lr·‖g‖ and R² stayed at 0 (0.90 with
+    torch's Adam), told "the initialisation … a ReLU's gradient at 0" before."""
+    meta = run_meta(run)
+    module, lrs = meta.get("optimizer_module"), meta.get("optimizer_lrs") or ()
+    if (not isinstance(module, str) or module == "torch" or module.startswith("torch.") or len(lrs) != 1
+            or not {"update_ratio", "weight_norm", "grad_norm"} <= set(run.quantities)):
+        return ""
+    rates = [r for r in (meta.get("optimizer_lr"), meta.get("optimizer_lr_last")) if isinstance(r, (int, float))]
+    lr = min(rates, default=0.0)
+    if not lr > 0:
+        return ""
+    sizes = {f"{l.get('name')}.{attr}": math.prod(shape) for l in meta.get("layers") or () if isinstance(l, dict)
+             for attr, shape in (l.get("params") or {}).items() if isinstance(shape, list)}
+    u, w, g = (run.series(q, "param") for q in ("update_ratio", "weight_norm", "grad_norm"))
+    steps = np.intersect1d(np.intersect1d(u.steps, w.steps), g.steps)
+    if not len(steps):
+        return ""
+
+    def at(s: Series) -> dict[str, np.ndarray]:
+        keep = np.isin(s.steps, steps)
+        return {n: v[keep] for n, v in zip(s.names, s.values)}
+
+    ws, gs = at(w), at(g)
+    short, worst = [], 1.0
+    for name, ratio in at(u).items():
+        if name not in ws or name not in gs or not sizes.get(name):
+            continue
+        floor = lr * np.minimum(gs[name], math.sqrt(sizes[name]))
+        ok = np.isfinite(ratio) & np.isfinite(ws[name]) & (floor > 0)
+        if ok.sum() < 3:
+            continue
+        share = float(np.median(ratio[ok] * ws[name][ok] / floor[ok]))
+        if share <= STEP_FLOOR:
+            short.append(name.rpartition(".")[0])
+            worst = min(worst, share)
+    if not short:
+        return ""
+    return (f"the optimizer's own step rule: {meta.get('optimizer')} (from {module}, not torch.optim) moves "
+            f"{listed(sorted(set(short)))} by {sci(worst)} of what its rate lr = {lr:g} stands for — less than SGD's "
+            f"step lr·‖g‖ and Adam's, about lr per weight — so the update written by hand does not do what its rate "
+            f"says (an Adam that multiplies by √v̂ where it divides: oracle/tribuo#401)")
 
 
 NEGATIVE_BIAS_TO = -1.0  # a layer's bias that starts at one constant this negative, or more, in every entry
@@ -960,6 +1029,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (zero_norm_scales, ("norm_scale_one",), _ANY_KIND),
     (negative_constant_biases, ("zero_bias",), _SHRUNK_KINDS),
     (unmoved_zero_layer, ("redraw_zero",), _ANY_KIND),
+    (hand_written_steps, ("torch_optimizer",), _SHRUNK_KINDS),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),

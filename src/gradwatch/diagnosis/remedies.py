@@ -21,6 +21,8 @@ REMEDIES = {
     "zero_bias": "initialise biases at zero",
     "redraw_zero": "draw the weights of a layer that starts at exactly 0 at random (PyTorch's default init, "
                    "reset_parameters()), or at a small scale",
+    "torch_optimizer": "torch.optim's own optimizer in place of the one written by hand (the torch class its name "
+                       "names, Adam where it names none), the same parameter groups and settings",
     "residual": "residual connections around blocks",
     "norm": "normalisation (BatchNorm/LayerNorm) before the activations",
     "clip_norm": "gradient-norm clipping (torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013)",

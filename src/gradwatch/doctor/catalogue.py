@@ -40,7 +40,7 @@ class Remedy:
 
 # Entries that replace the trial's optimizer: applied first in a combination, so that what the others attach to
 # the optimizer (clipping hooks, a warm-up scheduler, a scaled learning rate) acts on the new one.
-NEW_OPTIMIZER = {"adam"}
+NEW_OPTIMIZER = {"adam", "torch_optimizer"}
 
 
 def compose(first: Remedy, second: Remedy) -> Remedy:
@@ -111,10 +111,11 @@ NOT_APPLIED_WHY = {
     "param_groups": "every parameter group has the same learning rate",
     # round 42: Adadelta's run was told "a step() of the set-up's own" for the Adam row
     "adam": "the optimizer is neither SGD, Adagrad nor Rprop, the ones Adam replaces",
+    "torch_optimizer": "the optimizer is torch.optim's own",
 }
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
-LR_KEYS = {"lower_lr", "adam", "warmup", "finish_warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
+LR_KEYS = {"lower_lr", "adam", "torch_optimizer", "warmup", "finish_warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
            "divide_accumulated"}
 
 
@@ -229,6 +230,8 @@ def catalog() -> dict[str, list[Remedy]]:
         # adding problem at T = 40 learns it in 300 steps at 10⁻², not in 800 at 10⁻³); combined with "learning
         # rate ×0.1" it is the default. One entry: a combination's parts name catalogue keys, not rates.
         "adam": one("adam", "Adam (lr 1e-2) in place of SGD/Adagrad/Rprop", partial(s.adam, 1e-2)),
+        "torch_optimizer": one("torch_optimizer", "torch.optim's own optimizer in place of the hand-written one",
+                               s.torch_optimizer),
         "param_groups": one("param_groups", "one learning rate for every group", s.unify),
         "orthogonal_rnn": one("orthogonal_rnn", "orthogonal recurrent weights", s.orthogonal_rnn),
         "gated": one("gated", "gated recurrence (GRU for nn.RNN, GRUCell for a cell)", OnModel(s.gated)),

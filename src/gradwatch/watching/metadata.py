@@ -53,6 +53,8 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+        # where its class comes from: torch.optim's own, or a step rule written by hand (round 44)
+        "optimizer_module": type(optimizer).__module__ if optimizer is not None else None,
         # The learning rate at the watch's start (largest group) and, when an LR scheduler already wraps
         # the optimizer, the base rate it starts from (`initial_lr`): a warm-up starts below it.
         "optimizer_lr": max_group(optimizer, "lr"),
