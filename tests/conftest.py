@@ -298,6 +298,19 @@ def watched_pair(bug, twin, store, steps=300):
     return readme_watched(bug, store, "bug", steps), readme_watched(twin, store, "twin", steps)
 
 
+def adam_moments(optimizer, group, p):
+    """Adam's moments of ``p`` (Kingma & Ba 2015, Alg. 1), kept in ``optimizer.state`` and updated with ``p.grad`` at
+    ``group``'s betas: (m, v, t), the step count t from 1. For the optimizers a test writes out as a user does."""
+    b1, b2 = group["betas"]
+    state = optimizer.state[p]
+    if not state:
+        state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+    state["t"] += 1
+    state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+    state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+    return state["m"], state["v"], state["t"]
+
+
 def held_out_accuracy(x, y, start):
     """``evaluate(model)``: the share of the rows of ``x`` from ``start`` on whose highest score is their label."""
     def accuracy(m):

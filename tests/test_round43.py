@@ -12,7 +12,8 @@ import gradwatch as gw
 from gradwatch.probes.norms import STRAY_FROM, norm_check
 from gradwatch.remedies.norm_backward import project
 from gradwatch.zoo.train import readme_watched
-from conftest import ALL_SLOW, SEED_0_FAST, digits_in_order_123, drawn_batches, held_out_accuracy, watched_pair
+from conftest import (ALL_SLOW, SEED_0_FAST, adam_moments, digits_in_order_123, drawn_batches, held_out_accuracy,
+                      watched_pair)
 
 
 def _problems(w) -> list:
@@ -254,16 +255,10 @@ class _Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                m, v = state["m"], state["v"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                m, v, _ = adam_moments(self, group, p)
                 step = m / (v.sqrt() + group["eps"]) + group["weight_decay"] * p
                 w_norm, s_norm = p.norm().clamp(0, 10), step.norm()
                 ratio = w_norm / s_norm

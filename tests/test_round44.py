@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.doctor import surgery
-from conftest import SEED_0_FAST, digits_in_order_123, drawn_batches, watched_pair
+from conftest import SEED_0_FAST, adam_moments, digits_in_order_123, drawn_batches, watched_pair
 
 
 def _problems(w) -> list:
@@ -37,14 +37,9 @@ class _HandAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-                state["t"] += 1
-                state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                m = state["m"] / (1 - b1 ** state["t"])
-                root = (state["v"] / (1 - b2 ** state["t"])).sqrt().add_(group["eps"])
+                m, v, t = adam_moments(self, group, p)
+                m = m / (1 - b1 ** t)
+                root = (v / (1 - b2 ** t)).sqrt().add_(group["eps"])
                 p.add_(m * root if self.multiply else m / root, alpha=-group["lr"])
 
 

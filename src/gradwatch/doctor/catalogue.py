@@ -115,8 +115,8 @@ NOT_APPLIED_WHY = {
 }
 
 # Learning-rate and clipping remedies cannot help a forward pass that overflows at step 0.
-LR_KEYS = {"lower_lr", "adam", "torch_optimizer", "warmup", "finish_warmup", "clip_norm", "clip_lower_lr", "leaky_lower_lr", "smaller_init_lower_lr", "param_groups",
-           "divide_accumulated"}
+LR_KEYS = {"lower_lr", "adam", "torch_optimizer", "warmup", "finish_warmup", "clip_norm", "clip_lower_lr",
+           "leaky_lower_lr", "smaller_init_lower_lr", "param_groups", "divide_accumulated"}
 
 
 def catalog() -> dict[str, list[Remedy]]:

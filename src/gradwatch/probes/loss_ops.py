@@ -489,7 +489,8 @@ def _reads_whole(node: Any, output: Any) -> bool:
 
 def _past_same_elements(node: Any, stop: Any = None) -> Any:
     """The first node from ``node`` back (its first input each time) that does not keep its input's elements one for
-    one (:data:`gradwatch.probes.graph.SAME_ELEMENTS`: views, squeezes, transposes), or ``stop`` where the walk meets it first."""
+    one (:data:`gradwatch.probes.graph.SAME_ELEMENTS`: views, squeezes, transposes), or ``stop`` where the walk meets
+    it first."""
     while node is not None and node is not stop and type(node).__name__ in SAME_ELEMENTS:
         node = node.next_functions[0][0]
     return node
