@@ -1,6 +1,7 @@
-"""The thirty-eighth session: round 44's set-ups (written from the README alone, each ported from a public source),
+"""The thirty-eighth session: rounds 44 and 45 (written from the README alone, each ported from a public source),
 each against its reference: a hand-written Adam that multiplies by √v̂ where it divides; a VAE whose summed
-reconstruction loss is large by construction."""
+reconstruction loss is large by construction; a WGAN-GP whose penalty's gradient has no graph; a binary
+classifier's confident sigmoid output; a clip applied before a GradScaler's unscale_; a clip handed a generator."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from torch.nn import functional as F
 
 import gradwatch as gw
 from gradwatch.doctor import surgery
-from conftest import SEED_0_FAST, adam_moments, digits_in_order_123, drawn_batches, watched_pair
+from conftest import (ALL_SLOW, SEED_0_FAST, adam_moments, digits_in_order_123, drawn_batches, held_out_accuracy,
+                      watched_pair, watched_trial)
 
 
 def _problems(w) -> list:
@@ -185,3 +187,255 @@ def test_a_loss_summed_over_pixels_in_0_1_is_not_told_as_raw_regression_targets(
         first = float(_elbo(fresh.model(x), x))
     assert first > 100 and trial.evaluate(trial.model) > 0.4
     assert not _problems(w), str(w.diagnose())
+
+
+# -- a WGAN-GP whose penalty's gradient is taken without create_graph (mlpack/mlpack#2891) --------------------------
+
+MODES = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
+
+
+def _mlp(n_in: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, n_out))
+
+
+class _WganGp(gw.Trial):
+    """Gulrajani et al. 2017, Alg. 1 on four Gaussians at (±2, ±2), sd 0.2: five critic steps (the trial's model
+    and optimizer) per generator step, λ = 10; ``graph``: the penalty's gradient taken with create_graph=True."""
+
+    def __init__(self, seed: int, graph: bool) -> None:
+        torch.manual_seed(seed)
+        self.generator, critic = _mlp(2, 2), _mlp(2, 1)
+        self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.9))
+        self.noise, self.graph = torch.Generator().manual_seed(seed), graph
+        data = torch.Generator().manual_seed(100 + seed)
+
+        def batches():
+            while True:
+                yield MODES[torch.randint(0, 4, (128,), generator=data)] + 0.2 * torch.randn(128, 2, generator=data), 0
+
+        super().__init__(critic, torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.5, 0.9)), batches(),
+                         lambda out, y: out.mean(), evaluate=self.modes_covered, judge_by_score=True)
+
+    def modes_covered(self, model=None) -> float:
+        """Σ over the modes of min(the share of 2,000 samples within 3 sd of it, ¼): 1 for all four evenly."""
+        with torch.no_grad():
+            samples = self.generator(torch.randn(2000, 2, generator=torch.Generator().manual_seed(99)))
+        return float((torch.cdist(samples, MODES) < 0.6).float().mean(0).clamp(max=0.25).sum())
+
+    def step(self):
+        critic, generator = self.model, self.generator
+        for _ in range(5):
+            real, _ = next(self.batches)
+            fake = generator(torch.randn(128, 2, generator=self.noise)).detach()
+            mix = torch.rand(128, 1, generator=self.noise)
+            between = (mix * real + (1 - mix) * fake).requires_grad_(True)
+            slope, = torch.autograd.grad(critic(between).sum(), between, create_graph=self.graph)
+            loss = critic(fake).mean() - critic(real).mean() + 10.0 * ((slope.norm(dim=1) - 1) ** 2).mean()
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        self.g_opt.zero_grad()
+        (-critic(generator(torch.randn(128, 2, generator=self.noise))).mean()).backward()
+        self.g_opt.step()
+        return loss.detach()
+
+
+@pytest.mark.parametrize("seed", ALL_SLOW)  # 600 steps of 5 critic steps each: about a minute a run
+def test_a_gradient_penalty_taken_without_a_graph_is_told_first(tmp_path, seed):
+    bug, twin = _WganGp(seed, graph=False), _WganGp(seed, graph=True)
+    w_bug, w_twin = watched_trial(bug, tmp_path, "bug", 600), watched_trial(twin, tmp_path, "twin", 600)
+    # the reference: without a graph the penalty passes no gradient to the critic (a loop over .grad), with one it does
+    probe = _WganGp(seed, graph=False).model
+    x = torch.randn(8, 2, requires_grad=True)
+    slope, = torch.autograd.grad(probe(x).sum(), x)
+    assert not slope.requires_grad
+    assert bug.modes_covered() < 0.45 and twin.modes_covered() > 0.6
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "create_graph", str(w_bug.diagnose())
+    assert "never with a graph" in problems[0].cause
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_the_watch_counts_input_gradients_taken_with_and_without_a_graph_and_changes_nothing(tmp_path):
+    def train(watched: bool) -> tuple[nn.Module, dict | None]:
+        torch.manual_seed(0)
+        critic = _mlp(2, 1)
+        opt = torch.optim.SGD(critic.parameters(), lr=0.05)
+        data = torch.Generator().manual_seed(1)
+        counted = {"with_graph": 0, "without_graph": 0}  # the reference: a count kept by the loop itself
+
+        def steps():
+            for i in range(12):
+                x = torch.randn(16, 2, generator=data).requires_grad_(True)
+                graph = i % 3 == 0
+                slope, = torch.autograd.grad(critic(x).sum(), x, create_graph=graph)
+                counted["with_graph" if graph else "without_graph"] += 1
+                loss = critic(x.detach()).mean() + ((slope.norm(dim=1) - 1) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()  # (reaches x through the graph on the steps that built one)
+                counted["without_graph"] += graph
+                opt.step()
+                yield loss
+
+        if not watched:
+            for _ in steps():
+                pass
+            return critic, None
+        with gw.watch(critic, opt, store=tmp_path, name="penalty") as w:
+            for loss in steps():
+                w.log(loss=loss)
+        from gradwatch.store import Run
+        return critic, {"counted": counted, "meta": Run(w.path).meta["input_gradients"]}
+
+    plain, _ = train(False)
+    watched, got = train(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), watched.parameters()))
+    assert got["meta"] == {"inputs": 12, **got["counted"]}
+    assert got["counted"] == {"with_graph": 4, "without_graph": 12}
+
+
+@pytest.mark.slow  # two trials of 600 steps of 5 critic steps each
+def test_the_doctor_takes_the_penalty_s_gradient_with_a_graph():
+    report = gw.doctor(lambda seed: _WganGp(seed, graph=False), steps=600, budget_s=150, progress=False)
+    assert report.best is not None and report.best.parts == ("create_graph",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.6  # the twin's 0.73–0.77
+
+
+
+# -- round 45: a binary classifier's sigmoid output, confident once it learned (stats.stackexchange.com/q/481881) ----
+
+def _cancer_cnn(seed: int) -> gw.Trial:
+    """The Keras 1-D CNN of the question, its Dense(1) under a sigmoid (the twin of a softmax over one unit), on
+    breast cancer's standardised features under nn.BCELoss; held-out accuracy."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    order = torch.randperm(len(data.target), generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(data.data, dtype=torch.float32)[order]
+    y = torch.tensor(data.target, dtype=torch.float32)[order]
+    x = ((x - x[:426].mean(0)) / x[:426].std(0)).unsqueeze(1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv1d(1, 16, 4, padding="same"), nn.BatchNorm1d(16), nn.LeakyReLU(), nn.Dropout(0.2),
+        nn.Conv1d(16, 8, 4, padding="same"), nn.BatchNorm1d(8), nn.LeakyReLU(), nn.Dropout(0.2),
+        nn.Flatten(), nn.Linear(8 * 30, 64), nn.BatchNorm1d(64), nn.LeakyReLU(), nn.Linear(64, 1), nn.Sigmoid())
+
+    def accuracy(m):
+        m.eval()
+        with torch.no_grad():
+            right = float(((m(x[426:]).squeeze(1) > 0.5).float() == y[426:]).float().mean())
+        m.train()
+        return right
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 426, 64, 1000 + seed),
+                    lambda out, t: F.binary_cross_entropy(out.squeeze(1), t), evaluate=accuracy)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_confident_sigmoid_output_on_a_loss_that_fell_fourfold_is_no_warning(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    trial = _cancer_cnn(seed)
+    w = readme_watched(trial, tmp_path, "twin", 300)
+    # the reference: the classifier learned (held out) and its output sits in the sigmoid's tails on a share of the
+    # samples — confident answers, not a fault
+    assert trial.evaluate(trial.model) > 0.9
+    with torch.no_grad():
+        trial.model.eval()
+        p = trial.model(next(_cancer_cnn(seed + 5).batches)[0]).squeeze(1)
+    assert float(((p < 0.01) | (p > 0.99)).float().mean()) > 0.1
+    assert not _problems(w), str(w.diagnose())
+    assert any(f.kind == "saturation" and f.severity == "info" for f in w.diagnose())  # (seen, and told as the fit)
+
+
+# -- round 45: clip_grad_norm_ on gradients a GradScaler still scales (pytorch/pytorch#40907) ------------------------
+
+class _RowLstm(nn.Module):
+    """Reads a digit row by row (8 steps of 8 pixels), classified from the last hidden state."""
+
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
+        super().__init__()
+        self.rnn, self.head = cell(8, 64, batch_first=True), nn.Linear(64, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.view(-1, 8, 8))
+        return self.head(out[:, -1])
+
+
+def _scaled_clip(seed: int, unscale: bool = False):
+    """An LSTM at SGD 5 clipping at 0.5 under a CPU GradScaler; ``unscale``: scaler.unscale_ before the clip (the
+    torch.amp docs' order)."""
+    x, y = digits_in_order_123()
+    torch.manual_seed(seed)
+    model = _RowLstm()
+    opt, scaler = torch.optim.SGD(model.parameters(), lr=5.0), torch.amp.GradScaler("cpu")
+    batches = drawn_batches(x, y, 1400, 64, 1000 + seed)
+
+    def step():
+        xb, yb = next(batches)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    return model, opt, scaler, step, held_out_accuracy(x, y, 1400)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_clip_before_the_scaler_s_unscale_is_told_with_the_user_s_bound(tmp_path, seed):
+    runs = {}
+    for unscale in (False, True):
+        model, opt, scaler, step, accuracy = _scaled_clip(seed, unscale)
+        with gw.watch(model, opt, scaler=scaler, store=tmp_path, name=f"unscale_{unscale}") as w:
+            for _ in range(300):
+                w.log(loss=step())
+        runs[unscale] = (w, accuracy(model), scaler.get_scale())
+    (w_bug, bug, scale), (w_twin, twin, _) = runs[False], runs[True]
+    # the reference: with the clip on the scaled gradients each step's gradient is 0.5/scale long once unscaled
+    assert scale == 2.0 ** 16 and bug < 0.2 and twin > 0.9
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "unscale_before_clip", str(w_bug.diagnose())
+    assert "max_norm≈0.5) ran before scaler.unscale_" in problems[0].cause
+    assert problems[0].numbers["clip_bound"] == pytest.approx(0.5 / scale, rel=1e-3)
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+# -- round 45: d2l's grad_clipping handed model.parameters(), a generator (ShusenTang/Dive-into-DL-PyTorch#101) -----
+
+def _clip_by_hand(params, theta: float) -> None:
+    """d2l's grad_clipping: its first loop takes the norm, its second scales — over nothing where ``params`` is a
+    generator the first loop used up."""
+    norm = torch.tensor([0.0])
+    for p in params:
+        norm += (p.grad.data ** 2).sum()
+    norm = norm.sqrt().item()
+    if norm > theta:
+        for p in params:
+            p.grad.data *= theta / norm
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_loss_that_climbs_from_the_first_steps_names_the_bound_on_the_step_before_skipping_steps(tmp_path, seed):
+    x, y = digits_in_order_123()
+    torch.manual_seed(seed)
+    model = _RowLstm(nn.RNN)
+    opt = torch.optim.SGD(model.parameters(), lr=100.0)
+    batches = drawn_batches(x, y, 1400, 64, 1000 + seed)
+    with gw.watch(model, opt, store=tmp_path, name="generator") as w:
+        for _ in range(300):
+            xb, yb = next(batches)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            _clip_by_hand(model.parameters(), 1e-2)  # (the source's bug: a generator, used up by the first loop)
+            opt.step()
+            w.log(loss=loss)
+    # the reference: nothing was clipped — the loss climbed far above chance's ln 10
+    assert float(loss) > 100 * math.log(10)
+    diverged = [f for f in _problems(w) if f.kind == "exploding" and "diverged" in f.summary]
+    assert diverged and diverged[0].remedy_keys[:2] == ("clip_norm", "lower_lr"), str(w.diagnose())

@@ -234,6 +234,21 @@ def hand_written_steps(run: Run) -> str:
             f"says (an Adam that multiplies by √v̂ where it divides: oracle/tribuo#401)")
 
 
+def penalty_without_graph(run: Run) -> str:
+    """Words for gradients with respect to the model's own input taken only without a graph (meta
+    ``input_gradients``: :mod:`gradwatch.probes.input_grads`), '' otherwise: a gradient penalty made of them is a
+    constant to backward. Round 44: a 2-D WGAN-GP with ``torch.autograd.grad(…, create_graph=False)``
+    (mlpack/mlpack#2891), its critic loss at 10⁵–10⁶ and its samples on 0.05–0.30 of the modes (0.71–0.76 with
+    ``create_graph=True``), told "a sharp region … or a learning rate too large" before."""
+    got = run_meta(run).get("input_gradients")
+    if not isinstance(got, dict) or got.get("with_graph") or not got.get("without_graph"):
+        return ""
+    return (f"gradients with respect to the model's own input, taken {got['without_graph']} times and never with a "
+            f"graph (create_graph=True): a gradient penalty made of them — WGAN-GP's λ(‖∇ₓD(x̂)‖ − 1)², R1's "
+            f"‖∇ₓD(x)‖² — is a constant to backward, its value added to the loss and none of its gradient passed to "
+            f"the weights, so the critic it should hold to a slope of 1 is left unconstrained (mlpack/mlpack#2891)")
+
+
 NEGATIVE_BIAS_TO = -1.0  # a layer's bias that starts at one constant this negative, or more, in every entry
 
 
@@ -1030,6 +1045,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (negative_constant_biases, ("zero_bias",), _SHRUNK_KINDS),
     (unmoved_zero_layer, ("redraw_zero",), _ANY_KIND),
     (hand_written_steps, ("torch_optimizer",), _SHRUNK_KINDS),
+    (penalty_without_graph, ("create_graph",), _BLOWUP_KINDS),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),

@@ -50,6 +50,7 @@ __all__ = ["Event", "InstabilityThresholds", "Mechanism", "ProbeSeries", "events
 
 
 _NO_MECHANISM = ("skip_step", "warmup", "clip_norm", "lower_lr")
+_DIVERGING = ("clip_norm", "lower_lr", "warmup", "skip_step")
 QK_NORM_TYPES = frozenset({"HeadNorm", "NormedProjection", "NormedFusedQKV", "QKNormMultiheadAttention"})
 
 
@@ -109,7 +110,10 @@ def _finding(ev: Event, movers: tuple[str, list[tuple[str, int, float]]] | None,
                  if probes is None and not attends else
                  "no attention or log-Z statistics were recorded: the mechanism cannot be told apart" if probes is None
                  else "the attention logits and log Z stayed in range: a sharp region of the loss surface or a bad batch")
-        keys = _NO_MECHANISM
+        # a loss that climbs step after step has no outlier step to skip: the bound on the step and its size first
+        # (round 45: d2l's grad_clipping handed a generator, so nothing was clipped, at SGD lr 100 — its loss at
+        # 10³ from step 1, told "skip the outlier steps" first)
+        keys = _DIVERGING if ev.kind == "divergence" else _NO_MECHANISM
     name = {"spike": "loss spike", "divergence": "the loss diverged", "nonfinite": "the run went non-finite",
             "stall": "the loss did not fall", "attention": "the attention went one-hot"}[ev.kind]
     summary = f"{name} from step {ev.step}" + (f": {', '.join(m.key.replace('_', ' ') for m in mech)}" if mech else "")

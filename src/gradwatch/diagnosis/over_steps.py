@@ -849,6 +849,27 @@ def _tiny_step_finding(run: Run, th: Thresholds, ends: tuple[float, float], typi
     )
 
 
+SCALED_CLIP_BELOW = 1e-3  # a clip bound, in the watch's unscaled units, this small ...
+USER_BOUNDS = (1e-2, 1e2)  # ... that is a bound a user writes once multiplied by the GradScaler's scale
+
+
+def _clipped_while_scaled(run: Run, bound: float) -> str:
+    """Words for a clip bound that a GradScaler's scale (meta ``loss_scale_last``) turns into one a user writes: the
+    gradients were clipped while still scaled, before ``scaler.unscale_(optimizer)``; '' otherwise. Round 45: an
+    LSTM at SGD 5 clipping at 0.5 with a CPU GradScaler at 2¹⁶ (pytorch/pytorch#40907), every step 0.5/2¹⁶ =
+    7.6·10⁻⁶ long once unscaled, 0.05–0.14 held out against 0.97–0.99, told "max_norm≈7.6e-06" before."""
+    scale = run_meta(run).get("loss_scale_last")
+    if not isinstance(scale, (int, float)) or not scale > 1 or not 0 < bound < SCALED_CLIP_BELOW:
+        return ""
+    written = bound * scale
+    if not USER_BOUNDS[0] <= written <= USER_BOUNDS[1]:
+        return ""
+    return (f"the gradients clipped while still scaled: clip_grad_norm_(…, max_norm≈{written:.3g}) ran before "
+            f"scaler.unscale_(optimizer), on gradients ×{scale:g} (the GradScaler's scale), so once unscaled each "
+            f"step's gradient has a norm of {sci(bound)} = {written:.3g}/{scale:g}, and every update is that short "
+            f"(pytorch/pytorch#40907)")
+
+
 CLIPPED_SPREAD = 1e-4  # a total norm within this relative spread of one value on (nearly) every step is a clip bound
 
 
@@ -879,6 +900,7 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
     adaptive = run_meta(run).get("optimizer") in ADAM_TYPES
     step, _ = typical_update_ratio(run, th)
     learns = adaptive or halved(ends) or step >= EPS_TINY_STEP  # NaN (not recorded): not known to move
+    scaled_clip = _clipped_while_scaled(run, bound)
     return [Finding(
         kind="stalled", severity="info" if learns else "warning", layers=(), steps=(int(steps[0]), int(steps[-1])),
         summary=f"the gradient is clipped on every step: its total norm is {sci(bound)} on {int(held.sum())} of {len(ok)} steps",
@@ -888,9 +910,11 @@ def clipped_findings(run: Run, th: Thresholds) -> list[Finding]:
                   + (f"; the upper-quartile layer moves by {sci(step)} of its norm a step"
                      if math.isfinite(step) else "")
                   + "."),
-        cause=f"a clipping bound below the gradient's own scale (clip_grad_norm_(…, max_norm≈{sci(bound)})): it holds "
-              "on every step, so every update has the same length, lr × the bound, whatever the gradient says",
-        remedies=() if learns else remedies("raise_clip"),
+        cause=scaled_clip or (
+            f"a clipping bound below the gradient's own scale (clip_grad_norm_(…, max_norm≈{sci(bound)})): it holds "
+            "on every step, so every update has the same length, lr × the bound, whatever the gradient says"),
+        remedies=(() if learns else remedies("unscale_before_clip", "raise_clip") if scaled_clip
+                  else remedies("raise_clip")),
         numbers={"clip_bound": bound, "held": float(held.mean())},
         sources=(_total_source(steps),),
     )]

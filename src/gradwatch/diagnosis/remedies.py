@@ -21,6 +21,10 @@ REMEDIES = {
     "zero_bias": "initialise biases at zero",
     "redraw_zero": "draw the weights of a layer that starts at exactly 0 at random (PyTorch's default init, "
                    "reset_parameters()), or at a small scale",
+    "unscale_before_clip": "scaler.unscale_(optimizer) before clip_grad_norm_, so that the bound applies to the "
+                           "gradients themselves, not to them × the loss scale (torch.amp's docs, 'Gradient clipping')",
+    "create_graph": "a gradient penalty's gradient taken with torch.autograd.grad(…, create_graph=True), so that "
+                    "the penalty's own gradient reaches the weights",
     "torch_optimizer": "torch.optim's own optimizer in place of the one written by hand (the torch class its name "
                        "names, Adam where it names none), the same parameter groups and settings",
     "residual": "residual connections around blocks",

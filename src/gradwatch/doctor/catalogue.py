@@ -101,8 +101,8 @@ BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logi
                      "positive_log_input", "hook_once", "exp_log_space",
                      "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
-                     "one_logit_loss", "scaler_step", "positive_loss_weights", "bounded_objective",
-                     "probability_targets", "keep_state_graph"})
+                     "one_logit_loss", "scaler_step", "unscale_before_clip", "positive_loss_weights",
+                     "bounded_objective", "probability_targets", "keep_state_graph"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -192,6 +192,7 @@ def catalog() -> dict[str, list[Remedy]]:
         "detach_reference": [],  # the reference term is computed in the user's loss
         "one_logit_loss": [],  # the loss function is the user's
         "scaler_step": [],  # where the loop steps is the user's
+        "unscale_before_clip": [],  # where the loop clips is the user's loop (a Trial's own step())
         "positive_loss_weights": [],  # the loss and its weights are the user's
         "bounded_objective": [],  # the loss is the user's
         "probability_targets": [],  # the targets are the user's data
@@ -230,6 +231,8 @@ def catalog() -> dict[str, list[Remedy]]:
         # adding problem at T = 40 learns it in 300 steps at 10⁻², not in 800 at 10⁻³); combined with "learning
         # rate ×0.1" it is the default. One entry: a combination's parts name catalogue keys, not rates.
         "adam": one("adam", "Adam (lr 1e-2) in place of SGD/Adagrad/Rprop", partial(s.adam, 1e-2)),
+        "create_graph": one("create_graph", "torch.autograd.grad with create_graph=True in the set-up's step",
+                            s.grad_with_graph),
         "torch_optimizer": one("torch_optimizer", "torch.optim's own optimizer in place of the hand-written one",
                                s.torch_optimizer),
         "param_groups": one("param_groups", "one learning rate for every group", s.unify),

@@ -333,6 +333,37 @@ def torch_optimizer(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+class _GradWithGraph:
+    """A trial's step run with ``torch.autograd.grad`` building a graph (``create_graph=True``) at every call, put
+    back after the step."""
+
+    def __init__(self, step: Callable[[], Tensor]) -> None:
+        self.step = step
+
+    def __call__(self) -> Tensor:
+        plain = torch.autograd.grad
+
+        def with_graph(*args: Any, **kwargs: Any) -> Any:
+            kwargs["create_graph"] = True
+            return plain(*args, **kwargs)
+
+        torch.autograd.grad = with_graph  # type: ignore[assignment]
+        try:
+            return self.step()
+        finally:
+            torch.autograd.grad = plain  # type: ignore[assignment]
+
+
+def grad_with_graph(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's step run with every ``torch.autograd.grad`` call building a graph (``create_graph=True``): a
+    gradient penalty computed in it (WGAN-GP's, R1's) then passes its own gradient to the weights. The call is
+    reached as ``torch.autograd.grad`` at the time of the step (a name imported before, ``from torch.autograd
+    import grad``, keeps the plain one). Round 44: a 2-D WGAN-GP with ``create_graph=False`` (mlpack/mlpack#2891)."""
+    trial.step = _GradWithGraph(trial.step)  # type: ignore[method-assign]
+    note_change(trial, "torch.autograd.grad called with create_graph=True during each step")
+    return trial
+
+
 def note_change(trial: Trial, words: str) -> None:
     """Say what a change did beyond its label (where the skips went, what it kept): the row's notes and the best
     remedy's message carry it (``TrialResult.changed``); changes combined in one row are joined by "; "."""

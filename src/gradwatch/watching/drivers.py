@@ -69,7 +69,14 @@ class Driver:
         raise NotImplementedError
 
     def meta(self) -> dict[str, Any]:
-        """What the driver saw of the set-up, for the run's meta (read at flush and close)."""
+        """What the driver saw of the set-up, for the run's meta (read at flush and close): with a scaler given,
+        ``loss_scale_last``, its scale when read (one host read): the gradients it scales are that many times the
+        ones the watch records (a clip applied before ``scaler.unscale_`` bounds the scaled ones)."""
+        try:
+            if self.scaler is not None and self.scaler.is_enabled():
+                return {"loss_scale_last": float(self.scaler.get_scale())}
+        except Exception:  # a scaler of another make: nothing said
+            pass
         return {}
 
 
@@ -104,7 +111,7 @@ class OptimizerDriver(Driver):
         """With a scaler given: ``steps_outside_scaler``, the optimizer steps not taken through
         ``scaler.step(optimizer)`` — their gradients were never unscaled (round 27: ``optimizer.step()`` where
         ``scaler.step(optimizer)`` belongs, float16 autocast on the CPU, NaN at step 1)."""
-        return {"steps_outside_scaler": self.outside} if self._wrap is not None else {}
+        return {**super().meta(), **({"steps_outside_scaler": self.outside} if self._wrap is not None else {})}
 
     def _after(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.watch._step_done()

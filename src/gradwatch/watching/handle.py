@@ -29,6 +29,7 @@ from gradwatch.layers import anatomy
 from gradwatch.probes.functional import through_shapes
 from gradwatch.probes.graph_scan import Foreign, held_parameters, made_in_forward, scan_graph
 from gradwatch.probes.hostcopy import device_scalar
+from gradwatch.probes.input_grads import InputGradients
 from gradwatch.probes.layout import LayoutSeen
 from gradwatch.probes.loss_ops import (QUADRATIC_TARGETS_MAX, binary_ce_input, derivative_ops, loss_graph, loss_paths,
                                        margin_targets_off_gradient, targets_off_gradient)
@@ -94,6 +95,7 @@ class Watch:
         self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
         self._input_scale: tuple[float, float] | None = None  # (std, mean |x|) of the first training batch's inputs
         self._batch_marks: list[tuple[tuple[int, ...], float]] = []  # the first two training batches' shapes and sums
+        self._input_grads = InputGradients()  # gradients taken with respect to the model's inputs: with a graph?
         # the first training pass's output: rows of K ≥ 2 non-negative values that sum to 1 (a softmax the forward
         # calls, which no module shows) → K, else 0; None until a pass with gradient has returned
         self._output_classes: int | None = None
@@ -469,6 +471,8 @@ class Watch:
             if len(self._batch_marks) < 2:  # the first two training batches: one batch each step, or mini-batches?
                 # (float32: MPS has no float64)
                 self._batch_marks.append((tuple(args[0].shape), float(args[0].detach().float().sum())))
+            if args[0].requires_grad:  # an input whose own gradient is wanted: a gradient penalty's x̂, an attack's
+                self._input_grads.input_seen(args[0])
         if module is self.model:
             self._steps.model_called()
         self._steps.forward_starts()
@@ -649,6 +653,7 @@ class Watch:
                                                  if len(self._batch_marks) == 2 else None),
                                 "input_abs_mean": self._input_scale[1] if self._input_scale else None,
                                 "output_probabilities": self._output_classes,
+                                "input_gradients": self._input_grads.report(),
                                 **self._steps.budget.report()})
 
 
