@@ -238,15 +238,15 @@ def penalty_without_graph(run: Run) -> str:
     """Words for gradients with respect to the model's own input taken only without a graph (meta
     ``input_gradients``: :mod:`gradwatch.probes.input_grads`), '' otherwise: a gradient penalty made of them is a
     constant to backward. Round 44: a 2-D WGAN-GP with ``torch.autograd.grad(…, create_graph=False)``
-    (mlpack/mlpack#2891), its critic loss at 10⁵–10⁶ and its samples on 0.05–0.30 of the modes (0.71–0.76 with
-    ``create_graph=True``), told "a sharp region … or a learning rate too large" before."""
+    (mlpack/mlpack#2891), its critic loss at 10⁵–10⁶ and its samples covering 0.00–0.14 of four modes (0.70–0.77
+    with ``create_graph=True``), told "a sharp region … or a learning rate too large" before."""
     got = run_meta(run).get("input_gradients")
     if not isinstance(got, dict) or got.get("with_graph") or not got.get("without_graph"):
         return ""
     return (f"gradients with respect to the model's own input, taken {got['without_graph']} times and never with a "
             f"graph (create_graph=True): a gradient penalty made of them — WGAN-GP's λ(‖∇ₓD(x̂)‖ − 1)², R1's "
             f"‖∇ₓD(x)‖² — is a constant to backward, its value added to the loss and none of its gradient passed to "
-            f"the weights, so the critic it should hold to a slope of 1 is left unconstrained (mlpack/mlpack#2891)")
+            f"the weights, so the critic it should constrain is left unconstrained (mlpack/mlpack#2891)")
 
 
 NEGATIVE_BIAS_TO = -1.0  # a layer's bias that starts at one constant this negative, or more, in every entry
