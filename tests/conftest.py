@@ -319,6 +319,16 @@ def held_out_accuracy(x, y, start):
     return accuracy
 
 
+def held_out_r2(x, y, start):
+    """``evaluate(model)``: R² of the model's outputs on the rows of ``x`` from ``start`` on (1 − MSE / variance)."""
+    import torch.nn.functional as F
+
+    def r2(m):
+        with torch.no_grad():
+            return float(1 - F.mse_loss(m(x[start:]), y[start:]) / y[start:].var(unbiased=False))
+    return r2
+
+
 def watched_trial(trial, store, name, steps=300):
     """``trial.step()`` ``steps`` times under a watch with the defaults a user gets, logging the loss; the closed
     watch."""

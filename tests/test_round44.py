@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import gradwatch as gw
 from gradwatch.doctor import surgery
 from conftest import (ALL_SLOW, SEED_0_FAST, adam_moments, digits_in_order_123, drawn_batches, held_out_accuracy,
-                      watched_pair, watched_trial)
+                      held_out_r2, watched_pair, watched_trial)
 
 
 def _problems(w) -> list:
@@ -72,19 +72,12 @@ def _ratings(users: int = 300, items: int = 200, n: int = 20000) -> tuple[torch.
     return torch.stack([uu, ii], 1), r
 
 
-def _r2(x, y, start):
-    def score(m):
-        with torch.no_grad():
-            return float(1 - F.mse_loss(m(x[start:]), y[start:]) / y[start:].var(unbiased=False))
-    return score
-
-
 def _factors(seed: int, multiply: bool = True) -> gw.Trial:
     x, y = _ratings()
     torch.manual_seed(seed)
     model = _Factors(300, 200)
     return gw.Trial(model, _HandAdam(model.parameters(), lr=1e-2, multiply=multiply),
-                    drawn_batches(x, y, 16000, 256, 1000 + seed), F.mse_loss, evaluate=_r2(x, y, 16000))
+                    drawn_batches(x, y, 16000, 256, 1000 + seed), F.mse_loss, evaluate=held_out_r2(x, y, 16000))
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)

@@ -14,9 +14,10 @@ from gradwatch.diagnosis.measures import (EPS_TINY_STEP, FLAT_LOSS_ABOVE, flat_l
                                          loss_ends, loss_went, nonfinite_grads_seen, total_grad_norm,
                                          typical_update_ratio, went_below_zero)
 from gradwatch.diagnosis.remedies import key_of, remedies
+from gradwatch.diagnosis.spikes import update_norms
 from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.probes.loss_ops import penalty_on_relu
-from gradwatch.store import Run, Series
+from gradwatch.store import Run
 
 # Module classes that say what the architecture already has (class names, as `module_types` in the run's meta
 # and the entities' modules record them).
@@ -204,25 +205,22 @@ def hand_written_steps(run: Run) -> str:
         return ""
     sizes = {f"{l.get('name')}.{attr}": math.prod(shape) for l in meta.get("layers") or () if isinstance(l, dict)
              for attr, shape in (l.get("params") or {}).items() if isinstance(shape, list)}
-    u, w, g = (run.series(q, "param") for q in ("update_ratio", "weight_norm", "grad_norm"))
-    steps = np.intersect1d(np.intersect1d(u.steps, w.steps), g.steps)
-    if not len(steps):
+    got = update_norms(run, "param")  # ‖Δw‖ per parameter: update_ratio · weight_norm, on the steps both read
+    if got is None or got[0] != "update":
         return ""
-
-    def at(s: Series) -> dict[str, np.ndarray]:
-        keep = np.isin(s.steps, steps)
-        return {n: v[keep] for n, v in zip(s.names, s.values)}
-
-    ws, gs = at(w), at(g)
+    names, steps, moved = got[1]
+    g = run.series("grad_norm", "param")
+    keep = np.isin(steps, g.steps)
+    grads = {n: v[np.isin(g.steps, steps[keep])] for n, v in zip(g.names, g.values)}
     short, worst = [], 1.0
-    for name, ratio in at(u).items():
-        if name not in ws or name not in gs or not sizes.get(name):
+    for name, step in zip(names, moved[:, keep]):
+        if name not in grads or not sizes.get(name):
             continue
-        floor = lr * np.minimum(gs[name], math.sqrt(sizes[name]))
-        ok = np.isfinite(ratio) & np.isfinite(ws[name]) & (floor > 0)
+        floor = lr * np.minimum(grads[name], math.sqrt(sizes[name]))
+        ok = np.isfinite(step) & (floor > 0)
         if ok.sum() < 3:
             continue
-        share = float(np.median(ratio[ok] * ws[name][ok] / floor[ok]))
+        share = float(np.median(step[ok] / floor[ok]))
         if share <= STEP_FLOOR:
             short.append(name.rpartition(".")[0])
             worst = min(worst, share)

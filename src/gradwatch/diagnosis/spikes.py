@@ -127,17 +127,18 @@ def events(steps: np.ndarray, loss: np.ndarray, grad: np.ndarray | None, th: Ins
     return sorted(out, key=lambda e: e.step)
 
 
-def update_norms(run: Run) -> tuple[str, Any] | None:
-    """('update', series) of per-layer ‖Δw‖ = update_ratio · weight_norm, or ('gradient', grad_norm series); None."""
+def update_norms(run: Run, kind: str = "layer") -> tuple[str, Any] | None:
+    """('update', series) of per-layer ‖Δw‖ = update_ratio · weight_norm, or ('gradient', grad_norm series); None.
+    ``kind``: the entities read (``"param"``: per parameter)."""
     if {"update_ratio", "weight_norm"} <= set(run.quantities):
-        ur, wn = run.series("update_ratio"), run.series("weight_norm")
+        ur, wn = run.series("update_ratio", kind), run.series("weight_norm", kind)
         names = [n for n in ur.names if n in wn.names]
         steps = np.intersect1d(ur.steps, wn.steps)
         a = ur.values[[ur.names.index(n) for n in names]][:, np.searchsorted(ur.steps, steps)]
         b = wn.values[[wn.names.index(n) for n in names]][:, np.searchsorted(wn.steps, steps)]
         return "update", (names, steps, a * b)
     if "grad_norm" in run.quantities:
-        g = run.series("grad_norm")
+        g = run.series("grad_norm", kind)
         return "gradient", (g.names, g.steps, g.values)
     return None
 
