@@ -51,8 +51,10 @@ _SHRUNK_KINDS = ("vanishing", "stalled", "dead_units")
 _ANY_KIND = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "saturation")
 # Findings inputs far from unit scale explain: the first layer's units saturate or die, the signal dies with them,
 # and the first layer's gradient (∂L/∂W = δ·xᵀ) is as large as the inputs (round 20: breast cancer's raw features,
-# the total gradient norm above 10³ from step 1 on one seed, told of re-initialisation and clipping alone).
-_INPUT_KINDS = ("vanishing", "exploding", "stalled", "dead_units", "saturation")
+# the total gradient norm above 10³ from step 1 on one seed, told of re-initialisation and clipping alone), and a
+# gradient that grew from there out of float32's range (round 45: a CNN on 0–255 pixels, Inf at step 7 on one seed
+# of three, told "divergence" with a lower rate first, its inputs named by the next finding only).
+_INPUT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "saturation")
 
 
 def run_meta(run: Run) -> dict:
@@ -914,8 +916,9 @@ def raw_inputs(run: Run) -> str:
     as the watch measured them once); '' otherwise."""
     meta = run_meta(run)
     std, mean = meta.get("input_std"), meta.get("input_abs_mean")
-    if not isinstance(std, (int, float)) or not isinstance(mean, (int, float)) or max(std, mean) <= RAW_INPUT_ABOVE:
-        return ""
+    if (not isinstance(std, (int, float)) or not isinstance(mean, (int, float)) or not math.isfinite(std + mean)
+            or max(std, mean) <= RAW_INPUT_ABOVE):
+        return ""  # a NaN in the inputs is no scale: the data's own finding (check_data) tells it
     return (f"the inputs are not standardised: the first batch has std {sci(std)} and mean |x| {sci(mean)}, where an "
             f"initialisation (He, Xavier) expects about 1, so the first layer's pre-activations are that much too "
             f"large: saturated or dead from the start")
