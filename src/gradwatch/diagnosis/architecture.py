@@ -186,21 +186,26 @@ def single_unit_layers(run: Run) -> set[str]:
 
 
 STEP_FLOOR = 1e-3  # a hand-written optimizer's step this share, or less, of both SGD's and Adam's at its rate
+WEIGHTS_SHRUNK_TO = 0.25  # ... or every weight's norm ended at this share of its first read or less (at most 0.22 measured)
 
 
 def hand_written_steps(run: Run) -> str:
-    """Words for an optimizer of a class outside ``torch`` (meta ``optimizer_module``) whose step for some parameters
-    is :data:`STEP_FLOOR` or less of both steps its rate stands for — SGD's, lr·‖g‖, and Adam's, about lr per weight
-    (lr·√n) — at the median over the run's reads, with one rate for every group (the smallest of the run's first and
-    last); '' otherwise. A torch.optim class takes one of the two; a rule written by hand that takes neither does not
-    do what its rate says. Round 44: a hand-written Adam that multiplies by √v̂ where it divides
-    (oracle/tribuo#401), the embeddings of a recommender moved 3·10⁻⁴ of lr·‖g‖ and R² stayed at 0 (0.90 with
-    torch's Adam), told "the initialisation … a ReLU's gradient at 0" before."""
+    """Words for an optimizer of a class outside ``torch`` (meta ``optimizer_module``) that does not do what its rate
+    says: its step for some parameters is :data:`STEP_FLOOR` or less of both steps its rate stands for — SGD's,
+    lr·‖g‖, and Adam's, about lr per weight (lr·√n) — at the median over the run's reads, with one rate for every
+    group (the smallest of the run's first and last), or it shrank every parameter's norm to
+    :data:`WEIGHTS_SHRUNK_TO` of its first read or less (:func:`shrinking_steps`); '' otherwise. A torch.optim
+    class takes one of the two; a rule written by hand that takes neither does not do what its rate says. Round 44: a
+    hand-written Adam that multiplies by √v̂ where it divides (oracle/tribuo#401), the embeddings of a recommender
+    moved 3·10⁻⁴ of lr·‖g‖ and R² stayed at 0 (0.90 with torch's Adam), told "the initialisation … a ReLU's gradient
+    at 0" before."""
     meta = run_meta(run)
     module, lrs = meta.get("optimizer_module"), meta.get("optimizer_lrs") or ()
     if (not isinstance(module, str) or module == "torch" or module.startswith("torch.") or len(lrs) != 1
             or not {"update_ratio", "weight_norm", "grad_norm"} <= set(run.quantities)):
         return ""
+    if shrunk := shrinking_steps(run):
+        return shrunk
     rates = [r for r in (meta.get("optimizer_lr"), meta.get("optimizer_lr_last")) if isinstance(r, (int, float))]
     lr = min(rates, default=0.0)
     if not lr > 0:
@@ -232,6 +237,30 @@ def hand_written_steps(run: Run) -> str:
             f"{listed(sorted(set(short)))} by {sci(worst)} of what its rate lr = {lr:g} stands for — less than SGD's "
             f"step lr·‖g‖ and Adam's, about lr per weight — so the update written by hand does not do what its rate "
             f"says (an Adam that multiplies by √v̂ where it divides: oracle/tribuo#401)")
+
+
+def shrinking_steps(run: Run) -> str:
+    """Words for a hand-written optimizer (see :func:`hand_written_steps`, which checks its class) under which every
+    parameter's norm ended at :data:`WEIGHTS_SHRUNK_TO` of its first read or less, ''  otherwise: a decay written
+    by hand that the step cannot hold. Round 46: a hand-written AdamW doing ``p.mul_(1 − weight_decay)``, the paper's
+    Algorithm 2 at η = 1 (egg-west/AdamW-pytorch#1; tensorflow/addons#2282), given torch's recipe's 0.05: every
+    weight of a CNN at ~0 in 300 steps, chance held out (0.95 with the decay × lr, torch.optim.AdamW's rule), told
+    "dead units … negative biases, a large step" before."""
+    w = run.series("weight_norm", "param")
+    if len(w.steps) < 3 or not len(w.names):
+        return ""
+    first, last = w.values[:, 0], w.values[:, -1]
+    ok = np.isfinite(first) & np.isfinite(last) & (first > 0)
+    if not ok.any() or not (last[ok] <= WEIGHTS_SHRUNK_TO * first[ok]).all() or not np.isfinite(w.values).all():
+        return ""
+    ratios = last[ok] / first[ok]
+    span_steps = max(int(w.steps[-1] - w.steps[0]), 1)
+    meta = run_meta(run)
+    return (f"the optimizer's own step rule: {meta.get('optimizer')} (from {meta.get('optimizer_module')}, not "
+            f"torch.optim) shrank every parameter to {sci(float(ratios.max()))} of its norm or less in {span_steps} "
+            f"steps (the median one ×{float(np.median(ratios)) ** (1 / span_steps):.3g} a step) — a decay written by hand that its step cannot hold: "
+            f"a decoupled weight decay not multiplied by the rate (torch.optim.AdamW multiplies it by lr; "
+            f"Loshchilov & Hutter 2019, Alg. 2, by the schedule's η), or a step that pulls the weights to 0")
 
 
 def penalty_without_graph(run: Run) -> str:
