@@ -1,8 +1,11 @@
 """The thirty-ninth session: rounds 45 (left over) and 46 (written from the README alone, each ported from a public
 source), each against its reference: a CNN fed raw 0–255 pixels whose gradient overflows; a hand-written AdamW whose
-decoupled decay is not multiplied by the rate."""
+decoupled decay is not multiplied by the rate; a key-padding mask applied as (1 − m)·(−inf); an actor-critic whose advantage is not detached; REINFORCE with its entropy
+bonus added."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -122,3 +125,219 @@ def test_the_doctor_repairs_the_hand_written_decay_with_torch_s_adamw():
     report = gw.doctor(_decayed_cnn, steps=300, progress=False)
     assert report.best is not None and report.best.parts == ("torch_optimizer",), str(report)
     assert report.best.verdict == "fixes it" and report.best.score > 0.9
+
+
+# -- round 46: a key-padding mask applied by multiplying with −inf (cerebroai/reformers#3) ----------------------------
+
+class _MaskedAttention(nn.Module):
+    """Two pre-LN blocks of a hand-written two-head attention over padded tokens, read at a [CLS] token; the mask
+    applied as the source's line, ``s·m + (1 − m)·neg``."""
+
+    def __init__(self, neg: float, d: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(6, d), nn.Parameter(0.1 * torch.randn(17, d))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(ln1=nn.LayerNorm(d), qkv=nn.Linear(d, 3 * d),
+                                                       proj=nn.Linear(d, d), ln2=nn.LayerNorm(d),
+                                                       ff=nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(),
+                                                                        nn.Linear(4 * d, d))))
+                                    for _ in range(2))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 4)
+        self.neg, self.heads = neg, heads
+
+    def forward(self, tokens):
+        mask = (tokens != 0).float()[:, None, None, :]
+        x = self.emb(tokens) + self.pos[: tokens.shape[1]]
+        b, t, d = x.shape
+        for blk in self.blocks:
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in blk["qkv"](blk["ln1"](x)).split(d, -1))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+            scores = scores * mask + (1 - mask) * self.neg  # the source's line
+            x = x + blk["proj"]((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, d))
+            x = x + blk["ff"](blk["ln2"](x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def _dominant_tokens(n: int = 3000, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [CLS] token, then 4–16 tokens of four types padded with 0 to 16; the label: the type that dominates (55 %
+    of the tokens drawn); the first 2400 to train on."""
+    g = torch.Generator().manual_seed(46)
+    y = torch.randint(0, 4, (n,), generator=g)
+    other = torch.randint(1, 5, (n, length), generator=g)
+    tokens = torch.where(torch.rand(n, length, generator=g) < 0.55, (y + 1)[:, None].expand(n, length), other)
+    pad = torch.arange(length)[None, :] >= torch.randint(4, length + 1, (n,), generator=g)[:, None]
+    return torch.cat([torch.full((n, 1), 5), tokens.masked_fill(pad, 0)], 1), y
+
+
+def _masked(seed: int, neg: float = float("-inf")) -> gw.Trial:
+    x, y = _dominant_tokens()
+    torch.manual_seed(seed)
+    model = _MaskedAttention(neg)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 2400, 64, 1000 + seed),
+                    F.cross_entropy, evaluate=held_out_accuracy(x, y, 2400))
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_mask_multiplied_by_minus_inf_is_nan_from_step_0_and_its_twin_learns(tmp_path, seed):
+    bug, twin = _masked(seed), _masked(seed, -1e9)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
+    # the reference: 0·(−inf) is NaN at every kept score, so the first loss is NaN; the source's −1e9 learns
+    xb, yb = next(_masked(seed).batches)
+    assert math.isnan(float(F.cross_entropy(_masked(seed).model(xb), yb).detach()))
+    assert twin.evaluate(twin.model) > 0.85
+    problems = _problems(w_bug)
+    assert problems and problems[0].kind == "nonfinite" and problems[0].steps[0] == 0, str(w_bug.diagnose())
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_the_first_nan_is_placed_at_the_mask_s_product_and_the_doctor_makes_it_finite():
+    report = gw.doctor(_masked, steps=300, progress=False)
+    made = report.nonfinite_origin
+    # the reference: the line of the product with −inf in this file, not the cross-entropy's backward
+    assert made is not None and made.phase == "forward" and made.inf_factor, str(report)
+    assert made.where.startswith("test_round46.py:") and "(1 - mask) * self.neg" in made.code
+    assert "0·(−inf) is NaN" in report.message
+    assert report.best is not None and report.best.parts == ("finite_mask",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.85
+
+
+def test_finite_inf_factors_leaves_other_products_and_fills_alone():
+    from gradwatch.remedies.structure import FiniteInfFactors
+
+    m, s = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 2.0])
+    with FiniteInfFactors():
+        masked = s * m + (1 - m) * float("-inf")
+        filled = s.masked_fill(m == 0, float("-inf"))
+        scaled = s * 3.0
+    assert masked.tolist() == [0.5, -torch.finfo(torch.float32).max]  # (2.0·0 + 0·(−max), and 0.5 + 0)
+    assert filled.tolist() == [0.5, float("-inf")] and scaled.tolist() == [1.5, 6.0]
+
+
+# -- round 46: an actor-critic whose advantage is not detached (coreylynch/async-rl#8; encode-attend-navigate#2) ------
+# -- round 44: REINFORCE with its entropy bonus added, not subtracted (google-deepmind/open_spiel#962) ---------------
+
+class _ActorCritic(nn.Module):
+    """A trunk 64-128-128 (ReLU) under a policy head (10 logits) and a value head, returned side by side (B, 11)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+        self.pi, self.v = nn.Linear(128, 10), nn.Linear(128, 1)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return torch.cat([self.pi(h), self.v(h)], 1)
+
+
+def _greedy(x, y, start: int):
+    """``evaluate(model)``: the share of the held-out digits whose most likely action is their class."""
+    def accuracy(m):
+        with torch.no_grad():
+            return float((m(x[start:])[:, :10].argmax(1) == y[start:]).float().mean())
+    return accuracy
+
+
+def _bandit(seed: int, detach: bool = False) -> gw.Trial:
+    """A contextual bandit on digits (the action a class, reward 1 when right), actor-critic at Adam 1e-3;
+    ``detach``: the advantage R − V detached in the policy term (the source's fix)."""
+    x, y = digits_in_order_123()
+    torch.manual_seed(seed)
+    model, g = _ActorCritic(), torch.Generator().manual_seed(10_000 + seed)
+
+    def a2c(out, target):
+        logits, value = out[:, :10], out[:, 10]
+        with torch.no_grad():
+            action = torch.multinomial(F.softmax(logits, 1), 1, generator=g).squeeze(1)
+        reward = (action == target).float()
+        advantage = reward - value
+        log_p = F.log_softmax(logits, 1).gather(1, action[:, None]).squeeze(1)
+        return -(log_p * (advantage.detach() if detach else advantage)).mean() + 0.5 * advantage.pow(2).mean()
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    a2c, evaluate=_greedy(x, y, 1400), judge_by_score=True)
+
+
+def _reinforce(seed: int, bonus: bool = False) -> gw.Trial:
+    """The same bandit under REINFORCE with a batch-mean baseline and an entropy term at β = 1 (Adam 3e-3), added to
+    the loss (the source's bug) or, ``bonus``, subtracted."""
+    x, y = digits_in_order_123()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def loss(logits, target):
+        policy = torch.distributions.Categorical(logits=logits)
+        action = policy.sample()
+        reward = (action == target).float()
+        gradient = -(policy.log_prob(action) * (reward - reward.mean())).mean()
+        return gradient - policy.entropy().mean() if bonus else gradient + 1.0 * policy.entropy().mean()
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    loss, evaluate=_greedy(x, y, 1400), judge_by_score=True)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_an_advantage_that_is_not_detached_is_told_with_its_remedy(tmp_path, seed):
+    bug, twin = _bandit(seed), _bandit(seed, detach=True)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path, steps=600)
+    # the reference: the policy term pushed the value past every reward (rewards are 0 or 1), and the policy learned
+    # less than half of what the twin's did
+    x, _ = digits_in_order_123()
+    with torch.no_grad():
+        assert float(bug.model(x[:1400])[:, 10].mean()) > 1.0
+    assert bug.evaluate(bug.model) < 0.5 and twin.evaluate(twin.model) > 0.8
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "detach_advantage", str(w_bug.diagnose())
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_an_entropy_bonus_added_to_the_loss_is_told_with_its_sign(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    # each built just before its run: the policy samples from torch's global generator, which the first run moves on
+    bug = _reinforce(seed)
+    w_bug = readme_watched(bug, tmp_path, "bug", 300)
+    twin = _reinforce(seed, bonus=True)
+    w_twin = readme_watched(twin, tmp_path, "twin", 300)
+    # the reference: the policy's entropy went to ~0 (one-hot) and the greedy policy stays near chance, where the
+    # twin's keeps its entropy and learns
+    x, _ = digits_in_order_123()
+    with torch.no_grad():
+        entropy = torch.distributions.Categorical(logits=bug.model(x[:1400])).entropy().mean()
+    assert float(entropy) < 0.1 and bug.evaluate(bug.model) < 0.2 and twin.evaluate(twin.model) > 0.9
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "entropy_bonus_sign", str(w_bug.diagnose())
+    assert "+ β·H(π)" in problems[0].cause
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_the_graph_tells_a_policy_gradient_s_advantage_and_entropy_from_other_losses():
+    from gradwatch.probes.policy_loss import policy_loss
+
+    torch.manual_seed(0)
+    layer, x, y = nn.Linear(5, 11), torch.randn(8, 5), torch.randint(0, 10, (8,))
+    out = layer(x)
+    logits, value = out[:, :10], out[:, 10]
+    log_p = F.log_softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+    p, log_ps = F.softmax(logits, 1), F.log_softmax(logits, 1)
+    entropy = -(p * log_ps).sum(1).mean()
+    # the reference: the sign each term has in the loss as written
+    assert policy_loss(-(log_p * (1 - value)).mean())["advantage_with_grad"]
+    assert not policy_loss(-(log_p * (1 - value).detach()).mean())["advantage_with_grad"]
+    assert policy_loss(-(log_p * (1 - value).detach()).mean() + 0.01 * entropy)["entropy_sign"] == 1
+    assert policy_loss(-(log_p * (1 - value).detach()).mean() - 0.01 * entropy)["entropy_sign"] == -1
+    added = -(log_p * (1 - value).detach()).mean() + 0.01 * entropy
+    added.backward(retain_graph=True)  # (the watch reads the loss once it is logged, its saved constants freed)
+    assert policy_loss(added)["entropy_sign"] == 1
+    focal = -((1 - log_p.exp()) ** 2 * log_p).mean()  # its weight is the log-probability's own: no advantage
+    assert not policy_loss(focal)["advantage_with_grad"]
+    # a cross-entropy, distillation, entropy minimisation beside a cross-entropy: no policy-gradient term at all
+    assert policy_loss(F.cross_entropy(logits, y)) is None
+    assert policy_loss(F.cross_entropy(logits, y) + 0.1 * entropy) is None
+    assert policy_loss((p.detach() * (log_ps.detach() - log_ps)).sum(1).mean()) is None
+
+
+@pytest.mark.slow
+def test_the_doctor_detaches_the_advantage():
+    report = gw.doctor(_bandit, steps=600, progress=False)
+    assert report.best is not None and report.best.parts == ("detach_advantage",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.85

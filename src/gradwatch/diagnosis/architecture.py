@@ -953,6 +953,30 @@ def raw_inputs(run: Run) -> str:
             f"large: saturated or dead from the start")
 
 
+def undetached_advantage(run: Run) -> str:
+    """Words for a policy-gradient loss whose advantage carries a gradient of its own (meta ``policy_loss``:
+    :func:`gradwatch.probes.policy_loss.policy_loss`), '' otherwise. Round 46: an actor-critic on a digits bandit
+    with −log π(a)·(R − V) not detached (coreylynch/async-rl#8): V ran to 1.5 on rewards in [0, 1], 0.17–0.35 held
+    out against the twin's 0.93–0.94, and no finding."""
+    if not (run_meta(run).get("policy_loss") or {}).get("advantage_with_grad"):
+        return ""
+    return ("the policy-gradient loss: the weight of log π(a) — the advantage R − V — carries a gradient of its own, "
+            "so the policy term trains the critic too, pushing V up wherever log π(a) < 0, and the policy is "
+            "pushed off whatever it samples (the advantage must be a constant to the policy term: "
+            "coreylynch/async-rl#8)")
+
+
+def entropy_minimised(run: Run) -> str:
+    """Words for a policy-gradient loss that holds the policy's entropy with a plus sign (meta ``policy_loss``),
+    '' otherwise. Round 44: REINFORCE on a digits bandit with ``pg + β·H`` (google-deepmind/open_spiel#962), the
+    policy one-hot in 30 steps, 0.10–0.20 held out against the twin's 0.84–0.89, and no finding."""
+    if (run_meta(run).get("policy_loss") or {}).get("entropy_sign") != 1:
+        return ""
+    return ("the policy-gradient loss adds the policy's entropy, + β·H(π), to a loss that is minimised: the steps "
+            "lower the entropy, and the policy turns one-hot within a few dozen steps, its softmax saturated and "
+            "log π(a) of what it samples near 0 — an entropy bonus is subtracted (google-deepmind/open_spiel#962)")
+
+
 def activation_penalty(run: Run) -> str:
     """Words for a loss that penalises a ReLU's outputs themselves (an L1 sparsity term, read off the logged loss's
     graph: :func:`gradwatch.probes.loss_ops.penalty_on_relu`); '' otherwise. Round 15: a sparse autoencoder at
@@ -1077,6 +1101,8 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (hand_written_steps, ("torch_optimizer",), _SHRUNK_KINDS),
     (penalty_without_graph, ("create_graph",), _BLOWUP_KINDS),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
+    (undetached_advantage, ("detach_advantage",), _ANY_KIND),
+    (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
     (clipped_weights, ("gradient_penalty",), _ANY_KIND),
     (grads_not_zeroed, ("zero_grad",), _ANY_KIND),
@@ -1210,6 +1236,29 @@ def bce_target_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
         f"{sci(float(targets.get('max', 0.0)))}{told}.", "the logits run off to lower a loss that has no floor",
         "probability_targets", "meta loss_targets", "loss (run)", numbers={"outside_range": outside})
     return [replace(finding, severity="critical" if below is not None else "warning")]
+
+
+def policy_loss_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A policy-gradient loss whose advantage carries a gradient (:func:`undetached_advantage`) or that adds the
+    policy's entropy (:func:`entropy_minimised`), where no rule found a problem to give that cause to: one warning of
+    its own, read off the loss's graph (the gradients look healthy: the loss itself points them the wrong way) —
+    ``stalled`` for the advantage, ``saturation`` for the entropy (the policy's softmax goes one-hot)."""
+    if any(f.severity != "info" for f in found):
+        return []
+    told, _, _ = went_below_zero(run)
+    if undetached_advantage(run):
+        return [set_up_warning(run, "stalled", (), "a policy-gradient loss whose advantage is not detached: the "
+                               "policy term trains the critic", f"the loss's graph: a log-probability of the chosen "
+                               f"actions times a weight with a gradient of its own, from outside it{told}.",
+                               "a policy term that moves the critic", "detach_advantage", "meta policy_loss",
+                               "loss (run)")]
+    if entropy_minimised(run):
+        return [set_up_warning(run, "saturation", (), "a policy-gradient loss that adds the policy's entropy: the "
+                               "steps lower it", f"the loss's graph: a log-probability of the chosen actions times a "
+                               f"weight, beside Σ p·log p of the policy taken with the sign of +H{told}.",
+                               "an entropy minimised where a bonus was meant", "entropy_bonus_sign",
+                               "meta policy_loss", "loss (run)")]
+    return []
 
 
 def attention_mask_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -35,6 +35,8 @@ def unshuffled_words(run: Run, th: Thresholds) -> str:
     shows it."""
     if not all(q in run.quantities for q in _QUANTITIES):
         return ""
+    if run_meta(run).get("policy_loss"):
+        return ""  # the gradient at a policy's scores is negative at the action it sampled, not at a label (round 46)
     values = [run.series(q, "run").values[0] for q in _QUANTITIES]
     if len({len(v) for v in values}) != 1 or len(values[0]) < 2 * th.window:
         return ""

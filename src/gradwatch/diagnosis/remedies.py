@@ -228,6 +228,10 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "detach_advantage": "detach the advantage in the policy term, −log π(a)·(R − V).detach(): the critic learns from "
+                        "its own squared error only, and the policy term moves the policy alone",
+    "entropy_bonus_sign": "subtract the entropy bonus, loss = policy loss − β·H(π): a loss that is minimised lowers an "
+                          "entropy added to it, and the policy turns one-hot",
     "positive_loss_weights": "keep learned loss weights positive: Kendall et al. 2018's exp(−s)·L + s with s = log σ² "
                              "learned, or softplus(w)·L — a free multiplier driven through 0 makes the loss unbounded "
                              "below",

@@ -20,8 +20,8 @@ import numpy as np
 from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_architecture, heavy_dropout_findings, run_meta,
                                               outside_gradients_note, stale_grad_findings, swapped_betas_findings,
                                               unexplained_flat_findings, misread_batch_findings,
-                                              attention_mask_findings, bce_target_findings, cold_logits_findings,
-                                              zero_path_findings)
+                                              attention_mask_findings, bce_target_findings, policy_loss_findings,
+                                              cold_logits_findings, zero_path_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
 from gradwatch.diagnosis.depth import depth_findings, earlier_episodes, past_depth_findings
@@ -110,6 +110,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += cut_input_findings(found, view, th)  # a layer fed a tensor cut from the graph (.sample() for .rsample())
     found += attention_mask_findings(found, view, th)  # masks of 0s and 1s as floats (masking nothing), or inverted
     found += bce_target_findings(found, view, th)  # a binary cross-entropy on targets outside [0, 1]: no minimum
+    found += policy_loss_findings(found, view, th)  # an advantage not detached, an entropy bonus added
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights
     found += swapped_betas_findings(found, view, th)  # Adam's betas swapped: steps no longer held near lr

@@ -102,7 +102,8 @@ BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logi
                      "smaller_step", "fp32_weights", "no_collapse",
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "unscale_before_clip", "positive_loss_weights",
-                     "bounded_objective", "probability_targets", "keep_state_graph"})
+                     "bounded_objective", "probability_targets", "keep_state_graph",
+                     "entropy_bonus_sign"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -286,6 +287,10 @@ def catalog() -> dict[str, list[Remedy]]:
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         "zero_reciprocal": one("zero_reciprocal", "0 where 1/x, x^(−p) or a division meets 0", s.zero_reciprocals),
+        "detach_advantage": one("detach_advantage", "the advantage detached in the policy term", s.detach_advantage),
+        "entropy_bonus_sign": [],  # the sign is the user's loss
+        "finite_mask": one("finite_mask", "finfo.min in place of −inf in a product (a mask: 0·(−inf) is NaN)",
+                           s.finite_inf_factors),
         "smooth_activation": one("smooth_activation", "Tanh in place of ReLU (a smooth second derivative)",
                                  s.smooth_activation),
         "zero_root": one("zero_root", "0 where a square root meets 0, its gradient too (Moindrot's triplet mask)",

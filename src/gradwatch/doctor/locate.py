@@ -55,6 +55,7 @@ class Origin:
     code: str  # that line's source, stripped
     from_inf: bool = False  # forward: a NaN made from inputs that held ±inf but no NaN (else from finite inputs)
     nan: bool = False  # forward, from finite inputs: the value made holds a NaN (0/0), not only ±inf (1/0)
+    inf_factor: bool = False  # forward: a NaN made from finite tensors and an argument ±inf itself (0·(−inf))
 
     @property
     def overflowed(self) -> bool:
@@ -80,6 +81,13 @@ class Origin:
         if self.from_inf:
             return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from inputs holding ±inf but "
                     f"no NaN (inf − inf, 0·inf)")
+        if self.inf_factor:
+            # round 46: a key-padding mask applied as s·m + (1 − m)·float('-inf') (cerebroai/reformers#3): every kept
+            # score 0·(−inf), NaN from step 0; the NaN was placed at the cross-entropy's backward
+            return (f"the first NaN is made by {self.op}{at}{line} at step {self.step}, from finite tensors and an "
+                    f"argument that is ±inf itself: 0·(−inf) is NaN — a mask applied by multiplying, (1 − m)·(−inf), "
+                    f"is NaN wherever m = 1; fill in place of multiplying (scores.masked_fill(m == 0, float('-inf'))) "
+                    f"or multiply by a large finite negative (torch.finfo(dtype).min, −1e9)")
         made = f"the first NaN/Inf is made by {self.op}{at}{line} at step {self.step}, from finite inputs"
         if self.op.rpartition(".")[2] in ("log", "log2", "log10"):
             made += (": the logarithm of an entry that is 0 — a probability or density computed outside log space "
@@ -188,17 +196,20 @@ class _FirstNonFinite(TorchFunctionMode):
         self.found: tuple[str, str, str] | None = None
         self.from_inf: tuple[str, str, str] | None = None  # the first NaN made from ±inf (no NaN given)
         self.found_nan = False  # the first value made from finite inputs holds a NaN (0/0), not only ±inf
+        self.inf_factor = False  # ... made with an argument that is ±inf itself: 0·(−inf)
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.found is None and not _infinite_argument((args, kwargs)):
+        if self.found is None:
+            infinite = _infinite_argument((args, kwargs))  # a mask filled with −inf: its ±inf is meant, a NaN not
             made = [t for t in _floats(out) if t.numel()]
             if made and not all(bool(torch.isfinite(t).all()) for t in made):
                 given = [t for t in _floats((args, kwargs)) if t.numel()]
-                if all(bool(torch.isfinite(t).all()) for t in given):
+                nan = any(bool(torch.isnan(t).any()) for t in made)
+                if (not infinite or nan) and all(bool(torch.isfinite(t).all()) for t in given):
                     self.found = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
-                    self.found_nan = any(bool(torch.isnan(t).any()) for t in made)
+                    self.found_nan, self.inf_factor = nan, infinite
                 elif (self.from_inf is None and any(bool(torch.isnan(t).any()) for t in made)
                       and not any(bool(torch.isnan(t).any()) for t in given)):
                     self.from_inf = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
@@ -207,7 +218,7 @@ class _FirstNonFinite(TorchFunctionMode):
     def origin(self, step: int) -> "Origin | None":
         """The forward origin found at ``step``: a value made from finite inputs first, else a NaN made from ±inf."""
         if self.found is not None:
-            return Origin(step, "forward", *self.found, nan=self.found_nan)
+            return Origin(step, "forward", *self.found, nan=self.found_nan, inf_factor=self.inf_factor)
         if self.from_inf is not None:
             return Origin(step, "forward", *self.from_inf, from_inf=True)
         return None
@@ -271,10 +282,12 @@ def _went_nonfinite(trial: Trial, loss: Any) -> bool:
     return False
 
 
-_FILE = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
+_FILE = re.compile(r'File "([^"]+)", line (\d+), in ([^\n]*)\n\s*([^\n]*)')
 
 
 def _forward_line(trace: str) -> tuple[str, str]:
-    """The innermost user frame of anomaly mode's "Traceback of forward call" text: ("file.py:123", code)."""
-    frames = [traceback.FrameSummary(f, int(n), "?", line=code) for f, n, code in _FILE.findall(trace)]
+    """The innermost user frame of anomaly mode's "Traceback of forward call" text: ("file.py:123", code). The
+    functions' names are read too: the default Trial.step() is told by its name (round 46: a cross-entropy that the
+    default step called was placed at the line that called ``gw.doctor``)."""
+    frames = [traceback.FrameSummary(f, int(n), name.strip(), line=code) for f, n, name, code in _FILE.findall(trace)]
     return _user_frame(frames)

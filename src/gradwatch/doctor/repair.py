@@ -59,8 +59,8 @@ DEFAULT_STEPS = 300  # per trial, where neither the call nor the set-up says
 # the rows that change the operation that made a first NaN (not a row that keeps the run away from it): where the
 # best row holds one of them, the message does not say it may only postpone the NaN (round 26: a CTC loss's
 # zero_infinity, the source's own fix, was told so)
-MENDS_THE_ORIGIN = frozenset({"zero_reciprocal", "zero_root", "log_space", "ctc_zero_infinity", "biased_variance",
-                              "weight_norm_init"})
+MENDS_THE_ORIGIN = frozenset({"zero_reciprocal", "finite_mask", "zero_root", "log_space", "ctc_zero_infinity",
+                              "biased_variance", "weight_norm_init"})
 
 
 def doctor(setup: SetupFn | str, *, steps: int | None = None, seeds: int = 1, rounds: int = MAX_ROUNDS,
@@ -413,6 +413,8 @@ def _doctor(setup: SetupFn | str, steps: int, seeds: int, rounds: int, budget_s:
         if (made is not None and made.phase == "forward" and not made.from_inf
                 and made.op.rpartition(".")[2] in RECIPROCALS):
             candidates = catalog["zero_reciprocal"] + candidates
+        elif made is not None and made.phase == "forward" and made.inf_factor:
+            candidates = catalog["finite_mask"] + candidates  # round 46: (1 − m)·(−inf), NaN at every kept score
         elif made is not None and made.phase == "backward" and made.op in ROOT_BACKWARDS:
             candidates = catalog["zero_root"] + candidates  # round 26: a triplet loss's sqrt of a 0 distance
         elif made is not None and made.phase == "input" and all(r.key != "impute_inputs" for r in candidates):

@@ -364,6 +364,29 @@ def grad_with_graph(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+class _StepUnder:
+    """A trial's step run under a torch function mode, model, loss and all (a loss the set-up's own step() computes
+    too)."""
+
+    def __init__(self, step: Callable[[], Tensor], mode: Callable[[], Any]) -> None:
+        self.step, self.mode = step, mode
+
+    def __call__(self) -> Tensor:
+        with self.mode():
+            return self.step()
+
+
+def detach_advantage(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's step run under :class:`~gradwatch.remedies.structure.DetachedAdvantage`: the weight of a policy's
+    gathered log-probability taken detached where it has a gradient of its own (an actor-critic's R − V). Round 46:
+    an actor-critic on a digits bandit (coreylynch/async-rl#8)."""
+    from gradwatch.remedies.structure import DetachedAdvantage
+
+    trial.step = _StepUnder(trial.step, DetachedAdvantage)  # type: ignore[method-assign]
+    note_change(trial, "the advantage multiplied into log π(a) detached during each step")
+    return trial
+
+
 def note_change(trial: Trial, words: str) -> None:
     """Say what a change did beyond its label (where the skips went, what it kept): the row's notes and the best
     remedy's message carry it (``TrialResult.changed``); changes combined in one row are joined by "; "."""
@@ -890,6 +913,18 @@ def zero_reciprocals(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     trial.model = UnderMode(trial.model, ZeroReciprocals)
     trial.loss_fn = UnderLossMode(trial.loss_fn, ZeroReciprocals)  # (a division written in the loss function)
     note_change(trial, "0 in place of ±inf where a power with a negative exponent, 1/x or a division met an entry of 0")
+    return trial
+
+
+def finite_inf_factors(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The model and the trial's loss run under :class:`~gradwatch.remedies.structure.FiniteInfFactors`: a product
+    given ±inf (a mask applied as ``(1 − m)·float('-inf')``) takes the dtype's extreme finite value in its place,
+    so that 0·(−inf) is 0, not the NaN that made the run's first."""
+    from gradwatch.remedies.structure import FiniteInfFactors, UnderMode
+
+    trial.model = UnderMode(trial.model, FiniteInfFactors)
+    trial.loss_fn = UnderLossMode(trial.loss_fn, FiniteInfFactors)  # (a mask applied in the loss function)
+    note_change(trial, "torch.finfo(dtype).min in place of −inf (and max for +inf) wherever a product is given one")
     return trial
 
 

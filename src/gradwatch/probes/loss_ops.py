@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from torch import Tensor
 
 from gradwatch.probes.graph import SAME_ELEMENTS
+from gradwatch.probes.policy_loss import policy_loss
 from gradwatch.probes.similarity import unnormalised_similarity
 
 # the operations of a layer (a weight meets its input): the walk from the loss stops there
@@ -75,13 +76,13 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     (:func:`loss_broadcast`), ``loss_ops``, the names of the backward operations between the loss and the layers
     (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), ``nll_on_scores``
     (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`), ``softmax_over_one``
-    (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`), ``mean_divided`` (:func:`mean_divided`)
-    and ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`). Reads only;
-    never fails the run."""
+    (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`), ``mean_divided`` (:func:`mean_divided`),
+    ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`) and ``policy_loss``
+    (:func:`gradwatch.probes.policy_loss.policy_loss`). Reads only; never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
             "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss),
-            "unnormalised_similarity": unnormalised_similarity(loss)}
+            "unnormalised_similarity": unnormalised_similarity(loss), "policy_loss": policy_loss(loss)}
 
 
 # the loss functions whose value is never below 0: a sum of them with positive weights is not either

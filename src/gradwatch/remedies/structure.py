@@ -610,6 +610,48 @@ def _zero_at_zeros(func: Any, args: tuple, at: int, kwargs: dict) -> Any:
     return torch.where(zero, torch.zeros_like(out), out)
 
 
+# the products a mask is applied by: s·m + (1 − m)·(−inf) (the operator's own names and torch's functions)
+PRODUCT_OPS = frozenset({"mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__"})
+
+
+class FiniteInfFactors(TorchFunctionMode):
+    """While open, every product (:data:`PRODUCT_OPS`) given a number that is ±inf itself takes the dtype's extreme
+    finite value in its place (``torch.finfo(dtype).min`` for −inf), so that 0·(−inf) is 0 and 1·(−inf) a score no
+    softmax keeps: a mask applied by multiplying, ``(1 − m)·float('-inf')``, is NaN wherever m = 1 (cerebroai/
+    reformers#3: "Changed to * -1e9 has fixed it"). Every other call runs as it was made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in PRODUCT_OPS or not any(
+                isinstance(a, float) and math.isinf(a) for a in args):
+            return func(*args, **kwargs)
+        tensor = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        if tensor is None:
+            return func(*args, **kwargs)
+        big = torch.finfo(tensor.dtype).max
+        return func(*(math.copysign(big, a) if isinstance(a, float) and math.isinf(a) else a for a in args), **kwargs)
+
+
+class DetachedAdvantage(TorchFunctionMode):
+    """While open, a product of a gathered log-probability (a policy's log π(a)) and a weight that has a gradient of
+    its own from outside it (an advantage R − V not detached) takes the weight detached: the policy term moves the
+    policy alone, and the critic learns from its own loss (coreylynch/async-rl#8). Every other call runs as made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from gradwatch.probes.policy_loss import WEIGHT_REACH, gathered_log_prob, reaches
+
+        kwargs = kwargs or {}
+        if (getattr(func, "__name__", "") not in PRODUCT_OPS or len(args) != 2
+                or not all(isinstance(a, Tensor) and a.grad_fn is not None for a in args)):
+            return func(*args, **kwargs)
+        a, b = args
+        for i, (mine, other) in enumerate(((a, b), (b, a))):
+            source = gathered_log_prob(mine.grad_fn)
+            if source is not None and not reaches(other.grad_fn, source, WEIGHT_REACH):
+                return func(*((a, b.detach()) if i == 0 else (a.detach(), b)), **kwargs)
+        return func(*args, **kwargs)
+
+
 # the step-like operations a straight-through estimator passes the gradient around: zero derivative almost everywhere
 STEP_LIKE = frozenset({"round", "floor", "ceil", "trunc", "fix", "sign", "sgn"})
 
