@@ -341,3 +341,19 @@ def test_the_doctor_detaches_the_advantage():
     report = gw.doctor(_bandit, steps=600, progress=False)
     assert report.best is not None and report.best.parts == ("detach_advantage",), str(report)
     assert report.best.verdict == "fixes it" and report.best.score > 0.85
+
+
+def test_the_doctor_s_constant_output_puts_back_the_loss_s_own_generator(tmp_path):
+    from gradwatch.doctor.trial_run import run_trial
+    from gradwatch.trial import null_output, own_generators
+
+    trial = _bandit(0)
+    (g,) = own_generators(trial.loss_fn)
+    before = g.get_state()
+    null_output(trial)
+    # the reference: the generator's state as it was, so that training draws the same actions
+    assert torch.equal(g.get_state(), before)
+    plain = _bandit(0)
+    for _ in range(600):
+        plain.step()
+    assert run_trial(_bandit, 0, 600, tmp_path, "baseline", None, {}).score == plain.evaluate(plain.model)
