@@ -280,7 +280,8 @@ def own_generators(fn: Any) -> list[torch.Generator]:
     is called; the doctor's extra calls put their states back (round 46: an actor-critic's baseline in the doctor
     scored 0.20 where the same run plainly scored 0.35)."""
     found: list[torch.Generator] = []
-    todo, seen = [fn], set()
+    todo: list[Any] = [fn]
+    seen: set[int] = set()
     while todo and len(seen) < GENERATOR_REACH:
         obj = todo.pop()
         if id(obj) in seen:
