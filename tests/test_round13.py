@@ -57,9 +57,10 @@ def _distillation_trial(seed: int, t_squared: bool = False) -> gw.Trial:
 @pytest.mark.parametrize("seed", SEED_0_FAST)
 def test_a_loss_whose_gradient_is_scaled_down_from_the_start_is_found_in_a_run_from_its_initialisation(store, seed):
     """By hand: the first gradient is exactly 1/T² of the twin's (the same seed and batch), the twin learns and the
-    student without T² stays at chance. A watch's default diagnosis stays silent (a converged run resumed looks the
-    same); read as a run from its initialisation (``Thresholds(from_init=True)``, the doctor's trials) it is a
-    stalled run, the loss's scale named, and a higher rate."""
+    student without T² stays at chance. Read as a run from its initialisation (``Thresholds(from_init=True)``, the
+    doctor's trials) it is a stalled run, the loss's scale named, and a higher rate; and so it is by default, since
+    the student starts at PyTorch's default initialisation (meta ``default_init``, round 47). A student that starts
+    elsewhere is read by default as a run that may have converged (see the next test)."""
     grads = []
     for t_squared in (False, True):
         trial = _distillation_trial(seed, t_squared)
@@ -73,14 +74,31 @@ def test_a_loss_whose_gradient_is_scaled_down_from_the_start_is_found_in_a_run_f
         for _ in range(300):
             w.log(loss=trial.step())
     assert trial.evaluate(trial.model) < 0.2  # chance, ten classes
-    assert not w.diagnose().problems
-    (f,) = w.diagnose(gw.Thresholds(from_init=True)).problems
-    assert f.kind == "stalled" and "T² factor" in f.cause, f
-    assert f.remedy_keys == ("raise_lr", "adam")
+    assert gw.open_run(store / f"kd-{seed}").meta["default_init"]
+    for thresholds in (gw.Thresholds(), gw.Thresholds(from_init=True)):
+        (f,) = w.diagnose(thresholds).problems
+        assert f.kind == "stalled" and "T² factor" in f.cause, f
+        assert f.remedy_keys == ("raise_lr", "adam")
     twin = _distillation_trial(seed, t_squared=True)
     for _ in range(300):
         twin.step()
     assert twin.evaluate(twin.model) > 0.9
+
+
+def test_a_student_that_does_not_start_at_the_default_initialisation_is_read_as_one_that_may_have_converged(store):
+    """The same student with its layers drawn by Xavier's rule (not PyTorch's default): by default a flat loss of
+    short steps is no finding (a converged run resumed looks the same), under ``from_init=True`` it is."""
+    trial = _distillation_trial(0)
+    for layer in trial.model[::2]:
+        nn.init.xavier_uniform_(layer.weight)
+    with gw.watch(trial.model, trial.optimizer, store=store, name="kd-xavier") as w:
+        for _ in range(300):
+            w.log(loss=trial.step())
+    # the reference: still at chance, and its weights 1.7× the default's std
+    assert trial.evaluate(trial.model) < 0.2 and not gw.open_run(store / "kd-xavier").meta["default_init"]
+    assert not w.diagnose().problems
+    (f,) = w.diagnose(gw.Thresholds(from_init=True)).problems
+    assert f.kind == "stalled" and "T² factor" in f.cause, f
 
 
 @pytest.mark.slow  # a doctor's table on a round's set-up: make test-slow (CI's 20 minutes on 2 cores)

@@ -357,3 +357,63 @@ def test_the_doctor_s_constant_output_puts_back_the_loss_s_own_generator(tmp_pat
     for _ in range(600):
         plain.step()
     assert run_trial(_bandit, 0, 600, tmp_path, "baseline", None, {}).score == plain.evaluate(plain.model)
+
+
+# -- round 47: a global magnitude pruning at initialisation that takes whole layers (Tanaka et al. 2020, §3) ---------
+
+def _pruned(seed: int, per_layer: bool = False) -> gw.Trial:
+    """An MLP 64-1024-256-10 (ReLU) pruned to 95 % at initialisation by one global L1 threshold, as the PyTorch
+    pruning tutorial's "Global pruning" does (the wider layers start with smaller weights, and lose all of them);
+    ``per_layer``: each layer pruned to 95 % on its own."""
+    from torch.nn.utils import prune
+
+    x, y = digits_in_order_123()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10))
+    layers = [(model[i], "weight") for i in (0, 2, 4)]
+    if per_layer:
+        for module, name in layers:
+            prune.l1_unstructured(module, name, amount=0.95)
+    else:
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.95)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1400, 64, 1000 + seed),
+                    F.cross_entropy, evaluate=held_out_accuracy(x, y, 1400))
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_layers_a_global_pruning_emptied_are_told_first(tmp_path, seed):
+    import warnings
+
+    bug, twin = _pruned(seed), _pruned(seed, per_layer=True)
+    # the reference: the global threshold left layers with no weight at all; pruned layer by layer, the net learns
+    emptied = [i for i in (0, 2, 4) if not bool(bug.model[i].weight_mask.any())]
+    assert emptied
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a pruned weight is no leaf: the watch reads no .grad of it)
+        w_bug, w_twin = watched_pair(bug, twin, tmp_path)
+    assert bug.evaluate(bug.model) < 0.2 and twin.evaluate(twin.model) > 0.85
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == "prune_per_layer" for f in problems), str(w_bug.diagnose())
+    assert all(str(i) in problems[0].cause for i in emptied) and "Tanaka" in problems[0].cause
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_the_row_redraws_each_mask_on_its_own_layer_at_the_same_sparsity():
+    from gradwatch.doctor import surgery
+
+    trial = surgery.prune_per_layer(_pruned(0), {})
+    # the reference: each layer keeps its own 5 % largest |w_orig| (prune.l1_unstructured's rule, per layer)
+    for i in (0, 2, 4):
+        module = trial.model[i]
+        kept = int(module.weight_mask.sum())
+        assert kept == round(0.05 * module.weight_mask.numel())
+        assert float(module.weight_orig.abs()[module.weight_mask.bool()].min()) >= float(
+            module.weight_orig.abs()[~module.weight_mask.bool()].max())
+    assert surgery.prune_per_layer(_pruned(0, per_layer=True), {}) is None
+
+
+@pytest.mark.slow
+def test_the_doctor_prunes_layer_by_layer():
+    report = gw.doctor(_pruned, steps=300, progress=False)
+    assert report.best is not None and report.best.parts == ("prune_per_layer",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.85

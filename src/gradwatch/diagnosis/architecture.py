@@ -241,16 +241,19 @@ def hand_written_steps(run: Run) -> str:
 
 def shrinking_steps(run: Run) -> str:
     """Words for a hand-written optimizer (see :func:`hand_written_steps`, which checks its class) under which every
-    parameter's norm ended at :data:`WEIGHTS_SHRUNK_TO` of its first read or less, ''  otherwise: a decay written
-    by hand that the step cannot hold. Round 46: a hand-written AdamW doing ``p.mul_(1 − weight_decay)``, the paper's
+    parameter that got a gradient ended at :data:`WEIGHTS_SHRUNK_TO` of its norm's first read or less, '' otherwise: a
+    decay written by hand that the step cannot hold. Round 46: a hand-written AdamW doing ``p.mul_(1 − weight_decay)``, the paper's
     Algorithm 2 at η = 1 (egg-west/AdamW-pytorch#1; tensorflow/addons#2282), given torch's recipe's 0.05: every
     weight of a CNN at ~0 in 300 steps, chance held out (0.95 with the decay × lr, torch.optim.AdamW's rule), told
     "dead units … negative biases, a large step" before."""
-    w = run.series("weight_norm", "param")
+    w, g = run.series("weight_norm", "param"), run.series("grad_norm", "param")
     if len(w.steps) < 3 or not len(w.names):
         return ""
     first, last = w.values[:, 0], w.values[:, -1]
-    ok = np.isfinite(first) & np.isfinite(last) & (first > 0)
+    # the parameters the steps moved with a gradient: one that gets none shrinks under any decay (round 43: LAMB's
+    # zero head passed no gradient below it, and its decay alone shrank the layers there)
+    fed = np.array([n in g.names and float(np.nanmedian(g.values[g.names.index(n)])) > 0 for n in w.names])
+    ok = np.isfinite(first) & np.isfinite(last) & (first > 0) & fed
     if not ok.any() or not (last[ok] <= WEIGHTS_SHRUNK_TO * first[ok]).all() or not np.isfinite(w.values).all():
         return ""
     ratios = last[ok] / first[ok]
@@ -953,6 +956,20 @@ def raw_inputs(run: Run) -> str:
             f"large: saturated or dead from the start")
 
 
+def pruned_layers(run: Run) -> str:
+    """Words for layers whose every weight a pruning mask removes (meta ``pruned_whole``), '' otherwise. Round 47:
+    ``prune.global_unstructured`` at 95 % at initialisation took every weight of two of three layers (layer
+    collapse, Tanaka et al. 2020, §3), chance held out against 0.92–0.94 pruned layer by layer; told "torch.round …
+    or ReLU units all dead" before."""
+    whole = run_meta(run).get("pruned_whole") or {}
+    if not isinstance(whole, dict) or not whole:
+        return ""
+    return (f"pruning: the masks of torch.nn.utils.prune remove every weight of {listed(sorted(whole))} — no signal "
+            f"passes them, and no step brings a pruned weight back (the mask zeroes it at every forward pass); a "
+            f"global magnitude pruning at initialisation takes whole layers, those whose weights start smaller "
+            f"(layer collapse: Tanaka et al. 2020, §3)")
+
+
 def undetached_advantage(run: Run) -> str:
     """Words for a policy-gradient loss whose advantage carries a gradient of its own (meta ``policy_loss``:
     :func:`gradwatch.probes.policy_loss.policy_loss`), '' otherwise. Round 46: an actor-critic on a digits bandit
@@ -1095,6 +1112,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (swapped_betas, ("adam_betas",), _ANY_KIND),
     (heavy_dropout, ("lower_dropout",), _ANY_KIND),
     (zero_init, ("he_init",), _ANY_KIND),
+    (pruned_layers, ("prune_per_layer",), _ANY_KIND),
     (zero_norm_scales, ("norm_scale_one",), _ANY_KIND),
     (negative_constant_biases, ("zero_bias",), _SHRUNK_KINDS),
     (unmoved_zero_layer, ("redraw_zero",), _ANY_KIND),

@@ -228,6 +228,9 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "prune_per_layer": "prune layer by layer (prune.l1_unstructured on each module at the sparsity wanted), or keep a "
+                       "share of every layer's weights (SynFlow's iterative scores): a global threshold takes whole "
+                       "layers",
     "detach_advantage": "detach the advantage in the policy term, −log π(a)·(R − V).detach(): the critic learns from "
                         "its own squared error only, and the policy term moves the policy alone",
     "entropy_bonus_sign": "subtract the entropy bonus, loss = policy loss − β·H(π): a loss that is minimised lowers an "

@@ -364,6 +364,30 @@ def grad_with_graph(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+@torch.no_grad()
+def prune_per_layer(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every pruning mask of torch.nn.utils.prune (a ``<name>_mask`` buffer beside ``<name>_orig``) drawn again layer
+    by layer at the sparsity all of them had together: each keeps its own largest-magnitude share of ``<name>_orig``
+    (``prune.l1_unstructured``'s rule), in place, so that the pruning hook and the optimizer run as they were. None
+    where the model has no such mask, or none that a global threshold emptied."""
+    masks = [(m, name.removesuffix("_mask"), mask) for m in trial.model.modules()
+             for name, mask in m.named_buffers(recurse=False)
+             if name.endswith("_mask") and isinstance(getattr(m, f"{name.removesuffix('_mask')}_orig", None),
+                                                      nn.Parameter)]
+    if not masks or not any(not bool(mask.any()) for _, _, mask in masks):
+        return None
+    pruned = sum(int((mask == 0).sum()) for _, _, mask in masks) / sum(mask.numel() for _, _, mask in masks)
+    for module, base, mask in masks:
+        weight = getattr(module, f"{base}_orig").detach().abs().flatten()
+        keep = max(1, round((1 - pruned) * weight.numel()))
+        kept = torch.zeros_like(weight)
+        kept[torch.topk(weight, keep).indices] = 1
+        mask.copy_(kept.view_as(mask))
+    note_change(trial, f"each of {len(masks)} pruning masks redrawn on its own layer's magnitudes, at the "
+                       f"{pruned:.0%} they pruned together")
+    return trial
+
+
 class _StepUnder:
     """A trial's step run under a torch function mode, model, loss and all (a loss the set-up's own step() computes
     too)."""

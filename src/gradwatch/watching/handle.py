@@ -519,7 +519,8 @@ class Watch:
         for layer in self._steps.layers:
             w = getattr(layer.module, "weight", None)
             if (isinstance(layer.module, (nn.Embedding, nn.EmbeddingBag)) or not isinstance(w, torch.Tensor)
-                    or w.dim() < 2 or w.numel() < 64 or not w.is_floating_point() or w.grad is None or w.grad.is_sparse):
+                    or w.dim() < 2 or w.numel() < 64 or not w.is_floating_point() or not w.is_leaf
+                    or w.grad is None or w.grad.is_sparse):  # (not a leaf: a pruned weight, weight_orig × mask)
                 continue
             zero = w.grad.detach().reshape(w.shape[0], -1) == 0
             share = float(zero.float().mean())

@@ -50,6 +50,12 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "zero_weight_norms": zero_weight_norms(model),
         # Normalisation layers whose scale γ starts at 0 in every entry: each outputs its shift, whatever its input.
         "zero_norm_scales": zero_norm_scales(model),
+        # Weights that a pruning mask (torch.nn.utils.prune's ``<name>_mask``) removes whole: module -> [the parameter,
+        # its entries]. A global magnitude pruning at initialisation takes whole layers (Tanaka et al. 2020, §3).
+        "pruned_whole": pruned_whole(model),
+        # Every Linear and convolution at PyTorch's default initialisation (a weight std within DEFAULT_INIT_WITHIN of
+        # kaiming_uniform_(a=√5)'s 1/√(3·fan_in)): the run starts from its initialisation, not from trained weights.
+        "default_init": default_init(model),
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -104,6 +110,36 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "position_names": position_names(model),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
+
+
+def pruned_whole(model: nn.Module) -> dict[str, list]:
+    """The modules whose pruning mask (a ``<name>_mask`` buffer beside a ``<name>_orig`` parameter, as
+    torch.nn.utils.prune keeps them) is 0 in every entry: {module: [name, entries]}."""
+    found: dict[str, list] = {}
+    for path, module in model.named_modules():
+        for name, mask in module.named_buffers(recurse=False):
+            base = name.removesuffix("_mask")
+            if (name.endswith("_mask") and isinstance(getattr(module, f"{base}_orig", None), nn.Parameter)
+                    and mask.numel() and not bool(mask.any())):
+                found[path] = [base, int(mask.numel())]
+    return found
+
+
+DEFAULT_INIT_WITHIN = 1.25  # a weight std within this factor of the default init's (either way) is the default's
+
+
+def default_init(model: nn.Module) -> bool:
+    """Every ``nn.Linear`` and convolution of the model (at least one, each with 64 weights or more) has a weight std
+    within :data:`DEFAULT_INIT_WITHIN` of PyTorch's default initialisation's, kaiming_uniform_(a=√5): U(±1/√fan_in),
+    std 1/√(3·fan_in)."""
+    stds = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(weight, torch.Tensor)
+                and weight.dim() >= 2 and weight.numel() >= 64 and weight.is_floating_point()):
+            fan_in = weight[0].numel()
+            stds.append(float(weight.detach().float().std()) * (3 * fan_in) ** 0.5)
+    return bool(stds) and all(1 / DEFAULT_INIT_WITHIN <= s <= DEFAULT_INIT_WITHIN for s in stds)
 
 
 POSITION_WORDS = ("pos", "wpe", "rotary", "rope", "alibi", "relative")  # in a name, case aside: token positions
