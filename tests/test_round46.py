@@ -417,3 +417,61 @@ def test_the_doctor_prunes_layer_by_layer():
     report = gw.doctor(_pruned, steps=300, progress=False)
     assert report.best is not None and report.best.parts == ("prune_per_layer",), str(report)
     assert report.best.verdict == "fixes it" and report.best.score > 0.85
+
+
+# -- round 47: a model left by a learning-rate range test that was not reset (davidtvs/pytorch-lr-finder#11) ---------
+
+def _range_tested(seed: int, reset: bool = False) -> gw.Trial:
+    """An MLP 64-128-128-10 (ReLU) under Adam(lr=1e-7, weight_decay=1e-2) as in the issue, put through torch-lr-
+    finder's range test (the rate 1e-7 → 100 exponentially over 100 batches, stopped once the smoothed loss passes 5×
+    its best), then trained at the rate read off the plot, 1e-3; ``reset``: the model and the optimizer's state
+    restored first (lr_finder.reset())."""
+    import copy
+
+    x, y = digits_in_order_123()
+    x = (x - x[:1400].mean(0)) / (x[:1400].std(0) + 1e-3)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-7, weight_decay=1e-2)
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    best, smooth = math.inf, 0.0
+    for i, (xb, yb) in zip(range(100), drawn_batches(x, y, 1400, 64, 10_000 + seed)):
+        for group in opt.param_groups:
+            group["lr"] = 1e-7 * (100 / 1e-7) ** (i / 99)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        smooth = 0.98 * smooth + 0.02 * float(loss)
+        best = min(best, smooth / (1 - 0.98 ** (i + 1)))
+        if smooth / (1 - 0.98 ** (i + 1)) > 5 * best:
+            break
+    if reset:
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+    for group in opt.param_groups:
+        group["lr"] = 1e-3
+    return gw.Trial(model, opt, drawn_batches(x, y, 1400, 64, 1000 + seed), F.cross_entropy,
+                    evaluate=held_out_accuracy(x, y, 1400))
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_cross_entropy_ending_above_a_guess_names_weights_blown_up_before_the_run(tmp_path, seed):
+    bug, twin = _range_tested(seed), _range_tested(seed, reset=True)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
+    # the reference: the range test left the weights many times the default init's, and the loss ends above a guess's
+    xb, yb = next(_range_tested(seed).batches)
+    with torch.no_grad():
+        assert float(F.cross_entropy(bug.model(xb), yb)) > 2 * math.log(10)
+    assert bug.evaluate(bug.model) < 0.85 and twin.evaluate(twin.model) > 0.93
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "reset_weights", str(w_bug.diagnose())
+    assert problems[0].numbers["init_scale"] > 5
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+@pytest.mark.slow
+def test_the_doctor_starts_a_blown_up_model_from_an_initialisation():
+    report = gw.doctor(_range_tested, steps=300, progress=False)
+    assert report.best is not None and "reset_weights" in report.best.parts, str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.9

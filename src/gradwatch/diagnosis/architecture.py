@@ -1256,6 +1256,50 @@ def bce_target_findings(found: list[Finding], run: Run, th: Thresholds) -> list[
     return [replace(finding, severity="critical" if below is not None else "warning")]
 
 
+CONFIDENTLY_WRONG = 2.0  # a cross-entropy ending at this multiple of a uniform guess's ln C or more
+BLOWN_UP_FROM = 5.0  # weights that start at this multiple of the default initialisation's std or more
+
+
+def confidently_wrong_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A cross-entropy (an NLL of a log-softmax, read off the loss's graph) whose logged loss ended at
+    :data:`CONFIDENTLY_WRONG` × ln C or more — worse than answering every class alike, so the model is confident
+    where it is wrong — where no rule found a problem: one ``exploding`` warning, its cause the weights' scale at the
+    start where they were :data:`BLOWN_UP_FROM` × the default initialisation's or more (meta ``init_scale``). Round
+    47: a model left by a learning-rate range test that was not reset (davidtvs/pytorch-lr-finder#11), its weights
+    at ×14–18 the default's, the loss 276 → 6–67 against ln 10 = 2.3, 0.69–0.77 held out against 0.96–0.97, told
+    only "dead units" (info) before."""
+    if any(f.severity != "info" for f in found) or "output_classes" not in run.quantities:
+        return []
+    ops = set(run_meta(run).get("loss_ops") or ())
+    if not {"NllLossBackward0", "LogSoftmaxBackward0"} <= ops:
+        return []
+    classes = float(np.nanmedian(run.series("output_classes", "run").values[0]))
+    ends = loss_ends(run, th)
+    if not classes >= 2 or ends is None or not ends[1] >= CONFIDENTLY_WRONG * math.log(classes):
+        return []
+    scale = run_meta(run).get("init_scale")
+    blown = isinstance(scale, (int, float)) and scale >= BLOWN_UP_FROM
+    cause = (f"weights far from an initialisation: when the watch started the largest layer's weights were ×"
+             f"{scale:.3g} the std of PyTorch's default initialisation, so the logits are huge and every mistake "
+             f"costs more than a guess — a model trained before this run at a rate that blew its weights up (a "
+             f"learning-rate range test whose model and optimizer were not reset: davidtvs/pytorch-lr-finder#11)"
+             if blown else "logits grown so large that each wrong answer costs more than a guess")
+    return [Finding(
+        kind="exploding", severity="warning", layers=(), steps=(0, int(run.series("loss", "run").steps[-1])),
+        summary=f"the cross-entropy ends at {sci(ends[1])}, above {CONFIDENTLY_WRONG:g} × a uniform guess's "
+                f"ln {classes:g} = {math.log(classes):.3g}: confident wrong answers",
+        evidence=(f"the logged loss went {sci(ends[0])} → {sci(ends[1])} (medians of its first {th.spike_after} and "
+                  f"last {4 * th.window} values), a cross-entropy over {classes:g} classes (its graph: an NLL of a "
+                  f"log-softmax), whose value for outputs that answer every class alike is ln {classes:g}"
+                  + (f"; the weights at the start: ×{scale:.3g} the default initialisation's std (meta init_scale)."
+                     if blown else ".")),
+        cause=cause, remedies=remedies("reset_weights") if blown else remedies("lower_lr", "clip_norm"),
+        numbers={"loss_first": ends[0], "loss_final": ends[1], "classes": classes,
+                 **({"init_scale": float(scale)} if blown and scale is not None else {})},
+        sources=("loss (run)", "meta loss_ops", "output_classes (run)", *(("meta init_scale",) if blown else ())),
+    )]
+
+
 def policy_loss_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """A policy-gradient loss whose advantage carries a gradient (:func:`undetached_advantage`) or that adds the
     policy's entropy (:func:`entropy_minimised`), where no rule found a problem to give that cause to: one warning of

@@ -228,6 +228,9 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "reset_weights": "start from an initialisation: re-initialise the model (each module's reset_parameters()) and "
+                     "build a fresh optimizer — or load the weights saved before the learning-rate range test "
+                     "(lr_finder.reset())",
     "prune_per_layer": "prune layer by layer (prune.l1_unstructured on each module at the sparsity wanted), or keep a "
                        "share of every layer's weights (SynFlow's iterative scores): a global threshold takes whole "
                        "layers",

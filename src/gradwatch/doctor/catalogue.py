@@ -287,6 +287,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "train_mode": one("train_mode", "model.train() (it trained in eval mode)", s.train_mode),
         "group_norm": one("group_norm", "GroupNorm in place of BatchNorm", s.group_norm),
         "zero_reciprocal": one("zero_reciprocal", "0 where 1/x, x^(−p) or a division meets 0", s.zero_reciprocals),
+        "reset_weights": one("reset_weights", "the model re-initialised, the optimizer's state cleared",
+                             s.reset_weights),
         "prune_per_layer": one("prune_per_layer", "pruned layer by layer at the same sparsity", s.prune_per_layer),
         "detach_advantage": one("detach_advantage", "the advantage detached in the policy term", s.detach_advantage),
         "entropy_bonus_sign": [],  # the sign is the user's loss

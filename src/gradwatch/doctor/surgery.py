@@ -388,6 +388,19 @@ def prune_per_layer(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+@torch.no_grad()
+def reset_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every module of the model re-initialised by its own ``reset_parameters()`` (PyTorch's default init) and the
+    optimizer's state cleared (its moments of the weights before): a model whose weights a run before this one blew
+    up starts from an initialisation. None where no module has ``reset_parameters``."""
+    found = [m for m in trial.model.modules() if callable(getattr(m, "reset_parameters", None))]
+    for m in found:
+        getattr(m, "reset_parameters")()
+    trial.optimizer.state.clear()
+    note_change(trial, f"{len(found)} modules re-initialised (reset_parameters()), the optimizer's state cleared")
+    return trial if found else None
+
+
 class _StepUnder:
     """A trial's step run under a torch function mode, model, loss and all (a loss the set-up's own step() computes
     too)."""

@@ -56,6 +56,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         # Every Linear and convolution at PyTorch's default initialisation (a weight std within DEFAULT_INIT_WITHIN of
         # kaiming_uniform_(a=√5)'s 1/√(3·fan_in)): the run starts from its initialisation, not from trained weights.
         "default_init": default_init(model),
+        # ... and the largest of those layers' weight std over the default's: a model trained before the watch at a
+        # rate that blew its weights up (an LR range test not reset) starts at ×10 or more.
+        "init_scale": init_scale(model),
         "activations": [{"name": a.name, "module": type(a.module).__name__} for a in parts.activations],
         "recurrent": recurrent,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -128,18 +131,30 @@ def pruned_whole(model: nn.Module) -> dict[str, list]:
 DEFAULT_INIT_WITHIN = 1.25  # a weight std within this factor of the default init's (either way) is the default's
 
 
-def default_init(model: nn.Module) -> bool:
-    """Every ``nn.Linear`` and convolution of the model (at least one, each with 64 weights or more) has a weight std
-    within :data:`DEFAULT_INIT_WITHIN` of PyTorch's default initialisation's, kaiming_uniform_(a=√5): U(±1/√fan_in),
-    std 1/√(3·fan_in)."""
-    stds = []
+def _default_ratios(model: nn.Module) -> list[float]:
+    """For every ``nn.Linear`` and convolution of 64 weights or more: its weight std over PyTorch's default
+    initialisation's, kaiming_uniform_(a=√5): U(±1/√fan_in), std 1/√(3·fan_in)."""
+    ratios = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(weight, torch.Tensor)
                 and weight.dim() >= 2 and weight.numel() >= 64 and weight.is_floating_point()):
-            fan_in = weight[0].numel()
-            stds.append(float(weight.detach().float().std()) * (3 * fan_in) ** 0.5)
-    return bool(stds) and all(1 / DEFAULT_INIT_WITHIN <= s <= DEFAULT_INIT_WITHIN for s in stds)
+            ratios.append(float(weight.detach().float().std()) * (3 * weight[0].numel()) ** 0.5)
+    return ratios
+
+
+def default_init(model: nn.Module) -> bool:
+    """Every ``nn.Linear`` and convolution (at least one) has a weight std within :data:`DEFAULT_INIT_WITHIN` of
+    PyTorch's default initialisation's (:func:`_default_ratios`)."""
+    ratios = _default_ratios(model)
+    return bool(ratios) and all(1 / DEFAULT_INIT_WITHIN <= r <= DEFAULT_INIT_WITHIN for r in ratios)
+
+
+def init_scale(model: nn.Module) -> float | None:
+    """The largest weight std over the default initialisation's among the Linear and convolution layers (None
+    without one; NaN-free: a non-finite weight is left out)."""
+    ratios = [r for r in _default_ratios(model) if r == r and r != float("inf")]
+    return max(ratios) if ratios else None
 
 
 POSITION_WORDS = ("pos", "wpe", "rotary", "rope", "alibi", "relative")  # in a name, case aside: token positions
