@@ -475,3 +475,56 @@ def test_the_doctor_starts_a_blown_up_model_from_an_initialisation():
     report = gw.doctor(_range_tested, steps=300, progress=False)
     assert report.best is not None and "reset_weights" in report.best.parts, str(report)
     assert report.best.verdict == "fixes it" and report.best.score > 0.9
+
+
+# -- round 47: tsai's MAPE, |ŷ − y| / clamp_min(y, 1e-8), on a series that crosses 0 (timeseriesAI/tsai#524) --------
+
+def _series(n: int = 1624, lags: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin(2πt/24) + 0.5·sin(2πt/7 + 1) + 0.1·noise (a fixed draw), windows of 24 lags → the next value; the first
+    1200 to train on."""
+    t = torch.arange(n + lags, dtype=torch.float32)
+    g = torch.Generator().manual_seed(47)
+    s = torch.sin(2 * math.pi * t / 24) + 0.5 * torch.sin(2 * math.pi * t / 7 + 1) + 0.1 * torch.randn(n + lags,
+                                                                                                    generator=g)
+    return torch.stack([s[i:i + lags] for i in range(n)]), s[lags:lags + n, None]
+
+
+def _mape(out, target):
+    return (torch.abs(out - target) / torch.clamp_min(target, 1e-8)).mean()  # tsai's mape
+
+
+def _forecaster(seed: int, mape: bool = True) -> gw.Trial:
+    """An MLP 24-64-64-1 (ReLU) at SGD 0.05 with momentum 0.9 under tsai's MAPE, or (``mape=False``) the absolute
+    error the darts report found to work."""
+    from conftest import held_out_r2
+
+    x, y = _series()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    return gw.Trial(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                    drawn_batches(x, y, 1200, 64, 1000 + seed), _mape if mape else F.l1_loss,
+                    evaluate=held_out_r2(x, y, 1200))
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_percentage_error_on_targets_that_cross_0_names_the_loss_s_division(tmp_path, seed):
+    bug, twin = _forecaster(seed), _forecaster(seed, mape=False)
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path, steps=600)
+    # the reference: a third of the targets are below 0, where the divisor is 1e-8; the absolute error learns
+    _, y = _series()
+    assert float((y[:1200] < 0).float().mean()) > 0.3
+    assert not bug.evaluate(bug.model) > 0.5 and twin.evaluate(twin.model) > 0.9  # (NaN: diverged)
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == "scale_free_error" for f in problems), str(w_bug.diagnose())
+    assert "Hyndman" in problems[0].cause
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_the_graph_tells_a_relative_error_from_absolute_and_squared_ones():
+    from gradwatch.probes.loss_ops import relative_error
+
+    out, y = torch.randn(8, 1, requires_grad=True), torch.randn(8, 1)
+    # the reference: the two ways a percentage error is written, against the errors that divide by nothing
+    assert relative_error(_mape(out, y)) and relative_error(torch.abs((out - y) / y).mean())
+    assert not relative_error(F.l1_loss(out, y)) and not relative_error(F.mse_loss(out, y))
+    assert not relative_error(torch.abs(out - y).mean() / 2)

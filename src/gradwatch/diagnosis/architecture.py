@@ -970,6 +970,19 @@ def pruned_layers(run: Run) -> str:
             f"(layer collapse: Tanaka et al. 2020, §3)")
 
 
+def relative_error_loss(run: Run) -> str:
+    """Words for a loss that divides an absolute error by a tensor without gradient (meta ``relative_error``:
+    :func:`gradwatch.probes.loss_ops.relative_error`), '' otherwise. Round 47: tsai's MAPE,
+    |ŷ − y| / clamp_min(y, 1e-8), on a series that crosses 0 (timeseriesAI/tsai#524): the loss at 4·10⁷ and NaN
+    by step 1, told "a squared error on targets in their raw units" of targets within ±1.6."""
+    if not run_meta(run).get("relative_error"):
+        return ""
+    return ("the loss divides the error by the targets (a relative or percentage error, |ŷ − y| / y): wherever a "
+            "target is near 0 — a series that crosses 0, a divisor clamped to a tiny ε — the loss and its gradient "
+            "are that many times larger, and percentage errors are infinite or undefined at 0 (Hyndman & Koehler "
+            "2006, §3.2)")
+
+
 def undetached_advantage(run: Run) -> str:
     """Words for a policy-gradient loss whose advantage carries a gradient of its own (meta ``policy_loss``:
     :func:`gradwatch.probes.policy_loss.policy_loss`), '' otherwise. Round 46: an actor-critic on a digits bandit
@@ -1119,6 +1132,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (hand_written_steps, ("torch_optimizer",), _SHRUNK_KINDS),
     (penalty_without_graph, ("create_graph",), _BLOWUP_KINDS),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
+    (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
     (undetached_advantage, ("detach_advantage",), _ANY_KIND),
     (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),

@@ -228,6 +228,9 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "scale_free_error": "an error that does not divide by the targets: the absolute or squared error on "
+                        "standardised targets, MASE (scaled by a naive forecast's mean error), or at least |y| + ε in "
+                        "the divisor",
     "reset_weights": "start from an initialisation: re-initialise the model (each module's reset_parameters()) and "
                      "build a fresh optimizer — or load the weights saved before the learning-rate range test "
                      "(lr_finder.reset())",

@@ -77,12 +77,14 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     (at most :data:`MAX_NODES`, sorted; ``CtcLossBackward0`` for a CTC loss), ``nll_on_scores``
     (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`), ``softmax_over_one``
     (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`), ``mean_divided`` (:func:`mean_divided`),
-    ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`) and ``policy_loss``
-    (:func:`gradwatch.probes.policy_loss.policy_loss`). Reads only; never fails the run."""
+    ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`), ``policy_loss``
+    (:func:`gradwatch.probes.policy_loss.policy_loss`) and ``relative_error`` (:func:`relative_error`). Reads only;
+    never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
             "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss),
-            "unnormalised_similarity": unnormalised_similarity(loss), "policy_loss": policy_loss(loss)}
+            "unnormalised_similarity": unnormalised_similarity(loss), "policy_loss": policy_loss(loss),
+            "relative_error": relative_error(loss)}
 
 
 # the loss functions whose value is never below 0: a sum of them with positive weights is not either
@@ -336,6 +338,29 @@ def loss_prior(loss: Tensor) -> dict[str, float] | None:
         return _prior(loss)
     except Exception:  # noqa: BLE001 - an exotic graph: nothing to say, nothing lost
         return None
+
+
+def relative_error(loss: Tensor) -> bool:
+    """The loss takes an absolute error divided by a tensor with no gradient, |ŷ − y| / d or |(ŷ − y) / d| — a
+    relative or percentage error (MAPE), whose divisor is the targets: wherever a target is near 0 (a series that
+    crosses 0, clamped to a tiny ε) the loss and its gradient are that many times larger (Hyndman & Koehler 2006,
+    §3.2). False where it has none, or reading fails."""
+    try:
+        for node in _walk(loss):
+            inputs = [n for n, _ in node.next_functions]
+            name = type(node).__name__
+            if name == "DivBackward0" and len(inputs) == 2 and inputs[1] is None and inputs[0] is not None:
+                if type(_past_same_elements(inputs[0])).__name__ == "AbsBackward0":
+                    return True
+            if name == "AbsBackward0" and inputs and inputs[0] is not None:
+                inner = _past_same_elements(inputs[0])
+                parts = [n for n, _ in inner.next_functions] if inner is not None else []
+                if type(inner).__name__ == "DivBackward0" and len(parts) == 2 and parts[1] is None and any(
+                        type(n).__name__ == "SubBackward0" for n in parts[:1]):
+                    return True
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return False
+    return False
 
 
 def _walk(loss: Tensor) -> Iterator[Any]:
