@@ -528,3 +528,51 @@ def test_the_graph_tells_a_relative_error_from_absolute_and_squared_ones():
     assert relative_error(_mape(out, y)) and relative_error(torch.abs((out - y) / y).mean())
     assert not relative_error(F.l1_loss(out, y)) and not relative_error(F.mse_loss(out, y))
     assert not relative_error(torch.abs(out - y).mean() / 2)
+
+
+# -- round 47: WeightedRandomSampler given one weight per class, not per sample (deep-voice/soundbay#49) ------------
+
+def _resampled(seed: int, per_sample: bool = False) -> gw.Trial:
+    """Digits with the classes 0–4 kept at a quarter, rebalanced by a WeightedRandomSampler given the ten class
+    weights 1/count (the source's bug: it then draws indices 0–9 only) or, ``per_sample``, each sample its class's
+    weight; an MLP 64-128-64-10 at Adam 1e-3, batches of 32; held-out balanced accuracy (the mean recall per
+    class)."""
+    x, y = digits_in_order_123()
+    g = torch.Generator().manual_seed(seed)
+    keep = (y >= 5) | (torch.rand(len(y), generator=g) < 0.25)
+    x, y = x[keep], y[keep]
+    n = int(0.7 * len(y))
+    weights = 1.0 / torch.bincount(y[:n], minlength=10).double()
+    sampler = torch.utils.data.WeightedRandomSampler(weights[y[:n]] if per_sample else weights, num_samples=n,
+                                                     generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:n], y[:n]), batch_size=32, sampler=sampler)
+
+    def batches():
+        while True:
+            yield from loader
+
+    def balanced(m):
+        with torch.no_grad():
+            right = m(x[n:]).argmax(1) == y[n:]
+        return float(torch.stack([right[y[n:] == c].float().mean() for c in range(10)]).mean())
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    trial = gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(), F.cross_entropy,
+                     evaluate=balanced)
+    trial.indices = lambda: list(torch.utils.data.WeightedRandomSampler(
+        sampler.weights, num_samples=n, generator=torch.Generator().manual_seed(seed)))
+    return trial
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_batches_drawn_from_a_handful_of_samples_are_told(tmp_path, seed):
+    bug, twin = _resampled(seed), _resampled(seed, per_sample=True)
+    # the reference: the sampler's indices run over the ten weights — samples 0–9 only, where the twin's cover most
+    assert set(bug.indices()) <= set(range(10)) and len(set(twin.indices())) > 300
+    w_bug, w_twin = watched_pair(bug, twin, tmp_path)
+    assert bug.evaluate(bug.model) < 0.6 and twin.evaluate(twin.model) > 0.85
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "sample_weights", str(w_bug.diagnose())
+    assert problems[0].numbers["distinct"] <= 10
+    assert not _problems(w_twin), str(w_twin.diagnose())

@@ -228,6 +228,8 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "sample_weights": "give WeightedRandomSampler one weight per sample (class_weights[labels]) and num_samples the "
+                      "data set's size, or check the sampler's and the data set's indices",
     "scale_free_error": "an error that does not divide by the targets: the absolute or squared error on "
                         "standardised targets, MASE (scaled by a naive forecast's mean error), or at least |y| + ε in "
                         "the divisor",

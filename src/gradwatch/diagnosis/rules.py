@@ -21,7 +21,7 @@ from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_archit
                                               outside_gradients_note, stale_grad_findings, swapped_betas_findings,
                                               unexplained_flat_findings, misread_batch_findings,
                                               attention_mask_findings, bce_target_findings, confidently_wrong_findings,
-                                              policy_loss_findings,
+                                              few_samples_findings, policy_loss_findings,
                                               cold_logits_findings, zero_path_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
@@ -112,6 +112,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += attention_mask_findings(found, view, th)  # masks of 0s and 1s as floats (masking nothing), or inverted
     found += bce_target_findings(found, view, th)  # a binary cross-entropy on targets outside [0, 1]: no minimum
     found += policy_loss_findings(found, view, th)  # an advantage not detached, an entropy bonus added
+    found += few_samples_findings(found, view, th)  # batches drawn from a handful of samples (a sampler's bug)
     found += confidently_wrong_findings(found, view, th)  # a cross-entropy ending above a uniform guess's
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights

@@ -95,6 +95,7 @@ class Watch:
         self._batch_sizes: collections.Counter[int] = collections.Counter()  # first dimension of the inputs, by count
         self._input_scale: tuple[float, float] | None = None  # (std, mean |x|) of the first training batch's inputs
         self._batch_marks: list[tuple[tuple[int, ...], float]] = []  # the first two training batches' shapes and sums
+        self._samples = SampleCount()  # how many distinct samples the first training batches hold (a sampler's bug)
         self._input_grads = InputGradients()  # gradients taken with respect to the model's inputs: with a graph?
         # the first training pass's output: rows of K ≥ 2 non-negative values that sum to 1 (a softmax the forward
         # calls, which no module shows) → K, else 0; None until a pass with gradient has returned
@@ -471,6 +472,7 @@ class Watch:
             if len(self._batch_marks) < 2:  # the first two training batches: one batch each step, or mini-batches?
                 # (float32: MPS has no float64)
                 self._batch_marks.append((tuple(args[0].shape), float(args[0].detach().float().sum())))
+            self._samples.batch(args[0])
             if args[0].requires_grad:  # an input whose own gradient is wanted: a gradient penalty's x̂, an attack's
                 self._input_grads.input_seen(args[0])
         if module is self.model:
@@ -655,7 +657,48 @@ class Watch:
                                 "input_abs_mean": self._input_scale[1] if self._input_scale else None,
                                 "output_probabilities": self._output_classes,
                                 "input_gradients": self._input_grads.report(),
+                                "batch_samples": self._samples.report(),
                                 **self._steps.budget.report()})
+
+
+SAMPLE_BATCHES = 8  # training batches whose distinct samples are counted
+SAMPLE_FEATURES_FROM = 8  # ... where a sample is a float row of this many values or more (not two bits of XOR)
+
+
+class SampleCount:
+    """The distinct samples among the rows of the first :data:`SAMPLE_BATCHES` training batches, each row told by a
+    fixed random projection of its values (one matrix product and a ``unique`` a batch): a sampler that draws from a
+    handful of samples (``WeightedRandomSampler`` given one weight per class, whose indices then run over the
+    classes) repeats them in every batch. Float inputs of :data:`SAMPLE_FEATURES_FROM` values a row or more, batches
+    of 16 rows or more; nothing is kept of the data."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[tuple[int, int]] = []  # (distinct rows, rows) of each batch read
+        self.prints: list[torch.Tensor] = []  # each batch's distinct fingerprints (a few numbers a row)
+        self._proj: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def batch(self, x: torch.Tensor) -> None:
+        if (len(self.per_batch) >= SAMPLE_BATCHES or not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 16
+                or x[0].numel() < SAMPLE_FEATURES_FROM):
+            return
+        rows = x.detach().reshape(x.shape[0], -1).float()
+        if self._proj is None or self._proj.shape[0] != rows.shape[1] or self._proj.device != rows.device:
+            g = torch.Generator().manual_seed(0)  # (its own generator: the user's random state is not touched)
+            self._proj = torch.randn(rows.shape[1], 2, generator=g).to(rows.device)
+        prints = torch.unique(rows @ self._proj, dim=0)
+        self.per_batch.append((int(prints.shape[0]), int(rows.shape[0])))
+        self.prints.append(prints.cpu())
+
+    def report(self) -> dict[str, float] | None:
+        """{"distinct_share": the median share of a batch's rows that are distinct, "distinct": the distinct samples
+        over the batches read, "rows": their rows, "batches": how many}; None where no batch was read."""
+        if not self.per_batch:
+            return None
+        shares = sorted(d / n for d, n in self.per_batch)
+        union = int(torch.unique(torch.cat(self.prints), dim=0).shape[0])
+        return {"distinct_share": shares[len(shares) // 2], "distinct": float(union),
+                "rows": float(sum(n for _, n in self.per_batch)), "batches": float(len(self.per_batch))}
 
 
 @torch.no_grad()
