@@ -576,3 +576,46 @@ def test_batches_drawn_from_a_handful_of_samples_are_told(tmp_path, seed):
     assert problems and problems[0].remedy_keys[0] == "sample_weights", str(w_bug.diagnose())
     assert problems[0].numbers["distinct"] <= 10
     assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+# -- round 44: a VAE whose reconstruction is a mean while its KL is a sum (zdebruine/MMVAE#19) ----------------------
+
+def _mean_reconstruction(seed: int, summed: bool = False) -> gw.Trial:
+    """Round 44's VAE on digits (test_round44's model and score) with ``F.binary_cross_entropy(recon, x)`` at its
+    default mean beside the summed KL; ``summed``: pytorch/examples' ELBO, both summed (round 44's own set-up)."""
+    from test_round44 import _elbo, _vae
+
+    trial = _vae(seed)
+    if not summed:
+        def mean_elbo(out, x):
+            recon, mu, logvar = out
+            return F.binary_cross_entropy(recon, x) - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        trial.loss_fn = mean_elbo
+    else:
+        trial.loss_fn = _elbo
+    return trial
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_mean_reconstruction_beside_a_summed_kl_is_told_as_posterior_collapse(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    bug = _mean_reconstruction(seed)
+    w_bug = readme_watched(bug, tmp_path, "bug", 800)
+    twin = _mean_reconstruction(seed, summed=True)
+    w_twin = readme_watched(twin, tmp_path, "twin", 800)
+    # the reference: the code carries nothing (μ the same for every input), the reconstruction the mean digit
+    x, _ = digits_in_order_123()
+    with torch.no_grad():
+        spread = float(bug.model.mu(bug.model.enc(x[1400:])).std(0).mean())
+    assert spread < 0.05 and bug.evaluate(bug.model) < 0.05 and twin.evaluate(twin.model) > 0.4
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "sum_reconstruction", str(w_bug.diagnose())
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+@pytest.mark.slow
+def test_the_doctor_sums_the_reconstruction_as_the_kl_is():
+    report = gw.doctor(_mean_reconstruction, steps=800, progress=False)
+    assert report.best is not None and report.best.parts == ("sum_reconstruction",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.4

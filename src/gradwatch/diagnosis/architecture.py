@@ -1006,6 +1006,20 @@ def few_samples(run: Run) -> str:
             f"or a data set indexed wrongly")
 
 
+def collapsing_posterior(run: Run) -> str:
+    """Words for a VAE's loss whose reconstruction is averaged over every element while its Gaussian KL is summed
+    (meta ``kl_outweighs_reconstruction``: :mod:`gradwatch.probes.elbo`), '' otherwise. Round 44: a VAE on digits
+    with ``F.binary_cross_entropy(recon, x)`` beside a summed KL (zdebruine/MMVAE#19), its reconstructions the mean
+    digit (explained variance 0.00 against 0.50–0.54), told "no findings" or dead units."""
+    found = run_meta(run).get("kl_outweighs_reconstruction")
+    if not isinstance(found, dict):
+        return ""
+    return (f"the VAE's loss: its reconstruction ({found.get('reconstruction', '?').removesuffix('Backward0')}) is "
+            f"averaged over every element while its KL is summed, so the KL weighs as many times more as a sample "
+            f"has elements — the encoder is pulled to the prior, the decoder outputs the mean sample whatever z, and "
+            f"the KL falls to 0: posterior collapse (the ELBO sums both over a sample's elements)")
+
+
 def undetached_advantage(run: Run) -> str:
     """Words for a policy-gradient loss whose advantage carries a gradient of its own (meta ``policy_loss``:
     :func:`gradwatch.probes.policy_loss.policy_loss`), '' otherwise. Round 46: an actor-critic on a digits bandit
@@ -1157,6 +1171,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
     (few_samples, ("sample_weights",), _ANY_KIND),
+    (collapsing_posterior, ("sum_reconstruction",), _ANY_KIND),
     (undetached_advantage, ("detach_advantage",), _ANY_KIND),
     (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),
     (batch_norm_on_tiny_batches, ("group_norm",), _ANY_KIND),
@@ -1354,9 +1369,10 @@ def confidently_wrong_findings(found: list[Finding], run: Run, th: Thresholds) -
 
 def policy_loss_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
     """A policy-gradient loss whose advantage carries a gradient (:func:`undetached_advantage`) or that adds the
-    policy's entropy (:func:`entropy_minimised`), where no rule found a problem to give that cause to: one warning of
-    its own, read off the loss's graph (the gradients look healthy: the loss itself points them the wrong way) —
-    ``stalled`` for the advantage, ``saturation`` for the entropy (the policy's softmax goes one-hot)."""
+    policy's entropy (:func:`entropy_minimised`), or a VAE's loss whose KL outweighs its reconstruction
+    (:func:`collapsing_posterior`), where no rule found a problem to give that cause to: one warning of its own, read
+    off the loss's graph (the gradients look healthy: the loss itself points them the wrong way) — ``stalled`` for
+    the advantage and the collapse, ``saturation`` for the entropy (the policy's softmax goes one-hot)."""
     if any(f.severity != "info" for f in found):
         return []
     told, _, _ = went_below_zero(run)
@@ -1366,6 +1382,11 @@ def policy_loss_findings(found: list[Finding], run: Run, th: Thresholds) -> list
                                f"actions times a weight with a gradient of its own, from outside it{told}.",
                                "a policy term that moves the critic", "detach_advantage", "meta policy_loss",
                                "loss (run)")]
+    if collapsing_posterior(run):
+        return [set_up_warning(run, "stalled", (), "a VAE's loss whose KL outweighs its reconstruction: the posterior "
+                               "collapses", f"the loss's graph: a reconstruction at reduction='mean' beside a "
+                               f"Gaussian KL under a sum{told}.", "a decoder that learns to ignore its code",
+                               "sum_reconstruction", "meta kl_outweighs_reconstruction", "loss (run)")]
     if entropy_minimised(run):
         return [set_up_warning(run, "saturation", (), "a policy-gradient loss that adds the policy's entropy: the "
                                "steps lower it", f"the loss's graph: a log-probability of the chosen actions times a "

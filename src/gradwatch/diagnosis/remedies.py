@@ -228,6 +228,8 @@ REMEDIES = {
     "detach_reference": "detach the term the loss compares the output with (logp_old = logp.detach() in PPO's "
                         "ratio, a target computed from the model under torch.no_grad()): a tensor taken from itself "
                         "is the constant 0",
+    "sum_reconstruction": "sum the reconstruction over each sample's elements as the KL is summed over the latent "
+                          "dimensions (reduction='sum', as pytorch/examples' VAE), or weigh the KL down by as many",
     "sample_weights": "give WeightedRandomSampler one weight per sample (class_weights[labels]) and num_samples the "
                       "data set's size, or check the sampler's and the data set's indices",
     "scale_free_error": "an error that does not divide by the targets: the absolute or squared error on "

@@ -290,6 +290,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "reset_weights": one("reset_weights", "the model re-initialised, the optimizer's state cleared",
                              s.reset_weights),
         "prune_per_layer": one("prune_per_layer", "pruned layer by layer at the same sparsity", s.prune_per_layer),
+        "sum_reconstruction": one("sum_reconstruction", "the reconstruction summed, as the KL is",
+                                  s.sum_reconstruction),
         "detach_advantage": one("detach_advantage", "the advantage detached in the policy term", s.detach_advantage),
         "entropy_bonus_sign": [],  # the sign is the user's loss
         "scale_free_error": [],  # ... and so is its division

@@ -401,6 +401,24 @@ def reset_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial if found else None
 
 
+def sum_reconstruction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The trial's step run under :class:`~gradwatch.remedies.structure.SummedReconstruction`: a reconstruction loss
+    at ``reduction="mean"`` sums over its elements, as the VAE's KL does (round 44: posterior collapse). Another
+    objective than the baseline's, judged by its held-out score where the set-up has one."""
+    from gradwatch.remedies.structure import SummedReconstruction
+
+    trial.step = _StepUnder(trial.step, SummedReconstruction)  # type: ignore[method-assign]
+    trial.doctor_own_objective = True  # type: ignore[attr-defined]  # its loss is judged against its own start
+    if trial.evaluate is not None:
+        # a summed ELBO's floor (the pixels' own entropy) is far above half its start, and it is another objective
+        # than the baseline's: the held-out score is what the two share (round 44's healthy twin: 2.8e3 → 1.6e3)
+        trial.judge_by_score = True
+    note_change(trial, "the reconstruction loss summed over its elements (reduction='sum') during each step"
+                + ("; judged by the held-out score (a summed ELBO does not halve)" if trial.evaluate is not None
+                   else ""))
+    return trial
+
+
 class _StepUnder:
     """A trial's step run under a torch function mode, model, loss and all (a loss the set-up's own step() computes
     too)."""

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from torch import Tensor
 
+from gradwatch.probes.elbo import kl_outweighs_reconstruction
 from gradwatch.probes.graph import SAME_ELEMENTS
 from gradwatch.probes.policy_loss import policy_loss
 from gradwatch.probes.similarity import unnormalised_similarity
@@ -78,13 +79,14 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`), ``softmax_over_one``
     (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`), ``mean_divided`` (:func:`mean_divided`),
     ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`), ``policy_loss``
-    (:func:`gradwatch.probes.policy_loss.policy_loss`) and ``relative_error`` (:func:`relative_error`). Reads only;
-    never fails the run."""
+    (:func:`gradwatch.probes.policy_loss.policy_loss`), ``relative_error`` (:func:`relative_error`) and
+    ``kl_outweighs_reconstruction`` (:func:`gradwatch.probes.elbo.kl_outweighs_reconstruction`). Reads only; never
+    fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
             "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss),
             "unnormalised_similarity": unnormalised_similarity(loss), "policy_loss": policy_loss(loss),
-            "relative_error": relative_error(loss)}
+            "relative_error": relative_error(loss), "kl_outweighs_reconstruction": kl_outweighs_reconstruction(loss)}
 
 
 # the loss functions whose value is never below 0: a sum of them with positive weights is not either

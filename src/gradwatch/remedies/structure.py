@@ -652,6 +652,23 @@ class DetachedAdvantage(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class SummedReconstruction(TorchFunctionMode):
+    """While open, a reconstruction loss called at ``reduction="mean"`` (its default) — ``F.binary_cross_entropy``,
+    ``F.binary_cross_entropy_with_logits``, ``F.mse_loss``, ``F.l1_loss``, ``F.smooth_l1_loss``, and the loss modules
+    that call them — sums instead, as a VAE's KL is summed (pytorch/examples' VAE). Every other call runs as made."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RECONSTRUCTIONS and len(args) <= 2 and kwargs.get("reduction", "mean") == "mean" and not (
+                kwargs.get("size_average") is not None or kwargs.get("reduce") is not None):
+            return func(*args, **{**kwargs, "reduction": "sum"})
+        return func(*args, **kwargs)
+
+
+_RECONSTRUCTIONS = frozenset({F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss, F.l1_loss,
+                              F.smooth_l1_loss})
+
+
 # the step-like operations a straight-through estimator passes the gradient around: zero derivative almost everywhere
 STEP_LIKE = frozenset({"round", "floor", "ceil", "trunc", "fix", "sign", "sgn"})
 
