@@ -1891,7 +1891,10 @@ def test_a_loop_that_never_zeroes_grad_is_a_finding_of_its_own(store, seed):
         if not zeroed:
             assert norms[-1] > 10 * norms[0]  # the reference: the gradient each step applies grows
     assert found[False] and found[False][0].remedy_keys[0] == "zero_grad"
-    assert found[True] == []
+    # the twin zeroes them: nothing about .grad (at SGD 10⁻³ from PyTorch's default init its loss barely moves in 300
+    # steps, 2.30 → 2.28, and since round 47 that is told as steps too short from the initialisation on)
+    assert not any("zero_grad" in f.remedy_keys for f in found[True])
+    assert all(f.remedy_keys[0] == "raise_lr" for f in found[True])
 
 
 def test_zeroing_the_gradients_comes_with_a_rate_fit_for_one_batch():

@@ -51,10 +51,9 @@ _SHRUNK_KINDS = ("vanishing", "stalled", "dead_units")
 _ANY_KIND = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "saturation")
 # Findings inputs far from unit scale explain: the first layer's units saturate or die, the signal dies with them,
 # and the first layer's gradient (∂L/∂W = δ·xᵀ) is as large as the inputs (round 20: breast cancer's raw features,
-# the total gradient norm above 10³ from step 1 on one seed, told of re-initialisation and clipping alone), and a
-# gradient that grew from there out of float32's range (round 45: a CNN on 0–255 pixels, Inf at step 7 on one seed
-# of three, told "divergence" with a lower rate first, its inputs named by the next finding only).
-_INPUT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled", "dead_units", "saturation")
+# the total gradient norm above 10³ from step 1 on one seed, told of re-initialisation and clipping alone); and a
+# gradient that grew from there out of float32's range, from a loss finite at first (raw_inputs_diverged).
+_INPUT_KINDS = ("vanishing", "exploding", "stalled", "dead_units", "saturation")
 
 
 def run_meta(run: Run) -> dict:
@@ -1044,6 +1043,17 @@ def entropy_minimised(run: Run) -> str:
             "log π(a) of what it samples near 0 — an entropy bonus is subtracted (google-deepmind/open_spiel#962)")
 
 
+def raw_inputs_diverged(run: Run) -> str:
+    """:func:`raw_inputs`' words where the run's first logged loss was finite: its non-finite values came later, a
+    gradient grown from those inputs out of float32's range (round 45: a CNN on 0–255 pixels, Inf at step 7 on one
+    seed of three, told "divergence" with a lower rate first); '' otherwise — a loss non-finite from the first step
+    is the forward pass's or the loss's own (round 5: log(0) of a hand-written BCE, told with check_data)."""
+    if "loss" not in run.quantities:
+        return ""
+    values = run.series("loss", "run").values[0]
+    return raw_inputs(run) if len(values) and np.isfinite(values[0]) else ""
+
+
 def activation_penalty(run: Run) -> str:
     """Words for a loss that penalises a ReLU's outputs themselves (an L1 sparsity term, read off the logged loss's
     graph: :func:`gradwatch.probes.loss_ops.penalty_on_relu`); '' otherwise. Round 15: a sparse autoencoder at
@@ -1169,6 +1179,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (hand_written_steps, ("torch_optimizer",), _SHRUNK_KINDS),
     (penalty_without_graph, ("create_graph",), _BLOWUP_KINDS),
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
+    (raw_inputs_diverged, ("standardise_inputs",), ("nonfinite",)),
     (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
     (few_samples, ("sample_weights",), _ANY_KIND),
     (collapsing_posterior, ("sum_reconstruction",), _ANY_KIND),
