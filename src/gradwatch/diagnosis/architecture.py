@@ -1181,7 +1181,6 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (raw_inputs_diverged, ("standardise_inputs",), ("nonfinite",)),
     (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
-    (few_samples, ("sample_weights",), _ANY_KIND),
     (collapsing_posterior, ("sum_reconstruction",), _ANY_KIND),
     (undetached_advantage, ("detach_advantage",), _ANY_KIND),
     (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),
@@ -1325,17 +1324,18 @@ BLOWN_UP_FROM = 5.0  # weights that start at this multiple of the default initia
 
 
 def few_samples_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
-    """Batches drawn from a handful of samples (:func:`few_samples`) where no rule found a problem to give that
-    cause to: one ``stalled`` warning of its own (the loss may fall: the model fits the few samples it sees)."""
+    """Batches drawn from a handful of samples (:func:`few_samples`) where no rule found a problem: one ``stalled``
+    warning of its own (the loss may fall: the model fits the few samples it sees). Not a cause given to other
+    findings: a data set of a few distinct inputs repeats them too (the repair benchmark's SO 31880720, all-ones and
+    all-zeros rows under a softmax over one unit, was told "sample weights" first)."""
     if any(f.severity != "info" for f in found) or not few_samples(run):
         return []
     told, _, _ = went_below_zero(run)
     seen = run_meta(run).get("batch_samples") or {}
     return [set_up_warning(run, "stalled", (), f"the batches repeat {float(seen.get('distinct') or 0):g} samples: "
                            f"the model sees almost none of the data", f"the distinct inputs of the first training "
-                           f"batches (meta batch_samples){told}.", "a handful of samples drawn again and again",
-                           "sample_weights", "meta batch_samples", "loss (run)",
-                           numbers={k: float(v) for k, v in seen.items() if isinstance(v, (int, float))})]
+                           f"batches (meta batch_samples){told}.", few_samples(run), "sample_weights",
+                           "meta batch_samples", "loss (run)", numbers={k: float(v) for k, v in seen.items() if isinstance(v, (int, float))})]
 
 
 def confidently_wrong_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
