@@ -1,7 +1,9 @@
-"""The thirty-ninth session: rounds 45 (left over) and 46 (written from the README alone, each ported from a public
-source), each against its reference: a CNN fed raw 0–255 pixels whose gradient overflows; a hand-written AdamW whose
-decoupled decay is not multiplied by the rate; a key-padding mask applied as (1 − m)·(−inf); an actor-critic whose advantage is not detached; REINFORCE with its entropy
-bonus added."""
+"""The thirty-ninth session: round 44–45's leftovers and rounds 46–47 (written from the README alone, each ported from a
+public source), each against its reference: a CNN fed raw 0–255 pixels whose gradient overflows; a hand-written AdamW
+whose decoupled decay is not multiplied by the rate; a key-padding mask applied as (1 − m)·(−inf); an actor-critic
+whose advantage is not detached; REINFORCE with its entropy bonus added; a global pruning that empties layers; a model
+left by an LR range test; tsai's MAPE on a series crossing 0; a sampler given class weights; a VAE whose mean
+reconstruction sits beside a summed KL."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def single_unit_layers(run: Run) -> set[str]:
 
 
 STEP_FLOOR = 1e-3  # a hand-written optimizer's step this share, or less, of both SGD's and Adam's at its rate
-WEIGHTS_SHRUNK_TO = 0.25  # ... or every weight's norm ended at this share of its first read or less (at most 0.22 measured)
+WEIGHTS_SHRUNK_TO = 0.25  # ... or every weight's norm ended at this share of its first read or less (≤ 0.22 measured)
 
 
 def hand_written_steps(run: Run) -> str:
@@ -241,10 +241,10 @@ def hand_written_steps(run: Run) -> str:
 def shrinking_steps(run: Run) -> str:
     """Words for a hand-written optimizer (see :func:`hand_written_steps`, which checks its class) under which every
     parameter that got a gradient ended at :data:`WEIGHTS_SHRUNK_TO` of its norm's first read or less, '' otherwise: a
-    decay written by hand that the step cannot hold. Round 46: a hand-written AdamW doing ``p.mul_(1 − weight_decay)``, the paper's
-    Algorithm 2 at η = 1 (egg-west/AdamW-pytorch#1; tensorflow/addons#2282), given torch's recipe's 0.05: every
-    weight of a CNN at ~0 in 300 steps, chance held out (0.95 with the decay × lr, torch.optim.AdamW's rule), told
-    "dead units … negative biases, a large step" before."""
+    decay written by hand that the step cannot hold. Round 46: a hand-written AdamW doing
+    ``p.mul_(1 − weight_decay)``, the paper's Algorithm 2 at η = 1 (egg-west/AdamW-pytorch#1;
+    tensorflow/addons#2282), given torch's recipe's 0.05: every weight of a CNN at ~0 in 300 steps, chance held out
+    (0.95 with the decay × lr, torch.optim.AdamW's rule), told "dead units … negative biases, a large step" before."""
     w, g = run.series("weight_norm", "param"), run.series("grad_norm", "param")
     if len(w.steps) < 3 or not len(w.names):
         return ""
@@ -260,9 +260,10 @@ def shrinking_steps(run: Run) -> str:
     meta = run_meta(run)
     return (f"the optimizer's own step rule: {meta.get('optimizer')} (from {meta.get('optimizer_module')}, not "
             f"torch.optim) shrank every parameter to {sci(float(ratios.max()))} of its norm or less in {span_steps} "
-            f"steps (the median one ×{float(np.median(ratios)) ** (1 / span_steps):.3g} a step) — a decay written by hand that its step cannot hold: "
-            f"a decoupled weight decay not multiplied by the rate (torch.optim.AdamW multiplies it by lr; "
-            f"Loshchilov & Hutter 2019, Alg. 2, by the schedule's η), or a step that pulls the weights to 0")
+            f"steps (the median one ×{float(np.median(ratios)) ** (1 / span_steps):.3g} a step) — a decay written "
+            f"by hand that its step cannot hold: a decoupled weight decay not multiplied by the rate "
+            f"(torch.optim.AdamW multiplies it by lr; Loshchilov & Hutter 2019, Alg. 2, by the schedule's η), or a "
+            f"step that pulls the weights to 0")
 
 
 def penalty_without_graph(run: Run) -> str:
@@ -1335,7 +1336,8 @@ def few_samples_findings(found: list[Finding], run: Run, th: Thresholds) -> list
     return [set_up_warning(run, "stalled", (), f"the batches repeat {float(seen.get('distinct') or 0):g} samples: "
                            f"the model sees almost none of the data", f"the distinct inputs of the first training "
                            f"batches (meta batch_samples){told}.", few_samples(run), "sample_weights",
-                           "meta batch_samples", "loss (run)", numbers={k: float(v) for k, v in seen.items() if isinstance(v, (int, float))})]
+                           "meta batch_samples", "loss (run)",
+                           numbers={k: float(v) for k, v in seen.items() if isinstance(v, (int, float))})]
 
 
 def confidently_wrong_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

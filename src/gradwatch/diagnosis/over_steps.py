@@ -654,8 +654,8 @@ def tiny_step_findings(run: Run, th: Thresholds) -> list[Finding]:
         # at Keras' 10⁻³ (tensorflow#36785), PyTorch's 1.0 ÷ 1000: held out at chance against 0.93–0.96, told only
         # "look outside the gradients"
         return [_tiny_step_finding(run, th, ends, typical, wsteps, at, low_rate, remedies("raise_lr"))]
-    # a run from its init that never moved: as the caller says (the doctor's trials), or every layer at PyTorch's default
-    # initialisation when the watch started (round 47: a distillation at T = 20 without T², told "info" by default)
+    # a run from its init that never moved: as the caller says (the doctor's trials), or every layer at PyTorch's
+    # default initialisation when the watch started (round 47: a distillation at T = 20 without T², "info" before)
     if (th.from_init or meta.get("default_init")) and not (typical < TINY_STEP and small_rate):
         return [_tiny_step_finding(run, th, ends, typical, wsteps, at,
                                    f"steps too short for this loss{at}, from the initialisation on: its gradient is "
