@@ -621,3 +621,16 @@ def test_the_doctor_sums_the_reconstruction_as_the_kl_is():
     report = gw.doctor(_mean_reconstruction, steps=800, progress=False)
     assert report.best is not None and report.best.parts == ("sum_reconstruction",), str(report)
     assert report.best.verdict == "fixes it" and report.best.score > 0.4
+
+
+def test_a_fill_with_an_infinity_is_no_origin_a_product_of_tensors_with_one_is():
+    from gradwatch.doctor.locate import _FirstNonFinite
+
+    with _FirstNonFinite() as mode:
+        torch.full((3,), float("nan"))  # (no tensor given: meant)
+        torch.tensor([1.0, 0.0]).masked_fill(torch.tensor([False, True]), float("-inf"))  # ±inf, no NaN: meant
+    assert mode.origin(0) is None
+    with _FirstNonFinite() as mode:
+        torch.tensor([1.0, 0.0]) * float("-inf")  # 0·(−inf)
+    made = mode.origin(0)
+    assert made is not None and made.inf_factor and made.nan

@@ -207,10 +207,11 @@ class _FirstNonFinite(TorchFunctionMode):
             if made and not all(bool(torch.isfinite(t).all()) for t in made):
                 given = [t for t in _floats((args, kwargs)) if t.numel()]
                 nan = any(bool(torch.isnan(t).any()) for t in made)
-                if (not infinite or nan) and all(bool(torch.isfinite(t).all()) for t in given):
+                # (a NaN from an infinity times finite tensors: given none, a fill with NaN or inf is meant)
+                if (not infinite or nan and bool(given)) and all(bool(torch.isfinite(t).all()) for t in given):
                     self.found = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
                     self.found_nan, self.inf_factor = nan, infinite
-                elif (self.from_inf is None and any(bool(torch.isnan(t).any()) for t in made)
+                elif (not infinite and self.from_inf is None and any(bool(torch.isnan(t).any()) for t in made)
                       and not any(bool(torch.isnan(t).any()) for t in given)):
                     self.from_inf = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
         return out
