@@ -1,9 +1,9 @@
 """Walking an autograd graph back from a node: the branch of a residual sum, as the watch reads it.
 
 Shared by the residual blocks' reader (:mod:`gradwatch.watching.residual`) and the residual sums that the
-activation tap sees in a ``forward`` (:mod:`gradwatch.probes.functional`); :data:`SAME_ELEMENTS` by the loss's
-readers (:mod:`gradwatch.probes.loss_ops`, :mod:`gradwatch.probes.similarity`). Nothing is computed: the graph is
-read.
+activation tap sees in a ``forward`` (:mod:`gradwatch.probes.functional`); :data:`SAME_ELEMENTS` and
+:data:`LAYER_OPS` by the loss's readers (:mod:`gradwatch.probes.loss_ops`, :mod:`gradwatch.probes.similarity`,
+:mod:`gradwatch.probes.policy_loss`). Nothing is computed: the graph is read.
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ from typing import Any
 SAME_ELEMENTS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
                            "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "TransposeBackward0",
                            "PermuteBackward0", "CloneBackward0"})
+
+# the operations of a layer (a weight meets its input): the walk from the loss stops there
+LAYER_OPS = frozenset({
+    "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0", "LinearBackward0",
+    "EmbeddingBackward0", "EmbeddingBagBackward0", "AccumulateGrad",
+})
 
 
 def walk_back(end: Any, stop: Any, reach: int) -> tuple[list[Any], bool] | None:

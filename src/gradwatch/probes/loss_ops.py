@@ -15,15 +15,10 @@ from typing import Any, Iterator
 from torch import Tensor
 
 from gradwatch.probes.elbo import kl_outweighs_reconstruction
-from gradwatch.probes.graph import SAME_ELEMENTS
+from gradwatch.probes.graph import LAYER_OPS, SAME_ELEMENTS
 from gradwatch.probes.policy_loss import policy_loss
 from gradwatch.probes.similarity import unnormalised_similarity
 
-# the operations of a layer (a weight meets its input): the walk from the loss stops there
-LAYER_OPS = frozenset({
-    "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0", "LinearBackward0",
-    "EmbeddingBackward0", "EmbeddingBagBackward0", "AccumulateGrad",
-})
 SQUASH = {"SigmoidBackward0": "sigmoid", "TanhBackward0": "tanh", "SoftmaxBackward0": "softmax",
           "ReluBackward0": "relu"}
 # a penalty on the size of the units' outputs: |z| or a norm of them (an L1 on a ReLU's output, an SAE's sparsity)

@@ -24,11 +24,8 @@ from typing import Any
 
 from torch import Tensor
 
-from gradwatch.probes.graph import SAME_ELEMENTS
+from gradwatch.probes.graph import LAYER_OPS, SAME_ELEMENTS
 
-# the walk from the loss stops at a layer (a weight meets its input)
-_LAYER_OPS = frozenset({"AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0",
-                        "LinearBackward0", "EmbeddingBackward0", "AccumulateGrad"})
 # the nodes that keep a term's sign: reductions with a positive count, views, a clamp of log-probabilities
 _SIGN_KEEPING = SAME_ELEMENTS | frozenset({"MeanBackward0", "MeanBackward1", "SumBackward0", "SumBackward1",
                                             "ClampBackward1", "ClampMinBackward0", "ExpandBackward0",
@@ -116,7 +113,7 @@ def reaches(start: Any, target: Any, reach: int) -> bool:
         if node is target:
             return True
         for nxt, _ in node.next_functions:
-            if nxt is not None and id(nxt) not in seen and _name(nxt) not in _LAYER_OPS:
+            if nxt is not None and id(nxt) not in seen and _name(nxt) not in LAYER_OPS:
                 seen.add(id(nxt))
                 queue.append(nxt)
     return False
@@ -160,7 +157,7 @@ def _policy_loss(loss: Tensor) -> dict[str, Any] | None:
             if any(m is not None and gathered_log_prob(m) is not None for m in inputs):
                 terms += 1  # a log-probability times a weight without a gradient: a detached advantage
         for i, m in enumerate(inputs):
-            if m is None or id(m) in sign or _name(m) in _LAYER_OPS:
+            if m is None or id(m) in sign or _name(m) in LAYER_OPS:
                 continue
             sign[id(m)] = _input_sign(node, name, i, s)
             queue.append(m)
