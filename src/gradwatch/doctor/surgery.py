@@ -770,7 +770,10 @@ def _skip_connections(trial: Trial, numbers: dict[str, float], rezero: bool) -> 
 
 
 def _span(block: nn.Module, names: dict[int, str]) -> str:
-    """The user's names of the first and last modules with weights of their own inside a wrapped block."""
+    """The user's names of the first and last modules with weights of their own inside a wrapped block; the block's
+    own name where the user named it (a block of the user's own class wrapped whole: ``layers.3``)."""
+    if id(block) in names and names[id(block)] != "(root)":
+        return names[id(block)]
     inner = [names[id(x)] for x in block.modules() if id(x) in names and any(True for _ in x.parameters(recurse=False))]
     if not inner:
         inner = [names[id(x)] for x in block.modules() if id(x) in names] or ["?"]

@@ -69,6 +69,9 @@ _ACTIVATION_CLASS = re.compile(r"(Activation|GELU|GeLU|SiLU|Swish|Mish|ReLU|Tanh
 SHAPE_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
                 "PermuteBackward0", "SplitBackward0", "UnbindBackward0", "SelectBackward0", "SliceBackward0",
                 "CloneBackward0"}
+# matrix products: with a constant matrix (no gradient), a propagation of a layer's output (a graph convolution's Â)
+_PRODUCT_NODES = {"MmBackward0", "BmmBackward0", "MvBackward0", "SparseAddmmBackward0", "SparseMmBackward0"}
+PROPAGATION_REACH = 4  # autograd nodes walked back through products and reshapes to a layer's output
 ONE_HOT_ABOVE = 0.99  # a relaxed sample whose largest probability is above this is one-hot
 RELAXED = "GumbelSoftmax"  # the entity's module type for a F.gumbel_softmax call site
 _KNOWN = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.gelu, F.silu, F.elu,
@@ -252,6 +255,25 @@ class FunctionalTap(TorchFunctionMode):
         return out
 
 
+def propagated(node: Any) -> Any:
+    """The node a layer's output was carried from by products with a constant matrix, ``Â @ lin(h)`` (a graph
+    convolution's propagation: round 47's GCN layer of the user's own, whose ``F.relu`` after it was "no activation
+    seen"), looked for through reshapes, within :data:`PROPAGATION_REACH` nodes; None where ``node`` is none such.
+    Only a product whose other factor has no gradient counts: ``x @ W`` with W learned is a layer of its own, and the
+    tanh inside a GELU's approximation (a product with a constant *scalar* of a sum) is no propagation."""
+    seen_product = False
+    for _ in range(PROPAGATION_REACH):
+        kind = type(node).__name__
+        if kind not in _PRODUCT_NODES and kind not in SHAPE_NODES:
+            return node if seen_product else None
+        edges = [n for n, _ in node.next_functions if n is not None]
+        if len(edges) != 1:
+            return None
+        seen_product = seen_product or kind in _PRODUCT_NODES
+        node = edges[0]
+    return None
+
+
 class LayerOutputs:
     """The autograd nodes of the layers' outputs in the current forward pass, to tell a pre-activation; and the
     layers' inputs, to tell a residual sum's skip."""
@@ -279,14 +301,17 @@ class LayerOutputs:
         return (hit[1], hit[2]) if hit is not None and hit[0] is node else None
 
     def producer(self, node: Any) -> str | None:
-        """The layer whose output is ``node``, or the last of those summed into it (``W_xh x + W_hh h``)."""
+        """The layer whose output is ``node``, or the last of those summed into it (``W_xh x + W_hh h``), or the
+        layer whose output a constant matrix propagated (:func:`propagated`)."""
         hit = self.layer_of(node)
         if hit is not None:
             return hit[0]
         if type(node).__name__ in _ADD_NODES:
             names = [h[0] for n, _ in node.next_functions if n is not None and (h := self.layer_of(n)) is not None]
             return names[-1] if names else None
-        return None
+        source = propagated(node)
+        hit = self.layer_of(source) if source is not None else None
+        return hit[0] if hit is not None else None
 
     def clear(self) -> None:
         self._nodes = {}

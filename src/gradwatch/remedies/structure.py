@@ -286,14 +286,16 @@ def _pairs(seq: nn.Sequential, blocks: frozenset[int] = frozenset()) -> list[tup
     return spans
 
 
-def _shape_keeping_blocks(model: nn.Module, example: Any) -> frozenset[int]:
-    """The ids of the user's blocks held by an ``nn.Sequential`` (a class of their own with parameters) whose output
-    had their input's shape in a forward pass on ``example``, and that do not add their input already
-    (:func:`skip_blocks`): a skip connection goes around each whole (round 16: 50 blocks relu(BN(Linear(h))) in a
-    Sequential, where the skip went around the input Linear alone). Empty without ``example``."""
+def _shape_keeping_blocks(model: nn.Module, example: Any,
+                          holders: tuple[type[nn.Module], ...] = (nn.Sequential,)) -> frozenset[int]:
+    """The ids of the user's blocks held by an ``nn.Sequential`` (``holders``: the containers looked in; a class of
+    their own with parameters) whose output had their input's shape in a forward pass on ``example``, and that do
+    not add their input already (:func:`skip_blocks`): a skip connection goes around each whole (round 16: 50
+    blocks relu(BN(Linear(h))) in a Sequential, where the skip went around the input Linear alone). Empty without
+    ``example``."""
     if example is None:
         return frozenset()
-    held = [c for x in model.modules() if isinstance(x, nn.Sequential) for c in x.children()
+    held = [c for x in model.modules() if isinstance(x, holders) for c in x.children()
             if not isinstance(c, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _calls_its_layers(c)
             and any(True for _ in c.parameters())]
     if not held:
@@ -320,7 +322,8 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
     """Wrap every shape-preserving layer + activation group of each ``nn.Sequential`` in a skip connection
     (Linear(n, n), or a convolution keeping channels and size: :func:`shape_preserving`; a block of the user's
     that keeps its input's shape on ``example``, whole: :func:`_shape_keeping_blocks`); where the model has
-    none, every shape-preserving layer that a ``forward`` calls itself (:func:`loose_layers`: held by the model, a
+    none, each such block of the user's that an ``nn.ModuleList`` or ``nn.ModuleDict`` holds, whole, and every
+    other shape-preserving layer that a ``forward`` calls itself (:func:`loose_layers`: held by the model, a
     block of the user's, an ``nn.ModuleList`` or ``nn.ModuleDict``; activations that may be functions), alone —
     x + layer(x), the activation after it — but those inside a block of the user's that already adds its input
     (:func:`skip_blocks`).
@@ -347,9 +350,17 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
         _replace_children(parent, new)
         wrapped = True
     if not wrapped:
+        # the user's blocks that a ModuleList holds and that keep their input's shape, whole (round 47: a GCN layer
+        # Â·lin(h) of the user's own in a loop, whose skip went around its Linear, inside the propagation by Â)
+        listed = _shape_keeping_blocks(m, example, (nn.ModuleList, nn.ModuleDict))
+        inside = {id(y) for x in m.modules() if id(x) in listed for y in x.modules()}
+        for parent in [x for x in m.modules() if isinstance(x, (nn.ModuleList, nn.ModuleDict))]:
+            for name, child in list(parent.named_children()):
+                if id(child) in listed:
+                    setattr(parent, name, ReZero(child) if rezero else Residual(child))
         skips = skip_blocks(m, example)  # a skip inside a block that has one compounds: x + x + ... per block
         for holder, name, layer in loose_layers(m, example):
-            if shape_preserving(layer) and id(holder) not in skips:
+            if shape_preserving(layer) and id(holder) not in skips and id(holder) not in inside:
                 setattr(holder, name, ReZero(layer) if rezero else Residual(layer))
     return m
 

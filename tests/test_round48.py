@@ -1,0 +1,148 @@
+"""The fortieth session: round 47's leftover and round 48 (written from the README alone, each ported from a public
+source), each against its reference: a 16-layer GCN of the user's own layers without residual connections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch as gw
+from conftest import SEED_0_FAST
+
+
+def _problems(w) -> list:
+    return [f for f in w.diagnose() if f.severity != "info"]
+
+
+# -- round 47: a 16-layer GCN without residual connections (Kipf & Welling 2017, App. B, Fig. 5) ---------------------
+
+class _GCNLayer(nn.Module):
+    """Â · lin(h): a graph convolution of the user's own, Â a buffer."""
+
+    def __init__(self, a_hat: torch.Tensor, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n_in, n_out)
+        self.register_buffer("a_hat", a_hat)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.a_hat @ self.lin(h)
+
+
+class _DeepGCN(nn.Module):
+    """Linear + ReLU, ``depth`` GCN layers each followed by ``F.relu`` in a loop over an ``nn.ModuleList``, a GCN
+    output layer; ``residual``: H ← relu(Â H W) + H (App. B's fix)."""
+
+    def __init__(self, a_hat: torch.Tensor, n_in: int, width: int, classes: int, depth: int, residual: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(n_in, width)
+        self.layers = nn.ModuleList([_GCNLayer(a_hat, width, width) for _ in range(depth)])
+        self.out = _GCNLayer(a_hat, width, classes)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.inp(x))
+        for layer in self.layers:
+            z = F.relu(layer(h))
+            h = z + h if self.residual else z
+        return self.out(h)
+
+
+def _sbm(seed: int, n: int = 300, k: int = 3) -> tuple[torch.Tensor, ...]:
+    """A stochastic block model (p_in 0.06, p_out 0.01) with self-loops, Â = D^−½(A + I)D^−½; 16 noisy features
+    about each class's mean; 60 training nodes, 200 test nodes."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    y = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
+    same = (y[:, None] == y[None, :]).float()
+    a = torch.triu((torch.rand(n, n, generator=g) < same * 0.06 + (1 - same) * 0.01).float(), 1)
+    a = a + a.T + torch.eye(n)
+    d = a.sum(1).pow(-0.5)
+    x = torch.randn(k, 16, generator=g)[y] + 1.6 * torch.randn(n, 16, generator=g)
+    perm = torch.randperm(n, generator=g)
+    train, test = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    train[perm[:60]], test[perm[100:]] = True, True
+    return d[:, None] * a * d[None, :], x, y, train, test
+
+
+def _deep_gcn(seed: int, residual: bool = False) -> gw.Trial:
+    """The 16-layer GCN (width 32) at Adam 0.01 with weight decay 5e-4, full batch, the nodes outside the training
+    set ignored by the cross-entropy; scored by test accuracy (chance 1/3)."""
+    a_hat, x, y, train, test = _sbm(seed)
+    torch.manual_seed(seed)
+    model = _DeepGCN(a_hat, 16, 32, 3, 16, residual)
+    target = torch.where(train, y, torch.full_like(y, -100))
+
+    def batches():
+        while True:
+            yield x, target
+
+    def evaluate(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            acc = float((m(x).argmax(1)[test] == y[test]).float().mean())
+        m.train(was)
+        return acc
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4), batches(),
+                    lambda out, t: F.cross_entropy(out, t, ignore_index=-100), evaluate=evaluate)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_deep_gcn_s_functional_relus_are_seen_and_its_dead_units_told(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    runs = {}
+    for residual in (False, True):
+        trial = _deep_gcn(seed, residual)
+        runs[residual] = readme_watched(trial, tmp_path, f"res_{residual}", 200), trial.evaluate(trial.model)
+    (w_bug, bug), (w_twin, twin) = runs[False], runs[True]
+    # the reference: without skips the net stays at chance; with App. B's skips it learns
+    assert bug < 0.45 and twin > 0.8
+    depth = next(f for f in _problems(w_bug) if f.kind == "vanishing")
+    # the F.relu after each GCN layer is measured (as the activation of the layer whose output Â carried)
+    assert "no activation is seen" not in depth.cause and "relu()" in depth.cause, str(w_bug.diagnose())
+    assert "residual" in depth.remedy_keys
+    assert any(f.kind == "dead_units" for f in _problems(w_bug))
+    assert not [f for f in _problems(w_twin) if f.kind != "exploding"], str(w_twin.diagnose())
+
+
+def test_an_activation_after_a_propagation_by_a_constant_matrix_is_the_layer_s():
+    from gradwatch.probes.functional import propagated
+
+    lin = nn.Linear(4, 4)
+    h, a = torch.randn(5, 4), torch.rand(5, 5)
+    z = lin(h)
+    assert propagated((a @ z).grad_fn) is z.grad_fn
+    assert propagated((a @ z).view(-1).grad_fn) is z.grad_fn  # through a reshape
+    # a product whose other factor is learned is a layer of its own, and a scalar product (GELU's tanh) is none
+    w = nn.Parameter(torch.randn(4, 4))
+    assert propagated((z @ w).grad_fn) is None
+    assert propagated((0.79 * (z + 0.04 * z ** 3)).grad_fn) is None
+    assert propagated(z.grad_fn) is None
+
+
+def test_a_skip_goes_around_each_block_a_module_list_holds_whole():
+    from gradwatch.remedies import structure
+
+    a_hat, x, *_ = _sbm(0)
+    torch.manual_seed(0)
+    model = _DeepGCN(a_hat, 16, 32, 3, 4, residual=False)
+    blocks = list(model.layers)
+    structure.add_residual(model, inplace=True, example=x)
+    # each of the ModuleList's shape-keeping blocks is wrapped whole; the Linear inside it is not wrapped again, and
+    # the output layer (32 → 3) is left alone
+    assert [type(b) for b in model.layers] == [structure.Residual] * 4
+    assert [b.block for b in model.layers] == blocks
+    assert all(type(b.lin) is nn.Linear for b in blocks) and type(model.out) is _GCNLayer
+    # the reference: x + block(x), the block's own forward
+    h = torch.randn(300, 32)
+    assert torch.allclose(model.layers[0](h), h + blocks[0](h))
+
+
+@pytest.mark.slow
+def test_the_doctor_repairs_a_deep_gcn_with_skips_around_its_layers():
+    report = gw.doctor(_deep_gcn, steps=200, progress=False)
+    assert report.best is not None and report.best.verdict == "fixes it", str(report)
+    assert set(report.best.parts) & {"residual", "rezero"} and report.best.score > 0.8
