@@ -286,15 +286,26 @@ def _pairs(seq: nn.Sequential, blocks: frozenset[int] = frozenset()) -> list[tup
     return spans
 
 
+# autograd nodes of element-wise activations: a block whose output is one ends in its activation
+_ACTIVATION_NODES = frozenset({"ReluBackward0", "TanhBackward0", "SigmoidBackward0", "GeluBackward0", "SiluBackward0",
+                               "EluBackward0", "LeakyReluBackward0", "HardtanhBackward0", "ClampBackward1",
+                               "ClampMinBackward0", "ThresholdBackward0", "SoftplusBackward0", "MishBackward0",
+                               "HardswishBackward0", "HardsigmoidBackward0"})
+
+
 def _shape_keeping_blocks(model: nn.Module, example: Any,
-                          holders: tuple[type[nn.Module], ...] = (nn.Sequential,)) -> frozenset[int]:
-    """The ids of the user's blocks held by an ``nn.Sequential`` (``holders``: the containers looked in; a class of
-    their own with parameters) whose output had their input's shape in a forward pass on ``example``, and that do
-    not add their input already (:func:`skip_blocks`): a skip connection goes around each whole (round 16: 50
-    blocks relu(BN(Linear(h))) in a Sequential, where the skip went around the input Linear alone). Empty without
-    ``example``."""
+                          listed: bool = False) -> frozenset[int]:
+    """The ids of the user's blocks held by an ``nn.Sequential`` (a class of their own with parameters) whose output
+    had their input's shape in a forward pass on ``example``, and that do not add their input already
+    (:func:`skip_blocks`): a skip connection goes around each whole (round 16: 50 blocks relu(BN(Linear(h))) in a
+    Sequential, where the skip went around the input Linear alone). Empty without ``example``.
+
+    ``listed``: those an ``nn.ModuleList`` or ``nn.ModuleDict`` holds instead, whose output is no element-wise
+    activation (``Â @ lin(h)``, the activation after it the caller's): x + block(x) then keeps the form
+    act(x + f(x)), where a block ending in its own activation keeps its skip around its layer, inside."""
     if example is None:
         return frozenset()
+    holders = (nn.ModuleList, nn.ModuleDict) if listed else (nn.Sequential,)
     held = [c for x in model.modules() if isinstance(x, holders) for c in x.children()
             if not isinstance(c, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _calls_its_layers(c)
             and any(True for _ in c.parameters())]
@@ -304,12 +315,13 @@ def _shape_keeping_blocks(model: nn.Module, example: Any,
 
     def keep(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         x = next((a for a in args if isinstance(a, Tensor)), None)
-        if x is not None and isinstance(out, Tensor) and out.shape == x.shape:
+        if x is not None and isinstance(out, Tensor) and out.shape == x.shape and not (
+                listed and type(out.grad_fn).__name__ in _ACTIVATION_NODES):
             same.add(id(mod))
 
     hooks = [c.register_forward_hook(keep) for c in held]
     try:
-        dry_run(model, example)
+        dry_run(model, example, graph=listed)
     except Exception:  # noqa: BLE001 - a forward the dry run cannot follow: no block is known to keep its shape
         return frozenset()
     finally:
@@ -322,7 +334,8 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
     """Wrap every shape-preserving layer + activation group of each ``nn.Sequential`` in a skip connection
     (Linear(n, n), or a convolution keeping channels and size: :func:`shape_preserving`; a block of the user's
     that keeps its input's shape on ``example``, whole: :func:`_shape_keeping_blocks`); where the model has
-    none, each such block of the user's that an ``nn.ModuleList`` or ``nn.ModuleDict`` holds, whole, and every
+    none, each such block of the user's that an ``nn.ModuleList`` or ``nn.ModuleDict`` holds and that does not end in
+    its own activation, whole, and every
     other shape-preserving layer that a ``forward`` calls itself (:func:`loose_layers`: held by the model, a
     block of the user's, an ``nn.ModuleList`` or ``nn.ModuleDict``; activations that may be functions), alone —
     x + layer(x), the activation after it — but those inside a block of the user's that already adds its input
@@ -352,12 +365,12 @@ def add_residual(model: nn.Module, rezero: bool = False, inplace: bool = False, 
     if not wrapped:
         # the user's blocks that a ModuleList holds and that keep their input's shape, whole (round 47: a GCN layer
         # Â·lin(h) of the user's own in a loop, whose skip went around its Linear, inside the propagation by Â)
-        listed = _shape_keeping_blocks(m, example, (nn.ModuleList, nn.ModuleDict))
+        listed = _shape_keeping_blocks(m, example, listed=True)
         inside = {id(y) for x in m.modules() if id(x) in listed for y in x.modules()}
-        for parent in [x for x in m.modules() if isinstance(x, (nn.ModuleList, nn.ModuleDict))]:
-            for name, child in list(parent.named_children()):
+        for container in [x for x in m.modules() if isinstance(x, (nn.ModuleList, nn.ModuleDict))]:
+            for name, child in list(container.named_children()):
                 if id(child) in listed:
-                    setattr(parent, name, ReZero(child) if rezero else Residual(child))
+                    setattr(container, name, ReZero(child) if rezero else Residual(child))
         skips = skip_blocks(m, example)  # a skip inside a block that has one compounds: x + x + ... per block
         for holder, name, layer in loose_layers(m, example):
             if shape_preserving(layer) and id(holder) not in skips and id(holder) not in inside:
