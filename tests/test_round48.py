@@ -146,3 +146,119 @@ def test_the_doctor_repairs_a_deep_gcn_with_skips_around_its_layers():
     report = gw.doctor(_deep_gcn, steps=200, progress=False)
     assert report.best is not None and report.best.verdict == "fixes it", str(report)
     assert set(report.best.parts) & {"residual", "rezero"} and report.best.score > 0.8
+
+
+# -- round 48: a CRF's likelihood written as −log(exp(gold − log Z)) (allanj/pytorch_neural_crf#4) ------------------
+
+class _CRFTagger(nn.Module):
+    """A BiLSTM's emissions plus a transition matrix that starts at 0 (a CRF's usual start), returned as the pairwise
+    potentials pot[b, t, i, j] = emit[b, t, j] + trans[i, j]."""
+
+    def __init__(self, vocab: int = 20, tags: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 32, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(64, tags)
+        self.trans = nn.Parameter(torch.zeros(tags, tags))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        emit = self.out(self.lstm(self.emb(tokens))[0])
+        return emit[:, :, None, :] + self.trans[None, None]
+
+
+def _crf_tags(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens 1–19 over 64 steps, each tag (token + the token before) mod 6: a tag needs its left neighbour."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(1, 20, (n, 64), generator=g)
+    return tok, (tok + F.pad(tok[:, :-1], (1, 0))) % 6
+
+
+def _crf_nll(pot: torch.Tensor, tags: torch.Tensor, by_exp: bool) -> torch.Tensor:
+    """log Z by the forward algorithm (log space) minus the gold path's score; ``by_exp``: −log(exp(gold − log Z)),
+    the issue's form, whose exp underflows to 0 at a sequence's log-probability of about −64·ln 6 ≈ −115."""
+    b, t, k, _ = pot.shape
+    alpha = torch.logsumexp(pot[:, 0], 1)
+    for i in range(1, t):
+        alpha = torch.logsumexp(alpha[:, :, None] + pot[:, i], 1)
+    log_z = torch.logsumexp(alpha, 1)
+    first = torch.logsumexp(pot[:, 0].gather(2, tags[:, 0, None, None].expand(b, k, 1)).squeeze(2), 1)
+    pair = pot[:, 1:].gather(3, tags[:, 1:, None, None].expand(b, t - 1, k, 1)).squeeze(3)
+    gold = first + pair.gather(2, tags[:, :-1, None]).squeeze(2).sum(1)
+    return (-torch.log(torch.exp(gold - log_z)) if by_exp else log_z - gold).mean()
+
+
+def _crf(seed: int, by_exp: bool = True) -> gw.Trial:
+    """The tagger at Adam 3e-3 on batches of 32; scored by the accuracy of each step's best tag given the gold tag
+    before it (the transitions and the emissions together; chance 1/6)."""
+    torch.manual_seed(seed)
+    model = _CRFTagger()
+    tok, tags = _crf_tags(4096, 1000 + seed)
+    tok_te, tags_te = _crf_tags(512, 5000 + seed)
+
+    def batches():
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            idx = torch.randint(0, len(tok), (32,), generator=g)
+            yield tok[idx], tags[idx]
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            pot = m(tok_te)[:, 1:]  # (B, T−1, K_prev, K)
+            prev = tags_te[:, :-1, None, None].expand(-1, -1, 1, 6)
+            return float((pot.gather(2, prev).squeeze(2).argmax(-1) == tags_te[:, 1:]).float().mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(),
+                    lambda pot, t: _crf_nll(pot, t, by_exp), evaluate=evaluate)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_crf_likelihood_through_exp_is_told_log_space_not_its_zero_transitions(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    bug, twin = _crf(seed), _crf(seed, by_exp=False)
+    w_bug = readme_watched(bug, tmp_path, "exp", 40)
+    w_twin = readme_watched(twin, tmp_path, "log", 200)
+    # the reference: the issue's form is non-finite from the first step; log Z − gold learns from the same zeros
+    losses = w_bug.open().series("loss", "run").values
+    assert not torch.isfinite(torch.tensor(losses[0])).all()
+    assert bug.evaluate(bug.model) < 0.3 and twin.evaluate(twin.model) > 0.9
+    problems = _problems(w_bug)
+    assert problems and problems[0].kind == "nonfinite" and problems[0].remedy_keys[0] == "exp_log_space", str(
+        w_bug.diagnose())
+    assert "symmetry" not in problems[0].cause and "underflows" in problems[0].cause
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_a_zero_parameter_beside_a_block_s_layers_is_no_symmetric_layer(tmp_path):
+    """The transitions a CRF holds beside its layers start at 0 harmlessly; a layer of the user's own with a zero
+    weight (no layers inside) still counts, as torch's layers do."""
+
+    class _Leaf(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(6, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    class _Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.leaf, self.zero = nn.Linear(6, 6), _Leaf(), nn.Linear(6, 6)
+            self.trans = nn.Parameter(torch.zeros(6, 6))
+            nn.init.zeros_(self.zero.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.zero(self.leaf(self.lin(x))) + self.trans.sum(0)
+
+    model = _Net()
+    # the reference: the matrices exactly 0 at the start
+    assert {n for n, p in model.named_parameters() if p.dim() > 1 and not p.detach().any()} == {
+        "trans", "leaf.weight", "zero.weight"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gw.watch(model, opt, store=tmp_path, name="z") as w:
+        loss = model(torch.randn(4, 6)).square().mean()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+    assert sorted(w.open().meta["zero_weight_layers"]) == ["leaf", "zero"]

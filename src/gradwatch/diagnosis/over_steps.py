@@ -753,7 +753,8 @@ def _exp_in_loss(run: Run, loss_step: float) -> str:
         return ""
     return ("the loss exponentiates by hand (torch.exp in its graph, after the model's outputs, which are finite at "
             "the first step): e^x overflows float32 above x ≈ 88.7 — a cosine over a temperature of 0.01 reaches "
-            "100 — and inf − inf or inf/inf is NaN from the first step; compute the loss in log space, on the "
+            "100 — and inf − inf or inf/inf is NaN from the first step; it underflows to 0 below x ≈ −103 — a "
+            "sequence's log-probability e^(−115) — whose log is −inf; compute the loss in log space, on the "
             "exponent itself: F.cross_entropy or torch.logsumexp of the logits (a similarity over τ), never torch.exp "
             "and then a log")
 

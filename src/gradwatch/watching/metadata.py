@@ -35,9 +35,11 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
             for l in parts.layers
         ],
         # Layers whose weight matrices are all exactly 0 at the start (an all-zero initialisation): every unit of
-        # theirs computes the same output, and the symmetry is never broken.
+        # theirs computes the same output, and the symmetry is never broken. Not the parameters a block of the user's
+        # holds beside its layers (a CRF's transitions, a ViT's position embedding or class token at 0: arithmetic of
+        # its own forward, no layer's units; round 48's CRF was told "symmetry … He initialisation" first).
         "zero_weight_layers": [l.name for l in parts.layers
-                               if any(p.dim() > 1 for _, p in l.params)
+                               if any(p.dim() > 1 for _, p in l.params) and not _beside_layers(l.module)
                                and all(not bool(p.detach().any()) for _, p in l.params if p.dim() > 1)],
         # ... and those whose weights all start at one other constant (nn.init.constant_): symmetric all the same.
         "constant_weight_layers": [l.name for l in parts.layers if _constant_weights(l.params)],
@@ -113,6 +115,12 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "position_names": position_names(model),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
+
+
+def _beside_layers(module: nn.Module) -> bool:
+    """A module of the user's own class that holds layers too: its own parameters are arithmetic of its forward
+    (added, indexed, concatenated), not a layer's weight known to multiply its input."""
+    return not type(module).__module__.startswith("torch.") and any(True for _ in module.children())
 
 
 def pruned_whole(model: nn.Module) -> dict[str, list]:
