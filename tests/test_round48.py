@@ -262,3 +262,240 @@ def test_a_zero_parameter_beside_a_block_s_layers_is_no_symmetric_layer(tmp_path
         opt.step()
         w.log(loss=loss)
     assert sorted(w.open().meta["zero_weight_layers"]) == ["leaf", "zero"]
+
+
+# -- round 48: 1 − IoU of boxes that start apart from their targets (lilanxiao/Rotated_IoU#9; GIoU §1) -------------
+
+class _BoxNet(nn.Module):
+    """Two convolutions, a 64-unit layer and a head predicting (cx, cy, log w, log h) against a 0.1 × 0.1 anchor at
+    the origin, returned as corners (x₁, y₁, x₂, y₂)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc, self.head = nn.Linear(16 * 8 * 8, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.head(F.relu(self.fc(F.relu(self.c2(F.relu(self.c1(x)))).flatten(1))))
+        w, h = 0.1 * torch.exp(t[:, 2]), 0.1 * torch.exp(t[:, 3])
+        return torch.stack([t[:, 0] - w / 2, t[:, 1] - h / 2, t[:, 0] + w / 2, t[:, 1] + h / 2], 1)
+
+
+def _boxes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """16×16 images of one noisy rectangle, 0.2–0.35 a side, inside [0.35, 0.95]²: no anchor box at the origin
+    overlaps one."""
+    w, h = 0.2 + 0.15 * torch.rand(n, generator=g), 0.2 + 0.15 * torch.rand(n, generator=g)
+    x1, y1 = 0.35 + (0.6 - w) * torch.rand(n, generator=g), 0.35 + (0.6 - h) * torch.rand(n, generator=g)
+    boxes = torch.stack([x1, y1, x1 + w, y1 + h], 1)
+    grid = (torch.arange(16) + 0.5) / 16
+    inside_x = (grid[None] >= boxes[:, :1]) & (grid[None] <= boxes[:, 2:3])
+    inside_y = (grid[None] >= boxes[:, 1:2]) & (grid[None] <= boxes[:, 3:4])
+    img = (inside_y[:, :, None] & inside_x[:, None, :]).float() + 0.3 * torch.randn(n, 16, 16, generator=g)
+    return img[:, None], boxes
+
+
+def _overlap(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intersection (its sides clamped at 0) and the union of two sets of boxes."""
+    ix = (torch.minimum(p[:, 2], t[:, 2]) - torch.maximum(p[:, 0], t[:, 0])).clamp(min=0)
+    iy = (torch.minimum(p[:, 3], t[:, 3]) - torch.maximum(p[:, 1], t[:, 1])).clamp(min=0)
+    area = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1]) + (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])
+    return ix * iy, area - ix * iy
+
+
+def _iou_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    inter, union = _overlap(p, t)
+    return (1 - inter / union).mean()
+
+
+def _giou_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1 − GIoU (Rezatofighi et al. 2019, Alg. 1): the enclosing box's empty share subtracted."""
+    inter, union = _overlap(p, t)
+    c = (torch.maximum(p[:, 2], t[:, 2]) - torch.minimum(p[:, 0], t[:, 0])) * (
+        torch.maximum(p[:, 3], t[:, 3]) - torch.minimum(p[:, 1], t[:, 1]))
+    return (1 - inter / union + (c - union) / c).mean()
+
+
+def _box_regressor(seed: int, giou: bool = False) -> gw.Trial:
+    """The box net at Adam 1e-3 on batches of 64, scored by the mean IoU on 512 held-out images."""
+    torch.manual_seed(seed)
+    model = _BoxNet()
+    g = torch.Generator().manual_seed(1000 + seed)
+    x_te, b_te = _boxes(512, torch.Generator().manual_seed(99))
+
+    def batches():
+        while True:
+            yield _boxes(64, g)
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            inter, union = _overlap(m(x_te), b_te)
+        return float((inter / union).mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(),
+                    _giou_loss if giou else _iou_loss, evaluate=evaluate)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_an_iou_loss_of_boxes_that_never_overlap_is_told_as_a_loss_at_its_floor(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    bug, twin = _box_regressor(seed), _box_regressor(seed, giou=True)
+    w_bug, w_twin = readme_watched(bug, tmp_path, "iou", 100), readme_watched(twin, tmp_path, "giou", 300)
+    # the reference: no box overlaps, so every gradient is 0 and the loss stays 1; GIoU has a gradient there
+    assert all(p.grad is None or not p.grad.any() for p in bug.model.parameters())
+    assert bug.evaluate(bug.model) == 0.0 and twin.evaluate(twin.model) > 0.6
+    problems = _problems(w_bug)
+    assert [f.kind for f in problems] == ["stalled"] and problems[0].remedy_keys == ("loss_floor",), str(
+        w_bug.diagnose())
+    assert "torch.clamp" in problems[0].cause and "softmax" not in problems[0].cause
+    # the twin: a ReLU layer more than half silent under a mild cost on a loss that fell ÷6 is no warning
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+# -- round 48: a soft Dice given the logits (jakeret/tf_unet#15, fixed in #16; ScrollPrize/villa#1644) ---------------
+
+class _TinyUNet(nn.Module):
+    """Two encoder convolutions, a max-pool, a bottleneck, a transposed convolution up, the skip concatenated, a
+    decoder convolution and a 1×1 output: logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.e2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b1, self.up = nn.Conv2d(8, 16, 3, padding=1), nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.d1, self.out = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.relu(self.e2(F.relu(self.e1(x))))
+        u = self.up(F.relu(self.b1(F.max_pool2d(s, 2))))
+        return self.out(F.relu(self.d1(torch.cat([u, s], 1))))
+
+
+def _discs(n: int, g: torch.Generator, noise: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """16×16 images of a disc (radius 1.5–3.5) under Gaussian noise, and its mask."""
+    cx, cy = (3 + 10 * torch.rand(n, 1, 1, generator=g) for _ in range(2))
+    r = 1.5 + 2.0 * torch.rand(n, 1, 1, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="ij")
+    mask = (((xx - cx) ** 2 + (yy - cy) ** 2) <= r ** 2).float()
+    return (mask + noise * torch.randn(n, 16, 16, generator=g))[:, None], mask[:, None]
+
+
+def _soft_dice(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
+
+
+def _segmenter(seed: int, on_logits: bool = True) -> gw.Trial:
+    """The U-Net at Adam 1e-3 on batches of 16 under a soft Dice (smooth 1) of the logits, or of their sigmoid (the
+    fix); scored by the held-out foreground IoU of logits > 0."""
+    torch.manual_seed(seed)
+    model = _TinyUNet()
+    g = torch.Generator().manual_seed(1000 + seed)
+    x_te, m_te = _discs(256, torch.Generator().manual_seed(99))
+
+    def batches():
+        while True:
+            yield _discs(16, g)
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            pred = (m(x_te) > 0).float()
+        union = ((pred + m_te) > 0).float().sum((1, 2, 3)).clamp(min=1)
+        return float(((pred * m_te).sum((1, 2, 3)) / union).mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(),
+                    _soft_dice if on_logits else lambda z, mask: _soft_dice(torch.sigmoid(z), mask),
+                    evaluate=evaluate)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_soft_dice_on_logits_is_told_with_a_sigmoid_before_it(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    bug, twin = _segmenter(seed), _segmenter(seed, on_logits=False)
+    w_bug, w_twin = readme_watched(bug, tmp_path, "logits", 300), readme_watched(twin, tmp_path, "probs", 300)
+    # the reference: on the logits the loss has no floor (it goes below 0 or spikes) and nothing is segmented
+    losses = w_bug.open().series("loss", "run").values[0]
+    assert bug.evaluate(bug.model) < 0.2 and twin.evaluate(twin.model) > 0.6
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == "squash_before_ratio" for f in problems), str(w_bug.diagnose())
+    assert losses.min() < 0 or any(f.kind == "exploding" for f in problems)
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_the_ratio_reading_tells_a_denominator_linear_in_the_raw_output():
+    from gradwatch.probes.loss_ops import raw_ratio
+
+    lin = nn.Linear(4, 3)
+    z, mask = lin(torch.randn(5, 4)), (torch.rand(5, 3) > 0.5).float()
+    assert raw_ratio(_soft_dice(z, mask)) and raw_ratio((z / z.sum(1, keepdim=True)).square().mean())
+    # through a sigmoid, an exp (a softmax by hand), a norm, a product of two outputs or a constant: none
+    assert not raw_ratio(_soft_dice(torch.sigmoid(z), mask))
+    assert not raw_ratio((torch.exp(z) / torch.exp(z).sum(1, keepdim=True)).log().mean())
+    assert not raw_ratio(((z * z).sum(1) / (z.norm(dim=1) * z.norm(dim=1))).mean())
+    assert not raw_ratio(z.sum() / torch.tensor(5.0)) and not raw_ratio(_iou_loss(z.exp().cumsum(1)[:, [0, 0, 1, 2]],
+                                                                             torch.rand(5, 4)))
+
+
+@pytest.mark.slow
+def test_the_doctor_puts_a_sigmoid_before_the_dice():
+    report = gw.doctor(_segmenter, steps=300, progress=False)
+    assert report.best is not None and report.best.parts == ("squash_before_ratio",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.6
+
+
+# -- round 48: kornia 0.5.0's binary focal loss at γ = 0.5, (1 − p)^γ at p = 1 (kornia/kornia#918) ------------------
+
+def _focal(z: torch.Tensor, t: torch.Tensor, eps_in_pow: bool = False, alpha: float = 0.5, gamma: float = 0.5,
+           eps: float = 1e-8) -> torch.Tensor:
+    """The binary focal loss as kornia 0.5.0 wrote it (ε inside the logs only); ``eps_in_pow``: #918's fix."""
+    p = torch.sigmoid(z)
+    e = eps if eps_in_pow else 0.0
+    return (-alpha * torch.pow(1. - p + e, gamma) * t * torch.log(p + eps)
+            - (1 - alpha) * torch.pow(p + e, gamma) * (1. - t) * torch.log(1. - p + eps)).mean()
+
+
+def _focal_segmenter(seed: int, eps_in_pow: bool = False) -> gw.Trial:
+    """The U-Net at Adam 1e-2 on discs under a tenth of the noise (an easy task: σ(z) rounds to 1), the focal loss."""
+    trial = _segmenter(seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    x_te, m_te = _discs(256, torch.Generator().manual_seed(99), noise=0.06)
+
+    def batches():
+        while True:
+            yield _discs(16, g, noise=0.06)
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            pred = (m(x_te) > 0).float()
+        union = ((pred + m_te) > 0).float().sum((1, 2, 3)).clamp(min=1)
+        return float(((pred * m_te).sum((1, 2, 3)) / union).mean())
+
+    return gw.Trial(trial.model, torch.optim.Adam(trial.model.parameters(), lr=1e-2), batches(),
+                    lambda z, t: _focal(z, t, eps_in_pow), evaluate=evaluate)
+
+
+@pytest.mark.parametrize("seed", SEED_0_FAST)
+def test_a_focal_loss_s_fractional_power_at_0_is_told_before_its_guarded_logs(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    bug, twin = _focal_segmenter(seed), _focal_segmenter(seed, eps_in_pow=True)
+    w_bug, w_twin = readme_watched(bug, tmp_path, "kornia", 300), readme_watched(twin, tmp_path, "fixed", 300)
+    # the reference: the loss turns NaN once a sigmoid rounds to 1; with ε inside the power it segments
+    losses = torch.tensor(w_bug.open().series("loss", "run").values[0])
+    assert torch.isfinite(losses[0]) and not torch.isfinite(losses).all()
+    assert bug.evaluate(bug.model) < 0.1 and twin.evaluate(twin.model) > 0.9
+    problems = _problems(w_bug)
+    assert problems and problems[0].kind == "nonfinite" and problems[0].remedy_keys[0] == "backward_singularity", str(
+        w_bug.diagnose())
+    assert "log_space" not in problems[0].remedy_keys
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+def test_a_log_kept_off_0_is_no_log_of_a_probability():
+    from gradwatch.probes.loss_ops import log_of_probabilities, loss_paths
+
+    z = nn.Linear(3, 1)(torch.randn(4, 3))
+    p = torch.sigmoid(z)
+    assert log_of_probabilities(loss_paths(torch.log(p).mean())) == "sigmoid"
+    assert log_of_probabilities(loss_paths(torch.log(1 - p).mean())) == "sigmoid"
+    assert log_of_probabilities(loss_paths(torch.log(p + 1e-8).mean())) == ""
+    assert log_of_probabilities(loss_paths(torch.log(p.clamp(min=1e-7)).mean())) == ""

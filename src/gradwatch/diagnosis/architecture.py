@@ -983,6 +983,19 @@ def relative_error_loss(run: Run) -> str:
             "2006, §3.2)")
 
 
+def raw_ratio_loss(run: Run) -> str:
+    """Words for a loss that divides by a linear function of the raw output (meta ``raw_ratio``:
+    :func:`gradwatch.probes.loss_ops.raw_ratio`), '' otherwise. Round 48: a soft Dice given a U-Net's logits where it
+    wants probabilities (jakeret/tf_unet#15, fixed in #16), IoU 0.00–0.10 held out against 0.69, told a loss spike
+    with skip-step and warm-up (seeds 0–1) and nothing but info (seed 2)."""
+    if not run_meta(run).get("raw_ratio"):
+        return ""
+    return ("the loss divides by a sum of the raw outputs — a soft Dice or IoU, (2Σp·y + s)/(Σp + Σy + s), written "
+            "for probabilities and given the logits, no sigmoid or softmax between: logits take either sign, so the "
+            "denominator crosses 0, the ratio has no bound and the loss no floor, and it spikes wherever the sum "
+            "nears 0")
+
+
 FEW_DISTINCT = 0.5  # batches whose rows are this share distinct or less (a median) repeat their samples ...
 FEW_SAMPLES = 0.5  # ... from a pool of at most this share of one batch's rows over all the batches read
 
@@ -1182,6 +1195,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (raw_inputs, ("standardise_inputs",), _INPUT_KINDS),
     (raw_inputs_diverged, ("standardise_inputs",), ("nonfinite",)),
     (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
+    (raw_ratio_loss, ("squash_before_ratio",), _ANY_KIND),
     (collapsing_posterior, ("sum_reconstruction",), _ANY_KIND),
     (undetached_advantage, ("detach_advantage",), _ANY_KIND),
     (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),
@@ -1338,6 +1352,21 @@ def few_samples_findings(found: list[Finding], run: Run, th: Thresholds) -> list
                            f"batches (meta batch_samples){told}.", few_samples(run), "sample_weights",
                            "meta batch_samples", "loss (run)",
                            numbers={k: float(v) for k, v in seen.items() if isinstance(v, (int, float))})]
+
+
+def raw_ratio_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A loss that divides by a sum of the raw outputs (:func:`raw_ratio_loss`) where no rule found a problem and the
+    logged loss went below 0 — a 1 − Dice or 1 − IoU never does on probabilities: one ``exploding`` warning of its
+    own (round 48's seed 2: the spikes' damage read as recovered, IoU 0.00)."""
+    if any(f.severity != "info" for f in found) or not raw_ratio_loss(run):
+        return []
+    told, _, below = went_below_zero(run)
+    if below is None:
+        return []
+    return [set_up_warning(run, "exploding", (), f"the loss went below 0 at step {below}: a ratio of raw outputs "
+                           f"without a floor", f"the loss's graph divides by a sum of the model's outputs with no "
+                           f"sigmoid or softmax between (meta raw_ratio){told}.", raw_ratio_loss(run),
+                           "squash_before_ratio", "meta raw_ratio", "loss (run)")]
 
 
 def confidently_wrong_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
@@ -1625,7 +1654,7 @@ def _batch_norm_without_skips(run: Run, deep_plain: bool) -> str:
 # rounding between the output and the loss
 _NOT_THE_OPTIMISER = frozenset({"adam", "output_activation", "check_graph", "rebuild_optimizer", "schedule_per_epoch",
                                 "zero_grad_order", "checkpoint_inputs", "no_zero_clip", "finish_warmup",
-                                "drop_rounding"})
+                                "drop_rounding", "loss_floor"})
 
 
 def fit_architecture(found: list[Finding], run: Run) -> list[Finding]:

@@ -17,7 +17,7 @@ from gradwatch.diagnosis.thresholds import Thresholds
 from gradwatch.diagnosis.view import since, steps_text
 from gradwatch.probes.activations import peak_derivative
 from gradwatch.probes.functional import ONE_HOT_ABOVE
-from gradwatch.probes.loss_ops import quadratic_on_softmax, quadratic_on_squash, step_ops
+from gradwatch.probes.loss_ops import floor_ops, quadratic_on_softmax, quadratic_on_squash, step_ops
 from gradwatch.store import Run, Series
 
 
@@ -270,13 +270,18 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
         # a mild cost on a net that learned: round 7's healthy residual dilated stack (tanh written in forward, 33 %
         # saturated, ×0.31 across eight blocks, loss 2.37 → 0.16, held-out 0.95) is no fault to warn of
         return False, words + ", a mild cost on a loss that fell tenfold (info only)", numbers
-    moves = _least_move(run, [prof.names[i] for i in before], th) if decays and learned else None
+    # a mild cost on a loss that halved is judged as one that fell tenfold, by the layers below: round 48's box
+    # regressor under 1 − GIoU (58–64 % of a ReLU layer dead, ×0.33 across it, loss 1.88 → 0.33, IoU 0.70) — a
+    # GIoU's floor is far from 0 — warned of on every seed
+    halved = ends is not None and ends[1] <= HALVED_BELOW * ends[0] and across >= th.affected_below ** 2
+    moves = _least_move(run, [prof.names[i] for i in before], th) if decays and (learned or halved) else None
     if moves is not None and moves >= MOVES_ABOVE:
         # the layers below still learn: round 8's breast-cancer MLP under Adam, 72 % of fc2's ReLUs dead, ×0.18
         # from the head down to fc1, whose update ratio stayed near the others' (loss 17 → 0.26, held-out 0.95)
         numbers["moves"] = moves
         return False, words + (f", yet the layers below them still move (update ratio ×{sci(moves)} of the upper "
-                               f"quartile's at least) on a loss that fell tenfold (info only)"), numbers
+                               f"quartile's at least) on a loss that fell {'tenfold' if learned else 'to half or less'} "
+                               f"(info only)"), numbers
     if decays:
         return True, words + ": they cost the gradient", numbers
     if not falls:
@@ -303,6 +308,7 @@ MOVES_ABOVE = 0.1  # layers below costly units that still move a tenth of the up
 PASSES_ABOVE = 0.1  # units passing on a tenth of their peak derivative (rms) or more still carry a gradient
 LEARNED_BELOW = 0.1  # ... and a loss that fell tenfold shows it got past them (halving is not enough: measured,
 # a tanh net on raw pixels halves its loss at 62 % accuracy while its units pass on ×0.03 of their peak)
+HALVED_BELOW = 0.5  # ... but a mild cost (×¼ or more across them) on a halved loss whose lower layers still move
 
 
 def _passes(run: Run, acts: tuple[str, ...], th: Thresholds, output: bool = False) -> tuple[bool, str, dict[str, float]]:
@@ -980,6 +986,16 @@ def zero_gradient_findings(run: Run, th: Thresholds) -> list[Finding]:
                  f"{ALL_DEAD_FROM:.0%} of the time or more), so nothing passes a gradient back: pre-activations below "
                  f"0 for every input — negative biases, weights that start too small or shifted")
         fixes = remedies("zero_bias", "leaky", "he_init")
+    elif (floors := floor_ops(run_meta(run).get("loss_ops"))) and not moved:
+        # round 48: 1 − IoU of boxes that never overlap their targets (lilanxiao/Rotated_IoU#9; Rezatofighi et al.
+        # 2019, §1): the intersection's clamp(x₂ − x₁, min=0) is 0 on every sample, IoU 0.00 against GIoU's 0.70;
+        # told "a softmax over a single unit" of a net that had none
+        calls = ", ".join(f"torch.{op}" for op in floors)
+        cause = (f"the loss is flat where it was evaluated: it holds a quantity at a floor ({calls} in its graph) on "
+                 f"every sample, whose derivative there is 0 — an overlap of predictions that miss their targets "
+                 f"(the IoU of boxes that do not intersect: clamp(x₂ − x₁, min=0) is 0, and so is its gradient), a "
+                 f"hinge or a margin held at its bound — so the backward pass carries exactly 0 from the loss")
+        fixes = remedies("loss_floor")
     else:
         cause = ("the loss does not depend on the parameters: an output activation constant in its input (a softmax "
                  "over a single unit is the constant 1), or a loss computed on a detached or constant output")

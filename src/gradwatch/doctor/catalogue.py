@@ -103,7 +103,7 @@ BY_HAND = frozenset({"attention_scale", "check_graph", "gradient_penalty", "logi
                      "master_weights", "pack", "zero_grad_order", "detach_reference",
                      "one_logit_loss", "scaler_step", "unscale_before_clip", "positive_loss_weights",
                      "bounded_objective", "probability_targets", "keep_state_graph",
-                     "entropy_bonus_sign", "scale_free_error", "sample_weights"})
+                     "entropy_bonus_sign", "scale_free_error", "sample_weights", "loss_floor"})
 
 # Why an entry that a finding named found nothing to change, where one reason covers it (the message says so in
 # place of the generic "a step() of the set-up's own, or nothing of the kind in the model").
@@ -292,9 +292,12 @@ def catalog() -> dict[str, list[Remedy]]:
         "prune_per_layer": one("prune_per_layer", "pruned layer by layer at the same sparsity", s.prune_per_layer),
         "sum_reconstruction": one("sum_reconstruction", "the reconstruction summed, as the KL is",
                                   s.sum_reconstruction),
+        "squash_before_ratio": one("squash_before_ratio", "a sigmoid/softmax on the output before the loss's ratio",
+                                   s.squash_before_ratio),
         "detach_advantage": one("detach_advantage", "the advantage detached in the policy term", s.detach_advantage),
         "entropy_bonus_sign": [],  # the sign is the user's loss
         "scale_free_error": [],  # ... and so is its division
+        "loss_floor": [],  # ... and its clamp
         "sample_weights": [],  # the sampler is the user's data loader
         "finite_mask": one("finite_mask", "finfo.min in place of −inf in a product (a mask: 0·(−inf) is NaN)",
                            s.finite_inf_factors),

@@ -419,6 +419,30 @@ def sum_reconstruction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def squash_before_ratio(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The loss given σ(output) (one channel: dim 1 of size 1, or no class dimension) or softmax(output, dim=1) in
+    place of the raw output (:class:`SquashedOutput`): a soft Dice written for probabilities and handed logits
+    (round 48: jakeret/tf_unet#15). The model's output, which the set-up's score reads, is unchanged. None where the
+    set-up computes its loss in a ``step()`` of its own."""
+    if not _loss_reachable(trial):
+        return None
+    trial.loss_fn = SquashedOutput(trial.loss_fn)
+    note_change(trial, "the loss given a sigmoid/softmax of the output; the output itself unchanged")
+    return trial
+
+
+class SquashedOutput:
+    """A trial's loss on probabilities: σ(out) where ``out`` has one channel (dim 1 of size 1, or fewer than two
+    dimensions), softmax over dim 1 otherwise."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, out: torch.Tensor, y: Any) -> torch.Tensor:
+        one = out.dim() < 2 or out.shape[1] == 1
+        return self.loss_fn(torch.sigmoid(out) if one else torch.softmax(out, dim=1), y)
+
+
 class _StepUnder:
     """A trial's step run under a torch function mode, model, loss and all (a loss the set-up's own step() computes
     too)."""

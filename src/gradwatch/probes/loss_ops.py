@@ -74,14 +74,15 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     (:func:`nll_on_scores`), ``self_cancelling`` (:func:`self_cancelling`), ``softmax_over_one``
     (:func:`softmax_over_one`), ``loss_weights`` (:func:`loss_weights`), ``mean_divided`` (:func:`mean_divided`),
     ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`), ``policy_loss``
-    (:func:`gradwatch.probes.policy_loss.policy_loss`), ``relative_error`` (:func:`relative_error`) and
-    ``kl_outweighs_reconstruction`` (:func:`gradwatch.probes.elbo.kl_outweighs_reconstruction`). Reads only; never
-    fails the run."""
+    (:func:`gradwatch.probes.policy_loss.policy_loss`), ``relative_error`` (:func:`relative_error`),
+    ``kl_outweighs_reconstruction`` (:func:`gradwatch.probes.elbo.kl_outweighs_reconstruction`) and ``raw_ratio``
+    (:func:`raw_ratio`). Reads only; never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
             "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss),
             "unnormalised_similarity": unnormalised_similarity(loss), "policy_loss": policy_loss(loss),
-            "relative_error": relative_error(loss), "kl_outweighs_reconstruction": kl_outweighs_reconstruction(loss)}
+            "relative_error": relative_error(loss), "kl_outweighs_reconstruction": kl_outweighs_reconstruction(loss),
+            "raw_ratio": raw_ratio(loss)}
 
 
 # the loss functions whose value is never below 0: a sum of them with positive weights is not either
@@ -180,6 +181,18 @@ def nll_on_scores(loss: Tensor) -> bool:
 # output and the loss, no gradient leaves the loss)
 STEP_NODES = {"RoundBackward0": "round", "RoundBackward1": "round", "FloorBackward0": "floor", "CeilBackward0": "ceil",
               "TruncBackward0": "trunc", "SignBackward0": "sign", "SgnBackward0": "sgn"}
+
+
+# operations that hold a quantity at a floor (or a ceiling) with derivative 0 there: an overlap's clamp(w, min=0)
+FLOOR_NODES = {"ClampMinBackward0": "clamp", "ClampBackward1": "clamp", "ClampBackward0": "clamp",
+               "MaximumBackward0": "maximum", "MinimumBackward0": "minimum", "ReluBackward0": "relu",
+               "ThresholdBackward0": "threshold"}
+
+
+def floor_ops(ops: object) -> list[str]:
+    """The operations among the loss's (meta ``loss_ops``) that hold a value at a floor with derivative 0 there
+    (:data:`FLOOR_NODES`), by their torch names, sorted; [] for none."""
+    return sorted({FLOOR_NODES[o] for o in ops if o in FLOOR_NODES}) if isinstance(ops, (list, tuple)) else []
 
 
 def step_ops(ops: object) -> list[str]:
@@ -312,11 +325,17 @@ def penalty_on_relu(paths: list[list[str]] | None) -> bool:
     return False
 
 
+# what keeps a probability off 0 before its log: log(p + ε), log(p.clamp(min=ε))
+_GUARDS = frozenset({"AddBackward0", "AddBackward1", "ClampBackward1", "ClampMinBackward0", "MaximumBackward0"})
+
+
 def log_of_probabilities(paths: list[list[str]] | None) -> str:
     """'sigmoid'/'softmax' where the loss takes the logarithm of that function's output by hand (log p,
-    log(1 − p)), else ''."""
+    log(1 − p), log of a selection of p), else ''. Not log(p + ε) nor log(p.clamp(min=ε)): finite, with a finite
+    derivative (round 48: kornia's focal loss, whose NaN came from (1 − p)^0.5 at p = 1, was told the logs first)."""
     for path in paths or ():
-        if SQUASH.get(path[-1]) in ("sigmoid", "softmax") and "LogBackward0" in path[-3:-1]:
+        if SQUASH.get(path[-1]) in ("sigmoid", "softmax") and len(path) > 1 and (
+                path[-2] == "LogBackward0" or (len(path) > 2 and path[-3] == "LogBackward0" and path[-2] not in _GUARDS)):
             return SQUASH[path[-1]]
     return ""
 
@@ -357,6 +376,49 @@ def relative_error(loss: Tensor) -> bool:
                     return True
     except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
         return False
+    return False
+
+
+# nodes through which a denominator stays a linear function of the output, its sign the output's: sums, means,
+# differences, selections and views (a product counts where one factor has no gradient: p·mask)
+_LINEAR = frozenset({"SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1", "AddBackward0", "AddBackward1",
+                     "SubBackward0", "SubBackward1", "SelectBackward0", "SliceBackward0", "IndexBackward0",
+                     "SplitBackward0", "UnbindBackward0", "MulBackward0", "MulBackward1"}) | SAME_ELEMENTS
+_RATIO_REACH = 24  # nodes walked back from a division's denominator
+
+
+def raw_ratio(loss: Tensor) -> bool:
+    """The loss divides by a linear function of a layer's raw output — a sum of logits, no sigmoid or softmax
+    between: a soft Dice or IoU, 1 − (2Σp·y + s)/(Σp + Σy + s), written for probabilities and given the logits
+    (jakeret/tf_unet#15; ScrollPrize/villa#1644: "the denominator crosses zero"). Its denominator takes either
+    sign, so the loss has no floor and spikes where the sum nears 0. False where it has none, or reading fails."""
+    try:
+        for node in _walk(loss):
+            inputs = [n for n, _ in node.next_functions]
+            if type(node).__name__ == "DivBackward0" and len(inputs) == 2 and inputs[0] is not None \
+                    and inputs[1] is not None and _linear_in_output(inputs[1]):
+                return True
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return False
+    return False
+
+
+def _linear_in_output(node: Any) -> bool:
+    """Whether a path from ``node`` back reaches a layer's output (:data:`LAYER_OPS`) through :data:`_LINEAR` nodes
+    only (a product where one factor has no gradient)."""
+    todo, seen = [node], 0
+    while todo and seen < _RATIO_REACH:
+        at = todo.pop()
+        seen += 1
+        name = type(at).__name__
+        if name in LAYER_OPS:
+            return name != "AccumulateGrad"  # a learned scalar divisor is no output
+        if name not in _LINEAR:
+            continue
+        nxt = [n for n, _ in at.next_functions if n is not None]
+        if name.startswith("Mul") and len(nxt) != 1:
+            continue  # a product of two tensors with gradient: no longer linear
+        todo.extend(nxt)
     return False
 
 
