@@ -3,13 +3,15 @@ source), each against its reference: a 16-layer GCN of the user's own layers wit
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
-from conftest import SEED_0_FAST
+from conftest import ALL_SLOW, SEED_0_FAST
 
 
 def _problems(w) -> list:
@@ -499,3 +501,95 @@ def test_a_log_kept_off_0_is_no_log_of_a_probability():
     assert log_of_probabilities(loss_paths(torch.log(1 - p).mean())) == "sigmoid"
     assert log_of_probabilities(loss_paths(torch.log(p + 1e-8).mean())) == ""
     assert log_of_probabilities(loss_paths(torch.log(p.clamp(min=1e-7)).mean())) == ""
+
+
+# -- round 48: an LM head tied to an embedding left at N(0, 1) (NX-AI/xlstm#83; huggingface/transformers#26441) ------
+
+class _TiedLM(nn.Module):
+    """A 2-layer Pre-LN Transformer (d 64, 4 heads, causal) over 64 tokens whose head shares the embedding's weight;
+    ``std``: the shared matrix re-drawn at that std first (GPT-2's 0.02), else nn.Embedding's N(0, 1) kept."""
+
+    def __init__(self, std: float | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 64)
+        if std is not None:
+            nn.init.normal_(self.emb.weight, std=std)
+        self.pos = nn.Parameter(torch.randn(32, 64) * 0.02)
+        layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.ln_f, self.head = nn.LayerNorm(64), nn.Linear(64, 64, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("causal", torch.triu(torch.ones(32, 32, dtype=torch.bool), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = self.blocks(self.emb(x) + self.pos[:t], mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.ln_f(h))
+
+
+def _markov_text(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A second-order Markov language over 64 tokens: each pair of tokens has two successors, taken 0.8 / 0.2 (the
+    best accuracy about 0.8); sequences of 33, inputs and next tokens."""
+    succ = torch.randint(0, 64, (64, 64, 2), generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 33, dtype=torch.long)
+    x[:, :2] = torch.randint(0, 64, (n, 2), generator=g)
+    for t in range(2, 33):
+        x[:, t] = succ[x[:, t - 2], x[:, t - 1], (torch.rand(n, generator=g) >= 0.8).long()]
+    return x[:, :-1], x[:, 1:]
+
+
+def _tied_lm(seed: int, std: float | None = None) -> gw.Trial:
+    """The LM at Adam 3e-3 on batches of 32; scored by held-out next-token accuracy from the third token on."""
+    torch.manual_seed(seed)
+    model = _TiedLM(std)
+    x, y = _markov_text(4096, 100 + seed)
+    x_te, y_te = _markov_text(512, 900 + seed)
+
+    def batches():
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            yield x[idx], y[idx]
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x_te)[:, 2:].argmax(-1) == y_te[:, 2:]).float().mean())
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(),
+                    lambda logits, t: F.cross_entropy(logits.reshape(-1, 64), t.reshape(-1)), evaluate=evaluate)
+
+
+def test_an_lm_head_tied_to_an_embedding_at_n01_is_told_with_its_scale(tmp_path):
+    from gradwatch.zoo.train import readme_watched
+
+    w_bug = readme_watched(_tied_lm(0), tmp_path, "tied", 60)
+    w_twin = readme_watched(_tied_lm(0, std=0.02), tmp_path, "gpt2", 60)
+    # the reference: the first cross-entropy against ln 64 = 4.16
+    first = [float(w.open().series("loss", "run").values[0][0]) for w in (w_bug, w_twin)]
+    assert first[0] > 3 * math.log(64) and abs(first[1] - math.log(64)) < 0.2
+    problems = _problems(w_bug)
+    assert problems and problems[0].remedy_keys[0] == "tied_init", str(w_bug.diagnose())
+    assert "shares its weight with the embedding emb" in problems[0].cause
+    assert not _problems(w_twin), str(w_twin.diagnose())
+    assert w_twin.open().meta["tied_embeddings"] == [{"embedding": "emb", "layer": "head", "std": pytest.approx(
+        0.02, rel=0.1), "rows": 64}]
+
+
+@pytest.mark.parametrize("seed", ALL_SLOW)
+def test_a_tied_lm_at_n01_fails_where_its_twin_learns_and_is_told(tmp_path, seed):
+    from gradwatch.zoo.train import readme_watched
+
+    bug, twin = _tied_lm(seed), _tied_lm(seed, std=0.02)
+    w_bug, w_twin = readme_watched(bug, tmp_path, "tied", 400), readme_watched(twin, tmp_path, "gpt2", 400)
+    assert bug.evaluate(bug.model) < 0.3 and twin.evaluate(twin.model) > 0.5
+    problems = _problems(w_bug)
+    assert problems and all(f.remedy_keys[0] == "tied_init" for f in problems), str(w_bug.diagnose())
+    assert not _problems(w_twin), str(w_twin.diagnose())
+
+
+@pytest.mark.slow
+def test_the_doctor_draws_the_tied_matrix_at_an_output_layer_s_scale():
+    report = gw.doctor(_tied_lm, steps=400, progress=False)
+    assert report.best is not None and report.best.parts == ("tied_init",), str(report)
+    assert report.best.verdict == "fixes it" and report.best.score > 0.5

@@ -983,6 +983,35 @@ def relative_error_loss(run: Run) -> str:
             "2006, §3.2)")
 
 
+TIED_STD_FROM = 0.3  # a tied matrix drawn at this std or more: an embedding's N(0, 1), no output layer's scale
+TIED_LOSS_FROM = 3.0  # ... where the cross-entropy starts at this × ln C or more (C: the tied matrix's rows)
+
+
+def tied_embedding_scale(run: Run) -> str:
+    """Words for an output layer tied to an ``nn.Embedding`` left at its N(0, 1) (meta ``tied_embeddings``: std
+    :data:`TIED_STD_FROM` or more) where a cross-entropy (an NLL of a log-softmax in the loss's graph) started at
+    :data:`TIED_LOSS_FROM` × ln C or more, '' otherwise. Round 48: a 2-layer Transformer LM whose head was tied to
+    its embedding and nothing re-initialised (NX-AI/xlstm#83; transformers #26441): the loss 53 on 64 tokens, the
+    logits at rms 474, 0.18 held out against 0.61–0.63 with the matrix at std 0.02; "no findings" before."""
+    meta = run_meta(run)
+    tied = [t for t in meta.get("tied_embeddings") or () if isinstance(t, dict)
+            and float(t.get("std") or 0) >= TIED_STD_FROM and int(t.get("rows") or 0) > 1]
+    if not tied or not {"NllLossBackward0", "LogSoftmaxBackward0"} <= set(meta.get("loss_ops") or ()) \
+            or "loss" not in run.quantities:
+        return ""
+    values = run.series("loss", "run").values[0]
+    finite = values[np.isfinite(values)]
+    t = tied[0]
+    guess = math.log(int(t["rows"]))
+    if not len(finite) or not finite[0] >= TIED_LOSS_FROM * guess:
+        return ""
+    return (f"weight tying at an embedding's scale: layer {t['layer']} shares its weight with the embedding "
+            f"{t['embedding']}, drawn at std {t['std']:.2g} (nn.Embedding's N(0, 1)), so the logits start about √d "
+            f"times too large — the cross-entropy starts at {sci(float(finite[0]))} against a uniform guess's "
+            f"ln {t['rows']} = {guess:.2f} — and the run spends its steps shrinking a matrix that is also its input "
+            f"(GPT-2 draws the tied matrix at std 0.02; T5 scales the output by d^(−1/2))")
+
+
 def raw_ratio_loss(run: Run) -> str:
     """Words for a loss that divides by a linear function of the raw output (meta ``raw_ratio``:
     :func:`gradwatch.probes.loss_ops.raw_ratio`), '' otherwise. Round 48: a soft Dice given a U-Net's logits where it
@@ -1196,6 +1225,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (raw_inputs_diverged, ("standardise_inputs",), ("nonfinite",)),
     (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
     (raw_ratio_loss, ("squash_before_ratio",), _ANY_KIND),
+    (tied_embedding_scale, ("tied_init",), _ANY_KIND),
     (collapsing_posterior, ("sum_reconstruction",), _ANY_KIND),
     (undetached_advantage, ("detach_advantage",), _ANY_KIND),
     (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),
@@ -1367,6 +1397,20 @@ def raw_ratio_findings(found: list[Finding], run: Run, th: Thresholds) -> list[F
                            f"without a floor", f"the loss's graph divides by a sum of the model's outputs with no "
                            f"sigmoid or softmax between (meta raw_ratio){told}.", raw_ratio_loss(run),
                            "squash_before_ratio", "meta raw_ratio", "loss (run)")]
+
+
+def tied_embedding_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """An output layer tied to an embedding at N(0, 1) whose cross-entropy started far above a guess's
+    (:func:`tied_embedding_scale`) where no rule found a problem: one ``exploding`` warning of its own."""
+    words = tied_embedding_scale(run)
+    if any(f.severity != "info" for f in found) or not words:
+        return []
+    t = next(t for t in run_meta(run).get("tied_embeddings") or () if float(t.get("std") or 0) >= TIED_STD_FROM)
+    return [set_up_warning(run, "exploding", (str(t["layer"]),), f"the logits of {t['layer']} start far too large: "
+                           f"its weight is the embedding {t['embedding']}'s, at std {t['std']:.2g}",
+                           "the first logged loss against ln C (C the tied matrix's rows) and the tied matrix's std "
+                           "at the start (meta tied_embeddings).", words, "tied_init", "meta tied_embeddings",
+                           "loss (run)")]
 
 
 def confidently_wrong_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:

@@ -22,6 +22,7 @@ from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_archit
                                               unexplained_flat_findings, misread_batch_findings,
                                               attention_mask_findings, bce_target_findings, confidently_wrong_findings,
                                               few_samples_findings, policy_loss_findings, raw_ratio_findings,
+                                              tied_embedding_findings,
                                               cold_logits_findings, zero_path_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
@@ -114,6 +115,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += policy_loss_findings(found, view, th)  # an advantage not detached, an entropy bonus added
     found += few_samples_findings(found, view, th)  # batches drawn from a handful of samples (a sampler's bug)
     found += raw_ratio_findings(found, view, th)  # a Dice or IoU on logits: a denominator that crosses 0
+    found += tied_embedding_findings(found, view, th)  # an output layer tied to an embedding left at N(0, 1)
     found += confidently_wrong_findings(found, view, th)  # a cross-entropy ending above a uniform guess's
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights

@@ -419,6 +419,30 @@ def sum_reconstruction(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+TIED_STD = 0.02  # GPT-2's (and nanoGPT's) std for the matrix an embedding and the output layer share
+
+
+def tied_init(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """Every ``nn.Embedding`` whose weight another layer holds (``head.weight = emb.weight``) re-drawn from
+    N(0, :data:`TIED_STD`²), in place (the optimizer holds the same Parameter). Round 48: a tied LM head at
+    nn.Embedding's N(0, 1) (NX-AI/xlstm#83). None where no weight is tied."""
+    from gradwatch.watching.metadata import tied_embeddings
+
+    tied = tied_embeddings(trial.model)
+    if not tied:
+        return None
+    names = sorted({t["embedding"] for t in tied})
+    modules = dict(trial.model.named_modules())
+    with torch.no_grad():
+        for name in names:
+            emb = modules[name]
+            nn.init.normal_(emb.weight, std=TIED_STD)
+            if isinstance(emb, nn.Embedding) and emb.padding_idx is not None:
+                emb.weight[emb.padding_idx].zero_()  # (its padding row stays 0, as nn.Embedding keeps it)
+    note_change(trial, f"{', '.join(names)} re-drawn at std {TIED_STD}")
+    return trial
+
+
 def squash_before_ratio(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     """The loss given σ(output) (one channel: dim 1 of size 1, or no class dimension) or softmax(output, dim=1) in
     place of the raw output (:class:`SquashedOutput`): a soft Dice written for probabilities and handed logits

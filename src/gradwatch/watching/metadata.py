@@ -50,6 +50,9 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "zero_factors": [{"module": n, "factors": f} for n, f in zero_factors(model)],
         # Weight-normalised weights with rows at exactly 0: g·v/‖v‖ = 0/0 (a layer zeroed, then wrapped).
         "zero_weight_norms": zero_weight_norms(model),
+        # Layers whose weight is an nn.Embedding's own Parameter (weight tying: head.weight = emb.weight), with that
+        # matrix's std at the start: nn.Embedding's N(0, 1) made an output layer's logits √d too large (round 48)
+        "tied_embeddings": tied_embeddings(model),
         # Normalisation layers whose scale γ starts at 0 in every entry: each outputs its shift, whatever its input.
         "zero_norm_scales": zero_norm_scales(model),
         # Weights that a pruning mask (torch.nn.utils.prune's ``<name>_mask``) removes whole: module -> [the parameter,
@@ -115,6 +118,21 @@ def run_metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, part
         "position_names": position_names(model),
         **budget,  # "schedules": who set each family's and what it is; "budget": the fraction, what was measured
     }
+
+
+def tied_embeddings(model: nn.Module) -> list[dict[str, Any]]:
+    """[{"embedding": name, "layer": name, "std": the shared matrix's std, "rows": its rows}] for each layer that is
+    not an embedding and holds an ``nn.Embedding``'s weight as its own (``head.weight = emb.weight``)."""
+    found: list[dict[str, Any]] = []
+    embeddings = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding) or not isinstance(weight, nn.Parameter) or id(weight) not in embeddings:
+            continue
+        with torch.no_grad():
+            std = float(weight.float().std()) if weight.numel() > 1 else 0.0
+        found.append({"embedding": embeddings[id(weight)], "layer": name, "std": std, "rows": int(weight.shape[0])})
+    return found
 
 
 def _beside_layers(module: nn.Module) -> bool:
