@@ -91,6 +91,9 @@ class Trial:
     margin_targets: dict[str, float] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and a mean-reduced loss divided again by a constant, with that constant (loss_ops.mean_divided)
     mean_divided: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    # ... and a class-weighted cross-entropy whose label smoothing moves its minimum (loss_ops.smoothing_outweighs:
+    # the class weights are saved tensors the backward pass frees, so a watch's log cannot read them)
+    smoothing_outweighs: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     # ... and the parameters of its graph that neither the model nor the optimizer holds (graph_scan.scan_graph)
     loss_foreign: list[Any] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -117,12 +120,14 @@ class Trial:
         with parametrize.cached():
             loss = self.loss_fn(self.model(x), y)
             if self.loss_paths is None:  # (the targets a binary cross-entropy saved are freed by the backward pass)
-                from gradwatch.probes.loss_ops import loss_prior, margin_targets, mean_divided, quadratic_targets
+                from gradwatch.probes.loss_ops import (loss_prior, margin_targets, mean_divided, quadratic_targets,
+                                                       smoothing_outweighs)
 
                 self.loss_prior = loss_prior(loss)
                 self.loss_targets = quadratic_targets(loss)
                 self.margin_targets = margin_targets(loss)
                 self.mean_divided = mean_divided(loss)  # (the division's constant is freed by the backward pass too)
+                self.smoothing_outweighs = smoothing_outweighs(loss)  # (and the class weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -134,7 +139,7 @@ class Trial:
             self.loss_foreign, reductions = scan_graph(loss, held_parameters(self.model, self.optimizer))
             self.loss_graph = {**loss_graph(loss), "loss_targets": self.loss_targets,
                                "margin_targets": self.margin_targets, "mean_divided": self.mean_divided,
-                               "degenerate_reductions": reductions}
+                               "smoothing_outweighs": self.smoothing_outweighs, "degenerate_reductions": reductions}
         return loss.detach()
 
 

@@ -983,6 +983,34 @@ def relative_error_loss(run: Run) -> str:
             "2006, §3.2)")
 
 
+def weighted_smoothing(run: Run) -> str:
+    """Words for a class-weighted cross-entropy with label smoothing whose minimum is away from the label for some
+    classes (meta ``smoothing_outweighs``: :func:`gradwatch.probes.loss_ops.smoothing_outweighs`), '' otherwise.
+    Round 48: a BiGRU tagger, 'O' 90 % of the tokens, sklearn's balanced weights and ``label_smoothing=0.1``
+    (pytorch/pytorch#104776), answered its 0.5 % tag: 0.04–0.06 held out against 0.95–0.96; "no findings" before."""
+    got = run_meta(run).get("smoothing_outweighs")
+    if not isinstance(got, dict) or not got.get("labels"):
+        return ""
+    labels = [str(y) for y in got["labels"]]
+    return (f"label smoothing under class weights: nn.CrossEntropyLoss weighs the smoothing term by the class weights "
+            f"too (pytorch/pytorch#104776), so with ε = {got['epsilon']:g} class {got['toward']}'s weight × ε/K "
+            f"outweighs the label's own share for label{'s' if len(labels) > 1 else ''} {', '.join(labels[:6])}"
+            f"{' …' if len(labels) > 6 else ''}: the loss is least where the model answers class {got['toward']} "
+            f"for them, whatever it learns")
+
+
+def weighted_smoothing_findings(found: list[Finding], run: Run, th: Thresholds) -> list[Finding]:
+    """A class-weighted, label-smoothed cross-entropy whose minimum answers another class (:func:`weighted_smoothing`)
+    where no rule found a problem: one ``stalled`` warning of its own (the loss falls, towards the wrong answer)."""
+    if any(f.severity != "info" for f in found) or not weighted_smoothing(run):
+        return []
+    got = run_meta(run)["smoothing_outweighs"]
+    return [set_up_warning(run, "stalled", (), f"the loss's minimum answers class {got['toward']} for labels it "
+                           f"should not", "the cross-entropy's class weights and label smoothing, read off the loss's "
+                           "graph (meta smoothing_outweighs).", weighted_smoothing(run), "smoothing_weights",
+                           "meta smoothing_outweighs")]
+
+
 TIED_STD_FROM = 0.3  # a tied matrix drawn at this std or more: an embedding's N(0, 1), no output layer's scale
 TIED_LOSS_FROM = 3.0  # ... where the cross-entropy starts at this × ln C or more (C: the tied matrix's rows)
 
@@ -1226,6 +1254,7 @@ SET_UP_CAUSES: tuple[tuple[Callable[[Run], str], tuple[str, ...], tuple[str, ...
     (relative_error_loss, ("scale_free_error",), _BLOWUP_KINDS + ("stalled",)),
     (raw_ratio_loss, ("squash_before_ratio",), _ANY_KIND),
     (tied_embedding_scale, ("tied_init",), _ANY_KIND),
+    (weighted_smoothing, ("smoothing_weights",), _ANY_KIND),
     (collapsing_posterior, ("sum_reconstruction",), _ANY_KIND),
     (undetached_advantage, ("detach_advantage",), _ANY_KIND),
     (entropy_minimised, ("entropy_bonus_sign",), _ANY_KIND),

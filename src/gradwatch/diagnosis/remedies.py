@@ -232,6 +232,9 @@ REMEDIES = {
                           "dimensions (reduction='sum', as pytorch/examples' VAE), or weigh the KL down by as many",
     "sample_weights": "give WeightedRandomSampler one weight per sample (class_weights[labels]) and num_samples the "
                       "data set's size, or check the sampler's and the data set's indices",
+    "smoothing_weights": "label smoothing without class weights, or class weights without label smoothing: "
+                         "nn.CrossEntropyLoss weighs the smoothing term by the class weights too (pytorch/pytorch#104776); "
+                         "or smooth by hand with an unweighted term",
     "tied_init": "draw the tied matrix at an output layer's scale: nn.init.normal_(emb.weight, std=0.02) before tying "
                  "(GPT-2), or scale the logits by d^(−1/2) (T5)",
     "squash_before_ratio": "a sigmoid (one channel) or softmax (over the classes) on the output before a soft Dice or "

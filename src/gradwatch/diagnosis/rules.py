@@ -22,7 +22,7 @@ from gradwatch.diagnosis.architecture import (coupled_decay_findings, fit_archit
                                               unexplained_flat_findings, misread_batch_findings,
                                               attention_mask_findings, bce_target_findings, confidently_wrong_findings,
                                               few_samples_findings, policy_loss_findings, raw_ratio_findings,
-                                              tied_embedding_findings,
+                                              tied_embedding_findings, weighted_smoothing_findings,
                                               cold_logits_findings, zero_path_findings)
 from gradwatch.diagnosis.batches import unshuffled
 from gradwatch.diagnosis.collapse import collapse_findings
@@ -116,6 +116,7 @@ def diagnose(run: Run | str, thresholds: Thresholds | None = None) -> Diagnosis:
     found += few_samples_findings(found, view, th)  # batches drawn from a handful of samples (a sampler's bug)
     found += raw_ratio_findings(found, view, th)  # a Dice or IoU on logits: a denominator that crosses 0
     found += tied_embedding_findings(found, view, th)  # an output layer tied to an embedding left at N(0, 1)
+    found += weighted_smoothing_findings(found, view, th)  # label smoothing weighed by class weights: a wrong minimum
     found += confidently_wrong_findings(found, view, th)  # a cross-entropy ending above a uniform guess's
     found += heavy_dropout_findings(found, view, th)  # a dropout rate of 0.75 or more, where the loss did not halve
     found += coupled_decay_findings(found, view, th)  # Adam's L2 weight_decay strong enough to hold the weights

@@ -292,6 +292,8 @@ def catalog() -> dict[str, list[Remedy]]:
         "prune_per_layer": one("prune_per_layer", "pruned layer by layer at the same sparsity", s.prune_per_layer),
         "sum_reconstruction": one("sum_reconstruction", "the reconstruction summed, as the KL is",
                                   s.sum_reconstruction),
+        "smoothing_weights": one("smoothing_weights", "no label smoothing where the classes are weighted",
+                                 s.smoothing_weights),
         "tied_init": one("tied_init", "the tied embedding drawn at std 0.02", s.tied_init),
         "squash_before_ratio": one("squash_before_ratio", "a sigmoid/softmax on the output before the loss's ratio",
                                    s.squash_before_ratio),

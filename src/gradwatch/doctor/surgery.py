@@ -1309,6 +1309,20 @@ def ctc_zero_infinity(trial: Trial, numbers: dict[str, float]) -> Trial | None:
     return trial
 
 
+def smoothing_weights(trial: Trial, numbers: dict[str, float]) -> Trial | None:
+    """The set-up's class-weighted cross-entropy without its label smoothing
+    (:class:`~gradwatch.remedies.structure.NoWeightedSmoothing`): round 48's tagger under weights and ε = 0.1
+    answered its rarest tag (pytorch/pytorch#104776). None where the set-up computes its loss in a ``step()`` of its
+    own."""
+    from gradwatch.remedies.structure import NoWeightedSmoothing
+
+    if not _loss_reachable(trial):
+        return None
+    trial.loss_fn = LossUnder(trial.loss_fn, NoWeightedSmoothing)
+    note_change(trial, "label_smoothing=0 in a cross-entropy that weighs its classes")
+    return trial
+
+
 def _requiring_grad(x: Any) -> Any:
     """``x`` as a tensor that requires grad, where it is a floating-point one that does not, under grad mode."""
     if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad and torch.is_grad_enabled():

@@ -76,13 +76,13 @@ def loss_graph(loss: Tensor) -> dict[str, Any]:
     ``unnormalised_similarity`` (:func:`gradwatch.probes.similarity.unnormalised_similarity`), ``policy_loss``
     (:func:`gradwatch.probes.policy_loss.policy_loss`), ``relative_error`` (:func:`relative_error`),
     ``kl_outweighs_reconstruction`` (:func:`gradwatch.probes.elbo.kl_outweighs_reconstruction`) and ``raw_ratio``
-    (:func:`raw_ratio`). Reads only; never fails the run."""
+    (:func:`raw_ratio`) and ``smoothing_outweighs`` (:func:`smoothing_outweighs`). Reads only; never fails the run."""
     return {"loss_broadcast": loss_broadcast(loss), "loss_ops": loss_ops(loss), "nll_on_scores": nll_on_scores(loss),
             "self_cancelling": self_cancelling(loss), "softmax_over_one": softmax_over_one(loss),
             "loss_weights": loss_weights(loss), "mean_divided": mean_divided(loss),
             "unnormalised_similarity": unnormalised_similarity(loss), "policy_loss": policy_loss(loss),
             "relative_error": relative_error(loss), "kl_outweighs_reconstruction": kl_outweighs_reconstruction(loss),
-            "raw_ratio": raw_ratio(loss)}
+            "raw_ratio": raw_ratio(loss), "smoothing_outweighs": smoothing_outweighs(loss)}
 
 
 # the loss functions whose value is never below 0: a sum of them with positive weights is not either
@@ -401,6 +401,39 @@ def raw_ratio(loss: Tensor) -> bool:
     except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
         return False
     return False
+
+
+def smoothing_outweighs(loss: Tensor) -> dict[str, Any] | None:
+    """Where a cross-entropy with class weights and label smoothing (read off its graph: (1 − ε)·NLL + (ε/K)·the
+    weighted smoothing term, as ``F.cross_entropy`` builds them) has its minimum away from the label for some
+    classes: ``{"epsilon": ε, "labels": [y…], "toward": k}``, else None. PyTorch weighs the smoothing term by the class
+    weights too (pytorch/pytorch#104776), so for a sample labelled y the loss is least at p_k ∝ w_k·ε/K +
+    [k = y]·w_y·(1 − ε): where max_k w_k·ε/K > w_y·(1 − ε + ε/K), class k, not y. Reads only; None where reading
+    fails."""
+    try:
+        for node in _walk(loss):
+            if type(node).__name__ != "AddBackward0":
+                continue
+            parts = [n for n, _ in node.next_functions if n is not None]
+            scales = [(p, getattr(p, "_saved_other", None)) for p in parts if type(p).__name__ == "MulBackward1"]
+            if len(scales) != 2 or not all(isinstance(v, (int, float)) for _, v in scales):
+                continue
+            nll = next(((p, v) for p, v in scales if type(p.next_functions[0][0]).__name__ == "NllLossBackward0"), None)
+            if nll is None:
+                continue
+            weight = getattr(nll[0].next_functions[0][0], "_saved_weight", None)
+            eps = 1.0 - float(nll[1] or 0.0)
+            if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() < 2 or not 0 < eps < 1:
+                continue
+            w = weight.detach().double().cpu()
+            k = w.numel()
+            toward = int(w.argmax())
+            wrong = [y for y in range(k) if y != toward and float(w[toward]) * eps / k > float(w[y]) * (1 - eps + eps / k)]
+            if wrong:
+                return {"epsilon": round(eps, 6), "labels": wrong, "toward": toward}
+    except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
+        return None
+    return None
 
 
 def _linear_in_output(node: Any) -> bool:

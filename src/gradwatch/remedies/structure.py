@@ -513,6 +513,18 @@ class ZeroInfinity(_Rebinding):
         return {**bound, "zero_infinity": True}
 
 
+class NoWeightedSmoothing(_Rebinding):
+    """Every ``F.cross_entropy`` call made while it is open (``nn.CrossEntropyLoss``'s too) that weighs its classes
+    runs without label smoothing: PyTorch weighs the smoothing term by the class weights too (pytorch/pytorch#104776),
+    which puts the loss's minimum on the heaviest class. A call without ``weight`` keeps its smoothing."""
+
+    signatures = {"cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce",
+                                    "reduction", "label_smoothing")}
+
+    def rebind(self, name: str, bound: dict[str, Any]) -> dict[str, Any]:
+        return {**bound, "label_smoothing": 0.0} if bound.get("weight") is not None else bound
+
+
 class PositiveWeight(_Rebinding):
     """Every binary cross-entropy called while it is open weighs its positive targets ``weight``×: an
     ``F.binary_cross_entropy_with_logits`` with no ``pos_weight`` gets ``pos_weight=weight``
