@@ -1,5 +1,7 @@
 """The fortieth session: round 47's leftover and round 48 (written from the README alone, each ported from a public
-source), each against its reference: a 16-layer GCN of the user's own layers without residual connections."""
+source), each against its reference: a 16-layer GCN of the user's own layers without residual connections; a CRF's
+likelihood written through exp; 1 − IoU of boxes that never overlap; a soft Dice on logits; kornia's focal loss at
+γ = 0.5; an LM head tied to an embedding left at N(0, 1); a cross-entropy with class weights and label smoothing."""
 
 from __future__ import annotations
 
@@ -100,8 +102,9 @@ def test_a_deep_gcn_s_functional_relus_are_seen_and_its_dead_units_told(tmp_path
         trial = _deep_gcn(seed, residual)
         runs[residual] = readme_watched(trial, tmp_path, f"res_{residual}", 200), trial.evaluate(trial.model)
     (w_bug, bug), (w_twin, twin) = runs[False], runs[True]
-    # the reference: without skips the net stays at chance; with App. B's skips it learns
-    assert bug < 0.45 and twin > 0.8
+    # the reference: without skips the net stays at chance; with App. B's skips it learns (seed 0's twin spikes late,
+    # 0.86 natively, 0.79 under ATEN_CPU_CAPABILITY=default)
+    assert bug < 0.45 and twin > 0.7
     depth = next(f for f in _problems(w_bug) if f.kind == "vanishing")
     # the F.relu after each GCN layer is measured (as the activation of the layer whose output Â carried)
     assert "no activation is seen" not in depth.cause and "relu()" in depth.cause, str(w_bug.diagnose())
