@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch as gw
-from conftest import ALL_SLOW, SEED_0_FAST
+from conftest import ALL_SLOW, SEED_0_FAST, drawn_batches
 
 
 def _problems(w) -> list:
@@ -200,19 +200,13 @@ def _crf(seed: int, by_exp: bool = True) -> gw.Trial:
     tok, tags = _crf_tags(4096, 1000 + seed)
     tok_te, tags_te = _crf_tags(512, 5000 + seed)
 
-    def batches():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            idx = torch.randint(0, len(tok), (32,), generator=g)
-            yield tok[idx], tags[idx]
-
     def evaluate(m: nn.Module) -> float:
         with torch.no_grad():
             pot = m(tok_te)[:, 1:]  # (B, T−1, K_prev, K)
             prev = tags_te[:, :-1, None, None].expand(-1, -1, 1, 6)
             return float((pot.gather(2, prev).squeeze(2).argmax(-1) == tags_te[:, 1:]).float().mean())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(),
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), drawn_batches(tok, tags, len(tok), 32, seed),
                     lambda pot, t: _crf_nll(pot, t, by_exp), evaluate=evaluate)
 
 
@@ -549,17 +543,11 @@ def _tied_lm(seed: int, std: float | None = None) -> gw.Trial:
     x, y = _markov_text(4096, 100 + seed)
     x_te, y_te = _markov_text(512, 900 + seed)
 
-    def batches():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            idx = torch.randint(0, len(x), (32,), generator=g)
-            yield x[idx], y[idx]
-
     def evaluate(m: nn.Module) -> float:
         with torch.no_grad():
             return float((m(x_te)[:, 2:].argmax(-1) == y_te[:, 2:]).float().mean())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(),
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), drawn_batches(x, y, len(x), 32, seed),
                     lambda logits, t: F.cross_entropy(logits.reshape(-1, 64), t.reshape(-1)), evaluate=evaluate)
 
 
@@ -635,17 +623,12 @@ def _weighted_tagger(seed: int, smoothing: float = 0.1) -> gw.Trial:
     counts = torch.bincount(tag.reshape(-1), minlength=5).float()
     criterion = nn.CrossEntropyLoss(weight=counts.sum() / (5 * counts), label_smoothing=smoothing)
 
-    def batches():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            idx = torch.randint(0, len(tok), (32,), generator=g)
-            yield tok[idx], tag[idx].reshape(-1)
-
     def evaluate(m: nn.Module) -> float:
         with torch.no_grad():
             return float((m(tok_te).argmax(1) == tag_te.reshape(-1)).float().mean())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches(), criterion, evaluate=evaluate)
+    batches = ((x, y.reshape(-1)) for x, y in drawn_batches(tok, tag, len(tok), 32, seed))  # (B·T,) tags
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=3e-3), batches, criterion, evaluate=evaluate)
 
 
 def test_the_minimum_of_a_weighted_smoothed_cross_entropy_is_read_off_its_graph():
