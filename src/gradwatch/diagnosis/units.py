@@ -273,7 +273,7 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
     # a mild cost on a loss that halved is judged as one that fell tenfold, by the layers below: round 48's box
     # regressor under 1 − GIoU (58–64 % of a ReLU layer dead, ×0.33 across it, loss 1.88 → 0.33, IoU 0.70) — a
     # GIoU's floor is far from 0 — warned of on every seed
-    halved = ends is not None and ends[1] <= HALVED_BELOW * ends[0] and across >= th.affected_below ** 2
+    halved = ends is not None and 0 < ends[1] <= HALVED_BELOW * ends[0] and across >= th.affected_below ** 2
     moves = _least_move(run, [prof.names[i] for i in before], th) if decays and (learned or halved) else None
     if moves is not None and moves >= MOVES_ABOVE:
         # the layers below still learn: round 8's breast-cancer MLP under Adam, 72 % of fc2's ReLUs dead, ×0.18

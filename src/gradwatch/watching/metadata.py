@@ -124,14 +124,17 @@ def tied_embeddings(model: nn.Module) -> list[dict[str, Any]]:
     """[{"embedding": name, "layer": name, "std": the shared matrix's std, "rows": its rows}] for each layer that is
     not an embedding and holds an ``nn.Embedding``'s weight as its own (``head.weight = emb.weight``)."""
     found: list[dict[str, Any]] = []
-    embeddings = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Embedding) or not isinstance(weight, nn.Parameter) or id(weight) not in embeddings:
-            continue
-        with torch.no_grad():
-            std = float(weight.float().std()) if weight.numel() > 1 else 0.0
-        found.append({"embedding": embeddings[id(weight)], "layer": name, "std": std, "rows": int(weight.shape[0])})
+    try:
+        embeddings = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Embedding) or not isinstance(weight, nn.Parameter) or id(weight) not in embeddings:
+                continue
+            with torch.no_grad():
+                std = float(weight.float().std()) if weight.numel() > 1 else 0.0
+            found.append({"embedding": embeddings[id(weight)], "layer": name, "std": std, "rows": int(weight.shape[0])})
+    except Exception:  # noqa: BLE001 - a weight that will not be read (a meta tensor, a shard): nothing to say
+        return []
     return found
 
 
