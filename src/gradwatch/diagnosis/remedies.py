@@ -233,15 +233,15 @@ REMEDIES = {
     "sample_weights": "give WeightedRandomSampler one weight per sample (class_weights[labels]) and num_samples the "
                       "data set's size, or check the sampler's and the data set's indices",
     "smoothing_weights": "label smoothing without class weights, or class weights without label smoothing: "
-                         "nn.CrossEntropyLoss weighs the smoothing term by the class weights too (pytorch/pytorch#104776); "
-                         "or smooth by hand with an unweighted term",
+                         "nn.CrossEntropyLoss weighs the smoothing term by the class weights too "
+                         "(pytorch/pytorch#104776); or smooth by hand with an unweighted term",
     "tied_init": "draw the tied matrix at an output layer's scale: nn.init.normal_(emb.weight, std=0.02) before tying "
                  "(GPT-2), or scale the logits by d^(−1/2) (T5)",
     "squash_before_ratio": "a sigmoid (one channel) or softmax (over the classes) on the output before a soft Dice or "
                            "IoU: torch.sigmoid(logits) in the loss, the logits kept for everything else",
     "loss_floor": "a loss with a gradient where it is held at its floor: GIoU or DIoU for boxes (Rezatofighi et al. "
-                  "2019), a smooth surrogate (softplus in place of max(0, ·)), or outputs that start where the clamp is "
-                  "open (anchors or an initialisation whose boxes overlap the targets)",
+                  "2019), a smooth surrogate (softplus in place of max(0, ·)), or outputs that start where the clamp "
+                  "is open (anchors or an initialisation whose boxes overlap the targets)",
     "scale_free_error": "an error that does not divide by the targets: the absolute or squared error on "
                         "standardised targets, MASE (scaled by a naive forecast's mean error), or at least |y| + ε in "
                         "the divisor",

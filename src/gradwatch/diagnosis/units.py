@@ -279,9 +279,9 @@ def _unit_effect(run: Run, acts: tuple[str, ...], th: Thresholds) -> tuple[bool,
         # the layers below still learn: round 8's breast-cancer MLP under Adam, 72 % of fc2's ReLUs dead, ×0.18
         # from the head down to fc1, whose update ratio stayed near the others' (loss 17 → 0.26, held-out 0.95)
         numbers["moves"] = moves
+        fell = "tenfold" if learned else "to half or less"
         return False, words + (f", yet the layers below them still move (update ratio ×{sci(moves)} of the upper "
-                               f"quartile's at least) on a loss that fell {'tenfold' if learned else 'to half or less'} "
-                               f"(info only)"), numbers
+                               f"quartile's at least) on a loss that fell {fell} (info only)"), numbers
     if decays:
         return True, words + ": they cost the gradient", numbers
     if not falls:

@@ -334,8 +334,8 @@ def log_of_probabilities(paths: list[list[str]] | None) -> str:
     log(1 − p), log of a selection of p), else ''. Not log(p + ε) nor log(p.clamp(min=ε)): finite, with a finite
     derivative (round 48: kornia's focal loss, whose NaN came from (1 − p)^0.5 at p = 1, was told the logs first)."""
     for path in paths or ():
-        if SQUASH.get(path[-1]) in ("sigmoid", "softmax") and len(path) > 1 and (
-                path[-2] == "LogBackward0" or (len(path) > 2 and path[-3] == "LogBackward0" and path[-2] not in _GUARDS)):
+        if SQUASH.get(path[-1]) in ("sigmoid", "softmax") and len(path) > 1 and (path[-2] == "LogBackward0" or (
+                len(path) > 2 and path[-3] == "LogBackward0" and path[-2] not in _GUARDS)):
             return SQUASH[path[-1]]
     return ""
 
@@ -428,7 +428,8 @@ def smoothing_outweighs(loss: Tensor) -> dict[str, Any] | None:
             w = weight.detach().double().cpu()
             k = w.numel()
             toward = int(w.argmax())
-            wrong = [y for y in range(k) if y != toward and float(w[toward]) * eps / k > float(w[y]) * (1 - eps + eps / k)]
+            heaviest = float(w[toward]) * eps / k
+            wrong = [y for y in range(k) if y != toward and heaviest > float(w[y]) * (1 - eps + eps / k)]
             if wrong:
                 return {"epsilon": round(eps, 6), "labels": wrong, "toward": toward}
     except Exception:  # noqa: BLE001 - an exotic graph node: nothing to say, nothing lost
