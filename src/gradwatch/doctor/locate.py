@@ -56,6 +56,7 @@ class Origin:
     from_inf: bool = False  # forward: a NaN made from inputs that held ±inf but no NaN (else from finite inputs)
     nan: bool = False  # forward, from finite inputs: the value made holds a NaN (0/0), not only ±inf (1/0)
     inf_factor: bool = False  # forward: a NaN made from finite tensors and an argument ±inf itself (0·(−inf))
+    negative_base: bool = False  # forward: a NaN made by a power of a negative base to a non-integer exponent
 
     @property
     def overflowed(self) -> bool:
@@ -103,6 +104,12 @@ class Origin:
             # round 36: EvoNorm-B0's instance std by torch.var over a 1×1 map, whose line alone was named
             made += (": a variance over a single element with Bessel's correction (n − 1, torch.var's and "
                      "torch.std's default) is 0/0 — pass correction=0 (unbiased=False), or reduce over more elements")
+        elif self.negative_base:
+            # round 49: a Tweedie loss, μ^(1−p)/(1−p) at p = 1.5, on a raw linear output (discuss.pytorch.org/t/76349),
+            # NaN from step 0 — 47 of 64 outputs negative, none 0 — was told "0/0 … clamp the divisor"
+            made += (": a negative number to a non-integer power is NaN (μ^(−0.5) of μ < 0) — keep the base "
+                     "positive: a mean through exp or softplus (a Tweedie or Poisson μ = exp(f(x)), as a log link "
+                     "gives), or clamp it (μ.clamp(min=1e-6)) before the power")
         elif self.op.rpartition(".")[2] in RECIPROCALS and self.nan:
             # round 35: a masked mean written by hand, sum(l·m) / m.sum(), on a batch with no labelled token
             # round 40: a batch norm written by hand without eps, (x − μ)/σ over a feature that is 0 on the batch
@@ -187,6 +194,22 @@ def _infinite_argument(values: Any) -> bool:
     return False
 
 
+_POWERS = frozenset({"pow", "pow_", "__pow__", "__ipow__", "float_power"})
+
+
+def _negative_base(func: Callable, args: tuple) -> bool:
+    """Whether a power call raises a base with a negative entry to an exponent that is not an integer (a number, or a
+    tensor with such an entry): NaN in real arithmetic."""
+    if _name(func).rpartition(".")[2] not in _POWERS or len(args) < 2 or not isinstance(args[0], torch.Tensor):
+        return False
+    base, exponent = args[0], args[1]
+    if isinstance(exponent, torch.Tensor):
+        fractional = bool((exponent != torch.round(exponent)).any()) if exponent.is_floating_point() else False
+    else:
+        fractional = isinstance(exponent, float) and not float(exponent).is_integer()
+    return fractional and base.is_floating_point() and bool((base < 0).any())
+
+
 class _FirstNonFinite(TorchFunctionMode):
     """Records the first operation that makes a non-finite float tensor out of finite ones (and its user frame);
     failing that, the first that makes a NaN out of tensors without one (``from_inf``)."""
@@ -197,6 +220,7 @@ class _FirstNonFinite(TorchFunctionMode):
         self.from_inf: tuple[str, str, str] | None = None  # the first NaN made from ±inf (no NaN given)
         self.found_nan = False  # the first value made from finite inputs holds a NaN (0/0), not only ±inf
         self.inf_factor = False  # ... made with an argument that is ±inf itself: 0·(−inf)
+        self.negative_base = False  # ... made by a negative base to a non-integer power
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -211,6 +235,7 @@ class _FirstNonFinite(TorchFunctionMode):
                 if (not infinite or nan and bool(given)) and all(bool(torch.isfinite(t).all()) for t in given):
                     self.found = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
                     self.found_nan, self.inf_factor = nan, infinite
+                    self.negative_base = nan and _negative_base(func, args)
                 elif (not infinite and self.from_inf is None and any(bool(torch.isnan(t).any()) for t in made)
                       and not any(bool(torch.isnan(t).any()) for t in given)):
                     self.from_inf = (_name(func), *_user_frame(traceback.extract_stack()[:-1]))
@@ -219,7 +244,8 @@ class _FirstNonFinite(TorchFunctionMode):
     def origin(self, step: int) -> "Origin | None":
         """The forward origin found at ``step``: a value made from finite inputs first, else a NaN made from ±inf."""
         if self.found is not None:
-            return Origin(step, "forward", *self.found, nan=self.found_nan, inf_factor=self.inf_factor)
+            return Origin(step, "forward", *self.found, nan=self.found_nan, inf_factor=self.inf_factor,
+                          negative_base=self.negative_base)
         if self.from_inf is not None:
             return Origin(step, "forward", *self.from_inf, from_inf=True)
         return None
