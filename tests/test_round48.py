@@ -383,17 +383,17 @@ def _soft_dice(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
 
 
-def _segmenter(seed: int, on_logits: bool = True) -> gw.Trial:
-    """The U-Net at Adam 1e-3 on batches of 16 under a soft Dice (smooth 1) of the logits, or of their sigmoid (the
-    fix); scored by the held-out foreground IoU of logits > 0."""
+def _unet(seed: int, loss_fn, lr: float = 1e-3, noise: float = 0.6) -> gw.Trial:
+    """The U-Net at Adam ``lr`` on batches of 16 discs under ``noise``; scored by the held-out foreground IoU of
+    logits > 0."""
     torch.manual_seed(seed)
     model = _TinyUNet()
     g = torch.Generator().manual_seed(1000 + seed)
-    x_te, m_te = _discs(256, torch.Generator().manual_seed(99))
+    x_te, m_te = _discs(256, torch.Generator().manual_seed(99), noise=noise)
 
     def batches():
         while True:
-            yield _discs(16, g)
+            yield _discs(16, g, noise=noise)
 
     def evaluate(m: nn.Module) -> float:
         with torch.no_grad():
@@ -401,9 +401,12 @@ def _segmenter(seed: int, on_logits: bool = True) -> gw.Trial:
         union = ((pred + m_te) > 0).float().sum((1, 2, 3)).clamp(min=1)
         return float(((pred * m_te).sum((1, 2, 3)) / union).mean())
 
-    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(),
-                    _soft_dice if on_logits else lambda z, mask: _soft_dice(torch.sigmoid(z), mask),
-                    evaluate=evaluate)
+    return gw.Trial(model, torch.optim.Adam(model.parameters(), lr=lr), batches(), loss_fn, evaluate=evaluate)
+
+
+def _segmenter(seed: int, on_logits: bool = True) -> gw.Trial:
+    """The U-Net under a soft Dice (smooth 1) of the logits, or of their sigmoid (the fix)."""
+    return _unet(seed, _soft_dice if on_logits else lambda z, mask: _soft_dice(torch.sigmoid(z), mask))
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
@@ -455,22 +458,7 @@ def _focal(z: torch.Tensor, t: torch.Tensor, eps_in_pow: bool = False, alpha: fl
 
 def _focal_segmenter(seed: int, eps_in_pow: bool = False) -> gw.Trial:
     """The U-Net at Adam 1e-2 on discs under a tenth of the noise (an easy task: σ(z) rounds to 1), the focal loss."""
-    trial = _segmenter(seed)
-    g = torch.Generator().manual_seed(1000 + seed)
-    x_te, m_te = _discs(256, torch.Generator().manual_seed(99), noise=0.06)
-
-    def batches():
-        while True:
-            yield _discs(16, g, noise=0.06)
-
-    def evaluate(m: nn.Module) -> float:
-        with torch.no_grad():
-            pred = (m(x_te) > 0).float()
-        union = ((pred + m_te) > 0).float().sum((1, 2, 3)).clamp(min=1)
-        return float(((pred * m_te).sum((1, 2, 3)) / union).mean())
-
-    return gw.Trial(trial.model, torch.optim.Adam(trial.model.parameters(), lr=1e-2), batches(),
-                    lambda z, t: _focal(z, t, eps_in_pow), evaluate=evaluate)
+    return _unet(seed, lambda z, t: _focal(z, t, eps_in_pow), lr=1e-2, noise=0.06)
 
 
 @pytest.mark.parametrize("seed", SEED_0_FAST)
